@@ -1,0 +1,28 @@
+//! The dataset side of radit: the CXR7-1M schema and vocabulary, ingest of the harmonised table and images into a
+//! Zarr v3 store on any object store, verification, and the synthetic dataset used by demos and tests.
+//!
+//! Main entry points: [`ingest::ingest`] (`radit shard`), [`manifest::verify`] (`radit shard --verify`),
+//! [`synth::generate`] (`radit synth`).
+//!
+//! ```no_run
+//! use radit_sharding::{ingest, manifest::IngestSettings};
+//! let outcome = ingest::ingest(
+//!     "table.csv".as_ref(), "images".as_ref(), "file:///data/cxr7", &IngestSettings::default(),
+//!     &ingest::RunOptions::default(),
+//! )?;
+//! # Ok::<(), radit_sharding::ShardError>(())
+//! ```
+
+pub mod error;
+pub mod image;
+pub mod ingest;
+pub mod layout;
+pub mod manifest;
+pub mod reader;
+pub mod schema;
+pub mod split;
+pub mod store;
+pub mod synth;
+pub mod table;
+
+pub use error::ShardError;

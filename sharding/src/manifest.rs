@@ -1,0 +1,213 @@
+//! `manifest.json`: written last, it makes a store complete. It records counts, every object with its checksum,
+//! what was rejected and why, and the settings. [`verify`] re-checks a store against it.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::error::ShardError;
+use crate::layout::{ArrayKind, StoreLayout, array_path};
+use crate::schema::Vocabulary;
+use crate::split::Split;
+use crate::store::Storage;
+use crate::table::{Rejection, TableConfig, Warnings, hex};
+
+pub const MANIFEST_KEY: &str = "manifest.json";
+pub const FORMAT: &str = "radit-cxr-zarr";
+
+/// Everything that decides the bytes of a store; its hash is the ingest fingerprint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct IngestSettings {
+    pub table: TableConfig,
+    pub layout: StoreLayout,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Source {
+    pub table: String,
+    pub table_sha256: String,
+    pub images: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SplitCounts {
+    pub images: u64,
+    pub shards: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counts {
+    /// Data rows in the table; always `accepted + rejected`.
+    pub table_rows: u64,
+    pub accepted: u64,
+    pub rejected: u64,
+    /// Rejected while reading the table (malformed rows, duplicates, split conflicts...).
+    pub rejected_in_table: u64,
+    /// Rejected while reading images (missing, corrupt, colour...).
+    pub rejected_images: u64,
+    pub splits: BTreeMap<Split, SplitCounts>,
+}
+
+/// Accepted images that needed conversion, counted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageNoteCounts {
+    pub eight_bit: u64,
+    pub grey_stored_as_rgb: u64,
+    pub resized: u64,
+}
+
+impl ImageNoteCounts {
+    pub fn add(&mut self, other: &ImageNoteCounts) {
+        self.eight_bit += other.eight_bit;
+        self.grey_stored_as_rgb += other.grey_stored_as_rgb;
+        self.resized += other.resized;
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObjectEntry {
+    pub key: String,
+    pub bytes: u64,
+    pub sha256: String,
+}
+
+impl ObjectEntry {
+    pub fn of(key: &str, data: &[u8]) -> Self {
+        Self { key: key.to_string(), bytes: data.len() as u64, sha256: hex(&Sha256::digest(data)) }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: String,
+    pub schema_version: u32,
+    pub created_by: String,
+    /// Hash of the table contents and the settings: a re-run with the same fingerprint resumes this store.
+    pub fingerprint: String,
+    pub source: Source,
+    pub settings: IngestSettings,
+    pub vocabulary: Vocabulary,
+    pub counts: Counts,
+    pub image_notes: ImageNoteCounts,
+    pub warnings: Warnings,
+    pub ignored_columns: Vec<String>,
+    pub rejected: Vec<Rejection>,
+    /// Every object of the store except this manifest (chunks and `zarr.json` files), sorted by key.
+    pub objects: Vec<ObjectEntry>,
+}
+
+impl Manifest {
+    pub fn load(storage: &Storage) -> Result<Manifest, ShardError> {
+        let bytes = storage.get_opt(MANIFEST_KEY)?.ok_or_else(|| ShardError::InvalidStore {
+            url: storage.url().to_string(),
+            problem: "is incomplete: it has no manifest.json (the ingest did not finish); do not train on it".into(),
+        })?;
+        serde_json::from_slice(&bytes).map_err(|e| ShardError::InvalidStore {
+            url: storage.url().to_string(),
+            problem: format!("has an unreadable manifest.json: {e}"),
+        })
+    }
+
+    /// A short human summary.
+    pub fn summary(&self) -> String {
+        let c = &self.counts;
+        let mut s = format!(
+            "{} rows: {} accepted, {} rejected ({} in the table, {} images)\n",
+            c.table_rows, c.accepted, c.rejected, c.rejected_in_table, c.rejected_images
+        );
+        for (split, sc) in &c.splits {
+            s.push_str(&format!("  {split:<5} {:>9} images in {:>6} shards\n", sc.images, sc.shards));
+        }
+        let stored: u64 = self.objects.iter().map(|o| o.bytes).sum();
+        let raw = c.accepted * u64::from(self.settings.layout.image_size).pow(2) * 2;
+        if raw > 0 {
+            s.push_str(&format!(
+                "  stored {:.1} MiB for {:.1} MiB of raw pixels (ratio {:.3})\n",
+                stored as f64 / 1048576.0,
+                raw as f64 / 1048576.0,
+                stored as f64 / raw as f64
+            ));
+        }
+        let n = &self.image_notes;
+        s.push_str(&format!(
+            "  converted: {} resized, {} from 8-bit, {} grey-as-RGB; {} values stored as missing\n",
+            n.resized,
+            n.eight_bit,
+            n.grey_stored_as_rgb,
+            self.warnings.total()
+        ));
+        s
+    }
+}
+
+/// The outcome of [`verify`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct VerifyReport {
+    pub objects_checked: u64,
+    pub bytes_checked: u64,
+    pub problems: Vec<String>,
+}
+
+impl VerifyReport {
+    pub fn ok(&self) -> bool {
+        self.problems.is_empty()
+    }
+}
+
+/// Re-reads every object listed in the manifest and compares size and checksum; checks array shapes and counts.
+pub fn verify(storage: &Storage) -> Result<VerifyReport, ShardError> {
+    let manifest = Manifest::load(storage)?;
+    let mut report = VerifyReport::default();
+    if manifest.format != FORMAT {
+        report.problems.push(format!("manifest format is '{}', expected '{FORMAT}'", manifest.format));
+    }
+    let c = &manifest.counts;
+    if c.accepted + c.rejected != c.table_rows {
+        report.problems.push(format!(
+            "counts do not add up: {} accepted + {} rejected != {} table rows",
+            c.accepted, c.rejected, c.table_rows
+        ));
+    }
+    let split_total: u64 = c.splits.values().map(|s| s.images).sum();
+    if split_total != c.accepted {
+        report.problems.push(format!("splits hold {split_total} images but {} were accepted", c.accepted));
+    }
+    // Check in batches so a million-image store is not held in memory at once.
+    for batch in manifest.objects.chunks(64) {
+        let keys: Vec<String> = batch.iter().map(|o| o.key.clone()).collect();
+        for (entry, got) in batch.iter().zip(storage.get_many(&keys)) {
+            match got {
+                Err(ShardError::NotFound { .. }) => report.problems.push(format!("{}: missing", entry.key)),
+                Err(e) => report.problems.push(format!("{}: cannot read: {e}", entry.key)),
+                Ok(data) => {
+                    report.objects_checked += 1;
+                    report.bytes_checked += data.len() as u64;
+                    let actual = ObjectEntry::of(&entry.key, &data);
+                    if actual.bytes != entry.bytes {
+                        report.problems.push(format!("{}: {} bytes, manifest says {}", entry.key, actual.bytes, entry.bytes));
+                    } else if actual.sha256 != entry.sha256 {
+                        report.problems.push(format!("{}: checksum mismatch (content changed or corrupt)", entry.key));
+                    }
+                }
+            }
+        }
+    }
+    for split in Split::ALL {
+        let expected = c.splits.get(&split).map_or(0, |s| s.images);
+        for kind in ArrayKind::ALL {
+            let key = format!("{}/zarr.json", array_path(split, kind));
+            if let Some(doc) = storage.get_opt(&key)? {
+                let shape0 = serde_json::from_slice::<serde_json::Value>(&doc)
+                    .ok()
+                    .and_then(|v| v.get("shape")?.get(0)?.as_u64());
+                if shape0 != Some(expected) {
+                    report.problems.push(format!("{key}: shape[0] is {shape0:?}, manifest counts {expected}"));
+                }
+            } else {
+                report.problems.push(format!("{key}: missing"));
+            }
+        }
+    }
+    Ok(report)
+}

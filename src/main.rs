@@ -1,0 +1,296 @@
+//! `radit`: train rectified-flow chest X-ray generators at supercomputer scale.
+//!
+//! A thin CLI: each subcommand parses its arguments into a typed config and calls one crate.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use radit_sharding::ShardError;
+use radit_sharding::ingest::{IngestOutcome, RunOptions, ingest};
+use radit_sharding::layout::{Compression, StoreLayout};
+use radit_sharding::manifest::{IngestSettings, Manifest, verify};
+use radit_sharding::schema::{EncodingConfig, UncertainPolicy};
+use radit_sharding::split::SplitConfig;
+use radit_sharding::store::Storage;
+use radit_sharding::synth::{SynthConfig, generate, parse_sizes};
+use radit_sharding::table::TableConfig;
+
+/// Exit codes: what the caller (a person, a script, Slurm) should do next.
+mod exit {
+    /// The store was checked and disagrees with its manifest.
+    pub const VERIFY_FAILED: u8 = 1;
+    /// Bad input or settings: fix them and run again.
+    pub const USER_ERROR: u8 = 2;
+    /// Infrastructure failed (storage, network): retrying or requeueing may succeed.
+    pub const RETRYABLE: u8 = 75;
+}
+
+#[derive(Parser)]
+#[command(name = "radit", version, about = "Train rectified-flow chest X-ray generators at supercomputer scale")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Write a deterministic synthetic CXR-like dataset: table.csv + 16-bit PNGs.
+    Synth(SynthArgs),
+    /// Ingest a harmonised table and its images into a Zarr v3 store (or verify a store).
+    Shard(ShardArgs),
+    /// The embedded default job: synthesise a small dataset, shard it locally, verify it, print a summary.
+    Quickstart(QuickstartArgs),
+    /// Print which libtorch this binary loaded and which devices it sees.
+    Info,
+}
+
+#[derive(Args)]
+struct SynthArgs {
+    /// Output directory (gets table.csv and images/).
+    #[arg(long)]
+    out: PathBuf,
+    /// Number of ordinary images.
+    #[arg(long, default_value_t = 256)]
+    images: u64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Image sizes WIDTHxHEIGHT, comma-separated; the first is the most common.
+    #[arg(long, default_value = "512x512,640x560,480x600,1024x1200")]
+    sizes: String,
+    /// Append rows with realistic defects (listed in defects.json).
+    #[arg(long)]
+    defects: bool,
+    /// Write an explicit (mostly empty) split column.
+    #[arg(long)]
+    split_column: bool,
+}
+
+#[derive(Args)]
+struct ShardArgs {
+    /// Re-check the store at this URL against its manifest instead of ingesting.
+    #[arg(long, value_name = "URL", conflicts_with_all = ["table", "images", "out"])]
+    verify: Option<String>,
+    /// Harmonised metadata table (CSV).
+    #[arg(long, required_unless_present = "verify")]
+    table: Option<PathBuf>,
+    /// Root directory the table's `path` column is relative to.
+    #[arg(long, required_unless_present = "verify")]
+    images: Option<PathBuf>,
+    /// Output store: a path, file:///abs/dir or s3://bucket/prefix (AWS_* environment variables apply).
+    #[arg(long, required_unless_present = "verify")]
+    out: Option<String>,
+    /// Side of the square output images.
+    #[arg(long, default_value_t = 512)]
+    image_size: u32,
+    /// Images per shard object.
+    #[arg(long, default_value_t = 64)]
+    shard_images: u32,
+    /// zstd[:LEVEL] or blosc-zstd[:LEVEL].
+    #[arg(long, default_value = "zstd:3")]
+    compression: Compression,
+    /// Uncertain (-1) finding labels: u-ignore (missing), u-ones (positive) or u-zeros (negative).
+    #[arg(long, default_value = "u-ignore")]
+    uncertain: UncertainPolicy,
+    /// Plausible age range in years; ages outside become missing.
+    #[arg(long, default_value_t = 0.0)]
+    age_min: f32,
+    #[arg(long, default_value_t = 100.0)]
+    age_max: f32,
+    /// Accept only AP, PA and Lateral as views (no LL, postero-anterior, ...).
+    #[arg(long)]
+    strict_views: bool,
+    /// Seed of the patient-level split hash (for patients without an explicit split).
+    #[arg(long, default_value_t = 0)]
+    split_seed: u64,
+    /// Decode threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Do not draw a progress bar.
+    #[arg(long)]
+    no_progress: bool,
+    /// Print at most this many rejected rows (all are in manifest.json).
+    #[arg(long, default_value_t = 50)]
+    show_rejected: usize,
+    /// Stop after committing this many shards, as if interrupted (for testing resume).
+    #[arg(long, hide = true)]
+    stop_after_shards: Option<u64>,
+}
+
+#[derive(Args)]
+struct QuickstartArgs {
+    /// Working directory for the synthetic dataset and the store.
+    #[arg(long, default_value = "radit-quickstart")]
+    dir: PathBuf,
+    #[arg(long, default_value_t = 192)]
+    images: u64,
+    /// Side of the stored images.
+    #[arg(long, default_value_t = 256)]
+    image_size: u32,
+}
+
+fn main() -> ExitCode {
+    radit_monitoring::init_tracing();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Synth(a) => run_synth(a),
+        Command::Shard(a) => run_shard(a),
+        Command::Quickstart(a) => run_quickstart(a),
+        Command::Info => run_info(),
+    };
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            let retryable = e.chain().any(|c| {
+                matches!(c.downcast_ref::<ShardError>(), Some(ShardError::Storage { .. }))
+            });
+            ExitCode::from(if retryable { exit::RETRYABLE } else { exit::USER_ERROR })
+        }
+    }
+}
+
+fn run_synth(a: SynthArgs) -> anyhow::Result<u8> {
+    let cfg = SynthConfig {
+        images: a.images,
+        seed: a.seed,
+        sizes: parse_sizes(&a.sizes).map_err(|e| anyhow::anyhow!("--sizes: {e}"))?,
+        defects: a.defects,
+        split_column: a.split_column,
+    };
+    let out = generate(&a.out, &cfg).context("writing the synthetic dataset")?;
+    println!("wrote {} rows to {} (images under {})", out.rows, out.table.display(), out.images.display());
+    if !out.defects.is_empty() {
+        println!("{} defect rows, listed in {}", out.defects.len(), a.out.join("defects.json").display());
+    }
+    Ok(0)
+}
+
+fn shard_settings(a: &ShardArgs) -> IngestSettings {
+    IngestSettings {
+        table: TableConfig {
+            encoding: EncodingConfig {
+                uncertain: a.uncertain,
+                age_min: a.age_min,
+                age_max: a.age_max,
+                view_aliases: !a.strict_views,
+            },
+            split: SplitConfig { seed: a.split_seed, ..SplitConfig::default() },
+        },
+        layout: StoreLayout { image_size: a.image_size, shard_images: a.shard_images, compression: a.compression },
+    }
+}
+
+fn run_shard(a: ShardArgs) -> anyhow::Result<u8> {
+    if let Some(url) = &a.verify {
+        return run_verify(url);
+    }
+    let (Some(table), Some(images), Some(out)) = (&a.table, &a.images, &a.out) else {
+        anyhow::bail!("--table, --images and --out are required to ingest");
+    };
+    let settings = shard_settings(&a);
+    let opts = RunOptions {
+        threads: a.threads,
+        progress: !a.no_progress,
+        stop_after_shards: a.stop_after_shards,
+    };
+    let started = std::time::Instant::now();
+    let outcome = ingest(table, images, out, &settings, &opts)
+        .with_context(|| format!("ingesting {} into {out}", table.display()))?;
+    match outcome {
+        IngestOutcome::Interrupted { written_shards } => {
+            println!("stopped after {written_shards} new shards as requested; run again to continue");
+        }
+        IngestOutcome::Complete { manifest, resumed_shards, written_shards } => {
+            let secs = started.elapsed().as_secs_f64();
+            println!("store {} is complete", Storage::open(out)?.url());
+            if resumed_shards > 0 {
+                println!("  resumed: {resumed_shards} shards were already committed, {written_shards} written now");
+            }
+            print!("{}", manifest.summary());
+            print_rejections(&manifest, a.show_rejected);
+            let written_images = written_shards * u64::from(settings.layout.shard_images);
+            if written_shards > 0 && secs > 0.0 {
+                println!("  {:.1} s, about {:.1} images/s", secs, written_images.min(manifest.counts.accepted) as f64 / secs);
+            }
+        }
+    }
+    Ok(0)
+}
+
+fn print_rejections(manifest: &Manifest, limit: usize) {
+    if manifest.rejected.is_empty() {
+        return;
+    }
+    println!("rejected rows:");
+    for r in manifest.rejected.iter().take(limit) {
+        println!("  {r}");
+    }
+    if manifest.rejected.len() > limit {
+        println!("  ... and {} more (see manifest.json)", manifest.rejected.len() - limit);
+    }
+    for (kind, w) in &manifest.warnings.0 {
+        println!("stored as missing: {kind} x{} (e.g. {})", w.count, w.examples.first().map_or("", String::as_str));
+    }
+}
+
+fn run_verify(url: &str) -> anyhow::Result<u8> {
+    let storage = Storage::open(url)?;
+    let report = verify(&storage).with_context(|| format!("verifying {url}"))?;
+    if report.ok() {
+        println!(
+            "store {} verified: {} objects, {:.1} MiB match the manifest",
+            storage.url(),
+            report.objects_checked,
+            report.bytes_checked as f64 / 1048576.0
+        );
+        Ok(0)
+    } else {
+        println!("store {} has {} problem(s):", storage.url(), report.problems.len());
+        for p in &report.problems {
+            println!("  {p}");
+        }
+        Ok(exit::VERIFY_FAILED)
+    }
+}
+
+fn run_quickstart(a: QuickstartArgs) -> anyhow::Result<u8> {
+    let data = a.dir.join("synthetic");
+    let store = a.dir.join("store");
+    println!("1/3 synthesising {} images into {}", a.images, data.display());
+    let cfg = SynthConfig { images: a.images, ..SynthConfig::default() };
+    let out = generate(&data, &cfg).context("writing the synthetic dataset")?;
+    println!("2/3 sharding into {}", store.display());
+    let settings = IngestSettings {
+        layout: StoreLayout { image_size: a.image_size, shard_images: 32, ..StoreLayout::default() },
+        ..IngestSettings::default()
+    };
+    let opts = RunOptions { progress: true, ..RunOptions::default() };
+    let outcome = ingest(&out.table, &out.images, path_str(&store)?, &settings, &opts).context("sharding")?;
+    let IngestOutcome::Complete { manifest, .. } = outcome else {
+        anyhow::bail!("ingest stopped before completing");
+    };
+    print!("{}", manifest.summary());
+    println!("3/3 verifying");
+    let code = run_verify(path_str(&store)?)?;
+    if code == 0 {
+        println!("done: open it with zarr-python: zarr.open_group('{}', mode='r')", store.display());
+    }
+    Ok(code)
+}
+
+fn path_str(p: &Path) -> anyhow::Result<&str> {
+    p.to_str().with_context(|| format!("path {} is not valid UTF-8", p.display()))
+}
+
+fn run_info() -> anyhow::Result<u8> {
+    let info = radit_trainer::runtime::probe();
+    println!(
+        "libtorch: {}",
+        info.libtorch_path.as_ref().map_or_else(|| "statically linked or unknown".into(), |p| p.display().to_string())
+    );
+    println!("CUDA devices: {}", info.cuda_devices);
+    println!("CPU threads: {}", info.threads);
+    Ok(0)
+}

@@ -1,0 +1,79 @@
+//! Helpers shared by the end-to-end suites: the `radit` binary, the project's Python, services on 127.0.0.1.
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub fn radit() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_radit"))
+}
+
+/// The virtualenv that scripts/setup.sh installs (torch, zarr, moto...).
+pub fn venv() -> PathBuf {
+    if let Ok(v) = std::env::var("RADIT_VENV") {
+        return PathBuf::from(v);
+    }
+    let cache = std::env::var("RADIT_CACHE").map(PathBuf::from).unwrap_or_else(|_| {
+        let home = std::env::var("HOME").expect("HOME is set");
+        Path::new(&home).join(".cache/radit")
+    });
+    cache.join("torch-2.13.0")
+}
+
+pub fn python() -> Command {
+    let exe = venv().join("bin/python");
+    assert!(exe.exists(), "{} is missing: run scripts/setup.sh", exe.display());
+    Command::new(exe)
+}
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Runs `cmd`, panicking with its output unless it exits 0.
+pub fn run_ok(cmd: &mut Command) -> Output {
+    let out = cmd.output().expect("command starts");
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed with {}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+pub fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// A port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").expect("bind loopback").local_addr().expect("local addr").port()
+}
+
+/// Writes a small synthetic dataset under `dir` and returns (table, images).
+pub fn synth(dir: &Path, images: u64, sizes: &str, extra: &[&str]) -> (PathBuf, PathBuf) {
+    let mut cmd = radit();
+    cmd.args(["synth", "--out"]).arg(dir).args(["--images", &images.to_string(), "--seed", "3", "--sizes", sizes]);
+    cmd.args(extra);
+    run_ok(&mut cmd);
+    (dir.join("table.csv"), dir.join("images"))
+}
+
+/// `radit shard` with small, fast settings.
+pub fn shard_cmd(table: &Path, images: &Path, out: &str, extra: &[&str]) -> Command {
+    let mut cmd = radit();
+    cmd.args(["shard", "--no-progress", "--table"])
+        .arg(table)
+        .arg("--images")
+        .arg(images)
+        .args(["--out", out, "--image-size", "64", "--shard-images", "8"])
+        .args(extra);
+    cmd
+}
