@@ -28,7 +28,8 @@ mod exit {
 }
 
 #[derive(Parser)]
-#[command(name = "radit", version, about = "Train rectified-flow chest X-ray generators at supercomputer scale")]
+#[command(name = "radit", version, args_override_self = true)]
+#[command(about = "Train rectified-flow chest X-ray generators at supercomputer scale")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -144,9 +145,16 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("error: {e:#}");
             let retryable = e.chain().any(|c| {
-                matches!(c.downcast_ref::<ShardError>(), Some(ShardError::Storage { .. }))
+                matches!(
+                    c.downcast_ref::<ShardError>(),
+                    Some(ShardError::Storage { .. })
+                )
             });
-            ExitCode::from(if retryable { exit::RETRYABLE } else { exit::USER_ERROR })
+            ExitCode::from(if retryable {
+                exit::RETRYABLE
+            } else {
+                exit::USER_ERROR
+            })
         }
     }
 }
@@ -160,9 +168,18 @@ fn run_synth(a: SynthArgs) -> anyhow::Result<u8> {
         split_column: a.split_column,
     };
     let out = generate(&a.out, &cfg).context("writing the synthetic dataset")?;
-    println!("wrote {} rows to {} (images under {})", out.rows, out.table.display(), out.images.display());
+    println!(
+        "wrote {} rows to {} (images under {})",
+        out.rows,
+        out.table.display(),
+        out.images.display()
+    );
     if !out.defects.is_empty() {
-        println!("{} defect rows, listed in {}", out.defects.len(), a.out.join("defects.json").display());
+        println!(
+            "{} defect rows, listed in {}",
+            out.defects.len(),
+            a.out.join("defects.json").display()
+        );
     }
     Ok(0)
 }
@@ -176,9 +193,16 @@ fn shard_settings(a: &ShardArgs) -> IngestSettings {
                 age_max: a.age_max,
                 view_aliases: !a.strict_views,
             },
-            split: SplitConfig { seed: a.split_seed, ..SplitConfig::default() },
+            split: SplitConfig {
+                seed: a.split_seed,
+                ..SplitConfig::default()
+            },
         },
-        layout: StoreLayout { image_size: a.image_size, shard_images: a.shard_images, compression: a.compression },
+        layout: StoreLayout {
+            image_size: a.image_size,
+            shard_images: a.shard_images,
+            compression: a.compression,
+        },
     }
 }
 
@@ -200,19 +224,31 @@ fn run_shard(a: ShardArgs) -> anyhow::Result<u8> {
         .with_context(|| format!("ingesting {} into {out}", table.display()))?;
     match outcome {
         IngestOutcome::Interrupted { written_shards } => {
-            println!("stopped after {written_shards} new shards as requested; run again to continue");
+            println!(
+                "stopped after {written_shards} new shards as requested; run again to continue"
+            );
         }
-        IngestOutcome::Complete { manifest, resumed_shards, written_shards } => {
+        IngestOutcome::Complete {
+            manifest,
+            resumed_shards,
+            written_shards,
+        } => {
             let secs = started.elapsed().as_secs_f64();
             println!("store {} is complete", Storage::open(out)?.url());
             if resumed_shards > 0 {
-                println!("  resumed: {resumed_shards} shards were already committed, {written_shards} written now");
+                println!(
+                    "  resumed: {resumed_shards} shards were already committed, {written_shards} written now"
+                );
             }
             print!("{}", manifest.summary());
             print_rejections(&manifest, a.show_rejected);
             let written_images = written_shards * u64::from(settings.layout.shard_images);
             if written_shards > 0 && secs > 0.0 {
-                println!("  {:.1} s, about {:.1} images/s", secs, written_images.min(manifest.counts.accepted) as f64 / secs);
+                println!(
+                    "  {:.1} s, about {:.1} images/s",
+                    secs,
+                    written_images.min(manifest.counts.accepted) as f64 / secs
+                );
             }
         }
     }
@@ -228,10 +264,17 @@ fn print_rejections(manifest: &Manifest, limit: usize) {
         println!("  {r}");
     }
     if manifest.rejected.len() > limit {
-        println!("  ... and {} more (see manifest.json)", manifest.rejected.len() - limit);
+        println!(
+            "  ... and {} more (see manifest.json)",
+            manifest.rejected.len() - limit
+        );
     }
     for (kind, w) in &manifest.warnings.0 {
-        println!("stored as missing: {kind} x{} (e.g. {})", w.count, w.examples.first().map_or("", String::as_str));
+        println!(
+            "stored as missing: {kind} x{} (e.g. {})",
+            w.count,
+            w.examples.first().map_or("", String::as_str)
+        );
     }
 }
 
@@ -247,7 +290,11 @@ fn run_verify(url: &str) -> anyhow::Result<u8> {
         );
         Ok(0)
     } else {
-        println!("store {} has {} problem(s):", storage.url(), report.problems.len());
+        println!(
+            "store {} has {} problem(s):",
+            storage.url(),
+            report.problems.len()
+        );
         for p in &report.problems {
             println!("  {p}");
         }
@@ -258,16 +305,31 @@ fn run_verify(url: &str) -> anyhow::Result<u8> {
 fn run_quickstart(a: QuickstartArgs) -> anyhow::Result<u8> {
     let data = a.dir.join("synthetic");
     let store = a.dir.join("store");
-    println!("1/3 synthesising {} images into {}", a.images, data.display());
-    let cfg = SynthConfig { images: a.images, ..SynthConfig::default() };
+    println!(
+        "1/3 synthesising {} images into {}",
+        a.images,
+        data.display()
+    );
+    let cfg = SynthConfig {
+        images: a.images,
+        ..SynthConfig::default()
+    };
     let out = generate(&data, &cfg).context("writing the synthetic dataset")?;
     println!("2/3 sharding into {}", store.display());
     let settings = IngestSettings {
-        layout: StoreLayout { image_size: a.image_size, shard_images: 32, ..StoreLayout::default() },
+        layout: StoreLayout {
+            image_size: a.image_size,
+            shard_images: 32,
+            ..StoreLayout::default()
+        },
         ..IngestSettings::default()
     };
-    let opts = RunOptions { progress: true, ..RunOptions::default() };
-    let outcome = ingest(&out.table, &out.images, path_str(&store)?, &settings, &opts).context("sharding")?;
+    let opts = RunOptions {
+        progress: true,
+        ..RunOptions::default()
+    };
+    let outcome =
+        ingest(&out.table, &out.images, path_str(&store)?, &settings, &opts).context("sharding")?;
     let IngestOutcome::Complete { manifest, .. } = outcome else {
         anyhow::bail!("ingest stopped before completing");
     };
@@ -275,20 +337,27 @@ fn run_quickstart(a: QuickstartArgs) -> anyhow::Result<u8> {
     println!("3/3 verifying");
     let code = run_verify(path_str(&store)?)?;
     if code == 0 {
-        println!("done: open it with zarr-python: zarr.open_group('{}', mode='r')", store.display());
+        println!(
+            "done: open it with zarr-python: zarr.open_group('{}', mode='r')",
+            store.display()
+        );
     }
     Ok(code)
 }
 
 fn path_str(p: &Path) -> anyhow::Result<&str> {
-    p.to_str().with_context(|| format!("path {} is not valid UTF-8", p.display()))
+    p.to_str()
+        .with_context(|| format!("path {} is not valid UTF-8", p.display()))
 }
 
 fn run_info() -> anyhow::Result<u8> {
     let info = radit_trainer::runtime::probe();
     println!(
         "libtorch: {}",
-        info.libtorch_path.as_ref().map_or_else(|| "statically linked or unknown".into(), |p| p.display().to_string())
+        info.libtorch_path.as_ref().map_or_else(
+            || "statically linked or unknown".into(),
+            |p| p.display().to_string()
+        )
     );
     println!("CUDA devices: {}", info.cuda_devices);
     println!("CPU threads: {}", info.threads);

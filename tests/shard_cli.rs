@@ -13,15 +13,26 @@ use radit_sharding::split::Split;
 use radit_sharding::store::Storage;
 
 fn manifest(dir: &std::path::Path) -> Manifest {
-    serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).expect("manifest exists")).expect("manifest parses")
+    serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).expect("manifest exists"))
+        .expect("manifest parses")
 }
 
 #[test]
 fn zarr_python_reads_the_same_values_that_were_ingested() {
     let dir = tempfile::tempdir().unwrap();
-    let (table, images) = synth(&dir.path().join("data"), 48, "64x64,80x64,64x100,600x520", &[]);
+    let (table, images) = synth(
+        &dir.path().join("data"),
+        48,
+        "64x64,80x64,64x100,600x520",
+        &[],
+    );
     let store = dir.path().join("store");
-    let out = run_ok(&mut shard_cmd(&table, &images, store.to_str().unwrap(), &[]));
+    let out = run_ok(&mut shard_cmd(
+        &table,
+        &images,
+        store.to_str().unwrap(),
+        &[],
+    ));
     assert!(stdout(&out).contains("48 accepted"), "{}", stdout(&out));
     let v = run_ok(radit().args(["shard", "--verify", store.to_str().unwrap()]));
     assert!(stdout(&v).contains("verified"), "{}", stdout(&v));
@@ -30,11 +41,25 @@ fn zarr_python_reads_the_same_values_that_were_ingested() {
     run_ok(
         python()
             .arg(repo().join("tests/python/check_store.py"))
-            .args(["--store", store.to_str().unwrap(), "--table", table.to_str().unwrap()])
-            .args(["--images", images.to_str().unwrap(), "--out", summary_path.to_str().unwrap()]),
+            .args([
+                "--store",
+                store.to_str().unwrap(),
+                "--table",
+                table.to_str().unwrap(),
+            ])
+            .args([
+                "--images",
+                images.to_str().unwrap(),
+                "--out",
+                summary_path.to_str().unwrap(),
+            ]),
     );
-    let py: serde_json::Value = serde_json::from_slice(&std::fs::read(&summary_path).unwrap()).unwrap();
-    assert!(py["exact_images_checked"].as_u64().unwrap() > 10, "64x64 sources are compared pixel for pixel");
+    let py: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&summary_path).unwrap()).unwrap();
+    assert!(
+        py["exact_images_checked"].as_u64().unwrap() > 10,
+        "64x64 sources are compared pixel for pixel"
+    );
 
     let reader = StoreReader::open(Storage::open(store.to_str().unwrap()).unwrap()).unwrap();
     let mut total = 0;
@@ -47,7 +72,10 @@ fn zarr_python_reads_the_same_values_that_were_ingested() {
         assert_eq!(labels.concat(), rust.labels, "{split}: labels");
         let ages: Vec<Option<f32>> = serde_json::from_value(p["age"].clone()).unwrap();
         for (a, b) in ages.iter().zip(&rust.age) {
-            assert!(a.map_or(b.is_nan(), |a| a == *b), "{split}: age {a:?} vs {b}");
+            assert!(
+                a.map_or(b.is_nan(), |a| a == *b),
+                "{split}: age {a:?} vs {b}"
+            );
         }
         let hashes: Vec<String> = serde_json::from_value(p["image_sha256"].clone()).unwrap();
         for (i, h) in hashes.iter().enumerate() {
@@ -62,7 +90,10 @@ fn zarr_python_reads_the_same_values_that_were_ingested() {
 
 fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::Digest;
-    sha2::Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 #[test]
@@ -70,14 +101,24 @@ fn an_ingest_killed_mid_way_resumes_without_duplicating_or_dropping_rows() {
     let dir = tempfile::tempdir().unwrap();
     let (table, images) = synth(&dir.path().join("data"), 240, "400x400,520x480", &[]);
     let straight = dir.path().join("straight");
-    run_ok(&mut shard_cmd(&table, &images, straight.to_str().unwrap(), &["--shard-images", "2"]));
+    run_ok(&mut shard_cmd(
+        &table,
+        &images,
+        straight.to_str().unwrap(),
+        &["--shard-images", "2"],
+    ));
 
     let killed = dir.path().join("killed");
-    let mut child = shard_cmd(&table, &images, killed.to_str().unwrap(), &["--shard-images", "2", "--threads", "1"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = shard_cmd(
+        &table,
+        &images,
+        killed.to_str().unwrap(),
+        &["--shard-images", "2", "--threads", "1"],
+    )
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::null())
+    .spawn()
+    .unwrap();
     let journal = killed.join(".ingest/journal/train");
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
@@ -86,20 +127,37 @@ fn an_ingest_killed_mid_way_resumes_without_duplicating_or_dropping_rows() {
             break;
         }
         assert!(Instant::now() < deadline, "no progress within 120 s");
-        assert!(child.try_wait().unwrap().is_none(), "finished before it could be killed");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "finished before it could be killed"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
-    assert!(!killed.join("manifest.json").exists(), "killed before completing");
+    assert!(
+        !killed.join("manifest.json").exists(),
+        "killed before completing"
+    );
 
-    let out = run_ok(&mut shard_cmd(&table, &images, killed.to_str().unwrap(), &["--shard-images", "2"]));
+    let out = run_ok(&mut shard_cmd(
+        &table,
+        &images,
+        killed.to_str().unwrap(),
+        &["--shard-images", "2"],
+    ));
     assert!(stdout(&out).contains("resumed:"), "{}", stdout(&out));
     let (a, b) = (manifest(&straight), manifest(&killed));
     assert_eq!(a.counts, b.counts);
-    assert_eq!(a.objects, b.objects, "the resumed store is byte-identical to the straight one");
+    assert_eq!(
+        a.objects, b.objects,
+        "the resumed store is byte-identical to the straight one"
+    );
     let reader = StoreReader::open(Storage::open(killed.to_str().unwrap()).unwrap()).unwrap();
-    let mut ids: Vec<String> = Split::ALL.iter().flat_map(|s| reader.read_split(*s).unwrap().image_ids).collect();
+    let mut ids: Vec<String> = Split::ALL
+        .iter()
+        .flat_map(|s| reader.read_split(*s).unwrap().image_ids)
+        .collect();
     let n = ids.len();
     ids.sort();
     ids.dedup();
@@ -111,11 +169,23 @@ fn verify_names_the_damaged_object_and_exits_1() {
     let dir = tempfile::tempdir().unwrap();
     let (table, images) = synth(&dir.path().join("data"), 20, "64x64", &[]);
     let store = dir.path().join("store");
-    run_ok(&mut shard_cmd(&table, &images, store.to_str().unwrap(), &[]));
+    run_ok(&mut shard_cmd(
+        &table,
+        &images,
+        store.to_str().unwrap(),
+        &[],
+    ));
     let m = manifest(&store);
-    let victim = m.objects.iter().find(|o| o.key.starts_with("train/age/c/")).unwrap();
+    let victim = m
+        .objects
+        .iter()
+        .find(|o| o.key.starts_with("train/age/c/"))
+        .unwrap();
     std::fs::write(store.join(&victim.key), b"garbage").unwrap();
-    let out = radit().args(["shard", "--verify", store.to_str().unwrap()]).output().unwrap();
+    let out = radit()
+        .args(["shard", "--verify", store.to_str().unwrap()])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(stdout(&out).contains(&victim.key), "{}", stdout(&out));
 }
@@ -125,19 +195,38 @@ fn bad_rows_are_reported_by_line_and_the_rest_is_ingested() {
     let dir = tempfile::tempdir().unwrap();
     let (table, images) = synth(&dir.path().join("data"), 30, "64x64,90x70", &["--defects"]);
     let defects: Vec<radit_sharding::synth::Defect> =
-        serde_json::from_slice(&std::fs::read(dir.path().join("data/defects.json")).unwrap()).unwrap();
+        serde_json::from_slice(&std::fs::read(dir.path().join("data/defects.json")).unwrap())
+            .unwrap();
     let store = dir.path().join("store");
-    let out = run_ok(&mut shard_cmd(&table, &images, store.to_str().unwrap(), &["--show-rejected", "100"]));
+    let out = run_ok(&mut shard_cmd(
+        &table,
+        &images,
+        store.to_str().unwrap(),
+        &["--show-rejected", "100"],
+    ));
     let text = stdout(&out);
     let m = manifest(&store);
     assert_eq!(m.counts.accepted + m.counts.rejected, m.counts.table_rows);
-    let rejected: HashMap<u64, &str> = defects.iter().filter(|d| d.expect == "rejected").map(|d| (d.line, d.kind.as_str())).collect();
+    let rejected: HashMap<u64, &str> = defects
+        .iter()
+        .filter(|d| d.expect == "rejected")
+        .map(|d| (d.line, d.kind.as_str()))
+        .collect();
     assert_eq!(m.counts.rejected as usize, rejected.len());
     for (line, kind) in &rejected {
-        assert!(text.contains(&format!("line {line} ")) || text.contains(&format!("line {line}:")), "{kind}: {text}");
+        assert!(
+            text.contains(&format!("line {line} ")) || text.contains(&format!("line {line}:")),
+            "{kind}: {text}"
+        );
     }
-    assert!(text.contains(&format!("{} accepted", 30 + defects.len() - rejected.len())), "{text}");
-    assert!(text.contains("stored as missing: non_numeric_age"), "{text}");
+    assert!(
+        text.contains(&format!("{} accepted", 30 + defects.len() - rejected.len())),
+        "{text}"
+    );
+    assert!(
+        text.contains("stored as missing: non_numeric_age"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -146,7 +235,9 @@ fn unusable_inputs_and_outputs_exit_2_with_a_message_naming_them() {
     let (_, images) = synth(&dir.path().join("data"), 2, "64x64", &[]);
     let empty = dir.path().join("empty.csv");
     std::fs::write(&empty, b"").unwrap();
-    let out = shard_cmd(&empty, &images, dir.path().join("s").to_str().unwrap(), &[]).output().unwrap();
+    let out = shard_cmd(&empty, &images, dir.path().join("s").to_str().unwrap(), &[])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("empty.csv"), "{}", stderr(&out));
 
@@ -156,7 +247,11 @@ fn unusable_inputs_and_outputs_exit_2_with_a_message_naming_them() {
     let target = format!("file://{}/store", blocker.display());
     let out = shard_cmd(&table, &images, &target, &[]).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
-    assert!(stderr(&out).contains("cannot be written") && stderr(&out).contains("blocker/store"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("cannot be written") && stderr(&out).contains("blocker/store"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]

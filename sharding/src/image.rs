@@ -47,9 +47,16 @@ pub fn decode_png(bytes: &[u8]) -> Result<(Grey16, ImageNotes), ImageProblem> {
     if bytes.is_empty() {
         return Err(ImageProblem::EmptyFile);
     }
-    let mut decoder = png::Decoder::new_with_limits(Cursor::new(bytes), png::Limits { bytes: MAX_DECODED_BYTES });
+    let mut decoder = png::Decoder::new_with_limits(
+        Cursor::new(bytes),
+        png::Limits {
+            bytes: MAX_DECODED_BYTES,
+        },
+    );
     decoder.set_transformations(png::Transformations::EXPAND);
-    let mut reader = decoder.read_info().map_err(|e| ImageProblem::Decode(e.to_string()))?;
+    let mut reader = decoder
+        .read_info()
+        .map_err(|e| ImageProblem::Decode(e.to_string()))?;
     let (width, height) = {
         let info = reader.info();
         (info.width, info.height)
@@ -57,19 +64,28 @@ pub fn decode_png(bytes: &[u8]) -> Result<(Grey16, ImageNotes), ImageProblem> {
     if width == 0 || height == 0 {
         return Err(ImageProblem::ZeroSize { width, height });
     }
-    let size = reader
-        .output_buffer_size()
-        .ok_or_else(|| ImageProblem::Decode(format!("image of {width}x{height} is too large to decode")))?;
+    let size = reader.output_buffer_size().ok_or_else(|| {
+        ImageProblem::Decode(format!("image of {width}x{height} is too large to decode"))
+    })?;
     let mut buf = vec![0u8; size];
-    let frame = reader.next_frame(&mut buf).map_err(|e| ImageProblem::Decode(e.to_string()))?;
+    let frame = reader
+        .next_frame(&mut buf)
+        .map_err(|e| ImageProblem::Decode(e.to_string()))?;
     buf.truncate(frame.buffer_size());
     let channels = frame.color_type.samples();
     let sixteen = frame.bit_depth == png::BitDepth::Sixteen;
     let sample = |i: usize| -> u16 {
-        if sixteen { u16::from_be_bytes([buf[2 * i], buf[2 * i + 1]]) } else { u16::from(buf[i]) * 257 }
+        if sixteen {
+            u16::from_be_bytes([buf[2 * i], buf[2 * i + 1]])
+        } else {
+            u16::from(buf[i]) * 257
+        }
     };
     let n = width as usize * height as usize;
-    let mut notes = ImageNotes { was_8bit: !sixteen, ..ImageNotes::default() };
+    let mut notes = ImageNotes {
+        was_8bit: !sixteen,
+        ..ImageNotes::default()
+    };
     let pixels: Vec<u16> = match frame.color_type {
         png::ColorType::Grayscale => (0..n).map(sample).collect(),
         png::ColorType::GrayscaleAlpha => (0..n).map(|p| sample(p * 2)).collect(),
@@ -77,9 +93,15 @@ pub fn decode_png(bytes: &[u8]) -> Result<(Grey16, ImageNotes), ImageProblem> {
             let name = if channels == 3 { "RGB" } else { "RGBA" };
             let mut grey = Vec::with_capacity(n);
             for p in 0..n {
-                let (r, g, b) = (sample(p * channels), sample(p * channels + 1), sample(p * channels + 2));
+                let (r, g, b) = (
+                    sample(p * channels),
+                    sample(p * channels + 1),
+                    sample(p * channels + 2),
+                );
                 if r != g || g != b {
-                    return Err(ImageProblem::Colour(format!("{name} with differing channels")));
+                    return Err(ImageProblem::Colour(format!(
+                        "{name} with differing channels"
+                    )));
                 }
                 grey.push(r);
             }
@@ -88,12 +110,22 @@ pub fn decode_png(bytes: &[u8]) -> Result<(Grey16, ImageNotes), ImageProblem> {
         }
         png::ColorType::Indexed => return Err(ImageProblem::Colour("palette not expanded".into())),
     };
-    Ok((Grey16 { width, height, pixels }, notes))
+    Ok((
+        Grey16 {
+            width,
+            height,
+            pixels,
+        },
+        notes,
+    ))
 }
 
 /// Stretches intensities linearly so the darkest pixel is 0 and the brightest 65535.
 pub fn normalise_full_range(img: &mut Grey16) -> Result<(), ImageProblem> {
-    let (lo, hi) = img.pixels.iter().fold((u16::MAX, 0u16), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+    let (lo, hi) = img
+        .pixels
+        .iter()
+        .fold((u16::MAX, 0u16), |(lo, hi), &v| (lo.min(v), hi.max(v)));
     if lo == hi {
         return Err(ImageProblem::Constant(lo));
     }
@@ -121,7 +153,9 @@ pub fn letterbox(img: &Grey16, target: u32, resizer: &mut Resizer) -> Vec<u16> {
     let src = TypedImageRef::new(w, h, &src).expect("pixel count matches the dimensions");
     let mut dst = TypedImage::<U16>::new(nw, nh);
     let options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Lanczos3));
-    resizer.resize_typed(&src, &mut dst, &options).expect("same pixel type, non-empty images");
+    resizer
+        .resize_typed(&src, &mut dst, &options)
+        .expect("same pixel type, non-empty images");
     let mut canvas = vec![0u16; target as usize * target as usize];
     let (x0, y0) = (((target - nw) / 2) as usize, ((target - nh) / 2) as usize);
     for (y, row) in dst.pixels().chunks_exact(nw as usize).enumerate() {
@@ -134,7 +168,11 @@ pub fn letterbox(img: &Grey16, target: u32, resizer: &mut Resizer) -> Vec<u16> {
 }
 
 /// Decode, normalise and letterbox one PNG file's bytes into a `target` x `target` image.
-pub fn preprocess(bytes: &[u8], target: u32, resizer: &mut Resizer) -> Result<(Vec<u16>, ImageNotes), ImageProblem> {
+pub fn preprocess(
+    bytes: &[u8],
+    target: u32,
+    resizer: &mut Resizer,
+) -> Result<(Vec<u16>, ImageNotes), ImageProblem> {
     let (mut img, mut notes) = decode_png(bytes)?;
     normalise_full_range(&mut img)?;
     notes.resized = img.width != target || img.height != target;
@@ -151,7 +189,9 @@ pub fn encode_png16(width: u32, height: u32, pixels: &[u16]) -> Vec<u8> {
         enc.set_compression(png::Compression::Fast);
         let mut writer = enc.write_header().expect("writing to a Vec cannot fail");
         let data: Vec<u8> = pixels.iter().flat_map(|v| v.to_be_bytes()).collect();
-        writer.write_image_data(&data).expect("pixel count matches the dimensions");
+        writer
+            .write_image_data(&data)
+            .expect("pixel count matches the dimensions");
     }
     out
 }
@@ -164,7 +204,9 @@ pub fn encode_png8(width: u32, height: u32, color: png::ColorType, data: &[u8]) 
         enc.set_color(color);
         enc.set_depth(png::BitDepth::Eight);
         let mut writer = enc.write_header().expect("writing to a Vec cannot fail");
-        writer.write_image_data(data).expect("pixel count matches the dimensions");
+        writer
+            .write_image_data(data)
+            .expect("pixel count matches the dimensions");
     }
     out
 }
@@ -191,7 +233,8 @@ mod tests {
     #[test]
     fn eight_bit_is_widened_and_rgb_grey_is_accepted_but_colour_is_not() {
         let grey: Vec<u8> = (0..12).map(|i| i * 20).collect();
-        let (img, notes) = decode_png(&encode_png8(4, 3, png::ColorType::Grayscale, &grey)).unwrap();
+        let (img, notes) =
+            decode_png(&encode_png8(4, 3, png::ColorType::Grayscale, &grey)).unwrap();
         assert!(notes.was_8bit);
         assert_eq!(img.pixels[1], 20 * 257);
         let rgb_grey: Vec<u8> = grey.iter().flat_map(|&v| [v, v, v]).collect();
@@ -209,18 +252,35 @@ mod tests {
     #[test]
     fn broken_inputs_are_named_problems() {
         assert_eq!(decode_png(&[]), Err(ImageProblem::EmptyFile));
-        assert!(matches!(decode_png(b"not a png at all"), Err(ImageProblem::Decode(_))));
+        assert!(matches!(
+            decode_png(b"not a png at all"),
+            Err(ImageProblem::Decode(_))
+        ));
         let good = encode_png16(40, 30, &ramp(40, 30));
-        assert!(matches!(decode_png(&good[..good.len() / 2]), Err(ImageProblem::Decode(_))));
-        let mut flat = Grey16 { width: 2, height: 2, pixels: vec![9; 4] };
-        assert_eq!(normalise_full_range(&mut flat), Err(ImageProblem::Constant(9)));
+        assert!(matches!(
+            decode_png(&good[..good.len() / 2]),
+            Err(ImageProblem::Decode(_))
+        ));
+        let mut flat = Grey16 {
+            width: 2,
+            height: 2,
+            pixels: vec![9; 4],
+        };
+        assert_eq!(
+            normalise_full_range(&mut flat),
+            Err(ImageProblem::Constant(9))
+        );
     }
 
     #[test]
     fn letterbox_keeps_aspect_and_centres() {
         let mut resizer = Resizer::new();
         // 200 wide x 100 high, all bright: after resize to 64 the content is 64x32 centred vertically.
-        let img = Grey16 { width: 200, height: 100, pixels: vec![60000; 200 * 100] };
+        let img = Grey16 {
+            width: 200,
+            height: 100,
+            pixels: vec![60000; 200 * 100],
+        };
         let out = letterbox(&img, 64, &mut resizer);
         assert_eq!(out.len(), 64 * 64);
         let row = |y: usize| &out[y * 64..(y + 1) * 64];
@@ -228,7 +288,11 @@ mod tests {
         assert!(row(16).iter().all(|&v| v == 60000) && row(47).iter().all(|&v| v == 60000));
         assert!(row(48).iter().all(|&v| v == 0));
         // Already the target size: unchanged.
-        let sq = Grey16 { width: 8, height: 8, pixels: (0..64).collect() };
+        let sq = Grey16 {
+            width: 8,
+            height: 8,
+            pixels: (0..64).collect(),
+        };
         assert_eq!(letterbox(&sq, 8, &mut resizer), sq.pixels);
     }
 }

@@ -21,7 +21,8 @@ use crate::error::ShardError;
 use crate::image::{ImageNotes, preprocess};
 use crate::layout::{ArrayKind, StoreLayout, array_metadata_json, array_path, group_metadata_json};
 use crate::manifest::{
-    Counts, FORMAT, ImageNoteCounts, IngestSettings, MANIFEST_KEY, Manifest, ObjectEntry, SplitCounts, Source,
+    Counts, FORMAT, ImageNoteCounts, IngestSettings, MANIFEST_KEY, Manifest, ObjectEntry, Source,
+    SplitCounts,
 };
 use crate::schema::{NUM_LABELS, SCHEMA_VERSION, Vocabulary};
 use crate::split::Split;
@@ -46,7 +47,11 @@ pub struct RunOptions {
 #[derive(Debug)]
 pub enum IngestOutcome {
     /// The store is complete; `resumed_shards` were already committed by an earlier run.
-    Complete { manifest: Box<Manifest>, resumed_shards: u64, written_shards: u64 },
+    Complete {
+        manifest: Box<Manifest>,
+        resumed_shards: u64,
+        written_shards: u64,
+    },
     /// Stopped on request before finishing; re-run to continue.
     Interrupted { written_shards: u64 },
 }
@@ -93,13 +98,27 @@ pub fn ingest(
     settings: &IngestSettings,
     opts: &RunOptions,
 ) -> Result<IngestOutcome, ShardError> {
-    settings.table.encoding.validate().map_err(ShardError::InvalidConfig)?;
-    settings.table.split.validate().map_err(ShardError::InvalidConfig)?;
-    settings.layout.validate().map_err(ShardError::InvalidConfig)?;
+    settings
+        .table
+        .encoding
+        .validate()
+        .map_err(ShardError::InvalidConfig)?;
+    settings
+        .table
+        .split
+        .validate()
+        .map_err(ShardError::InvalidConfig)?;
+    settings
+        .layout
+        .validate()
+        .map_err(ShardError::InvalidConfig)?;
     if !images_dir.is_dir() {
         return Err(ShardError::ReadInput {
             path: images_dir.to_path_buf(),
-            source: std::io::Error::new(std::io::ErrorKind::NotFound, "images root is not a directory"),
+            source: std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "images root is not a directory",
+            ),
         });
     }
     let table = read_table(table_path, &settings.table)?;
@@ -107,16 +126,24 @@ pub fn ingest(
     let fp = fingerprint(&table.sha256, settings);
 
     if let Some(bytes) = storage.get_opt(MANIFEST_KEY)? {
-        let existing: Manifest = serde_json::from_slice(&bytes).map_err(|e| ShardError::InvalidStore {
-            url: storage.url().to_string(),
-            problem: format!("has an unreadable manifest.json: {e}"),
-        })?;
+        let existing: Manifest =
+            serde_json::from_slice(&bytes).map_err(|e| ShardError::InvalidStore {
+                url: storage.url().to_string(),
+                problem: format!("has an unreadable manifest.json: {e}"),
+            })?;
         if existing.fingerprint != fp {
-            return Err(ShardError::Conflict { url: storage.url().to_string(), what: "table or settings".into() });
+            return Err(ShardError::Conflict {
+                url: storage.url().to_string(),
+                what: "table or settings".into(),
+            });
         }
         tracing::info!(url = storage.url(), "store is already complete");
         let shards = existing.counts.splits.values().map(|s| s.shards).sum();
-        return Ok(IngestOutcome::Complete { manifest: Box::new(existing), resumed_shards: shards, written_shards: 0 });
+        return Ok(IngestOutcome::Complete {
+            manifest: Box::new(existing),
+            resumed_shards: shards,
+            written_shards: 0,
+        });
     }
     claim_output(&storage, &fp, settings, &table)?;
 
@@ -128,12 +155,22 @@ pub fn ingest(
     let mut journal = load_journal(&storage)?;
     let resumed: u64 = journal.values().map(|r| r.len() as u64).sum();
     if resumed > 0 {
-        tracing::info!(url = storage.url(), records = resumed, "resuming an interrupted ingest");
+        tracing::info!(
+            url = storage.url(),
+            records = resumed,
+            "resuming an interrupted ingest"
+        );
     }
 
-    let candidates: BTreeMap<Split, Vec<&TableRow>> =
-        Split::ALL.iter().map(|s| (*s, table.rows.iter().filter(|r| r.split == *s).collect())).collect();
-    let done: u64 = journal.values().flatten().map(|r| r.rows + r.rejected.len() as u64).sum();
+    let candidates: BTreeMap<Split, Vec<&TableRow>> = Split::ALL
+        .iter()
+        .map(|s| (*s, table.rows.iter().filter(|r| r.split == *s).collect()))
+        .collect();
+    let done: u64 = journal
+        .values()
+        .flatten()
+        .map(|r| r.rows + r.rejected.len() as u64)
+        .sum();
     let bar = progress_bar(opts.progress, table.rows.len() as u64, done);
 
     let (tx, rx) = mpsc::sync_channel::<EncodedShard>(2);
@@ -159,14 +196,24 @@ pub fn ingest(
             let rows = &candidates[&split];
             let template = SplitArrays::new(&settings.layout, split, rows.len() as u64)?;
             let _span = tracing::info_span!("ingest_split", split = %split).entered();
-            if !produce_split(rows, images_dir, settings, &template, &mut next, &tx, &mut budget)? {
+            if !produce_split(
+                rows,
+                images_dir,
+                settings,
+                &template,
+                &mut next,
+                &tx,
+                &mut budget,
+            )? {
                 return Ok(false);
             }
         }
         Ok(true)
     });
     drop(tx);
-    let written = writer.join().map_err(|_| ShardError::InvalidConfig("the writer thread panicked".into()))?;
+    let written = writer
+        .join()
+        .map_err(|_| ShardError::InvalidConfig("the writer thread panicked".into()))?;
     bar.finish_and_clear();
     // A writer error explains a failed send, so it takes precedence.
     let written = written?;
@@ -179,7 +226,11 @@ pub fn ingest(
         return Ok(IngestOutcome::Interrupted { written_shards });
     }
     let manifest = finalise(&storage, &table, images_dir, settings, &fp, &journal)?;
-    Ok(IngestOutcome::Complete { manifest: Box::new(manifest), resumed_shards: resumed, written_shards })
+    Ok(IngestOutcome::Complete {
+        manifest: Box::new(manifest),
+        resumed_shards: resumed,
+        written_shards,
+    })
 }
 
 fn progress_bar(enabled: bool, total: u64, done: u64) -> indicatif::ProgressBar {
@@ -188,39 +239,62 @@ fn progress_bar(enabled: bool, total: u64, done: u64) -> indicatif::ProgressBar 
     }
     let bar = indicatif::ProgressBar::new(total);
     bar.set_style(
-        indicatif::ProgressStyle::with_template("{spinner} ingest [{bar:40}] {pos}/{len} rows {per_sec} eta {eta}")
-            .expect("static template is valid")
-            .progress_chars("=> "),
+        indicatif::ProgressStyle::with_template(
+            "{spinner} ingest [{bar:40}] {pos}/{len} rows {per_sec} eta {eta}",
+        )
+        .expect("static template is valid")
+        .progress_chars("=> "),
     );
     bar.set_position(done);
     bar
 }
 
 /// Writes the settings record, or checks that an interrupted run used the same table and settings.
-fn claim_output(storage: &Storage, fp: &str, settings: &IngestSettings, table: &Table) -> Result<(), ShardError> {
-    let existing = storage.get_opt(SETTINGS_KEY).map_err(|e| unwritable(storage, e))?;
+fn claim_output(
+    storage: &Storage,
+    fp: &str,
+    settings: &IngestSettings,
+    table: &Table,
+) -> Result<(), ShardError> {
+    let existing = storage
+        .get_opt(SETTINGS_KEY)
+        .map_err(|e| unwritable(storage, e))?;
     if let Some(bytes) = existing {
-        let previous: SettingsRecord = serde_json::from_slice(&bytes).map_err(|e| ShardError::InvalidStore {
-            url: storage.url().to_string(),
-            problem: format!("has an unreadable {SETTINGS_KEY}: {e}"),
-        })?;
+        let previous: SettingsRecord =
+            serde_json::from_slice(&bytes).map_err(|e| ShardError::InvalidStore {
+                url: storage.url().to_string(),
+                problem: format!("has an unreadable {SETTINGS_KEY}: {e}"),
+            })?;
         if previous.fingerprint != fp {
-            let what = if previous.table_sha256 != table.sha256 { "table contents" } else { "settings" };
-            return Err(ShardError::Conflict { url: storage.url().to_string(), what: what.into() });
+            let what = if previous.table_sha256 != table.sha256 {
+                "table contents"
+            } else {
+                "settings"
+            };
+            return Err(ShardError::Conflict {
+                url: storage.url().to_string(),
+                what: what.into(),
+            });
         }
         return Ok(());
     }
-    let record =
-        SettingsRecord { fingerprint: fp.to_string(), settings: settings.clone(), table_sha256: table.sha256.clone() };
+    let record = SettingsRecord {
+        fingerprint: fp.to_string(),
+        settings: settings.clone(),
+        table_sha256: table.sha256.clone(),
+    };
     let json = serde_json::to_vec_pretty(&record).expect("settings serialise");
-    storage.put(SETTINGS_KEY, Bytes::from(json)).map_err(|e| unwritable(storage, e))
+    storage
+        .put(SETTINGS_KEY, Bytes::from(json))
+        .map_err(|e| unwritable(storage, e))
 }
 
 fn unwritable(storage: &Storage, e: ShardError) -> ShardError {
     match e {
-        ShardError::Storage { source, .. } => {
-            ShardError::Unwritable { url: storage.url().to_string(), reason: source.to_string() }
-        }
+        ShardError::Storage { source, .. } => ShardError::Unwritable {
+            url: storage.url().to_string(),
+            reason: source.to_string(),
+        },
         other => other,
     }
 }
@@ -229,16 +303,23 @@ fn load_journal(storage: &Storage) -> Result<BTreeMap<Split, Vec<JournalRecord>>
     let mut journal: BTreeMap<Split, Vec<JournalRecord>> = BTreeMap::new();
     let keys = storage.list(JOURNAL_PREFIX)?;
     for (key, got) in keys.iter().zip(storage.get_many(&keys)) {
-        let record: JournalRecord = serde_json::from_slice(&got?).map_err(|e| ShardError::InvalidStore {
-            url: storage.describe(key),
-            problem: format!("journal record is unreadable ({e}); remove the output and ingest again"),
-        })?;
+        let record: JournalRecord =
+            serde_json::from_slice(&got?).map_err(|e| ShardError::InvalidStore {
+                url: storage.describe(key),
+                problem: format!(
+                    "journal record is unreadable ({e}); remove the output and ingest again"
+                ),
+            })?;
         journal.entry(record.split).or_default().push(record);
     }
     for (split, records) in &mut journal {
         records.sort_by_key(|r| r.seq);
         // Records are committed in order by one writer, so the committed ones form a prefix 0..k.
-        let contiguous = records.iter().enumerate().take_while(|(i, r)| r.seq == *i as u64).count();
+        let contiguous = records
+            .iter()
+            .enumerate()
+            .take_while(|(i, r)| r.seq == *i as u64)
+            .count();
         if contiguous != records.len() {
             tracing::warn!(split = %split, kept = contiguous, "ignoring journal records after a gap");
             records.truncate(contiguous);
@@ -257,9 +338,14 @@ impl SplitArrays {
     fn new(layout: &StoreLayout, split: Split, rows: u64) -> Result<Self, ShardError> {
         let s = u64::from(layout.shard_images);
         let capacity = rows.div_ceil(s).max(1) * s;
-        let arrays =
-            ArrayKind::ALL.iter().map(|k| Ok((*k, layout.array(split, *k, capacity)?))).collect::<Result<_, ShardError>>()?;
-        Ok(Self { layout: layout.clone(), arrays })
+        let arrays = ArrayKind::ALL
+            .iter()
+            .map(|k| Ok((*k, layout.array(split, *k, capacity)?)))
+            .collect::<Result<_, ShardError>>()?;
+        Ok(Self {
+            layout: layout.clone(),
+            arrays,
+        })
     }
 }
 
@@ -410,7 +496,10 @@ fn encode_shard(
                 ArrayKind::ImageId => std::mem::take(&mut image_ids).into_array_bytes(dt),
                 ArrayKind::PatientId => std::mem::take(&mut patient_ids).into_array_bytes(dt),
             }
-            .map_err(|e| ShardError::Encode { what: kind.name().into(), reason: e.to_string() })?;
+            .map_err(|e| ShardError::Encode {
+                what: kind.name().into(),
+                reason: e.to_string(),
+            })?;
             let (key, bytes) = arrays.layout.encode_chunk(array, index, data)?;
             objects.push((key.trim_start_matches('/').to_string(), Bytes::from(bytes)));
         }
@@ -459,7 +548,10 @@ fn finalise(
     fp: &str,
     journal: &BTreeMap<Split, Vec<JournalRecord>>,
 ) -> Result<Manifest, ShardError> {
-    let mut counts = Counts { table_rows: table.data_rows, ..Counts::default() };
+    let mut counts = Counts {
+        table_rows: table.data_rows,
+        ..Counts::default()
+    };
     let mut notes = ImageNoteCounts::default();
     let mut rejected = table.rejected.clone();
     counts.rejected_in_table = table.rejected.len() as u64;
@@ -495,7 +587,10 @@ fn finalise(
             let key = format!("{}/zarr.json", array_path(split, kind));
             metadata.push((key, array_metadata_json(&settings.layout, split, kind, n)?));
         }
-        metadata.push((format!("{}/zarr.json", split.name()), group_metadata_json(serde_json::json!({ "images": n }))));
+        metadata.push((
+            format!("{}/zarr.json", split.name()),
+            group_metadata_json(serde_json::json!({ "images": n })),
+        ));
     }
     let root_attrs = serde_json::json!({ "radit": {
         "format": FORMAT,
@@ -508,7 +603,12 @@ fn finalise(
     metadata.push(("zarr.json".into(), group_metadata_json(root_attrs)));
     objects.extend(metadata.iter().map(|(k, b)| ObjectEntry::of(k, b)));
     objects.sort_by(|a, b| a.key.cmp(&b.key));
-    storage.put_many(metadata.into_iter().map(|(k, b)| (k, Bytes::from(b))).collect())?;
+    storage.put_many(
+        metadata
+            .into_iter()
+            .map(|(k, b)| (k, Bytes::from(b)))
+            .collect(),
+    )?;
 
     let manifest = Manifest {
         format: FORMAT.into(),

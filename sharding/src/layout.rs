@@ -15,8 +15,8 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use zarrs::array::codec::{BloscCodec, ShardingCodecOptions, SubchunkWriteOrder, ZstdCodec};
 use zarrs::array::{
-    Array, ArrayBuilder, ArrayBytes, ArrayToBytesCodecTraits, BytesToBytesCodecTraits, CodecOptions, CodecSpecificOptions,
-    data_type,
+    Array, ArrayBuilder, ArrayBytes, ArrayToBytesCodecTraits, BytesToBytesCodecTraits,
+    CodecOptions, CodecSpecificOptions, data_type,
 };
 use zarrs::storage::store::MemoryStore;
 
@@ -45,14 +45,20 @@ impl std::str::FromStr for Compression {
     fn from_str(s: &str) -> Result<Self, String> {
         let (name, level) = s.split_once(':').map_or((s, None), |(n, l)| (n, Some(l)));
         let level = |default: i32| -> Result<i32, String> {
-            level.map_or(Ok(default), |l| l.parse().map_err(|_| format!("compression level '{l}' is not a number")))
+            level.map_or(Ok(default), |l| {
+                l.parse()
+                    .map_err(|_| format!("compression level '{l}' is not a number"))
+            })
         };
         match name {
             "zstd" => Ok(Compression::Zstd { level: level(3)? }),
             "blosc-zstd" => Ok(Compression::BloscZstd {
-                level: u8::try_from(level(5)?).map_err(|_| "blosc level must be 0..=9".to_string())?,
+                level: u8::try_from(level(5)?)
+                    .map_err(|_| "blosc level must be 0..=9".to_string())?,
             }),
-            other => Err(format!("unknown compression '{other}' (expected zstd[:LEVEL] or blosc-zstd[:LEVEL])")),
+            other => Err(format!(
+                "unknown compression '{other}' (expected zstd[:LEVEL] or blosc-zstd[:LEVEL])"
+            )),
         }
     }
 }
@@ -68,8 +74,13 @@ pub enum ArrayKind {
 }
 
 impl ArrayKind {
-    pub const ALL: [ArrayKind; 5] =
-        [ArrayKind::Images, ArrayKind::Labels, ArrayKind::Age, ArrayKind::ImageId, ArrayKind::PatientId];
+    pub const ALL: [ArrayKind; 5] = [
+        ArrayKind::Images,
+        ArrayKind::Labels,
+        ArrayKind::Age,
+        ArrayKind::ImageId,
+        ArrayKind::PatientId,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -94,7 +105,11 @@ pub struct StoreLayout {
 
 impl Default for StoreLayout {
     fn default() -> Self {
-        Self { image_size: 512, shard_images: 64, compression: Compression::default() }
+        Self {
+            image_size: 512,
+            shard_images: 64,
+            compression: Compression::default(),
+        }
     }
 }
 
@@ -105,44 +120,64 @@ pub fn array_path(split: Split, kind: ArrayKind) -> String {
 impl StoreLayout {
     pub fn validate(&self) -> Result<(), String> {
         if !(8..=8192).contains(&self.image_size) {
-            return Err(format!("layout.image_size must be in 8..=8192 (got {})", self.image_size));
+            return Err(format!(
+                "layout.image_size must be in 8..=8192 (got {})",
+                self.image_size
+            ));
         }
         if self.shard_images == 0 || self.shard_images > 4096 {
-            return Err(format!("layout.shard_images must be in 1..=4096 (got {})", self.shard_images));
+            return Err(format!(
+                "layout.shard_images must be in 1..=4096 (got {})",
+                self.shard_images
+            ));
         }
         match self.compression {
-            Compression::Zstd { level } if !(-7..=22).contains(&level) => {
-                Err(format!("layout.compression zstd level must be in -7..=22 (got {level})"))
-            }
-            Compression::BloscZstd { level } if level > 9 => {
-                Err(format!("layout.compression blosc level must be in 0..=9 (got {level})"))
-            }
+            Compression::Zstd { level } if !(-7..=22).contains(&level) => Err(format!(
+                "layout.compression zstd level must be in -7..=22 (got {level})"
+            )),
+            Compression::BloscZstd { level } if level > 9 => Err(format!(
+                "layout.compression blosc level must be in 0..=9 (got {level})"
+            )),
             _ => Ok(()),
         }
     }
 
-    fn compressor(&self, element_bytes: usize) -> Result<Arc<dyn BytesToBytesCodecTraits>, ShardError> {
+    fn compressor(
+        &self,
+        element_bytes: usize,
+    ) -> Result<Arc<dyn BytesToBytesCodecTraits>, ShardError> {
         Ok(match self.compression {
-            Compression::Zstd { level } => Arc::new(ZstdCodec::new(level.into(), false)),
+            Compression::Zstd { level } => Arc::new(ZstdCodec::new(level, false)),
             Compression::BloscZstd { level } => {
                 let config = serde_json::json!({
                     "cname": "zstd", "clevel": level, "shuffle": "bitshuffle",
                     "typesize": element_bytes, "blocksize": 0
                 });
-                let config = serde_json::from_value(config).map_err(|e| encode_err("blosc configuration", e))?;
-                Arc::new(BloscCodec::new_with_configuration(&config).map_err(|e| encode_err("blosc codec", e))?)
+                let config = serde_json::from_value(config)
+                    .map_err(|e| encode_err("blosc configuration", e))?;
+                Arc::new(
+                    BloscCodec::new_with_configuration(&config)
+                        .map_err(|e| encode_err("blosc codec", e))?,
+                )
             }
         })
     }
 
     /// The array `kind` of a split holding `rows` images (the shape; chunking does not depend on it).
-    pub fn array(&self, split: Split, kind: ArrayKind, rows: u64) -> Result<Array<MemoryStore>, ShardError> {
+    pub fn array(
+        &self,
+        split: Split,
+        kind: ArrayKind,
+        rows: u64,
+    ) -> Result<Array<MemoryStore>, ShardError> {
         let s = u64::from(self.shard_images);
         let t = u64::from(self.image_size);
         let mut builder = match kind {
             ArrayKind::Images => {
-                let mut b = ArrayBuilder::new(vec![rows, t, t], vec![s, t, t], data_type::uint16(), 0u16);
-                b.subchunk_shape(vec![1, t, t]).dimension_names(Some(["image", "y", "x"]));
+                let mut b =
+                    ArrayBuilder::new(vec![rows, t, t], vec![s, t, t], data_type::uint16(), 0u16);
+                b.subchunk_shape(vec![1, t, t])
+                    .dimension_names(Some(["image", "y", "x"]));
                 b
             }
             ArrayKind::Labels => {
@@ -170,10 +205,14 @@ impl StoreLayout {
         builder.bytes_to_bytes_codecs(vec![self.compressor(element_bytes)?]);
         // Inner chunks in row-major order, not completion order: the same input always gives the same bytes (so a
         // resumed ingest is byte-identical to a straight one) and a sequential read of a shard is in image order.
-        let in_order = ShardingCodecOptions::default().with_subchunk_write_order(SubchunkWriteOrder::C);
+        let in_order =
+            ShardingCodecOptions::default().with_subchunk_write_order(SubchunkWriteOrder::C);
         builder.codec_specific_options(CodecSpecificOptions::default().with_option(in_order));
         builder
-            .build(Arc::new(MemoryStore::new()), &format!("/{}", array_path(split, kind)))
+            .build(
+                Arc::new(MemoryStore::new()),
+                &format!("/{}", array_path(split, kind)),
+            )
             .map_err(|e| encode_err(&array_path(split, kind), e))
     }
 
@@ -187,10 +226,18 @@ impl StoreLayout {
         let mut indices = vec![0u64; array.dimensionality()];
         indices[0] = index;
         let what = || format!("{} chunk {index}", array.path());
-        let shape = array.chunk_shape(&indices).map_err(|e| encode_err(&what(), e))?;
+        let shape = array
+            .chunk_shape(&indices)
+            .map_err(|e| encode_err(&what(), e))?;
         let encoded = array
             .codecs()
-            .encode(data, &shape, array.data_type(), array.fill_value(), &CodecOptions::default())
+            .encode(
+                data,
+                &shape,
+                array.data_type(),
+                array.fill_value(),
+                &CodecOptions::default(),
+            )
             .map_err(|e| encode_err(&what(), e))?;
         let key = array.chunk_key(&indices).to_string();
         Ok((key, encoded.into_owned()))
@@ -198,17 +245,26 @@ impl StoreLayout {
 }
 
 fn encode_err(what: &str, e: impl std::fmt::Display) -> ShardError {
-    ShardError::Encode { what: what.to_string(), reason: e.to_string() }
+    ShardError::Encode {
+        what: what.to_string(),
+        reason: e.to_string(),
+    }
 }
 
 /// The `zarr.json` of array `kind` holding `rows` rows.
-pub fn array_metadata_json(layout: &StoreLayout, split: Split, kind: ArrayKind, rows: u64) -> Result<Vec<u8>, ShardError> {
+pub fn array_metadata_json(
+    layout: &StoreLayout,
+    split: Split,
+    kind: ArrayKind,
+    rows: u64,
+) -> Result<Vec<u8>, ShardError> {
     let array = layout.array(split, kind, rows)?;
     serde_json::to_vec_pretty(array.metadata()).map_err(|e| encode_err("array metadata", e))
 }
 
 /// The `zarr.json` of a group with `attributes`.
 pub fn group_metadata_json(attributes: serde_json::Value) -> Vec<u8> {
-    let doc = serde_json::json!({ "zarr_format": 3, "node_type": "group", "attributes": attributes });
+    let doc =
+        serde_json::json!({ "zarr_format": 3, "node_type": "group", "attributes": attributes });
     serde_json::to_vec_pretty(&doc).expect("JSON values always serialise")
 }

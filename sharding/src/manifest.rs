@@ -74,7 +74,11 @@ pub struct ObjectEntry {
 
 impl ObjectEntry {
     pub fn of(key: &str, data: &[u8]) -> Self {
-        Self { key: key.to_string(), bytes: data.len() as u64, sha256: hex(&Sha256::digest(data)) }
+        Self {
+            key: key.to_string(),
+            bytes: data.len() as u64,
+            sha256: hex(&Sha256::digest(data)),
+        }
     }
 }
 
@@ -117,7 +121,10 @@ impl Manifest {
             c.table_rows, c.accepted, c.rejected, c.rejected_in_table, c.rejected_images
         );
         for (split, sc) in &c.splits {
-            s.push_str(&format!("  {split:<5} {:>9} images in {:>6} shards\n", sc.images, sc.shards));
+            s.push_str(&format!(
+                "  {split:<5} {:>9} images in {:>6} shards\n",
+                sc.images, sc.shards
+            ));
         }
         let stored: u64 = self.objects.iter().map(|o| o.bytes).sum();
         let raw = c.accepted * u64::from(self.settings.layout.image_size).pow(2) * 2;
@@ -160,7 +167,10 @@ pub fn verify(storage: &Storage) -> Result<VerifyReport, ShardError> {
     let manifest = Manifest::load(storage)?;
     let mut report = VerifyReport::default();
     if manifest.format != FORMAT {
-        report.problems.push(format!("manifest format is '{}', expected '{FORMAT}'", manifest.format));
+        report.problems.push(format!(
+            "manifest format is '{}', expected '{FORMAT}'",
+            manifest.format
+        ));
     }
     let c = &manifest.counts;
     if c.accepted + c.rejected != c.table_rows {
@@ -171,23 +181,36 @@ pub fn verify(storage: &Storage) -> Result<VerifyReport, ShardError> {
     }
     let split_total: u64 = c.splits.values().map(|s| s.images).sum();
     if split_total != c.accepted {
-        report.problems.push(format!("splits hold {split_total} images but {} were accepted", c.accepted));
+        report.problems.push(format!(
+            "splits hold {split_total} images but {} were accepted",
+            c.accepted
+        ));
     }
     // Check in batches so a million-image store is not held in memory at once.
     for batch in manifest.objects.chunks(64) {
         let keys: Vec<String> = batch.iter().map(|o| o.key.clone()).collect();
         for (entry, got) in batch.iter().zip(storage.get_many(&keys)) {
             match got {
-                Err(ShardError::NotFound { .. }) => report.problems.push(format!("{}: missing", entry.key)),
-                Err(e) => report.problems.push(format!("{}: cannot read: {e}", entry.key)),
+                Err(ShardError::NotFound { .. }) => {
+                    report.problems.push(format!("{}: missing", entry.key))
+                }
+                Err(e) => report
+                    .problems
+                    .push(format!("{}: cannot read: {e}", entry.key)),
                 Ok(data) => {
                     report.objects_checked += 1;
                     report.bytes_checked += data.len() as u64;
                     let actual = ObjectEntry::of(&entry.key, &data);
                     if actual.bytes != entry.bytes {
-                        report.problems.push(format!("{}: {} bytes, manifest says {}", entry.key, actual.bytes, entry.bytes));
+                        report.problems.push(format!(
+                            "{}: {} bytes, manifest says {}",
+                            entry.key, actual.bytes, entry.bytes
+                        ));
                     } else if actual.sha256 != entry.sha256 {
-                        report.problems.push(format!("{}: checksum mismatch (content changed or corrupt)", entry.key));
+                        report.problems.push(format!(
+                            "{}: checksum mismatch (content changed or corrupt)",
+                            entry.key
+                        ));
                     }
                 }
             }
@@ -202,7 +225,9 @@ pub fn verify(storage: &Storage) -> Result<VerifyReport, ShardError> {
                     .ok()
                     .and_then(|v| v.get("shape")?.get(0)?.as_u64());
                 if shape0 != Some(expected) {
-                    report.problems.push(format!("{key}: shape[0] is {shape0:?}, manifest counts {expected}"));
+                    report.problems.push(format!(
+                        "{key}: shape[0] is {shape0:?}, manifest counts {expected}"
+                    ));
                 }
             } else {
                 report.problems.push(format!("{key}: missing"));

@@ -48,7 +48,11 @@ impl StoreReader {
 
     /// Images in `split`.
     pub fn len(&self, split: Split) -> u64 {
-        self.manifest.counts.splits.get(&split).map_or(0, |s| s.images)
+        self.manifest
+            .counts
+            .splits
+            .get(&split)
+            .map_or(0, |s| s.images)
     }
 
     pub fn is_empty(&self, split: Split) -> bool {
@@ -56,7 +60,8 @@ impl StoreReader {
     }
 
     pub fn shards(&self, split: Split) -> u64 {
-        self.len(split).div_ceil(u64::from(self.layout().shard_images))
+        self.len(split)
+            .div_ceil(u64::from(self.layout().shard_images))
     }
 
     fn read_array<T: ElementOwned>(
@@ -76,10 +81,17 @@ impl StoreReader {
         let shape = array.chunk_shape(&indices).map_err(|e| corrupt(&e))?;
         let decoded = array
             .codecs()
-            .decode(Cow::Owned(bytes.to_vec()), &shape, array.data_type(), array.fill_value(), &CodecOptions::default())
+            .decode(
+                Cow::Owned(bytes.to_vec()),
+                &shape,
+                array.data_type(),
+                array.fill_value(),
+                &CodecOptions::default(),
+            )
             .map_err(|e| corrupt(&e))?;
         let dims: Vec<u64> = shape.iter().map(|d| d.get()).collect();
-        Vec::<T>::from_array_bytes(decoded.into_owned(), &dims, array.data_type()).map_err(|e| corrupt(&e))
+        Vec::<T>::from_array_bytes(decoded.into_owned(), &dims, array.data_type())
+            .map_err(|e| corrupt(&e))
     }
 
     /// Reads shard `index` of `split` (every array), trimmed to its real rows.
@@ -87,7 +99,9 @@ impl StoreReader {
         let s = u64::from(self.layout().shard_images);
         let total = self.len(split);
         if index * s >= total {
-            return Err(ShardError::NotFound { url: self.storage.describe(&format!("{split} shard {index}")) });
+            return Err(ShardError::NotFound {
+                url: self.storage.describe(&format!("{split} shard {index}")),
+            });
         }
         let rows = (total - index * s).min(s) as usize;
         let capacity = self.shards(split) * s;
@@ -103,12 +117,26 @@ impl StoreReader {
         age.truncate(rows);
         image_ids.truncate(rows);
         patient_ids.truncate(rows);
-        Ok(Shard { rows, images, labels, age, image_ids, patient_ids })
+        Ok(Shard {
+            rows,
+            images,
+            labels,
+            age,
+            image_ids,
+            patient_ids,
+        })
     }
 
     /// Reads a whole split (for small stores, tests and tools).
     pub fn read_split(&self, split: Split) -> Result<Shard, ShardError> {
-        let mut all = Shard { rows: 0, images: vec![], labels: vec![], age: vec![], image_ids: vec![], patient_ids: vec![] };
+        let mut all = Shard {
+            rows: 0,
+            images: vec![],
+            labels: vec![],
+            age: vec![],
+            image_ids: vec![],
+            patient_ids: vec![],
+        };
         for k in 0..self.shards(split) {
             let s = self.read_shard(split, k)?;
             all.rows += s.rows;

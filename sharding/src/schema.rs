@@ -72,7 +72,9 @@ impl std::str::FromStr for UncertainPolicy {
             "u-ignore" | "ignore" => Ok(Self::UIgnore),
             "u-ones" | "ones" => Ok(Self::UOnes),
             "u-zeros" | "zeros" => Ok(Self::UZeros),
-            other => Err(format!("unknown uncertain-label policy '{other}' (expected u-ignore, u-ones or u-zeros)")),
+            other => Err(format!(
+                "unknown uncertain-label policy '{other}' (expected u-ignore, u-ones or u-zeros)"
+            )),
         }
     }
 }
@@ -90,7 +92,12 @@ pub struct EncodingConfig {
 
 impl Default for EncodingConfig {
     fn default() -> Self {
-        Self { uncertain: UncertainPolicy::UIgnore, age_min: 0.0, age_max: 100.0, view_aliases: true }
+        Self {
+            uncertain: UncertainPolicy::UIgnore,
+            age_min: 0.0,
+            age_max: 100.0,
+            view_aliases: true,
+        }
     }
 }
 
@@ -158,7 +165,12 @@ pub fn encode_view(raw: &str, aliases: bool) -> Cell {
     if direct != Cell::Unknown || !aliases {
         return direct;
     }
-    let key: String = raw.trim().to_ascii_lowercase().chars().filter(|c| c.is_ascii_alphanumeric()).collect();
+    let key: String = raw
+        .trim()
+        .to_ascii_lowercase()
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .collect();
     match key.as_str() {
         "ap" | "anteroposterior" | "apsupine" | "aperect" | "apportable" => Cell::Class(1),
         "pa" | "posteroanterior" => Cell::Class(2),
@@ -215,7 +227,8 @@ impl Vocabulary {
     pub fn current() -> Self {
         let strings = |c: &[&str]| c.iter().map(|s| s.to_string()).collect::<Vec<_>>();
         let mut labels: Vec<String> = FINDINGS.iter().map(|s| s.to_string()).collect();
-        let mut classes: Vec<Vec<String>> = FINDINGS.iter().map(|_| strings(&FINDING_CLASSES)).collect();
+        let mut classes: Vec<Vec<String>> =
+            FINDINGS.iter().map(|_| strings(&FINDING_CLASSES)).collect();
         for (name, c) in [
             ("race", &RACE_CLASSES[..]),
             ("sex", &SEX_CLASSES[..]),
@@ -240,7 +253,11 @@ impl Vocabulary {
 
     /// Class id of `value` in column `index`; accepts the class names and, for findings, `positive`/`negative`.
     pub fn class_id(&self, index: usize, value: &str) -> Option<u8> {
-        self.classes.get(index)?.iter().position(|c| c.eq_ignore_ascii_case(value)).map(|i| i as u8)
+        self.classes
+            .get(index)?
+            .iter()
+            .position(|c| c.eq_ignore_ascii_case(value))
+            .map(|i| i as u8)
     }
 }
 

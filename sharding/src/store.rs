@@ -33,7 +33,10 @@ impl std::fmt::Debug for Storage {
 
 /// Turns a plain filesystem path into a `file://` URL; leaves URLs alone.
 pub fn normalise_url(location: &str) -> Result<url::Url, ShardError> {
-    let bad = |reason: String| ShardError::InvalidUrl { url: location.to_string(), reason };
+    let bad = |reason: String| ShardError::InvalidUrl {
+        url: location.to_string(),
+        reason,
+    };
     if location.contains("://") {
         return url::Url::parse(location).map_err(|e| bad(e.to_string()));
     }
@@ -41,7 +44,9 @@ pub fn normalise_url(location: &str) -> Result<url::Url, ShardError> {
     let abs = if path.is_absolute() {
         path.to_path_buf()
     } else {
-        std::env::current_dir().map_err(|e| bad(format!("cannot resolve a relative path: {e}")))?.join(path)
+        std::env::current_dir()
+            .map_err(|e| bad(format!("cannot resolve a relative path: {e}")))?
+            .join(path)
     };
     url::Url::from_directory_path(&abs).map_err(|()| bad("not a usable directory path".into()))
 }
@@ -51,10 +56,15 @@ impl Storage {
     pub fn open(location: &str) -> Result<Self, ShardError> {
         let url = normalise_url(location)?;
         let shown = url.as_str().trim_end_matches('/').to_string();
-        let bad = |reason: String| ShardError::InvalidUrl { url: shown.clone(), reason };
+        let bad = |reason: String| ShardError::InvalidUrl {
+            url: shown.clone(),
+            reason,
+        };
         let inner: Arc<dyn ObjectStore> = match url.scheme() {
             "file" => {
-                let dir = url.to_file_path().map_err(|()| bad("not a local path".into()))?;
+                let dir = url
+                    .to_file_path()
+                    .map_err(|()| bad("not a local path".into()))?;
                 std::fs::create_dir_all(&dir).map_err(|source| ShardError::Unwritable {
                     url: shown.clone(),
                     reason: format!("cannot create directory {}: {source}", dir.display()),
@@ -62,7 +72,9 @@ impl Storage {
                 Arc::new(LocalFileSystem::new_with_prefix(&dir).map_err(|e| bad(e.to_string()))?)
             }
             "s3" => {
-                let bucket = url.host_str().ok_or_else(|| bad("s3 URL has no bucket".into()))?;
+                let bucket = url
+                    .host_str()
+                    .ok_or_else(|| bad("s3 URL has no bucket".into()))?;
                 let s3 = AmazonS3Builder::from_env()
                     .with_bucket_name(bucket)
                     .build()
@@ -75,7 +87,11 @@ impl Storage {
                 }
             }
             "memory" => Arc::new(InMemory::new()),
-            other => return Err(bad(format!("unsupported scheme '{other}' (use file://, s3:// or a path)"))),
+            other => {
+                return Err(bad(format!(
+                    "unsupported scheme '{other}' (use file://, s3:// or a path)"
+                )));
+            }
         };
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -83,7 +99,11 @@ impl Storage {
             .enable_all()
             .build()
             .map_err(|e| bad(format!("cannot start the I/O runtime: {e}")))?;
-        Ok(Self { url: shown, inner, runtime: Arc::new(runtime) })
+        Ok(Self {
+            url: shown,
+            inner,
+            runtime: Arc::new(runtime),
+        })
     }
 
     pub fn url(&self) -> &str {
@@ -97,8 +117,13 @@ impl Storage {
 
     fn io_error(&self, key: &str, source: object_store::Error) -> ShardError {
         match source {
-            object_store::Error::NotFound { .. } => ShardError::NotFound { url: self.describe(key) },
-            source => ShardError::Storage { url: self.describe(key), source },
+            object_store::Error::NotFound { .. } => ShardError::NotFound {
+                url: self.describe(key),
+            },
+            source => ShardError::Storage {
+                url: self.describe(key),
+                source,
+            },
         }
     }
 
@@ -117,7 +142,13 @@ impl Storage {
                 .map(|(key, data)| {
                     let store = self.inner.clone();
                     async move {
-                        store.put(&ObjectPath::from(key.as_str()), PutPayload::from_bytes(data)).await.map_err(|e| (key, e))
+                        store
+                            .put(
+                                &ObjectPath::from(key.as_str()),
+                                PutPayload::from_bytes(data),
+                            )
+                            .await
+                            .map_err(|e| (key, e))
                     }
                 })
                 .buffer_unordered(8)
@@ -168,7 +199,12 @@ impl Storage {
         let path = ObjectPath::from(prefix);
         let mut keys: Vec<String> = self
             .runtime
-            .block_on(self.inner.list(Some(&path)).map_ok(|m| m.location.to_string()).try_collect())
+            .block_on(
+                self.inner
+                    .list(Some(&path))
+                    .map_ok(|m| m.location.to_string())
+                    .try_collect(),
+            )
             .map_err(|e| self.io_error(prefix, e))?;
         keys.sort();
         Ok(keys)
@@ -204,7 +240,9 @@ mod tests {
 
     #[test]
     fn unwritable_and_unsupported_urls_are_clear_errors() {
-        let e = Storage::open("file:///proc/radit-cannot-write-here").unwrap_err().to_string();
+        let e = Storage::open("file:///proc/radit-cannot-write-here")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("/proc/radit-cannot-write-here"), "{e}");
         let e = Storage::open("ftp://host/x").unwrap_err().to_string();
         assert!(e.contains("unsupported scheme"), "{e}");

@@ -37,7 +37,13 @@ pub struct SynthConfig {
 
 impl Default for SynthConfig {
     fn default() -> Self {
-        Self { images: 256, seed: 0, sizes: vec![(512, 512), (640, 560), (480, 600), (1024, 1200)], defects: false, split_column: false }
+        Self {
+            images: 256,
+            seed: 0,
+            sizes: vec![(512, 512), (640, 560), (480, 600), (1024, 1200)],
+            defects: false,
+            split_column: false,
+        }
     }
 }
 
@@ -45,7 +51,10 @@ impl Default for SynthConfig {
 pub fn parse_sizes(s: &str) -> Result<Vec<(u32, u32)>, String> {
     s.split(',')
         .map(|part| {
-            let (w, h) = part.trim().split_once('x').ok_or_else(|| format!("size '{part}' is not WIDTHxHEIGHT"))?;
+            let (w, h) = part
+                .trim()
+                .split_once('x')
+                .ok_or_else(|| format!("size '{part}' is not WIDTHxHEIGHT"))?;
             let parse = |v: &str| v.parse::<u32>().ok().filter(|v| (4..=8192).contains(v));
             match (parse(w), parse(h)) {
                 (Some(w), Some(h)) => Ok((w, h)),
@@ -75,7 +84,10 @@ pub struct SynthRow {
 
 impl SynthRow {
     fn positive(&self, name: &str) -> bool {
-        FINDINGS.iter().position(|f| *f == name).is_some_and(|i| self.findings[i] == "1")
+        FINDINGS
+            .iter()
+            .position(|f| *f == name)
+            .is_some_and(|i| self.findings[i] == "1")
     }
 }
 
@@ -127,7 +139,9 @@ impl Rng {
 }
 
 /// Prevalence of each finding (positive), in schema order.
-const PREVALENCE: [f32; 14] = [0.15, 0.18, 0.06, 0.10, 0.05, 0.03, 0.05, 0.20, 0.0, 0.18, 0.02, 0.05, 0.04, 0.22];
+const PREVALENCE: [f32; 14] = [
+    0.15, 0.18, 0.06, 0.10, 0.05, 0.03, 0.05, 0.20, 0.0, 0.18, 0.02, 0.05, 0.04, 0.22,
+];
 
 fn sample_rows(cfg: &SynthConfig) -> Vec<SynthRow> {
     let mut rows = Vec::with_capacity(cfg.images as usize);
@@ -139,10 +153,22 @@ fn sample_rows(cfg: &SynthConfig) -> Vec<SynthRow> {
         if left_for_patient == 0 {
             patient += 1;
             left_for_patient = 1 + (rng.next() % 3) as u32;
-            sex = if rng.chance(0.02) { "" } else { rng.pick(&["Male", "Female"]) };
-            race = if rng.chance(0.2) { "" } else { rng.pick(&RACE_CLASSES[1..]) };
+            sex = if rng.chance(0.02) {
+                ""
+            } else {
+                rng.pick(&["Male", "Female"])
+            };
+            race = if rng.chance(0.2) {
+                ""
+            } else {
+                rng.pick(&RACE_CLASSES[1..])
+            };
             dataset = rng.pick(&DATASET_CLASSES[1..]);
-            base_age = if rng.chance(0.05) { None } else { Some(18.0 + (rng.unit() * 77.0).floor()) };
+            base_age = if rng.chance(0.05) {
+                None
+            } else {
+                Some(18.0 + (rng.unit() * 77.0).floor())
+            };
         }
         left_for_patient -= 1;
         let mut r = Rng::new(cfg.seed, i);
@@ -166,7 +192,11 @@ fn sample_rows(cfg: &SynthConfig) -> Vec<SynthRow> {
             };
         }
         findings[8] = if any { "" } else { "1" };
-        let (width, height) = if r.chance(0.6) { cfg.sizes[0] } else { r.pick(&cfg.sizes) };
+        let (width, height) = if r.chance(0.6) {
+            cfg.sizes[0]
+        } else {
+            r.pick(&cfg.sizes)
+        };
         let image_id = format!("synth-{:07}", i);
         let patient_id = format!("P{:06}", patient);
         rows.push(SynthRow {
@@ -200,15 +230,24 @@ pub fn render(row: &SynthRow, seed: u64, stream: u64) -> Vec<u16> {
     let cardio = row.positive("cardiomegaly");
     let effusion = row.positive("pleural_effusion");
     let devices = row.positive("support_devices");
-    let opacity = ["consolidation", "edema", "pneumonia", "lung_opacity"].iter().any(|f| row.positive(f));
+    let opacity = ["consolidation", "edema", "pneumonia", "lung_opacity"]
+        .iter()
+        .any(|f| row.positive(f));
     let pneumothorax = row.positive("pneumothorax");
     let mediastinum = row.positive("enlarged_cardiomediastinum");
     let lesion = row.positive("lung_lesion");
     // Random but fixed per image: blob positions, a small pose jitter.
     let jx = (rng.unit() - 0.5) * 0.04;
     let jy = (rng.unit() - 0.5) * 0.04;
-    let blobs: Vec<(f32, f32, f32)> =
-        (0..3).map(|_| ((rng.unit() - 0.5) * 0.5, (rng.unit() - 0.3) * 0.4, 0.04 + rng.unit() * 0.05)).collect();
+    let blobs: Vec<(f32, f32, f32)> = (0..3)
+        .map(|_| {
+            (
+                (rng.unit() - 0.5) * 0.5,
+                (rng.unit() - 0.3) * 0.4,
+                0.04 + rng.unit() * 0.05,
+            )
+        })
+        .collect();
     let side = if rng.chance(0.5) { 1.0 } else { -1.0 };
     let gain = 0.75 + rng.unit() * 0.2; // detector range varies per image, so normalisation matters
     let offset = 0.03 + rng.unit() * 0.05;
@@ -235,7 +274,9 @@ pub fn render(row: &SynthRow, seed: u64, stream: u64) -> Vec<u16> {
                 v += 0.35 * ell(x, y, 0.30, 0.05, 0.05, 0.5); // spine, posterior
                 v += 0.30 * ell(x, y, -0.10, 0.12, 0.11 * heart, 0.12 * heart);
                 if effusion {
-                    v += 0.35 * lung * (((y - 0.17 - 0.06 * (x - 0.1).abs()) * 30.0).clamp(0.0, 1.0));
+                    v += 0.35
+                        * lung
+                        * (((y - 0.17 - 0.06 * (x - 0.1).abs()) * 30.0).clamp(0.0, 1.0));
                 }
             } else {
                 let body = ell(x, y, 0.0, 0.06, body_ax, 0.56);
@@ -246,14 +287,16 @@ pub fn render(row: &SynthRow, seed: u64, stream: u64) -> Vec<u16> {
                 let ribs = 0.04 * ((y * 38.0).sin() * 0.5 + 0.5);
                 v -= (0.5 - lung_dark - ribs) * lungs;
                 if !male && row.sex == "Female" {
-                    v += 0.08 * (ell(x, y, -0.2, 0.22, 0.12, 0.09) + ell(x, y, 0.2, 0.22, 0.12, 0.09));
+                    v += 0.08
+                        * (ell(x, y, -0.2, 0.22, 0.12, 0.09) + ell(x, y, 0.2, 0.22, 0.12, 0.09));
                 }
                 let med = if mediastinum { 0.07 } else { 0.045 };
                 v += 0.30 * ell(x, y, 0.0, -0.2, med, 0.22); // mediastinum / spine
                 v += 0.32 * ell(x, y, 0.05, 0.12, 0.11 * heart, 0.12 * heart.sqrt());
                 let cy = if ap { -0.36 } else { -0.31 };
                 for sx in [-1.0f32, 1.0] {
-                    let line = (y - cy - 0.08 * (x * sx - 0.15).powi(2)).abs() < 0.012 && (0.03..0.33).contains(&(x * sx));
+                    let line = (y - cy - 0.08 * (x * sx - 0.15).powi(2)).abs() < 0.012
+                        && (0.03..0.33).contains(&(x * sx));
                     if line {
                         v += 0.25;
                     }
@@ -319,26 +362,36 @@ fn row_fields(r: &SynthRow, with_split: bool) -> Vec<Vec<u8>> {
 /// Writes `<out>/table.csv` and `<out>/images/...`.
 pub fn generate(out: &Path, cfg: &SynthConfig) -> Result<SynthOutput, ShardError> {
     if cfg.sizes.is_empty() {
-        return Err(ShardError::InvalidConfig("synth.sizes must name at least one size".into()));
+        return Err(ShardError::InvalidConfig(
+            "synth.sizes must name at least one size".into(),
+        ));
     }
     let images = out.join("images");
     let io = |path: &Path| {
         let path = path.to_path_buf();
-        move |source| ShardError::ReadInput { path: path.clone(), source }
+        move |source| ShardError::ReadInput {
+            path: path.clone(),
+            source,
+        }
     };
     std::fs::create_dir_all(&images).map_err(io(&images))?;
     let rows = sample_rows(cfg);
-    rows.par_iter().enumerate().try_for_each(|(i, r)| -> Result<(), ShardError> {
-        let px = render(r, cfg.seed, i as u64);
-        let path = images.join(&r.path);
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(io(dir))?;
-        }
-        std::fs::write(&path, encode_png16(r.width, r.height, &px)).map_err(io(&path))
-    })?;
+    rows.par_iter()
+        .enumerate()
+        .try_for_each(|(i, r)| -> Result<(), ShardError> {
+            let px = render(r, cfg.seed, i as u64);
+            let path = images.join(&r.path);
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir).map_err(io(dir))?;
+            }
+            std::fs::write(&path, encode_png16(r.width, r.height, &px)).map_err(io(&path))
+        })?;
 
     let with_split = cfg.defects || cfg.split_column;
-    let mut header: Vec<Vec<u8>> = REQUIRED_COLUMNS.iter().map(|c| c.as_bytes().to_vec()).collect();
+    let mut header: Vec<Vec<u8>> = REQUIRED_COLUMNS
+        .iter()
+        .map(|c| c.as_bytes().to_vec())
+        .collect();
     header.extend(FINDINGS.iter().map(|c| c.as_bytes().to_vec()));
     if with_split {
         header.push(b"split".to_vec());
@@ -349,7 +402,14 @@ pub fn generate(out: &Path, cfg: &SynthConfig) -> Result<SynthOutput, ShardError
     }
     let mut defects = Vec::new();
     if cfg.defects {
-        add_defects(&mut csv, &mut defects, &rows, &images, rows.len() as u64 + 2, cfg.seed)?;
+        add_defects(
+            &mut csv,
+            &mut defects,
+            &rows,
+            &images,
+            rows.len() as u64 + 2,
+            cfg.seed,
+        )?;
     }
     let table = out.join("table.csv");
     let mut f = std::fs::File::create(&table).map_err(io(&table))?;
@@ -358,7 +418,12 @@ pub fn generate(out: &Path, cfg: &SynthConfig) -> Result<SynthOutput, ShardError
         let json = serde_json::to_vec_pretty(&defects).expect("defects serialise");
         std::fs::write(out.join("defects.json"), json).map_err(io(&out.join("defects.json")))?;
     }
-    Ok(SynthOutput { table, images, rows: rows.len() as u64 + defects.len() as u64, defects })
+    Ok(SynthOutput {
+        table,
+        images,
+        rows: rows.len() as u64 + defects.len() as u64,
+        defects,
+    })
 }
 
 fn add_defects(
@@ -375,7 +440,10 @@ fn add_defects(
             .and_then(|()| std::fs::write(&path, bytes))
             .map_err(|source| ShardError::ReadInput { path, source })
     };
-    let template = rows.first().cloned().ok_or_else(|| ShardError::InvalidConfig("synth.images must be > 0".into()))?;
+    let template = rows
+        .first()
+        .cloned()
+        .ok_or_else(|| ShardError::InvalidConfig("synth.images must be > 0".into()))?;
     let (w, h) = (template.width.min(256), template.height.min(256));
     let good_png = {
         let mut r = template.clone();
@@ -384,7 +452,12 @@ fn add_defects(
         encode_png16(w, h, &render(&r, seed, 999_999))
     };
     let grey8: Vec<u8> = (0..w * h).map(|i| ((i * 31) % 251) as u8).collect();
-    let mut push = |kind: &str, expect: &str, mut row: SynthRow, file: Option<Vec<u8>>, raw: Option<Vec<u8>>| -> Result<(), ShardError> {
+    let mut push = |kind: &str,
+                    expect: &str,
+                    mut row: SynthRow,
+                    file: Option<Vec<u8>>,
+                    raw: Option<Vec<u8>>|
+     -> Result<(), ShardError> {
         if row.image_id.is_empty() {
             row.image_id = format!("defect-{kind}");
         }
@@ -395,29 +468,79 @@ fn add_defects(
             write(&row.path, &bytes)?;
         }
         csv.extend(raw.unwrap_or_else(|| csv_line(&row_fields(&row, true))));
-        defects.push(Defect { kind: kind.into(), line, image_id: row.image_id.clone(), expect: expect.into() });
+        defects.push(Defect {
+            kind: kind.into(),
+            line,
+            image_id: row.image_id.clone(),
+            expect: expect.into(),
+        });
         line += 1;
         Ok(())
     };
-    let base =
-        |patient: &str| SynthRow { image_id: String::new(), patient_id: patient.into(), path: String::new(), ..template.clone() };
+    let base = |patient: &str| SynthRow {
+        image_id: String::new(),
+        patient_id: patient.into(),
+        path: String::new(),
+        ..template.clone()
+    };
     push("missing_file", "rejected", base("PD01"), None, None)?;
-    push("truncated_png", "rejected", base("PD02"), Some(good_png[..good_png.len() / 2].to_vec()), None)?;
+    push(
+        "truncated_png",
+        "rejected",
+        base("PD02"),
+        Some(good_png[..good_png.len() / 2].to_vec()),
+        None,
+    )?;
     let mut corrupt = good_png[..8].to_vec();
     corrupt.extend((0..500u32).map(|i| (i * 7919 % 256) as u8));
     push("corrupt_png", "rejected", base("PD03"), Some(corrupt), None)?;
-    let rgb: Vec<u8> = (0..w * h).flat_map(|i| [(i % 256) as u8, 40, 200]).collect();
-    push("rgb_png", "rejected", base("PD04"), Some(encode_png8(w, h, png::ColorType::Rgb, &rgb)), None)?;
+    let rgb: Vec<u8> = (0..w * h)
+        .flat_map(|i| [(i % 256) as u8, 40, 200])
+        .collect();
+    push(
+        "rgb_png",
+        "rejected",
+        base("PD04"),
+        Some(encode_png8(w, h, png::ColorType::Rgb, &rgb)),
+        None,
+    )?;
     let rgb_grey: Vec<u8> = grey8.iter().flat_map(|&v| [v, v, v]).collect();
-    push("grey_stored_as_rgb", "accepted", base("PD05"), Some(encode_png8(w, h, png::ColorType::Rgb, &rgb_grey)), None)?;
-    push("eight_bit_png", "accepted", base("PD06"), Some(encode_png8(w, h, png::ColorType::Grayscale, &grey8)), None)?;
-    push("zero_size_file", "rejected", base("PD07"), Some(Vec::new()), None)?;
-    push("blank_image", "rejected", base("PD08"), Some(encode_png16(w, h, &vec![1234; (w * h) as usize])), None)?;
+    push(
+        "grey_stored_as_rgb",
+        "accepted",
+        base("PD05"),
+        Some(encode_png8(w, h, png::ColorType::Rgb, &rgb_grey)),
+        None,
+    )?;
+    push(
+        "eight_bit_png",
+        "accepted",
+        base("PD06"),
+        Some(encode_png8(w, h, png::ColorType::Grayscale, &grey8)),
+        None,
+    )?;
+    push(
+        "zero_size_file",
+        "rejected",
+        base("PD07"),
+        Some(Vec::new()),
+        None,
+    )?;
+    push(
+        "blank_image",
+        "rejected",
+        base("PD08"),
+        Some(encode_png16(w, h, &vec![1234; (w * h) as usize])),
+        None,
+    )?;
     // Duplicate of the first ordinary row's image_id.
     let mut dup = template.clone();
     dup.patient_id = "PD09".into();
     push("duplicate_image_id", "rejected", dup, None, None)?;
-    for (kind, split) in [("split_conflict_train", "train"), ("split_conflict_test", "test")] {
+    for (kind, split) in [
+        ("split_conflict_train", "train"),
+        ("split_conflict_test", "test"),
+    ] {
         let mut r = base("PD10");
         r.split = split;
         push(kind, "rejected", r, Some(good_png.clone()), None)?;
@@ -426,16 +549,34 @@ fn add_defects(
     odd.sex = "X";
     odd.race = "Martian";
     odd.view = "oblique";
-    push("unknown_enum_values", "accepted-with-warning", odd, Some(good_png.clone()), None)?;
+    push(
+        "unknown_enum_values",
+        "accepted-with-warning",
+        odd,
+        Some(good_png.clone()),
+        None,
+    )?;
     let mut age = base("PD12");
     age.image_id = "defect-non_numeric_age".into();
     age.path = "defects/non_numeric_age.png".into();
     let mut fields = row_fields(&age, true);
     fields[4] = b"sixty".to_vec();
-    push("non_numeric_age", "accepted-with-warning", age.clone(), Some(good_png.clone()), Some(csv_line(&fields)))?;
+    push(
+        "non_numeric_age",
+        "accepted-with-warning",
+        age.clone(),
+        Some(good_png.clone()),
+        Some(csv_line(&fields)),
+    )?;
     let mut old = base("PD13");
     old.age = Some(150.0);
-    push("implausible_age", "accepted-with-warning", old, Some(good_png.clone()), None)?;
+    push(
+        "implausible_age",
+        "accepted-with-warning",
+        old,
+        Some(good_png.clone()),
+        None,
+    )?;
     let short = b"defect-malformed_row,PD14,MIMIC-CXR,defects/malformed_row.png,40\n".to_vec();
     push("malformed_row", "rejected", base("PD14"), None, Some(short))?;
     let mut bad = base("PD15");
@@ -443,6 +584,12 @@ fn add_defects(
     bad.path = "defects/non_utf8.png".into();
     let mut fields = row_fields(&bad, true);
     fields[1] = b"PD\xff15".to_vec();
-    push("non_utf8", "rejected", bad, Some(good_png.clone()), Some(csv_line(&fields)))?;
+    push(
+        "non_utf8",
+        "rejected",
+        bad,
+        Some(good_png.clone()),
+        Some(csv_line(&fields)),
+    )?;
     Ok(())
 }

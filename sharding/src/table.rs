@@ -15,7 +15,16 @@ use crate::schema::{self, Age, Cell, EncodingConfig, NUM_LABELS};
 use crate::split::{Split, SplitConfig};
 
 /// Columns every table must have.
-pub const REQUIRED_COLUMNS: [&str; 8] = ["image_id", "patient_id", "dataset", "path", "age", "sex", "race", "view"];
+pub const REQUIRED_COLUMNS: [&str; 8] = [
+    "image_id",
+    "patient_id",
+    "dataset",
+    "path",
+    "age",
+    "sex",
+    "race",
+    "view",
+];
 /// Optional column: an explicit patient-level split.
 pub const SPLIT_COLUMN: &str = "split";
 
@@ -119,7 +128,10 @@ struct Columns {
     count: usize,
 }
 
-fn locate_columns(path: &Path, header: &csv::ByteRecord) -> Result<(Columns, Vec<String>), ShardError> {
+fn locate_columns(
+    path: &Path,
+    header: &csv::ByteRecord,
+) -> Result<(Columns, Vec<String>), ShardError> {
     let mut names = Vec::with_capacity(header.len());
     for (i, raw) in header.iter().enumerate() {
         let name = std::str::from_utf8(raw).map_err(|_| ShardError::InvalidTable {
@@ -159,14 +171,33 @@ fn locate_columns(path: &Path, header: &csv::ByteRecord) -> Result<(Columns, Vec
     if !missing.is_empty() {
         return Err(ShardError::InvalidTable {
             path: path.to_path_buf(),
-            reason: format!("required column(s) missing from the header: {}", missing.join(", ")),
+            reason: format!(
+                "required column(s) missing from the header: {}",
+                missing.join(", ")
+            ),
         });
     }
     let split = find(SPLIT_COLUMN);
-    let known: HashSet<&str> =
-        REQUIRED_COLUMNS.iter().chain(schema::FINDINGS.iter()).copied().chain([SPLIT_COLUMN]).collect();
-    let ignored = names.iter().filter(|n| !known.contains(n.as_str())).cloned().collect();
-    Ok((Columns { index, findings, split, count: names.len() }, ignored))
+    let known: HashSet<&str> = REQUIRED_COLUMNS
+        .iter()
+        .chain(schema::FINDINGS.iter())
+        .copied()
+        .chain([SPLIT_COLUMN])
+        .collect();
+    let ignored = names
+        .iter()
+        .filter(|n| !known.contains(n.as_str()))
+        .cloned()
+        .collect();
+    Ok((
+        Columns {
+            index,
+            findings,
+            split,
+            count: names.len(),
+        },
+        ignored,
+    ))
 }
 
 /// A row after per-cell validation, before patient-level split checks.
@@ -177,15 +208,27 @@ struct Candidate {
 
 /// Reads, validates and encodes the table at `path`.
 pub fn read_table(path: &Path, cfg: &TableConfig) -> Result<Table, ShardError> {
-    let bytes = std::fs::read(path).map_err(|source| ShardError::ReadInput { path: path.to_path_buf(), source })?;
+    let bytes = std::fs::read(path).map_err(|source| ShardError::ReadInput {
+        path: path.to_path_buf(),
+        source,
+    })?;
     let sha256 = hex(&Sha256::digest(&bytes));
     if bytes.iter().all(|b| b.is_ascii_whitespace()) {
-        return Err(ShardError::InvalidTable { path: path.to_path_buf(), reason: "the table is empty (no header)".into() });
+        return Err(ShardError::InvalidTable {
+            path: path.to_path_buf(),
+            reason: "the table is empty (no header)".into(),
+        });
     }
-    let mut reader = csv::ReaderBuilder::new().flexible(true).has_headers(true).from_reader(bytes.as_slice());
+    let mut reader = csv::ReaderBuilder::new()
+        .flexible(true)
+        .has_headers(true)
+        .from_reader(bytes.as_slice());
     let header = reader
         .byte_headers()
-        .map_err(|e| ShardError::InvalidTable { path: path.to_path_buf(), reason: format!("cannot read header: {e}") })?
+        .map_err(|e| ShardError::InvalidTable {
+            path: path.to_path_buf(),
+            reason: format!("cannot read header: {e}"),
+        })?
         .clone();
     let (cols, ignored_columns) = locate_columns(path, &header)?;
 
@@ -224,7 +267,9 @@ pub fn read_table(path: &Path, cfg: &TableConfig) -> Result<Table, ShardError> {
                         line,
                         image_id: Some(candidate.row.image_id.clone()),
                         file: None,
-                        reason: format!("duplicate image_id (first seen on line {first}); keeping the first"),
+                        reason: format!(
+                            "duplicate image_id (first seen on line {first}); keeping the first"
+                        ),
                     });
                 } else {
                     seen_ids.insert(candidate.row.image_id.clone(), line);
@@ -235,11 +280,22 @@ pub fn read_table(path: &Path, cfg: &TableConfig) -> Result<Table, ShardError> {
         }
     }
     if data_rows == 0 {
-        return Err(ShardError::InvalidTable { path: path.to_path_buf(), reason: "the table has a header but no data rows".into() });
+        return Err(ShardError::InvalidTable {
+            path: path.to_path_buf(),
+            reason: "the table has a header but no data rows".into(),
+        });
     }
     let rows = assign_splits(candidates, &cfg.split, &mut rejected);
     rejected.sort_by_key(|r| r.line);
-    Ok(Table { path: path.to_path_buf(), sha256, data_rows, rows, rejected, warnings, ignored_columns })
+    Ok(Table {
+        path: path.to_path_buf(),
+        sha256,
+        data_rows,
+        rows,
+        rejected,
+        warnings,
+        ignored_columns,
+    })
 }
 
 fn validate_row(
@@ -249,16 +305,28 @@ fn validate_row(
     cfg: &TableConfig,
     warnings: &mut Warnings,
 ) -> Result<Candidate, Rejection> {
-    let reject = |image_id: Option<String>, reason: String| Rejection { line, image_id, file: None, reason };
+    let reject = |image_id: Option<String>, reason: String| Rejection {
+        line,
+        image_id,
+        file: None,
+        reason,
+    };
     if record.len() != cols.count {
         return Err(reject(
             None,
-            format!("malformed row: expected {} fields like the header, found {}", cols.count, record.len()),
+            format!(
+                "malformed row: expected {} fields like the header, found {}",
+                cols.count,
+                record.len()
+            ),
         ));
     }
     let field = |i: usize, name: &str| -> Result<&str, String> {
         std::str::from_utf8(&record[i]).map(str::trim).map_err(|e| {
-            format!("column '{name}' is not valid UTF-8 (bad byte at offset {})", e.valid_up_to())
+            format!(
+                "column '{name}' is not valid UTF-8 (bad byte at offset {})",
+                e.valid_up_to()
+            )
         })
     };
     let get = |name: &'static str| field(cols.index[name], name);
@@ -275,13 +343,22 @@ fn validate_row(
     if path.is_empty() {
         return Err(reject(id(), "path is empty".into()));
     }
-    if Path::new(&path).is_absolute() || Path::new(&path).components().any(|c| c == std::path::Component::ParentDir) {
-        return Err(reject(id(), format!("path '{path}' must be relative to the images root without '..'")));
+    if Path::new(&path).is_absolute()
+        || Path::new(&path)
+            .components()
+            .any(|c| c == std::path::Component::ParentDir)
+    {
+        return Err(reject(
+            id(),
+            format!("path '{path}' must be relative to the images root without '..'"),
+        ));
     }
 
     let mut labels = [0u8; NUM_LABELS];
     let mut note = |kind: &str, column: &str, value: &str| {
-        warnings.add(kind, || format!("line {line} (image_id {image_id}): {column}='{value}'"));
+        warnings.add(kind, || {
+            format!("line {line} (image_id {image_id}): {column}='{value}'")
+        });
     };
     for (k, &col) in cols.findings.iter().enumerate() {
         let name = schema::FINDINGS[k];
@@ -294,11 +371,14 @@ fn validate_row(
             }
         };
     }
-    let enums: [(&'static str, usize, fn(&str, bool) -> Cell); 4] = [
+    type Encoder = fn(&str, bool) -> Cell;
+    let enums: [(&'static str, usize, Encoder); 4] = [
         ("race", schema::RACE_INDEX, |v, _| schema::encode_race(v)),
         ("sex", schema::SEX_INDEX, |v, _| schema::encode_sex(v)),
         ("view", schema::VIEW_INDEX, schema::encode_view),
-        ("dataset", schema::DATASET_INDEX, |v, _| schema::encode_dataset(v)),
+        ("dataset", schema::DATASET_INDEX, |v, _| {
+            schema::encode_dataset(v)
+        }),
     ];
     for (name, index, encode) in enums {
         let raw = get(name).map_err(|r| reject(id(), r))?;
@@ -328,17 +408,37 @@ fn validate_row(
             }
         }
     };
-    let row = TableRow { line, image_id, patient_id, path, labels, age: age.stored(), split: Split::Train };
-    Ok(Candidate { row, explicit_split })
+    let row = TableRow {
+        line,
+        image_id,
+        patient_id,
+        path,
+        labels,
+        age: age.stored(),
+        split: Split::Train,
+    };
+    Ok(Candidate {
+        row,
+        explicit_split,
+    })
 }
 
 /// Gives each row its patient's split: the explicit one where the table has it, else the seeded hash. A patient
 /// placed in two different splits explicitly would leak across splits, so all of that patient's rows are rejected.
-fn assign_splits(candidates: Vec<Candidate>, cfg: &SplitConfig, rejected: &mut Vec<Rejection>) -> Vec<TableRow> {
+fn assign_splits(
+    candidates: Vec<Candidate>,
+    cfg: &SplitConfig,
+    rejected: &mut Vec<Rejection>,
+) -> Vec<TableRow> {
     let mut explicit: HashMap<&str, BTreeMap<Split, Vec<u64>>> = HashMap::new();
     for c in &candidates {
         if let Some(s) = c.explicit_split {
-            explicit.entry(c.row.patient_id.as_str()).or_default().entry(s).or_default().push(c.row.line);
+            explicit
+                .entry(c.row.patient_id.as_str())
+                .or_default()
+                .entry(s)
+                .or_default()
+                .push(c.row.line);
         }
     }
     let mut decided: HashMap<String, Result<Split, String>> = HashMap::new();
@@ -353,7 +453,10 @@ fn assign_splits(candidates: Vec<Candidate>, cfg: &SplitConfig, rejected: &mut V
                     format!("{s} (lines {})", lines.join(", "))
                 })
                 .collect();
-            Err(format!("patient {patient} is placed in more than one split: {}", parts.join(" and ")))
+            Err(format!(
+                "patient {patient} is placed in more than one split: {}",
+                parts.join(" and ")
+            ))
         };
         decided.insert(patient.to_string(), outcome);
     }
@@ -362,7 +465,12 @@ fn assign_splits(candidates: Vec<Candidate>, cfg: &SplitConfig, rejected: &mut V
         match decided.get(&row.patient_id) {
             Some(Ok(s)) => row.split = *s,
             Some(Err(reason)) => {
-                rejected.push(Rejection { line: row.line, image_id: Some(row.image_id), file: None, reason: reason.clone() });
+                rejected.push(Rejection {
+                    line: row.line,
+                    image_id: Some(row.image_id),
+                    file: None,
+                    reason: reason.clone(),
+                });
                 continue;
             }
             None => row.split = cfg.assign(&row.patient_id),
@@ -415,7 +523,11 @@ mod tests {
         assert_eq!(t.data_rows, 3);
         assert_eq!(t.rows.len(), 2);
         assert_eq!(t.rejected.len(), 1);
-        assert!(t.rejected[0].reason.contains("duplicate image_id"), "{}", t.rejected[0]);
+        assert!(
+            t.rejected[0].reason.contains("duplicate image_id"),
+            "{}",
+            t.rejected[0]
+        );
         assert_eq!(t.rejected[0].line, 4);
         assert_eq!(t.ignored_columns, vec!["notes".to_string()]);
         let r = &t.rows[0];
@@ -437,7 +549,11 @@ mod tests {
     fn malformed_and_non_utf8_rows_are_rejected_by_line() {
         let mut text = format!("{}\n{}\n", header(""), row("i1", "p1", GOOD)).into_bytes();
         text.extend_from_slice(b"i2,p2,MIMIC-CXR,c.png,40\n");
-        text.extend_from_slice(format!("{}\n", row("i3", "p\u{e9}", GOOD)).replace('\u{e9}', "\u{1}").as_bytes());
+        text.extend_from_slice(
+            format!("{}\n", row("i3", "p\u{e9}", GOOD))
+                .replace('\u{e9}', "\u{1}")
+                .as_bytes(),
+        );
         let bad = row("i4", "pX", GOOD).into_bytes();
         let mut bad = bad;
         bad[4] = 0xff; // inside patient_id
@@ -448,8 +564,14 @@ mod tests {
         assert_eq!(t.data_rows, 4);
         assert_eq!(t.rows.len(), 2);
         let reasons: Vec<String> = t.rejected.iter().map(|r| r.to_string()).collect();
-        assert!(reasons[0].starts_with("line 3") && reasons[0].contains("expected 22 fields"), "{reasons:?}");
-        assert!(reasons[1].starts_with("line 5") && reasons[1].contains("not valid UTF-8"), "{reasons:?}");
+        assert!(
+            reasons[0].starts_with("line 3") && reasons[0].contains("expected 22 fields"),
+            "{reasons:?}"
+        );
+        assert!(
+            reasons[1].starts_with("line 5") && reasons[1].contains("not valid UTF-8"),
+            "{reasons:?}"
+        );
     }
 
     #[test]
@@ -466,23 +588,45 @@ mod tests {
         let t = read_table(f.path(), &TableConfig::default()).unwrap();
         assert_eq!(t.rows.len(), 2);
         assert_eq!(t.rejected.len(), 2);
-        assert!(t.rejected[0].reason.contains("patient p1 is placed in more than one split"));
-        assert!(t.rejected[0].reason.contains("lines 2") && t.rejected[0].reason.contains("lines 3"));
+        assert!(
+            t.rejected[0]
+                .reason
+                .contains("patient p1 is placed in more than one split")
+        );
+        assert!(
+            t.rejected[0].reason.contains("lines 2") && t.rejected[0].reason.contains("lines 3")
+        );
         assert_eq!(t.rows[1].split, Split::Val);
     }
 
     #[test]
     fn whole_table_problems_are_errors_naming_the_file() {
         let empty = write(b"");
-        let e = read_table(empty.path(), &TableConfig::default()).unwrap_err().to_string();
-        assert!(e.contains("empty") && e.contains(&empty.path().display().to_string()), "{e}");
+        let e = read_table(empty.path(), &TableConfig::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("empty") && e.contains(&empty.path().display().to_string()),
+            "{e}"
+        );
         let header_only = write(format!("{}\n", header("")).as_bytes());
-        let e = read_table(header_only.path(), &TableConfig::default()).unwrap_err().to_string();
+        let e = read_table(header_only.path(), &TableConfig::default())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("no data rows"), "{e}");
         let no_age = write(b"image_id,patient_id\n1,2\n");
-        let e = read_table(no_age.path(), &TableConfig::default()).unwrap_err().to_string();
-        assert!(e.contains("missing from the header") && e.contains("age") && e.contains("cardiomegaly"), "{e}");
-        let e = read_table(Path::new("/nonexistent/t.csv"), &TableConfig::default()).unwrap_err().to_string();
+        let e = read_table(no_age.path(), &TableConfig::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("missing from the header")
+                && e.contains("age")
+                && e.contains("cardiomegaly"),
+            "{e}"
+        );
+        let e = read_table(Path::new("/nonexistent/t.csv"), &TableConfig::default())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("/nonexistent/t.csv"), "{e}");
     }
 }

@@ -16,13 +16,23 @@ use radit_sharding::table::{TableConfig, read_table};
 
 fn settings(size: u32, shard: u32) -> IngestSettings {
     IngestSettings {
-        layout: StoreLayout { image_size: size, shard_images: shard, compression: Compression::Zstd { level: 3 } },
+        layout: StoreLayout {
+            image_size: size,
+            shard_images: shard,
+            compression: Compression::Zstd { level: 3 },
+        },
         table: TableConfig::default(),
     }
 }
 
 fn synth(dir: &Path, images: u64, defects: bool) -> radit_sharding::synth::SynthOutput {
-    let cfg = SynthConfig { images, seed: 7, sizes: vec![(32, 32), (48, 40), (30, 52), (96, 80)], defects, split_column: false };
+    let cfg = SynthConfig {
+        images,
+        seed: 7,
+        sizes: vec![(32, 32), (48, 40), (30, 52), (96, 80)],
+        defects,
+        split_column: false,
+    };
     generate(dir, &cfg).unwrap()
 }
 
@@ -39,7 +49,16 @@ fn store_holds_exactly_the_encoded_table_and_the_normalised_images() {
     let data = synth(&dir.path().join("data"), 60, false);
     let out = dir.path().join("store");
     let s = settings(32, 8);
-    let m = complete(ingest(&data.table, &data.images, out.to_str().unwrap(), &s, &RunOptions::default()).unwrap());
+    let m = complete(
+        ingest(
+            &data.table,
+            &data.images,
+            out.to_str().unwrap(),
+            &s,
+            &RunOptions::default(),
+        )
+        .unwrap(),
+    );
     assert_eq!(m.counts.table_rows, 60);
     assert_eq!(m.counts.accepted, 60);
     assert!(m.rejected.is_empty(), "{:?}", m.rejected);
@@ -58,12 +77,20 @@ fn store_holds_exactly_the_encoded_table_and_the_normalised_images() {
             assert_eq!(all.age[i].to_bits(), row.age.to_bits());
             assert_eq!(all.patient_ids[i], row.patient_id);
             let img = &all.images[i * 1024..(i + 1) * 1024];
-            let (mut src, _) = decode_png(&std::fs::read(data.images.join(&row.path)).unwrap()).unwrap();
+            let (mut src, _) =
+                decode_png(&std::fs::read(data.images.join(&row.path)).unwrap()).unwrap();
             if (src.width, src.height) == (32, 32) {
                 normalise_full_range(&mut src).unwrap();
-                assert_eq!(img, &src.pixels[..], "{id}: a 32x32 input is stored exactly, normalised");
+                assert_eq!(
+                    img,
+                    &src.pixels[..],
+                    "{id}: a 32x32 input is stored exactly, normalised"
+                );
             } else {
-                assert_eq!(*img.iter().max().unwrap() > 50_000, true, "{id}: resized content keeps its range");
+                assert!(
+                    *img.iter().max().unwrap() > 50_000,
+                    "{id}: resized content keeps its range"
+                );
             }
             seen += 1;
         }
@@ -84,19 +111,56 @@ fn interrupted_ingest_resumes_to_the_same_store_as_a_straight_run() {
     let s = settings(32, 4);
     let straight = dir.path().join("straight");
     let resumed = dir.path().join("resumed");
-    let a = complete(ingest(&data.table, &data.images, straight.to_str().unwrap(), &s, &RunOptions::default()).unwrap());
+    let a = complete(
+        ingest(
+            &data.table,
+            &data.images,
+            straight.to_str().unwrap(),
+            &s,
+            &RunOptions::default(),
+        )
+        .unwrap(),
+    );
     let mut written = 0;
     for _ in 0..3 {
-        let opts = RunOptions { stop_after_shards: Some(5), ..RunOptions::default() };
-        match ingest(&data.table, &data.images, resumed.to_str().unwrap(), &s, &opts).unwrap() {
+        let opts = RunOptions {
+            stop_after_shards: Some(5),
+            ..RunOptions::default()
+        };
+        match ingest(
+            &data.table,
+            &data.images,
+            resumed.to_str().unwrap(),
+            &s,
+            &opts,
+        )
+        .unwrap()
+        {
             IngestOutcome::Interrupted { written_shards } => written += written_shards,
-            IngestOutcome::Complete { .. } => panic!("70 rows in shards of 4 need more than 15 shards"),
+            IngestOutcome::Complete { .. } => {
+                panic!("70 rows in shards of 4 need more than 15 shards")
+            }
         }
-        assert!(!resumed.join("manifest.json").exists(), "no manifest before the ingest completes");
+        assert!(
+            !resumed.join("manifest.json").exists(),
+            "no manifest before the ingest completes"
+        );
     }
     assert_eq!(written, 15);
-    let b = match ingest(&data.table, &data.images, resumed.to_str().unwrap(), &s, &RunOptions::default()).unwrap() {
-        IngestOutcome::Complete { manifest, resumed_shards, .. } => {
+    let b = match ingest(
+        &data.table,
+        &data.images,
+        resumed.to_str().unwrap(),
+        &s,
+        &RunOptions::default(),
+    )
+    .unwrap()
+    {
+        IngestOutcome::Complete {
+            manifest,
+            resumed_shards,
+            ..
+        } => {
             assert_eq!(resumed_shards, 15);
             *manifest
         }
@@ -104,9 +168,21 @@ fn interrupted_ingest_resumes_to_the_same_store_as_a_straight_run() {
     };
     assert_eq!(a.counts, b.counts);
     assert_eq!(a.rejected, b.rejected);
-    assert_eq!(a.objects, b.objects, "byte-identical objects: nothing duplicated or dropped");
+    assert_eq!(
+        a.objects, b.objects,
+        "byte-identical objects: nothing duplicated or dropped"
+    );
     // Running again on a complete store changes nothing.
-    let c = complete(ingest(&data.table, &data.images, resumed.to_str().unwrap(), &s, &RunOptions::default()).unwrap());
+    let c = complete(
+        ingest(
+            &data.table,
+            &data.images,
+            resumed.to_str().unwrap(),
+            &s,
+            &RunOptions::default(),
+        )
+        .unwrap(),
+    );
     assert_eq!(c, b);
 }
 
@@ -116,20 +192,46 @@ fn resuming_with_other_settings_or_another_table_is_refused() {
     let data = synth(&dir.path().join("data"), 20, false);
     let out = dir.path().join("store");
     let s = settings(32, 4);
-    let opts = RunOptions { stop_after_shards: Some(1), ..RunOptions::default() };
+    let opts = RunOptions {
+        stop_after_shards: Some(1),
+        ..RunOptions::default()
+    };
     ingest(&data.table, &data.images, out.to_str().unwrap(), &s, &opts).unwrap();
     let other = settings(32, 8);
-    let e = ingest(&data.table, &data.images, out.to_str().unwrap(), &other, &RunOptions::default()).unwrap_err();
+    let e = ingest(
+        &data.table,
+        &data.images,
+        out.to_str().unwrap(),
+        &other,
+        &RunOptions::default(),
+    )
+    .unwrap_err();
     assert!(matches!(e, ShardError::Conflict { .. }), "{e}");
     assert!(e.to_string().contains("settings"), "{e}");
     let mut csv = std::fs::read(&data.table).unwrap();
     csv.extend_from_slice(b"\n");
     let table2 = dir.path().join("table2.csv");
     std::fs::write(&table2, csv).unwrap();
-    let e = ingest(&table2, &data.images, out.to_str().unwrap(), &s, &RunOptions::default()).unwrap_err();
+    let e = ingest(
+        &table2,
+        &data.images,
+        out.to_str().unwrap(),
+        &s,
+        &RunOptions::default(),
+    )
+    .unwrap_err();
     assert!(e.to_string().contains("table contents"), "{e}");
     // The partial store is untouched and still resumes with the original inputs.
-    complete(ingest(&data.table, &data.images, out.to_str().unwrap(), &s, &RunOptions::default()).unwrap());
+    complete(
+        ingest(
+            &data.table,
+            &data.images,
+            out.to_str().unwrap(),
+            &s,
+            &RunOptions::default(),
+        )
+        .unwrap(),
+    );
 }
 
 #[test]
@@ -138,22 +240,51 @@ fn verify_reports_corrupt_and_missing_objects() {
     let data = synth(&dir.path().join("data"), 24, false);
     let out = dir.path().join("store");
     let s = settings(32, 8);
-    let m = complete(ingest(&data.table, &data.images, out.to_str().unwrap(), &s, &RunOptions::default()).unwrap());
-    let chunk = m.objects.iter().find(|o| o.key.contains("/images/c/")).unwrap();
+    let m = complete(
+        ingest(
+            &data.table,
+            &data.images,
+            out.to_str().unwrap(),
+            &s,
+            &RunOptions::default(),
+        )
+        .unwrap(),
+    );
+    let chunk = m
+        .objects
+        .iter()
+        .find(|o| o.key.contains("/images/c/"))
+        .unwrap();
     let path = out.join(&chunk.key);
     let mut bytes = std::fs::read(&path).unwrap();
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0x55;
     std::fs::write(&path, &bytes).unwrap();
-    let label = m.objects.iter().find(|o| o.key.contains("/labels/c/")).unwrap();
+    let label = m
+        .objects
+        .iter()
+        .find(|o| o.key.contains("/labels/c/"))
+        .unwrap();
     std::fs::remove_file(out.join(&label.key)).unwrap();
     let report = verify(&Storage::open(out.to_str().unwrap()).unwrap()).unwrap();
     assert_eq!(report.problems.len(), 2, "{:?}", report.problems);
-    assert!(report.problems.iter().any(|p| p.contains(&chunk.key) && p.contains("checksum")));
-    assert!(report.problems.iter().any(|p| p.contains(&label.key) && p.contains("missing")));
+    assert!(
+        report
+            .problems
+            .iter()
+            .any(|p| p.contains(&chunk.key) && p.contains("checksum"))
+    );
+    assert!(
+        report
+            .problems
+            .iter()
+            .any(|p| p.contains(&label.key) && p.contains("missing"))
+    );
     // Without a manifest the store is incomplete.
     std::fs::remove_file(out.join("manifest.json")).unwrap();
-    let e = verify(&Storage::open(out.to_str().unwrap()).unwrap()).unwrap_err().to_string();
+    let e = verify(&Storage::open(out.to_str().unwrap()).unwrap())
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("incomplete"), "{e}");
 }
 
@@ -161,22 +292,37 @@ fn verify_reports_corrupt_and_missing_objects() {
 fn every_defect_is_handled_as_expected_and_the_counts_add_up() {
     let dir = tempfile::tempdir().unwrap();
     let data = synth(&dir.path().join("data"), 30, true);
-    let defects: Vec<Defect> = serde_json::from_slice(&std::fs::read(dir.path().join("data/defects.json")).unwrap()).unwrap();
+    let defects: Vec<Defect> =
+        serde_json::from_slice(&std::fs::read(dir.path().join("data/defects.json")).unwrap())
+            .unwrap();
     assert_eq!(defects, data.defects);
     let out = dir.path().join("store");
-    let m = complete(ingest(&data.table, &data.images, out.to_str().unwrap(), &settings(32, 8), &RunOptions::default()).unwrap());
+    let m = complete(
+        ingest(
+            &data.table,
+            &data.images,
+            out.to_str().unwrap(),
+            &settings(32, 8),
+            &RunOptions::default(),
+        )
+        .unwrap(),
+    );
     let c = &m.counts;
     assert_eq!(c.table_rows, 30 + defects.len() as u64);
     assert_eq!(c.accepted + c.rejected, c.table_rows);
     assert_eq!(c.rejected as usize, m.rejected.len());
     assert_eq!(c.splits.values().map(|s| s.images).sum::<u64>(), c.accepted);
     let reader = StoreReader::open(Storage::open(out.to_str().unwrap()).unwrap()).unwrap();
-    let stored: Vec<String> = Split::ALL.iter().flat_map(|s| reader.read_split(*s).unwrap().image_ids).collect();
+    let stored: Vec<String> = Split::ALL
+        .iter()
+        .flat_map(|s| reader.read_split(*s).unwrap().image_ids)
+        .collect();
     for d in &defects {
         let rejection = m.rejected.iter().find(|r| r.line == d.line);
         match d.expect.as_str() {
             "rejected" => {
-                let r = rejection.unwrap_or_else(|| panic!("{} (line {}) should be rejected", d.kind, d.line));
+                let r = rejection
+                    .unwrap_or_else(|| panic!("{} (line {}) should be rejected", d.kind, d.line));
                 let expected = match d.kind.as_str() {
                     "missing_file" => "not found",
                     "truncated_png" | "corrupt_png" => "not a readable PNG",
@@ -191,18 +337,34 @@ fn every_defect_is_handled_as_expected_and_the_counts_add_up() {
                 };
                 assert!(r.reason.contains(expected), "{}: {r}", d.kind);
                 if r.file.is_some() {
-                    assert!(r.to_string().contains(".png"), "image problems name the file: {r}");
+                    assert!(
+                        r.to_string().contains(".png"),
+                        "image problems name the file: {r}"
+                    );
                 }
             }
             _ => {
-                assert!(rejection.is_none(), "{} should be accepted: {rejection:?}", d.kind);
+                assert!(
+                    rejection.is_none(),
+                    "{} should be accepted: {rejection:?}",
+                    d.kind
+                );
                 assert!(stored.contains(&d.image_id), "{} is in the store", d.kind);
             }
         }
     }
-    assert_eq!(m.image_notes.eight_bit, 2, "the 8-bit PNG and the grey-as-RGB one");
+    assert_eq!(
+        m.image_notes.eight_bit, 2,
+        "the 8-bit PNG and the grey-as-RGB one"
+    );
     assert_eq!(m.image_notes.grey_stored_as_rgb, 1);
-    for kind in ["unknown_sex", "unknown_race", "unknown_view", "non_numeric_age", "implausible_age"] {
+    for kind in [
+        "unknown_sex",
+        "unknown_race",
+        "unknown_view",
+        "non_numeric_age",
+        "implausible_age",
+    ] {
         let w = &m.warnings.0[kind];
         assert_eq!(w.count, 1, "{kind}");
         assert!(w.examples[0].contains("line "), "{kind}: {:?}", w.examples);
@@ -216,17 +378,39 @@ fn whole_input_problems_fail_before_anything_is_written() {
     let empty = dir.path().join("empty.csv");
     std::fs::write(&empty, "").unwrap();
     let out = dir.path().join("store");
-    let e = ingest(&empty, &data.images, out.to_str().unwrap(), &settings(32, 4), &RunOptions::default()).unwrap_err();
-    assert!(e.to_string().contains("empty.csv") && e.to_string().contains("empty"), "{e}");
+    let e = ingest(
+        &empty,
+        &data.images,
+        out.to_str().unwrap(),
+        &settings(32, 4),
+        &RunOptions::default(),
+    )
+    .unwrap_err();
+    assert!(
+        e.to_string().contains("empty.csv") && e.to_string().contains("empty"),
+        "{e}"
+    );
     assert!(!out.exists(), "nothing written for an unusable table");
     // An output that cannot be written: a path below a regular file.
     let blocker = dir.path().join("file");
     std::fs::write(&blocker, "x").unwrap();
-    let e = ingest(&data.table, &data.images, blocker.join("store").to_str().unwrap(), &settings(32, 4), &RunOptions::default())
-        .unwrap_err();
+    let e = ingest(
+        &data.table,
+        &data.images,
+        blocker.join("store").to_str().unwrap(),
+        &settings(32, 4),
+        &RunOptions::default(),
+    )
+    .unwrap_err();
     assert!(matches!(e, ShardError::Unwritable { .. }), "{e}");
     assert!(e.to_string().contains("file/store"), "{e}");
-    let e = ingest(&data.table, &dir.path().join("nope"), out.to_str().unwrap(), &settings(32, 4), &RunOptions::default())
-        .unwrap_err();
+    let e = ingest(
+        &data.table,
+        &dir.path().join("nope"),
+        out.to_str().unwrap(),
+        &settings(32, 4),
+        &RunOptions::default(),
+    )
+    .unwrap_err();
     assert!(e.to_string().contains("nope"), "{e}");
 }

@@ -14,16 +14,22 @@ pub fn venv() -> PathBuf {
     if let Ok(v) = std::env::var("RADIT_VENV") {
         return PathBuf::from(v);
     }
-    let cache = std::env::var("RADIT_CACHE").map(PathBuf::from).unwrap_or_else(|_| {
-        let home = std::env::var("HOME").expect("HOME is set");
-        Path::new(&home).join(".cache/radit")
-    });
+    let cache = std::env::var("RADIT_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            let home = std::env::var("HOME").expect("HOME is set");
+            Path::new(&home).join(".cache/radit")
+        });
     cache.join("torch-2.13.0")
 }
 
 pub fn python() -> Command {
     let exe = venv().join("bin/python");
-    assert!(exe.exists(), "{} is missing: run scripts/setup.sh", exe.display());
+    assert!(
+        exe.exists(),
+        "{} is missing: run scripts/setup.sh",
+        exe.display()
+    );
     Command::new(exe)
 }
 
@@ -54,13 +60,24 @@ pub fn stderr(out: &Output) -> String {
 
 /// A port on 127.0.0.1 that was free a moment ago.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").expect("bind loopback").local_addr().expect("local addr").port()
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind loopback")
+        .local_addr()
+        .expect("local addr")
+        .port()
 }
 
 /// Writes a small synthetic dataset under `dir` and returns (table, images).
 pub fn synth(dir: &Path, images: u64, sizes: &str, extra: &[&str]) -> (PathBuf, PathBuf) {
     let mut cmd = radit();
-    cmd.args(["synth", "--out"]).arg(dir).args(["--images", &images.to_string(), "--seed", "3", "--sizes", sizes]);
+    cmd.args(["synth", "--out"]).arg(dir).args([
+        "--images",
+        &images.to_string(),
+        "--seed",
+        "3",
+        "--sizes",
+        sizes,
+    ]);
     cmd.args(extra);
     run_ok(&mut cmd);
     (dir.join("table.csv"), dir.join("images"))
@@ -76,4 +93,68 @@ pub fn shard_cmd(table: &Path, images: &Path, out: &str, extra: &[&str]) -> Comm
         .args(["--out", out, "--image-size", "64", "--shard-images", "8"])
         .args(extra);
     cmd
+}
+
+/// A moto S3 server on 127.0.0.1 (from the project's virtualenv), stopped on drop.
+pub struct MotoServer {
+    child: std::process::Child,
+    pub endpoint: String,
+}
+
+impl MotoServer {
+    pub fn start() -> Self {
+        let port = free_port();
+        let exe = venv().join("bin/moto_server");
+        assert!(
+            exe.exists(),
+            "{} is missing: run scripts/setup.sh",
+            exe.display()
+        );
+        let child = Command::new(exe)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("moto_server starts");
+        let server = MotoServer {
+            child,
+            endpoint: format!("http://127.0.0.1:{port}"),
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "moto_server did not listen on {port} within 60 s"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        server
+    }
+
+    /// Environment for object_store and boto3 to reach this server.
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("AWS_ENDPOINT_URL", self.endpoint.clone()),
+            ("AWS_ALLOW_HTTP", "true".into()),
+            ("AWS_ACCESS_KEY_ID", "testing".into()),
+            ("AWS_SECRET_ACCESS_KEY", "testing".into()),
+            ("AWS_REGION", "us-east-1".into()),
+            ("AWS_DEFAULT_REGION", "us-east-1".into()),
+        ]
+    }
+
+    pub fn create_bucket(&self, bucket: &str) {
+        run_ok(python().envs(self.env()).args([
+            "-c",
+            "import boto3, sys; boto3.client('s3').create_bucket(Bucket=sys.argv[1])",
+            bucket,
+        ]));
+    }
+}
+
+impl Drop for MotoServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

@@ -58,7 +58,8 @@ def expected_rows(table):
     rows = {}
     with open(table, newline="", encoding="utf-8", errors="replace") as f:
         for r in csv.DictReader(f):
-            if r.get("image_id") is None or r["image_id"] in rows:
+            # Malformed rows (too few or too many fields) are rejected by the ingest; skip them here too.
+            if None in r or None in r.values() or r["image_id"] in rows:
                 continue
             labels = [enc_finding(r[k]) for k in FINDINGS]
             labels += [enc_class(r["race"], RACE), enc_class(r["sex"], SEX),

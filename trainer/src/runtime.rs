@@ -17,7 +17,11 @@ pub fn probe() -> RuntimeInfo {
     debug_assert_eq!(t.size(), vec![3]);
     RuntimeInfo {
         libtorch_path: loaded_library("libtorch_cpu.so"),
-        cuda_devices: if tch::Cuda::is_available() { tch::Cuda::device_count().max(0) as usize } else { 0 },
+        cuda_devices: if tch::Cuda::is_available() {
+            tch::Cuda::device_count().max(0) as usize
+        } else {
+            0
+        },
         threads: tch::get_num_threads().max(1) as usize,
     }
 }
@@ -40,7 +44,10 @@ mod tests {
         let path = info.libtorch_path.expect("libtorch_cpu.so is mapped");
         let shown = path.display().to_string();
         assert!(shown.contains("site-packages/torch/lib"), "loaded {shown}");
-        assert!(!shown.starts_with("/usr/lib"), "loaded the system libtorch {shown}");
+        assert!(
+            !shown.starts_with("/usr/lib"),
+            "loaded the system libtorch {shown}"
+        );
         let x = tch::Tensor::from_slice(&[1.0f32, 2.0, 3.0]);
         let s: f32 = (&x * &x).sum(tch::Kind::Float).double_value(&[]) as f32;
         assert_eq!(s, 14.0);
