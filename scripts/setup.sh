@@ -10,7 +10,7 @@ source "$root/scripts/env.sh"
 
 log() { printf '[setup] %s\n' "$*" >&2; }
 
-apt_packages=(pkg-config cmake)
+apt_packages=(pkg-config)
 missing=()
 for p in "${apt_packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

@@ -119,7 +119,9 @@ mod tests {
         assert!((frac(counts[1]) - 0.0291).abs() < 0.005, "{counts:?}");
         assert!((frac(counts[2]) - 0.0896).abs() < 0.01, "{counts:?}");
         // Pinned: a change here would silently move patients between the splits of existing stores.
-        let pinned: String = (0..40).map(|i| cfg.assign(&format!("P{i:06}")).name().as_bytes()[0] as char).collect();
+        let pinned: String = (0..40)
+            .map(|i| cfg.assign(&format!("P{i:06}")).name().as_bytes()[0] as char)
+            .collect();
         assert_eq!(pinned, "tttttttttttvtttttttttttttttttttttttttttt");
         let other_seed = SplitConfig {
             seed: 7,

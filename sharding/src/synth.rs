@@ -593,3 +593,102 @@ fn add_defects(
     )?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base_row() -> SynthRow {
+        SynthRow {
+            image_id: "x".into(),
+            patient_id: "p".into(),
+            dataset: "BRAX",
+            path: "x.png".into(),
+            age: Some(50.0),
+            sex: "Male",
+            race: "",
+            view: "PA",
+            findings: ["0"; 14],
+            split: "",
+            width: 128,
+            height: 128,
+        }
+    }
+
+    fn with(finding: &str) -> SynthRow {
+        let mut r = base_row();
+        let i = FINDINGS.iter().position(|f| *f == finding).unwrap();
+        r.findings[i] = "1";
+        r
+    }
+
+    /// Mean intensity over a box given in the renderer's centred unit coordinates.
+    fn mean(px: &[u16], w: usize, (x0, x1): (f32, f32), (y0, y1): (f32, f32)) -> f64 {
+        let mut sum = 0.0;
+        let mut n = 0.0;
+        for py in 0..w {
+            for qx in 0..w {
+                let (x, y) = (qx as f32 / w as f32 - 0.5, py as f32 / w as f32 - 0.5);
+                if (x0..x1).contains(&x) && (y0..y1).contains(&y) {
+                    sum += f64::from(px[py * w + qx]);
+                    n += 1.0;
+                }
+            }
+        }
+        sum / n
+    }
+
+    #[test]
+    fn findings_change_the_picture_where_a_reader_would_look() {
+        let normal = render(&base_row(), 1, 1);
+        // Cardiomegaly: the region just outside a normal heart turns bright.
+        let heart_edge = ((0.18, 0.24), (0.06, 0.18));
+        let big = render(&with("cardiomegaly"), 1, 1);
+        assert!(
+            mean(&big, 128, heart_edge.0, heart_edge.1)
+                > mean(&normal, 128, heart_edge.0, heart_edge.1) + 3000.0
+        );
+        // Pleural effusion: the lower lung fields turn bright.
+        let lower_lung = ((-0.25, -0.1), (0.2, 0.26));
+        let eff = render(&with("pleural_effusion"), 1, 1);
+        assert!(
+            mean(&eff, 128, lower_lung.0, lower_lung.1)
+                > mean(&normal, 128, lower_lung.0, lower_lung.1) + 5000.0
+        );
+        // Support devices: a bright line down the midline above the heart.
+        let tube = ((-0.03, 0.05), (-0.45, -0.35));
+        let dev = render(&with("support_devices"), 1, 1);
+        assert!(mean(&dev, 128, tube.0, tube.1) > mean(&normal, 128, tube.0, tube.1) + 2000.0);
+        // View: a lateral film has no dark right lung field where a frontal one has it.
+        let mut lateral = base_row();
+        lateral.view = "Lateral";
+        let lat = render(&lateral, 1, 1);
+        let left_lung = ((-0.22, -0.12), (-0.1, 0.1));
+        assert!(
+            (mean(&lat, 128, left_lung.0, left_lung.1)
+                - mean(&normal, 128, left_lung.0, left_lung.1))
+            .abs()
+                > 2000.0
+        );
+        // Sex: a female body is narrower at the flanks.
+        let mut female = base_row();
+        female.sex = "Female";
+        let fem = render(&female, 1, 1);
+        let flank = ((-0.45, -0.42), (0.0, 0.1));
+        assert!(mean(&normal, 128, flank.0, flank.1) > mean(&fem, 128, flank.0, flank.1) + 2000.0);
+    }
+
+    #[test]
+    fn generation_is_deterministic() {
+        let cfg = SynthConfig {
+            images: 20,
+            seed: 5,
+            sizes: vec![(16, 16), (20, 12)],
+            ..SynthConfig::default()
+        };
+        assert_eq!(sample_rows(&cfg), sample_rows(&cfg));
+        let r = &sample_rows(&cfg)[3];
+        assert_eq!(render(r, 5, 3), render(r, 5, 3));
+        assert_ne!(render(r, 5, 3), render(r, 6, 3));
+    }
+}

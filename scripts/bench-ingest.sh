@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Ingest benchmark: radit shard (1 thread and all cores) against a straightforward Python pipeline
+# (PIL + numpy + zarr-python) over the same files, for 512x512 16-bit inputs and for large inputs that are resized.
+# Usage: scripts/bench-ingest.sh [N_512] [N_LARGE]   (defaults 512 and 96). Prints a Markdown table.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+"$root/scripts/setup.sh" >/dev/null
+source "$root/scripts/env.sh"
+cd "$root"
+cargo build --release --quiet --bin radit
+radit="$root/target/release/radit"
+n512=${1:-512}
+nlarge=${2:-96}
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+
+now() { date +%s.%N; }
+input_mb() { du -sb "$1" | awk '{printf "%.1f", $1/1048576}'; }
+
+echo "machine: $(nproc) cores, $(awk '/model name/{$1=$2=$3="";print;exit}' /proc/cpuinfo | xargs), $(date -u +%F)"
+echo
+echo "| input | pipeline | threads | images | seconds | images/s | images/s/core | input MB/s | output raw MB/s | stored/raw |"
+echo "|---|---|---|---|---|---|---|---|---|---|"
+for spec in "512x512:$n512" "2048x2500:$nlarge"; do
+  size=${spec%%:*}
+  n=${spec##*:}
+  data="$work/data-$size"
+  "$radit" synth --out "$data" --images "$n" --sizes "$size" --seed 11 >/dev/null
+  in_mb=$(input_mb "$data/images")
+  raw_mb=$(awk -v n="$n" 'BEGIN{printf "%.1f", n*512*512*2/1048576}')
+  for threads in 1 "$(nproc)"; do
+    out="$work/radit-$size-$threads"
+    t0=$(now)
+    "$radit" shard --no-progress --table "$data/table.csv" --images "$data/images" --out "$out" --threads "$threads" >/dev/null
+    t1=$(now)
+    stored=$(du -sb --exclude=.ingest "$out" | cut -f1)
+    awk -v n="$n" -v t0="$t0" -v t1="$t1" -v th="$threads" -v inmb="$in_mb" -v raw="$raw_mb" -v st="$stored" -v sz="$size" \
+      'BEGIN{s=t1-t0; printf "| %s | radit shard | %d | %d | %.2f | %.1f | %.1f | %.1f | %.1f | %.3f |\n", sz, th, n, s, n/s, n/s/th, inmb/s, raw/s, st/(raw*1048576)}'
+  done
+  out="$work/python-$size"
+  json=$("$RADIT_VENV/bin/python" "$root/bench/python_ingest.py" --table "$data/table.csv" --images "$data/images" --out "$out")
+  s=$(echo "$json" | "$RADIT_VENV/bin/python" -c 'import json,sys; print(json.load(sys.stdin)["seconds"])')
+  stored=$(echo "$json" | "$RADIT_VENV/bin/python" -c 'import json,sys; print(json.load(sys.stdin)["stored_bytes"])')
+  awk -v n="$n" -v s="$s" -v inmb="$in_mb" -v raw="$raw_mb" -v st="$stored" -v sz="$size" \
+    'BEGIN{printf "| %s | Python (PIL+numpy+zarr-python) | 1 | %d | %.2f | %.1f | %.1f | %.1f | %.1f | %.3f |\n", sz, n, s, n/s, n/s, inmb/s, raw/s, st/(raw*1048576)}'
+done
