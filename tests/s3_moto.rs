@@ -55,22 +55,7 @@ fn ingest_to_s3_verifies_resumes_and_matches_the_local_store() {
         a.objects, b.objects,
         "S3 and local stores hold the same bytes"
     );
-    run_ok(
-        python()
-            .arg(repo().join("tests/python/check_store.py"))
-            .args([
-                "--store",
-                mirror.to_str().unwrap(),
-                "--table",
-                table.to_str().unwrap(),
-            ])
-            .args([
-                "--images",
-                images.to_str().unwrap(),
-                "--out",
-                dir.path().join("py.json").to_str().unwrap(),
-            ]),
-    );
+    check_store_with_zarr_python(&mirror, &table, &images, &dir.path().join("py.json"));
 }
 
 #[test]

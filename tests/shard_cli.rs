@@ -38,22 +38,7 @@ fn zarr_python_reads_the_same_values_that_were_ingested() {
     assert!(stdout(&v).contains("verified"), "{}", stdout(&v));
 
     let summary_path = dir.path().join("py.json");
-    run_ok(
-        python()
-            .arg(repo().join("tests/python/check_store.py"))
-            .args([
-                "--store",
-                store.to_str().unwrap(),
-                "--table",
-                table.to_str().unwrap(),
-            ])
-            .args([
-                "--images",
-                images.to_str().unwrap(),
-                "--out",
-                summary_path.to_str().unwrap(),
-            ]),
-    );
+    check_store_with_zarr_python(&store, &table, &images, &summary_path);
     let py: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&summary_path).unwrap()).unwrap();
     assert!(

@@ -1,14 +1,15 @@
 //! `radit shard`: table + images -> Zarr v3 store on object storage, resumable, with `manifest.json` last.
 //!
 //! Each split's accepted rows, in table order, fill shards of S images. Decoding runs on all cores (rayon); a writer
-//! thread uploads each finished shard (one object per array) and then its journal record under `.ingest/journal/`.
+//! thread encodes each finished shard on the same pool, so encoding overlaps the next shard's decoding, then uploads
+//! it (one object per array) and its journal record under `.ingest/journal/`.
 //! A journal record is the commit point of a shard: a re-run with the same table and settings skips every committed
 //! shard and continues with the next row, so no row is duplicated or dropped. The manifest is written after every
 //! shard and all `zarr.json` files, so a store without it is visibly incomplete.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::{Arc, mpsc};
 
 use bytes::Bytes;
 use rayon::prelude::*;
@@ -173,17 +174,21 @@ pub fn ingest(
         .sum();
     let bar = progress_bar(opts.progress, table.rows.len() as u64, done);
 
-    let (tx, rx) = mpsc::sync_channel::<EncodedShard>(2);
+    let pool = Arc::new(pool);
+    let (tx, rx) = mpsc::sync_channel::<PendingShard>(2);
     let writer_storage = storage.clone();
     let writer_bar = bar.clone();
+    let writer_pool = pool.clone();
     let writer = std::thread::Builder::new()
         .name("radit-shard-writer".into())
-        .spawn(move || write_shards(&writer_storage, rx, &writer_bar))
+        .spawn(move || write_shards(&writer_storage, &writer_pool, rx, &writer_bar))
         .map_err(|e| ShardError::InvalidConfig(format!("cannot start the writer thread: {e}")))?;
 
     let mut budget = opts.stop_after_shards;
     // Ok(false): stopped early (the shard budget ran out, or the writer failed and reports why).
-    let finished = pool.install(|| -> Result<bool, ShardError> {
+    // This loop runs on the calling thread, never inside the pool: it blocks on the writer's channel, and the
+    // writer needs pool threads to encode, so blocking a pool thread here could deadlock a small pool.
+    let finished = (|| -> Result<bool, ShardError> {
         for split in Split::ALL {
             let records = journal.entry(split).or_default();
             let cursor = records.last().map_or(0, |r| r.candidates_end);
@@ -194,9 +199,14 @@ pub fn ingest(
                 cursor,
             };
             let rows = &candidates[&split];
-            let template = SplitArrays::new(&settings.layout, split, rows.len() as u64)?;
+            let template = Arc::new(SplitArrays::new(
+                &settings.layout,
+                split,
+                rows.len() as u64,
+            )?);
             let _span = tracing::info_span!("ingest_split", split = %split).entered();
             if !produce_split(
+                &pool,
                 rows,
                 images_dir,
                 settings,
@@ -209,7 +219,7 @@ pub fn ingest(
             }
         }
         Ok(true)
-    });
+    })();
     drop(tx);
     let written = writer
         .join()
@@ -361,20 +371,16 @@ struct Item {
     outcome: Result<(Vec<u16>, ImageNotes), Rejection>,
 }
 
-struct EncodedShard {
-    record: JournalRecord,
-    objects: Vec<(String, Bytes)>,
-}
-
 /// Decodes the rows of one split from the cursor on and sends finished shards to the writer.
 /// Returns false when the shard budget ran out.
 fn produce_split(
+    pool: &rayon::ThreadPool,
     rows: &[&TableRow],
     images_dir: &Path,
     settings: &IngestSettings,
-    arrays: &SplitArrays,
+    arrays: &Arc<SplitArrays>,
     next: &mut SplitCursor,
-    tx: &mpsc::SyncSender<EncodedShard>,
+    tx: &mpsc::SyncSender<PendingShard>,
     budget: &mut Option<u64>,
 ) -> Result<bool, ShardError> {
     let s = settings.layout.shard_images as usize;
@@ -387,13 +393,15 @@ fn produce_split(
         let exhausted = decoded_to >= total;
         if accepted < s && !exhausted {
             let end = (decoded_to + s as u64).min(total);
-            let block: Vec<Item> = (decoded_to..end)
-                .into_par_iter()
-                .map_init(fast_image_resize::Resizer::new, |resizer, c| Item {
-                    candidate: c,
-                    outcome: load_image(rows[c as usize], images_dir, target, resizer),
-                })
-                .collect();
+            let block: Vec<Item> = pool.install(|| {
+                (decoded_to..end)
+                    .into_par_iter()
+                    .map_init(fast_image_resize::Resizer::new, |resizer, c| Item {
+                        candidate: c,
+                        outcome: load_image(rows[c as usize], images_dir, target, resizer),
+                    })
+                    .collect()
+            });
             pending.extend(block);
             decoded_to = end;
             continue;
@@ -414,8 +422,7 @@ fn produce_split(
             take += 1;
         }
         let items: Vec<Item> = pending.drain(..take).collect();
-        let shard = encode_shard(items, rows, arrays, next)?;
-        if tx.send(shard).is_err() {
+        if tx.send(collect_shard(items, rows, arrays, next)).is_err() {
             // The writer stopped on an error; it reports it.
             return Ok(false);
         }
@@ -445,12 +452,29 @@ fn load_image(
     preprocess(&bytes, target, resizer).map_err(|p| reject(p.to_string()))
 }
 
-fn encode_shard(
+/// A shard's rows gathered on the decode side; encoding happens on the writer side so it overlaps decoding.
+struct PendingShard {
+    arrays: Arc<SplitArrays>,
+    /// The journal record without its objects (filled in by [`PendingShard::encode`]).
+    record: JournalRecord,
+    images: Vec<u16>,
+    labels: Vec<u8>,
+    ages: Vec<f32>,
+    image_ids: Vec<String>,
+    patient_ids: Vec<String>,
+}
+
+struct EncodedShard {
+    record: JournalRecord,
+    objects: Vec<(String, Bytes)>,
+}
+
+fn collect_shard(
     items: Vec<Item>,
     rows: &[&TableRow],
-    arrays: &SplitArrays,
+    arrays: &Arc<SplitArrays>,
     next: &mut SplitCursor,
-) -> Result<EncodedShard, ShardError> {
+) -> PendingShard {
     let s = arrays.layout.shard_images as usize;
     let pixels = (arrays.layout.image_size as usize).pow(2);
     let candidates_end = items.last().map_or(next.cursor, |i| i.candidate + 1);
@@ -479,14 +503,55 @@ fn encode_shard(
     }
     let count = ages.len();
     let chunk = (count > 0).then_some(next.chunk);
-    let mut objects = Vec::new();
-    if let Some(index) = chunk {
-        // Pad to a whole shard with each array's fill value.
-        images.resize(s * pixels, 0);
+    let record = JournalRecord {
+        split: next.split,
+        seq: next.seq,
+        chunk,
+        rows: count as u64,
+        candidates_end,
+        rejected,
+        notes,
+        objects: Vec::new(),
+    };
+    next.seq += 1;
+    next.chunk += u64::from(chunk.is_some());
+    next.cursor = candidates_end;
+    PendingShard {
+        arrays: arrays.clone(),
+        record,
+        images,
+        labels,
+        ages,
+        image_ids,
+        patient_ids,
+    }
+}
+
+impl PendingShard {
+    /// Pads to a whole shard with each array's fill value and encodes one object per array.
+    fn encode(self) -> Result<EncodedShard, ShardError> {
+        let PendingShard {
+            arrays,
+            mut record,
+            mut images,
+            mut labels,
+            mut ages,
+            mut image_ids,
+            mut patient_ids,
+        } = self;
+        let Some(index) = record.chunk else {
+            return Ok(EncodedShard {
+                record,
+                objects: Vec::new(),
+            });
+        };
+        let s = arrays.layout.shard_images as usize;
+        images.resize(s * (arrays.layout.image_size as usize).pow(2), 0);
         labels.resize(s * NUM_LABELS, 0);
         ages.resize(s, f32::NAN);
         image_ids.resize(s, String::new());
         patient_ids.resize(s, String::new());
+        let mut objects = Vec::with_capacity(arrays.arrays.len());
         for (kind, array) in &arrays.arrays {
             let dt = array.data_type();
             let data = match kind {
@@ -503,31 +568,22 @@ fn encode_shard(
             let (key, bytes) = arrays.layout.encode_chunk(array, index, data)?;
             objects.push((key.trim_start_matches('/').to_string(), Bytes::from(bytes)));
         }
+        record.objects = objects.iter().map(|(k, b)| ObjectEntry::of(k, b)).collect();
+        Ok(EncodedShard { record, objects })
     }
-    let record = JournalRecord {
-        split: next.split,
-        seq: next.seq,
-        chunk,
-        rows: count as u64,
-        candidates_end,
-        rejected,
-        notes,
-        objects: objects.iter().map(|(k, b)| ObjectEntry::of(k, b)).collect(),
-    };
-    next.seq += 1;
-    next.chunk += u64::from(chunk.is_some());
-    next.cursor = candidates_end;
-    Ok(EncodedShard { record, objects })
 }
 
-/// Uploads shards in order: a shard's objects first, then its journal record (the commit).
+/// Encodes (on the shared pool) and uploads shards in order: a shard's objects first, then its journal record
+/// (the commit).
 fn write_shards(
     storage: &Storage,
-    rx: mpsc::Receiver<EncodedShard>,
+    pool: &rayon::ThreadPool,
+    rx: mpsc::Receiver<PendingShard>,
     bar: &indicatif::ProgressBar,
 ) -> Result<Vec<JournalRecord>, ShardError> {
     let mut written = Vec::new();
-    for shard in rx {
+    for pending in rx {
+        let shard = pool.install(|| pending.encode())?;
         storage.put_many(shard.objects)?;
         let r = &shard.record;
         let json = serde_json::to_vec(r).expect("journal records serialise");

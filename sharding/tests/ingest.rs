@@ -11,7 +11,7 @@ use radit_sharding::manifest::{IngestSettings, Manifest, verify};
 use radit_sharding::reader::StoreReader;
 use radit_sharding::split::Split;
 use radit_sharding::store::Storage;
-use radit_sharding::synth::{Defect, SynthConfig, generate};
+use radit_sharding::synth::{Defect, SynthConfig, SynthOutput, generate};
 use radit_sharding::table::{TableConfig, read_table};
 
 fn settings(size: u32, shard: u32) -> IngestSettings {
@@ -25,7 +25,7 @@ fn settings(size: u32, shard: u32) -> IngestSettings {
     }
 }
 
-fn synth(dir: &Path, images: u64, defects: bool) -> radit_sharding::synth::SynthOutput {
+fn synth(dir: &Path, images: u64, defects: bool) -> SynthOutput {
     let cfg = SynthConfig {
         images,
         seed: 7,
@@ -34,6 +34,19 @@ fn synth(dir: &Path, images: u64, defects: bool) -> radit_sharding::synth::Synth
         split_column: false,
     };
     generate(dir, &cfg).unwrap()
+}
+
+fn ingest_complete(data: &SynthOutput, out: &Path, s: &IngestSettings) -> Manifest {
+    complete(
+        ingest(
+            &data.table,
+            &data.images,
+            out.to_str().unwrap(),
+            s,
+            &RunOptions::default(),
+        )
+        .unwrap(),
+    )
 }
 
 fn complete(outcome: IngestOutcome) -> Manifest {
@@ -49,16 +62,7 @@ fn store_holds_exactly_the_encoded_table_and_the_normalised_images() {
     let data = synth(&dir.path().join("data"), 60, false);
     let out = dir.path().join("store");
     let s = settings(32, 8);
-    let m = complete(
-        ingest(
-            &data.table,
-            &data.images,
-            out.to_str().unwrap(),
-            &s,
-            &RunOptions::default(),
-        )
-        .unwrap(),
-    );
+    let m = ingest_complete(&data, &out, &s);
     assert_eq!(m.counts.table_rows, 60);
     assert_eq!(m.counts.accepted, 60);
     assert!(m.rejected.is_empty(), "{:?}", m.rejected);
@@ -111,16 +115,7 @@ fn interrupted_ingest_resumes_to_the_same_store_as_a_straight_run() {
     let s = settings(32, 4);
     let straight = dir.path().join("straight");
     let resumed = dir.path().join("resumed");
-    let a = complete(
-        ingest(
-            &data.table,
-            &data.images,
-            straight.to_str().unwrap(),
-            &s,
-            &RunOptions::default(),
-        )
-        .unwrap(),
-    );
+    let a = ingest_complete(&data, &straight, &s);
     let mut written = 0;
     for _ in 0..3 {
         let opts = RunOptions {
@@ -173,16 +168,7 @@ fn interrupted_ingest_resumes_to_the_same_store_as_a_straight_run() {
         "byte-identical objects: nothing duplicated or dropped"
     );
     // Running again on a complete store changes nothing.
-    let c = complete(
-        ingest(
-            &data.table,
-            &data.images,
-            resumed.to_str().unwrap(),
-            &s,
-            &RunOptions::default(),
-        )
-        .unwrap(),
-    );
+    let c = ingest_complete(&data, &resumed, &s);
     assert_eq!(c, b);
 }
 
@@ -222,16 +208,7 @@ fn resuming_with_other_settings_or_another_table_is_refused() {
     .unwrap_err();
     assert!(e.to_string().contains("table contents"), "{e}");
     // The partial store is untouched and still resumes with the original inputs.
-    complete(
-        ingest(
-            &data.table,
-            &data.images,
-            out.to_str().unwrap(),
-            &s,
-            &RunOptions::default(),
-        )
-        .unwrap(),
-    );
+    ingest_complete(&data, &out, &s);
 }
 
 #[test]
@@ -240,16 +217,7 @@ fn verify_reports_corrupt_and_missing_objects() {
     let data = synth(&dir.path().join("data"), 24, false);
     let out = dir.path().join("store");
     let s = settings(32, 8);
-    let m = complete(
-        ingest(
-            &data.table,
-            &data.images,
-            out.to_str().unwrap(),
-            &s,
-            &RunOptions::default(),
-        )
-        .unwrap(),
-    );
+    let m = ingest_complete(&data, &out, &s);
     let chunk = m
         .objects
         .iter()
@@ -297,16 +265,7 @@ fn every_defect_is_handled_as_expected_and_the_counts_add_up() {
             .unwrap();
     assert_eq!(defects, data.defects);
     let out = dir.path().join("store");
-    let m = complete(
-        ingest(
-            &data.table,
-            &data.images,
-            out.to_str().unwrap(),
-            &settings(32, 8),
-            &RunOptions::default(),
-        )
-        .unwrap(),
-    );
+    let m = ingest_complete(&data, &out, &settings(32, 8));
     let c = &m.counts;
     assert_eq!(c.table_rows, 30 + defects.len() as u64);
     assert_eq!(c.accepted + c.rejected, c.table_rows);

@@ -95,6 +95,23 @@ pub fn shard_cmd(table: &Path, images: &Path, out: &str, extra: &[&str]) -> Comm
     cmd
 }
 
+/// Runs tests/python/check_store.py: zarr-python reads `store` and checks it against the table and images on its
+/// own; its JSON summary goes to `summary`.
+pub fn check_store_with_zarr_python(store: &Path, table: &Path, images: &Path, summary: &Path) {
+    run_ok(
+        python()
+            .arg(repo().join("tests/python/check_store.py"))
+            .arg("--store")
+            .arg(store)
+            .arg("--table")
+            .arg(table)
+            .arg("--images")
+            .arg(images)
+            .arg("--out")
+            .arg(summary),
+    );
+}
+
 /// A moto S3 server on 127.0.0.1 (from the project's virtualenv), stopped on drop.
 pub struct MotoServer {
     child: std::process::Child,
