@@ -184,7 +184,13 @@ pub fn ingest(
         .spawn(move || write_shards(&writer_storage, &writer_pool, rx, &writer_bar))
         .map_err(|e| ShardError::InvalidConfig(format!("cannot start the writer thread: {e}")))?;
 
-    let mut budget = opts.stop_after_shards;
+    let mut producer = Producer {
+        pool: &pool,
+        images_dir,
+        layout: &settings.layout,
+        tx: &tx,
+        budget: opts.stop_after_shards,
+    };
     // Ok(false): stopped early (the shard budget ran out, or the writer failed and reports why).
     // This loop runs on the calling thread, never inside the pool: it blocks on the writer's channel, and the
     // writer needs pool threads to encode, so blocking a pool thread here could deadlock a small pool.
@@ -205,16 +211,7 @@ pub fn ingest(
                 rows.len() as u64,
             )?);
             let _span = tracing::info_span!("ingest_split", split = %split).entered();
-            if !produce_split(
-                &pool,
-                rows,
-                images_dir,
-                settings,
-                &template,
-                &mut next,
-                &tx,
-                &mut budget,
-            )? {
+            if !producer.split(rows, &template, &mut next)? {
                 return Ok(false);
             }
         }
@@ -371,63 +368,76 @@ struct Item {
     outcome: Result<(Vec<u16>, ImageNotes), Rejection>,
 }
 
-/// Decodes the rows of one split from the cursor on and sends finished shards to the writer.
-/// Returns false when the shard budget ran out.
-fn produce_split(
-    pool: &rayon::ThreadPool,
-    rows: &[&TableRow],
-    images_dir: &Path,
-    settings: &IngestSettings,
-    arrays: &Arc<SplitArrays>,
-    next: &mut SplitCursor,
-    tx: &mpsc::SyncSender<PendingShard>,
-    budget: &mut Option<u64>,
-) -> Result<bool, ShardError> {
-    let s = settings.layout.shard_images as usize;
-    let target = settings.layout.image_size;
-    let total = rows.len() as u64;
-    let mut pending: VecDeque<Item> = VecDeque::new();
-    let mut decoded_to = next.cursor;
-    loop {
-        let accepted = pending.iter().filter(|i| i.outcome.is_ok()).count();
-        let exhausted = decoded_to >= total;
-        if accepted < s && !exhausted {
-            let end = (decoded_to + s as u64).min(total);
-            let block: Vec<Item> = pool.install(|| {
-                (decoded_to..end)
-                    .into_par_iter()
-                    .map_init(fast_image_resize::Resizer::new, |resizer, c| Item {
-                        candidate: c,
-                        outcome: load_image(rows[c as usize], images_dir, target, resizer),
-                    })
-                    .collect()
-            });
-            pending.extend(block);
-            decoded_to = end;
-            continue;
-        }
-        if pending.is_empty() {
-            return Ok(true);
-        }
-        if *budget == Some(0) {
-            return Ok(false);
-        }
-        // Take items up to and including the S-th accepted one (or everything at the end of the split).
-        let mut take = 0;
-        let mut seen = 0;
-        while take < pending.len() && seen < s {
-            if pending[take].outcome.is_ok() {
-                seen += 1;
+/// The decode side: turns candidate rows into shards for the writer.
+struct Producer<'a> {
+    pool: &'a rayon::ThreadPool,
+    images_dir: &'a Path,
+    layout: &'a StoreLayout,
+    tx: &'a mpsc::SyncSender<PendingShard>,
+    /// Shards still allowed in this run (`None`: no limit).
+    budget: Option<u64>,
+}
+
+impl Producer<'_> {
+    /// Decodes the rows of one split from the cursor on and sends finished shards to the writer.
+    /// Returns false when the shard budget ran out or the writer stopped.
+    fn split(
+        &mut self,
+        rows: &[&TableRow],
+        arrays: &Arc<SplitArrays>,
+        next: &mut SplitCursor,
+    ) -> Result<bool, ShardError> {
+        let (pool, images_dir) = (self.pool, self.images_dir);
+        let s = self.layout.shard_images as usize;
+        let target = self.layout.image_size;
+        let total = rows.len() as u64;
+        let mut pending: VecDeque<Item> = VecDeque::new();
+        let mut decoded_to = next.cursor;
+        loop {
+            let accepted = pending.iter().filter(|i| i.outcome.is_ok()).count();
+            let exhausted = decoded_to >= total;
+            if accepted < s && !exhausted {
+                let end = (decoded_to + s as u64).min(total);
+                let block: Vec<Item> = pool.install(|| {
+                    (decoded_to..end)
+                        .into_par_iter()
+                        .map_init(fast_image_resize::Resizer::new, |resizer, c| Item {
+                            candidate: c,
+                            outcome: load_image(rows[c as usize], images_dir, target, resizer),
+                        })
+                        .collect()
+                });
+                pending.extend(block);
+                decoded_to = end;
+                continue;
             }
-            take += 1;
-        }
-        let items: Vec<Item> = pending.drain(..take).collect();
-        if tx.send(collect_shard(items, rows, arrays, next)).is_err() {
-            // The writer stopped on an error; it reports it.
-            return Ok(false);
-        }
-        if let Some(b) = budget {
-            *b -= 1;
+            if pending.is_empty() {
+                return Ok(true);
+            }
+            if self.budget == Some(0) {
+                return Ok(false);
+            }
+            // Take items up to and including the S-th accepted one (or everything at the end of the split).
+            let mut take = 0;
+            let mut seen = 0;
+            while take < pending.len() && seen < s {
+                if pending[take].outcome.is_ok() {
+                    seen += 1;
+                }
+                take += 1;
+            }
+            let items: Vec<Item> = pending.drain(..take).collect();
+            if self
+                .tx
+                .send(collect_shard(items, rows, arrays, next))
+                .is_err()
+            {
+                // The writer stopped on an error; it reports it.
+                return Ok(false);
+            }
+            if let Some(b) = &mut self.budget {
+                *b -= 1;
+            }
         }
     }
 }

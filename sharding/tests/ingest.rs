@@ -373,3 +373,32 @@ fn whole_input_problems_fail_before_anything_is_written() {
     .unwrap_err();
     assert!(e.to_string().contains("nope"), "{e}");
 }
+
+#[test]
+fn a_one_thread_pool_completes_with_many_shards_in_flight() {
+    // Regression: the producer once blocked a pool thread on the writer's channel while the writer waited for a
+    // pool thread to encode, which deadlocked a one-thread pool.
+    let dir = tempfile::tempdir().unwrap();
+    let data = synth(&dir.path().join("data"), 40, false);
+    let out = dir.path().join("store");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let opts = RunOptions {
+            threads: Some(1),
+            ..RunOptions::default()
+        };
+        let r = ingest(
+            &data.table,
+            &data.images,
+            out.to_str().unwrap(),
+            &settings(32, 2),
+            &opts,
+        );
+        let _ = tx.send(r.map(complete));
+    });
+    let m = rx
+        .recv_timeout(std::time::Duration::from_secs(120))
+        .expect("ingest finished within 120 s")
+        .unwrap();
+    assert_eq!(m.counts.accepted, 40);
+}
