@@ -74,7 +74,7 @@ pub fn check_world(batch: u64, rank: u64, world: u64) -> Result<(), OrderError> 
     if world == 0 || rank >= world {
         return Err(OrderError::RankOutOfRange { rank, world });
     }
-    if batch % world != 0 {
+    if !batch.is_multiple_of(world) {
         return Err(OrderError::BatchNotDivisible { batch, world });
     }
     Ok(())
