@@ -7,11 +7,16 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
+use std::io::Write;
+
 use radit_sharding::ShardError;
+use radit_sharding::audit::{self, AuditRequest};
 use radit_sharding::ingest::{IngestOutcome, RunOptions, ingest};
 use radit_sharding::layout::{Compression, StoreLayout};
 use radit_sharding::manifest::{IngestSettings, Manifest, verify};
+use radit_sharding::reader::StoreReader;
 use radit_sharding::schema::{EncodingConfig, UncertainPolicy};
+use radit_sharding::split::Split;
 use radit_sharding::split::SplitConfig;
 use radit_sharding::store::Storage;
 use radit_sharding::synth::{SynthConfig, generate, parse_sizes};
@@ -43,6 +48,9 @@ enum Command {
     Shard(ShardArgs),
     /// The embedded default job: synthesise a small dataset, shard it locally, verify it, print a summary.
     Quickstart(QuickstartArgs),
+    /// Inspect the training data order.
+    #[command(subcommand)]
+    Data(DataCommand),
     /// Print which libtorch this binary loaded and which devices it sees.
     Info,
 }
@@ -119,6 +127,35 @@ struct ShardArgs {
     stop_after_shards: Option<u64>,
 }
 
+#[derive(Subcommand)]
+enum DataCommand {
+    /// Print, one line per step, the image_ids that one rank sees: `step K: id id ...`.
+    Batches(BatchesArgs),
+}
+
+#[derive(Args)]
+struct BatchesArgs {
+    /// The store (path, file:// or s3:// URL).
+    url: String,
+    #[arg(long, default_value = "train")]
+    split: Split,
+    #[arg(long)]
+    seed: u64,
+    #[arg(long)]
+    global_batch: u64,
+    /// Shards mixed together by the shuffle (must match the run's loader setting).
+    #[arg(long, default_value_t = radit_sharding::order::DEFAULT_WINDOW_SHARDS)]
+    window_shards: u64,
+    #[arg(long, default_value_t = 1)]
+    world: u64,
+    #[arg(long, default_value_t = 0)]
+    rank: u64,
+    #[arg(long, default_value_t = 0)]
+    from_step: u64,
+    #[arg(long, default_value_t = 1)]
+    steps: u64,
+}
+
 #[derive(Args)]
 struct QuickstartArgs {
     /// Working directory for the synthetic dataset and the store.
@@ -138,6 +175,7 @@ fn main() -> ExitCode {
         Command::Synth(a) => run_synth(a),
         Command::Shard(a) => run_shard(a),
         Command::Quickstart(a) => run_quickstart(a),
+        Command::Data(DataCommand::Batches(a)) => run_batches(a),
         Command::Info => run_info(),
     };
     match result {
@@ -348,6 +386,27 @@ fn run_quickstart(a: QuickstartArgs) -> anyhow::Result<u8> {
 fn path_str(p: &Path) -> anyhow::Result<&str> {
     p.to_str()
         .with_context(|| format!("path {} is not valid UTF-8", p.display()))
+}
+
+fn run_batches(a: BatchesArgs) -> anyhow::Result<u8> {
+    let reader =
+        StoreReader::open(Storage::open(&a.url)?).with_context(|| format!("opening {}", a.url))?;
+    let req = AuditRequest {
+        split: a.split,
+        seed: a.seed,
+        window_shards: a.window_shards,
+        global_batch: a.global_batch,
+        world: a.world,
+        rank: a.rank,
+        from_step: a.from_step,
+        steps: a.steps,
+    };
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    for s in audit::batches(&reader, &req)? {
+        writeln!(out, "step {}: {}", s.step, s.image_ids.join(" "))?;
+    }
+    out.flush()?;
+    Ok(0)
 }
 
 fn run_info() -> anyhow::Result<u8> {

@@ -13,6 +13,7 @@
 //! # Ok::<(), radit_sharding::ShardError>(())
 //! ```
 
+pub mod audit;
 pub mod error;
 pub mod image;
 pub mod ingest;

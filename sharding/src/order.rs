@@ -21,6 +21,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::rng::SplitMix64;
 
+/// Default shuffle window: 16 shards of 64 = 1,024 images mixed together.
+pub const DEFAULT_WINDOW_SHARDS: u64 = 16;
+
 /// What decides the order. Part of a run's resume state: changing any field changes the data order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OrderConfig {

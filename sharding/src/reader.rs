@@ -94,6 +94,30 @@ impl StoreReader {
             .map_err(|e| corrupt(&e))
     }
 
+    /// The `image_id`s of shard `index` of `split` (one small object; for audits).
+    pub fn read_image_ids(&self, split: Split, index: u64) -> Result<Vec<String>, ShardError> {
+        let rows = self.rows_in_shard(split, index)?;
+        let array = self.layout().array(
+            split,
+            ArrayKind::ImageId,
+            self.shards(split) * u64::from(self.layout().shard_images),
+        )?;
+        let mut ids: Vec<String> = self.read_array(&array, index)?;
+        ids.truncate(rows);
+        Ok(ids)
+    }
+
+    fn rows_in_shard(&self, split: Split, index: u64) -> Result<usize, ShardError> {
+        let s = u64::from(self.layout().shard_images);
+        let total = self.len(split);
+        if index * s >= total {
+            return Err(ShardError::NotFound {
+                url: self.storage.describe(&format!("{split} shard {index}")),
+            });
+        }
+        Ok((total - index * s).min(s) as usize)
+    }
+
     /// Reads shard `index` of `split` (every array), trimmed to its real rows.
     pub fn read_shard(&self, split: Split, index: u64) -> Result<Shard, ShardError> {
         let s = u64::from(self.layout().shard_images);

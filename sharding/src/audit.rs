@@ -1,0 +1,58 @@
+//! Which images each rank saw at each step: the answer to "what was in the step where the loss spiked?" and the
+//! check that a resumed or resized run saw the same data.
+
+use std::collections::HashMap;
+
+use crate::error::ShardError;
+use crate::order::{OrderConfig, SampleOrder};
+use crate::reader::StoreReader;
+use crate::split::Split;
+
+/// One step of one rank.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StepImages {
+    pub step: u64,
+    pub image_ids: Vec<String>,
+}
+
+/// Settings of the training order that are not in the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AuditRequest {
+    pub split: Split,
+    pub seed: u64,
+    pub window_shards: u64,
+    pub global_batch: u64,
+    pub world: u64,
+    pub rank: u64,
+    pub from_step: u64,
+    pub steps: u64,
+}
+
+/// The `image_id`s that rank `rank` of `world` sees at each of the requested steps.
+pub fn batches(reader: &StoreReader, req: &AuditRequest) -> Result<Vec<StepImages>, ShardError> {
+    let cfg = OrderConfig {
+        seed: req.seed,
+        samples: reader.len(req.split),
+        shard_size: u64::from(reader.layout().shard_images),
+        window_shards: req.window_shards,
+        global_batch: req.global_batch,
+    };
+    let order = SampleOrder::new(cfg).map_err(|e| ShardError::InvalidConfig(e.to_string()))?;
+    let mut ids_by_shard: HashMap<u64, Vec<String>> = HashMap::new();
+    let mut out = Vec::with_capacity(req.steps as usize);
+    for step in req.from_step..req.from_step + req.steps {
+        let indices = order
+            .rank_slice(step, req.rank, req.world)
+            .map_err(|e| ShardError::InvalidConfig(e.to_string()))?;
+        let mut image_ids = Vec::with_capacity(indices.len());
+        for i in indices {
+            let shard = i / cfg.shard_size;
+            if !ids_by_shard.contains_key(&shard) {
+                ids_by_shard.insert(shard, reader.read_image_ids(req.split, shard)?);
+            }
+            image_ids.push(ids_by_shard[&shard][(i % cfg.shard_size) as usize].clone());
+        }
+        out.push(StepImages { step, image_ids });
+    }
+    Ok(out)
+}
