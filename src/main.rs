@@ -183,10 +183,8 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("error: {e:#}");
             let retryable = e.chain().any(|c| {
-                matches!(
-                    c.downcast_ref::<ShardError>(),
-                    Some(ShardError::Storage { .. })
-                )
+                c.downcast_ref::<ShardError>()
+                    .is_some_and(ShardError::is_retryable)
             });
             ExitCode::from(if retryable {
                 exit::RETRYABLE
@@ -317,8 +315,16 @@ fn print_rejections(manifest: &Manifest, limit: usize) {
 }
 
 fn run_verify(url: &str) -> anyhow::Result<u8> {
-    let storage = Storage::open(url)?;
-    let report = verify(&storage).with_context(|| format!("verifying {url}"))?;
+    let checked = Storage::open_existing(url).and_then(|storage| Ok((verify(&storage)?, storage)));
+    let (report, storage) = match checked {
+        Ok(r) => r,
+        // A store that is not there or not complete fails verification; anything else is an error to report.
+        Err(e @ (ShardError::NotFound { .. } | ShardError::InvalidStore { .. })) => {
+            println!("store {url} fails verification: {e}");
+            return Ok(exit::VERIFY_FAILED);
+        }
+        Err(e) => return Err(e).with_context(|| format!("verifying {url}")),
+    };
     if report.ok() {
         println!(
             "store {} verified: {} objects, {:.1} MiB match the manifest",

@@ -245,3 +245,23 @@ fn info_reports_the_pip_libtorch() {
     let text = stdout(&out);
     assert!(text.contains("site-packages/torch/lib"), "{text}");
 }
+
+#[test]
+fn verifying_a_missing_or_incomplete_store_fails_without_creating_anything() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("typo");
+    let out = radit()
+        .args(["shard", "--verify", missing.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    assert!(!missing.exists(), "verify must not create the directory");
+    let incomplete = dir.path().join("incomplete");
+    std::fs::create_dir(&incomplete).unwrap();
+    let out = radit()
+        .args(["shard", "--verify", incomplete.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stdout(&out).contains("incomplete"), "{}", stdout(&out));
+}

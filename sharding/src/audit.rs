@@ -47,10 +47,13 @@ pub fn batches(reader: &StoreReader, req: &AuditRequest) -> Result<Vec<StepImage
         let mut image_ids = Vec::with_capacity(indices.len());
         for i in indices {
             let shard = i / cfg.shard_size;
-            if !ids_by_shard.contains_key(&shard) {
-                ids_by_shard.insert(shard, reader.read_image_ids(req.split, shard)?);
-            }
-            image_ids.push(ids_by_shard[&shard][(i % cfg.shard_size) as usize].clone());
+            let ids = match ids_by_shard.entry(shard) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    e.insert(reader.read_image_ids(req.split, shard)?)
+                }
+            };
+            image_ids.push(ids[(i % cfg.shard_size) as usize].clone());
         }
         out.push(StepImages { step, image_ids });
     }

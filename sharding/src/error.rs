@@ -12,6 +12,13 @@ pub enum ShardError {
         #[source]
         source: std::io::Error,
     },
+    /// Reading an input failed in a way that may pass on retry (I/O error, stale file handle, too many open files).
+    #[error("I/O error reading {path} (retrying may help): {source}")]
+    InputIo {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     /// The table as a whole is unusable (row-level problems are rejections, not errors).
     #[error("table {path}: {reason}")]
     InvalidTable { path: PathBuf, reason: String },
@@ -41,7 +48,20 @@ pub enum ShardError {
     /// Settings rejected at construction; the message names the field.
     #[error("invalid setting: {0}")]
     InvalidConfig(String),
+    /// A bug: an internal thread failed. Please report it.
+    #[error("internal error: {0}")]
+    Internal(String),
     /// Encoding with the Zarr codecs failed (a bug or resource exhaustion, not bad input).
     #[error("zarr encoding of {what}: {reason}")]
     Encode { what: String, reason: String },
+}
+
+impl ShardError {
+    /// Whether retrying the same command later may succeed (storage hiccups, transient I/O).
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            ShardError::Storage { .. } | ShardError::InputIo { .. }
+        )
+    }
 }

@@ -9,6 +9,8 @@ use fast_image_resize::{FilterType, ResizeAlg, ResizeOptions, Resizer};
 
 /// Refuse images whose decoded size exceeds this (a decompression bomb or a corrupt header).
 const MAX_DECODED_BYTES: usize = 1 << 30;
+/// 16k x 16k: far above any radiograph.
+const MAX_PIXELS: u64 = 1 << 28;
 
 /// A decoded greyscale image with 16-bit samples, row-major.
 #[derive(Debug, Clone, PartialEq)]
@@ -64,10 +66,20 @@ pub fn decode_png(bytes: &[u8]) -> Result<(Grey16, ImageNotes), ImageProblem> {
     if width == 0 || height == 0 {
         return Err(ImageProblem::ZeroSize { width, height });
     }
-    let size = reader.output_buffer_size().ok_or_else(|| {
-        ImageProblem::Decode(format!("image of {width}x{height} is too large to decode"))
-    })?;
-    let mut buf = vec![0u8; size];
+    // The header alone decides the buffer size: refuse absurd sizes before allocating (a corrupt header or a
+    // decompression bomb would otherwise abort the process).
+    let too_large =
+        || ImageProblem::Decode(format!("image of {width}x{height} is too large to decode"));
+    if u64::from(width) * u64::from(height) > MAX_PIXELS {
+        return Err(too_large());
+    }
+    let size = reader
+        .output_buffer_size()
+        .filter(|s| *s <= MAX_DECODED_BYTES)
+        .ok_or_else(too_large)?;
+    let mut buf = Vec::new();
+    buf.try_reserve_exact(size).map_err(|_| too_large())?;
+    buf.resize(size, 0);
     let frame = reader
         .next_frame(&mut buf)
         .map_err(|e| ImageProblem::Decode(e.to_string()))?;
@@ -270,6 +282,54 @@ mod tests {
             normalise_full_range(&mut flat),
             Err(ImageProblem::Constant(9))
         );
+    }
+
+    /// A PNG whose header claims `width` x `height` (8-bit grey) followed by a tiny IDAT.
+    fn png_header_only(width: u32, height: u32) -> Vec<u8> {
+        fn crc32(bytes: &[u8]) -> u32 {
+            let mut c = 0xffff_ffffu32;
+            for &b in bytes {
+                c ^= u32::from(b);
+                for _ in 0..8 {
+                    c = if c & 1 != 0 {
+                        0xedb8_8320 ^ (c >> 1)
+                    } else {
+                        c >> 1
+                    };
+                }
+            }
+            !c
+        }
+        let chunk = |kind: &[u8], data: &[u8]| {
+            let mut out = (data.len() as u32).to_be_bytes().to_vec();
+            let mut body = kind.to_vec();
+            body.extend_from_slice(data);
+            out.extend_from_slice(&body);
+            out.extend_from_slice(&crc32(&body).to_be_bytes());
+            out
+        };
+        let mut ihdr = width.to_be_bytes().to_vec();
+        ihdr.extend_from_slice(&height.to_be_bytes());
+        ihdr.extend_from_slice(&[8, 0, 0, 0, 0]);
+        let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+        png.extend(chunk(b"IHDR", &ihdr));
+        png.extend(chunk(
+            b"IDAT",
+            &[0x78, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01],
+        ));
+        png.extend(chunk(b"IEND", &[]));
+        png
+    }
+
+    #[test]
+    fn a_header_claiming_a_huge_image_is_rejected_before_allocating() {
+        let e = decode_png(&png_header_only(1_000_000, 1_000_000)).unwrap_err();
+        assert!(e.to_string().contains("too large"), "{e}");
+        // A small one with the same trick only fails to decode its (empty) data.
+        assert!(matches!(
+            decode_png(&png_header_only(4, 4)),
+            Err(ImageProblem::Decode(_))
+        ));
     }
 
     #[test]

@@ -31,6 +31,7 @@ use crate::store::Storage;
 use crate::table::{Rejection, Table, TableRow, hex, read_table};
 
 const SETTINGS_KEY: &str = ".ingest/settings.json";
+const MISSING_IMAGE: &str = "image file not found";
 const JOURNAL_PREFIX: &str = ".ingest/journal";
 
 /// Options of one ingest run that do not change the store's bytes.
@@ -66,6 +67,9 @@ struct JournalRecord {
     rows: u64,
     /// Index (in this split's candidate rows) just past the last row this record covers.
     candidates_end: u64,
+    /// `image_id` of the candidate at `candidates_end - 1`: checked on resume, so a cursor that no longer points at
+    /// the same row is an error instead of a silent duplicate or gap.
+    last_image_id: String,
     rejected: Vec<Rejection>,
     notes: ImageNoteCounts,
     objects: Vec<ObjectEntry>,
@@ -86,6 +90,15 @@ struct SettingsRecord {
 
 fn fingerprint(table_sha256: &str, settings: &IngestSettings) -> String {
     let mut h = Sha256::new();
+    // The version is part of it: another version may validate or split rows differently, which would shift the
+    // resume cursor.
+    h.update(
+        format!(
+            "schema {SCHEMA_VERSION}; radit {}",
+            env!("CARGO_PKG_VERSION")
+        )
+        .as_bytes(),
+    );
     h.update(table_sha256.as_bytes());
     h.update(serde_json::to_vec(settings).expect("settings serialise"));
     hex(&h.finalize())
@@ -205,6 +218,20 @@ pub fn ingest(
                 cursor,
             };
             let rows = &candidates[&split];
+            if let Some(last) = records.last() {
+                let at = (last.candidates_end as usize)
+                    .checked_sub(1)
+                    .and_then(|i| rows.get(i));
+                if at.map(|r| r.image_id.as_str()) != Some(last.last_image_id.as_str()) {
+                    return Err(ShardError::Conflict {
+                        url: storage.url().to_string(),
+                        what: format!(
+                            "rows: the {split} journal ends at image_id '{}', which this table does not have at that position",
+                            last.last_image_id
+                        ),
+                    });
+                }
+            }
             let template = Arc::new(SplitArrays::new(
                 &settings.layout,
                 split,
@@ -220,7 +247,7 @@ pub fn ingest(
     drop(tx);
     let written = writer
         .join()
-        .map_err(|_| ShardError::InvalidConfig("the writer thread panicked".into()))?;
+        .map_err(|_| ShardError::Internal("the shard writer thread panicked".into()))?;
     bar.finish_and_clear();
     // A writer error explains a failed send, so it takes precedence.
     let written = written?;
@@ -263,9 +290,7 @@ fn claim_output(
     settings: &IngestSettings,
     table: &Table,
 ) -> Result<(), ShardError> {
-    let existing = storage
-        .get_opt(SETTINGS_KEY)
-        .map_err(|e| unwritable(storage, e))?;
+    let existing = storage.get_opt(SETTINGS_KEY)?;
     if let Some(bytes) = existing {
         let previous: SettingsRecord =
             serde_json::from_slice(&bytes).map_err(|e| ShardError::InvalidStore {
@@ -291,19 +316,7 @@ fn claim_output(
         table_sha256: table.sha256.clone(),
     };
     let json = serde_json::to_vec_pretty(&record).expect("settings serialise");
-    storage
-        .put(SETTINGS_KEY, Bytes::from(json))
-        .map_err(|e| unwritable(storage, e))
-}
-
-fn unwritable(storage: &Storage, e: ShardError) -> ShardError {
-    match e {
-        ShardError::Storage { source, .. } => ShardError::Unwritable {
-            url: storage.url().to_string(),
-            reason: source.to_string(),
-        },
-        other => other,
-    }
+    storage.put(SETTINGS_KEY, Bytes::from(json))
 }
 
 fn load_journal(storage: &Storage) -> Result<BTreeMap<Split, Vec<JournalRecord>>, ShardError> {
@@ -401,12 +414,32 @@ impl Producer<'_> {
                 let block: Vec<Item> = pool.install(|| {
                     (decoded_to..end)
                         .into_par_iter()
-                        .map_init(fast_image_resize::Resizer::new, |resizer, c| Item {
-                            candidate: c,
-                            outcome: load_image(rows[c as usize], images_dir, target, resizer),
+                        .map_init(fast_image_resize::Resizer::new, |resizer, c| {
+                            let outcome =
+                                load_image(rows[c as usize], images_dir, target, resizer)?;
+                            Ok(Item {
+                                candidate: c,
+                                outcome,
+                            })
                         })
-                        .collect()
-                });
+                        .collect::<Result<_, ShardError>>()
+                })?;
+                // A wrong images root would otherwise give a "complete" store with every row rejected.
+                if next.cursor == 0 && next.seq == 0 && decoded_to == 0 && block.len() >= 4 {
+                    let missing =
+                        |i: &Item| matches!(&i.outcome, Err(r) if r.reason == MISSING_IMAGE);
+                    if block.iter().all(missing) {
+                        let reason = format!(
+                            "none of the first {} images of the {} split exist under it: is this the images root?",
+                            block.len(),
+                            next.split
+                        );
+                        return Err(ShardError::ReadInput {
+                            path: images_dir.to_path_buf(),
+                            source: std::io::Error::new(std::io::ErrorKind::NotFound, reason),
+                        });
+                    }
+                }
                 pending.extend(block);
                 decoded_to = end;
                 continue;
@@ -447,7 +480,7 @@ fn load_image(
     images_dir: &Path,
     target: u32,
     resizer: &mut fast_image_resize::Resizer,
-) -> Result<(Vec<u16>, ImageNotes), Rejection> {
+) -> Result<Result<(Vec<u16>, ImageNotes), Rejection>, ShardError> {
     let path: PathBuf = images_dir.join(&row.path);
     let reject = |reason: String| Rejection {
         line: row.line,
@@ -455,11 +488,19 @@ fn load_image(
         file: Some(path.display().to_string()),
         reason,
     };
-    let bytes = std::fs::read(&path).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => reject("image file not found".into()),
-        _ => reject(format!("cannot read image file: {e}")),
-    })?;
-    preprocess(&bytes, target, resizer).map_err(|p| reject(p.to_string()))
+    use std::io::ErrorKind::{IsADirectory, NotFound, PermissionDenied};
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == NotFound => return Ok(Err(reject(MISSING_IMAGE.into()))),
+        // Problems of this one file: reject the row.
+        Err(e) if matches!(e.kind(), PermissionDenied | IsADirectory) => {
+            return Ok(Err(reject(format!("cannot read image file: {e}"))));
+        }
+        // Anything else (EIO, stale handles, too many open files) says nothing about the row: stop, so a retry
+        // reads it instead of the row being dropped for good.
+        Err(source) => return Err(ShardError::InputIo { path, source }),
+    };
+    Ok(preprocess(&bytes, target, resizer).map_err(|p| reject(p.to_string())))
 }
 
 /// A shard's rows gathered on the decode side; encoding happens on the writer side so it overlaps decoding.
@@ -513,12 +554,16 @@ fn collect_shard(
     }
     let count = ages.len();
     let chunk = (count > 0).then_some(next.chunk);
+    let last_image_id = candidates_end
+        .checked_sub(1)
+        .map_or(String::new(), |i| rows[i as usize].image_id.clone());
     let record = JournalRecord {
         split: next.split,
         seq: next.seq,
         chunk,
         rows: count as u64,
         candidates_end,
+        last_image_id,
         rejected,
         notes,
         objects: Vec::new(),

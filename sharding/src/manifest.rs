@@ -173,21 +173,35 @@ pub fn verify(storage: &Storage) -> Result<VerifyReport, ShardError> {
         ));
     }
     let c = &manifest.counts;
-    if c.accepted + c.rejected != c.table_rows {
+    if c.accepted.checked_add(c.rejected) != Some(c.table_rows) {
         report.problems.push(format!(
             "counts do not add up: {} accepted + {} rejected != {} table rows",
             c.accepted, c.rejected, c.table_rows
         ));
     }
-    let split_total: u64 = c.splits.values().map(|s| s.images).sum();
+    let split_total = c
+        .splits
+        .values()
+        .fold(0u64, |t, s| t.saturating_add(s.images));
     if split_total != c.accepted {
         report.problems.push(format!(
             "splits hold {split_total} images but {} were accepted",
             c.accepted
         ));
     }
-    // Check in batches so a million-image store is not held in memory at once.
-    for batch in manifest.objects.chunks(64) {
+    // Check in batches of about 256 MiB so a million-image store is never held in memory at once.
+    let mut start = 0;
+    while start < manifest.objects.len() {
+        let mut end = start;
+        let mut bytes = 0u64;
+        while end < manifest.objects.len()
+            && (end == start || bytes + manifest.objects[end].bytes <= 256 << 20)
+        {
+            bytes = bytes.saturating_add(manifest.objects[end].bytes);
+            end += 1;
+        }
+        let batch = &manifest.objects[start..end];
+        start = end;
         let keys: Vec<String> = batch.iter().map(|o| o.key.clone()).collect();
         for (entry, got) in batch.iter().zip(storage.get_many(&keys)) {
             match got {

@@ -35,6 +35,14 @@ pub struct StoreReader {
 impl StoreReader {
     pub fn open(storage: Storage) -> Result<Self, ShardError> {
         let manifest = Manifest::load(&storage)?;
+        manifest
+            .settings
+            .layout
+            .validate()
+            .map_err(|problem| ShardError::InvalidStore {
+                url: storage.url().to_string(),
+                problem: format!("has an unusable layout in manifest.json: {problem}"),
+            })?;
         Ok(Self { storage, manifest })
     }
 
@@ -110,7 +118,7 @@ impl StoreReader {
     fn rows_in_shard(&self, split: Split, index: u64) -> Result<usize, ShardError> {
         let s = u64::from(self.layout().shard_images);
         let total = self.len(split);
-        if index * s >= total {
+        if index.checked_mul(s).is_none_or(|first| first >= total) {
             return Err(ShardError::NotFound {
                 url: self.storage.describe(&format!("{split} shard {index}")),
             });
@@ -122,7 +130,7 @@ impl StoreReader {
     pub fn read_shard(&self, split: Split, index: u64) -> Result<Shard, ShardError> {
         let s = u64::from(self.layout().shard_images);
         let total = self.len(split);
-        if index * s >= total {
+        if index.checked_mul(s).is_none_or(|first| first >= total) {
             return Err(ShardError::NotFound {
                 url: self.storage.describe(&format!("{split} shard {index}")),
             });

@@ -52,6 +52,24 @@ pub fn normalise_url(location: &str) -> Result<url::Url, ShardError> {
 }
 
 impl Storage {
+    /// Opens the store at `location` for reading: a local directory must already exist (no empty directory is
+    /// left behind by a mistyped path).
+    pub fn open_existing(location: &str) -> Result<Self, ShardError> {
+        let url = normalise_url(location)?;
+        if url.scheme() == "file" {
+            let dir = url.to_file_path().map_err(|()| ShardError::InvalidUrl {
+                url: location.into(),
+                reason: "not a local path".into(),
+            })?;
+            if !dir.is_dir() {
+                return Err(ShardError::NotFound {
+                    url: url.as_str().trim_end_matches('/').to_string(),
+                });
+            }
+        }
+        Self::open(location)
+    }
+
     /// Opens (for file URLs: creates) the store at `location`.
     pub fn open(location: &str) -> Result<Self, ShardError> {
         let url = normalise_url(location)?;
@@ -79,11 +97,12 @@ impl Storage {
                     .with_bucket_name(bucket)
                     .build()
                     .map_err(|e| bad(format!("S3 configuration: {e}")))?;
-                let prefix = url.path().trim_matches('/');
-                if prefix.is_empty() {
+                let prefix =
+                    ObjectPath::from_url_path(url.path()).map_err(|e| bad(e.to_string()))?;
+                if prefix.as_ref().is_empty() {
                     Arc::new(s3)
                 } else {
-                    Arc::new(PrefixStore::new(s3, ObjectPath::from(prefix)))
+                    Arc::new(PrefixStore::new(s3, prefix))
                 }
             }
             "memory" => Arc::new(InMemory::new()),
@@ -115,11 +134,30 @@ impl Storage {
         format!("{}/{}", self.url, key)
     }
 
+    /// Classifies a storage failure by what the caller can do: a missing object, a location the user must fix
+    /// (permissions, read-only, disk full), or a failure worth retrying.
     fn io_error(&self, key: &str, source: object_store::Error) -> ShardError {
+        use std::io::ErrorKind::{PermissionDenied, ReadOnlyFilesystem, StorageFull};
+        let io_kind = io_error_kind(&source);
         match source {
             object_store::Error::NotFound { .. } => ShardError::NotFound {
                 url: self.describe(key),
             },
+            object_store::Error::PermissionDenied { .. }
+            | object_store::Error::Unauthenticated { .. } => ShardError::Unwritable {
+                url: self.describe(key),
+                reason: source.to_string(),
+            },
+            _ if matches!(
+                io_kind,
+                Some(PermissionDenied | ReadOnlyFilesystem | StorageFull)
+            ) =>
+            {
+                ShardError::Unwritable {
+                    url: self.describe(key),
+                    reason: source.to_string(),
+                }
+            }
             source => ShardError::Storage {
                 url: self.describe(key),
                 source,
@@ -217,6 +255,18 @@ impl Storage {
             Err(e) => Err(self.io_error(key, e)),
         }
     }
+}
+
+/// The kind of the first `std::io::Error` in an error's source chain.
+fn io_error_kind(e: &(dyn std::error::Error + 'static)) -> Option<std::io::ErrorKind> {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            return Some(io.kind());
+        }
+        cur = err.source();
+    }
+    None
 }
 
 #[cfg(test)]

@@ -133,11 +133,10 @@ fn locate_columns(
     header: &csv::ByteRecord,
 ) -> Result<(Columns, Vec<String>), ShardError> {
     let mut names = Vec::with_capacity(header.len());
-    for (i, raw) in header.iter().enumerate() {
-        let name = std::str::from_utf8(raw).map_err(|_| ShardError::InvalidTable {
-            path: path.to_path_buf(),
-            reason: format!("header column {} is not valid UTF-8", i + 1),
-        })?;
+    for raw in header.iter() {
+        // Schema columns are ASCII, so a name that is not UTF-8 can only be an extra column: keep it, lossily
+        // decoded, so it is ignored with a warning like any other.
+        let name = String::from_utf8_lossy(raw);
         // A UTF-8 byte-order mark on the first column is common in exported CSVs.
         names.push(name.trim_start_matches('\u{feff}').trim().to_string());
     }

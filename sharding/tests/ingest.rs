@@ -402,3 +402,24 @@ fn a_one_thread_pool_completes_with_many_shards_in_flight() {
         .unwrap();
     assert_eq!(m.counts.accepted, 40);
 }
+
+#[test]
+fn a_wrong_images_root_is_an_error_not_a_store_of_rejections() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = synth(&dir.path().join("data"), 30, false);
+    let empty = dir.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let out = dir.path().join("store");
+    let e = ingest(
+        &data.table,
+        &empty,
+        out.to_str().unwrap(),
+        &settings(32, 8),
+        &RunOptions::default(),
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("is this the images root"), "{e}");
+    assert!(!out.join("manifest.json").exists());
+    // The right root then works on the same output.
+    ingest_complete(&data, &out, &settings(32, 8));
+}
