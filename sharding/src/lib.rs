@@ -18,6 +18,7 @@ pub mod error;
 pub mod image;
 pub mod ingest;
 pub mod layout;
+pub mod loader;
 pub mod manifest;
 pub mod order;
 pub mod reader;

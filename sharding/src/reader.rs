@@ -14,6 +14,9 @@ use crate::schema::NUM_LABELS;
 use crate::split::Split;
 use crate::store::Storage;
 
+/// How a reader gets an object's bytes (directly, or through a cache with retries).
+pub type Fetch<'a> = &'a (dyn Fn(&str) -> Result<bytes::Bytes, ShardError> + Sync);
+
 /// The rows of one shard, trimmed to the rows that exist.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Shard {
@@ -76,12 +79,13 @@ impl StoreReader {
         &self,
         array: &Array<MemoryStore>,
         index: u64,
+        fetch: Fetch<'_>,
     ) -> Result<Vec<T>, ShardError> {
         let mut indices = vec![0u64; array.dimensionality()];
         indices[0] = index;
         let key = array.chunk_key(&indices).to_string();
         let key = key.trim_start_matches('/');
-        let bytes = self.storage.get(key)?;
+        let bytes = fetch(key)?;
         let corrupt = |e: &dyn std::fmt::Display| ShardError::InvalidStore {
             url: self.storage.describe(key),
             problem: format!("cannot be decoded: {e}"),
@@ -110,7 +114,7 @@ impl StoreReader {
             ArrayKind::ImageId,
             self.shards(split) * u64::from(self.layout().shard_images),
         )?;
-        let mut ids: Vec<String> = self.read_array(&array, index)?;
+        let mut ids: Vec<String> = self.read_array(&array, index, &|k| self.storage.get(k))?;
         ids.truncate(rows);
         Ok(ids)
     }
@@ -128,6 +132,16 @@ impl StoreReader {
 
     /// Reads shard `index` of `split` (every array), trimmed to its real rows.
     pub fn read_shard(&self, split: Split, index: u64) -> Result<Shard, ShardError> {
+        self.read_shard_with(split, index, &|k| self.storage.get(k))
+    }
+
+    /// [`StoreReader::read_shard`] with objects fetched by `fetch`.
+    pub fn read_shard_with(
+        &self,
+        split: Split,
+        index: u64,
+        fetch: Fetch<'_>,
+    ) -> Result<Shard, ShardError> {
         let s = u64::from(self.layout().shard_images);
         let total = self.len(split);
         if index.checked_mul(s).is_none_or(|first| first >= total) {
@@ -139,11 +153,13 @@ impl StoreReader {
         let capacity = self.shards(split) * s;
         let array = |kind| self.layout().array(split, kind, capacity);
         let pixels = (self.layout().image_size as usize).pow(2);
-        let mut images: Vec<u16> = self.read_array(&array(ArrayKind::Images)?, index)?;
-        let mut labels: Vec<u8> = self.read_array(&array(ArrayKind::Labels)?, index)?;
-        let mut age: Vec<f32> = self.read_array(&array(ArrayKind::Age)?, index)?;
-        let mut image_ids: Vec<String> = self.read_array(&array(ArrayKind::ImageId)?, index)?;
-        let mut patient_ids: Vec<String> = self.read_array(&array(ArrayKind::PatientId)?, index)?;
+        let mut images: Vec<u16> = self.read_array(&array(ArrayKind::Images)?, index, fetch)?;
+        let mut labels: Vec<u8> = self.read_array(&array(ArrayKind::Labels)?, index, fetch)?;
+        let mut age: Vec<f32> = self.read_array(&array(ArrayKind::Age)?, index, fetch)?;
+        let mut image_ids: Vec<String> =
+            self.read_array(&array(ArrayKind::ImageId)?, index, fetch)?;
+        let mut patient_ids: Vec<String> =
+            self.read_array(&array(ArrayKind::PatientId)?, index, fetch)?;
         images.truncate(rows * pixels);
         labels.truncate(rows * NUM_LABELS);
         age.truncate(rows);

@@ -1,0 +1,540 @@
+//! The streaming training loader: each rank's slice of every global batch, read as whole shards from the object
+//! store (through an optional node-local cache), decoded in parallel and prefetched on a background thread.
+//!
+//! The order comes from [`crate::order`], so the batches are a pure function of (seed, step, rank, world) and
+//! resuming at any step, on any world size that divides the batch, continues exactly.
+//!
+//! ```no_run
+//! use radit_sharding::loader::{Loader, LoaderConfig};
+//! use radit_sharding::store::Storage;
+//! let mut loader = Loader::open(Storage::open_existing("file:///data/cxr7")?, LoaderConfig::default(), 0)?;
+//! let batch = loader.next_batch()?;          // step 0, rank 0 of 1
+//! println!("{} images, waited {:?}", batch.len(), loader.stats().wait);
+//! # Ok::<(), radit_sharding::ShardError>(())
+//! ```
+
+use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant};
+
+use rayon::prelude::*;
+
+use crate::error::ShardError;
+use crate::order::{DEFAULT_WINDOW_SHARDS, OrderConfig, OrderState, SampleOrder, check_world};
+use crate::reader::{Shard, StoreReader};
+use crate::rng::SplitMix64;
+use crate::schema::NUM_LABELS;
+use crate::split::Split;
+use crate::store::Storage;
+
+/// Pixel format handed to the consumer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PixelOutput {
+    /// Stored 16-bit values.
+    U16,
+    /// x = 2(n+u)/65536 - 1, u ~ U[0,1) fresh per step from (seed, step, rank): uniform dequantisation.
+    Dequantised,
+}
+
+/// A node-local cache of raw shard objects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheConfig {
+    pub dir: PathBuf,
+    pub max_bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoaderConfig {
+    pub split: Split,
+    pub seed: u64,
+    pub window_shards: u64,
+    pub global_batch: u64,
+    pub rank: u64,
+    pub world: u64,
+    pub output: PixelOutput,
+    /// Batches prepared ahead of the consumer.
+    pub prefetch_steps: usize,
+    pub cache: Option<CacheConfig>,
+    /// Attempts per object on retryable storage errors (exponential backoff from 50 ms).
+    pub attempts: u32,
+    /// Skip (and count) samples of a shard that is missing or cannot be decoded, instead of failing.
+    pub skip_bad_shards: bool,
+}
+
+impl Default for LoaderConfig {
+    fn default() -> Self {
+        Self {
+            split: Split::Train,
+            seed: 0,
+            window_shards: DEFAULT_WINDOW_SHARDS,
+            global_batch: 512,
+            rank: 0,
+            world: 1,
+            output: PixelOutput::Dequantised,
+            prefetch_steps: 4,
+            cache: None,
+            attempts: 5,
+            skip_bad_shards: false,
+        }
+    }
+}
+
+/// Images of a batch.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Pixels {
+    U16(Vec<u16>),
+    F32(Vec<f32>),
+}
+
+/// One rank's part of one global step, contiguous and ready to use.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Batch {
+    pub step: u64,
+    /// Sample indices in the split.
+    pub indices: Vec<u64>,
+    /// `[n, T, T]`.
+    pub pixels: Pixels,
+    /// `[n, 18]`.
+    pub labels: Vec<u8>,
+    pub age: Vec<f32>,
+    pub image_ids: Vec<String>,
+    /// Samples left out because their shard was unreadable (only with `skip_bad_shards`).
+    pub skipped: u64,
+}
+
+impl Batch {
+    pub fn len(&self) -> usize {
+        self.indices.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.indices.is_empty()
+    }
+}
+
+/// What monitoring wants from the loader.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct LoaderStats {
+    pub steps: u64,
+    /// Total time the consumer waited in [`Loader::next_batch`].
+    pub wait: Duration,
+    /// Time waited for the latest batch.
+    pub last_wait: Duration,
+    /// Bytes fetched from the object store (cache misses).
+    pub bytes_read: u64,
+    pub cache_hits: u64,
+    pub cache_misses: u64,
+    pub skipped_samples: u64,
+}
+
+impl LoaderStats {
+    pub fn cache_hit_ratio(&self) -> f64 {
+        let total = self.cache_hits + self.cache_misses;
+        if total == 0 {
+            0.0
+        } else {
+            self.cache_hits as f64 / total as f64
+        }
+    }
+}
+
+#[derive(Default)]
+struct Counters {
+    bytes_read: AtomicU64,
+    cache_hits: AtomicU64,
+    cache_misses: AtomicU64,
+}
+
+/// Raw shard objects on node-local disk (`$LOCALDIR` on Isambard-AI), evicted least-recently-used beyond
+/// `max_bytes`; survives restarts, so a requeued job on the same node starts warm.
+pub struct NodeCache {
+    config: CacheConfig,
+    state: Mutex<CacheState>,
+}
+
+#[derive(Default)]
+struct CacheState {
+    bytes: u64,
+    /// Keys in use order, oldest first, with their sizes.
+    lru: VecDeque<(String, u64)>,
+}
+
+impl NodeCache {
+    /// Opens the cache directory, adopting (and trimming to the limit) what earlier processes left.
+    pub fn open(config: CacheConfig) -> Result<Self, ShardError> {
+        let io = |source| ShardError::ReadInput {
+            path: config.dir.clone(),
+            source,
+        };
+        std::fs::create_dir_all(&config.dir).map_err(io)?;
+        // Adopt what earlier processes left, oldest first, so the limit holds across restarts.
+        let mut found = Vec::new();
+        for entry in std::fs::read_dir(&config.dir).map_err(io)? {
+            let entry = entry.map_err(io)?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Ok(meta) = entry.metadata() else { continue };
+            if name.ends_with(".partial") {
+                let _ = std::fs::remove_file(entry.path());
+                continue;
+            }
+            let used = meta
+                .accessed()
+                .or_else(|_| meta.modified())
+                .unwrap_or(std::time::UNIX_EPOCH);
+            found.push((used, name.replace('%', "/"), meta.len()));
+        }
+        found.sort();
+        let mut state = CacheState::default();
+        for (_, key, size) in found {
+            state.bytes += size;
+            state.lru.push_back((key, size));
+        }
+        let cache = Self {
+            config,
+            state: Mutex::new(state),
+        };
+        cache.evict();
+        Ok(cache)
+    }
+
+    /// Bytes the cache holds.
+    pub fn used_bytes(&self) -> u64 {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).bytes
+    }
+
+    fn path(&self, key: &str) -> PathBuf {
+        self.config.dir.join(key.replace('/', "%"))
+    }
+
+    fn get(&self, key: &str) -> Option<bytes::Bytes> {
+        let data = std::fs::read(self.path(key)).ok()?;
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(pos) = st.lru.iter().position(|(k, _)| k == key) {
+            let entry = st.lru.remove(pos).expect("position is in range");
+            st.lru.push_back(entry);
+        } else {
+            // Left by an earlier process: adopt it.
+            st.bytes += data.len() as u64;
+            st.lru.push_back((key.to_string(), data.len() as u64));
+        }
+        Some(bytes::Bytes::from(data))
+    }
+
+    fn put(&self, key: &str, data: &[u8]) {
+        let size = data.len() as u64;
+        if size > self.config.max_bytes {
+            return;
+        }
+        let path = self.path(key);
+        let tmp = path.with_extension("partial");
+        // Write then rename: a crash never leaves a truncated object that a later read would trust.
+        if std::fs::write(&tmp, data)
+            .and_then(|()| std::fs::rename(&tmp, &path))
+            .is_err()
+        {
+            let _ = std::fs::remove_file(&tmp);
+            return;
+        }
+        {
+            let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            st.bytes += size;
+            st.lru.push_back((key.to_string(), size));
+        }
+        self.evict();
+    }
+
+    fn evict(&self) {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        while st.bytes > self.config.max_bytes {
+            let Some((old, old_size)) = st.lru.pop_front() else {
+                break;
+            };
+            let _ = std::fs::remove_file(self.path(&old));
+            st.bytes -= old_size;
+        }
+    }
+}
+
+/// Fetches objects through the cache, with retries, counting bytes and hits.
+struct Fetcher {
+    storage: Storage,
+    cache: Option<NodeCache>,
+    attempts: u32,
+    counters: Arc<Counters>,
+}
+
+impl Fetcher {
+    fn get(&self, key: &str) -> Result<bytes::Bytes, ShardError> {
+        if let Some(cache) = &self.cache {
+            if let Some(b) = cache.get(key) {
+                self.counters.cache_hits.fetch_add(1, Ordering::Relaxed);
+                return Ok(b);
+            }
+            self.counters.cache_misses.fetch_add(1, Ordering::Relaxed);
+        }
+        let mut delay = Duration::from_millis(50);
+        let mut attempt = 1;
+        let data = loop {
+            match self.storage.get(key) {
+                Ok(b) => break b,
+                Err(e) if e.is_retryable() && attempt < self.attempts => {
+                    tracing::warn!(key, attempt, error = %e, "retrying a shard read");
+                    std::thread::sleep(delay);
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        self.counters
+            .bytes_read
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
+        if let Some(cache) = &self.cache {
+            cache.put(key, &data);
+        }
+        Ok(data)
+    }
+}
+
+enum Message {
+    Batch(Box<Batch>),
+    Failed(ShardError),
+}
+
+/// The loader: a background thread prepares batches; [`Loader::next_batch`] hands them out in order.
+pub struct Loader {
+    order: OrderConfig,
+    next_step: u64,
+    rx: mpsc::Receiver<Message>,
+    counters: Arc<Counters>,
+    stats: LoaderStats,
+    _worker: std::thread::JoinHandle<()>,
+}
+
+impl Loader {
+    /// Opens the store's split and starts preparing batches from `start_step`.
+    pub fn open(
+        storage: Storage,
+        config: LoaderConfig,
+        start_step: u64,
+    ) -> Result<Self, ShardError> {
+        let bad = |e: crate::order::OrderError| ShardError::InvalidConfig(e.to_string());
+        check_world(config.global_batch, config.rank, config.world).map_err(bad)?;
+        if start_step
+            .checked_add(1 << 32)
+            .and_then(|s| s.checked_mul(config.global_batch))
+            .is_none()
+        {
+            return Err(ShardError::InvalidConfig(format!(
+                "loader start step {start_step} is out of range"
+            )));
+        }
+        let reader = StoreReader::open(storage.clone())?;
+        let order = OrderConfig {
+            seed: config.seed,
+            samples: reader.len(config.split),
+            shard_size: u64::from(reader.layout().shard_images),
+            window_shards: config.window_shards,
+            global_batch: config.global_batch,
+        };
+        let sample_order = SampleOrder::new(order).map_err(bad)?;
+        let counters = Arc::new(Counters::default());
+        let fetcher = Fetcher {
+            storage,
+            cache: config.cache.clone().map(NodeCache::open).transpose()?,
+            attempts: config.attempts.max(1),
+            counters: counters.clone(),
+        };
+        let (tx, rx) = mpsc::sync_channel(config.prefetch_steps.max(1));
+        let worker = std::thread::Builder::new()
+            .name(format!("radit-loader-{}", config.rank))
+            .spawn(move || produce(reader, fetcher, sample_order, config, start_step, tx))
+            .map_err(|e| ShardError::Internal(format!("cannot start the loader thread: {e}")))?;
+        Ok(Self {
+            order,
+            next_step: start_step,
+            rx,
+            counters,
+            stats: LoaderStats::default(),
+            _worker: worker,
+        })
+    }
+
+    /// The next batch, waiting for it if needed (the wait is measured).
+    pub fn next_batch(&mut self) -> Result<Batch, ShardError> {
+        let started = Instant::now();
+        let msg = self
+            .rx
+            .recv()
+            .map_err(|_| ShardError::Internal("the loader thread stopped".into()))?;
+        let waited = started.elapsed();
+        self.stats.wait += waited;
+        self.stats.last_wait = waited;
+        match msg {
+            Message::Batch(b) => {
+                self.stats.steps += 1;
+                self.stats.skipped_samples += b.skipped;
+                self.next_step = b.step + 1;
+                Ok(*b)
+            }
+            Message::Failed(e) => Err(e),
+        }
+    }
+
+    /// The resume state: where the next call continues.
+    pub fn state(&self) -> OrderState {
+        OrderState {
+            config: self.order,
+            step: self.next_step,
+        }
+    }
+
+    pub fn stats(&self) -> LoaderStats {
+        LoaderStats {
+            bytes_read: self.counters.bytes_read.load(Ordering::Relaxed),
+            cache_hits: self.counters.cache_hits.load(Ordering::Relaxed),
+            cache_misses: self.counters.cache_misses.load(Ordering::Relaxed),
+            ..self.stats
+        }
+    }
+}
+
+/// Decoded shards kept in memory: the current window's, so a step never decodes a shard twice.
+struct ShardMemo {
+    capacity: usize,
+    shards: HashMap<u64, Arc<Shard>>,
+    order: VecDeque<u64>,
+}
+
+impl ShardMemo {
+    fn insert(&mut self, index: u64, shard: Arc<Shard>) {
+        if self.shards.insert(index, shard).is_none() {
+            self.order.push_back(index);
+        }
+        while self.order.len() > self.capacity {
+            if let Some(old) = self.order.pop_front() {
+                self.shards.remove(&old);
+            }
+        }
+    }
+}
+
+fn produce(
+    reader: StoreReader,
+    fetcher: Fetcher,
+    order: SampleOrder,
+    config: LoaderConfig,
+    start_step: u64,
+    tx: mpsc::SyncSender<Message>,
+) {
+    let shard_size = order.config().shard_size;
+    let mut memo = ShardMemo {
+        capacity: (2 * config.window_shards as usize).max(4),
+        shards: HashMap::new(),
+        order: VecDeque::new(),
+    };
+    for step in start_step.. {
+        let result = build_batch(
+            &reader, &fetcher, &order, &config, &mut memo, step, shard_size,
+        );
+        let msg = match result {
+            Ok(b) => Message::Batch(Box::new(b)),
+            Err(e) => Message::Failed(e),
+        };
+        let failed = matches!(msg, Message::Failed(_));
+        if tx.send(msg).is_err() || failed {
+            return; // the consumer is gone, or told about the failure
+        }
+    }
+}
+
+fn build_batch(
+    reader: &StoreReader,
+    fetcher: &Fetcher,
+    order: &SampleOrder,
+    config: &LoaderConfig,
+    memo: &mut ShardMemo,
+    step: u64,
+    shard_size: u64,
+) -> Result<Batch, ShardError> {
+    let indices = order
+        .rank_slice(step, config.rank, config.world)
+        .map_err(|e| ShardError::InvalidConfig(e.to_string()))?;
+    // The shards this step touches: from the memo, or fetched whole (several in flight) and decoded in parallel.
+    let mut shards: HashMap<u64, Arc<Shard>> = HashMap::new();
+    let mut needed = Vec::new();
+    for s in indices.iter().map(|i| i / shard_size) {
+        if shards.contains_key(&s) || needed.contains(&s) {
+            continue;
+        }
+        match memo.shards.get(&s) {
+            Some(shard) => {
+                shards.insert(s, shard.clone());
+            }
+            None => needed.push(s),
+        }
+    }
+    let fetched: Vec<(u64, Result<Shard, ShardError>)> = needed
+        .par_iter()
+        .map(|&s| {
+            (
+                s,
+                reader.read_shard_with(config.split, s, &|key| fetcher.get(key)),
+            )
+        })
+        .collect();
+    for (s, r) in fetched {
+        match r {
+            Ok(shard) => {
+                let shard = Arc::new(shard);
+                memo.insert(s, shard.clone());
+                shards.insert(s, shard);
+            }
+            Err(e) if config.skip_bad_shards => {
+                tracing::warn!(shard = s, error = %e, "skipping an unreadable shard")
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    let pixels_per = reader.layout().image_size as usize * reader.layout().image_size as usize;
+    let mut out_idx = Vec::with_capacity(indices.len());
+    let mut raw: Vec<u16> = Vec::with_capacity(indices.len() * pixels_per);
+    let mut labels = Vec::with_capacity(indices.len() * NUM_LABELS);
+    let mut age = Vec::with_capacity(indices.len());
+    let mut image_ids = Vec::with_capacity(indices.len());
+    let mut skipped = 0;
+    for &i in &indices {
+        let Some(shard) = shards.get(&(i / shard_size)) else {
+            skipped += 1;
+            continue;
+        };
+        let r = (i % shard_size) as usize;
+        out_idx.push(i);
+        raw.extend_from_slice(&shard.images[r * pixels_per..(r + 1) * pixels_per]);
+        labels.extend_from_slice(&shard.labels[r * NUM_LABELS..(r + 1) * NUM_LABELS]);
+        age.push(shard.age[r]);
+        image_ids.push(shard.image_ids[r].clone());
+    }
+    let pixels = match config.output {
+        PixelOutput::U16 => Pixels::U16(raw),
+        PixelOutput::Dequantised => {
+            let mut rng = SplitMix64::stream(&[config.seed, step, config.rank, 0xde9a]);
+            Pixels::F32(
+                raw.iter()
+                    .map(|&n| 2.0 * (f32::from(n) + rng.unit_f32()) / 65536.0 - 1.0)
+                    .collect(),
+            )
+        }
+    };
+    Ok(Batch {
+        step,
+        indices: out_idx,
+        pixels,
+        labels,
+        age,
+        image_ids,
+        skipped,
+    })
+}
