@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 
 use crate::error::ShardError;
-use crate::order::{OrderConfig, SampleOrder};
+use crate::order::SampleOrder;
 use crate::reader::StoreReader;
 use crate::split::Split;
 
@@ -30,13 +30,7 @@ pub struct AuditRequest {
 
 /// The `image_id`s that rank `rank` of `world` sees at each of the requested steps.
 pub fn batches(reader: &StoreReader, req: &AuditRequest) -> Result<Vec<StepImages>, ShardError> {
-    let cfg = OrderConfig {
-        seed: req.seed,
-        samples: reader.len(req.split),
-        shard_size: u64::from(reader.layout().shard_images),
-        window_shards: req.window_shards,
-        global_batch: req.global_batch,
-    };
+    let cfg = reader.order_config(req.split, req.seed, req.window_shards, req.global_batch);
     let order = SampleOrder::new(cfg).map_err(|e| ShardError::InvalidConfig(e.to_string()))?;
     let mut ids_by_shard: HashMap<u64, Vec<String>> = HashMap::new();
     let mut out = Vec::with_capacity(req.steps as usize);

@@ -332,13 +332,12 @@ impl Loader {
             )));
         }
         let reader = StoreReader::open(storage.clone())?;
-        let order = OrderConfig {
-            seed: config.seed,
-            samples: reader.len(config.split),
-            shard_size: u64::from(reader.layout().shard_images),
-            window_shards: config.window_shards,
-            global_batch: config.global_batch,
-        };
+        let order = reader.order_config(
+            config.split,
+            config.seed,
+            config.window_shards,
+            config.global_batch,
+        );
         let sample_order = SampleOrder::new(order).map_err(bad)?;
         let counters = Arc::new(Counters::default());
         let fetcher = Fetcher {

@@ -10,6 +10,7 @@ use zarrs::storage::store::MemoryStore;
 use crate::error::ShardError;
 use crate::layout::{ArrayKind, StoreLayout};
 use crate::manifest::Manifest;
+use crate::order::OrderConfig;
 use crate::schema::NUM_LABELS;
 use crate::split::Split;
 use crate::store::Storage;
@@ -68,6 +69,23 @@ impl StoreReader {
 
     pub fn is_empty(&self, split: Split) -> bool {
         self.len(split) == 0
+    }
+
+    /// The training order over `split` with this store's sizes and the run's settings.
+    pub fn order_config(
+        &self,
+        split: Split,
+        seed: u64,
+        window_shards: u64,
+        global_batch: u64,
+    ) -> OrderConfig {
+        OrderConfig {
+            seed,
+            samples: self.len(split),
+            shard_size: u64::from(self.layout().shard_images),
+            window_shards,
+            global_batch,
+        }
     }
 
     pub fn shards(&self, split: Split) -> u64 {

@@ -9,7 +9,7 @@ use radit_sharding::loader::{
     Batch, CacheConfig, Loader, LoaderConfig, NodeCache, PixelOutput, Pixels,
 };
 use radit_sharding::manifest::IngestSettings;
-use radit_sharding::order::{OrderConfig, SampleOrder};
+use radit_sharding::order::SampleOrder;
 use radit_sharding::reader::StoreReader;
 use radit_sharding::split::Split;
 use radit_sharding::store::Storage;
@@ -77,14 +77,7 @@ fn batches_follow_the_order_and_hold_the_stored_samples() {
     let url = store(dir.path(), 100);
     let reader = StoreReader::open(Storage::open_existing(&url).unwrap()).unwrap();
     let all = reader.read_split(Split::Train).unwrap();
-    let order = SampleOrder::new(OrderConfig {
-        seed: 11,
-        samples: reader.len(Split::Train),
-        shard_size: 8,
-        window_shards: 2,
-        global_batch: 12,
-    })
-    .unwrap();
+    let order = SampleOrder::new(reader.order_config(Split::Train, 11, 2, 12)).unwrap();
     // Past the end of the first epoch too.
     let steps = (all.rows / 12 + 3) as usize;
     for b in take(&url, config(1, 0), 0, steps) {
@@ -260,14 +253,7 @@ fn a_missing_shard_is_named_or_skipped_and_counted() {
     let batches = take(&url, skip, 0, 8);
     let skipped: u64 = batches.iter().map(|b| b.skipped).sum();
     let reader = StoreReader::open(Storage::open_existing(&url).unwrap()).unwrap();
-    let order = SampleOrder::new(OrderConfig {
-        seed: 11,
-        samples: reader.len(Split::Train),
-        shard_size: 8,
-        window_shards: 2,
-        global_batch: 12,
-    })
-    .unwrap();
+    let order = SampleOrder::new(reader.order_config(Split::Train, 11, 2, 12)).unwrap();
     let expected = (0..8)
         .flat_map(|s| order.global_batch(s))
         .filter(|i| i / 8 == 1)
