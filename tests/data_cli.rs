@@ -47,13 +47,7 @@ fn batches(store: &str, world: u64, rank: u64, from: u64, steps: u64) -> Vec<(u6
 fn every_world_size_sees_the_same_global_batches_and_an_epoch_covers_the_split_once() {
     let dir = tempfile::tempdir().unwrap();
     let (table, images) = synth(&dir.path().join("data"), 120, "64x64", &["--split-column"]);
-    let store = dir.path().join("store");
-    run_ok(&mut shard_cmd(
-        &table,
-        &images,
-        store.to_str().unwrap(),
-        &[],
-    ));
+    let store = shard_into(dir.path(), &table, &images);
     let store = store.to_str().unwrap();
     let reader = radit_sharding::reader::StoreReader::open(
         radit_sharding::store::Storage::open(store).unwrap(),
@@ -94,13 +88,7 @@ fn every_world_size_sees_the_same_global_batches_and_an_epoch_covers_the_split_o
 fn a_batch_that_does_not_divide_by_the_world_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let (table, images) = synth(&dir.path().join("data"), 20, "64x64", &[]);
-    let store = dir.path().join("store");
-    run_ok(&mut shard_cmd(
-        &table,
-        &images,
-        store.to_str().unwrap(),
-        &[],
-    ));
+    let store = shard_into(dir.path(), &table, &images);
     let out = radit()
         .args([
             "data",

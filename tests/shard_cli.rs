@@ -153,13 +153,7 @@ fn an_ingest_killed_mid_way_resumes_without_duplicating_or_dropping_rows() {
 fn verify_names_the_damaged_object_and_exits_1() {
     let dir = tempfile::tempdir().unwrap();
     let (table, images) = synth(&dir.path().join("data"), 20, "64x64", &[]);
-    let store = dir.path().join("store");
-    run_ok(&mut shard_cmd(
-        &table,
-        &images,
-        store.to_str().unwrap(),
-        &[],
-    ));
+    let store = shard_into(dir.path(), &table, &images);
     let m = manifest(&store);
     let victim = m
         .objects

@@ -83,6 +83,18 @@ pub fn synth(dir: &Path, images: u64, sizes: &str, extra: &[&str]) -> (PathBuf, 
     (dir.join("table.csv"), dir.join("images"))
 }
 
+/// Shards `table` + `images` into `<dir>/store` with the small settings of [`shard_cmd`]; returns the store path.
+pub fn shard_into(dir: &Path, table: &Path, images: &Path) -> PathBuf {
+    let store = dir.join("store");
+    run_ok(&mut shard_cmd(
+        table,
+        images,
+        store.to_str().expect("UTF-8 temp path"),
+        &[],
+    ));
+    store
+}
+
 /// `radit shard` with small, fast settings.
 pub fn shard_cmd(table: &Path, images: &Path, out: &str, extra: &[&str]) -> Command {
     let mut cmd = radit();
