@@ -14,7 +14,7 @@
 //! ```
 
 use std::collections::{HashMap, VecDeque};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
@@ -38,7 +38,8 @@ pub enum PixelOutput {
     Dequantised,
 }
 
-/// A node-local cache of raw shard objects.
+/// A node-local cache of raw shard objects. One directory per process: the byte limit is accounted
+/// in-process, so ranks sharing a node use `<dir>/rank<local rank>` with a share of the disk each.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CacheConfig {
     pub dir: PathBuf,
@@ -205,7 +206,7 @@ impl NodeCache {
     }
 
     fn path(&self, key: &str) -> PathBuf {
-        self.config.dir.join(key.replace('/', "%"))
+        cache_path(&self.config.dir, key)
     }
 
     fn get(&self, key: &str) -> Option<bytes::Bytes> {
@@ -227,6 +228,13 @@ impl NodeCache {
         if size > self.config.max_bytes {
             return;
         }
+        // Make room first, so the directory never holds more than the limit, even mid-write.
+        {
+            let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            Self::evict_locked(&mut st, &self.config, self.config.max_bytes - size);
+            st.bytes += size;
+            st.lru.push_back((key.to_string(), size));
+        }
         let path = self.path(key);
         let tmp = path.with_extension("partial");
         // Write then rename: a crash never leaves a truncated object that a later read would trust.
@@ -235,26 +243,33 @@ impl NodeCache {
             .is_err()
         {
             let _ = std::fs::remove_file(&tmp);
-            return;
-        }
-        {
             let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-            st.bytes += size;
-            st.lru.push_back((key.to_string(), size));
+            if let Some(pos) = st.lru.iter().rposition(|(k, _)| k == key) {
+                st.lru.remove(pos);
+                st.bytes -= size;
+            }
         }
-        self.evict();
     }
 
     fn evict(&self) {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        while st.bytes > self.config.max_bytes {
+        Self::evict_locked(&mut st, &self.config, self.config.max_bytes);
+    }
+
+    fn evict_locked(st: &mut CacheState, config: &CacheConfig, limit: u64) {
+        while st.bytes > limit {
             let Some((old, old_size)) = st.lru.pop_front() else {
                 break;
             };
-            let _ = std::fs::remove_file(self.path(&old));
+            let _ = std::fs::remove_file(cache_path(&config.dir, &old));
             st.bytes -= old_size;
         }
     }
+}
+
+/// One flat directory: object keys with `/` mapped to `%`.
+fn cache_path(dir: &Path, key: &str) -> PathBuf {
+    dir.join(key.replace('/', "%"))
 }
 
 /// Fetches objects through the cache, with retries, counting bytes and hits.
@@ -310,7 +325,19 @@ pub struct Loader {
     rx: mpsc::Receiver<Message>,
     counters: Arc<Counters>,
     stats: LoaderStats,
-    _worker: std::thread::JoinHandle<()>,
+    worker: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Loader {
+    /// Stops the prefetch thread and waits for it, so nothing touches the cache after the loader is
+    /// gone (a new loader on the same node then sees a settled cache).
+    fn drop(&mut self) {
+        let (_, closed) = mpsc::sync_channel(0);
+        drop(std::mem::replace(&mut self.rx, closed));
+        if let Some(worker) = self.worker.take() {
+            let _ = worker.join();
+        }
+    }
 }
 
 impl Loader {
@@ -357,7 +384,7 @@ impl Loader {
             rx,
             counters,
             stats: LoaderStats::default(),
-            _worker: worker,
+            worker: Some(worker),
         })
     }
 

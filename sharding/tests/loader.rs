@@ -180,6 +180,7 @@ fn the_second_epoch_reads_from_the_node_local_cache() {
     }
     let first = loader.stats();
     assert!(first.bytes_read > 0 && first.cache_misses > 0);
+    drop(loader);
     // A new process on the same node: everything is local now.
     let mut again = Loader::open(Storage::open_existing(&url).unwrap(), cfg, 0).unwrap();
     for _ in 0..epoch_steps {
@@ -207,6 +208,8 @@ fn the_second_epoch_reads_from_the_node_local_cache() {
     for _ in 0..epoch_steps {
         tight.next_batch().unwrap();
     }
+    // Dropping the loader waits for its prefetch thread, so the directory is settled.
+    drop(tight);
     let used = |d: &Path| -> u64 {
         std::fs::read_dir(d)
             .unwrap()
@@ -214,7 +217,6 @@ fn the_second_epoch_reads_from_the_node_local_cache() {
             .sum()
     };
     assert!(used(&small.dir) <= small.max_bytes, "{}", used(&small.dir));
-    drop(tight);
     // A restart with a smaller limit trims what earlier processes left.
     let smaller = CacheConfig {
         max_bytes: 8_000,
