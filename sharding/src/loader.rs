@@ -8,7 +8,7 @@
 //! use radit_sharding::loader::{Loader, LoaderConfig};
 //! use radit_sharding::store::Storage;
 //! let mut loader = Loader::open(Storage::open_existing("file:///data/cxr7")?, LoaderConfig::default(), 0)?;
-//! let batch = loader.next_batch()?;          // step 0, rank 0 of 1
+//! let batch = loader.next_batch()?.expect("training never ends"); // step 0, rank 0 of 1
 //! println!("{} images, waited {:?}", batch.len(), loader.stats().wait);
 //! # Ok::<(), radit_sharding::ShardError>(())
 //! ```
@@ -22,20 +22,37 @@ use std::time::{Duration, Instant};
 use rayon::prelude::*;
 
 use crate::error::ShardError;
-use crate::order::{DEFAULT_WINDOW_SHARDS, OrderConfig, OrderState, SampleOrder, check_world};
-use crate::reader::{Shard, StoreReader};
+use crate::order::{
+    DEFAULT_WINDOW_SHARDS, EvalBatch, OrderConfig, OrderState, SampleOrder, check_world,
+    eval_batches,
+};
+use crate::reader::{LatentArray, Shard, StoreReader};
 use crate::rng::SplitMix64;
 use crate::schema::NUM_LABELS;
 use crate::split::Split;
 use crate::store::Storage;
 
-/// Pixel format handed to the consumer.
+/// What the model is fed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PixelOutput {
-    /// Stored 16-bit values.
+pub enum ModelInput {
+    /// Stored 16-bit pixel values.
     U16,
     /// x = 2(n+u)/65536 - 1, u ~ U[0,1) fresh per step from (seed, step, rank): uniform dequantisation.
     Dequantised,
+    /// The split's `latents` array as f32 (standardised per channel when it carries statistics); the images are
+    /// not read at all.
+    Latents,
+}
+
+/// Which pass over the split.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pass {
+    /// Endless, shuffled by (seed, epoch): training.
+    Train,
+    /// Once, in stored order, the split covered exactly once across ranks; the last global batch is padded so every
+    /// rank runs the same number of steps ([`Batch::valid`] marks the padding). [`Loader::next_batch`] then
+    /// returns `None`.
+    Eval,
 }
 
 /// A node-local cache of raw shard objects. One directory per process: the byte limit is accounted
@@ -49,12 +66,13 @@ pub struct CacheConfig {
 #[derive(Debug, Clone, PartialEq)]
 pub struct LoaderConfig {
     pub split: Split,
+    pub pass: Pass,
     pub seed: u64,
     pub window_shards: u64,
     pub global_batch: u64,
     pub rank: u64,
     pub world: u64,
-    pub output: PixelOutput,
+    pub output: ModelInput,
     /// Batches prepared ahead of the consumer.
     pub prefetch_steps: usize,
     pub cache: Option<CacheConfig>,
@@ -68,12 +86,13 @@ impl Default for LoaderConfig {
     fn default() -> Self {
         Self {
             split: Split::Train,
+            pass: Pass::Train,
             seed: 0,
             window_shards: DEFAULT_WINDOW_SHARDS,
             global_batch: 512,
             rank: 0,
             world: 1,
-            output: PixelOutput::Dequantised,
+            output: ModelInput::Dequantised,
             prefetch_steps: 4,
             cache: None,
             attempts: 5,
@@ -82,9 +101,9 @@ impl Default for LoaderConfig {
     }
 }
 
-/// Images of a batch.
+/// The model inputs of a batch, `[n, C, H, W]` row-major (C = 1 for images).
 #[derive(Debug, Clone, PartialEq)]
-pub enum Pixels {
+pub enum Inputs {
     U16(Vec<u16>),
     F32(Vec<f32>),
 }
@@ -95,8 +114,11 @@ pub struct Batch {
     pub step: u64,
     /// Sample indices in the split.
     pub indices: Vec<u64>,
-    /// `[n, T, T]`.
-    pub pixels: Pixels,
+    /// Real samples (true) and the padding of a last evaluation batch (false); all true in training.
+    pub valid: Vec<bool>,
+    /// `[C, H, W]` of one sample: `[1, T, T]` for images.
+    pub sample_shape: [usize; 3],
+    pub inputs: Inputs,
     /// `[n, 18]`.
     pub labels: Vec<u8>,
     pub age: Vec<f32>,
@@ -316,12 +338,71 @@ impl Fetcher {
 enum Message {
     Batch(Box<Batch>),
     Failed(ShardError),
+    /// The evaluation pass is complete.
+    End,
+}
+
+/// Which samples each step holds, for this rank.
+enum Plan {
+    Train(SampleOrder),
+    Eval(Vec<EvalBatch>),
+}
+
+impl Plan {
+    /// The samples of `step` and which are real; `None` past the end of an evaluation pass.
+    fn step(&self, step: u64, config: &LoaderConfig) -> Result<Option<EvalBatch>, ShardError> {
+        match self {
+            Plan::Train(order) => {
+                let indices = order
+                    .rank_slice(step, config.rank, config.world)
+                    .map_err(|e| ShardError::InvalidConfig(e.to_string()))?;
+                let valid = vec![true; indices.len()];
+                Ok(Some(EvalBatch { indices, valid }))
+            }
+            Plan::Eval(batches) => Ok(usize::try_from(step)
+                .ok()
+                .and_then(|s| batches.get(s))
+                .cloned()),
+        }
+    }
+}
+
+/// What the background thread reads and how.
+struct Source {
+    reader: StoreReader,
+    fetcher: Fetcher,
+    latents: Option<LatentArray>,
+    shard_size: u64,
+}
+
+impl Source {
+    fn read_shard(&self, split: Split, index: u64) -> Result<Shard, ShardError> {
+        let fetch = |key: &str| self.fetcher.get(key);
+        match &self.latents {
+            Some(latents) => self
+                .reader
+                .read_latent_shard_with(split, index, latents, &fetch),
+            None => self.reader.read_shard_with(split, index, &fetch),
+        }
+    }
+
+    fn sample_shape(&self) -> [usize; 3] {
+        match &self.latents {
+            Some(l) => l.sample_shape,
+            None => {
+                let t = self.reader.layout().image_size as usize;
+                [1, t, t]
+            }
+        }
+    }
 }
 
 /// The loader: a background thread prepares batches; [`Loader::next_batch`] hands them out in order.
 pub struct Loader {
     order: OrderConfig,
     next_step: u64,
+    eval_steps: Option<u64>,
+    sample_shape: [usize; 3],
     rx: mpsc::Receiver<Message>,
     counters: Arc<Counters>,
     stats: LoaderStats,
@@ -365,7 +446,32 @@ impl Loader {
             config.window_shards,
             config.global_batch,
         );
-        let sample_order = SampleOrder::new(order).map_err(bad)?;
+        let plan = match config.pass {
+            Pass::Train => Plan::Train(SampleOrder::new(order).map_err(bad)?),
+            Pass::Eval => Plan::Eval(
+                eval_batches(
+                    order.samples,
+                    config.global_batch,
+                    config.rank,
+                    config.world,
+                )
+                .map_err(bad)?,
+            ),
+        };
+        let eval_steps = match &plan {
+            Plan::Eval(b) => Some(b.len() as u64),
+            Plan::Train(_) => None,
+        };
+        let latents = match config.output {
+            ModelInput::Latents => Some(reader.latents(config.split)?.ok_or_else(|| {
+                ShardError::InvalidConfig(format!(
+                    "the model reads latents, but {} has no {}/latents array; run the latent encoder first",
+                    storage.url(),
+                    config.split
+                ))
+            })?),
+            ModelInput::U16 | ModelInput::Dequantised => None,
+        };
         let counters = Arc::new(Counters::default());
         let fetcher = Fetcher {
             storage,
@@ -373,14 +479,23 @@ impl Loader {
             attempts: config.attempts.max(1),
             counters: counters.clone(),
         };
+        let source = Source {
+            reader,
+            fetcher,
+            latents,
+            shard_size: order.shard_size,
+        };
+        let sample_shape = source.sample_shape();
         let (tx, rx) = mpsc::sync_channel(config.prefetch_steps.max(1));
         let worker = std::thread::Builder::new()
             .name(format!("radit-loader-{}", config.rank))
-            .spawn(move || produce(reader, fetcher, sample_order, config, start_step, tx))
+            .spawn(move || produce(source, plan, config, start_step, tx))
             .map_err(|e| ShardError::Internal(format!("cannot start the loader thread: {e}")))?;
         Ok(Self {
             order,
             next_step: start_step,
+            eval_steps,
+            sample_shape,
             rx,
             counters,
             stats: LoaderStats::default(),
@@ -388,8 +503,12 @@ impl Loader {
         })
     }
 
-    /// The next batch, waiting for it if needed (the wait is measured).
-    pub fn next_batch(&mut self) -> Result<Batch, ShardError> {
+    /// The next batch, waiting for it if needed (the wait is measured). `None` once an evaluation pass is
+    /// complete; training never ends.
+    pub fn next_batch(&mut self) -> Result<Option<Batch>, ShardError> {
+        if self.eval_steps.is_some_and(|n| self.next_step >= n) {
+            return Ok(None);
+        }
         let started = Instant::now();
         let msg = self
             .rx
@@ -403,10 +522,21 @@ impl Loader {
                 self.stats.steps += 1;
                 self.stats.skipped_samples += b.skipped;
                 self.next_step = b.step + 1;
-                Ok(*b)
+                Ok(Some(*b))
             }
             Message::Failed(e) => Err(e),
+            Message::End => Ok(None),
         }
+    }
+
+    /// Steps in an evaluation pass (every rank runs this many); `None` in training.
+    pub fn eval_steps(&self) -> Option<u64> {
+        self.eval_steps
+    }
+
+    /// `[C, H, W]` of one sample.
+    pub fn sample_shape(&self) -> [usize; 3] {
+        self.sample_shape
     }
 
     /// The resume state: where the next call continues.
@@ -448,50 +578,45 @@ impl ShardMemo {
 }
 
 fn produce(
-    reader: StoreReader,
-    fetcher: Fetcher,
-    order: SampleOrder,
+    source: Source,
+    plan: Plan,
     config: LoaderConfig,
     start_step: u64,
     tx: mpsc::SyncSender<Message>,
 ) {
-    let shard_size = order.config().shard_size;
     let mut memo = ShardMemo {
         capacity: (2 * config.window_shards as usize).max(4),
         shards: HashMap::new(),
         order: VecDeque::new(),
     };
     for step in start_step.. {
-        let result = build_batch(
-            &reader, &fetcher, &order, &config, &mut memo, step, shard_size,
-        );
-        let msg = match result {
-            Ok(b) => Message::Batch(Box::new(b)),
+        let msg = match plan.step(step, &config) {
+            Ok(Some(samples)) => match build_batch(&source, &config, &mut memo, step, samples) {
+                Ok(b) => Message::Batch(Box::new(b)),
+                Err(e) => Message::Failed(e),
+            },
+            Ok(None) => Message::End,
             Err(e) => Message::Failed(e),
         };
-        let failed = matches!(msg, Message::Failed(_));
-        if tx.send(msg).is_err() || failed {
-            return; // the consumer is gone, or told about the failure
+        let last = !matches!(msg, Message::Batch(_));
+        if tx.send(msg).is_err() || last {
+            return; // the consumer is gone, or told about the failure or the end
         }
     }
 }
 
 fn build_batch(
-    reader: &StoreReader,
-    fetcher: &Fetcher,
-    order: &SampleOrder,
+    source: &Source,
     config: &LoaderConfig,
     memo: &mut ShardMemo,
     step: u64,
-    shard_size: u64,
+    samples: EvalBatch,
 ) -> Result<Batch, ShardError> {
-    let indices = order
-        .rank_slice(step, config.rank, config.world)
-        .map_err(|e| ShardError::InvalidConfig(e.to_string()))?;
+    let shard_size = source.shard_size;
     // The shards this step touches: from the memo, or fetched whole (several in flight) and decoded in parallel.
     let mut shards: HashMap<u64, Arc<Shard>> = HashMap::new();
     let mut needed = Vec::new();
-    for s in indices.iter().map(|i| i / shard_size) {
+    for s in samples.indices.iter().map(|i| i / shard_size) {
         if shards.contains_key(&s) || needed.contains(&s) {
             continue;
         }
@@ -504,12 +629,7 @@ fn build_batch(
     }
     let fetched: Vec<(u64, Result<Shard, ShardError>)> = needed
         .par_iter()
-        .map(|&s| {
-            (
-                s,
-                reader.read_shard_with(config.split, s, &|key| fetcher.get(key)),
-            )
-        })
+        .map(|&s| (s, source.read_shard(config.split, s)))
         .collect();
     for (s, r) in fetched {
         match r {
@@ -524,40 +644,51 @@ fn build_batch(
             Err(e) => return Err(e),
         }
     }
-    let pixels_per = reader.layout().image_size as usize * reader.layout().image_size as usize;
-    let mut out_idx = Vec::with_capacity(indices.len());
-    let mut raw: Vec<u16> = Vec::with_capacity(indices.len() * pixels_per);
-    let mut labels = Vec::with_capacity(indices.len() * NUM_LABELS);
-    let mut age = Vec::with_capacity(indices.len());
-    let mut image_ids = Vec::with_capacity(indices.len());
+    let sample_shape = source.sample_shape();
+    let per: usize = sample_shape.iter().product();
+    let n = samples.indices.len();
+    let mut out_idx = Vec::with_capacity(n);
+    let mut valid = Vec::with_capacity(n);
+    let mut raw: Vec<u16> = Vec::new();
+    let mut latents: Vec<f32> = Vec::new();
+    let mut labels = Vec::with_capacity(n * NUM_LABELS);
+    let mut age = Vec::with_capacity(n);
+    let mut image_ids = Vec::with_capacity(n);
     let mut skipped = 0;
-    for &i in &indices {
+    for (&i, &real) in samples.indices.iter().zip(&samples.valid) {
         let Some(shard) = shards.get(&(i / shard_size)) else {
             skipped += 1;
             continue;
         };
         let r = (i % shard_size) as usize;
         out_idx.push(i);
-        raw.extend_from_slice(&shard.images[r * pixels_per..(r + 1) * pixels_per]);
+        valid.push(real);
+        match source.latents {
+            Some(_) => latents.extend_from_slice(&shard.latents[r * per..(r + 1) * per]),
+            None => raw.extend_from_slice(&shard.images[r * per..(r + 1) * per]),
+        }
         labels.extend_from_slice(&shard.labels[r * NUM_LABELS..(r + 1) * NUM_LABELS]);
         age.push(shard.age[r]);
         image_ids.push(shard.image_ids[r].clone());
     }
-    let pixels = match config.output {
-        PixelOutput::U16 => Pixels::U16(raw),
-        PixelOutput::Dequantised => {
+    let inputs = match config.output {
+        ModelInput::U16 => Inputs::U16(raw),
+        ModelInput::Dequantised => {
             let mut rng = SplitMix64::stream(&[config.seed, step, config.rank, 0xde9a]);
-            Pixels::F32(
+            Inputs::F32(
                 raw.iter()
                     .map(|&n| 2.0 * (f32::from(n) + rng.unit_f32()) / 65536.0 - 1.0)
                     .collect(),
             )
         }
+        ModelInput::Latents => Inputs::F32(latents),
     };
     Ok(Batch {
         step,
         indices: out_idx,
-        pixels,
+        valid,
+        sample_shape,
+        inputs,
         labels,
         age,
         image_ids,

@@ -3,6 +3,7 @@
 //! Refuses stores without `manifest.json`; the layout comes from the manifest, so a reader never guesses it.
 
 use std::borrow::Cow;
+use std::sync::Arc;
 
 use zarrs::array::{Array, ArrayToBytesCodecTraits, CodecOptions, ElementOwned, FromArrayBytes};
 use zarrs::storage::store::MemoryStore;
@@ -29,6 +30,32 @@ pub struct Shard {
     pub age: Vec<f32>,
     pub image_ids: Vec<String>,
     pub patient_ids: Vec<String>,
+    /// `[rows, C, H, W]` as f32 (standardised per channel when the array carries statistics); empty unless
+    /// the shard was read for a latent model.
+    pub latents: Vec<f32>,
+}
+
+/// Element type of a latents array.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LatentType {
+    F16,
+    BF16,
+    F32,
+}
+
+/// The optional `<split>/latents` array (precomputed VAE latents), written after ingest by an encoder job.
+///
+/// Contract, checked when it is opened: 4-D `[N, C, H, W]` float16, bfloat16 or float32 with N equal to the
+/// split's rows (or padded up to whole shards), one chunk (or shard) per `shard_images` rows spanning all of C,
+/// H and W, so a loader reads one object per shard as for images. Optional attributes `channel_mean` and
+/// `channel_std` (C numbers each) standardise every channel on read.
+pub struct LatentArray {
+    array: Array<MemoryStore>,
+    element: LatentType,
+    /// `[C, H, W]`.
+    pub sample_shape: [usize; 3],
+    /// Per-channel (mean, std) applied on read.
+    pub standardise: Option<(Vec<f32>, Vec<f32>)>,
 }
 
 pub struct StoreReader {
@@ -160,15 +187,8 @@ impl StoreReader {
         index: u64,
         fetch: Fetch<'_>,
     ) -> Result<Shard, ShardError> {
-        let s = u64::from(self.layout().shard_images);
-        let total = self.len(split);
-        if index.checked_mul(s).is_none_or(|first| first >= total) {
-            return Err(ShardError::NotFound {
-                url: self.storage.describe(&format!("{split} shard {index}")),
-            });
-        }
-        let rows = (total - index * s).min(s) as usize;
-        let capacity = self.shards(split) * s;
+        let rows = self.rows_in_shard(split, index)?;
+        let capacity = self.shards(split) * u64::from(self.layout().shard_images);
         let array = |kind| self.layout().array(split, kind, capacity);
         let pixels = (self.layout().image_size as usize).pow(2);
         let mut images: Vec<u16> = self.read_array(&array(ArrayKind::Images)?, index, fetch)?;
@@ -190,6 +210,166 @@ impl StoreReader {
             age,
             image_ids,
             patient_ids,
+            latents: Vec::new(),
+        })
+    }
+
+    /// The latents array of `split`, if the store has one; an error if it breaks the contract of [`LatentArray`].
+    pub fn latents(&self, split: Split) -> Result<Option<LatentArray>, ShardError> {
+        let path = format!("{}/latents", split.name());
+        let key = format!("{path}/zarr.json");
+        let Some(json) = self.storage.get_opt(&key)? else {
+            return Ok(None);
+        };
+        let bad = |problem: String| ShardError::InvalidStore {
+            url: self.storage.describe(&key),
+            problem,
+        };
+        let metadata: zarrs::array::ArrayMetadata = serde_json::from_slice(&json)
+            .map_err(|e| bad(format!("is not Zarr array metadata: {e}")))?;
+        let raw: serde_json::Value =
+            serde_json::from_slice(&json).map_err(|e| bad(format!("is not JSON: {e}")))?;
+        let element = match raw.get("data_type").and_then(|d| d.as_str()) {
+            Some("float16") => LatentType::F16,
+            Some("bfloat16") => LatentType::BF16,
+            Some("float32") => LatentType::F32,
+            other => {
+                return Err(bad(format!(
+                    "has data_type {other:?}; latents must be float16, bfloat16 or float32"
+                )));
+            }
+        };
+        let array =
+            Array::new_with_metadata(Arc::new(MemoryStore::new()), &format!("/{path}"), metadata)
+                .map_err(|e| bad(format!("cannot be opened: {e}")))?;
+        let shape = array.shape().to_vec();
+        let s = u64::from(self.layout().shard_images);
+        let rows = self.len(split);
+        if shape.len() != 4 {
+            return Err(bad(format!(
+                "has shape {shape:?}; latents must be [N, C, H, W]"
+            )));
+        }
+        if shape[0] < rows || shape[0] > self.shards(split) * s {
+            return Err(bad(format!(
+                "has {} rows; the split has {rows} images (padding up to whole shards of {s} is allowed)",
+                shape[0]
+            )));
+        }
+        let chunk: Vec<u64> = array
+            .chunk_shape(&[0, 0, 0, 0])
+            .map_err(|e| bad(e.to_string()))?
+            .iter()
+            .map(|d| d.get())
+            .collect();
+        if chunk != [s, shape[1], shape[2], shape[3]] {
+            return Err(bad(format!(
+                "is chunked {chunk:?}; the loader needs one chunk (or shard) per {s} rows spanning C, H and W: \
+                 [{s}, {}, {}, {}]",
+                shape[1], shape[2], shape[3]
+            )));
+        }
+        let channels = shape[1] as usize;
+        let stat = |name: &str| -> Result<Option<Vec<f32>>, ShardError> {
+            let Some(v) = array.attributes().get(name) else {
+                return Ok(None);
+            };
+            let values: Vec<f32> = serde_json::from_value(v.clone())
+                .map_err(|e| bad(format!("attribute {name} is not a list of numbers: {e}")))?;
+            if values.len() != channels || values.iter().any(|x| !x.is_finite()) {
+                return Err(bad(format!(
+                    "attribute {name} must hold {channels} finite numbers (got {})",
+                    values.len()
+                )));
+            }
+            Ok(Some(values))
+        };
+        let standardise = match (stat("channel_mean")?, stat("channel_std")?) {
+            (Some(mean), Some(std)) => {
+                if std.iter().any(|&x| x <= 0.0) {
+                    return Err(bad("attribute channel_std must be positive".into()));
+                }
+                Some((mean, std))
+            }
+            (None, None) => None,
+            _ => {
+                return Err(bad(
+                    "has only one of channel_mean and channel_std; give both or neither".into(),
+                ));
+            }
+        };
+        Ok(Some(LatentArray {
+            array,
+            element,
+            sample_shape: [channels, shape[2] as usize, shape[3] as usize],
+            standardise,
+        }))
+    }
+
+    /// Reads shard `index` of `split` for a latent model: the latents instead of the images, plus the metadata.
+    pub fn read_latent_shard_with(
+        &self,
+        split: Split,
+        index: u64,
+        latents: &LatentArray,
+        fetch: Fetch<'_>,
+    ) -> Result<Shard, ShardError> {
+        let rows = self.rows_in_shard(split, index)?;
+        let capacity = self.shards(split) * u64::from(self.layout().shard_images);
+        let array = |kind| self.layout().array(split, kind, capacity);
+        let mut labels: Vec<u8> = self.read_array(&array(ArrayKind::Labels)?, index, fetch)?;
+        let mut age: Vec<f32> = self.read_array(&array(ArrayKind::Age)?, index, fetch)?;
+        let mut image_ids: Vec<String> =
+            self.read_array(&array(ArrayKind::ImageId)?, index, fetch)?;
+        let mut patient_ids: Vec<String> =
+            self.read_array(&array(ArrayKind::PatientId)?, index, fetch)?;
+        let per: usize = latents.sample_shape.iter().product();
+        let mut values: Vec<f32> = match latents.element {
+            LatentType::F32 => self.read_array(&latents.array, index, fetch)?,
+            LatentType::F16 => self
+                .read_array::<half::f16>(&latents.array, index, fetch)?
+                .into_iter()
+                .map(f32::from)
+                .collect(),
+            LatentType::BF16 => self
+                .read_array::<half::bf16>(&latents.array, index, fetch)?
+                .into_iter()
+                .map(f32::from)
+                .collect(),
+        };
+        // The last shard may be shorter than a chunk when the array was not padded.
+        values.truncate(rows * per);
+        if values.len() != rows * per {
+            return Err(ShardError::InvalidStore {
+                url: self
+                    .storage
+                    .describe(&format!("{split}/latents shard {index}")),
+                problem: format!(
+                    "holds {} values; {rows} rows need {}",
+                    values.len(),
+                    rows * per
+                ),
+            });
+        }
+        if let Some((mean, std)) = &latents.standardise {
+            let plane = latents.sample_shape[1] * latents.sample_shape[2];
+            for (i, v) in values.iter_mut().enumerate() {
+                let c = (i / plane) % latents.sample_shape[0];
+                *v = (*v - mean[c]) / std[c];
+            }
+        }
+        labels.truncate(rows * NUM_LABELS);
+        age.truncate(rows);
+        image_ids.truncate(rows);
+        patient_ids.truncate(rows);
+        Ok(Shard {
+            rows,
+            images: Vec::new(),
+            labels,
+            age,
+            image_ids,
+            patient_ids,
+            latents: values,
         })
     }
 
@@ -202,6 +382,7 @@ impl StoreReader {
             age: vec![],
             image_ids: vec![],
             patient_ids: vec![],
+            latents: vec![],
         };
         for k in 0..self.shards(split) {
             let s = self.read_shard(split, k)?;

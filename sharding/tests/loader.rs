@@ -6,7 +6,7 @@ use std::path::Path;
 use radit_sharding::ingest::{IngestOutcome, RunOptions, ingest};
 use radit_sharding::layout::{Compression, StoreLayout};
 use radit_sharding::loader::{
-    Batch, CacheConfig, Loader, LoaderConfig, NodeCache, PixelOutput, Pixels,
+    Batch, CacheConfig, Inputs, Loader, LoaderConfig, ModelInput, NodeCache, Pass,
 };
 use radit_sharding::manifest::IngestSettings;
 use radit_sharding::order::SampleOrder;
@@ -54,20 +54,22 @@ fn config(world: u64, rank: u64) -> LoaderConfig {
         global_batch: 12,
         world,
         rank,
-        output: PixelOutput::U16,
+        output: ModelInput::U16,
         ..LoaderConfig::default()
     }
 }
 
 fn take(url: &str, cfg: LoaderConfig, from: u64, n: usize) -> Vec<Batch> {
     let mut loader = Loader::open(Storage::open_existing(url).unwrap(), cfg, from).unwrap();
-    (0..n).map(|_| loader.next_batch().unwrap()).collect()
+    (0..n)
+        .map(|_| loader.next_batch().unwrap().unwrap())
+        .collect()
 }
 
 fn u16s(b: &Batch) -> &[u16] {
-    match &b.pixels {
-        Pixels::U16(p) => p,
-        Pixels::F32(_) => panic!("expected u16 pixels"),
+    match &b.inputs {
+        Inputs::U16(p) => p,
+        Inputs::F32(_) => panic!("expected u16 pixels"),
     }
 }
 
@@ -117,8 +119,8 @@ fn any_world_size_sees_the_same_global_batches_and_resumes_exactly() {
         }
     }
     let mut loader = Loader::open(Storage::open_existing(&url).unwrap(), config(2, 1), 7).unwrap();
-    loader.next_batch().unwrap();
-    loader.next_batch().unwrap();
+    loader.next_batch().unwrap().unwrap();
+    loader.next_batch().unwrap().unwrap();
     assert_eq!(loader.state().step, 9);
 }
 
@@ -127,7 +129,7 @@ fn dequantised_pixels_are_reproducible_and_stay_in_their_bin() {
     let dir = tempfile::tempdir().unwrap();
     let url = store(dir.path(), 40);
     let f32_cfg = LoaderConfig {
-        output: PixelOutput::Dequantised,
+        output: ModelInput::Dequantised,
         ..config(1, 0)
     };
     let a = take(&url, f32_cfg.clone(), 2, 2);
@@ -135,7 +137,7 @@ fn dequantised_pixels_are_reproducible_and_stay_in_their_bin() {
     let raw = take(&url, config(1, 0), 2, 2);
     assert_eq!(a, b, "same (seed, step, rank) gives the same noise");
     for (d, r) in a.iter().zip(&raw) {
-        let Pixels::F32(x) = &d.pixels else {
+        let Inputs::F32(x) = &d.inputs else {
             panic!("f32 expected")
         };
         let mut fractional = 0.0f64;
@@ -152,10 +154,10 @@ fn dequantised_pixels_are_reproducible_and_stay_in_their_bin() {
         assert!((mean - 0.5).abs() < 0.05, "u ~ U[0,1): mean {mean}");
     }
     let (s2, s3) = (&a[0], &a[1]);
-    let Pixels::F32(x2) = &s2.pixels else {
+    let Inputs::F32(x2) = &s2.inputs else {
         unreachable!()
     };
-    let Pixels::F32(x3) = &s3.pixels else {
+    let Inputs::F32(x3) = &s3.inputs else {
         unreachable!()
     };
     assert_ne!(x2[..16], x3[..16], "fresh noise every step");
@@ -176,7 +178,7 @@ fn the_second_epoch_reads_from_the_node_local_cache() {
     let epoch_steps = 64u64.div_ceil(12) as usize + 1;
     let mut loader = Loader::open(Storage::open_existing(&url).unwrap(), cfg.clone(), 0).unwrap();
     for _ in 0..epoch_steps {
-        loader.next_batch().unwrap();
+        loader.next_batch().unwrap().unwrap();
     }
     let first = loader.stats();
     assert!(first.bytes_read > 0 && first.cache_misses > 0);
@@ -184,7 +186,7 @@ fn the_second_epoch_reads_from_the_node_local_cache() {
     // A new process on the same node: everything is local now.
     let mut again = Loader::open(Storage::open_existing(&url).unwrap(), cfg, 0).unwrap();
     for _ in 0..epoch_steps {
-        again.next_batch().unwrap();
+        again.next_batch().unwrap().unwrap();
     }
     let second = again.stats();
     assert_eq!(second.bytes_read, 0, "{second:?}");
@@ -206,7 +208,7 @@ fn the_second_epoch_reads_from_the_node_local_cache() {
     )
     .unwrap();
     for _ in 0..epoch_steps {
-        tight.next_batch().unwrap();
+        tight.next_batch().unwrap().unwrap();
     }
     // Dropping the loader waits for its prefetch thread, so the directory is settled.
     drop(tight);
@@ -266,4 +268,56 @@ fn a_missing_shard_is_named_or_skipped_and_counted() {
         "every sample of shard 1 is skipped and counted"
     );
     assert!(batches.iter().all(|b| b.indices.iter().all(|i| i / 8 != 1)));
+}
+
+#[test]
+fn evaluation_covers_the_split_once_and_every_rank_runs_the_same_steps() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = store(dir.path(), 100);
+    let reader = StoreReader::open(Storage::open_existing(&url).unwrap()).unwrap();
+    let all = reader.read_split(Split::Train).unwrap();
+    for world in [1u64, 2, 3, 4] {
+        let mut seen: Vec<String> = Vec::new();
+        let mut steps = Vec::new();
+        let mut per_step: Vec<Vec<String>> = Vec::new();
+        for rank in 0..world {
+            let cfg = LoaderConfig {
+                pass: Pass::Eval,
+                ..config(world, rank)
+            };
+            let mut loader = Loader::open(Storage::open_existing(&url).unwrap(), cfg, 0).unwrap();
+            let mut n = 0;
+            while let Some(b) = loader.next_batch().unwrap() {
+                assert_eq!(
+                    b.len() as u64,
+                    12 / world,
+                    "every step is full on every rank"
+                );
+                if per_step.len() <= n {
+                    per_step.push(Vec::new());
+                }
+                for (id, real) in b.image_ids.iter().zip(&b.valid) {
+                    if *real {
+                        per_step[n].push(id.clone());
+                    }
+                }
+                n += 1;
+            }
+            assert!(
+                loader.next_batch().unwrap().is_none(),
+                "the pass stays ended"
+            );
+            assert_eq!(Some(n as u64), loader.eval_steps());
+            steps.push(n);
+        }
+        assert!(
+            steps.iter().all(|&n| n == steps[0]),
+            "world {world}: {steps:?}"
+        );
+        for ids in per_step {
+            seen.extend(ids);
+        }
+        // Stored order, each image exactly once.
+        assert_eq!(seen, all.image_ids, "world {world}");
+    }
 }
