@@ -13,6 +13,7 @@ use radit_sharding::ShardError;
 use radit_sharding::audit::{self, AuditRequest};
 use radit_sharding::ingest::{IngestOutcome, RunOptions, ingest};
 use radit_sharding::layout::{Compression, StoreLayout};
+use radit_sharding::loader::{CacheConfig, LoaderConfig, ModelInput, Pass};
 use radit_sharding::manifest::{IngestSettings, Manifest, verify};
 use radit_sharding::reader::StoreReader;
 use radit_sharding::schema::{EncodingConfig, UncertainPolicy};
@@ -21,6 +22,7 @@ use radit_sharding::split::SplitConfig;
 use radit_sharding::store::Storage;
 use radit_sharding::synth::{SynthConfig, generate, parse_sizes};
 use radit_sharding::table::TableConfig;
+use radit_sharding::throughput;
 
 /// Exit codes: what the caller (a person, a script, Slurm) should do next.
 mod exit {
@@ -48,7 +50,7 @@ enum Command {
     Shard(ShardArgs),
     /// The embedded default job: synthesise a small dataset, shard it locally, verify it, print a summary.
     Quickstart(QuickstartArgs),
-    /// Inspect the training data order.
+    /// Inspect the training data: its order, and how fast the loader reads it.
     #[command(subcommand)]
     Data(DataCommand),
     /// Print which libtorch this binary loaded and which devices it sees.
@@ -131,6 +133,67 @@ struct ShardArgs {
 enum DataCommand {
     /// Print, one line per step, the image_ids that one rank sees: `step K: id id ...`.
     Batches(BatchesArgs),
+    /// Measure the loader on a store: samples/s delivered, time waited, bytes read, cache hits; optionally the
+    /// ceiling (read + decompress every shard, nothing else) and a digest of the batches.
+    Bench(BenchArgs),
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum InputArg {
+    U16,
+    Dequantised,
+    Latents,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum PassArg {
+    Train,
+    Eval,
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// The store (path, file:// or s3:// URL).
+    url: String,
+    #[arg(long, default_value = "train")]
+    split: Split,
+    #[arg(long, value_enum, default_value = "train")]
+    pass: PassArg,
+    #[arg(long, value_enum, default_value = "dequantised")]
+    input: InputArg,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long, default_value_t = 64)]
+    global_batch: u64,
+    #[arg(long, default_value_t = radit_sharding::order::DEFAULT_WINDOW_SHARDS)]
+    window_shards: u64,
+    #[arg(long, default_value_t = 1)]
+    world: u64,
+    #[arg(long, default_value_t = 0)]
+    rank: u64,
+    /// Steps to run (default: one epoch of the split, or the whole evaluation pass).
+    #[arg(long)]
+    steps: Option<u64>,
+    /// Node-local cache directory (kept between runs: run twice for a warm cache).
+    #[arg(long)]
+    cache: Option<PathBuf>,
+    #[arg(long, default_value_t = 64.0)]
+    cache_gib: f64,
+    /// Batches prepared ahead.
+    #[arg(long, default_value_t = 4)]
+    prefetch: usize,
+    /// Decode threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Also measure the ceiling, after the loader run.
+    #[arg(long)]
+    ceiling: bool,
+    /// Print a sha256 of the delivered batches (to compare runs).
+    #[arg(long)]
+    digest: bool,
+    /// One JSON object instead of text.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -176,6 +239,7 @@ fn main() -> ExitCode {
         Command::Shard(a) => run_shard(a),
         Command::Quickstart(a) => run_quickstart(a),
         Command::Data(DataCommand::Batches(a)) => run_batches(a),
+        Command::Data(DataCommand::Bench(a)) => run_bench(a),
         Command::Info => run_info(),
     };
     match result {
@@ -395,8 +459,8 @@ fn path_str(p: &Path) -> anyhow::Result<&str> {
 }
 
 fn run_batches(a: BatchesArgs) -> anyhow::Result<u8> {
-    let reader =
-        StoreReader::open(Storage::open(&a.url)?).with_context(|| format!("opening {}", a.url))?;
+    let reader = StoreReader::open(Storage::open_existing(&a.url)?)
+        .with_context(|| format!("opening {}", a.url))?;
     let req = AuditRequest {
         split: a.split,
         seed: a.seed,
@@ -413,6 +477,118 @@ fn run_batches(a: BatchesArgs) -> anyhow::Result<u8> {
     }
     out.flush()?;
     Ok(0)
+}
+
+fn run_bench(a: BenchArgs) -> anyhow::Result<u8> {
+    let threads = a.threads.unwrap_or_else(num_cpus_or_one);
+    if threads == 0 {
+        anyhow::bail!("--threads must be at least 1");
+    }
+    if !(a.cache_gib > 0.0 && a.cache_gib.is_finite()) {
+        anyhow::bail!(
+            "--cache-gib must be a positive number (got {})",
+            a.cache_gib
+        );
+    }
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build_global()
+        .context("starting the decode threads")?;
+    let config = LoaderConfig {
+        split: a.split,
+        pass: match a.pass {
+            PassArg::Train => Pass::Train,
+            PassArg::Eval => Pass::Eval,
+        },
+        seed: a.seed,
+        window_shards: a.window_shards,
+        global_batch: a.global_batch,
+        rank: a.rank,
+        world: a.world,
+        output: match a.input {
+            InputArg::U16 => ModelInput::U16,
+            InputArg::Dequantised => ModelInput::Dequantised,
+            InputArg::Latents => ModelInput::Latents,
+        },
+        prefetch_steps: a.prefetch,
+        cache: a.cache.map(|dir| CacheConfig {
+            dir,
+            max_bytes: (a.cache_gib * (1u64 << 30) as f64) as u64,
+        }),
+        ..LoaderConfig::default()
+    };
+    let storage = Storage::open_existing(&a.url)?;
+    let steps = match (a.steps, config.pass) {
+        (Some(n), _) => Some(n),
+        (None, Pass::Eval) => None,
+        (None, Pass::Train) => {
+            let reader =
+                StoreReader::open(storage.clone()).with_context(|| format!("opening {}", a.url))?;
+            Some(reader.len(a.split).div_ceil(a.global_batch.max(1)))
+        }
+    };
+    let run = throughput::measure_loader(storage.clone(), config.clone(), steps, a.digest)
+        .with_context(|| format!("reading {}", a.url))?;
+    let ceiling = if a.ceiling {
+        Some(
+            throughput::measure_ceiling(storage, &config)
+                .with_context(|| format!("reading {}", a.url))?,
+        )
+    } else {
+        None
+    };
+    let mib = |b: u64| b as f64 / f64::from(1u32 << 20);
+    let secs = run.elapsed.as_secs_f64();
+    if a.json {
+        let mut v = serde_json::json!({
+            "url": a.url, "threads": threads, "steps": run.steps, "samples": run.samples,
+            "seconds": secs, "samples_per_s": run.samples_per_second(),
+            "samples_per_s_per_core": run.samples_per_second() / threads as f64,
+            "wait_seconds": run.stats.wait.as_secs_f64(), "bytes_read": run.stats.bytes_read,
+            "cache_hits": run.stats.cache_hits, "cache_misses": run.stats.cache_misses,
+            "skipped_samples": run.stats.skipped_samples, "digest": run.digest,
+        });
+        if let Some(c) = &ceiling {
+            v["ceiling"] = serde_json::json!({
+                "shards": c.shards, "samples": c.samples, "bytes": c.bytes,
+                "seconds": c.elapsed.as_secs_f64(), "samples_per_s": c.samples_per_second(),
+            });
+        }
+        println!("{v}");
+    } else {
+        println!(
+            "loader: {} samples in {} steps, {secs:.2} s: {:.1} samples/s ({:.1} per core, {threads} threads)",
+            run.samples,
+            run.steps,
+            run.samples_per_second(),
+            run.samples_per_second() / threads as f64,
+        );
+        println!(
+            "  waited {:.2} s; read {:.1} MiB from the store ({:.1} MiB/s); cache {} hits, {} misses",
+            run.stats.wait.as_secs_f64(),
+            mib(run.stats.bytes_read),
+            mib(run.stats.bytes_read) / secs.max(1e-9),
+            run.stats.cache_hits,
+            run.stats.cache_misses
+        );
+        if let Some(c) = &ceiling {
+            println!(
+                "ceiling (read + decompress every shard once): {} samples, {:.2} s: {:.1} samples/s, {:.1} MiB/s",
+                c.samples,
+                c.elapsed.as_secs_f64(),
+                c.samples_per_second(),
+                mib(c.bytes) / c.elapsed.as_secs_f64().max(1e-9)
+            );
+        }
+        if let Some(d) = &run.digest {
+            println!("digest: {d}");
+        }
+    }
+    Ok(0)
+}
+
+fn num_cpus_or_one() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 fn run_info() -> anyhow::Result<u8> {

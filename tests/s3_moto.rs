@@ -1,5 +1,6 @@
 //! The same ingest into a bucket on a real S3-compatible server (moto on 127.0.0.1): it completes, verifies,
-//! resumes, is byte-identical to the local store, and zarr-python reads what was stored.
+//! resumes, is byte-identical to the local store, zarr-python reads what was stored, and the loader streams the same
+//! batches from the bucket (then from its node-local cache) as from the local store.
 
 mod common;
 
@@ -56,6 +57,29 @@ fn ingest_to_s3_verifies_resumes_and_matches_the_local_store() {
         "S3 and local stores hold the same bytes"
     );
     check_store_with_zarr_python(&mirror, &table, &images, &dir.path().join("py.json"));
+
+    // The loader streams the same batches from the bucket as from the local store; a second run through the
+    // node-local cache reads nothing from S3.
+    let cache = dir.path().join("cache");
+    let bench = |url: &str, cache: Option<&std::path::Path>| -> serde_json::Value {
+        let mut cmd = radit();
+        cmd.args(["data", "bench", url, "--global-batch", "8", "--steps", "9"])
+            .args(["--seed", "3", "--window-shards", "2", "--digest", "--json"])
+            .envs(moto.env());
+        if let Some(c) = cache {
+            cmd.arg("--cache").arg(c);
+        }
+        serde_json::from_str(&stdout(&run_ok(&mut cmd))).unwrap()
+    };
+    let local_run = bench(local.to_str().unwrap(), None);
+    let cold = bench(url, Some(&cache));
+    let warm = bench(url, Some(&cache));
+    assert_eq!(local_run["samples"], 72);
+    assert_eq!(cold["digest"], local_run["digest"], "{cold} vs {local_run}");
+    assert_eq!(warm["digest"], local_run["digest"]);
+    assert!(cold["bytes_read"].as_u64().unwrap() > 0, "{cold}");
+    assert_eq!(warm["bytes_read"], 0, "{warm}");
+    assert_eq!(warm["cache_misses"], 0, "{warm}");
 }
 
 #[test]

@@ -28,5 +28,6 @@ pub mod split;
 pub mod store;
 pub mod synth;
 pub mod table;
+pub mod throughput;
 
 pub use error::ShardError;

@@ -1,0 +1,126 @@
+//! How fast the loader delivers samples from a store, next to the ceiling it is measured against: reading and
+//! decompressing the same shard objects with nothing else (no order, no batch assembly, no dequantisation).
+//! `radit data bench` prints both; the digest lets two runs (local and S3, cold and warm) prove they delivered
+//! the same batches.
+
+use std::time::{Duration, Instant};
+
+use rayon::prelude::*;
+use sha2::{Digest, Sha256};
+
+use crate::error::ShardError;
+use crate::loader::{Inputs, Loader, LoaderConfig, LoaderStats, ModelInput};
+use crate::reader::StoreReader;
+use crate::store::Storage;
+
+/// One timed run of the loader.
+#[derive(Debug, Clone)]
+pub struct LoaderRun {
+    pub steps: u64,
+    pub samples: u64,
+    pub elapsed: Duration,
+    pub stats: LoaderStats,
+    /// sha256 over every batch's indices, inputs, labels and ages, in order (when asked for).
+    pub digest: Option<String>,
+}
+
+impl LoaderRun {
+    pub fn samples_per_second(&self) -> f64 {
+        self.samples as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+}
+
+/// Runs the loader for `steps` steps from step 0 (all of an evaluation pass when `steps` is `None`) and times it
+/// from opening the store to the last batch. Hashing the batches (`digest`) costs time of its own.
+pub fn measure_loader(
+    storage: Storage,
+    config: LoaderConfig,
+    steps: Option<u64>,
+    digest: bool,
+) -> Result<LoaderRun, ShardError> {
+    let started = Instant::now();
+    let mut loader = Loader::open(storage, config, 0)?;
+    let mut hash = digest.then(Sha256::new);
+    let mut buf: Vec<u8> = Vec::new();
+    let mut samples = 0;
+    let mut done = 0;
+    while steps.is_none_or(|n| done < n) {
+        let Some(batch) = loader.next_batch()? else {
+            break;
+        };
+        if let Some(hash) = hash.as_mut() {
+            buf.clear();
+            batch
+                .indices
+                .iter()
+                .for_each(|i| buf.extend(i.to_le_bytes()));
+            match &batch.inputs {
+                Inputs::U16(v) => v.iter().for_each(|x| buf.extend(x.to_le_bytes())),
+                Inputs::F32(v) => v.iter().for_each(|x| buf.extend(x.to_le_bytes())),
+            }
+            buf.extend(&batch.labels);
+            batch.age.iter().for_each(|a| buf.extend(a.to_le_bytes()));
+            hash.update(&buf);
+        }
+        // Padding of a last evaluation batch is not a delivered sample.
+        samples += batch.valid.iter().filter(|v| **v).count() as u64;
+        done += 1;
+    }
+    let elapsed = started.elapsed();
+    let stats = loader.stats();
+    Ok(LoaderRun {
+        steps: done,
+        samples,
+        elapsed,
+        stats,
+        digest: hash.map(|h| crate::table::hex(&h.finalize())),
+    })
+}
+
+/// One timed read of every shard of a split.
+#[derive(Debug, Clone)]
+pub struct CeilingRun {
+    pub shards: u64,
+    pub samples: u64,
+    pub bytes: u64,
+    pub elapsed: Duration,
+}
+
+impl CeilingRun {
+    pub fn samples_per_second(&self) -> f64 {
+        self.samples as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+}
+
+/// Fetches and decodes every shard of the split once, all shards in parallel on the current rayon pool.
+pub fn measure_ceiling(storage: Storage, config: &LoaderConfig) -> Result<CeilingRun, ShardError> {
+    let started = Instant::now();
+    let reader = StoreReader::open(storage.clone())?;
+    let latents = match config.output {
+        ModelInput::Latents => reader.latents(config.split)?,
+        ModelInput::U16 | ModelInput::Dequantised => None,
+    };
+    let bytes = std::sync::atomic::AtomicU64::new(0);
+    let fetch = |key: &str| {
+        let b = storage.get(key)?;
+        bytes.fetch_add(b.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        Ok(b)
+    };
+    let shards = reader.shards(config.split);
+    let samples: Result<Vec<usize>, ShardError> = (0..shards)
+        .into_par_iter()
+        .map(|k| {
+            let shard = match &latents {
+                Some(l) => reader.read_latent_shard_with(config.split, k, l, &fetch)?,
+                None => reader.read_shard_with(config.split, k, &fetch)?,
+            };
+            Ok(shard.rows)
+        })
+        .collect();
+    Ok(CeilingRun {
+        shards,
+        samples: samples?.iter().sum::<usize>() as u64,
+        bytes: bytes.into_inner(),
+        elapsed: started.elapsed(),
+    })
+}
