@@ -133,8 +133,8 @@ struct ShardArgs {
 enum DataCommand {
     /// Print, one line per step, the image_ids that one rank sees: `step K: id id ...`.
     Batches(BatchesArgs),
-    /// Measure the loader on a store: samples/s delivered, time waited, bytes read, cache hits; optionally the
-    /// ceiling (read + decompress every shard, nothing else) and a digest of the batches.
+    /// Measure the loader on a store: samples/s delivered, time waited, bytes read, cache hits, optionally a
+    /// digest of the batches; or (--ceiling) the ceiling it is measured against: read + decompress every shard.
     Bench(BenchArgs),
 }
 
@@ -185,7 +185,7 @@ struct BenchArgs {
     /// Decode threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
-    /// Also measure the ceiling, after the loader run.
+    /// Measure the ceiling instead of the loader: fetch and decompress every shard once, all in parallel.
     #[arg(long)]
     ceiling: bool,
     /// Print a sha256 of the delivered batches (to compare runs).
@@ -527,20 +527,35 @@ fn run_bench(a: BenchArgs) -> anyhow::Result<u8> {
             Some(reader.len(a.split).div_ceil(a.global_batch.max(1)))
         }
     };
-    let run = throughput::measure_loader(storage.clone(), config.clone(), steps, a.digest)
-        .with_context(|| format!("reading {}", a.url))?;
-    let ceiling = if a.ceiling {
-        Some(
-            throughput::measure_ceiling(storage, &config)
-                .with_context(|| format!("reading {}", a.url))?,
-        )
-    } else {
-        None
-    };
     let mib = |b: u64| b as f64 / f64::from(1u32 << 20);
+    if a.ceiling {
+        let c = throughput::measure_ceiling(storage, &config)
+            .with_context(|| format!("reading {}", a.url))?;
+        let secs = c.elapsed.as_secs_f64();
+        if a.json {
+            let v = serde_json::json!({
+                "url": a.url, "threads": threads, "ceiling": true, "shards": c.shards,
+                "samples": c.samples, "bytes_read": c.bytes, "seconds": secs,
+                "samples_per_s": c.samples_per_second(),
+            });
+            println!("{v}");
+        } else {
+            println!(
+                "ceiling (read + decompress every shard once): {} samples in {} shards, {secs:.2} s: \
+                 {:.1} samples/s, {:.1} MiB/s ({threads} threads)",
+                c.samples,
+                c.shards,
+                c.samples_per_second(),
+                mib(c.bytes) / secs.max(1e-9)
+            );
+        }
+        return Ok(0);
+    }
+    let run = throughput::measure_loader(storage, config, steps, a.digest)
+        .with_context(|| format!("reading {}", a.url))?;
     let secs = run.elapsed.as_secs_f64();
     if a.json {
-        let mut v = serde_json::json!({
+        let v = serde_json::json!({
             "url": a.url, "threads": threads, "steps": run.steps, "samples": run.samples,
             "seconds": secs, "samples_per_s": run.samples_per_second(),
             "samples_per_s_per_core": run.samples_per_second() / threads as f64,
@@ -548,12 +563,6 @@ fn run_bench(a: BenchArgs) -> anyhow::Result<u8> {
             "cache_hits": run.stats.cache_hits, "cache_misses": run.stats.cache_misses,
             "skipped_samples": run.stats.skipped_samples, "digest": run.digest,
         });
-        if let Some(c) = &ceiling {
-            v["ceiling"] = serde_json::json!({
-                "shards": c.shards, "samples": c.samples, "bytes": c.bytes,
-                "seconds": c.elapsed.as_secs_f64(), "samples_per_s": c.samples_per_second(),
-            });
-        }
         println!("{v}");
     } else {
         println!(
@@ -571,15 +580,6 @@ fn run_bench(a: BenchArgs) -> anyhow::Result<u8> {
             run.stats.cache_hits,
             run.stats.cache_misses
         );
-        if let Some(c) = &ceiling {
-            println!(
-                "ceiling (read + decompress every shard once): {} samples, {:.2} s: {:.1} samples/s, {:.1} MiB/s",
-                c.samples,
-                c.elapsed.as_secs_f64(),
-                c.samples_per_second(),
-                mib(c.bytes) / c.elapsed.as_secs_f64().max(1e-9)
-            );
-        }
         if let Some(d) = &run.digest {
             println!("digest: {d}");
         }

@@ -37,7 +37,8 @@ use crate::store::Storage;
 pub enum ModelInput {
     /// Stored 16-bit pixel values.
     U16,
-    /// x = 2(n+u)/65536 - 1, u ~ U[0,1) fresh per step from (seed, step, rank): uniform dequantisation.
+    /// x = 2(n+u)/65536 - 1, u ~ U[0,1) fresh per step from (seed, step, sample index): uniform dequantisation
+    /// that a resume reproduces on any world size.
     Dequantised,
     /// The split's `latents` array as f32 (standardised per channel when it carries statistics); the images are
     /// not read at all.
@@ -649,8 +650,7 @@ fn build_batch(
     let n = samples.indices.len();
     let mut out_idx = Vec::with_capacity(n);
     let mut valid = Vec::with_capacity(n);
-    let mut raw: Vec<u16> = Vec::new();
-    let mut latents: Vec<f32> = Vec::new();
+    let mut rows: Vec<(&Shard, usize)> = Vec::with_capacity(n);
     let mut labels = Vec::with_capacity(n * NUM_LABELS);
     let mut age = Vec::with_capacity(n);
     let mut image_ids = Vec::with_capacity(n);
@@ -663,25 +663,46 @@ fn build_batch(
         let r = (i % shard_size) as usize;
         out_idx.push(i);
         valid.push(real);
-        match source.latents {
-            Some(_) => latents.extend_from_slice(&shard.latents[r * per..(r + 1) * per]),
-            None => raw.extend_from_slice(&shard.images[r * per..(r + 1) * per]),
-        }
+        rows.push((shard, r));
         labels.extend_from_slice(&shard.labels[r * NUM_LABELS..(r + 1) * NUM_LABELS]);
         age.push(shard.age[r]);
         image_ids.push(shard.image_ids[r].clone());
     }
+    // Copying (and dequantising) the inputs is the bulk of the work after decoding: one sample per task.
     let inputs = match config.output {
-        ModelInput::U16 => Inputs::U16(raw),
-        ModelInput::Dequantised => {
-            let mut rng = SplitMix64::stream(&[config.seed, step, config.rank, 0xde9a]);
-            Inputs::F32(
-                raw.iter()
-                    .map(|&n| 2.0 * (f32::from(n) + rng.unit_f32()) / 65536.0 - 1.0)
-                    .collect(),
-            )
+        ModelInput::U16 => {
+            let mut out = vec![0u16; rows.len() * per];
+            out.par_chunks_mut(per.max(1))
+                .zip(&rows)
+                .for_each(|(dst, (shard, r))| {
+                    dst.copy_from_slice(&shard.images[r * per..(r + 1) * per])
+                });
+            Inputs::U16(out)
         }
-        ModelInput::Latents => Inputs::F32(latents),
+        ModelInput::Dequantised => {
+            let mut out = vec![0f32; rows.len() * per];
+            out.par_chunks_mut(per.max(1))
+                .zip(rows.par_iter().zip(&out_idx))
+                .for_each(|(dst, ((shard, r), &index))| {
+                    dequantise(
+                        &shard.images[r * per..(r + 1) * per],
+                        dst,
+                        config.seed,
+                        step,
+                        index,
+                    )
+                });
+            Inputs::F32(out)
+        }
+        ModelInput::Latents => {
+            let mut out = vec![0f32; rows.len() * per];
+            out.par_chunks_mut(per.max(1))
+                .zip(&rows)
+                .for_each(|(dst, (shard, r))| {
+                    dst.copy_from_slice(&shard.latents[r * per..(r + 1) * per])
+                });
+            Inputs::F32(out)
+        }
     };
     Ok(Batch {
         step,
@@ -694,4 +715,25 @@ fn build_batch(
         image_ids,
         skipped,
     })
+}
+
+/// x = 2(n+u)/65536 - 1 with u ~ U[0,1) from a stream derived from (seed, step, sample index): fresh every step,
+/// reproduced on resume, and the same whichever rank (of whatever world size) holds the sample.
+fn dequantise(raw: &[u16], out: &mut [f32], seed: u64, step: u64, index: u64) {
+    let mut rng = SplitMix64::stream(&[seed, step, index, 0xde9a]);
+    const SCALE: f32 = 2.0 / 65536.0;
+    const UNIT: f32 = 1.0 / (1u32 << 24) as f32;
+    // Two 24-bit uniforms per 64-bit draw.
+    let mut pairs_raw = raw.chunks_exact(2);
+    let mut pairs_out = out.chunks_exact_mut(2);
+    for (n, x) in (&mut pairs_raw).zip(&mut pairs_out) {
+        let bits = rng.next_u64();
+        let u0 = (bits >> 40) as f32 * UNIT;
+        let u1 = ((bits >> 8) & 0xff_ffff) as f32 * UNIT;
+        x[0] = (f32::from(n[0]) + u0) * SCALE - 1.0;
+        x[1] = (f32::from(n[1]) + u1) * SCALE - 1.0;
+    }
+    if let ([n], [x]) = (pairs_raw.remainder(), pairs_out.into_remainder()) {
+        *x = (f32::from(*n) + rng.unit_f32()) * SCALE - 1.0;
+    }
 }
