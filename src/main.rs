@@ -153,10 +153,8 @@ enum PassArg {
 
 #[derive(Args)]
 struct BenchArgs {
-    /// The store (path, file:// or s3:// URL).
-    url: String,
-    #[arg(long, default_value = "train")]
-    split: Split,
+    #[command(flatten)]
+    slice: RankSliceArgs,
     #[arg(long, value_enum, default_value = "train")]
     pass: PassArg,
     #[arg(long, value_enum, default_value = "dequantised")]
@@ -165,12 +163,6 @@ struct BenchArgs {
     seed: u64,
     #[arg(long, default_value_t = 64)]
     global_batch: u64,
-    #[arg(long, default_value_t = radit_sharding::order::DEFAULT_WINDOW_SHARDS)]
-    window_shards: u64,
-    #[arg(long, default_value_t = 1)]
-    world: u64,
-    #[arg(long, default_value_t = 0)]
-    rank: u64,
     /// Steps to run (default: one epoch of the split, or the whole evaluation pass).
     #[arg(long)]
     steps: Option<u64>,
@@ -196,16 +188,13 @@ struct BenchArgs {
     json: bool,
 }
 
+/// Which store, split and rank the data commands look at.
 #[derive(Args)]
-struct BatchesArgs {
+struct RankSliceArgs {
     /// The store (path, file:// or s3:// URL).
     url: String,
     #[arg(long, default_value = "train")]
     split: Split,
-    #[arg(long)]
-    seed: u64,
-    #[arg(long)]
-    global_batch: u64,
     /// Shards mixed together by the shuffle (must match the run's loader setting).
     #[arg(long, default_value_t = radit_sharding::order::DEFAULT_WINDOW_SHARDS)]
     window_shards: u64,
@@ -213,6 +202,16 @@ struct BatchesArgs {
     world: u64,
     #[arg(long, default_value_t = 0)]
     rank: u64,
+}
+
+#[derive(Args)]
+struct BatchesArgs {
+    #[command(flatten)]
+    slice: RankSliceArgs,
+    #[arg(long)]
+    seed: u64,
+    #[arg(long)]
+    global_batch: u64,
     #[arg(long, default_value_t = 0)]
     from_step: u64,
     #[arg(long, default_value_t = 1)]
@@ -459,15 +458,15 @@ fn path_str(p: &Path) -> anyhow::Result<&str> {
 }
 
 fn run_batches(a: BatchesArgs) -> anyhow::Result<u8> {
-    let reader = StoreReader::open(Storage::open_existing(&a.url)?)
-        .with_context(|| format!("opening {}", a.url))?;
+    let reader = StoreReader::open(Storage::open_existing(&a.slice.url)?)
+        .with_context(|| format!("opening {}", a.slice.url))?;
     let req = AuditRequest {
-        split: a.split,
+        split: a.slice.split,
         seed: a.seed,
-        window_shards: a.window_shards,
+        window_shards: a.slice.window_shards,
         global_batch: a.global_batch,
-        world: a.world,
-        rank: a.rank,
+        world: a.slice.world,
+        rank: a.slice.rank,
         from_step: a.from_step,
         steps: a.steps,
     };
@@ -495,16 +494,16 @@ fn run_bench(a: BenchArgs) -> anyhow::Result<u8> {
         .build_global()
         .context("starting the decode threads")?;
     let config = LoaderConfig {
-        split: a.split,
+        split: a.slice.split,
         pass: match a.pass {
             PassArg::Train => Pass::Train,
             PassArg::Eval => Pass::Eval,
         },
         seed: a.seed,
-        window_shards: a.window_shards,
+        window_shards: a.slice.window_shards,
         global_batch: a.global_batch,
-        rank: a.rank,
-        world: a.world,
+        rank: a.slice.rank,
+        world: a.slice.world,
         output: match a.input {
             InputArg::U16 => ModelInput::U16,
             InputArg::Dequantised => ModelInput::Dequantised,
@@ -517,24 +516,15 @@ fn run_bench(a: BenchArgs) -> anyhow::Result<u8> {
         }),
         ..LoaderConfig::default()
     };
-    let storage = Storage::open_existing(&a.url)?;
-    let steps = match (a.steps, config.pass) {
-        (Some(n), _) => Some(n),
-        (None, Pass::Eval) => None,
-        (None, Pass::Train) => {
-            let reader =
-                StoreReader::open(storage.clone()).with_context(|| format!("opening {}", a.url))?;
-            Some(reader.len(a.split).div_ceil(a.global_batch.max(1)))
-        }
-    };
+    let storage = Storage::open_existing(&a.slice.url)?;
     let mib = |b: u64| b as f64 / f64::from(1u32 << 20);
     if a.ceiling {
         let c = throughput::measure_ceiling(storage, &config)
-            .with_context(|| format!("reading {}", a.url))?;
+            .with_context(|| format!("reading {}", a.slice.url))?;
         let secs = c.elapsed.as_secs_f64();
         if a.json {
             let v = serde_json::json!({
-                "url": a.url, "threads": threads, "ceiling": true, "shards": c.shards,
+                "url": a.slice.url, "threads": threads, "ceiling": true, "shards": c.shards,
                 "samples": c.samples, "bytes_read": c.bytes, "seconds": secs,
                 "samples_per_s": c.samples_per_second(),
             });
@@ -551,12 +541,12 @@ fn run_bench(a: BenchArgs) -> anyhow::Result<u8> {
         }
         return Ok(0);
     }
-    let run = throughput::measure_loader(storage, config, steps, a.digest)
-        .with_context(|| format!("reading {}", a.url))?;
+    let run = throughput::measure_loader(storage, config, a.steps, a.digest)
+        .with_context(|| format!("reading {}", a.slice.url))?;
     let secs = run.elapsed.as_secs_f64();
     if a.json {
         let v = serde_json::json!({
-            "url": a.url, "threads": threads, "steps": run.steps, "samples": run.samples,
+            "url": a.slice.url, "threads": threads, "steps": run.steps, "samples": run.samples,
             "seconds": secs, "samples_per_s": run.samples_per_second(),
             "samples_per_s_per_core": run.samples_per_second() / threads as f64,
             "wait_seconds": run.stats.wait.as_secs_f64(), "bytes_read": run.stats.bytes_read,

@@ -187,25 +187,38 @@ impl StoreReader {
         index: u64,
         fetch: Fetch<'_>,
     ) -> Result<Shard, ShardError> {
+        let mut shard = self.read_metadata(split, index, fetch)?;
+        let capacity = self.shards(split) * u64::from(self.layout().shard_images);
+        let images = self.layout().array(split, ArrayKind::Images, capacity)?;
+        let pixels = (self.layout().image_size as usize).pow(2);
+        shard.images = self.read_array(&images, index, fetch)?;
+        shard.images.truncate(shard.rows * pixels);
+        Ok(shard)
+    }
+
+    /// Shard `index` of `split` without its model inputs: labels, age and ids, trimmed to its real rows.
+    fn read_metadata(
+        &self,
+        split: Split,
+        index: u64,
+        fetch: Fetch<'_>,
+    ) -> Result<Shard, ShardError> {
         let rows = self.rows_in_shard(split, index)?;
         let capacity = self.shards(split) * u64::from(self.layout().shard_images);
         let array = |kind| self.layout().array(split, kind, capacity);
-        let pixels = (self.layout().image_size as usize).pow(2);
-        let mut images: Vec<u16> = self.read_array(&array(ArrayKind::Images)?, index, fetch)?;
         let mut labels: Vec<u8> = self.read_array(&array(ArrayKind::Labels)?, index, fetch)?;
         let mut age: Vec<f32> = self.read_array(&array(ArrayKind::Age)?, index, fetch)?;
         let mut image_ids: Vec<String> =
             self.read_array(&array(ArrayKind::ImageId)?, index, fetch)?;
         let mut patient_ids: Vec<String> =
             self.read_array(&array(ArrayKind::PatientId)?, index, fetch)?;
-        images.truncate(rows * pixels);
         labels.truncate(rows * NUM_LABELS);
         age.truncate(rows);
         image_ids.truncate(rows);
         patient_ids.truncate(rows);
         Ok(Shard {
             rows,
-            images,
+            images: Vec::new(),
             labels,
             age,
             image_ids,
@@ -225,10 +238,10 @@ impl StoreReader {
             url: self.storage.describe(&key),
             problem,
         };
-        let metadata: zarrs::array::ArrayMetadata = serde_json::from_slice(&json)
-            .map_err(|e| bad(format!("is not Zarr array metadata: {e}")))?;
         let raw: serde_json::Value =
             serde_json::from_slice(&json).map_err(|e| bad(format!("is not JSON: {e}")))?;
+        let metadata: zarrs::array::ArrayMetadata = serde_json::from_value(raw.clone())
+            .map_err(|e| bad(format!("is not Zarr array metadata: {e}")))?;
         let element = match raw.get("data_type").and_then(|d| d.as_str()) {
             Some("float16") => LatentType::F16,
             Some("bfloat16") => LatentType::BF16,
@@ -314,15 +327,8 @@ impl StoreReader {
         latents: &LatentArray,
         fetch: Fetch<'_>,
     ) -> Result<Shard, ShardError> {
-        let rows = self.rows_in_shard(split, index)?;
-        let capacity = self.shards(split) * u64::from(self.layout().shard_images);
-        let array = |kind| self.layout().array(split, kind, capacity);
-        let mut labels: Vec<u8> = self.read_array(&array(ArrayKind::Labels)?, index, fetch)?;
-        let mut age: Vec<f32> = self.read_array(&array(ArrayKind::Age)?, index, fetch)?;
-        let mut image_ids: Vec<String> =
-            self.read_array(&array(ArrayKind::ImageId)?, index, fetch)?;
-        let mut patient_ids: Vec<String> =
-            self.read_array(&array(ArrayKind::PatientId)?, index, fetch)?;
+        let mut shard = self.read_metadata(split, index, fetch)?;
+        let rows = shard.rows;
         let per: usize = latents.sample_shape.iter().product();
         let mut values: Vec<f32> = match latents.element {
             LatentType::F32 => self.read_array(&latents.array, index, fetch)?,
@@ -358,19 +364,8 @@ impl StoreReader {
                 *v = (*v - mean[c]) / std[c];
             }
         }
-        labels.truncate(rows * NUM_LABELS);
-        age.truncate(rows);
-        image_ids.truncate(rows);
-        patient_ids.truncate(rows);
-        Ok(Shard {
-            rows,
-            images: Vec::new(),
-            labels,
-            age,
-            image_ids,
-            patient_ids,
-            latents: values,
-        })
+        shard.latents = values;
+        Ok(shard)
     }
 
     /// Reads a whole split (for small stores, tests and tools).

@@ -30,8 +30,8 @@ impl LoaderRun {
     }
 }
 
-/// Runs the loader for `steps` steps from step 0 (all of an evaluation pass when `steps` is `None`) and times it
-/// from opening the store to the last batch. Hashing the batches (`digest`) costs time of its own.
+/// Runs the loader for `steps` steps from step 0 (by default one epoch of training, or the whole evaluation pass)
+/// and times it from opening the store to the last batch. Hashing the batches (`digest`) costs time of its own.
 pub fn measure_loader(
     storage: Storage,
     config: LoaderConfig,
@@ -40,6 +40,12 @@ pub fn measure_loader(
 ) -> Result<LoaderRun, ShardError> {
     let started = Instant::now();
     let mut loader = Loader::open(storage, config, 0)?;
+    let order = loader.state().config;
+    let steps = match (steps, loader.eval_steps()) {
+        (Some(n), _) => Some(n),
+        (None, Some(_)) => None,
+        (None, None) => Some(order.samples.div_ceil(order.global_batch)),
+    };
     let mut hash = digest.then(Sha256::new);
     let mut buf: Vec<u8> = Vec::new();
     let mut samples = 0;
