@@ -37,6 +37,6 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   "$RADIT_VENV/bin/pip" install -q --disable-pip-version-check -r "$root/scripts/requirements.txt"
   echo "$want" >"$stamp"
 fi
-"$RADIT_VENV/bin/python" -c "import torch, zarr, moto; assert torch.__version__.startswith('$RADIT_TORCH_VERSION'), torch.__version__" \
+"$RADIT_VENV/bin/python" -c "import torch, zarr, moto, torchdiffeq, safetensors; assert torch.__version__.startswith('$RADIT_TORCH_VERSION'), torch.__version__" \
   || { log "the virtualenv $RADIT_VENV is broken; remove it and run again"; exit 2; }
 log "ready: $(cargo --version), torch $RADIT_TORCH_VERSION in $RADIT_VENV"

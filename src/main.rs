@@ -24,6 +24,8 @@ use radit_sharding::synth::{SynthConfig, generate, parse_sizes};
 use radit_sharding::table::TableConfig;
 use radit_sharding::throughput;
 
+mod model_cli;
+
 /// Exit codes: what the caller (a person, a script, Slurm) should do next.
 mod exit {
     /// The store was checked and disagrees with its manifest.
@@ -53,6 +55,12 @@ enum Command {
     /// Inspect the training data: its order, and how fast the loader reads it.
     #[command(subcommand)]
     Data(DataCommand),
+    /// The RadiT model: size and cost of a preset, fresh weights, step-time benchmark.
+    #[command(subcommand)]
+    Model(model_cli::ModelCommand),
+    /// Generate images for given metadata, or edit images counterfactually (--edit); writes 16-bit PNGs and an
+    /// 8-bit contact sheet.
+    Sample(model_cli::SampleArgs),
     /// Print which libtorch this binary loaded and which devices it sees.
     Info,
 }
@@ -239,6 +247,8 @@ fn main() -> ExitCode {
         Command::Quickstart(a) => run_quickstart(a),
         Command::Data(DataCommand::Batches(a)) => run_batches(a),
         Command::Data(DataCommand::Bench(a)) => run_bench(a),
+        Command::Model(c) => model_cli::run_model(c),
+        Command::Sample(a) => model_cli::run_sample(a),
         Command::Info => run_info(),
     };
     match result {

@@ -1,12 +1,30 @@
 //! The training side of radit and the only crate that links libtorch (through `tch`): the RadiT model, the
 //! rectified-flow objective, samplers, collectives, the FSDP engine, checkpoints and the train loop.
 //!
-//! This first version provides the runtime probe the other parts build on: which libtorch is loaded, and which
-//! devices it sees.
+//! - [`model`]: RadiT, its presets and costs, weights as safetensors with PyTorch names.
+//! - [`flow`]: the rectified-flow objective and its per-sample noise and time draws.
+//! - [`sampler`]: Euler and torchdiffeq-exact dopri5, forward and reverse; counterfactual editing.
+//! - [`generate`]: what `radit sample` does (metadata parsing, batching, PNGs and contact sheets).
+//! - [`runtime`]: which libtorch is loaded and which devices it sees.
 //!
 //! ```no_run
-//! let info = radit_trainer::runtime::probe();
-//! println!("libtorch from {:?}, {} CUDA device(s)", info.libtorch_path, info.cuda_devices);
+//! use radit_trainer::{flow, model::{RadiT, RadiTConfig}, sampler};
+//! use radit_trainer::tch::{Device, Kind, Tensor, nn::VarStore};
+//! let vs = VarStore::new(Device::Cpu);
+//! let model = RadiT::new(&vs.root(), &RadiTConfig::preset("tiny")?)?;
+//! let x1 = Tensor::zeros([2, 1, 16, 16], (Kind::Float, Device::Cpu));
+//! let draw = flow::FlowConfig::default().draw(0, 0, &[0, 1], &[1, 16, 16]);
+//! let labels = Tensor::zeros([2, 18], (Kind::Int64, Device::Cpu));
+//! let age = Tensor::from_slice(&[0.63f32, f32::NAN]);
+//! let loss = flow::loss(&model, &x1, &draw.x0, &draw.t, &labels, &age)?;
+//! let (images, stats) = sampler::generate(&model, &draw.x0, &labels, &age, sampler::Solver::default())?;
+//! # Ok::<(), radit_trainer::model::ModelError>(())
 //! ```
 
+pub use tch;
+
+pub mod flow;
+pub mod generate;
+pub mod model;
 pub mod runtime;
+pub mod sampler;

@@ -1,0 +1,392 @@
+//! `radit model ...` and `radit sample`: thin argument parsing over radit_trainer's model, sampler and generate.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Context;
+use clap::{Args, Subcommand, ValueEnum};
+use radit_trainer::generate::{Conditions, Sampler, contact_sheet, preview, write_png16};
+use radit_trainer::model::{Precision, RadiT, RadiTConfig, save_weights};
+use radit_trainer::sampler::Solver;
+use radit_trainer::tch::{self, Device, Kind, Tensor, nn::VarStore};
+
+#[derive(Subcommand)]
+pub enum ModelCommand {
+    /// Parameter count, FLOPs per token and training-state memory per GPU of a preset.
+    Info(InfoArgs),
+    /// Write freshly initialised weights of a preset (DiT initialisation) as safetensors.
+    Init(InitArgs),
+    /// Forward+backward step time on this machine (compare with tests/python/radit_twin.py bench).
+    Bench(ModelBenchArgs),
+}
+
+#[derive(Args)]
+pub struct InfoArgs {
+    /// b-pixel, b-latent, xl-latent, tiny or tiny-latent.
+    preset: String,
+    /// Ranks the FSDP estimate shards over.
+    #[arg(long, default_value_t = 32)]
+    world: i64,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+pub struct InitArgs {
+    preset: String,
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, default_value_t = 0)]
+    seed: i64,
+}
+
+#[derive(Args)]
+pub struct ModelBenchArgs {
+    preset: String,
+    #[arg(long, default_value_t = 1)]
+    batch: i64,
+    /// libtorch intra-op threads.
+    #[arg(long, default_value_t = 2)]
+    threads: i32,
+    #[arg(long, default_value_t = 3)]
+    steps: usize,
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    #[arg(long, value_enum, default_value = "fp32")]
+    precision: PrecisionArg,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum PrecisionArg {
+    Fp32,
+    Bf16,
+}
+
+impl From<PrecisionArg> for Precision {
+    fn from(p: PrecisionArg) -> Self {
+        match p {
+            PrecisionArg::Fp32 => Precision::Fp32,
+            PrecisionArg::Bf16 => Precision::Bf16,
+        }
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum SolverArg {
+    Dopri5,
+    Euler,
+}
+
+#[derive(Args)]
+pub struct SampleArgs {
+    /// Model weights (safetensors, from `radit export`, `radit model init` or the PyTorch twin).
+    #[arg(long)]
+    weights: PathBuf,
+    /// Architecture for weights files without radit metadata.
+    #[arg(long)]
+    preset: Option<String>,
+    /// Output directory.
+    #[arg(long)]
+    out: PathBuf,
+    /// Samples to generate (ignored with --edit).
+    #[arg(short, long, default_value_t = 8)]
+    n: u64,
+    /// Metadata as name=value pairs, e.g. sex=Female,view=PA,cardiomegaly=positive (unset = missing).
+    #[arg(long, default_value = "")]
+    set: String,
+    /// Age in years (unset = missing).
+    #[arg(long)]
+    age: Option<f32>,
+    /// Counterfactual editing: these images (PNG) are edited from --from/--from-age to --set/--age.
+    #[arg(long, num_args = 1..)]
+    edit: Vec<PathBuf>,
+    /// The edited images' own metadata (name=value pairs).
+    #[arg(long, default_value = "")]
+    from: String,
+    #[arg(long)]
+    from_age: Option<f32>,
+    #[arg(long, value_enum, default_value = "dopri5")]
+    solver: SolverArg,
+    /// dopri5 tolerances (the paper: 1e-5 for samples, 1e-6 for edits).
+    #[arg(long)]
+    atol: Option<f64>,
+    #[arg(long)]
+    rtol: Option<f64>,
+    /// Euler steps and grid shift.
+    #[arg(long, default_value_t = 50)]
+    steps: usize,
+    #[arg(long, default_value_t = 1.0)]
+    shift: f64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Samples integrated together.
+    #[arg(long, default_value_t = 8)]
+    batch: u64,
+    /// cpu, cuda or cuda:N (default: cuda:0 when a GPU is visible).
+    #[arg(long)]
+    device: Option<String>,
+    /// Default: fp32 on CPU, bf16 on GPU.
+    #[arg(long, value_enum)]
+    precision: Option<PrecisionArg>,
+}
+
+pub fn run_model(cmd: ModelCommand) -> anyhow::Result<u8> {
+    match cmd {
+        ModelCommand::Info(a) => info(a),
+        ModelCommand::Init(a) => init(a),
+        ModelCommand::Bench(a) => bench(a),
+    }
+}
+
+fn info(a: InfoArgs) -> anyhow::Result<u8> {
+    let cfg = RadiTConfig::preset(&a.preset)?;
+    anyhow::ensure!(a.world > 0, "--world must be positive");
+    let count = cfg.parameter_count();
+    let mem = cfg.memory_per_gpu(a.world);
+    if a.json {
+        let v = serde_json::json!({
+            "preset": a.preset, "config": cfg, "parameters": count.total(), "breakdown": count,
+            "tokens_per_sample": cfg.tokens(),
+            "forward_flops_per_token": cfg.forward_flops_per_token(),
+            "training_flops_per_token": cfg.training_flops_per_token(),
+            "world": a.world, "ddp_bytes_per_gpu": mem.ddp_bytes, "fsdp_bytes_per_gpu": mem.fsdp_bytes,
+        });
+        println!("{v}");
+        return Ok(0);
+    }
+    let b = count.block;
+    println!(
+        "RadiT {}: {} parameters ({:.3}B)",
+        a.preset,
+        count.total(),
+        count.total() as f64 / 1e9
+    );
+    println!(
+        "  input {}x{}x{}, patch {}, {} tokens; hidden {}, depth {}, heads {}, SwiGLU width {}",
+        cfg.in_channels,
+        cfg.input_size,
+        cfg.input_size,
+        cfg.patch_size,
+        cfg.tokens(),
+        cfg.hidden,
+        cfg.depth,
+        cfg.heads,
+        cfg.mlp_width()
+    );
+    println!(
+        "  per block {} (qkv {}, proj {}, qk-norm {}, SwiGLU {}, adaLN {}) x {}",
+        b.total(),
+        b.qkv,
+        b.proj,
+        b.qk_norm,
+        b.mlp,
+        b.adaln,
+        count.depth
+    );
+    println!(
+        "  patch embed {}, timestep MLP {}, age MLP {}, tables {}, final adaLN {}, final linear {}",
+        count.patch_embed,
+        count.timestep,
+        count.age,
+        count.tables,
+        count.final_adaln,
+        count.final_linear
+    );
+    println!(
+        "FLOPs per token: {:.3} G forward, {:.3} G training (forward + backward)",
+        cfg.forward_flops_per_token() / 1e9,
+        cfg.training_flops_per_token() / 1e9
+    );
+    println!(
+        "Training state per GPU (fp32 weights, grads, Adam m+v, EMA; activations not included):"
+    );
+    println!("  DDP (replicated):      {:.2} GB", mem.ddp_bytes / 1e9);
+    println!(
+        "  FSDP over {:>4} ranks: {:.2} GB",
+        a.world,
+        mem.fsdp_bytes / 1e9
+    );
+    Ok(0)
+}
+
+fn init(a: InitArgs) -> anyhow::Result<u8> {
+    let cfg = RadiTConfig::preset(&a.preset)?;
+    tch::manual_seed(a.seed);
+    let vs = VarStore::new(Device::Cpu);
+    let _model = RadiT::new(&vs.root(), &cfg)?;
+    save_weights(&vs, &cfg, &a.out)?;
+    println!(
+        "wrote {} ({} parameters)",
+        a.out.display(),
+        cfg.parameter_count().total()
+    );
+    Ok(0)
+}
+
+fn bench(a: ModelBenchArgs) -> anyhow::Result<u8> {
+    let cfg = RadiTConfig::preset(&a.preset)?;
+    anyhow::ensure!(
+        a.batch > 0 && a.steps > 0 && a.threads > 0,
+        "--batch, --steps and --threads must be positive"
+    );
+    tch::set_num_threads(a.threads);
+    tch::manual_seed(0);
+    let vs = VarStore::new(Device::Cpu);
+    let mut model = RadiT::new(&vs.root(), &cfg)?;
+    model.set_precision(a.precision.into());
+    // Move the zero-initialised layers so the backward does real work everywhere, as the twin's bench does.
+    tch::no_grad(|| {
+        for (name, mut v) in vs.variables() {
+            if name.contains("adaLN_modulation") || name.starts_with("final_layer") {
+                let _ = v.normal_(0.0, 0.02);
+            }
+        }
+    });
+    let b = a.batch;
+    let shape = [b, cfg.in_channels, cfg.input_size, cfg.input_size];
+    let x1 = Tensor::randn(shape, tch::kind::FLOAT_CPU);
+    let x0 = Tensor::randn(shape, tch::kind::FLOAT_CPU);
+    let t = Tensor::rand([b], tch::kind::FLOAT_CPU);
+    let labels = Tensor::stack(
+        &cfg.classes
+            .iter()
+            .map(|&k| Tensor::randint(k, [b], (Kind::Int64, Device::Cpu)))
+            .collect::<Vec<_>>(),
+        1,
+    );
+    let age = Tensor::rand([b], tch::kind::FLOAT_CPU);
+    let params = vs.trainable_variables();
+    let mut times = Vec::new();
+    for i in 0..a.warmup + a.steps {
+        let start = Instant::now();
+        // Fresh gradients every step (like PyTorch's zero_grad(set_to_none=True)); the engine takes them this way.
+        let loss = radit_trainer::flow::loss(&model, &x1, &x0, &t, &labels, &age)?;
+        let grads = Tensor::run_backward(&[&loss], &params, false, false);
+        anyhow::ensure!(grads.len() == params.len(), "one gradient per parameter");
+        drop(grads);
+        if i >= a.warmup {
+            times.push(start.elapsed().as_secs_f64());
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    let v = serde_json::json!({
+        "impl": "radit", "preset": a.preset, "batch": b, "threads": a.threads, "steps": a.steps,
+        "median_s": times[times.len() / 2], "min_s": times[0],
+    });
+    println!("{v}");
+    Ok(0)
+}
+
+fn device(arg: Option<&str>) -> anyhow::Result<Device> {
+    Ok(match arg {
+        None => Device::cuda_if_available(),
+        Some("cpu") => Device::Cpu,
+        Some("cuda") => Device::Cuda(0),
+        Some(s) => match s.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
+            Some(n) => Device::Cuda(n),
+            None => anyhow::bail!("--device `{s}`: expected cpu, cuda or cuda:N"),
+        },
+    })
+}
+
+pub fn run_sample(a: SampleArgs) -> anyhow::Result<u8> {
+    let device = device(a.device.as_deref())?;
+    if let Device::Cuda(n) = device {
+        anyhow::ensure!(
+            tch::Cuda::is_available() && (n as i64) < tch::Cuda::device_count(),
+            "--device cuda:{n}: this machine has {} CUDA device(s)",
+            tch::Cuda::device_count()
+        );
+    }
+    let precision = a.precision.map(Precision::from).unwrap_or(match device {
+        Device::Cpu => Precision::Fp32,
+        _ => Precision::Bf16,
+    });
+    let editing = !a.edit.is_empty();
+    let default_tol = if editing { 1e-6 } else { 1e-5 };
+    let solver = match a.solver {
+        SolverArg::Dopri5 => Solver::Dopri5 {
+            atol: a.atol.unwrap_or(default_tol),
+            rtol: a.rtol.unwrap_or(default_tol),
+        },
+        SolverArg::Euler => Solver::Euler {
+            steps: a.steps,
+            shift: a.shift,
+        },
+    };
+    solver.validate()?;
+    let target = Conditions::missing()
+        .with(&a.set, a.age)
+        .context("parsing --set/--age")?;
+    let sampler = Sampler::load(&a.weights, a.preset.as_deref(), device, precision)
+        .with_context(|| format!("loading {}", a.weights.display()))?;
+    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    let pixel = sampler.model.config().in_channels == 1;
+    let started = Instant::now();
+    let side = sampler.model.config().input_size;
+    let mut report = serde_json::json!({
+        "weights": a.weights, "config": sampler.model.config(), "solver": solver, "seed": a.seed,
+        "device": format!("{device:?}"), "precision": precision, "conditions": target.describe(),
+    });
+    let sheet = a.out.join("contact_sheet.png");
+    if editing {
+        anyhow::ensure!(pixel, "--edit needs a pixel model (this one reads latents)");
+        let original = Conditions::missing()
+            .with(&a.from, a.from_age)
+            .context("parsing --from/--from-age")?;
+        let images = sampler.read_images(&a.edit)?;
+        let (edited, abduction, prediction) = sampler.edit(&images, &original, &target, solver)?;
+        let inputs = write_png16(&images, &a.out, "original")?;
+        let outputs = write_png16(&edited, &a.out, "edited")?;
+        // Rows of (original, counterfactual) pairs.
+        let tiles: Vec<Tensor> = (0..images.size()[0])
+            .flat_map(|i| [images.get(i).get(0), edited.get(i).get(0)])
+            .collect();
+        contact_sheet(&tiles, 2, 256.min(side), &sheet)?;
+        report["from"] = original.describe().into();
+        report["abduction"] = serde_json::to_value(abduction)?;
+        report["prediction"] = serde_json::to_value(prediction)?;
+        report["files"] = serde_json::to_value([inputs, outputs].concat())?;
+        println!(
+            "edited {} image(s) from [{}] to [{}]: abduction {} and prediction {} model evaluations",
+            a.edit.len(),
+            original.describe(),
+            target.describe(),
+            abduction.nfe,
+            prediction.nfe
+        );
+    } else {
+        anyhow::ensure!(a.n > 0, "-n must be at least 1");
+        let (samples, stats) = sampler.generate(&target, a.n, a.batch, a.seed, solver)?;
+        let tiles: Vec<Tensor> = (0..samples.size()[0])
+            .map(|i| preview(&samples.get(i)))
+            .collect();
+        let columns = (a.n as f64).sqrt().ceil() as usize;
+        contact_sheet(&tiles, columns, 256.min(side), &sheet)?;
+        let files = if pixel {
+            write_png16(&samples, &a.out, "sample")?
+        } else {
+            // Latents need the RadVAE decoder to become images; keep them exactly.
+            let path = a.out.join("latents.safetensors");
+            Tensor::write_safetensors(&[("latents", &samples)], &path)?;
+            vec![path]
+        };
+        let nfe: usize = stats.iter().map(|s| s.nfe).sum();
+        report["files"] = serde_json::to_value(&files)?;
+        report["solves"] = serde_json::to_value(&stats)?;
+        println!(
+            "generated {} sample(s) for [{}] with {} model evaluations in {:.1} s",
+            a.n,
+            target.describe(),
+            nfe,
+            started.elapsed().as_secs_f64()
+        );
+    }
+    report["seconds"] = started.elapsed().as_secs_f64().into();
+    std::fs::write(
+        a.out.join("samples.json"),
+        serde_json::to_vec_pretty(&report)?,
+    )?;
+    println!("contact sheet: {}", sheet.display());
+    Ok(0)
+}

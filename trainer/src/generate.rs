@@ -1,0 +1,385 @@
+//! `radit sample`: generate images for given metadata, or edit given images counterfactually, and write them as
+//! 16-bit PNGs plus an 8-bit contact sheet a person can look at.
+
+use std::path::{Path, PathBuf};
+
+use radit_sharding::image::{encode_png8, encode_png16, preprocess};
+use radit_sharding::schema::Vocabulary;
+use serde::Serialize;
+use tch::{Device, Kind, Tensor, nn::VarStore};
+
+use crate::flow::fill_normal;
+use crate::model::{ModelError, Precision, RadiT, RadiTConfig, load_weights, read_weights_config};
+use crate::sampler::{self, SolveStats, Solver};
+
+/// One sample's metadata: a class id per categorical variable (0 = missing) and age in years/100 (NaN = missing).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Conditions {
+    pub labels: Vec<u8>,
+    pub age: f32,
+}
+
+impl Conditions {
+    /// Everything missing.
+    pub fn missing() -> Self {
+        Self {
+            labels: vec![0; Vocabulary::current().labels.len()],
+            age: f32::NAN,
+        }
+    }
+
+    /// Parses `name=value,...` (e.g. `sex=Female,view=PA,cardiomegaly=positive`) over `self`, and an age in years.
+    /// Names and values are the store vocabulary's; an unknown one is an error that lists the valid choices.
+    pub fn with(mut self, set: &str, age_years: Option<f32>) -> Result<Self, ModelError> {
+        let vocab = Vocabulary::current();
+        let bad = |reason: String| ModelError::BadInput {
+            input: "metadata",
+            reason,
+        };
+        for item in set.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            let (name, value) = item
+                .split_once('=')
+                .ok_or_else(|| bad(format!("`{item}` is not name=value")))?;
+            let (name, value) = (name.trim().to_ascii_lowercase(), value.trim());
+            let index = vocab.label_index(&name).ok_or_else(|| {
+                bad(format!(
+                    "unknown variable `{name}` (known: {})",
+                    vocab.labels.join(", ")
+                ))
+            })?;
+            let class = vocab.class_id(index, value).ok_or_else(|| {
+                bad(format!(
+                    "`{value}` is not a class of {name} (classes: {})",
+                    vocab.classes[index].join(", ")
+                ))
+            })?;
+            self.labels[index] = class;
+        }
+        if let Some(years) = age_years {
+            if !(years.is_finite() && (0.0..=120.0).contains(&years)) {
+                return Err(bad(format!("age {years} is outside 0..=120 years")));
+            }
+            self.age = years / 100.0;
+        }
+        Ok(self)
+    }
+
+    /// A readable form for captions and reports: only the variables that are set.
+    pub fn describe(&self) -> String {
+        let vocab = Vocabulary::current();
+        let mut parts: Vec<String> = self
+            .labels
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| **c != 0)
+            .map(|(i, &c)| format!("{}={}", vocab.labels[i], vocab.classes[i][c as usize]))
+            .collect();
+        if self.age.is_finite() {
+            parts.push(format!("age={:.0}", self.age * 100.0));
+        }
+        if parts.is_empty() {
+            "unconditional (all missing)".into()
+        } else {
+            parts.join(",")
+        }
+    }
+
+    fn tensors(&self, n: i64, device: Device) -> (Tensor, Tensor) {
+        let labels: Vec<i64> = (0..n)
+            .flat_map(|_| self.labels.iter().map(|&c| i64::from(c)))
+            .collect();
+        let labels = Tensor::from_slice(&labels)
+            .view([n, self.labels.len() as i64])
+            .to_device(device);
+        let age = Tensor::from_slice(&vec![self.age; n as usize]).to_device(device);
+        (labels, age)
+    }
+}
+
+/// A model loaded for sampling.
+pub struct Sampler {
+    _vs: VarStore,
+    pub model: RadiT,
+    pub device: Device,
+}
+
+impl Sampler {
+    /// Loads `weights`; the architecture comes from the file's metadata, or from `preset` when the file has none
+    /// (e.g. written by PyTorch). A preset that disagrees with the file's metadata is an error.
+    pub fn load(
+        weights: &Path,
+        preset: Option<&str>,
+        device: Device,
+        precision: Precision,
+    ) -> Result<Self, ModelError> {
+        let from_file = read_weights_config(weights)?;
+        let cfg = match (from_file, preset) {
+            (Some(cfg), None) => cfg,
+            (None, Some(p)) => RadiTConfig::preset(p)?,
+            (Some(cfg), Some(p)) => {
+                if cfg != RadiTConfig::preset(p)? {
+                    return Err(ModelError::BadWeights {
+                        path: weights.display().to_string(),
+                        reason: format!(
+                            "its config is not the `{p}` preset; drop --preset to use the file's"
+                        ),
+                    });
+                }
+                cfg
+            }
+            (None, None) => {
+                return Err(ModelError::BadWeights {
+                    path: weights.display().to_string(),
+                    reason: "carries no radit.config metadata; name the architecture with --preset"
+                        .into(),
+                });
+            }
+        };
+        let vs = VarStore::new(device);
+        let mut model = RadiT::new(&vs.root(), &cfg)?;
+        load_weights(&vs, weights)?;
+        model.set_precision(precision);
+        Ok(Self {
+            _vs: vs,
+            model,
+            device,
+        })
+    }
+
+    fn noise(&self, seed: u64, indices: std::ops::Range<u64>) -> Tensor {
+        let c = self.model.config();
+        let per = (c.in_channels * c.input_size * c.input_size) as usize;
+        let n = indices.end - indices.start;
+        let mut data = vec![0f32; per * n as usize];
+        for (chunk, i) in data.chunks_mut(per).zip(indices) {
+            fill_normal(&[seed, i, 0x5a3b1e], chunk);
+        }
+        Tensor::from_slice(&data)
+            .view([n as i64, c.in_channels, c.input_size, c.input_size])
+            .to_device(self.device)
+    }
+
+    /// Generates `n` samples (in batches of `batch`); sample i depends only on (seed, i), not on the batching.
+    pub fn generate(
+        &self,
+        cond: &Conditions,
+        n: u64,
+        batch: u64,
+        seed: u64,
+        solver: Solver,
+    ) -> Result<(Tensor, Vec<SolveStats>), ModelError> {
+        let mut out = Vec::new();
+        let mut stats = Vec::new();
+        let mut start = 0;
+        while start < n {
+            let end = (start + batch.max(1)).min(n);
+            let noise = self.noise(seed, start..end);
+            let (labels, age) = cond.tensors((end - start) as i64, self.device);
+            let (x, s) = sampler::generate(&self.model, &noise, &labels, &age, solver)?;
+            out.push(x.to_device(Device::Cpu));
+            stats.push(s);
+            start = end;
+        }
+        Ok((Tensor::cat(&out, 0), stats))
+    }
+
+    /// Reads PNGs (any size, 8- or 16-bit grey) into model inputs the way ingest stores them: full-range
+    /// normalisation, letterbox to the model's size, then each level mapped to the centre of its dequantisation bin.
+    pub fn read_images(&self, paths: &[PathBuf]) -> Result<Tensor, ModelError> {
+        let c = self.model.config();
+        if c.in_channels != 1 {
+            return Err(ModelError::BadInput {
+                input: "images",
+                reason: format!(
+                    "editing images needs a pixel model; this one has {} channels",
+                    c.in_channels
+                ),
+            });
+        }
+        let side = c.input_size as u32;
+        let mut resizer = fast_image_resize::Resizer::new();
+        let mut all = Vec::new();
+        for p in paths {
+            let bytes = std::fs::read(p).map_err(|e| ModelError::Io {
+                path: p.display().to_string(),
+                source: e,
+            })?;
+            let (pixels, _) =
+                preprocess(&bytes, side, &mut resizer).map_err(|e| ModelError::BadInput {
+                    input: "images",
+                    reason: format!("{}: {e}", p.display()),
+                })?;
+            all.extend(
+                pixels
+                    .iter()
+                    .map(|&n| (2.0 * (f32::from(n) + 0.5)) / 65536.0 - 1.0),
+            );
+        }
+        Ok(Tensor::from_slice(&all).view([paths.len() as i64, 1, c.input_size, c.input_size]))
+    }
+
+    /// Counterfactual edits of `images` from `original` to `edited` metadata.
+    pub fn edit(
+        &self,
+        images: &Tensor,
+        original: &Conditions,
+        edited: &Conditions,
+        solver: Solver,
+    ) -> Result<(Tensor, SolveStats, SolveStats), ModelError> {
+        let n = images.size()[0];
+        let (labels, age) = original.tensors(n, self.device);
+        let (new_labels, new_age) = edited.tensors(n, self.device);
+        let e = sampler::edit(
+            &self.model,
+            &images.to_device(self.device),
+            &labels,
+            &age,
+            &new_labels,
+            &new_age,
+            solver,
+        )?;
+        Ok((e.image.to_device(Device::Cpu), e.abduction, e.prediction))
+    }
+}
+
+/// Model output in [-1, 1] to 16-bit levels: n = clamp(round((x + 1) / 2 * 65536 - 0.5), 0, 65535).
+pub fn to_u16(x: &Tensor) -> Result<Vec<u16>, ModelError> {
+    let v = Vec::<f32>::try_from(x.to_kind(Kind::Float).clamp(-1.0, 1.0).flatten(0, -1))?;
+    Ok(v.iter()
+        .map(|&x| {
+            ((x + 1.0) / 2.0 * 65536.0 - 0.5)
+                .round()
+                .clamp(0.0, 65535.0) as u16
+        })
+        .collect())
+}
+
+/// Writes `[N, 1, S, S]` images as `prefix_0000.png` ... (16-bit grey); returns the paths.
+pub fn write_png16(images: &Tensor, dir: &Path, prefix: &str) -> Result<Vec<PathBuf>, ModelError> {
+    let (n, side) = (images.size()[0], images.size()[3]);
+    let mut paths = Vec::new();
+    for i in 0..n {
+        let pixels = to_u16(&images.get(i))?;
+        let path = dir.join(format!("{prefix}_{i:04}.png"));
+        write_file(&path, &encode_png16(side as u32, side as u32, &pixels))?;
+        paths.push(path);
+    }
+    Ok(paths)
+}
+
+fn write_file(path: &Path, bytes: &[u8]) -> Result<(), ModelError> {
+    std::fs::write(path, bytes).map_err(|e| ModelError::Io {
+        path: path.display().to_string(),
+        source: e,
+    })
+}
+
+/// An 8-bit grid of tiles, `columns` wide, each tile at most `tile` pixels (box-downscaled by an integer factor),
+/// separated by 4-pixel gaps. Each tile is [S, S] in [-1, 1] (pixel models) or min-max scaled (latent channels).
+pub fn contact_sheet(
+    tiles: &[Tensor],
+    columns: usize,
+    tile: i64,
+    path: &Path,
+) -> Result<(), ModelError> {
+    const GAP: usize = 4;
+    let side = tiles.first().map_or(1, |t| t.size()[0]);
+    let factor = (side + tile - 1) / tile.max(1);
+    let small = (side / factor.max(1)) as usize;
+    let columns = columns.max(1);
+    let rows = tiles.len().div_ceil(columns);
+    let (w, h) = (
+        columns * small + (columns + 1) * GAP,
+        rows * small + (rows + 1) * GAP,
+    );
+    let mut canvas = vec![40u8; w * h];
+    for (k, t) in tiles.iter().enumerate() {
+        let t = t.to_kind(Kind::Float).view([1, 1, side, side]);
+        let t = if factor > 1 {
+            t.avg_pool2d(
+                [factor, factor],
+                [factor, factor],
+                [0, 0],
+                false,
+                true,
+                None,
+            )
+        } else {
+            t
+        };
+        let v = Vec::<f32>::try_from(t.flatten(0, -1))?;
+        let (x0, y0) = (
+            GAP + (k % columns) * (small + GAP),
+            GAP + (k / columns) * (small + GAP),
+        );
+        for (j, row) in v.chunks(small).enumerate() {
+            for (i, &x) in row.iter().enumerate() {
+                canvas[(y0 + j) * w + x0 + i] = ((x.clamp(-1.0, 1.0) + 1.0) * 127.5).round() as u8;
+            }
+        }
+    }
+    write_file(
+        path,
+        &encode_png8(w as u32, h as u32, png::ColorType::Grayscale, &canvas),
+    )
+}
+
+/// What a tile shows: the image itself for pixel models; channel 0 scaled to [-1, 1] for latent models (they need
+/// the RadVAE decoder, which radit does not ship, to become images).
+pub fn preview(sample: &Tensor) -> Tensor {
+    if sample.size()[0] == 1 {
+        return sample.get(0);
+    }
+    let c0 = sample.get(0).to_kind(Kind::Float);
+    let (lo, hi) = (c0.min(), c0.max());
+    (c0 - &lo) / (hi - &lo).clamp_min(1e-6) * 2.0 - 1.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metadata_parses_by_vocabulary_names_and_errors_list_the_choices() {
+        let c = Conditions::missing()
+            .with("sex=Female, view=PA,cardiomegaly=positive", Some(63.0))
+            .unwrap();
+        let v = Vocabulary::current();
+        assert_eq!(c.labels[v.label_index("sex").unwrap()], 2);
+        assert_eq!(c.labels[v.label_index("view").unwrap()], 2);
+        assert_eq!(c.labels[v.label_index("cardiomegaly").unwrap()], 2);
+        assert!((c.age - 0.63).abs() < 1e-6);
+        assert_eq!(
+            c.describe(),
+            "cardiomegaly=positive,sex=Female,view=PA,age=63"
+        );
+        let err = Conditions::missing()
+            .with("heart=big", None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("unknown variable `heart`") && err.contains("cardiomegaly"),
+            "{err}"
+        );
+        let err = Conditions::missing()
+            .with("view=sideways", None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("AP, PA, Lateral"), "{err}");
+        assert!(Conditions::missing().with("", Some(300.0)).is_err());
+    }
+
+    #[test]
+    fn levels_round_trip_through_the_dequantisation_bin_centres() {
+        let levels = [0u16, 1, 2, 32767, 65534, 65535];
+        let x: Vec<f32> = levels
+            .iter()
+            .map(|&n| (2.0 * (f32::from(n) + 0.5)) / 65536.0 - 1.0)
+            .collect();
+        assert_eq!(to_u16(&Tensor::from_slice(&x)).unwrap(), levels);
+        assert_eq!(
+            to_u16(&Tensor::from_slice(&[-3.0f32, 3.0])).unwrap(),
+            [0, 65535]
+        );
+    }
+}

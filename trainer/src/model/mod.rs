@@ -1,0 +1,40 @@
+//! RadiT: a DiT with adaLN-Zero, per-head QK RMSNorm and SwiGLU, conditioned on the timestep and 19 metadata
+//! variables (../shared/design/model.md). The model knows nothing about ranks or sharding; the engine wraps it.
+//!
+//! Parameter names follow the PyTorch twin (`blocks.3.attn.qkv.weight`, `y_embedder.tables.0.weight`, ...), so
+//! weights move between the two through safetensors unchanged.
+
+mod config;
+mod layers;
+mod radit;
+mod weights;
+
+pub use config::{
+    BlockCount, Conditioning as ConditioningMode, MemoryEstimate, PRESETS, ParameterCount,
+    RadiTConfig, schema_classes,
+};
+pub use layers::{Block, Conditioning, Precision};
+pub use radit::{RadiT, Trace};
+pub use weights::{WeightsFile, load_weights, read_weights_config, save_weights};
+
+/// What can go wrong building, loading or running a model.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ModelError {
+    #[error("unknown model preset `{name}` (known: {known})")]
+    UnknownPreset { name: String, known: String },
+    #[error("invalid config: {field}: {reason}")]
+    InvalidConfig { field: String, reason: String },
+    #[error("bad model input `{input}`: {reason}")]
+    BadInput { input: &'static str, reason: String },
+    #[error("weights file {path}: {reason}")]
+    BadWeights { path: String, reason: String },
+    #[error("reading or writing {path}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("libtorch")]
+    Torch(#[from] tch::TchError),
+}
