@@ -3,12 +3,8 @@
 # (PIL + numpy + zarr-python) over the same files, for 512x512 16-bit inputs and for large inputs that are resized.
 # Usage: scripts/bench-ingest.sh [N_512] [N_LARGE]   (defaults 512 and 96). Prints a Markdown table.
 set -euo pipefail
-root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-"$root/scripts/setup.sh" >/dev/null
-source "$root/scripts/env.sh"
-cd "$root"
-cargo build --release --quiet --bin radit
-radit="$root/target/release/radit"
+# shellcheck source=bench-env.sh
+source "$(dirname "${BASH_SOURCE[0]}")/bench-env.sh"
 n512=${1:-512}
 nlarge=${2:-96}
 work=$(mktemp -d)

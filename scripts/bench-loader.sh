@@ -5,13 +5,8 @@
 # (node-local cache cold, then warm). Every reader hands out dequantised float32 batches of 64 with labels and age.
 # Usage: scripts/bench-loader.sh [IMAGES]   (default 1024 images of 512x512, 16 shards). Prints a Markdown table.
 set -euo pipefail
-root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-"$root/scripts/setup.sh" >/dev/null
-source "$root/scripts/env.sh"
-cd "$root"
-cargo build --release --quiet --bin radit
-radit="$root/target/release/radit"
-py="$RADIT_VENV/bin/python"
+# shellcheck source=bench-env.sh
+source "$(dirname "${BASH_SOURCE[0]}")/bench-env.sh"
 n=${1:-1024}
 batch=64
 cores=$(nproc)

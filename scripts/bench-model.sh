@@ -5,19 +5,14 @@
 #        (default: threads = all cores; cases tiny:16:20 tiny-latent:16:20 b-latent:1:3 b-pixel:1:3)
 # Prints a Markdown table.
 set -euo pipefail
-root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-"$root/scripts/setup.sh" >/dev/null
-source "$root/scripts/env.sh"
-cd "$root"
-cargo build --release --quiet --bin radit
-radit="$root/target/release/radit"
-twin=(python "$root/tests/python/radit_twin.py")
+# shellcheck source=bench-env.sh
+source "$(dirname "${BASH_SOURCE[0]}")/bench-env.sh"
+twin=("$py" "$root/tests/python/radit_twin.py")
 threads=${1:-$(nproc)}
 shift || true
 cases=("$@")
 [ ${#cases[@]} -gt 0 ] || cases=(tiny:16:20 tiny-latent:16:20 b-latent:1:3 b-pixel:1:3)
 
-field() { python -c "import json,sys; print(json.loads(sys.argv[1])['$2'])" "$1"; }
 echo "| preset | batch | threads | radit median s/step | PyTorch median s/step | radit / PyTorch |"
 echo "|---|---|---|---|---|---|"
 for c in "${cases[@]}"; do
@@ -27,7 +22,7 @@ for c in "${cases[@]}"; do
   p1=$("${twin[@]}" bench --preset "$preset" "${args[@]}")
   p2=$("${twin[@]}" bench --preset "$preset" "${args[@]}")
   r2=$("$radit" model bench "$preset" "${args[@]}")
-  python - "$preset" "$batch" "$threads" "$r1" "$r2" "$p1" "$p2" <<'PY'
+  "$py" - "$preset" "$batch" "$threads" "$r1" "$r2" "$p1" "$p2" <<'PY'
 import json, sys
 preset, batch, threads, *runs = sys.argv[1:]
 r = min(json.loads(runs[0])["median_s"], json.loads(runs[1])["median_s"])

@@ -161,23 +161,16 @@ fn dopri5_reproduces_torchdiffeq_forward_reverse_and_on_an_analytic_field() {
         rtol: 1e-5,
     };
 
-    let (fwd, stats) = sampler::solve(&field, &inp["x0"], 0.0, 1.0, solver).unwrap();
-    assert_eq!(
-        stats.nfe as u64,
-        nfe["forward"].as_u64().unwrap(),
-        "{stats:?}"
-    );
-    let err = relative_error(&fwd, &want["forward"]);
-    assert!(err <= 1e-5, "forward: relative error {err:e}");
-
-    let (rev, stats) = sampler::solve(&field, &inp["x1"], 1.0, 0.0, solver).unwrap();
-    assert_eq!(
-        stats.nfe as u64,
-        nfe["reverse"].as_u64().unwrap(),
-        "{stats:?}"
-    );
-    let err = relative_error(&rev, &want["reverse"]);
-    assert!(err <= 1e-5, "reverse: relative error {err:e}");
+    for (key, start, t0, t1) in [("forward", "x0", 0.0, 1.0), ("reverse", "x1", 1.0, 0.0)] {
+        let (y, stats) = sampler::solve(&field, &inp[start], t0, t1, solver).unwrap();
+        assert_eq!(
+            stats.nfe as u64,
+            nfe[key].as_u64().unwrap(),
+            "{key}: {stats:?}"
+        );
+        let err = relative_error(&y, &want[key]);
+        assert!(err <= 1e-5, "{key}: relative error {err:e}");
+    }
 
     // The same field as the twin's analytic_field, in float64: step for step the same solve.
     let analytic = |t: f64, y: &Tensor| -> Result<Tensor, radit_trainer::model::ModelError> {

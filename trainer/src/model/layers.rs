@@ -323,6 +323,24 @@ fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Tensor {
     x * (scale.unsqueeze(1) + 1.0) + shift.unsqueeze(1)
 }
 
+/// The zero-initialised adaLN projection SiLU(c) -> `parts` x D (named `adaLN_modulation.1` as in DiT).
+fn adaln(p: &nn::Path, hidden: i64, parts: i64) -> Linear {
+    Linear::new(
+        p / "adaLN_modulation" / "1",
+        hidden,
+        parts * hidden,
+        true,
+        Init::Const(0.0),
+    )
+}
+
+/// The `parts` fp32 modulation vectors [B, D] (shift, scale, gate, ...) from c.
+fn modulation(ada: &Linear, c: &Conditioning, parts: i64, kind: Kind) -> Vec<Tensor> {
+    ada.forward(&c.0.silu(), kind)
+        .to_kind(Kind::Float)
+        .chunk(parts, 1)
+}
+
 /// The conditioning vector c = t_emb(t) + c_meta, [B, D] fp32, computed once per forward and fed to every adaLN.
 pub struct Conditioning(pub Tensor);
 
@@ -340,23 +358,13 @@ impl Block {
         Self {
             attn: Attention::new(&p / "attn", d, cfg.heads),
             mlp: SwiGlu::new(&p / "mlp", d, cfg.mlp_width(), cfg.mlp_bias),
-            ada: Linear::new(
-                &p / "adaLN_modulation" / "1",
-                d,
-                6 * d,
-                true,
-                Init::Const(0.0),
-            ),
+            ada: adaln(&p, d, 6),
         }
     }
 
     /// x [B, N, D] fp32 residual stream -> same.
     pub fn forward(&self, x: &Tensor, c: &Conditioning, kind: Kind) -> Tensor {
-        let m = self
-            .ada
-            .forward(&c.0.silu(), kind)
-            .to_kind(Kind::Float)
-            .chunk(6, 1);
+        let m = modulation(&self.ada, c, 6, kind);
         let h = self
             .attn
             .forward(&modulate(&layer_norm(x), &m[0], &m[1]), kind);
@@ -379,22 +387,12 @@ impl FinalLayer {
     pub fn new(p: nn::Path, hidden: i64, patch_dim: i64) -> Self {
         Self {
             linear: Linear::new(&p / "linear", hidden, patch_dim, true, Init::Const(0.0)),
-            ada: Linear::new(
-                &p / "adaLN_modulation" / "1",
-                hidden,
-                2 * hidden,
-                true,
-                Init::Const(0.0),
-            ),
+            ada: adaln(&p, hidden, 2),
         }
     }
 
     pub fn forward(&self, x: &Tensor, c: &Conditioning, kind: Kind) -> Tensor {
-        let m = self
-            .ada
-            .forward(&c.0.silu(), kind)
-            .to_kind(Kind::Float)
-            .chunk(2, 1);
+        let m = modulation(&self.ada, c, 2, kind);
         self.linear
             .forward(&modulate(&layer_norm(x), &m[0], &m[1]), kind)
             .to_kind(Kind::Float)
