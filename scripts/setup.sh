@@ -10,7 +10,8 @@ source "$root/scripts/env.sh"
 
 log() { printf '[setup] %s\n' "$*" >&2; }
 
-apt_packages=(pkg-config)
+# OpenMPI (mpirun, and the library and headers the mpi crate binds with libclang) for the CPU collectives.
+apt_packages=(pkg-config openmpi-bin libopenmpi-dev libclang-dev)
 missing=()
 for p in "${apt_packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

@@ -25,6 +25,7 @@ use radit_sharding::table::TableConfig;
 use radit_sharding::throughput;
 
 mod model_cli;
+mod train_cli;
 
 /// Exit codes: what the caller (a person, a script, Slurm) should do next.
 mod exit {
@@ -61,8 +62,18 @@ enum Command {
     /// Generate images for given metadata, or edit images counterfactually (--edit); writes 16-bit PNGs and an
     /// 8-bit contact sheet.
     Sample(model_cli::SampleArgs),
+    /// Train RadiT on a Zarr store: one rank here, or many under mpirun/srun (--config run.toml).
+    Train(train_cli::TrainArgs),
+    /// Write the newest checkpoint's EMA (or raw) weights as one safetensors file PyTorch can load.
+    Export(train_cli::ExportArgs),
+    /// The FSDP engine on synthetic inputs: step time, throughput, MFU, communication, checkpoint cost.
+    #[command(subcommand)]
+    Engine(train_cli::EngineCommand),
     /// Print which libtorch this binary loaded and which devices it sees.
     Info,
+    /// Checks of this installation that need real processes (e.g. collectives under mpirun).
+    #[command(subcommand, hide = true)]
+    Selftest(train_cli::SelftestCommand),
 }
 
 #[derive(Args)]
@@ -249,7 +260,11 @@ fn main() -> ExitCode {
         Command::Data(DataCommand::Bench(a)) => run_bench(a),
         Command::Model(c) => model_cli::run_model(c),
         Command::Sample(a) => model_cli::run_sample(a),
+        Command::Train(a) => train_cli::run_train(a),
+        Command::Export(a) => train_cli::run_export(a),
+        Command::Engine(c) => train_cli::run_engine(c),
         Command::Info => run_info(),
+        Command::Selftest(c) => train_cli::run_selftest(c),
     };
     match result {
         Ok(code) => ExitCode::from(code),

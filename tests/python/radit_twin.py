@@ -13,6 +13,7 @@ Commands (run by tests/model_parity.rs and scripts/bench-model.sh):
                                               from x1, plus an analytic float64 ODE: DIR/ode.safetensors + JSON NFEs
     check-load --dir DIR --weights FILE       loads weights written by Rust (strict names and shapes) and checks that
                                               the forward pass reproduces DIR/outputs.safetensors
+    load --preset P --weights FILE            loads weights (e.g. from `radit export`) strictly
     bench --preset P --batch B --threads T    forward+backward step time
     count --preset P                          the parameter count as the spec counts it
 """
@@ -373,6 +374,13 @@ def check_load(args) -> None:
         raise SystemExit(f"the loss of the reloaded weights differs: {got.item()} vs {want['loss'].item()}")
 
 
+def load_only(args) -> None:
+    model = RadiT(PRESETS[args.preset])
+    state = load_file(args.weights)
+    model.load_state_dict(state, strict=True)  # every name and shape must match
+    print(json.dumps({"loaded": len(state), "parameters": count_parameters(model)}))
+
+
 def bench(args) -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -417,6 +425,9 @@ def main() -> None:
     k = sub.add_parser("check-load")
     k.add_argument("--dir", required=True)
     k.add_argument("--weights", required=True)
+    ld = sub.add_parser("load")
+    ld.add_argument("--preset", required=True, choices=sorted(PRESETS))
+    ld.add_argument("--weights", required=True)
     b = sub.add_parser("bench")
     b.add_argument("--preset", default="b-latent", choices=sorted(PRESETS))
     b.add_argument("--batch", type=int, default=1)
@@ -430,6 +441,8 @@ def main() -> None:
         ode(args)
     elif args.cmd == "check-load":
         check_load(args)
+    elif args.cmd == "load":
+        load_only(args)
     elif args.cmd == "bench":
         bench(args)
     else:

@@ -23,8 +23,12 @@
 
 pub use tch;
 
+pub mod checkpoint;
+pub mod collective;
+pub mod engine;
 pub mod flow;
 pub mod generate;
 pub mod model;
 pub mod runtime;
 pub mod sampler;
+pub mod train;

@@ -15,7 +15,9 @@ pub use config::{
 };
 pub use layers::{Block, Conditioning, Precision};
 pub use radit::{RadiT, Trace};
-pub use weights::{WeightsFile, load_weights, read_weights_config, save_weights};
+pub use weights::{
+    WeightsFile, load_weights, read_weights, read_weights_config, save_named_weights, save_weights,
+};
 
 /// What can go wrong building, loading or running a model.
 #[derive(Debug, thiserror::Error)]

@@ -36,8 +36,17 @@ fn io(path: &Path, source: std::io::Error) -> ModelError {
 /// and renamed, so an interrupted save never leaves a truncated file under the final name.
 pub fn save_weights(vs: &VarStore, cfg: &RadiTConfig, path: &Path) -> Result<(), ModelError> {
     let named: BTreeMap<String, Tensor> = vs.variables().into_iter().collect();
+    save_named_weights(&named, cfg, path)
+}
+
+/// As [`save_weights`], for weights held by name (e.g. gathered from shards).
+pub fn save_named_weights(
+    named: &BTreeMap<String, Tensor>,
+    cfg: &RadiTConfig,
+    path: &Path,
+) -> Result<(), ModelError> {
     let mut data = Vec::with_capacity(named.len());
-    for (name, t) in &named {
+    for (name, t) in named {
         let t = t
             .to_device(tch::Device::Cpu)
             .to_kind(Kind::Float)

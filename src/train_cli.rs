@@ -1,0 +1,206 @@
+//! `radit train` and `radit export`: thin argument parsing over radit_trainer::train and the checkpointer.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Args;
+use radit_trainer::checkpoint::{CheckpointConfig, Checkpointer};
+use radit_trainer::collective::{self, local::LocalGroup};
+use radit_trainer::engine::{EngineConfig, Fsdp, Initial};
+use radit_trainer::model::{RadiTConfig, save_named_weights};
+use radit_trainer::tch::{self, Device};
+use radit_trainer::train::{TrainConfig, train};
+
+#[derive(Args)]
+pub struct TrainArgs {
+    /// The run's TOML config (data, model, flow, engine, train, checkpoint).
+    #[arg(long)]
+    config: PathBuf,
+    /// cpu, or cuda (this rank's GPU is its local rank).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// libtorch intra-op threads per rank.
+    #[arg(long)]
+    threads: Option<i32>,
+}
+
+#[derive(Args)]
+pub struct ExportArgs {
+    /// The checkpoint directory URL (as in the run's [checkpoint] url).
+    checkpoint: String,
+    /// Output safetensors file (PyTorch parameter names, the model config in the metadata).
+    #[arg(long)]
+    out: PathBuf,
+    /// Export the raw weights instead of the EMA.
+    #[arg(long)]
+    raw: bool,
+}
+
+fn device(name: &str) -> anyhow::Result<Device> {
+    Ok(match name {
+        "cpu" => Device::Cpu,
+        "cuda" => {
+            anyhow::ensure!(
+                tch::Cuda::is_available(),
+                "--device cuda: libtorch sees no CUDA device here"
+            );
+            Device::Cuda(collective::local_rank())
+        }
+        other => anyhow::bail!("--device `{other}`: expected cpu or cuda"),
+    })
+}
+
+pub fn run_train(a: TrainArgs) -> anyhow::Result<u8> {
+    let text = std::fs::read_to_string(&a.config)
+        .with_context(|| format!("reading {}", a.config.display()))?;
+    let cfg: TrainConfig =
+        toml::from_str(&text).with_context(|| format!("parsing {}", a.config.display()))?;
+    cfg.validate()
+        .with_context(|| format!("checking {}", a.config.display()))?;
+    if let Some(t) = a.threads {
+        tch::set_num_threads(t);
+    }
+    let device = device(&a.device)?;
+    let comm = collective::from_environment(device).context("joining the rank group")?;
+    let rank = comm.rank();
+    let summary = train(&cfg, comm, device, |log| {
+        if rank == 0 {
+            println!("{}", serde_json::to_string(log).unwrap_or_default());
+        }
+    })?;
+    if rank == 0 {
+        eprintln!("{}", serde_json::to_string(&summary)?);
+    }
+    Ok(0)
+}
+
+pub fn run_export(a: ExportArgs) -> anyhow::Result<u8> {
+    let ckpt = Checkpointer::open(CheckpointConfig {
+        url: a.checkpoint.clone(),
+        every: 1,
+        keep: usize::MAX,
+    })?;
+    let step = *ckpt
+        .committed_steps()?
+        .first()
+        .with_context(|| format!("{} holds no committed checkpoint", a.checkpoint))?;
+    let model: RadiTConfig = ckpt.model_config(step)?;
+    let comm = Box::new(LocalGroup::ranks(1, std::time::Duration::from_secs(60)).remove(0));
+    let mut engine = Fsdp::new(
+        &model,
+        EngineConfig::default(),
+        comm,
+        Device::Cpu,
+        Initial::Seed(0),
+    )?;
+    let state = ckpt
+        .load_latest(&mut engine, &model)?
+        .with_context(|| format!("no usable checkpoint in {}", a.checkpoint))?;
+    let weights = engine.gather_named(!a.raw)?;
+    save_named_weights(&weights, &model, &a.out)?;
+    println!(
+        "wrote {} ({} weights of step {})",
+        a.out.display(),
+        if a.raw { "raw" } else { "EMA" },
+        state.step
+    );
+    Ok(0)
+}
+
+#[derive(clap::Subcommand)]
+pub enum SelftestCommand {
+    /// Run the collective conformance suite on this rank group (e.g. under mpirun -np 4).
+    Collectives {
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
+}
+
+pub fn run_selftest(cmd: SelftestCommand) -> anyhow::Result<u8> {
+    match cmd {
+        SelftestCommand::Collectives { device: name } => {
+            let device = device(&name)?;
+            let comm = collective::from_environment(device).context("joining the rank group")?;
+            let (rank, world) = (comm.rank(), comm.world());
+            match collective::conformance::run(comm.as_ref(), device) {
+                Ok(()) => {
+                    println!("rank {rank}/{world}: conformance ok");
+                    Ok(0)
+                }
+                Err(e) => {
+                    eprintln!("rank {rank}/{world}: conformance FAILED: {e}");
+                    Ok(1)
+                }
+            }
+        }
+    }
+}
+
+#[derive(clap::Subcommand)]
+pub enum EngineCommand {
+    /// Step time, tokens/s, MFU and bytes communicated per step of the FSDP engine on synthetic inputs (run it
+    /// under mpirun for several ranks); --checkpoint DIR adds a checkpoint's stall and write bandwidth.
+    Bench(EngineBenchArgs),
+}
+
+#[derive(Args)]
+pub struct EngineBenchArgs {
+    preset: String,
+    /// Samples per rank per step.
+    #[arg(long, default_value_t = 8)]
+    batch: i64,
+    #[arg(long, default_value_t = 10)]
+    steps: usize,
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    #[arg(long, value_enum, default_value = "fp32")]
+    precision: crate::model_cli::PrecisionArg,
+    /// zero3 or zero2.
+    #[arg(long, default_value = "zero3")]
+    mode: String,
+    /// One device's dense peak in TFLOP/s (989: H100/GH200 bf16).
+    #[arg(long, default_value_t = 989.0)]
+    peak_tflops: f64,
+    #[arg(long)]
+    checkpoint: Option<PathBuf>,
+    #[arg(long)]
+    threads: Option<i32>,
+}
+
+pub fn run_engine(cmd: EngineCommand) -> anyhow::Result<u8> {
+    let EngineCommand::Bench(a) = cmd;
+    if let Some(t) = a.threads {
+        tch::set_num_threads(t);
+    }
+    let device = device(&a.device)?;
+    let mode = match a.mode.as_str() {
+        "zero3" => radit_trainer::engine::ShardingMode::Zero3,
+        "zero2" => radit_trainer::engine::ShardingMode::Zero2,
+        other => anyhow::bail!("--mode `{other}`: expected zero3 or zero2"),
+    };
+    anyhow::ensure!(
+        a.batch > 0 && a.steps > 0,
+        "--batch and --steps must be positive"
+    );
+    let bench = radit_trainer::engine::bench::EngineBench {
+        model: RadiTConfig::preset(&a.preset)?,
+        engine: EngineConfig {
+            mode,
+            precision: a.precision.into(),
+            ..EngineConfig::default()
+        },
+        batch: a.batch,
+        steps: a.steps,
+        warmup: a.warmup,
+        peak_tflops: a.peak_tflops,
+        checkpoint_dir: a.checkpoint,
+    };
+    let comm = collective::from_environment(device).context("joining the rank group")?;
+    let report = radit_trainer::engine::bench::run(&bench, comm, device)?;
+    if report.rank == 0 {
+        println!("{}", serde_json::to_string(&report)?);
+    }
+    Ok(0)
+}

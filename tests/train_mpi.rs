@@ -1,0 +1,245 @@
+//! Training under `mpirun` on CPU ranks: the MPI collectives pass the conformance suite; worlds 1, 2 and 4 give the
+//! same losses and weights; stopping and resuming (also on another world size) continues exactly; a torn
+//! checkpoint is skipped; the exported weights load into the PyTorch twin.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::{radit, run_ok, stderr, stdout};
+use radit_trainer::model::WeightsFile;
+use radit_trainer::tch::Tensor;
+
+fn mpirun(np: usize) -> Command {
+    let mut cmd = Command::new("mpirun");
+    cmd.args([
+        "--allow-run-as-root",
+        "--oversubscribe",
+        "--bind-to",
+        "none",
+        "-np",
+        &np.to_string(),
+    ]);
+    // One libtorch thread per rank: the machine has two cores and up to four ranks.
+    cmd.args(["-x", "OMP_NUM_THREADS=1"]);
+    cmd.arg(env!("CARGO_BIN_EXE_radit"));
+    cmd
+}
+
+/// A 16x16 store (the tiny preset's size) of 48 training images or so, in shards of 8.
+fn store(dir: &Path) -> PathBuf {
+    let (table, images) = common::synth(&dir.join("synth"), 64, "40x48", &[]);
+    let out = dir.join("store");
+    let mut cmd = radit();
+    cmd.args(["shard", "--no-progress", "--table"])
+        .arg(&table)
+        .arg("--images")
+        .arg(&images)
+        .args([
+            "--out",
+            out.to_str().unwrap(),
+            "--image-size",
+            "16",
+            "--shard-images",
+            "8",
+        ]);
+    run_ok(&mut cmd);
+    out
+}
+
+fn config(dir: &Path, store: &Path, ckpt: &Path, steps: u64) -> PathBuf {
+    let path = dir.join(format!("run-{steps}.toml"));
+    let text = format!(
+        r#"
+[data]
+url = "{}"
+window_shards = 2
+prefetch = 2
+
+[model]
+preset = "tiny"
+
+[flow]
+shift = 3.0
+
+[engine.adam]
+lr = 0.003
+
+[train]
+steps = {steps}
+global_batch = 8
+seed = 5
+log_every = 1
+
+[checkpoint]
+url = "{}"
+every = 3
+keep = 2
+"#,
+        store.display(),
+        ckpt.display()
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Runs training on `np` ranks (0 = no mpirun); returns the per-step losses rank 0 printed.
+fn train(np: usize, cfg: &Path) -> Vec<f64> {
+    let mut cmd = if np == 0 { radit() } else { mpirun(np) };
+    cmd.args(["train", "--threads", "1", "--config"]).arg(cfg);
+    let out = run_ok(&mut cmd);
+    stdout(&out)
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
+                .as_f64()
+                .unwrap()
+        })
+        .collect()
+}
+
+fn export(ckpt: &Path, out: &Path) -> WeightsFile {
+    run_ok(
+        radit()
+            .args(["export", "--raw", ckpt.to_str().unwrap(), "--out"])
+            .arg(out),
+    );
+    radit_trainer::model::read_weights(out).unwrap()
+}
+
+fn assert_weights_close(a: &WeightsFile, b: &WeightsFile, tol: f64, what: &str) {
+    assert_eq!(a.tensors.len(), b.tensors.len());
+    for (name, x) in &a.tensors {
+        let y: &Tensor = &b.tensors[name];
+        let err = (x - y).abs().max().double_value(&[]);
+        let scale = y.abs().max().double_value(&[]).max(1e-3);
+        assert!(err <= tol * scale, "{what}: {name} differs by {err:e}");
+    }
+}
+
+fn assert_losses_close(a: &[f64], b: &[f64], tol: f64, what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}: step counts");
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        assert!(
+            (x - y).abs() <= tol * y.abs(),
+            "{what}: step {} loss {x} vs {y}",
+            i + 1
+        );
+    }
+}
+
+#[test]
+fn the_mpi_backend_passes_the_collective_conformance_suite() {
+    for np in [2, 3, 4] {
+        let out = run_ok(mpirun(np).args(["selftest", "collectives"]));
+        assert_eq!(
+            stdout(&out).matches("conformance ok").count(),
+            np,
+            "{}",
+            stdout(&out)
+        );
+    }
+}
+
+#[test]
+fn worlds_1_2_and_4_train_the_same_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = store(tmp.path());
+    let mut runs = Vec::new();
+    for np in [0, 2, 4] {
+        let ckpt = tmp.path().join(format!("ckpt-w{np}"));
+        let losses = train(np, &config(tmp.path(), &store, &ckpt, 6));
+        let weights = export(&ckpt, &tmp.path().join(format!("w{np}.safetensors")));
+        runs.push((np, losses, weights));
+    }
+    let (_, l1, w1) = &runs[0];
+    assert_eq!(l1.len(), 6);
+    assert!(l1[5] < l1[0], "the loss goes down: {l1:?}");
+    for (np, l, w) in &runs[1..] {
+        assert_losses_close(l, l1, 1e-5, &format!("world {np} vs 1"));
+        assert_weights_close(w, w1, 1e-4, &format!("world {np} vs 1"));
+    }
+}
+
+#[test]
+fn stopping_and_resuming_continues_exactly_also_on_another_world_size() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = store(tmp.path());
+    let straight_ckpt = tmp.path().join("straight");
+    let straight = train(2, &config(tmp.path(), &store, &straight_ckpt, 6));
+    let straight_w = export(&straight_ckpt, &tmp.path().join("straight.safetensors"));
+
+    // Same world: 3 steps, stop, 3 more.
+    let split_ckpt = tmp.path().join("split");
+    let first = train(2, &config(tmp.path(), &store, &split_ckpt, 3));
+    let second = train(2, &config(tmp.path(), &store, &split_ckpt, 6));
+    assert_eq!(
+        [first, second].concat(),
+        straight,
+        "resumed losses are the uninterrupted ones"
+    );
+    let split_w = export(&split_ckpt, &tmp.path().join("split.safetensors"));
+    assert_weights_close(&split_w, &straight_w, 0.0, "stop + resume vs straight");
+
+    // Another world: 3 steps on 2 ranks, 3 more on 4 ranks (the checkpoint is re-sharded).
+    let re_ckpt = tmp.path().join("reshard");
+    train(2, &config(tmp.path(), &store, &re_ckpt, 3));
+    let second = train(4, &config(tmp.path(), &store, &re_ckpt, 6));
+    assert_losses_close(&second, &straight[3..], 1e-5, "resumed on 4 ranks");
+    let re_w = export(&re_ckpt, &tmp.path().join("reshard.safetensors"));
+    assert_weights_close(&re_w, &straight_w, 1e-4, "re-sharded resume vs straight");
+}
+
+#[test]
+fn a_torn_checkpoint_is_skipped_and_the_previous_one_used() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = store(tmp.path());
+    let ckpt = tmp.path().join("ckpt");
+    let straight = train(2, &config(tmp.path(), &store, &ckpt, 6));
+    // Tear the newest checkpoint: rank 1's object loses its tail.
+    let torn = ckpt.join("step-0000000006/rank-00001.bin");
+    let data = std::fs::read(&torn).unwrap();
+    std::fs::write(&torn, &data[..data.len() / 2]).unwrap();
+    let mut cmd = mpirun(2);
+    cmd.args(["train", "--threads", "1", "--config"])
+        .arg(config(tmp.path(), &store, &ckpt, 6));
+    let out = run_ok(&mut cmd);
+    assert!(
+        stderr(&out).contains("checkpoint unusable"),
+        "{}",
+        stderr(&out)
+    );
+    let redone: Vec<f64> = stdout(&out)
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
+                .as_f64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(
+        redone,
+        straight[3..],
+        "resumed from step 3 and redid steps 4-6 identically"
+    );
+}
+
+#[test]
+fn exported_weights_load_into_the_pytorch_twin() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = store(tmp.path());
+    let ckpt = tmp.path().join("ckpt");
+    train(0, &config(tmp.path(), &store, &ckpt, 3));
+    let out = tmp.path().join("ema.safetensors");
+    run_ok(
+        radit()
+            .args(["export", ckpt.to_str().unwrap(), "--out"])
+            .arg(&out),
+    );
+    let mut twin = common::python();
+    twin.arg(common::repo().join("tests/python/radit_twin.py"))
+        .args(["load", "--preset", "tiny", "--weights"])
+        .arg(&out);
+    run_ok(&mut twin);
+}

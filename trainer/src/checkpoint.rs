@@ -1,0 +1,496 @@
+//! Checkpoints on any object-store URL: every rank writes its slices (fp32 master weights, Adam m and v, EMA) as one
+//! object, rank 0 writes the run state, and a manifest with every object's sha256 is written last: a checkpoint
+//! without its manifest does not exist. Writing happens on a background thread, so training stalls only for the
+//! device-to-host copy; the commit (checksums gathered, manifest written, old checkpoints pruned) happens at a later
+//! step boundary, collectively. Loading verifies checksums, falls back to the previous checkpoint when one is torn,
+//! refuses a checkpoint of another model, and re-shards when the world size changed.
+//!
+//! Layout under the URL: `step-{step:010}/rank-{r:05}.bin`, `step-{step:010}/state.json`,
+//! `step-{step:010}/manifest.json`. A rank object is, for each group in order, its master, m, v and EMA slices as
+//! little-endian f32.
+
+use std::thread::JoinHandle;
+
+use bytes::Bytes;
+use radit_sharding::store::Storage;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tch::{Kind, Tensor};
+
+use crate::collective::Collective;
+use crate::engine::{EngineError, Fsdp, GroupLayout, ShardState};
+use crate::model::RadiTConfig;
+
+/// What can go wrong saving or loading a checkpoint.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CheckpointError {
+    #[error("checkpoint storage")]
+    Storage(#[from] radit_sharding::ShardError),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error(transparent)]
+    Collective(#[from] crate::collective::CollectiveError),
+    /// The checkpoint belongs to another model: resuming from it would be wrong, not just slow.
+    #[error(
+        "checkpoint {key} was written for another model ({reason}); use a new checkpoint URL or the same model"
+    )]
+    Mismatch { key: String, reason: String },
+    #[error("the checkpoint writer thread failed: {0}")]
+    Writer(String),
+}
+
+/// Where and how often to checkpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointConfig {
+    /// Directory URL (a path, file:// or s3://).
+    pub url: String,
+    /// Save every this many steps (and at the end).
+    #[serde(default = "default_every")]
+    pub every: u64,
+    /// Committed checkpoints kept; older ones are deleted after a new one commits.
+    #[serde(default = "default_keep")]
+    pub keep: usize,
+}
+
+fn default_every() -> u64 {
+    1000
+}
+
+fn default_keep() -> usize {
+    3
+}
+
+/// The run state saved with the weights: enough to continue exactly.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunState {
+    /// The next step to run.
+    pub step: u64,
+    pub adam_steps: u64,
+    pub skipped_steps: u64,
+    /// The loader's resume state (radit_sharding::order::OrderState), kept as JSON.
+    pub loader: serde_json::Value,
+    pub model: RadiTConfig,
+    /// Free-form: the training config as the run saw it.
+    pub config: serde_json::Value,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct FileEntry {
+    key: String,
+    bytes: u64,
+    sha256: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Manifest {
+    format: String,
+    step: u64,
+    world: u64,
+    model_hash: String,
+    groups: Vec<GroupLayout>,
+    ranks: Vec<FileEntry>,
+    state: FileEntry,
+}
+
+const FORMAT: &str = "radit-checkpoint-1";
+
+fn step_dir(step: u64) -> String {
+    format!("step-{step:010}")
+}
+
+fn hex(digest: &[u8]) -> String {
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// sha256 of the model config: what must match for a checkpoint to be usable.
+pub fn model_hash(cfg: &RadiTConfig) -> String {
+    let text = serde_json::to_string(cfg).unwrap_or_default();
+    hex(&Sha256::digest(text.as_bytes()))
+}
+
+/// Serialises this rank's slices: per group, master, m, v, ema.
+fn encode(states: &[ShardState]) -> Result<Vec<u8>, tch::TchError> {
+    let mut out = Vec::new();
+    for s in states {
+        for t in [&s.master, &s.m, &s.v, &s.ema] {
+            let values = Vec::<f32>::try_from(t.to_kind(Kind::Float).reshape([-1]))?;
+            out.reserve(values.len() * 4);
+            for v in values {
+                out.extend_from_slice(&v.to_le_bytes());
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// A save in flight: the object is being written by a thread; commit gathers the checksums.
+struct Pending {
+    step: u64,
+    state: RunState,
+    groups: Vec<GroupLayout>,
+    writer: JoinHandle<Result<FileEntry, String>>,
+}
+
+/// Saves and loads checkpoints for one rank.
+pub struct Checkpointer {
+    storage: Storage,
+    cfg: CheckpointConfig,
+    pending: Option<Pending>,
+}
+
+impl Checkpointer {
+    pub fn open(cfg: CheckpointConfig) -> Result<Self, CheckpointError> {
+        let storage = Storage::open(&cfg.url)?;
+        Ok(Self {
+            storage,
+            cfg,
+            pending: None,
+        })
+    }
+
+    pub fn config(&self) -> &CheckpointConfig {
+        &self.cfg
+    }
+
+    /// Starts saving: copies this rank's slices to the host now, writes them on a background thread. Finishes any
+    /// earlier save first. Collective (through the earlier save's commit).
+    pub fn save(&mut self, engine: &Fsdp, state: RunState) -> Result<(), CheckpointError> {
+        self.finish(engine.collective())?;
+        let states = engine.shard_states();
+        let rank = engine.collective().rank();
+        let key = format!("{}/rank-{rank:05}.bin", step_dir(state.step));
+        let storage = self.storage.clone();
+        let writer = std::thread::Builder::new()
+            .name("checkpoint-writer".into())
+            .spawn(move || {
+                let data = encode(&states).map_err(|e| e.to_string())?;
+                let sha256 = hex(&Sha256::digest(&data));
+                let bytes = data.len() as u64;
+                storage
+                    .put(&key, Bytes::from(data))
+                    .map_err(|e| format!("{e:#}"))?;
+                Ok(FileEntry { key, bytes, sha256 })
+            })
+            .map_err(|e| CheckpointError::Writer(e.to_string()))?;
+        let groups = engine.layouts().into_iter().cloned().collect();
+        self.pending = Some(Pending {
+            step: state.step,
+            state,
+            groups,
+            writer,
+        });
+        Ok(())
+    }
+
+    /// Whether a save is still being written here.
+    pub fn busy(&self) -> bool {
+        self.pending
+            .as_ref()
+            .is_some_and(|p| !p.writer.is_finished())
+    }
+
+    /// Commits the pending save if every rank has finished writing (collective; cheap when nothing is pending on any
+    /// rank). Returns the committed step.
+    pub fn poll(&mut self, comm: &dyn Collective) -> Result<Option<u64>, CheckpointError> {
+        let pending_here = self.pending.is_some() as i64 as f64;
+        let busy_here = self.busy() as i64 as f64;
+        let pending = comm.all_reduce_f64(pending_here)?;
+        if pending == 0.0 || comm.all_reduce_f64(busy_here)? > 0.0 {
+            return Ok(None);
+        }
+        self.commit(comm)
+    }
+
+    /// Waits for the pending save (if any) and commits it. Collective.
+    pub fn finish(&mut self, comm: &dyn Collective) -> Result<Option<u64>, CheckpointError> {
+        let pending = comm.all_reduce_f64(self.pending.is_some() as i64 as f64)?;
+        if pending == 0.0 {
+            return Ok(None);
+        }
+        self.commit(comm)
+    }
+
+    fn commit(&mut self, comm: &dyn Collective) -> Result<Option<u64>, CheckpointError> {
+        let Some(p) = self.pending.take() else {
+            return Err(CheckpointError::Writer(
+                "ranks disagree about a pending checkpoint".into(),
+            ));
+        };
+        let Pending {
+            step,
+            state,
+            groups,
+            writer,
+        } = p;
+        let written = writer
+            .join()
+            .map_err(|_| CheckpointError::Writer("the writer panicked".into()))?;
+        // Every rank learns whether every write succeeded before anyone writes the manifest.
+        let failed = comm.all_reduce_f64(written.is_err() as i64 as f64)?;
+        let entry = match written {
+            Ok(e) => e,
+            Err(e) => return Err(CheckpointError::Writer(e)),
+        };
+        if failed > 0.0 {
+            return Err(CheckpointError::Writer(format!(
+                "another rank failed to write step {step}"
+            )));
+        }
+        let line =
+            serde_json::to_vec(&entry).map_err(|e| CheckpointError::Writer(e.to_string()))?;
+        let mut padded = vec![b' '; 512];
+        if line.len() > padded.len() {
+            return Err(CheckpointError::Writer("checkpoint key too long".into()));
+        }
+        padded[..line.len()].copy_from_slice(&line);
+        let mut all = Tensor::zeros([512 * comm.world() as i64], (Kind::Uint8, tch::Device::Cpu));
+        comm.all_gather(&Tensor::from_slice(&padded), &mut all)?;
+        if comm.rank() == 0 {
+            let bytes = Vec::<u8>::try_from(&all).map_err(EngineError::from)?;
+            let ranks = bytes
+                .chunks(512)
+                .map(|c| serde_json::from_slice::<FileEntry>(c.trim_ascii_end()))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| CheckpointError::Writer(e.to_string()))?;
+            self.write_manifest(step, &state, groups, ranks, comm.world() as u64)?;
+        }
+        comm.barrier()?;
+        Ok(Some(step))
+    }
+
+    fn write_manifest(
+        &self,
+        step: u64,
+        run_state: &RunState,
+        groups: Vec<GroupLayout>,
+        ranks: Vec<FileEntry>,
+        world: u64,
+    ) -> Result<(), CheckpointError> {
+        let dir = step_dir(step);
+        let state = serde_json::to_vec_pretty(run_state)
+            .map_err(|e| CheckpointError::Writer(e.to_string()))?;
+        let state_entry = FileEntry {
+            key: format!("{dir}/state.json"),
+            bytes: state.len() as u64,
+            sha256: hex(&Sha256::digest(&state)),
+        };
+        self.storage.put(&state_entry.key, Bytes::from(state))?;
+        let manifest = Manifest {
+            format: FORMAT.into(),
+            step,
+            world,
+            model_hash: model_hash(&run_state.model),
+            groups,
+            ranks,
+            state: state_entry,
+        };
+        let text = serde_json::to_vec_pretty(&manifest)
+            .map_err(|e| CheckpointError::Writer(e.to_string()))?;
+        self.storage
+            .put(&format!("{dir}/manifest.json"), Bytes::from(text))?;
+        tracing::info!(step, url = self.storage.url(), "checkpoint committed");
+        self.prune()?;
+        Ok(())
+    }
+
+    /// Committed checkpoints, newest first.
+    pub fn committed_steps(&self) -> Result<Vec<u64>, CheckpointError> {
+        let mut steps: Vec<u64> = self
+            .storage
+            .list("")?
+            .iter()
+            .filter_map(|k| k.strip_suffix("/manifest.json"))
+            .filter_map(|d| d.rsplit('/').next()?.strip_prefix("step-")?.parse().ok())
+            .collect();
+        steps.sort_unstable_by(|a, b| b.cmp(a));
+        Ok(steps)
+    }
+
+    /// The model config a committed checkpoint was written for.
+    pub fn model_config(&self, step: u64) -> Result<RadiTConfig, CheckpointError> {
+        let key = format!("{}/state.json", step_dir(step));
+        let state: RunState = serde_json::from_slice(&self.storage.get(&key)?).map_err(|e| {
+            CheckpointError::Storage(radit_sharding::ShardError::InvalidConfig(format!(
+                "{key}: {e}"
+            )))
+        })?;
+        Ok(state.model)
+    }
+
+    fn prune(&self) -> Result<(), CheckpointError> {
+        for step in self
+            .committed_steps()?
+            .into_iter()
+            .skip(self.cfg.keep.max(1))
+        {
+            let dir = step_dir(step);
+            // The manifest goes first: a half-deleted checkpoint is then simply not a checkpoint.
+            self.storage.delete(&format!("{dir}/manifest.json"))?;
+            for key in self.storage.list(&dir)? {
+                self.storage.delete(&key)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Loads the newest usable checkpoint into `engine` (re-sharding if the world changed) and returns its state.
+    /// A checkpoint whose objects are missing or fail their checksum is skipped with a warning; one written for
+    /// another model is an error. Collective: every rank settles on the same checkpoint.
+    pub fn load_latest(
+        &self,
+        engine: &mut Fsdp,
+        model: &RadiTConfig,
+    ) -> Result<Option<RunState>, CheckpointError> {
+        let comm = engine.collective();
+        let steps = self.committed_steps()?;
+        // Ranks list the same store, but agree explicitly on how many candidates there are.
+        let n = comm.all_reduce_f64(steps.len() as f64)? / comm.world() as f64;
+        if n != steps.len() as f64 {
+            return Err(CheckpointError::Writer(
+                "ranks see different checkpoint lists".into(),
+            ));
+        }
+        for step in steps {
+            let attempt = self.try_load(engine, model, step);
+            let comm = engine.collective();
+            let failed_here = match &attempt {
+                Ok(_) => 0.0,
+                Err(CheckpointError::Mismatch { .. }) => 0.0,
+                Err(_) => 1.0,
+            };
+            if comm.all_reduce_f64(failed_here)? == 0.0 {
+                let (states, state) = attempt?;
+                engine.load_shard_states(&states, state.adam_steps)?;
+                tracing::info!(step, url = self.storage.url(), "resumed from checkpoint");
+                return Ok(Some(state));
+            }
+            if let Err(e) = attempt {
+                tracing::warn!(step, error = %format!("{e:#}"), "checkpoint unusable, trying the previous one");
+            }
+        }
+        Ok(None)
+    }
+
+    fn try_load(
+        &self,
+        engine: &Fsdp,
+        model: &RadiTConfig,
+        step: u64,
+    ) -> Result<(Vec<ShardState>, RunState), CheckpointError> {
+        let dir = step_dir(step);
+        let key = format!("{dir}/manifest.json");
+        let corrupt = |what: String| {
+            CheckpointError::Storage(radit_sharding::ShardError::InvalidConfig(format!(
+                "{key}: {what}"
+            )))
+        };
+        let manifest: Manifest = serde_json::from_slice(&self.storage.get(&key)?)
+            .map_err(|e| corrupt(format!("unreadable manifest: {e}")))?;
+        if manifest.format != FORMAT {
+            return Err(corrupt(format!(
+                "format {} is not {FORMAT}",
+                manifest.format
+            )));
+        }
+        if manifest.model_hash != model_hash(model) {
+            return Err(CheckpointError::Mismatch {
+                key,
+                reason: "the model config differs".into(),
+            });
+        }
+        let fetch = |entry: &FileEntry| -> Result<Bytes, CheckpointError> {
+            let data = self.storage.get(&entry.key)?;
+            if data.len() as u64 != entry.bytes || hex(&Sha256::digest(&data)) != entry.sha256 {
+                return Err(corrupt(format!(
+                    "{} is torn (size or sha256 differ)",
+                    entry.key
+                )));
+            }
+            Ok(data)
+        };
+        let state: RunState = serde_json::from_slice(&fetch(&manifest.state)?)
+            .map_err(|e| corrupt(format!("unreadable state: {e}")))?;
+
+        let (rank, world) = (
+            engine.collective().rank() as i64,
+            engine.collective().world() as i64,
+        );
+        let old_world = manifest.world as i64;
+        let ours = engine.layouts();
+        if ours.len() != manifest.groups.len()
+            || ours
+                .iter()
+                .zip(&manifest.groups)
+                .any(|(a, b)| a.names != b.names || a.shapes != b.shapes)
+        {
+            return Err(CheckpointError::Mismatch {
+                key,
+                reason: "its parameter groups differ".into(),
+            });
+        }
+        // Which old ranks hold any part of this rank's new slices.
+        let mut needed = std::collections::BTreeSet::new();
+        for old in &manifest.groups {
+            let new = old.for_world(world);
+            let (lo, hi) = (rank * new.shard, ((rank + 1) * new.shard).min(old.numel));
+            if lo < hi {
+                for r in lo / old.shard..=((hi - 1) / old.shard) {
+                    needed.insert(r);
+                }
+            }
+        }
+        let mut files = std::collections::BTreeMap::new();
+        for r in needed {
+            let entry = manifest
+                .ranks
+                .get(r as usize)
+                .ok_or_else(|| corrupt(format!("no object for rank {r} of {old_world}")))?;
+            files.insert(r, fetch(entry)?);
+        }
+        // Per old rank, the byte offset of each group's four arrays.
+        let per_rank_floats: Vec<i64> = manifest.groups.iter().map(|g| 4 * g.shard).collect();
+        let mut states = Vec::new();
+        for (gi, old) in manifest.groups.iter().enumerate() {
+            let new = old.for_world(world);
+            let group_start: i64 = per_rank_floats[..gi].iter().sum();
+            let mut arrays = Vec::new();
+            for array in 0..4 {
+                let mut out = vec![0f32; new.shard as usize];
+                let (lo, hi) = (rank * new.shard, ((rank + 1) * new.shard).min(old.numel));
+                let mut pos = lo;
+                while pos < hi {
+                    let r = pos / old.shard;
+                    let within = pos - r * old.shard;
+                    let take = (old.shard - within).min(hi - pos);
+                    let data = &files[&r];
+                    let float0 = group_start + array * old.shard + within;
+                    for k in 0..take {
+                        let b = ((float0 + k) * 4) as usize;
+                        let bytes: [u8; 4] = data
+                            .get(b..b + 4)
+                            .and_then(|s| s.try_into().ok())
+                            .ok_or_else(|| corrupt(format!("rank object {r} is too short")))?;
+                        out[(pos - lo + k) as usize] = f32::from_le_bytes(bytes);
+                    }
+                    pos += take;
+                }
+                arrays.push(Tensor::from_slice(&out));
+            }
+            let mut it = arrays.into_iter();
+            let mut next = || {
+                it.next()
+                    .unwrap_or_else(|| Tensor::zeros([0], tch::kind::FLOAT_CPU))
+            };
+            states.push(ShardState {
+                group: old.name.clone(),
+                master: next(),
+                m: next(),
+                v: next(),
+                ema: next(),
+            });
+        }
+        Ok((states, state))
+    }
+}

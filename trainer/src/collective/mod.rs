@@ -1,0 +1,133 @@
+//! Collectives behind one small trait, so the engine never knows what carries its bytes: MPI for CPU tensors
+//! ([`mpi::MpiCollective`]), NCCL for GPU tensors ([`nccl`]), and an in-process group of threads for unit tests
+//! ([`local::LocalGroup`]). One conformance suite ([`conformance`]) runs against each.
+//!
+//! Every method is collective: all ranks of the group call it, in the same order, with tensors of the same shape
+//! and kind. Tensors are contiguous and one-dimensional. Reductions are sums in rank order.
+
+pub mod conformance;
+pub mod counting;
+pub mod local;
+pub mod mpi;
+pub mod nccl;
+
+use tch::{Kind, Tensor};
+
+/// What can go wrong in a collective.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CollectiveError {
+    /// A peer did not arrive within the timeout (it hung, or is still in an earlier collective).
+    #[error("collective `{op}` timed out after {seconds} s waiting for a peer")]
+    Timeout { op: &'static str, seconds: u64 },
+    /// A peer left the group (its process or thread ended): the job has to restart.
+    #[error("rank {rank} left the group during `{op}`")]
+    RankFailed { op: &'static str, rank: usize },
+    /// The caller broke the contract (shape, kind, device); a bug, not an infrastructure failure.
+    #[error("collective `{op}`: {reason}")]
+    Usage { op: &'static str, reason: String },
+    /// The backend's library is not there (no libnccl / libcuda / MPI on this machine).
+    #[error("collective backend `{backend}` is unavailable: {reason}")]
+    Unavailable {
+        backend: &'static str,
+        reason: String,
+    },
+    /// The backend reported an error.
+    #[error("collective backend `{backend}` failed in `{op}`: {reason}")]
+    Backend {
+        backend: &'static str,
+        op: &'static str,
+        reason: String,
+    },
+    #[error("libtorch")]
+    Torch(#[from] tch::TchError),
+}
+
+/// A fixed group of ranks that exchange tensors.
+pub trait Collective: Send {
+    fn rank(&self) -> usize;
+    fn world(&self) -> usize;
+    /// Element-wise sum across ranks, in place. Float32, float64 or int64.
+    fn all_reduce_sum(&self, t: &mut Tensor) -> Result<(), CollectiveError>;
+    /// `out` ([world * n]) receives every rank's `input` ([n]) in rank order. Any kind.
+    fn all_gather(&self, input: &Tensor, out: &mut Tensor) -> Result<(), CollectiveError>;
+    /// `out` ([n]) receives the sum over ranks of block `rank` of `input` ([world * n]). Float32 or float64.
+    fn reduce_scatter_sum(&self, input: &Tensor, out: &mut Tensor) -> Result<(), CollectiveError>;
+    /// Every rank's `t` becomes `root`'s. Any kind.
+    fn broadcast(&self, t: &mut Tensor, root: usize) -> Result<(), CollectiveError>;
+    fn barrier(&self) -> Result<(), CollectiveError>;
+
+    /// Sum of one f64 across ranks (loss, norms, flags).
+    fn all_reduce_f64(&self, value: f64) -> Result<f64, CollectiveError> {
+        let mut t = Tensor::from_slice(&[value]);
+        self.all_reduce_sum(&mut t)?;
+        Ok(t.double_value(&[0]))
+    }
+}
+
+/// The collective this process should use: MPI when started by an MPI launcher (with NCCL on top for GPU
+/// tensors), otherwise a world of one (NCCL on a GPU, in-process on the CPU).
+pub fn from_environment(device: tch::Device) -> Result<Box<dyn Collective>, CollectiveError> {
+    let base: Box<dyn Collective> = if mpi::launched_by_mpi() {
+        Box::new(mpi::MpiCollective::init()?)
+    } else {
+        Box::new(local::LocalGroup::ranks(1, std::time::Duration::from_secs(600)).remove(0))
+    };
+    match device {
+        tch::Device::Cuda(gpu) => Ok(Box::new(nccl::NcclCollective::new(base, gpu)?)),
+        _ => Ok(base),
+    }
+}
+
+/// This process's GPU on its node: the launcher's local rank (OpenMPI or Slurm), else 0.
+pub fn local_rank() -> usize {
+    ["OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID", "LOCAL_RANK"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Checks the shape contract shared by every backend.
+pub(crate) fn check_1d(op: &'static str, t: &Tensor) -> Result<usize, CollectiveError> {
+    if t.dim() != 1 || !t.is_contiguous() {
+        return Err(CollectiveError::Usage {
+            op,
+            reason: format!("expected a contiguous 1-D tensor, got shape {:?}", t.size()),
+        });
+    }
+    Ok(t.size()[0] as usize)
+}
+
+pub(crate) fn check_sizes(
+    op: &'static str,
+    input: &Tensor,
+    out: &Tensor,
+    world: usize,
+    gather: bool,
+) -> Result<usize, CollectiveError> {
+    let (i, o) = (check_1d(op, input)?, check_1d(op, out)?);
+    let (small, big) = if gather { (i, o) } else { (o, i) };
+    if big != small * world || input.kind() != out.kind() {
+        return Err(CollectiveError::Usage {
+            op,
+            reason: format!(
+                "input {:?} {:?} and output {:?} {:?} do not fit a world of {world}",
+                input.size(),
+                input.kind(),
+                out.size(),
+                out.kind()
+            ),
+        });
+    }
+    Ok(small)
+}
+
+pub(crate) fn check_reducible(op: &'static str, t: &Tensor) -> Result<(), CollectiveError> {
+    match t.kind() {
+        Kind::Float | Kind::Double | Kind::Int64 => Ok(()),
+        k => Err(CollectiveError::Usage {
+            op,
+            reason: format!("sums need float32, float64 or int64, got {k:?}"),
+        }),
+    }
+}

@@ -1,0 +1,215 @@
+//! NCCL (through cudarc, loaded at run time) for GPU tensors: raw device pointers from libtorch, the unique id
+//! broadcast over a bootstrap collective (MPI). Operations are enqueued on the CUDA legacy default stream, which is
+//! the stream libtorch computes on, so they are ordered with the surrounding compute without extra synchronisation.
+//!
+//! This machine kind has no GPU: the backend compiles everywhere and reports a missing libcuda or libnccl as
+//! [`CollectiveError::Unavailable`], but it only runs on a GPU machine (the engine's GPU check).
+
+use std::sync::Arc;
+
+use cudarc::nccl::{result, sys};
+use tch::{Device, Kind, Tensor};
+
+use super::{Collective, CollectiveError, check_1d, check_reducible, check_sizes};
+
+const BACKEND: &str = "nccl";
+
+/// Whether libcuda and libnccl can be loaded here (cudarc panics instead of erroring when they cannot).
+pub fn available() -> Result<(), CollectiveError> {
+    // SAFETY: these only try to dlopen the libraries by their usual names.
+    let cuda = unsafe { cudarc::driver::sys::is_culib_present() };
+    let nccl = unsafe { sys::is_culib_present() };
+    let missing: Vec<&str> = [
+        ("libcuda", cuda),
+        ("libnccl (a libnccl.so link to the torch wheel's)", nccl),
+    ]
+    .iter()
+    .filter(|(_, ok)| !ok)
+    .map(|(name, _)| *name)
+    .collect();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(CollectiveError::Unavailable {
+            backend: BACKEND,
+            reason: format!("cannot load {}", missing.join(", ")),
+        })
+    }
+}
+
+fn failed(op: &'static str, e: impl std::fmt::Debug) -> CollectiveError {
+    CollectiveError::Backend {
+        backend: BACKEND,
+        op,
+        reason: format!("{e:?}"),
+    }
+}
+
+/// One rank's NCCL communicator on one GPU.
+pub struct NcclCollective {
+    comm: sys::ncclComm_t,
+    rank: usize,
+    world: usize,
+    device: Device,
+    _ctx: Arc<cudarc::driver::CudaContext>,
+    /// The group that carried the unique id (kept: an MPI bootstrap must outlive NCCL).
+    _bootstrap: Box<dyn Collective>,
+}
+
+// SAFETY: an NCCL communicator may be used from any thread as long as calls do not overlap; `&self` methods are
+// only called by the engine's one thread at a time.
+unsafe impl Send for NcclCollective {}
+
+impl NcclCollective {
+    /// Creates the communicator for `gpu` (this rank's local device). Every rank of `bootstrap` calls this; rank 0's
+    /// unique id reaches the others through `bootstrap.broadcast`.
+    pub fn new(bootstrap: Box<dyn Collective>, gpu: usize) -> Result<Self, CollectiveError> {
+        available()?;
+        let (rank, world) = (bootstrap.rank(), bootstrap.world());
+        let ctx = cudarc::driver::CudaContext::new(gpu).map_err(|e| failed("init", e))?;
+        let mut id_bytes = Tensor::zeros([128], (Kind::Uint8, Device::Cpu));
+        if rank == 0 {
+            let id = result::get_uniqueid().map_err(|e| failed("init", e))?;
+            let raw: Vec<u8> = id.internal.iter().map(|&c| c as u8).collect();
+            id_bytes = Tensor::from_slice(&raw);
+        }
+        bootstrap.broadcast(&mut id_bytes, 0)?;
+        let raw = Vec::<u8>::try_from(&id_bytes)?;
+        let mut id = sys::ncclUniqueId { internal: [0; 128] };
+        for (dst, src) in id.internal.iter_mut().zip(raw) {
+            *dst = src as ::core::ffi::c_char;
+        }
+        let mut comm: sys::ncclComm_t = std::ptr::null_mut();
+        // SAFETY: `comm` is a valid out-pointer; every rank passes the same id and world with its own rank.
+        unsafe { result::comm_init_rank(&mut comm, world as i32, id, rank as i32) }
+            .map_err(|e| failed("init", e))?;
+        Ok(Self {
+            comm,
+            rank,
+            world,
+            device: Device::Cuda(gpu),
+            _ctx: ctx,
+            _bootstrap: bootstrap,
+        })
+    }
+
+    fn on_device(&self, op: &'static str, t: &Tensor) -> Result<(), CollectiveError> {
+        if t.device() != self.device {
+            return Err(CollectiveError::Usage {
+                op,
+                reason: format!(
+                    "this communicator carries tensors on {:?}, got {:?}",
+                    self.device,
+                    t.device()
+                ),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// NCCL's type for `kind`, and how many of its elements make one of `kind`'s.
+fn dtype(kind: Kind) -> (sys::ncclDataType_t, usize) {
+    match kind {
+        Kind::Float => (sys::ncclDataType_t::ncclFloat32, 1),
+        Kind::Double => (sys::ncclDataType_t::ncclFloat64, 1),
+        Kind::Int64 => (sys::ncclDataType_t::ncclInt64, 1),
+        Kind::BFloat16 => (sys::ncclDataType_t::ncclBfloat16, 1),
+        Kind::Uint8 => (sys::ncclDataType_t::ncclUint8, 1),
+        // Moved as bytes by operations that do not reduce (check_reducible guards the sums).
+        k => (sys::ncclDataType_t::ncclUint8, k.elt_size_in_bytes()),
+    }
+}
+
+/// The legacy default stream (libtorch's default compute stream).
+const STREAM: sys::cudaStream_t = std::ptr::null_mut();
+
+impl Collective for NcclCollective {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world(&self) -> usize {
+        self.world
+    }
+
+    fn all_reduce_sum(&self, t: &mut Tensor) -> Result<(), CollectiveError> {
+        let n = check_1d("all_reduce", t)?;
+        check_reducible("all_reduce", t)?;
+        self.on_device("all_reduce", t)?;
+        let (dt, _) = dtype(t.kind());
+        let p = t.data_ptr();
+        // SAFETY: `t` is a contiguous tensor of n elements on this communicator's GPU; in place is allowed.
+        unsafe { result::all_reduce(p, p, n, dt, sys::ncclRedOp_t::ncclSum, self.comm, STREAM) }
+            .map_err(|e| failed("all_reduce", e))?;
+        Ok(())
+    }
+
+    fn all_gather(&self, input: &Tensor, out: &mut Tensor) -> Result<(), CollectiveError> {
+        let n = check_sizes("all_gather", input, out, self.world, true)?;
+        self.on_device("all_gather", input)?;
+        self.on_device("all_gather", out)?;
+        let (dt, scale) = dtype(input.kind());
+        // SAFETY: contiguous buffers of n and world * n elements on this GPU.
+        unsafe {
+            result::all_gather(
+                input.data_ptr(),
+                out.data_ptr(),
+                n * scale,
+                dt,
+                self.comm,
+                STREAM,
+            )
+        }
+        .map_err(|e| failed("all_gather", e))?;
+        Ok(())
+    }
+
+    fn reduce_scatter_sum(&self, input: &Tensor, out: &mut Tensor) -> Result<(), CollectiveError> {
+        let n = check_sizes("reduce_scatter", input, out, self.world, false)?;
+        check_reducible("reduce_scatter", input)?;
+        self.on_device("reduce_scatter", input)?;
+        self.on_device("reduce_scatter", out)?;
+        let (dt, _) = dtype(input.kind());
+        // SAFETY: contiguous buffers of world * n and n elements on this GPU.
+        unsafe {
+            result::reduce_scatter(
+                input.data_ptr(),
+                out.data_ptr(),
+                n,
+                dt,
+                sys::ncclRedOp_t::ncclSum,
+                self.comm,
+                STREAM,
+            )
+        }
+        .map_err(|e| failed("reduce_scatter", e))?;
+        Ok(())
+    }
+
+    fn broadcast(&self, t: &mut Tensor, root: usize) -> Result<(), CollectiveError> {
+        let n = check_1d("broadcast", t)?;
+        self.on_device("broadcast", t)?;
+        let (dt, scale) = dtype(t.kind());
+        let p = t.data_ptr();
+        // SAFETY: a contiguous buffer of n elements on this GPU; in place is allowed.
+        unsafe { result::broadcast(p, p, n * scale, dt, root as i32, self.comm, STREAM) }
+            .map_err(|e| failed("broadcast", e))?;
+        Ok(())
+    }
+
+    fn barrier(&self) -> Result<(), CollectiveError> {
+        // NCCL has no barrier: a one-element all-reduce, waited for.
+        let mut t = Tensor::zeros([1], (Kind::Float, self.device));
+        self.all_reduce_sum(&mut t)?;
+        let _ = t.double_value(&[0]);
+        Ok(())
+    }
+}
+
+impl Drop for NcclCollective {
+    fn drop(&mut self) {
+        // SAFETY: the communicator was created by comm_init_rank and is destroyed once.
+        let _ = unsafe { result::comm_destroy(self.comm) };
+    }
+}

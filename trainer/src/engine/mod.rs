@@ -1,0 +1,577 @@
+//! The FSDP engine: applied to a RadiT from outside (the model knows nothing about ranks).
+//!
+//! Parameters are split into flat groups, one per transformer block plus one for everything else ("rest"), each
+//! laid out in name order and padded to a multiple of the world size. Rank r owns the contiguous slice r of every
+//! group in fp32 (master weights, gradient accumulator, Adam m and v, EMA). Before a block runs, its full weights
+//! are all-gathered in the compute dtype into the model's parameter tensors, and freed after; the backward
+//! regathers each block, recomputes its forward from the saved block input (per-block activation checkpointing),
+//! and reduce-scatters its gradients in fp32, averaged over ranks and micro-batches. Adam and the EMA touch only
+//! the local slice. `ShardingMode::Zero2` keeps the gathered weights from a block's forward to its backward.
+//!
+//! Every method that communicates is collective: all ranks call it in the same order.
+
+pub mod bench;
+mod layout;
+mod optim;
+
+pub use layout::{GroupLayout, group_layouts};
+pub use optim::{AdamConfig, LrSchedule};
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use tch::{Device, Kind, Tensor, nn::VarStore};
+
+use crate::collective::{Collective, CollectiveError};
+use crate::flow::interpolate;
+use crate::model::{ModelError, Precision, RadiT, RadiTConfig};
+
+/// What can go wrong in a training step.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EngineError {
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Collective(#[from] CollectiveError),
+    #[error("libtorch")]
+    Torch(#[from] tch::TchError),
+    #[error("invalid config: {field}: {reason}")]
+    InvalidConfig { field: String, reason: String },
+    #[error("state does not fit this engine: {0}")]
+    StateMismatch(String),
+}
+
+/// When gathered weights are freed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ShardingMode {
+    /// Gather before each use, free after (forward, then again for the backward): least memory.
+    #[default]
+    Zero3,
+    /// Keep each block's gathered weights from its forward to its backward: one gather per step, more memory.
+    Zero2,
+}
+
+/// The engine's knobs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EngineConfig {
+    #[serde(default)]
+    pub mode: ShardingMode,
+    #[serde(default)]
+    pub precision: Precision,
+    #[serde(default)]
+    pub adam: AdamConfig,
+    /// Global gradient-norm clip (over all shards); 0 disables.
+    #[serde(default = "default_clip")]
+    pub grad_clip: f64,
+    #[serde(default = "default_ema")]
+    pub ema_decay: f64,
+}
+
+fn default_clip() -> f64 {
+    1.0
+}
+
+fn default_ema() -> f64 {
+    0.9999
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            mode: ShardingMode::Zero3,
+            precision: Precision::Fp32,
+            adam: AdamConfig::default(),
+            grad_clip: 1.0,
+            ema_decay: 0.9999,
+        }
+    }
+}
+
+impl EngineConfig {
+    pub fn validate(&self) -> Result<(), EngineError> {
+        let bad = |field: &str, reason: String| {
+            Err(EngineError::InvalidConfig {
+                field: format!("engine.{field}"),
+                reason,
+            })
+        };
+        if !(self.grad_clip >= 0.0 && self.grad_clip.is_finite()) {
+            return bad("grad_clip", format!("must be >= 0, got {}", self.grad_clip));
+        }
+        if !(0.0..1.0).contains(&self.ema_decay) {
+            return bad(
+                "ema_decay",
+                format!("must be in [0, 1), got {}", self.ema_decay),
+            );
+        }
+        self.adam.validate()
+    }
+}
+
+/// One rank's slice of one flat group, with its optimiser state.
+struct Shard {
+    layout: GroupLayout,
+    /// The model's parameter tensors of this group, in layout order.
+    params: Vec<Tensor>,
+    master: Tensor,
+    grad: Tensor,
+    m: Tensor,
+    v: Tensor,
+    ema: Tensor,
+}
+
+/// The named per-rank state a checkpoint stores for one group.
+pub struct ShardState {
+    pub group: String,
+    pub master: Tensor,
+    pub m: Tensor,
+    pub v: Tensor,
+    pub ema: Tensor,
+}
+
+/// One micro-batch on this rank: data x1, source noise x0, times t, labels [n, V] and age [n].
+pub struct MicroBatch<'a> {
+    pub x1: &'a Tensor,
+    pub x0: &'a Tensor,
+    pub t: &'a Tensor,
+    pub labels: &'a Tensor,
+    pub age: &'a Tensor,
+}
+
+/// What one optimiser step did, identical on every rank.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct StepReport {
+    /// Mean loss over the global batch.
+    pub loss: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    pub lr: f64,
+    /// The step was skipped (non-finite loss or gradient on some rank); nothing changed.
+    pub skipped: bool,
+}
+
+/// A RadiT trained with sharded parameters, gradients, Adam state and EMA.
+pub struct Fsdp {
+    _vs: VarStore,
+    model: RadiT,
+    comm: Box<dyn Collective>,
+    cfg: EngineConfig,
+    device: Device,
+    /// Index 0 is "rest", then one per block.
+    shards: Vec<Shard>,
+    /// Optimiser steps taken (skipped steps excluded): Adam's bias-correction counter.
+    adam_steps: u64,
+    micro_batches: u64,
+}
+
+impl Fsdp {
+    /// Builds the model and keeps only this rank's slice of every group (the model's own copies are freed).
+    /// With [`Initial::Seed`] rank 0 draws DiT's initialisation and broadcasts it, so every rank starts from the
+    /// same weights whatever else uses libtorch's global generator; [`Initial::Weights`] starts from given weights.
+    pub fn new(
+        model_cfg: &RadiTConfig,
+        cfg: EngineConfig,
+        comm: Box<dyn Collective>,
+        device: Device,
+        initial: Initial,
+    ) -> Result<Self, EngineError> {
+        cfg.validate()?;
+        let vs = VarStore::new(device);
+        let mut model = {
+            // The global generator is process-wide: draw the initialisation under one lock.
+            static INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+            let _guard = INIT.lock().unwrap_or_else(|e| e.into_inner());
+            if let Initial::Seed(seed) = initial {
+                tch::manual_seed(seed);
+            }
+            RadiT::new(&vs.root(), model_cfg)?
+        };
+        model.set_precision(cfg.precision);
+        let vars = vs.variables();
+        if let Initial::Weights(weights) = initial {
+            copy_weights(&vars, weights)?;
+        }
+        let (rank, world) = (comm.rank() as i64, comm.world() as i64);
+        let mut shards = Vec::new();
+        for layout in group_layouts(&vars, model_cfg.depth, world) {
+            let params: Vec<Tensor> = layout
+                .names
+                .iter()
+                .map(|n| vars[n].shallow_clone())
+                .collect();
+            let mut flat = tch::no_grad(|| layout.flatten(&params, Kind::Float));
+            if matches!(initial, Initial::Seed(_)) {
+                comm.broadcast(&mut flat, 0)?;
+            }
+            let master = flat.narrow(0, rank * layout.shard, layout.shard).copy();
+            for p in &params {
+                free(p);
+            }
+            shards.push(Shard {
+                grad: master.zeros_like(),
+                m: master.zeros_like(),
+                v: master.zeros_like(),
+                ema: master.copy(),
+                master,
+                params,
+                layout,
+            });
+        }
+        Ok(Self {
+            _vs: vs,
+            model,
+            comm,
+            cfg,
+            device,
+            shards,
+            adam_steps: 0,
+            micro_batches: 0,
+        })
+    }
+
+    pub fn model(&self) -> &RadiT {
+        &self.model
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.cfg
+    }
+
+    pub fn collective(&self) -> &dyn Collective {
+        self.comm.as_ref()
+    }
+
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    pub fn adam_steps(&self) -> u64 {
+        self.adam_steps
+    }
+
+    /// Gathers group `g`'s full weights (compute dtype) into the model's parameter tensors.
+    fn gather(&self, g: usize) -> Result<(), EngineError> {
+        let s = &self.shards[g];
+        let kind = self.cfg.precision.compute_kind();
+        let local = s.master.to_kind(kind);
+        let mut full = Tensor::zeros([s.layout.padded], (kind, self.device));
+        self.comm.all_gather(&local, &mut full)?;
+        for (p, (offset, shape)) in s
+            .params
+            .iter()
+            .zip(s.layout.offsets.iter().zip(&s.layout.shapes))
+        {
+            let numel: i64 = shape.iter().product();
+            let mut p = p.shallow_clone();
+            p.set_data(&full.narrow(0, *offset, numel).view(shape.as_slice()));
+        }
+        Ok(())
+    }
+
+    fn release(&self, g: usize) {
+        for p in &self.shards[g].params {
+            free(p);
+        }
+    }
+
+    /// Reduce-scatters one group's full gradients (any dtype; summed in fp32) into its accumulator, scaled.
+    fn accumulate(&mut self, g: usize, grads: &[Tensor], scale: f64) -> Result<(), EngineError> {
+        let s = &self.shards[g];
+        let flat = s.layout.flatten(grads, Kind::Float);
+        let mut mine = Tensor::zeros([s.layout.shard], (Kind::Float, self.device));
+        self.comm.reduce_scatter_sum(&flat, &mut mine)?;
+        let s = &mut self.shards[g];
+        s.grad += mine * scale;
+        Ok(())
+    }
+
+    /// Forward and backward of one micro-batch; gradients accumulate (scaled by `scale`, normally
+    /// 1 / (world * micro-batches per step)). Returns this rank's mean loss on it.
+    pub fn forward_backward(&mut self, mb: &MicroBatch, scale: f64) -> Result<f64, EngineError> {
+        let xt = interpolate(mb.x1, mb.x0, mb.t);
+        self.model.check_inputs(&xt, mb.t, mb.labels, mb.age)?;
+        let depth = self.shards.len() - 1;
+        let zero2 = self.cfg.mode == ShardingMode::Zero2;
+        // Rest group: gathered for the whole micro-batch (embeddings, conditioning and the final layer).
+        self.gather(0)?;
+        let h0 = self.model.embed(&xt);
+        let c = self.model.condition(mb.t, mb.labels, mb.age);
+        let c_in = c.0.detach();
+        let mut inputs = vec![h0.detach()];
+        tch::no_grad(|| -> Result<(), EngineError> {
+            for i in 0..depth {
+                self.gather(i + 1)?;
+                let h = self.model.blocks()[i].forward(
+                    &inputs[i],
+                    &crate::model::Conditioning(c_in.shallow_clone()),
+                    self.cfg.precision.compute_kind(),
+                );
+                inputs.push(h);
+                if !zero2 {
+                    self.release(i + 1);
+                }
+            }
+            Ok(())
+        })?;
+
+        // Head and loss with autograd; gradients w.r.t. its input, c and the final layer.
+        let h_last = inputs[depth].detach().set_requires_grad(true);
+        let c_leaf = c_in.detach().set_requires_grad(true);
+        let v = self
+            .model
+            .head(&h_last, &crate::model::Conditioning(c_leaf.shallow_clone()));
+        let target = mb.x1.to_kind(Kind::Float) - mb.x0.to_kind(Kind::Float);
+        let loss = (v - target).square().mean(Kind::Float);
+        let loss_value = loss.double_value(&[]);
+        let rest = 0;
+        let mut rest_grads: BTreeMap<usize, Tensor> = BTreeMap::new();
+        let head_idx = self.shards[rest].layout.indices_with_prefix("final_layer.");
+        let (mut dh, mut dc) = {
+            let mut wrt = vec![h_last.shallow_clone(), c_leaf.shallow_clone()];
+            wrt.extend(
+                head_idx
+                    .iter()
+                    .map(|&k| self.shards[rest].params[k].shallow_clone()),
+            );
+            let g = Tensor::f_run_backward(&[&loss], &wrt, false, false)?;
+            for (&k, gk) in head_idx.iter().zip(&g[2..]) {
+                rest_grads.insert(k, gk.shallow_clone());
+            }
+            (g[0].shallow_clone(), g[1].shallow_clone())
+        };
+
+        // Blocks in reverse: regather (ZeRO-3), recompute, backpropagate, reduce-scatter.
+        for i in (0..depth).rev() {
+            if !zero2 {
+                self.gather(i + 1)?;
+            }
+            let h_in = inputs[i].detach().set_requires_grad(true);
+            let c_blk = c_in.detach().set_requires_grad(true);
+            let out = self.model.blocks()[i].forward(
+                &h_in,
+                &crate::model::Conditioning(c_blk.shallow_clone()),
+                self.cfg.precision.compute_kind(),
+            );
+            let surrogate = (out * &dh).sum(Kind::Float);
+            let mut wrt = vec![h_in, c_blk];
+            wrt.extend(self.shards[i + 1].params.iter().map(Tensor::shallow_clone));
+            let g = Tensor::f_run_backward(&[&surrogate], &wrt, false, false)?;
+            dh = g[0].shallow_clone();
+            dc += &g[1];
+            self.release(i + 1);
+            self.accumulate(i + 1, &g[2..], scale)?;
+        }
+
+        // The rest group's remaining parameters: the patch embedding (through h0) and the conditioning (through c).
+        for (prefixes, root, upstream) in [
+            (&["x_embedder."][..], &h0, &dh),
+            (&["t_embedder.", "y_embedder."][..], &c.0, &dc),
+        ] {
+            let idx: Vec<usize> = prefixes
+                .iter()
+                .flat_map(|p| self.shards[rest].layout.indices_with_prefix(p))
+                .collect();
+            let wrt: Vec<Tensor> = idx
+                .iter()
+                .map(|&k| self.shards[rest].params[k].shallow_clone())
+                .collect();
+            let surrogate = (root * upstream).sum(Kind::Float);
+            let g = Tensor::f_run_backward(&[&surrogate], &wrt, false, false)?;
+            for (&k, gk) in idx.iter().zip(g) {
+                rest_grads.insert(k, gk);
+            }
+        }
+        let grads: Vec<Tensor> = (0..self.shards[rest].params.len())
+            .map(|k| rest_grads.remove(&k).unwrap_or_default())
+            .collect();
+        self.release(rest);
+        self.accumulate(rest, &grads, scale)?;
+        self.micro_batches += 1;
+        Ok(loss_value)
+    }
+
+    /// Clips, steps Adam and the EMA on the local slices, and clears the accumulators. `local_loss_sum` is this
+    /// rank's sum of micro-batch mean losses since the last step. A non-finite loss or gradient norm on any rank
+    /// skips the step on every rank.
+    pub fn optimizer_step(
+        &mut self,
+        local_loss_sum: f64,
+        lr: f64,
+    ) -> Result<StepReport, EngineError> {
+        let world = self.comm.world() as f64;
+        let micro = self.micro_batches.max(1) as f64;
+        let loss = self.comm.all_reduce_f64(local_loss_sum)? / (world * micro);
+        let local_sq: f64 = self
+            .shards
+            .iter()
+            .map(|s| s.grad.square().sum(Kind::Double).double_value(&[]))
+            .sum();
+        let grad_norm = self.comm.all_reduce_f64(local_sq)?.sqrt();
+        self.micro_batches = 0;
+        if !loss.is_finite() || !grad_norm.is_finite() {
+            for s in &mut self.shards {
+                let _ = s.grad.zero_();
+            }
+            return Ok(StepReport {
+                loss,
+                grad_norm,
+                lr,
+                skipped: true,
+            });
+        }
+        let clip = if self.cfg.grad_clip > 0.0 {
+            (self.cfg.grad_clip / (grad_norm + 1e-6)).min(1.0)
+        } else {
+            1.0
+        };
+        self.adam_steps += 1;
+        let adam = self.cfg.adam;
+        let decay = self.cfg.ema_decay;
+        tch::no_grad(|| {
+            for s in &mut self.shards {
+                if clip < 1.0 {
+                    s.grad *= clip;
+                }
+                adam.step(
+                    &mut s.master,
+                    &s.grad,
+                    &mut s.m,
+                    &mut s.v,
+                    lr,
+                    self.adam_steps,
+                );
+                let _ = s
+                    .ema
+                    .g_mul_scalar_(decay)
+                    .g_add_(&(&s.master * (1.0 - decay)));
+                let _ = s.grad.zero_();
+            }
+        });
+        Ok(StepReport {
+            loss,
+            grad_norm,
+            lr,
+            skipped: false,
+        })
+    }
+
+    /// The full named weights (fp32, on the CPU): the raw parameters, or the EMA when `ema`. Collective.
+    pub fn gather_named(&self, ema: bool) -> Result<BTreeMap<String, Tensor>, EngineError> {
+        let mut out = BTreeMap::new();
+        for s in &self.shards {
+            let local = if ema { &s.ema } else { &s.master };
+            let mut full = Tensor::zeros([s.layout.padded], (Kind::Float, self.device));
+            self.comm.all_gather(local, &mut full)?;
+            let full = full.to_device(Device::Cpu);
+            for (name, (offset, shape)) in s
+                .layout
+                .names
+                .iter()
+                .zip(s.layout.offsets.iter().zip(&s.layout.shapes))
+            {
+                let numel: i64 = shape.iter().product();
+                out.insert(
+                    name.clone(),
+                    full.narrow(0, *offset, numel).view(shape.as_slice()).copy(),
+                );
+            }
+        }
+        Ok(out)
+    }
+
+    /// This rank's slices (copied to the CPU), for checkpoints.
+    pub fn shard_states(&self) -> Vec<ShardState> {
+        let cpu = |t: &Tensor| t.to_device(Device::Cpu).copy();
+        self.shards
+            .iter()
+            .map(|s| ShardState {
+                group: s.layout.name.clone(),
+                master: cpu(&s.master),
+                m: cpu(&s.m),
+                v: cpu(&s.v),
+                ema: cpu(&s.ema),
+            })
+            .collect()
+    }
+
+    /// Restores this rank's slices (already resharded to this world) and Adam's step counter.
+    pub fn load_shard_states(
+        &mut self,
+        states: &[ShardState],
+        adam_steps: u64,
+    ) -> Result<(), EngineError> {
+        if states.len() != self.shards.len() {
+            return Err(EngineError::StateMismatch(format!(
+                "{} groups in the state, {} in the model",
+                states.len(),
+                self.shards.len()
+            )));
+        }
+        for (s, st) in self.shards.iter_mut().zip(states) {
+            if st.group != s.layout.name || st.master.size() != s.master.size() {
+                return Err(EngineError::StateMismatch(format!(
+                    "group {} ({:?}) does not match {} ({:?})",
+                    st.group,
+                    st.master.size(),
+                    s.layout.name,
+                    s.master.size()
+                )));
+            }
+            let dev = |t: &Tensor| t.to_device(self.device).to_kind(Kind::Float);
+            s.master = dev(&st.master);
+            s.m = dev(&st.m);
+            s.v = dev(&st.v);
+            s.ema = dev(&st.ema);
+            let _ = s.grad.zero_();
+        }
+        self.adam_steps = adam_steps;
+        self.micro_batches = 0;
+        Ok(())
+    }
+
+    /// The group layouts (world-independent apart from padding), for checkpoint manifests.
+    pub fn layouts(&self) -> Vec<&GroupLayout> {
+        self.shards.iter().map(|s| &s.layout).collect()
+    }
+}
+
+/// Where the weights start.
+#[derive(Clone, Copy)]
+pub enum Initial<'a> {
+    /// DiT initialisation drawn from this seed (on rank 0, broadcast).
+    Seed(i64),
+    /// These full weights (every parameter by name, fp32), e.g. from a weights file.
+    Weights(&'a BTreeMap<String, Tensor>),
+}
+
+fn copy_weights(
+    vars: &std::collections::HashMap<String, Tensor>,
+    weights: &BTreeMap<String, Tensor>,
+) -> Result<(), EngineError> {
+    for (name, var) in vars {
+        let src = weights.get(name).ok_or_else(|| {
+            EngineError::StateMismatch(format!("the initial weights lack {name}"))
+        })?;
+        if src.size() != var.size() {
+            return Err(EngineError::StateMismatch(format!(
+                "initial weight {name} has shape {:?}, the model {:?}",
+                src.size(),
+                var.size()
+            )));
+        }
+        tch::no_grad(|| var.shallow_clone().f_copy_(&src.to_device(var.device())))?;
+    }
+    Ok(())
+}
+
+/// Drops a parameter's storage but keeps the variable (and its autograd identity).
+fn free(p: &Tensor) {
+    let mut p = p.shallow_clone();
+    p.set_data(&Tensor::empty([0], (p.kind(), p.device())));
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,359 @@
+//! The engine against plain autograd + Adam on one unsharded model, on worlds 1, 2 and 4 (threads).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use tch::{Device, Kind, Tensor, nn::VarStore};
+
+use super::*;
+use crate::collective::local::LocalGroup;
+use crate::model::RadiTConfig;
+
+const BATCH: i64 = 4;
+
+/// Tiny RadiT weights with every zero-initialised layer moved, so every parameter gets a gradient.
+fn initial_weights(cfg: &RadiTConfig) -> BTreeMap<String, Tensor> {
+    let vs = VarStore::new(Device::Cpu);
+    let _m = RadiT::new(&vs.root(), cfg).unwrap();
+    let mut out = BTreeMap::new();
+    for (i, (name, t)) in vs
+        .variables()
+        .into_iter()
+        .collect::<BTreeMap<_, _>>()
+        .into_iter()
+        .enumerate()
+    {
+        let t = t.detach().copy();
+        let t = if name.contains("adaLN")
+            || name.starts_with("final_layer")
+            || name.ends_with("age_null")
+        {
+            // Deterministic, not drawn from the shared generator: tests run in parallel.
+            let n = t.numel() as i64;
+            (Tensor::arange(n, tch::kind::FLOAT_CPU) * 0.37 + i as f64)
+                .sin()
+                .view(t.size().as_slice())
+                * 0.05
+        } else {
+            t
+        };
+        out.insert(name, t);
+    }
+    out
+}
+
+struct Data {
+    x1: Tensor,
+    x0: Tensor,
+    t: Tensor,
+    labels: Tensor,
+    age: Tensor,
+}
+
+fn data(cfg: &RadiTConfig, step: i64) -> Data {
+    let n = BATCH * cfg.in_channels * cfg.input_size * cfg.input_size;
+    let wave = |phase: f64| {
+        (Tensor::arange(n, tch::kind::FLOAT_CPU) * 0.013 + phase + step as f64)
+            .sin()
+            .view([BATCH, cfg.in_channels, cfg.input_size, cfg.input_size])
+    };
+    let v = cfg.classes.len() as i64;
+    let labels = Tensor::arange(BATCH * v, (Kind::Int64, Device::Cpu))
+        .view([BATCH, v])
+        .fmod(2)
+        + 1;
+    Data {
+        x1: wave(0.0),
+        x0: wave(1.7) * 1.3,
+        t: Tensor::from_slice(&[0.1f32, 0.4, 0.6, 0.9]) + 0.01 * step as f64,
+        labels,
+        age: Tensor::from_slice(&[0.3f32, f32::NAN, 0.7, 0.5]),
+    }
+}
+
+/// Plain training: the whole batch through one model with autograd, global clip, the same Adam and EMA.
+type Run = (
+    Vec<(f64, f64)>,
+    BTreeMap<String, Tensor>,
+    BTreeMap<String, Tensor>,
+);
+
+/// Returns per-step (loss, gradient norm), the final weights and the final EMA.
+fn reference(
+    cfg: &RadiTConfig,
+    w0: &BTreeMap<String, Tensor>,
+    steps: i64,
+    ecfg: &EngineConfig,
+) -> Run {
+    let vs = VarStore::new(Device::Cpu);
+    let model = RadiT::new(&vs.root(), cfg).unwrap();
+    let vars = vs.variables();
+    copy_weights(&vars, w0).unwrap();
+    let names: Vec<String> = w0.keys().cloned().collect();
+    let mut m: Vec<Tensor> = names.iter().map(|n| w0[n].zeros_like()).collect();
+    let mut v: Vec<Tensor> = names.iter().map(|n| w0[n].zeros_like()).collect();
+    let mut ema: Vec<Tensor> = names.iter().map(|n| w0[n].copy()).collect();
+    let mut losses = Vec::new();
+    for step in 0..steps {
+        let d = data(cfg, step);
+        let loss = crate::flow::loss(&model, &d.x1, &d.x0, &d.t, &d.labels, &d.age).unwrap();
+        let params: Vec<Tensor> = names.iter().map(|n| vars[n].shallow_clone()).collect();
+        let grads = Tensor::run_backward(&[&loss], &params, false, false);
+        losses.push((loss.double_value(&[]), 0.0));
+        let norm: f64 = grads
+            .iter()
+            .map(|g| g.square().sum(Kind::Double).double_value(&[]))
+            .sum::<f64>()
+            .sqrt();
+        let last = losses.len() - 1;
+        losses[last] = (losses[last].0, norm);
+        let clip = (ecfg.grad_clip / (norm + 1e-6)).min(1.0);
+        tch::no_grad(|| {
+            for (k, p) in params.iter().enumerate() {
+                let g = &grads[k] * clip;
+                let mut p = p.shallow_clone();
+                ecfg.adam.step(
+                    &mut p,
+                    &g,
+                    &mut m[k],
+                    &mut v[k],
+                    ecfg.adam.lr,
+                    step as u64 + 1,
+                );
+                let _ = ema[k]
+                    .g_mul_scalar_(ecfg.ema_decay)
+                    .g_add_(&(&p * (1.0 - ecfg.ema_decay)));
+            }
+        });
+    }
+    let params = names
+        .iter()
+        .map(|n| (n.clone(), vars[n].detach().copy()))
+        .collect();
+    let ema = names.iter().cloned().zip(ema).collect();
+    (losses, params, ema)
+}
+
+/// Runs the engine on `world` threads; each rank takes its contiguous slice of the batch in `micro` pieces.
+fn engine_run(
+    cfg: &RadiTConfig,
+    w0: &BTreeMap<String, Tensor>,
+    steps: i64,
+    world: usize,
+    micro: i64,
+    ecfg: &EngineConfig,
+) -> Run {
+    let handles = LocalGroup::ranks(world, Duration::from_secs(120));
+    let threads: Vec<_> = handles
+        .into_iter()
+        .map(|comm| {
+            let (cfg, w0, ecfg) = (cfg.clone(), copy_map(w0), ecfg.clone());
+            std::thread::spawn(move || {
+                let rank = comm.rank() as i64;
+                let mut e = Fsdp::new(
+                    &cfg,
+                    ecfg,
+                    Box::new(comm),
+                    Device::Cpu,
+                    Initial::Weights(&w0),
+                )
+                .unwrap();
+                let per_rank = BATCH / world as i64;
+                let per_micro = per_rank / micro;
+                let mut losses = Vec::new();
+                for step in 0..steps {
+                    let d = data(&cfg, step);
+                    let mut sum = 0.0;
+                    for k in 0..micro {
+                        let start = rank * per_rank + k * per_micro;
+                        let s = |t: &Tensor| t.narrow(0, start, per_micro);
+                        let mb = MicroBatch {
+                            x1: &s(&d.x1),
+                            x0: &s(&d.x0),
+                            t: &s(&d.t),
+                            labels: &s(&d.labels),
+                            age: &s(&d.age),
+                        };
+                        sum += e
+                            .forward_backward(&mb, 1.0 / (world as f64 * micro as f64))
+                            .unwrap();
+                    }
+                    let r = e.optimizer_step(sum, e.config().adam.lr).unwrap();
+                    assert!(!r.skipped);
+                    losses.push((r.loss, r.grad_norm));
+                }
+                (
+                    losses,
+                    e.gather_named(false).unwrap(),
+                    e.gather_named(true).unwrap(),
+                )
+            })
+        })
+        .collect();
+    let mut results: Vec<_> = threads
+        .into_iter()
+        .map(|t| t.join().expect("rank"))
+        .collect();
+    for r in &results[1..] {
+        assert_eq!(r.0, results[0].0, "every rank reports the same losses");
+    }
+    results.swap_remove(0)
+}
+
+fn copy_map(m: &BTreeMap<String, Tensor>) -> BTreeMap<String, Tensor> {
+    m.iter().map(|(k, v)| (k.clone(), v.copy())).collect()
+}
+
+/// Same weights up to reduction order: Adam divides by sqrt(v), so an element whose gradient is nearly zero can move
+/// by a visible fraction of one learning-rate step when its gradient's last bits change. The bound is therefore on
+/// the largest deviation (`tol` of the tensor's scale) and, 100x tighter, on the mean deviation.
+fn assert_close(a: &BTreeMap<String, Tensor>, b: &BTreeMap<String, Tensor>, tol: f64, what: &str) {
+    assert_eq!(a.len(), b.len());
+    for (name, x) in a {
+        let y = &b[name];
+        let diff = (x - y).abs();
+        let (max, mean) = (
+            diff.max().double_value(&[]),
+            diff.mean(Kind::Double).double_value(&[]),
+        );
+        let scale = y.abs().max().double_value(&[]).max(1e-3);
+        assert!(
+            max <= tol * scale && mean <= tol / 100.0 * scale,
+            "{what}: {name} differs by {max:e} at most, {mean:e} on average (scale {scale:e})"
+        );
+    }
+}
+
+fn cfg() -> (RadiTConfig, EngineConfig) {
+    let cfg = RadiTConfig::preset("tiny").unwrap();
+    // A large learning rate and a small EMA decay so three steps move everything measurably.
+    let ecfg = EngineConfig {
+        adam: AdamConfig {
+            lr: 1e-2,
+            ..AdamConfig::default()
+        },
+        ema_decay: 0.5,
+        ..EngineConfig::default()
+    };
+    (cfg, ecfg)
+}
+
+#[test]
+fn sharded_training_matches_plain_autograd_on_worlds_1_2_and_4() {
+    let (cfg, ecfg) = cfg();
+    let w0 = initial_weights(&cfg);
+    let (ref_losses, ref_params, ref_ema) = reference(&cfg, &w0, 3, &ecfg);
+    assert!(
+        ref_params.iter().any(|(n, p)| !p.equal(&w0[n])),
+        "training moved the weights"
+    );
+    for world in [1, 2, 4] {
+        let (losses, params, ema) = engine_run(&cfg, &w0, 3, world, 1, &ecfg);
+        for ((a, na), (b, nb)) in losses.iter().zip(&ref_losses) {
+            assert!(
+                (a - b).abs() <= 1e-5 * b.abs(),
+                "world {world}: loss {a} vs {b}"
+            );
+            // Adam hides a wrongly scaled gradient; the norm does not.
+            assert!(
+                (na - nb).abs() <= 1e-5 * nb,
+                "world {world}: gradient norm {na} vs {nb}"
+            );
+        }
+        assert_close(&params, &ref_params, 1e-3, &format!("world {world} params"));
+        assert_close(&ema, &ref_ema, 1e-3, &format!("world {world} ema"));
+    }
+}
+
+#[test]
+fn zero2_equals_zero3_and_accumulation_equals_one_big_micro_batch() {
+    let (cfg, ecfg) = cfg();
+    let w0 = initial_weights(&cfg);
+    let (l3, p3, _) = engine_run(&cfg, &w0, 2, 2, 1, &ecfg);
+    let zero2 = EngineConfig {
+        mode: ShardingMode::Zero2,
+        ..ecfg.clone()
+    };
+    let (l2, p2, _) = engine_run(&cfg, &w0, 2, 2, 1, &zero2);
+    assert_eq!(l2, l3);
+    for (name, p) in &p3 {
+        assert!(
+            p.equal(&p2[name]),
+            "{name}: ZeRO-2 and ZeRO-3 must compute the same thing"
+        );
+    }
+    let (la, pa, _) = engine_run(&cfg, &w0, 2, 2, 2, &ecfg);
+    for ((a, na), (b, nb)) in la.iter().zip(&l3) {
+        assert!(
+            (a - b).abs() <= 1e-5 * b.abs(),
+            "accumulated loss {a} vs {b}"
+        );
+        assert!(
+            (na - nb).abs() <= 1e-5 * nb,
+            "accumulated gradient norm {na} vs {nb}"
+        );
+    }
+    assert_close(&pa, &p3, 1e-3, "two micro-batches vs one");
+}
+
+#[test]
+fn a_non_finite_loss_on_one_rank_skips_the_step_everywhere() {
+    let (cfg, ecfg) = cfg();
+    let w0 = initial_weights(&cfg);
+    let handles = LocalGroup::ranks(2, Duration::from_secs(60));
+    let threads: Vec<_> = handles
+        .into_iter()
+        .map(|comm| {
+            let (cfg, w0, ecfg) = (cfg.clone(), copy_map(&w0), ecfg.clone());
+            std::thread::spawn(move || {
+                let rank = comm.rank();
+                let mut e = Fsdp::new(
+                    &cfg,
+                    ecfg,
+                    Box::new(comm),
+                    Device::Cpu,
+                    Initial::Weights(&w0),
+                )
+                .unwrap();
+                let d = data(&cfg, 0);
+                let x1 = d.x1.narrow(0, 0, 2).copy();
+                if rank == 1 {
+                    let _ = x1.get(0).get(0).get(0).get(0).fill_(f64::NAN);
+                }
+                let mb = MicroBatch {
+                    x1: &x1,
+                    x0: &d.x0.narrow(0, 0, 2),
+                    t: &d.t.narrow(0, 0, 2),
+                    labels: &d.labels.narrow(0, 0, 2),
+                    age: &d.age.narrow(0, 0, 2),
+                };
+                let loss = e.forward_backward(&mb, 0.5).unwrap();
+                let r = e.optimizer_step(loss, 1e-2).unwrap();
+                (r.skipped, e.adam_steps(), e.gather_named(false).unwrap())
+            })
+        })
+        .collect();
+    for t in threads {
+        let (skipped, steps, params) = t.join().unwrap();
+        assert!(skipped, "every rank skips");
+        assert_eq!(steps, 0);
+        for (name, p) in &params {
+            assert!(p.equal(&w0[name]), "{name} changed in a skipped step");
+        }
+    }
+}
+
+#[test]
+fn bf16_training_tracks_fp32() {
+    let (cfg, ecfg) = cfg();
+    let w0 = initial_weights(&cfg);
+    let (l32, _, _) = engine_run(&cfg, &w0, 2, 2, 1, &ecfg);
+    let bf16 = EngineConfig {
+        precision: Precision::Bf16,
+        ..ecfg
+    };
+    let (l16, _, _) = engine_run(&cfg, &w0, 2, 2, 1, &bf16);
+    for ((a, _), (b, _)) in l16.iter().zip(&l32) {
+        assert!((a - b).abs() <= 2e-2 * b.abs(), "bf16 loss {a} vs fp32 {b}");
+    }
+}
