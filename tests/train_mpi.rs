@@ -243,3 +243,176 @@ fn exported_weights_load_into_the_pytorch_twin() {
         .arg(&out);
     run_ok(&mut twin);
 }
+
+#[test]
+fn non_finite_steps_are_skipped_everywhere_and_repeated_ones_roll_back_to_the_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = store(tmp.path());
+    let straight_ckpt = tmp.path().join("straight");
+    let straight = train(2, &config(tmp.path(), &store, &straight_ckpt, 6));
+    let straight_w = export(&straight_ckpt, &tmp.path().join("straight.safetensors"));
+
+    // Steps 4 and 5 see a NaN on rank 0: both ranks skip them; after two in a row (rollback_after_skips = 2) the
+    // run rolls back to step 3 and redoes 4-6, ending exactly where the clean run ends.
+    let ckpt = tmp.path().join("faulty");
+    let cfg = config(tmp.path(), &store, &ckpt, 6);
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("log_every = 1", "log_every = 1\nrollback_after_skips = 2");
+    std::fs::write(&cfg, text).unwrap();
+    let mut cmd = Command::new("mpirun");
+    cmd.args([
+        "--allow-run-as-root",
+        "--oversubscribe",
+        "--bind-to",
+        "none",
+        "-np",
+        "2",
+    ])
+    .args([
+        "-x",
+        "OMP_NUM_THREADS=1",
+        "-x",
+        "RADIT_FAULT_NONFINITE_STEPS=4,5",
+    ])
+    .arg(env!("CARGO_BIN_EXE_radit"))
+    .args(["train", "--threads", "1", "--config"])
+    .arg(&cfg);
+    let out = run_ok(&mut cmd);
+    let logs: Vec<serde_json::Value> = stdout(&out)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let skipped: Vec<u64> = logs
+        .iter()
+        .filter(|l| l["skipped"].as_bool() == Some(true))
+        .map(|l| l["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(skipped, [4, 5], "{}", stdout(&out));
+    assert!(stderr(&out).contains("rolling back"), "{}", stderr(&out));
+    assert!(stderr(&out).contains("\"rollbacks\":1"), "{}", stderr(&out));
+    let kept: Vec<f64> = logs
+        .iter()
+        .filter(|l| l["skipped"].as_bool() == Some(false))
+        .map(|l| l["loss"].as_f64().unwrap())
+        .collect();
+    assert_eq!(kept, straight, "the good steps are the clean run's steps");
+    let w = export(&ckpt, &tmp.path().join("faulty.safetensors"));
+    assert_weights_close(&w, &straight_w, 0.0, "after rollback vs clean");
+}
+
+/// Mean of each 16-bit sample's heart region (PA view: centre at x = +0.05, y = +0.12 of the side, so rows 8-12 and
+/// columns 5-12 of a 16x16 image hold the heart whether it is normal or enlarged).
+fn heart_region_means(dir: &Path, n: usize) -> Vec<f64> {
+    (0..n)
+        .map(|i| {
+            let path = dir.join(format!("sample_{i:04}.png"));
+            let decoder =
+                png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path).unwrap()));
+            let mut reader = decoder.read_info().unwrap();
+            let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+            reader.next_frame(&mut buf).unwrap();
+            let px = |r: usize, c: usize| {
+                u16::from_be_bytes([buf[2 * (r * 16 + c)], buf[2 * (r * 16 + c) + 1]])
+            };
+            let mut sum = 0.0;
+            for r in 8..13 {
+                for c in 5..13 {
+                    sum += f64::from(px(r, c)) / 65535.0;
+                }
+            }
+            sum / 40.0
+        })
+        .collect()
+}
+
+#[test]
+fn a_short_run_learns_the_cardiomegaly_conditioning() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (table, images) = common::synth(&tmp.path().join("synth"), 320, "64x64", &[]);
+    let store = tmp.path().join("store");
+    run_ok(
+        radit()
+            .args(["shard", "--no-progress", "--table"])
+            .arg(&table)
+            .arg("--images")
+            .arg(&images)
+            .args([
+                "--out",
+                store.to_str().unwrap(),
+                "--image-size",
+                "16",
+                "--shard-images",
+                "16",
+            ]),
+    );
+    let ckpt = tmp.path().join("ckpt");
+    let cfg = tmp.path().join("learn.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[data]\nurl = \"{}\"\nwindow_shards = 4\n[model]\npreset = \"tiny\"\n[engine.adam]\nlr = 0.002\n\
+             [train]\nsteps = 400\nglobal_batch = 32\nseed = 1\nlog_every = 100\n\
+             [checkpoint]\nurl = \"{}\"\nevery = 400\nkeep = 1\n",
+            store.display(),
+            ckpt.display()
+        ),
+    )
+    .unwrap();
+    let losses = train(0, &cfg);
+    assert!(losses[3] < 0.6 * losses[0], "the loss falls: {losses:?}");
+    let weights = tmp.path().join("w.safetensors");
+    run_ok(
+        radit()
+            .args(["export", "--raw", ckpt.to_str().unwrap(), "--out"])
+            .arg(&weights),
+    );
+    // The same 64 noises, generated with cardiomegaly positive and negative (everything else equal).
+    let n = 64;
+    let mut means = Vec::new();
+    for finding in ["positive", "negative"] {
+        let out = tmp.path().join(finding);
+        run_ok(
+            radit()
+                .args(["sample", "--weights"])
+                .arg(&weights)
+                .arg("--out")
+                .arg(&out)
+                .args([
+                    "-n", "64", "--batch", "64", "--solver", "euler", "--steps", "20", "--seed",
+                    "7",
+                ])
+                .args([
+                    "--set",
+                    &format!("cardiomegaly={finding},view=PA,sex=Male"),
+                    "--age",
+                    "60",
+                ]),
+        );
+        means.push(heart_region_means(&out, n));
+    }
+    let diffs: Vec<f64> = means[0].iter().zip(&means[1]).map(|(p, q)| p - q).collect();
+    let mean = diffs.iter().sum::<f64>() / n as f64;
+    let sd = (diffs.iter().map(|d| (d - mean).powi(2)).sum::<f64>() / (n as f64 - 1.0)).sqrt();
+    let t = mean / (sd / (n as f64).sqrt());
+    // A larger heart is a larger bright region: the enlarged-heart samples are brighter there, clearly beyond noise.
+    assert!(
+        mean > 0.002 && t > 5.0,
+        "heart region brighter by {mean:.4} (t = {t:.1})"
+    );
+}
+
+#[test]
+fn the_example_configs_parse_and_validate() {
+    for name in ["radit-xl-latent.toml", "radit-tiny-cpu.toml"] {
+        let path = common::repo().join("examples").join(name);
+        let cfg: radit_trainer::train::TrainConfig =
+            toml::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        cfg.validate().unwrap();
+    }
+    let bad = "[data]\nurl = \"x\"\n[model]\npreset = \"tiny\"\n[train]\nsteps = 1\nglobal_batch = 8\nbatch = 3\n";
+    let err = toml::from_str::<radit_trainer::train::TrainConfig>(bad)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("batch"), "{err}");
+}

@@ -110,17 +110,25 @@ pub fn model_hash(cfg: &RadiTConfig) -> String {
     hex(&Sha256::digest(text.as_bytes()))
 }
 
-/// Serialises this rank's slices: per group, master, m, v, ema.
+/// Serialises this rank's slices: per group, master, m, v, ema, as little-endian f32 (the host's layout: radit
+/// builds only for little-endian targets, x86_64 and aarch64).
 fn encode(states: &[ShardState]) -> Result<Vec<u8>, tch::TchError> {
-    let mut out = Vec::new();
-    for s in states {
-        for t in [&s.master, &s.m, &s.v, &s.ema] {
-            let values = Vec::<f32>::try_from(t.to_kind(Kind::Float).reshape([-1]))?;
-            out.reserve(values.len() * 4);
-            for v in values {
-                out.extend_from_slice(&v.to_le_bytes());
-            }
-        }
+    const _: () = assert!(
+        cfg!(target_endian = "little"),
+        "checkpoints are written in host byte order"
+    );
+    let arrays: Vec<Tensor> = states
+        .iter()
+        .flat_map(|s| [&s.master, &s.m, &s.v, &s.ema])
+        .map(|t| t.to_kind(Kind::Float).contiguous())
+        .collect();
+    let total: usize = arrays.iter().map(|t| t.numel() * 4).sum();
+    let mut out = vec![0u8; total];
+    let mut offset = 0;
+    for t in &arrays {
+        let n = t.numel();
+        t.f_copy_data_u8(&mut out[offset..offset + 4 * n], n)?;
+        offset += 4 * n;
     }
     Ok(out)
 }

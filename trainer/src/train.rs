@@ -317,6 +317,10 @@ pub fn train(
         Ok(loader)
     };
 
+    // Fault injection for the tests: the listed (1-based) steps get a non-finite input on rank 0, once each.
+    let mut inject: std::collections::BTreeSet<u64> = std::env::var("RADIT_FAULT_NONFINITE_STEPS")
+        .map(|v| v.split(',').filter_map(|s| s.trim().parse().ok()).collect())
+        .unwrap_or_default();
     let state = resume(&mut engine, &ckpt)?;
     let resumed_from = state.as_ref().map(|s| s.step);
     let mut step = resumed_from.unwrap_or(0);
@@ -345,6 +349,13 @@ pub fn train(
             &mut batch.age,
         );
         let (x1, labels, age) = to_tensors(&batch, device)?;
+        if rank == 0 && inject.remove(&(step + 1)) {
+            tracing::warn!(
+                step = step + 1,
+                "injecting a non-finite input (RADIT_FAULT_NONFINITE_STEPS)"
+            );
+            let _ = x1.get(0).fill_(f64::NAN);
+        }
         let shape: Vec<i64> = batch.sample_shape.iter().map(|&v| v as i64).collect();
         let draw = cfg.flow.draw(cfg.train.seed, step, &batch.indices, &shape);
         let (x0, t) = (draw.x0.to_device(device), draw.t.to_device(device));
@@ -365,6 +376,24 @@ pub fn train(
         let report = engine.optimizer_step(loss_sum, lr)?;
         step += 1;
         window.1 += cfg.train.global_batch;
+        if report.skipped || step % cfg.train.log_every.max(1) == 0 || step == cfg.train.steps {
+            let secs = window.0.elapsed().as_secs_f64().max(1e-9);
+            let log = StepLog {
+                step,
+                report,
+                images_per_second: window.1 as f64 / secs,
+                data_wait_seconds: window.2,
+            };
+            tracing::info!(
+                step,
+                loss = report.loss,
+                grad_norm = report.grad_norm,
+                images_per_second = log.images_per_second,
+                "step"
+            );
+            on_step(&log);
+            window = (Instant::now(), 0, 0.0);
+        }
         if report.skipped {
             skipped += 1;
             consecutive += 1;
@@ -403,24 +432,6 @@ pub fn train(
             }
         } else {
             consecutive = 0;
-        }
-        if step % cfg.train.log_every.max(1) == 0 || step == cfg.train.steps {
-            let secs = window.0.elapsed().as_secs_f64().max(1e-9);
-            let log = StepLog {
-                step,
-                report,
-                images_per_second: window.1 as f64 / secs,
-                data_wait_seconds: window.2,
-            };
-            tracing::info!(
-                step,
-                loss = report.loss,
-                grad_norm = report.grad_norm,
-                images_per_second = log.images_per_second,
-                "step"
-            );
-            on_step(&log);
-            window = (Instant::now(), 0, 0.0);
         }
         if let Some(c) = &mut ckpt {
             if step % c.config().every == 0 || step == cfg.train.steps {

@@ -166,6 +166,10 @@ impl Collective for LocalCollective {
 
     fn all_gather(&self, input: &Tensor, out: &mut Tensor) -> Result<(), CollectiveError> {
         check_sizes("all_gather", input, out, self.world(), true)?;
+        if self.world() == 1 {
+            out.copy_(input);
+            return Ok(());
+        }
         let cat = self.exchange("all_gather", cpu_copy(input), |all| Tensor::cat(all, 0))?;
         out.copy_(&cat);
         Ok(())
@@ -174,6 +178,10 @@ impl Collective for LocalCollective {
     fn reduce_scatter_sum(&self, input: &Tensor, out: &mut Tensor) -> Result<(), CollectiveError> {
         let n = check_sizes("reduce_scatter", input, out, self.world(), false)? as i64;
         check_reducible("reduce_scatter", input)?;
+        if self.world() == 1 {
+            out.copy_(input);
+            return Ok(());
+        }
         let rank = self.rank as i64;
         let mine = self.exchange("reduce_scatter", cpu_copy(input), |all| {
             let mut acc = all[0].narrow(0, rank * n, n).copy();

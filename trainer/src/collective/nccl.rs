@@ -213,3 +213,35 @@ impl Drop for NcclCollective {
         let _ = unsafe { result::comm_destroy(self.comm) };
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::collective::local::LocalGroup;
+
+    /// Runs everywhere: without a GPU it proves the missing libraries are an error, not a panic; with one it runs
+    /// the conformance suite on NCCL (world of one).
+    #[test]
+    fn nccl_runs_the_conformance_suite_or_reports_why_it_cannot() {
+        let bootstrap =
+            Box::new(LocalGroup::ranks(1, std::time::Duration::from_secs(60)).remove(0));
+        if tch::Cuda::is_available() && available().is_ok() {
+            let comm = NcclCollective::new(bootstrap, 0).expect("NCCL on GPU 0");
+            crate::collective::conformance::run(&comm, Device::Cuda(0)).unwrap();
+        } else {
+            match NcclCollective::new(bootstrap, 0) {
+                Err(CollectiveError::Unavailable {
+                    backend: "nccl",
+                    reason,
+                }) => {
+                    assert!(
+                        reason.contains("libcuda") || reason.contains("libnccl"),
+                        "{reason}"
+                    )
+                }
+                Err(e) => panic!("expected Unavailable, got {e}"),
+                Ok(_) => panic!("NCCL came up without a GPU"),
+            }
+        }
+    }
+}

@@ -283,8 +283,8 @@ impl Fsdp {
         let flat = s.layout.flatten(grads, Kind::Float);
         let mut mine = Tensor::zeros([s.layout.shard], (Kind::Float, self.device));
         self.comm.reduce_scatter_sum(&flat, &mut mine)?;
-        let s = &mut self.shards[g];
-        s.grad += mine * scale;
+        mine *= scale;
+        self.shards[g].grad += &mine;
         Ok(())
     }
 
@@ -407,7 +407,7 @@ impl Fsdp {
         let local_sq: f64 = self
             .shards
             .iter()
-            .map(|s| s.grad.square().sum(Kind::Double).double_value(&[]))
+            .map(|s| s.grad.norm().double_value(&[]).powi(2))
             .sum();
         let grad_norm = self.comm.all_reduce_f64(local_sq)?.sqrt();
         self.micro_batches = 0;
@@ -430,24 +430,21 @@ impl Fsdp {
         self.adam_steps += 1;
         let adam = self.cfg.adam;
         let decay = self.cfg.ema_decay;
+        let step = self.adam_steps;
         tch::no_grad(|| {
             for s in &mut self.shards {
-                if clip < 1.0 {
-                    s.grad *= clip;
-                }
-                adam.step(
+                optim::update_slice(
+                    &adam,
                     &mut s.master,
-                    &s.grad,
+                    &mut s.grad,
                     &mut s.m,
                     &mut s.v,
+                    &mut s.ema,
                     lr,
-                    self.adam_steps,
+                    step,
+                    clip,
+                    decay,
                 );
-                let _ = s
-                    .ema
-                    .g_mul_scalar_(decay)
-                    .g_add_(&(&s.master * (1.0 - decay)));
-                let _ = s.grad.zero_();
             }
         });
         Ok(StepReport {

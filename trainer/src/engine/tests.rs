@@ -108,21 +108,23 @@ fn reference(
         let last = losses.len() - 1;
         losses[last] = (losses[last].0, norm);
         let clip = (ecfg.grad_clip / (norm + 1e-6)).min(1.0);
+        // The engine's update arithmetic, applied per parameter (the sharding is what is under test).
         tch::no_grad(|| {
             for (k, p) in params.iter().enumerate() {
-                let g = &grads[k] * clip;
+                let mut g = grads[k].copy();
                 let mut p = p.shallow_clone();
-                ecfg.adam.step(
+                super::optim::update_slice(
+                    &ecfg.adam,
                     &mut p,
-                    &g,
+                    &mut g,
                     &mut m[k],
                     &mut v[k],
+                    &mut ema[k],
                     ecfg.adam.lr,
                     step as u64 + 1,
+                    clip,
+                    ecfg.ema_decay,
                 );
-                let _ = ema[k]
-                    .g_mul_scalar_(ecfg.ema_decay)
-                    .g_add_(&(&p * (1.0 - ecfg.ema_decay)));
             }
         });
     }
