@@ -43,6 +43,21 @@ pub enum CollectiveError {
     Torch(#[from] tch::TchError),
 }
 
+/// A collective started by [`Collective::start_all_gather`].
+#[must_use = "wait for it before using the output"]
+pub enum InFlight {
+    /// Already complete.
+    Done,
+    /// Completes when this CUDA event (on the backend's communication stream) fires.
+    Event(CudaEvent),
+}
+
+/// A raw CUDA event owned by the backend that created it.
+pub struct CudaEvent(pub(crate) cudarc::driver::sys::CUevent);
+
+// SAFETY: a CUDA event handle may be used from any thread of the process that holds its context.
+unsafe impl Send for CudaEvent {}
+
 /// A fixed group of ranks that exchange tensors.
 pub trait Collective: Send {
     fn rank(&self) -> usize;
@@ -56,6 +71,29 @@ pub trait Collective: Send {
     /// Every rank's `t` becomes `root`'s. Any kind.
     fn broadcast(&self, t: &mut Tensor, root: usize) -> Result<(), CollectiveError>;
     fn barrier(&self) -> Result<(), CollectiveError>;
+
+    /// Starts an all-gather that may finish later, so it can overlap compute (NCCL runs it on its own stream);
+    /// [`Collective::wait`] orders later compute after it. Both tensors must stay alive until then. Backends
+    /// without a separate stream finish it here.
+    fn start_all_gather(
+        &self,
+        input: &Tensor,
+        out: &mut Tensor,
+    ) -> Result<InFlight, CollectiveError> {
+        self.all_gather(input, out)?;
+        Ok(InFlight::Done)
+    }
+
+    /// Makes work issued after this call see the result of a started collective.
+    fn wait(&self, flight: InFlight) -> Result<(), CollectiveError> {
+        match flight {
+            InFlight::Done => Ok(()),
+            InFlight::Event(_) => Err(CollectiveError::Usage {
+                op: "wait",
+                reason: "this backend did not start that collective".into(),
+            }),
+        }
+    }
 
     /// Sum of one f64 across ranks (loss, norms, flags).
     fn all_reduce_f64(&self, value: f64) -> Result<f64, CollectiveError> {

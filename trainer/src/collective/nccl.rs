@@ -10,7 +10,12 @@ use std::sync::Arc;
 use cudarc::nccl::{result, sys};
 use tch::{Device, Kind, Tensor};
 
-use super::{Collective, CollectiveError, check_1d, check_reducible, check_sizes};
+use cudarc::driver::result::{event, stream};
+use cudarc::driver::sys as cu;
+
+use super::{
+    Collective, CollectiveError, CudaEvent, InFlight, check_1d, check_reducible, check_sizes,
+};
 
 const BACKEND: &str = "nccl";
 
@@ -52,6 +57,8 @@ pub struct NcclCollective {
     world: usize,
     device: Device,
     _ctx: Arc<cudarc::driver::CudaContext>,
+    /// A non-blocking stream for started all-gathers, so they overlap compute on the default stream.
+    comm_stream: cu::CUstream,
     /// The group that carried the unique id (kept: an MPI bootstrap must outlive NCCL).
     _bootstrap: Box<dyn Collective>,
 }
@@ -83,12 +90,15 @@ impl NcclCollective {
         // SAFETY: `comm` is a valid out-pointer; every rank passes the same id and world with its own rank.
         unsafe { result::comm_init_rank(&mut comm, world as i32, id, rank as i32) }
             .map_err(|e| failed("init", e))?;
+        let comm_stream =
+            stream::create(stream::StreamKind::NonBlocking).map_err(|e| failed("init", e))?;
         Ok(Self {
             comm,
             rank,
             world,
             device: Device::Cuda(gpu),
             _ctx: ctx,
+            comm_stream,
             _bootstrap: bootstrap,
         })
     }
@@ -165,6 +175,54 @@ impl Collective for NcclCollective {
         Ok(())
     }
 
+    fn start_all_gather(
+        &self,
+        input: &Tensor,
+        out: &mut Tensor,
+    ) -> Result<InFlight, CollectiveError> {
+        let n = check_sizes("all_gather", input, out, self.world, true)?;
+        self.on_device("all_gather", input)?;
+        self.on_device("all_gather", out)?;
+        let (dt, scale) = dtype(input.kind());
+        let flags = cu::CUevent_flags::CU_EVENT_DISABLE_TIMING;
+        let wait = cu::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT;
+        // SAFETY: events and the comm stream belong to this context; the comm stream first waits for everything
+        // already queued on the default stream (the buffers' producers), and the caller keeps both buffers alive
+        // until `wait`, after which the default stream waits for the gather.
+        unsafe {
+            let ready = event::create(flags).map_err(|e| failed("all_gather", e))?;
+            event::record(ready, std::ptr::null_mut()).map_err(|e| failed("all_gather", e))?;
+            stream::wait_event(self.comm_stream, ready, wait)
+                .map_err(|e| failed("all_gather", e))?;
+            event::destroy(ready).map_err(|e| failed("all_gather", e))?;
+            result::all_gather(
+                input.data_ptr(),
+                out.data_ptr(),
+                n * scale,
+                dt,
+                self.comm,
+                self.comm_stream as sys::cudaStream_t,
+            )
+            .map_err(|e| failed("all_gather", e))?;
+            let done = event::create(flags).map_err(|e| failed("all_gather", e))?;
+            event::record(done, self.comm_stream).map_err(|e| failed("all_gather", e))?;
+            Ok(InFlight::Event(CudaEvent(done)))
+        }
+    }
+
+    fn wait(&self, flight: InFlight) -> Result<(), CollectiveError> {
+        let InFlight::Event(CudaEvent(done)) = flight else {
+            return Ok(());
+        };
+        let wait = cu::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT;
+        // SAFETY: `done` was created by start_all_gather on this context and is destroyed exactly once, here.
+        unsafe {
+            stream::wait_event(std::ptr::null_mut(), done, wait).map_err(|e| failed("wait", e))?;
+            event::destroy(done).map_err(|e| failed("wait", e))?;
+        }
+        Ok(())
+    }
+
     fn reduce_scatter_sum(&self, input: &Tensor, out: &mut Tensor) -> Result<(), CollectiveError> {
         let n = check_sizes("reduce_scatter", input, out, self.world, false)?;
         check_reducible("reduce_scatter", input)?;
@@ -209,8 +267,9 @@ impl Collective for NcclCollective {
 
 impl Drop for NcclCollective {
     fn drop(&mut self) {
-        // SAFETY: the communicator was created by comm_init_rank and is destroyed once.
+        // SAFETY: the communicator and stream were created in `new` and are destroyed once.
         let _ = unsafe { result::comm_destroy(self.comm) };
+        let _ = unsafe { stream::destroy(self.comm_stream) };
     }
 }
 

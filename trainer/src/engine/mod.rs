@@ -111,6 +111,14 @@ impl EngineConfig {
     }
 }
 
+/// A group's weights being gathered: the buffers stay alive until the gather is waited for.
+struct Gathering {
+    group: usize,
+    full: Tensor,
+    _local: Tensor,
+    flight: crate::collective::InFlight,
+}
+
 /// One rank's slice of one flat group, with its optimiser state.
 struct Shard {
     layout: GroupLayout,
@@ -252,13 +260,26 @@ impl Fsdp {
         self.adam_steps
     }
 
-    /// Gathers group `g`'s full weights (compute dtype) into the model's parameter tensors.
-    fn gather(&self, g: usize) -> Result<(), EngineError> {
+    /// Starts gathering group `g`'s full weights (compute dtype); on GPUs this runs on the communication stream
+    /// and overlaps whatever compute is issued before [`Fsdp::finish_gather`].
+    fn start_gather(&self, g: usize) -> Result<Gathering, EngineError> {
         let s = &self.shards[g];
         let kind = self.cfg.precision.compute_kind();
         let local = s.master.to_kind(kind);
         let mut full = Tensor::zeros([s.layout.padded], (kind, self.device));
-        self.comm.all_gather(&local, &mut full)?;
+        let flight = self.comm.start_all_gather(&local, &mut full)?;
+        Ok(Gathering {
+            group: g,
+            full,
+            _local: local,
+            flight,
+        })
+    }
+
+    /// Waits for a started gather and points the model's parameter tensors at the gathered weights.
+    fn finish_gather(&self, x: Gathering) -> Result<(), EngineError> {
+        self.comm.wait(x.flight)?;
+        let s = &self.shards[x.group];
         for (p, (offset, shape)) in s
             .params
             .iter()
@@ -266,9 +287,14 @@ impl Fsdp {
         {
             let numel: i64 = shape.iter().product();
             let mut p = p.shallow_clone();
-            p.set_data(&full.narrow(0, *offset, numel).view(shape.as_slice()));
+            p.set_data(&x.full.narrow(0, *offset, numel).view(shape.as_slice()));
         }
         Ok(())
+    }
+
+    fn gather(&self, g: usize) -> Result<(), EngineError> {
+        let x = self.start_gather(g)?;
+        self.finish_gather(x)
     }
 
     fn release(&self, g: usize) {
@@ -301,9 +327,20 @@ impl Fsdp {
         let c = self.model.condition(mb.t, mb.labels, mb.age);
         let c_in = c.0.detach();
         let mut inputs = vec![h0.detach()];
+        // Blocks without autograd, saving each block's input; the next block's gather is in flight meanwhile.
         tch::no_grad(|| -> Result<(), EngineError> {
+            let mut next = if depth > 0 {
+                Some(self.start_gather(1)?)
+            } else {
+                None
+            };
             for i in 0..depth {
-                self.gather(i + 1)?;
+                if let Some(x) = next.take() {
+                    self.finish_gather(x)?;
+                }
+                if i + 1 < depth {
+                    next = Some(self.start_gather(i + 2)?);
+                }
                 let h = self.model.blocks()[i].forward(
                     &inputs[i],
                     &crate::model::Conditioning(c_in.shallow_clone()),
@@ -344,9 +381,17 @@ impl Fsdp {
         };
 
         // Blocks in reverse: regather (ZeRO-3), recompute, backpropagate, reduce-scatter.
+        let mut next = if !zero2 && depth > 0 {
+            Some(self.start_gather(depth)?)
+        } else {
+            None
+        };
         for i in (0..depth).rev() {
-            if !zero2 {
-                self.gather(i + 1)?;
+            if let Some(x) = next.take() {
+                self.finish_gather(x)?;
+            }
+            if !zero2 && i > 0 {
+                next = Some(self.start_gather(i)?);
             }
             let h_in = inputs[i].detach().set_requires_grad(true);
             let c_blk = c_in.detach().set_requires_grad(true);
