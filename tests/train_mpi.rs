@@ -12,6 +12,11 @@ use radit_trainer::model::WeightsFile;
 use radit_trainer::tch::Tensor;
 
 fn mpirun(np: usize) -> Command {
+    mpirun_with(np, &[])
+}
+
+/// `mpirun -np N` of the radit binary, passing `env` (NAME=value) to every rank.
+fn mpirun_with(np: usize, env: &[&str]) -> Command {
     let mut cmd = Command::new("mpirun");
     cmd.args([
         "--allow-run-as-root",
@@ -23,8 +28,26 @@ fn mpirun(np: usize) -> Command {
     ]);
     // One libtorch thread per rank: the machine has two cores and up to four ranks.
     cmd.args(["-x", "OMP_NUM_THREADS=1"]);
+    for e in env {
+        cmd.args(["-x", e]);
+    }
     cmd.arg(env!("CARGO_BIN_EXE_radit"));
     cmd
+}
+
+/// The per-step log lines rank 0 printed.
+fn step_logs(out: &std::process::Output) -> Vec<serde_json::Value> {
+    stdout(out)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn losses(out: &std::process::Output) -> Vec<f64> {
+    step_logs(out)
+        .iter()
+        .map(|l| l["loss"].as_f64().unwrap())
+        .collect()
 }
 
 /// A 16x16 store (the tiny preset's size) of 48 training images or so, in shards of 8.
@@ -88,15 +111,14 @@ keep = 2
 fn train(np: usize, cfg: &Path) -> Vec<f64> {
     let mut cmd = if np == 0 { radit() } else { mpirun(np) };
     cmd.args(["train", "--threads", "1", "--config"]).arg(cfg);
-    let out = run_ok(&mut cmd);
-    stdout(&out)
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
-                .as_f64()
-                .unwrap()
-        })
-        .collect()
+    losses(&run_ok(&mut cmd))
+}
+
+/// Six uninterrupted steps on two ranks: the losses and the exported weights other runs are compared with.
+fn straight_run(dir: &Path, store: &Path) -> (Vec<f64>, WeightsFile) {
+    let ckpt = dir.join("straight");
+    let losses = train(2, &config(dir, store, &ckpt, 6));
+    (losses, export(&ckpt, &dir.join("straight.safetensors")))
 }
 
 fn export(ckpt: &Path, out: &Path) -> WeightsFile {
@@ -166,9 +188,7 @@ fn worlds_1_2_and_4_train_the_same_model() {
 fn stopping_and_resuming_continues_exactly_also_on_another_world_size() {
     let tmp = tempfile::tempdir().unwrap();
     let store = store(tmp.path());
-    let straight_ckpt = tmp.path().join("straight");
-    let straight = train(2, &config(tmp.path(), &store, &straight_ckpt, 6));
-    let straight_w = export(&straight_ckpt, &tmp.path().join("straight.safetensors"));
+    let (straight, straight_w) = straight_run(tmp.path(), &store);
 
     // Same world: 3 steps, stop, 3 more.
     let split_ckpt = tmp.path().join("split");
@@ -210,16 +230,8 @@ fn a_torn_checkpoint_is_skipped_and_the_previous_one_used() {
         "{}",
         stderr(&out)
     );
-    let redone: Vec<f64> = stdout(&out)
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
-                .as_f64()
-                .unwrap()
-        })
-        .collect();
     assert_eq!(
-        redone,
+        losses(&out),
         straight[3..],
         "resumed from step 3 and redid steps 4-6 identically"
     );
@@ -248,9 +260,7 @@ fn exported_weights_load_into_the_pytorch_twin() {
 fn non_finite_steps_are_skipped_everywhere_and_repeated_ones_roll_back_to_the_checkpoint() {
     let tmp = tempfile::tempdir().unwrap();
     let store = store(tmp.path());
-    let straight_ckpt = tmp.path().join("straight");
-    let straight = train(2, &config(tmp.path(), &store, &straight_ckpt, 6));
-    let straight_w = export(&straight_ckpt, &tmp.path().join("straight.safetensors"));
+    let (straight, straight_w) = straight_run(tmp.path(), &store);
 
     // Steps 4 and 5 see a NaN on rank 0: both ranks skip them; after two in a row (rollback_after_skips = 2) the
     // run rolls back to step 3 and redoes 4-6, ending exactly where the clean run ends.
@@ -260,29 +270,10 @@ fn non_finite_steps_are_skipped_everywhere_and_repeated_ones_roll_back_to_the_ch
         .unwrap()
         .replace("log_every = 1", "log_every = 1\nrollback_after_skips = 2");
     std::fs::write(&cfg, text).unwrap();
-    let mut cmd = Command::new("mpirun");
-    cmd.args([
-        "--allow-run-as-root",
-        "--oversubscribe",
-        "--bind-to",
-        "none",
-        "-np",
-        "2",
-    ])
-    .args([
-        "-x",
-        "OMP_NUM_THREADS=1",
-        "-x",
-        "RADIT_FAULT_NONFINITE_STEPS=4,5",
-    ])
-    .arg(env!("CARGO_BIN_EXE_radit"))
-    .args(["train", "--threads", "1", "--config"])
-    .arg(&cfg);
+    let mut cmd = mpirun_with(2, &["RADIT_FAULT_NONFINITE_STEPS=4,5"]);
+    cmd.args(["train", "--threads", "1", "--config"]).arg(&cfg);
     let out = run_ok(&mut cmd);
-    let logs: Vec<serde_json::Value> = stdout(&out)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let logs = step_logs(&out);
     let skipped: Vec<u64> = logs
         .iter()
         .filter(|l| l["skipped"].as_bool() == Some(true))

@@ -156,23 +156,9 @@ impl Collective for NcclCollective {
     }
 
     fn all_gather(&self, input: &Tensor, out: &mut Tensor) -> Result<(), CollectiveError> {
-        let n = check_sizes("all_gather", input, out, self.world, true)?;
-        self.on_device("all_gather", input)?;
-        self.on_device("all_gather", out)?;
-        let (dt, scale) = dtype(input.kind());
-        // SAFETY: contiguous buffers of n and world * n elements on this GPU.
-        unsafe {
-            result::all_gather(
-                input.data_ptr(),
-                out.data_ptr(),
-                n * scale,
-                dt,
-                self.comm,
-                STREAM,
-            )
-        }
-        .map_err(|e| failed("all_gather", e))?;
-        Ok(())
+        // On the communication stream, then ordered before anything issued later on the default stream.
+        let flight = self.start_all_gather(input, out)?;
+        self.wait(flight)
     }
 
     fn start_all_gather(

@@ -226,6 +226,21 @@ fn assert_close(a: &BTreeMap<String, Tensor>, b: &BTreeMap<String, Tensor>, tol:
     }
 }
 
+/// Per-step losses and gradient norms agree to 1e-5 (Adam hides a wrongly scaled gradient; the norm does not).
+fn assert_steps_close(a: &[(f64, f64)], b: &[(f64, f64)], what: &str) {
+    assert_eq!(a.len(), b.len());
+    for ((la, na), (lb, nb)) in a.iter().zip(b) {
+        assert!(
+            (la - lb).abs() <= 1e-5 * lb.abs(),
+            "{what}: loss {la} vs {lb}"
+        );
+        assert!(
+            (na - nb).abs() <= 1e-5 * nb,
+            "{what}: gradient norm {na} vs {nb}"
+        );
+    }
+}
+
 fn cfg() -> (RadiTConfig, EngineConfig) {
     let cfg = RadiTConfig::preset("tiny").unwrap();
     // A large learning rate and a small EMA decay so three steps move everything measurably.
@@ -251,17 +266,7 @@ fn sharded_training_matches_plain_autograd_on_worlds_1_2_and_4() {
     );
     for world in [1, 2, 4] {
         let (losses, params, ema) = engine_run(&cfg, &w0, 3, world, 1, &ecfg);
-        for ((a, na), (b, nb)) in losses.iter().zip(&ref_losses) {
-            assert!(
-                (a - b).abs() <= 1e-5 * b.abs(),
-                "world {world}: loss {a} vs {b}"
-            );
-            // Adam hides a wrongly scaled gradient; the norm does not.
-            assert!(
-                (na - nb).abs() <= 1e-5 * nb,
-                "world {world}: gradient norm {na} vs {nb}"
-            );
-        }
+        assert_steps_close(&losses, &ref_losses, &format!("world {world}"));
         assert_close(&params, &ref_params, 1e-3, &format!("world {world} params"));
         assert_close(&ema, &ref_ema, 1e-3, &format!("world {world} ema"));
     }
@@ -285,16 +290,7 @@ fn zero2_equals_zero3_and_accumulation_equals_one_big_micro_batch() {
         );
     }
     let (la, pa, _) = engine_run(&cfg, &w0, 2, 2, 2, &ecfg);
-    for ((a, na), (b, nb)) in la.iter().zip(&l3) {
-        assert!(
-            (a - b).abs() <= 1e-5 * b.abs(),
-            "accumulated loss {a} vs {b}"
-        );
-        assert!(
-            (na - nb).abs() <= 1e-5 * nb,
-            "accumulated gradient norm {na} vs {nb}"
-        );
-    }
+    assert_steps_close(&la, &l3, "two micro-batches vs one");
     assert_close(&pa, &p3, 1e-3, "two micro-batches vs one");
 }
 
