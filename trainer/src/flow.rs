@@ -203,9 +203,14 @@ pub fn loss(
         });
     }
     let v = model.forward(&interpolate(x1, x0, t), t, labels, age)?;
-    Ok((v - (x1.to_kind(Kind::Float) - x0.to_kind(Kind::Float)))
+    Ok(velocity_mse(&v, x1, x0))
+}
+
+/// mean((v - (x1 - x0))^2) in fp32 over every element: the objective given a predicted velocity.
+pub fn velocity_mse(v: &Tensor, x1: &Tensor, x0: &Tensor) -> Tensor {
+    (v.to_kind(Kind::Float) - (x1.to_kind(Kind::Float) - x0.to_kind(Kind::Float)))
         .square()
-        .mean(Kind::Float))
+        .mean(Kind::Float)
 }
 
 #[cfg(test)]

@@ -360,8 +360,7 @@ impl Fsdp {
         let v = self
             .model
             .head(&h_last, &crate::model::Conditioning(c_leaf.shallow_clone()));
-        let target = mb.x1.to_kind(Kind::Float) - mb.x0.to_kind(Kind::Float);
-        let loss = (v - target).square().mean(Kind::Float);
+        let loss = crate::flow::velocity_mse(&v, mb.x1, mb.x0);
         let loss_value = loss.double_value(&[]);
         let rest = 0;
         let mut rest_grads: BTreeMap<usize, Tensor> = BTreeMap::new();

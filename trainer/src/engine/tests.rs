@@ -136,6 +136,39 @@ fn reference(
     (losses, params, ema)
 }
 
+/// Runs `body` on `world` threads, each with an engine over an in-process group, all starting from `w0`; returns
+/// each rank's result in rank order.
+fn on_ranks<R: Send + 'static>(
+    cfg: &RadiTConfig,
+    w0: &BTreeMap<String, Tensor>,
+    world: usize,
+    ecfg: &EngineConfig,
+    body: impl Fn(usize, &mut Fsdp) -> R + Send + Clone + 'static,
+) -> Vec<R> {
+    let threads: Vec<_> = LocalGroup::ranks(world, Duration::from_secs(120))
+        .into_iter()
+        .map(|comm| {
+            let (cfg, w0, ecfg, body) = (cfg.clone(), copy_map(w0), ecfg.clone(), body.clone());
+            std::thread::spawn(move || {
+                let rank = comm.rank();
+                let mut e = Fsdp::new(
+                    &cfg,
+                    ecfg,
+                    Box::new(comm),
+                    Device::Cpu,
+                    Initial::Weights(&w0),
+                )
+                .unwrap();
+                body(rank, &mut e)
+            })
+        })
+        .collect();
+    threads
+        .into_iter()
+        .map(|t| t.join().expect("rank"))
+        .collect()
+}
+
 /// Runs the engine on `world` threads; each rank takes its contiguous slice of the batch in `micro` pieces.
 fn engine_run(
     cfg: &RadiTConfig,
@@ -145,57 +178,39 @@ fn engine_run(
     micro: i64,
     ecfg: &EngineConfig,
 ) -> Run {
-    let handles = LocalGroup::ranks(world, Duration::from_secs(120));
-    let threads: Vec<_> = handles
-        .into_iter()
-        .map(|comm| {
-            let (cfg, w0, ecfg) = (cfg.clone(), copy_map(w0), ecfg.clone());
-            std::thread::spawn(move || {
-                let rank = comm.rank() as i64;
-                let mut e = Fsdp::new(
-                    &cfg,
-                    ecfg,
-                    Box::new(comm),
-                    Device::Cpu,
-                    Initial::Weights(&w0),
-                )
-                .unwrap();
-                let per_rank = BATCH / world as i64;
-                let per_micro = per_rank / micro;
-                let mut losses = Vec::new();
-                for step in 0..steps {
-                    let d = data(&cfg, step);
-                    let mut sum = 0.0;
-                    for k in 0..micro {
-                        let start = rank * per_rank + k * per_micro;
-                        let s = |t: &Tensor| t.narrow(0, start, per_micro);
-                        let mb = MicroBatch {
-                            x1: &s(&d.x1),
-                            x0: &s(&d.x0),
-                            t: &s(&d.t),
-                            labels: &s(&d.labels),
-                            age: &s(&d.age),
-                        };
-                        sum += e
-                            .forward_backward(&mb, 1.0 / (world as f64 * micro as f64))
-                            .unwrap();
-                    }
-                    let r = e.optimizer_step(sum, e.config().adam.lr).unwrap();
-                    assert!(!r.skipped);
-                    losses.push((r.loss, r.grad_norm));
-                }
-                (
-                    losses,
-                    e.gather_named(false).unwrap(),
-                    e.gather_named(true).unwrap(),
-                )
-            })
-        })
-        .collect();
-    let mut results: Vec<_> = threads
-        .into_iter()
-        .map(|t| t.join().expect("rank"))
-        .collect();
+    let model_cfg = cfg.clone();
+    let mut results = on_ranks(cfg, w0, world, ecfg, move |rank, e| {
+        let rank = rank as i64;
+        let per_rank = BATCH / world as i64;
+        let per_micro = per_rank / micro;
+        let mut losses = Vec::new();
+        for step in 0..steps {
+            let d = data(&model_cfg, step);
+            let mut sum = 0.0;
+            for k in 0..micro {
+                let start = rank * per_rank + k * per_micro;
+                let s = |t: &Tensor| t.narrow(0, start, per_micro);
+                let mb = MicroBatch {
+                    x1: &s(&d.x1),
+                    x0: &s(&d.x0),
+                    t: &s(&d.t),
+                    labels: &s(&d.labels),
+                    age: &s(&d.age),
+                };
+                sum += e
+                    .forward_backward(&mb, 1.0 / (world as f64 * micro as f64))
+                    .unwrap();
+            }
+            let r = e.optimizer_step(sum, e.config().adam.lr).unwrap();
+            assert!(!r.skipped);
+            losses.push((r.loss, r.grad_norm));
+        }
+        (
+            losses,
+            e.gather_named(false).unwrap(),
+            e.gather_named(true).unwrap(),
+        )
+    });
     for r in &results[1..] {
         assert_eq!(r.0, results[0].0, "every rank reports the same losses");
     }
@@ -298,41 +313,25 @@ fn zero2_equals_zero3_and_accumulation_equals_one_big_micro_batch() {
 fn a_non_finite_loss_on_one_rank_skips_the_step_everywhere() {
     let (cfg, ecfg) = cfg();
     let w0 = initial_weights(&cfg);
-    let handles = LocalGroup::ranks(2, Duration::from_secs(60));
-    let threads: Vec<_> = handles
-        .into_iter()
-        .map(|comm| {
-            let (cfg, w0, ecfg) = (cfg.clone(), copy_map(&w0), ecfg.clone());
-            std::thread::spawn(move || {
-                let rank = comm.rank();
-                let mut e = Fsdp::new(
-                    &cfg,
-                    ecfg,
-                    Box::new(comm),
-                    Device::Cpu,
-                    Initial::Weights(&w0),
-                )
-                .unwrap();
-                let d = data(&cfg, 0);
-                let x1 = d.x1.narrow(0, 0, 2).copy();
-                if rank == 1 {
-                    let _ = x1.get(0).get(0).get(0).get(0).fill_(f64::NAN);
-                }
-                let mb = MicroBatch {
-                    x1: &x1,
-                    x0: &d.x0.narrow(0, 0, 2),
-                    t: &d.t.narrow(0, 0, 2),
-                    labels: &d.labels.narrow(0, 0, 2),
-                    age: &d.age.narrow(0, 0, 2),
-                };
-                let loss = e.forward_backward(&mb, 0.5).unwrap();
-                let r = e.optimizer_step(loss, 1e-2).unwrap();
-                (r.skipped, e.adam_steps(), e.gather_named(false).unwrap())
-            })
-        })
-        .collect();
-    for t in threads {
-        let (skipped, steps, params) = t.join().unwrap();
+    let model_cfg = cfg.clone();
+    let results = on_ranks(&cfg, &w0, 2, &ecfg, move |rank, e| {
+        let d = data(&model_cfg, 0);
+        let x1 = d.x1.narrow(0, 0, 2).copy();
+        if rank == 1 {
+            let _ = x1.get(0).get(0).get(0).get(0).fill_(f64::NAN);
+        }
+        let mb = MicroBatch {
+            x1: &x1,
+            x0: &d.x0.narrow(0, 0, 2),
+            t: &d.t.narrow(0, 0, 2),
+            labels: &d.labels.narrow(0, 0, 2),
+            age: &d.age.narrow(0, 0, 2),
+        };
+        let loss = e.forward_backward(&mb, 0.5).unwrap();
+        let r = e.optimizer_step(loss, 1e-2).unwrap();
+        (r.skipped, e.adam_steps(), e.gather_named(false).unwrap())
+    });
+    for (skipped, steps, params) in results {
         assert!(skipped, "every rank skips");
         assert_eq!(steps, 0);
         for (name, p) in &params {
