@@ -1,2 +1,32 @@
-//! The per-job coordinator service and its client: run spec, rendezvous, heartbeats, restart policy and metrics
-//! relay. Not built yet: this crate holds the place the architecture gives it (see `shared/design/architecture.md`).
+//! The per-job coordinator: one small HTTP service that the job's ranks join, heartbeat and report to, so the
+//! launcher can tell a healthy run from a dead or hung rank without reaching the compute nodes.
+//!
+//! - Rendezvous: a rank posts `/v1/join` with the job token and its host; once `world` ranks have joined, every
+//!   joiner learns its rank, the world and the peers (rank order = join order, stable for the generation).
+//! - Heartbeats: ranks post `/v1/heartbeat` with their step; a rank silent for `missed x interval` is declared dead.
+//! - Catalogue: rank 0 reports committed checkpoints to `/v1/checkpoints`.
+//! - Security: every endpoint needs `Authorization: Bearer <job token>`; bodies over `max_body_bytes` and malformed
+//!   JSON are rejected before they touch the state; the service binds only the address it is given.
+//!
+//! [`serve`] takes its shutdown signal as a parameter and drains in-flight requests before returning.
+//!
+//! ```no_run
+//! # async fn demo() -> std::io::Result<()> {
+//! use radit_coordinator::{Coordinator, CoordinatorConfig, JobToken};
+//! let token = JobToken::generate()?;
+//! let coordinator = Coordinator::new(CoordinatorConfig::new(4), token);
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+//! radit_coordinator::serve(listener, coordinator, async { /* wait for ctrl-c */ }).await?;
+//! # Ok(()) }
+//! ```
+
+mod client;
+mod server;
+mod token;
+
+pub use client::{ClientError, CoordinatorClient};
+pub use server::{
+    Coordinator, CoordinatorConfig, Heartbeat, HeartbeatReply, JobHealth, JoinReply, JoinRequest,
+    RankState, serve,
+};
+pub use token::JobToken;

@@ -1,0 +1,238 @@
+//! The coordinator over real TCP on 127.0.0.1: rendezvous, token checks, body limits, malformed requests,
+//! heartbeat failure detection, the checkpoint catalogue and a clean shutdown.
+
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use radit_coordinator::{
+    ClientError, Coordinator, CoordinatorClient, CoordinatorConfig, JobHealth, JobToken,
+};
+
+struct Service {
+    addr: SocketAddr,
+    coordinator: Arc<Coordinator>,
+    token: JobToken,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<std::io::Result<()>>>,
+}
+
+impl Service {
+    fn start(cfg: CoordinatorConfig) -> Self {
+        let token = JobToken::generate().unwrap();
+        let coordinator = Coordinator::new(cfg, token.clone());
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        let c = coordinator.clone();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+                addr_tx.send(listener.local_addr()?).ok();
+                radit_coordinator::serve(listener, c, async move {
+                    let _ = rx.await;
+                })
+                .await
+            })
+        });
+        let addr = addr_rx.recv().unwrap();
+        Self {
+            addr,
+            coordinator,
+            token,
+            stop: Some(tx),
+            thread: Some(thread),
+        }
+    }
+
+    fn client(&self) -> CoordinatorClient {
+        CoordinatorClient::new(self.addr, self.token.clone())
+    }
+
+    /// A raw request, for what the client would never send.
+    fn raw(&self, request: &str) -> String {
+        let mut s = std::net::TcpStream::connect(self.addr).unwrap();
+        s.write_all(request.as_bytes()).unwrap();
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out
+    }
+
+    fn shutdown(mut self) -> std::io::Result<()> {
+        let _ = self.stop.take().unwrap().send(());
+        self.thread.take().unwrap().join().unwrap()
+    }
+}
+
+fn post(path: &str, token: &str, body: &str) -> String {
+    format!(
+        "POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+fn status_code(reply: &str) -> u16 {
+    reply
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn ranks_rendezvous_and_learn_their_rank_world_and_peers() {
+    let svc = Service::start(CoordinatorConfig::new(3));
+    let joins: Vec<_> = (0..3)
+        .map(|i| {
+            let c = svc.client();
+            std::thread::spawn(move || c.join(&format!("node{i}"), 100 + i).unwrap())
+        })
+        .collect();
+    let mut replies: Vec<_> = joins.into_iter().map(|j| j.join().unwrap()).collect();
+    replies.sort_by_key(|r| r.rank);
+    assert_eq!(
+        replies.iter().map(|r| r.rank).collect::<Vec<_>>(),
+        [0, 1, 2]
+    );
+    for r in &replies {
+        assert_eq!((r.world, r.generation), (3, 0));
+        assert_eq!(r.peers, replies[0].peers);
+    }
+    assert_eq!(svc.coordinator.health(), JobHealth::Running);
+    // A fourth rank is refused.
+    let err = svc.client().join("node9", 9).unwrap_err();
+    assert!(
+        matches!(err, ClientError::Refused { status: 409, .. }),
+        "{err}"
+    );
+    svc.shutdown().unwrap();
+}
+
+#[test]
+fn requests_without_the_token_oversized_or_malformed_change_nothing() {
+    let mut cfg = CoordinatorConfig::new(2);
+    cfg.max_body_bytes = 1024;
+    let svc = Service::start(cfg);
+    let good = svc.token.secret().to_string();
+    let join = r#"{"host":"a","pid":1}"#;
+    assert_eq!(status_code(&svc.raw(&post("/v1/join", "0000", join))), 401);
+    let no_token = format!(
+        "POST /v1/join HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
+         Connection: close\r\n\r\n{join}",
+        join.len()
+    );
+    assert_eq!(status_code(&svc.raw(&no_token)), 401);
+    assert_eq!(
+        status_code(&svc.raw(&post("/v1/status", &good, ""))),
+        405,
+        "status is GET"
+    );
+    let big = format!(r#"{{"host":"{}","pid":1}}"#, "x".repeat(4096));
+    assert_eq!(status_code(&svc.raw(&post("/v1/join", &good, &big))), 413);
+    let malformed = svc.raw(&post("/v1/join", &good, r#"{"host": "a", "pid": "#));
+    assert!((400..500).contains(&status_code(&malformed)), "{malformed}");
+    let unknown = svc.raw(&post("/v1/join", &good, r#"{"host":"a","pid":1,"rank":0}"#));
+    assert!((400..500).contains(&status_code(&unknown)), "{unknown}");
+    let wrong_token_client = CoordinatorClient::new(svc.addr, JobToken::generate().unwrap());
+    assert!(matches!(
+        wrong_token_client.status(),
+        Err(ClientError::Refused { status: 401, .. })
+    ));
+    // None of it joined anyone.
+    assert_eq!(
+        svc.coordinator.health(),
+        JobHealth::Forming {
+            joined: 0,
+            world: 2
+        }
+    );
+    assert!(
+        !svc.raw(&post("/v1/join", "0000", join)).contains(&good),
+        "the token is never echoed"
+    );
+    svc.shutdown().unwrap();
+}
+
+#[test]
+fn a_rank_that_stops_heart_beating_is_named_dead() {
+    let mut cfg = CoordinatorConfig::new(2);
+    cfg.heartbeat_interval = Duration::from_millis(100);
+    let svc = Service::start(cfg);
+    let (a, b) = (svc.client(), svc.client());
+    let ja = std::thread::spawn(move || a.join("n0", 1).unwrap());
+    let rb = b.join("n1", 2).unwrap();
+    let ra = ja.join().unwrap();
+    let client = svc.client();
+    // Both beat for a while; then only rank `ra.rank` keeps beating.
+    for step in 0..3 {
+        client.heartbeat(ra.rank, 0, step).unwrap();
+        client.heartbeat(rb.rank, 0, step).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(svc.coordinator.health(), JobHealth::Running);
+    for step in 3..12 {
+        client.heartbeat(ra.rank, 0, step).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    match svc.coordinator.health() {
+        JobHealth::RankDead { rank, silent_ms } => {
+            assert_eq!(rank, rb.rank);
+            assert!(silent_ms > 300, "{silent_ms}");
+        }
+        other => panic!("expected a dead rank, got {other:?}"),
+    }
+    let ranks = svc.coordinator.ranks();
+    assert!(ranks[ra.rank].alive && !ranks[rb.rank].alive);
+    assert_eq!(ranks[ra.rank].step, 11);
+    // The next generation forgets the old ranks; their heartbeats are refused.
+    assert_eq!(svc.coordinator.new_generation(), 1);
+    assert!(matches!(
+        client.heartbeat(ra.rank, 0, 12),
+        Err(ClientError::Refused { status: 409, .. })
+    ));
+    svc.shutdown().unwrap();
+}
+
+#[test]
+fn checkpoints_are_catalogued_in_order_and_stop_requests_reach_the_ranks() {
+    let svc = Service::start(CoordinatorConfig::new(1));
+    let c = svc.client();
+    let r = c.join("n0", 1).unwrap();
+    c.report_checkpoint(100).unwrap();
+    c.report_checkpoint(200).unwrap();
+    assert!(matches!(
+        c.report_checkpoint(150),
+        Err(ClientError::Refused { status: 409, .. })
+    ));
+    assert_eq!(svc.coordinator.checkpoints(), [100, 200]);
+    assert!(!c.heartbeat(r.rank, 0, 1).unwrap().stop);
+    svc.coordinator.request_stop();
+    assert!(c.heartbeat(r.rank, 0, 2).unwrap().stop);
+    let status = c.status().unwrap();
+    assert_eq!(status["checkpoints"], serde_json::json!([100, 200]));
+    svc.shutdown().unwrap();
+}
+
+#[test]
+fn shutdown_drains_even_with_a_rank_waiting_to_join() {
+    let svc = Service::start(CoordinatorConfig::new(2));
+    let c = svc.client();
+    let waiting = std::thread::spawn(move || c.join("n0", 1));
+    std::thread::sleep(Duration::from_millis(200));
+    let started = std::time::Instant::now();
+    svc.shutdown().unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the drain did not wait for the join timeout"
+    );
+    let err = waiting.join().unwrap().unwrap_err();
+    assert!(
+        matches!(err, ClientError::Refused { status: 503, .. }),
+        "{err}"
+    );
+}
