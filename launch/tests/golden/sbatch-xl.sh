@@ -1,0 +1,57 @@
+#!/bin/bash
+# Rendered by radit; re-render rather than edit (`radit run JOB.toml --dry-run` prints it).
+#SBATCH --job-name=radit-xl
+#SBATCH --nodes=8
+#SBATCH --ntasks-per-node=4
+#SBATCH --gpus-per-node=4
+#SBATCH --cpus-per-task=72
+#SBATCH --time=24:00:00
+#SBATCH --signal=B:USR1@300
+#SBATCH --requeue
+#SBATCH --open-mode=append
+#SBATCH --output=/scratch/radit/xl/slurm-%j.out
+#SBATCH --account=brics.a5k
+set -uo pipefail
+
+# NCCL over Slingshot (the settings of `module load brics/nccl`), then the job's own.
+export FI_CXI_DEFAULT_CQ_SIZE=131072
+export FI_CXI_DEFAULT_TX_SIZE=2048
+export FI_CXI_DISABLE_HOST_REGISTER=1
+export FI_CXI_DISABLE_NON_INJECT_MSG_IDC=1
+export FI_CXI_RDZV_EAGER_SIZE=0
+export FI_CXI_RDZV_GET_MIN=0
+export FI_CXI_RDZV_PROTO=alt_read
+export FI_CXI_RDZV_THRESHOLD=0
+export FI_CXI_RX_MATCH_MODE=hybrid
+export FI_HMEM_CUDA_USE_GDRCOPY=1
+export FI_MR_CACHE_MONITOR=userfaultfd
+export NCCL_CROSS_NIC=1
+export NCCL_DEBUG=WARN
+export NCCL_GDRCOPY_ENABLE=1
+export NCCL_MIN_NCHANNELS=4
+export NCCL_NET='AWS Libfabric'
+export NCCL_NET_FORCE_FLUSH=0
+export NCCL_NET_GDR_LEVEL=PHB
+export NCCL_SOCKET_IFNAME=hsn
+export RADIT_RUN_DIR=/scratch/radit/xl
+# The first node hosts the rendezvous.
+RADIT_MASTER_HOST=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+export RADIT_MASTER_HOST
+
+# Slurm warns only this batch shell (B:USR1); pass the warning, and a preemption's TERM, on to every rank.
+# Each rank sets a flag; the flags are combined at the next step boundary, every rank checkpoints at the
+# same step and exits with 75.
+forward() { kill -s "$1" "$srun_pid" 2>/dev/null; }
+trap 'forward USR1' USR1
+trap 'forward TERM' TERM
+srun --kill-on-bad-exit=1 --cpu-bind=none /home/u/radit/bin/radit train --device cuda --config /scratch/radit/xl/run.toml &
+srun_pid=$!
+# `wait` returns early when a trapped signal arrives: keep waiting until srun itself has ended.
+while kill -0 "$srun_pid" 2>/dev/null; do wait "$srun_pid"; done
+wait "$srun_pid"; status=$?
+if [ "$status" -eq 75 ]; then
+  echo "radit: checkpointed before the time limit; requeueing job $SLURM_JOB_ID"
+  scontrol requeue "$SLURM_JOB_ID"
+  exit 0
+fi
+exit "$status"
