@@ -61,9 +61,15 @@ pub fn run_train(a: TrainArgs) -> anyhow::Result<u8> {
         tch::set_num_threads(t);
     }
     let device = device(&a.device)?;
+    // SIGUSR1 (Slurm's warning before the time limit) and SIGTERM (preemption) ask for a checkpoint and a requeue.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGUSR1, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(signal, stop.clone())
+            .context("installing the signal handlers")?;
+    }
     let comm = collective::from_environment(device).context("joining the rank group")?;
     let rank = comm.rank();
-    let summary = train(&cfg, comm, device, |log| {
+    let summary = train(&cfg, comm, device, &stop, |log| {
         if rank == 0 {
             println!("{}", serde_json::to_string(log).unwrap_or_default());
         }
@@ -71,7 +77,8 @@ pub fn run_train(a: TrainArgs) -> anyhow::Result<u8> {
     if rank == 0 {
         eprintln!("{}", serde_json::to_string(&summary)?);
     }
-    Ok(0)
+    // 75: "checkpointed, requeue me" (the same code the sbatch script requeues on).
+    Ok(if summary.stopped_for_requeue { 75 } else { 0 })
 }
 
 pub fn run_export(a: ExportArgs) -> anyhow::Result<u8> {

@@ -407,3 +407,60 @@ fn the_example_configs_parse_and_validate() {
         .to_string();
     assert!(err.contains("batch"), "{err}");
 }
+
+#[test]
+fn usr1_checkpoints_every_rank_at_the_same_step_exits_75_and_the_next_job_resumes_exactly() {
+    use std::io::BufRead;
+    let tmp = tempfile::tempdir().unwrap();
+    let store = store(tmp.path());
+    let steps = 300;
+    let straight = train(
+        2,
+        &config(tmp.path(), &store, &tmp.path().join("straight"), steps),
+    );
+
+    // The "job": checkpoints only at the end, so the only other checkpoint is the one the signal causes.
+    let ckpt = tmp.path().join("job");
+    let cfg = config(tmp.path(), &store, &ckpt, steps);
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("every = 3", "every = 100000");
+    std::fs::write(&cfg, text).unwrap();
+    let mut cmd = mpirun(2);
+    cmd.args(["train", "--threads", "1", "--config"]).arg(&cfg);
+    cmd.stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let mut first = Vec::new();
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    for line in lines.by_ref() {
+        let v: serde_json::Value = serde_json::from_str(&line.unwrap()).unwrap();
+        first.push(v["loss"].as_f64().unwrap());
+        if first.len() == 20 {
+            // What Slurm does before the time limit (mpirun passes USR1 on to every rank).
+            let ok = Command::new("kill")
+                .args(["-USR1", &child.id().to_string()])
+                .status()
+                .unwrap();
+            assert!(ok.success());
+            break;
+        }
+    }
+    first.extend(lines.map(|l| {
+        serde_json::from_str::<serde_json::Value>(&l.unwrap()).unwrap()["loss"]
+            .as_f64()
+            .unwrap()
+    }));
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(75), "the job asks to be requeued");
+    assert!(
+        first.len() > 20 && first.len() < steps as usize,
+        "stopped early, after step {}",
+        first.len()
+    );
+    assert_eq!(first, straight[..first.len()]);
+
+    // The requeued job resumes where every rank checkpointed and finishes exactly as the uninterrupted run.
+    let rest = train(2, &cfg);
+    assert_eq!([first, rest].concat(), straight);
+}

@@ -210,6 +210,9 @@ pub struct StepLog {
 /// How a run ended.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct TrainSummary {
+    /// The run stopped early because a rank was asked to (SIGUSR1 before the time limit, SIGTERM on
+    /// preemption): every rank checkpointed at `final_step`; requeue the job to continue.
+    pub stopped_for_requeue: bool,
     pub resumed_from: Option<u64>,
     pub final_step: u64,
     pub skipped_steps: u64,
@@ -243,10 +246,13 @@ fn to_tensors(batch: &Batch, device: Device) -> Result<(Tensor, Tensor, Tensor),
 
 /// Trains from the newest checkpoint (or from scratch) to `train.steps`. `on_step` sees every logged step
 /// (rank 0 prints them). Collective: every rank calls it with the same config.
+/// `stop` is set (by a signal handler, on any subset of ranks) to ask for a checkpoint and an early exit; the flags
+/// are combined at each step boundary so every rank stops at the same step.
 pub fn train(
     cfg: &TrainConfig,
     comm: Box<dyn Collective>,
     device: Device,
+    stop: &std::sync::atomic::AtomicBool,
     mut on_step: impl FnMut(&StepLog),
 ) -> Result<TrainSummary, TrainError> {
     let model_cfg = cfg.validate()?;
@@ -433,8 +439,19 @@ pub fn train(
         } else {
             consecutive = 0;
         }
+        // One tiny all-reduce combines the ranks' stop flags, so all of them stop at this same step.
+        let stop_here = step < cfg.train.steps
+            && engine.collective().all_reduce_f64(f64::from(u8::from(
+                stop.load(std::sync::atomic::Ordering::SeqCst),
+            )))? > 0.0;
+        if stop_here {
+            tracing::warn!(
+                step,
+                "stop requested: checkpointing, then exiting for a requeue"
+            );
+        }
         if let Some(c) = &mut ckpt {
-            if step % c.config().every == 0 || step == cfg.train.steps {
+            if stop_here || step % c.config().every == 0 || step == cfg.train.steps {
                 let state = RunState {
                     step,
                     adam_steps: engine.adam_steps(),
@@ -453,13 +470,24 @@ pub fn train(
                 last_checkpoint = Some(done);
             }
         }
+        if stop_here {
+            break;
+        }
     }
     if let Some(c) = &mut ckpt
         && let Some(done) = c.finish(engine.collective())?
     {
         last_checkpoint = Some(done);
     }
+    let stopped_for_requeue = step < cfg.train.steps;
+    if stopped_for_requeue && ckpt.is_none() {
+        tracing::warn!(
+            step,
+            "stopped without a [checkpoint] section: the next job starts from scratch"
+        );
+    }
     Ok(TrainSummary {
+        stopped_for_requeue,
         resumed_from,
         final_step: step,
         skipped_steps: skipped,
