@@ -13,7 +13,7 @@ log() { printf '[slurm-local] %s\n' "$*" >&2; }
 
 if [ "${1:-start}" = stop ]; then
   for d in slurmd slurmctld; do
-    [ -f "$dir/$d.pid" ] && kill "$(cat "$dir/$d.pid")" 2>/dev/null || true
+    pkill -x "$d" 2>/dev/null || true
   done
   exit 0
 fi
