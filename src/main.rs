@@ -25,6 +25,8 @@ use radit_sharding::table::TableConfig;
 use radit_sharding::throughput;
 
 mod model_cli;
+mod rank;
+mod run_cli;
 mod train_cli;
 
 /// Exit codes: what the caller (a person, a script, Slurm) should do next.
@@ -51,7 +53,8 @@ enum Command {
     Synth(SynthArgs),
     /// Ingest a harmonised table and its images into a Zarr v3 store (or verify a store).
     Shard(ShardArgs),
-    /// The embedded default job: synthesise a small dataset, shard it locally, verify it, print a summary.
+    /// The embedded default job: synthesise a small dataset, shard it locally, verify it, train on 2 CPU ranks
+    /// with `radit run` (checkpoints, restarts), and draw samples with a contact sheet.
     Quickstart(QuickstartArgs),
     /// Inspect the training data: its order, and how fast the loader reads it.
     #[command(subcommand)]
@@ -62,6 +65,8 @@ enum Command {
     /// Generate images for given metadata, or edit images counterfactually (--edit); writes 16-bit PNGs and an
     /// 8-bit contact sheet.
     Sample(model_cli::SampleArgs),
+    /// Run a job spec end to end: coordinator, ranks (local, mpirun or Slurm), restarts, requeue, samples.
+    Run(run_cli::RunArgs),
     /// Train RadiT on a Zarr store: one rank here, or many under mpirun/srun (--config run.toml).
     Train(train_cli::TrainArgs),
     /// Write the newest checkpoint's EMA (or raw) weights as one safetensors file PyTorch can load.
@@ -244,9 +249,15 @@ struct QuickstartArgs {
     dir: PathBuf,
     #[arg(long, default_value_t = 192)]
     images: u64,
-    /// Side of the stored images.
-    #[arg(long, default_value_t = 256)]
+    /// Side of the stored images (the model's input size).
+    #[arg(long, default_value_t = 32)]
     image_size: u32,
+    /// Training steps of the quickstart run.
+    #[arg(long, default_value_t = 600)]
+    steps: u64,
+    /// CPU ranks.
+    #[arg(long, default_value_t = 2)]
+    ranks: u32,
 }
 
 fn main() -> ExitCode {
@@ -260,6 +271,7 @@ fn main() -> ExitCode {
         Command::Data(DataCommand::Bench(a)) => run_bench(a),
         Command::Model(c) => model_cli::run_model(c),
         Command::Sample(a) => model_cli::run_sample(a),
+        Command::Run(a) => run_cli::run(a),
         Command::Train(a) => train_cli::run_train(a),
         Command::Export(a) => train_cli::run_export(a),
         Command::Engine(c) => train_cli::run_engine(c),
@@ -435,10 +447,12 @@ fn run_verify(url: &str) -> anyhow::Result<u8> {
 }
 
 fn run_quickstart(a: QuickstartArgs) -> anyhow::Result<u8> {
-    let data = a.dir.join("synthetic");
-    let store = a.dir.join("store");
+    std::fs::create_dir_all(&a.dir).with_context(|| format!("creating {}", a.dir.display()))?;
+    let dir = std::fs::canonicalize(&a.dir)?;
+    let data = dir.join("synthetic");
+    let store = dir.join("store");
     println!(
-        "1/3 synthesising {} images into {}",
+        "1/4 synthesising {} images into {}",
         a.images,
         data.display()
     );
@@ -447,11 +461,11 @@ fn run_quickstart(a: QuickstartArgs) -> anyhow::Result<u8> {
         ..SynthConfig::default()
     };
     let out = generate(&data, &cfg).context("writing the synthetic dataset")?;
-    println!("2/3 sharding into {}", store.display());
+    println!("2/4 sharding into {}", store.display());
     let settings = IngestSettings {
         layout: StoreLayout {
             image_size: a.image_size,
-            shard_images: 32,
+            shard_images: 16,
             ..StoreLayout::default()
         },
         ..IngestSettings::default()
@@ -466,15 +480,95 @@ fn run_quickstart(a: QuickstartArgs) -> anyhow::Result<u8> {
         anyhow::bail!("ingest stopped before completing");
     };
     print!("{}", manifest.summary());
-    println!("3/3 verifying");
+    println!("3/4 verifying");
     let code = run_verify(path_str(&store)?)?;
+    if code != 0 {
+        return Ok(code);
+    }
+    let job = dir.join("job.toml");
+    std::fs::write(&job, quickstart_job(&dir, a.image_size, a.steps, a.ranks))
+        .with_context(|| format!("writing {}", job.display()))?;
+    println!(
+        "4/4 training with `radit run {}` ({} CPU ranks, {} steps)",
+        job.display(),
+        a.ranks,
+        a.steps
+    );
+    let code = run_cli::run(run_cli::RunArgs::new(job))?;
     if code == 0 {
         println!(
-            "done: open it with zarr-python: zarr.open_group('{}', mode='r')",
+            "done: samples in {}; the store opens with zarr-python: zarr.open_group('{}', mode='r')",
+            dir.join("run/samples/contact_sheet.png").display(),
             store.display()
         );
     }
     Ok(code)
+}
+
+/// The embedded default job: a small RadiT on the synthetic store, two CPU ranks on this machine.
+fn quickstart_job(dir: &Path, image_size: u32, steps: u64, ranks: u32) -> String {
+    format!(
+        r#"# Written by `radit quickstart`: the embedded default job. Run it again with `radit run {job}`.
+[job]
+name = "quickstart"
+run_dir = "run"
+
+[data]
+url = "{store}"
+window_shards = 4
+
+[model.config]
+in_channels = 1
+input_size = {image_size}
+patch_size = 4
+hidden = 64
+depth = 2
+heads = 4
+
+[flow]
+shift = 3.0
+
+[engine]
+# A short run: the EMA has to forget the initial weights within a few hundred steps (the XL run uses 0.9999).
+ema_decay = 0.99
+
+[engine.adam]
+lr = 0.002
+
+[train]
+steps = {steps}
+global_batch = 32
+seed = 1
+log_every = 50
+
+[checkpoint]
+url = "{ckpt}"
+every = 100
+keep = 2
+
+[resources]
+cpu_ranks = {ranks}
+threads_per_rank = 1
+
+[launcher]
+kind = "local"
+
+[restart]
+max_restarts = 2
+heartbeat_seconds = 1.0
+hang_min_seconds = 60.0
+
+[monitoring]
+progress_seconds = 5.0
+
+[samples]
+count = 16
+steps = 32
+"#,
+        job = dir.join("job.toml").display(),
+        store = dir.join("store").display(),
+        ckpt = dir.join("checkpoints").display(),
+    )
 }
 
 fn path_str(p: &Path) -> anyhow::Result<&str> {

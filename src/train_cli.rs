@@ -67,7 +67,14 @@ pub fn run_train(a: TrainArgs) -> anyhow::Result<u8> {
         signal_hook::flag::register(signal, stop.clone())
             .context("installing the signal handlers")?;
     }
-    let comm = collective::from_environment(device).context("joining the rank group")?;
+    // Under `radit run` the coordinator hands out ranks and peers; otherwise MPI or a world of one.
+    let (comm, _membership) = match crate::rank::join_run(device, stop.clone())? {
+        Some((comm, membership)) => (comm, Some(membership)),
+        None => (
+            collective::from_environment(device).context("joining the rank group")?,
+            None,
+        ),
+    };
     let rank = comm.rank();
     let summary = train(&cfg, comm, device, &stop, |log| {
         if rank == 0 {

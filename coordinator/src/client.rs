@@ -53,32 +53,12 @@ impl CoordinatorClient {
         self
     }
 
-    pub fn join(&self, host: &str, pid: u32) -> Result<JoinReply, ClientError> {
-        self.call(
-            "POST",
-            "/v1/join",
-            Some(&JoinRequest {
-                host: host.to_string(),
-                pid,
-            }),
-        )
+    pub fn join(&self, request: &JoinRequest) -> Result<JoinReply, ClientError> {
+        self.call("POST", "/v1/join", Some(request))
     }
 
-    pub fn heartbeat(
-        &self,
-        rank: usize,
-        generation: u64,
-        step: u64,
-    ) -> Result<HeartbeatReply, ClientError> {
-        self.call(
-            "POST",
-            "/v1/heartbeat",
-            Some(&Heartbeat {
-                rank,
-                generation,
-                step,
-            }),
-        )
+    pub fn heartbeat(&self, heartbeat: &Heartbeat) -> Result<HeartbeatReply, ClientError> {
+        self.call("POST", "/v1/heartbeat", Some(heartbeat))
     }
 
     pub fn report_checkpoint(&self, step: u64) -> Result<(), ClientError> {

@@ -26,6 +26,10 @@ pub struct CoordinatorConfig {
     pub max_body_bytes: usize,
     /// How long a joiner waits for the rest of the world.
     pub join_timeout: Duration,
+    /// A run whose slowest rank makes no progress for `hang_factor` x the median step time (but at least
+    /// `hang_min`) is hung. Judged once a few steps have been timed.
+    pub hang_factor: f64,
+    pub hang_min: Duration,
 }
 
 impl CoordinatorConfig {
@@ -36,6 +40,8 @@ impl CoordinatorConfig {
             missed_heartbeats: 3,
             max_body_bytes: 64 << 10,
             join_timeout: Duration::from_secs(600),
+            hang_factor: 10.0,
+            hang_min: Duration::from_secs(300),
         }
     }
 }
@@ -45,6 +51,12 @@ impl CoordinatorConfig {
 pub struct JoinRequest {
     pub host: String,
     pub pid: u32,
+    /// The rank the launcher gave this process (Slurm, OpenMPI); without it ranks are given in join order.
+    #[serde(default)]
+    pub rank: Option<usize>,
+    /// Where this rank accepts its peers' connections (rank 0's is the TCP collective's hub).
+    #[serde(default)]
+    pub endpoint: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -52,7 +64,7 @@ pub struct JoinReply {
     pub rank: usize,
     pub world: usize,
     pub generation: u64,
-    /// Host of every rank, in rank order.
+    /// Every rank's endpoint (or host, when it gave none), in rank order.
     pub peers: Vec<String>,
     pub heartbeat_interval_ms: u64,
 }
@@ -62,7 +74,11 @@ pub struct JoinReply {
 pub struct Heartbeat {
     pub rank: usize,
     pub generation: u64,
+    /// The last finished step.
     pub step: u64,
+    /// What the rank is doing: starting, data, compute, collective or checkpoint.
+    #[serde(default)]
+    pub phase: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -84,6 +100,7 @@ pub struct RankState {
     pub host: String,
     pub pid: u32,
     pub step: u64,
+    pub phase: String,
     pub heartbeat_age_ms: u64,
     pub alive: bool,
 }
@@ -103,20 +120,52 @@ pub enum JobHealth {
         rank: usize,
         silent_ms: u64,
     },
+    /// Every rank heart-beats but the run has not finished a step for longer than the deadline. The culprit is
+    /// the slowest rank that is not waiting in a collective (the others wait for it).
+    Hung {
+        culprit: usize,
+        phase: String,
+        step: u64,
+        stalled_ms: u64,
+        deadline_ms: u64,
+    },
 }
 
 struct Member {
     host: String,
+    endpoint: Option<String>,
     pid: u32,
     last_seen: Instant,
     step: u64,
+    phase: String,
 }
 
 struct Inner {
     generation: u64,
-    members: Vec<Member>,
+    /// Indexed by rank; `None` until that rank joins.
+    members: Vec<Option<Member>>,
     stop: bool,
     checkpoints: Vec<u64>,
+    /// The slowest rank's step and when it last advanced.
+    progress: (u64, Instant),
+    /// Recent seconds per step (of the slowest rank), for the hang deadline.
+    step_seconds: std::collections::VecDeque<f64>,
+    hangs_detected: u64,
+}
+
+impl Inner {
+    fn joined(&self) -> usize {
+        self.members.iter().flatten().count()
+    }
+
+    fn median_step_seconds(&self) -> Option<f64> {
+        if self.step_seconds.len() < 3 {
+            return None;
+        }
+        let mut v: Vec<f64> = self.step_seconds.iter().copied().collect();
+        v.sort_by(f64::total_cmp);
+        Some(v[v.len() / 2])
+    }
 }
 
 /// The shared state behind the endpoints.
@@ -132,14 +181,18 @@ pub struct Coordinator {
 
 impl Coordinator {
     pub fn new(cfg: CoordinatorConfig, token: JobToken) -> Arc<Self> {
+        let world = cfg.world;
         Arc::new(Self {
             cfg,
             token,
             inner: Mutex::new(Inner {
                 generation: 0,
-                members: Vec::new(),
+                members: (0..world).map(|_| None).collect(),
                 stop: false,
                 checkpoints: Vec::new(),
+                progress: (0, Instant::now()),
+                step_seconds: std::collections::VecDeque::new(),
+                hangs_detected: 0,
             }),
             formed: tokio::sync::watch::channel(None).0,
             closing: tokio::sync::watch::channel(false).0,
@@ -158,27 +211,58 @@ impl Coordinator {
         self.lock().generation
     }
 
-    /// Health now: forming, running, or the first rank that has been silent too long.
+    /// Health now: forming, running, the first rank that has been silent too long, or a hang and its culprit.
     pub fn health(&self) -> JobHealth {
         let inner = self.lock();
-        if inner.members.len() < self.cfg.world {
+        let joined = inner.joined();
+        if joined < self.cfg.world {
             return JobHealth::Forming {
-                joined: inner.members.len(),
+                joined,
                 world: self.cfg.world,
             };
         }
         let limit = self.cfg.heartbeat_interval * self.cfg.missed_heartbeats;
         let now = Instant::now();
-        inner
-            .members
+        let members: Vec<&Member> = inner.members.iter().flatten().collect();
+        if let Some((rank, age)) = members
             .iter()
             .enumerate()
             .map(|(rank, m)| (rank, now.saturating_duration_since(m.last_seen)))
             .find(|(_, age)| *age > limit)
-            .map_or(JobHealth::Running, |(rank, age)| JobHealth::RankDead {
+        {
+            return JobHealth::RankDead {
                 rank,
                 silent_ms: age.as_millis() as u64,
-            })
+            };
+        }
+        if let Some(median) = inner.median_step_seconds() {
+            let deadline = self
+                .cfg
+                .hang_min
+                .max(Duration::from_secs_f64(median * self.cfg.hang_factor));
+            let stalled = now.saturating_duration_since(inner.progress.1);
+            if stalled > deadline {
+                let slowest = members.iter().map(|m| m.step).min().unwrap_or(0);
+                let behind = || members.iter().enumerate().filter(|(_, m)| m.step == slowest);
+                let (culprit, m) = behind()
+                    .find(|(_, m)| m.phase != "collective")
+                    .or_else(|| behind().next())
+                    .unwrap_or((0, &members[0]));
+                return JobHealth::Hung {
+                    culprit,
+                    phase: m.phase.clone(),
+                    step: m.step,
+                    stalled_ms: stalled.as_millis() as u64,
+                    deadline_ms: deadline.as_millis() as u64,
+                };
+            }
+        }
+        JobHealth::Running
+    }
+
+    /// Counts a detected hang (for the metrics); the launcher calls it when it acts on one.
+    pub fn record_hang(&self) {
+        self.lock().hangs_detected += 1;
     }
 
     pub fn ranks(&self) -> Vec<RankState> {
@@ -189,18 +273,85 @@ impl Coordinator {
             .members
             .iter()
             .enumerate()
-            .map(|(rank, m)| {
+            .filter_map(|(rank, m)| {
+                let m = m.as_ref()?;
                 let age = now.saturating_duration_since(m.last_seen);
-                RankState {
+                Some(RankState {
                     rank,
                     host: m.host.clone(),
                     pid: m.pid,
                     step: m.step,
+                    phase: m.phase.clone(),
                     heartbeat_age_ms: age.as_millis() as u64,
                     alive: age <= limit,
-                }
+                })
             })
             .collect()
+    }
+
+    /// The slowest rank's finished step (the run's progress) and the median step time seen so far.
+    pub fn progress(&self) -> (u64, Option<f64>) {
+        let inner = self.lock();
+        (inner.progress.0, inner.median_step_seconds())
+    }
+
+    /// The Prometheus text exposition of the run's state (served at `/metrics`).
+    pub fn metrics(&self) -> String {
+        use std::fmt::Write;
+        let health = self.health();
+        let ranks = self.ranks();
+        let inner = self.lock();
+        let mut out = String::new();
+        let mut gauge = |name: &str, help: &str, kind: &str, samples: &[(String, f64)]| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for (labels, v) in samples {
+                let _ = writeln!(out, "{name}{labels} {v}");
+            }
+        };
+        let one = |v: f64| vec![(String::new(), v)];
+        gauge("radit_world_size", "Ranks in the job.", "gauge", &one(self.cfg.world as f64));
+        gauge("radit_generation", "Launch generation (1 + restarts).", "gauge", &one(inner.generation as f64));
+        gauge("radit_ranks_joined", "Ranks joined in this generation.", "gauge", &one(inner.joined() as f64));
+        gauge("radit_step", "The slowest rank's finished step.", "gauge", &one(inner.progress.0 as f64));
+        if let Some(m) = inner.median_step_seconds() {
+            gauge("radit_step_seconds_median", "Median seconds per step.", "gauge", &one(m));
+        }
+        gauge(
+            "radit_checkpoint_step",
+            "Newest committed checkpoint.",
+            "gauge",
+            &one(inner.checkpoints.last().map_or(-1.0, |s| *s as f64)),
+        );
+        gauge("radit_hangs_detected_total", "Hangs detected.", "counter", &one(inner.hangs_detected as f64));
+        let per_rank = |f: &dyn Fn(&RankState) -> f64| -> Vec<(String, f64)> {
+            ranks.iter().map(|r| (format!("{{rank=\"{}\"}}", r.rank), f(r))).collect()
+        };
+        gauge("radit_rank_step", "Each rank's finished step.", "gauge", &per_rank(&|r| r.step as f64));
+        gauge(
+            "radit_rank_heartbeat_age_seconds",
+            "Seconds since each rank's last heartbeat.",
+            "gauge",
+            &per_rank(&|r| r.heartbeat_age_ms as f64 / 1000.0),
+        );
+        gauge("radit_rank_alive", "1 while the rank heart-beats.", "gauge", &per_rank(&|r| f64::from(u8::from(r.alive))));
+        let (dead, hung) = match &health {
+            JobHealth::RankDead { rank, .. } => (Some(*rank), None),
+            JobHealth::Hung { culprit, .. } => (None, Some(*culprit)),
+            _ => (None, None),
+        };
+        gauge(
+            "radit_rank_hung",
+            "1 for the rank named as the culprit of a hang.",
+            "gauge",
+            &per_rank(&|r| f64::from(u8::from(hung == Some(r.rank)))),
+        );
+        gauge(
+            "radit_rank_dead",
+            "1 for the rank that stopped heart-beating.",
+            "gauge",
+            &per_rank(&|r| f64::from(u8::from(dead == Some(r.rank)))),
+        );
+        out
     }
 
     /// Asks every rank to stop at its next heartbeat.
@@ -212,8 +363,10 @@ impl Coordinator {
     pub fn new_generation(&self) -> u64 {
         let mut inner = self.lock();
         inner.generation += 1;
-        inner.members.clear();
+        inner.members = (0..self.cfg.world).map(|_| None).collect();
         inner.stop = false;
+        inner.progress = (0, Instant::now());
+        inner.step_seconds.clear();
         inner.generation
     }
 
@@ -243,25 +396,46 @@ async fn authorise(State(c): State<Arc<Coordinator>>, request: Request, next: Ne
 async fn join(State(c): State<Arc<Coordinator>>, Json(req): Json<JoinRequest>) -> Response {
     let (rank, generation) = {
         let mut inner = c.lock();
-        if inner.members.len() >= c.cfg.world {
+        let world = c.cfg.world;
+        let rank = match req.rank {
+            Some(r) if r >= world => {
+                return reject(
+                    StatusCode::BAD_REQUEST,
+                    format!("rank {r} is outside a world of {world}"),
+                );
+            }
+            Some(r) => r,
+            None => match inner.members.iter().position(Option::is_none) {
+                Some(r) => r,
+                None => {
+                    return reject(
+                        StatusCode::CONFLICT,
+                        format!("all {world} ranks have joined already"),
+                    );
+                }
+            },
+        };
+        if inner.members[rank].is_some() {
             return reject(
                 StatusCode::CONFLICT,
-                format!("all {} ranks have joined already", c.cfg.world),
+                format!("rank {rank} has joined already"),
             );
         }
-        inner.members.push(Member {
+        inner.members[rank] = Some(Member {
             host: req.host,
+            endpoint: req.endpoint,
             pid: req.pid,
             last_seen: Instant::now(),
             step: 0,
+            phase: "starting".into(),
         });
-        let rank = inner.members.len() - 1;
-        if inner.members.len() == c.cfg.world {
-            // The heartbeat clock starts when the world is complete, not when each rank arrived.
+        if inner.joined() == world {
+            // The heartbeat and progress clocks start when the world is complete, not when each rank arrived.
             let now = Instant::now();
-            for m in &mut inner.members {
+            for m in inner.members.iter_mut().flatten() {
                 m.last_seen = now;
             }
+            inner.progress = (0, now);
             c.formed.send_replace(Some(inner.generation));
         }
         (rank, inner.generation)
@@ -280,11 +454,19 @@ async fn join(State(c): State<Arc<Coordinator>>, Json(req): Json<JoinRequest>) -
         }
     }
     let inner = c.lock();
+    if inner.generation != generation {
+        return reject(StatusCode::CONFLICT, "the job restarted while this rank was joining");
+    }
     Json(JoinReply {
         rank,
         world: c.cfg.world,
         generation,
-        peers: inner.members.iter().map(|m| m.host.clone()).collect(),
+        peers: inner
+            .members
+            .iter()
+            .flatten()
+            .map(|m| m.endpoint.clone().unwrap_or_else(|| m.host.clone()))
+            .collect(),
         heartbeat_interval_ms: c.cfg.heartbeat_interval.as_millis() as u64,
     })
     .into_response()
@@ -302,7 +484,7 @@ async fn heartbeat(State(c): State<Arc<Coordinator>>, Json(hb): Json<Heartbeat>)
         );
     }
     let stop = inner.stop;
-    let Some(m) = inner.members.get_mut(hb.rank) else {
+    let Some(m) = inner.members.get_mut(hb.rank).and_then(Option::as_mut) else {
         return reject(
             StatusCode::BAD_REQUEST,
             format!("rank {} has not joined", hb.rank),
@@ -310,6 +492,26 @@ async fn heartbeat(State(c): State<Arc<Coordinator>>, Json(hb): Json<Heartbeat>)
     };
     m.last_seen = Instant::now();
     m.step = hb.step;
+    if let Some(p) = hb.phase {
+        m.phase = p;
+    }
+    // The run's progress is its slowest rank's step; time how long each advance took.
+    if inner.joined() == c.cfg.world {
+        let slowest = inner.members.iter().flatten().map(|m| m.step).min().unwrap_or(0);
+        let (last, since) = inner.progress;
+        if slowest > last {
+            let now = Instant::now();
+            let per_step = now.saturating_duration_since(since).as_secs_f64() / (slowest - last) as f64;
+            // The first advance includes start-up (loading, compiling): not a step time.
+            if last > 0 {
+                inner.step_seconds.push_back(per_step);
+                if inner.step_seconds.len() > 64 {
+                    inner.step_seconds.pop_front();
+                }
+            }
+            inner.progress = (slowest, now);
+        }
+    }
     Json(HeartbeatReply { stop }).into_response()
 }
 
@@ -338,6 +540,14 @@ async fn status(State(c): State<Arc<Coordinator>>) -> Response {
     .into_response()
 }
 
+async fn metrics(State(c): State<Arc<Coordinator>>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        c.metrics(),
+    )
+        .into_response()
+}
+
 /// The endpoints, behind the token check and the body limit.
 pub fn router(c: Arc<Coordinator>) -> Router {
     Router::new()
@@ -345,6 +555,7 @@ pub fn router(c: Arc<Coordinator>) -> Router {
         .route("/v1/heartbeat", post(heartbeat))
         .route("/v1/checkpoints", post(report_checkpoint))
         .route("/v1/status", get(status))
+        .route("/metrics", get(metrics))
         .layer(DefaultBodyLimit::max(c.cfg.max_body_bytes))
         .layer(middleware::from_fn_with_state(c.clone(), authorise))
         .with_state(c)

@@ -7,8 +7,33 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use radit_coordinator::{
-    ClientError, Coordinator, CoordinatorClient, CoordinatorConfig, JobHealth, JobToken,
+    ClientError, Coordinator, CoordinatorClient, CoordinatorConfig, Heartbeat, JobHealth, JobToken,
+    JoinReply, JoinRequest,
 };
+
+fn join(c: &CoordinatorClient, host: &str, pid: u32) -> Result<JoinReply, ClientError> {
+    c.join(&JoinRequest {
+        host: host.into(),
+        pid,
+        rank: None,
+        endpoint: None,
+    })
+}
+
+fn beat(
+    c: &CoordinatorClient,
+    rank: usize,
+    generation: u64,
+    step: u64,
+    phase: &str,
+) -> Result<radit_coordinator::HeartbeatReply, ClientError> {
+    c.heartbeat(&Heartbeat {
+        rank,
+        generation,
+        step,
+        phase: Some(phase.into()),
+    })
+}
 
 struct Service {
     addr: SocketAddr,
@@ -90,7 +115,7 @@ fn ranks_rendezvous_and_learn_their_rank_world_and_peers() {
     let joins: Vec<_> = (0..3)
         .map(|i| {
             let c = svc.client();
-            std::thread::spawn(move || c.join(&format!("node{i}"), 100 + i).unwrap())
+            std::thread::spawn(move || join(&c, &format!("node{i}"), 100 + i).unwrap())
         })
         .collect();
     let mut replies: Vec<_> = joins.into_iter().map(|j| j.join().unwrap()).collect();
@@ -105,7 +130,7 @@ fn ranks_rendezvous_and_learn_their_rank_world_and_peers() {
     }
     assert_eq!(svc.coordinator.health(), JobHealth::Running);
     // A fourth rank is refused.
-    let err = svc.client().join("node9", 9).unwrap_err();
+    let err = join(&svc.client(), "node9", 9).unwrap_err();
     assert!(
         matches!(err, ClientError::Refused { status: 409, .. }),
         "{err}"
@@ -136,7 +161,7 @@ fn requests_without_the_token_oversized_or_malformed_change_nothing() {
     assert_eq!(status_code(&svc.raw(&post("/v1/join", &good, &big))), 413);
     let malformed = svc.raw(&post("/v1/join", &good, r#"{"host": "a", "pid": "#));
     assert!((400..500).contains(&status_code(&malformed)), "{malformed}");
-    let unknown = svc.raw(&post("/v1/join", &good, r#"{"host":"a","pid":1,"rank":0}"#));
+    let unknown = svc.raw(&post("/v1/join", &good, r#"{"host":"a","pid":1,"rnak":0}"#));
     assert!((400..500).contains(&status_code(&unknown)), "{unknown}");
     let wrong_token_client = CoordinatorClient::new(svc.addr, JobToken::generate().unwrap());
     assert!(matches!(
@@ -164,19 +189,19 @@ fn a_rank_that_stops_heart_beating_is_named_dead() {
     cfg.heartbeat_interval = Duration::from_millis(100);
     let svc = Service::start(cfg);
     let (a, b) = (svc.client(), svc.client());
-    let ja = std::thread::spawn(move || a.join("n0", 1).unwrap());
-    let rb = b.join("n1", 2).unwrap();
+    let ja = std::thread::spawn(move || join(&a, "n0", 1).unwrap());
+    let rb = join(&b, "n1", 2).unwrap();
     let ra = ja.join().unwrap();
     let client = svc.client();
     // Both beat for a while; then only rank `ra.rank` keeps beating.
     for step in 0..3 {
-        client.heartbeat(ra.rank, 0, step).unwrap();
-        client.heartbeat(rb.rank, 0, step).unwrap();
+        beat(&client, ra.rank, 0, step, "compute").unwrap();
+        beat(&client, rb.rank, 0, step, "compute").unwrap();
         std::thread::sleep(Duration::from_millis(50));
     }
     assert_eq!(svc.coordinator.health(), JobHealth::Running);
     for step in 3..12 {
-        client.heartbeat(ra.rank, 0, step).unwrap();
+        beat(&client, ra.rank, 0, step, "compute").unwrap();
         std::thread::sleep(Duration::from_millis(50));
     }
     match svc.coordinator.health() {
@@ -192,7 +217,7 @@ fn a_rank_that_stops_heart_beating_is_named_dead() {
     // The next generation forgets the old ranks; their heartbeats are refused.
     assert_eq!(svc.coordinator.new_generation(), 1);
     assert!(matches!(
-        client.heartbeat(ra.rank, 0, 12),
+        beat(&client, ra.rank, 0, 12, "compute"),
         Err(ClientError::Refused { status: 409, .. })
     ));
     svc.shutdown().unwrap();
@@ -202,7 +227,7 @@ fn a_rank_that_stops_heart_beating_is_named_dead() {
 fn checkpoints_are_catalogued_in_order_and_stop_requests_reach_the_ranks() {
     let svc = Service::start(CoordinatorConfig::new(1));
     let c = svc.client();
-    let r = c.join("n0", 1).unwrap();
+    let r = join(&c, "n0", 1).unwrap();
     c.report_checkpoint(100).unwrap();
     c.report_checkpoint(200).unwrap();
     assert!(matches!(
@@ -210,9 +235,9 @@ fn checkpoints_are_catalogued_in_order_and_stop_requests_reach_the_ranks() {
         Err(ClientError::Refused { status: 409, .. })
     ));
     assert_eq!(svc.coordinator.checkpoints(), [100, 200]);
-    assert!(!c.heartbeat(r.rank, 0, 1).unwrap().stop);
+    assert!(!beat(&c, r.rank, 0, 1, "compute").unwrap().stop);
     svc.coordinator.request_stop();
-    assert!(c.heartbeat(r.rank, 0, 2).unwrap().stop);
+    assert!(beat(&c, r.rank, 0, 2, "compute").unwrap().stop);
     let status = c.status().unwrap();
     assert_eq!(status["checkpoints"], serde_json::json!([100, 200]));
     svc.shutdown().unwrap();
@@ -222,7 +247,7 @@ fn checkpoints_are_catalogued_in_order_and_stop_requests_reach_the_ranks() {
 fn shutdown_drains_even_with_a_rank_waiting_to_join() {
     let svc = Service::start(CoordinatorConfig::new(2));
     let c = svc.client();
-    let waiting = std::thread::spawn(move || c.join("n0", 1));
+    let waiting = std::thread::spawn(move || join(&c, "n0", 1));
     std::thread::sleep(Duration::from_millis(200));
     let started = std::time::Instant::now();
     svc.shutdown().unwrap();
@@ -235,4 +260,89 @@ fn shutdown_drains_even_with_a_rank_waiting_to_join() {
         matches!(err, ClientError::Refused { status: 503, .. }),
         "{err}"
     );
+}
+
+#[test]
+fn launcher_ranks_are_kept_and_endpoints_become_the_peers() {
+    let svc = Service::start(CoordinatorConfig::new(2));
+    let c = svc.client();
+    let req = |rank, endpoint: &str| JoinRequest {
+        host: "n".into(),
+        pid: 1,
+        rank: Some(rank),
+        endpoint: Some(endpoint.into()),
+    };
+    let c1 = c.clone();
+    let r1 = std::thread::spawn(move || c1.join(&req(1, "10.0.0.2:7000")).unwrap());
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(matches!(
+        c.join(&req(1, "x")),
+        Err(ClientError::Refused { status: 409, .. })
+    ));
+    assert!(matches!(
+        c.join(&req(5, "x")),
+        Err(ClientError::Refused { status: 400, .. })
+    ));
+    let r0 = c.join(&req(0, "10.0.0.1:7000")).unwrap();
+    let r1 = r1.join().unwrap();
+    assert_eq!((r0.rank, r1.rank), (0, 1));
+    assert_eq!(r0.peers, ["10.0.0.1:7000", "10.0.0.2:7000"]);
+    svc.shutdown().unwrap();
+}
+
+#[test]
+fn a_hang_is_detected_from_the_median_step_time_and_the_culprit_named() {
+    let mut cfg = CoordinatorConfig::new(3);
+    cfg.hang_factor = 4.0;
+    cfg.hang_min = Duration::from_millis(200);
+    let svc = Service::start(cfg);
+    let c = svc.client();
+    let joins: Vec<_> = (0..3)
+        .map(|i| {
+            let c = c.clone();
+            std::thread::spawn(move || join(&c, "n", i).unwrap())
+        })
+        .collect();
+    let ranks: Vec<usize> = joins.into_iter().map(|j| j.join().unwrap().rank).collect();
+    // Ten steps of about 30 ms each.
+    for step in 1..=10 {
+        std::thread::sleep(Duration::from_millis(30));
+        for &r in &ranks {
+            beat(&c, r, 0, step, "compute").unwrap();
+        }
+    }
+    assert_eq!(svc.coordinator.health(), JobHealth::Running);
+    // Rank 1 stops making progress in compute; the others wait for it in a collective, all still beating.
+    for _ in 0..12 {
+        std::thread::sleep(Duration::from_millis(30));
+        beat(&c, 0, 0, 10, "collective").unwrap();
+        beat(&c, 1, 0, 10, "compute").unwrap();
+        beat(&c, 2, 0, 10, "collective").unwrap();
+    }
+    match svc.coordinator.health() {
+        JobHealth::Hung {
+            culprit,
+            phase,
+            step,
+            deadline_ms,
+            ..
+        } => {
+            assert_eq!((culprit, phase.as_str(), step), (1, "compute", 10));
+            assert_eq!(deadline_ms, 200, "max(hang_min, 4 x ~30 ms)");
+        }
+        other => panic!("expected a hang, got {other:?}"),
+    }
+    let metrics = svc.coordinator.metrics();
+    assert!(metrics.contains("radit_rank_hung{rank=\"1\"} 1"), "{metrics}");
+    assert!(metrics.contains("radit_rank_hung{rank=\"0\"} 0"), "{metrics}");
+    assert!(metrics.contains("radit_step 10"), "{metrics}");
+    // /metrics is behind the token too.
+    let reply = svc.raw("GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    assert_eq!(status_code(&reply), 401);
+    let reply = svc.raw(&format!(
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
+        svc.token.secret()
+    ));
+    assert!(reply.contains("radit_rank_hung{rank=\"1\"} 1"), "{reply}");
+    svc.shutdown().unwrap();
 }

@@ -1,8 +1,12 @@
-//! How ranks start: local processes, `mpirun`, and Slurm (sbatch rendering for Isambard-AI, requeue on the time
-//! limit). This first part resolves a rank's identity from whichever launcher started it and renders the sbatch
-//! script; submitting and following jobs come next.
+//! How a run starts and keeps going: the job spec ([`job`]), launchers behind one trait ([`launcher`]: local
+//! processes, `mpirun`, srun inside a Slurm allocation), the supervisor that hosts the coordinator and restarts
+//! failed or hung generations ([`supervise`]), and Slurm itself ([`slurm`]: the Isambard-AI sbatch script, sbatch
+//! submission, following the job through requeues).
 
+pub mod job;
+pub mod launcher;
 pub mod slurm;
+pub mod supervise;
 
 /// Who this process is in its job.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

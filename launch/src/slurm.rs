@@ -40,6 +40,9 @@ pub fn slingshot_nccl_env() -> BTreeMap<String, String> {
 pub struct SlurmJob {
     pub job_name: String,
     pub nodes: u32,
+    /// One task per rank.
+    pub tasks_per_node: u32,
+    /// 0 for CPU ranks.
     pub gpus_per_node: u32,
     pub cpus_per_task: u32,
     /// `HH:MM:SS` or `D-HH:MM:SS`.
@@ -50,17 +53,19 @@ pub struct SlurmJob {
     pub warn_seconds: u32,
     pub run_dir: String,
     pub radit: String,
-    pub config: String,
+    /// The job spec; the batch step runs `radit run JOB --in-allocation` (coordinator + one srun task per rank).
+    pub job_file: String,
     /// Added to (and overriding) the Slingshot NCCL settings.
     pub env: BTreeMap<String, String>,
 }
 
 impl SlurmJob {
     /// Isambard-AI defaults: 4 GH200 per node, 72 cores per GPU, 24-hour jobs, warned 5 minutes before the end.
-    pub fn isambard(job_name: &str, nodes: u32, run_dir: &str, radit: &str, config: &str) -> Self {
+    pub fn isambard(job_name: &str, nodes: u32, run_dir: &str, radit: &str, job_file: &str) -> Self {
         Self {
             job_name: job_name.into(),
             nodes,
+            tasks_per_node: 4,
             gpus_per_node: 4,
             cpus_per_task: 72,
             time_limit: "24:00:00".into(),
@@ -69,7 +74,7 @@ impl SlurmJob {
             warn_seconds: 300,
             run_dir: run_dir.into(),
             radit: radit.into(),
-            config: config.into(),
+            job_file: job_file.into(),
             env: BTreeMap::new(),
         }
     }
@@ -100,8 +105,10 @@ pub fn render_sbatch(job: &SlurmJob) -> String {
     );
     line(&format!("#SBATCH --job-name={}", quote(&job.job_name)));
     line(&format!("#SBATCH --nodes={}", job.nodes));
-    line(&format!("#SBATCH --ntasks-per-node={}", job.gpus_per_node));
-    line(&format!("#SBATCH --gpus-per-node={}", job.gpus_per_node));
+    line(&format!("#SBATCH --ntasks-per-node={}", job.tasks_per_node));
+    if job.gpus_per_node > 0 {
+        line(&format!("#SBATCH --gpus-per-node={}", job.gpus_per_node));
+    }
     line(&format!("#SBATCH --cpus-per-task={}", job.cpus_per_task));
     line(&format!("#SBATCH --time={}", job.time_limit));
     line(&format!("#SBATCH --signal=B:USR1@{}", job.warn_seconds));
@@ -116,38 +123,42 @@ pub fn render_sbatch(job: &SlurmJob) -> String {
     }
     line("set -uo pipefail");
     line("");
-    line("# NCCL over Slingshot (the settings of `module load brics/nccl`), then the job's own.");
-    let mut env = slingshot_nccl_env();
+    let mut env = BTreeMap::new();
+    if job.gpus_per_node > 0 {
+        line("# NCCL over Slingshot (the settings of `module load brics/nccl`), then the job's own.");
+        env = slingshot_nccl_env();
+    }
     env.extend(job.env.clone());
     for (k, v) in &env {
         line(&format!("export {k}={}", quote(v)));
     }
     line(&format!("export RADIT_RUN_DIR={}", quote(&job.run_dir)));
-    line("# The first node hosts the rendezvous.");
-    line("RADIT_MASTER_HOST=$(scontrol show hostnames \"$SLURM_JOB_NODELIST\" | head -n 1)");
-    line("export RADIT_MASTER_HOST");
+    line(
+        "# This batch step runs on the first node: it hosts the coordinator and starts one srun task per rank,",
+    );
+    line("# restarting them from the last checkpoint when one fails.");
     line("");
     line(
-        "# Slurm warns only this batch shell (B:USR1); pass the warning, and a preemption's TERM, on to every rank.",
+        "# Slurm warns only this batch shell (B:USR1); pass the warning, and a preemption's TERM, on to radit, which",
     );
     line(
-        "# Each rank sets a flag; the flags are combined at the next step boundary, every rank checkpoints at the",
+        "# tells every rank; the ranks' flags are combined at the next step boundary, every rank checkpoints at the",
     );
-    line(&format!("# same step and exits with {REQUEUE_EXIT_CODE}."));
-    line("forward() { kill -s \"$1\" \"$srun_pid\" 2>/dev/null; }");
+    line(&format!("# same step and radit exits with {REQUEUE_EXIT_CODE}."));
+    line("forward() { kill -s \"$1\" \"$radit_pid\" 2>/dev/null; }");
     line("trap 'forward USR1' USR1");
     line("trap 'forward TERM' TERM");
     line(&format!(
-        "srun --kill-on-bad-exit=1 --cpu-bind=none {} train --device cuda --config {} &",
+        "{} run {} --in-allocation &",
         quote(&job.radit),
-        quote(&job.config)
+        quote(&job.job_file)
     ));
-    line("srun_pid=$!");
+    line("radit_pid=$!");
     line(
-        "# `wait` returns early when a trapped signal arrives: keep waiting until srun itself has ended.",
+        "# `wait` returns early when a trapped signal arrives: keep waiting until radit itself has ended.",
     );
-    line("while kill -0 \"$srun_pid\" 2>/dev/null; do wait \"$srun_pid\"; done");
-    line("wait \"$srun_pid\"; status=$?");
+    line("while kill -0 \"$radit_pid\" 2>/dev/null; do wait \"$radit_pid\"; done");
+    line("wait \"$radit_pid\"; status=$?");
     line(&format!("if [ \"$status\" -eq {REQUEUE_EXIT_CODE} ]; then"));
     line("  echo \"radit: checkpointed before the time limit; requeueing job $SLURM_JOB_ID\"");
     line("  scontrol requeue \"$SLURM_JOB_ID\"");
@@ -155,6 +166,128 @@ pub fn render_sbatch(job: &SlurmJob) -> String {
     line("fi");
     line("exit \"$status\"");
     s
+}
+
+/// What Slurm said no to, or could not be asked.
+#[derive(Debug, thiserror::Error)]
+pub enum SlurmError {
+    #[error("could not run `{command}` (is Slurm installed and SLURM_CONF set?)")]
+    Spawn {
+        command: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("`{command}` failed: {stderr}")]
+    Refused { command: String, stderr: String },
+    #[error("`{command}` printed something unexpected: {output}")]
+    Unexpected { command: String, output: String },
+}
+
+fn slurm_command(program: &str, args: &[&str]) -> Result<String, SlurmError> {
+    let command = format!("{program} {}", args.join(" "));
+    let out = std::process::Command::new(program)
+        .args(args)
+        .output()
+        .map_err(|source| SlurmError::Spawn {
+            command: command.clone(),
+            source,
+        })?;
+    if !out.status.success() {
+        return Err(SlurmError::Refused {
+            command,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Submits a rendered script with the real `sbatch`; returns the job id.
+pub fn submit(script: &std::path::Path) -> Result<u64, SlurmError> {
+    let path = script.display().to_string();
+    let out = slurm_command("sbatch", &["--parsable", &path])?;
+    out.trim()
+        .split(';')
+        .next()
+        .and_then(|id| id.parse().ok())
+        .ok_or_else(|| SlurmError::Unexpected {
+            command: format!("sbatch --parsable {path}"),
+            output: out.clone(),
+        })
+}
+
+/// A job's state as Slurm reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobStatus {
+    /// PENDING, RUNNING, REQUEUED, COMPLETED, FAILED, CANCELLED, TIMEOUT, ...
+    pub state: String,
+    /// The batch script's exit code, once known.
+    pub exit_code: Option<i32>,
+}
+
+impl JobStatus {
+    /// Slurm will not run this job again.
+    pub fn is_final(&self) -> bool {
+        matches!(
+            self.state.as_str(),
+            "COMPLETED"
+                | "FAILED"
+                | "CANCELLED"
+                | "TIMEOUT"
+                | "NODE_FAIL"
+                | "OUT_OF_MEMORY"
+                | "BOOT_FAIL"
+                | "DEADLINE"
+        )
+    }
+}
+
+/// The job's state: `squeue` while it is queued or running, `scontrol show job` (which also gives the exit code)
+/// for recently finished jobs (`sacct` needs accounting storage, which small test clusters lack).
+pub fn status(job_id: u64) -> Result<JobStatus, SlurmError> {
+    let id = job_id.to_string();
+    let out = slurm_command("scontrol", &["show", "job", "-o", &id]);
+    let field = |text: &str, key: &str| {
+        text.split_whitespace()
+            .find_map(|kv| kv.strip_prefix(key).map(str::to_string))
+    };
+    match out {
+        Ok(text) => {
+            let state = field(&text, "JobState=").ok_or_else(|| SlurmError::Unexpected {
+                command: format!("scontrol show job -o {id}"),
+                output: text.clone(),
+            })?;
+            let exit_code = field(&text, "ExitCode=")
+                .and_then(|v| v.split(':').next().and_then(|c| c.parse().ok()));
+            Ok(JobStatus { state, exit_code })
+        }
+        Err(_) => {
+            let q = slurm_command("squeue", &["-h", "-j", &id, "-o", "%T"])?;
+            Ok(JobStatus {
+                state: q.trim().to_string(),
+                exit_code: None,
+            })
+        }
+    }
+}
+
+/// Polls the job until Slurm is done with it (through requeues), calling `on_change` at each new state.
+pub fn follow(
+    job_id: u64,
+    poll: std::time::Duration,
+    mut on_change: impl FnMut(&JobStatus),
+) -> Result<JobStatus, SlurmError> {
+    let mut last: Option<JobStatus> = None;
+    loop {
+        let now = status(job_id)?;
+        if last.as_ref() != Some(&now) {
+            on_change(&now);
+        }
+        if now.is_final() {
+            return Ok(now);
+        }
+        last = Some(now);
+        std::thread::sleep(poll);
+    }
 }
 
 #[cfg(test)]
@@ -186,7 +319,7 @@ mod tests {
             8,
             "/scratch/radit/xl",
             "/home/u/radit/bin/radit",
-            "/scratch/radit/xl/run.toml",
+            "/scratch/radit/xl/job.toml",
         );
         job.account = Some("brics.a5k".into());
         job.env.insert("NCCL_DEBUG".into(), "WARN".into());

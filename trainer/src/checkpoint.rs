@@ -148,6 +148,18 @@ pub struct Checkpointer {
     pending: Option<Pending>,
 }
 
+/// Fault injection for the tests: `RADIT_FAULT_CRASH_IN_CHECKPOINT=RANK:STEP` kills that rank while it writes
+/// the checkpoint of that step.
+fn crash_here(rank: usize, step: u64) -> bool {
+    std::env::var("RADIT_FAULT_CRASH_IN_CHECKPOINT")
+        .ok()
+        .and_then(|v| {
+            let (r, s) = v.split_once(':')?;
+            Some((r.trim().parse::<usize>().ok()?, s.trim().parse::<u64>().ok()?))
+        })
+        == Some((rank, step))
+}
+
 impl Checkpointer {
     pub fn open(cfg: CheckpointConfig) -> Result<Self, CheckpointError> {
         let storage = Storage::open(&cfg.url)?;
@@ -170,6 +182,7 @@ impl Checkpointer {
         let rank = engine.collective().rank();
         let key = format!("{}/rank-{rank:05}.bin", step_dir(state.step));
         let storage = self.storage.clone();
+        let state_step = state.step;
         let writer = std::thread::Builder::new()
             .name("checkpoint-writer".into())
             .spawn(move || {
@@ -178,6 +191,12 @@ impl Checkpointer {
                 // Hash while the object is written: the two together take as long as the slower one.
                 let for_hash = data.clone();
                 let hasher = std::thread::spawn(move || hex(&Sha256::digest(&for_hash)));
+                if crash_here(rank, state_step) {
+                    // Fault injection: leave half an object behind and die mid-write.
+                    let _ = storage.put(&key, data.slice(..data.len() / 2));
+                    tracing::error!(step = state_step, "crashing mid-checkpoint (RADIT_FAULT_CRASH_IN_CHECKPOINT)");
+                    std::process::abort();
+                }
                 storage.put(&key, data).map_err(|e| format!("{e:#}"))?;
                 let sha256 = hasher
                     .join()

@@ -16,6 +16,7 @@ use crate::collective::Collective;
 use crate::engine::{EngineConfig, EngineError, Fsdp, Initial, LrSchedule, MicroBatch, StepReport};
 use crate::flow::FlowConfig;
 use crate::model::{ModelError, RadiTConfig};
+use crate::progress::{self, Phase};
 
 /// What can stop a run.
 #[derive(Debug, thiserror::Error)]
@@ -337,7 +338,14 @@ pub fn train(
     let scale = 1.0 / (world as f64 * micro as f64);
     let mut window = (Instant::now(), 0u64, 0f64);
 
+    // Fault injection for the tests: `RANK:STEP` makes that rank hang (sleep, heart-beating) in step STEP.
+    let hang_at: Option<(u64, u64)> = std::env::var("RADIT_FAULT_HANG").ok().and_then(|v| {
+        let (r, s) = v.split_once(':')?;
+        Some((r.trim().parse().ok()?, s.trim().parse().ok()?))
+    });
+    progress::set_step(step);
     while step < cfg.train.steps {
+        progress::set_phase(Phase::Data);
         let waited = Instant::now();
         let batch = loader
             .next_batch()?
@@ -362,6 +370,13 @@ pub fn train(
             );
             let _ = x1.get(0).fill_(f64::NAN);
         }
+        progress::set_phase(Phase::Compute);
+        if hang_at == Some((rank, step + 1)) {
+            tracing::warn!(step = step + 1, "hanging on purpose (RADIT_FAULT_HANG)");
+            loop {
+                std::thread::sleep(std::time::Duration::from_secs(3600));
+            }
+        }
         let shape: Vec<i64> = batch.sample_shape.iter().map(|&v| v as i64).collect();
         let draw = cfg.flow.draw(cfg.train.seed, step, &batch.indices, &shape);
         let (x0, t) = (draw.x0.to_device(device), draw.t.to_device(device));
@@ -381,6 +396,7 @@ pub fn train(
         let lr = cfg.engine.adam.lr_at(engine.adam_steps());
         let report = engine.optimizer_step(loss_sum, lr)?;
         step += 1;
+        progress::set_step(step);
         window.1 += cfg.train.global_batch;
         if report.skipped || step % cfg.train.log_every.max(1) == 0 || step == cfg.train.steps {
             let secs = window.0.elapsed().as_secs_f64().max(1e-9);
@@ -464,10 +480,12 @@ pub fn train(
                     model: model_cfg.clone(),
                     config: serde_json::to_value(cfg).unwrap_or_default(),
                 };
+                let _phase = progress::enter(Phase::Checkpoint);
                 c.save(&engine, state)?;
             }
             if let Some(done) = c.poll(engine.collective())? {
                 last_checkpoint = Some(done);
+                progress::set_checkpoint(done);
             }
         }
         if stop_here {
@@ -478,6 +496,7 @@ pub fn train(
         && let Some(done) = c.finish(engine.collective())?
     {
         last_checkpoint = Some(done);
+        progress::set_checkpoint(done);
     }
     let stopped_for_requeue = step < cfg.train.steps;
     if stopped_for_requeue && ckpt.is_none() {

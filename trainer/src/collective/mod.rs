@@ -1,6 +1,6 @@
 //! Collectives behind one small trait, so the engine never knows what carries its bytes: MPI for CPU tensors
 //! ([`mpi::MpiCollective`]), NCCL for GPU tensors ([`nccl`]), and an in-process group of threads for unit tests
-//! ([`local::LocalGroup`]). One conformance suite ([`conformance`]) runs against each.
+//! ([`local::LocalGroup`]), and a TCP star for CPU ranks started without MPI ([`tcp::TcpCollective`]). One conformance suite ([`conformance`]) runs against each.
 //!
 //! Every method is collective: all ranks of the group call it, in the same order, with tensors of the same shape
 //! and kind. Tensors are contiguous and one-dimensional. Reductions are sums in rank order.
@@ -10,6 +10,7 @@ pub mod counting;
 pub mod local;
 pub mod mpi;
 pub mod nccl;
+pub mod tcp;
 
 use tch::{Kind, Tensor};
 
@@ -111,6 +112,14 @@ pub fn from_environment(device: tch::Device) -> Result<Box<dyn Collective>, Coll
     } else {
         Box::new(local::LocalGroup::ranks(1, std::time::Duration::from_secs(600)).remove(0))
     };
+    for_device(base, device)
+}
+
+/// `base` for CPU tensors; on a GPU, NCCL bootstrapped over `base` (which carries the NCCL unique id).
+pub fn for_device(
+    base: Box<dyn Collective>,
+    device: tch::Device,
+) -> Result<Box<dyn Collective>, CollectiveError> {
     match device {
         tch::Device::Cuda(gpu) => Ok(Box::new(nccl::NcclCollective::new(base, gpu)?)),
         _ => Ok(base),

@@ -1,0 +1,267 @@
+//! Starting one generation of rank processes, behind one trait: here ([`LocalLauncher`]), under `mpirun`
+//! ([`MpirunLauncher`]) or as srun tasks inside a Slurm allocation ([`SrunLauncher`]). The supervisor does not know
+//! which: it starts a group, polls it, signals it and kills it.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+
+/// What every rank of a generation runs.
+#[derive(Debug, Clone)]
+pub struct RankCommand {
+    pub program: PathBuf,
+    pub args: Vec<String>,
+    /// Added to every rank's environment (coordinator address, token file, generation).
+    pub env: Vec<(String, String)>,
+    pub world: u32,
+    /// Where each process's stdout and stderr go (one file per process).
+    pub log_dir: PathBuf,
+}
+
+/// How one process of a group ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    Code(i32),
+    Signal(i32),
+}
+
+impl Ended {
+    fn from(status: ExitStatus) -> Self {
+        use std::os::unix::process::ExitStatusExt;
+        match (status.code(), status.signal()) {
+            (Some(c), _) => Ended::Code(c),
+            (None, Some(s)) => Ended::Signal(s),
+            _ => Ended::Code(-1),
+        }
+    }
+}
+
+impl std::fmt::Display for Ended {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Ended::Code(c) => write!(f, "exit code {c}"),
+            Ended::Signal(s) => write!(f, "signal {s}"),
+        }
+    }
+}
+
+/// The state of a running group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GroupState {
+    Running,
+    /// Process `index` (the rank, for launchers that start one process per rank) ended badly while others run.
+    Failed { index: usize, ended: Ended },
+    /// Every process has ended.
+    Ended(Vec<Ended>),
+}
+
+/// One generation of rank processes.
+pub trait RankGroup: Send {
+    fn poll(&mut self) -> std::io::Result<GroupState>;
+    /// Sends `signal` to every process (the launcher passes it on to its ranks).
+    fn signal(&mut self, signal: i32);
+    /// Kills every process and reaps them.
+    fn kill(&mut self);
+    /// The pids this group started (for the logs and the tests' fault injection).
+    fn pids(&self) -> Vec<u32>;
+}
+
+/// Starts rank groups.
+pub trait Launcher: Send + Sync {
+    fn name(&self) -> &'static str;
+    fn start(&self, cmd: &RankCommand, generation: u64) -> std::io::Result<Box<dyn RankGroup>>;
+}
+
+/// Processes started by one launcher, watched together.
+struct Processes {
+    children: Vec<Child>,
+    ended: Vec<Option<Ended>>,
+}
+
+fn send(pid: u32, signal: i32) {
+    // SAFETY: kill(2) with a pid we started and still own (not yet reaped).
+    unsafe {
+        libc::kill(pid as libc::pid_t, signal);
+    }
+}
+
+impl Processes {
+    fn spawn(cmds: Vec<Command>, log_dir: &std::path::Path, generation: u64) -> std::io::Result<Self> {
+        std::fs::create_dir_all(log_dir)?;
+        let mut children = Vec::new();
+        for (i, mut c) in cmds.into_iter().enumerate() {
+            let log = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(log_dir.join(format!("gen-{generation}-process-{i}.log")))?;
+            c.stdin(Stdio::null())
+                .stdout(log.try_clone()?)
+                .stderr(log);
+            match c.spawn() {
+                Ok(child) => children.push(child),
+                Err(e) => {
+                    for mut ch in children {
+                        let _ = ch.kill();
+                        let _ = ch.wait();
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        let n = children.len();
+        Ok(Self {
+            children,
+            ended: vec![None; n],
+        })
+    }
+}
+
+impl RankGroup for Processes {
+    fn poll(&mut self) -> std::io::Result<GroupState> {
+        for (i, c) in self.children.iter_mut().enumerate() {
+            if self.ended[i].is_none()
+                && let Some(status) = c.try_wait()?
+            {
+                self.ended[i] = Some(Ended::from(status));
+            }
+        }
+        // 0 is success and 75 is "checkpointed, requeue me": both are orderly; anything else is a failure.
+        if let Some((index, ended)) = self.ended.iter().enumerate().find_map(|(i, e)| match e {
+            Some(Ended::Code(0 | crate::slurm::REQUEUE_EXIT_CODE)) | None => None,
+            Some(e) => Some((i, *e)),
+        }) && self.ended.iter().any(Option::is_none)
+        {
+            return Ok(GroupState::Failed { index, ended });
+        }
+        if self.ended.iter().all(Option::is_some) {
+            return Ok(GroupState::Ended(self.ended.iter().flatten().copied().collect()));
+        }
+        Ok(GroupState::Running)
+    }
+
+    fn signal(&mut self, signal: i32) {
+        for (i, c) in self.children.iter().enumerate() {
+            if self.ended[i].is_none() {
+                send(c.id(), signal);
+            }
+        }
+    }
+
+    fn kill(&mut self) {
+        for (i, c) in self.children.iter_mut().enumerate() {
+            if self.ended[i].is_none() {
+                let _ = c.kill();
+                if let Ok(status) = c.wait() {
+                    self.ended[i] = Some(Ended::from(status));
+                }
+            }
+        }
+    }
+
+    fn pids(&self) -> Vec<u32> {
+        self.children.iter().map(Child::id).collect()
+    }
+}
+
+impl Drop for Processes {
+    fn drop(&mut self) {
+        // A supervisor that returns early (an error) must not leave ranks behind.
+        self.kill();
+    }
+}
+
+fn base_command(cmd: &RankCommand, program: &std::path::Path) -> Command {
+    let mut c = Command::new(program);
+    c.envs(cmd.env.iter().map(|(k, v)| (k, v)));
+    c
+}
+
+/// `world` rank processes on this machine; each learns its rank from `RADIT_RANK`.
+pub struct LocalLauncher;
+
+impl Launcher for LocalLauncher {
+    fn name(&self) -> &'static str {
+        "local"
+    }
+
+    fn start(&self, cmd: &RankCommand, generation: u64) -> std::io::Result<Box<dyn RankGroup>> {
+        let cmds = (0..cmd.world)
+            .map(|r| {
+                let mut c = base_command(cmd, &cmd.program);
+                c.args(&cmd.args)
+                    .env("RADIT_RANK", r.to_string())
+                    .env("RADIT_WORLD", cmd.world.to_string())
+                    .env("RADIT_LOCAL_RANK", r.to_string());
+                c
+            })
+            .collect();
+        Ok(Box::new(Processes::spawn(cmds, &cmd.log_dir, generation)?))
+    }
+}
+
+/// One `mpirun -np WORLD` (OpenMPI kills the other ranks when one fails and reports it in its exit code; it
+/// forwards USR1 and TERM to the ranks).
+pub struct MpirunLauncher {
+    pub extra_args: Vec<String>,
+}
+
+impl MpirunLauncher {
+    pub fn command(&self, cmd: &RankCommand) -> Command {
+        let mut c = base_command(cmd, std::path::Path::new("mpirun"));
+        c.arg("-np").arg(cmd.world.to_string());
+        for (k, _) in &cmd.env {
+            c.arg("-x").arg(k);
+        }
+        c.args(&self.extra_args).arg(&cmd.program).args(&cmd.args);
+        c
+    }
+}
+
+impl Launcher for MpirunLauncher {
+    fn name(&self) -> &'static str {
+        "mpirun"
+    }
+
+    fn start(&self, cmd: &RankCommand, generation: u64) -> std::io::Result<Box<dyn RankGroup>> {
+        Ok(Box::new(Processes::spawn(
+            vec![self.command(cmd)],
+            &cmd.log_dir,
+            generation,
+        )?))
+    }
+}
+
+/// One `srun` step over the allocation, one task per rank (`--kill-on-bad-exit` ends the step when a rank dies;
+/// srun forwards USR1 and TERM to the tasks).
+pub struct SrunLauncher {
+    pub tasks_per_node: u32,
+    pub gpus_per_task: u32,
+}
+
+impl SrunLauncher {
+    pub fn command(&self, cmd: &RankCommand) -> Command {
+        let mut c = base_command(cmd, std::path::Path::new("srun"));
+        c.arg("--kill-on-bad-exit=1")
+            .arg("--cpu-bind=none")
+            .arg(format!("--ntasks={}", cmd.world))
+            .arg(format!("--ntasks-per-node={}", self.tasks_per_node));
+        if self.gpus_per_task > 0 {
+            c.arg(format!("--gpus-per-task={}", self.gpus_per_task));
+        }
+        c.arg(&cmd.program).args(&cmd.args);
+        c
+    }
+}
+
+impl Launcher for SrunLauncher {
+    fn name(&self) -> &'static str {
+        "srun"
+    }
+
+    fn start(&self, cmd: &RankCommand, generation: u64) -> std::io::Result<Box<dyn RankGroup>> {
+        Ok(Box::new(Processes::spawn(
+            vec![self.command(cmd)],
+            &cmd.log_dir,
+            generation,
+        )?))
+    }
+}

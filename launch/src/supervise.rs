@@ -1,0 +1,343 @@
+//! The supervisor behind `radit run`: it hosts the coordinator, starts a generation of ranks through a
+//! [`Launcher`], watches their exits, heartbeats and progress, and relaunches every rank from the last committed
+//! checkpoint when one fails or hangs, within the restart budget. SIGUSR1/SIGTERM become a checkpoint at a common
+//! step and the requeue exit code.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use radit_coordinator::{Coordinator, CoordinatorConfig, JobHealth, JobToken};
+
+use crate::job::Job;
+use crate::launcher::{Ended, GroupState, Launcher, RankCommand};
+use crate::slurm::REQUEUE_EXIT_CODE;
+
+/// How a supervised run ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Every rank finished all steps.
+    Completed { restarts: u32 },
+    /// Every rank checkpointed at the same step after a stop request (signal, or lost coordinator): requeue.
+    Requeue { restarts: u32 },
+    /// The restart budget is spent, or the ranks cannot start at all.
+    Failed { restarts: u32, reason: String },
+}
+
+/// Environment variables the ranks read (set by the supervisor, read by `radit train`).
+pub mod env {
+    /// `IP:PORT` of the coordinator.
+    pub const COORDINATOR: &str = "RADIT_COORDINATOR";
+    /// Path of the 0600 file that holds the job token.
+    pub const TOKEN_FILE: &str = "RADIT_JOB_TOKEN_FILE";
+    pub const GENERATION: &str = "RADIT_GENERATION";
+    /// Seconds without the coordinator after which a rank checkpoints and exits with the requeue code.
+    pub const COORDINATOR_GRACE: &str = "RADIT_COORDINATOR_GRACE_SECONDS";
+    /// Where ranks keep their pid files, so a restarted supervisor can wait for orphans of a killed one.
+    pub const PID_DIR: &str = "RADIT_PID_DIR";
+}
+
+/// A running coordinator service on its own runtime thread.
+pub struct CoordinatorService {
+    pub addr: SocketAddr,
+    pub coordinator: Arc<Coordinator>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<std::io::Result<()>>>,
+}
+
+impl CoordinatorService {
+    /// Binds `bind` (`IP:PORT`, or `hostname:PORT` for this machine's name) and serves until dropped.
+    pub fn start(bind: &str, cfg: CoordinatorConfig, token: JobToken) -> std::io::Result<Self> {
+        let addr = resolve_bind(bind)?;
+        let coordinator = Coordinator::new(cfg, token);
+        let listener = std::net::TcpListener::bind(addr)?;
+        listener.set_nonblocking(true)?;
+        let addr = listener.local_addr()?;
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let c = coordinator.clone();
+        let thread = std::thread::Builder::new()
+            .name("coordinator".into())
+            .spawn(move || {
+                let rt = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .enable_all()
+                    .build()?;
+                rt.block_on(async move {
+                    let listener = tokio::net::TcpListener::from_std(listener)?;
+                    radit_coordinator::serve(listener, c, async move {
+                        let _ = rx.await;
+                    })
+                    .await
+                })
+            })?;
+        Ok(Self {
+            addr,
+            coordinator,
+            stop: Some(tx),
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for CoordinatorService {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn resolve_bind(bind: &str) -> std::io::Result<SocketAddr> {
+    use std::net::ToSocketAddrs;
+    let resolved = match bind.strip_prefix("hostname:") {
+        Some(port) => {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_string())
+                .unwrap_or_else(|_| "localhost".into());
+            format!("{host}:{port}")
+        }
+        None => bind.to_string(),
+    };
+    resolved
+        .to_socket_addrs()?
+        .find(SocketAddr::is_ipv4)
+        .ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("coordinator.bind `{bind}` resolves to no IPv4 address"),
+            )
+        })
+}
+
+/// Waits for rank processes that a killed supervisor left behind (they checkpoint and exit once they notice the
+/// coordinator is gone), so two generations never write the same run.
+fn wait_for_orphans(pid_dir: &std::path::Path, grace: Duration) -> std::io::Result<()> {
+    let Ok(entries) = std::fs::read_dir(pid_dir) else {
+        return Ok(());
+    };
+    let mut pids = Vec::new();
+    for e in entries.flatten() {
+        let path = e.path();
+        let pid: Option<i32> = std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|t| t.trim().parse().ok());
+        match pid {
+            Some(pid) if alive_rank(pid) => pids.push(pid),
+            _ => {
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+    }
+    if pids.is_empty() {
+        return Ok(());
+    }
+    tracing::warn!(
+        ?pids,
+        "ranks of an earlier supervisor are still running; waiting for them to checkpoint and exit"
+    );
+    let deadline = Instant::now() + grace + Duration::from_secs(300);
+    while pids.iter().any(|&p| alive_rank(p)) {
+        if Instant::now() > deadline {
+            return Err(std::io::Error::other(format!(
+                "ranks {pids:?} of an earlier run are still alive; stop them before restarting"
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Ok(())
+}
+
+fn alive_rank(pid: i32) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|c| String::from_utf8_lossy(&c).contains("train"))
+        .unwrap_or(false)
+}
+
+/// Runs the job to completion, a requeue, or failure. `signal` holds the number of a pending SIGUSR1/SIGTERM/SIGINT
+/// (0 for none); it is forwarded to the ranks as a stop request.
+pub fn supervise(
+    job: &Job,
+    launcher: &dyn Launcher,
+    radit: &std::path::Path,
+    signal: &AtomicUsize,
+) -> Result<Outcome, SuperviseError> {
+    let spec = &job.spec;
+    let run_dir = &job.run_dir;
+    std::fs::create_dir_all(run_dir).map_err(|e| SuperviseError::io(run_dir, e))?;
+    let train_toml = toml::to_string(&job.train_config())
+        .map_err(|e| SuperviseError(format!("writing the train config: {e}")))?;
+    let train_path = job.train_config_path();
+    std::fs::write(&train_path, train_toml).map_err(|e| SuperviseError::io(&train_path, e))?;
+    let pid_dir = run_dir.join("ranks");
+    let grace = Duration::from_secs_f64(spec.restart.coordinator_grace_seconds);
+    wait_for_orphans(&pid_dir, grace).map_err(|e| SuperviseError::io(&pid_dir, e))?;
+
+    // A fresh token for every supervisor: ranks of an earlier one cannot join or heartbeat into this run.
+    let token = JobToken::generate().map_err(|e| SuperviseError(format!("job token: {e}")))?;
+    let token_path = job.token_path();
+    let _ = std::fs::remove_file(&token_path);
+    token
+        .write_private(&token_path)
+        .map_err(|e| SuperviseError::io(&token_path, e))?;
+    let mut ccfg = CoordinatorConfig::new(job.world as usize);
+    ccfg.heartbeat_interval = job.heartbeat_interval();
+    ccfg.missed_heartbeats = spec.restart.missed_heartbeats;
+    ccfg.hang_factor = spec.restart.hang_factor;
+    ccfg.hang_min = Duration::from_secs_f64(spec.restart.hang_min_seconds);
+    let service = CoordinatorService::start(&spec.coordinator.bind, ccfg, token)
+        .map_err(|e| SuperviseError(format!("coordinator.bind `{}`: {e}", spec.coordinator.bind)))?;
+    let coordinator = service.coordinator.clone();
+    tracing::info!(addr = %service.addr, world = job.world, launcher = launcher.name(), "coordinator up");
+    std::fs::write(run_dir.join("coordinator.addr"), service.addr.to_string())
+        .map_err(|e| SuperviseError::io(run_dir, e))?;
+
+    let mut restarts = 0u32;
+    let progress_every = Duration::from_secs_f64(spec.monitoring.progress_seconds);
+    loop {
+        let generation = coordinator.new_generation();
+        let cmd = RankCommand {
+            program: radit.to_path_buf(),
+            args: job.rank_args(),
+            env: vec![
+                (env::COORDINATOR.into(), service.addr.to_string()),
+                (env::TOKEN_FILE.into(), token_path.display().to_string()),
+                (env::GENERATION.into(), generation.to_string()),
+                (
+                    env::COORDINATOR_GRACE.into(),
+                    spec.restart.coordinator_grace_seconds.to_string(),
+                ),
+                (env::PID_DIR.into(), pid_dir.display().to_string()),
+            ],
+            world: job.world,
+            log_dir: run_dir.join("logs"),
+        };
+        let mut group = launcher
+            .start(&cmd, generation)
+            .map_err(|e| SuperviseError(format!("starting the ranks with {}: {e}", launcher.name())))?;
+        tracing::info!(generation, pids = ?group.pids(), "ranks started");
+        eprintln!(
+            "radit: generation {generation}: {} rank(s) started by {} (logs in {})",
+            job.world,
+            launcher.name(),
+            cmd.log_dir.display()
+        );
+        let mut stop_sent = false;
+        let mut last_progress = Instant::now();
+        let started = Instant::now();
+        let failure: String = loop {
+            std::thread::sleep(Duration::from_millis(100));
+            let sig = signal.load(Ordering::SeqCst);
+            if sig != 0 && !stop_sent {
+                tracing::warn!(signal = sig, "stop requested: every rank checkpoints at the same step");
+                eprintln!("radit: signal {sig}: asking every rank to checkpoint and stop");
+                coordinator.request_stop();
+                // USR1 reaches ranks through their launcher too, in case the coordinator is slow to be heard.
+                group.signal(libc::SIGUSR1);
+                stop_sent = true;
+            }
+            let state = group.poll().map_err(|e| SuperviseError(format!("watching the ranks: {e}")))?;
+            match state {
+                GroupState::Running => {}
+                GroupState::Failed { index, ended } => {
+                    break format!("rank process {index} ended with {ended}");
+                }
+                GroupState::Ended(all) => {
+                    if all.iter().all(|e| *e == Ended::Code(0)) {
+                        eprintln!("radit: all {} ranks finished", job.world);
+                        return Ok(Outcome::Completed { restarts });
+                    }
+                    if all
+                        .iter()
+                        .all(|e| matches!(e, Ended::Code(0) | Ended::Code(REQUEUE_EXIT_CODE)))
+                    {
+                        eprintln!(
+                            "radit: every rank checkpointed; exiting {REQUEUE_EXIT_CODE} so the job is requeued"
+                        );
+                        return Ok(Outcome::Requeue { restarts });
+                    }
+                    let (i, e) = all
+                        .iter()
+                        .enumerate()
+                        .find(|(_, e)| !matches!(e, Ended::Code(0)))
+                        .map(|(i, e)| (i, *e))
+                        .unwrap_or((0, Ended::Code(-1)));
+                    break format!("rank process {i} ended with {e}");
+                }
+            }
+            match coordinator.health() {
+                JobHealth::RankDead { rank, silent_ms } => {
+                    break format!("rank {rank} stopped heart-beating ({silent_ms} ms silent)");
+                }
+                JobHealth::Hung {
+                    culprit,
+                    phase,
+                    step,
+                    stalled_ms,
+                    deadline_ms,
+                } => {
+                    coordinator.record_hang();
+                    tracing::error!(culprit, phase, step, stalled_ms, deadline_ms, "hang detected");
+                    break format!(
+                        "hang: no step finished for {stalled_ms} ms (deadline {deadline_ms} ms); culprit rank {culprit} \
+                         is in `{phase}` after step {step} while the others wait for it"
+                    );
+                }
+                JobHealth::Forming { .. } | JobHealth::Running => {}
+            }
+            if !progress_every.is_zero() && last_progress.elapsed() >= progress_every {
+                last_progress = Instant::now();
+                let (step, median) = coordinator.progress();
+                let total = spec.train.steps;
+                let eta = median
+                    .map(|m| format!(", ETA {:.0} s", m * total.saturating_sub(step) as f64))
+                    .unwrap_or_default();
+                let ckpt = coordinator
+                    .checkpoints()
+                    .last()
+                    .map(|s| format!(", checkpoint {s}"))
+                    .unwrap_or_default();
+                let rate = median.map(|m| format!(", {:.2} s/step", m)).unwrap_or_default();
+                eprintln!(
+                    "radit: step {step}/{total} ({:.0}%){rate}{eta}{ckpt} [generation {generation}, {:.0} s]",
+                    100.0 * step as f64 / total.max(1) as f64,
+                    started.elapsed().as_secs_f64()
+                );
+            }
+        };
+        tracing::error!(generation, reason = %failure, "the run failed");
+        eprintln!("radit: generation {generation} failed: {failure}");
+        group.kill();
+        if stop_sent {
+            return Ok(Outcome::Failed {
+                restarts,
+                reason: format!("{failure} (while stopping)"),
+            });
+        }
+        if restarts >= spec.restart.max_restarts {
+            return Ok(Outcome::Failed {
+                restarts,
+                reason: format!("{failure}; the restart budget ({}) is spent", spec.restart.max_restarts),
+            });
+        }
+        restarts += 1;
+        eprintln!(
+            "radit: restart {restarts}/{}: relaunching every rank from the last committed checkpoint",
+            spec.restart.max_restarts
+        );
+    }
+}
+
+/// Why the supervisor could not run the job (as opposed to the job failing, which is an [`Outcome`]).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct SuperviseError(pub String);
+
+impl SuperviseError {
+    fn io(path: &std::path::Path, e: std::io::Error) -> Self {
+        Self(format!("{}: {e}", path.display()))
+    }
+}

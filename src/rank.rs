@@ -1,0 +1,186 @@
+//! A rank under `radit run`: join the coordinator (rank, world, peers), build the rank group (MPI when mpirun
+//! started us, otherwise the TCP star through rank 0's published endpoint, with NCCL on top on GPUs), and
+//! heartbeat in the background with the step and phase. A stop request in a heartbeat reply, or losing the
+//! coordinator for longer than the grace period, sets the same flag as SIGUSR1: checkpoint and exit 75.
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use radit_coordinator::{ClientError, CoordinatorClient, Heartbeat, JobToken, JoinRequest};
+use radit_launch::supervise::env;
+use radit_trainer::collective::{self, Collective, mpi, tcp::TcpCollective};
+use radit_trainer::progress;
+use radit_trainer::tch::Device;
+
+/// Collective operations wait this long for a peer before giving up (a hang is caught earlier by the coordinator).
+const COLLECTIVE_TIMEOUT: Duration = Duration::from_secs(1800);
+
+/// This rank's membership in a supervised run; dropping it stops the heartbeat and removes the pid file.
+pub struct Membership {
+    done: Arc<AtomicBool>,
+    heartbeat: Option<std::thread::JoinHandle<()>>,
+    pid_file: Option<PathBuf>,
+}
+
+impl Drop for Membership {
+    fn drop(&mut self) {
+        self.done.store(true, Ordering::SeqCst);
+        if let Some(h) = self.heartbeat.take() {
+            let _ = h.join();
+        }
+        if let Some(p) = &self.pid_file {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+/// `Some` when this process was started by `radit run` (RADIT_COORDINATOR is set).
+pub fn join_run(
+    device: Device,
+    stop: Arc<AtomicBool>,
+) -> anyhow::Result<Option<(Box<dyn Collective>, Membership)>> {
+    let Ok(addr) = std::env::var(env::COORDINATOR) else {
+        return Ok(None);
+    };
+    let addr: SocketAddr = addr
+        .parse()
+        .with_context(|| format!("{}=`{addr}` is not IP:PORT", env::COORDINATOR))?;
+    let token_file = std::env::var(env::TOKEN_FILE)
+        .with_context(|| format!("{} is not set", env::TOKEN_FILE))?;
+    let token = JobToken::read(token_file.as_ref())
+        .with_context(|| format!("reading the job token from {token_file}"))?;
+    let grace = std::env::var(env::COORDINATOR_GRACE)
+        .ok()
+        .and_then(|v| v.parse::<f64>().ok())
+        .map_or(Duration::from_secs(60), Duration::from_secs_f64);
+    let client = CoordinatorClient::new(addr, token.clone()).with_timeout(Duration::from_secs(900));
+    let identity = radit_launch::rank_identity(|k| std::env::var(k).ok());
+    let by_mpi = mpi::launched_by_mpi();
+    // The interface that reaches the coordinator is the one peers reach us on.
+    let local_ip = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
+        .and_then(|s| s.local_addr())
+        .with_context(|| format!("reaching the coordinator at {addr}"))?
+        .ip();
+    let listener = if by_mpi {
+        None
+    } else {
+        Some(TcpListener::bind((local_ip, 0)).context("opening this rank's collective endpoint")?)
+    };
+    let endpoint = listener
+        .as_ref()
+        .and_then(|l| l.local_addr().ok())
+        .map(|a| a.to_string());
+    let reply = client
+        .join(&JoinRequest {
+            host: hostname(),
+            pid: std::process::id(),
+            rank: identity.map(|i| i.rank),
+            endpoint,
+        })
+        .context("joining the run at the coordinator")?;
+    let span = tracing::info_span!("rank", rank = reply.rank, generation = reply.generation);
+    let _enter = span.enter();
+    tracing::info!(world = reply.world, "joined");
+    let base: Box<dyn Collective> = match listener {
+        None => {
+            let m = mpi::MpiCollective::init()?;
+            anyhow::ensure!(
+                m.rank() == reply.rank && m.world() == reply.world,
+                "MPI says rank {} of {}, the coordinator {} of {}",
+                m.rank(),
+                m.world(),
+                reply.rank,
+                reply.world
+            );
+            Box::new(m)
+        }
+        Some(l) if reply.rank == 0 => Box::new(TcpCollective::hub(l, reply.world, COLLECTIVE_TIMEOUT)?),
+        Some(_) => {
+            let hub: SocketAddr = reply
+                .peers
+                .first()
+                .and_then(|p| p.parse().ok())
+                .context("the coordinator gave no endpoint for rank 0")?;
+            Box::new(TcpCollective::spoke(reply.rank, reply.world, hub, COLLECTIVE_TIMEOUT)?)
+        }
+    };
+    let comm = collective::for_device(base, device)?;
+
+    let pid_file = std::env::var(env::PID_DIR).ok().map(|d| {
+        let dir = PathBuf::from(d);
+        let _ = std::fs::create_dir_all(&dir);
+        dir.join(format!("rank-{}.pid", reply.rank))
+    });
+    if let Some(p) = &pid_file {
+        let _ = std::fs::write(p, std::process::id().to_string());
+    }
+    let done = Arc::new(AtomicBool::new(false));
+    let interval = Duration::from_millis(reply.heartbeat_interval_ms.max(50));
+    let (rank, generation) = (reply.rank, reply.generation);
+    let finished = done.clone();
+    let heartbeat = std::thread::Builder::new()
+        .name("heartbeat".into())
+        .spawn(move || {
+            let span = tracing::info_span!("heartbeat", rank, generation);
+            let _enter = span.enter();
+            let mut last_ok = Instant::now();
+            let mut reported = None;
+            let mut lost = false;
+            while !finished.load(Ordering::SeqCst) {
+                let beat = client.heartbeat(&Heartbeat {
+                    rank,
+                    generation,
+                    step: progress::step(),
+                    phase: Some(progress::phase().name().into()),
+                });
+                match beat {
+                    Ok(r) => {
+                        last_ok = Instant::now();
+                        if r.stop && !stop.swap(true, Ordering::SeqCst) {
+                            tracing::warn!("the coordinator asks the run to stop: checkpointing");
+                        }
+                        if rank == 0 && progress::checkpoint() != reported {
+                            if let Some(step) = progress::checkpoint() {
+                                let _ = client.report_checkpoint(step);
+                            }
+                            reported = progress::checkpoint();
+                        }
+                    }
+                    Err(e) => {
+                        // A newer generation means the supervisor gave up on this one: stop at once.
+                        let superseded = matches!(&e, ClientError::Refused { status: 409, .. });
+                        if !lost && (superseded || last_ok.elapsed() > grace) {
+                            lost = true;
+                            tracing::error!(error = %e, grace_s = grace.as_secs_f64(),
+                                "lost the coordinator: checkpointing and exiting with the requeue code");
+                            eprintln!("radit: lost the coordinator ({e}); checkpointing and exiting 75");
+                            stop.store(true, Ordering::SeqCst);
+                        }
+                    }
+                }
+                let until = Instant::now() + interval;
+                while Instant::now() < until && !finished.load(Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        })
+        .context("starting the heartbeat thread")?;
+    Ok(Some((
+        comm,
+        Membership {
+            done,
+            heartbeat: Some(heartbeat),
+            pid_file,
+        },
+    )))
+}

@@ -1,0 +1,162 @@
+//! `radit run JOB.toml`: one job spec, one command. Local and mpirun jobs are supervised here; Slurm jobs are
+//! rendered, submitted with sbatch and followed, and their batch step runs `radit run JOB --in-allocation`, which
+//! supervises srun tasks. A completed run draws samples from its final EMA weights.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
+
+use anyhow::Context;
+use clap::Args;
+use radit_launch::job::{Job, LauncherKind, RankDevice};
+use radit_launch::launcher::{Launcher, LocalLauncher, MpirunLauncher, SrunLauncher};
+use radit_launch::slurm::{self, REQUEUE_EXIT_CODE};
+use radit_launch::supervise::{Outcome, supervise};
+
+#[derive(Args)]
+pub struct RunArgs {
+    /// The job spec (TOML): data, model, training, checkpoint, resources, launcher, restart, monitoring.
+    job: PathBuf,
+    /// Print the resolved plan (ranks, data slices, launch command or sbatch script) and start nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Inside a Slurm allocation (the rendered batch script passes this): supervise srun tasks here.
+    #[arg(long, hide = true)]
+    in_allocation: bool,
+}
+
+impl RunArgs {
+    pub fn new(job: PathBuf) -> Self {
+        Self {
+            job,
+            dry_run: false,
+            in_allocation: false,
+        }
+    }
+}
+
+/// The run failed for good (restart budget spent): look at the logs in the run directory.
+const RUN_FAILED: u8 = 1;
+
+pub fn run(a: RunArgs) -> anyhow::Result<u8> {
+    let job = Job::load(&a.job)?;
+    let radit = std::env::current_exe().context("locating the radit binary")?;
+    if a.dry_run {
+        print!("{}", job.describe(&radit.display().to_string()));
+        return Ok(0);
+    }
+    let signal = Arc::new(AtomicUsize::new(0));
+    for s in [
+        signal_hook::consts::SIGUSR1,
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+    ] {
+        signal_hook::flag::register_usize(s, signal.clone(), s as usize)
+            .context("installing the signal handlers")?;
+    }
+    let launcher: Box<dyn Launcher> = match (job.spec.launcher.kind, a.in_allocation) {
+        (LauncherKind::Local, _) => Box::new(LocalLauncher),
+        (LauncherKind::Mpirun, _) => Box::new(MpirunLauncher {
+            extra_args: job.spec.launcher.mpirun_args.clone(),
+        }),
+        (LauncherKind::Slurm, true) => Box::new(SrunLauncher {
+            tasks_per_node: job.ranks_per_node,
+            gpus_per_task: u32::from(job.device == RankDevice::Cuda),
+        }),
+        (LauncherKind::Slurm, false) => return submit_and_follow(&job, &radit),
+    };
+    let outcome = supervise(&job, launcher.as_ref(), &radit, &signal)?;
+    match outcome {
+        Outcome::Completed { restarts } => {
+            eprintln!("radit: run complete after {restarts} restart(s)");
+            draw_samples(&job, &radit)?;
+            Ok(0)
+        }
+        Outcome::Requeue { .. } => Ok(REQUEUE_EXIT_CODE as u8),
+        Outcome::Failed { restarts, reason } => {
+            eprintln!(
+                "radit: the run failed after {restarts} restart(s): {reason}; logs in {}",
+                job.run_dir.join("logs").display()
+            );
+            Ok(RUN_FAILED)
+        }
+    }
+}
+
+/// Renders the sbatch script into the run directory, submits it and follows the job (through requeues).
+fn submit_and_follow(job: &Job, radit: &Path) -> anyhow::Result<u8> {
+    std::fs::create_dir_all(&job.run_dir)
+        .with_context(|| format!("creating {}", job.run_dir.display()))?;
+    let script = job.run_dir.join("job.sbatch");
+    std::fs::write(
+        &script,
+        slurm::render_sbatch(&job.slurm_job(&radit.display().to_string())),
+    )
+    .with_context(|| format!("writing {}", script.display()))?;
+    let id = slurm::submit(&script)?;
+    eprintln!(
+        "radit: submitted Slurm job {id} ({}); output in {}/slurm-{id}.out",
+        script.display(),
+        job.run_dir.display()
+    );
+    let poll = std::time::Duration::from_secs_f64(job.spec.launcher.slurm.poll_seconds);
+    let last = slurm::follow(id, poll, |s| {
+        eprintln!("radit: Slurm job {id}: {}", s.state);
+    })?;
+    let code = last.exit_code.unwrap_or(-1);
+    if last.state == "COMPLETED" && code == 0 {
+        eprintln!("radit: Slurm job {id} completed");
+        Ok(0)
+    } else {
+        eprintln!(
+            "radit: Slurm job {id} ended {} with exit code {code}; see {}/slurm-{id}.out",
+            last.state,
+            job.run_dir.display()
+        );
+        Ok(RUN_FAILED)
+    }
+}
+
+/// Exports the final EMA weights and samples `[samples] count` images with a contact sheet into the run directory.
+fn draw_samples(job: &Job, radit: &Path) -> anyhow::Result<()> {
+    let s = &job.spec;
+    let (Some(ckpt), true) = (&s.checkpoint, s.samples.count > 0) else {
+        return Ok(());
+    };
+    let weights = job.run_dir.join("final-ema.safetensors");
+    let out = job.run_dir.join("samples");
+    let run = |cmd: &mut Command, what: &str| -> anyhow::Result<()> {
+        let status = cmd
+            .status()
+            .with_context(|| format!("starting {what}"))?;
+        anyhow::ensure!(status.success(), "{what} failed ({status})");
+        Ok(())
+    };
+    run(
+        Command::new(radit)
+            .arg("export")
+            .arg(&ckpt.url)
+            .arg("--out")
+            .arg(&weights),
+        "radit export",
+    )?;
+    let device = match job.device {
+        RankDevice::Cpu => "cpu",
+        RankDevice::Cuda => "cuda",
+    };
+    run(
+        Command::new(radit)
+            .arg("sample")
+            .arg("--weights")
+            .arg(&weights)
+            .arg("--out")
+            .arg(&out)
+            .args(["-n", &s.samples.count.to_string()])
+            .args(["--solver", "euler", "--steps", &s.samples.steps.to_string()])
+            .args(["--device", device]),
+        "radit sample",
+    )?;
+    eprintln!("radit: samples and contact sheet in {}", out.display());
+    Ok(())
+}
