@@ -29,11 +29,14 @@ host=$(hostname -s)
 cpus=$(nproc)
 mem=$(awk '/MemTotal/{print int($2/1024) - 1024}' /proc/meminfo)
 mkdir -p "$dir/state" "$dir/spool" "$dir/log"
-cat >"$conf" <<CONF
+old=$(cat "$conf" 2>/dev/null || true)
+cat >"$conf.new" <<CONF
 ClusterName=radit-test
 SlurmctldHost=$host(127.0.0.1)
 SlurmUser=root
 AuthType=auth/munge
+# Also how long a requeued job waits before it may start again (default 120 s; the tests requeue).
+AuthInfo=cred_expire=10
 MpiDefault=none
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
@@ -53,6 +56,12 @@ SlurmdPort=6818
 NodeName=$host NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 CONF
+if [ "$old" != "$(cat "$conf.new")" ]; then
+  # A changed configuration: restart the daemons on it.
+  for d in slurmd slurmctld; do pkill -x "$d" 2>/dev/null || true; done
+  for _ in $(seq 1 50); do pgrep -x slurmctld >/dev/null || pgrep -x slurmd >/dev/null || break; sleep 0.2; done
+fi
+mv "$conf.new" "$conf"
 export SLURM_CONF="$conf"
 
 if ! pgrep -x munged >/dev/null; then

@@ -104,14 +104,21 @@ pub fn join_run(
             );
             Box::new(m)
         }
-        Some(l) if reply.rank == 0 => Box::new(TcpCollective::hub(l, reply.world, COLLECTIVE_TIMEOUT)?),
+        Some(l) if reply.rank == 0 => {
+            Box::new(TcpCollective::hub(l, reply.world, COLLECTIVE_TIMEOUT)?)
+        }
         Some(_) => {
             let hub: SocketAddr = reply
                 .peers
                 .first()
                 .and_then(|p| p.parse().ok())
                 .context("the coordinator gave no endpoint for rank 0")?;
-            Box::new(TcpCollective::spoke(reply.rank, reply.world, hub, COLLECTIVE_TIMEOUT)?)
+            Box::new(TcpCollective::spoke(
+                reply.rank,
+                reply.world,
+                hub,
+                COLLECTIVE_TIMEOUT,
+            )?)
         }
     };
     let comm = collective::for_device(base, device)?;

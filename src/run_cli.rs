@@ -127,9 +127,7 @@ fn draw_samples(job: &Job, radit: &Path) -> anyhow::Result<()> {
     let weights = job.run_dir.join("final-ema.safetensors");
     let out = job.run_dir.join("samples");
     let run = |cmd: &mut Command, what: &str| -> anyhow::Result<()> {
-        let status = cmd
-            .status()
-            .with_context(|| format!("starting {what}"))?;
+        let status = cmd.status().with_context(|| format!("starting {what}"))?;
         anyhow::ensure!(status.success(), "{what} failed ({status})");
         Ok(())
     };

@@ -243,7 +243,12 @@ impl Coordinator {
             let stalled = now.saturating_duration_since(inner.progress.1);
             if stalled > deadline {
                 let slowest = members.iter().map(|m| m.step).min().unwrap_or(0);
-                let behind = || members.iter().enumerate().filter(|(_, m)| m.step == slowest);
+                let behind = || {
+                    members
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, m)| m.step == slowest)
+                };
                 let (culprit, m) = behind()
                     .find(|(_, m)| m.phase != "collective")
                     .or_else(|| behind().next())
@@ -309,12 +314,37 @@ impl Coordinator {
             }
         };
         let one = |v: f64| vec![(String::new(), v)];
-        gauge("radit_world_size", "Ranks in the job.", "gauge", &one(self.cfg.world as f64));
-        gauge("radit_generation", "Launch generation (1 + restarts).", "gauge", &one(inner.generation as f64));
-        gauge("radit_ranks_joined", "Ranks joined in this generation.", "gauge", &one(inner.joined() as f64));
-        gauge("radit_step", "The slowest rank's finished step.", "gauge", &one(inner.progress.0 as f64));
+        gauge(
+            "radit_world_size",
+            "Ranks in the job.",
+            "gauge",
+            &one(self.cfg.world as f64),
+        );
+        gauge(
+            "radit_generation",
+            "Launch generation (1 + restarts).",
+            "gauge",
+            &one(inner.generation as f64),
+        );
+        gauge(
+            "radit_ranks_joined",
+            "Ranks joined in this generation.",
+            "gauge",
+            &one(inner.joined() as f64),
+        );
+        gauge(
+            "radit_step",
+            "The slowest rank's finished step.",
+            "gauge",
+            &one(inner.progress.0 as f64),
+        );
         if let Some(m) = inner.median_step_seconds() {
-            gauge("radit_step_seconds_median", "Median seconds per step.", "gauge", &one(m));
+            gauge(
+                "radit_step_seconds_median",
+                "Median seconds per step.",
+                "gauge",
+                &one(m),
+            );
         }
         gauge(
             "radit_checkpoint_step",
@@ -322,18 +352,36 @@ impl Coordinator {
             "gauge",
             &one(inner.checkpoints.last().map_or(-1.0, |s| *s as f64)),
         );
-        gauge("radit_hangs_detected_total", "Hangs detected.", "counter", &one(inner.hangs_detected as f64));
+        gauge(
+            "radit_hangs_detected_total",
+            "Hangs detected.",
+            "counter",
+            &one(inner.hangs_detected as f64),
+        );
         let per_rank = |f: &dyn Fn(&RankState) -> f64| -> Vec<(String, f64)> {
-            ranks.iter().map(|r| (format!("{{rank=\"{}\"}}", r.rank), f(r))).collect()
+            ranks
+                .iter()
+                .map(|r| (format!("{{rank=\"{}\"}}", r.rank), f(r)))
+                .collect()
         };
-        gauge("radit_rank_step", "Each rank's finished step.", "gauge", &per_rank(&|r| r.step as f64));
+        gauge(
+            "radit_rank_step",
+            "Each rank's finished step.",
+            "gauge",
+            &per_rank(&|r| r.step as f64),
+        );
         gauge(
             "radit_rank_heartbeat_age_seconds",
             "Seconds since each rank's last heartbeat.",
             "gauge",
             &per_rank(&|r| r.heartbeat_age_ms as f64 / 1000.0),
         );
-        gauge("radit_rank_alive", "1 while the rank heart-beats.", "gauge", &per_rank(&|r| f64::from(u8::from(r.alive))));
+        gauge(
+            "radit_rank_alive",
+            "1 while the rank heart-beats.",
+            "gauge",
+            &per_rank(&|r| f64::from(u8::from(r.alive))),
+        );
         let (dead, hung) = match &health {
             JobHealth::RankDead { rank, .. } => (Some(*rank), None),
             JobHealth::Hung { culprit, .. } => (None, Some(*culprit)),
@@ -455,7 +503,10 @@ async fn join(State(c): State<Arc<Coordinator>>, Json(req): Json<JoinRequest>) -
     }
     let inner = c.lock();
     if inner.generation != generation {
-        return reject(StatusCode::CONFLICT, "the job restarted while this rank was joining");
+        return reject(
+            StatusCode::CONFLICT,
+            "the job restarted while this rank was joining",
+        );
     }
     Json(JoinReply {
         rank,
@@ -497,11 +548,18 @@ async fn heartbeat(State(c): State<Arc<Coordinator>>, Json(hb): Json<Heartbeat>)
     }
     // The run's progress is its slowest rank's step; time how long each advance took.
     if inner.joined() == c.cfg.world {
-        let slowest = inner.members.iter().flatten().map(|m| m.step).min().unwrap_or(0);
+        let slowest = inner
+            .members
+            .iter()
+            .flatten()
+            .map(|m| m.step)
+            .min()
+            .unwrap_or(0);
         let (last, since) = inner.progress;
         if slowest > last {
             let now = Instant::now();
-            let per_step = now.saturating_duration_since(since).as_secs_f64() / (slowest - last) as f64;
+            let per_step =
+                now.saturating_duration_since(since).as_secs_f64() / (slowest - last) as f64;
             // The first advance includes start-up (loading, compiling): not a step time.
             if last > 0 {
                 inner.step_seconds.push_back(per_step);

@@ -333,8 +333,14 @@ fn a_hang_is_detected_from_the_median_step_time_and_the_culprit_named() {
         other => panic!("expected a hang, got {other:?}"),
     }
     let metrics = svc.coordinator.metrics();
-    assert!(metrics.contains("radit_rank_hung{rank=\"1\"} 1"), "{metrics}");
-    assert!(metrics.contains("radit_rank_hung{rank=\"0\"} 0"), "{metrics}");
+    assert!(
+        metrics.contains("radit_rank_hung{rank=\"1\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("radit_rank_hung{rank=\"0\"} 0"),
+        "{metrics}"
+    );
     assert!(metrics.contains("radit_step 10"), "{metrics}");
     // /metrics is behind the token too.
     let reply = svc.raw("GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");

@@ -268,6 +268,18 @@ fn default_sample_steps() -> usize {
     50
 }
 
+/// The training part of a job spec, as `radit train` reads it.
+fn train_config_of(s: &JobSpec) -> TrainConfig {
+    TrainConfig {
+        data: s.data.clone(),
+        model: s.model.clone(),
+        flow: s.flow,
+        engine: s.engine.clone(),
+        train: s.train.clone(),
+        checkpoint: s.checkpoint.clone(),
+    }
+}
+
 /// What the ranks run on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RankDevice {
@@ -344,14 +356,7 @@ impl Job {
                 format!("`{}`: use letters, digits, - _ .", spec.job.name),
             ));
         }
-        let train = TrainConfig {
-            data: spec.data.clone(),
-            model: spec.model.clone(),
-            flow: spec.flow.clone(),
-            engine: spec.engine.clone(),
-            train: spec.train.clone(),
-            checkpoint: spec.checkpoint.clone(),
-        };
+        let train = train_config_of(&spec);
         train
             .validate()
             .and_then(|_| train.validate_for_world(u64::from(world)))
@@ -373,21 +378,33 @@ impl Job {
             ("restart.heartbeat_seconds", p.heartbeat_seconds),
             ("restart.hang_factor", p.hang_factor),
             ("restart.hang_min_seconds", p.hang_min_seconds),
-            ("restart.coordinator_grace_seconds", p.coordinator_grace_seconds),
-            ("launcher.slurm.poll_seconds", spec.launcher.slurm.poll_seconds),
+            (
+                "restart.coordinator_grace_seconds",
+                p.coordinator_grace_seconds,
+            ),
+            (
+                "launcher.slurm.poll_seconds",
+                spec.launcher.slurm.poll_seconds,
+            ),
         ] {
             if !(v.is_finite() && v > 0.0) {
-                return Err(bad(field, format!("must be a positive number of seconds, got {v}")));
+                return Err(bad(
+                    field,
+                    format!("must be a positive number of seconds, got {v}"),
+                ));
             }
         }
         if p.missed_heartbeats == 0 {
             return Err(bad("restart.missed_heartbeats", "must be positive".into()));
         }
-        if !(spec.monitoring.progress_seconds >= 0.0) {
+        if spec.monitoring.progress_seconds.is_nan() || spec.monitoring.progress_seconds < 0.0 {
             return Err(bad("monitoring.progress_seconds", "must be >= 0".into()));
         }
         if spec.launcher.kind == LauncherKind::Local && r.nodes != 1 {
-            return Err(bad("resources.nodes", "the local launcher runs on one node".into()));
+            return Err(bad(
+                "resources.nodes",
+                "the local launcher runs on one node".into(),
+            ));
         }
         if spec.samples.count > 0 && spec.checkpoint.is_none() {
             return Err(bad(
@@ -417,15 +434,7 @@ impl Job {
 
     /// The train config every rank runs (written to `run_dir/train.toml`).
     pub fn train_config(&self) -> TrainConfig {
-        let s = &self.spec;
-        TrainConfig {
-            data: s.data.clone(),
-            model: s.model.clone(),
-            flow: s.flow.clone(),
-            engine: s.engine.clone(),
-            train: s.train.clone(),
-            checkpoint: s.checkpoint.clone(),
-        }
+        train_config_of(&self.spec)
     }
 
     pub fn train_config_path(&self) -> PathBuf {
@@ -473,10 +482,14 @@ impl Job {
             RankDevice::Cuda => self.ranks_per_node,
             RankDevice::Cpu => 0,
         };
-        job.cpus_per_task = s
-            .resources
-            .cpus_per_task
-            .unwrap_or(if self.device == RankDevice::Cpu { 1 } else { 72 });
+        job.cpus_per_task =
+            s.resources
+                .cpus_per_task
+                .unwrap_or(if self.device == RankDevice::Cpu {
+                    1
+                } else {
+                    72
+                });
         job.time_limit = s.launcher.slurm.time_limit.clone();
         job.partition = s.launcher.slurm.partition.clone();
         job.account = s.launcher.slurm.account.clone();
@@ -544,7 +557,10 @@ impl Job {
                 );
             }
             None => {
-                let _ = writeln!(o, "checkpoints: none (a stopped run starts again from scratch)");
+                let _ = writeln!(
+                    o,
+                    "checkpoints: none (a stopped run starts again from scratch)"
+                );
             }
         }
         let p = &s.restart;
@@ -577,7 +593,11 @@ impl Job {
                 );
             }
             LauncherKind::Slurm => {
-                let _ = writeln!(o, "  sbatch {}/job.sbatch, which is:", self.run_dir.display());
+                let _ = writeln!(
+                    o,
+                    "  sbatch {}/job.sbatch, which is:",
+                    self.run_dir.display()
+                );
                 o.push_str(&render_sbatch(&self.slurm_job(radit)));
             }
         }

@@ -49,7 +49,10 @@ impl std::fmt::Display for Ended {
 pub enum GroupState {
     Running,
     /// Process `index` (the rank, for launchers that start one process per rank) ended badly while others run.
-    Failed { index: usize, ended: Ended },
+    Failed {
+        index: usize,
+        ended: Ended,
+    },
     /// Every process has ended.
     Ended(Vec<Ended>),
 }
@@ -85,7 +88,11 @@ fn send(pid: u32, signal: i32) {
 }
 
 impl Processes {
-    fn spawn(cmds: Vec<Command>, log_dir: &std::path::Path, generation: u64) -> std::io::Result<Self> {
+    fn spawn(
+        cmds: Vec<Command>,
+        log_dir: &std::path::Path,
+        generation: u64,
+    ) -> std::io::Result<Self> {
         std::fs::create_dir_all(log_dir)?;
         let mut children = Vec::new();
         for (i, mut c) in cmds.into_iter().enumerate() {
@@ -93,9 +100,7 @@ impl Processes {
                 .create(true)
                 .append(true)
                 .open(log_dir.join(format!("gen-{generation}-process-{i}.log")))?;
-            c.stdin(Stdio::null())
-                .stdout(log.try_clone()?)
-                .stderr(log);
+            c.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
             match c.spawn() {
                 Ok(child) => children.push(child),
                 Err(e) => {
@@ -133,7 +138,9 @@ impl RankGroup for Processes {
             return Ok(GroupState::Failed { index, ended });
         }
         if self.ended.iter().all(Option::is_some) {
-            return Ok(GroupState::Ended(self.ended.iter().flatten().copied().collect()));
+            return Ok(GroupState::Ended(
+                self.ended.iter().flatten().copied().collect(),
+            ));
         }
         Ok(GroupState::Running)
     }

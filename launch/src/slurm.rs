@@ -61,7 +61,13 @@ pub struct SlurmJob {
 
 impl SlurmJob {
     /// Isambard-AI defaults: 4 GH200 per node, 72 cores per GPU, 24-hour jobs, warned 5 minutes before the end.
-    pub fn isambard(job_name: &str, nodes: u32, run_dir: &str, radit: &str, job_file: &str) -> Self {
+    pub fn isambard(
+        job_name: &str,
+        nodes: u32,
+        run_dir: &str,
+        radit: &str,
+        job_file: &str,
+    ) -> Self {
         Self {
             job_name: job_name.into(),
             nodes,
@@ -125,7 +131,9 @@ pub fn render_sbatch(job: &SlurmJob) -> String {
     line("");
     let mut env = BTreeMap::new();
     if job.gpus_per_node > 0 {
-        line("# NCCL over Slingshot (the settings of `module load brics/nccl`), then the job's own.");
+        line(
+            "# NCCL over Slingshot (the settings of `module load brics/nccl`), then the job's own.",
+        );
         env = slingshot_nccl_env();
     }
     env.extend(job.env.clone());
@@ -144,7 +152,9 @@ pub fn render_sbatch(job: &SlurmJob) -> String {
     line(
         "# tells every rank; the ranks' flags are combined at the next step boundary, every rank checkpoints at the",
     );
-    line(&format!("# same step and radit exits with {REQUEUE_EXIT_CODE}."));
+    line(&format!(
+        "# same step and radit exits with {REQUEUE_EXIT_CODE}."
+    ));
     line("forward() { kill -s \"$1\" \"$radit_pid\" 2>/dev/null; }");
     line("trap 'forward USR1' USR1");
     line("trap 'forward TERM' TERM");
@@ -313,26 +323,35 @@ mod tests {
     }
 
     #[test]
-    fn the_xl_script_matches_its_golden_file() {
-        let mut job = SlurmJob::isambard(
-            "radit-xl",
-            8,
-            "/scratch/radit/xl",
-            "/home/u/radit/bin/radit",
-            "/scratch/radit/xl/job.toml",
-        );
-        job.account = Some("brics.a5k".into());
-        job.env.insert("NCCL_DEBUG".into(), "WARN".into());
-        let text = render_sbatch(&job);
+    fn the_xl_job_spec_renders_its_golden_script() {
+        let example =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/radit-xl-job.toml");
+        let mut job = crate::job::Job::load(&example).unwrap();
+        // Paths as on the cluster, so the golden file does not depend on where this repository lives.
+        job.file = "/scratch/radit/xl/job.toml".into();
+        let text = render_sbatch(&job.slurm_job("/home/u/radit/bin/radit"));
         assert!(
             text.contains(
                 "#SBATCH --nodes=8\n#SBATCH --ntasks-per-node=4\n#SBATCH --gpus-per-node=4"
             )
         );
         assert!(text.contains("#SBATCH --signal=B:USR1@300"));
+        assert!(text.contains("#SBATCH --account=brics.a5k"));
         assert!(text.contains("export NCCL_NET='AWS Libfabric'"));
         assert!(text.contains("export FI_MR_CACHE_MONITOR=userfaultfd"));
+        assert!(text.contains("export NCCL_DEBUG=WARN"));
+        assert!(text.contains("radit run /scratch/radit/xl/job.toml --in-allocation &"));
         golden("sbatch-xl.sh", &text);
+    }
+
+    #[test]
+    fn a_cpu_job_asks_for_no_gpus_and_no_nccl_settings() {
+        let mut job = SlurmJob::isambard("cpu", 1, "/tmp/run", "/bin/radit", "/tmp/job.toml");
+        job.tasks_per_node = 2;
+        job.gpus_per_node = 0;
+        let text = render_sbatch(&job);
+        assert!(text.contains("#SBATCH --ntasks-per-node=2\n"));
+        assert!(!text.contains("--gpus-per-node") && !text.contains("NCCL_"));
     }
 
     #[test]

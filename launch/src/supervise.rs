@@ -188,8 +188,9 @@ pub fn supervise(
     ccfg.missed_heartbeats = spec.restart.missed_heartbeats;
     ccfg.hang_factor = spec.restart.hang_factor;
     ccfg.hang_min = Duration::from_secs_f64(spec.restart.hang_min_seconds);
-    let service = CoordinatorService::start(&spec.coordinator.bind, ccfg, token)
-        .map_err(|e| SuperviseError(format!("coordinator.bind `{}`: {e}", spec.coordinator.bind)))?;
+    let service = CoordinatorService::start(&spec.coordinator.bind, ccfg, token).map_err(|e| {
+        SuperviseError(format!("coordinator.bind `{}`: {e}", spec.coordinator.bind))
+    })?;
     let coordinator = service.coordinator.clone();
     tracing::info!(addr = %service.addr, world = job.world, launcher = launcher.name(), "coordinator up");
     std::fs::write(run_dir.join("coordinator.addr"), service.addr.to_string())
@@ -215,9 +216,9 @@ pub fn supervise(
             world: job.world,
             log_dir: run_dir.join("logs"),
         };
-        let mut group = launcher
-            .start(&cmd, generation)
-            .map_err(|e| SuperviseError(format!("starting the ranks with {}: {e}", launcher.name())))?;
+        let mut group = launcher.start(&cmd, generation).map_err(|e| {
+            SuperviseError(format!("starting the ranks with {}: {e}", launcher.name()))
+        })?;
         tracing::info!(generation, pids = ?group.pids(), "ranks started");
         eprintln!(
             "radit: generation {generation}: {} rank(s) started by {} (logs in {})",
@@ -232,14 +233,19 @@ pub fn supervise(
             std::thread::sleep(Duration::from_millis(100));
             let sig = signal.load(Ordering::SeqCst);
             if sig != 0 && !stop_sent {
-                tracing::warn!(signal = sig, "stop requested: every rank checkpoints at the same step");
+                tracing::warn!(
+                    signal = sig,
+                    "stop requested: every rank checkpoints at the same step"
+                );
                 eprintln!("radit: signal {sig}: asking every rank to checkpoint and stop");
                 coordinator.request_stop();
                 // USR1 reaches ranks through their launcher too, in case the coordinator is slow to be heard.
                 group.signal(libc::SIGUSR1);
                 stop_sent = true;
             }
-            let state = group.poll().map_err(|e| SuperviseError(format!("watching the ranks: {e}")))?;
+            let state = group
+                .poll()
+                .map_err(|e| SuperviseError(format!("watching the ranks: {e}")))?;
             match state {
                 GroupState::Running => {}
                 GroupState::Failed { index, ended } => {
@@ -280,7 +286,14 @@ pub fn supervise(
                     deadline_ms,
                 } => {
                     coordinator.record_hang();
-                    tracing::error!(culprit, phase, step, stalled_ms, deadline_ms, "hang detected");
+                    tracing::error!(
+                        culprit,
+                        phase,
+                        step,
+                        stalled_ms,
+                        deadline_ms,
+                        "hang detected"
+                    );
                     break format!(
                         "hang: no step finished for {stalled_ms} ms (deadline {deadline_ms} ms); culprit rank {culprit} \
                          is in `{phase}` after step {step} while the others wait for it"
@@ -300,7 +313,9 @@ pub fn supervise(
                     .last()
                     .map(|s| format!(", checkpoint {s}"))
                     .unwrap_or_default();
-                let rate = median.map(|m| format!(", {:.2} s/step", m)).unwrap_or_default();
+                let rate = median
+                    .map(|m| format!(", {:.2} s/step", m))
+                    .unwrap_or_default();
                 eprintln!(
                     "radit: step {step}/{total} ({:.0}%){rate}{eta}{ckpt} [generation {generation}, {:.0} s]",
                     100.0 * step as f64 / total.max(1) as f64,
@@ -320,7 +335,10 @@ pub fn supervise(
         if restarts >= spec.restart.max_restarts {
             return Ok(Outcome::Failed {
                 restarts,
-                reason: format!("{failure}; the restart budget ({}) is spent", spec.restart.max_restarts),
+                reason: format!(
+                    "{failure}; the restart budget ({}) is spent",
+                    spec.restart.max_restarts
+                ),
             });
         }
         restarts += 1;

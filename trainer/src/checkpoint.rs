@@ -151,13 +151,7 @@ pub struct Checkpointer {
 /// Fault injection for the tests: `RADIT_FAULT_CRASH_IN_CHECKPOINT=RANK:STEP` kills that rank while it writes
 /// the checkpoint of that step.
 fn crash_here(rank: usize, step: u64) -> bool {
-    std::env::var("RADIT_FAULT_CRASH_IN_CHECKPOINT")
-        .ok()
-        .and_then(|v| {
-            let (r, s) = v.split_once(':')?;
-            Some((r.trim().parse::<usize>().ok()?, s.trim().parse::<u64>().ok()?))
-        })
-        == Some((rank, step))
+    crate::progress::fault_at("RADIT_FAULT_CRASH_IN_CHECKPOINT") == Some((rank as u64, step))
 }
 
 impl Checkpointer {
@@ -194,7 +188,10 @@ impl Checkpointer {
                 if crash_here(rank, state_step) {
                     // Fault injection: leave half an object behind and die mid-write.
                     let _ = storage.put(&key, data.slice(..data.len() / 2));
-                    tracing::error!(step = state_step, "crashing mid-checkpoint (RADIT_FAULT_CRASH_IN_CHECKPOINT)");
+                    tracing::error!(
+                        step = state_step,
+                        "crashing mid-checkpoint (RADIT_FAULT_CRASH_IN_CHECKPOINT)"
+                    );
                     std::process::abort();
                 }
                 storage.put(&key, data).map_err(|e| format!("{e:#}"))?;

@@ -79,3 +79,16 @@ impl Drop for PhaseGuard {
         PHASE.store(self.0, Ordering::Relaxed);
     }
 }
+
+/// Fault injection for the tests: `VAR=RANK:STEP`. With `RADIT_FAULT_ONLY_GENERATION=G` the fault fires only in
+/// launch generation G (`RADIT_GENERATION`, set by `radit run`), so the relaunched ranks run clean.
+pub fn fault_at(var: &str) -> Option<(u64, u64)> {
+    let value = std::env::var(var).ok()?;
+    if let Ok(only) = std::env::var("RADIT_FAULT_ONLY_GENERATION")
+        && std::env::var("RADIT_GENERATION").ok().as_deref() != Some(only.trim())
+    {
+        return None;
+    }
+    let (r, s) = value.split_once(':')?;
+    Some((r.trim().parse().ok()?, s.trim().parse().ok()?))
+}

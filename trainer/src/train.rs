@@ -339,10 +339,7 @@ pub fn train(
     let mut window = (Instant::now(), 0u64, 0f64);
 
     // Fault injection for the tests: `RANK:STEP` makes that rank hang (sleep, heart-beating) in step STEP.
-    let hang_at: Option<(u64, u64)> = std::env::var("RADIT_FAULT_HANG").ok().and_then(|v| {
-        let (r, s) = v.split_once(':')?;
-        Some((r.trim().parse().ok()?, s.trim().parse().ok()?))
-    });
+    let hang_at = progress::fault_at("RADIT_FAULT_HANG");
     progress::set_step(step);
     while step < cfg.train.steps {
         progress::set_phase(Phase::Data);

@@ -34,21 +34,20 @@ export NCCL_NET_FORCE_FLUSH=0
 export NCCL_NET_GDR_LEVEL=PHB
 export NCCL_SOCKET_IFNAME=hsn
 export RADIT_RUN_DIR=/scratch/radit/xl
-# The first node hosts the rendezvous.
-RADIT_MASTER_HOST=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
-export RADIT_MASTER_HOST
+# This batch step runs on the first node: it hosts the coordinator and starts one srun task per rank,
+# restarting them from the last checkpoint when one fails.
 
-# Slurm warns only this batch shell (B:USR1); pass the warning, and a preemption's TERM, on to every rank.
-# Each rank sets a flag; the flags are combined at the next step boundary, every rank checkpoints at the
-# same step and exits with 75.
-forward() { kill -s "$1" "$srun_pid" 2>/dev/null; }
+# Slurm warns only this batch shell (B:USR1); pass the warning, and a preemption's TERM, on to radit, which
+# tells every rank; the ranks' flags are combined at the next step boundary, every rank checkpoints at the
+# same step and radit exits with 75.
+forward() { kill -s "$1" "$radit_pid" 2>/dev/null; }
 trap 'forward USR1' USR1
 trap 'forward TERM' TERM
-srun --kill-on-bad-exit=1 --cpu-bind=none /home/u/radit/bin/radit train --device cuda --config /scratch/radit/xl/run.toml &
-srun_pid=$!
-# `wait` returns early when a trapped signal arrives: keep waiting until srun itself has ended.
-while kill -0 "$srun_pid" 2>/dev/null; do wait "$srun_pid"; done
-wait "$srun_pid"; status=$?
+/home/u/radit/bin/radit run /scratch/radit/xl/job.toml --in-allocation &
+radit_pid=$!
+# `wait` returns early when a trapped signal arrives: keep waiting until radit itself has ended.
+while kill -0 "$radit_pid" 2>/dev/null; do wait "$radit_pid"; done
+wait "$radit_pid"; status=$?
 if [ "$status" -eq 75 ]; then
   echo "radit: checkpointed before the time limit; requeueing job $SLURM_JOB_ID"
   scontrol requeue "$SLURM_JOB_ID"

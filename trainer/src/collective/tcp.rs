@@ -32,7 +32,12 @@ pub struct TcpCollective {
     timeout: Duration,
 }
 
-fn io_failed(op: &'static str, peer: usize, timeout: Duration, e: std::io::Error) -> CollectiveError {
+fn io_failed(
+    op: &'static str,
+    peer: usize,
+    timeout: Duration,
+    e: std::io::Error,
+) -> CollectiveError {
     match e.kind() {
         std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => CollectiveError::Timeout {
             op,
@@ -70,7 +75,11 @@ fn read_frame(l: &mut Link) -> std::io::Result<(u8, Vec<u8>)> {
 
 impl TcpCollective {
     /// Rank 0: accepts the other `world - 1` ranks on `listener` (each says who it is first).
-    pub fn hub(listener: TcpListener, world: usize, timeout: Duration) -> Result<Self, CollectiveError> {
+    pub fn hub(
+        listener: TcpListener,
+        world: usize,
+        timeout: Duration,
+    ) -> Result<Self, CollectiveError> {
         let fail = |reason: String| CollectiveError::Backend {
             backend: "tcp",
             op: "connect",
@@ -95,13 +104,17 @@ impl TcpCollective {
                         .map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default()))
                         .collect();
                     match words[..] {
-                        [HELLO, r, w] if w as usize == world && (1..world).contains(&(r as usize)) => {
+                        [HELLO, r, w]
+                            if w as usize == world && (1..world).contains(&(r as usize)) =>
+                        {
                             if slots[r as usize - 1].replace(l).is_some() {
                                 return Err(fail(format!("rank {r} connected twice")));
                             }
                             missing -= 1;
                         }
-                        _ => tracing::warn!("ignoring a connection that is not a rank of this world"),
+                        _ => {
+                            tracing::warn!("ignoring a connection that is not a rank of this world")
+                        }
                     }
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
@@ -184,7 +197,10 @@ impl TcpCollective {
                 if got != code {
                     return Err(CollectiveError::Usage {
                         op,
-                        reason: format!("rank {} is in a different collective ({got} vs {code})", i + 1),
+                        reason: format!(
+                            "rank {} is in a different collective ({got} vs {code})",
+                            i + 1
+                        ),
                     });
                 }
                 all.push(bytes);
@@ -264,7 +280,9 @@ impl Collective for TcpCollective {
         let (kind, world) = (input.kind(), self.world as i64);
         let got = self.exchange("reduce_scatter", 3, to_bytes(input), |all| {
             let sum = sum_in_rank_order(&all, kind)?;
-            Ok((0..world).map(|r| to_bytes(&sum.narrow(0, r * n, n))).collect())
+            Ok((0..world)
+                .map(|r| to_bytes(&sum.narrow(0, r * n, n)))
+                .collect())
         })?;
         out.copy_(&from_bytes(&got, kind)?.to_device(out.device()));
         Ok(())
@@ -279,7 +297,11 @@ impl Collective for TcpCollective {
             });
         }
         let world = self.world;
-        let mine = if self.rank == root { to_bytes(t) } else { Vec::new() };
+        let mine = if self.rank == root {
+            to_bytes(t)
+        } else {
+            Vec::new()
+        };
         let got = self.exchange("broadcast", 4, mine, |mut all| {
             Ok(vec![std::mem::take(&mut all[root]); world])
         })?;
@@ -303,7 +325,9 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let timeout = Duration::from_secs(20);
         let spokes: Vec<_> = (1..world)
-            .map(|r| std::thread::spawn(move || TcpCollective::spoke(r, world, addr, timeout).unwrap()))
+            .map(|r| {
+                std::thread::spawn(move || TcpCollective::spoke(r, world, addr, timeout).unwrap())
+            })
             .collect();
         let mut all = vec![TcpCollective::hub(listener, world, timeout).unwrap()];
         all.extend(spokes.into_iter().map(|h| h.join().unwrap()));
@@ -315,7 +339,9 @@ mod tests {
         for world in 1..=4 {
             let handles: Vec<_> = group(world)
                 .into_iter()
-                .map(|c| std::thread::spawn(move || super::super::conformance::run(&c, Device::Cpu)))
+                .map(|c| {
+                    std::thread::spawn(move || super::super::conformance::run(&c, Device::Cpu))
+                })
                 .collect();
             for h in handles {
                 h.join().unwrap().unwrap();
@@ -340,7 +366,10 @@ mod tests {
             other => panic!("expected rank 2 to be named, got {other:?}"),
         }
         drop(hub);
-        assert!(matches!(h.join().unwrap(), Err(CollectiveError::RankFailed { rank: 0, .. })));
+        assert!(matches!(
+            h.join().unwrap(),
+            Err(CollectiveError::RankFailed { rank: 0, .. })
+        ));
 
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
@@ -348,6 +377,9 @@ mod tests {
         let spoke = std::thread::spawn(move || TcpCollective::spoke(1, 2, addr, short).unwrap());
         let hub = TcpCollective::hub(listener, 2, short).unwrap();
         let _silent = spoke.join().unwrap();
-        assert!(matches!(hub.barrier(), Err(CollectiveError::Timeout { .. })));
+        assert!(matches!(
+            hub.barrier(),
+            Err(CollectiveError::Timeout { .. })
+        ));
     }
 }

@@ -1,0 +1,481 @@
+//! `radit run` with CPU ranks on this machine, under real faults: a rank killed with SIGKILL at a random step, a
+//! SIGTERM to the run (checkpoint, requeue code, resume), a rank killed while it writes a checkpoint, a hung rank,
+//! and the coordinator (the `radit run` process) killed while the ranks run. Every faulted run must end with the
+//! same final weights, bit for bit, as an uninterrupted run. Also: the job spec's errors and `--dry-run`.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use common::{radit, run_ok, stderr, stdout};
+use radit_coordinator::{CoordinatorClient, JobToken};
+
+const STEPS: u64 = 60;
+
+/// A 16x16 store shared by every test of this file.
+fn store() -> &'static Path {
+    static STORE: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
+    &STORE
+        .get_or_init(|| {
+            let dir = tempfile::tempdir().unwrap();
+            let (table, images) = common::synth(&dir.path().join("synth"), 64, "40x48", &[]);
+            let out = dir.path().join("store");
+            let mut cmd = radit();
+            cmd.args(["shard", "--no-progress", "--table"])
+                .arg(&table)
+                .arg("--images")
+                .arg(&images)
+                .args(["--out", out.to_str().unwrap()])
+                .args(["--image-size", "16", "--shard-images", "8"]);
+            run_ok(&mut cmd);
+            (dir, out)
+        })
+        .1
+}
+
+/// A job spec for `dir` (run directory and checkpoints inside it); `extra` is appended (more sections).
+fn job(dir: &Path, launcher: &str, restart: &str, extra: &str) -> PathBuf {
+    let text = format!(
+        r#"
+[job]
+name = "faults"
+run_dir = "run"
+
+[data]
+url = "{store}"
+window_shards = 2
+
+[model]
+preset = "tiny"
+
+[engine]
+ema_decay = 0.9
+
+[engine.adam]
+lr = 0.002
+
+[train]
+steps = {STEPS}
+global_batch = 8
+seed = 3
+log_every = 5
+
+[checkpoint]
+url = "{ckpt}"
+every = 10
+keep = 3
+
+[resources]
+cpu_ranks = 2
+threads_per_rank = 1
+
+[launcher]
+kind = "{launcher}"
+mpirun_args = ["--allow-run-as-root", "--oversubscribe", "--bind-to", "none"]
+
+[restart]
+heartbeat_seconds = 0.2
+missed_heartbeats = 10
+{restart}
+
+[monitoring]
+progress_seconds = 1.0
+{extra}
+"#,
+        store = store().display(),
+        ckpt = dir.join("ckpt").display(),
+    );
+    let path = dir.join("job.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn run_cmd(job: &Path) -> Command {
+    let mut cmd = radit();
+    cmd.arg("run").arg(job).env("RUST_LOG", "info");
+    cmd
+}
+
+/// The final raw weights of the run whose checkpoints are in `dir/ckpt`, by name.
+fn final_weights(dir: &Path) -> Weights {
+    let out = dir.join("final.safetensors");
+    let mut cmd = radit();
+    cmd.arg("export")
+        .arg(dir.join("ckpt"))
+        .arg("--raw")
+        .arg("--out")
+        .arg(&out);
+    let o = run_ok(&mut cmd);
+    assert!(
+        stdout(&o).contains(&format!("of step {STEPS}")),
+        "{}",
+        stdout(&o)
+    );
+    radit_trainer::model::read_weights(&out)
+        .unwrap()
+        .tensors
+        .iter()
+        .map(|(name, t)| {
+            let values = Vec::<f32>::try_from(t.flatten(0, -1)).unwrap();
+            (name.clone(), values)
+        })
+        .collect()
+}
+
+type Weights = std::collections::BTreeMap<String, Vec<f32>>;
+
+/// The uninterrupted run's final weights (computed once).
+fn reference() -> &'static Weights {
+    static REF: OnceLock<(tempfile::TempDir, Weights)> = OnceLock::new();
+    &REF.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let o = run_ok(&mut run_cmd(&job(dir.path(), "local", "", "")));
+        assert!(
+            stderr(&o).contains("run complete after 0 restart(s)"),
+            "{}",
+            stderr(&o)
+        );
+        let w = final_weights(dir.path());
+        (dir, w)
+    })
+    .1
+}
+
+fn assert_same_weights(dir: &Path, what: &str) {
+    let (got, want) = (final_weights(dir), reference());
+    assert_eq!(got.len(), want.len());
+    for (name, w) in want {
+        // Bit for bit: the same steps on the same data in the same reduction order.
+        assert!(
+            got[name]
+                .iter()
+                .zip(w)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "{what}: {name} differs from the uninterrupted run's"
+        );
+    }
+}
+
+/// Talks to the run's coordinator (address and token from the run directory) once it is up.
+fn coordinator(dir: &Path) -> CoordinatorClient {
+    let run = dir.join("run");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let (Ok(addr), Ok(token)) = (
+            std::fs::read_to_string(run.join("coordinator.addr")),
+            JobToken::read(&run.join("job.token")),
+        ) {
+            return CoordinatorClient::new(addr.trim().parse().unwrap(), token);
+        }
+        assert!(Instant::now() < deadline, "the coordinator did not come up");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Waits until every rank has finished at least `step` (per the coordinator); returns the ranks' pids.
+fn wait_for_step(client: &CoordinatorClient, step: u64, child: &mut Child) -> Vec<u32> {
+    let deadline = Instant::now() + Duration::from_secs(240);
+    loop {
+        if let Ok(s) = client.status() {
+            let ranks = s["ranks"].as_array().cloned().unwrap_or_default();
+            if ranks.len() == 2 && ranks.iter().all(|r| r["step"].as_u64() >= Some(step)) {
+                return ranks
+                    .iter()
+                    .map(|r| r["pid"].as_u64().unwrap() as u32)
+                    .collect();
+            }
+        }
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "radit run ended before step {step}"
+        );
+        assert!(Instant::now() < deadline, "step {step} never came");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn spawn(cmd: &mut Command) -> Child {
+    cmd.stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn finish(child: Child) -> Output {
+    child.wait_with_output().unwrap()
+}
+
+fn kill(pid: u32, signal: i32) {
+    // SAFETY: kill(2) on a pid this test started (directly or through radit run).
+    assert_eq!(unsafe { libc::kill(pid as i32, signal) }, 0, "kill {pid}");
+}
+
+/// A pseudo-random number from the clock (printed, so a failure can be replayed).
+fn random_below(n: u64) -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos() as u64;
+    (nanos / 1000) % n
+}
+
+#[test]
+fn a_rank_killed_at_a_random_step_is_relaunched_and_the_run_ends_as_if_nothing_happened() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = job(dir.path(), "local", "", "");
+    let mut child = spawn(&mut run_cmd(&job));
+    let client = coordinator(dir.path());
+    let (rank, step) = (random_below(2) as usize, 5 + random_below(40));
+    eprintln!("killing rank {rank} with SIGKILL after step {step}");
+    let pids = wait_for_step(&client, step, &mut child);
+    kill(pids[rank], libc::SIGKILL);
+    let out = finish(child);
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("signal 9"), "{err}");
+    assert!(err.contains("run complete after 1 restart(s)"), "{err}");
+    assert_same_weights(dir.path(), "kill -9");
+}
+
+#[test]
+fn sigterm_checkpoints_every_rank_exits_with_the_requeue_code_and_the_next_run_resumes_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = job(dir.path(), "local", "", "");
+    let mut child = spawn(&mut run_cmd(&job));
+    let client = coordinator(dir.path());
+    wait_for_step(&client, 23, &mut child);
+    kill(child.id(), libc::SIGTERM);
+    let out = finish(child);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(75), "{err}");
+    assert!(err.contains("every rank checkpointed"), "{err}");
+    // The stop step (after 23) is checkpointed, not only the periodic 20: the next run resumes there.
+    let o = run_ok(&mut run_cmd(&job));
+    let logs = std::fs::read_to_string(dir.path().join("run/logs/gen-1-process-0.log")).unwrap();
+    let resumed: u64 = logs
+        .lines()
+        .filter_map(|l| l.split("\"resumed_from\":").nth(1))
+        .filter_map(|v| v.split([',', '}']).next()?.parse().ok())
+        .next_back()
+        .unwrap_or_else(|| panic!("no resume in {logs}"));
+    assert!(
+        resumed > 23,
+        "resumed from {resumed}, not from the stop step"
+    );
+    assert!(stderr(&o).contains("run complete"), "{}", stderr(&o));
+    assert_same_weights(dir.path(), "SIGTERM + requeue");
+}
+
+#[test]
+fn a_rank_killed_while_writing_a_checkpoint_falls_back_to_the_previous_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = job(dir.path(), "local", "", "");
+    let out = run_ok(
+        run_cmd(&job)
+            .env("RADIT_FAULT_CRASH_IN_CHECKPOINT", "1:30")
+            .env("RADIT_FAULT_ONLY_GENERATION", "1"),
+    );
+    let err = stderr(&out);
+    assert!(err.contains("run complete after 1 restart(s)"), "{err}");
+    let gen2 = std::fs::read_to_string(dir.path().join("run/logs/gen-2-process-0.log")).unwrap();
+    assert!(
+        gen2.contains("\"resumed_from\":20"),
+        "the torn step-30 checkpoint must be skipped: {gen2}"
+    );
+    assert_same_weights(dir.path(), "crash mid-checkpoint");
+}
+
+#[test]
+fn a_hung_rank_is_named_and_the_run_is_relaunched() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = job(
+        dir.path(),
+        "local",
+        "hang_factor = 5.0\nhang_min_seconds = 2.0",
+        "",
+    );
+    let out = run_ok(
+        run_cmd(&job)
+            .env("RADIT_FAULT_HANG", "1:25")
+            .env("RADIT_FAULT_ONLY_GENERATION", "1"),
+    );
+    let err = stderr(&out);
+    assert!(
+        err.contains("culprit rank 1 is in `compute` after step 24"),
+        "{err}"
+    );
+    assert!(err.contains("run complete after 1 restart(s)"), "{err}");
+    assert_same_weights(dir.path(), "hang");
+}
+
+#[test]
+fn the_coordinator_killed_mid_run_ranks_checkpoint_and_a_restarted_run_completes() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = job(dir.path(), "local", "coordinator_grace_seconds = 0.5", "");
+    let mut child = spawn(&mut run_cmd(&job));
+    let client = coordinator(dir.path());
+    let pids = wait_for_step(&client, 8, &mut child);
+    // The coordinator lives in `radit run`: kill it without warning, then restart it at once. The orphaned ranks
+    // keep training, notice the silence after the grace period, checkpoint at a common step and exit 75; the new
+    // supervisor waits for them before it launches anything.
+    kill(child.id(), libc::SIGKILL);
+    let _ = finish(child);
+    let out = run_ok(&mut run_cmd(&job));
+    let err = stderr(&out);
+    assert!(err.contains("run complete after 0 restart(s)"), "{err}");
+    for pid in pids {
+        // Gone, or a zombie nobody reaps (its parent was the killed supervisor).
+        let state = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        assert!(
+            state.is_empty() || state.contains("State:\tZ"),
+            "orphan rank {pid} still runs: {state}"
+        );
+    }
+    let orphan_log =
+        std::fs::read_to_string(dir.path().join("run/logs/gen-1-process-0.log")).unwrap();
+    assert!(orphan_log.contains("lost the coordinator"), "{orphan_log}");
+    assert!(
+        orphan_log.contains("\"stopped_for_requeue\":true"),
+        "{orphan_log}"
+    );
+    assert_same_weights(dir.path(), "coordinator killed");
+}
+
+#[test]
+fn the_mpirun_launcher_runs_the_job_and_restarts_after_a_killed_rank() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = job(dir.path(), "mpirun", "", "");
+    let mut child = spawn(&mut run_cmd(&job));
+    let client = coordinator(dir.path());
+    let pids = wait_for_step(&client, 12, &mut child);
+    kill(pids[1], libc::SIGKILL);
+    let out = finish(child);
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("run complete after 1 restart(s)"), "{err}");
+    // MPI sums in its own order, so only the step is compared here, not the bits.
+    final_weights(dir.path());
+}
+
+#[test]
+fn job_spec_errors_name_the_field_and_dry_run_prints_the_plan_without_starting_anything() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = job(dir.path(), "local", "", "");
+    let text = std::fs::read_to_string(&good).unwrap();
+    let cases = [
+        (
+            text.replace("cpu_ranks = 2", "cpu_ranks = 2\ncpu_rank = 2"),
+            "cpu_rank",
+        ),
+        (
+            text.replace("cpu_ranks = 2", "cpu_ranks = 3"),
+            "train.global_batch",
+        ),
+        (text.replace("kind = \"local\"", "kind = \"pbs\""), "pbs"),
+        (
+            text.replace("heartbeat_seconds = 0.2", "heartbeat_seconds = -1"),
+            "restart.heartbeat_seconds",
+        ),
+        (
+            text.replace("name = \"faults\"", "name = \"a b\""),
+            "job.name",
+        ),
+    ];
+    for (bad, field) in cases {
+        let path = dir.path().join("bad.toml");
+        std::fs::write(&path, bad).unwrap();
+        let out = radit()
+            .arg("run")
+            .arg(&path)
+            .arg("--dry-run")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2));
+        let err = stderr(&out);
+        assert!(
+            err.contains("bad.toml") && err.contains(field),
+            "{field}: {err}"
+        );
+    }
+    let out = run_ok(radit().arg("run").arg(&good).arg("--dry-run"));
+    let plan = stdout(&out);
+    for want in [
+        "ranks: 2 = 1 node(s) x 2 CPU rank(s)",
+        "rank 1: batch positions 4..7",
+        "RADIT_RANK=1 RADIT_WORLD=2",
+        "train --config",
+        "restarts: up to 3",
+    ] {
+        assert!(plan.contains(want), "{want}: {plan}");
+    }
+    assert!(
+        !dir.path().join("run").exists(),
+        "--dry-run started something"
+    );
+    // A Slurm job's plan includes the sbatch script.
+    let slurm = text.replace("kind = \"local\"", "kind = \"slurm\"");
+    std::fs::write(&good, slurm).unwrap();
+    let plan = stdout(&run_ok(radit().arg("run").arg(&good).arg("--dry-run")));
+    assert!(plan.contains("#SBATCH --ntasks-per-node=2"), "{plan}");
+    assert!(plan.contains("--in-allocation"), "{plan}");
+    assert!(!plan.contains("--gpus-per-node"), "{plan}");
+}
+
+/// Starts the single-host Slurm of scripts/slurm-local.sh (installing it if needed); returns SLURM_CONF.
+fn local_slurm() -> String {
+    let out = run_ok(Command::new(common::repo().join("scripts/slurm-local.sh")).arg("start"));
+    stdout(&out)
+        .lines()
+        .find_map(|l| l.strip_prefix("export SLURM_CONF="))
+        .expect("slurm-local.sh prints SLURM_CONF")
+        .to_string()
+}
+
+#[test]
+fn a_slurm_job_is_submitted_warned_before_its_time_limit_requeued_and_completed_exactly() {
+    let conf = local_slurm();
+    let dir = tempfile::tempdir().unwrap();
+    let job = job(
+        dir.path(),
+        "slurm",
+        "",
+        "[launcher.slurm]\ntime_limit = \"00:10:00\"\npoll_seconds = 0.5\n",
+    );
+    let text = std::fs::read_to_string(&job)
+        .unwrap()
+        .replace("name = \"faults\"", "name = \"radit-requeue-test\"");
+    std::fs::write(&job, text).unwrap();
+    let mut child = spawn(run_cmd(&job).env("SLURM_CONF", &conf));
+    let client = coordinator(dir.path());
+    wait_for_step(&client, 17, &mut child);
+    // What Slurm does at `--signal=B:USR1@N`: USR1 to the batch shell only.
+    let id = stdout(&run_ok(
+        Command::new("squeue").env("SLURM_CONF", &conf).args([
+            "-h",
+            "-n",
+            "radit-requeue-test",
+            "-o",
+            "%i",
+        ]),
+    ));
+    run_ok(Command::new("scancel").env("SLURM_CONF", &conf).args([
+        "--signal=USR1",
+        "--batch",
+        id.trim(),
+    ]));
+    let out = finish(child);
+    let err = stderr(&out);
+    let slurm_out =
+        std::fs::read_to_string(dir.path().join(format!("run/slurm-{}.out", id.trim())))
+            .unwrap_or_default();
+    assert!(out.status.success(), "{err}\n{slurm_out}");
+    assert!(
+        slurm_out.contains("requeueing job"),
+        "the batch script did not requeue: {slurm_out}"
+    );
+    assert!(err.contains("COMPLETED"), "{err}");
+    assert_same_weights(dir.path(), "Slurm requeue");
+}
