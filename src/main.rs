@@ -67,6 +67,9 @@ enum Command {
     Sample(model_cli::SampleArgs),
     /// Run a job spec end to end: coordinator, ranks (local, mpirun or Slurm), restarts, requeue, samples.
     Run(run_cli::RunArgs),
+    /// The coordinator on its own: a scale benchmark with simulated ranks.
+    #[command(subcommand)]
+    Coordinator(run_cli::CoordinatorCommand),
     /// Train RadiT on a Zarr store: one rank here, or many under mpirun/srun (--config run.toml).
     Train(train_cli::TrainArgs),
     /// Write the newest checkpoint's EMA (or raw) weights as one safetensors file PyTorch can load.
@@ -272,6 +275,7 @@ fn main() -> ExitCode {
         Command::Model(c) => model_cli::run_model(c),
         Command::Sample(a) => model_cli::run_sample(a),
         Command::Run(a) => run_cli::run(a),
+        Command::Coordinator(c) => run_cli::run_coordinator(c),
         Command::Train(a) => train_cli::run_train(a),
         Command::Export(a) => train_cli::run_export(a),
         Command::Engine(c) => train_cli::run_engine(c),

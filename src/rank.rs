@@ -91,38 +91,6 @@ pub fn join_run(
     let span = tracing::info_span!("rank", rank = reply.rank, generation = reply.generation);
     let _enter = span.enter();
     tracing::info!(world = reply.world, "joined");
-    let base: Box<dyn Collective> = match listener {
-        None => {
-            let m = mpi::MpiCollective::init()?;
-            anyhow::ensure!(
-                m.rank() == reply.rank && m.world() == reply.world,
-                "MPI says rank {} of {}, the coordinator {} of {}",
-                m.rank(),
-                m.world(),
-                reply.rank,
-                reply.world
-            );
-            Box::new(m)
-        }
-        Some(l) if reply.rank == 0 => {
-            Box::new(TcpCollective::hub(l, reply.world, COLLECTIVE_TIMEOUT)?)
-        }
-        Some(_) => {
-            let hub: SocketAddr = reply
-                .peers
-                .first()
-                .and_then(|p| p.parse().ok())
-                .context("the coordinator gave no endpoint for rank 0")?;
-            Box::new(TcpCollective::spoke(
-                reply.rank,
-                reply.world,
-                hub,
-                COLLECTIVE_TIMEOUT,
-            )?)
-        }
-    };
-    let comm = collective::for_device(base, device)?;
-
     let pid_file = std::env::var(env::PID_DIR).ok().map(|d| {
         let dir = PathBuf::from(d);
         let _ = std::fs::create_dir_all(&dir);
@@ -182,12 +150,44 @@ pub fn join_run(
             }
         })
         .context("starting the heartbeat thread")?;
-    Ok(Some((
-        comm,
-        Membership {
-            done,
-            heartbeat: Some(heartbeat),
-            pid_file,
-        },
-    )))
+    // The group is built after the heartbeat starts: NCCL's set-up on thousands of ranks takes a while. If it
+    // fails, dropping the membership stops the heartbeat.
+    let membership = Membership {
+        done,
+        heartbeat: Some(heartbeat),
+        pid_file,
+    };
+    let base: Box<dyn Collective> = match listener {
+        None => {
+            let m = mpi::MpiCollective::init()?;
+            anyhow::ensure!(
+                m.rank() == reply.rank && m.world() == reply.world,
+                "MPI says rank {} of {}, the coordinator {} of {}",
+                m.rank(),
+                m.world(),
+                reply.rank,
+                reply.world
+            );
+            Box::new(m)
+        }
+        Some(l) if reply.rank == 0 => {
+            Box::new(TcpCollective::hub(l, reply.world, COLLECTIVE_TIMEOUT)?)
+        }
+        Some(_) => {
+            let hub: SocketAddr = reply
+                .peers
+                .first()
+                .and_then(|p| p.parse().ok())
+                .context("the coordinator gave no endpoint for rank 0")?;
+            Box::new(TcpCollective::spoke(
+                reply.rank,
+                reply.world,
+                hub,
+                COLLECTIVE_TIMEOUT,
+            )?)
+        }
+    };
+    let comm = collective::for_device(base, device)?;
+
+    Ok(Some((comm, membership)))
 }

@@ -158,3 +158,64 @@ fn draw_samples(job: &Job, radit: &Path) -> anyhow::Result<()> {
     eprintln!("radit: samples and contact sheet in {}", out.display());
     Ok(())
 }
+
+#[derive(clap::Subcommand)]
+pub enum CoordinatorCommand {
+    /// Scale by simulation: N simulated ranks join one coordinator on loopback and heartbeat it.
+    Bench(CoordinatorBenchArgs),
+}
+
+#[derive(Args)]
+pub struct CoordinatorBenchArgs {
+    #[arg(long, default_value_t = 4096)]
+    ranks: usize,
+    /// Heartbeats per second per rank.
+    #[arg(long, default_value_t = 1.0)]
+    hz: f64,
+    /// Length of the heartbeat phase.
+    #[arg(long, default_value_t = 30.0)]
+    seconds: f64,
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run_coordinator(c: CoordinatorCommand) -> anyhow::Result<u8> {
+    let CoordinatorCommand::Bench(a) = c;
+    anyhow::ensure!(a.ranks > 0, "--ranks must be positive");
+    anyhow::ensure!(
+        a.hz > 0.0 && a.seconds > 0.0,
+        "--hz and --seconds must be positive"
+    );
+    let r = radit_coordinator::simulate::simulate(&radit_coordinator::simulate::SimConfig {
+        ranks: a.ranks,
+        heartbeat_hz: a.hz,
+        seconds: a.seconds,
+    })?;
+    if a.json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        println!(
+            "{} simulated ranks: joined in {:.2} s (coordinator CPU {:.2} s)",
+            r.ranks, r.join_seconds, r.join_coordinator_cpu_seconds
+        );
+        println!(
+            "heartbeats at {} Hz for {:.1} s: {} answered, {} failed; latency p50 {:.2} ms, p99 {:.2} ms, max {:.1} ms",
+            r.heartbeat_hz,
+            r.heartbeat_seconds,
+            r.heartbeats,
+            r.failed_requests,
+            r.heartbeat_p50_ms,
+            r.heartbeat_p99_ms,
+            r.heartbeat_max_ms
+        );
+        println!(
+            "coordinator CPU while heart-beating: {:.1} % of one core; {} health checks, {} false alarms",
+            r.coordinator_cpu_percent, r.health_checks, r.false_alarms
+        );
+    }
+    Ok(if r.failed_requests == 0 && r.false_alarms == 0 {
+        0
+    } else {
+        1
+    })
+}

@@ -1,7 +1,10 @@
-//! The ranks' side: a small blocking HTTP/1.1 client (ranks call it between steps; no async runtime needed).
+//! The ranks' side: a small blocking HTTP/1.1 client (ranks call it between steps; no async runtime needed). It keeps
+//! its connection open between calls: thousands of ranks heart-beating over fresh connections would leave tens of
+//! thousands of sockets in TIME_WAIT on the coordinator's node.
 
-use std::io::{Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use serde::Serialize;
@@ -31,11 +34,24 @@ pub enum ClientError {
 }
 
 /// A rank's connection details for its job's coordinator.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct CoordinatorClient {
     addr: SocketAddr,
     token: JobToken,
     timeout: Duration,
+    /// The open connection, reused by the next call (each clone opens its own).
+    conn: Mutex<Option<BufReader<TcpStream>>>,
+}
+
+impl Clone for CoordinatorClient {
+    fn clone(&self) -> Self {
+        Self {
+            addr: self.addr,
+            token: self.token.clone(),
+            timeout: self.timeout,
+            conn: Mutex::new(None),
+        }
+    }
 }
 
 impl CoordinatorClient {
@@ -44,6 +60,7 @@ impl CoordinatorClient {
             addr,
             token,
             timeout: Duration::from_secs(30),
+            conn: Mutex::new(None),
         }
     }
 
@@ -93,10 +110,6 @@ impl CoordinatorClient {
         path: &str,
         body: Option<&B>,
     ) -> Result<Option<R>, ClientError> {
-        let unreachable = |source| ClientError::Unreachable {
-            addr: self.addr,
-            source,
-        };
         let bad = |reason: String| ClientError::BadReply {
             path: path.into(),
             reason,
@@ -105,45 +118,117 @@ impl CoordinatorClient {
             Some(b) => serde_json::to_vec(b).map_err(|e| bad(e.to_string()))?,
             None => Vec::new(),
         };
-        let mut stream =
-            TcpStream::connect_timeout(&self.addr, Duration::from_secs(10)).map_err(unreachable)?;
-        stream
-            .set_read_timeout(Some(self.timeout))
-            .map_err(unreachable)?;
-        let head = format!(
+        let mut request = format!(
             "{method} {path} HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\n\
-             Content-Length: {}\r\nConnection: close\r\n\r\n",
+             Content-Length: {}\r\n\r\n",
             self.addr,
             self.token.secret(),
             payload.len()
-        );
-        stream.write_all(head.as_bytes()).map_err(unreachable)?;
-        stream.write_all(&payload).map_err(unreachable)?;
-        let mut reply = Vec::new();
-        stream.read_to_end(&mut reply).map_err(unreachable)?;
-        let split = reply
-            .windows(4)
-            .position(|w| w == b"\r\n\r\n")
-            .ok_or_else(|| bad("no end of headers".into()))?;
-        let head = String::from_utf8_lossy(&reply[..split]);
-        let status: u16 = head
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| bad(format!("bad status line in {head:?}")))?;
-        let body = &reply[split + 4..];
+        )
+        .into_bytes();
+        request.extend_from_slice(&payload);
+        let mut conn = self.conn.lock().unwrap_or_else(|e| e.into_inner());
+        // A kept connection may have been closed by the server meanwhile: then retry once on a fresh one.
+        let reused = conn.is_some();
+        let (status, reply) = match self.exchange(&mut conn, &request) {
+            Ok(r) => r,
+            Err(_) if reused => {
+                *conn = None;
+                self.exchange(&mut conn, &request)
+                    .map_err(|source| ClientError::Unreachable {
+                        addr: self.addr,
+                        source,
+                    })?
+            }
+            Err(source) => {
+                return Err(ClientError::Unreachable {
+                    addr: self.addr,
+                    source,
+                });
+            }
+        };
         if !(200..300).contains(&status) {
             return Err(ClientError::Refused {
                 path: path.into(),
                 status,
-                body: String::from_utf8_lossy(body).into_owned(),
+                body: String::from_utf8_lossy(&reply).into_owned(),
             });
         }
-        if body.is_empty() {
+        if reply.is_empty() {
             return Ok(None);
         }
-        serde_json::from_slice(body)
+        serde_json::from_slice(&reply)
             .map(Some)
             .map_err(|e| bad(e.to_string()))
+    }
+
+    /// Sends one request on the kept connection (opening it if needed) and reads one reply; any failure drops
+    /// the connection.
+    fn exchange(
+        &self,
+        conn: &mut Option<BufReader<TcpStream>>,
+        request: &[u8],
+    ) -> std::io::Result<(u16, Vec<u8>)> {
+        if conn.is_none() {
+            let stream = TcpStream::connect_timeout(&self.addr, Duration::from_secs(10))?;
+            stream.set_nodelay(true)?;
+            *conn = Some(BufReader::new(stream));
+        }
+        let result = (|| {
+            let r = conn
+                .as_mut()
+                .ok_or_else(|| std::io::Error::other("no connection"))?;
+            r.get_ref().set_read_timeout(Some(self.timeout))?;
+            r.get_mut().write_all(request)?;
+            let invalid = |what: String| std::io::Error::new(std::io::ErrorKind::InvalidData, what);
+            let mut line = String::new();
+            if r.read_line(&mut line)? == 0 {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "the coordinator closed the connection",
+                ));
+            }
+            let status: u16 = line
+                .split_whitespace()
+                .nth(1)
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| invalid(format!("bad status line {line:?}")))?;
+            let (mut length, mut close) = (0usize, false);
+            loop {
+                line.clear();
+                if r.read_line(&mut line)? == 0 {
+                    return Err(invalid("the headers did not end".into()));
+                }
+                let header = line.trim_end();
+                if header.is_empty() {
+                    break;
+                }
+                if let Some((name, value)) = header.split_once(':') {
+                    let value = value.trim();
+                    if name.eq_ignore_ascii_case("content-length") {
+                        length = value
+                            .parse()
+                            .map_err(|_| invalid(format!("bad Content-Length {value:?}")))?;
+                    } else if name.eq_ignore_ascii_case("connection") {
+                        close = value.eq_ignore_ascii_case("close");
+                    }
+                }
+            }
+            let mut body = vec![0u8; length];
+            r.read_exact(&mut body)?;
+            Ok((status, body, close))
+        })();
+        match result {
+            Ok((status, body, close)) => {
+                if close {
+                    *conn = None;
+                }
+                Ok((status, body))
+            }
+            Err(e) => {
+                *conn = None;
+                Err(e)
+            }
+        }
     }
 }

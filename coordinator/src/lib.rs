@@ -22,6 +22,8 @@
 
 mod client;
 mod server;
+pub mod service;
+pub mod simulate;
 mod token;
 
 pub use client::{ClientError, CoordinatorClient};
@@ -29,4 +31,5 @@ pub use server::{
     Coordinator, CoordinatorConfig, Heartbeat, HeartbeatReply, JobHealth, JoinReply, JoinRequest,
     RankState, serve,
 };
+pub use service::Service;
 pub use token::JobToken;

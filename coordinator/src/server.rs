@@ -484,11 +484,16 @@ async fn join(State(c): State<Arc<Coordinator>>, Json(req): Json<JoinRequest>) -
                 m.last_seen = now;
             }
             inner.progress = (0, now);
+            tracing::info!(
+                world,
+                generation = inner.generation,
+                "every rank has joined"
+            );
             c.formed.send_replace(Some(inner.generation));
         }
         (rank, inner.generation)
     };
-    tracing::info!(rank, generation, "rank joined");
+    tracing::debug!(rank, generation, "rank joined");
     let mut formed = c.formed.subscribe();
     let mut closing = c.closing.subscribe();
     tokio::select! {
@@ -501,12 +506,17 @@ async fn join(State(c): State<Arc<Coordinator>>, Json(req): Json<JoinRequest>) -
             return reject(StatusCode::SERVICE_UNAVAILABLE, "the coordinator is shutting down");
         }
     }
-    let inner = c.lock();
+    let mut inner = c.lock();
     if inner.generation != generation {
         return reject(
             StatusCode::CONFLICT,
             "the job restarted while this rank was joining",
         );
+    }
+    // This rank's heartbeat clock starts now, when it learns the world (with thousands of ranks the last replies
+    // leave a while after the world formed).
+    if let Some(m) = inner.members[rank].as_mut() {
+        m.last_seen = Instant::now();
     }
     Json(JoinReply {
         rank,

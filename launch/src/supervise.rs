@@ -3,12 +3,10 @@
 //! checkpoint when one fails or hangs, within the restart budget. SIGUSR1/SIGTERM become a checkpoint at a common
 //! step and the requeue exit code.
 
-use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use radit_coordinator::{Coordinator, CoordinatorConfig, JobHealth, JobToken};
+use radit_coordinator::{CoordinatorConfig, JobHealth, JobToken, Service};
 
 use crate::job::Job;
 use crate::launcher::{Ended, GroupState, Launcher, RankCommand};
@@ -36,81 +34,6 @@ pub mod env {
     pub const COORDINATOR_GRACE: &str = "RADIT_COORDINATOR_GRACE_SECONDS";
     /// Where ranks keep their pid files, so a restarted supervisor can wait for orphans of a killed one.
     pub const PID_DIR: &str = "RADIT_PID_DIR";
-}
-
-/// A running coordinator service on its own runtime thread.
-pub struct CoordinatorService {
-    pub addr: SocketAddr,
-    pub coordinator: Arc<Coordinator>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<std::io::Result<()>>>,
-}
-
-impl CoordinatorService {
-    /// Binds `bind` (`IP:PORT`, or `hostname:PORT` for this machine's name) and serves until dropped.
-    pub fn start(bind: &str, cfg: CoordinatorConfig, token: JobToken) -> std::io::Result<Self> {
-        let addr = resolve_bind(bind)?;
-        let coordinator = Coordinator::new(cfg, token);
-        let listener = std::net::TcpListener::bind(addr)?;
-        listener.set_nonblocking(true)?;
-        let addr = listener.local_addr()?;
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let c = coordinator.clone();
-        let thread = std::thread::Builder::new()
-            .name("coordinator".into())
-            .spawn(move || {
-                let rt = tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(2)
-                    .enable_all()
-                    .build()?;
-                rt.block_on(async move {
-                    let listener = tokio::net::TcpListener::from_std(listener)?;
-                    radit_coordinator::serve(listener, c, async move {
-                        let _ = rx.await;
-                    })
-                    .await
-                })
-            })?;
-        Ok(Self {
-            addr,
-            coordinator,
-            stop: Some(tx),
-            thread: Some(thread),
-        })
-    }
-}
-
-impl Drop for CoordinatorService {
-    fn drop(&mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-fn resolve_bind(bind: &str) -> std::io::Result<SocketAddr> {
-    use std::net::ToSocketAddrs;
-    let resolved = match bind.strip_prefix("hostname:") {
-        Some(port) => {
-            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-                .map(|h| h.trim().to_string())
-                .unwrap_or_else(|_| "localhost".into());
-            format!("{host}:{port}")
-        }
-        None => bind.to_string(),
-    };
-    resolved
-        .to_socket_addrs()?
-        .find(SocketAddr::is_ipv4)
-        .ok_or_else(|| {
-            std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                format!("coordinator.bind `{bind}` resolves to no IPv4 address"),
-            )
-        })
 }
 
 /// Waits for rank processes that a killed supervisor left behind (they checkpoint and exit once they notice the
@@ -188,7 +111,7 @@ pub fn supervise(
     ccfg.missed_heartbeats = spec.restart.missed_heartbeats;
     ccfg.hang_factor = spec.restart.hang_factor;
     ccfg.hang_min = Duration::from_secs_f64(spec.restart.hang_min_seconds);
-    let service = CoordinatorService::start(&spec.coordinator.bind, ccfg, token).map_err(|e| {
+    let service = Service::start(&spec.coordinator.bind, ccfg, token).map_err(|e| {
         SuperviseError(format!("coordinator.bind `{}`: {e}", spec.coordinator.bind))
     })?;
     let coordinator = service.coordinator.clone();

@@ -1,0 +1,88 @@
+//! The coordinator as a running service: its own tokio runtime on a background thread, bound to one address,
+//! shut down (drained) when dropped. The supervisor of `radit run` and the benchmark use it.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use crate::{Coordinator, CoordinatorConfig, JobToken};
+
+/// The name of the service's runtime threads.
+pub const THREAD_NAME: &str = "coordinator";
+
+/// A running coordinator service on its own runtime thread.
+pub struct Service {
+    pub addr: SocketAddr,
+    pub coordinator: Arc<Coordinator>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<std::io::Result<()>>>,
+}
+
+impl Service {
+    /// Binds `bind` (`IP:PORT`, or `hostname:PORT` for this machine's name) and serves until dropped.
+    pub fn start(bind: &str, cfg: CoordinatorConfig, token: JobToken) -> std::io::Result<Self> {
+        let addr = resolve_bind(bind)?;
+        let coordinator = Coordinator::new(cfg, token);
+        let listener = std::net::TcpListener::bind(addr)?;
+        listener.set_nonblocking(true)?;
+        let addr = listener.local_addr()?;
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let c = coordinator.clone();
+        let thread = std::thread::Builder::new()
+            .name("coordinator".into())
+            .spawn(move || {
+                let rt = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    // Named, so a benchmark can read the coordinator's own CPU time from /proc.
+                    .thread_name(THREAD_NAME)
+                    .enable_all()
+                    .build()?;
+                rt.block_on(async move {
+                    let listener = tokio::net::TcpListener::from_std(listener)?;
+                    crate::serve(listener, c, async move {
+                        let _ = rx.await;
+                    })
+                    .await
+                })
+            })?;
+        Ok(Self {
+            addr,
+            coordinator,
+            stop: Some(tx),
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// `IP:PORT`, or `hostname:PORT` for this machine's name (the first node of a Slurm job).
+pub fn resolve_bind(bind: &str) -> std::io::Result<SocketAddr> {
+    use std::net::ToSocketAddrs;
+    let resolved = match bind.strip_prefix("hostname:") {
+        Some(port) => {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_string())
+                .unwrap_or_else(|_| "localhost".into());
+            format!("{host}:{port}")
+        }
+        None => bind.to_string(),
+    };
+    resolved
+        .to_socket_addrs()?
+        .find(SocketAddr::is_ipv4)
+        .ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("`{bind}` resolves to no IPv4 address"),
+            )
+        })
+}

@@ -1,0 +1,232 @@
+//! Scale by simulation: thousands of simulated ranks (threads using the real rank client) join one coordinator on
+//! loopback and heartbeat it at a fixed rate. Measures the join time, heartbeat latency and the coordinator's own
+//! CPU time (its runtime threads, read from /proc), and checks that no healthy rank is declared dead.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::service::{Service, THREAD_NAME};
+use crate::{CoordinatorClient, CoordinatorConfig, Heartbeat, JobHealth, JobToken, JoinRequest};
+
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    pub ranks: usize,
+    pub heartbeat_hz: f64,
+    /// Length of the heartbeat phase.
+    pub seconds: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SimReport {
+    pub ranks: usize,
+    pub heartbeat_hz: f64,
+    /// From the first join request to the last rank learning the world.
+    pub join_seconds: f64,
+    pub join_coordinator_cpu_seconds: f64,
+    pub heartbeats: u64,
+    pub heartbeat_seconds: f64,
+    /// Latency percentiles after each rank's first two beats.
+    pub heartbeat_p50_ms: f64,
+    pub heartbeat_p99_ms: f64,
+    pub heartbeat_max_ms: f64,
+    /// Coordinator CPU over the heartbeat phase, in % of one core.
+    pub coordinator_cpu_percent: f64,
+    pub failed_requests: u64,
+    /// Health checks during the heartbeat phase, and how many did not say `running` (should be none).
+    pub health_checks: u64,
+    pub false_alarms: u64,
+}
+
+/// CPU seconds used so far by this process's coordinator runtime threads.
+fn coordinator_cpu_seconds() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return 0.0;
+    };
+    let mut total = 0u64;
+    for t in tasks.flatten() {
+        let Ok(stat) = std::fs::read_to_string(t.path().join("stat")) else {
+            continue;
+        };
+        // pid (comm) state ... utime stime: fields 14 and 15; comm may hold spaces, so split after ')'.
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        if &stat[open + 1..close] != THREAD_NAME {
+            continue;
+        }
+        let rest: Vec<&str> = stat[close + 2..].split_whitespace().collect();
+        let field = |i: usize| rest.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        total += field(11) + field(12);
+    }
+    total as f64 / ticks
+}
+
+/// Lets this process hold a socket per simulated rank on both ends.
+fn raise_open_file_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid out-pointer.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+pub fn simulate(cfg: &SimConfig) -> std::io::Result<SimReport> {
+    raise_open_file_limit();
+    let period = Duration::from_secs_f64(1.0 / cfg.heartbeat_hz);
+    let mut ccfg = CoordinatorConfig::new(cfg.ranks);
+    ccfg.heartbeat_interval = period;
+    let token = JobToken::generate()?;
+    let service = Service::start("127.0.0.1:0", ccfg, token.clone())?;
+    let addr = service.addr;
+    let beats = (cfg.seconds * cfg.heartbeat_hz).round().max(1.0) as u64;
+
+    let latencies = Arc::new(Mutex::new(Vec::with_capacity(cfg.ranks * beats as usize)));
+    let failures = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let answered_early = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let (joined_tx, joined_rx) = std::sync::mpsc::channel::<()>();
+    let cpu_before_join = coordinator_cpu_seconds();
+    let join_started = Instant::now();
+    let mut threads = Vec::with_capacity(cfg.ranks);
+    for rank in 0..cfg.ranks {
+        let (token, latencies, failures, joined, answered_early) = (
+            token.clone(),
+            latencies.clone(),
+            failures.clone(),
+            joined_tx.clone(),
+            answered_early.clone(),
+        );
+        let ranks = cfg.ranks;
+        let t = std::thread::Builder::new()
+            .name("sim-rank".into())
+            .stack_size(128 << 10)
+            .spawn(move || {
+                let client =
+                    CoordinatorClient::new(addr, token).with_timeout(Duration::from_secs(600));
+                let reply = client.join(&JoinRequest {
+                    host: format!("nid{:06}", rank / 4),
+                    pid: rank as u32,
+                    rank: Some(rank),
+                    endpoint: Some(format!(
+                        "10.{}.{}.{}:29500",
+                        rank >> 16,
+                        (rank >> 8) & 255,
+                        rank & 255
+                    )),
+                });
+                if reply.is_err() {
+                    failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                let _ = joined.send(());
+                // Heart-beat from the moment the join returns, as a real rank does, spread over the period as
+                // unsynchronised nodes would be.
+                let t0 = Instant::now() + period.mul_f64(rank as f64 / ranks as f64);
+                let mut mine = Vec::with_capacity(beats as usize);
+                for k in 0..beats {
+                    let due = t0 + period * k as u32;
+                    if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                        std::thread::sleep(wait);
+                    }
+                    let sent = Instant::now();
+                    let r = client.heartbeat(&Heartbeat {
+                        rank,
+                        generation: 0,
+                        step: k,
+                        phase: Some("compute".into()),
+                    });
+                    match r {
+                        // Latency in the steady state: the first two beats meet the burst of join replies.
+                        Ok(_) if k >= 2 => mine.push(sent.elapsed().as_secs_f64() * 1e3),
+                        Ok(_) => {
+                            answered_early.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        Err(_) => {
+                            failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                    };
+                }
+                latencies
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .extend(mine);
+            })?;
+        threads.push(t);
+    }
+    drop(joined_tx);
+    for _ in 0..cfg.ranks {
+        if joined_rx.recv().is_err() {
+            break;
+        }
+    }
+    let join_seconds = join_started.elapsed().as_secs_f64();
+    let join_cpu = coordinator_cpu_seconds() - cpu_before_join;
+    let cpu_before = coordinator_cpu_seconds();
+    let hb_started = Instant::now();
+    // Judge health all through the phase, as the supervisor does, until the first rank has sent its last beat.
+    let (mut checks, mut false_alarms) = (0u64, 0u64);
+    while !threads.iter().any(|t| t.is_finished()) {
+        checks += 1;
+        if service.coordinator.health() != JobHealth::Running {
+            false_alarms += 1;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for t in threads {
+        let _ = t.join();
+    }
+    let heartbeat_seconds = hb_started.elapsed().as_secs_f64();
+    let cpu = coordinator_cpu_seconds() - cpu_before;
+    let mut lat = std::mem::take(&mut *latencies.lock().unwrap_or_else(|e| e.into_inner()));
+    lat.sort_by(f64::total_cmp);
+    Ok(SimReport {
+        ranks: cfg.ranks,
+        heartbeat_hz: cfg.heartbeat_hz,
+        join_seconds,
+        join_coordinator_cpu_seconds: join_cpu,
+        heartbeats: lat.len() as u64 + answered_early.load(std::sync::atomic::Ordering::Relaxed),
+        heartbeat_seconds,
+        heartbeat_p50_ms: percentile(&lat, 0.5),
+        heartbeat_p99_ms: percentile(&lat, 0.99),
+        heartbeat_max_ms: lat.last().copied().unwrap_or(0.0),
+        coordinator_cpu_percent: 100.0 * cpu / heartbeat_seconds.max(1e-9),
+        failed_requests: failures.load(std::sync::atomic::Ordering::Relaxed),
+        health_checks: checks,
+        false_alarms,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_small_simulated_job_joins_beats_and_stays_healthy() {
+        let r = simulate(&SimConfig {
+            ranks: 64,
+            heartbeat_hz: 10.0,
+            seconds: 1.0,
+        })
+        .unwrap();
+        assert_eq!(r.failed_requests, 0);
+        assert_eq!(r.heartbeats, 64 * 10);
+        assert!(r.health_checks > 0);
+        assert_eq!(r.false_alarms, 0);
+        assert!(r.join_coordinator_cpu_seconds >= 0.0 && r.coordinator_cpu_percent >= 0.0);
+    }
+}
