@@ -479,3 +479,34 @@ fn a_slurm_job_is_submitted_warned_before_its_time_limit_requeued_and_completed_
     assert!(err.contains("COMPLETED"), "{err}");
     assert_same_weights(dir.path(), "Slurm requeue");
 }
+
+#[test]
+fn the_main_job_trains_on_two_cpu_ranks_checkpoints_and_writes_a_contact_sheet() {
+    // `radit quickstart` is what scripts/quickstart.sh (the README's first command) runs; fewer steps here.
+    let dir = tempfile::tempdir().unwrap();
+    let out = run_ok(
+        radit()
+            .args(["quickstart", "--images", "96", "--steps", "100", "--dir"])
+            .arg(dir.path()),
+    );
+    let (text, err) = (stdout(&out), stderr(&out));
+    assert!(text.contains("4/4 training with `radit run"), "{text}");
+    assert!(err.contains("2 rank(s) started by local"), "{err}");
+    assert!(err.contains("radit: step "), "progress is shown: {err}");
+    assert!(err.contains("run complete after 0 restart(s)"), "{err}");
+    let run = dir.path().join("run");
+    let sheet = run.join("samples/contact_sheet.png");
+    assert!(sheet.exists(), "no contact sheet: {text}\n{err}");
+    let decoder = png::Decoder::new(std::io::BufReader::new(
+        std::fs::File::open(&sheet).unwrap(),
+    ));
+    let info = decoder.read_info().unwrap().info().clone();
+    assert!(info.width >= 64 && info.height >= 64);
+    assert!(run.join("final-ema.safetensors").exists());
+    let committed = std::fs::read_dir(dir.path().join("checkpoints"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().join("manifest.json").exists())
+        .count();
+    assert!(committed >= 1, "no committed checkpoint");
+}

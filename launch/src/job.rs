@@ -406,6 +406,18 @@ impl Job {
                 "the local launcher runs on one node".into(),
             ));
         }
+        if spec.launcher.kind == LauncherKind::Slurm
+            && r.nodes > 1
+            && spec.coordinator.bind.starts_with("127.")
+        {
+            return Err(bad(
+                "coordinator.bind",
+                format!(
+                    "`{}` is loopback, which ranks on other nodes cannot reach: use hostname:PORT or the node's address",
+                    spec.coordinator.bind
+                ),
+            ));
+        }
         if spec.samples.count > 0 && spec.checkpoint.is_none() {
             return Err(bad(
                 "samples.count",

@@ -126,12 +126,17 @@ pub fn for_device(
     }
 }
 
-/// This process's GPU on its node: the launcher's local rank (OpenMPI or Slurm), else 0.
+/// This process's GPU on its node: the launcher's local rank (OpenMPI, Slurm or radit's local launcher), else 0.
 pub fn local_rank() -> usize {
-    ["OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID", "LOCAL_RANK"]
-        .iter()
-        .find_map(|v| std::env::var(v).ok()?.parse().ok())
-        .unwrap_or(0)
+    [
+        "OMPI_COMM_WORLD_LOCAL_RANK",
+        "SLURM_LOCALID",
+        "RADIT_LOCAL_RANK",
+        "LOCAL_RANK",
+    ]
+    .iter()
+    .find_map(|v| std::env::var(v).ok()?.parse().ok())
+    .unwrap_or(0)
 }
 
 /// Checks the shape contract shared by every backend.
