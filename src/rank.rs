@@ -131,10 +131,15 @@ pub fn join_run(
                             reported = progress::checkpoint();
                         }
                     }
+                    Err(ClientError::Refused { status: 409, .. }) => {
+                        // A newer generation runs: the supervisor gave up on this one. A checkpoint now would
+                        // race the new ranks', so leave at once.
+                        tracing::error!("superseded by a newer generation of the run: exiting");
+                        eprintln!("radit: superseded by a newer generation of the run; exiting");
+                        std::process::exit(1);
+                    }
                     Err(e) => {
-                        // A newer generation means the supervisor gave up on this one: stop at once.
-                        let superseded = matches!(&e, ClientError::Refused { status: 409, .. });
-                        if !lost && (superseded || last_ok.elapsed() > grace) {
+                        if !lost && last_ok.elapsed() > grace {
                             lost = true;
                             tracing::error!(error = %e, grace_s = grace.as_secs_f64(),
                                 "lost the coordinator: checkpointing and exiting with the requeue code");

@@ -510,3 +510,27 @@ fn the_main_job_trains_on_two_cpu_ranks_checkpoints_and_writes_a_contact_sheet()
         .count();
     assert!(committed >= 1, "no committed checkpoint");
 }
+
+#[test]
+fn under_mpirun_a_hung_rank_is_named_and_every_rank_is_killed_and_relaunched() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = job(
+        dir.path(),
+        "mpirun",
+        "hang_factor = 5.0\nhang_min_seconds = 2.0",
+        "",
+    );
+    let out = run_ok(
+        run_cmd(&job)
+            .env("RADIT_FAULT_HANG", "0:25")
+            .env("RADIT_FAULT_ONLY_GENERATION", "1"),
+    );
+    let err = stderr(&out);
+    // The other rank waits in an MPI collective, so rank 0 is named, not merely the lowest rank.
+    assert!(
+        err.contains("culprit rank 0 is in `compute` after step 24"),
+        "{err}"
+    );
+    assert!(err.contains("run complete after 1 restart(s)"), "{err}");
+    final_weights(dir.path());
+}

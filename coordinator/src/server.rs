@@ -27,7 +27,7 @@ pub struct CoordinatorConfig {
     /// How long a joiner waits for the rest of the world.
     pub join_timeout: Duration,
     /// A run whose slowest rank makes no progress for `hang_factor` x the median step time (but at least
-    /// `hang_min`) is hung. Judged once a few steps have been timed.
+    /// `hang_min`) is hung; until a few steps have been timed, for `hang_min`.
     pub hang_factor: f64,
     pub hang_min: Duration,
 }
@@ -235,11 +235,15 @@ impl Coordinator {
                 silent_ms: age.as_millis() as u64,
             };
         }
-        if let Some(median) = inner.median_step_seconds() {
-            let deadline = self
-                .cfg
-                .hang_min
-                .max(Duration::from_secs_f64(median * self.cfg.hang_factor));
+        // Before a few steps have been timed (start-up, or a run that hangs early) the deadline is `hang_min`.
+        {
+            let deadline = match inner.median_step_seconds() {
+                Some(median) => self
+                    .cfg
+                    .hang_min
+                    .max(Duration::from_secs_f64(median * self.cfg.hang_factor)),
+                None => self.cfg.hang_min,
+            };
             let stalled = now.saturating_duration_since(inner.progress.1);
             if stalled > deadline {
                 let slowest = members.iter().map(|m| m.step).min().unwrap_or(0);

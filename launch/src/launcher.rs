@@ -74,10 +74,23 @@ pub trait Launcher: Send + Sync {
     fn start(&self, cmd: &RankCommand, generation: u64) -> std::io::Result<Box<dyn RankGroup>>;
 }
 
-/// Processes started by one launcher, watched together.
+/// How a group is killed.
+#[derive(Clone, Copy)]
+enum Stop {
+    /// SIGKILL to each process's own process group: the process and everything it started (mpirun's ranks).
+    KillGroups,
+    /// SIGINT `times` in a row, which makes the launcher kill its ranks wherever they run (mpirun: TERM then KILL
+    /// to every rank, which sit in process groups of their own; srun: twice within a second kills every task of
+    /// the step), then SIGKILL to its process group if it has not ended after a grace period.
+    Interrupt { times: u8 },
+}
+
+/// Processes started by one launcher, watched together. Each leads its own process group, so a kill reaches what
+/// it started and a Ctrl-C at the terminal reaches only the supervisor (which turns it into a checkpoint).
 struct Processes {
     children: Vec<Child>,
     ended: Vec<Option<Ended>>,
+    stop: Stop,
 }
 
 fn send(pid: u32, signal: i32) {
@@ -87,12 +100,21 @@ fn send(pid: u32, signal: i32) {
     }
 }
 
+fn send_group(leader: u32, signal: i32) {
+    // SAFETY: kill(2) on the process group this launcher created (its leader is our child, not yet reaped).
+    unsafe {
+        libc::kill(-(leader as libc::pid_t), signal);
+    }
+}
+
 impl Processes {
     fn spawn(
         cmds: Vec<Command>,
         log_dir: &std::path::Path,
         generation: u64,
+        stop: Stop,
     ) -> std::io::Result<Self> {
+        use std::os::unix::process::CommandExt;
         std::fs::create_dir_all(log_dir)?;
         let mut children = Vec::new();
         for (i, mut c) in cmds.into_iter().enumerate() {
@@ -100,7 +122,10 @@ impl Processes {
                 .create(true)
                 .append(true)
                 .open(log_dir.join(format!("gen-{generation}-process-{i}.log")))?;
-            c.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
+            c.stdin(Stdio::null())
+                .stdout(log.try_clone()?)
+                .stderr(log)
+                .process_group(0);
             match c.spawn() {
                 Ok(child) => children.push(child),
                 Err(e) => {
@@ -116,6 +141,7 @@ impl Processes {
         Ok(Self {
             children,
             ended: vec![None; n],
+            stop,
         })
     }
 }
@@ -154,9 +180,27 @@ impl RankGroup for Processes {
     }
 
     fn kill(&mut self) {
+        if let Stop::Interrupt { times } = self.stop {
+            for (i, c) in self.children.iter().enumerate() {
+                for k in 0..times {
+                    if self.ended[i].is_none() {
+                        if k > 0 {
+                            std::thread::sleep(std::time::Duration::from_millis(200));
+                        }
+                        send(c.id(), libc::SIGINT);
+                    }
+                }
+            }
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+            while std::time::Instant::now() < deadline && self.ended.iter().any(Option::is_none) {
+                let _ = self.poll();
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+        }
         for (i, c) in self.children.iter_mut().enumerate() {
             if self.ended[i].is_none() {
-                let _ = c.kill();
+                // The whole process group: the process and whatever it started.
+                send_group(c.id(), libc::SIGKILL);
                 if let Ok(status) = c.wait() {
                     self.ended[i] = Some(Ended::from(status));
                 }
@@ -201,7 +245,12 @@ impl Launcher for LocalLauncher {
                 c
             })
             .collect();
-        Ok(Box::new(Processes::spawn(cmds, &cmd.log_dir, generation)?))
+        Ok(Box::new(Processes::spawn(
+            cmds,
+            &cmd.log_dir,
+            generation,
+            Stop::KillGroups,
+        )?))
     }
 }
 
@@ -233,6 +282,7 @@ impl Launcher for MpirunLauncher {
             vec![self.command(cmd)],
             &cmd.log_dir,
             generation,
+            Stop::Interrupt { times: 1 },
         )?))
     }
 }
@@ -269,6 +319,7 @@ impl Launcher for SrunLauncher {
             vec![self.command(cmd)],
             &cmd.log_dir,
             generation,
+            Stop::Interrupt { times: 2 },
         )?))
     }
 }

@@ -116,7 +116,27 @@ fn conformance(launcher: &dyn Launcher, per_process: bool) {
         "{}",
         launcher.name()
     );
-    assert!(started.elapsed() < Duration::from_secs(10));
+    assert!(started.elapsed() < Duration::from_secs(35));
+    // Every rank is gone, not only the process the launcher started (mpirun's and srun's ranks included).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for e in std::fs::read_dir(dir.path()).unwrap().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name.strip_prefix("ready-") else {
+            continue;
+        };
+        loop {
+            let state = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+            if state.is_empty() || state.contains("State:\tZ") {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{}: rank {pid} survived the kill",
+                launcher.name()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
 }
 
 #[test]

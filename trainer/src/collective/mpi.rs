@@ -97,6 +97,8 @@ impl Collective for MpiCollective {
     }
 
     fn all_reduce_sum(&self, t: &mut Tensor) -> Result<(), CollectiveError> {
+        // Waiting here is waiting for peers: the heartbeat says so, for hang diagnosis.
+        let _phase = crate::progress::enter(crate::progress::Phase::Collective);
         check_1d("all_reduce", t)?;
         check_reducible("all_reduce", t)?;
         cpu_only("all_reduce", t)?;
@@ -117,6 +119,7 @@ impl Collective for MpiCollective {
     }
 
     fn all_gather(&self, input: &Tensor, out: &mut Tensor) -> Result<(), CollectiveError> {
+        let _phase = crate::progress::enter(crate::progress::Phase::Collective);
         check_sizes("all_gather", input, out, self.size, true)?;
         cpu_only("all_gather", input)?;
         cpu_only("all_gather", out)?;
@@ -125,6 +128,7 @@ impl Collective for MpiCollective {
     }
 
     fn reduce_scatter_sum(&self, input: &Tensor, out: &mut Tensor) -> Result<(), CollectiveError> {
+        let _phase = crate::progress::enter(crate::progress::Phase::Collective);
         check_sizes("reduce_scatter", input, out, self.size, false)?;
         check_reducible("reduce_scatter", input)?;
         cpu_only("reduce_scatter", input)?;
@@ -147,6 +151,7 @@ impl Collective for MpiCollective {
     }
 
     fn broadcast(&self, t: &mut Tensor, root: usize) -> Result<(), CollectiveError> {
+        let _phase = crate::progress::enter(crate::progress::Phase::Collective);
         check_1d("broadcast", t)?;
         cpu_only("broadcast", t)?;
         if root >= self.size {
@@ -162,6 +167,7 @@ impl Collective for MpiCollective {
     }
 
     fn barrier(&self) -> Result<(), CollectiveError> {
+        let _phase = crate::progress::enter(crate::progress::Phase::Collective);
         self.world.barrier();
         Ok(())
     }
