@@ -9,9 +9,9 @@ source "$(dirname "${BASH_SOURCE[0]}")/bench-env.sh"
 ranks="${1:-4096}"
 seconds="${2:-60}"
 echo "machine: $(nproc) cores, $(awk '/MemTotal/{printf "%.0f GiB", $2/1048576}' /proc/meminfo); $(date -u +%F)"
-for hz in 1 5; do
+for hz in 1 5 0.2; do
   echo "== radit coordinator, $hz Hz"
   RUST_LOG=warn "$radit" coordinator bench --ranks "$ranks" --hz "$hz" --seconds "$seconds" || true
 done
 echo "== torch.distributed TCPStore, 1 Hz"
-"$py" "$root/bench/tcpstore_rendezvous.py" "$ranks" 1 "$seconds"
+"$py" "$root/bench/tcpstore_rendezvous.py" "$ranks" 1 "$seconds" 2> >(grep -v 'hostname of the client socket' >&2)

@@ -151,11 +151,28 @@ struct Inner {
     /// Recent seconds per step (of the slowest rank), for the hang deadline.
     step_seconds: std::collections::VecDeque<f64>,
     hangs_detected: u64,
+    /// Members joined, and how many members are at each step: heartbeats update both in O(log world) (thousands
+    /// of ranks heart-beating must not each scan the whole world).
+    joined: usize,
+    steps: std::collections::BTreeMap<u64, usize>,
 }
 
 impl Inner {
     fn joined(&self) -> usize {
-        self.members.iter().flatten().count()
+        self.joined
+    }
+
+    /// Moves one member from step `from` to step `to` in the step census.
+    fn move_step(&mut self, from: Option<u64>, to: u64) {
+        if let Some(f) = from
+            && let Some(n) = self.steps.get_mut(&f)
+        {
+            *n -= 1;
+            if *n == 0 {
+                self.steps.remove(&f);
+            }
+        }
+        *self.steps.entry(to).or_insert(0) += 1;
     }
 
     fn median_step_seconds(&self) -> Option<f64> {
@@ -193,6 +210,8 @@ impl Coordinator {
                 progress: (0, Instant::now()),
                 step_seconds: std::collections::VecDeque::new(),
                 hangs_detected: 0,
+                joined: 0,
+                steps: Default::default(),
             }),
             formed: tokio::sync::watch::channel(None).0,
             closing: tokio::sync::watch::channel(false).0,
@@ -416,6 +435,8 @@ impl Coordinator {
         let mut inner = self.lock();
         inner.generation += 1;
         inner.members = (0..self.cfg.world).map(|_| None).collect();
+        inner.joined = 0;
+        inner.steps.clear();
         inner.stop = false;
         inner.progress = (0, Instant::now());
         inner.step_seconds.clear();
@@ -481,6 +502,8 @@ async fn join(State(c): State<Arc<Coordinator>>, Json(req): Json<JoinRequest>) -
             step: 0,
             phase: "starting".into(),
         });
+        inner.joined += 1;
+        inner.move_step(None, 0);
         if inner.joined() == world {
             // The heartbeat and progress clocks start when the world is complete, not when each rank arrived.
             let now = Instant::now();
@@ -556,19 +579,16 @@ async fn heartbeat(State(c): State<Arc<Coordinator>>, Json(hb): Json<Heartbeat>)
         );
     };
     m.last_seen = Instant::now();
-    m.step = hb.step;
+    let before = std::mem::replace(&mut m.step, hb.step);
     if let Some(p) = hb.phase {
         m.phase = p;
     }
+    if before != hb.step {
+        inner.move_step(Some(before), hb.step);
+    }
     // The run's progress is its slowest rank's step; time how long each advance took.
     if inner.joined() == c.cfg.world {
-        let slowest = inner
-            .members
-            .iter()
-            .flatten()
-            .map(|m| m.step)
-            .min()
-            .unwrap_or(0);
+        let slowest = inner.steps.keys().next().copied().unwrap_or(0);
         let (last, since) = inner.progress;
         if slowest > last {
             let now = Instant::now();
