@@ -288,26 +288,35 @@ fn a_rank_killed_while_writing_a_checkpoint_falls_back_to_the_previous_one() {
     assert_same_weights(dir.path(), "crash mid-checkpoint");
 }
 
-#[test]
-fn a_hung_rank_is_named_and_the_run_is_relaunched() {
+/// Runs the job with `rank` hanging in step 25 of the first generation; asserts the culprit is named and the run
+/// completes after one relaunch. Returns the run's directory.
+fn hang_run(launcher: &str, rank: usize) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     let job = job(
         dir.path(),
-        "local",
+        launcher,
         "hang_factor = 5.0\nhang_min_seconds = 2.0",
         "",
     );
     let out = run_ok(
         run_cmd(&job)
-            .env("RADIT_FAULT_HANG", "1:25")
+            .env("RADIT_FAULT_HANG", format!("{rank}:25"))
             .env("RADIT_FAULT_ONLY_GENERATION", "1"),
     );
     let err = stderr(&out);
     assert!(
-        err.contains("culprit rank 1 is in `compute` after step 24"),
+        err.contains(&format!(
+            "culprit rank {rank} is in `compute` after step 24"
+        )),
         "{err}"
     );
     assert!(err.contains("run complete after 1 restart(s)"), "{err}");
+    dir
+}
+
+#[test]
+fn a_hung_rank_is_named_and_the_run_is_relaunched() {
+    let dir = hang_run("local", 1);
     assert_same_weights(dir.path(), "hang");
 }
 
@@ -513,24 +522,7 @@ fn the_main_job_trains_on_two_cpu_ranks_checkpoints_and_writes_a_contact_sheet()
 
 #[test]
 fn under_mpirun_a_hung_rank_is_named_and_every_rank_is_killed_and_relaunched() {
-    let dir = tempfile::tempdir().unwrap();
-    let job = job(
-        dir.path(),
-        "mpirun",
-        "hang_factor = 5.0\nhang_min_seconds = 2.0",
-        "",
-    );
-    let out = run_ok(
-        run_cmd(&job)
-            .env("RADIT_FAULT_HANG", "0:25")
-            .env("RADIT_FAULT_ONLY_GENERATION", "1"),
-    );
-    let err = stderr(&out);
-    // The other rank waits in an MPI collective, so rank 0 is named, not merely the lowest rank.
-    assert!(
-        err.contains("culprit rank 0 is in `compute` after step 24"),
-        "{err}"
-    );
-    assert!(err.contains("run complete after 1 restart(s)"), "{err}");
+    // The other rank waits in an MPI collective, so rank 0 is named, not merely as the lowest rank.
+    let dir = hang_run("mpirun", 0);
     final_weights(dir.path());
 }

@@ -220,6 +220,21 @@ impl Drop for Processes {
     }
 }
 
+/// A launcher process that starts and stops the ranks itself (mpirun, srun), stopped with `interrupts` SIGINTs.
+fn one_process(
+    launcher: Command,
+    cmd: &RankCommand,
+    generation: u64,
+    interrupts: u8,
+) -> std::io::Result<Box<dyn RankGroup>> {
+    Ok(Box::new(Processes::spawn(
+        vec![launcher],
+        &cmd.log_dir,
+        generation,
+        Stop::Interrupt { times: interrupts },
+    )?))
+}
+
 fn base_command(cmd: &RankCommand, program: &std::path::Path) -> Command {
     let mut c = Command::new(program);
     c.envs(cmd.env.iter().map(|(k, v)| (k, v)));
@@ -278,12 +293,7 @@ impl Launcher for MpirunLauncher {
     }
 
     fn start(&self, cmd: &RankCommand, generation: u64) -> std::io::Result<Box<dyn RankGroup>> {
-        Ok(Box::new(Processes::spawn(
-            vec![self.command(cmd)],
-            &cmd.log_dir,
-            generation,
-            Stop::Interrupt { times: 1 },
-        )?))
+        one_process(self.command(cmd), cmd, generation, 1)
     }
 }
 
@@ -315,11 +325,6 @@ impl Launcher for SrunLauncher {
     }
 
     fn start(&self, cmd: &RankCommand, generation: u64) -> std::io::Result<Box<dyn RankGroup>> {
-        Ok(Box::new(Processes::spawn(
-            vec![self.command(cmd)],
-            &cmd.log_dir,
-            generation,
-            Stop::Interrupt { times: 2 },
-        )?))
+        one_process(self.command(cmd), cmd, generation, 2)
     }
 }
