@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use radit_coordinator::{ClientError, CoordinatorClient, Heartbeat, JobToken, JoinRequest};
 use radit_launch::supervise::env;
-use radit_trainer::collective::{self, Collective, mpi, tcp::TcpCollective};
+use radit_trainer::collective::{self, Collective, mpi, tcp, tcp::TcpCollective};
 use radit_trainer::progress;
 use radit_trainer::tch::Device;
 
@@ -22,8 +22,18 @@ const COLLECTIVE_TIMEOUT: Duration = Duration::from_secs(1800);
 /// This rank's membership in a supervised run; dropping it stops the heartbeat and removes the pid file.
 pub struct Membership {
     done: Arc<AtomicBool>,
+    /// Set by [`Membership::leave`]: the last heartbeat says the rank is exiting in order.
+    orderly: Arc<AtomicBool>,
     heartbeat: Option<std::thread::JoinHandle<()>>,
     pid_file: Option<PathBuf>,
+}
+
+impl Membership {
+    /// The rank finished (or checkpointed for a requeue): tell the coordinator, so that its silence from now on
+    /// is not taken for a death while slower peers finish.
+    pub fn leave(self) {
+        self.orderly.store(true, Ordering::SeqCst);
+    }
 }
 
 impl Drop for Membership {
@@ -97,12 +107,21 @@ pub fn join_run(
         dir.join(format!("rank-{}.pid", reply.rank))
     });
     if let Some(p) = &pid_file {
-        let _ = std::fs::write(p, std::process::id().to_string());
+        // Host, pid and start time: a restarted supervisor checks only ranks of its own node, and a reused pid
+        // does not pass for a rank.
+        let _ = std::fs::write(p, radit_launch::supervise::pid_record(std::process::id()));
     }
     let done = Arc::new(AtomicBool::new(false));
     let interval = Duration::from_millis(reply.heartbeat_interval_ms.max(50));
     let (rank, generation) = (reply.rank, reply.generation);
     let finished = done.clone();
+    let orderly = Arc::new(AtomicBool::new(false));
+    let leaving = orderly.clone();
+    let own_pid_file = pid_file.clone();
+    // Heartbeats wait for an answer at most this long: a coordinator that went silent (stopped, partitioned)
+    // must not hold the rank past its grace period.
+    let client = CoordinatorClient::new(addr, token.clone())
+        .with_timeout(grace.clamp(Duration::from_secs(5), Duration::from_secs(60)));
     let heartbeat = std::thread::Builder::new()
         .name("heartbeat".into())
         .spawn(move || {
@@ -116,6 +135,7 @@ pub fn join_run(
                     rank,
                     generation,
                     step: progress::step(),
+                    done: false,
                     phase: Some(progress::phase().name().into()),
                 });
                 match beat {
@@ -124,11 +144,13 @@ pub fn join_run(
                         if r.stop && !stop.swap(true, Ordering::SeqCst) {
                             tracing::warn!("the coordinator asks the run to stop: checkpointing");
                         }
-                        if rank == 0 && progress::checkpoint() != reported {
-                            if let Some(step) = progress::checkpoint() {
-                                let _ = client.report_checkpoint(step);
-                            }
-                            reported = progress::checkpoint();
+                        let committed = progress::checkpoint();
+                        if rank == 0
+                            && committed != reported
+                            && let Some(step) = committed
+                            && client.report_checkpoint(step).is_ok()
+                        {
+                            reported = committed;
                         }
                     }
                     Err(ClientError::Refused { status: 409, .. }) => {
@@ -136,6 +158,9 @@ pub fn join_run(
                         // race the new ranks', so leave at once.
                         tracing::error!("superseded by a newer generation of the run: exiting");
                         eprintln!("radit: superseded by a newer generation of the run; exiting");
+                        if let Some(p) = &own_pid_file {
+                            let _ = std::fs::remove_file(p);
+                        }
                         std::process::exit(1);
                     }
                     Err(e) => {
@@ -153,15 +178,26 @@ pub fn join_run(
                     std::thread::sleep(Duration::from_millis(20));
                 }
             }
+            if leaving.load(Ordering::SeqCst) {
+                let _ = client.heartbeat(&Heartbeat {
+                    rank,
+                    generation,
+                    step: progress::step(),
+                    done: true,
+                    phase: Some(progress::phase().name().into()),
+                });
+            }
         })
         .context("starting the heartbeat thread")?;
     // The group is built after the heartbeat starts: NCCL's set-up on thousands of ranks takes a while. If it
     // fails, dropping the membership stops the heartbeat.
     let membership = Membership {
         done,
+        orderly,
         heartbeat: Some(heartbeat),
         pid_file,
     };
+    let secret = tcp::group_secret(token.secret());
     let base: Box<dyn Collective> = match listener {
         None => {
             let m = mpi::MpiCollective::init()?;
@@ -175,9 +211,12 @@ pub fn join_run(
             );
             Box::new(m)
         }
-        Some(l) if reply.rank == 0 => {
-            Box::new(TcpCollective::hub(l, reply.world, COLLECTIVE_TIMEOUT)?)
-        }
+        Some(l) if reply.rank == 0 => Box::new(TcpCollective::hub(
+            l,
+            reply.world,
+            COLLECTIVE_TIMEOUT,
+            &secret,
+        )?),
         Some(_) => {
             let hub: SocketAddr = reply
                 .peers
@@ -189,6 +228,7 @@ pub fn join_run(
                 reply.world,
                 hub,
                 COLLECTIVE_TIMEOUT,
+                &secret,
             )?)
         }
     };

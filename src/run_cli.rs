@@ -64,7 +64,7 @@ pub fn run(a: RunArgs) -> anyhow::Result<u8> {
             tasks_per_node: job.ranks_per_node,
             gpus_per_task: u32::from(job.device == RankDevice::Cuda),
         }),
-        (LauncherKind::Slurm, false) => return submit_and_follow(&job, &radit),
+        (LauncherKind::Slurm, false) => return submit_and_follow(&job, &radit, &signal),
     };
     let outcome = supervise(&job, launcher.as_ref(), &radit, &signal)?;
     match outcome {
@@ -85,7 +85,7 @@ pub fn run(a: RunArgs) -> anyhow::Result<u8> {
 }
 
 /// Renders the sbatch script into the run directory, submits it and follows the job (through requeues).
-fn submit_and_follow(job: &Job, radit: &Path) -> anyhow::Result<u8> {
+fn submit_and_follow(job: &Job, radit: &Path, signal: &AtomicUsize) -> anyhow::Result<u8> {
     std::fs::create_dir_all(&job.run_dir)
         .with_context(|| format!("creating {}", job.run_dir.display()))?;
     let script = job.run_dir.join("job.sbatch");
@@ -101,9 +101,20 @@ fn submit_and_follow(job: &Job, radit: &Path) -> anyhow::Result<u8> {
         job.run_dir.display()
     );
     let poll = std::time::Duration::from_secs_f64(job.spec.launcher.slurm.poll_seconds);
-    let last = slurm::follow(id, poll, |s| {
-        eprintln!("radit: Slurm job {id}: {}", s.state);
-    })?;
+    let interrupted = || signal.load(std::sync::atomic::Ordering::SeqCst) != 0;
+    let Some(last) = slurm::follow(
+        id,
+        poll,
+        |s| eprintln!("radit: Slurm job {id}: {}", s.state),
+        interrupted,
+    )?
+    else {
+        eprintln!(
+            "radit: stopped following Slurm job {id}; it goes on (`scancel {id}` cancels it, \
+             `scancel --signal=USR1 --batch {id}` checkpoints and requeues it)"
+        );
+        return Ok(0);
+    };
     let code = last.exit_code.unwrap_or(-1);
     if last.state == "COMPLETED" && code == 0 {
         eprintln!("radit: Slurm job {id} completed");

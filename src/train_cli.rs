@@ -68,7 +68,7 @@ pub fn run_train(a: TrainArgs) -> anyhow::Result<u8> {
             .context("installing the signal handlers")?;
     }
     // Under `radit run` the coordinator hands out ranks and peers; otherwise MPI or a world of one.
-    let (comm, _membership) = match crate::rank::join_run(device, stop.clone())? {
+    let (comm, membership) = match crate::rank::join_run(device, stop.clone())? {
         Some((comm, membership)) => (comm, Some(membership)),
         None => (
             collective::from_environment(device).context("joining the rank group")?,
@@ -83,6 +83,9 @@ pub fn run_train(a: TrainArgs) -> anyhow::Result<u8> {
     })?;
     if rank == 0 {
         eprintln!("{}", serde_json::to_string(&summary)?);
+    }
+    if let Some(m) = membership {
+        m.leave();
     }
     // 75: "checkpointed, requeue me" (the same code the sbatch script requeues on).
     Ok(if summary.stopped_for_requeue { 75 } else { 0 })

@@ -78,7 +78,7 @@ mpirun_args = ["--allow-run-as-root", "--oversubscribe", "--bind-to", "none"]
 
 [restart]
 heartbeat_seconds = 0.2
-missed_heartbeats = 10
+missed_heartbeats = 25
 {restart}
 
 [monitoring]
@@ -164,11 +164,12 @@ fn coordinator(dir: &Path) -> CoordinatorClient {
     let run = dir.join("run");
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        if let (Ok(addr), Ok(token)) = (
-            std::fs::read_to_string(run.join("coordinator.addr")),
+        let addr = std::fs::read_to_string(run.join("coordinator.addr")).ok();
+        if let (Some(Ok(addr)), Ok(token)) = (
+            addr.map(|a| a.trim().parse()),
             JobToken::read(&run.join("job.token")),
         ) {
-            return CoordinatorClient::new(addr.trim().parse().unwrap(), token);
+            return CoordinatorClient::new(addr, token);
         }
         assert!(Instant::now() < deadline, "the coordinator did not come up");
         std::thread::sleep(Duration::from_millis(50));
@@ -295,7 +296,7 @@ fn hang_run(launcher: &str, rank: usize) -> tempfile::TempDir {
     let job = job(
         dir.path(),
         launcher,
-        "hang_factor = 5.0\nhang_min_seconds = 2.0",
+        "hang_factor = 5.0\nhang_min_seconds = 4.0",
         "",
     );
     let out = run_ok(

@@ -33,6 +33,18 @@ pub enum ClientError {
     BadReply { path: String, reason: String },
 }
 
+/// Replies are small JSON documents; anything larger is refused rather than allocated.
+const MAX_REPLY_BYTES: usize = 16 << 20;
+
+/// Errors of a kept connection that the server closed while it was idle (worth one retry on a fresh one).
+fn stale(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        e.kind(),
+        UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe
+    )
+}
+
 /// A rank's connection details for its job's coordinator.
 #[derive(Debug)]
 pub struct CoordinatorClient {
@@ -132,7 +144,8 @@ impl CoordinatorClient {
         let reused = conn.is_some();
         let (status, reply) = match self.exchange(&mut conn, &request) {
             Ok(r) => r,
-            Err(_) if reused => {
+            // Only a connection the server closed while it sat idle is retried; a timeout is an answer.
+            Err(e) if reused && stale(&e) => {
                 *conn = None;
                 self.exchange(&mut conn, &request)
                     .map_err(|source| ClientError::Unreachable {
@@ -193,7 +206,7 @@ impl CoordinatorClient {
                 .nth(1)
                 .and_then(|s| s.parse().ok())
                 .ok_or_else(|| invalid(format!("bad status line {line:?}")))?;
-            let (mut length, mut close) = (0usize, false);
+            let (mut length, mut close) = (None::<usize>, false);
             loop {
                 line.clear();
                 if r.read_line(&mut line)? == 0 {
@@ -206,16 +219,36 @@ impl CoordinatorClient {
                 if let Some((name, value)) = header.split_once(':') {
                     let value = value.trim();
                     if name.eq_ignore_ascii_case("content-length") {
-                        length = value
+                        let n: usize = value
                             .parse()
                             .map_err(|_| invalid(format!("bad Content-Length {value:?}")))?;
+                        if n > MAX_REPLY_BYTES {
+                            return Err(invalid(format!("a {n}-byte reply is too large")));
+                        }
+                        length = Some(n);
+                    } else if name.eq_ignore_ascii_case("transfer-encoding") {
+                        return Err(invalid(format!("unsupported Transfer-Encoding {value:?}")));
                     } else if name.eq_ignore_ascii_case("connection") {
                         close = value.eq_ignore_ascii_case("close");
                     }
                 }
             }
-            let mut body = vec![0u8; length];
-            r.read_exact(&mut body)?;
+            let body = match length {
+                // These statuses never carry a body (and hyper sends no Content-Length with them).
+                _ if status == 204 || status == 304 => Vec::new(),
+                Some(n) => {
+                    let mut body = vec![0u8; n];
+                    r.read_exact(&mut body)?;
+                    body
+                }
+                // No length: the body runs to the end of the connection, which cannot be kept.
+                None => {
+                    let mut body = Vec::new();
+                    r.take(MAX_REPLY_BYTES as u64).read_to_end(&mut body)?;
+                    close = true;
+                    body
+                }
+            };
             Ok((status, body, close))
         })();
         match result {

@@ -30,6 +30,8 @@ pub struct CoordinatorConfig {
     /// `hang_min`) is hung; until a few steps have been timed, for `hang_min`.
     pub hang_factor: f64,
     pub hang_min: Duration,
+    /// Until the first step is finished (start-up: building the model, loading a checkpoint), the deadline.
+    pub hang_startup: Duration,
 }
 
 impl CoordinatorConfig {
@@ -42,6 +44,7 @@ impl CoordinatorConfig {
             join_timeout: Duration::from_secs(600),
             hang_factor: 10.0,
             hang_min: Duration::from_secs(300),
+            hang_startup: Duration::from_secs(900),
         }
     }
 }
@@ -79,6 +82,10 @@ pub struct Heartbeat {
     /// What the rank is doing: starting, data, compute, collective or checkpoint.
     #[serde(default)]
     pub phase: Option<String>,
+    /// The rank's last heartbeat: it is exiting in order (finished, or checkpointed for a requeue); its silence
+    /// from now on is not a death.
+    #[serde(default)]
+    pub done: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -138,6 +145,7 @@ struct Member {
     last_seen: Instant,
     step: u64,
     phase: String,
+    departed: bool,
 }
 
 struct Inner {
@@ -246,6 +254,7 @@ impl Coordinator {
         if let Some((rank, age)) = members
             .iter()
             .enumerate()
+            .filter(|(_, m)| !m.departed)
             .map(|(rank, m)| (rank, now.saturating_duration_since(m.last_seen)))
             .find(|(_, age)| *age > limit)
         {
@@ -254,14 +263,16 @@ impl Coordinator {
                 silent_ms: age.as_millis() as u64,
             };
         }
-        // Before a few steps have been timed (start-up, or a run that hangs early) the deadline is `hang_min`.
-        {
-            let deadline = match inner.median_step_seconds() {
-                Some(median) => self
+        // Start-up has its own deadline; then `hang_factor` x the median step time, at least `hang_min` (also
+        // while too few steps have been timed). A run whose ranks are leaving in order is not hung.
+        if !members.iter().any(|m| m.departed) {
+            let deadline = match (inner.progress.0, inner.median_step_seconds()) {
+                (0, _) => self.cfg.hang_startup,
+                (_, Some(median)) => self
                     .cfg
                     .hang_min
                     .max(Duration::from_secs_f64(median * self.cfg.hang_factor)),
-                None => self.cfg.hang_min,
+                (_, None) => self.cfg.hang_min,
             };
             let stalled = now.saturating_duration_since(inner.progress.1);
             if stalled > deadline {
@@ -286,6 +297,14 @@ impl Coordinator {
             }
         }
         JobHealth::Running
+    }
+
+    /// When every rank of this generation has said goodbye (an orderly exit), the slowest one's last step.
+    pub fn all_departed(&self) -> Option<u64> {
+        let inner = self.lock();
+        let members: Vec<&Member> = inner.members.iter().flatten().collect();
+        (members.len() == self.cfg.world && members.iter().all(|m| m.departed))
+            .then(|| members.iter().map(|m| m.step).min().unwrap_or(0))
     }
 
     /// Counts a detected hang (for the metrics); the launcher calls it when it acts on one.
@@ -501,6 +520,7 @@ async fn join(State(c): State<Arc<Coordinator>>, Json(req): Json<JoinRequest>) -
             last_seen: Instant::now(),
             step: 0,
             phase: "starting".into(),
+            departed: false,
         });
         inner.joined += 1;
         inner.move_step(None, 0);
@@ -582,6 +602,9 @@ async fn heartbeat(State(c): State<Arc<Coordinator>>, Json(hb): Json<Heartbeat>)
     let before = std::mem::replace(&mut m.step, hb.step);
     if let Some(p) = hb.phase {
         m.phase = p;
+    }
+    if hb.done {
+        m.departed = true;
     }
     if before != hb.step {
         inner.move_step(Some(before), hb.step);

@@ -148,6 +148,7 @@ pub fn simulate(cfg: &SimConfig) -> std::io::Result<SimReport> {
                         rank,
                         generation: 0,
                         step: k,
+                        done: false,
                         phase: Some("compute".into()),
                     });
                     match r {

@@ -31,6 +31,7 @@ fn beat(
         rank,
         generation,
         step,
+        done: false,
         phase: Some(phase.into()),
     })
 }
@@ -350,5 +351,49 @@ fn a_hang_is_detected_from_the_median_step_time_and_the_culprit_named() {
         svc.token.secret()
     ));
     assert!(reply.contains("radit_rank_hung{rank=\"1\"} 1"), "{reply}");
+    svc.shutdown().unwrap();
+}
+
+#[test]
+fn a_rank_that_said_goodbye_is_not_dead_and_the_run_is_not_hung() {
+    let mut cfg = CoordinatorConfig::new(2);
+    cfg.heartbeat_interval = Duration::from_millis(50);
+    cfg.hang_min = Duration::from_millis(100);
+    cfg.hang_startup = Duration::from_millis(100);
+    let svc = Service::start(cfg);
+    let c = svc.client();
+    let c1 = c.clone();
+    let other = std::thread::spawn(move || join(&c1, "n1", 2).unwrap());
+    let r0 = join(&c, "n0", 1).unwrap();
+    let r1 = other.join().unwrap();
+    beat(&c, r0.rank, 0, 60, "compute").unwrap();
+    c.heartbeat(&Heartbeat {
+        rank: r1.rank,
+        generation: 0,
+        step: 60,
+        phase: Some("checkpoint".into()),
+        done: true,
+    })
+    .unwrap();
+    assert_eq!(
+        svc.coordinator.all_departed(),
+        None,
+        "rank 0 is still running"
+    );
+    // Rank 1 is silent from now on; rank 0 keeps beating while it finishes.
+    for _ in 0..8 {
+        std::thread::sleep(Duration::from_millis(50));
+        beat(&c, r0.rank, 0, 60, "checkpoint").unwrap();
+    }
+    assert_eq!(svc.coordinator.health(), JobHealth::Running);
+    c.heartbeat(&Heartbeat {
+        rank: r0.rank,
+        generation: 0,
+        step: 60,
+        phase: None,
+        done: true,
+    })
+    .unwrap();
+    assert_eq!(svc.coordinator.all_departed(), Some(60));
     svc.shutdown().unwrap();
 }

@@ -165,6 +165,9 @@ pub struct RestartPolicy {
     pub hang_factor: f64,
     #[serde(default = "default_hang_min")]
     pub hang_min_seconds: f64,
+    /// The hang deadline until the first step is done (building the model, loading a checkpoint).
+    #[serde(default = "default_hang_startup")]
+    pub hang_startup_seconds: f64,
     /// Ranks that cannot reach the coordinator for this long checkpoint and exit with the requeue code.
     #[serde(default = "default_grace")]
     pub coordinator_grace_seconds: f64,
@@ -178,6 +181,7 @@ impl Default for RestartPolicy {
             missed_heartbeats: default_missed(),
             hang_factor: default_hang_factor(),
             hang_min_seconds: default_hang_min(),
+            hang_startup_seconds: default_hang_startup(),
             coordinator_grace_seconds: default_grace(),
         }
     }
@@ -197,6 +201,9 @@ fn default_hang_factor() -> f64 {
 }
 fn default_hang_min() -> f64 {
     300.0
+}
+fn default_hang_startup() -> f64 {
+    900.0
 }
 fn default_grace() -> f64 {
     60.0
@@ -378,6 +385,7 @@ impl Job {
             ("restart.heartbeat_seconds", p.heartbeat_seconds),
             ("restart.hang_factor", p.hang_factor),
             ("restart.hang_min_seconds", p.hang_min_seconds),
+            ("restart.hang_startup_seconds", p.hang_startup_seconds),
             (
                 "restart.coordinator_grace_seconds",
                 p.coordinator_grace_seconds,

@@ -307,6 +307,9 @@ pub struct SrunLauncher {
 impl SrunLauncher {
     pub fn command(&self, cmd: &RankCommand) -> Command {
         let mut c = base_command(cmd, std::path::Path::new("srun"));
+        // --kill-on-bad-exit ends the step as soon as one rank fails. srun also counts the requeue code 75 as bad
+        // and kills the slower ranks once the first has left; by then the checkpoint is committed (the commit is
+        // collective), and the supervisor tells an orderly stop from the ranks' last heartbeats, not srun's code.
         c.arg("--kill-on-bad-exit=1")
             .arg("--cpu-bind=none")
             .arg(format!("--ntasks={}", cmd.world))

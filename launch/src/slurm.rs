@@ -280,22 +280,42 @@ pub fn status(job_id: u64) -> Result<JobStatus, SlurmError> {
     }
 }
 
-/// Polls the job until Slurm is done with it (through requeues), calling `on_change` at each new state.
+/// Polls the job until Slurm is done with it (through requeues), calling `on_change` at each new state. Returns
+/// `None` when `stop()` says to stop following (the job itself goes on). A few failed polls in a row are retried
+/// (slurmctld restarts, RPC timeouts); more are an error.
 pub fn follow(
     job_id: u64,
     poll: std::time::Duration,
     mut on_change: impl FnMut(&JobStatus),
-) -> Result<JobStatus, SlurmError> {
+    stop: impl Fn() -> bool,
+) -> Result<Option<JobStatus>, SlurmError> {
+    const TRIES: u32 = 5;
     let mut last: Option<JobStatus> = None;
+    let mut failures = 0;
     loop {
-        let now = status(job_id)?;
-        if last.as_ref() != Some(&now) {
-            on_change(&now);
+        if stop() {
+            return Ok(None);
         }
-        if now.is_final() {
-            return Ok(now);
+        match status(job_id) {
+            Ok(now) if !now.state.is_empty() => {
+                failures = 0;
+                if last.as_ref() != Some(&now) {
+                    on_change(&now);
+                }
+                if now.is_final() {
+                    return Ok(Some(now));
+                }
+                last = Some(now);
+            }
+            Ok(_) if failures + 1 >= TRIES => {
+                return Err(SlurmError::Unexpected {
+                    command: format!("scontrol show job / squeue -j {job_id}"),
+                    output: "Slurm no longer knows the job".into(),
+                });
+            }
+            Err(e) if failures + 1 >= TRIES => return Err(e),
+            _ => failures += 1,
         }
-        last = Some(now);
         std::thread::sleep(poll);
     }
 }

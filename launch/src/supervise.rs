@@ -36,34 +36,60 @@ pub mod env {
     pub const PID_DIR: &str = "RADIT_PID_DIR";
 }
 
-/// Waits for rank processes that a killed supervisor left behind (they checkpoint and exit once they notice the
-/// coordinator is gone), so two generations never write the same run.
+fn this_host() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// A process's start time in clock ticks since boot (field 22 of /proc/PID/stat), which tells a reused pid apart.
+fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = &stat[stat.rfind(')')? + 2..];
+    after.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// What a rank writes into its pid file: host, pid, start time.
+pub fn pid_record(pid: u32) -> String {
+    format!("{} {pid} {}", this_host(), start_time(pid).unwrap_or(0))
+}
+
+/// Whether the process a pid record names is still running on this host (records of other hosts: no, their
+/// allocation is gone with their job).
+fn still_running(record: &str) -> Option<u32> {
+    let mut f = record.split_whitespace();
+    let (host, pid, started) = (f.next()?, f.next()?.parse().ok()?, f.next()?.parse().ok()?);
+    (host == this_host() && start_time(pid) == Some(started)).then_some(pid)
+}
+
+/// Waits for rank processes that a killed supervisor left behind on this node (they checkpoint and exit once they
+/// notice the coordinator is gone), so two generations never write the same run.
 fn wait_for_orphans(pid_dir: &std::path::Path, grace: Duration) -> std::io::Result<()> {
     let Ok(entries) = std::fs::read_dir(pid_dir) else {
         return Ok(());
     };
-    let mut pids = Vec::new();
+    let mut records = Vec::new();
     for e in entries.flatten() {
         let path = e.path();
-        let pid: Option<i32> = std::fs::read_to_string(&path)
-            .ok()
-            .and_then(|t| t.trim().parse().ok());
-        match pid {
-            Some(pid) if alive_rank(pid) => pids.push(pid),
-            _ => {
+        let record = std::fs::read_to_string(&path).unwrap_or_default();
+        match still_running(&record) {
+            Some(_) => records.push(record),
+            None => {
                 let _ = std::fs::remove_file(&path);
             }
         }
     }
-    if pids.is_empty() {
+    if records.is_empty() {
         return Ok(());
     }
+    let pids: Vec<u32> = records.iter().filter_map(|r| still_running(r)).collect();
     tracing::warn!(
         ?pids,
         "ranks of an earlier supervisor are still running; waiting for them to checkpoint and exit"
     );
+    eprintln!("radit: waiting for ranks {pids:?} of an earlier run to checkpoint and exit");
     let deadline = Instant::now() + grace + Duration::from_secs(300);
-    while pids.iter().any(|&p| alive_rank(p)) {
+    while records.iter().any(|r| still_running(r).is_some()) {
         if Instant::now() > deadline {
             return Err(std::io::Error::other(format!(
                 "ranks {pids:?} of an earlier run are still alive; stop them before restarting"
@@ -72,12 +98,6 @@ fn wait_for_orphans(pid_dir: &std::path::Path, grace: Duration) -> std::io::Resu
         std::thread::sleep(Duration::from_millis(200));
     }
     Ok(())
-}
-
-fn alive_rank(pid: i32) -> bool {
-    std::fs::read(format!("/proc/{pid}/cmdline"))
-        .map(|c| String::from_utf8_lossy(&c).contains("train"))
-        .unwrap_or(false)
 }
 
 /// Runs the job to completion, a requeue, or failure. `signal` holds the number of a pending SIGUSR1/SIGTERM/SIGINT
@@ -111,13 +131,31 @@ pub fn supervise(
     ccfg.missed_heartbeats = spec.restart.missed_heartbeats;
     ccfg.hang_factor = spec.restart.hang_factor;
     ccfg.hang_min = Duration::from_secs_f64(spec.restart.hang_min_seconds);
-    let service = Service::start(&spec.coordinator.bind, ccfg, token).map_err(|e| {
-        SuperviseError(format!("coordinator.bind `{}`: {e}", spec.coordinator.bind))
-    })?;
+    ccfg.hang_startup = Duration::from_secs_f64(spec.restart.hang_startup_seconds);
+    let join_deadline = ccfg.join_timeout + Duration::from_secs(30);
+    let bind_error =
+        |e: String| SuperviseError(format!("coordinator.bind `{}`: {e}", spec.coordinator.bind));
+    let addr = radit_coordinator::service::resolve_bind(&spec.coordinator.bind)
+        .map_err(|e| bind_error(e.to_string()))?;
+    // The address is handed to the ranks: it must be one they can reach.
+    if addr.ip().is_unspecified() || (spec.resources.nodes > 1 && addr.ip().is_loopback()) {
+        return Err(bind_error(format!(
+            "resolves to {}, which ranks on other nodes cannot use: give this node's address on the job's network",
+            addr.ip()
+        )));
+    }
+    let service =
+        Service::start(&addr.to_string(), ccfg, token).map_err(|e| bind_error(e.to_string()))?;
     let coordinator = service.coordinator.clone();
     tracing::info!(addr = %service.addr, world = job.world, launcher = launcher.name(), "coordinator up");
-    std::fs::write(run_dir.join("coordinator.addr"), service.addr.to_string())
-        .map_err(|e| SuperviseError::io(run_dir, e))?;
+    // Written whole (rename) so that a reader never sees half an address.
+    let addr_file = run_dir.join("coordinator.addr");
+    std::fs::write(
+        addr_file.with_extension("addr.tmp"),
+        service.addr.to_string(),
+    )
+    .and_then(|()| std::fs::rename(addr_file.with_extension("addr.tmp"), &addr_file))
+    .map_err(|e| SuperviseError::io(&addr_file, e))?;
 
     let mut restarts = 0u32;
     let progress_every = Duration::from_secs_f64(spec.monitoring.progress_seconds);
@@ -149,22 +187,42 @@ pub fn supervise(
             launcher.name(),
             cmd.log_dir.display()
         );
-        let mut stop_sent = false;
+        let (mut stop_sent, mut usr1_sent) = (false, false);
+        // mpirun and srun are one process for all ranks: name it as such.
+        let process = |i: usize| {
+            if launcher.name() == "local" {
+                format!("rank {i}")
+            } else {
+                launcher.name().to_string()
+            }
+        };
         let mut last_progress = Instant::now();
         let started = Instant::now();
         let failure: String = loop {
             std::thread::sleep(Duration::from_millis(100));
             let sig = signal.load(Ordering::SeqCst);
+            let formed = !matches!(coordinator.health(), JobHealth::Forming { .. });
             if sig != 0 && !stop_sent {
                 tracing::warn!(
                     signal = sig,
                     "stop requested: every rank checkpoints at the same step"
                 );
                 eprintln!("radit: signal {sig}: asking every rank to checkpoint and stop");
+                // Heartbeat replies carry it to every rank, including those still starting.
                 coordinator.request_stop();
-                // USR1 reaches ranks through their launcher too, in case the coordinator is slow to be heard.
-                group.signal(libc::SIGUSR1);
                 stop_sent = true;
+            }
+            // USR1 also travels through the launcher, once every rank has joined (and so has its handler in
+            // place: before that, USR1 would kill it).
+            if stop_sent && !usr1_sent && formed {
+                group.signal(libc::SIGUSR1);
+                usr1_sent = true;
+            }
+            if !formed && started.elapsed() > join_deadline {
+                break format!(
+                    "the ranks did not all join within {} s",
+                    join_deadline.as_secs()
+                );
             }
             let state = group
                 .poll()
@@ -172,7 +230,7 @@ pub fn supervise(
             match state {
                 GroupState::Running => {}
                 GroupState::Failed { index, ended } => {
-                    break format!("rank process {index} ended with {ended}");
+                    break format!("{} ended with {ended}", process(index));
                 }
                 GroupState::Ended(all) => {
                     if all.iter().all(|e| *e == Ended::Code(0)) {
@@ -188,13 +246,34 @@ pub fn supervise(
                         );
                         return Ok(Outcome::Requeue { restarts });
                     }
+                    // srun kills the slower ranks once the first has left with 75 and reports their deaths; the
+                    // ranks' goodbyes (sent after the checkpoint committed) say whether the stop was orderly.
+                    if let Some(step) = coordinator.all_departed() {
+                        if step >= spec.train.steps {
+                            eprintln!("radit: all {} ranks finished", job.world);
+                            return Ok(Outcome::Completed { restarts });
+                        }
+                        eprintln!(
+                            "radit: every rank checkpointed at step {step}; exiting {REQUEUE_EXIT_CODE} so the job is requeued"
+                        );
+                        return Ok(Outcome::Requeue { restarts });
+                    }
+                    if stop_sent {
+                        // Asked to stop, and the launcher has ended: whatever the codes say, the next job resumes
+                        // from the newest committed checkpoint.
+                        eprintln!(
+                            "radit: the ranks ended ({all:?}) after the stop request without all confirming a checkpoint; \
+                             exiting {REQUEUE_EXIT_CODE}: the next job resumes from the newest committed checkpoint"
+                        );
+                        return Ok(Outcome::Requeue { restarts });
+                    }
                     let (i, e) = all
                         .iter()
                         .enumerate()
                         .find(|(_, e)| !matches!(e, Ended::Code(0)))
                         .map(|(i, e)| (i, *e))
                         .unwrap_or((0, Ended::Code(-1)));
-                    break format!("rank process {i} ended with {e}");
+                    break format!("{} ended with {e}", process(i));
                 }
             }
             match coordinator.health() {

@@ -64,21 +64,69 @@ fn write_frame(l: &mut Link, op: u8, bytes: &[u8]) -> std::io::Result<()> {
     l.writer.flush()
 }
 
+/// No frame is larger (a corrupt length must not turn into a huge allocation).
+const MAX_FRAME_BYTES: u64 = 16 << 30;
+/// How long a connecting peer has to say who it is.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
 fn read_frame(l: &mut Link) -> std::io::Result<(u8, Vec<u8>)> {
     let mut head = [0u8; 9];
     l.reader.read_exact(&mut head)?;
-    let len = u64::from_le_bytes(head[1..].try_into().unwrap_or_default()) as usize;
-    let mut bytes = vec![0u8; len];
+    let len = u64::from_le_bytes(head[1..].try_into().unwrap_or_default());
+    if len > MAX_FRAME_BYTES {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("a {len}-byte frame is larger than any collective"),
+        ));
+    }
+    let mut bytes = vec![0u8; len as usize];
     l.reader.read_exact(&mut bytes)?;
     Ok((head[0], bytes))
 }
 
+/// The group's secret from the job's token: a digest, so that the token itself never crosses the wire.
+pub fn group_secret(job_token: &str) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(b"radit tcp collective\0");
+    h.update(job_token.as_bytes());
+    h.finalize().into()
+}
+
+/// The hello a rank sends: magic, rank, world, then the group's secret (a digest of the job token), so that only
+/// ranks of this job can join the group.
+fn hello(rank: usize, world: usize, secret: &[u8; 32]) -> Vec<u8> {
+    let mut h: Vec<u8> = [HELLO, rank as u64, world as u64]
+        .iter()
+        .flat_map(|w| w.to_le_bytes())
+        .collect();
+    h.extend_from_slice(secret);
+    h
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The rank a hello announces, if it is a rank of this world with the right secret.
+fn check_hello(bytes: &[u8], world: usize, secret: &[u8; 32]) -> Option<usize> {
+    if bytes.len() != 24 + 32 || !constant_time_eq(&bytes[24..], secret) {
+        return None;
+    }
+    let word =
+        |i: usize| u64::from_le_bytes(bytes[i * 8..i * 8 + 8].try_into().unwrap_or_default());
+    let (magic, rank, w) = (word(0), word(1) as usize, word(2) as usize);
+    (magic == HELLO && w == world && (1..world).contains(&rank)).then_some(rank)
+}
+
 impl TcpCollective {
-    /// Rank 0: accepts the other `world - 1` ranks on `listener` (each says who it is first).
+    /// Rank 0: accepts the other `world - 1` ranks on `listener` (each says who it is, with the group's secret;
+    /// other connections are dropped).
     pub fn hub(
         listener: TcpListener,
         world: usize,
         timeout: Duration,
+        secret: &[u8; 32],
     ) -> Result<Self, CollectiveError> {
         let fail = |reason: String| CollectiveError::Backend {
             backend: "tcp",
@@ -93,27 +141,32 @@ impl TcpCollective {
         let mut missing = world - 1;
         while missing > 0 {
             match listener.accept() {
-                Ok((stream, _)) => {
-                    stream
+                Ok((stream, peer)) => {
+                    // A stranger (a port scan, another job) is dropped without disturbing the group.
+                    let greeted = stream
                         .set_nonblocking(false)
-                        .map_err(|e| fail(e.to_string()))?;
-                    let mut l = link(stream, timeout).map_err(|e| fail(e.to_string()))?;
-                    let (_, hello) = read_frame(&mut l).map_err(|e| fail(e.to_string()))?;
-                    let words: Vec<u64> = hello
-                        .chunks_exact(8)
-                        .map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default()))
-                        .collect();
-                    match words[..] {
-                        [HELLO, r, w]
-                            if w as usize == world && (1..world).contains(&(r as usize)) =>
-                        {
-                            if slots[r as usize - 1].replace(l).is_some() {
-                                return Err(fail(format!("rank {r} connected twice")));
-                            }
+                        .and_then(|()| link(stream, HELLO_TIMEOUT))
+                        .and_then(|mut l| Ok((read_frame(&mut l)?, l)));
+                    let Ok(((_, hello), l)) = greeted else {
+                        tracing::warn!(%peer, "dropping a connection that did not say hello");
+                        continue;
+                    };
+                    match check_hello(&hello, world, secret) {
+                        Some(r) if slots[r - 1].is_none() => {
+                            let set = l
+                                .reader
+                                .get_ref()
+                                .set_read_timeout(Some(timeout))
+                                .and_then(|()| l.writer.get_ref().set_write_timeout(Some(timeout)));
+                            set.map_err(|e| fail(e.to_string()))?;
+                            slots[r - 1] = Some(l);
                             missing -= 1;
                         }
-                        _ => {
-                            tracing::warn!("ignoring a connection that is not a rank of this world")
+                        Some(r) => {
+                            tracing::warn!(%peer, rank = r, "dropping a second connection for one rank")
+                        }
+                        None => {
+                            tracing::warn!(%peer, "dropping a connection that is not a rank of this job")
                         }
                     }
                 }
@@ -143,6 +196,7 @@ impl TcpCollective {
         world: usize,
         hub: SocketAddr,
         timeout: Duration,
+        secret: &[u8; 32],
     ) -> Result<Self, CollectiveError> {
         let deadline = Instant::now() + timeout;
         let stream = loop {
@@ -164,11 +218,7 @@ impl TcpCollective {
             reason: e.to_string(),
         };
         let mut l = link(stream, timeout).map_err(fail)?;
-        let hello: Vec<u8> = [HELLO, rank as u64, world as u64]
-            .iter()
-            .flat_map(|w| w.to_le_bytes())
-            .collect();
-        write_frame(&mut l, 0, &hello).map_err(fail)?;
+        write_frame(&mut l, 0, &hello(rank, world, secret)).map_err(fail)?;
         Ok(Self {
             rank,
             world,
@@ -214,7 +264,13 @@ impl TcpCollective {
         } else {
             let l = &mut links[0];
             write_frame(l, code, &mine).map_err(|e| io_failed(op, 0, self.timeout, e))?;
-            let (_, bytes) = read_frame(l).map_err(|e| io_failed(op, 0, self.timeout, e))?;
+            let (got, bytes) = read_frame(l).map_err(|e| io_failed(op, 0, self.timeout, e))?;
+            if got != code {
+                return Err(CollectiveError::Usage {
+                    op,
+                    reason: format!("rank 0 answered collective {got}, not {code}"),
+                });
+            }
             Ok(bytes)
         }
     }
@@ -233,11 +289,26 @@ fn from_bytes(bytes: &[u8], kind: Kind) -> Result<Tensor, CollectiveError> {
     Ok(Tensor::f_from_data_size(bytes, &[n as i64], kind)?)
 }
 
+/// Every rank must contribute as many bytes as rank 0 (same shape and kind: the collective contract).
+fn same_lengths(op: &'static str, all: &[Vec<u8>]) -> Result<(), CollectiveError> {
+    match all.iter().position(|x| x.len() != all[0].len()) {
+        None => Ok(()),
+        Some(r) => Err(CollectiveError::Usage {
+            op,
+            reason: format!(
+                "rank {r} sent {} bytes, rank 0 {}",
+                all[r].len(),
+                all[0].len()
+            ),
+        }),
+    }
+}
+
 /// Sums the contributions in rank order (as the in-process backend does).
 fn sum_in_rank_order(all: &[Vec<u8>], kind: Kind) -> Result<Tensor, CollectiveError> {
     let mut acc = from_bytes(&all[0], kind)?;
     for x in &all[1..] {
-        acc += from_bytes(x, kind)?;
+        acc = acc.f_add(&from_bytes(x, kind)?)?;
     }
     Ok(acc)
 }
@@ -257,10 +328,11 @@ impl Collective for TcpCollective {
         let kind = t.kind();
         let world = self.world;
         let got = self.exchange("all_reduce", 1, to_bytes(t), |all| {
+            same_lengths("all_reduce", &all)?;
             let sum = to_bytes(&sum_in_rank_order(&all, kind)?);
             Ok(vec![sum; world])
         })?;
-        t.copy_(&from_bytes(&got, kind)?.to_device(t.device()));
+        t.f_copy_(&from_bytes(&got, kind)?.to_device(t.device()))?;
         Ok(())
     }
 
@@ -268,9 +340,10 @@ impl Collective for TcpCollective {
         check_sizes("all_gather", input, out, self.world, true)?;
         let world = self.world;
         let got = self.exchange("all_gather", 2, to_bytes(input), |all| {
+            same_lengths("all_gather", &all)?;
             Ok(vec![all.concat(); world])
         })?;
-        out.copy_(&from_bytes(&got, input.kind())?.to_device(out.device()));
+        out.f_copy_(&from_bytes(&got, input.kind())?.to_device(out.device()))?;
         Ok(())
     }
 
@@ -279,12 +352,13 @@ impl Collective for TcpCollective {
         check_reducible("reduce_scatter", input)?;
         let (kind, world) = (input.kind(), self.world as i64);
         let got = self.exchange("reduce_scatter", 3, to_bytes(input), |all| {
+            same_lengths("reduce_scatter", &all)?;
             let sum = sum_in_rank_order(&all, kind)?;
             Ok((0..world)
                 .map(|r| to_bytes(&sum.narrow(0, r * n, n)))
                 .collect())
         })?;
-        out.copy_(&from_bytes(&got, kind)?.to_device(out.device()));
+        out.f_copy_(&from_bytes(&got, kind)?.to_device(out.device()))?;
         Ok(())
     }
 
@@ -305,7 +379,7 @@ impl Collective for TcpCollective {
         let got = self.exchange("broadcast", 4, mine, |mut all| {
             Ok(vec![std::mem::take(&mut all[root]); world])
         })?;
-        t.copy_(&from_bytes(&got, t.kind())?.to_device(t.device()));
+        t.f_copy_(&from_bytes(&got, t.kind())?.to_device(t.device()))?;
         Ok(())
     }
 
@@ -320,16 +394,20 @@ impl Collective for TcpCollective {
 mod tests {
     use super::*;
 
+    const SECRET: [u8; 32] = [7; 32];
+
     fn group(world: usize) -> Vec<TcpCollective> {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let timeout = Duration::from_secs(20);
         let spokes: Vec<_> = (1..world)
             .map(|r| {
-                std::thread::spawn(move || TcpCollective::spoke(r, world, addr, timeout).unwrap())
+                std::thread::spawn(move || {
+                    TcpCollective::spoke(r, world, addr, timeout, &SECRET).unwrap()
+                })
             })
             .collect();
-        let mut all = vec![TcpCollective::hub(listener, world, timeout).unwrap()];
+        let mut all = vec![TcpCollective::hub(listener, world, timeout, &SECRET).unwrap()];
         all.extend(spokes.into_iter().map(|h| h.join().unwrap()));
         all
     }
@@ -347,6 +425,32 @@ mod tests {
                 h.join().unwrap().unwrap();
             }
         }
+    }
+
+    #[test]
+    fn strangers_and_wrong_secrets_are_dropped_without_breaking_the_group() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let timeout = Duration::from_secs(20);
+        let hub = std::thread::spawn(move || TcpCollective::hub(listener, 2, timeout, &SECRET));
+        // A port scan, garbage, and a rank of another job (wrong secret) come first.
+        drop(TcpStream::connect(addr).unwrap());
+        let mut junk = TcpStream::connect(addr).unwrap();
+        junk.write_all(&[9u8; 9]).unwrap();
+        drop(junk);
+        let other_job = TcpCollective::spoke(1, 2, addr, timeout, &[8; 32]).unwrap();
+        let spoke = TcpCollective::spoke(1, 2, addr, timeout, &SECRET).unwrap();
+        let hub = hub.join().unwrap().unwrap();
+        drop(other_job);
+        let h = std::thread::spawn(move || {
+            let mut t = Tensor::from_slice(&[2.0f32]);
+            spoke.all_reduce_sum(&mut t).map(|()| t.double_value(&[0]))
+        });
+        let mut t = Tensor::from_slice(&[1.0f32]);
+        hub.all_reduce_sum(&mut t).unwrap();
+        assert_eq!(t.double_value(&[0]), 3.0);
+        assert_eq!(h.join().unwrap().unwrap(), 3.0);
+        assert_ne!(group_secret("a"), group_secret("b"));
     }
 
     #[test]
@@ -374,8 +478,9 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let short = Duration::from_millis(300);
-        let spoke = std::thread::spawn(move || TcpCollective::spoke(1, 2, addr, short).unwrap());
-        let hub = TcpCollective::hub(listener, 2, short).unwrap();
+        let spoke =
+            std::thread::spawn(move || TcpCollective::spoke(1, 2, addr, short, &SECRET).unwrap());
+        let hub = TcpCollective::hub(listener, 2, short, &SECRET).unwrap();
         let _silent = spoke.join().unwrap();
         assert!(matches!(
             hub.barrier(),
