@@ -260,11 +260,18 @@ impl NodeCache {
         }
         let path = self.path(key);
         let tmp = path.with_extension("partial");
-        // Write then rename: a crash never leaves a truncated object that a later read would trust.
-        if std::fs::write(&tmp, data)
-            .and_then(|()| std::fs::rename(&tmp, &path))
-            .is_err()
-        {
+        // Write then rename: a crash never leaves a truncated object that a later read would trust. The rename
+        // happens under the lock and only while the entry is still accounted for: a concurrent put may have evicted
+        // it while it was being written, and the file must not then land untracked (over the limit).
+        let written = std::fs::write(&tmp, data).and_then(|()| {
+            let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            if st.lru.iter().any(|(k, _)| k == key) {
+                std::fs::rename(&tmp, &path)
+            } else {
+                std::fs::remove_file(&tmp)
+            }
+        });
+        if written.is_err() {
             let _ = std::fs::remove_file(&tmp);
             let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(pos) = st.lru.iter().rposition(|(k, _)| k == key) {
