@@ -1,0 +1,181 @@
+//! Monitoring with the real thing: a Prometheus server (Debian's package) scrapes a running job's coordinator with
+//! the job token as its bearer credential, and its HTTP API returns the run's series; `promtool check metrics`
+//! accepts the exposition.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{radit, run_ok};
+
+fn http_get(addr: &str, path: &str, token: Option<&str>) -> String {
+    use std::io::{Read, Write};
+    // Not listening yet reads as an empty reply (the callers wait for what they need).
+    let Ok(mut s) = std::net::TcpStream::connect(addr) else {
+        return String::new();
+    };
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out.split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default()
+}
+
+fn wait_for(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !f() {
+        assert!(Instant::now() < deadline, "{what} never happened");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A 16x16 store and a long-enough job in `dir`.
+fn job(dir: &Path) -> std::path::PathBuf {
+    let (table, images) = common::synth(&dir.join("synth"), 48, "40x48", &[]);
+    let store = dir.join("store");
+    run_ok(
+        radit()
+            .args(["shard", "--no-progress", "--table"])
+            .arg(&table)
+            .arg("--images")
+            .arg(&images)
+            .args([
+                "--out",
+                store.to_str().unwrap(),
+                "--image-size",
+                "16",
+                "--shard-images",
+                "8",
+            ]),
+    );
+    let text = format!(
+        r#"
+[job]
+name = "monitored"
+run_dir = "run"
+[data]
+url = "{store}"
+window_shards = 2
+[model]
+preset = "tiny"
+[train]
+steps = 100000
+global_batch = 8
+[checkpoint]
+url = "{ckpt}"
+every = 50
+keep = 2
+[resources]
+cpu_ranks = 2
+threads_per_rank = 1
+[launcher]
+kind = "local"
+[restart]
+heartbeat_seconds = 0.2
+missed_heartbeats = 25
+"#,
+        store = store.display(),
+        ckpt = dir.join("ckpt").display()
+    );
+    let path = dir.join("job.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn prometheus_scrapes_a_running_job_and_promtool_accepts_the_exposition() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = job(dir.path());
+    let mut run = radit()
+        .arg("run")
+        .arg(&job)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let run_dir = dir.path().join("run");
+    wait_for("the coordinator", 60, || {
+        run_dir.join("coordinator.addr").exists()
+    });
+    let addr = std::fs::read_to_string(run_dir.join("coordinator.addr")).unwrap();
+    let token = std::fs::read_to_string(run_dir.join("job.token")).unwrap();
+
+    // promtool on what /metrics serves (and nothing without the token).
+    wait_for("a few steps", 120, || {
+        http_get(&addr, "/metrics", Some(&token)).contains("radit_step_seconds_median")
+    });
+    assert!(!http_get(&addr, "/metrics", None).contains("radit_step"));
+    let exposition = http_get(&addr, "/metrics", Some(&token));
+    let mut check = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool is installed by scripts/setup.sh");
+    std::io::Write::write_all(check.stdin.as_mut().unwrap(), exposition.as_bytes()).unwrap();
+    let out = check.wait_with_output().unwrap();
+    assert!(
+        out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // A real Prometheus scrapes it with the job token as its bearer credential.
+    let port = common::free_port();
+    let config = dir.path().join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: radit\n    authorization:\n      \
+             type: Bearer\n      credentials_file: {}\n    static_configs:\n      - targets: ['{addr}']\n",
+            run_dir.join("job.token").display()
+        ),
+    )
+    .unwrap();
+    let mut prometheus = Command::new("prometheus")
+        .arg(format!("--config.file={}", config.display()))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.path().join("tsdb").display()
+        ))
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let api = format!("127.0.0.1:{port}");
+    let query = |q: &str| -> serde_json::Value {
+        let body = http_get(&api, &format!("/api/v1/query?query={q}"), None);
+        serde_json::from_str(&body).unwrap_or(serde_json::Value::Null)
+    };
+    let value = |v: &serde_json::Value| -> Option<f64> {
+        v["data"]["result"][0]["value"][1].as_str()?.parse().ok()
+    };
+    wait_for("Prometheus to scrape the run", 60, || {
+        value(&query("radit_step")).is_some_and(|s| s > 0.0)
+    });
+    assert_eq!(value(&query("radit_ranks_joined")), Some(2.0));
+    assert_eq!(value(&query("radit_world_size")), Some(2.0));
+    assert_eq!(value(&query("sum(radit_rank_alive)")), Some(2.0));
+    let up = query("up{job=\"radit\"}");
+    assert_eq!(value(&up), Some(1.0), "{up}");
+
+    let _ = prometheus.kill();
+    let _ = prometheus.wait();
+    // SAFETY: kill(2) on the `radit run` this test started; SIGTERM makes it checkpoint and exit 75.
+    unsafe { libc::kill(run.id() as i32, libc::SIGTERM) };
+    let status = run.wait().unwrap();
+    assert_eq!(status.code(), Some(75));
+}
