@@ -10,7 +10,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use radit_coordinator::{ClientError, CoordinatorClient, Heartbeat, JobToken, JoinRequest};
+use radit_coordinator::{
+    ClientError, CoordinatorClient, Heartbeat, JobToken, JoinRequest, RankStats,
+};
 use radit_launch::supervise::env;
 use radit_trainer::collective::{self, Collective, mpi, tcp, tcp::TcpCollective};
 use radit_trainer::progress;
@@ -45,6 +47,27 @@ impl Drop for Membership {
         if let Some(p) = &self.pid_file {
             let _ = std::fs::remove_file(p);
         }
+    }
+}
+
+/// The trainer's counters as the coordinator's wire format.
+fn wire_stats(s: progress::Stats) -> RankStats {
+    RankStats {
+        steps: s.steps_total,
+        images: s.images_total,
+        tokens: s.tokens_total,
+        model_flops: s.model_flops_total,
+        data_wait_seconds: s.data_wait_seconds_total,
+        step_seconds_bounds: progress::STEP_SECONDS_BUCKETS.to_vec(),
+        step_seconds_buckets: s.step_seconds_buckets,
+        step_seconds_count: s.step_seconds_count,
+        step_seconds_sum: s.step_seconds_sum,
+        skipped_steps: s.skipped_steps_total,
+        loss: s.loss,
+        grad_norm: s.grad_norm,
+        learning_rate: s.learning_rate,
+        checkpoint_stall_seconds: s.checkpoint_stall_seconds,
+        checkpoints: s.checkpoints_total,
     }
 }
 
@@ -137,6 +160,7 @@ pub fn join_run(
                     step: progress::step(),
                     done: false,
                     phase: Some(progress::phase().name().into()),
+                    stats: progress::stats().map(wire_stats),
                 });
                 match beat {
                     Ok(r) => {
@@ -185,6 +209,7 @@ pub fn join_run(
                     step: progress::step(),
                     done: true,
                     phase: Some(progress::phase().name().into()),
+                    stats: progress::stats().map(wire_stats),
                 });
             }
         })

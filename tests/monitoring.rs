@@ -83,6 +83,8 @@ kind = "local"
 [restart]
 heartbeat_seconds = 0.2
 missed_heartbeats = 25
+[monitoring]
+peak_tflops_per_device = 0.05
 "#,
         store = store.display(),
         ckpt = dir.join("ckpt").display()
@@ -171,6 +173,31 @@ fn prometheus_scrapes_a_running_job_and_promtool_accepts_the_exposition() {
     assert_eq!(value(&query("sum(radit_rank_alive)")), Some(2.0));
     let up = query("up{job=\"radit\"}");
     assert_eq!(value(&up), Some(1.0), "{up}");
+    // What the ranks report through their heartbeats: throughput, loss, step time per rank, MFU's parts.
+    wait_for("training counters", 60, || {
+        value(&query("radit_images_total")).is_some_and(|v| v > 0.0)
+    });
+    for q in [
+        "radit_tokens_total",
+        "radit_model_flops_total",
+        "radit_loss",
+        "radit_grad_norm",
+        "radit_learning_rate",
+        "radit_progress_ratio",
+        "radit_peak_flops_per_second",
+    ] {
+        assert!(
+            value(&query(q)).is_some_and(f64::is_finite),
+            "{q}: {}",
+            query(q)
+        );
+    }
+    let per_rank = query("radit_step_duration_seconds_count");
+    assert_eq!(
+        per_rank["data"]["result"].as_array().map(Vec::len),
+        Some(2),
+        "one step-time histogram per rank: {per_rank}"
+    );
 
     let _ = prometheus.kill();
     let _ = prometheus.wait();

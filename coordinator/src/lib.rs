@@ -29,7 +29,7 @@ mod token;
 pub use client::{ClientError, CoordinatorClient};
 pub use server::{
     Coordinator, CoordinatorConfig, Heartbeat, HeartbeatReply, JobHealth, JoinReply, JoinRequest,
-    RankState, serve,
+    RankState, RankStats, serve,
 };
 pub use service::Service;
 pub use token::JobToken;

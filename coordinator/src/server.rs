@@ -32,6 +32,10 @@ pub struct CoordinatorConfig {
     pub hang_min: Duration,
     /// Until the first step is finished (start-up: building the model, loading a checkpoint), the deadline.
     pub hang_startup: Duration,
+    /// The run's steps, for progress and ETA in the metrics.
+    pub total_steps: Option<u64>,
+    /// Peak dense FLOP/s of one device, for MFU in the metrics.
+    pub peak_flops_per_device: Option<f64>,
 }
 
 impl CoordinatorConfig {
@@ -45,6 +49,8 @@ impl CoordinatorConfig {
             hang_factor: 10.0,
             hang_min: Duration::from_secs(300),
             hang_startup: Duration::from_secs(900),
+            total_steps: None,
+            peak_flops_per_device: None,
         }
     }
 }
@@ -86,6 +92,32 @@ pub struct Heartbeat {
     /// from now on is not a death.
     #[serde(default)]
     pub done: bool,
+    /// The rank's training counters so far (after its first step).
+    #[serde(default)]
+    pub stats: Option<RankStats>,
+}
+
+/// What a rank reports about its training, cumulative since it started (a restarted rank starts from zero; the
+/// coordinator keeps what earlier generations counted).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RankStats {
+    pub steps: u64,
+    pub images: u64,
+    pub tokens: u64,
+    pub model_flops: f64,
+    pub data_wait_seconds: f64,
+    /// Upper bounds of the step-time buckets and the cumulative count in each.
+    pub step_seconds_bounds: Vec<f64>,
+    pub step_seconds_buckets: Vec<u64>,
+    pub step_seconds_count: u64,
+    pub step_seconds_sum: f64,
+    pub skipped_steps: u64,
+    pub loss: f64,
+    pub grad_norm: f64,
+    pub learning_rate: f64,
+    pub checkpoint_stall_seconds: f64,
+    pub checkpoints: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -146,6 +178,7 @@ struct Member {
     step: u64,
     phase: String,
     departed: bool,
+    stats: Option<RankStats>,
 }
 
 struct Inner {
@@ -159,6 +192,8 @@ struct Inner {
     /// Recent seconds per step (of the slowest rank), for the hang deadline.
     step_seconds: std::collections::VecDeque<f64>,
     hangs_detected: u64,
+    /// Counters of earlier generations (their ranks are gone), so that totals never go backwards.
+    earlier: RankStats,
     /// Members joined, and how many members are at each step: heartbeats update both in O(log world) (thousands
     /// of ranks heart-beating must not each scan the whole world).
     joined: usize,
@@ -218,6 +253,7 @@ impl Coordinator {
                 progress: (0, Instant::now()),
                 step_seconds: std::collections::VecDeque::new(),
                 hangs_detected: 0,
+                earlier: RankStats::default(),
                 joined: 0,
                 steps: Default::default(),
             }),
@@ -441,6 +477,145 @@ impl Coordinator {
             "gauge",
             &per_rank(&|r| f64::from(u8::from(dead == Some(r.rank)))),
         );
+        gauge(
+            "radit_restarts_total",
+            "Relaunches of every rank after a failure.",
+            "counter",
+            &one(inner.generation.saturating_sub(1) as f64),
+        );
+        if let Some(total) = self.cfg.total_steps {
+            gauge(
+                "radit_progress_ratio",
+                "Finished steps over the run's steps.",
+                "gauge",
+                &one(inner.progress.0 as f64 / total.max(1) as f64),
+            );
+            if let Some(m) = inner.median_step_seconds() {
+                gauge(
+                    "radit_eta_seconds",
+                    "Seconds to the last step at the median step time.",
+                    "gauge",
+                    &one(m * total.saturating_sub(inner.progress.0) as f64),
+                );
+            }
+        }
+        if let Some(peak) = self.cfg.peak_flops_per_device {
+            gauge(
+                "radit_peak_flops_per_second",
+                "Peak dense FLOP/s of the whole job (devices x the configured per-device peak); MFU = rate(radit_model_flops_total) / this.",
+                "gauge",
+                &one(peak * self.cfg.world as f64),
+            );
+        }
+        let stats: Vec<(usize, &RankStats)> = inner
+            .members
+            .iter()
+            .enumerate()
+            .filter_map(|(r, m)| Some((r, m.as_ref()?.stats.as_ref()?)))
+            .collect();
+        if stats.is_empty() {
+            return out;
+        }
+        let e = &inner.earlier;
+        let sum = |f: &dyn Fn(&RankStats) -> f64| stats.iter().map(|(_, s)| f(s)).sum::<f64>();
+        let counter = |name: &str, help: &str, v: f64, out: &mut String| {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
+            );
+        };
+        let mut more = String::new();
+        counter(
+            "radit_images_total",
+            "Training images processed (all ranks, all generations).",
+            e.images as f64 + sum(&|s| s.images as f64),
+            &mut more,
+        );
+        counter(
+            "radit_tokens_total",
+            "Training tokens (patches) processed.",
+            e.tokens as f64 + sum(&|s| s.tokens as f64),
+            &mut more,
+        );
+        counter(
+            "radit_model_flops_total",
+            "Model FLOPs of forward and backward.",
+            e.model_flops + sum(&|s| s.model_flops),
+            &mut more,
+        );
+        counter(
+            "radit_data_wait_seconds_total",
+            "Seconds ranks waited for their batches (summed over ranks).",
+            e.data_wait_seconds + sum(&|s| s.data_wait_seconds),
+            &mut more,
+        );
+        // Every rank sees the same global loss, gradient norm, learning rate and skips: rank 0's (or the first
+        // reporting rank's) are the run's.
+        let (_, first) = stats[0];
+        counter(
+            "radit_skipped_steps_total",
+            "Steps skipped for a non-finite loss or gradient.",
+            e.skipped_steps as f64 + first.skipped_steps as f64,
+            &mut more,
+        );
+        counter(
+            "radit_checkpoints_total",
+            "Checkpoints started.",
+            e.checkpoints as f64 + first.checkpoints as f64,
+            &mut more,
+        );
+        let mut g = |name: &str, help: &str, v: f64| {
+            let _ = writeln!(
+                more,
+                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}"
+            );
+        };
+        g(
+            "radit_loss",
+            "Mean training loss over the global batch of the last step.",
+            first.loss,
+        );
+        g(
+            "radit_grad_norm",
+            "Global gradient norm before clipping, last step.",
+            first.grad_norm,
+        );
+        g(
+            "radit_learning_rate",
+            "Learning rate of the last step.",
+            first.learning_rate,
+        );
+        g(
+            "radit_checkpoint_stall_seconds",
+            "Seconds training stalled for the last checkpoint (slowest rank).",
+            stats
+                .iter()
+                .map(|(_, s)| s.checkpoint_stall_seconds)
+                .fold(0.0, f64::max),
+        );
+        // Step time per rank, as a histogram: the worst rank shows who holds the others up.
+        let name = "radit_step_duration_seconds";
+        let _ = writeln!(
+            more,
+            "# HELP {name} Seconds per training step, per rank.\n# TYPE {name} histogram"
+        );
+        for (r, s) in &stats {
+            for (bound, count) in s.step_seconds_bounds.iter().zip(&s.step_seconds_buckets) {
+                let _ = writeln!(more, "{name}_bucket{{rank=\"{r}\",le=\"{bound}\"}} {count}");
+            }
+            let _ = writeln!(
+                more,
+                "{name}_bucket{{rank=\"{r}\",le=\"+Inf\"}} {}",
+                s.step_seconds_count
+            );
+            let _ = writeln!(more, "{name}_sum{{rank=\"{r}\"}} {}", s.step_seconds_sum);
+            let _ = writeln!(
+                more,
+                "{name}_count{{rank=\"{r}\"}} {}",
+                s.step_seconds_count
+            );
+        }
+        out.push_str(&more);
         out
     }
 
@@ -453,6 +628,22 @@ impl Coordinator {
     pub fn new_generation(&self) -> u64 {
         let mut inner = self.lock();
         inner.generation += 1;
+        let finished: Vec<RankStats> = inner
+            .members
+            .iter()
+            .flatten()
+            .filter_map(|m| m.stats.clone())
+            .collect();
+        for st in finished {
+            let e = &mut inner.earlier;
+            e.steps += st.steps;
+            e.images += st.images;
+            e.tokens += st.tokens;
+            e.model_flops += st.model_flops;
+            e.data_wait_seconds += st.data_wait_seconds;
+            e.skipped_steps += st.skipped_steps;
+            e.checkpoints += st.checkpoints;
+        }
         inner.members = (0..self.cfg.world).map(|_| None).collect();
         inner.joined = 0;
         inner.steps.clear();
@@ -521,6 +712,7 @@ async fn join(State(c): State<Arc<Coordinator>>, Json(req): Json<JoinRequest>) -
             step: 0,
             phase: "starting".into(),
             departed: false,
+            stats: None,
         });
         inner.joined += 1;
         inner.move_step(None, 0);
@@ -605,6 +797,9 @@ async fn heartbeat(State(c): State<Arc<Coordinator>>, Json(hb): Json<Heartbeat>)
     }
     if hb.done {
         m.departed = true;
+    }
+    if let Some(st) = hb.stats {
+        m.stats = Some(st);
     }
     if before != hb.step {
         inner.move_step(Some(before), hb.step);

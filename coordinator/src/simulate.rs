@@ -149,6 +149,7 @@ pub fn simulate(cfg: &SimConfig) -> std::io::Result<SimReport> {
                         generation: 0,
                         step: k,
                         done: false,
+                        stats: None,
                         phase: Some("compute".into()),
                     });
                     match r {

@@ -32,6 +32,7 @@ fn beat(
         generation,
         step,
         done: false,
+        stats: None,
         phase: Some(phase.into()),
     })
 }
@@ -373,6 +374,7 @@ fn a_rank_that_said_goodbye_is_not_dead_and_the_run_is_not_hung() {
         step: 60,
         phase: Some("checkpoint".into()),
         done: true,
+        stats: None,
     })
     .unwrap();
     assert_eq!(
@@ -392,6 +394,7 @@ fn a_rank_that_said_goodbye_is_not_dead_and_the_run_is_not_hung() {
         step: 60,
         phase: None,
         done: true,
+        stats: None,
     })
     .unwrap();
     assert_eq!(svc.coordinator.all_departed(), Some(60));

@@ -236,12 +236,17 @@ pub struct MonitoringSpec {
     /// Seconds between progress lines on stderr (0: none).
     #[serde(default = "default_progress")]
     pub progress_seconds: f64,
+    /// Peak dense TFLOP/s of one device, for MFU (default on GPUs: 989, the H100/GH200 dense bf16 peak; none on
+    /// CPU ranks).
+    #[serde(default)]
+    pub peak_tflops_per_device: Option<f64>,
 }
 
 impl Default for MonitoringSpec {
     fn default() -> Self {
         Self {
             progress_seconds: default_progress(),
+            peak_tflops_per_device: None,
         }
     }
 }
@@ -463,6 +468,19 @@ impl Job {
 
     pub fn token_path(&self) -> PathBuf {
         self.run_dir.join("job.token")
+    }
+
+    /// Peak FLOP/s of one device for MFU: the configured one, else the GH200's dense bf16 peak on GPUs.
+    pub fn peak_flops_per_device(&self) -> Option<f64> {
+        let tflops = self
+            .spec
+            .monitoring
+            .peak_tflops_per_device
+            .or(match self.device {
+                RankDevice::Cuda => Some(989.0),
+                RankDevice::Cpu => None,
+            });
+        tflops.map(|t| t * 1e12)
     }
 
     pub fn heartbeat_interval(&self) -> Duration {

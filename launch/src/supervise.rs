@@ -132,6 +132,8 @@ pub fn supervise(
     ccfg.hang_factor = spec.restart.hang_factor;
     ccfg.hang_min = Duration::from_secs_f64(spec.restart.hang_min_seconds);
     ccfg.hang_startup = Duration::from_secs_f64(spec.restart.hang_startup_seconds);
+    ccfg.total_steps = Some(spec.train.steps);
+    ccfg.peak_flops_per_device = job.peak_flops_per_device();
     let join_deadline = ccfg.join_timeout + Duration::from_secs(30);
     let bind_error =
         |e: String| SuperviseError(format!("coordinator.bind `{}`: {e}", spec.coordinator.bind));

@@ -2,6 +2,7 @@
 //! collective, checkpoint). The coordinator uses the phase to name the culprit of a hang: the ranks waiting in a
 //! collective are victims, the one that is not is the culprit. One rank per process, so these are process-wide.
 
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -91,4 +92,85 @@ pub fn fault_at(var: &str) -> Option<(u64, u64)> {
     }
     let (r, s) = value.split_once(':')?;
     Some((r.trim().parse().ok()?, s.trim().parse().ok()?))
+}
+
+/// Upper bounds (seconds) of the step-time histogram's buckets.
+pub const STEP_SECONDS_BUCKETS: [f64; 14] = [
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 60.0, 120.0, 300.0,
+];
+
+/// This rank's training counters and latest values, sent with its heartbeats (the coordinator exports them).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Stats {
+    pub steps_total: u64,
+    pub images_total: u64,
+    pub tokens_total: u64,
+    /// Model FLOPs of forward + backward (3 x the forward, from the model's own costing), for MFU.
+    pub model_flops_total: f64,
+    pub data_wait_seconds_total: f64,
+    /// Step durations: cumulative counts per bucket of [`STEP_SECONDS_BUCKETS`], their count and sum.
+    pub step_seconds_buckets: Vec<u64>,
+    pub step_seconds_count: u64,
+    pub step_seconds_sum: f64,
+    pub skipped_steps_total: u64,
+    pub loss: f64,
+    pub grad_norm: f64,
+    pub learning_rate: f64,
+    /// Seconds training stalled for the last checkpoint (the copy to host memory), and how many were started.
+    pub checkpoint_stall_seconds: f64,
+    pub checkpoints_total: u64,
+}
+
+static STATS: Mutex<Option<Stats>> = Mutex::new(None);
+
+fn with_stats(f: impl FnOnce(&mut Stats)) {
+    let mut g = STATS.lock().unwrap_or_else(|e| e.into_inner());
+    f(g.get_or_insert_with(|| Stats {
+        step_seconds_buckets: vec![0; STEP_SECONDS_BUCKETS.len()],
+        ..Stats::default()
+    }));
+}
+
+/// One finished step of this rank.
+#[allow(clippy::too_many_arguments)]
+pub fn record_step(
+    seconds: f64,
+    data_wait: f64,
+    images: u64,
+    tokens: u64,
+    flops: f64,
+    loss: f64,
+    grad_norm: f64,
+    lr: f64,
+    skipped: bool,
+) {
+    with_stats(|s| {
+        s.steps_total += 1;
+        s.images_total += images;
+        s.tokens_total += tokens;
+        s.model_flops_total += flops;
+        s.data_wait_seconds_total += data_wait;
+        for (b, bound) in s.step_seconds_buckets.iter_mut().zip(STEP_SECONDS_BUCKETS) {
+            if seconds <= bound {
+                *b += 1;
+            }
+        }
+        s.step_seconds_count += 1;
+        s.step_seconds_sum += seconds;
+        s.skipped_steps_total += u64::from(skipped);
+        (s.loss, s.grad_norm, s.learning_rate) = (loss, grad_norm, lr);
+    });
+}
+
+/// A checkpoint was started; training stalled `seconds` for it.
+pub fn record_checkpoint(seconds: f64) {
+    with_stats(|s| {
+        s.checkpoints_total += 1;
+        s.checkpoint_stall_seconds = seconds;
+    });
+}
+
+/// The counters so far (`None` before the first step).
+pub fn stats() -> Option<Stats> {
+    STATS.lock().unwrap_or_else(|e| e.into_inner()).clone()
 }

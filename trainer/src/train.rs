@@ -341,8 +341,11 @@ pub fn train(
     // Fault injection for the tests: `RANK:STEP` makes that rank hang (sleep, heart-beating) in step STEP.
     let hang_at = progress::fault_at("RADIT_FAULT_HANG");
     progress::set_step(step);
+    let tokens_per_image = (model_cfg.input_size / model_cfg.patch_size).pow(2) as u64;
+    let flops_per_token = model_cfg.training_flops_per_token();
     while step < cfg.train.steps {
         progress::set_phase(Phase::Data);
+        let step_started = Instant::now();
         let waited = Instant::now();
         let batch = loader
             .next_batch()?
@@ -350,7 +353,8 @@ pub fn train(
                 field: "data".into(),
                 reason: "the training loader ended".into(),
             })?;
-        window.2 += waited.elapsed().as_secs_f64();
+        let data_wait = waited.elapsed().as_secs_f64();
+        window.2 += data_wait;
         let mut batch = batch;
         cfg.flow.drop_conditions(
             cfg.train.seed,
@@ -393,6 +397,18 @@ pub fn train(
         let lr = cfg.engine.adam.lr_at(engine.adam_steps());
         let report = engine.optimizer_step(loss_sum, lr)?;
         step += 1;
+        let images = x1.size()[0] as u64;
+        progress::record_step(
+            step_started.elapsed().as_secs_f64(),
+            data_wait,
+            images,
+            images * tokens_per_image,
+            images as f64 * tokens_per_image as f64 * flops_per_token,
+            report.loss,
+            report.grad_norm,
+            report.lr,
+            report.skipped,
+        );
         progress::set_step(step);
         window.1 += cfg.train.global_batch;
         if report.skipped || step % cfg.train.log_every.max(1) == 0 || step == cfg.train.steps {
@@ -478,7 +494,9 @@ pub fn train(
                     config: serde_json::to_value(cfg).unwrap_or_default(),
                 };
                 let _phase = progress::enter(Phase::Checkpoint);
+                let stall = Instant::now();
                 c.save(&engine, state)?;
+                progress::record_checkpoint(stall.elapsed().as_secs_f64());
             }
             if let Some(done) = c.poll(engine.collective())? {
                 last_checkpoint = Some(done);
