@@ -199,6 +199,61 @@ fn prometheus_scrapes_a_running_job_and_promtool_accepts_the_exposition() {
         "one step-time histogram per rank: {per_rank}"
     );
 
+    // The dashboard: every metric it names is one the coordinator exports, and every query is valid PromQL
+    // that Prometheus answers for this job.
+    let exposition = http_get(&addr, "/metrics", Some(&token));
+    let mut exported = std::collections::BTreeSet::new();
+    for line in exposition.lines() {
+        let mut f = line.split_whitespace();
+        if let (Some("#"), Some("TYPE"), Some(name), Some(kind)) =
+            (f.next(), f.next(), f.next(), f.next())
+        {
+            exported.insert(name.to_string());
+            if kind == "histogram" {
+                for suffix in ["_bucket", "_sum", "_count"] {
+                    exported.insert(format!("{name}{suffix}"));
+                }
+            }
+        }
+    }
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(common::repo().join("monitoring/grafana/radit-dashboard.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    let panels = dashboard["panels"].as_array().unwrap();
+    assert!(panels.len() >= 10);
+    for panel in panels {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            let mut rest = expr;
+            while let Some(at) = rest.find("radit_") {
+                let name: String = rest[at..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                assert!(
+                    exported.contains(&name),
+                    "panel {:?} queries {name}, which the coordinator does not export",
+                    panel["title"]
+                );
+                rest = &rest[at + name.len()..];
+            }
+            let q = expr.replace("$job", "radit");
+            let encoded: String = q
+                .bytes()
+                .map(|b| match b {
+                    b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'_' | b'.' | b'-' => {
+                        (b as char).to_string()
+                    }
+                    _ => format!("%{b:02X}"),
+                })
+                .collect();
+            let answer = query(&encoded);
+            assert_eq!(answer["status"], "success", "{q}: {answer}");
+        }
+    }
+
     let _ = prometheus.kill();
     let _ = prometheus.wait();
     // SAFETY: kill(2) on the `radit run` this test started; SIGTERM makes it checkpoint and exit 75.
