@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs everything radit needs on a fresh Debian machine. Safe to re-run: each step checks first.
-#  - Debian packages (build helpers, OpenMPI, Prometheus + promtool for the monitoring tests; Slurm comes from
+#  - Debian packages (build helpers, OpenMPI, Prometheus + promtool + Pushgateway for the monitoring tests; Slurm comes from
 #    scripts/slurm-local.sh)
 #  - a Python virtualenv with PyTorch 2.13.0 (the libtorch tch links) and the test/benchmark packages, cached
 #    outside the repository in $RADIT_CACHE (default ~/.cache/radit), keyed by the torch version
@@ -12,7 +12,7 @@ source "$root/scripts/env.sh"
 log() { printf '[setup] %s\n' "$*" >&2; }
 
 # OpenMPI (mpirun, and the library and headers the mpi crate binds with libclang) for the CPU collectives.
-apt_packages=(pkg-config openmpi-bin libopenmpi-dev libclang-dev prometheus)
+apt_packages=(pkg-config openmpi-bin libopenmpi-dev libclang-dev prometheus prometheus-pushgateway)
 missing=()
 for p in "${apt_packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

@@ -4,14 +4,16 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use std::io::Write;
 
+use radit_monitoring::{Pusher, Pushgateway};
 use radit_sharding::ShardError;
 use radit_sharding::audit::{self, AuditRequest};
-use radit_sharding::ingest::{IngestOutcome, RunOptions, ingest};
+use radit_sharding::ingest::{IngestOutcome, IngestProgress, RunOptions, ingest};
 use radit_sharding::layout::{Compression, StoreLayout};
 use radit_sharding::loader::{CacheConfig, LoaderConfig, ModelInput, Pass};
 use radit_sharding::manifest::{IngestSettings, Manifest, verify};
@@ -148,6 +150,13 @@ struct ShardArgs {
     /// Do not draw a progress bar.
     #[arg(long)]
     no_progress: bool,
+    /// Push ingest progress (radit_ingest_*) to this Prometheus Pushgateway (http://host:9091) under
+    /// job=radit-shard, instance=<this host>; the final state stays there when the ingest ends.
+    #[arg(long, value_name = "URL")]
+    pushgateway: Option<String>,
+    /// Seconds between pushes.
+    #[arg(long, default_value_t = 15.0)]
+    push_seconds: f64,
     /// Print at most this many rejected rows (all are in manifest.json).
     #[arg(long, default_value_t = 50)]
     show_rejected: usize,
@@ -354,14 +363,36 @@ fn run_shard(a: ShardArgs) -> anyhow::Result<u8> {
         anyhow::bail!("--table, --images and --out are required to ingest");
     };
     let settings = shard_settings(&a);
+    let metrics = Arc::new(IngestProgress::default());
+    let pusher = match &a.pushgateway {
+        Some(url) => {
+            anyhow::ensure!(a.push_seconds >= 0.1, "--push-seconds must be at least 0.1");
+            let host = radit_coordinator::service::hostname().unwrap_or_else(|| "unknown".into());
+            let gateway = Pushgateway::new(url, "radit-shard", &[("instance", &host)])
+                .context("--pushgateway")?;
+            let m = metrics.clone();
+            Some(Pusher::start(
+                gateway,
+                std::time::Duration::from_secs_f64(a.push_seconds),
+                move || m.exposition(),
+            ))
+        }
+        None => None,
+    };
     let opts = RunOptions {
         threads: a.threads,
         progress: !a.no_progress,
         stop_after_shards: a.stop_after_shards,
+        metrics: Some(metrics),
     };
     let started = std::time::Instant::now();
-    let outcome = ingest(table, images, out, &settings, &opts)
-        .with_context(|| format!("ingesting {} into {out}", table.display()))?;
+    let outcome = ingest(table, images, out, &settings, &opts);
+    if let Some(p) = pusher
+        && let Err(e) = p.finish_keeping_last()
+    {
+        eprintln!("radit: could not push the final ingest metrics: {e}");
+    }
+    let outcome = outcome.with_context(|| format!("ingesting {} into {out}", table.display()))?;
     match outcome {
         IngestOutcome::Interrupted { written_shards } => {
             println!(
@@ -501,8 +532,10 @@ fn run_quickstart(a: QuickstartArgs) -> anyhow::Result<u8> {
     let code = run_cli::run(run_cli::RunArgs::new(job))?;
     if code == 0 {
         println!(
-            "done: samples in {}; the store opens with zarr-python: zarr.open_group('{}', mode='r')",
+            "done: samples in {}, sheets drawn while training in {}; the store opens with zarr-python: \
+             zarr.open_group('{}', mode='r')",
             dir.join("run/samples/contact_sheet.png").display(),
+            dir.join("run/samples/progress").display(),
             store.display()
         );
     }
@@ -568,6 +601,8 @@ progress_seconds = 5.0
 [samples]
 count = 16
 steps = 32
+# A contact sheet of the EMA's samples every 100 steps (samples/progress/), to watch it learn.
+every = 100
 "#,
         job = dir.join("job.toml").display(),
         store = dir.join("store").display(),

@@ -68,13 +68,17 @@ fn wire_stats(s: progress::Stats) -> RankStats {
         learning_rate: s.learning_rate,
         checkpoint_stall_seconds: s.checkpoint_stall_seconds,
         checkpoints: s.checkpoints_total,
+        checkpoint_write_seconds: s.checkpoint_write_seconds,
+        checkpoint_save_seconds: s.checkpoint_save_seconds,
+        checkpoint_bytes: s.checkpoint_bytes_total,
+        local_loss: s.local_loss,
+        device_memory_used_bytes: s.device_memory_used_bytes,
+        device_memory_total_bytes: s.device_memory_total_bytes,
     }
 }
 
 fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .unwrap_or_else(|_| "unknown".into())
+    radit_coordinator::service::hostname().unwrap_or_else(|| "unknown".into())
 }
 
 /// `Some` when this process was started by `radit run` (RADIT_COORDINATOR is set).

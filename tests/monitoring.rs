@@ -1,6 +1,7 @@
 //! Monitoring with the real thing: a Prometheus server (Debian's package) scrapes a running job's coordinator with
 //! the job token as its bearer credential, and its HTTP API returns the run's series; `promtool check metrics`
-//! accepts the exposition.
+//! accepts the exposition; the job pushes to a real Pushgateway and deletes its series when it ends; `radit shard`
+//! pushes its ingest progress; the run prints its periodic line and writes preview sheets.
 
 mod common;
 
@@ -39,13 +40,66 @@ fn wait_for(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
     }
 }
 
-/// A 16x16 store and a long-enough job in `dir`.
-fn job(dir: &Path) -> std::path::PathBuf {
+/// A Pushgateway (Debian's prometheus-pushgateway) on a free loopback port, killed on drop.
+struct Gateway {
+    child: std::process::Child,
+    addr: String,
+}
+
+impl Gateway {
+    fn start(dir: &Path) -> Self {
+        let addr = format!("127.0.0.1:{}", common::free_port());
+        let child = Command::new("prometheus-pushgateway")
+            .arg(format!("--web.listen-address={addr}"))
+            .current_dir(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("prometheus-pushgateway is installed by scripts/setup.sh");
+        wait_for("the Pushgateway", 30, || {
+            http_get(&addr, "/-/ready", None).contains("OK")
+        });
+        Self { child, addr }
+    }
+
+    /// The pushed series of one job, as lines of the gateway's own exposition.
+    fn series(&self, job: &str) -> Vec<String> {
+        let label = format!("job=\"{job}\"");
+        http_get(&self.addr, "/metrics", None)
+            .lines()
+            .filter(|l| l.starts_with("radit_") && l.contains(&label))
+            .map(str::to_string)
+            .collect()
+    }
+
+    fn value(&self, job: &str, metric: &str) -> Option<f64> {
+        self.series(job)
+            .iter()
+            .find(|l| l.starts_with(&format!("{metric}{{")))?
+            .rsplit(' ')
+            .next()?
+            .parse()
+            .ok()
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A 16x16 store (sharded with its progress pushed to `gateway`) and a long-enough job in `dir` that pushes there
+/// too and draws a preview sheet every 20 steps.
+fn job(dir: &Path, gateway: &str) -> std::path::PathBuf {
     let (table, images) = common::synth(&dir.join("synth"), 48, "40x48", &[]);
     let store = dir.join("store");
     run_ok(
         radit()
-            .args(["shard", "--no-progress", "--table"])
+            .args(["shard", "--no-progress", "--pushgateway"])
+            .arg(format!("http://{gateway}"))
+            .args(["--push-seconds", "0.2", "--table"])
             .arg(&table)
             .arg("--images")
             .arg(&images)
@@ -85,6 +139,13 @@ heartbeat_seconds = 0.2
 missed_heartbeats = 25
 [monitoring]
 peak_tflops_per_device = 0.05
+progress_seconds = 1.0
+pushgateway = "http://{gateway}"
+push_seconds = 0.3
+[samples]
+every = 20
+count = 4
+steps = 3
 "#,
         store = store.display(),
         ckpt = dir.join("ckpt").display()
@@ -97,12 +158,43 @@ peak_tflops_per_device = 0.05
 #[test]
 fn prometheus_scrapes_a_running_job_and_promtool_accepts_the_exposition() {
     let dir = tempfile::tempdir().unwrap();
-    let job = job(dir.path());
+    let gateway = Gateway::start(dir.path());
+    let job = job(dir.path(), &gateway.addr);
+
+    // `radit shard` left its final ingest state on the Pushgateway: all 48 rows done, the store complete.
+    assert_eq!(
+        gateway.value("radit-shard", "radit_ingest_complete"),
+        Some(1.0)
+    );
+    assert_eq!(
+        gateway.value("radit-shard", "radit_ingest_rows"),
+        Some(48.0)
+    );
+    assert_eq!(
+        gateway.value("radit-shard", "radit_ingest_rows_done"),
+        Some(48.0)
+    );
+    assert_eq!(
+        gateway.value("radit-shard", "radit_ingest_progress_ratio"),
+        Some(1.0)
+    );
+    assert!(
+        gateway
+            .value("radit-shard", "radit_ingest_shards_written_total")
+            .is_some_and(|v| v >= 6.0)
+            && gateway
+                .value("radit-shard", "radit_ingest_bytes_written_total")
+                .is_some_and(|v| v > 0.0),
+        "{:?}",
+        gateway.series("radit-shard")
+    );
+
+    let stderr_path = dir.path().join("run.stderr");
     let mut run = radit()
         .arg("run")
         .arg(&job)
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(&stderr_path).unwrap())
         .spawn()
         .unwrap();
     let run_dir = dir.path().join("run");
@@ -141,8 +233,10 @@ fn prometheus_scrapes_a_running_job_and_promtool_accepts_the_exposition() {
         &config,
         format!(
             "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: radit\n    authorization:\n      \
-             type: Bearer\n      credentials_file: {}\n    static_configs:\n      - targets: ['{addr}']\n",
-            run_dir.join("job.token").display()
+             type: Bearer\n      credentials_file: {}\n    static_configs:\n      - targets: ['{addr}']\n  \
+             - job_name: pushgateway\n    honor_labels: true\n    static_configs:\n      - targets: ['{}']\n",
+            run_dir.join("job.token").display(),
+            gateway.addr
         ),
     )
     .unwrap();
@@ -198,6 +292,29 @@ fn prometheus_scrapes_a_running_job_and_promtool_accepts_the_exposition() {
         Some(2),
         "one step-time histogram per rank: {per_rank}"
     );
+    // A committed checkpoint: its bytes, write and save durations.
+    wait_for("a committed checkpoint in the metrics", 120, || {
+        value(&query("radit_checkpoint_bytes_total")).is_some_and(|v| v > 0.0)
+    });
+    for q in [
+        "radit_checkpoint_write_seconds",
+        "radit_checkpoint_save_seconds",
+        "radit_loss_max",
+    ] {
+        assert!(
+            value(&query(q)).is_some_and(|v| v.is_finite() && v > 0.0),
+            "{q}: {}",
+            query(q)
+        );
+    }
+    assert!(value(&query("radit_loss_max")) >= value(&query("radit_loss")));
+
+    // The same series reach the Pushgateway, under the job's name.
+    wait_for("the job's series on the Pushgateway", 30, || {
+        gateway
+            .value("monitored", "radit_images_total")
+            .is_some_and(|v| v > 0.0)
+    });
 
     // The dashboard: every metric it names is one the coordinator exports, and every query is valid PromQL
     // that Prometheus answers for this job.
@@ -215,6 +332,16 @@ fn prometheus_scrapes_a_running_job_and_promtool_accepts_the_exposition() {
                 }
             }
         }
+    }
+    // Shown on GPU ranks only (a coordinator test covers their exposition).
+    let gpu_only = [
+        "radit_gpu_memory_used_bytes",
+        "radit_gpu_memory_total_bytes",
+    ];
+    exported.extend(gpu_only.map(String::from));
+    // What `radit shard` pushed.
+    for line in gateway.series("radit-shard") {
+        exported.insert(line.split('{').next().unwrap_or_default().to_string());
     }
     let dashboard: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(common::repo().join("monitoring/grafana/radit-dashboard.json"))
@@ -249,7 +376,20 @@ fn prometheus_scrapes_a_running_job_and_promtool_accepts_the_exposition() {
                     _ => format!("%{b:02X}"),
                 })
                 .collect();
-            let answer = query(&encoded);
+            // Every query has data for this job, except the GPU panel's on CPU ranks.
+            let mut answer = query(&encoded);
+            if !gpu_only.iter().any(|m| q.contains(m)) {
+                let has_data = |a: &serde_json::Value| {
+                    a["data"]["result"]
+                        .as_array()
+                        .is_some_and(|r| !r.is_empty())
+                };
+                // rate() and increase() need two scrapes in their window.
+                wait_for(&format!("data for `{q}`"), 20, || {
+                    answer = query(&encoded);
+                    has_data(&answer)
+                });
+            }
             assert_eq!(answer["status"], "success", "{q}: {answer}");
         }
     }
@@ -260,4 +400,46 @@ fn prometheus_scrapes_a_running_job_and_promtool_accepts_the_exposition() {
     unsafe { libc::kill(run.id() as i32, libc::SIGTERM) };
     let status = run.wait().unwrap();
     assert_eq!(status.code(), Some(75));
+
+    // The job's series left the Pushgateway with it; the ingest's final state stays.
+    assert_eq!(gateway.series("monitored"), Vec::<String>::new());
+    assert_eq!(
+        gateway.value("radit-shard", "radit_ingest_complete"),
+        Some(1.0)
+    );
+
+    // The periodic line a person reads, with throughput, MFU and ETA.
+    let stderr = std::fs::read_to_string(&stderr_path).unwrap();
+    let line = stderr
+        .lines()
+        .find(|l| l.starts_with("radit: step ") && l.contains("img/s"))
+        .unwrap_or_else(|| panic!("no periodic line with rates in:\n{stderr}"));
+    for part in [
+        " loss ",
+        "(max ",
+        " img/s ",
+        " tok/s ",
+        " MFU ",
+        " s/step ETA ",
+        "[generation 1]",
+    ] {
+        assert!(line.contains(part), "`{part}` missing from `{line}`");
+    }
+
+    // Preview sheets every 20 steps from the EMA weights, the newest also as latest.png.
+    let sheets = run_dir.join("samples").join("progress");
+    let first = sheets.join("step-00000020.png");
+    let png = std::fs::read(&first).unwrap_or_else(|e| panic!("{}: {e}", first.display()));
+    let info = png::Decoder::new(std::io::Cursor::new(&png))
+        .read_info()
+        .unwrap()
+        .info()
+        .clone();
+    // 4 tiles of 16 pixels in a 2 x 2 grid with 4-pixel gaps.
+    assert_eq!((info.width, info.height), (44, 44));
+    assert!(sheets.join("latest.png").exists());
+    assert!(
+        std::fs::read_dir(&sheets).unwrap().count() >= 3,
+        "sheets at steps 20, 40, ... and latest.png"
+    );
 }

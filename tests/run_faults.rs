@@ -513,6 +513,11 @@ fn the_main_job_trains_on_two_cpu_ranks_checkpoints_and_writes_a_contact_sheet()
     let info = decoder.read_info().unwrap().info().clone();
     assert!(info.width >= 64 && info.height >= 64);
     assert!(run.join("final-ema.safetensors").exists());
+    // The sheet drawn during training at step 100 (every 100 steps).
+    assert!(
+        run.join("samples/progress/step-00000100.png").exists(),
+        "no preview sheet: {err}"
+    );
     let committed = std::fs::read_dir(dir.path().join("checkpoints"))
         .unwrap()
         .flatten()

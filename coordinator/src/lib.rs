@@ -29,7 +29,7 @@ mod token;
 pub use client::{ClientError, CoordinatorClient};
 pub use server::{
     Coordinator, CoordinatorConfig, Heartbeat, HeartbeatReply, JobHealth, JoinReply, JoinRequest,
-    RankState, RankStats, serve,
+    RankState, RankStats, Totals, serve,
 };
 pub use service::Service;
 pub use token::JobToken;

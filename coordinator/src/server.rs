@@ -118,6 +118,14 @@ pub struct RankStats {
     pub learning_rate: f64,
     pub checkpoint_stall_seconds: f64,
     pub checkpoints: u64,
+    pub checkpoint_write_seconds: f64,
+    pub checkpoint_save_seconds: f64,
+    pub checkpoint_bytes: u64,
+    /// This rank's own loss of the last step (the mean over its samples).
+    pub local_loss: f64,
+    /// 0 on CPU ranks.
+    pub device_memory_used_bytes: u64,
+    pub device_memory_total_bytes: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -130,6 +138,21 @@ pub struct HeartbeatReply {
 #[serde(deny_unknown_fields)]
 struct CheckpointReport {
     step: u64,
+}
+
+/// A snapshot of the run for the periodic progress line.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Totals {
+    /// The slowest rank's finished step.
+    pub step: u64,
+    pub images: f64,
+    pub tokens: f64,
+    pub model_flops: f64,
+    /// The global batch's mean loss and the largest rank's own loss, last step.
+    pub loss: f64,
+    pub loss_max: f64,
+    pub median_step_seconds: Option<f64>,
+    pub checkpoint: Option<u64>,
 }
 
 /// One rank as the coordinator sees it.
@@ -378,6 +401,32 @@ impl Coordinator {
         (inner.progress.0, inner.median_step_seconds())
     }
 
+    /// The run's counters over all ranks and generations and its latest values, once ranks have reported.
+    pub fn totals(&self) -> Option<Totals> {
+        let inner = self.lock();
+        let stats: Vec<&RankStats> = inner
+            .members
+            .iter()
+            .filter_map(|m| m.as_ref()?.stats.as_ref())
+            .collect();
+        let first = stats.first()?;
+        let e = &inner.earlier;
+        let sum = |f: &dyn Fn(&RankStats) -> f64| stats.iter().map(|s| f(s)).sum::<f64>();
+        Some(Totals {
+            step: inner.progress.0,
+            images: e.images as f64 + sum(&|s| s.images as f64),
+            tokens: e.tokens as f64 + sum(&|s| s.tokens as f64),
+            model_flops: e.model_flops + sum(&|s| s.model_flops),
+            loss: first.loss,
+            loss_max: stats
+                .iter()
+                .map(|s| s.local_loss)
+                .fold(f64::NEG_INFINITY, f64::max),
+            median_step_seconds: inner.median_step_seconds(),
+            checkpoint: inner.checkpoints.last().copied(),
+        })
+    }
+
     /// The Prometheus text exposition of the run's state (served at `/metrics`).
     pub fn metrics(&self) -> String {
         use std::fmt::Write;
@@ -593,6 +642,59 @@ impl Coordinator {
                 .map(|(_, s)| s.checkpoint_stall_seconds)
                 .fold(0.0, f64::max),
         );
+        g(
+            "radit_loss_max",
+            "The largest of the ranks' own losses (each the mean over that rank's share of the last step's batch).",
+            stats
+                .iter()
+                .map(|(_, s)| s.local_loss)
+                .fold(f64::NEG_INFINITY, f64::max),
+        );
+        g(
+            "radit_checkpoint_write_seconds",
+            "Seconds the slowest rank took to encode and write its part of the last committed checkpoint.",
+            stats
+                .iter()
+                .map(|(_, s)| s.checkpoint_write_seconds)
+                .fold(0.0, f64::max),
+        );
+        g(
+            "radit_checkpoint_save_seconds",
+            "Seconds from the start of the last committed checkpoint to its commit (training runs meanwhile).",
+            stats
+                .iter()
+                .map(|(_, s)| s.checkpoint_save_seconds)
+                .fold(0.0, f64::max),
+        );
+        counter(
+            "radit_checkpoint_bytes_total",
+            "Checkpoint bytes written (all ranks, all generations).",
+            e.checkpoint_bytes as f64 + sum(&|s| s.checkpoint_bytes as f64),
+            &mut more,
+        );
+        let gpus: Vec<&(usize, &RankStats)> = stats
+            .iter()
+            .filter(|(_, s)| s.device_memory_total_bytes > 0)
+            .collect();
+        if !gpus.is_empty() {
+            for (name, help, f) in [
+                (
+                    "radit_gpu_memory_used_bytes",
+                    "GPU memory in use on each rank's device (driver view, includes the allocator's cache).",
+                    (|s: &RankStats| s.device_memory_used_bytes) as fn(&RankStats) -> u64,
+                ),
+                (
+                    "radit_gpu_memory_total_bytes",
+                    "GPU memory of each rank's device.",
+                    |s: &RankStats| s.device_memory_total_bytes,
+                ),
+            ] {
+                let _ = writeln!(more, "# HELP {name} {help}\n# TYPE {name} gauge");
+                for (r, s) in &gpus {
+                    let _ = writeln!(more, "{name}{{rank=\"{r}\"}} {}", f(s));
+                }
+            }
+        }
         // Step time per rank, as a histogram: the worst rank shows who holds the others up.
         let name = "radit_step_duration_seconds";
         let _ = writeln!(
@@ -643,6 +745,7 @@ impl Coordinator {
             e.data_wait_seconds += st.data_wait_seconds;
             e.skipped_steps += st.skipped_steps;
             e.checkpoints += st.checkpoints;
+            e.checkpoint_bytes += st.checkpoint_bytes;
         }
         inner.members = (0..self.cfg.world).map(|_| None).collect();
         inner.joined = 0;

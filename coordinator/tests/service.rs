@@ -400,3 +400,106 @@ fn a_rank_that_said_goodbye_is_not_dead_and_the_run_is_not_hung() {
     assert_eq!(svc.coordinator.all_departed(), Some(60));
     svc.shutdown().unwrap();
 }
+
+fn stats(images: u64, local_loss: f64, gpu: Option<(u64, u64)>) -> radit_coordinator::RankStats {
+    radit_coordinator::RankStats {
+        steps: images / 4,
+        images,
+        tokens: images * 16,
+        model_flops: images as f64 * 1e6,
+        step_seconds_bounds: vec![0.1, 1.0],
+        step_seconds_buckets: vec![1, images / 4],
+        step_seconds_count: images / 4,
+        step_seconds_sum: 0.5 * (images / 4) as f64,
+        loss: 0.6,
+        local_loss,
+        checkpoint_bytes: 1000,
+        checkpoint_write_seconds: 0.25,
+        checkpoint_save_seconds: 0.5,
+        device_memory_used_bytes: gpu.map_or(0, |g| g.0),
+        device_memory_total_bytes: gpu.map_or(0, |g| g.1),
+        ..Default::default()
+    }
+}
+
+fn beat_stats(
+    c: &CoordinatorClient,
+    rank: usize,
+    generation: u64,
+    s: radit_coordinator::RankStats,
+) {
+    c.heartbeat(&Heartbeat {
+        rank,
+        generation,
+        step: s.steps,
+        done: false,
+        stats: Some(s),
+        phase: Some("compute".into()),
+    })
+    .unwrap();
+}
+
+#[test]
+fn rank_counters_add_up_across_ranks_and_generations_with_loss_max_and_gpu_memory() {
+    let svc = Service::start(CoordinatorConfig::new(2));
+    let ranks = |generation: u64| -> Vec<(usize, CoordinatorClient)> {
+        let joins: Vec<_> = (0..2)
+            .map(|i| {
+                let c = svc.client();
+                std::thread::spawn(move || {
+                    let r = join(&c, &format!("node{i}"), 100 + i).unwrap();
+                    assert_eq!(r.generation, generation);
+                    (r.rank, c)
+                })
+            })
+            .collect();
+        joins.into_iter().map(|j| j.join().unwrap()).collect()
+    };
+    for (rank, c) in ranks(0) {
+        let gpu = (rank == 1).then_some((30 << 30, 96 << 30));
+        beat_stats(&c, rank, 0, stats(40, 0.5 + 0.2 * rank as f64, gpu));
+    }
+    let m = svc.coordinator.metrics();
+    for line in [
+        "radit_images_total 80",
+        "radit_tokens_total 1280",
+        "radit_loss 0.6",
+        "radit_loss_max 0.7",
+        "radit_checkpoint_bytes_total 2000",
+        "radit_checkpoint_write_seconds 0.25",
+        "radit_checkpoint_save_seconds 0.5",
+        // Only the GPU rank has memory to show.
+        "radit_gpu_memory_used_bytes{rank=\"1\"} 32212254720",
+        "radit_gpu_memory_total_bytes{rank=\"1\"} 103079215104",
+        "radit_step_duration_seconds_bucket{rank=\"0\",le=\"1\"} 10",
+        "radit_step_duration_seconds_count{rank=\"1\"} 10",
+    ] {
+        assert!(m.lines().any(|l| l == line), "`{line}` missing from\n{m}");
+    }
+    assert!(
+        !m.contains("radit_gpu_memory_used_bytes{rank=\"0\"}"),
+        "{m}"
+    );
+    let t = svc.coordinator.totals().expect("ranks reported");
+    assert_eq!(
+        (t.images, t.tokens, t.loss, t.loss_max),
+        (80.0, 1280.0, 0.6, 0.7)
+    );
+
+    // Relaunched ranks count from zero; the job's totals keep what the first generation did.
+    assert_eq!(svc.coordinator.new_generation(), 1);
+    assert!(svc.coordinator.totals().is_none());
+    for (rank, c) in ranks(1) {
+        beat_stats(&c, rank, 1, stats(8, 0.4, None));
+    }
+    let m = svc.coordinator.metrics();
+    for line in [
+        "radit_images_total 96",
+        "radit_checkpoint_bytes_total 4000",
+        "radit_loss_max 0.4",
+    ] {
+        assert!(m.lines().any(|l| l == line), "`{line}` missing from\n{m}");
+    }
+    assert!(!m.contains("radit_gpu_memory"), "{m}");
+    svc.shutdown().unwrap();
+}

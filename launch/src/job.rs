@@ -9,6 +9,7 @@ use std::time::Duration;
 use radit_trainer::checkpoint::CheckpointConfig;
 use radit_trainer::engine::EngineConfig;
 use radit_trainer::flow::FlowConfig;
+use radit_trainer::preview::PreviewConfig;
 use radit_trainer::train::{DataConfig, LoopConfig, ModelChoice, TrainConfig};
 use serde::{Deserialize, Serialize};
 
@@ -240,6 +241,12 @@ pub struct MonitoringSpec {
     /// CPU ranks).
     #[serde(default)]
     pub peak_tflops_per_device: Option<f64>,
+    /// A Prometheus Pushgateway (`http://host:9091`) the coordinator pushes the job's metrics to, under
+    /// `job=<job.name>`, every `push_seconds`; the series are deleted when `radit run` ends.
+    #[serde(default)]
+    pub pushgateway: Option<String>,
+    #[serde(default = "default_push_seconds")]
+    pub push_seconds: f64,
 }
 
 impl Default for MonitoringSpec {
@@ -247,21 +254,31 @@ impl Default for MonitoringSpec {
         Self {
             progress_seconds: default_progress(),
             peak_tflops_per_device: None,
+            pushgateway: None,
+            push_seconds: default_push_seconds(),
         }
     }
+}
+
+fn default_push_seconds() -> f64 {
+    15.0
 }
 
 fn default_progress() -> f64 {
     5.0
 }
 
-/// Samples drawn from the final EMA weights when the run completes.
+/// Samples drawn from the final EMA weights when the run completes, and a contact sheet every `every` steps
+/// during training (in `run_dir/samples/progress`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SampleSpec {
-    /// How many (0: none).
+    /// How many (0: none at the end). The sheets during training show as many, at most 64 (16 when 0).
     #[serde(default)]
     pub count: u64,
+    /// A contact sheet every this many steps while training (0: none).
+    #[serde(default)]
+    pub every: u64,
     /// Euler steps.
     #[serde(default = "default_sample_steps")]
     pub steps: usize,
@@ -271,6 +288,7 @@ impl Default for SampleSpec {
     fn default() -> Self {
         Self {
             count: 0,
+            every: 0,
             steps: default_sample_steps(),
         }
     }
@@ -281,8 +299,19 @@ fn default_sample_steps() -> usize {
 }
 
 /// The training part of a job spec, as `radit train` reads it.
-fn train_config_of(s: &JobSpec) -> TrainConfig {
+fn train_config_of(s: &JobSpec, run_dir: &Path) -> TrainConfig {
     TrainConfig {
+        preview: (s.samples.every > 0).then(|| PreviewConfig {
+            every: s.samples.every,
+            dir: run_dir.join("samples").join("progress"),
+            count: if s.samples.count > 0 {
+                s.samples.count.min(64)
+            } else {
+                16
+            },
+            steps: s.samples.steps,
+            seed: 0,
+        }),
         data: s.data.clone(),
         model: s.model.clone(),
         flow: s.flow,
@@ -368,7 +397,7 @@ impl Job {
                 format!("`{}`: use letters, digits, - _ .", spec.job.name),
             ));
         }
-        let train = train_config_of(&spec);
+        let train = train_config_of(&spec, &spec.job.run_dir);
         train
             .validate()
             .and_then(|_| train.validate_for_world(u64::from(world)))
@@ -412,6 +441,16 @@ impl Job {
         }
         if spec.monitoring.progress_seconds.is_nan() || spec.monitoring.progress_seconds < 0.0 {
             return Err(bad("monitoring.progress_seconds", "must be >= 0".into()));
+        }
+        if spec.monitoring.push_seconds.is_nan() || spec.monitoring.push_seconds < 0.1 {
+            return Err(bad(
+                "monitoring.push_seconds",
+                "must be at least 0.1".into(),
+            ));
+        }
+        if let Some(url) = &spec.monitoring.pushgateway {
+            radit_monitoring::Pushgateway::new(url, &spec.job.name, &[])
+                .map_err(|e| bad("monitoring.pushgateway", e.to_string()))?;
         }
         if spec.launcher.kind == LauncherKind::Local && r.nodes != 1 {
             return Err(bad(
@@ -459,7 +498,7 @@ impl Job {
 
     /// The train config every rank runs (written to `run_dir/train.toml`).
     pub fn train_config(&self) -> TrainConfig {
-        train_config_of(&self.spec)
+        train_config_of(&self.spec, &self.run_dir)
     }
 
     pub fn train_config_path(&self) -> PathBuf {

@@ -5,6 +5,7 @@
 
 pub mod job;
 pub mod launcher;
+pub mod report;
 pub mod slurm;
 pub mod supervise;
 

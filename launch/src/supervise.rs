@@ -6,10 +6,13 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use radit_coordinator::{CoordinatorConfig, JobHealth, JobToken, Service};
+use radit_coordinator::{CoordinatorConfig, JobHealth, JobToken, Service, Totals};
+
+use radit_monitoring::{Pusher, Pushgateway};
 
 use crate::job::Job;
 use crate::launcher::{Ended, GroupState, Launcher, RankCommand};
+use crate::report::Reporter;
 use crate::slurm::REQUEUE_EXIT_CODE;
 
 /// How a supervised run ended.
@@ -37,9 +40,7 @@ pub mod env {
 }
 
 fn this_host() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .unwrap_or_default()
+    radit_coordinator::service::hostname().unwrap_or_default()
 }
 
 /// A process's start time in clock ticks since boot (field 22 of /proc/PID/stat), which tells a reused pid apart.
@@ -159,7 +160,26 @@ pub fn supervise(
     .and_then(|()| std::fs::rename(addr_file.with_extension("addr.tmp"), &addr_file))
     .map_err(|e| SuperviseError::io(&addr_file, e))?;
 
+    // Dropped on every way out of this function: the job's series leave the Pushgateway with it.
+    let _pusher = match &spec.monitoring.pushgateway {
+        Some(url) => {
+            let gateway = Pushgateway::new(url, &spec.job.name, &[])
+                .map_err(|e| SuperviseError(format!("monitoring.pushgateway: {e}")))?;
+            let c = coordinator.clone();
+            tracing::info!(url, group = gateway.group_path(), "pushing metrics");
+            Some(Pusher::start(
+                gateway,
+                Duration::from_secs_f64(spec.monitoring.push_seconds),
+                move || c.metrics(),
+            ))
+        }
+        None => None,
+    };
     let mut restarts = 0u32;
+    let mut reporter = Reporter::new(
+        spec.train.steps,
+        job.peak_flops_per_device().map(|p| p * job.world as f64),
+    );
     let progress_every = Duration::from_secs_f64(spec.monitoring.progress_seconds);
     loop {
         let generation = coordinator.new_generation();
@@ -183,12 +203,12 @@ pub fn supervise(
             SuperviseError(format!("starting the ranks with {}: {e}", launcher.name()))
         })?;
         tracing::info!(generation, pids = ?group.pids(), "ranks started");
-        eprintln!(
+        reporter.say(&format!(
             "radit: generation {generation}: {} rank(s) started by {} (logs in {})",
             job.world,
             launcher.name(),
             cmd.log_dir.display()
-        );
+        ));
         let (mut stop_sent, mut usr1_sent) = (false, false);
         // mpirun and srun are one process for all ranks: name it as such.
         let process = |i: usize| {
@@ -209,7 +229,9 @@ pub fn supervise(
                     signal = sig,
                     "stop requested: every rank checkpoints at the same step"
                 );
-                eprintln!("radit: signal {sig}: asking every rank to checkpoint and stop");
+                reporter.say(&format!(
+                    "radit: signal {sig}: asking every rank to checkpoint and stop"
+                ));
                 // Heartbeat replies carry it to every rank, including those still starting.
                 coordinator.request_stop();
                 stop_sent = true;
@@ -236,37 +258,37 @@ pub fn supervise(
                 }
                 GroupState::Ended(all) => {
                     if all.iter().all(|e| *e == Ended::Code(0)) {
-                        eprintln!("radit: all {} ranks finished", job.world);
+                        reporter.say(&format!("radit: all {} ranks finished", job.world));
                         return Ok(Outcome::Completed { restarts });
                     }
                     if all
                         .iter()
                         .all(|e| matches!(e, Ended::Code(0) | Ended::Code(REQUEUE_EXIT_CODE)))
                     {
-                        eprintln!(
+                        reporter.say(&format!(
                             "radit: every rank checkpointed; exiting {REQUEUE_EXIT_CODE} so the job is requeued"
-                        );
+                        ));
                         return Ok(Outcome::Requeue { restarts });
                     }
                     // srun kills the slower ranks once the first has left with 75 and reports their deaths; the
                     // ranks' goodbyes (sent after the checkpoint committed) say whether the stop was orderly.
                     if let Some(step) = coordinator.all_departed() {
                         if step >= spec.train.steps {
-                            eprintln!("radit: all {} ranks finished", job.world);
+                            reporter.say(&format!("radit: all {} ranks finished", job.world));
                             return Ok(Outcome::Completed { restarts });
                         }
-                        eprintln!(
+                        reporter.say(&format!(
                             "radit: every rank checkpointed at step {step}; exiting {REQUEUE_EXIT_CODE} so the job is requeued"
-                        );
+                        ));
                         return Ok(Outcome::Requeue { restarts });
                     }
                     if stop_sent {
                         // Asked to stop, and the launcher has ended: whatever the codes say, the next job resumes
                         // from the newest committed checkpoint.
-                        eprintln!(
+                        reporter.say(&format!(
                             "radit: the ranks ended ({all:?}) after the stop request without all confirming a checkpoint; \
                              exiting {REQUEUE_EXIT_CODE}: the next job resumes from the newest committed checkpoint"
-                        );
+                        ));
                         return Ok(Outcome::Requeue { restarts });
                     }
                     let (i, e) = all
@@ -307,28 +329,24 @@ pub fn supervise(
             }
             if !progress_every.is_zero() && last_progress.elapsed() >= progress_every {
                 last_progress = Instant::now();
-                let (step, median) = coordinator.progress();
-                let total = spec.train.steps;
-                let eta = median
-                    .map(|m| format!(", ETA {:.0} s", m * total.saturating_sub(step) as f64))
-                    .unwrap_or_default();
-                let ckpt = coordinator
-                    .checkpoints()
-                    .last()
-                    .map(|s| format!(", checkpoint {s}"))
-                    .unwrap_or_default();
-                let rate = median
-                    .map(|m| format!(", {:.2} s/step", m))
-                    .unwrap_or_default();
-                eprintln!(
-                    "radit: step {step}/{total} ({:.0}%){rate}{eta}{ckpt} [generation {generation}, {:.0} s]",
-                    100.0 * step as f64 / total.max(1) as f64,
-                    started.elapsed().as_secs_f64()
-                );
+                let totals = coordinator.totals().unwrap_or_else(|| {
+                    let (step, median_step_seconds) = coordinator.progress();
+                    Totals {
+                        step,
+                        images: 0.0,
+                        tokens: 0.0,
+                        model_flops: 0.0,
+                        loss: f64::NAN,
+                        loss_max: f64::NAN,
+                        median_step_seconds,
+                        checkpoint: coordinator.checkpoints().last().copied(),
+                    }
+                });
+                reporter.update(totals, generation);
             }
         };
         tracing::error!(generation, reason = %failure, "the run failed");
-        eprintln!("radit: generation {generation} failed: {failure}");
+        reporter.say(&format!("radit: generation {generation} failed: {failure}"));
         group.kill();
         if stop_sent {
             return Ok(Outcome::Failed {
@@ -346,10 +364,10 @@ pub fn supervise(
             });
         }
         restarts += 1;
-        eprintln!(
+        reporter.say(&format!(
             "radit: restart {restarts}/{}: relaunching every rank from the last committed checkpoint",
             spec.restart.max_restarts
-        );
+        ));
     }
 }
 

@@ -1,11 +1,14 @@
-//! Observability for radit: tracing setup now; metric names, the `/metrics` exporter and the Grafana dashboard join
-//! it as the training side grows.
+//! Observability for radit: tracing setup and the Pushgateway client. The job's `/metrics` is served by the
+//! coordinator (radit-coordinator); the Grafana dashboard and the Prometheus scrape config are in this folder.
 //!
 //! ```no_run
 //! radit_monitoring::init_tracing();
 //! tracing::info!(run = "demo", "started");
 //! ```
 
+pub mod pushgateway;
+
+pub use pushgateway::{PushError, Pusher, Pushgateway};
 use tracing_subscriber::EnvFilter;
 
 /// Installs a compact stderr logger. The filter comes from `RADIT_LOG` (then `RUST_LOG`), default `info`.

@@ -9,6 +9,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, mpsc};
 
 use bytes::Bytes;
@@ -43,6 +44,85 @@ pub struct RunOptions {
     pub progress: bool,
     /// Stop after committing this many new shards (tests use it to simulate an interrupted ingest).
     pub stop_after_shards: Option<u64>,
+    /// Counters for a metrics exporter (the Pushgateway pusher of `radit shard`).
+    pub metrics: Option<Arc<IngestProgress>>,
+}
+
+/// How far an ingest is, for Prometheus: rows of the table, rows done (committed in shards, rejected rows included,
+/// an earlier run's included), shards and bytes this run committed.
+#[derive(Debug, Default)]
+pub struct IngestProgress {
+    pub rows_total: AtomicU64,
+    pub rows_done: AtomicU64,
+    pub rows_rejected: AtomicU64,
+    pub shards_written: AtomicU64,
+    pub bytes_written: AtomicU64,
+    /// 1 once the manifest is written.
+    pub complete: AtomicU64,
+}
+
+impl IngestProgress {
+    /// The Prometheus text exposition of the counters.
+    pub fn exposition(&self) -> String {
+        use std::fmt::Write;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let (total, done) = (get(&self.rows_total), get(&self.rows_done));
+        let mut out = String::new();
+        for (name, kind, help, v) in [
+            (
+                "radit_ingest_rows",
+                "gauge",
+                "Rows of the metadata table.",
+                total as f64,
+            ),
+            (
+                "radit_ingest_rows_done",
+                "gauge",
+                "Rows committed in shards or rejected (earlier runs included).",
+                done as f64,
+            ),
+            (
+                "radit_ingest_rows_rejected_total",
+                "counter",
+                "Rows rejected (bad value, missing or unreadable image) in shards this run committed.",
+                get(&self.rows_rejected) as f64,
+            ),
+            (
+                "radit_ingest_shards_written_total",
+                "counter",
+                "Shards this run committed.",
+                get(&self.shards_written) as f64,
+            ),
+            (
+                "radit_ingest_bytes_written_total",
+                "counter",
+                "Bytes of shard objects this run wrote.",
+                get(&self.bytes_written) as f64,
+            ),
+            (
+                "radit_ingest_progress_ratio",
+                "gauge",
+                "Rows done over rows.",
+                if total == 0 {
+                    0.0
+                } else {
+                    done as f64 / total as f64
+                },
+            ),
+            (
+                "radit_ingest_complete",
+                "gauge",
+                "1 once the store's manifest is written.",
+                get(&self.complete) as f64,
+            ),
+        ] {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
+            );
+        }
+        out
+    }
 }
 
 /// The outcome of [`ingest`].
@@ -186,15 +266,29 @@ pub fn ingest(
         .map(|r| r.rows + r.rejected.len() as u64)
         .sum();
     let bar = progress_bar(opts.progress, table.rows.len() as u64, done);
+    let metrics = opts.metrics.clone().unwrap_or_default();
+    metrics
+        .rows_total
+        .store(table.rows.len() as u64, Ordering::Relaxed);
+    metrics.rows_done.store(done, Ordering::Relaxed);
 
     let pool = Arc::new(pool);
     let (tx, rx) = mpsc::sync_channel::<PendingShard>(2);
     let writer_storage = storage.clone();
     let writer_bar = bar.clone();
+    let writer_metrics = metrics.clone();
     let writer_pool = pool.clone();
     let writer = std::thread::Builder::new()
         .name("radit-shard-writer".into())
-        .spawn(move || write_shards(&writer_storage, &writer_pool, rx, &writer_bar))
+        .spawn(move || {
+            write_shards(
+                &writer_storage,
+                &writer_pool,
+                rx,
+                &writer_bar,
+                &writer_metrics,
+            )
+        })
         .map_err(|e| ShardError::InvalidConfig(format!("cannot start the writer thread: {e}")))?;
 
     let mut producer = Producer {
@@ -260,6 +354,7 @@ pub fn ingest(
         return Ok(IngestOutcome::Interrupted { written_shards });
     }
     let manifest = finalise(&storage, &table, images_dir, settings, &fp, &journal)?;
+    metrics.complete.store(1, Ordering::Relaxed);
     Ok(IngestOutcome::Complete {
         manifest: Box::new(manifest),
         resumed_shards: resumed,
@@ -635,16 +730,28 @@ fn write_shards(
     pool: &rayon::ThreadPool,
     rx: mpsc::Receiver<PendingShard>,
     bar: &indicatif::ProgressBar,
+    metrics: &IngestProgress,
 ) -> Result<Vec<JournalRecord>, ShardError> {
     let mut written = Vec::new();
     for pending in rx {
         let shard = pool.install(|| pending.encode())?;
+        let bytes: usize = shard.objects.iter().map(|(_, b)| b.len()).sum();
         storage.put_many(shard.objects)?;
         let r = &shard.record;
         let json = serde_json::to_vec(r).expect("journal records serialise");
         storage.put(&JournalRecord::key(r.split, r.seq), Bytes::from(json))?;
         tracing::debug!(split = %r.split, seq = r.seq, rows = r.rows, "shard committed");
         bar.inc(r.rows + r.rejected.len() as u64);
+        metrics
+            .rows_done
+            .fetch_add(r.rows + r.rejected.len() as u64, Ordering::Relaxed);
+        metrics
+            .rows_rejected
+            .fetch_add(r.rejected.len() as u64, Ordering::Relaxed);
+        metrics.shards_written.fetch_add(1, Ordering::Relaxed);
+        metrics
+            .bytes_written
+            .fetch_add(bytes as u64, Ordering::Relaxed);
         written.push(shard.record);
     }
     Ok(written)

@@ -138,7 +138,9 @@ struct Pending {
     step: u64,
     state: RunState,
     groups: Vec<GroupLayout>,
-    writer: JoinHandle<Result<FileEntry, String>>,
+    /// This rank's object and the seconds its encode + write took.
+    writer: JoinHandle<Result<(FileEntry, f64), String>>,
+    started: std::time::Instant,
 }
 
 /// Saves and loads checkpoints for one rank.
@@ -177,9 +179,11 @@ impl Checkpointer {
         let key = format!("{}/rank-{rank:05}.bin", step_dir(state.step));
         let storage = self.storage.clone();
         let state_step = state.step;
+        let started = std::time::Instant::now();
         let writer = std::thread::Builder::new()
             .name("checkpoint-writer".into())
             .spawn(move || {
+                let write_started = std::time::Instant::now();
                 let data = Bytes::from(encode(&states).map_err(|e| e.to_string())?);
                 let bytes = data.len() as u64;
                 // Hash while the object is written: the two together take as long as the slower one.
@@ -198,7 +202,10 @@ impl Checkpointer {
                 let sha256 = hasher
                     .join()
                     .map_err(|_| "the checksum thread panicked".to_string())?;
-                Ok(FileEntry { key, bytes, sha256 })
+                Ok((
+                    FileEntry { key, bytes, sha256 },
+                    write_started.elapsed().as_secs_f64(),
+                ))
             })
             .map_err(|e| CheckpointError::Writer(e.to_string()))?;
         let groups = engine.layouts().into_iter().cloned().collect();
@@ -207,6 +214,7 @@ impl Checkpointer {
             state,
             groups,
             writer,
+            started,
         });
         Ok(())
     }
@@ -250,6 +258,7 @@ impl Checkpointer {
             state,
             groups,
             writer,
+            started,
         } = p;
         let written = writer
             .join()
@@ -257,7 +266,14 @@ impl Checkpointer {
         // Every rank learns whether every write succeeded before anyone writes the manifest.
         let failed = comm.all_reduce_f64(written.is_err() as i64 as f64)?;
         let entry = match written {
-            Ok(e) => e,
+            Ok((e, write_seconds)) => {
+                crate::progress::record_checkpoint_written(
+                    e.bytes,
+                    write_seconds,
+                    started.elapsed().as_secs_f64(),
+                );
+                e
+            }
             Err(e) => return Err(CheckpointError::Writer(e)),
         };
         if failed > 0.0 {

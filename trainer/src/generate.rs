@@ -9,7 +9,9 @@ use serde::Serialize;
 use tch::{Device, Kind, Tensor, nn::VarStore};
 
 use crate::flow::fill_normal;
-use crate::model::{ModelError, Precision, RadiT, RadiTConfig, load_weights, read_weights_config};
+use crate::model::{
+    ModelError, Precision, RadiT, RadiTConfig, load_named, load_weights, read_weights_config,
+};
 use crate::sampler::{self, SolveStats, Solver};
 
 /// One sample's metadata: a class id per categorical variable (0 = missing) and age in years/100 (NaN = missing).
@@ -146,6 +148,24 @@ impl Sampler {
         })
     }
 
+    /// A model from named weights in memory (the engine's gathered EMA), checked as strictly as a file.
+    pub fn from_named(
+        cfg: &RadiTConfig,
+        tensors: &std::collections::BTreeMap<String, Tensor>,
+        device: Device,
+        precision: Precision,
+    ) -> Result<Self, ModelError> {
+        let vs = VarStore::new(device);
+        let mut model = RadiT::new(&vs.root(), cfg)?;
+        load_named(&vs, tensors, Path::new("<gathered EMA weights>"))?;
+        model.set_precision(precision);
+        Ok(Self {
+            _vs: vs,
+            model,
+            device,
+        })
+    }
+
     fn noise(&self, seed: u64, indices: std::ops::Range<u64>) -> Tensor {
         let c = self.model.config();
         let per = (c.in_channels * c.input_size * c.input_size) as usize;
@@ -168,9 +188,22 @@ impl Sampler {
         seed: u64,
         solver: Solver,
     ) -> Result<(Tensor, Vec<SolveStats>), ModelError> {
+        self.generate_range(cond, 0..n, batch, seed, solver)
+    }
+
+    /// Generates samples `indices` (in batches of `batch`): the same images [`Sampler::generate`] gives them.
+    pub fn generate_range(
+        &self,
+        cond: &Conditions,
+        indices: std::ops::Range<u64>,
+        batch: u64,
+        seed: u64,
+        solver: Solver,
+    ) -> Result<(Tensor, Vec<SolveStats>), ModelError> {
         let mut out = Vec::new();
         let mut stats = Vec::new();
-        let mut start = 0;
+        let mut start = indices.start;
+        let n = indices.end;
         while start < n {
             let end = (start + batch.max(1)).min(n);
             let noise = self.noise(seed, start..end);
@@ -267,11 +300,16 @@ pub fn write_png16(images: &Tensor, dir: &Path, prefix: &str) -> Result<Vec<Path
     Ok(paths)
 }
 
+/// Writes beside the target and renames, so a viewer (or a sheet refreshed during training) is never half-written.
 fn write_file(path: &Path, bytes: &[u8]) -> Result<(), ModelError> {
-    std::fs::write(path, bytes).map_err(|e| ModelError::Io {
+    let io = |e| ModelError::Io {
         path: path.display().to_string(),
         source: e,
-    })
+    };
+    let mut partial = path.as_os_str().to_owned();
+    partial.push(".partial");
+    std::fs::write(&partial, bytes).map_err(io)?;
+    std::fs::rename(&partial, path).map_err(io)
 }
 
 /// An 8-bit grid of tiles, `columns` wide, each tile at most `tile` pixels (box-downscaled by an integer factor),

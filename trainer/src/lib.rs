@@ -29,6 +29,7 @@ pub mod engine;
 pub mod flow;
 pub mod generate;
 pub mod model;
+pub mod preview;
 pub mod progress;
 pub mod runtime;
 pub mod sampler;

@@ -13,6 +13,8 @@ pub enum Phase {
     Compute = 2,
     Collective = 3,
     Checkpoint = 4,
+    /// Drawing the preview contact sheet.
+    Sampling = 5,
 }
 
 impl Phase {
@@ -23,6 +25,7 @@ impl Phase {
             Phase::Compute => "compute",
             Phase::Collective => "collective",
             Phase::Checkpoint => "checkpoint",
+            Phase::Sampling => "sampling",
         }
     }
 
@@ -32,6 +35,7 @@ impl Phase {
             2 => Phase::Compute,
             3 => Phase::Collective,
             4 => Phase::Checkpoint,
+            5 => Phase::Sampling,
             _ => Phase::Starting,
         }
     }
@@ -119,6 +123,16 @@ pub struct Stats {
     /// Seconds training stalled for the last checkpoint (the copy to host memory), and how many were started.
     pub checkpoint_stall_seconds: f64,
     pub checkpoints_total: u64,
+    /// This rank's share of the last checkpoint: seconds to encode and write its object, seconds from the start
+    /// of the save to the commit, and bytes written over the run.
+    pub checkpoint_write_seconds: f64,
+    pub checkpoint_save_seconds: f64,
+    pub checkpoint_bytes_total: u64,
+    /// This rank's own loss (mean over its micro-batches) of the last step, before the mean over ranks.
+    pub local_loss: f64,
+    /// Device memory in use and the device's total (GPU ranks; 0 on CPUs).
+    pub device_memory_used_bytes: u64,
+    pub device_memory_total_bytes: u64,
 }
 
 static STATS: Mutex<Option<Stats>> = Mutex::new(None);
@@ -167,6 +181,26 @@ pub fn record_checkpoint(seconds: f64) {
     with_stats(|s| {
         s.checkpoints_total += 1;
         s.checkpoint_stall_seconds = seconds;
+    });
+}
+
+/// This rank's part of a checkpoint was written (`write_seconds`) and the checkpoint committed `save_seconds`
+/// after the save started.
+pub fn record_checkpoint_written(bytes: u64, write_seconds: f64, save_seconds: f64) {
+    with_stats(|s| {
+        s.checkpoint_bytes_total += bytes;
+        s.checkpoint_write_seconds = write_seconds;
+        s.checkpoint_save_seconds = save_seconds;
+    });
+}
+
+/// This rank's own loss and its device's memory after a step.
+pub fn record_rank(local_loss: f64, memory: Option<(u64, u64)>) {
+    with_stats(|s| {
+        s.local_loss = local_loss;
+        if let Some((used, total)) = memory {
+            (s.device_memory_used_bytes, s.device_memory_total_bytes) = (used, total);
+        }
     });
 }
 

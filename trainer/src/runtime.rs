@@ -53,3 +53,19 @@ mod tests {
         assert_eq!(s, 14.0);
     }
 }
+
+/// Memory in use on this process's current GPU and the GPU's total, from the driver (what nvidia-smi shows, so it
+/// includes the caching allocator's reserve and other processes). `None` on CPUs or when the driver cannot say.
+pub fn device_memory(device: tch::Device) -> Option<(u64, u64)> {
+    if !matches!(device, tch::Device::Cuda(_)) {
+        return None;
+    }
+    // cudarc panics rather than erroring when libcuda cannot be loaded.
+    // SAFETY: only checks whether the library can be opened.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return None;
+    }
+    // libtorch made its primary context current on this (the training) thread.
+    let (free, total) = cudarc::driver::result::mem_get_info().ok()?;
+    Some((total.saturating_sub(free) as u64, total as u64))
+}

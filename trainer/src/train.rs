@@ -16,6 +16,7 @@ use crate::collective::Collective;
 use crate::engine::{EngineConfig, EngineError, Fsdp, Initial, LrSchedule, MicroBatch, StepReport};
 use crate::flow::FlowConfig;
 use crate::model::{ModelError, RadiTConfig};
+use crate::preview::{self, PreviewConfig};
 use crate::progress::{self, Phase};
 
 /// What can stop a run.
@@ -56,6 +57,9 @@ pub struct TrainConfig {
     pub engine: EngineConfig,
     pub train: LoopConfig,
     pub checkpoint: Option<CheckpointConfig>,
+    /// A contact sheet of EMA samples every N steps.
+    #[serde(default)]
+    pub preview: Option<PreviewConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -179,6 +183,9 @@ impl TrainConfig {
         {
             return bad("checkpoint.every", "every and keep must be positive".into());
         }
+        if let Some(p) = &self.preview {
+            p.validate()?;
+        }
         Ok(model)
     }
 
@@ -205,6 +212,8 @@ pub struct StepLog {
     #[serde(flatten)]
     pub report: StepReport,
     pub images_per_second: f64,
+    /// Patches per second (images x tokens per image).
+    pub tokens_per_second: f64,
     pub data_wait_seconds: f64,
 }
 
@@ -409,6 +418,10 @@ pub fn train(
             report.lr,
             report.skipped,
         );
+        progress::record_rank(
+            loss_sum / micro as f64,
+            crate::runtime::device_memory(device),
+        );
         progress::set_step(step);
         window.1 += cfg.train.global_batch;
         if report.skipped || step % cfg.train.log_every.max(1) == 0 || step == cfg.train.steps {
@@ -417,6 +430,7 @@ pub fn train(
                 step,
                 report,
                 images_per_second: window.1 as f64 / secs,
+                tokens_per_second: (window.1 * tokens_per_image) as f64 / secs,
                 data_wait_seconds: window.2,
             };
             tracing::info!(
@@ -501,6 +515,16 @@ pub fn train(
             if let Some(done) = c.poll(engine.collective())? {
                 last_checkpoint = Some(done);
                 progress::set_checkpoint(done);
+            }
+        }
+        if let Some(p) = &cfg.preview
+            && (step % p.every == 0 || step == cfg.train.steps)
+        {
+            let _phase = progress::enter(Phase::Sampling);
+            let started = Instant::now();
+            if let Some(path) = preview::write_sheet(&engine, &model_cfg, p, cfg.flow.shift, step)?
+            {
+                tracing::info!(step, path = %path.display(), seconds = started.elapsed().as_secs_f64(), "preview sheet");
             }
         }
         if stop_here {

@@ -16,7 +16,8 @@ pub use config::{
 pub use layers::{Block, Conditioning, Precision};
 pub use radit::{RadiT, Trace};
 pub use weights::{
-    WeightsFile, load_weights, read_weights, read_weights_config, save_named_weights, save_weights,
+    WeightsFile, load_named, load_weights, read_weights, read_weights_config, save_named_weights,
+    save_weights,
 };
 
 /// What can go wrong building, loading or running a model.

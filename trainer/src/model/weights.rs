@@ -136,15 +136,25 @@ pub fn read_weights_config(path: &Path) -> Result<Option<RadiTConfig>, ModelErro
 /// be left over; otherwise nothing is changed and the error names the tensors.
 pub fn load_weights(vs: &VarStore, path: &Path) -> Result<(), ModelError> {
     let file = read_weights(path)?;
+    load_named(vs, &file.tensors, path)
+}
+
+/// Copies named tensors into `vs`: every variable must be there with its shape, and nothing else, or nothing is
+/// changed. `source` names where the tensors came from, for the error.
+pub fn load_named(
+    vs: &VarStore,
+    tensors: &BTreeMap<String, Tensor>,
+    source: &Path,
+) -> Result<(), ModelError> {
+    let path = source;
     let vars = vs.variables();
     let mut missing: Vec<&str> = vars
         .keys()
-        .filter(|n| !file.tensors.contains_key(*n))
+        .filter(|n| !tensors.contains_key(*n))
         .map(String::as_str)
         .collect();
     missing.sort();
-    let extra: Vec<&str> = file
-        .tensors
+    let extra: Vec<&str> = tensors
         .keys()
         .filter(|n| !vars.contains_key(*n))
         .map(String::as_str)
@@ -170,7 +180,7 @@ pub fn load_weights(vs: &VarStore, path: &Path) -> Result<(), ModelError> {
         ));
     }
     for (name, var) in &vars {
-        let src = &file.tensors[name];
+        let src = &tensors[name];
         if src.size() != var.size() {
             return Err(bad(
                 path,
@@ -185,7 +195,7 @@ pub fn load_weights(vs: &VarStore, path: &Path) -> Result<(), ModelError> {
     tch::no_grad(|| {
         for (name, var) in &vars {
             let mut var = var.shallow_clone();
-            var.f_copy_(&file.tensors[name].to_device(var.device()))?;
+            var.f_copy_(&tensors[name].to_device(var.device()))?;
         }
         Ok::<(), tch::TchError>(())
     })?;

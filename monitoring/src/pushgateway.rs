@@ -1,0 +1,264 @@
+//! Pushing a job's metrics to a Prometheus Pushgateway, for jobs whose nodes Prometheus cannot scrape, and deleting
+//! them when the job ends so that a finished run does not look alive forever. Plain HTTP/1.1 over TCP (a Pushgateway
+//! is a cluster-internal service): one PUT per push, one DELETE at the end.
+
+use std::io::{Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// What went wrong talking to the Pushgateway.
+#[derive(Debug, thiserror::Error)]
+pub enum PushError {
+    #[error("pushgateway URL `{url}`: {reason}")]
+    BadUrl { url: String, reason: String },
+    #[error("pushgateway {addr}: {source}")]
+    Io {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("pushgateway {addr} answered {method} {path} with `{status}`")]
+    Refused {
+        addr: String,
+        method: &'static str,
+        path: String,
+        status: String,
+    },
+}
+
+/// One job's group on a Pushgateway: `URL/metrics/job/JOB[/LABEL/VALUE...]`.
+#[derive(Debug, Clone)]
+pub struct Pushgateway {
+    host: String,
+    port: u16,
+    path: String,
+    timeout: Duration,
+}
+
+/// Label values go into the URL path: only these characters need no encoding.
+fn path_safe(v: &str) -> bool {
+    !v.is_empty()
+        && v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+}
+
+impl Pushgateway {
+    /// `url` is `http://host:port` (a path prefix is kept); `job` and the `grouping` label values must be plain
+    /// names (letters, digits, `-_.:`).
+    pub fn new(url: &str, job: &str, grouping: &[(&str, &str)]) -> Result<Self, PushError> {
+        let bad = |reason: String| PushError::BadUrl {
+            url: url.to_string(),
+            reason,
+        };
+        let rest = url
+            .strip_prefix("http://")
+            .ok_or_else(|| bad("only http:// is supported".into()))?;
+        let (authority, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        let (host, port) = match authority.rsplit_once(':') {
+            Some((h, p)) => (
+                h,
+                p.parse::<u16>()
+                    .map_err(|_| bad(format!("port `{p}` is not a number")))?,
+            ),
+            None => (authority, 9091),
+        };
+        if host.is_empty() {
+            return Err(bad("no host".into()));
+        }
+        let mut path = String::new();
+        if !prefix.trim_matches('/').is_empty() {
+            path = format!("/{}", prefix.trim_matches('/'));
+        }
+        path += "/metrics";
+        for (name, value) in std::iter::once(("job", job)).chain(grouping.iter().copied()) {
+            if !path_safe(value) || !path_safe(name) {
+                return Err(bad(format!(
+                    "grouping label {name}=`{value}` must be letters, digits or -_.:"
+                )));
+            }
+            path += &format!("/{name}/{value}");
+        }
+        Ok(Self {
+            host: host.trim_matches(['[', ']']).to_string(),
+            port,
+            path,
+            timeout: Duration::from_secs(10),
+        })
+    }
+
+    /// Where the group lives, e.g. `/metrics/job/radit-xl`.
+    pub fn group_path(&self) -> &str {
+        &self.path
+    }
+
+    /// Replaces the group's metrics with `exposition` (Prometheus text format).
+    pub fn push(&self, exposition: &str) -> Result<(), PushError> {
+        self.request("PUT", exposition.as_bytes())
+    }
+
+    /// Deletes the group's metrics.
+    pub fn delete(&self) -> Result<(), PushError> {
+        self.request("DELETE", b"")
+    }
+
+    fn request(&self, method: &'static str, body: &[u8]) -> Result<(), PushError> {
+        let addr = format!("{}:{}", self.host, self.port);
+        let io = |source| PushError::Io {
+            addr: addr.clone(),
+            source,
+        };
+        let target = (self.host.as_str(), self.port)
+            .to_socket_addrs()
+            .map_err(io)?
+            .next()
+            .ok_or_else(|| io(std::io::Error::other("the host has no address")))?;
+        let mut stream = TcpStream::connect_timeout(&target, self.timeout).map_err(io)?;
+        stream.set_read_timeout(Some(self.timeout)).map_err(io)?;
+        stream.set_write_timeout(Some(self.timeout)).map_err(io)?;
+        let head = format!(
+            "{method} {} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: text/plain; version=0.0.4\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n",
+            self.path,
+            body.len()
+        );
+        stream.write_all(head.as_bytes()).map_err(io)?;
+        stream.write_all(body).map_err(io)?;
+        let mut reply = Vec::new();
+        stream.read_to_end(&mut reply).map_err(io)?;
+        let status = String::from_utf8_lossy(&reply)
+            .lines()
+            .next()
+            .unwrap_or("")
+            .to_string();
+        let code = status.split_whitespace().nth(1).unwrap_or("");
+        if code.starts_with('2') {
+            Ok(())
+        } else {
+            // The body says why (e.g. a metric that clashes with one another job pushed).
+            let why = String::from_utf8_lossy(&reply);
+            let body = why.split("\r\n\r\n").nth(1).unwrap_or("").trim();
+            Err(PushError::Refused {
+                addr,
+                method,
+                path: self.path.clone(),
+                status: format!("{status} {body}").trim().to_string(),
+            })
+        }
+    }
+}
+
+/// Pushes `render()` every `every` on a thread until finished: then deletes the group (a service such as a
+/// training job) or pushes a last time and keeps it (a batch job, whose last push records how it ended).
+pub struct Pusher {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+    gateway: Pushgateway,
+    render: Arc<dyn Fn() -> String + Send + Sync>,
+}
+
+impl Pusher {
+    pub fn start(
+        gateway: Pushgateway,
+        every: Duration,
+        render: impl Fn() -> String + Send + Sync + 'static,
+    ) -> Self {
+        let render: Arc<dyn Fn() -> String + Send + Sync> = Arc::new(render);
+        let stop = Arc::new(AtomicBool::new(false));
+        let (flag, gw, draw) = (stop.clone(), gateway.clone(), render.clone());
+        let thread = std::thread::Builder::new()
+            .name("radit-pushgateway".into())
+            .spawn(move || {
+                let mut failing = false;
+                loop {
+                    match gw.push(&draw()) {
+                        Ok(()) if failing => {
+                            tracing::info!(path = gw.group_path(), "pushing metrics again");
+                            failing = false;
+                        }
+                        Ok(()) => {}
+                        // Monitoring must not stop training: warn once per outage.
+                        Err(e) if !failing => {
+                            tracing::warn!(error = %e, "cannot push metrics; will keep trying");
+                            failing = true;
+                        }
+                        Err(_) => {}
+                    }
+                    let deadline = std::time::Instant::now() + every;
+                    while std::time::Instant::now() < deadline {
+                        if flag.load(Ordering::SeqCst) {
+                            return;
+                        }
+                        std::thread::sleep(Duration::from_millis(50).min(every));
+                    }
+                }
+            })
+            .ok();
+        if thread.is_none() {
+            tracing::warn!("cannot start the Pushgateway thread: metrics are not pushed");
+        }
+        Self {
+            stop,
+            thread,
+            gateway,
+            render,
+        }
+    }
+
+    /// Stops pushing, pushes the final state and leaves it on the Pushgateway.
+    pub fn finish_keeping_last(mut self) -> Result<(), PushError> {
+        self.stop_thread();
+        self.gateway.push(&(self.render)())
+    }
+
+    /// Stops pushing and deletes the job's group from the Pushgateway.
+    pub fn finish(mut self) -> Result<(), PushError> {
+        self.stop_thread();
+        self.gateway.delete()
+    }
+
+    fn stop_thread(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Pusher {
+    /// A pusher dropped without [`Pusher::finish`] (an error path) still removes the job's series.
+    fn drop(&mut self) {
+        if self.thread.is_some() {
+            self.stop_thread();
+            if let Err(e) = self.gateway.delete() {
+                tracing::warn!(error = %e, "cannot delete the pushed metrics");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_and_grouping_labels_are_checked() {
+        let g = Pushgateway::new("http://pg.example:9091", "radit-xl", &[("instance", "n01")])
+            .expect("valid");
+        assert_eq!(g.group_path(), "/metrics/job/radit-xl/instance/n01");
+        let g = Pushgateway::new("http://10.0.0.1/prefix/", "j", &[]).expect("valid");
+        assert_eq!((g.port, g.group_path()), (9091, "/prefix/metrics/job/j"));
+        for (url, job) in [
+            ("https://pg:9091", "j"),
+            ("http://pg:port", "j"),
+            ("http://:9091", "j"),
+            ("http://pg:9091", "a/b"),
+            ("http://pg:9091", ""),
+        ] {
+            let err = Pushgateway::new(url, job, &[]).expect_err(url);
+            assert!(err.to_string().contains(url), "{err}");
+        }
+    }
+}
