@@ -366,7 +366,11 @@ fn run_shard(a: ShardArgs) -> anyhow::Result<u8> {
     let metrics = Arc::new(IngestProgress::default());
     let pusher = match &a.pushgateway {
         Some(url) => {
-            anyhow::ensure!(a.push_seconds >= 0.1, "--push-seconds must be at least 0.1");
+            anyhow::ensure!(
+                a.push_seconds.is_finite() && a.push_seconds >= 0.1,
+                "--push-seconds must be a number of seconds >= 0.1, got {}",
+                a.push_seconds
+            );
             let host = radit_coordinator::service::hostname().unwrap_or_else(|| "unknown".into());
             let gateway = Pushgateway::new(url, "radit-shard", &[("instance", &host)])
                 .context("--pushgateway")?;

@@ -71,7 +71,7 @@ fn wire_stats(s: progress::Stats) -> RankStats {
         checkpoint_write_seconds: s.checkpoint_write_seconds,
         checkpoint_save_seconds: s.checkpoint_save_seconds,
         checkpoint_bytes: s.checkpoint_bytes_total,
-        local_loss: s.local_loss,
+        loss_max: s.loss_max,
         device_memory_used_bytes: s.device_memory_used_bytes,
         device_memory_total_bytes: s.device_memory_total_bytes,
     }

@@ -208,7 +208,23 @@ fn prometheus_scrapes_a_running_job_and_promtool_accepts_the_exposition() {
     wait_for("a few steps", 120, || {
         http_get(&addr, "/metrics", Some(&token)).contains("radit_step_seconds_median")
     });
-    assert!(!http_get(&addr, "/metrics", None).contains("radit_step"));
+    // Nothing without the token: a 401, not merely an empty reply.
+    let refused = {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(&addr).unwrap();
+        write!(
+            s,
+            "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    };
+    assert!(
+        refused.starts_with("HTTP/1.1 401") && !refused.contains("radit_step"),
+        "{refused}"
+    );
     let exposition = http_get(&addr, "/metrics", Some(&token));
     let mut check = Command::new("promtool")
         .args(["check", "metrics"])
@@ -233,9 +249,10 @@ fn prometheus_scrapes_a_running_job_and_promtool_accepts_the_exposition() {
         &config,
         format!(
             "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: radit\n    authorization:\n      \
-             type: Bearer\n      credentials_file: {}\n    static_configs:\n      - targets: ['{addr}']\n  \
+             type: Bearer\n      credentials_file: {}\n    file_sd_configs:\n      - files: ['{}']\n  \
              - job_name: pushgateway\n    honor_labels: true\n    static_configs:\n      - targets: ['{}']\n",
             run_dir.join("job.token").display(),
+            run_dir.join("prometheus-targets.json").display(),
             gateway.addr
         ),
     )
@@ -307,7 +324,15 @@ fn prometheus_scrapes_a_running_job_and_promtool_accepts_the_exposition() {
             query(q)
         );
     }
-    assert!(value(&query("radit_loss_max")) >= value(&query("radit_loss")));
+    let (loss, loss_max) = (
+        value(&query("radit_loss")).unwrap(),
+        value(&query("radit_loss_max")).unwrap(),
+    );
+    // Both from the same step of the same rank: the largest rank loss is at least their mean, the global loss.
+    assert!(
+        loss_max >= loss - 1e-9 && loss_max.is_finite(),
+        "{loss_max} vs {loss}"
+    );
 
     // The same series reach the Pushgateway, under the job's name.
     wait_for("the job's series on the Pushgateway", 30, || {

@@ -393,6 +393,24 @@ fn job_spec_errors_name_the_field_and_dry_run_prints_the_plan_without_starting_a
             text.replace("name = \"faults\"", "name = \"a b\""),
             "job.name",
         ),
+        (
+            text.replace(
+                "[monitoring]\n",
+                "[monitoring]\npushgateway = \"https://pg:9091\"\n",
+            ),
+            "monitoring.pushgateway",
+        ),
+        (
+            text.replace(
+                "[monitoring]\n",
+                "[monitoring]\npeak_tflops_per_device = 0.0\n",
+            ),
+            "monitoring.peak_tflops_per_device",
+        ),
+        (
+            format!("{text}\n[samples]\nevery = 10\nsteps = 0\n"),
+            "samples.steps",
+        ),
     ];
     for (bad, field) in cases {
         let path = dir.path().join("bad.toml");

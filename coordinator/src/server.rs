@@ -121,8 +121,8 @@ pub struct RankStats {
     pub checkpoint_write_seconds: f64,
     pub checkpoint_save_seconds: f64,
     pub checkpoint_bytes: u64,
-    /// This rank's own loss of the last step (the mean over its samples).
-    pub local_loss: f64,
+    /// The largest of the ranks' own losses of this rank's last step (the same on every rank at a step).
+    pub loss_max: f64,
     /// 0 on CPU ranks.
     pub device_memory_used_bytes: u64,
     pub device_memory_total_bytes: u64,
@@ -224,6 +224,35 @@ struct Inner {
 }
 
 impl Inner {
+    /// The ranks of this generation that have reported stats, by rank.
+    fn reporting(&self) -> Vec<(usize, &RankStats)> {
+        self.members
+            .iter()
+            .enumerate()
+            .filter_map(|(r, m)| Some((r, m.as_ref()?.stats.as_ref()?)))
+            .collect()
+    }
+
+    /// The job's counters: earlier generations' plus this one's. Work counters add up over ranks; skipped steps
+    /// and checkpoints are the same on every rank, so the largest count is the run's.
+    fn counters(&self) -> RankStats {
+        let now = self.reporting();
+        let sum = |f: fn(&RankStats) -> u64| now.iter().map(|(_, s)| f(s)).sum::<u64>();
+        let max = |f: fn(&RankStats) -> u64| now.iter().map(|(_, s)| f(s)).max().unwrap_or(0);
+        let sumf = |f: fn(&RankStats) -> f64| now.iter().map(|(_, s)| f(s)).sum::<f64>();
+        let e = &self.earlier;
+        RankStats {
+            steps: e.steps + max(|s| s.steps),
+            images: e.images + sum(|s| s.images),
+            tokens: e.tokens + sum(|s| s.tokens),
+            model_flops: e.model_flops + sumf(|s| s.model_flops),
+            data_wait_seconds: e.data_wait_seconds + sumf(|s| s.data_wait_seconds),
+            skipped_steps: e.skipped_steps + max(|s| s.skipped_steps),
+            checkpoints: e.checkpoints + max(|s| s.checkpoints),
+            checkpoint_bytes: e.checkpoint_bytes + sum(|s| s.checkpoint_bytes),
+            ..RankStats::default()
+        }
+    }
     fn joined(&self) -> usize {
         self.joined
     }
@@ -402,26 +431,25 @@ impl Coordinator {
     }
 
     /// The run's counters over all ranks and generations and its latest values, once ranks have reported.
+    /// `None` before any rank of any generation has reported; the loss is NaN while a new generation has not.
     pub fn totals(&self) -> Option<Totals> {
         let inner = self.lock();
-        let stats: Vec<&RankStats> = inner
-            .members
-            .iter()
-            .filter_map(|m| m.as_ref()?.stats.as_ref())
-            .collect();
-        let first = stats.first()?;
-        let e = &inner.earlier;
-        let sum = |f: &dyn Fn(&RankStats) -> f64| stats.iter().map(|s| f(s)).sum::<f64>();
+        let reporting = inner.reporting();
+        if reporting.is_empty() && inner.earlier == RankStats::default() {
+            return None;
+        }
+        let all = inner.counters();
+        let (loss, loss_max) = match reporting.first() {
+            Some((_, first)) => (first.loss, first.loss_max),
+            None => (f64::NAN, f64::NAN),
+        };
         Some(Totals {
             step: inner.progress.0,
-            images: e.images as f64 + sum(&|s| s.images as f64),
-            tokens: e.tokens as f64 + sum(&|s| s.tokens as f64),
-            model_flops: e.model_flops + sum(&|s| s.model_flops),
-            loss: first.loss,
-            loss_max: stats
-                .iter()
-                .map(|s| s.local_loss)
-                .fold(f64::NEG_INFINITY, f64::max),
+            images: all.images as f64,
+            tokens: all.tokens as f64,
+            model_flops: all.model_flops,
+            loss,
+            loss_max,
             median_step_seconds: inner.median_step_seconds(),
             checkpoint: inner.checkpoints.last().copied(),
         })
@@ -556,17 +584,8 @@ impl Coordinator {
                 &one(peak * self.cfg.world as f64),
             );
         }
-        let stats: Vec<(usize, &RankStats)> = inner
-            .members
-            .iter()
-            .enumerate()
-            .filter_map(|(r, m)| Some((r, m.as_ref()?.stats.as_ref()?)))
-            .collect();
-        if stats.is_empty() {
-            return out;
-        }
-        let e = &inner.earlier;
-        let sum = |f: &dyn Fn(&RankStats) -> f64| stats.iter().map(|(_, s)| f(s)).sum::<f64>();
+        // Counters cover every generation, also between a relaunch and the new ranks' first report.
+        let all = inner.counters();
         let counter = |name: &str, help: &str, v: f64, out: &mut String| {
             let _ = writeln!(
                 out,
@@ -574,45 +593,53 @@ impl Coordinator {
             );
         };
         let mut more = String::new();
-        counter(
-            "radit_images_total",
-            "Training images processed (all ranks, all generations).",
-            e.images as f64 + sum(&|s| s.images as f64),
-            &mut more,
-        );
-        counter(
-            "radit_tokens_total",
-            "Training tokens (patches) processed.",
-            e.tokens as f64 + sum(&|s| s.tokens as f64),
-            &mut more,
-        );
-        counter(
-            "radit_model_flops_total",
-            "Model FLOPs of forward and backward.",
-            e.model_flops + sum(&|s| s.model_flops),
-            &mut more,
-        );
-        counter(
-            "radit_data_wait_seconds_total",
-            "Seconds ranks waited for their batches (summed over ranks).",
-            e.data_wait_seconds + sum(&|s| s.data_wait_seconds),
-            &mut more,
-        );
-        // Every rank sees the same global loss, gradient norm, learning rate and skips: rank 0's (or the first
-        // reporting rank's) are the run's.
+        for (name, help, v) in [
+            (
+                "radit_images_total",
+                "Training images processed (all ranks, all generations).",
+                all.images as f64,
+            ),
+            (
+                "radit_tokens_total",
+                "Training tokens (patches) processed.",
+                all.tokens as f64,
+            ),
+            (
+                "radit_model_flops_total",
+                "Model FLOPs of forward and backward.",
+                all.model_flops,
+            ),
+            (
+                "radit_data_wait_seconds_total",
+                "Seconds ranks waited for their batches (summed over ranks).",
+                all.data_wait_seconds,
+            ),
+            (
+                "radit_skipped_steps_total",
+                "Steps skipped for a non-finite loss or gradient.",
+                all.skipped_steps as f64,
+            ),
+            (
+                "radit_checkpoints_total",
+                "Checkpoints started.",
+                all.checkpoints as f64,
+            ),
+            (
+                "radit_checkpoint_bytes_total",
+                "Checkpoint bytes written (all ranks, all generations).",
+                all.checkpoint_bytes as f64,
+            ),
+        ] {
+            counter(name, help, v, &mut more);
+        }
+        let stats = inner.reporting();
+        if stats.is_empty() {
+            out.push_str(&more);
+            return out;
+        }
+        // Every rank sees the same global loss, gradient norm and learning rate: the first reporting rank's are
+        // the run's.
         let (_, first) = stats[0];
-        counter(
-            "radit_skipped_steps_total",
-            "Steps skipped for a non-finite loss or gradient.",
-            e.skipped_steps as f64 + first.skipped_steps as f64,
-            &mut more,
-        );
-        counter(
-            "radit_checkpoints_total",
-            "Checkpoints started.",
-            e.checkpoints as f64 + first.checkpoints as f64,
-            &mut more,
-        );
         let mut g = |name: &str, help: &str, v: f64| {
             let _ = writeln!(
                 more,
@@ -644,11 +671,8 @@ impl Coordinator {
         );
         g(
             "radit_loss_max",
-            "The largest of the ranks' own losses (each the mean over that rank's share of the last step's batch).",
-            stats
-                .iter()
-                .map(|(_, s)| s.local_loss)
-                .fold(f64::NEG_INFINITY, f64::max),
+            "The largest of the ranks' own losses (each the mean over that rank's share of the batch), last step.",
+            first.loss_max,
         );
         g(
             "radit_checkpoint_write_seconds",
@@ -665,12 +689,6 @@ impl Coordinator {
                 .iter()
                 .map(|(_, s)| s.checkpoint_save_seconds)
                 .fold(0.0, f64::max),
-        );
-        counter(
-            "radit_checkpoint_bytes_total",
-            "Checkpoint bytes written (all ranks, all generations).",
-            e.checkpoint_bytes as f64 + sum(&|s| s.checkpoint_bytes as f64),
-            &mut more,
         );
         let gpus: Vec<&(usize, &RankStats)> = stats
             .iter()
@@ -730,23 +748,7 @@ impl Coordinator {
     pub fn new_generation(&self) -> u64 {
         let mut inner = self.lock();
         inner.generation += 1;
-        let finished: Vec<RankStats> = inner
-            .members
-            .iter()
-            .flatten()
-            .filter_map(|m| m.stats.clone())
-            .collect();
-        for st in finished {
-            let e = &mut inner.earlier;
-            e.steps += st.steps;
-            e.images += st.images;
-            e.tokens += st.tokens;
-            e.model_flops += st.model_flops;
-            e.data_wait_seconds += st.data_wait_seconds;
-            e.skipped_steps += st.skipped_steps;
-            e.checkpoints += st.checkpoints;
-            e.checkpoint_bytes += st.checkpoint_bytes;
-        }
+        inner.earlier = inner.counters();
         inner.members = (0..self.cfg.world).map(|_| None).collect();
         inner.joined = 0;
         inner.steps.clear();
@@ -876,6 +878,16 @@ async fn join(State(c): State<Arc<Coordinator>>, Json(req): Json<JoinRequest>) -
 }
 
 async fn heartbeat(State(c): State<Arc<Coordinator>>, Json(hb): Json<Heartbeat>) -> Response {
+    if let Some(st) = &hb.stats
+        && (st.step_seconds_bounds.len() != st.step_seconds_buckets.len()
+            || st.step_seconds_bounds.len() > 64
+            || st.step_seconds_bounds.iter().any(|b| !b.is_finite()))
+    {
+        return reject(
+            StatusCode::BAD_REQUEST,
+            "stats: step_seconds_bounds must be at most 64 finite bounds, one per bucket",
+        );
+    }
     let mut inner = c.lock();
     if hb.generation != inner.generation {
         return reject(

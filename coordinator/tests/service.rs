@@ -401,7 +401,7 @@ fn a_rank_that_said_goodbye_is_not_dead_and_the_run_is_not_hung() {
     svc.shutdown().unwrap();
 }
 
-fn stats(images: u64, local_loss: f64, gpu: Option<(u64, u64)>) -> radit_coordinator::RankStats {
+fn stats(images: u64, loss_max: f64, gpu: Option<(u64, u64)>) -> radit_coordinator::RankStats {
     radit_coordinator::RankStats {
         steps: images / 4,
         images,
@@ -412,8 +412,11 @@ fn stats(images: u64, local_loss: f64, gpu: Option<(u64, u64)>) -> radit_coordin
         step_seconds_count: images / 4,
         step_seconds_sum: 0.5 * (images / 4) as f64,
         loss: 0.6,
-        local_loss,
+        loss_max,
         checkpoint_bytes: 1000,
+        // The same on every rank: the run's count, not the sum.
+        skipped_steps: 2,
+        checkpoints: 3,
         checkpoint_write_seconds: 0.25,
         checkpoint_save_seconds: 0.5,
         device_memory_used_bytes: gpu.map_or(0, |g| g.0),
@@ -440,7 +443,7 @@ fn beat_stats(
 }
 
 #[test]
-fn rank_counters_add_up_across_ranks_and_generations_with_loss_max_and_gpu_memory() {
+fn rank_counters_add_up_across_ranks_and_generations_and_gpu_memory_is_per_rank() {
     let svc = Service::start(CoordinatorConfig::new(2));
     let ranks = |generation: u64| -> Vec<(usize, CoordinatorClient)> {
         let joins: Vec<_> = (0..2)
@@ -457,7 +460,7 @@ fn rank_counters_add_up_across_ranks_and_generations_with_loss_max_and_gpu_memor
     };
     for (rank, c) in ranks(0) {
         let gpu = (rank == 1).then_some((30 << 30, 96 << 30));
-        beat_stats(&c, rank, 0, stats(40, 0.5 + 0.2 * rank as f64, gpu));
+        beat_stats(&c, rank, 0, stats(40, 0.7, gpu));
     }
     let m = svc.coordinator.metrics();
     for line in [
@@ -466,6 +469,8 @@ fn rank_counters_add_up_across_ranks_and_generations_with_loss_max_and_gpu_memor
         "radit_loss 0.6",
         "radit_loss_max 0.7",
         "radit_checkpoint_bytes_total 2000",
+        "radit_skipped_steps_total 2",
+        "radit_checkpoints_total 3",
         "radit_checkpoint_write_seconds 0.25",
         "radit_checkpoint_save_seconds 0.5",
         // Only the GPU rank has memory to show.
@@ -488,7 +493,13 @@ fn rank_counters_add_up_across_ranks_and_generations_with_loss_max_and_gpu_memor
 
     // Relaunched ranks count from zero; the job's totals keep what the first generation did.
     assert_eq!(svc.coordinator.new_generation(), 1);
-    assert!(svc.coordinator.totals().is_none());
+    // Before the new ranks report, the counters keep what was done (a scrape now must not see them vanish).
+    let m = svc.coordinator.metrics();
+    for line in ["radit_images_total 80", "radit_skipped_steps_total 2"] {
+        assert!(m.lines().any(|l| l == line), "`{line}` missing from\n{m}");
+    }
+    let t = svc.coordinator.totals().expect("earlier generations count");
+    assert!(t.images == 80.0 && t.loss.is_nan(), "{t:?}");
     for (rank, c) in ranks(1) {
         beat_stats(&c, rank, 1, stats(8, 0.4, None));
     }
@@ -496,10 +507,37 @@ fn rank_counters_add_up_across_ranks_and_generations_with_loss_max_and_gpu_memor
     for line in [
         "radit_images_total 96",
         "radit_checkpoint_bytes_total 4000",
+        "radit_skipped_steps_total 4",
+        "radit_checkpoints_total 6",
         "radit_loss_max 0.4",
     ] {
         assert!(m.lines().any(|l| l == line), "`{line}` missing from\n{m}");
     }
     assert!(!m.contains("radit_gpu_memory"), "{m}");
+    svc.shutdown().unwrap();
+}
+
+#[test]
+fn a_heartbeat_with_a_malformed_histogram_is_refused() {
+    let svc = Service::start(CoordinatorConfig::new(1));
+    let c = svc.client();
+    let rank = join(&c, "node0", 1).unwrap().rank;
+    let mut bad = stats(4, 0.5, None);
+    bad.step_seconds_bounds.push(5.0);
+    let err = c
+        .heartbeat(&Heartbeat {
+            rank,
+            generation: 0,
+            step: 1,
+            done: false,
+            stats: Some(bad),
+            phase: None,
+        })
+        .unwrap_err();
+    assert!(
+        matches!(err, ClientError::Refused { status: 400, .. }),
+        "{err}"
+    );
+    assert!(svc.coordinator.totals().is_none());
     svc.shutdown().unwrap();
 }

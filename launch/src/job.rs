@@ -403,6 +403,11 @@ impl Job {
             .and_then(|_| train.validate_for_world(u64::from(world)))
             .map_err(|e| match e {
                 radit_trainer::train::TrainError::InvalidConfig { field, reason } => {
+                    // The job spec's [samples] becomes the train config's [preview].
+                    let field = match field.strip_prefix("preview.") {
+                        Some(rest) => format!("samples.{rest}"),
+                        None => field,
+                    };
                     bad(&field, reason)
                 }
                 other => bad("model", format!("{other:#}")),
@@ -442,10 +447,19 @@ impl Job {
         if spec.monitoring.progress_seconds.is_nan() || spec.monitoring.progress_seconds < 0.0 {
             return Err(bad("monitoring.progress_seconds", "must be >= 0".into()));
         }
-        if spec.monitoring.push_seconds.is_nan() || spec.monitoring.push_seconds < 0.1 {
+        let m = &spec.monitoring;
+        if !m.push_seconds.is_finite() || m.push_seconds < 0.1 {
             return Err(bad(
                 "monitoring.push_seconds",
-                "must be at least 0.1".into(),
+                format!("must be a number of seconds >= 0.1, got {}", m.push_seconds),
+            ));
+        }
+        if let Some(p) = m.peak_tflops_per_device
+            && !(p.is_finite() && p > 0.0)
+        {
+            return Err(bad(
+                "monitoring.peak_tflops_per_device",
+                format!("must be a positive number of TFLOP/s, got {p}"),
             ));
         }
         if let Some(url) = &spec.monitoring.pushgateway {

@@ -46,8 +46,9 @@ impl Reporter {
         }
     }
 
-    /// Prints the periodic line for this snapshot and moves the bar.
-    pub fn update(&mut self, now: Totals, generation: u64) {
+    /// Prints the periodic line for this snapshot and moves the bar. `counted`: the snapshot carries the ranks'
+    /// counters (not a placeholder from before any report), so rates may be taken from it.
+    pub fn update(&mut self, now: Totals, generation: u64, counted: bool) {
         let at = Instant::now();
         let rates = self
             .previous
@@ -61,7 +62,7 @@ impl Reporter {
                 eta_text(&now, self.total_steps).map_or(String::new(), |e| format!("ETA {e}")),
             );
         }
-        self.previous = Some((at, now));
+        self.previous = counted.then_some((at, now));
     }
 }
 

@@ -159,6 +159,15 @@ pub fn supervise(
     )
     .and_then(|()| std::fs::rename(addr_file.with_extension("addr.tmp"), &addr_file))
     .map_err(|e| SuperviseError::io(&addr_file, e))?;
+    // The same address as a Prometheus file_sd target list: a scrape config pointing at it (and at job.token,
+    // which every `radit run` renews) follows the job through requeues onto other nodes.
+    let targets = run_dir.join("prometheus-targets.json");
+    std::fs::write(
+        targets.with_extension("json.tmp"),
+        format!("[{{\"targets\": [\"{}\"]}}]\n", service.addr),
+    )
+    .and_then(|()| std::fs::rename(targets.with_extension("json.tmp"), &targets))
+    .map_err(|e| SuperviseError::io(&targets, e))?;
 
     // Dropped on every way out of this function: the job's series leave the Pushgateway with it.
     let _pusher = match &spec.monitoring.pushgateway {
@@ -329,7 +338,9 @@ pub fn supervise(
             }
             if !progress_every.is_zero() && last_progress.elapsed() >= progress_every {
                 last_progress = Instant::now();
-                let totals = coordinator.totals().unwrap_or_else(|| {
+                let reported = coordinator.totals();
+                let counted = reported.is_some();
+                let totals = reported.unwrap_or_else(|| {
                     let (step, median_step_seconds) = coordinator.progress();
                     Totals {
                         step,
@@ -342,7 +353,7 @@ pub fn supervise(
                         checkpoint: coordinator.checkpoints().last().copied(),
                     }
                 });
-                reporter.update(totals, generation);
+                reporter.update(totals, generation, counted);
             }
         };
         tracing::error!(generation, reason = %failure, "the run failed");

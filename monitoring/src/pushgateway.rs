@@ -57,14 +57,23 @@ impl Pushgateway {
             .strip_prefix("http://")
             .ok_or_else(|| bad("only http:// is supported".into()))?;
         let (authority, prefix) = rest.split_once('/').unwrap_or((rest, ""));
-        let (host, port) = match authority.rsplit_once(':') {
-            Some((h, p)) => (
-                h,
-                p.parse::<u16>()
-                    .map_err(|_| bad(format!("port `{p}` is not a number")))?,
-            ),
-            None => (authority, 9091),
+        // host, host:port, [v6] or [v6]:port
+        let (host, port) = match authority.strip_prefix('[') {
+            Some(v6) => {
+                let (h, rest) = v6
+                    .split_once(']')
+                    .ok_or_else(|| bad("unclosed [ in the host".into()))?;
+                match rest.strip_prefix(':') {
+                    Some(p) => (h, p),
+                    None if rest.is_empty() => (h, "9091"),
+                    None => return Err(bad(format!("`{rest}` after the host"))),
+                }
+            }
+            None => authority.rsplit_once(':').unwrap_or((authority, "9091")),
         };
+        let port = port
+            .parse::<u16>()
+            .map_err(|_| bad(format!("port `{port}` is not a number")))?;
         if host.is_empty() {
             return Err(bad("no host".into()));
         }
@@ -82,10 +91,11 @@ impl Pushgateway {
             path += &format!("/{name}/{value}");
         }
         Ok(Self {
-            host: host.trim_matches(['[', ']']).to_string(),
+            host: host.to_string(),
             port,
             path,
-            timeout: Duration::from_secs(10),
+            // Short: a push must not hold up a run's exit inside Slurm's warning window.
+            timeout: Duration::from_secs(3),
         })
     }
 
@@ -105,17 +115,31 @@ impl Pushgateway {
     }
 
     fn request(&self, method: &'static str, body: &[u8]) -> Result<(), PushError> {
-        let addr = format!("{}:{}", self.host, self.port);
+        let addr = if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        };
         let io = |source| PushError::Io {
             addr: addr.clone(),
             source,
         };
-        let target = (self.host.as_str(), self.port)
+        // Every address the name has (localhost may be ::1 and 127.0.0.1; the gateway may listen on one).
+        let mut last = std::io::Error::other("the host has no address");
+        let mut connected = None;
+        for target in (self.host.as_str(), self.port)
             .to_socket_addrs()
             .map_err(io)?
-            .next()
-            .ok_or_else(|| io(std::io::Error::other("the host has no address")))?;
-        let mut stream = TcpStream::connect_timeout(&target, self.timeout).map_err(io)?;
+        {
+            match TcpStream::connect_timeout(&target, self.timeout) {
+                Ok(s) => {
+                    connected = Some(s);
+                    break;
+                }
+                Err(e) => last = e,
+            }
+        }
+        let mut stream = connected.ok_or_else(|| io(last))?;
         stream.set_read_timeout(Some(self.timeout)).map_err(io)?;
         stream.set_write_timeout(Some(self.timeout)).map_err(io)?;
         let head = format!(
@@ -243,6 +267,73 @@ impl Drop for Pusher {
 mod tests {
     use super::*;
 
+    /// Answers each connection with `status` and records the request line and body.
+    fn fake_gateway(status: &'static str) -> (String, std::sync::mpsc::Receiver<String>) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("loopback");
+        let addr = listener.local_addr().expect("bound").to_string();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { return };
+                let mut buf = vec![0u8; 65536];
+                let mut got = Vec::new();
+                // Head, then as much body as Content-Length says.
+                loop {
+                    let n = conn.read(&mut buf).unwrap_or(0);
+                    got.extend_from_slice(&buf[..n]);
+                    let text = String::from_utf8_lossy(&got).to_string();
+                    if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                        let len: usize = head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("Content-Length: "))
+                            .and_then(|v| v.trim().parse().ok())
+                            .unwrap_or(0);
+                        if body.len() >= len || n == 0 {
+                            let line = head.lines().next().unwrap_or("").to_string();
+                            let _ = tx.send(format!("{line}|{body}"));
+                            break;
+                        }
+                    }
+                    if n == 0 {
+                        break;
+                    }
+                }
+                let _ = conn.write_all(
+                    format!("HTTP/1.1 {status}\r\nContent-Length: 4\r\n\r\nwhy!").as_bytes(),
+                );
+            }
+        });
+        (addr, rx)
+    }
+
+    #[test]
+    fn a_pusher_puts_its_exposition_and_deletes_the_group_when_dropped() {
+        let (addr, requests) = fake_gateway("200 OK");
+        let gw = Pushgateway::new(&format!("http://{addr}"), "radit-xl", &[]).expect("valid");
+        let pusher = Pusher::start(gw, Duration::from_millis(50), || "radit_step 7\n".into());
+        let first = requests
+            .recv_timeout(Duration::from_secs(5))
+            .expect("a push");
+        assert_eq!(first, "PUT /metrics/job/radit-xl HTTP/1.1|radit_step 7\n");
+        drop(pusher);
+        let last = requests
+            .iter()
+            .find(|r| !r.starts_with("PUT"))
+            .expect("a delete");
+        assert_eq!(last, "DELETE /metrics/job/radit-xl HTTP/1.1|");
+    }
+
+    #[test]
+    fn a_refusal_carries_the_status_and_the_gateways_reason() {
+        let (addr, _requests) = fake_gateway("400 Bad Request");
+        let gw = Pushgateway::new(&format!("http://{addr}"), "j", &[]).expect("valid");
+        let err = gw.push("x 1\n").expect_err("refused").to_string();
+        assert!(
+            err.contains("400 Bad Request why!") && err.contains("PUT"),
+            "{err}"
+        );
+    }
+
     #[test]
     fn urls_and_grouping_labels_are_checked() {
         let g = Pushgateway::new("http://pg.example:9091", "radit-xl", &[("instance", "n01")])
@@ -250,12 +341,18 @@ mod tests {
         assert_eq!(g.group_path(), "/metrics/job/radit-xl/instance/n01");
         let g = Pushgateway::new("http://10.0.0.1/prefix/", "j", &[]).expect("valid");
         assert_eq!((g.port, g.group_path()), (9091, "/prefix/metrics/job/j"));
+        let g = Pushgateway::new("http://[::1]:9092", "j", &[]).expect("valid");
+        assert_eq!((g.host.as_str(), g.port), ("::1", 9092));
+        let g = Pushgateway::new("http://[fd00::7]", "j", &[]).expect("valid");
+        assert_eq!((g.host.as_str(), g.port), ("fd00::7", 9091));
         for (url, job) in [
             ("https://pg:9091", "j"),
             ("http://pg:port", "j"),
             ("http://:9091", "j"),
             ("http://pg:9091", "a/b"),
             ("http://pg:9091", ""),
+            ("http://[::1:9091", "j"),
+            ("http://[::1]x", "j"),
         ] {
             let err = Pushgateway::new(url, job, &[]).expect_err(url);
             assert!(err.to_string().contains(url), "{err}");

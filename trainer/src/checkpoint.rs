@@ -265,15 +265,8 @@ impl Checkpointer {
             .map_err(|_| CheckpointError::Writer("the writer panicked".into()))?;
         // Every rank learns whether every write succeeded before anyone writes the manifest.
         let failed = comm.all_reduce_f64(written.is_err() as i64 as f64)?;
-        let entry = match written {
-            Ok((e, write_seconds)) => {
-                crate::progress::record_checkpoint_written(
-                    e.bytes,
-                    write_seconds,
-                    started.elapsed().as_secs_f64(),
-                );
-                e
-            }
+        let (entry, write_seconds) = match written {
+            Ok(w) => w,
             Err(e) => return Err(CheckpointError::Writer(e)),
         };
         if failed > 0.0 {
@@ -300,6 +293,11 @@ impl Checkpointer {
             self.write_manifest(step, &state, groups, ranks, comm.world() as u64)?;
         }
         comm.barrier()?;
+        crate::progress::record_checkpoint_written(
+            entry.bytes,
+            write_seconds,
+            started.elapsed().as_secs_f64(),
+        );
         Ok(Some(step))
     }
 

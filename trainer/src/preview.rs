@@ -69,7 +69,7 @@ impl PreviewConfig {
 }
 
 /// Draws the sheet from the engine's EMA weights. Collective: every rank calls it at the same step; rank 0 writes
-/// the file and gets its path.
+/// the file and gets its path (`None` elsewhere, or when writing failed: that is logged, not fatal).
 pub fn write_sheet(
     engine: &Fsdp,
     model: &RadiTConfig,
@@ -99,25 +99,36 @@ pub fn write_sheet(
     if rank != 0 {
         return Ok(None);
     }
+    // Only rank 0 writes: a failure here (full disk, permissions) must not fail the run, or every relaunch would
+    // fail again at the same step while the other ranks wait in the next collective.
     let mut full = shape.clone();
     full[0] = per as i64 * world as i64;
     let samples = all
         .to_device(Device::Cpu)
         .view(full.as_slice())
         .narrow(0, 0, cfg.count as i64);
-    let tiles: Vec<Tensor> = (0..cfg.count as i64)
-        .map(|i| preview(&samples.get(i)))
-        .collect();
-    std::fs::create_dir_all(&cfg.dir).map_err(|e| ModelError::Io {
-        path: cfg.dir.display().to_string(),
-        source: e,
-    })?;
-    let columns = (cfg.count as f64).sqrt().ceil() as usize;
-    let side = model.input_size.min(256);
-    let path = cfg.sheet_path(step);
-    contact_sheet(&tiles, columns, side, &path)?;
-    contact_sheet(&tiles, columns, side, &cfg.dir.join("latest.png"))?;
-    Ok(Some(path))
+    let write = || -> Result<PathBuf, ModelError> {
+        let tiles: Vec<Tensor> = (0..cfg.count as i64)
+            .map(|i| preview(&samples.get(i)))
+            .collect();
+        std::fs::create_dir_all(&cfg.dir).map_err(|e| ModelError::Io {
+            path: cfg.dir.display().to_string(),
+            source: e,
+        })?;
+        let columns = (cfg.count as f64).sqrt().ceil() as usize;
+        let side = model.input_size.min(256);
+        let path = cfg.sheet_path(step);
+        contact_sheet(&tiles, columns, side, &path)?;
+        contact_sheet(&tiles, columns, side, &cfg.dir.join("latest.png"))?;
+        Ok(path)
+    };
+    match write() {
+        Ok(path) => Ok(Some(path)),
+        Err(e) => {
+            tracing::warn!(step, error = %e, "cannot write the preview sheet; training goes on");
+            Ok(None)
+        }
+    }
 }
 
 #[cfg(test)]

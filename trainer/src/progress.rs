@@ -128,8 +128,8 @@ pub struct Stats {
     pub checkpoint_write_seconds: f64,
     pub checkpoint_save_seconds: f64,
     pub checkpoint_bytes_total: u64,
-    /// This rank's own loss (mean over its micro-batches) of the last step, before the mean over ranks.
-    pub local_loss: f64,
+    /// The largest of the ranks' own losses (each the mean over that rank's share of the batch), last step.
+    pub loss_max: f64,
     /// Device memory in use and the device's total (GPU ranks; 0 on CPUs).
     pub device_memory_used_bytes: u64,
     pub device_memory_total_bytes: u64,
@@ -194,10 +194,10 @@ pub fn record_checkpoint_written(bytes: u64, write_seconds: f64, save_seconds: f
     });
 }
 
-/// This rank's own loss and its device's memory after a step.
-pub fn record_rank(local_loss: f64, memory: Option<(u64, u64)>) {
+/// The step's largest rank loss and this rank's device memory after a step.
+pub fn record_rank(loss_max: f64, memory: Option<(u64, u64)>) {
     with_stats(|s| {
-        s.local_loss = local_loss;
+        s.loss_max = loss_max;
         if let Some((used, total)) = memory {
             (s.device_memory_used_bytes, s.device_memory_total_bytes) = (used, total);
         }

@@ -60,9 +60,10 @@ pub fn device_memory(device: tch::Device) -> Option<(u64, u64)> {
     if !matches!(device, tch::Device::Cuda(_)) {
         return None;
     }
-    // cudarc panics rather than erroring when libcuda cannot be loaded.
+    // cudarc panics rather than erroring when libcuda cannot be loaded; checking opens the library, so once.
+    static PRESENT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     // SAFETY: only checks whether the library can be opened.
-    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+    if !*PRESENT.get_or_init(|| unsafe { cudarc::driver::sys::is_culib_present() }) {
         return None;
     }
     // libtorch made its primary context current on this (the training) thread.

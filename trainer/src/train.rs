@@ -211,6 +211,8 @@ pub struct StepLog {
     pub step: u64,
     #[serde(flatten)]
     pub report: StepReport,
+    /// The largest of the ranks' own losses (each over its share of the global batch).
+    pub loss_max: f64,
     pub images_per_second: f64,
     /// Patches per second (images x tokens per image).
     pub tokens_per_second: f64,
@@ -418,10 +420,15 @@ pub fn train(
             report.lr,
             report.skipped,
         );
-        progress::record_rank(
-            loss_sum / micro as f64,
-            crate::runtime::device_memory(device),
-        );
+        // The largest rank's own loss of this same step (a rank far above the mean reads bad data or has a bad
+        // device): one tiny CPU all-gather.
+        let loss_max = {
+            let mut all = Tensor::zeros([world as i64], (Kind::Double, Device::Cpu));
+            let mine = Tensor::from_slice(&[loss_sum / micro as f64]);
+            engine.collective().all_gather(&mine, &mut all)?;
+            all.max().double_value(&[])
+        };
+        progress::record_rank(loss_max, crate::runtime::device_memory(device));
         progress::set_step(step);
         window.1 += cfg.train.global_batch;
         if report.skipped || step % cfg.train.log_every.max(1) == 0 || step == cfg.train.steps {
@@ -429,6 +436,7 @@ pub fn train(
             let log = StepLog {
                 step,
                 report,
+                loss_max,
                 images_per_second: window.1 as f64 / secs,
                 tokens_per_second: (window.1 * tokens_per_image) as f64 / secs,
                 data_wait_seconds: window.2,

@@ -59,8 +59,9 @@ pub struct NcclCollective {
     _ctx: Arc<cudarc::driver::CudaContext>,
     /// A non-blocking stream for started all-gathers, so they overlap compute on the default stream.
     comm_stream: cu::CUstream,
-    /// The group that carried the unique id (kept: an MPI bootstrap must outlive NCCL).
-    _bootstrap: Box<dyn Collective>,
+    /// The group that carried the unique id (kept: an MPI bootstrap must outlive NCCL). It also carries the CPU
+    /// tensors (loss and norm sums, stop flags, checkpoint records), as gloo does beside NCCL in PyTorch.
+    bootstrap: Box<dyn Collective>,
 }
 
 // SAFETY: an NCCL communicator may be used from any thread as long as calls do not overlap; `&self` methods are
@@ -99,7 +100,7 @@ impl NcclCollective {
             device: Device::Cuda(gpu),
             _ctx: ctx,
             comm_stream,
-            _bootstrap: bootstrap,
+            bootstrap,
         })
     }
 
@@ -144,6 +145,9 @@ impl Collective for NcclCollective {
     }
 
     fn all_reduce_sum(&self, t: &mut Tensor) -> Result<(), CollectiveError> {
+        if t.device() == Device::Cpu {
+            return self.bootstrap.all_reduce_sum(t);
+        }
         let n = check_1d("all_reduce", t)?;
         check_reducible("all_reduce", t)?;
         self.on_device("all_reduce", t)?;
@@ -156,6 +160,9 @@ impl Collective for NcclCollective {
     }
 
     fn all_gather(&self, input: &Tensor, out: &mut Tensor) -> Result<(), CollectiveError> {
+        if input.device() == Device::Cpu && out.device() == Device::Cpu {
+            return self.bootstrap.all_gather(input, out);
+        }
         // On the communication stream, then ordered before anything issued later on the default stream.
         let flight = self.start_all_gather(input, out)?;
         self.wait(flight)
@@ -210,6 +217,9 @@ impl Collective for NcclCollective {
     }
 
     fn reduce_scatter_sum(&self, input: &Tensor, out: &mut Tensor) -> Result<(), CollectiveError> {
+        if input.device() == Device::Cpu && out.device() == Device::Cpu {
+            return self.bootstrap.reduce_scatter_sum(input, out);
+        }
         let n = check_sizes("reduce_scatter", input, out, self.world, false)?;
         check_reducible("reduce_scatter", input)?;
         self.on_device("reduce_scatter", input)?;
@@ -232,6 +242,9 @@ impl Collective for NcclCollective {
     }
 
     fn broadcast(&self, t: &mut Tensor, root: usize) -> Result<(), CollectiveError> {
+        if t.device() == Device::Cpu {
+            return self.bootstrap.broadcast(t, root);
+        }
         let n = check_1d("broadcast", t)?;
         self.on_device("broadcast", t)?;
         let (dt, scale) = dtype(t.kind());
