@@ -616,7 +616,7 @@ impl Coordinator {
             ),
             (
                 "radit_skipped_steps_total",
-                "Steps skipped for a non-finite loss or gradient.",
+                "Skip events: steps skipped for a non-finite loss or gradient (a skipped step replayed after a relaunch counts again).",
                 all.skipped_steps as f64,
             ),
             (

@@ -522,22 +522,36 @@ fn a_heartbeat_with_a_malformed_histogram_is_refused() {
     let svc = Service::start(CoordinatorConfig::new(1));
     let c = svc.client();
     let rank = join(&c, "node0", 1).unwrap().rank;
-    let mut bad = stats(4, 0.5, None);
-    bad.step_seconds_bounds.push(5.0);
-    let err = c
-        .heartbeat(&Heartbeat {
-            rank,
-            generation: 0,
-            step: 1,
-            done: false,
-            stats: Some(bad),
-            phase: None,
-        })
-        .unwrap_err();
-    assert!(
-        matches!(err, ClientError::Refused { status: 400, .. }),
-        "{err}"
-    );
+    let mut mismatched = stats(4, 0.5, None);
+    mismatched.step_seconds_bounds.push(5.0);
+    let mut infinite = stats(4, 0.5, None);
+    infinite.step_seconds_bounds[1] = f64::INFINITY;
+    let mut too_many = stats(4, 0.5, None);
+    too_many.step_seconds_bounds = (0..65).map(f64::from).collect();
+    too_many.step_seconds_buckets = vec![0; 65];
+    // (JSON has no infinity: that one arrives as null and fails to parse, 422.)
+    for bad in [mismatched, infinite, too_many] {
+        let err = c
+            .heartbeat(&Heartbeat {
+                rank,
+                generation: 0,
+                step: 1,
+                done: false,
+                stats: Some(bad),
+                phase: None,
+            })
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ClientError::Refused {
+                    status: 400 | 422,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
     assert!(svc.coordinator.totals().is_none());
     svc.shutdown().unwrap();
 }

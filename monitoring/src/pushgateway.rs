@@ -316,11 +316,28 @@ mod tests {
             .expect("a push");
         assert_eq!(first, "PUT /metrics/job/radit-xl HTTP/1.1|radit_step 7\n");
         drop(pusher);
-        let last = requests
-            .iter()
-            .find(|r| !r.starts_with("PUT"))
-            .expect("a delete");
+        let last = loop {
+            let r = requests
+                .recv_timeout(Duration::from_secs(5))
+                .expect("a delete after the pushes");
+            if !r.starts_with("PUT") {
+                break r;
+            }
+        };
         assert_eq!(last, "DELETE /metrics/job/radit-xl HTTP/1.1|");
+    }
+
+    #[test]
+    fn a_name_is_tried_at_every_address_it_has() {
+        // The fake listens on 127.0.0.1 only; `localhost` may resolve to ::1 first.
+        let (addr, requests) = fake_gateway("202 Accepted");
+        let port = addr.rsplit(':').next().expect("host:port");
+        let gw = Pushgateway::new(&format!("http://localhost:{port}"), "j", &[]).expect("valid");
+        gw.delete().expect("reached over IPv4");
+        let r = requests
+            .recv_timeout(Duration::from_secs(5))
+            .expect("a request");
+        assert_eq!(r, "DELETE /metrics/job/j HTTP/1.1|");
     }
 
     #[test]

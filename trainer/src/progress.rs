@@ -154,6 +154,7 @@ pub fn record_step(
     tokens: u64,
     flops: f64,
     loss: f64,
+    loss_max: f64,
     grad_norm: f64,
     lr: f64,
     skipped: bool,
@@ -172,7 +173,7 @@ pub fn record_step(
         s.step_seconds_count += 1;
         s.step_seconds_sum += seconds;
         s.skipped_steps_total += u64::from(skipped);
-        (s.loss, s.grad_norm, s.learning_rate) = (loss, grad_norm, lr);
+        (s.loss, s.loss_max, s.grad_norm, s.learning_rate) = (loss, loss_max, grad_norm, lr);
     });
 }
 
@@ -194,14 +195,11 @@ pub fn record_checkpoint_written(bytes: u64, write_seconds: f64, save_seconds: f
     });
 }
 
-/// The step's largest rank loss and this rank's device memory after a step.
-pub fn record_rank(loss_max: f64, memory: Option<(u64, u64)>) {
-    with_stats(|s| {
-        s.loss_max = loss_max;
-        if let Some((used, total)) = memory {
-            (s.device_memory_used_bytes, s.device_memory_total_bytes) = (used, total);
-        }
-    });
+/// This rank's device memory after a step.
+pub fn record_device_memory(memory: Option<(u64, u64)>) {
+    if let Some((used, total)) = memory {
+        with_stats(|s| (s.device_memory_used_bytes, s.device_memory_total_bytes) = (used, total));
+    }
 }
 
 /// The counters so far (`None` before the first step).

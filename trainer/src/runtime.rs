@@ -34,6 +34,23 @@ fn loaded_library(name: &str) -> Option<PathBuf> {
         .map(PathBuf::from)
 }
 
+/// Memory in use on this process's current GPU and the GPU's total, from the driver (what nvidia-smi shows, so it
+/// includes the caching allocator's reserve and other processes). `None` on CPUs or when the driver cannot say.
+pub fn device_memory(device: tch::Device) -> Option<(u64, u64)> {
+    if !matches!(device, tch::Device::Cuda(_)) {
+        return None;
+    }
+    // cudarc panics rather than erroring when libcuda cannot be loaded; checking opens the library, so once.
+    static PRESENT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    // SAFETY: only checks whether the library can be opened.
+    if !*PRESENT.get_or_init(|| unsafe { cudarc::driver::sys::is_culib_present() }) {
+        return None;
+    }
+    // libtorch made its primary context current on this (the training) thread.
+    let (free, total) = cudarc::driver::result::mem_get_info().ok()?;
+    Some((total.saturating_sub(free) as u64, total as u64))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -52,21 +69,4 @@ mod tests {
         let s: f32 = (&x * &x).sum(tch::Kind::Float).double_value(&[]) as f32;
         assert_eq!(s, 14.0);
     }
-}
-
-/// Memory in use on this process's current GPU and the GPU's total, from the driver (what nvidia-smi shows, so it
-/// includes the caching allocator's reserve and other processes). `None` on CPUs or when the driver cannot say.
-pub fn device_memory(device: tch::Device) -> Option<(u64, u64)> {
-    if !matches!(device, tch::Device::Cuda(_)) {
-        return None;
-    }
-    // cudarc panics rather than erroring when libcuda cannot be loaded; checking opens the library, so once.
-    static PRESENT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    // SAFETY: only checks whether the library can be opened.
-    if !*PRESENT.get_or_init(|| unsafe { cudarc::driver::sys::is_culib_present() }) {
-        return None;
-    }
-    // libtorch made its primary context current on this (the training) thread.
-    let (free, total) = cudarc::driver::result::mem_get_info().ok()?;
-    Some((total.saturating_sub(free) as u64, total as u64))
 }

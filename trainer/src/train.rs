@@ -408,6 +408,11 @@ pub fn train(
         let lr = cfg.engine.adam.lr_at(engine.adam_steps());
         let report = engine.optimizer_step(loss_sum, lr)?;
         step += 1;
+        // The largest rank's own loss of this same step (a rank far above the mean reads bad data or has a bad
+        // device), recorded with the step's mean so a heartbeat never pairs two steps.
+        let loss_max = engine
+            .collective()
+            .all_reduce_max_f64(loss_sum / micro as f64)?;
         let images = x1.size()[0] as u64;
         progress::record_step(
             step_started.elapsed().as_secs_f64(),
@@ -416,19 +421,12 @@ pub fn train(
             images * tokens_per_image,
             images as f64 * tokens_per_image as f64 * flops_per_token,
             report.loss,
+            loss_max,
             report.grad_norm,
             report.lr,
             report.skipped,
         );
-        // The largest rank's own loss of this same step (a rank far above the mean reads bad data or has a bad
-        // device): one tiny CPU all-gather.
-        let loss_max = {
-            let mut all = Tensor::zeros([world as i64], (Kind::Double, Device::Cpu));
-            let mine = Tensor::from_slice(&[loss_sum / micro as f64]);
-            engine.collective().all_gather(&mine, &mut all)?;
-            all.max().double_value(&[])
-        };
-        progress::record_rank(loss_max, crate::runtime::device_memory(device));
+        progress::record_device_memory(crate::runtime::device_memory(device));
         progress::set_step(step);
         window.1 += cfg.train.global_batch;
         if report.skipped || step % cfg.train.log_every.max(1) == 0 || step == cfg.train.steps {

@@ -85,6 +85,16 @@ pub fn run(c: &dyn Collective, device: Device) -> Result<(), String> {
         total == (0..world).map(|r| r as f64 + 0.5).sum::<f64>(),
         || format!("rank {rank}: all_reduce_f64 = {total}"),
     )?;
+    // The largest value sits on a middle rank, so neither the first nor the last wins by position.
+    let mine = if rank == world / 2 {
+        7.25
+    } else {
+        -(rank as f64)
+    };
+    let max = c.all_reduce_max_f64(mine).map_err(err)?;
+    expect(max == 7.25, || {
+        format!("rank {rank}: all_reduce_max_f64 = {max}")
+    })?;
     c.barrier().map_err(err)?;
 
     // Misuse is refused before any communication, identically on every rank.

@@ -102,6 +102,14 @@ pub trait Collective: Send {
         self.all_reduce_sum(&mut t)?;
         Ok(t.double_value(&[0]))
     }
+
+    /// The largest of one f64 across ranks (the worst rank's loss). The default gathers every rank's value;
+    /// backends with a reduction of their own override it, so the cost does not grow with the world.
+    fn all_reduce_max_f64(&self, value: f64) -> Result<f64, CollectiveError> {
+        let mut all = Tensor::zeros([self.world() as i64], (tch::Kind::Double, tch::Device::Cpu));
+        self.all_gather(&Tensor::from_slice(&[value]), &mut all)?;
+        Ok(all.max().double_value(&[]))
+    }
 }
 
 /// The collective this process should use: MPI when started by an MPI launcher (with NCCL on top for GPU

@@ -118,6 +118,14 @@ impl Collective for MpiCollective {
         Ok(())
     }
 
+    fn all_reduce_max_f64(&self, value: f64) -> Result<f64, CollectiveError> {
+        let _phase = crate::progress::enter(crate::progress::Phase::Collective);
+        let mut max = f64::NEG_INFINITY;
+        self.world
+            .all_reduce_into(&value, &mut max, SystemOperation::max());
+        Ok(max)
+    }
+
     fn all_gather(&self, input: &Tensor, out: &mut Tensor) -> Result<(), CollectiveError> {
         let _phase = crate::progress::enter(crate::progress::Phase::Collective);
         check_sizes("all_gather", input, out, self.size, true)?;

@@ -173,6 +173,10 @@ impl Collective for NcclCollective {
         input: &Tensor,
         out: &mut Tensor,
     ) -> Result<InFlight, CollectiveError> {
+        if input.device() == Device::Cpu && out.device() == Device::Cpu {
+            self.bootstrap.all_gather(input, out)?;
+            return Ok(InFlight::Done);
+        }
         let n = check_sizes("all_gather", input, out, self.world, true)?;
         self.on_device("all_gather", input)?;
         self.on_device("all_gather", out)?;
@@ -253,6 +257,10 @@ impl Collective for NcclCollective {
         unsafe { result::broadcast(p, p, n * scale, dt, root as i32, self.comm, STREAM) }
             .map_err(|e| failed("broadcast", e))?;
         Ok(())
+    }
+
+    fn all_reduce_max_f64(&self, value: f64) -> Result<f64, CollectiveError> {
+        self.bootstrap.all_reduce_max_f64(value)
     }
 
     fn barrier(&self) -> Result<(), CollectiveError> {

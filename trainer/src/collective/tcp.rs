@@ -388,6 +388,31 @@ impl Collective for TcpCollective {
         self.exchange("barrier", 5, Vec::new(), |_| Ok(vec![Vec::new(); world]))?;
         Ok(())
     }
+
+    fn all_reduce_max_f64(&self, value: f64) -> Result<f64, CollectiveError> {
+        let world = self.world;
+        let value_of = |b: &[u8]| -> Result<f64, CollectiveError> {
+            let bytes: [u8; 8] = b.try_into().map_err(|_| CollectiveError::Usage {
+                op: "all_reduce_max",
+                reason: format!("a rank sent {} bytes, not one f64", b.len()),
+            })?;
+            Ok(f64::from_le_bytes(bytes))
+        };
+        let got = self.exchange("all_reduce_max", 6, value.to_le_bytes().to_vec(), |all| {
+            let mut max = f64::NEG_INFINITY;
+            for b in &all {
+                let v = value_of(b)?;
+                // A NaN anywhere is the answer (as a tensor max gives it).
+                max = if v.is_nan() || max.is_nan() {
+                    f64::NAN
+                } else {
+                    max.max(v)
+                };
+            }
+            Ok(vec![max.to_le_bytes().to_vec(); world])
+        })?;
+        value_of(&got)
+    }
 }
 
 #[cfg(test)]
