@@ -57,6 +57,7 @@ fn wire_stats(s: progress::Stats) -> RankStats {
         images: s.images_total,
         tokens: s.tokens_total,
         model_flops: s.model_flops_total,
+        step_flops: s.step_flops,
         data_wait_seconds: s.data_wait_seconds_total,
         step_seconds_bounds: progress::STEP_SECONDS_BUCKETS.to_vec(),
         step_seconds_buckets: s.step_seconds_buckets,

@@ -317,6 +317,7 @@ fn prometheus_scrapes_a_running_job_and_promtool_accepts_the_exposition() {
         "radit_checkpoint_write_seconds",
         "radit_checkpoint_save_seconds",
         "radit_loss_max",
+        "radit_mfu_ratio",
     ] {
         assert!(
             value(&query(q)).is_some_and(|v| v.is_finite() && v > 0.0),

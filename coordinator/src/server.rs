@@ -106,6 +106,9 @@ pub struct RankStats {
     pub images: u64,
     pub tokens: u64,
     pub model_flops: f64,
+    /// Model FLOPs of the rank's last step.
+    #[serde(default)]
+    pub step_flops: f64,
     pub data_wait_seconds: f64,
     /// Upper bounds of the step-time buckets and the cumulative count in each.
     pub step_seconds_bounds: Vec<f64>,
@@ -669,6 +672,19 @@ impl Coordinator {
                 .map(|(_, s)| s.checkpoint_stall_seconds)
                 .fold(0.0, f64::max),
         );
+        // MFU at the median step time, for alerts; the dashboard also shows rate(radit_model_flops_total) / peak.
+        if let (Some(peak), Some(median)) =
+            (self.cfg.peak_flops_per_device, inner.median_step_seconds())
+            && peak > 0.0
+            && median > 0.0
+        {
+            let step_flops: f64 = stats.iter().map(|(_, s)| s.step_flops).sum();
+            g(
+                "radit_mfu_ratio",
+                "Model FLOPs utilisation: one step's model FLOPs (all ranks) / the median step seconds / the job's peak FLOP/s.",
+                step_flops / median / (peak * self.cfg.world as f64),
+            );
+        }
         g(
             "radit_loss_max",
             "The largest of the ranks' own losses (each the mean over that rank's share of the batch), last step.",

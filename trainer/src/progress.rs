@@ -111,6 +111,8 @@ pub struct Stats {
     pub tokens_total: u64,
     /// Model FLOPs of forward + backward (3 x the forward, from the model's own costing), for MFU.
     pub model_flops_total: f64,
+    /// Model FLOPs of this rank's last step (for MFU at the median step time).
+    pub step_flops: f64,
     pub data_wait_seconds_total: f64,
     /// Step durations: cumulative counts per bucket of [`STEP_SECONDS_BUCKETS`], their count and sum.
     pub step_seconds_buckets: Vec<u64>,
@@ -164,6 +166,7 @@ pub fn record_step(
         s.images_total += images;
         s.tokens_total += tokens;
         s.model_flops_total += flops;
+        s.step_flops = flops;
         s.data_wait_seconds_total += data_wait;
         for (b, bound) in s.step_seconds_buckets.iter_mut().zip(STEP_SECONDS_BUCKETS) {
             if seconds <= bound {
