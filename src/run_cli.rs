@@ -186,6 +186,9 @@ pub struct CoordinatorBenchArgs {
     /// Length of the heartbeat phase.
     #[arg(long, default_value_t = 30.0)]
     seconds: f64,
+    /// Seconds between `/metrics` scrapes during it.
+    #[arg(long, default_value_t = 15.0)]
+    scrape_seconds: f64,
     #[arg(long)]
     json: bool,
 }
@@ -201,6 +204,7 @@ pub fn run_coordinator(c: CoordinatorCommand) -> anyhow::Result<u8> {
         ranks: a.ranks,
         heartbeat_hz: a.hz,
         seconds: a.seconds,
+        scrape_seconds: a.scrape_seconds,
     })?;
     if a.json {
         println!("{}", serde_json::to_string(&r)?);
@@ -222,6 +226,12 @@ pub fn run_coordinator(c: CoordinatorCommand) -> anyhow::Result<u8> {
         println!(
             "coordinator CPU while heart-beating: {:.1} % of one core; {} health checks, {} false alarms",
             r.coordinator_cpu_percent, r.health_checks, r.false_alarms
+        );
+        println!(
+            "/metrics: {} scrapes, slowest {:.1} ms, {:.1} MiB of exposition",
+            r.scrapes,
+            r.scrape_max_ms,
+            r.exposition_bytes as f64 / (1 << 20) as f64
         );
     }
     Ok(if r.failed_requests == 0 && r.false_alarms == 0 {

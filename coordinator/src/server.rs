@@ -143,6 +143,18 @@ struct CheckpointReport {
     step: u64,
 }
 
+/// What `/metrics` needs, copied under the lock.
+struct MetricsSnapshot {
+    generation: u64,
+    joined: usize,
+    step: u64,
+    median: Option<f64>,
+    checkpoint: Option<u64>,
+    hangs_detected: u64,
+    counters: RankStats,
+    stats: Vec<(usize, RankStats)>,
+}
+
 /// A snapshot of the run for the periodic progress line.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Totals {
@@ -463,7 +475,25 @@ impl Coordinator {
         use std::fmt::Write;
         let health = self.health();
         let ranks = self.ranks();
-        let inner = self.lock();
+        // One snapshot under the lock; the (megabytes of) text are written after it is released, so heartbeats
+        // do not wait for a scrape.
+        let snap = {
+            let inner = self.lock();
+            MetricsSnapshot {
+                generation: inner.generation,
+                joined: inner.joined(),
+                step: inner.progress.0,
+                median: inner.median_step_seconds(),
+                checkpoint: inner.checkpoints.last().copied(),
+                hangs_detected: inner.hangs_detected,
+                counters: inner.counters(),
+                stats: inner
+                    .reporting()
+                    .into_iter()
+                    .map(|(r, s)| (r, s.clone()))
+                    .collect(),
+            }
+        };
         let mut out = String::new();
         let mut gauge = |name: &str, help: &str, kind: &str, samples: &[(String, f64)]| {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
@@ -482,21 +512,21 @@ impl Coordinator {
             "radit_generation",
             "Launch generation (1 + restarts).",
             "gauge",
-            &one(inner.generation as f64),
+            &one(snap.generation as f64),
         );
         gauge(
             "radit_ranks_joined",
             "Ranks joined in this generation.",
             "gauge",
-            &one(inner.joined() as f64),
+            &one(snap.joined as f64),
         );
         gauge(
             "radit_step",
             "The slowest rank's finished step.",
             "gauge",
-            &one(inner.progress.0 as f64),
+            &one(snap.step as f64),
         );
-        if let Some(m) = inner.median_step_seconds() {
+        if let Some(m) = snap.median {
             gauge(
                 "radit_step_seconds_median",
                 "Median seconds per step.",
@@ -508,13 +538,13 @@ impl Coordinator {
             "radit_checkpoint_step",
             "Newest committed checkpoint.",
             "gauge",
-            &one(inner.checkpoints.last().map_or(-1.0, |s| *s as f64)),
+            &one(snap.checkpoint.map_or(-1.0, |s| s as f64)),
         );
         gauge(
             "radit_hangs_detected_total",
             "Hangs detected.",
             "counter",
-            &one(inner.hangs_detected as f64),
+            &one(snap.hangs_detected as f64),
         );
         let per_rank = |f: &dyn Fn(&RankState) -> f64| -> Vec<(String, f64)> {
             ranks
@@ -561,21 +591,21 @@ impl Coordinator {
             "radit_restarts_total",
             "Relaunches of every rank after a failure.",
             "counter",
-            &one(inner.generation.saturating_sub(1) as f64),
+            &one(snap.generation.saturating_sub(1) as f64),
         );
         if let Some(total) = self.cfg.total_steps {
             gauge(
                 "radit_progress_ratio",
                 "Finished steps over the run's steps.",
                 "gauge",
-                &one(inner.progress.0 as f64 / total.max(1) as f64),
+                &one(snap.step as f64 / total.max(1) as f64),
             );
-            if let Some(m) = inner.median_step_seconds() {
+            if let Some(m) = snap.median {
                 gauge(
                     "radit_eta_seconds",
                     "Seconds to the last step at the median step time.",
                     "gauge",
-                    &one(m * total.saturating_sub(inner.progress.0) as f64),
+                    &one(m * total.saturating_sub(snap.step) as f64),
                 );
             }
         }
@@ -588,7 +618,7 @@ impl Coordinator {
             );
         }
         // Counters cover every generation, also between a relaunch and the new ranks' first report.
-        let all = inner.counters();
+        let all = &snap.counters;
         let counter = |name: &str, help: &str, v: f64, out: &mut String| {
             let _ = writeln!(
                 out,
@@ -635,7 +665,7 @@ impl Coordinator {
         ] {
             counter(name, help, v, &mut more);
         }
-        let stats = inner.reporting();
+        let stats = snap.stats.iter().map(|(r, s)| (*r, s)).collect::<Vec<_>>();
         if stats.is_empty() {
             out.push_str(&more);
             return out;
@@ -673,8 +703,7 @@ impl Coordinator {
                 .fold(0.0, f64::max),
         );
         // MFU at the median step time, for alerts; the dashboard also shows rate(radit_model_flops_total) / peak.
-        if let (Some(peak), Some(median)) =
-            (self.cfg.peak_flops_per_device, inner.median_step_seconds())
+        if let (Some(peak), Some(median)) = (self.cfg.peak_flops_per_device, snap.median)
             && peak > 0.0
             && median > 0.0
         {

@@ -1,6 +1,8 @@
 //! Scale by simulation: thousands of simulated ranks (threads using the real rank client) join one coordinator on
-//! loopback and heartbeat it at a fixed rate. Measures the join time, heartbeat latency and the coordinator's own
-//! CPU time (its runtime threads, read from /proc), and checks that no healthy rank is declared dead.
+//! loopback and heartbeat it at a fixed rate, each beat carrying a rank's training counters as real ranks send them,
+//! while a scraper fetches `/metrics` as Prometheus would. Measures the join time, heartbeat latency, scrape time and
+//! size, and the coordinator's own CPU time (its runtime threads, read from /proc), and checks that no healthy rank
+//! is declared dead.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -16,6 +18,8 @@ pub struct SimConfig {
     pub heartbeat_hz: f64,
     /// Length of the heartbeat phase.
     pub seconds: f64,
+    /// Seconds between `/metrics` scrapes (Prometheus' default interval is 15 s).
+    pub scrape_seconds: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -37,6 +41,58 @@ pub struct SimReport {
     /// Health checks during the heartbeat phase, and how many did not say `running` (should be none).
     pub health_checks: u64,
     pub false_alarms: u64,
+    /// `/metrics` scrapes during the heartbeat phase: how many, the slowest, and the exposition's size.
+    pub scrapes: u64,
+    pub scrape_max_ms: f64,
+    pub exposition_bytes: usize,
+}
+
+/// What a rank reports after `step` steps of a B-size run (the shape matters, not the values).
+fn sample_stats(step: u64) -> crate::RankStats {
+    let bounds = vec![
+        0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 60.0, 120.0, 300.0,
+    ];
+    let buckets = bounds
+        .iter()
+        .map(|b| if *b >= 1.0 { step } else { 0 })
+        .collect();
+    crate::RankStats {
+        steps: step,
+        images: 16 * step,
+        tokens: 4096 * step,
+        model_flops: 1.3e12 * step as f64,
+        step_flops: 1.3e12,
+        data_wait_seconds: 0.01 * step as f64,
+        step_seconds_bounds: bounds,
+        step_seconds_buckets: buckets,
+        step_seconds_count: step,
+        step_seconds_sum: 0.9 * step as f64,
+        loss: 0.4,
+        loss_max: 0.45,
+        grad_norm: 0.2,
+        learning_rate: 1e-4,
+        checkpoint_bytes: 1 << 30,
+        ..crate::RankStats::default()
+    }
+}
+
+/// One `/metrics` GET with the token: (seconds, body bytes).
+fn scrape(addr: std::net::SocketAddr, token: &JobToken) -> std::io::Result<(f64, usize)> {
+    use std::io::{Read, Write};
+    let started = Instant::now();
+    let mut s = std::net::TcpStream::connect(addr)?;
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
+        token.secret()
+    )?;
+    let mut reply = Vec::new();
+    s.read_to_end(&mut reply)?;
+    let body = reply
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map_or(0, |i| reply.len() - i - 4);
+    Ok((started.elapsed().as_secs_f64(), body))
 }
 
 /// CPU seconds used so far by this process's coordinator runtime threads.
@@ -149,7 +205,7 @@ pub fn simulate(cfg: &SimConfig) -> std::io::Result<SimReport> {
                         generation: 0,
                         step: k,
                         done: false,
-                        stats: None,
+                        stats: Some(sample_stats(k)),
                         phase: Some("compute".into()),
                     });
                     match r {
@@ -182,10 +238,26 @@ pub fn simulate(cfg: &SimConfig) -> std::io::Result<SimReport> {
     let hb_started = Instant::now();
     // Judge health all through the phase, as the supervisor does, until the first rank has sent its last beat.
     let (mut checks, mut false_alarms) = (0u64, 0u64);
+    let (mut scrapes, mut scrape_max, mut exposition_bytes) = (0u64, 0f64, 0usize);
+    let scrape_every = Duration::from_secs_f64(cfg.scrape_seconds.max(0.1));
+    let mut next_scrape = Instant::now() + scrape_every / 2;
     while !threads.iter().any(|t| t.is_finished()) {
         checks += 1;
         if service.coordinator.health() != JobHealth::Running {
             false_alarms += 1;
+        }
+        if Instant::now() >= next_scrape {
+            next_scrape += scrape_every;
+            match scrape(addr, &token) {
+                Ok((secs, bytes)) => {
+                    scrapes += 1;
+                    scrape_max = scrape_max.max(secs * 1e3);
+                    exposition_bytes = bytes;
+                }
+                Err(_) => {
+                    failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -210,6 +282,9 @@ pub fn simulate(cfg: &SimConfig) -> std::io::Result<SimReport> {
         failed_requests: failures.load(std::sync::atomic::Ordering::Relaxed),
         health_checks: checks,
         false_alarms,
+        scrapes,
+        scrape_max_ms: scrape_max,
+        exposition_bytes,
     })
 }
 
@@ -223,12 +298,15 @@ mod tests {
             ranks: 64,
             heartbeat_hz: 10.0,
             seconds: 1.0,
+            scrape_seconds: 0.2,
         })
         .unwrap();
         assert_eq!(r.failed_requests, 0);
         assert_eq!(r.heartbeats, 64 * 10);
         assert!(r.health_checks > 0);
         assert_eq!(r.false_alarms, 0);
+        // Every rank's histogram is in the exposition.
+        assert!(r.scrapes > 0 && r.exposition_bytes > 64 * 15 * 40, "{r:?}");
         assert!(r.join_coordinator_cpu_seconds >= 0.0 && r.coordinator_cpu_percent >= 0.0);
     }
 }

@@ -39,6 +39,27 @@ pub mod env {
     pub const PID_DIR: &str = "RADIT_PID_DIR";
 }
 
+/// The run's counters for the progress line, or (before any rank reported) its step alone; `true` when counted.
+fn snapshot(coordinator: &radit_coordinator::Coordinator) -> (Totals, bool) {
+    match coordinator.totals() {
+        Some(t) => (t, true),
+        None => {
+            let (step, median_step_seconds) = coordinator.progress();
+            let totals = Totals {
+                step,
+                images: 0.0,
+                tokens: 0.0,
+                model_flops: 0.0,
+                loss: f64::NAN,
+                loss_max: f64::NAN,
+                median_step_seconds,
+                checkpoint: coordinator.checkpoints().last().copied(),
+            };
+            (totals, false)
+        }
+    }
+}
+
 fn this_host() -> String {
     radit_coordinator::service::hostname().unwrap_or_default()
 }
@@ -267,6 +288,8 @@ pub fn supervise(
                 }
                 GroupState::Ended(all) => {
                     if all.iter().all(|e| *e == Ended::Code(0)) {
+                        let (totals, counted) = snapshot(&coordinator);
+                        reporter.update(totals, generation, counted);
                         reporter.say(&format!("radit: all {} ranks finished", job.world));
                         return Ok(Outcome::Completed { restarts });
                     }
@@ -283,6 +306,8 @@ pub fn supervise(
                     // ranks' goodbyes (sent after the checkpoint committed) say whether the stop was orderly.
                     if let Some(step) = coordinator.all_departed() {
                         if step >= spec.train.steps {
+                            let (totals, counted) = snapshot(&coordinator);
+                            reporter.update(totals, generation, counted);
                             reporter.say(&format!("radit: all {} ranks finished", job.world));
                             return Ok(Outcome::Completed { restarts });
                         }
@@ -338,21 +363,7 @@ pub fn supervise(
             }
             if !progress_every.is_zero() && last_progress.elapsed() >= progress_every {
                 last_progress = Instant::now();
-                let reported = coordinator.totals();
-                let counted = reported.is_some();
-                let totals = reported.unwrap_or_else(|| {
-                    let (step, median_step_seconds) = coordinator.progress();
-                    Totals {
-                        step,
-                        images: 0.0,
-                        tokens: 0.0,
-                        model_flops: 0.0,
-                        loss: f64::NAN,
-                        loss_max: f64::NAN,
-                        median_step_seconds,
-                        checkpoint: coordinator.checkpoints().last().copied(),
-                    }
-                });
+                let (totals, counted) = snapshot(&coordinator);
                 reporter.update(totals, generation, counted);
             }
         };
