@@ -746,13 +746,35 @@ fn num_cpus_or_one() -> usize {
 fn run_info() -> anyhow::Result<u8> {
     let info = radit_trainer::runtime::probe();
     println!(
-        "libtorch: {}",
+        "libtorch: {} (torch {})",
         info.libtorch_path.as_ref().map_or_else(
             || "statically linked or unknown".into(),
             |p| p.display().to_string()
-        )
+        ),
+        info.torch_version.as_deref().unwrap_or("version unknown")
     );
-    println!("CUDA devices: {}", info.cuda_devices);
+    println!(
+        "build: {}",
+        match (&info.torch_cuda, info.libtorch_cuda_loaded) {
+            (None, _) => "CPU only".to_string(),
+            (Some(v), true) => format!("CUDA {v} (libtorch_cuda.so loaded)"),
+            (Some(v), false) =>
+                format!("CUDA {v}, but libtorch_cuda.so is NOT loaded: GPUs will not be used"),
+        }
+    );
+    println!("CUDA devices (libtorch): {}", info.cuda_devices);
+    for g in &info.gpus {
+        println!(
+            "  GPU {}: {} ({:.1} GiB)",
+            g.ordinal,
+            g.name,
+            g.memory_bytes as f64 / (1u64 << 30) as f64
+        );
+    }
+    match &info.nccl {
+        Ok(n) => println!("NCCL: {n}"),
+        Err(e) => println!("NCCL: none ({e})"),
+    }
     println!("CPU threads: {}", info.threads);
     Ok(0)
 }

@@ -26,6 +26,8 @@ pub struct Membership {
     done: Arc<AtomicBool>,
     /// Set by [`Membership::leave`]: the last heartbeat says the rank is exiting in order.
     orderly: Arc<AtomicBool>,
+    /// Set by [`Membership::fail`]: the last heartbeat carries an error a restart would repeat.
+    fatal: Arc<std::sync::Mutex<Option<String>>>,
     heartbeat: Option<std::thread::JoinHandle<()>>,
     pid_file: Option<PathBuf>,
 }
@@ -35,6 +37,12 @@ impl Membership {
     /// is not taken for a death while slower peers finish.
     pub fn leave(self) {
         self.orderly.store(true, Ordering::SeqCst);
+    }
+
+    /// The rank is ending on an error that a restart would repeat (out of memory): the last heartbeat (sent
+    /// before this returns) tells the supervisor not to relaunch the same configuration.
+    pub fn fail(self, why: String) {
+        *self.fatal.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
     }
 }
 
@@ -145,6 +153,8 @@ pub fn join_run(
     let finished = done.clone();
     let orderly = Arc::new(AtomicBool::new(false));
     let leaving = orderly.clone();
+    let fatal = Arc::new(std::sync::Mutex::new(None::<String>));
+    let failing = fatal.clone();
     let own_pid_file = pid_file.clone();
     // Heartbeats wait for an answer at most this long: a coordinator that went silent (stopped, partitioned)
     // must not hold the rank past its grace period.
@@ -166,6 +176,7 @@ pub fn join_run(
                     done: false,
                     phase: Some(progress::phase().name().into()),
                     stats: progress::stats().map(wire_stats),
+                    fatal: None,
                 });
                 match beat {
                     Ok(r) => {
@@ -207,14 +218,16 @@ pub fn join_run(
                     std::thread::sleep(Duration::from_millis(20));
                 }
             }
-            if leaving.load(Ordering::SeqCst) {
+            let fatal = failing.lock().unwrap_or_else(|e| e.into_inner()).take();
+            if leaving.load(Ordering::SeqCst) || fatal.is_some() {
                 let _ = client.heartbeat(&Heartbeat {
                     rank,
                     generation,
                     step: progress::step(),
-                    done: true,
+                    done: fatal.is_none(),
                     phase: Some(progress::phase().name().into()),
                     stats: progress::stats().map(wire_stats),
+                    fatal,
                 });
             }
         })
@@ -224,6 +237,7 @@ pub fn join_run(
     let membership = Membership {
         done,
         orderly,
+        fatal,
         heartbeat: Some(heartbeat),
         pid_file,
     };

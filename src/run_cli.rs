@@ -63,6 +63,7 @@ pub fn run(a: RunArgs) -> anyhow::Result<u8> {
         (LauncherKind::Slurm, true) => Box::new(SrunLauncher {
             tasks_per_node: job.ranks_per_node,
             gpus_per_task: u32::from(job.device == RankDevice::Cuda),
+            cpus_per_task: job.cpus_per_task(),
         }),
         (LauncherKind::Slurm, false) => return submit_and_follow(&job, &radit, &signal),
     };

@@ -8,15 +8,16 @@ use radit_trainer::checkpoint::{CheckpointConfig, Checkpointer};
 use radit_trainer::collective::{self, local::LocalGroup};
 use radit_trainer::engine::{EngineConfig, Fsdp, Initial};
 use radit_trainer::model::{RadiTConfig, save_named_weights};
+use radit_trainer::placement;
 use radit_trainer::tch::{self, Device};
-use radit_trainer::train::{TrainConfig, train};
+use radit_trainer::train::{TrainConfig, TrainError, train};
 
 #[derive(Args)]
 pub struct TrainArgs {
     /// The run's TOML config (data, model, flow, engine, train, checkpoint).
     #[arg(long)]
     config: PathBuf,
-    /// cpu, or cuda (this rank's GPU is its local rank).
+    /// cpu, or cuda (this rank's GPU: its local rank modulo the GPUs it can see).
     #[arg(long, default_value = "cpu")]
     device: String,
     /// libtorch intra-op threads per rank.
@@ -36,15 +37,20 @@ pub struct ExportArgs {
     raw: bool,
 }
 
+/// `cpu`, or `cuda`: this rank's GPU among those the process sees (see [`placement`]).
 fn device(name: &str) -> anyhow::Result<Device> {
     Ok(match name {
         "cpu" => Device::Cpu,
         "cuda" => {
             anyhow::ensure!(
                 tch::Cuda::is_available(),
-                "--device cuda: libtorch sees no CUDA device here"
+                "--device cuda: libtorch sees no CUDA device here ({})",
+                radit_trainer::runtime::probe().describe_cuda()
             );
-            Device::Cuda(collective::local_rank())
+            let visible = tch::Cuda::device_count().max(0) as usize;
+            let ordinal =
+                placement::local_placement(|k| std::env::var(k).ok()).cuda_ordinal(visible)?;
+            Device::Cuda(ordinal)
         }
         other => anyhow::bail!("--device `{other}`: expected cpu or cuda"),
     })
@@ -76,11 +82,24 @@ pub fn run_train(a: TrainArgs) -> anyhow::Result<u8> {
         ),
     };
     let rank = comm.rank();
-    let summary = train(&cfg, comm, device, &stop, |log| {
+    let trained = train(&cfg, comm, device, &stop, |log| {
         if rank == 0 {
             println!("{}", serde_json::to_string(log).unwrap_or_default());
         }
-    })?;
+    });
+    let summary = match trained {
+        Err(e @ TrainError::OutOfMemory { .. }) => {
+            // Not an infrastructure failure: the supervisor must not relaunch it, and the operator must see why.
+            let why = e.to_string();
+            eprintln!("radit: rank {rank}: {why}");
+            tracing::error!(rank, error = %why, "out of memory");
+            if let Some(m) = membership {
+                m.fail(why);
+            }
+            return Ok(crate::exit::USER_ERROR);
+        }
+        other => other?,
+    };
     if rank == 0 {
         eprintln!("{}", serde_json::to_string(&summary)?);
     }

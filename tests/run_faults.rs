@@ -316,6 +316,45 @@ fn hang_run(launcher: &str, rank: usize) -> tempfile::TempDir {
 }
 
 #[test]
+fn out_of_memory_stops_the_run_with_what_to_change_instead_of_relaunching_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = job(dir.path(), "local", "max_restarts = 3", "");
+    // Rank 1 asks libtorch's allocator for 1 PiB in step 7: a real allocation failure, as a GPU's would be.
+    let out = run_cmd(&job)
+        .env("RADIT_FAULT_OOM", "1:7")
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("generation 1 failed"), "{err}");
+    assert!(
+        !err.contains("generation 2"),
+        "relaunched into the same failure: {err}"
+    );
+    assert!(
+        err.contains("the run failed after 0 restart(s): rank 1: out of memory in step 7 on cpu"),
+        "{err}"
+    );
+    // What was running, and what to change.
+    for want in [
+        "model tiny (",
+        "4 images per rank per step in 1 micro-batch(es) of 4",
+        "train.global_batch 8 over 2 ranks",
+        "engine.mode Zero3",
+        "raise train.micro_batches (to 2",
+        "not relaunched",
+    ] {
+        assert!(err.contains(want), "{want}: {err}");
+    }
+    let rank_log = std::fs::read_to_string(dir.path().join("run/logs/gen-1-process-1.log"))
+        .unwrap_or_default();
+    assert!(
+        rank_log.contains("can't allocate memory"),
+        "the allocator's own message is kept: {rank_log}"
+    );
+}
+
+#[test]
 fn a_hung_rank_is_named_and_the_run_is_relaunched() {
     let dir = hang_run("local", 1);
     assert_same_weights(dir.path(), "hang");
@@ -452,19 +491,9 @@ fn job_spec_errors_name_the_field_and_dry_run_prints_the_plan_without_starting_a
     assert!(!plan.contains("--gpus-per-node"), "{plan}");
 }
 
-/// Starts the single-host Slurm of scripts/slurm-local.sh (installing it if needed); returns SLURM_CONF.
-fn local_slurm() -> String {
-    let out = run_ok(Command::new(common::repo().join("scripts/slurm-local.sh")).arg("start"));
-    stdout(&out)
-        .lines()
-        .find_map(|l| l.strip_prefix("export SLURM_CONF="))
-        .expect("slurm-local.sh prints SLURM_CONF")
-        .to_string()
-}
-
 #[test]
 fn a_slurm_job_is_submitted_warned_before_its_time_limit_requeued_and_completed_exactly() {
-    let conf = local_slurm();
+    let conf = common::local_slurm();
     let dir = tempfile::tempdir().unwrap();
     let job = job(
         dir.path(),

@@ -1,5 +1,6 @@
 //! Training under `mpirun` on CPU ranks: the MPI collectives pass the conformance suite; worlds 1, 2 and 4 give the
-//! same losses and weights; stopping and resuming (also on another world size) continues exactly; a torn
+//! same losses and weights; plain `srun` (no `radit run`, no MPI) forms one world from Slurm's variables and trains
+//! the same model, and a batch script's lone process of a multi-task job is refused; stopping and resuming (also on another world size) continues exactly; a torn
 //! checkpoint is skipped; the exported weights load into the PyTorch twin.
 
 mod common;
@@ -182,6 +183,75 @@ fn worlds_1_2_and_4_train_the_same_model() {
         assert_losses_close(l, l1, 1e-5, &format!("world {np} vs 1"));
         assert_weights_close(w, w1, 1e-4, &format!("world {np} vs 1"));
     }
+}
+
+#[test]
+fn two_srun_tasks_form_one_world_without_radit_run_and_train_like_one_rank() {
+    let conf = common::local_slurm();
+    let tmp = tempfile::tempdir().unwrap();
+    let store = store(tmp.path());
+    let one = tmp.path().join("ckpt-one");
+    let alone = train(0, &config(tmp.path(), &store, &one, 4));
+    let both = tmp.path().join("ckpt-srun");
+    let cfg = config(tmp.path(), &store, &both, 4);
+    let mut cmd = Command::new("srun");
+    cmd.env("SLURM_CONF", &conf)
+        .args([
+            "--ntasks=2",
+            "--cpus-per-task=1",
+            "--cpu-bind=none",
+            "--time=5",
+        ])
+        // --mpi=none: the tasks get no PMI, so only Slurm's own variables can make them one world.
+        .arg("--mpi=none")
+        .arg("--export=ALL,OMP_NUM_THREADS=1")
+        .arg(env!("CARGO_BIN_EXE_radit"))
+        .args(["train", "--threads", "1", "--config"])
+        .arg(&cfg);
+    // The step's first node is this host; where its name does not resolve to loopback, meet on 127.0.0.1.
+    let host = stdout(&run_ok(Command::new("hostname").arg("-s")));
+    let loopback = std::net::ToSocketAddrs::to_socket_addrs(&(host.trim(), 0))
+        .map(|mut a| a.all(|a| a.ip().is_loopback()))
+        .unwrap_or(false);
+    if !loopback {
+        cmd.env("RADIT_MASTER_ADDR", "127.0.0.1");
+    }
+    let out = run_ok(&mut cmd);
+    let together = losses(&out);
+    // Two worlds of one would each print their own log lines: one world prints one set.
+    assert_eq!(together.len(), 4, "{}", stdout(&out));
+    assert_losses_close(&together, &alone, 1e-5, "srun world 2 vs 1");
+    assert_weights_close(
+        &export(&both, &tmp.path().join("srun.safetensors")),
+        &export(&one, &tmp.path().join("one.safetensors")),
+        1e-4,
+        "srun world 2 vs 1",
+    );
+}
+
+#[test]
+fn a_lone_process_of_a_multi_task_slurm_job_is_refused_naming_what_it_saw() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = store(tmp.path());
+    let cfg = config(tmp.path(), &store, &tmp.path().join("ckpt"), 2);
+    // What `sbatch -n2` gives its batch script (no SLURM_STEP_* variables): `radit train` run there directly.
+    let out = radit()
+        .args(["train", "--threads", "1", "--config"])
+        .arg(&cfg)
+        .env("SLURM_JOB_ID", "42")
+        .env("SLURM_NTASKS", "2")
+        .env("SLURM_PROCID", "0")
+        .env("SLURM_LOCALID", "0")
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("SLURM_NTASKS=2") && err.contains("SLURM_STEP_NUM_TASKS=unset"),
+        "{err}"
+    );
+    assert!(err.contains("srun radit train"), "{err}");
+    assert!(!tmp.path().join("ckpt").exists(), "nothing was trained");
 }
 
 #[test]

@@ -95,6 +95,10 @@ pub struct Heartbeat {
     /// The rank's training counters so far (after its first step).
     #[serde(default)]
     pub stats: Option<RankStats>,
+    /// The rank is ending on an error that a restart would repeat (out of memory): the supervisor stops and says
+    /// what to change instead of relaunching the same configuration.
+    #[serde(default)]
+    pub fatal: Option<String>,
 }
 
 /// What a rank reports about its training, cumulative since it started (a restarted rank starts from zero; the
@@ -236,6 +240,8 @@ struct Inner {
     /// of ranks heart-beating must not each scan the whole world).
     joined: usize,
     steps: std::collections::BTreeMap<u64, usize>,
+    /// The first rank that reported an error a restart would repeat, and the error.
+    fatal: Option<(usize, String)>,
 }
 
 impl Inner {
@@ -323,6 +329,7 @@ impl Coordinator {
                 earlier: RankStats::default(),
                 joined: 0,
                 steps: Default::default(),
+                fatal: None,
             }),
             formed: tokio::sync::watch::channel(None).0,
             closing: tokio::sync::watch::channel(false).0,
@@ -803,6 +810,11 @@ impl Coordinator {
         inner.generation
     }
 
+    /// The first error a rank reported as one a restart would repeat: `(rank, error)`.
+    pub fn fatal(&self) -> Option<(usize, String)> {
+        self.lock().fatal.clone()
+    }
+
     /// Committed checkpoint steps rank 0 reported, oldest first.
     pub fn checkpoints(&self) -> Vec<u64> {
         self.lock().checkpoints.clone()
@@ -960,6 +972,9 @@ async fn heartbeat(State(c): State<Arc<Coordinator>>, Json(hb): Json<Heartbeat>)
     }
     if let Some(st) = hb.stats {
         m.stats = Some(st);
+    }
+    if let Some(why) = hb.fatal {
+        inner.fatal.get_or_insert((hb.rank, why));
     }
     if before != hb.step {
         inner.move_step(Some(before), hb.step);

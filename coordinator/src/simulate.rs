@@ -207,6 +207,7 @@ pub fn simulate(cfg: &SimConfig) -> std::io::Result<SimReport> {
                         done: false,
                         stats: Some(sample_stats(k)),
                         phase: Some("compute".into()),
+                        fatal: None,
                     });
                     match r {
                         // Latency in the steady state: the first two beats meet the burst of join replies.

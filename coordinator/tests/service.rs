@@ -34,6 +34,7 @@ fn beat(
         done: false,
         stats: None,
         phase: Some(phase.into()),
+        fatal: None,
     })
 }
 
@@ -356,6 +357,37 @@ fn a_hang_is_detected_from_the_median_step_time_and_the_culprit_named() {
 }
 
 #[test]
+fn an_error_a_restart_would_repeat_is_kept_from_the_first_rank_that_reports_it() {
+    let svc = Service::start(CoordinatorConfig::new(2));
+    let c = svc.client();
+    let c1 = c.clone();
+    let other = std::thread::spawn(move || join(&c1, "n1", 2).unwrap());
+    let r0 = join(&c, "n0", 1).unwrap();
+    let r1 = other.join().unwrap();
+    beat(&c, r0.rank, 0, 4, "compute").unwrap();
+    assert_eq!(svc.coordinator.fatal(), None);
+    let fatal = |rank: usize, why: &str| {
+        c.heartbeat(&Heartbeat {
+            rank,
+            generation: 0,
+            step: 4,
+            phase: Some("compute".into()),
+            done: false,
+            stats: None,
+            fatal: Some(why.into()),
+        })
+        .unwrap()
+    };
+    fatal(r1.rank, "out of memory in step 5");
+    fatal(r0.rank, "out of memory in step 5, too");
+    assert_eq!(
+        svc.coordinator.fatal(),
+        Some((r1.rank, "out of memory in step 5".to_string()))
+    );
+    svc.shutdown().unwrap();
+}
+
+#[test]
 fn a_rank_that_said_goodbye_is_not_dead_and_the_run_is_not_hung() {
     let mut cfg = CoordinatorConfig::new(2);
     cfg.heartbeat_interval = Duration::from_millis(50);
@@ -375,6 +407,7 @@ fn a_rank_that_said_goodbye_is_not_dead_and_the_run_is_not_hung() {
         phase: Some("checkpoint".into()),
         done: true,
         stats: None,
+        fatal: None,
     })
     .unwrap();
     assert_eq!(
@@ -395,6 +428,7 @@ fn a_rank_that_said_goodbye_is_not_dead_and_the_run_is_not_hung() {
         phase: None,
         done: true,
         stats: None,
+        fatal: None,
     })
     .unwrap();
     assert_eq!(svc.coordinator.all_departed(), Some(60));
@@ -438,6 +472,7 @@ fn beat_stats(
         done: false,
         stats: Some(s),
         phase: Some("compute".into()),
+        fatal: None,
     })
     .unwrap();
 }
@@ -539,6 +574,7 @@ fn a_heartbeat_with_a_malformed_histogram_is_refused() {
                 done: false,
                 stats: Some(bad),
                 phase: None,
+                fatal: None,
             })
             .unwrap_err();
         assert!(

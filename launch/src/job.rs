@@ -121,6 +121,11 @@ pub struct SlurmSpec {
     /// Extra environment for the ranks (added to the Slingshot NCCL settings on GPU jobs).
     #[serde(default)]
     pub env: std::collections::BTreeMap<String, String>,
+    /// Environment modules the batch script loads first (`module load ...`), e.g. the site's NCCL with its
+    /// libfabric plugin (`brics/nccl` on Isambard-AI); the Slingshot NCCL settings are exported only when the
+    /// plugin is then on the library path.
+    #[serde(default)]
+    pub modules: Vec<String>,
     /// How often `radit run` polls squeue while following the job.
     #[serde(default = "default_poll")]
     pub poll_seconds: f64,
@@ -134,6 +139,7 @@ impl Default for SlurmSpec {
             time_limit: default_time_limit(),
             warn_seconds: default_warn(),
             env: Default::default(),
+            modules: Vec::new(),
             poll_seconds: default_poll(),
         }
     }
@@ -573,20 +579,26 @@ impl Job {
             RankDevice::Cuda => self.ranks_per_node,
             RankDevice::Cpu => 0,
         };
-        job.cpus_per_task =
-            s.resources
-                .cpus_per_task
-                .unwrap_or(if self.device == RankDevice::Cpu {
-                    1
-                } else {
-                    72
-                });
+        job.cpus_per_task = self.cpus_per_task();
         job.time_limit = s.launcher.slurm.time_limit.clone();
         job.partition = s.launcher.slurm.partition.clone();
         job.account = s.launcher.slurm.account.clone();
         job.warn_seconds = s.launcher.slurm.warn_seconds;
         job.env = s.launcher.slurm.env.clone();
+        job.modules = s.launcher.slurm.modules.clone();
         job
+    }
+
+    /// Slurm `--cpus-per-task`: `[resources] cpus_per_task`, else 72 per GH200 (Isambard-AI) or 1 per CPU rank.
+    pub fn cpus_per_task(&self) -> u32 {
+        self.spec
+            .resources
+            .cpus_per_task
+            .unwrap_or(if self.device == RankDevice::Cpu {
+                1
+            } else {
+                72
+            })
     }
 
     /// The resolved plan, as `--dry-run` prints it.

@@ -302,6 +302,8 @@ impl Launcher for MpirunLauncher {
 pub struct SrunLauncher {
     pub tasks_per_node: u32,
     pub gpus_per_task: u32,
+    /// Passed to srun: since Slurm 22.05 a step no longer inherits the batch job's `--cpus-per-task`.
+    pub cpus_per_task: u32,
 }
 
 impl SrunLauncher {
@@ -313,7 +315,8 @@ impl SrunLauncher {
         c.arg("--kill-on-bad-exit=1")
             .arg("--cpu-bind=none")
             .arg(format!("--ntasks={}", cmd.world))
-            .arg(format!("--ntasks-per-node={}", self.tasks_per_node));
+            .arg(format!("--ntasks-per-node={}", self.tasks_per_node))
+            .arg(format!("--cpus-per-task={}", self.cpus_per_task));
         if self.gpus_per_task > 0 {
             c.arg(format!("--gpus-per-task={}", self.gpus_per_task));
         }

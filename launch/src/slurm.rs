@@ -57,6 +57,8 @@ pub struct SlurmJob {
     pub job_file: String,
     /// Added to (and overriding) the Slingshot NCCL settings.
     pub env: BTreeMap<String, String>,
+    /// Environment modules loaded first (`module load ...`), e.g. the site's NCCL with its libfabric plugin.
+    pub modules: Vec<String>,
 }
 
 impl SlurmJob {
@@ -82,6 +84,7 @@ impl SlurmJob {
             radit: radit.into(),
             job_file: job_file.into(),
             env: BTreeMap::new(),
+            modules: Vec::new(),
         }
     }
 }
@@ -96,6 +99,35 @@ fn quote(s: &str) -> String {
     } else {
         format!("'{}'", s.replace('\'', r"'\''"))
     }
+}
+
+/// The shell lines that export the Slingshot NCCL settings only when the libfabric plugin (aws-ofi-nccl,
+/// `libnccl-net*.so`) is on the library path: with `NCCL_NET="AWS Libfabric"` and no plugin, NCCL fails the job.
+/// Without it NCCL uses its own sockets (slow on Slingshot), and the script says so.
+pub fn nccl_plugin_block() -> String {
+    let mut s = String::from(
+        "# NCCL over Slingshot needs the libfabric plugin (aws-ofi-nccl): its settings (those of `module load brics/nccl`)\n\
+         # are exported only when the plugin is on the library path.\n\
+         radit_nccl_plugin=\n\
+         IFS=: read -ra radit_lib_dirs <<< \"${LD_LIBRARY_PATH:-}\"\n\
+         for d in \"${radit_lib_dirs[@]}\" /usr/lib64 /usr/lib/aarch64-linux-gnu; do\n\
+         \x20 for f in \"$d\"/libnccl-net*.so; do\n\
+         \x20   if [ -e \"$f\" ]; then radit_nccl_plugin=$f; break 2; fi\n\
+         \x20 done\n\
+         done\n\
+         if [ -n \"$radit_nccl_plugin\" ]; then\n\
+         \x20 echo \"radit: NCCL libfabric plugin $radit_nccl_plugin\"\n",
+    );
+    for (k, v) in slingshot_nccl_env() {
+        s.push_str(&format!("  export {k}={}\n", quote(&v)));
+    }
+    s.push_str(
+        "else\n\
+         \x20 echo \"radit: WARNING: no NCCL libfabric plugin (libnccl-net*.so) on LD_LIBRARY_PATH: NCCL falls back to \
+         TCP sockets, far slower on Slingshot; load the site's NCCL module ([launcher.slurm] modules)\" >&2\n\
+         fi\n",
+    );
+    s
 }
 
 /// Renders the sbatch script (pure: same job, same text).
@@ -127,17 +159,21 @@ pub fn render_sbatch(job: &SlurmJob) -> String {
     if let Some(a) = &job.account {
         line(&format!("#SBATCH --account={}", quote(a)));
     }
+    // Modules first (site module scripts do not all survive `set -u`).
+    for m in &job.modules {
+        line(&format!("module load {}", quote(m)));
+    }
     line("set -uo pipefail");
     line("");
-    let mut env = BTreeMap::new();
     if job.gpus_per_node > 0 {
-        line(
-            "# NCCL over Slingshot (the settings of `module load brics/nccl`), then the job's own.",
-        );
-        env = slingshot_nccl_env();
+        for l in nccl_plugin_block().lines() {
+            line(l);
+        }
     }
-    env.extend(job.env.clone());
-    for (k, v) in &env {
+    if !job.env.is_empty() {
+        line("# The job's own environment ([launcher.slurm] env).");
+    }
+    for (k, v) in &job.env {
         line(&format!("export {k}={}", quote(v)));
     }
     line(&format!("export RADIT_RUN_DIR={}", quote(&job.run_dir)));
@@ -357,9 +393,10 @@ mod tests {
         );
         assert!(text.contains("#SBATCH --signal=B:USR1@300"));
         assert!(text.contains("#SBATCH --account=brics.a5k"));
-        assert!(text.contains("export NCCL_NET='AWS Libfabric'"));
-        assert!(text.contains("export FI_MR_CACHE_MONITOR=userfaultfd"));
-        assert!(text.contains("export NCCL_DEBUG=WARN"));
+        assert!(text.contains("  export NCCL_NET='AWS Libfabric'"));
+        assert!(text.contains("  export FI_MR_CACHE_MONITOR=userfaultfd"));
+        assert!(text.contains("\nexport NCCL_DEBUG=WARN"));
+        assert!(text.contains("\nmodule load brics/nccl\nset -uo pipefail"));
         assert!(text.contains("radit run /scratch/radit/xl/job.toml --in-allocation &"));
         golden("sbatch-xl.sh", &text);
     }
@@ -372,6 +409,46 @@ mod tests {
         let text = render_sbatch(&job);
         assert!(text.contains("#SBATCH --ntasks-per-node=2\n"));
         assert!(!text.contains("--gpus-per-node") && !text.contains("NCCL_"));
+    }
+
+    /// Runs the script's plugin check with bash, with and without a plugin on LD_LIBRARY_PATH.
+    #[test]
+    fn the_libfabric_settings_are_exported_only_when_the_plugin_is_there() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = |ld_path: &str| {
+            let script = format!(
+                "set -uo pipefail\n{}echo \"NET=${{NCCL_NET:-unset}} CQ=${{FI_CXI_DEFAULT_CQ_SIZE:-unset}}\"",
+                nccl_plugin_block()
+            );
+            let out = std::process::Command::new("bash")
+                .arg("-c")
+                .arg(script)
+                .env("LD_LIBRARY_PATH", ld_path)
+                .env_remove("NCCL_NET")
+                .output()
+                .unwrap();
+            assert!(out.status.success());
+            (
+                String::from_utf8_lossy(&out.stdout).to_string(),
+                String::from_utf8_lossy(&out.stderr).to_string(),
+            )
+        };
+        let (stdout, stderr) = run(&dir.path().display().to_string());
+        assert!(stdout.contains("NET=unset CQ=unset"), "{stdout}");
+        assert!(stderr.contains("no NCCL libfabric plugin"), "{stderr}");
+        let (stdout, _) = run("");
+        assert!(stdout.contains("NET=unset"), "{stdout}");
+        let plugin = dir.path().join("libnccl-net-ofi.so");
+        std::fs::write(&plugin, b"").unwrap();
+        let (stdout, stderr) = run(&format!("/nonexistent:{}", dir.path().display()));
+        assert!(
+            stdout.contains("NET=AWS Libfabric CQ=131072"),
+            "{stdout}{stderr}"
+        );
+        assert!(
+            stdout.contains(&format!("plugin {}", plugin.display())),
+            "{stdout}"
+        );
     }
 
     #[test]

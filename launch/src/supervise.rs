@@ -370,6 +370,15 @@ pub fn supervise(
         tracing::error!(generation, reason = %failure, "the run failed");
         reporter.say(&format!("radit: generation {generation} failed: {failure}"));
         group.kill();
+        // A rank that ran out of memory would do so again: stop and say what to change.
+        if let Some((rank, why)) = coordinator.fatal() {
+            return Ok(Outcome::Failed {
+                restarts,
+                reason: format!(
+                    "rank {rank}: {why} (not relaunched: the same configuration would fail again)"
+                ),
+            });
+        }
         if stop_sent {
             return Ok(Outcome::Failed {
                 restarts,

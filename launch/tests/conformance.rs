@@ -181,6 +181,7 @@ fn the_srun_launcher_conforms_on_a_real_single_host_slurm() {
         &SrunLauncher {
             tasks_per_node: 2,
             gpus_per_task: 0,
+            cpus_per_task: 1,
         },
         false,
     );

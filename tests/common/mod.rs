@@ -187,3 +187,14 @@ impl Drop for MotoServer {
         let _ = self.child.wait();
     }
 }
+
+/// Starts the single-host Slurm of scripts/slurm-local.sh (installing it if needed); returns SLURM_CONF.
+#[allow(dead_code)]
+pub fn local_slurm() -> String {
+    let out = run_ok(Command::new(repo().join("scripts/slurm-local.sh")).arg("start"));
+    stdout(&out)
+        .lines()
+        .find_map(|l| l.strip_prefix("export SLURM_CONF="))
+        .expect("slurm-local.sh prints SLURM_CONF")
+        .to_string()
+}

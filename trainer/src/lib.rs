@@ -6,6 +6,7 @@
 //! - [`sampler`]: Euler and torchdiffeq-exact dopri5, forward and reverse; counterfactual editing.
 //! - [`generate`]: what `radit sample` does (metadata parsing, batching, PNGs and contact sheets).
 //! - [`runtime`]: which libtorch is loaded and which devices it sees.
+//! - [`placement`]: which GPU a rank drives.
 //!
 //! ```no_run
 //! use radit_trainer::{flow, model::{RadiT, RadiTConfig}, sampler};
@@ -29,6 +30,7 @@ pub mod engine;
 pub mod flow;
 pub mod generate;
 pub mod model;
+pub mod placement;
 pub mod preview;
 pub mod progress;
 pub mod runtime;

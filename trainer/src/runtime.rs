@@ -1,13 +1,32 @@
-//! What the process's libtorch is and can do.
+//! What the process's libtorch is and can do: which libtorch file is loaded, its version and whether it is a CUDA
+//! build, the GPUs the driver shows, and the NCCL that collectives would use.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+
+/// One GPU as the CUDA driver describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Gpu {
+    pub ordinal: usize,
+    pub name: String,
+    pub memory_bytes: u64,
+}
 
 /// The loaded libtorch and the devices it sees.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RuntimeInfo {
     /// File the dynamic loader mapped for `libtorch_cpu.so` (Linux only; `None` elsewhere or when linked statically).
     pub libtorch_path: Option<PathBuf>,
+    /// `torch.__version__` of the wheel the library came from (its `version.py`), e.g. `2.13.0+cu130`.
+    pub torch_version: Option<String>,
+    /// The CUDA version the libtorch was built for (`None`: a CPU-only build, or unknown).
+    pub torch_cuda: Option<String>,
+    /// `libtorch_cuda.so` is loaded: without it libtorch reports no GPU even on a GPU machine.
+    pub libtorch_cuda_loaded: bool,
     pub cuda_devices: usize,
+    /// The driver's view of the GPUs (empty without libcuda).
+    pub gpus: Vec<Gpu>,
+    /// The NCCL collectives would use, or why there is none.
+    pub nccl: Result<String, String>,
     pub threads: usize,
 }
 
@@ -15,23 +34,103 @@ pub struct RuntimeInfo {
 pub fn probe() -> RuntimeInfo {
     let t = tch::Tensor::from_slice(&[1.0f32, 2.0, 3.0]);
     debug_assert_eq!(t.size(), vec![3]);
+    let libtorch_path = loaded_library("libtorch_cpu.so");
+    let version = libtorch_path.as_deref().and_then(wheel_version);
     RuntimeInfo {
-        libtorch_path: loaded_library("libtorch_cpu.so"),
+        torch_version: version.as_ref().map(|v| v.0.clone()),
+        torch_cuda: version.and_then(|v| v.1),
+        libtorch_path,
+        libtorch_cuda_loaded: loaded_library("libtorch_cuda.so").is_some(),
         cuda_devices: if tch::Cuda::is_available() {
             tch::Cuda::device_count().max(0) as usize
         } else {
             0
         },
+        gpus: driver_gpus(),
+        nccl: crate::collective::nccl_lib::nccl()
+            .map(|l| format!("{l:?}"))
+            .map_err(|e| e.to_string()),
         threads: tch::get_num_threads().max(1) as usize,
     }
 }
 
-fn loaded_library(name: &str) -> Option<PathBuf> {
+impl RuntimeInfo {
+    /// One line on why CUDA is or is not usable, for error messages.
+    pub fn describe_cuda(&self) -> String {
+        let build = match (&self.torch_cuda, self.libtorch_cuda_loaded) {
+            (None, _) => "a CPU-only libtorch".to_string(),
+            (Some(v), false) => format!("a CUDA {v} libtorch whose libtorch_cuda.so is not loaded"),
+            (Some(v), true) => format!("a CUDA {v} libtorch"),
+        };
+        format!(
+            "{build}; {} GPU(s) visible to libtorch, {} to the driver",
+            self.cuda_devices,
+            self.gpus.len()
+        )
+    }
+}
+
+/// `(version, cuda)` from the `version.py` of the torch wheel a libtorch file belongs to (`torch/lib/..`).
+fn wheel_version(lib: &Path) -> Option<(String, Option<String>)> {
+    let text = std::fs::read_to_string(lib.parent()?.parent()?.join("version.py")).ok()?;
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once('=')?;
+                let k = k.split(':').next()?.trim();
+                (k == name).then(|| v.trim().trim_matches(['\'', '"']).to_string())
+            })
+            .filter(|v| v != "None")
+    };
+    Some((field("__version__")?, field("cuda")))
+}
+
+/// The GPUs the CUDA driver shows (what `CUDA_VISIBLE_DEVICES` leaves), with names and memory.
+fn driver_gpus() -> Vec<Gpu> {
+    use cudarc::driver::result::device;
+    // SAFETY: only tries to dlopen the driver library; cudarc panics on first use when it is missing.
+    if !unsafe { cudarc::driver::sys::is_culib_present() }
+        || cudarc::driver::result::init().is_err()
+    {
+        return Vec::new();
+    }
+    let count = device::get_count().unwrap_or(0).max(0);
+    (0..count)
+        .filter_map(|i| {
+            let dev = device::get(i).ok()?;
+            Some(Gpu {
+                ordinal: i as usize,
+                name: device::get_name(dev).unwrap_or_else(|_| "unknown".into()),
+                // SAFETY: `dev` is a valid device handle from cuDeviceGet.
+                memory_bytes: unsafe { device::total_mem(dev) }.unwrap_or(0) as u64,
+            })
+        })
+        .collect()
+}
+
+/// The file the dynamic loader mapped for a library whose file name starts with `name`.
+pub fn loaded_library(name: &str) -> Option<PathBuf> {
     let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
     maps.lines()
         .filter_map(|l| l.split_whitespace().nth(5))
         .find(|p| p.rsplit('/').next().is_some_and(|f| f.starts_with(name)))
         .map(PathBuf::from)
+}
+
+/// The file mapped at `addr` in this process (e.g. the library a function pointer points into).
+pub fn mapped_file_of(addr: *const std::ffi::c_void) -> Option<PathBuf> {
+    let addr = addr as usize;
+    let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
+    maps.lines().find_map(|l| {
+        let mut f = l.split_whitespace();
+        let (start, end) = f.next()?.split_once('-')?;
+        let (start, end) = (
+            usize::from_str_radix(start, 16).ok()?,
+            usize::from_str_radix(end, 16).ok()?,
+        );
+        let path = f.nth(4)?;
+        ((start..end).contains(&addr) && path.starts_with('/')).then(|| PathBuf::from(path))
+    })
 }
 
 /// Memory in use on this process's current GPU and the GPU's total, from the driver (what nvidia-smi shows, so it
@@ -58,13 +157,28 @@ mod tests {
     #[test]
     fn loads_the_pip_libtorch_not_the_system_one() {
         let info = probe();
-        let path = info.libtorch_path.expect("libtorch_cpu.so is mapped");
+        let path = info
+            .libtorch_path
+            .clone()
+            .expect("libtorch_cpu.so is mapped");
         let shown = path.display().to_string();
         assert!(shown.contains("site-packages/torch/lib"), "loaded {shown}");
         assert!(
             !shown.starts_with("/usr/lib"),
             "loaded the system libtorch {shown}"
         );
+        // The wheel's version file is found beside it, and says what the build is.
+        assert_eq!(
+            info.torch_version.as_deref().map(|v| &v[..6]),
+            Some("2.13.0")
+        );
+        if info.torch_cuda.is_some() {
+            assert!(
+                info.libtorch_cuda_loaded,
+                "a CUDA libtorch must have libtorch_cuda.so loaded: {}",
+                info.describe_cuda()
+            );
+        }
         let x = tch::Tensor::from_slice(&[1.0f32, 2.0, 3.0]);
         let s: f32 = (&x * &x).sum(tch::Kind::Float).double_value(&[]) as f32;
         assert_eq!(s, 14.0);

@@ -43,6 +43,99 @@ pub enum TrainError {
         consecutive: u64,
         why: String,
     },
+    /// The device ran out of memory: the same configuration would fail the same way after a restart.
+    #[error(
+        "out of memory in step {step} on {device} ({cause}): {setting}. A restart would fail the same way: {advice}"
+    )]
+    OutOfMemory {
+        step: u64,
+        device: String,
+        /// The allocator's own words (the first line of libtorch's message).
+        cause: String,
+        /// The model, batch per rank, engine mode and precision, and the device's memory.
+        setting: String,
+        /// What to change.
+        advice: String,
+        #[source]
+        source: Box<TrainError>,
+    },
+}
+
+/// Whether an error (or any error it wraps) is libtorch failing to allocate: CUDA's caching allocator
+/// ("CUDA out of memory") or the CPU allocator ("can't allocate memory").
+pub fn is_out_of_memory(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        let text = err.to_string();
+        if text.contains("out of memory")
+            || text.contains("OutOfMemoryError")
+            || text.contains("can't allocate memory")
+        {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
+}
+
+/// An out-of-memory error with what the operator needs to change the configuration.
+fn out_of_memory(e: TrainError, cfg: &TrainConfig, world: u64, device: Device) -> TrainError {
+    let model = cfg.model.resolve().ok();
+    let per_rank = cfg.train.global_batch / world.max(1);
+    let micro = per_rank / cfg.train.micro_batches.max(1);
+    let memory = crate::runtime::device_memory(device).map_or_else(
+        || "device memory unknown".to_string(),
+        |(used, total)| {
+            format!(
+                "{:.1} of {:.1} GiB in use",
+                used as f64 / (1u64 << 30) as f64,
+                total as f64 / (1u64 << 30) as f64
+            )
+        },
+    );
+    let setting = format!(
+        "model {} ({} parameters), {per_rank} images per rank per step in {} micro-batch(es) of {micro} \
+         (train.global_batch {} over {world} ranks), engine.mode {:?}, precision {:?}; {memory}",
+        cfg.model.preset.as_deref().unwrap_or("from [model.config]"),
+        model.map_or_else(|| "?".into(), |m| m.parameter_count().total().to_string()),
+        cfg.train.micro_batches,
+        cfg.train.global_batch,
+        cfg.engine.mode,
+        cfg.engine.precision,
+    );
+    let advice = format!(
+        "raise train.micro_batches (to {}: smaller micro-batches, the same global batch){}, or run on more ranks \
+         (each holds 1/world of the weights, gradients and optimizer state)",
+        (cfg.train.micro_batches * 2).min(per_rank.max(1)),
+        if cfg.engine.mode == crate::engine::ShardingMode::Zero2 {
+            ", use engine.mode = \"zero3\" (frees each block's gathered weights between forward and backward)"
+        } else {
+            ""
+        }
+    );
+    let mut root: &(dyn std::error::Error + 'static) = &e;
+    while let Some(inner) = root.source() {
+        root = inner;
+    }
+    let cause = root
+        .to_string()
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    TrainError::OutOfMemory {
+        cause,
+        // The step being computed (the last finished one plus one).
+        step: progress::step() + 1,
+        device: match device {
+            Device::Cuda(i) => format!("cuda:{i}"),
+            _ => "cpu".into(),
+        },
+        setting,
+        advice,
+        source: Box::new(e),
+    }
 }
 
 /// The whole run, as one TOML file.
@@ -265,6 +358,23 @@ pub fn train(
     comm: Box<dyn Collective>,
     device: Device,
     stop: &std::sync::atomic::AtomicBool,
+    on_step: impl FnMut(&StepLog),
+) -> Result<TrainSummary, TrainError> {
+    let world = comm.world() as u64;
+    run(cfg, comm, device, stop, on_step).map_err(|e| {
+        if is_out_of_memory(&e) {
+            out_of_memory(e, cfg, world, device)
+        } else {
+            e
+        }
+    })
+}
+
+fn run(
+    cfg: &TrainConfig,
+    comm: Box<dyn Collective>,
+    device: Device,
+    stop: &std::sync::atomic::AtomicBool,
     mut on_step: impl FnMut(&StepLog),
 ) -> Result<TrainSummary, TrainError> {
     let model_cfg = cfg.validate()?;
@@ -349,8 +459,10 @@ pub fn train(
     let scale = 1.0 / (world as f64 * micro as f64);
     let mut window = (Instant::now(), 0u64, 0f64);
 
-    // Fault injection for the tests: `RANK:STEP` makes that rank hang (sleep, heart-beating) in step STEP.
+    // Fault injection for the tests: `RANK:STEP` makes that rank hang (sleep, heart-beating) in step STEP, or ask
+    // libtorch for more memory than any machine has in step STEP (a real allocator failure).
     let hang_at = progress::fault_at("RADIT_FAULT_HANG");
+    let oom_at = progress::fault_at("RADIT_FAULT_OOM");
     progress::set_step(step);
     let tokens_per_image = (model_cfg.input_size / model_cfg.patch_size).pow(2) as u64;
     let flops_per_token = model_cfg.training_flops_per_token();
@@ -388,6 +500,14 @@ pub fn train(
             loop {
                 std::thread::sleep(std::time::Duration::from_secs(3600));
             }
+        }
+        if oom_at == Some((rank, step + 1)) {
+            tracing::warn!(
+                step = step + 1,
+                "allocating 1 PiB on purpose (RADIT_FAULT_OOM)"
+            );
+            let _never =
+                Tensor::f_empty([1i64 << 48], (Kind::Float, device)).map_err(EngineError::from)?;
         }
         let shape: Vec<i64> = batch.sample_shape.iter().map(|&v| v as i64).collect();
         let draw = cfg.flow.draw(cfg.train.seed, step, &batch.indices, &shape);

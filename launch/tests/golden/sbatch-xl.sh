@@ -11,28 +11,43 @@
 #SBATCH --open-mode=append
 #SBATCH --output=/scratch/radit/xl/slurm-%j.out
 #SBATCH --account=brics.a5k
+module load brics/nccl
 set -uo pipefail
 
-# NCCL over Slingshot (the settings of `module load brics/nccl`), then the job's own.
-export FI_CXI_DEFAULT_CQ_SIZE=131072
-export FI_CXI_DEFAULT_TX_SIZE=2048
-export FI_CXI_DISABLE_HOST_REGISTER=1
-export FI_CXI_DISABLE_NON_INJECT_MSG_IDC=1
-export FI_CXI_RDZV_EAGER_SIZE=0
-export FI_CXI_RDZV_GET_MIN=0
-export FI_CXI_RDZV_PROTO=alt_read
-export FI_CXI_RDZV_THRESHOLD=0
-export FI_CXI_RX_MATCH_MODE=hybrid
-export FI_HMEM_CUDA_USE_GDRCOPY=1
-export FI_MR_CACHE_MONITOR=userfaultfd
-export NCCL_CROSS_NIC=1
+# NCCL over Slingshot needs the libfabric plugin (aws-ofi-nccl): its settings (those of `module load brics/nccl`)
+# are exported only when the plugin is on the library path.
+radit_nccl_plugin=
+IFS=: read -ra radit_lib_dirs <<< "${LD_LIBRARY_PATH:-}"
+for d in "${radit_lib_dirs[@]}" /usr/lib64 /usr/lib/aarch64-linux-gnu; do
+  for f in "$d"/libnccl-net*.so; do
+    if [ -e "$f" ]; then radit_nccl_plugin=$f; break 2; fi
+  done
+done
+if [ -n "$radit_nccl_plugin" ]; then
+  echo "radit: NCCL libfabric plugin $radit_nccl_plugin"
+  export FI_CXI_DEFAULT_CQ_SIZE=131072
+  export FI_CXI_DEFAULT_TX_SIZE=2048
+  export FI_CXI_DISABLE_HOST_REGISTER=1
+  export FI_CXI_DISABLE_NON_INJECT_MSG_IDC=1
+  export FI_CXI_RDZV_EAGER_SIZE=0
+  export FI_CXI_RDZV_GET_MIN=0
+  export FI_CXI_RDZV_PROTO=alt_read
+  export FI_CXI_RDZV_THRESHOLD=0
+  export FI_CXI_RX_MATCH_MODE=hybrid
+  export FI_HMEM_CUDA_USE_GDRCOPY=1
+  export FI_MR_CACHE_MONITOR=userfaultfd
+  export NCCL_CROSS_NIC=1
+  export NCCL_GDRCOPY_ENABLE=1
+  export NCCL_MIN_NCHANNELS=4
+  export NCCL_NET='AWS Libfabric'
+  export NCCL_NET_FORCE_FLUSH=0
+  export NCCL_NET_GDR_LEVEL=PHB
+  export NCCL_SOCKET_IFNAME=hsn
+else
+  echo "radit: WARNING: no NCCL libfabric plugin (libnccl-net*.so) on LD_LIBRARY_PATH: NCCL falls back to TCP sockets, far slower on Slingshot; load the site's NCCL module ([launcher.slurm] modules)" >&2
+fi
+# The job's own environment ([launcher.slurm] env).
 export NCCL_DEBUG=WARN
-export NCCL_GDRCOPY_ENABLE=1
-export NCCL_MIN_NCHANNELS=4
-export NCCL_NET='AWS Libfabric'
-export NCCL_NET_FORCE_FLUSH=0
-export NCCL_NET_GDR_LEVEL=PHB
-export NCCL_SOCKET_IFNAME=hsn
 export RADIT_RUN_DIR=/scratch/radit/xl
 # This batch step runs on the first node: it hosts the coordinator and starts one srun task per rank,
 # restarting them from the last checkpoint when one fails.

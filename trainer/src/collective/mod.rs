@@ -10,6 +10,8 @@ pub mod counting;
 pub mod local;
 pub mod mpi;
 pub mod nccl;
+pub mod nccl_lib;
+pub mod rendezvous;
 pub mod tcp;
 
 use tch::{Kind, Tensor};
@@ -40,6 +42,9 @@ pub enum CollectiveError {
         op: &'static str,
         reason: String,
     },
+    /// The launcher's variables do not describe a group this process can join (named in the reason).
+    #[error("cannot form the rank group: {reason}")]
+    Launch { reason: String },
     #[error("libtorch")]
     Torch(#[from] tch::TchError),
 }
@@ -51,6 +56,8 @@ pub enum InFlight {
     Done,
     /// Completes when this CUDA event (on the backend's communication stream) fires.
     Event(CudaEvent),
+    /// Completes when this call returns (a CPU backend that progresses the collective on a helper thread).
+    Pending(Box<dyn FnOnce() -> Result<(), CollectiveError> + Send>),
 }
 
 /// A raw CUDA event owned by the backend that created it.
@@ -89,6 +96,7 @@ pub trait Collective: Send {
     fn wait(&self, flight: InFlight) -> Result<(), CollectiveError> {
         match flight {
             InFlight::Done => Ok(()),
+            InFlight::Pending(finish) => finish(),
             InFlight::Event(_) => Err(CollectiveError::Usage {
                 op: "wait",
                 reason: "this backend did not start that collective".into(),
@@ -112,13 +120,22 @@ pub trait Collective: Send {
     }
 }
 
-/// The collective this process should use: MPI when started by an MPI launcher (with NCCL on top for GPU
-/// tensors), otherwise a world of one (NCCL on a GPU, in-process on the CPU).
+/// The collective this process should use when no `radit run` coordinator hands out ranks: MPI when an MPI
+/// launcher started it, the TCP star of its srun step under plain `srun`, otherwise a world of one; NCCL on top
+/// for GPU tensors. See [`rendezvous`].
 pub fn from_environment(device: tch::Device) -> Result<Box<dyn Collective>, CollectiveError> {
-    let base: Box<dyn Collective> = if mpi::launched_by_mpi() {
-        Box::new(mpi::MpiCollective::init()?)
-    } else {
-        Box::new(local::LocalGroup::ranks(1, std::time::Duration::from_secs(600)).remove(0))
+    let var = |k: &str| std::env::var(k).ok();
+    let plan = rendezvous::plan(var)?;
+    let base: Box<dyn Collective> = match &plan {
+        rendezvous::GroupPlan::Mpi => Box::new(mpi::MpiCollective::init()?),
+        rendezvous::GroupPlan::SlurmStep { .. } => rendezvous::join_slurm_step(
+            &plan,
+            std::time::Duration::from_secs(1800),
+            var(rendezvous::TOKEN_FILE),
+        )?,
+        rendezvous::GroupPlan::Single => {
+            Box::new(local::LocalGroup::ranks(1, std::time::Duration::from_secs(600)).remove(0))
+        }
     };
     for_device(base, device)
 }
@@ -132,19 +149,6 @@ pub fn for_device(
         tch::Device::Cuda(gpu) => Ok(Box::new(nccl::NcclCollective::new(base, gpu)?)),
         _ => Ok(base),
     }
-}
-
-/// This process's GPU on its node: the launcher's local rank (OpenMPI, Slurm or radit's local launcher), else 0.
-pub fn local_rank() -> usize {
-    [
-        "OMPI_COMM_WORLD_LOCAL_RANK",
-        "SLURM_LOCALID",
-        "RADIT_LOCAL_RANK",
-        "LOCAL_RANK",
-    ]
-    .iter()
-    .find_map(|v| std::env::var(v).ok()?.parse().ok())
-    .unwrap_or(0)
 }
 
 /// Checks the shape contract shared by every backend.

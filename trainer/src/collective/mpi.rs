@@ -21,11 +21,12 @@ pub struct MpiCollective {
 // overlap; `&self` methods are only ever called by the one thread that owns the engine at a time.
 unsafe impl Send for MpiCollective {}
 
-/// True when this process was started by an MPI launcher (OpenMPI, or Slurm's PMI).
+/// Variables an MPI launcher (OpenMPI, or Slurm's PMI/PMIx) sets in every rank.
+pub const LAUNCHER_VARS: [&str; 3] = ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"];
+
+/// True when this process was started by an MPI launcher.
 pub fn launched_by_mpi() -> bool {
-    ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"]
-        .iter()
-        .any(|v| std::env::var_os(v).is_some())
+    LAUNCHER_VARS.iter().any(|v| std::env::var_os(v).is_some())
 }
 
 impl MpiCollective {

@@ -1,0 +1,315 @@
+//! Finds and opens NCCL the way users install it. cudarc's own loader only tries names like `libnccl.so` and
+//! `libnccl.so.12`, while the PyPI wheel (`nvidia-nccl-*`, what torch depends on) and most clusters ship
+//! `libnccl.so.2`; so radit opens the library itself, in this order, and says which one it loaded:
+//!
+//! 1. `RADIT_NCCL_LIB`, a path (when set, nothing else is tried: an explicit choice that fails is an error);
+//! 2. the nvidia-nccl wheel beside the loaded libtorch (`site-packages/nvidia/nccl/lib/libnccl.so.2`);
+//! 3. `libnccl.so.2`, then `libnccl.so`, through the dynamic loader (`LD_LIBRARY_PATH`, a `module load`, the
+//!    system's library cache).
+//!
+//! The few NCCL functions radit calls are resolved once into [`NcclLibrary`]; cudarc still provides the types.
+
+use std::ffi::{CStr, c_char, c_int, c_void};
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use cudarc::nccl::sys::{ncclComm_t, ncclUniqueId};
+
+/// An explicit path to the NCCL library.
+pub const NCCL_LIB_VAR: &str = "RADIT_NCCL_LIB";
+
+/// `ncclResult_t`, `ncclDataType_t` and `ncclRedOp_t` are C enums (int-sized); kept as integers so that a value
+/// this build does not know cannot be undefined behaviour.
+pub type NcclResult = u32;
+
+type GetVersion = unsafe extern "C" fn(*mut c_int) -> NcclResult;
+type GetUniqueId = unsafe extern "C" fn(*mut ncclUniqueId) -> NcclResult;
+type CommInitRank = unsafe extern "C" fn(*mut ncclComm_t, c_int, ncclUniqueId, c_int) -> NcclResult;
+type CommDestroy = unsafe extern "C" fn(ncclComm_t) -> NcclResult;
+type GetErrorString = unsafe extern "C" fn(NcclResult) -> *const c_char;
+type AllReduce = unsafe extern "C" fn(
+    *const c_void,
+    *mut c_void,
+    usize,
+    u32,
+    u32,
+    ncclComm_t,
+    *mut c_void,
+) -> NcclResult;
+type AllGather = unsafe extern "C" fn(
+    *const c_void,
+    *mut c_void,
+    usize,
+    u32,
+    ncclComm_t,
+    *mut c_void,
+) -> NcclResult;
+type ReduceScatter = AllReduce;
+type Broadcast = unsafe extern "C" fn(
+    *const c_void,
+    *mut c_void,
+    usize,
+    u32,
+    c_int,
+    ncclComm_t,
+    *mut c_void,
+) -> NcclResult;
+
+/// The opened library and the functions radit calls.
+pub struct NcclLibrary {
+    /// The file the dynamic loader mapped (resolved, so a bare name shows where it was found).
+    pub path: PathBuf,
+    /// How it was found (`RADIT_NCCL_LIB`, `the nvidia-nccl wheel beside libtorch`, `the dynamic loader`).
+    pub found_by: &'static str,
+    /// `ncclGetVersion`, e.g. 22703 for 2.27.3.
+    pub version: i32,
+    pub get_unique_id: GetUniqueId,
+    pub comm_init_rank: CommInitRank,
+    pub comm_destroy: CommDestroy,
+    get_error_string: GetErrorString,
+    pub all_reduce: AllReduce,
+    pub all_gather: AllGather,
+    pub reduce_scatter: ReduceScatter,
+    pub broadcast: Broadcast,
+    // Kept open for the life of the process: the function pointers above point into it.
+    _lib: libloading::Library,
+}
+
+impl std::fmt::Debug for NcclLibrary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "NCCL {} at {} (found by {})",
+            self.version_string(),
+            self.path.display(),
+            self.found_by
+        )
+    }
+}
+
+impl NcclLibrary {
+    /// `2.27.3` from NCCL's integer version.
+    pub fn version_string(&self) -> String {
+        let v = self.version;
+        let (major, minor, patch) = if v >= 10_000 {
+            (v / 10_000, (v % 10_000) / 100, v % 100)
+        } else {
+            (v / 1000, (v % 1000) / 100, v % 100)
+        };
+        format!("{major}.{minor}.{patch}")
+    }
+
+    /// NCCL's description of a result code.
+    pub fn error_string(&self, code: NcclResult) -> String {
+        // SAFETY: ncclGetErrorString returns a static NUL-terminated string for any code.
+        let p = unsafe { (self.get_error_string)(code) };
+        if p.is_null() {
+            return format!("NCCL error {code}");
+        }
+        // SAFETY: non-null, NUL-terminated, static.
+        let s = unsafe { CStr::from_ptr(p) }.to_string_lossy();
+        format!("{s} (NCCL error {code})")
+    }
+
+    /// `Ok` for ncclSuccess, else NCCL's description.
+    pub fn check(&self, code: NcclResult) -> Result<(), String> {
+        if code == 0 {
+            Ok(())
+        } else {
+            Err(self.error_string(code))
+        }
+    }
+}
+
+/// One place to look for the library.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Candidate {
+    /// A path, or a bare name for the dynamic loader to search.
+    pub target: PathBuf,
+    pub found_by: &'static str,
+}
+
+/// Where to look, in order (`var` reads the environment; `torch_lib` is the directory of the loaded libtorch).
+pub fn candidates(
+    var: impl Fn(&str) -> Option<String>,
+    torch_lib: Option<&Path>,
+) -> Vec<Candidate> {
+    if let Some(p) = var(NCCL_LIB_VAR).filter(|p| !p.trim().is_empty()) {
+        return vec![Candidate {
+            target: PathBuf::from(p),
+            found_by: NCCL_LIB_VAR,
+        }];
+    }
+    let mut out = Vec::new();
+    if let Some(site) = torch_lib.and_then(|d| d.parent()).and_then(|t| t.parent()) {
+        for dir in ["nvidia/nccl/lib", "nvidia/cu13/lib", "nvidia/cu12/lib"] {
+            out.push(Candidate {
+                target: site.join(dir).join("libnccl.so.2"),
+                found_by: "the nvidia-nccl wheel beside libtorch",
+            });
+        }
+    }
+    for name in ["libnccl.so.2", "libnccl.so"] {
+        out.push(Candidate {
+            target: PathBuf::from(name),
+            found_by: "the dynamic loader",
+        });
+    }
+    out
+}
+
+/// Why no NCCL could be opened: every place tried, with what it said.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("cannot load NCCL; tried {}", .tried.join("; "))]
+pub struct NcclNotFound {
+    pub tried: Vec<String>,
+}
+
+fn symbol<T: Copy>(lib: &libloading::Library, name: &[u8]) -> Result<T, String> {
+    // SAFETY: the type `T` is the C signature of the named NCCL function (nccl.h).
+    unsafe { lib.get::<T>(name) }
+        .map(|s| *s)
+        .map_err(|e| format!("{}: {e}", String::from_utf8_lossy(name)))
+}
+
+fn open(c: &Candidate) -> Result<NcclLibrary, String> {
+    let is_path = c.target.components().count() > 1;
+    if is_path && !c.target.exists() {
+        return Err(format!("{} (no such file)", c.target.display()));
+    }
+    // SAFETY: loading NCCL runs its initialisers, which have no preconditions.
+    let lib = unsafe { libloading::Library::new(&c.target) }
+        .map_err(|e| format!("{}: {e}", c.target.display()))?;
+    let get_version: GetVersion = symbol(&lib, b"ncclGetVersion\0")?;
+    let mut version: c_int = 0;
+    // SAFETY: a valid out-pointer.
+    let code = unsafe { get_version(&mut version) };
+    if code != 0 {
+        return Err(format!(
+            "{}: ncclGetVersion failed ({code})",
+            c.target.display()
+        ));
+    }
+    let all_gather: AllGather = symbol(&lib, b"ncclAllGather\0")?;
+    let path = crate::runtime::mapped_file_of(all_gather as *const c_void)
+        .unwrap_or_else(|| c.target.clone());
+    Ok(NcclLibrary {
+        path,
+        found_by: c.found_by,
+        version,
+        get_unique_id: symbol(&lib, b"ncclGetUniqueId\0")?,
+        comm_init_rank: symbol(&lib, b"ncclCommInitRank\0")?,
+        comm_destroy: symbol(&lib, b"ncclCommDestroy\0")?,
+        get_error_string: symbol(&lib, b"ncclGetErrorString\0")?,
+        all_reduce: symbol(&lib, b"ncclAllReduce\0")?,
+        all_gather,
+        reduce_scatter: symbol(&lib, b"ncclReduceScatter\0")?,
+        broadcast: symbol(&lib, b"ncclBroadcast\0")?,
+        _lib: lib,
+    })
+}
+
+/// Opens the first candidate that loads.
+pub fn load_from(candidates: &[Candidate]) -> Result<NcclLibrary, NcclNotFound> {
+    let mut tried = Vec::new();
+    for c in candidates {
+        match open(c) {
+            Ok(lib) => return Ok(lib),
+            Err(e) => tried.push(format!("{} ({e})", c.found_by)),
+        }
+    }
+    Err(NcclNotFound { tried })
+}
+
+/// The process's NCCL, opened on first use from this process's environment and libtorch.
+pub fn nccl() -> Result<&'static NcclLibrary, NcclNotFound> {
+    static LIB: OnceLock<Result<NcclLibrary, NcclNotFound>> = OnceLock::new();
+    LIB.get_or_init(|| {
+        let torch_lib = crate::runtime::loaded_library("libtorch_cpu.so")
+            .and_then(|p| p.parent().map(Path::to_path_buf));
+        let found = load_from(&candidates(|k| std::env::var(k).ok(), torch_lib.as_deref()));
+        match &found {
+            Ok(lib) => tracing::info!(nccl = ?lib, "loaded NCCL"),
+            Err(e) => tracing::debug!(error = %e, "no NCCL"),
+        }
+        found
+    })
+    .as_ref()
+    .map_err(Clone::clone)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: std::collections::HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |k| map.get(k).cloned()
+    }
+
+    #[test]
+    fn an_explicit_path_is_the_only_candidate_and_the_wheel_comes_before_the_loader() {
+        let torch = Path::new("/venv/lib/python3.11/site-packages/torch/lib");
+        let c = candidates(
+            env(&[(NCCL_LIB_VAR, "/opt/nccl/libnccl.so.2")]),
+            Some(torch),
+        );
+        assert_eq!(
+            c,
+            vec![Candidate {
+                target: "/opt/nccl/libnccl.so.2".into(),
+                found_by: NCCL_LIB_VAR
+            }]
+        );
+        let c = candidates(env(&[]), Some(torch));
+        assert_eq!(
+            c[0].target,
+            Path::new("/venv/lib/python3.11/site-packages/nvidia/nccl/lib/libnccl.so.2")
+        );
+        let names: Vec<_> = c.iter().map(|c| c.target.display().to_string()).collect();
+        assert_eq!(names[names.len() - 2..], ["libnccl.so.2", "libnccl.so"]);
+        assert_eq!(candidates(env(&[]), None).len(), 2);
+    }
+
+    #[test]
+    fn a_missing_explicit_library_is_an_error_naming_it() {
+        let e = load_from(&candidates(
+            env(&[(NCCL_LIB_VAR, "/nonexistent/libnccl.so.2")]),
+            None,
+        ))
+        .unwrap_err();
+        let shown = e.to_string();
+        assert!(
+            shown.contains("RADIT_NCCL_LIB") && shown.contains("/nonexistent/libnccl.so.2"),
+            "{shown}"
+        );
+    }
+
+    /// torch's wheel depends on nvidia-nccl, so the NCCL beside the loaded libtorch opens here, GPU or not (NCCL
+    /// needs a GPU only to create a communicator).
+    #[test]
+    fn the_wheel_s_nccl_beside_the_loaded_libtorch_opens_and_says_its_version() {
+        let torch_lib = crate::runtime::loaded_library("libtorch_cpu.so")
+            .and_then(|p| p.parent().map(Path::to_path_buf));
+        let lib = load_from(&candidates(env(&[]), torch_lib.as_deref())).expect("NCCL loads");
+        assert_eq!(lib.found_by, "the nvidia-nccl wheel beside libtorch");
+        assert!(lib.path.ends_with("libnccl.so.2"), "{lib:?}");
+        assert!(lib.version >= 21_800, "{lib:?}");
+        assert!(
+            lib.error_string(4).contains("invalid argument"),
+            "{}",
+            lib.error_string(4)
+        );
+        assert!(lib.check(0).is_ok());
+        // The same file through an explicit path.
+        let again = load_from(&candidates(
+            env(&[(NCCL_LIB_VAR, lib.path.to_str().unwrap())]),
+            None,
+        ))
+        .unwrap();
+        assert_eq!((again.found_by, again.version), (NCCL_LIB_VAR, lib.version));
+    }
+}
