@@ -150,6 +150,36 @@ pub enum SelftestCommand {
         #[arg(long, default_value = "cpu")]
         device: String,
     },
+    /// The same engine steps on --device and on the CPU (fp32 by default), and a checkpoint round trip on
+    /// --device: prints a JSON report and exits 1 when they disagree.
+    Parity(ParityArgs),
+}
+
+#[derive(Args)]
+pub struct ParityArgs {
+    #[arg(long, default_value = "tiny")]
+    preset: String,
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    #[arg(long, value_enum, default_value = "fp32")]
+    precision: crate::model_cli::PrecisionArg,
+    #[arg(long, default_value = "zero3")]
+    mode: String,
+    #[arg(long, default_value_t = 3)]
+    steps: usize,
+    #[arg(long, default_value_t = 2)]
+    batch: i64,
+    /// Where the device's checkpoint is written.
+    #[arg(long)]
+    checkpoint: PathBuf,
+}
+
+fn sharding_mode(name: &str) -> anyhow::Result<radit_trainer::engine::ShardingMode> {
+    Ok(match name {
+        "zero3" => radit_trainer::engine::ShardingMode::Zero3,
+        "zero2" => radit_trainer::engine::ShardingMode::Zero2,
+        other => anyhow::bail!("--mode `{other}`: expected zero3 or zero2"),
+    })
 }
 
 pub fn run_selftest(cmd: SelftestCommand) -> anyhow::Result<u8> {
@@ -168,6 +198,26 @@ pub fn run_selftest(cmd: SelftestCommand) -> anyhow::Result<u8> {
                     Ok(1)
                 }
             }
+        }
+        SelftestCommand::Parity(a) => {
+            anyhow::ensure!(
+                a.batch > 0 && a.steps > 0,
+                "--batch and --steps must be positive"
+            );
+            let check = radit_trainer::engine::parity::ParityCheck {
+                model: RadiTConfig::preset(&a.preset)?,
+                engine: EngineConfig {
+                    mode: sharding_mode(&a.mode)?,
+                    precision: a.precision.into(),
+                    ..EngineConfig::default()
+                },
+                batch: a.batch,
+                steps: a.steps,
+                checkpoint_dir: a.checkpoint,
+            };
+            let report = radit_trainer::engine::parity::run(&check, device(&a.device)?)?;
+            println!("{}", serde_json::to_string(&report)?);
+            Ok(if report.passed { 0 } else { 1 })
         }
     }
 }
@@ -211,11 +261,7 @@ pub fn run_engine(cmd: EngineCommand) -> anyhow::Result<u8> {
         tch::set_num_threads(t);
     }
     let device = device(&a.device)?;
-    let mode = match a.mode.as_str() {
-        "zero3" => radit_trainer::engine::ShardingMode::Zero3,
-        "zero2" => radit_trainer::engine::ShardingMode::Zero2,
-        other => anyhow::bail!("--mode `{other}`: expected zero3 or zero2"),
-    };
+    let mode = sharding_mode(&a.mode)?;
     anyhow::ensure!(
         a.batch > 0 && a.steps > 0,
         "--batch and --steps must be positive"

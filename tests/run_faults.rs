@@ -363,10 +363,12 @@ fn a_hung_rank_is_named_and_the_run_is_relaunched() {
 #[test]
 fn the_coordinator_killed_mid_run_ranks_checkpoint_and_a_restarted_run_completes() {
     let dir = tempfile::tempdir().unwrap();
-    let job = job(dir.path(), "local", "coordinator_grace_seconds = 0.5", "");
+    // The ranks run about 70 steps a second here: the coordinator's view lags a heartbeat (0.2 s) and the ranks
+    // notice its death one grace period later, so both are kept short for the orphans to stop before step 60.
+    let job = job(dir.path(), "local", "coordinator_grace_seconds = 0.25", "");
     let mut child = spawn(&mut run_cmd(&job));
     let client = coordinator(dir.path());
-    let pids = wait_for_step(&client, 8, &mut child);
+    let pids = wait_for_step(&client, 3, &mut child);
     // The coordinator lives in `radit run`: kill it without warning, then restart it at once. The orphaned ranks
     // keep training, notice the silence after the grace period, checkpoint at a common step and exit 75; the new
     // supervisor waits for them before it launches anything.

@@ -1,17 +1,57 @@
-//! Embeds an rpath to the libtorch that torch-sys linked against, so binaries and tests load that libtorch and not
-//! an older system copy (Debian ships libtorch 1.13 in /usr/lib), without LD_LIBRARY_PATH; and, when that libtorch
-//! is a CUDA build, makes `libtorch_cuda.so` a needed library. Nothing references its symbols directly (its CUDA
-//! kernels register themselves when it loads), so the linker's `--as-needed` would drop it, and a CUDA libtorch
-//! would then report no GPU. The root package uses this same script.
+//! The trainer's build script: libtorch's link arguments (link_libtorch.rs, shared with the packages whose binaries
+//! load libtorch), and `csrc/cuda_allocator.cpp` (the CUDA caching allocator's peak counters), compiled when the
+//! libtorch is a CUDA build and CUDA's headers are found (`CUDA_HOME`, the nvidia wheels beside torch,
+//! /usr/local/cuda); `cfg(radit_cuda_allocator)` says it was.
+use std::path::{Path, PathBuf};
+
+mod link {
+    include!("link_libtorch.rs");
+}
+
 fn main() {
-    println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
-    if let Ok(dir) = std::env::var("DEP_TCH_LIBTORCH_LIB") {
-        // RUNPATH is searched before the loader cache and the system directories, which is what matters here.
-        println!("cargo:rustc-link-arg=-Wl,-rpath,{dir}");
-        if std::path::Path::new(&dir).join("libtorch_cuda.so").exists() {
-            println!(
-                "cargo:rustc-link-arg=-Wl,--push-state,--no-as-needed,-ltorch_cuda,--pop-state"
-            );
-        }
+    println!("cargo:rerun-if-env-changed=CUDA_HOME");
+    println!("cargo::rustc-check-cfg=cfg(radit_cuda_allocator)");
+    let Some(lib) = link::link_libtorch() else {
+        return;
+    };
+    if !lib.join("libtorch_cuda.so").exists() {
+        return;
     }
+    let Some(cuda_include) = cuda_include(&lib) else {
+        println!(
+            "cargo:warning=CUDA headers not found (CUDA_HOME, nvidia-cuda-runtime + nvidia-cuda-crt wheels): \
+             the engine benchmark reports driver memory instead of the caching allocator's peak"
+        );
+        return;
+    };
+    let source = Path::new("csrc/cuda_allocator.cpp");
+    println!("cargo:rerun-if-changed={}", source.display());
+    let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".into());
+    cc::Build::new()
+        .cpp(true)
+        .file(source)
+        .std("c++17")
+        .define("_GLIBCXX_USE_CXX11_ABI", abi.as_str())
+        .include(lib.join("../include"))
+        .include(cuda_include)
+        .flag_if_supported("-Wno-unused-parameter")
+        .compile("radit_cuda_allocator");
+    println!("cargo:rustc-link-lib=dylib=c10_cuda");
+    println!("cargo:rustc-cfg=radit_cuda_allocator");
+}
+
+/// A directory with both the CUDA runtime headers and the `crt/` headers they include.
+fn cuda_include(torch_lib: &Path) -> Option<PathBuf> {
+    let site = torch_lib.parent()?.parent()?;
+    let mut dirs: Vec<PathBuf> = std::env::var_os("CUDA_HOME")
+        .map(|h| PathBuf::from(h).join("include"))
+        .into_iter()
+        .collect();
+    dirs.extend([
+        site.join("nvidia/cu13/include"),
+        site.join("nvidia/cuda_runtime/include"),
+        PathBuf::from("/usr/local/cuda/include"),
+    ]);
+    dirs.into_iter()
+        .find(|d| d.join("cuda_runtime_api.h").exists() && d.join("crt/host_config.h").exists())
 }

@@ -133,6 +133,63 @@ pub fn mapped_file_of(addr: *const std::ffi::c_void) -> Option<PathBuf> {
     })
 }
 
+/// The CUDA caching allocator's counters for one GPU (what `torch.cuda.memory_stats` reports), in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct AllocatorStats {
+    pub allocated: u64,
+    pub allocated_peak: u64,
+    pub reserved: u64,
+    pub reserved_peak: u64,
+}
+
+#[cfg(radit_cuda_allocator)]
+unsafe extern "C" {
+    fn radit_cuda_allocator_stats(device: std::ffi::c_int, out: *mut i64) -> std::ffi::c_int;
+    fn radit_cuda_allocator_reset_peak(device: std::ffi::c_int) -> std::ffi::c_int;
+}
+
+/// Whether this build can read the caching allocator's counters (a CUDA libtorch and CUDA's headers at build
+/// time); without them [`allocator_stats`] is always `None`.
+pub fn allocator_stats_built() -> bool {
+    cfg!(radit_cuda_allocator)
+}
+
+/// The caching allocator's counters for `device` (`None` on CPUs, without a GPU, or in a build without them).
+pub fn allocator_stats(device: tch::Device) -> Option<AllocatorStats> {
+    let tch::Device::Cuda(_i) = device else {
+        return None;
+    };
+    #[cfg(radit_cuda_allocator)]
+    {
+        let mut out = [0i64; 4];
+        // SAFETY: `out` has room for the four counters the function writes; it catches every C++ exception.
+        let code = unsafe { radit_cuda_allocator_stats(_i as std::ffi::c_int, out.as_mut_ptr()) };
+        let b = |v: i64| v.max(0) as u64;
+        (code == 0).then(|| AllocatorStats {
+            allocated: b(out[0]),
+            allocated_peak: b(out[1]),
+            reserved: b(out[2]),
+            reserved_peak: b(out[3]),
+        })
+    }
+    #[cfg(not(radit_cuda_allocator))]
+    None
+}
+
+/// Starts the allocator's peaks afresh from what is allocated now; `false` where there are none to reset.
+pub fn reset_allocator_peak(device: tch::Device) -> bool {
+    let tch::Device::Cuda(_i) = device else {
+        return false;
+    };
+    #[cfg(radit_cuda_allocator)]
+    {
+        // SAFETY: it catches every C++ exception.
+        unsafe { radit_cuda_allocator_reset_peak(_i as std::ffi::c_int) == 0 }
+    }
+    #[cfg(not(radit_cuda_allocator))]
+    false
+}
+
 /// Memory in use on this process's current GPU and the GPU's total, from the driver (what nvidia-smi shows, so it
 /// includes the caching allocator's reserve and other processes). `None` on CPUs or when the driver cannot say.
 pub fn device_memory(device: tch::Device) -> Option<(u64, u64)> {
@@ -179,6 +236,19 @@ mod tests {
                 info.describe_cuda()
             );
         }
+        // The CUDA wheel and its headers are installed by setup.sh, so the allocator shim is built here; with no
+        // GPU it answers None instead of failing.
+        if info.torch_cuda.is_some() {
+            assert!(
+                allocator_stats_built(),
+                "the caching-allocator shim was not compiled"
+            );
+        }
+        if !tch::Cuda::is_available() {
+            assert_eq!(allocator_stats(tch::Device::Cuda(0)), None);
+            assert!(!reset_allocator_peak(tch::Device::Cuda(0)));
+        }
+        assert_eq!(allocator_stats(tch::Device::Cpu), None);
         let x = tch::Tensor::from_slice(&[1.0f32, 2.0, 3.0]);
         let s: f32 = (&x * &x).sum(tch::Kind::Float).double_value(&[]) as f32;
         assert_eq!(s, 14.0);

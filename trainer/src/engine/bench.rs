@@ -1,6 +1,7 @@
 //! `radit engine bench`: step time, throughput, MFU and communication volume of the FSDP engine on synthetic
 //! inputs (no data loading), optionally a checkpoint's stall and write bandwidth against the disk's raw write
-//! bandwidth, measured in the same run. On a GPU it also reports device memory in use at its peak.
+//! bandwidth, measured in the same run. On a GPU it also reports the caching allocator's peak over the timed steps
+//! and the driver's view of device memory.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -61,7 +62,13 @@ pub struct EngineBenchReport {
     /// ZeRO-3's textbook volume: 3 x parameter bytes in the compute dtype (gather for forward, gather for backward,
     /// reduce-scatter of gradients).
     pub zero3_theory_bytes_per_step: u64,
+    /// The driver's view (what nvidia-smi shows: the allocator's reserve, the context, other processes), sampled
+    /// after each step.
     pub peak_device_bytes: Option<u64>,
+    /// The caching allocator's peak over the timed steps: the memory the steps really needed at their high point
+    /// (`torch.cuda.max_memory_allocated`), and what it held from the driver (`max_memory_reserved`).
+    pub peak_allocated_bytes: Option<u64>,
+    pub peak_reserved_bytes: Option<u64>,
     pub checkpoint: Option<CheckpointBench>,
 }
 
@@ -104,6 +111,9 @@ pub fn run(
     let mut bytes = Vec::new();
     let mut peak = device_used_bytes(device);
     for i in 0..b.warmup + b.steps {
+        if i == b.warmup {
+            crate::runtime::reset_allocator_peak(device);
+        }
         engine.collective().barrier()?;
         let before = traffic.bytes();
         let start = Instant::now();
@@ -121,6 +131,7 @@ pub fn run(
         }
         peak = peak.max(device_used_bytes(device));
     }
+    let allocator = crate::runtime::allocator_stats(device);
     times.sort_by(f64::total_cmp);
     let median = times[times.len() / 2];
     let tokens = (b.batch * world as i64 * cfg.tokens()) as f64 / median;
@@ -144,6 +155,8 @@ pub fn run(
         bytes_per_step: bytes[bytes.len() / 2],
         zero3_theory_bytes_per_step: 3 * params as u64 * elt,
         peak_device_bytes: peak,
+        peak_allocated_bytes: allocator.map(|a| a.allocated_peak),
+        peak_reserved_bytes: allocator.map(|a| a.reserved_peak),
         checkpoint,
     })
 }

@@ -13,6 +13,7 @@
 pub mod bench;
 mod layout;
 mod optim;
+pub mod parity;
 
 pub use layout::{GroupLayout, group_layouts};
 pub use optim::{AdamConfig, LrSchedule};

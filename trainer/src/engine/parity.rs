@@ -1,0 +1,295 @@
+//! `radit selftest parity`: the correctness half of the GPU check. The same steps of the engine on synthetic
+//! inputs run on the device under test and on the CPU (fp32, so the two must agree to rounding); the device's
+//! state goes through a checkpoint and back (bit for bit); the report says by how much the two runs' losses and
+//! final weights differ. With `--device cpu` both sides are the CPU and must agree exactly (what CI runs).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::Serialize;
+use tch::{Device, Kind, Tensor};
+
+use super::{EngineConfig, EngineError, Fsdp, Initial, MicroBatch};
+use crate::checkpoint::{CheckpointConfig, Checkpointer, RunState};
+use crate::collective::{self, Collective, local::LocalGroup};
+use crate::model::{Precision, RadiTConfig};
+
+/// What to compare.
+#[derive(Debug, Clone)]
+pub struct ParityCheck {
+    pub model: RadiTConfig,
+    pub engine: EngineConfig,
+    /// Samples per step.
+    pub batch: i64,
+    pub steps: usize,
+    /// The device's checkpoint goes here.
+    pub checkpoint_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct WeightsDiff {
+    pub max_abs: f64,
+    pub mean_abs: f64,
+    /// The parameter with the largest difference.
+    pub worst: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ParityReport {
+    pub device: String,
+    pub preset_parameters: i64,
+    pub steps: usize,
+    pub batch: i64,
+    pub lr: f64,
+    pub losses_device: Vec<f64>,
+    pub losses_cpu: Vec<f64>,
+    pub loss_max_rel_diff: f64,
+    /// Final raw weights, device vs CPU.
+    pub weights: WeightsDiff,
+    /// Raw and EMA weights and Adam's step count restored from the device's checkpoint equal those saved.
+    pub checkpoint_round_trip_exact: bool,
+    pub checkpoint_bytes: u64,
+    /// Bounds: losses within `loss_tolerance` (relative), mean weight difference within `weight_tolerance` x lr.
+    pub loss_tolerance: f64,
+    pub weight_tolerance: f64,
+    pub passed: bool,
+}
+
+/// A world of one on `device` (NCCL on a GPU, bootstrapped in-process).
+fn world_of_one(device: Device) -> Result<Box<dyn Collective>, EngineError> {
+    let base = Box::new(LocalGroup::ranks(1, std::time::Duration::from_secs(600)).remove(0));
+    Ok(collective::for_device(base, device)?)
+}
+
+struct Inputs {
+    x1: Tensor,
+    x0: Tensor,
+    t: Tensor,
+    labels: Tensor,
+    age: Tensor,
+}
+
+/// The same synthetic batch on every device: drawn on the CPU from a fixed seed, then moved.
+fn inputs(cfg: &RadiTConfig, batch: i64) -> Inputs {
+    tch::manual_seed(1234);
+    let shape = [batch, cfg.in_channels, cfg.input_size, cfg.input_size];
+    let cpu = Device::Cpu;
+    Inputs {
+        x1: Tensor::randn(shape, (Kind::Float, cpu)),
+        x0: Tensor::randn(shape, (Kind::Float, cpu)),
+        t: Tensor::rand([batch], (Kind::Float, cpu)),
+        labels: Tensor::ones([batch, cfg.classes.len() as i64], (Kind::Int64, cpu)),
+        age: Tensor::full([batch], 0.5, (Kind::Float, cpu)),
+    }
+}
+
+/// Runs `steps` steps; returns the engine and the losses.
+fn train(
+    check: &ParityCheck,
+    inputs: &Inputs,
+    device: Device,
+) -> Result<(Fsdp, Vec<f64>), EngineError> {
+    let mut engine = Fsdp::new(
+        &check.model,
+        check.engine.clone(),
+        world_of_one(device)?,
+        device,
+        Initial::Seed(0),
+    )?;
+    let on = |t: &Tensor| t.to_device(device);
+    let (x1, x0, t, labels, age) = (
+        on(&inputs.x1),
+        on(&inputs.x0),
+        on(&inputs.t),
+        on(&inputs.labels),
+        on(&inputs.age),
+    );
+    let mb = MicroBatch {
+        x1: &x1,
+        x0: &x0,
+        t: &t,
+        labels: &labels,
+        age: &age,
+    };
+    let mut losses = Vec::new();
+    for _ in 0..check.steps {
+        let loss = engine.forward_backward(&mb, 1.0)?;
+        let report = engine.optimizer_step(loss, check.engine.adam.lr)?;
+        losses.push(report.loss);
+    }
+    Ok((engine, losses))
+}
+
+/// Element-wise differences of two sets of named weights (moved to the CPU in fp64).
+pub fn compare(
+    a: &BTreeMap<String, Tensor>,
+    b: &BTreeMap<String, Tensor>,
+) -> Result<WeightsDiff, EngineError> {
+    if a.keys().ne(b.keys()) {
+        return Err(EngineError::StateMismatch(
+            "the two runs have different parameters".into(),
+        ));
+    }
+    let (mut max_abs, mut sum, mut count, mut worst) = (0f64, 0f64, 0i64, String::new());
+    for (name, x) in a {
+        let d = (x.to_device(Device::Cpu).to_kind(Kind::Double)
+            - b[name].to_device(Device::Cpu).to_kind(Kind::Double))
+        .abs();
+        let m = d.max().double_value(&[]);
+        if m.is_nan() || m > max_abs {
+            max_abs = m;
+            worst = name.clone();
+        }
+        sum += d.sum(Kind::Double).double_value(&[]);
+        count += d.numel() as i64;
+    }
+    Ok(WeightsDiff {
+        max_abs,
+        mean_abs: sum / count.max(1) as f64,
+        worst,
+    })
+}
+
+fn same(a: &BTreeMap<String, Tensor>, b: &BTreeMap<String, Tensor>) -> Result<bool, EngineError> {
+    let d = compare(a, b)?;
+    Ok(d.max_abs == 0.0)
+}
+
+pub fn run(check: &ParityCheck, device: Device) -> Result<ParityReport, EngineError> {
+    let ckpt_err =
+        |e: crate::checkpoint::CheckpointError| EngineError::StateMismatch(format!("{e:#}"));
+    let inputs = inputs(&check.model, check.batch);
+    let (engine, losses_device) = train(check, &inputs, device)?;
+    let raw = engine.gather_named(false)?;
+    let ema = engine.gather_named(true)?;
+
+    // Through a checkpoint and back, on the device, into an engine initialised differently.
+    std::fs::create_dir_all(&check.checkpoint_dir).map_err(|e| {
+        EngineError::StateMismatch(format!("{}: {e}", check.checkpoint_dir.display()))
+    })?;
+    let url = check.checkpoint_dir.join("parity");
+    let mut ckpt = Checkpointer::open(CheckpointConfig {
+        url: url.display().to_string(),
+        every: 1,
+        keep: 1,
+    })
+    .map_err(ckpt_err)?;
+    let state = RunState {
+        step: check.steps as u64,
+        adam_steps: engine.adam_steps(),
+        skipped_steps: 0,
+        loader: serde_json::Value::Null,
+        model: check.model.clone(),
+        config: serde_json::Value::Null,
+    };
+    ckpt.save(&engine, state).map_err(ckpt_err)?;
+    ckpt.finish(engine.collective()).map_err(ckpt_err)?;
+    let checkpoint_bytes = std::fs::read_dir(url.join(format!("step-{:010}", check.steps)))
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0);
+    let adam_steps = engine.adam_steps();
+    drop(engine);
+    let mut restored = Fsdp::new(
+        &check.model,
+        check.engine.clone(),
+        world_of_one(device)?,
+        device,
+        Initial::Seed(1),
+    )?;
+    let loaded = ckpt
+        .load_latest(&mut restored, &check.model)
+        .map_err(ckpt_err)?;
+    let round_trip = loaded.is_some_and(|s| s.step == check.steps as u64)
+        && restored.adam_steps() == adam_steps
+        && same(&restored.gather_named(false)?, &raw)?
+        && same(&restored.gather_named(true)?, &ema)?;
+    drop(restored);
+
+    // The same steps on the CPU, in fp32.
+    let cpu_check = ParityCheck {
+        engine: EngineConfig {
+            precision: Precision::Fp32,
+            ..check.engine.clone()
+        },
+        ..check.clone()
+    };
+    let (cpu_engine, losses_cpu) = train(&cpu_check, &inputs, Device::Cpu)?;
+    let weights = compare(&raw, &cpu_engine.gather_named(false)?)?;
+    let loss_max_rel_diff = losses_device
+        .iter()
+        .zip(&losses_cpu)
+        .map(|(a, b)| (a - b).abs() / b.abs().max(1e-12))
+        .fold(0.0, f64::max);
+    // fp32 on both sides differs by rounding only (reduction order, fused kernels); bf16 by far more.
+    let (loss_tolerance, weight_tolerance) = match check.engine.precision {
+        Precision::Fp32 => (1e-4, 0.02),
+        _ => (5e-2, 0.5),
+    };
+    let lr = check.engine.adam.lr;
+    let passed = round_trip
+        && loss_max_rel_diff <= loss_tolerance
+        && weights.mean_abs <= weight_tolerance * lr
+        && losses_device.iter().all(|l| l.is_finite());
+    Ok(ParityReport {
+        device: format!("{device:?}"),
+        preset_parameters: check.model.parameter_count().total(),
+        steps: check.steps,
+        batch: check.batch,
+        lr,
+        losses_device,
+        losses_cpu,
+        loss_max_rel_diff,
+        weights,
+        checkpoint_round_trip_exact: round_trip,
+        checkpoint_bytes,
+        loss_tolerance,
+        weight_tolerance,
+        passed,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_against_cpu_agrees_exactly_and_the_checkpoint_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        let check = ParityCheck {
+            model: RadiTConfig::preset("tiny").unwrap(),
+            engine: EngineConfig::default(),
+            batch: 2,
+            steps: 2,
+            checkpoint_dir: dir.path().to_path_buf(),
+        };
+        let r = run(&check, Device::Cpu).unwrap();
+        assert!(r.passed, "{r:?}");
+        assert!(r.checkpoint_round_trip_exact);
+        assert_eq!(r.losses_device, r.losses_cpu);
+        assert_eq!(r.weights.max_abs, 0.0);
+        assert!(r.checkpoint_bytes > 0);
+        assert_eq!(r.losses_device.len(), 2);
+    }
+
+    #[test]
+    fn the_comparison_finds_the_parameter_that_differs() {
+        let a: BTreeMap<String, Tensor> = [
+            ("a".to_string(), Tensor::from_slice(&[1.0f32, 2.0])),
+            ("b".to_string(), Tensor::from_slice(&[3.0f32, 4.0])),
+        ]
+        .into();
+        let mut b: BTreeMap<String, Tensor> =
+            a.iter().map(|(k, v)| (k.clone(), v.copy())).collect();
+        assert!(same(&a, &b).unwrap());
+        b.insert("b".into(), Tensor::from_slice(&[3.0f32, 4.5]));
+        let d = compare(&a, &b).unwrap();
+        assert_eq!((d.max_abs, d.mean_abs, d.worst.as_str()), (0.5, 0.125, "b"));
+        b.remove("a");
+        assert!(compare(&a, &b).is_err());
+    }
+}
