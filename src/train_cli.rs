@@ -152,34 +152,13 @@ pub enum SelftestCommand {
     },
     /// The same engine steps on --device and on the CPU (fp32 by default), and a checkpoint round trip on
     /// --device: prints a JSON report and exits 1 when they disagree.
-    Parity(ParityArgs),
-}
-
-#[derive(Args)]
-pub struct ParityArgs {
-    #[arg(long, default_value = "tiny")]
-    preset: String,
-    #[arg(long, default_value = "cpu")]
-    device: String,
-    #[arg(long, value_enum, default_value = "fp32")]
-    precision: crate::model_cli::PrecisionArg,
-    #[arg(long, default_value = "zero3")]
-    mode: String,
-    #[arg(long, default_value_t = 3)]
-    steps: usize,
-    #[arg(long, default_value_t = 2)]
-    batch: i64,
-    /// Where the device's checkpoint is written.
-    #[arg(long)]
-    checkpoint: PathBuf,
-}
-
-fn sharding_mode(name: &str) -> anyhow::Result<radit_trainer::engine::ShardingMode> {
-    Ok(match name {
-        "zero3" => radit_trainer::engine::ShardingMode::Zero3,
-        "zero2" => radit_trainer::engine::ShardingMode::Zero2,
-        other => anyhow::bail!("--mode `{other}`: expected zero3 or zero2"),
-    })
+    Parity {
+        #[command(flatten)]
+        run: EngineSteps,
+        /// Where the device's checkpoint is written.
+        #[arg(long)]
+        checkpoint: PathBuf,
+    },
 }
 
 pub fn run_selftest(cmd: SelftestCommand) -> anyhow::Result<u8> {
@@ -199,23 +178,16 @@ pub fn run_selftest(cmd: SelftestCommand) -> anyhow::Result<u8> {
                 }
             }
         }
-        SelftestCommand::Parity(a) => {
-            anyhow::ensure!(
-                a.batch > 0 && a.steps > 0,
-                "--batch and --steps must be positive"
-            );
+        SelftestCommand::Parity { run, checkpoint } => {
+            let (model, engine, device) = run.resolve()?;
             let check = radit_trainer::engine::parity::ParityCheck {
-                model: RadiTConfig::preset(&a.preset)?,
-                engine: EngineConfig {
-                    mode: sharding_mode(&a.mode)?,
-                    precision: a.precision.into(),
-                    ..EngineConfig::default()
-                },
-                batch: a.batch,
-                steps: a.steps,
-                checkpoint_dir: a.checkpoint,
+                model,
+                engine,
+                batch: run.batch,
+                steps: run.steps,
+                checkpoint_dir: checkpoint,
             };
-            let report = radit_trainer::engine::parity::run(&check, device(&a.device)?)?;
+            let report = radit_trainer::engine::parity::run(&check, device)?;
             println!("{}", serde_json::to_string(&report)?);
             Ok(if report.passed { 0 } else { 1 })
         }
@@ -229,16 +201,15 @@ pub enum EngineCommand {
     Bench(EngineBenchArgs),
 }
 
+/// A preset's engine steps on synthetic inputs: what the engine benchmark and the parity check run.
 #[derive(Args)]
-pub struct EngineBenchArgs {
+pub struct EngineSteps {
     preset: String,
     /// Samples per rank per step.
     #[arg(long, default_value_t = 8)]
     batch: i64,
     #[arg(long, default_value_t = 10)]
     steps: usize,
-    #[arg(long, default_value_t = 2)]
-    warmup: usize,
     #[arg(long, default_value = "cpu")]
     device: String,
     #[arg(long, value_enum, default_value = "fp32")]
@@ -246,6 +217,38 @@ pub struct EngineBenchArgs {
     /// zero3 or zero2.
     #[arg(long, default_value = "zero3")]
     mode: String,
+}
+
+impl EngineSteps {
+    fn resolve(&self) -> anyhow::Result<(RadiTConfig, EngineConfig, Device)> {
+        anyhow::ensure!(
+            self.batch > 0 && self.steps > 0,
+            "--batch and --steps must be positive"
+        );
+        let mode = match self.mode.as_str() {
+            "zero3" => radit_trainer::engine::ShardingMode::Zero3,
+            "zero2" => radit_trainer::engine::ShardingMode::Zero2,
+            other => anyhow::bail!("--mode `{other}`: expected zero3 or zero2"),
+        };
+        let engine = EngineConfig {
+            mode,
+            precision: self.precision.into(),
+            ..EngineConfig::default()
+        };
+        Ok((
+            RadiTConfig::preset(&self.preset)?,
+            engine,
+            device(&self.device)?,
+        ))
+    }
+}
+
+#[derive(Args)]
+pub struct EngineBenchArgs {
+    #[command(flatten)]
+    run: EngineSteps,
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
     /// One device's dense peak in TFLOP/s (989: H100/GH200 bf16).
     #[arg(long, default_value_t = 989.0)]
     peak_tflops: f64,
@@ -260,21 +263,12 @@ pub fn run_engine(cmd: EngineCommand) -> anyhow::Result<u8> {
     if let Some(t) = a.threads {
         tch::set_num_threads(t);
     }
-    let device = device(&a.device)?;
-    let mode = sharding_mode(&a.mode)?;
-    anyhow::ensure!(
-        a.batch > 0 && a.steps > 0,
-        "--batch and --steps must be positive"
-    );
+    let (model, engine, device) = a.run.resolve()?;
     let bench = radit_trainer::engine::bench::EngineBench {
-        model: RadiTConfig::preset(&a.preset)?,
-        engine: EngineConfig {
-            mode,
-            precision: a.precision.into(),
-            ..EngineConfig::default()
-        },
-        batch: a.batch,
-        steps: a.steps,
+        model,
+        engine,
+        batch: a.run.batch,
+        steps: a.run.steps,
         warmup: a.warmup,
         peak_tflops: a.peak_tflops,
         checkpoint_dir: a.checkpoint,

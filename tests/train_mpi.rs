@@ -166,6 +166,26 @@ fn the_mpi_backend_passes_the_collective_conformance_suite() {
 }
 
 #[test]
+fn the_parity_selftest_reports_device_and_cpu_steps_and_a_checkpoint_round_trip() {
+    // What the GPU check runs with --device cuda; here both sides are the CPU and must agree exactly.
+    let tmp = tempfile::tempdir().unwrap();
+    let out = run_ok(
+        radit()
+            .args([
+                "selftest", "parity", "tiny", "--device", "cpu", "--steps", "2",
+            ])
+            .args(["--batch", "2", "--checkpoint"])
+            .arg(tmp.path()),
+    );
+    let report: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+    assert_eq!(report["passed"], true, "{report}");
+    assert_eq!(report["checkpoint_round_trip_exact"], true, "{report}");
+    assert_eq!(report["losses_device"], report["losses_cpu"], "{report}");
+    assert_eq!(report["losses_device"].as_array().unwrap().len(), 2);
+    assert!(tmp.path().join("parity").exists());
+}
+
+#[test]
 fn worlds_1_2_and_4_train_the_same_model() {
     let tmp = tempfile::tempdir().unwrap();
     let store = store(tmp.path());

@@ -76,6 +76,20 @@ pub struct RunState {
     pub config: serde_json::Value,
 }
 
+impl RunState {
+    /// The state of engine steps run on synthetic inputs (benchmarks, checks): no loader, no train config.
+    pub fn synthetic(step: u64, adam_steps: u64, model: &RadiTConfig) -> Self {
+        Self {
+            step,
+            adam_steps,
+            skipped_steps: 0,
+            loader: serde_json::Value::Null,
+            model: model.clone(),
+            config: serde_json::Value::Null,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct FileEntry {
     key: String,

@@ -35,4 +35,6 @@ pub mod preview;
 pub mod progress;
 pub mod runtime;
 pub mod sampler;
+#[cfg(test)]
+mod testing;
 pub mod train;

@@ -151,14 +151,7 @@ impl LocalPlacement {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
-        let map: std::collections::HashMap<String, String> = pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        move |k| map.get(k).cloned()
-    }
+    use crate::testing::env;
 
     fn ordinal(pairs: &[(&str, &str)], visible: usize) -> Result<usize, PlacementError> {
         local_placement(env(pairs)).cuda_ordinal(visible)

@@ -241,14 +241,7 @@ pub fn nccl() -> Result<&'static NcclLibrary, NcclNotFound> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
-        let map: std::collections::HashMap<String, String> = pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        move |k| map.get(k).cloned()
-    }
+    use crate::testing::env;
 
     #[test]
     fn an_explicit_path_is_the_only_candidate_and_the_wheel_comes_before_the_loader() {

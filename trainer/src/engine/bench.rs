@@ -179,14 +179,7 @@ fn checkpoint_bench(
         keep: 1,
     })
     .map_err(ckpt_err)?;
-    let state = RunState {
-        step: 1,
-        adam_steps: engine.adam_steps(),
-        skipped_steps: 0,
-        loader: serde_json::Value::Null,
-        model: cfg.clone(),
-        config: serde_json::Value::Null,
-    };
+    let state = RunState::synthetic(1, engine.adam_steps(), cfg);
     engine.collective().barrier()?;
     let start = Instant::now();
     ckpt.save(engine, state).map_err(ckpt_err)?;

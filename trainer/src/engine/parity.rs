@@ -174,14 +174,7 @@ pub fn run(check: &ParityCheck, device: Device) -> Result<ParityReport, EngineEr
         keep: 1,
     })
     .map_err(ckpt_err)?;
-    let state = RunState {
-        step: check.steps as u64,
-        adam_steps: engine.adam_steps(),
-        skipped_steps: 0,
-        loader: serde_json::Value::Null,
-        model: check.model.clone(),
-        config: serde_json::Value::Null,
-    };
+    let state = RunState::synthetic(check.steps as u64, engine.adam_steps(), &check.model);
     ckpt.save(&engine, state).map_err(ckpt_err)?;
     ckpt.finish(engine.collective()).map_err(ckpt_err)?;
     let checkpoint_bytes = std::fs::read_dir(url.join(format!("step-{:010}", check.steps)))
