@@ -334,3 +334,43 @@ impl Launcher for SrunLauncher {
         one_process(self.command(cmd), cmd, generation, 2)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn srun_gets_a_gpu_per_task_and_the_cpus_per_task_itself() {
+        let cmd = RankCommand {
+            program: "/opt/radit".into(),
+            args: vec!["train".into()],
+            env: Vec::new(),
+            world: 32,
+            log_dir: "/tmp/logs".into(),
+        };
+        let srun = SrunLauncher {
+            tasks_per_node: 4,
+            gpus_per_task: 1,
+            cpus_per_task: 72,
+        }
+        .command(&cmd);
+        let args: Vec<String> = srun
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        for want in [
+            "--ntasks=32",
+            "--ntasks-per-node=4",
+            "--cpus-per-task=72",
+            "--gpus-per-task=1",
+        ] {
+            assert!(args.iter().any(|a| a == want), "{want}: {args:?}");
+        }
+        // The rank program comes after srun's own options.
+        let program = args.iter().position(|a| a == "/opt/radit").unwrap();
+        assert!(
+            args[..program].iter().all(|a| a.starts_with("--")),
+            "{args:?}"
+        );
+    }
+}

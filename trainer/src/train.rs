@@ -105,7 +105,8 @@ fn out_of_memory(e: TrainError, cfg: &TrainConfig, world: u64, device: Device) -
     );
     let advice = format!(
         "raise train.micro_batches (to {}: smaller micro-batches, the same global batch){}, or run on more ranks \
-         (each holds 1/world of the weights, gradients and optimizer state)",
+         (each holds 1/world of the weights, gradients and optimizer state); activation recomputation is already on \
+         for every block",
         (cfg.train.micro_batches * 2).min(per_rank.max(1)),
         if cfg.engine.mode == crate::engine::ShardingMode::Zero2 {
             ", use engine.mode = \"zero3\" (frees each block's gathered weights between forward and backward)"
