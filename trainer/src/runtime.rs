@@ -142,16 +142,32 @@ pub struct AllocatorStats {
     pub reserved_peak: u64,
 }
 
-#[cfg(radit_cuda_allocator)]
+#[cfg(radit_cuda)]
 unsafe extern "C" {
     fn radit_cuda_allocator_stats(device: std::ffi::c_int, out: *mut i64) -> std::ffi::c_int;
     fn radit_cuda_allocator_reset_peak(device: std::ffi::c_int) -> std::ffi::c_int;
+    fn radit_cuda_set_tf32(allow: std::ffi::c_int) -> std::ffi::c_int;
+}
+
+/// Allows or forbids TF32 in cuDNN convolutions and cuBLAS matmuls on GPUs (libtorch allows it in convolutions by
+/// default); `false` where this build cannot set it.
+pub fn set_tf32(allow: bool) -> bool {
+    #[cfg(radit_cuda)]
+    {
+        // SAFETY: it catches every C++ exception.
+        unsafe { radit_cuda_set_tf32(std::ffi::c_int::from(allow)) == 0 }
+    }
+    #[cfg(not(radit_cuda))]
+    {
+        let _ = allow;
+        false
+    }
 }
 
 /// Whether this build can read the caching allocator's counters (a CUDA libtorch and CUDA's headers at build
 /// time); without them [`allocator_stats`] is always `None`.
 pub fn allocator_stats_built() -> bool {
-    cfg!(radit_cuda_allocator)
+    cfg!(radit_cuda)
 }
 
 /// The caching allocator's counters for `device` (`None` on CPUs, without a GPU, or in a build without them).
@@ -159,7 +175,7 @@ pub fn allocator_stats(device: tch::Device) -> Option<AllocatorStats> {
     let tch::Device::Cuda(_i) = device else {
         return None;
     };
-    #[cfg(radit_cuda_allocator)]
+    #[cfg(radit_cuda)]
     {
         let mut out = [0i64; 4];
         // SAFETY: `out` has room for the four counters the function writes; it catches every C++ exception.
@@ -172,7 +188,7 @@ pub fn allocator_stats(device: tch::Device) -> Option<AllocatorStats> {
             reserved_peak: b(out[3]),
         })
     }
-    #[cfg(not(radit_cuda_allocator))]
+    #[cfg(not(radit_cuda))]
     None
 }
 
@@ -181,12 +197,12 @@ pub fn reset_allocator_peak(device: tch::Device) -> bool {
     let tch::Device::Cuda(_i) = device else {
         return false;
     };
-    #[cfg(radit_cuda_allocator)]
+    #[cfg(radit_cuda)]
     {
         // SAFETY: it catches every C++ exception.
         unsafe { radit_cuda_allocator_reset_peak(_i as std::ffi::c_int) == 0 }
     }
-    #[cfg(not(radit_cuda_allocator))]
+    #[cfg(not(radit_cuda))]
     false
 }
 
@@ -243,6 +259,8 @@ mod tests {
                 allocator_stats_built(),
                 "the caching-allocator shim was not compiled"
             );
+            // libtorch's global switches, set without a GPU too.
+            assert!(set_tf32(false) && set_tf32(true));
         }
         if !tch::Cuda::is_available() {
             assert_eq!(allocator_stats(tch::Device::Cuda(0)), None);

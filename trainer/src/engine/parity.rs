@@ -49,6 +49,8 @@ pub struct ParityReport {
     /// Raw and EMA weights and Adam's step count restored from the device's checkpoint equal those saved.
     pub checkpoint_round_trip_exact: bool,
     pub checkpoint_bytes: u64,
+    /// TF32 was switched off on the GPU for an fp32 check (libtorch's cuDNN convolutions use it by default).
+    pub tf32_off: bool,
     /// Bounds: losses within `loss_tolerance` (relative), mean weight difference within `weight_tolerance` x lr.
     pub loss_tolerance: f64,
     pub weight_tolerance: f64,
@@ -159,6 +161,9 @@ pub fn run(check: &ParityCheck, device: Device) -> Result<ParityReport, EngineEr
     let ckpt_err =
         |e: crate::checkpoint::CheckpointError| EngineError::StateMismatch(format!("{e:#}"));
     let inputs = inputs(&check.model, check.batch);
+    let tf32_off = device.is_cuda()
+        && check.engine.precision == Precision::Fp32
+        && crate::runtime::set_tf32(false);
     let (engine, losses_device) = train(check, &inputs, device)?;
     let raw = engine.gather_named(false)?;
     let ema = engine.gather_named(true)?;
@@ -240,6 +245,7 @@ pub fn run(check: &ParityCheck, device: Device) -> Result<ParityReport, EngineEr
         weights,
         checkpoint_round_trip_exact: round_trip,
         checkpoint_bytes,
+        tf32_off,
         loss_tolerance,
         weight_tolerance,
         passed,
