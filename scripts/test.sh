@@ -7,6 +7,12 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$root/scripts/env.sh"
 cd "$root"
 cargo fmt --all -- --check
+# The protocol crate is a leaf that every process speaks: no libtorch, no async runtime, no web server, no storage.
+if cargo tree -p radit-protocol -e normal --prefix none | grep -E '^(torch-sys|tch|tokio|axum|object_store|radit-) ' |
+  grep -v '^radit-protocol '; then
+  echo "radit-protocol must not depend on the crates above" >&2
+  exit 1
+fi
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 cargo test --workspace --no-fail-fast "$@"
 # Behind a flag (a release build against another libtorch, about 15 minutes here): the GPU bundle builds, and its

@@ -371,7 +371,7 @@ fn run_shard(a: ShardArgs) -> anyhow::Result<u8> {
                 "--push-seconds must be a number of seconds >= 0.1, got {}",
                 a.push_seconds
             );
-            let host = radit_coordinator::service::hostname().unwrap_or_else(|| "unknown".into());
+            let host = radit_protocol::env::hostname().unwrap_or_else(|| "unknown".into());
             let gateway = Pushgateway::new(url, "radit-shard", &[("instance", &host)])
                 .context("--pushgateway")?;
             let m = metrics.clone();

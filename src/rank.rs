@@ -10,10 +10,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use radit_coordinator::{
-    ClientError, CoordinatorClient, Heartbeat, JobToken, JoinRequest, RankStats,
+use radit_protocol::{
+    ClientError, CoordinatorClient, Heartbeat, JobToken, JoinRequest, RankStats, env,
 };
-use radit_launch::supervise::env;
 use radit_trainer::collective::{self, Collective, mpi, tcp, tcp::TcpCollective};
 use radit_trainer::progress;
 use radit_trainer::tch::Device;
@@ -67,7 +66,6 @@ fn wire_stats(s: progress::Stats) -> RankStats {
         model_flops: s.model_flops_total,
         step_flops: s.step_flops,
         data_wait_seconds: s.data_wait_seconds_total,
-        step_seconds_bounds: progress::STEP_SECONDS_BUCKETS.to_vec(),
         step_seconds_buckets: s.step_seconds_buckets,
         step_seconds_count: s.step_seconds_count,
         step_seconds_sum: s.step_seconds_sum,
@@ -84,10 +82,6 @@ fn wire_stats(s: progress::Stats) -> RankStats {
         device_memory_used_bytes: s.device_memory_used_bytes,
         device_memory_total_bytes: s.device_memory_total_bytes,
     }
-}
-
-fn hostname() -> String {
-    radit_coordinator::service::hostname().unwrap_or_else(|| "unknown".into())
 }
 
 /// `Some` when this process was started by `radit run` (RADIT_COORDINATOR is set).
@@ -110,7 +104,7 @@ pub fn join_run(
         .and_then(|v| v.parse::<f64>().ok())
         .map_or(Duration::from_secs(60), Duration::from_secs_f64);
     let client = CoordinatorClient::new(addr, token.clone()).with_timeout(Duration::from_secs(900));
-    let identity = radit_launch::rank_identity(|k| std::env::var(k).ok());
+    let identity = radit_protocol::rank_identity(|k| std::env::var(k).ok());
     let by_mpi = mpi::launched_by_mpi();
     // The interface that reaches the coordinator is the one peers reach us on.
     let local_ip = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
@@ -128,7 +122,7 @@ pub fn join_run(
         .map(|a| a.to_string());
     let reply = client
         .join(&JoinRequest {
-            host: hostname(),
+            host: env::hostname().unwrap_or_else(|| "unknown".into()),
             pid: std::process::id(),
             rank: identity.map(|i| i.rank),
             endpoint,
@@ -145,7 +139,7 @@ pub fn join_run(
     if let Some(p) = &pid_file {
         // Host, pid and start time: a restarted supervisor checks only ranks of its own node, and a reused pid
         // does not pass for a rank.
-        let _ = std::fs::write(p, radit_launch::supervise::pid_record(std::process::id()));
+        let _ = std::fs::write(p, env::pid_record(std::process::id()));
     }
     let done = Arc::new(AtomicBool::new(false));
     let interval = Duration::from_millis(reply.heartbeat_interval_ms.max(50));
@@ -174,7 +168,7 @@ pub fn join_run(
                     generation,
                     step: progress::step(),
                     done: false,
-                    phase: Some(progress::phase().name().into()),
+                    phase: Some(progress::phase()),
                     stats: progress::stats().map(wire_stats),
                     fatal: None,
                 });
@@ -225,7 +219,7 @@ pub fn join_run(
                     generation,
                     step: progress::step(),
                     done: fatal.is_none(),
-                    phase: Some(progress::phase().name().into()),
+                    phase: Some(progress::phase()),
                     stats: progress::stats().map(wire_stats),
                     fatal,
                 });

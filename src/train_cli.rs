@@ -48,8 +48,8 @@ fn device(name: &str) -> anyhow::Result<Device> {
                 radit_trainer::runtime::probe().describe_cuda()
             );
             let visible = tch::Cuda::device_count().max(0) as usize;
-            let ordinal =
-                placement::local_placement(|k| std::env::var(k).ok()).cuda_ordinal(visible)?;
+            let place = placement::local_placement(|k| std::env::var(k).ok());
+            let ordinal = placement::cuda_ordinal(&place, visible)?;
             Device::Cuda(ordinal)
         }
         other => anyhow::bail!("--device `{other}`: expected cpu or cuda"),

@@ -11,7 +11,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use common::{radit, run_ok, stderr, stdout};
-use radit_coordinator::{CoordinatorClient, JobToken};
+use radit_protocol::{CoordinatorClient, JobToken};
 
 const STEPS: u64 = 60;
 

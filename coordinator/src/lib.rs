@@ -1,4 +1,4 @@
-//! The per-job coordinator: one small HTTP service that the job's ranks join, heartbeat and report to, so the
+//! The per-job coordinator (its wire types and token are in `radit_protocol`): one small HTTP service that the job's ranks join, heartbeat and report to, so the
 //! launcher can tell a healthy run from a dead or hung rank without reaching the compute nodes.
 //!
 //! - Rendezvous: a rank posts `/v1/join` with the job token and its host; once `world` ranks have joined, every
@@ -12,7 +12,8 @@
 //!
 //! ```no_run
 //! # async fn demo() -> std::io::Result<()> {
-//! use radit_coordinator::{Coordinator, CoordinatorConfig, JobToken};
+//! use radit_coordinator::{Coordinator, CoordinatorConfig};
+//! use radit_protocol::JobToken;
 //! let token = JobToken::generate()?;
 //! let coordinator = Coordinator::new(CoordinatorConfig::new(4), token);
 //! let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -20,16 +21,9 @@
 //! # Ok(()) }
 //! ```
 
-mod client;
 mod server;
 pub mod service;
 pub mod simulate;
-mod token;
 
-pub use client::{ClientError, CoordinatorClient};
-pub use server::{
-    Coordinator, CoordinatorConfig, Heartbeat, HeartbeatReply, JobHealth, JoinReply, JoinRequest,
-    RankState, RankStats, Totals, serve,
-};
+pub use server::{Coordinator, CoordinatorConfig, JobHealth, RankState, Totals, serve};
 pub use service::Service;
-pub use token::JobToken;

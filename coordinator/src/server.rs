@@ -10,10 +10,13 @@ use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use tokio::time::Instant;
 
-use crate::JobToken;
+use radit_protocol::{
+    CheckpointReport, Heartbeat, HeartbeatReply, JobToken, JoinReply, JoinRequest, Phase,
+    RankStats, STEP_SECONDS_BUCKETS,
+};
 
 /// The coordinator's knobs.
 #[derive(Debug, Clone, PartialEq)]
@@ -55,98 +58,6 @@ impl CoordinatorConfig {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct JoinRequest {
-    pub host: String,
-    pub pid: u32,
-    /// The rank the launcher gave this process (Slurm, OpenMPI); without it ranks are given in join order.
-    #[serde(default)]
-    pub rank: Option<usize>,
-    /// Where this rank accepts its peers' connections (rank 0's is the TCP collective's hub).
-    #[serde(default)]
-    pub endpoint: Option<String>,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct JoinReply {
-    pub rank: usize,
-    pub world: usize,
-    pub generation: u64,
-    /// Every rank's endpoint (or host, when it gave none), in rank order.
-    pub peers: Vec<String>,
-    pub heartbeat_interval_ms: u64,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Heartbeat {
-    pub rank: usize,
-    pub generation: u64,
-    /// The last finished step.
-    pub step: u64,
-    /// What the rank is doing: starting, data, compute, collective or checkpoint.
-    #[serde(default)]
-    pub phase: Option<String>,
-    /// The rank's last heartbeat: it is exiting in order (finished, or checkpointed for a requeue); its silence
-    /// from now on is not a death.
-    #[serde(default)]
-    pub done: bool,
-    /// The rank's training counters so far (after its first step).
-    #[serde(default)]
-    pub stats: Option<RankStats>,
-    /// The rank is ending on an error that a restart would repeat (out of memory): the supervisor stops and says
-    /// what to change instead of relaunching the same configuration.
-    #[serde(default)]
-    pub fatal: Option<String>,
-}
-
-/// What a rank reports about its training, cumulative since it started (a restarted rank starts from zero; the
-/// coordinator keeps what earlier generations counted).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RankStats {
-    pub steps: u64,
-    pub images: u64,
-    pub tokens: u64,
-    pub model_flops: f64,
-    /// Model FLOPs of the rank's last step.
-    #[serde(default)]
-    pub step_flops: f64,
-    pub data_wait_seconds: f64,
-    /// Upper bounds of the step-time buckets and the cumulative count in each.
-    pub step_seconds_bounds: Vec<f64>,
-    pub step_seconds_buckets: Vec<u64>,
-    pub step_seconds_count: u64,
-    pub step_seconds_sum: f64,
-    pub skipped_steps: u64,
-    pub loss: f64,
-    pub grad_norm: f64,
-    pub learning_rate: f64,
-    pub checkpoint_stall_seconds: f64,
-    pub checkpoints: u64,
-    pub checkpoint_write_seconds: f64,
-    pub checkpoint_save_seconds: f64,
-    pub checkpoint_bytes: u64,
-    /// The largest of the ranks' own losses of this rank's last step (the same on every rank at a step).
-    pub loss_max: f64,
-    /// 0 on CPU ranks.
-    pub device_memory_used_bytes: u64,
-    pub device_memory_total_bytes: u64,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct HeartbeatReply {
-    /// The job is stopping (another rank failed, or the operator asked): finish the step and exit.
-    pub stop: bool,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct CheckpointReport {
-    step: u64,
-}
-
 /// What `/metrics` needs, copied under the lock.
 struct MetricsSnapshot {
     generation: u64,
@@ -181,7 +92,7 @@ pub struct RankState {
     pub host: String,
     pub pid: u32,
     pub step: u64,
-    pub phase: String,
+    pub phase: Phase,
     pub heartbeat_age_ms: u64,
     pub alive: bool,
 }
@@ -205,7 +116,7 @@ pub enum JobHealth {
     /// the slowest rank that is not waiting in a collective (the others wait for it).
     Hung {
         culprit: usize,
-        phase: String,
+        phase: Phase,
         step: u64,
         stalled_ms: u64,
         deadline_ms: u64,
@@ -218,7 +129,7 @@ struct Member {
     pid: u32,
     last_seen: Instant,
     step: u64,
-    phase: String,
+    phase: Phase,
     departed: bool,
     stats: Option<RankStats>,
 }
@@ -394,12 +305,12 @@ impl Coordinator {
                         .filter(|(_, m)| m.step == slowest)
                 };
                 let (culprit, m) = behind()
-                    .find(|(_, m)| m.phase != "collective")
+                    .find(|(_, m)| m.phase != Phase::Collective)
                     .or_else(|| behind().next())
                     .unwrap_or((0, &members[0]));
                 return JobHealth::Hung {
                     culprit,
-                    phase: m.phase.clone(),
+                    phase: m.phase,
                     step: m.step,
                     stalled_ms: stalled.as_millis() as u64,
                     deadline_ms: deadline.as_millis() as u64,
@@ -438,7 +349,7 @@ impl Coordinator {
                     host: m.host.clone(),
                     pid: m.pid,
                     step: m.step,
-                    phase: m.phase.clone(),
+                    phase: m.phase,
                     heartbeat_age_ms: age.as_millis() as u64,
                     alive: age <= limit,
                 })
@@ -772,7 +683,7 @@ impl Coordinator {
             "# HELP {name} Seconds per training step, per rank.\n# TYPE {name} histogram"
         );
         for (r, s) in &stats {
-            for (bound, count) in s.step_seconds_bounds.iter().zip(&s.step_seconds_buckets) {
+            for (bound, count) in STEP_SECONDS_BUCKETS.iter().zip(&s.step_seconds_buckets) {
                 let _ = writeln!(more, "{name}_bucket{{rank=\"{r}\",le=\"{bound}\"}} {count}");
             }
             let _ = writeln!(
@@ -872,7 +783,7 @@ async fn join(State(c): State<Arc<Coordinator>>, Json(req): Json<JoinRequest>) -
             pid: req.pid,
             last_seen: Instant::now(),
             step: 0,
-            phase: "starting".into(),
+            phase: Phase::Starting,
             departed: false,
             stats: None,
         });
@@ -936,13 +847,14 @@ async fn join(State(c): State<Arc<Coordinator>>, Json(req): Json<JoinRequest>) -
 
 async fn heartbeat(State(c): State<Arc<Coordinator>>, Json(hb): Json<Heartbeat>) -> Response {
     if let Some(st) = &hb.stats
-        && (st.step_seconds_bounds.len() != st.step_seconds_buckets.len()
-            || st.step_seconds_bounds.len() > 64
-            || st.step_seconds_bounds.iter().any(|b| !b.is_finite()))
+        && st.step_seconds_buckets.len() != STEP_SECONDS_BUCKETS.len()
     {
         return reject(
             StatusCode::BAD_REQUEST,
-            "stats: step_seconds_bounds must be at most 64 finite bounds, one per bucket",
+            format!(
+                "stats: step_seconds_buckets must hold one count per bucket of the protocol ({})",
+                STEP_SECONDS_BUCKETS.len()
+            ),
         );
     }
     let mut inner = c.lock();

@@ -4,7 +4,8 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use crate::{Coordinator, CoordinatorConfig, JobToken};
+use crate::{Coordinator, CoordinatorConfig};
+use radit_protocol::JobToken;
 
 /// The name of the service's runtime threads.
 pub const THREAD_NAME: &str = "coordinator";
@@ -64,20 +65,12 @@ impl Drop for Service {
     }
 }
 
-/// This machine's name (the kernel's), if it can be read.
-pub fn hostname() -> Option<String> {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .map(|h| h.trim().to_string())
-        .filter(|h| !h.is_empty())
-}
-
 /// `IP:PORT`, or `hostname:PORT` for this machine's name (the first node of a Slurm job).
 pub fn resolve_bind(bind: &str) -> std::io::Result<SocketAddr> {
     use std::net::ToSocketAddrs;
     let resolved = match bind.strip_prefix("hostname:") {
         Some(port) => {
-            let host = hostname().unwrap_or_else(|| "localhost".into());
+            let host = radit_protocol::env::hostname().unwrap_or_else(|| "localhost".into());
             format!("{host}:{port}")
         }
         None => bind.to_string(),

@@ -10,7 +10,10 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::service::{Service, THREAD_NAME};
-use crate::{CoordinatorClient, CoordinatorConfig, Heartbeat, JobHealth, JobToken, JoinRequest};
+use crate::{CoordinatorConfig, JobHealth};
+use radit_protocol::{
+    CoordinatorClient, Heartbeat, JobToken, JoinRequest, Phase, RankStats, STEP_SECONDS_BUCKETS,
+};
 
 #[derive(Debug, Clone)]
 pub struct SimConfig {
@@ -48,22 +51,18 @@ pub struct SimReport {
 }
 
 /// What a rank reports after `step` steps of a B-size run (the shape matters, not the values).
-fn sample_stats(step: u64) -> crate::RankStats {
-    let bounds = vec![
-        0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 60.0, 120.0, 300.0,
-    ];
-    let buckets = bounds
+fn sample_stats(step: u64) -> RankStats {
+    let buckets = STEP_SECONDS_BUCKETS
         .iter()
         .map(|b| if *b >= 1.0 { step } else { 0 })
         .collect();
-    crate::RankStats {
+    RankStats {
         steps: step,
         images: 16 * step,
         tokens: 4096 * step,
         model_flops: 1.3e12 * step as f64,
         step_flops: 1.3e12,
         data_wait_seconds: 0.01 * step as f64,
-        step_seconds_bounds: bounds,
         step_seconds_buckets: buckets,
         step_seconds_count: step,
         step_seconds_sum: 0.9 * step as f64,
@@ -72,7 +71,7 @@ fn sample_stats(step: u64) -> crate::RankStats {
         grad_norm: 0.2,
         learning_rate: 1e-4,
         checkpoint_bytes: 1 << 30,
-        ..crate::RankStats::default()
+        ..RankStats::default()
     }
 }
 
@@ -206,7 +205,7 @@ pub fn simulate(cfg: &SimConfig) -> std::io::Result<SimReport> {
                         step: k,
                         done: false,
                         stats: Some(sample_stats(k)),
-                        phase: Some("compute".into()),
+                        phase: Some(Phase::Compute),
                         fatal: None,
                     });
                     match r {

@@ -6,9 +6,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use radit_coordinator::{
-    ClientError, Coordinator, CoordinatorClient, CoordinatorConfig, Heartbeat, JobHealth, JobToken,
-    JoinReply, JoinRequest,
+use radit_coordinator::{Coordinator, CoordinatorConfig, JobHealth};
+use radit_protocol::{
+    ClientError, CoordinatorClient, Heartbeat, HeartbeatReply, JobToken, JoinReply, JoinRequest,
+    Phase, RankStats, STEP_SECONDS_BUCKETS,
 };
 
 fn join(c: &CoordinatorClient, host: &str, pid: u32) -> Result<JoinReply, ClientError> {
@@ -25,15 +26,15 @@ fn beat(
     rank: usize,
     generation: u64,
     step: u64,
-    phase: &str,
-) -> Result<radit_coordinator::HeartbeatReply, ClientError> {
+    phase: Phase,
+) -> Result<HeartbeatReply, ClientError> {
     c.heartbeat(&Heartbeat {
         rank,
         generation,
         step,
         done: false,
         stats: None,
-        phase: Some(phase.into()),
+        phase: Some(phase),
         fatal: None,
     })
 }
@@ -198,13 +199,13 @@ fn a_rank_that_stops_heart_beating_is_named_dead() {
     let client = svc.client();
     // Both beat for a while; then only rank `ra.rank` keeps beating.
     for step in 0..3 {
-        beat(&client, ra.rank, 0, step, "compute").unwrap();
-        beat(&client, rb.rank, 0, step, "compute").unwrap();
+        beat(&client, ra.rank, 0, step, Phase::Compute).unwrap();
+        beat(&client, rb.rank, 0, step, Phase::Compute).unwrap();
         std::thread::sleep(Duration::from_millis(50));
     }
     assert_eq!(svc.coordinator.health(), JobHealth::Running);
     for step in 3..12 {
-        beat(&client, ra.rank, 0, step, "compute").unwrap();
+        beat(&client, ra.rank, 0, step, Phase::Compute).unwrap();
         std::thread::sleep(Duration::from_millis(50));
     }
     match svc.coordinator.health() {
@@ -220,7 +221,7 @@ fn a_rank_that_stops_heart_beating_is_named_dead() {
     // The next generation forgets the old ranks; their heartbeats are refused.
     assert_eq!(svc.coordinator.new_generation(), 1);
     assert!(matches!(
-        beat(&client, ra.rank, 0, 12, "compute"),
+        beat(&client, ra.rank, 0, 12, Phase::Compute),
         Err(ClientError::Refused { status: 409, .. })
     ));
     svc.shutdown().unwrap();
@@ -238,9 +239,9 @@ fn checkpoints_are_catalogued_in_order_and_stop_requests_reach_the_ranks() {
         Err(ClientError::Refused { status: 409, .. })
     ));
     assert_eq!(svc.coordinator.checkpoints(), [100, 200]);
-    assert!(!beat(&c, r.rank, 0, 1, "compute").unwrap().stop);
+    assert!(!beat(&c, r.rank, 0, 1, Phase::Compute).unwrap().stop);
     svc.coordinator.request_stop();
-    assert!(beat(&c, r.rank, 0, 2, "compute").unwrap().stop);
+    assert!(beat(&c, r.rank, 0, 2, Phase::Compute).unwrap().stop);
     let status = c.status().unwrap();
     assert_eq!(status["checkpoints"], serde_json::json!([100, 200]));
     svc.shutdown().unwrap();
@@ -311,16 +312,16 @@ fn a_hang_is_detected_from_the_median_step_time_and_the_culprit_named() {
     for step in 1..=10 {
         std::thread::sleep(Duration::from_millis(30));
         for &r in &ranks {
-            beat(&c, r, 0, step, "compute").unwrap();
+            beat(&c, r, 0, step, Phase::Compute).unwrap();
         }
     }
     assert_eq!(svc.coordinator.health(), JobHealth::Running);
     // Rank 1 stops making progress in compute; the others wait for it in a collective, all still beating.
     for _ in 0..12 {
         std::thread::sleep(Duration::from_millis(30));
-        beat(&c, 0, 0, 10, "collective").unwrap();
-        beat(&c, 1, 0, 10, "compute").unwrap();
-        beat(&c, 2, 0, 10, "collective").unwrap();
+        beat(&c, 0, 0, 10, Phase::Collective).unwrap();
+        beat(&c, 1, 0, 10, Phase::Compute).unwrap();
+        beat(&c, 2, 0, 10, Phase::Collective).unwrap();
     }
     match svc.coordinator.health() {
         JobHealth::Hung {
@@ -330,7 +331,7 @@ fn a_hang_is_detected_from_the_median_step_time_and_the_culprit_named() {
             deadline_ms,
             ..
         } => {
-            assert_eq!((culprit, phase.as_str(), step), (1, "compute", 10));
+            assert_eq!((culprit, phase, step), (1, Phase::Compute, 10));
             assert_eq!(deadline_ms, 200, "max(hang_min, 4 x ~30 ms)");
         }
         other => panic!("expected a hang, got {other:?}"),
@@ -364,14 +365,14 @@ fn an_error_a_restart_would_repeat_is_kept_from_the_first_rank_that_reports_it()
     let other = std::thread::spawn(move || join(&c1, "n1", 2).unwrap());
     let r0 = join(&c, "n0", 1).unwrap();
     let r1 = other.join().unwrap();
-    beat(&c, r0.rank, 0, 4, "compute").unwrap();
+    beat(&c, r0.rank, 0, 4, Phase::Compute).unwrap();
     assert_eq!(svc.coordinator.fatal(), None);
     let fatal = |rank: usize, why: &str| {
         c.heartbeat(&Heartbeat {
             rank,
             generation: 0,
             step: 4,
-            phase: Some("compute".into()),
+            phase: Some(Phase::Compute),
             done: false,
             stats: None,
             fatal: Some(why.into()),
@@ -399,12 +400,12 @@ fn a_rank_that_said_goodbye_is_not_dead_and_the_run_is_not_hung() {
     let other = std::thread::spawn(move || join(&c1, "n1", 2).unwrap());
     let r0 = join(&c, "n0", 1).unwrap();
     let r1 = other.join().unwrap();
-    beat(&c, r0.rank, 0, 60, "compute").unwrap();
+    beat(&c, r0.rank, 0, 60, Phase::Compute).unwrap();
     c.heartbeat(&Heartbeat {
         rank: r1.rank,
         generation: 0,
         step: 60,
-        phase: Some("checkpoint".into()),
+        phase: Some(Phase::Checkpoint),
         done: true,
         stats: None,
         fatal: None,
@@ -418,7 +419,7 @@ fn a_rank_that_said_goodbye_is_not_dead_and_the_run_is_not_hung() {
     // Rank 1 is silent from now on; rank 0 keeps beating while it finishes.
     for _ in 0..8 {
         std::thread::sleep(Duration::from_millis(50));
-        beat(&c, r0.rank, 0, 60, "checkpoint").unwrap();
+        beat(&c, r0.rank, 0, 60, Phase::Checkpoint).unwrap();
     }
     assert_eq!(svc.coordinator.health(), JobHealth::Running);
     c.heartbeat(&Heartbeat {
@@ -435,14 +436,21 @@ fn a_rank_that_said_goodbye_is_not_dead_and_the_run_is_not_hung() {
     svc.shutdown().unwrap();
 }
 
-fn stats(images: u64, loss_max: f64, gpu: Option<(u64, u64)>) -> radit_coordinator::RankStats {
-    radit_coordinator::RankStats {
+fn stats(images: u64, loss_max: f64, gpu: Option<(u64, u64)>) -> RankStats {
+    RankStats {
         steps: images / 4,
         images,
         tokens: images * 16,
         model_flops: images as f64 * 1e6,
-        step_seconds_bounds: vec![0.1, 1.0],
-        step_seconds_buckets: vec![1, images / 4],
+        // One step under 0.1 s, the rest under 1 s.
+        step_seconds_buckets: STEP_SECONDS_BUCKETS
+            .iter()
+            .map(|&b| match b {
+                b if b >= 1.0 => images / 4,
+                b if b >= 0.1 => 1,
+                _ => 0,
+            })
+            .collect(),
         step_seconds_count: images / 4,
         step_seconds_sum: 0.5 * (images / 4) as f64,
         loss: 0.6,
@@ -459,19 +467,14 @@ fn stats(images: u64, loss_max: f64, gpu: Option<(u64, u64)>) -> radit_coordinat
     }
 }
 
-fn beat_stats(
-    c: &CoordinatorClient,
-    rank: usize,
-    generation: u64,
-    s: radit_coordinator::RankStats,
-) {
+fn beat_stats(c: &CoordinatorClient, rank: usize, generation: u64, s: RankStats) {
     c.heartbeat(&Heartbeat {
         rank,
         generation,
         step: s.steps,
         done: false,
         stats: Some(s),
-        phase: Some("compute".into()),
+        phase: Some(Phase::Compute),
         fatal: None,
     })
     .unwrap();
@@ -557,15 +560,14 @@ fn a_heartbeat_with_a_malformed_histogram_is_refused() {
     let svc = Service::start(CoordinatorConfig::new(1));
     let c = svc.client();
     let rank = join(&c, "node0", 1).unwrap().rank;
-    let mut mismatched = stats(4, 0.5, None);
-    mismatched.step_seconds_bounds.push(5.0);
-    let mut infinite = stats(4, 0.5, None);
-    infinite.step_seconds_bounds[1] = f64::INFINITY;
-    let mut too_many = stats(4, 0.5, None);
-    too_many.step_seconds_bounds = (0..65).map(f64::from).collect();
-    too_many.step_seconds_buckets = vec![0; 65];
-    // (JSON has no infinity: that one arrives as null and fails to parse, 422.)
-    for bad in [mismatched, infinite, too_many] {
+    // The bucket bounds are the protocol's: a heartbeat with a count more or less is refused.
+    let mut one_more = stats(4, 0.5, None);
+    one_more.step_seconds_buckets.push(5);
+    let mut one_less = stats(4, 0.5, None);
+    one_less.step_seconds_buckets.pop();
+    let mut none = stats(4, 0.5, None);
+    none.step_seconds_buckets.clear();
+    for bad in [one_more, one_less, none] {
         let err = c
             .heartbeat(&Heartbeat {
                 rank,

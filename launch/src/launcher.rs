@@ -2,6 +2,7 @@
 //! ([`MpirunLauncher`]) or as srun tasks inside a Slurm allocation ([`SrunLauncher`]). The supervisor does not know
 //! which: it starts a group, polls it, signals it and kills it.
 
+use radit_protocol::env;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 
@@ -254,9 +255,9 @@ impl Launcher for LocalLauncher {
             .map(|r| {
                 let mut c = base_command(cmd, &cmd.program);
                 c.args(&cmd.args)
-                    .env("RADIT_RANK", r.to_string())
-                    .env("RADIT_WORLD", cmd.world.to_string())
-                    .env("RADIT_LOCAL_RANK", r.to_string());
+                    .env(env::RANK, r.to_string())
+                    .env(env::WORLD, cmd.world.to_string())
+                    .env(env::LOCAL_RANK, r.to_string());
                 c
             })
             .collect();

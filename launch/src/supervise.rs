@@ -6,7 +6,9 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use radit_coordinator::{CoordinatorConfig, JobHealth, JobToken, Service, Totals};
+use radit_coordinator::{CoordinatorConfig, JobHealth, Service, Totals};
+use radit_protocol::JobToken;
+use radit_protocol::env::{self, still_running};
 
 use radit_monitoring::{Pusher, Pushgateway};
 
@@ -24,19 +26,6 @@ pub enum Outcome {
     Requeue { restarts: u32 },
     /// The restart budget is spent, or the ranks cannot start at all.
     Failed { restarts: u32, reason: String },
-}
-
-/// Environment variables the ranks read (set by the supervisor, read by `radit train`).
-pub mod env {
-    /// `IP:PORT` of the coordinator.
-    pub const COORDINATOR: &str = "RADIT_COORDINATOR";
-    /// Path of the 0600 file that holds the job token.
-    pub const TOKEN_FILE: &str = "RADIT_JOB_TOKEN_FILE";
-    pub const GENERATION: &str = "RADIT_GENERATION";
-    /// Seconds without the coordinator after which a rank checkpoints and exits with the requeue code.
-    pub const COORDINATOR_GRACE: &str = "RADIT_COORDINATOR_GRACE_SECONDS";
-    /// Where ranks keep their pid files, so a restarted supervisor can wait for orphans of a killed one.
-    pub const PID_DIR: &str = "RADIT_PID_DIR";
 }
 
 /// The run's counters for the progress line, or (before any rank reported) its step alone; `true` when counted.
@@ -58,30 +47,6 @@ fn snapshot(coordinator: &radit_coordinator::Coordinator) -> (Totals, bool) {
             (totals, false)
         }
     }
-}
-
-fn this_host() -> String {
-    radit_coordinator::service::hostname().unwrap_or_default()
-}
-
-/// A process's start time in clock ticks since boot (field 22 of /proc/PID/stat), which tells a reused pid apart.
-fn start_time(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let after = &stat[stat.rfind(')')? + 2..];
-    after.split_whitespace().nth(19)?.parse().ok()
-}
-
-/// What a rank writes into its pid file: host, pid, start time.
-pub fn pid_record(pid: u32) -> String {
-    format!("{} {pid} {}", this_host(), start_time(pid).unwrap_or(0))
-}
-
-/// Whether the process a pid record names is still running on this host (records of other hosts: no, their
-/// allocation is gone with their job).
-fn still_running(record: &str) -> Option<u32> {
-    let mut f = record.split_whitespace();
-    let (host, pid, started) = (f.next()?, f.next()?.parse().ok()?, f.next()?.parse().ok()?);
-    (host == this_host() && start_time(pid) == Some(started)).then_some(pid)
 }
 
 /// Waits for rank processes that a killed supervisor left behind on this node (they checkpoint and exit once they
@@ -348,7 +313,7 @@ pub fn supervise(
                     coordinator.record_hang();
                     tracing::error!(
                         culprit,
-                        phase,
+                        phase = phase.name(),
                         step,
                         stalled_ms,
                         deadline_ms,

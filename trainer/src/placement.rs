@@ -2,20 +2,7 @@
 //! `CUDA_VISIBLE_DEVICES` with one entry) every task sees its own GPU as ordinal 0. The ordinal is the local rank
 //! modulo the number of GPUs the process can see, and ranks that would have to share a GPU are an error.
 
-/// This process's place on its node, from whichever launcher started it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LocalPlacement {
-    pub local_rank: usize,
-    /// Ranks on this node, when the launcher says.
-    pub local_size: Option<usize>,
-    /// The variables it was read from (for error messages), e.g. `SLURM_LOCALID=3`.
-    pub source: String,
-    /// The launcher gave this task GPUs of its own (`srun --gpus-per-task`, or one visible device named in
-    /// `CUDA_VISIBLE_DEVICES`), so fewer visible GPUs than local ranks is expected.
-    pub per_task_gpus: bool,
-    /// `CUDA_VISIBLE_DEVICES` as the process saw it.
-    pub visible_devices: Option<String>,
-}
+pub use radit_protocol::env::{LocalPlacement, local_placement};
 
 /// A rank cannot be given a GPU of its own.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -36,116 +23,32 @@ pub enum PlacementError {
     },
 }
 
-/// Slurm's per-node task counts (`SLURM_STEP_TASKS_PER_NODE`, e.g. `4(x8),2`), expanded to one entry per node.
-fn tasks_per_node(spec: &str) -> Option<Vec<usize>> {
-    let mut out = Vec::new();
-    for part in spec.split(',') {
-        let part = part.trim();
-        match part.split_once("(x") {
-            Some((n, times)) => {
-                let (n, times): (usize, usize) =
-                    (n.parse().ok()?, times.strip_suffix(')')?.parse().ok()?);
-                out.extend(std::iter::repeat_n(n, times));
-            }
-            None => out.push(part.parse().ok()?),
-        }
-    }
-    Some(out)
-}
-
-/// Reads the local rank and the number of ranks on this node from the launcher's variables: OpenMPI
-/// (`OMPI_COMM_WORLD_LOCAL_RANK`/`_LOCAL_SIZE`), Slurm (`SLURM_LOCALID`, `SLURM_STEP_TASKS_PER_NODE` at
-/// `SLURM_NODEID`), radit's local launcher (`RADIT_LOCAL_RANK`, every rank on one machine) or torchrun
-/// (`LOCAL_RANK`, `LOCAL_WORLD_SIZE`). OpenMPI first: mpirun inside a Slurm allocation also sees the batch step's
-/// Slurm variables. A process no launcher started is local rank 0 of 1.
-pub fn local_placement(var: impl Fn(&str) -> Option<String>) -> LocalPlacement {
-    let num = |name: &str| var(name).and_then(|v| v.trim().parse::<usize>().ok());
-    let visible_devices = var("CUDA_VISIBLE_DEVICES");
-    let one_visible = visible_devices
-        .as_deref()
-        .is_some_and(|v| !v.trim().is_empty() && !v.contains(','));
-    let placed = |local_rank, local_size, source: String, per_task| LocalPlacement {
-        local_rank,
-        local_size,
-        source,
-        per_task_gpus: per_task || one_visible,
-        visible_devices: visible_devices.clone(),
+/// The CUDA ordinal of the GPU a rank placed at `place` drives, among the `visible` GPUs the process can see.
+pub fn cuda_ordinal(place: &LocalPlacement, visible: usize) -> Result<usize, PlacementError> {
+    let shown = || {
+        place
+            .visible_devices
+            .clone()
+            .unwrap_or_else(|| "unset".into())
     };
-    if let Some(r) = num("OMPI_COMM_WORLD_LOCAL_RANK") {
-        let size = num("OMPI_COMM_WORLD_LOCAL_SIZE");
-        return placed(
-            r,
-            size,
-            format!("OMPI_COMM_WORLD_LOCAL_RANK={r}, OMPI_COMM_WORLD_LOCAL_SIZE={size:?}"),
-            false,
-        );
+    if visible == 0 {
+        return Err(PlacementError::NoGpu {
+            visible: shown(),
+            vars: place.source.clone(),
+        });
     }
-    if let Some(r) = num("SLURM_LOCALID") {
-        let spec = var("SLURM_STEP_TASKS_PER_NODE").or_else(|| var("SLURM_TASKS_PER_NODE"));
-        let node = num("SLURM_NODEID").unwrap_or(0);
-        let size = spec
-            .as_deref()
-            .and_then(tasks_per_node)
-            .and_then(|v| v.get(node).copied());
-        let per_task = var("SLURM_GPUS_PER_TASK").is_some();
-        return placed(
-            r,
-            size,
-            format!(
-                "SLURM_LOCALID={r}, SLURM_NODEID={node}, SLURM_STEP_TASKS_PER_NODE={}",
-                spec.as_deref().unwrap_or("unset")
-            ),
-            per_task,
-        );
+    if let Some(local_size) = place.local_size
+        && local_size > visible
+        && !place.per_task_gpus
+    {
+        return Err(PlacementError::TooFewGpus {
+            local_size,
+            gpus: visible,
+            visible: shown(),
+            vars: place.source.clone(),
+        });
     }
-    if let Some(r) = num("RADIT_LOCAL_RANK") {
-        let size = num("RADIT_WORLD");
-        return placed(
-            r,
-            size,
-            format!("RADIT_LOCAL_RANK={r}, RADIT_WORLD={size:?}"),
-            false,
-        );
-    }
-    if let Some(r) = num("LOCAL_RANK") {
-        let size = num("LOCAL_WORLD_SIZE");
-        return placed(
-            r,
-            size,
-            format!("LOCAL_RANK={r}, LOCAL_WORLD_SIZE={size:?}"),
-            false,
-        );
-    }
-    placed(0, Some(1), "no launcher variables".into(), false)
-}
-
-impl LocalPlacement {
-    /// The CUDA ordinal of this rank's GPU among the `visible` GPUs the process can see.
-    pub fn cuda_ordinal(&self, visible: usize) -> Result<usize, PlacementError> {
-        let shown = || {
-            self.visible_devices
-                .clone()
-                .unwrap_or_else(|| "unset".into())
-        };
-        if visible == 0 {
-            return Err(PlacementError::NoGpu {
-                visible: shown(),
-                vars: self.source.clone(),
-            });
-        }
-        if let Some(local_size) = self.local_size
-            && local_size > visible
-            && !self.per_task_gpus
-        {
-            return Err(PlacementError::TooFewGpus {
-                local_size,
-                gpus: visible,
-                visible: shown(),
-                vars: self.source.clone(),
-            });
-        }
-        Ok(self.local_rank % visible)
-    }
+    Ok(place.local_rank % visible)
 }
 
 #[cfg(test)]
@@ -154,7 +57,7 @@ mod tests {
     use crate::testing::env;
 
     fn ordinal(pairs: &[(&str, &str)], visible: usize) -> Result<usize, PlacementError> {
-        local_placement(env(pairs)).cuda_ordinal(visible)
+        cuda_ordinal(&local_placement(env(pairs)), visible)
     }
 
     #[test]
@@ -246,12 +149,5 @@ mod tests {
         assert_eq!(ordinal(&[], 4), Ok(0));
         let e = ordinal(&[("CUDA_VISIBLE_DEVICES", "")], 0).unwrap_err();
         assert!(matches!(e, PlacementError::NoGpu { .. }), "{e}");
-    }
-
-    #[test]
-    fn slurm_task_counts_expand_per_node() {
-        assert_eq!(tasks_per_node("4(x3),2"), Some(vec![4, 4, 4, 2]));
-        assert_eq!(tasks_per_node("1"), Some(vec![1]));
-        assert_eq!(tasks_per_node("2(x"), None);
     }
 }

@@ -5,41 +5,7 @@
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
-pub enum Phase {
-    Starting = 0,
-    Data = 1,
-    Compute = 2,
-    Collective = 3,
-    Checkpoint = 4,
-    /// Drawing the preview contact sheet.
-    Sampling = 5,
-}
-
-impl Phase {
-    pub fn name(self) -> &'static str {
-        match self {
-            Phase::Starting => "starting",
-            Phase::Data => "data",
-            Phase::Compute => "compute",
-            Phase::Collective => "collective",
-            Phase::Checkpoint => "checkpoint",
-            Phase::Sampling => "sampling",
-        }
-    }
-
-    fn from_u8(v: u8) -> Self {
-        match v {
-            1 => Phase::Data,
-            2 => Phase::Compute,
-            3 => Phase::Collective,
-            4 => Phase::Checkpoint,
-            5 => Phase::Sampling,
-            _ => Phase::Starting,
-        }
-    }
-}
+pub use radit_protocol::Phase;
 
 static STEP: AtomicU64 = AtomicU64::new(0);
 static PHASE: AtomicU8 = AtomicU8::new(0);
@@ -98,10 +64,7 @@ pub fn fault_at(var: &str) -> Option<(u64, u64)> {
     Some((r.trim().parse().ok()?, s.trim().parse().ok()?))
 }
 
-/// Upper bounds (seconds) of the step-time histogram's buckets.
-pub const STEP_SECONDS_BUCKETS: [f64; 14] = [
-    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 60.0, 120.0, 300.0,
-];
+pub use radit_protocol::STEP_SECONDS_BUCKETS;
 
 /// This rank's training counters and latest values, sent with its heartbeats (the coordinator exports them).
 #[derive(Debug, Clone, Default, PartialEq)]

@@ -131,7 +131,7 @@ pub fn from_environment(device: tch::Device) -> Result<Box<dyn Collective>, Coll
         rendezvous::GroupPlan::SlurmStep { .. } => rendezvous::join_slurm_step(
             &plan,
             std::time::Duration::from_secs(1800),
-            var(rendezvous::TOKEN_FILE),
+            var(radit_protocol::env::TOKEN_FILE),
         )?,
         rendezvous::GroupPlan::Single => {
             Box::new(local::LocalGroup::ranks(1, std::time::Duration::from_secs(600)).remove(0))

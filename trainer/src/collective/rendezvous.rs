@@ -8,13 +8,7 @@ use std::time::Duration;
 
 use super::{Collective, CollectiveError, tcp};
 
-/// Overrides the address and port at which the tasks of a Slurm step meet (the default is the step's first node,
-/// as its name resolves, and a port derived from the job and step ids).
-pub const MASTER_ADDR: &str = "RADIT_MASTER_ADDR";
-pub const MASTER_PORT: &str = "RADIT_MASTER_PORT";
-/// A file holding a secret shared by the step's tasks (a job token); without it the secret is derived from the
-/// job and step ids and the user, which keeps stray processes out by accident, not by design.
-pub const TOKEN_FILE: &str = "RADIT_JOB_TOKEN_FILE";
+use radit_protocol::env::{MASTER_ADDR, MASTER_PORT, TOKEN_FILE};
 
 /// The group the launcher's variables describe.
 #[derive(Debug, Clone, PartialEq, Eq)]

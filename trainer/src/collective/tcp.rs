@@ -104,13 +104,9 @@ fn hello(rank: usize, world: usize, secret: &[u8; 32]) -> Vec<u8> {
     h
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 /// The rank a hello announces, if it is a rank of this world with the right secret.
 fn check_hello(bytes: &[u8], world: usize, secret: &[u8; 32]) -> Option<usize> {
-    if bytes.len() != 24 + 32 || !constant_time_eq(&bytes[24..], secret) {
+    if bytes.len() != 24 + 32 || !radit_protocol::constant_time_eq(&bytes[24..], secret) {
         return None;
     }
     let word =

@@ -1,0 +1,253 @@
+//! The environment contract between `radit run` (the supervisor), the launchers and the ranks: the variables the
+//! supervisor sets for every rank, those radit's own local launcher sets, and how a rank reads who it is from
+//! whichever launcher started it (Slurm, OpenMPI or radit's).
+
+/// `IP:PORT` of the coordinator.
+pub const COORDINATOR: &str = "RADIT_COORDINATOR";
+/// Path of the 0600 file that holds the job token (also read by the tasks of a plain srun step, as the secret of
+/// their TCP group; without it that secret is derived from the job and step ids and the user, which keeps stray
+/// processes out by accident, not by design).
+pub const TOKEN_FILE: &str = "RADIT_JOB_TOKEN_FILE";
+pub const GENERATION: &str = "RADIT_GENERATION";
+/// Seconds without the coordinator after which a rank checkpoints and exits with the requeue code.
+pub const COORDINATOR_GRACE: &str = "RADIT_COORDINATOR_GRACE_SECONDS";
+/// Where ranks keep their pid files, so a restarted supervisor can wait for orphans of a killed one.
+pub const PID_DIR: &str = "RADIT_PID_DIR";
+
+/// Override the address and port at which the tasks of a plain srun step meet (the default is the step's first
+/// node, as its name resolves, and a port derived from the job and step ids).
+pub const MASTER_ADDR: &str = "RADIT_MASTER_ADDR";
+pub const MASTER_PORT: &str = "RADIT_MASTER_PORT";
+
+/// The rank radit's local launcher gives each process, the world size, and the process's index on its node.
+pub const RANK: &str = "RADIT_RANK";
+pub const WORLD: &str = "RADIT_WORLD";
+pub const LOCAL_RANK: &str = "RADIT_LOCAL_RANK";
+
+/// This process's place on its node, from whichever launcher started it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalPlacement {
+    pub local_rank: usize,
+    /// Ranks on this node, when the launcher says.
+    pub local_size: Option<usize>,
+    /// The variables it was read from (for error messages), e.g. `SLURM_LOCALID=3`.
+    pub source: String,
+    /// The launcher gave this task GPUs of its own (`srun --gpus-per-task`, or one visible device named in
+    /// `CUDA_VISIBLE_DEVICES`), so fewer visible GPUs than local ranks is expected.
+    pub per_task_gpus: bool,
+    /// `CUDA_VISIBLE_DEVICES` as the process saw it.
+    pub visible_devices: Option<String>,
+}
+
+/// Slurm's per-node task counts (`SLURM_STEP_TASKS_PER_NODE`, e.g. `4(x8),2`), expanded to one entry per node.
+fn tasks_per_node(spec: &str) -> Option<Vec<usize>> {
+    let mut out = Vec::new();
+    for part in spec.split(',') {
+        let part = part.trim();
+        match part.split_once("(x") {
+            Some((n, times)) => {
+                let (n, times): (usize, usize) =
+                    (n.parse().ok()?, times.strip_suffix(')')?.parse().ok()?);
+                out.extend(std::iter::repeat_n(n, times));
+            }
+            None => out.push(part.parse().ok()?),
+        }
+    }
+    Some(out)
+}
+
+/// Reads the local rank and the number of ranks on this node from the launcher's variables: OpenMPI
+/// (`OMPI_COMM_WORLD_LOCAL_RANK`/`_LOCAL_SIZE`), Slurm (`SLURM_LOCALID`, `SLURM_STEP_TASKS_PER_NODE` at
+/// `SLURM_NODEID`), radit's local launcher (`RADIT_LOCAL_RANK`, every rank on one machine) or torchrun
+/// (`LOCAL_RANK`, `LOCAL_WORLD_SIZE`). OpenMPI first: mpirun inside a Slurm allocation also sees the batch step's
+/// Slurm variables. A process no launcher started is local rank 0 of 1.
+pub fn local_placement(var: impl Fn(&str) -> Option<String>) -> LocalPlacement {
+    let num = |name: &str| var(name).and_then(|v| v.trim().parse::<usize>().ok());
+    let visible_devices = var("CUDA_VISIBLE_DEVICES");
+    let one_visible = visible_devices
+        .as_deref()
+        .is_some_and(|v| !v.trim().is_empty() && !v.contains(','));
+    let placed = |local_rank, local_size, source: String, per_task| LocalPlacement {
+        local_rank,
+        local_size,
+        source,
+        per_task_gpus: per_task || one_visible,
+        visible_devices: visible_devices.clone(),
+    };
+    if let Some(r) = num("OMPI_COMM_WORLD_LOCAL_RANK") {
+        let size = num("OMPI_COMM_WORLD_LOCAL_SIZE");
+        return placed(
+            r,
+            size,
+            format!("OMPI_COMM_WORLD_LOCAL_RANK={r}, OMPI_COMM_WORLD_LOCAL_SIZE={size:?}"),
+            false,
+        );
+    }
+    if let Some(r) = num("SLURM_LOCALID") {
+        let spec = var("SLURM_STEP_TASKS_PER_NODE").or_else(|| var("SLURM_TASKS_PER_NODE"));
+        let node = num("SLURM_NODEID").unwrap_or(0);
+        let size = spec
+            .as_deref()
+            .and_then(tasks_per_node)
+            .and_then(|v| v.get(node).copied());
+        let per_task = var("SLURM_GPUS_PER_TASK").is_some();
+        return placed(
+            r,
+            size,
+            format!(
+                "SLURM_LOCALID={r}, SLURM_NODEID={node}, SLURM_STEP_TASKS_PER_NODE={}",
+                spec.as_deref().unwrap_or("unset")
+            ),
+            per_task,
+        );
+    }
+    if let Some(r) = num(LOCAL_RANK) {
+        let size = num(WORLD);
+        return placed(
+            r,
+            size,
+            format!("RADIT_LOCAL_RANK={r}, RADIT_WORLD={size:?}"),
+            false,
+        );
+    }
+    if let Some(r) = num("LOCAL_RANK") {
+        let size = num("LOCAL_WORLD_SIZE");
+        return placed(
+            r,
+            size,
+            format!("LOCAL_RANK={r}, LOCAL_WORLD_SIZE={size:?}"),
+            false,
+        );
+    }
+    placed(0, Some(1), "no launcher variables".into(), false)
+}
+
+/// Pid files: each rank records its host, pid and start time in `PID_DIR`, so that a restarted supervisor waits
+/// only for ranks of its own node, and a reused pid does not pass for a rank.
+/// This machine's name (the kernel's), if it can be read.
+pub fn hostname() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+}
+
+fn this_host() -> String {
+    hostname().unwrap_or_default()
+}
+
+/// A process's start time in clock ticks since boot (field 22 of /proc/PID/stat), which tells a reused pid apart.
+fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = &stat[stat.rfind(')')? + 2..];
+    after.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// What a rank writes into its pid file: host, pid, start time.
+pub fn pid_record(pid: u32) -> String {
+    format!("{} {pid} {}", this_host(), start_time(pid).unwrap_or(0))
+}
+
+/// Whether the process a pid record names is still running on this host (records of other hosts: no, their
+/// allocation is gone with their job).
+pub fn still_running(record: &str) -> Option<u32> {
+    let mut f = record.split_whitespace();
+    let (host, pid, started) = (f.next()?, f.next()?.parse().ok()?, f.next()?.parse().ok()?);
+    (host == this_host() && start_time(pid) == Some(started)).then_some(pid)
+}
+
+/// Who this process is in its job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RankIdentity {
+    pub rank: usize,
+    pub world: usize,
+    /// Index on this node (the GPU it drives).
+    pub local_rank: usize,
+    pub launcher: Launcher,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Launcher {
+    Slurm,
+    OpenMpi,
+    Radit,
+}
+
+/// Reads the rank from the launcher's variables: Slurm (`SLURM_PROCID`, `SLURM_NTASKS`, `SLURM_LOCALID`), OpenMPI
+/// (`OMPI_COMM_WORLD_*`) or radit's local launcher (`RADIT_RANK`, `RADIT_WORLD`, `RADIT_LOCAL_RANK`). `None` when
+/// none is set or they are inconsistent.
+pub fn rank_identity(var: impl Fn(&str) -> Option<String>) -> Option<RankIdentity> {
+    let num = |name: &str| var(name).and_then(|v| v.trim().parse::<usize>().ok());
+    let sets = [
+        (
+            Launcher::Slurm,
+            "SLURM_PROCID",
+            "SLURM_NTASKS",
+            "SLURM_LOCALID",
+        ),
+        (
+            Launcher::OpenMpi,
+            "OMPI_COMM_WORLD_RANK",
+            "OMPI_COMM_WORLD_SIZE",
+            "OMPI_COMM_WORLD_LOCAL_RANK",
+        ),
+        (Launcher::Radit, RANK, WORLD, LOCAL_RANK),
+    ];
+    sets.iter().find_map(|&(launcher, r, w, l)| {
+        let (rank, world) = (num(r)?, num(w)?);
+        (rank < world).then(|| RankIdentity {
+            rank,
+            world,
+            local_rank: num(l).unwrap_or(0),
+            launcher,
+        })
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slurm_task_counts_expand_per_node() {
+        assert_eq!(tasks_per_node("4(x3),2"), Some(vec![4, 4, 4, 2]));
+        assert_eq!(tasks_per_node("1"), Some(vec![1]));
+        assert_eq!(tasks_per_node("2(x"), None);
+    }
+
+    fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: std::collections::HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |k| map.get(k).cloned()
+    }
+
+    #[test]
+    fn the_rank_comes_from_whichever_launcher_started_the_process() {
+        let slurm = env(&[
+            ("SLURM_PROCID", "5"),
+            ("SLURM_NTASKS", "32"),
+            ("SLURM_LOCALID", "1"),
+        ]);
+        assert_eq!(
+            rank_identity(slurm),
+            Some(RankIdentity {
+                rank: 5,
+                world: 32,
+                local_rank: 1,
+                launcher: Launcher::Slurm
+            })
+        );
+        let ompi = env(&[("OMPI_COMM_WORLD_RANK", "2"), ("OMPI_COMM_WORLD_SIZE", "4")]);
+        assert_eq!(
+            rank_identity(ompi).map(|r| (r.rank, r.world, r.launcher)),
+            Some((2, 4, Launcher::OpenMpi))
+        );
+        assert_eq!(
+            rank_identity(env(&[("SLURM_PROCID", "4"), ("SLURM_NTASKS", "4")])),
+            None
+        );
+        assert_eq!(rank_identity(env(&[])), None);
+    }
+}

@@ -1,0 +1,200 @@
+//! The bodies of the coordinator's endpoints, as JSON: `/v1/join` ([`JoinRequest`] -> [`JoinReply`]),
+//! `/v1/heartbeat` ([`Heartbeat`] -> [`HeartbeatReply`]), `/v1/checkpoints` ([`CheckpointReport`]). Unknown fields are
+//! refused, so a typo or a mismatched version is an error, not a silently dropped value.
+
+use serde::{Deserialize, Serialize};
+
+/// What a rank process is doing now. The coordinator names the culprit of a hang from it: ranks waiting in a
+/// collective are victims, the one that is not is the culprit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[repr(u8)]
+pub enum Phase {
+    #[default]
+    Starting = 0,
+    Data = 1,
+    Compute = 2,
+    Collective = 3,
+    Checkpoint = 4,
+    /// Drawing the preview contact sheet.
+    Sampling = 5,
+}
+
+impl Phase {
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Starting => "starting",
+            Phase::Data => "data",
+            Phase::Compute => "compute",
+            Phase::Collective => "collective",
+            Phase::Checkpoint => "checkpoint",
+            Phase::Sampling => "sampling",
+        }
+    }
+
+    /// The phase stored as `phase as u8` (unknown values read as `Starting`).
+    pub fn from_u8(v: u8) -> Self {
+        match v {
+            1 => Phase::Data,
+            2 => Phase::Compute,
+            3 => Phase::Collective,
+            4 => Phase::Checkpoint,
+            5 => Phase::Sampling,
+            _ => Phase::Starting,
+        }
+    }
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Upper bounds (seconds) of the step-time histogram's buckets: ranks count into them, the coordinator exports
+/// them as `le` labels.
+pub const STEP_SECONDS_BUCKETS: [f64; 14] = [
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 60.0, 120.0, 300.0,
+];
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JoinRequest {
+    pub host: String,
+    pub pid: u32,
+    /// The rank the launcher gave this process (Slurm, OpenMPI); without it ranks are given in join order.
+    #[serde(default)]
+    pub rank: Option<usize>,
+    /// Where this rank accepts its peers' connections (rank 0's is the TCP collective's hub).
+    #[serde(default)]
+    pub endpoint: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JoinReply {
+    pub rank: usize,
+    pub world: usize,
+    pub generation: u64,
+    /// Every rank's endpoint (or host, when it gave none), in rank order.
+    pub peers: Vec<String>,
+    pub heartbeat_interval_ms: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Heartbeat {
+    pub rank: usize,
+    pub generation: u64,
+    /// The last finished step.
+    pub step: u64,
+    /// What the rank is doing.
+    #[serde(default)]
+    pub phase: Option<Phase>,
+    /// The rank's last heartbeat: it is exiting in order (finished, or checkpointed for a requeue); its silence
+    /// from now on is not a death.
+    #[serde(default)]
+    pub done: bool,
+    /// The rank's training counters so far (after its first step).
+    #[serde(default)]
+    pub stats: Option<RankStats>,
+    /// The rank is ending on an error that a restart would repeat (out of memory): the supervisor stops and says
+    /// what to change instead of relaunching the same configuration.
+    #[serde(default)]
+    pub fatal: Option<String>,
+}
+
+/// What a rank reports about its training, cumulative since it started (a restarted rank starts from zero; the
+/// coordinator keeps what earlier generations counted).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RankStats {
+    pub steps: u64,
+    pub images: u64,
+    pub tokens: u64,
+    pub model_flops: f64,
+    /// Model FLOPs of the rank's last step.
+    #[serde(default)]
+    pub step_flops: f64,
+    pub data_wait_seconds: f64,
+    /// The cumulative count of steps in each bucket of [`STEP_SECONDS_BUCKETS`].
+    pub step_seconds_buckets: Vec<u64>,
+    pub step_seconds_count: u64,
+    pub step_seconds_sum: f64,
+    pub skipped_steps: u64,
+    pub loss: f64,
+    pub grad_norm: f64,
+    pub learning_rate: f64,
+    pub checkpoint_stall_seconds: f64,
+    pub checkpoints: u64,
+    pub checkpoint_write_seconds: f64,
+    pub checkpoint_save_seconds: f64,
+    pub checkpoint_bytes: u64,
+    /// The largest of the ranks' own losses of this rank's last step (the same on every rank at a step).
+    pub loss_max: f64,
+    /// 0 on CPU ranks.
+    pub device_memory_used_bytes: u64,
+    pub device_memory_total_bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HeartbeatReply {
+    /// The job is stopping (another rank failed, or the operator asked): finish the step and exit.
+    pub stop: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointReport {
+    pub step: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn phases_travel_by_name_and_round_trip_through_their_stored_byte() {
+        for p in [
+            Phase::Starting,
+            Phase::Data,
+            Phase::Compute,
+            Phase::Collective,
+            Phase::Checkpoint,
+            Phase::Sampling,
+        ] {
+            assert_eq!(
+                serde_json::to_string(&p).unwrap(),
+                format!("\"{}\"", p.name())
+            );
+            assert_eq!(Phase::from_u8(p as u8), p);
+            assert_eq!(p.to_string(), p.name());
+        }
+        assert_eq!(Phase::from_u8(200), Phase::Starting);
+        assert!(serde_json::from_str::<Phase>("\"napping\"").is_err());
+    }
+
+    #[test]
+    fn unknown_fields_are_refused_so_a_mismatched_sender_is_an_error() {
+        let beat = Heartbeat {
+            rank: 1,
+            generation: 2,
+            step: 3,
+            stats: Some(RankStats {
+                step_seconds_buckets: vec![0; STEP_SECONDS_BUCKETS.len()],
+                ..RankStats::default()
+            }),
+            ..Heartbeat::default()
+        };
+        let mut v = serde_json::to_value(&beat).unwrap();
+        assert_eq!(
+            serde_json::from_value::<Heartbeat>(v.clone()).unwrap(),
+            beat
+        );
+        // The bucket bounds are a constant of the protocol: a sender that still sends them is refused.
+        v["stats"]["step_seconds_bounds"] = serde_json::json!([0.1, 1.0]);
+        assert!(serde_json::from_value::<Heartbeat>(v).is_err());
+        let join = serde_json::json!({"host": "n0", "pid": 7, "rank": 3, "shoe_size": 42});
+        assert!(serde_json::from_value::<JoinRequest>(join).is_err());
+        assert!(STEP_SECONDS_BUCKETS.windows(2).all(|w| w[0] < w[1]));
+    }
+}
