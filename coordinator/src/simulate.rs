@@ -170,7 +170,8 @@ pub fn simulate(cfg: &SimConfig) -> std::io::Result<SimReport> {
         let ranks = cfg.ranks;
         let t = std::thread::Builder::new()
             .name("sim-rank".into())
-            .stack_size(128 << 10)
+            // The HTTP client (ureq) needs more than 128 KiB; pages are committed only as they are touched.
+            .stack_size(512 << 10)
             .spawn(move || {
                 let client =
                     CoordinatorClient::new(addr, token).with_timeout(Duration::from_secs(600));

@@ -1,6 +1,6 @@
 //! The environment contract between `radit run` (the supervisor), the launchers and the ranks: the variables the
 //! supervisor sets for every rank, those radit's own local launcher sets, and how a rank reads who it is from
-//! whichever launcher started it (Slurm, OpenMPI or radit's).
+//! whichever launcher started it (Slurm, OpenMPI or radit's) and where it sits on its node; hostname and pid records.
 
 /// `IP:PORT` of the coordinator.
 pub const COORDINATOR: &str = "RADIT_COORDINATOR";
@@ -122,8 +122,6 @@ pub fn local_placement(var: impl Fn(&str) -> Option<String>) -> LocalPlacement {
     placed(0, Some(1), "no launcher variables".into(), false)
 }
 
-/// Pid files: each rank records its host, pid and start time in `PID_DIR`, so that a restarted supervisor waits
-/// only for ranks of its own node, and a reused pid does not pass for a rank.
 /// This machine's name (the kernel's), if it can be read.
 pub fn hostname() -> Option<String> {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -143,7 +141,8 @@ fn start_time(pid: u32) -> Option<u64> {
     after.split_whitespace().nth(19)?.parse().ok()
 }
 
-/// What a rank writes into its pid file: host, pid, start time.
+/// What a rank writes into its pid file in `PID_DIR`: host, pid, start time, so that a restarted supervisor waits
+/// only for ranks of its own node, and a reused pid does not pass for a rank.
 pub fn pid_record(pid: u32) -> String {
     format!("{} {pid} {}", this_host(), start_time(pid).unwrap_or(0))
 }
@@ -161,8 +160,6 @@ pub fn still_running(record: &str) -> Option<u32> {
 pub struct RankIdentity {
     pub rank: usize,
     pub world: usize,
-    /// Index on this node (the GPU it drives).
-    pub local_rank: usize,
     pub launcher: Launcher,
 }
 
@@ -173,32 +170,25 @@ pub enum Launcher {
     Radit,
 }
 
-/// Reads the rank from the launcher's variables: Slurm (`SLURM_PROCID`, `SLURM_NTASKS`, `SLURM_LOCALID`), OpenMPI
-/// (`OMPI_COMM_WORLD_*`) or radit's local launcher (`RADIT_RANK`, `RADIT_WORLD`, `RADIT_LOCAL_RANK`). `None` when
-/// none is set or they are inconsistent.
+/// Reads the rank from the launcher's variables: Slurm (`SLURM_PROCID`, `SLURM_NTASKS`), OpenMPI
+/// (`OMPI_COMM_WORLD_RANK`/`_SIZE`) or radit's local launcher (`RADIT_RANK`, `RADIT_WORLD`). `None` when none is
+/// set or they are inconsistent. The place on the node is [`local_placement`]'s.
 pub fn rank_identity(var: impl Fn(&str) -> Option<String>) -> Option<RankIdentity> {
     let num = |name: &str| var(name).and_then(|v| v.trim().parse::<usize>().ok());
     let sets = [
-        (
-            Launcher::Slurm,
-            "SLURM_PROCID",
-            "SLURM_NTASKS",
-            "SLURM_LOCALID",
-        ),
+        (Launcher::Slurm, "SLURM_PROCID", "SLURM_NTASKS"),
         (
             Launcher::OpenMpi,
             "OMPI_COMM_WORLD_RANK",
             "OMPI_COMM_WORLD_SIZE",
-            "OMPI_COMM_WORLD_LOCAL_RANK",
         ),
-        (Launcher::Radit, RANK, WORLD, LOCAL_RANK),
+        (Launcher::Radit, RANK, WORLD),
     ];
-    sets.iter().find_map(|&(launcher, r, w, l)| {
+    sets.iter().find_map(|&(launcher, r, w)| {
         let (rank, world) = (num(r)?, num(w)?);
-        (rank < world).then(|| RankIdentity {
+        (rank < world).then_some(RankIdentity {
             rank,
             world,
-            local_rank: num(l).unwrap_or(0),
             launcher,
         })
     })
@@ -235,7 +225,6 @@ mod tests {
             Some(RankIdentity {
                 rank: 5,
                 world: 32,
-                local_rank: 1,
                 launcher: Launcher::Slurm
             })
         );
