@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use clap::{Args, Subcommand, ValueEnum};
-use radit_trainer::generate::{Conditions, Sampler, contact_sheet, preview, write_png16};
+use radit_trainer::generate::{Conditions, Sampler, contact_sheet, sample_sheet, write_png16};
 use radit_trainer::model::{Precision, RadiT, RadiTConfig, save_weights};
 use radit_trainer::sampler::Solver;
 use radit_trainer::tch::{self, Device, Kind, Tensor, nn::VarStore};
@@ -122,7 +122,7 @@ pub struct SampleArgs {
     /// Samples integrated together.
     #[arg(long, default_value_t = 8)]
     batch: u64,
-    /// cpu, cuda or cuda:N (default: cuda:0 when a GPU is visible).
+    /// cpu, cuda (this process's GPU) or cuda:N (default: cuda when a GPU is visible).
     #[arg(long)]
     device: Option<String>,
     /// Default: fp32 on CPU, bf16 on GPU.
@@ -277,27 +277,14 @@ fn bench(a: ModelBenchArgs) -> anyhow::Result<u8> {
     Ok(0)
 }
 
-fn device(arg: Option<&str>) -> anyhow::Result<Device> {
-    Ok(match arg {
-        None => Device::cuda_if_available(),
-        Some("cpu") => Device::Cpu,
-        Some("cuda") => Device::Cuda(0),
-        Some(s) => match s.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
-            Some(n) => Device::Cuda(n),
-            None => anyhow::bail!("--device `{s}`: expected cpu, cuda or cuda:N"),
-        },
-    })
-}
-
 pub fn run_sample(a: SampleArgs) -> anyhow::Result<u8> {
-    let device = device(a.device.as_deref())?;
-    if let Device::Cuda(n) = device {
-        anyhow::ensure!(
-            tch::Cuda::is_available() && (n as i64) < tch::Cuda::device_count(),
-            "--device cuda:{n}: this machine has {} CUDA device(s)",
-            tch::Cuda::device_count()
-        );
-    }
+    // The GPU when there is one, unless --device says otherwise.
+    let device =
+        crate::train_cli::device(a.device.as_deref().unwrap_or(if tch::Cuda::is_available() {
+            "cuda"
+        } else {
+            "cpu"
+        }))?;
     let precision = a.precision.map(Precision::from).unwrap_or(match device {
         Device::Cpu => Precision::Fp32,
         _ => Precision::Bf16,
@@ -358,11 +345,7 @@ pub fn run_sample(a: SampleArgs) -> anyhow::Result<u8> {
     } else {
         anyhow::ensure!(a.n > 0, "-n must be at least 1");
         let (samples, stats) = sampler.generate(&target, a.n, a.batch, a.seed, solver)?;
-        let tiles: Vec<Tensor> = (0..samples.size()[0])
-            .map(|i| preview(&samples.get(i)))
-            .collect();
-        let columns = (a.n as f64).sqrt().ceil() as usize;
-        contact_sheet(&tiles, columns, 256.min(side), &sheet)?;
+        sample_sheet(&samples, 256.min(side), &[&sheet])?;
         let files = if pixel {
             write_png16(&samples, &a.out, "sample")?
         } else {

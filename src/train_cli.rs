@@ -37,23 +37,40 @@ pub struct ExportArgs {
     raw: bool,
 }
 
-/// `cpu`, or `cuda`: this rank's GPU among those the process sees (see [`placement`]).
-fn device(name: &str) -> anyhow::Result<Device> {
-    Ok(match name {
-        "cpu" => Device::Cpu,
-        "cuda" => {
+/// Every `--device`: `cpu`; `cuda`, this rank's GPU among those the process sees (see [`placement`]); or
+/// `cuda:N`, that GPU.
+pub fn device(name: &str) -> anyhow::Result<Device> {
+    if name == "cpu" {
+        return Ok(Device::Cpu);
+    }
+    let explicit = match name.strip_prefix("cuda:") {
+        Some(n) => Some(
+            n.parse::<usize>()
+                .map_err(|_| anyhow::anyhow!("--device `{name}`: expected cpu, cuda or cuda:N"))?,
+        ),
+        None if name == "cuda" => None,
+        None => anyhow::bail!("--device `{name}`: expected cpu, cuda or cuda:N"),
+    };
+    anyhow::ensure!(
+        tch::Cuda::is_available(),
+        "--device {name}: libtorch sees no CUDA device here ({})",
+        radit_trainer::runtime::probe().describe_cuda()
+    );
+    let visible = tch::Cuda::device_count().max(0) as usize;
+    let ordinal = match explicit {
+        Some(n) => {
             anyhow::ensure!(
-                tch::Cuda::is_available(),
-                "--device cuda: libtorch sees no CUDA device here ({})",
-                radit_trainer::runtime::probe().describe_cuda()
+                n < visible,
+                "--device {name}: this process sees {visible} CUDA device(s)"
             );
-            let visible = tch::Cuda::device_count().max(0) as usize;
-            let place = placement::local_placement(|k| std::env::var(k).ok());
-            let ordinal = placement::cuda_ordinal(&place, visible)?;
-            Device::Cuda(ordinal)
+            n
         }
-        other => anyhow::bail!("--device `{other}`: expected cpu or cuda"),
-    })
+        None => placement::cuda_ordinal(
+            &placement::local_placement(|k| std::env::var(k).ok()),
+            visible,
+        )?,
+    };
+    Ok(Device::Cuda(ordinal))
 }
 
 pub fn run_train(a: TrainArgs) -> anyhow::Result<u8> {

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{radit, run_ok};
+use common::radit;
 
 fn http_get(addr: &str, path: &str, token: Option<&str>) -> String {
     use std::io::{Read, Write};
@@ -93,24 +93,13 @@ impl Drop for Gateway {
 /// A 16x16 store (sharded with its progress pushed to `gateway`) and a long-enough job in `dir` that pushes there
 /// too and draws a preview sheet every 20 steps.
 fn job(dir: &Path, gateway: &str) -> std::path::PathBuf {
-    let (table, images) = common::synth(&dir.join("synth"), 48, "40x48", &[]);
-    let store = dir.join("store");
-    run_ok(
-        radit()
-            .args(["shard", "--no-progress", "--pushgateway"])
-            .arg(format!("http://{gateway}"))
-            .args(["--push-seconds", "0.2", "--table"])
-            .arg(&table)
-            .arg("--images")
-            .arg(&images)
-            .args([
-                "--out",
-                store.to_str().unwrap(),
-                "--image-size",
-                "16",
-                "--shard-images",
-                "8",
-            ]),
+    let pushgateway = format!("http://{gateway}");
+    let store = common::tiny_store(
+        dir,
+        48,
+        "40x48",
+        8,
+        &["--pushgateway", &pushgateway, "--push-seconds", "0.2"],
     );
     let text = format!(
         r#"

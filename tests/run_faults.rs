@@ -21,16 +21,7 @@ fn store() -> &'static Path {
     &STORE
         .get_or_init(|| {
             let dir = tempfile::tempdir().unwrap();
-            let (table, images) = common::synth(&dir.path().join("synth"), 64, "40x48", &[]);
-            let out = dir.path().join("store");
-            let mut cmd = radit();
-            cmd.args(["shard", "--no-progress", "--table"])
-                .arg(&table)
-                .arg("--images")
-                .arg(&images)
-                .args(["--out", out.to_str().unwrap()])
-                .args(["--image-size", "16", "--shard-images", "8"]);
-            run_ok(&mut cmd);
+            let out = common::tiny_store(dir.path(), 64, "40x48", 8, &[]);
             (dir, out)
         })
         .1

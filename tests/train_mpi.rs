@@ -53,23 +53,7 @@ fn losses(out: &std::process::Output) -> Vec<f64> {
 
 /// A 16x16 store (the tiny preset's size) of 48 training images or so, in shards of 8.
 fn store(dir: &Path) -> PathBuf {
-    let (table, images) = common::synth(&dir.join("synth"), 64, "40x48", &[]);
-    let out = dir.join("store");
-    let mut cmd = radit();
-    cmd.args(["shard", "--no-progress", "--table"])
-        .arg(&table)
-        .arg("--images")
-        .arg(&images)
-        .args([
-            "--out",
-            out.to_str().unwrap(),
-            "--image-size",
-            "16",
-            "--shard-images",
-            "8",
-        ]);
-    run_ok(&mut cmd);
-    out
+    common::tiny_store(dir, 64, "40x48", 8, &[])
 }
 
 fn config(dir: &Path, store: &Path, ckpt: &Path, steps: u64) -> PathBuf {
@@ -410,23 +394,7 @@ fn heart_region_means(dir: &Path, n: usize) -> Vec<f64> {
 #[test]
 fn a_short_run_learns_the_cardiomegaly_conditioning() {
     let tmp = tempfile::tempdir().unwrap();
-    let (table, images) = common::synth(&tmp.path().join("synth"), 320, "64x64", &[]);
-    let store = tmp.path().join("store");
-    run_ok(
-        radit()
-            .args(["shard", "--no-progress", "--table"])
-            .arg(&table)
-            .arg("--images")
-            .arg(&images)
-            .args([
-                "--out",
-                store.to_str().unwrap(),
-                "--image-size",
-                "16",
-                "--shard-images",
-                "16",
-            ]),
-    );
+    let store = common::tiny_store(tmp.path(), 320, "64x64", 16, &[]);
     let ckpt = tmp.path().join("ckpt");
     let cfg = tmp.path().join("learn.toml");
     std::fs::write(

@@ -73,6 +73,11 @@ pub trait RankGroup: Send {
 pub trait Launcher: Send + Sync {
     fn name(&self) -> &'static str;
     fn start(&self, cmd: &RankCommand, generation: u64) -> std::io::Result<Box<dyn RankGroup>>;
+    /// Whether the group's process `i` is rank `i` (local processes), rather than one launcher process standing
+    /// for every rank (mpirun, srun): how the supervisor names a process that ended.
+    fn process_per_rank(&self) -> bool {
+        false
+    }
 }
 
 /// How a group is killed.
@@ -248,6 +253,10 @@ pub struct LocalLauncher;
 impl Launcher for LocalLauncher {
     fn name(&self) -> &'static str {
         "local"
+    }
+
+    fn process_per_rank(&self) -> bool {
+        true
     }
 
     fn start(&self, cmd: &RankCommand, generation: u64) -> std::io::Result<Box<dyn RankGroup>> {

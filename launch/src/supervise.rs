@@ -207,7 +207,7 @@ pub fn supervise(
         let (mut stop_sent, mut usr1_sent) = (false, false);
         // mpirun and srun are one process for all ranks: name it as such.
         let process = |i: usize| {
-            if launcher.name() == "local" {
+            if launcher.process_per_rank() {
                 format!("rank {i}")
             } else {
                 launcher.name().to_string()

@@ -19,7 +19,7 @@ impl JobToken {
     pub fn generate() -> std::io::Result<Self> {
         let mut bytes = [0u8; 32];
         std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
-        Ok(Self(bytes.iter().map(|b| format!("{b:02x}")).collect()))
+        Ok(Self(hex::encode(bytes)))
     }
 
     /// A token from its text (as read from the environment or a file).

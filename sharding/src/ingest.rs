@@ -29,7 +29,7 @@ use crate::manifest::{
 use crate::schema::{NUM_LABELS, SCHEMA_VERSION, Vocabulary};
 use crate::split::Split;
 use crate::store::Storage;
-use crate::table::{Rejection, Table, TableRow, hex, read_table};
+use crate::table::{Rejection, Table, TableRow, read_table};
 
 const SETTINGS_KEY: &str = ".ingest/settings.json";
 const MISSING_IMAGE: &str = "image file not found";
@@ -181,7 +181,7 @@ fn fingerprint(table_sha256: &str, settings: &IngestSettings) -> String {
     );
     h.update(table_sha256.as_bytes());
     h.update(serde_json::to_vec(settings).expect("settings serialise"));
-    hex(&h.finalize())
+    hex::encode(h.finalize())
 }
 
 /// Ingests `table_path` + `images_dir` into the store at `out_url`.

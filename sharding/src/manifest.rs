@@ -11,7 +11,7 @@ use crate::layout::{ArrayKind, StoreLayout, array_path};
 use crate::schema::Vocabulary;
 use crate::split::Split;
 use crate::store::Storage;
-use crate::table::{Rejection, TableConfig, Warnings, hex};
+use crate::table::{Rejection, TableConfig, Warnings};
 
 pub const MANIFEST_KEY: &str = "manifest.json";
 pub const FORMAT: &str = "radit-cxr-zarr";
@@ -77,7 +77,7 @@ impl ObjectEntry {
         Self {
             key: key.to_string(),
             bytes: data.len() as u64,
-            sha256: hex(&Sha256::digest(data)),
+            sha256: hex::encode(Sha256::digest(data)),
         }
     }
 }

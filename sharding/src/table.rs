@@ -211,7 +211,7 @@ pub fn read_table(path: &Path, cfg: &TableConfig) -> Result<Table, ShardError> {
         path: path.to_path_buf(),
         source,
     })?;
-    let sha256 = hex(&Sha256::digest(&bytes));
+    let sha256 = hex::encode(Sha256::digest(&bytes));
     if bytes.iter().all(|b| b.is_ascii_whitespace()) {
         return Err(ShardError::InvalidTable {
             path: path.to_path_buf(),
@@ -477,10 +477,6 @@ fn assign_splits(
         rows.push(row);
     }
     rows
-}
-
-pub(crate) fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]

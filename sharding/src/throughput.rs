@@ -79,7 +79,7 @@ pub fn measure_loader(
         samples,
         elapsed,
         stats,
-        digest: hash.map(|h| crate::table::hex(&h.finalize())),
+        digest: hash.map(|h| hex::encode(h.finalize())),
     })
 }
 

@@ -95,6 +95,35 @@ pub fn shard_into(dir: &Path, table: &Path, images: &Path) -> PathBuf {
     store
 }
 
+/// Synthesises `images` CXR-like images of `sizes` under `dir/synth` and shards them at 16x16 (the tiny presets'
+/// size) in shards of `shard_images` into `dir/store`, passing `extra` to `radit shard`; returns the store.
+pub fn tiny_store(
+    dir: &Path,
+    images: u64,
+    sizes: &str,
+    shard_images: u32,
+    extra: &[&str],
+) -> PathBuf {
+    let (table, pngs) = synth(&dir.join("synth"), images, sizes, &[]);
+    let store = dir.join("store");
+    let mut cmd = radit();
+    cmd.args(["shard", "--no-progress"])
+        .args(extra)
+        .arg("--table")
+        .arg(&table)
+        .arg("--images")
+        .arg(&pngs)
+        .args(["--out", store.to_str().expect("UTF-8 temp path")])
+        .args([
+            "--image-size",
+            "16",
+            "--shard-images",
+            &shard_images.to_string(),
+        ]);
+    run_ok(&mut cmd);
+    store
+}
+
 /// `radit shard` with small, fast settings.
 pub fn shard_cmd(table: &Path, images: &Path, out: &str, extra: &[&str]) -> Command {
     let mut cmd = radit();

@@ -114,14 +114,10 @@ fn step_dir(step: u64) -> String {
     format!("step-{step:010}")
 }
 
-fn hex(digest: &[u8]) -> String {
-    digest.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// sha256 of the model config: what must match for a checkpoint to be usable.
 pub fn model_hash(cfg: &RadiTConfig) -> String {
     let text = serde_json::to_string(cfg).unwrap_or_default();
-    hex(&Sha256::digest(text.as_bytes()))
+    hex::encode(Sha256::digest(text.as_bytes()))
 }
 
 /// Serialises this rank's slices: per group, master, m, v, ema, as little-endian f32 (the host's layout: radit
@@ -202,7 +198,7 @@ impl Checkpointer {
                 let bytes = data.len() as u64;
                 // Hash while the object is written: the two together take as long as the slower one.
                 let for_hash = data.clone();
-                let hasher = std::thread::spawn(move || hex(&Sha256::digest(&for_hash)));
+                let hasher = std::thread::spawn(move || hex::encode(Sha256::digest(&for_hash)));
                 if crash_here(rank, state_step) {
                     // Fault injection: leave half an object behind and die mid-write.
                     let _ = storage.put(&key, data.slice(..data.len() / 2));
@@ -329,7 +325,7 @@ impl Checkpointer {
         let state_entry = FileEntry {
             key: format!("{dir}/state.json"),
             bytes: state.len() as u64,
-            sha256: hex(&Sha256::digest(&state)),
+            sha256: hex::encode(Sha256::digest(&state)),
         };
         self.storage.put(&state_entry.key, Bytes::from(state))?;
         let manifest = Manifest {
@@ -457,7 +453,9 @@ impl Checkpointer {
         }
         let fetch = |entry: &FileEntry| -> Result<Bytes, CheckpointError> {
             let data = self.storage.get(&entry.key)?;
-            if data.len() as u64 != entry.bytes || hex(&Sha256::digest(&data)) != entry.sha256 {
+            if data.len() as u64 != entry.bytes
+                || hex::encode(Sha256::digest(&data)) != entry.sha256
+            {
                 return Err(corrupt(format!(
                     "{} is torn (size or sha256 differ)",
                     entry.key

@@ -320,6 +320,21 @@ pub fn contact_sheet(
     tile: i64,
     path: &Path,
 ) -> Result<(), ModelError> {
+    write_file(path, &contact_sheet_png(tiles, columns, tile)?)
+}
+
+/// A sheet of samples ([N, C, S, S]; each shown by [`preview`]), about square, encoded once and written to every
+/// path (`radit sample`'s sheet; the training previews' step sheet and latest.png).
+pub fn sample_sheet(samples: &Tensor, tile: i64, paths: &[&Path]) -> Result<(), ModelError> {
+    let n = samples.size()[0];
+    let tiles: Vec<Tensor> = (0..n).map(|i| preview(&samples.get(i))).collect();
+    let columns = (n as f64).sqrt().ceil() as usize;
+    let png = contact_sheet_png(&tiles, columns, tile)?;
+    paths.iter().try_for_each(|p| write_file(p, &png))
+}
+
+/// The PNG bytes of [`contact_sheet`].
+fn contact_sheet_png(tiles: &[Tensor], columns: usize, tile: i64) -> Result<Vec<u8>, ModelError> {
     const GAP: usize = 4;
     let side = tiles.first().map_or(1, |t| t.size()[0]);
     let factor = (side + tile - 1) / tile.max(1);
@@ -356,10 +371,12 @@ pub fn contact_sheet(
             }
         }
     }
-    write_file(
-        path,
-        &encode_png8(w as u32, h as u32, png::ColorType::Grayscale, &canvas),
-    )
+    Ok(encode_png8(
+        w as u32,
+        h as u32,
+        png::ColorType::Grayscale,
+        &canvas,
+    ))
 }
 
 /// What a tile shows: the image itself for pixel models; channel 0 scaled to [-1, 1] for latent models (they need

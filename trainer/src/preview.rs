@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
 use crate::engine::Fsdp;
-use crate::generate::{Conditions, Sampler, contact_sheet, preview};
+use crate::generate::{Conditions, Sampler, sample_sheet};
 use crate::model::{ModelError, RadiTConfig};
 use crate::sampler::Solver;
 use crate::train::TrainError;
@@ -108,18 +108,16 @@ pub fn write_sheet(
         .view(full.as_slice())
         .narrow(0, 0, cfg.count as i64);
     let write = || -> Result<PathBuf, ModelError> {
-        let tiles: Vec<Tensor> = (0..cfg.count as i64)
-            .map(|i| preview(&samples.get(i)))
-            .collect();
         std::fs::create_dir_all(&cfg.dir).map_err(|e| ModelError::Io {
             path: cfg.dir.display().to_string(),
             source: e,
         })?;
-        let columns = (cfg.count as f64).sqrt().ceil() as usize;
-        let side = model.input_size.min(256);
         let path = cfg.sheet_path(step);
-        contact_sheet(&tiles, columns, side, &path)?;
-        contact_sheet(&tiles, columns, side, &cfg.dir.join("latest.png"))?;
+        sample_sheet(
+            &samples,
+            model.input_size.min(256),
+            &[&path, &cfg.dir.join("latest.png")],
+        )?;
         Ok(path)
     };
     match write() {
