@@ -36,6 +36,10 @@ pub enum CheckpointError {
         "checkpoint {key} was written for another model ({reason}); use a new checkpoint URL or the same model"
     )]
     Mismatch { key: String, reason: String },
+    /// What a committed checkpoint holds is not what its manifest or run state says (torn, truncated, edited):
+    /// resuming skips it for the previous one.
+    #[error("checkpoint {key} is corrupt: {reason}")]
+    Corrupt { key: String, reason: String },
     #[error("the checkpoint writer thread failed: {0}")]
     Writer(String),
 }
@@ -363,9 +367,10 @@ impl Checkpointer {
     pub fn model_config(&self, step: u64) -> Result<RadiTConfig, CheckpointError> {
         let key = format!("{}/state.json", step_dir(step));
         let state: RunState = serde_json::from_slice(&self.storage.get(&key)?).map_err(|e| {
-            CheckpointError::Storage(radit_sharding::ShardError::InvalidConfig(format!(
-                "{key}: {e}"
-            )))
+            CheckpointError::Corrupt {
+                key: key.clone(),
+                reason: e.to_string(),
+            }
         })?;
         Ok(state.model)
     }
@@ -432,10 +437,9 @@ impl Checkpointer {
     ) -> Result<(Vec<ShardState>, RunState), CheckpointError> {
         let dir = step_dir(step);
         let key = format!("{dir}/manifest.json");
-        let corrupt = |what: String| {
-            CheckpointError::Storage(radit_sharding::ShardError::InvalidConfig(format!(
-                "{key}: {what}"
-            )))
+        let corrupt = |reason: String| CheckpointError::Corrupt {
+            key: key.clone(),
+            reason,
         };
         let manifest: Manifest = serde_json::from_slice(&self.storage.get(&key)?)
             .map_err(|e| corrupt(format!("unreadable manifest: {e}")))?;

@@ -43,6 +43,9 @@ pub enum TrainError {
         consecutive: u64,
         why: String,
     },
+    /// The training loader had no next batch (it cycles through epochs, so the store changed under the run).
+    #[error("the training data ended before step {step}: did the store change under the run?")]
+    DataEnded { step: u64 },
     /// The device ran out of memory: the same configuration would fail the same way after a restart.
     #[error(
         "out of memory in step {step} on {device} ({cause}): {setting}. A restart would fail the same way: {advice}"
@@ -425,12 +428,11 @@ fn run(
         let start = state.as_ref().map_or(0, |s| s.step);
         let loader = Loader::open(storage.clone(), loader_cfg.clone(), start)?;
         if let Some(s) = state {
-            let saved: OrderState = serde_json::from_value(s.loader.clone()).map_err(|e| {
-                TrainError::InvalidConfig {
-                    field: "checkpoint".into(),
-                    reason: format!("loader state: {e}"),
-                }
-            })?;
+            let saved: OrderState =
+                serde_json::from_value(s.loader.clone()).map_err(|e| CheckpointError::Corrupt {
+                    key: format!("the run state of step {}", s.step),
+                    reason: format!("its loader state: {e}"),
+                })?;
             if saved.config != loader.state().config {
                 return Err(TrainError::InvalidConfig {
                     field: "train".into(),
@@ -473,10 +475,7 @@ fn run(
         let waited = Instant::now();
         let batch = loader
             .next_batch()?
-            .ok_or_else(|| TrainError::InvalidConfig {
-                field: "data".into(),
-                reason: "the training loader ended".into(),
-            })?;
+            .ok_or(TrainError::DataEnded { step: step + 1 })?;
         let data_wait = waited.elapsed().as_secs_f64();
         window.2 += data_wait;
         let mut batch = batch;

@@ -57,10 +57,17 @@ pub struct ParityReport {
     pub passed: bool,
 }
 
-/// A world of one on `device` (NCCL on a GPU, bootstrapped in-process).
-fn world_of_one(device: Device) -> Result<Box<dyn Collective>, EngineError> {
+/// The check's engine on `device`, alone in a world of one (NCCL on a GPU, bootstrapped in-process).
+fn engine_alone(check: &ParityCheck, device: Device, seed: i64) -> Result<Fsdp, EngineError> {
     let base = Box::new(LocalGroup::ranks(1, std::time::Duration::from_secs(600)).remove(0));
-    Ok(collective::for_device(base, device)?)
+    let comm: Box<dyn Collective> = collective::for_device(base, device)?;
+    Fsdp::new(
+        &check.model,
+        check.engine.clone(),
+        comm,
+        device,
+        Initial::Seed(seed),
+    )
 }
 
 struct Inputs {
@@ -91,13 +98,7 @@ fn train(
     inputs: &Inputs,
     device: Device,
 ) -> Result<(Fsdp, Vec<f64>), EngineError> {
-    let mut engine = Fsdp::new(
-        &check.model,
-        check.engine.clone(),
-        world_of_one(device)?,
-        device,
-        Initial::Seed(0),
-    )?;
+    let mut engine = engine_alone(check, device, 0)?;
     let on = |t: &Tensor| t.to_device(device);
     let (x1, x0, t, labels, age) = (
         on(&inputs.x1),
@@ -192,13 +193,8 @@ pub fn run(check: &ParityCheck, device: Device) -> Result<ParityReport, EngineEr
         .unwrap_or(0);
     let adam_steps = engine.adam_steps();
     drop(engine);
-    let mut restored = Fsdp::new(
-        &check.model,
-        check.engine.clone(),
-        world_of_one(device)?,
-        device,
-        Initial::Seed(1),
-    )?;
+    // Initialised differently, so that only the checkpoint can make it equal.
+    let mut restored = engine_alone(check, device, 1)?;
     let loaded = ckpt
         .load_latest(&mut restored, &check.model)
         .map_err(ckpt_err)?;
