@@ -74,52 +74,41 @@ pub fn local_placement(var: impl Fn(&str) -> Option<String>) -> LocalPlacement {
         per_task_gpus: per_task || one_visible,
         visible_devices: visible_devices.clone(),
     };
-    if let Some(r) = num("OMPI_COMM_WORLD_LOCAL_RANK") {
-        let size = num("OMPI_COMM_WORLD_LOCAL_SIZE");
-        return placed(
+    // Launchers that name the local rank and the ranks per node directly.
+    let direct = |rank_var: &str, size_var: &str| {
+        let r = num(rank_var)?;
+        let size = num(size_var);
+        let shown = size.map_or_else(|| "unset".to_string(), |n| n.to_string());
+        Some(placed(
             r,
             size,
-            format!("OMPI_COMM_WORLD_LOCAL_RANK={r}, OMPI_COMM_WORLD_LOCAL_SIZE={size:?}"),
+            format!("{rank_var}={r}, {size_var}={shown}"),
             false,
-        );
-    }
-    if let Some(r) = num("SLURM_LOCALID") {
+        ))
+    };
+    let slurm = || {
+        let r = num("SLURM_LOCALID")?;
         let spec = var("SLURM_STEP_TASKS_PER_NODE").or_else(|| var("SLURM_TASKS_PER_NODE"));
         let node = num("SLURM_NODEID").unwrap_or(0);
         let size = spec
             .as_deref()
             .and_then(tasks_per_node)
             .and_then(|v| v.get(node).copied());
-        let per_task = var("SLURM_GPUS_PER_TASK").is_some();
-        return placed(
+        Some(placed(
             r,
             size,
             format!(
                 "SLURM_LOCALID={r}, SLURM_NODEID={node}, SLURM_STEP_TASKS_PER_NODE={}",
                 spec.as_deref().unwrap_or("unset")
             ),
-            per_task,
-        );
-    }
-    if let Some(r) = num(LOCAL_RANK) {
-        let size = num(WORLD);
-        return placed(
-            r,
-            size,
-            format!("RADIT_LOCAL_RANK={r}, RADIT_WORLD={size:?}"),
-            false,
-        );
-    }
-    if let Some(r) = num("LOCAL_RANK") {
-        let size = num("LOCAL_WORLD_SIZE");
-        return placed(
-            r,
-            size,
-            format!("LOCAL_RANK={r}, LOCAL_WORLD_SIZE={size:?}"),
-            false,
-        );
-    }
-    placed(0, Some(1), "no launcher variables".into(), false)
+            var("SLURM_GPUS_PER_TASK").is_some(),
+        ))
+    };
+    direct("OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE")
+        .or_else(slurm)
+        .or_else(|| direct(LOCAL_RANK, WORLD))
+        .or_else(|| direct("LOCAL_RANK", "LOCAL_WORLD_SIZE"))
+        .unwrap_or_else(|| placed(0, Some(1), "no launcher variables".into(), false))
 }
 
 /// This machine's name (the kernel's), if it can be read.

@@ -114,7 +114,8 @@ struct Manifest {
 
 const FORMAT: &str = "radit-checkpoint-1";
 
-fn step_dir(step: u64) -> String {
+/// The directory of step `step`'s checkpoint under the checkpoint URL.
+pub fn step_dir(step: u64) -> String {
     format!("step-{step:010}")
 }
 

@@ -85,13 +85,23 @@ fn wheel_version(lib: &Path) -> Option<(String, Option<String>)> {
     Some((field("__version__")?, field("cuda")))
 }
 
+/// Whether the CUDA driver library can be loaded. cudarc panics rather than erroring when it cannot, so every
+/// use of cudarc's driver asks this first; checking opens the library, so it is done once.
+pub fn cuda_driver_present() -> bool {
+    static PRESENT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    // SAFETY: only tries to dlopen the driver library by its usual names.
+    *PRESENT.get_or_init(|| unsafe { cudarc::driver::sys::is_culib_present() })
+}
+
+/// The directory of the loaded libtorch (`.../torch/lib`), where the wheels beside it are found from.
+pub fn libtorch_lib_dir() -> Option<PathBuf> {
+    loaded_library("libtorch_cpu.so").and_then(|p| p.parent().map(Path::to_path_buf))
+}
+
 /// The GPUs the CUDA driver shows (what `CUDA_VISIBLE_DEVICES` leaves), with names and memory.
 fn driver_gpus() -> Vec<Gpu> {
     use cudarc::driver::result::device;
-    // SAFETY: only tries to dlopen the driver library; cudarc panics on first use when it is missing.
-    if !unsafe { cudarc::driver::sys::is_culib_present() }
-        || cudarc::driver::result::init().is_err()
-    {
+    if !cuda_driver_present() || cudarc::driver::result::init().is_err() {
         return Vec::new();
     }
     let count = device::get_count().unwrap_or(0).max(0);
@@ -212,10 +222,7 @@ pub fn device_memory(device: tch::Device) -> Option<(u64, u64)> {
     if !matches!(device, tch::Device::Cuda(_)) {
         return None;
     }
-    // cudarc panics rather than erroring when libcuda cannot be loaded; checking opens the library, so once.
-    static PRESENT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    // SAFETY: only checks whether the library can be opened.
-    if !*PRESENT.get_or_init(|| unsafe { cudarc::driver::sys::is_culib_present() }) {
+    if !cuda_driver_present() {
         return None;
     }
     // libtorch made its primary context current on this (the training) thread.

@@ -23,8 +23,7 @@ const BACKEND: &str = "nccl";
 
 /// libcuda and NCCL, when both can be loaded here (cudarc panics instead of erroring when libcuda cannot).
 pub fn available() -> Result<&'static NcclLibrary, CollectiveError> {
-    // SAFETY: only tries to dlopen the driver library by its usual names.
-    let cuda = unsafe { cudarc::driver::sys::is_culib_present() };
+    let cuda = crate::runtime::cuda_driver_present();
     let nccl = nccl();
     let mut missing = Vec::new();
     if !cuda {

@@ -225,8 +225,7 @@ pub fn load_from(candidates: &[Candidate]) -> Result<NcclLibrary, NcclNotFound> 
 pub fn nccl() -> Result<&'static NcclLibrary, NcclNotFound> {
     static LIB: OnceLock<Result<NcclLibrary, NcclNotFound>> = OnceLock::new();
     LIB.get_or_init(|| {
-        let torch_lib = crate::runtime::loaded_library("libtorch_cpu.so")
-            .and_then(|p| p.parent().map(Path::to_path_buf));
+        let torch_lib = crate::runtime::libtorch_lib_dir();
         let found = load_from(&candidates(|k| std::env::var(k).ok(), torch_lib.as_deref()));
         match &found {
             Ok(lib) => tracing::info!(nccl = ?lib, "loaded NCCL"),
@@ -285,8 +284,7 @@ mod tests {
     /// needs a GPU only to create a communicator).
     #[test]
     fn the_wheel_s_nccl_beside_the_loaded_libtorch_opens_and_says_its_version() {
-        let torch_lib = crate::runtime::loaded_library("libtorch_cpu.so")
-            .and_then(|p| p.parent().map(Path::to_path_buf));
+        let torch_lib = crate::runtime::libtorch_lib_dir();
         let lib = load_from(&candidates(env(&[]), torch_lib.as_deref())).expect("NCCL loads");
         assert_eq!(lib.found_by, "the nvidia-nccl wheel beside libtorch");
         assert!(lib.path.ends_with("libnccl.so.2"), "{lib:?}");

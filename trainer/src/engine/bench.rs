@@ -10,7 +10,7 @@ use serde::Serialize;
 use tch::{Device, Kind, Tensor};
 
 use super::{EngineConfig, EngineError, Fsdp, Initial, MicroBatch};
-use crate::checkpoint::{CheckpointConfig, Checkpointer, RunState};
+use crate::checkpoint::{CheckpointConfig, Checkpointer, RunState, step_dir};
 use crate::collective::Collective;
 use crate::collective::counting::Counting;
 use crate::model::RadiTConfig;
@@ -73,10 +73,7 @@ pub struct EngineBenchReport {
 }
 
 fn device_used_bytes(device: Device) -> Option<u64> {
-    let Device::Cuda(i) = device else { return None };
-    let ctx = cudarc::driver::CudaContext::new(i).ok()?;
-    let (free, total) = ctx.mem_get_info().ok()?;
-    Some((total - free) as u64)
+    crate::runtime::device_memory(device).map(|(used, _)| used)
 }
 
 pub fn run(
@@ -190,7 +187,7 @@ fn checkpoint_bench(
     let write = start.elapsed().as_secs_f64();
     ckpt.finish(engine.collective()).map_err(ckpt_err)?;
     let rank = engine.collective().rank();
-    let object = url.join(format!("step-0000000001/rank-{rank:05}.bin"));
+    let object = url.join(step_dir(1)).join(format!("rank-{rank:05}.bin"));
     let bytes = std::fs::metadata(&object).map_err(io)?.len();
     // The disk's raw write bandwidth for the same size, same directory, flushed.
     let raw_path = dir.join(format!("raw-{rank}.bin"));

@@ -10,7 +10,7 @@ use serde::Serialize;
 use tch::{Device, Kind, Tensor};
 
 use super::{EngineConfig, EngineError, Fsdp, Initial, MicroBatch};
-use crate::checkpoint::{CheckpointConfig, Checkpointer, RunState};
+use crate::checkpoint::{CheckpointConfig, Checkpointer, RunState, step_dir};
 use crate::collective::{self, Collective, local::LocalGroup};
 use crate::model::{Precision, RadiTConfig};
 
@@ -180,10 +180,11 @@ pub fn run(check: &ParityCheck, device: Device) -> Result<ParityReport, EngineEr
         keep: 1,
     })
     .map_err(ckpt_err)?;
-    let state = RunState::synthetic(check.steps as u64, engine.adam_steps(), &check.model);
+    let adam_steps = engine.adam_steps();
+    let state = RunState::synthetic(check.steps as u64, adam_steps, &check.model);
     ckpt.save(&engine, state).map_err(ckpt_err)?;
     ckpt.finish(engine.collective()).map_err(ckpt_err)?;
-    let checkpoint_bytes = std::fs::read_dir(url.join(format!("step-{:010}", check.steps)))
+    let checkpoint_bytes = std::fs::read_dir(url.join(step_dir(check.steps as u64)))
         .map(|d| {
             d.flatten()
                 .filter_map(|e| e.metadata().ok())
@@ -191,7 +192,6 @@ pub fn run(check: &ParityCheck, device: Device) -> Result<ParityReport, EngineEr
                 .sum()
         })
         .unwrap_or(0);
-    let adam_steps = engine.adam_steps();
     drop(engine);
     // Initialised differently, so that only the checkpoint can make it equal.
     let mut restored = engine_alone(check, device, 1)?;
