@@ -13,6 +13,12 @@ if cargo tree -p radit-protocol -e normal --prefix none | grep -E '^(torch-sys|t
   echo "radit-protocol must not depend on the crates above" >&2
   exit 1
 fi
+# Launchers are a leaf over the protocol: starting ranks links no libtorch and knows no trainer or coordinator.
+if cargo tree -p radit-launch -e normal --prefix none | grep -E '^(torch-sys|tch|radit-[a-z]+) ' |
+  grep -vE '^radit-(launch|protocol) '; then
+  echo "radit-launch must depend on radit-protocol alone among radit's crates, and never on libtorch" >&2
+  exit 1
+fi
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 cargo test --workspace --no-fail-fast "$@"
 # Behind a flag (a release build against another libtorch, about 15 minutes here): the GPU bundle builds, and its

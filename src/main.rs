@@ -15,7 +15,7 @@ use radit_sharding::ShardError;
 use radit_sharding::audit::{self, AuditRequest};
 use radit_sharding::ingest::{IngestOutcome, IngestProgress, RunOptions, ingest};
 use radit_sharding::layout::{Compression, StoreLayout};
-use radit_sharding::loader::{CacheConfig, LoaderConfig, ModelInput, Pass};
+use radit_sharding::loader::{DataConfig, ModelInput, Pass};
 use radit_sharding::manifest::{IngestSettings, Manifest, verify};
 use radit_sharding::reader::StoreReader;
 use radit_sharding::schema::{EncodingConfig, UncertainPolicy};
@@ -27,19 +27,10 @@ use radit_sharding::table::TableConfig;
 use radit_sharding::throughput;
 
 mod model_cli;
-mod rank;
 mod run_cli;
 mod train_cli;
 
-/// Exit codes: what the caller (a person, a script, Slurm) should do next.
-mod exit {
-    /// The store was checked and disagrees with its manifest.
-    pub const VERIFY_FAILED: u8 = 1;
-    /// Bad input or settings: fix them and run again.
-    pub const USER_ERROR: u8 = 2;
-    /// Infrastructure failed (storage, network): retrying or requeueing may succeed.
-    pub const RETRYABLE: u8 = 75;
-}
+mod exit;
 
 #[derive(Parser)]
 #[command(name = "radit", version, args_override_self = true)]
@@ -295,15 +286,7 @@ fn main() -> ExitCode {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("error: {e:#}");
-            let retryable = e.chain().any(|c| {
-                c.downcast_ref::<ShardError>()
-                    .is_some_and(ShardError::is_retryable)
-            });
-            ExitCode::from(if retryable {
-                exit::RETRYABLE
-            } else {
-                exit::USER_ERROR
-            })
+            ExitCode::from(exit::code_of(&e))
         }
     }
 }
@@ -312,7 +295,7 @@ fn run_synth(a: SynthArgs) -> anyhow::Result<u8> {
     let cfg = SynthConfig {
         images: a.images,
         seed: a.seed,
-        sizes: parse_sizes(&a.sizes).map_err(|e| anyhow::anyhow!("--sizes: {e}"))?,
+        sizes: parse_sizes(&a.sizes).map_err(|e| exit::usage!("--sizes: {e}"))?,
         defects: a.defects,
         split_column: a.split_column,
     };
@@ -360,13 +343,15 @@ fn run_shard(a: ShardArgs) -> anyhow::Result<u8> {
         return run_verify(url);
     }
     let (Some(table), Some(images), Some(out)) = (&a.table, &a.images, &a.out) else {
-        anyhow::bail!("--table, --images and --out are required to ingest");
+        return Err(exit::usage!(
+            "--table, --images and --out are required to ingest"
+        ));
     };
     let settings = shard_settings(&a);
     let metrics = Arc::new(IngestProgress::default());
     let pusher = match &a.pushgateway {
         Some(url) => {
-            anyhow::ensure!(
+            exit::ensure_usage!(
                 a.push_seconds.is_finite() && a.push_seconds >= 0.1,
                 "--push-seconds must be a number of seconds >= 0.1, got {}",
                 a.push_seconds
@@ -378,7 +363,19 @@ fn run_shard(a: ShardArgs) -> anyhow::Result<u8> {
             Some(Pusher::start(
                 gateway,
                 std::time::Duration::from_secs_f64(a.push_seconds),
-                move || m.exposition(),
+                move || {
+                    use std::sync::atomic::Ordering::Relaxed;
+                    radit_monitoring::metrics::exposition(
+                        radit_monitoring::metrics::IngestSnapshot {
+                            rows: m.rows_total.load(Relaxed),
+                            rows_done: m.rows_done.load(Relaxed),
+                            rows_rejected: m.rows_rejected.load(Relaxed),
+                            shards_written: m.shards_written.load(Relaxed),
+                            bytes_written: m.bytes_written.load(Relaxed),
+                            complete: m.complete.load(Relaxed) != 0,
+                        },
+                    )
+                },
             ))
         }
         None => None,
@@ -454,11 +451,13 @@ fn print_rejections(manifest: &Manifest, limit: usize) {
 }
 
 fn run_verify(url: &str) -> anyhow::Result<u8> {
-    let checked = Storage::open_existing(url).and_then(|storage| Ok((verify(&storage)?, storage)));
+    let checked = Storage::open_existing(url)
+        .map_err(ShardError::from)
+        .and_then(|storage| Ok((verify(&storage)?, storage)));
     let (report, storage) = match checked {
         Ok(r) => r,
         // A store that is not there or not complete fails verification; anything else is an error to report.
-        Err(e @ (ShardError::NotFound { .. } | ShardError::InvalidStore { .. })) => {
+        Err(e) if e.is_not_found() || matches!(e, ShardError::InvalidStore { .. }) => {
             println!("store {url} fails verification: {e}");
             return Ok(exit::VERIFY_FAILED);
         }
@@ -525,8 +524,13 @@ fn run_quickstart(a: QuickstartArgs) -> anyhow::Result<u8> {
         return Ok(code);
     }
     let job = dir.join("job.toml");
-    std::fs::write(&job, quickstart_job(&dir, a.image_size, a.steps, a.ranks))
-        .with_context(|| format!("writing {}", job.display()))?;
+    let spec = radit_run::job::quickstart(&dir, a.image_size, a.steps, a.ranks)?;
+    let text = format!(
+        "# Written by `radit quickstart`: the embedded default job. Run it again with `radit run {}`.\n{}",
+        job.display(),
+        spec.to_toml()?
+    );
+    std::fs::write(&job, text).with_context(|| format!("writing {}", job.display()))?;
     println!(
         "4/4 training with `radit run {}` ({} CPU ranks, {} steps)",
         job.display(),
@@ -544,74 +548,6 @@ fn run_quickstart(a: QuickstartArgs) -> anyhow::Result<u8> {
         );
     }
     Ok(code)
-}
-
-/// The embedded default job: a small RadiT on the synthetic store, two CPU ranks on this machine.
-fn quickstart_job(dir: &Path, image_size: u32, steps: u64, ranks: u32) -> String {
-    format!(
-        r#"# Written by `radit quickstart`: the embedded default job. Run it again with `radit run {job}`.
-[job]
-name = "quickstart"
-run_dir = "run"
-
-[data]
-url = "{store}"
-window_shards = 4
-
-[model.config]
-in_channels = 1
-input_size = {image_size}
-patch_size = 4
-hidden = 64
-depth = 2
-heads = 4
-
-[flow]
-shift = 3.0
-
-[engine]
-# A short run: the EMA has to forget the initial weights within a few hundred steps (the XL run uses 0.9999).
-ema_decay = 0.99
-
-[engine.adam]
-lr = 0.002
-
-[train]
-steps = {steps}
-global_batch = 32
-seed = 1
-log_every = 50
-
-[checkpoint]
-url = "{ckpt}"
-every = 100
-keep = 2
-
-[resources]
-cpu_ranks = {ranks}
-threads_per_rank = 1
-
-[launcher]
-kind = "local"
-
-[restart]
-max_restarts = 2
-heartbeat_seconds = 1.0
-hang_min_seconds = 60.0
-
-[monitoring]
-progress_seconds = 5.0
-
-[samples]
-count = 16
-steps = 32
-# A contact sheet of the EMA's samples every 100 steps (samples/progress/), to watch it learn.
-every = 100
-"#,
-        job = dir.join("job.toml").display(),
-        store = dir.join("store").display(),
-        ckpt = dir.join("checkpoints").display(),
-    )
 }
 
 fn path_str(p: &Path) -> anyhow::Result<&str> {
@@ -643,10 +579,10 @@ fn run_batches(a: BatchesArgs) -> anyhow::Result<u8> {
 fn run_bench(a: BenchArgs) -> anyhow::Result<u8> {
     let threads = a.threads.unwrap_or_else(num_cpus_or_one);
     if threads == 0 {
-        anyhow::bail!("--threads must be at least 1");
+        return Err(exit::usage!("--threads must be at least 1"));
     }
     if !(a.cache_gib > 0.0 && a.cache_gib.is_finite()) {
-        anyhow::bail!(
+        exit::bail_usage!(
             "--cache-gib must be a positive number (got {})",
             a.cache_gib
         );
@@ -655,29 +591,29 @@ fn run_bench(a: BenchArgs) -> anyhow::Result<u8> {
         .num_threads(threads)
         .build_global()
         .context("starting the decode threads")?;
-    let config = LoaderConfig {
+    let data = DataConfig {
         split: a.slice.split,
-        pass: match a.pass {
+        window_shards: a.slice.window_shards,
+        cache_dir: a.cache,
+        cache_gib: a.cache_gib,
+        prefetch: a.prefetch,
+        ..DataConfig::new(&a.slice.url)
+    };
+    let config = data.loader_config(
+        match a.pass {
             PassArg::Train => Pass::Train,
             PassArg::Eval => Pass::Eval,
         },
-        seed: a.seed,
-        window_shards: a.slice.window_shards,
-        global_batch: a.global_batch,
-        rank: a.slice.rank,
-        world: a.slice.world,
-        output: match a.input {
+        a.seed,
+        a.global_batch,
+        a.slice.rank,
+        a.slice.world,
+        match a.input {
             InputArg::U16 => ModelInput::U16,
             InputArg::Dequantised => ModelInput::Dequantised,
             InputArg::Latents => ModelInput::Latents,
         },
-        prefetch_steps: a.prefetch,
-        cache: a.cache.map(|dir| CacheConfig {
-            dir,
-            max_bytes: (a.cache_gib * (1u64 << 30) as f64) as u64,
-        }),
-        ..LoaderConfig::default()
-    };
+    );
     let storage = Storage::open_existing(&a.slice.url)?;
     let mib = |b: u64| b as f64 / f64::from(1u32 << 20);
     if a.ceiling {

@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use clap::{Args, Subcommand, ValueEnum};
-use radit_trainer::generate::{Conditions, Sampler, contact_sheet, sample_sheet, write_png16};
+use radit_trainer::generate::{Conditions, Sampler, contact_sheet, write_png16, write_samples};
 use radit_trainer::model::{Precision, RadiT, RadiTConfig, save_weights};
 use radit_trainer::sampler::Solver;
 use radit_trainer::tch::{self, Device, Kind, Tensor, nn::VarStore};
@@ -140,7 +140,7 @@ pub fn run_model(cmd: ModelCommand) -> anyhow::Result<u8> {
 
 fn info(a: InfoArgs) -> anyhow::Result<u8> {
     let cfg = RadiTConfig::preset(&a.preset)?;
-    anyhow::ensure!(a.world > 0, "--world must be positive");
+    crate::exit::ensure_usage!(a.world > 0, "--world must be positive");
     let count = cfg.parameter_count();
     let mem = cfg.memory_per_gpu(a.world);
     if a.json {
@@ -225,7 +225,7 @@ fn init(a: InitArgs) -> anyhow::Result<u8> {
 
 fn bench(a: ModelBenchArgs) -> anyhow::Result<u8> {
     let cfg = RadiTConfig::preset(&a.preset)?;
-    anyhow::ensure!(
+    crate::exit::ensure_usage!(
         a.batch > 0 && a.steps > 0 && a.threads > 0,
         "--batch, --steps and --threads must be positive"
     );
@@ -317,7 +317,7 @@ pub fn run_sample(a: SampleArgs) -> anyhow::Result<u8> {
     });
     let sheet = a.out.join("contact_sheet.png");
     if editing {
-        anyhow::ensure!(pixel, "--edit needs a pixel model (this one reads latents)");
+        crate::exit::ensure_usage!(pixel, "--edit needs a pixel model (this one reads latents)");
         let original = Conditions::missing()
             .with(&a.from, a.from_age)
             .context("parsing --from/--from-age")?;
@@ -343,20 +343,11 @@ pub fn run_sample(a: SampleArgs) -> anyhow::Result<u8> {
             prediction.nfe
         );
     } else {
-        anyhow::ensure!(a.n > 0, "-n must be at least 1");
-        let (samples, stats) = sampler.generate(&target, a.n, a.batch, a.seed, solver)?;
-        sample_sheet(&samples, 256.min(side), &[&sheet])?;
-        let files = if pixel {
-            write_png16(&samples, &a.out, "sample")?
-        } else {
-            // Latents need the RadVAE decoder to become images; keep them exactly.
-            let path = a.out.join("latents.safetensors");
-            Tensor::write_safetensors(&[("latents", &samples)], &path)?;
-            vec![path]
-        };
-        let nfe: usize = stats.iter().map(|s| s.nfe).sum();
-        report["files"] = serde_json::to_value(&files)?;
-        report["solves"] = serde_json::to_value(&stats)?;
+        crate::exit::ensure_usage!(a.n > 0, "-n must be at least 1");
+        let written = write_samples(&sampler, &target, a.n, a.batch, a.seed, solver, &a.out)?;
+        let nfe: usize = written.solves.iter().map(|s| s.nfe).sum();
+        report["files"] = serde_json::to_value(&written.files)?;
+        report["solves"] = serde_json::to_value(&written.solves)?;
         println!(
             "generated {} sample(s) for [{}] with {} model evaluations in {:.1} s",
             a.n,

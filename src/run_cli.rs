@@ -3,16 +3,15 @@
 //! supervises srun tasks. A completed run draws samples from its final EMA weights.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
 
 use anyhow::Context;
 use clap::Args;
-use radit_launch::job::{Job, LauncherKind, RankDevice};
-use radit_launch::launcher::{Launcher, LocalLauncher, MpirunLauncher, SrunLauncher};
 use radit_launch::slurm::{self, REQUEUE_EXIT_CODE};
-use radit_launch::supervise::{Outcome, supervise};
+use radit_run::job::Job;
+use radit_run::samples::draw_final_samples;
+use radit_run::supervise::{Outcome, supervise};
 
 #[derive(Args)]
 pub struct RunArgs {
@@ -55,23 +54,21 @@ pub fn run(a: RunArgs) -> anyhow::Result<u8> {
         signal_hook::flag::register_usize(s, signal.clone(), s as usize)
             .context("installing the signal handlers")?;
     }
-    let launcher: Box<dyn Launcher> = match (job.spec.launcher.kind, a.in_allocation) {
-        (LauncherKind::Local, _) => Box::new(LocalLauncher),
-        (LauncherKind::Mpirun, _) => Box::new(MpirunLauncher {
-            extra_args: job.spec.launcher.mpirun_args.clone(),
-        }),
-        (LauncherKind::Slurm, true) => Box::new(SrunLauncher {
-            tasks_per_node: job.ranks_per_node,
-            gpus_per_task: u32::from(job.device == RankDevice::Cuda),
-            cpus_per_task: job.cpus_per_task(),
-        }),
-        (LauncherKind::Slurm, false) => return submit_and_follow(&job, &radit, &signal),
+    let Some(launcher) = job.launcher(a.in_allocation) else {
+        return submit_and_follow(&job, &radit, &signal);
     };
     let outcome = supervise(&job, launcher.as_ref(), &radit, &signal)?;
     match outcome {
         Outcome::Completed { restarts } => {
             eprintln!("radit: run complete after {restarts} restart(s)");
-            draw_samples(&job, &radit)?;
+            if let Some(s) = draw_final_samples(&job)? {
+                eprintln!(
+                    "radit: {} samples and contact sheet in {} (final EMA weights: {})",
+                    s.written.files.len(),
+                    s.dir.display(),
+                    s.weights.display()
+                );
+            }
             Ok(0)
         }
         Outcome::Requeue { .. } => Ok(REQUEUE_EXIT_CODE as u8),
@@ -130,47 +127,6 @@ fn submit_and_follow(job: &Job, radit: &Path, signal: &AtomicUsize) -> anyhow::R
     }
 }
 
-/// Exports the final EMA weights and samples `[samples] count` images with a contact sheet into the run directory.
-fn draw_samples(job: &Job, radit: &Path) -> anyhow::Result<()> {
-    let s = &job.spec;
-    let (Some(ckpt), true) = (&s.checkpoint, s.samples.count > 0) else {
-        return Ok(());
-    };
-    let weights = job.run_dir.join("final-ema.safetensors");
-    let out = job.run_dir.join("samples");
-    let run = |cmd: &mut Command, what: &str| -> anyhow::Result<()> {
-        let status = cmd.status().with_context(|| format!("starting {what}"))?;
-        anyhow::ensure!(status.success(), "{what} failed ({status})");
-        Ok(())
-    };
-    run(
-        Command::new(radit)
-            .arg("export")
-            .arg(&ckpt.url)
-            .arg("--out")
-            .arg(&weights),
-        "radit export",
-    )?;
-    let device = match job.device {
-        RankDevice::Cpu => "cpu",
-        RankDevice::Cuda => "cuda",
-    };
-    run(
-        Command::new(radit)
-            .arg("sample")
-            .arg("--weights")
-            .arg(&weights)
-            .arg("--out")
-            .arg(&out)
-            .args(["-n", &s.samples.count.to_string()])
-            .args(["--solver", "euler", "--steps", &s.samples.steps.to_string()])
-            .args(["--device", device]),
-        "radit sample",
-    )?;
-    eprintln!("radit: samples and contact sheet in {}", out.display());
-    Ok(())
-}
-
 #[derive(clap::Subcommand)]
 pub enum CoordinatorCommand {
     /// Scale by simulation: N simulated ranks join one coordinator on loopback and heartbeat it.
@@ -196,8 +152,8 @@ pub struct CoordinatorBenchArgs {
 
 pub fn run_coordinator(c: CoordinatorCommand) -> anyhow::Result<u8> {
     let CoordinatorCommand::Bench(a) = c;
-    anyhow::ensure!(a.ranks > 0, "--ranks must be positive");
-    anyhow::ensure!(
+    crate::exit::ensure_usage!(a.ranks > 0, "--ranks must be positive");
+    crate::exit::ensure_usage!(
         a.hz > 0.0 && a.seconds > 0.0,
         "--hz and --seconds must be positive"
     );

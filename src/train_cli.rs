@@ -4,13 +4,15 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Args;
-use radit_trainer::checkpoint::{CheckpointConfig, Checkpointer};
-use radit_trainer::collective::{self, local::LocalGroup};
-use radit_trainer::engine::{EngineConfig, Fsdp, Initial};
+use radit_trainer::checkpoint;
+use radit_trainer::collective;
+use radit_trainer::engine::EngineConfig;
+use radit_trainer::faults::Faults;
+use radit_trainer::membership;
 use radit_trainer::model::{RadiTConfig, save_named_weights};
 use radit_trainer::placement;
 use radit_trainer::tch::{self, Device};
-use radit_trainer::train::{TrainConfig, TrainError, train};
+use radit_trainer::train::{RunHandles, StepHook, TrainConfig, TrainError, train};
 
 #[derive(Args)]
 pub struct TrainArgs {
@@ -43,15 +45,15 @@ pub fn device(name: &str) -> anyhow::Result<Device> {
     if name == "cpu" {
         return Ok(Device::Cpu);
     }
-    let explicit = match name.strip_prefix("cuda:") {
-        Some(n) => Some(
-            n.parse::<usize>()
-                .map_err(|_| anyhow::anyhow!("--device `{name}`: expected cpu, cuda or cuda:N"))?,
-        ),
-        None if name == "cuda" => None,
-        None => anyhow::bail!("--device `{name}`: expected cpu, cuda or cuda:N"),
-    };
-    anyhow::ensure!(
+    let explicit =
+        match name.strip_prefix("cuda:") {
+            Some(n) => Some(n.parse::<usize>().map_err(|_| {
+                crate::exit::usage!("--device `{name}`: expected cpu, cuda or cuda:N")
+            })?),
+            None if name == "cuda" => None,
+            None => crate::exit::bail_usage!("--device `{name}`: expected cpu, cuda or cuda:N"),
+        };
+    crate::exit::ensure_usage!(
         tch::Cuda::is_available(),
         "--device {name}: libtorch sees no CUDA device here ({})",
         radit_trainer::runtime::probe().describe_cuda()
@@ -59,7 +61,7 @@ pub fn device(name: &str) -> anyhow::Result<Device> {
     let visible = tch::Cuda::device_count().max(0) as usize;
     let ordinal = match explicit {
         Some(n) => {
-            anyhow::ensure!(
+            crate::exit::ensure_usage!(
                 n < visible,
                 "--device {name}: this process sees {visible} CUDA device(s)"
             );
@@ -74,32 +76,31 @@ pub fn device(name: &str) -> anyhow::Result<Device> {
 }
 
 pub fn run_train(a: TrainArgs) -> anyhow::Result<u8> {
-    let text = std::fs::read_to_string(&a.config)
-        .with_context(|| format!("reading {}", a.config.display()))?;
-    let cfg: TrainConfig =
-        toml::from_str(&text).with_context(|| format!("parsing {}", a.config.display()))?;
-    cfg.validate()
-        .with_context(|| format!("checking {}", a.config.display()))?;
+    let cfg = TrainConfig::load(&a.config)?;
     if let Some(t) = a.threads {
         tch::set_num_threads(t);
     }
     let device = device(&a.device)?;
+    let handles = RunHandles {
+        step_hook: Faults::from_env().map(|f| Box::new(f) as Box<dyn StepHook>),
+        ..RunHandles::default()
+    };
     // SIGUSR1 (Slurm's warning before the time limit) and SIGTERM (preemption) ask for a checkpoint and a requeue.
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGUSR1, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(signal, stop.clone())
+        signal_hook::flag::register(signal, handles.stop.clone())
             .context("installing the signal handlers")?;
     }
     // Under `radit run` the coordinator hands out ranks and peers; otherwise MPI or a world of one.
-    let (comm, membership) = match crate::rank::join_run(device, stop.clone())? {
-        Some((comm, membership)) => (comm, Some(membership)),
-        None => (
-            collective::from_environment(device).context("joining the rank group")?,
-            None,
-        ),
-    };
+    let (comm, membership) =
+        match membership::join_run(device, handles.stop.clone(), handles.progress.clone())? {
+            Some(j) => (j.comm, Some(j.membership)),
+            None => (
+                collective::from_environment(device).context("joining the rank group")?,
+                None,
+            ),
+        };
     let rank = comm.rank();
-    let trained = train(&cfg, comm, device, &stop, |log| {
+    let trained = train(&cfg, comm, device, handles, |log| {
         if rank == 0 {
             println!("{}", serde_json::to_string(log).unwrap_or_default());
         }
@@ -108,12 +109,11 @@ pub fn run_train(a: TrainArgs) -> anyhow::Result<u8> {
         Err(e @ TrainError::OutOfMemory { .. }) => {
             // Not an infrastructure failure: the supervisor must not relaunch it, and the operator must see why.
             let why = e.to_string();
-            eprintln!("radit: rank {rank}: {why}");
             tracing::error!(rank, error = %why, "out of memory");
             if let Some(m) = membership {
                 m.fail(why);
             }
-            return Ok(crate::exit::USER_ERROR);
+            return Err(e.into());
         }
         other => other?,
     };
@@ -124,38 +124,20 @@ pub fn run_train(a: TrainArgs) -> anyhow::Result<u8> {
         m.leave();
     }
     // 75: "checkpointed, requeue me" (the same code the sbatch script requeues on).
-    Ok(if summary.stopped_for_requeue { 75 } else { 0 })
+    Ok(if summary.stopped_for_requeue {
+        crate::exit::RETRYABLE
+    } else {
+        0
+    })
 }
 
 pub fn run_export(a: ExportArgs) -> anyhow::Result<u8> {
-    let ckpt = Checkpointer::open(CheckpointConfig {
-        url: a.checkpoint.clone(),
-        every: 1,
-        keep: usize::MAX,
-    })?;
-    let step = *ckpt
-        .committed_steps()?
-        .first()
-        .with_context(|| format!("{} holds no committed checkpoint", a.checkpoint))?;
-    let model: RadiTConfig = ckpt.model_config(step)?;
-    let comm = Box::new(LocalGroup::ranks(1, std::time::Duration::from_secs(60)).remove(0));
-    let mut engine = Fsdp::new(
-        &model,
-        EngineConfig::default(),
-        comm,
-        Device::Cpu,
-        Initial::Seed(0),
-    )?;
-    let state = ckpt
-        .load_latest(&mut engine, &model)?
-        .with_context(|| format!("no usable checkpoint in {}", a.checkpoint))?;
-    let weights = engine.gather_named(!a.raw)?;
+    let (model, step, weights) = checkpoint::read_weights(&a.checkpoint, !a.raw)?;
     save_named_weights(&weights, &model, &a.out)?;
     println!(
-        "wrote {} ({} weights of step {})",
+        "wrote {} ({} weights of step {step})",
         a.out.display(),
         if a.raw { "raw" } else { "EMA" },
-        state.step
     );
     Ok(0)
 }
@@ -238,14 +220,14 @@ pub struct EngineSteps {
 
 impl EngineSteps {
     fn resolve(&self) -> anyhow::Result<(RadiTConfig, EngineConfig, Device)> {
-        anyhow::ensure!(
+        crate::exit::ensure_usage!(
             self.batch > 0 && self.steps > 0,
             "--batch and --steps must be positive"
         );
         let mode = match self.mode.as_str() {
             "zero3" => radit_trainer::engine::ShardingMode::Zero3,
             "zero2" => radit_trainer::engine::ShardingMode::Zero2,
-            other => anyhow::bail!("--mode `{other}`: expected zero3 or zero2"),
+            other => crate::exit::bail_usage!("--mode `{other}`: expected zero3 or zero2"),
         };
         let engine = EngineConfig {
             mode,

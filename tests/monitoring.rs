@@ -332,33 +332,38 @@ fn prometheus_scrapes_a_running_job_and_promtool_accepts_the_exposition() {
             .is_some_and(|v| v > 0.0)
     });
 
-    // The dashboard: every metric it names is one the coordinator exports, and every query is valid PromQL
-    // that Prometheus answers for this job.
+    // The dashboard: every metric it names is in the registry of radit's metrics (radit_monitoring::metrics),
+    // the registry holds every name the coordinator serves and `radit shard` pushed, and every query is valid
+    // PromQL that Prometheus answers for this job.
+    let registered: std::collections::BTreeSet<String> = radit_monitoring::metrics::series_names()
+        .into_iter()
+        .collect();
+    let metric_names: std::collections::BTreeSet<&str> =
+        radit_monitoring::metrics::names().into_iter().collect();
     let exposition = http_get(&addr, "/metrics", Some(&token));
-    let mut exported = std::collections::BTreeSet::new();
-    for line in exposition.lines() {
-        let mut f = line.split_whitespace();
-        if let (Some("#"), Some("TYPE"), Some(name), Some(kind)) =
-            (f.next(), f.next(), f.next(), f.next())
-        {
-            exported.insert(name.to_string());
-            if kind == "histogram" {
-                for suffix in ["_bucket", "_sum", "_count"] {
-                    exported.insert(format!("{name}{suffix}"));
-                }
-            }
-        }
+    // A `# TYPE` line names a metric (a histogram's base name); a pushed series is a series name.
+    for name in exposition
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split(' ').next())
+    {
+        assert!(
+            metric_names.contains(name),
+            "{name} is exported but not in radit_monitoring::metrics"
+        );
+    }
+    for series in gateway.series("radit-shard") {
+        let name = series.split([' ', '{']).next().unwrap_or_default();
+        assert!(
+            registered.contains(name),
+            "{name} is pushed but not in radit_monitoring::metrics"
+        );
     }
     // Shown on GPU ranks only (a coordinator test covers their exposition).
     let gpu_only = [
-        "radit_gpu_memory_used_bytes",
-        "radit_gpu_memory_total_bytes",
+        radit_monitoring::metrics::GPU_MEMORY_USED.name,
+        radit_monitoring::metrics::GPU_MEMORY_TOTAL.name,
     ];
-    exported.extend(gpu_only.map(String::from));
-    // What `radit shard` pushed.
-    for line in gateway.series("radit-shard") {
-        exported.insert(line.split('{').next().unwrap_or_default().to_string());
-    }
     let dashboard: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(common::repo().join("monitoring/grafana/radit-dashboard.json"))
             .unwrap(),
@@ -376,8 +381,8 @@ fn prometheus_scrapes_a_running_job_and_promtool_accepts_the_exposition() {
                     .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
                     .collect();
                 assert!(
-                    exported.contains(&name),
-                    "panel {:?} queries {name}, which the coordinator does not export",
+                    registered.contains(&name),
+                    "panel {:?} queries {name}, which is not in radit_monitoring::metrics",
                     panel["title"]
                 );
                 rest = &rest[at + name.len()..];

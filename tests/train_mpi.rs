@@ -455,9 +455,7 @@ fn a_short_run_learns_the_cardiomegaly_conditioning() {
 fn the_example_configs_parse_and_validate() {
     for name in ["radit-xl-latent.toml", "radit-tiny-cpu.toml"] {
         let path = common::repo().join("examples").join(name);
-        let cfg: radit_trainer::train::TrainConfig =
-            toml::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-        cfg.validate().unwrap();
+        radit_trainer::train::TrainConfig::load(&path).unwrap();
     }
     let bad = "[data]\nurl = \"x\"\n[model]\npreset = \"tiny\"\n[train]\nsteps = 1\nglobal_batch = 8\nbatch = 3\n";
     let err = toml::from_str::<radit_trainer::train::TrainConfig>(bad)

@@ -21,9 +21,11 @@
 //! # Ok(()) }
 //! ```
 
+pub mod restart;
 mod server;
 pub mod service;
 pub mod simulate;
 
+pub use restart::RestartPolicy;
 pub use server::{Coordinator, CoordinatorConfig, JobHealth, RankState, Totals, serve};
 pub use service::Service;

@@ -13,6 +13,7 @@ use axum::routing::{get, post};
 use serde::Serialize;
 use tokio::time::Instant;
 
+use radit_monitoring::metrics::{self, JobSnapshot, RankSample};
 use radit_protocol::{
     CheckpointReport, Heartbeat, HeartbeatReply, JobToken, JoinReply, JoinRequest, Phase,
     RankStats, STEP_SECONDS_BUCKETS,
@@ -56,18 +57,6 @@ impl CoordinatorConfig {
             peak_flops_per_device: None,
         }
     }
-}
-
-/// What `/metrics` needs, copied under the lock.
-struct MetricsSnapshot {
-    generation: u64,
-    joined: usize,
-    step: u64,
-    median: Option<f64>,
-    checkpoint: Option<u64>,
-    hangs_detected: u64,
-    counters: RankStats,
-    stats: Vec<(usize, RankStats)>,
 }
 
 /// A snapshot of the run for the periodic progress line.
@@ -261,7 +250,10 @@ impl Coordinator {
 
     /// Health now: forming, running, the first rank that has been silent too long, or a hang and its culprit.
     pub fn health(&self) -> JobHealth {
-        let inner = self.lock();
+        self.health_of(&self.lock(), Instant::now())
+    }
+
+    fn health_of(&self, inner: &Inner, now: Instant) -> JobHealth {
         let joined = inner.joined();
         if joined < self.cfg.world {
             return JobHealth::Forming {
@@ -270,7 +262,6 @@ impl Coordinator {
             };
         }
         let limit = self.cfg.heartbeat_interval * self.cfg.missed_heartbeats;
-        let now = Instant::now();
         let members: Vec<&Member> = inner.members.iter().flatten().collect();
         if let Some((rank, age)) = members
             .iter()
@@ -334,9 +325,11 @@ impl Coordinator {
     }
 
     pub fn ranks(&self) -> Vec<RankState> {
-        let inner = self.lock();
+        self.ranks_of(&self.lock(), Instant::now())
+    }
+
+    fn ranks_of(&self, inner: &Inner, now: Instant) -> Vec<RankState> {
         let limit = self.cfg.heartbeat_interval * self.cfg.missed_heartbeats;
-        let now = Instant::now();
         inner
             .members
             .iter()
@@ -388,22 +381,38 @@ impl Coordinator {
         })
     }
 
-    /// The Prometheus text exposition of the run's state (served at `/metrics`).
+    /// The Prometheus text exposition of the run's state (served at `/metrics`, pushed to a Pushgateway), in
+    /// [`radit_monitoring::metrics::CONTENT_TYPE`].
     pub fn metrics(&self) -> String {
-        use std::fmt::Write;
-        let health = self.health();
-        let ranks = self.ranks();
-        // One snapshot under the lock; the (megabytes of) text are written after it is released, so heartbeats
+        // One snapshot under one lock; the (megabytes of) text are written after it is released, so heartbeats
         // do not wait for a scrape.
-        let snap = {
+        let snapshot = {
             let inner = self.lock();
-            MetricsSnapshot {
+            let now = Instant::now();
+            let (dead, hung) = match self.health_of(&inner, now) {
+                JobHealth::RankDead { rank, .. } => (Some(rank), None),
+                JobHealth::Hung { culprit, .. } => (None, Some(culprit)),
+                _ => (None, None),
+            };
+            let ranks = self.ranks_of(&inner, now).into_iter().map(|r| RankSample {
+                rank: r.rank,
+                step: r.step,
+                heartbeat_age_seconds: r.heartbeat_age_ms as f64 / 1000.0,
+                alive: r.alive,
+                hung: hung == Some(r.rank),
+                dead: dead == Some(r.rank),
+            });
+            JobSnapshot {
+                world: self.cfg.world,
                 generation: inner.generation,
                 joined: inner.joined(),
                 step: inner.progress.0,
-                median: inner.median_step_seconds(),
+                median_step_seconds: inner.median_step_seconds(),
                 checkpoint: inner.checkpoints.last().copied(),
                 hangs_detected: inner.hangs_detected,
+                total_steps: self.cfg.total_steps,
+                peak_flops_per_device: self.cfg.peak_flops_per_device,
+                ranks: ranks.collect(),
                 counters: inner.counters(),
                 stats: inner
                     .reporting()
@@ -412,294 +421,7 @@ impl Coordinator {
                     .collect(),
             }
         };
-        let mut out = String::new();
-        let mut gauge = |name: &str, help: &str, kind: &str, samples: &[(String, f64)]| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-            for (labels, v) in samples {
-                let _ = writeln!(out, "{name}{labels} {v}");
-            }
-        };
-        let one = |v: f64| vec![(String::new(), v)];
-        gauge(
-            "radit_world_size",
-            "Ranks in the job.",
-            "gauge",
-            &one(self.cfg.world as f64),
-        );
-        gauge(
-            "radit_generation",
-            "Launch generation (1 + restarts).",
-            "gauge",
-            &one(snap.generation as f64),
-        );
-        gauge(
-            "radit_ranks_joined",
-            "Ranks joined in this generation.",
-            "gauge",
-            &one(snap.joined as f64),
-        );
-        gauge(
-            "radit_step",
-            "The slowest rank's finished step.",
-            "gauge",
-            &one(snap.step as f64),
-        );
-        if let Some(m) = snap.median {
-            gauge(
-                "radit_step_seconds_median",
-                "Median seconds per step.",
-                "gauge",
-                &one(m),
-            );
-        }
-        gauge(
-            "radit_checkpoint_step",
-            "Newest committed checkpoint.",
-            "gauge",
-            &one(snap.checkpoint.map_or(-1.0, |s| s as f64)),
-        );
-        gauge(
-            "radit_hangs_detected_total",
-            "Hangs detected.",
-            "counter",
-            &one(snap.hangs_detected as f64),
-        );
-        let per_rank = |f: &dyn Fn(&RankState) -> f64| -> Vec<(String, f64)> {
-            ranks
-                .iter()
-                .map(|r| (format!("{{rank=\"{}\"}}", r.rank), f(r)))
-                .collect()
-        };
-        gauge(
-            "radit_rank_step",
-            "Each rank's finished step.",
-            "gauge",
-            &per_rank(&|r| r.step as f64),
-        );
-        gauge(
-            "radit_rank_heartbeat_age_seconds",
-            "Seconds since each rank's last heartbeat.",
-            "gauge",
-            &per_rank(&|r| r.heartbeat_age_ms as f64 / 1000.0),
-        );
-        gauge(
-            "radit_rank_alive",
-            "1 while the rank heart-beats.",
-            "gauge",
-            &per_rank(&|r| f64::from(u8::from(r.alive))),
-        );
-        let (dead, hung) = match &health {
-            JobHealth::RankDead { rank, .. } => (Some(*rank), None),
-            JobHealth::Hung { culprit, .. } => (None, Some(*culprit)),
-            _ => (None, None),
-        };
-        gauge(
-            "radit_rank_hung",
-            "1 for the rank named as the culprit of a hang.",
-            "gauge",
-            &per_rank(&|r| f64::from(u8::from(hung == Some(r.rank)))),
-        );
-        gauge(
-            "radit_rank_dead",
-            "1 for the rank that stopped heart-beating.",
-            "gauge",
-            &per_rank(&|r| f64::from(u8::from(dead == Some(r.rank)))),
-        );
-        gauge(
-            "radit_restarts_total",
-            "Relaunches of every rank after a failure.",
-            "counter",
-            &one(snap.generation.saturating_sub(1) as f64),
-        );
-        if let Some(total) = self.cfg.total_steps {
-            gauge(
-                "radit_progress_ratio",
-                "Finished steps over the run's steps.",
-                "gauge",
-                &one(snap.step as f64 / total.max(1) as f64),
-            );
-            if let Some(m) = snap.median {
-                gauge(
-                    "radit_eta_seconds",
-                    "Seconds to the last step at the median step time.",
-                    "gauge",
-                    &one(m * total.saturating_sub(snap.step) as f64),
-                );
-            }
-        }
-        if let Some(peak) = self.cfg.peak_flops_per_device {
-            gauge(
-                "radit_peak_flops_per_second",
-                "Peak dense FLOP/s of the whole job (devices x the configured per-device peak); MFU = rate(radit_model_flops_total) / this.",
-                "gauge",
-                &one(peak * self.cfg.world as f64),
-            );
-        }
-        // Counters cover every generation, also between a relaunch and the new ranks' first report.
-        let all = &snap.counters;
-        let counter = |name: &str, help: &str, v: f64, out: &mut String| {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
-            );
-        };
-        let mut more = String::new();
-        for (name, help, v) in [
-            (
-                "radit_images_total",
-                "Training images processed (all ranks, all generations).",
-                all.images as f64,
-            ),
-            (
-                "radit_tokens_total",
-                "Training tokens (patches) processed.",
-                all.tokens as f64,
-            ),
-            (
-                "radit_model_flops_total",
-                "Model FLOPs of forward and backward.",
-                all.model_flops,
-            ),
-            (
-                "radit_data_wait_seconds_total",
-                "Seconds ranks waited for their batches (summed over ranks).",
-                all.data_wait_seconds,
-            ),
-            (
-                "radit_skipped_steps_total",
-                "Skip events: steps skipped for a non-finite loss or gradient (a skipped step replayed after a relaunch counts again).",
-                all.skipped_steps as f64,
-            ),
-            (
-                "radit_checkpoints_total",
-                "Checkpoints started.",
-                all.checkpoints as f64,
-            ),
-            (
-                "radit_checkpoint_bytes_total",
-                "Checkpoint bytes written (all ranks, all generations).",
-                all.checkpoint_bytes as f64,
-            ),
-        ] {
-            counter(name, help, v, &mut more);
-        }
-        let stats = snap.stats.iter().map(|(r, s)| (*r, s)).collect::<Vec<_>>();
-        if stats.is_empty() {
-            out.push_str(&more);
-            return out;
-        }
-        // Every rank sees the same global loss, gradient norm and learning rate: the first reporting rank's are
-        // the run's.
-        let (_, first) = stats[0];
-        let mut g = |name: &str, help: &str, v: f64| {
-            let _ = writeln!(
-                more,
-                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}"
-            );
-        };
-        g(
-            "radit_loss",
-            "Mean training loss over the global batch of the last step.",
-            first.loss,
-        );
-        g(
-            "radit_grad_norm",
-            "Global gradient norm before clipping, last step.",
-            first.grad_norm,
-        );
-        g(
-            "radit_learning_rate",
-            "Learning rate of the last step.",
-            first.learning_rate,
-        );
-        g(
-            "radit_checkpoint_stall_seconds",
-            "Seconds training stalled for the last checkpoint (slowest rank).",
-            stats
-                .iter()
-                .map(|(_, s)| s.checkpoint_stall_seconds)
-                .fold(0.0, f64::max),
-        );
-        // MFU at the median step time, for alerts; the dashboard also shows rate(radit_model_flops_total) / peak.
-        if let (Some(peak), Some(median)) = (self.cfg.peak_flops_per_device, snap.median)
-            && peak > 0.0
-            && median > 0.0
-        {
-            let step_flops: f64 = stats.iter().map(|(_, s)| s.step_flops).sum();
-            g(
-                "radit_mfu_ratio",
-                "Model FLOPs utilisation: one step's model FLOPs (all ranks) / the median step seconds / the job's peak FLOP/s.",
-                step_flops / median / (peak * self.cfg.world as f64),
-            );
-        }
-        g(
-            "radit_loss_max",
-            "The largest of the ranks' own losses (each the mean over that rank's share of the batch), last step.",
-            first.loss_max,
-        );
-        g(
-            "radit_checkpoint_write_seconds",
-            "Seconds the slowest rank took to encode and write its part of the last committed checkpoint.",
-            stats
-                .iter()
-                .map(|(_, s)| s.checkpoint_write_seconds)
-                .fold(0.0, f64::max),
-        );
-        g(
-            "radit_checkpoint_save_seconds",
-            "Seconds from the start of the last committed checkpoint to its commit (training runs meanwhile).",
-            stats
-                .iter()
-                .map(|(_, s)| s.checkpoint_save_seconds)
-                .fold(0.0, f64::max),
-        );
-        let gpus: Vec<&(usize, &RankStats)> = stats
-            .iter()
-            .filter(|(_, s)| s.device_memory_total_bytes > 0)
-            .collect();
-        if !gpus.is_empty() {
-            for (name, help, f) in [
-                (
-                    "radit_gpu_memory_used_bytes",
-                    "GPU memory in use on each rank's device (driver view, includes the allocator's cache).",
-                    (|s: &RankStats| s.device_memory_used_bytes) as fn(&RankStats) -> u64,
-                ),
-                (
-                    "radit_gpu_memory_total_bytes",
-                    "GPU memory of each rank's device.",
-                    |s: &RankStats| s.device_memory_total_bytes,
-                ),
-            ] {
-                let _ = writeln!(more, "# HELP {name} {help}\n# TYPE {name} gauge");
-                for (r, s) in &gpus {
-                    let _ = writeln!(more, "{name}{{rank=\"{r}\"}} {}", f(s));
-                }
-            }
-        }
-        // Step time per rank, as a histogram: the worst rank shows who holds the others up.
-        let name = "radit_step_duration_seconds";
-        let _ = writeln!(
-            more,
-            "# HELP {name} Seconds per training step, per rank.\n# TYPE {name} histogram"
-        );
-        for (r, s) in &stats {
-            for (bound, count) in STEP_SECONDS_BUCKETS.iter().zip(&s.step_seconds_buckets) {
-                let _ = writeln!(more, "{name}_bucket{{rank=\"{r}\",le=\"{bound}\"}} {count}");
-            }
-            let _ = writeln!(
-                more,
-                "{name}_bucket{{rank=\"{r}\",le=\"+Inf\"}} {}",
-                s.step_seconds_count
-            );
-            let _ = writeln!(more, "{name}_sum{{rank=\"{r}\"}} {}", s.step_seconds_sum);
-            let _ = writeln!(
-                more,
-                "{name}_count{{rank=\"{r}\"}} {}",
-                s.step_seconds_count
-            );
-        }
-        out.push_str(&more);
-        out
+        metrics::exposition(snapshot)
     }
 
     /// Asks every rank to stop at its next heartbeat.
@@ -937,12 +659,8 @@ async fn status(State(c): State<Arc<Coordinator>>) -> Response {
     .into_response()
 }
 
-async fn metrics(State(c): State<Arc<Coordinator>>) -> Response {
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        c.metrics(),
-    )
-        .into_response()
+async fn scrape(State(c): State<Arc<Coordinator>>) -> Response {
+    ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], c.metrics()).into_response()
 }
 
 /// The endpoints, behind the token check and the body limit.
@@ -952,7 +670,7 @@ pub fn router(c: Arc<Coordinator>) -> Router {
         .route("/v1/heartbeat", post(heartbeat))
         .route("/v1/checkpoints", post(report_checkpoint))
         .route("/v1/status", get(status))
-        .route("/metrics", get(metrics))
+        .route("/metrics", get(scrape))
         .layer(DefaultBodyLimit::max(c.cfg.max_body_bytes))
         .layer(middleware::from_fn_with_state(c.clone(), authorise))
         .with_state(c)
@@ -974,4 +692,137 @@ pub async fn serve(
     axum::serve(listener, router(coordinator))
         .with_graceful_shutdown(shutdown)
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Compares `text` with `tests/golden/NAME`; `UPDATE_GOLDEN=1` rewrites the file (review the diff).
+    fn golden(name: &str, text: &str) {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/golden")
+            .join(name);
+        if std::env::var_os("UPDATE_GOLDEN").is_some() {
+            std::fs::create_dir_all(path.parent().expect("a folder")).expect("writable");
+            std::fs::write(&path, text).expect("writable");
+        }
+        let want = std::fs::read_to_string(&path)
+            .unwrap_or_else(|_| panic!("{} is missing: run with UPDATE_GOLDEN=1", path.display()));
+        assert_eq!(
+            text,
+            want,
+            "{} changed: review, then UPDATE_GOLDEN=1",
+            path.display()
+        );
+    }
+
+    async fn join_all(c: &Arc<Coordinator>, generation: u64) {
+        let joins: Vec<_> = (0..c.cfg.world)
+            .map(|rank| {
+                let request = JoinRequest {
+                    host: format!("node{rank}"),
+                    pid: 100 + rank as u32,
+                    rank: Some(rank),
+                    endpoint: None,
+                };
+                tokio::spawn(join(State(c.clone()), Json(request)))
+            })
+            .collect();
+        for j in joins {
+            assert_eq!(j.await.expect("joined").status(), StatusCode::OK);
+        }
+        assert_eq!(c.generation(), generation);
+    }
+
+    async fn beat(c: &Arc<Coordinator>, rank: usize, step: u64, stats: Option<RankStats>) {
+        let hb = Heartbeat {
+            rank,
+            generation: c.generation(),
+            step,
+            phase: Some(Phase::Compute),
+            stats,
+            ..Heartbeat::default()
+        };
+        assert_eq!(
+            heartbeat(State(c.clone()), Json(hb)).await.status(),
+            StatusCode::OK
+        );
+    }
+
+    /// What `rank` reports after `steps` steps of 0.75 s (4 images of 256 tokens each), rank 0 and 1 on GPUs.
+    fn stats(rank: usize, steps: u64) -> RankStats {
+        let r = rank as u64;
+        RankStats {
+            steps,
+            images: 4 * steps,
+            tokens: 1024 * steps,
+            model_flops: 2.5e12 * steps as f64,
+            step_flops: 2.5e12,
+            data_wait_seconds: 0.125 * steps as f64,
+            step_seconds_buckets: STEP_SECONDS_BUCKETS
+                .iter()
+                .map(|&b| if b >= 1.0 { steps } else { 0 })
+                .collect(),
+            step_seconds_count: steps,
+            step_seconds_sum: 0.75 * steps as f64,
+            skipped_steps: 1,
+            loss: 0.5 + 0.125 * r as f64,
+            grad_norm: 1.25,
+            learning_rate: 3e-4,
+            checkpoint_stall_seconds: 0.5 + r as f64,
+            checkpoints: 1,
+            checkpoint_write_seconds: 2.0 + r as f64,
+            checkpoint_save_seconds: 4.0 + r as f64,
+            checkpoint_bytes: 1 << 20,
+            loss_max: 0.75,
+            device_memory_used_bytes: if rank < 2 { (20 + r) << 30 } else { 0 },
+            device_memory_total_bytes: if rank < 2 { 96 << 30 } else { 0 },
+        }
+    }
+
+    /// A job of 3 ranks relaunched once (generation 2): 4 steps of 2 s, a checkpoint at step 4, one hang detected
+    /// earlier, rank 2 silent for 21.5 s (dead). Time is tokio's paused clock, so every value is fixed.
+    #[tokio::test(start_paused = true)]
+    async fn the_exposition_matches_its_golden_file() {
+        let mut cfg = CoordinatorConfig::new(3);
+        cfg.total_steps = Some(100);
+        cfg.peak_flops_per_device = Some(1e14);
+        let c = Coordinator::new(cfg, JobToken::generate().expect("a token"));
+        assert_eq!(c.new_generation(), 1);
+        join_all(&c, 1).await;
+        for rank in 0..3 {
+            beat(&c, rank, 2, Some(stats(rank, 2))).await;
+        }
+        c.record_hang();
+        assert_eq!(c.new_generation(), 2);
+        join_all(&c, 2).await;
+        for step in 1..=4 {
+            tokio::time::advance(Duration::from_secs(2)).await;
+            for rank in 0..3 {
+                beat(&c, rank, step, Some(stats(rank, step))).await;
+            }
+        }
+        let reply = report_checkpoint(State(c.clone()), Json(CheckpointReport { step: 4 })).await;
+        assert_eq!(reply.status(), StatusCode::NO_CONTENT);
+        for _ in 0..2 {
+            tokio::time::advance(Duration::from_secs(10)).await;
+            for rank in 0..2 {
+                beat(&c, rank, 4, Some(stats(rank, 4))).await;
+            }
+        }
+        tokio::time::advance(Duration::from_millis(1500)).await;
+        assert!(matches!(c.health(), JobHealth::RankDead { rank: 2, .. }));
+        golden("metrics.txt", &c.metrics());
+    }
+
+    /// Before any rank joined: no per-rank series, no step time, no rank-reported series, no checkpoint (-1).
+    #[tokio::test(start_paused = true)]
+    async fn a_forming_job_exposes_its_golden_file() {
+        let c = Coordinator::new(
+            CoordinatorConfig::new(2),
+            JobToken::generate().expect("a token"),
+        );
+        golden("metrics-forming.txt", &c.metrics());
+    }
 }

@@ -1,11 +1,15 @@
-//! Observability for radit: tracing setup and the Pushgateway client. The job's `/metrics` is served by the
-//! coordinator (radit-coordinator); the Grafana dashboard and the Prometheus scrape config are in this folder.
+//! Observability for radit: tracing setup, the registry of every metric radit exports with its exposition
+//! ([`metrics`]: names, help, units and types in one table; the text written by `prometheus-client`), and the
+//! Pushgateway client ([`Pushgateway`], [`Pusher`]). The job's `/metrics` is served by the coordinator
+//! (radit-coordinator) from a [`metrics::JobSnapshot`]; `radit shard` pushes an [`metrics::IngestSnapshot`]. The
+//! Grafana dashboard and the Prometheus scrape config are in this folder.
 //!
 //! ```no_run
 //! radit_monitoring::init_tracing();
 //! tracing::info!(run = "demo", "started");
 //! ```
 
+pub mod metrics;
 pub mod pushgateway;
 
 pub use pushgateway::{PushError, Pusher, Pushgateway};

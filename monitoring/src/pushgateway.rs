@@ -1,31 +1,36 @@
 //! Pushing a job's metrics to a Prometheus Pushgateway, for jobs whose nodes Prometheus cannot scrape, and deleting
-//! them when the job ends so that a finished run does not look alive forever. Plain HTTP/1.1 over TCP (a Pushgateway
-//! is a cluster-internal service): one PUT per push, one DELETE at the end.
+//! them when the job ends so that a finished run does not look alive forever. Plain HTTP (a Pushgateway is a
+//! cluster-internal service) on `ureq`: one PUT of the text exposition per push, one DELETE at the end.
 
-use std::io::{Read, Write};
-use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use crate::metrics::CONTENT_TYPE;
+
 /// What went wrong talking to the Pushgateway.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum PushError {
     #[error("pushgateway URL `{url}`: {reason}")]
     BadUrl { url: String, reason: String },
-    #[error("pushgateway {addr}: {source}")]
-    Io {
-        addr: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("pushgateway {addr} answered {method} {path} with `{status}`")]
-    Refused {
-        addr: String,
+    /// No usable answer: the gateway is down, the address is wrong, or it did not answer (in HTTP) in time.
+    #[error("pushgateway {method} {url}: {source}")]
+    Unreachable {
+        url: String,
         method: &'static str,
-        path: String,
-        status: String,
+        #[source]
+        source: ureq::Error,
+    },
+    /// The gateway answered with an error, and its reason (e.g. a metric that clashes with one another job
+    /// pushed).
+    #[error("pushgateway {method} {url} answered HTTP {status}: {reason}")]
+    Refused {
+        url: String,
+        method: &'static str,
+        status: u16,
+        reason: String,
     },
 }
 
@@ -35,7 +40,7 @@ pub struct Pushgateway {
     host: String,
     port: u16,
     path: String,
-    timeout: Duration,
+    agent: ureq::Agent,
 }
 
 /// Label values go into the URL path: only these characters need no encoding.
@@ -90,12 +95,23 @@ impl Pushgateway {
             }
             path += &format!("/{name}/{value}");
         }
+        let agent = ureq::Agent::config_builder()
+            // Short: a push must not hold up a run's exit inside Slurm's warning window.
+            .timeout_global(Some(Duration::from_secs(3)))
+            // Refusals are answers with a reason worth reporting, not transport errors.
+            .http_status_as_error(false)
+            .max_redirects(0)
+            // A cluster-internal service: never through the environment's HTTP proxy.
+            .proxy(None)
+            // A fresh connection per push (one every few seconds); no idle socket for the gateway to drop.
+            .max_idle_connections(0)
+            .build()
+            .into();
         Ok(Self {
             host: host.to_string(),
             port,
             path,
-            // Short: a push must not hold up a run's exit inside Slurm's warning window.
-            timeout: Duration::from_secs(3),
+            agent,
         })
     }
 
@@ -104,73 +120,64 @@ impl Pushgateway {
         &self.path
     }
 
-    /// Replaces the group's metrics with `exposition` (Prometheus text format).
+    /// The group's URL.
+    fn url(&self) -> String {
+        if self.host.contains(':') {
+            format!("http://[{}]:{}{}", self.host, self.port, self.path)
+        } else {
+            format!("http://{}:{}{}", self.host, self.port, self.path)
+        }
+    }
+
+    /// Replaces the group's metrics with `exposition` (Prometheus text format 0.0.4, as
+    /// [`crate::metrics::exposition`] writes it).
     pub fn push(&self, exposition: &str) -> Result<(), PushError> {
-        self.request("PUT", exposition.as_bytes())
+        let url = self.url();
+        let reply = self
+            .agent
+            .put(&url)
+            .header("Content-Type", CONTENT_TYPE)
+            .send(exposition);
+        Self::answered(url, "PUT", reply)
     }
 
     /// Deletes the group's metrics.
     pub fn delete(&self) -> Result<(), PushError> {
-        self.request("DELETE", b"")
+        let url = self.url();
+        let reply = self.agent.delete(&url).call();
+        Self::answered(url, "DELETE", reply)
     }
 
-    fn request(&self, method: &'static str, body: &[u8]) -> Result<(), PushError> {
-        let addr = if self.host.contains(':') {
-            format!("[{}]:{}", self.host, self.port)
-        } else {
-            format!("{}:{}", self.host, self.port)
-        };
-        let io = |source| PushError::Io {
-            addr: addr.clone(),
-            source,
-        };
-        // Every address the name has (localhost may be ::1 and 127.0.0.1; the gateway may listen on one).
-        let mut last = std::io::Error::other("the host has no address");
-        let mut connected = None;
-        for target in (self.host.as_str(), self.port)
-            .to_socket_addrs()
-            .map_err(io)?
-        {
-            match TcpStream::connect_timeout(&target, self.timeout) {
-                Ok(s) => {
-                    connected = Some(s);
-                    break;
-                }
-                Err(e) => last = e,
+    fn answered(
+        url: String,
+        method: &'static str,
+        reply: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+    ) -> Result<(), PushError> {
+        let mut reply = match reply {
+            Ok(r) => r,
+            Err(source) => {
+                return Err(PushError::Unreachable {
+                    url,
+                    method,
+                    source,
+                });
             }
+        };
+        if reply.status().is_success() {
+            return Ok(());
         }
-        let mut stream = connected.ok_or_else(|| io(last))?;
-        stream.set_read_timeout(Some(self.timeout)).map_err(io)?;
-        stream.set_write_timeout(Some(self.timeout)).map_err(io)?;
-        let head = format!(
-            "{method} {} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: text/plain; version=0.0.4\r\n\
-             Content-Length: {}\r\nConnection: close\r\n\r\n",
-            self.path,
-            body.len()
-        );
-        stream.write_all(head.as_bytes()).map_err(io)?;
-        stream.write_all(body).map_err(io)?;
-        let mut reply = Vec::new();
-        stream.read_to_end(&mut reply).map_err(io)?;
-        let status = String::from_utf8_lossy(&reply)
-            .lines()
-            .next()
-            .unwrap_or("")
-            .to_string();
-        let code = status.split_whitespace().nth(1).unwrap_or("");
-        if code.starts_with('2') {
-            Ok(())
-        } else {
-            // The body says why (e.g. a metric that clashes with one another job pushed).
-            let why = String::from_utf8_lossy(&reply);
-            let body = why.split("\r\n\r\n").nth(1).unwrap_or("").trim();
-            Err(PushError::Refused {
-                addr,
-                method,
-                path: self.path.clone(),
-                status: format!("{status} {body}").trim().to_string(),
-            })
-        }
+        let reason = reply
+            .body_mut()
+            .with_config()
+            .limit(64 << 10)
+            .read_to_string()
+            .unwrap_or_else(|e| format!("(unreadable: {e})"));
+        Err(PushError::Refused {
+            url,
+            method,
+            status: reply.status().as_u16(),
+            reason: reason.trim().to_string(),
+        })
     }
 }
 
@@ -265,9 +272,11 @@ impl Drop for Pusher {
 
 #[cfg(test)]
 mod tests {
+    use std::io::{Read, Write};
+
     use super::*;
 
-    /// Answers each connection with `status` and records the request line and body.
+    /// Answers each connection with `status` and records the request line, the Content-Type and the body.
     fn fake_gateway(status: &'static str) -> (String, std::sync::mpsc::Receiver<String>) {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("loopback");
         let addr = listener.local_addr().expect("bound").to_string();
@@ -283,14 +292,19 @@ mod tests {
                     got.extend_from_slice(&buf[..n]);
                     let text = String::from_utf8_lossy(&got).to_string();
                     if let Some((head, body)) = text.split_once("\r\n\r\n") {
-                        let len: usize = head
-                            .lines()
-                            .find_map(|l| l.strip_prefix("Content-Length: "))
-                            .and_then(|v| v.trim().parse().ok())
+                        let header = |name: &str| {
+                            head.lines().find_map(|l| {
+                                let (k, v) = l.split_once(':')?;
+                                k.eq_ignore_ascii_case(name).then(|| v.trim().to_string())
+                            })
+                        };
+                        let len: usize = header("content-length")
+                            .and_then(|v| v.parse().ok())
                             .unwrap_or(0);
                         if body.len() >= len || n == 0 {
-                            let line = head.lines().next().unwrap_or("").to_string();
-                            let _ = tx.send(format!("{line}|{body}"));
+                            let line = head.lines().next().unwrap_or("");
+                            let kind = header("content-type").unwrap_or_default();
+                            let _ = tx.send(format!("{line}|{kind}|{body}"));
                             break;
                         }
                     }
@@ -299,7 +313,10 @@ mod tests {
                     }
                 }
                 let _ = conn.write_all(
-                    format!("HTTP/1.1 {status}\r\nContent-Length: 4\r\n\r\nwhy!").as_bytes(),
+                    format!(
+                        "HTTP/1.1 {status}\r\nContent-Length: 4\r\nConnection: close\r\n\r\nwhy!"
+                    )
+                    .as_bytes(),
                 );
             }
         });
@@ -314,7 +331,10 @@ mod tests {
         let first = requests
             .recv_timeout(Duration::from_secs(5))
             .expect("a push");
-        assert_eq!(first, "PUT /metrics/job/radit-xl HTTP/1.1|radit_step 7\n");
+        assert_eq!(
+            first,
+            "PUT /metrics/job/radit-xl HTTP/1.1|text/plain; version=0.0.4; charset=utf-8|radit_step 7\n"
+        );
         drop(pusher);
         let last = loop {
             let r = requests
@@ -324,7 +344,7 @@ mod tests {
                 break r;
             }
         };
-        assert_eq!(last, "DELETE /metrics/job/radit-xl HTTP/1.1|");
+        assert_eq!(last, "DELETE /metrics/job/radit-xl HTTP/1.1||");
     }
 
     #[test]
@@ -337,16 +357,38 @@ mod tests {
         let r = requests
             .recv_timeout(Duration::from_secs(5))
             .expect("a request");
-        assert_eq!(r, "DELETE /metrics/job/j HTTP/1.1|");
+        assert_eq!(r, "DELETE /metrics/job/j HTTP/1.1||");
     }
 
     #[test]
     fn a_refusal_carries_the_status_and_the_gateways_reason() {
         let (addr, _requests) = fake_gateway("400 Bad Request");
         let gw = Pushgateway::new(&format!("http://{addr}"), "j", &[]).expect("valid");
-        let err = gw.push("x 1\n").expect_err("refused").to_string();
+        let err = gw.push("x 1\n").expect_err("refused");
         assert!(
-            err.contains("400 Bad Request why!") && err.contains("PUT"),
+            matches!(err, PushError::Refused { status: 400, .. }),
+            "{err:?}"
+        );
+        let err = err.to_string();
+        assert!(
+            err.contains(&format!("PUT http://{addr}/metrics/job/j"))
+                && err.contains("HTTP 400: why!"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn an_unreachable_gateway_is_named() {
+        // A port nothing listens on (bound, then closed).
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("loopback");
+        let gw = Pushgateway::new(&format!("http://{addr}"), "j", &[]).expect("valid");
+        let err = gw.delete().expect_err("nothing listens");
+        assert!(matches!(err, PushError::Unreachable { .. }), "{err:?}");
+        assert!(
+            err.to_string()
+                .starts_with(&format!("pushgateway DELETE http://{addr}/metrics/job/j: ")),
             "{err}"
         );
     }
@@ -356,10 +398,15 @@ mod tests {
         let g = Pushgateway::new("http://pg.example:9091", "radit-xl", &[("instance", "n01")])
             .expect("valid");
         assert_eq!(g.group_path(), "/metrics/job/radit-xl/instance/n01");
+        assert_eq!(
+            g.url(),
+            "http://pg.example:9091/metrics/job/radit-xl/instance/n01"
+        );
         let g = Pushgateway::new("http://10.0.0.1/prefix/", "j", &[]).expect("valid");
         assert_eq!((g.port, g.group_path()), (9091, "/prefix/metrics/job/j"));
         let g = Pushgateway::new("http://[::1]:9092", "j", &[]).expect("valid");
         assert_eq!((g.host.as_str(), g.port), ("::1", 9092));
+        assert_eq!(g.url(), "http://[::1]:9092/metrics/job/j");
         let g = Pushgateway::new("http://[fd00::7]", "j", &[]).expect("valid");
         assert_eq!((g.host.as_str(), g.port), ("fd00::7", 9091));
         for (url, job) in [

@@ -18,11 +18,13 @@
 //! ```
 
 pub mod client;
+pub mod config;
 pub mod env;
 pub mod token;
 pub mod wire;
 
 pub use client::{ClientError, CoordinatorClient};
+pub use config::ConfigError;
 pub use env::{Launcher, RankIdentity, rank_identity};
 pub use token::{JobToken, constant_time_eq};
 pub use wire::{

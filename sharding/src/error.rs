@@ -2,6 +2,8 @@
 
 use std::path::PathBuf;
 
+pub use crate::store::StorageError;
+
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ShardError {
@@ -22,21 +24,9 @@ pub enum ShardError {
     /// The table as a whole is unusable (row-level problems are rejections, not errors).
     #[error("table {path}: {reason}")]
     InvalidTable { path: PathBuf, reason: String },
-    /// The output or input location is not a usable URL.
-    #[error("location '{url}': {reason}")]
-    InvalidUrl { url: String, reason: String },
-    /// The output location exists but cannot be written.
-    #[error("output '{url}' cannot be written: {reason}")]
-    Unwritable { url: String, reason: String },
-    #[error("{url} does not exist")]
-    NotFound { url: String },
-    /// Object storage failed (network, permissions, disk full...). Often worth retrying.
-    #[error("storage error at {url}: {source}")]
-    Storage {
-        url: String,
-        #[source]
-        source: object_store::Error,
-    },
+    /// Object storage: a location that is not usable, not there or not writable, or a failure worth retrying.
+    #[error(transparent)]
+    Storage(#[from] StorageError),
     /// The output already holds an ingest made with another table or other settings.
     #[error(
         "output '{url}' already holds an ingest with different {what}; use a new output location or remove the old one"
@@ -57,11 +47,17 @@ pub enum ShardError {
 }
 
 impl ShardError {
+    /// Whether a missing object or store is the problem (a mistyped URL, a store not written yet).
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, ShardError::Storage(StorageError::NotFound { .. }))
+    }
+
     /// Whether retrying the same command later may succeed (storage hiccups, transient I/O).
     pub fn is_retryable(&self) -> bool {
-        matches!(
-            self,
-            ShardError::Storage { .. } | ShardError::InputIo { .. }
-        )
+        match self {
+            ShardError::Storage(e) => e.is_retryable(),
+            ShardError::InputIo { .. } => true,
+            _ => false,
+        }
     }
 }

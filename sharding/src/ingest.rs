@@ -48,8 +48,9 @@ pub struct RunOptions {
     pub metrics: Option<Arc<IngestProgress>>,
 }
 
-/// How far an ingest is, for Prometheus: rows of the table, rows done (committed in shards, rejected rows included,
-/// an earlier run's included), shards and bytes this run committed.
+/// How far an ingest is: rows of the table, rows done (committed in shards, rejected rows included, an earlier run's
+/// included), shards and bytes this run committed. `radit shard` pushes them as `radit_ingest_*` (the names and
+/// the text are `radit_monitoring::metrics`').
 #[derive(Debug, Default)]
 pub struct IngestProgress {
     pub rows_total: AtomicU64,
@@ -59,70 +60,6 @@ pub struct IngestProgress {
     pub bytes_written: AtomicU64,
     /// 1 once the manifest is written.
     pub complete: AtomicU64,
-}
-
-impl IngestProgress {
-    /// The Prometheus text exposition of the counters.
-    pub fn exposition(&self) -> String {
-        use std::fmt::Write;
-        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let (total, done) = (get(&self.rows_total), get(&self.rows_done));
-        let mut out = String::new();
-        for (name, kind, help, v) in [
-            (
-                "radit_ingest_rows",
-                "gauge",
-                "Rows of the metadata table.",
-                total as f64,
-            ),
-            (
-                "radit_ingest_rows_done",
-                "gauge",
-                "Rows committed in shards or rejected (earlier runs included).",
-                done as f64,
-            ),
-            (
-                "radit_ingest_rows_rejected_total",
-                "counter",
-                "Rows rejected (bad value, missing or unreadable image) in shards this run committed.",
-                get(&self.rows_rejected) as f64,
-            ),
-            (
-                "radit_ingest_shards_written_total",
-                "counter",
-                "Shards this run committed.",
-                get(&self.shards_written) as f64,
-            ),
-            (
-                "radit_ingest_bytes_written_total",
-                "counter",
-                "Bytes of shard objects this run wrote.",
-                get(&self.bytes_written) as f64,
-            ),
-            (
-                "radit_ingest_progress_ratio",
-                "gauge",
-                "Rows done over rows.",
-                if total == 0 {
-                    0.0
-                } else {
-                    done as f64 / total as f64
-                },
-            ),
-            (
-                "radit_ingest_complete",
-                "gauge",
-                "1 once the store's manifest is written.",
-                get(&self.complete) as f64,
-            ),
-        ] {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
-            );
-        }
-        out
-    }
 }
 
 /// The outcome of [`ingest`].
@@ -411,7 +348,7 @@ fn claim_output(
         table_sha256: table.sha256.clone(),
     };
     let json = serde_json::to_vec_pretty(&record).expect("settings serialise");
-    storage.put(SETTINGS_KEY, Bytes::from(json))
+    Ok(storage.put(SETTINGS_KEY, Bytes::from(json))?)
 }
 
 fn load_journal(storage: &Storage) -> Result<BTreeMap<Split, Vec<JournalRecord>>, ShardError> {

@@ -57,7 +57,7 @@ pub enum Pass {
 }
 
 /// A node-local cache of raw shard objects. One directory per process: the byte limit is accounted
-/// in-process, so ranks sharing a node use `<dir>/rank<local rank>` with a share of the disk each.
+/// in-process, so ranks sharing a node use `<dir>/rank-<rank>` with a share of the disk each.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CacheConfig {
     pub dir: PathBuf,
@@ -77,8 +77,6 @@ pub struct LoaderConfig {
     /// Batches prepared ahead of the consumer.
     pub prefetch_steps: usize,
     pub cache: Option<CacheConfig>,
-    /// Attempts per object on retryable storage errors (exponential backoff from 50 ms).
-    pub attempts: u32,
     /// Skip (and count) samples of a shard that is missing or cannot be decoded, instead of failing.
     pub skip_bad_shards: bool,
 }
@@ -96,8 +94,82 @@ impl Default for LoaderConfig {
             output: ModelInput::Dequantised,
             prefetch_steps: 4,
             cache: None,
-            attempts: 5,
             skip_bad_shards: false,
+        }
+    }
+}
+
+/// The `[data]` section of a run: which store and split, and how a node reads it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    /// The Zarr store (path, file:// or s3://).
+    pub url: String,
+    #[serde(default = "default_split")]
+    pub split: Split,
+    #[serde(default = "default_window")]
+    pub window_shards: u64,
+    /// Node-local cache directory (one per rank is made inside it).
+    #[serde(default)]
+    pub cache_dir: Option<PathBuf>,
+    #[serde(default = "default_cache_gib")]
+    pub cache_gib: f64,
+    #[serde(default = "default_prefetch")]
+    pub prefetch: usize,
+}
+
+fn default_split() -> Split {
+    Split::Train
+}
+fn default_window() -> u64 {
+    DEFAULT_WINDOW_SHARDS
+}
+fn default_cache_gib() -> f64 {
+    64.0
+}
+fn default_prefetch() -> usize {
+    4
+}
+
+impl DataConfig {
+    /// The store at `url` with every other setting at its default.
+    pub fn new(url: &str) -> Self {
+        Self {
+            url: url.into(),
+            split: default_split(),
+            window_shards: default_window(),
+            cache_dir: None,
+            cache_gib: default_cache_gib(),
+            prefetch: default_prefetch(),
+        }
+    }
+
+    /// Rank `rank` of `world`'s loader over this data: the one derivation training and `radit data` share (a
+    /// cache directory per rank inside `cache_dir`).
+    pub fn loader_config(
+        &self,
+        pass: Pass,
+        seed: u64,
+        global_batch: u64,
+        rank: u64,
+        world: u64,
+        output: ModelInput,
+    ) -> LoaderConfig {
+        LoaderConfig {
+            split: self.split,
+            pass,
+            seed,
+            window_shards: self.window_shards,
+            global_batch,
+            rank,
+            world,
+            output,
+            prefetch_steps: self.prefetch,
+            cache: self.cache_dir.as_ref().map(|d| CacheConfig {
+                dir: d.join(format!("rank-{rank}")),
+                max_bytes: (self.cache_gib * (1u64 << 30) as f64) as u64,
+            }),
+            ..LoaderConfig::default()
         }
     }
 }
@@ -302,11 +374,10 @@ fn cache_path(dir: &Path, key: &str) -> PathBuf {
     dir.join(key.replace('/', "%"))
 }
 
-/// Fetches objects through the cache, with retries, counting bytes and hits.
+/// Fetches objects through the cache (the storage retries), counting bytes and hits.
 struct Fetcher {
     storage: Storage,
     cache: Option<NodeCache>,
-    attempts: u32,
     counters: Arc<Counters>,
 }
 
@@ -319,20 +390,7 @@ impl Fetcher {
             }
             self.counters.cache_misses.fetch_add(1, Ordering::Relaxed);
         }
-        let mut delay = Duration::from_millis(50);
-        let mut attempt = 1;
-        let data = loop {
-            match self.storage.get(key) {
-                Ok(b) => break b,
-                Err(e) if e.is_retryable() && attempt < self.attempts => {
-                    tracing::warn!(key, attempt, error = %e, "retrying a shard read");
-                    std::thread::sleep(delay);
-                    delay = (delay * 2).min(Duration::from_secs(5));
-                    attempt += 1;
-                }
-                Err(e) => return Err(e),
-            }
-        };
+        let data = self.storage.get(key)?;
         self.counters
             .bytes_read
             .fetch_add(data.len() as u64, Ordering::Relaxed);
@@ -484,7 +542,6 @@ impl Loader {
         let fetcher = Fetcher {
             storage,
             cache: config.cache.clone().map(NodeCache::open).transpose()?,
-            attempts: config.attempts.max(1),
             counters: counters.clone(),
         };
         let source = Source {

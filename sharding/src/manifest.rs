@@ -205,7 +205,7 @@ pub fn verify(storage: &Storage) -> Result<VerifyReport, ShardError> {
         let keys: Vec<String> = batch.iter().map(|o| o.key.clone()).collect();
         for (entry, got) in batch.iter().zip(storage.get_many(&keys)) {
             match got {
-                Err(ShardError::NotFound { .. }) => {
+                Err(crate::store::StorageError::NotFound { .. }) => {
                     report.problems.push(format!("{}: missing", entry.key))
                 }
                 Err(e) => report

@@ -159,7 +159,8 @@ impl StoreReader {
             ArrayKind::ImageId,
             self.shards(split) * u64::from(self.layout().shard_images),
         )?;
-        let mut ids: Vec<String> = self.read_array(&array, index, &|k| self.storage.get(k))?;
+        let mut ids: Vec<String> =
+            self.read_array(&array, index, &|k| Ok(self.storage.get(k)?))?;
         ids.truncate(rows);
         Ok(ids)
     }
@@ -168,16 +169,17 @@ impl StoreReader {
         let s = u64::from(self.layout().shard_images);
         let total = self.len(split);
         if index.checked_mul(s).is_none_or(|first| first >= total) {
-            return Err(ShardError::NotFound {
+            return Err(crate::store::StorageError::NotFound {
                 url: self.storage.describe(&format!("{split} shard {index}")),
-            });
+            }
+            .into());
         }
         Ok((total - index * s).min(s) as usize)
     }
 
     /// Reads shard `index` of `split` (every array), trimmed to its real rows.
     pub fn read_shard(&self, split: Split, index: u64) -> Result<Shard, ShardError> {
-        self.read_shard_with(split, index, &|k| self.storage.get(k))
+        self.read_shard_with(split, index, &|k| Ok(self.storage.get(k)?))
     }
 
     /// [`StoreReader::read_shard`] with objects fetched by `fetch`.

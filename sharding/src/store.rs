@@ -1,10 +1,13 @@
 //! Object storage by URL: `file:///abs/dir` (or a plain path), `s3://bucket/prefix` (AWS_* environment variables,
 //! including `AWS_ENDPOINT_URL` and `AWS_ALLOW_HTTP` for S3-compatible servers) and `memory://` for tests.
 //!
-//! [`Storage`] is a blocking facade over `object_store` with its own small tokio runtime, so the CPU-bound ingest
-//! (rayon) can call it from any thread.
+//! [`Storage`] is a blocking facade over `object_store` on one process-wide I/O runtime, so the CPU-bound ingest
+//! (rayon) and the loader's threads can call it from anywhere. Retries live here, configured once ([`RetryPolicy`]):
+//! every get, put, list and delete of every store (shards, manifests, checkpoints) retries failures worth retrying
+//! with exponential backoff; object_store's own S3 retries are off so that a failure is not retried twice over.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
@@ -15,7 +18,93 @@ use object_store::path::Path as ObjectPath;
 use object_store::prefix::PrefixStore;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 
-use crate::error::ShardError;
+/// What object storage can go wrong with, by what the caller can do.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StorageError {
+    /// The location is not a usable URL: fix it.
+    #[error("location '{url}': {reason}")]
+    InvalidUrl { url: String, reason: String },
+    /// The location exists but cannot be written (permissions, read-only, disk full): fix the location.
+    #[error("output '{url}' cannot be written: {reason}")]
+    Unwritable { url: String, reason: String },
+    #[error("{url} does not exist")]
+    NotFound { url: String },
+    /// The store failed in a way that may pass on retry (network, server, transient I/O); retried already.
+    #[error("storage error at {url}: {source}")]
+    Failed {
+        url: String,
+        #[source]
+        source: object_store::Error,
+    },
+    /// The process-wide I/O runtime could not start (out of threads or memory).
+    #[error("cannot start the I/O runtime: {0}")]
+    Runtime(#[source] std::io::Error),
+}
+
+impl StorageError {
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, StorageError::Failed { .. })
+    }
+}
+
+/// How failures worth retrying are retried: `attempts` tries in all, waiting `first_delay`, then twice as long each
+/// time, at most `max_delay`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RetryPolicy {
+    pub attempts: u32,
+    pub first_delay: Duration,
+    pub max_delay: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            attempts: 5,
+            first_delay: Duration::from_millis(50),
+            max_delay: Duration::from_secs(5),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// Runs `op` until it succeeds, fails in a way not worth retrying, or the attempts are spent.
+    fn run<T>(
+        &self,
+        what: &str,
+        url: &str,
+        mut op: impl FnMut() -> Result<T, StorageError>,
+    ) -> Result<T, StorageError> {
+        let mut delay = self.first_delay;
+        let mut attempt = 1;
+        loop {
+            match op() {
+                Err(e) if e.is_retryable() && attempt < self.attempts => {
+                    tracing::warn!(url, what, attempt, error = %e, "retrying a storage request");
+                    std::thread::sleep(delay);
+                    delay = (delay * 2).min(self.max_delay);
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+}
+
+/// The one I/O runtime of the process, shared by every open store.
+fn io_runtime() -> Result<Arc<tokio::runtime::Runtime>, StorageError> {
+    static RUNTIME: OnceLock<Arc<tokio::runtime::Runtime>> = OnceLock::new();
+    if let Some(rt) = RUNTIME.get() {
+        return Ok(rt.clone());
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("radit-io")
+        .enable_all()
+        .build()
+        .map_err(StorageError::Runtime)?;
+    Ok(RUNTIME.get_or_init(|| Arc::new(rt)).clone())
+}
 
 /// A store rooted at one URL, with blocking methods.
 #[derive(Clone)]
@@ -23,6 +112,7 @@ pub struct Storage {
     url: String,
     inner: Arc<dyn ObjectStore>,
     runtime: Arc<tokio::runtime::Runtime>,
+    retry: RetryPolicy,
 }
 
 impl std::fmt::Debug for Storage {
@@ -32,8 +122,8 @@ impl std::fmt::Debug for Storage {
 }
 
 /// Turns a plain filesystem path into a `file://` URL; leaves URLs alone.
-pub fn normalise_url(location: &str) -> Result<url::Url, ShardError> {
-    let bad = |reason: String| ShardError::InvalidUrl {
+pub fn normalise_url(location: &str) -> Result<url::Url, StorageError> {
+    let bad = |reason: String| StorageError::InvalidUrl {
         url: location.to_string(),
         reason,
     };
@@ -54,15 +144,15 @@ pub fn normalise_url(location: &str) -> Result<url::Url, ShardError> {
 impl Storage {
     /// Opens the store at `location` for reading: a local directory must already exist (no empty directory is
     /// left behind by a mistyped path).
-    pub fn open_existing(location: &str) -> Result<Self, ShardError> {
+    pub fn open_existing(location: &str) -> Result<Self, StorageError> {
         let url = normalise_url(location)?;
         if url.scheme() == "file" {
-            let dir = url.to_file_path().map_err(|()| ShardError::InvalidUrl {
+            let dir = url.to_file_path().map_err(|()| StorageError::InvalidUrl {
                 url: location.into(),
                 reason: "not a local path".into(),
             })?;
             if !dir.is_dir() {
-                return Err(ShardError::NotFound {
+                return Err(StorageError::NotFound {
                     url: url.as_str().trim_end_matches('/').to_string(),
                 });
             }
@@ -71,10 +161,10 @@ impl Storage {
     }
 
     /// Opens (for file URLs: creates) the store at `location`.
-    pub fn open(location: &str) -> Result<Self, ShardError> {
+    pub fn open(location: &str) -> Result<Self, StorageError> {
         let url = normalise_url(location)?;
         let shown = url.as_str().trim_end_matches('/').to_string();
-        let bad = |reason: String| ShardError::InvalidUrl {
+        let bad = |reason: String| StorageError::InvalidUrl {
             url: shown.clone(),
             reason,
         };
@@ -83,7 +173,7 @@ impl Storage {
                 let dir = url
                     .to_file_path()
                     .map_err(|()| bad("not a local path".into()))?;
-                std::fs::create_dir_all(&dir).map_err(|source| ShardError::Unwritable {
+                std::fs::create_dir_all(&dir).map_err(|source| StorageError::Unwritable {
                     url: shown.clone(),
                     reason: format!("cannot create directory {}: {source}", dir.display()),
                 })?;
@@ -93,8 +183,14 @@ impl Storage {
                 let bucket = url
                     .host_str()
                     .ok_or_else(|| bad("s3 URL has no bucket".into()))?;
+                // Retries are this module's (RetryPolicy), for every backend alike.
+                let no_retries = object_store::RetryConfig {
+                    max_retries: 0,
+                    ..object_store::RetryConfig::default()
+                };
                 let s3 = AmazonS3Builder::from_env()
                     .with_bucket_name(bucket)
+                    .with_retry(no_retries)
                     .build()
                     .map_err(|e| bad(format!("S3 configuration: {e}")))?;
                 let prefix =
@@ -112,17 +208,18 @@ impl Storage {
                 )));
             }
         };
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("radit-io")
-            .enable_all()
-            .build()
-            .map_err(|e| bad(format!("cannot start the I/O runtime: {e}")))?;
         Ok(Self {
             url: shown,
             inner,
-            runtime: Arc::new(runtime),
+            runtime: io_runtime()?,
+            retry: RetryPolicy::default(),
         })
+    }
+
+    /// The same store with another retry policy (tests; a site whose storage needs longer patience).
+    pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
+        self
     }
 
     pub fn url(&self) -> &str {
@@ -136,15 +233,15 @@ impl Storage {
 
     /// Classifies a storage failure by what the caller can do: a missing object, a location the user must fix
     /// (permissions, read-only, disk full), or a failure worth retrying.
-    fn io_error(&self, key: &str, source: object_store::Error) -> ShardError {
+    fn io_error(&self, key: &str, source: object_store::Error) -> StorageError {
         use std::io::ErrorKind::{PermissionDenied, ReadOnlyFilesystem, StorageFull};
         let io_kind = io_error_kind(&source);
         match source {
-            object_store::Error::NotFound { .. } => ShardError::NotFound {
+            object_store::Error::NotFound { .. } => StorageError::NotFound {
                 url: self.describe(key),
             },
             object_store::Error::PermissionDenied { .. }
-            | object_store::Error::Unauthenticated { .. } => ShardError::Unwritable {
+            | object_store::Error::Unauthenticated { .. } => StorageError::Unwritable {
                 url: self.describe(key),
                 reason: source.to_string(),
             },
@@ -153,28 +250,35 @@ impl Storage {
                 Some(PermissionDenied | ReadOnlyFilesystem | StorageFull)
             ) =>
             {
-                ShardError::Unwritable {
+                StorageError::Unwritable {
                     url: self.describe(key),
                     reason: source.to_string(),
                 }
             }
-            source => ShardError::Storage {
+            source => StorageError::Failed {
                 url: self.describe(key),
                 source,
             },
         }
     }
 
-    pub fn put(&self, key: &str, data: Bytes) -> Result<(), ShardError> {
+    pub fn put(&self, key: &str, data: Bytes) -> Result<(), StorageError> {
         let path = ObjectPath::from(key);
-        self.runtime
-            .block_on(self.inner.put(&path, PutPayload::from_bytes(data)))
-            .map(|_| ())
-            .map_err(|e| self.io_error(key, e))
+        self.retry.run("put", &self.describe(key), || {
+            self.runtime
+                .block_on(self.inner.put(&path, PutPayload::from_bytes(data.clone())))
+                .map(|_| ())
+                .map_err(|e| self.io_error(key, e))
+        })
     }
 
-    /// Puts several objects concurrently; fails on the first error.
-    pub fn put_many(&self, objects: Vec<(String, Bytes)>) -> Result<(), ShardError> {
+    /// Puts several objects concurrently; fails on the first error (puts are idempotent: a retry puts them all).
+    pub fn put_many(&self, objects: Vec<(String, Bytes)>) -> Result<(), StorageError> {
+        self.retry
+            .run("put", &self.url, || self.put_many_once(objects.clone()))
+    }
+
+    fn put_many_once(&self, objects: Vec<(String, Bytes)>) -> Result<(), StorageError> {
         self.runtime.block_on(async {
             futures::stream::iter(objects)
                 .map(|(key, data)| {
@@ -197,25 +301,28 @@ impl Storage {
         })
     }
 
-    pub fn get(&self, key: &str) -> Result<Bytes, ShardError> {
+    pub fn get(&self, key: &str) -> Result<Bytes, StorageError> {
         let path = ObjectPath::from(key);
-        self.runtime
-            .block_on(async { self.inner.get(&path).await?.bytes().await })
-            .map_err(|e| self.io_error(key, e))
+        self.retry.run("get", &self.describe(key), || {
+            self.runtime
+                .block_on(async { self.inner.get(&path).await?.bytes().await })
+                .map_err(|e| self.io_error(key, e))
+        })
     }
 
     /// Like [`Storage::get`] but `None` when the object does not exist.
-    pub fn get_opt(&self, key: &str) -> Result<Option<Bytes>, ShardError> {
+    pub fn get_opt(&self, key: &str) -> Result<Option<Bytes>, StorageError> {
         match self.get(key) {
             Ok(b) => Ok(Some(b)),
-            Err(ShardError::NotFound { .. }) => Ok(None),
+            Err(StorageError::NotFound { .. }) => Ok(None),
             Err(e) => Err(e),
         }
     }
 
-    /// Gets several objects concurrently, in the order asked; each result separately.
-    pub fn get_many(&self, keys: &[String]) -> Vec<Result<Bytes, ShardError>> {
-        self.runtime.block_on(async {
+    /// Gets several objects concurrently, in the order asked; each result separately (a failure worth retrying is
+    /// retried on its own).
+    pub fn get_many(&self, keys: &[String]) -> Vec<Result<Bytes, StorageError>> {
+        let first: Vec<_> = self.runtime.block_on(async {
             futures::stream::iter(keys.iter().cloned())
                 .map(|key| {
                     let store = self.inner.clone();
@@ -229,31 +336,42 @@ impl Storage {
                 .map(|(key, r)| r.map_err(|e| self.io_error(&key, e)))
                 .collect()
                 .await
-        })
+        });
+        first
+            .into_iter()
+            .zip(keys)
+            .map(|(r, key)| match r {
+                Err(e) if e.is_retryable() => self.get(key),
+                other => other,
+            })
+            .collect()
     }
 
     /// Keys under `prefix` (recursive), sorted.
-    pub fn list(&self, prefix: &str) -> Result<Vec<String>, ShardError> {
+    pub fn list(&self, prefix: &str) -> Result<Vec<String>, StorageError> {
         let path = ObjectPath::from(prefix);
-        let mut keys: Vec<String> = self
-            .runtime
-            .block_on(
-                self.inner
-                    .list(Some(&path))
-                    .map_ok(|m| m.location.to_string())
-                    .try_collect(),
-            )
-            .map_err(|e| self.io_error(prefix, e))?;
+        let mut keys: Vec<String> = self.retry.run("list", &self.describe(prefix), || {
+            self.runtime
+                .block_on(
+                    self.inner
+                        .list(Some(&path))
+                        .map_ok(|m| m.location.to_string())
+                        .try_collect(),
+                )
+                .map_err(|e| self.io_error(prefix, e))
+        })?;
         keys.sort();
         Ok(keys)
     }
 
-    pub fn delete(&self, key: &str) -> Result<(), ShardError> {
+    pub fn delete(&self, key: &str) -> Result<(), StorageError> {
         let path = ObjectPath::from(key);
-        match self.runtime.block_on(self.inner.delete(&path)) {
-            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-            Err(e) => Err(self.io_error(key, e)),
-        }
+        self.retry.run("delete", &self.describe(key), || {
+            match self.runtime.block_on(self.inner.delete(&path)) {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+                Err(e) => Err(self.io_error(key, e)),
+            }
+        })
     }
 }
 
@@ -286,6 +404,55 @@ mod tests {
         assert!(s.get_opt("a/missing").unwrap().is_none());
         let e = s.get("a/missing").unwrap_err().to_string();
         assert!(e.contains("a/missing"), "{e}");
+    }
+
+    #[test]
+    fn failures_worth_retrying_are_retried_with_backoff_and_others_are_not() {
+        let policy = RetryPolicy {
+            attempts: 4,
+            first_delay: Duration::from_millis(1),
+            max_delay: Duration::from_millis(2),
+        };
+        let transient = || StorageError::Failed {
+            url: "s3://b/k".into(),
+            source: object_store::Error::Generic {
+                store: "test",
+                source: "connection reset".into(),
+            },
+        };
+        let mut calls = 0;
+        let got = policy.run("get", "s3://b/k", || {
+            calls += 1;
+            if calls < 3 {
+                Err(transient())
+            } else {
+                Ok(calls)
+            }
+        });
+        assert_eq!(got.unwrap(), 3);
+        let mut calls = 0;
+        let spent = policy.run("get", "s3://b/k", || -> Result<(), _> {
+            calls += 1;
+            Err(transient())
+        });
+        assert!(spent.unwrap_err().is_retryable());
+        assert_eq!(calls, 4, "every attempt is used");
+        let mut calls = 0;
+        let missing = policy.run("get", "s3://b/k", || -> Result<(), _> {
+            calls += 1;
+            Err(StorageError::NotFound {
+                url: "s3://b/k".into(),
+            })
+        });
+        assert!(matches!(missing, Err(StorageError::NotFound { .. })));
+        assert_eq!(calls, 1, "a missing object is not retried");
+    }
+
+    #[test]
+    fn every_store_shares_one_io_runtime() {
+        let a = Storage::open("memory://").unwrap();
+        let b = Storage::open("memory://").unwrap();
+        assert!(Arc::ptr_eq(&a.runtime, &b.runtime));
     }
 
     #[test]

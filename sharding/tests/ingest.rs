@@ -361,7 +361,13 @@ fn whole_input_problems_fail_before_anything_is_written() {
         &RunOptions::default(),
     )
     .unwrap_err();
-    assert!(matches!(e, ShardError::Unwritable { .. }), "{e}");
+    assert!(
+        matches!(
+            e,
+            ShardError::Storage(radit_sharding::store::StorageError::Unwritable { .. })
+        ),
+        "{e}"
+    );
     assert!(e.to_string().contains("file/store"), "{e}");
     let e = ingest(
         &data.table,

@@ -20,13 +20,14 @@ use tch::{Kind, Tensor};
 use crate::collective::Collective;
 use crate::engine::{EngineError, Fsdp, GroupLayout, ShardState};
 use crate::model::RadiTConfig;
+use crate::progress::{Committed, Progress};
 
 /// What can go wrong saving or loading a checkpoint.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum CheckpointError {
     #[error("checkpoint storage")]
-    Storage(#[from] radit_sharding::ShardError),
+    Storage(#[from] radit_sharding::store::StorageError),
     #[error(transparent)]
     Engine(#[from] EngineError),
     #[error(transparent)]
@@ -42,6 +43,40 @@ pub enum CheckpointError {
     Corrupt { key: String, reason: String },
     #[error("the checkpoint writer thread failed: {0}")]
     Writer(String),
+    /// There is no committed checkpoint to read.
+    #[error("{url} holds no usable committed checkpoint")]
+    Empty { url: String },
+    #[error(transparent)]
+    Model(#[from] crate::model::ModelError),
+}
+
+/// The newest usable checkpoint under `url`, loaded in this process alone: its model config, step and named
+/// weights (the EMA, or the raw weights when `ema` is false), with PyTorch's parameter names.
+pub fn read_weights(
+    url: &str,
+    ema: bool,
+) -> Result<(RadiTConfig, u64, std::collections::BTreeMap<String, Tensor>), CheckpointError> {
+    let ckpt = Checkpointer::open(CheckpointConfig {
+        url: url.into(),
+        every: 1,
+        keep: usize::MAX,
+    })?;
+    let empty = || CheckpointError::Empty { url: url.into() };
+    let step = *ckpt.committed_steps()?.first().ok_or_else(empty)?;
+    let model = ckpt.model_config(step)?;
+    let comm = Box::new(
+        crate::collective::local::LocalGroup::ranks(1, std::time::Duration::from_secs(60))
+            .remove(0),
+    );
+    let mut engine = Fsdp::new(
+        crate::model::RadiT::builder(&model),
+        crate::engine::EngineConfig::default(),
+        comm,
+        tch::Device::Cpu,
+        crate::engine::Initial::Seed(0),
+    )?;
+    let state = ckpt.load_latest(&mut engine, &model)?.ok_or_else(empty)?;
+    Ok((model, state.step, engine.gather_named(ema)?))
 }
 
 /// Where and how often to checkpoint.
@@ -163,12 +198,8 @@ pub struct Checkpointer {
     storage: Storage,
     cfg: CheckpointConfig,
     pending: Option<Pending>,
-}
-
-/// Fault injection for the tests: `RADIT_FAULT_CRASH_IN_CHECKPOINT=RANK:STEP` kills that rank while it writes
-/// the checkpoint of that step.
-fn crash_here(rank: usize, step: u64) -> bool {
-    crate::progress::fault_at("RADIT_FAULT_CRASH_IN_CHECKPOINT") == Some((rank as u64, step))
+    /// Where commits are reported (the rank's heartbeat reads it).
+    progress: Option<Progress>,
 }
 
 impl Checkpointer {
@@ -178,7 +209,14 @@ impl Checkpointer {
             storage,
             cfg,
             pending: None,
+            progress: None,
         })
+    }
+
+    /// Reports each commit (this rank's bytes and seconds, the committed step) to `progress`.
+    pub fn reporting_to(mut self, progress: Progress) -> Self {
+        self.progress = Some(progress);
+        self
     }
 
     pub fn config(&self) -> &CheckpointConfig {
@@ -204,7 +242,7 @@ impl Checkpointer {
                 // Hash while the object is written: the two together take as long as the slower one.
                 let for_hash = data.clone();
                 let hasher = std::thread::spawn(move || hex::encode(Sha256::digest(&for_hash)));
-                if crash_here(rank, state_step) {
+                if crate::faults::crash_in_checkpoint(rank, state_step) {
                     // Fault injection: leave half an object behind and die mid-write.
                     let _ = storage.put(&key, data.slice(..data.len() / 2));
                     tracing::error!(
@@ -308,11 +346,14 @@ impl Checkpointer {
             self.write_manifest(step, &state, groups, ranks, comm.world() as u64)?;
         }
         comm.barrier()?;
-        crate::progress::record_checkpoint_written(
-            entry.bytes,
-            write_seconds,
-            started.elapsed().as_secs_f64(),
-        );
+        if let Some(p) = &self.progress {
+            p.record_committed(&Committed {
+                step,
+                bytes: entry.bytes,
+                write_seconds,
+                save_seconds: started.elapsed().as_secs_f64(),
+            });
+        }
         Ok(Some(step))
     }
 

@@ -51,9 +51,9 @@ impl Default for FlowConfig {
 }
 
 impl FlowConfig {
-    pub fn validate(&self) -> Result<(), ModelError> {
+    pub fn validate(&self) -> Result<(), radit_protocol::ConfigError> {
         let bad = |field: &str, reason: String| {
-            Err(ModelError::InvalidConfig {
+            Err(radit_protocol::ConfigError {
                 field: format!("flow.{field}"),
                 reason,
             })
@@ -180,6 +180,35 @@ impl FlowConfig {
 }
 
 /// x_t = t x1 + (1 - t) x0, with t [B] broadcast over the sample.
+/// One micro-batch of the rectified-flow objective on this rank: data x1, source noise x0, times t, labels [n, V]
+/// and age [n].
+pub struct MicroBatch<'a> {
+    pub x1: &'a Tensor,
+    pub x0: &'a Tensor,
+    pub t: &'a Tensor,
+    pub labels: &'a Tensor,
+    pub age: &'a Tensor,
+}
+
+impl MicroBatch<'_> {
+    /// The engine's forward and backward on x_t with the velocity MSE as the loss; gradients accumulate scaled by
+    /// `scale`. Returns this rank's mean loss.
+    pub fn forward_backward(
+        &self,
+        engine: &mut crate::engine::Fsdp,
+        scale: f64,
+    ) -> Result<f64, crate::engine::EngineError> {
+        let xt = interpolate(self.x1, self.x0, self.t);
+        let inputs = crate::engine::ModelInputs {
+            x: &xt,
+            t: self.t,
+            labels: self.labels,
+            age: self.age,
+        };
+        engine.forward_backward(&inputs, |v| velocity_mse(v, self.x1, self.x0), scale)
+    }
+}
+
 pub fn interpolate(x1: &Tensor, x0: &Tensor, t: &Tensor) -> Tensor {
     let mut shape = vec![-1i64];
     shape.extend(std::iter::repeat_n(1, x1.dim().saturating_sub(1)));

@@ -323,6 +323,49 @@ pub fn contact_sheet(
     write_file(path, &contact_sheet_png(tiles, columns, tile)?)
 }
 
+/// What [`write_samples`] wrote.
+#[derive(Debug, Clone, Serialize)]
+pub struct WrittenSamples {
+    /// 16-bit PNGs for a pixel model; one safetensors file of latents for a latent model (they need the VAE's
+    /// decoder to become images).
+    pub files: Vec<PathBuf>,
+    pub contact_sheet: PathBuf,
+    pub solves: Vec<SolveStats>,
+}
+
+/// Draws `n` samples for `cond` (sample i depends only on (seed, i)) and writes them and a contact sheet into
+/// `out`: what `radit sample` and the end of `radit run` do.
+pub fn write_samples(
+    sampler: &Sampler,
+    cond: &Conditions,
+    n: u64,
+    batch: u64,
+    seed: u64,
+    solver: Solver,
+    out: &Path,
+) -> Result<WrittenSamples, ModelError> {
+    std::fs::create_dir_all(out).map_err(|source| ModelError::Io {
+        path: out.display().to_string(),
+        source,
+    })?;
+    let (samples, solves) = sampler.generate(cond, n, batch, seed, solver)?;
+    let config = sampler.model.config();
+    let contact_sheet = out.join("contact_sheet.png");
+    sample_sheet(&samples, 256.min(config.input_size), &[&contact_sheet])?;
+    let files = if config.in_channels == 1 {
+        write_png16(&samples, out, "sample")?
+    } else {
+        let path = out.join("latents.safetensors");
+        Tensor::write_safetensors(&[("latents", &samples)], &path)?;
+        vec![path]
+    };
+    Ok(WrittenSamples {
+        files,
+        contact_sheet,
+        solves,
+    })
+}
+
 /// A sheet of samples ([N, C, S, S]; each shown by [`preview`]), about square, encoded once and written to every
 /// path (`radit sample`'s sheet; the training previews' step sheet and latest.png).
 pub fn sample_sheet(samples: &Tensor, tile: i64, paths: &[&Path]) -> Result<(), ModelError> {

@@ -40,9 +40,9 @@ fn default_steps() -> usize {
 }
 
 impl PreviewConfig {
-    pub fn validate(&self) -> Result<(), TrainError> {
+    pub fn validate(&self) -> Result<(), radit_protocol::ConfigError> {
         let bad = |field: &str, reason: &str| {
-            Err(TrainError::InvalidConfig {
+            Err(radit_protocol::ConfigError {
                 field: format!("preview.{field}"),
                 reason: reason.into(),
             })

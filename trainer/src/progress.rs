@@ -1,174 +1,233 @@
-//! What this rank process is doing now, for its heartbeat: the last finished step and the phase (data, compute,
-//! collective, checkpoint). The coordinator uses the phase to name the culprit of a hang: the ranks waiting in a
-//! collective are victims, the one that is not is the culprit. One rank per process, so these are process-wide.
+//! What a rank is doing now, for its heartbeat: the last finished step, the phase (data, compute, collective,
+//! checkpoint, sampling), the newest committed checkpoint and the training counters. The coordinator uses the
+//! phase to name the culprit of a hang: the ranks waiting in a collective are victims, the one that is not is the
+//! culprit. The trainer writes through a [`Progress`] handle it is given; the rank agent reads its snapshot.
 
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
-pub use radit_protocol::Phase;
+pub use radit_protocol::{Phase, RankStats, STEP_SECONDS_BUCKETS};
 
-static STEP: AtomicU64 = AtomicU64::new(0);
-static PHASE: AtomicU8 = AtomicU8::new(0);
-/// The newest committed checkpoint step + 1 (0: none yet).
-static CHECKPOINT: AtomicU64 = AtomicU64::new(0);
-
-/// The newest checkpoint this process saw committed.
-pub fn checkpoint() -> Option<u64> {
-    CHECKPOINT.load(Ordering::Relaxed).checked_sub(1)
+#[derive(Debug, Default)]
+struct Shared {
+    step: AtomicU64,
+    phase: AtomicU8,
+    /// The newest committed checkpoint step + 1 (0: none yet).
+    checkpoint: AtomicU64,
+    /// A newer generation of the run took over: this rank must leave without checkpointing.
+    superseded: AtomicBool,
+    stats: Mutex<Option<RankStats>>,
 }
 
-pub fn set_checkpoint(step: u64) {
-    CHECKPOINT.store(step + 1, Ordering::Relaxed);
-}
+/// One rank's progress, shared between the trainer (which writes it) and whoever reports it (the heartbeat).
+/// Cloning gives another handle to the same progress.
+#[derive(Debug, Clone, Default)]
+pub struct Progress(Arc<Shared>);
 
-/// The last finished optimiser step of this process.
-pub fn step() -> u64 {
-    STEP.load(Ordering::Relaxed)
-}
-
-pub fn set_step(step: u64) {
-    STEP.store(step, Ordering::Relaxed);
-}
-
-pub fn phase() -> Phase {
-    Phase::from_u8(PHASE.load(Ordering::Relaxed))
-}
-
-pub fn set_phase(p: Phase) {
-    PHASE.store(p as u8, Ordering::Relaxed);
-}
-
-/// Sets `p` until the guard drops, then restores the previous phase (a collective inside the compute phase).
-pub fn enter(p: Phase) -> PhaseGuard {
-    PhaseGuard(PHASE.swap(p as u8, Ordering::Relaxed))
-}
-
-pub struct PhaseGuard(u8);
-
-impl Drop for PhaseGuard {
-    fn drop(&mut self) {
-        PHASE.store(self.0, Ordering::Relaxed);
-    }
-}
-
-/// Fault injection for the tests: `VAR=RANK:STEP`. With `RADIT_FAULT_ONLY_GENERATION=G` the fault fires only in
-/// launch generation G (`RADIT_GENERATION`, set by `radit run`), so the relaunched ranks run clean.
-pub fn fault_at(var: &str) -> Option<(u64, u64)> {
-    let value = std::env::var(var).ok()?;
-    if let Ok(only) = std::env::var("RADIT_FAULT_ONLY_GENERATION")
-        && std::env::var("RADIT_GENERATION").ok().as_deref() != Some(only.trim())
-    {
-        return None;
-    }
-    let (r, s) = value.split_once(':')?;
-    Some((r.trim().parse().ok()?, s.trim().parse().ok()?))
-}
-
-pub use radit_protocol::STEP_SECONDS_BUCKETS;
-
-/// This rank's training counters and latest values, sent with its heartbeats (the coordinator exports them).
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Stats {
-    pub steps_total: u64,
-    pub images_total: u64,
-    pub tokens_total: u64,
+/// One finished step, as the counters take it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepRecord {
+    pub step: u64,
+    pub seconds: f64,
+    pub data_wait_seconds: f64,
+    pub images: u64,
+    pub tokens: u64,
     /// Model FLOPs of forward + backward (3 x the forward, from the model's own costing), for MFU.
-    pub model_flops_total: f64,
-    /// Model FLOPs of this rank's last step (for MFU at the median step time).
-    pub step_flops: f64,
-    pub data_wait_seconds_total: f64,
-    /// Step durations: cumulative counts per bucket of [`STEP_SECONDS_BUCKETS`], their count and sum.
-    pub step_seconds_buckets: Vec<u64>,
-    pub step_seconds_count: u64,
-    pub step_seconds_sum: f64,
-    pub skipped_steps_total: u64,
+    pub flops: f64,
     pub loss: f64,
+    /// The largest of the ranks' own losses (each the mean over that rank's share of the batch).
+    pub loss_max: f64,
     pub grad_norm: f64,
     pub learning_rate: f64,
-    /// Seconds training stalled for the last checkpoint (the copy to host memory), and how many were started.
-    pub checkpoint_stall_seconds: f64,
-    pub checkpoints_total: u64,
-    /// This rank's share of the last checkpoint: seconds to encode and write its object, seconds from the start
-    /// of the save to the commit, and bytes written over the run.
-    pub checkpoint_write_seconds: f64,
-    pub checkpoint_save_seconds: f64,
-    pub checkpoint_bytes_total: u64,
-    /// The largest of the ranks' own losses (each the mean over that rank's share of the batch), last step.
-    pub loss_max: f64,
-    /// Device memory in use and the device's total (GPU ranks; 0 on CPUs).
-    pub device_memory_used_bytes: u64,
-    pub device_memory_total_bytes: u64,
+    pub skipped: bool,
 }
 
-static STATS: Mutex<Option<Stats>> = Mutex::new(None);
-
-fn with_stats(f: impl FnOnce(&mut Stats)) {
-    let mut g = STATS.lock().unwrap_or_else(|e| e.into_inner());
-    f(g.get_or_insert_with(|| Stats {
-        step_seconds_buckets: vec![0; STEP_SECONDS_BUCKETS.len()],
-        ..Stats::default()
-    }));
+/// This rank's share of a committed checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Committed {
+    pub step: u64,
+    pub bytes: u64,
+    /// Seconds to encode and write this rank's object.
+    pub write_seconds: f64,
+    /// Seconds from the start of the save to the commit.
+    pub save_seconds: f64,
 }
 
-/// One finished step of this rank.
-#[allow(clippy::too_many_arguments)]
-pub fn record_step(
-    seconds: f64,
-    data_wait: f64,
-    images: u64,
-    tokens: u64,
-    flops: f64,
-    loss: f64,
-    loss_max: f64,
-    grad_norm: f64,
-    lr: f64,
-    skipped: bool,
-) {
-    with_stats(|s| {
-        s.steps_total += 1;
-        s.images_total += images;
-        s.tokens_total += tokens;
-        s.model_flops_total += flops;
-        s.step_flops = flops;
-        s.data_wait_seconds_total += data_wait;
-        for (b, bound) in s.step_seconds_buckets.iter_mut().zip(STEP_SECONDS_BUCKETS) {
-            if seconds <= bound {
-                *b += 1;
-            }
+impl Progress {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The last finished optimiser step.
+    pub fn step(&self) -> u64 {
+        self.0.step.load(Ordering::Relaxed)
+    }
+
+    pub fn set_step(&self, step: u64) {
+        self.0.step.store(step, Ordering::Relaxed);
+    }
+
+    pub fn phase(&self) -> Phase {
+        Phase::from_u8(self.0.phase.load(Ordering::Relaxed))
+    }
+
+    pub fn set_phase(&self, p: Phase) {
+        self.0.phase.store(p as u8, Ordering::Relaxed);
+    }
+
+    /// Sets `p` until the guard drops, then restores the previous phase (a collective inside the compute phase).
+    pub fn enter(&self, p: Phase) -> PhaseGuard<'_> {
+        PhaseGuard {
+            progress: self,
+            previous: self.0.phase.swap(p as u8, Ordering::Relaxed),
         }
-        s.step_seconds_count += 1;
-        s.step_seconds_sum += seconds;
-        s.skipped_steps_total += u64::from(skipped);
-        (s.loss, s.loss_max, s.grad_norm, s.learning_rate) = (loss, loss_max, grad_norm, lr);
-    });
-}
+    }
 
-/// A checkpoint was started; training stalled `seconds` for it.
-pub fn record_checkpoint(seconds: f64) {
-    with_stats(|s| {
-        s.checkpoints_total += 1;
-        s.checkpoint_stall_seconds = seconds;
-    });
-}
+    /// The newest checkpoint this rank saw committed.
+    pub fn checkpoint(&self) -> Option<u64> {
+        self.0.checkpoint.load(Ordering::Relaxed).checked_sub(1)
+    }
 
-/// This rank's part of a checkpoint was written (`write_seconds`) and the checkpoint committed `save_seconds`
-/// after the save started.
-pub fn record_checkpoint_written(bytes: u64, write_seconds: f64, save_seconds: f64) {
-    with_stats(|s| {
-        s.checkpoint_bytes_total += bytes;
-        s.checkpoint_write_seconds = write_seconds;
-        s.checkpoint_save_seconds = save_seconds;
-    });
-}
+    /// Marks the rank superseded by a newer generation (the rank agent does, on the coordinator's word).
+    pub fn supersede(&self) {
+        self.0.superseded.store(true, Ordering::SeqCst);
+    }
 
-/// This rank's device memory after a step.
-pub fn record_device_memory(memory: Option<(u64, u64)>) {
-    if let Some((used, total)) = memory {
-        with_stats(|s| (s.device_memory_used_bytes, s.device_memory_total_bytes) = (used, total));
+    pub fn superseded(&self) -> bool {
+        self.0.superseded.load(Ordering::SeqCst)
+    }
+
+    fn with_stats(&self, f: impl FnOnce(&mut RankStats)) {
+        let mut g = self.0.stats.lock().unwrap_or_else(|e| e.into_inner());
+        f(g.get_or_insert_with(|| RankStats {
+            step_seconds_buckets: vec![0; STEP_SECONDS_BUCKETS.len()],
+            ..RankStats::default()
+        }));
+    }
+
+    /// One finished step: the counters grow and the step becomes the last finished one.
+    pub fn record_step(&self, r: &StepRecord) {
+        self.with_stats(|s| {
+            s.steps += 1;
+            s.images += r.images;
+            s.tokens += r.tokens;
+            s.model_flops += r.flops;
+            s.step_flops = r.flops;
+            s.data_wait_seconds += r.data_wait_seconds;
+            for (b, bound) in s.step_seconds_buckets.iter_mut().zip(STEP_SECONDS_BUCKETS) {
+                if r.seconds <= bound {
+                    *b += 1;
+                }
+            }
+            s.step_seconds_count += 1;
+            s.step_seconds_sum += r.seconds;
+            s.skipped_steps += u64::from(r.skipped);
+            (s.loss, s.loss_max, s.grad_norm, s.learning_rate) =
+                (r.loss, r.loss_max, r.grad_norm, r.learning_rate);
+        });
+        self.set_step(r.step);
+    }
+
+    /// A checkpoint was started; training stalled `seconds` for it.
+    pub fn record_checkpoint_started(&self, seconds: f64) {
+        self.with_stats(|s| {
+            s.checkpoints += 1;
+            s.checkpoint_stall_seconds = seconds;
+        });
+    }
+
+    /// A checkpoint committed (this rank's part of it).
+    pub fn record_committed(&self, c: &Committed) {
+        self.with_stats(|s| {
+            s.checkpoint_bytes += c.bytes;
+            s.checkpoint_write_seconds = c.write_seconds;
+            s.checkpoint_save_seconds = c.save_seconds;
+        });
+        self.0.checkpoint.store(c.step + 1, Ordering::Relaxed);
+    }
+
+    /// This rank's device memory after a step.
+    pub fn record_device_memory(&self, memory: Option<(u64, u64)>) {
+        if let Some((used, total)) = memory {
+            self.with_stats(|s| {
+                (s.device_memory_used_bytes, s.device_memory_total_bytes) = (used, total)
+            });
+        }
+    }
+
+    /// The counters so far, as the heartbeat sends them (`None` before the first step).
+    pub fn snapshot(&self) -> Option<RankStats> {
+        self.0
+            .stats
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 }
 
-/// The counters so far (`None` before the first step).
-pub fn stats() -> Option<Stats> {
-    STATS.lock().unwrap_or_else(|e| e.into_inner()).clone()
+pub struct PhaseGuard<'a> {
+    progress: &'a Progress,
+    previous: u8,
+}
+
+impl Drop for PhaseGuard<'_> {
+    fn drop(&mut self) {
+        self.progress
+            .0
+            .phase
+            .store(self.previous, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_buckets_and_phases_read_back_through_a_clone() {
+        let p = Progress::new();
+        let reader = p.clone();
+        assert_eq!(reader.snapshot(), None);
+        let step = |step, seconds| StepRecord {
+            step,
+            seconds,
+            data_wait_seconds: 0.5,
+            images: 4,
+            tokens: 64,
+            flops: 1e9,
+            loss: 0.25,
+            loss_max: 0.5,
+            grad_norm: 1.0,
+            learning_rate: 1e-4,
+            skipped: step == 2,
+        };
+        p.record_step(&step(1, 0.02));
+        p.record_step(&step(2, 1e9));
+        let s = reader.snapshot().expect("stats after a step");
+        assert_eq!(
+            (s.steps, s.images, s.tokens, s.skipped_steps),
+            (2, 8, 128, 1)
+        );
+        assert_eq!(reader.step(), 2);
+        // Cumulative buckets: the fast step counts in every bucket at or above 0.02 s, the slow one in none.
+        let first = STEP_SECONDS_BUCKETS
+            .iter()
+            .position(|&b| b >= 0.02)
+            .unwrap();
+        assert!(s.step_seconds_buckets[..first].iter().all(|&c| c == 0));
+        assert!(s.step_seconds_buckets[first..].iter().all(|&c| c == 1));
+        {
+            let _g = p.enter(Phase::Collective);
+            assert_eq!(reader.phase(), Phase::Collective);
+        }
+        assert_eq!(reader.phase(), Phase::from_u8(0));
+        p.record_committed(&Committed {
+            step: 2,
+            bytes: 10,
+            write_seconds: 0.1,
+            save_seconds: 0.2,
+        });
+        assert_eq!(reader.checkpoint(), Some(2));
+        assert_eq!(reader.snapshot().unwrap().checkpoint_bytes, 10);
+    }
 }

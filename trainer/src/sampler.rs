@@ -59,10 +59,7 @@ impl Default for Solver {
 impl Solver {
     pub fn validate(&self) -> Result<(), ModelError> {
         let bad = |field: &str, reason: String| {
-            Err(ModelError::InvalidConfig {
-                field: format!("sampler.{field}"),
-                reason,
-            })
+            Err(radit_protocol::ConfigError::new(format!("sampler.{field}"), reason).into())
         };
         match *self {
             Solver::Euler { steps, shift } => {

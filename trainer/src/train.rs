@@ -1,32 +1,43 @@
 //! The train loop: `radit train --config run.toml`. A thin driver over the loader, the objective, the engine and
 //! the checkpointer: resume, then `while step < steps { batch; forward/backward; step; maybe checkpoint }`.
 
-use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use radit_sharding::loader::{Batch, CacheConfig, Inputs, Loader, LoaderConfig, ModelInput, Pass};
+pub use radit_sharding::loader::DataConfig;
+use radit_sharding::loader::{Batch, Inputs, Loader, LoaderConfig, ModelInput, Pass};
 use radit_sharding::order::OrderState;
-use radit_sharding::split::Split;
 use radit_sharding::store::Storage;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
 use crate::checkpoint::{CheckpointConfig, CheckpointError, Checkpointer, RunState};
 use crate::collective::Collective;
-use crate::engine::{EngineConfig, EngineError, Fsdp, Initial, LrSchedule, MicroBatch, StepReport};
+use crate::collective::phase::PhaseMarking;
+use crate::engine::{EngineConfig, EngineError, Fsdp, Initial, LrSchedule, StepReport};
 use crate::flow::FlowConfig;
+use crate::flow::MicroBatch;
 use crate::model::{ModelError, RadiTConfig};
 use crate::preview::{self, PreviewConfig};
-use crate::progress::{self, Phase};
+use crate::progress::{Phase, Progress, StepRecord};
+pub use radit_protocol::ConfigError;
 
 /// What can stop a run.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum TrainError {
-    #[error("invalid config: {field}: {reason}")]
-    InvalidConfig { field: String, reason: String },
+    #[error(transparent)]
+    InvalidConfig(#[from] ConfigError),
+    #[error("{}: {reason}", file.display())]
+    ConfigFile {
+        file: std::path::PathBuf,
+        reason: String,
+    },
     #[error("training data")]
     Data(#[from] radit_sharding::ShardError),
+    #[error("training data storage")]
+    Storage(#[from] radit_sharding::store::StorageError),
     #[error(transparent)]
     Engine(#[from] EngineError),
     #[error(transparent)]
@@ -43,6 +54,9 @@ pub enum TrainError {
         consecutive: u64,
         why: String,
     },
+    /// A newer generation of the run took over (the supervisor gave up on this one): leave without a checkpoint.
+    #[error("superseded by a newer generation of the run after step {step}")]
+    Superseded { step: u64 },
     /// The training loader had no next batch (it cycles through epochs, so the store changed under the run).
     #[error("the training data ended before step {step}: did the store change under the run?")]
     DataEnded { step: u64 },
@@ -82,7 +96,13 @@ pub fn is_out_of_memory(e: &(dyn std::error::Error + 'static)) -> bool {
 }
 
 /// An out-of-memory error with what the operator needs to change the configuration.
-fn out_of_memory(e: TrainError, cfg: &TrainConfig, world: u64, device: Device) -> TrainError {
+fn out_of_memory(
+    e: TrainError,
+    cfg: &TrainConfig,
+    world: u64,
+    device: Device,
+    step: u64,
+) -> TrainError {
     let model = cfg.model.resolve().ok();
     let per_rank = cfg.train.global_batch / world.max(1);
     let micro = per_rank / cfg.train.micro_batches.max(1);
@@ -130,8 +150,7 @@ fn out_of_memory(e: TrainError, cfg: &TrainConfig, world: u64, device: Device) -
         .to_string();
     TrainError::OutOfMemory {
         cause,
-        // The step being computed (the last finished one plus one).
-        step: progress::step() + 1,
+        step,
         device: match device {
             Device::Cuda(i) => format!("cuda:{i}"),
             _ => "cpu".into(),
@@ -159,37 +178,6 @@ pub struct TrainConfig {
     pub preview: Option<PreviewConfig>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DataConfig {
-    /// The Zarr store (path, file:// or s3://).
-    pub url: String,
-    #[serde(default = "default_split")]
-    pub split: Split,
-    #[serde(default = "default_window")]
-    pub window_shards: u64,
-    /// Node-local cache directory (one per rank is made inside it).
-    #[serde(default)]
-    pub cache_dir: Option<PathBuf>,
-    #[serde(default = "default_cache_gib")]
-    pub cache_gib: f64,
-    #[serde(default = "default_prefetch")]
-    pub prefetch: usize,
-}
-
-fn default_split() -> Split {
-    Split::Train
-}
-fn default_window() -> u64 {
-    radit_sharding::order::DEFAULT_WINDOW_SHARDS
-}
-fn default_cache_gib() -> f64 {
-    64.0
-}
-fn default_prefetch() -> usize {
-    4
-}
-
 /// A preset by name, or a whole architecture.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -201,12 +189,13 @@ pub struct ModelChoice {
 }
 
 impl ModelChoice {
-    pub fn resolve(&self) -> Result<RadiTConfig, TrainError> {
+    pub fn resolve(&self) -> Result<RadiTConfig, ConfigError> {
         let cfg = match (&self.preset, &self.config) {
-            (Some(p), None) => RadiTConfig::preset(p)?,
+            (Some(p), None) => RadiTConfig::preset(p)
+                .map_err(|e| ConfigError::new("model.preset", e.to_string()))?,
             (None, Some(c)) => c.clone(),
             _ => {
-                return Err(TrainError::InvalidConfig {
+                return Err(ConfigError {
                     field: "model".into(),
                     reason: "give exactly one of model.preset or [model.config]".into(),
                 });
@@ -246,10 +235,30 @@ fn default_rollback() -> u64 {
 }
 
 impl TrainConfig {
+    /// Parses a train config file; errors name the file and the field.
+    pub fn load(file: &std::path::Path) -> Result<ValidatedConfig, TrainError> {
+        let unreadable = |reason: String| TrainError::ConfigFile {
+            file: file.to_path_buf(),
+            reason,
+        };
+        let text = std::fs::read_to_string(file).map_err(|e| unreadable(e.to_string()))?;
+        let cfg: TrainConfig = toml::from_str(&text).map_err(|e| unreadable(e.to_string()))?;
+        cfg.validated()
+            .map_err(|e| unreadable(format!("{}: {}", e.field, e.reason)))
+    }
+
     /// Checks everything that does not need the store or the world size.
-    pub fn validate(&self) -> Result<RadiTConfig, TrainError> {
+    pub fn validated(self) -> Result<ValidatedConfig, ConfigError> {
+        let model = self.check()?;
+        Ok(ValidatedConfig {
+            config: self,
+            model,
+        })
+    }
+
+    fn check(&self) -> Result<RadiTConfig, ConfigError> {
         let bad = |field: &str, reason: String| {
-            Err(TrainError::InvalidConfig {
+            Err(ConfigError {
                 field: field.into(),
                 reason,
             })
@@ -287,10 +296,10 @@ impl TrainConfig {
     }
 
     /// Checks what depends on the world size.
-    pub fn validate_for_world(&self, world: u64) -> Result<(), TrainError> {
+    pub fn validate_for_world(&self, world: u64) -> Result<(), ConfigError> {
         let per_step = world * self.train.micro_batches;
         if !self.train.global_batch.is_multiple_of(per_step) {
-            return Err(TrainError::InvalidConfig {
+            return Err(ConfigError {
                 field: "train.global_batch".into(),
                 reason: format!(
                     "{} must be divisible by world size x micro_batches = {world} x {} = {per_step}",
@@ -299,6 +308,44 @@ impl TrainConfig {
             });
         }
         Ok(())
+    }
+}
+
+/// A train config that passed [`TrainConfig::validated`] (the only way to make one), with its resolved model: a
+/// run cannot start on a config nobody checked, and nobody checks it twice.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidatedConfig {
+    config: TrainConfig,
+    model: RadiTConfig,
+}
+
+impl std::ops::Deref for ValidatedConfig {
+    type Target = TrainConfig;
+    fn deref(&self) -> &TrainConfig {
+        &self.config
+    }
+}
+
+impl ValidatedConfig {
+    pub fn model(&self) -> &RadiTConfig {
+        &self.model
+    }
+
+    /// Rank `rank`'s training loader: the model's input decides images or latents.
+    pub fn loader_config(&self, rank: u64, world: u64) -> LoaderConfig {
+        let output = if self.model.in_channels == 1 {
+            ModelInput::Dequantised
+        } else {
+            ModelInput::Latents
+        };
+        self.data.loader_config(
+            Pass::Train,
+            self.train.seed,
+            self.train.global_batch,
+            rank,
+            world,
+            output,
+        )
     }
 }
 
@@ -335,12 +382,11 @@ fn to_tensors(batch: &Batch, device: Device) -> Result<(Tensor, Tensor, Tensor),
     let x1 = match &batch.inputs {
         Inputs::F32(v) => Tensor::from_slice(v),
         Inputs::U16(_) => {
-            return Err(TrainError::InvalidConfig {
-                field: "data".into(),
-                reason:
-                    "the loader delivered raw 16-bit pixels; the trainer needs dequantised inputs"
-                        .into(),
-            });
+            return Err(ConfigError::new(
+                "data",
+                "the loader delivered raw 16-bit pixels; the trainer needs dequantised inputs",
+            )
+            .into());
         }
     }
     .view([n, c, h, w])
@@ -353,329 +399,463 @@ fn to_tensors(batch: &Batch, device: Device) -> Result<(Tensor, Tensor, Tensor),
     Ok((x1, labels, age))
 }
 
+/// Something the train loop calls before each step's compute, with the step (1-based), this rank and its input
+/// images; the tests' fault injection ([`crate::faults`]) is one.
+pub trait StepHook {
+    fn before_compute(
+        &mut self,
+        step: u64,
+        rank: u64,
+        x1: &Tensor,
+        device: Device,
+    ) -> Result<(), TrainError>;
+}
+
+/// What the caller hands a run besides its config: the stop flag (set by a signal handler or the rank agent, on
+/// any subset of ranks; the ranks vote at each step boundary so all stop at the same step), the progress the
+/// heartbeat reports, and an optional step hook.
+pub struct RunHandles {
+    pub stop: Arc<AtomicBool>,
+    pub progress: Progress,
+    pub step_hook: Option<Box<dyn StepHook>>,
+}
+
+impl Default for RunHandles {
+    fn default() -> Self {
+        Self {
+            stop: Arc::new(AtomicBool::new(false)),
+            progress: Progress::new(),
+            step_hook: None,
+        }
+    }
+}
+
 /// Trains from the newest checkpoint (or from scratch) to `train.steps`. `on_step` sees every logged step
 /// (rank 0 prints them). Collective: every rank calls it with the same config.
-/// `stop` is set (by a signal handler, on any subset of ranks) to ask for a checkpoint and an early exit; the flags
-/// are combined at each step boundary so every rank stops at the same step.
 pub fn train(
-    cfg: &TrainConfig,
+    cfg: &ValidatedConfig,
     comm: Box<dyn Collective>,
     device: Device,
-    stop: &std::sync::atomic::AtomicBool,
-    on_step: impl FnMut(&StepLog),
+    handles: RunHandles,
+    mut on_step: impl FnMut(&StepLog),
 ) -> Result<TrainSummary, TrainError> {
-    let world = comm.world() as u64;
-    run(cfg, comm, device, stop, on_step).map_err(|e| {
-        if is_out_of_memory(&e) {
-            out_of_memory(e, cfg, world, device)
-        } else {
-            e
+    let (rank, world) = (comm.rank() as u64, comm.world() as u64);
+    let span = tracing::info_span!("train", rank, world);
+    let _enter = span.enter();
+    let progress = handles.progress.clone();
+    let trained = (|| {
+        let mut t = Trainer::new(cfg, comm, device, handles)?;
+        let mut log = StepLogger::new(cfg.train.log_every, t.tokens_per_image);
+        while t.step < cfg.train.steps {
+            let done = t.step()?;
+            log.observe(&done, cfg.train.global_batch, &mut on_step);
+            if t.skips.rollback_due(&done, cfg.train.rollback_after_skips) {
+                t.roll_back()?;
+                continue;
+            }
+            let stop_here = t.stop_vote()?;
+            t.checkpoint_if_due(stop_here)?;
+            t.preview_if_due()?;
+            if stop_here {
+                break;
+            }
         }
+        t.finish()
+    })();
+    trained.map_err(|e| match is_out_of_memory(&e) {
+        true => out_of_memory(e, cfg, world, device, progress.step() + 1),
+        false => e,
     })
 }
 
-fn run(
-    cfg: &TrainConfig,
-    comm: Box<dyn Collective>,
-    device: Device,
-    stop: &std::sync::atomic::AtomicBool,
-    mut on_step: impl FnMut(&StepLog),
-) -> Result<TrainSummary, TrainError> {
-    let model_cfg = cfg.validate()?;
-    let (rank, world) = (comm.rank() as u64, comm.world() as u64);
-    cfg.validate_for_world(world)?;
-    let span = tracing::info_span!("train", rank, world);
-    let _enter = span.enter();
+/// One step's outcome, as the loop's parts see it.
+struct DoneStep {
+    step: u64,
+    report: StepReport,
+    loss_max: f64,
+    data_wait_seconds: f64,
+}
 
-    let mut engine = Fsdp::new(
-        &model_cfg,
-        cfg.engine.clone(),
-        comm,
-        device,
-        Initial::Seed(cfg.train.seed as i64),
-    )?;
-    let mut ckpt = cfg.checkpoint.clone().map(Checkpointer::open).transpose()?;
-    let storage = Storage::open_existing(&cfg.data.url)?;
-    let loader_cfg = LoaderConfig {
-        split: cfg.data.split,
-        pass: Pass::Train,
-        seed: cfg.train.seed,
-        window_shards: cfg.data.window_shards,
-        global_batch: cfg.train.global_batch,
-        rank,
-        world,
-        output: if model_cfg.in_channels == 1 {
-            ModelInput::Dequantised
-        } else {
-            ModelInput::Latents
-        },
-        prefetch_steps: cfg.data.prefetch,
-        cache: cfg.data.cache_dir.as_ref().map(|d| CacheConfig {
-            dir: d.join(format!("rank-{rank}")),
-            max_bytes: (cfg.data.cache_gib * (1u64 << 30) as f64) as u64,
-        }),
-        ..LoaderConfig::default()
-    };
+/// Logs every `log_every` steps (and every skipped one) with throughput over the window since the last log.
+struct StepLogger {
+    every: u64,
+    tokens_per_image: u64,
+    since: Instant,
+    images: u64,
+    data_wait_seconds: f64,
+}
 
-    let resume =
-        |engine: &mut Fsdp, ckpt: &Option<Checkpointer>| -> Result<Option<RunState>, TrainError> {
-            match ckpt {
-                Some(c) => Ok(c.load_latest(engine, &model_cfg)?),
-                None => Ok(None),
-            }
-        };
-    let open_loader = |state: &Option<RunState>| -> Result<Loader, TrainError> {
-        let start = state.as_ref().map_or(0, |s| s.step);
-        let loader = Loader::open(storage.clone(), loader_cfg.clone(), start)?;
-        if let Some(s) = state {
-            let saved: OrderState =
-                serde_json::from_value(s.loader.clone()).map_err(|e| CheckpointError::Corrupt {
-                    key: format!("the run state of step {}", s.step),
-                    reason: format!("its loader state: {e}"),
-                })?;
-            if saved.config != loader.state().config {
-                return Err(TrainError::InvalidConfig {
-                    field: "train".into(),
-                    reason: format!(
-                        "the data order changed since the checkpoint ({:?} then, {:?} now): keep seed, \
-                         global_batch, window_shards and the store as they were to resume exactly",
-                        saved.config,
-                        loader.state().config
-                    ),
-                });
-            }
+impl StepLogger {
+    fn new(every: u64, tokens_per_image: u64) -> Self {
+        Self {
+            every: every.max(1),
+            tokens_per_image,
+            since: Instant::now(),
+            images: 0,
+            data_wait_seconds: 0.0,
         }
-        Ok(loader)
-    };
+    }
 
-    // Fault injection for the tests: the listed (1-based) steps get a non-finite input on rank 0, once each.
-    let mut inject: std::collections::BTreeSet<u64> = std::env::var("RADIT_FAULT_NONFINITE_STEPS")
-        .map(|v| v.split(',').filter_map(|s| s.trim().parse().ok()).collect())
-        .unwrap_or_default();
-    let state = resume(&mut engine, &ckpt)?;
-    let resumed_from = state.as_ref().map(|s| s.step);
-    let mut step = resumed_from.unwrap_or(0);
-    let mut skipped = state.as_ref().map_or(0, |s| s.skipped_steps);
-    let mut loader = open_loader(&state)?;
-    let (mut consecutive, mut rollbacks, mut last_checkpoint) = (0u64, 0u64, resumed_from);
-    let micro = cfg.train.micro_batches as i64;
-    let scale = 1.0 / (world as f64 * micro as f64);
-    let mut window = (Instant::now(), 0u64, 0f64);
+    fn observe(&mut self, d: &DoneStep, global_batch: u64, on_step: &mut impl FnMut(&StepLog)) {
+        self.images += global_batch;
+        self.data_wait_seconds += d.data_wait_seconds;
+        if !(d.report.skipped || d.step.is_multiple_of(self.every)) {
+            return;
+        }
+        let secs = self.since.elapsed().as_secs_f64().max(1e-9);
+        let log = StepLog {
+            step: d.step,
+            report: d.report,
+            loss_max: d.loss_max,
+            images_per_second: self.images as f64 / secs,
+            tokens_per_second: (self.images * self.tokens_per_image) as f64 / secs,
+            data_wait_seconds: self.data_wait_seconds,
+        };
+        tracing::info!(
+            step = d.step,
+            loss = d.report.loss,
+            grad_norm = d.report.grad_norm,
+            images_per_second = log.images_per_second,
+            "step"
+        );
+        on_step(&log);
+        *self = Self::new(self.every, self.tokens_per_image);
+    }
+}
 
-    // Fault injection for the tests: `RANK:STEP` makes that rank hang (sleep, heart-beating) in step STEP, or ask
-    // libtorch for more memory than any machine has in step STEP (a real allocator failure).
-    let hang_at = progress::fault_at("RADIT_FAULT_HANG");
-    let oom_at = progress::fault_at("RADIT_FAULT_OOM");
-    progress::set_step(step);
-    let tokens_per_image = (model_cfg.input_size / model_cfg.patch_size).pow(2) as u64;
-    let flops_per_token = model_cfg.training_flops_per_token();
-    while step < cfg.train.steps {
-        progress::set_phase(Phase::Data);
-        let step_started = Instant::now();
-        let waited = Instant::now();
-        let batch = loader
+/// Counts consecutive skipped (non-finite) steps; too many in a row call for a rollback.
+#[derive(Default)]
+struct SkipPolicy {
+    consecutive: u64,
+    total: u64,
+}
+
+impl SkipPolicy {
+    /// Whether the run must roll back to its last checkpoint after this step.
+    fn rollback_due(&mut self, done: &DoneStep, limit: u64) -> bool {
+        if !done.report.skipped {
+            self.consecutive = 0;
+            return false;
+        }
+        self.total += 1;
+        self.consecutive += 1;
+        tracing::warn!(
+            step = done.step,
+            consecutive = self.consecutive,
+            loss = done.report.loss,
+            grad_norm = done.report.grad_norm,
+            "non-finite step skipped"
+        );
+        self.consecutive >= limit
+    }
+}
+
+/// The parts of a run between steps: engine, checkpointer, loader and where the run stands.
+struct Trainer<'a> {
+    cfg: &'a ValidatedConfig,
+    device: Device,
+    rank: u64,
+    engine: Fsdp,
+    ckpt: Option<Checkpointer>,
+    storage: Storage,
+    loader_cfg: LoaderConfig,
+    loader: Loader,
+    handles: RunHandles,
+    step: u64,
+    resumed_from: Option<u64>,
+    skips: SkipPolicy,
+    rollbacks: u64,
+    last_checkpoint: Option<u64>,
+    tokens_per_image: u64,
+    flops_per_token: f64,
+}
+
+impl<'a> Trainer<'a> {
+    /// Builds the engine (the collective wrapped so waits read as the collective phase), opens the checkpoints
+    /// and resumes from the newest one, and opens the loader where the run stands.
+    fn new(
+        cfg: &'a ValidatedConfig,
+        comm: Box<dyn Collective>,
+        device: Device,
+        handles: RunHandles,
+    ) -> Result<Self, TrainError> {
+        let (rank, world) = (comm.rank() as u64, comm.world() as u64);
+        cfg.validate_for_world(world)?;
+        let comm = Box::new(PhaseMarking::new(comm, handles.progress.clone()));
+        let model = cfg.model();
+        let mut engine = Fsdp::new(
+            crate::model::RadiT::builder(model),
+            cfg.engine.clone(),
+            comm,
+            device,
+            Initial::Seed(cfg.train.seed as i64),
+        )?;
+        let ckpt = cfg
+            .checkpoint
+            .clone()
+            .map(|c| Checkpointer::open(c).map(|c| c.reporting_to(handles.progress.clone())))
+            .transpose()?;
+        let state = match &ckpt {
+            Some(c) => c.load_latest(&mut engine, model)?,
+            None => None,
+        };
+        let storage = Storage::open_existing(&cfg.data.url)?;
+        let loader_cfg = cfg.loader_config(rank, world);
+        let loader = open_loader(&storage, &loader_cfg, state.as_ref())?;
+        let resumed_from = state.as_ref().map(|s| s.step);
+        handles.progress.set_step(resumed_from.unwrap_or(0));
+        Ok(Self {
+            cfg,
+            device,
+            rank,
+            engine,
+            ckpt,
+            storage,
+            loader_cfg,
+            loader,
+            step: resumed_from.unwrap_or(0),
+            resumed_from,
+            skips: SkipPolicy {
+                total: state.as_ref().map_or(0, |s| s.skipped_steps),
+                ..SkipPolicy::default()
+            },
+            handles,
+            rollbacks: 0,
+            last_checkpoint: resumed_from,
+            tokens_per_image: (model.input_size / model.patch_size).pow(2) as u64,
+            flops_per_token: model.training_flops_per_token(),
+        })
+    }
+
+    /// One optimiser step: the next batch, its noise, forward/backward over the micro-batches, the update.
+    fn step(&mut self) -> Result<DoneStep, TrainError> {
+        let (cfg, device, progress) = (self.cfg, self.device, &self.handles.progress);
+        let next = self.step + 1;
+        progress.set_phase(Phase::Data);
+        let started = Instant::now();
+        let mut batch = self
+            .loader
             .next_batch()?
-            .ok_or(TrainError::DataEnded { step: step + 1 })?;
-        let data_wait = waited.elapsed().as_secs_f64();
-        window.2 += data_wait;
-        let mut batch = batch;
+            .ok_or(TrainError::DataEnded { step: next })?;
+        let data_wait_seconds = started.elapsed().as_secs_f64();
         cfg.flow.drop_conditions(
             cfg.train.seed,
-            step,
+            self.step,
             &batch.indices,
             &mut batch.labels,
             &mut batch.age,
         );
         let (x1, labels, age) = to_tensors(&batch, device)?;
-        if rank == 0 && inject.remove(&(step + 1)) {
-            tracing::warn!(
-                step = step + 1,
-                "injecting a non-finite input (RADIT_FAULT_NONFINITE_STEPS)"
-            );
-            let _ = x1.get(0).fill_(f64::NAN);
-        }
-        progress::set_phase(Phase::Compute);
-        if hang_at == Some((rank, step + 1)) {
-            tracing::warn!(step = step + 1, "hanging on purpose (RADIT_FAULT_HANG)");
-            loop {
-                std::thread::sleep(std::time::Duration::from_secs(3600));
-            }
-        }
-        if oom_at == Some((rank, step + 1)) {
-            tracing::warn!(
-                step = step + 1,
-                "allocating 1 PiB on purpose (RADIT_FAULT_OOM)"
-            );
-            let _never =
-                Tensor::f_empty([1i64 << 48], (Kind::Float, device)).map_err(EngineError::from)?;
+        progress.set_phase(Phase::Compute);
+        if let Some(hook) = &mut self.handles.step_hook {
+            hook.before_compute(next, self.rank, &x1, device)?;
         }
         let shape: Vec<i64> = batch.sample_shape.iter().map(|&v| v as i64).collect();
-        let draw = cfg.flow.draw(cfg.train.seed, step, &batch.indices, &shape);
+        let draw = cfg
+            .flow
+            .draw(cfg.train.seed, self.step, &batch.indices, &shape);
         let (x0, t) = (draw.x0.to_device(device), draw.t.to_device(device));
+        let micro = cfg.train.micro_batches as i64;
+        let scale = 1.0 / (self.engine.collective().world() as f64 * micro as f64);
         let per = x1.size()[0] / micro;
         let mut loss_sum = 0.0;
         for k in 0..micro {
             let s = |v: &Tensor| v.narrow(0, k * per, per);
+            let (x1, x0, t, labels, age) = (s(&x1), s(&x0), s(&t), s(&labels), s(&age));
             let mb = MicroBatch {
-                x1: &s(&x1),
-                x0: &s(&x0),
-                t: &s(&t),
-                labels: &s(&labels),
-                age: &s(&age),
+                x1: &x1,
+                x0: &x0,
+                t: &t,
+                labels: &labels,
+                age: &age,
             };
-            loss_sum += engine.forward_backward(&mb, scale)?;
+            loss_sum += mb.forward_backward(&mut self.engine, scale)?;
         }
-        let lr = cfg.engine.adam.lr_at(engine.adam_steps());
-        let report = engine.optimizer_step(loss_sum, lr)?;
-        step += 1;
+        let lr = cfg.engine.adam.lr_at(self.engine.adam_steps());
+        let report = self.engine.optimizer_step(loss_sum, lr)?;
+        self.step = next;
         // The largest rank's own loss of this same step (a rank far above the mean reads bad data or has a bad
         // device), recorded with the step's mean so a heartbeat never pairs two steps.
-        let loss_max = engine
+        let loss_max = self
+            .engine
             .collective()
             .all_reduce_max_f64(loss_sum / micro as f64)?;
         let images = x1.size()[0] as u64;
-        progress::record_step(
-            step_started.elapsed().as_secs_f64(),
-            data_wait,
+        let tokens = images * self.tokens_per_image;
+        progress.record_step(&StepRecord {
+            step: next,
+            seconds: started.elapsed().as_secs_f64(),
+            data_wait_seconds,
             images,
-            images * tokens_per_image,
-            images as f64 * tokens_per_image as f64 * flops_per_token,
-            report.loss,
+            tokens,
+            flops: tokens as f64 * self.flops_per_token,
+            loss: report.loss,
             loss_max,
-            report.grad_norm,
-            report.lr,
-            report.skipped,
+            grad_norm: report.grad_norm,
+            learning_rate: report.lr,
+            skipped: report.skipped,
+        });
+        progress.record_device_memory(crate::runtime::device_memory(device));
+        Ok(DoneStep {
+            step: next,
+            report,
+            loss_max,
+            data_wait_seconds,
+        })
+    }
+
+    /// Back to the last committed checkpoint (weights, optimizer, data order), after too many skipped steps.
+    fn roll_back(&mut self) -> Result<(), TrainError> {
+        let (step, consecutive) = (self.step, self.skips.consecutive);
+        let diverged = |why: &str| TrainError::Diverged {
+            step,
+            consecutive,
+            why: why.into(),
+        };
+        let Some(c) = &mut self.ckpt else {
+            return Err(diverged("there is no checkpoint to roll back to"));
+        };
+        c.finish(self.engine.collective())?;
+        let Some(state) = c.load_latest(&mut self.engine, self.cfg.model())? else {
+            return Err(diverged("no checkpoint is committed yet"));
+        };
+        tracing::warn!(
+            from = step,
+            to = state.step,
+            "rolling back to the last checkpoint"
         );
-        progress::record_device_memory(crate::runtime::device_memory(device));
-        progress::set_step(step);
-        window.1 += cfg.train.global_batch;
-        if report.skipped || step % cfg.train.log_every.max(1) == 0 || step == cfg.train.steps {
-            let secs = window.0.elapsed().as_secs_f64().max(1e-9);
-            let log = StepLog {
-                step,
-                report,
-                loss_max,
-                images_per_second: window.1 as f64 / secs,
-                tokens_per_second: (window.1 * tokens_per_image) as f64 / secs,
-                data_wait_seconds: window.2,
-            };
-            tracing::info!(
-                step,
-                loss = report.loss,
-                grad_norm = report.grad_norm,
-                images_per_second = log.images_per_second,
-                "step"
-            );
-            on_step(&log);
-            window = (Instant::now(), 0, 0.0);
+        self.step = state.step;
+        self.loader = open_loader(&self.storage, &self.loader_cfg, Some(&state))?;
+        self.skips.consecutive = 0;
+        self.rollbacks += 1;
+        Ok(())
+    }
+
+    /// One tiny all-reduce of the ranks' stop flags, so all of them stop at this same step. A superseded rank
+    /// leaves at once instead: a checkpoint now would race the newer generation's.
+    fn stop_vote(&self) -> Result<bool, TrainError> {
+        if self.handles.progress.superseded() {
+            return Err(TrainError::Superseded { step: self.step });
         }
-        if report.skipped {
-            skipped += 1;
-            consecutive += 1;
+        let asked = self.handles.stop.load(Ordering::SeqCst);
+        let stop = self.step < self.cfg.train.steps
+            && self
+                .engine
+                .collective()
+                .all_reduce_f64(f64::from(u8::from(asked)))?
+                > 0.0;
+        if stop {
             tracing::warn!(
-                step,
-                loss = report.loss,
-                grad_norm = report.grad_norm,
-                "non-finite step skipped"
-            );
-            if consecutive >= cfg.train.rollback_after_skips {
-                let Some(c) = &mut ckpt else {
-                    return Err(TrainError::Diverged {
-                        step,
-                        consecutive,
-                        why: "there is no checkpoint to roll back to".into(),
-                    });
-                };
-                c.finish(engine.collective())?;
-                let Some(state) = c.load_latest(&mut engine, &model_cfg)? else {
-                    return Err(TrainError::Diverged {
-                        step,
-                        consecutive,
-                        why: "no checkpoint is committed yet".into(),
-                    });
-                };
-                tracing::warn!(
-                    from = step,
-                    to = state.step,
-                    "rolling back to the last checkpoint"
-                );
-                step = state.step;
-                loader = open_loader(&Some(state))?;
-                consecutive = 0;
-                rollbacks += 1;
-                continue;
-            }
-        } else {
-            consecutive = 0;
-        }
-        // One tiny all-reduce combines the ranks' stop flags, so all of them stop at this same step.
-        let stop_here = step < cfg.train.steps
-            && engine.collective().all_reduce_f64(f64::from(u8::from(
-                stop.load(std::sync::atomic::Ordering::SeqCst),
-            )))? > 0.0;
-        if stop_here {
-            tracing::warn!(
-                step,
+                step = self.step,
                 "stop requested: checkpointing, then exiting for a requeue"
             );
         }
-        if let Some(c) = &mut ckpt {
-            if stop_here || step % c.config().every == 0 || step == cfg.train.steps {
-                let state = RunState {
+        Ok(stop)
+    }
+
+    /// Saves at every `checkpoint.every`, the last step and a stop; commits a finished save when all ranks wrote.
+    fn checkpoint_if_due(&mut self, stop_here: bool) -> Result<(), TrainError> {
+        let Some(c) = &mut self.ckpt else {
+            return Ok(());
+        };
+        let step = self.step;
+        if stop_here || step.is_multiple_of(c.config().every) || step == self.cfg.train.steps {
+            let state = RunState {
+                step,
+                adam_steps: self.engine.adam_steps(),
+                skipped_steps: self.skips.total,
+                loader: serde_json::to_value(OrderState {
+                    config: self.loader.state().config,
                     step,
-                    adam_steps: engine.adam_steps(),
-                    skipped_steps: skipped,
-                    loader: serde_json::to_value(OrderState {
-                        config: loader.state().config,
-                        step,
-                    })
-                    .unwrap_or_default(),
-                    model: model_cfg.clone(),
-                    config: serde_json::to_value(cfg).unwrap_or_default(),
-                };
-                let _phase = progress::enter(Phase::Checkpoint);
-                let stall = Instant::now();
-                c.save(&engine, state)?;
-                progress::record_checkpoint(stall.elapsed().as_secs_f64());
-            }
-            if let Some(done) = c.poll(engine.collective())? {
-                last_checkpoint = Some(done);
-                progress::set_checkpoint(done);
-            }
+                })
+                .unwrap_or_default(),
+                model: self.cfg.model().clone(),
+                config: serde_json::to_value(&self.cfg.config).unwrap_or_default(),
+            };
+            let progress = &self.handles.progress;
+            let _phase = progress.enter(Phase::Checkpoint);
+            let stall = Instant::now();
+            c.save(&self.engine, state)?;
+            progress.record_checkpoint_started(stall.elapsed().as_secs_f64());
         }
-        if let Some(p) = &cfg.preview
-            && (step % p.every == 0 || step == cfg.train.steps)
+        if let Some(done) = c.poll(self.engine.collective())? {
+            self.last_checkpoint = Some(done);
+        }
+        Ok(())
+    }
+
+    /// A contact sheet of EMA samples every `preview.every` steps and at the last step.
+    fn preview_if_due(&self) -> Result<(), TrainError> {
+        let Some(p) = &self.cfg.preview else {
+            return Ok(());
+        };
+        if !(self.step.is_multiple_of(p.every) || self.step == self.cfg.train.steps) {
+            return Ok(());
+        }
+        let _phase = self.handles.progress.enter(Phase::Sampling);
+        let started = Instant::now();
+        if let Some(path) = preview::write_sheet(
+            &self.engine,
+            self.cfg.model(),
+            p,
+            self.cfg.flow.shift,
+            self.step,
+        )? {
+            tracing::info!(step = self.step, path = %path.display(), seconds = started.elapsed().as_secs_f64(), "preview sheet");
+        }
+        Ok(())
+    }
+
+    /// Commits the last save and says how the run ended.
+    fn finish(mut self) -> Result<TrainSummary, TrainError> {
+        if let Some(c) = &mut self.ckpt
+            && let Some(done) = c.finish(self.engine.collective())?
         {
-            let _phase = progress::enter(Phase::Sampling);
-            let started = Instant::now();
-            if let Some(path) = preview::write_sheet(&engine, &model_cfg, p, cfg.flow.shift, step)?
-            {
-                tracing::info!(step, path = %path.display(), seconds = started.elapsed().as_secs_f64(), "preview sheet");
+            self.last_checkpoint = Some(done);
+        }
+        let stopped_for_requeue = self.step < self.cfg.train.steps;
+        if stopped_for_requeue && self.ckpt.is_none() {
+            tracing::warn!(
+                step = self.step,
+                "stopped without a [checkpoint] section: the next job starts from scratch"
+            );
+        }
+        Ok(TrainSummary {
+            stopped_for_requeue,
+            resumed_from: self.resumed_from,
+            final_step: self.step,
+            skipped_steps: self.skips.total,
+            rollbacks: self.rollbacks,
+            last_checkpoint: self.last_checkpoint,
+        })
+    }
+}
+
+/// The loader at `state`'s step (or the start), refusing a data order that changed since the checkpoint.
+fn open_loader(
+    storage: &Storage,
+    cfg: &LoaderConfig,
+    state: Option<&RunState>,
+) -> Result<Loader, TrainError> {
+    let loader = Loader::open(storage.clone(), cfg.clone(), state.map_or(0, |s| s.step))?;
+    if let Some(s) = state {
+        let saved: OrderState =
+            serde_json::from_value(s.loader.clone()).map_err(|e| CheckpointError::Corrupt {
+                key: format!("the run state of step {}", s.step),
+                reason: format!("its loader state: {e}"),
+            })?;
+        if saved.config != loader.state().config {
+            return Err(ConfigError {
+                field: "train".into(),
+                reason: format!(
+                    "the data order changed since the checkpoint ({:?} then, {:?} now): keep seed, \
+                     global_batch, window_shards and the store as they were to resume exactly",
+                    saved.config,
+                    loader.state().config
+                ),
             }
-        }
-        if stop_here {
-            break;
+            .into());
         }
     }
-    if let Some(c) = &mut ckpt
-        && let Some(done) = c.finish(engine.collective())?
-    {
-        last_checkpoint = Some(done);
-        progress::set_checkpoint(done);
-    }
-    let stopped_for_requeue = step < cfg.train.steps;
-    if stopped_for_requeue && ckpt.is_none() {
-        tracing::warn!(
-            step,
-            "stopped without a [checkpoint] section: the next job starts from scratch"
-        );
-    }
-    Ok(TrainSummary {
-        stopped_for_requeue,
-        resumed_from,
-        final_step: step,
-        skipped_steps: skipped,
-        rollbacks,
-        last_checkpoint,
-    })
+    Ok(loader)
 }

@@ -1,14 +1,13 @@
-//! A decorator that counts what any collective carries: the logical payload of each call (the gathered output of
-//! an all-gather, the reduced input of a reduce-scatter, the tensor of an all-reduce or broadcast), per rank.
-//! Every method is forwarded as the same method, so a started all-gather stays started: what the benchmark
-//! measures is the overlap the engine gets in training.
+//! The traffic counter of the engine benchmark: an [`Observer`] that adds up the logical payload of every call of
+//! any collective (the gathered output of an all-gather, the reduced input of a reduce-scatter, the tensor of an
+//! all-reduce or broadcast), per rank. Calls are forwarded unchanged ([`Observed`]), so a started all-gather
+//! stays started.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use tch::Tensor;
-
-use super::{Collective, CollectiveError, InFlight};
+use super::Collective;
+use super::observed::{Observed, Observer};
 
 /// Bytes and calls seen so far; shared with whoever reads them.
 #[derive(Debug, Default)]
@@ -25,95 +24,26 @@ impl Traffic {
     pub fn calls(&self) -> u64 {
         self.calls.load(Ordering::Relaxed)
     }
+}
 
-    fn add(&self, t: &Tensor) {
-        self.bytes.fetch_add(
-            (t.numel() * t.kind().elt_size_in_bytes()) as u64,
-            Ordering::Relaxed,
-        );
-        self.calls.fetch_add(1, Ordering::Relaxed);
-    }
+impl Observer for Arc<Traffic> {
+    type Guard<'a> = ();
 
-    /// One f64 reduced across ranks.
-    fn add_scalar(&self) {
-        self.bytes.fetch_add(8, Ordering::Relaxed);
-        self.calls.fetch_add(1, Ordering::Relaxed);
+    fn enter(&self, _op: &'static str, payload_bytes: Option<u64>) {
+        if let Some(b) = payload_bytes {
+            self.bytes.fetch_add(b, Ordering::Relaxed);
+            self.calls.fetch_add(1, Ordering::Relaxed);
+        }
     }
 }
 
-/// Wraps a collective and counts its traffic.
-pub struct Counting {
-    inner: Box<dyn Collective>,
-    traffic: Arc<Traffic>,
-}
+/// A collective whose traffic is counted.
+pub type Counting = Observed<Arc<Traffic>>;
 
 impl Counting {
     pub fn new(inner: Box<dyn Collective>) -> (Self, Arc<Traffic>) {
         let traffic = Arc::new(Traffic::default());
-        (
-            Self {
-                inner,
-                traffic: traffic.clone(),
-            },
-            traffic,
-        )
-    }
-}
-
-impl Collective for Counting {
-    fn rank(&self) -> usize {
-        self.inner.rank()
-    }
-
-    fn world(&self) -> usize {
-        self.inner.world()
-    }
-
-    fn all_reduce_sum(&self, t: &mut Tensor) -> Result<(), CollectiveError> {
-        self.traffic.add(t);
-        self.inner.all_reduce_sum(t)
-    }
-
-    fn all_gather(&self, input: &Tensor, out: &mut Tensor) -> Result<(), CollectiveError> {
-        self.traffic.add(out);
-        self.inner.all_gather(input, out)
-    }
-
-    fn reduce_scatter_sum(&self, input: &Tensor, out: &mut Tensor) -> Result<(), CollectiveError> {
-        self.traffic.add(input);
-        self.inner.reduce_scatter_sum(input, out)
-    }
-
-    fn broadcast(&self, t: &mut Tensor, root: usize) -> Result<(), CollectiveError> {
-        self.traffic.add(t);
-        self.inner.broadcast(t, root)
-    }
-
-    fn barrier(&self) -> Result<(), CollectiveError> {
-        self.inner.barrier()
-    }
-
-    fn start_all_gather(
-        &self,
-        input: &Tensor,
-        out: &mut Tensor,
-    ) -> Result<InFlight, CollectiveError> {
-        self.traffic.add(out);
-        self.inner.start_all_gather(input, out)
-    }
-
-    fn wait(&self, flight: InFlight) -> Result<(), CollectiveError> {
-        self.inner.wait(flight)
-    }
-
-    fn all_reduce_f64(&self, value: f64) -> Result<f64, CollectiveError> {
-        self.traffic.add_scalar();
-        self.inner.all_reduce_f64(value)
-    }
-
-    fn all_reduce_max_f64(&self, value: f64) -> Result<f64, CollectiveError> {
-        self.traffic.add_scalar();
-        self.inner.all_reduce_max_f64(value)
+        (Observed::wrap(inner, traffic.clone()), traffic)
     }
 }
 
@@ -125,6 +55,8 @@ mod tests {
     use tch::{Device, Kind};
 
     use super::*;
+    use crate::collective::{CollectiveError, InFlight};
+    use tch::Tensor;
 
     /// A world of two seen from rank 0, whose peer (the test) sends its half when it decides to. A started gather
     /// completes in `wait`; a blocking one gives up after a second, so a decorator that turned the start into a

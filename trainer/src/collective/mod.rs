@@ -11,6 +11,8 @@ pub mod local;
 pub mod mpi;
 pub mod nccl;
 pub mod nccl_lib;
+pub mod observed;
+pub mod phase;
 pub mod rendezvous;
 pub mod tcp;
 

@@ -99,7 +99,6 @@ impl Collective for MpiCollective {
 
     fn all_reduce_sum(&self, t: &mut Tensor) -> Result<(), CollectiveError> {
         // Waiting here is waiting for peers: the heartbeat says so, for hang diagnosis.
-        let _phase = crate::progress::enter(crate::progress::Phase::Collective);
         check_1d("all_reduce", t)?;
         check_reducible("all_reduce", t)?;
         cpu_only("all_reduce", t)?;
@@ -120,7 +119,6 @@ impl Collective for MpiCollective {
     }
 
     fn all_reduce_max_f64(&self, value: f64) -> Result<f64, CollectiveError> {
-        let _phase = crate::progress::enter(crate::progress::Phase::Collective);
         let mut max = f64::NEG_INFINITY;
         self.world
             .all_reduce_into(&value, &mut max, SystemOperation::max());
@@ -128,7 +126,6 @@ impl Collective for MpiCollective {
     }
 
     fn all_gather(&self, input: &Tensor, out: &mut Tensor) -> Result<(), CollectiveError> {
-        let _phase = crate::progress::enter(crate::progress::Phase::Collective);
         check_sizes("all_gather", input, out, self.size, true)?;
         cpu_only("all_gather", input)?;
         cpu_only("all_gather", out)?;
@@ -137,7 +134,6 @@ impl Collective for MpiCollective {
     }
 
     fn reduce_scatter_sum(&self, input: &Tensor, out: &mut Tensor) -> Result<(), CollectiveError> {
-        let _phase = crate::progress::enter(crate::progress::Phase::Collective);
         check_sizes("reduce_scatter", input, out, self.size, false)?;
         check_reducible("reduce_scatter", input)?;
         cpu_only("reduce_scatter", input)?;
@@ -160,7 +156,6 @@ impl Collective for MpiCollective {
     }
 
     fn broadcast(&self, t: &mut Tensor, root: usize) -> Result<(), CollectiveError> {
-        let _phase = crate::progress::enter(crate::progress::Phase::Collective);
         check_1d("broadcast", t)?;
         cpu_only("broadcast", t)?;
         if root >= self.size {
@@ -176,7 +171,6 @@ impl Collective for MpiCollective {
     }
 
     fn barrier(&self) -> Result<(), CollectiveError> {
-        let _phase = crate::progress::enter(crate::progress::Phase::Collective);
         self.world.barrier();
         Ok(())
     }

@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 use tch::{Device, Kind, Tensor};
 
 use super::{Collective, CollectiveError, check_1d, check_reducible, check_sizes};
-use crate::progress::{self, Phase};
 
 const HELLO: u64 = 0x7261_6469_745f_7463; // "radit_tc"
 
@@ -232,7 +231,6 @@ impl TcpCollective {
         mine: Vec<u8>,
         combine: impl FnOnce(Vec<Vec<u8>>) -> Result<Vec<Vec<u8>>, CollectiveError>,
     ) -> Result<Vec<u8>, CollectiveError> {
-        let _phase = progress::enter(Phase::Collective);
         let mut links = self.links.lock().unwrap_or_else(|e| e.into_inner());
         if self.rank == 0 {
             let mut all = Vec::with_capacity(self.world);

@@ -9,10 +9,11 @@ use std::time::Instant;
 use serde::Serialize;
 use tch::{Device, Kind, Tensor};
 
-use super::{EngineConfig, EngineError, Fsdp, Initial, MicroBatch};
+use super::{EngineConfig, EngineError, Fsdp, Initial};
 use crate::checkpoint::{CheckpointConfig, Checkpointer, RunState, step_dir};
 use crate::collective::Collective;
 use crate::collective::counting::Counting;
+use crate::flow::MicroBatch;
 use crate::model::RadiTConfig;
 
 /// What to measure.
@@ -84,7 +85,7 @@ pub fn run(
     let (counted, traffic) = Counting::new(comm);
     let (rank, world) = (counted.rank(), counted.world());
     let mut engine = Fsdp::new(
-        &b.model,
+        crate::model::RadiT::builder(&b.model),
         b.engine.clone(),
         Box::new(counted),
         device,
@@ -114,7 +115,7 @@ pub fn run(
         engine.collective().barrier()?;
         let before = traffic.bytes();
         let start = Instant::now();
-        let loss = engine.forward_backward(&mb, 1.0 / world as f64)?;
+        let loss = mb.forward_backward(&mut engine, 1.0 / world as f64)?;
         engine.optimizer_step(loss, b.engine.adam.lr)?;
         if device != Device::Cpu {
             tch::Cuda::synchronize(match device {

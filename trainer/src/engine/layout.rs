@@ -87,13 +87,14 @@ impl GroupLayout {
 }
 
 /// Which group a parameter belongs to: `blocks.{i}.*` -> block i, everything else -> rest.
-fn block_of(name: &str) -> Option<i64> {
-    let rest = name.strip_prefix("blocks.")?;
-    rest.split('.').next()?.parse().ok()
-}
-
-/// The groups of a RadiT's variables: `rest` first, then `blocks.0` ... `blocks.{depth-1}`.
-pub fn group_layouts(vars: &HashMap<String, Tensor>, depth: i64, world: i64) -> Vec<GroupLayout> {
+/// The groups of a model's variables: `rest` first, then `blocks.0` ... `blocks.{depth-1}`; `block_of` says which
+/// block a variable belongs to (`None`: rest).
+pub fn group_layouts(
+    vars: &HashMap<String, Tensor>,
+    depth: i64,
+    world: i64,
+    block_of: impl Fn(&str) -> Option<i64>,
+) -> Vec<GroupLayout> {
     let mut groups: BTreeMap<Option<i64>, Vec<(String, Vec<i64>)>> = BTreeMap::new();
     let sorted: BTreeMap<&String, &Tensor> = vars.iter().collect();
     for (name, t) in sorted {
@@ -125,10 +126,11 @@ mod tests {
     fn groups_split_evenly_and_cover_every_parameter_once() {
         let cfg = crate::model::RadiTConfig::preset("tiny").unwrap();
         let vs = tch::nn::VarStore::new(Device::Cpu);
-        let _m = crate::model::RadiT::new(&vs.root(), &cfg).unwrap();
+        let m = crate::model::RadiT::new(&vs.root(), &cfg).unwrap();
         let vars = vs.variables();
+        let block_of = |n: &str| crate::engine::BlockModel::block_of(&m, n).map(|i| i as i64);
         for world in [1, 2, 3, 4, 7] {
-            let groups = group_layouts(&vars, cfg.depth, world);
+            let groups = group_layouts(&vars, cfg.depth, world, block_of);
             assert_eq!(groups.len(), cfg.depth as usize + 1);
             let names: usize = groups.iter().map(|g| g.names.len()).sum();
             assert_eq!(names, vars.len());

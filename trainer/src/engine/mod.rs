@@ -1,4 +1,5 @@
-//! The FSDP engine: applied to a RadiT from outside (the model knows nothing about ranks).
+//! The FSDP engine: applied to a [`BlockModel`] (RadiT) from outside (the model knows nothing about ranks, the
+//! engine nothing about the model's names or its loss, which the caller passes as a closure).
 //!
 //! Parameters are split into flat groups, one per transformer block plus one for everything else ("rest"), each
 //! laid out in name order and padded to a multiple of the world size. Rank r owns the contiguous slice r of every
@@ -12,20 +13,21 @@
 
 pub mod bench;
 mod layout;
+mod model;
 mod optim;
 pub mod parity;
 
 pub use layout::{GroupLayout, group_layouts};
+pub use model::{BlockModel, ModelInputs, RestParts};
 pub use optim::{AdamConfig, LrSchedule};
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
-use tch::{Device, Kind, Tensor, nn::VarStore};
+use tch::{Device, Kind, Tensor, nn, nn::VarStore};
 
 use crate::collective::{Collective, CollectiveError};
-use crate::flow::interpolate;
-use crate::model::{ModelError, Precision, RadiT, RadiTConfig};
+use crate::model::{ModelError, Precision};
 
 /// What can go wrong in a training step.
 #[derive(Debug, thiserror::Error)]
@@ -37,8 +39,8 @@ pub enum EngineError {
     Collective(#[from] CollectiveError),
     #[error("libtorch")]
     Torch(#[from] tch::TchError),
-    #[error("invalid config: {field}: {reason}")]
-    InvalidConfig { field: String, reason: String },
+    #[error(transparent)]
+    InvalidConfig(#[from] radit_protocol::ConfigError),
     #[error("state does not fit this engine: {0}")]
     StateMismatch(String),
 }
@@ -92,9 +94,9 @@ impl Default for EngineConfig {
 }
 
 impl EngineConfig {
-    pub fn validate(&self) -> Result<(), EngineError> {
+    pub fn validate(&self) -> Result<(), radit_protocol::ConfigError> {
         let bad = |field: &str, reason: String| {
-            Err(EngineError::InvalidConfig {
+            Err(radit_protocol::ConfigError {
                 field: format!("engine.{field}"),
                 reason,
             })
@@ -141,15 +143,6 @@ pub struct ShardState {
     pub ema: Tensor,
 }
 
-/// One micro-batch on this rank: data x1, source noise x0, times t, labels [n, V] and age [n].
-pub struct MicroBatch<'a> {
-    pub x1: &'a Tensor,
-    pub x0: &'a Tensor,
-    pub t: &'a Tensor,
-    pub labels: &'a Tensor,
-    pub age: &'a Tensor,
-}
-
 /// What one optimiser step did, identical on every rank.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct StepReport {
@@ -162,10 +155,10 @@ pub struct StepReport {
     pub skipped: bool,
 }
 
-/// A RadiT trained with sharded parameters, gradients, Adam state and EMA.
+/// A block model trained with sharded parameters, gradients, Adam state and EMA.
 pub struct Fsdp {
     _vs: VarStore,
-    model: RadiT,
+    model: Box<dyn BlockModel>,
     comm: Box<dyn Collective>,
     cfg: EngineConfig,
     device: Device,
@@ -180,8 +173,10 @@ impl Fsdp {
     /// Builds the model and keeps only this rank's slice of every group (the model's own copies are freed).
     /// With [`Initial::Seed`] rank 0 draws DiT's initialisation and broadcasts it, so every rank starts from the
     /// same weights whatever else uses libtorch's global generator; [`Initial::Weights`] starts from given weights.
+    /// `build` makes the model's parameters under the root it is given (once, on every rank; the engine then
+    /// shards them).
     pub fn new(
-        model_cfg: &RadiTConfig,
+        build: impl FnOnce(&nn::Path) -> Result<Box<dyn BlockModel>, ModelError>,
         cfg: EngineConfig,
         comm: Box<dyn Collective>,
         device: Device,
@@ -196,7 +191,7 @@ impl Fsdp {
             if let Initial::Seed(seed) = initial {
                 tch::manual_seed(seed);
             }
-            RadiT::new(&vs.root(), model_cfg)?
+            build(&vs.root())?
         };
         model.set_precision(cfg.precision);
         let vars = vs.variables();
@@ -205,7 +200,8 @@ impl Fsdp {
         }
         let (rank, world) = (comm.rank() as i64, comm.world() as i64);
         let mut shards = Vec::new();
-        for layout in group_layouts(&vars, model_cfg.depth, world) {
+        let depth = model.depth() as i64;
+        for layout in group_layouts(&vars, depth, world, |n| model.block_of(n).map(|i| i as i64)) {
             let params: Vec<Tensor> = layout
                 .names
                 .iter()
@@ -239,10 +235,6 @@ impl Fsdp {
             adam_steps: 0,
             micro_batches: 0,
         })
-    }
-
-    pub fn model(&self) -> &RadiT {
-        &self.model
     }
 
     pub fn config(&self) -> &EngineConfig {
@@ -315,19 +307,24 @@ impl Fsdp {
         Ok(())
     }
 
-    /// Forward and backward of one micro-batch; gradients accumulate (scaled by `scale`, normally
-    /// 1 / (world * micro-batches per step)). Returns this rank's mean loss on it.
-    pub fn forward_backward(&mut self, mb: &MicroBatch, scale: f64) -> Result<f64, EngineError> {
-        let xt = interpolate(mb.x1, mb.x0, mb.t);
-        self.model.check_inputs(&xt, mb.t, mb.labels, mb.age)?;
+    /// Forward and backward of one micro-batch, `loss` taking the model's output to a scalar; gradients accumulate
+    /// (scaled by `scale`, normally 1 / (world * micro-batches per step)). Returns this rank's loss on it.
+    pub fn forward_backward(
+        &mut self,
+        inputs: &ModelInputs,
+        loss: impl FnOnce(&Tensor) -> Tensor,
+        scale: f64,
+    ) -> Result<f64, EngineError> {
+        self.model.check_inputs(inputs)?;
+        let parts = self.model.rest_parts();
         let depth = self.shards.len() - 1;
         let zero2 = self.cfg.mode == ShardingMode::Zero2;
         // Rest group: gathered for the whole micro-batch (embeddings, conditioning and the final layer).
         self.gather(0)?;
-        let h0 = self.model.embed(&xt);
-        let c = self.model.condition(mb.t, mb.labels, mb.age);
-        let c_in = c.0.detach();
-        let mut inputs = vec![h0.detach()];
+        let h0 = self.model.embed(inputs.x);
+        let c = self.model.condition(inputs);
+        let c_in = c.detach();
+        let mut saved = vec![h0.detach()];
         // Blocks without autograd, saving each block's input; the next block's gather is in flight meanwhile.
         tch::no_grad(|| -> Result<(), EngineError> {
             let mut next = if depth > 0 {
@@ -342,12 +339,10 @@ impl Fsdp {
                 if i + 1 < depth {
                     next = Some(self.start_gather(i + 2)?);
                 }
-                let h = self.model.blocks()[i].forward(
-                    &inputs[i],
-                    &crate::model::Conditioning(c_in.shallow_clone()),
-                    self.cfg.precision.compute_kind(),
-                );
-                inputs.push(h);
+                let h = self
+                    .model
+                    .block(i, &saved[i], &c_in, self.cfg.precision.compute_kind());
+                saved.push(h);
                 if !zero2 {
                     self.release(i + 1);
                 }
@@ -356,16 +351,18 @@ impl Fsdp {
         })?;
 
         // Head and loss with autograd; gradients w.r.t. its input, c and the final layer.
-        let h_last = inputs[depth].detach().set_requires_grad(true);
+        let h_last = saved[depth].detach().set_requires_grad(true);
         let c_leaf = c_in.detach().set_requires_grad(true);
-        let v = self
-            .model
-            .head(&h_last, &crate::model::Conditioning(c_leaf.shallow_clone()));
-        let loss = crate::flow::velocity_mse(&v, mb.x1, mb.x0);
+        let out = self.model.head(&h_last, &c_leaf);
+        let loss = loss(&out);
         let loss_value = loss.double_value(&[]);
         let rest = 0;
         let mut rest_grads: BTreeMap<usize, Tensor> = BTreeMap::new();
-        let head_idx = self.shards[rest].layout.indices_with_prefix("final_layer.");
+        let head_idx: Vec<usize> = parts
+            .head
+            .iter()
+            .flat_map(|p| self.shards[rest].layout.indices_with_prefix(p))
+            .collect();
         let (mut dh, mut dc) = {
             let mut wrt = vec![h_last.shallow_clone(), c_leaf.shallow_clone()];
             wrt.extend(
@@ -393,13 +390,11 @@ impl Fsdp {
             if !zero2 && i > 0 {
                 next = Some(self.start_gather(i)?);
             }
-            let h_in = inputs[i].detach().set_requires_grad(true);
+            let h_in = saved[i].detach().set_requires_grad(true);
             let c_blk = c_in.detach().set_requires_grad(true);
-            let out = self.model.blocks()[i].forward(
-                &h_in,
-                &crate::model::Conditioning(c_blk.shallow_clone()),
-                self.cfg.precision.compute_kind(),
-            );
+            let out = self
+                .model
+                .block(i, &h_in, &c_blk, self.cfg.precision.compute_kind());
             let surrogate = (out * &dh).sum(Kind::Float);
             let mut wrt = vec![h_in, c_blk];
             wrt.extend(self.shards[i + 1].params.iter().map(Tensor::shallow_clone));
@@ -410,11 +405,8 @@ impl Fsdp {
             self.accumulate(i + 1, &g[2..], scale)?;
         }
 
-        // The rest group's remaining parameters: the patch embedding (through h0) and the conditioning (through c).
-        for (prefixes, root, upstream) in [
-            (&["x_embedder."][..], &h0, &dh),
-            (&["t_embedder.", "y_embedder."][..], &c.0, &dc),
-        ] {
+        // The rest group's remaining parameters: the input embedding (through h0) and the conditioning (through c).
+        for (prefixes, root, upstream) in [(parts.input, &h0, &dh), (parts.conditioning, &c, &dc)] {
             let idx: Vec<usize> = prefixes
                 .iter()
                 .flat_map(|p| self.shards[rest].layout.indices_with_prefix(p))

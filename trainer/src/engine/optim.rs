@@ -4,8 +4,6 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
-use super::EngineError;
-
 /// Adam's settings (the paper: lr 1e-4, betas 0.9/0.999, eps 1e-8, no weight decay, no warm-up).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -65,9 +63,9 @@ impl LrSchedule for AdamConfig {
 }
 
 impl AdamConfig {
-    pub fn validate(&self) -> Result<(), EngineError> {
+    pub fn validate(&self) -> Result<(), radit_protocol::ConfigError> {
         let bad = |field: &str, reason: String| {
-            Err(EngineError::InvalidConfig {
+            Err(radit_protocol::ConfigError {
                 field: format!("engine.adam.{field}"),
                 reason,
             })

@@ -9,9 +9,10 @@ use std::path::PathBuf;
 use serde::Serialize;
 use tch::{Device, Kind, Tensor};
 
-use super::{EngineConfig, EngineError, Fsdp, Initial, MicroBatch};
+use super::{EngineConfig, EngineError, Fsdp, Initial};
 use crate::checkpoint::{CheckpointConfig, Checkpointer, RunState, step_dir};
 use crate::collective::{self, Collective, local::LocalGroup};
+use crate::flow::MicroBatch;
 use crate::model::{Precision, RadiTConfig};
 
 /// What to compare.
@@ -62,7 +63,7 @@ fn engine_alone(check: &ParityCheck, device: Device, seed: i64) -> Result<Fsdp, 
     let base = Box::new(LocalGroup::ranks(1, std::time::Duration::from_secs(600)).remove(0));
     let comm: Box<dyn Collective> = collective::for_device(base, device)?;
     Fsdp::new(
-        &check.model,
+        crate::model::RadiT::builder(&check.model),
         check.engine.clone(),
         comm,
         device,
@@ -116,7 +117,7 @@ fn train(
     };
     let mut losses = Vec::new();
     for _ in 0..check.steps {
-        let loss = engine.forward_backward(&mb, 1.0)?;
+        let loss = mb.forward_backward(&mut engine, 1.0)?;
         let report = engine.optimizer_step(loss, check.engine.adam.lr)?;
         losses.push(report.loss);
     }

@@ -7,7 +7,8 @@ use tch::{Device, Kind, Tensor, nn::VarStore};
 
 use super::*;
 use crate::collective::local::LocalGroup;
-use crate::model::RadiTConfig;
+use crate::flow::MicroBatch;
+use crate::model::{RadiT, RadiTConfig};
 
 const BATCH: i64 = 4;
 
@@ -152,7 +153,7 @@ fn on_ranks<R: Send + 'static>(
             std::thread::spawn(move || {
                 let rank = comm.rank();
                 let mut e = Fsdp::new(
-                    &cfg,
+                    RadiT::builder(&cfg),
                     ecfg,
                     Box::new(comm),
                     Device::Cpu,
@@ -197,8 +198,8 @@ fn engine_run(
                     labels: &s(&d.labels),
                     age: &s(&d.age),
                 };
-                sum += e
-                    .forward_backward(&mb, 1.0 / (world as f64 * micro as f64))
+                sum += mb
+                    .forward_backward(e, 1.0 / (world as f64 * micro as f64))
                     .unwrap();
             }
             let r = e.optimizer_step(sum, e.config().adam.lr).unwrap();
@@ -329,7 +330,7 @@ fn a_non_finite_loss_on_one_rank_skips_the_step_everywhere() {
             labels: &d.labels.narrow(0, 0, 2),
             age: &d.age.narrow(0, 0, 2),
         };
-        let loss = e.forward_backward(&mb, 0.5).unwrap();
+        let loss = mb.forward_backward(e, 0.5).unwrap();
         let r = e.optimizer_step(loss, 1e-2).unwrap();
         (r.skipped, e.adam_steps(), e.gather_named(false).unwrap())
     });

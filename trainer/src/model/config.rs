@@ -108,9 +108,9 @@ impl RadiTConfig {
     }
 
     /// Checks every field; the error names the field and why.
-    pub fn validate(&self) -> Result<(), ModelError> {
+    pub fn validate(&self) -> Result<(), radit_protocol::ConfigError> {
         let bad = |field: &str, reason: String| {
-            Err(ModelError::InvalidConfig {
+            Err(radit_protocol::ConfigError {
                 field: format!("model.{field}"),
                 reason,
             })

@@ -26,8 +26,8 @@ pub use weights::{
 pub enum ModelError {
     #[error("unknown model preset `{name}` (known: {known})")]
     UnknownPreset { name: String, known: String },
-    #[error("invalid config: {field}: {reason}")]
-    InvalidConfig { field: String, reason: String },
+    #[error(transparent)]
+    InvalidConfig(#[from] radit_protocol::ConfigError),
     #[error("bad model input `{input}`: {reason}")]
     BadInput { input: &'static str, reason: String },
     #[error("weights file {path}: {reason}")]

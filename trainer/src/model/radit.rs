@@ -34,6 +34,13 @@ pub struct RadiT {
 impl RadiT {
     /// Creates the variables under `p` with DiT's initialisation (drawn from libtorch's global generator, so
     /// `tch::manual_seed` makes it reproducible). The output is exactly zero until the zero-initialised layers move.
+    /// What the engine builds its model with: a RadiT of `cfg`, as a block model.
+    pub fn builder(
+        cfg: &RadiTConfig,
+    ) -> impl FnOnce(&nn::Path) -> Result<Box<dyn crate::engine::BlockModel>, ModelError> + '_ {
+        move |p| Ok(Box::new(RadiT::new(p, cfg)?) as Box<dyn crate::engine::BlockModel>)
+    }
+
     pub fn new(p: &nn::Path, cfg: &RadiTConfig) -> Result<Self, ModelError> {
         cfg.validate()?;
         let d = cfg.hidden;
@@ -225,6 +232,51 @@ impl RadiT {
         let v = self.head(&h, &c);
         record("velocity".into(), &v);
         Ok(v)
+    }
+}
+
+/// RadiT as the engine schedules it: `blocks.{i}.*` are block i; the final layer is the head, the patch embedding
+/// the input, the time and metadata embedders the conditioning.
+impl crate::engine::BlockModel for RadiT {
+    fn depth(&self) -> usize {
+        self.blocks.len()
+    }
+
+    fn block_of(&self, name: &str) -> Option<usize> {
+        let rest = name.strip_prefix("blocks.")?;
+        rest.split('.').next()?.parse().ok()
+    }
+
+    fn rest_parts(&self) -> crate::engine::RestParts {
+        crate::engine::RestParts {
+            head: &["final_layer."],
+            input: &["x_embedder."],
+            conditioning: &["t_embedder.", "y_embedder."],
+        }
+    }
+
+    fn check_inputs(&self, i: &crate::engine::ModelInputs) -> Result<(), ModelError> {
+        RadiT::check_inputs(self, i.x, i.t, i.labels, i.age)
+    }
+
+    fn embed(&self, x: &Tensor) -> Tensor {
+        RadiT::embed(self, x)
+    }
+
+    fn condition(&self, i: &crate::engine::ModelInputs) -> Tensor {
+        RadiT::condition(self, i.t, i.labels, i.age).0
+    }
+
+    fn block(&self, i: usize, h: &Tensor, c: &Tensor, kind: Kind) -> Tensor {
+        self.blocks[i].forward(h, &Conditioning(c.shallow_clone()), kind)
+    }
+
+    fn head(&self, h: &Tensor, c: &Tensor) -> Tensor {
+        RadiT::head(self, h, &Conditioning(c.shallow_clone()))
+    }
+
+    fn set_precision(&mut self, precision: Precision) {
+        RadiT::set_precision(self, precision);
     }
 }
 

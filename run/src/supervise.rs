@@ -13,9 +13,9 @@ use radit_protocol::env::{self, still_running};
 use radit_monitoring::{Pusher, Pushgateway};
 
 use crate::job::Job;
-use crate::launcher::{Ended, GroupState, Launcher, RankCommand};
 use crate::report::Reporter;
-use crate::slurm::REQUEUE_EXIT_CODE;
+use radit_launch::launcher::{Ended, GroupState, Launcher, RankCommand};
+use radit_launch::slurm::REQUEUE_EXIT_CODE;
 
 /// How a supervised run ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -98,32 +98,31 @@ pub fn supervise(
     let spec = &job.spec;
     let run_dir = &job.run_dir;
     std::fs::create_dir_all(run_dir).map_err(|e| SuperviseError::io(run_dir, e))?;
-    let train_toml = toml::to_string(&job.train_config())
-        .map_err(|e| SuperviseError(format!("writing the train config: {e}")))?;
+    // The ranks read the config validated when the job was loaded, as it was validated.
+    let train_toml = toml::to_string(&*job.train).map_err(SuperviseError::TrainConfig)?;
     let train_path = job.train_config_path();
     std::fs::write(&train_path, train_toml).map_err(|e| SuperviseError::io(&train_path, e))?;
     let pid_dir = run_dir.join("ranks");
-    let grace = Duration::from_secs_f64(spec.restart.coordinator_grace_seconds);
+    let grace = spec.restart.coordinator_grace();
     wait_for_orphans(&pid_dir, grace).map_err(|e| SuperviseError::io(&pid_dir, e))?;
 
     // A fresh token for every supervisor: ranks of an earlier one cannot join or heartbeat into this run.
-    let token = JobToken::generate().map_err(|e| SuperviseError(format!("job token: {e}")))?;
+    let token = JobToken::generate().map_err(SuperviseError::Token)?;
     let token_path = job.token_path();
     let _ = std::fs::remove_file(&token_path);
     token
         .write_private(&token_path)
         .map_err(|e| SuperviseError::io(&token_path, e))?;
-    let mut ccfg = CoordinatorConfig::new(job.world as usize);
-    ccfg.heartbeat_interval = job.heartbeat_interval();
-    ccfg.missed_heartbeats = spec.restart.missed_heartbeats;
-    ccfg.hang_factor = spec.restart.hang_factor;
-    ccfg.hang_min = Duration::from_secs_f64(spec.restart.hang_min_seconds);
-    ccfg.hang_startup = Duration::from_secs_f64(spec.restart.hang_startup_seconds);
-    ccfg.total_steps = Some(spec.train.steps);
-    ccfg.peak_flops_per_device = job.peak_flops_per_device();
+    let ccfg = CoordinatorConfig {
+        total_steps: Some(job.train.train.steps),
+        peak_flops_per_device: job.peak_flops_per_device(),
+        ..spec.restart.coordinator_config(job.world as usize)
+    };
     let join_deadline = ccfg.join_timeout + Duration::from_secs(30);
-    let bind_error =
-        |e: String| SuperviseError(format!("coordinator.bind `{}`: {e}", spec.coordinator.bind));
+    let bind_error = |reason: String| SuperviseError::Bind {
+        bind: spec.coordinator.bind.clone(),
+        reason,
+    };
     let addr = radit_coordinator::service::resolve_bind(&spec.coordinator.bind)
         .map_err(|e| bind_error(e.to_string()))?;
     // The address is handed to the ranks: it must be one they can reach.
@@ -158,8 +157,8 @@ pub fn supervise(
     // Dropped on every way out of this function: the job's series leave the Pushgateway with it.
     let _pusher = match &spec.monitoring.pushgateway {
         Some(url) => {
-            let gateway = Pushgateway::new(url, &spec.job.name, &[])
-                .map_err(|e| SuperviseError(format!("monitoring.pushgateway: {e}")))?;
+            let gateway =
+                Pushgateway::new(url, &spec.job.name, &[]).map_err(SuperviseError::Pushgateway)?;
             let c = coordinator.clone();
             tracing::info!(url, group = gateway.group_path(), "pushing metrics");
             Some(Pusher::start(
@@ -172,7 +171,7 @@ pub fn supervise(
     };
     let mut restarts = 0u32;
     let mut reporter = Reporter::new(
-        spec.train.steps,
+        job.train.train.steps,
         job.peak_flops_per_device().map(|p| p * job.world as f64),
     );
     let progress_every = Duration::from_secs_f64(spec.monitoring.progress_seconds);
@@ -194,9 +193,12 @@ pub fn supervise(
             world: job.world,
             log_dir: run_dir.join("logs"),
         };
-        let mut group = launcher.start(&cmd, generation).map_err(|e| {
-            SuperviseError(format!("starting the ranks with {}: {e}", launcher.name()))
-        })?;
+        let mut group = launcher
+            .start(&cmd, generation)
+            .map_err(|e| SuperviseError::Launch {
+                launcher: launcher.name(),
+                source: e,
+            })?;
         tracing::info!(generation, pids = ?group.pids(), "ranks started");
         reporter.say(&format!(
             "radit: generation {generation}: {} rank(s) started by {} (logs in {})",
@@ -243,9 +245,7 @@ pub fn supervise(
                     join_deadline.as_secs()
                 );
             }
-            let state = group
-                .poll()
-                .map_err(|e| SuperviseError(format!("watching the ranks: {e}")))?;
+            let state = group.poll().map_err(SuperviseError::Watch)?;
             match state {
                 GroupState::Running => {}
                 GroupState::Failed { index, ended } => {
@@ -270,7 +270,7 @@ pub fn supervise(
                     // srun kills the slower ranks once the first has left with 75 and reports their deaths; the
                     // ranks' goodbyes (sent after the checkpoint committed) say whether the stop was orderly.
                     if let Some(step) = coordinator.all_departed() {
-                        if step >= spec.train.steps {
+                        if step >= job.train.train.steps {
                             let (totals, counted) = snapshot(&coordinator);
                             reporter.update(totals, generation, counted);
                             reporter.say(&format!("radit: all {} ranks finished", job.world));
@@ -369,11 +369,38 @@ pub fn supervise(
 
 /// Why the supervisor could not run the job (as opposed to the job failing, which is an [`Outcome`]).
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct SuperviseError(pub String);
+pub enum SuperviseError {
+    /// A file of the run directory could not be written or read.
+    #[error("{}", path.display())]
+    Io {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("writing the train config")]
+    TrainConfig(#[source] toml::ser::Error),
+    #[error("making the job token")]
+    Token(#[source] std::io::Error),
+    /// The coordinator cannot listen where the job says.
+    #[error("coordinator.bind `{bind}`: {reason}")]
+    Bind { bind: String, reason: String },
+    #[error("monitoring.pushgateway")]
+    Pushgateway(#[source] radit_monitoring::PushError),
+    #[error("starting the ranks with {launcher}")]
+    Launch {
+        launcher: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("watching the ranks")]
+    Watch(#[source] std::io::Error),
+}
 
 impl SuperviseError {
-    fn io(path: &std::path::Path, e: std::io::Error) -> Self {
-        Self(format!("{}: {e}", path.display()))
+    fn io(path: &std::path::Path, source: std::io::Error) -> Self {
+        Self::Io {
+            path: path.into(),
+            source,
+        }
     }
 }

@@ -1,7 +1,9 @@
-//! A rank under `radit run`: join the coordinator (rank, world, peers), build the rank group (MPI when mpirun
-//! started us, otherwise the TCP star through rank 0's published endpoint, with NCCL on top on GPUs), and
-//! heartbeat in the background with the step and phase. A stop request in a heartbeat reply, or losing the
-//! coordinator for longer than the grace period, sets the same flag as SIGUSR1: checkpoint and exit 75.
+//! The rank agent: a rank under `radit run` joins the coordinator (rank, world, peers), builds the rank group (MPI
+//! when mpirun started it, otherwise the TCP star through rank 0's published endpoint, with NCCL on top on GPUs),
+//! and heartbeats in the background with its [`Progress`] snapshot. A stop request in a heartbeat reply, or losing
+//! the coordinator for longer than the grace period, sets the same flag as SIGUSR1: checkpoint and exit 75. Being
+//! superseded by a newer generation marks the progress, and the train loop leaves with
+//! [`crate::train::TrainError::Superseded`] at its next step boundary.
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
@@ -9,13 +11,37 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
-use radit_protocol::{
-    ClientError, CoordinatorClient, Heartbeat, JobToken, JoinRequest, RankStats, env,
-};
-use radit_trainer::collective::{self, Collective, mpi, tcp, tcp::TcpCollective};
-use radit_trainer::progress;
-use radit_trainer::tch::Device;
+use radit_protocol::{ClientError, CoordinatorClient, Heartbeat, JobToken, JoinRequest, env};
+use tch::Device;
+
+use crate::collective::{self, Collective, CollectiveError, mpi, tcp, tcp::TcpCollective};
+use crate::progress::Progress;
+
+/// Why a rank could not join its run.
+#[derive(Debug, thiserror::Error)]
+pub enum JoinError {
+    /// The variables `radit run` sets are missing or malformed.
+    #[error("{var}: {reason}")]
+    Environment { var: &'static str, reason: String },
+    #[error("reaching the coordinator at {addr}")]
+    Unreachable {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("joining the run at the coordinator")]
+    Refused(#[from] ClientError),
+    #[error("building the rank group")]
+    Group(#[from] CollectiveError),
+    #[error("{0}")]
+    Mismatch(String),
+    #[error("{what}")]
+    Io {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+}
 
 /// Collective operations wait this long for a peer before giving up (a hang is caught earlier by the coordinator).
 const COLLECTIVE_TIMEOUT: Duration = Duration::from_secs(1800);
@@ -57,48 +83,34 @@ impl Drop for Membership {
     }
 }
 
-/// The trainer's counters as the coordinator's wire format.
-fn wire_stats(s: progress::Stats) -> RankStats {
-    RankStats {
-        steps: s.steps_total,
-        images: s.images_total,
-        tokens: s.tokens_total,
-        model_flops: s.model_flops_total,
-        step_flops: s.step_flops,
-        data_wait_seconds: s.data_wait_seconds_total,
-        step_seconds_buckets: s.step_seconds_buckets,
-        step_seconds_count: s.step_seconds_count,
-        step_seconds_sum: s.step_seconds_sum,
-        skipped_steps: s.skipped_steps_total,
-        loss: s.loss,
-        grad_norm: s.grad_norm,
-        learning_rate: s.learning_rate,
-        checkpoint_stall_seconds: s.checkpoint_stall_seconds,
-        checkpoints: s.checkpoints_total,
-        checkpoint_write_seconds: s.checkpoint_write_seconds,
-        checkpoint_save_seconds: s.checkpoint_save_seconds,
-        checkpoint_bytes: s.checkpoint_bytes_total,
-        loss_max: s.loss_max,
-        device_memory_used_bytes: s.device_memory_used_bytes,
-        device_memory_total_bytes: s.device_memory_total_bytes,
-    }
+/// A rank that joined its run: its rank group and its membership.
+pub struct Joined {
+    pub comm: Box<dyn Collective>,
+    pub membership: Membership,
 }
 
-/// `Some` when this process was started by `radit run` (RADIT_COORDINATOR is set).
+/// `Some` when this process was started by `radit run` (RADIT_COORDINATOR is set). The heartbeat reports
+/// `progress`, and sets `stop` when the coordinator asks the run to stop or is lost.
 pub fn join_run(
     device: Device,
     stop: Arc<AtomicBool>,
-) -> anyhow::Result<Option<(Box<dyn Collective>, Membership)>> {
+    progress: Progress,
+) -> Result<Option<Joined>, JoinError> {
     let Ok(addr) = std::env::var(env::COORDINATOR) else {
         return Ok(None);
     };
-    let addr: SocketAddr = addr
-        .parse()
-        .with_context(|| format!("{}=`{addr}` is not IP:PORT", env::COORDINATOR))?;
-    let token_file = std::env::var(env::TOKEN_FILE)
-        .with_context(|| format!("{} is not set", env::TOKEN_FILE))?;
-    let token = JobToken::read(token_file.as_ref())
-        .with_context(|| format!("reading the job token from {token_file}"))?;
+    let addr: SocketAddr = addr.parse().map_err(|_| JoinError::Environment {
+        var: env::COORDINATOR,
+        reason: format!("`{addr}` is not IP:PORT"),
+    })?;
+    let token_file = std::env::var(env::TOKEN_FILE).map_err(|_| JoinError::Environment {
+        var: env::TOKEN_FILE,
+        reason: "not set".into(),
+    })?;
+    let token = JobToken::read(token_file.as_ref()).map_err(|e| JoinError::Environment {
+        var: env::TOKEN_FILE,
+        reason: format!("reading the job token from {token_file}: {e}"),
+    })?;
     let grace = std::env::var(env::COORDINATOR_GRACE)
         .ok()
         .and_then(|v| v.parse::<f64>().ok())
@@ -109,25 +121,28 @@ pub fn join_run(
     // The interface that reaches the coordinator is the one peers reach us on.
     let local_ip = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
         .and_then(|s| s.local_addr())
-        .with_context(|| format!("reaching the coordinator at {addr}"))?
+        .map_err(|source| JoinError::Unreachable { addr, source })?
         .ip();
     let listener = if by_mpi {
         None
     } else {
-        Some(TcpListener::bind((local_ip, 0)).context("opening this rank's collective endpoint")?)
+        Some(
+            TcpListener::bind((local_ip, 0)).map_err(|source| JoinError::Io {
+                what: "opening this rank's collective endpoint",
+                source,
+            })?,
+        )
     };
     let endpoint = listener
         .as_ref()
         .and_then(|l| l.local_addr().ok())
         .map(|a| a.to_string());
-    let reply = client
-        .join(&JoinRequest {
-            host: env::hostname().unwrap_or_else(|| "unknown".into()),
-            pid: std::process::id(),
-            rank: identity.map(|i| i.rank),
-            endpoint,
-        })
-        .context("joining the run at the coordinator")?;
+    let reply = client.join(&JoinRequest {
+        host: env::hostname().unwrap_or_else(|| "unknown".into()),
+        pid: std::process::id(),
+        rank: identity.map(|i| i.rank),
+        endpoint,
+    })?;
     let span = tracing::info_span!("rank", rank = reply.rank, generation = reply.generation);
     let _enter = span.enter();
     tracing::info!(world = reply.world, "joined");
@@ -162,14 +177,25 @@ pub fn join_run(
             let mut last_ok = Instant::now();
             let mut reported = None;
             let mut lost = false;
+            let mut superseded_at = None::<Instant>;
             while !finished.load(Ordering::SeqCst) {
+                // A superseded rank blocked in a collective whose peers are gone cannot reach its step boundary
+                // (a blocked MPI or NCCL call cannot be interrupted from here): after a grace period it is ended
+                // here, so it does not hold its GPU while the newer generation needs it.
+                if superseded_at.is_some_and(|t| t.elapsed() > grace) {
+                    eprintln!("radit: superseded and stuck in a collective for {grace:?}; exiting");
+                    if let Some(p) = &own_pid_file {
+                        let _ = std::fs::remove_file(p);
+                    }
+                    std::process::exit(1);
+                }
                 let beat = client.heartbeat(&Heartbeat {
                     rank,
                     generation,
-                    step: progress::step(),
+                    step: progress.step(),
                     done: false,
-                    phase: Some(progress::phase()),
-                    stats: progress::stats().map(wire_stats),
+                    phase: Some(progress.phase()),
+                    stats: progress.snapshot(),
                     fatal: None,
                 });
                 match beat {
@@ -178,7 +204,7 @@ pub fn join_run(
                         if r.stop && !stop.swap(true, Ordering::SeqCst) {
                             tracing::warn!("the coordinator asks the run to stop: checkpointing");
                         }
-                        let committed = progress::checkpoint();
+                        let committed = progress.checkpoint();
                         if rank == 0
                             && committed != reported
                             && let Some(step) = committed
@@ -188,14 +214,13 @@ pub fn join_run(
                         }
                     }
                     Err(ClientError::Refused { status: 409, .. }) => {
-                        // A newer generation runs: the supervisor gave up on this one. A checkpoint now would
-                        // race the new ranks', so leave at once.
-                        tracing::error!("superseded by a newer generation of the run: exiting");
-                        eprintln!("radit: superseded by a newer generation of the run; exiting");
-                        if let Some(p) = &own_pid_file {
-                            let _ = std::fs::remove_file(p);
+                        // A newer generation runs: the supervisor gave up on this one. The train loop leaves
+                        // at its next step boundary, without a checkpoint that would race the new ranks'.
+                        if superseded_at.is_none() {
+                            tracing::error!("superseded by a newer generation of the run: leaving");
+                            progress.supersede();
+                            superseded_at = Some(Instant::now());
                         }
-                        std::process::exit(1);
                     }
                     Err(e) => {
                         if !lost && last_ok.elapsed() > grace {
@@ -217,15 +242,18 @@ pub fn join_run(
                 let _ = client.heartbeat(&Heartbeat {
                     rank,
                     generation,
-                    step: progress::step(),
+                    step: progress.step(),
                     done: fatal.is_none(),
-                    phase: Some(progress::phase()),
-                    stats: progress::stats().map(wire_stats),
+                    phase: Some(progress.phase()),
+                    stats: progress.snapshot(),
                     fatal,
                 });
             }
         })
-        .context("starting the heartbeat thread")?;
+        .map_err(|source| JoinError::Io {
+            what: "starting the heartbeat thread",
+            source,
+        })?;
     // The group is built after the heartbeat starts: NCCL's set-up on thousands of ranks takes a while. If it
     // fails, dropping the membership stops the heartbeat.
     let membership = Membership {
@@ -239,14 +267,15 @@ pub fn join_run(
     let base: Box<dyn Collective> = match listener {
         None => {
             let m = mpi::MpiCollective::init()?;
-            anyhow::ensure!(
-                m.rank() == reply.rank && m.world() == reply.world,
-                "MPI says rank {} of {}, the coordinator {} of {}",
-                m.rank(),
-                m.world(),
-                reply.rank,
-                reply.world
-            );
+            if (m.rank(), m.world()) != (reply.rank, reply.world) {
+                return Err(JoinError::Mismatch(format!(
+                    "MPI says rank {} of {}, the coordinator {} of {}",
+                    m.rank(),
+                    m.world(),
+                    reply.rank,
+                    reply.world
+                )));
+            }
             Box::new(m)
         }
         Some(l) if reply.rank == 0 => Box::new(TcpCollective::hub(
@@ -260,7 +289,9 @@ pub fn join_run(
                 .peers
                 .first()
                 .and_then(|p| p.parse().ok())
-                .context("the coordinator gave no endpoint for rank 0")?;
+                .ok_or_else(|| {
+                    JoinError::Mismatch("the coordinator gave no endpoint for rank 0".into())
+                })?;
             Box::new(TcpCollective::spoke(
                 reply.rank,
                 reply.world,
@@ -272,5 +303,5 @@ pub fn join_run(
     };
     let comm = collective::for_device(base, device)?;
 
-    Ok(Some((comm, membership)))
+    Ok(Some(Joined { comm, membership }))
 }

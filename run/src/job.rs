@@ -4,53 +4,112 @@
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
-use radit_trainer::checkpoint::CheckpointConfig;
-use radit_trainer::engine::EngineConfig;
-use radit_trainer::flow::FlowConfig;
+use radit_coordinator::RestartPolicy;
+use radit_launch::launcher::{Launcher, LocalLauncher, MpirunLauncher, SrunLauncher};
+use radit_launch::slurm::{REQUEUE_EXIT_CODE, SlurmJob, render_sbatch};
 use radit_trainer::preview::PreviewConfig;
-use radit_trainer::train::{DataConfig, LoopConfig, ModelChoice, TrainConfig};
+use radit_trainer::train::{ConfigError, TrainConfig, TrainError, ValidatedConfig};
 use serde::{Deserialize, Serialize};
-
-use crate::slurm::{SlurmJob, render_sbatch};
 
 /// A job spec that cannot be used, with the field to fix.
 #[derive(Debug, thiserror::Error)]
 pub enum JobError {
     #[error("{file}: {reason}")]
     Unreadable { file: PathBuf, reason: String },
-    #[error("{file}: {field}: {reason}")]
-    Invalid {
-        file: PathBuf,
-        field: String,
-        reason: String,
-    },
+    /// A setting that cannot work: the file, and the field and why.
+    #[error("{}: {}: {}", file.display(), error.field, error.reason)]
+    Invalid { file: PathBuf, error: ConfigError },
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// One job file: the train config's sections ([data], [model], [flow], [engine], [train], [checkpoint]; checkpoints
+/// are needed for restarts and requeues to resume) beside the job's own ([job], [resources], [launcher],
+/// [restart], [coordinator], [monitoring], [samples]). The train config is one value, read by the train config's
+/// own type; `radit run` writes it for the ranks as it was validated here.
+#[derive(Debug, Clone, PartialEq)]
 pub struct JobSpec {
+    pub training: TrainConfig,
     pub job: JobSection,
-    pub data: DataConfig,
-    pub model: ModelChoice,
-    #[serde(default)]
-    pub flow: FlowConfig,
-    #[serde(default)]
-    pub engine: EngineConfig,
-    pub train: LoopConfig,
-    /// Where checkpoints go; needed for restarts and requeues to resume.
-    pub checkpoint: Option<CheckpointConfig>,
     pub resources: Resources,
     pub launcher: LauncherSpec,
-    #[serde(default)]
     pub restart: RestartPolicy,
-    #[serde(default)]
     pub coordinator: CoordinatorSpec,
-    #[serde(default)]
     pub monitoring: MonitoringSpec,
-    #[serde(default)]
     pub samples: SampleSpec,
+}
+
+/// The job's own sections, as they are read.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RunSections {
+    job: JobSection,
+    resources: Resources,
+    launcher: LauncherSpec,
+    #[serde(default)]
+    restart: RestartPolicy,
+    #[serde(default)]
+    coordinator: CoordinatorSpec,
+    #[serde(default)]
+    monitoring: MonitoringSpec,
+    #[serde(default)]
+    samples: SampleSpec,
+}
+
+/// The top-level sections that belong to the job rather than to the train config.
+const RUN_SECTIONS: [&str; 7] = [
+    "job",
+    "resources",
+    "launcher",
+    "restart",
+    "coordinator",
+    "monitoring",
+    "samples",
+];
+
+impl JobSpec {
+    /// Reads a job file's text: the job's sections by their types, everything else by the train config's.
+    pub fn from_toml(text: &str) -> Result<Self, String> {
+        let mut all: toml::Table = toml::from_str(text).map_err(|e| e.to_string())?;
+        if all.contains_key("preview") {
+            return Err(
+                "[preview] is set by [samples] in a job file (samples.every, samples.count)".into(),
+            );
+        }
+        let mut own = toml::Table::new();
+        for key in RUN_SECTIONS {
+            if let Some(v) = all.remove(key) {
+                own.insert(key.into(), v);
+            }
+        }
+        let r: RunSections = own.try_into().map_err(|e: toml::de::Error| e.to_string())?;
+        let training: TrainConfig = all.try_into().map_err(|e: toml::de::Error| e.to_string())?;
+        Ok(Self {
+            training,
+            job: r.job,
+            resources: r.resources,
+            launcher: r.launcher,
+            restart: r.restart,
+            coordinator: r.coordinator,
+            monitoring: r.monitoring,
+            samples: r.samples,
+        })
+    }
+
+    /// The job file's text (the inverse of [`JobSpec::from_toml`]).
+    pub fn to_toml(&self) -> Result<String, toml::ser::Error> {
+        let own = RunSections {
+            job: self.job.clone(),
+            resources: self.resources.clone(),
+            launcher: self.launcher.clone(),
+            restart: self.restart.clone(),
+            coordinator: self.coordinator.clone(),
+            monitoring: self.monitoring.clone(),
+            samples: self.samples.clone(),
+        };
+        let mut all = toml::Table::try_from(&self.training)?;
+        all.extend(toml::Table::try_from(&own)?);
+        toml::to_string(&all)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -155,67 +214,6 @@ fn default_poll() -> f64 {
     5.0
 }
 
-/// What happens when a rank fails.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RestartPolicy {
-    /// Relaunches of every rank from the last committed checkpoint before the run is declared failed.
-    #[serde(default = "default_restarts")]
-    pub max_restarts: u32,
-    #[serde(default = "default_heartbeat")]
-    pub heartbeat_seconds: f64,
-    /// A rank silent for this many heartbeats is dead.
-    #[serde(default = "default_missed")]
-    pub missed_heartbeats: u32,
-    /// No step finished for `hang_factor` x the median step time (and at least `hang_min_seconds`): a hang.
-    #[serde(default = "default_hang_factor")]
-    pub hang_factor: f64,
-    #[serde(default = "default_hang_min")]
-    pub hang_min_seconds: f64,
-    /// The hang deadline until the first step is done (building the model, loading a checkpoint).
-    #[serde(default = "default_hang_startup")]
-    pub hang_startup_seconds: f64,
-    /// Ranks that cannot reach the coordinator for this long checkpoint and exit with the requeue code.
-    #[serde(default = "default_grace")]
-    pub coordinator_grace_seconds: f64,
-}
-
-impl Default for RestartPolicy {
-    fn default() -> Self {
-        Self {
-            max_restarts: default_restarts(),
-            heartbeat_seconds: default_heartbeat(),
-            missed_heartbeats: default_missed(),
-            hang_factor: default_hang_factor(),
-            hang_min_seconds: default_hang_min(),
-            hang_startup_seconds: default_hang_startup(),
-            coordinator_grace_seconds: default_grace(),
-        }
-    }
-}
-
-fn default_restarts() -> u32 {
-    3
-}
-fn default_heartbeat() -> f64 {
-    5.0
-}
-fn default_missed() -> u32 {
-    3
-}
-fn default_hang_factor() -> f64 {
-    10.0
-}
-fn default_hang_min() -> f64 {
-    300.0
-}
-fn default_hang_startup() -> f64 {
-    900.0
-}
-fn default_grace() -> f64 {
-    60.0
-}
-
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CoordinatorSpec {
@@ -304,7 +302,99 @@ fn default_sample_steps() -> usize {
     50
 }
 
-/// The training part of a job spec, as `radit train` reads it.
+/// The embedded default job of `radit quickstart`: a small RadiT on the synthetic store `dir/store`, `ranks` CPU
+/// ranks on this machine, checkpoints in `dir/checkpoints`, the run in `dir/run`.
+pub fn quickstart(
+    dir: &Path,
+    image_size: u32,
+    steps: u64,
+    ranks: u32,
+) -> Result<JobSpec, TrainError> {
+    use radit_trainer::checkpoint::CheckpointConfig;
+    use radit_trainer::engine::{AdamConfig, EngineConfig};
+    use radit_trainer::flow::FlowConfig;
+    use radit_trainer::model::RadiTConfig;
+    use radit_trainer::train::{DataConfig, LoopConfig, ModelChoice};
+    let model = RadiTConfig {
+        input_size: i64::from(image_size),
+        ..RadiTConfig::preset("tiny")?
+    };
+    Ok(JobSpec {
+        training: TrainConfig {
+            data: DataConfig {
+                window_shards: 4,
+                ..DataConfig::new(&dir.join("store").display().to_string())
+            },
+            model: ModelChoice {
+                preset: None,
+                config: Some(model),
+            },
+            flow: FlowConfig {
+                shift: 3.0,
+                ..FlowConfig::default()
+            },
+            // A short run: the EMA has to forget the initial weights within a few hundred steps (the XL run
+            // uses 0.9999).
+            engine: EngineConfig {
+                ema_decay: 0.99,
+                adam: AdamConfig {
+                    lr: 0.002,
+                    ..AdamConfig::default()
+                },
+                ..EngineConfig::default()
+            },
+            train: LoopConfig {
+                steps,
+                global_batch: 32,
+                micro_batches: 1,
+                seed: 1,
+                log_every: 50,
+                rollback_after_skips: 3,
+            },
+            checkpoint: Some(CheckpointConfig {
+                url: dir.join("checkpoints").display().to_string(),
+                every: 100,
+                keep: 2,
+            }),
+            preview: None,
+        },
+        job: JobSection {
+            name: "quickstart".into(),
+            run_dir: "run".into(),
+        },
+        resources: Resources {
+            nodes: 1,
+            gpus_per_node: None,
+            cpu_ranks: Some(ranks),
+            threads_per_rank: Some(1),
+            cpus_per_task: None,
+        },
+        launcher: LauncherSpec {
+            kind: LauncherKind::Local,
+            mpirun_args: Vec::new(),
+            slurm: SlurmSpec::default(),
+        },
+        restart: RestartPolicy {
+            max_restarts: 2,
+            heartbeat_seconds: 1.0,
+            hang_min_seconds: 60.0,
+            ..RestartPolicy::default()
+        },
+        coordinator: CoordinatorSpec::default(),
+        monitoring: MonitoringSpec {
+            progress_seconds: 5.0,
+            ..MonitoringSpec::default()
+        },
+        // A contact sheet of the EMA's samples every 100 steps (samples/progress/), to watch it learn.
+        samples: SampleSpec {
+            count: 16,
+            steps: 32,
+            every: 100,
+        },
+    })
+}
+
+/// The train config every rank runs: the job's, with [samples] as its preview.
 fn train_config_of(s: &JobSpec, run_dir: &Path) -> TrainConfig {
     TrainConfig {
         preview: (s.samples.every > 0).then(|| PreviewConfig {
@@ -318,12 +408,7 @@ fn train_config_of(s: &JobSpec, run_dir: &Path) -> TrainConfig {
             steps: s.samples.steps,
             seed: 0,
         }),
-        data: s.data.clone(),
-        model: s.model.clone(),
-        flow: s.flow,
-        engine: s.engine.clone(),
-        train: s.train.clone(),
-        checkpoint: s.checkpoint.clone(),
+        ..s.training.clone()
     }
 }
 
@@ -344,6 +429,8 @@ pub struct Job {
     pub world: u32,
     pub ranks_per_node: u32,
     pub device: RankDevice,
+    /// The train config every rank runs (written to `run_dir/train.toml`), validated once, here.
+    pub train: ValidatedConfig,
 }
 
 impl Job {
@@ -353,9 +440,9 @@ impl Job {
             file: file.into(),
             reason: e.to_string(),
         })?;
-        let spec: JobSpec = toml::from_str(&text).map_err(|e| JobError::Unreadable {
+        let spec = JobSpec::from_toml(&text).map_err(|reason| JobError::Unreadable {
             file: file.into(),
-            reason: e.to_string(),
+            reason,
         })?;
         Self::new(spec, file)
     }
@@ -363,8 +450,7 @@ impl Job {
     pub fn new(spec: JobSpec, file: &Path) -> Result<Self, JobError> {
         let bad = |field: &str, reason: String| JobError::Invalid {
             file: file.into(),
-            field: field.into(),
-            reason,
+            error: ConfigError::new(field, reason),
         };
         let r = &spec.resources;
         let (world, ranks_per_node, device) = match (r.cpu_ranks, r.gpus_per_node) {
@@ -403,52 +489,41 @@ impl Job {
                 format!("`{}`: use letters, digits, - _ .", spec.job.name),
             ));
         }
-        let train = train_config_of(&spec, &spec.job.run_dir);
-        train
-            .validate()
-            .and_then(|_| train.validate_for_world(u64::from(world)))
-            .map_err(|e| match e {
-                radit_trainer::train::TrainError::InvalidConfig { field, reason } => {
-                    // The job spec's [samples] becomes the train config's [preview].
-                    let field = match field.strip_prefix("preview.") {
-                        Some(rest) => format!("samples.{rest}"),
-                        None => field,
-                    };
-                    bad(&field, reason)
-                }
-                other => bad("model", format!("{other:#}")),
+        let base = file
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let run_dir = if spec.job.run_dir.is_absolute() {
+            spec.job.run_dir.clone()
+        } else {
+            let base = std::fs::canonicalize(base).unwrap_or_else(|_| base.to_path_buf());
+            base.join(&spec.job.run_dir)
+        };
+        let train = train_config_of(&spec, &run_dir)
+            .validated()
+            .and_then(|t| t.validate_for_world(u64::from(world)).map(|()| t))
+            .map_err(|e| {
+                // The job spec's [samples] becomes the train config's [preview].
+                let field = match e.field.strip_prefix("preview.") {
+                    Some(rest) => format!("samples.{rest}"),
+                    None => e.field,
+                };
+                bad(&field, e.reason)
             })?;
-        if spec.restart.max_restarts > 0 && spec.checkpoint.is_none() {
+        if spec.restart.max_restarts > 0 && spec.training.checkpoint.is_none() {
             return Err(bad(
                 "checkpoint",
                 "restarts resume from checkpoints: add a [checkpoint] section or set restart.max_restarts = 0"
                     .into(),
             ));
         }
-        let p = &spec.restart;
-        for (field, v) in [
-            ("restart.heartbeat_seconds", p.heartbeat_seconds),
-            ("restart.hang_factor", p.hang_factor),
-            ("restart.hang_min_seconds", p.hang_min_seconds),
-            ("restart.hang_startup_seconds", p.hang_startup_seconds),
-            (
-                "restart.coordinator_grace_seconds",
-                p.coordinator_grace_seconds,
-            ),
-            (
+        spec.restart.check().map_err(|e| bad(&e.field, e.reason))?;
+        let poll = spec.launcher.slurm.poll_seconds;
+        if !(poll.is_finite() && poll > 0.0) {
+            return Err(bad(
                 "launcher.slurm.poll_seconds",
-                spec.launcher.slurm.poll_seconds,
-            ),
-        ] {
-            if !(v.is_finite() && v > 0.0) {
-                return Err(bad(
-                    field,
-                    format!("must be a positive number of seconds, got {v}"),
-                ));
-            }
-        }
-        if p.missed_heartbeats == 0 {
-            return Err(bad("restart.missed_heartbeats", "must be positive".into()));
+                format!("must be a positive number of seconds, got {poll}"),
+            ));
         }
         if spec.monitoring.progress_seconds.is_nan() || spec.monitoring.progress_seconds < 0.0 {
             return Err(bad("monitoring.progress_seconds", "must be >= 0".into()));
@@ -490,22 +565,12 @@ impl Job {
                 ),
             ));
         }
-        if spec.samples.count > 0 && spec.checkpoint.is_none() {
+        if spec.samples.count > 0 && spec.training.checkpoint.is_none() {
             return Err(bad(
                 "samples.count",
                 "samples are drawn from the final checkpoint: add a [checkpoint] section".into(),
             ));
         }
-        let base = file
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        let run_dir = if spec.job.run_dir.is_absolute() {
-            spec.job.run_dir.clone()
-        } else {
-            let base = std::fs::canonicalize(base).unwrap_or_else(|_| base.to_path_buf());
-            base.join(&spec.job.run_dir)
-        };
         Ok(Self {
             spec,
             file: std::fs::canonicalize(file).unwrap_or_else(|_| file.to_path_buf()),
@@ -513,12 +578,8 @@ impl Job {
             world,
             ranks_per_node,
             device,
+            train,
         })
-    }
-
-    /// The train config every rank runs (written to `run_dir/train.toml`).
-    pub fn train_config(&self) -> TrainConfig {
-        train_config_of(&self.spec, &self.run_dir)
     }
 
     pub fn train_config_path(&self) -> PathBuf {
@@ -542,10 +603,6 @@ impl Job {
         tflops.map(|t| t * 1e12)
     }
 
-    pub fn heartbeat_interval(&self) -> Duration {
-        Duration::from_secs_f64(self.spec.restart.heartbeat_seconds)
-    }
-
     /// The arguments after the radit binary that every rank runs.
     pub fn rank_args(&self) -> Vec<String> {
         let mut args = vec![
@@ -562,6 +619,23 @@ impl Job {
             args.extend(["--threads".into(), t.to_string()]);
         }
         args
+    }
+
+    /// The launcher that starts this job's ranks from here: `None` for a Slurm job outside its allocation (it is
+    /// submitted with sbatch, and its batch script runs `radit run --in-allocation`, which launches with srun).
+    pub fn launcher(&self, in_allocation: bool) -> Option<Box<dyn Launcher>> {
+        match (self.spec.launcher.kind, in_allocation) {
+            (LauncherKind::Local, _) => Some(Box::new(LocalLauncher)),
+            (LauncherKind::Mpirun, _) => Some(Box::new(MpirunLauncher {
+                extra_args: self.spec.launcher.mpirun_args.clone(),
+            })),
+            (LauncherKind::Slurm, true) => Some(Box::new(SrunLauncher {
+                tasks_per_node: self.ranks_per_node,
+                gpus_per_task: u32::from(self.device == RankDevice::Cuda),
+                cpus_per_task: self.cpus_per_task(),
+            })),
+            (LauncherKind::Slurm, false) => None,
+        }
     }
 
     /// The sbatch job for this spec (`radit` is the binary's absolute path).
@@ -605,18 +679,19 @@ impl Job {
     pub fn describe(&self, radit: &str) -> String {
         let s = &self.spec;
         let mut o = String::new();
-        let model = s.model.resolve().ok();
+        let t = &s.training;
+        let model = Some(self.train.model());
         let _ = writeln!(o, "job {} ({})", s.job.name, self.file.display());
         let _ = writeln!(o, "run directory: {}", self.run_dir.display());
         if let Some(m) = &model {
             let _ = writeln!(
                 o,
                 "model: {} ({} parameters)",
-                s.model.preset.as_deref().unwrap_or("custom"),
+                t.model.preset.as_deref().unwrap_or("custom"),
                 m.parameter_count().total()
             );
         }
-        let per_rank = s.train.global_batch / u64::from(self.world);
+        let per_rank = t.train.global_batch / u64::from(self.world);
         let _ = writeln!(
             o,
             "ranks: {} = {} node(s) x {} {} rank(s), launcher {:?}",
@@ -632,13 +707,13 @@ impl Job {
         let _ = writeln!(
             o,
             "training: {} steps, global batch {} ({} per rank per step in {} micro-batch(es)), seed {}",
-            s.train.steps, s.train.global_batch, per_rank, s.train.micro_batches, s.train.seed
+            t.train.steps, t.train.global_batch, per_rank, t.train.micro_batches, t.train.seed
         );
-        let _ = writeln!(o, "data: {} split {:?}", s.data.url, s.data.split);
+        let _ = writeln!(o, "data: {} split {:?}", t.data.url, t.data.split);
         let _ = writeln!(
             o,
             "data slices: the global batch of step k is samples [k*{b}, (k+1)*{b}) of the seeded order; rank r takes [r*{per_rank}, (r+1)*{per_rank}) of it",
-            b = s.train.global_batch
+            b = t.train.global_batch
         );
         for r in 0..self.world.min(8) {
             let first = u64::from(r) * per_rank;
@@ -651,7 +726,7 @@ impl Job {
         if self.world > 8 {
             let _ = writeln!(o, "  ... ({} ranks in all)", self.world);
         }
-        match &s.checkpoint {
+        match &t.checkpoint {
             Some(c) => {
                 let _ = writeln!(
                     o,
@@ -676,7 +751,7 @@ impl Job {
             p.hang_factor,
             p.hang_min_seconds,
             p.coordinator_grace_seconds,
-            crate::slurm::REQUEUE_EXIT_CODE
+            REQUEUE_EXIT_CODE
         );
         let _ = writeln!(o, "coordinator: binds {}", s.coordinator.bind);
         let _ = writeln!(o, "launch:");
@@ -705,5 +780,51 @@ impl Job {
             }
         }
         o
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn golden(name: &str, text: &str) {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/golden")
+            .join(name);
+        if std::env::var_os("UPDATE_GOLDEN").is_some() {
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(&path, text).unwrap();
+        }
+        let want = std::fs::read_to_string(&path)
+            .unwrap_or_else(|_| panic!("{} is missing: run with UPDATE_GOLDEN=1", path.display()));
+        assert_eq!(
+            text,
+            want,
+            "{} changed: review, then UPDATE_GOLDEN=1",
+            path.display()
+        );
+    }
+
+    #[test]
+    fn the_xl_job_spec_renders_its_golden_script() {
+        let example =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/radit-xl-job.toml");
+        let mut job = Job::load(&example).unwrap();
+        // Paths as on the cluster, so the golden file does not depend on where this repository lives.
+        job.file = "/scratch/radit/xl/job.toml".into();
+        let text = render_sbatch(&job.slurm_job("/home/u/radit/bin/radit"));
+        assert!(
+            text.contains(
+                "#SBATCH --nodes=8\n#SBATCH --ntasks-per-node=4\n#SBATCH --gpus-per-node=4"
+            )
+        );
+        assert!(text.contains("#SBATCH --signal=B:USR1@300"));
+        assert!(text.contains("#SBATCH --account=brics.a5k"));
+        assert!(text.contains("  export NCCL_NET='AWS Libfabric'"));
+        assert!(text.contains("  export FI_MR_CACHE_MONITOR=userfaultfd"));
+        assert!(text.contains("\nexport NCCL_DEBUG=WARN"));
+        assert!(text.contains("\nmodule load brics/nccl\nset -uo pipefail"));
+        assert!(text.contains("radit run /scratch/radit/xl/job.toml --in-allocation &"));
+        golden("sbatch-xl.sh", &text);
     }
 }

@@ -1,0 +1,71 @@
+//! The samples a finished run leaves in its run directory: the final EMA weights as safetensors, and `[samples]
+//! count` images drawn from them with a contact sheet, as `radit export` and `radit sample` would write them.
+
+use std::path::PathBuf;
+
+use radit_trainer::checkpoint::{self, CheckpointError};
+use radit_trainer::generate::{Conditions, Sampler, WrittenSamples, write_samples};
+use radit_trainer::model::{ModelError, Precision, save_named_weights};
+use radit_trainer::sampler::Solver;
+use radit_trainer::tch::Device;
+
+use crate::job::{Job, RankDevice};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SamplesError {
+    #[error("reading the final checkpoint")]
+    Checkpoint(#[from] CheckpointError),
+    #[error("drawing the samples")]
+    Model(#[from] ModelError),
+}
+
+/// What [`draw_final_samples`] wrote.
+#[derive(Debug)]
+pub struct FinalSamples {
+    pub weights: PathBuf,
+    pub dir: PathBuf,
+    pub written: WrittenSamples,
+}
+
+/// Exports the final EMA weights to `run_dir/final-ema.safetensors` and draws `[samples] count` samples from
+/// them (Euler, `[samples] steps`) into `run_dir/samples`. `None` when the job asks for no samples.
+pub fn draw_final_samples(job: &Job) -> Result<Option<FinalSamples>, SamplesError> {
+    let s = &job.spec.samples;
+    let (Some(ckpt), true) = (&job.train.checkpoint, s.count > 0) else {
+        return Ok(None);
+    };
+    let (model, step, named) = checkpoint::read_weights(&ckpt.url, true)?;
+    let weights = job.run_dir.join("final-ema.safetensors");
+    save_named_weights(&named, &model, &weights)?;
+    let device = match job.device {
+        // The supervisor's node has the job's GPUs when it runs inside the allocation; else the CPU.
+        RankDevice::Cuda if radit_trainer::tch::Cuda::is_available() => Device::Cuda(0),
+        _ => Device::Cpu,
+    };
+    let precision = match device {
+        Device::Cpu => Precision::Fp32,
+        _ => Precision::Bf16,
+    };
+    let sampler = Sampler::from_named(&model, &named, device, precision)?;
+    let dir = job.run_dir.join("samples");
+    // As `radit sample --solver euler --steps N` draws them (seed 0, batches of 8, an unshifted grid).
+    let solver = Solver::Euler {
+        steps: s.steps,
+        shift: 1.0,
+    };
+    let written = write_samples(
+        &sampler,
+        &Conditions::missing(),
+        s.count,
+        8,
+        0,
+        solver,
+        &dir,
+    )?;
+    tracing::info!(step, count = s.count, dir = %dir.display(), "final samples");
+    Ok(Some(FinalSamples {
+        weights,
+        dir,
+        written,
+    }))
+}

@@ -1,0 +1,161 @@
+//! Exit codes by meaning, in one place: what the caller (a person, a script, Slurm, the supervisor) should do next.
+//! 75 asks for a retry or requeue (and is what the sbatch script requeues on), 2 asks for a change of input or
+//! settings, 1 is any other failure (look at the message and the logs).
+
+use radit_launch::slurm::REQUEUE_EXIT_CODE;
+use radit_protocol::ConfigError;
+use radit_run::job::JobError;
+use radit_run::supervise::SuperviseError;
+use radit_sharding::ShardError;
+use radit_sharding::store::StorageError;
+use radit_trainer::checkpoint::CheckpointError;
+use radit_trainer::collective::CollectiveError;
+use radit_trainer::membership::JoinError;
+use radit_trainer::model::ModelError;
+use radit_trainer::placement::PlacementError;
+use radit_trainer::train::TrainError;
+
+/// Any other failure; also: the store was checked and disagrees with its manifest.
+pub const FAILED: u8 = 1;
+pub const VERIFY_FAILED: u8 = FAILED;
+/// Bad input or settings: fix them and run again.
+pub const BAD_INPUT: u8 = 2;
+/// Infrastructure failed (storage, network): retrying or requeueing may succeed. A rank that checkpointed for a
+/// requeue exits with it too.
+pub const RETRYABLE: u8 = REQUEUE_EXIT_CODE as u8;
+
+/// Arguments that cannot work: the caller must change them.
+#[derive(Debug)]
+pub struct Usage(pub String);
+
+impl std::fmt::Display for Usage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Usage {}
+
+/// `Err(usage!(...))`: an argument error, exit 2.
+macro_rules! usage {
+    ($($t:tt)*) => { anyhow::Error::new($crate::exit::Usage(format!($($t)*))) };
+}
+pub(crate) use usage;
+
+/// `ensure_usage!(cond, ...)`: unless `cond`, return an argument error (exit 2).
+macro_rules! ensure_usage {
+    ($cond:expr, $($t:tt)*) => {
+        if !$cond {
+            return Err($crate::exit::usage!($($t)*));
+        }
+    };
+}
+pub(crate) use ensure_usage;
+
+/// `bail_usage!(...)`: return an argument error (exit 2).
+macro_rules! bail_usage {
+    ($($t:tt)*) => { return Err($crate::exit::usage!($($t)*)) };
+}
+pub(crate) use bail_usage;
+
+/// What one error in a chain says about the exit code; `None`: look further down the chain.
+fn meaning(e: &(dyn std::error::Error + 'static)) -> Option<u8> {
+    if e.is::<Usage>() || e.is::<ConfigError>() || e.is::<JobError>() || e.is::<PlacementError>() {
+        return Some(BAD_INPUT);
+    }
+    if let Some(s) = e.downcast_ref::<ShardError>() {
+        return Some(match s {
+            _ if s.is_retryable() => RETRYABLE,
+            ShardError::Internal(_) | ShardError::Encode { .. } => FAILED,
+            _ => BAD_INPUT,
+        });
+    }
+    if let Some(s) = e.downcast_ref::<StorageError>() {
+        return Some(match s {
+            _ if s.is_retryable() => RETRYABLE,
+            StorageError::Runtime(_) => FAILED,
+            _ => BAD_INPUT,
+        });
+    }
+    if let Some(t) = e.downcast_ref::<TrainError>() {
+        return match t {
+            TrainError::InvalidConfig { .. }
+            | TrainError::ConfigFile { .. }
+            | TrainError::OutOfMemory { .. }
+            | TrainError::DataEnded { .. } => Some(BAD_INPUT),
+            TrainError::Diverged { .. } | TrainError::Superseded { .. } => Some(FAILED),
+            _ => None,
+        };
+    }
+    if let Some(m) = e.downcast_ref::<ModelError>() {
+        return match m {
+            ModelError::UnknownPreset { .. }
+            | ModelError::InvalidConfig { .. }
+            | ModelError::BadInput { .. }
+            | ModelError::BadWeights { .. }
+            | ModelError::Io { .. } => Some(BAD_INPUT),
+            _ => None,
+        };
+    }
+    if let Some(c) = e.downcast_ref::<CheckpointError>() {
+        return match c {
+            CheckpointError::Mismatch { .. } | CheckpointError::Empty { .. } => Some(BAD_INPUT),
+            _ => None,
+        };
+    }
+    if let Some(c) = e.downcast_ref::<CollectiveError>() {
+        // A group that cannot form here (a batch script's lone process, no NCCL) is a launch mistake; a peer
+        // that died is a failure for the supervisor to act on, never a requeue.
+        return match c {
+            CollectiveError::Launch { .. }
+            | CollectiveError::Unavailable { .. }
+            | CollectiveError::Usage { .. } => Some(BAD_INPUT),
+            _ => Some(FAILED),
+        };
+    }
+    if let Some(j) = e.downcast_ref::<JoinError>() {
+        return match j {
+            JoinError::Environment { .. } => Some(BAD_INPUT),
+            _ => None,
+        };
+    }
+    if let Some(s) = e.downcast_ref::<SuperviseError>() {
+        return match s {
+            SuperviseError::Bind { .. } | SuperviseError::Pushgateway(_) => Some(BAD_INPUT),
+            _ => None,
+        };
+    }
+    None
+}
+
+/// The exit code of a failed command: the first error in its chain that says what to do, else [`FAILED`].
+pub fn code_of(e: &anyhow::Error) -> u8 {
+    e.chain().find_map(meaning).unwrap_or(FAILED)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_follow_the_meaning_of_the_first_error_that_has_one() {
+        let storage = ShardError::InputIo {
+            path: "/lustre/cxr/a.dcm".into(),
+            source: std::io::Error::other("stale file handle"),
+        };
+        assert_eq!(
+            code_of(&anyhow::Error::new(storage).context("reading")),
+            RETRYABLE
+        );
+        let bad = TrainError::InvalidConfig(ConfigError::new("train.steps", "must be positive"));
+        assert_eq!(code_of(&anyhow::Error::new(bad)), BAD_INPUT);
+        assert_eq!(code_of(&usage!("--ranks must be positive")), BAD_INPUT);
+        let diverged = TrainError::Diverged {
+            step: 3,
+            consecutive: 3,
+            why: "no checkpoint".into(),
+        };
+        assert_eq!(code_of(&anyhow::Error::new(diverged)), FAILED);
+        assert_eq!(code_of(&anyhow::anyhow!("something else")), FAILED);
+    }
+}

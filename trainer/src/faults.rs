@@ -1,0 +1,84 @@
+//! Fault injection for the end-to-end tests, read from the environment once by `radit train` and applied from
+//! outside the train loop: a [`StepHook`] the loop calls before each step's compute, and the checkpoint writer's
+//! crash point. Each variable is `RANK:STEP`; with `RADIT_FAULT_ONLY_GENERATION=G` a fault fires only in launch
+//! generation G (`RADIT_GENERATION`, set by `radit run`), so the relaunched ranks run clean.
+//!
+//! - `RADIT_FAULT_NONFINITE_STEPS=S1,S2`: rank 0's input of those (1-based) steps becomes NaN, once each.
+//! - `RADIT_FAULT_HANG=RANK:STEP`: that rank sleeps (still heart-beating) in that step's compute.
+//! - `RADIT_FAULT_OOM=RANK:STEP`: that rank asks libtorch for 1 PiB in that step (a real allocator failure).
+//! - `RADIT_FAULT_CRASH_IN_CHECKPOINT=RANK:STEP`: that rank aborts half-way through writing that checkpoint.
+
+use std::collections::BTreeSet;
+
+use tch::{Device, Kind, Tensor};
+
+use crate::engine::EngineError;
+use crate::train::{StepHook, TrainError};
+
+fn fault_at(var: &str) -> Option<(u64, u64)> {
+    let value = std::env::var(var).ok()?;
+    if let Ok(only) = std::env::var("RADIT_FAULT_ONLY_GENERATION")
+        && std::env::var("RADIT_GENERATION").ok().as_deref() != Some(only.trim())
+    {
+        return None;
+    }
+    let (r, s) = value.split_once(':')?;
+    Some((r.trim().parse().ok()?, s.trim().parse().ok()?))
+}
+
+/// Whether this rank should die while writing the checkpoint of `step`.
+pub(crate) fn crash_in_checkpoint(rank: usize, step: u64) -> bool {
+    fault_at("RADIT_FAULT_CRASH_IN_CHECKPOINT") == Some((rank as u64, step))
+}
+
+/// The faults the environment asks for, as a step hook.
+#[derive(Debug, Default)]
+pub struct Faults {
+    nonfinite_steps: BTreeSet<u64>,
+    hang_at: Option<(u64, u64)>,
+    oom_at: Option<(u64, u64)>,
+}
+
+impl Faults {
+    /// `None` when no step fault is asked for.
+    pub fn from_env() -> Option<Self> {
+        let f = Self {
+            nonfinite_steps: std::env::var("RADIT_FAULT_NONFINITE_STEPS")
+                .map(|v| v.split(',').filter_map(|s| s.trim().parse().ok()).collect())
+                .unwrap_or_default(),
+            hang_at: fault_at("RADIT_FAULT_HANG"),
+            oom_at: fault_at("RADIT_FAULT_OOM"),
+        };
+        (!f.nonfinite_steps.is_empty() || f.hang_at.is_some() || f.oom_at.is_some()).then_some(f)
+    }
+}
+
+impl StepHook for Faults {
+    fn before_compute(
+        &mut self,
+        step: u64,
+        rank: u64,
+        x1: &Tensor,
+        device: Device,
+    ) -> Result<(), TrainError> {
+        if rank == 0 && self.nonfinite_steps.remove(&step) {
+            tracing::warn!(
+                step,
+                "injecting a non-finite input (RADIT_FAULT_NONFINITE_STEPS)"
+            );
+            let _ = x1.get(0).fill_(f64::NAN);
+        }
+        if self.hang_at == Some((rank, step)) {
+            tracing::warn!(step, "hanging on purpose (RADIT_FAULT_HANG)");
+            loop {
+                std::thread::sleep(std::time::Duration::from_secs(3600));
+            }
+        }
+        if self.oom_at == Some((rank, step)) {
+            tracing::warn!(step, "allocating 1 PiB on purpose (RADIT_FAULT_OOM)");
+            let _never =
+                Tensor::f_empty([1i64 << 48], (Kind::Float, device)).map_err(EngineError::from)?;
+        }
+        Ok(())
+    }
+}
