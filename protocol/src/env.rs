@@ -186,20 +186,13 @@ pub fn rank_identity(var: impl Fn(&str) -> Option<String>) -> Option<RankIdentit
 #[cfg(test)]
 mod tests {
     use super::*;
+    use radit_testkit::env;
 
     #[test]
     fn slurm_task_counts_expand_per_node() {
         assert_eq!(tasks_per_node("4(x3),2"), Some(vec![4, 4, 4, 2]));
         assert_eq!(tasks_per_node("1"), Some(vec![1]));
         assert_eq!(tasks_per_node("2(x"), None);
-    }
-
-    fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
-        let map: std::collections::HashMap<String, String> = pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        move |k| map.get(k).cloned()
     }
 
     #[test]

@@ -788,21 +788,7 @@ mod tests {
     use super::*;
 
     fn golden(name: &str, text: &str) {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/golden")
-            .join(name);
-        if std::env::var_os("UPDATE_GOLDEN").is_some() {
-            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-            std::fs::write(&path, text).unwrap();
-        }
-        let want = std::fs::read_to_string(&path)
-            .unwrap_or_else(|_| panic!("{} is missing: run with UPDATE_GOLDEN=1", path.display()));
-        assert_eq!(
-            text,
-            want,
-            "{} changed: review, then UPDATE_GOLDEN=1",
-            path.display()
-        );
+        radit_testkit::assert_golden(env!("CARGO_MANIFEST_DIR"), name, text);
     }
 
     #[test]

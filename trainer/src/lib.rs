@@ -37,6 +37,4 @@ pub mod preview;
 pub mod progress;
 pub mod runtime;
 pub mod sampler;
-#[cfg(test)]
-mod testing;
 pub mod train;

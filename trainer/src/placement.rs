@@ -54,7 +54,7 @@ pub fn cuda_ordinal(place: &LocalPlacement, visible: usize) -> Result<usize, Pla
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::env;
+    use radit_testkit::env;
 
     fn ordinal(pairs: &[(&str, &str)], visible: usize) -> Result<usize, PlacementError> {
         cuda_ordinal(&local_placement(env(pairs)), visible)

@@ -240,7 +240,7 @@ pub fn nccl() -> Result<&'static NcclLibrary, NcclNotFound> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::env;
+    use radit_testkit::env;
 
     #[test]
     fn an_explicit_path_is_the_only_candidate_and_the_wheel_comes_before_the_loader() {

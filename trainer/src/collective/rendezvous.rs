@@ -195,7 +195,7 @@ pub fn join_slurm_step(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::env;
+    use radit_testkit::env;
 
     #[test]
     fn hostlists_give_their_first_host() {
