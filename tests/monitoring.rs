@@ -139,9 +139,7 @@ steps = 3
         store = store.display(),
         ckpt = dir.join("ckpt").display()
     );
-    let path = dir.join("job.toml");
-    std::fs::write(&path, text).unwrap();
-    path
+    common::write_job(dir, &text)
 }
 
 #[test]

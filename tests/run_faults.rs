@@ -79,9 +79,7 @@ progress_seconds = 1.0
         store = store().display(),
         ckpt = dir.join("ckpt").display(),
     );
-    let path = dir.join("job.toml");
-    std::fs::write(&path, text).unwrap();
-    path
+    common::write_job(dir, &text)
 }
 
 fn run_cmd(job: &Path) -> Command {

@@ -88,8 +88,7 @@ keep = 2
         store.display(),
         ckpt.display()
     );
-    std::fs::write(&path, text).unwrap();
-    path
+    common::write_train_config(&path, &text)
 }
 
 /// Runs training on `np` ranks (0 = no mpirun); returns the per-step losses rank 0 printed.

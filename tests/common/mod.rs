@@ -124,6 +124,24 @@ pub fn tiny_store(
     store
 }
 
+/// Writes a job spec to `dir/job.toml` after checking that it reads as one (a typo in a test's job fails here,
+/// naming the field, instead of as a confusing run failure later); returns its path.
+pub fn write_job(dir: &Path, text: &str) -> PathBuf {
+    let path = dir.join("job.toml");
+    radit_run::job::JobSpec::from_toml(text)
+        .unwrap_or_else(|e| panic!("the test's job spec does not read: {e}\n{text}"));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Writes a train config to `path` after checking that it reads and validates as one; returns the path.
+pub fn write_train_config(path: &Path, text: &str) -> PathBuf {
+    std::fs::write(path, text).unwrap();
+    radit_trainer::train::TrainConfig::load(path)
+        .unwrap_or_else(|e| panic!("the test's train config does not validate: {e}\n{text}"));
+    path.to_path_buf()
+}
+
 /// `radit shard` with small, fast settings.
 pub fn shard_cmd(table: &Path, images: &Path, out: &str, extra: &[&str]) -> Command {
     let mut cmd = radit();
