@@ -19,6 +19,12 @@ if cargo tree -p radit-launch -e normal --prefix none | grep -E '^(torch-sys|tch
   echo "radit-launch must depend on radit-protocol alone among radit's crates, and never on libtorch" >&2
   exit 1
 fi
+# The DICOM pipeline is a leaf over dicom-rs: no other radit crate, no libtorch.
+if cargo tree -p radit-dicom -e normal --prefix none | grep -E '^(torch-sys|tch|radit-[a-z]+) ' |
+  grep -v '^radit-dicom '; then
+  echo "radit-dicom must not depend on other radit crates or libtorch" >&2
+  exit 1
+fi
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 cargo test --workspace --no-fail-fast "$@"
 # Behind a flag (a release build against another libtorch, about 15 minutes here): the GPU bundle builds, and its

@@ -132,6 +132,15 @@ struct ShardArgs {
     /// Accept only AP, PA and Lateral as views (no LL, postero-anterior, ...).
     #[arg(long)]
     strict_views: bool,
+    /// DICOM VOI: auto (the VOI LUT, else the window, else none), window, lut or none (a min-max stretch).
+    #[arg(long, default_value = "auto")]
+    dicom_voi: radit_dicom::VoiChoice,
+    /// Which window or VOI LUT of a DICOM file with several (0: the first).
+    #[arg(long, default_value_t = 0)]
+    dicom_voi_index: usize,
+    /// A DICOM window that cannot be used: minmax (stretch instead, counted) or reject the image.
+    #[arg(long, default_value = "minmax")]
+    dicom_bad_window: radit_dicom::BadWindow,
     /// Seed of the patient-level split hash (for patients without an explicit split).
     #[arg(long, default_value_t = 0)]
     split_seed: u64,
@@ -334,6 +343,11 @@ fn shard_settings(a: &ShardArgs) -> IngestSettings {
             image_size: a.image_size,
             shard_images: a.shard_images,
             compression: a.compression,
+        },
+        dicom: radit_dicom::DicomOptions {
+            voi: a.dicom_voi,
+            voi_index: a.dicom_voi_index,
+            bad_window: a.dicom_bad_window,
         },
     }
 }

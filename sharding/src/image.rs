@@ -1,5 +1,6 @@
-//! Image preprocessing: PNG (8- or 16-bit greyscale) -> full-range 16-bit -> aspect-preserving resize with centre
-//! padding to a square canvas.
+//! Image preprocessing: PNG (8- or 16-bit greyscale) or DICOM (through `radit_dicom`: modality LUT, VOI, MONOCHROME1)
+//! -> full-range 16-bit -> aspect-preserving resize with centre padding to a square canvas. The format is told by
+//! the file's content, not its name (`.dcm`, `.dicom`, no extension at all).
 
 use std::io::Cursor;
 
@@ -33,6 +34,8 @@ pub enum ImageProblem {
     Colour(String),
     #[error("constant image (every pixel is {0}); nothing to normalise")]
     Constant(u16),
+    #[error(transparent)]
+    Dicom(#[from] radit_dicom::DicomProblem),
 }
 
 /// Notes about an accepted image that the report counts.
@@ -42,6 +45,18 @@ pub struct ImageNotes {
     /// Stored as RGB(A) with equal channels and converted to grey.
     pub grey_stored_as_rgb: bool,
     pub resized: bool,
+    /// A DICOM file, and what its pixel pipeline did.
+    pub dicom: Option<DicomNotes>,
+}
+
+/// What the DICOM pipeline did to one image, for the report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct DicomNotes {
+    pub monochrome1: bool,
+    pub windowed: bool,
+    pub voi_lut: bool,
+    /// The window could not be used; the image was stretched instead.
+    pub bad_window: bool,
 }
 
 /// Decodes a PNG into 16-bit greyscale. 8-bit samples are widened (v * 257); palette and low bit depths are expanded.
@@ -179,13 +194,43 @@ pub fn letterbox(img: &Grey16, target: u32, resizer: &mut Resizer) -> Vec<u16> {
     canvas
 }
 
-/// Decode, normalise and letterbox one PNG file's bytes into a `target` x `target` image.
+/// Decodes a DICOM file through its pixel pipeline (already full range).
+pub fn decode_dicom(
+    bytes: &[u8],
+    opts: &radit_dicom::DicomOptions,
+) -> Result<(Grey16, ImageNotes), ImageProblem> {
+    let d = radit_dicom::decode(bytes, opts)?;
+    let notes = ImageNotes {
+        was_8bit: false,
+        grey_stored_as_rgb: false,
+        resized: false,
+        dicom: Some(DicomNotes {
+            monochrome1: d.notes.monochrome1,
+            windowed: matches!(d.notes.voi, radit_dicom::AppliedVoi::Window(_)),
+            voi_lut: d.notes.voi == radit_dicom::AppliedVoi::Lut,
+            bad_window: d.notes.bad_window,
+        }),
+    };
+    let img = Grey16 {
+        width: d.width,
+        height: d.height,
+        pixels: d.pixels,
+    };
+    Ok((img, notes))
+}
+
+/// Decode, normalise and letterbox one image file's bytes (PNG or DICOM) into a `target` x `target` image.
 pub fn preprocess(
     bytes: &[u8],
     target: u32,
     resizer: &mut Resizer,
+    dicom: &radit_dicom::DicomOptions,
 ) -> Result<(Vec<u16>, ImageNotes), ImageProblem> {
-    let (mut img, mut notes) = decode_png(bytes)?;
+    let (mut img, mut notes) = if radit_dicom::is_dicom(bytes) {
+        decode_dicom(bytes, dicom)?
+    } else {
+        decode_png(bytes)?
+    };
     normalise_full_range(&mut img)?;
     notes.resized = img.width != target || img.height != target;
     Ok((letterbox(&img, target, resizer), notes))

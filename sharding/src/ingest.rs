@@ -232,6 +232,7 @@ pub fn ingest(
         pool: &pool,
         images_dir,
         layout: &settings.layout,
+        dicom: &settings.dicom,
         tx: &tx,
         budget: opts.stop_after_shards,
     };
@@ -418,6 +419,7 @@ struct Producer<'a> {
     pool: &'a rayon::ThreadPool,
     images_dir: &'a Path,
     layout: &'a StoreLayout,
+    dicom: &'a radit_dicom::DicomOptions,
     tx: &'a mpsc::SyncSender<PendingShard>,
     /// Shards still allowed in this run (`None`: no limit).
     budget: Option<u64>,
@@ -432,7 +434,7 @@ impl Producer<'_> {
         arrays: &Arc<SplitArrays>,
         next: &mut SplitCursor,
     ) -> Result<bool, ShardError> {
-        let (pool, images_dir) = (self.pool, self.images_dir);
+        let (pool, images_dir, dicom) = (self.pool, self.images_dir, self.dicom);
         let s = self.layout.shard_images as usize;
         let target = self.layout.image_size;
         let total = rows.len() as u64;
@@ -448,7 +450,7 @@ impl Producer<'_> {
                         .into_par_iter()
                         .map_init(fast_image_resize::Resizer::new, |resizer, c| {
                             let outcome =
-                                load_image(rows[c as usize], images_dir, target, resizer)?;
+                                load_image(rows[c as usize], images_dir, target, resizer, dicom)?;
                             Ok(Item {
                                 candidate: c,
                                 outcome,
@@ -512,6 +514,7 @@ fn load_image(
     images_dir: &Path,
     target: u32,
     resizer: &mut fast_image_resize::Resizer,
+    dicom: &radit_dicom::DicomOptions,
 ) -> Result<Result<(Vec<u16>, ImageNotes), Rejection>, ShardError> {
     let path: PathBuf = images_dir.join(&row.path);
     let reject = |reason: String| Rejection {
@@ -532,7 +535,7 @@ fn load_image(
         // reads it instead of the row being dropped for good.
         Err(source) => return Err(ShardError::InputIo { path, source }),
     };
-    Ok(preprocess(&bytes, target, resizer).map_err(|p| reject(p.to_string())))
+    Ok(preprocess(&bytes, target, resizer, dicom).map_err(|p| reject(p.to_string())))
 }
 
 /// A shard's rows gathered on the decode side; encoding happens on the writer side so it overlaps decoding.
@@ -578,9 +581,7 @@ fn collect_shard(
                 ages.push(row.age);
                 image_ids.push(row.image_id.clone());
                 patient_ids.push(row.patient_id.clone());
-                notes.eight_bit += u64::from(n.was_8bit);
-                notes.grey_stored_as_rgb += u64::from(n.grey_stored_as_rgb);
-                notes.resized += u64::from(n.resized);
+                notes.count(&n);
             }
         }
     }

@@ -21,6 +21,10 @@ pub const FORMAT: &str = "radit-cxr-zarr";
 pub struct IngestSettings {
     pub table: TableConfig,
     pub layout: StoreLayout,
+    /// The DICOM pixel pipeline's settings; left out at their defaults, so stores made before DICOM keep their
+    /// fingerprint (and resume).
+    #[serde(default, skip_serializing_if = "radit_dicom::DicomOptions::is_default")]
+    pub dicom: radit_dicom::DicomOptions,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -55,6 +59,22 @@ pub struct ImageNoteCounts {
     pub eight_bit: u64,
     pub grey_stored_as_rgb: u64,
     pub resized: u64,
+    /// DICOM files, and of them: MONOCHROME1 (inverted), windowed, through a VOI LUT, with a window that could not
+    /// be used (stretched instead). Left out when zero: manifests of PNG-only stores read as before.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub dicom: u64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub dicom_monochrome1: u64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub dicom_windowed: u64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub dicom_voi_lut: u64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub dicom_bad_window: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl ImageNoteCounts {
@@ -62,6 +82,25 @@ impl ImageNoteCounts {
         self.eight_bit += other.eight_bit;
         self.grey_stored_as_rgb += other.grey_stored_as_rgb;
         self.resized += other.resized;
+        self.dicom += other.dicom;
+        self.dicom_monochrome1 += other.dicom_monochrome1;
+        self.dicom_windowed += other.dicom_windowed;
+        self.dicom_voi_lut += other.dicom_voi_lut;
+        self.dicom_bad_window += other.dicom_bad_window;
+    }
+
+    /// Counts one accepted image.
+    pub fn count(&mut self, n: &crate::image::ImageNotes) {
+        self.eight_bit += u64::from(n.was_8bit);
+        self.grey_stored_as_rgb += u64::from(n.grey_stored_as_rgb);
+        self.resized += u64::from(n.resized);
+        if let Some(d) = &n.dicom {
+            self.dicom += 1;
+            self.dicom_monochrome1 += u64::from(d.monochrome1);
+            self.dicom_windowed += u64::from(d.windowed);
+            self.dicom_voi_lut += u64::from(d.voi_lut);
+            self.dicom_bad_window += u64::from(d.bad_window);
+        }
     }
 }
 
@@ -144,6 +183,13 @@ impl Manifest {
             n.grey_stored_as_rgb,
             self.warnings.total()
         ));
+        if n.dicom > 0 {
+            s.push_str(&format!(
+                "  DICOM: {} files, {} MONOCHROME1 inverted, {} windowed, {} through a VOI LUT, {} with an unusable \
+                 window (stretched instead)\n",
+                n.dicom, n.dicom_monochrome1, n.dicom_windowed, n.dicom_voi_lut, n.dicom_bad_window
+            ));
+        }
         s
     }
 }

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use radit_sharding::ShardError;
-use radit_sharding::image::{decode_png, normalise_full_range};
+use radit_sharding::image::{decode_dicom, decode_png, letterbox, normalise_full_range};
 use radit_sharding::ingest::{IngestOutcome, RunOptions, ingest};
 use radit_sharding::layout::{Compression, StoreLayout};
 use radit_sharding::manifest::{IngestSettings, Manifest, verify};
@@ -22,6 +22,7 @@ fn settings(size: u32, shard: u32) -> IngestSettings {
             compression: Compression::Zstd { level: 3 },
         },
         table: TableConfig::default(),
+        ..IngestSettings::default()
     }
 }
 
@@ -428,4 +429,103 @@ fn a_wrong_images_root_is_an_error_not_a_store_of_rejections() {
     assert!(!out.join("manifest.json").exists());
     // The right root then works on the same output.
     ingest_complete(&data, &out, &settings(32, 8));
+}
+
+/// DICOM files are told by their content (here they keep the synthetic `.png` names): decoded through the pixel
+/// pipeline, stored as `letterbox` of that, counted in the manifest; a syntax without a decoder and a colour DICOM
+/// are rejected naming the file, the row and what is wrong.
+#[test]
+fn dicom_images_are_decoded_by_content_and_unusable_ones_are_rejected_with_the_reason() {
+    use radit_dicom::fixture::Fixture;
+    let dir = tempfile::tempdir().unwrap();
+    let data = synth(&dir.path().join("data"), 12, false);
+    let s = settings(32, 4);
+    let table = read_table(&data.table, &s.table).unwrap();
+    let rows = &table.rows;
+    // The first four rows' images become DICOMs with the same stored samples, 12 bits in 16.
+    let as_dicom = |row: usize, edit: &dyn Fn(&mut Fixture)| {
+        let path = data.images.join(&rows[row].path);
+        let (png, _) = decode_png(&std::fs::read(&path).unwrap()).unwrap();
+        let pixels = png.pixels.iter().map(|&v| v >> 4).collect();
+        let mut f = Fixture::grey(png.height as u16, png.width as u16, 12, pixels);
+        f.windows = vec![(2048.0, 3000.0)];
+        edit(&mut f);
+        std::fs::write(&path, f.to_bytes()).unwrap();
+    };
+    as_dicom(0, &|_| {});
+    as_dicom(1, &|f| f.photometric = "MONOCHROME1".into());
+    let j2k = data.images.join(&rows[2].path);
+    as_dicom(2, &|_| {});
+    let bytes = std::fs::read(&j2k).unwrap();
+    let declared = radit_dicom::decode(&bytes, &Default::default()).unwrap();
+    assert_eq!(declared.notes.transfer_syntax, "1.2.840.10008.1.2.1");
+    let (png, _) = decode_png(&std::fs::read(data.images.join(&rows[4].path)).unwrap()).unwrap();
+    std::fs::write(
+        &j2k,
+        Fixture::grey(
+            png.height as u16,
+            png.width as u16,
+            12,
+            vec![1; png.pixels.len()],
+        )
+        .to_bytes_declaring("1.2.840.10008.1.2.4.90"),
+    )
+    .unwrap();
+    as_dicom(3, &|f| {
+        f.photometric = "RGB".into();
+        f.samples_per_pixel = 3;
+    });
+
+    let out = dir.path().join("store");
+    let m = ingest_complete(&data, &out, &s);
+    assert_eq!(m.counts.accepted, 10, "{:?}", m.rejected);
+    assert_eq!(
+        (m.image_notes.dicom, m.image_notes.dicom_monochrome1),
+        (2, 1)
+    );
+    assert_eq!(m.image_notes.dicom_windowed, 2);
+    assert!(
+        m.summary()
+            .contains("DICOM: 2 files, 1 MONOCHROME1 inverted, 2 windowed")
+    );
+    let reasons: HashMap<_, _> = m
+        .rejected
+        .iter()
+        .map(|r| (r.image_id.clone().unwrap(), r.to_string()))
+        .collect();
+    let j2k_reason = &reasons[&rows[2].image_id];
+    if !cfg!(feature = "dicom-j2k") {
+        assert!(
+            j2k_reason.contains("1.2.840.10008.1.2.4.90")
+                && j2k_reason.contains(&format!("line {}", rows[2].line))
+                && j2k_reason.contains(&rows[2].path),
+            "{j2k_reason}"
+        );
+    }
+    assert!(
+        reasons[&rows[3].image_id].contains("colour DICOM"),
+        "{reasons:?}"
+    );
+
+    // What the store holds for the DICOM rows is the pipeline's image, letterboxed.
+    let reader = StoreReader::open(Storage::open(out.to_str().unwrap()).unwrap()).unwrap();
+    let mut resizer = fast_image_resize::Resizer::new();
+    let mut checked = 0;
+    for split in Split::ALL {
+        let all = reader.read_split(split).unwrap();
+        for (i, id) in all.image_ids.iter().enumerate() {
+            let Some(row) = rows[..2].iter().find(|r| &r.image_id == id) else {
+                continue;
+            };
+            let bytes = std::fs::read(data.images.join(&row.path)).unwrap();
+            let (img, notes) = decode_dicom(&bytes, &Default::default()).unwrap();
+            assert!(notes.dicom.is_some());
+            assert_eq!(
+                &all.images[i * 1024..(i + 1) * 1024],
+                &letterbox(&img, 32, &mut resizer)[..]
+            );
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 2);
 }

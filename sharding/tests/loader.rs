@@ -33,6 +33,7 @@ fn store(dir: &Path, images: u64) -> String {
             compression: Compression::Zstd { level: 1 },
         },
         table: TableConfig::default(),
+        ..IngestSettings::default()
     };
     let out = dir.join("store");
     let outcome = ingest(

@@ -238,9 +238,11 @@ impl Sampler {
                 source: e,
             })?;
             let (pixels, _) =
-                preprocess(&bytes, side, &mut resizer).map_err(|e| ModelError::BadInput {
-                    input: "images",
-                    reason: format!("{}: {e}", p.display()),
+                preprocess(&bytes, side, &mut resizer, &Default::default()).map_err(|e| {
+                    ModelError::BadInput {
+                        input: "images",
+                        reason: format!("{}: {e}", p.display()),
+                    }
                 })?;
             all.extend(
                 pixels

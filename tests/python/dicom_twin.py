@@ -1,0 +1,136 @@
+"""The pydicom twin of radit's DICOM pixel pipeline, written from ../shared/design/sources.md (section B) and DICOM
+PS3.3 C.11 independently of the Rust code.
+
+    python dicom_twin.py DIR
+
+writes DIR/<case>.dcm with pydicom (the native syntaxes and pydicom's own RLE Lossless encoder), decodes each file
+the pydicom way (pixel_array -> apply_modality_lut -> apply_voi_lut(prefer_lut=True) -> MONOCHROME1 negated ->
+min-max stretch to 0..65535, numpy rint) into DIR/<case>.u16 (little-endian, row-major), and lists the cases with their
+shapes in DIR/index.json. tests/dicom_twin.rs decodes the same files with radit and compares to 1 LSB.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.pixels import apply_modality_lut, apply_voi_lut
+from pydicom.sequence import Sequence
+from pydicom.uid import (
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    RLELossless,
+    DigitalXRayImageStorageForPresentation,
+    generate_uid,
+)
+
+
+def radiograph(rows, cols, bits, signed, seed):
+    """A smooth CXR-like field with noise, spanning most of the stored range."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:rows, 0:cols]
+    field = np.sin(x / cols * 3.0) * np.cos(y / rows * 2.0) + 0.3 * rng.standard_normal((rows, cols))
+    field = (field - field.min()) / (field.max() - field.min())
+    if signed:
+        lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    else:
+        lo, hi = 0, 2**bits - 1
+    return np.round(lo + field * (hi - lo)).astype(np.int32)
+
+
+def dataset(values, bits_allocated, bits_stored, signed, photometric):
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = DigitalXRayImageStorageForPresentation
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = DigitalXRayImageStorageForPresentation
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
+    ds.Modality = "DX"
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = photometric
+    ds.Rows, ds.Columns = values.shape
+    ds.BitsAllocated = bits_allocated
+    ds.BitsStored = bits_stored
+    ds.HighBit = bits_stored - 1
+    ds.PixelRepresentation = 1 if signed else 0
+    dtype = {(8, False): np.uint8, (16, False): np.uint16, (16, True): np.int16}[(bits_allocated, signed)]
+    ds.PixelData = values.astype(dtype).tobytes()
+    return ds
+
+
+def cases():
+    """(name, dataset, transfer syntax) for every kind the pipeline handles."""
+    out = []
+
+    def add(name, rows, cols, bits_allocated, bits_stored, signed, photometric, seed, syntax=ExplicitVRLittleEndian,
+            **attrs):
+        ds = dataset(radiograph(rows, cols, bits_stored, signed, seed), bits_allocated, bits_stored, signed,
+                     photometric)
+        for k, v in attrs.items():
+            setattr(ds, k, v)
+        out.append((name, ds, syntax))
+
+    add("m2_u12_plain", 37, 29, 16, 12, False, "MONOCHROME2", 1)
+    add("m1_u12_linear", 41, 33, 16, 12, False, "MONOCHROME1", 2, WindowCenter=1800, WindowWidth=2200)
+    add("m2_u16_linear_exact", 30, 44, 16, 16, False, "MONOCHROME2", 3, WindowCenter=30000, WindowWidth=40000,
+        VOILUTFunction="LINEAR_EXACT")
+    add("m2_s12_sigmoid_rescale", 33, 35, 16, 12, True, "MONOCHROME2", 4, RescaleSlope=0.5, RescaleIntercept=-100,
+        WindowCenter=-150, WindowWidth=700, VOILUTFunction="SIGMOID")
+    add("m1_u14_two_windows", 29, 31, 16, 14, False, "MONOCHROME1", 5, WindowCenter=[8000, 4000],
+        WindowWidth=[9000, 3000])
+    add("m2_u8_linear", 27, 39, 8, 8, False, "MONOCHROME2", 6, WindowCenter=120, WindowWidth=150)
+    add("m2_u12_rescale_no_window", 25, 26, 16, 12, False, "MONOCHROME2", 7, RescaleSlope=2, RescaleIntercept=-1024)
+    add("m2_u12_implicit", 31, 23, 16, 12, False, "MONOCHROME2", 8, syntax=ImplicitVRLittleEndian,
+        WindowCenter=2000, WindowWidth=3500)
+    add("m1_u12_rle", 41, 33, 16, 12, False, "MONOCHROME1", 9, syntax=RLELossless, WindowCenter=1800,
+        WindowWidth=2200)
+    add("m2_s12_rle_sigmoid", 33, 35, 16, 12, True, "MONOCHROME2", 10, syntax=RLELossless, RescaleSlope=0.5,
+        RescaleIntercept=-100, WindowCenter=-150, WindowWidth=700, VOILUTFunction="SIGMOID")
+    # A VOI LUT (an S-shaped 12-bit table over the stored range) beside a window: the LUT is preferred.
+    lut_item = Dataset()
+    first, n = 0, 4096
+    t = np.arange(n)
+    # Both attributes have two possible VRs (US or SS, US or OW): say which.
+    lut_item.add_new((0x0028, 0x3002), "US", [n, first, 12])
+    lut_item.add_new((0x0028, 0x3006), "US",
+                     np.round(4095 / (1 + np.exp(-(t - 2048) / 400))).astype(np.uint16).tolist())
+    add("m2_u12_voi_lut", 35, 37, 16, 12, False, "MONOCHROME2", 11, WindowCenter=2048, WindowWidth=4096,
+        VOILUTSequence=Sequence([lut_item]))
+    return out
+
+
+def twin(path):
+    """The pydicom pipeline: the reference radit's pixels are compared to."""
+    ds = pydicom.dcmread(path)
+    a = ds.pixel_array
+    a = apply_modality_lut(a, ds)
+    a = apply_voi_lut(a, ds, index=0, prefer_lut=True)
+    a = np.asarray(a, dtype=np.float64)
+    if ds.PhotometricInterpretation == "MONOCHROME1":
+        a = -a
+    lo, hi = a.min(), a.max()
+    return np.rint((a - lo) / (hi - lo) * 65535).astype("<u2")
+
+
+def main():
+    out = Path(sys.argv[1])
+    out.mkdir(parents=True, exist_ok=True)
+    index = []
+    for name, ds, syntax in cases():
+        path = out / f"{name}.dcm"
+        if syntax == RLELossless:
+            ds.compress(RLELossless)
+        else:
+            ds.file_meta.TransferSyntaxUID = syntax
+        ds.save_as(path, enforce_file_format=True)
+        pixels = twin(path)
+        (out / f"{name}.u16").write_bytes(pixels.tobytes())
+        index.append({"name": name, "rows": int(ds.Rows), "columns": int(ds.Columns), "transfer_syntax": str(syntax)})
+    (out / "index.json").write_text(json.dumps(index, indent=1))
+
+
+if __name__ == "__main__":
+    main()
