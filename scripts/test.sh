@@ -25,6 +25,12 @@ if cargo tree -p radit-dicom -e normal --prefix none | grep -E '^(torch-sys|tch|
   echo "radit-dicom must not depend on other radit crates or libtorch" >&2
   exit 1
 fi
+# Harmonising a dataset reads tables and writes a table: no libtorch, no trainer, no services.
+if cargo tree -p radit-sources -e normal --prefix none | grep -E '^(torch-sys|tch|axum|radit-[a-z]+) ' |
+  grep -vE '^radit-(sources|sharding|dicom) '; then
+  echo "radit-sources must depend on radit-sharding (and radit-dicom through it) alone, and never on libtorch" >&2
+  exit 1
+fi
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 cargo test --workspace --no-fail-fast "$@"
 # Behind a flag (a release build against another libtorch, about 15 minutes here): the GPU bundle builds, and its

@@ -70,6 +70,12 @@ fn meaning(e: &(dyn std::error::Error + 'static)) -> Option<u8> {
             _ => BAD_INPUT,
         });
     }
+    if let Some(s) = e.downcast_ref::<radit_sources::SourceError>() {
+        return Some(match s {
+            radit_sources::SourceError::Write { .. } => FAILED,
+            _ => BAD_INPUT,
+        });
+    }
     if let Some(s) = e.downcast_ref::<StorageError>() {
         return Some(match s {
             _ if s.is_retryable() => RETRYABLE,

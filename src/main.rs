@@ -31,6 +31,7 @@ mod run_cli;
 mod train_cli;
 
 mod exit;
+mod harmonise_cli;
 
 #[derive(Parser)]
 #[command(name = "radit", version, args_override_self = true)]
@@ -44,6 +45,9 @@ struct Cli {
 enum Command {
     /// Write a deterministic synthetic CXR-like dataset: table.csv + 16-bit PNGs.
     Synth(SynthArgs),
+    /// A public dataset as released -> the harmonised table `radit shard` reads, with an audit report.
+    #[command(subcommand)]
+    Harmonise(harmonise_cli::HarmoniseCommand),
     /// Ingest a harmonised table and its images into a Zarr v3 store (or verify a store).
     Shard(ShardArgs),
     /// The embedded default job: synthesise a small dataset, shard it locally, verify it, train on 2 CPU ranks
@@ -277,6 +281,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Synth(a) => run_synth(a),
+        Command::Harmonise(c) => harmonise_cli::run_harmonise(c),
         Command::Shard(a) => run_shard(a),
         Command::Quickstart(a) => run_quickstart(a),
         Command::Data(DataCommand::Batches(a)) => run_batches(a),

@@ -1,0 +1,175 @@
+//! The audit report of one harmonisation: rows read, written and rejected (with file, line and reason), and for every
+//! raw column mapped, each raw value with what it became and how often, so a person can check the mapping the way
+//! the paper's clinicians did. Written as JSON and as a readable summary.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::Serialize;
+
+use crate::SourceError;
+
+/// Rejections kept in full in the report; the counts are always complete.
+const KEPT_REJECTIONS: usize = 1000;
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Rejected {
+    pub file: String,
+    pub line: u64,
+    pub id: String,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct RowCounts {
+    pub read: u64,
+    pub written: u64,
+    pub rejected: u64,
+}
+
+/// Labels of the source: how many images each mapped label touched, and labels outside the map.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct LabelCounts {
+    pub touched: BTreeMap<String, u64>,
+    /// Not in the vocabulary (a typo in the source, or a label the map should learn).
+    pub unknown: BTreeMap<String, u64>,
+    /// In the vocabulary but mapped to no finding.
+    pub unmapped: BTreeMap<String, u64>,
+    /// Images whose labels could not be read (their findings are missing).
+    pub unparsed_rows: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Audit {
+    pub source: String,
+    pub inputs: Vec<String>,
+    pub label_map: String,
+    pub rows: RowCounts,
+    pub rejected_by_reason: BTreeMap<String, u64>,
+    pub rejections: Vec<Rejected>,
+    /// Raw column -> raw value -> mapped value ("" = missing) -> rows.
+    pub values: BTreeMap<String, BTreeMap<String, BTreeMap<String, u64>>>,
+    pub labels: LabelCounts,
+}
+
+impl Audit {
+    pub fn new(source: &str) -> Self {
+        Self {
+            source: source.into(),
+            ..Self::default()
+        }
+    }
+
+    /// One raw value of `column` and what it became.
+    pub fn value(&mut self, column: &str, raw: &str, mapped: &str) {
+        *self
+            .values
+            .entry(column.into())
+            .or_default()
+            .entry(raw.into())
+            .or_default()
+            .entry(mapped.into())
+            .or_default() += 1;
+    }
+
+    /// A row that could not be used. `reason_kind` groups the counts ("duplicate image id"); `reason` is the full
+    /// text of this one.
+    pub fn reject(&mut self, file: &Path, line: u64, id: &str, reason_kind: &str, reason: String) {
+        self.rows.rejected += 1;
+        *self
+            .rejected_by_reason
+            .entry(reason_kind.into())
+            .or_default() += 1;
+        if self.rejections.len() < KEPT_REJECTIONS {
+            self.rejections.push(Rejected {
+                file: file.display().to_string(),
+                line,
+                id: id.into(),
+                reason,
+            });
+        }
+    }
+
+    /// The readable summary.
+    pub fn summary(&self) -> String {
+        let mut s = format!(
+            "{}: {} rows read, {} written, {} rejected (label map {})\n",
+            self.source, self.rows.read, self.rows.written, self.rows.rejected, self.label_map
+        );
+        for (reason, n) in &self.rejected_by_reason {
+            s.push_str(&format!("  rejected, {reason}: {n}\n"));
+        }
+        for r in self.rejections.iter().take(10) {
+            s.push_str(&format!(
+                "    {} line {} ({}): {}\n",
+                r.file, r.line, r.id, r.reason
+            ));
+        }
+        for (column, raws) in &self.values {
+            s.push_str(&format!("  {column}:\n"));
+            for (raw, mapped) in raws {
+                for (to, n) in mapped {
+                    let shown = |v: &str| {
+                        if v.is_empty() {
+                            "(missing)".to_string()
+                        } else {
+                            format!("`{v}`")
+                        }
+                    };
+                    s.push_str(&format!("    {} -> {}: {n}\n", shown(raw), shown(to)));
+                }
+            }
+        }
+        let l = &self.labels;
+        let list = |m: &BTreeMap<String, u64>| {
+            m.iter()
+                .map(|(k, v)| format!("{k} {v}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        s.push_str(&format!(
+            "  labels that set findings: {}\n",
+            list(&l.touched)
+        ));
+        if !l.unmapped.is_empty() {
+            s.push_str(&format!(
+                "  labels mapped to no finding: {}\n",
+                list(&l.unmapped)
+            ));
+        }
+        if !l.unknown.is_empty() {
+            s.push_str(&format!(
+                "  labels not in the map's vocabulary: {}\n",
+                list(&l.unknown)
+            ));
+        }
+        if l.unparsed_rows > 0 {
+            s.push_str(&format!(
+                "  rows whose labels could not be read: {}\n",
+                l.unparsed_rows
+            ));
+        }
+        s
+    }
+
+    /// Writes `<table>.report.json` and `<table>.report.txt` beside the table; returns their paths.
+    pub fn write_beside(
+        &self,
+        table: &Path,
+    ) -> Result<(std::path::PathBuf, std::path::PathBuf), SourceError> {
+        let json = table.with_extension("report.json");
+        let txt = table.with_extension("report.txt");
+        let write = |path: &Path, bytes: Vec<u8>| {
+            std::fs::write(path, bytes).map_err(|source| SourceError::Write {
+                path: path.to_path_buf(),
+                source,
+            })
+        };
+        write(
+            &json,
+            serde_json::to_vec_pretty(self).expect("the report serialises"),
+        )?;
+        write(&txt, self.summary().into_bytes())?;
+        Ok((json, txt))
+    }
+}

@@ -1,0 +1,267 @@
+//! NIH ChestX-ray14 as released (shared/design/sources.md A.6): `Data_Entry_2017_v2020.csv` (or `.csv.gz`, or the
+//! older `Data_Entry_2017.csv`) and the PNGs in `images_001/images/ …` (Kaggle) or `images/` (the NIH box).
+//!
+//! The header's bracketed names contain commas (`OriginalImage[Width, Height]`), so a CSV reader sees eleven names
+//! (twelve with the 2017 copy's empty column): columns are found by name, never by position, and only the six used
+//! are required. Ages may be integers or Age Strings (`058Y`, an early copy); impossible ages (414 in the 2017 copy)
+//! become missing and are counted. Findings go through the NIH label map (`labelmaps/nih.toml`).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use crate::SourceError;
+use crate::audit::Audit;
+use crate::labelmap::LabelMap;
+use crate::output::HarmonisedRow;
+use crate::parse::{age_years, read_table_bytes};
+
+pub const DATASET: &str = "NIH-CXR14";
+/// The built-in label map.
+pub const LABEL_MAP: &str = include_str!("../labelmaps/nih.toml");
+/// The table's names, newest first.
+pub const TABLES: [&str; 4] = [
+    "Data_Entry_2017_v2020.csv",
+    "Data_Entry_2017_v2020.csv.gz",
+    "Data_Entry_2017.csv",
+    "Data_Entry_2017.csv.gz",
+];
+
+/// What `radit harmonise nih` reads and how.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NihOptions {
+    /// The release's folder (the table and the image folders under it).
+    pub root: PathBuf,
+    /// The table, if not one of [`TABLES`] in `root`.
+    pub table: Option<PathBuf>,
+    /// A label map instead of the built-in one.
+    pub labelmap: Option<PathBuf>,
+    /// Lung opacity also from Consolidation, Atelectasis, Edema and Pneumonia (CheXpert's hierarchy).
+    pub opacity_includes_children: bool,
+    /// Plausible ages in years; others become missing.
+    pub age_min: f64,
+    pub age_max: f64,
+    /// Reject rows whose image is not under `root` (off: paths are `images/<Image Index>`).
+    pub check_files: bool,
+}
+
+impl NihOptions {
+    pub fn new(root: &Path) -> Self {
+        Self {
+            root: root.to_path_buf(),
+            table: None,
+            labelmap: None,
+            opacity_includes_children: false,
+            age_min: 0.0,
+            age_max: 100.0,
+            check_files: true,
+        }
+    }
+}
+
+/// Every PNG under `root`, by file name, as a path relative to `root` (the first found wins; walked in name order).
+fn images_under(root: &Path) -> Result<HashMap<String, String>, SourceError> {
+    let mut out = HashMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let read = std::fs::read_dir(&dir).map_err(|source| SourceError::ReadInput {
+            path: dir.clone(),
+            source,
+        })?;
+        let mut entries: Vec<PathBuf> = read.filter_map(|e| e.ok().map(|e| e.path())).collect();
+        entries.sort();
+        for p in entries.into_iter().rev() {
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.extension().is_some_and(|e| e.eq_ignore_ascii_case("png"))
+                && let (Some(name), Ok(rel)) = (p.file_name(), p.strip_prefix(root))
+            {
+                out.entry(name.to_string_lossy().into_owned())
+                    .or_insert_with(|| rel.to_string_lossy().into_owned());
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Harmonises the release under `opts.root`: the rows to write and the audit report.
+pub fn harmonise(opts: &NihOptions) -> Result<(Vec<HarmonisedRow>, Audit), SourceError> {
+    let table = match &opts.table {
+        Some(t) => t.clone(),
+        None => TABLES
+            .iter()
+            .map(|t| opts.root.join(t))
+            .find(|p| p.is_file())
+            .ok_or_else(|| SourceError::NoTable {
+                root: opts.root.clone(),
+                candidates: TABLES.iter().map(|t| t.to_string()).collect(),
+            })?,
+    };
+    let mut map = LabelMap::load(opts.labelmap.as_deref(), LABEL_MAP)?;
+    if opts.opacity_includes_children {
+        map.extend(
+            "lung_opacity",
+            &["Consolidation", "Atelectasis", "Edema", "Pneumonia"],
+        );
+    }
+    let mut audit = Audit::new(DATASET);
+    audit.inputs.push(table.display().to_string());
+    audit.label_map = map.origin.clone();
+    let bytes = read_table_bytes(&table)?;
+    let mut reader = csv::ReaderBuilder::new()
+        .flexible(true)
+        .from_reader(&bytes[..]);
+    let header: Vec<String> = reader
+        .headers()
+        .map_err(|e| SourceError::InvalidInput {
+            path: table.clone(),
+            line: 1,
+            reason: e.to_string(),
+        })?
+        .iter()
+        .map(|h| h.trim().trim_start_matches('\u{feff}').to_string())
+        .collect();
+    let column = |name: &str| {
+        header
+            .iter()
+            .position(|h| h == name)
+            .ok_or_else(|| SourceError::MissingColumn {
+                path: table.clone(),
+                column: name.into(),
+                found: header.join(", "),
+            })
+    };
+    let [
+        image_col,
+        labels_col,
+        patient_col,
+        age_col,
+        sex_col,
+        view_col,
+    ] = [
+        "Image Index",
+        "Finding Labels",
+        "Patient ID",
+        "Patient Age",
+        "Patient Gender",
+        "View Position",
+    ]
+    .map(column);
+    let (image_col, labels_col, patient_col) = (image_col?, labels_col?, patient_col?);
+    let (age_col, sex_col, view_col) = (age_col?, sex_col?, view_col?);
+    let images = if opts.check_files {
+        images_under(&opts.root)?
+    } else {
+        HashMap::new()
+    };
+    let mut first_line: HashMap<String, u64> = HashMap::new();
+    let mut rows = Vec::new();
+    for record in reader.records() {
+        audit.rows.read += 1;
+        let record = match record {
+            Ok(r) => r,
+            Err(e) => {
+                let line = e.position().map_or(0, |p| p.line());
+                audit.reject(&table, line, "", "unreadable row", e.to_string());
+                continue;
+            }
+        };
+        let line = record.position().map_or(0, |p| p.line());
+        let field = |i: usize| record.get(i).unwrap_or_default().trim();
+        let image = field(image_col);
+        if image.is_empty() {
+            audit.reject(
+                &table,
+                line,
+                "",
+                "empty Image Index",
+                "empty Image Index".into(),
+            );
+            continue;
+        }
+        if let Some(first) = first_line.get(image) {
+            let reason = format!("Image Index `{image}` is also on line {first}");
+            audit.reject(&table, line, image, "duplicate Image Index", reason);
+            continue;
+        }
+        first_line.insert(image.to_string(), line);
+        let patient = field(patient_col);
+        if patient.is_empty() {
+            audit.reject(
+                &table,
+                line,
+                image,
+                "empty Patient ID",
+                "empty Patient ID".into(),
+            );
+            continue;
+        }
+        let path = if opts.check_files {
+            match images.get(image) {
+                Some(p) => p.clone(),
+                None => {
+                    let reason = format!("no file `{image}` under {}", opts.root.display());
+                    audit.reject(&table, line, image, "image file not found", reason);
+                    continue;
+                }
+            }
+        } else {
+            format!("images/{image}")
+        };
+        let raw_age = field(age_col);
+        let age = match age_years(raw_age) {
+            Ok(Some(a)) if (opts.age_min..=opts.age_max).contains(&a) => Some(a),
+            _ => None,
+        };
+        let shown_age = age.map_or_else(String::new, |a| format!("{a}"));
+        audit.value("Patient Age", raw_age, &shown_age);
+        let raw_sex = field(sex_col);
+        let sex = match raw_sex {
+            "M" => Some("Male"),
+            "F" => Some("Female"),
+            _ => None,
+        };
+        audit.value("Patient Gender", raw_sex, sex.unwrap_or_default());
+        let raw_view = field(view_col);
+        let view = match raw_view {
+            "PA" => Some("PA"),
+            "AP" => Some("AP"),
+            _ => None,
+        };
+        audit.value("View Position", raw_view, view.unwrap_or_default());
+        let labels: Vec<String> = field(labels_col)
+            .split('|')
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(String::from)
+            .collect();
+        if labels.is_empty() {
+            audit.labels.unparsed_rows += 1;
+        }
+        let applied = map.apply(&labels);
+        for label in &labels {
+            if !map.targets(label).is_empty() {
+                *audit.labels.touched.entry(label.clone()).or_default() += 1;
+            }
+        }
+        for label in &applied.unknown {
+            *audit.labels.unknown.entry(label.clone()).or_default() += 1;
+        }
+        for label in &applied.unmapped {
+            *audit.labels.unmapped.entry(label.clone()).or_default() += 1;
+        }
+        rows.push(HarmonisedRow {
+            image_id: format!("{DATASET}:{image}"),
+            patient_id: format!("{DATASET}:{patient}"),
+            dataset: DATASET,
+            path,
+            age,
+            sex,
+            race: None,
+            view,
+            findings: applied.findings,
+            split: None,
+        });
+        audit.rows.written += 1;
+    }
+    Ok((rows, audit))
+}

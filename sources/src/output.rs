@@ -1,0 +1,101 @@
+//! The harmonised table's rows, with canonical values only, and its CSV writer (the columns of dataset.md in schema
+//! order, so `radit shard` reads every harmonised table with no warning).
+
+use std::path::Path;
+
+use radit_sharding::schema::FINDINGS;
+use radit_sharding::table::{REQUIRED_COLUMNS, SPLIT_COLUMN};
+
+use crate::SourceError;
+
+/// One finding's value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Finding {
+    #[default]
+    Missing,
+    Negative,
+    Positive,
+    Uncertain,
+}
+
+impl Finding {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Finding::Missing => "",
+            Finding::Negative => "0",
+            Finding::Positive => "1",
+            Finding::Uncertain => "-1",
+        }
+    }
+}
+
+/// One harmonised row. Sex, race and view are the schema's class names or `None` (missing).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct HarmonisedRow {
+    /// `<dataset>:<native image id>`.
+    pub image_id: String,
+    /// `<dataset>:<native patient id>`.
+    pub patient_id: String,
+    pub dataset: &'static str,
+    /// The native image, relative to the source's root.
+    pub path: String,
+    pub age: Option<f64>,
+    pub sex: Option<&'static str>,
+    pub race: Option<&'static str>,
+    pub view: Option<&'static str>,
+    /// In schema order ([`FINDINGS`]).
+    pub findings: [Finding; 14],
+    /// `train`, `val` or `test` when forced; else the shard's patient hash decides.
+    pub split: Option<&'static str>,
+}
+
+/// Age as the table writes it: up to two decimals, trailing zeros trimmed.
+fn age_text(age: Option<f64>) -> String {
+    age.map_or_else(String::new, |a| {
+        let s = format!("{a:.2}");
+        s.trim_end_matches('0').trim_end_matches('.').to_string()
+    })
+}
+
+/// Writes `rows` as a harmonised table.
+pub fn write_table(path: &Path, rows: &[HarmonisedRow]) -> Result<(), SourceError> {
+    let err = |source: std::io::Error| SourceError::Write {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut w = csv::Writer::from_path(path).map_err(|e| err(e.into()))?;
+    let header = REQUIRED_COLUMNS
+        .iter()
+        .chain(FINDINGS.iter())
+        .chain([SPLIT_COLUMN].iter());
+    w.write_record(header).map_err(|e| err(e.into()))?;
+    for r in rows {
+        let mut record: Vec<String> = vec![
+            r.image_id.clone(),
+            r.patient_id.clone(),
+            r.dataset.into(),
+            r.path.clone(),
+            age_text(r.age),
+            r.sex.unwrap_or_default().into(),
+            r.race.unwrap_or_default().into(),
+            r.view.unwrap_or_default().into(),
+        ];
+        record.extend(r.findings.iter().map(|f| f.as_str().to_string()));
+        record.push(r.split.unwrap_or_default().into());
+        w.write_record(&record).map_err(|e| err(e.into()))?;
+    }
+    w.flush().map_err(err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ages_are_written_short() {
+        assert_eq!(age_text(Some(58.0)), "58");
+        assert_eq!(age_text(Some(0.5)), "0.5");
+        assert_eq!(age_text(Some(1.0 / 3.0)), "0.33");
+        assert_eq!(age_text(None), "");
+    }
+}

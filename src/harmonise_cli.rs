@@ -1,0 +1,84 @@
+//! `radit harmonise SOURCE`: a public dataset as released -> the harmonised table `radit shard` reads, with an audit
+//! report beside it (`<out>.report.json` and `.report.txt`).
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use radit_sources::nih::{self, NihOptions};
+use radit_sources::output::write_table;
+
+#[derive(Subcommand)]
+pub enum HarmoniseCommand {
+    /// NIH ChestX-ray14: Data_Entry_2017_v2020.csv (or .csv.gz, or Data_Entry_2017.csv) and the images_00N/images
+    /// (or images/) folders of PNGs under --root.
+    Nih(NihArgs),
+}
+
+/// What every source takes.
+#[derive(Args)]
+pub struct CommonArgs {
+    /// The release's folder, as downloaded.
+    #[arg(long)]
+    root: PathBuf,
+    /// The harmonised table to write; its `path` column is relative to --root (pass --root as `radit shard
+    /// --images`).
+    #[arg(long)]
+    out: PathBuf,
+    /// A label map (TOML) instead of the built-in one (sources/labelmaps/).
+    #[arg(long)]
+    labelmap: Option<PathBuf>,
+    /// Plausible ages in years; others are written as missing and counted in the report.
+    #[arg(long, default_value_t = 0.0)]
+    age_min: f64,
+    #[arg(long, default_value_t = 100.0)]
+    age_max: f64,
+    /// Do not look for the images (paths are written as the release lays them out by default).
+    #[arg(long)]
+    no_check_files: bool,
+}
+
+#[derive(Args)]
+pub struct NihArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// The table, if not Data_Entry_2017_v2020.csv(.gz) or Data_Entry_2017.csv(.gz) in --root.
+    #[arg(long)]
+    table: Option<PathBuf>,
+    /// Lung opacity also from Consolidation, Atelectasis, Edema and Pneumonia (CheXpert's hierarchy).
+    #[arg(long)]
+    opacity_includes_children: bool,
+}
+
+pub fn run_harmonise(cmd: HarmoniseCommand) -> anyhow::Result<u8> {
+    let HarmoniseCommand::Nih(a) = cmd;
+    let c = &a.common;
+    crate::exit::ensure_usage!(
+        c.age_min.is_finite() && c.age_max.is_finite() && c.age_min <= c.age_max,
+        "--age-min {} and --age-max {}: expected finite numbers, the first not above the second",
+        c.age_min,
+        c.age_max
+    );
+    let opts = NihOptions {
+        root: c.root.clone(),
+        table: a.table.clone(),
+        labelmap: c.labelmap.clone(),
+        opacity_includes_children: a.opacity_includes_children,
+        age_min: c.age_min,
+        age_max: c.age_max,
+        check_files: !c.no_check_files,
+    };
+    let (rows, audit) = nih::harmonise(&opts)?;
+    write_table(&c.out, &rows)?;
+    let (json, _) = audit
+        .write_beside(&c.out)
+        .with_context(|| format!("writing the report beside {}", c.out.display()))?;
+    print!("{}", audit.summary());
+    println!(
+        "wrote {} ({} rows) and its report {}",
+        c.out.display(),
+        rows.len(),
+        json.display()
+    );
+    Ok(0)
+}

@@ -1,0 +1,88 @@
+//! `radit harmonise` then `radit shard` through the binary: a source in its native layout becomes a verified store.
+
+mod common;
+
+use common::{radit, run_ok, stderr, stdout};
+
+#[test]
+fn nih_as_released_harmonises_shards_and_verifies() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("ChestX-ray14");
+    std::fs::create_dir_all(root.join("images_001/images")).unwrap();
+    let mut lines = vec![
+        "Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,\
+         OriginalImage[Width, Height],OriginalImagePixelSpacing[x, y]"
+            .to_string(),
+    ];
+    for i in 0..6u16 {
+        let name = format!("0000000{i}_000.png");
+        let pixels: Vec<u16> = (0..24 * 20u16).map(|p| p.wrapping_mul(97 + i)).collect();
+        std::fs::write(
+            root.join("images_001/images").join(&name),
+            radit_sharding::image::encode_png16(24, 20, &pixels),
+        )
+        .unwrap();
+        let labels = ["No Finding", "Effusion|Mass", "Cardiomegaly"][usize::from(i % 3)];
+        lines.push(format!(
+            "{name},{labels},0,{i},{},M,PA,24,20,0.1,0.1",
+            40 + i
+        ));
+    }
+    // A row whose image is missing: rejected by harmonise, not by the shard.
+    lines.push("09999999_000.png,No Finding,0,9,50,F,AP,24,20,0.1,0.1".into());
+    std::fs::write(root.join("Data_Entry_2017_v2020.csv"), lines.join("\n")).unwrap();
+
+    let table = dir.path().join("nih.csv");
+    let out = run_ok(
+        radit()
+            .args(["harmonise", "nih", "--root"])
+            .arg(&root)
+            .arg("--out")
+            .arg(&table),
+    );
+    let text = stdout(&out);
+    assert!(
+        text.contains("7 rows read, 6 written, 1 rejected"),
+        "{text}"
+    );
+    assert!(dir.path().join("nih.report.json").exists());
+    let store = dir.path().join("store");
+    run_ok(
+        radit()
+            .args([
+                "shard",
+                "--no-progress",
+                "--image-size",
+                "16",
+                "--shard-images",
+                "4",
+                "--table",
+            ])
+            .arg(&table)
+            .arg("--images")
+            .arg(&root)
+            .args(["--out", store.to_str().unwrap()]),
+    );
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(store.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest["counts"]["accepted"], 6, "{manifest}");
+    assert_eq!(manifest["counts"]["rejected_images"], 0, "{manifest}");
+    run_ok(radit().args(["shard", "--verify", store.to_str().unwrap()]));
+
+    // A release without its table is bad input: exit 2, naming what is missing.
+    let empty = dir.path().join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let bad = radit()
+        .args(["harmonise", "nih", "--root"])
+        .arg(&empty)
+        .arg("--out")
+        .arg(dir.path().join("x.csv"))
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(2), "{}", stderr(&bad));
+    assert!(
+        stderr(&bad).contains("Data_Entry_2017_v2020.csv"),
+        "{}",
+        stderr(&bad)
+    );
+}
