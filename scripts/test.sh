@@ -7,30 +7,24 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$root/scripts/env.sh"
 cd "$root"
 cargo fmt --all -- --check
-# The protocol crate is a leaf that every process speaks: no libtorch, no async runtime, no web server, no storage.
-if cargo tree -p radit-protocol -e normal --prefix none | grep -E '^(torch-sys|tch|tokio|axum|object_store|radit-) ' |
-  grep -v '^radit-protocol '; then
-  echo "radit-protocol must not depend on the crates above" >&2
-  exit 1
-fi
-# Launchers are a leaf over the protocol: starting ranks links no libtorch and knows no trainer or coordinator.
-if cargo tree -p radit-launch -e normal --prefix none | grep -E '^(torch-sys|tch|radit-[a-z]+) ' |
-  grep -vE '^radit-(launch|protocol) '; then
-  echo "radit-launch must depend on radit-protocol alone among radit's crates, and never on libtorch" >&2
-  exit 1
-fi
-# The DICOM pipeline is a leaf over dicom-rs: no other radit crate, no libtorch.
-if cargo tree -p radit-dicom -e normal --prefix none | grep -E '^(torch-sys|tch|radit-[a-z]+) ' |
-  grep -v '^radit-dicom '; then
-  echo "radit-dicom must not depend on other radit crates or libtorch" >&2
-  exit 1
-fi
-# Harmonising a dataset reads tables and writes a table: no libtorch, no trainer, no services.
-if cargo tree -p radit-sources -e normal --prefix none | grep -E '^(torch-sys|tch|axum|radit-[a-z]+) ' |
-  grep -vE '^radit-(sources|sharding|dicom) '; then
-  echo "radit-sources must depend on radit-sharding (and radit-dicom through it) alone, and never on libtorch" >&2
-  exit 1
-fi
+# The layout's arrows, checked: `forbid CRATE PATTERN ALLOWED WHY` fails when CRATE's normal dependencies include a
+# crate matching PATTERN (an extended regex on the name) other than the ALLOWED ones.
+forbid() {
+  local crate=$1 pattern=$2 allowed=$3 why=$4 found
+  found=$(cargo tree -p "$crate" -e normal --prefix none | awk '{print $1}' | sort -u |
+    grep -E "^($pattern)\$" | grep -vE "^($allowed)\$" || true)
+  if [ -n "$found" ]; then
+    echo "$crate must not depend on: $(echo "$found" | tr '\n' ' ')($why)" >&2
+    exit 1
+  fi
+}
+forbid radit-protocol 'torch-sys|tch|tokio|axum|object_store|radit-.*' radit-protocol \
+  "the protocol is a leaf every process speaks: no libtorch, async runtime, web server or storage"
+forbid radit-launch 'torch-sys|tch|radit-.*' 'radit-launch|radit-protocol' \
+  "launchers are a leaf over the protocol: starting ranks links no libtorch and knows no trainer or coordinator"
+forbid radit-dicom 'torch-sys|tch|radit-.*' radit-dicom "the DICOM pipeline is a leaf over dicom-rs"
+forbid radit-sources 'torch-sys|tch|axum|radit-.*' 'radit-sources|radit-sharding|radit-dicom' \
+  "harmonising a dataset reads tables and writes one: no libtorch, trainer or services"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 cargo test --workspace --no-fail-fast "$@"
 # Behind a flag (a release build against another libtorch, about 15 minutes here): the GPU bundle builds, and its
