@@ -5,14 +5,19 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
+use radit_sources::audit::Audit;
 use radit_sources::nih::{self, NihOptions};
-use radit_sources::output::write_table;
+use radit_sources::output::{HarmonisedRow, write_table};
+use radit_sources::padchest::{self, PadChestOptions};
 
 #[derive(Subcommand)]
 pub enum HarmoniseCommand {
     /// NIH ChestX-ray14: Data_Entry_2017_v2020.csv (or .csv.gz, or Data_Entry_2017.csv) and the images_00N/images
     /// (or images/) folders of PNGs under --root.
     Nih(NihArgs),
+    /// PadChest: PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv (or .csv.gz) and the numbered image folders
+    /// under --root.
+    Padchest(PadChestArgs),
 }
 
 /// What every source takes.
@@ -50,25 +55,60 @@ pub struct NihArgs {
     opacity_includes_children: bool,
 }
 
+#[derive(Args)]
+pub struct PadChestArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// The table, if not PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv(.gz) in --root.
+    #[arg(long)]
+    table: Option<PathBuf>,
+}
+
 pub fn run_harmonise(cmd: HarmoniseCommand) -> anyhow::Result<u8> {
-    let HarmoniseCommand::Nih(a) = cmd;
-    let c = &a.common;
+    let (c, harmonised) = match &cmd {
+        HarmoniseCommand::Nih(a) => {
+            let c = &a.common;
+            check(c)?;
+            let opts = NihOptions {
+                root: c.root.clone(),
+                table: a.table.clone(),
+                labelmap: c.labelmap.clone(),
+                opacity_includes_children: a.opacity_includes_children,
+                age_min: c.age_min,
+                age_max: c.age_max,
+                check_files: !c.no_check_files,
+            };
+            (c, nih::harmonise(&opts)?)
+        }
+        HarmoniseCommand::Padchest(a) => {
+            let c = &a.common;
+            check(c)?;
+            let opts = PadChestOptions {
+                root: c.root.clone(),
+                table: a.table.clone(),
+                labelmap: c.labelmap.clone(),
+                age_min: c.age_min,
+                age_max: c.age_max,
+                check_files: !c.no_check_files,
+            };
+            (c, padchest::harmonise(&opts)?)
+        }
+    };
+    write_out(c, harmonised)
+}
+
+fn check(c: &CommonArgs) -> anyhow::Result<()> {
     crate::exit::ensure_usage!(
         c.age_min.is_finite() && c.age_max.is_finite() && c.age_min <= c.age_max,
         "--age-min {} and --age-max {}: expected finite numbers, the first not above the second",
         c.age_min,
         c.age_max
     );
-    let opts = NihOptions {
-        root: c.root.clone(),
-        table: a.table.clone(),
-        labelmap: c.labelmap.clone(),
-        opacity_includes_children: a.opacity_includes_children,
-        age_min: c.age_min,
-        age_max: c.age_max,
-        check_files: !c.no_check_files,
-    };
-    let (rows, audit) = nih::harmonise(&opts)?;
+    Ok(())
+}
+
+/// Writes the table and its report, and prints the summary.
+fn write_out(c: &CommonArgs, (rows, audit): (Vec<HarmonisedRow>, Audit)) -> anyhow::Result<u8> {
     write_table(&c.out, &rows)?;
     let (json, _) = audit
         .write_beside(&c.out)

@@ -86,3 +86,70 @@ fn nih_as_released_harmonises_shards_and_verifies() {
         stderr(&bad)
     );
 }
+
+#[test]
+fn padchest_as_released_harmonises_and_shards() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("PadChest");
+    let mut lines = vec![
+        "ImageID,ImageDir,StudyDate_DICOM,StudyID,PatientID,PatientBirth,PatientSex_DICOM,Projection,Labels"
+            .to_string(),
+    ];
+    for i in 0..5u16 {
+        let folder = root.join((i % 2).to_string());
+        std::fs::create_dir_all(&folder).unwrap();
+        let name = format!("{i}_img.png");
+        let pixels: Vec<u16> = (0..20 * 24u16).map(|p| p.wrapping_mul(31 + i)).collect();
+        std::fs::write(
+            folder.join(&name),
+            radit_sharding::image::encode_png16(20, 24, &pixels),
+        )
+        .unwrap();
+        let labels =
+            ["\"['normal']\"", "\"['cardiomegaly', ' NSG tube']\"", "nan"][usize::from(i % 3)];
+        lines.push(format!(
+            "{name},{},2015{:02}01,s{i},p{i},1950,F,PA,{labels}",
+            i % 2,
+            i + 1
+        ));
+    }
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::write(
+        root.join("PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv"),
+        lines.join("\n"),
+    )
+    .unwrap();
+    let table = dir.path().join("padchest.csv");
+    let out = run_ok(
+        radit()
+            .args(["harmonise", "padchest", "--root"])
+            .arg(&root)
+            .arg("--out")
+            .arg(&table),
+    );
+    assert!(
+        stdout(&out).contains("5 rows read, 5 written, 0 rejected"),
+        "{}",
+        stdout(&out)
+    );
+    let store = dir.path().join("store");
+    run_ok(
+        radit()
+            .args([
+                "shard",
+                "--no-progress",
+                "--image-size",
+                "16",
+                "--shard-images",
+                "4",
+                "--table",
+            ])
+            .arg(&table)
+            .arg("--images")
+            .arg(&root)
+            .args(["--out", store.to_str().unwrap()]),
+    );
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(store.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest["counts"]["accepted"], 5, "{manifest}");
+}

@@ -35,7 +35,7 @@ pub struct LabelCounts {
     pub unknown: BTreeMap<String, u64>,
     /// In the vocabulary but mapped to no finding.
     pub unmapped: BTreeMap<String, u64>,
-    /// Images whose labels could not be read (their findings are missing).
+    /// Images without readable labels (unparseable or empty: their findings are missing).
     pub unparsed_rows: u64,
 }
 
@@ -87,6 +87,33 @@ impl Audit {
                 id: id.into(),
                 reason,
             });
+        }
+    }
+
+    /// Counts one image's labels: those that set a finding, those outside the map, those mapped to nothing.
+    pub fn labels_of(
+        &mut self,
+        map: &crate::labelmap::LabelMap,
+        labels: &[String],
+        applied: &crate::labelmap::Applied,
+    ) {
+        if labels.is_empty() {
+            self.labels.unparsed_rows += 1;
+        }
+        for label in labels {
+            if !map.targets(label).is_empty() {
+                *self
+                    .labels
+                    .touched
+                    .entry(label.trim().to_string())
+                    .or_default() += 1;
+            }
+        }
+        for label in &applied.unknown {
+            *self.labels.unknown.entry(label.clone()).or_default() += 1;
+        }
+        for label in &applied.unmapped {
+            *self.labels.unmapped.entry(label.clone()).or_default() += 1;
         }
     }
 

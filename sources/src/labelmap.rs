@@ -21,6 +21,9 @@ struct LabelMapFile {
     schema: u32,
     source: String,
     absent_is_negative: bool,
+    /// Compare labels ignoring case (PadChest spells `NSG tube` and `nsg tube`).
+    #[serde(default)]
+    case_insensitive: bool,
     vocabulary: Vec<String>,
     no_finding: Vec<String>,
     findings: BTreeMap<String, Vec<String>>,
@@ -33,6 +36,8 @@ pub struct LabelMap {
     pub origin: String,
     pub source: String,
     pub absent_is_negative: bool,
+    case_insensitive: bool,
+    /// Labels as compared (lower-cased when the map is case-insensitive).
     vocabulary: BTreeSet<String>,
     no_finding: BTreeSet<String>,
     /// Schema finding index -> the labels that set it.
@@ -64,14 +69,15 @@ impl LabelMap {
                 format!("{}: this radit reads schema 1", file.schema),
             ));
         }
+        let norm = |l: &str| normalise(l, file.case_insensitive);
         let mut vocabulary = BTreeSet::new();
         for label in &file.vocabulary {
-            if !vocabulary.insert(label.clone()) {
+            if !vocabulary.insert(norm(label)) {
                 return Err(bad("vocabulary", format!("`{label}` is listed twice")));
             }
         }
         let known = |key: &str, label: &String| -> Result<(), SourceError> {
-            if vocabulary.contains(label) {
+            if vocabulary.contains(&norm(label)) {
                 Ok(())
             } else {
                 Err(bad(key, format!("`{label}` is not in the vocabulary")))
@@ -98,7 +104,7 @@ impl LabelMap {
             let mut set = BTreeSet::new();
             for label in labels {
                 known(&key, label)?;
-                if !set.insert(label.clone()) {
+                if !set.insert(norm(label)) {
                     return Err(bad(&key, format!("`{label}` is listed twice")));
                 }
             }
@@ -108,10 +114,20 @@ impl LabelMap {
             origin: origin.display().to_string(),
             source: file.source,
             absent_is_negative: file.absent_is_negative,
+            case_insensitive: file.case_insensitive,
+            no_finding: file.no_finding.iter().map(|l| norm(l)).collect(),
             vocabulary,
-            no_finding: file.no_finding.into_iter().collect(),
             findings,
         })
+    }
+
+    /// How many labels the vocabulary has.
+    pub fn vocabulary_len(&self) -> usize {
+        self.vocabulary.len()
+    }
+
+    fn norm(&self, label: &str) -> String {
+        normalise(label, self.case_insensitive)
     }
 
     /// The map in `file`, or the built-in `default` when none is given.
@@ -130,14 +146,13 @@ impl LabelMap {
 
     /// Adds `labels` to the finding `name` (a knob such as NIH's `opacity_includes_children`).
     pub fn extend(&mut self, name: &str, labels: &[&str]) {
+        let labels: Vec<String> = labels
+            .iter()
+            .map(|l| self.norm(l))
+            .filter(|l| self.vocabulary.contains(l))
+            .collect();
         if let Some(index) = FINDINGS.iter().position(|f| *f == name) {
-            let set = self.findings.entry(index).or_default();
-            set.extend(
-                labels
-                    .iter()
-                    .filter(|l| self.vocabulary.contains(**l))
-                    .map(|l| l.to_string()),
-            );
+            self.findings.entry(index).or_default().extend(labels);
         }
     }
 
@@ -147,16 +162,21 @@ impl LabelMap {
         if present.is_empty() {
             return out;
         }
-        let present: BTreeSet<&str> = present.iter().map(String::as_str).collect();
-        for label in &present {
-            if !self.vocabulary.contains(*label) {
-                out.unknown.push(label.to_string());
-            } else if !self.no_finding.contains(*label)
-                && !self.findings.values().any(|s| s.contains(*label))
+        let mut seen = BTreeSet::new();
+        for label in present {
+            let key = self.norm(label);
+            if !seen.insert(key.clone()) {
+                continue;
+            }
+            if !self.vocabulary.contains(&key) {
+                out.unknown.push(label.trim().to_string());
+            } else if !self.no_finding.contains(&key)
+                && !self.findings.values().any(|s| s.contains(&key))
             {
-                out.unmapped.push(label.to_string());
+                out.unmapped.push(label.trim().to_string());
             }
         }
+        let present: BTreeSet<&str> = seen.iter().map(String::as_str).collect();
         for (&index, labels) in &self.findings {
             out.findings[index] = if labels.iter().any(|l| present.contains(l.as_str())) {
                 Finding::Positive
@@ -180,16 +200,27 @@ impl LabelMap {
 
     /// Which finding each label sets, for the report: label -> finding names.
     pub fn targets(&self, label: &str) -> Vec<&'static str> {
+        let label = self.norm(label);
         let mut out: Vec<&'static str> = self
             .findings
             .iter()
-            .filter(|(_, labels)| labels.contains(label))
+            .filter(|(_, labels)| labels.contains(&label))
             .map(|(&i, _)| FINDINGS[i])
             .collect();
-        if self.no_finding.contains(label) {
+        if self.no_finding.contains(&label) {
             out.push("no_finding");
         }
         out
+    }
+}
+
+/// A label as compared: trimmed, and lower-cased for a case-insensitive map.
+fn normalise(label: &str, case_insensitive: bool) -> String {
+    let t = label.trim();
+    if case_insensitive {
+        t.to_lowercase()
+    } else {
+        t.to_string()
     }
 }
 
@@ -228,6 +259,29 @@ mod tests {
         assert_eq!(finding(&normal, "cardiomegaly"), Finding::Negative);
         assert_eq!(m.apply(&[]).findings, [Finding::Missing; 14]);
         assert_eq!(m.targets("Nodule"), vec!["lung_lesion"]);
+    }
+
+    #[test]
+    fn the_built_in_padchest_map_has_the_193_labels_and_ignores_case() {
+        let m = LabelMap::load(None, include_str!("../labelmaps/padchest.toml")).unwrap();
+        assert_eq!(m.vocabulary_len(), 193);
+        let a = m.apply(&[
+            " pneumonia".into(),
+            "nsg tube".into(),
+            "hydropneumothorax".into(),
+            "scoliosis".into(),
+        ]);
+        for f in [
+            "pneumonia",
+            "support_devices",
+            "pleural_effusion",
+            "pneumothorax",
+        ] {
+            assert_eq!(finding(&a, f), Finding::Positive, "{f}");
+        }
+        assert_eq!(finding(&a, "cardiomegaly"), Finding::Negative);
+        assert_eq!(a.unmapped, vec!["scoliosis"]);
+        assert!(a.unknown.is_empty());
     }
 
     #[test]

@@ -3,12 +3,13 @@
 //! vocabularies into the 19 variables, and writes an audit report of every raw value it mapped. Label maps into
 //! CheXpert-14 are editable TOML tables ([`labelmap`]), validated when loaded.
 //!
-//! Sources so far: NIH ChestX-ray14 ([`nih`]).
+//! Sources so far: NIH ChestX-ray14 ([`nih`]) and PadChest ([`padchest`]).
 
 pub mod audit;
 pub mod labelmap;
 pub mod nih;
 pub mod output;
+pub mod padchest;
 pub mod parse;
 
 use std::path::PathBuf;

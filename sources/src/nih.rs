@@ -13,7 +13,7 @@ use crate::SourceError;
 use crate::audit::Audit;
 use crate::labelmap::LabelMap;
 use crate::output::HarmonisedRow;
-use crate::parse::{age_years, read_table_bytes};
+use crate::parse::{CsvTable, age_years, locate_table};
 
 pub const DATASET: &str = "NIH-CXR14";
 /// The built-in label map.
@@ -85,17 +85,7 @@ fn images_under(root: &Path) -> Result<HashMap<String, String>, SourceError> {
 
 /// Harmonises the release under `opts.root`: the rows to write and the audit report.
 pub fn harmonise(opts: &NihOptions) -> Result<(Vec<HarmonisedRow>, Audit), SourceError> {
-    let table = match &opts.table {
-        Some(t) => t.clone(),
-        None => TABLES
-            .iter()
-            .map(|t| opts.root.join(t))
-            .find(|p| p.is_file())
-            .ok_or_else(|| SourceError::NoTable {
-                root: opts.root.clone(),
-                candidates: TABLES.iter().map(|t| t.to_string()).collect(),
-            })?,
-    };
+    let table = locate_table(&opts.root, opts.table.as_deref(), &TABLES)?;
     let mut map = LabelMap::load(opts.labelmap.as_deref(), LABEL_MAP)?;
     if opts.opacity_includes_children {
         map.extend(
@@ -106,30 +96,17 @@ pub fn harmonise(opts: &NihOptions) -> Result<(Vec<HarmonisedRow>, Audit), Sourc
     let mut audit = Audit::new(DATASET);
     audit.inputs.push(table.display().to_string());
     audit.label_map = map.origin.clone();
-    let bytes = read_table_bytes(&table)?;
-    let mut reader = csv::ReaderBuilder::new()
-        .flexible(true)
-        .from_reader(&bytes[..]);
-    let header: Vec<String> = reader
-        .headers()
-        .map_err(|e| SourceError::InvalidInput {
-            path: table.clone(),
-            line: 1,
-            reason: e.to_string(),
-        })?
-        .iter()
-        .map(|h| h.trim().trim_start_matches('\u{feff}').to_string())
-        .collect();
-    let column = |name: &str| {
-        header
-            .iter()
-            .position(|h| h == name)
-            .ok_or_else(|| SourceError::MissingColumn {
-                path: table.clone(),
-                column: name.into(),
-                found: header.join(", "),
-            })
-    };
+    let mut csv = CsvTable::open(
+        &table,
+        &[
+            "Image Index",
+            "Finding Labels",
+            "Patient ID",
+            "Patient Age",
+            "Patient Gender",
+            "View Position",
+        ],
+    )?;
     let [
         image_col,
         labels_col,
@@ -137,17 +114,10 @@ pub fn harmonise(opts: &NihOptions) -> Result<(Vec<HarmonisedRow>, Audit), Sourc
         age_col,
         sex_col,
         view_col,
-    ] = [
-        "Image Index",
-        "Finding Labels",
-        "Patient ID",
-        "Patient Age",
-        "Patient Gender",
-        "View Position",
-    ]
-    .map(column);
-    let (image_col, labels_col, patient_col) = (image_col?, labels_col?, patient_col?);
-    let (age_col, sex_col, view_col) = (age_col?, sex_col?, view_col?);
+    ] = csv.columns[..]
+    else {
+        unreachable!("one position per name asked for");
+    };
     let images = if opts.check_files {
         images_under(&opts.root)?
     } else {
@@ -155,7 +125,7 @@ pub fn harmonise(opts: &NihOptions) -> Result<(Vec<HarmonisedRow>, Audit), Sourc
     };
     let mut first_line: HashMap<String, u64> = HashMap::new();
     let mut rows = Vec::new();
-    for record in reader.records() {
+    for record in csv.reader.records() {
         audit.rows.read += 1;
         let record = match record {
             Ok(r) => r,
@@ -234,21 +204,8 @@ pub fn harmonise(opts: &NihOptions) -> Result<(Vec<HarmonisedRow>, Audit), Sourc
             .filter(|l| !l.is_empty())
             .map(String::from)
             .collect();
-        if labels.is_empty() {
-            audit.labels.unparsed_rows += 1;
-        }
         let applied = map.apply(&labels);
-        for label in &labels {
-            if !map.targets(label).is_empty() {
-                *audit.labels.touched.entry(label.clone()).or_default() += 1;
-            }
-        }
-        for label in &applied.unknown {
-            *audit.labels.unknown.entry(label.clone()).or_default() += 1;
-        }
-        for label in &applied.unmapped {
-            *audit.labels.unmapped.entry(label.clone()).or_default() += 1;
-        }
+        audit.labels_of(&map, &labels, &applied);
         rows.push(HarmonisedRow {
             image_id: format!("{DATASET}:{image}"),
             patient_id: format!("{DATASET}:{patient}"),

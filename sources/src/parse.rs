@@ -43,6 +43,66 @@ pub fn read_table_bytes(path: &Path) -> Result<Vec<u8>, SourceError> {
     }
 }
 
+/// The table `explicit` names, else the first of `candidates` that exists under `root`.
+pub fn locate_table(
+    root: &Path,
+    explicit: Option<&Path>,
+    candidates: &[&str],
+) -> Result<std::path::PathBuf, SourceError> {
+    match explicit {
+        Some(t) => Ok(t.to_path_buf()),
+        None => candidates
+            .iter()
+            .map(|t| root.join(t))
+            .find(|p| p.is_file())
+            .ok_or_else(|| SourceError::NoTable {
+                root: root.to_path_buf(),
+                candidates: candidates.iter().map(|t| t.to_string()).collect(),
+            }),
+    }
+}
+
+/// A CSV table's reader and the positions of the columns asked for, by exact (trimmed) header name.
+pub struct CsvTable {
+    pub reader: csv::Reader<std::io::Cursor<Vec<u8>>>,
+    pub columns: Vec<usize>,
+}
+
+impl CsvTable {
+    /// Opens `path` (gzipped or not) and finds `names` in its header; a missing one is an error naming it and the
+    /// columns that are there.
+    pub fn open(path: &Path, names: &[&str]) -> Result<Self, SourceError> {
+        let bytes = read_table_bytes(path)?;
+        let mut reader = csv::ReaderBuilder::new()
+            .flexible(true)
+            .from_reader(std::io::Cursor::new(bytes));
+        let header: Vec<String> = reader
+            .headers()
+            .map_err(|e| SourceError::InvalidInput {
+                path: path.to_path_buf(),
+                line: 1,
+                reason: e.to_string(),
+            })?
+            .iter()
+            .map(|h| h.trim().trim_start_matches('\u{feff}').to_string())
+            .collect();
+        let columns = names
+            .iter()
+            .map(|name| {
+                header
+                    .iter()
+                    .position(|h| h == name)
+                    .ok_or_else(|| SourceError::MissingColumn {
+                        path: path.to_path_buf(),
+                        column: name.to_string(),
+                        found: header.join(", "),
+                    })
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Self { reader, columns })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,0 +1,254 @@
+//! PadChest as released (shared/design/sources.md A.4): `PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv` (or
+//! `.csv.gz`) and 16-bit PNGs in integer folders, `<ImageDir>/<ImageID>`.
+//!
+//! Age is `year(StudyDate_DICOM) - PatientBirth` (a year, `1932` or `1932.0`); `Projection` gives the view (`PA`;
+//! `AP` and `AP_horizontal` are AP; `L` is lateral; `COSTAL`, `EXCLUDE`, `UNK` missing); `Labels` is a Python list
+//! literal (`"['cardiomegaly', ' pleural effusion']"`, leading spaces and mixed case included), mapped through the
+//! PadChest label map (`labelmaps/padchest.toml`, its 193-label vocabulary). A row whose labels cannot be read keeps
+//! its other values and has every finding missing.
+
+use std::path::{Path, PathBuf};
+
+use crate::SourceError;
+use crate::audit::Audit;
+use crate::labelmap::LabelMap;
+use crate::output::HarmonisedRow;
+use crate::parse::{CsvTable, locate_table};
+
+pub const DATASET: &str = "PadChest";
+/// The built-in label map.
+pub const LABEL_MAP: &str = include_str!("../labelmaps/padchest.toml");
+pub const TABLES: [&str; 2] = [
+    "PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv",
+    "PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv.gz",
+];
+
+/// What `radit harmonise padchest` reads and how.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PadChestOptions {
+    pub root: PathBuf,
+    pub table: Option<PathBuf>,
+    pub labelmap: Option<PathBuf>,
+    pub age_min: f64,
+    pub age_max: f64,
+    /// Reject rows whose image is not at `<root>/<ImageDir>/<ImageID>`.
+    pub check_files: bool,
+}
+
+impl PadChestOptions {
+    pub fn new(root: &Path) -> Self {
+        Self {
+            root: root.to_path_buf(),
+            table: None,
+            labelmap: None,
+            age_min: 0.0,
+            age_max: 100.0,
+            check_files: true,
+        }
+    }
+}
+
+/// The items of a Python list literal of strings: `['a', ' b']` -> `["a", " b"]`; `None` when it is not one
+/// (`nan`, empty, unbalanced quotes).
+pub fn list_literal(text: &str) -> Option<Vec<String>> {
+    let inner = text.trim().strip_prefix('[')?.strip_suffix(']')?;
+    let mut items = Vec::new();
+    let mut chars = inner.chars().peekable();
+    loop {
+        while chars.next_if(|c| c.is_whitespace() || *c == ',').is_some() {}
+        let Some(quote) = chars.next() else {
+            return Some(items);
+        };
+        if quote != '\'' && quote != '"' {
+            return None;
+        }
+        let mut item = String::new();
+        loop {
+            match chars.next()? {
+                c if c == quote => break,
+                '\\' => item.push(chars.next()?),
+                c => item.push(c),
+            }
+        }
+        items.push(item);
+        while chars.next_if(|c| c.is_whitespace()).is_some() {}
+        if chars.next_if(|c| *c == ',').is_none() && chars.peek().is_some() {
+            return None;
+        }
+    }
+}
+
+/// `year(study) - birth`: `study` is `YYYYMMDD`, `birth` a year (`1932`, `1932.0`).
+fn age_at(study: &str, birth: &str) -> Option<f64> {
+    let year: f64 = study.trim().get(..4)?.parse().ok()?;
+    let birth: f64 = birth.trim().parse().ok()?;
+    (birth.is_finite() && birth > 1800.0).then_some(year - birth.trunc())
+}
+
+/// Harmonises the release under `opts.root`: the rows to write and the audit report.
+pub fn harmonise(opts: &PadChestOptions) -> Result<(Vec<HarmonisedRow>, Audit), SourceError> {
+    let table = locate_table(&opts.root, opts.table.as_deref(), &TABLES)?;
+    let map = LabelMap::load(opts.labelmap.as_deref(), LABEL_MAP)?;
+    let mut audit = Audit::new(DATASET);
+    audit.inputs.push(table.display().to_string());
+    audit.label_map = map.origin.clone();
+    let mut csv = CsvTable::open(
+        &table,
+        &[
+            "ImageID",
+            "ImageDir",
+            "StudyDate_DICOM",
+            "PatientID",
+            "PatientBirth",
+            "PatientSex_DICOM",
+            "Projection",
+            "Labels",
+        ],
+    )?;
+    let [
+        image_col,
+        dir_col,
+        date_col,
+        patient_col,
+        birth_col,
+        sex_col,
+        view_col,
+        labels_col,
+    ] = csv.columns[..]
+    else {
+        unreachable!("one position per name asked for");
+    };
+    let mut first_line = std::collections::HashMap::new();
+    let mut rows = Vec::new();
+    for record in csv.reader.records() {
+        audit.rows.read += 1;
+        let record = match record {
+            Ok(r) => r,
+            Err(e) => {
+                let line = e.position().map_or(0, |p| p.line());
+                audit.reject(&table, line, "", "unreadable row", e.to_string());
+                continue;
+            }
+        };
+        let line = record.position().map_or(0, |p| p.line());
+        let field = |i: usize| record.get(i).unwrap_or_default().trim();
+        let image = field(image_col);
+        if image.is_empty() {
+            audit.reject(&table, line, "", "empty ImageID", "empty ImageID".into());
+            continue;
+        }
+        if let Some(first) = first_line.get(image) {
+            let reason = format!("ImageID `{image}` is also on line {first}");
+            audit.reject(&table, line, image, "duplicate ImageID", reason);
+            continue;
+        }
+        first_line.insert(image.to_string(), line);
+        let patient = field(patient_col);
+        if patient.is_empty() {
+            audit.reject(
+                &table,
+                line,
+                image,
+                "empty PatientID",
+                "empty PatientID".into(),
+            );
+            continue;
+        }
+        let folder = field(dir_col);
+        let Some(folder) = folder
+            .parse::<f64>()
+            .ok()
+            .filter(|f| f.fract() == 0.0 && *f >= 0.0)
+        else {
+            let reason = format!("ImageDir `{folder}` is not a folder number");
+            audit.reject(&table, line, image, "bad ImageDir", reason);
+            continue;
+        };
+        let path = format!("{}/{image}", folder as u64);
+        if opts.check_files && !opts.root.join(&path).is_file() {
+            let reason = format!("no file {}", opts.root.join(&path).display());
+            audit.reject(&table, line, image, "image file not found", reason);
+            continue;
+        }
+        let (study, birth) = (field(date_col), field(birth_col));
+        let age = age_at(study, birth).filter(|a| (opts.age_min..=opts.age_max).contains(a));
+        let shown_age = age.map_or_else(String::new, |a| format!("{a}"));
+        audit.value(
+            "age (StudyDate_DICOM year - PatientBirth)",
+            &format!("{study} - {birth}"),
+            &shown_age,
+        );
+        let raw_sex = field(sex_col);
+        let sex = match raw_sex {
+            "M" => Some("Male"),
+            "F" => Some("Female"),
+            _ => None,
+        };
+        audit.value("PatientSex_DICOM", raw_sex, sex.unwrap_or_default());
+        let raw_view = field(view_col);
+        let view = match raw_view {
+            "PA" => Some("PA"),
+            "AP" | "AP_horizontal" => Some("AP"),
+            "L" => Some("Lateral"),
+            _ => None,
+        };
+        audit.value("Projection", raw_view, view.unwrap_or_default());
+        let labels = list_literal(field(labels_col)).unwrap_or_default();
+        let labels: Vec<String> = labels
+            .into_iter()
+            .map(|l| l.trim().to_string())
+            .filter(|l| !l.is_empty())
+            .collect();
+        let applied = map.apply(&labels);
+        audit.labels_of(&map, &labels, &applied);
+        rows.push(HarmonisedRow {
+            image_id: format!("{DATASET}:{image}"),
+            patient_id: format!("{DATASET}:{patient}"),
+            dataset: DATASET,
+            path,
+            age,
+            sex,
+            race: None,
+            view,
+            findings: applied.findings,
+            split: None,
+        });
+        audit.rows.written += 1;
+    }
+    Ok((rows, audit))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn python_list_literals() {
+        assert_eq!(
+            list_literal("['cardiomegaly', ' pleural effusion']"),
+            Some(vec!["cardiomegaly".into(), " pleural effusion".into()])
+        );
+        assert_eq!(
+            list_literal("[\"NSG tube\"]"),
+            Some(vec!["NSG tube".into()])
+        );
+        assert_eq!(list_literal("[]"), Some(vec![]));
+        assert_eq!(
+            list_literal("['a', 'b',]"),
+            Some(vec!["a".into(), "b".into()])
+        );
+        assert_eq!(list_literal("nan"), None);
+        assert_eq!(list_literal(""), None);
+        assert_eq!(list_literal("['unbalanced]"), None);
+        assert_eq!(list_literal("[a, b]"), None);
+    }
+
+    #[test]
+    fn ages_from_the_study_year_and_the_birth_year() {
+        assert_eq!(age_at("20150312", "1932"), Some(83.0));
+        assert_eq!(age_at("20150312", "1932.0"), Some(83.0));
+        assert_eq!(age_at("20150312", ""), None);
+        assert_eq!(age_at("20150312", "None"), None);
+        assert_eq!(age_at("2015", "0"), None);
+    }
+}
