@@ -5,10 +5,11 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
+use radit_sources::SourceOptions;
 use radit_sources::audit::Audit;
 use radit_sources::nih::{self, NihOptions};
 use radit_sources::output::{HarmonisedRow, write_table};
-use radit_sources::padchest::{self, PadChestOptions};
+use radit_sources::padchest;
 
 #[derive(Subcommand)]
 pub enum HarmoniseCommand {
@@ -67,44 +68,36 @@ pub struct PadChestArgs {
 pub fn run_harmonise(cmd: HarmoniseCommand) -> anyhow::Result<u8> {
     let (c, harmonised) = match &cmd {
         HarmoniseCommand::Nih(a) => {
-            let c = &a.common;
-            check(c)?;
             let opts = NihOptions {
-                root: c.root.clone(),
-                table: a.table.clone(),
-                labelmap: c.labelmap.clone(),
+                source: options(&a.common, &a.table)?,
                 opacity_includes_children: a.opacity_includes_children,
-                age_min: c.age_min,
-                age_max: c.age_max,
-                check_files: !c.no_check_files,
             };
-            (c, nih::harmonise(&opts)?)
+            (&a.common, nih::harmonise(&opts)?)
         }
-        HarmoniseCommand::Padchest(a) => {
-            let c = &a.common;
-            check(c)?;
-            let opts = PadChestOptions {
-                root: c.root.clone(),
-                table: a.table.clone(),
-                labelmap: c.labelmap.clone(),
-                age_min: c.age_min,
-                age_max: c.age_max,
-                check_files: !c.no_check_files,
-            };
-            (c, padchest::harmonise(&opts)?)
-        }
+        HarmoniseCommand::Padchest(a) => (
+            &a.common,
+            padchest::harmonise(&options(&a.common, &a.table)?)?,
+        ),
     };
     write_out(c, harmonised)
 }
 
-fn check(c: &CommonArgs) -> anyhow::Result<()> {
+/// The options every source takes, checked.
+fn options(c: &CommonArgs, table: &Option<PathBuf>) -> anyhow::Result<SourceOptions> {
     crate::exit::ensure_usage!(
         c.age_min.is_finite() && c.age_max.is_finite() && c.age_min <= c.age_max,
         "--age-min {} and --age-max {}: expected finite numbers, the first not above the second",
         c.age_min,
         c.age_max
     );
-    Ok(())
+    Ok(SourceOptions {
+        root: c.root.clone(),
+        table: table.clone(),
+        labelmap: c.labelmap.clone(),
+        age_min: c.age_min,
+        age_max: c.age_max,
+        check_files: !c.no_check_files,
+    })
 }
 
 /// Writes the table and its report, and prints the summary.

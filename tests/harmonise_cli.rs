@@ -2,7 +2,31 @@
 
 mod common;
 
+use std::path::Path;
+
 use common::{radit, run_ok, stderr, stdout};
+
+/// `radit shard` of a harmonised table into `store` at 16x16, then `radit shard --verify`; returns the manifest.
+fn shard(table: &Path, images: &Path, store: &Path) -> serde_json::Value {
+    run_ok(
+        radit()
+            .args([
+                "shard",
+                "--no-progress",
+                "--image-size",
+                "16",
+                "--shard-images",
+                "4",
+                "--table",
+            ])
+            .arg(table)
+            .arg("--images")
+            .arg(images)
+            .args(["--out", store.to_str().unwrap()]),
+    );
+    run_ok(radit().args(["shard", "--verify", store.to_str().unwrap()]));
+    serde_json::from_slice(&std::fs::read(store.join("manifest.json")).unwrap()).unwrap()
+}
 
 #[test]
 fn nih_as_released_harmonises_shards_and_verifies() {
@@ -46,28 +70,9 @@ fn nih_as_released_harmonises_shards_and_verifies() {
         "{text}"
     );
     assert!(dir.path().join("nih.report.json").exists());
-    let store = dir.path().join("store");
-    run_ok(
-        radit()
-            .args([
-                "shard",
-                "--no-progress",
-                "--image-size",
-                "16",
-                "--shard-images",
-                "4",
-                "--table",
-            ])
-            .arg(&table)
-            .arg("--images")
-            .arg(&root)
-            .args(["--out", store.to_str().unwrap()]),
-    );
-    let manifest: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(store.join("manifest.json")).unwrap()).unwrap();
+    let manifest = shard(&table, &root, &dir.path().join("store"));
     assert_eq!(manifest["counts"]["accepted"], 6, "{manifest}");
     assert_eq!(manifest["counts"]["rejected_images"], 0, "{manifest}");
-    run_ok(radit().args(["shard", "--verify", store.to_str().unwrap()]));
 
     // A release without its table is bad input: exit 2, naming what is missing.
     let empty = dir.path().join("empty");
@@ -132,24 +137,6 @@ fn padchest_as_released_harmonises_and_shards() {
         "{}",
         stdout(&out)
     );
-    let store = dir.path().join("store");
-    run_ok(
-        radit()
-            .args([
-                "shard",
-                "--no-progress",
-                "--image-size",
-                "16",
-                "--shard-images",
-                "4",
-                "--table",
-            ])
-            .arg(&table)
-            .arg("--images")
-            .arg(&root)
-            .args(["--out", store.to_str().unwrap()]),
-    );
-    let manifest: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(store.join("manifest.json")).unwrap()).unwrap();
+    let manifest = shard(&table, &root, &dir.path().join("store"));
     assert_eq!(manifest["counts"]["accepted"], 5, "{manifest}");
 }

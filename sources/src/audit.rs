@@ -9,6 +9,77 @@ use serde::Serialize;
 
 use crate::SourceError;
 
+/// The checks every source makes of a row before mapping it: the record is readable, its image id is present and
+/// new, its patient id present. A row that fails is rejected in the audit with the file, line and reason.
+pub struct RowChecks {
+    table: std::path::PathBuf,
+    image_column: &'static str,
+    patient_column: &'static str,
+    first_line: std::collections::HashMap<String, u64>,
+}
+
+impl RowChecks {
+    pub fn new(table: &Path, image_column: &'static str, patient_column: &'static str) -> Self {
+        Self {
+            table: table.to_path_buf(),
+            image_column,
+            patient_column,
+            first_line: Default::default(),
+        }
+    }
+
+    /// The record and its line, or `None` (rejected) when it could not be read.
+    pub fn record(
+        &self,
+        audit: &mut Audit,
+        record: Result<csv::StringRecord, csv::Error>,
+    ) -> Option<(csv::StringRecord, u64)> {
+        audit.rows.read += 1;
+        match record {
+            Ok(r) => {
+                let line = r.position().map_or(0, |p| p.line());
+                Some((r, line))
+            }
+            Err(e) => {
+                let line = e.position().map_or(0, |p| p.line());
+                audit.reject(&self.table, line, "", "unreadable row", e.to_string());
+                None
+            }
+        }
+    }
+
+    /// Whether the row's ids can be used (else it is rejected).
+    pub fn ids(&mut self, audit: &mut Audit, line: u64, image: &str, patient: &str) -> bool {
+        let reject = |audit: &mut Audit, id: &str, kind: String, reason: String| {
+            audit.reject(&self.table, line, id, &kind, reason);
+            false
+        };
+        if image.is_empty() {
+            let kind = format!("empty {}", self.image_column);
+            return reject(audit, "", kind.clone(), kind);
+        }
+        if let Some(first) = self.first_line.get(image) {
+            let reason = format!("{} `{image}` is also on line {first}", self.image_column);
+            return reject(
+                audit,
+                image,
+                format!("duplicate {}", self.image_column),
+                reason,
+            );
+        }
+        self.first_line.insert(image.to_string(), line);
+        if patient.is_empty() {
+            let kind = format!("empty {}", self.patient_column);
+            return reject(audit, image, kind.clone(), kind);
+        }
+        true
+    }
+
+    pub fn table(&self) -> &Path {
+        &self.table
+    }
+}
+
 /// Rejections kept in full in the report; the counts are always complete.
 const KEPT_REJECTIONS: usize = 1000;
 
@@ -90,8 +161,29 @@ impl Audit {
         }
     }
 
+    /// One image's findings from its labels through `map`, its labels counted.
+    pub fn findings(
+        &mut self,
+        map: &crate::labelmap::LabelMap,
+        labels: &[String],
+    ) -> [crate::output::Finding; 14] {
+        let applied = map.apply(labels);
+        self.labels_of(map, labels, &applied);
+        applied.findings
+    }
+
+    /// A row harmonised: added to `rows` and counted.
+    pub fn written(
+        &mut self,
+        rows: &mut Vec<crate::output::HarmonisedRow>,
+        row: crate::output::HarmonisedRow,
+    ) {
+        rows.push(row);
+        self.rows.written += 1;
+    }
+
     /// Counts one image's labels: those that set a finding, those outside the map, those mapped to nothing.
-    pub fn labels_of(
+    fn labels_of(
         &mut self,
         map: &crate::labelmap::LabelMap,
         labels: &[String],

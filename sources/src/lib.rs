@@ -12,7 +12,41 @@ pub mod output;
 pub mod padchest;
 pub mod parse;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+
+/// What every source reads and how.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SourceOptions {
+    /// The release's folder, as downloaded (the table and the images under it).
+    pub root: PathBuf,
+    /// The table, if not the release's own name for it in `root`.
+    pub table: Option<PathBuf>,
+    /// A label map instead of the built-in one.
+    pub labelmap: Option<PathBuf>,
+    /// Plausible ages in years; others become missing (and are counted).
+    pub age_min: f64,
+    pub age_max: f64,
+    /// Reject rows whose image is not there (off: paths are written as the release lays them out).
+    pub check_files: bool,
+}
+
+impl SourceOptions {
+    pub fn new(root: &Path) -> Self {
+        Self {
+            root: root.to_path_buf(),
+            table: None,
+            labelmap: None,
+            age_min: 0.0,
+            age_max: 100.0,
+            check_files: true,
+        }
+    }
+
+    /// `age` when it is plausible.
+    pub fn plausible(&self, age: f64) -> Option<f64> {
+        (self.age_min..=self.age_max).contains(&age).then_some(age)
+    }
+}
 
 /// Why a source cannot be harmonised at all (a row that cannot be used is a rejection in the report, not an error).
 #[derive(Debug, thiserror::Error)]

@@ -9,11 +9,11 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use crate::SourceError;
-use crate::audit::Audit;
+use crate::audit::{Audit, RowChecks};
 use crate::labelmap::LabelMap;
-use crate::output::HarmonisedRow;
+use crate::output::{HarmonisedRow, sex_mf};
 use crate::parse::{CsvTable, age_years, locate_table};
+use crate::{SourceError, SourceOptions};
 
 pub const DATASET: &str = "NIH-CXR14";
 /// The built-in label map.
@@ -29,31 +29,16 @@ pub const TABLES: [&str; 4] = [
 /// What `radit harmonise nih` reads and how.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NihOptions {
-    /// The release's folder (the table and the image folders under it).
-    pub root: PathBuf,
-    /// The table, if not one of [`TABLES`] in `root`.
-    pub table: Option<PathBuf>,
-    /// A label map instead of the built-in one.
-    pub labelmap: Option<PathBuf>,
+    pub source: SourceOptions,
     /// Lung opacity also from Consolidation, Atelectasis, Edema and Pneumonia (CheXpert's hierarchy).
     pub opacity_includes_children: bool,
-    /// Plausible ages in years; others become missing.
-    pub age_min: f64,
-    pub age_max: f64,
-    /// Reject rows whose image is not under `root` (off: paths are `images/<Image Index>`).
-    pub check_files: bool,
 }
 
 impl NihOptions {
     pub fn new(root: &Path) -> Self {
         Self {
-            root: root.to_path_buf(),
-            table: None,
-            labelmap: None,
+            source: SourceOptions::new(root),
             opacity_includes_children: false,
-            age_min: 0.0,
-            age_max: 100.0,
-            check_files: true,
         }
     }
 }
@@ -84,10 +69,11 @@ fn images_under(root: &Path) -> Result<HashMap<String, String>, SourceError> {
 }
 
 /// Harmonises the release under `opts.root`: the rows to write and the audit report.
-pub fn harmonise(opts: &NihOptions) -> Result<(Vec<HarmonisedRow>, Audit), SourceError> {
+pub fn harmonise(nih: &NihOptions) -> Result<(Vec<HarmonisedRow>, Audit), SourceError> {
+    let opts = &nih.source;
     let table = locate_table(&opts.root, opts.table.as_deref(), &TABLES)?;
     let mut map = LabelMap::load(opts.labelmap.as_deref(), LABEL_MAP)?;
-    if opts.opacity_includes_children {
+    if nih.opacity_includes_children {
         map.extend(
             "lung_opacity",
             &["Consolidation", "Atelectasis", "Edema", "Pneumonia"],
@@ -123,46 +109,15 @@ pub fn harmonise(opts: &NihOptions) -> Result<(Vec<HarmonisedRow>, Audit), Sourc
     } else {
         HashMap::new()
     };
-    let mut first_line: HashMap<String, u64> = HashMap::new();
+    let mut checks = RowChecks::new(&table, "Image Index", "Patient ID");
     let mut rows = Vec::new();
     for record in csv.reader.records() {
-        audit.rows.read += 1;
-        let record = match record {
-            Ok(r) => r,
-            Err(e) => {
-                let line = e.position().map_or(0, |p| p.line());
-                audit.reject(&table, line, "", "unreadable row", e.to_string());
-                continue;
-            }
+        let Some((record, line)) = checks.record(&mut audit, record) else {
+            continue;
         };
-        let line = record.position().map_or(0, |p| p.line());
         let field = |i: usize| record.get(i).unwrap_or_default().trim();
-        let image = field(image_col);
-        if image.is_empty() {
-            audit.reject(
-                &table,
-                line,
-                "",
-                "empty Image Index",
-                "empty Image Index".into(),
-            );
-            continue;
-        }
-        if let Some(first) = first_line.get(image) {
-            let reason = format!("Image Index `{image}` is also on line {first}");
-            audit.reject(&table, line, image, "duplicate Image Index", reason);
-            continue;
-        }
-        first_line.insert(image.to_string(), line);
-        let patient = field(patient_col);
-        if patient.is_empty() {
-            audit.reject(
-                &table,
-                line,
-                image,
-                "empty Patient ID",
-                "empty Patient ID".into(),
-            );
+        let (image, patient) = (field(image_col), field(patient_col));
+        if !checks.ids(&mut audit, line, image, patient) {
             continue;
         }
         let path = if opts.check_files {
@@ -178,18 +133,14 @@ pub fn harmonise(opts: &NihOptions) -> Result<(Vec<HarmonisedRow>, Audit), Sourc
             format!("images/{image}")
         };
         let raw_age = field(age_col);
-        let age = match age_years(raw_age) {
-            Ok(Some(a)) if (opts.age_min..=opts.age_max).contains(&a) => Some(a),
-            _ => None,
-        };
+        let age = age_years(raw_age)
+            .ok()
+            .flatten()
+            .and_then(|a| opts.plausible(a));
         let shown_age = age.map_or_else(String::new, |a| format!("{a}"));
         audit.value("Patient Age", raw_age, &shown_age);
         let raw_sex = field(sex_col);
-        let sex = match raw_sex {
-            "M" => Some("Male"),
-            "F" => Some("Female"),
-            _ => None,
-        };
+        let sex = sex_mf(raw_sex);
         audit.value("Patient Gender", raw_sex, sex.unwrap_or_default());
         let raw_view = field(view_col);
         let view = match raw_view {
@@ -204,21 +155,18 @@ pub fn harmonise(opts: &NihOptions) -> Result<(Vec<HarmonisedRow>, Audit), Sourc
             .filter(|l| !l.is_empty())
             .map(String::from)
             .collect();
-        let applied = map.apply(&labels);
-        audit.labels_of(&map, &labels, &applied);
-        rows.push(HarmonisedRow {
-            image_id: format!("{DATASET}:{image}"),
-            patient_id: format!("{DATASET}:{patient}"),
-            dataset: DATASET,
-            path,
-            age,
-            sex,
-            race: None,
-            view,
-            findings: applied.findings,
-            split: None,
-        });
-        audit.rows.written += 1;
+        let findings = audit.findings(&map, &labels);
+        let row = HarmonisedRow::native(DATASET, image, patient, path);
+        audit.written(
+            &mut rows,
+            HarmonisedRow {
+                age,
+                sex,
+                view,
+                findings,
+                ..row
+            },
+        );
     }
     Ok((rows, audit))
 }

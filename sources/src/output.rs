@@ -49,6 +49,28 @@ pub struct HarmonisedRow {
     pub split: Option<&'static str>,
 }
 
+impl HarmonisedRow {
+    /// A row of `dataset` for the native ids and path, everything else missing.
+    pub fn native(dataset: &'static str, image: &str, patient: &str, path: String) -> Self {
+        Self {
+            image_id: format!("{dataset}:{image}"),
+            patient_id: format!("{dataset}:{patient}"),
+            dataset,
+            path,
+            ..Self::default()
+        }
+    }
+}
+
+/// `M` and `F` (the DICOM spelling every source uses), else missing.
+pub fn sex_mf(raw: &str) -> Option<&'static str> {
+    match raw {
+        "M" => Some("Male"),
+        "F" => Some("Female"),
+        _ => None,
+    }
+}
+
 /// Age as the table writes it: up to two decimals, trailing zeros trimmed.
 fn age_text(age: Option<f64>) -> String {
     age.map_or_else(String::new, |a| {

@@ -7,13 +7,11 @@
 //! PadChest label map (`labelmaps/padchest.toml`, its 193-label vocabulary). A row whose labels cannot be read keeps
 //! its other values and has every finding missing.
 
-use std::path::{Path, PathBuf};
-
-use crate::SourceError;
-use crate::audit::Audit;
+use crate::audit::{Audit, RowChecks};
 use crate::labelmap::LabelMap;
-use crate::output::HarmonisedRow;
+use crate::output::{HarmonisedRow, sex_mf};
 use crate::parse::{CsvTable, locate_table};
+use crate::{SourceError, SourceOptions};
 
 pub const DATASET: &str = "PadChest";
 /// The built-in label map.
@@ -22,31 +20,6 @@ pub const TABLES: [&str; 2] = [
     "PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv",
     "PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv.gz",
 ];
-
-/// What `radit harmonise padchest` reads and how.
-#[derive(Debug, Clone, PartialEq)]
-pub struct PadChestOptions {
-    pub root: PathBuf,
-    pub table: Option<PathBuf>,
-    pub labelmap: Option<PathBuf>,
-    pub age_min: f64,
-    pub age_max: f64,
-    /// Reject rows whose image is not at `<root>/<ImageDir>/<ImageID>`.
-    pub check_files: bool,
-}
-
-impl PadChestOptions {
-    pub fn new(root: &Path) -> Self {
-        Self {
-            root: root.to_path_buf(),
-            table: None,
-            labelmap: None,
-            age_min: 0.0,
-            age_max: 100.0,
-            check_files: true,
-        }
-    }
-}
 
 /// The items of a Python list literal of strings: `['a', ' b']` -> `["a", " b"]`; `None` when it is not one
 /// (`nan`, empty, unbalanced quotes).
@@ -86,7 +59,7 @@ fn age_at(study: &str, birth: &str) -> Option<f64> {
 }
 
 /// Harmonises the release under `opts.root`: the rows to write and the audit report.
-pub fn harmonise(opts: &PadChestOptions) -> Result<(Vec<HarmonisedRow>, Audit), SourceError> {
+pub fn harmonise(opts: &SourceOptions) -> Result<(Vec<HarmonisedRow>, Audit), SourceError> {
     let table = locate_table(&opts.root, opts.table.as_deref(), &TABLES)?;
     let map = LabelMap::load(opts.labelmap.as_deref(), LABEL_MAP)?;
     let mut audit = Audit::new(DATASET);
@@ -118,40 +91,15 @@ pub fn harmonise(opts: &PadChestOptions) -> Result<(Vec<HarmonisedRow>, Audit), 
     else {
         unreachable!("one position per name asked for");
     };
-    let mut first_line = std::collections::HashMap::new();
+    let mut checks = RowChecks::new(&table, "ImageID", "PatientID");
     let mut rows = Vec::new();
     for record in csv.reader.records() {
-        audit.rows.read += 1;
-        let record = match record {
-            Ok(r) => r,
-            Err(e) => {
-                let line = e.position().map_or(0, |p| p.line());
-                audit.reject(&table, line, "", "unreadable row", e.to_string());
-                continue;
-            }
+        let Some((record, line)) = checks.record(&mut audit, record) else {
+            continue;
         };
-        let line = record.position().map_or(0, |p| p.line());
         let field = |i: usize| record.get(i).unwrap_or_default().trim();
-        let image = field(image_col);
-        if image.is_empty() {
-            audit.reject(&table, line, "", "empty ImageID", "empty ImageID".into());
-            continue;
-        }
-        if let Some(first) = first_line.get(image) {
-            let reason = format!("ImageID `{image}` is also on line {first}");
-            audit.reject(&table, line, image, "duplicate ImageID", reason);
-            continue;
-        }
-        first_line.insert(image.to_string(), line);
-        let patient = field(patient_col);
-        if patient.is_empty() {
-            audit.reject(
-                &table,
-                line,
-                image,
-                "empty PatientID",
-                "empty PatientID".into(),
-            );
+        let (image, patient) = (field(image_col), field(patient_col));
+        if !checks.ids(&mut audit, line, image, patient) {
             continue;
         }
         let folder = field(dir_col);
@@ -171,7 +119,7 @@ pub fn harmonise(opts: &PadChestOptions) -> Result<(Vec<HarmonisedRow>, Audit), 
             continue;
         }
         let (study, birth) = (field(date_col), field(birth_col));
-        let age = age_at(study, birth).filter(|a| (opts.age_min..=opts.age_max).contains(a));
+        let age = age_at(study, birth).and_then(|a| opts.plausible(a));
         let shown_age = age.map_or_else(String::new, |a| format!("{a}"));
         audit.value(
             "age (StudyDate_DICOM year - PatientBirth)",
@@ -179,11 +127,7 @@ pub fn harmonise(opts: &PadChestOptions) -> Result<(Vec<HarmonisedRow>, Audit), 
             &shown_age,
         );
         let raw_sex = field(sex_col);
-        let sex = match raw_sex {
-            "M" => Some("Male"),
-            "F" => Some("Female"),
-            _ => None,
-        };
+        let sex = sex_mf(raw_sex);
         audit.value("PatientSex_DICOM", raw_sex, sex.unwrap_or_default());
         let raw_view = field(view_col);
         let view = match raw_view {
@@ -199,21 +143,18 @@ pub fn harmonise(opts: &PadChestOptions) -> Result<(Vec<HarmonisedRow>, Audit), 
             .map(|l| l.trim().to_string())
             .filter(|l| !l.is_empty())
             .collect();
-        let applied = map.apply(&labels);
-        audit.labels_of(&map, &labels, &applied);
-        rows.push(HarmonisedRow {
-            image_id: format!("{DATASET}:{image}"),
-            patient_id: format!("{DATASET}:{patient}"),
-            dataset: DATASET,
-            path,
-            age,
-            sex,
-            race: None,
-            view,
-            findings: applied.findings,
-            split: None,
-        });
-        audit.rows.written += 1;
+        let findings = audit.findings(&map, &labels);
+        let row = HarmonisedRow::native(DATASET, image, patient, path);
+        audit.written(
+            &mut rows,
+            HarmonisedRow {
+                age,
+                sex,
+                view,
+                findings,
+                ..row
+            },
+        );
     }
     Ok((rows, audit))
 }

@@ -230,7 +230,10 @@ fn a_table_without_a_needed_column_or_a_release_without_a_table_is_a_clear_error
     )
     .unwrap();
     let opts = NihOptions {
-        labelmap: Some(map),
+        source: radit_sources::SourceOptions {
+            labelmap: Some(map),
+            ..radit_sources::SourceOptions::new(dir.path())
+        },
         ..NihOptions::new(dir.path())
     };
     let e = harmonise(&opts).unwrap_err().to_string();

@@ -7,8 +7,9 @@ use std::path::Path;
 use radit_sharding::image::encode_png16;
 use radit_sharding::schema::FINDINGS;
 use radit_sharding::table::{TableConfig, read_table};
+use radit_sources::SourceOptions;
 use radit_sources::output::{Finding, write_table};
-use radit_sources::padchest::{PadChestOptions, harmonise};
+use radit_sources::padchest::harmonise;
 
 const TABLE: &str = r#"ImageID,ImageDir,StudyDate_DICOM,StudyID,PatientID,PatientBirth,PatientSex_DICOM,ViewPosition_DICOM,Projection,Labels,Pediatric
 img1.png,0,20150312,s1,p1,1932,M,POSTEROANTERIOR,PA,"['cardiomegaly', ' pleural effusion']",No
@@ -53,7 +54,7 @@ fn findings(positive: &[&str]) -> [Finding; 14] {
 fn the_native_release_harmonises_to_the_hand_written_values() {
     let dir = tempfile::tempdir().unwrap();
     release(dir.path());
-    let (rows, audit) = harmonise(&PadChestOptions::new(dir.path())).unwrap();
+    let (rows, audit) = harmonise(&SourceOptions::new(dir.path())).unwrap();
     let got: Vec<_> = rows
         .iter()
         .map(|r| {
