@@ -9,7 +9,7 @@ use radit_sources::SourceOptions;
 use radit_sources::audit::Audit;
 use radit_sources::nih::{self, NihOptions};
 use radit_sources::output::{HarmonisedRow, write_table};
-use radit_sources::padchest;
+use radit_sources::{brax, padchest};
 
 #[derive(Subcommand)]
 pub enum HarmoniseCommand {
@@ -19,6 +19,9 @@ pub enum HarmoniseCommand {
     /// PadChest: PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv (or .csv.gz) and the numbered image folders
     /// under --root.
     Padchest(PadChestArgs),
+    /// BRAX: master_spreadsheet_update.csv (or master_spreadsheet.csv) and Anonymized_DICOMs/ (or the PNGs under
+    /// images/) under --root.
+    Brax(BraxArgs),
 }
 
 /// What every source takes.
@@ -65,6 +68,21 @@ pub struct PadChestArgs {
     table: Option<PathBuf>,
 }
 
+#[derive(Args)]
+pub struct BraxArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// The table, if not master_spreadsheet_update.csv or master_spreadsheet.csv in --root.
+    #[arg(long)]
+    table: Option<PathBuf>,
+    /// Which copy of each image the table points at: dicom (DicomPath) or png (PngPath).
+    #[arg(long, default_value = "dicom")]
+    image: brax::BraxImage,
+    /// An age range such as 60-64 becomes its midpoint or its lower bound.
+    #[arg(long, default_value = "midpoint")]
+    age_range: brax::AgeRange,
+}
+
 pub fn run_harmonise(cmd: HarmoniseCommand) -> anyhow::Result<u8> {
     let (c, harmonised) = match &cmd {
         HarmoniseCommand::Nih(a) => {
@@ -73,6 +91,14 @@ pub fn run_harmonise(cmd: HarmoniseCommand) -> anyhow::Result<u8> {
                 opacity_includes_children: a.opacity_includes_children,
             };
             (&a.common, nih::harmonise(&opts)?)
+        }
+        HarmoniseCommand::Brax(a) => {
+            let opts = brax::BraxOptions {
+                source: options(&a.common, &a.table)?,
+                image: a.image,
+                age_range: a.age_range,
+            };
+            (&a.common, brax::harmonise(&opts)?)
         }
         HarmoniseCommand::Padchest(a) => (
             &a.common,

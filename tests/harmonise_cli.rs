@@ -140,3 +140,58 @@ fn padchest_as_released_harmonises_and_shards() {
     let manifest = shard(&table, &root, &dir.path().join("store"));
     assert_eq!(manifest["counts"]["accepted"], 5, "{manifest}");
 }
+
+#[test]
+fn brax_dicoms_harmonise_and_shard_through_the_dicom_pipeline() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("BRAX");
+    let findings = "No Finding,Enlarged Cardiomediastinum,Cardiomegaly,Lung Lesion,Lung Opacity,Edema,\
+Consolidation,Pneumonia,Atelectasis,Pneumothorax,Pleural Effusion,Pleural Other,Fracture,Support Devices";
+    let mut lines = vec![format!(
+        "DicomPath,PngPath,PatientID,AccessionNumber,ViewPosition,PatientSex,PatientAge,Manufacturer,StudyDate,\
+Rows,Columns,{findings}"
+    )];
+    for i in 0..4u16 {
+        let path = format!("Anonymized_DICOMs/id_{i}/Study_1/Series_1/image-{i}.dcm");
+        let file = root.join(&path);
+        std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+        let pixels: Vec<u16> = (0..24 * 20u16).map(|p| (p * (7 + i)) & 0x0FFF).collect();
+        let mut f = radit_dicom::fixture::Fixture::grey(20, 24, 12, pixels);
+        f.photometric = if i % 2 == 0 {
+            "MONOCHROME1"
+        } else {
+            "MONOCHROME2"
+        }
+        .into();
+        f.windows = vec![(2048.0, 3000.0)];
+        std::fs::write(&file, f.to_bytes()).unwrap();
+        let png = path
+            .replace("Anonymized_DICOMs", "images")
+            .replace(".dcm", ".png");
+        lines.push(format!(
+            "{path},{png},{i},a{i},PA,F,{},GE,20190101,20,24,1,,0,,,,,,,,,,,",
+            30 + i
+        ));
+    }
+    std::fs::write(root.join("master_spreadsheet_update.csv"), lines.join("\n")).unwrap();
+    let table = dir.path().join("brax.csv");
+    let out = run_ok(
+        radit()
+            .args(["harmonise", "brax", "--root"])
+            .arg(&root)
+            .arg("--out")
+            .arg(&table),
+    );
+    assert!(
+        stdout(&out).contains("4 rows read, 4 written, 0 rejected"),
+        "{}",
+        stdout(&out)
+    );
+    let manifest = shard(&table, &root, &dir.path().join("store"));
+    assert_eq!(manifest["counts"]["accepted"], 4, "{manifest}");
+    assert_eq!(manifest["image_notes"]["dicom"], 4, "{manifest}");
+    assert_eq!(
+        manifest["image_notes"]["dicom_monochrome1"], 2,
+        "{manifest}"
+    );
+}

@@ -131,6 +131,17 @@ impl Audit {
         }
     }
 
+    /// Records what a raw value of `column` became (`None`: missing) and returns it.
+    pub fn mapped<'a>(
+        &mut self,
+        column: &str,
+        raw: &str,
+        value: Option<&'a str>,
+    ) -> Option<&'a str> {
+        self.value(column, raw, value.unwrap_or_default());
+        value
+    }
+
     /// One raw value of `column` and what it became.
     pub fn value(&mut self, column: &str, raw: &str, mapped: &str) {
         *self

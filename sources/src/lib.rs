@@ -3,9 +3,10 @@
 //! vocabularies into the 19 variables, and writes an audit report of every raw value it mapped. Label maps into
 //! CheXpert-14 are editable TOML tables ([`labelmap`]), validated when loaded.
 //!
-//! Sources so far: NIH ChestX-ray14 ([`nih`]) and PadChest ([`padchest`]).
+//! Sources so far: NIH ChestX-ray14 ([`nih`]), PadChest ([`padchest`]) and BRAX ([`brax`]).
 
 pub mod audit;
+pub mod brax;
 pub mod labelmap;
 pub mod nih;
 pub mod output;

@@ -140,15 +140,17 @@ pub fn harmonise(nih: &NihOptions) -> Result<(Vec<HarmonisedRow>, Audit), Source
         let shown_age = age.map_or_else(String::new, |a| format!("{a}"));
         audit.value("Patient Age", raw_age, &shown_age);
         let raw_sex = field(sex_col);
-        let sex = sex_mf(raw_sex);
-        audit.value("Patient Gender", raw_sex, sex.unwrap_or_default());
+        let sex = audit.mapped("Patient Gender", raw_sex, sex_mf(raw_sex));
         let raw_view = field(view_col);
-        let view = match raw_view {
-            "PA" => Some("PA"),
-            "AP" => Some("AP"),
-            _ => None,
-        };
-        audit.value("View Position", raw_view, view.unwrap_or_default());
+        let view = audit.mapped(
+            "View Position",
+            raw_view,
+            match raw_view {
+                "PA" => Some("PA"),
+                "AP" => Some("AP"),
+                _ => None,
+            },
+        );
         let labels: Vec<String> = field(labels_col)
             .split('|')
             .map(str::trim)

@@ -127,16 +127,18 @@ pub fn harmonise(opts: &SourceOptions) -> Result<(Vec<HarmonisedRow>, Audit), So
             &shown_age,
         );
         let raw_sex = field(sex_col);
-        let sex = sex_mf(raw_sex);
-        audit.value("PatientSex_DICOM", raw_sex, sex.unwrap_or_default());
+        let sex = audit.mapped("PatientSex_DICOM", raw_sex, sex_mf(raw_sex));
         let raw_view = field(view_col);
-        let view = match raw_view {
-            "PA" => Some("PA"),
-            "AP" | "AP_horizontal" => Some("AP"),
-            "L" => Some("Lateral"),
-            _ => None,
-        };
-        audit.value("Projection", raw_view, view.unwrap_or_default());
+        let view = audit.mapped(
+            "Projection",
+            raw_view,
+            match raw_view {
+                "PA" => Some("PA"),
+                "AP" | "AP_horizontal" => Some("AP"),
+                "L" => Some("Lateral"),
+                _ => None,
+            },
+        );
         let labels = list_literal(field(labels_col)).unwrap_or_default();
         let labels: Vec<String> = labels
             .into_iter()

@@ -1,0 +1,242 @@
+//! BRAX as released (shared/design/sources.md A.7): `master_spreadsheet_update.csv` (or the older
+//! `master_spreadsheet.csv`) beside `Anonymized_DICOMs/…/image-<UID>.dcm` and the same images as 16-bit PNGs under
+//! `images/`. Its 14 CheXpert columns are taken as they are (1, 0, -1 uncertain, blank), located by name: public
+//! loaders disagree on their order. `PatientAge`'s format is not documented, so it is read tolerantly (a number, an
+//! Age String, `85 or more`, `60-64`) and every value that is not a plain age is in the report.
+
+use std::path::Path;
+
+use radit_sharding::schema::FINDINGS;
+
+use crate::audit::{Audit, RowChecks};
+use crate::output::{Finding, HarmonisedRow, sex_mf};
+use crate::parse::{CsvTable, age_years, locate_table};
+use crate::{SourceError, SourceOptions};
+
+pub const DATASET: &str = "BRAX";
+pub const TABLES: [&str; 2] = ["master_spreadsheet_update.csv", "master_spreadsheet.csv"];
+
+/// Which of the release's copies of each image the table points at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BraxImage {
+    /// `DicomPath` (the original pixels; the paper's choice for DICOM sources).
+    #[default]
+    Dicom,
+    /// `PngPath` (16-bit PNGs).
+    Png,
+}
+
+impl std::str::FromStr for BraxImage {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "dicom" => Ok(Self::Dicom),
+            "png" => Ok(Self::Png),
+            other => Err(format!("`{other}`: expected dicom or png")),
+        }
+    }
+}
+
+/// How an age range such as `60-64` becomes one age.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AgeRange {
+    #[default]
+    Midpoint,
+    Lower,
+}
+
+impl std::str::FromStr for AgeRange {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "midpoint" => Ok(Self::Midpoint),
+            "lower" => Ok(Self::Lower),
+            other => Err(format!("`{other}`: expected midpoint or lower")),
+        }
+    }
+}
+
+/// What `radit harmonise brax` reads and how.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BraxOptions {
+    pub source: SourceOptions,
+    pub image: BraxImage,
+    pub age_range: AgeRange,
+}
+
+impl BraxOptions {
+    pub fn new(root: &Path) -> Self {
+        Self {
+            source: SourceOptions::new(root),
+            image: BraxImage::default(),
+            age_range: AgeRange::default(),
+        }
+    }
+}
+
+/// An age from BRAX's `PatientAge`: what [`age_years`] reads, or `85 or more` (its lower bound), or a range `NN-MM`.
+pub fn brax_age(text: &str, range: AgeRange) -> Option<f64> {
+    if let Ok(age) = age_years(text) {
+        return age;
+    }
+    let t = text.trim().to_ascii_lowercase();
+    if let Some(lower) = t.strip_suffix("or more").or_else(|| t.strip_suffix('+')) {
+        return age_years(lower.trim()).ok().flatten();
+    }
+    let (lo, hi) = t.split_once('-')?;
+    let (lo, hi) = (age_years(lo).ok()??, age_years(hi).ok()??);
+    (lo <= hi).then_some(match range {
+        AgeRange::Midpoint => (lo + hi) / 2.0,
+        AgeRange::Lower => lo,
+    })
+}
+
+/// A CheXpert label cell: `1`, `0`, `-1` (also `1.0`...), blank; anything else is `None`.
+fn finding(cell: &str) -> Option<Finding> {
+    match cell.trim() {
+        "" => Some(Finding::Missing),
+        "1" | "1.0" => Some(Finding::Positive),
+        "0" | "0.0" => Some(Finding::Negative),
+        "-1" | "-1.0" => Some(Finding::Uncertain),
+        _ => None,
+    }
+}
+
+/// The CheXpert column name of a schema finding: `pleural_effusion` -> `Pleural Effusion`.
+fn chexpert_name(finding: &str) -> String {
+    finding
+        .split('_')
+        .map(|w| {
+            let mut c = w.chars();
+            c.next().map_or_else(String::new, |f| {
+                f.to_ascii_uppercase().to_string() + c.as_str()
+            })
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Harmonises the release under `opts.source.root`: the rows to write and the audit report.
+pub fn harmonise(brax: &BraxOptions) -> Result<(Vec<HarmonisedRow>, Audit), SourceError> {
+    let opts = &brax.source;
+    let table = locate_table(&opts.root, opts.table.as_deref(), &TABLES)?;
+    let mut audit = Audit::new(DATASET);
+    audit.inputs.push(table.display().to_string());
+    audit.label_map = "(none: the CheXpert labels as released)".into();
+    // The image id is always the DICOM's path (the same image whichever copy is read).
+    let image_column = match brax.image {
+        BraxImage::Dicom => "DicomPath",
+        BraxImage::Png => "PngPath",
+    };
+    let finding_names: Vec<String> = FINDINGS.iter().map(|f| chexpert_name(f)).collect();
+    let mut names = vec![
+        "DicomPath",
+        image_column,
+        "PatientID",
+        "ViewPosition",
+        "PatientSex",
+        "PatientAge",
+    ];
+    names.extend(finding_names.iter().map(String::as_str));
+    let mut csv = CsvTable::open(&table, &names)?;
+    let [id_col, path_col, patient_col, view_col, sex_col, age_col] = csv.columns[..6] else {
+        unreachable!("one position per name asked for");
+    };
+    let finding_cols = csv.columns[6..].to_vec();
+    let mut checks = RowChecks::new(&table, "DicomPath", "PatientID");
+    let mut rows = Vec::new();
+    for record in csv.reader.records() {
+        let Some((record, line)) = checks.record(&mut audit, record) else {
+            continue;
+        };
+        let field = |i: usize| record.get(i).unwrap_or_default().trim();
+        let (id, path, patient) = (field(id_col), field(path_col), field(patient_col));
+        if !checks.ids(&mut audit, line, id, patient) {
+            continue;
+        }
+        if opts.check_files && !opts.root.join(path).is_file() {
+            let reason = format!("no file {}", opts.root.join(path).display());
+            audit.reject(&table, line, id, "image file not found", reason);
+            continue;
+        }
+        let mut findings = [Finding::Missing; 14];
+        let mut bad = None;
+        for ((slot, &col), name) in findings.iter_mut().zip(&finding_cols).zip(&finding_names) {
+            match finding(field(col)) {
+                Some(f) => *slot = f,
+                None => {
+                    bad = Some(format!(
+                        "`{name}` is `{}`, not 1, 0, -1 or blank",
+                        field(col)
+                    ))
+                }
+            }
+            audit.value(name, field(col), slot.as_str());
+        }
+        if let Some(reason) = bad {
+            audit.reject(&table, line, id, "label not 1, 0, -1 or blank", reason);
+            continue;
+        }
+        let raw_age = field(age_col);
+        let age = brax_age(raw_age, brax.age_range).and_then(|a| opts.plausible(a));
+        audit.value(
+            "PatientAge",
+            raw_age,
+            &age.map_or_else(String::new, |a| format!("{a}")),
+        );
+        let raw_sex = field(sex_col);
+        let sex = audit.mapped("PatientSex", raw_sex, sex_mf(raw_sex));
+        let raw_view = field(view_col);
+        let view = audit.mapped(
+            "ViewPosition",
+            raw_view,
+            match raw_view {
+                "PA" => Some("PA"),
+                "AP" => Some("AP"),
+                "L" => Some("Lateral"),
+                // `RL` is ambiguous (right lateral, or a decubitus); AP LLD, LT-DECUB and RLO are not the three views.
+                _ => None,
+            },
+        );
+        let row = HarmonisedRow::native(DATASET, id, patient, path.to_string());
+        audit.written(
+            &mut rows,
+            HarmonisedRow {
+                age,
+                sex,
+                view,
+                findings,
+                ..row
+            },
+        );
+    }
+    Ok((rows, audit))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ages_as_brax_may_write_them() {
+        assert_eq!(brax_age("45", AgeRange::Midpoint), Some(45.0));
+        assert_eq!(brax_age("045Y", AgeRange::Midpoint), Some(45.0));
+        assert_eq!(brax_age("85 or more", AgeRange::Midpoint), Some(85.0));
+        assert_eq!(brax_age("90+", AgeRange::Midpoint), Some(90.0));
+        assert_eq!(brax_age("60-64", AgeRange::Midpoint), Some(62.0));
+        assert_eq!(brax_age("60-64", AgeRange::Lower), Some(60.0));
+        assert_eq!(brax_age("64-60", AgeRange::Midpoint), None);
+        assert_eq!(brax_age("unknown", AgeRange::Midpoint), None);
+        assert_eq!(brax_age("", AgeRange::Midpoint), None);
+    }
+
+    #[test]
+    fn chexpert_column_names() {
+        assert_eq!(chexpert_name("pleural_effusion"), "Pleural Effusion");
+        assert_eq!(chexpert_name("no_finding"), "No Finding");
+        assert_eq!(
+            chexpert_name("enlarged_cardiomediastinum"),
+            "Enlarged Cardiomediastinum"
+        );
+    }
+}
