@@ -226,12 +226,14 @@ pub fn preprocess(
     resizer: &mut Resizer,
     dicom: &radit_dicom::DicomOptions,
 ) -> Result<(Vec<u16>, ImageNotes), ImageProblem> {
-    let (mut img, mut notes) = if radit_dicom::is_dicom(bytes) {
+    let (img, mut notes) = if radit_dicom::is_dicom(bytes) {
+        // The DICOM pipeline ends with its own full-range stretch: no second pass over the pixels.
         decode_dicom(bytes, dicom)?
     } else {
-        decode_png(bytes)?
+        let (mut img, notes) = decode_png(bytes)?;
+        normalise_full_range(&mut img)?;
+        (img, notes)
     };
-    normalise_full_range(&mut img)?;
     notes.resized = img.width != target || img.height != target;
     Ok((letterbox(&img, target, resizer), notes))
 }
