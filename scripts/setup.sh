@@ -11,8 +11,9 @@ source "$root/scripts/env.sh"
 
 log() { printf '[setup] %s\n' "$*" >&2; }
 
-# OpenMPI (mpirun, and the library and headers the mpi crate binds with libclang) for the CPU collectives.
-apt_packages=(pkg-config openmpi-bin libopenmpi-dev libclang-dev prometheus prometheus-pushgateway)
+# OpenMPI (mpirun, and the library and headers the mpi crate binds with libclang) for the CPU collectives; cmake and
+# g++ build CharLS for the `dicom-jls` feature (OpenJPEG for `dicom-j2k` needs only the C compiler).
+apt_packages=(pkg-config openmpi-bin libopenmpi-dev libclang-dev prometheus prometheus-pushgateway cmake g++)
 missing=()
 for p in "${apt_packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

@@ -27,6 +27,8 @@ forbid radit-sources 'torch-sys|tch|axum|radit-.*' 'radit-sources|radit-sharding
   "harmonising a dataset reads tables and writes one: no libtorch, trainer or services"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 cargo test --workspace --no-fail-fast "$@"
+# The DICOM codecs behind features (OpenJPEG, CharLS: C and C++ built from source), against the pydicom twin.
+cargo test -p radit-dicom --features j2k,jls --no-fail-fast
 # Behind a flag (a release build against another libtorch, about 15 minutes here): the GPU bundle builds, and its
 # check runs through on the CPU against torch 2.11's libraries.
 if [ "${RADIT_TEST_GPU_BUNDLE:-0}" = 1 ]; then

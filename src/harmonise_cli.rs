@@ -9,7 +9,7 @@ use radit_sources::SourceOptions;
 use radit_sources::audit::Audit;
 use radit_sources::nih::{self, NihOptions};
 use radit_sources::output::{HarmonisedRow, write_table};
-use radit_sources::{brax, padchest};
+use radit_sources::{all, brax, chexpert_plus, fixtures, mimic, padchest, rexgradient, vindr};
 
 #[derive(Subcommand)]
 pub enum HarmoniseCommand {
@@ -22,6 +22,24 @@ pub enum HarmoniseCommand {
     /// BRAX: master_spreadsheet_update.csv (or master_spreadsheet.csv) and Anonymized_DICOMs/ (or the PNGs under
     /// images/) under --root.
     Brax(BraxArgs),
+    /// VinDr-CXR: annotations/image_labels_train.csv (three readers per image, voted) and image_labels_test.csv,
+    /// and the train/ and test/ DICOMs under --root, whose headers give age, sex and view.
+    Vindr(VindrArgs),
+    /// MIMIC-CXR: mimic-cxr-2.0.0-metadata.csv.gz and a label CSV under --root, files/p../p<subject>/s<study>/
+    /// <dicom_id>.dcm, and MIMIC-IV's hosp/patients and hosp/admissions (--mimic-iv) for age and race.
+    Mimic(MimicArgs),
+    /// CheXpert-Plus: df_chexpert_plus_240401.csv, the CheXbert labels (JSON lines) and the DICOM (or PNG) images
+    /// under --root.
+    ChexpertPlus(ChexpertPlusArgs),
+    /// ReXGradient-160K: metadata/{train,valid,test}_metadata_view_position.json and the deid_png/ images under
+    /// --root; labels from a CheXbert CSV (--labels).
+    Rexgradient(RexGradientArgs),
+    /// Every source of a sources.toml, concatenated into one table with paths relative to --images; image ids are
+    /// checked unique across datasets.
+    All(AllArgs),
+    /// Write synthetic releases of all seven sources in their native layouts (the awkward cases included) under
+    /// --out, and a sources.toml for `radit harmonise all`.
+    Fixtures(FixturesArgs),
 }
 
 /// What every source takes.
@@ -45,6 +63,101 @@ pub struct CommonArgs {
     /// Do not look for the images (paths are written as the release lays them out by default).
     #[arg(long)]
     no_check_files: bool,
+    /// Image ids to put in the test split, one per line (table ids such as `MIMIC-CXR:<dicom_id>`, or native ids);
+    /// the shard then keeps each one's patient entirely in test.
+    #[arg(long)]
+    hold_out: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub struct VindrArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// Readers (of three) who must mark a label for it to count.
+    #[arg(long, default_value_t = 2)]
+    min_votes: u32,
+    /// The view of an image whose header has no ViewPosition: PA, AP or none.
+    #[arg(long, default_value = "PA")]
+    default_view: String,
+    /// Read a PatientAge of 000Y as a newborn rather than as missing.
+    #[arg(long)]
+    zero_age_is_newborn: bool,
+    /// Threads reading DICOM headers.
+    #[arg(long, default_value_t = 8)]
+    threads: usize,
+}
+
+#[derive(Args)]
+pub struct MimicArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// The metadata table, if not mimic-cxr-2.0.0-metadata.csv.gz in --root.
+    #[arg(long)]
+    table: Option<PathBuf>,
+    /// MIMIC-IV's folder (hosp/patients.csv.gz and hosp/admissions.csv.gz).
+    #[arg(long)]
+    mimic_iv: PathBuf,
+    /// A CheXbert label CSV (subject_id, study_id and the 14 CheXpert columns) instead of the release's own.
+    #[arg(long)]
+    labels: Option<PathBuf>,
+    /// Which of the release's label files without --labels: chexpert or negbio.
+    #[arg(long, default_value = "chexpert")]
+    release_labels: mimic::MimicLabels,
+    /// dcm (MIMIC-CXR) or jpg (MIMIC-CXR-JPG).
+    #[arg(long, default_value = "dcm")]
+    image: mimic::MimicImage,
+}
+
+#[derive(Args)]
+pub struct ChexpertPlusArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// The table, if not df_chexpert_plus_240401.csv in --root.
+    #[arg(long)]
+    table: Option<PathBuf>,
+    /// The CheXbert labels (JSON lines), if not chexbert_labels/report_fixed.json in --root.
+    #[arg(long)]
+    labels: Option<PathBuf>,
+    /// dicom (path_to_dcm under --dicom-dir) or png (path_to_image as .png under --png-dir).
+    #[arg(long, default_value = "dicom")]
+    image: chexpert_plus::PlusImage,
+    #[arg(long, default_value = "DICOM")]
+    dicom_dir: PathBuf,
+    #[arg(long, default_value = "PNG")]
+    png_dir: PathBuf,
+}
+
+#[derive(Args)]
+pub struct RexGradientArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// A CheXbert label CSV keyed by --labels-key and the 14 CheXpert columns (without it, findings are missing).
+    #[arg(long)]
+    labels: Option<PathBuf>,
+    #[arg(long, default_value = "StudyInstanceUid")]
+    labels_key: String,
+}
+
+#[derive(Args)]
+pub struct AllArgs {
+    /// The sources and their knobs: one table per source ([mimic], [chexpert_plus], [rexgradient], [padchest],
+    /// [vindr], [nih], [brax]) with `root` relative to --images and the source's options.
+    #[arg(long)]
+    config: PathBuf,
+    /// The folder holding every release (pass it as `radit shard --images`).
+    #[arg(long)]
+    images: PathBuf,
+    #[arg(long)]
+    out: PathBuf,
+    /// Image ids to put in the test split, one per line (see `radit harmonise nih --help`).
+    #[arg(long)]
+    hold_out: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub struct FixturesArgs {
+    #[arg(long)]
+    out: PathBuf,
 }
 
 #[derive(Args)]
@@ -104,8 +217,138 @@ pub fn run_harmonise(cmd: HarmoniseCommand) -> anyhow::Result<u8> {
             &a.common,
             padchest::harmonise(&options(&a.common, &a.table)?)?,
         ),
+        HarmoniseCommand::Vindr(a) => {
+            crate::exit::ensure_usage!(a.min_votes >= 1, "--min-votes: at least 1");
+            let default_view = vindr::parse_default_view(&a.default_view)
+                .map_err(|e| crate::exit::usage!("--default-view {e}"))?;
+            let opts = vindr::VindrOptions {
+                source: options(&a.common, &None)?,
+                min_votes: a.min_votes,
+                default_view,
+                zero_age_missing: !a.zero_age_is_newborn,
+                threads: a.threads.max(1),
+            };
+            (&a.common, vindr::harmonise(&opts)?)
+        }
+        HarmoniseCommand::Mimic(a) => {
+            let mut opts = mimic::MimicOptions::new(&a.common.root, &a.mimic_iv);
+            opts.source = options(&a.common, &a.table)?;
+            opts.labels = a.labels.clone();
+            opts.release_labels = a.release_labels;
+            opts.image = a.image;
+            (&a.common, mimic::harmonise(&opts)?)
+        }
+        HarmoniseCommand::ChexpertPlus(a) => {
+            let mut opts = chexpert_plus::ChexpertPlusOptions::new(&a.common.root);
+            opts.source = options(&a.common, &a.table)?;
+            opts.labels = a.labels.clone();
+            opts.image = a.image;
+            opts.dicom_dir = a.dicom_dir.clone();
+            opts.png_dir = a.png_dir.clone();
+            (&a.common, chexpert_plus::harmonise(&opts)?)
+        }
+        HarmoniseCommand::Rexgradient(a) => {
+            let mut opts = rexgradient::RexGradientOptions::new(&a.common.root);
+            opts.source = options(&a.common, &None)?;
+            opts.labels = a.labels.clone();
+            opts.labels_key = a.labels_key.clone();
+            (&a.common, rexgradient::harmonise(&opts)?)
+        }
+        HarmoniseCommand::All(a) => return run_all(a),
+        HarmoniseCommand::Fixtures(a) => return write_fixtures(a),
     };
     write_out(c, harmonised)
+}
+
+/// `radit harmonise all`: every configured source, one table, a report per source and a combined summary.
+fn run_all(a: &AllArgs) -> anyhow::Result<u8> {
+    let config = all::load_config(&a.config)?;
+    let mut combined = all::harmonise_all(&config, &a.images, &a.config)?;
+    let held = a
+        .hold_out
+        .as_deref()
+        .map(|f| all::hold_out(&mut combined.rows, f))
+        .transpose()?;
+    write_table(&a.out, &combined.rows)?;
+    let mut summary = String::new();
+    for part in &combined.parts {
+        // `cxr7.vindr.csv` -> `cxr7.vindr.report.json`: one report per source beside the table.
+        let named = a.out.with_extension(format!("{}.csv", part.name));
+        part.audit.write_beside(&named).with_context(|| {
+            format!("writing {}'s report beside {}", part.name, a.out.display())
+        })?;
+        summary.push_str(&part.audit.summary());
+        summary.push_str(&format!(
+            "  -> {} rows, paths under {}/\n",
+            part.rows,
+            part.prefix.display()
+        ));
+    }
+    if let Some(h) = &held {
+        summary.push_str(&hold_out_line(h));
+    }
+    summary.push_str(&format!(
+        "all: {} rows from {} sources, image ids unique\n",
+        combined.rows.len(),
+        combined.parts.len()
+    ));
+    let txt = a.out.with_extension("report.txt");
+    std::fs::write(&txt, &summary).with_context(|| format!("writing {}", txt.display()))?;
+    print!("{summary}");
+    println!(
+        "wrote {} ({} rows); per-source reports {}",
+        a.out.display(),
+        combined.rows.len(),
+        a.out.with_extension("<source>.report.json").display()
+    );
+    Ok(0)
+}
+
+fn hold_out_line(h: &all::HoldOut) -> String {
+    let mut line = format!("held out for test: {} images", h.matched);
+    if h.unknown_count > 0 {
+        line.push_str(&format!(
+            "; {} listed ids match no row (first: {})",
+            h.unknown_count,
+            h.unknown.join(", ")
+        ));
+    }
+    line + "\n"
+}
+
+/// `radit harmonise fixtures`: every source's synthetic release and a sources.toml naming them.
+fn write_fixtures(a: &FixturesArgs) -> anyhow::Result<u8> {
+    let r = fixtures::write_all(&a.out)
+        .with_context(|| format!("writing the fixtures under {}", a.out.display()))?;
+    let rel = |p: &std::path::Path| p.strip_prefix(&a.out).unwrap_or(p).display().to_string();
+    let config = format!(
+        "# The synthetic releases `radit harmonise fixtures` wrote; roots are relative to --images {}.\n\
+         [mimic]\nroot = \"{}\"\nmimic_iv = \"{}\"\n\n[chexpert_plus]\nroot = \"{}\"\n\n\
+         [rexgradient]\nroot = \"{}\"\nlabels = \"{}/{}\"\n\n[padchest]\nroot = \"{}\"\n\n\
+         [vindr]\nroot = \"{}\"\n\n[nih]\nroot = \"{}\"\n\n[brax]\nroot = \"{}\"\n",
+        a.out.display(),
+        rel(&r.mimic),
+        rel(&r.mimic_iv),
+        rel(&r.chexpert_plus),
+        rel(&r.rexgradient),
+        rel(&r.rexgradient),
+        rexgradient::FIXTURE_LABELS,
+        rel(&r.padchest),
+        rel(&r.vindr),
+        rel(&r.nih),
+        rel(&r.brax),
+    );
+    let path = a.out.join("sources.toml");
+    std::fs::write(&path, config).with_context(|| format!("writing {}", path.display()))?;
+    println!(
+        "wrote the seven synthetic releases under {} and {}; next: radit harmonise all --config {} --images {} \
+         --out table.csv",
+        a.out.display(),
+        path.display(),
+        path.display(),
+        a.out.display()
+    );
+    Ok(0)
 }
 
 /// The options every source takes, checked.
@@ -127,8 +370,16 @@ fn options(c: &CommonArgs, table: &Option<PathBuf>) -> anyhow::Result<SourceOpti
 }
 
 /// Writes the table and its report, and prints the summary.
-fn write_out(c: &CommonArgs, (rows, audit): (Vec<HarmonisedRow>, Audit)) -> anyhow::Result<u8> {
+fn write_out(c: &CommonArgs, (mut rows, audit): (Vec<HarmonisedRow>, Audit)) -> anyhow::Result<u8> {
+    let held = c
+        .hold_out
+        .as_deref()
+        .map(|f| all::hold_out(&mut rows, f))
+        .transpose()?;
     write_table(&c.out, &rows)?;
+    if let Some(h) = &held {
+        print!("{}", hold_out_line(h));
+    }
     let (json, _) = audit
         .write_beside(&c.out)
         .with_context(|| format!("writing the report beside {}", c.out.display()))?;
@@ -139,5 +390,43 @@ fn write_out(c: &CommonArgs, (rows, audit): (Vec<HarmonisedRow>, Audit)) -> anyh
         rows.len(),
         json.display()
     );
+    Ok(0)
+}
+
+#[derive(Subcommand)]
+pub enum DicomCommand {
+    /// Tabulate the header fields of every DICOM under a folder or URL (transfer syntaxes and whether this build
+    /// decodes them, photometric interpretations, bits, rescales, windows, VOI functions and LUTs, views, age
+    /// formats, sexes) without decoding pixels: each file's first 64 KiB are read.
+    Survey(SurveyArgs),
+}
+
+#[derive(Args)]
+pub struct SurveyArgs {
+    /// A folder, or a file://, s3:// or memory:// URL.
+    location: String,
+    /// Survey only the first N DICOM candidates (in key order).
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Also write the survey as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Concurrent reads.
+    #[arg(long, default_value_t = 8)]
+    threads: usize,
+}
+
+pub fn run_dicom(cmd: DicomCommand) -> anyhow::Result<u8> {
+    let DicomCommand::Survey(a) = cmd;
+    let opts = radit_sources::survey::SurveyOptions {
+        limit: a.limit,
+        threads: a.threads.max(1),
+    };
+    let survey = radit_sources::survey::survey(&a.location, &opts)?;
+    if let Some(path) = &a.json {
+        let json = serde_json::to_vec_pretty(&survey).context("serialising the survey")?;
+        std::fs::write(path, json).with_context(|| format!("writing {}", path.display()))?;
+    }
+    print!("{}", survey.summary());
     Ok(0)
 }

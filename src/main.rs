@@ -48,6 +48,9 @@ enum Command {
     /// A public dataset as released -> the harmonised table `radit shard` reads, with an audit report.
     #[command(subcommand)]
     Harmonise(harmonise_cli::HarmoniseCommand),
+    /// DICOM releases: survey their headers before ingesting.
+    #[command(subcommand)]
+    Dicom(harmonise_cli::DicomCommand),
     /// Ingest a harmonised table and its images into a Zarr v3 store (or verify a store).
     Shard(ShardArgs),
     /// The embedded default job: synthesise a small dataset, shard it locally, verify it, train on 2 CPU ranks
@@ -282,6 +285,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Synth(a) => run_synth(a),
         Command::Harmonise(c) => harmonise_cli::run_harmonise(c),
+        Command::Dicom(c) => harmonise_cli::run_dicom(c),
         Command::Shard(a) => run_shard(a),
         Command::Quickstart(a) => run_quickstart(a),
         Command::Data(DataCommand::Batches(a)) => run_batches(a),

@@ -1,5 +1,5 @@
 //! radit's DICOM pixel pipeline against its pydicom twin (tests/python/dicom_twin.py): files written by pydicom in
-//! the native syntaxes and RLE Lossless, of every photometric interpretation, bit depth, sign, rescale, window
+//! the native syntaxes, RLE Lossless and JPEG baseline, of every photometric interpretation, bit depth, sign, rescale, window
 //! function, several windows and a VOI LUT; radit's pixels equal the twin's to 1 LSB (numpy rounds half to even).
 
 mod common;
@@ -12,6 +12,9 @@ struct Case {
     rows: u32,
     columns: u32,
     transfer_syntax: String,
+    /// Largest difference allowed, in 16-bit steps: 1 for lossless syntaxes (numpy rounds half to even); two 8-bit
+    /// steps for JPEG baseline, whose IDCT differs between libjpeg and jpeg-decoder.
+    tolerance: u16,
 }
 
 impl Case {
@@ -21,6 +24,7 @@ impl Case {
             rows: v["rows"].as_u64().unwrap() as u32,
             columns: v["columns"].as_u64().unwrap() as u32,
             transfer_syntax: v["transfer_syntax"].as_str().unwrap().into(),
+            tolerance: v["tolerance"].as_u64().unwrap() as u16,
         }
     }
 }
@@ -69,14 +73,23 @@ fn radit_decodes_every_twin_fixture_to_within_one_lsb_of_pydicom() {
             .max()
             .unwrap();
         assert!(
-            worst <= 1,
+            worst <= case.tolerance,
             "{}: radit and pydicom differ by {worst} LSB",
             case.name
         );
+        // A lossy case must still agree closely on average, not only within its tolerance.
+        let mean = img
+            .pixels
+            .iter()
+            .zip(&twin)
+            .map(|(&a, &b)| f64::from(a.abs_diff(b)))
+            .sum::<f64>()
+            / twin.len() as f64;
+        assert!(mean <= 64.0, "{}: mean difference {mean}", case.name);
         syntaxes.insert(case.transfer_syntax.clone());
         voi.insert(format!("{:?}", img.notes.voi));
     }
-    // The fixtures cover what they claim: three syntaxes, every VOI kind.
-    assert_eq!(syntaxes.len(), 3, "{syntaxes:?}");
+    // The fixtures cover what they claim: four syntaxes (explicit, implicit, RLE, JPEG baseline), every VOI kind.
+    assert_eq!(syntaxes.len(), 4, "{syntaxes:?}");
     assert_eq!(voi.len(), 5, "{voi:?}");
 }

@@ -1,10 +1,13 @@
-//! `radit harmonise` then `radit shard` through the binary: a source in its native layout becomes a verified store.
+//! From the seven releases to a verified store, through the binary: `radit harmonise fixtures` writes every
+//! source's native layout, `radit dicom survey` reads their DICOM headers, `radit harmonise all` builds one table (a
+//! hold-out list forcing images into test), and `radit shard` ingests PNGs and DICOMs into a store that `radit shard
+//! --verify` and zarr-python accept with the table's rows, labels and ages. Bad input exits 2 naming what is wrong.
 
 mod common;
 
 use std::path::Path;
 
-use common::{radit, run_ok, stderr, stdout};
+use common::{check_store_with_zarr_python, radit, run_ok, stderr, stdout};
 
 /// `radit shard` of a harmonised table into `store` at 16x16, then `radit shard --verify`; returns the manifest.
 fn shard(table: &Path, images: &Path, store: &Path) -> serde_json::Value {
@@ -28,170 +31,159 @@ fn shard(table: &Path, images: &Path, store: &Path) -> serde_json::Value {
     serde_json::from_slice(&std::fs::read(store.join("manifest.json")).unwrap()).unwrap()
 }
 
-#[test]
-fn nih_as_released_harmonises_shards_and_verifies() {
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().join("ChestX-ray14");
-    std::fs::create_dir_all(root.join("images_001/images")).unwrap();
-    let mut lines = vec![
-        "Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,\
-         OriginalImage[Width, Height],OriginalImagePixelSpacing[x, y]"
-            .to_string(),
-    ];
-    for i in 0..6u16 {
-        let name = format!("0000000{i}_000.png");
-        let pixels: Vec<u16> = (0..24 * 20u16).map(|p| p.wrapping_mul(97 + i)).collect();
-        std::fs::write(
-            root.join("images_001/images").join(&name),
-            radit_sharding::image::encode_png16(24, 20, &pixels),
-        )
-        .unwrap();
-        let labels = ["No Finding", "Effusion|Mass", "Cardiomegaly"][usize::from(i % 3)];
-        lines.push(format!(
-            "{name},{labels},0,{i},{},M,PA,24,20,0.1,0.1",
-            40 + i
-        ));
-    }
-    // A row whose image is missing: rejected by harmonise, not by the shard.
-    lines.push("09999999_000.png,No Finding,0,9,50,F,AP,24,20,0.1,0.1".into());
-    std::fs::write(root.join("Data_Entry_2017_v2020.csv"), lines.join("\n")).unwrap();
+/// Rows each source's fixture writes (read, written), as the per-source tests in sources/tests check them.
+const WRITTEN: [(&str, u64, u64); 7] = [
+    ("MIMIC-CXR", 8, 8),
+    ("CheXpert-Plus", 7, 7),
+    ("ReXGradient-160K", 8, 6),
+    ("PadChest", 5, 5),
+    ("VinDr-CXR", 6, 6),
+    ("NIH-CXR14", 6, 5),
+    ("BRAX", 4, 4),
+];
 
-    let table = dir.path().join("nih.csv");
-    let out = run_ok(
+#[test]
+fn seven_releases_harmonise_into_one_table_that_shards_verifies_and_reads_in_zarr_python() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let out = run_ok(radit().args(["harmonise", "fixtures", "--out"]).arg(&data));
+    assert!(stdout(&out).contains("sources.toml"), "{}", stdout(&out));
+
+    // The survey sees every DICOM of the four DICOM sources without decoding one.
+    let survey = run_ok(
         radit()
-            .args(["harmonise", "nih", "--root"])
-            .arg(&root)
-            .arg("--out")
-            .arg(&table),
+            .args(["dicom", "survey"])
+            .arg(&data)
+            .arg("--json")
+            .arg(dir.path().join("survey.json")),
     );
-    let text = stdout(&out);
-    assert!(
-        text.contains("7 rows read, 6 written, 1 rejected"),
-        "{text}"
-    );
-    assert!(dir.path().join("nih.report.json").exists());
-    let manifest = shard(&table, &root, &dir.path().join("store"));
-    assert_eq!(manifest["counts"]["accepted"], 6, "{manifest}");
-    assert_eq!(manifest["counts"]["rejected_images"], 0, "{manifest}");
+    let text = stdout(&survey);
+    assert!(text.contains("MONOCHROME1"), "{text}");
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("survey.json")).unwrap()).unwrap();
+    assert!(json["dicom"].as_u64().unwrap() >= 10, "{json}");
+    assert_eq!(json["unreadable_count"], 0, "{json}");
 
-    // A release without its table is bad input: exit 2, naming what is missing.
-    let empty = dir.path().join("empty");
-    std::fs::create_dir_all(&empty).unwrap();
-    let bad = radit()
-        .args(["harmonise", "nih", "--root"])
-        .arg(&empty)
-        .arg("--out")
-        .arg(dir.path().join("x.csv"))
-        .output()
-        .unwrap();
-    assert_eq!(bad.status.code(), Some(2), "{}", stderr(&bad));
-    assert!(
-        stderr(&bad).contains("Data_Entry_2017_v2020.csv"),
-        "{}",
-        stderr(&bad)
-    );
-}
-
-#[test]
-fn padchest_as_released_harmonises_and_shards() {
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().join("PadChest");
-    let mut lines = vec![
-        "ImageID,ImageDir,StudyDate_DICOM,StudyID,PatientID,PatientBirth,PatientSex_DICOM,Projection,Labels"
-            .to_string(),
-    ];
-    for i in 0..5u16 {
-        let folder = root.join((i % 2).to_string());
-        std::fs::create_dir_all(&folder).unwrap();
-        let name = format!("{i}_img.png");
-        let pixels: Vec<u16> = (0..20 * 24u16).map(|p| p.wrapping_mul(31 + i)).collect();
-        std::fs::write(
-            folder.join(&name),
-            radit_sharding::image::encode_png16(20, 24, &pixels),
-        )
-        .unwrap();
-        let labels =
-            ["\"['normal']\"", "\"['cardiomegaly', ' NSG tube']\"", "nan"][usize::from(i % 3)];
-        lines.push(format!(
-            "{name},{},2015{:02}01,s{i},p{i},1950,F,PA,{labels}",
-            i % 2,
-            i + 1
-        ));
-    }
-    std::fs::create_dir_all(&root).unwrap();
+    let hold_out = dir.path().join("hold-out.txt");
     std::fs::write(
-        root.join("PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv"),
-        lines.join("\n"),
+        &hold_out,
+        "# CheXGenBench-style list: table ids or native ids\nPadChest:p1_a.png\n00000003_000.png\nno-such-image\n",
     )
     .unwrap();
-    let table = dir.path().join("padchest.csv");
+    let table = dir.path().join("cxr7.csv");
     let out = run_ok(
         radit()
-            .args(["harmonise", "padchest", "--root"])
-            .arg(&root)
+            .args(["harmonise", "all", "--config"])
+            .arg(data.join("sources.toml"))
+            .arg("--images")
+            .arg(&data)
             .arg("--out")
-            .arg(&table),
+            .arg(&table)
+            .arg("--hold-out")
+            .arg(&hold_out),
+    );
+    let text = stdout(&out);
+    let total: u64 = WRITTEN.iter().map(|(_, _, w)| w).sum();
+    for (source, read, written) in WRITTEN {
+        let rejected = read - written;
+        assert!(
+            text.contains(&format!(
+                "{source}: {read} rows read, {written} written, {rejected} rejected"
+            )),
+            "{source}: {text}"
+        );
+    }
+    assert!(
+        text.contains(
+            "held out for test: 2 images; 1 listed ids match no row (first: no-such-image)"
+        ),
+        "{text}"
     );
     assert!(
-        stdout(&out).contains("5 rows read, 5 written, 0 rejected"),
-        "{}",
-        stdout(&out)
+        text.contains(&format!("all: {total} rows from 7 sources")),
+        "{text}"
     );
-    let manifest = shard(&table, &root, &dir.path().join("store"));
-    assert_eq!(manifest["counts"]["accepted"], 5, "{manifest}");
+    assert!(dir.path().join("cxr7.vindr.report.json").exists());
+    assert!(dir.path().join("cxr7.report.txt").exists());
+
+    let store = dir.path().join("store");
+    let manifest = shard(&table, &data, &store);
+    assert_eq!(manifest["counts"]["accepted"], total, "{manifest}");
+    assert_eq!(manifest["counts"]["rejected_images"], 0, "{manifest}");
+    assert!(
+        manifest["image_notes"]["dicom"].as_u64().unwrap() >= 10,
+        "{manifest}"
+    );
+
+    let summary = dir.path().join("zarr.json");
+    check_store_with_zarr_python(&store, &table, &data, &summary);
+    let py: serde_json::Value = serde_json::from_slice(&std::fs::read(&summary).unwrap()).unwrap();
+    let test: Vec<&str> = py["test"]["image_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    // The held-out images, and the rest of their patients' images with them.
+    for id in [
+        "PadChest:p1_a.png",
+        "PadChest:p1_b.png",
+        "NIH-CXR14:00000003_000.png",
+    ] {
+        assert!(test.contains(&id), "{id} not in test: {test:?}");
+    }
+    let stored: usize = ["train", "val", "test"]
+        .iter()
+        .map(|s| py[s]["image_ids"].as_array().unwrap().len())
+        .sum();
+    assert_eq!(stored as u64, total);
 }
 
 #[test]
-fn brax_dicoms_harmonise_and_shard_through_the_dicom_pipeline() {
+fn bad_releases_and_configs_exit_2_naming_what_is_wrong() {
     let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().join("BRAX");
-    let findings = "No Finding,Enlarged Cardiomediastinum,Cardiomegaly,Lung Lesion,Lung Opacity,Edema,\
-Consolidation,Pneumonia,Atelectasis,Pneumothorax,Pleural Effusion,Pleural Other,Fracture,Support Devices";
-    let mut lines = vec![format!(
-        "DicomPath,PngPath,PatientID,AccessionNumber,ViewPosition,PatientSex,PatientAge,Manufacturer,StudyDate,\
-Rows,Columns,{findings}"
-    )];
-    for i in 0..4u16 {
-        let path = format!("Anonymized_DICOMs/id_{i}/Study_1/Series_1/image-{i}.dcm");
-        let file = root.join(&path);
-        std::fs::create_dir_all(file.parent().unwrap()).unwrap();
-        let pixels: Vec<u16> = (0..24 * 20u16).map(|p| (p * (7 + i)) & 0x0FFF).collect();
-        let mut f = radit_dicom::fixture::Fixture::grey(20, 24, 12, pixels);
-        f.photometric = if i % 2 == 0 {
-            "MONOCHROME1"
-        } else {
-            "MONOCHROME2"
-        }
-        .into();
-        f.windows = vec![(2048.0, 3000.0)];
-        std::fs::write(&file, f.to_bytes()).unwrap();
-        let png = path
-            .replace("Anonymized_DICOMs", "images")
-            .replace(".dcm", ".png");
-        lines.push(format!(
-            "{path},{png},{i},a{i},PA,F,{},GE,20190101,20,24,1,,0,,,,,,,,,,,",
-            30 + i
-        ));
-    }
-    std::fs::write(root.join("master_spreadsheet_update.csv"), lines.join("\n")).unwrap();
-    let table = dir.path().join("brax.csv");
-    let out = run_ok(
+    let empty = dir.path().join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let fails = |cmd: &mut std::process::Command, needle: &str| {
+        let out = cmd.output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+        assert!(stderr(&out).contains(needle), "{needle}: {}", stderr(&out));
+    };
+    // A release without its table.
+    fails(
         radit()
-            .args(["harmonise", "brax", "--root"])
-            .arg(&root)
+            .args(["harmonise", "nih", "--root"])
+            .arg(&empty)
             .arg("--out")
-            .arg(&table),
+            .arg(dir.path().join("x.csv")),
+        "Data_Entry_2017_v2020.csv",
     );
-    assert!(
-        stdout(&out).contains("4 rows read, 4 written, 0 rejected"),
-        "{}",
-        stdout(&out)
+    // A source root outside the images folder, and an unknown source.
+    let config = dir.path().join("sources.toml");
+    let all = |config: &Path| {
+        let mut c = radit();
+        c.args(["harmonise", "all", "--config"])
+            .arg(config)
+            .arg("--images")
+            .arg(&empty)
+            .arg("--out")
+            .arg(dir.path().join("all.csv"));
+        c
+    };
+    std::fs::write(&config, "[nih]\nroot = \"../elsewhere\"\n").unwrap();
+    fails(&mut all(&config), "[nih] root `../elsewhere`");
+    std::fs::write(&config, "[chexpert]\nroot = \"x\"\n").unwrap();
+    fails(&mut all(&config), "unknown field `chexpert`");
+    std::fs::write(&config, "[vindr]\nroot = \"v\"\ndefault_view = \"LL\"\n").unwrap();
+    fails(&mut all(&config), "[vindr] default_view");
+    // A bad knob on the command line.
+    fails(
+        radit()
+            .args(["harmonise", "vindr", "--root"])
+            .arg(&empty)
+            .args(["--default-view", "XX", "--out"])
+            .arg(dir.path().join("v.csv")),
+        "--default-view",
     );
-    let manifest = shard(&table, &root, &dir.path().join("store"));
-    assert_eq!(manifest["counts"]["accepted"], 4, "{manifest}");
-    assert_eq!(manifest["image_notes"]["dicom"], 4, "{manifest}");
-    assert_eq!(
-        manifest["image_notes"]["dicom_monochrome1"], 2,
-        "{manifest}"
-    );
+    assert!(!dir.path().join("all.csv").exists(), "nothing written");
 }

@@ -14,6 +14,7 @@
 //! tests/python checks this pipeline to 1 LSB.
 
 pub mod fixture;
+pub mod header;
 pub mod voi;
 
 use std::borrow::Cow;
@@ -28,6 +29,7 @@ use dicom_pixeldata::PixelDecoder;
 use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
 use serde::{Deserialize, Serialize};
 
+pub use header::{DicomHeader, read_header};
 pub use voi::{Lut, WindowFunction};
 
 /// 16k x 16k: far above any radiograph; refused before any pixel is decoded.

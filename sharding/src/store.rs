@@ -310,6 +310,26 @@ impl Storage {
         })
     }
 
+    /// The first `len` bytes of an object (all of it when it is shorter): a file's header without its body.
+    pub fn get_prefix(&self, key: &str, len: u64) -> Result<Bytes, StorageError> {
+        let path = ObjectPath::from(key);
+        let options = object_store::GetOptions {
+            range: Some(object_store::GetRange::Bounded(0..len)),
+            ..Default::default()
+        };
+        self.retry.run("get", &self.describe(key), || {
+            self.runtime
+                .block_on(async {
+                    self.inner
+                        .get_opts(&path, options.clone())
+                        .await?
+                        .bytes()
+                        .await
+                })
+                .map_err(|e| self.io_error(key, e))
+        })
+    }
+
     /// Like [`Storage::get`] but `None` when the object does not exist.
     pub fn get_opt(&self, key: &str) -> Result<Option<Bytes>, StorageError> {
         match self.get(key) {

@@ -183,6 +183,17 @@ impl Audit {
         applied.findings
     }
 
+    /// Like [`Audit::findings`] for an image known to be labelled, even with no label present.
+    pub fn findings_labelled(
+        &mut self,
+        map: &crate::labelmap::LabelMap,
+        labels: &[String],
+    ) -> [crate::output::Finding; 14] {
+        let applied = map.apply_labelled(labels);
+        self.labels_of(map, labels, &applied);
+        applied.findings
+    }
+
     /// A row harmonised: added to `rows` and counted.
     pub fn written(
         &mut self,
@@ -200,7 +211,11 @@ impl Audit {
         labels: &[String],
         applied: &crate::labelmap::Applied,
     ) {
-        if labels.is_empty() {
+        if applied
+            .findings
+            .iter()
+            .all(|f| *f == crate::output::Finding::Missing)
+        {
             self.labels.unparsed_rows += 1;
         }
         for label in labels {
@@ -257,10 +272,12 @@ impl Audit {
                 .collect::<Vec<_>>()
                 .join(", ")
         };
-        s.push_str(&format!(
-            "  labels that set findings: {}\n",
-            list(&l.touched)
-        ));
+        if !l.touched.is_empty() {
+            s.push_str(&format!(
+                "  labels that set findings: {}\n",
+                list(&l.touched)
+            ));
+        }
         if !l.unmapped.is_empty() {
             s.push_str(&format!(
                 "  labels mapped to no finding: {}\n",

@@ -6,9 +6,8 @@
 
 use std::path::Path;
 
-use radit_sharding::schema::FINDINGS;
-
 use crate::audit::{Audit, RowChecks};
+use crate::chexpert::{chexpert_names, finding};
 use crate::output::{Finding, HarmonisedRow, sex_mf};
 use crate::parse::{CsvTable, age_years, locate_table};
 use crate::{SourceError, SourceOptions};
@@ -91,31 +90,6 @@ pub fn brax_age(text: &str, range: AgeRange) -> Option<f64> {
     })
 }
 
-/// A CheXpert label cell: `1`, `0`, `-1` (also `1.0`...), blank; anything else is `None`.
-fn finding(cell: &str) -> Option<Finding> {
-    match cell.trim() {
-        "" => Some(Finding::Missing),
-        "1" | "1.0" => Some(Finding::Positive),
-        "0" | "0.0" => Some(Finding::Negative),
-        "-1" | "-1.0" => Some(Finding::Uncertain),
-        _ => None,
-    }
-}
-
-/// The CheXpert column name of a schema finding: `pleural_effusion` -> `Pleural Effusion`.
-fn chexpert_name(finding: &str) -> String {
-    finding
-        .split('_')
-        .map(|w| {
-            let mut c = w.chars();
-            c.next().map_or_else(String::new, |f| {
-                f.to_ascii_uppercase().to_string() + c.as_str()
-            })
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
 /// Harmonises the release under `opts.source.root`: the rows to write and the audit report.
 pub fn harmonise(brax: &BraxOptions) -> Result<(Vec<HarmonisedRow>, Audit), SourceError> {
     let opts = &brax.source;
@@ -128,7 +102,7 @@ pub fn harmonise(brax: &BraxOptions) -> Result<(Vec<HarmonisedRow>, Audit), Sour
         BraxImage::Dicom => "DicomPath",
         BraxImage::Png => "PngPath",
     };
-    let finding_names: Vec<String> = FINDINGS.iter().map(|f| chexpert_name(f)).collect();
+    let finding_names = chexpert_names();
     let mut names = vec![
         "DicomPath",
         image_column,
@@ -213,6 +187,40 @@ pub fn harmonise(brax: &BraxOptions) -> Result<(Vec<HarmonisedRow>, Audit), Sour
     Ok((rows, audit))
 }
 
+/// A synthetic release under `root`: the CheXpert columns in another order than the documented one, labels as
+/// released (1, 0, -1, -1.0, blank), ages as a number, `85 or more` and a range, the views BRAX has (`RL` among them),
+/// and the DICOMs (one MONOCHROME1 with a window) and PNGs at DicomPath and PngPath.
+pub fn write_fixture(root: &Path) -> std::io::Result<()> {
+    use crate::fixtures::{dicom, png, write};
+    let header = "DicomPath,PngPath,PatientID,AccessionNumber,ViewPosition,PatientSex,PatientAge,Manufacturer,\
+StudyDate,Rows,Columns,Edema,No Finding,Cardiomegaly,Pleural Effusion,Enlarged Cardiomediastinum,Lung Lesion,\
+Lung Opacity,Consolidation,Pneumonia,Atelectasis,Pneumothorax,Pleural Other,Fracture,Support Devices";
+    //  Edema NoF Card PlEff ECM LL LO Cons Pneu Atel Ptx PlOth Frac SD
+    let rows = [
+        ("1", "AP", "M", "45", "-1.0,0,1,0,,,,0,0,0,0,,,1"),
+        ("2", "L", "F", "85 or more", ",,,1,,,,,,,,,,"),
+        ("3", "RL", "O", "60-64", ",1,,,,,,,,,,,,"),
+        ("4", "PA", "F", "50", ",,,,,,1,,,,,,,-1"),
+    ];
+    let mut lines = vec![header.to_string()];
+    for (i, (patient, view, sex, age, labels)) in rows.iter().enumerate() {
+        let dicom_path =
+            format!("Anonymized_DICOMs/id_{patient}/Study_1.{i}/Series_2.{i}/image-3.{i}.dcm");
+        let png_path = format!("images/id_{patient}/Study_1.{i}/Series_2.{i}/image-3.{i}.png");
+        lines.push(format!(
+            "{dicom_path},{png_path},{patient},acc{i},{view},{sex},{age},GE,20190101,20,24,{labels}"
+        ));
+        dicom(&root.join(&dicom_path), 20 + i as u16, |f| {
+            if i == 1 {
+                f.photometric = "MONOCHROME1".into();
+                f.windows = vec![(1800.0, 3000.0)];
+            }
+        })?;
+        png(&root.join(&png_path), 20 + i as u16)?;
+    }
+    write(&root.join(TABLES[0]), (lines.join("\n") + "\n").as_bytes())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -228,15 +236,5 @@ mod tests {
         assert_eq!(brax_age("64-60", AgeRange::Midpoint), None);
         assert_eq!(brax_age("unknown", AgeRange::Midpoint), None);
         assert_eq!(brax_age("", AgeRange::Midpoint), None);
-    }
-
-    #[test]
-    fn chexpert_column_names() {
-        assert_eq!(chexpert_name("pleural_effusion"), "Pleural Effusion");
-        assert_eq!(chexpert_name("no_finding"), "No Finding");
-        assert_eq!(
-            chexpert_name("enlarged_cardiomediastinum"),
-            "Enlarged Cardiomediastinum"
-        );
     }
 }

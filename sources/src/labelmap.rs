@@ -158,10 +158,16 @@ impl LabelMap {
 
     /// The findings of an image labelled with `present` (an image with no labels at all has every finding missing).
     pub fn apply(&self, present: &[String]) -> Applied {
-        let mut out = Applied::default();
         if present.is_empty() {
-            return out;
+            return Applied::default();
         }
+        self.apply_labelled(present)
+    }
+
+    /// The findings of an image known to be labelled, even with no label present (VinDr after a vote none of its
+    /// labels won: every mapped finding is negative).
+    pub fn apply_labelled(&self, present: &[String]) -> Applied {
+        let mut out = Applied::default();
         let mut seen = BTreeSet::new();
         for label in present {
             let key = self.norm(label);

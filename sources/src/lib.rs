@@ -5,13 +5,21 @@
 //!
 //! Sources so far: NIH ChestX-ray14 ([`nih`]), PadChest ([`padchest`]) and BRAX ([`brax`]).
 
+pub mod all;
 pub mod audit;
 pub mod brax;
+pub mod chexpert;
+pub mod chexpert_plus;
+pub mod fixtures;
 pub mod labelmap;
+pub mod mimic;
 pub mod nih;
 pub mod output;
 pub mod padchest;
 pub mod parse;
+pub mod rexgradient;
+pub mod survey;
+pub mod vindr;
 
 use std::path::{Path, PathBuf};
 
@@ -82,10 +90,37 @@ pub enum SourceError {
         root: PathBuf,
         candidates: Vec<String>,
     },
+    #[error("{}: {reason}", path.display())]
+    InvalidConfig { path: PathBuf, reason: String },
+    #[error("{count} image ids appear more than once: {first}")]
+    DuplicateIds { count: usize, first: String },
     #[error("writing {}", path.display())]
     Write {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
+}
+
+/// `f` over `items` on up to `threads` threads, results in order (I/O-bound work such as reading headers).
+pub(crate) fn parallel_map<T: Sync, R: Send>(
+    items: &[T],
+    threads: usize,
+    f: impl Fn(&T) -> R + Sync,
+) -> Vec<R> {
+    let chunk = items.len().div_ceil(threads.clamp(1, 64)).max(1);
+    let f = &f;
+    std::thread::scope(|s| {
+        let handles: Vec<_> = items
+            .chunks(chunk)
+            .map(|part| s.spawn(move || part.iter().map(f).collect::<Vec<R>>()))
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| match h.join() {
+                Ok(v) => v,
+                Err(panic) => std::panic::resume_unwind(panic),
+            })
+            .collect()
+    })
 }

@@ -172,3 +172,50 @@ pub fn harmonise(nih: &NihOptions) -> Result<(Vec<HarmonisedRow>, Audit), Source
     }
     Ok((rows, audit))
 }
+
+/// A synthetic release under `root`: the v2020 table with its split bracketed headers, images in two Kaggle-style
+/// folders, ages as a number, `058Y` and an impossible 414, single, multiple and unknown labels, and one row whose
+/// image is missing (rejected).
+pub fn write_fixture(root: &Path) -> std::io::Result<()> {
+    use crate::fixtures::{png, write};
+    let rows = [
+        ("00000001_000.png", "No Finding", "1", "58", "M", "PA"),
+        ("00000001_001.png", "Effusion|Mass", "1", "058Y", "M", "AP"),
+        (
+            "00000002_000.png",
+            "Cardiomegaly|Infiltration|Hernia",
+            "2",
+            "414",
+            "F",
+            "PA",
+        ),
+        (
+            "00000003_000.png",
+            "Pneumonia|Lung Tumour",
+            "3",
+            "33",
+            "F",
+            "AP",
+        ),
+        ("00000004_000.png", "Pneumothorax", "4", "70", "M", "PA"),
+        ("00000099_000.png", "No Finding", "99", "40", "F", "PA"),
+    ];
+    let mut lines = vec![
+        "Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,\
+         OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y]"
+            .to_string(),
+    ];
+    for (i, (image, labels, patient, age, sex, view)) in rows.iter().enumerate() {
+        lines.push(format!(
+            "{image},{labels},0,{patient},{age},{sex},{view},24,20,0.143,0.143"
+        ));
+        if *patient != "99" {
+            let folder = if i < 3 { "images_001" } else { "images_002" };
+            png(&root.join(folder).join("images").join(image), i as u16)?;
+        }
+    }
+    write(
+        &root.join("Data_Entry_2017_v2020.csv"),
+        (lines.join("\n") + "\n").as_bytes(),
+    )
+}

@@ -71,6 +71,17 @@ pub fn sex_mf(raw: &str) -> Option<&'static str> {
     }
 }
 
+/// A DICOM ViewPosition (0018,5101) as MIMIC-CXR and VinDr-CXR write it: `PA`, `AP`, `LATERAL` or `LL` (left
+/// lateral, the standard lateral); decubitus, oblique, axial and cross-table views are none of the three.
+pub fn view_position(raw: &str) -> Option<&'static str> {
+    match raw.trim().to_ascii_uppercase().as_str() {
+        "PA" => Some("PA"),
+        "AP" => Some("AP"),
+        "LATERAL" | "LL" => Some("Lateral"),
+        _ => None,
+    }
+}
+
 /// Age as the table writes it: up to two decimals, trailing zeros trimmed.
 fn age_text(age: Option<f64>) -> String {
     age.map_or_else(String::new, |a| {

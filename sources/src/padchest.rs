@@ -161,6 +161,70 @@ pub fn harmonise(opts: &SourceOptions) -> Result<(Vec<HarmonisedRow>, Audit), So
     Ok((rows, audit))
 }
 
+/// A synthetic release under `root`: the gzipped table with Python list-literal labels (leading spaces, `NSG tube`,
+/// `nan`, an unknown label), `AP_horizontal` and `COSTAL` projections, an empty and a `1950.0` birth year, and
+/// 16-bit PNGs in numbered folders.
+pub fn write_fixture(root: &std::path::Path) -> std::io::Result<()> {
+    use crate::fixtures::{gzip, png};
+    let rows = [
+        (
+            "p1_a.png",
+            "0",
+            "20150312",
+            "p1",
+            "1932",
+            "M",
+            "PA",
+            "\"['normal']\"",
+        ),
+        (
+            "p1_b.png",
+            "0",
+            "20150312",
+            "p1",
+            "1932.0",
+            "M",
+            "L",
+            "\"['cardiomegaly', ' pleural effusion']\"",
+        ),
+        (
+            "p2_a.png",
+            "1",
+            "20120101",
+            "p2",
+            "",
+            "F",
+            "AP_horizontal",
+            "\"['NSG tube', ' pneumonia']\"",
+        ),
+        (
+            "p3_a.png", "1", "20090605", "p3", "1950.0", "F", "COSTAL", "nan",
+        ),
+        (
+            "p4_a.png",
+            "54",
+            "20170101",
+            "p4",
+            "1960",
+            "O",
+            "AP",
+            "\"['heart insufficiency', 'lung tumour']\"",
+        ),
+    ];
+    let mut lines = vec![
+        "ImageID,ImageDir,StudyDate_DICOM,StudyID,PatientID,PatientBirth,PatientSex_DICOM,ViewPosition_DICOM,\
+         Projection,MethodProjection,Labels"
+            .to_string(),
+    ];
+    for (i, (image, dir, date, patient, birth, sex, view, labels)) in rows.iter().enumerate() {
+        lines.push(format!(
+            "{image},{dir},{date},s{i},{patient},{birth},{sex},POSTEROANTERIOR,{view},Manual review,{labels}"
+        ));
+        png(&root.join(dir).join(image), 10 + i as u16)?;
+    }
+    crate::fixtures::write(&root.join(TABLES[1]), &gzip(&(lines.join("\n") + "\n")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

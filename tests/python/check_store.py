@@ -70,6 +70,9 @@ def expected_rows(table):
 
 
 def normalised(path, size):
+    # DICOM sources go through the VOI pipeline, which tests/python/dicom_twin.py checks; compare PNGs only.
+    if path.suffix.lower() != ".png":
+        return None
     img = Image.open(path)
     if img.mode not in ("I;16", "I;16B", "I"):
         return None

@@ -3,24 +3,32 @@ PS3.3 C.11 independently of the Rust code.
 
     python dicom_twin.py DIR
 
-writes DIR/<case>.dcm with pydicom (the native syntaxes and pydicom's own RLE Lossless encoder), decodes each file
-the pydicom way (pixel_array -> apply_modality_lut -> apply_voi_lut(prefer_lut=True) -> MONOCHROME1 negated ->
-min-max stretch to 0..65535, numpy rint) into DIR/<case>.u16 (little-endian, row-major), and lists the cases with their
-shapes in DIR/index.json. tests/dicom_twin.rs decodes the same files with radit and compares to 1 LSB.
+writes DIR/<case>.dcm with pydicom (the native syntaxes, pydicom's own RLE Lossless encoder, and JPEG baseline
+from Pillow), decodes each file the pydicom way (pixel_array -> apply_modality_lut -> apply_voi_lut(prefer_lut=True)
+-> MONOCHROME1 negated -> min-max stretch to 0..65535, numpy rint) into DIR/<case>.u16 (little-endian, row-major),
+and lists the cases with their shapes and tolerances in DIR/index.json. tests/dicom_twin.rs decodes the same files
+with radit and compares to 1 LSB (two 8-bit steps for the lossy JPEG case).
 """
 
 import json
 import sys
 from pathlib import Path
 
+import io
+
 import numpy as np
 import pydicom
+from PIL import Image
+from pydicom.encaps import encapsulate
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 from pydicom.sequence import Sequence
 from pydicom.uid import (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGLSLossless,
     RLELossless,
     DigitalXRayImageStorageForPresentation,
     generate_uid,
@@ -99,7 +107,39 @@ def cases():
                      np.round(4095 / (1 + np.exp(-(t - 2048) / 400))).astype(np.uint16).tolist())
     add("m2_u12_voi_lut", 35, 37, 16, 12, False, "MONOCHROME2", 11, WindowCenter=2048, WindowWidth=4096,
         VOILUTSequence=Sequence([lut_item]))
+    # JPEG baseline (lossy, 8-bit): Pillow's libjpeg encodes, pydicom decodes with Pillow, radit with jpeg-decoder;
+    # the two IDCTs may differ by one 8-bit step, so this case is compared with that tolerance.
+    add("m2_u8_jpeg_baseline", 40, 48, 8, 8, False, "MONOCHROME2", 12, syntax=JPEGBaseline8Bit)
     return out
+
+
+def codec_cases():
+    """The syntaxes behind radit's cargo features (JPEG 2000 and JPEG-LS, lossless), encoded by pydicom's plugins
+    (pylibjpeg-openjpeg, pyjpegls): `python dicom_twin.py --codecs DIR`."""
+    out = []
+    for name, bits, signed, photometric, seed, syntax, attrs in [
+        ("m1_u12_j2k", 12, False, "MONOCHROME1", 21, JPEG2000Lossless, {"WindowCenter": 1800, "WindowWidth": 2200}),
+        ("m2_u16_j2k", 16, False, "MONOCHROME2", 22, JPEG2000Lossless, {}),
+        ("m1_u12_jls", 12, False, "MONOCHROME1", 23, JPEGLSLossless, {"WindowCenter": 2000, "WindowWidth": 3000}),
+        ("m2_s12_jls_rescale", 12, True, "MONOCHROME2", 24, JPEGLSLossless,
+         {"RescaleSlope": 0.5, "RescaleIntercept": -100}),
+    ]:
+        ds = dataset(radiograph(43, 37, bits, signed, seed), 16, bits, signed, photometric)
+        for k, v in attrs.items():
+            setattr(ds, k, v)
+        out.append((name, ds, syntax))
+    return out
+
+
+def jpeg_encapsulate(ds):
+    """Replaces ds's native 8-bit pixels by one JPEG baseline fragment (pydicom has no JPEG encoder of its own)."""
+    values = np.frombuffer(ds.PixelData, dtype=np.uint8).reshape(ds.Rows, ds.Columns)
+    buf = io.BytesIO()
+    Image.fromarray(values, mode="L").save(buf, format="JPEG", quality=95)
+    ds.PixelData = encapsulate([buf.getvalue()])
+    ds["PixelData"].VR = "OB"
+    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    ds.LossyImageCompression = "01"
 
 
 def twin(path):
@@ -116,19 +156,27 @@ def twin(path):
 
 
 def main():
-    out = Path(sys.argv[1])
+    codecs = "--codecs" in sys.argv[1:]
+    out = Path([a for a in sys.argv[1:] if a != "--codecs"][0])
     out.mkdir(parents=True, exist_ok=True)
     index = []
-    for name, ds, syntax in cases():
+    for name, ds, syntax in codec_cases() if codecs else cases():
         path = out / f"{name}.dcm"
+        tolerance = 1
         if syntax == RLELossless:
             ds.compress(RLELossless)
+        elif syntax in (JPEG2000Lossless, JPEGLSLossless):
+            ds.compress(syntax)
+        elif syntax == JPEGBaseline8Bit:
+            jpeg_encapsulate(ds)
+            tolerance = 2 * 257 + 1
         else:
             ds.file_meta.TransferSyntaxUID = syntax
         ds.save_as(path, enforce_file_format=True)
         pixels = twin(path)
         (out / f"{name}.u16").write_bytes(pixels.tobytes())
-        index.append({"name": name, "rows": int(ds.Rows), "columns": int(ds.Columns), "transfer_syntax": str(syntax)})
+        index.append({"name": name, "rows": int(ds.Rows), "columns": int(ds.Columns), "transfer_syntax": str(syntax),
+                      "tolerance": tolerance})
     (out / "index.json").write_text(json.dumps(index, indent=1))
 
 
