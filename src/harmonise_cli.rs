@@ -106,6 +106,9 @@ pub struct MimicArgs {
     /// dcm (MIMIC-CXR) or jpg (MIMIC-CXR-JPG).
     #[arg(long, default_value = "dcm")]
     image: mimic::MimicImage,
+    /// A subject whose admissions disagree on race: missing (race left missing) or reject (its images dropped).
+    #[arg(long, default_value = "missing")]
+    race_conflict: mimic::RaceConflict,
 }
 
 #[derive(Args)]
@@ -236,6 +239,7 @@ pub fn run_harmonise(cmd: HarmoniseCommand) -> anyhow::Result<u8> {
             opts.labels = a.labels.clone();
             opts.release_labels = a.release_labels;
             opts.image = a.image;
+            opts.race_conflict = a.race_conflict;
             (&a.common, mimic::harmonise(&opts)?)
         }
         HarmoniseCommand::ChexpertPlus(a) => {

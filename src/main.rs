@@ -148,6 +148,10 @@ struct ShardArgs {
     /// A DICOM window that cannot be used: minmax (stretch instead, counted) or reject the image.
     #[arg(long, default_value = "minmax")]
     dicom_bad_window: radit_dicom::BadWindow,
+    /// DICOM pixels marked by PixelPaddingValue (to PixelPaddingRangeLimit): ignore (part of the image) or mask
+    /// (left out of the stretch and black).
+    #[arg(long, default_value = "ignore")]
+    dicom_padding: radit_dicom::Padding,
     /// Seed of the patient-level split hash (for patients without an explicit split).
     #[arg(long, default_value_t = 0)]
     split_seed: u64,
@@ -357,6 +361,7 @@ fn shard_settings(a: &ShardArgs) -> IngestSettings {
             voi: a.dicom_voi,
             voi_index: a.dicom_voi_index,
             bad_window: a.dicom_bad_window,
+            padding: a.dicom_padding,
         },
     }
 }

@@ -15,6 +15,8 @@ struct Case {
     /// Largest difference allowed, in 16-bit steps: 1 for lossless syntaxes (numpy rounds half to even); two 8-bit
     /// steps for JPEG baseline, whose IDCT differs between libjpeg and jpeg-decoder.
     tolerance: u16,
+    /// Decoded with padding masked (`--dicom-padding mask`).
+    mask_padding: bool,
 }
 
 impl Case {
@@ -25,6 +27,7 @@ impl Case {
             columns: v["columns"].as_u64().unwrap() as u32,
             transfer_syntax: v["transfer_syntax"].as_str().unwrap().into(),
             tolerance: v["tolerance"].as_u64().unwrap() as u16,
+            mask_padding: v["padding"] == "mask",
         }
     }
 }
@@ -46,8 +49,17 @@ fn radit_decodes_every_twin_fixture_to_within_one_lsb_of_pydicom() {
     let mut voi = std::collections::BTreeSet::new();
     for case in &index {
         let bytes = std::fs::read(dir.path().join(format!("{}.dcm", case.name))).unwrap();
-        let img = radit_dicom::decode(&bytes, &radit_dicom::DicomOptions::default())
-            .unwrap_or_else(|e| panic!("{}: {e}", case.name));
+        let opts = radit_dicom::DicomOptions {
+            padding: if case.mask_padding {
+                radit_dicom::Padding::Mask
+            } else {
+                radit_dicom::Padding::Ignore
+            },
+            ..radit_dicom::DicomOptions::default()
+        };
+        let img =
+            radit_dicom::decode(&bytes, &opts).unwrap_or_else(|e| panic!("{}: {e}", case.name));
+        assert_eq!(img.notes.padding_masked, case.mask_padding, "{}", case.name);
         assert_eq!(
             (img.width, img.height),
             (case.columns, case.rows),

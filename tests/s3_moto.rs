@@ -95,3 +95,44 @@ fn a_bucket_that_does_not_exist_is_a_clear_error() {
     let err = stderr(&out);
     assert!(err.contains("s3://no-such-bucket/x"), "{err}");
 }
+
+#[test]
+fn a_dicom_release_in_a_bucket_is_surveyed_from_ranged_reads_like_on_disk() {
+    let moto = MotoServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    run_ok(radit().args(["harmonise", "fixtures", "--out"]).arg(&data));
+    let vindr = data.join("vindr-cxr");
+    // A header longer than the first 64 KiB read (a 32,767-entry VOI LUT before the pixels): read whole instead.
+    let mut big = radit_dicom::fixture::Fixture::grey(8, 8, 16, (0..64).map(|i| i * 500).collect());
+    big.voi_lut = Some(radit_dicom::Lut {
+        first: 0,
+        bits: 16,
+        entries: (0..32_767).map(|i| i * 2).collect(),
+    });
+    assert!(big.to_bytes().len() > 66_000);
+    std::fs::write(vindr.join("big-header.dcm"), big.to_bytes()).unwrap();
+    run_ok(
+        python()
+            .envs(moto.env())
+            .arg(repo().join("bench/s3_upload.py"))
+            .arg(&vindr)
+            .args(["releases", "vindr-cxr"]),
+    );
+    let survey = |location: &str, json: &str| -> serde_json::Value {
+        let path = dir.path().join(json);
+        run_ok(
+            radit()
+                .args(["dicom", "survey", location, "--json"])
+                .arg(&path)
+                .envs(moto.env()),
+        );
+        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap()
+    };
+    let s3 = survey("s3://releases/vindr-cxr", "s3.json");
+    let disk = survey(vindr.to_str().unwrap(), "disk.json");
+    assert_eq!(s3["dicom"], 7, "{s3}");
+    assert_eq!(s3["unreadable_count"], 0, "{s3}");
+    assert_eq!(s3["fields"], disk["fields"]);
+    assert_eq!(s3["fields"]["VOI LUT sequence items"]["1"], 1, "{s3}");
+}

@@ -30,6 +30,8 @@ pub struct Fixture {
     pub patient_age: Option<String>,
     pub patient_sex: Option<String>,
     pub view_position: Option<String>,
+    /// PixelPaddingValue and PixelPaddingRangeLimit (stored values, US).
+    pub padding: Option<(u16, Option<u16>)>,
 }
 
 impl Fixture {
@@ -52,6 +54,7 @@ impl Fixture {
             patient_age: None,
             patient_sex: None,
             view_position: None,
+            padding: None,
         }
     }
 
@@ -109,6 +112,12 @@ impl Fixture {
             };
             text(&mut o, tags::WINDOW_CENTER, VR::DS, &join(|w| w.0));
             text(&mut o, tags::WINDOW_WIDTH, VR::DS, &join(|w| w.1));
+        }
+        if let Some((value, limit)) = self.padding {
+            us(&mut o, tags::PIXEL_PADDING_VALUE, value);
+            if let Some(limit) = limit {
+                us(&mut o, tags::PIXEL_PADDING_RANGE_LIMIT, limit);
+            }
         }
         if let Some(f) = &self.function {
             text(&mut o, tags::VOILUT_FUNCTION, VR::CS, f);

@@ -85,6 +85,28 @@ impl std::str::FromStr for BadWindow {
     }
 }
 
+/// What to do with the pixels PixelPaddingValue (to PixelPaddingRangeLimit) marks as padding, outside the body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Padding {
+    /// Treat them like any pixel (the paper's "normalised to the full range" over the whole image).
+    #[default]
+    Ignore,
+    /// Leave them out of the stretch's minimum and maximum and make them black.
+    Mask,
+}
+
+impl std::str::FromStr for Padding {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "ignore" => Ok(Self::Ignore),
+            "mask" => Ok(Self::Mask),
+            other => Err(format!("`{other}`: expected ignore or mask")),
+        }
+    }
+}
+
 /// The settings of the pixel pipeline.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -96,6 +118,8 @@ pub struct DicomOptions {
     pub voi_index: usize,
     #[serde(default)]
     pub bad_window: BadWindow,
+    #[serde(default)]
+    pub padding: Padding,
 }
 
 impl DicomOptions {
@@ -123,6 +147,8 @@ pub struct DicomNotes {
     pub bad_window: bool,
     /// The file has more than one frame; the first was used.
     pub multiframe: bool,
+    /// Pixels marked as padding were masked ([`Padding::Mask`] and a PixelPaddingValue).
+    pub padding_masked: bool,
 }
 
 /// A decoded radiograph: `width` x `height` full-range 16-bit samples, row-major.
@@ -226,19 +252,31 @@ pub fn decode(bytes: &[u8], opts: &DicomOptions) -> Result<DicomImage, DicomProb
             _ => 0,
         });
     let stored = raw.map(|r| voi::stored_value(r, header.bits_stored.into(), header.signed));
+    let padding = header.padding.filter(|_| opts.padding == Padding::Mask);
     let mut notes = DicomNotes {
         transfer_syntax: uid,
         monochrome1: header.monochrome1,
         multiframe: header.frames > 1,
+        padding_masked: padding.is_some(),
         ..DicomNotes::default()
     };
     let modality = header.modality.clone();
-    let values: Vec<f64> = stored.map(|s| modality.apply(s)).collect();
+    // The padding mask is of stored values (PS3.3 C.7.5.1.1.2), taken in the same pass.
+    let mut mask = Vec::new();
+    let values: Vec<f64> = stored
+        .map(|s| {
+            if let Some((lo, hi)) = padding {
+                mask.push((lo..=hi).contains(&s));
+            }
+            modality.apply(s)
+        })
+        .collect();
     let mut values = apply_voi(values, &header, opts, &mut notes)?;
     if header.monochrome1 {
         values.iter_mut().for_each(|v| *v = -*v);
     }
-    let pixels = voi::stretch(&values).ok_or(DicomProblem::Constant)?;
+    let mask = padding.map(|_| &mask[..]);
+    let pixels = voi::stretch_except(&values, mask).ok_or(DicomProblem::Constant)?;
     Ok(DicomImage {
         width: header.columns,
         height: header.rows,
@@ -299,6 +337,8 @@ struct Header {
     frames: u32,
     modality: Modality,
     voi_luts: Vec<Lut>,
+    /// Stored values that are padding: PixelPaddingValue to PixelPaddingRangeLimit, in order.
+    padding: Option<(i64, i64)>,
     centres: Vec<f64>,
     widths: Vec<f64>,
     functions: Vec<String>,
@@ -451,6 +491,19 @@ impl Header {
                     .unwrap_or(0.0),
             },
         };
+        // US or SS by PixelRepresentation; read as US, a signed value needs its sign.
+        let sample = |v: i64| if signed && v > 32_767 { v - 65_536 } else { v };
+        let padding_value = int(obj, tags::PIXEL_PADDING_VALUE, "PixelPaddingValue")?.map(sample);
+        let padding_limit = int(
+            obj,
+            tags::PIXEL_PADDING_RANGE_LIMIT,
+            "PixelPaddingRangeLimit",
+        )?
+        .map(sample);
+        let padding = padding_value.map(|v| {
+            let l = padding_limit.unwrap_or(v);
+            (v.min(l), v.max(l))
+        });
         Ok(Self {
             rows: rows as u32,
             columns: columns as u32,
@@ -461,6 +514,7 @@ impl Header {
             frames,
             modality,
             voi_luts: sequence_luts(obj, tags::VOILUT_SEQUENCE, "VOILUTSequence")?,
+            padding,
             centres: floats(obj, tags::WINDOW_CENTER, "WindowCenter")?,
             widths: floats(obj, tags::WINDOW_WIDTH, "WindowWidth")?,
             functions: text(obj, tags::VOILUT_FUNCTION)
@@ -678,6 +732,32 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("WindowWidth"), "{e}");
+    }
+
+    #[test]
+    fn padding_is_masked_only_when_asked() {
+        // Stored 0 and 4095 are padding (value 4095, limit 4090 given the other way round); the body is 100..=300.
+        let mut f = Fixture::grey(1, 6, 12, vec![4095, 100, 200, 300, 4092, 0]);
+        f.padding = Some((4095, Some(4090)));
+        let mask = DicomOptions {
+            padding: Padding::Mask,
+            ..DicomOptions::default()
+        };
+        let img = decode(&f.to_bytes(), &mask).unwrap();
+        assert!(img.notes.padding_masked);
+        // 0 is not padding: it is the body's minimum now.
+        assert_eq!(img.pixels, vec![0, 21_845, 43_690, 65_535, 0, 0]);
+        let plain = decoded(&f).unwrap();
+        assert!(!plain.notes.padding_masked);
+        assert_eq!(
+            plain.pixels[0], 65_535,
+            "ignored by default: the padding is the maximum"
+        );
+        // MONOCHROME1: the body inverted, the padding still black.
+        f.photometric = "MONOCHROME1".into();
+        f.pixels[5] = 4091;
+        let img = decode(&f.to_bytes(), &mask).unwrap();
+        assert_eq!(img.pixels, vec![0, 65_535, 32_768, 0, 0, 0]);
     }
 
     #[test]

@@ -98,9 +98,18 @@ impl WindowFunction {
 /// Maps `values` linearly onto 0..=65535 (lowest to 0, highest to 65535, rounded half away from zero);
 /// `None` when every value is the same.
 pub fn stretch(values: &[f64]) -> Option<Vec<u16>> {
+    stretch_except(values, None)
+}
+
+/// [`stretch`] leaving out the values `mask` marks (padding): they take no part in the minimum and maximum and
+/// become 0.
+pub fn stretch_except(values: &[f64], mask: Option<&[bool]>) -> Option<Vec<u16>> {
+    let masked = |i: usize| mask.is_some_and(|m| m.get(i).copied().unwrap_or(false));
     let (lo, hi) = values
         .iter()
-        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &v| {
+        .enumerate()
+        .filter(|&(i, _)| !masked(i))
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), (_, &v)| {
             (lo.min(v), hi.max(v))
         });
     // Also None for an empty or NaN-only input (hi is then -inf or NaN).
@@ -111,7 +120,14 @@ pub fn stretch(values: &[f64]) -> Option<Vec<u16>> {
     Some(
         values
             .iter()
-            .map(|&v| ((v - lo) * scale).round().clamp(0.0, 65_535.0) as u16)
+            .enumerate()
+            .map(|(i, &v)| {
+                if masked(i) {
+                    0
+                } else {
+                    ((v - lo) * scale).round().clamp(0.0, 65_535.0) as u16
+                }
+            })
             .collect(),
     )
 }

@@ -57,6 +57,8 @@ pub struct DicomNotes {
     pub voi_lut: bool,
     /// The window could not be used; the image was stretched instead.
     pub bad_window: bool,
+    /// Its padding pixels were masked.
+    pub padding_masked: bool,
 }
 
 /// Decodes a PNG into 16-bit greyscale. 8-bit samples are widened (v * 257); palette and low bit depths are expanded.
@@ -209,6 +211,7 @@ pub fn decode_dicom(
             windowed: matches!(d.notes.voi, radit_dicom::AppliedVoi::Window(_)),
             voi_lut: d.notes.voi == radit_dicom::AppliedVoi::Lut,
             bad_window: d.notes.bad_window,
+            padding_masked: d.notes.padding_masked,
         }),
     };
     let img = Grey16 {

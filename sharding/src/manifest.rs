@@ -60,7 +60,8 @@ pub struct ImageNoteCounts {
     pub grey_stored_as_rgb: u64,
     pub resized: u64,
     /// DICOM files, and of them: MONOCHROME1 (inverted), windowed, through a VOI LUT, with a window that could not
-    /// be used (stretched instead). Left out when zero: manifests of PNG-only stores read as before.
+    /// be used (stretched instead), with padding masked. Left out when zero: manifests of PNG-only stores read as
+    /// before.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub dicom: u64,
     #[serde(default, skip_serializing_if = "is_zero")]
@@ -71,6 +72,8 @@ pub struct ImageNoteCounts {
     pub dicom_voi_lut: u64,
     #[serde(default, skip_serializing_if = "is_zero")]
     pub dicom_bad_window: u64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub dicom_padding_masked: u64,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -87,6 +90,7 @@ impl ImageNoteCounts {
         self.dicom_windowed += other.dicom_windowed;
         self.dicom_voi_lut += other.dicom_voi_lut;
         self.dicom_bad_window += other.dicom_bad_window;
+        self.dicom_padding_masked += other.dicom_padding_masked;
     }
 
     /// Counts one accepted image.
@@ -100,6 +104,7 @@ impl ImageNoteCounts {
             self.dicom_windowed += u64::from(d.windowed);
             self.dicom_voi_lut += u64::from(d.voi_lut);
             self.dicom_bad_window += u64::from(d.bad_window);
+            self.dicom_padding_masked += u64::from(d.padding_masked);
         }
     }
 }
@@ -186,8 +191,13 @@ impl Manifest {
         if n.dicom > 0 {
             s.push_str(&format!(
                 "  DICOM: {} files, {} MONOCHROME1 inverted, {} windowed, {} through a VOI LUT, {} with an unusable \
-                 window (stretched instead)\n",
-                n.dicom, n.dicom_monochrome1, n.dicom_windowed, n.dicom_voi_lut, n.dicom_bad_window
+                 window (stretched instead), {} with padding masked\n",
+                n.dicom,
+                n.dicom_monochrome1,
+                n.dicom_windowed,
+                n.dicom_voi_lut,
+                n.dicom_bad_window,
+                n.dicom_padding_masked
             ));
         }
         s

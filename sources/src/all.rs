@@ -75,6 +75,7 @@ section!(MimicSection {
     labels: Option<PathBuf>,
     release_labels: Option<String>,
     image: Option<String>,
+    race_conflict: Option<String>,
 });
 section!(ChexpertPlusSection {
     labels: Option<PathBuf>,
@@ -239,6 +240,8 @@ fn plan(
         m.release_labels =
             knob(&s.release_labels, "mimic", "release_labels", path)?.unwrap_or(m.release_labels);
         m.image = knob(&s.image, "mimic", "image", path)?.unwrap_or(m.image);
+        m.race_conflict =
+            knob(&s.race_conflict, "mimic", "race_conflict", path)?.unwrap_or(m.race_conflict);
         planned.push(("mimic", rel, Planned::Mimic(m)));
     }
     if let Some(s) = &config.chexpert_plus {

@@ -15,43 +15,21 @@ use crate::{SourceError, SourceOptions};
 pub const DATASET: &str = "BRAX";
 pub const TABLES: [&str; 2] = ["master_spreadsheet_update.csv", "master_spreadsheet.csv"];
 
-/// Which of the release's copies of each image the table points at.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum BraxImage {
-    /// `DicomPath` (the original pixels; the paper's choice for DICOM sources).
-    #[default]
-    Dicom,
-    /// `PngPath` (16-bit PNGs).
-    Png,
-}
-
-impl std::str::FromStr for BraxImage {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "dicom" => Ok(Self::Dicom),
-            "png" => Ok(Self::Png),
-            other => Err(format!("`{other}`: expected dicom or png")),
-        }
+choice! {
+    /// Which of the release's copies of each image the table points at.
+    pub enum BraxImage {
+        /// `DicomPath` (the original pixels; the paper's choice for DICOM sources).
+        Dicom = "dicom",
+        /// `PngPath` (16-bit PNGs).
+        Png = "png",
     }
 }
 
-/// How an age range such as `60-64` becomes one age.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum AgeRange {
-    #[default]
-    Midpoint,
-    Lower,
-}
-
-impl std::str::FromStr for AgeRange {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "midpoint" => Ok(Self::Midpoint),
-            "lower" => Ok(Self::Lower),
-            other => Err(format!("`{other}`: expected midpoint or lower")),
-        }
+choice! {
+    /// How an age range such as `60-64` becomes one age.
+    pub enum AgeRange {
+        Midpoint = "midpoint",
+        Lower = "lower",
     }
 }
 

@@ -24,24 +24,13 @@ pub const TABLE: &str = "df_chexpert_plus_240401.csv";
 /// The labels read when `--labels` is not given, relative to the root.
 pub const LABELS: &str = "chexbert_labels/report_fixed.json";
 
-/// Which copy of each image the table points at.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum PlusImage {
-    /// The DICOMs (`path_to_dcm` under `dicom_dir`; the paper's choice).
-    #[default]
-    Dicom,
-    /// The PNGs (`path_to_image` as `.png` under `png_dir`).
-    Png,
-}
-
-impl std::str::FromStr for PlusImage {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "dicom" => Ok(Self::Dicom),
-            "png" => Ok(Self::Png),
-            other => Err(format!("`{other}`: expected dicom or png")),
-        }
+choice! {
+    /// Which copy of each image the table points at.
+    pub enum PlusImage {
+        /// The DICOMs (`path_to_dcm` under `dicom_dir`; the paper's choice).
+        Dicom = "dicom",
+        /// The PNGs (`path_to_image` as `.png` under `png_dir`).
+        Png = "png",
     }
 }
 

@@ -90,3 +90,32 @@ pub fn write_all(dir: &Path) -> std::io::Result<Releases> {
     crate::brax::write_fixture(&r.brax)?;
     Ok(r)
 }
+
+/// The rows whose image is missing, does not decode as `radit shard` decodes it (DICOM or PNG by content), is not
+/// 24x20 or is constant, with why: empty when the fixture keeps its promise that its tables shard with no image
+/// rejected.
+pub fn undecodable(root: &Path, rows: &[crate::output::HarmonisedRow]) -> Vec<String> {
+    use radit_sharding::image::{decode_dicom, decode_png};
+    rows.iter()
+        .filter_map(|r| {
+            let bytes = std::fs::read(root.join(&r.path)).map_err(|e| e.to_string());
+            let decoded = bytes.and_then(|b| {
+                if radit_dicom::is_dicom(&b) {
+                    decode_dicom(&b, &radit_dicom::DicomOptions::default())
+                } else {
+                    decode_png(&b)
+                }
+                .map_err(|e| format!("{e:?}"))
+            });
+            let why = match decoded {
+                Err(e) => e,
+                Ok((img, _)) if (img.width, img.height) != (24, 20) => {
+                    format!("{}x{}", img.width, img.height)
+                }
+                Ok((img, _)) if img.pixels.iter().all(|&p| p == img.pixels[0]) => "constant".into(),
+                Ok(_) => return None,
+            };
+            Some(format!("{}: {why}", r.path))
+        })
+        .collect()
+}

@@ -5,6 +5,39 @@
 //!
 //! Sources so far: NIH ChestX-ray14 ([`nih`]), PadChest ([`padchest`]) and BRAX ([`brax`]).
 
+/// A knob with fixed spellings: the enum (its first variant the default) and `FromStr`, whose error lists the
+/// spellings.
+macro_rules! choice {
+    ($(#[$meta:meta])* pub enum $name:ident {
+        $($(#[doc = $doc:literal])* $variant:ident = $text:literal),+ $(,)?
+    }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub enum $name {
+            $($(#[doc = $doc])* $variant),+
+        }
+
+        impl Default for $name {
+            fn default() -> Self {
+                choice!(@first $($variant),+)
+            }
+        }
+
+        impl std::str::FromStr for $name {
+            type Err = String;
+            fn from_str(s: &str) -> Result<Self, String> {
+                match s {
+                    $($text => Ok(Self::$variant),)+
+                    other => Err(format!("`{other}`: expected {}", [$($text),+].join(" or "))),
+                }
+            }
+        }
+    };
+    (@first $first:ident $(, $rest:ident)*) => {
+        Self::$first
+    };
+}
+
 pub mod all;
 pub mod audit;
 pub mod brax;

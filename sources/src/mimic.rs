@@ -31,33 +31,32 @@ pub const TABLES: [&str; 2] = [
 /// The audit column of the derived age.
 pub const AGE_COLUMN: &str = "age (anchor_age + year(StudyDate) - anchor_year)";
 
-/// Which copy of each image the table points at.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum MimicImage {
-    /// MIMIC-CXR's DICOMs (`.dcm`).
-    #[default]
-    Dcm,
-    /// MIMIC-CXR-JPG's JPEGs (`.jpg`).
-    Jpg,
-}
-
-impl std::str::FromStr for MimicImage {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "dcm" => Ok(Self::Dcm),
-            "jpg" => Ok(Self::Jpg),
-            other => Err(format!("`{other}`: expected dcm or jpg")),
-        }
+choice! {
+    /// Which copy of each image the table points at.
+    pub enum MimicImage {
+        /// MIMIC-CXR's DICOMs (`.dcm`).
+        Dcm = "dcm",
+        /// MIMIC-CXR-JPG's JPEGs (`.jpg`).
+        Jpg = "jpg",
     }
 }
 
-/// The release's label file read when no CheXbert output is given.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum MimicLabels {
-    #[default]
-    Chexpert,
-    Negbio,
+choice! {
+    /// The release's label file read when no CheXbert output is given.
+    pub enum MimicLabels {
+        Chexpert = "chexpert",
+        Negbio = "negbio",
+    }
+}
+
+choice! {
+    /// What a subject whose admissions record more than one race gets.
+    pub enum RaceConflict {
+        /// Race missing, the images kept (ours: the paper keeps every image).
+        Missing = "missing",
+        /// The images rejected (chexploration's recipe drops such patients).
+        Reject = "reject",
+    }
 }
 
 impl MimicLabels {
@@ -75,17 +74,6 @@ impl MimicLabels {
     }
 }
 
-impl std::str::FromStr for MimicLabels {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "chexpert" => Ok(Self::Chexpert),
-            "negbio" => Ok(Self::Negbio),
-            other => Err(format!("`{other}`: expected chexpert or negbio")),
-        }
-    }
-}
-
 /// What `radit harmonise mimic` reads and how.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MimicOptions {
@@ -96,6 +84,8 @@ pub struct MimicOptions {
     pub labels: Option<PathBuf>,
     pub release_labels: MimicLabels,
     pub image: MimicImage,
+    /// A subject whose admissions disagree on race.
+    pub race_conflict: RaceConflict,
 }
 
 impl MimicOptions {
@@ -106,6 +96,7 @@ impl MimicOptions {
             labels: None,
             release_labels: MimicLabels::default(),
             image: MimicImage::default(),
+            race_conflict: RaceConflict::default(),
         }
     }
 }
@@ -289,6 +280,11 @@ pub fn harmonise(mimic: &MimicOptions) -> Result<(Vec<HarmonisedRow>, Audit), So
         let raw_sex = patient.map_or("(subject not in patients)", |p| p.gender.as_str());
         let sex = audit.mapped("gender", raw_sex, sex_mf(raw_sex));
         let (raw_race, race) = mimic_race(races.get(subject));
+        if mimic.race_conflict == RaceConflict::Reject && raw_race.starts_with("inconsistent") {
+            let reason = format!("subject {subject}: {raw_race}");
+            audit.reject(&table, line, id, "inconsistent race", reason);
+            continue;
+        }
         let race = audit.mapped(&race_column, &raw_race, race);
         let raw_view = field(view_col);
         let view = audit.mapped("ViewPosition", raw_view, view_position(raw_view));

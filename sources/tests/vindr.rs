@@ -99,6 +99,10 @@ fn the_vote_the_consensus_and_the_headers_give_the_hand_written_rows() {
     ];
     assert_eq!(got, expected);
     assert_eq!(
+        radit_sources::fixtures::undecodable(dir.path(), &rows),
+        [""; 0]
+    );
+    assert_eq!(
         (audit.rows.read, audit.rows.written, audit.rows.rejected),
         (6, 6, 0)
     );

@@ -107,6 +107,13 @@ def cases():
                      np.round(4095 / (1 + np.exp(-(t - 2048) / 400))).astype(np.uint16).tolist())
     add("m2_u12_voi_lut", 35, 37, 16, 12, False, "MONOCHROME2", 11, WindowCenter=2048, WindowWidth=4096,
         VOILUTSequence=Sequence([lut_item]))
+    # Padding outside the body (a collimated border at the largest stored value), masked with --dicom-padding mask.
+    add("m1_u12_padding_masked", 36, 30, 16, 12, False, "MONOCHROME1", 13, WindowCenter=1800, WindowWidth=2600,
+        PixelPaddingValue=4095, PixelPaddingRangeLimit=4000)
+    ds = out[-1][1]
+    border = np.frombuffer(ds.PixelData, dtype=np.uint16).reshape(ds.Rows, ds.Columns).copy()
+    border[:3, :], border[-3:, :], border[:, :2] = 4095, 4000, 4050
+    ds.PixelData = border.tobytes()
     # JPEG baseline (lossy, 8-bit): Pillow's libjpeg encodes, pydicom decodes with Pillow, radit with jpeg-decoder;
     # the two IDCTs may differ by one 8-bit step, so this case is compared with that tolerance.
     add("m2_u8_jpeg_baseline", 40, 48, 8, 8, False, "MONOCHROME2", 12, syntax=JPEGBaseline8Bit)
@@ -142,17 +149,26 @@ def jpeg_encapsulate(ds):
     ds.LossyImageCompression = "01"
 
 
-def twin(path):
-    """The pydicom pipeline: the reference radit's pixels are compared to."""
+def twin(path, mask_padding=False):
+    """The pydicom pipeline: the reference radit's pixels are compared to. With mask_padding, stored values from
+    PixelPaddingValue to PixelPaddingRangeLimit (PS3.3 C.7.5.1.1.2) are left out of the stretch and made black."""
     ds = pydicom.dcmread(path)
     a = ds.pixel_array
+    padding = np.zeros(a.shape, dtype=bool)
+    if mask_padding and "PixelPaddingValue" in ds:
+        v = ds.PixelPaddingValue
+        limit = ds.get("PixelPaddingRangeLimit", v)
+        padding = (a >= min(v, limit)) & (a <= max(v, limit))
     a = apply_modality_lut(a, ds)
     a = apply_voi_lut(a, ds, index=0, prefer_lut=True)
     a = np.asarray(a, dtype=np.float64)
     if ds.PhotometricInterpretation == "MONOCHROME1":
         a = -a
-    lo, hi = a.min(), a.max()
-    return np.rint((a - lo) / (hi - lo) * 65535).astype("<u2")
+    body = a[~padding]
+    lo, hi = body.min(), body.max()
+    out = np.rint((a - lo) / (hi - lo) * 65535)
+    out[padding] = 0
+    return out.astype("<u2")
 
 
 def main():
@@ -173,10 +189,11 @@ def main():
         else:
             ds.file_meta.TransferSyntaxUID = syntax
         ds.save_as(path, enforce_file_format=True)
-        pixels = twin(path)
+        mask_padding = name.endswith("_padding_masked")
+        pixels = twin(path, mask_padding)
         (out / f"{name}.u16").write_bytes(pixels.tobytes())
         index.append({"name": name, "rows": int(ds.Rows), "columns": int(ds.Columns), "transfer_syntax": str(syntax),
-                      "tolerance": tolerance})
+                      "tolerance": tolerance, "padding": "mask" if mask_padding else "ignore"})
     (out / "index.json").write_text(json.dumps(index, indent=1))
 
 
