@@ -72,6 +72,7 @@ impl RowChecks {
             let kind = format!("empty {}", self.patient_column);
             return reject(audit, image, kind.clone(), kind);
         }
+        audit.at(&self.table, line, image);
         true
     }
 
@@ -80,11 +81,21 @@ impl RowChecks {
     }
 }
 
+/// The entry of `key`, created empty the first time: a key is allocated once, not on every count (harmonising
+/// counts a dozen values a row).
+fn slot<'a, V: Default>(map: &'a mut BTreeMap<String, V>, key: &str) -> &'a mut V {
+    if !map.contains_key(key) {
+        map.insert(key.to_string(), V::default());
+    }
+    map.get_mut(key).expect("inserted above")
+}
+
 /// Rejections kept in full in the report; the counts are always complete.
 const KEPT_REJECTIONS: usize = 1000;
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Rejected {
+/// A row named by its file, line (0 where the input is JSON) and id, and what about it.
+pub struct RowIssue {
     pub file: String,
     pub line: u64,
     pub id: String,
@@ -117,7 +128,14 @@ pub struct Audit {
     pub label_map: String,
     pub rows: RowCounts,
     pub rejected_by_reason: BTreeMap<String, u64>,
-    pub rejections: Vec<Rejected>,
+    pub rejections: Vec<RowIssue>,
+    /// Rows written with a value that could not be used (an unparsed age or date, an age out of range, a label
+    /// outside the map): how many of each kind, and the first of them with their file and line.
+    pub noted_by_kind: BTreeMap<String, u64>,
+    pub notes: Vec<RowIssue>,
+    /// The row being mapped, that notes name.
+    #[serde(skip)]
+    at: Option<(String, u64, String)>,
     /// Raw column -> raw value -> mapped value ("" = missing) -> rows.
     pub values: BTreeMap<String, BTreeMap<String, BTreeMap<String, u64>>>,
     pub labels: LabelCounts,
@@ -142,16 +160,63 @@ impl Audit {
         value
     }
 
+    /// The row the next notes are about.
+    pub fn at(&mut self, file: &Path, line: u64, id: &str) {
+        self.at = Some((file.display().to_string(), line, id.to_string()));
+    }
+
+    /// A value of the current row ([`Audit::at`]) that could not be used; the row is still written.
+    pub fn note(&mut self, kind: &str, text: String) {
+        *slot(&mut self.noted_by_kind, kind) += 1;
+        if self.notes.len() < KEPT_REJECTIONS {
+            let (file, line, id) = self.at.clone().unwrap_or_default();
+            self.notes.push(RowIssue {
+                file,
+                line,
+                id,
+                reason: format!("{kind}: {text}"),
+            });
+        }
+    }
+
+    /// An age as a source read it from `raw`: `parsed` is the years, `Ok(None)` for an empty cell, or why it is
+    /// not an age. Kept when plausible; an unparsed or implausible age is noted with its row; counted raw -> kept.
+    pub fn age(
+        &mut self,
+        column: &str,
+        raw: &str,
+        parsed: Result<Option<f64>, String>,
+        opts: &crate::SourceOptions,
+    ) -> Option<f64> {
+        let kept = match parsed {
+            Ok(Some(a)) => {
+                let kept = opts.plausible(a);
+                if kept.is_none() {
+                    let range = format!("{}..={}", opts.age_min, opts.age_max);
+                    self.note(
+                        "age out of range",
+                        format!("{column} `{raw}` is {a} years, not in {range}"),
+                    );
+                }
+                kept
+            }
+            Ok(None) => None,
+            Err(why) => {
+                self.note("age not understood", format!("{column} `{raw}`: {why}"));
+                None
+            }
+        };
+        self.value(
+            column,
+            raw,
+            &kept.map_or_else(String::new, |a| format!("{a}")),
+        );
+        kept
+    }
+
     /// One raw value of `column` and what it became.
     pub fn value(&mut self, column: &str, raw: &str, mapped: &str) {
-        *self
-            .values
-            .entry(column.into())
-            .or_default()
-            .entry(raw.into())
-            .or_default()
-            .entry(mapped.into())
-            .or_default() += 1;
+        *slot(slot(slot(&mut self.values, column), raw), mapped) += 1;
     }
 
     /// A row that could not be used. `reason_kind` groups the counts ("duplicate image id"); `reason` is the full
@@ -163,7 +228,7 @@ impl Audit {
             .entry(reason_kind.into())
             .or_default() += 1;
         if self.rejections.len() < KEPT_REJECTIONS {
-            self.rejections.push(Rejected {
+            self.rejections.push(RowIssue {
                 file: file.display().to_string(),
                 line,
                 id: id.into(),
@@ -229,6 +294,7 @@ impl Audit {
         }
         for label in &applied.unknown {
             *self.labels.unknown.entry(label.clone()).or_default() += 1;
+            self.note("label not in the map", format!("`{label}`"));
         }
         for label in &applied.unmapped {
             *self.labels.unmapped.entry(label.clone()).or_default() += 1;
@@ -245,6 +311,15 @@ impl Audit {
             s.push_str(&format!("  rejected, {reason}: {n}\n"));
         }
         for r in self.rejections.iter().take(10) {
+            s.push_str(&format!(
+                "    {} line {} ({}): {}\n",
+                r.file, r.line, r.id, r.reason
+            ));
+        }
+        for (kind, n) in &self.noted_by_kind {
+            s.push_str(&format!("  written with a note, {kind}: {n}\n"));
+        }
+        for r in self.notes.iter().take(10) {
             s.push_str(&format!(
                 "    {} line {} ({}): {}\n",
                 r.file, r.line, r.id, r.reason

@@ -130,12 +130,12 @@ pub fn harmonise(brax: &BraxOptions) -> Result<(Vec<HarmonisedRow>, Audit), Sour
             continue;
         }
         let raw_age = field(age_col);
-        let age = brax_age(raw_age, brax.age_range).and_then(|a| opts.plausible(a));
-        audit.value(
-            "PatientAge",
-            raw_age,
-            &age.map_or_else(String::new, |a| format!("{a}")),
-        );
+        let parsed = match brax_age(raw_age, brax.age_range) {
+            _ if raw_age.is_empty() => Ok(None),
+            Some(a) => Ok(Some(a)),
+            None => Err("not a number, an Age String, `NN or more` or a range".to_string()),
+        };
+        let age = audit.age("PatientAge", raw_age, parsed, opts);
         let raw_sex = field(sex_col);
         let sex = audit.mapped("PatientSex", raw_sex, sex_mf(raw_sex));
         let raw_view = field(view_col);

@@ -172,16 +172,14 @@ pub fn harmonise(plus: &ChexpertPlusOptions) -> Result<(Vec<HarmonisedRow>, Audi
             continue;
         }
         let raw_age = field(age_col);
-        let age = raw_age
-            .parse::<f64>()
-            .ok()
-            .filter(|a| *a != 0.0)
-            .and_then(|a| opts.plausible(a));
-        audit.value(
-            "age",
-            raw_age,
-            &age.map_or_else(String::new, |a| format!("{a}")),
-        );
+        // 0 is CheXpert's "unknown".
+        let parsed = match raw_age.parse::<f64>() {
+            _ if raw_age.is_empty() => Ok(None),
+            Ok(0.0) => Ok(None),
+            Ok(a) => Ok(Some(a)),
+            Err(_) => Err("not a number".to_string()),
+        };
+        let age = audit.age("age", raw_age, parsed, opts);
         let raw_sex = field(sex_col);
         let sex = audit.mapped(
             "sex",

@@ -158,8 +158,7 @@ fn read_races(path: &Path) -> Result<(String, HashMap<String, BTreeSet<String>>)
 }
 
 /// `anchor_age + year(StudyDate) - anchor_year`, or why not (the text the audit shows).
-fn mimic_age(patient: Option<&Patient>, study_date: &str) -> Result<f64, String> {
-    let p = patient.ok_or("(subject not in patients)")?;
+fn mimic_age(p: &Patient, study_date: &str) -> Result<f64, String> {
     let date: f64 = study_date
         .parse()
         .ok()
@@ -262,20 +261,14 @@ pub fn harmonise(mimic: &MimicOptions) -> Result<(Vec<HarmonisedRow>, Audit), So
             continue;
         }
         let patient = patients.get(subject);
-        let age = match mimic_age(patient, field(date_col)) {
-            Ok(a) => {
-                let kept = opts.plausible(a);
-                audit.value(
-                    AGE_COLUMN,
-                    &format!("{a}"),
-                    &kept.map_or_else(String::new, |a| format!("{a}")),
-                );
-                kept
-            }
-            Err(why) => {
-                audit.value(AGE_COLUMN, &why, "");
-                None
-            }
+        let date = field(date_col);
+        let age = match patient {
+            None => audit.age(AGE_COLUMN, "(subject not in patients)", Ok(None), opts),
+            // The histogram shows the computed age, or why there is none.
+            Some(p) => match mimic_age(p, date) {
+                Ok(a) => audit.age(AGE_COLUMN, &format!("{a}"), Ok(Some(a)), opts),
+                Err(why) => audit.age(AGE_COLUMN, &why, Err(why.clone()), opts),
+            },
         };
         let raw_sex = patient.map_or("(subject not in patients)", |p| p.gender.as_str());
         let sex = audit.mapped("gender", raw_sex, sex_mf(raw_sex));
@@ -411,13 +404,12 @@ mod tests {
             anchor_age: "52".into(),
             anchor_year: "2180".into(),
         };
-        assert_eq!(mimic_age(Some(&p), "21820101"), Ok(54.0));
-        assert_eq!(mimic_age(Some(&p), "21800506.0"), Ok(52.0));
+        assert_eq!(mimic_age(&p, "21820101"), Ok(54.0));
+        assert_eq!(mimic_age(&p, "21800506.0"), Ok(52.0));
         assert!(
-            mimic_age(Some(&p), "2180-05-06")
+            mimic_age(&p, "2180-05-06")
                 .unwrap_err()
                 .contains("StudyDate")
         );
-        assert!(mimic_age(None, "21800506").is_err());
     }
 }

@@ -133,12 +133,7 @@ pub fn harmonise(nih: &NihOptions) -> Result<(Vec<HarmonisedRow>, Audit), Source
             format!("images/{image}")
         };
         let raw_age = field(age_col);
-        let age = age_years(raw_age)
-            .ok()
-            .flatten()
-            .and_then(|a| opts.plausible(a));
-        let shown_age = age.map_or_else(String::new, |a| format!("{a}"));
-        audit.value("Patient Age", raw_age, &shown_age);
+        let age = audit.age("Patient Age", raw_age, age_years(raw_age), opts);
         let raw_sex = field(sex_col);
         let sex = audit.mapped("Patient Gender", raw_sex, sex_mf(raw_sex));
         let raw_view = field(view_col);

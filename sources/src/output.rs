@@ -102,20 +102,25 @@ pub fn write_table(path: &Path, rows: &[HarmonisedRow]) -> Result<(), SourceErro
         .chain(FINDINGS.iter())
         .chain([SPLIT_COLUMN].iter());
     w.write_record(header).map_err(|e| err(e.into()))?;
+    // Field by field: no per-row vector of owned strings (a release has up to a few hundred thousand rows).
     for r in rows {
-        let mut record: Vec<String> = vec![
-            r.image_id.clone(),
-            r.patient_id.clone(),
-            r.dataset.into(),
-            r.path.clone(),
-            age_text(r.age),
-            r.sex.unwrap_or_default().into(),
-            r.race.unwrap_or_default().into(),
-            r.view.unwrap_or_default().into(),
+        let age = age_text(r.age);
+        let fields = [
+            r.image_id.as_str(),
+            &r.patient_id,
+            r.dataset,
+            &r.path,
+            &age,
+            r.sex.unwrap_or_default(),
+            r.race.unwrap_or_default(),
+            r.view.unwrap_or_default(),
         ];
-        record.extend(r.findings.iter().map(|f| f.as_str().to_string()));
-        record.push(r.split.unwrap_or_default().into());
-        w.write_record(&record).map_err(|e| err(e.into()))?;
+        let findings = r.findings.iter().map(|f| f.as_str());
+        for field in fields.into_iter().chain(findings) {
+            w.write_field(field).map_err(|e| err(e.into()))?;
+        }
+        w.write_record([r.split.unwrap_or_default()])
+            .map_err(|e| err(e.into()))?;
     }
     w.flush().map_err(err)
 }

@@ -119,12 +119,17 @@ pub fn harmonise(opts: &SourceOptions) -> Result<(Vec<HarmonisedRow>, Audit), So
             continue;
         }
         let (study, birth) = (field(date_col), field(birth_col));
-        let age = age_at(study, birth).and_then(|a| opts.plausible(a));
-        let shown_age = age.map_or_else(String::new, |a| format!("{a}"));
-        audit.value(
+        let parsed = match age_at(study, birth) {
+            _ if birth.is_empty() || birth == "None" => Ok(None),
+            Some(a) => Ok(Some(a)),
+            None => Err("not a YYYYMMDD date and a year".to_string()),
+        };
+        let raw = format!("{study} - {birth}");
+        let age = audit.age(
             "age (StudyDate_DICOM year - PatientBirth)",
-            &format!("{study} - {birth}"),
-            &shown_age,
+            &raw,
+            parsed,
+            opts,
         );
         let raw_sex = field(sex_col);
         let sex = audit.mapped("PatientSex_DICOM", raw_sex, sex_mf(raw_sex));

@@ -178,15 +178,8 @@ pub fn harmonise(rex: &RexGradientOptions) -> Result<(Vec<HarmonisedRow>, Audit)
                     continue;
                 }
                 let raw_age = field("PatientAge");
-                let age = age_years(&raw_age)
-                    .ok()
-                    .flatten()
-                    .and_then(|a| opts.plausible(a));
-                audit.value(
-                    "PatientAge",
-                    &raw_age,
-                    &age.map_or_else(String::new, |a| format!("{a}")),
-                );
+                audit.at(file, 0, id);
+                let age = audit.age("PatientAge", &raw_age, age_years(&raw_age), opts);
                 let raw_sex = field("PatientSex");
                 let sex = audit.mapped("PatientSex", &raw_sex, sex_mf(&raw_sex));
                 let raw_view = text(views.get(i));

@@ -256,6 +256,7 @@ pub fn harmonise(vindr: &VindrOptions) -> Result<(Vec<HarmonisedRow>, Audit), So
                 present.push(label.clone());
             }
         }
+        audit.at(&votes.table, votes.line, image);
         let findings = audit.findings_labelled(&map, &present);
         let (age, sex, view) = demographics(&mut audit, header.as_ref(), vindr);
         let row = HarmonisedRow::native(DATASET, image, image, path);
@@ -283,13 +284,9 @@ fn demographics(
         header.and_then(|h| f(h).clone()).unwrap_or_default()
     };
     let raw_age = field(|h| &h.patient_age);
-    let age = age_years(&raw_age)
-        .ok()
-        .flatten()
-        .filter(|a| !(vindr.zero_age_missing && *a == 0.0))
-        .and_then(|a| vindr.source.plausible(a));
-    let shown = age.map_or_else(String::new, |a| format!("{a}"));
-    audit.value("PatientAge (DICOM)", &raw_age, &shown);
+    // VinDr writes 000Y for an unknown age.
+    let parsed = age_years(&raw_age).map(|a| a.filter(|a| !(vindr.zero_age_missing && *a == 0.0)));
+    let age = audit.age("PatientAge (DICOM)", &raw_age, parsed, &vindr.source);
     let raw_sex = field(|h| &h.patient_sex);
     let sex = audit.mapped("PatientSex (DICOM)", &raw_sex, sex_mf(&raw_sex));
     let raw_view = field(|h| &h.view_position);

@@ -186,6 +186,13 @@ fn bad_rows_are_rejected_or_counted_with_their_file_and_line() {
         audit.values[AGE_COLUMN]["StudyDate `May 6` is not YYYYMMDD"][""],
         1
     );
+    let note = &audit.notes[0];
+    assert_eq!((note.line, note.id.as_str()), (4, d2));
+    assert!(note.file.ends_with("metadata.csv"), "{note:?}");
+    assert!(
+        note.reason.starts_with("age not understood") && note.reason.contains("May 6"),
+        "{note:?}"
+    );
     let got: Vec<(u64, &str)> = audit
         .rejections
         .iter()

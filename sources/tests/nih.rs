@@ -153,6 +153,25 @@ fn the_native_release_harmonises_to_the_hand_written_rows_and_reads_back_cleanly
     assert_eq!(audit.values["Patient Gender"]["O"][""], 1);
     assert_eq!(audit.values["View Position"]["LL"][""], 1);
     assert_eq!(audit.labels.unknown["Pneumonitis"], 1);
+    // Written with the value missing, and named with the file and row: the impossible age, the unknown label.
+    let notes: Vec<(u64, &str, &str)> = audit
+        .notes
+        .iter()
+        .map(|n| (n.line, n.id.as_str(), n.reason.as_str()))
+        .collect();
+    assert_eq!(
+        notes,
+        [
+            (
+                4,
+                "00000002_000.png",
+                "age out of range: Patient Age `414` is 414 years, not in 0..=100"
+            ),
+            (5, "00000003_000.png", "label not in the map: `Pneumonitis`"),
+        ]
+    );
+    assert!(audit.notes[0].file.ends_with("Data_Entry_2017_v2020.csv"));
+    assert_eq!(audit.noted_by_kind["age out of range"], 1);
     assert_eq!(audit.labels.unmapped["Hernia"], 1);
     assert_eq!(audit.labels.touched["Cardiomegaly"], 2);
     let summary = audit.summary();
