@@ -62,6 +62,9 @@ enum Command {
     /// The RadiT model: size and cost of a preset, fresh weights, step-time benchmark.
     #[command(subcommand)]
     Model(model_cli::ModelCommand),
+    /// The FLUX.2 autoencoder that makes the latent presets' latents: sizes, and a strict check of a weights file.
+    #[command(subcommand)]
+    Vae(model_cli::VaeCommand),
     /// Generate images for given metadata, or edit images counterfactually (--edit); writes 16-bit PNGs and an
     /// 8-bit contact sheet.
     Sample(model_cli::SampleArgs),
@@ -295,6 +298,7 @@ fn main() -> ExitCode {
         Command::Data(DataCommand::Batches(a)) => run_batches(a),
         Command::Data(DataCommand::Bench(a)) => run_bench(a),
         Command::Model(c) => model_cli::run_model(c),
+        Command::Vae(c) => model_cli::run_vae(c),
         Command::Sample(a) => model_cli::run_sample(a),
         Command::Run(a) => run_cli::run(a),
         Command::Coordinator(c) => run_cli::run_coordinator(c),

@@ -5,6 +5,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use clap::{Args, Subcommand, ValueEnum};
+use radit_trainer::autoencoder::{self, AeConfig, Autoencoder};
 use radit_trainer::generate::{Conditions, Sampler, contact_sheet, write_png16, write_samples};
 use radit_trainer::model::{Precision, RadiT, RadiTConfig, save_weights};
 use radit_trainer::sampler::Solver;
@@ -18,6 +19,77 @@ pub enum ModelCommand {
     Init(InitArgs),
     /// Forward+backward step time on this machine (compare with tests/python/radit_twin.py bench).
     Bench(ModelBenchArgs),
+}
+
+#[derive(Subcommand)]
+pub enum VaeCommand {
+    /// Parameter counts and latent shape of an autoencoder preset; with --weights, a strict load of a weights file
+    /// (the original release's naming or diffusers'), naming every missing, unexpected or misshapen tensor.
+    Info(VaeInfoArgs),
+}
+
+#[derive(Args)]
+pub struct VaeInfoArgs {
+    /// flux2 (FLUX.2's autoencoder) or tiny (the same topology, small).
+    #[arg(default_value = "flux2")]
+    preset: String,
+    /// A weights file to load strictly into the preset.
+    #[arg(long)]
+    weights: Option<PathBuf>,
+    /// The image side the latent shape is given for.
+    #[arg(long, default_value_t = 512)]
+    image_size: i64,
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run_vae(cmd: VaeCommand) -> anyhow::Result<u8> {
+    let VaeCommand::Info(a) = cmd;
+    let cfg = AeConfig::preset(&a.preset)?;
+    let f = cfg.downsampling();
+    crate::exit::ensure_usage!(
+        a.image_size > 0 && a.image_size % f == 0,
+        "--image-size {}: a positive multiple of {f}",
+        a.image_size
+    );
+    let (encoder, decoder, quant) = cfg.parameter_counts();
+    let latent = [cfg.z_channels, a.image_size / f, a.image_size / f];
+    if let Some(path) = &a.weights {
+        let vs = VarStore::new(Device::Cpu);
+        let _ae = Autoencoder::new(&vs.root(), &cfg)?;
+        autoencoder::load(&vs, &cfg, path)?;
+    }
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "preset": a.preset, "config": cfg, "parameters": {
+                    "encoder": encoder, "decoder": decoder, "quant_convs": quant,
+                    "total": encoder + decoder + quant,
+                },
+                "latent": latent, "weights_loaded": a.weights,
+            })
+        );
+    } else {
+        println!(
+            "autoencoder {}: {} parameters (encoder {encoder}, decoder {decoder}, quant convs {quant}); {}x{} \
+             greyscale -> latent {}x{}x{}",
+            a.preset,
+            encoder + decoder + quant,
+            a.image_size,
+            a.image_size,
+            latent[0],
+            latent[1],
+            latent[2]
+        );
+        if let Some(path) = &a.weights {
+            println!(
+                "{}: every tensor present with its shape, none left over",
+                path.display()
+            );
+        }
+    }
+    Ok(0)
 }
 
 #[derive(Args)]

@@ -4,7 +4,8 @@
 
 mod common;
 
-use std::collections::BTreeMap;
+use common::{read_tensors as read, relative_error};
+
 use std::path::{Path, PathBuf};
 
 use radit_trainer::model::{
@@ -31,22 +32,6 @@ fn export(dir: &Path, preset: &str, perturb: bool) -> PathBuf {
     }
     common::run_ok(&mut cmd);
     out
-}
-
-fn read(path: &Path) -> BTreeMap<String, Tensor> {
-    Tensor::read_safetensors(path)
-        .expect("twin output reads")
-        .into_iter()
-        .collect()
-}
-
-/// ||a - b|| / ||b||, in f64.
-fn relative_error(a: &Tensor, b: &Tensor) -> f64 {
-    let a = a.to_kind(Kind::Double);
-    let b = b.to_kind(Kind::Double);
-    let diff = (&a - &b).norm().double_value(&[]);
-    let scale = b.norm().double_value(&[]);
-    if scale == 0.0 { diff } else { diff / scale }
 }
 
 struct Loaded {

@@ -3,7 +3,9 @@
 //! vocabularies into the 19 variables, and writes an audit report of every raw value it mapped. Label maps into
 //! CheXpert-14 are editable TOML tables ([`labelmap`]), validated when loaded.
 //!
-//! Sources so far: NIH ChestX-ray14 ([`nih`]), PadChest ([`padchest`]) and BRAX ([`brax`]).
+//! The seven sources: MIMIC-CXR ([`mimic`]), CheXpert-Plus ([`chexpert_plus`]), ReXGradient-160K ([`rexgradient`]),
+//! PadChest ([`padchest`]), VinDr-CXR ([`vindr`]), NIH ChestX-ray14 ([`nih`]) and BRAX ([`brax`]); [`all`] puts them
+//! in one table, [`survey`] tabulates a DICOM release's headers, and [`fixtures`] writes synthetic releases of each.
 
 /// A knob with fixed spellings: the enum (its first variant the default) and `FromStr`, whose error lists the
 /// spellings.

@@ -6,7 +6,7 @@
 //! Studies are read in key order, the files in the order train, valid, test (those that exist). A study whose two
 //! lists differ in length has all its images rejected, naming the file and the study key (JSON has no useful line:
 //! the rejection's line is 0 and its reason says `study <key>, image <i>`). `PatientAge` is a DICOM Age String
-//! (`045Y`) or a plain number; sex `M`/`F`; view by the MIMIC rule ([`crate::mimic`]); race is not in the release.
+//! (`045Y`) or a plain number; sex `M`/`F`; view by the DICOM ViewPosition rule ([`crate::output::view_position`]); race is not in the release.
 //! The release ships no label file that we know of: `--labels` is a CSV keyed by `StudyInstanceUid` (or another record
 //! key, `labels_key`) + the 14 CheXpert names; without one every finding is missing and the report says so.
 

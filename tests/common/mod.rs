@@ -245,3 +245,21 @@ pub fn local_slurm() -> String {
         .expect("slurm-local.sh prints SLURM_CONF")
         .to_string()
 }
+
+/// A safetensors file's tensors by name (twin outputs).
+pub fn read_tensors(path: &Path) -> std::collections::BTreeMap<String, radit_trainer::tch::Tensor> {
+    radit_trainer::tch::Tensor::read_safetensors(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .into_iter()
+        .collect()
+}
+
+/// ||a - b|| / ||b||, in f64 (||a - b|| when b is zero): how parity with a twin is measured.
+pub fn relative_error(a: &radit_trainer::tch::Tensor, b: &radit_trainer::tch::Tensor) -> f64 {
+    use radit_trainer::tch::Kind;
+    let a = a.to_kind(Kind::Double);
+    let b = b.to_kind(Kind::Double);
+    let diff = (&a - &b).norm().double_value(&[]);
+    let scale = b.norm().double_value(&[]);
+    if scale == 0.0 { diff } else { diff / scale }
+}

@@ -2,6 +2,7 @@
 //! rectified-flow objective, samplers, collectives, the FSDP engine, checkpoints and the train loop.
 //!
 //! - [`model`]: RadiT, its presets and costs, weights as safetensors with PyTorch names.
+//! - [`autoencoder`]: the FLUX.2 autoencoder whose encoder makes the latents of the latent presets.
 //! - [`flow`]: the rectified-flow objective and its per-sample noise and time draws.
 //! - [`sampler`]: Euler and torchdiffeq-exact dopri5, forward and reverse; counterfactual editing.
 //! - [`generate`]: what `radit sample` does (metadata parsing, batching, PNGs and contact sheets).
@@ -24,6 +25,7 @@
 
 pub use tch;
 
+pub mod autoencoder;
 pub mod checkpoint;
 pub mod collective;
 pub mod engine;

@@ -82,6 +82,10 @@ pub fn read_weights(path: &Path) -> Result<WeightsFile, ModelError> {
         .map_err(|e| bad(path, format!("not a safetensors file: {e:?}")))?;
     let mut tensors = BTreeMap::new();
     for (name, view) in st.tensors() {
+        // A BatchNorm's step counter (PyTorch saves it with the statistics) is bookkeeping, not a weight.
+        if name.ends_with("num_batches_tracked") {
+            continue;
+        }
         let kind = match view.dtype() {
             Dtype::F32 => Kind::Float,
             Dtype::F16 => Kind::Half,

@@ -1,0 +1,177 @@
+//! The FLUX.2 autoencoder against its PyTorch twin (tests/python/flux2_ae_twin.py, written from latents.md): the
+//! full-size parameter count, and on a tiny config of the same topology the encoder mean, the decoded image and every
+//! gradient agree to fp32 relative error 1e-5; the twin's weights load under both namings users have (the original
+//! release's and diffusers'); loading is strict (a missing tensor, a wrong shape and a stray tensor are named, and
+//! nothing is changed); `radit vae info` checks a weights file.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use common::{python, radit, read_tensors, relative_error, repo, run_ok, stderr, stdout};
+use radit_trainer::autoencoder::{self, AeConfig, Autoencoder};
+use radit_trainer::tch::{Device, Tensor, nn::VarStore};
+
+fn twin(args: &[&str], dir: Option<&Path>) -> std::process::Output {
+    let mut cmd = python();
+    cmd.arg(repo().join("tests/python/flux2_ae_twin.py"))
+        .args(args);
+    if let Some(d) = dir {
+        cmd.arg(d);
+    }
+    run_ok(&mut cmd)
+}
+
+/// The tiny autoencoder with the weights of `file` under `dir`.
+fn loaded(dir: &Path, file: &str) -> (VarStore, Autoencoder) {
+    let vs = VarStore::new(Device::Cpu);
+    let ae = Autoencoder::new(&vs.root(), &AeConfig::tiny()).unwrap();
+    autoencoder::load(&vs, &AeConfig::tiny(), &dir.join(file)).unwrap();
+    (vs, ae)
+}
+
+fn snapshot(vs: &VarStore) -> BTreeMap<String, Tensor> {
+    vs.variables()
+        .into_iter()
+        .map(|(n, t)| (n, t.detach().copy()))
+        .collect()
+}
+
+#[test]
+fn the_full_size_count_matches_the_twin_and_the_closed_form() {
+    let out = twin(&["count"], None);
+    let counts: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let (e, d, q) = AeConfig::flux2().parameter_counts();
+    assert_eq!(counts["encoder"], e);
+    assert_eq!(counts["decoder"], d);
+    assert_eq!(counts["total"], 84_046_115);
+    assert_eq!(e + d + q, 84_046_115);
+}
+
+#[test]
+fn encoder_mean_decoder_output_and_gradients_match_the_twin_under_both_namings() {
+    let dir = tempfile::tempdir().unwrap();
+    twin(&["reference"], Some(dir.path()));
+    let io = read_tensors(&dir.path().join("io.safetensors"));
+    let (vs, ae) = loaded(dir.path(), "weights_bfl.safetensors");
+
+    let x = io["x"].detach().set_requires_grad(true);
+    let mean = ae.encode_mean(&x).unwrap();
+    let decoded = ae.decode(&io["z"]).unwrap();
+    for (name, got) in [("mean", &mean), ("decoded", &decoded)] {
+        let err = relative_error(got, &io[name]);
+        assert!(err <= 1e-5, "{name}: relative error {err:e}");
+    }
+    let loss = mean.square().mean(None) + decoded.square().mean(None);
+    loss.backward();
+    let mut checked = 0;
+    for (name, var) in vs
+        .variables()
+        .into_iter()
+        .filter(|(_, v)| v.requires_grad())
+    {
+        let want = &io[&format!("grad.{name}")];
+        let got = var.grad();
+        // The attention's key bias has no effect (a constant added to every score of a query), so its gradient is
+        // round-off in both: compared absolutely.
+        if want.norm().double_value(&[]) < 1e-6 {
+            let diff = (&got - want).norm().double_value(&[]);
+            assert!(
+                diff < 1e-6,
+                "grad of {name}: {diff:e} from the twin's near-zero gradient"
+            );
+        } else {
+            let err = relative_error(&got, want);
+            assert!(err <= 1e-5, "grad of {name}: relative error {err:e}");
+        }
+        checked += 1;
+    }
+    let err = relative_error(&x.grad(), &io["grad.x"]);
+    assert!(err <= 1e-5, "grad of x: relative error {err:e}");
+    assert_eq!(checked, vs.trainable_variables().len());
+
+    // The same weights in diffusers' naming (linear attention weights, decoder levels counted the other way).
+    let (other, _) = loaded(dir.path(), "weights_diffusers.safetensors");
+    let (a, b) = (snapshot(&vs), snapshot(&other));
+    assert_eq!(a.len(), b.len());
+    for (name, t) in &a {
+        assert!(t.equal(&b[name]), "{name} differs between the namings");
+    }
+}
+
+#[test]
+fn loading_is_strict_and_names_what_does_not_match() {
+    let dir = tempfile::tempdir().unwrap();
+    twin(&["reference"], Some(dir.path()));
+    let good = || read_tensors(&dir.path().join("weights_bfl.safetensors"));
+    let write = |name: &str, tensors: &BTreeMap<String, Tensor>| {
+        let path = dir.path().join(name);
+        let list: Vec<(&str, &Tensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        Tensor::write_safetensors(&list, &path).unwrap();
+        path
+    };
+    let mut missing = good();
+    missing.remove("decoder.up.1.upsample.conv.weight");
+    let mut misshapen = good();
+    misshapen.insert(
+        "encoder.conv_in.weight".into(),
+        Tensor::zeros(
+            [16, 3, 1, 1],
+            (radit_trainer::tch::Kind::Float, Device::Cpu),
+        ),
+    );
+    let mut stray = good();
+    stray.insert(
+        "encoder.extra.weight".into(),
+        Tensor::ones([1], (radit_trainer::tch::Kind::Float, Device::Cpu)),
+    );
+    let cases = [
+        (
+            write("missing.safetensors", &missing),
+            "decoder.up.1.upsample.conv.weight",
+        ),
+        (
+            write("misshapen.safetensors", &misshapen),
+            "encoder.conv_in.weight has shape [16, 3, 1, 1]",
+        ),
+        (write("stray.safetensors", &stray), "encoder.extra.weight"),
+    ];
+    let vs = VarStore::new(Device::Cpu);
+    let _ae = Autoencoder::new(&vs.root(), &AeConfig::tiny()).unwrap();
+    let before = snapshot(&vs);
+    for (path, needle) in &cases {
+        let e = autoencoder::load(&vs, &AeConfig::tiny(), path)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(needle), "{needle}: {e}");
+        assert!(
+            e.contains(path.file_name().unwrap().to_str().unwrap()),
+            "{e}"
+        );
+        for (name, t) in snapshot(&vs) {
+            assert!(t.equal(&before[&name]), "{name} changed by a refused load");
+        }
+    }
+
+    // Through the binary: a good file under either naming is accepted, a bad one is bad input (exit 2).
+    for file in ["weights_bfl.safetensors", "weights_diffusers.safetensors"] {
+        let out = run_ok(
+            radit()
+                .args(["vae", "info", "tiny", "--image-size", "16", "--weights"])
+                .arg(dir.path().join(file)),
+        );
+        assert!(stdout(&out).contains("latent 4x8x8"), "{}", stdout(&out));
+    }
+    let bad = radit()
+        .args(["vae", "info", "tiny", "--weights"])
+        .arg(&cases[0].0)
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(2), "{}", stderr(&bad));
+    assert!(
+        stderr(&bad).contains("decoder.up.1.upsample.conv.weight"),
+        "{}",
+        stderr(&bad)
+    );
+}

@@ -1,0 +1,524 @@
+//! The FLUX.2 autoencoder (shared/design/latents.md): the encoder whose mean is RadiT XL's 32x64x64 latents, and the
+//! decoder of the same topology that RadVAE fine-tunes. GroupNorm(32, eps 1e-6) and SiLU throughout; ResNet blocks
+//! with a 1x1 shortcut where the width changes; a mid block ResNet-attention-ResNet (one head over all positions);
+//! downsampling by a stride-2 3x3 convolution after padding the right and bottom by one; nearest x2 upsampling and a
+//! 3x3 convolution; 1x1 quant convolutions on both sides of the latent. Greyscale radiographs go in repeated to three
+//! channels and come out as the mean of the decoder's RGB.
+//!
+//! Variables are named as the original (BFL) release names them (`encoder.down.1.block.0.conv1.weight`); weights in
+//! the diffusers layout load through [`names`]. Loading is strict: every tensor present with its shape, nothing left
+//! over, or nothing is changed and the error names the tensors.
+
+pub mod names;
+
+use std::path::Path;
+
+use radit_protocol::ConfigError;
+use serde::{Deserialize, Serialize};
+use tch::nn::{self, Module};
+use tch::{Kind, Tensor};
+
+use crate::model::ModelError;
+
+/// The autoencoder's shape.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AeConfig {
+    pub in_channels: i64,
+    pub out_channels: i64,
+    /// Channels of the first level; level i has `ch * ch_mult[i]`.
+    pub ch: i64,
+    pub ch_mult: Vec<i64>,
+    /// ResNet blocks per encoder level (the decoder has one more).
+    pub num_res_blocks: i64,
+    /// Latent channels.
+    pub z_channels: i64,
+    pub norm_groups: i64,
+    pub eps: f64,
+}
+
+impl AeConfig {
+    /// FLUX.2's autoencoder: 84,046,115 parameters, 512x512 -> 32x64x64.
+    pub fn flux2() -> Self {
+        Self {
+            in_channels: 3,
+            out_channels: 3,
+            ch: 128,
+            ch_mult: vec![1, 2, 4, 4],
+            num_res_blocks: 2,
+            z_channels: 32,
+            norm_groups: 32,
+            eps: 1e-6,
+        }
+    }
+
+    /// The same topology, small: for tests and the CPU quickstart.
+    pub fn tiny() -> Self {
+        Self {
+            ch: 16,
+            ch_mult: vec![1, 2],
+            num_res_blocks: 1,
+            z_channels: 4,
+            norm_groups: 8,
+            ..Self::flux2()
+        }
+    }
+
+    /// `flux2` or `tiny`.
+    pub fn preset(name: &str) -> Result<Self, ModelError> {
+        match name {
+            "flux2" => Ok(Self::flux2()),
+            "tiny" => Ok(Self::tiny()),
+            other => Err(ModelError::UnknownPreset {
+                name: other.into(),
+                known: "flux2, tiny".into(),
+            }),
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |field: &str, reason: String| Err(ConfigError::new(field, reason));
+        if self.ch_mult.is_empty() || self.ch_mult.iter().any(|&m| m < 1) {
+            return bad(
+                "ch_mult",
+                format!("{:?}: one or more positive multipliers", self.ch_mult),
+            );
+        }
+        for (field, v) in [
+            ("in_channels", self.in_channels),
+            ("out_channels", self.out_channels),
+            ("ch", self.ch),
+            ("num_res_blocks", self.num_res_blocks),
+            ("z_channels", self.z_channels),
+            ("norm_groups", self.norm_groups),
+        ] {
+            if v < 1 {
+                return bad(field, format!("{v}: at least 1"));
+            }
+        }
+        if let Some(m) = self
+            .ch_mult
+            .iter()
+            .find(|&&m| (self.ch * m) % self.norm_groups != 0)
+        {
+            return bad(
+                "norm_groups",
+                format!(
+                    "{} does not divide {} channels",
+                    self.norm_groups,
+                    self.ch * m
+                ),
+            );
+        }
+        if !(self.eps.is_finite() && self.eps > 0.0) {
+            return bad("eps", format!("{}: positive", self.eps));
+        }
+        Ok(())
+    }
+
+    /// How much smaller the latent is than the image on each side.
+    pub fn downsampling(&self) -> i64 {
+        1 << (self.ch_mult.len() - 1)
+    }
+
+    fn width(&self, level: usize) -> i64 {
+        self.ch * self.ch_mult[level]
+    }
+
+    /// Parameters of (encoder, decoder, the two quant convolutions), in closed form.
+    pub fn parameter_counts(&self) -> (i64, i64, i64) {
+        let conv = |cin: i64, cout: i64, k: i64| cin * cout * k * k + cout;
+        let norm = |c: i64| 2 * c;
+        let resnet = |cin: i64, cout: i64| {
+            norm(cin)
+                + conv(cin, cout, 3)
+                + norm(cout)
+                + conv(cout, cout, 3)
+                + if cin == cout { 0 } else { conv(cin, cout, 1) }
+        };
+        let mid = |c: i64| 2 * resnet(c, c) + norm(c) + 4 * conv(c, c, 1);
+        let levels = self.ch_mult.len();
+        let top = self.width(levels - 1);
+        let mut encoder = conv(self.in_channels, self.ch, 3);
+        let mut c = self.ch;
+        for level in 0..levels {
+            for _ in 0..self.num_res_blocks {
+                encoder += resnet(c, self.width(level));
+                c = self.width(level);
+            }
+            if level + 1 < levels {
+                encoder += conv(c, c, 3);
+            }
+        }
+        encoder += mid(c) + norm(c) + conv(c, 2 * self.z_channels, 3);
+        let mut decoder = conv(self.z_channels, top, 3) + mid(top);
+        let mut c = top;
+        for level in (0..levels).rev() {
+            for _ in 0..=self.num_res_blocks {
+                decoder += resnet(c, self.width(level));
+                c = self.width(level);
+            }
+            if level > 0 {
+                decoder += conv(c, c, 3);
+            }
+        }
+        decoder += norm(c) + conv(c, self.out_channels, 3);
+        let quant = conv(2 * self.z_channels, 2 * self.z_channels, 1)
+            + conv(self.z_channels, self.z_channels, 1);
+        (encoder, decoder, quant)
+    }
+}
+
+fn conv(p: nn::Path, cin: i64, cout: i64, k: i64, stride: i64) -> nn::Conv2D {
+    let padding = if k == 3 && stride == 1 { 1 } else { 0 };
+    let config = nn::ConvConfig {
+        stride,
+        padding,
+        ..Default::default()
+    };
+    nn::conv2d(p, cin, cout, k, config)
+}
+
+fn group_norm(p: nn::Path, c: i64, cfg: &AeConfig) -> nn::GroupNorm {
+    let config = nn::GroupNormConfig {
+        eps: cfg.eps,
+        ..Default::default()
+    };
+    nn::group_norm(p, cfg.norm_groups, c, config)
+}
+
+#[derive(Debug)]
+struct ResnetBlock {
+    norm1: nn::GroupNorm,
+    conv1: nn::Conv2D,
+    norm2: nn::GroupNorm,
+    conv2: nn::Conv2D,
+    nin_shortcut: Option<nn::Conv2D>,
+}
+
+impl ResnetBlock {
+    fn new(p: nn::Path, cin: i64, cout: i64, cfg: &AeConfig) -> Self {
+        Self {
+            norm1: group_norm(&p / "norm1", cin, cfg),
+            conv1: conv(&p / "conv1", cin, cout, 3, 1),
+            norm2: group_norm(&p / "norm2", cout, cfg),
+            conv2: conv(&p / "conv2", cout, cout, 3, 1),
+            nin_shortcut: (cin != cout).then(|| conv(&p / "nin_shortcut", cin, cout, 1, 1)),
+        }
+    }
+
+    fn forward(&self, x: &Tensor) -> Tensor {
+        let h = self.conv1.forward(&self.norm1.forward(x).silu());
+        let h = self.conv2.forward(&self.norm2.forward(&h).silu());
+        match &self.nin_shortcut {
+            Some(s) => s.forward(x) + h,
+            None => x + h,
+        }
+    }
+}
+
+/// Self-attention over all positions, one head, 1x1 convolutions for q, k, v and the output.
+#[derive(Debug)]
+struct AttnBlock {
+    norm: nn::GroupNorm,
+    q: nn::Conv2D,
+    k: nn::Conv2D,
+    v: nn::Conv2D,
+    proj_out: nn::Conv2D,
+}
+
+impl AttnBlock {
+    fn new(p: nn::Path, c: i64, cfg: &AeConfig) -> Self {
+        Self {
+            norm: group_norm(&p / "norm", c, cfg),
+            q: conv(&p / "q", c, c, 1, 1),
+            k: conv(&p / "k", c, c, 1, 1),
+            v: conv(&p / "v", c, c, 1, 1),
+            proj_out: conv(&p / "proj_out", c, c, 1, 1),
+        }
+    }
+
+    fn forward(&self, x: &Tensor) -> Tensor {
+        let (b, c, h, w) = x.size4().expect("a 4-D activation");
+        let n = self.norm.forward(x);
+        // [B, C, H, W] -> [B, 1, HW, C]: one head over every position.
+        let tokens = |t: Tensor| t.reshape([b, c, h * w]).transpose(1, 2).unsqueeze(1);
+        let out = Tensor::scaled_dot_product_attention(
+            &tokens(self.q.forward(&n)),
+            &tokens(self.k.forward(&n)),
+            &tokens(self.v.forward(&n)),
+            None::<Tensor>,
+            0.0,
+            false,
+            None,
+            false,
+        );
+        let out = out.squeeze_dim(1).transpose(1, 2).reshape([b, c, h, w]);
+        x + self.proj_out.forward(&out)
+    }
+}
+
+/// ResNet, attention, ResNet at the lowest resolution.
+#[derive(Debug)]
+struct MidBlock {
+    block_1: ResnetBlock,
+    attn_1: AttnBlock,
+    block_2: ResnetBlock,
+}
+
+impl MidBlock {
+    fn new(p: nn::Path, c: i64, cfg: &AeConfig) -> Self {
+        Self {
+            block_1: ResnetBlock::new(&p / "block_1", c, c, cfg),
+            attn_1: AttnBlock::new(&p / "attn_1", c, cfg),
+            block_2: ResnetBlock::new(&p / "block_2", c, c, cfg),
+        }
+    }
+
+    fn forward(&self, x: &Tensor) -> Tensor {
+        self.block_2
+            .forward(&self.attn_1.forward(&self.block_1.forward(x)))
+    }
+}
+
+/// One resolution: its ResNet blocks, then a down- or upsampling convolution (not at the last level down, nor
+/// the first up).
+#[derive(Debug)]
+struct Level {
+    blocks: Vec<ResnetBlock>,
+    resample: Option<nn::Conv2D>,
+}
+
+#[derive(Debug)]
+struct Encoder {
+    conv_in: nn::Conv2D,
+    down: Vec<Level>,
+    mid: MidBlock,
+    norm_out: nn::GroupNorm,
+    conv_out: nn::Conv2D,
+}
+
+impl Encoder {
+    fn new(p: nn::Path, cfg: &AeConfig) -> Self {
+        let levels = cfg.ch_mult.len();
+        let mut c = cfg.ch;
+        let mut down = Vec::new();
+        for level in 0..levels {
+            let lp = &p / "down" / level;
+            let blocks = (0..cfg.num_res_blocks)
+                .map(|j| {
+                    let b = ResnetBlock::new(&lp / "block" / j, c, cfg.width(level), cfg);
+                    c = cfg.width(level);
+                    b
+                })
+                .collect();
+            let resample =
+                (level + 1 < levels).then(|| conv(&lp / "downsample" / "conv", c, c, 3, 2));
+            down.push(Level { blocks, resample });
+        }
+        Self {
+            conv_in: conv(&p / "conv_in", cfg.in_channels, cfg.ch, 3, 1),
+            down,
+            mid: MidBlock::new(&p / "mid", c, cfg),
+            norm_out: group_norm(&p / "norm_out", c, cfg),
+            conv_out: conv(&p / "conv_out", c, 2 * cfg.z_channels, 3, 1),
+        }
+    }
+
+    fn forward(&self, x: &Tensor) -> Tensor {
+        let mut h = self.conv_in.forward(x);
+        for level in &self.down {
+            for b in &level.blocks {
+                h = b.forward(&h);
+            }
+            if let Some(d) = &level.resample {
+                // Pad right and bottom by one, then stride 2 with no padding: the original's asymmetric padding.
+                h = d.forward(&h.constant_pad_nd([0, 1, 0, 1]));
+            }
+        }
+        let h = self.mid.forward(&h);
+        self.conv_out.forward(&self.norm_out.forward(&h).silu())
+    }
+}
+
+#[derive(Debug)]
+struct Decoder {
+    conv_in: nn::Conv2D,
+    mid: MidBlock,
+    /// By level, 0 the highest resolution; run from the last.
+    up: Vec<Level>,
+    norm_out: nn::GroupNorm,
+    conv_out: nn::Conv2D,
+}
+
+impl Decoder {
+    fn new(p: nn::Path, cfg: &AeConfig) -> Self {
+        let levels = cfg.ch_mult.len();
+        let top = cfg.width(levels - 1);
+        let mut c = top;
+        let mut up: Vec<Level> = Vec::new();
+        for level in (0..levels).rev() {
+            let lp = &p / "up" / level;
+            let blocks = (0..=cfg.num_res_blocks)
+                .map(|j| {
+                    let b = ResnetBlock::new(&lp / "block" / j, c, cfg.width(level), cfg);
+                    c = cfg.width(level);
+                    b
+                })
+                .collect();
+            let resample = (level > 0).then(|| conv(&lp / "upsample" / "conv", c, c, 3, 1));
+            up.insert(0, Level { blocks, resample });
+        }
+        Self {
+            conv_in: conv(&p / "conv_in", cfg.z_channels, top, 3, 1),
+            mid: MidBlock::new(&p / "mid", top, cfg),
+            up,
+            norm_out: group_norm(&p / "norm_out", c, cfg),
+            conv_out: conv(&p / "conv_out", c, cfg.out_channels, 3, 1),
+        }
+    }
+
+    fn forward(&self, z: &Tensor) -> Tensor {
+        let mut h = self.mid.forward(&self.conv_in.forward(z));
+        for level in self.up.iter().rev() {
+            for b in &level.blocks {
+                h = b.forward(&h);
+            }
+            if let Some(u) = &level.resample {
+                let (_, _, height, width) = h.size4().expect("a 4-D activation");
+                h = u.forward(&h.upsample_nearest2d([2 * height, 2 * width], None, None));
+            }
+        }
+        self.conv_out.forward(&self.norm_out.forward(&h).silu())
+    }
+}
+
+/// The autoencoder on a `VarStore` path, with greyscale in and out.
+#[derive(Debug)]
+pub struct Autoencoder {
+    pub config: AeConfig,
+    encoder: Encoder,
+    decoder: Decoder,
+    quant_conv: nn::Conv2D,
+    post_quant_conv: nn::Conv2D,
+}
+
+impl Autoencoder {
+    /// Builds it under `p` (`encoder.*`, `decoder.*`, `quant_conv`, `post_quant_conv`, and FLUX.2's latent
+    /// BatchNorm statistics `bn.running_mean`/`bn.running_var`, kept so that its files load strictly; unused here).
+    pub fn new(p: &nn::Path, config: &AeConfig) -> Result<Self, ModelError> {
+        config.validate()?;
+        let bn = p / "bn";
+        let stats = 4 * config.z_channels;
+        let _ = bn.zeros_no_train("running_mean", &[stats]);
+        let _ = bn.ones_no_train("running_var", &[stats]);
+        let z = config.z_channels;
+        Ok(Self {
+            encoder: Encoder::new(p / "encoder", config),
+            decoder: Decoder::new(p / "decoder", config),
+            quant_conv: conv(p / "quant_conv", 2 * z, 2 * z, 1, 1),
+            post_quant_conv: conv(p / "post_quant_conv", z, z, 1, 1),
+            config: config.clone(),
+        })
+    }
+
+    fn check(
+        &self,
+        input: &'static str,
+        x: &Tensor,
+        channels: i64,
+        multiple: i64,
+    ) -> Result<(), ModelError> {
+        let size = x.size();
+        let ok = size.len() == 4
+            && size[1] == channels
+            && size[2] % multiple == 0
+            && size[3] % multiple == 0
+            && size[2] > 0
+            && size[3] > 0;
+        if ok {
+            Ok(())
+        } else {
+            Err(ModelError::BadInput {
+                input,
+                reason: format!(
+                    "shape {size:?}; expected [batch, {channels}, H, W] with H and W multiples of {multiple}"
+                ),
+            })
+        }
+    }
+
+    /// The encoder's mean for greyscale images `x` [B, 1, H, W] in [-1, 1]: [B, z_channels, H/f, W/f].
+    pub fn encode_mean(&self, x: &Tensor) -> Result<Tensor, ModelError> {
+        self.check("images", x, 1, self.config.downsampling())?;
+        let rgb = x.repeat([1, self.config.in_channels, 1, 1]);
+        let moments = self.quant_conv.forward(&self.encoder.forward(&rgb));
+        Ok(moments.narrow(1, 0, self.config.z_channels))
+    }
+
+    /// Greyscale images [B, 1, H*f, W*f] for latents `z` [B, z_channels, H, W]: the mean of the decoder's RGB.
+    pub fn decode(&self, z: &Tensor) -> Result<Tensor, ModelError> {
+        self.check("latents", z, self.config.z_channels, 1)?;
+        let rgb = self.decoder.forward(&self.post_quant_conv.forward(z));
+        Ok(rgb.mean_dim(1, true, Kind::Float).to_kind(rgb.kind()))
+    }
+}
+
+/// Loads an autoencoder's weights from `path` (the original or the diffusers naming) into `vs`, strictly.
+pub fn load(vs: &nn::VarStore, config: &AeConfig, path: &Path) -> Result<(), ModelError> {
+    let file = crate::model::read_weights(path)?;
+    let tensors = names::to_original(file.tensors, config, path)?;
+    crate::model::load_named(vs, &tensors, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_closed_form_counts_what_is_built() {
+        let flux2 = AeConfig::flux2();
+        let (e, d, q) = flux2.parameter_counts();
+        assert_eq!((e, d, q), (34_421_696, 49_619_203, 5_216));
+        assert_eq!(e + d + q, 84_046_115);
+        for cfg in [AeConfig::tiny(), flux2] {
+            let vs = nn::VarStore::new(tch::Device::Cpu);
+            let _ae = Autoencoder::new(&vs.root(), &cfg).unwrap();
+            let built: i64 = vs
+                .trainable_variables()
+                .iter()
+                .map(Tensor::numel)
+                .sum::<usize>() as i64;
+            let (e, d, q) = cfg.parameter_counts();
+            assert_eq!(built, e + d + q, "{cfg:?}");
+        }
+    }
+
+    #[test]
+    fn shapes_and_bad_inputs() {
+        let vs = nn::VarStore::new(tch::Device::Cpu);
+        let ae = Autoencoder::new(&vs.root(), &AeConfig::tiny()).unwrap();
+        let x = Tensor::rand([2, 1, 16, 12], (Kind::Float, tch::Device::Cpu)) * 2 - 1;
+        let z = ae.encode_mean(&x).unwrap();
+        assert_eq!(z.size(), [2, 4, 8, 6]);
+        assert_eq!(ae.decode(&z).unwrap().size(), [2, 1, 16, 12]);
+        let e = ae.encode_mean(&Tensor::zeros(
+            [1, 1, 15, 16],
+            (Kind::Float, tch::Device::Cpu),
+        ));
+        assert!(e.unwrap_err().to_string().contains("multiples of 2"));
+        let e = ae.decode(&Tensor::zeros(
+            [1, 3, 8, 8],
+            (Kind::Float, tch::Device::Cpu),
+        ));
+        assert!(e.unwrap_err().to_string().contains("[batch, 4, H, W]"));
+        let mut bad = AeConfig::tiny();
+        bad.norm_groups = 5;
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("norm_groups")
+        );
+    }
+}
