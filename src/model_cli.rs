@@ -26,6 +26,26 @@ pub enum VaeCommand {
     /// Parameter counts and latent shape of an autoencoder preset; with --weights, a strict load of a weights file
     /// (the original release's naming or diffusers'), naming every missing, unexpected or misshapen tensor.
     Info(VaeInfoArgs),
+    /// Encoder throughput on this machine and its FLOPs per image (compare with tests/python/flux2_ae_twin.py
+    /// bench; scripts/bench-vae.sh runs both and projects CXR7-1M's GPU-hours).
+    Bench(VaeBenchArgs),
+}
+
+#[derive(Args)]
+pub struct VaeBenchArgs {
+    #[arg(default_value = "flux2")]
+    preset: String,
+    #[arg(long, default_value_t = 512)]
+    image_size: i64,
+    #[arg(long, default_value_t = 1)]
+    batch: i64,
+    #[arg(long, default_value_t = 2)]
+    steps: usize,
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    /// libtorch intra-op threads.
+    #[arg(long, default_value_t = 2)]
+    threads: i32,
 }
 
 #[derive(Args)]
@@ -44,7 +64,50 @@ pub struct VaeInfoArgs {
 }
 
 pub fn run_vae(cmd: VaeCommand) -> anyhow::Result<u8> {
-    let VaeCommand::Info(a) = cmd;
+    match cmd {
+        VaeCommand::Info(a) => vae_info(a),
+        VaeCommand::Bench(a) => vae_bench(a),
+    }
+}
+
+fn vae_bench(a: VaeBenchArgs) -> anyhow::Result<u8> {
+    let cfg = AeConfig::preset(&a.preset)?;
+    crate::exit::ensure_usage!(
+        a.batch > 0 && a.steps > 0 && a.threads > 0 && a.image_size % cfg.downsampling() == 0,
+        "--batch, --steps and --threads must be positive and --image-size a multiple of {}",
+        cfg.downsampling()
+    );
+    tch::set_num_threads(a.threads);
+    tch::manual_seed(0);
+    let vs = VarStore::new(Device::Cpu);
+    let ae = Autoencoder::new(&vs.root(), &cfg)?;
+    let x = Tensor::rand(
+        [a.batch, 1, a.image_size, a.image_size],
+        tch::kind::FLOAT_CPU,
+    ) * 2
+        - 1;
+    let mut times = Vec::new();
+    for i in 0..a.warmup + a.steps {
+        let start = Instant::now();
+        let z = tch::no_grad(|| ae.encode_mean(&x))?;
+        anyhow::ensure!(z.size()[1] == cfg.z_channels, "one latent per image");
+        if i >= a.warmup {
+            times.push(start.elapsed().as_secs_f64());
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    let median = times[times.len() / 2];
+    let flops = cfg.encoder_flops(a.image_size);
+    let v = serde_json::json!({
+        "impl": "radit", "preset": a.preset, "image_size": a.image_size, "batch": a.batch, "threads": a.threads,
+        "median_s": median, "images_per_s": a.batch as f64 / median,
+        "gflop_per_image": flops / 1e9, "cpu_gflop_per_s": flops * a.batch as f64 / median / 1e9,
+    });
+    println!("{v}");
+    Ok(0)
+}
+
+fn vae_info(a: VaeInfoArgs) -> anyhow::Result<u8> {
     let cfg = AeConfig::preset(&a.preset)?;
     let f = cfg.downsampling();
     crate::exit::ensure_usage!(

@@ -15,6 +15,8 @@ diffusers 0.42 AutoencoderKLFlux2 loading weights_diffusers: outputs agree to ~5
 
 Commands:
     count                      full-config parameter counts as JSON; exit 1 unless total == 84,046,115
+    bench [--image-size 512] [--batch 1] [--steps 2] [--threads 2]
+                               full-size encoder throughput on the CPU (JSON), beside `radit vae bench`
     reference DIR [--seed S]   tiny config (ch 16, mult [1,2], 1 res block, z 4, 8 groups), fp32 CPU, writes
                                DIR/weights_bfl.safetensors, DIR/weights_diffusers.safetensors, DIR/io.safetensors,
                                DIR/config.json; checks the diffusers round trip and a reload of the BFL file
@@ -331,6 +333,26 @@ def cmd_reference(args):
     return 0
 
 
+def cmd_bench(args):
+    """Encoder throughput of the full-size config on the CPU (random weights), as `radit vae bench` measures it."""
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    ae = AutoEncoder(Config()).float().eval()
+    x = torch.rand(args.batch, 1, args.image_size, args.image_size) * 2 - 1
+    times = []
+    with torch.no_grad():
+        for i in range(args.warmup + args.steps):
+            start = time.perf_counter()
+            ae.encode_mean(x)
+            if i >= args.warmup:
+                times.append(time.perf_counter() - start)
+    times.sort()
+    median = times[len(times) // 2]
+    print(json.dumps({"impl": "pytorch", "image_size": args.image_size, "batch": args.batch,
+                      "threads": args.threads, "median_s": median, "images_per_s": args.batch / median}))
+    return 0
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -338,8 +360,14 @@ def main():
     r = sub.add_parser("reference")
     r.add_argument("dir")
     r.add_argument("--seed", type=int, default=0)
+    b = sub.add_parser("bench")
+    b.add_argument("--image-size", type=int, default=512)
+    b.add_argument("--batch", type=int, default=1)
+    b.add_argument("--steps", type=int, default=2)
+    b.add_argument("--warmup", type=int, default=1)
+    b.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    return {"count": cmd_count, "reference": cmd_reference}[args.cmd](args)
+    return {"count": cmd_count, "reference": cmd_reference, "bench": cmd_bench}[args.cmd](args)
 
 
 if __name__ == "__main__":

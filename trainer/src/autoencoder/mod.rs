@@ -169,6 +169,46 @@ impl AeConfig {
     }
 }
 
+impl AeConfig {
+    /// Floating-point operations (2 per multiply-add) of one encoder mean for a `size` x `size` image: every
+    /// convolution and the mid block's attention products; norms and activations are left out (under 1 %).
+    pub fn encoder_flops(&self, size: i64) -> f64 {
+        let conv = |cin: i64, cout: i64, k: i64, side: i64| {
+            2.0 * (cin * cout * k * k) as f64 * (side * side) as f64
+        };
+        let resnet = |cin: i64, cout: i64, side: i64| {
+            conv(cin, cout, 3, side)
+                + conv(cout, cout, 3, side)
+                + if cin == cout {
+                    0.0
+                } else {
+                    conv(cin, cout, 1, side)
+                }
+        };
+        let levels = self.ch_mult.len();
+        let mut side = size;
+        let mut c = self.ch;
+        let mut flops = conv(self.in_channels, self.ch, 3, side);
+        for level in 0..levels {
+            for _ in 0..self.num_res_blocks {
+                flops += resnet(c, self.width(level), side);
+                c = self.width(level);
+            }
+            if level + 1 < levels {
+                side /= 2;
+                flops += conv(c, c, 3, side);
+            }
+        }
+        let tokens = (side * side) as f64;
+        // q, k, v and the output projection, then QK^T and the weighted sum of V over every pair of positions.
+        let attention = 4.0 * conv(c, c, 1, side) + 2.0 * (2.0 * tokens * tokens * c as f64);
+        flops += 2.0 * resnet(c, c, side) + attention;
+        flops += conv(c, 2 * self.z_channels, 3, side)
+            + conv(2 * self.z_channels, 2 * self.z_channels, 1, side);
+        flops
+    }
+}
+
 fn conv(p: nn::Path, cin: i64, cout: i64, k: i64, stride: i64) -> nn::Conv2D {
     let padding = if k == 3 && stride == 1 { 1 } else { 0 };
     let config = nn::ConvConfig {
@@ -492,6 +532,35 @@ mod tests {
             let (e, d, q) = cfg.parameter_counts();
             assert_eq!(built, e + d + q, "{cfg:?}");
         }
+    }
+
+    #[test]
+    fn encoder_flops_by_hand() {
+        // A 1-level encoder on 4x4: conv_in 3->2 (3x3), one resnet 2->2, mid (two resnets, attention over 16
+        // positions), conv_out 2->2z, quant 1x1.
+        let cfg = AeConfig {
+            in_channels: 3,
+            out_channels: 3,
+            ch: 2,
+            ch_mult: vec![1],
+            num_res_blocks: 1,
+            z_channels: 1,
+            norm_groups: 1,
+            eps: 1e-6,
+        };
+        let c3 = |cin: f64, cout: f64| 2.0 * cin * cout * 9.0 * 16.0;
+        let resnet = 2.0 * c3(2.0, 2.0);
+        let attention = 4.0 * (2.0 * 4.0 * 16.0) + 2.0 * (2.0 * 256.0 * 2.0);
+        let want = c3(3.0, 2.0)
+            + resnet
+            + 2.0 * resnet
+            + attention
+            + c3(2.0, 2.0)
+            + 2.0 * 2.0 * 2.0 * 16.0;
+        assert_eq!(cfg.encoder_flops(4), want);
+        // FLUX.2 at 512x512: about 1.1 TFLOP (latents.md's estimate).
+        let t = AeConfig::flux2().encoder_flops(512) / 1e12;
+        assert!((1.0..1.3).contains(&t), "{t}");
     }
 
     #[test]
