@@ -71,19 +71,10 @@ fn radit_decodes_every_twin_fixture_to_within_one_lsb_of_pydicom() {
             "{}",
             case.name
         );
-        let twin: Vec<u16> = std::fs::read(dir.path().join(format!("{}.u16", case.name)))
-            .unwrap()
-            .chunks_exact(2)
-            .map(|c| u16::from_le_bytes([c[0], c[1]]))
-            .collect();
-        assert_eq!(twin.len(), img.pixels.len(), "{}", case.name);
-        let worst = img
-            .pixels
-            .iter()
-            .zip(&twin)
-            .map(|(&a, &b)| a.abs_diff(b))
-            .max()
-            .unwrap();
+        let bytes = std::fs::read(dir.path().join(format!("{}.u16", case.name))).unwrap();
+        let twin = radit_dicom::fixture::samples_le(&bytes);
+        let worst = radit_dicom::fixture::max_difference(&img.pixels, &twin)
+            .unwrap_or_else(|| panic!("{}: the twin's image is not radit's size", case.name));
         assert!(
             worst <= case.tolerance,
             "{}: radit and pydicom differ by {worst} LSB",

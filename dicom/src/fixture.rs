@@ -199,3 +199,23 @@ impl Fixture {
         out
     }
 }
+
+/// Little-endian 16-bit samples, as the pydicom twin writes its decoded images.
+pub fn samples_le(bytes: &[u8]) -> Vec<u16> {
+    bytes
+        .chunks_exact(2)
+        .map(|c| u16::from_le_bytes([c[0], c[1]]))
+        .collect()
+}
+
+/// The largest difference between two images' samples, `None` when they do not have the same number: how radit's
+/// pixels are compared with the twin's.
+pub fn max_difference(a: &[u16], b: &[u16]) -> Option<u16> {
+    (a.len() == b.len()).then(|| {
+        a.iter()
+            .zip(b)
+            .map(|(&x, &y)| x.abs_diff(y))
+            .max()
+            .unwrap_or(0)
+    })
+}

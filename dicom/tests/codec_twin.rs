@@ -6,6 +6,8 @@
 
 use std::path::PathBuf;
 
+use radit_dicom::fixture;
+
 #[test]
 fn jpeg_2000_and_jpeg_ls_decode_like_pydicom() {
     let venv = std::env::var_os("RADIT_VENV")
@@ -37,19 +39,10 @@ fn jpeg_2000_and_jpeg_ls_decode_like_pydicom() {
             img.notes.transfer_syntax,
             case["transfer_syntax"].as_str().unwrap()
         );
-        let twin: Vec<u16> = std::fs::read(dir.path().join(format!("{name}.u16")))
-            .unwrap()
-            .chunks_exact(2)
-            .map(|c| u16::from_le_bytes([c[0], c[1]]))
-            .collect();
-        assert_eq!(twin.len(), img.pixels.len(), "{name}");
-        let worst = img
-            .pixels
-            .iter()
-            .zip(&twin)
-            .map(|(&a, &b)| a.abs_diff(b))
-            .max()
-            .unwrap();
+        let twin =
+            fixture::samples_le(&std::fs::read(dir.path().join(format!("{name}.u16"))).unwrap());
+        let worst =
+            fixture::max_difference(&img.pixels, &twin).expect("the twin's image has radit's size");
         assert!(
             worst <= 1,
             "{name}: radit and pydicom differ by {worst} LSB"

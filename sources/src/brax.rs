@@ -150,17 +150,9 @@ pub fn harmonise(brax: &BraxOptions) -> Result<(Vec<HarmonisedRow>, Audit), Sour
                 _ => None,
             },
         );
-        let row = HarmonisedRow::native(DATASET, id, patient, path.to_string());
-        audit.written(
-            &mut rows,
-            HarmonisedRow {
-                age,
-                sex,
-                view,
-                findings,
-                ..row
-            },
-        );
+        let mut row = HarmonisedRow::native(DATASET, id, patient, path.to_string());
+        (row.age, row.sex, row.view, row.findings) = (age, sex, view, findings);
+        audit.written(&mut rows, row);
     }
     Ok((rows, audit))
 }

@@ -201,15 +201,8 @@ pub fn harmonise(plus: &ChexpertPlusOptions) -> Result<(Vec<HarmonisedRow>, Audi
         };
         let view = audit.mapped("frontal_lateral, ap_pa", &format!("{fl}, {ap}"), view);
         let findings = labels.findings(id, &names, &mut audit);
-        let row = HarmonisedRow::native(DATASET, id, patient, path);
-        let row = HarmonisedRow {
-            age,
-            sex,
-            race,
-            view,
-            findings,
-            ..row
-        };
+        let mut row = HarmonisedRow::native(DATASET, id, patient, path);
+        (row.age, row.sex, row.race, row.view, row.findings) = (age, sex, race, view, findings);
         audit.written(&mut rows, row);
     }
     labels.count_unused(&mut audit);

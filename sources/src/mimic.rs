@@ -282,15 +282,8 @@ pub fn harmonise(mimic: &MimicOptions) -> Result<(Vec<HarmonisedRow>, Audit), So
         let raw_view = field(view_col);
         let view = audit.mapped("ViewPosition", raw_view, view_position(raw_view));
         let findings = labels.findings(&format!("{subject}/{study}"), &names, &mut audit);
-        let row = HarmonisedRow::native(DATASET, id, subject, path);
-        let row = HarmonisedRow {
-            age,
-            sex,
-            race,
-            view,
-            findings,
-            ..row
-        };
+        let mut row = HarmonisedRow::native(DATASET, id, subject, path);
+        (row.age, row.sex, row.race, row.view, row.findings) = (age, sex, race, view, findings);
         audit.written(&mut rows, row);
     }
     labels.count_unused(&mut audit);

@@ -153,17 +153,9 @@ pub fn harmonise(nih: &NihOptions) -> Result<(Vec<HarmonisedRow>, Audit), Source
             .map(String::from)
             .collect();
         let findings = audit.findings(&map, &labels);
-        let row = HarmonisedRow::native(DATASET, image, patient, path);
-        audit.written(
-            &mut rows,
-            HarmonisedRow {
-                age,
-                sex,
-                view,
-                findings,
-                ..row
-            },
-        );
+        let mut row = HarmonisedRow::native(DATASET, image, patient, path);
+        (row.age, row.sex, row.view, row.findings) = (age, sex, view, findings);
+        audit.written(&mut rows, row);
     }
     Ok((rows, audit))
 }

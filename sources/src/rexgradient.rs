@@ -191,14 +191,8 @@ pub fn harmonise(rex: &RexGradientOptions) -> Result<(Vec<HarmonisedRow>, Audit)
                         [Finding::Missing; 14]
                     }
                 };
-                let row = HarmonisedRow::native(DATASET, id, &patient, id.to_string());
-                let row = HarmonisedRow {
-                    age,
-                    sex,
-                    view,
-                    findings,
-                    ..row
-                };
+                let mut row = HarmonisedRow::native(DATASET, id, &patient, id.to_string());
+                (row.age, row.sex, row.view, row.findings) = (age, sex, view, findings);
                 audit.written(&mut rows, row);
             }
         }

@@ -259,17 +259,9 @@ pub fn harmonise(vindr: &VindrOptions) -> Result<(Vec<HarmonisedRow>, Audit), So
         audit.at(&votes.table, votes.line, image);
         let findings = audit.findings_labelled(&map, &present);
         let (age, sex, view) = demographics(&mut audit, header.as_ref(), vindr);
-        let row = HarmonisedRow::native(DATASET, image, image, path);
-        audit.written(
-            &mut rows,
-            HarmonisedRow {
-                age,
-                sex,
-                view,
-                findings,
-                ..row
-            },
-        );
+        let mut row = HarmonisedRow::native(DATASET, image, image, path);
+        (row.age, row.sex, row.view, row.findings) = (age, sex, view, findings);
+        audit.written(&mut rows, row);
     }
     Ok((rows, audit))
 }
