@@ -65,6 +65,9 @@ enum Command {
     /// The FLUX.2 autoencoder that makes the latent presets' latents: sizes, and a strict check of a weights file.
     #[command(subcommand)]
     Vae(model_cli::VaeCommand),
+    /// Decode a latent model's samples (`radit sample`'s latents.safetensors) with the autoencoder's decoder into
+    /// 16-bit PNGs and a contact sheet.
+    Decode(model_cli::DecodeArgs),
     /// Generate images for given metadata, or edit images counterfactually (--edit); writes 16-bit PNGs and an
     /// 8-bit contact sheet.
     Sample(model_cli::SampleArgs),
@@ -299,6 +302,7 @@ fn main() -> ExitCode {
         Command::Data(DataCommand::Bench(a)) => run_bench(a),
         Command::Model(c) => model_cli::run_model(c),
         Command::Vae(c) => model_cli::run_vae(c),
+        Command::Decode(a) => model_cli::run_decode(a),
         Command::Sample(a) => model_cli::run_sample(a),
         Command::Run(a) => run_cli::run(a),
         Command::Coordinator(c) => run_cli::run_coordinator(c),

@@ -5,8 +5,13 @@ use std::time::Instant;
 
 use anyhow::Context;
 use clap::{Args, Subcommand, ValueEnum};
+use radit_sharding::reader::StoreReader;
+use radit_sharding::split::Split;
+use radit_sharding::store::Storage;
 use radit_trainer::autoencoder::{self, AeConfig, Autoencoder};
-use radit_trainer::generate::{Conditions, Sampler, contact_sheet, write_png16, write_samples};
+use radit_trainer::generate::{
+    Conditions, Sampler, contact_sheet, sample_sheet, write_png16, write_samples,
+};
 use radit_trainer::model::{Precision, RadiT, RadiTConfig, save_weights};
 use radit_trainer::sampler::Solver;
 use radit_trainer::tch::{self, Device, Kind, Tensor, nn::VarStore};
@@ -46,6 +51,85 @@ pub struct VaeBenchArgs {
     /// libtorch intra-op threads.
     #[arg(long, default_value_t = 2)]
     threads: i32,
+}
+
+#[derive(Args)]
+pub struct DecodeArgs {
+    /// Latents from `radit sample` on a latent preset (`latents.safetensors`, tensor `latents` [N, C, H, W]).
+    #[arg(long)]
+    latents: PathBuf,
+    /// The autoencoder's weights (the original release's naming or diffusers').
+    #[arg(long)]
+    vae: PathBuf,
+    /// Its architecture: flux2 or tiny.
+    #[arg(long, default_value = "flux2")]
+    vae_preset: String,
+    /// The store the model was trained on: its training latents' channel_mean and channel_std undo the
+    /// standardisation the model learnt (without it the latents are decoded as they are).
+    #[arg(long)]
+    store: Option<String>,
+    /// Output directory: decoded_NNNN.png (16-bit) and contact_sheet.png.
+    #[arg(long)]
+    out: PathBuf,
+    /// Latents decoded at once.
+    #[arg(long, default_value_t = 4)]
+    batch: i64,
+    /// cpu, cuda or cuda:N (default: the GPU when there is one).
+    #[arg(long)]
+    device: Option<String>,
+}
+
+/// `radit decode`: a latent model's samples through the autoencoder's decoder into 16-bit PNGs and a contact sheet.
+pub fn run_decode(a: DecodeArgs) -> anyhow::Result<u8> {
+    crate::exit::ensure_usage!(a.batch > 0, "--batch must be positive");
+    let device =
+        crate::train_cli::device(a.device.as_deref().unwrap_or(if tch::Cuda::is_available() {
+            "cuda"
+        } else {
+            "cpu"
+        }))?;
+    let cfg = AeConfig::preset(&a.vae_preset)?;
+    let latents = Tensor::read_safetensors(&a.latents)
+        .with_context(|| format!("reading {}", a.latents.display()))?
+        .into_iter()
+        .find_map(|(name, t)| (name == "latents").then_some(t))
+        .ok_or_else(|| crate::exit::usage!("{}: no tensor `latents`", a.latents.display()))?;
+    let stats = match &a.store {
+        None => None,
+        Some(url) => {
+            let reader = StoreReader::open(Storage::open_existing(url)?)?;
+            let train = reader
+                .latents(Split::Train)?
+                .ok_or_else(|| crate::exit::usage!("{url}: no train/latents array"))?;
+            let stats = train.standardise.ok_or_else(|| {
+                crate::exit::usage!(
+                    "{url}: train/latents has no channel_mean/channel_std attributes"
+                )
+            })?;
+            Some(stats)
+        }
+    };
+    let vs = VarStore::new(device);
+    let ae = Autoencoder::new(&vs.root(), &cfg)?;
+    autoencoder::load(&vs, &cfg, &a.vae)?;
+    let stats_ref = stats.as_ref().map(|(m, s)| (m.as_slice(), s.as_slice()));
+    let images = ae.decode_latents(&latents, stats_ref, a.batch)?;
+    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    let files = write_png16(&images, &a.out, "decoded")?;
+    let sheet = a.out.join("contact_sheet.png");
+    sample_sheet(&images, 256.min(images.size()[3]), &[&sheet])?;
+    println!(
+        "decoded {} latents ({}) into {} 16-bit PNGs and {}",
+        files.len(),
+        if stats.is_some() {
+            "de-standardised with the store's statistics"
+        } else {
+            "as they are"
+        },
+        files.len(),
+        sheet.display()
+    );
+    Ok(0)
 }
 
 #[derive(Args)]

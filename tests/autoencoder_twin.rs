@@ -175,3 +175,124 @@ fn loading_is_strict_and_names_what_does_not_match() {
         stderr(&bad)
     );
 }
+
+/// The 16-bit PNG at `path` as samples.
+fn png_samples(path: &Path) -> Vec<u16> {
+    let (img, _) = radit_sharding::image::decode_png(&std::fs::read(path).unwrap()).unwrap();
+    img.pixels
+}
+
+#[test]
+fn radit_decode_turns_latents_into_the_twins_images_and_undoes_the_stores_standardisation() {
+    let dir = tempfile::tempdir().unwrap();
+    twin(&["reference"], Some(dir.path()));
+    let io = read_tensors(&dir.path().join("io.safetensors"));
+    let latents = dir.path().join("latents.safetensors");
+    Tensor::write_safetensors(&[("latents", &io["z"])], &latents).unwrap();
+    let decode = |out: &Path, extra: &[&str]| {
+        run_ok(
+            radit()
+                .args([
+                    "decode",
+                    "--vae-preset",
+                    "tiny",
+                    "--device",
+                    "cpu",
+                    "--batch",
+                    "1",
+                ])
+                .args(extra)
+                .arg("--latents")
+                .arg(&latents)
+                .arg("--vae")
+                .arg(dir.path().join("weights_diffusers.safetensors"))
+                .arg("--out")
+                .arg(out),
+        )
+    };
+    let plain = dir.path().join("plain");
+    let out = decode(&plain, &[]);
+    assert!(
+        stdout(&out).contains("decoded 2 latents (as they are)"),
+        "{}",
+        stdout(&out)
+    );
+    assert!(plain.join("contact_sheet.png").exists());
+    for i in 0..2 {
+        let want = radit_trainer::generate::to_u16(&io["decoded"].get(i)).unwrap();
+        let got = png_samples(&plain.join(format!("decoded_{i:04}.png")));
+        let worst = radit_dicom::fixture::max_difference(&got, &want).expect("16x16 images");
+        assert!(
+            worst <= 1,
+            "image {i}: {worst} levels from the twin's decoding"
+        );
+    }
+
+    // A store whose training latents carry channel statistics: the latents are de-standardised before decoding.
+    let store = common::tiny_store(dir.path(), 12, "16x16", 4, &[]);
+    run_ok(
+        python()
+            .arg(repo().join("tests/python/write_latents.py"))
+            .arg("--store")
+            .arg(&store)
+            .args(["--channels", "4", "--size", "8"]),
+    );
+    let reader = radit_sharding::reader::StoreReader::open(
+        radit_sharding::store::Storage::open_existing(store.to_str().unwrap()).unwrap(),
+    )
+    .unwrap();
+    let (mean, std) = reader
+        .latents(radit_sharding::split::Split::Train)
+        .unwrap()
+        .unwrap()
+        .standardise
+        .unwrap();
+    let scaled = dir.path().join("scaled");
+    decode(&scaled, &["--store", store.to_str().unwrap()]);
+    let (_vs, ae) = loaded(dir.path(), "weights_bfl.safetensors");
+    let shape = [1, 4, 1, 1];
+    let z = &io["z"] * Tensor::from_slice(&std).view(shape) + Tensor::from_slice(&mean).view(shape);
+    let want = radit_trainer::tch::no_grad(|| ae.decode(&z)).unwrap();
+    for i in 0..2 {
+        let want = radit_trainer::generate::to_u16(&want.get(i)).unwrap();
+        let got = png_samples(&scaled.join(format!("decoded_{i:04}.png")));
+        let worst = radit_dicom::fixture::max_difference(&got, &want).expect("16x16 images");
+        assert!(
+            worst <= 1,
+            "image {i}: {worst} levels from decoding the de-standardised latents"
+        );
+    }
+
+    // Latents of another width than the decoder's are bad input, named.
+    let wrong = dir.path().join("wrong.safetensors");
+    Tensor::write_safetensors(
+        &[(
+            "latents",
+            &Tensor::zeros([1, 3, 8, 8], radit_trainer::tch::kind::FLOAT_CPU),
+        )],
+        &wrong,
+    )
+    .unwrap();
+    let bad = radit()
+        .args([
+            "decode",
+            "--vae-preset",
+            "tiny",
+            "--device",
+            "cpu",
+            "--latents",
+        ])
+        .arg(&wrong)
+        .arg("--vae")
+        .arg(dir.path().join("weights_bfl.safetensors"))
+        .arg("--out")
+        .arg(dir.path().join("bad"))
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(2), "{}", stderr(&bad));
+    assert!(
+        stderr(&bad).contains("[batch, 4, H, W]"),
+        "{}",
+        stderr(&bad)
+    );
+}

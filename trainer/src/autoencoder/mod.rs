@@ -437,6 +437,7 @@ impl Decoder {
 #[derive(Debug)]
 pub struct Autoencoder {
     pub config: AeConfig,
+    device: tch::Device,
     encoder: Encoder,
     decoder: Decoder,
     quant_conv: nn::Conv2D,
@@ -459,6 +460,7 @@ impl Autoencoder {
             quant_conv: conv(p / "quant_conv", 2 * z, 2 * z, 1, 1),
             post_quant_conv: conv(p / "post_quant_conv", z, z, 1, 1),
             config: config.clone(),
+            device: p.device(),
         })
     }
 
@@ -501,6 +503,52 @@ impl Autoencoder {
         self.check("latents", z, self.config.z_channels, 1)?;
         let rgb = self.decoder.forward(&self.post_quant_conv.forward(z));
         Ok(rgb.mean_dim(1, true, Kind::Float).to_kind(rgb.kind()))
+    }
+}
+
+impl Autoencoder {
+    /// Images [N, 1, H*f, W*f] in [-1, 1] for the latents a latent RadiT generated, `batch` at a time on the
+    /// autoencoder's device. The model learnt standardised latents: `stats` (each channel's mean and std over the
+    /// training split, as the store holds them) undo that first.
+    pub fn decode_latents(
+        &self,
+        latents: &Tensor,
+        stats: Option<(&[f32], &[f32])>,
+        batch: i64,
+    ) -> Result<Tensor, ModelError> {
+        self.check("latents", latents, self.config.z_channels, 1)?;
+        let latents = match stats {
+            None => latents.to_kind(Kind::Float),
+            Some((mean, std)) => {
+                let c = self.config.z_channels as usize;
+                if mean.len() != c || std.len() != c {
+                    return Err(ModelError::BadInput {
+                        input: "latent statistics",
+                        reason: format!(
+                            "{} means and {} stds for {c} channels",
+                            mean.len(),
+                            std.len()
+                        ),
+                    });
+                }
+                let shape = [1, c as i64, 1, 1];
+                latents.to_kind(Kind::Float) * Tensor::from_slice(std).view(shape)
+                    + Tensor::from_slice(mean).view(shape)
+            }
+        };
+        let n = latents.size()[0];
+        let parts = tch::no_grad(|| {
+            (0..n)
+                .step_by(batch.max(1) as usize)
+                .map(|start| {
+                    let z = latents
+                        .narrow(0, start, batch.max(1).min(n - start))
+                        .to_device(self.device);
+                    self.decode(&z).map(|x| x.to_device(tch::Device::Cpu))
+                })
+                .collect::<Result<Vec<_>, _>>()
+        })?;
+        Ok(Tensor::cat(&parts, 0))
     }
 }
 
