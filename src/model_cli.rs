@@ -53,6 +53,21 @@ pub struct VaeBenchArgs {
     threads: i32,
 }
 
+/// The decoder that turns a latent model's samples into images, and how.
+#[derive(Args)]
+pub struct DecoderArgs {
+    /// The decoder's architecture: flux2 or tiny.
+    #[arg(long, default_value = "flux2")]
+    vae_preset: String,
+    /// The store the model was trained on: its training latents' channel_mean and channel_std undo the
+    /// standardisation the model learnt (without it the latents are decoded as they are).
+    #[arg(long)]
+    store: Option<String>,
+    /// Latents decoded at once.
+    #[arg(long, default_value_t = 4)]
+    decode_batch: i64,
+}
+
 #[derive(Args)]
 pub struct DecodeArgs {
     /// Latents from `radit sample` on a latent preset (`latents.safetensors`, tensor `latents` [N, C, H, W]).
@@ -60,20 +75,12 @@ pub struct DecodeArgs {
     latents: PathBuf,
     /// The autoencoder's weights (the original release's naming or diffusers').
     #[arg(long)]
-    vae: PathBuf,
-    /// Its architecture: flux2 or tiny.
-    #[arg(long, default_value = "flux2")]
-    vae_preset: String,
-    /// The store the model was trained on: its training latents' channel_mean and channel_std undo the
-    /// standardisation the model learnt (without it the latents are decoded as they are).
-    #[arg(long)]
-    store: Option<String>,
+    decoder: PathBuf,
+    #[command(flatten)]
+    how: DecoderArgs,
     /// Output directory: decoded_NNNN.png (16-bit) and contact_sheet.png.
     #[arg(long)]
     out: PathBuf,
-    /// Latents decoded at once.
-    #[arg(long, default_value_t = 4)]
-    batch: i64,
     /// cpu, cuda or cuda:N (default: the GPU when there is one).
     #[arg(long)]
     device: Option<String>,
@@ -81,20 +88,43 @@ pub struct DecodeArgs {
 
 /// `radit decode`: a latent model's samples through the autoencoder's decoder into 16-bit PNGs and a contact sheet.
 pub fn run_decode(a: DecodeArgs) -> anyhow::Result<u8> {
-    crate::exit::ensure_usage!(a.batch > 0, "--batch must be positive");
     let device =
         crate::train_cli::device(a.device.as_deref().unwrap_or(if tch::Cuda::is_available() {
             "cuda"
         } else {
             "cpu"
         }))?;
-    let cfg = AeConfig::preset(&a.vae_preset)?;
     let latents = Tensor::read_safetensors(&a.latents)
         .with_context(|| format!("reading {}", a.latents.display()))?
         .into_iter()
         .find_map(|(name, t)| (name == "latents").then_some(t))
         .ok_or_else(|| crate::exit::usage!("{}: no tensor `latents`", a.latents.display()))?;
-    let stats = match &a.store {
+    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    let (files, sheet) = decode_to(&latents, &a.decoder, &a.how, device, &a.out)?;
+    println!(
+        "decoded {} latents ({}) into 16-bit PNGs and {}",
+        files.len(),
+        if a.how.store.is_some() {
+            "de-standardised with the store's statistics"
+        } else {
+            "as they are"
+        },
+        sheet.display()
+    );
+    Ok(0)
+}
+
+/// Decodes `latents` with the autoencoder in `decoder` into `out`: `decoded_NNNN.png` and `contact_sheet.png`.
+fn decode_to(
+    latents: &Tensor,
+    decoder: &std::path::Path,
+    how: &DecoderArgs,
+    device: Device,
+    out: &std::path::Path,
+) -> anyhow::Result<(Vec<PathBuf>, PathBuf)> {
+    crate::exit::ensure_usage!(how.decode_batch > 0, "--decode-batch must be positive");
+    let cfg = AeConfig::preset(&how.vae_preset)?;
+    let stats = match &how.store {
         None => None,
         Some(url) => {
             let reader = StoreReader::open(Storage::open_existing(url)?)?;
@@ -111,25 +141,13 @@ pub fn run_decode(a: DecodeArgs) -> anyhow::Result<u8> {
     };
     let vs = VarStore::new(device);
     let ae = Autoencoder::new(&vs.root(), &cfg)?;
-    autoencoder::load(&vs, &cfg, &a.vae)?;
-    let stats_ref = stats.as_ref().map(|(m, s)| (m.as_slice(), s.as_slice()));
-    let images = ae.decode_latents(&latents, stats_ref, a.batch)?;
-    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
-    let files = write_png16(&images, &a.out, "decoded")?;
-    let sheet = a.out.join("contact_sheet.png");
+    autoencoder::load(&vs, &cfg, decoder)?;
+    let stats = stats.as_ref().map(|(m, s)| (m.as_slice(), s.as_slice()));
+    let images = ae.decode_latents(latents, stats, how.decode_batch)?;
+    let files = write_png16(&images, out, "decoded")?;
+    let sheet = out.join("contact_sheet.png");
     sample_sheet(&images, 256.min(images.size()[3]), &[&sheet])?;
-    println!(
-        "decoded {} latents ({}) into {} 16-bit PNGs and {}",
-        files.len(),
-        if stats.is_some() {
-            "de-standardised with the store's statistics"
-        } else {
-            "as they are"
-        },
-        files.len(),
-        sheet.display()
-    );
-    Ok(0)
+    Ok((files, sheet))
 }
 
 #[derive(Args)]
@@ -338,6 +356,12 @@ pub struct SampleArgs {
     shift: f64,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// For a latent preset: also decode the samples with this autoencoder (decoded_NNNN.png, and the contact
+    /// sheet shows the decoded images).
+    #[arg(long)]
+    decoder: Option<PathBuf>,
+    #[command(flatten)]
+    decoding: DecoderArgs,
     /// Samples integrated together.
     #[arg(long, default_value_t = 8)]
     batch: u64,
@@ -563,9 +587,22 @@ pub fn run_sample(a: SampleArgs) -> anyhow::Result<u8> {
         );
     } else {
         crate::exit::ensure_usage!(a.n > 0, "-n must be at least 1");
+        crate::exit::ensure_usage!(
+            a.decoder.is_none() || !pixel,
+            "--decoder is for latent models (this one makes images)"
+        );
         let written = write_samples(&sampler, &target, a.n, a.batch, a.seed, solver, &a.out)?;
         let nfe: usize = written.solves.iter().map(|s| s.nfe).sum();
-        report["files"] = serde_json::to_value(&written.files)?;
+        let mut files = written.files.clone();
+        if let Some(decoder) = &a.decoder {
+            let latents = Tensor::read_safetensors(&written.files[0])?
+                .into_iter()
+                .find_map(|(name, t)| (name == "latents").then_some(t))
+                .context("the samples' latents")?;
+            let (decoded, _) = decode_to(&latents, decoder, &a.decoding, device, &a.out)?;
+            files.extend(decoded);
+        }
+        report["files"] = serde_json::to_value(&files)?;
         report["solves"] = serde_json::to_value(&written.solves)?;
         println!(
             "generated {} sample(s) for [{}] with {} model evaluations in {:.1} s",

@@ -198,13 +198,13 @@ fn radit_decode_turns_latents_into_the_twins_images_and_undoes_the_stores_standa
                     "tiny",
                     "--device",
                     "cpu",
-                    "--batch",
+                    "--decode-batch",
                     "1",
                 ])
                 .args(extra)
                 .arg("--latents")
                 .arg(&latents)
-                .arg("--vae")
+                .arg("--decoder")
                 .arg(dir.path().join("weights_diffusers.safetensors"))
                 .arg("--out")
                 .arg(out),
@@ -283,7 +283,7 @@ fn radit_decode_turns_latents_into_the_twins_images_and_undoes_the_stores_standa
             "--latents",
         ])
         .arg(&wrong)
-        .arg("--vae")
+        .arg("--decoder")
         .arg(dir.path().join("weights_bfl.safetensors"))
         .arg("--out")
         .arg(dir.path().join("bad"))
@@ -292,6 +292,59 @@ fn radit_decode_turns_latents_into_the_twins_images_and_undoes_the_stores_standa
     assert_eq!(bad.status.code(), Some(2), "{}", stderr(&bad));
     assert!(
         stderr(&bad).contains("[batch, 4, H, W]"),
+        "{}",
+        stderr(&bad)
+    );
+}
+
+#[test]
+fn radit_sample_on_a_latent_preset_decodes_its_samples_with_a_given_decoder() {
+    let dir = tempfile::tempdir().unwrap();
+    twin(&["reference"], Some(dir.path()));
+    let weights = dir.path().join("tiny-latent.safetensors");
+    run_ok(
+        radit()
+            .args(["model", "init", "tiny-latent", "--out"])
+            .arg(&weights),
+    );
+    let out = dir.path().join("samples");
+    let sample = |decoder: &str, weights: &Path| {
+        let mut cmd = radit();
+        cmd.args([
+            "sample", "-n", "2", "--solver", "euler", "--steps", "2", "--device", "cpu",
+        ])
+        .args(["--vae-preset", "tiny", "--weights"])
+        .arg(weights)
+        .arg("--decoder")
+        .arg(dir.path().join(decoder))
+        .arg("--out")
+        .arg(&out);
+        cmd
+    };
+    run_ok(&mut sample("weights_bfl.safetensors", &weights));
+    for i in 0..2 {
+        let pixels = png_samples(&out.join(format!("decoded_{i:04}.png")));
+        assert_eq!(
+            pixels.len(),
+            16 * 16,
+            "tiny-latent's 4x8x8 latents decode to 16x16"
+        );
+    }
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("samples.json")).unwrap()).unwrap();
+    let files = report["files"].to_string();
+    assert!(
+        files.contains("latents.safetensors") && files.contains("decoded_0001.png"),
+        "{files}"
+    );
+
+    // A pixel model has nothing to decode.
+    let pixel = dir.path().join("tiny.safetensors");
+    run_ok(radit().args(["model", "init", "tiny", "--out"]).arg(&pixel));
+    let bad = sample("weights_bfl.safetensors", &pixel).output().unwrap();
+    assert_eq!(bad.status.code(), Some(2), "{}", stderr(&bad));
+    assert!(
+        stderr(&bad).contains("--decoder is for latent models"),
         "{}",
         stderr(&bad)
     );
