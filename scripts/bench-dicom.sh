@@ -16,11 +16,9 @@ scale=${2:-1}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
-now() { date +%s.%N; }
-input_mb() { du -sb "$1" | awk '{printf "%.1f", $1/1048576}'; }
 field() { "$py" -c 'import json,sys; print(json.loads(sys.argv[1])[sys.argv[2]])' "$1" "$2"; }
 
-echo "machine: $(nproc) cores, $(awk '/model name/{$1=$2=$3="";print;exit}' /proc/cpuinfo | xargs), $(date -u +%F)"
+machine_line
 echo
 echo "| input | pipeline | threads | images | seconds | images/s | images/s/core | input MB/s | stored/raw |"
 echo "|---|---|---|---|---|---|---|---|---|"

@@ -10,10 +10,7 @@ nlarge=${2:-96}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
-now() { date +%s.%N; }
-input_mb() { du -sb "$1" | awk '{printf "%.1f", $1/1048576}'; }
-
-echo "machine: $(nproc) cores, $(awk '/model name/{$1=$2=$3="";print;exit}' /proc/cpuinfo | xargs), $(date -u +%F)"
+machine_line
 echo
 echo "| input | pipeline | threads | images | seconds | images/s | images/s/core | input MB/s | output raw MB/s | stored/raw |"
 echo "|---|---|---|---|---|---|---|---|---|---|"

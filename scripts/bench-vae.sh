@@ -10,7 +10,7 @@ threads=${1:-$(nproc)}
 steps=${2:-2}
 field() { "$py" -c 'import json,sys; d=json.loads(sys.argv[1]); print(eval(sys.argv[2], {}, d))' "$1" "$2"; }
 
-echo "machine: $(nproc) cores, $(awk '/model name/{$1=$2=$3="";print;exit}' /proc/cpuinfo | xargs), $(date -u +%F)"
+machine_line
 echo
 rust=$("$radit" vae bench flux2 --threads "$threads" --steps "$steps")
 twin=$("$py" "$root/tests/python/flux2_ae_twin.py" bench --threads "$threads" --steps "$steps")

@@ -88,12 +88,7 @@ pub struct DecodeArgs {
 
 /// `radit decode`: a latent model's samples through the autoencoder's decoder into 16-bit PNGs and a contact sheet.
 pub fn run_decode(a: DecodeArgs) -> anyhow::Result<u8> {
-    let device =
-        crate::train_cli::device(a.device.as_deref().unwrap_or(if tch::Cuda::is_available() {
-            "cuda"
-        } else {
-            "cpu"
-        }))?;
+    let device = device_or_gpu(a.device.as_deref())?;
     let latents = Tensor::read_safetensors(&a.latents)
         .with_context(|| format!("reading {}", a.latents.display()))?
         .into_iter()
@@ -520,14 +515,18 @@ fn bench(a: ModelBenchArgs) -> anyhow::Result<u8> {
     Ok(0)
 }
 
+/// `--device` when given, else the GPU when there is one.
+fn device_or_gpu(flag: Option<&str>) -> anyhow::Result<Device> {
+    let default = if tch::Cuda::is_available() {
+        "cuda"
+    } else {
+        "cpu"
+    };
+    crate::train_cli::device(flag.unwrap_or(default))
+}
+
 pub fn run_sample(a: SampleArgs) -> anyhow::Result<u8> {
-    // The GPU when there is one, unless --device says otherwise.
-    let device =
-        crate::train_cli::device(a.device.as_deref().unwrap_or(if tch::Cuda::is_available() {
-            "cuda"
-        } else {
-            "cpu"
-        }))?;
+    let device = device_or_gpu(a.device.as_deref())?;
     let precision = a.precision.map(Precision::from).unwrap_or(match device {
         Device::Cpu => Precision::Fp32,
         _ => Precision::Bf16,

@@ -9,7 +9,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use common::{python, radit, read_tensors, relative_error, repo, run_ok, stderr, stdout};
+use common::{fails_with_usage, python, radit, read_tensors, relative_error, repo, run_ok, stdout};
 use radit_trainer::autoencoder::{self, AeConfig, Autoencoder};
 use radit_trainer::tch::{Device, Tensor, nn::VarStore};
 
@@ -163,16 +163,11 @@ fn loading_is_strict_and_names_what_does_not_match() {
         );
         assert!(stdout(&out).contains("latent 4x8x8"), "{}", stdout(&out));
     }
-    let bad = radit()
-        .args(["vae", "info", "tiny", "--weights"])
-        .arg(&cases[0].0)
-        .output()
-        .unwrap();
-    assert_eq!(bad.status.code(), Some(2), "{}", stderr(&bad));
-    assert!(
-        stderr(&bad).contains("decoder.up.1.upsample.conv.weight"),
-        "{}",
-        stderr(&bad)
+    fails_with_usage(
+        radit()
+            .args(["vae", "info", "tiny", "--weights"])
+            .arg(&cases[0].0),
+        "decoder.up.1.upsample.conv.weight",
     );
 }
 
@@ -273,27 +268,22 @@ fn radit_decode_turns_latents_into_the_twins_images_and_undoes_the_stores_standa
         &wrong,
     )
     .unwrap();
-    let bad = radit()
-        .args([
-            "decode",
-            "--vae-preset",
-            "tiny",
-            "--device",
-            "cpu",
-            "--latents",
-        ])
-        .arg(&wrong)
-        .arg("--decoder")
-        .arg(dir.path().join("weights_bfl.safetensors"))
-        .arg("--out")
-        .arg(dir.path().join("bad"))
-        .output()
-        .unwrap();
-    assert_eq!(bad.status.code(), Some(2), "{}", stderr(&bad));
-    assert!(
-        stderr(&bad).contains("[batch, 4, H, W]"),
-        "{}",
-        stderr(&bad)
+    fails_with_usage(
+        radit()
+            .args([
+                "decode",
+                "--vae-preset",
+                "tiny",
+                "--device",
+                "cpu",
+                "--latents",
+            ])
+            .arg(&wrong)
+            .arg("--decoder")
+            .arg(dir.path().join("weights_bfl.safetensors"))
+            .arg("--out")
+            .arg(dir.path().join("bad")),
+        "[batch, 4, H, W]",
     );
 }
 
@@ -341,11 +331,8 @@ fn radit_sample_on_a_latent_preset_decodes_its_samples_with_a_given_decoder() {
     // A pixel model has nothing to decode.
     let pixel = dir.path().join("tiny.safetensors");
     run_ok(radit().args(["model", "init", "tiny", "--out"]).arg(&pixel));
-    let bad = sample("weights_bfl.safetensors", &pixel).output().unwrap();
-    assert_eq!(bad.status.code(), Some(2), "{}", stderr(&bad));
-    assert!(
-        stderr(&bad).contains("--decoder is for latent models"),
-        "{}",
-        stderr(&bad)
+    fails_with_usage(
+        &mut sample("weights_bfl.safetensors", &pixel),
+        "--decoder is for latent models",
     );
 }

@@ -7,7 +7,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{check_store_with_zarr_python, radit, run_ok, stderr, stdout};
+use common::{check_store_with_zarr_python, fails_with_usage, radit, run_ok, stdout};
 
 /// `radit shard` of a harmonised table into `store` at 16x16, then `radit shard --verify`; returns the manifest.
 fn shard(table: &Path, images: &Path, store: &Path) -> serde_json::Value {
@@ -144,13 +144,8 @@ fn bad_releases_and_configs_exit_2_naming_what_is_wrong() {
     let dir = tempfile::tempdir().unwrap();
     let empty = dir.path().join("empty");
     std::fs::create_dir_all(&empty).unwrap();
-    let fails = |cmd: &mut std::process::Command, needle: &str| {
-        let out = cmd.output().unwrap();
-        assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
-        assert!(stderr(&out).contains(needle), "{needle}: {}", stderr(&out));
-    };
     // A release without its table.
-    fails(
+    fails_with_usage(
         radit()
             .args(["harmonise", "nih", "--root"])
             .arg(&empty)
@@ -171,13 +166,13 @@ fn bad_releases_and_configs_exit_2_naming_what_is_wrong() {
         c
     };
     std::fs::write(&config, "[nih]\nroot = \"../elsewhere\"\n").unwrap();
-    fails(&mut all(&config), "[nih] root `../elsewhere`");
+    fails_with_usage(&mut all(&config), "[nih] root `../elsewhere`");
     std::fs::write(&config, "[chexpert]\nroot = \"x\"\n").unwrap();
-    fails(&mut all(&config), "unknown field `chexpert`");
+    fails_with_usage(&mut all(&config), "unknown field `chexpert`");
     std::fs::write(&config, "[vindr]\nroot = \"v\"\ndefault_view = \"LL\"\n").unwrap();
-    fails(&mut all(&config), "[vindr] default_view");
+    fails_with_usage(&mut all(&config), "[vindr] default_view");
     // A bad knob on the command line.
-    fails(
+    fails_with_usage(
         radit()
             .args(["harmonise", "vindr", "--root"])
             .arg(&empty)

@@ -35,6 +35,13 @@ pub use voi::{Lut, WindowFunction};
 /// 16k x 16k: far above any radiograph; refused before any pixel is decoded.
 const MAX_PIXELS: u64 = 1 << 28;
 
+/// A setting's spelling (its serde name) parsed, or an error listing the spellings (`expected`).
+fn parse_setting<T: serde::de::DeserializeOwned>(s: &str, expected: &str) -> Result<T, String> {
+    use serde::de::IntoDeserializer;
+    T::deserialize(s.into_deserializer())
+        .map_err(|_: serde::de::value::Error| format!("`{s}`: expected {expected}"))
+}
+
 /// Which VOI transform to apply.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -53,13 +60,7 @@ pub enum VoiChoice {
 impl std::str::FromStr for VoiChoice {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "auto" => Ok(Self::Auto),
-            "window" => Ok(Self::Window),
-            "lut" => Ok(Self::Lut),
-            "none" => Ok(Self::None),
-            other => Err(format!("`{other}`: expected auto, window, lut or none")),
-        }
+        parse_setting(s, "auto, window, lut or none")
     }
 }
 
@@ -77,11 +78,7 @@ pub enum BadWindow {
 impl std::str::FromStr for BadWindow {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "minmax" => Ok(Self::Minmax),
-            "reject" => Ok(Self::Reject),
-            other => Err(format!("`{other}`: expected minmax or reject")),
-        }
+        parse_setting(s, "minmax or reject")
     }
 }
 
@@ -99,11 +96,7 @@ pub enum Padding {
 impl std::str::FromStr for Padding {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "ignore" => Ok(Self::Ignore),
-            "mask" => Ok(Self::Mask),
-            other => Err(format!("`{other}`: expected ignore or mask")),
-        }
+        parse_setting(s, "ignore or mask")
     }
 }
 
@@ -732,6 +725,21 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("WindowWidth"), "{e}");
+    }
+
+    #[test]
+    fn settings_parse_from_their_spellings() {
+        assert_eq!("lut".parse::<VoiChoice>(), Ok(VoiChoice::Lut));
+        assert_eq!("reject".parse::<BadWindow>(), Ok(BadWindow::Reject));
+        assert_eq!("mask".parse::<Padding>(), Ok(Padding::Mask));
+        assert_eq!(
+            "Mask".parse::<Padding>(),
+            Err("`Mask`: expected ignore or mask".to_string())
+        );
+        assert_eq!(
+            "both".parse::<VoiChoice>(),
+            Err("`both`: expected auto, window, lut or none".to_string())
+        );
     }
 
     #[test]

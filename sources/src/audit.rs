@@ -13,71 +13,85 @@ use crate::SourceError;
 /// new, its patient id present. A row that fails is rejected in the audit with the file, line and reason.
 pub struct RowChecks {
     table: std::path::PathBuf,
-    image_column: &'static str,
-    patient_column: &'static str,
+    /// The image id's and the patient id's (header name, position).
+    image: (&'static str, usize),
+    patient: (&'static str, usize),
     first_line: std::collections::HashMap<String, u64>,
 }
 
+/// A readable row whose ids passed [`RowChecks`].
+pub struct Row {
+    record: csv::StringRecord,
+    pub line: u64,
+}
+
+impl Row {
+    /// Column `i`, trimmed (empty when the row is short).
+    pub fn field(&self, i: usize) -> &str {
+        self.record.get(i).unwrap_or_default().trim()
+    }
+}
+
 impl RowChecks {
-    pub fn new(table: &Path, image_column: &'static str, patient_column: &'static str) -> Self {
+    pub fn new(table: &Path, image: (&'static str, usize), patient: (&'static str, usize)) -> Self {
         Self {
             table: table.to_path_buf(),
-            image_column,
-            patient_column,
+            image,
+            patient,
             first_line: Default::default(),
         }
     }
 
-    /// The record and its line, or `None` (rejected) when it could not be read.
-    pub fn record(
-        &self,
+    /// The next record as a row to map, or `None` when it is rejected (unreadable, or ids that cannot be used). A
+    /// row accepted is the one the audit's next notes are about.
+    pub fn accept(
+        &mut self,
         audit: &mut Audit,
         record: Result<csv::StringRecord, csv::Error>,
-    ) -> Option<(csv::StringRecord, u64)> {
+    ) -> Option<Row> {
         audit.rows.read += 1;
-        match record {
-            Ok(r) => {
-                let line = r.position().map_or(0, |p| p.line());
-                Some((r, line))
-            }
+        let row = match record {
+            Ok(record) => Row {
+                line: record.position().map_or(0, |p| p.line()),
+                record,
+            },
             Err(e) => {
                 let line = e.position().map_or(0, |p| p.line());
                 audit.reject(&self.table, line, "", "unreadable row", e.to_string());
-                None
+                return None;
             }
-        }
+        };
+        let usable = self.ids(
+            audit,
+            row.line,
+            row.field(self.image.1),
+            row.field(self.patient.1),
+        );
+        usable.then_some(row)
     }
 
     /// Whether the row's ids can be used (else it is rejected).
-    pub fn ids(&mut self, audit: &mut Audit, line: u64, image: &str, patient: &str) -> bool {
+    fn ids(&mut self, audit: &mut Audit, line: u64, image: &str, patient: &str) -> bool {
         let reject = |audit: &mut Audit, id: &str, kind: String, reason: String| {
             audit.reject(&self.table, line, id, &kind, reason);
             false
         };
+        let (image_column, patient_column) = (self.image.0, self.patient.0);
         if image.is_empty() {
-            let kind = format!("empty {}", self.image_column);
+            let kind = format!("empty {image_column}");
             return reject(audit, "", kind.clone(), kind);
         }
         if let Some(first) = self.first_line.get(image) {
-            let reason = format!("{} `{image}` is also on line {first}", self.image_column);
-            return reject(
-                audit,
-                image,
-                format!("duplicate {}", self.image_column),
-                reason,
-            );
+            let reason = format!("{image_column} `{image}` is also on line {first}");
+            return reject(audit, image, format!("duplicate {image_column}"), reason);
         }
         self.first_line.insert(image.to_string(), line);
         if patient.is_empty() {
-            let kind = format!("empty {}", self.patient_column);
+            let kind = format!("empty {patient_column}");
             return reject(audit, image, kind.clone(), kind);
         }
         audit.at(&self.table, line, image);
         true
-    }
-
-    pub fn table(&self) -> &Path {
-        &self.table
     }
 }
 

@@ -95,19 +95,15 @@ pub fn harmonise(brax: &BraxOptions) -> Result<(Vec<HarmonisedRow>, Audit), Sour
         unreachable!("one position per name asked for");
     };
     let finding_cols = csv.columns[6..].to_vec();
-    let mut checks = RowChecks::new(&table, "DicomPath", "PatientID");
+    let mut checks = RowChecks::new(&table, ("DicomPath", id_col), ("PatientID", patient_col));
     let mut rows = Vec::new();
     for record in csv.reader.records() {
-        let Some((record, line)) = checks.record(&mut audit, record) else {
+        let Some(row) = checks.accept(&mut audit, record) else {
             continue;
         };
-        let field = |i: usize| record.get(i).unwrap_or_default().trim();
+        let (line, field) = (row.line, |i: usize| row.field(i));
         let (id, path, patient) = (field(id_col), field(path_col), field(patient_col));
-        if !checks.ids(&mut audit, line, id, patient) {
-            continue;
-        }
-        if opts.check_files && !opts.root.join(path).is_file() {
-            let reason = format!("no file {}", opts.root.join(path).display());
+        if let Some(reason) = opts.missing_image(path) {
             audit.reject(&table, line, id, "image file not found", reason);
             continue;
         }

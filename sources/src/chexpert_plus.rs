@@ -145,17 +145,18 @@ pub fn harmonise(plus: &ChexpertPlusOptions) -> Result<(Vec<HarmonisedRow>, Audi
     else {
         unreachable!("one position per name asked for");
     };
-    let mut checks = RowChecks::new(&table, "path_to_image", "deid_patient_id");
+    let mut checks = RowChecks::new(
+        &table,
+        ("path_to_image", id_col),
+        ("deid_patient_id", patient_col),
+    );
     let mut rows = Vec::new();
     for record in csv.reader.records() {
-        let Some((record, line)) = checks.record(&mut audit, record) else {
+        let Some(row) = checks.accept(&mut audit, record) else {
             continue;
         };
-        let field = |i: usize| record.get(i).unwrap_or_default().trim();
+        let (line, field) = (row.line, |i: usize| row.field(i));
         let (id, patient) = (field(id_col), field(patient_col));
-        if !checks.ids(&mut audit, line, id, patient) {
-            continue;
-        }
         let path = match plus.image {
             PlusImage::Dicom => plus.dicom_dir.join(field(dcm_col)),
             PlusImage::Png => {
@@ -166,8 +167,7 @@ pub fn harmonise(plus: &ChexpertPlusOptions) -> Result<(Vec<HarmonisedRow>, Audi
             }
         };
         let path = path.to_string_lossy().replace('\\', "/");
-        if opts.check_files && !opts.root.join(&path).is_file() {
-            let reason = format!("no file {}", opts.root.join(&path).display());
+        if let Some(reason) = opts.missing_image(&path) {
             audit.reject(&table, line, id, "image file not found", reason);
             continue;
         }

@@ -90,6 +90,12 @@ impl SourceOptions {
     pub fn plausible(&self, age: f64) -> Option<f64> {
         (self.age_min..=self.age_max).contains(&age).then_some(age)
     }
+
+    /// Why the image at `path` (relative to the root) cannot be used: files are checked and it is not there.
+    pub fn missing_image(&self, path: impl AsRef<Path>) -> Option<String> {
+        let file = self.root.join(path);
+        (self.check_files && !file.is_file()).then(|| format!("no file {}", file.display()))
+    }
 }
 
 /// Why a source cannot be harmonised at all (a row that cannot be used is a rejection in the report, not an error).

@@ -238,25 +238,21 @@ pub fn harmonise(mimic: &MimicOptions) -> Result<(Vec<HarmonisedRow>, Audit), So
         MimicImage::Dcm => "dcm",
         MimicImage::Jpg => "jpg",
     };
-    let mut checks = RowChecks::new(&table, "dicom_id", "subject_id");
+    let mut checks = RowChecks::new(&table, ("dicom_id", id_col), ("subject_id", subject_col));
     let mut rows = Vec::new();
     for record in csv.reader.records() {
-        let Some((record, line)) = checks.record(&mut audit, record) else {
+        let Some(row) = checks.accept(&mut audit, record) else {
             continue;
         };
-        let field = |i: usize| record.get(i).unwrap_or_default().trim();
+        let (line, field) = (row.line, |i: usize| row.field(i));
         let (id, subject, study) = (field(id_col), field(subject_col), field(study_col));
-        if !checks.ids(&mut audit, line, id, subject) {
-            continue;
-        }
         if study.is_empty() {
             audit.reject(&table, line, id, "empty study_id", "empty study_id".into());
             continue;
         }
         let prefix = subject.get(..2).unwrap_or(subject);
         let path = format!("files/p{prefix}/p{subject}/s{study}/{id}.{ext}");
-        if opts.check_files && !opts.root.join(&path).is_file() {
-            let reason = format!("no file {}", opts.root.join(&path).display());
+        if let Some(reason) = opts.missing_image(&path) {
             audit.reject(&table, line, id, "image file not found", reason);
             continue;
         }

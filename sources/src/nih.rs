@@ -109,17 +109,18 @@ pub fn harmonise(nih: &NihOptions) -> Result<(Vec<HarmonisedRow>, Audit), Source
     } else {
         HashMap::new()
     };
-    let mut checks = RowChecks::new(&table, "Image Index", "Patient ID");
+    let mut checks = RowChecks::new(
+        &table,
+        ("Image Index", image_col),
+        ("Patient ID", patient_col),
+    );
     let mut rows = Vec::new();
     for record in csv.reader.records() {
-        let Some((record, line)) = checks.record(&mut audit, record) else {
+        let Some(row) = checks.accept(&mut audit, record) else {
             continue;
         };
-        let field = |i: usize| record.get(i).unwrap_or_default().trim();
+        let (line, field) = (row.line, |i: usize| row.field(i));
         let (image, patient) = (field(image_col), field(patient_col));
-        if !checks.ids(&mut audit, line, image, patient) {
-            continue;
-        }
         let path = if opts.check_files {
             match images.get(image) {
                 Some(p) => p.clone(),

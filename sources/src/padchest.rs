@@ -91,17 +91,14 @@ pub fn harmonise(opts: &SourceOptions) -> Result<(Vec<HarmonisedRow>, Audit), So
     else {
         unreachable!("one position per name asked for");
     };
-    let mut checks = RowChecks::new(&table, "ImageID", "PatientID");
+    let mut checks = RowChecks::new(&table, ("ImageID", image_col), ("PatientID", patient_col));
     let mut rows = Vec::new();
     for record in csv.reader.records() {
-        let Some((record, line)) = checks.record(&mut audit, record) else {
+        let Some(row) = checks.accept(&mut audit, record) else {
             continue;
         };
-        let field = |i: usize| record.get(i).unwrap_or_default().trim();
+        let (line, field) = (row.line, |i: usize| row.field(i));
         let (image, patient) = (field(image_col), field(patient_col));
-        if !checks.ids(&mut audit, line, image, patient) {
-            continue;
-        }
         let folder = field(dir_col);
         let Some(folder) = folder
             .parse::<f64>()
@@ -113,8 +110,7 @@ pub fn harmonise(opts: &SourceOptions) -> Result<(Vec<HarmonisedRow>, Audit), So
             continue;
         };
         let path = format!("{}/{image}", folder as u64);
-        if opts.check_files && !opts.root.join(&path).is_file() {
-            let reason = format!("no file {}", opts.root.join(&path).display());
+        if let Some(reason) = opts.missing_image(&path) {
             audit.reject(&table, line, image, "image file not found", reason);
             continue;
         }

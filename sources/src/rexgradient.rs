@@ -172,9 +172,14 @@ pub fn harmonise(rex: &RexGradientOptions) -> Result<(Vec<HarmonisedRow>, Audit)
                     );
                     continue;
                 }
-                if opts.check_files && !opts.root.join(id).is_file() {
-                    let reason = format!("{at}: no file {}", opts.root.join(id).display());
-                    audit.reject(file, 0, id, "image file not found", reason);
+                if let Some(reason) = opts.missing_image(id) {
+                    audit.reject(
+                        file,
+                        0,
+                        id,
+                        "image file not found",
+                        format!("{at}: {reason}"),
+                    );
                     continue;
                 }
                 let raw_age = field("PatientAge");

@@ -263,3 +263,12 @@ pub fn relative_error(a: &radit_trainer::tch::Tensor, b: &radit_trainer::tch::Te
     let scale = b.norm().double_value(&[]);
     if scale == 0.0 { diff } else { diff / scale }
 }
+
+/// Runs `cmd`, which must fail as bad input (exit 2) with `needle` in its stderr; returns that stderr.
+pub fn fails_with_usage(cmd: &mut Command, needle: &str) -> String {
+    let out = cmd.output().expect("the command starts");
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains(needle), "expected `{needle}` in: {err}");
+    err
+}
