@@ -10,6 +10,7 @@ use radit_sharding::ShardError;
 use radit_sharding::store::StorageError;
 use radit_trainer::checkpoint::CheckpointError;
 use radit_trainer::collective::CollectiveError;
+use radit_trainer::encode::EncodeError;
 use radit_trainer::membership::JoinError;
 use radit_trainer::model::ModelError;
 use radit_trainer::placement::PlacementError;
@@ -58,17 +59,21 @@ macro_rules! bail_usage {
 }
 pub(crate) use bail_usage;
 
+fn shard_meaning(s: &ShardError) -> u8 {
+    match s {
+        _ if s.is_retryable() => RETRYABLE,
+        ShardError::Internal(_) | ShardError::Encode { .. } => FAILED,
+        _ => BAD_INPUT,
+    }
+}
+
 /// What one error in a chain says about the exit code; `None`: look further down the chain.
 fn meaning(e: &(dyn std::error::Error + 'static)) -> Option<u8> {
     if e.is::<Usage>() || e.is::<ConfigError>() || e.is::<JobError>() || e.is::<PlacementError>() {
         return Some(BAD_INPUT);
     }
     if let Some(s) = e.downcast_ref::<ShardError>() {
-        return Some(match s {
-            _ if s.is_retryable() => RETRYABLE,
-            ShardError::Internal(_) | ShardError::Encode { .. } => FAILED,
-            _ => BAD_INPUT,
-        });
+        return Some(shard_meaning(s));
     }
     if let Some(s) = e.downcast_ref::<radit_sources::SourceError>() {
         return Some(match s {
@@ -90,6 +95,18 @@ fn meaning(e: &(dyn std::error::Error + 'static)) -> Option<u8> {
             | TrainError::OutOfMemory { .. }
             | TrainError::DataEnded { .. } => Some(BAD_INPUT),
             TrainError::Diverged { .. } | TrainError::Superseded { .. } => Some(FAILED),
+            _ => None,
+        };
+    }
+    if let Some(x) = e.downcast_ref::<EncodeError>() {
+        return match x {
+            EncodeError::ConfigFile { .. }
+            | EncodeError::Config(_)
+            | EncodeError::Unsuitable { .. }
+            | EncodeError::Io { .. } => Some(BAD_INPUT),
+            EncodeError::Superseded => Some(FAILED),
+            // Transparent: the store error is not a link of its own in the chain.
+            EncodeError::Store(s) => Some(shard_meaning(s)),
             _ => None,
         };
     }

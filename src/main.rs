@@ -26,6 +26,7 @@ use radit_sharding::synth::{SynthConfig, generate, parse_sizes};
 use radit_sharding::table::TableConfig;
 use radit_sharding::throughput;
 
+mod encode_cli;
 mod model_cli;
 mod run_cli;
 mod train_cli;
@@ -68,6 +69,9 @@ enum Command {
     /// Decode a latent model's samples (`radit sample`'s latents.safetensors) with the autoencoder's decoder into
     /// 16-bit PNGs and a contact sheet.
     Decode(model_cli::DecodeArgs),
+    /// Encode a store's images to `<split>/latents` with the autoencoder's encoder (one process, or the ranks of
+    /// a `[job] kind = "encode"` job under `radit run`): resumable shard by shard, channel statistics, manifest last.
+    Encode(encode_cli::EncodeArgs),
     /// Generate images for given metadata, or edit images counterfactually (--edit); writes 16-bit PNGs and an
     /// 8-bit contact sheet.
     Sample(model_cli::SampleArgs),
@@ -303,6 +307,7 @@ fn main() -> ExitCode {
         Command::Model(c) => model_cli::run_model(c),
         Command::Vae(c) => model_cli::run_vae(c),
         Command::Decode(a) => model_cli::run_decode(a),
+        Command::Encode(a) => encode_cli::run_encode(a),
         Command::Sample(a) => model_cli::run_sample(a),
         Command::Run(a) => run_cli::run(a),
         Command::Coordinator(c) => run_cli::run_coordinator(c),

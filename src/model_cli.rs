@@ -5,12 +5,9 @@ use std::time::Instant;
 
 use anyhow::Context;
 use clap::{Args, Subcommand, ValueEnum};
-use radit_sharding::reader::StoreReader;
-use radit_sharding::split::Split;
-use radit_sharding::store::Storage;
-use radit_trainer::autoencoder::{self, AeConfig, Autoencoder};
+use radit_trainer::autoencoder::{self, AeConfig, Autoencoder, DecoderConfig, LatentDecoder};
 use radit_trainer::generate::{
-    Conditions, Sampler, contact_sheet, sample_sheet, write_png16, write_samples,
+    Conditions, Sampler, contact_sheet, write_decoded, write_png16, write_samples,
 };
 use radit_trainer::model::{Precision, RadiT, RadiTConfig, save_weights};
 use radit_trainer::sampler::Solver;
@@ -31,6 +28,9 @@ pub enum VaeCommand {
     /// Parameter counts and latent shape of an autoencoder preset; with --weights, a strict load of a weights file
     /// (the original release's naming or diffusers'), naming every missing, unexpected or misshapen tensor.
     Info(VaeInfoArgs),
+    /// Write randomly initialised weights of a preset (the original naming) as safetensors: a stand-in for the
+    /// released file, to try `radit encode` and `radit decode` end to end.
+    Init(InitArgs),
     /// Encoder throughput on this machine and its FLOPs per image (compare with tests/python/flux2_ae_twin.py
     /// bench; scripts/bench-vae.sh runs both and projects CXR7-1M's GPU-hours).
     Bench(VaeBenchArgs),
@@ -117,32 +117,20 @@ fn decode_to(
     device: Device,
     out: &std::path::Path,
 ) -> anyhow::Result<(Vec<PathBuf>, PathBuf)> {
-    crate::exit::ensure_usage!(how.decode_batch > 0, "--decode-batch must be positive");
-    let cfg = AeConfig::preset(&how.vae_preset)?;
-    let stats = match &how.store {
-        None => None,
-        Some(url) => {
-            let reader = StoreReader::open(Storage::open_existing(url)?)?;
-            let train = reader
-                .latents(Split::Train)?
-                .ok_or_else(|| crate::exit::usage!("{url}: no train/latents array"))?;
-            let stats = train.standardise.ok_or_else(|| {
-                crate::exit::usage!(
-                    "{url}: train/latents has no channel_mean/channel_std attributes"
-                )
-            })?;
-            Some(stats)
-        }
+    let cfg = DecoderConfig {
+        weights: decoder.to_path_buf(),
+        autoencoder: how.vae_preset.clone(),
+        batch: how.decode_batch,
     };
-    let vs = VarStore::new(device);
-    let ae = Autoencoder::new(&vs.root(), &cfg)?;
-    autoencoder::load(&vs, &cfg, decoder)?;
-    let stats = stats.as_ref().map(|(m, s)| (m.as_slice(), s.as_slice()));
-    let images = ae.decode_latents(latents, stats, how.decode_batch)?;
-    let files = write_png16(&images, out, "decoded")?;
-    let sheet = out.join("contact_sheet.png");
-    sample_sheet(&images, 256.min(images.size()[3]), &[&sheet])?;
-    Ok((files, sheet))
+    cfg.validate("--decoder")
+        .map_err(|e| crate::exit::usage!("{}: {}", e.field, e.reason))?;
+    let stats = how
+        .store
+        .as_deref()
+        .map(autoencoder::store_statistics)
+        .transpose()?;
+    let decoder = LatentDecoder::load(&cfg, stats, device)?;
+    Ok(write_decoded(&decoder, latents, out)?)
 }
 
 #[derive(Args)]
@@ -163,6 +151,7 @@ pub struct VaeInfoArgs {
 pub fn run_vae(cmd: VaeCommand) -> anyhow::Result<u8> {
     match cmd {
         VaeCommand::Info(a) => vae_info(a),
+        VaeCommand::Init(a) => vae_init(a),
         VaeCommand::Bench(a) => vae_bench(a),
     }
 }
@@ -201,6 +190,22 @@ fn vae_bench(a: VaeBenchArgs) -> anyhow::Result<u8> {
         "gflop_per_image": flops / 1e9, "cpu_gflop_per_s": flops * a.batch as f64 / median / 1e9,
     });
     println!("{v}");
+    Ok(0)
+}
+
+fn vae_init(a: InitArgs) -> anyhow::Result<u8> {
+    let cfg = AeConfig::preset(&a.preset)?;
+    tch::manual_seed(a.seed);
+    let vs = VarStore::new(Device::Cpu);
+    let _ae = Autoencoder::new(&vs.root(), &cfg)?;
+    autoencoder::save(&vs, &cfg, &a.out)?;
+    let (e, d, q) = cfg.parameter_counts();
+    println!(
+        "wrote {} (random {} autoencoder, {} parameters)",
+        a.out.display(),
+        a.preset,
+        e + d + q
+    );
     Ok(0)
 }
 

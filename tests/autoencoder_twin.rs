@@ -236,12 +236,11 @@ fn radit_decode_turns_latents_into_the_twins_images_and_undoes_the_stores_standa
         radit_sharding::store::Storage::open_existing(store.to_str().unwrap()).unwrap(),
     )
     .unwrap();
-    let (mean, std) = reader
+    let latents = reader
         .latents(radit_sharding::split::Split::Train)
         .unwrap()
-        .unwrap()
-        .standardise
         .unwrap();
+    let (mean, std) = (latents.channel_mean, latents.channel_std);
     let scaled = dir.path().join("scaled");
     decode(&scaled, &["--store", store.to_str().unwrap()]);
     let (_vs, ae) = loaded(dir.path(), "weights_bfl.safetensors");

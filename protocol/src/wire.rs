@@ -121,7 +121,10 @@ pub struct RankStats {
     pub step_seconds_count: u64,
     pub step_seconds_sum: f64,
     pub skipped_steps: u64,
+    /// NaN when there is none (an encode job) or the step diverged: JSON carries it as null.
+    #[serde(deserialize_with = "nan_if_null")]
     pub loss: f64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub grad_norm: f64,
     pub learning_rate: f64,
     pub checkpoint_stall_seconds: f64,
@@ -130,10 +133,16 @@ pub struct RankStats {
     pub checkpoint_save_seconds: f64,
     pub checkpoint_bytes: u64,
     /// The largest of the ranks' own losses of this rank's last step (the same on every rank at a step).
+    #[serde(deserialize_with = "nan_if_null")]
     pub loss_max: f64,
     /// 0 on CPU ranks.
     pub device_memory_used_bytes: u64,
     pub device_memory_total_bytes: u64,
+}
+
+/// serde_json writes a non-finite f64 as null; read null back as NaN.
+fn nan_if_null<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -171,6 +180,23 @@ mod tests {
         }
         assert_eq!(Phase::from_u8(200), Phase::Starting);
         assert!(serde_json::from_str::<Phase>("\"napping\"").is_err());
+    }
+
+    #[test]
+    fn a_step_without_a_loss_still_heartbeats() {
+        // An encode rank has no loss and a diverged training step has a NaN one: the heartbeat must still parse.
+        let stats = RankStats {
+            loss: f64::NAN,
+            loss_max: f64::INFINITY,
+            grad_norm: f64::NAN,
+            step_seconds_buckets: vec![0; STEP_SECONDS_BUCKETS.len()],
+            ..RankStats::default()
+        };
+        let json = serde_json::to_string(&stats).unwrap();
+        assert!(json.contains("\"loss\":null"), "{json}");
+        let back: RankStats = serde_json::from_str(&json).unwrap();
+        assert!(back.loss.is_nan() && back.loss_max.is_nan() && back.grad_norm.is_nan());
+        assert_eq!(back.images, stats.images);
     }
 
     #[test]

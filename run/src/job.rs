@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use radit_coordinator::RestartPolicy;
 use radit_launch::launcher::{Launcher, LocalLauncher, MpirunLauncher, SrunLauncher};
 use radit_launch::slurm::{REQUEUE_EXIT_CODE, SlurmJob, render_sbatch};
+use radit_trainer::encode::EncodeConfig;
 use radit_trainer::preview::PreviewConfig;
 use radit_trainer::train::{ConfigError, TrainConfig, TrainError, ValidatedConfig};
 use serde::{Deserialize, Serialize};
@@ -22,13 +23,14 @@ pub enum JobError {
     Invalid { file: PathBuf, error: ConfigError },
 }
 
-/// One job file: the train config's sections ([data], [model], [flow], [engine], [train], [checkpoint]; checkpoints
-/// are needed for restarts and requeues to resume) beside the job's own ([job], [resources], [launcher],
-/// [restart], [coordinator], [monitoring], [samples]). The train config is one value, read by the train config's
-/// own type; `radit run` writes it for the ranks as it was validated here.
+/// One job file: the work's sections beside the job's own ([job], [resources], [launcher], [restart],
+/// [coordinator], [monitoring], [samples]). A training job's work is the train config's sections ([data], [model],
+/// [flow], [engine], [train], [checkpoint]; checkpoints are needed for restarts and requeues to resume); an encode
+/// job's (`[job] kind = "encode"`) is `[encode]`, resumed from its journal. The work is one value, read by its own
+/// type; `radit run` writes it for the ranks as it was validated here.
 #[derive(Debug, Clone, PartialEq)]
 pub struct JobSpec {
-    pub training: TrainConfig,
+    pub work: Work,
     pub job: JobSection,
     pub resources: Resources,
     pub launcher: LauncherSpec,
@@ -36,6 +38,29 @@ pub struct JobSpec {
     pub coordinator: CoordinatorSpec,
     pub monitoring: MonitoringSpec,
     pub samples: SampleSpec,
+}
+
+/// What the ranks of a job do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Work {
+    Train(Box<TrainConfig>),
+    Encode(EncodeConfig),
+}
+
+/// `[job] kind`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobKind {
+    #[default]
+    Train,
+    Encode,
+}
+
+/// An encode job's work sections.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EncodeSections {
+    encode: EncodeConfig,
 }
 
 /// The job's own sections, as they are read.
@@ -82,9 +107,21 @@ impl JobSpec {
             }
         }
         let r: RunSections = own.try_into().map_err(|e: toml::de::Error| e.to_string())?;
-        let training: TrainConfig = all.try_into().map_err(|e: toml::de::Error| e.to_string())?;
+        let work = match r.job.kind {
+            JobKind::Train => {
+                Work::Train(Box::new(
+                    all.try_into().map_err(|e: toml::de::Error| e.to_string())?,
+                ))
+            }
+            JobKind::Encode => {
+                let e: EncodeSections = all.try_into().map_err(|e: toml::de::Error| {
+                    format!("an encode job has [encode] besides the job's own sections: {e}")
+                })?;
+                Work::Encode(e.encode)
+            }
+        };
         Ok(Self {
-            training,
+            work,
             job: r.job,
             resources: r.resources,
             launcher: r.launcher,
@@ -106,7 +143,10 @@ impl JobSpec {
             monitoring: self.monitoring.clone(),
             samples: self.samples.clone(),
         };
-        let mut all = toml::Table::try_from(&self.training)?;
+        let mut all = match &self.work {
+            Work::Train(t) => toml::Table::try_from(&**t)?,
+            Work::Encode(e) => toml::Table::try_from(EncodeSections { encode: e.clone() })?,
+        };
         all.extend(toml::Table::try_from(&own)?);
         toml::to_string(&all)
     }
@@ -116,6 +156,9 @@ impl JobSpec {
 #[serde(deny_unknown_fields)]
 pub struct JobSection {
     pub name: String,
+    /// train (default) or encode.
+    #[serde(default, skip_serializing_if = "is_train")]
+    pub kind: JobKind,
     /// The run's directory on a filesystem every node sees: the token file, the resolved train config, rank logs,
     /// the Slurm script and output, the final samples. Relative paths are relative to the job file.
     pub run_dir: PathBuf,
@@ -137,6 +180,10 @@ pub struct Resources {
     /// Slurm `--cpus-per-task` (Isambard-AI: 72 cores per GH200).
     #[serde(default)]
     pub cpus_per_task: Option<u32>,
+}
+
+fn is_train(k: &JobKind) -> bool {
+    *k == JobKind::Train
 }
 
 fn one() -> u32 {
@@ -286,6 +333,10 @@ pub struct SampleSpec {
     /// Euler steps.
     #[serde(default = "default_sample_steps")]
     pub steps: usize,
+    /// For a latent model: `[samples.decoder]` (weights, autoencoder, batch) turns the samples and the sheets into
+    /// images, de-standardised with the store's training statistics. Relative weights are relative to the job file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decoder: Option<radit_trainer::autoencoder::DecoderConfig>,
 }
 
 impl Default for SampleSpec {
@@ -294,6 +345,7 @@ impl Default for SampleSpec {
             count: 0,
             every: 0,
             steps: default_sample_steps(),
+            decoder: None,
         }
     }
 }
@@ -320,7 +372,7 @@ pub fn quickstart(
         ..RadiTConfig::preset("tiny")?
     };
     Ok(JobSpec {
-        training: TrainConfig {
+        work: Work::Train(Box::new(TrainConfig {
             data: DataConfig {
                 window_shards: 4,
                 ..DataConfig::new(&dir.join("store").display().to_string())
@@ -357,9 +409,10 @@ pub fn quickstart(
                 keep: 2,
             }),
             preview: None,
-        },
+        })),
         job: JobSection {
             name: "quickstart".into(),
+            kind: JobKind::Train,
             run_dir: "run".into(),
         },
         resources: Resources {
@@ -390,12 +443,13 @@ pub fn quickstart(
             count: 16,
             steps: 32,
             every: 100,
+            decoder: None,
         },
     })
 }
 
 /// The train config every rank runs: the job's, with [samples] as its preview.
-fn train_config_of(s: &JobSpec, run_dir: &Path) -> TrainConfig {
+fn train_config_of(s: &JobSpec, training: &TrainConfig, run_dir: &Path) -> TrainConfig {
     TrainConfig {
         preview: (s.samples.every > 0).then(|| PreviewConfig {
             every: s.samples.every,
@@ -407,8 +461,9 @@ fn train_config_of(s: &JobSpec, run_dir: &Path) -> TrainConfig {
             },
             steps: s.samples.steps,
             seed: 0,
+            decoder: s.samples.decoder.clone(),
         }),
-        ..s.training.clone()
+        ..training.clone()
     }
 }
 
@@ -429,8 +484,15 @@ pub struct Job {
     pub world: u32,
     pub ranks_per_node: u32,
     pub device: RankDevice,
-    /// The train config every rank runs (written to `run_dir/train.toml`), validated once, here.
-    pub train: ValidatedConfig,
+    /// What every rank runs (written to `run_dir/train.toml` or `run_dir/encode.toml`), validated once, here.
+    pub work: ValidatedWork,
+}
+
+/// A job's work, validated.
+#[derive(Debug, Clone)]
+pub enum ValidatedWork {
+    Train(Box<ValidatedConfig>),
+    Encode(EncodeConfig),
 }
 
 impl Job {
@@ -447,7 +509,7 @@ impl Job {
         Self::new(spec, file)
     }
 
-    pub fn new(spec: JobSpec, file: &Path) -> Result<Self, JobError> {
+    pub fn new(mut spec: JobSpec, file: &Path) -> Result<Self, JobError> {
         let bad = |field: &str, reason: String| JobError::Invalid {
             file: file.into(),
             error: ConfigError::new(field, reason),
@@ -493,24 +555,63 @@ impl Job {
             .parent()
             .filter(|p| !p.as_os_str().is_empty())
             .unwrap_or(Path::new("."));
-        let run_dir = if spec.job.run_dir.is_absolute() {
-            spec.job.run_dir.clone()
-        } else {
-            let base = std::fs::canonicalize(base).unwrap_or_else(|_| base.to_path_buf());
-            base.join(&spec.job.run_dir)
+        let base = std::fs::canonicalize(base).unwrap_or_else(|_| base.to_path_buf());
+        // Paths in the job file are relative to it.
+        let absolute = |p: &Path| {
+            if p.is_relative() {
+                base.join(p)
+            } else {
+                p.to_path_buf()
+            }
         };
-        let train = train_config_of(&spec, &run_dir)
-            .validated()
-            .and_then(|t| t.validate_for_world(u64::from(world)).map(|()| t))
-            .map_err(|e| {
-                // The job spec's [samples] becomes the train config's [preview].
-                let field = match e.field.strip_prefix("preview.") {
-                    Some(rest) => format!("samples.{rest}"),
-                    None => e.field,
-                };
-                bad(&field, e.reason)
-            })?;
-        if spec.restart.max_restarts > 0 && spec.training.checkpoint.is_none() {
+        let run_dir = absolute(&spec.job.run_dir);
+        if let Some(d) = &mut spec.samples.decoder {
+            d.validate("samples.decoder")
+                .map_err(|e| bad(&e.field, e.reason))?;
+            d.weights = absolute(&d.weights);
+        }
+        if let Work::Encode(e) = &mut spec.work {
+            e.weights = absolute(&e.weights);
+        }
+        let work = match &spec.work {
+            Work::Train(training) => ValidatedWork::Train(Box::new(
+                train_config_of(&spec, training, &run_dir)
+                    .validated()
+                    .and_then(|t| t.validate_for_world(u64::from(world)).map(|()| t))
+                    .map_err(|e| {
+                        // The job spec's [samples] becomes the train config's [preview].
+                        let field = match e.field.strip_prefix("preview.") {
+                            Some(rest) => format!("samples.{rest}"),
+                            None => e.field,
+                        };
+                        bad(&field, e.reason)
+                    })?,
+            )),
+            Work::Encode(encode) => {
+                encode.validate().map_err(|e| bad(&e.field, e.reason))?;
+                if spec.samples != SampleSpec::default() {
+                    return Err(bad(
+                        "samples",
+                        "an encode job draws no samples: remove [samples]".into(),
+                    ));
+                }
+                ValidatedWork::Encode(encode.clone())
+            }
+        };
+        if let (ValidatedWork::Train(t), Some(_)) = (&work, &spec.samples.decoder)
+            && t.model().in_channels == 1
+        {
+            return Err(bad(
+                "samples.decoder",
+                "is for latent models; this model makes images".into(),
+            ));
+        }
+        let checkpoint = match &work {
+            ValidatedWork::Train(t) => t.checkpoint.as_ref().map(|_| ()),
+            // The encode journal is its checkpoint.
+            ValidatedWork::Encode(_) => Some(()),
+        };
+        if spec.restart.max_restarts > 0 && checkpoint.is_none() {
             return Err(bad(
                 "checkpoint",
                 "restarts resume from checkpoints: add a [checkpoint] section or set restart.max_restarts = 0"
@@ -565,7 +666,7 @@ impl Job {
                 ),
             ));
         }
-        if spec.samples.count > 0 && spec.training.checkpoint.is_none() {
+        if spec.samples.count > 0 && checkpoint.is_none() {
             return Err(bad(
                 "samples.count",
                 "samples are drawn from the final checkpoint: add a [checkpoint] section".into(),
@@ -578,12 +679,43 @@ impl Job {
             world,
             ranks_per_node,
             device,
-            train,
+            work,
         })
     }
 
-    pub fn train_config_path(&self) -> PathBuf {
-        self.run_dir.join("train.toml")
+    /// The training config, for a training job.
+    pub fn train(&self) -> Option<&ValidatedConfig> {
+        match &self.work {
+            ValidatedWork::Train(t) => Some(t),
+            ValidatedWork::Encode(_) => None,
+        }
+    }
+
+    /// Where the ranks' config is written: `train.toml` or `encode.toml` in the run directory.
+    pub fn rank_config_path(&self) -> PathBuf {
+        self.run_dir.join(match self.work {
+            ValidatedWork::Train(_) => "train.toml",
+            ValidatedWork::Encode(_) => "encode.toml",
+        })
+    }
+
+    /// The ranks' config, as they read it.
+    pub fn rank_config_toml(&self) -> Result<String, toml::ser::Error> {
+        match &self.work {
+            ValidatedWork::Train(t) => toml::to_string(&***t),
+            ValidatedWork::Encode(e) => toml::to_string(&EncodeSections { encode: e.clone() }),
+        }
+    }
+
+    /// The steps the slowest rank has to finish: the training steps, or an encode job's most shards per rank
+    /// (this reads the store's manifest).
+    pub fn total_steps(&self) -> Result<u64, radit_trainer::encode::EncodeError> {
+        match &self.work {
+            ValidatedWork::Train(t) => Ok(t.train.steps),
+            ValidatedWork::Encode(e) => {
+                radit_trainer::encode::planned_steps(e, u64::from(self.world))
+            }
+        }
     }
 
     pub fn token_path(&self) -> PathBuf {
@@ -605,10 +737,14 @@ impl Job {
 
     /// The arguments after the radit binary that every rank runs.
     pub fn rank_args(&self) -> Vec<String> {
+        let command = match self.work {
+            ValidatedWork::Train(_) => "train",
+            ValidatedWork::Encode(_) => "encode",
+        };
         let mut args = vec![
-            "train".to_string(),
+            command.to_string(),
             "--config".into(),
-            self.train_config_path().display().to_string(),
+            self.rank_config_path().display().to_string(),
             "--device".into(),
             match self.device {
                 RankDevice::Cpu => "cpu".into(),
@@ -675,35 +811,15 @@ impl Job {
             })
     }
 
-    /// The resolved plan, as `--dry-run` prints it.
-    pub fn describe(&self, radit: &str) -> String {
-        let s = &self.spec;
-        let mut o = String::new();
-        let t = &s.training;
-        let model = Some(self.train.model());
-        let _ = writeln!(o, "job {} ({})", s.job.name, self.file.display());
-        let _ = writeln!(o, "run directory: {}", self.run_dir.display());
-        if let Some(m) = &model {
-            let _ = writeln!(
-                o,
-                "model: {} ({} parameters)",
-                t.model.preset.as_deref().unwrap_or("custom"),
-                m.parameter_count().total()
-            );
-        }
-        let per_rank = t.train.global_batch / u64::from(self.world);
+    fn describe_training(&self, t: &ValidatedConfig, o: &mut String) {
+        let m = t.model();
         let _ = writeln!(
             o,
-            "ranks: {} = {} node(s) x {} {} rank(s), launcher {:?}",
-            self.world,
-            s.resources.nodes,
-            self.ranks_per_node,
-            match self.device {
-                RankDevice::Cpu => "CPU",
-                RankDevice::Cuda => "GPU",
-            },
-            s.launcher.kind
+            "model: {} ({} parameters)",
+            t.model.preset.as_deref().unwrap_or("custom"),
+            m.parameter_count().total()
         );
+        let per_rank = t.train.global_batch / u64::from(self.world);
         let _ = writeln!(
             o,
             "training: {} steps, global batch {} ({} per rank per step in {} micro-batch(es)), seed {}",
@@ -738,6 +854,50 @@ impl Job {
                 let _ = writeln!(
                     o,
                     "checkpoints: none (a stopped run starts again from scratch)"
+                );
+            }
+        }
+    }
+
+    /// The resolved plan, as `--dry-run` prints it.
+    pub fn describe(&self, radit: &str) -> String {
+        let s = &self.spec;
+        let mut o = String::new();
+        let _ = writeln!(o, "job {} ({})", s.job.name, self.file.display());
+        let _ = writeln!(o, "run directory: {}", self.run_dir.display());
+        let _ = writeln!(
+            o,
+            "ranks: {} = {} node(s) x {} {} rank(s), launcher {:?}",
+            self.world,
+            s.resources.nodes,
+            self.ranks_per_node,
+            match self.device {
+                RankDevice::Cpu => "CPU",
+                RankDevice::Cuda => "GPU",
+            },
+            s.launcher.kind
+        );
+        match &self.work {
+            ValidatedWork::Train(t) => self.describe_training(t, &mut o),
+            ValidatedWork::Encode(e) => {
+                let _ = writeln!(
+                    o,
+                    "encode: {} with the {} autoencoder ({}), {} images per pass, {}",
+                    e.store,
+                    e.autoencoder,
+                    e.weights.display(),
+                    e.batch,
+                    if e.overwrite {
+                        "replacing latents of another encoder"
+                    } else {
+                        "refusing to replace latents of another encoder"
+                    }
+                );
+                let _ = writeln!(
+                    o,
+                    "data slices: the store's shards (train, val, test) in {} contiguous ranges, one per rank; a step \
+                     is one shard, committed to the journal (.encode/journal), so a relaunch resumes at the next",
+                    self.world
                 );
             }
         }
@@ -789,6 +949,41 @@ mod tests {
 
     fn golden(name: &str, text: &str) {
         radit_testkit::assert_golden(env!("CARGO_MANIFEST_DIR"), name, text);
+    }
+
+    #[test]
+    fn the_encode_examples_are_encode_jobs() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+        let xl = Job::load(&dir.join("encode-xl-job.toml")).unwrap();
+        assert_eq!((xl.world, xl.device), (32, RankDevice::Cuda));
+        assert_eq!(xl.rank_args()[..2], ["encode", "--config"]);
+        assert!(xl.rank_config_path().ends_with("encode.toml"));
+        let ValidatedWork::Encode(e) = &xl.work else {
+            panic!("an encode job")
+        };
+        assert_eq!(
+            (e.autoencoder.as_str(), e.precision),
+            ("flux2", Some(radit_trainer::model::Precision::Bf16))
+        );
+        assert!(xl.train().is_none());
+        let text = xl.rank_config_toml().unwrap();
+        assert!(text.starts_with("[encode]"), "{text}");
+        // A job file's own text reads back to the same spec.
+        let again = JobSpec::from_toml(&xl.spec.to_toml().unwrap()).unwrap();
+        assert_eq!(again, xl.spec);
+        let tiny = Job::load(&dir.join("encode-tiny-job.toml")).unwrap();
+        let ValidatedWork::Encode(e) = &tiny.work else {
+            panic!("an encode job")
+        };
+        // Relative to the job file.
+        assert!(e.weights.is_absolute() && e.weights.ends_with("examples/tiny-ae.safetensors"));
+        // Training sections in an encode job are named, not ignored.
+        let wrong = format!(
+            "{}\n[model]\npreset = \"tiny\"\n",
+            std::fs::read_to_string(dir.join("encode-tiny-job.toml")).unwrap()
+        );
+        let err = JobSpec::from_toml(&wrong).unwrap_err();
+        assert!(err.contains("model"), "{err}");
     }
 
     #[test]

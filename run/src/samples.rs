@@ -3,8 +3,9 @@
 
 use std::path::PathBuf;
 
+use radit_trainer::autoencoder::LatentDecoder;
 use radit_trainer::checkpoint::{self, CheckpointError};
-use radit_trainer::generate::{Conditions, Sampler, WrittenSamples, write_samples};
+use radit_trainer::generate::{Conditions, Sampler, WrittenSamples, write_decoded, write_samples};
 use radit_trainer::model::{ModelError, Precision, save_named_weights};
 use radit_trainer::sampler::Solver;
 use radit_trainer::tch::Device;
@@ -31,7 +32,10 @@ pub struct FinalSamples {
 /// them (Euler, `[samples] steps`) into `run_dir/samples`. `None` when the job asks for no samples.
 pub fn draw_final_samples(job: &Job) -> Result<Option<FinalSamples>, SamplesError> {
     let s = &job.spec.samples;
-    let (Some(ckpt), true) = (&job.train.checkpoint, s.count > 0) else {
+    let Some(train) = job.train() else {
+        return Ok(None);
+    };
+    let (Some(ckpt), true) = (&train.checkpoint, s.count > 0) else {
         return Ok(None);
     };
     let (model, step, named) = checkpoint::read_weights(&ckpt.url, true)?;
@@ -53,7 +57,7 @@ pub fn draw_final_samples(job: &Job) -> Result<Option<FinalSamples>, SamplesErro
         steps: s.steps,
         shift: 1.0,
     };
-    let written = write_samples(
+    let mut written = write_samples(
         &sampler,
         &Conditions::missing(),
         s.count,
@@ -62,6 +66,22 @@ pub fn draw_final_samples(job: &Job) -> Result<Option<FinalSamples>, SamplesErro
         solver,
         &dir,
     )?;
+    // A latent model's samples become images through the decoder, as `radit sample --decoder` makes them.
+    if let Some(d) = &s.decoder {
+        let latents = radit_trainer::tch::Tensor::read_safetensors(&written.files[0])
+            .map_err(ModelError::from)?
+            .into_iter()
+            .find_map(|(name, t)| (name == "latents").then_some(t))
+            .ok_or_else(|| ModelError::BadInput {
+                input: "samples",
+                reason: format!("{} holds no `latents`", written.files[0].display()),
+            })?;
+        let stats = radit_trainer::autoencoder::store_statistics(&train.data.url)?;
+        let decoder = LatentDecoder::load(d, Some(stats), device)?;
+        let (files, sheet) = write_decoded(&decoder, &latents, &dir)?;
+        written.files.extend(files);
+        written.contact_sheet = sheet;
+    }
     tracing::info!(step, count = s.count, dir = %dir.display(), "final samples");
     Ok(Some(FinalSamples {
         weights,

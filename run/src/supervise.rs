@@ -99,9 +99,10 @@ pub fn supervise(
     let run_dir = &job.run_dir;
     std::fs::create_dir_all(run_dir).map_err(|e| SuperviseError::io(run_dir, e))?;
     // The ranks read the config validated when the job was loaded, as it was validated.
-    let train_toml = toml::to_string(&*job.train).map_err(SuperviseError::TrainConfig)?;
-    let train_path = job.train_config_path();
-    std::fs::write(&train_path, train_toml).map_err(|e| SuperviseError::io(&train_path, e))?;
+    let rank_toml = job.rank_config_toml().map_err(SuperviseError::RankConfig)?;
+    let rank_path = job.rank_config_path();
+    std::fs::write(&rank_path, rank_toml).map_err(|e| SuperviseError::io(&rank_path, e))?;
+    let total_steps = job.total_steps().map_err(SuperviseError::Plan)?;
     let pid_dir = run_dir.join("ranks");
     let grace = spec.restart.coordinator_grace();
     wait_for_orphans(&pid_dir, grace).map_err(|e| SuperviseError::io(&pid_dir, e))?;
@@ -114,7 +115,7 @@ pub fn supervise(
         .write_private(&token_path)
         .map_err(|e| SuperviseError::io(&token_path, e))?;
     let ccfg = CoordinatorConfig {
-        total_steps: Some(job.train.train.steps),
+        total_steps: Some(total_steps),
         peak_flops_per_device: job.peak_flops_per_device(),
         ..spec.restart.coordinator_config(job.world as usize)
     };
@@ -171,7 +172,7 @@ pub fn supervise(
     };
     let mut restarts = 0u32;
     let mut reporter = Reporter::new(
-        job.train.train.steps,
+        total_steps,
         job.peak_flops_per_device().map(|p| p * job.world as f64),
     );
     let progress_every = Duration::from_secs_f64(spec.monitoring.progress_seconds);
@@ -270,7 +271,7 @@ pub fn supervise(
                     // srun kills the slower ranks once the first has left with 75 and reports their deaths; the
                     // ranks' goodbyes (sent after the checkpoint committed) say whether the stop was orderly.
                     if let Some(step) = coordinator.all_departed() {
-                        if step >= job.train.train.steps {
+                        if step >= total_steps {
                             let (totals, counted) = snapshot(&coordinator);
                             reporter.update(totals, generation, counted);
                             reporter.say(&format!("radit: all {} ranks finished", job.world));
@@ -377,8 +378,11 @@ pub enum SuperviseError {
         #[source]
         source: std::io::Error,
     },
-    #[error("writing the train config")]
-    TrainConfig(#[source] toml::ser::Error),
+    #[error("writing the ranks' config")]
+    RankConfig(#[source] toml::ser::Error),
+    /// The work cannot be planned (an encode job's store cannot be read).
+    #[error("planning the job")]
+    Plan(#[source] radit_trainer::encode::EncodeError),
     #[error("making the job token")]
     Token(#[source] std::io::Error),
     /// The coordinator cannot listen where the job says.

@@ -32,6 +32,16 @@ pub enum ShardError {
         "output '{url}' already holds an ingest with different {what}; use a new output location or remove the old one"
     )]
     Conflict { url: String, what: String },
+    /// The store holds latents (or an unfinished encode) of another encoder.
+    #[error(
+        "store '{url}' already holds {existing}; this job's encoder is {requested}: set overwrite (--overwrite) to \
+         replace them"
+    )]
+    LatentsConflict {
+        url: String,
+        existing: String,
+        requested: String,
+    },
     /// A store is incomplete (no manifest) or its contents disagree with the manifest.
     #[error("store '{url}' {problem}")]
     InvalidStore { url: String, problem: String },

@@ -780,6 +780,7 @@ fn finalise(
         ignored_columns: table.ignored_columns.clone(),
         rejected,
         objects,
+        latents: None,
     };
     let json = serde_json::to_vec_pretty(&manifest).expect("manifest serialises");
     storage.put(MANIFEST_KEY, Bytes::from(json))?;

@@ -142,7 +142,7 @@ impl StoreLayout {
         }
     }
 
-    fn compressor(
+    pub(crate) fn compressor(
         &self,
         element_bytes: usize,
     ) -> Result<Arc<dyn BytesToBytesCodecTraits>, ShardError> {

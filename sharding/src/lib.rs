@@ -17,6 +17,7 @@ pub mod audit;
 pub mod error;
 pub mod image;
 pub mod ingest;
+pub mod latents;
 pub mod layout;
 pub mod loader;
 pub mod manifest;

@@ -40,7 +40,7 @@ pub enum ModelInput {
     /// x = 2(n+u)/65536 - 1, u ~ U[0,1) fresh per step from (seed, step, sample index): uniform dequantisation
     /// that a resume reproduces on any world size.
     Dequantised,
-    /// The split's `latents` array as f32 (standardised per channel when it carries statistics); the images are
+    /// The split's `latents` array as f32, standardised per channel with its statistics; the images are
     /// not read at all.
     Latents,
 }
@@ -531,7 +531,7 @@ impl Loader {
         let latents = match config.output {
             ModelInput::Latents => Some(reader.latents(config.split)?.ok_or_else(|| {
                 ShardError::InvalidConfig(format!(
-                    "the model reads latents, but {} has no {}/latents array; run the latent encoder first",
+                    "the model reads latents, but {} has no {}/latents array; run `radit encode` first",
                     storage.url(),
                     config.split
                 ))

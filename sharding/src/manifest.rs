@@ -143,6 +143,9 @@ pub struct Manifest {
     pub rejected: Vec<Rejection>,
     /// Every object of the store except this manifest (chunks and `zarr.json` files), sorted by key.
     pub objects: Vec<ObjectEntry>,
+    /// The latents an encode job added (`<split>/latents`), written with them; absent before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latents: Option<crate::latents::LatentsEntry>,
 }
 
 impl Manifest {
@@ -288,8 +291,15 @@ pub fn verify(storage: &Storage) -> Result<VerifyReport, ShardError> {
     }
     for split in Split::ALL {
         let expected = c.splits.get(&split).map_or(0, |s| s.images);
-        for kind in ArrayKind::ALL {
-            let key = format!("{}/zarr.json", array_path(split, kind));
+        let latents = manifest
+            .latents
+            .as_ref()
+            .map(|_| crate::latents::latents_metadata_key(split));
+        let arrays = ArrayKind::ALL
+            .iter()
+            .map(|&kind| format!("{}/zarr.json", array_path(split, kind)))
+            .chain(latents);
+        for key in arrays {
             if let Some(doc) = storage.get_opt(&key)? {
                 let shape0 = serde_json::from_slice::<serde_json::Value>(&doc)
                     .ok()

@@ -30,7 +30,7 @@ pub struct Shard {
     pub age: Vec<f32>,
     pub image_ids: Vec<String>,
     pub patient_ids: Vec<String>,
-    /// `[rows, C, H, W]` as f32 (standardised per channel when the array carries statistics); empty unless
+    /// `[rows, C, H, W]` as f32, standardised per channel with the array's statistics; empty unless
     /// the shard was read for a latent model.
     pub latents: Vec<f32>,
 }
@@ -47,15 +47,16 @@ enum LatentType {
 ///
 /// Contract, checked when it is opened: 4-D `[N, C, H, W]` float16, bfloat16 or float32 with N equal to the
 /// split's rows (or padded up to whole shards), one chunk (or shard) per `shard_images` rows spanning all of C,
-/// H and W, so a loader reads one object per shard as for images. Optional attributes `channel_mean` and
-/// `channel_std` (C numbers each) standardise every channel on read.
+/// H and W, so a loader reads one object per shard as for images. Attributes `channel_mean` and `channel_std`
+/// (C finite numbers each, stds positive) standardise every channel on read.
 pub struct LatentArray {
     array: Array<MemoryStore>,
     element: LatentType,
     /// `[C, H, W]`.
     pub sample_shape: [usize; 3],
     /// Per-channel (mean, std) applied on read.
-    pub standardise: Option<(Vec<f32>, Vec<f32>)>,
+    pub channel_mean: Vec<f32>,
+    pub channel_std: Vec<f32>,
 }
 
 pub struct StoreReader {
@@ -233,13 +234,29 @@ impl StoreReader {
     pub fn latents(&self, split: Split) -> Result<Option<LatentArray>, ShardError> {
         let path = format!("{}/latents", split.name());
         let key = format!("{path}/zarr.json");
-        let Some(json) = self.storage.get_opt(&key)? else {
-            return Ok(None);
-        };
         let bad = |problem: String| ShardError::InvalidStore {
             url: self.storage.describe(&key),
             problem,
         };
+        let Some(json) = self.storage.get_opt(&key)? else {
+            // Shards committed without the array: an encode job stopped part-way.
+            let journal = format!("{}/{}/", crate::latents::JOURNAL_PREFIX, split.name());
+            let done = self.storage.list(&journal)?.len();
+            if done > 0 {
+                return Err(bad(format!(
+                    "is missing: the encode job stopped after {done} of {} {split} shards; run it again to resume",
+                    self.shards(split)
+                )));
+            }
+            return Ok(None);
+        };
+        if self.manifest.latents.is_none() {
+            return Err(bad(
+                "was written by an encode job that did not finish (the manifest does not list the latents); \
+                 run it again to finish"
+                    .into(),
+            ));
+        }
         let raw: serde_json::Value =
             serde_json::from_slice(&json).map_err(|e| bad(format!("is not JSON: {e}")))?;
         let metadata: zarrs::array::ArrayMetadata = serde_json::from_value(raw.clone())
@@ -299,14 +316,20 @@ impl StoreReader {
             }
             Ok(Some(values))
         };
-        let standardise = match (stat("channel_mean")?, stat("channel_std")?) {
+        let (channel_mean, channel_std) = match (stat("channel_mean")?, stat("channel_std")?) {
             (Some(mean), Some(std)) => {
                 if std.iter().any(|&x| x <= 0.0) {
                     return Err(bad("attribute channel_std must be positive".into()));
                 }
-                Some((mean, std))
+                (mean, std)
             }
-            (None, None) => None,
+            (None, None) => {
+                return Err(bad(
+                    "has no channel_mean and channel_std attributes: a latent model learns standardised latents \
+                     (`radit encode` writes them)"
+                        .into(),
+                ));
+            }
             _ => {
                 return Err(bad(
                     "has only one of channel_mean and channel_std; give both or neither".into(),
@@ -317,7 +340,8 @@ impl StoreReader {
             array,
             element,
             sample_shape: [channels, shape[2] as usize, shape[3] as usize],
-            standardise,
+            channel_mean,
+            channel_std,
         }))
     }
 
@@ -359,12 +383,10 @@ impl StoreReader {
                 ),
             });
         }
-        if let Some((mean, std)) = &latents.standardise {
-            let plane = latents.sample_shape[1] * latents.sample_shape[2];
-            for (i, v) in values.iter_mut().enumerate() {
-                let c = (i / plane) % latents.sample_shape[0];
-                *v = (*v - mean[c]) / std[c];
-            }
+        let plane = latents.sample_shape[1] * latents.sample_shape[2];
+        for (i, v) in values.iter_mut().enumerate() {
+            let c = (i / plane) % latents.sample_shape[0];
+            *v = (*v - latents.channel_mean[c]) / latents.channel_std[c];
         }
         shard.latents = values;
         Ok(shard)

@@ -20,6 +20,10 @@ Commands:
     reference DIR [--seed S]   tiny config (ch 16, mult [1,2], 1 res block, z 4, 8 groups), fp32 CPU, writes
                                DIR/weights_bfl.safetensors, DIR/weights_diffusers.safetensors, DIR/io.safetensors,
                                DIR/config.json; checks the diffusers round trip and a reload of the BFL file
+    check-store STORE WEIGHTS  reads a store that `radit encode` filled (zarr-python), encodes its images with the
+                               tiny twin loaded from WEIGHTS, and reports (JSON) the largest difference from the
+                               stored float16 latents per split, and the training split's channel statistics as
+                               numpy computes them from the stored values beside the ones in the array attributes
 """
 
 import argparse
@@ -333,6 +337,42 @@ def cmd_reference(args):
     return 0
 
 
+def cmd_check_store(args):
+    import numpy as np
+    import zarr
+
+    torch.set_num_threads(1)
+    ae = AutoEncoder(TINY).float().eval()
+    missing, unexpected = ae.load_state_dict(load_file(args.weights), strict=False)
+    assert set(missing) <= {"bn.num_batches_tracked"} and not unexpected, (missing, unexpected)
+    manifest = json.loads((Path(args.store) / "manifest.json").read_text())
+    root = zarr.open_group(args.store, mode="r")
+    report = {"latents": manifest.get("latents"), "splits": {}}
+    for split, counts in manifest["counts"]["splits"].items():
+        if counts["images"] == 0:
+            continue
+        images = root[f"{split}/images"][:]
+        stored = root[f"{split}/latents"]
+        assert stored.dtype == np.float16, stored.dtype
+        values = stored[:].astype(np.float32)
+        x = torch.from_numpy((2.0 * (images.astype(np.float64) + 0.5) / 65536.0 - 1.0).astype(np.float32))
+        with torch.no_grad():
+            mean = ae.encode_mean(x[:, None]).numpy()
+        scale = float(np.abs(mean).max())
+        report["splits"][split] = {
+            "rows": int(values.shape[0]), "shape": list(values.shape), "chunks": list(stored.chunks),
+            "shards": list(stored.shards) if stored.shards else None,
+            # float16 keeps 11 significant bits: compare relative to each value's magnitude.
+            "max_rel_diff": float((np.abs(values - mean) / (np.abs(mean) + 1e-3 * scale)).max()),
+            "attrs": dict(stored.attrs),
+        }
+        if split == "train":
+            report["numpy_mean"] = values.mean(axis=(0, 2, 3), dtype=np.float64).tolist()
+            report["numpy_std"] = values.std(axis=(0, 2, 3), dtype=np.float64).tolist()
+    print(json.dumps(report))
+    return 0
+
+
 def cmd_bench(args):
     """Encoder throughput of the full-size config on the CPU (random weights), as `radit vae bench` measures it."""
     torch.set_num_threads(args.threads)
@@ -360,6 +400,9 @@ def main():
     r = sub.add_parser("reference")
     r.add_argument("dir")
     r.add_argument("--seed", type=int, default=0)
+    c = sub.add_parser("check-store")
+    c.add_argument("store")
+    c.add_argument("weights")
     b = sub.add_parser("bench")
     b.add_argument("--image-size", type=int, default=512)
     b.add_argument("--batch", type=int, default=1)
@@ -367,7 +410,8 @@ def main():
     b.add_argument("--warmup", type=int, default=1)
     b.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    return {"count": cmd_count, "reference": cmd_reference, "bench": cmd_bench}[args.cmd](args)
+    commands = {"count": cmd_count, "reference": cmd_reference, "bench": cmd_bench, "check-store": cmd_check_store}
+    return commands[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ The values are a known function of the row so the Rust test can check what the l
 latents[n, c, h, w] = sin(n + 0.1 c + 0.01 (h W + w)) * (c + 1) + c, stored as float16.
 Layout: sharded with one shard per `shard_images` rows (inner chunks of one row), per-channel statistics as the
 `channel_mean` / `channel_std` attributes. `--bad-chunks` writes an array chunked along C instead, which the
-loader must refuse with a clear error.
+loader must refuse with a clear error. Like radit's own encode job it records the latents in manifest.json last
+(`--no-manifest` leaves that out, as a job killed before its end would).
 """
 
 import argparse
@@ -29,6 +30,7 @@ def main() -> None:
     ap.add_argument("--channels", type=int, default=4)
     ap.add_argument("--size", type=int, default=8)
     ap.add_argument("--bad-chunks", action="store_true")
+    ap.add_argument("--no-manifest", action="store_true")
     args = ap.parse_args()
 
     manifest = json.loads((Path(args.store) / "manifest.json").read_text())
@@ -47,6 +49,15 @@ def main() -> None:
     as32 = data.astype(np.float32)
     arr.attrs["channel_mean"] = [float(x) for x in as32.mean(axis=(0, 2, 3))]
     arr.attrs["channel_std"] = [float(x) for x in as32.std(axis=(0, 2, 3))]
+    if not args.no_manifest:
+        manifest["latents"] = {
+            "encoder": {"fingerprint": "zarr-python-test", "description": "tests/python/write_latents.py"},
+            "sample_shape": [c, t, t],
+            "data_type": "float16",
+            "channel_mean": arr.attrs["channel_mean"],
+            "channel_std": arr.attrs["channel_std"],
+        }
+        (Path(args.store) / "manifest.json").write_text(json.dumps(manifest, indent=2))
 
 
 if __name__ == "__main__":

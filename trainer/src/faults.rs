@@ -7,6 +7,8 @@
 //! - `RADIT_FAULT_HANG=RANK:STEP`: that rank sleeps (still heart-beating) in that step's compute.
 //! - `RADIT_FAULT_OOM=RANK:STEP`: that rank asks libtorch for 1 PiB in that step (a real allocator failure).
 //! - `RADIT_FAULT_CRASH_IN_CHECKPOINT=RANK:STEP`: that rank aborts half-way through writing that checkpoint.
+//! - `RADIT_FAULT_CRASH_IN_ENCODE=RANK:STEP`: an encode rank aborts after writing that step's shard of latents
+//!   and before committing it to the journal.
 
 use std::collections::BTreeSet;
 
@@ -29,6 +31,11 @@ fn fault_at(var: &str) -> Option<(u64, u64)> {
 /// Whether this rank should die while writing the checkpoint of `step`.
 pub(crate) fn crash_in_checkpoint(rank: usize, step: u64) -> bool {
     fault_at("RADIT_FAULT_CRASH_IN_CHECKPOINT") == Some((rank as u64, step))
+}
+
+/// Whether this encode rank should die between writing the shard of `step` and committing it.
+pub(crate) fn crash_in_encode(rank: usize, step: u64) -> bool {
+    fault_at("RADIT_FAULT_CRASH_IN_ENCODE") == Some((rank as u64, step))
 }
 
 /// The faults the environment asks for, as a step hook.

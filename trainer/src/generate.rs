@@ -335,6 +335,20 @@ pub struct WrittenSamples {
     pub solves: Vec<SolveStats>,
 }
 
+/// Decodes a latent model's samples with `decoder` into `out`: `decoded_NNNN.png` (16-bit) and `contact_sheet.png`
+/// (replacing the sheet of latent channel 0). Returns the PNGs and the sheet.
+pub fn write_decoded(
+    decoder: &crate::autoencoder::LatentDecoder,
+    latents: &Tensor,
+    out: &Path,
+) -> Result<(Vec<PathBuf>, PathBuf), ModelError> {
+    let images = decoder.decode(latents)?;
+    let files = write_png16(&images, out, "decoded")?;
+    let sheet = out.join("contact_sheet.png");
+    sample_sheet(&images, 256.min(images.size()[3]), &[&sheet])?;
+    Ok((files, sheet))
+}
+
 /// Draws `n` samples for `cond` (sample i depends only on (seed, i)) and writes them and a contact sheet into
 /// `out`: what `radit sample` and the end of `radit run` do.
 pub fn write_samples(

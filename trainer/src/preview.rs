@@ -30,6 +30,10 @@ pub struct PreviewConfig {
     /// The noises' seed: the same every time, so the sheets of one run show the same noises as training goes on.
     #[serde(default)]
     pub seed: u64,
+    /// For a latent model: the sheets show its samples through this decoder (loaded for each sheet on rank 0),
+    /// de-standardised with the store's training statistics; without it, latent channel 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decoder: Option<crate::autoencoder::DecoderConfig>,
 }
 
 fn default_count() -> u64 {
@@ -59,6 +63,9 @@ impl PreviewConfig {
         if self.steps == 0 {
             return bad("steps", "must be positive");
         }
+        if let Some(d) = &self.decoder {
+            d.validate("preview.decoder")?;
+        }
         Ok(())
     }
 
@@ -76,6 +83,7 @@ pub fn write_sheet(
     cfg: &PreviewConfig,
     shift: f64,
     step: u64,
+    store: &str,
 ) -> Result<Option<PathBuf>, TrainError> {
     let comm = engine.collective();
     let (rank, world) = (comm.rank() as u64, comm.world() as u64);
@@ -113,9 +121,16 @@ pub fn write_sheet(
             source: e,
         })?;
         let path = cfg.sheet_path(step);
+        let samples = match &cfg.decoder {
+            Some(d) => {
+                let stats = crate::autoencoder::store_statistics(store)?;
+                crate::autoencoder::LatentDecoder::load(d, Some(stats), device)?.decode(&samples)?
+            }
+            None => samples,
+        };
         sample_sheet(
             &samples,
-            model.input_size.min(256),
+            samples.size()[3].min(256),
             &[&path, &cfg.dir.join("latest.png")],
         )?;
         Ok(path)
@@ -141,6 +156,7 @@ mod tests {
             count: 16,
             steps: 25,
             seed: 0,
+            decoder: None,
         };
         assert!(ok.validate().is_ok());
         assert_eq!(

@@ -800,6 +800,7 @@ impl<'a> Trainer<'a> {
             p,
             self.cfg.flow.shift,
             self.step,
+            &self.cfg.data.url,
         )? {
             tracing::info!(step = self.step, path = %path.display(), seconds = started.elapsed().as_secs_f64(), "preview sheet");
         }

@@ -552,6 +552,116 @@ impl Autoencoder {
     }
 }
 
+/// The autoencoder that turns a latent model's samples into images (`[samples.decoder]`, `[preview.decoder]`,
+/// `radit decode --decoder`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DecoderConfig {
+    /// Its weights (safetensors, the original release's naming or diffusers').
+    pub weights: std::path::PathBuf,
+    /// flux2 or tiny.
+    #[serde(default = "default_decoder_preset")]
+    pub autoencoder: String,
+    /// Latents decoded at once.
+    #[serde(default = "default_decode_batch")]
+    pub batch: i64,
+}
+
+fn default_decoder_preset() -> String {
+    "flux2".into()
+}
+
+fn default_decode_batch() -> i64 {
+    4
+}
+
+impl DecoderConfig {
+    /// `field` names the section in errors (e.g. `samples.decoder`).
+    pub fn validate(&self, field: &str) -> Result<(), ConfigError> {
+        AeConfig::preset(&self.autoencoder)
+            .map_err(|e| ConfigError::new(format!("{field}.autoencoder"), e.to_string()))?;
+        if !(1..=1024).contains(&self.batch) {
+            return Err(ConfigError::new(
+                format!("{field}.batch"),
+                format!("must be in 1..=1024, got {}", self.batch),
+            ));
+        }
+        if self.weights.as_os_str().is_empty() {
+            return Err(ConfigError::new(
+                format!("{field}.weights"),
+                "give the autoencoder's safetensors file",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A loaded decoder with the channel statistics that undo the standardisation a latent model learnt.
+pub struct LatentDecoder {
+    _vs: nn::VarStore,
+    ae: Autoencoder,
+    stats: Option<(Vec<f32>, Vec<f32>)>,
+    batch: i64,
+}
+
+impl LatentDecoder {
+    /// Loads `cfg`'s weights strictly onto `device`; `stats` are the training latents' channel mean and std.
+    pub fn load(
+        cfg: &DecoderConfig,
+        stats: Option<(Vec<f32>, Vec<f32>)>,
+        device: tch::Device,
+    ) -> Result<Self, ModelError> {
+        let ae_cfg = AeConfig::preset(&cfg.autoencoder)?;
+        let mut vs = nn::VarStore::new(device);
+        let ae = Autoencoder::new(&vs.root(), &ae_cfg)?;
+        load(&vs, &ae_cfg, &cfg.weights)?;
+        vs.freeze();
+        Ok(Self {
+            _vs: vs,
+            ae,
+            stats,
+            batch: cfg.batch.max(1),
+        })
+    }
+
+    /// Images `[N, 1, H*f, W*f]` in [-1, 1] on the CPU for latents `[N, C, H, W]`.
+    pub fn decode(&self, latents: &Tensor) -> Result<Tensor, ModelError> {
+        let stats = self
+            .stats
+            .as_ref()
+            .map(|(m, s)| (m.as_slice(), s.as_slice()));
+        self.ae.decode_latents(latents, stats, self.batch)
+    }
+}
+
+/// The channel mean and std of a store's training latents (what a latent model trained on it learnt to undo).
+pub fn store_statistics(url: &str) -> Result<(Vec<f32>, Vec<f32>), ModelError> {
+    let bad = |reason: String| ModelError::BadInput {
+        input: "store",
+        reason: format!("{url}: {reason}"),
+    };
+    let storage =
+        radit_sharding::store::Storage::open_existing(url).map_err(|e| bad(e.to_string()))?;
+    let reader =
+        radit_sharding::reader::StoreReader::open(storage).map_err(|e| bad(e.to_string()))?;
+    let train = reader
+        .latents(radit_sharding::split::Split::Train)
+        .map_err(|e| bad(e.to_string()))?
+        .ok_or_else(|| bad("has no train/latents array (run `radit encode`)".into()))?;
+    Ok((train.channel_mean, train.channel_std))
+}
+
+/// Writes the autoencoder's weights in `vs` (original naming, fp32) with its config in the metadata: random
+/// weights of a preset for trying the latent path without the released file, or weights trained here.
+pub fn save(vs: &nn::VarStore, config: &AeConfig, path: &Path) -> Result<(), ModelError> {
+    let named = vs.variables().into_iter().collect();
+    let json = serde_json::to_string(config).map_err(|e| ModelError::BadWeights {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    })?;
+    crate::model::write_safetensors(&named, &[("radit.autoencoder", &json)], path)
+}
+
 /// Loads an autoencoder's weights from `path` (the original or the diffusers naming) into `vs`, strictly.
 pub fn load(vs: &nn::VarStore, config: &AeConfig, path: &Path) -> Result<(), ModelError> {
     let file = crate::model::read_weights(path)?;

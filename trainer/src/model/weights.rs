@@ -45,6 +45,16 @@ pub fn save_named_weights(
     cfg: &RadiTConfig,
     path: &Path,
 ) -> Result<(), ModelError> {
+    let config = serde_json::to_string(cfg).map_err(|e| bad(path, e.to_string()))?;
+    write_safetensors(named, &[(CONFIG_KEY, &config)], path)
+}
+
+/// Writes `named` as fp32 safetensors with `metadata` (beside `format = pt`), through a temporary file.
+pub fn write_safetensors(
+    named: &BTreeMap<String, Tensor>,
+    metadata: &[(&str, &str)],
+    path: &Path,
+) -> Result<(), ModelError> {
     let mut data = Vec::with_capacity(named.len());
     for (name, t) in named {
         let t = t
@@ -64,11 +74,11 @@ pub fn save_named_weights(
                 .map_err(|e| bad(path, format!("tensor {name}: {e:?}")))
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let config = serde_json::to_string(cfg).map_err(|e| bad(path, e.to_string()))?;
-    let metadata = HashMap::from([
-        ("format".to_string(), "pt".to_string()),
-        (CONFIG_KEY.to_string(), config),
-    ]);
+    let mut metadata: HashMap<String, String> = metadata
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    metadata.insert("format".into(), "pt".into());
     let tmp = path.with_extension("safetensors.partial");
     safetensors::tensor::serialize_to_file(views, &Some(metadata), &tmp)
         .map_err(|e| bad(&tmp, format!("writing: {e:?}")))?;

@@ -1,0 +1,124 @@
+//! `radit encode`: thin argument parsing over radit_trainer::encode, as one process or as a rank of `radit run`.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Args;
+use radit_trainer::collective;
+use radit_trainer::encode::{EncodeConfig, EncodeError, EncodeHandles, encode};
+use radit_trainer::membership;
+use radit_trainer::tch;
+
+#[derive(Args)]
+pub struct EncodeArgs {
+    /// A TOML file with an [encode] section (what `radit run` writes for an encode job's ranks); or give --store
+    /// and --weights.
+    #[arg(long, conflicts_with_all = ["store", "weights"])]
+    config: Option<PathBuf>,
+    /// The store to add `<split>/latents` to (a finished `radit shard` output).
+    #[arg(long, required_unless_present = "config")]
+    store: Option<String>,
+    /// The autoencoder's safetensors (the original release's naming or diffusers').
+    #[arg(long, required_unless_present = "config")]
+    weights: Option<PathBuf>,
+    /// flux2 or tiny.
+    #[arg(long, default_value = "flux2")]
+    autoencoder: String,
+    /// The image side the encoder is meant for (default 512 for flux2).
+    #[arg(long)]
+    image_size: Option<u32>,
+    /// Images per forward pass.
+    #[arg(long, default_value_t = 16)]
+    batch: i64,
+    /// fp32 or bf16 (default: bf16 on GPUs, fp32 on CPUs).
+    #[arg(long, value_enum)]
+    precision: Option<crate::model_cli::PrecisionArg>,
+    /// Replace latents (or an unfinished encode) made by another encoder.
+    #[arg(long)]
+    overwrite: bool,
+    /// cpu, cuda (this rank's GPU) or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// libtorch intra-op threads per rank.
+    #[arg(long)]
+    threads: Option<i32>,
+}
+
+impl EncodeArgs {
+    fn config(&self) -> anyhow::Result<EncodeConfig> {
+        if let Some(file) = &self.config {
+            return Ok(EncodeConfig::load(file)?);
+        }
+        let (Some(store), Some(weights)) = (&self.store, &self.weights) else {
+            crate::exit::bail_usage!("give --config, or --store and --weights");
+        };
+        let cfg = EncodeConfig {
+            autoencoder: self.autoencoder.clone(),
+            image_size: self.image_size,
+            batch: self.batch,
+            precision: self.precision.map(Into::into),
+            overwrite: self.overwrite,
+            ..EncodeConfig::new(store, weights)
+        };
+        cfg.validate().map_err(EncodeError::Config)?;
+        Ok(cfg)
+    }
+}
+
+pub fn run_encode(a: EncodeArgs) -> anyhow::Result<u8> {
+    let cfg = a.config()?;
+    if let Some(t) = a.threads {
+        tch::set_num_threads(t);
+    }
+    let device = crate::train_cli::device(&a.device)?;
+    let handles = EncodeHandles::default();
+    for signal in [signal_hook::consts::SIGUSR1, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(signal, handles.stop.clone())
+            .context("installing the signal handlers")?;
+    }
+    let (comm, membership) =
+        match membership::join_run(device, handles.stop.clone(), handles.progress.clone())? {
+            Some(j) => (j.comm, Some(j.membership)),
+            None => (
+                collective::from_environment(device).context("joining the rank group")?,
+                None,
+            ),
+        };
+    let rank = comm.rank();
+    let summary = match encode(&cfg, comm.as_ref(), device, &handles) {
+        Ok(s) => s,
+        Err(e) => {
+            // The same inputs would fail the same way: the supervisor must not relaunch.
+            let repeats = matches!(
+                e,
+                EncodeError::Config(_)
+                    | EncodeError::ConfigFile { .. }
+                    | EncodeError::Unsuitable { .. }
+                    | EncodeError::Model(_)
+            );
+            if let (true, Some(m)) = (repeats, membership) {
+                let why = format!("{:#}", anyhow::Error::new(e));
+                tracing::error!(rank, error = %why, "encode failed");
+                eprintln!("radit: rank {rank}: {why}");
+                m.fail(why);
+                return Ok(crate::exit::BAD_INPUT);
+            }
+            return Err(e.into());
+        }
+    };
+    eprintln!("{}", serde_json::to_string(&summary)?);
+    if rank == 0 && summary.finished {
+        println!(
+            "radit: {} now holds <split>/latents ({} images encoded here, {} shards resumed)",
+            cfg.store, summary.images_encoded, summary.shards_resumed
+        );
+    }
+    if let Some(m) = membership {
+        m.leave();
+    }
+    Ok(if summary.stopped_for_requeue {
+        crate::exit::RETRYABLE
+    } else {
+        0
+    })
+}

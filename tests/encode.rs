@@ -1,0 +1,405 @@
+//! `radit encode`: a store's images to `<split>/latents` with the autoencoder's encoder, as a job under `radit run`
+//! (2 CPU ranks, a rank killed between writing a shard and committing it) and as one process; checked against the
+//! PyTorch twin reading the store with zarr-python. Then the latent quickstart path of the examples: encode, train
+//! tiny-latent on 2 ranks, decoded samples. And bad input, by name.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::*;
+use radit_sharding::loader::{Loader, LoaderConfig, ModelInput};
+use radit_sharding::manifest::Manifest;
+use radit_sharding::store::Storage;
+
+/// The twin's tiny weights (original naming) in `dir/twin`.
+fn twin_weights(dir: &Path) -> PathBuf {
+    let twin = dir.join("twin");
+    run_ok(
+        python()
+            .arg(repo().join("tests/python/flux2_ae_twin.py"))
+            .arg("reference")
+            .arg(&twin),
+    );
+    twin.join("weights_bfl.safetensors")
+}
+
+fn manifest(store: &Path) -> Manifest {
+    serde_json::from_slice(&std::fs::read(store.join("manifest.json")).unwrap()).unwrap()
+}
+
+/// The encode summaries (JSON lines) in a rank's log or a command's stderr.
+fn summaries(text: &str) -> Vec<serde_json::Value> {
+    text.lines()
+        .filter(|l| l.starts_with("{\"rank\""))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn latents_open_error(store: &Path) -> String {
+    Loader::open(
+        Storage::open_existing(store.to_str().unwrap()).unwrap(),
+        LoaderConfig {
+            output: ModelInput::Latents,
+            global_batch: 8,
+            ..LoaderConfig::default()
+        },
+        0,
+    )
+    .err()
+    .expect("the loader refuses these latents")
+    .to_string()
+}
+
+/// The twin re-encodes the store's images and compares with what radit stored (zarr-python reads both).
+fn check_with_twin(store: &Path, weights: &Path) {
+    let out = run_ok(
+        python()
+            .arg(repo().join("tests/python/flux2_ae_twin.py"))
+            .arg("check-store")
+            .arg(store)
+            .arg(weights),
+    );
+    let report: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+    let m = manifest(store);
+    let splits = report["splits"].as_object().unwrap();
+    assert_eq!(splits.len(), 3, "{report}");
+    for (split, r) in splits {
+        let rows = m
+            .counts
+            .splits
+            .iter()
+            .find(|(s, _)| s.name() == split)
+            .unwrap()
+            .1
+            .images;
+        assert_eq!(r["shape"], serde_json::json!([rows, 4, 8, 8]), "{split}");
+        // One shard per 8 rows, inner chunks of one row spanning C, H and W: what the loader reads.
+        assert_eq!(r["shards"], serde_json::json!([8, 4, 8, 8]), "{split}");
+        assert_eq!(r["chunks"], serde_json::json!([1, 4, 8, 8]), "{split}");
+        // float16 rounding (2^-11 relative) and nothing else.
+        let diff = r["max_rel_diff"].as_f64().unwrap();
+        assert!(diff < 1e-3, "{split}: {diff}");
+        // Every split carries the training statistics.
+        for key in ["channel_mean", "channel_std"] {
+            let attrs = r["attrs"][key].as_array().unwrap();
+            let listed = report["latents"][key].as_array().unwrap();
+            for (a, b) in attrs.iter().zip(listed) {
+                assert!(
+                    (a.as_f64().unwrap() - b.as_f64().unwrap()).abs() < 1e-6,
+                    "{split} {key}"
+                );
+            }
+        }
+    }
+    let entry = m.latents.expect("the manifest lists the latents");
+    for c in 0..4 {
+        let want_mean = report["numpy_mean"][c].as_f64().unwrap();
+        let want_std = report["numpy_std"][c].as_f64().unwrap();
+        let got_mean = f64::from(entry.channel_mean[c]);
+        let got_std = f64::from(entry.channel_std[c]);
+        assert!(
+            (got_mean - want_mean).abs() < 1e-5 * (1.0 + want_mean.abs()),
+            "c{c}"
+        );
+        assert!((got_std - want_std).abs() < 1e-5 * want_std, "c{c}");
+    }
+}
+
+fn encode_job(dir: &Path, store: &Path, weights: &Path) -> PathBuf {
+    let text = format!(
+        r#"
+[job]
+name = "encode"
+kind = "encode"
+run_dir = "run"
+
+[encode]
+store = "{}"
+weights = "{}"
+autoencoder = "tiny"
+batch = 3
+
+[resources]
+cpu_ranks = 2
+threads_per_rank = 1
+
+[launcher]
+kind = "local"
+
+[restart]
+max_restarts = 1
+heartbeat_seconds = 0.5
+
+[monitoring]
+progress_seconds = 0.5
+"#,
+        store.display(),
+        weights.display()
+    );
+    write_job(dir, &text)
+}
+
+#[test]
+fn an_encode_job_resumes_after_a_rank_dies_mid_shard_and_matches_the_pytorch_twin() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = tiny_store(dir.path(), 100, "40x48", 8, &[]);
+    let weights = twin_weights(dir.path());
+    let job = encode_job(dir.path(), &store, &weights);
+    let shards: u64 = manifest(&store)
+        .counts
+        .splits
+        .values()
+        .map(|s| s.images.div_ceil(8))
+        .sum();
+
+    // Rank 1 writes its second shard's latents and dies before committing them; the relaunch resumes.
+    let out = run_ok(
+        radit()
+            .arg("run")
+            .arg(&job)
+            .env("RADIT_FAULT_CRASH_IN_ENCODE", "1:2")
+            .env("RADIT_FAULT_ONLY_GENERATION", "1")
+            .env("RADIT_NO_PROGRESS_BAR", "1"),
+    );
+    let err = stderr(&out);
+    assert!(err.contains("restart 1/1"), "{err}");
+    assert!(
+        err.contains(&format!(
+            "step {}/{}",
+            shards.div_ceil(2),
+            shards.div_ceil(2)
+        )),
+        "the progress line reaches the last step: {err}"
+    );
+    let logs = dir.path().join("run/logs");
+    let second: Vec<serde_json::Value> = (0..2)
+        .flat_map(|r| {
+            summaries(
+                &std::fs::read_to_string(logs.join(format!("gen-2-process-{r}.log"))).unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(second.len(), 2, "{second:?}");
+    // Rank 1 committed one shard before dying: it resumes after it, and redoes the uncommitted one.
+    assert_eq!(second[1]["shards_resumed"], 1, "{second:?}");
+    let done: u64 = second
+        .iter()
+        .map(|s| s["shards_resumed"].as_u64().unwrap() + s["shards_encoded"].as_u64().unwrap())
+        .sum();
+    assert_eq!(done, shards, "every shard once: {second:?}");
+    assert_eq!(second[0]["finished"], true);
+    // One journal record per shard, the store verifies (latents included), and the twin agrees.
+    let records: usize = ["train", "val", "test"]
+        .iter()
+        .map(|s| std::fs::read_dir(store.join(".encode/journal").join(s)).map_or(0, |d| d.count()))
+        .sum();
+    assert_eq!(records as u64, shards);
+    let verify = run_ok(radit().args(["shard", "--verify"]).arg(&store));
+    assert!(stdout(&verify).contains("verified"), "{}", stdout(&verify));
+    let m = manifest(&store);
+    assert!(m.objects.iter().any(|o| o.key == "train/latents/zarr.json"));
+    check_with_twin(&store, &weights);
+
+    // Run again: nothing to do, nothing rewritten.
+    let before = std::fs::read(store.join("manifest.json")).unwrap();
+    let again = run_ok(
+        radit()
+            .arg("run")
+            .arg(&job)
+            .env("RADIT_NO_PROGRESS_BAR", "1"),
+    );
+    assert!(stderr(&again).contains("all 2 ranks finished"));
+    assert_eq!(std::fs::read(store.join("manifest.json")).unwrap(), before);
+}
+
+#[test]
+fn encode_names_bad_input_and_resumes_a_half_written_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = tiny_store(dir.path(), 40, "40x48", 8, &[]);
+    let url = store.to_str().unwrap();
+    let weights = twin_weights(dir.path());
+    let encode = |extra: &[&str]| {
+        let mut cmd = radit();
+        cmd.args([
+            "encode",
+            "--store",
+            url,
+            "--autoencoder",
+            "tiny",
+            "--batch",
+            "4",
+        ])
+        .arg("--weights")
+        .arg(&weights)
+        .args(extra);
+        cmd
+    };
+
+    // A store whose images are not the encoder's input size.
+    let err = fails_with_usage(
+        radit()
+            .args(["encode", "--store", url, "--weights"])
+            .arg(&weights),
+        "holds 16x16 images; the flux2 encoder takes 512x512",
+    );
+    assert!(err.contains(url), "{err}");
+    // Weights of another shape: named, and nothing written.
+    let err = fails_with_usage(
+        radit()
+            .args(["encode", "--store", url, "--image-size", "16", "--weights"])
+            .arg(&weights),
+        "does not match the model",
+    );
+    assert!(err.contains("missing [decoder.up."), "{err}");
+    assert!(err.contains("weights_bfl.safetensors"), "{err}");
+    assert!(!store.join(".encode").exists());
+    assert!(latents_open_error(&store).contains("run `radit encode` first"));
+
+    // Killed after writing its third shard's object, before the commit: detected, then resumed.
+    let killed = encode(&[])
+        .env("RADIT_FAULT_CRASH_IN_ENCODE", "0:3")
+        .output()
+        .unwrap();
+    assert!(!killed.status.success());
+    let err = latents_open_error(&store);
+    assert!(
+        err.contains("train/latents")
+            && err.contains("stopped after 2 of")
+            && err.contains("resume"),
+        "{err}"
+    );
+    let out = run_ok(&mut encode(&[]));
+    let s = &summaries(&stderr(&out))[0];
+    assert_eq!(
+        (s["shards_resumed"].as_u64(), s["finished"].as_bool()),
+        (Some(2), Some(true))
+    );
+    check_with_twin(&store, &weights);
+
+    // The array written but the manifest not yet (killed in the last moment): named.
+    let good_manifest = std::fs::read(store.join("manifest.json")).unwrap();
+    let mut m: serde_json::Value = serde_json::from_slice(&good_manifest).unwrap();
+    m.as_object_mut().unwrap().remove("latents");
+    std::fs::write(store.join("manifest.json"), m.to_string()).unwrap();
+    assert!(latents_open_error(&store).contains("did not finish"));
+    std::fs::write(store.join("manifest.json"), &good_manifest).unwrap();
+
+    // Statistics missing or unusable: named at loader open.
+    let meta = store.join("train/latents/zarr.json");
+    let good_meta = std::fs::read(&meta).unwrap();
+    let mut doc: serde_json::Value = serde_json::from_slice(&good_meta).unwrap();
+    doc["attributes"]
+        .as_object_mut()
+        .unwrap()
+        .remove("channel_std");
+    std::fs::write(&meta, doc.to_string()).unwrap();
+    assert!(latents_open_error(&store).contains("only one of channel_mean and channel_std"));
+    doc["attributes"]
+        .as_object_mut()
+        .unwrap()
+        .remove("channel_mean");
+    std::fs::write(&meta, doc.to_string()).unwrap();
+    assert!(latents_open_error(&store).contains("has no channel_mean and channel_std"));
+    doc["attributes"]["channel_mean"] = serde_json::json!([0.0, 1.0, "NaN", 0.0]);
+    doc["attributes"]["channel_std"] = serde_json::json!([1.0, 1.0, 1.0, 1.0]);
+    std::fs::write(&meta, doc.to_string()).unwrap();
+    assert!(latents_open_error(&store).contains("channel_mean"));
+    std::fs::write(&meta, &good_meta).unwrap();
+
+    // Another encoder's weights: refused by name, then replaced with --overwrite.
+    let other = dir.path().join("other.safetensors");
+    run_ok(
+        radit()
+            .args(["vae", "init", "tiny", "--seed", "9", "--out"])
+            .arg(&other),
+    );
+    let with_other = |extra: &[&str]| {
+        let mut cmd = radit();
+        cmd.args([
+            "encode",
+            "--store",
+            url,
+            "--autoencoder",
+            "tiny",
+            "--weights",
+        ])
+        .arg(&other)
+        .args(extra);
+        cmd
+    };
+    let err = fails_with_usage(
+        &mut with_other(&[]),
+        "set overwrite (--overwrite) to replace them",
+    );
+    assert!(err.contains("weights_bfl.safetensors"), "{err}");
+    run_ok(&mut with_other(&["--overwrite"]));
+    let latents = manifest(&store).latents.unwrap();
+    assert!(latents.encoder.description.contains("other.safetensors"));
+    let verify = run_ok(radit().args(["shard", "--verify"]).arg(&store));
+    assert!(stdout(&verify).contains("verified"));
+}
+
+#[test]
+fn the_latent_quickstart_examples_encode_train_on_two_ranks_and_decode() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // The commands of examples/encode-tiny-job.toml, in a copy of the examples.
+    for name in ["encode-tiny-job.toml", "radit-tiny-latent-job.toml"] {
+        std::fs::copy(repo().join("examples").join(name), d.join(name)).unwrap();
+    }
+    let (table, images) = synth(&d.join("synth"), 120, "64x64", &[]);
+    run_ok(
+        radit()
+            .current_dir(d)
+            .args(["shard", "--no-progress", "--table"])
+            .arg(&table)
+            .arg("--images")
+            .arg(&images)
+            .args([
+                "--out",
+                "store",
+                "--image-size",
+                "16",
+                "--shard-images",
+                "8",
+            ]),
+    );
+    run_ok(
+        radit()
+            .current_dir(d)
+            .args(["vae", "init", "tiny", "--out", "tiny-ae.safetensors"]),
+    );
+    let quiet = |job: &str| {
+        let mut cmd = radit();
+        cmd.current_dir(d)
+            .args(["run", job])
+            .env("RADIT_NO_PROGRESS_BAR", "1");
+        cmd
+    };
+    run_ok(&mut quiet("encode-tiny-job.toml"));
+    assert!(manifest(&d.join("store")).latents.is_some());
+    let out = run_ok(&mut quiet("radit-tiny-latent-job.toml"));
+    assert!(stderr(&out).contains("run complete"), "{}", stderr(&out));
+    let samples = d.join("run-latent/samples");
+    for i in 0..4 {
+        let png = samples.join(format!("decoded_{i:04}.png"));
+        let decoder =
+            png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&png).unwrap()));
+        let info = decoder.read_info().unwrap().info().clone();
+        // The autoencoder's 2x: 8x8 latents become 16x16 16-bit greyscale images.
+        assert_eq!(
+            (info.width, info.height, info.bit_depth),
+            (16, 16, png::BitDepth::Sixteen)
+        );
+    }
+    assert!(samples.join("latents.safetensors").exists());
+    assert!(samples.join("contact_sheet.png").exists());
+    // The sheets during training were decoded too: 16x16 tiles, not latent channel 0's 8x8.
+    let sheet = d.join("run-latent/samples/progress/latest.png");
+    let decoder = png::Decoder::new(std::io::BufReader::new(
+        std::fs::File::open(&sheet).unwrap(),
+    ));
+    let info = decoder.read_info().unwrap().info().clone();
+    assert!(info.width >= 2 * 16, "{}x{}", info.width, info.height);
+}

@@ -1,0 +1,515 @@
+//! The encode job (`radit encode`): the autoencoder's encoder mean of every image of a store, written as
+//! `<split>/latents` through [`radit_sharding::latents::LatentWriter`].
+//!
+//! Each rank takes a contiguous range of whole shards (train, then val, then test) and commits them one by one;
+//! a rank's step is the number of its shards committed, so a relaunched rank resumes at its first uncommitted
+//! shard and the coordinator's progress, ETA and hang detection read the same as for training. Once every rank
+//! is done, rank 0 writes the arrays' metadata with the training split's channel statistics, then the manifest.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use radit_protocol::{ConfigError, Phase};
+use radit_sharding::ShardError;
+use radit_sharding::latents::{EncodeState, EncoderId, LatentWriter};
+use radit_sharding::reader::StoreReader;
+use radit_sharding::split::Split;
+use radit_sharding::store::Storage;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tch::{Device, Kind, Tensor, nn};
+
+use crate::autoencoder::{self, AeConfig, Autoencoder};
+use crate::collective::{Collective, CollectiveError};
+use crate::model::{ModelError, Precision};
+use crate::progress::{Progress, StepRecord};
+
+/// `[encode]`: what to encode with what.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EncodeConfig {
+    /// The store to add latents to (a finished `radit shard` output).
+    pub store: String,
+    /// The autoencoder's weights (safetensors, the original release's naming or diffusers').
+    pub weights: PathBuf,
+    /// The autoencoder's architecture: flux2 or tiny.
+    #[serde(default = "default_autoencoder")]
+    pub autoencoder: String,
+    /// The image side the encoder is meant for: a store of another size is refused. Default 512 for flux2 (the
+    /// paper's 64x64 latents), any multiple of the downsampling factor for other presets.
+    #[serde(default)]
+    pub image_size: Option<u32>,
+    /// Images per forward pass.
+    #[serde(default = "default_batch")]
+    pub batch: i64,
+    /// fp32 or bf16 (default: bf16 on GPUs, fp32 on CPUs).
+    #[serde(default)]
+    pub precision: Option<Precision>,
+    /// Replace latents (or an unfinished encode) made by another encoder.
+    #[serde(default)]
+    pub overwrite: bool,
+}
+
+fn default_autoencoder() -> String {
+    "flux2".into()
+}
+
+fn default_batch() -> i64 {
+    16
+}
+
+impl EncodeConfig {
+    /// A config with the defaults.
+    pub fn new(store: &str, weights: &Path) -> Self {
+        Self {
+            store: store.into(),
+            weights: weights.into(),
+            autoencoder: default_autoencoder(),
+            image_size: None,
+            batch: default_batch(),
+            precision: None,
+            overwrite: false,
+        }
+    }
+
+    /// Checks everything that does not need the store.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.store.is_empty() {
+            return Err(ConfigError::new("encode.store", "give the store's URL"));
+        }
+        if self.weights.as_os_str().is_empty() {
+            return Err(ConfigError::new(
+                "encode.weights",
+                "give the autoencoder's safetensors file",
+            ));
+        }
+        let ae = AeConfig::preset(&self.autoencoder)
+            .map_err(|e| ConfigError::new("encode.autoencoder", e.to_string()))?;
+        if !(1..=4096).contains(&self.batch) {
+            return Err(ConfigError::new(
+                "encode.batch",
+                format!("must be in 1..=4096, got {}", self.batch),
+            ));
+        }
+        if let Some(s) = self.image_size
+            && (s == 0 || i64::from(s) % ae.downsampling() != 0)
+        {
+            return Err(ConfigError::new(
+                "encode.image_size",
+                format!(
+                    "{s} is not a positive multiple of the {} autoencoder's downsampling ({})",
+                    self.autoencoder,
+                    ae.downsampling()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Reads `[encode]` from a TOML file (as `radit run` writes it for the ranks) and validates it.
+    pub fn load(file: &Path) -> Result<Self, EncodeError> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct File {
+            encode: EncodeConfig,
+        }
+        let bad = |reason: String| EncodeError::ConfigFile {
+            file: file.to_path_buf(),
+            reason,
+        };
+        let text = std::fs::read_to_string(file).map_err(|e| bad(e.to_string()))?;
+        let cfg = toml::from_str::<File>(&text)
+            .map_err(|e| bad(e.to_string()))?
+            .encode;
+        cfg.validate()
+            .map_err(|e| bad(format!("{}: {}", e.field, e.reason)))?;
+        Ok(cfg)
+    }
+
+    /// The precision on `device`.
+    pub fn precision_on(&self, device: Device) -> Precision {
+        self.precision.unwrap_or(if device.is_cuda() {
+            Precision::Bf16
+        } else {
+            Precision::Fp32
+        })
+    }
+}
+
+/// Why an encode rank stopped, named by what the operator can do.
+#[derive(Debug, thiserror::Error)]
+pub enum EncodeError {
+    #[error("{}: {reason}", file.display())]
+    ConfigFile { file: PathBuf, reason: String },
+    #[error("{}: {}", .0.field, .0.reason)]
+    Config(ConfigError),
+    /// The autoencoder cannot be built or its weights do not fit it.
+    #[error("the autoencoder")]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Store(#[from] ShardError),
+    /// The store's images do not suit the encoder.
+    #[error("store {url}: {reason}")]
+    Unsuitable { url: String, reason: String },
+    #[error("reading {}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the rank group")]
+    Collective(#[from] CollectiveError),
+    /// A newer generation of the run took over.
+    #[error("superseded by a newer generation of the run")]
+    Superseded,
+}
+
+/// What a rank can be told from outside: stop (checkpointed: the journal) and its progress for the heartbeat.
+#[derive(Debug, Clone, Default)]
+pub struct EncodeHandles {
+    pub stop: Arc<AtomicBool>,
+    pub progress: Progress,
+}
+
+/// What one rank did.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct EncodeSummary {
+    pub rank: usize,
+    /// Shards of this rank's range, and how many of them an earlier run had committed.
+    pub shards: u64,
+    pub shards_resumed: u64,
+    pub shards_encoded: u64,
+    pub images_encoded: u64,
+    pub seconds: f64,
+    /// Asked to stop before its range was done: every committed shard is kept; run again to resume.
+    pub stopped_for_requeue: bool,
+    /// Rank 0 only: the store's latents are complete (written now or by an earlier run).
+    pub finished: bool,
+    /// Rank 0, when finished: the training split's per-channel mean and std.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub channel_mean: Option<Vec<f32>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub channel_std: Option<Vec<f32>>,
+}
+
+/// The steps (shards) of the rank with the most, when `shards` are divided over `world` ranks.
+pub fn total_steps(shards: u64, world: u64) -> u64 {
+    shards.div_ceil(world.max(1))
+}
+
+/// The steps of an encode job over `world` ranks: the most shards any rank takes (reads the store's manifest).
+pub fn planned_steps(cfg: &EncodeConfig, world: u64) -> Result<u64, EncodeError> {
+    let reader = StoreReader::open(Storage::open_existing(&cfg.store).map_err(ShardError::from)?)?;
+    let shards = Split::ALL.iter().map(|&s| reader.shards(s)).sum();
+    Ok(total_steps(shards, world))
+}
+
+/// Rank `rank`'s contiguous range of `shards` among `world`: sizes differ by at most one.
+pub fn rank_range(shards: usize, rank: usize, world: usize) -> std::ops::Range<usize> {
+    let world = world.max(1);
+    rank * shards / world..(rank + 1) * shards / world
+}
+
+/// The encoder's identity: the weights' sha256, the architecture and the precision.
+pub fn encoder_id(cfg: &EncodeConfig, precision: Precision) -> Result<EncoderId, EncodeError> {
+    let io = |source| EncodeError::Io {
+        path: cfg.weights.clone(),
+        source,
+    };
+    let mut file = std::fs::File::open(&cfg.weights).map_err(io)?;
+    let mut weights = Sha256::new();
+    let mut buffer = vec![0u8; 1 << 20];
+    loop {
+        let n = std::io::Read::read(&mut file, &mut buffer).map_err(io)?;
+        if n == 0 {
+            break;
+        }
+        weights.update(&buffer[..n]);
+    }
+    let weights = hex::encode(weights.finalize());
+    let ae = AeConfig::preset(&cfg.autoencoder)?;
+    let mut all = Sha256::new();
+    all.update(weights.as_bytes());
+    all.update(serde_json::to_vec(&ae).unwrap_or_default());
+    all.update(format!("{precision:?}").as_bytes());
+    let name = cfg.weights.file_name().map_or_else(
+        || cfg.weights.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    );
+    Ok(EncoderId {
+        fingerprint: hex::encode(all.finalize()),
+        description: format!(
+            "{} autoencoder, weights {name} (sha256 {}), {}",
+            cfg.autoencoder,
+            &weights[..12],
+            format!("{precision:?}").to_lowercase()
+        ),
+    })
+}
+
+/// The autoencoder of `cfg` on `device`, its weights loaded strictly, cast for `precision`.
+pub fn load_autoencoder(
+    cfg: &EncodeConfig,
+    device: Device,
+    precision: Precision,
+) -> Result<(nn::VarStore, Autoencoder), EncodeError> {
+    let ae_cfg = AeConfig::preset(&cfg.autoencoder)?;
+    let mut vs = nn::VarStore::new(device);
+    let ae = Autoencoder::new(&vs.root(), &ae_cfg)?;
+    autoencoder::load(&vs, &ae_cfg, &cfg.weights)?;
+    if precision == Precision::Bf16 {
+        vs.bfloat16();
+    }
+    vs.freeze();
+    Ok((vs, ae))
+}
+
+/// The encoder mean of `images` (`[rows, S, S]` 16-bit levels) as float16 `[rows, C, S/f, S/f]`, `batch` images
+/// per forward pass on the autoencoder's device in `precision`.
+pub fn encode_images(
+    ae: &Autoencoder,
+    images: &[u16],
+    side: i64,
+    batch: i64,
+    device: Device,
+    precision: Precision,
+) -> Result<Vec<half::f16>, ModelError> {
+    let pixels = (side * side) as usize;
+    let rows = images.len() / pixels.max(1);
+    let mut out = Vec::new();
+    tch::no_grad(|| -> Result<(), ModelError> {
+        for start in (0..rows).step_by(batch.max(1) as usize) {
+            let n = (rows - start).min(batch as usize);
+            // The centre of each 16-bit level in [-1, 1], as the samplers' inverse mapping assumes.
+            let x: Vec<f32> = images[start * pixels..(start + n) * pixels]
+                .iter()
+                .map(|&v| 2.0 * (f32::from(v) + 0.5) / 65536.0 - 1.0)
+                .collect();
+            let x = Tensor::from_slice(&x)
+                .view([n as i64, 1, side, side])
+                .to_device(device)
+                .to_kind(precision.compute_kind());
+            let z = ae
+                .encode_mean(&x)?
+                .to_kind(Kind::Float)
+                .to_device(Device::Cpu)
+                .contiguous();
+            let z = Vec::<f32>::try_from(z.flatten(0, -1))?;
+            out.extend(z.into_iter().map(half::f16::from_f32));
+        }
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+/// Runs this rank's part of the encode job (see the module docs).
+pub fn encode(
+    cfg: &EncodeConfig,
+    comm: &dyn Collective,
+    device: Device,
+    handles: &EncodeHandles,
+) -> Result<EncodeSummary, EncodeError> {
+    cfg.validate().map_err(EncodeError::Config)?;
+    let (rank, world) = (comm.rank(), comm.world());
+    let started = Instant::now();
+    let progress = &handles.progress;
+    progress.set_phase(Phase::Starting);
+    let precision = cfg.precision_on(device);
+    let ae_cfg = AeConfig::preset(&cfg.autoencoder)?;
+    let storage = Storage::open_existing(&cfg.store).map_err(ShardError::from)?;
+    let reader = StoreReader::open(storage.clone())?;
+    let side = i64::from(reader.layout().image_size);
+    let f = ae_cfg.downsampling();
+    let expected = cfg
+        .image_size
+        .or((cfg.autoencoder == "flux2").then_some(512));
+    if side % f != 0 || expected.is_some_and(|e| i64::from(e) != side) {
+        return Err(EncodeError::Unsuitable {
+            url: cfg.store.clone(),
+            reason: format!(
+                "holds {side}x{side} images; the {} encoder takes {} (set encode.image_size to encode other \
+                 multiples of {f})",
+                cfg.autoencoder,
+                expected.map_or(format!("multiples of {f}"), |e| format!("{e}x{e}")),
+            ),
+        });
+    }
+    let sample_shape = [
+        ae_cfg.z_channels as u64,
+        (side / f) as u64,
+        (side / f) as u64,
+    ];
+    let encoder = encoder_id(cfg, precision)?;
+    let (_vs, ae) = load_autoencoder(cfg, device, precision)?;
+    let mut writer = LatentWriter::open(storage, encoder.clone(), sample_shape)?;
+    // One rank settles the store's state before anyone writes; after the barrier every rank sees the same journal.
+    let state = if rank == 0 {
+        writer.prepare(cfg.overwrite)
+    } else {
+        Ok(EncodeState::Pending)
+    };
+    let barrier = |what: Phase| {
+        let _g = progress.enter(what);
+        comm.barrier()
+    };
+    // Rank 0's refusal must not leave the others waiting: they learn of it from this reduction.
+    let refused = {
+        let _g = progress.enter(Phase::Collective);
+        comm.all_reduce_f64(if state.is_err() { 1.0 } else { 0.0 })?
+    };
+    let state = state?;
+    if refused > 0.0 {
+        return Err(EncodeError::Unsuitable {
+            url: cfg.store.clone(),
+            reason: "rank 0 could not prepare it for latents (its log says why)".into(),
+        });
+    }
+    let state = if rank == 0 { state } else { writer.state()? };
+    let shards = writer.shards();
+    let mine = &shards[rank_range(shards.len(), rank, world)];
+    let mut summary = EncodeSummary {
+        rank,
+        shards: mine.len() as u64,
+        ..EncodeSummary::default()
+    };
+    let total = total_steps(shards.len() as u64, world as u64);
+    if state == EncodeState::Finished {
+        tracing::info!(rank, encoder = %encoder.description, "the store's latents are already complete");
+        progress.set_step(total);
+        summary.finished = rank == 0;
+        summary.seconds = started.elapsed().as_secs_f64();
+        return Ok(summary);
+    }
+    let committed = writer.committed()?;
+    let pending: Vec<(Split, u64)> = mine
+        .iter()
+        .copied()
+        .filter(|k| !committed.contains_key(k))
+        .collect();
+    summary.shards_resumed = (mine.len() - pending.len()) as u64;
+    progress.set_step(summary.shards_resumed);
+    tracing::info!(
+        rank,
+        shards = mine.len(),
+        resumed = summary.shards_resumed,
+        encoder = %encoder.description,
+        "encoding"
+    );
+    let flops_per_image = ae_cfg.encoder_flops(side);
+    let stopped = std::thread::scope(|s| -> Result<bool, EncodeError> {
+        // Reads run one shard ahead of the encoder.
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let reader = &reader;
+        let queue = pending.clone();
+        s.spawn(move || {
+            for (split, k) in queue {
+                let shard = reader.read_shard(split, k).map(|s| s.images);
+                if tx.send(shard).is_err() {
+                    break;
+                }
+            }
+        });
+        for (done, &(split, k)) in pending.iter().enumerate() {
+            if handles.stop.load(Ordering::SeqCst) {
+                return Ok(true);
+            }
+            if progress.superseded() {
+                return Err(EncodeError::Superseded);
+            }
+            let step_start = Instant::now();
+            let images = {
+                let _g = progress.enter(Phase::Data);
+                rx.recv()
+                    .map_err(|_| ShardError::Internal("the shard reader stopped".into()))??
+            };
+            let data_wait = step_start.elapsed().as_secs_f64();
+            let latents = {
+                let _g = progress.enter(Phase::Compute);
+                encode_images(&ae, &images, side, cfg.batch, device, precision)?
+            };
+            if latents.iter().any(|v| !v.is_finite()) {
+                return Err(EncodeError::Unsuitable {
+                    url: cfg.store.clone(),
+                    reason: format!(
+                        "{split} shard {k}: the encoder produced non-finite latents ({}); check the weights, or \
+                         encode in fp32",
+                        encoder.description
+                    ),
+                });
+            }
+            let step = summary.shards_resumed + done as u64 + 1;
+            let record = {
+                let _g = progress.enter(Phase::Checkpoint);
+                let record = writer.write_object(split, k, &latents)?;
+                if crate::faults::crash_in_encode(rank, step) {
+                    tracing::warn!(
+                        step,
+                        "aborting before the commit (RADIT_FAULT_CRASH_IN_ENCODE)"
+                    );
+                    std::process::abort();
+                }
+                writer.commit(&record)?;
+                record
+            };
+            summary.shards_encoded += 1;
+            summary.images_encoded += record.rows;
+            progress.record_step(&StepRecord {
+                step,
+                seconds: step_start.elapsed().as_secs_f64(),
+                data_wait_seconds: data_wait,
+                images: record.rows,
+                tokens: record.rows * sample_shape[1] * sample_shape[2],
+                flops: flops_per_image * record.rows as f64,
+                loss: f64::NAN,
+                loss_max: f64::NAN,
+                grad_norm: f64::NAN,
+                learning_rate: 0.0,
+                skipped: false,
+            });
+            progress.record_device_memory(crate::runtime::device_memory(device));
+            tracing::debug!(rank, step, %split, shard = k, rows = record.rows, "shard committed");
+        }
+        Ok(false)
+    })?;
+    summary.seconds = started.elapsed().as_secs_f64();
+    if stopped {
+        summary.stopped_for_requeue = true;
+        return Ok(summary);
+    }
+    // Done with its range: it counts as at the last step while the slower ranks finish theirs.
+    progress.set_step(total);
+    barrier(Phase::Collective)?;
+    if rank == 0 {
+        let entry = writer.finalise()?;
+        summary.finished = true;
+        summary.channel_mean = Some(entry.channel_mean);
+        summary.channel_std = Some(entry.channel_std);
+    }
+    summary.seconds = started.elapsed().as_secs_f64();
+    Ok(summary)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_cover_every_shard_once_and_differ_by_at_most_one() {
+        for shards in 0..20 {
+            for world in 1..7 {
+                let ranges: Vec<_> = (0..world).map(|r| rank_range(shards, r, world)).collect();
+                assert_eq!(ranges[0].start, 0);
+                assert_eq!(ranges[world - 1].end, shards);
+                for w in ranges.windows(2) {
+                    assert_eq!(w[0].end, w[1].start);
+                }
+                let longest = ranges.iter().map(|r| r.len()).max().unwrap();
+                let shortest = ranges.iter().map(|r| r.len()).min().unwrap();
+                assert!(longest - shortest <= 1);
+                assert_eq!(longest as u64, total_steps(shards as u64, world as u64));
+            }
+        }
+    }
+}
