@@ -2,11 +2,8 @@
 
 use std::path::PathBuf;
 
-use anyhow::Context;
 use clap::Args;
-use radit_trainer::collective;
 use radit_trainer::encode::{EncodeConfig, EncodeError, EncodeHandles, encode};
-use radit_trainer::membership;
 use radit_trainer::tch;
 
 #[derive(Args)]
@@ -72,18 +69,8 @@ pub fn run_encode(a: EncodeArgs) -> anyhow::Result<u8> {
     }
     let device = crate::train_cli::device(&a.device)?;
     let handles = EncodeHandles::default();
-    for signal in [signal_hook::consts::SIGUSR1, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(signal, handles.stop.clone())
-            .context("installing the signal handlers")?;
-    }
     let (comm, membership) =
-        match membership::join_run(device, handles.stop.clone(), handles.progress.clone())? {
-            Some(j) => (j.comm, Some(j.membership)),
-            None => (
-                collective::from_environment(device).context("joining the rank group")?,
-                None,
-            ),
-        };
+        crate::train_cli::join_rank_group(device, &handles.stop, &handles.progress)?;
     let rank = comm.rank();
     let summary = match encode(&cfg, comm.as_ref(), device, &handles) {
         Ok(s) => s,

@@ -75,6 +75,32 @@ pub fn device(name: &str) -> anyhow::Result<Device> {
     Ok(Device::Cuda(ordinal))
 }
 
+/// A rank's group and, under `radit run`, its membership (the coordinator hands out ranks and peers; otherwise
+/// MPI or a world of one). SIGUSR1 (Slurm's warning before the time limit) and SIGTERM (preemption) set `stop`:
+/// checkpoint and requeue.
+pub fn join_rank_group(
+    device: Device,
+    stop: &std::sync::Arc<std::sync::atomic::AtomicBool>,
+    progress: &radit_trainer::progress::Progress,
+) -> anyhow::Result<(
+    Box<dyn collective::Collective>,
+    Option<membership::Membership>,
+)> {
+    for signal in [signal_hook::consts::SIGUSR1, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(signal, stop.clone())
+            .context("installing the signal handlers")?;
+    }
+    Ok(
+        match membership::join_run(device, stop.clone(), progress.clone())? {
+            Some(j) => (j.comm, Some(j.membership)),
+            None => (
+                collective::from_environment(device).context("joining the rank group")?,
+                None,
+            ),
+        },
+    )
+}
+
 pub fn run_train(a: TrainArgs) -> anyhow::Result<u8> {
     let cfg = TrainConfig::load(&a.config)?;
     if let Some(t) = a.threads {
@@ -85,20 +111,7 @@ pub fn run_train(a: TrainArgs) -> anyhow::Result<u8> {
         step_hook: Faults::from_env().map(|f| Box::new(f) as Box<dyn StepHook>),
         ..RunHandles::default()
     };
-    // SIGUSR1 (Slurm's warning before the time limit) and SIGTERM (preemption) ask for a checkpoint and a requeue.
-    for signal in [signal_hook::consts::SIGUSR1, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(signal, handles.stop.clone())
-            .context("installing the signal handlers")?;
-    }
-    // Under `radit run` the coordinator hands out ranks and peers; otherwise MPI or a world of one.
-    let (comm, membership) =
-        match membership::join_run(device, handles.stop.clone(), handles.progress.clone())? {
-            Some(j) => (j.comm, Some(j.membership)),
-            None => (
-                collective::from_environment(device).context("joining the rank group")?,
-                None,
-            ),
-        };
+    let (comm, membership) = join_rank_group(device, &handles.stop, &handles.progress)?;
     let rank = comm.rank();
     let trained = train(&cfg, comm, device, handles, |log| {
         if rank == 0 {

@@ -8,9 +8,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::*;
-use radit_sharding::loader::{Loader, LoaderConfig, ModelInput};
 use radit_sharding::manifest::Manifest;
-use radit_sharding::store::Storage;
 
 /// The twin's tiny weights (original naming) in `dir/twin`.
 fn twin_weights(dir: &Path) -> PathBuf {
@@ -34,21 +32,6 @@ fn summaries(text: &str) -> Vec<serde_json::Value> {
         .filter(|l| l.starts_with("{\"rank\""))
         .map(|l| serde_json::from_str(l).unwrap())
         .collect()
-}
-
-fn latents_open_error(store: &Path) -> String {
-    Loader::open(
-        Storage::open_existing(store.to_str().unwrap()).unwrap(),
-        LoaderConfig {
-            output: ModelInput::Latents,
-            global_batch: 8,
-            ..LoaderConfig::default()
-        },
-        0,
-    )
-    .err()
-    .expect("the loader refuses these latents")
-    .to_string()
 }
 
 /// The twin re-encodes the store's images and compares with what radit stored (zarr-python reads both).
@@ -213,28 +196,31 @@ fn an_encode_job_resumes_after_a_rank_dies_mid_shard_and_matches_the_pytorch_twi
     assert_eq!(std::fs::read(store.join("manifest.json")).unwrap(), before);
 }
 
+/// `radit encode` of `store` with the tiny autoencoder's `weights`, 4 images per pass.
+fn encode_cmd(store: &str, weights: &Path, extra: &[&str]) -> std::process::Command {
+    let mut cmd = radit();
+    cmd.args([
+        "encode",
+        "--store",
+        store,
+        "--autoencoder",
+        "tiny",
+        "--batch",
+        "4",
+    ])
+    .arg("--weights")
+    .arg(weights)
+    .args(extra);
+    cmd
+}
+
 #[test]
 fn encode_names_bad_input_and_resumes_a_half_written_store() {
     let dir = tempfile::tempdir().unwrap();
     let store = tiny_store(dir.path(), 40, "40x48", 8, &[]);
     let url = store.to_str().unwrap();
     let weights = twin_weights(dir.path());
-    let encode = |extra: &[&str]| {
-        let mut cmd = radit();
-        cmd.args([
-            "encode",
-            "--store",
-            url,
-            "--autoencoder",
-            "tiny",
-            "--batch",
-            "4",
-        ])
-        .arg("--weights")
-        .arg(&weights)
-        .args(extra);
-        cmd
-    };
+    let encode = |extra: &[&str]| encode_cmd(url, &weights, extra);
 
     // A store whose images are not the encoder's input size.
     let err = fails_with_usage(
@@ -314,20 +300,7 @@ fn encode_names_bad_input_and_resumes_a_half_written_store() {
             .args(["vae", "init", "tiny", "--seed", "9", "--out"])
             .arg(&other),
     );
-    let with_other = |extra: &[&str]| {
-        let mut cmd = radit();
-        cmd.args([
-            "encode",
-            "--store",
-            url,
-            "--autoencoder",
-            "tiny",
-            "--weights",
-        ])
-        .arg(&other)
-        .args(extra);
-        cmd
-    };
+    let with_other = |extra: &[&str]| encode_cmd(url, &other, extra);
     let err = fails_with_usage(
         &mut with_other(&[]),
         "set overwrite (--overwrite) to replace them",

@@ -129,18 +129,7 @@ fn latents_chunked_across_channels_are_refused_by_name() {
     let (table, images) = synth(&dir.path().join("data"), 24, "64x64", &[]);
     let store = shard_into(dir.path(), &table, &images);
     write_latents(&store, &["--bad-chunks"]);
-    let err = Loader::open(
-        Storage::open_existing(store.to_str().unwrap()).unwrap(),
-        LoaderConfig {
-            output: ModelInput::Latents,
-            global_batch: 8,
-            ..LoaderConfig::default()
-        },
-        0,
-    )
-    .err()
-    .expect("bad chunking is refused")
-    .to_string();
+    let err = latents_open_error(&store);
     assert!(
         err.contains("train/latents/zarr.json") && err.contains("chunked"),
         "{err}"

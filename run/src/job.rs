@@ -108,11 +108,9 @@ impl JobSpec {
         }
         let r: RunSections = own.try_into().map_err(|e: toml::de::Error| e.to_string())?;
         let work = match r.job.kind {
-            JobKind::Train => {
-                Work::Train(Box::new(
-                    all.try_into().map_err(|e: toml::de::Error| e.to_string())?,
-                ))
-            }
+            JobKind::Train => Work::Train(Box::new(
+                all.try_into().map_err(|e: toml::de::Error| e.to_string())?,
+            )),
             JobKind::Encode => {
                 let e: EncodeSections = all.try_into().map_err(|e: toml::de::Error| {
                     format!("an encode job has [encode] besides the job's own sections: {e}")

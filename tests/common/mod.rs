@@ -272,3 +272,19 @@ pub fn fails_with_usage(cmd: &mut Command, needle: &str) -> String {
     assert!(err.contains(needle), "expected `{needle}` in: {err}");
     err
 }
+
+/// What the loader says when a latent model opens `store` and cannot use its latents.
+pub fn latents_open_error(store: &Path) -> String {
+    radit_sharding::loader::Loader::open(
+        radit_sharding::store::Storage::open_existing(store.to_str().unwrap()).unwrap(),
+        radit_sharding::loader::LoaderConfig {
+            output: radit_sharding::loader::ModelInput::Latents,
+            global_batch: 8,
+            ..radit_sharding::loader::LoaderConfig::default()
+        },
+        0,
+    )
+    .err()
+    .expect("the loader refuses these latents")
+    .to_string()
+}
