@@ -3,7 +3,8 @@
 # build, GPUs, which NCCL), the collective conformance suite on NCCL (world of one), RadiT-B latent bf16 steps in
 # ZeRO-3 and ZeRO-2 (tokens/s, MFU against --peak, the caching allocator's peak, a checkpoint's stall and write
 # bandwidth), and `radit selftest parity`: the same steps on the GPU and on the CPU in fp32 compared, and a
-# checkpoint save/restore round trip on the GPU. Each part's output goes to $OUT/<part>.log; exit 1 if any failed.
+# checkpoint save/restore round trip on the GPU, and `radit encode` with FLUX.2's encoder in fp32 and bf16 (images/s,
+# and the two precisions' latent statistics compared). Each part's output goes to $OUT/<part>.log; exit 1 if any failed.
 #
 # Two ways to run it:
 #  - the lent, offline GPU machine (no Rust; its Python has torch 2.11): build the bundle here with
@@ -73,6 +74,26 @@ for mode in zero3 zero2; do
 done
 part "parity-$preset-fp32" 180 "$radit" selftest parity "$preset" --device "$device" --steps 3 --batch 2 \
   --checkpoint "$scratch/parity"
+# The encode job's rank on the device: FLUX.2's encoder (random weights of its shape) over a small 512x512 store
+# in fp32 and in bf16 (the GPU default), batched; the two stores' channel statistics must agree.
+if [ "$device" = cuda ]; then ae=flux2 side=512; else ae=tiny side=16; fi
+part encode-store 180 bash -c "set -e; '$radit' synth --out '$scratch/synth' --images 64 --sizes 512x512 >/dev/null
+  '$radit' shard --no-progress --table '$scratch/synth/table.csv' --images '$scratch/synth/images' \
+    --out '$scratch/store-fp32' --image-size $side --shard-images 16
+  cp -r '$scratch/store-fp32' '$scratch/store-bf16'
+  '$radit' vae init $ae --out '$scratch/ae.safetensors'"
+for p in fp32 bf16; do
+  part "encode-$ae-$p" 180 "$radit" encode --store "$scratch/store-$p" --weights "$scratch/ae.safetensors" \
+    --autoencoder "$ae" --image-size "$side" --precision "$p" --batch "$batch" --device "$device"
+done
+part encode-bf16-vs-fp32 30 "$py" -c '
+import json, sys
+a, b = (json.load(open(f))["latents"] for f in sys.argv[1:])
+worst = max(abs(x - y) / max(abs(s), 1e-6) for x, y, s in zip(a["channel_mean"], b["channel_mean"], a["channel_std"]))
+ratio = max(abs(x / y - 1) for x, y in zip(a["channel_std"], b["channel_std"]))
+print(json.dumps({"mean_shift_in_stds": worst, "std_ratio_off": ratio}))
+sys.exit(0 if worst < 0.05 and ratio < 0.05 else 1)
+' "$scratch/store-fp32/manifest.json" "$scratch/store-bf16/manifest.json"
 rm -rf "$scratch"
 if ((${#failed[@]})); then
   echo "gpu-check: FAILED: ${failed[*]} (logs in $out)"

@@ -376,3 +376,55 @@ fn the_latent_quickstart_examples_encode_train_on_two_ranks_and_decode() {
     let info = decoder.read_info().unwrap().info().clone();
     assert!(info.width >= 2 * 16, "{}x{}", info.width, info.height);
 }
+
+#[test]
+fn under_mpirun_two_ranks_write_the_same_bytes_as_one_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let one = tiny_store(dir.path(), 50, "40x48", 8, &[]);
+    let two = dir.path().join("store-mpi");
+    run_ok(
+        std::process::Command::new("cp")
+            .arg("-r")
+            .arg(&one)
+            .arg(&two),
+    );
+    let weights = dir.path().join("ae.safetensors");
+    run_ok(radit().args(["vae", "init", "tiny", "--out"]).arg(&weights));
+    run_ok(&mut encode_cmd(
+        one.to_str().unwrap(),
+        &weights,
+        &["--threads", "1"],
+    ));
+    let out = run_ok(
+        std::process::Command::new("mpirun")
+            .args([
+                "--allow-run-as-root",
+                "--oversubscribe",
+                "--bind-to",
+                "none",
+                "-np",
+                "2",
+            ])
+            .args(["-x", "OMP_NUM_THREADS=1"])
+            .arg(env!("CARGO_BIN_EXE_radit"))
+            .args([
+                "encode",
+                "--store",
+                two.to_str().unwrap(),
+                "--autoencoder",
+                "tiny",
+            ])
+            .args(["--batch", "4", "--threads", "1", "--weights"])
+            .arg(&weights),
+    );
+    let ranks: Vec<u64> = summaries(&stderr(&out))
+        .iter()
+        .map(|s| s["rank"].as_u64().unwrap())
+        .collect();
+    assert_eq!(ranks.len(), 2, "{}", stderr(&out));
+    // Every object (latents, their metadata, the statistics) byte for byte, whatever the world size.
+    let (a, b) = (manifest(&one), manifest(&two));
+    assert_eq!(a.latents, b.latents);
+    assert_eq!(a.objects, b.objects);
+    assert!(a.objects.iter().any(|o| o.key.starts_with("test/latents/")));
+}
