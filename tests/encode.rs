@@ -89,7 +89,8 @@ fn check_with_twin(store: &Path, weights: &Path) {
     }
 }
 
-fn encode_job(dir: &Path, store: &Path, weights: &Path) -> PathBuf {
+/// An encode job of `store` on 2 CPU ranks with one restart; `restart` is appended to its [restart].
+fn encode_job(dir: &Path, store: &Path, weights: &Path, restart: &str) -> PathBuf {
     let text = format!(
         r#"
 [job]
@@ -113,12 +114,14 @@ kind = "local"
 [restart]
 max_restarts = 1
 heartbeat_seconds = 0.5
+{}
 
 [monitoring]
 progress_seconds = 0.5
 "#,
         store.display(),
-        weights.display()
+        weights.display(),
+        restart
     );
     write_job(dir, &text)
 }
@@ -128,7 +131,7 @@ fn an_encode_job_resumes_after_a_rank_dies_mid_shard_and_matches_the_pytorch_twi
     let dir = tempfile::tempdir().unwrap();
     let store = tiny_store(dir.path(), 100, "40x48", 8, &[]);
     let weights = twin_weights(dir.path());
-    let job = encode_job(dir.path(), &store, &weights);
+    let job = encode_job(dir.path(), &store, &weights, "");
     let shards: u64 = manifest(&store)
         .counts
         .splits
@@ -427,4 +430,99 @@ fn under_mpirun_two_ranks_write_the_same_bytes_as_one_process() {
     assert_eq!(a.latents, b.latents);
     assert_eq!(a.objects, b.objects);
     assert!(a.objects.iter().any(|o| o.key.starts_with("test/latents/")));
+}
+
+#[test]
+fn a_hung_encode_rank_is_named_and_the_job_relaunched() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = tiny_store(dir.path(), 60, "40x48", 8, &[]);
+    let weights = dir.path().join("ae.safetensors");
+    run_ok(radit().args(["vae", "init", "tiny", "--out"]).arg(&weights));
+    let job = encode_job(
+        dir.path(),
+        &store,
+        &weights,
+        "hang_factor = 5.0\nhang_min_seconds = 3.0",
+    );
+    let out = run_ok(
+        radit()
+            .arg("run")
+            .arg(&job)
+            .env("RADIT_FAULT_HANG", "1:3")
+            .env("RADIT_FAULT_ONLY_GENERATION", "1")
+            .env("RADIT_NO_PROGRESS_BAR", "1"),
+    );
+    let err = stderr(&out);
+    // Rank 0 finished its range and waits in the final barrier: the rank still in `compute` is the culprit.
+    assert!(
+        err.contains("culprit rank 1 is in `compute` after step 2"),
+        "{err}"
+    );
+    assert!(err.contains("run complete after 1 restart(s)"), "{err}");
+    assert!(manifest(&store).latents.is_some());
+}
+
+#[test]
+fn a_stopped_encode_job_exits_for_requeue_and_the_next_run_resumes() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    // 64x64 images: slow enough on this machine to stop part-way.
+    let (table, images) = synth(&dir.path().join("synth"), 400, "64x64", &[]);
+    let store = dir.path().join("store");
+    run_ok(&mut shard_cmd(
+        &table,
+        &images,
+        store.to_str().unwrap(),
+        &[],
+    ));
+    let weights = dir.path().join("ae.safetensors");
+    run_ok(radit().args(["vae", "init", "tiny", "--out"]).arg(&weights));
+    let job = encode_job(dir.path(), &store, &weights, "");
+    let mut child = radit()
+        .arg("run")
+        .arg(&job)
+        .env("RADIT_NO_PROGRESS_BAR", "1")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        let started = line
+            .strip_prefix("radit: step ")
+            .and_then(|rest| rest.split('/').next())
+            .and_then(|n| n.parse::<u64>().ok())
+            .is_some_and(|n| n >= 2);
+        seen.push(line);
+        if started {
+            break;
+        }
+    }
+    // What Slurm sends before the time limit reaches the supervisor: every rank stops after its current shard.
+    let pid = child.id().to_string();
+    run_ok(std::process::Command::new("kill").args(["-TERM", &pid]));
+    seen.extend(lines.map_while(Result::ok));
+    let status = child.wait().unwrap();
+    let text = seen.join("\n");
+    assert_eq!(status.code(), Some(75), "{text}");
+    assert!(latents_open_error(&store).contains("resume"));
+    let out = run_ok(
+        radit()
+            .arg("run")
+            .arg(&job)
+            .env("RADIT_NO_PROGRESS_BAR", "1"),
+    );
+    assert!(stderr(&out).contains("run complete"), "{}", stderr(&out));
+    let logs = dir.path().join("run/logs");
+    let resumed: u64 = (0..2)
+        .flat_map(|r| {
+            summaries(
+                &std::fs::read_to_string(logs.join(format!("gen-1-process-{r}.log"))).unwrap(),
+            )
+        })
+        .map(|s| s["shards_resumed"].as_u64().unwrap())
+        .sum();
+    assert!(resumed >= 2, "the second run resumed {resumed} shards");
+    assert!(manifest(&store).latents.is_some());
 }

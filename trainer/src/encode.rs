@@ -352,10 +352,6 @@ pub fn encode(
     } else {
         Ok(EncodeState::Pending)
     };
-    let barrier = |what: Phase| {
-        let _g = progress.enter(what);
-        comm.barrier()
-    };
     // Rank 0's refusal must not leave the others waiting: they learn of it from this reduction.
     let refused = {
         let _g = progress.enter(Phase::Collective);
@@ -428,8 +424,15 @@ pub fn encode(
                     .map_err(|_| ShardError::Internal("the shard reader stopped".into()))??
             };
             let data_wait = step_start.elapsed().as_secs_f64();
+            let step = summary.shards_resumed + done as u64 + 1;
             let latents = {
                 let _g = progress.enter(Phase::Compute);
+                if crate::faults::hang_in(rank, step) {
+                    tracing::warn!(step, "hanging on purpose (RADIT_FAULT_HANG)");
+                    loop {
+                        std::thread::sleep(std::time::Duration::from_secs(3600));
+                    }
+                }
                 encode_images(&ae, &images, side, cfg.batch, device, precision)?
             };
             if latents.iter().any(|v| !v.is_finite()) {
@@ -442,7 +445,6 @@ pub fn encode(
                     ),
                 });
             }
-            let step = summary.shards_resumed + done as u64 + 1;
             let record = {
                 let _g = progress.enter(Phase::Checkpoint);
                 let record = writer.write_object(split, k, &latents)?;
@@ -479,13 +481,20 @@ pub fn encode(
     summary.images_per_second =
         summary.images_encoded as f64 / loop_started.elapsed().as_secs_f64().max(1e-9);
     summary.seconds = started.elapsed().as_secs_f64();
-    if stopped {
+    if !stopped {
+        // Done with its range: it counts as at the last step while the slower ranks finish theirs.
+        progress.set_step(total);
+    }
+    // Every rank meets here, stopped or done, so that none waits for a peer that has left: a stop anywhere
+    // leaves the store to the next run (committed shards are kept) instead of finishing it.
+    let stopped_anywhere = {
+        let _g = progress.enter(Phase::Collective);
+        comm.all_reduce_max_f64(if stopped { 1.0 } else { 0.0 })?
+    } > 0.0;
+    if stopped_anywhere {
         summary.stopped_for_requeue = true;
         return Ok(summary);
     }
-    // Done with its range: it counts as at the last step while the slower ranks finish theirs.
-    progress.set_step(total);
-    barrier(Phase::Collective)?;
     if rank == 0 {
         let entry = writer.finalise()?;
         summary.finished = true;

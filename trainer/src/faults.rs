@@ -4,7 +4,8 @@
 //! generation G (`RADIT_GENERATION`, set by `radit run`), so the relaunched ranks run clean.
 //!
 //! - `RADIT_FAULT_NONFINITE_STEPS=S1,S2`: rank 0's input of those (1-based) steps becomes NaN, once each.
-//! - `RADIT_FAULT_HANG=RANK:STEP`: that rank sleeps (still heart-beating) in that step's compute.
+//! - `RADIT_FAULT_HANG=RANK:STEP`: that rank sleeps (still heart-beating) in that step's compute (training or
+//!   encoding).
 //! - `RADIT_FAULT_OOM=RANK:STEP`: that rank asks libtorch for 1 PiB in that step (a real allocator failure).
 //! - `RADIT_FAULT_CRASH_IN_CHECKPOINT=RANK:STEP`: that rank aborts half-way through writing that checkpoint.
 //! - `RADIT_FAULT_CRASH_IN_ENCODE=RANK:STEP`: an encode rank aborts after writing that step's shard of latents
@@ -31,6 +32,11 @@ fn fault_at(var: &str) -> Option<(u64, u64)> {
 /// Whether this rank should die while writing the checkpoint of `step`.
 pub(crate) fn crash_in_checkpoint(rank: usize, step: u64) -> bool {
     fault_at("RADIT_FAULT_CRASH_IN_CHECKPOINT") == Some((rank as u64, step))
+}
+
+/// Whether this rank should hang in the compute of `step` (for the encode job; training's goes through [`Faults`]).
+pub(crate) fn hang_in(rank: usize, step: u64) -> bool {
+    fault_at("RADIT_FAULT_HANG") == Some((rank as u64, step))
 }
 
 /// Whether this encode rank should die between writing the shard of `step` and committing it.
