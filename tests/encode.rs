@@ -526,3 +526,32 @@ fn a_stopped_encode_job_exits_for_requeue_and_the_next_run_resumes() {
     assert!(resumed >= 2, "the second run resumed {resumed} shards");
     assert!(manifest(&store).latents.is_some());
 }
+
+#[test]
+fn an_encode_job_runs_as_a_slurm_job() {
+    let conf = local_slurm();
+    let dir = tempfile::tempdir().unwrap();
+    let store = tiny_store(dir.path(), 40, "40x48", 8, &[]);
+    let weights = dir.path().join("ae.safetensors");
+    run_ok(radit().args(["vae", "init", "tiny", "--out"]).arg(&weights));
+    let job = encode_job(dir.path(), &store, &weights, "");
+    let text = std::fs::read_to_string(&job).unwrap().replace(
+        "kind = \"local\"",
+        "kind = \"slurm\"\n[launcher.slurm]\ntime_limit = \"00:05:00\"\npoll_seconds = 0.5",
+    );
+    std::fs::write(&job, text).unwrap();
+    // Submitted with sbatch; its script runs `radit run --in-allocation`, which starts `radit encode` with srun.
+    let out = run_ok(
+        radit()
+            .arg("run")
+            .arg(&job)
+            .env("SLURM_CONF", &conf)
+            .env("RADIT_NO_PROGRESS_BAR", "1"),
+    );
+    assert!(stderr(&out).contains("COMPLETED"), "{}", stderr(&out));
+    let script = std::fs::read_to_string(dir.path().join("run/job.sbatch")).unwrap();
+    assert!(script.contains("--in-allocation"), "{script}");
+    assert!(manifest(&store).latents.is_some());
+    let verify = run_ok(radit().args(["shard", "--verify"]).arg(&store));
+    assert!(stdout(&verify).contains("verified"));
+}
