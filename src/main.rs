@@ -291,6 +291,10 @@ struct QuickstartArgs {
     /// CPU ranks.
     #[arg(long, default_value_t = 2)]
     ranks: u32,
+    /// The latent path instead: random weights of the tiny autoencoder (FLUX.2's topology), an encode job on the
+    /// ranks, then tiny-latent trained on those latents with its samples decoded.
+    #[arg(long)]
+    latent: bool,
 }
 
 fn main() -> ExitCode {
@@ -541,12 +545,18 @@ fn run_verify(url: &str) -> anyhow::Result<u8> {
 }
 
 fn run_quickstart(a: QuickstartArgs) -> anyhow::Result<u8> {
+    crate::exit::ensure_usage!(
+        !a.latent || a.image_size % 2 == 0,
+        "--image-size {}: the tiny autoencoder halves it, so --latent needs an even size",
+        a.image_size
+    );
     std::fs::create_dir_all(&a.dir).with_context(|| format!("creating {}", a.dir.display()))?;
     let dir = std::fs::canonicalize(&a.dir)?;
     let data = dir.join("synthetic");
     let store = dir.join("store");
+    let of = if a.latent { 6 } else { 4 };
     println!(
-        "1/4 synthesising {} images into {}",
+        "1/{of} synthesising {} images into {}",
         a.images,
         data.display()
     );
@@ -555,7 +565,7 @@ fn run_quickstart(a: QuickstartArgs) -> anyhow::Result<u8> {
         ..SynthConfig::default()
     };
     let out = generate(&data, &cfg).context("writing the synthetic dataset")?;
-    println!("2/4 sharding into {}", store.display());
+    println!("2/{of} sharding into {}", store.display());
     let settings = IngestSettings {
         layout: StoreLayout {
             image_size: a.image_size,
@@ -574,19 +584,17 @@ fn run_quickstart(a: QuickstartArgs) -> anyhow::Result<u8> {
         anyhow::bail!("ingest stopped before completing");
     };
     print!("{}", manifest.summary());
-    println!("3/4 verifying");
+    println!("3/{of} verifying");
     let code = run_verify(path_str(&store)?)?;
     if code != 0 {
         return Ok(code);
     }
+    if a.latent {
+        return quickstart_latent(&a, &dir, &store);
+    }
     let job = dir.join("job.toml");
     let spec = radit_run::job::quickstart(&dir, a.image_size, a.steps, a.ranks)?;
-    let text = format!(
-        "# Written by `radit quickstart`: the embedded default job. Run it again with `radit run {}`.\n{}",
-        job.display(),
-        spec.to_toml()?
-    );
-    std::fs::write(&job, text).with_context(|| format!("writing {}", job.display()))?;
+    write_quickstart_job(&job, &spec)?;
     println!(
         "4/4 training with `radit run {}` ({} CPU ranks, {} steps)",
         job.display(),
@@ -601,6 +609,59 @@ fn run_quickstart(a: QuickstartArgs) -> anyhow::Result<u8> {
             dir.join("run/samples/contact_sheet.png").display(),
             dir.join("run/samples/progress").display(),
             store.display()
+        );
+    }
+    Ok(code)
+}
+
+fn write_quickstart_job(path: &Path, spec: &radit_run::job::JobSpec) -> anyhow::Result<()> {
+    let text = format!(
+        "# Written by `radit quickstart`: an embedded default job. Run it again with `radit run {}`.\n{}",
+        path.display(),
+        spec.to_toml()?
+    );
+    std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
+}
+
+/// Steps 4-6 of `radit quickstart --latent`: autoencoder weights, the encode job, the latent training job.
+fn quickstart_latent(a: &QuickstartArgs, dir: &Path, store: &Path) -> anyhow::Result<u8> {
+    use radit_trainer::autoencoder::{self, AeConfig, Autoencoder};
+    let weights = dir.join("tiny-ae.safetensors");
+    println!(
+        "4/6 random weights of the tiny autoencoder (FLUX.2's topology) in {}",
+        weights.display()
+    );
+    radit_trainer::tch::manual_seed(0);
+    let vs = radit_trainer::tch::nn::VarStore::new(radit_trainer::tch::Device::Cpu);
+    let _ae = Autoencoder::new(&vs.root(), &AeConfig::tiny())?;
+    autoencoder::save(&vs, &AeConfig::tiny(), &weights)?;
+    let (encode, train) =
+        radit_run::job::quickstart_latent(dir, a.image_size, a.steps, a.ranks, &weights)?;
+    let (encode_job, train_job) = (dir.join("encode-job.toml"), dir.join("latent-job.toml"));
+    write_quickstart_job(&encode_job, &encode)?;
+    write_quickstart_job(&train_job, &train)?;
+    println!(
+        "5/6 encoding {} with `radit run {}` ({} CPU ranks)",
+        store.display(),
+        encode_job.display(),
+        a.ranks
+    );
+    let code = run_cli::run(run_cli::RunArgs::new(encode_job))?;
+    if code != 0 {
+        return Ok(code);
+    }
+    println!(
+        "6/6 training tiny-latent with `radit run {}` ({} CPU ranks, {} steps)",
+        train_job.display(),
+        a.ranks,
+        a.steps
+    );
+    let code = run_cli::run(run_cli::RunArgs::new(train_job))?;
+    if code == 0 {
+        println!(
+            "done: decoded samples in {} (latents.safetensors beside them), decoded sheets drawn while training in {}",
+            dir.join("run-latent/samples").display(),
+            dir.join("run-latent/samples/progress").display(),
         );
     }
     Ok(code)

@@ -64,7 +64,7 @@ pub fn run(a: RunArgs) -> anyhow::Result<u8> {
             if let Some(s) = draw_final_samples(&job)? {
                 eprintln!(
                     "radit: {} samples and contact sheet in {} (final EMA weights: {})",
-                    s.written.files.len(),
+                    job.spec.samples.count,
                     s.dir.display(),
                     s.weights.display()
                 );

@@ -555,3 +555,48 @@ fn an_encode_job_runs_as_a_slurm_job() {
     let verify = run_ok(radit().args(["shard", "--verify"]).arg(&store));
     assert!(stdout(&verify).contains("verified"));
 }
+
+#[test]
+fn radit_quickstart_latent_runs_the_whole_latent_path_in_one_command() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = run_ok(
+        radit()
+            .args([
+                "quickstart",
+                "--latent",
+                "--images",
+                "64",
+                "--steps",
+                "20",
+                "--dir",
+            ])
+            .arg(dir.path())
+            .env("RADIT_NO_PROGRESS_BAR", "1"),
+    );
+    let text = stdout(&out);
+    assert!(text.contains("6/6 training tiny-latent"), "{text}");
+    assert!(text.contains("done: decoded samples"), "{text}");
+    assert!(
+        stderr(&out).contains("16 samples and contact sheet"),
+        "{}",
+        stderr(&out)
+    );
+    let store = dir.path().join("store");
+    let latents = manifest(&store).latents.expect("the encode job finished");
+    // 32x32 images through the tiny autoencoder: 4x16x16 latents, what the trained model's input is.
+    assert_eq!(latents.sample_shape, [4, 16, 16]);
+    assert!(
+        dir.path()
+            .join("run-latent/samples/decoded_0015.png")
+            .exists()
+    );
+    assert!(
+        dir.path()
+            .join("run-latent/samples/progress/latest.png")
+            .exists()
+    );
+    // The written job files run again as they are.
+    for job in ["encode-job.toml", "latent-job.toml"] {
+        radit_run::job::Job::load(&dir.path().join(job)).unwrap();
+    }
+}

@@ -446,6 +446,58 @@ pub fn quickstart(
     })
 }
 
+/// The latent quickstart's two jobs on the store `dir/store` of `image_size` images: an encode job with the tiny
+/// autoencoder's `weights` on `ranks` CPU ranks, then `tiny-latent` trained on its latents (the autoencoder halves
+/// the side), with the same autoencoder decoding the sheets and samples. Runs in `dir/run-encode`, `dir/run-latent`.
+pub fn quickstart_latent(
+    dir: &Path,
+    image_size: u32,
+    steps: u64,
+    ranks: u32,
+    weights: &Path,
+) -> Result<(JobSpec, JobSpec), TrainError> {
+    use radit_trainer::autoencoder::DecoderConfig;
+    use radit_trainer::model::RadiTConfig;
+    let mut train = quickstart(dir, image_size, steps, ranks)?;
+    let Work::Train(t) = &mut train.work else {
+        unreachable!("quickstart is a training job")
+    };
+    t.model.config = Some(RadiTConfig {
+        input_size: i64::from(image_size / 2),
+        ..RadiTConfig::preset("tiny-latent")?
+    });
+    // Table 11: no time shift for the latent models.
+    t.flow.shift = 1.0;
+    if let Some(c) = &mut t.checkpoint {
+        c.url = dir.join("checkpoints-latent").display().to_string();
+    }
+    train.job = JobSection {
+        name: "quickstart-latent".into(),
+        kind: JobKind::Train,
+        run_dir: "run-latent".into(),
+    };
+    train.samples.decoder = Some(DecoderConfig {
+        weights: weights.to_path_buf(),
+        autoencoder: "tiny".into(),
+        batch: 8,
+    });
+    let encode = JobSpec {
+        work: Work::Encode(EncodeConfig {
+            autoencoder: "tiny".into(),
+            batch: 8,
+            ..EncodeConfig::new(&dir.join("store").display().to_string(), weights)
+        }),
+        job: JobSection {
+            name: "quickstart-encode".into(),
+            kind: JobKind::Encode,
+            run_dir: "run-encode".into(),
+        },
+        samples: SampleSpec::default(),
+        ..train.clone()
+    };
+    Ok((encode, train))
+}
+
 /// The train config every rank runs: the job's, with [samples] as its preview.
 fn train_config_of(s: &JobSpec, training: &TrainConfig, run_dir: &Path) -> TrainConfig {
     TrainConfig {
