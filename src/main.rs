@@ -546,7 +546,7 @@ fn run_verify(url: &str) -> anyhow::Result<u8> {
 
 fn run_quickstart(a: QuickstartArgs) -> anyhow::Result<u8> {
     crate::exit::ensure_usage!(
-        !a.latent || a.image_size % 2 == 0,
+        !a.latent || a.image_size.is_multiple_of(2),
         "--image-size {}: the tiny autoencoder halves it, so --latent needs an even size",
         a.image_size
     );
