@@ -140,13 +140,12 @@ fn an_encode_job_resumes_after_a_rank_dies_mid_shard_and_matches_the_pytorch_twi
         .sum();
 
     // Rank 1 writes its second shard's latents and dies before committing them; the relaunch resumes.
-    let out = run_ok(
-        radit()
-            .arg("run")
-            .arg(&job)
-            .env("RADIT_FAULT_CRASH_IN_ENCODE", "1:2")
-            .env("RADIT_FAULT_ONLY_GENERATION", "1")
-            .env("RADIT_NO_PROGRESS_BAR", "1"),
+    let out = run_job(
+        &job,
+        &[
+            ("RADIT_FAULT_CRASH_IN_ENCODE", "1:2"),
+            ("RADIT_FAULT_ONLY_GENERATION", "1"),
+        ],
     );
     let err = stderr(&out);
     assert!(err.contains("restart 1/1"), "{err}");
@@ -158,14 +157,7 @@ fn an_encode_job_resumes_after_a_rank_dies_mid_shard_and_matches_the_pytorch_twi
         )),
         "the progress line reaches the last step: {err}"
     );
-    let logs = dir.path().join("run/logs");
-    let second: Vec<serde_json::Value> = (0..2)
-        .flat_map(|r| {
-            summaries(
-                &std::fs::read_to_string(logs.join(format!("gen-2-process-{r}.log"))).unwrap(),
-            )
-        })
-        .collect();
+    let second = rank_summaries(&dir.path().join("run"), 2);
     assert_eq!(second.len(), 2, "{second:?}");
     // Rank 1 committed one shard before dying: it resumes after it, and redoes the uncommitted one.
     assert_eq!(second[1]["shards_resumed"], 1, "{second:?}");
@@ -189,14 +181,29 @@ fn an_encode_job_resumes_after_a_rank_dies_mid_shard_and_matches_the_pytorch_twi
 
     // Run again: nothing to do, nothing rewritten.
     let before = std::fs::read(store.join("manifest.json")).unwrap();
-    let again = run_ok(
-        radit()
-            .arg("run")
-            .arg(&job)
-            .env("RADIT_NO_PROGRESS_BAR", "1"),
-    );
+    let again = run_job(&job, &[]);
     assert!(stderr(&again).contains("all 2 ranks finished"));
     assert_eq!(std::fs::read(store.join("manifest.json")).unwrap(), before);
+}
+
+/// `radit run JOB` with `env` (fault injection, Slurm's config), no progress bar; it must succeed.
+fn run_job(job: &Path, env: &[(&str, &str)]) -> std::process::Output {
+    let mut cmd = radit();
+    cmd.arg("run").arg(job).env("RADIT_NO_PROGRESS_BAR", "1");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    run_ok(&mut cmd)
+}
+
+/// The encode summaries of a run's ranks (`gen-G-process-R.log` in `run_dir/logs`), by rank.
+fn rank_summaries(run_dir: &Path, generation: u32) -> Vec<serde_json::Value> {
+    (0..2)
+        .flat_map(|r| {
+            let log = run_dir.join(format!("logs/gen-{generation}-process-{r}.log"));
+            summaries(&std::fs::read_to_string(log).unwrap())
+        })
+        .collect()
 }
 
 /// `radit encode` of `store` with the tiny autoencoder's `weights`, 4 images per pass.
@@ -444,13 +451,12 @@ fn a_hung_encode_rank_is_named_and_the_job_relaunched() {
         &weights,
         "hang_factor = 5.0\nhang_min_seconds = 3.0",
     );
-    let out = run_ok(
-        radit()
-            .arg("run")
-            .arg(&job)
-            .env("RADIT_FAULT_HANG", "1:3")
-            .env("RADIT_FAULT_ONLY_GENERATION", "1")
-            .env("RADIT_NO_PROGRESS_BAR", "1"),
+    let out = run_job(
+        &job,
+        &[
+            ("RADIT_FAULT_HANG", "1:3"),
+            ("RADIT_FAULT_ONLY_GENERATION", "1"),
+        ],
     );
     let err = stderr(&out);
     // Rank 0 finished its range and waits in the final barrier: the rank still in `compute` is the culprit.
@@ -507,20 +513,10 @@ fn a_stopped_encode_job_exits_for_requeue_and_the_next_run_resumes() {
     let text = seen.join("\n");
     assert_eq!(status.code(), Some(75), "{text}");
     assert!(latents_open_error(&store).contains("resume"));
-    let out = run_ok(
-        radit()
-            .arg("run")
-            .arg(&job)
-            .env("RADIT_NO_PROGRESS_BAR", "1"),
-    );
+    let out = run_job(&job, &[]);
     assert!(stderr(&out).contains("run complete"), "{}", stderr(&out));
-    let logs = dir.path().join("run/logs");
-    let resumed: u64 = (0..2)
-        .flat_map(|r| {
-            summaries(
-                &std::fs::read_to_string(logs.join(format!("gen-1-process-{r}.log"))).unwrap(),
-            )
-        })
+    let resumed: u64 = rank_summaries(&dir.path().join("run"), 1)
+        .iter()
         .map(|s| s["shards_resumed"].as_u64().unwrap())
         .sum();
     assert!(resumed >= 2, "the second run resumed {resumed} shards");
@@ -541,13 +537,7 @@ fn an_encode_job_runs_as_a_slurm_job() {
     );
     std::fs::write(&job, text).unwrap();
     // Submitted with sbatch; its script runs `radit run --in-allocation`, which starts `radit encode` with srun.
-    let out = run_ok(
-        radit()
-            .arg("run")
-            .arg(&job)
-            .env("SLURM_CONF", &conf)
-            .env("RADIT_NO_PROGRESS_BAR", "1"),
-    );
+    let out = run_job(&job, &[("SLURM_CONF", &conf)]);
     assert!(stderr(&out).contains("COMPLETED"), "{}", stderr(&out));
     let script = std::fs::read_to_string(dir.path().join("run/job.sbatch")).unwrap();
     assert!(script.contains("--in-allocation"), "{script}");
