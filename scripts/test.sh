@@ -25,6 +25,8 @@ forbid radit-launch 'torch-sys|tch|radit-.*' 'radit-launch|radit-protocol' \
 forbid radit-dicom 'torch-sys|tch|radit-.*' radit-dicom "the DICOM pipeline is a leaf over dicom-rs"
 forbid radit-sources 'torch-sys|tch|axum|radit-.*' 'radit-sources|radit-sharding|radit-dicom' \
   "harmonising a dataset reads tables and writes one: no libtorch, trainer or services"
+forbid radit-eval 'torch-sys|tch|radit-.*' radit-eval \
+  "the metrics are a leaf over faer: no libtorch, so they build and test anywhere"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 cargo test --workspace --no-fail-fast "$@"
 # The DICOM codecs behind features (OpenJPEG, CharLS: C and C++ built from source), against the pydicom twin.

@@ -110,6 +110,13 @@ fn meaning(e: &(dyn std::error::Error + 'static)) -> Option<u8> {
             _ => None,
         };
     }
+    if e.is::<radit_eval::EvalError>() {
+        // Every metric error is about its inputs (files, shapes, values) except non-convergence, a bug.
+        return Some(match e.downcast_ref::<radit_eval::EvalError>() {
+            Some(radit_eval::EvalError::Numerical { .. }) => FAILED,
+            _ => BAD_INPUT,
+        });
+    }
     if let Some(m) = e.downcast_ref::<ModelError>() {
         return match m {
             ModelError::UnknownPreset { .. }

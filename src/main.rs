@@ -27,6 +27,7 @@ use radit_sharding::table::TableConfig;
 use radit_sharding::throughput;
 
 mod encode_cli;
+mod eval_cli;
 mod model_cli;
 mod run_cli;
 mod train_cli;
@@ -72,6 +73,9 @@ enum Command {
     /// Encode a store's images to `<split>/latents` with the autoencoder's encoder (one process, or the ranks of
     /// a `[job] kind = "encode"` job under `radit run`): resumable shard by shard, channel statistics, manifest last.
     Encode(encode_cli::EncodeArgs),
+    /// Evaluation: the paper's fidelity metrics on feature files.
+    #[command(subcommand)]
+    Eval(eval_cli::EvalCommand),
     /// Generate images for given metadata, or edit images counterfactually (--edit); writes 16-bit PNGs and an
     /// 8-bit contact sheet.
     Sample(model_cli::SampleArgs),
@@ -312,6 +316,7 @@ fn main() -> ExitCode {
         Command::Vae(c) => model_cli::run_vae(c),
         Command::Decode(a) => model_cli::run_decode(a),
         Command::Encode(a) => encode_cli::run_encode(a),
+        Command::Eval(c) => eval_cli::run_eval(c),
         Command::Sample(a) => model_cli::run_sample(a),
         Command::Run(a) => run_cli::run(a),
         Command::Coordinator(c) => run_cli::run_coordinator(c),

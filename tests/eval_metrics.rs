@@ -1,0 +1,334 @@
+//! radit-eval against the reference packages, in the same run (tests/python/eval_twin.py): FD against scipy's sqrtm
+//! route (pytorch-fid, dgm-eval) and torchmetrics' eigenvalue route, KD against torch-fidelity's unbiased MMD^2, PRDC
+//! against the `prdc` package, SSIM and PSNR against scikit-image, ROC-AUC, MAE and Cohen's kappa against
+//! scikit-learn; on random features, fewer samples than dimensions, duplicated points and identical sets.
+
+mod common;
+
+use std::path::Path;
+
+use common::*;
+use radit_eval::fd::{Moments, frechet_distance};
+use radit_eval::kd::{KdConfig, kernel_distance};
+use radit_eval::{Features, classify, image, prdc};
+
+/// Deterministic normal deviates (splitmix64 + Box-Muller).
+struct Normal(u64);
+
+impl Normal {
+    fn uniform(&mut self) -> f64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    fn next(&mut self) -> f64 {
+        let (u, v) = (self.uniform().max(1e-300), self.uniform());
+        (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()
+    }
+
+    fn matrix(&mut self, n: usize, d: usize, scale: f64, shift: f64) -> Vec<f64> {
+        (0..n * d).map(|_| self.next() * scale + shift).collect()
+    }
+}
+
+fn write(dir: &Path, name: &str, values: &[f64]) {
+    let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    std::fs::write(dir.join(format!("{name}.f64")), bytes).unwrap();
+}
+
+fn reference(dir: &Path, case: serde_json::Value) -> serde_json::Value {
+    std::fs::write(dir.join("case.json"), case.to_string()).unwrap();
+    let out = run_ok(
+        python()
+            .arg(repo().join("tests/python/eval_twin.py"))
+            .arg(dir),
+    );
+    serde_json::from_str(stdout(&out).trim()).unwrap()
+}
+
+fn close(what: &str, got: f64, want: f64, relative: f64) {
+    let scale = want.abs().max(1e-12);
+    assert!(
+        (got - want).abs() <= relative * scale,
+        "{what}: radit {got} vs reference {want} (relative {:e})",
+        (got - want).abs() / scale
+    );
+}
+
+/// FD, KD and PRDC of one pair of feature sets against the references; returns the references' answers.
+/// `fd_route` names the reference FD and `fd_tolerance` the relative agreement expected with it.
+fn compare_features(
+    real: &[f64],
+    fake: &[f64],
+    d: usize,
+    fd_route: &str,
+    fd_tolerance: f64,
+) -> serde_json::Value {
+    let dir = tempfile::tempdir().unwrap();
+    let (n, m) = (real.len() / d, fake.len() / d);
+    write(dir.path(), "real", real);
+    write(dir.path(), "fake", fake);
+    let want = reference(
+        dir.path(),
+        serde_json::json!({"features": {"real": [n, d], "fake": [m, d], "k": 5}}),
+    );
+    let real = Features::new("real", d, real.to_vec()).unwrap();
+    let fake = Features::new("fake", d, fake.to_vec()).unwrap();
+    let fd = frechet_distance(&Moments::of(&real).unwrap(), &Moments::of(&fake).unwrap()).unwrap();
+    let want_fd = want[fd_route].as_f64().unwrap();
+    // Identical sets: both sides are round-off around 0.
+    if want_fd.abs() < 1e-9 {
+        assert!(fd.abs() < 1e-9, "FD of identical sets: {fd}");
+    } else {
+        close("FD", fd, want_fd, fd_tolerance);
+    }
+    if n == m {
+        let kd = kernel_distance(
+            &real,
+            &fake,
+            &KdConfig {
+                subset_size: None,
+                ..KdConfig::default()
+            },
+        )
+        .unwrap();
+        close("KD", kd.mean, want["kd"].as_f64().unwrap(), 1e-9);
+    }
+    let p = prdc::prdc(&real, &fake, 5).unwrap();
+    for (name, got) in [
+        ("precision", p.precision),
+        ("recall", p.recall),
+        ("density", p.density),
+        ("coverage", p.coverage),
+    ] {
+        close(name, got, want["prdc"][name].as_f64().unwrap(), 1e-12);
+    }
+    want
+}
+
+#[test]
+fn feature_metrics_agree_with_the_reference_packages() {
+    let mut rng = Normal(11);
+    // Random Gaussians of different means and spreads.
+    let real = rng.matrix(300, 16, 1.0, 0.0);
+    let fake = rng.matrix(300, 16, 1.3, 0.2);
+    compare_features(&real, &fake, 16, "fd", 1e-8);
+    // Fewer samples than dimensions (singular covariances): torchmetrics' route is the reference there, as sqrtm
+    // of a singular product is itself inaccurate; the square roots of its zero eigenvalues' round-off (about 1e-8
+    // each) leave about 1e-8 relative between any two routes, so agreement is checked to 1e-6.
+    let real = rng.matrix(20, 48, 1.0, 0.0);
+    let fake = rng.matrix(24, 48, 1.0, 0.1);
+    compare_features(&real, &fake, 48, "fd_eigvals", 1e-6);
+    // Every real point twice: the duplicate is a zero-distance neighbour, the radius comes from the others.
+    let unique = rng.matrix(100, 8, 1.0, 0.0);
+    let real: Vec<f64> = unique.iter().chain(&unique).copied().collect();
+    let fake = rng.matrix(200, 8, 1.0, 0.1);
+    compare_features(&real, &fake, 8, "fd", 1e-8);
+    // Identical sets: FD 0, every P, R, C 1.
+    let real = rng.matrix(120, 8, 1.0, 0.0);
+    let want = compare_features(&real, &real, 8, "fd", 1e-8);
+    assert_eq!(want["prdc"]["coverage"], 1.0);
+}
+
+#[test]
+fn image_and_prediction_metrics_agree_with_the_reference_packages() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = Normal(5);
+    let (h, w) = (48, 40);
+    let a: Vec<f64> = (0..h * w)
+        .map(|i| {
+            let (r, c) = ((i / w) as f64, (i % w) as f64);
+            0.5 + 0.3 * (r / 7.0).sin() * (c / 5.0).cos()
+        })
+        .collect();
+    let b: Vec<f64> = a
+        .iter()
+        .map(|v| (v + 0.05 * rng.next()).clamp(0.0, 1.0))
+        .collect();
+    write(dir.path(), "image_a", &a);
+    write(dir.path(), "image_b", &b);
+    // Scores with ties (rounded to tenths), a 3-class softmax, ages, two raters of 4 categories.
+    let n = 200;
+    let binary: Vec<bool> = (0..n).map(|_| rng.uniform() < 0.4).collect();
+    let scores: Vec<f64> = binary
+        .iter()
+        .map(|&l| ((rng.next() + if l { 0.8 } else { 0.0 }) * 10.0).round() / 10.0)
+        .collect();
+    let classes: Vec<usize> = (0..n).map(|i| i % 3).collect();
+    let mut class_scores = Vec::new();
+    for &c in &classes {
+        let logits: Vec<f64> = (0..3)
+            .map(|k| rng.next() + if k == c { 1.0 } else { 0.0 })
+            .collect();
+        let z: f64 = logits.iter().map(|l| l.exp()).sum();
+        class_scores.extend(logits.iter().map(|l| l.exp() / z));
+    }
+    let age_true: Vec<f64> = (0..n).map(|_| 20.0 + 60.0 * rng.uniform()).collect();
+    let age_pred: Vec<f64> = age_true.iter().map(|a| a + 5.0 * rng.next()).collect();
+    let rater_a: Vec<usize> = (0..n).map(|_| (rng.uniform() * 4.0) as usize).collect();
+    let rater_b: Vec<usize> = rater_a
+        .iter()
+        .map(|&x| {
+            if rng.uniform() < 0.7 {
+                x
+            } else {
+                (rng.uniform() * 4.0) as usize
+            }
+        })
+        .collect();
+    write(dir.path(), "binary_scores", &scores);
+    write(dir.path(), "class_scores", &class_scores);
+    write(dir.path(), "age_true", &age_true);
+    write(dir.path(), "age_pred", &age_pred);
+    let want = reference(
+        dir.path(),
+        serde_json::json!({
+            "images": {"shape": [h, w], "range": 1.0},
+            "labels": {
+                "binary": binary, "classes": classes, "n_classes": 3, "n_age": n,
+                "rater_a": rater_a, "rater_b": rater_b,
+            },
+        }),
+    );
+    let get = |k: &str| want[k].as_f64().unwrap();
+    close(
+        "SSIM",
+        image::ssim(&a, &b, h, w, 1.0).unwrap(),
+        get("ssim"),
+        1e-10,
+    );
+    close(
+        "PSNR",
+        image::psnr(&a, &b, h, w, 1.0).unwrap(),
+        get("psnr"),
+        1e-10,
+    );
+    close(
+        "ROC-AUC",
+        classify::roc_auc(&binary, &scores).unwrap(),
+        get("auc"),
+        1e-12,
+    );
+    close(
+        "ROC-AUC one-vs-rest",
+        classify::roc_auc_ovr(&classes, &class_scores, 3).unwrap(),
+        get("auc_ovr"),
+        1e-12,
+    );
+    close(
+        "MAE",
+        classify::mae(&age_pred, &age_true).unwrap(),
+        get("mae"),
+        1e-12,
+    );
+    close(
+        "Cohen's kappa",
+        classify::cohen_kappa(&rater_a, &rater_b).unwrap(),
+        get("kappa"),
+        1e-12,
+    );
+}
+
+#[test]
+fn radit_eval_fidelity_reads_numpy_files_and_appends_a_csv_row() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // float32 files as numpy.save writes them; one with a NaN, one of another width, one too small for k = 5.
+    run_ok(
+        python()
+            .arg("-c")
+            .arg(
+                r#"
+import sys, numpy as np
+d = sys.argv[1]
+rng = np.random.default_rng(3)
+np.save(f"{d}/real.npy", rng.normal(size=(400, 12)).astype(np.float32))
+np.save(f"{d}/fake.npy", (rng.normal(size=(300, 12)) * 1.2 + 0.1).astype(np.float32))
+bad = rng.normal(size=(300, 12)).astype(np.float32); bad[7, 3] = np.nan
+np.save(f"{d}/nan.npy", bad)
+np.save(f"{d}/wide.npy", rng.normal(size=(300, 16)).astype(np.float32))
+np.save(f"{d}/five.npy", rng.normal(size=(5, 12)).astype(np.float32))
+"#,
+            )
+            .arg(d),
+    );
+    let fidelity = |fake: &str, extra: &[&str]| {
+        let mut cmd = radit();
+        cmd.args(["eval", "fidelity", "--real"])
+            .arg(d.join("real.npy"))
+            .arg("--fake")
+            .arg(d.join(fake))
+            .args(["--kd-subsets", "10", "--kd-subset-size", "100"])
+            .args(extra);
+        cmd
+    };
+    let csv = d.join("table.csv");
+    let out = run_ok(
+        fidelity(
+            "fake.npy",
+            &[
+                "--model",
+                "tiny",
+                "--reference",
+                "test",
+                "--network",
+                "none",
+                "--csv",
+            ],
+        )
+        .arg(&csv),
+    );
+    let report: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+    // The same numbers as the library on the same files.
+    let real = radit_eval::io::read_npy(&d.join("real.npy")).unwrap();
+    let fake = radit_eval::io::read_npy(&d.join("fake.npy")).unwrap();
+    let fd = frechet_distance(&Moments::of(&real).unwrap(), &Moments::of(&fake).unwrap()).unwrap();
+    close("FD", report["mean"]["fd"].as_f64().unwrap(), fd, 1e-12);
+    let p = prdc::prdc(&real, &fake, 5).unwrap();
+    assert_eq!(report["mean"]["coverage"].as_f64().unwrap(), p.coverage);
+    // Table 13's regime: three draws of 200 reference rows.
+    run_ok(
+        fidelity(
+            "fake.npy",
+            &[
+                "--reference-draws",
+                "3",
+                "--draw-size",
+                "200",
+                "--model",
+                "tiny",
+                "--csv",
+            ],
+        )
+        .arg(&csv),
+    );
+    let table = std::fs::read_to_string(&csv).unwrap();
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(lines.len(), 3, "{table}");
+    assert!(lines[0].starts_with("model,reference,network,n_real"));
+    assert!(
+        lines[1].starts_with("tiny,test,none,400,300,12,1,"),
+        "{}",
+        lines[1]
+    );
+    assert!(lines[2].starts_with("tiny,,,200,300,12,3,"), "{}", lines[2]);
+
+    // Bad input: named, exit 2.
+    let err = fails_with_usage(
+        &mut fidelity("nan.npy", &[]),
+        "nan.npy: row 7, column 3 is not finite",
+    );
+    assert!(!err.contains("panicked"));
+    let err = fails_with_usage(&mut fidelity("wide.npy", &[]), "width 12 and 16");
+    assert!(
+        err.contains("real.npy") && err.contains("wide.npy"),
+        "{err}"
+    );
+    fails_with_usage(
+        &mut fidelity("five.npy", &["--kd-subset-size", "min"]),
+        "five.npy",
+    );
+}
