@@ -35,7 +35,7 @@ pub struct FidelityArgs {
     /// Draws of the reference set (Table 13's sensitivity test), each of --draw-size rows.
     #[arg(long, requires = "draw_size")]
     reference_draws: Option<usize>,
-    #[arg(long)]
+    #[arg(long, requires = "reference_draws")]
     draw_size: Option<usize>,
     #[arg(long, default_value_t = 0)]
     seed: u64,

@@ -31,7 +31,7 @@ impl Default for FidelityConfig {
     }
 }
 
-/// One comparison: the metrics of `fake` against one reference set.
+/// One comparison: the metrics of `fake` against one reference set, and the seconds each took.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Comparison {
     pub n_real: usize,
@@ -39,6 +39,15 @@ pub struct Comparison {
     pub fd: f64,
     pub kd: Kd,
     pub prdc: Prdc,
+    pub seconds: Timings,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Timings {
+    /// The reference's moments and the distance (the fake set's moments are computed once, before).
+    pub fd: f64,
+    pub kd: f64,
+    pub prdc: f64,
 }
 
 /// The row: every draw, and the mean and (population) std of each metric over them.
@@ -103,12 +112,23 @@ fn compare(
     fake_moments: &Moments,
     cfg: &FidelityConfig,
 ) -> Result<Comparison, EvalError> {
+    let clock = std::time::Instant::now();
+    let fd = frechet_distance(&Moments::of(real)?, fake_moments)?;
+    let fd_seconds = clock.elapsed().as_secs_f64();
+    let kd = kernel_distance(real, fake, &cfg.kd)?;
+    let kd_seconds = clock.elapsed().as_secs_f64() - fd_seconds;
+    let prdc = prdc(real, fake, cfg.k)?;
     Ok(Comparison {
         n_real: real.rows(),
         n_fake: fake.rows(),
-        fd: frechet_distance(&Moments::of(real)?, fake_moments)?,
-        kd: kernel_distance(real, fake, &cfg.kd)?,
-        prdc: prdc(real, fake, cfg.k)?,
+        fd,
+        kd,
+        prdc,
+        seconds: Timings {
+            fd: fd_seconds,
+            kd: kd_seconds,
+            prdc: clock.elapsed().as_secs_f64() - fd_seconds - kd_seconds,
+        },
     })
 }
 
