@@ -14,6 +14,32 @@ pub enum EvalCommand {
     /// FD, KD, precision, recall, density and coverage of generated features against real ones: JSON on stdout and
     /// (with --csv) one row per (model, reference, network) appended to a table.
     Fidelity(FidelityArgs),
+    /// Features of a store split's images through a feature network (a TorchScript module with its own
+    /// preprocessing): an [N, D] float32 .npy and the image ids beside it (OUT with .ids.txt).
+    Features(FeaturesArgs),
+}
+
+#[derive(Args)]
+pub struct FeaturesArgs {
+    /// The store (a path or URL).
+    #[arg(long)]
+    store: String,
+    /// train, val or test.
+    #[arg(long, default_value = "test")]
+    split: String,
+    /// The TorchScript module: [B, 3, S, S] in [0, 1] -> [B, D].
+    #[arg(long)]
+    net: PathBuf,
+    /// Its input side S (images are resized to it, bilinear, when they differ).
+    #[arg(long)]
+    input_size: i64,
+    #[arg(long, default_value_t = 32)]
+    batch: usize,
+    /// cpu, cuda or cuda:N (default: the GPU when there is one).
+    #[arg(long)]
+    device: Option<String>,
+    #[arg(long)]
+    out: PathBuf,
 }
 
 #[derive(Args)]
@@ -52,7 +78,62 @@ pub struct FidelityArgs {
 }
 
 pub fn run_eval(cmd: EvalCommand) -> anyhow::Result<u8> {
-    let EvalCommand::Fidelity(a) = cmd;
+    match cmd {
+        EvalCommand::Fidelity(a) => run_fidelity(a),
+        EvalCommand::Features(a) => run_features(a),
+    }
+}
+
+fn run_features(a: FeaturesArgs) -> anyhow::Result<u8> {
+    use radit_sharding::reader::StoreReader;
+    use radit_sharding::store::Storage;
+    use radit_trainer::features::{FeatureNet, TorchScriptNet};
+    use radit_trainer::tch::Tensor;
+    crate::exit::ensure_usage!(a.batch > 0, "--batch must be positive");
+    let split: radit_sharding::split::Split = a
+        .split
+        .parse()
+        .map_err(|e| crate::exit::usage!("--split: {e}"))?;
+    let device = crate::model_cli::device_or_gpu(a.device.as_deref())?;
+    let net = TorchScriptNet::load(&a.net, a.input_size, device)?;
+    let reader = StoreReader::open(Storage::open_existing(&a.store)?)?;
+    let side = i64::from(reader.layout().image_size);
+    let started = std::time::Instant::now();
+    let (mut values, mut ids, mut dim) = (Vec::<f32>::new(), Vec::<String>::new(), 0);
+    for k in 0..reader.shards(split) {
+        let shard = reader.read_shard(split, k)?;
+        let pixels = (side * side) as usize;
+        for start in (0..shard.rows).step_by(a.batch) {
+            let n = (shard.rows - start).min(a.batch);
+            let x: Vec<f32> = shard.images[start * pixels..(start + n) * pixels]
+                .iter()
+                .map(|&v| f32::from(v) / 65535.0)
+                .collect();
+            let x = Tensor::from_slice(&x).view([n as i64, 1, side, side]);
+            let f = net.features(&x)?;
+            dim = f.size()[1] as usize;
+            values.extend(Vec::<f32>::try_from(f.flatten(0, -1))?);
+        }
+        ids.extend(shard.image_ids);
+    }
+    crate::exit::ensure_usage!(!ids.is_empty(), "{}: the {split} split is empty", a.store);
+    radit_eval::io::write_npy(&a.out, &values, ids.len(), dim)
+        .with_context(|| format!("writing {}", a.out.display()))?;
+    let ids_path = a.out.with_extension("ids.txt");
+    std::fs::write(&ids_path, ids.join("\n") + "\n")
+        .with_context(|| format!("writing {}", ids_path.display()))?;
+    let seconds = started.elapsed().as_secs_f64();
+    println!(
+        "{}",
+        serde_json::json!({
+            "out": a.out, "ids": ids_path, "rows": ids.len(), "dim": dim, "network": net.id(),
+            "split": split.name(), "seconds": seconds, "images_per_second": ids.len() as f64 / seconds,
+        })
+    );
+    Ok(0)
+}
+
+fn run_fidelity(a: FidelityArgs) -> anyhow::Result<u8> {
     let subset_size = match a.kd_subset_size.as_str() {
         "min" => None,
         n => Some(n.parse::<usize>().map_err(|_| {

@@ -521,7 +521,7 @@ fn bench(a: ModelBenchArgs) -> anyhow::Result<u8> {
 }
 
 /// `--device` when given, else the GPU when there is one.
-fn device_or_gpu(flag: Option<&str>) -> anyhow::Result<Device> {
+pub fn device_or_gpu(flag: Option<&str>) -> anyhow::Result<Device> {
     let default = if tch::Cuda::is_available() {
         "cuda"
     } else {

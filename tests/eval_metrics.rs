@@ -332,3 +332,84 @@ np.save(f"{d}/five.npy", rng.normal(size=(5, 12)).astype(np.float32))
         "five.npy",
     );
 }
+
+#[test]
+fn radit_eval_features_match_the_module_in_pytorch_and_score_two_splits() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let store = tiny_store(d, 160, "40x48", 8, &[]);
+    let net = d.join("net.pt");
+    let twin = repo().join("tests/python/feature_twin.py");
+    run_ok(python().arg(&twin).arg("export").arg(&net));
+    let features = |split: &str| {
+        let out = d.join(format!("{split}.npy"));
+        let report = run_ok(
+            radit()
+                .args(["eval", "features", "--store"])
+                .arg(&store)
+                .args([
+                    "--split",
+                    split,
+                    "--input-size",
+                    "32",
+                    "--batch",
+                    "5",
+                    "--device",
+                    "cpu",
+                ])
+                .arg("--net")
+                .arg(&net)
+                .arg("--out")
+                .arg(&out),
+        );
+        let report: serde_json::Value = serde_json::from_str(stdout(&report).trim()).unwrap();
+        assert_eq!(report["dim"], 24, "{report}");
+        assert!(
+            report["network"]
+                .as_str()
+                .unwrap()
+                .starts_with("torchscript:")
+        );
+        out
+    };
+    for split in ["train", "test"] {
+        let out = features(split);
+        let check = run_ok(
+            python()
+                .arg(&twin)
+                .args(["check", store.to_str().unwrap(), split])
+                .arg(&net)
+                .arg(&out),
+        );
+        let c: serde_json::Value = serde_json::from_str(stdout(&check).trim()).unwrap();
+        assert_eq!(c["shape"], c["want_shape"], "{c}");
+        assert_eq!(c["ids_match"], true, "{c}");
+        let (diff, scale) = (
+            c["max_abs_diff"].as_f64().unwrap(),
+            c["scale"].as_f64().unwrap(),
+        );
+        assert!(diff <= 1e-5 * scale.max(1.0), "{c}");
+    }
+    // The two splits' features make a fidelity row (test as the reference, train standing in for samples).
+    let out = run_ok(
+        radit()
+            .args(["eval", "fidelity", "--kd-subset-size", "min", "--real"])
+            .arg(d.join("test.npy"))
+            .arg("--fake")
+            .arg(d.join("train.npy")),
+    );
+    let report: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+    assert!(report["mean"]["fd"].as_f64().unwrap().is_finite());
+    // A module that is not TorchScript is named.
+    std::fs::write(d.join("bad.pt"), b"not a module").unwrap();
+    fails_with_usage(
+        radit()
+            .args(["eval", "features", "--store"])
+            .arg(&store)
+            .args(["--input-size", "32", "--device", "cpu", "--net"])
+            .arg(d.join("bad.pt"))
+            .arg("--out")
+            .arg(d.join("x.npy")),
+        "bad.pt",
+    );
+}

@@ -48,6 +48,20 @@ pub fn read_npy(path: &Path) -> Result<Features, EvalError> {
     Features::new(&name, dim, values)
 }
 
+/// Writes `values` (`rows` x `dim`, row-major) as a float32 `.npy`, as numpy.save would.
+pub fn write_npy(path: &Path, values: &[f32], rows: usize, dim: usize) -> std::io::Result<()> {
+    use npyz::WriterBuilder as _;
+    assert_eq!(values.len(), rows * dim, "whole rows");
+    let file = std::io::BufWriter::new(std::fs::File::create(path)?);
+    let mut writer = npyz::WriteOptions::new()
+        .default_dtype()
+        .shape(&[rows as u64, dim as u64])
+        .writer(file)
+        .begin_nd()?;
+    writer.extend(values.iter().copied())?;
+    writer.finish()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -93,6 +107,9 @@ mod tests {
         let s = dir.join("s.npy");
         std::fs::write(&s, npy(&[1, 2], "<f4", false, &f32s)).unwrap();
         assert_eq!(read_npy(&s).unwrap().row(0), &[0.5, 1.5]);
+        let written = dir.join("w.npy");
+        write_npy(&written, &[1.0, 2.0, 3.0, 4.5, 5.0, 6.0], 2, 3).unwrap();
+        assert_eq!(read_npy(&written).unwrap().row(1), &[4.5, 5.0, 6.0]);
         let one_d = dir.join("v.npy");
         std::fs::write(&one_d, npy(&[2], "<f4", false, &f32s)).unwrap();
         let err = read_npy(&one_d).unwrap_err().to_string();

@@ -3,6 +3,7 @@
 //!
 //! - [`model`]: RadiT, its presets and costs, weights as safetensors with PyTorch names.
 //! - [`autoencoder`]: the FLUX.2 autoencoder whose encoder makes the latents of the latent presets.
+//! - [`features`]: feature networks for evaluation (a TorchScript module with its own preprocessing).
 //! - [`encode`]: the encode job's rank (`radit encode`): a store's images to `<split>/latents`, resumably.
 //! - [`flow`]: the rectified-flow objective and its per-sample noise and time draws.
 //! - [`sampler`]: Euler and torchdiffeq-exact dopri5, forward and reverse; counterfactual editing.
@@ -32,6 +33,7 @@ pub mod collective;
 pub mod encode;
 pub mod engine;
 pub mod faults;
+pub mod features;
 pub mod flow;
 pub mod generate;
 pub mod membership;

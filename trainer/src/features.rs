@@ -1,0 +1,91 @@
+//! Feature networks for evaluation: greyscale images in, one vector per image out, behind one trait. The first
+//! backend is a TorchScript module a user exported with its own preprocessing (evaluation.md C.5: traced at its
+//! fixed input size, e.g. Rad-DINO at 518 or Inception at 299); radit hands it the store's images as it documents
+//! in [`FeatureNet::features`].
+
+use std::path::Path;
+
+use sha2::{Digest, Sha256};
+use tch::{Device, Kind, Tensor};
+
+use crate::model::ModelError;
+
+/// Images to feature vectors.
+pub trait FeatureNet {
+    /// Features `[B, D]` (f32, on the CPU) of images `[B, 1, H, W]` in [0, 1].
+    fn features(&self, images: &Tensor) -> Result<Tensor, ModelError>;
+    /// What the features are of (the network file's hash and its input), for reports and cache keys.
+    fn id(&self) -> &str;
+}
+
+/// A TorchScript module taking `[B, 3, S, S]` in [0, 1] and returning `[B, D]`. radit resizes the images to S
+/// (bilinear, align_corners = false, no antialiasing) when they are not S already and repeats the grey channel;
+/// everything else (normalisation, the network's own resizing) is the module's.
+pub struct TorchScriptNet {
+    module: tch::CModule,
+    size: i64,
+    device: Device,
+    id: String,
+}
+
+impl TorchScriptNet {
+    pub fn load(path: &Path, size: i64, device: Device) -> Result<Self, ModelError> {
+        let bytes = std::fs::read(path).map_err(|source| ModelError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        if size <= 0 {
+            return Err(ModelError::BadInput {
+                input: "input size",
+                reason: format!("{size}: the module's input side must be positive"),
+            });
+        }
+        let mut module =
+            tch::CModule::load_on_device(path, device).map_err(|e| ModelError::BadWeights {
+                path: path.display().to_string(),
+                reason: format!("not a TorchScript module: {e}"),
+            })?;
+        module.set_eval();
+        let hash = hex::encode(Sha256::digest(&bytes));
+        Ok(Self {
+            module,
+            size,
+            device,
+            id: format!("torchscript:{}@{size}", &hash[..16]),
+        })
+    }
+}
+
+impl FeatureNet for TorchScriptNet {
+    fn features(&self, images: &Tensor) -> Result<Tensor, ModelError> {
+        let shape = images.size();
+        if shape.len() != 4 || shape[1] != 1 {
+            return Err(ModelError::BadInput {
+                input: "images",
+                reason: format!("shape {shape:?}; expected [batch, 1, H, W]"),
+            });
+        }
+        let out = tch::no_grad(|| -> Result<Tensor, ModelError> {
+            let mut x = images.to_device(self.device).to_kind(Kind::Float);
+            if shape[2] != self.size || shape[3] != self.size {
+                x = x.upsample_bilinear2d([self.size, self.size], false, None, None);
+            }
+            Ok(self.module.forward_ts(&[x.repeat([1, 3, 1, 1])])?)
+        })?;
+        let got = out.size();
+        if got.len() != 2 || got[0] != shape[0] {
+            return Err(ModelError::BadInput {
+                input: "feature network",
+                reason: format!(
+                    "returned shape {got:?} for {} images; a feature network returns [batch, D]",
+                    shape[0]
+                ),
+            });
+        }
+        Ok(out.to_kind(Kind::Float).to_device(Device::Cpu))
+    }
+
+    fn id(&self) -> &str {
+        &self.id
+    }
+}
