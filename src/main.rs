@@ -630,16 +630,13 @@ fn write_quickstart_job(path: &Path, spec: &radit_run::job::JobSpec) -> anyhow::
 
 /// Steps 4-6 of `radit quickstart --latent`: autoencoder weights, the encode job, the latent training job.
 fn quickstart_latent(a: &QuickstartArgs, dir: &Path, store: &Path) -> anyhow::Result<u8> {
-    use radit_trainer::autoencoder::{self, AeConfig, Autoencoder};
+    use radit_trainer::autoencoder::{self, AeConfig};
     let weights = dir.join("tiny-ae.safetensors");
     println!(
         "4/6 random weights of the tiny autoencoder (FLUX.2's topology) in {}",
         weights.display()
     );
-    radit_trainer::tch::manual_seed(0);
-    let vs = radit_trainer::tch::nn::VarStore::new(radit_trainer::tch::Device::Cpu);
-    let _ae = Autoencoder::new(&vs.root(), &AeConfig::tiny())?;
-    autoencoder::save(&vs, &AeConfig::tiny(), &weights)?;
+    autoencoder::write_random(&AeConfig::tiny(), 0, &weights)?;
     let (encode, train) =
         radit_run::job::quickstart_latent(dir, a.image_size, a.steps, a.ranks, &weights)?;
     let (encode_job, train_job) = (dir.join("encode-job.toml"), dir.join("latent-job.toml"));

@@ -7,7 +7,7 @@ use anyhow::Context;
 use clap::{Args, Subcommand, ValueEnum};
 use radit_trainer::autoencoder::{self, AeConfig, Autoencoder, DecoderConfig, LatentDecoder};
 use radit_trainer::generate::{
-    Conditions, Sampler, contact_sheet, write_decoded, write_png16, write_samples,
+    Conditions, Sampler, contact_sheet, read_latents, write_decoded, write_png16, write_samples,
 };
 use radit_trainer::model::{Precision, RadiT, RadiTConfig, save_weights};
 use radit_trainer::sampler::Solver;
@@ -89,11 +89,8 @@ pub struct DecodeArgs {
 /// `radit decode`: a latent model's samples through the autoencoder's decoder into 16-bit PNGs and a contact sheet.
 pub fn run_decode(a: DecodeArgs) -> anyhow::Result<u8> {
     let device = device_or_gpu(a.device.as_deref())?;
-    let latents = Tensor::read_safetensors(&a.latents)
-        .with_context(|| format!("reading {}", a.latents.display()))?
-        .into_iter()
-        .find_map(|(name, t)| (name == "latents").then_some(t))
-        .ok_or_else(|| crate::exit::usage!("{}: no tensor `latents`", a.latents.display()))?;
+    let latents =
+        read_latents(&a.latents).with_context(|| format!("reading {}", a.latents.display()))?;
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     let (files, sheet) = decode_to(&latents, &a.decoder, &a.how, device, &a.out)?;
     println!(
@@ -195,10 +192,7 @@ fn vae_bench(a: VaeBenchArgs) -> anyhow::Result<u8> {
 
 fn vae_init(a: InitArgs) -> anyhow::Result<u8> {
     let cfg = AeConfig::preset(&a.preset)?;
-    tch::manual_seed(a.seed);
-    let vs = VarStore::new(Device::Cpu);
-    let _ae = Autoencoder::new(&vs.root(), &cfg)?;
-    autoencoder::save(&vs, &cfg, &a.out)?;
+    autoencoder::write_random(&cfg, a.seed, &a.out)?;
     let (e, d, q) = cfg.parameter_counts();
     println!(
         "wrote {} (random {} autoencoder, {} parameters)",
@@ -599,10 +593,7 @@ pub fn run_sample(a: SampleArgs) -> anyhow::Result<u8> {
         let nfe: usize = written.solves.iter().map(|s| s.nfe).sum();
         let mut files = written.files.clone();
         if let Some(decoder) = &a.decoder {
-            let latents = Tensor::read_safetensors(&written.files[0])?
-                .into_iter()
-                .find_map(|(name, t)| (name == "latents").then_some(t))
-                .context("the samples' latents")?;
+            let latents = read_latents(&written.files[0]).context("the samples' latents")?;
             let (decoded, _) = decode_to(&latents, decoder, &a.decoding, device, &a.out)?;
             files.extend(decoded);
         }

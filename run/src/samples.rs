@@ -5,7 +5,9 @@ use std::path::PathBuf;
 
 use radit_trainer::autoencoder::LatentDecoder;
 use radit_trainer::checkpoint::{self, CheckpointError};
-use radit_trainer::generate::{Conditions, Sampler, WrittenSamples, write_decoded, write_samples};
+use radit_trainer::generate::{
+    Conditions, Sampler, WrittenSamples, read_latents, write_decoded, write_samples,
+};
 use radit_trainer::model::{ModelError, Precision, save_named_weights};
 use radit_trainer::sampler::Solver;
 use radit_trainer::tch::Device;
@@ -68,14 +70,7 @@ pub fn draw_final_samples(job: &Job) -> Result<Option<FinalSamples>, SamplesErro
     )?;
     // A latent model's samples become images through the decoder, as `radit sample --decoder` makes them.
     if let Some(d) = &s.decoder {
-        let latents = radit_trainer::tch::Tensor::read_safetensors(&written.files[0])
-            .map_err(ModelError::from)?
-            .into_iter()
-            .find_map(|(name, t)| (name == "latents").then_some(t))
-            .ok_or_else(|| ModelError::BadInput {
-                input: "samples",
-                reason: format!("{} holds no `latents`", written.files[0].display()),
-            })?;
+        let latents = read_latents(&written.files[0])?;
         let stats = radit_trainer::autoencoder::store_statistics(&train.data.url)?;
         let decoder = LatentDecoder::load(d, Some(stats), device)?;
         let (files, sheet) = write_decoded(&decoder, &latents, &dir)?;

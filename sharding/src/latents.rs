@@ -179,28 +179,18 @@ impl LatentWriter {
         &self.storage
     }
 
-    /// Rows of `split`.
-    pub fn rows(&self, split: Split) -> u64 {
-        self.manifest
-            .counts
-            .splits
-            .get(&split)
-            .map_or(0, |s| s.images)
-    }
-
     /// Every shard of the store, train then val then test: the work list that ranks divide.
     pub fn shards(&self) -> Vec<(Split, u64)> {
-        let s = u64::from(self.layout().shard_images);
         Split::ALL
             .iter()
-            .flat_map(|&split| (0..self.rows(split).div_ceil(s)).map(move |k| (split, k)))
+            .flat_map(|&split| (0..self.manifest.shards(split)).map(move |k| (split, k)))
             .collect()
     }
 
     /// Rows in shard `index` of `split`.
     pub fn shard_rows(&self, split: Split, index: u64) -> u64 {
         let s = u64::from(self.layout().shard_images);
-        self.rows(split).saturating_sub(index * s).min(s)
+        self.manifest.images(split).saturating_sub(index * s).min(s)
     }
 
     /// Where the store stands, after dealing with latents of another encoder: refused unless `overwrite`, in
@@ -290,25 +280,14 @@ impl LatentWriter {
         latents_array(
             self.layout(),
             split,
-            self.rows(split),
+            self.manifest.images(split),
             self.sample_shape,
             None,
         )
     }
 
-    /// Writes shard `index` of `split` (`values` `[rows, C, H, W]`), then its journal record: the commit.
-    pub fn write_shard(
-        &self,
-        split: Split,
-        index: u64,
-        values: &[half::f16],
-    ) -> Result<EncodeRecord, ShardError> {
-        let record = self.write_object(split, index, values)?;
-        self.commit(&record)?;
-        Ok(record)
-    }
-
-    /// The first half of [`LatentWriter::write_shard`]: the shard's object, and the record that would commit it.
+    /// Writes shard `index` of `split` (`values` `[rows, C, H, W]`) and returns the record that commits it
+    /// ([`LatentWriter::commit`]); until then the shard counts as not written.
     pub fn write_object(
         &self,
         split: Split,
@@ -349,7 +328,7 @@ impl LatentWriter {
         Ok(record)
     }
 
-    /// The second half: the journal record, which commits the shard written by [`LatentWriter::write_object`].
+    /// The journal record, which commits the shard written by [`LatentWriter::write_object`].
     pub fn commit(&self, record: &EncodeRecord) -> Result<(), ShardError> {
         let json = serde_json::to_vec(record).expect("journal records serialise");
         self.storage.put(
@@ -410,7 +389,7 @@ impl LatentWriter {
             let array = latents_array(
                 self.layout(),
                 split,
-                self.rows(split),
+                self.manifest.images(split),
                 self.sample_shape,
                 Some((&mean, &std)),
             )?;

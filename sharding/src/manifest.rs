@@ -160,6 +160,17 @@ impl Manifest {
         })
     }
 
+    /// Images in `split`.
+    pub fn images(&self, split: Split) -> u64 {
+        self.counts.splits.get(&split).map_or(0, |s| s.images)
+    }
+
+    /// Shards of `split`: `shard_images` rows each, the last one possibly shorter.
+    pub fn shards(&self, split: Split) -> u64 {
+        self.images(split)
+            .div_ceil(u64::from(self.settings.layout.shard_images))
+    }
+
     /// A short human summary.
     pub fn summary(&self) -> String {
         let c = &self.counts;
@@ -290,7 +301,7 @@ pub fn verify(storage: &Storage) -> Result<VerifyReport, ShardError> {
         }
     }
     for split in Split::ALL {
-        let expected = c.splits.get(&split).map_or(0, |s| s.images);
+        let expected = manifest.images(split);
         let latents = manifest
             .latents
             .as_ref()

@@ -88,11 +88,7 @@ impl StoreReader {
 
     /// Images in `split`.
     pub fn len(&self, split: Split) -> u64 {
-        self.manifest
-            .counts
-            .splits
-            .get(&split)
-            .map_or(0, |s| s.images)
+        self.manifest.images(split)
     }
 
     pub fn is_empty(&self, split: Split) -> bool {
@@ -117,8 +113,7 @@ impl StoreReader {
     }
 
     pub fn shards(&self, split: Split) -> u64 {
-        self.len(split)
-            .div_ceil(u64::from(self.layout().shard_images))
+        self.manifest.shards(split)
     }
 
     fn read_array<T: ElementOwned>(

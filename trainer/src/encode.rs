@@ -287,7 +287,7 @@ pub fn encode_images(
             // The centre of each 16-bit level in [-1, 1], as the samplers' inverse mapping assumes.
             let x: Vec<f32> = images[start * pixels..(start + n) * pixels]
                 .iter()
-                .map(|&v| 2.0 * (f32::from(v) + 0.5) / 65536.0 - 1.0)
+                .map(|&v| crate::generate::from_level(v))
                 .collect();
             let x = Tensor::from_slice(&x)
                 .view([n as i64, 1, side, side])

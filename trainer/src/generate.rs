@@ -244,11 +244,7 @@ impl Sampler {
                         reason: format!("{}: {e}", p.display()),
                     }
                 })?;
-            all.extend(
-                pixels
-                    .iter()
-                    .map(|&n| (2.0 * (f32::from(n) + 0.5)) / 65536.0 - 1.0),
-            );
+            all.extend(pixels.iter().map(|&n| from_level(n)));
         }
         Ok(Tensor::from_slice(&all).view([paths.len() as i64, 1, c.input_size, c.input_size]))
     }
@@ -275,6 +271,22 @@ impl Sampler {
         )?;
         Ok((e.image.to_device(Device::Cpu), e.abduction, e.prediction))
     }
+}
+
+/// A 16-bit level to the centre of its bin in [-1, 1]: x = 2 (n + 0.5) / 65536 - 1 (the inverse of [`to_u16`]).
+pub fn from_level(n: u16) -> f32 {
+    (2.0 * (f32::from(n) + 0.5)) / 65536.0 - 1.0
+}
+
+/// A latent model's samples as `radit sample` writes them: the tensor `latents` of `latents.safetensors`.
+pub fn read_latents(path: &Path) -> Result<Tensor, ModelError> {
+    Tensor::read_safetensors(path)?
+        .into_iter()
+        .find_map(|(name, t)| (name == "latents").then_some(t))
+        .ok_or_else(|| ModelError::BadInput {
+            input: "latents",
+            reason: format!("{} holds no tensor `latents`", path.display()),
+        })
 }
 
 /// Model output in [-1, 1] to 16-bit levels: n = clamp(round((x + 1) / 2 * 65536 - 0.5), 0, 65535).
@@ -486,10 +498,7 @@ mod tests {
     #[test]
     fn levels_round_trip_through_the_dequantisation_bin_centres() {
         let levels = [0u16, 1, 2, 32767, 65534, 65535];
-        let x: Vec<f32> = levels
-            .iter()
-            .map(|&n| (2.0 * (f32::from(n) + 0.5)) / 65536.0 - 1.0)
-            .collect();
+        let x: Vec<f32> = levels.iter().map(|&n| from_level(n)).collect();
         assert_eq!(to_u16(&Tensor::from_slice(&x)).unwrap(), levels);
         assert_eq!(
             to_u16(&Tensor::from_slice(&[-3.0f32, 3.0])).unwrap(),

@@ -662,6 +662,15 @@ pub fn save(vs: &nn::VarStore, config: &AeConfig, path: &Path) -> Result<(), Mod
     crate::model::write_safetensors(&named, &[("radit.autoencoder", &json)], path)
 }
 
+/// Writes freshly initialised weights of `config` (seeded) to `path`: a stand-in for a released file, to try the
+/// encode and decode paths end to end.
+pub fn write_random(config: &AeConfig, seed: i64, path: &Path) -> Result<(), ModelError> {
+    tch::manual_seed(seed);
+    let vs = nn::VarStore::new(tch::Device::Cpu);
+    let _ae = Autoencoder::new(&vs.root(), config)?;
+    save(&vs, config, path)
+}
+
 /// Loads an autoencoder's weights from `path` (the original or the diffusers naming) into `vs`, strictly.
 pub fn load(vs: &nn::VarStore, config: &AeConfig, path: &Path) -> Result<(), ModelError> {
     let file = crate::model::read_weights(path)?;
