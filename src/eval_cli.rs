@@ -14,8 +14,9 @@ pub enum EvalCommand {
     /// FD, KD, precision, recall, density and coverage of generated features against real ones: JSON on stdout and
     /// (with --csv) one row per (model, reference, network) appended to a table.
     Fidelity(FidelityArgs),
-    /// Features of a store split's images through a feature network (a TorchScript module with its own
-    /// preprocessing): an [N, D] float32 .npy and the image ids beside it (OUT with .ids.txt).
+    /// Features of a store split's images through a feature network (a DINOv2-family snapshot such as Rad-DINO, or
+    /// a TorchScript module with its own preprocessing): an [N, D] float32 .npy and the image ids beside it (OUT
+    /// with .ids.txt).
     Features(FeaturesArgs),
 }
 
@@ -27,12 +28,18 @@ pub struct FeaturesArgs {
     /// train, val or test.
     #[arg(long, default_value = "test")]
     split: String,
-    /// The TorchScript module: [B, 3, S, S] in [0, 1] -> [B, D].
+    /// The network: a directory is a Hugging Face snapshot of a DINOv2 model (config.json, model.safetensors,
+    /// preprocessor_config.json; Rad-DINO is one), whose CLS token after the final LayerNorm is the feature; a
+    /// file is a TorchScript module, [B, 3, S, S] in [0, 1] -> [B, D].
     #[arg(long)]
     net: PathBuf,
-    /// Its input side S (images are resized to it, bilinear, when they differ).
+    /// A TorchScript module's input side S (images are resized to it, bilinear, when they differ).
     #[arg(long)]
-    input_size: i64,
+    input_size: Option<i64>,
+    /// A DINOv2 snapshot's preprocessing: `processor` (its image processor, exactly) or `chexgenbench`
+    /// (CheXGenBench's 299 x 299 8-bit step before it).
+    #[arg(long, default_value = "processor")]
+    preprocessing: String,
     #[arg(long, default_value_t = 32)]
     batch: usize,
     /// cpu, cuda or cuda:N (default: the GPU when there is one).
@@ -87,7 +94,7 @@ pub fn run_eval(cmd: EvalCommand) -> anyhow::Result<u8> {
 fn run_features(a: FeaturesArgs) -> anyhow::Result<u8> {
     use radit_sharding::reader::StoreReader;
     use radit_sharding::store::Storage;
-    use radit_trainer::features::{FeatureNet, TorchScriptNet};
+    use radit_trainer::features::{Dinov2Net, FeatureNet, TorchScriptNet};
     use radit_trainer::tch::Tensor;
     crate::exit::ensure_usage!(a.batch > 0, "--batch must be positive");
     let split: radit_sharding::split::Split = a
@@ -95,7 +102,17 @@ fn run_features(a: FeaturesArgs) -> anyhow::Result<u8> {
         .parse()
         .map_err(|e| crate::exit::usage!("--split: {e}"))?;
     let device = crate::model_cli::device_or_gpu(a.device.as_deref())?;
-    let net = TorchScriptNet::load(&a.net, a.input_size, device)?;
+    let net: Box<dyn FeatureNet> = if a.net.is_dir() {
+        Box::new(Dinov2Net::load(&a.net, &a.preprocessing, device)?)
+    } else {
+        let size = a.input_size.ok_or_else(|| {
+            crate::exit::usage!(
+                "--input-size: {} is a TorchScript module; give its input side",
+                a.net.display()
+            )
+        })?;
+        Box::new(TorchScriptNet::load(&a.net, size, device)?)
+    };
     let reader = StoreReader::open(Storage::open_existing(&a.store)?)?;
     let side = i64::from(reader.layout().image_size);
     let started = std::time::Instant::now();

@@ -413,3 +413,77 @@ fn radit_eval_features_match_the_module_in_pytorch_and_score_two_splits() {
         "bad.pt",
     );
 }
+
+#[test]
+fn dinov2_features_match_transformers_with_its_processor_and_chexgenbench_chain() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let store = tiny_store(d, 24, "40x48", 8, &[]);
+    let twin = repo().join("tests/python/dinov2_twin.py");
+    // The hub's naming at its own grid, and transformers 5's naming with positions interpolated (56 -> 84).
+    for (name, image_size, naming) in [("release", "84", "release"), ("v5", "56", "v5")] {
+        let snapshot = d.join(name);
+        run_ok(
+            python()
+                .arg(&twin)
+                .arg("make")
+                .arg(&snapshot)
+                .args([image_size, naming, "7"]),
+        );
+        for chain in ["processor", "chexgenbench"] {
+            let out = d.join(format!("{name}-{chain}.npy"));
+            let report = run_ok(
+                radit()
+                    .args(["eval", "features", "--store"])
+                    .arg(&store)
+                    .args(["--split", "train", "--batch", "5", "--device", "cpu"])
+                    .args(["--preprocessing", chain, "--net"])
+                    .arg(&snapshot)
+                    .arg("--out")
+                    .arg(&out),
+            );
+            let report: serde_json::Value = serde_json::from_str(stdout(&report).trim()).unwrap();
+            assert_eq!(report["dim"], 32, "{report}");
+            let id = report["network"].as_str().unwrap();
+            assert!(id.starts_with("dinov2:") && id.contains(chain), "{id}");
+            let check = run_ok(
+                python()
+                    .arg(&twin)
+                    .args(["check", store.to_str().unwrap(), "train"])
+                    .arg(&snapshot)
+                    .arg(chain)
+                    .arg(&out),
+            );
+            let c: serde_json::Value = serde_json::from_str(stdout(&check).trim()).unwrap();
+            assert_eq!(c["shape"], c["want_shape"], "{name} {chain}: {c}");
+            let (diff, scale) = (
+                c["max_abs_diff"].as_f64().unwrap(),
+                c["scale"].as_f64().unwrap(),
+            );
+            assert!(diff <= 1e-5 * scale.max(1.0), "{name} {chain}: {c}");
+        }
+    }
+    // A snapshot whose weights do not fit its config is refused, naming the file, as is an unknown chain.
+    let broken = d.join("broken");
+    std::fs::create_dir(&broken).unwrap();
+    for f in ["config.json", "preprocessor_config.json"] {
+        std::fs::copy(d.join("release").join(f), broken.join(f)).unwrap();
+    }
+    std::fs::copy(
+        d.join("v5").join("model.safetensors"),
+        broken.join("model.safetensors"),
+    )
+    .unwrap();
+    let features = |net: &Path, chain: &str| {
+        let mut cmd = radit();
+        cmd.args(["eval", "features", "--store"])
+            .arg(&store)
+            .args(["--device", "cpu", "--preprocessing", chain, "--net"])
+            .arg(net)
+            .arg("--out")
+            .arg(d.join("x.npy"));
+        cmd
+    };
+    fails_with_usage(&mut features(&broken, "processor"), "model.safetensors");
+    fails_with_usage(&mut features(&d.join("release"), "pil"), "pil");
+}

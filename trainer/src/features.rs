@@ -1,7 +1,14 @@
-//! Feature networks for evaluation: greyscale images in, one vector per image out, behind one trait. The first
-//! backend is a TorchScript module a user exported with its own preprocessing (evaluation.md C.5: traced at its
-//! fixed input size, e.g. Rad-DINO at 518 or Inception at 299); radit hands it the store's images as it documents
-//! in [`FeatureNet::features`].
+//! Feature networks for evaluation: greyscale images in, one vector per image out, behind one trait. Two
+//! backends: a native DINOv2-family ViT loading a Hugging Face snapshot (Rad-DINO) with its processor's exact
+//! preprocessing ([`Dinov2Net`]), and a TorchScript module a user exported with its own preprocessing
+//! (evaluation.md C.5: traced at its fixed input size, e.g. Inception at 299), which radit hands the images as
+//! [`TorchScriptNet`] documents.
+
+mod dinov2;
+mod preprocess;
+
+pub use dinov2::{Dinov2, Dinov2Config, Dinov2Net};
+pub use preprocess::{Preprocessing, ProcessorConfig};
 
 use std::path::Path;
 

@@ -1,0 +1,101 @@
+"""The native DINOv2 feature network's twin, for tests/eval_metrics.rs: transformers' own Dinov2Model and image
+processor, never radit's code.
+
+    make DIR IMAGE_SIZE NAMING SEED
+                         a tiny random Dinov2Model (2 layers, hidden 32) saved as a Hugging Face snapshot: config.json,
+                         model.safetensors (NAMING `release`: the hub's names, `attention.attention.query`; `v5`:
+                         transformers 5's `attention.q_proj`) and a BitImageProcessor's preprocessor_config.json
+                         (shortest edge 98, centre crop 84, bicubic, a mean and std of its own). Every parameter is
+                         random, LayerScale and LayerNorm included, so a misplaced one shows.
+    check STORE SPLIT DIR CHAIN FEATURES
+                         reads the split with zarr-python, makes 8-bit levels round(v / 257), prepares them with the
+                         snapshot's processor (CHAIN `processor`), or with CheXGenBench's chain before it (`chexgenbench`:
+                         PIL RGB, torchvision Resize((299, 299)), ToTensor, x 255, uint8), runs the model and prints
+                         the largest difference of its pooler_output from the features radit wrote (JSON)
+    time DIR N BATCH     images/s of the model on N random 518 x 518 inputs (the benchmark's PyTorch side)
+"""
+
+import json
+import sys
+
+import numpy as np
+import torch
+
+
+def make(out, image_size, naming, seed):
+    from safetensors.torch import save_file
+    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
+
+    torch.manual_seed(int(seed))
+    config = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                          mlp_ratio=4, patch_size=14, image_size=int(image_size), layer_norm_eps=1e-6)
+    model = Dinov2Model(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            # scales (LayerNorm weights, LayerScale) around 1, everything else around 0
+            centre = 1.0 if name.endswith(("norm1.weight", "norm2.weight", "layernorm.weight", "lambda1")) else 0.0
+            p.copy_(centre + 0.3 * torch.randn_like(p))
+    config.save_pretrained(out)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if naming == "release":
+        renames = [(".attention.q_proj.", ".attention.attention.query."),
+                   (".attention.k_proj.", ".attention.attention.key."),
+                   (".attention.v_proj.", ".attention.attention.value."),
+                   (".attention.o_proj.", ".attention.output.dense.")]
+        for old, new in renames:
+            state = {k.replace(old, new): v for k, v in state.items()}
+    save_file(state, f"{out}/model.safetensors", metadata={"format": "pt"})
+    BitImageProcessor(size={"shortest_edge": 98}, crop_size={"height": 84, "width": 84},
+                      image_mean=[0.531, 0.529, 0.532], image_std=[0.258, 0.261, 0.255]).save_pretrained(out)
+
+
+def prepared(levels, snapshot, chain):
+    from PIL import Image
+    from transformers import AutoImageProcessor
+
+    processor = AutoImageProcessor.from_pretrained(snapshot)
+    if chain == "processor":
+        images = [torch.from_numpy(np.repeat(u[None], 3, axis=0)) for u in levels]
+    else:
+        import torchvision.transforms as T
+
+        chain = T.Compose([T.Resize((299, 299)), T.ToTensor()])
+        images = [(chain(Image.fromarray(u).convert("RGB")) * 255).to(torch.uint8) for u in levels]
+    return processor(images=images, return_tensors="pt")["pixel_values"]
+
+
+def check(store, split, snapshot, chain, features):
+    import zarr
+    from transformers import Dinov2Model
+
+    root = zarr.open_group(store, mode="r")
+    levels = np.round(root[f"{split}/images"][:].astype(np.float64) / 257.0).astype(np.uint8)
+    model = Dinov2Model.from_pretrained(snapshot).eval()
+    with torch.no_grad():
+        want = model(pixel_values=prepared(levels, snapshot, chain)).pooler_output.numpy()
+    got = np.load(features)
+    print(json.dumps({
+        "shape": list(got.shape), "want_shape": list(want.shape),
+        "max_abs_diff": float(np.abs(got - want).max()), "scale": float(np.abs(want).max()),
+    }))
+
+
+def time_model(snapshot, n, batch):
+    import time
+
+    from transformers import Dinov2Model
+
+    torch.set_num_threads(torch.get_num_threads())
+    model = Dinov2Model.from_pretrained(snapshot).eval()
+    x = torch.randn(int(batch), 3, 518, 518)
+    with torch.no_grad():
+        model(pixel_values=x[:1])
+        start = time.perf_counter()
+        for _ in range(int(n) // int(batch)):
+            model(pixel_values=x)
+        seconds = time.perf_counter() - start
+    print(json.dumps({"images_per_second": (int(n) // int(batch)) * int(batch) / seconds}))
+
+
+if __name__ == "__main__":
+    {"make": make, "check": check, "time": time_model}[sys.argv[1]](*sys.argv[2:])

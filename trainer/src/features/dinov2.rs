@@ -1,0 +1,327 @@
+//! A DINOv2-family vision transformer (Rad-DINO is one: ViT-B/14 at 518) in tch, loading a Hugging Face snapshot
+//! directory (`config.json`, `model.safetensors`, `preprocessor_config.json`) by parameter name. Pre-LN blocks
+//! (eps from the config), q/k/v with bias, LayerScale, exact-erf GELU MLP, final LayerNorm; the feature is the CLS
+//! token after it (transformers' `pooler_output`). It is differentiable, so later work can use it as a perceptual
+//! network. Both namings of the weights load: the released one (`attention.attention.query`,
+//! `attention.output.dense`) and transformers 5's (`attention.q_proj`, `attention.o_proj`).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+use tch::{Device, Kind, Tensor, nn};
+
+use super::FeatureNet;
+use super::preprocess::{Preprocessing, ProcessorConfig};
+use crate::model::ModelError;
+
+/// The fields of a transformers `Dinov2Config` the forward pass needs; the rest of `config.json` is ignored.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct Dinov2Config {
+    pub hidden_size: i64,
+    pub num_hidden_layers: i64,
+    pub num_attention_heads: i64,
+    #[serde(default = "default_mlp_ratio")]
+    pub mlp_ratio: f64,
+    pub patch_size: i64,
+    pub image_size: i64,
+    #[serde(default = "default_channels")]
+    pub num_channels: i64,
+    #[serde(default = "default_eps")]
+    pub layer_norm_eps: f64,
+    #[serde(default = "default_act")]
+    pub hidden_act: String,
+    #[serde(default = "default_true")]
+    pub qkv_bias: bool,
+    #[serde(default)]
+    pub use_swiglu_ffn: bool,
+}
+
+fn default_mlp_ratio() -> f64 {
+    4.0
+}
+fn default_channels() -> i64 {
+    3
+}
+fn default_eps() -> f64 {
+    1e-6
+}
+fn default_act() -> String {
+    "gelu".into()
+}
+fn default_true() -> bool {
+    true
+}
+
+impl Dinov2Config {
+    fn check(&self, path: &Path) -> Result<(), ModelError> {
+        let bad = |reason: String| ModelError::BadWeights {
+            path: path.display().to_string(),
+            reason,
+        };
+        if self.use_swiglu_ffn {
+            return Err(bad("use_swiglu_ffn = true (the giant DINOv2): only the GELU MLP of the ViT-S/B/L family is supported".into()));
+        }
+        if self.hidden_act != "gelu" {
+            return Err(bad(format!(
+                "hidden_act `{}`: only `gelu` (exact) is supported",
+                self.hidden_act
+            )));
+        }
+        if self.num_channels != 3 {
+            return Err(bad(format!(
+                "num_channels {}: radit feeds 3 channels (grey repeated)",
+                self.num_channels
+            )));
+        }
+        let positive = [
+            self.hidden_size,
+            self.num_hidden_layers,
+            self.num_attention_heads,
+            self.patch_size,
+            self.image_size,
+        ];
+        if positive.iter().any(|&v| v <= 0) || self.hidden_size % self.num_attention_heads != 0 {
+            return Err(bad(format!(
+                "sizes {positive:?} must be positive with hidden_size divisible by num_attention_heads"
+            )));
+        }
+        Ok(())
+    }
+
+    fn mlp_width(&self) -> i64 {
+        (self.hidden_size as f64 * self.mlp_ratio) as i64
+    }
+
+    fn grid(&self) -> i64 {
+        self.image_size / self.patch_size
+    }
+}
+
+struct Layer {
+    norm1: nn::LayerNorm,
+    query: nn::Linear,
+    key: nn::Linear,
+    value: nn::Linear,
+    output: nn::Linear,
+    scale1: Tensor,
+    norm2: nn::LayerNorm,
+    fc1: nn::Linear,
+    fc2: nn::Linear,
+    scale2: Tensor,
+}
+
+/// The network on a `VarStore` path, with the released parameter names.
+pub struct Dinov2 {
+    config: Dinov2Config,
+    cls_token: Tensor,
+    position_embeddings: Tensor,
+    patch: nn::Conv2D,
+    layers: Vec<Layer>,
+    layernorm: nn::LayerNorm,
+}
+
+impl Dinov2 {
+    pub fn new(p: &nn::Path, config: &Dinov2Config) -> Self {
+        let d = config.hidden_size;
+        let ln = nn::LayerNormConfig {
+            eps: config.layer_norm_eps,
+            ..Default::default()
+        };
+        let e = p / "embeddings";
+        let positions = config.grid() * config.grid() + 1;
+        let linear = |q: nn::Path, i: i64, o: i64, bias: bool| {
+            nn::linear(
+                q,
+                i,
+                o,
+                nn::LinearConfig {
+                    bias,
+                    ..Default::default()
+                },
+            )
+        };
+        let layers = (0..config.num_hidden_layers)
+            .map(|i| {
+                let l = p / "encoder" / "layer" / i;
+                let a = &l / "attention";
+                Layer {
+                    norm1: nn::layer_norm(&l / "norm1", vec![d], ln),
+                    query: linear(&a / "attention" / "query", d, d, config.qkv_bias),
+                    key: linear(&a / "attention" / "key", d, d, config.qkv_bias),
+                    value: linear(&a / "attention" / "value", d, d, config.qkv_bias),
+                    output: linear(&a / "output" / "dense", d, d, true),
+                    scale1: (&l / "layer_scale1").ones("lambda1", &[d]),
+                    norm2: nn::layer_norm(&l / "norm2", vec![d], ln),
+                    fc1: linear(&l / "mlp" / "fc1", d, config.mlp_width(), true),
+                    fc2: linear(&l / "mlp" / "fc2", config.mlp_width(), d, true),
+                    scale2: (&l / "layer_scale2").ones("lambda1", &[d]),
+                }
+            })
+            .collect();
+        Self {
+            config: config.clone(),
+            cls_token: e.zeros("cls_token", &[1, 1, d]),
+            position_embeddings: e.randn_standard("position_embeddings", &[1, positions, d]),
+            patch: nn::conv2d(
+                &e / "patch_embeddings" / "projection",
+                config.num_channels,
+                d,
+                config.patch_size,
+                nn::ConvConfig {
+                    stride: config.patch_size,
+                    ..Default::default()
+                },
+            ),
+            layers,
+            layernorm: nn::layer_norm(p / "layernorm", vec![d], ln),
+        }
+    }
+
+    /// The position table for an `h` x `w` patch grid: the learned one at its own square grid, otherwise its patch
+    /// part resized bicubically (align_corners = false, in fp32) as transformers does.
+    fn positions(&self, h: i64, w: i64) -> Tensor {
+        let table = &self.position_embeddings;
+        let own = table.size()[1] - 1;
+        if h * w == own && h == w {
+            return table.shallow_clone();
+        }
+        let g = self.config.grid();
+        let d = self.config.hidden_size;
+        let patches = table
+            .narrow(1, 1, own)
+            .reshape([1, g, g, d])
+            .permute([0, 3, 1, 2])
+            .upsample_bicubic2d([h, w], false, None, None)
+            .permute([0, 2, 3, 1])
+            .reshape([1, h * w, d]);
+        Tensor::cat(&[table.narrow(1, 0, 1), patches], 1)
+    }
+
+    /// Every token after the final LayerNorm, `[B, 1 + (H/p)(W/p), D]`, of normalised pixels `[B, 3, H, W]`.
+    pub fn forward(&self, pixels: &Tensor) -> Tensor {
+        let (b, h, w) = (pixels.size()[0], pixels.size()[2], pixels.size()[3]);
+        let p = self.config.patch_size;
+        let x = pixels.apply(&self.patch).flatten(2, 3).transpose(1, 2);
+        let x = Tensor::cat(&[self.cls_token.expand([b, 1, -1], false), x], 1);
+        let mut x = x + self.positions(h / p, w / p);
+        let heads = self.config.num_attention_heads;
+        let split = |t: Tensor| {
+            let n = t.size()[1];
+            t.view([b, n, heads, -1]).transpose(1, 2)
+        };
+        for layer in &self.layers {
+            let y = x.apply(&layer.norm1);
+            let n = y.size()[1];
+            let attended = Tensor::scaled_dot_product_attention::<Tensor>(
+                &split(y.apply(&layer.query)),
+                &split(y.apply(&layer.key)),
+                &split(y.apply(&layer.value)),
+                None,
+                0.0,
+                false,
+                None,
+                false,
+            )
+            .transpose(1, 2)
+            .reshape([b, n, -1]);
+            // Out of place: the differentiable use keeps `x` for LayerNorm's backward.
+            x = &x + attended.apply(&layer.output) * &layer.scale1;
+            let y = x
+                .apply(&layer.norm2)
+                .apply(&layer.fc1)
+                .gelu("none")
+                .apply(&layer.fc2);
+            x = &x + y * &layer.scale2;
+        }
+        x.apply(&self.layernorm)
+    }
+}
+
+/// A released or transformers-5 name in the released naming; `mask_token` (a pretraining-only parameter) is
+/// dropped.
+fn released_names(tensors: BTreeMap<String, Tensor>) -> BTreeMap<String, Tensor> {
+    tensors
+        .into_iter()
+        .filter(|(name, _)| name != "embeddings.mask_token")
+        .map(|(name, t)| {
+            // Files saved from `Dinov2Model` carry no prefix; a `Dinov2ForImageClassification` file would.
+            let name = name.strip_prefix("dinov2.").unwrap_or(&name).to_string();
+            let name = name
+                .replace(".attention.q_proj.", ".attention.attention.query.")
+                .replace(".attention.k_proj.", ".attention.attention.key.")
+                .replace(".attention.v_proj.", ".attention.attention.value.")
+                .replace(".attention.o_proj.", ".attention.output.dense.");
+            (name, t)
+        })
+        .collect()
+}
+
+/// A DINOv2 snapshot as a feature network: its processor's preprocessing (or CheXGenBench's chain before it), then
+/// the CLS token.
+pub struct Dinov2Net {
+    _vs: nn::VarStore,
+    net: Dinov2,
+    preprocessing: Preprocessing,
+    device: Device,
+    id: String,
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ModelError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ModelError::Io {
+        path: path.display().to_string(),
+        source,
+    })?;
+    serde_json::from_str(&text).map_err(|e| ModelError::BadWeights {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    })
+}
+
+impl Dinov2Net {
+    /// Loads `dir` (a Hugging Face snapshot of a `Dinov2Model`: config.json, model.safetensors,
+    /// preprocessor_config.json), strictly: every parameter present with its shape and none left over.
+    pub fn load(dir: &Path, chain: &str, device: Device) -> Result<Self, ModelError> {
+        let file = |name: &str| -> PathBuf { dir.join(name) };
+        let config: Dinov2Config = read_json(&file("config.json"))?;
+        config.check(&file("config.json"))?;
+        let processor: ProcessorConfig = read_json(&file("preprocessor_config.json"))?;
+        let preprocessing =
+            Preprocessing::new(chain, processor, &file("preprocessor_config.json"))?;
+        let weights = file("model.safetensors");
+        let bytes = std::fs::read(&weights).map_err(|source| ModelError::Io {
+            path: weights.display().to_string(),
+            source,
+        })?;
+        let tensors = released_names(crate::model::read_weights(&weights)?.tensors);
+        let mut vs = nn::VarStore::new(device);
+        let net = Dinov2::new(&vs.root(), &config);
+        crate::model::load_named(&vs, &tensors, &weights)?;
+        vs.freeze();
+        let hash = hex::encode(Sha256::digest(&bytes));
+        let id = format!("dinov2:{}@{}", &hash[..16], preprocessing.id());
+        Ok(Self {
+            _vs: vs,
+            net,
+            preprocessing,
+            device,
+            id,
+        })
+    }
+
+    pub fn network(&self) -> &Dinov2 {
+        &self.net
+    }
+}
+
+impl FeatureNet for Dinov2Net {
+    fn features(&self, images: &Tensor) -> Result<Tensor, ModelError> {
+        let pixels = self.preprocessing.apply(images)?;
+        let out = tch::no_grad(|| self.net.forward(&pixels.to_device(self.device)));
+        Ok(out.select(1, 0).to_kind(Kind::Float).to_device(Device::Cpu))
+    }
+
+    fn id(&self) -> &str {
+        &self.id
+    }
+}
