@@ -8,6 +8,7 @@ use clap::{Args, Subcommand};
 use radit_eval::fidelity::{CSV_HEADER, FidelityConfig, fidelity};
 use radit_eval::io::read_npy;
 use radit_eval::kd::KdConfig;
+use radit_trainer::validate::features_network;
 
 #[derive(Subcommand)]
 pub enum EvalCommand {
@@ -94,7 +95,6 @@ pub fn run_eval(cmd: EvalCommand) -> anyhow::Result<u8> {
 fn run_features(a: FeaturesArgs) -> anyhow::Result<u8> {
     use radit_sharding::reader::StoreReader;
     use radit_sharding::store::Storage;
-    use radit_trainer::features::{Dinov2Net, FeatureNet, TorchScriptNet};
     use radit_trainer::tch::Tensor;
     crate::exit::ensure_usage!(a.batch > 0, "--batch must be positive");
     let split: radit_sharding::split::Split = a
@@ -102,17 +102,7 @@ fn run_features(a: FeaturesArgs) -> anyhow::Result<u8> {
         .parse()
         .map_err(|e| crate::exit::usage!("--split: {e}"))?;
     let device = crate::model_cli::device_or_gpu(a.device.as_deref())?;
-    let net: Box<dyn FeatureNet> = if a.net.is_dir() {
-        Box::new(Dinov2Net::load(&a.net, &a.preprocessing, device)?)
-    } else {
-        let size = a.input_size.ok_or_else(|| {
-            crate::exit::usage!(
-                "--input-size: {} is a TorchScript module; give its input side",
-                a.net.display()
-            )
-        })?;
-        Box::new(TorchScriptNet::load(&a.net, size, device)?)
-    };
+    let net = radit_trainer::features::load_net(&a.net, a.input_size, &a.preprocessing, device)?;
     let reader = StoreReader::open(Storage::open_existing(&a.store)?)?;
     let side = i64::from(reader.layout().image_size);
     let started = std::time::Instant::now();
@@ -140,13 +130,17 @@ fn run_features(a: FeaturesArgs) -> anyhow::Result<u8> {
     std::fs::write(&ids_path, ids.join("\n") + "\n")
         .with_context(|| format!("writing {}", ids_path.display()))?;
     let seconds = started.elapsed().as_secs_f64();
-    println!(
-        "{}",
-        serde_json::json!({
-            "out": a.out, "ids": ids_path, "rows": ids.len(), "dim": dim, "network": net.id(),
-            "split": split.name(), "seconds": seconds, "images_per_second": ids.len() as f64 / seconds,
-        })
-    );
+    let report = serde_json::json!({
+        "out": a.out, "ids": ids_path, "rows": ids.len(), "dim": dim, "network": net.id(),
+        "store": a.store, "split": split.name(), "seconds": seconds,
+        "images_per_second": ids.len() as f64 / seconds,
+    });
+    // What the features are of, beside them: training's mini-FD and `radit eval fidelity` refuse to compare
+    // features of different networks or preprocessing.
+    let meta = a.out.with_extension("json");
+    std::fs::write(&meta, format!("{report}\n"))
+        .with_context(|| format!("writing {}", meta.display()))?;
+    println!("{report}");
     Ok(0)
 }
 
@@ -167,6 +161,16 @@ fn run_fidelity(a: FidelityArgs) -> anyhow::Result<u8> {
         draws: a.reference_draws.zip(a.draw_size),
         seed: a.seed,
     };
+    // Features of different networks (or preprocessing) are not comparable: refuse what the files say apart.
+    if let (Some(r), Some(f)) = (features_network(&a.real), features_network(&a.fake))
+        && r != f
+    {
+        return Err(crate::exit::usage!(
+            "{} holds features of `{r}` but {} of `{f}`: compute both with the same network and preprocessing",
+            a.real.display(),
+            a.fake.display()
+        ));
+    }
     let real = read_npy(&a.real)?;
     let fake = read_npy(&a.fake)?;
     let started = std::time::Instant::now();

@@ -487,3 +487,79 @@ fn dinov2_features_match_transformers_with_its_processor_and_chexgenbench_chain(
     fails_with_usage(&mut features(&broken, "processor"), "model.safetensors");
     fails_with_usage(&mut features(&d.join("release"), "pil"), "pil");
 }
+
+#[test]
+fn features_of_another_network_are_refused_by_training_and_by_fidelity() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let store = tiny_store(d, 48, "40x48", 8, &[]);
+    let net = d.join("net.pt");
+    run_ok(
+        python()
+            .arg(repo().join("tests/python/feature_twin.py"))
+            .arg("export")
+            .arg(&net),
+    );
+    // The same module at two input sides: two different feature spaces, and the files say so.
+    let features = |size: &str, out: &str| {
+        run_ok(
+            radit()
+                .args(["eval", "features", "--split", "train", "--device", "cpu"])
+                .args(["--input-size", size, "--store"])
+                .arg(&store)
+                .arg("--net")
+                .arg(&net)
+                .arg("--out")
+                .arg(d.join(out)),
+        );
+        d.join(out)
+    };
+    let at32 = features("32", "at32.npy");
+    let at16 = features("16", "at16.npy");
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("at16.json")).unwrap()).unwrap();
+    assert!(meta["network"].as_str().unwrap().ends_with("@16"), "{meta}");
+    fails_with_usage(
+        radit()
+            .args(["eval", "fidelity", "--real"])
+            .arg(&at32)
+            .arg("--fake")
+            .arg(&at16),
+        "at16.npy",
+    );
+    // Training's mini-FD with the network at 32 against the reference at 16: refused at start, naming the file.
+    let config = d.join("train.toml");
+    common::write_train_config(
+        &config,
+        &format!(
+            r#"
+[data]
+url = "{}"
+[model]
+preset = "tiny"
+[train]
+steps = 2
+global_batch = 4
+[validation]
+every = 0
+[validation.fd]
+every = 1
+samples = 4
+steps = 1
+reference = "{}"
+net = "{}"
+input_size = 32
+"#,
+            store.display(),
+            at16.display(),
+            net.display()
+        ),
+    );
+    let err = fails_with_usage(
+        radit()
+            .args(["train", "--threads", "1", "--config"])
+            .arg(&config),
+        "at16.npy",
+    );
+    assert!(err.contains("radit eval features"), "{err}");
+}

@@ -101,6 +101,26 @@ fn job(dir: &Path, gateway: &str) -> std::path::PathBuf {
         8,
         &["--pushgateway", &pushgateway, "--push-seconds", "0.2"],
     );
+    // The mini-FD's network (a tiny TorchScript one) and its reference: the training split's features (the
+    // validation split of 48 images is too small for a covariance).
+    let net = dir.join("features.pt");
+    common::run_ok(
+        common::python()
+            .arg(common::repo().join("tests/python/feature_twin.py"))
+            .arg("export")
+            .arg(&net),
+    );
+    let reference = dir.join("reference.npy");
+    common::run_ok(
+        common::radit()
+            .args(["eval", "features", "--split", "train", "--input-size", "32"])
+            .args(["--device", "cpu", "--store"])
+            .arg(&store)
+            .arg("--net")
+            .arg(&net)
+            .arg("--out")
+            .arg(&reference),
+    );
     let text = format!(
         r#"
 [job]
@@ -135,9 +155,23 @@ push_seconds = 0.3
 every = 20
 count = 4
 steps = 3
+[validation]
+every = 10
+images = 8
+batch = 4
+times = 2
+[validation.fd]
+every = 10
+samples = 6
+steps = 2
+reference = "{reference}"
+net = "{net}"
+input_size = 32
 "#,
         store = store.display(),
-        ckpt = dir.join("ckpt").display()
+        ckpt = dir.join("ckpt").display(),
+        reference = reference.display(),
+        net = net.display(),
     );
     common::write_job(dir, &text)
 }
@@ -322,6 +356,11 @@ fn prometheus_scrapes_a_running_job_and_promtool_accepts_the_exposition() {
     // mean, the global loss.
     let gap = query("radit_loss_max{job=\"radit\"}-radit_loss{job=\"radit\"}");
     assert!(value(&gap).is_some_and(|g| g >= -1e-9), "{gap}");
+    // Evaluation during training: the validation loss and the mini-FD against the reference features.
+    wait_for("the validation loss and mini-FD", 120, || {
+        value(&direct("radit_val_loss")).is_some_and(|v| v.is_finite() && v > 0.0)
+            && value(&direct("radit_fd")).is_some_and(|v| v.is_finite() && v >= 0.0)
+    });
 
     // The same series reach the Pushgateway, under the job's name.
     wait_for("the job's series on the Pushgateway", 30, || {

@@ -84,6 +84,14 @@ log_every = 1
 url = "{}"
 every = 3
 keep = 2
+
+[validation]
+every = 3
+split = "train"
+images = 12
+batch = 4
+times = 3
+seed = 9
 "#,
         store.display(),
         ckpt.display()
@@ -91,11 +99,24 @@ keep = 2
     common::write_train_config(&path, &text)
 }
 
-/// Runs training on `np` ranks (0 = no mpirun); returns the per-step losses rank 0 printed.
-fn train(np: usize, cfg: &Path) -> Vec<f64> {
+/// The validation losses rank 0 printed, by step.
+fn validation_losses(out: &std::process::Output) -> Vec<(u64, f64)> {
+    step_logs(out)
+        .iter()
+        .filter_map(|l| Some((l["step"].as_u64()?, l["val_loss"].as_f64()?)))
+        .collect()
+}
+
+/// Runs training on `np` ranks (0 = no mpirun); returns rank 0's output.
+fn train_output(np: usize, cfg: &Path) -> std::process::Output {
     let mut cmd = if np == 0 { radit() } else { mpirun(np) };
     cmd.args(["train", "--threads", "1", "--config"]).arg(cfg);
-    losses(&run_ok(&mut cmd))
+    run_ok(&mut cmd)
+}
+
+/// Runs training on `np` ranks (0 = no mpirun); returns the per-step losses rank 0 printed.
+fn train(np: usize, cfg: &Path) -> Vec<f64> {
+    losses(&train_output(np, cfg))
 }
 
 /// Six uninterrupted steps on two ranks: the losses and the exported weights other runs are compared with.
@@ -173,11 +194,13 @@ fn worlds_1_2_and_4_train_the_same_model() {
     let tmp = tempfile::tempdir().unwrap();
     let store = store(tmp.path());
     let mut runs = Vec::new();
+    let mut validations = Vec::new();
     for np in [0, 2, 4] {
         let ckpt = tmp.path().join(format!("ckpt-w{np}"));
-        let losses = train(np, &config(tmp.path(), &store, &ckpt, 6));
+        let out = train_output(np, &config(tmp.path(), &store, &ckpt, 6));
+        validations.push(validation_losses(&out));
         let weights = export(&ckpt, &tmp.path().join(format!("w{np}.safetensors")));
-        runs.push((np, losses, weights));
+        runs.push((np, losses(&out), weights));
     }
     let (_, l1, w1) = &runs[0];
     assert_eq!(l1.len(), 6);
@@ -185,6 +208,17 @@ fn worlds_1_2_and_4_train_the_same_model() {
     for (np, l, w) in &runs[1..] {
         assert_losses_close(l, l1, 1e-5, &format!("world {np} vs 1"));
         assert_weights_close(w, w1, 1e-4, &format!("world {np} vs 1"));
+    }
+    // The validation loss (every 3 steps and at the end) is the same number on every world size.
+    let v1 = &validations[0];
+    assert_eq!(v1.iter().map(|v| v.0).collect::<Vec<_>>(), [3, 6], "{v1:?}");
+    assert!(v1.iter().all(|v| v.1.is_finite() && v.1 > 0.0), "{v1:?}");
+    for (v, np) in validations[1..].iter().zip([2, 4]) {
+        let (a, b): (Vec<f64>, Vec<f64>) = (
+            v.iter().map(|x| x.1).collect(),
+            v1.iter().map(|x| x.1).collect(),
+        );
+        assert_losses_close(&a, &b, 1e-5, &format!("validation, world {np} vs 1"));
     }
 }
 

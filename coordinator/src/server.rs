@@ -72,6 +72,9 @@ pub struct Totals {
     pub loss_max: f64,
     pub median_step_seconds: Option<f64>,
     pub checkpoint: Option<u64>,
+    /// The last validation loss and mini-FD, with their steps.
+    pub val_loss: Option<(u64, f64)>,
+    pub fd: Option<(u64, f64)>,
 }
 
 /// One rank as the coordinator sees it.
@@ -162,7 +165,22 @@ impl Inner {
         let max = |f: fn(&RankStats) -> u64| now.iter().map(|(_, s)| f(s)).max().unwrap_or(0);
         let sumf = |f: fn(&RankStats) -> f64| now.iter().map(|(_, s)| f(s)).sum::<f64>();
         let e = &self.earlier;
+        // The latest validation of this generation, else the one an earlier generation saw (a relaunch resumes
+        // from a checkpoint, possibly before it, so this generation's own measurement wins once it has one).
+        let latest = |step: fn(&RankStats) -> u64, value: fn(&RankStats) -> f64| {
+            now.iter()
+                .map(|(_, s)| *s)
+                .filter(|s| step(s) > 0)
+                .max_by_key(|s| step(s))
+                .map_or((step(e), value(e)), |s| (step(s), value(s)))
+        };
+        let (val_step, val_loss) = latest(|s| s.val_step, |s| s.val_loss);
+        let (fd_step, fd) = latest(|s| s.fd_step, |s| s.fd);
         RankStats {
+            val_step,
+            val_loss,
+            fd_step,
+            fd,
             steps: e.steps + max(|s| s.steps),
             images: e.images + sum(|s| s.images),
             tokens: e.tokens + sum(|s| s.tokens),
@@ -378,6 +396,8 @@ impl Coordinator {
             loss_max,
             median_step_seconds: inner.median_step_seconds(),
             checkpoint: inner.checkpoints.last().copied(),
+            val_loss: (all.val_step > 0).then_some((all.val_step, all.val_loss)),
+            fd: (all.fd_step > 0).then_some((all.fd_step, all.fd)),
         })
     }
 
@@ -763,11 +783,16 @@ mod tests {
             loss_max: 0.75,
             device_memory_used_bytes: if rank < 2 { (20 + r) << 30 } else { 0 },
             device_memory_total_bytes: if rank < 2 { 96 << 30 } else { 0 },
+            // a validation loss at step 4
+            val_step: if steps >= 4 { 4 } else { 0 },
+            val_loss: if steps >= 4 { 0.375 } else { f64::NAN },
+            ..RankStats::default()
         }
     }
 
     /// A job of 3 ranks relaunched once (generation 2): 4 steps of 2 s, a checkpoint at step 4, one hang detected
-    /// earlier, rank 2 silent for 21.5 s (dead). Time is tokio's paused clock, so every value is fixed.
+    /// earlier, rank 2 silent for 21.5 s (dead), a mini-FD from generation 1 and a validation loss at step 4. Time is
+    /// tokio's paused clock, so every value is fixed.
     #[tokio::test(start_paused = true)]
     async fn the_exposition_matches_its_golden_file() {
         let mut cfg = CoordinatorConfig::new(3);
@@ -776,8 +801,11 @@ mod tests {
         let c = Coordinator::new(cfg, JobToken::generate().expect("a token"));
         assert_eq!(c.new_generation(), 1);
         join_all(&c, 1).await;
+        // The first generation measured a mini-FD; the exposition keeps it after the relaunch.
         for rank in 0..3 {
-            beat(&c, rank, 2, Some(stats(rank, 2))).await;
+            let mut s = stats(rank, 2);
+            (s.fd_step, s.fd) = (2, 41.5);
+            beat(&c, rank, 2, Some(s)).await;
         }
         c.record_hang();
         assert_eq!(c.new_generation(), 2);

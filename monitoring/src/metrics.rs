@@ -215,6 +215,15 @@ pub const CHECKPOINT_BYTES: Metric = Metric::counter(
     "Checkpoint bytes written (all ranks, all generations).",
 )
 .unit(Unit::Bytes);
+// Evaluation during training: absent until the first measurement, then the latest (kept across restarts).
+pub const VAL_LOSS: Metric = Metric::gauge(
+    "radit_val_loss",
+    "Validation loss (the rectified-flow loss on the validation split at a fixed grid of t and fixed noise), last measured.",
+);
+pub const FD: Metric = Metric::gauge(
+    "radit_fd",
+    "Mini-FD of EMA samples against the reference features, last measured.",
+);
 // What the ranks of this generation reported: absent until one has.
 pub const LOSS: Metric = Metric::gauge(
     "radit_loss",
@@ -298,6 +307,8 @@ pub const JOB: &[Metric] = &[
     SKIPPED_STEPS,
     CHECKPOINTS,
     CHECKPOINT_BYTES,
+    VAL_LOSS,
+    FD,
     LOSS,
     GRAD_NORM,
     LEARNING_RATE,
@@ -509,6 +520,12 @@ impl Collector for JobSnapshot {
         counter(o, &SKIPPED_STEPS, all.skipped_steps)?;
         counter(o, &CHECKPOINTS, all.checkpoints)?;
         counter(o, &CHECKPOINT_BYTES, all.checkpoint_bytes)?;
+        if all.val_step > 0 {
+            gauge(o, &VAL_LOSS, all.val_loss)?;
+        }
+        if all.fd_step > 0 {
+            gauge(o, &FD, all.fd)?;
+        }
         // Every rank sees the same global loss, gradient norm and learning rate: the first reporting rank's are
         // the run's.
         let Some((_, first)) = self.stats.first() else {
@@ -654,6 +671,8 @@ mod tests {
                 "radit_skipped_steps_total",
                 "radit_checkpoints_total",
                 "radit_checkpoint_bytes_total",
+                "radit_val_loss",
+                "radit_fd",
                 "radit_loss",
                 "radit_grad_norm",
                 "radit_learning_rate",
@@ -748,6 +767,10 @@ mod tests {
             loss_max: 0.5 + rank as f64,
             device_memory_total_bytes: if gpu { 96 << 30 } else { 0 },
             device_memory_used_bytes: if gpu { 20 << 30 } else { 0 },
+            val_step: 10,
+            val_loss: 0.25,
+            fd_step: 10,
+            fd: 3.5,
             ..RankStats::default()
         };
         JobSnapshot {

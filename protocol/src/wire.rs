@@ -138,6 +138,16 @@ pub struct RankStats {
     /// 0 on CPU ranks.
     pub device_memory_used_bytes: u64,
     pub device_memory_total_bytes: u64,
+    /// The last validation loss and its step (0: none yet); the same on every rank.
+    #[serde(default)]
+    pub val_step: u64,
+    #[serde(default, deserialize_with = "nan_if_null")]
+    pub val_loss: f64,
+    /// The last mini-FD and its step (0: none yet).
+    #[serde(default)]
+    pub fd_step: u64,
+    #[serde(default, deserialize_with = "nan_if_null")]
+    pub fd: f64,
 }
 
 /// serde_json writes a non-finite f64 as null; read null back as NaN.

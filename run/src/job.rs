@@ -407,6 +407,7 @@ pub fn quickstart(
                 keep: 2,
             }),
             preview: None,
+            validation: None,
         })),
         job: JobSection {
             name: "quickstart".into(),

@@ -97,7 +97,7 @@ impl Rates {
 }
 
 /// `step 1200/3000000 (0.0%) loss 0.4123 (max 0.4310) | 512 img/s 131.1k tok/s MFU 41.2% | 2.31 s/step ETA
-/// 80d 04h | checkpoint 1000`.
+/// 80d 04h | checkpoint 1000 | val loss 0.3987 @1000 FD 12.35 @1000`.
 pub fn progress_line(
     t: &Totals,
     rates: Option<&Rates>,
@@ -133,6 +133,12 @@ pub fn progress_line(
     }
     if let Some(c) = t.checkpoint {
         line += &format!(" | checkpoint {c}");
+    }
+    if let Some((step, loss)) = t.val_loss {
+        line += &format!(" | val loss {loss:.4} @{step}");
+    }
+    if let Some((step, fd)) = t.fd {
+        line += &format!(" FD {fd:.2} @{step}");
     }
     line
 }
@@ -183,6 +189,8 @@ mod tests {
             loss_max: 0.431,
             median_step_seconds: Some(2.31),
             checkpoint: Some(1000),
+            val_loss: Some((1000, 0.39871)),
+            fd: Some((1000, 12.346)),
         }
     }
 
@@ -196,7 +204,7 @@ mod tests {
         assert_eq!(
             line,
             "step 1200/3000000 (0.0%) loss 0.4123 (max 0.4310) | 512 img/s 131k tok/s MFU 20.5% | 2.31 s/step \
-             ETA 80d 04h | checkpoint 1000"
+             ETA 80d 04h | checkpoint 1000 | val loss 0.3987 @1000 FD 12.35 @1000"
         );
         // Without a previous snapshot there are no rates, and without a peak no MFU.
         let first = progress_line(&now, None, 3_000_000, None);

@@ -43,6 +43,8 @@ fn snapshot(coordinator: &radit_coordinator::Coordinator) -> (Totals, bool) {
                 loss_max: f64::NAN,
                 median_step_seconds,
                 checkpoint: coordinator.checkpoints().last().copied(),
+                val_loss: None,
+                fd: None,
             };
             (totals, false)
         }

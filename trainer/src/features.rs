@@ -17,6 +17,27 @@ use tch::{Device, Kind, Tensor};
 
 use crate::model::ModelError;
 
+/// A feature network by path: a directory is a DINOv2 snapshot (with `preprocessing`, `processor` or
+/// `chexgenbench`), a file a TorchScript module of input side `input_size`.
+pub fn load_net(
+    path: &Path,
+    input_size: Option<i64>,
+    preprocessing: &str,
+    device: Device,
+) -> Result<Box<dyn FeatureNet>, ModelError> {
+    if path.is_dir() {
+        return Ok(Box::new(Dinov2Net::load(path, preprocessing, device)?));
+    }
+    let size = input_size.ok_or_else(|| ModelError::BadInput {
+        input: "input size",
+        reason: format!(
+            "{} is a TorchScript module: give its input side",
+            path.display()
+        ),
+    })?;
+    Ok(Box::new(TorchScriptNet::load(path, size, device)?))
+}
+
 /// Images to feature vectors.
 pub trait FeatureNet {
     /// Features `[B, D]` (f32, on the CPU) of images `[B, 1, H, W]` in [0, 1].

@@ -44,3 +44,4 @@ pub mod progress;
 pub mod runtime;
 pub mod sampler;
 pub mod train;
+pub mod validate;

@@ -146,6 +146,16 @@ impl Progress {
         self.0.checkpoint.store(c.step + 1, Ordering::Relaxed);
     }
 
+    /// A validation loss measured after `step`.
+    pub fn record_validation(&self, step: u64, loss: f64) {
+        self.with_stats(|s| (s.val_step, s.val_loss) = (step, loss));
+    }
+
+    /// A mini-FD measured after `step`.
+    pub fn record_fd(&self, step: u64, fd: f64) {
+        self.with_stats(|s| (s.fd_step, s.fd) = (step, fd));
+    }
+
     /// This rank's device memory after a step.
     pub fn record_device_memory(&self, memory: Option<(u64, u64)>) {
         if let Some((used, total)) = memory {

@@ -176,6 +176,9 @@ pub struct TrainConfig {
     /// A contact sheet of EMA samples every N steps.
     #[serde(default)]
     pub preview: Option<PreviewConfig>,
+    /// A validation loss (and a mini-FD) every N steps.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub validation: Option<crate::validate::ValidationConfig>,
 }
 
 /// A preset by name, or a whole architecture.
@@ -292,6 +295,9 @@ impl TrainConfig {
         if let Some(p) = &self.preview {
             p.validate()?;
         }
+        if let Some(v) = &self.validation {
+            v.validate(&model)?;
+        }
         Ok(model)
     }
 
@@ -361,6 +367,11 @@ pub struct StepLog {
     /// Patches per second (images x tokens per image).
     pub tokens_per_second: f64,
     pub data_wait_seconds: f64,
+    /// The validation loss and mini-FD measured after this step, when one was.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub val_loss: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fd: Option<f64>,
 }
 
 /// How a run ended.
@@ -448,7 +459,8 @@ pub fn train(
         let mut log = StepLogger::new(cfg.train.log_every, t.tokens_per_image);
         while t.step < cfg.train.steps {
             let done = t.step()?;
-            log.observe(&done, cfg.train.global_batch, &mut on_step);
+            let evaluation = t.evaluate_if_due()?;
+            log.observe(&done, evaluation, cfg.train.global_batch, &mut on_step);
             if t.skips.rollback_due(&done, cfg.train.rollback_after_skips) {
                 t.roll_back()?;
                 continue;
@@ -496,10 +508,17 @@ impl StepLogger {
         }
     }
 
-    fn observe(&mut self, d: &DoneStep, global_batch: u64, on_step: &mut impl FnMut(&StepLog)) {
+    fn observe(
+        &mut self,
+        d: &DoneStep,
+        evaluation: Evaluation,
+        global_batch: u64,
+        on_step: &mut impl FnMut(&StepLog),
+    ) {
         self.images += global_batch;
         self.data_wait_seconds += d.data_wait_seconds;
-        if !(d.report.skipped || d.step.is_multiple_of(self.every)) {
+        let measured = evaluation.val_loss.is_some() || evaluation.fd.is_some();
+        if !(d.report.skipped || measured || d.step.is_multiple_of(self.every)) {
             return;
         }
         let secs = self.since.elapsed().as_secs_f64().max(1e-9);
@@ -510,6 +529,8 @@ impl StepLogger {
             images_per_second: self.images as f64 / secs,
             tokens_per_second: (self.images * self.tokens_per_image) as f64 / secs,
             data_wait_seconds: self.data_wait_seconds,
+            val_loss: evaluation.val_loss,
+            fd: evaluation.fd,
         };
         tracing::info!(
             step = d.step,
@@ -521,6 +542,13 @@ impl StepLogger {
         on_step(&log);
         *self = Self::new(self.every, self.tokens_per_image);
     }
+}
+
+/// What was measured after a step besides training.
+#[derive(Debug, Clone, Copy, Default)]
+struct Evaluation {
+    val_loss: Option<f64>,
+    fd: Option<f64>,
 }
 
 /// Counts consecutive skipped (non-finite) steps; too many in a row call for a rollback.
@@ -568,6 +596,8 @@ struct Trainer<'a> {
     last_checkpoint: Option<u64>,
     tokens_per_image: u64,
     flops_per_token: f64,
+    /// The mini-FD's network and reference, loaded once.
+    mini_fd: Option<crate::validate::MiniFd>,
 }
 
 impl<'a> Trainer<'a> {
@@ -604,6 +634,12 @@ impl<'a> Trainer<'a> {
         let loader = open_loader(&storage, &loader_cfg, state.as_ref())?;
         let resumed_from = state.as_ref().map(|s| s.step);
         handles.progress.set_step(resumed_from.unwrap_or(0));
+        let mini_fd = cfg
+            .validation
+            .as_ref()
+            .and_then(|v| v.fd.as_ref())
+            .map(|f| crate::validate::MiniFd::open(f, device))
+            .transpose()?;
         Ok(Self {
             cfg,
             device,
@@ -624,6 +660,7 @@ impl<'a> Trainer<'a> {
             last_checkpoint: resumed_from,
             tokens_per_image: (model.input_size / model.patch_size).pow(2) as u64,
             flops_per_token: model.training_flops_per_token(),
+            mini_fd,
         })
     }
 
@@ -805,6 +842,58 @@ impl<'a> Trainer<'a> {
             tracing::info!(step = self.step, path = %path.display(), seconds = started.elapsed().as_secs_f64(), "preview sheet");
         }
         Ok(())
+    }
+
+    /// The validation loss and the mini-FD, when due after this step. Skipped steps are measured like any other
+    /// (the weights did not change, so the number repeats).
+    fn evaluate_if_due(&self) -> Result<Evaluation, TrainError> {
+        let Some(v) = &self.cfg.validation else {
+            return Ok(Evaluation::default());
+        };
+        let (step, total) = (self.step, self.cfg.train.steps);
+        let progress = &self.handles.progress;
+        let mut out = Evaluation::default();
+        if v.loss_due(step, total) {
+            let _phase = progress.enter(Phase::Sampling);
+            let started = Instant::now();
+            let loss = crate::validate::validation_loss(
+                &self.engine,
+                self.cfg.model(),
+                v,
+                &self.cfg.flow,
+                &self.cfg.data,
+                &self.storage,
+            )?;
+            tracing::info!(
+                step,
+                val_loss = loss,
+                seconds = started.elapsed().as_secs_f64(),
+                "validation loss"
+            );
+            progress.record_validation(step, loss);
+            out.val_loss = Some(loss);
+        }
+        if let Some(fd) = &self.mini_fd
+            && fd.due(step, total)
+        {
+            let _phase = progress.enter(Phase::Sampling);
+            let started = Instant::now();
+            let value = fd.measure(
+                &self.engine,
+                self.cfg.model(),
+                self.cfg.flow.shift,
+                &self.cfg.data.url,
+            )?;
+            tracing::info!(
+                step,
+                fd = value,
+                seconds = started.elapsed().as_secs_f64(),
+                "mini-FD"
+            );
+            progress.record_fd(step, value);
+            out.fd = Some(value);
+        }
+        Ok(out)
     }
 
     /// Commits the last save and says how the run ended.
