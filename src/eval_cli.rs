@@ -23,9 +23,13 @@ pub enum EvalCommand {
 
 #[derive(Args)]
 pub struct FeaturesArgs {
-    /// The store (a path or URL).
+    /// The store (a path or URL) whose split's images to embed.
+    #[arg(long, required_unless_present = "samples", conflicts_with = "samples")]
+    store: Option<String>,
+    /// Or the samples of a finished `radit generate` (its output directory), in samples.csv's order; their ids are
+    /// the profiles' image ids (`ID#k` for the k-th sample of a profile, k > 0).
     #[arg(long)]
-    store: String,
+    samples: Option<PathBuf>,
     /// train, val or test.
     #[arg(long, default_value = "test")]
     split: String,
@@ -92,6 +96,9 @@ pub fn run_eval(cmd: EvalCommand) -> anyhow::Result<u8> {
     }
 }
 
+/// Reads one chunk of images to embed: (ids, 16-bit pixels `[n, side, side]`, side).
+type ImageChunk = Box<dyn FnOnce() -> anyhow::Result<(Vec<String>, Vec<u16>, i64)>>;
+
 fn run_features(a: FeaturesArgs) -> anyhow::Result<u8> {
     use radit_sharding::reader::StoreReader;
     use radit_sharding::store::Storage;
@@ -103,16 +110,60 @@ fn run_features(a: FeaturesArgs) -> anyhow::Result<u8> {
         .map_err(|e| crate::exit::usage!("--split: {e}"))?;
     let device = crate::model_cli::device_or_gpu(a.device.as_deref())?;
     let net = radit_trainer::features::load_net(&a.net, a.input_size, &a.preprocessing, device)?;
-    let reader = StoreReader::open(Storage::open_existing(&a.store)?)?;
-    let side = i64::from(reader.layout().image_size);
+    // The images as chunks of (ids, 16-bit pixels, side): a store's shards, or the generated files in batches.
+    let mut chunks: Vec<ImageChunk> = Vec::new();
+    let source = match (&a.store, &a.samples) {
+        (Some(store), _) => {
+            let reader = std::sync::Arc::new(StoreReader::open(Storage::open_existing(store)?)?);
+            let side = i64::from(reader.layout().image_size);
+            for k in 0..reader.shards(split) {
+                let reader = reader.clone();
+                chunks.push(Box::new(move || {
+                    let shard = reader.read_shard(split, k)?;
+                    Ok((shard.image_ids, shard.images, side))
+                }));
+            }
+            format!("{store} ({} split)", split.name())
+        }
+        (None, Some(dir)) => {
+            let samples = radit_trainer::generate_job::read_samples(dir)?;
+            for batch in samples.chunks(a.batch.max(1)) {
+                let batch = batch.to_vec();
+                chunks.push(Box::new(move || {
+                    let (mut ids, mut pixels, mut side) = (Vec::new(), Vec::new(), None);
+                    for (path, id, k) in batch {
+                        let bytes = std::fs::read(&path)
+                            .with_context(|| format!("reading {}", path.display()))?;
+                        let (img, _) = radit_sharding::image::decode_png(&bytes)
+                            .map_err(|e| crate::exit::usage!("{}: {e}", path.display()))?;
+                        let s = i64::from(img.width);
+                        crate::exit::ensure_usage!(
+                            img.width == img.height && side.is_none_or(|x| x == s),
+                            "{}: {}x{}; the samples must be square and of one size",
+                            path.display(),
+                            img.width,
+                            img.height
+                        );
+                        side = Some(s);
+                        pixels.extend(img.pixels);
+                        ids.push(if k == 0 { id } else { format!("{id}#{k}") });
+                    }
+                    Ok((ids, pixels, side.unwrap_or(0)))
+                }));
+            }
+            format!("{} (generated samples)", dir.display())
+        }
+        (None, None) => crate::exit::bail_usage!("give --store or --samples"),
+    };
     let started = std::time::Instant::now();
     let (mut values, mut ids, mut dim) = (Vec::<f32>::new(), Vec::<String>::new(), 0);
-    for k in 0..reader.shards(split) {
-        let shard = reader.read_shard(split, k)?;
+    for chunk in chunks {
+        let (chunk_ids, images, side) = chunk()?;
         let pixels = (side * side) as usize;
-        for start in (0..shard.rows).step_by(a.batch) {
-            let n = (shard.rows - start).min(a.batch);
-            let x: Vec<f32> = shard.images[start * pixels..(start + n) * pixels]
+        let rows = chunk_ids.len();
+        for start in (0..rows).step_by(a.batch) {
+            let n = (rows - start).min(a.batch);
+            let x: Vec<f32> = images[start * pixels..(start + n) * pixels]
                 .iter()
                 .map(|&v| f32::from(v) / 65535.0)
                 .collect();
@@ -121,9 +172,9 @@ fn run_features(a: FeaturesArgs) -> anyhow::Result<u8> {
             dim = f.size()[1] as usize;
             values.extend(Vec::<f32>::try_from(f.flatten(0, -1))?);
         }
-        ids.extend(shard.image_ids);
+        ids.extend(chunk_ids);
     }
-    crate::exit::ensure_usage!(!ids.is_empty(), "{}: the {split} split is empty", a.store);
+    crate::exit::ensure_usage!(!ids.is_empty(), "{source}: no images");
     radit_eval::io::write_npy(&a.out, &values, ids.len(), dim)
         .with_context(|| format!("writing {}", a.out.display()))?;
     let ids_path = a.out.with_extension("ids.txt");
@@ -132,7 +183,7 @@ fn run_features(a: FeaturesArgs) -> anyhow::Result<u8> {
     let seconds = started.elapsed().as_secs_f64();
     let report = serde_json::json!({
         "out": a.out, "ids": ids_path, "rows": ids.len(), "dim": dim, "network": net.id(),
-        "store": a.store, "split": split.name(), "seconds": seconds,
+        "source": source, "seconds": seconds,
         "images_per_second": ids.len() as f64 / seconds,
     });
     // What the features are of, beside them: training's mini-FD and `radit eval fidelity` refuse to compare

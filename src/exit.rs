@@ -11,6 +11,7 @@ use radit_sharding::store::StorageError;
 use radit_trainer::checkpoint::CheckpointError;
 use radit_trainer::collective::CollectiveError;
 use radit_trainer::encode::EncodeError;
+use radit_trainer::generate_job::GenerateError;
 use radit_trainer::membership::JoinError;
 use radit_trainer::model::ModelError;
 use radit_trainer::placement::PlacementError;
@@ -107,6 +108,17 @@ fn meaning(e: &(dyn std::error::Error + 'static)) -> Option<u8> {
             EncodeError::Superseded => Some(FAILED),
             // Transparent: the store error is not a link of its own in the chain.
             EncodeError::Store(s) => Some(shard_meaning(s)),
+            _ => None,
+        };
+    }
+    if let Some(x) = e.downcast_ref::<GenerateError>() {
+        return match x {
+            GenerateError::ConfigFile { .. }
+            | GenerateError::Config(_)
+            | GenerateError::Conflict { .. }
+            | GenerateError::Io { .. } => Some(BAD_INPUT),
+            GenerateError::Superseded => Some(FAILED),
+            GenerateError::Store(s) => Some(shard_meaning(s)),
             _ => None,
         };
     }

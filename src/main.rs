@@ -28,6 +28,7 @@ use radit_sharding::throughput;
 
 mod encode_cli;
 mod eval_cli;
+mod generate_cli;
 mod model_cli;
 mod run_cli;
 mod train_cli;
@@ -73,6 +74,10 @@ enum Command {
     /// Encode a store's images to `<split>/latents` with the autoencoder's encoder (one process, or the ranks of
     /// a `[job] kind = "encode"` job under `radit run`): resumable shard by shard, channel statistics, manifest last.
     Encode(encode_cli::EncodeArgs),
+    /// Matched conditional sampling at scale: one sample per row of a reference split with that row's 19
+    /// variables (dopri5 1e-5 by default), as 16-bit PNGs and samples.csv; one process, or the ranks of a
+    /// `[job] kind = "generate"` job under `radit run`, resumable unit by unit.
+    Generate(generate_cli::GenerateArgs),
     /// Evaluation: the paper's fidelity metrics on feature files.
     #[command(subcommand)]
     Eval(eval_cli::EvalCommand),
@@ -316,6 +321,7 @@ fn main() -> ExitCode {
         Command::Vae(c) => model_cli::run_vae(c),
         Command::Decode(a) => model_cli::run_decode(a),
         Command::Encode(a) => encode_cli::run_encode(a),
+        Command::Generate(a) => generate_cli::run_generate(a),
         Command::Eval(c) => eval_cli::run_eval(c),
         Command::Sample(a) => model_cli::run_sample(a),
         Command::Run(a) => run_cli::run(a),

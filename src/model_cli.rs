@@ -308,6 +308,26 @@ pub enum SolverArg {
     Euler,
 }
 
+/// The solver the flags ask for (tolerances default to `default_tol`), validated.
+pub fn solver_of(
+    kind: SolverArg,
+    atol: Option<f64>,
+    rtol: Option<f64>,
+    steps: usize,
+    shift: f64,
+    default_tol: f64,
+) -> Result<Solver, radit_trainer::model::ModelError> {
+    let solver = match kind {
+        SolverArg::Dopri5 => Solver::Dopri5 {
+            atol: atol.unwrap_or(default_tol),
+            rtol: rtol.unwrap_or(default_tol),
+        },
+        SolverArg::Euler => Solver::Euler { steps, shift },
+    };
+    solver.validate()?;
+    Ok(solver)
+}
+
 #[derive(Args)]
 pub struct SampleArgs {
     /// Model weights (safetensors, from `radit export`, `radit model init` or the PyTorch twin).
@@ -532,17 +552,7 @@ pub fn run_sample(a: SampleArgs) -> anyhow::Result<u8> {
     });
     let editing = !a.edit.is_empty();
     let default_tol = if editing { 1e-6 } else { 1e-5 };
-    let solver = match a.solver {
-        SolverArg::Dopri5 => Solver::Dopri5 {
-            atol: a.atol.unwrap_or(default_tol),
-            rtol: a.rtol.unwrap_or(default_tol),
-        },
-        SolverArg::Euler => Solver::Euler {
-            steps: a.steps,
-            shift: a.shift,
-        },
-    };
-    solver.validate()?;
+    let solver = solver_of(a.solver, a.atol, a.rtol, a.steps, a.shift, default_tol)?;
     let target = Conditions::missing()
         .with(&a.set, a.age)
         .context("parsing --set/--age")?;

@@ -143,7 +143,7 @@ fn an_encode_job_resumes_after_a_rank_dies_mid_shard_and_matches_the_pytorch_twi
     let out = run_job(
         &job,
         &[
-            ("RADIT_FAULT_CRASH_IN_ENCODE", "1:2"),
+            ("RADIT_FAULT_CRASH_BEFORE_COMMIT", "1:2"),
             ("RADIT_FAULT_ONLY_GENERATION", "1"),
         ],
     );
@@ -254,7 +254,7 @@ fn encode_names_bad_input_and_resumes_a_half_written_store() {
 
     // Killed after writing its third shard's object, before the commit: detected, then resumed.
     let killed = encode(&[])
-        .env("RADIT_FAULT_CRASH_IN_ENCODE", "0:3")
+        .env("RADIT_FAULT_CRASH_BEFORE_COMMIT", "0:3")
         .output()
         .unwrap();
     assert!(!killed.status.success());

@@ -9,6 +9,7 @@ use radit_coordinator::RestartPolicy;
 use radit_launch::launcher::{Launcher, LocalLauncher, MpirunLauncher, SrunLauncher};
 use radit_launch::slurm::{REQUEUE_EXIT_CODE, SlurmJob, render_sbatch};
 use radit_trainer::encode::EncodeConfig;
+use radit_trainer::generate_job::GenerateConfig;
 use radit_trainer::preview::PreviewConfig;
 use radit_trainer::train::{ConfigError, TrainConfig, TrainError, ValidatedConfig};
 use serde::{Deserialize, Serialize};
@@ -26,7 +27,8 @@ pub enum JobError {
 /// One job file: the work's sections beside the job's own ([job], [resources], [launcher], [restart],
 /// [coordinator], [monitoring], [samples]). A training job's work is the train config's sections ([data], [model],
 /// [flow], [engine], [train], [checkpoint]; checkpoints are needed for restarts and requeues to resume); an encode
-/// job's (`[job] kind = "encode"`) is `[encode]`, resumed from its journal. The work is one value, read by its own
+/// job's (`[job] kind = "encode"`) is `[encode]`, a generate job's (`kind = "generate"`) is `[generate]`, each
+/// resumed from its journal. The work is one value, read by its own
 /// type; `radit run` writes it for the ranks as it was validated here.
 #[derive(Debug, Clone, PartialEq)]
 pub struct JobSpec {
@@ -45,6 +47,7 @@ pub struct JobSpec {
 pub enum Work {
     Train(Box<TrainConfig>),
     Encode(EncodeConfig),
+    Generate(Box<GenerateConfig>),
 }
 
 /// `[job] kind`.
@@ -54,6 +57,7 @@ pub enum JobKind {
     #[default]
     Train,
     Encode,
+    Generate,
 }
 
 /// An encode job's work sections.
@@ -61,6 +65,13 @@ pub enum JobKind {
 #[serde(deny_unknown_fields)]
 struct EncodeSections {
     encode: EncodeConfig,
+}
+
+/// A generate job's work sections.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GenerateSections {
+    generate: GenerateConfig,
 }
 
 /// The job's own sections, as they are read.
@@ -117,6 +128,12 @@ impl JobSpec {
                 })?;
                 Work::Encode(e.encode)
             }
+            JobKind::Generate => {
+                let g: GenerateSections = all.try_into().map_err(|e: toml::de::Error| {
+                    format!("a generate job has [generate] besides the job's own sections: {e}")
+                })?;
+                Work::Generate(Box::new(g.generate))
+            }
         };
         Ok(Self {
             work,
@@ -144,6 +161,9 @@ impl JobSpec {
         let mut all = match &self.work {
             Work::Train(t) => toml::Table::try_from(&**t)?,
             Work::Encode(e) => toml::Table::try_from(EncodeSections { encode: e.clone() })?,
+            Work::Generate(g) => toml::Table::try_from(GenerateSections {
+                generate: (**g).clone(),
+            })?,
         };
         all.extend(toml::Table::try_from(&own)?);
         toml::to_string(&all)
@@ -154,7 +174,7 @@ impl JobSpec {
 #[serde(deny_unknown_fields)]
 pub struct JobSection {
     pub name: String,
-    /// train (default) or encode.
+    /// train (default), encode or generate.
     #[serde(default, skip_serializing_if = "is_train")]
     pub kind: JobKind,
     /// The run's directory on a filesystem every node sees: the token file, the resolved train config, rank logs,
@@ -544,6 +564,7 @@ pub struct Job {
 pub enum ValidatedWork {
     Train(Box<ValidatedConfig>),
     Encode(EncodeConfig),
+    Generate(Box<GenerateConfig>),
 }
 
 impl Job {
@@ -621,8 +642,17 @@ impl Job {
                 .map_err(|e| bad(&e.field, e.reason))?;
             d.weights = absolute(&d.weights);
         }
-        if let Work::Encode(e) = &mut spec.work {
-            e.weights = absolute(&e.weights);
+        match &mut spec.work {
+            Work::Encode(e) => e.weights = absolute(&e.weights),
+            Work::Generate(g) => {
+                g.weights = absolute(&g.weights);
+                g.out = absolute(&g.out);
+                g.ids = g.ids.as_deref().map(absolute);
+                if let Some(d) = &mut g.decoder {
+                    d.weights = absolute(&d.weights);
+                }
+            }
+            Work::Train(_) => {}
         }
         let work = match &spec.work {
             Work::Train(training) => ValidatedWork::Train(Box::new(
@@ -648,6 +678,17 @@ impl Job {
                 }
                 ValidatedWork::Encode(encode.clone())
             }
+            Work::Generate(generate) => {
+                generate.validate().map_err(|e| bad(&e.field, e.reason))?;
+                if spec.samples != SampleSpec::default() {
+                    return Err(bad(
+                        "samples",
+                        "a generate job's samples are its [generate] section: remove [samples]"
+                            .into(),
+                    ));
+                }
+                ValidatedWork::Generate(generate.clone())
+            }
         };
         if let (ValidatedWork::Train(t), Some(_)) = (&work, &spec.samples.decoder)
             && t.model().in_channels == 1
@@ -659,8 +700,8 @@ impl Job {
         }
         let checkpoint = match &work {
             ValidatedWork::Train(t) => t.checkpoint.as_ref().map(|_| ()),
-            // The encode journal is its checkpoint.
-            ValidatedWork::Encode(_) => Some(()),
+            // The encode and generate journals are their checkpoints.
+            ValidatedWork::Encode(_) | ValidatedWork::Generate(_) => Some(()),
         };
         if spec.restart.max_restarts > 0 && checkpoint.is_none() {
             return Err(bad(
@@ -738,16 +779,22 @@ impl Job {
     pub fn train(&self) -> Option<&ValidatedConfig> {
         match &self.work {
             ValidatedWork::Train(t) => Some(t),
-            ValidatedWork::Encode(_) => None,
+            ValidatedWork::Encode(_) | ValidatedWork::Generate(_) => None,
         }
     }
 
-    /// Where the ranks' config is written: `train.toml` or `encode.toml` in the run directory.
+    /// Where the ranks' config is written: `train.toml`, `encode.toml` or `generate.toml` in the run directory.
     pub fn rank_config_path(&self) -> PathBuf {
-        self.run_dir.join(match self.work {
-            ValidatedWork::Train(_) => "train.toml",
-            ValidatedWork::Encode(_) => "encode.toml",
-        })
+        self.run_dir.join(format!("{}.toml", self.rank_command()))
+    }
+
+    /// The radit command every rank runs.
+    fn rank_command(&self) -> &'static str {
+        match self.work {
+            ValidatedWork::Train(_) => "train",
+            ValidatedWork::Encode(_) => "encode",
+            ValidatedWork::Generate(_) => "generate",
+        }
     }
 
     /// The ranks' config, as they read it.
@@ -755,18 +802,21 @@ impl Job {
         match &self.work {
             ValidatedWork::Train(t) => toml::to_string(&***t),
             ValidatedWork::Encode(e) => toml::to_string(&EncodeSections { encode: e.clone() }),
+            ValidatedWork::Generate(g) => toml::to_string(&GenerateSections {
+                generate: (**g).clone(),
+            }),
         }
     }
 
-    /// The steps the slowest rank has to finish: the training steps, or an encode job's most shards per rank
-    /// (this reads the store's manifest).
-    pub fn total_steps(&self) -> Result<u64, radit_trainer::encode::EncodeError> {
-        match &self.work {
-            ValidatedWork::Train(t) => Ok(t.train.steps),
-            ValidatedWork::Encode(e) => {
-                radit_trainer::encode::planned_steps(e, u64::from(self.world))
-            }
-        }
+    /// The steps the slowest rank has to finish: the training steps, an encode job's most shards per rank or a
+    /// generate job's most units per rank (these read the store).
+    pub fn total_steps(&self) -> Result<u64, Box<dyn std::error::Error + Send + Sync>> {
+        let world = u64::from(self.world);
+        Ok(match &self.work {
+            ValidatedWork::Train(t) => t.train.steps,
+            ValidatedWork::Encode(e) => radit_trainer::encode::planned_steps(e, world)?,
+            ValidatedWork::Generate(g) => radit_trainer::generate_job::planned_steps(g, world)?,
+        })
     }
 
     pub fn token_path(&self) -> PathBuf {
@@ -788,12 +838,8 @@ impl Job {
 
     /// The arguments after the radit binary that every rank runs.
     pub fn rank_args(&self) -> Vec<String> {
-        let command = match self.work {
-            ValidatedWork::Train(_) => "train",
-            ValidatedWork::Encode(_) => "encode",
-        };
         let mut args = vec![
-            command.to_string(),
+            self.rank_command().to_string(),
             "--config".into(),
             self.rank_config_path().display().to_string(),
             "--device".into(),
@@ -949,6 +995,29 @@ impl Job {
                     "data slices: the store's shards (train, val, test) in {} contiguous ranges, one per rank; a step \
                      is one shard, committed to the journal (.encode/journal), so a relaunch resumes at the next",
                     self.world
+                );
+            }
+            ValidatedWork::Generate(g) => {
+                let _ = writeln!(
+                    o,
+                    "generate: {} sample(s) per profile of the {} split of {}{}{}, seed {}, solver {:?}, from {} into {}",
+                    g.per_profile,
+                    g.split.name(),
+                    g.profiles,
+                    g.ids
+                        .as_ref()
+                        .map_or(String::new(), |p| format!(" (ids in {})", p.display())),
+                    g.limit.map_or(String::new(), |l| format!(" (first {l})")),
+                    g.seed,
+                    g.solver,
+                    g.weights.display(),
+                    g.out.display()
+                );
+                let _ = writeln!(
+                    o,
+                    "data slices: units of {} profiles in {} contiguous ranges, one per rank; a step is one unit, \
+                     committed to the journal (.generate/journal), so a relaunch resumes at the next",
+                    g.unit_profiles, self.world
                 );
             }
         }

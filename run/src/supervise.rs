@@ -382,9 +382,9 @@ pub enum SuperviseError {
     },
     #[error("writing the ranks' config")]
     RankConfig(#[source] toml::ser::Error),
-    /// The work cannot be planned (an encode job's store cannot be read).
+    /// The work cannot be planned (an encode or generate job's store cannot be read).
     #[error("planning the job")]
-    Plan(#[source] radit_trainer::encode::EncodeError),
+    Plan(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("making the job token")]
     Token(#[source] std::io::Error),
     /// The coordinator cannot listen where the job says.

@@ -147,6 +147,12 @@ impl StoreReader {
             .map_err(|e| corrupt(&e))
     }
 
+    /// Shard `index` of `split` without its images or latents: rows, labels, age and ids (small objects; the
+    /// profiles of matched sampling).
+    pub fn read_metadata_of(&self, split: Split, index: u64) -> Result<Shard, ShardError> {
+        self.read_metadata(split, index, &|k| Ok(self.storage.get(k)?))
+    }
+
     /// The `image_id`s of shard `index` of `split` (one small object; for audits).
     pub fn read_image_ids(&self, split: Split, index: u64) -> Result<Vec<String>, ShardError> {
         let rows = self.rows_in_shard(split, index)?;

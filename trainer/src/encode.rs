@@ -448,10 +448,10 @@ pub fn encode(
             let record = {
                 let _g = progress.enter(Phase::Checkpoint);
                 let record = writer.write_object(split, k, &latents)?;
-                if crate::faults::crash_in_encode(rank, step) {
+                if crate::faults::crash_before_commit(rank, step) {
                     tracing::warn!(
                         step,
-                        "aborting before the commit (RADIT_FAULT_CRASH_IN_ENCODE)"
+                        "aborting before the commit (RADIT_FAULT_CRASH_BEFORE_COMMIT)"
                     );
                     std::process::abort();
                 }

@@ -8,8 +8,8 @@
 //!   encoding).
 //! - `RADIT_FAULT_OOM=RANK:STEP`: that rank asks libtorch for 1 PiB in that step (a real allocator failure).
 //! - `RADIT_FAULT_CRASH_IN_CHECKPOINT=RANK:STEP`: that rank aborts half-way through writing that checkpoint.
-//! - `RADIT_FAULT_CRASH_IN_ENCODE=RANK:STEP`: an encode rank aborts after writing that step's shard of latents
-//!   and before committing it to the journal.
+//! - `RADIT_FAULT_CRASH_BEFORE_COMMIT=RANK:STEP`: a journaled job's rank (encode, generate) aborts after writing
+//!   that step's output (a shard of latents, a unit of samples) and before committing it to the journal.
 
 use std::collections::BTreeSet;
 
@@ -39,9 +39,9 @@ pub(crate) fn hang_in(rank: usize, step: u64) -> bool {
     fault_at("RADIT_FAULT_HANG") == Some((rank as u64, step))
 }
 
-/// Whether this encode rank should die between writing the shard of `step` and committing it.
-pub(crate) fn crash_in_encode(rank: usize, step: u64) -> bool {
-    fault_at("RADIT_FAULT_CRASH_IN_ENCODE") == Some((rank as u64, step))
+/// Whether this encode or generate rank should die between writing the output of `step` and committing it.
+pub(crate) fn crash_before_commit(rank: usize, step: u64) -> bool {
+    fault_at("RADIT_FAULT_CRASH_BEFORE_COMMIT") == Some((rank as u64, step))
 }
 
 /// The faults the environment asks for, as a step hook.

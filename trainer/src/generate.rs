@@ -14,6 +14,9 @@ use crate::model::{
 };
 use crate::sampler::{self, SolveStats, Solver};
 
+/// The stream of a sample's starting noise (with the seed and the sample's index).
+const NOISE_STREAM: u64 = 0x5a3b1e;
+
 /// One sample's metadata: a class id per categorical variable (0 = missing) and age in years/100 (NaN = missing).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Conditions {
@@ -166,16 +169,21 @@ impl Sampler {
         })
     }
 
-    fn noise(&self, seed: u64, indices: std::ops::Range<u64>) -> Tensor {
+    /// Starting noise `[n, C, S, S]`: sample i from the stream (seed, `indices[i]`).
+    fn noise(&self, seed: u64, indices: &[u64]) -> Tensor {
         let c = self.model.config();
         let per = (c.in_channels * c.input_size * c.input_size) as usize;
-        let n = indices.end - indices.start;
-        let mut data = vec![0f32; per * n as usize];
-        for (chunk, i) in data.chunks_mut(per).zip(indices) {
-            fill_normal(&[seed, i, 0x5a3b1e], chunk);
+        let mut data = vec![0f32; per * indices.len()];
+        for (chunk, &i) in data.chunks_mut(per).zip(indices) {
+            fill_normal(&[seed, i, NOISE_STREAM], chunk);
         }
         Tensor::from_slice(&data)
-            .view([n as i64, c.in_channels, c.input_size, c.input_size])
+            .view([
+                indices.len() as i64,
+                c.in_channels,
+                c.input_size,
+                c.input_size,
+            ])
             .to_device(self.device)
     }
 
@@ -206,7 +214,7 @@ impl Sampler {
         let n = indices.end;
         while start < n {
             let end = (start + batch.max(1)).min(n);
-            let noise = self.noise(seed, start..end);
+            let noise = self.noise(seed, &(start..end).collect::<Vec<_>>());
             let (labels, age) = cond.tensors((end - start) as i64, self.device);
             let (x, s) = sampler::generate(&self.model, &noise, &labels, &age, solver)?;
             out.push(x.to_device(Device::Cpu));
@@ -214,6 +222,30 @@ impl Sampler {
             start = end;
         }
         Ok((Tensor::cat(&out, 0), stats))
+    }
+
+    /// One batch of samples: sample i from the noise stream (seed, `indices[i]`) under `conditions[i]`, solved
+    /// together (an adaptive solver's steps depend on the batch, so callers keep their batches fixed).
+    pub fn generate_for(
+        &self,
+        conditions: &[&Conditions],
+        indices: &[u64],
+        seed: u64,
+        solver: Solver,
+    ) -> Result<(Tensor, SolveStats), ModelError> {
+        let n = indices.len() as i64;
+        let noise = self.noise(seed, indices);
+        let labels: Vec<i64> = conditions
+            .iter()
+            .flat_map(|x| x.labels.iter().map(|&v| i64::from(v)))
+            .collect();
+        let labels = Tensor::from_slice(&labels)
+            .view([n, -1])
+            .to_device(self.device);
+        let age: Vec<f32> = conditions.iter().map(|x| x.age).collect();
+        let age = Tensor::from_slice(&age).to_device(self.device);
+        let (x, stats) = sampler::generate(&self.model, &noise, &labels, &age, solver)?;
+        Ok((x.to_device(Device::Cpu), stats))
     }
 
     /// Reads PNGs (any size, 8- or 16-bit grey) into model inputs the way ingest stores them: full-range

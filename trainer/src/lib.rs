@@ -36,6 +36,7 @@ pub mod faults;
 pub mod features;
 pub mod flow;
 pub mod generate;
+pub mod generate_job;
 pub mod membership;
 pub mod model;
 pub mod placement;

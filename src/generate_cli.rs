@@ -1,0 +1,161 @@
+//! `radit generate`: thin argument parsing over radit_trainer::generate_job, as one process or as a rank of
+//! `radit run`.
+
+use std::path::PathBuf;
+
+use clap::Args;
+use radit_trainer::generate_job::{GenerateConfig, GenerateError, GenerateHandles, generate};
+use radit_trainer::tch;
+
+#[derive(Args)]
+pub struct GenerateArgs {
+    /// A TOML file with a [generate] section (what `radit run` writes for a generate job's ranks); or give
+    /// --weights, --profiles and --out.
+    #[arg(long, conflicts_with_all = ["weights", "profiles", "out"])]
+    config: Option<PathBuf>,
+    /// The model's weights (e.g. `radit export` of a run's EMA).
+    #[arg(long, required_unless_present = "config")]
+    weights: Option<PathBuf>,
+    /// The architecture, for weights without radit's metadata.
+    #[arg(long)]
+    preset: Option<String>,
+    /// The store whose split gives the profiles: one sample per row, with that row's 19 variables.
+    #[arg(long, required_unless_present = "config")]
+    profiles: Option<String>,
+    /// train, val or test.
+    #[arg(long, default_value = "test")]
+    split: String,
+    /// Only these image ids (a text file, one per line).
+    #[arg(long)]
+    ids: Option<PathBuf>,
+    /// At most this many profiles.
+    #[arg(long)]
+    limit: Option<u64>,
+    #[arg(long, default_value_t = 1)]
+    per_profile: u64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long, value_enum, default_value = "dopri5")]
+    solver: crate::model_cli::SolverArg,
+    /// dopri5 tolerances (default 1e-5, the paper's).
+    #[arg(long)]
+    atol: Option<f64>,
+    #[arg(long)]
+    rtol: Option<f64>,
+    /// Euler steps and grid shift.
+    #[arg(long, default_value_t = 50)]
+    steps: usize,
+    #[arg(long, default_value_t = 1.0)]
+    shift: f64,
+    /// The output directory: images/*.png (16-bit), samples.csv, generate.json.
+    #[arg(long, required_unless_present = "config")]
+    out: Option<PathBuf>,
+    /// Samples solved at once.
+    #[arg(long, default_value_t = 16)]
+    batch: u64,
+    /// Profiles per unit of work (one journal record).
+    #[arg(long, default_value_t = 64)]
+    unit_profiles: u64,
+    /// fp32 or bf16 (default: bf16 on GPUs, fp32 on CPUs).
+    #[arg(long, value_enum)]
+    precision: Option<crate::model_cli::PrecisionArg>,
+    /// Replace samples of other weights, profiles, seed or solver in --out.
+    #[arg(long)]
+    overwrite: bool,
+    /// cpu, cuda (this rank's GPU) or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// libtorch intra-op threads per rank.
+    #[arg(long)]
+    threads: Option<i32>,
+}
+
+impl GenerateArgs {
+    fn config(&self) -> anyhow::Result<GenerateConfig> {
+        if let Some(file) = &self.config {
+            return Ok(GenerateConfig::load(file)?);
+        }
+        let (Some(weights), Some(profiles), Some(out)) = (&self.weights, &self.profiles, &self.out)
+        else {
+            crate::exit::bail_usage!("give --config, or --weights, --profiles and --out");
+        };
+        let split = self
+            .split
+            .parse()
+            .map_err(|e| crate::exit::usage!("--split: {e}"))?;
+        let solver = crate::model_cli::solver_of(
+            self.solver,
+            self.atol,
+            self.rtol,
+            self.steps,
+            self.shift,
+            1e-5,
+        )?;
+        let cfg = GenerateConfig {
+            preset: self.preset.clone(),
+            split,
+            ids: self.ids.clone(),
+            limit: self.limit,
+            per_profile: self.per_profile,
+            seed: self.seed,
+            solver,
+            batch: self.batch,
+            unit_profiles: self.unit_profiles,
+            precision: self.precision.map(Into::into),
+            overwrite: self.overwrite,
+            ..GenerateConfig::new(weights, profiles, out)
+        };
+        cfg.validate().map_err(GenerateError::Config)?;
+        Ok(cfg)
+    }
+}
+
+pub fn run_generate(a: GenerateArgs) -> anyhow::Result<u8> {
+    let cfg = a.config()?;
+    if let Some(t) = a.threads {
+        tch::set_num_threads(t);
+    }
+    let device = crate::train_cli::device(&a.device)?;
+    let handles = GenerateHandles::default();
+    let (comm, membership) =
+        crate::train_cli::join_rank_group(device, &handles.stop, &handles.progress)?;
+    let rank = comm.rank();
+    let summary = match generate(&cfg, comm.as_ref(), device, &handles) {
+        Ok(s) => s,
+        Err(e) => {
+            // The same inputs would fail the same way: the supervisor must not relaunch.
+            let repeats = matches!(
+                e,
+                GenerateError::Config(_)
+                    | GenerateError::ConfigFile { .. }
+                    | GenerateError::Conflict { .. }
+                    | GenerateError::Model(_)
+            );
+            if let (true, Some(m)) = (repeats, membership) {
+                let why = format!("{:#}", anyhow::Error::new(e));
+                tracing::error!(rank, error = %why, "generate failed");
+                eprintln!("radit: rank {rank}: {why}");
+                m.fail(why);
+                return Ok(crate::exit::BAD_INPUT);
+            }
+            return Err(e.into());
+        }
+    };
+    eprintln!("{}", serde_json::to_string(&summary)?);
+    if rank == 0 && summary.finished {
+        println!(
+            "radit: {} holds the samples (images/, samples.csv); {} written here, {} units resumed",
+            cfg.out.display(),
+            summary.samples_written,
+            summary.units_resumed
+        );
+    }
+    if let Some(m) = membership {
+        m.leave();
+    }
+    Ok(if summary.stopped_for_requeue {
+        crate::exit::RETRYABLE
+    } else {
+        0
+    })
+}

@@ -1,0 +1,337 @@
+//! `radit generate`: matched conditional sampling, one process and as a `[job] kind = "generate"` job under
+//! `radit run` (2 local ranks, one killed between writing a unit and committing it), with the same files either
+//! way; each sample conditioned on its profile row and seeded by it (a `radit sample` of that profile with that
+//! noise draws the same image); bad input named; and the samples scored against the store by `radit eval`.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use common::*;
+
+/// Random tiny weights (the samples need not look like anything to be matched and reproducible).
+fn weights(dir: &Path) -> PathBuf {
+    let w = dir.join("w.safetensors");
+    run_ok(
+        radit()
+            .args(["model", "init", "tiny", "--seed", "4", "--out"])
+            .arg(&w),
+    );
+    w
+}
+
+/// Every file under `dir/images`, by name.
+fn images(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    std::fs::read_dir(dir.join("images"))
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                std::fs::read(e.path()).unwrap(),
+            )
+        })
+        .collect()
+}
+
+fn generate(weights: &Path, store: &Path, out: &Path, extra: &[&str]) -> std::process::Command {
+    let mut cmd = radit();
+    cmd.args(["generate", "--threads", "1", "--weights"])
+        .arg(weights)
+        .arg("--profiles")
+        .arg(store)
+        .arg("--out")
+        .arg(out)
+        .args(extra);
+    cmd
+}
+
+const SETTINGS: [&str; 10] = [
+    "--split",
+    "train",
+    "--limit",
+    "20",
+    "--unit-profiles",
+    "3",
+    "--batch",
+    "2",
+    "--seed",
+    "11",
+];
+
+#[test]
+fn a_generate_job_resumes_after_a_rank_dies_mid_unit_and_writes_what_one_process_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let store = tiny_store(d, 48, "40x48", 8, &[]);
+    let w = weights(d);
+    let single = d.join("single");
+    run_ok(&mut generate(&w, &store, &single, &SETTINGS));
+
+    let out = d.join("job-out");
+    let job = write_job(
+        d,
+        &format!(
+            r#"
+[job]
+name = "generate"
+kind = "generate"
+run_dir = "run"
+
+[generate]
+weights = "{}"
+profiles = "{}"
+split = "train"
+limit = 20
+unit_profiles = 3
+batch = 2
+seed = 11
+out = "{}"
+
+[resources]
+cpu_ranks = 2
+threads_per_rank = 1
+
+[launcher]
+kind = "local"
+
+[restart]
+max_restarts = 1
+heartbeat_seconds = 0.5
+
+[monitoring]
+progress_seconds = 0.5
+"#,
+            w.display(),
+            store.display(),
+            out.display()
+        ),
+    );
+    // Rank 1 writes its second unit's images and dies before committing it; the relaunch redoes that unit.
+    let run = run_ok(
+        radit()
+            .arg("run")
+            .arg(&job)
+            .env("RADIT_NO_PROGRESS_BAR", "1")
+            .env("RADIT_FAULT_CRASH_BEFORE_COMMIT", "1:2")
+            .env("RADIT_FAULT_ONLY_GENERATION", "1"),
+    );
+    let err = stderr(&run);
+    assert!(err.contains("restart 1/1"), "{err}");
+    // 7 units of 3 profiles over 2 ranks: the slower rank has 4.
+    assert!(
+        err.contains("step 4/4"),
+        "the progress line reaches the last step: {err}"
+    );
+    let journal = std::fs::read_dir(out.join(".generate/journal"))
+        .unwrap()
+        .count();
+    assert_eq!(journal, 7, "one record per unit");
+    // The same 20 files, byte for byte, and the same table, as the one-process run: nothing drawn twice,
+    // nothing skipped, and no dependence on the ranks.
+    let (a, b) = (images(&single), images(&out));
+    assert_eq!(a.len(), 20);
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    assert!(a == b, "the job's images differ from one process's");
+    let csv = std::fs::read_to_string(out.join("samples.csv")).unwrap();
+    assert_eq!(
+        csv,
+        std::fs::read_to_string(single.join("samples.csv")).unwrap()
+    );
+    assert_eq!(csv.lines().count(), 21);
+
+    // Run again: finished, nothing rewritten.
+    let again = run_ok(
+        radit()
+            .arg("run")
+            .arg(&job)
+            .env("RADIT_NO_PROGRESS_BAR", "1"),
+    );
+    assert!(
+        stderr(&again).contains("all 2 ranks finished"),
+        "{}",
+        stderr(&again)
+    );
+    assert!(images(&out) == b);
+}
+
+#[test]
+fn each_sample_is_its_profile_and_its_row_seed_and_bad_input_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let store = tiny_store(d, 48, "40x48", 8, &[]);
+    let w = weights(d);
+    // Euler: a batch's samples do not share adaptive steps, so one sample alone must come out the same.
+    let euler = ["--solver", "euler", "--steps", "6"];
+    let out = d.join("gen");
+    run_ok(&mut generate(
+        &w,
+        &store,
+        &out,
+        &[&SETTINGS[..], &euler[..], &["--per-profile", "2"]].concat(),
+    ));
+    let csv = std::fs::read_to_string(out.join("samples.csv")).unwrap();
+    let mut rows = csv::Reader::from_reader(csv.as_bytes());
+    let header: Vec<String> = rows.headers().unwrap().iter().map(str::to_string).collect();
+    let records: Vec<csv::StringRecord> = rows.records().map(Result::unwrap).collect();
+    assert_eq!(records.len(), 40);
+    // The profiles are the split's rows in order, each with its image id.
+    let ids = run_ok(
+        python()
+            .arg("-c")
+            .arg("import sys, zarr; print('\\n'.join(str(i) for i in zarr.open_group(sys.argv[1], mode='r')['train/image_id'][:20]))")
+            .arg(&store),
+    );
+    let want: Vec<String> = stdout(&ids)
+        .lines()
+        .flat_map(|l| [l.to_string(), l.to_string()])
+        .collect();
+    let got: Vec<String> = records.iter().map(|r| r[1].to_string()).collect();
+    assert_eq!(got, want);
+    // Row 5's second sample (noise index 5 x 2 + 1) is `radit sample` of row 5's profile with noise index 11:
+    // the sample with index 11 of 12 drawn under that profile.
+    let r = &records[11];
+    assert_eq!((&r[2], &r[3]), ("5", "1"));
+    let set: Vec<String> = header[4..header.len() - 1]
+        .iter()
+        .zip(r.iter().skip(4))
+        .filter(|(_, v)| !v.is_empty())
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    let alone = d.join("alone");
+    let mut sample = radit();
+    sample
+        .args(["sample", "--weights"])
+        .arg(&w)
+        .arg("--out")
+        .arg(&alone)
+        .args(["-n", "12", "--seed", "11", "--set", &set.join(",")])
+        .args(euler);
+    if !r[header.len() - 1].is_empty() {
+        sample.args(["--age", &r[header.len() - 1]]);
+    }
+    run_ok(&mut sample);
+    let decode = |p: &Path| {
+        radit_sharding::image::decode_png(&std::fs::read(p).unwrap())
+            .unwrap()
+            .0
+            .pixels
+    };
+    let (a, b) = (
+        decode(&out.join(&r[0])),
+        decode(&alone.join("sample_0011.png")),
+    );
+    let worst = a.iter().zip(&b).map(|(x, y)| x.abs_diff(*y)).max().unwrap();
+    assert!(
+        worst <= 2,
+        "row 5 sample 1 differs from `radit sample` of its profile by {worst} levels"
+    );
+
+    // Bad input: an id the split lacks, and an output of another seed.
+    std::fs::write(d.join("ids.txt"), "synth-0000001\nno-such-image\n").unwrap();
+    let ids_arg = d.join("ids.txt");
+    let err = fails_with_usage(
+        &mut generate(
+            &w,
+            &store,
+            &d.join("other"),
+            &["--split", "train", "--ids", ids_arg.to_str().unwrap()],
+        ),
+        "no-such-image",
+    );
+    assert!(err.contains("ids.txt"), "{err}");
+    let err = fails_with_usage(
+        &mut generate(
+            &w,
+            &store,
+            &out,
+            &[&SETTINGS[..8], &["--seed", "12"]].concat(),
+        ),
+        "overwrite",
+    );
+    assert!(err.contains("gen"), "{err}");
+    run_ok(&mut generate(
+        &w,
+        &store,
+        &out,
+        &[&SETTINGS[..8], &["--seed", "12", "--overwrite"]].concat(),
+    ));
+    assert_eq!(images(&out).len(), 20);
+}
+
+#[test]
+fn generated_samples_and_the_store_make_a_fidelity_row() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let store = tiny_store(d, 48, "40x48", 8, &[]);
+    let w = weights(d);
+    let out = d.join("gen");
+    run_ok(&mut generate(
+        &w,
+        &store,
+        &out,
+        &["--split", "train", "--solver", "euler", "--steps", "4"],
+    ));
+    let net = d.join("net.pt");
+    run_ok(
+        python()
+            .arg(repo().join("tests/python/feature_twin.py"))
+            .arg("export")
+            .arg(&net),
+    );
+    let features = |source: &[&str], name: &str| {
+        let path = d.join(name);
+        run_ok(
+            radit()
+                .args([
+                    "eval",
+                    "features",
+                    "--input-size",
+                    "32",
+                    "--device",
+                    "cpu",
+                    "--net",
+                ])
+                .arg(&net)
+                .args(source)
+                .arg("--out")
+                .arg(&path),
+        );
+        path
+    };
+    let real = features(
+        &["--store", store.to_str().unwrap(), "--split", "train"],
+        "real.npy",
+    );
+    let fake = features(&["--samples", out.to_str().unwrap()], "fake.npy");
+    // One sample per training row: the same ids in the same order.
+    assert_eq!(
+        std::fs::read_to_string(d.join("real.ids.txt")).unwrap(),
+        std::fs::read_to_string(d.join("fake.ids.txt")).unwrap()
+    );
+    let table = d.join("fidelity.csv");
+    run_ok(
+        radit()
+            .args(["eval", "fidelity", "--kd-subset-size", "min", "--k", "3"])
+            .args([
+                "--model",
+                "tiny",
+                "--reference",
+                "train",
+                "--network",
+                "tiny-ts",
+                "--real",
+            ])
+            .arg(&real)
+            .arg("--fake")
+            .arg(&fake)
+            .arg("--csv")
+            .arg(&table),
+    );
+    let text = std::fs::read_to_string(&table).unwrap();
+    let row: Vec<&str> = text.lines().nth(1).unwrap().split(',').collect();
+    assert_eq!(&row[..3], ["tiny", "train", "tiny-ts"]);
+    let fd: f64 = row[7].parse().unwrap();
+    assert!(fd.is_finite() && fd > 0.0, "{text}");
+}

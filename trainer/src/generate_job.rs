@@ -1,0 +1,738 @@
+//! `radit generate`: matched conditional sampling at scale (evaluation.md C.4, "Jobs users expect" 3). One sample
+//! (or `per_profile`) per row of a reference split, conditioned on that row's 19 variables, sample (row, k) drawn
+//! from the noise stream (seed, row x per_profile + k) and integrated with dopri5 at 1e-5 by default; written as
+//! 16-bit PNGs with a `samples.csv` that names each file's image id, row and profile.
+//!
+//! The work is cut into units of `unit_profiles` consecutive profiles; a unit is solved in fixed batches, so its
+//! samples are the same whichever rank draws it and however many ranks there are. Ranks take contiguous ranges of
+//! units. A unit's files are written (each through a temporary name), then its record under
+//! `.generate/journal/` commits it: a killed or requeued rank resumes at its first uncommitted unit, and no row is
+//! drawn twice or skipped. `generate.json` pins what the output is of (weights, profiles, seed, solver); a rerun
+//! with anything else is refused until `overwrite`. A rank's step is its number of committed units, so `radit run`
+//! shows progress and ETA and detects hangs as for training.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use radit_protocol::{ConfigError, Phase};
+use radit_sharding::ShardError;
+use radit_sharding::reader::StoreReader;
+use radit_sharding::schema::Vocabulary;
+use radit_sharding::split::Split;
+use radit_sharding::store::Storage;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tch::Device;
+
+use crate::collective::{Collective, CollectiveError};
+use crate::generate::{Conditions, Sampler};
+use crate::model::{ModelError, Precision};
+use crate::progress::{Progress, StepRecord};
+use crate::sampler::Solver;
+
+/// The `[generate]` section (and `radit generate`'s flags).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GenerateConfig {
+    /// The model's weights (safetensors carrying its config, e.g. `radit export` of a run's EMA).
+    pub weights: PathBuf,
+    /// The architecture, for weights that do not carry it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preset: Option<String>,
+    /// The store whose split gives the profiles.
+    pub profiles: String,
+    #[serde(default = "default_split")]
+    pub split: Split,
+    /// Only the rows with these image ids (a text file, one per line), in the split's order.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ids: Option<PathBuf>,
+    /// At most this many profiles (the first ones, after `ids`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u64>,
+    #[serde(default = "one")]
+    pub per_profile: u64,
+    #[serde(default)]
+    pub seed: u64,
+    #[serde(default)]
+    pub solver: Solver,
+    /// The output directory (local or a shared file system).
+    pub out: PathBuf,
+    /// Samples solved at once.
+    #[serde(default = "default_batch")]
+    pub batch: u64,
+    /// Profiles per unit of work (one step of progress, one journal record).
+    #[serde(default = "default_unit")]
+    pub unit_profiles: u64,
+    /// fp32 or bf16 (default: bf16 on GPUs, fp32 on CPUs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub precision: Option<Precision>,
+    /// For a latent model: the decoder (de-standardised with the profile store's latent statistics).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decoder: Option<crate::autoencoder::DecoderConfig>,
+    /// Replace an output of other weights, profiles, seed or solver.
+    #[serde(default)]
+    pub overwrite: bool,
+}
+
+fn default_split() -> Split {
+    Split::Test
+}
+fn one() -> u64 {
+    1
+}
+fn default_batch() -> u64 {
+    16
+}
+fn default_unit() -> u64 {
+    64
+}
+
+/// Why a generate rank stopped, named by what the operator can do.
+#[derive(Debug, thiserror::Error)]
+pub enum GenerateError {
+    #[error("{}: {reason}", file.display())]
+    ConfigFile { file: PathBuf, reason: String },
+    #[error("{}: {}", .0.field, .0.reason)]
+    Config(ConfigError),
+    #[error("the model")]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Store(#[from] ShardError),
+    /// The output directory holds samples of something else.
+    #[error("{}: {reason}", out.display())]
+    Conflict { out: PathBuf, reason: String },
+    #[error("{}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the rank group")]
+    Collective(#[from] CollectiveError),
+    #[error("superseded by a newer generation of the run")]
+    Superseded,
+}
+
+fn io(path: &Path) -> impl Fn(std::io::Error) -> GenerateError + '_ {
+    move |source| GenerateError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+impl GenerateConfig {
+    pub fn new(weights: &Path, profiles: &str, out: &Path) -> Self {
+        Self {
+            weights: weights.to_path_buf(),
+            preset: None,
+            profiles: profiles.into(),
+            split: default_split(),
+            ids: None,
+            limit: None,
+            per_profile: 1,
+            seed: 0,
+            solver: Solver::default(),
+            out: out.to_path_buf(),
+            batch: default_batch(),
+            unit_profiles: default_unit(),
+            precision: None,
+            decoder: None,
+            overwrite: false,
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |field: &str, reason: &str| Err(ConfigError::new(field, reason));
+        if self.per_profile == 0 || self.batch == 0 || self.unit_profiles == 0 {
+            return bad(
+                "generate.per_profile",
+                "per_profile, batch and unit_profiles must be positive",
+            );
+        }
+        if self.limit == Some(0) {
+            return bad("generate.limit", "must be positive when given");
+        }
+        self.solver
+            .validate()
+            .map_err(|e| ConfigError::new("generate.solver", e.to_string()))
+    }
+
+    /// Reads `[generate]` from a TOML file (as `radit run` writes it for the ranks) and validates it.
+    pub fn load(file: &Path) -> Result<Self, GenerateError> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct File {
+            generate: GenerateConfig,
+        }
+        let bad = |reason: String| GenerateError::ConfigFile {
+            file: file.to_path_buf(),
+            reason,
+        };
+        let text = std::fs::read_to_string(file).map_err(|e| bad(e.to_string()))?;
+        let cfg = toml::from_str::<File>(&text)
+            .map_err(|e| bad(e.to_string()))?
+            .generate;
+        cfg.validate()
+            .map_err(|e| bad(format!("{}: {}", e.field, e.reason)))?;
+        Ok(cfg)
+    }
+
+    fn precision_on(&self, device: Device) -> Precision {
+        self.precision.unwrap_or(if device.is_cuda() {
+            Precision::Bf16
+        } else {
+            Precision::Fp32
+        })
+    }
+}
+
+/// One reference row: where it is, and the metadata its samples are conditioned on.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Profile {
+    /// Its index in the split.
+    pub row: u64,
+    pub image_id: String,
+    pub conditions: Conditions,
+}
+
+/// The profiles of `cfg`, in the split's order (the ids file selects and must be all found).
+pub fn read_profiles(cfg: &GenerateConfig) -> Result<Vec<Profile>, GenerateError> {
+    let reader =
+        StoreReader::open(Storage::open_existing(&cfg.profiles).map_err(ShardError::from)?)?;
+    let wanted: Option<std::collections::BTreeSet<String>> = match &cfg.ids {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .map_err(io(path))?
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .map(str::to_string)
+                .collect(),
+        ),
+        None => None,
+    };
+    let variables = Vocabulary::current().labels.len();
+    let mut out = Vec::new();
+    let mut row = 0u64;
+    'shards: for k in 0..reader.shards(cfg.split) {
+        let shard = reader.read_metadata_of(cfg.split, k)?;
+        for i in 0..shard.rows {
+            let id = &shard.image_ids[i];
+            if wanted.as_ref().is_none_or(|w| w.contains(id)) {
+                out.push(Profile {
+                    row,
+                    image_id: id.clone(),
+                    conditions: Conditions {
+                        labels: shard.labels[i * variables..(i + 1) * variables].to_vec(),
+                        age: shard.age[i],
+                    },
+                });
+                if cfg.limit.is_some_and(|l| out.len() as u64 >= l) {
+                    break 'shards;
+                }
+            }
+            row += 1;
+        }
+    }
+    if let (Some(w), Some(path)) = (&wanted, &cfg.ids)
+        && cfg.limit.is_none()
+        && out.len() < w.len()
+    {
+        let found: std::collections::BTreeSet<&str> =
+            out.iter().map(|p| p.image_id.as_str()).collect();
+        let missing: Vec<&str> = w
+            .iter()
+            .map(String::as_str)
+            .filter(|id| !found.contains(id))
+            .take(5)
+            .collect();
+        return Err(GenerateError::Config(ConfigError::new(
+            "generate.ids",
+            format!(
+                "{}: {} id(s) are not in the {} split of {} (first: {})",
+                path.display(),
+                w.len() - out.len(),
+                cfg.split.name(),
+                cfg.profiles,
+                missing.join(", ")
+            ),
+        )));
+    }
+    if out.is_empty() {
+        return Err(GenerateError::Config(ConfigError::new(
+            "generate.split",
+            format!(
+                "no profiles in the {} split of {}",
+                cfg.split.name(),
+                cfg.profiles
+            ),
+        )));
+    }
+    Ok(out)
+}
+
+/// The units of `profiles` profiles.
+pub fn units(profiles: u64, unit_profiles: u64) -> u64 {
+    profiles.div_ceil(unit_profiles.max(1))
+}
+
+/// The steps of the rank with the most units, over `world` ranks (reads the profiles).
+pub fn planned_steps(cfg: &GenerateConfig, world: u64) -> Result<u64, GenerateError> {
+    let n = read_profiles(cfg)?.len() as u64;
+    Ok(crate::encode::total_steps(
+        units(n, cfg.unit_profiles),
+        world,
+    ))
+}
+
+/// What an output directory is of: everything that decides its samples.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Fingerprint {
+    pub weights_sha256: String,
+    pub profiles: String,
+    pub split: Split,
+    /// sha256 of the profile rows' image ids, in order.
+    pub ids_sha256: String,
+    pub rows: u64,
+    pub per_profile: u64,
+    pub seed: u64,
+    pub solver: Solver,
+    pub batch: u64,
+    pub unit_profiles: u64,
+    pub precision: Precision,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decoder_sha256: Option<String>,
+}
+
+fn sha256_file(path: &Path) -> Result<String, GenerateError> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).map_err(io(path))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(io(path))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hex::encode(hasher.finalize()))
+}
+
+/// A unit's journal record: the commit.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct UnitRecord {
+    unit: u64,
+    samples: u64,
+    nfe: u64,
+}
+
+/// One sample's file name: `<split>-<row>-<k>.png`.
+pub fn sample_file(split: Split, row: u64, k: u64) -> String {
+    format!("{}-{row:08}-{k}.png", split.name())
+}
+
+const MANIFEST: &str = "generate.json";
+const JOURNAL: &str = ".generate/journal";
+const CSV: &str = "samples.csv";
+
+fn journal_path(out: &Path, unit: u64) -> PathBuf {
+    out.join(JOURNAL).join(format!("{unit:08}.json"))
+}
+
+/// Writes beside the target and renames: a reader never sees half a file.
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), GenerateError> {
+    let mut partial = path.as_os_str().to_owned();
+    partial.push(".partial");
+    std::fs::write(&partial, bytes).map_err(io(path))?;
+    std::fs::rename(&partial, path).map_err(io(path))
+}
+
+/// What a rank can be told from outside: stop (between units) and its progress for the heartbeat.
+#[derive(Debug, Clone, Default)]
+pub struct GenerateHandles {
+    pub stop: Arc<AtomicBool>,
+    pub progress: Progress,
+}
+
+/// What one rank did.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct GenerateSummary {
+    pub rank: usize,
+    pub units: u64,
+    pub units_resumed: u64,
+    pub samples_written: u64,
+    /// Model evaluations per sample, averaged over this rank's solves.
+    pub nfe_per_sample: f64,
+    pub samples_per_second: f64,
+    pub seconds: f64,
+    pub stopped_for_requeue: bool,
+    /// Rank 0 only: every unit is committed and `samples.csv` written.
+    pub finished: bool,
+}
+
+/// Settles the output directory on rank 0: a new one gets the manifest; an existing one must be of the same
+/// fingerprint (or is cleared with `overwrite`).
+fn prepare(cfg: &GenerateConfig, fingerprint: &Fingerprint) -> Result<(), GenerateError> {
+    let out = &cfg.out;
+    let manifest = out.join(MANIFEST);
+    if manifest.exists() {
+        let text = std::fs::read_to_string(&manifest).map_err(io(&manifest))?;
+        let existing: Result<Fingerprint, _> = serde_json::from_str::<serde_json::Value>(&text)
+            .ok()
+            .and_then(|v| v.get("fingerprint").cloned())
+            .map(serde_json::from_value)
+            .unwrap_or_else(|| Err(serde::de::Error::custom("no fingerprint")));
+        match existing {
+            Ok(f) if f == *fingerprint => return Ok(()),
+            _ if cfg.overwrite => {
+                tracing::warn!(out = %out.display(), "overwrite: removing samples of another model or setting");
+                // The manifest goes first: a crash part-way leaves a directory nobody mistakes for finished.
+                std::fs::remove_file(&manifest).map_err(io(&manifest))?;
+                for dir in [out.join(".generate"), out.join("images")] {
+                    if dir.exists() {
+                        std::fs::remove_dir_all(&dir).map_err(io(&dir))?;
+                    }
+                }
+                let _ = std::fs::remove_file(out.join(CSV));
+            }
+            Ok(f) => {
+                return Err(GenerateError::Conflict {
+                    out: out.clone(),
+                    reason: format!(
+                        "holds samples of {} (weights {}, seed {}, solver {:?}); this run is of {} (weights {}, \
+                         seed {}, solver {:?}): choose another output directory, or set overwrite",
+                        f.profiles,
+                        &f.weights_sha256[..12.min(f.weights_sha256.len())],
+                        f.seed,
+                        f.solver,
+                        fingerprint.profiles,
+                        &fingerprint.weights_sha256[..12],
+                        fingerprint.seed,
+                        fingerprint.solver,
+                    ),
+                });
+            }
+            Err(e) => {
+                return Err(GenerateError::Conflict {
+                    out: out.clone(),
+                    reason: format!("{MANIFEST} is unreadable ({e}): set overwrite to start again"),
+                });
+            }
+        }
+    }
+    for dir in [out.join(JOURNAL), out.join("images")] {
+        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+    }
+    let text = serde_json::json!({ "fingerprint": fingerprint, "complete": false });
+    write_atomic(&manifest, format!("{text:#}\n").as_bytes())
+}
+
+/// Runs this rank's part of the generate job (see the module docs). Collective.
+pub fn generate(
+    cfg: &GenerateConfig,
+    comm: &dyn Collective,
+    device: Device,
+    handles: &GenerateHandles,
+) -> Result<GenerateSummary, GenerateError> {
+    cfg.validate().map_err(GenerateError::Config)?;
+    let (rank, world) = (comm.rank(), comm.world());
+    let started = Instant::now();
+    let progress = &handles.progress;
+    progress.set_phase(Phase::Starting);
+    let precision = cfg.precision_on(device);
+    let profiles = read_profiles(cfg)?;
+    let sampler = Sampler::load(&cfg.weights, cfg.preset.as_deref(), device, precision)?;
+    let model = sampler.model.config().clone();
+    let decoder = match &cfg.decoder {
+        Some(d) => Some(crate::autoencoder::LatentDecoder::load(
+            d,
+            Some(crate::autoencoder::store_statistics(&cfg.profiles)?),
+            device,
+        )?),
+        None if model.in_channels != 1 => {
+            return Err(GenerateError::Config(ConfigError::new(
+                "generate.decoder",
+                format!(
+                    "the model makes {}-channel latents: give [generate.decoder] to write images",
+                    model.in_channels
+                ),
+            )));
+        }
+        None => None,
+    };
+    let ids = profiles.iter().fold(Sha256::new(), |h, p| {
+        h.chain_update(p.image_id.as_bytes()).chain_update(b"\n")
+    });
+    let fingerprint = Fingerprint {
+        weights_sha256: sha256_file(&cfg.weights)?,
+        profiles: cfg.profiles.clone(),
+        split: cfg.split,
+        ids_sha256: hex::encode(ids.finalize()),
+        rows: profiles.len() as u64,
+        per_profile: cfg.per_profile,
+        seed: cfg.seed,
+        solver: cfg.solver,
+        batch: cfg.batch,
+        unit_profiles: cfg.unit_profiles,
+        precision,
+        decoder_sha256: cfg
+            .decoder
+            .as_ref()
+            .map(|d| sha256_file(&d.weights))
+            .transpose()?,
+    };
+    // Rank 0 settles the directory; the others learn of a refusal from the reduction instead of waiting.
+    let prepared = if rank == 0 {
+        prepare(cfg, &fingerprint)
+    } else {
+        Ok(())
+    };
+    let refused = {
+        let _g = progress.enter(Phase::Collective);
+        comm.all_reduce_f64(if prepared.is_err() { 1.0 } else { 0.0 })?
+    };
+    prepared?;
+    if refused > 0.0 {
+        return Err(GenerateError::Conflict {
+            out: cfg.out.clone(),
+            reason: "rank 0 could not prepare it (its log says why)".into(),
+        });
+    }
+    let all_units = units(profiles.len() as u64, cfg.unit_profiles);
+    let total = crate::encode::total_steps(all_units, world as u64);
+    let range = crate::encode::rank_range(all_units as usize, rank, world);
+    let mine: Vec<u64> = (range.start as u64..range.end as u64).collect();
+    let pending: Vec<u64> = mine
+        .iter()
+        .copied()
+        .filter(|&u| !journal_path(&cfg.out, u).exists())
+        .collect();
+    let mut summary = GenerateSummary {
+        rank,
+        units: mine.len() as u64,
+        units_resumed: (mine.len() - pending.len()) as u64,
+        ..GenerateSummary::default()
+    };
+    progress.set_step(summary.units_resumed);
+    tracing::info!(
+        rank,
+        units = mine.len(),
+        resumed = summary.units_resumed,
+        profiles = profiles.len(),
+        "generating"
+    );
+    let flops_per_nfe = model.forward_flops_per_token() * model.tokens() as f64;
+    let images_dir = cfg.out.join("images");
+    let (mut nfe_total, loop_started) = (0u64, Instant::now());
+    let mut stopped = false;
+    for (done, &unit) in pending.iter().enumerate() {
+        if handles.stop.load(Ordering::SeqCst) {
+            stopped = true;
+            break;
+        }
+        if progress.superseded() {
+            return Err(GenerateError::Superseded);
+        }
+        let step_start = Instant::now();
+        let step = summary.units_resumed + done as u64 + 1;
+        let first = (unit * cfg.unit_profiles) as usize;
+        let last = (first + cfg.unit_profiles as usize).min(profiles.len());
+        // The unit's samples in order: (profile, k) for each of its profiles.
+        let samples: Vec<(&Profile, u64)> = profiles[first..last]
+            .iter()
+            .flat_map(|p| (0..cfg.per_profile).map(move |k| (p, k)))
+            .collect();
+        let mut nfe = 0u64;
+        {
+            let _g = progress.enter(Phase::Compute);
+            if crate::faults::hang_in(rank, step) {
+                tracing::warn!(step, "hanging on purpose (RADIT_FAULT_HANG)");
+                loop {
+                    std::thread::sleep(std::time::Duration::from_secs(3600));
+                }
+            }
+            for chunk in samples.chunks(cfg.batch as usize) {
+                let conditions: Vec<&Conditions> =
+                    chunk.iter().map(|(p, _)| &p.conditions).collect();
+                let noise: Vec<u64> = chunk
+                    .iter()
+                    .map(|(p, k)| p.row * cfg.per_profile + k)
+                    .collect();
+                let (x, stats) = tch::no_grad(|| {
+                    sampler.generate_for(&conditions, &noise, cfg.seed, cfg.solver)
+                })?;
+                nfe += stats.nfe as u64;
+                let images = match &decoder {
+                    Some(d) => d.decode(&x)?,
+                    None => x,
+                };
+                let side = images.size()[3];
+                for (i, (p, k)) in chunk.iter().enumerate() {
+                    let pixels = crate::generate::to_u16(&images.get(i as i64))?;
+                    let path = images_dir.join(sample_file(cfg.split, p.row, *k));
+                    let png =
+                        radit_sharding::image::encode_png16(side as u32, side as u32, &pixels);
+                    write_atomic(&path, &png)?;
+                }
+            }
+        }
+        {
+            let _g = progress.enter(Phase::Checkpoint);
+            if crate::faults::crash_before_commit(rank, step) {
+                tracing::warn!(
+                    step,
+                    "aborting before the commit (RADIT_FAULT_CRASH_BEFORE_COMMIT)"
+                );
+                std::process::abort();
+            }
+            let record = UnitRecord {
+                unit,
+                samples: samples.len() as u64,
+                nfe,
+            };
+            let bytes = serde_json::to_vec(&record).map_err(|e| GenerateError::Io {
+                path: journal_path(&cfg.out, unit),
+                source: e.into(),
+            })?;
+            write_atomic(&journal_path(&cfg.out, unit), &bytes)?;
+        }
+        nfe_total += nfe;
+        summary.samples_written += samples.len() as u64;
+        progress.record_step(&StepRecord {
+            step,
+            seconds: step_start.elapsed().as_secs_f64(),
+            data_wait_seconds: 0.0,
+            images: samples.len() as u64,
+            tokens: samples.len() as u64 * model.tokens() as u64,
+            // a solve's forwards, for every sample of each batch
+            flops: flops_per_nfe * (nfe as f64) * cfg.batch.min(samples.len() as u64) as f64,
+            loss: f64::NAN,
+            loss_max: f64::NAN,
+            grad_norm: f64::NAN,
+            learning_rate: 0.0,
+            skipped: false,
+        });
+        progress.record_device_memory(crate::runtime::device_memory(device));
+    }
+    let seconds = loop_started.elapsed().as_secs_f64().max(1e-9);
+    summary.samples_per_second = summary.samples_written as f64 / seconds;
+    let batches = summary.samples_written.div_ceil(cfg.batch).max(1);
+    summary.nfe_per_sample = nfe_total as f64 / batches as f64;
+    if !stopped {
+        progress.set_step(total);
+    }
+    let stopped_anywhere = {
+        let _g = progress.enter(Phase::Collective);
+        comm.all_reduce_max_f64(if stopped { 1.0 } else { 0.0 })?
+    } > 0.0;
+    summary.seconds = started.elapsed().as_secs_f64();
+    if stopped_anywhere {
+        summary.stopped_for_requeue = true;
+        return Ok(summary);
+    }
+    if rank == 0 {
+        finish(cfg, &profiles, all_units, &fingerprint)?;
+        summary.finished = true;
+    }
+    Ok(summary)
+}
+
+/// Rank 0, after every rank's range: checks every unit is committed, writes `samples.csv` and marks the
+/// manifest complete.
+fn finish(
+    cfg: &GenerateConfig,
+    profiles: &[Profile],
+    all_units: u64,
+    fingerprint: &Fingerprint,
+) -> Result<(), GenerateError> {
+    if let Some(u) = (0..all_units).find(|&u| !journal_path(&cfg.out, u).exists()) {
+        return Err(GenerateError::Conflict {
+            out: cfg.out.clone(),
+            reason: format!(
+                "unit {u} is not committed although every rank finished: run again to resume"
+            ),
+        });
+    }
+    let vocab = Vocabulary::current();
+    let mut csv = String::from("file,image_id,row,sample");
+    for name in &vocab.labels {
+        csv += &format!(",{name}");
+    }
+    csv += ",age\n";
+    for p in profiles {
+        for k in 0..cfg.per_profile {
+            csv += &format!(
+                "images/{},{},{},{k}",
+                sample_file(cfg.split, p.row, k),
+                csv_field(&p.image_id),
+                p.row
+            );
+            for (i, &c) in p.conditions.labels.iter().enumerate() {
+                let class = if c == 0 {
+                    ""
+                } else {
+                    vocab.classes[i][c as usize].as_str()
+                };
+                csv += &format!(",{}", csv_field(class));
+            }
+            if p.conditions.age.is_finite() {
+                csv += &format!(",{}", p.conditions.age * 100.0);
+            } else {
+                csv += ",";
+            }
+            csv += "\n";
+        }
+    }
+    write_atomic(&cfg.out.join(CSV), csv.as_bytes())?;
+    let text = serde_json::json!({ "fingerprint": fingerprint, "complete": true, "samples": profiles.len() as u64 * cfg.per_profile });
+    write_atomic(&cfg.out.join(MANIFEST), format!("{text:#}\n").as_bytes())
+}
+
+/// A CSV field, quoted when it must be.
+fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
+    }
+}
+
+/// The samples a finished output directory lists, in order: (file path, image id, sample index).
+pub fn read_samples(out: &Path) -> Result<Vec<(PathBuf, String, u64)>, GenerateError> {
+    let manifest = out.join(MANIFEST);
+    let text = std::fs::read_to_string(&manifest).map_err(io(&manifest))?;
+    let complete = serde_json::from_str::<serde_json::Value>(&text)
+        .ok()
+        .and_then(|v| v["complete"].as_bool())
+        .unwrap_or(false);
+    if !complete {
+        return Err(GenerateError::Conflict {
+            out: out.to_path_buf(),
+            reason: "the generate job has not finished: run it again to resume".into(),
+        });
+    }
+    let path = out.join(CSV);
+    let mut reader = csv::Reader::from_path(&path).map_err(|e| GenerateError::Io {
+        path: path.clone(),
+        source: std::io::Error::other(e),
+    })?;
+    let mut rows = Vec::new();
+    for (i, record) in reader.records().enumerate() {
+        let bad = |reason: String| GenerateError::Conflict {
+            out: path.clone(),
+            reason: format!("row {}: {reason}", i + 2),
+        };
+        let r = record.map_err(|e| bad(e.to_string()))?;
+        let (Some(file), Some(id), Some(k)) = (r.get(0), r.get(1), r.get(3)) else {
+            return Err(bad("fewer than 4 fields".into()));
+        };
+        let k = k
+            .parse()
+            .map_err(|_| bad(format!("sample `{k}` is not a number")))?;
+        rows.push((out.join(file), id.to_string(), k));
+    }
+    Ok(rows)
+}
