@@ -69,39 +69,30 @@ pub fn run_encode(a: EncodeArgs) -> anyhow::Result<u8> {
     }
     let device = crate::train_cli::device(&a.device)?;
     let handles = EncodeHandles::default();
-    let (comm, membership) =
-        crate::train_cli::join_rank_group(device, &handles.stop, &handles.progress)?;
-    let rank = comm.rank();
-    let summary = match encode(&cfg, comm.as_ref(), device, &handles) {
-        Ok(s) => s,
-        Err(e) => {
-            // The same inputs would fail the same way: the supervisor must not relaunch.
-            let repeats = matches!(
+    let ran = crate::train_cli::run_journaled_rank(
+        device,
+        &handles.stop,
+        &handles.progress,
+        |comm| encode(&cfg, comm, device, &handles),
+        |e| {
+            matches!(
                 e,
                 EncodeError::Config(_)
                     | EncodeError::ConfigFile { .. }
                     | EncodeError::Unsuitable { .. }
                     | EncodeError::Model(_)
-            );
-            if let (true, Some(m)) = (repeats, membership) {
-                let why = format!("{:#}", anyhow::Error::new(e));
-                tracing::error!(rank, error = %why, "encode failed");
-                eprintln!("radit: rank {rank}: {why}");
-                m.fail(why);
-                return Ok(crate::exit::BAD_INPUT);
-            }
-            return Err(e.into());
-        }
+            )
+        },
+    )?;
+    let (summary, rank) = match ran {
+        Ok(done) => done,
+        Err(code) => return Ok(code),
     };
-    eprintln!("{}", serde_json::to_string(&summary)?);
     if rank == 0 && summary.finished {
         println!(
             "radit: {} now holds <split>/latents ({} images encoded here, {} shards resumed)",
             cfg.store, summary.images_encoded, summary.shards_resumed
         );
-    }
-    if let Some(m) = membership {
-        m.leave();
     }
     Ok(if summary.stopped_for_requeue {
         crate::exit::RETRYABLE

@@ -35,18 +35,9 @@ pub struct GenerateArgs {
     per_profile: u64,
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    #[arg(long, value_enum, default_value = "dopri5")]
-    solver: crate::model_cli::SolverArg,
-    /// dopri5 tolerances (default 1e-5, the paper's).
-    #[arg(long)]
-    atol: Option<f64>,
-    #[arg(long)]
-    rtol: Option<f64>,
-    /// Euler steps and grid shift.
-    #[arg(long, default_value_t = 50)]
-    steps: usize,
-    #[arg(long, default_value_t = 1.0)]
-    shift: f64,
+    /// The ODE solver (dopri5 at the paper's 1e-5 by default).
+    #[command(flatten)]
+    solver: crate::model_cli::SolverArgs,
     /// The output directory: images/*.png (16-bit), samples.csv, generate.json.
     #[arg(long, required_unless_present = "config")]
     out: Option<PathBuf>,
@@ -83,14 +74,7 @@ impl GenerateArgs {
             .split
             .parse()
             .map_err(|e| crate::exit::usage!("--split: {e}"))?;
-        let solver = crate::model_cli::solver_of(
-            self.solver,
-            self.atol,
-            self.rtol,
-            self.steps,
-            self.shift,
-            1e-5,
-        )?;
+        let solver = self.solver.solver(1e-5)?;
         let cfg = GenerateConfig {
             preset: self.preset.clone(),
             split,
@@ -117,31 +101,25 @@ pub fn run_generate(a: GenerateArgs) -> anyhow::Result<u8> {
     }
     let device = crate::train_cli::device(&a.device)?;
     let handles = GenerateHandles::default();
-    let (comm, membership) =
-        crate::train_cli::join_rank_group(device, &handles.stop, &handles.progress)?;
-    let rank = comm.rank();
-    let summary = match generate(&cfg, comm.as_ref(), device, &handles) {
-        Ok(s) => s,
-        Err(e) => {
-            // The same inputs would fail the same way: the supervisor must not relaunch.
-            let repeats = matches!(
+    let ran = crate::train_cli::run_journaled_rank(
+        device,
+        &handles.stop,
+        &handles.progress,
+        |comm| generate(&cfg, comm, device, &handles),
+        |e| {
+            matches!(
                 e,
                 GenerateError::Config(_)
                     | GenerateError::ConfigFile { .. }
                     | GenerateError::Conflict { .. }
                     | GenerateError::Model(_)
-            );
-            if let (true, Some(m)) = (repeats, membership) {
-                let why = format!("{:#}", anyhow::Error::new(e));
-                tracing::error!(rank, error = %why, "generate failed");
-                eprintln!("radit: rank {rank}: {why}");
-                m.fail(why);
-                return Ok(crate::exit::BAD_INPUT);
-            }
-            return Err(e.into());
-        }
+            )
+        },
+    )?;
+    let (summary, rank) = match ran {
+        Ok(done) => done,
+        Err(code) => return Ok(code),
     };
-    eprintln!("{}", serde_json::to_string(&summary)?);
     if rank == 0 && summary.finished {
         println!(
             "radit: {} holds the samples (images/, samples.csv); {} written here, {} units resumed",
@@ -149,9 +127,6 @@ pub fn run_generate(a: GenerateArgs) -> anyhow::Result<u8> {
             summary.samples_written,
             summary.units_resumed
         );
-    }
-    if let Some(m) = membership {
-        m.leave();
     }
     Ok(if summary.stopped_for_requeue {
         crate::exit::RETRYABLE

@@ -303,29 +303,44 @@ impl From<PrecisionArg> for Precision {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
-pub enum SolverArg {
+enum SolverArg {
     Dopri5,
     Euler,
 }
 
-/// The solver the flags ask for (tolerances default to `default_tol`), validated.
-pub fn solver_of(
-    kind: SolverArg,
+/// The ODE solver's flags (`radit sample`, `radit generate`).
+#[derive(Args)]
+pub struct SolverArgs {
+    #[arg(long, value_enum, default_value = "dopri5")]
+    solver: SolverArg,
+    /// dopri5 tolerances (the paper: 1e-5 for samples, 1e-6 for edits).
+    #[arg(long)]
     atol: Option<f64>,
+    #[arg(long)]
     rtol: Option<f64>,
+    /// Euler steps and grid shift.
+    #[arg(long, default_value_t = 50)]
     steps: usize,
+    #[arg(long, default_value_t = 1.0)]
     shift: f64,
-    default_tol: f64,
-) -> Result<Solver, radit_trainer::model::ModelError> {
-    let solver = match kind {
-        SolverArg::Dopri5 => Solver::Dopri5 {
-            atol: atol.unwrap_or(default_tol),
-            rtol: rtol.unwrap_or(default_tol),
-        },
-        SolverArg::Euler => Solver::Euler { steps, shift },
-    };
-    solver.validate()?;
-    Ok(solver)
+}
+
+impl SolverArgs {
+    /// The solver the flags ask for (tolerances default to `default_tol`), validated.
+    pub fn solver(&self, default_tol: f64) -> Result<Solver, radit_trainer::model::ModelError> {
+        let solver = match self.solver {
+            SolverArg::Dopri5 => Solver::Dopri5 {
+                atol: self.atol.unwrap_or(default_tol),
+                rtol: self.rtol.unwrap_or(default_tol),
+            },
+            SolverArg::Euler => Solver::Euler {
+                steps: self.steps,
+                shift: self.shift,
+            },
+        };
+        solver.validate()?;
+        Ok(solver)
+    }
 }
 
 #[derive(Args)]
@@ -356,18 +371,8 @@ pub struct SampleArgs {
     from: String,
     #[arg(long)]
     from_age: Option<f32>,
-    #[arg(long, value_enum, default_value = "dopri5")]
-    solver: SolverArg,
-    /// dopri5 tolerances (the paper: 1e-5 for samples, 1e-6 for edits).
-    #[arg(long)]
-    atol: Option<f64>,
-    #[arg(long)]
-    rtol: Option<f64>,
-    /// Euler steps and grid shift.
-    #[arg(long, default_value_t = 50)]
-    steps: usize,
-    #[arg(long, default_value_t = 1.0)]
-    shift: f64,
+    #[command(flatten)]
+    solver: SolverArgs,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// For a latent preset: also decode the samples with this autoencoder (decoded_NNNN.png, and the contact
@@ -546,13 +551,12 @@ pub fn device_or_gpu(flag: Option<&str>) -> anyhow::Result<Device> {
 
 pub fn run_sample(a: SampleArgs) -> anyhow::Result<u8> {
     let device = device_or_gpu(a.device.as_deref())?;
-    let precision = a.precision.map(Precision::from).unwrap_or(match device {
-        Device::Cpu => Precision::Fp32,
-        _ => Precision::Bf16,
-    });
+    let precision = a
+        .precision
+        .map_or(Precision::default_on(device), Precision::from);
     let editing = !a.edit.is_empty();
     let default_tol = if editing { 1e-6 } else { 1e-5 };
-    let solver = solver_of(a.solver, a.atol, a.rtol, a.steps, a.shift, default_tol)?;
+    let solver = a.solver.solver(default_tol)?;
     let target = Conditions::missing()
         .with(&a.set, a.age)
         .context("parsing --set/--age")?;

@@ -75,6 +75,39 @@ pub fn device(name: &str) -> anyhow::Result<Device> {
     Ok(Device::Cuda(ordinal))
 }
 
+/// One rank of a journaled job (encode, generate), alone or under `radit run`: joins the rank group, runs `work`
+/// and leaves. An error the same inputs would repeat (`repeats`) is reported to the coordinator, which then does
+/// not relaunch, and ends the rank with exit 2. The summary goes to stderr. Returns the summary and this rank, or
+/// the exit code.
+pub fn run_journaled_rank<S: serde::Serialize, E: std::error::Error + Send + Sync + 'static>(
+    device: Device,
+    stop: &std::sync::Arc<std::sync::atomic::AtomicBool>,
+    progress: &radit_trainer::progress::Progress,
+    work: impl FnOnce(&dyn collective::Collective) -> Result<S, E>,
+    repeats: impl Fn(&E) -> bool,
+) -> anyhow::Result<Result<(S, usize), u8>> {
+    let (comm, membership) = join_rank_group(device, stop, progress)?;
+    let rank = comm.rank();
+    let summary = match work(comm.as_ref()) {
+        Ok(s) => s,
+        Err(e) => {
+            if let (true, Some(m)) = (repeats(&e), membership) {
+                let why = format!("{:#}", anyhow::Error::new(e));
+                tracing::error!(rank, error = %why, "the rank failed");
+                eprintln!("radit: rank {rank}: {why}");
+                m.fail(why);
+                return Ok(Err(crate::exit::BAD_INPUT));
+            }
+            return Err(e.into());
+        }
+    };
+    eprintln!("{}", serde_json::to_string(&summary)?);
+    if let Some(m) = membership {
+        m.leave();
+    }
+    Ok(Ok((summary, rank)))
+}
+
 /// A rank's group and, under `radit run`, its membership (the coordinator hands out ranks and peers; otherwise
 /// MPI or a world of one). SIGUSR1 (Slurm's warning before the time limit) and SIGTERM (preemption) set `stop`:
 /// checkpoint and requeue.

@@ -338,9 +338,8 @@ fn radit_eval_features_match_the_module_in_pytorch_and_score_two_splits() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let store = tiny_store(d, 160, "40x48", 8, &[]);
-    let net = d.join("net.pt");
+    let net = feature_net(d);
     let twin = repo().join("tests/python/feature_twin.py");
-    run_ok(python().arg(&twin).arg("export").arg(&net));
     let features = |split: &str| {
         let out = d.join(format!("{split}.npy"));
         let report = run_ok(
@@ -493,13 +492,7 @@ fn features_of_another_network_are_refused_by_training_and_by_fidelity() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let store = tiny_store(d, 48, "40x48", 8, &[]);
-    let net = d.join("net.pt");
-    run_ok(
-        python()
-            .arg(repo().join("tests/python/feature_twin.py"))
-            .arg("export")
-            .arg(&net),
-    );
+    let net = feature_net(d);
     // The same module at two input sides: two different feature spaces, and the files say so.
     let features = |size: &str, out: &str| {
         run_ok(

@@ -273,13 +273,7 @@ fn generated_samples_and_the_store_make_a_fidelity_row() {
         &out,
         &["--split", "train", "--solver", "euler", "--steps", "4"],
     ));
-    let net = d.join("net.pt");
-    run_ok(
-        python()
-            .arg(repo().join("tests/python/feature_twin.py"))
-            .arg("export")
-            .arg(&net),
-    );
+    let net = feature_net(d);
     let features = |source: &[&str], name: &str| {
         let path = d.join(name);
         run_ok(

@@ -103,13 +103,7 @@ fn job(dir: &Path, gateway: &str) -> std::path::PathBuf {
     );
     // The mini-FD's network (a tiny TorchScript one) and its reference: the training split's features (the
     // validation split of 48 images is too small for a covariance).
-    let net = dir.join("features.pt");
-    common::run_ok(
-        common::python()
-            .arg(common::repo().join("tests/python/feature_twin.py"))
-            .arg("export")
-            .arg(&net),
-    );
+    let net = common::feature_net(dir);
     let reference = dir.join("reference.npy");
     common::run_ok(
         common::radit()

@@ -124,6 +124,19 @@ pub fn tiny_store(
     store
 }
 
+/// The tiny TorchScript feature network of `tests/python/feature_twin.py` (`[B, 3, 32, 32]` in [0, 1] ->
+/// `[B, 24]`), exported to `dir/net.pt`.
+pub fn feature_net(dir: &Path) -> PathBuf {
+    let net = dir.join("net.pt");
+    run_ok(
+        python()
+            .arg(repo().join("tests/python/feature_twin.py"))
+            .arg("export")
+            .arg(&net),
+    );
+    net
+}
+
 /// Writes a job spec to `dir/job.toml` after checking that it reads as one (a typo in a test's job fails here,
 /// naming the field, instead of as a confusing run failure later); returns its path.
 pub fn write_job(dir: &Path, text: &str) -> PathBuf {

@@ -110,19 +110,11 @@ impl EncodeConfig {
 
     /// Reads `[encode]` from a TOML file (as `radit run` writes it for the ranks) and validates it.
     pub fn load(file: &Path) -> Result<Self, EncodeError> {
-        #[derive(Deserialize)]
-        #[serde(deny_unknown_fields)]
-        struct File {
-            encode: EncodeConfig,
-        }
         let bad = |reason: String| EncodeError::ConfigFile {
             file: file.to_path_buf(),
             reason,
         };
-        let text = std::fs::read_to_string(file).map_err(|e| bad(e.to_string()))?;
-        let cfg = toml::from_str::<File>(&text)
-            .map_err(|e| bad(e.to_string()))?
-            .encode;
+        let cfg: Self = crate::read_section(file, "encode").map_err(bad)?;
         cfg.validate()
             .map_err(|e| bad(format!("{}: {}", e.field, e.reason)))?;
         Ok(cfg)
@@ -130,11 +122,7 @@ impl EncodeConfig {
 
     /// The precision on `device`.
     pub fn precision_on(&self, device: Device) -> Precision {
-        self.precision.unwrap_or(if device.is_cuda() {
-            Precision::Bf16
-        } else {
-            Precision::Fp32
-        })
+        self.precision.unwrap_or(Precision::default_on(device))
     }
 }
 

@@ -161,30 +161,18 @@ impl GenerateConfig {
 
     /// Reads `[generate]` from a TOML file (as `radit run` writes it for the ranks) and validates it.
     pub fn load(file: &Path) -> Result<Self, GenerateError> {
-        #[derive(Deserialize)]
-        #[serde(deny_unknown_fields)]
-        struct File {
-            generate: GenerateConfig,
-        }
         let bad = |reason: String| GenerateError::ConfigFile {
             file: file.to_path_buf(),
             reason,
         };
-        let text = std::fs::read_to_string(file).map_err(|e| bad(e.to_string()))?;
-        let cfg = toml::from_str::<File>(&text)
-            .map_err(|e| bad(e.to_string()))?
-            .generate;
+        let cfg: Self = crate::read_section(file, "generate").map_err(bad)?;
         cfg.validate()
             .map_err(|e| bad(format!("{}: {}", e.field, e.reason)))?;
         Ok(cfg)
     }
 
     fn precision_on(&self, device: Device) -> Precision {
-        self.precision.unwrap_or(if device.is_cuda() {
-            Precision::Bf16
-        } else {
-            Precision::Fp32
-        })
+        self.precision.unwrap_or(Precision::default_on(device))
     }
 }
 

@@ -46,3 +46,22 @@ pub mod runtime;
 pub mod sampler;
 pub mod train;
 pub mod validate;
+
+/// Reads the `[section]` of a TOML file (what `radit run` writes for a job's ranks): the error says what is wrong,
+/// for the caller to name the file.
+pub(crate) fn read_section<T: serde::de::DeserializeOwned>(
+    file: &std::path::Path,
+    section: &str,
+) -> Result<T, String> {
+    let text = std::fs::read_to_string(file).map_err(|e| e.to_string())?;
+    let mut table: toml::Table = toml::from_str(&text).map_err(|e| e.to_string())?;
+    if let Some(other) = table.keys().find(|k| *k != section) {
+        return Err(format!(
+            "unknown section [{other}]; the file holds [{section}] only"
+        ));
+    }
+    let value = table
+        .remove(section)
+        .ok_or_else(|| format!("no [{section}] section"))?;
+    value.try_into().map_err(|e: toml::de::Error| e.to_string())
+}

@@ -387,7 +387,11 @@ pub struct TrainSummary {
     pub last_checkpoint: Option<u64>,
 }
 
-fn to_tensors(batch: &Batch, device: Device) -> Result<(Tensor, Tensor, Tensor), TrainError> {
+/// A batch's inputs x1 `[n, C, H, W]`, labels `[n, V]` (int64) and age `[n]` on `device`.
+pub(crate) fn to_tensors(
+    batch: &Batch,
+    device: Device,
+) -> Result<(Tensor, Tensor, Tensor), TrainError> {
     let n = batch.len() as i64;
     let [c, h, w] = batch.sample_shape.map(|v| v as i64);
     let x1 = match &batch.inputs {

@@ -12,7 +12,7 @@
 use std::path::{Path, PathBuf};
 
 use radit_protocol::ConfigError;
-use radit_sharding::loader::{DataConfig, Inputs, Loader, ModelInput, Pass};
+use radit_sharding::loader::{DataConfig, Loader, ModelInput, Pass};
 use radit_sharding::split::Split;
 use radit_sharding::store::Storage;
 use serde::{Deserialize, Serialize};
@@ -214,17 +214,7 @@ pub fn validation_loss(
         };
         let n = batch.len() as i64;
         let [c, h, w] = batch.sample_shape.map(|v| v as i64);
-        let Inputs::F32(values) = &batch.inputs else {
-            return Err(ConfigError::new("data", "validation needs dequantised inputs").into());
-        };
-        let x1 = Tensor::from_slice(values)
-            .view([n, c, h, w])
-            .to_device(device);
-        let labels = Tensor::from_slice(&batch.labels)
-            .view([n, -1])
-            .to_kind(Kind::Int64)
-            .to_device(device);
-        let age = Tensor::from_slice(&batch.age).to_device(device);
+        let (x1, labels, age) = crate::train::to_tensors(&batch, device)?;
         let per = (c * h * w) as usize;
         for (j, &t) in times.iter().enumerate() {
             let mut noise = vec![0f32; per * batch.len()];

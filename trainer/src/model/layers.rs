@@ -14,6 +14,15 @@ pub enum Precision {
 }
 
 impl Precision {
+    /// The default on `device`: bf16 on GPUs, fp32 on CPUs.
+    pub fn default_on(device: tch::Device) -> Self {
+        if device.is_cuda() {
+            Precision::Bf16
+        } else {
+            Precision::Fp32
+        }
+    }
+
     pub fn compute_kind(self) -> Kind {
         match self {
             Precision::Fp32 => Kind::Float,
