@@ -1107,6 +1107,32 @@ mod tests {
     }
 
     #[test]
+    fn the_generate_example_is_a_generate_job() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+        let xl = Job::load(&dir.join("generate-xl-job.toml")).unwrap();
+        assert_eq!((xl.world, xl.device), (32, RankDevice::Cuda));
+        assert_eq!(xl.rank_args()[..2], ["generate", "--config"]);
+        assert!(xl.rank_config_path().ends_with("generate.toml"));
+        let ValidatedWork::Generate(g) = &xl.work else {
+            panic!("a generate job")
+        };
+        assert_eq!(g.limit, Some(50_000));
+        assert!(g.decoder.is_some());
+        let text = xl.rank_config_toml().unwrap();
+        assert!(text.starts_with("[generate]"), "{text}");
+        let again = JobSpec::from_toml(&xl.spec.to_toml().unwrap()).unwrap();
+        assert_eq!(again, xl.spec);
+        // [samples] belongs to training jobs.
+        let wrong = format!(
+            "{}\n[samples]\nevery = 10\n",
+            std::fs::read_to_string(dir.join("generate-xl-job.toml")).unwrap()
+        );
+        let spec = JobSpec::from_toml(&wrong).unwrap();
+        let err = Job::new(spec, &dir.join("generate-xl-job.toml")).unwrap_err();
+        assert!(err.to_string().contains("samples"), "{err}");
+    }
+
+    #[test]
     fn the_xl_job_spec_renders_its_golden_script() {
         let example =
             std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/radit-xl-job.toml");

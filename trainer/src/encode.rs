@@ -343,10 +343,10 @@ pub fn encode(
     // Rank 0's refusal must not leave the others waiting: they learn of it from this reduction.
     let refused = {
         let _g = progress.enter(Phase::Collective);
-        comm.all_reduce_f64(if state.is_err() { 1.0 } else { 0.0 })?
+        comm.any(state.is_err())?
     };
     let state = state?;
-    if refused > 0.0 {
+    if refused {
         return Err(EncodeError::Unsuitable {
             url: cfg.store.clone(),
             reason: "rank 0 could not prepare it for latents (its log says why)".into(),
@@ -477,8 +477,8 @@ pub fn encode(
     // leaves the store to the next run (committed shards are kept) instead of finishing it.
     let stopped_anywhere = {
         let _g = progress.enter(Phase::Collective);
-        comm.all_reduce_max_f64(if stopped { 1.0 } else { 0.0 })?
-    } > 0.0;
+        comm.any(stopped)?
+    };
     if stopped_anywhere {
         summary.stopped_for_requeue = true;
         return Ok(summary);

@@ -480,10 +480,10 @@ pub fn generate(
     };
     let refused = {
         let _g = progress.enter(Phase::Collective);
-        comm.all_reduce_f64(if prepared.is_err() { 1.0 } else { 0.0 })?
+        comm.any(prepared.is_err())?
     };
     prepared?;
-    if refused > 0.0 {
+    if refused {
         return Err(GenerateError::Conflict {
             out: cfg.out.clone(),
             reason: "rank 0 could not prepare it (its log says why)".into(),
@@ -614,8 +614,8 @@ pub fn generate(
     }
     let stopped_anywhere = {
         let _g = progress.enter(Phase::Collective);
-        comm.all_reduce_max_f64(if stopped { 1.0 } else { 0.0 })?
-    } > 0.0;
+        comm.any(stopped)?
+    };
     summary.seconds = started.elapsed().as_secs_f64();
     if stopped_anywhere {
         summary.stopped_for_requeue = true;

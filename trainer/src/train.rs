@@ -779,12 +779,7 @@ impl<'a> Trainer<'a> {
             return Err(TrainError::Superseded { step: self.step });
         }
         let asked = self.handles.stop.load(Ordering::SeqCst);
-        let stop = self.step < self.cfg.train.steps
-            && self
-                .engine
-                .collective()
-                .all_reduce_f64(f64::from(u8::from(asked)))?
-                > 0.0;
+        let stop = self.step < self.cfg.train.steps && self.engine.collective().any(asked)?;
         if stop {
             tracing::warn!(
                 step = self.step,

@@ -120,6 +120,11 @@ pub trait Collective: Send {
         self.all_gather(&Tensor::from_slice(&[value]), &mut all)?;
         Ok(all.max().double_value(&[]))
     }
+
+    /// Whether any rank's `flag` is set (a stop request, a refusal): every rank gets the same answer.
+    fn any(&self, flag: bool) -> Result<bool, CollectiveError> {
+        Ok(self.all_reduce_f64(f64::from(u8::from(flag)))? > 0.0)
+    }
 }
 
 /// The collective this process should use when no `radit run` coordinator hands out ranks: MPI when an MPI
