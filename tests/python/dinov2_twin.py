@@ -12,7 +12,11 @@ processor, never radit's code.
                          snapshot's processor (CHAIN `processor`), or with CheXGenBench's chain before it (`chexgenbench`:
                          PIL RGB, torchvision Resize((299, 299)), ToTensor, x 255, uint8), runs the model and prints
                          the largest difference of its pooler_output from the features radit wrote (JSON)
-    time DIR N BATCH     images/s of the model on N random 518 x 518 inputs (the benchmark's PyTorch side)
+    make-base DIR        a randomly initialised ViT-B/14 at 518 (Rad-DINO's shape: 12 layers, hidden 768, 86.6M
+                         parameters) with a 518 processor, for the benchmark
+    time STORE SPLIT DIR BATCH
+                         the benchmark's PyTorch side: what `check` does (zarr-python read, processor, model), timed
+                         from the read to the last feature; images/s as JSON
 """
 
 import json
@@ -80,22 +84,38 @@ def check(store, split, snapshot, chain, features):
     }))
 
 
-def time_model(snapshot, n, batch):
+def make_base(out):
+    from safetensors.torch import save_file
+    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
+
+    torch.manual_seed(0)
+    config = Dinov2Config(image_size=518, patch_size=14, hidden_size=768, num_hidden_layers=12,
+                          num_attention_heads=12, layer_norm_eps=1e-6)
+    model = Dinov2Model(config).eval()
+    config.save_pretrained(out)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, f"{out}/model.safetensors",
+              metadata={"format": "pt"})
+    BitImageProcessor(size={"shortest_edge": 518}, crop_size={"height": 518, "width": 518},
+                      image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]).save_pretrained(out)
+
+
+def time_model(store, split, snapshot, batch):
     import time
 
+    import zarr
     from transformers import Dinov2Model
 
-    torch.set_num_threads(torch.get_num_threads())
     model = Dinov2Model.from_pretrained(snapshot).eval()
-    x = torch.randn(int(batch), 3, 518, 518)
+    batch = int(batch)
+    start = time.perf_counter()
+    root = zarr.open_group(store, mode="r")
+    levels = np.round(root[f"{split}/images"][:].astype(np.float64) / 257.0).astype(np.uint8)
     with torch.no_grad():
-        model(pixel_values=x[:1])
-        start = time.perf_counter()
-        for _ in range(int(n) // int(batch)):
-            model(pixel_values=x)
-        seconds = time.perf_counter() - start
-    print(json.dumps({"images_per_second": (int(n) // int(batch)) * int(batch) / seconds}))
+        for i in range(0, len(levels), batch):
+            model(pixel_values=prepared(levels[i:i + batch], snapshot, "processor")).pooler_output.numpy()
+    seconds = time.perf_counter() - start
+    print(json.dumps({"images": len(levels), "seconds": seconds, "images_per_second": len(levels) / seconds}))
 
 
 if __name__ == "__main__":
-    {"make": make, "check": check, "time": time_model}[sys.argv[1]](*sys.argv[2:])
+    {"make": make, "make-base": make_base, "check": check, "time": time_model}[sys.argv[1]](*sys.argv[2:])

@@ -187,15 +187,20 @@ impl Preprocessing {
         }
         let offset = mean.map(|m| m / scale);
         let divisor = std.map(|s| s / scale);
+        let list = |v: [f64; 3]| v.map(|x| x.to_string()).join(",");
+        let resized = match resize {
+            Some((Resize::ShortestEdge(e), r)) => format!("short{e}-{r:?}"),
+            Some((Resize::Exact(h, w), r)) => format!("{h}x{w}-{r:?}"),
+            None => "none".into(),
+        };
+        let cropped = crop.map_or("none".into(), |(h, w)| format!("{h}x{w}"));
         let id = format!(
-            "{}-v{VERSION}:{resize:?}/{crop:?}/{mean:?}/{std:?}",
-            if chexgenbench {
-                "chexgenbench"
-            } else {
-                "processor"
-            }
+            "{}-v{VERSION}:resize={resized}/crop={cropped}/mean={}/std={}/scale={scale}",
+            if chexgenbench { "chexgenbench" } else { "processor" },
+            list(mean),
+            list(std),
         )
-        .replace(' ', "");
+        .to_lowercase();
         Ok(Self {
             chexgenbench,
             resize,
