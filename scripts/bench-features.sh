@@ -27,5 +27,5 @@ echo "|---|---|---|---|"
 rust=$("$radit" eval features --store "$work/store" --split train --net "$work/vit-b" --batch "$batch" \
   --device cpu --out "$work/radit.npy")
 echo "| radit eval features (native DINOv2) | $(field "$rust" 'rows') | $(field "$rust" 'round(seconds, 1)') | $(field "$rust" 'round(images_per_second, 3)') |"
-ref=$(OMP_NUM_THREADS=$threads "$py" "$root/tests/python/dinov2_twin.py" time "$work/store" train "$work/vit-b" "$batch")
+ref=$(OMP_NUM_THREADS=$threads "$py" "$root/tests/python/dinov2_twin.py" time "$work/store" train "$work/vit-b" "$batch" 2>/dev/null)
 echo "| transformers Dinov2Model + BitImageProcessor | $(field "$ref" 'images') | $(field "$ref" 'round(seconds, 1)') | $(field "$ref" 'round(images_per_second, 3)') |"
