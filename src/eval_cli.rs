@@ -8,6 +8,7 @@ use clap::{Args, Subcommand};
 use radit_eval::fidelity::{CSV_HEADER, FidelityConfig, fidelity};
 use radit_eval::io::read_npy;
 use radit_eval::kd::KdConfig;
+use radit_trainer::features_job::{FeaturesConfig, FeaturesError, FeaturesHandles, extract};
 use radit_trainer::validate::features_network;
 
 #[derive(Subcommand)]
@@ -15,16 +16,20 @@ pub enum EvalCommand {
     /// FD, KD, precision, recall, density and coverage of generated features against real ones: JSON on stdout and
     /// (with --csv) one row per (model, reference, network) appended to a table.
     Fidelity(FidelityArgs),
-    /// Features of a store split's images through a feature network (a DINOv2-family snapshot such as Rad-DINO, or
-    /// a TorchScript module with its own preprocessing): an [N, D] float32 .npy and the image ids beside it (OUT
-    /// with .ids.txt).
+    /// Features of a store split's images (or of `radit generate`'s samples) through a feature network (a
+    /// DINOv2-family snapshot such as Rad-DINO, or a TorchScript module with its own preprocessing): an [N, D]
+    /// float32 .npy, the image ids (.ids.txt) and what they are of (.json); resumable unit by unit, cached with
+    /// --cache, and distributed as a `[job] kind = "features"` job under `radit run`.
     Features(FeaturesArgs),
 }
 
 #[derive(Args)]
 pub struct FeaturesArgs {
+    /// A TOML file with a [features] section (what `radit run` writes for a features job's ranks); or the flags.
+    #[arg(long, conflicts_with_all = ["store", "samples", "net", "out"])]
+    config: Option<PathBuf>,
     /// The store (a path or URL) whose split's images to embed.
-    #[arg(long, required_unless_present = "samples", conflicts_with = "samples")]
+    #[arg(long, conflicts_with = "samples")]
     store: Option<String>,
     /// Or the samples of a finished `radit generate` (its output directory), in samples.csv's order; their ids are
     /// the profiles' image ids (`ID#k` for the k-th sample of a profile, k > 0).
@@ -36,8 +41,8 @@ pub struct FeaturesArgs {
     /// The network: a directory is a Hugging Face snapshot of a DINOv2 model (config.json, model.safetensors,
     /// preprocessor_config.json; Rad-DINO is one), whose CLS token after the final LayerNorm is the feature; a
     /// file is a TorchScript module, [B, 3, S, S] in [0, 1] -> [B, D].
-    #[arg(long)]
-    net: PathBuf,
+    #[arg(long, required_unless_present = "config")]
+    net: Option<PathBuf>,
     /// A TorchScript module's input side S (images are resized to it, bilinear, when they differ).
     #[arg(long)]
     input_size: Option<i64>,
@@ -47,11 +52,50 @@ pub struct FeaturesArgs {
     preprocessing: String,
     #[arg(long, default_value_t = 32)]
     batch: usize,
+    /// Generated files per unit of work (a store's unit is its shard); each unit is committed as a part file.
+    #[arg(long, default_value_t = 256)]
+    unit_images: u64,
+    /// Keep the finished features here, keyed by (source, split, network, preprocessing), and answer the same
+    /// request from here.
+    #[arg(long)]
+    cache: Option<PathBuf>,
     /// cpu, cuda or cuda:N (default: the GPU when there is one).
     #[arg(long)]
     device: Option<String>,
+    /// libtorch intra-op threads per rank.
     #[arg(long)]
-    out: PathBuf,
+    threads: Option<i32>,
+    /// The features file (.npy); .ids.txt and .json go beside it.
+    #[arg(long, required_unless_present = "config")]
+    out: Option<PathBuf>,
+}
+
+impl FeaturesArgs {
+    fn config(&self) -> anyhow::Result<FeaturesConfig> {
+        if let Some(file) = &self.config {
+            return Ok(FeaturesConfig::load(file)?);
+        }
+        let (Some(net), Some(out)) = (&self.net, &self.out) else {
+            crate::exit::bail_usage!("give --config, or --net and --out");
+        };
+        let cfg = FeaturesConfig {
+            net: net.clone(),
+            input_size: self.input_size,
+            preprocessing: self.preprocessing.clone(),
+            store: self.store.clone(),
+            split: self
+                .split
+                .parse()
+                .map_err(|e| crate::exit::usage!("--split: {e}"))?,
+            samples: self.samples.clone(),
+            out: out.clone(),
+            batch: self.batch,
+            unit_images: self.unit_images,
+            cache: self.cache.clone(),
+        };
+        cfg.validate().map_err(FeaturesError::Config)?;
+        Ok(cfg)
+    }
 }
 
 #[derive(Args)]
@@ -96,103 +140,40 @@ pub fn run_eval(cmd: EvalCommand) -> anyhow::Result<u8> {
     }
 }
 
-/// Reads one chunk of images to embed: (ids, 16-bit pixels `[n, side, side]`, side).
-type ImageChunk = Box<dyn FnOnce() -> anyhow::Result<(Vec<String>, Vec<u16>, i64)>>;
-
 fn run_features(a: FeaturesArgs) -> anyhow::Result<u8> {
-    use radit_sharding::reader::StoreReader;
-    use radit_sharding::store::Storage;
-    use radit_trainer::tch::Tensor;
-    crate::exit::ensure_usage!(a.batch > 0, "--batch must be positive");
-    let split: radit_sharding::split::Split = a
-        .split
-        .parse()
-        .map_err(|e| crate::exit::usage!("--split: {e}"))?;
-    let device = crate::model_cli::device_or_gpu(a.device.as_deref())?;
-    let net = radit_trainer::features::load_net(&a.net, a.input_size, &a.preprocessing, device)?;
-    // The images as chunks of (ids, 16-bit pixels, side): a store's shards, or the generated files in batches.
-    let mut chunks: Vec<ImageChunk> = Vec::new();
-    let source = match (&a.store, &a.samples) {
-        (Some(store), _) => {
-            let reader = std::sync::Arc::new(StoreReader::open(Storage::open_existing(store)?)?);
-            let side = i64::from(reader.layout().image_size);
-            for k in 0..reader.shards(split) {
-                let reader = reader.clone();
-                chunks.push(Box::new(move || {
-                    let shard = reader.read_shard(split, k)?;
-                    Ok((shard.image_ids, shard.images, side))
-                }));
-            }
-            format!("{store} ({} split)", split.name())
-        }
-        (None, Some(dir)) => {
-            let samples = radit_trainer::generate_job::read_samples(dir)?;
-            for batch in samples.chunks(a.batch.max(1)) {
-                let batch = batch.to_vec();
-                chunks.push(Box::new(move || {
-                    let (mut ids, mut pixels, mut side) = (Vec::new(), Vec::new(), None);
-                    for (path, id, k) in batch {
-                        let bytes = std::fs::read(&path)
-                            .with_context(|| format!("reading {}", path.display()))?;
-                        let (img, _) = radit_sharding::image::decode_png(&bytes)
-                            .map_err(|e| crate::exit::usage!("{}: {e}", path.display()))?;
-                        let s = i64::from(img.width);
-                        crate::exit::ensure_usage!(
-                            img.width == img.height && side.is_none_or(|x| x == s),
-                            "{}: {}x{}; the samples must be square and of one size",
-                            path.display(),
-                            img.width,
-                            img.height
-                        );
-                        side = Some(s);
-                        pixels.extend(img.pixels);
-                        ids.push(if k == 0 { id } else { format!("{id}#{k}") });
-                    }
-                    Ok((ids, pixels, side.unwrap_or(0)))
-                }));
-            }
-            format!("{} (generated samples)", dir.display())
-        }
-        (None, None) => crate::exit::bail_usage!("give --store or --samples"),
-    };
-    let started = std::time::Instant::now();
-    let (mut values, mut ids, mut dim) = (Vec::<f32>::new(), Vec::<String>::new(), 0);
-    for chunk in chunks {
-        let (chunk_ids, images, side) = chunk()?;
-        let pixels = (side * side) as usize;
-        let rows = chunk_ids.len();
-        for start in (0..rows).step_by(a.batch) {
-            let n = (rows - start).min(a.batch);
-            let x: Vec<f32> = images[start * pixels..(start + n) * pixels]
-                .iter()
-                .map(|&v| f32::from(v) / 65535.0)
-                .collect();
-            let x = Tensor::from_slice(&x).view([n as i64, 1, side, side]);
-            let f = net.features(&x)?;
-            dim = f.size()[1] as usize;
-            values.extend(Vec::<f32>::try_from(f.flatten(0, -1))?);
-        }
-        ids.extend(chunk_ids);
+    let cfg = a.config()?;
+    if let Some(t) = a.threads {
+        radit_trainer::tch::set_num_threads(t);
     }
-    crate::exit::ensure_usage!(!ids.is_empty(), "{source}: no images");
-    radit_eval::io::write_npy(&a.out, &values, ids.len(), dim)
-        .with_context(|| format!("writing {}", a.out.display()))?;
-    let ids_path = a.out.with_extension("ids.txt");
-    std::fs::write(&ids_path, ids.join("\n") + "\n")
-        .with_context(|| format!("writing {}", ids_path.display()))?;
-    let seconds = started.elapsed().as_secs_f64();
-    let report = serde_json::json!({
-        "out": a.out, "ids": ids_path, "rows": ids.len(), "dim": dim, "network": net.id(),
-        "source": source, "seconds": seconds,
-        "images_per_second": ids.len() as f64 / seconds,
-    });
-    // What the features are of, beside them: training's mini-FD and `radit eval fidelity` refuse to compare
-    // features of different networks or preprocessing.
-    let meta = a.out.with_extension("json");
-    std::fs::write(&meta, format!("{report}\n"))
-        .with_context(|| format!("writing {}", meta.display()))?;
-    println!("{report}");
-    Ok(0)
+    let device = crate::model_cli::device_or_gpu(a.device.as_deref())?;
+    let handles = FeaturesHandles::default();
+    let ran = crate::train_cli::run_journaled_rank(
+        device,
+        &handles.stop,
+        &handles.progress,
+        |comm| extract(&cfg, comm, device, &handles),
+        |e| {
+            matches!(
+                e,
+                FeaturesError::Config(_)
+                    | FeaturesError::ConfigFile { .. }
+                    | FeaturesError::BadInput { .. }
+                    | FeaturesError::Model(_)
+            )
+        },
+    )?;
+    let (summary, _) = match ran {
+        Ok(done) => done,
+        Err(code) => return Ok(code),
+    };
+    if let Some(report) = &summary.report {
+        println!("{report}");
+    }
+    Ok(if summary.stopped_for_requeue {
+        crate::exit::RETRYABLE
+    } else {
+        0
+    })
 }
 
 fn run_fidelity(a: FidelityArgs) -> anyhow::Result<u8> {

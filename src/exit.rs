@@ -11,6 +11,7 @@ use radit_sharding::store::StorageError;
 use radit_trainer::checkpoint::CheckpointError;
 use radit_trainer::collective::CollectiveError;
 use radit_trainer::encode::EncodeError;
+use radit_trainer::features_job::FeaturesError;
 use radit_trainer::generate_job::GenerateError;
 use radit_trainer::membership::JoinError;
 use radit_trainer::model::ModelError;
@@ -119,6 +120,17 @@ fn meaning(e: &(dyn std::error::Error + 'static)) -> Option<u8> {
             | GenerateError::Io { .. } => Some(BAD_INPUT),
             GenerateError::Superseded => Some(FAILED),
             GenerateError::Store(s) => Some(shard_meaning(s)),
+            _ => None,
+        };
+    }
+    if let Some(x) = e.downcast_ref::<FeaturesError>() {
+        return match x {
+            FeaturesError::ConfigFile { .. }
+            | FeaturesError::Config(_)
+            | FeaturesError::BadInput { .. }
+            | FeaturesError::Io { .. } => Some(BAD_INPUT),
+            FeaturesError::Superseded => Some(FAILED),
+            FeaturesError::Store(s) => Some(shard_meaning(s)),
             _ => None,
         };
     }

@@ -329,3 +329,100 @@ fn generated_samples_and_the_store_make_a_fidelity_row() {
     let fd: f64 = row[7].parse().unwrap();
     assert!(fd.is_finite() && fd > 0.0, "{text}");
 }
+
+#[test]
+fn a_features_job_resumes_after_a_rank_dies_and_a_second_request_is_answered_from_the_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let store = tiny_store(d, 64, "40x48", 8, &[]);
+    let net = feature_net(d);
+    let features = |out: &Path, cache: &Path| {
+        let mut cmd = radit();
+        cmd.args([
+            "eval",
+            "features",
+            "--split",
+            "train",
+            "--input-size",
+            "32",
+            "--device",
+            "cpu",
+        ])
+        .arg("--store")
+        .arg(&store)
+        .arg("--net")
+        .arg(&net)
+        .arg("--cache")
+        .arg(cache)
+        .arg("--out")
+        .arg(out);
+        cmd
+    };
+    let single = d.join("single.npy");
+    run_ok(&mut features(&single, &d.join("cache-single")));
+
+    let out = d.join("job.npy");
+    let job = write_job(
+        d,
+        &format!(
+            r#"
+[job]
+name = "features"
+kind = "features"
+run_dir = "run"
+
+[features]
+net = "{}"
+input_size = 32
+store = "{}"
+split = "train"
+out = "{}"
+cache = "{}"
+
+[resources]
+cpu_ranks = 2
+threads_per_rank = 1
+
+[launcher]
+kind = "local"
+
+[restart]
+max_restarts = 1
+heartbeat_seconds = 0.5
+"#,
+            net.display(),
+            store.display(),
+            out.display(),
+            d.join("cache").display()
+        ),
+    );
+    // Rank 0 writes its second shard's ids and dies before the features part; the relaunch redoes that shard.
+    let run = run_ok(
+        radit()
+            .arg("run")
+            .arg(&job)
+            .env("RADIT_NO_PROGRESS_BAR", "1")
+            .env("RADIT_FAULT_CRASH_BEFORE_COMMIT", "0:2")
+            .env("RADIT_FAULT_ONLY_GENERATION", "1"),
+    );
+    assert!(stderr(&run).contains("restart 1/1"), "{}", stderr(&run));
+    // The same features and ids as one process, and the parts are gone.
+    assert_eq!(
+        std::fs::read(&out).unwrap(),
+        std::fs::read(&single).unwrap()
+    );
+    assert_eq!(
+        std::fs::read_to_string(d.join("job.ids.txt")).unwrap(),
+        std::fs::read_to_string(d.join("single.ids.txt")).unwrap()
+    );
+    assert!(!d.join("job.parts").exists());
+    // The same request again (store, split, network and preprocessing) is answered from the cache.
+    let again = d.join("again.npy");
+    let cached = run_ok(&mut features(&again, &d.join("cache")));
+    let summary = stderr(&cached);
+    assert!(summary.contains("\"cached\":true"), "{summary}");
+    assert_eq!(
+        std::fs::read(&again).unwrap(),
+        std::fs::read(&single).unwrap()
+    );
+}

@@ -9,6 +9,7 @@ use radit_coordinator::RestartPolicy;
 use radit_launch::launcher::{Launcher, LocalLauncher, MpirunLauncher, SrunLauncher};
 use radit_launch::slurm::{REQUEUE_EXIT_CODE, SlurmJob, render_sbatch};
 use radit_trainer::encode::EncodeConfig;
+use radit_trainer::features_job::FeaturesConfig;
 use radit_trainer::generate_job::GenerateConfig;
 use radit_trainer::preview::PreviewConfig;
 use radit_trainer::train::{ConfigError, TrainConfig, TrainError, ValidatedConfig};
@@ -48,6 +49,7 @@ pub enum Work {
     Train(Box<TrainConfig>),
     Encode(EncodeConfig),
     Generate(Box<GenerateConfig>),
+    Features(Box<FeaturesConfig>),
 }
 
 /// `[job] kind`.
@@ -58,6 +60,7 @@ pub enum JobKind {
     Train,
     Encode,
     Generate,
+    Features,
 }
 
 /// An encode job's work sections.
@@ -72,6 +75,13 @@ struct EncodeSections {
 #[serde(deny_unknown_fields)]
 struct GenerateSections {
     generate: GenerateConfig,
+}
+
+/// A features job's work sections.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FeaturesSections {
+    features: FeaturesConfig,
 }
 
 /// The job's own sections, as they are read.
@@ -134,6 +144,12 @@ impl JobSpec {
                 })?;
                 Work::Generate(Box::new(g.generate))
             }
+            JobKind::Features => {
+                let f: FeaturesSections = all.try_into().map_err(|e: toml::de::Error| {
+                    format!("a features job has [features] besides the job's own sections: {e}")
+                })?;
+                Work::Features(Box::new(f.features))
+            }
         };
         Ok(Self {
             work,
@@ -164,6 +180,9 @@ impl JobSpec {
             Work::Generate(g) => toml::Table::try_from(GenerateSections {
                 generate: (**g).clone(),
             })?,
+            Work::Features(f) => toml::Table::try_from(FeaturesSections {
+                features: (**f).clone(),
+            })?,
         };
         all.extend(toml::Table::try_from(&own)?);
         toml::to_string(&all)
@@ -174,7 +193,7 @@ impl JobSpec {
 #[serde(deny_unknown_fields)]
 pub struct JobSection {
     pub name: String,
-    /// train (default), encode or generate.
+    /// train (default), encode, generate or features.
     #[serde(default, skip_serializing_if = "is_train")]
     pub kind: JobKind,
     /// The run's directory on a filesystem every node sees: the token file, the resolved train config, rank logs,
@@ -565,6 +584,7 @@ pub enum ValidatedWork {
     Train(Box<ValidatedConfig>),
     Encode(EncodeConfig),
     Generate(Box<GenerateConfig>),
+    Features(Box<FeaturesConfig>),
 }
 
 impl Job {
@@ -652,6 +672,12 @@ impl Job {
                     d.weights = absolute(&d.weights);
                 }
             }
+            Work::Features(f) => {
+                f.net = absolute(&f.net);
+                f.out = absolute(&f.out);
+                f.samples = f.samples.as_deref().map(absolute);
+                f.cache = f.cache.as_deref().map(absolute);
+            }
             Work::Train(_) => {}
         }
         let work = match &spec.work {
@@ -689,6 +715,16 @@ impl Job {
                 }
                 ValidatedWork::Generate(generate.clone())
             }
+            Work::Features(features) => {
+                features.validate().map_err(|e| bad(&e.field, e.reason))?;
+                if spec.samples != SampleSpec::default() {
+                    return Err(bad(
+                        "samples",
+                        "a features job draws no samples: remove [samples]".into(),
+                    ));
+                }
+                ValidatedWork::Features(features.clone())
+            }
         };
         if let (ValidatedWork::Train(t), Some(_)) = (&work, &spec.samples.decoder)
             && t.model().in_channels == 1
@@ -701,7 +737,9 @@ impl Job {
         let checkpoint = match &work {
             ValidatedWork::Train(t) => t.checkpoint.as_ref().map(|_| ()),
             // The encode and generate journals are their checkpoints.
-            ValidatedWork::Encode(_) | ValidatedWork::Generate(_) => Some(()),
+            ValidatedWork::Encode(_) | ValidatedWork::Generate(_) | ValidatedWork::Features(_) => {
+                Some(())
+            }
         };
         if spec.restart.max_restarts > 0 && checkpoint.is_none() {
             return Err(bad(
@@ -779,21 +817,27 @@ impl Job {
     pub fn train(&self) -> Option<&ValidatedConfig> {
         match &self.work {
             ValidatedWork::Train(t) => Some(t),
-            ValidatedWork::Encode(_) | ValidatedWork::Generate(_) => None,
+            ValidatedWork::Encode(_) | ValidatedWork::Generate(_) | ValidatedWork::Features(_) => {
+                None
+            }
         }
     }
 
-    /// Where the ranks' config is written: `train.toml`, `encode.toml` or `generate.toml` in the run directory.
+    /// Where the ranks' config is written: `train.toml`, `encode.toml`, `generate.toml` or `features.toml` in the
+    /// run directory.
     pub fn rank_config_path(&self) -> PathBuf {
-        self.run_dir.join(format!("{}.toml", self.rank_command()))
+        let command = self.rank_command();
+        self.run_dir
+            .join(format!("{}.toml", command[command.len() - 1]))
     }
 
-    /// The radit command every rank runs.
-    fn rank_command(&self) -> &'static str {
+    /// The radit (sub)command every rank runs.
+    fn rank_command(&self) -> &'static [&'static str] {
         match self.work {
-            ValidatedWork::Train(_) => "train",
-            ValidatedWork::Encode(_) => "encode",
-            ValidatedWork::Generate(_) => "generate",
+            ValidatedWork::Train(_) => &["train"],
+            ValidatedWork::Encode(_) => &["encode"],
+            ValidatedWork::Generate(_) => &["generate"],
+            ValidatedWork::Features(_) => &["eval", "features"],
         }
     }
 
@@ -804,6 +848,9 @@ impl Job {
             ValidatedWork::Encode(e) => toml::to_string(&EncodeSections { encode: e.clone() }),
             ValidatedWork::Generate(g) => toml::to_string(&GenerateSections {
                 generate: (**g).clone(),
+            }),
+            ValidatedWork::Features(f) => toml::to_string(&FeaturesSections {
+                features: (**f).clone(),
             }),
         }
     }
@@ -816,6 +863,7 @@ impl Job {
             ValidatedWork::Train(t) => t.train.steps,
             ValidatedWork::Encode(e) => radit_trainer::encode::planned_steps(e, world)?,
             ValidatedWork::Generate(g) => radit_trainer::generate_job::planned_steps(g, world)?,
+            ValidatedWork::Features(f) => radit_trainer::features_job::planned_steps(f, world)?,
         })
     }
 
@@ -838,8 +886,8 @@ impl Job {
 
     /// The arguments after the radit binary that every rank runs.
     pub fn rank_args(&self) -> Vec<String> {
-        let mut args = vec![
-            self.rank_command().to_string(),
+        let mut args: Vec<String> = self.rank_command().iter().map(|c| c.to_string()).collect();
+        args.extend([
             "--config".into(),
             self.rank_config_path().display().to_string(),
             "--device".into(),
@@ -847,7 +895,7 @@ impl Job {
                 RankDevice::Cpu => "cpu".into(),
                 RankDevice::Cuda => "cuda".into(),
             },
-        ];
+        ]);
         if let Some(t) = self.spec.resources.threads_per_rank {
             args.extend(["--threads".into(), t.to_string()]);
         }
@@ -1018,6 +1066,29 @@ impl Job {
                     "data slices: units of {} profiles in {} contiguous ranges, one per rank; a step is one unit, \
                      committed to the journal (.generate/journal), so a relaunch resumes at the next",
                     g.unit_profiles, self.world
+                );
+            }
+            ValidatedWork::Features(f) => {
+                let source = match (&f.store, &f.samples) {
+                    (Some(store), _) => format!("the {} split of {store}", f.split.name()),
+                    (None, Some(dir)) => format!("the samples in {}", dir.display()),
+                    (None, None) => "nothing".into(),
+                };
+                let _ = writeln!(
+                    o,
+                    "features: {source} through {} ({}) into {}{}",
+                    f.net.display(),
+                    f.preprocessing,
+                    f.out.display(),
+                    f.cache
+                        .as_ref()
+                        .map_or(String::new(), |c| format!(", cached in {}", c.display()))
+                );
+                let _ = writeln!(
+                    o,
+                    "data slices: units (a store's shards, or {} samples) in {} contiguous ranges, one per rank; a \
+                     step is one unit, committed as a part file, so a relaunch resumes at the next",
+                    f.unit_images, self.world
                 );
             }
         }

@@ -34,6 +34,7 @@ pub mod encode;
 pub mod engine;
 pub mod faults;
 pub mod features;
+pub mod features_job;
 pub mod flow;
 pub mod generate;
 pub mod generate_job;

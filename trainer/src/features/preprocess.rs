@@ -196,7 +196,11 @@ impl Preprocessing {
         let cropped = crop.map_or("none".into(), |(h, w)| format!("{h}x{w}"));
         let id = format!(
             "{}-v{VERSION}:resize={resized}/crop={cropped}/mean={}/std={}/scale={scale}",
-            if chexgenbench { "chexgenbench" } else { "processor" },
+            if chexgenbench {
+                "chexgenbench"
+            } else {
+                "processor"
+            },
             list(mean),
             list(std),
         )

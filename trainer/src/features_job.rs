@@ -1,0 +1,565 @@
+//! `radit eval features` as a job: the images of a store split, or a finished `radit generate` output, through a
+//! feature network into an `[N, D]` float32 `.npy` with the image ids beside it (`.ids.txt`) and what the features
+//! are of (`.json`: the network and its preprocessing, the source).
+//!
+//! The images are cut into units (a store's shards; `unit_images` generated files); ranks take contiguous ranges of
+//! units and commit each unit's features as a part file under `OUT.parts/` (written through a temporary name), so a
+//! killed or requeued rank resumes at its first missing part. Rank 0 joins the parts in order at the end.
+//!
+//! With a cache directory, the finished features are kept under a key of (the source's identity: the store's
+//! manifest or the generate output's fingerprint, the split, the network and preprocessing): the same request is
+//! answered from the cache without running the network.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use radit_protocol::{ConfigError, Phase};
+use radit_sharding::ShardError;
+use radit_sharding::reader::StoreReader;
+use radit_sharding::split::Split;
+use radit_sharding::store::Storage;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tch::{Device, Tensor};
+
+use crate::collective::{Collective, CollectiveError};
+use crate::features::FeatureNet;
+use crate::model::ModelError;
+use crate::progress::{Progress, StepRecord};
+
+/// The `[features]` section (and `radit eval features`' flags).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FeaturesConfig {
+    /// A DINOv2 snapshot directory (Rad-DINO) or a TorchScript module file.
+    pub net: PathBuf,
+    /// A TorchScript module's input side.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input_size: Option<i64>,
+    /// A DINOv2 snapshot's preprocessing: processor or chexgenbench.
+    #[serde(default = "default_preprocessing")]
+    pub preprocessing: String,
+    /// The store whose split to embed...
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store: Option<String>,
+    #[serde(default = "default_split")]
+    pub split: Split,
+    /// ...or a finished `radit generate` output directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub samples: Option<PathBuf>,
+    /// The features file (`.npy`); `.ids.txt` and `.json` go beside it.
+    pub out: PathBuf,
+    /// Images through the network at once.
+    #[serde(default = "default_batch")]
+    pub batch: usize,
+    /// Generated files per unit of work (a store's unit is its shard).
+    #[serde(default = "default_unit")]
+    pub unit_images: u64,
+    /// Keep finished features here, and answer the same request from here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<PathBuf>,
+}
+
+fn default_preprocessing() -> String {
+    "processor".into()
+}
+fn default_split() -> Split {
+    Split::Test
+}
+fn default_batch() -> usize {
+    32
+}
+fn default_unit() -> u64 {
+    256
+}
+
+/// Why a features rank stopped, named by what the operator can do.
+#[derive(Debug, thiserror::Error)]
+pub enum FeaturesError {
+    #[error("{}: {reason}", file.display())]
+    ConfigFile { file: PathBuf, reason: String },
+    #[error("{}: {}", .0.field, .0.reason)]
+    Config(ConfigError),
+    /// The network cannot be loaded or run on these images.
+    #[error("the feature network")]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Store(#[from] ShardError),
+    /// An input (a generated image, a part file) is unusable.
+    #[error("{}: {reason}", path.display())]
+    BadInput { path: PathBuf, reason: String },
+    #[error("{}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the rank group")]
+    Collective(#[from] CollectiveError),
+    #[error("superseded by a newer generation of the run")]
+    Superseded,
+}
+
+fn io(path: &Path) -> impl Fn(std::io::Error) -> FeaturesError + '_ {
+    move |source| FeaturesError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+impl FeaturesConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.store.is_some() == self.samples.is_some() {
+            return Err(ConfigError::new(
+                "features.store",
+                "give exactly one of store (with split) or samples",
+            ));
+        }
+        if self.batch == 0 || self.unit_images == 0 {
+            return Err(ConfigError::new(
+                "features.batch",
+                "batch and unit_images must be positive",
+            ));
+        }
+        if self.out.extension().is_none_or(|e| e != "npy") {
+            return Err(ConfigError::new(
+                "features.out",
+                format!("{}: the features file ends in .npy", self.out.display()),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Reads `[features]` from a TOML file (as `radit run` writes it for the ranks) and validates it.
+    pub fn load(file: &Path) -> Result<Self, FeaturesError> {
+        let bad = |reason: String| FeaturesError::ConfigFile {
+            file: file.to_path_buf(),
+            reason,
+        };
+        let cfg: Self = crate::read_section(file, "features").map_err(bad)?;
+        cfg.validate()
+            .map_err(|e| bad(format!("{}: {}", e.field, e.reason)))?;
+        Ok(cfg)
+    }
+}
+
+/// Where the images come from, cut into units.
+enum Source {
+    Store {
+        reader: Box<StoreReader>,
+        split: Split,
+    },
+    Samples(Vec<(PathBuf, String, u64)>),
+}
+
+impl Source {
+    fn open(cfg: &FeaturesConfig) -> Result<(Self, String), FeaturesError> {
+        match (&cfg.store, &cfg.samples) {
+            (Some(url), _) => {
+                let storage = Storage::open_existing(url).map_err(ShardError::from)?;
+                let manifest = storage.get("manifest.json").map_err(ShardError::from)?;
+                let reader = Box::new(StoreReader::open(storage)?);
+                let identity = format!(
+                    "store {url} manifest {} split {}",
+                    hex::encode(Sha256::digest(&manifest)),
+                    cfg.split.name()
+                );
+                Ok((
+                    Self::Store {
+                        reader,
+                        split: cfg.split,
+                    },
+                    identity,
+                ))
+            }
+            (None, Some(dir)) => {
+                let samples = crate::generate_job::read_samples(dir).map_err(|e| {
+                    FeaturesError::BadInput {
+                        path: dir.clone(),
+                        reason: anyhow_like(&e),
+                    }
+                })?;
+                let manifest = dir.join("generate.json");
+                let bytes = std::fs::read(&manifest).map_err(io(&manifest))?;
+                let identity = format!(
+                    "samples {} generate.json {}",
+                    dir.display(),
+                    hex::encode(Sha256::digest(&bytes))
+                );
+                Ok((Self::Samples(samples), identity))
+            }
+            (None, None) => Err(FeaturesError::Config(ConfigError::new(
+                "features.store",
+                "give store or samples",
+            ))),
+        }
+    }
+
+    fn units(&self, unit_images: u64) -> u64 {
+        match self {
+            Self::Store { reader, split } => reader.shards(*split),
+            Self::Samples(s) => (s.len() as u64).div_ceil(unit_images),
+        }
+    }
+
+    /// Unit `u`'s (ids, 16-bit pixels `[n, side, side]`, side).
+    fn read(
+        &self,
+        u: u64,
+        unit_images: u64,
+    ) -> Result<(Vec<String>, Vec<u16>, i64), FeaturesError> {
+        match self {
+            Self::Store { reader, split } => {
+                let shard = reader.read_shard(*split, u)?;
+                Ok((
+                    shard.image_ids,
+                    shard.images,
+                    i64::from(reader.layout().image_size),
+                ))
+            }
+            Self::Samples(all) => {
+                let first = (u * unit_images) as usize;
+                let last = (first + unit_images as usize).min(all.len());
+                let (mut ids, mut pixels, mut side) = (Vec::new(), Vec::new(), None);
+                for (path, id, k) in &all[first..last] {
+                    let bad = |reason: String| FeaturesError::BadInput {
+                        path: path.clone(),
+                        reason,
+                    };
+                    let bytes = std::fs::read(path).map_err(io(path))?;
+                    let (img, _) = radit_sharding::image::decode_png(&bytes)
+                        .map_err(|e| bad(e.to_string()))?;
+                    let s = i64::from(img.width);
+                    if img.width != img.height || side.is_some_and(|x| x != s) {
+                        return Err(bad(format!(
+                            "{}x{}; the samples must be square and of one size",
+                            img.width, img.height
+                        )));
+                    }
+                    side = Some(s);
+                    pixels.extend(img.pixels);
+                    ids.push(if *k == 0 {
+                        id.clone()
+                    } else {
+                        format!("{id}#{k}")
+                    });
+                }
+                Ok((ids, pixels, side.unwrap_or(0)))
+            }
+        }
+    }
+}
+
+/// An error's message with its causes, as the CLI prints them.
+fn anyhow_like(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text += &format!(": {s}");
+        source = s.source();
+    }
+    text
+}
+
+/// The steps of the rank with the most units, over `world` ranks (reads the source's listing).
+pub fn planned_steps(cfg: &FeaturesConfig, world: u64) -> Result<u64, FeaturesError> {
+    let (source, _) = Source::open(cfg)?;
+    Ok(crate::encode::total_steps(
+        source.units(cfg.unit_images),
+        world,
+    ))
+}
+
+/// What a rank can be told from outside: stop (between units) and its progress for the heartbeat.
+#[derive(Debug, Clone, Default)]
+pub struct FeaturesHandles {
+    pub stop: Arc<AtomicBool>,
+    pub progress: Progress,
+}
+
+/// What one rank did.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct FeaturesSummary {
+    pub rank: usize,
+    pub units: u64,
+    pub units_resumed: u64,
+    pub images: u64,
+    pub images_per_second: f64,
+    pub seconds: f64,
+    pub stopped_for_requeue: bool,
+    /// Answered from the cache (nothing computed).
+    pub cached: bool,
+    /// Rank 0: the features file and its report (rows, dim, network, source).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub report: Option<serde_json::Value>,
+}
+
+fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
+    let mut s = path.with_extension("").into_os_string();
+    s.push(suffix);
+    PathBuf::from(s)
+}
+
+fn part_path(parts: &Path, unit: u64) -> PathBuf {
+    parts.join(format!("{unit:08}.npy"))
+}
+
+/// Writes beside the target and renames: a reader never sees half a file.
+fn write_atomic(
+    path: &Path,
+    write: impl FnOnce(&Path) -> std::io::Result<()>,
+) -> Result<(), FeaturesError> {
+    let mut partial = path.as_os_str().to_owned();
+    partial.push(".partial");
+    let partial = PathBuf::from(partial);
+    write(&partial).map_err(io(path))?;
+    std::fs::rename(&partial, path).map_err(io(path))
+}
+
+/// The three files of a finished features request: `.npy`, `.ids.txt`, `.json`.
+fn outputs(npy: &Path) -> [PathBuf; 3] {
+    [
+        npy.to_path_buf(),
+        with_suffix(npy, ".ids.txt"),
+        with_suffix(npy, ".json"),
+    ]
+}
+
+/// Runs this rank's part of the features job (see the module docs). Collective.
+pub fn extract(
+    cfg: &FeaturesConfig,
+    comm: &dyn Collective,
+    device: Device,
+    handles: &FeaturesHandles,
+) -> Result<FeaturesSummary, FeaturesError> {
+    cfg.validate().map_err(FeaturesError::Config)?;
+    let (rank, world) = (comm.rank(), comm.world());
+    let started = Instant::now();
+    let progress = &handles.progress;
+    progress.set_phase(Phase::Starting);
+    let net = crate::features::load_net(&cfg.net, cfg.input_size, &cfg.preprocessing, device)?;
+    let (source, identity) = Source::open(cfg)?;
+    let key = hex::encode(Sha256::digest(format!("{identity}\n{}", net.id())));
+    let mut summary = FeaturesSummary {
+        rank,
+        ..FeaturesSummary::default()
+    };
+    let units = source.units(cfg.unit_images);
+    let total = crate::encode::total_steps(units, world as u64);
+    // The cache answers for every rank alike (they all see the same directory).
+    if let Some(dir) = &cfg.cache {
+        let cached = outputs(&dir.join(format!("{key}.npy")));
+        if cached.iter().all(|p| p.exists()) {
+            if rank == 0 {
+                for (from, to) in cached.iter().zip(outputs(&cfg.out)) {
+                    write_atomic(&to, |tmp| std::fs::copy(from, tmp).map(|_| ()))?;
+                }
+                let text = std::fs::read_to_string(&cached[2]).map_err(io(&cached[2]))?;
+                summary.report = serde_json::from_str(&text).ok();
+            }
+            tracing::info!(rank, key, "features answered from the cache");
+            progress.set_step(total);
+            summary.cached = true;
+            summary.seconds = started.elapsed().as_secs_f64();
+            return Ok(summary);
+        }
+    }
+    let parts = with_suffix(&cfg.out, ".parts");
+    // Rank 0 settles the parts directory: parts of another request (another network or source) are dropped.
+    let settled = if rank == 0 {
+        settle_parts(&parts, &key)
+    } else {
+        Ok(())
+    };
+    let refused = {
+        let _g = progress.enter(Phase::Collective);
+        comm.any(settled.is_err())?
+    };
+    settled?;
+    if refused {
+        return Err(FeaturesError::BadInput {
+            path: parts,
+            reason: "rank 0 could not prepare it (its log says why)".into(),
+        });
+    }
+    let range = crate::encode::rank_range(units as usize, rank, world);
+    let mine: Vec<u64> = (range.start as u64..range.end as u64).collect();
+    let pending: Vec<u64> = mine
+        .iter()
+        .copied()
+        .filter(|&u| !part_path(&parts, u).exists())
+        .collect();
+    summary.units = mine.len() as u64;
+    summary.units_resumed = (mine.len() - pending.len()) as u64;
+    progress.set_step(summary.units_resumed);
+    let loop_started = Instant::now();
+    let mut stopped = false;
+    for (done, &unit) in pending.iter().enumerate() {
+        if handles.stop.load(Ordering::SeqCst) {
+            stopped = true;
+            break;
+        }
+        if progress.superseded() {
+            return Err(FeaturesError::Superseded);
+        }
+        let step_start = Instant::now();
+        let step = summary.units_resumed + done as u64 + 1;
+        let (ids, images, side) = {
+            let _g = progress.enter(Phase::Data);
+            source.read(unit, cfg.unit_images)?
+        };
+        let data_wait = step_start.elapsed().as_secs_f64();
+        let (values, dim) = {
+            let _g = progress.enter(Phase::Compute);
+            embed(net.as_ref(), &images, side, cfg.batch)?
+        };
+        {
+            let _g = progress.enter(Phase::Checkpoint);
+            let rows = ids.len();
+            let ids_path = parts.join(format!("{unit:08}.ids.txt"));
+            write_atomic(&ids_path, |tmp| std::fs::write(tmp, ids.join("\n") + "\n"))?;
+            if crate::faults::crash_before_commit(rank, step) {
+                tracing::warn!(
+                    step,
+                    "aborting before the commit (RADIT_FAULT_CRASH_BEFORE_COMMIT)"
+                );
+                std::process::abort();
+            }
+            write_atomic(&part_path(&parts, unit), |tmp| {
+                radit_eval::io::write_npy(tmp, &values, rows, dim)
+            })?;
+        }
+        summary.images += ids.len() as u64;
+        progress.record_step(&StepRecord {
+            step,
+            seconds: step_start.elapsed().as_secs_f64(),
+            data_wait_seconds: data_wait,
+            images: ids.len() as u64,
+            tokens: 0,
+            flops: 0.0,
+            loss: f64::NAN,
+            loss_max: f64::NAN,
+            grad_norm: f64::NAN,
+            learning_rate: 0.0,
+            skipped: false,
+        });
+        progress.record_device_memory(crate::runtime::device_memory(device));
+    }
+    summary.images_per_second =
+        summary.images as f64 / loop_started.elapsed().as_secs_f64().max(1e-9);
+    if !stopped {
+        progress.set_step(total);
+    }
+    let stopped_anywhere = {
+        let _g = progress.enter(Phase::Collective);
+        comm.any(stopped)?
+    };
+    summary.seconds = started.elapsed().as_secs_f64();
+    if stopped_anywhere {
+        summary.stopped_for_requeue = true;
+        return Ok(summary);
+    }
+    if rank == 0 {
+        let report = join_parts(cfg, &parts, units, net.id(), &identity, summary.seconds)?;
+        if let Some(dir) = &cfg.cache {
+            std::fs::create_dir_all(dir).map_err(io(dir))?;
+            for (from, to) in outputs(&cfg.out)
+                .iter()
+                .zip(outputs(&dir.join(format!("{key}.npy"))))
+            {
+                write_atomic(&to, |tmp| std::fs::copy(from, tmp).map(|_| ()))?;
+            }
+        }
+        summary.report = Some(report);
+    }
+    Ok(summary)
+}
+
+/// Features `[n, D]` (row-major f32) of 16-bit images `[n, side, side]`, `batch` at a time.
+fn embed(
+    net: &dyn FeatureNet,
+    images: &[u16],
+    side: i64,
+    batch: usize,
+) -> Result<(Vec<f32>, usize), FeaturesError> {
+    let pixels = (side * side) as usize;
+    let rows = images.len() / pixels.max(1);
+    let (mut values, mut dim) = (Vec::with_capacity(rows * 768), 0);
+    for start in (0..rows).step_by(batch) {
+        let n = (rows - start).min(batch);
+        let x: Vec<f32> = images[start * pixels..(start + n) * pixels]
+            .iter()
+            .map(|&v| f32::from(v) / 65535.0)
+            .collect();
+        let x = Tensor::from_slice(&x).view([n as i64, 1, side, side]);
+        let f = net.features(&x)?;
+        dim = f.size()[1] as usize;
+        values.extend(Vec::<f32>::try_from(f.flatten(0, -1)).map_err(ModelError::from)?);
+    }
+    Ok((values, dim))
+}
+
+/// Makes `parts` hold only parts of request `key` (its `key` file says which).
+fn settle_parts(parts: &Path, key: &str) -> Result<(), FeaturesError> {
+    let marker = parts.join("request");
+    let same = std::fs::read_to_string(&marker).is_ok_and(|k| k.trim() == key);
+    if !same && parts.exists() {
+        tracing::warn!(parts = %parts.display(), "dropping the parts of another network or source");
+        std::fs::remove_dir_all(parts).map_err(io(parts))?;
+    }
+    std::fs::create_dir_all(parts).map_err(io(parts))?;
+    if !same {
+        write_atomic(&marker, |tmp| std::fs::write(tmp, format!("{key}\n")))?;
+    }
+    Ok(())
+}
+
+/// Rank 0, after every rank's range: the parts in order as one `.npy`, the ids and the report; the parts go.
+fn join_parts(
+    cfg: &FeaturesConfig,
+    parts: &Path,
+    units: u64,
+    network: &str,
+    identity: &str,
+    seconds: f64,
+) -> Result<serde_json::Value, FeaturesError> {
+    let (mut values, mut ids, mut dim) = (Vec::<f32>::new(), Vec::<String>::new(), 0);
+    for u in 0..units {
+        let path = part_path(parts, u);
+        if !path.exists() {
+            return Err(FeaturesError::BadInput {
+                path,
+                reason: "missing although every rank finished: run again to resume".into(),
+            });
+        }
+        let f = radit_eval::io::read_npy(&path).map_err(|e| FeaturesError::BadInput {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        dim = f.dim();
+        values.extend(f.data().iter().map(|&v| v as f32));
+        let ids_path = parts.join(format!("{u:08}.ids.txt"));
+        let text = std::fs::read_to_string(&ids_path).map_err(io(&ids_path))?;
+        ids.extend(text.lines().map(str::to_string));
+    }
+    if ids.is_empty() {
+        return Err(FeaturesError::Config(ConfigError::new(
+            "features.store",
+            format!("{identity}: no images"),
+        )));
+    }
+    let [npy, ids_path, meta] = outputs(&cfg.out);
+    write_atomic(&npy, |tmp| {
+        radit_eval::io::write_npy(tmp, &values, ids.len(), dim)
+    })?;
+    write_atomic(&ids_path, |tmp| std::fs::write(tmp, ids.join("\n") + "\n"))?;
+    let report = serde_json::json!({
+        "out": npy, "ids": ids_path, "rows": ids.len(), "dim": dim, "network": network,
+        "source": identity, "seconds": seconds, "images_per_second": ids.len() as f64 / seconds.max(1e-9),
+    });
+    write_atomic(&meta, |tmp| std::fs::write(tmp, format!("{report}\n")))?;
+    std::fs::remove_dir_all(parts).map_err(io(parts))?;
+    Ok(report)
+}
