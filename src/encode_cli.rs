@@ -3,7 +3,8 @@
 use std::path::PathBuf;
 
 use clap::Args;
-use radit_trainer::encode::{EncodeConfig, EncodeError, EncodeHandles, encode};
+use radit_trainer::encode::{EncodeConfig, encode};
+use radit_trainer::journal::{RankError, RankHandles};
 use radit_trainer::tch;
 
 #[derive(Args)]
@@ -57,7 +58,7 @@ impl EncodeArgs {
             overwrite: self.overwrite,
             ..EncodeConfig::new(store, weights)
         };
-        cfg.validate().map_err(EncodeError::Config)?;
+        cfg.validate().map_err(RankError::Config)?;
         Ok(cfg)
     }
 }
@@ -68,21 +69,13 @@ pub fn run_encode(a: EncodeArgs) -> anyhow::Result<u8> {
         tch::set_num_threads(t);
     }
     let device = crate::train_cli::device(&a.device)?;
-    let handles = EncodeHandles::default();
+    let handles = RankHandles::default();
     let ran = crate::train_cli::run_journaled_rank(
         device,
         &handles.stop,
         &handles.progress,
         |comm| encode(&cfg, comm, device, &handles),
-        |e| {
-            matches!(
-                e,
-                EncodeError::Config(_)
-                    | EncodeError::ConfigFile { .. }
-                    | EncodeError::Unsuitable { .. }
-                    | EncodeError::Model(_)
-            )
-        },
+        RankError::repeats,
     )?;
     let (summary, rank) = match ran {
         Ok(done) => done,

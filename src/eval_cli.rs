@@ -8,7 +8,8 @@ use clap::{Args, Subcommand};
 use radit_eval::fidelity::{CSV_HEADER, FidelityConfig, fidelity};
 use radit_eval::io::read_npy;
 use radit_eval::kd::KdConfig;
-use radit_trainer::features_job::{FeaturesConfig, FeaturesError, FeaturesHandles, extract};
+use radit_trainer::features_job::{FeaturesConfig, extract};
+use radit_trainer::journal::{RankError, RankHandles};
 use radit_trainer::validate::features_network;
 
 #[derive(Subcommand)]
@@ -93,7 +94,7 @@ impl FeaturesArgs {
             unit_images: self.unit_images,
             cache: self.cache.clone(),
         };
-        cfg.validate().map_err(FeaturesError::Config)?;
+        cfg.validate().map_err(RankError::Config)?;
         Ok(cfg)
     }
 }
@@ -146,21 +147,13 @@ fn run_features(a: FeaturesArgs) -> anyhow::Result<u8> {
         radit_trainer::tch::set_num_threads(t);
     }
     let device = crate::model_cli::device_or_gpu(a.device.as_deref())?;
-    let handles = FeaturesHandles::default();
+    let handles = RankHandles::default();
     let ran = crate::train_cli::run_journaled_rank(
         device,
         &handles.stop,
         &handles.progress,
         |comm| extract(&cfg, comm, device, &handles),
-        |e| {
-            matches!(
-                e,
-                FeaturesError::Config(_)
-                    | FeaturesError::ConfigFile { .. }
-                    | FeaturesError::BadInput { .. }
-                    | FeaturesError::Model(_)
-            )
-        },
+        RankError::repeats,
     )?;
     let (summary, _) = match ran {
         Ok(done) => done,

@@ -10,9 +10,7 @@ use radit_sharding::ShardError;
 use radit_sharding::store::StorageError;
 use radit_trainer::checkpoint::CheckpointError;
 use radit_trainer::collective::CollectiveError;
-use radit_trainer::encode::EncodeError;
-use radit_trainer::features_job::FeaturesError;
-use radit_trainer::generate_job::GenerateError;
+use radit_trainer::journal::RankError;
 use radit_trainer::membership::JoinError;
 use radit_trainer::model::ModelError;
 use radit_trainer::placement::PlacementError;
@@ -100,37 +98,12 @@ fn meaning(e: &(dyn std::error::Error + 'static)) -> Option<u8> {
             _ => None,
         };
     }
-    if let Some(x) = e.downcast_ref::<EncodeError>() {
+    if let Some(x) = e.downcast_ref::<RankError>() {
         return match x {
-            EncodeError::ConfigFile { .. }
-            | EncodeError::Config(_)
-            | EncodeError::Unsuitable { .. }
-            | EncodeError::Io { .. } => Some(BAD_INPUT),
-            EncodeError::Superseded => Some(FAILED),
+            RankError::Superseded => Some(FAILED),
             // Transparent: the store error is not a link of its own in the chain.
-            EncodeError::Store(s) => Some(shard_meaning(s)),
-            _ => None,
-        };
-    }
-    if let Some(x) = e.downcast_ref::<GenerateError>() {
-        return match x {
-            GenerateError::ConfigFile { .. }
-            | GenerateError::Config(_)
-            | GenerateError::Conflict { .. }
-            | GenerateError::Io { .. } => Some(BAD_INPUT),
-            GenerateError::Superseded => Some(FAILED),
-            GenerateError::Store(s) => Some(shard_meaning(s)),
-            _ => None,
-        };
-    }
-    if let Some(x) = e.downcast_ref::<FeaturesError>() {
-        return match x {
-            FeaturesError::ConfigFile { .. }
-            | FeaturesError::Config(_)
-            | FeaturesError::BadInput { .. }
-            | FeaturesError::Io { .. } => Some(BAD_INPUT),
-            FeaturesError::Superseded => Some(FAILED),
-            FeaturesError::Store(s) => Some(shard_meaning(s)),
+            RankError::Store(s) => Some(shard_meaning(s)),
+            x if x.repeats() || matches!(x, RankError::Io { .. }) => Some(BAD_INPUT),
             _ => None,
         };
     }

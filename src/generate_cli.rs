@@ -4,7 +4,8 @@
 use std::path::PathBuf;
 
 use clap::Args;
-use radit_trainer::generate_job::{GenerateConfig, GenerateError, GenerateHandles, generate};
+use radit_trainer::generate_job::{GenerateConfig, generate};
+use radit_trainer::journal::{RankError, RankHandles};
 use radit_trainer::tch;
 
 #[derive(Args)]
@@ -89,7 +90,7 @@ impl GenerateArgs {
             overwrite: self.overwrite,
             ..GenerateConfig::new(weights, profiles, out)
         };
-        cfg.validate().map_err(GenerateError::Config)?;
+        cfg.validate().map_err(RankError::Config)?;
         Ok(cfg)
     }
 }
@@ -100,21 +101,13 @@ pub fn run_generate(a: GenerateArgs) -> anyhow::Result<u8> {
         tch::set_num_threads(t);
     }
     let device = crate::train_cli::device(&a.device)?;
-    let handles = GenerateHandles::default();
+    let handles = RankHandles::default();
     let ran = crate::train_cli::run_journaled_rank(
         device,
         &handles.stop,
         &handles.progress,
         |comm| generate(&cfg, comm, device, &handles),
-        |e| {
-            matches!(
-                e,
-                GenerateError::Config(_)
-                    | GenerateError::ConfigFile { .. }
-                    | GenerateError::Conflict { .. }
-                    | GenerateError::Model(_)
-            )
-        },
+        RankError::repeats,
     )?;
     let (summary, rank) = match ran {
         Ok(done) => done,

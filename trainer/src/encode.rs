@@ -7,8 +7,7 @@
 //! is done, rank 0 writes the arrays' metadata with the training split's channel statistics, then the manifest.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use radit_protocol::{ConfigError, Phase};
@@ -22,9 +21,10 @@ use sha2::{Digest, Sha256};
 use tch::{Device, Kind, Tensor, nn};
 
 use crate::autoencoder::{self, AeConfig, Autoencoder};
-use crate::collective::{Collective, CollectiveError};
+use crate::collective::Collective;
+use crate::journal::{RankError, RankHandles};
 use crate::model::{ModelError, Precision};
-use crate::progress::{Progress, StepRecord};
+use crate::progress::StepRecord;
 
 /// `[encode]`: what to encode with what.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -109,56 +109,14 @@ impl EncodeConfig {
     }
 
     /// Reads `[encode]` from a TOML file (as `radit run` writes it for the ranks) and validates it.
-    pub fn load(file: &Path) -> Result<Self, EncodeError> {
-        let bad = |reason: String| EncodeError::ConfigFile {
-            file: file.to_path_buf(),
-            reason,
-        };
-        let cfg: Self = crate::read_section(file, "encode").map_err(bad)?;
-        cfg.validate()
-            .map_err(|e| bad(format!("{}: {}", e.field, e.reason)))?;
-        Ok(cfg)
+    pub fn load(file: &Path) -> Result<Self, RankError> {
+        crate::journal::load_section(file, "encode", Self::validate)
     }
 
     /// The precision on `device`.
     pub fn precision_on(&self, device: Device) -> Precision {
         self.precision.unwrap_or(Precision::default_on(device))
     }
-}
-
-/// Why an encode rank stopped, named by what the operator can do.
-#[derive(Debug, thiserror::Error)]
-pub enum EncodeError {
-    #[error("{}: {reason}", file.display())]
-    ConfigFile { file: PathBuf, reason: String },
-    #[error("{}: {}", .0.field, .0.reason)]
-    Config(ConfigError),
-    /// The autoencoder cannot be built or its weights do not fit it.
-    #[error("the autoencoder")]
-    Model(#[from] ModelError),
-    #[error(transparent)]
-    Store(#[from] ShardError),
-    /// The store's images do not suit the encoder.
-    #[error("store {url}: {reason}")]
-    Unsuitable { url: String, reason: String },
-    #[error("reading {}", path.display())]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("the rank group")]
-    Collective(#[from] CollectiveError),
-    /// A newer generation of the run took over.
-    #[error("superseded by a newer generation of the run")]
-    Superseded,
-}
-
-/// What a rank can be told from outside: stop (checkpointed: the journal) and its progress for the heartbeat.
-#[derive(Debug, Clone, Default)]
-pub struct EncodeHandles {
-    pub stop: Arc<AtomicBool>,
-    pub progress: Progress,
 }
 
 /// What one rank did.
@@ -190,7 +148,7 @@ pub fn total_steps(shards: u64, world: u64) -> u64 {
 }
 
 /// The steps of an encode job over `world` ranks: the most shards any rank takes (reads the store's manifest).
-pub fn planned_steps(cfg: &EncodeConfig, world: u64) -> Result<u64, EncodeError> {
+pub fn planned_steps(cfg: &EncodeConfig, world: u64) -> Result<u64, RankError> {
     let reader = StoreReader::open(Storage::open_existing(&cfg.store).map_err(ShardError::from)?)?;
     let shards = Split::ALL.iter().map(|&s| reader.shards(s)).sum();
     Ok(total_steps(shards, world))
@@ -203,8 +161,8 @@ pub fn rank_range(shards: usize, rank: usize, world: usize) -> std::ops::Range<u
 }
 
 /// The encoder's identity: the weights' sha256, the architecture and the precision.
-pub fn encoder_id(cfg: &EncodeConfig, precision: Precision) -> Result<EncoderId, EncodeError> {
-    let io = |source| EncodeError::Io {
+pub fn encoder_id(cfg: &EncodeConfig, precision: Precision) -> Result<EncoderId, RankError> {
+    let io = |source| RankError::Io {
         path: cfg.weights.clone(),
         source,
     };
@@ -244,7 +202,7 @@ pub fn load_autoencoder(
     cfg: &EncodeConfig,
     device: Device,
     precision: Precision,
-) -> Result<(nn::VarStore, Autoencoder), EncodeError> {
+) -> Result<(nn::VarStore, Autoencoder), RankError> {
     let ae_cfg = AeConfig::preset(&cfg.autoencoder)?;
     let mut vs = nn::VarStore::new(device);
     let ae = Autoencoder::new(&vs.root(), &ae_cfg)?;
@@ -299,9 +257,9 @@ pub fn encode(
     cfg: &EncodeConfig,
     comm: &dyn Collective,
     device: Device,
-    handles: &EncodeHandles,
-) -> Result<EncodeSummary, EncodeError> {
-    cfg.validate().map_err(EncodeError::Config)?;
+    handles: &RankHandles,
+) -> Result<EncodeSummary, RankError> {
+    cfg.validate().map_err(RankError::Config)?;
     let (rank, world) = (comm.rank(), comm.world());
     let started = Instant::now();
     let progress = &handles.progress;
@@ -316,8 +274,8 @@ pub fn encode(
         .image_size
         .or((cfg.autoencoder == "flux2").then_some(512));
     if side % f != 0 || expected.is_some_and(|e| i64::from(e) != side) {
-        return Err(EncodeError::Unsuitable {
-            url: cfg.store.clone(),
+        return Err(RankError::Unusable {
+            what: format!("store {}", cfg.store),
             reason: format!(
                 "holds {side}x{side} images; the {} encoder takes {} (set encode.image_size to encode other \
                  multiples of {f})",
@@ -347,8 +305,8 @@ pub fn encode(
     };
     let state = state?;
     if refused {
-        return Err(EncodeError::Unsuitable {
-            url: cfg.store.clone(),
+        return Err(RankError::Unusable {
+            what: format!("store {}", cfg.store),
             reason: "rank 0 could not prepare it for latents (its log says why)".into(),
         });
     }
@@ -385,7 +343,7 @@ pub fn encode(
     );
     let flops_per_image = ae_cfg.encoder_flops(side);
     let loop_started = Instant::now();
-    let stopped = std::thread::scope(|s| -> Result<bool, EncodeError> {
+    let stopped = std::thread::scope(|s| -> Result<bool, RankError> {
         // Reads run one shard ahead of the encoder.
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
         let reader = &reader;
@@ -403,7 +361,7 @@ pub fn encode(
                 return Ok(true);
             }
             if progress.superseded() {
-                return Err(EncodeError::Superseded);
+                return Err(RankError::Superseded);
             }
             let step_start = Instant::now();
             let images = {
@@ -424,8 +382,8 @@ pub fn encode(
                 encode_images(&ae, &images, side, cfg.batch, device, precision)?
             };
             if latents.iter().any(|v| !v.is_finite()) {
-                return Err(EncodeError::Unsuitable {
-                    url: cfg.store.clone(),
+                return Err(RankError::Unusable {
+                    what: format!("store {}", cfg.store),
                     reason: format!(
                         "{split} shard {k}: the encoder produced non-finite latents ({}); check the weights, or \
                          encode in fp32",

@@ -11,8 +11,7 @@
 //! answered from the cache without running the network.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use radit_protocol::{ConfigError, Phase};
@@ -24,10 +23,11 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tch::{Device, Tensor};
 
-use crate::collective::{Collective, CollectiveError};
+use crate::collective::Collective;
 use crate::features::FeatureNet;
+use crate::journal::{RankError, RankHandles, io_error, write_atomic};
 use crate::model::ModelError;
-use crate::progress::{Progress, StepRecord};
+use crate::progress::StepRecord;
 
 /// The `[features]` section (and `radit eval features`' flags).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -75,40 +75,6 @@ fn default_unit() -> u64 {
     256
 }
 
-/// Why a features rank stopped, named by what the operator can do.
-#[derive(Debug, thiserror::Error)]
-pub enum FeaturesError {
-    #[error("{}: {reason}", file.display())]
-    ConfigFile { file: PathBuf, reason: String },
-    #[error("{}: {}", .0.field, .0.reason)]
-    Config(ConfigError),
-    /// The network cannot be loaded or run on these images.
-    #[error("the feature network")]
-    Model(#[from] ModelError),
-    #[error(transparent)]
-    Store(#[from] ShardError),
-    /// An input (a generated image, a part file) is unusable.
-    #[error("{}: {reason}", path.display())]
-    BadInput { path: PathBuf, reason: String },
-    #[error("{}", path.display())]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("the rank group")]
-    Collective(#[from] CollectiveError),
-    #[error("superseded by a newer generation of the run")]
-    Superseded,
-}
-
-fn io(path: &Path) -> impl Fn(std::io::Error) -> FeaturesError + '_ {
-    move |source| FeaturesError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
-}
-
 impl FeaturesConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.store.is_some() == self.samples.is_some() {
@@ -133,15 +99,8 @@ impl FeaturesConfig {
     }
 
     /// Reads `[features]` from a TOML file (as `radit run` writes it for the ranks) and validates it.
-    pub fn load(file: &Path) -> Result<Self, FeaturesError> {
-        let bad = |reason: String| FeaturesError::ConfigFile {
-            file: file.to_path_buf(),
-            reason,
-        };
-        let cfg: Self = crate::read_section(file, "features").map_err(bad)?;
-        cfg.validate()
-            .map_err(|e| bad(format!("{}: {}", e.field, e.reason)))?;
-        Ok(cfg)
+    pub fn load(file: &Path) -> Result<Self, RankError> {
+        crate::journal::load_section(file, "features", Self::validate)
     }
 }
 
@@ -155,7 +114,7 @@ enum Source {
 }
 
 impl Source {
-    fn open(cfg: &FeaturesConfig) -> Result<(Self, String), FeaturesError> {
+    fn open(cfg: &FeaturesConfig) -> Result<(Self, String), RankError> {
         match (&cfg.store, &cfg.samples) {
             (Some(url), _) => {
                 let storage = Storage::open_existing(url).map_err(ShardError::from)?;
@@ -175,14 +134,13 @@ impl Source {
                 ))
             }
             (None, Some(dir)) => {
-                let samples = crate::generate_job::read_samples(dir).map_err(|e| {
-                    FeaturesError::BadInput {
-                        path: dir.clone(),
+                let samples =
+                    crate::generate_job::read_samples(dir).map_err(|e| RankError::Unusable {
+                        what: dir.display().to_string(),
                         reason: anyhow_like(&e),
-                    }
-                })?;
+                    })?;
                 let manifest = dir.join("generate.json");
-                let bytes = std::fs::read(&manifest).map_err(io(&manifest))?;
+                let bytes = std::fs::read(&manifest).map_err(io_error(&manifest))?;
                 let identity = format!(
                     "samples {} generate.json {}",
                     dir.display(),
@@ -190,7 +148,7 @@ impl Source {
                 );
                 Ok((Self::Samples(samples), identity))
             }
-            (None, None) => Err(FeaturesError::Config(ConfigError::new(
+            (None, None) => Err(RankError::Config(ConfigError::new(
                 "features.store",
                 "give store or samples",
             ))),
@@ -205,11 +163,7 @@ impl Source {
     }
 
     /// Unit `u`'s (ids, 16-bit pixels `[n, side, side]`, side).
-    fn read(
-        &self,
-        u: u64,
-        unit_images: u64,
-    ) -> Result<(Vec<String>, Vec<u16>, i64), FeaturesError> {
+    fn read(&self, u: u64, unit_images: u64) -> Result<(Vec<String>, Vec<u16>, i64), RankError> {
         match self {
             Self::Store { reader, split } => {
                 let shard = reader.read_shard(*split, u)?;
@@ -224,11 +178,8 @@ impl Source {
                 let last = (first + unit_images as usize).min(all.len());
                 let (mut ids, mut pixels, mut side) = (Vec::new(), Vec::new(), None);
                 for (path, id, k) in &all[first..last] {
-                    let bad = |reason: String| FeaturesError::BadInput {
-                        path: path.clone(),
-                        reason,
-                    };
-                    let bytes = std::fs::read(path).map_err(io(path))?;
+                    let bad = |reason: String| RankError::unusable(path.display(), reason);
+                    let bytes = std::fs::read(path).map_err(io_error(path))?;
                     let (img, _) = radit_sharding::image::decode_png(&bytes)
                         .map_err(|e| bad(e.to_string()))?;
                     let s = i64::from(img.width);
@@ -264,19 +215,12 @@ fn anyhow_like(e: &dyn std::error::Error) -> String {
 }
 
 /// The steps of the rank with the most units, over `world` ranks (reads the source's listing).
-pub fn planned_steps(cfg: &FeaturesConfig, world: u64) -> Result<u64, FeaturesError> {
+pub fn planned_steps(cfg: &FeaturesConfig, world: u64) -> Result<u64, RankError> {
     let (source, _) = Source::open(cfg)?;
     Ok(crate::encode::total_steps(
         source.units(cfg.unit_images),
         world,
     ))
-}
-
-/// What a rank can be told from outside: stop (between units) and its progress for the heartbeat.
-#[derive(Debug, Clone, Default)]
-pub struct FeaturesHandles {
-    pub stop: Arc<AtomicBool>,
-    pub progress: Progress,
 }
 
 /// What one rank did.
@@ -306,18 +250,6 @@ fn part_path(parts: &Path, unit: u64) -> PathBuf {
     parts.join(format!("{unit:08}.npy"))
 }
 
-/// Writes beside the target and renames: a reader never sees half a file.
-fn write_atomic(
-    path: &Path,
-    write: impl FnOnce(&Path) -> std::io::Result<()>,
-) -> Result<(), FeaturesError> {
-    let mut partial = path.as_os_str().to_owned();
-    partial.push(".partial");
-    let partial = PathBuf::from(partial);
-    write(&partial).map_err(io(path))?;
-    std::fs::rename(&partial, path).map_err(io(path))
-}
-
 /// The three files of a finished features request: `.npy`, `.ids.txt`, `.json`.
 fn outputs(npy: &Path) -> [PathBuf; 3] {
     [
@@ -332,9 +264,9 @@ pub fn extract(
     cfg: &FeaturesConfig,
     comm: &dyn Collective,
     device: Device,
-    handles: &FeaturesHandles,
-) -> Result<FeaturesSummary, FeaturesError> {
-    cfg.validate().map_err(FeaturesError::Config)?;
+    handles: &RankHandles,
+) -> Result<FeaturesSummary, RankError> {
+    cfg.validate().map_err(RankError::Config)?;
     let (rank, world) = (comm.rank(), comm.world());
     let started = Instant::now();
     let progress = &handles.progress;
@@ -356,7 +288,7 @@ pub fn extract(
                 for (from, to) in cached.iter().zip(outputs(&cfg.out)) {
                     write_atomic(&to, |tmp| std::fs::copy(from, tmp).map(|_| ()))?;
                 }
-                let text = std::fs::read_to_string(&cached[2]).map_err(io(&cached[2]))?;
+                let text = std::fs::read_to_string(&cached[2]).map_err(io_error(&cached[2]))?;
                 summary.report = serde_json::from_str(&text).ok();
             }
             tracing::info!(rank, key, "features answered from the cache");
@@ -379,8 +311,8 @@ pub fn extract(
     };
     settled?;
     if refused {
-        return Err(FeaturesError::BadInput {
-            path: parts,
+        return Err(RankError::Unusable {
+            what: parts.display().to_string(),
             reason: "rank 0 could not prepare it (its log says why)".into(),
         });
     }
@@ -402,7 +334,7 @@ pub fn extract(
             break;
         }
         if progress.superseded() {
-            return Err(FeaturesError::Superseded);
+            return Err(RankError::Superseded);
         }
         let step_start = Instant::now();
         let step = summary.units_resumed + done as u64 + 1;
@@ -464,7 +396,7 @@ pub fn extract(
     if rank == 0 {
         let report = join_parts(cfg, &parts, units, net.id(), &identity, summary.seconds)?;
         if let Some(dir) = &cfg.cache {
-            std::fs::create_dir_all(dir).map_err(io(dir))?;
+            std::fs::create_dir_all(dir).map_err(io_error(dir))?;
             for (from, to) in outputs(&cfg.out)
                 .iter()
                 .zip(outputs(&dir.join(format!("{key}.npy"))))
@@ -483,7 +415,7 @@ fn embed(
     images: &[u16],
     side: i64,
     batch: usize,
-) -> Result<(Vec<f32>, usize), FeaturesError> {
+) -> Result<(Vec<f32>, usize), RankError> {
     let pixels = (side * side) as usize;
     let rows = images.len() / pixels.max(1);
     let (mut values, mut dim) = (Vec::with_capacity(rows * 768), 0);
@@ -502,14 +434,14 @@ fn embed(
 }
 
 /// Makes `parts` hold only parts of request `key` (its `key` file says which).
-fn settle_parts(parts: &Path, key: &str) -> Result<(), FeaturesError> {
+fn settle_parts(parts: &Path, key: &str) -> Result<(), RankError> {
     let marker = parts.join("request");
     let same = std::fs::read_to_string(&marker).is_ok_and(|k| k.trim() == key);
     if !same && parts.exists() {
         tracing::warn!(parts = %parts.display(), "dropping the parts of another network or source");
-        std::fs::remove_dir_all(parts).map_err(io(parts))?;
+        std::fs::remove_dir_all(parts).map_err(io_error(parts))?;
     }
-    std::fs::create_dir_all(parts).map_err(io(parts))?;
+    std::fs::create_dir_all(parts).map_err(io_error(parts))?;
     if !same {
         write_atomic(&marker, |tmp| std::fs::write(tmp, format!("{key}\n")))?;
     }
@@ -524,28 +456,26 @@ fn join_parts(
     network: &str,
     identity: &str,
     seconds: f64,
-) -> Result<serde_json::Value, FeaturesError> {
+) -> Result<serde_json::Value, RankError> {
     let (mut values, mut ids, mut dim) = (Vec::<f32>::new(), Vec::<String>::new(), 0);
     for u in 0..units {
         let path = part_path(parts, u);
         if !path.exists() {
-            return Err(FeaturesError::BadInput {
-                path,
-                reason: "missing although every rank finished: run again to resume".into(),
-            });
+            return Err(RankError::unusable(
+                path.display(),
+                "missing although every rank finished: run again to resume",
+            ));
         }
-        let f = radit_eval::io::read_npy(&path).map_err(|e| FeaturesError::BadInput {
-            path: path.clone(),
-            reason: e.to_string(),
-        })?;
+        let f = radit_eval::io::read_npy(&path)
+            .map_err(|e| RankError::unusable(path.display(), e.to_string()))?;
         dim = f.dim();
         values.extend(f.data().iter().map(|&v| v as f32));
         let ids_path = parts.join(format!("{u:08}.ids.txt"));
-        let text = std::fs::read_to_string(&ids_path).map_err(io(&ids_path))?;
+        let text = std::fs::read_to_string(&ids_path).map_err(io_error(&ids_path))?;
         ids.extend(text.lines().map(str::to_string));
     }
     if ids.is_empty() {
-        return Err(FeaturesError::Config(ConfigError::new(
+        return Err(RankError::Config(ConfigError::new(
             "features.store",
             format!("{identity}: no images"),
         )));
@@ -560,6 +490,6 @@ fn join_parts(
         "source": identity, "seconds": seconds, "images_per_second": ids.len() as f64 / seconds.max(1e-9),
     });
     write_atomic(&meta, |tmp| std::fs::write(tmp, format!("{report}\n")))?;
-    std::fs::remove_dir_all(parts).map_err(io(parts))?;
+    std::fs::remove_dir_all(parts).map_err(io_error(parts))?;
     Ok(report)
 }

@@ -12,8 +12,7 @@
 //! shows progress and ETA and detects hangs as for training.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use radit_protocol::{ConfigError, Phase};
@@ -26,10 +25,11 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tch::Device;
 
-use crate::collective::{Collective, CollectiveError};
+use crate::collective::Collective;
 use crate::generate::{Conditions, Sampler};
-use crate::model::{ModelError, Precision};
-use crate::progress::{Progress, StepRecord};
+use crate::journal::{RankError, RankHandles, io_error, write_atomic};
+use crate::model::Precision;
+use crate::progress::StepRecord;
 use crate::sampler::Solver;
 
 /// The `[generate]` section (and `radit generate`'s flags).
@@ -89,39 +89,6 @@ fn default_unit() -> u64 {
     64
 }
 
-/// Why a generate rank stopped, named by what the operator can do.
-#[derive(Debug, thiserror::Error)]
-pub enum GenerateError {
-    #[error("{}: {reason}", file.display())]
-    ConfigFile { file: PathBuf, reason: String },
-    #[error("{}: {}", .0.field, .0.reason)]
-    Config(ConfigError),
-    #[error("the model")]
-    Model(#[from] ModelError),
-    #[error(transparent)]
-    Store(#[from] ShardError),
-    /// The output directory holds samples of something else.
-    #[error("{}: {reason}", out.display())]
-    Conflict { out: PathBuf, reason: String },
-    #[error("{}", path.display())]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("the rank group")]
-    Collective(#[from] CollectiveError),
-    #[error("superseded by a newer generation of the run")]
-    Superseded,
-}
-
-fn io(path: &Path) -> impl Fn(std::io::Error) -> GenerateError + '_ {
-    move |source| GenerateError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
-}
-
 impl GenerateConfig {
     pub fn new(weights: &Path, profiles: &str, out: &Path) -> Self {
         Self {
@@ -160,15 +127,8 @@ impl GenerateConfig {
     }
 
     /// Reads `[generate]` from a TOML file (as `radit run` writes it for the ranks) and validates it.
-    pub fn load(file: &Path) -> Result<Self, GenerateError> {
-        let bad = |reason: String| GenerateError::ConfigFile {
-            file: file.to_path_buf(),
-            reason,
-        };
-        let cfg: Self = crate::read_section(file, "generate").map_err(bad)?;
-        cfg.validate()
-            .map_err(|e| bad(format!("{}: {}", e.field, e.reason)))?;
-        Ok(cfg)
+    pub fn load(file: &Path) -> Result<Self, RankError> {
+        crate::journal::load_section(file, "generate", Self::validate)
     }
 
     fn precision_on(&self, device: Device) -> Precision {
@@ -186,13 +146,13 @@ pub struct Profile {
 }
 
 /// The profiles of `cfg`, in the split's order (the ids file selects and must be all found).
-pub fn read_profiles(cfg: &GenerateConfig) -> Result<Vec<Profile>, GenerateError> {
+pub fn read_profiles(cfg: &GenerateConfig) -> Result<Vec<Profile>, RankError> {
     let reader =
         StoreReader::open(Storage::open_existing(&cfg.profiles).map_err(ShardError::from)?)?;
     let wanted: Option<std::collections::BTreeSet<String>> = match &cfg.ids {
         Some(path) => Some(
             std::fs::read_to_string(path)
-                .map_err(io(path))?
+                .map_err(io_error(path))?
                 .lines()
                 .map(str::trim)
                 .filter(|l| !l.is_empty())
@@ -236,7 +196,7 @@ pub fn read_profiles(cfg: &GenerateConfig) -> Result<Vec<Profile>, GenerateError
             .filter(|id| !found.contains(id))
             .take(5)
             .collect();
-        return Err(GenerateError::Config(ConfigError::new(
+        return Err(RankError::Config(ConfigError::new(
             "generate.ids",
             format!(
                 "{}: {} id(s) are not in the {} split of {} (first: {})",
@@ -249,7 +209,7 @@ pub fn read_profiles(cfg: &GenerateConfig) -> Result<Vec<Profile>, GenerateError
         )));
     }
     if out.is_empty() {
-        return Err(GenerateError::Config(ConfigError::new(
+        return Err(RankError::Config(ConfigError::new(
             "generate.split",
             format!(
                 "no profiles in the {} split of {}",
@@ -267,7 +227,7 @@ pub fn units(profiles: u64, unit_profiles: u64) -> u64 {
 }
 
 /// The steps of the rank with the most units, over `world` ranks (reads the profiles).
-pub fn planned_steps(cfg: &GenerateConfig, world: u64) -> Result<u64, GenerateError> {
+pub fn planned_steps(cfg: &GenerateConfig, world: u64) -> Result<u64, RankError> {
     let n = read_profiles(cfg)?.len() as u64;
     Ok(crate::encode::total_steps(
         units(n, cfg.unit_profiles),
@@ -294,13 +254,13 @@ pub struct Fingerprint {
     pub decoder_sha256: Option<String>,
 }
 
-fn sha256_file(path: &Path) -> Result<String, GenerateError> {
+fn sha256_file(path: &Path) -> Result<String, RankError> {
     use std::io::Read;
-    let mut f = std::fs::File::open(path).map_err(io(path))?;
+    let mut f = std::fs::File::open(path).map_err(io_error(path))?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = f.read(&mut buf).map_err(io(path))?;
+        let n = f.read(&mut buf).map_err(io_error(path))?;
         if n == 0 {
             break;
         }
@@ -330,21 +290,6 @@ fn journal_path(out: &Path, unit: u64) -> PathBuf {
     out.join(JOURNAL).join(format!("{unit:08}.json"))
 }
 
-/// Writes beside the target and renames: a reader never sees half a file.
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), GenerateError> {
-    let mut partial = path.as_os_str().to_owned();
-    partial.push(".partial");
-    std::fs::write(&partial, bytes).map_err(io(path))?;
-    std::fs::rename(&partial, path).map_err(io(path))
-}
-
-/// What a rank can be told from outside: stop (between units) and its progress for the heartbeat.
-#[derive(Debug, Clone, Default)]
-pub struct GenerateHandles {
-    pub stop: Arc<AtomicBool>,
-    pub progress: Progress,
-}
-
 /// What one rank did.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct GenerateSummary {
@@ -363,11 +308,11 @@ pub struct GenerateSummary {
 
 /// Settles the output directory on rank 0: a new one gets the manifest; an existing one must be of the same
 /// fingerprint (or is cleared with `overwrite`).
-fn prepare(cfg: &GenerateConfig, fingerprint: &Fingerprint) -> Result<(), GenerateError> {
+fn prepare(cfg: &GenerateConfig, fingerprint: &Fingerprint) -> Result<(), RankError> {
     let out = &cfg.out;
     let manifest = out.join(MANIFEST);
     if manifest.exists() {
-        let text = std::fs::read_to_string(&manifest).map_err(io(&manifest))?;
+        let text = std::fs::read_to_string(&manifest).map_err(io_error(&manifest))?;
         let existing: Result<Fingerprint, _> = serde_json::from_str::<serde_json::Value>(&text)
             .ok()
             .and_then(|v| v.get("fingerprint").cloned())
@@ -378,17 +323,17 @@ fn prepare(cfg: &GenerateConfig, fingerprint: &Fingerprint) -> Result<(), Genera
             _ if cfg.overwrite => {
                 tracing::warn!(out = %out.display(), "overwrite: removing samples of another model or setting");
                 // The manifest goes first: a crash part-way leaves a directory nobody mistakes for finished.
-                std::fs::remove_file(&manifest).map_err(io(&manifest))?;
+                std::fs::remove_file(&manifest).map_err(io_error(&manifest))?;
                 for dir in [out.join(".generate"), out.join("images")] {
                     if dir.exists() {
-                        std::fs::remove_dir_all(&dir).map_err(io(&dir))?;
+                        std::fs::remove_dir_all(&dir).map_err(io_error(&dir))?;
                     }
                 }
                 let _ = std::fs::remove_file(out.join(CSV));
             }
             Ok(f) => {
-                return Err(GenerateError::Conflict {
-                    out: out.clone(),
+                return Err(RankError::Unusable {
+                    what: out.display().to_string(),
                     reason: format!(
                         "holds samples of {} (weights {}, seed {}, solver {:?}); this run is of {} (weights {}, \
                          seed {}, solver {:?}): choose another output directory, or set overwrite",
@@ -404,18 +349,18 @@ fn prepare(cfg: &GenerateConfig, fingerprint: &Fingerprint) -> Result<(), Genera
                 });
             }
             Err(e) => {
-                return Err(GenerateError::Conflict {
-                    out: out.clone(),
+                return Err(RankError::Unusable {
+                    what: out.display().to_string(),
                     reason: format!("{MANIFEST} is unreadable ({e}): set overwrite to start again"),
                 });
             }
         }
     }
     for dir in [out.join(JOURNAL), out.join("images")] {
-        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+        std::fs::create_dir_all(&dir).map_err(io_error(&dir))?;
     }
     let text = serde_json::json!({ "fingerprint": fingerprint, "complete": false });
-    write_atomic(&manifest, format!("{text:#}\n").as_bytes())
+    write_atomic(&manifest, |tmp| std::fs::write(tmp, format!("{text:#}\n")))
 }
 
 /// Runs this rank's part of the generate job (see the module docs). Collective.
@@ -423,9 +368,9 @@ pub fn generate(
     cfg: &GenerateConfig,
     comm: &dyn Collective,
     device: Device,
-    handles: &GenerateHandles,
-) -> Result<GenerateSummary, GenerateError> {
-    cfg.validate().map_err(GenerateError::Config)?;
+    handles: &RankHandles,
+) -> Result<GenerateSummary, RankError> {
+    cfg.validate().map_err(RankError::Config)?;
     let (rank, world) = (comm.rank(), comm.world());
     let started = Instant::now();
     let progress = &handles.progress;
@@ -441,7 +386,7 @@ pub fn generate(
             device,
         )?),
         None if model.in_channels != 1 => {
-            return Err(GenerateError::Config(ConfigError::new(
+            return Err(RankError::Config(ConfigError::new(
                 "generate.decoder",
                 format!(
                     "the model makes {}-channel latents: give [generate.decoder] to write images",
@@ -484,8 +429,8 @@ pub fn generate(
     };
     prepared?;
     if refused {
-        return Err(GenerateError::Conflict {
-            out: cfg.out.clone(),
+        return Err(RankError::Unusable {
+            what: cfg.out.display().to_string(),
             reason: "rank 0 could not prepare it (its log says why)".into(),
         });
     }
@@ -522,7 +467,7 @@ pub fn generate(
             break;
         }
         if progress.superseded() {
-            return Err(GenerateError::Superseded);
+            return Err(RankError::Superseded);
         }
         let step_start = Instant::now();
         let step = summary.units_resumed + done as u64 + 1;
@@ -563,7 +508,7 @@ pub fn generate(
                     let path = images_dir.join(sample_file(cfg.split, p.row, *k));
                     let png =
                         radit_sharding::image::encode_png16(side as u32, side as u32, &pixels);
-                    write_atomic(&path, &png)?;
+                    write_atomic(&path, |tmp| std::fs::write(tmp, &png))?;
                 }
             }
         }
@@ -581,11 +526,13 @@ pub fn generate(
                 samples: samples.len() as u64,
                 nfe,
             };
-            let bytes = serde_json::to_vec(&record).map_err(|e| GenerateError::Io {
+            let bytes = serde_json::to_vec(&record).map_err(|e| RankError::Io {
                 path: journal_path(&cfg.out, unit),
                 source: e.into(),
             })?;
-            write_atomic(&journal_path(&cfg.out, unit), &bytes)?;
+            write_atomic(&journal_path(&cfg.out, unit), |tmp| {
+                std::fs::write(tmp, &bytes)
+            })?;
         }
         nfe_total += nfe;
         summary.samples_written += samples.len() as u64;
@@ -635,10 +582,10 @@ fn finish(
     profiles: &[Profile],
     all_units: u64,
     fingerprint: &Fingerprint,
-) -> Result<(), GenerateError> {
+) -> Result<(), RankError> {
     if let Some(u) = (0..all_units).find(|&u| !journal_path(&cfg.out, u).exists()) {
-        return Err(GenerateError::Conflict {
-            out: cfg.out.clone(),
+        return Err(RankError::Unusable {
+            what: cfg.out.display().to_string(),
             reason: format!(
                 "unit {u} is not committed although every rank finished: run again to resume"
             ),
@@ -674,9 +621,11 @@ fn finish(
             csv += "\n";
         }
     }
-    write_atomic(&cfg.out.join(CSV), csv.as_bytes())?;
+    write_atomic(&cfg.out.join(CSV), |tmp| std::fs::write(tmp, &csv))?;
     let text = serde_json::json!({ "fingerprint": fingerprint, "complete": true, "samples": profiles.len() as u64 * cfg.per_profile });
-    write_atomic(&cfg.out.join(MANIFEST), format!("{text:#}\n").as_bytes())
+    write_atomic(&cfg.out.join(MANIFEST), |tmp| {
+        std::fs::write(tmp, format!("{text:#}\n"))
+    })
 }
 
 /// A CSV field, quoted when it must be.
@@ -689,28 +638,28 @@ fn csv_field(s: &str) -> String {
 }
 
 /// The samples a finished output directory lists, in order: (file path, image id, sample index).
-pub fn read_samples(out: &Path) -> Result<Vec<(PathBuf, String, u64)>, GenerateError> {
+pub fn read_samples(out: &Path) -> Result<Vec<(PathBuf, String, u64)>, RankError> {
     let manifest = out.join(MANIFEST);
-    let text = std::fs::read_to_string(&manifest).map_err(io(&manifest))?;
+    let text = std::fs::read_to_string(&manifest).map_err(io_error(&manifest))?;
     let complete = serde_json::from_str::<serde_json::Value>(&text)
         .ok()
         .and_then(|v| v["complete"].as_bool())
         .unwrap_or(false);
     if !complete {
-        return Err(GenerateError::Conflict {
-            out: out.to_path_buf(),
+        return Err(RankError::Unusable {
+            what: out.to_path_buf().display().to_string(),
             reason: "the generate job has not finished: run it again to resume".into(),
         });
     }
     let path = out.join(CSV);
-    let mut reader = csv::Reader::from_path(&path).map_err(|e| GenerateError::Io {
+    let mut reader = csv::Reader::from_path(&path).map_err(|e| RankError::Io {
         path: path.clone(),
         source: std::io::Error::other(e),
     })?;
     let mut rows = Vec::new();
     for (i, record) in reader.records().enumerate() {
-        let bad = |reason: String| GenerateError::Conflict {
-            out: path.clone(),
+        let bad = |reason: String| RankError::Unusable {
+            what: path.display().to_string(),
             reason: format!("row {}: {reason}", i + 2),
         };
         let r = record.map_err(|e| bad(e.to_string()))?;

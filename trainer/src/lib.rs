@@ -38,6 +38,7 @@ pub mod features_job;
 pub mod flow;
 pub mod generate;
 pub mod generate_job;
+pub mod journal;
 pub mod membership;
 pub mod model;
 pub mod placement;

@@ -1,0 +1,109 @@
+//! What the journaled jobs share: `radit encode`, `radit generate` and `radit eval features` each cut their work
+//! into units, give each rank a contiguous range, write a unit's output and then commit it (a journal record or a
+//! part file written through a temporary name), and resume at the first uncommitted unit. One error type, one set
+//! of handles, one way to read a rank's config and to write a file whole.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use radit_protocol::ConfigError;
+use radit_sharding::ShardError;
+
+use crate::collective::CollectiveError;
+use crate::model::ModelError;
+use crate::progress::Progress;
+
+/// Why a rank of a journaled job stopped, named by what the operator can do.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RankError {
+    #[error("{}: {reason}", file.display())]
+    ConfigFile { file: PathBuf, reason: String },
+    #[error("{}: {}", .0.field, .0.reason)]
+    Config(ConfigError),
+    /// The model, autoencoder or feature network cannot be built, or its weights do not fit it.
+    #[error("the network")]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Store(#[from] ShardError),
+    /// An input or output that cannot be used as it is: a store the encoder does not suit, samples of something
+    /// else in an output directory, an unreadable generated image.
+    #[error("{what}: {reason}")]
+    Unusable { what: String, reason: String },
+    #[error("{}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the rank group")]
+    Collective(#[from] CollectiveError),
+    /// A newer generation of the run took over.
+    #[error("superseded by a newer generation of the run")]
+    Superseded,
+}
+
+impl RankError {
+    /// The same inputs would fail the same way: a supervisor must not relaunch.
+    pub fn repeats(&self) -> bool {
+        matches!(
+            self,
+            RankError::ConfigFile { .. }
+                | RankError::Config(_)
+                | RankError::Model(_)
+                | RankError::Unusable { .. }
+        )
+    }
+
+    pub fn unusable(what: impl std::fmt::Display, reason: impl Into<String>) -> Self {
+        RankError::Unusable {
+            what: what.to_string(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// An I/O error that names its file.
+pub fn io_error(path: &Path) -> impl Fn(std::io::Error) -> RankError + '_ {
+    move |source| RankError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// What a rank can be told from outside: stop (between units; the journal keeps what is committed) and its
+/// progress for the heartbeat.
+#[derive(Debug, Clone, Default)]
+pub struct RankHandles {
+    pub stop: Arc<AtomicBool>,
+    pub progress: Progress,
+}
+
+/// Reads the `[section]` of a rank config (what `radit run` writes for a job's ranks) and validates it.
+pub fn load_section<T: serde::de::DeserializeOwned>(
+    file: &Path,
+    section: &str,
+    validate: impl FnOnce(&T) -> Result<(), ConfigError>,
+) -> Result<T, RankError> {
+    let bad = |reason: String| RankError::ConfigFile {
+        file: file.to_path_buf(),
+        reason,
+    };
+    let cfg: T = crate::read_section(file, section).map_err(bad)?;
+    validate(&cfg).map_err(|e| bad(format!("{}: {}", e.field, e.reason)))?;
+    Ok(cfg)
+}
+
+/// Writes `path` through a temporary name beside it and renames, so a reader (or a resumed run) never sees half a
+/// file: the file exists whole or not at all.
+pub fn write_atomic(
+    path: &Path,
+    write: impl FnOnce(&Path) -> std::io::Result<()>,
+) -> Result<(), RankError> {
+    let mut partial = path.as_os_str().to_owned();
+    partial.push(".partial");
+    let partial = PathBuf::from(partial);
+    write(&partial).map_err(io_error(path))?;
+    std::fs::rename(&partial, path).map_err(io_error(path))
+}
