@@ -22,9 +22,8 @@ use tch::{Device, Kind, Tensor, nn};
 
 use crate::autoencoder::{self, AeConfig, Autoencoder};
 use crate::collective::Collective;
-use crate::journal::{RankError, RankHandles};
+use crate::journal::{RankError, RankHandles, UnitDone};
 use crate::model::{ModelError, Precision};
-use crate::progress::StepRecord;
 
 /// `[encode]`: what to encode with what.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -406,20 +405,18 @@ pub fn encode(
             };
             summary.shards_encoded += 1;
             summary.images_encoded += record.rows;
-            progress.record_step(&StepRecord {
-                step,
-                seconds: step_start.elapsed().as_secs_f64(),
-                data_wait_seconds: data_wait,
-                images: record.rows,
-                tokens: record.rows * sample_shape[1] * sample_shape[2],
-                flops: flops_per_image * record.rows as f64,
-                loss: f64::NAN,
-                loss_max: f64::NAN,
-                grad_norm: f64::NAN,
-                learning_rate: 0.0,
-                skipped: false,
-            });
-            progress.record_device_memory(crate::runtime::device_memory(device));
+            crate::journal::record_unit(
+                progress,
+                device,
+                UnitDone {
+                    step,
+                    seconds: step_start.elapsed().as_secs_f64(),
+                    data_wait_seconds: data_wait,
+                    images: record.rows,
+                    tokens: record.rows * sample_shape[1] * sample_shape[2],
+                    flops: flops_per_image * record.rows as f64,
+                },
+            );
             tracing::debug!(rank, step, %split, shard = k, rows = record.rows, "shard committed");
         }
         Ok(false)
@@ -427,16 +424,8 @@ pub fn encode(
     summary.images_per_second =
         summary.images_encoded as f64 / loop_started.elapsed().as_secs_f64().max(1e-9);
     summary.seconds = started.elapsed().as_secs_f64();
-    if !stopped {
-        // Done with its range: it counts as at the last step while the slower ranks finish theirs.
-        progress.set_step(total);
-    }
-    // Every rank meets here, stopped or done, so that none waits for a peer that has left: a stop anywhere
-    // leaves the store to the next run (committed shards are kept) instead of finishing it.
-    let stopped_anywhere = {
-        let _g = progress.enter(Phase::Collective);
-        comm.any(stopped)?
-    };
+    // A stop anywhere leaves the store to the next run (committed shards are kept) instead of finishing it.
+    let stopped_anywhere = crate::journal::end_of_range(comm, progress, stopped, total)?;
     if stopped_anywhere {
         summary.stopped_for_requeue = true;
         return Ok(summary);

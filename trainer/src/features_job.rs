@@ -25,9 +25,8 @@ use tch::{Device, Tensor};
 
 use crate::collective::Collective;
 use crate::features::FeatureNet;
-use crate::journal::{RankError, RankHandles, io_error, write_atomic};
+use crate::journal::{RankError, RankHandles, UnitDone, io_error, write_atomic};
 use crate::model::ModelError;
-use crate::progress::StepRecord;
 
 /// The `[features]` section (and `radit eval features`' flags).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -364,30 +363,22 @@ pub fn extract(
             })?;
         }
         summary.images += ids.len() as u64;
-        progress.record_step(&StepRecord {
-            step,
-            seconds: step_start.elapsed().as_secs_f64(),
-            data_wait_seconds: data_wait,
-            images: ids.len() as u64,
-            tokens: 0,
-            flops: 0.0,
-            loss: f64::NAN,
-            loss_max: f64::NAN,
-            grad_norm: f64::NAN,
-            learning_rate: 0.0,
-            skipped: false,
-        });
-        progress.record_device_memory(crate::runtime::device_memory(device));
+        crate::journal::record_unit(
+            progress,
+            device,
+            UnitDone {
+                step,
+                seconds: step_start.elapsed().as_secs_f64(),
+                data_wait_seconds: data_wait,
+                images: ids.len() as u64,
+                tokens: 0,
+                flops: 0.0,
+            },
+        );
     }
     summary.images_per_second =
         summary.images as f64 / loop_started.elapsed().as_secs_f64().max(1e-9);
-    if !stopped {
-        progress.set_step(total);
-    }
-    let stopped_anywhere = {
-        let _g = progress.enter(Phase::Collective);
-        comm.any(stopped)?
-    };
+    let stopped_anywhere = crate::journal::end_of_range(comm, progress, stopped, total)?;
     summary.seconds = started.elapsed().as_secs_f64();
     if stopped_anywhere {
         summary.stopped_for_requeue = true;

@@ -27,9 +27,8 @@ use tch::Device;
 
 use crate::collective::Collective;
 use crate::generate::{Conditions, Sampler};
-use crate::journal::{RankError, RankHandles, io_error, write_atomic};
+use crate::journal::{RankError, RankHandles, UnitDone, io_error, write_atomic};
 use crate::model::Precision;
-use crate::progress::StepRecord;
 use crate::sampler::Solver;
 
 /// The `[generate]` section (and `radit generate`'s flags).
@@ -536,33 +535,25 @@ pub fn generate(
         }
         nfe_total += nfe;
         summary.samples_written += samples.len() as u64;
-        progress.record_step(&StepRecord {
-            step,
-            seconds: step_start.elapsed().as_secs_f64(),
-            data_wait_seconds: 0.0,
-            images: samples.len() as u64,
-            tokens: samples.len() as u64 * model.tokens() as u64,
-            // a solve's forwards, for every sample of each batch
-            flops: flops_per_nfe * (nfe as f64) * cfg.batch.min(samples.len() as u64) as f64,
-            loss: f64::NAN,
-            loss_max: f64::NAN,
-            grad_norm: f64::NAN,
-            learning_rate: 0.0,
-            skipped: false,
-        });
-        progress.record_device_memory(crate::runtime::device_memory(device));
+        crate::journal::record_unit(
+            progress,
+            device,
+            UnitDone {
+                step,
+                seconds: step_start.elapsed().as_secs_f64(),
+                data_wait_seconds: 0.0,
+                images: samples.len() as u64,
+                tokens: samples.len() as u64 * model.tokens() as u64,
+                // a solve's forwards, for every sample of each batch
+                flops: flops_per_nfe * (nfe as f64) * cfg.batch.min(samples.len() as u64) as f64,
+            },
+        );
     }
     let seconds = loop_started.elapsed().as_secs_f64().max(1e-9);
     summary.samples_per_second = summary.samples_written as f64 / seconds;
     let batches = summary.samples_written.div_ceil(cfg.batch).max(1);
     summary.nfe_per_sample = nfe_total as f64 / batches as f64;
-    if !stopped {
-        progress.set_step(total);
-    }
-    let stopped_anywhere = {
-        let _g = progress.enter(Phase::Collective);
-        comm.any(stopped)?
-    };
+    let stopped_anywhere = crate::journal::end_of_range(comm, progress, stopped, total)?;
     summary.seconds = started.elapsed().as_secs_f64();
     if stopped_anywhere {
         summary.stopped_for_requeue = true;

@@ -10,9 +10,12 @@ use std::sync::atomic::AtomicBool;
 use radit_protocol::ConfigError;
 use radit_sharding::ShardError;
 
-use crate::collective::CollectiveError;
+use radit_protocol::Phase;
+use tch::Device;
+
+use crate::collective::{Collective, CollectiveError};
 use crate::model::ModelError;
-use crate::progress::Progress;
+use crate::progress::{Progress, StepRecord};
 
 /// Why a rank of a journaled job stopped, named by what the operator can do.
 #[derive(Debug, thiserror::Error)]
@@ -106,4 +109,49 @@ pub fn write_atomic(
     let partial = PathBuf::from(partial);
     write(&partial).map_err(io_error(path))?;
     std::fs::rename(&partial, path).map_err(io_error(path))
+}
+
+/// One committed unit, as the heartbeat reports it: its step, how long it took (`data_wait` of it reading), and
+/// its images, tokens and model FLOPs (no loss: nothing is trained).
+pub struct UnitDone {
+    pub step: u64,
+    pub seconds: f64,
+    pub data_wait_seconds: f64,
+    pub images: u64,
+    pub tokens: u64,
+    pub flops: f64,
+}
+
+/// Records a committed unit in the rank's progress (and the device's memory after it).
+pub fn record_unit(progress: &Progress, device: Device, u: UnitDone) {
+    progress.record_step(&StepRecord {
+        step: u.step,
+        seconds: u.seconds,
+        data_wait_seconds: u.data_wait_seconds,
+        images: u.images,
+        tokens: u.tokens,
+        flops: u.flops,
+        loss: f64::NAN,
+        loss_max: f64::NAN,
+        grad_norm: f64::NAN,
+        learning_rate: 0.0,
+        skipped: false,
+    });
+    progress.record_device_memory(crate::runtime::device_memory(device));
+}
+
+/// The end of a rank's range: done, it counts as at the job's last step (`total`) while slower ranks finish;
+/// then every rank meets, stopped or done, so that none waits for a peer that has left. Returns whether any rank
+/// stopped early (the job then leaves its output to the next run). Collective.
+pub fn end_of_range(
+    comm: &dyn Collective,
+    progress: &Progress,
+    stopped: bool,
+    total: u64,
+) -> Result<bool, CollectiveError> {
+    if !stopped {
+        progress.set_step(total);
+    }
+    let _g = progress.enter(Phase::Collective);
+    comm.any(stopped)
 }
