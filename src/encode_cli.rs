@@ -5,7 +5,6 @@ use std::path::PathBuf;
 use clap::Args;
 use radit_trainer::encode::{EncodeConfig, encode};
 use radit_trainer::journal::{RankError, RankHandles};
-use radit_trainer::tch;
 
 #[derive(Args)]
 pub struct EncodeArgs {
@@ -34,12 +33,8 @@ pub struct EncodeArgs {
     /// Replace latents (or an unfinished encode) made by another encoder.
     #[arg(long)]
     overwrite: bool,
-    /// cpu, cuda (this rank's GPU) or cuda:N.
-    #[arg(long, default_value = "cpu")]
-    device: String,
-    /// libtorch intra-op threads per rank.
-    #[arg(long)]
-    threads: Option<i32>,
+    #[command(flatten)]
+    rank: crate::train_cli::RankArgs,
 }
 
 impl EncodeArgs {
@@ -65,10 +60,7 @@ impl EncodeArgs {
 
 pub fn run_encode(a: EncodeArgs) -> anyhow::Result<u8> {
     let cfg = a.config()?;
-    if let Some(t) = a.threads {
-        tch::set_num_threads(t);
-    }
-    let device = crate::train_cli::device(&a.device)?;
+    let device = a.rank.device()?;
     let handles = RankHandles::default();
     let ran = crate::train_cli::run_journaled_rank(
         device,

@@ -6,7 +6,6 @@ use std::path::PathBuf;
 use clap::Args;
 use radit_trainer::generate_job::{GenerateConfig, generate};
 use radit_trainer::journal::{RankError, RankHandles};
-use radit_trainer::tch;
 
 #[derive(Args)]
 pub struct GenerateArgs {
@@ -54,12 +53,8 @@ pub struct GenerateArgs {
     /// Replace samples of other weights, profiles, seed or solver in --out.
     #[arg(long)]
     overwrite: bool,
-    /// cpu, cuda (this rank's GPU) or cuda:N.
-    #[arg(long, default_value = "cpu")]
-    device: String,
-    /// libtorch intra-op threads per rank.
-    #[arg(long)]
-    threads: Option<i32>,
+    #[command(flatten)]
+    rank: crate::train_cli::RankArgs,
 }
 
 impl GenerateArgs {
@@ -97,10 +92,7 @@ impl GenerateArgs {
 
 pub fn run_generate(a: GenerateArgs) -> anyhow::Result<u8> {
     let cfg = a.config()?;
-    if let Some(t) = a.threads {
-        tch::set_num_threads(t);
-    }
-    let device = crate::train_cli::device(&a.device)?;
+    let device = a.rank.device()?;
     let handles = RankHandles::default();
     let ran = crate::train_cli::run_journaled_rank(
         device,

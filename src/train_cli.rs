@@ -19,12 +19,29 @@ pub struct TrainArgs {
     /// The run's TOML config (data, model, flow, engine, train, checkpoint).
     #[arg(long)]
     config: PathBuf,
-    /// cpu, or cuda (this rank's GPU: its local rank modulo the GPUs it can see).
+    #[command(flatten)]
+    rank: RankArgs,
+}
+
+/// Where a rank runs (`radit run` passes both to every rank of every kind of job).
+#[derive(Args)]
+pub struct RankArgs {
+    /// cpu, cuda (this rank's GPU: its local rank modulo the GPUs it can see) or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
     /// libtorch intra-op threads per rank.
     #[arg(long)]
     threads: Option<i32>,
+}
+
+impl RankArgs {
+    /// Sets the threads and resolves the device.
+    pub fn device(&self) -> anyhow::Result<Device> {
+        if let Some(t) = self.threads {
+            tch::set_num_threads(t);
+        }
+        device(&self.device)
+    }
 }
 
 #[derive(Args)]
@@ -136,10 +153,7 @@ pub fn join_rank_group(
 
 pub fn run_train(a: TrainArgs) -> anyhow::Result<u8> {
     let cfg = TrainConfig::load(&a.config)?;
-    if let Some(t) = a.threads {
-        tch::set_num_threads(t);
-    }
-    let device = device(&a.device)?;
+    let device = a.rank.device()?;
     let handles = RunHandles {
         step_hook: Faults::from_env().map(|f| Box::new(f) as Box<dyn StepHook>),
         ..RunHandles::default()

@@ -7,7 +7,6 @@
 //! is done, rank 0 writes the arrays' metadata with the training split's channel statistics, then the manifest.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use radit_protocol::{ConfigError, Phase};
@@ -356,11 +355,8 @@ pub fn encode(
             }
         });
         for (done, &(split, k)) in pending.iter().enumerate() {
-            if handles.stop.load(Ordering::SeqCst) {
+            if handles.stop_here()? {
                 return Ok(true);
-            }
-            if progress.superseded() {
-                return Err(RankError::Superseded);
             }
             let step_start = Instant::now();
             let images = {

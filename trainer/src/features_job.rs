@@ -11,7 +11,6 @@
 //! answered from the cache without running the network.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use radit_protocol::{ConfigError, Phase};
@@ -328,12 +327,9 @@ pub fn extract(
     let loop_started = Instant::now();
     let mut stopped = false;
     for (done, &unit) in pending.iter().enumerate() {
-        if handles.stop.load(Ordering::SeqCst) {
+        if handles.stop_here()? {
             stopped = true;
             break;
-        }
-        if progress.superseded() {
-            return Err(RankError::Superseded);
         }
         let step_start = Instant::now();
         let step = summary.units_resumed + done as u64 + 1;

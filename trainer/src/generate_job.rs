@@ -12,7 +12,6 @@
 //! shows progress and ETA and detects hangs as for training.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use radit_protocol::{ConfigError, Phase};
@@ -461,12 +460,9 @@ pub fn generate(
     let (mut nfe_total, loop_started) = (0u64, Instant::now());
     let mut stopped = false;
     for (done, &unit) in pending.iter().enumerate() {
-        if handles.stop.load(Ordering::SeqCst) {
+        if handles.stop_here()? {
             stopped = true;
             break;
-        }
-        if progress.superseded() {
-            return Err(RankError::Superseded);
         }
         let step_start = Instant::now();
         let step = summary.units_resumed + done as u64 + 1;

@@ -83,6 +83,17 @@ pub struct RankHandles {
     pub progress: Progress,
 }
 
+impl RankHandles {
+    /// Between units: whether to stop here (asked to: the committed units are kept), or an error when a newer
+    /// generation of the run took over.
+    pub fn stop_here(&self) -> Result<bool, RankError> {
+        if self.progress.superseded() {
+            return Err(RankError::Superseded);
+        }
+        Ok(self.stop.load(std::sync::atomic::Ordering::SeqCst))
+    }
+}
+
 /// Reads the `[section]` of a rank config (what `radit run` writes for a job's ranks) and validates it.
 pub fn load_section<T: serde::de::DeserializeOwned>(
     file: &Path,
