@@ -60,34 +60,19 @@ const SETTINGS: [&str; 10] = [
     "11",
 ];
 
-#[test]
-fn a_generate_job_resumes_after_a_rank_dies_mid_unit_and_writes_what_one_process_writes() {
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    let store = tiny_store(d, 48, "40x48", 8, &[]);
-    let w = weights(d);
-    let single = d.join("single");
-    run_ok(&mut generate(&w, &store, &single, &SETTINGS));
-
-    let out = d.join("job-out");
-    let job = write_job(
-        d,
+/// A job spec of `kind` with its work `section` (TOML) on 2 local CPU ranks, one relaunch allowed, written to
+/// `dir/job.toml`.
+fn two_rank_job(dir: &Path, kind: &str, section: &str) -> PathBuf {
+    write_job(
+        dir,
         &format!(
             r#"
 [job]
-name = "generate"
-kind = "generate"
+name = "{kind}"
+kind = "{kind}"
 run_dir = "run"
 
-[generate]
-weights = "{}"
-profiles = "{}"
-split = "train"
-limit = 20
-unit_profiles = 3
-batch = 2
-seed = 11
-out = "{}"
+{section}
 
 [resources]
 cpu_ranks = 2
@@ -102,7 +87,27 @@ heartbeat_seconds = 0.5
 
 [monitoring]
 progress_seconds = 0.5
-"#,
+"#
+        ),
+    )
+}
+
+#[test]
+fn a_generate_job_resumes_after_a_rank_dies_mid_unit_and_writes_what_one_process_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let store = tiny_store(d, 48, "40x48", 8, &[]);
+    let w = weights(d);
+    let single = d.join("single");
+    run_ok(&mut generate(&w, &store, &single, &SETTINGS));
+
+    let out = d.join("job-out");
+    let job = two_rank_job(
+        d,
+        "generate",
+        &format!(
+            "[generate]\nweights = \"{}\"\nprofiles = \"{}\"\nsplit = \"train\"\nlimit = 20\nunit_profiles = 3\n\
+             batch = 2\nseed = 11\nout = \"{}\"",
             w.display(),
             store.display(),
             out.display()
@@ -362,34 +367,11 @@ fn a_features_job_resumes_after_a_rank_dies_and_a_second_request_is_answered_fro
     run_ok(&mut features(&single, &d.join("cache-single")));
 
     let out = d.join("job.npy");
-    let job = write_job(
+    let job = two_rank_job(
         d,
+        "features",
         &format!(
-            r#"
-[job]
-name = "features"
-kind = "features"
-run_dir = "run"
-
-[features]
-net = "{}"
-input_size = 32
-store = "{}"
-split = "train"
-out = "{}"
-cache = "{}"
-
-[resources]
-cpu_ranks = 2
-threads_per_rank = 1
-
-[launcher]
-kind = "local"
-
-[restart]
-max_restarts = 1
-heartbeat_seconds = 0.5
-"#,
+            "[features]\nnet = \"{}\"\ninput_size = 32\nstore = \"{}\"\nsplit = \"train\"\nout = \"{}\"\ncache = \"{}\"",
             net.display(),
             store.display(),
             out.display(),
