@@ -31,6 +31,7 @@ mod eval_cli;
 mod generate_cli;
 mod model_cli;
 mod run_cli;
+mod scm_cli;
 mod train_cli;
 
 mod exit;
@@ -78,6 +79,10 @@ enum Command {
     /// variables (dopri5 1e-5 by default), as 16-bit PNGs and samples.csv; one process, or the ranks of a
     /// `[job] kind = "generate"` job under `radit run`, resumable unit by unit.
     Generate(generate_cli::GenerateArgs),
+    /// The Flow SCM of the 19 metadata variables: train it on a store's profiles, sample profiles, intervene
+    /// (do(sex=Female)), and derive counterfactual profiles.
+    #[command(subcommand)]
+    Scm(scm_cli::ScmCommand),
     /// Evaluation: the paper's fidelity metrics on feature files.
     #[command(subcommand)]
     Eval(eval_cli::EvalCommand),
@@ -322,6 +327,7 @@ fn main() -> ExitCode {
         Command::Decode(a) => model_cli::run_decode(a),
         Command::Encode(a) => encode_cli::run_encode(a),
         Command::Generate(a) => generate_cli::run_generate(a),
+        Command::Scm(c) => scm_cli::run_scm(c),
         Command::Eval(c) => eval_cli::run_eval(c),
         Command::Sample(a) => model_cli::run_sample(a),
         Command::Run(a) => run_cli::run(a),

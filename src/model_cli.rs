@@ -363,7 +363,8 @@ pub struct SampleArgs {
     /// Age in years (unset = missing).
     #[arg(long)]
     age: Option<f32>,
-    /// Counterfactual editing: these images (PNG) are edited from --from/--from-age to --set/--age.
+    /// Counterfactual editing: these images (PNG) are edited from --from/--from-age to --set/--age, or to the
+    /// counterfactual profile the SCM derives for --do.
     #[arg(long, num_args = 1..)]
     edit: Vec<PathBuf>,
     /// The edited images' own metadata (name=value pairs).
@@ -371,6 +372,13 @@ pub struct SampleArgs {
     from: String,
     #[arg(long)]
     from_age: Option<f32>,
+    /// With --edit and --scm: interventions (name=value pairs, e.g. sex=Female or age=70); the SCM abducts the
+    /// --from profile, applies them and predicts every downstream variable, and the image is edited to that profile.
+    #[arg(long = "do", requires_all = ["scm", "edit"], conflicts_with_all = ["set", "age"])]
+    interventions: Option<String>,
+    /// The SCM (`radit scm train`'s output) that derives the counterfactual profile for --do.
+    #[arg(long, requires = "interventions")]
+    scm: Option<PathBuf>,
     #[command(flatten)]
     solver: SolverArgs,
     #[arg(long, default_value_t = 0)]
@@ -549,6 +557,36 @@ pub fn device_or_gpu(flag: Option<&str>) -> anyhow::Result<Device> {
     crate::train_cli::device(flag.unwrap_or(default))
 }
 
+/// The counterfactual of `original` under `interventions` by the SCM at `scm` (dopri5 1e-6; missing values stay
+/// missing), as conditions for RadiT.
+fn counterfactual_conditions(
+    scm: &std::path::Path,
+    original: &Conditions,
+    interventions: &str,
+    device: Device,
+) -> anyhow::Result<Conditions> {
+    use radit_trainer::scm::{Profiles, infer};
+    let loaded = radit_trainer::scm::load(scm, device)?;
+    let interventions = infer::parse_interventions(&loaded.scm, interventions)?;
+    let labels: Vec<i64> = original.labels.iter().map(|&c| i64::from(c)).collect();
+    let observed = Profiles {
+        labels: Tensor::from_slice(&labels).view([1, -1]),
+        age: Tensor::from_slice(&[original.age]),
+    };
+    let cf = infer::counterfactual(
+        &loaded.scm,
+        &observed,
+        &interventions,
+        infer::Missing::Keep,
+        infer::default_solver(),
+    )?;
+    let labels = Vec::<i64>::try_from(cf.labels.flatten(0, -1))?;
+    Ok(Conditions {
+        labels: labels.iter().map(|&c| c as u8).collect(),
+        age: cf.age.double_value(&[0]) as f32,
+    })
+}
+
 pub fn run_sample(a: SampleArgs) -> anyhow::Result<u8> {
     let device = device_or_gpu(a.device.as_deref())?;
     let precision = a
@@ -557,9 +595,15 @@ pub fn run_sample(a: SampleArgs) -> anyhow::Result<u8> {
     let editing = !a.edit.is_empty();
     let default_tol = if editing { 1e-6 } else { 1e-5 };
     let solver = a.solver.solver(default_tol)?;
-    let target = Conditions::missing()
+    let mut target = Conditions::missing()
         .with(&a.set, a.age)
         .context("parsing --set/--age")?;
+    if let (Some(interventions), Some(scm)) = (&a.interventions, &a.scm) {
+        let original = Conditions::missing()
+            .with(&a.from, a.from_age)
+            .context("parsing --from/--from-age")?;
+        target = counterfactual_conditions(scm, &original, interventions, device)?;
+    }
     let sampler = Sampler::load(&a.weights, a.preset.as_deref(), device, precision)
         .with_context(|| format!("loading {}", a.weights.display()))?;
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;

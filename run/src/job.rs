@@ -12,6 +12,7 @@ use radit_trainer::encode::EncodeConfig;
 use radit_trainer::features_job::FeaturesConfig;
 use radit_trainer::generate_job::GenerateConfig;
 use radit_trainer::preview::PreviewConfig;
+use radit_trainer::scm::fit::ScmTrainConfig;
 use radit_trainer::train::{ConfigError, TrainConfig, TrainError, ValidatedConfig};
 use serde::{Deserialize, Serialize};
 
@@ -50,6 +51,7 @@ pub enum Work {
     Encode(EncodeConfig),
     Generate(Box<GenerateConfig>),
     Features(Box<FeaturesConfig>),
+    Scm(Box<ScmTrainConfig>),
 }
 
 /// `[job] kind`.
@@ -61,6 +63,7 @@ pub enum JobKind {
     Encode,
     Generate,
     Features,
+    Scm,
 }
 
 /// An encode job's work sections.
@@ -82,6 +85,13 @@ struct GenerateSections {
 #[serde(deny_unknown_fields)]
 struct FeaturesSections {
     features: FeaturesConfig,
+}
+
+/// An SCM training job's work sections.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ScmSections {
+    scm: ScmTrainConfig,
 }
 
 /// The job's own sections, as they are read.
@@ -150,6 +160,12 @@ impl JobSpec {
                 })?;
                 Work::Features(Box::new(f.features))
             }
+            JobKind::Scm => {
+                let f: ScmSections = all.try_into().map_err(|e: toml::de::Error| {
+                    format!("an scm job has [scm] besides the job's own sections: {e}")
+                })?;
+                Work::Scm(Box::new(f.scm))
+            }
         };
         Ok(Self {
             work,
@@ -183,6 +199,7 @@ impl JobSpec {
             Work::Features(f) => toml::Table::try_from(FeaturesSections {
                 features: (**f).clone(),
             })?,
+            Work::Scm(f) => toml::Table::try_from(ScmSections { scm: (**f).clone() })?,
         };
         all.extend(toml::Table::try_from(&own)?);
         toml::to_string(&all)
@@ -193,7 +210,7 @@ impl JobSpec {
 #[serde(deny_unknown_fields)]
 pub struct JobSection {
     pub name: String,
-    /// train (default), encode, generate or features.
+    /// train (default), encode, generate, features or scm.
     #[serde(default, skip_serializing_if = "is_train")]
     pub kind: JobKind,
     /// The run's directory on a filesystem every node sees: the token file, the resolved train config, rank logs,
@@ -585,6 +602,7 @@ pub enum ValidatedWork {
     Encode(EncodeConfig),
     Generate(Box<GenerateConfig>),
     Features(Box<FeaturesConfig>),
+    Scm(Box<ScmTrainConfig>),
 }
 
 impl Job {
@@ -678,6 +696,11 @@ impl Job {
                 f.samples = f.samples.as_deref().map(absolute);
                 f.cache = f.cache.as_deref().map(absolute);
             }
+            Work::Scm(f) => {
+                f.out = absolute(&f.out);
+                f.graph = f.graph.as_deref().map(absolute);
+                f.checkpoint_dir = f.checkpoint_dir.as_deref().map(absolute);
+            }
             Work::Train(_) => {}
         }
         let work = match &spec.work {
@@ -725,6 +748,16 @@ impl Job {
                 }
                 ValidatedWork::Features(features.clone())
             }
+            Work::Scm(scm) => {
+                scm.validate().map_err(|e| bad(&e.field, e.reason))?;
+                if spec.samples != SampleSpec::default() {
+                    return Err(bad(
+                        "samples",
+                        "an scm job draws no image samples: remove [samples]".into(),
+                    ));
+                }
+                ValidatedWork::Scm(scm.clone())
+            }
         };
         if let (ValidatedWork::Train(t), Some(_)) = (&work, &spec.samples.decoder)
             && t.model().in_channels == 1
@@ -740,6 +773,7 @@ impl Job {
             ValidatedWork::Encode(_) | ValidatedWork::Generate(_) | ValidatedWork::Features(_) => {
                 Some(())
             }
+            ValidatedWork::Scm(s) => s.checkpoint_dir.as_ref().map(|_| ()),
         };
         if spec.restart.max_restarts > 0 && checkpoint.is_none() {
             return Err(bad(
@@ -817,14 +851,12 @@ impl Job {
     pub fn train(&self) -> Option<&ValidatedConfig> {
         match &self.work {
             ValidatedWork::Train(t) => Some(t),
-            ValidatedWork::Encode(_) | ValidatedWork::Generate(_) | ValidatedWork::Features(_) => {
-                None
-            }
+            _ => None,
         }
     }
 
-    /// Where the ranks' config is written: `train.toml`, `encode.toml`, `generate.toml` or `features.toml` in the
-    /// run directory.
+    /// Where the ranks' config is written: `train.toml`, `encode.toml`, `generate.toml`, `features.toml` or
+    /// `train.toml` for the SCM (`radit scm train`) in the run directory.
     pub fn rank_config_path(&self) -> PathBuf {
         let command = self.rank_command();
         self.run_dir
@@ -838,6 +870,7 @@ impl Job {
             ValidatedWork::Encode(_) => &["encode"],
             ValidatedWork::Generate(_) => &["generate"],
             ValidatedWork::Features(_) => &["eval", "features"],
+            ValidatedWork::Scm(_) => &["scm", "train"],
         }
     }
 
@@ -852,6 +885,7 @@ impl Job {
             ValidatedWork::Features(f) => toml::to_string(&FeaturesSections {
                 features: (**f).clone(),
             }),
+            ValidatedWork::Scm(f) => toml::to_string(&ScmSections { scm: (**f).clone() }),
         }
     }
 
@@ -864,6 +898,7 @@ impl Job {
             ValidatedWork::Encode(e) => radit_trainer::encode::planned_steps(e, world)?,
             ValidatedWork::Generate(g) => radit_trainer::generate_job::planned_steps(g, world)?,
             ValidatedWork::Features(f) => radit_trainer::features_job::planned_steps(f, world)?,
+            ValidatedWork::Scm(f) => f.steps,
         })
     }
 
@@ -1089,6 +1124,28 @@ impl Job {
                     "data slices: units (a store's shards, or {} samples) in {} contiguous ranges, one per rank; a \
                      step is one unit, committed as a part file, so a relaunch resumes at the next",
                     f.unit_images, self.world
+                );
+            }
+            ValidatedWork::Scm(f) => {
+                let _ = writeln!(
+                    o,
+                    "scm: the {} split's profiles of {} ({} graph), {} steps of {} profiles ({} per rank), lr {}, \
+                     EMA {}, into {}{}",
+                    f.split.name(),
+                    f.store,
+                    f.graph
+                        .as_ref()
+                        .map_or("the built-in".to_string(), |g| g.display().to_string()),
+                    f.steps,
+                    f.batch,
+                    f.batch / u64::from(self.world).max(1),
+                    f.lr,
+                    f.ema,
+                    f.out.display(),
+                    f.checkpoint_dir.as_ref().map_or(String::new(), |c| format!(
+                        ", checkpoints in {}",
+                        c.display()
+                    ))
                 );
             }
         }

@@ -46,6 +46,7 @@ pub mod preview;
 pub mod progress;
 pub mod runtime;
 pub mod sampler;
+pub mod scm;
 pub mod train;
 pub mod validate;
 

@@ -146,6 +146,11 @@ impl Progress {
         self.0.checkpoint.store(c.step + 1, Ordering::Relaxed);
     }
 
+    /// The loss of the last step, for work that records its steps as units (the SCM's training).
+    pub fn record_loss(&self, loss: f64) {
+        self.with_stats(|s| (s.loss, s.loss_max) = (loss, loss));
+    }
+
     /// A validation loss measured after `step`.
     pub fn record_validation(&self, step: u64, loss: f64) {
         self.with_stats(|s| (s.val_step, s.val_loss) = (step, loss));

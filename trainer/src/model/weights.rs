@@ -118,8 +118,8 @@ pub fn read_weights(path: &Path) -> Result<WeightsFile, ModelError> {
     })
 }
 
-/// The config in a weights file's metadata, or `None` when it has none (e.g. exported by PyTorch).
-pub fn read_weights_config(path: &Path) -> Result<Option<RadiTConfig>, ModelError> {
+/// The string metadata of a safetensors file's header (empty when it has none).
+pub fn read_metadata(path: &Path) -> Result<BTreeMap<String, String>, ModelError> {
     let mut f = std::fs::File::open(path).map_err(|e| io(path, e))?;
     let mut len = [0u8; 8];
     f.read_exact(&mut len).map_err(|e| io(path, e))?;
@@ -134,14 +134,24 @@ pub fn read_weights_config(path: &Path) -> Result<Option<RadiTConfig>, ModelErro
     f.read_exact(&mut header).map_err(|e| io(path, e))?;
     let header: serde_json::Value = serde_json::from_slice(&header)
         .map_err(|e| bad(path, format!("header is not JSON: {e}")))?;
-    let Some(text) = header.get("__metadata__").and_then(|m| m.get(CONFIG_KEY)) else {
+    Ok(header
+        .get("__metadata__")
+        .and_then(|m| m.as_object())
+        .map(|m| {
+            m.iter()
+                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
+/// The config in a weights file's metadata, or `None` when it has none (e.g. exported by PyTorch).
+pub fn read_weights_config(path: &Path) -> Result<Option<RadiTConfig>, ModelError> {
+    let Some(text) = read_metadata(path)?.remove(CONFIG_KEY) else {
         return Ok(None);
     };
-    let text = text
-        .as_str()
-        .ok_or_else(|| bad(path, format!("{CONFIG_KEY} is not a string")))?;
     let cfg: RadiTConfig =
-        serde_json::from_str(text).map_err(|e| bad(path, format!("{CONFIG_KEY}: {e}")))?;
+        serde_json::from_str(&text).map_err(|e| bad(path, format!("{CONFIG_KEY}: {e}")))?;
     cfg.validate()?;
     Ok(Some(cfg))
 }
