@@ -144,7 +144,8 @@ fn decode(scm: &Scm, i: usize, x: &Tensor) -> Tensor {
             let k = x.argmax(1, false);
             if scm.config.null_as_class { k } else { k + 1 }
         }
-        VarKind::Age => x.select(1, 0).clamp_min(0.0),
+        // 0 to 120 years, the range an age is accepted in
+        VarKind::Age => x.select(1, 0).clamp(0.0, 1.2),
     }
 }
 
