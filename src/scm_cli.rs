@@ -21,6 +21,9 @@ pub enum ScmCommand {
     Intervene(SampleArgs),
     /// Counterfactual profiles: abduct each observed variable's noise, apply --do, predict the descendants only.
     Counterfactual(CounterfactualArgs),
+    /// How well the SCM's samples match a store's profiles: the total-variation distance of each marginal and of
+    /// each variable given its parents' configurations (JSON).
+    Check(CheckArgs),
     /// The graph (the built-in one, or --graph FILE validated): variables, parents and the topological order;
     /// --toml prints the built-in graph file to start your own from.
     Graph(GraphArgs),
@@ -126,6 +129,29 @@ pub struct CounterfactualArgs {
 }
 
 #[derive(Args)]
+pub struct CheckArgs {
+    #[arg(long)]
+    model: PathBuf,
+    /// The store whose profiles to compare with (its training split by default).
+    #[arg(long)]
+    store: String,
+    #[arg(long, default_value = "train")]
+    split: String,
+    /// Samples drawn from the SCM.
+    #[arg(short, long, default_value_t = 5000)]
+    n: i64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Parent configurations with fewer rows on either side are left out of the conditionals.
+    #[arg(long, default_value_t = 30.0)]
+    min_count: f64,
+    #[command(flatten)]
+    solver: crate::model_cli::SolverArgs,
+    #[arg(long)]
+    device: Option<String>,
+}
+
+#[derive(Args)]
 pub struct GraphArgs {
     #[arg(long)]
     graph: Option<PathBuf>,
@@ -139,6 +165,7 @@ pub fn run_scm(cmd: ScmCommand) -> anyhow::Result<u8> {
         ScmCommand::Train(a) => run_train(a),
         ScmCommand::Sample(a) | ScmCommand::Intervene(a) => run_sample(a),
         ScmCommand::Counterfactual(a) => run_counterfactual(a),
+        ScmCommand::Check(a) => run_check(a),
         ScmCommand::Graph(a) => run_graph(a),
     }
 }
@@ -255,6 +282,36 @@ fn run_counterfactual(a: CounterfactualArgs) -> anyhow::Result<u8> {
     let solver = a.solver.solver(1e-6)?;
     let cf = infer::counterfactual(&loaded.scm, &observed, &interventions, missing, solver)?;
     emit(&cf, a.format, a.out.as_ref())?;
+    Ok(0)
+}
+
+fn run_check(a: CheckArgs) -> anyhow::Result<u8> {
+    crate::exit::ensure_usage!(a.n > 1, "-n must be at least 2");
+    let split = a
+        .split
+        .parse()
+        .map_err(|e| crate::exit::usage!("--split: {e}"))?;
+    let device = crate::model_cli::device_or_gpu(a.device.as_deref())?;
+    let loaded = radit_trainer::scm::load(&a.model, device)?;
+    let (labels, age) = radit_trainer::scm::fit::read_profiles(&a.store, split)?;
+    crate::exit::ensure_usage!(
+        !age.is_empty(),
+        "{}: the {} split is empty",
+        a.store,
+        a.split
+    );
+    let n = age.len() as i64;
+    let labels: Vec<i64> = labels.iter().map(|&c| i64::from(c)).collect();
+    let data = radit_trainer::scm::Profiles {
+        labels: radit_trainer::tch::Tensor::from_slice(&labels).view([n, -1]),
+        age: radit_trainer::tch::Tensor::from_slice(&age),
+    };
+    let samples = infer::sample(&loaded.scm, a.n, a.seed, &[], a.solver.solver(1e-6)?)?;
+    let fit = radit_trainer::scm::check::fit(&loaded.scm.graph, &data, &samples, a.min_count);
+    println!(
+        "{:#}",
+        serde_json::json!({ "profiles": n, "samples": a.n, "min_count": a.min_count, "variables": fit })
+    );
     Ok(0)
 }
 

@@ -174,6 +174,32 @@ fn a_trained_scm_recovers_a_known_mechanism_and_its_counterfactuals_are_consiste
         (rate - 0.3).abs()
     );
     assert!((rate - 0.3).abs() < 0.1, "{rate}");
+    // `radit scm check`: the same fit as total-variation distances against the store's profiles.
+    let check = run_ok(
+        radit()
+            .args(["scm", "check", "-n", "2000", "--seed", "7", "--model"])
+            .arg(&model)
+            .arg("--store")
+            .arg(&store),
+    );
+    let report: serde_json::Value = serde_json::from_str(&stdout(&check)).unwrap();
+    let of = |name: &str| {
+        report["variables"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["variable"] == name)
+            .unwrap()
+            .clone()
+    };
+    eprintln!("consolidation: {}", of("consolidation"));
+    assert!(of("pneumonia")["marginal_tv"].as_f64().unwrap() < 0.1);
+    let consolidation = of("consolidation");
+    assert_eq!(consolidation["configurations"], 2, "{consolidation}");
+    assert!(
+        consolidation["conditional_tv_max"].as_f64().unwrap() < 0.1,
+        "{consolidation}"
+    );
     // do(pneumonia = positive): consolidation follows the mechanism; pneumonia's parents do not move.
     let positive = [Intervention {
         variable: pn,

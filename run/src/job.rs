@@ -855,12 +855,11 @@ impl Job {
         }
     }
 
-    /// Where the ranks' config is written: `train.toml`, `encode.toml`, `generate.toml`, `features.toml` or
-    /// `train.toml` for the SCM (`radit scm train`) in the run directory.
+    /// Where the ranks' config is written, named by their command: `train.toml`, `encode.toml`, `generate.toml`,
+    /// `eval-features.toml` or `scm-train.toml` in the run directory.
     pub fn rank_config_path(&self) -> PathBuf {
-        let command = self.rank_command();
         self.run_dir
-            .join(format!("{}.toml", command[command.len() - 1]))
+            .join(format!("{}.toml", self.rank_command().join("-")))
     }
 
     /// The radit (sub)command every rank runs.
@@ -1258,6 +1257,24 @@ mod tests {
         let spec = JobSpec::from_toml(&wrong).unwrap();
         let err = Job::new(spec, &dir.join("generate-xl-job.toml")).unwrap_err();
         assert!(err.to_string().contains("samples"), "{err}");
+    }
+
+    #[test]
+    fn the_scm_example_is_an_scm_job() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+        let job = Job::load(&dir.join("scm-job.toml")).unwrap();
+        assert_eq!(job.rank_args()[..3], ["scm", "train", "--config"]);
+        assert!(job.rank_config_path().ends_with("scm-train.toml"));
+        let ValidatedWork::Scm(s) = &job.work else {
+            panic!("an scm job")
+        };
+        assert_eq!((s.steps, s.batch, s.model.width), (50_000, 4096, 512));
+        let text = job.rank_config_toml().unwrap();
+        assert!(text.starts_with("[scm]"), "{text}");
+        assert_eq!(
+            JobSpec::from_toml(&job.spec.to_toml().unwrap()).unwrap(),
+            job.spec
+        );
     }
 
     #[test]

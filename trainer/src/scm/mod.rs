@@ -2,6 +2,7 @@
 //! rectified-flow mechanism per variable ([`model`]), teacher-forced training on a store's profiles ([`fit`]),
 //! and sampling, interventions and counterfactuals ([`infer`]).
 
+pub mod check;
 pub mod fit;
 pub mod graph;
 pub mod infer;
