@@ -89,17 +89,47 @@ pub struct SampleArgs {
     /// Interventions: name=value pairs, e.g. sex=Female,age=63.
     #[arg(long = "do")]
     interventions: Option<String>,
+    #[command(flatten)]
+    output: OutputArgs,
+    #[command(flatten)]
+    run: InferenceArgs,
+}
+
+/// Where profiles go.
+#[derive(Args)]
+pub struct OutputArgs {
     #[arg(long, value_enum, default_value = "csv")]
     format: Format,
     /// Write here instead of stdout.
     #[arg(long)]
     out: Option<PathBuf>,
+}
+
+/// How the SCM's ODEs are solved, and where.
+#[derive(Args)]
+pub struct InferenceArgs {
     /// The ODE solver (dopri5 at the paper's 1e-6 for the SCM by default).
     #[command(flatten)]
     solver: crate::model_cli::SolverArgs,
     /// cpu, cuda or cuda:N (default: the GPU when there is one).
     #[arg(long)]
     device: Option<String>,
+}
+
+impl InferenceArgs {
+    fn load(
+        &self,
+        model: &std::path::Path,
+    ) -> anyhow::Result<(
+        radit_trainer::scm::LoadedScm,
+        radit_trainer::sampler::Solver,
+    )> {
+        let device = crate::model_cli::device_or_gpu(self.device.as_deref())?;
+        Ok((
+            radit_trainer::scm::load(model, device)?,
+            self.solver.solver(1e-6)?,
+        ))
+    }
 }
 
 #[derive(Args)]
@@ -118,14 +148,10 @@ pub struct CounterfactualArgs {
     resample_missing: bool,
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    #[arg(long, value_enum, default_value = "csv")]
-    format: Format,
-    #[arg(long)]
-    out: Option<PathBuf>,
     #[command(flatten)]
-    solver: crate::model_cli::SolverArgs,
-    #[arg(long)]
-    device: Option<String>,
+    output: OutputArgs,
+    #[command(flatten)]
+    run: InferenceArgs,
 }
 
 #[derive(Args)]
@@ -146,9 +172,7 @@ pub struct CheckArgs {
     #[arg(long, default_value_t = 30.0)]
     min_count: f64,
     #[command(flatten)]
-    solver: crate::model_cli::SolverArgs,
-    #[arg(long)]
-    device: Option<String>,
+    run: InferenceArgs,
 }
 
 #[derive(Args)]
@@ -231,12 +255,9 @@ fn run_train(a: TrainArgs) -> anyhow::Result<u8> {
     })
 }
 
-fn emit(
-    p: &radit_trainer::scm::Profiles,
-    format: Format,
-    out: Option<&PathBuf>,
-) -> anyhow::Result<()> {
-    let text = match format {
+fn emit(p: &radit_trainer::scm::Profiles, output: &OutputArgs) -> anyhow::Result<()> {
+    let out = output.out.as_ref();
+    let text = match output.format {
         Format::Csv => io::to_csv(p),
         Format::Json => format!("{:#}\n", io::to_json(p)),
     };
@@ -253,21 +274,18 @@ fn emit(
 
 fn run_sample(a: SampleArgs) -> anyhow::Result<u8> {
     crate::exit::ensure_usage!(a.n > 0, "-n must be positive");
-    let device = crate::model_cli::device_or_gpu(a.device.as_deref())?;
-    let loaded = radit_trainer::scm::load(&a.model, device)?;
+    let (loaded, solver) = a.run.load(&a.model)?;
     let interventions = match &a.interventions {
         Some(text) => infer::parse_interventions(&loaded.scm, text)?,
         None => Vec::new(),
     };
-    let solver = a.solver.solver(1e-6)?;
     let p = infer::sample(&loaded.scm, a.n, a.seed, &interventions, solver)?;
-    emit(&p, a.format, a.out.as_ref())?;
+    emit(&p, &a.output)?;
     Ok(0)
 }
 
 fn run_counterfactual(a: CounterfactualArgs) -> anyhow::Result<u8> {
-    let device = crate::model_cli::device_or_gpu(a.device.as_deref())?;
-    let loaded = radit_trainer::scm::load(&a.model, device)?;
+    let (loaded, solver) = a.run.load(&a.model)?;
     let interventions = infer::parse_interventions(&loaded.scm, &a.interventions)?;
     let observed = if std::path::Path::new(&a.from).is_file() {
         io::read_csv(std::path::Path::new(&a.from))?
@@ -279,9 +297,8 @@ fn run_counterfactual(a: CounterfactualArgs) -> anyhow::Result<u8> {
     } else {
         Missing::Keep
     };
-    let solver = a.solver.solver(1e-6)?;
     let cf = infer::counterfactual(&loaded.scm, &observed, &interventions, missing, solver)?;
-    emit(&cf, a.format, a.out.as_ref())?;
+    emit(&cf, &a.output)?;
     Ok(0)
 }
 
@@ -291,8 +308,7 @@ fn run_check(a: CheckArgs) -> anyhow::Result<u8> {
         .split
         .parse()
         .map_err(|e| crate::exit::usage!("--split: {e}"))?;
-    let device = crate::model_cli::device_or_gpu(a.device.as_deref())?;
-    let loaded = radit_trainer::scm::load(&a.model, device)?;
+    let (loaded, solver) = a.run.load(&a.model)?;
     let (labels, age) = radit_trainer::scm::fit::read_profiles(&a.store, split)?;
     crate::exit::ensure_usage!(
         !age.is_empty(),
@@ -306,7 +322,7 @@ fn run_check(a: CheckArgs) -> anyhow::Result<u8> {
         labels: radit_trainer::tch::Tensor::from_slice(&labels).view([n, -1]),
         age: radit_trainer::tch::Tensor::from_slice(&age),
     };
-    let samples = infer::sample(&loaded.scm, a.n, a.seed, &[], a.solver.solver(1e-6)?)?;
+    let samples = infer::sample(&loaded.scm, a.n, a.seed, &[], solver)?;
     let fit = radit_trainer::scm::check::fit(&loaded.scm.graph, &data, &samples, a.min_count);
     println!(
         "{:#}",

@@ -252,18 +252,7 @@ pub fn counterfactual(
     let n = observed_profiles.len();
     let targets: Vec<usize> = interventions.iter().map(|x| x.variable).collect();
     let below = scm.graph.descendants(&targets);
-    let mut cf = Profiles {
-        labels: observed_profiles
-            .labels
-            .to_kind(Kind::Int64)
-            .to_device(tch::Device::Cpu)
-            .copy(),
-        age: observed_profiles
-            .age
-            .to_kind(Kind::Float)
-            .to_device(tch::Device::Cpu)
-            .copy(),
-    };
+    let mut cf = observed_profiles.to_cpu();
     let all = Tensor::ones([n], (Kind::Bool, tch::Device::Cpu));
     let rows: Vec<u64> = (0..n as u64).collect();
     for &i in &scm.graph.order {
@@ -298,18 +287,7 @@ pub fn reconstruct(
     observed_profiles: &Profiles,
     solver: Solver,
 ) -> Result<Profiles, ModelError> {
-    let mut out = Profiles {
-        labels: observed_profiles
-            .labels
-            .to_kind(Kind::Int64)
-            .to_device(tch::Device::Cpu)
-            .copy(),
-        age: observed_profiles
-            .age
-            .to_kind(Kind::Float)
-            .to_device(tch::Device::Cpu)
-            .copy(),
-    };
+    let mut out = observed_profiles.to_cpu();
     for i in 0..scm.graph.variables.len() {
         let (x1, present) = observed(scm, i, observed_profiles);
         let u = solve_variable(scm, i, observed_profiles, &x1, 1.0, 0.0, solver)?;

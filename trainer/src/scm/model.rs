@@ -96,6 +96,18 @@ impl Profiles {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// A copy on the CPU (labels int64, age f32), to fill in or change.
+    pub fn to_cpu(&self) -> Profiles {
+        Profiles {
+            labels: self
+                .labels
+                .to_kind(Kind::Int64)
+                .to_device(Device::Cpu)
+                .copy(),
+            age: self.age.to_kind(Kind::Float).to_device(Device::Cpu).copy(),
+        }
+    }
 }
 
 enum Embedding {
