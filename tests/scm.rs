@@ -480,3 +480,48 @@ kind = "local"
         assert!(e < 1e-5, "{name}: {e:e}");
     }
 }
+
+#[test]
+fn sigterm_checkpoints_the_scm_and_exits_75_and_the_next_run_resumes() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let store = tiny_store(d, 64, "40x48", 8, &[]);
+    let out = d.join("scm.safetensors");
+    let ck = d.join("ck");
+    let mut cmd = scm_train(&store, &out, 1_000_000, None);
+    cmd.args([
+        "--log-every",
+        "5",
+        "--checkpoint-every",
+        "1000000",
+        "--checkpoint-dir",
+    ])
+    .arg(&ck)
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    // Wait for a logged step, then ask it to stop as Slurm does before the time limit.
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = lines.next().unwrap().unwrap();
+    assert!(first.contains("\"step\":5"), "{first}");
+    // SAFETY: kill(2) on the child this test started.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(75), "stopped for a requeue");
+    assert!(!out.exists(), "no model from a stopped run");
+    let metadata =
+        radit_trainer::model::read_metadata(&ck.join("scm-checkpoint.safetensors")).unwrap();
+    let step: u64 = metadata["radit.scm.step"].parse().unwrap();
+    assert!(step >= 5, "{step}");
+    // The same command to a few more steps resumes where it stopped and writes the model.
+    let mut again = scm_train(&store, &out, step + 3, None);
+    again.args(["--checkpoint-dir"]).arg(&ck);
+    let done = run_ok(&mut again);
+    assert!(
+        stderr(&done).contains(&format!("\"resumed_from\":{step}")),
+        "{}",
+        stderr(&done)
+    );
+    assert!(out.exists());
+}

@@ -377,6 +377,44 @@ mod tests {
     use super::*;
 
     #[test]
+    fn missing_values_are_masked_or_with_null_as_class_a_class_of_their_own() {
+        let graph = Graph::default_graph();
+        let profiles = Profiles {
+            // sex missing in row 0, Female (2) in row 1; every other label missing
+            labels: Tensor::from_slice(&[0i64; 36]).view([2, 18]),
+            age: Tensor::from_slice(&[f32::NAN, 0.5]),
+        };
+        let _ = profiles.labels.select(1, 15).get(1).fill_(2);
+        let sex = graph.index("sex").unwrap();
+        for null_as_class in [false, true] {
+            let vs = nn::VarStore::new(Device::Cpu);
+            let cfg = ScmConfig {
+                null_as_class,
+                ..ScmConfig::preset("tiny").unwrap()
+            };
+            let scm = Scm::new(&vs.root(), &cfg, &graph).unwrap();
+            let (x, mask) = scm.target(sex, &profiles);
+            let (x, mask) = (
+                Vec::<f32>::try_from(x.flatten(0, -1)).unwrap(),
+                Vec::<f32>::try_from(mask).unwrap(),
+            );
+            if null_as_class {
+                assert_eq!(scm.dim(sex), 3);
+                assert_eq!(
+                    (x, mask),
+                    (vec![1.0, 0.0, 0.0, 0.0, 0.0, 1.0], vec![1.0, 1.0])
+                );
+            } else {
+                assert_eq!(scm.dim(sex), 2);
+                assert_eq!((x, mask), (vec![0.0, 0.0, 0.0, 1.0], vec![0.0, 1.0]));
+            }
+            // Age is masked either way where missing.
+            let (_, age_mask) = scm.target(graph.index("age").unwrap(), &profiles);
+            assert_eq!(Vec::<f32>::try_from(age_mask).unwrap(), [0.0, 1.0]);
+        }
+    }
+
+    #[test]
     fn a_binary_flow_has_the_closed_form_count_and_the_paper_model_about_32_7m() {
         let graph = Graph::default_graph();
         let vs = nn::VarStore::new(Device::Cpu);
