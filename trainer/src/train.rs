@@ -634,6 +634,17 @@ impl<'a> Trainer<'a> {
             None => None,
         };
         let storage = Storage::open_existing(&cfg.data.url)?;
+        // An empty validation split is named now, not at the first validation hours in.
+        if let Some(v) = cfg.validation.as_ref().filter(|v| v.every > 0) {
+            let reader = radit_sharding::reader::StoreReader::open(storage.clone())?;
+            if reader.len(v.split) == 0 {
+                return Err(ConfigError::new(
+                    "validation.split",
+                    format!("the {} split of {} is empty", v.split.name(), cfg.data.url),
+                )
+                .into());
+            }
+        }
         let loader_cfg = cfg.loader_config(rank, world);
         let loader = open_loader(&storage, &loader_cfg, state.as_ref())?;
         let resumed_from = state.as_ref().map(|s| s.step);
