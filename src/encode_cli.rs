@@ -64,8 +64,7 @@ pub fn run_encode(a: EncodeArgs) -> anyhow::Result<u8> {
     let handles = RankHandles::default();
     let ran = crate::train_cli::run_journaled_rank(
         device,
-        &handles.stop,
-        &handles.progress,
+        &handles,
         |comm| encode(&cfg, comm, device, &handles),
         RankError::repeats,
     )?;
@@ -79,9 +78,5 @@ pub fn run_encode(a: EncodeArgs) -> anyhow::Result<u8> {
             cfg.store, summary.images_encoded, summary.shards_resumed
         );
     }
-    Ok(if summary.stopped_for_requeue {
-        crate::exit::RETRYABLE
-    } else {
-        0
-    })
+    Ok(crate::exit::done_or_requeue(summary.stopped_for_requeue))
 }

@@ -150,8 +150,7 @@ fn run_features(a: FeaturesArgs) -> anyhow::Result<u8> {
     let handles = RankHandles::default();
     let ran = crate::train_cli::run_journaled_rank(
         device,
-        &handles.stop,
-        &handles.progress,
+        &handles,
         |comm| extract(&cfg, comm, device, &handles),
         RankError::repeats,
     )?;
@@ -162,11 +161,7 @@ fn run_features(a: FeaturesArgs) -> anyhow::Result<u8> {
     if let Some(report) = &summary.report {
         println!("{report}");
     }
-    Ok(if summary.stopped_for_requeue {
-        crate::exit::RETRYABLE
-    } else {
-        0
-    })
+    Ok(crate::exit::done_or_requeue(summary.stopped_for_requeue))
 }
 
 fn run_fidelity(a: FidelityArgs) -> anyhow::Result<u8> {

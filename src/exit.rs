@@ -25,6 +25,11 @@ pub const BAD_INPUT: u8 = 2;
 /// requeue exits with it too.
 pub const RETRYABLE: u8 = REQUEUE_EXIT_CODE as u8;
 
+/// A rank's exit code at its end: 0, or [`RETRYABLE`] when it stopped early for a requeue.
+pub fn done_or_requeue(stopped_for_requeue: bool) -> u8 {
+    if stopped_for_requeue { RETRYABLE } else { 0 }
+}
+
 /// Arguments that cannot work: the caller must change them.
 #[derive(Debug)]
 pub struct Usage(pub String);

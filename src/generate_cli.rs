@@ -96,8 +96,7 @@ pub fn run_generate(a: GenerateArgs) -> anyhow::Result<u8> {
     let handles = RankHandles::default();
     let ran = crate::train_cli::run_journaled_rank(
         device,
-        &handles.stop,
-        &handles.progress,
+        &handles,
         |comm| generate(&cfg, comm, device, &handles),
         RankError::repeats,
     )?;
@@ -113,9 +112,5 @@ pub fn run_generate(a: GenerateArgs) -> anyhow::Result<u8> {
             summary.units_resumed
         );
     }
-    Ok(if summary.stopped_for_requeue {
-        crate::exit::RETRYABLE
-    } else {
-        0
-    })
+    Ok(crate::exit::done_or_requeue(summary.stopped_for_requeue))
 }

@@ -225,8 +225,7 @@ fn run_train(a: TrainArgs) -> anyhow::Result<u8> {
     let handles = RankHandles::default();
     let ran = crate::train_cli::run_journaled_rank(
         device,
-        &handles.stop,
-        &handles.progress,
+        &handles,
         |comm| {
             train(&cfg, comm, device, &handles, |log| {
                 if comm.rank() == 0 {
@@ -248,11 +247,7 @@ fn run_train(a: TrainArgs) -> anyhow::Result<u8> {
             summary.final_loss
         );
     }
-    Ok(if summary.stopped_for_requeue {
-        crate::exit::RETRYABLE
-    } else {
-        0
-    })
+    Ok(crate::exit::done_or_requeue(summary.stopped_for_requeue))
 }
 
 fn emit(p: &radit_trainer::scm::Profiles, output: &OutputArgs) -> anyhow::Result<()> {

@@ -98,12 +98,11 @@ pub fn device(name: &str) -> anyhow::Result<Device> {
 /// the exit code.
 pub fn run_journaled_rank<S: serde::Serialize, E: std::error::Error + Send + Sync + 'static>(
     device: Device,
-    stop: &std::sync::Arc<std::sync::atomic::AtomicBool>,
-    progress: &radit_trainer::progress::Progress,
+    handles: &radit_trainer::journal::RankHandles,
     work: impl FnOnce(&dyn collective::Collective) -> Result<S, E>,
     repeats: impl Fn(&E) -> bool,
 ) -> anyhow::Result<Result<(S, usize), u8>> {
-    let (comm, membership) = join_rank_group(device, stop, progress)?;
+    let (comm, membership) = join_rank_group(device, &handles.stop, &handles.progress)?;
     let rank = comm.rank();
     let summary = match work(comm.as_ref()) {
         Ok(s) => s,
@@ -184,11 +183,7 @@ pub fn run_train(a: TrainArgs) -> anyhow::Result<u8> {
         m.leave();
     }
     // 75: "checkpointed, requeue me" (the same code the sbatch script requeues on).
-    Ok(if summary.stopped_for_requeue {
-        crate::exit::RETRYABLE
-    } else {
-        0
-    })
+    Ok(crate::exit::done_or_requeue(summary.stopped_for_requeue))
 }
 
 pub fn run_export(a: ExportArgs) -> anyhow::Result<u8> {
