@@ -28,6 +28,12 @@ forbid radit-sources 'torch-sys|tch|axum|radit-.*' 'radit-sources|radit-sharding
 forbid radit-eval 'torch-sys|tch|radit-.*' radit-eval \
   "the metrics are a leaf over faer: no libtorch, so they build and test anywhere"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
+# Tests spawn processes while others run: none may change this process's environment (pass it to the child).
+if grep -rnE 'env::(set_var|remove_var)' --include='*.rs' src protocol sharding trainer coordinator launch run \
+    monitoring testkit dicom sources eval tests; then
+  echo "the environment is changed above: give the variable to the child process instead" >&2
+  exit 1
+fi
 cargo test --workspace --no-fail-fast "$@"
 # The DICOM codecs behind features (OpenJPEG, CharLS: C and C++ built from source), against the pydicom twin.
 cargo test -p radit-dicom --features j2k,jls --no-fail-fast

@@ -73,6 +73,16 @@ fn zarr_python_reads_the_same_values_that_were_ingested() {
     assert_eq!(total, 48);
 }
 
+#[test]
+fn the_independent_store_checker_counts_a_missing_age_on_one_side_as_a_difference() {
+    let checker = repo().join("tests/python");
+    run_ok(python().current_dir(&checker).arg("-c").arg(
+        "from check_store import ages_differ as d; nan = float('nan')\n\
+                 assert d(nan, 0.5) and d(0.5, nan) and not d(nan, nan)\n\
+                 assert d(0.5, 0.51) and not d(0.5, 0.5 + 1e-9)",
+    ));
+}
+
 fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(bytes))

@@ -542,8 +542,10 @@ fn usr1_checkpoints_every_rank_at_the_same_step_exits_75_and_the_next_job_resume
     }));
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(75), "the job asks to be requeued");
+    // The signal came after step 20 was logged: every rank stops at step 20 (when it arrived before the ranks'
+    // vote of that step) or later, and well before the end.
     assert!(
-        first.len() > 20 && first.len() < steps as usize,
+        first.len() >= 20 && first.len() < steps as usize,
         "stopped early, after step {}",
         first.len()
     );

@@ -9,11 +9,14 @@ use radit_launch::launcher::{
     Ended, GroupState, Launcher, LocalLauncher, MpirunLauncher, RankCommand, SrunLauncher,
 };
 
-fn command(dir: &Path, script: &str, world: u32) -> RankCommand {
+/// `script` on `world` ranks, with `env` added to the launcher's environment (and so the ranks').
+fn command(dir: &Path, script: &str, world: u32, env: &[(String, String)]) -> RankCommand {
+    let mut all = vec![("READY_DIR".into(), dir.display().to_string())];
+    all.extend_from_slice(env);
     RankCommand {
         program: "/bin/sh".into(),
         args: vec!["-c".into(), script.into()],
-        env: vec![("READY_DIR".into(), dir.display().to_string())],
+        env: all,
         world,
         log_dir: dir.join("logs"),
     }
@@ -46,13 +49,15 @@ fn wait_ready(dir: &Path, world: usize) {
 }
 
 /// The suite. `per_process` launchers report each rank; the others (mpirun, srun) one process for the group.
-fn conformance(launcher: &dyn Launcher, per_process: bool) {
+/// `env`: what the launcher itself needs (Slurm's config), passed through the command, never set on this process
+/// (other tests spawn processes meanwhile).
+fn conformance(launcher: &dyn Launcher, per_process: bool, env: &[(String, String)]) {
     let world = 2u32;
     let processes = if per_process { world as usize } else { 1 };
 
     let dir = tempfile::tempdir().unwrap();
     let mut g = launcher
-        .start(&command(dir.path(), "exit 0", world), 1)
+        .start(&command(dir.path(), "exit 0", world, env), 1)
         .unwrap();
     assert_eq!(
         wait_end(g.as_mut()),
@@ -65,7 +70,7 @@ fn conformance(launcher: &dyn Launcher, per_process: bool) {
     let dir = tempfile::tempdir().unwrap();
     let script = "if [ \"${RADIT_RANK:-${OMPI_COMM_WORLD_RANK:-$SLURM_PROCID}}\" = 1 ]; then exit 3; fi; sleep 30";
     let mut g = launcher
-        .start(&command(dir.path(), script, world), 1)
+        .start(&command(dir.path(), script, world, env), 1)
         .unwrap();
     let started = Instant::now();
     match wait_end(g.as_mut()) {
@@ -91,7 +96,7 @@ fn conformance(launcher: &dyn Launcher, per_process: bool) {
     let script =
         "trap 'exit 75' USR1; touch \"$READY_DIR/ready-$$\"; while true; do sleep 0.05; done";
     let mut g = launcher
-        .start(&command(dir.path(), script, world), 1)
+        .start(&command(dir.path(), script, world, env), 1)
         .unwrap();
     wait_ready(dir.path(), world as usize);
     g.signal(libc::SIGUSR1);
@@ -106,7 +111,7 @@ fn conformance(launcher: &dyn Launcher, per_process: bool) {
     let dir = tempfile::tempdir().unwrap();
     let script = "trap '' USR1 TERM; touch \"$READY_DIR/ready-$$\"; sleep 60";
     let mut g = launcher
-        .start(&command(dir.path(), script, world), 1)
+        .start(&command(dir.path(), script, world, env), 1)
         .unwrap();
     wait_ready(dir.path(), world as usize);
     let started = Instant::now();
@@ -141,7 +146,7 @@ fn conformance(launcher: &dyn Launcher, per_process: bool) {
 
 #[test]
 fn the_local_launcher_conforms() {
-    conformance(&LocalLauncher, true);
+    conformance(&LocalLauncher, true, &[]);
 }
 
 #[test]
@@ -156,7 +161,7 @@ fn the_mpirun_launcher_conforms() {
         .map(String::from)
         .to_vec(),
     };
-    conformance(&launcher, false);
+    conformance(&launcher, false, &[]);
 }
 
 #[test]
@@ -175,8 +180,6 @@ fn the_srun_launcher_conforms_on_a_real_single_host_slurm() {
         .lines()
         .find_map(|l| l.strip_prefix("export SLURM_CONF=").map(str::to_string))
         .unwrap();
-    // SAFETY: set before any thread of this test binary reads the environment for Slurm.
-    unsafe { std::env::set_var("SLURM_CONF", conf) };
     conformance(
         &SrunLauncher {
             tasks_per_node: 2,
@@ -184,5 +187,6 @@ fn the_srun_launcher_conforms_on_a_real_single_host_slurm() {
             cpus_per_task: 1,
         },
         false,
+        &[("SLURM_CONF".into(), conf)],
     );
 }

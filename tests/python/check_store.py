@@ -118,7 +118,7 @@ def main():
                 continue
             if list(lab[i]) != e["labels"]:
                 problems.append(f"{split}/{image_id}: labels {list(lab[i])} != {e['labels']}")
-            if not (math.isnan(e["age"]) and math.isnan(ages[i])) and abs(ages[i] - e["age"]) > 1e-6:
+            if ages_differ(float(ages[i]), e["age"]):
                 problems.append(f"{split}/{image_id}: age {ages[i]} != {e['age']}")
             if patients[i] != e["patient_id"]:
                 problems.append(f"{split}/{image_id}: patient {patients[i]} != {e['patient_id']}")
@@ -144,6 +144,13 @@ def main():
     if problems:
         print("\n".join(problems), file=sys.stderr)
         sys.exit(1)
+
+
+def ages_differ(stored, expected):
+    """A missing age (NaN) on one side only is a difference; two ages differ by more than 1e-6."""
+    if math.isnan(stored) or math.isnan(expected):
+        return math.isnan(stored) != math.isnan(expected)
+    return abs(stored - expected) > 1e-6
 
 
 if __name__ == "__main__":

@@ -356,4 +356,15 @@ fn bf16_training_tracks_fp32() {
     for ((a, _), (b, _)) in l16.iter().zip(&l32) {
         assert!((a - b).abs() <= 2e-2 * b.abs(), "bf16 loss {a} vs fp32 {b}");
     }
+    // And bf16 is really used: an engine that ignored it would give fp32's losses to the bit (bf16's epsilon is
+    // 7.8e-3; the matmuls' rounding shows far above 1e-5).
+    let largest = l16
+        .iter()
+        .zip(&l32)
+        .map(|((a, _), (b, _))| (a - b).abs() / b.abs())
+        .fold(0.0, f64::max);
+    assert!(
+        largest > 1e-5,
+        "bf16 losses equal fp32's ({largest:e}): bf16 was not used"
+    );
 }
