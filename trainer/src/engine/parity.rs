@@ -59,7 +59,11 @@ pub struct ParityReport {
 }
 
 /// The check's engine on `device`, alone in a world of one (NCCL on a GPU, bootstrapped in-process).
-fn engine_alone(check: &ParityCheck, device: Device, seed: i64) -> Result<Fsdp, EngineError> {
+fn engine_alone(
+    check: &ParityCheck,
+    device: Device,
+    initial: Initial,
+) -> Result<Fsdp, EngineError> {
     let base = Box::new(LocalGroup::ranks(1, std::time::Duration::from_secs(600)).remove(0));
     let comm: Box<dyn Collective> = collective::for_device(base, device)?;
     Fsdp::new(
@@ -67,7 +71,7 @@ fn engine_alone(check: &ParityCheck, device: Device, seed: i64) -> Result<Fsdp, 
         check.engine.clone(),
         comm,
         device,
-        Initial::Seed(seed),
+        initial,
     )
 }
 
@@ -97,9 +101,10 @@ fn inputs(cfg: &RadiTConfig, batch: i64) -> Inputs {
 fn train(
     check: &ParityCheck,
     inputs: &Inputs,
+    w0: &BTreeMap<String, Tensor>,
     device: Device,
 ) -> Result<(Fsdp, Vec<f64>), EngineError> {
-    let mut engine = engine_alone(check, device, 0)?;
+    let mut engine = engine_alone(check, device, Initial::Weights(w0))?;
     let on = |t: &Tensor| t.to_device(device);
     let (x1, x0, t, labels, age) = (
         on(&inputs.x1),
@@ -166,7 +171,10 @@ pub fn run(check: &ParityCheck, device: Device) -> Result<ParityReport, EngineEr
     let tf32_off = device.is_cuda()
         && check.engine.precision == Precision::Fp32
         && crate::runtime::set_tf32(false);
-    let (engine, losses_device) = train(check, &inputs, device)?;
+    // One set of starting weights for both sides, drawn once: nothing else in the process that draws from the
+    // global generator meanwhile (another test, another thread) can make the two runs start apart.
+    let w0 = engine_alone(check, Device::Cpu, Initial::Seed(0))?.gather_named(false)?;
+    let (engine, losses_device) = train(check, &inputs, &w0, device)?;
     let raw = engine.gather_named(false)?;
     let ema = engine.gather_named(true)?;
 
@@ -195,7 +203,7 @@ pub fn run(check: &ParityCheck, device: Device) -> Result<ParityReport, EngineEr
         .unwrap_or(0);
     drop(engine);
     // Initialised differently, so that only the checkpoint can make it equal.
-    let mut restored = engine_alone(check, device, 1)?;
+    let mut restored = engine_alone(check, device, Initial::Seed(1))?;
     let loaded = ckpt
         .load_latest(&mut restored, &check.model)
         .map_err(ckpt_err)?;
@@ -213,7 +221,7 @@ pub fn run(check: &ParityCheck, device: Device) -> Result<ParityReport, EngineEr
         },
         ..check.clone()
     };
-    let (cpu_engine, losses_cpu) = train(&cpu_check, &inputs, Device::Cpu)?;
+    let (cpu_engine, losses_cpu) = train(&cpu_check, &inputs, &w0, Device::Cpu)?;
     let weights = compare(&raw, &cpu_engine.gather_named(false)?)?;
     let loss_max_rel_diff = losses_device
         .iter()
