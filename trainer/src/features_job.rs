@@ -253,8 +253,13 @@ fn outputs(npy: &Path) -> [PathBuf; 3] {
     [
         npy.to_path_buf(),
         with_suffix(npy, ".ids.txt"),
-        with_suffix(npy, ".json"),
+        meta_path(npy),
     ]
+}
+
+/// The `.json` beside a features file that says what the features are of.
+pub fn meta_path(npy: &Path) -> PathBuf {
+    with_suffix(npy, ".json")
 }
 
 /// Runs this rank's part of the features job (see the module docs). Collective.

@@ -266,7 +266,7 @@ pub struct MiniFd {
 
 /// What a features file says it is: the `.json` beside it (written by `radit eval features`).
 pub fn features_network(npy: &Path) -> Option<String> {
-    let text = std::fs::read_to_string(npy.with_extension("json")).ok()?;
+    let text = std::fs::read_to_string(crate::features_job::meta_path(npy)).ok()?;
     let meta: serde_json::Value = serde_json::from_str(&text).ok()?;
     meta["network"].as_str().map(str::to_string)
 }
