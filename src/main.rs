@@ -309,6 +309,10 @@ struct QuickstartArgs {
     /// ranks, then tiny-latent trained on those latents with its samples decoded.
     #[arg(long)]
     latent: bool,
+    /// Stop after the store is verified: no job, no training (for `radit train --config
+    /// examples/radit-tiny-cpu.toml` on that store).
+    #[arg(long, conflicts_with = "latent")]
+    no_train: bool,
 }
 
 fn main() -> ExitCode {
@@ -608,6 +612,10 @@ fn run_quickstart(a: QuickstartArgs) -> anyhow::Result<u8> {
     }
     if a.latent {
         return quickstart_latent(&a, &dir, &store);
+    }
+    if a.no_train {
+        println!("done: the store is {} (--no-train)", store.display());
+        return Ok(0);
     }
     let job = dir.join("job.toml");
     let spec = radit_run::job::quickstart(&dir, a.image_size, a.steps, a.ranks)?;

@@ -30,3 +30,76 @@ fn every_example_job_spec_dry_runs_and_every_train_config_validates() {
     }
     assert!(jobs >= 6, "found {jobs} job specs");
 }
+
+/// The README's `radit train --config examples/radit-tiny-cpu.toml` after `radit quickstart`: it finds the store the
+/// quickstart made, trains the tiny preset at the store's size, and checkpoints apart from the quickstart's job.
+#[test]
+fn the_tiny_cpu_example_trains_on_the_quickstart_store() {
+    let dir = tempfile::tempdir().unwrap();
+    run_ok(
+        radit()
+            .current_dir(dir.path())
+            .args(["quickstart", "--images", "48", "--no-train"]),
+    );
+    assert!(!dir.path().join("radit-quickstart/job.toml").exists());
+    let example = std::fs::read_to_string(repo().join("examples/radit-tiny-cpu.toml")).unwrap();
+    let short = example.replace("steps = 400", "steps = 3");
+    assert_ne!(short, example, "the example's step count moved");
+    let config = dir.path().join("tiny-cpu.toml");
+    std::fs::write(&config, &short).unwrap();
+    run_ok(
+        radit()
+            .current_dir(dir.path())
+            .args(["train", "--threads", "1", "--config"])
+            .arg(&config),
+    );
+    let ours = dir.path().join("radit-quickstart/checkpoints-tiny-cpu");
+    assert!(
+        ours.join("step-0000000003/manifest.json").exists(),
+        "no final checkpoint in {}",
+        ours.display()
+    );
+    assert!(!dir.path().join("radit-quickstart/checkpoints").exists());
+
+    // The same checkpoints with the preset's own size (16) are refused as another model's; on fresh ones, the
+    // model against the 32x32 store is named at start, with the key that fixes it.
+    let sixteen = short.replace("input_size = 32\n", "");
+    std::fs::write(&config, &sixteen).unwrap();
+    let out = radit()
+        .current_dir(dir.path())
+        .args(["train", "--threads", "1", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(
+        stderr(&out).contains("written for another model"),
+        "{}",
+        stderr(&out)
+    );
+    std::fs::write(
+        &config,
+        sixteen.replace("checkpoints-tiny-cpu", "checkpoints-sixteen"),
+    )
+    .unwrap();
+    let out = radit()
+        .current_dir(dir.path())
+        .args(["train", "--threads", "1", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("model.input_size") && err.contains("1x32x32"),
+        "{err}"
+    );
+}
+
+#[test]
+fn input_size_goes_with_a_preset_only() {
+    let text = "[data]\nurl = \"x\"\n[model]\ninput_size = 32\n[model.config]\nin_channels = 1\ninput_size = 16\n\
+                patch_size = 4\nhidden = 64\ndepth = 2\nheads = 4\n[train]\nsteps = 1\nglobal_batch = 8\n";
+    let cfg: radit_trainer::train::TrainConfig = toml::from_str(text).unwrap();
+    let err = cfg.validated().unwrap_err();
+    assert_eq!(err.field, "model.input_size", "{err:?}");
+}

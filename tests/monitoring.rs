@@ -363,9 +363,10 @@ fn prometheus_scrapes_a_running_job_and_promtool_accepts_the_exposition() {
             .is_some_and(|v| v > 0.0)
     });
 
-    // The dashboard: every metric it names is in the registry of radit's metrics (radit_monitoring::metrics),
-    // the registry holds every name the coordinator serves and `radit shard` pushed, and every query is valid
-    // PromQL that Prometheus answers for this job.
+    // The dashboard: every metric it names is one this run exported (the coordinator's /metrics and `radit
+    // shard`'s pushed series), or one of the GPU ranks' series, which the coordinator's golden exposition pins to
+    // its code (coordinator/tests/golden/metrics.txt); and everything exported is in the registry of radit's
+    // metrics (radit_monitoring::metrics). Every query is valid PromQL that Prometheus answers for this job.
     let registered: std::collections::BTreeSet<String> = radit_monitoring::metrics::series_names()
         .into_iter()
         .collect();
@@ -383,18 +384,37 @@ fn prometheus_scrapes_a_running_job_and_promtool_accepts_the_exposition() {
             "{name} is exported but not in radit_monitoring::metrics"
         );
     }
-    for series in gateway.series("radit-shard") {
+    let pushed = gateway.series("radit-shard");
+    for series in &pushed {
         let name = series.split([' ', '{']).next().unwrap_or_default();
         assert!(
             registered.contains(name),
             "{name} is pushed but not in radit_monitoring::metrics"
         );
     }
-    // Shown on GPU ranks only (a coordinator test covers their exposition).
+    let golden =
+        std::fs::read_to_string(common::repo().join("coordinator/tests/golden/metrics.txt"))
+            .unwrap();
     let gpu_only = [
         radit_monitoring::metrics::GPU_MEMORY_USED.name,
         radit_monitoring::metrics::GPU_MEMORY_TOTAL.name,
     ];
+    let series_name = |line: &str| -> Option<String> {
+        let name = line.split([' ', '{']).next()?;
+        (!line.starts_with('#') && name.starts_with("radit_")).then(|| name.to_string())
+    };
+    let mut exported: std::collections::BTreeSet<String> = exposition
+        .lines()
+        .chain(pushed.iter().map(String::as_str))
+        .filter_map(series_name)
+        .collect();
+    for name in gpu_only {
+        assert!(
+            golden.lines().filter_map(series_name).any(|n| n == name),
+            "{name} is not in the coordinator's golden exposition"
+        );
+        exported.insert(name.to_string());
+    }
     let dashboard: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(common::repo().join("monitoring/grafana/radit-dashboard.json"))
             .unwrap(),
@@ -412,8 +432,8 @@ fn prometheus_scrapes_a_running_job_and_promtool_accepts_the_exposition() {
                     .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
                     .collect();
                 assert!(
-                    registered.contains(&name),
-                    "panel {:?} queries {name}, which is not in radit_monitoring::metrics",
+                    exported.contains(&name),
+                    "panel {:?} queries {name}, which this run did not export",
                     panel["title"]
                 );
                 rest = &rest[at + name.len()..];

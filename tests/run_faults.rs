@@ -29,6 +29,17 @@ fn store() -> &'static Path {
 
 /// A job spec for `dir` (run directory and checkpoints inside it); `extra` is appended (more sections).
 fn job(dir: &Path, launcher: &str, restart: &str, extra: &str) -> PathBuf {
+    job_of(dir, launcher, restart, extra, (STEPS, 1.0))
+}
+
+/// [`job`] with `(steps, progress_seconds)`.
+fn job_of(
+    dir: &Path,
+    launcher: &str,
+    restart: &str,
+    extra: &str,
+    (steps, progress_seconds): (u64, f64),
+) -> PathBuf {
     let text = format!(
         r#"
 [job]
@@ -49,7 +60,7 @@ ema_decay = 0.9
 lr = 0.002
 
 [train]
-steps = {STEPS}
+steps = {steps}
 global_batch = 8
 seed = 3
 log_every = 5
@@ -73,7 +84,7 @@ missed_heartbeats = 25
 {restart}
 
 [monitoring]
-progress_seconds = 1.0
+progress_seconds = {progress_seconds}
 {extra}
 "#,
         store = store().display(),
@@ -122,15 +133,37 @@ fn reference() -> &'static Weights {
     &REF.get_or_init(|| {
         let dir = tempfile::tempdir().unwrap();
         let o = run_ok(&mut run_cmd(&job(dir.path(), "local", "", "")));
+        let err = stderr(&o);
+        assert!(err.contains("run complete after 0 restart(s)"), "{err}");
+        let lines = progress_lines(&err);
         assert!(
-            stderr(&o).contains("run complete after 0 restart(s)"),
-            "{}",
-            stderr(&o)
+            lines
+                .last()
+                .is_some_and(|l| l.contains(&format!("| checkpoint {STEPS} "))),
+            "the last line does not name the final checkpoint:\n{}",
+            lines.join("\n")
         );
         let w = final_weights(dir.path());
         (dir, w)
     })
     .1
+}
+
+/// The supervisor's periodic lines (`radit: step ...`).
+fn progress_lines(err: &str) -> Vec<&str> {
+    err.lines()
+        .filter(|l| l.starts_with("radit: step "))
+        .collect()
+}
+
+/// A line's img/s (`623 img/s`, `1.23k img/s`).
+fn images_per_second(line: &str) -> Option<f64> {
+    let text = line.split(" img/s").next()?.rsplit(' ').next()?;
+    let (digits, scale) = match text.strip_suffix('k') {
+        Some(d) => (d, 1e3),
+        None => (text, 1.0),
+    };
+    digits.parse::<f64>().ok().map(|v| v * scale)
 }
 
 fn assert_same_weights(dir: &Path, what: &str) {
@@ -210,6 +243,53 @@ fn random_below(n: u64) -> u64 {
         .unwrap()
         .subsec_nanos() as u64;
     (nanos / 1000) % n
+}
+
+/// The periodic line's rates come from the ranks' own counters and busy time: the last line (fresh goodbye
+/// beats after stale ones) and the lines of a relaunched generation read the steady rate, not a multiple of it, and
+/// the last line names the final checkpoint once committed.
+#[test]
+fn the_progress_line_is_right_at_the_end_and_after_a_relaunch() {
+    let dir = tempfile::tempdir().unwrap();
+    let steps = 300;
+    let job = job_of(dir.path(), "local", "", "", (steps, 0.4));
+    let mut child = spawn(&mut run_cmd(&job));
+    let client = coordinator(dir.path());
+    let pids = wait_for_step(&client, 120, &mut child);
+    kill(pids[1], libc::SIGKILL);
+    let out = finish(child);
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    let lines = progress_lines(&err);
+    let shown = lines.join("\n");
+    let last = lines.last().copied().unwrap_or_default();
+    assert!(
+        last.starts_with(&format!("radit: step {steps}/{steps}")),
+        "{shown}"
+    );
+    assert!(last.contains(&format!("| checkpoint {steps} ")), "{shown}");
+    let rates = |generation: &str| -> Vec<f64> {
+        lines
+            .iter()
+            .filter(|l| l.ends_with(generation))
+            .filter_map(|l| images_per_second(l))
+            .collect()
+    };
+    let mut steady = rates("[generation 1]");
+    let relaunched = rates("[generation 2]");
+    assert!(
+        steady.len() >= 3 && relaunched.len() >= 2,
+        "too few lines to compare:\n{shown}"
+    );
+    steady.sort_by(f64::total_cmp);
+    let median = steady[steady.len() / 2];
+    // Before busy time, the last line read 1.3 to 4.9 times the steady rate.
+    for rate in relaunched {
+        assert!(
+            (0.5..=1.6).contains(&(rate / median)),
+            "{rate} img/s after the relaunch, {median} before:\n{shown}"
+        );
+    }
 }
 
 #[test]
@@ -396,8 +476,8 @@ fn the_mpirun_launcher_runs_the_job_and_restarts_after_a_killed_rank() {
     let err = stderr(&out);
     assert!(out.status.success(), "{err}");
     assert!(err.contains("run complete after 1 restart(s)"), "{err}");
-    // MPI sums in its own order, so only the step is compared here, not the bits.
-    final_weights(dir.path());
+    // A 2-rank sum is a + b in either order, so MPI's reductions give the TCP collective's bits.
+    assert_same_weights(dir.path(), "mpirun, kill -9");
 }
 
 #[test]
@@ -568,5 +648,5 @@ fn the_main_job_trains_on_two_cpu_ranks_checkpoints_and_writes_a_contact_sheet()
 fn under_mpirun_a_hung_rank_is_named_and_every_rank_is_killed_and_relaunched() {
     // The other rank waits in an MPI collective, so rank 0 is named, not merely as the lowest rank.
     let dir = hang_run("mpirun", 0);
-    final_weights(dir.path());
+    assert_same_weights(dir.path(), "mpirun, hang");
 }

@@ -27,5 +27,5 @@ pub mod service;
 pub mod simulate;
 
 pub use restart::RestartPolicy;
-pub use server::{Coordinator, CoordinatorConfig, JobHealth, RankState, Totals, serve};
+pub use server::{Coordinator, CoordinatorConfig, JobHealth, Pace, RankState, Totals, serve};
 pub use service::Service;

@@ -75,6 +75,23 @@ pub struct Totals {
     /// The last validation loss and mini-FD, with their steps.
     pub val_loss: Option<(u64, f64)>,
     pub fd: Option<(u64, f64)>,
+    pub pace: Pace,
+}
+
+/// This generation's work and the busy time it took, summed over the ranks that reported: the counters and the
+/// time come from the same snapshot of each rank, so rates taken from them are right however stale a heartbeat
+/// is (the last line of a run, a fresh goodbye after a stale beat) and start again with each generation.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Pace {
+    pub generation: u64,
+    /// Ranks of this generation that reported counters, of `world`.
+    pub ranks: usize,
+    pub world: usize,
+    pub images: f64,
+    pub tokens: f64,
+    pub model_flops: f64,
+    /// The reporting ranks' mean busy time (see `RankStats::busy_seconds`).
+    pub busy_seconds: f64,
 }
 
 /// One rank as the coordinator sees it.
@@ -155,6 +172,25 @@ impl Inner {
             .enumerate()
             .filter_map(|(r, m)| Some((r, m.as_ref()?.stats.as_ref()?)))
             .collect()
+    }
+
+    fn pace(&self, world: usize) -> Pace {
+        let now = self.reporting();
+        let n = now.len();
+        let sum = |f: fn(&RankStats) -> f64| now.iter().map(|(_, s)| f(s)).sum::<f64>();
+        Pace {
+            generation: self.generation,
+            ranks: n,
+            world,
+            images: sum(|s| s.images as f64),
+            tokens: sum(|s| s.tokens as f64),
+            model_flops: sum(|s| s.model_flops),
+            busy_seconds: if n == 0 {
+                0.0
+            } else {
+                sum(|s| s.busy_seconds) / n as f64
+            },
+        }
     }
 
     /// The job's counters: earlier generations' plus this one's. Work counters add up over ranks; skipped steps
@@ -398,6 +434,7 @@ impl Coordinator {
             checkpoint: inner.checkpoints.last().copied(),
             val_loss: (all.val_step > 0).then_some((all.val_step, all.val_loss)),
             fd: (all.fd_step > 0).then_some((all.fd_step, all.fd)),
+            pace: inner.pace(self.cfg.world),
         })
     }
 

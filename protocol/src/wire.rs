@@ -148,6 +148,10 @@ pub struct RankStats {
     pub fd_step: u64,
     #[serde(default, deserialize_with = "nan_if_null")]
     pub fd: f64,
+    /// Seconds from the start of this rank's first step to the end of its last recorded one, taken with the
+    /// counters above: rates are the counters' growth over this, so a heartbeat's lag does not skew them.
+    #[serde(default)]
+    pub busy_seconds: f64,
 }
 
 /// serde_json writes a non-finite f64 as null; read null back as NaN.

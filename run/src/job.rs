@@ -434,6 +434,7 @@ pub fn quickstart(
             model: ModelChoice {
                 preset: None,
                 config: Some(model),
+                input_size: None,
             },
             flow: FlowConfig {
                 shift: 3.0,

@@ -1,8 +1,8 @@
 //! What `radit run` tells the person watching: a periodic line (step, loss, images/s, tokens/s, MFU, ETA) and, on
-//! a terminal, a progress bar under the lines. Rates are over the interval since the previous line.
+//! a terminal, a progress bar under the lines. Rates are over the ranks' busy time since the previous line (or
+//! since this generation's first step), never the supervisor's wall clock, which a heartbeat's lag skews.
 
 use std::io::IsTerminal;
-use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressStyle};
 use radit_coordinator::Totals;
@@ -13,7 +13,7 @@ pub struct Reporter {
     total_steps: u64,
     /// Peak FLOP/s of the whole job, for MFU.
     peak_flops: Option<f64>,
-    previous: Option<(Instant, Totals)>,
+    previous: Option<Totals>,
 }
 
 impl Reporter {
@@ -49,11 +49,7 @@ impl Reporter {
     /// Prints the periodic line for this snapshot and moves the bar. `counted`: the snapshot carries the ranks'
     /// counters (not a placeholder from before any report), so rates may be taken from it.
     pub fn update(&mut self, now: Totals, generation: u64, counted: bool) {
-        let at = Instant::now();
-        let rates = self
-            .previous
-            .as_ref()
-            .and_then(|(then, before)| Rates::between(before, &now, (at - *then).as_secs_f64()));
+        let rates = Rates::between(self.previous.as_ref(), &now);
         let line = progress_line(&now, rates.as_ref(), self.total_steps, self.peak_flops);
         self.say(&format!("radit: {line} [generation {generation}]"));
         if let Some(bar) = &self.bar {
@@ -62,7 +58,7 @@ impl Reporter {
                 eta_text(&now, self.total_steps).map_or(String::new(), |e| format!("ETA {e}")),
             );
         }
-        self.previous = counted.then_some((at, now));
+        self.previous = counted.then_some(now);
     }
 }
 
@@ -83,15 +79,30 @@ pub struct Rates {
 }
 
 impl Rates {
-    /// `None` when no time passed or the counters went backwards (they do not, but a snapshot is not a promise).
-    pub fn between(before: &Totals, now: &Totals, seconds: f64) -> Option<Self> {
-        if seconds <= 0.0 || now.images < before.images {
+    /// Over the busy time between `before` and `now` when both are of one generation with every rank reporting;
+    /// after a relaunch (or with no earlier line), over this generation's whole busy time. `None` until every
+    /// rank of the generation has reported a step, or when no busy time passed.
+    pub fn between(before: Option<&Totals>, now: &Totals) -> Option<Self> {
+        let (p, q) = (before.map(|b| &b.pace), &now.pace);
+        if q.world == 0 || q.ranks < q.world {
+            return None;
+        }
+        let base = p
+            .filter(|p| {
+                p.generation == q.generation
+                    && p.ranks == q.ranks
+                    && p.busy_seconds < q.busy_seconds
+            })
+            .copied()
+            .unwrap_or(radit_coordinator::Pace::default());
+        let seconds = q.busy_seconds - base.busy_seconds;
+        if seconds <= 0.0 || q.images < base.images {
             return None;
         }
         Some(Self {
-            images_per_second: (now.images - before.images) / seconds,
-            tokens_per_second: (now.tokens - before.tokens) / seconds,
-            flops_per_second: (now.model_flops - before.model_flops) / seconds,
+            images_per_second: (q.images - base.images) / seconds,
+            tokens_per_second: (q.tokens - base.tokens) / seconds,
+            flops_per_second: (q.model_flops - base.model_flops) / seconds,
         })
     }
 }
@@ -178,6 +189,7 @@ pub fn duration_text(seconds: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use radit_coordinator::Pace;
 
     fn totals(step: u64, images: f64, flops: f64) -> Totals {
         Totals {
@@ -191,28 +203,86 @@ mod tests {
             checkpoint: Some(1000),
             val_loss: Some((1000, 0.39871)),
             fd: Some((1000, 12.346)),
+            pace: Pace::default(),
+        }
+    }
+
+    /// Two ranks of one generation, each having done `steps` steps of 16 images at `seconds` a step.
+    fn paced(generation: u64, steps: [u64; 2], seconds: f64) -> Totals {
+        let images = (steps[0] + steps[1]) as f64 * 16.0;
+        Totals {
+            pace: Pace {
+                generation,
+                ranks: 2,
+                world: 2,
+                images,
+                tokens: images * 64.0,
+                model_flops: images * 1e9,
+                busy_seconds: (steps[0] + steps[1]) as f64 / 2.0 * seconds,
+            },
+            ..totals(steps[0].min(steps[1]), images, images * 1e9)
         }
     }
 
     #[test]
     fn the_line_carries_step_loss_rates_mfu_and_eta() {
-        let before = totals(1000, 512_000.0, 0.0);
-        let now = totals(1200, 614_400.0, 1e15);
-        let rates = Rates::between(&before, &now, 200.0).expect("time passed");
+        let before = paced(1, [1000, 1000], 1.0 / 16.0);
+        let now = Totals {
+            median_step_seconds: Some(2.31),
+            ..paced(1, [1200, 1200], 1.0 / 16.0)
+        };
+        let rates = Rates::between(Some(&before), &now).expect("busy time passed");
         assert_eq!(rates.images_per_second, 512.0);
-        let line = progress_line(&now, Some(&rates), 3_000_000, Some(1e13 / 0.41));
+        let now = Totals {
+            step: 1200,
+            ..totals(1200, 614_400.0, 1e15)
+        };
+        let line = progress_line(&now, Some(&rates), 3_000_000, Some(512e9 / 0.205));
         assert_eq!(
             line,
-            "step 1200/3000000 (0.0%) loss 0.4123 (max 0.4310) | 512 img/s 131k tok/s MFU 20.5% | 2.31 s/step \
+            "step 1200/3000000 (0.0%) loss 0.4123 (max 0.4310) | 512 img/s 32.8k tok/s MFU 20.5% | 2.31 s/step \
              ETA 80d 04h | checkpoint 1000 | val loss 0.3987 @1000 FD 12.35 @1000"
         );
-        // Without a previous snapshot there are no rates, and without a peak no MFU.
+        // Without rates there are none in the line, and without a peak no MFU.
         let first = progress_line(&now, None, 3_000_000, None);
         assert!(
             !first.contains("img/s") && !first.contains("MFU"),
             "{first}"
         );
-        assert!(Rates::between(&now, &before, 1.0).is_none());
+    }
+
+    /// The rate is the ranks' own, whatever the supervisor's clock says: 2 ranks of 16 images at 0.1 s a step
+    /// make 320 img/s on a line after stale heartbeats, on the last line (a fresh goodbye), with one rank a step
+    /// behind the other, and on the first line of a relaunched generation.
+    #[test]
+    fn rates_hold_on_the_last_line_and_after_a_relaunch() {
+        let truth = 320.0;
+        let close = |r: Option<Rates>, what: &str| {
+            let r = r.unwrap_or_else(|| panic!("{what}: no rate"));
+            assert!(
+                (r.images_per_second / truth - 1.0).abs() < 0.02,
+                "{what}: {} img/s",
+                r.images_per_second
+            );
+        };
+        // The first line of a generation: its whole busy time.
+        let stale = paced(1, [50, 49], 0.1);
+        close(Rates::between(None, &stale), "first line");
+        // The last line: the goodbye beats are fresh, the line before them a beat stale.
+        let last = paced(1, [300, 300], 0.1);
+        close(Rates::between(Some(&stale), &last), "last line");
+        // A relaunch resumes from a checkpoint: the new generation's counters start at zero, its rate too.
+        let relaunched = paced(2, [20, 20], 0.1);
+        close(Rates::between(Some(&last), &relaunched), "relaunched");
+        // Until every rank of a generation reported, there is no rate (one rank's counters are half the job's).
+        let half = Totals {
+            pace: Pace {
+                ranks: 1,
+                ..relaunched.pace
+            },
+            ..relaunched.clone()
+        };
+        assert!(Rates::between(Some(&last), &half).is_none());
     }
 
     #[test]

@@ -45,6 +45,7 @@ fn snapshot(coordinator: &radit_coordinator::Coordinator) -> (Totals, bool) {
                 checkpoint: coordinator.checkpoints().last().copied(),
                 val_loss: None,
                 fd: None,
+                pace: Default::default(),
             };
             (totals, false)
         }

@@ -238,6 +238,15 @@ pub fn join_run(
                 }
             }
             let fatal = failing.lock().unwrap_or_else(|e| e.into_inner()).take();
+            // The final checkpoint commits after the loop's last beat: reported before the goodbye, so the run's
+            // last line names it.
+            let committed = progress.checkpoint();
+            if rank == 0
+                && committed != reported
+                && let Some(step) = committed
+            {
+                let _ = client.report_checkpoint(step);
+            }
             if leaving.load(Ordering::SeqCst) || fatal.is_some() {
                 let _ = client.heartbeat(&Heartbeat {
                     rank,

@@ -5,6 +5,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 pub use radit_protocol::{Phase, RankStats, STEP_SECONDS_BUCKETS};
 
@@ -17,6 +18,8 @@ struct Shared {
     /// A newer generation of the run took over: this rank must leave without checkpointing.
     superseded: AtomicBool,
     stats: Mutex<Option<RankStats>>,
+    /// When this rank's first step started.
+    first_step_start: std::sync::OnceLock<Instant>,
 }
 
 /// One rank's progress, shared between the trainer (which writes it) and whoever reports it (the heartbeat).
@@ -107,7 +110,13 @@ impl Progress {
 
     /// One finished step: the counters grow and the step becomes the last finished one.
     pub fn record_step(&self, r: &StepRecord) {
+        let now = Instant::now();
+        let first = *self.0.first_step_start.get_or_init(|| {
+            now.checked_sub(Duration::from_secs_f64(r.seconds.max(0.0)))
+                .unwrap_or(now)
+        });
         self.with_stats(|s| {
+            s.busy_seconds = (now - first).as_secs_f64();
             s.steps += 1;
             s.images += r.images;
             s.tokens += r.tokens;

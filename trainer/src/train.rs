@@ -189,13 +189,28 @@ pub struct ModelChoice {
     pub preset: Option<String>,
     #[serde(default)]
     pub config: Option<RadiTConfig>,
+    /// The preset at another input size (a store's image side, or its latents' side): `tiny` at 32.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input_size: Option<i64>,
 }
 
 impl ModelChoice {
     pub fn resolve(&self) -> Result<RadiTConfig, ConfigError> {
         let cfg = match (&self.preset, &self.config) {
-            (Some(p), None) => RadiTConfig::preset(p)
-                .map_err(|e| ConfigError::new("model.preset", e.to_string()))?,
+            (Some(p), None) => {
+                let preset = RadiTConfig::preset(p)
+                    .map_err(|e| ConfigError::new("model.preset", e.to_string()))?;
+                RadiTConfig {
+                    input_size: self.input_size.unwrap_or(preset.input_size),
+                    ..preset
+                }
+            }
+            (None, Some(_)) if self.input_size.is_some() => {
+                return Err(ConfigError::new(
+                    "model.input_size",
+                    "goes with model.preset; [model.config] sets its own input_size",
+                ));
+            }
             (None, Some(c)) => c.clone(),
             _ => {
                 return Err(ConfigError {
@@ -647,6 +662,7 @@ impl<'a> Trainer<'a> {
         }
         let loader_cfg = cfg.loader_config(rank, world);
         let loader = open_loader(&storage, &loader_cfg, state.as_ref())?;
+        check_sample_shape(model, loader.sample_shape(), &cfg.data.url)?;
         let resumed_from = state.as_ref().map(|s| s.step);
         handles.progress.set_step(resumed_from.unwrap_or(0));
         let mini_fd = cfg
@@ -932,6 +948,27 @@ impl<'a> Trainer<'a> {
 }
 
 /// The loader at `state`'s step (or the start), refusing a data order that changed since the checkpoint.
+/// A model sized for other samples than the store's is named at start, not as a shape error inside a step.
+fn check_sample_shape(
+    model: &RadiTConfig,
+    store: [usize; 3],
+    url: &str,
+) -> Result<(), ConfigError> {
+    let want = [model.in_channels, model.input_size, model.input_size];
+    if store.map(|v| v as i64) == want {
+        return Ok(());
+    }
+    let [c, h, w] = store;
+    Err(ConfigError::new(
+        "model.input_size",
+        format!(
+            "the model takes {}x{}x{} samples but {url} holds {c}x{h}x{w} (set model.input_size = {h} with a \
+             preset, or shard at --image-size {})",
+            want[0], want[1], want[2], model.input_size
+        ),
+    ))
+}
+
 fn open_loader(
     storage: &Storage,
     cfg: &LoaderConfig,
