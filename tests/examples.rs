@@ -47,12 +47,17 @@ fn the_tiny_cpu_example_trains_on_the_quickstart_store() {
     assert_ne!(short, example, "the example's step count moved");
     let config = dir.path().join("tiny-cpu.toml");
     std::fs::write(&config, &short).unwrap();
-    run_ok(
+    // `radit train --config <config>` where the quickstart was run.
+    let train = || {
         radit()
             .current_dir(dir.path())
             .args(["train", "--threads", "1", "--config"])
-            .arg(&config),
-    );
+            .arg(&config)
+            .output()
+            .unwrap()
+    };
+    let out = train();
+    assert!(out.status.success(), "{}", stderr(&out));
     let ours = dir.path().join("radit-quickstart/checkpoints-tiny-cpu");
     assert!(
         ours.join("step-0000000003/manifest.json").exists(),
@@ -65,12 +70,7 @@ fn the_tiny_cpu_example_trains_on_the_quickstart_store() {
     // model against the 32x32 store is named at start, with the key that fixes it.
     let sixteen = short.replace("input_size = 32\n", "");
     std::fs::write(&config, &sixteen).unwrap();
-    let out = radit()
-        .current_dir(dir.path())
-        .args(["train", "--threads", "1", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
+    let out = train();
     assert!(
         stderr(&out).contains("written for another model"),
         "{}",
@@ -81,12 +81,7 @@ fn the_tiny_cpu_example_trains_on_the_quickstart_store() {
         sixteen.replace("checkpoints-tiny-cpu", "checkpoints-sixteen"),
     )
     .unwrap();
-    let out = radit()
-        .current_dir(dir.path())
-        .args(["train", "--threads", "1", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
+    let out = train();
     let err = stderr(&out);
     assert!(!out.status.success());
     assert!(
