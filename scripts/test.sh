@@ -34,9 +34,20 @@ if grep -rnE 'env::(set_var|remove_var)' --include='*.rs' src protocol sharding 
   echo "the environment is changed above: give the variable to the child process instead" >&2
   exit 1
 fi
-cargo test --workspace --no-fail-fast "$@"
-# The DICOM codecs behind features (OpenJPEG, CharLS: C and C++ built from source), against the pydicom twin.
-cargo test -p radit-dicom --features j2k,jls --no-fail-fast
+# Under cargo-nextest (the machine image has it; `cargo install cargo-nextest` elsewhere) with the `ci` profile of
+# .config/nextest.toml: per-test time limits, the rank-starting tests one at a time, a JUnit report whose slowest
+# tests are printed at the end. Without it, cargo test (no time limits).
+if command -v cargo-nextest > /dev/null; then
+  trap 'python3 "$root/scripts/slowest.py" "$root/target/nextest/ci/junit.xml" 15 || true' EXIT
+  cargo nextest run --workspace --profile ci --no-fail-fast "$@"
+  cargo test --workspace --doc --no-fail-fast
+  # The DICOM codecs behind features (OpenJPEG, CharLS: C and C++ built from source), against the pydicom twin.
+  cargo nextest run -p radit-dicom --features j2k,jls --profile default --no-fail-fast
+else
+  echo "cargo-nextest not found: running cargo test, without per-test time limits" >&2
+  cargo test --workspace --no-fail-fast "$@"
+  cargo test -p radit-dicom --features j2k,jls --no-fail-fast
+fi
 # Behind a flag (a release build against another libtorch, about 15 minutes here): the GPU bundle builds, and its
 # check runs through on the CPU against torch 2.11's libraries.
 if [ "${RADIT_TEST_GPU_BUNDLE:-0}" = 1 ]; then

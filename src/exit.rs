@@ -72,6 +72,14 @@ fn shard_meaning(s: &ShardError) -> u8 {
     }
 }
 
+fn checkpoint_meaning(c: &CheckpointError) -> Option<u8> {
+    match c {
+        CheckpointError::Mismatch { .. } | CheckpointError::Empty { .. } => Some(BAD_INPUT),
+        CheckpointError::WriteFailed { .. } => Some(FAILED),
+        _ => None,
+    }
+}
+
 /// What one error in a chain says about the exit code; `None`: look further down the chain.
 fn meaning(e: &(dyn std::error::Error + 'static)) -> Option<u8> {
     if e.is::<Usage>() || e.is::<ConfigError>() || e.is::<JobError>() || e.is::<PlacementError>() {
@@ -100,6 +108,8 @@ fn meaning(e: &(dyn std::error::Error + 'static)) -> Option<u8> {
             | TrainError::OutOfMemory { .. }
             | TrainError::DataEnded { .. } => Some(BAD_INPUT),
             TrainError::Diverged { .. } | TrainError::Superseded { .. } => Some(FAILED),
+            // Transparent: the checkpoint error is not a link of its own in the chain.
+            TrainError::Checkpoint(c) => checkpoint_meaning(c),
             _ => None,
         };
     }
@@ -130,10 +140,7 @@ fn meaning(e: &(dyn std::error::Error + 'static)) -> Option<u8> {
         };
     }
     if let Some(c) = e.downcast_ref::<CheckpointError>() {
-        return match c {
-            CheckpointError::Mismatch { .. } | CheckpointError::Empty { .. } => Some(BAD_INPUT),
-            _ => None,
-        };
+        return checkpoint_meaning(c);
     }
     if let Some(c) = e.downcast_ref::<CollectiveError>() {
         // A group that cannot form here (a batch script's lone process, no NCCL) is a launch mistake; a peer

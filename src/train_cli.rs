@@ -12,7 +12,7 @@ use radit_trainer::membership;
 use radit_trainer::model::{RadiTConfig, save_named_weights};
 use radit_trainer::placement;
 use radit_trainer::tch::{self, Device};
-use radit_trainer::train::{RunHandles, StepHook, TrainConfig, TrainError, train};
+use radit_trainer::train::{RunHandles, StepHook, TrainConfig, train};
 
 #[derive(Args)]
 pub struct TrainArgs {
@@ -165,10 +165,10 @@ pub fn run_train(a: TrainArgs) -> anyhow::Result<u8> {
         }
     });
     let summary = match trained {
-        Err(e @ TrainError::OutOfMemory { .. }) => {
+        Err(e) if e.repeats() => {
             // Not an infrastructure failure: the supervisor must not relaunch it, and the operator must see why.
             let why = e.to_string();
-            tracing::error!(rank, error = %why, "out of memory");
+            tracing::error!(rank, error = %why, "a relaunch would fail the same way");
             if let Some(m) = membership {
                 m.fail(why);
             }

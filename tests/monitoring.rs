@@ -482,9 +482,10 @@ fn prometheus_scrapes_a_running_job_and_promtool_accepts_the_exposition() {
 
     // The periodic line a person reads, with throughput, MFU and ETA.
     let stderr = std::fs::read_to_string(&stderr_path).unwrap();
+    // The last one: the first lines come before the step-time median an ETA needs.
     let line = stderr
         .lines()
-        .find(|l| l.starts_with("radit: step ") && l.contains("img/s"))
+        .rfind(|l| l.starts_with("radit: step ") && l.contains("img/s"))
         .unwrap_or_else(|| panic!("no periodic line with rates in:\n{stderr}"));
     for part in [
         " loss ",

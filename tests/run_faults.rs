@@ -143,6 +143,16 @@ fn reference() -> &'static Weights {
             "the last line does not name the final checkpoint:\n{}",
             lines.join("\n")
         );
+        // Every 10 steps, keep 3: exactly the newest three step directories are left.
+        let mut kept: Vec<String> = std::fs::read_dir(dir.path().join("ckpt"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        kept.sort();
+        assert_eq!(
+            kept,
+            ["step-0000000040", "step-0000000050", "step-0000000060"]
+        );
         let w = final_weights(dir.path());
         (dir, w)
     })
@@ -576,7 +586,13 @@ fn a_slurm_job_is_submitted_warned_before_its_time_limit_requeued_and_completed_
         .unwrap()
         .replace("name = \"faults\"", "name = \"radit-requeue-test\"");
     std::fs::write(&job, text).unwrap();
-    let mut child = spawn(run_cmd(&job).env("SLURM_CONF", &conf));
+    // 0.15 s a step leaves the signal's path (squeue, scancel, the batch shell, the supervisor, a heartbeat) 6 s
+    // to land before the run's end, however loaded the machine.
+    let mut child = spawn(
+        run_cmd(&job)
+            .env("SLURM_CONF", &conf)
+            .env("RADIT_FAULT_STEP_SLEEP_MS", "150"),
+    );
     let client = coordinator(dir.path());
     wait_for_step(&client, 17, &mut child);
     // What Slurm does at `--signal=B:USR1@N`: USR1 to the batch shell only.

@@ -175,6 +175,45 @@ fn sample_edits_images_counterfactually() {
         );
         assert_ne!(original, edited, "the edit changed image {i}");
     }
+    // An edit to the image's own metadata gives the image back (abduction and prediction under the same
+    // conditioning cancel), which a swap of --from and --set, or either one ignored, would break.
+    let same = tmp.path().join("same");
+    run_ok(
+        radit()
+            .args(["sample", "--weights"])
+            .arg(weights_dir.join("weights.safetensors"))
+            .arg("--out")
+            .arg(&same)
+            .arg("--edit")
+            .args(&inputs)
+            .args([
+                "--from",
+                "cardiomegaly=negative,sex=Male",
+                "--from-age",
+                "40",
+            ])
+            .args(["--set", "cardiomegaly=negative,sex=Male", "--age", "40"]),
+    );
+    for i in 0..2 {
+        let (_, original) = decode(&same.join(format!("original_{i:04}.png")));
+        let (_, edited) = decode(&same.join(format!("edited_{i:04}.png")));
+        let levels = |b: &[u8]| -> Vec<u16> {
+            b.chunks(2)
+                .map(|p| u16::from_be_bytes([p[0], p[1]]))
+                .collect()
+        };
+        let worst = levels(&original)
+            .iter()
+            .zip(&levels(&edited))
+            .map(|(a, b)| a.abs_diff(*b))
+            .max()
+            .unwrap();
+        eprintln!("identity edit {i}: at most {worst} levels off");
+        assert!(
+            worst <= 2,
+            "the identity edit moved image {i} by {worst} levels"
+        );
+    }
     let (sheet, _) = decode(&out_dir.join("contact_sheet.png"));
     assert_eq!(
         (sheet.width, sheet.height),

@@ -401,27 +401,45 @@ fn non_finite_steps_are_skipped_everywhere_and_repeated_ones_roll_back_to_the_ch
 
 /// Mean of each 16-bit sample's heart region (PA view: centre at x = +0.05, y = +0.12 of the side, so rows 8-12 and
 /// columns 5-12 of a 16x16 image hold the heart whether it is normal or enlarged).
-fn heart_region_means(dir: &Path, n: usize) -> Vec<f64> {
+/// The 16x16 16-bit PNG `dir/{prefix}_{i:04}.png` for i in 0..n, as values in [0, 1].
+fn read_16x16(dir: &Path, prefix: &str, n: usize) -> Vec<Vec<f64>> {
     (0..n)
         .map(|i| {
-            let path = dir.join(format!("sample_{i:04}.png"));
+            let path = dir.join(format!("{prefix}_{i:04}.png"));
             let decoder =
                 png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path).unwrap()));
             let mut reader = decoder.read_info().unwrap();
             let mut buf = vec![0; reader.output_buffer_size().unwrap()];
             reader.next_frame(&mut buf).unwrap();
-            let px = |r: usize, c: usize| {
-                u16::from_be_bytes([buf[2 * (r * 16 + c)], buf[2 * (r * 16 + c) + 1]])
-            };
-            let mut sum = 0.0;
-            for r in 8..13 {
-                for c in 5..13 {
-                    sum += f64::from(px(r, c)) / 65535.0;
-                }
-            }
-            sum / 40.0
+            buf.chunks(2)
+                .map(|b| f64::from(u16::from_be_bytes([b[0], b[1]])) / 65535.0)
+                .collect()
         })
         .collect()
+}
+
+/// Whether pixel (r, c) of a 16x16 image lies in the synthetic heart's region (rows 8-12, columns 5-12), grown
+/// by `margin` pixels.
+fn in_heart(r: usize, c: usize, margin: usize) -> bool {
+    (8 - margin..13 + margin).contains(&r) && (5 - margin..13 + margin).contains(&c)
+}
+
+fn heart_region_means(dir: &Path, n: usize) -> Vec<f64> {
+    read_16x16(dir, "sample", n)
+        .iter()
+        .map(|img| {
+            let inside = (0..256).filter(|i| in_heart(i / 16, i % 16, 0));
+            inside.map(|i| img[i]).sum::<f64>() / 40.0
+        })
+        .collect()
+}
+
+/// Mean and t statistic of paired differences.
+fn paired_t(diffs: &[f64]) -> (f64, f64) {
+    let n = diffs.len() as f64;
+    let mean = diffs.iter().sum::<f64>() / n;
+    let sd = (diffs.iter().map(|d| (d - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt();
+    (mean, mean / (sd / n.sqrt()))
 }
 
 #[test]
@@ -474,13 +492,80 @@ fn a_short_run_learns_the_cardiomegaly_conditioning() {
         means.push(heart_region_means(&out, n));
     }
     let diffs: Vec<f64> = means[0].iter().zip(&means[1]).map(|(p, q)| p - q).collect();
-    let mean = diffs.iter().sum::<f64>() / n as f64;
-    let sd = (diffs.iter().map(|d| (d - mean).powi(2)).sum::<f64>() / (n as f64 - 1.0)).sqrt();
-    let t = mean / (sd / (n as f64).sqrt());
+    let (mean, t) = paired_t(&diffs);
     // A larger heart is a larger bright region: the enlarged-heart samples are brighter there, clearly beyond noise.
     assert!(
         mean > 0.002 && t > 5.0,
         "heart region brighter by {mean:.4} (t = {t:.1})"
+    );
+
+    // The counterfactual edit (dopri5, as the paper edits): the cardiomegaly-negative samples, edited to positive
+    // with everything else kept.
+    // The heart region brightens (the direction of the finding), and the rest of the image stays close: its mean
+    // change is under half the heart region's.
+    let negatives: Vec<PathBuf> = (0..n)
+        .map(|i| tmp.path().join(format!("negative/sample_{i:04}.png")))
+        .collect();
+    let edits = tmp.path().join("edits");
+    run_ok(
+        radit()
+            .args(["sample", "--weights"])
+            .arg(&weights)
+            .arg("--out")
+            .arg(&edits)
+            .args(["--batch", "64"])
+            .arg("--edit")
+            .args(&negatives)
+            .args([
+                "--from",
+                "cardiomegaly=negative,view=PA,sex=Male",
+                "--from-age",
+                "60",
+            ])
+            .args([
+                "--set",
+                "cardiomegaly=positive,view=PA,sex=Male",
+                "--age",
+                "60",
+            ]),
+    );
+    let (before, after) = (
+        read_16x16(&edits, "original", n),
+        read_16x16(&edits, "edited", n),
+    );
+    // Per image, the mean change (or mean |change|) over the heart region or over the rest beyond a 1 px margin.
+    let change = |inside: bool, magnitude: bool| -> Vec<f64> {
+        let pixels: Vec<usize> = (0..256)
+            .filter(|&i| in_heart(i / 16, i % 16, usize::from(!inside)) == inside)
+            .collect();
+        before
+            .iter()
+            .zip(&after)
+            .map(|(b, a)| {
+                let d = |i: usize| {
+                    if magnitude {
+                        (a[i] - b[i]).abs()
+                    } else {
+                        a[i] - b[i]
+                    }
+                };
+                pixels.iter().map(|&i| d(i)).sum::<f64>() / pixels.len() as f64
+            })
+            .collect()
+    };
+    let (heart, t) = paired_t(&change(true, false));
+    assert!(
+        heart > 0.002 && t > 3.0,
+        "the edit brightened the heart region by {heart:.4} (t = {t:.1})"
+    );
+    let mean_abs = |inside: bool| change(inside, true).iter().sum::<f64>() / n as f64;
+    let (heart_abs, rest_abs) = (mean_abs(true), mean_abs(false));
+    eprintln!(
+        "edit: heart region {heart:+.4} (t = {t:.1}), mean |change| inside {heart_abs:.4}, outside {rest_abs:.4}"
+    );
+    assert!(
+        rest_abs < 0.5 * heart_abs,
+        "outside the heart the edit changed pixels by {rest_abs:.4} on average, inside by {heart_abs:.4}"
     );
 }
 

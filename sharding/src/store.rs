@@ -177,7 +177,13 @@ impl Storage {
                     url: shown.clone(),
                     reason: format!("cannot create directory {}: {source}", dir.display()),
                 })?;
-                Arc::new(LocalFileSystem::new_with_prefix(&dir).map_err(|e| bad(e.to_string()))?)
+                // Deleting an object removes the directories it leaves empty (a pruned checkpoint's step
+                // directory), up to the store's root.
+                Arc::new(
+                    LocalFileSystem::new_with_prefix(&dir)
+                        .map_err(|e| bad(e.to_string()))?
+                        .with_automatic_cleanup(true),
+                )
             }
             "s3" => {
                 let bucket = url
@@ -382,6 +388,22 @@ impl Storage {
         })?;
         keys.sort();
         Ok(keys)
+    }
+
+    /// Deletes every object under `prefix` (a "directory"), and on a local store the directory itself, which a
+    /// write that failed before its first byte (a full disk) leaves empty.
+    pub fn delete_prefix(&self, prefix: &str) -> Result<(), StorageError> {
+        for key in self.list(prefix)? {
+            self.delete(&key)?;
+        }
+        if let Ok(url) = url::Url::parse(&self.url)
+            && url.scheme() == "file"
+            && let Ok(root) = url.to_file_path()
+        {
+            // Only an empty directory goes; anything else (another writer's new object) stays.
+            let _ = std::fs::remove_dir(root.join(prefix));
+        }
+        Ok(())
     }
 
     pub fn delete(&self, key: &str) -> Result<(), StorageError> {

@@ -43,6 +43,21 @@ pub enum CheckpointError {
     Corrupt { key: String, reason: String },
     #[error("the checkpoint writer thread failed: {0}")]
     Writer(String),
+    /// A checkpoint could not be written (a full disk, a refused write): what this save wrote is removed, and
+    /// the last good checkpoint stays the one a restart resumes from.
+    #[error(
+        "checkpoint {step} could not be written to {url}: {reason}; {}",
+        match last_good {
+            Some(s) => format!("the last good checkpoint is step {s}, which a rerun resumes from"),
+            None => "there is no earlier checkpoint".to_string(),
+        }
+    )]
+    WriteFailed {
+        step: u64,
+        url: String,
+        reason: String,
+        last_good: Option<u64>,
+    },
     /// There is no committed checkpoint to read.
     #[error("{url} holds no usable committed checkpoint")]
     Empty { url: String },
@@ -315,18 +330,21 @@ impl Checkpointer {
         } = p;
         let written = writer
             .join()
-            .map_err(|_| CheckpointError::Writer("the writer panicked".into()))?;
+            .unwrap_or_else(|_| Err("the writer thread panicked".into()));
+        let own_key = format!("{}/rank-{:05}.bin", step_dir(step), comm.rank());
         // Every rank learns whether every write succeeded before anyone writes the manifest.
         let failed = comm.all_reduce_f64(written.is_err() as i64 as f64)?;
         let (entry, write_seconds) = match written {
-            Ok(w) => w,
-            Err(e) => return Err(CheckpointError::Writer(e)),
+            Ok(w) if failed == 0.0 => w,
+            Ok(_) => {
+                return Err(self.abandon(
+                    step,
+                    &own_key,
+                    "another rank could not write its part".into(),
+                ));
+            }
+            Err(e) => return Err(self.abandon(step, &own_key, e)),
         };
-        if failed > 0.0 {
-            return Err(CheckpointError::Writer(format!(
-                "another rank failed to write step {step}"
-            )));
-        }
         let line =
             serde_json::to_vec(&entry).map_err(|e| CheckpointError::Writer(e.to_string()))?;
         let mut padded = vec![b' '; 512];
@@ -336,16 +354,33 @@ impl Checkpointer {
         padded[..line.len()].copy_from_slice(&line);
         let mut all = Tensor::zeros([512 * comm.world() as i64], (Kind::Uint8, tch::Device::Cpu));
         comm.all_gather(&Tensor::from_slice(&padded), &mut all)?;
-        if comm.rank() == 0 {
+        // Rank 0 writes the manifest; every rank learns whether it did (the all-reduce is the barrier), so a full
+        // disk fails this checkpoint on every rank alike instead of leaving the others waiting.
+        let manifest = if comm.rank() == 0 {
             let bytes = Vec::<u8>::try_from(&all).map_err(EngineError::from)?;
-            let ranks = bytes
+            bytes
                 .chunks(512)
                 .map(|c| serde_json::from_slice::<FileEntry>(c.trim_ascii_end()))
                 .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| CheckpointError::Writer(e.to_string()))?;
-            self.write_manifest(step, &state, groups, ranks, comm.world() as u64)?;
+                .map_err(|e| CheckpointError::Writer(e.to_string()))
+                .and_then(|ranks| {
+                    self.write_manifest(step, &state, groups, ranks, comm.world() as u64)
+                })
+        } else {
+            Ok(())
+        };
+        if comm.all_reduce_f64(manifest.is_err() as i64 as f64)? > 0.0 {
+            let reason = match manifest {
+                Err(e) => format!("{e:#}"),
+                Ok(()) => "rank 0 could not write the manifest".into(),
+            };
+            return Err(self.abandon(step, &own_key, reason));
         }
-        comm.barrier()?;
+        if comm.rank() == 0
+            && let Err(e) = self.prune()
+        {
+            tracing::warn!(error = %format!("{e:#}"), "could not prune old checkpoints");
+        }
         if let Some(p) = &self.progress {
             p.record_committed(&Committed {
                 step,
@@ -388,8 +423,37 @@ impl Checkpointer {
         self.storage
             .put(&format!("{dir}/manifest.json"), Bytes::from(text))?;
         tracing::info!(step, url = self.storage.url(), "checkpoint committed");
-        self.prune()?;
         Ok(())
+    }
+
+    /// Removes what this rank wrote for a checkpoint that failed (its object; on rank 0 also the run state and a
+    /// manifest that may have landed before the failure was known), so nothing half-written stays beside the good
+    /// checkpoints, and says which one is the last good.
+    fn abandon(&self, step: u64, own_key: &str, reason: String) -> CheckpointError {
+        let dir = step_dir(step);
+        // Every rank knows the checkpoint failed: rank 0 removes the step's directory (the manifest first, so a
+        // half-removed step is never a checkpoint), the others their own objects.
+        let removed = if own_key.ends_with("rank-00000.bin") {
+            self.storage
+                .delete(&format!("{dir}/manifest.json"))
+                .and_then(|()| self.storage.delete_prefix(&dir))
+        } else {
+            self.storage.delete(own_key)
+        };
+        if let Err(e) = removed {
+            tracing::warn!(step, error = %format!("{e:#}"), "could not remove part of a failed checkpoint");
+        }
+        let last_good = self
+            .committed_steps()
+            .ok()
+            .and_then(|steps| steps.into_iter().find(|&s| s != step));
+        tracing::error!(step, reason, ?last_good, "checkpoint failed");
+        CheckpointError::WriteFailed {
+            step,
+            url: self.storage.url().to_string(),
+            reason,
+            last_good,
+        }
     }
 
     /// Committed checkpoints, newest first.
@@ -417,16 +481,27 @@ impl Checkpointer {
         Ok(state.model)
     }
 
+    /// Keeps the newest `keep` committed checkpoints and removes the rest, and removes the leftovers of saves
+    /// that never committed (a rank killed mid-write) older than the newest committed one. Newer uncommitted
+    /// steps are left alone: a save may be in flight.
     fn prune(&self) -> Result<(), CheckpointError> {
-        for step in self
-            .committed_steps()?
-            .into_iter()
-            .skip(self.cfg.keep.max(1))
-        {
-            let dir = step_dir(step);
+        let committed = self.committed_steps()?;
+        let Some(&newest) = committed.first() else {
+            return Ok(());
+        };
+        for step in committed.iter().skip(self.cfg.keep.max(1)) {
+            let dir = step_dir(*step);
             // The manifest goes first: a half-deleted checkpoint is then simply not a checkpoint.
             self.storage.delete(&format!("{dir}/manifest.json"))?;
-            for key in self.storage.list(&dir)? {
+            self.storage.delete_prefix(&dir)?;
+        }
+        for key in self.storage.list("")? {
+            let step = key
+                .rsplit('/')
+                .nth(1)
+                .and_then(|d| d.strip_prefix("step-"))
+                .and_then(|s| s.parse::<u64>().ok());
+            if step.is_some_and(|s| s < newest && !committed.contains(&s)) {
                 self.storage.delete(&key)?;
             }
         }

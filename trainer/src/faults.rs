@@ -8,6 +8,8 @@
 //!   encoding).
 //! - `RADIT_FAULT_OOM=RANK:STEP`: that rank asks libtorch for 1 PiB in that step (a real allocator failure).
 //! - `RADIT_FAULT_CRASH_IN_CHECKPOINT=RANK:STEP`: that rank aborts half-way through writing that checkpoint.
+//! - `RADIT_FAULT_STEP_SLEEP_MS=MS`: every rank sleeps that long before each step's compute (a slower model), so a
+//!   test's signal lands mid-run however loaded the machine is.
 //! - `RADIT_FAULT_CRASH_BEFORE_COMMIT=RANK:STEP`: a journaled job's rank (encode, generate) aborts after writing
 //!   that step's output (a shard of latents, a unit of samples) and before committing it to the journal.
 
@@ -50,6 +52,7 @@ pub struct Faults {
     nonfinite_steps: BTreeSet<u64>,
     hang_at: Option<(u64, u64)>,
     oom_at: Option<(u64, u64)>,
+    step_sleep: Option<std::time::Duration>,
 }
 
 impl Faults {
@@ -61,8 +64,16 @@ impl Faults {
                 .unwrap_or_default(),
             hang_at: fault_at("RADIT_FAULT_HANG"),
             oom_at: fault_at("RADIT_FAULT_OOM"),
+            step_sleep: std::env::var("RADIT_FAULT_STEP_SLEEP_MS")
+                .ok()
+                .and_then(|v| v.trim().parse().ok())
+                .map(std::time::Duration::from_millis),
         };
-        (!f.nonfinite_steps.is_empty() || f.hang_at.is_some() || f.oom_at.is_some()).then_some(f)
+        (!f.nonfinite_steps.is_empty()
+            || f.hang_at.is_some()
+            || f.oom_at.is_some()
+            || f.step_sleep.is_some())
+        .then_some(f)
     }
 }
 
@@ -74,6 +85,9 @@ impl StepHook for Faults {
         x1: &Tensor,
         device: Device,
     ) -> Result<(), TrainError> {
+        if let Some(pause) = self.step_sleep {
+            std::thread::sleep(pause);
+        }
         if rank == 0 && self.nonfinite_steps.remove(&step) {
             tracing::warn!(
                 step,

@@ -78,6 +78,22 @@ pub enum TrainError {
     },
 }
 
+impl TrainError {
+    /// Whether a relaunch of the same configuration would end the same way (the supervisor stops and shows this
+    /// instead of relaunching): out of memory, a checkpoint of another model or data order, a checkpoint that
+    /// could not be written twice in a row (a full disk), a configuration error.
+    pub fn repeats(&self) -> bool {
+        matches!(
+            self,
+            TrainError::OutOfMemory { .. }
+                | TrainError::InvalidConfig(_)
+                | TrainError::Checkpoint(
+                    CheckpointError::Mismatch { .. } | CheckpointError::WriteFailed { .. }
+                )
+        )
+    }
+}
+
 /// Whether an error (or any error it wraps) is libtorch failing to allocate: CUDA's caching allocator
 /// ("CUDA out of memory") or the CPU allocator ("can't allocate memory").
 pub fn is_out_of_memory(e: &(dyn std::error::Error + 'static)) -> bool {
@@ -613,6 +629,8 @@ struct Trainer<'a> {
     skips: SkipPolicy,
     rollbacks: u64,
     last_checkpoint: Option<u64>,
+    /// Checkpoints in a row that could not be written.
+    failed_checkpoints: u32,
     tokens_per_image: u64,
     flops_per_token: f64,
     /// The mini-FD's network and reference, loaded once.
@@ -689,6 +707,7 @@ impl<'a> Trainer<'a> {
             handles,
             rollbacks: 0,
             last_checkpoint: resumed_from,
+            failed_checkpoints: 0,
             tokens_per_image: (model.input_size / model.patch_size).pow(2) as u64,
             flops_per_token: model.training_flops_per_token(),
             mini_fd,
@@ -835,16 +854,46 @@ impl<'a> Trainer<'a> {
                 model: self.cfg.model().clone(),
                 config: serde_json::to_value(&self.cfg.config).unwrap_or_default(),
             };
-            let progress = &self.handles.progress;
-            let _phase = progress.enter(Phase::Checkpoint);
-            let stall = Instant::now();
-            c.save(&self.engine, state)?;
-            progress.record_checkpoint_started(stall.elapsed().as_secs_f64());
+            let saved = {
+                let progress = &self.handles.progress;
+                let _phase = progress.enter(Phase::Checkpoint);
+                let stall = Instant::now();
+                // Saving first commits the save before it, which may fail.
+                let saved = c.save(&self.engine, state);
+                progress.record_checkpoint_started(stall.elapsed().as_secs_f64());
+                saved
+            };
+            self.tolerate_failed_checkpoint(saved)?;
         }
-        if let Some(done) = c.poll(self.engine.collective())? {
-            self.last_checkpoint = Some(done);
+        let Some(c) = &mut self.ckpt else {
+            return Ok(());
+        };
+        let polled = c.poll(self.engine.collective()).map(|done| {
+            if let Some(done) = done {
+                self.last_checkpoint = Some(done);
+                self.failed_checkpoints = 0;
+            }
+        });
+        self.tolerate_failed_checkpoint(polled)
+    }
+
+    /// A periodic checkpoint that could not be written (a full disk) is cleaned up and training goes on, since the
+    /// next one may succeed; a second failure in a row stops the run, naming the last good checkpoint.
+    fn tolerate_failed_checkpoint(
+        &mut self,
+        outcome: Result<(), CheckpointError>,
+    ) -> Result<(), TrainError> {
+        match outcome {
+            Err(e @ CheckpointError::WriteFailed { .. }) if self.failed_checkpoints == 0 => {
+                self.failed_checkpoints = 1;
+                tracing::warn!(error = %e, "training goes on; the run stops if the next checkpoint fails too");
+                if self.rank == 0 {
+                    eprintln!("radit: {e}; training goes on");
+                }
+                Ok(())
+            }
+            other => Ok(other?),
         }
-        Ok(())
     }
 
     /// A contact sheet of EMA samples every `preview.every` steps and at the last step.
@@ -947,7 +996,6 @@ impl<'a> Trainer<'a> {
     }
 }
 
-/// The loader at `state`'s step (or the start), refusing a data order that changed since the checkpoint.
 /// A model sized for other samples than the store's is named at start, not as a shape error inside a step.
 fn check_sample_shape(
     model: &RadiTConfig,
@@ -969,6 +1017,7 @@ fn check_sample_shape(
     ))
 }
 
+/// The loader at `state`'s step (or the start), refusing a data order that changed since the checkpoint.
 fn open_loader(
     storage: &Storage,
     cfg: &LoaderConfig,
