@@ -499,6 +499,43 @@ fn prometheus_scrapes_a_running_job_and_promtool_accepts_the_exposition() {
         assert!(line.contains(part), "`{part}` missing from `{line}`");
     }
 
+    // The job token, and the TCP group's secret derived from it, appear in no output: not the supervisor's
+    // stderr, not /metrics, not any file of the run directory (rank logs, rank configs, the Prometheus targets)
+    // but the 0600 token file itself.
+    let secrets = [
+        token.trim().to_string(),
+        hex::encode(radit_trainer::collective::tcp::group_secret(token.trim())),
+    ];
+    let mut files = vec![run_dir.clone()];
+    let mut scanned = 0;
+    while let Some(path) = files.pop() {
+        if path.is_dir() {
+            files.extend(std::fs::read_dir(&path).unwrap().map(|e| e.unwrap().path()));
+            continue;
+        }
+        if path.file_name().is_some_and(|n| n == "job.token") {
+            continue;
+        }
+        let text = String::from_utf8_lossy(&std::fs::read(&path).unwrap()).into_owned();
+        for secret in &secrets {
+            assert!(
+                !text.contains(secret.as_str()),
+                "{} holds the job's secret",
+                path.display()
+            );
+        }
+        scanned += 1;
+    }
+    assert!(scanned > 5, "scanned only {scanned} files");
+    for (what, text) in [("stderr", &stderr), ("/metrics", &exposition)] {
+        for secret in &secrets {
+            assert!(
+                !text.contains(secret.as_str()),
+                "{what} holds the job's secret"
+            );
+        }
+    }
+
     // Preview sheets every 20 steps from the EMA weights, the newest also as latest.png.
     let sheets = run_dir.join("samples").join("progress");
     let first = sheets.join("step-00000020.png");

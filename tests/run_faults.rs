@@ -177,18 +177,27 @@ fn images_per_second(line: &str) -> Option<f64> {
 }
 
 fn assert_same_weights(dir: &Path, what: &str) {
-    let (got, want) = (final_weights(dir), reference());
-    assert_eq!(got.len(), want.len());
-    for (name, w) in want {
-        // Bit for bit: the same steps on the same data in the same reduction order.
-        assert!(
-            got[name]
-                .iter()
-                .zip(w)
-                .all(|(a, b)| a.to_bits() == b.to_bits()),
-            "{what}: {name} differs from the uninterrupted run's"
-        );
+    if let Err(e) = same_weights(dir) {
+        panic!("{what}: {e}");
     }
+}
+
+/// Whether the run in `dir` ended with the uninterrupted run's final weights, bit for bit (the same steps on the
+/// same data in the same reduction order).
+fn same_weights(dir: &Path) -> Result<(), String> {
+    let (got, want) = (final_weights(dir), reference());
+    if got.len() != want.len() {
+        return Err(format!("{} tensors, not {}", got.len(), want.len()));
+    }
+    for (name, w) in want {
+        let equal = got.get(name).is_some_and(|g| {
+            g.len() == w.len() && g.iter().zip(w).all(|(a, b)| a.to_bits() == b.to_bits())
+        });
+        if !equal {
+            return Err(format!("{name} differs from the uninterrupted run's"));
+        }
+    }
+    Ok(())
 }
 
 /// Talks to the run's coordinator (address and token from the run directory) once it is up.
@@ -210,22 +219,31 @@ fn coordinator(dir: &Path) -> CoordinatorClient {
 
 /// Waits until every rank has finished at least `step` (per the coordinator); returns the ranks' pids.
 fn wait_for_step(client: &CoordinatorClient, step: u64, child: &mut Child) -> Vec<u32> {
+    try_wait_for_step(client, step, child).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn try_wait_for_step(
+    client: &CoordinatorClient,
+    step: u64,
+    child: &mut Child,
+) -> Result<Vec<u32>, String> {
     let deadline = Instant::now() + Duration::from_secs(240);
     loop {
         if let Ok(s) = client.status() {
             let ranks = s["ranks"].as_array().cloned().unwrap_or_default();
             if ranks.len() == 2 && ranks.iter().all(|r| r["step"].as_u64() >= Some(step)) {
-                return ranks
+                return Ok(ranks
                     .iter()
-                    .map(|r| r["pid"].as_u64().unwrap() as u32)
-                    .collect();
+                    .filter_map(|r| Some(r["pid"].as_u64()? as u32))
+                    .collect());
             }
         }
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "radit run ended before step {step}"
-        );
-        assert!(Instant::now() < deadline, "step {step} never came");
+        if child.try_wait().ok().flatten().is_some() {
+            return Err(format!("radit run ended before step {step}"));
+        }
+        if Instant::now() > deadline {
+            return Err(format!("step {step} never came"));
+        }
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -665,4 +683,232 @@ fn under_mpirun_a_hung_rank_is_named_and_every_rank_is_killed_and_relaunched() {
     // The other rank waits in an MPI collective, so rank 0 is named, not merely as the lowest rank.
     let dir = hang_run("mpirun", 0);
     assert_same_weights(dir.path(), "mpirun, hang");
+}
+
+/// One fault of the soak.
+#[derive(Debug, Clone, Copy)]
+enum SoakFault {
+    /// SIGKILL one rank: the supervisor relaunches from the last checkpoint.
+    KillRank,
+    /// SIGTERM the run: every rank checkpoints, exit 75, and the same command resumes.
+    Terminate,
+    /// SIGKILL the coordinator (`radit run`) and start it again at once: the orphans checkpoint and the new run
+    /// resumes from them.
+    KillCoordinator,
+}
+
+/// SplitMix64, so a trial is replayed from its seed alone.
+fn splitmix(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// One soak trial from `seed`: a fault of a random kind, rank, step and delay (so it lands mid-step or
+/// mid-checkpoint); the run must complete with the uninterrupted run's weights. `Ok` says what happened.
+fn soak_trial(seed: u64) -> Result<String, String> {
+    let mut rng = seed;
+    let fault = [
+        SoakFault::KillRank,
+        SoakFault::Terminate,
+        SoakFault::KillCoordinator,
+    ][(splitmix(&mut rng) % 3) as usize];
+    let rank = (splitmix(&mut rng) % 2) as usize;
+    let step = 1 + splitmix(&mut rng) % (STEPS - 10);
+    let delay = Duration::from_millis(splitmix(&mut rng) % 150);
+    let what = format!("{fault:?} rank {rank} after step {step} + {delay:?}");
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let job = job(dir.path(), "local", "coordinator_grace_seconds = 0.25", "");
+    // 40 ms a step (about 3 s a run) so that a stop request or a relaunch lands mid-run, not after the end.
+    let mut child = spawn(run_cmd(&job).env("RADIT_FAULT_STEP_SLEEP_MS", "40"));
+    let client = coordinator(dir.path());
+    let pids = match try_wait_for_step(&client, step, &mut child) {
+        Ok(p) => p,
+        Err(e) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!("{what}: {e}"));
+        }
+    };
+    std::thread::sleep(delay);
+    let signal_failed = |e: String| format!("{what}: {e}");
+    let send = |pid: u32, signal: i32| {
+        // SAFETY: kill(2) on a pid this trial started; it may have exited already (ESRCH), which is a miss.
+        unsafe { libc::kill(pid as i32, signal) == 0 }
+    };
+    let landed = match fault {
+        SoakFault::KillRank => send(pids[rank], libc::SIGKILL),
+        SoakFault::Terminate | SoakFault::KillCoordinator => send(
+            child.id(),
+            if matches!(fault, SoakFault::Terminate) {
+                libc::SIGTERM
+            } else {
+                libc::SIGKILL
+            },
+        ),
+    };
+    let out = finish(child);
+    let code = out.status.code();
+    let restarts = stderr(&out).lines().find_map(|l| {
+        l.split("run complete after ")
+            .nth(1)?
+            .split(' ')
+            .next()?
+            .parse::<u32>()
+            .ok()
+    });
+    match fault {
+        SoakFault::KillRank if code != Some(0) => {
+            return Err(signal_failed(format!("exit {code:?}: {}", stderr(&out))));
+        }
+        SoakFault::Terminate | SoakFault::KillCoordinator if code != Some(0) => {
+            // 75 after SIGTERM, none after SIGKILL: the same command resumes.
+            let again = run_cmd(&job)
+                .env("RADIT_FAULT_STEP_SLEEP_MS", "40")
+                .output()
+                .map_err(|e| e.to_string())?;
+            if !again.status.success() {
+                return Err(signal_failed(format!(
+                    "the resumed run failed: {}",
+                    stderr(&again)
+                )));
+            }
+        }
+        _ => {}
+    }
+    same_weights(dir.path()).map_err(|e| format!("{what}: {e}"))?;
+    let how = match (fault, code, restarts) {
+        (SoakFault::KillRank, _, Some(n)) => format!("{n} relaunch(es)"),
+        (_, Some(0), _) => "the run had ended".to_string(),
+        (_, Some(c), _) => format!("exit {c}, resumed"),
+        (_, None, _) => "killed, resumed".to_string(),
+    };
+    let missed = if landed {
+        ""
+    } else {
+        " (the process was gone: fault missed)"
+    };
+    Ok(format!("{what}: ok, {how}{missed}"))
+}
+
+/// `scripts/soak.sh N`: N trials of random faults, each ending with the uninterrupted run's weights. Behind
+/// `--ignored` (minutes); `RADIT_SOAK_TRIALS` (default 5), `RADIT_SOAK_SEED` (default from the clock; printed, and
+/// trial i uses seed + i, so `RADIT_SOAK_SEED=s RADIT_SOAK_TRIALS=1` replays one).
+#[test]
+#[ignore]
+fn soak() {
+    let trials: u64 = std::env::var("RADIT_SOAK_TRIALS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
+    let seed: u64 = std::env::var("RADIT_SOAK_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| d.as_secs())
+        });
+    eprintln!("soak: {trials} trials from seed {seed}");
+    reference();
+    let mut failures = Vec::new();
+    for i in 0..trials {
+        let started = Instant::now();
+        let outcome = soak_trial(seed + i);
+        let took = started.elapsed().as_secs_f64();
+        match &outcome {
+            Ok(what) => eprintln!(
+                "soak trial {}/{trials} seed {}: {what} ({took:.1} s)",
+                i + 1,
+                seed + i
+            ),
+            Err(why) => {
+                eprintln!(
+                    "soak trial {}/{trials} seed {}: FAIL {why} ({took:.1} s)",
+                    i + 1,
+                    seed + i
+                );
+                failures.push(seed + i);
+            }
+        }
+    }
+    assert!(failures.is_empty(), "failed seeds: {failures:?}");
+}
+
+/// Copies the directory tree `from` to `to`.
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
+    }
+}
+
+/// A run on a private copy of the store whose shard object `train/images/c/1/0/0` is damaged by `damage` after
+/// step 10 (the loader reads every shard again each epoch, about every 6 steps); `skip` sets
+/// `data.skip_bad_shards`.
+fn run_with_a_damaged_shard(dir: &Path, skip: bool, damage: fn(&Path)) -> Output {
+    let private = dir.join("store");
+    copy_dir(store(), &private);
+    let job = job(dir, "local", "max_restarts = 3", "");
+    let text = std::fs::read_to_string(&job)
+        .unwrap()
+        .replace(
+            &format!("url = \"{}\"", store().display()),
+            &format!("url = \"{}\"", private.display()),
+        )
+        .replace(
+            "window_shards = 2\n",
+            &format!("window_shards = 2\nobject_attempts = 2\nskip_bad_shards = {skip}\n"),
+        );
+    std::fs::write(&job, text).unwrap();
+    let mut child = spawn(run_cmd(&job).env("RADIT_FAULT_STEP_SLEEP_MS", "20"));
+    let client = coordinator(dir);
+    wait_for_step(&client, 10, &mut child);
+    damage(&private.join("train/images/c/1/0/0"));
+    finish(child)
+}
+
+#[test]
+fn a_shard_deleted_mid_run_stops_the_run_naming_it_without_a_relaunch() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = run_with_a_damaged_shard(dir.path(), false, |p| std::fs::remove_file(p).unwrap());
+    let err = stderr(&out);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("train/images/c/1/0/0 is missing after 2 attempt(s)"),
+        "{err}"
+    );
+    assert!(err.contains("failed after 0 restart(s)"), "{err}");
+    assert!(!err.contains("generation 2"), "relaunched: {err}");
+}
+
+#[test]
+fn with_skip_bad_shards_a_corrupted_shard_is_skipped_counted_and_the_run_completes() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = run_with_a_damaged_shard(dir.path(), true, |p| {
+        let mut data = std::fs::read(p).unwrap();
+        let middle = data.len() / 2;
+        data[middle] ^= 0x04;
+        std::fs::write(p, data).unwrap();
+    });
+    let err = stderr(&out);
+    let log = std::fs::read_to_string(dir.path().join("run/logs/gen-1-process-0.log")).unwrap();
+    assert!(out.status.success(), "{err}\n{log}");
+    assert!(err.contains("run complete after 0 restart(s)"), "{err}");
+    assert!(log.contains("fails its sha256 check"), "{log}");
+    let skipped: u64 = log
+        .lines()
+        .filter_map(|l| l.split("\"skipped_samples\":").nth(1))
+        .filter_map(|v| v.split([',', '}']).next()?.parse().ok())
+        .next_back()
+        .unwrap_or_else(|| panic!("no summary in {log}"));
+    assert!(skipped > 0, "{log}");
 }

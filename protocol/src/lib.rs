@@ -26,7 +26,7 @@ pub mod wire;
 pub use client::{ClientError, CoordinatorClient};
 pub use config::ConfigError;
 pub use env::{Launcher, RankIdentity, rank_identity};
-pub use token::{JobToken, constant_time_eq};
+pub use token::{JobToken, constant_time_eq, random_bytes};
 pub use wire::{
     CheckpointReport, Heartbeat, HeartbeatReply, JoinReply, JoinRequest, Phase, RankStats,
     STEP_SECONDS_BUCKETS,

@@ -4,6 +4,13 @@
 use std::io::{Read, Write};
 use std::path::Path;
 
+/// 32 bytes from the operating system's random source (tokens, handshake nonces).
+pub fn random_bytes() -> std::io::Result<[u8; 32]> {
+    let mut bytes = [0u8; 32];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    Ok(bytes)
+}
+
 /// A job token.
 #[derive(Clone, PartialEq, Eq)]
 pub struct JobToken(String);
@@ -17,9 +24,7 @@ impl std::fmt::Debug for JobToken {
 impl JobToken {
     /// 256 bits from the operating system's random source.
     pub fn generate() -> std::io::Result<Self> {
-        let mut bytes = [0u8; 32];
-        std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
-        Ok(Self(hex::encode(bytes)))
+        Ok(Self(hex::encode(random_bytes()?)))
     }
 
     /// A token from its text (as read from the environment or a file).

@@ -48,6 +48,17 @@ pub enum ShardError {
     /// Settings rejected at construction; the message names the field.
     #[error("invalid setting: {0}")]
     InvalidConfig(String),
+    /// A store object that stays missing or unlike its manifest entry (size, sha256) after every attempt: the
+    /// store changed or was damaged under the reader.
+    #[error(
+        "shard object {url} {reason} after {attempts} attempt(s); restore it (radit shard --verify names every \
+         damaged object) or set data.skip_bad_shards to skip its samples"
+    )]
+    BadObject {
+        url: String,
+        reason: String,
+        attempts: u32,
+    },
     /// A bug: an internal thread failed. Please report it.
     #[error("internal error: {0}")]
     Internal(String),

@@ -30,7 +30,7 @@ use crate::reader::{LatentArray, Shard, StoreReader};
 use crate::rng::SplitMix64;
 use crate::schema::NUM_LABELS;
 use crate::split::Split;
-use crate::store::Storage;
+use crate::store::{Storage, StorageError};
 
 /// What the model is fed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,6 +79,9 @@ pub struct LoaderConfig {
     pub cache: Option<CacheConfig>,
     /// Skip (and count) samples of a shard that is missing or cannot be decoded, instead of failing.
     pub skip_bad_shards: bool,
+    /// Reads of an object that is missing or unlike its manifest entry before it counts as bad (backing off
+    /// 0.2 s, 0.4 s, ... between them).
+    pub object_attempts: u32,
 }
 
 impl Default for LoaderConfig {
@@ -95,9 +98,12 @@ impl Default for LoaderConfig {
             prefetch_steps: 4,
             cache: None,
             skip_bad_shards: false,
+            object_attempts: DEFAULT_OBJECT_ATTEMPTS,
         }
     }
 }
+
+pub const DEFAULT_OBJECT_ATTEMPTS: u32 = 3;
 
 /// The `[data]` section of a run: which store and split, and how a node reads it.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -116,6 +122,17 @@ pub struct DataConfig {
     pub cache_gib: f64,
     #[serde(default = "default_prefetch")]
     pub prefetch: usize,
+    /// Skip (and count) the samples of a shard object that stays missing or damaged, instead of stopping the run
+    /// with the object named.
+    #[serde(default)]
+    pub skip_bad_shards: bool,
+    /// Reads of a missing or damaged object (size or sha256 unlike the manifest's) before it counts as bad.
+    #[serde(default = "default_object_attempts")]
+    pub object_attempts: u32,
+}
+
+fn default_object_attempts() -> u32 {
+    DEFAULT_OBJECT_ATTEMPTS
 }
 
 fn default_split() -> Split {
@@ -141,6 +158,8 @@ impl DataConfig {
             cache_dir: None,
             cache_gib: default_cache_gib(),
             prefetch: default_prefetch(),
+            skip_bad_shards: false,
+            object_attempts: DEFAULT_OBJECT_ATTEMPTS,
         }
     }
 
@@ -165,11 +184,12 @@ impl DataConfig {
             world,
             output,
             prefetch_steps: self.prefetch,
+            skip_bad_shards: self.skip_bad_shards,
+            object_attempts: self.object_attempts,
             cache: self.cache_dir.as_ref().map(|d| CacheConfig {
                 dir: d.join(format!("rank-{rank}")),
                 max_bytes: (self.cache_gib * (1u64 << 30) as f64) as u64,
             }),
-            ..LoaderConfig::default()
         }
     }
 }
@@ -353,6 +373,17 @@ impl NodeCache {
         }
     }
 
+    /// Drops `key` (a copy that failed its check).
+    fn remove(&self, key: &str) {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(pos) = st.lru.iter().position(|(k, _)| k == key)
+            && let Some((_, size)) = st.lru.remove(pos)
+        {
+            st.bytes -= size;
+        }
+        let _ = std::fs::remove_file(self.path(key));
+    }
+
     fn evict(&self) {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         Self::evict_locked(&mut st, &self.config, self.config.max_bytes);
@@ -374,30 +405,94 @@ fn cache_path(dir: &Path, key: &str) -> PathBuf {
     dir.join(key.replace('/', "%"))
 }
 
-/// Fetches objects through the cache (the storage retries), counting bytes and hits.
+/// Fetches objects through the cache (the storage retries transient failures), counting bytes and hits, and
+/// checks each against the manifest's size and sha256: an object missing or unlike its entry (deleted, damaged,
+/// a bad cached copy) is read again a few times, then named.
 struct Fetcher {
     storage: Storage,
     cache: Option<NodeCache>,
     counters: Arc<Counters>,
+    /// The manifest's entry of every object: key -> (bytes, sha256).
+    expected: HashMap<String, (u64, String)>,
+    attempts: u32,
 }
 
 impl Fetcher {
     fn get(&self, key: &str) -> Result<bytes::Bytes, ShardError> {
+        let attempts = self.attempts.max(1);
+        let mut why = String::new();
+        for attempt in 1..=attempts {
+            if attempt > 1 {
+                tracing::warn!(key, reason = %why, attempt, attempts, "re-reading a shard object");
+                std::thread::sleep(Duration::from_millis(200 << (attempt - 2).min(6)));
+            }
+            match self.get_once(key) {
+                Ok(data) => return Ok(data),
+                Err(ShardError::Storage(StorageError::NotFound { .. })) => {
+                    why = "is missing".into();
+                }
+                Err(ShardError::BadObject { reason, .. }) => why = reason,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(ShardError::BadObject {
+            url: self.storage.describe(key),
+            reason: why,
+            attempts,
+        })
+    }
+
+    /// One read (cache, else storage), checked; a cached copy that fails the check is evicted.
+    fn get_once(&self, key: &str) -> Result<bytes::Bytes, ShardError> {
         if let Some(cache) = &self.cache {
             if let Some(b) = cache.get(key) {
                 self.counters.cache_hits.fetch_add(1, Ordering::Relaxed);
-                return Ok(b);
+                match self.check(key, &b) {
+                    Ok(()) => return Ok(b),
+                    Err(reason) => {
+                        tracing::warn!(key, reason, "evicting a damaged cached copy");
+                        cache.remove(key);
+                    }
+                }
+            } else {
+                self.counters.cache_misses.fetch_add(1, Ordering::Relaxed);
             }
-            self.counters.cache_misses.fetch_add(1, Ordering::Relaxed);
         }
         let data = self.storage.get(key)?;
         self.counters
             .bytes_read
             .fetch_add(data.len() as u64, Ordering::Relaxed);
+        self.check(key, &data)
+            .map_err(|reason| ShardError::BadObject {
+                url: self.storage.describe(key),
+                reason,
+                attempts: 1,
+            })?;
         if let Some(cache) = &self.cache {
             cache.put(key, &data);
         }
         Ok(data)
+    }
+
+    /// Whether `data` is what the manifest says `key` holds (objects the manifest does not list pass).
+    fn check(&self, key: &str, data: &[u8]) -> Result<(), String> {
+        let Some((bytes, sha256)) = self.expected.get(key) else {
+            return Ok(());
+        };
+        if data.len() as u64 != *bytes {
+            return Err(format!(
+                "holds {} bytes where the manifest says {bytes}",
+                data.len()
+            ));
+        }
+        use sha2::Digest;
+        let actual = hex::encode(sha2::Sha256::digest(data));
+        if &actual != sha256 {
+            return Err(format!(
+                "fails its sha256 check ({actual}, the manifest says {sha256})"
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -539,10 +634,18 @@ impl Loader {
             ModelInput::U16 | ModelInput::Dequantised => None,
         };
         let counters = Arc::new(Counters::default());
+        let expected = reader
+            .manifest()
+            .objects
+            .iter()
+            .map(|o| (o.key.clone(), (o.bytes, o.sha256.clone())))
+            .collect();
         let fetcher = Fetcher {
             storage,
             cache: config.cache.clone().map(NodeCache::open).transpose()?,
             counters: counters.clone(),
+            expected,
+            attempts: config.object_attempts,
         };
         let source = Source {
             reader,
@@ -719,9 +822,28 @@ fn build_batch(
     let mut age = Vec::with_capacity(n);
     let mut image_ids = Vec::with_capacity(n);
     let mut skipped = 0;
+    // In training, a skipped sample's place goes to the rank's readable samples in turn, so every rank keeps its
+    // batch size (the ranks' batches stay the same shape; a rank with none readable gets an empty batch).
+    let readable: Vec<(u64, bool)> = samples
+        .indices
+        .iter()
+        .zip(&samples.valid)
+        .filter(|(i, _)| shards.contains_key(&(**i / shard_size)))
+        .map(|(&i, &v)| (i, v))
+        .collect();
+    let refill = matches!(config.pass, Pass::Train) && !readable.is_empty();
+    let mut spare = readable.iter().cycle();
     for (&i, &real) in samples.indices.iter().zip(&samples.valid) {
-        let Some(shard) = shards.get(&(i / shard_size)) else {
+        let (i, real) = if shards.contains_key(&(i / shard_size)) {
+            (i, real)
+        } else {
             skipped += 1;
+            match spare.next().filter(|_| refill) {
+                Some(&stand_in) => stand_in,
+                None => continue,
+            }
+        };
+        let Some(shard) = shards.get(&(i / shard_size)) else {
             continue;
         };
         let r = (i % shard_size) as usize;

@@ -341,3 +341,99 @@ fn evaluation_covers_the_split_once_and_every_rank_runs_the_same_steps() {
         assert_eq!(seen, all.image_ids, "world {world}");
     }
 }
+
+/// Flips one bit in the middle of `path`: same size, so only the checksum can tell.
+fn flip_a_bit(path: &Path) {
+    let mut data = std::fs::read(path).unwrap();
+    let middle = data.len() / 2;
+    data[middle] ^= 0x04;
+    std::fs::write(path, data).unwrap();
+}
+
+/// The first `n` batches' (indices, pixels).
+fn contents(batches: &[Batch]) -> Vec<(Vec<u64>, Vec<u16>)> {
+    batches
+        .iter()
+        .map(|b| (b.indices.clone(), u16s(b).to_vec()))
+        .collect()
+}
+
+#[test]
+fn a_damaged_shard_is_named_by_its_checksum_or_skipped_and_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = store(dir.path(), 48);
+    flip_a_bit(&Path::new(&url).join("train/images/c/1/0/0"));
+    let quick = LoaderConfig {
+        object_attempts: 2,
+        ..config(1, 0)
+    };
+    let mut loader = Loader::open(Storage::open_existing(&url).unwrap(), quick.clone(), 0).unwrap();
+    let error = (0..8)
+        .find_map(|_| loader.next_batch().err())
+        .expect("a batch touching shard 1 fails")
+        .to_string();
+    assert!(
+        error.contains("train/images/c/1/0/0")
+            && error.contains("fails its sha256 check")
+            && error.contains("after 2 attempt(s)"),
+        "{error}"
+    );
+    let skip = LoaderConfig {
+        skip_bad_shards: true,
+        ..quick
+    };
+    let batches = take(&url, skip, 0, 8);
+    assert!(batches.iter().map(|b| b.skipped).sum::<u64>() > 0);
+    assert!(batches.iter().all(|b| b.indices.iter().all(|i| i / 8 != 1)));
+}
+
+#[test]
+fn a_shard_missing_for_a_moment_is_read_again_and_the_batches_are_unchanged() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = store(dir.path(), 48);
+    let straight = contents(&take(&url, config(1, 0), 0, 8));
+    // Shard 1 disappears and comes back 0.3 s later (an object being rewritten, a flaky mount): the loader's
+    // second or third read finds it.
+    let shard = Path::new(&url).join("train/images/c/1/0/0");
+    let aside = dir.path().join("aside");
+    std::fs::rename(&shard, &aside).unwrap();
+    let restore = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        std::fs::rename(&aside, &shard).unwrap();
+    });
+    let again = contents(&take(&url, config(1, 0), 0, 8));
+    restore.join().unwrap();
+    assert_eq!(again, straight);
+}
+
+#[test]
+fn a_damaged_cached_copy_is_evicted_and_read_again_from_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = store(dir.path(), 48);
+    let cache = CacheConfig {
+        dir: dir.path().join("cache"),
+        max_bytes: 1 << 30,
+    };
+    let cfg = LoaderConfig {
+        cache: Some(cache.clone()),
+        ..config(1, 0)
+    };
+    let straight = contents(&take(&url, cfg.clone(), 0, 8));
+    let cached = cache.dir.join("train%images%c%1%0%0");
+    assert!(cached.exists(), "the cache holds shard 1");
+    flip_a_bit(&cached);
+    let mut loader = Loader::open(Storage::open_existing(&url).unwrap(), cfg, 0).unwrap();
+    let again: Vec<Batch> = (0..8)
+        .map(|_| loader.next_batch().unwrap().unwrap())
+        .collect();
+    assert_eq!(contents(&again), straight);
+    // Only the damaged copy was read from the store again, and the cache now holds a good one.
+    let stats = loader.stats();
+    assert_eq!(
+        stats.bytes_read,
+        std::fs::metadata(Path::new(&url).join("train/images/c/1/0/0"))
+            .unwrap()
+            .len(),
+        "{stats:?}"
+    );
+}

@@ -81,12 +81,14 @@ pub enum TrainError {
 impl TrainError {
     /// Whether a relaunch of the same configuration would end the same way (the supervisor stops and shows this
     /// instead of relaunching): out of memory, a checkpoint of another model or data order, a checkpoint that
-    /// could not be written twice in a row (a full disk), a configuration error.
+    /// could not be written twice in a row (a full disk), a shard object that stayed missing or damaged through
+    /// the loader's re-reads, a configuration error.
     pub fn repeats(&self) -> bool {
         matches!(
             self,
             TrainError::OutOfMemory { .. }
                 | TrainError::InvalidConfig(_)
+                | TrainError::Data(radit_sharding::ShardError::BadObject { .. })
                 | TrainError::Checkpoint(
                     CheckpointError::Mismatch { .. } | CheckpointError::WriteFailed { .. }
                 )
@@ -416,6 +418,23 @@ pub struct TrainSummary {
     pub skipped_steps: u64,
     pub rollbacks: u64,
     pub last_checkpoint: Option<u64>,
+    /// Samples every rank together skipped because their shard object stayed missing or damaged
+    /// (`data.skip_bad_shards`).
+    pub skipped_samples: u64,
+}
+
+/// `n` placeholder samples of NaN in place of a batch none of whose shards could be read.
+fn unreadable_batch(empty: Batch, n: usize) -> Batch {
+    let per: usize = empty.sample_shape.iter().product();
+    Batch {
+        indices: (0..n as u64).collect(),
+        valid: vec![true; n],
+        inputs: Inputs::F32(vec![f32::NAN; n * per]),
+        labels: vec![0; n * radit_sharding::schema::NUM_LABELS],
+        age: vec![f32::NAN; n],
+        image_ids: vec![String::new(); n],
+        ..empty
+    }
 }
 
 /// A batch's inputs x1 `[n, C, H, W]`, labels `[n, V]` (int64) and age `[n]` on `device`.
@@ -631,6 +650,8 @@ struct Trainer<'a> {
     last_checkpoint: Option<u64>,
     /// Checkpoints in a row that could not be written.
     failed_checkpoints: u32,
+    /// This rank's samples skipped for bad shard objects.
+    skipped_samples: u64,
     tokens_per_image: u64,
     flops_per_token: f64,
     /// The mini-FD's network and reference, loaded once.
@@ -708,6 +729,7 @@ impl<'a> Trainer<'a> {
             rollbacks: 0,
             last_checkpoint: resumed_from,
             failed_checkpoints: 0,
+            skipped_samples: 0,
             tokens_per_image: (model.input_size / model.patch_size).pow(2) as u64,
             flops_per_token: model.training_flops_per_token(),
             mini_fd,
@@ -725,6 +747,18 @@ impl<'a> Trainer<'a> {
             .next_batch()?
             .ok_or(TrainError::DataEnded { step: next })?;
         let data_wait_seconds = started.elapsed().as_secs_f64();
+        // Samples of a shard that stayed missing or damaged (`data.skip_bad_shards`) were replaced by this rank's
+        // readable ones; a rank with none gets a batch of NaN, which skips the step on every rank as a
+        // non-finite step does (the collectives need every rank's part).
+        self.skipped_samples += batch.skipped;
+        if batch.is_empty() {
+            let n = (cfg.train.global_batch / self.engine.collective().world() as u64) as usize;
+            tracing::warn!(
+                step = next,
+                "no readable sample in this rank's batch: the step is skipped"
+            );
+            batch = unreadable_batch(batch, n);
+        }
         cfg.flow.drop_conditions(
             cfg.train.seed,
             self.step,
@@ -979,6 +1013,10 @@ impl<'a> Trainer<'a> {
             self.last_checkpoint = Some(done);
         }
         let stopped_for_requeue = self.step < self.cfg.train.steps;
+        let skipped_samples = self
+            .engine
+            .collective()
+            .all_reduce_f64(self.skipped_samples as f64)? as u64;
         if stopped_for_requeue && self.ckpt.is_none() {
             tracing::warn!(
                 step = self.step,
@@ -992,6 +1030,7 @@ impl<'a> Trainer<'a> {
             skipped_steps: self.skips.total,
             rollbacks: self.rollbacks,
             last_checkpoint: self.last_checkpoint,
+            skipped_samples,
         })
     }
 }

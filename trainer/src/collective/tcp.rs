@@ -5,6 +5,12 @@
 //!
 //! Rank 0 listens on the address it published at rendezvous (the coordinator hands it to the others as a peer);
 //! a peer whose connection closes is reported as `RankFailed`, a silent one as `Timeout`.
+//!
+//! Joining is a challenge-response over fresh nonces, keyed by the group's secret (a digest of the job token):
+//! the spoke says who it is with its nonce, rank 0 answers with its own nonce and an HMAC over both (so a spoke
+//! knows it reached its own job's rank 0), and the spoke proves the secret with an HMAC over both nonces the other
+//! way round. Neither the secret nor anything replayable crosses the wire: bytes captured from one handshake are
+//! refused in the next, whose nonce differs.
 
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -92,26 +98,67 @@ pub fn group_secret(job_token: &str) -> [u8; 32] {
     h.finalize().into()
 }
 
-/// The hello a rank sends: magic, rank, world, then the group's secret (a digest of the job token), so that only
-/// ranks of this job can join the group.
-fn hello(rank: usize, world: usize, secret: &[u8; 32]) -> Vec<u8> {
+/// The hello a rank sends: magic, rank, world and its fresh nonce.
+fn hello(rank: usize, world: usize, nonce: &[u8; 32]) -> Vec<u8> {
     let mut h: Vec<u8> = [HELLO, rank as u64, world as u64]
         .iter()
         .flat_map(|w| w.to_le_bytes())
         .collect();
-    h.extend_from_slice(secret);
+    h.extend_from_slice(nonce);
     h
 }
 
-/// The rank a hello announces, if it is a rank of this world with the right secret.
-fn check_hello(bytes: &[u8], world: usize, secret: &[u8; 32]) -> Option<usize> {
-    if bytes.len() != 24 + 32 || !radit_protocol::constant_time_eq(&bytes[24..], secret) {
+/// The rank and nonce a hello announces, if it is a rank of this world.
+fn read_hello(bytes: &[u8], world: usize) -> Option<(usize, [u8; 32])> {
+    if bytes.len() != 24 + 32 {
         return None;
     }
     let word =
         |i: usize| u64::from_le_bytes(bytes[i * 8..i * 8 + 8].try_into().unwrap_or_default());
     let (magic, rank, w) = (word(0), word(1) as usize, word(2) as usize);
-    (magic == HELLO && w == world && (1..world).contains(&rank)).then_some(rank)
+    let nonce = bytes[24..].try_into().ok()?;
+    (magic == HELLO && w == world && (1..world).contains(&rank)).then_some((rank, nonce))
+}
+
+/// HMAC-SHA256 under the group's secret of who is speaking (`hub` or `spoke`), the rank, the world and the two
+/// nonces in the speaker's order (its peer's first, so each side's proof covers the nonce it was challenged with).
+fn proof(
+    secret: &[u8; 32],
+    speaker: &[u8],
+    rank: usize,
+    world: usize,
+    nonces: [&[u8; 32]; 2],
+) -> hmac::Hmac<sha2::Sha256> {
+    use hmac::{KeyInit, Mac};
+    let mut mac = <hmac::Hmac<sha2::Sha256> as KeyInit>::new_from_slice(secret)
+        .expect("HMAC takes a key of any length");
+    mac.update(speaker);
+    mac.update(&(rank as u64).to_le_bytes());
+    mac.update(&(world as u64).to_le_bytes());
+    mac.update(nonces[0]);
+    mac.update(nonces[1]);
+    mac
+}
+
+/// Rank 0's side of a spoke's handshake on a connection that sent `hello`: the spoke's rank once it proved the
+/// secret, `None` for anything else (a stranger, another job, a replay).
+fn admit(l: &mut Link, hello: &[u8], world: usize, secret: &[u8; 32]) -> Option<usize> {
+    use hmac::Mac;
+    let (rank, spoke_nonce) = read_hello(hello, world)?;
+    let hub_nonce = radit_protocol::random_bytes().ok()?;
+    let mut challenge = hub_nonce.to_vec();
+    challenge.extend_from_slice(
+        &proof(secret, b"hub", rank, world, [&spoke_nonce, &hub_nonce])
+            .finalize()
+            .into_bytes(),
+    );
+    write_frame(l, 0, &challenge).ok()?;
+    let (_, answer) = read_frame(l).ok()?;
+    // Constant time, by the hmac crate.
+    proof(secret, b"spoke", rank, world, [&hub_nonce, &spoke_nonce])
+        .verify_slice(&answer)
+        .ok()?;
+    Some(rank)
 }
 
 impl TcpCollective {
@@ -142,11 +189,11 @@ impl TcpCollective {
                         .set_nonblocking(false)
                         .and_then(|()| link(stream, HELLO_TIMEOUT))
                         .and_then(|mut l| Ok((read_frame(&mut l)?, l)));
-                    let Ok(((_, hello), l)) = greeted else {
+                    let Ok(((_, hello), mut l)) = greeted else {
                         tracing::warn!(%peer, "dropping a connection that did not say hello");
                         continue;
                     };
-                    match check_hello(&hello, world, secret) {
+                    match admit(&mut l, &hello, world, secret) {
                         Some(r) if slots[r - 1].is_none() => {
                             let set = l
                                 .reader
@@ -161,7 +208,7 @@ impl TcpCollective {
                             tracing::warn!(%peer, rank = r, "dropping a second connection for one rank")
                         }
                         None => {
-                            tracing::warn!(%peer, "dropping a connection that is not a rank of this job")
+                            tracing::warn!(%peer, "dropping a connection that did not prove it is a rank of this job")
                         }
                     }
                 }
@@ -213,7 +260,25 @@ impl TcpCollective {
             reason: e.to_string(),
         };
         let mut l = link(stream, timeout).map_err(fail)?;
-        write_frame(&mut l, 0, &hello(rank, world, secret)).map_err(fail)?;
+        let nonce = radit_protocol::random_bytes().map_err(fail)?;
+        write_frame(&mut l, 0, &hello(rank, world, &nonce)).map_err(fail)?;
+        let (_, challenge) = read_frame(&mut l).map_err(fail)?;
+        let (hub_nonce, hub_proof) = challenge.split_at(challenge.len().min(32));
+        let hub_nonce: [u8; 32] = hub_nonce.try_into().unwrap_or([0; 32]);
+        {
+            use hmac::Mac;
+            proof(secret, b"hub", rank, world, [&nonce, &hub_nonce])
+                .verify_slice(hub_proof)
+                .map_err(|_| CollectiveError::Backend {
+                    backend: "tcp",
+                    op: "connect",
+                    reason: format!(
+                        "rank 0 at {hub} did not prove the job's token (another job's rank 0, or a stranger)"
+                    ),
+                })?;
+            let answer = proof(secret, b"spoke", rank, world, [&hub_nonce, &nonce]).finalize();
+            write_frame(&mut l, 0, &answer.into_bytes()).map_err(fail)?;
+        }
         Ok(Self {
             rank,
             world,
@@ -457,10 +522,17 @@ mod tests {
         let mut junk = TcpStream::connect(addr).unwrap();
         junk.write_all(&[9u8; 9]).unwrap();
         drop(junk);
-        let other_job = TcpCollective::spoke(1, 2, addr, timeout, &[8; 32]).unwrap();
+        // Another job's rank learns that this is not its rank 0 (the hub's proof fails under its secret).
+        let other_job = TcpCollective::spoke(1, 2, addr, timeout, &[8; 32]);
+        match other_job {
+            Err(CollectiveError::Backend { reason, .. }) => {
+                assert!(reason.contains("did not prove the job's token"), "{reason}")
+            }
+            Err(e) => panic!("another job's rank: {e}"),
+            Ok(_) => panic!("another job's rank joined"),
+        }
         let spoke = TcpCollective::spoke(1, 2, addr, timeout, &SECRET).unwrap();
         let hub = hub.join().unwrap().unwrap();
-        drop(other_job);
         let h = std::thread::spawn(move || {
             let mut t = Tensor::from_slice(&[2.0f32]);
             spoke.all_reduce_sum(&mut t).map(|()| t.double_value(&[0]))
@@ -470,6 +542,69 @@ mod tests {
         assert_eq!(t.double_value(&[0]), 3.0);
         assert_eq!(h.join().unwrap().unwrap(), 3.0);
         assert_ne!(group_secret("a"), group_secret("b"));
+    }
+
+    /// Copies a connection to `to`, recording what the client sent.
+    fn recording_proxy(to: SocketAddr) -> (SocketAddr, std::sync::Arc<Mutex<Vec<u8>>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let sent = std::sync::Arc::new(Mutex::new(Vec::new()));
+        let record = sent.clone();
+        std::thread::spawn(move || {
+            let (client, _) = listener.accept().unwrap();
+            let server = TcpStream::connect(to).unwrap();
+            let (mut c_read, mut s_write) =
+                (client.try_clone().unwrap(), server.try_clone().unwrap());
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n @ 1..) = c_read.read(&mut buf) {
+                    record.lock().unwrap().extend_from_slice(&buf[..n]);
+                    if s_write.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+            let (mut s_read, mut c_write) = (server, client);
+            let _ = std::io::copy(&mut s_read, &mut c_write);
+        });
+        (addr, sent)
+    }
+
+    #[test]
+    fn a_replayed_handshake_is_refused() {
+        let timeout = Duration::from_secs(20);
+        // A real handshake through a recording proxy: what a listener on the wire captures.
+        let first = TcpListener::bind("127.0.0.1:0").unwrap();
+        let (proxy, captured) = recording_proxy(first.local_addr().unwrap());
+        let hub = std::thread::spawn(move || TcpCollective::hub(first, 2, timeout, &SECRET));
+        let spoke = TcpCollective::spoke(1, 2, proxy, timeout, &SECRET).unwrap();
+        let hub = hub.join().unwrap().unwrap();
+        drop((hub, spoke));
+        let captured = captured.lock().unwrap().clone();
+        assert!(captured.len() > 9 + 56, "captured {} bytes", captured.len());
+        assert!(
+            !captured.windows(32).any(|w| w == SECRET),
+            "the secret crossed the wire"
+        );
+
+        // The same bytes replayed to the next group's rank 0 (same job secret) are dropped, and the real rank 1
+        // joins: the group works, which it would not if the replay had taken rank 1's slot.
+        let second = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = second.local_addr().unwrap();
+        let hub = std::thread::spawn(move || TcpCollective::hub(second, 2, timeout, &SECRET));
+        let mut replay = TcpStream::connect(addr).unwrap();
+        replay.write_all(&captured).unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        let spoke = TcpCollective::spoke(1, 2, addr, timeout, &SECRET).unwrap();
+        let hub = hub.join().unwrap().unwrap();
+        let h = std::thread::spawn(move || {
+            let mut t = Tensor::from_slice(&[2.0f32]);
+            spoke.all_reduce_sum(&mut t).map(|()| t.double_value(&[0]))
+        });
+        let mut t = Tensor::from_slice(&[1.0f32]);
+        hub.all_reduce_sum(&mut t).unwrap();
+        assert_eq!(h.join().unwrap().unwrap(), 3.0);
+        drop(replay);
     }
 
     #[test]
