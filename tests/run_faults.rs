@@ -210,7 +210,14 @@ fn coordinator(dir: &Path) -> CoordinatorClient {
             addr.map(|a| a.trim().parse()),
             JobToken::read(&run.join("job.token")),
         ) {
-            return CoordinatorClient::new(addr, token);
+            // An HTTPS coordinator: trust its authority as an operator would, by the fingerprint beside it.
+            let ca = run.join("coordinator-ca.pem");
+            let sha = std::fs::read_to_string(run.join("coordinator-ca.pem.sha256"));
+            return match sha {
+                Ok(sha) if ca.exists() => CoordinatorClient::new(addr, token)
+                    .with_authority(radit_protocol::PinnedAuthority::read(&ca, &sha).unwrap()),
+                _ => CoordinatorClient::new(addr, token),
+            };
         }
         assert!(Instant::now() < deadline, "the coordinator did not come up");
         std::thread::sleep(Duration::from_millis(50));
@@ -318,6 +325,26 @@ fn the_progress_line_is_right_at_the_end_and_after_a_relaunch() {
             "{rate} img/s after the relaunch, {median} before:\n{shown}"
         );
     }
+}
+
+/// `[coordinator] tls = true`: the coordinator serves HTTPS with the run's own authority, the ranks pin it, a
+/// killed rank is relaunched as over plain HTTP, and the run ends with the uninterrupted run's weights.
+#[test]
+fn a_tls_job_runs_pinned_to_its_own_authority_and_ends_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = job(dir.path(), "local", "", "[coordinator]\ntls = true\n");
+    let mut child = spawn(&mut run_cmd(&job));
+    let client = coordinator(dir.path());
+    let pids = wait_for_step(&client, 20, &mut child);
+    kill(pids[1], libc::SIGKILL);
+    let out = finish(child);
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("coordinator serves HTTPS"), "{err}");
+    assert!(err.contains("run complete after 1 restart(s)"), "{err}");
+    let ca = std::fs::read_to_string(dir.path().join("run/coordinator-ca.pem")).unwrap();
+    assert!(ca.contains("BEGIN CERTIFICATE") && !ca.contains("PRIVATE KEY"));
+    assert_same_weights(dir.path(), "TLS job, kill -9");
 }
 
 #[test]

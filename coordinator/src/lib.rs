@@ -6,7 +6,8 @@
 //! - Heartbeats: ranks post `/v1/heartbeat` with their step; a rank silent for `missed x interval` is declared dead.
 //! - Catalogue: rank 0 reports committed checkpoints to `/v1/checkpoints`.
 //! - Security: every endpoint needs `Authorization: Bearer <job token>`; bodies over `max_body_bytes` and malformed
-//!   JSON are rejected before they touch the state; the service binds only the address it is given.
+//!   JSON are rejected before they touch the state; the service binds only the address it is given, and serves
+//!   HTTPS with a per-job certificate authority (`tls`) when the job spans nodes.
 //!
 //! [`serve`] takes its shutdown signal as a parameter and drains in-flight requests before returning.
 //!
@@ -25,6 +26,7 @@ pub mod restart;
 mod server;
 pub mod service;
 pub mod simulate;
+pub mod tls;
 
 pub use restart::RestartPolicy;
 pub use server::{Coordinator, CoordinatorConfig, JobHealth, Pace, RankState, Totals, serve};

@@ -734,11 +734,14 @@ pub fn router(c: Arc<Coordinator>) -> Router {
 }
 
 /// Serves until `shutdown` completes, then finishes the requests in flight and returns.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
+pub async fn serve<L>(
+    listener: L,
     coordinator: Arc<Coordinator>,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
+) -> std::io::Result<()>
+where
+    L: axum::serve::Listener<Addr = std::net::SocketAddr>,
+{
     tracing::info!(addr = ?listener.local_addr().ok(), world = coordinator.cfg.world, "coordinator listening");
     let c = coordinator.clone();
     let shutdown = async move {

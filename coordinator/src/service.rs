@@ -19,8 +19,18 @@ pub struct Service {
 }
 
 impl Service {
-    /// Binds `bind` (`IP:PORT`, or `hostname:PORT` for this machine's name) and serves until dropped.
+    /// Binds `bind` (`IP:PORT`, or `hostname:PORT` for this machine's name) and serves plain HTTP until dropped.
     pub fn start(bind: &str, cfg: CoordinatorConfig, token: JobToken) -> std::io::Result<Self> {
+        Self::start_with(bind, cfg, token, None)
+    }
+
+    /// [`Service::start`], serving HTTPS with `tls`'s certificate when given.
+    pub fn start_with(
+        bind: &str,
+        cfg: CoordinatorConfig,
+        token: JobToken,
+        tls: Option<&crate::tls::JobPki>,
+    ) -> std::io::Result<Self> {
         let addr = resolve_bind(bind)?;
         let coordinator = Coordinator::new(cfg, token);
         let listener = std::net::TcpListener::bind(addr)?;
@@ -28,6 +38,7 @@ impl Service {
         let addr = listener.local_addr()?;
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let c = coordinator.clone();
+        let tls = tls.cloned();
         let thread = std::thread::Builder::new()
             .name("coordinator".into())
             .spawn(move || {
@@ -39,10 +50,16 @@ impl Service {
                     .build()?;
                 rt.block_on(async move {
                     let listener = tokio::net::TcpListener::from_std(listener)?;
-                    crate::serve(listener, c, async move {
+                    let shutdown = async move {
                         let _ = rx.await;
-                    })
-                    .await
+                    };
+                    match tls {
+                        Some(tls) => {
+                            let listener = crate::tls::TlsListener::new(listener, &tls)?;
+                            crate::serve(listener, c, shutdown).await
+                        }
+                        None => crate::serve(listener, c, shutdown).await,
+                    }
                 })
             })?;
         Ok(Self {

@@ -593,3 +593,60 @@ fn a_heartbeat_with_a_malformed_histogram_is_refused() {
     assert!(svc.coordinator.totals().is_none());
     svc.shutdown().unwrap();
 }
+
+#[test]
+fn over_tls_only_a_client_pinned_to_the_jobs_authority_with_the_token_gets_in() {
+    use radit_coordinator::tls::JobPki;
+    use radit_protocol::PinnedAuthority;
+    let dir = tempfile::tempdir().unwrap();
+    let ip = "127.0.0.1".parse().unwrap();
+    let pki = JobPki::generate(ip, None).unwrap();
+    assert!(
+        !pki.ca_pem.contains("PRIVATE KEY"),
+        "only the certificate leaves"
+    );
+    let ca = dir.path().join("coordinator-ca.pem");
+    std::fs::write(&ca, &pki.ca_pem).unwrap();
+    let token = JobToken::generate().unwrap();
+    let svc = radit_coordinator::Service::start_with(
+        "127.0.0.1:0",
+        CoordinatorConfig::new(1),
+        token.clone(),
+        Some(&pki),
+    )
+    .unwrap();
+    let pinned = PinnedAuthority::read(&ca, &pki.ca_sha256).unwrap();
+
+    // The job's own client: HTTPS, trusting this authority only.
+    let client = CoordinatorClient::new(svc.addr, token.clone()).with_authority(pinned.clone());
+    let reply = join(&client, "node0", 1).unwrap();
+    assert_eq!((reply.rank, reply.world), (0, 1));
+    assert!(client.clone().status().is_ok(), "a clone keeps the pinning");
+
+    // Pinned to another job's authority: the handshake fails, nothing is sent.
+    let other = JobPki::generate(ip, None).unwrap();
+    let other_ca = dir.path().join("other-ca.pem");
+    std::fs::write(&other_ca, &other.ca_pem).unwrap();
+    let stranger = CoordinatorClient::new(svc.addr, token.clone())
+        .with_authority(PinnedAuthority::read(&other_ca, &other.ca_sha256).unwrap());
+    match stranger.status() {
+        Err(ClientError::Unreachable { .. }) => {}
+        other => panic!("a client of another job's authority: {other:?}"),
+    }
+    // The right authority with a wrong token: TLS works, the token does not.
+    let wrong_token =
+        CoordinatorClient::new(svc.addr, JobToken::generate().unwrap()).with_authority(pinned);
+    assert!(matches!(
+        wrong_token.status(),
+        Err(ClientError::Refused { status: 401, .. })
+    ));
+    // Plain HTTP gets no answer from an HTTPS coordinator.
+    assert!(CoordinatorClient::new(svc.addr, token).status().is_err());
+    // An authority file that is not the pinned one is refused before any connection.
+    match PinnedAuthority::read(&other_ca, &pki.ca_sha256) {
+        Err(ClientError::Authority { reason, .. }) => {
+            assert!(reason.contains("not the"), "{reason}")
+        }
+        other => panic!("a replaced authority file: {other:?}"),
+    }
+}

@@ -31,6 +31,45 @@ pub enum ClientError {
     },
     #[error("coordinator sent an unreadable reply to {path}: {reason}")]
     BadReply { path: String, reason: String },
+    /// The job's certificate authority file is unreadable or not the one the job pinned (its SHA-256 differs):
+    /// a stale run directory, or a file someone replaced.
+    #[error("coordinator certificate authority {path}: {reason}")]
+    Authority { path: String, reason: String },
+}
+
+/// The coordinator's certificate authority, checked against the SHA-256 the job pinned: the client then trusts
+/// that authority and nothing else.
+#[derive(Clone)]
+pub struct PinnedAuthority {
+    der: Vec<u8>,
+}
+
+impl std::fmt::Debug for PinnedAuthority {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PinnedAuthority(..)")
+    }
+}
+
+impl PinnedAuthority {
+    /// Reads the PEM file at `path` and refuses it unless its certificate's SHA-256 (hex) is `sha256`.
+    pub fn read(path: &std::path::Path, sha256: &str) -> Result<Self, ClientError> {
+        let refuse = |reason: String| ClientError::Authority {
+            path: path.display().to_string(),
+            reason,
+        };
+        let pem = std::fs::read(path).map_err(|e| refuse(e.to_string()))?;
+        let cert = ureq::tls::Certificate::from_pem(&pem).map_err(|e| refuse(e.to_string()))?;
+        let der = cert.der().to_vec();
+        use sha2::Digest;
+        let actual = hex::encode(sha2::Sha256::digest(&der));
+        if !crate::constant_time_eq(actual.as_bytes(), sha256.trim().as_bytes()) {
+            return Err(refuse(format!(
+                "its SHA-256 is {actual}, not the {} the job pinned",
+                sha256.trim()
+            )));
+        }
+        Ok(Self { der })
+    }
 }
 
 /// Replies are small JSON documents; anything larger is refused rather than allocated.
@@ -42,25 +81,42 @@ pub struct CoordinatorClient {
     addr: SocketAddr,
     token: JobToken,
     timeout: Duration,
+    /// HTTPS trusting only this authority; plain HTTP when `None`.
+    authority: Option<PinnedAuthority>,
     agent: ureq::Agent,
 }
 
 impl Clone for CoordinatorClient {
     /// A clone opens a connection of its own (a heartbeat thread must not wait behind a join).
     fn clone(&self) -> Self {
-        Self::new(self.addr, self.token.clone()).with_timeout(self.timeout)
+        let mut c = Self::new(self.addr, self.token.clone());
+        c.authority = self.authority.clone();
+        c.with_timeout(self.timeout)
     }
 }
 
-fn agent(timeout: Duration) -> ureq::Agent {
-    ureq::Agent::config_builder()
+fn agent(timeout: Duration, authority: Option<&PinnedAuthority>) -> ureq::Agent {
+    use ureq::tls::{Certificate, RootCerts, TlsConfig};
+    let mut config = ureq::Agent::config_builder()
         .timeout_connect(Some(Duration::from_secs(10)))
         .timeout_global(Some(timeout))
         // Refusals are answers with a body worth reporting, not transport errors.
         .http_status_as_error(false)
-        .max_redirects(0)
-        .build()
-        .into()
+        .max_redirects(0);
+    if let Some(a) = authority {
+        let roots = RootCerts::Specific(std::sync::Arc::new(vec![
+            Certificate::from_der(&a.der).to_owned(),
+        ]));
+        config = config.tls_config(
+            TlsConfig::builder()
+                .root_certs(roots)
+                .unversioned_rustls_crypto_provider(std::sync::Arc::new(
+                    rustls::crypto::aws_lc_rs::default_provider(),
+                ))
+                .build(),
+        );
+    }
+    config.build().into()
 }
 
 impl CoordinatorClient {
@@ -70,14 +126,45 @@ impl CoordinatorClient {
             addr,
             token,
             timeout,
-            agent: agent(timeout),
+            authority: None,
+            agent: agent(timeout, None),
+        }
+    }
+
+    /// Talks HTTPS, trusting only `authority` (the job's own certificate authority).
+    pub fn with_authority(mut self, authority: PinnedAuthority) -> Self {
+        self.agent = agent(self.timeout, Some(&authority));
+        self.authority = Some(authority);
+        self
+    }
+
+    /// A client for the coordinator at `addr` as the job's environment describes it: HTTPS pinned to the job's
+    /// authority when `RADIT_COORDINATOR_CA` (and its SHA-256) are set, plain HTTP otherwise.
+    pub fn from_env(
+        addr: SocketAddr,
+        token: JobToken,
+        var: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, ClientError> {
+        let client = Self::new(addr, token);
+        match var(crate::env::COORDINATOR_CA) {
+            Some(path) => {
+                let sha256 = var(crate::env::COORDINATOR_CA_SHA256).ok_or_else(|| {
+                    ClientError::Authority {
+                        path: path.clone(),
+                        reason: format!("{} is not set", crate::env::COORDINATOR_CA_SHA256),
+                    }
+                })?;
+                let authority = PinnedAuthority::read(path.as_ref(), &sha256)?;
+                Ok(client.with_authority(authority))
+            }
+            None => Ok(client),
         }
     }
 
     /// Per-request timeout for the whole exchange (joining waits for the whole world, so give it longer).
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
-        self.agent = agent(timeout);
+        self.agent = agent(timeout, self.authority.as_ref());
         self
     }
 
@@ -108,7 +195,12 @@ impl CoordinatorClient {
         body: Option<&B>,
         path: &str,
     ) -> Result<Option<R>, ClientError> {
-        let url = format!("http://{}{path}", self.addr);
+        let scheme = if self.authority.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        let url = format!("{scheme}://{}{path}", self.addr);
         let auth = format!("Bearer {}", self.token.secret());
         let sent = match body {
             Some(b) => {
@@ -156,9 +248,11 @@ impl CoordinatorClient {
                 std::io::ErrorKind::TimedOut,
                 format!("no answer in time ({t})"),
             )),
-            ureq::Error::ConnectionFailed | ureq::Error::HostNotFound => {
-                unreachable(std::io::Error::other(e.to_string()))
-            }
+            // A failed TLS handshake (another job's coordinator, a stranger) is not this job's coordinator.
+            ureq::Error::ConnectionFailed
+            | ureq::Error::HostNotFound
+            | ureq::Error::Tls(_)
+            | ureq::Error::Rustls(_) => unreachable(std::io::Error::other(e.to_string())),
             other => bad(path, other.to_string()),
         }
     }

@@ -9,6 +9,10 @@ pub const COORDINATOR: &str = "RADIT_COORDINATOR";
 /// processes out by accident, not by design).
 pub const TOKEN_FILE: &str = "RADIT_JOB_TOKEN_FILE";
 pub const GENERATION: &str = "RADIT_GENERATION";
+/// Path of the job's coordinator certificate authority (PEM) when the coordinator serves HTTPS, and the SHA-256 of
+/// that certificate (hex), which the rank checks before trusting the file.
+pub const COORDINATOR_CA: &str = "RADIT_COORDINATOR_CA";
+pub const COORDINATOR_CA_SHA256: &str = "RADIT_COORDINATOR_CA_SHA256";
 /// Seconds without the coordinator after which a rank checkpoints and exits with the requeue code.
 pub const COORDINATOR_GRACE: &str = "RADIT_COORDINATOR_GRACE_SECONDS";
 /// Where ranks keep their pid files, so a restarted supervisor can wait for orphans of a killed one.

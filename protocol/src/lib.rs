@@ -23,7 +23,7 @@ pub mod env;
 pub mod token;
 pub mod wire;
 
-pub use client::{ClientError, CoordinatorClient};
+pub use client::{ClientError, CoordinatorClient, PinnedAuthority};
 pub use config::ConfigError;
 pub use env::{Launcher, RankIdentity, rank_identity};
 pub use token::{JobToken, constant_time_eq, random_bytes};

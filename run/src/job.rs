@@ -322,13 +322,25 @@ pub struct CoordinatorSpec {
     /// this machine's hostname (the first node of a Slurm job), for ranks on other nodes.
     #[serde(default = "default_bind")]
     pub bind: String,
+    /// HTTPS with a certificate authority made for this run (its certificate in `RUN_DIR/coordinator-ca.pem`,
+    /// pinned by the ranks by SHA-256). Default: on when the job spans nodes (the token then crosses the network).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<bool>,
 }
 
 impl Default for CoordinatorSpec {
     fn default() -> Self {
         Self {
             bind: default_bind(),
+            tls: None,
         }
+    }
+}
+
+impl CoordinatorSpec {
+    /// Whether the coordinator serves HTTPS for a job of `nodes` nodes.
+    pub fn tls_for(&self, nodes: u32) -> bool {
+        self.tls.unwrap_or(nodes > 1)
     }
 }
 
@@ -1161,7 +1173,16 @@ impl Job {
             p.coordinator_grace_seconds,
             REQUEUE_EXIT_CODE
         );
-        let _ = writeln!(o, "coordinator: binds {}", s.coordinator.bind);
+        let _ = writeln!(
+            o,
+            "coordinator: binds {} ({})",
+            s.coordinator.bind,
+            if s.coordinator.tls_for(s.resources.nodes) {
+                "HTTPS, with a certificate authority made for the run: RUN_DIR/coordinator-ca.pem"
+            } else {
+                "plain HTTP: the job stays on one node"
+            }
+        );
         let _ = writeln!(o, "launch:");
         let rank_cmd = format!("{radit} {}", self.rank_args().join(" "));
         match s.launcher.kind {

@@ -28,6 +28,9 @@ pub enum Outcome {
     Failed { restarts: u32, reason: String },
 }
 
+/// The coordinator's certificate authority in the run directory (when it serves HTTPS).
+pub const CA_FILE: &str = "coordinator-ca.pem";
+
 /// The run's counters for the progress line, or (before any rank reported) its step alone; `true` when counted.
 fn snapshot(coordinator: &radit_coordinator::Coordinator) -> (Totals, bool) {
     match coordinator.totals() {
@@ -136,8 +139,32 @@ pub fn supervise(
             addr.ip()
         )));
     }
-    let service =
-        Service::start(&addr.to_string(), ccfg, token).map_err(|e| bind_error(e.to_string()))?;
+    // HTTPS for a job across nodes: a certificate authority made for this run (like the token); only its
+    // certificate is written, for the ranks (and Prometheus) to trust, and its SHA-256 goes to the ranks to pin.
+    let pki = if spec.coordinator.tls_for(spec.resources.nodes) {
+        let hostname = spec
+            .coordinator
+            .bind
+            .starts_with("hostname:")
+            .then(radit_protocol::env::hostname)
+            .flatten();
+        let pki = radit_coordinator::tls::JobPki::generate(addr.ip(), hostname.as_deref())
+            .map_err(|e| bind_error(e.to_string()))?;
+        let ca_path = run_dir.join(CA_FILE);
+        std::fs::write(&ca_path, &pki.ca_pem).map_err(|e| SuperviseError::io(&ca_path, e))?;
+        // Its fingerprint beside it, for an operator's client (curl --cacert, a monitoring probe) to check.
+        let sha_path = run_dir.join(format!("{CA_FILE}.sha256"));
+        std::fs::write(&sha_path, format!("{}\n", pki.ca_sha256))
+            .map_err(|e| SuperviseError::io(&sha_path, e))?;
+        tracing::info!(ca = %ca_path.display(), sha256 = pki.ca_sha256, "coordinator serves HTTPS");
+        Some(pki)
+    } else {
+        let _ = std::fs::remove_file(run_dir.join(CA_FILE));
+        let _ = std::fs::remove_file(run_dir.join(format!("{CA_FILE}.sha256")));
+        None
+    };
+    let service = Service::start_with(&addr.to_string(), ccfg, token, pki.as_ref())
+        .map_err(|e| bind_error(e.to_string()))?;
     let coordinator = service.coordinator.clone();
     tracing::info!(addr = %service.addr, world = job.world, launcher = launcher.name(), "coordinator up");
     // Written whole (rename) so that a reader never sees half an address.
@@ -184,7 +211,7 @@ pub fn supervise(
         let cmd = RankCommand {
             program: radit.to_path_buf(),
             args: job.rank_args(),
-            env: vec![
+            env: [
                 (env::COORDINATOR.into(), service.addr.to_string()),
                 (env::TOKEN_FILE.into(), token_path.display().to_string()),
                 (env::GENERATION.into(), generation.to_string()),
@@ -193,7 +220,18 @@ pub fn supervise(
                     spec.restart.coordinator_grace_seconds.to_string(),
                 ),
                 (env::PID_DIR.into(), pid_dir.display().to_string()),
-            ],
+            ]
+            .into_iter()
+            .chain(pki.iter().flat_map(|p| {
+                [
+                    (
+                        env::COORDINATOR_CA.into(),
+                        run_dir.join(CA_FILE).display().to_string(),
+                    ),
+                    (env::COORDINATOR_CA_SHA256.into(), p.ca_sha256.clone()),
+                ]
+            }))
+            .collect(),
             world: job.world,
             log_dir: run_dir.join("logs"),
         };

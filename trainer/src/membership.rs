@@ -115,7 +115,12 @@ pub fn join_run(
         .ok()
         .and_then(|v| v.parse::<f64>().ok())
         .map_or(Duration::from_secs(60), Duration::from_secs_f64);
-    let client = CoordinatorClient::new(addr, token.clone()).with_timeout(Duration::from_secs(900));
+    let client = CoordinatorClient::from_env(addr, token.clone(), |k| std::env::var(k).ok())
+        .map_err(|e| JoinError::Environment {
+            var: env::COORDINATOR_CA,
+            reason: e.to_string(),
+        })?
+        .with_timeout(Duration::from_secs(900));
     let identity = radit_protocol::rank_identity(|k| std::env::var(k).ok());
     let by_mpi = mpi::launched_by_mpi();
     // The interface that reaches the coordinator is the one peers reach us on.
@@ -167,7 +172,8 @@ pub fn join_run(
     let own_pid_file = pid_file.clone();
     // Heartbeats wait for an answer at most this long: a coordinator that went silent (stopped, partitioned)
     // must not hold the rank past its grace period.
-    let client = CoordinatorClient::new(addr, token.clone())
+    let client = client
+        .clone()
         .with_timeout(grace.clamp(Duration::from_secs(5), Duration::from_secs(60)));
     let heartbeat = std::thread::Builder::new()
         .name("heartbeat".into())
