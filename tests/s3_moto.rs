@@ -136,3 +136,85 @@ fn a_dicom_release_in_a_bucket_is_surveyed_from_ranged_reads_like_on_disk() {
     assert_eq!(s3["fields"], disk["fields"]);
     assert_eq!(s3["fields"]["VOI LUT sequence items"]["1"], 1, "{s3}");
 }
+
+/// `radit train` on a store in a bucket whose server stalls for 4 s mid-run (moto paused with SIGSTOP, then
+/// resumed): with `[data] request_timeout_seconds = 1` each stalled read times out and is retried, and the run
+/// completes with the losses of the same run on the local copy of the store, instead of hanging.
+#[test]
+fn a_stalled_object_store_is_timed_out_and_retried_and_the_run_goes_on() {
+    use std::io::BufRead;
+    let moto = MotoServer::start();
+    moto.create_bucket("cxr");
+    let dir = tempfile::tempdir().unwrap();
+    let local = tiny_store(dir.path(), 48, "40x48", 8, &[]);
+    let url = "s3://cxr/tiny";
+    run_ok(
+        radit()
+            .args(["shard", "--no-progress", "--table"])
+            .arg(dir.path().join("synth/table.csv"))
+            .arg("--images")
+            .arg(dir.path().join("synth/images"))
+            .args(["--out", url, "--image-size", "16", "--shard-images", "8"])
+            .envs(moto.env()),
+    );
+    let config = |store: &str, name: &str| {
+        write_train_config(
+            &dir.path().join(name),
+            &format!(
+                "[data]\nurl = \"{store}\"\nwindow_shards = 2\nprefetch = 1\nrequest_timeout_seconds = 1.0\n\
+                 [model]\npreset = \"tiny\"\n[train]\nsteps = 40\nglobal_batch = 8\nseed = 4\nlog_every = 1\n"
+            ),
+        )
+    };
+    let losses = |text: &str| -> Vec<f64> {
+        text.lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter_map(|v| v["loss"].as_f64())
+            .collect()
+    };
+    let straight = losses(&stdout(&run_ok(
+        radit()
+            .args(["train", "--threads", "1", "--config"])
+            .arg(config(local.to_str().unwrap(), "local.toml")),
+    )));
+    assert_eq!(straight.len(), 40);
+
+    // 50 ms a step: the stall at step 5 lands mid-run, with every shard read again each epoch (no node cache).
+    let mut child = radit()
+        .args(["train", "--threads", "1", "--config"])
+        .arg(config(url, "s3.toml"))
+        .envs(moto.env())
+        .env("RADIT_FAULT_STEP_SLEEP_MS", "50")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut seen = String::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        seen += &line;
+        seen.push('\n');
+        if line.contains("\"step\":5,") {
+            break;
+        }
+    }
+    // SAFETY: kill(2) on the moto server this test started.
+    unsafe { libc::kill(moto.pid() as i32, libc::SIGSTOP) };
+    std::thread::sleep(std::time::Duration::from_secs(4));
+    // SAFETY: as above.
+    unsafe { libc::kill(moto.pid() as i32, libc::SIGCONT) };
+    for line in lines {
+        seen += &line.unwrap();
+        seen.push('\n');
+    }
+    let out = child.wait_with_output().unwrap();
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("retrying a storage request"), "{err}");
+    assert_eq!(
+        losses(&seen),
+        straight,
+        "the stalled run trains what the local one does"
+    );
+}

@@ -129,6 +129,10 @@ pub struct DataConfig {
     /// Reads of a missing or damaged object (size or sha256 unlike the manifest's) before it counts as bad.
     #[serde(default = "default_object_attempts")]
     pub object_attempts: u32,
+    /// Seconds an object-store request may take before it fails and is retried (a stalled server); 0: the
+    /// client's default (30 s).
+    #[serde(default)]
+    pub request_timeout_seconds: f64,
 }
 
 fn default_object_attempts() -> u32 {
@@ -160,7 +164,15 @@ impl DataConfig {
             prefetch: default_prefetch(),
             skip_bad_shards: false,
             object_attempts: DEFAULT_OBJECT_ATTEMPTS,
+            request_timeout_seconds: 0.0,
         }
+    }
+
+    /// The store, opened with this data's request timeout.
+    pub fn open_store(&self) -> Result<Storage, StorageError> {
+        let timeout = (self.request_timeout_seconds > 0.0)
+            .then(|| Duration::from_secs_f64(self.request_timeout_seconds));
+        Storage::open_existing_with(&self.url, timeout)
     }
 
     /// Rank `rank` of `world`'s loader over this data: the one derivation training and `radit data` share (a

@@ -145,6 +145,15 @@ impl Storage {
     /// Opens the store at `location` for reading: a local directory must already exist (no empty directory is
     /// left behind by a mistyped path).
     pub fn open_existing(location: &str) -> Result<Self, StorageError> {
+        Self::open_existing_with(location, None)
+    }
+
+    /// [`Storage::open_existing`] with a limit on each request to an object store (a stalled server fails the
+    /// request after it, and the request is retried like any failure); `None`: object_store's 30 s.
+    pub fn open_existing_with(
+        location: &str,
+        request_timeout: Option<Duration>,
+    ) -> Result<Self, StorageError> {
         let url = normalise_url(location)?;
         if url.scheme() == "file" {
             let dir = url.to_file_path().map_err(|()| StorageError::InvalidUrl {
@@ -157,11 +166,15 @@ impl Storage {
                 });
             }
         }
-        Self::open(location)
+        Self::open_with(location, request_timeout)
     }
 
     /// Opens (for file URLs: creates) the store at `location`.
     pub fn open(location: &str) -> Result<Self, StorageError> {
+        Self::open_with(location, None)
+    }
+
+    fn open_with(location: &str, request_timeout: Option<Duration>) -> Result<Self, StorageError> {
         let url = normalise_url(location)?;
         let shown = url.as_str().trim_end_matches('/').to_string();
         let bad = |reason: String| StorageError::InvalidUrl {
@@ -194,9 +207,23 @@ impl Storage {
                     max_retries: 0,
                     ..object_store::RetryConfig::default()
                 };
-                let s3 = AmazonS3Builder::from_env()
+                let mut builder = AmazonS3Builder::from_env()
                     .with_bucket_name(bucket)
-                    .with_retry(no_retries)
+                    .with_retry(no_retries);
+                // Set key by key: replacing the client options would drop what the environment set
+                // (AWS_ALLOW_HTTP and the like).
+                if let Some(t) = request_timeout {
+                    use object_store::ClientConfigKey::{ConnectTimeout, Timeout};
+                    use object_store::aws::AmazonS3ConfigKey::Client;
+                    let connect = t.min(Duration::from_secs(5));
+                    builder = builder
+                        .with_config(Client(Timeout), format!("{}ms", t.as_millis().max(1)))
+                        .with_config(
+                            Client(ConnectTimeout),
+                            format!("{}ms", connect.as_millis().max(1)),
+                        );
+                }
+                let s3 = builder
                     .build()
                     .map_err(|e| bad(format!("S3 configuration: {e}")))?;
                 let prefix =

@@ -232,6 +232,11 @@ impl MotoServer {
         ]
     }
 
+    /// The server's process id (a test pauses it with SIGSTOP to stall the store).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn create_bucket(&self, bucket: &str) {
         run_ok(python().envs(self.env()).args([
             "-c",

@@ -320,6 +320,20 @@ impl TrainConfig {
                 format!("must be positive, got {}", self.data.cache_gib),
             );
         }
+        if self.data.object_attempts == 0 {
+            return bad("data.object_attempts", "must be at least 1".into());
+        }
+        if !(self.data.request_timeout_seconds >= 0.0
+            && self.data.request_timeout_seconds.is_finite())
+        {
+            return bad(
+                "data.request_timeout_seconds",
+                format!(
+                    "must be 0 (the default) or positive seconds, got {}",
+                    self.data.request_timeout_seconds
+                ),
+            );
+        }
         if let Some(c) = &self.checkpoint
             && (c.every == 0 || c.keep == 0)
         {
@@ -687,7 +701,7 @@ impl<'a> Trainer<'a> {
             Some(c) => c.load_latest(&mut engine, model)?,
             None => None,
         };
-        let storage = Storage::open_existing(&cfg.data.url)?;
+        let storage = cfg.data.open_store()?;
         // An empty validation split is named now, not at the first validation hours in.
         if let Some(v) = cfg.validation.as_ref().filter(|v| v.every > 0) {
             let reader = radit_sharding::reader::StoreReader::open(storage.clone())?;
