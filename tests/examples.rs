@@ -22,6 +22,16 @@ fn every_example_job_spec_dry_runs_and_every_train_config_validates() {
                 plan.contains("RADIT_RANK=0") || plan.contains("srun"),
                 "{name}: {plan}"
             );
+            // HTTPS by default for a job across nodes (the token crosses the network), plain HTTP on one node.
+            let text = std::fs::read_to_string(&path).unwrap();
+            let multi_node = text.lines().any(|l| {
+                l.trim()
+                    .strip_prefix("nodes = ")
+                    .and_then(|n| n.parse::<u32>().ok())
+                    .is_some_and(|n| n > 1)
+            });
+            let https = plan.contains("coordinator: binds") && plan.contains("(HTTPS,");
+            assert_eq!(https, multi_node, "{name}: {plan}");
             jobs += 1;
         } else {
             radit_trainer::train::TrainConfig::load(&path)
