@@ -126,36 +126,31 @@ fn a_checkpoint_of_another_model_or_data_order_is_refused_by_name() {
     );
     // Another model: the tiny preset one block deeper.
     let deeper = "[model.config]\nin_channels = 1\ninput_size = 16\npatch_size = 4\nhidden = 64\ndepth = 3\nheads = 4";
-    let out = Run {
-        ckpt: url,
-        steps: 4,
-        model: deeper,
-        ..Run::default()
-    }
-    .command(dir.path())
-    .output()
-    .unwrap();
-    let err = stderr(&out);
-    assert_eq!(out.status.code(), Some(2), "{err}");
-    assert!(
-        err.contains("step-0000000002/manifest.json was written for another model"),
-        "{err}"
+    // Exit 2 (bad input, not relaunched), naming what differs.
+    let refused = |run: Run, needle: &str| {
+        let out = run.command(dir.path()).output().unwrap();
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(err.contains(needle), "{err}");
+    };
+    refused(
+        Run {
+            ckpt: url,
+            steps: 4,
+            model: deeper,
+            ..Run::default()
+        },
+        "step-0000000002/manifest.json was written for another model",
     );
     // Another data order: another seed.
-    let out = Run {
-        ckpt: url,
-        steps: 4,
-        seed: 6,
-        ..Run::default()
-    }
-    .command(dir.path())
-    .output()
-    .unwrap();
-    let err = stderr(&out);
-    assert_eq!(out.status.code(), Some(2), "{err}");
-    assert!(
-        err.contains("the data order changed since the checkpoint"),
-        "{err}"
+    refused(
+        Run {
+            ckpt: url,
+            steps: 4,
+            seed: 6,
+            ..Run::default()
+        },
+        "the data order changed since the checkpoint",
     );
     // Neither refusal touched the checkpoint.
     assert_eq!(step_dirs(&ckpt), ["step-0000000002"]);

@@ -144,23 +144,27 @@ fn sample_edits_images_counterfactually() {
         .map(|l| images.join(l.split(',').nth(path_column).unwrap()))
         .collect();
     assert_eq!(inputs.len(), 2);
+    // `radit sample --edit` of the inputs from (cardiomegaly negative, male, 40) to `set` at `age`, into `out`.
+    let edit = |out: &Path, set: &str, age: &str| {
+        run_ok(
+            radit()
+                .args(["sample", "--weights"])
+                .arg(weights_dir.join("weights.safetensors"))
+                .arg("--out")
+                .arg(out)
+                .arg("--edit")
+                .args(&inputs)
+                .args([
+                    "--from",
+                    "cardiomegaly=negative,sex=Male",
+                    "--from-age",
+                    "40",
+                ])
+                .args(["--set", set, "--age", age]),
+        )
+    };
     let out_dir = tmp.path().join("edits");
-    let out = run_ok(
-        radit()
-            .args(["sample", "--weights"])
-            .arg(weights_dir.join("weights.safetensors"))
-            .arg("--out")
-            .arg(&out_dir)
-            .arg("--edit")
-            .args(&inputs)
-            .args([
-                "--from",
-                "cardiomegaly=negative,sex=Male",
-                "--from-age",
-                "40",
-            ])
-            .args(["--set", "cardiomegaly=positive,sex=Male", "--age", "70"]),
-    );
+    let out = edit(&out_dir, "cardiomegaly=positive,sex=Male", "70");
     assert!(
         stdout(&out).contains("edited 2 image(s)"),
         "{}",
@@ -178,22 +182,7 @@ fn sample_edits_images_counterfactually() {
     // An edit to the image's own metadata gives the image back (abduction and prediction under the same
     // conditioning cancel), which a swap of --from and --set, or either one ignored, would break.
     let same = tmp.path().join("same");
-    run_ok(
-        radit()
-            .args(["sample", "--weights"])
-            .arg(weights_dir.join("weights.safetensors"))
-            .arg("--out")
-            .arg(&same)
-            .arg("--edit")
-            .args(&inputs)
-            .args([
-                "--from",
-                "cardiomegaly=negative,sex=Male",
-                "--from-age",
-                "40",
-            ])
-            .args(["--set", "cardiomegaly=negative,sex=Male", "--age", "40"]),
-    );
+    edit(&same, "cardiomegaly=negative,sex=Male", "40");
     for i in 0..2 {
         let (_, original) = decode(&same.join(format!("original_{i:04}.png")));
         let (_, edited) = decode(&same.join(format!("edited_{i:04}.png")));

@@ -183,18 +183,24 @@ fn dequantised_pixels_are_reproducible_and_stay_in_their_bin() {
     assert!(joined == *x2, "world 2 dequantises exactly like world 1");
 }
 
-#[test]
-fn the_second_epoch_reads_from_the_node_local_cache() {
-    let dir = tempfile::tempdir().unwrap();
-    let url = store(dir.path(), 64);
+/// A node cache of 1 GiB in `dir/cache`, and the one-rank loader config that uses it.
+fn cached(dir: &Path) -> (CacheConfig, LoaderConfig) {
     let cache = CacheConfig {
-        dir: dir.path().join("cache"),
+        dir: dir.join("cache"),
         max_bytes: 1 << 30,
     };
     let cfg = LoaderConfig {
         cache: Some(cache.clone()),
         ..config(1, 0)
     };
+    (cache, cfg)
+}
+
+#[test]
+fn the_second_epoch_reads_from_the_node_local_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = store(dir.path(), 64);
+    let (_, cfg) = cached(dir.path());
     let epoch_steps = 64u64.div_ceil(12) as usize + 1;
     let mut loader = Loader::open(Storage::open_existing(&url).unwrap(), cfg.clone(), 0).unwrap();
     for _ in 0..epoch_steps {
@@ -410,14 +416,7 @@ fn a_shard_missing_for_a_moment_is_read_again_and_the_batches_are_unchanged() {
 fn a_damaged_cached_copy_is_evicted_and_read_again_from_the_store() {
     let dir = tempfile::tempdir().unwrap();
     let url = store(dir.path(), 48);
-    let cache = CacheConfig {
-        dir: dir.path().join("cache"),
-        max_bytes: 1 << 30,
-    };
-    let cfg = LoaderConfig {
-        cache: Some(cache.clone()),
-        ..config(1, 0)
-    };
+    let (cache, cfg) = cached(dir.path());
     let straight = contents(&take(&url, cfg.clone(), 0, 8));
     let cached = cache.dir.join("train%images%c%1%0%0");
     assert!(cached.exists(), "the cache holds shard 1");

@@ -511,6 +511,18 @@ mod tests {
         }
     }
 
+    /// A group of rank 0 and rank 1 works: 1 + 2 reaches both.
+    fn assert_the_pair_sums(hub: TcpCollective, spoke: TcpCollective) {
+        let h = std::thread::spawn(move || {
+            let mut t = Tensor::from_slice(&[2.0f32]);
+            spoke.all_reduce_sum(&mut t).map(|()| t.double_value(&[0]))
+        });
+        let mut t = Tensor::from_slice(&[1.0f32]);
+        hub.all_reduce_sum(&mut t).unwrap();
+        assert_eq!(t.double_value(&[0]), 3.0);
+        assert_eq!(h.join().unwrap().unwrap(), 3.0);
+    }
+
     #[test]
     fn strangers_and_wrong_secrets_are_dropped_without_breaking_the_group() {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -532,15 +544,7 @@ mod tests {
             Ok(_) => panic!("another job's rank joined"),
         }
         let spoke = TcpCollective::spoke(1, 2, addr, timeout, &SECRET).unwrap();
-        let hub = hub.join().unwrap().unwrap();
-        let h = std::thread::spawn(move || {
-            let mut t = Tensor::from_slice(&[2.0f32]);
-            spoke.all_reduce_sum(&mut t).map(|()| t.double_value(&[0]))
-        });
-        let mut t = Tensor::from_slice(&[1.0f32]);
-        hub.all_reduce_sum(&mut t).unwrap();
-        assert_eq!(t.double_value(&[0]), 3.0);
-        assert_eq!(h.join().unwrap().unwrap(), 3.0);
+        assert_the_pair_sums(hub.join().unwrap().unwrap(), spoke);
         assert_ne!(group_secret("a"), group_secret("b"));
     }
 
@@ -596,14 +600,7 @@ mod tests {
         replay.write_all(&captured).unwrap();
         std::thread::sleep(Duration::from_millis(200));
         let spoke = TcpCollective::spoke(1, 2, addr, timeout, &SECRET).unwrap();
-        let hub = hub.join().unwrap().unwrap();
-        let h = std::thread::spawn(move || {
-            let mut t = Tensor::from_slice(&[2.0f32]);
-            spoke.all_reduce_sum(&mut t).map(|()| t.double_value(&[0]))
-        });
-        let mut t = Tensor::from_slice(&[1.0f32]);
-        hub.all_reduce_sum(&mut t).unwrap();
-        assert_eq!(h.join().unwrap().unwrap(), 3.0);
+        assert_the_pair_sums(hub.join().unwrap().unwrap(), spoke);
         drop(replay);
     }
 
