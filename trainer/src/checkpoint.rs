@@ -331,7 +331,7 @@ impl Checkpointer {
         let written = writer
             .join()
             .unwrap_or_else(|_| Err("the writer thread panicked".into()));
-        let own_key = format!("{}/rank-{:05}.bin", step_dir(step), comm.rank());
+        let rank = comm.rank();
         // Every rank learns whether every write succeeded before anyone writes the manifest.
         let failed = comm.all_reduce_f64(written.is_err() as i64 as f64)?;
         let (entry, write_seconds) = match written {
@@ -339,11 +339,11 @@ impl Checkpointer {
             Ok(_) => {
                 return Err(self.abandon(
                     step,
-                    &own_key,
+                    rank,
                     "another rank could not write its part".into(),
                 ));
             }
-            Err(e) => return Err(self.abandon(step, &own_key, e)),
+            Err(e) => return Err(self.abandon(step, rank, e)),
         };
         let line =
             serde_json::to_vec(&entry).map_err(|e| CheckpointError::Writer(e.to_string()))?;
@@ -374,7 +374,7 @@ impl Checkpointer {
                 Err(e) => format!("{e:#}"),
                 Ok(()) => "rank 0 could not write the manifest".into(),
             };
-            return Err(self.abandon(step, &own_key, reason));
+            return Err(self.abandon(step, rank, reason));
         }
         if comm.rank() == 0
             && let Err(e) = self.prune()
@@ -429,16 +429,16 @@ impl Checkpointer {
     /// Removes what this rank wrote for a checkpoint that failed (its object; on rank 0 also the run state and a
     /// manifest that may have landed before the failure was known), so nothing half-written stays beside the good
     /// checkpoints, and says which one is the last good.
-    fn abandon(&self, step: u64, own_key: &str, reason: String) -> CheckpointError {
+    fn abandon(&self, step: u64, rank: usize, reason: String) -> CheckpointError {
         let dir = step_dir(step);
         // Every rank knows the checkpoint failed: rank 0 removes the step's directory (the manifest first, so a
         // half-removed step is never a checkpoint), the others their own objects.
-        let removed = if own_key.ends_with("rank-00000.bin") {
+        let removed = if rank == 0 {
             self.storage
                 .delete(&format!("{dir}/manifest.json"))
                 .and_then(|()| self.storage.delete_prefix(&dir))
         } else {
-            self.storage.delete(own_key)
+            self.storage.delete(&format!("{dir}/rank-{rank:05}.bin"))
         };
         if let Err(e) = removed {
             tracing::warn!(step, error = %format!("{e:#}"), "could not remove part of a failed checkpoint");
