@@ -168,12 +168,13 @@ pub fn run_train(a: TrainArgs) -> anyhow::Result<u8> {
         Err(e) if e.repeats() => {
             // Not an infrastructure failure: the supervisor must not relaunch it, and the operator must see why
             // (the whole chain: "training data: shard object ... is missing").
-            let why = error_chain(&e);
+            let e = anyhow::Error::new(e);
+            let why = format!("{e:#}");
             tracing::error!(rank, error = %why, "a relaunch would fail the same way");
             if let Some(m) = membership {
                 m.fail(why);
             }
-            return Err(e.into());
+            return Err(e);
         }
         other => other?,
     };
@@ -334,15 +335,4 @@ pub fn run_engine(cmd: EngineCommand) -> anyhow::Result<u8> {
         println!("{}", serde_json::to_string(&report)?);
     }
     Ok(0)
-}
-
-/// An error and its sources, joined by ": ".
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text = format!("{text}: {s}");
-        source = s.source();
-    }
-    text
 }

@@ -160,31 +160,26 @@ fn a_checkpoint_of_another_model_or_data_order_is_refused_by_name() {
 fn pruning_keeps_exactly_keep_checkpoints_and_removes_their_directories() {
     let dir = tempfile::tempdir().unwrap();
     let ckpt = dir.path().join("ckpt");
-    run_ok(
-        &mut Run {
-            ckpt: ckpt.to_str().unwrap(),
-            steps: 6,
-            every: 1,
-            keep: 2,
-            ..Run::default()
-        }
-        .command(dir.path()),
-    );
+    // `steps` steps, a checkpoint at every one, the newest two kept.
+    let run = |steps: u64| {
+        run_ok(
+            &mut Run {
+                ckpt: ckpt.to_str().unwrap(),
+                steps,
+                every: 1,
+                keep: 2,
+                ..Run::default()
+            }
+            .command(dir.path()),
+        )
+    };
+    run(6);
     assert_eq!(step_dirs(&ckpt), ["step-0000000005", "step-0000000006"]);
     // A torn save older than the newest committed checkpoint (a rank killed mid-write) goes at the next prune.
     let torn = ckpt.join("step-0000000004");
     std::fs::create_dir(&torn).unwrap();
     std::fs::write(torn.join("rank-00000.bin"), b"half an object").unwrap();
-    run_ok(
-        &mut Run {
-            ckpt: ckpt.to_str().unwrap(),
-            steps: 7,
-            every: 1,
-            keep: 2,
-            ..Run::default()
-        }
-        .command(dir.path()),
-    );
+    run(7);
     assert_eq!(step_dirs(&ckpt), ["step-0000000006", "step-0000000007"]);
 }
 

@@ -283,18 +283,26 @@ fn random_below(n: u64) -> u64 {
 /// The periodic line's rates come from the ranks' own counters and busy time: the last line (fresh goodbye
 /// beats after stale ones) and the lines of a relaunched generation read the steady rate, not a multiple of it, and
 /// the last line names the final checkpoint once committed.
+/// Runs `job` in `dir`, SIGKILLs `rank` once every rank has finished `step`, and returns the stderr of the run,
+/// which must complete after exactly one relaunch.
+fn run_killing_a_rank(dir: &Path, job: &Path, rank: usize, step: u64) -> String {
+    let mut child = spawn(&mut run_cmd(job));
+    let client = coordinator(dir);
+    let pids = wait_for_step(&client, step, &mut child);
+    kill(pids[rank], libc::SIGKILL);
+    let out = finish(child);
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("run complete after 1 restart(s)"), "{err}");
+    err
+}
+
 #[test]
 fn the_progress_line_is_right_at_the_end_and_after_a_relaunch() {
     let dir = tempfile::tempdir().unwrap();
     let steps = 300;
     let job = job_of(dir.path(), "local", "", "", (steps, 0.4));
-    let mut child = spawn(&mut run_cmd(&job));
-    let client = coordinator(dir.path());
-    let pids = wait_for_step(&client, 120, &mut child);
-    kill(pids[1], libc::SIGKILL);
-    let out = finish(child);
-    let err = stderr(&out);
-    assert!(out.status.success(), "{err}");
+    let err = run_killing_a_rank(dir.path(), &job, 1, 120);
     let lines = progress_lines(&err);
     let shown = lines.join("\n");
     let last = lines.last().copied().unwrap_or_default();
@@ -335,15 +343,8 @@ fn the_progress_line_is_right_at_the_end_and_after_a_relaunch() {
 fn a_tls_job_runs_pinned_to_its_own_authority_and_ends_exactly() {
     let dir = tempfile::tempdir().unwrap();
     let job = job(dir.path(), "local", "", "[coordinator]\ntls = true\n");
-    let mut child = spawn(&mut run_cmd(&job));
-    let client = coordinator(dir.path());
-    let pids = wait_for_step(&client, 20, &mut child);
-    kill(pids[1], libc::SIGKILL);
-    let out = finish(child);
-    let err = stderr(&out);
-    assert!(out.status.success(), "{err}");
+    let err = run_killing_a_rank(dir.path(), &job, 1, 20);
     assert!(err.contains("coordinator serves HTTPS"), "{err}");
-    assert!(err.contains("run complete after 1 restart(s)"), "{err}");
     let ca = std::fs::read_to_string(dir.path().join("run/coordinator-ca.pem")).unwrap();
     assert!(ca.contains("BEGIN CERTIFICATE") && !ca.contains("PRIVATE KEY"));
     assert_same_weights(dir.path(), "TLS job, kill -9");
@@ -353,17 +354,10 @@ fn a_tls_job_runs_pinned_to_its_own_authority_and_ends_exactly() {
 fn a_rank_killed_at_a_random_step_is_relaunched_and_the_run_ends_as_if_nothing_happened() {
     let dir = tempfile::tempdir().unwrap();
     let job = job(dir.path(), "local", "", "");
-    let mut child = spawn(&mut run_cmd(&job));
-    let client = coordinator(dir.path());
     let (rank, step) = (random_below(2) as usize, 5 + random_below(40));
     eprintln!("killing rank {rank} with SIGKILL after step {step}");
-    let pids = wait_for_step(&client, step, &mut child);
-    kill(pids[rank], libc::SIGKILL);
-    let out = finish(child);
-    let err = stderr(&out);
-    assert!(out.status.success(), "{err}");
+    let err = run_killing_a_rank(dir.path(), &job, rank, step);
     assert!(err.contains("signal 9"), "{err}");
-    assert!(err.contains("run complete after 1 restart(s)"), "{err}");
     assert_same_weights(dir.path(), "kill -9");
 }
 
@@ -525,14 +519,7 @@ fn the_coordinator_killed_mid_run_ranks_checkpoint_and_a_restarted_run_completes
 fn the_mpirun_launcher_runs_the_job_and_restarts_after_a_killed_rank() {
     let dir = tempfile::tempdir().unwrap();
     let job = job(dir.path(), "mpirun", "", "");
-    let mut child = spawn(&mut run_cmd(&job));
-    let client = coordinator(dir.path());
-    let pids = wait_for_step(&client, 12, &mut child);
-    kill(pids[1], libc::SIGKILL);
-    let out = finish(child);
-    let err = stderr(&out);
-    assert!(out.status.success(), "{err}");
-    assert!(err.contains("run complete after 1 restart(s)"), "{err}");
+    run_killing_a_rank(dir.path(), &job, 1, 12);
     // A 2-rank sum is a + b in either order, so MPI's reductions give the TCP collective's bits.
     assert_same_weights(dir.path(), "mpirun, kill -9");
 }

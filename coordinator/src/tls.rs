@@ -7,7 +7,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
@@ -42,8 +42,9 @@ impl std::fmt::Debug for JobPki {
     }
 }
 
-/// The crypto provider radit's TLS uses on both sides (named, not taken from a process-wide default).
-pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+/// The crypto provider of the coordinator's TLS (named, not taken from a process-wide default; the ranks' client
+/// names the same one).
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
@@ -82,11 +83,6 @@ impl JobPki {
             ca_sha256: hex::encode(Sha256::digest(ca.der())),
             server: Arc::new(server),
         })
-    }
-
-    /// The authority's certificate, DER.
-    pub fn ca_der(&self) -> Option<CertificateDer<'static>> {
-        rustls::pki_types::pem::PemObject::from_pem_slice(self.ca_pem.as_bytes()).ok()
     }
 }
 

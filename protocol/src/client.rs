@@ -89,9 +89,13 @@ pub struct CoordinatorClient {
 impl Clone for CoordinatorClient {
     /// A clone opens a connection of its own (a heartbeat thread must not wait behind a join).
     fn clone(&self) -> Self {
-        let mut c = Self::new(self.addr, self.token.clone());
-        c.authority = self.authority.clone();
-        c.with_timeout(self.timeout)
+        Self {
+            addr: self.addr,
+            token: self.token.clone(),
+            timeout: self.timeout,
+            authority: self.authority.clone(),
+            agent: agent(self.timeout, self.authority.as_ref()),
+        }
     }
 }
 

@@ -30,6 +30,8 @@ pub enum Outcome {
 
 /// The coordinator's certificate authority in the run directory (when it serves HTTPS).
 pub const CA_FILE: &str = "coordinator-ca.pem";
+/// Its SHA-256 (hex), beside it.
+pub const CA_SHA256_FILE: &str = "coordinator-ca.pem.sha256";
 
 /// The run's counters for the progress line, or (before any rank reported) its step alone; `true` when counted.
 fn snapshot(coordinator: &radit_coordinator::Coordinator) -> (Totals, bool) {
@@ -153,14 +155,14 @@ pub fn supervise(
         let ca_path = run_dir.join(CA_FILE);
         std::fs::write(&ca_path, &pki.ca_pem).map_err(|e| SuperviseError::io(&ca_path, e))?;
         // Its fingerprint beside it, for an operator's client (curl --cacert, a monitoring probe) to check.
-        let sha_path = run_dir.join(format!("{CA_FILE}.sha256"));
+        let sha_path = run_dir.join(CA_SHA256_FILE);
         std::fs::write(&sha_path, format!("{}\n", pki.ca_sha256))
             .map_err(|e| SuperviseError::io(&sha_path, e))?;
         tracing::info!(ca = %ca_path.display(), sha256 = pki.ca_sha256, "coordinator serves HTTPS");
         Some(pki)
     } else {
         let _ = std::fs::remove_file(run_dir.join(CA_FILE));
-        let _ = std::fs::remove_file(run_dir.join(format!("{CA_FILE}.sha256")));
+        let _ = std::fs::remove_file(run_dir.join(CA_SHA256_FILE));
         None
     };
     let service = Service::start_with(&addr.to_string(), ccfg, token, pki.as_ref())

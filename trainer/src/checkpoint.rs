@@ -198,6 +198,22 @@ fn encode(states: &[ShardState]) -> Result<Vec<u8>, tch::TchError> {
     Ok(out)
 }
 
+/// The step of a checkpoint object's key (`.../step-0000000040/rank-00001.bin`).
+fn step_of(key: &str) -> Option<u64> {
+    key.rsplit('/').nth(1)?.strip_prefix("step-")?.parse().ok()
+}
+
+/// The committed steps among a checkpoint store's keys (those with a manifest), newest first.
+fn committed_in(keys: &[String]) -> Vec<u64> {
+    let mut steps: Vec<u64> = keys
+        .iter()
+        .filter(|k| k.ends_with("/manifest.json"))
+        .filter_map(|k| step_of(k))
+        .collect();
+    steps.sort_unstable_by(|a, b| b.cmp(a));
+    steps
+}
+
 /// A save in flight: the object is being written by a thread; commit gathers the checksums.
 struct Pending {
     step: u64,
@@ -458,15 +474,7 @@ impl Checkpointer {
 
     /// Committed checkpoints, newest first.
     pub fn committed_steps(&self) -> Result<Vec<u64>, CheckpointError> {
-        let mut steps: Vec<u64> = self
-            .storage
-            .list("")?
-            .iter()
-            .filter_map(|k| k.strip_suffix("/manifest.json"))
-            .filter_map(|d| d.rsplit('/').next()?.strip_prefix("step-")?.parse().ok())
-            .collect();
-        steps.sort_unstable_by(|a, b| b.cmp(a));
-        Ok(steps)
+        Ok(committed_in(&self.storage.list("")?))
     }
 
     /// The model config a committed checkpoint was written for.
@@ -485,24 +493,20 @@ impl Checkpointer {
     /// that never committed (a rank killed mid-write) older than the newest committed one. Newer uncommitted
     /// steps are left alone: a save may be in flight.
     fn prune(&self) -> Result<(), CheckpointError> {
-        let committed = self.committed_steps()?;
+        let keys = self.storage.list("")?;
+        let committed = committed_in(&keys);
         let Some(&newest) = committed.first() else {
             return Ok(());
         };
-        for step in committed.iter().skip(self.cfg.keep.max(1)) {
-            let dir = step_dir(*step);
-            // The manifest goes first: a half-deleted checkpoint is then simply not a checkpoint.
-            self.storage.delete(&format!("{dir}/manifest.json"))?;
-            self.storage.delete_prefix(&dir)?;
-        }
-        for key in self.storage.list("")? {
-            let step = key
-                .rsplit('/')
-                .nth(1)
-                .and_then(|d| d.strip_prefix("step-"))
-                .and_then(|s| s.parse::<u64>().ok());
-            if step.is_some_and(|s| s < newest && !committed.contains(&s)) {
-                self.storage.delete(&key)?;
+        let pruned = &committed[self.cfg.keep.max(1).min(committed.len())..];
+        // The manifests go first: a half-deleted checkpoint is then simply not a checkpoint.
+        let (manifests, objects): (Vec<&String>, Vec<&String>) =
+            keys.iter().partition(|k| k.ends_with("/manifest.json"));
+        for key in manifests.into_iter().chain(objects) {
+            let stale = step_of(key)
+                .is_some_and(|s| pruned.contains(&s) || (s < newest && !committed.contains(&s)));
+            if stale {
+                self.storage.delete(key)?;
             }
         }
         Ok(())

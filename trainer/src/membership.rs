@@ -182,6 +182,17 @@ pub fn join_run(
             let _enter = span.enter();
             let mut last_ok = Instant::now();
             let mut reported = None;
+            // Rank 0 tells the coordinator of a checkpoint committed since the last one it got through.
+            let report_new_checkpoint = |reported: &mut Option<u64>| {
+                let committed = progress.checkpoint();
+                if rank == 0
+                    && committed != *reported
+                    && let Some(step) = committed
+                    && client.report_checkpoint(step).is_ok()
+                {
+                    *reported = committed;
+                }
+            };
             let mut lost = false;
             let mut superseded_at = None::<Instant>;
             while !finished.load(Ordering::SeqCst) {
@@ -210,14 +221,7 @@ pub fn join_run(
                         if r.stop && !stop.swap(true, Ordering::SeqCst) {
                             tracing::warn!("the coordinator asks the run to stop: checkpointing");
                         }
-                        let committed = progress.checkpoint();
-                        if rank == 0
-                            && committed != reported
-                            && let Some(step) = committed
-                            && client.report_checkpoint(step).is_ok()
-                        {
-                            reported = committed;
-                        }
+                        report_new_checkpoint(&mut reported);
                     }
                     Err(ClientError::Refused { status: 409, .. }) => {
                         // A newer generation runs: the supervisor gave up on this one. The train loop leaves
@@ -246,13 +250,7 @@ pub fn join_run(
             let fatal = failing.lock().unwrap_or_else(|e| e.into_inner()).take();
             // The final checkpoint commits after the loop's last beat: reported before the goodbye, so the run's
             // last line names it.
-            let committed = progress.checkpoint();
-            if rank == 0
-                && committed != reported
-                && let Some(step) = committed
-            {
-                let _ = client.report_checkpoint(step);
-            }
+            report_new_checkpoint(&mut reported);
             if leaving.load(Ordering::SeqCst) || fatal.is_some() {
                 let _ = client.heartbeat(&Heartbeat {
                     rank,

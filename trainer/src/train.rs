@@ -662,8 +662,8 @@ struct Trainer<'a> {
     skips: SkipPolicy,
     rollbacks: u64,
     last_checkpoint: Option<u64>,
-    /// Checkpoints in a row that could not be written.
-    failed_checkpoints: u32,
+    /// The last checkpoint could not be written (no commit since).
+    checkpoint_failed: bool,
     /// This rank's samples skipped for bad shard objects.
     skipped_samples: u64,
     tokens_per_image: u64,
@@ -742,7 +742,7 @@ impl<'a> Trainer<'a> {
             handles,
             rollbacks: 0,
             last_checkpoint: resumed_from,
-            failed_checkpoints: 0,
+            checkpoint_failed: false,
             skipped_samples: 0,
             tokens_per_image: (model.input_size / model.patch_size).pow(2) as u64,
             flops_per_token: model.training_flops_per_token(),
@@ -919,7 +919,7 @@ impl<'a> Trainer<'a> {
         let polled = c.poll(self.engine.collective()).map(|done| {
             if let Some(done) = done {
                 self.last_checkpoint = Some(done);
-                self.failed_checkpoints = 0;
+                self.checkpoint_failed = false;
             }
         });
         self.tolerate_failed_checkpoint(polled)
@@ -932,8 +932,8 @@ impl<'a> Trainer<'a> {
         outcome: Result<(), CheckpointError>,
     ) -> Result<(), TrainError> {
         match outcome {
-            Err(e @ CheckpointError::WriteFailed { .. }) if self.failed_checkpoints == 0 => {
-                self.failed_checkpoints = 1;
+            Err(e @ CheckpointError::WriteFailed { .. }) if !self.checkpoint_failed => {
+                self.checkpoint_failed = true;
                 tracing::warn!(error = %e, "training goes on; the run stops if the next checkpoint fails too");
                 if self.rank == 0 {
                     eprintln!("radit: {e}; training goes on");
