@@ -117,6 +117,8 @@ def main():
                 "heartbeat_p99_ms": pct(0.99),
                 "heartbeat_max_ms": latencies[-1] if latencies else 0.0,
                 "store_cpu_percent": 100.0 * cpu / hb_seconds,
+                "heartbeats": ranks * beats,
+                "store_cpu_seconds": cpu,
                 "failed_requests": failures[0],
             }
         )

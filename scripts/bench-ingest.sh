@@ -14,6 +14,7 @@ machine_line
 echo
 echo "| input | pipeline | threads | images | seconds | images/s | images/s/core | input MB/s | output raw MB/s | stored/raw |"
 echo "|---|---|---|---|---|---|---|---|---|---|"
+summaries=()
 for spec in "512x512:$n512" "2048x2500:$nlarge"; do
   size=${spec%%:*}
   n=${spec##*:}
@@ -27,6 +28,7 @@ for spec in "512x512:$n512" "2048x2500:$nlarge"; do
     "$radit" shard --no-progress --table "$data/table.csv" --images "$data/images" --out "$out" --threads "$threads" >/dev/null
     t1=$(now)
     stored=$(du -sb --exclude=.ingest "$out" | cut -f1)
+    [ "$threads" = 1 ] && radit_one=$(awk -v n="$n" -v t0="$t0" -v t1="$t1" 'BEGIN{printf "%.2f", n/(t1-t0)}')
     awk -v n="$n" -v t0="$t0" -v t1="$t1" -v th="$threads" -v inmb="$in_mb" -v raw="$raw_mb" -v st="$stored" -v sz="$size" \
       'BEGIN{s=t1-t0; printf "| %s | radit shard | %d | %d | %.2f | %.1f | %.1f | %.1f | %.1f | %.3f |\n", sz, th, n, s, n/s, n/s/th, inmb/s, raw/s, st/(raw*1048576)}'
   done
@@ -36,4 +38,10 @@ for spec in "512x512:$n512" "2048x2500:$nlarge"; do
   stored=$(echo "$json" | "$RADIT_VENV/bin/python" -c 'import json,sys; print(json.load(sys.stdin)["stored_bytes"])')
   awk -v n="$n" -v s="$s" -v inmb="$in_mb" -v raw="$raw_mb" -v st="$stored" -v sz="$size" \
     'BEGIN{printf "| %s | Python (PIL+numpy+zarr-python) | 1 | %d | %.2f | %.1f | %.1f | %.1f | %.1f | %.3f |\n", sz, n, s, n/s, n/s, inmb/s, raw/s, st/(raw*1048576)}'
+  target=">= 2"
+  [ "$size" = 512x512 ] || target=">= 4"
+  summaries+=("$(awk -v a="$radit_one" -v n="$n" -v s="$s" -v sz="$size" -v target="$target" \
+    'BEGIN{printf "SUMMARY|ingest %s: 1 core vs the Python pipeline (1 process)|%.2f img/s|%.2f img/s|%.2f|%s", sz, a, n/s, a/(n/s), target}')")
 done
+echo
+printf '%s\n' "${summaries[@]}"

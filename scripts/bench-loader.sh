@@ -39,6 +39,7 @@ row() { # source reader parallelism cache json [samples_field seconds_field]
   s=$(field "$json" "${6:-samples}")
   t=$(field "$json" "${7:-seconds}")
   rate=$(awk -v s="$s" -v t="$t" 'BEGIN{printf "%.1f", s/t}')
+  last_rate=$rate
   awk -v src="$1" -v rd="$2" -v par="$3" -v c="$4" -v s="$s" -v t="$t" -v r="$rate" -v p="$(echo "$3" | grep -o '^[0-9]*')" -v ceil="$ceiling_rate" \
     'BEGIN{ratio = (ceil == "" ? "" : sprintf("%.2f", r/ceil)); printf "| %s | %s | %s | %s | %d | %.2f | %.1f | %.1f | %s |\n", src, rd, par, c, s, t, r, r/p, ratio}'
 }
@@ -72,6 +73,7 @@ for threads in 1 "$cores"; do
   ceiling_rate=$(field "$j" samples_per_s)
   drop_page_cache
   row "local" "radit loader" "$threads" "$cold" "$(bench "$work/store" --threads "$threads")"
+  local_cold=$last_rate local_ceiling=$ceiling_rate
   row "local" "radit loader" "$threads" "page cache warm" "$(bench "$work/store" --threads "$threads")"
   ceiling_rate=
   j=$(bench "s3://bench/store" --threads "$threads" --ceiling)
@@ -79,6 +81,7 @@ for threads in 1 "$cores"; do
   ceiling_rate=$(field "$j" samples_per_s)
   rm -rf "$work/cache"
   row "moto S3" "radit loader" "$threads" "node cache cold" "$(bench "s3://bench/store" --threads "$threads" --cache "$work/cache")"
+  s3_cold=$last_rate s3_ceiling=$ceiling_rate
   row "moto S3" "radit loader" "$threads" "node cache warm" "$(bench "s3://bench/store" --threads "$threads" --cache "$work/cache")"
 done
 ceiling_rate=
@@ -87,6 +90,15 @@ row "local" "zarr-python (1 process)" "1" "$cold" "$("$py" "$root/bench/zarr_loa
 row "local" "zarr-python (1 process)" "1" "page cache warm" "$("$py" "$root/bench/zarr_loader.py" --store "$work/store" --global-batch "$batch")"
 drop_page_cache
 row "local" "MosaicML Streaming (MDS)" "$cores workers" "$cold" "$("$spy" "$root/bench/streaming_loader.py" read --local "$work/mds" --workers "$cores")"
+streaming_local_cold=$last_rate
 row "local" "MosaicML Streaming (MDS)" "$cores workers" "page cache warm" "$("$spy" "$root/bench/streaming_loader.py" read --local "$work/mds" --workers "$cores")"
 row "moto S3" "MosaicML Streaming (MDS)" "$cores workers" "node cache cold" "$("$spy" "$root/bench/streaming_loader.py" read --remote s3://bench/mds --local "$work/mds-cache" --workers "$cores")"
+streaming_s3_cold=$last_rate
 row "moto S3" "MosaicML Streaming (MDS)" "$cores workers" "node cache warm" "$("$spy" "$root/bench/streaming_loader.py" read --remote s3://bench/mds --local "$work/mds-cache" --workers "$cores")"
+echo
+# The rows at every core ($cores threads), for scripts/bench-all.sh.
+summary() { awk -v what="$1" -v a="$2" -v b="$3" -v target="$4" 'BEGIN{printf "SUMMARY|loader: %s|%s samples/s|%s samples/s|%.2f|%s\n", what, a, b, a/b, target}'; }
+summary "local, $cold, vs read+decompress ceiling" "$local_cold" "$local_ceiling" ">= 0.95"
+summary "moto S3, node cache cold, vs its ceiling" "$s3_cold" "$s3_ceiling" ">= 0.95"
+summary "local, $cold, vs MosaicML Streaming" "$local_cold" "$streaming_local_cold" ">= 1"
+summary "moto S3, node cache cold, vs MosaicML Streaming" "$s3_cold" "$streaming_s3_cold" ">= 1"

@@ -539,9 +539,21 @@ fn bench(a: ModelBenchArgs) -> anyhow::Result<u8> {
         }
     }
     times.sort_by(f64::total_cmp);
+    // The forward alone (no autograd): what per-block activation checkpointing adds to a step.
+    let mut forward = Vec::new();
+    for i in 0..a.warmup + a.steps {
+        let start = Instant::now();
+        let loss = tch::no_grad(|| radit_trainer::flow::loss(&model, &x1, &x0, &t, &labels, &age))?;
+        drop(loss);
+        if i >= a.warmup {
+            forward.push(start.elapsed().as_secs_f64());
+        }
+    }
+    forward.sort_by(f64::total_cmp);
     let v = serde_json::json!({
         "impl": "radit", "preset": a.preset, "batch": b, "threads": a.threads, "steps": a.steps,
         "median_s": times[times.len() / 2], "min_s": times[0],
+        "forward_median_s": forward[forward.len() / 2],
     });
     println!("{v}");
     Ok(0)

@@ -15,8 +15,8 @@ use tokio::time::Instant;
 
 use radit_monitoring::metrics::{self, JobSnapshot, RankSample};
 use radit_protocol::{
-    CheckpointReport, Heartbeat, HeartbeatReply, JobToken, JoinReply, JoinRequest, Phase,
-    RankStats, STEP_SECONDS_BUCKETS,
+    CheckpointReport, Heartbeat, HeartbeatReply, JobToken, JoinRequest, Phase, RankStats,
+    STEP_SECONDS_BUCKETS,
 };
 
 /// The coordinator's knobs.
@@ -162,6 +162,11 @@ struct Inner {
     steps: std::collections::BTreeMap<u64, usize>,
     /// The first rank that reported an error a restart would repeat, and the error.
     fatal: Option<(usize, String)>,
+    /// The lowest rank that may still be free, for joins without a rank (every lower rank has joined).
+    free_from: usize,
+    /// This generation's peers as a JSON array, serialised once when the world forms: every one of N join replies
+    /// carries all N endpoints, so building them per reply would cost O(N²) string copies.
+    peers_json: Option<Arc<str>>,
 }
 
 impl Inner {
@@ -284,6 +289,8 @@ impl Coordinator {
                 joined: 0,
                 steps: Default::default(),
                 fatal: None,
+                free_from: 0,
+                peers_json: None,
             }),
             formed: tokio::sync::watch::channel(None).0,
             closing: tokio::sync::watch::channel(false).0,
@@ -493,6 +500,8 @@ impl Coordinator {
         inner.earlier = inner.counters();
         inner.members = (0..self.cfg.world).map(|_| None).collect();
         inner.joined = 0;
+        inner.free_from = 0;
+        inner.peers_json = None;
         inner.steps.clear();
         inner.stop = false;
         inner.progress = (0, Instant::now());
@@ -540,8 +549,11 @@ async fn join(State(c): State<Arc<Coordinator>>, Json(req): Json<JoinRequest>) -
                 );
             }
             Some(r) => r,
-            None => match inner.members.iter().position(Option::is_none) {
-                Some(r) => r,
+            None => match (inner.free_from..world).find(|&r| inner.members[r].is_none()) {
+                Some(r) => {
+                    inner.free_from = r + 1;
+                    r
+                }
                 None => {
                     return reject(
                         StatusCode::CONFLICT,
@@ -575,6 +587,17 @@ async fn join(State(c): State<Arc<Coordinator>>, Json(req): Json<JoinRequest>) -
                 m.last_seen = now;
             }
             inner.progress = (0, now);
+            let peers: Vec<&str> = inner
+                .members
+                .iter()
+                .flatten()
+                .map(|m| m.endpoint.as_deref().unwrap_or(&m.host))
+                .collect();
+            inner.peers_json = Some(
+                serde_json::to_string(&peers)
+                    .expect("a list of strings serialises")
+                    .into(),
+            );
             tracing::info!(
                 world,
                 generation = inner.generation,
@@ -609,19 +632,35 @@ async fn join(State(c): State<Arc<Coordinator>>, Json(req): Json<JoinRequest>) -
     if let Some(m) = inner.members[rank].as_mut() {
         m.last_seen = Instant::now();
     }
-    Json(JoinReply {
+    let Some(peers) = inner.peers_json.clone() else {
+        return reject(
+            StatusCode::CONFLICT,
+            "the job restarted while this rank was joining",
+        );
+    };
+    drop(inner);
+    join_reply(
         rank,
-        world: c.cfg.world,
+        c.cfg.world,
         generation,
-        peers: inner
-            .members
-            .iter()
-            .flatten()
-            .map(|m| m.endpoint.clone().unwrap_or_else(|| m.host.clone()))
-            .collect(),
-        heartbeat_interval_ms: c.cfg.heartbeat_interval.as_millis() as u64,
-    })
-    .into_response()
+        c.cfg.heartbeat_interval,
+        &peers,
+    )
+}
+
+/// A [`radit_protocol::JoinReply`] around the generation's peers, already serialised (see `Inner::peers_json`).
+fn join_reply(
+    rank: usize,
+    world: usize,
+    generation: u64,
+    heartbeat_interval: Duration,
+    peers_json: &str,
+) -> Response {
+    let body = format!(
+        "{{\"rank\":{rank},\"world\":{world},\"generation\":{generation},\"heartbeat_interval_ms\":{},\"peers\":{peers_json}}}",
+        heartbeat_interval.as_millis()
+    );
+    ([(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
 async fn heartbeat(State(c): State<Arc<Coordinator>>, Json(hb): Json<Heartbeat>) -> Response {
@@ -757,6 +796,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use radit_protocol::JoinReply;
 
     fn golden(name: &str, text: &str) {
         radit_testkit::assert_golden(env!("CARGO_MANIFEST_DIR"), name, text);
@@ -778,6 +818,64 @@ mod tests {
             assert_eq!(j.await.expect("joined").status(), StatusCode::OK);
         }
         assert_eq!(c.generation(), generation);
+    }
+
+    /// Join replies are assembled from the generation's peers serialised once: they must decode to the reply
+    /// serde would have written, also for endpoints that need escaping, and ranks without a rank take the lowest
+    /// free one.
+    #[tokio::test]
+    async fn join_replies_carry_every_peer_in_rank_order() {
+        let c = Coordinator::new(
+            CoordinatorConfig::new(3),
+            JobToken::generate().expect("a token"),
+        );
+        let request = |rank: Option<usize>, endpoint: Option<&str>| JoinRequest {
+            host: format!("node-{}", rank.unwrap_or(9)),
+            pid: 7,
+            rank,
+            endpoint: endpoint.map(str::to_string),
+        };
+        let joins = [
+            tokio::spawn(join(
+                State(c.clone()),
+                Json(request(Some(1), Some("10.0.0.1:\"7\""))),
+            )),
+            tokio::spawn(join(
+                State(c.clone()),
+                Json(request(None, Some("[::1]:29500"))),
+            )),
+        ];
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let last = join(State(c.clone()), Json(request(None, None))).await;
+        let mut replies = vec![last];
+        for j in joins {
+            replies.push(j.await.expect("joined"));
+        }
+        let mut decoded = Vec::new();
+        for r in replies {
+            assert_eq!(r.status(), StatusCode::OK);
+            let body = axum::body::to_bytes(r.into_body(), 1 << 20)
+                .await
+                .expect("body");
+            decoded.push(serde_json::from_slice::<JoinReply>(&body).expect("a JoinReply"));
+        }
+        decoded.sort_by_key(|r| r.rank);
+        for (rank, r) in decoded.iter().enumerate() {
+            assert_eq!(
+                *r,
+                JoinReply {
+                    rank,
+                    world: 3,
+                    generation: 0,
+                    peers: vec![
+                        "[::1]:29500".to_string(),
+                        "10.0.0.1:\"7\"".to_string(),
+                        "node-9".to_string()
+                    ],
+                    heartbeat_interval_ms: 5000,
+                }
+            );
+        }
     }
 
     async fn beat(c: &Arc<Coordinator>, rank: usize, step: u64, stats: Option<RankStats>) {

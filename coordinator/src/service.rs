@@ -42,8 +42,9 @@ impl Service {
         let thread = std::thread::Builder::new()
             .name("coordinator".into())
             .spawn(move || {
-                let rt = tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(2)
+                // One thread: each request is a few microseconds of work, and with two workers a third of the
+                // coordinator's CPU went to waking and parking them (perf, 4,096 ranks at 1 Hz).
+                let rt = tokio::runtime::Builder::new_current_thread()
                     // Named, so a benchmark can read the coordinator's own CPU time from /proc.
                     .thread_name(THREAD_NAME)
                     .enable_all()

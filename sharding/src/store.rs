@@ -110,6 +110,8 @@ fn io_runtime() -> Result<Arc<tokio::runtime::Runtime>, StorageError> {
 #[derive(Clone)]
 pub struct Storage {
     url: String,
+    /// The root directory of a `file://` store (where [`Storage::put_durable`] writes directly).
+    local_dir: Option<std::path::PathBuf>,
     inner: Arc<dyn ObjectStore>,
     runtime: Arc<tokio::runtime::Runtime>,
     retry: RetryPolicy,
@@ -181,11 +183,13 @@ impl Storage {
             url: shown.clone(),
             reason,
         };
+        let mut local_dir = None;
         let inner: Arc<dyn ObjectStore> = match url.scheme() {
             "file" => {
                 let dir = url
                     .to_file_path()
                     .map_err(|()| bad("not a local path".into()))?;
+                local_dir = Some(dir.clone());
                 std::fs::create_dir_all(&dir).map_err(|source| StorageError::Unwritable {
                     url: shown.clone(),
                     reason: format!("cannot create directory {}: {source}", dir.display()),
@@ -243,6 +247,7 @@ impl Storage {
         };
         Ok(Self {
             url: shown,
+            local_dir,
             inner,
             runtime: io_runtime()?,
             retry: RetryPolicy::default(),
@@ -305,6 +310,44 @@ impl Storage {
         })
     }
 
+    /// Puts `data` at `key` and returns once it is durable. A local object is written straight from `data` into a
+    /// temporary file that is fsynced, renamed into place, and its directory fsynced: a crash or power loss leaves
+    /// no object or the whole one, as with an object store, which is durable when it acknowledges a put.
+    pub fn put_durable(&self, key: &str, data: &Bytes) -> Result<(), StorageError> {
+        let Some(path) = self.local_file(key) else {
+            return self.put(key, data.clone());
+        };
+        self.retry.run("put", &self.describe(key), || {
+            write_durably(&path, data).map_err(|e| self.local_error(key, e))
+        })
+    }
+
+    /// The file of `key` in a `file://` store, for plain keys (segments that are not empty, `.` or `..`); other
+    /// keys, and other stores, go through object_store, which refuses or encodes them.
+    fn local_file(&self, key: &str) -> Option<std::path::PathBuf> {
+        let root = self.local_dir.as_ref()?;
+        let plain = key
+            .split('/')
+            .all(|s| !s.is_empty() && s != "." && s != "..");
+        plain.then(|| root.join(key))
+    }
+
+    /// A failure of this module's own local file I/O, classified as object_store's are.
+    fn local_error(&self, key: &str, e: std::io::Error) -> StorageError {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            return StorageError::NotFound {
+                url: self.describe(key),
+            };
+        }
+        self.io_error(
+            key,
+            object_store::Error::Generic {
+                store: "LocalFileSystem",
+                source: Box::new(e),
+            },
+        )
+    }
+
     /// Puts several objects concurrently; fails on the first error (puts are idempotent: a retry puts them all).
     pub fn put_many(&self, objects: Vec<(String, Bytes)>) -> Result<(), StorageError> {
         self.retry
@@ -335,6 +378,15 @@ impl Storage {
     }
 
     pub fn get(&self, key: &str) -> Result<Bytes, StorageError> {
+        if let Some(file) = self.local_file(key) {
+            // One read into a buffer of the file's size: object_store's local get reads in pieces on a blocking
+            // task and measured half the bandwidth on a 4.9 GB checkpoint object.
+            return self.retry.run("get", &self.describe(key), || {
+                std::fs::read(&file)
+                    .map(Bytes::from)
+                    .map_err(|e| self.local_error(key, e))
+            });
+        }
         let path = ObjectPath::from(key);
         self.retry.run("get", &self.describe(key), || {
             self.runtime
@@ -445,6 +497,30 @@ impl Storage {
 }
 
 /// The kind of the first `std::io::Error` in an error's source chain.
+/// Writes `data` to `path` durably (see [`Storage::put_durable`]); on failure nothing is left behind.
+fn write_durably(path: &std::path::Path, data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let dir = path.parent().unwrap_or(std::path::Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let name = path
+        .file_name()
+        .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+    let tmp = dir.join(format!("{name}.{}.partial", std::process::id()));
+    // One sequential writer: ext4 serialises buffered writes to one file on its inode lock, and two writers
+    // measured no faster (the second spun on the lock).
+    let written = (|| {
+        let mut file = std::fs::File::create(&tmp)?;
+        file.write_all(data)?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        std::fs::File::open(dir)?.sync_all()
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
+}
+
 fn io_error_kind(e: &(dyn std::error::Error + 'static)) -> Option<std::io::ErrorKind> {
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(err) = cur {
@@ -473,6 +549,44 @@ mod tests {
         assert!(s.get_opt("a/missing").unwrap().is_none());
         let e = s.get("a/missing").unwrap_err().to_string();
         assert!(e.contains("a/missing"), "{e}");
+    }
+
+    /// A large object with a ragged tail reads back whole, through the store, with no temporary left; a put that
+    /// cannot land leaves nothing and says where.
+    #[test]
+    fn durable_puts_land_whole_or_not_at_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Storage::open(dir.path().to_str().unwrap()).unwrap();
+        let data: Vec<u8> = (0..(20 << 20) + 3).map(|i| (i * 31 % 251) as u8).collect();
+        s.put_durable("step-1/rank-0.bin", &Bytes::from(data.clone()))
+            .unwrap();
+        assert!(s.get("step-1/rank-0.bin").unwrap() == data);
+        assert_eq!(
+            s.list("step-1").unwrap(),
+            vec!["step-1/rank-0.bin".to_string()]
+        );
+        s.put_durable("step-1/rank-0.bin", &Bytes::from_static(b"again"))
+            .unwrap();
+        assert_eq!(
+            s.get("step-1/rank-0.bin").unwrap(),
+            Bytes::from_static(b"again")
+        );
+        // A file where the step directory should be: the put fails, names the key, and leaves nothing.
+        std::fs::write(dir.path().join("step-2"), b"not a directory").unwrap();
+        let e = s
+            .put_durable("step-2/rank-0.bin", &Bytes::from_static(b"x"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("step-2/rank-0.bin"), "{e}");
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(names.len(), 2, "{names:?}");
+        // Object stores take the same call.
+        let m = Storage::open("memory://").unwrap();
+        m.put_durable("k", &Bytes::from_static(b"v")).unwrap();
+        assert_eq!(m.get("k").unwrap(), Bytes::from_static(b"v"));
     }
 
     #[test]

@@ -13,6 +13,7 @@ use std::thread::JoinHandle;
 
 use bytes::Bytes;
 use radit_sharding::store::Storage;
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tch::{Kind, Tensor};
@@ -177,7 +178,9 @@ pub fn model_hash(cfg: &RadiTConfig) -> String {
 
 /// Serialises this rank's slices: per group, master, m, v, ema, as little-endian f32 (the host's layout: radit
 /// builds only for little-endian targets, x86_64 and aarch64).
-fn encode(states: &[ShardState]) -> Result<Vec<u8>, tch::TchError> {
+/// `spare` is the previous save's buffer: reused when the size matches, so saves after the first copy into memory
+/// that is already mapped (a fresh mapping's page faults cost more than the copy itself).
+fn encode(states: &[ShardState], spare: Option<Vec<u8>>) -> Result<Vec<u8>, tch::TchError> {
     const _: () = assert!(
         cfg!(target_endian = "little"),
         "checkpoints are written in host byte order"
@@ -188,13 +191,37 @@ fn encode(states: &[ShardState]) -> Result<Vec<u8>, tch::TchError> {
         .map(|t| t.to_kind(Kind::Float).contiguous())
         .collect();
     let total: usize = arrays.iter().map(|t| t.numel() * 4).sum();
-    let mut out = vec![0u8; total];
-    let mut offset = 0;
+    let mut out = match spare {
+        Some(buffer) if buffer.len() == total => buffer,
+        // calloc'd: the pages are mapped as they are written, with no zeroing pass.
+        _ => vec![0u8; total],
+    };
+    let mut host = Vec::new();
+    let mut rest = out.as_mut_slice();
     for t in &arrays {
         let n = t.numel();
-        t.f_copy_data_u8(&mut out[offset..offset + 4 * n], n)?;
-        offset += 4 * n;
+        let (dst, tail) = rest.split_at_mut(4 * n);
+        rest = tail;
+        if t.device() == tch::Device::Cpu {
+            host.push((t.data_ptr() as usize, dst));
+        } else {
+            t.f_copy_data_u8(dst, n)?;
+        }
     }
+    // Host tensors are copied in 8 MiB pieces on every core: this copy is the whole of a checkpoint's stall.
+    const PIECE: usize = 8 << 20;
+    host.into_par_iter()
+        .flat_map(|(src, dst)| {
+            dst.par_chunks_mut(PIECE)
+                .enumerate()
+                .map(move |(i, d)| (src + i * PIECE, d))
+        })
+        .for_each(|(src, d)| {
+            // SAFETY: `src` points into a contiguous CPU f32 tensor of `arrays` (alive for this call) with at
+            // least `d.len()` bytes left from it: `d` is the same piece of that tensor's bytes in `out`.
+            let from = unsafe { std::slice::from_raw_parts(src as *const u8, d.len()) };
+            d.copy_from_slice(from);
+        });
     Ok(out)
 }
 
@@ -214,13 +241,16 @@ fn committed_in(keys: &[String]) -> Vec<u64> {
     steps
 }
 
+/// What a checkpoint writer thread hands back: this rank's object, the seconds its write took, and the host buffer
+/// for the next save.
+type Written = Result<(FileEntry, f64, Option<Vec<u8>>), String>;
+
 /// A save in flight: the object is being written by a thread; commit gathers the checksums.
 struct Pending {
     step: u64,
     state: RunState,
     groups: Vec<GroupLayout>,
-    /// This rank's object and the seconds its encode + write took.
-    writer: JoinHandle<Result<(FileEntry, f64), String>>,
+    writer: JoinHandle<Written>,
     started: std::time::Instant,
 }
 
@@ -231,6 +261,8 @@ pub struct Checkpointer {
     pending: Option<Pending>,
     /// Where commits are reported (the rank's heartbeat reads it).
     progress: Option<Progress>,
+    /// The last save's host buffer, kept for the next one.
+    spare: Option<Vec<u8>>,
 }
 
 impl Checkpointer {
@@ -241,6 +273,7 @@ impl Checkpointer {
             cfg,
             pending: None,
             progress: None,
+            spare: None,
         })
     }
 
@@ -254,11 +287,15 @@ impl Checkpointer {
         &self.cfg
     }
 
-    /// Starts saving: copies this rank's slices to the host now, writes them on a background thread. Finishes any
-    /// earlier save first. Collective (through the earlier save's commit).
+    /// Starts saving: encodes this rank's slices into one host buffer now (the only copy training waits for; the
+    /// buffer is kept for the next save), and hashes and writes it on a background thread. Finishes any earlier save first. Collective (through the
+    /// earlier save's commit).
     pub fn save(&mut self, engine: &Fsdp, state: RunState) -> Result<(), CheckpointError> {
         self.finish(engine.collective())?;
-        let states = engine.shard_states();
+        let data = Bytes::from(
+            encode(&engine.shard_views(), self.spare.take())
+                .map_err(|e| CheckpointError::Writer(e.to_string()))?,
+        );
         let rank = engine.collective().rank();
         let key = format!("{}/rank-{rank:05}.bin", step_dir(state.step));
         let storage = self.storage.clone();
@@ -268,11 +305,14 @@ impl Checkpointer {
             .name("checkpoint-writer".into())
             .spawn(move || {
                 let write_started = std::time::Instant::now();
-                let data = Bytes::from(encode(&states).map_err(|e| e.to_string())?);
                 let bytes = data.len() as u64;
                 // Hash while the object is written: the two together take as long as the slower one.
                 let for_hash = data.clone();
-                let hasher = std::thread::spawn(move || hex::encode(Sha256::digest(&for_hash)));
+                let hasher = std::thread::spawn(move || {
+                    let started = std::time::Instant::now();
+                    let digest = hex::encode(Sha256::digest(&for_hash));
+                    (digest, started.elapsed().as_secs_f64())
+                });
                 if crate::faults::crash_in_checkpoint(rank, state_step) {
                     // Fault injection: leave half an object behind and die mid-write.
                     let _ = storage.put(&key, data.slice(..data.len() / 2));
@@ -282,13 +322,25 @@ impl Checkpointer {
                     );
                     std::process::abort();
                 }
-                storage.put(&key, data).map_err(|e| format!("{e:#}"))?;
-                let sha256 = hasher
+                let put_started = std::time::Instant::now();
+                storage
+                    .put_durable(&key, &data)
+                    .map_err(|e| format!("{e:#}"))?;
+                let put_seconds = put_started.elapsed().as_secs_f64();
+                let (sha256, hash_seconds) = hasher
                     .join()
                     .map_err(|_| "the checksum thread panicked".to_string())?;
+                tracing::debug!(
+                    step = state_step,
+                    bytes,
+                    put_seconds,
+                    hash_seconds,
+                    "checkpoint object written"
+                );
                 Ok((
                     FileEntry { key, bytes, sha256 },
                     write_started.elapsed().as_secs_f64(),
+                    data.try_into_mut().ok().map(Vec::from),
                 ))
             })
             .map_err(|e| CheckpointError::Writer(e.to_string()))?;
@@ -351,7 +403,10 @@ impl Checkpointer {
         // Every rank learns whether every write succeeded before anyone writes the manifest.
         let failed = comm.all_reduce_f64(written.is_err() as i64 as f64)?;
         let (entry, write_seconds) = match written {
-            Ok(w) if failed == 0.0 => w,
+            Ok((entry, seconds, spare)) if failed == 0.0 => {
+                self.spare = spare;
+                (entry, seconds)
+            }
             Ok(_) => {
                 return Err(self.abandon(
                     step,
@@ -424,7 +479,8 @@ impl Checkpointer {
             bytes: state.len() as u64,
             sha256: hex::encode(Sha256::digest(&state)),
         };
-        self.storage.put(&state_entry.key, Bytes::from(state))?;
+        self.storage
+            .put_durable(&state_entry.key, &Bytes::from(state))?;
         let manifest = Manifest {
             format: FORMAT.into(),
             step,
@@ -436,8 +492,9 @@ impl Checkpointer {
         };
         let text = serde_json::to_vec_pretty(&manifest)
             .map_err(|e| CheckpointError::Writer(e.to_string()))?;
+        // Durable last: a manifest on disk means every object it names is on disk too.
         self.storage
-            .put(&format!("{dir}/manifest.json"), Bytes::from(text))?;
+            .put_durable(&format!("{dir}/manifest.json"), &Bytes::from(text))?;
         tracing::info!(step, url = self.storage.url(), "checkpoint committed");
         Ok(())
     }
@@ -576,16 +633,19 @@ impl Checkpointer {
                 reason: "the model config differs".into(),
             });
         }
-        let fetch = |entry: &FileEntry| -> Result<Bytes, CheckpointError> {
-            let data = self.storage.get(&entry.key)?;
-            if data.len() as u64 != entry.bytes
-                || hex::encode(Sha256::digest(&data)) != entry.sha256
+        let verify = |entry: &FileEntry, data: &Bytes| -> Result<(), CheckpointError> {
+            if data.len() as u64 != entry.bytes || hex::encode(Sha256::digest(data)) != entry.sha256
             {
                 return Err(corrupt(format!(
                     "{} is torn (size or sha256 differ)",
                     entry.key
                 )));
             }
+            Ok(())
+        };
+        let fetch = |entry: &FileEntry| -> Result<Bytes, CheckpointError> {
+            let data = self.storage.get(&entry.key)?;
+            verify(entry, &data)?;
             Ok(data)
         };
         let state: RunState = serde_json::from_slice(&fetch(&manifest.state)?)
@@ -619,56 +679,95 @@ impl Checkpointer {
                 }
             }
         }
+        let read_started = std::time::Instant::now();
         let mut files = std::collections::BTreeMap::new();
         for r in needed {
             let entry = manifest
                 .ranks
                 .get(r as usize)
                 .ok_or_else(|| corrupt(format!("no object for rank {r} of {old_world}")))?;
-            files.insert(r, fetch(entry)?);
-        }
-        // Per old rank, the byte offset of each group's four arrays.
-        let per_rank_floats: Vec<i64> = manifest.groups.iter().map(|g| 4 * g.shard).collect();
-        let mut states = Vec::new();
-        for (gi, old) in manifest.groups.iter().enumerate() {
-            let new = old.for_world(world);
-            let group_start: i64 = per_rank_floats[..gi].iter().sum();
-            let mut arrays = Vec::new();
-            for array in 0..4 {
-                let mut out = vec![0f32; new.shard as usize];
-                let (lo, hi) = (rank * new.shard, ((rank + 1) * new.shard).min(old.numel));
-                let mut pos = lo;
-                while pos < hi {
-                    let r = pos / old.shard;
-                    let within = pos - r * old.shard;
-                    let take = (old.shard - within).min(hi - pos);
-                    let data = &files[&r];
-                    let float0 = group_start + array * old.shard + within;
-                    for k in 0..take {
-                        let b = ((float0 + k) * 4) as usize;
-                        let bytes: [u8; 4] = data
-                            .get(b..b + 4)
-                            .and_then(|s| s.try_into().ok())
-                            .ok_or_else(|| corrupt(format!("rank object {r} is too short")))?;
-                        out[(pos - lo + k) as usize] = f32::from_le_bytes(bytes);
-                    }
-                    pos += take;
-                }
-                arrays.push(Tensor::from_slice(&out));
+            let data = self.storage.get(&entry.key)?;
+            if data.len() as u64 != entry.bytes {
+                return Err(corrupt(format!("{} is torn (size differs)", entry.key)));
             }
-            let mut it = arrays.into_iter();
-            let mut next = || {
-                it.next()
-                    .unwrap_or_else(|| Tensor::zeros([0], tch::kind::FLOAT_CPU))
-            };
-            states.push(ShardState {
-                group: old.name.clone(),
-                master: next(),
-                m: next(),
-                v: next(),
-                ema: next(),
-            });
+            files.insert(r, (entry, data));
         }
-        Ok((states, state))
+        let read_seconds = read_started.elapsed().as_secs_f64();
+        let unpack_started = std::time::Instant::now();
+        // The objects' checksums are verified while their slices are unpacked (each alone is one pass over the
+        // bytes); a mismatch discards what was unpacked.
+        let (verified, states) = rayon::join(
+            || {
+                files
+                    .values()
+                    .collect::<Vec<_>>()
+                    .into_par_iter()
+                    .try_for_each(|(entry, data)| verify(entry, data))
+            },
+            || unpack_slices(&manifest.groups, &files, rank, world, &corrupt),
+        );
+        tracing::debug!(
+            step,
+            read_seconds,
+            verify_and_unpack_seconds = unpack_started.elapsed().as_secs_f64(),
+            "checkpoint read"
+        );
+        verified?;
+        Ok((states?, state))
     }
+}
+
+/// This rank's slices of every group, for `world` ranks, cut from the old ranks' objects (`files`, by old rank),
+/// each run of floats copied as it lies: the objects are host-order f32, as [`encode`] wrote them, and radit
+/// builds only for little-endian hosts.
+fn unpack_slices(
+    groups: &[GroupLayout],
+    files: &std::collections::BTreeMap<i64, (&FileEntry, Bytes)>,
+    rank: i64,
+    world: i64,
+    corrupt: &dyn Fn(String) -> CheckpointError,
+) -> Result<Vec<ShardState>, CheckpointError> {
+    // Per old rank, the floats before each group's four arrays.
+    let per_rank_floats: Vec<i64> = groups.iter().map(|g| 4 * g.shard).collect();
+    let mut states = Vec::new();
+    for (gi, old) in groups.iter().enumerate() {
+        let new = old.for_world(world);
+        let group_start: i64 = per_rank_floats[..gi].iter().sum();
+        let (lo, hi) = (rank * new.shard, ((rank + 1) * new.shard).min(old.numel));
+        let mut arrays = Vec::with_capacity(4);
+        for array in 0..4 {
+            let out = Tensor::empty([new.shard], tch::kind::FLOAT_CPU);
+            // SAFETY: a fresh contiguous CPU f32 tensor of `new.shard` elements, owned here and not yet shared.
+            let dst = unsafe {
+                std::slice::from_raw_parts_mut(out.data_ptr() as *mut u8, 4 * new.shard as usize)
+            };
+            // The padding past the group's last element.
+            dst[4 * (hi - lo).max(0) as usize..].fill(0);
+            let mut pos = lo;
+            while pos < hi {
+                let r = pos / old.shard;
+                let within = pos - r * old.shard;
+                let take = (old.shard - within).min(hi - pos);
+                let b = ((group_start + array * old.shard + within) * 4) as usize;
+                let run = files
+                    .get(&r)
+                    .and_then(|(_, data)| data.get(b..b + 4 * take as usize))
+                    .ok_or_else(|| corrupt(format!("rank object {r} is too short")))?;
+                dst[4 * (pos - lo) as usize..][..run.len()].copy_from_slice(run);
+                pos += take;
+            }
+            arrays.push(out);
+        }
+        let [master, m, v, ema]: [Tensor; 4] = arrays
+            .try_into()
+            .map_err(|_| corrupt("four arrays per group".into()))?;
+        states.push(ShardState {
+            group: old.name.clone(),
+            master,
+            m,
+            v,
+            ema,
+        });
+    }
+    Ok(states)
 }

@@ -34,15 +34,36 @@ pub struct EngineBench {
 #[derive(Debug, Clone, Serialize)]
 pub struct CheckpointBench {
     pub bytes_per_rank: u64,
-    /// Time training is held up: the device-to-host copy and handing off to the writer.
+    /// Time training is held up by a save: the device-to-host copy and handing off to the writer (the second save,
+    /// whose host buffer is already mapped, as for every save of a run after its first).
     pub stall_seconds: f64,
+    /// The same for the first save, which maps its host buffer.
+    pub first_stall_seconds: f64,
     /// Time until this rank's object is written.
     pub write_seconds: f64,
     pub write_mb_per_second: f64,
-    /// The same number of bytes written to a file in the same directory (buffered, as the checkpoint object is).
+    /// The same bytes written to a file in the same directory by one plain `write` (buffered, not flushed).
     pub raw_disk_mb_per_second: f64,
     /// The same, flushed to the device with fsync.
     pub raw_disk_synced_mb_per_second: f64,
+    /// Loading the checkpoint back (list, manifest, read, sha256, into the engine) with this rank's object out of
+    /// the page cache.
+    pub restore_seconds: f64,
+    /// Reading the object back with one plain `read`, out of the page cache.
+    pub raw_read_cold_mb_per_second: f64,
+}
+
+/// Drops a file's pages from the page cache (what a cold read after a restart finds), without privileges.
+fn drop_cached(path: &std::path::Path) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(path)?;
+    // SAFETY: a valid open descriptor; the call only advises the kernel.
+    let rc = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::from_raw_os_error(rc))
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -52,6 +73,8 @@ pub struct EngineBenchReport {
     pub batch_per_rank: i64,
     pub step_seconds_median: f64,
     pub step_seconds_min: f64,
+    /// Of a step: the clip, Adam and EMA over this rank's slices (with the loss and norm all-reduces).
+    pub optimizer_seconds_median: f64,
     /// Over the whole world.
     pub tokens_per_second: f64,
     pub images_per_second: f64,
@@ -70,7 +93,28 @@ pub struct EngineBenchReport {
     /// (`torch.cuda.max_memory_allocated`), and what it held from the driver (`max_memory_reserved`).
     pub peak_allocated_bytes: Option<u64>,
     pub peak_reserved_bytes: Option<u64>,
+    /// The largest rank's peak resident memory over the timed steps (Linux's VmHWM, reset before them), measured
+    /// as the PyTorch peer measures its own.
+    pub peak_rss_bytes: Option<u64>,
     pub checkpoint: Option<CheckpointBench>,
+}
+
+/// Restarts the peak resident set (VmHWM) from the current one: writing 5 to `clear_refs` needs no privileges.
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .trim()
+        .strip_suffix("kB")?
+        .trim()
+        .parse::<u64>()
+        .ok()?;
+    Some(kib * 1024)
 }
 
 fn device_used_bytes(device: Device) -> Option<u64> {
@@ -106,17 +150,21 @@ pub fn run(
         age: &age,
     };
     let mut times = Vec::new();
+    let mut optimizer_times = Vec::new();
     let mut bytes = Vec::new();
     let mut peak = device_used_bytes(device);
     for i in 0..b.warmup + b.steps {
         if i == b.warmup {
             crate::runtime::reset_allocator_peak(device);
+            reset_peak_rss();
         }
         engine.collective().barrier()?;
         let before = traffic.bytes();
         let start = Instant::now();
         let loss = mb.forward_backward(&mut engine, 1.0 / world as f64)?;
+        let optimizer_start = Instant::now();
         engine.optimizer_step(loss, b.engine.adam.lr)?;
+        let optimizer_seconds = optimizer_start.elapsed().as_secs_f64();
         if device != Device::Cpu {
             tch::Cuda::synchronize(match device {
                 Device::Cuda(i) => i as i64,
@@ -125,19 +173,26 @@ pub fn run(
         }
         if i >= b.warmup {
             times.push(start.elapsed().as_secs_f64());
+            optimizer_times.push(optimizer_seconds);
             bytes.push(traffic.bytes() - before);
         }
         peak = peak.max(device_used_bytes(device));
     }
     let allocator = crate::runtime::allocator_stats(device);
+    // The largest rank's, so that rank 0's report stands for the world.
+    let peak_rss = engine
+        .collective()
+        .all_reduce_max_f64(peak_rss_bytes().unwrap_or(0) as f64)?;
+    let peak_rss = (peak_rss > 0.0).then_some(peak_rss as u64);
     times.sort_by(f64::total_cmp);
+    optimizer_times.sort_by(f64::total_cmp);
     let median = times[times.len() / 2];
     let tokens = (b.batch * world as i64 * cfg.tokens()) as f64 / median;
     let flops_per_device = cfg.training_flops_per_token() * tokens / world as f64;
     let params = cfg.parameter_count().total();
     let elt = b.engine.precision.compute_kind().elt_size_in_bytes() as u64;
     let checkpoint = match &b.checkpoint_dir {
-        Some(dir) => Some(checkpoint_bench(&engine, cfg, dir)?),
+        Some(dir) => Some(checkpoint_bench(&mut engine, cfg, dir)?),
         None => None,
     };
     Ok(EngineBenchReport {
@@ -146,6 +201,7 @@ pub fn run(
         batch_per_rank: b.batch,
         step_seconds_median: median,
         step_seconds_min: times[0],
+        optimizer_seconds_median: optimizer_times[optimizer_times.len() / 2],
         tokens_per_second: tokens,
         images_per_second: (b.batch * world as i64) as f64 / median,
         mfu: flops_per_device / (b.peak_tflops * 1e12),
@@ -155,12 +211,13 @@ pub fn run(
         peak_device_bytes: peak,
         peak_allocated_bytes: allocator.map(|a| a.allocated_peak),
         peak_reserved_bytes: allocator.map(|a| a.reserved_peak),
+        peak_rss_bytes: peak_rss,
         checkpoint,
     })
 }
 
 fn checkpoint_bench(
-    engine: &Fsdp,
+    engine: &mut Fsdp,
     cfg: &RadiTConfig,
     dir: &std::path::Path,
 ) -> Result<CheckpointBench, EngineError> {
@@ -177,24 +234,47 @@ fn checkpoint_bench(
         keep: 1,
     })
     .map_err(ckpt_err)?;
-    let state = RunState::synthetic(1, engine.adam_steps(), cfg);
-    engine.collective().barrier()?;
-    let start = Instant::now();
-    ckpt.save(engine, state).map_err(ckpt_err)?;
-    let stall = start.elapsed().as_secs_f64();
-    while ckpt.busy() {
-        std::thread::sleep(std::time::Duration::from_millis(1));
+    // Two saves: the first maps its host buffer, the second reuses it, as every later save of a run does.
+    let mut timed = Vec::new();
+    for step in [1, 2] {
+        engine.collective().barrier()?;
+        let start = Instant::now();
+        ckpt.save(engine, RunState::synthetic(step, engine.adam_steps(), cfg))
+            .map_err(ckpt_err)?;
+        let stall = start.elapsed().as_secs_f64();
+        while ckpt.busy() {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        timed.push((stall, start.elapsed().as_secs_f64()));
+        ckpt.finish(engine.collective()).map_err(ckpt_err)?;
     }
-    let write = start.elapsed().as_secs_f64();
-    ckpt.finish(engine.collective()).map_err(ckpt_err)?;
+    let (first_stall, _) = timed[0];
+    let (stall, write) = timed[1];
+    let state = RunState::synthetic(2, engine.adam_steps(), cfg);
     let rank = engine.collective().rank();
-    let object = url.join(step_dir(1)).join(format!("rank-{rank:05}.bin"));
+    let object = url
+        .join(step_dir(state.step))
+        .join(format!("rank-{rank:05}.bin"));
     let bytes = std::fs::metadata(&object).map_err(io)?.len();
-    // The disk's raw write bandwidth for the same size, same directory, flushed.
+    drop_cached(&object).map_err(io)?;
+    engine.collective().barrier()?;
+    let restore_started = Instant::now();
+    let restored = ckpt.load_latest(engine, cfg).map_err(ckpt_err)?;
+    let restore = restore_started.elapsed().as_secs_f64();
+    if restored.map(|r| r.step) != Some(state.step) {
+        return Err(EngineError::StateMismatch(
+            "the checkpoint bench did not load the checkpoint it wrote".into(),
+        ));
+    }
+    // The disk's raw bandwidth, same bytes (the object's own: floats, not a pattern a virtual disk could squeeze),
+    // same directory, same memory in use: the object read back cold, then written to a new file and flushed.
+    drop_cached(&object).map_err(io)?;
+    let read_start = Instant::now();
+    let data = std::fs::read(&object).map_err(io)?;
+    let raw_read = read_start.elapsed().as_secs_f64();
     let raw_path = dir.join(format!("raw-{rank}.bin"));
-    let data = vec![7u8; bytes as usize];
     let raw_start = Instant::now();
-    let raw_synced = {
+    let (raw, synced) = {
         use std::io::Write;
         let mut f = std::fs::File::create(&raw_path).map_err(io)?;
         f.write_all(&data).map_err(io)?;
@@ -202,15 +282,18 @@ fn checkpoint_bench(
         f.sync_all().map_err(io)?;
         (buffered, raw_start.elapsed().as_secs_f64())
     };
-    let (raw, synced) = raw_synced;
+    drop(data);
     let _ = std::fs::remove_file(&raw_path);
     let mb = bytes as f64 / 1e6;
     Ok(CheckpointBench {
         bytes_per_rank: bytes,
         stall_seconds: stall,
+        first_stall_seconds: first_stall,
         write_seconds: write,
         write_mb_per_second: mb / write,
         raw_disk_mb_per_second: mb / raw,
         raw_disk_synced_mb_per_second: mb / synced,
+        restore_seconds: restore,
+        raw_read_cold_mb_per_second: mb / raw_read,
     })
 }

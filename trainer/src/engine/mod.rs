@@ -258,8 +258,17 @@ impl Fsdp {
     fn start_gather(&self, g: usize) -> Result<Gathering, EngineError> {
         let s = &self.shards[g];
         let kind = self.cfg.precision.compute_kind();
+        if self.aliases_master() {
+            // One rank in fp32: the shard is the whole group already, so the parameters view it (no copy).
+            return Ok(Gathering {
+                group: g,
+                full: s.master.shallow_clone(),
+                _local: Tensor::new(),
+                flight: crate::collective::InFlight::Done,
+            });
+        }
         let local = s.master.to_kind(kind);
-        let mut full = Tensor::zeros([s.layout.padded], (kind, self.device));
+        let mut full = Tensor::empty([s.layout.padded], (kind, self.device));
         let flight = self.comm.start_all_gather(&local, &mut full)?;
         Ok(Gathering {
             group: g,
@@ -267,6 +276,12 @@ impl Fsdp {
             _local: local,
             flight,
         })
+    }
+
+    /// Whether parameters are views of the fp32 master shards: a world of one computing in fp32, where gathering
+    /// would only copy the shard. The master is not written between a forward and its backward, so the views hold.
+    fn aliases_master(&self) -> bool {
+        self.comm.world() == 1 && self.cfg.precision.compute_kind() == Kind::Float
     }
 
     /// Waits for a started gather and points the model's parameter tensors at the gathered weights.
@@ -296,14 +311,47 @@ impl Fsdp {
         }
     }
 
-    /// Reduce-scatters one group's full gradients (any dtype; summed in fp32) into its accumulator, scaled.
+    /// Reduce-scatters one group's full gradients (any dtype; summed in fp32) into its accumulator, scaled. The first
+    /// micro-batch after a step overwrites the accumulator, so it is never cleared.
     fn accumulate(&mut self, g: usize, grads: &[Tensor], scale: f64) -> Result<(), EngineError> {
-        let s = &self.shards[g];
+        let first = self.micro_batches == 0;
+        let s = &mut self.shards[g];
+        if self.comm.world() == 1 {
+            // The accumulator is the whole group: each gradient lands in its place, with no flat copy.
+            for (gk, (offset, shape)) in grads
+                .iter()
+                .zip(s.layout.offsets.iter().zip(&s.layout.shapes))
+            {
+                let numel: i64 = shape.iter().product();
+                let mut dst = s.grad.narrow(0, *offset, numel);
+                if !gk.defined() {
+                    if first {
+                        let _ = dst.zero_();
+                    }
+                    continue;
+                }
+                let mut gk = gk.to_kind(Kind::Float).reshape([-1]);
+                if scale != 1.0 {
+                    gk *= scale;
+                }
+                if first {
+                    dst.copy_(&gk);
+                } else {
+                    dst += &gk;
+                }
+            }
+            return Ok(());
+        }
         let flat = s.layout.flatten(grads, Kind::Float);
-        let mut mine = Tensor::zeros([s.layout.shard], (Kind::Float, self.device));
-        self.comm.reduce_scatter_sum(&flat, &mut mine)?;
-        mine *= scale;
-        self.shards[g].grad += &mine;
+        if first {
+            self.comm.reduce_scatter_sum(&flat, &mut s.grad)?;
+            s.grad *= scale;
+        } else {
+            let mut mine = Tensor::empty([s.layout.shard], (Kind::Float, self.device));
+            self.comm.reduce_scatter_sum(&flat, &mut mine)?;
+            mine *= scale;
+            s.grad += &mine;
+        }
         Ok(())
     }
 
@@ -473,7 +521,7 @@ impl Fsdp {
                 optim::update_slice(
                     &adam,
                     &mut s.master,
-                    &mut s.grad,
+                    &s.grad,
                     &mut s.m,
                     &mut s.v,
                     &mut s.ema,
@@ -516,17 +564,17 @@ impl Fsdp {
         Ok(out)
     }
 
-    /// This rank's slices (copied to the CPU), for checkpoints.
-    pub fn shard_states(&self) -> Vec<ShardState> {
-        let cpu = |t: &Tensor| t.to_device(Device::Cpu).copy();
+    /// This rank's slices as they are now, for checkpoints: views, not copies, so they must be read (encoded)
+    /// before the next [`Fsdp::optimizer_step`] changes them.
+    pub fn shard_views(&self) -> Vec<ShardState> {
         self.shards
             .iter()
             .map(|s| ShardState {
                 group: s.layout.name.clone(),
-                master: cpu(&s.master),
-                m: cpu(&s.m),
-                v: cpu(&s.v),
-                ema: cpu(&s.ema),
+                master: s.master.shallow_clone(),
+                m: s.m.shallow_clone(),
+                v: s.v.shallow_clone(),
+                ema: s.ema.shallow_clone(),
             })
             .collect()
     }

@@ -112,12 +112,12 @@ fn reference(
         // The engine's update arithmetic, applied per parameter (the sharding is what is under test).
         tch::no_grad(|| {
             for (k, p) in params.iter().enumerate() {
-                let mut g = grads[k].copy();
+                let g = grads[k].copy();
                 let mut p = p.shallow_clone();
                 super::optim::update_slice(
                     &ecfg.adam,
                     &mut p,
-                    &mut g,
+                    &g,
                     &mut m[k],
                     &mut v[k],
                     &mut ema[k],
@@ -310,6 +310,11 @@ fn zero2_equals_zero3_and_accumulation_equals_one_big_micro_batch() {
     let (la, pa, _) = engine_run(&cfg, &w0, 2, 2, 2, &ecfg);
     assert_steps_close(&la, &l3, "two micro-batches vs one");
     assert_close(&pa, &p3, 1e-3, "two micro-batches vs one");
+    // World 1 lands gradients in place (no reduce-scatter): the second micro-batch adds to the first.
+    let (l1, p1, _) = engine_run(&cfg, &w0, 2, 1, 1, &ecfg);
+    let (l1a, p1a, _) = engine_run(&cfg, &w0, 2, 1, 2, &ecfg);
+    assert_steps_close(&l1a, &l1, "world 1: two micro-batches vs one");
+    assert_close(&p1a, &p1, 1e-3, "world 1: two micro-batches vs one");
 }
 
 #[test]
