@@ -496,7 +496,6 @@ impl Storage {
     }
 }
 
-/// The kind of the first `std::io::Error` in an error's source chain.
 /// Writes `data` to `path` durably (see [`Storage::put_durable`]); on failure nothing is left behind.
 fn write_durably(path: &std::path::Path, data: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
@@ -521,6 +520,7 @@ fn write_durably(path: &std::path::Path, data: &[u8]) -> std::io::Result<()> {
     written
 }
 
+/// The kind of the first `std::io::Error` in an error's source chain.
 fn io_error_kind(e: &(dyn std::error::Error + 'static)) -> Option<std::io::ErrorKind> {
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(err) = cur {
