@@ -3,7 +3,8 @@
 `convert`: reads a radit store with zarr-python and writes MDS shards (uint16 images, labels, age; zstd; about the
 same raw bytes per shard as the radit store). `read`: a StreamingDataset (shuffled, seeded) through a torch
 DataLoader with --workers processes, batches of --global-batch as dequantised float32 like radit's loader; `--remote`
-streams from S3 (S3_ENDPOINT_URL for moto) into the --local cache directory. Prints one JSON line.
+streams from S3 (S3_ENDPOINT_URL for moto) into the --local cache directory. The clock starts when every worker is
+up and waiting (their start-up is not counted). Prints one JSON line.
 """
 
 import argparse
@@ -54,15 +55,35 @@ def read(args) -> None:
         x = 2.0 * (n.astype(np.float32) + u) / 65536.0 - 1.0
         return torch.from_numpy(x), torch.from_numpy(np.stack([i[1] for i in items])), torch.tensor([i[2] for i in items])
 
-    started = time.perf_counter()
+    import multiprocessing as mp
+
+    # The clock starts once every worker process is up (spawned, imported, initialised) and waiting, so Streaming's
+    # start-up is not counted against it; then the workers are let go all at once.
+    ready, go = mp.Semaphore(0), mp.Event()
+
+    def hold(_worker):
+        ready.release()
+        go.wait()
+
     ds = Dequantised(
         remote=args.remote, local=args.local, shuffle=True, shuffle_seed=args.seed, batch_size=args.global_batch
     )
     loader = torch.utils.data.DataLoader(
-        ds, batch_size=args.global_batch, num_workers=args.workers, collate_fn=collate, persistent_workers=False
+        ds,
+        batch_size=args.global_batch,
+        num_workers=args.workers,
+        collate_fn=collate,
+        persistent_workers=False,
+        worker_init_fn=hold,
+        multiprocessing_context="fork",
     )
+    batches = iter(loader)
+    for _ in range(args.workers):
+        ready.acquire()
+    started = time.perf_counter()
+    go.set()
     samples = 0
-    for x, lab, a in loader:
+    for x, lab, a in batches:
         samples += x.shape[0]
     seconds = time.perf_counter() - started
     print(json.dumps({"samples": samples, "seconds": seconds, "samples_per_s": samples / seconds}))

@@ -3,7 +3,13 @@ and its keep-alive heartbeats, with the same simulated workload as `radit coordi
 
 A separate process hosts the store (its CPU is read from /proc); N client threads in this process each open their
 own store connection, "join" (add to a counter, then wait for a key the last joiner sets), then heartbeat at H Hz
-(set hb/<rank> to the time, as torchrun's agents write their keep-alive keys). Prints one JSON line.
+for SECONDS twice:
+- one-way: `set` hb/<rank> to the time. TCPStore answers no `set` (strace of the store: 2,000 sets, 173 reads,
+  no write), so this is the store's cheapest possible beat;
+- round trip: `compare_set` of the same key, which the store answers, as a heartbeat that must hear back (radit's
+  carries the stop flag and proves the coordinator alive; torchrun's rendezvous keep-alive is a `compare_set` of
+  the whole rendezvous state).
+The store's CPU is read for each phase on its own. Prints one JSON line.
 
 usage: tcpstore_rendezvous.py RANKS HZ SECONDS
 """
@@ -53,8 +59,10 @@ def main():
     assert server.stdout.readline().strip() == "ready"
     period = 1.0 / hz
     beats = max(1, round(seconds * hz))
-    latencies, failures, lock = [], [0], threading.Lock()
+    latencies, failures, lock = {"one_way": [], "round_trip": []}, [0], threading.Lock()
     joined = threading.Semaphore(0)
+    # Every rank and the clock-keeper (this thread) start and end each phase together.
+    phase_start, phase_end = threading.Barrier(ranks + 1), threading.Barrier(ranks + 1)
     threading.stack_size(256 << 10)
 
     def rank_main(rank):
@@ -66,26 +74,34 @@ def main():
         except Exception:
             with lock:
                 failures[0] += 1
-            joined.release()
-            return
+            store = None  # still meets the phase barriers, without beating
         joined.release()
-        t0 = time.monotonic() + period * rank / ranks
-        mine = []
-        for k in range(beats):
-            due = t0 + period * k
-            delay = due - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
-            sent = time.monotonic()
-            try:
-                store.set(f"hb/{rank}", str(time.time()))
-                if k >= 2:
-                    mine.append((time.monotonic() - sent) * 1e3)
-            except Exception:
-                with lock:
-                    failures[0] += 1
-        with lock:
-            latencies.extend(mine)
+        key, last = f"hb/{rank}", ""
+        for phase in ("one_way", "round_trip"):
+            phase_start.wait()
+            t0 = time.monotonic() + period * rank / ranks
+            mine = []
+            for k in range(beats if store is not None else 0):
+                due = t0 + period * k
+                delay = due - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+                sent = time.monotonic()
+                try:
+                    now = str(time.time())
+                    if phase == "one_way":
+                        store.set(key, now)
+                    else:
+                        store.compare_set(key, last, now)
+                    last = now
+                    if k >= 2:
+                        mine.append((time.monotonic() - sent) * 1e3)
+                except Exception:
+                    with lock:
+                        failures[0] += 1
+            with lock:
+                latencies[phase].extend(mine)
+            phase_end.wait()
 
     cpu0 = cpu_seconds(server.pid)
     start = time.monotonic()
@@ -96,33 +112,33 @@ def main():
         joined.acquire()
     join_seconds = time.monotonic() - start
     join_cpu = cpu_seconds(server.pid) - cpu0
-    cpu1, hb_start = cpu_seconds(server.pid), time.monotonic()
-    for t in threads:
-        t.join()
-    hb_seconds = time.monotonic() - hb_start
-    cpu = cpu_seconds(server.pid) - cpu1
-    server.stdin.close()
-    server.wait()
-    latencies.sort()
-    pct = lambda p: latencies[round((len(latencies) - 1) * p)] if latencies else 0.0
-    print(
-        json.dumps(
+    report = {"ranks": ranks, "heartbeat_hz": hz, "join_seconds": join_seconds, "join_store_cpu_seconds": join_cpu}
+    for phase in ("one_way", "round_trip"):
+        phase_start.wait()
+        cpu1, hb_start = cpu_seconds(server.pid), time.monotonic()
+        phase_end.wait()
+        hb_seconds = time.monotonic() - hb_start
+        cpu = cpu_seconds(server.pid) - cpu1
+        lat = sorted(latencies[phase])
+        pct = lambda p: lat[round((len(lat) - 1) * p)] if lat else 0.0
+        prefix = "" if phase == "one_way" else "round_trip_"
+        report.update(
             {
-                "ranks": ranks,
-                "heartbeat_hz": hz,
-                "join_seconds": join_seconds,
-                "join_store_cpu_seconds": join_cpu,
-                "heartbeat_seconds": hb_seconds,
-                "heartbeat_p50_ms": pct(0.5),
-                "heartbeat_p99_ms": pct(0.99),
-                "heartbeat_max_ms": latencies[-1] if latencies else 0.0,
-                "store_cpu_percent": 100.0 * cpu / hb_seconds,
-                "heartbeats": ranks * beats,
-                "store_cpu_seconds": cpu,
-                "failed_requests": failures[0],
+                f"{prefix}heartbeat_seconds": hb_seconds,
+                f"{prefix}heartbeat_p50_ms": pct(0.5),
+                f"{prefix}heartbeat_p99_ms": pct(0.99),
+                f"{prefix}heartbeat_max_ms": lat[-1] if lat else 0.0,
+                f"{prefix}store_cpu_percent": 100.0 * cpu / hb_seconds,
+                f"{prefix}heartbeats": ranks * beats,
+                f"{prefix}store_cpu_seconds": cpu,
             }
         )
-    )
+    for t in threads:
+        t.join()
+    server.stdin.close()
+    server.wait()
+    report["failed_requests"] = failures[0]
+    print(json.dumps(report))
 
 
 if __name__ == "__main__":

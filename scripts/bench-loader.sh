@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Loader benchmark: radit's streaming loader against its ceiling (read + decompress every shard, nothing else) and
+# Loader benchmark: radit's streaming loader against its ceiling (read + decompress every shard, nothing else; and
+# read + verify each object's sha256 + decompress, which the loader also does) and
 # two peers on the same images: zarr-python reading the same store, and MosaicML Streaming reading them converted to
 # MDS. Sources: the local store (OS page cache dropped first when permitted, then warm) and moto S3 on 127.0.0.1
 # (node-local cache cold, then warm). Every reader hands out dequantised float32 batches of 64 with labels and age.
@@ -63,7 +64,7 @@ for _ in $(seq 50); do "$py" -c "import socket; socket.create_connection(('127.0
 
 bench() { "$radit" data bench "$1" --global-batch "$batch" --json "${@:2}"; }
 echo
-echo "| source | reader | threads | cache | samples | seconds | samples/s | samples/s/core | of ceiling |"
+echo "| source | reader | threads | cache | samples | seconds | samples/s | samples/s/core | of the verifying ceiling |"
 echo "|---|---|---|---|---|---|---|---|---|"
 for threads in 1 "$cores"; do
   drop_page_cache
@@ -71,17 +72,29 @@ for threads in 1 "$cores"; do
   j=$(bench "$work/store" --threads "$threads" --ceiling)
   row "local" "ceiling: read + decompress" "$threads" "$cold" "$j"
   ceiling_rate=$(field "$j" samples_per_s)
+  local_ceiling=$ceiling_rate
+  ceiling_rate=
+  drop_page_cache
+  j=$(bench "$work/store" --threads "$threads" --ceiling --verify)
+  row "local" "ceiling: read + verify (sha256) + decompress" "$threads" "$cold" "$j"
+  ceiling_rate=$(field "$j" samples_per_s)
+  local_verified_ceiling=$ceiling_rate
   drop_page_cache
   row "local" "radit loader" "$threads" "$cold" "$(bench "$work/store" --threads "$threads")"
-  local_cold=$last_rate local_ceiling=$ceiling_rate
+  local_cold=$last_rate
   row "local" "radit loader" "$threads" "page cache warm" "$(bench "$work/store" --threads "$threads")"
   ceiling_rate=
   j=$(bench "s3://bench/store" --threads "$threads" --ceiling)
   row "moto S3" "ceiling: read + decompress" "$threads" "none" "$j"
+  s3_ceiling=$(field "$j" samples_per_s)
+  ceiling_rate=
+  j=$(bench "s3://bench/store" --threads "$threads" --ceiling --verify)
+  row "moto S3" "ceiling: read + verify (sha256) + decompress" "$threads" "none" "$j"
   ceiling_rate=$(field "$j" samples_per_s)
+  s3_verified_ceiling=$ceiling_rate
   rm -rf "$work/cache"
   row "moto S3" "radit loader" "$threads" "node cache cold" "$(bench "s3://bench/store" --threads "$threads" --cache "$work/cache")"
-  s3_cold=$last_rate s3_ceiling=$ceiling_rate
+  s3_cold=$last_rate
   row "moto S3" "radit loader" "$threads" "node cache warm" "$(bench "s3://bench/store" --threads "$threads" --cache "$work/cache")"
 done
 ceiling_rate=
@@ -100,5 +113,7 @@ echo
 summary() { awk -v what="$1" -v a="$2" -v b="$3" -v target="$4" 'BEGIN{printf "SUMMARY|loader: %s|%s samples/s|%s samples/s|%.2f|%s\n", what, a, b, a/b, target}'; }
 summary "local, $cold, vs read+decompress ceiling" "$local_cold" "$local_ceiling" ">= 0.95"
 summary "moto S3, node cache cold, vs its ceiling" "$s3_cold" "$s3_ceiling" ">= 0.95"
+summary "local, $cold, vs the read+verify+decompress ceiling" "$local_cold" "$local_verified_ceiling" ">= 0.95"
+summary "moto S3, node cache cold, vs its read+verify+decompress ceiling" "$s3_cold" "$s3_verified_ceiling" ">= 0.95"
 summary "local, $cold, vs MosaicML Streaming" "$local_cold" "$streaming_local_cold" ">= 1"
 summary "moto S3, node cache cold, vs MosaicML Streaming" "$s3_cold" "$streaming_s3_cold" ">= 1"

@@ -141,8 +141,13 @@ struct ShardArgs {
     #[arg(long, required_unless_present = "verify")]
     images: Option<PathBuf>,
     /// Output store: a path, file:///abs/dir or s3://bucket/prefix (AWS_* environment variables apply).
-    #[arg(long, required_unless_present = "verify")]
+    #[arg(long, required_unless_present_any = ["verify", "ceiling"])]
     out: Option<String>,
+    /// Measure the ceiling ingest is compared against instead of ingesting: read, decode, preprocess and compress
+    /// every image of the table with these settings and threads, and nothing else (no checks beyond parsing the
+    /// table, no labels, journal, hashing or writes).
+    #[arg(long, conflicts_with_all = ["verify", "out"])]
+    ceiling: bool,
     /// Side of the square output images.
     #[arg(long, default_value_t = 512)]
     image_size: u32,
@@ -251,6 +256,9 @@ struct BenchArgs {
     /// Measure the ceiling instead of the loader: fetch and decompress every shard once, all in parallel.
     #[arg(long)]
     ceiling: bool,
+    /// With --ceiling: also check each object's sha256 against the manifest, as the loader does.
+    #[arg(long, requires = "ceiling")]
+    verify: bool,
     /// Print a sha256 of the delivered batches (to compare runs).
     #[arg(long)]
     digest: bool,
@@ -423,6 +431,9 @@ fn run_shard(a: ShardArgs) -> anyhow::Result<u8> {
         return run_verify(url);
     }
     keep_large_allocations();
+    if a.ceiling {
+        return run_ingest_ceiling(&a);
+    }
     let (Some(table), Some(images), Some(out)) = (&a.table, &a.images, &a.out) else {
         return Err(exit::usage!(
             "--table, --images and --out are required to ingest"
@@ -498,13 +509,33 @@ fn run_shard(a: ShardArgs) -> anyhow::Result<u8> {
             let written_images = written_shards * u64::from(settings.layout.shard_images);
             if written_shards > 0 && secs > 0.0 {
                 println!(
-                    "  {:.1} s, about {:.1} images/s",
+                    "  {:.3} s, about {:.1} images/s",
                     secs,
                     written_images.min(manifest.counts.accepted) as f64 / secs
                 );
             }
         }
     }
+    Ok(0)
+}
+
+fn run_ingest_ceiling(a: &ShardArgs) -> anyhow::Result<u8> {
+    let (Some(table), Some(images)) = (&a.table, &a.images) else {
+        return Err(exit::usage!(
+            "--table and --images are required to measure the ceiling"
+        ));
+    };
+    let c = radit_sharding::ingest::measure_ceiling(table, images, &shard_settings(a), a.threads)
+        .with_context(|| format!("reading {}", table.display()))?;
+    println!(
+        "ceiling (read + decode + preprocess + compress every image, nothing else): {} images in {} shards, \
+         {:.3} s, {:.1} images/s, {} stored bytes",
+        c.images,
+        c.shards,
+        c.elapsed.as_secs_f64(),
+        c.images_per_second(),
+        c.stored_bytes
+    );
     Ok(0)
 }
 
@@ -756,20 +787,21 @@ fn run_bench(a: BenchArgs) -> anyhow::Result<u8> {
     let storage = Storage::open_existing(&a.slice.url)?;
     let mib = |b: u64| b as f64 / f64::from(1u32 << 20);
     if a.ceiling {
-        let c = throughput::measure_ceiling(storage, &config)
+        let c = throughput::measure_ceiling(storage, &config, a.verify)
             .with_context(|| format!("reading {}", a.slice.url))?;
         let secs = c.elapsed.as_secs_f64();
         if a.json {
             let v = serde_json::json!({
-                "url": a.slice.url, "threads": threads, "ceiling": true, "shards": c.shards,
+                "url": a.slice.url, "threads": threads, "ceiling": true, "verify": a.verify, "shards": c.shards,
                 "samples": c.samples, "bytes_read": c.bytes, "seconds": secs,
                 "samples_per_s": c.samples_per_second(),
             });
             println!("{v}");
         } else {
             println!(
-                "ceiling (read + decompress every shard once): {} samples in {} shards, {secs:.2} s: \
+                "ceiling (read + {}decompress every shard once): {} samples in {} shards, {secs:.2} s: \
                  {:.1} samples/s, {:.1} MiB/s ({threads} threads)",
+                if a.verify { "verify + " } else { "" },
                 c.samples,
                 c.shards,
                 c.samples_per_second(),

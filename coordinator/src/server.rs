@@ -5,8 +5,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
+use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Json, Request, State};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -15,8 +16,8 @@ use tokio::time::Instant;
 
 use radit_monitoring::metrics::{self, JobSnapshot, RankSample};
 use radit_protocol::{
-    CheckpointReport, Heartbeat, HeartbeatReply, JobToken, JoinRequest, Phase, RankStats,
-    STEP_SECONDS_BUCKETS,
+    COMPACT_BEAT_CONTENT_TYPE, CheckpointReport, Heartbeat, HeartbeatReply, JobToken, JoinRequest,
+    Phase, RankStats, STEP_SECONDS_BUCKETS,
 };
 
 /// The coordinator's knobs.
@@ -663,7 +664,27 @@ fn join_reply(
     ([(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
-async fn heartbeat(State(c): State<Arc<Coordinator>>, Json(hb): Json<Heartbeat>) -> Response {
+/// A heartbeat's body: the compact form (most beats) or JSON (beats with counters or a fatal error).
+fn read_beat(headers: &HeaderMap, body: &Bytes) -> Result<Heartbeat, Box<Response>> {
+    let compact = headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes() == COMPACT_BEAT_CONTENT_TYPE.as_bytes());
+    if compact {
+        Heartbeat::from_compact(body)
+            .map_err(|e| Box::new(reject(StatusCode::BAD_REQUEST, e.to_string())))
+    } else {
+        // axum's own reading (with the path of a bad field), without its content-type check.
+        Json::<Heartbeat>::from_bytes(body)
+            .map(|Json(hb)| hb)
+            .map_err(|e| Box::new(e.into_response()))
+    }
+}
+
+async fn heartbeat(State(c): State<Arc<Coordinator>>, headers: HeaderMap, body: Bytes) -> Response {
+    let hb = match read_beat(&headers, &body) {
+        Ok(hb) => hb,
+        Err(refused) => return *refused,
+    };
     if let Some(st) = &hb.stats
         && st.step_seconds_buckets.len() != STEP_SECONDS_BUCKETS.len()
     {
@@ -727,7 +748,22 @@ async fn heartbeat(State(c): State<Arc<Coordinator>>, Json(hb): Json<Heartbeat>)
             inner.progress = (slowest, now);
         }
     }
-    Json(HeartbeatReply { stop }).into_response()
+    drop(inner);
+    // The two possible replies, written once: most of what a beat costs is HTTP, not this handler.
+    static GO: std::sync::LazyLock<Bytes> =
+        std::sync::LazyLock::new(|| reply_bytes(&HeartbeatReply { stop: false }));
+    static STOP: std::sync::LazyLock<Bytes> =
+        std::sync::LazyLock::new(|| reply_bytes(&HeartbeatReply { stop: true }));
+    let body = if stop { &STOP } else { &GO };
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        Bytes::clone(body),
+    )
+        .into_response()
+}
+
+fn reply_bytes(reply: &HeartbeatReply) -> Bytes {
+    Bytes::from(serde_json::to_vec(reply).unwrap_or_default())
 }
 
 async fn report_checkpoint(
@@ -887,8 +923,20 @@ mod tests {
             stats,
             ..Heartbeat::default()
         };
+        // As the client sends it: compact without counters, JSON with them.
+        let mut headers = HeaderMap::new();
+        let body = match hb.to_compact() {
+            Some(b) => {
+                headers.insert(
+                    header::CONTENT_TYPE,
+                    COMPACT_BEAT_CONTENT_TYPE.parse().unwrap(),
+                );
+                Bytes::copy_from_slice(&b)
+            }
+            None => Bytes::from(serde_json::to_vec(&hb).unwrap()),
+        };
         assert_eq!(
-            heartbeat(State(c.clone()), Json(hb)).await.status(),
+            heartbeat(State(c.clone()), headers, body).await.status(),
             StatusCode::OK
         );
     }

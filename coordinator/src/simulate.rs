@@ -1,6 +1,6 @@
 //! Scale by simulation: thousands of simulated ranks (threads using the real rank client) join one coordinator on
-//! loopback and heartbeat it at a fixed rate, each beat carrying a rank's training counters as real ranks send them,
-//! while a scraper fetches `/metrics` as Prometheus would. Measures the join time, heartbeat latency, scrape time and
+//! loopback and heartbeat it at a fixed rate as real ranks do (a rank's training counters ride on a beat every
+//! [`STATS_PERIOD`], the beats between are compact), while a scraper fetches `/metrics` as Prometheus would. Measures the join time, heartbeat latency, scrape time and
 //! size, and the coordinator's own CPU time (its runtime threads, read from /proc), and checks that no healthy rank
 //! is declared dead.
 
@@ -12,7 +12,8 @@ use serde::Serialize;
 use crate::service::{Service, THREAD_NAME};
 use crate::{CoordinatorConfig, JobHealth};
 use radit_protocol::{
-    CoordinatorClient, Heartbeat, JobToken, JoinRequest, Phase, RankStats, STEP_SECONDS_BUCKETS,
+    CoordinatorClient, Heartbeat, JobToken, JoinRequest, Phase, RankStats, STATS_PERIOD,
+    STEP_SECONDS_BUCKETS,
 };
 
 #[derive(Debug, Clone)]
@@ -33,6 +34,8 @@ pub struct SimReport {
     pub join_seconds: f64,
     pub join_coordinator_cpu_seconds: f64,
     pub heartbeats: u64,
+    /// Of those, the beats that carried the rank's counters (JSON); the rest were compact.
+    pub heartbeats_with_stats: u64,
     pub heartbeat_seconds: f64,
     /// Latency percentiles after each rank's first two beats.
     pub heartbeat_p50_ms: f64,
@@ -155,17 +158,19 @@ pub fn simulate(cfg: &SimConfig) -> std::io::Result<SimReport> {
     let latencies = Arc::new(Mutex::new(Vec::with_capacity(cfg.ranks * beats as usize)));
     let failures = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let answered_early = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let with_stats = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let (joined_tx, joined_rx) = std::sync::mpsc::channel::<()>();
     let cpu_before_join = coordinator_cpu_seconds();
     let join_started = Instant::now();
     let mut threads = Vec::with_capacity(cfg.ranks);
     for rank in 0..cfg.ranks {
-        let (token, latencies, failures, joined, answered_early) = (
+        let (token, latencies, failures, joined, answered_early, with_stats) = (
             token.clone(),
             latencies.clone(),
             failures.clone(),
             joined_tx.clone(),
             answered_early.clone(),
+            with_stats.clone(),
         );
         let ranks = cfg.ranks;
         let t = std::thread::Builder::new()
@@ -194,18 +199,27 @@ pub fn simulate(cfg: &SimConfig) -> std::io::Result<SimReport> {
                 // unsynchronised nodes would be.
                 let t0 = Instant::now() + period.mul_f64(rank as f64 / ranks as f64);
                 let mut mine = Vec::with_capacity(beats as usize);
+                // The counters ride on a beat every STATS_PERIOD, as a rank's heartbeat sends them.
+                let mut stats_sent = None::<Instant>;
                 for k in 0..beats {
                     let due = t0 + period * k as u32;
                     if let Some(wait) = due.checked_duration_since(Instant::now()) {
                         std::thread::sleep(wait);
                     }
                     let sent = Instant::now();
+                    let stats = stats_sent
+                        .is_none_or(|t| sent.duration_since(t) >= STATS_PERIOD)
+                        .then(|| sample_stats(k));
+                    if stats.is_some() {
+                        stats_sent = Some(sent);
+                        with_stats.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
                     let r = client.heartbeat(&Heartbeat {
                         rank,
                         generation: 0,
                         step: k,
                         done: false,
-                        stats: Some(sample_stats(k)),
+                        stats,
                         phase: Some(Phase::Compute),
                         fatal: None,
                     });
@@ -275,6 +289,7 @@ pub fn simulate(cfg: &SimConfig) -> std::io::Result<SimReport> {
         join_seconds,
         join_coordinator_cpu_seconds: join_cpu,
         heartbeats: lat.len() as u64 + answered_early.load(std::sync::atomic::Ordering::Relaxed),
+        heartbeats_with_stats: with_stats.load(std::sync::atomic::Ordering::Relaxed),
         heartbeat_seconds,
         heartbeat_p50_ms: percentile(&lat, 0.5),
         heartbeat_p99_ms: percentile(&lat, 0.99),
@@ -304,6 +319,8 @@ mod tests {
         .unwrap();
         assert_eq!(r.failed_requests, 0);
         assert_eq!(r.heartbeats, 64 * 10);
+        // A second of beats: each rank's first carries its counters, the other nine are compact.
+        assert_eq!(r.heartbeats_with_stats, 64);
         assert!(r.health_checks > 0);
         assert_eq!(r.false_alarms, 0);
         // Every rank's histogram is in the exposition.

@@ -595,6 +595,49 @@ fn a_heartbeat_with_a_malformed_histogram_is_refused() {
 }
 
 #[test]
+fn a_compact_heartbeat_moves_the_step_and_a_malformed_one_is_refused_by_name() {
+    let svc = Service::start(CoordinatorConfig::new(1));
+    let c = svc.client();
+    let rank = join(&c, "node0", 1).unwrap().rank;
+    // The client sends a beat without counters in its 23-byte form.
+    let beat = Heartbeat {
+        rank,
+        generation: 0,
+        step: 7,
+        phase: Some(Phase::Collective),
+        ..Heartbeat::default()
+    };
+    let compact = beat.to_compact().unwrap();
+    assert!(!c.heartbeat(&beat).unwrap().stop);
+    let seen = &svc.coordinator.ranks()[0];
+    assert_eq!((seen.step, seen.phase), (7, Phase::Collective));
+    // Wrong version, short, and an unknown phase: each refused with its reason; the rank stays at step 7.
+    let token = svc.token.secret().to_string();
+    let mut v9 = compact;
+    v9[0] = 9;
+    let mut odd_phase = compact;
+    odd_phase[2] = 77;
+    for (bytes, why) in [
+        (&v9[..], "version 9"),
+        (&compact[..20], "this one 20"),
+        (&odd_phase[..], "phase 77"),
+    ] {
+        let head = format!(
+            "POST /v1/heartbeat HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\
+             Content-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            radit_protocol::COMPACT_BEAT_CONTENT_TYPE,
+            bytes.len()
+        );
+        let request = head + std::str::from_utf8(bytes).unwrap();
+        let reply = svc.raw(&request);
+        assert_eq!(status_code(&reply), 400, "{reply}");
+        assert!(reply.contains(why), "{why}: {reply}");
+    }
+    assert_eq!(svc.coordinator.ranks()[0].step, 7);
+    svc.shutdown().unwrap();
+}
+
+#[test]
 fn over_tls_only_a_client_pinned_to_the_jobs_authority_with_the_token_gets_in() {
     use radit_coordinator::tls::JobPki;
     use radit_protocol::PinnedAuthority;

@@ -9,6 +9,7 @@ use std::time::Duration;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use crate::wire::COMPACT_BEAT_CONTENT_TYPE;
 use crate::{CheckpointReport, Heartbeat, HeartbeatReply, JobToken, JoinReply, JoinRequest};
 
 #[derive(Debug, thiserror::Error)]
@@ -177,9 +178,14 @@ impl CoordinatorClient {
             .ok_or_else(|| empty("/v1/join"))
     }
 
+    /// Sends the beat in its compact form when it has one (no counters, no fatal error), as JSON otherwise.
     pub fn heartbeat(&self, heartbeat: &Heartbeat) -> Result<HeartbeatReply, ClientError> {
-        self.call(Some(heartbeat), "/v1/heartbeat")?
-            .ok_or_else(|| empty("/v1/heartbeat"))
+        let path = "/v1/heartbeat";
+        match heartbeat.to_compact() {
+            Some(bytes) => self.send(Some((&bytes[..], COMPACT_BEAT_CONTENT_TYPE)), path)?,
+            None => self.call(Some(heartbeat), path)?,
+        }
+        .ok_or_else(|| empty(path))
     }
 
     pub fn report_checkpoint(&self, step: u64) -> Result<(), ClientError> {
@@ -199,6 +205,20 @@ impl CoordinatorClient {
         body: Option<&B>,
         path: &str,
     ) -> Result<Option<R>, ClientError> {
+        let payload = body
+            .map(serde_json::to_vec)
+            .transpose()
+            .map_err(|e| bad(path, e.to_string()))?;
+        self.send(payload.as_deref().map(|p| (p, "application/json")), path)
+    }
+
+    /// POSTs `body` (bytes and their content type; GET without one) and reads the JSON reply; `None` for an
+    /// empty one.
+    fn send<R: DeserializeOwned>(
+        &self,
+        body: Option<(&[u8], &str)>,
+        path: &str,
+    ) -> Result<Option<R>, ClientError> {
         let scheme = if self.authority.is_some() {
             "https"
         } else {
@@ -207,14 +227,12 @@ impl CoordinatorClient {
         let url = format!("{scheme}://{}{path}", self.addr);
         let auth = format!("Bearer {}", self.token.secret());
         let sent = match body {
-            Some(b) => {
-                let payload = serde_json::to_vec(b).map_err(|e| bad(path, e.to_string()))?;
-                self.agent
-                    .post(&url)
-                    .header("Authorization", &auth)
-                    .header("Content-Type", "application/json")
-                    .send(&payload[..])
-            }
+            Some((payload, content_type)) => self
+                .agent
+                .post(&url)
+                .header("Authorization", &auth)
+                .header("Content-Type", content_type)
+                .send(payload),
             None => self.agent.get(&url).header("Authorization", &auth).call(),
         };
         let mut reply = sent.map_err(|e| self.transport(path, e))?;

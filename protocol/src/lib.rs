@@ -28,6 +28,6 @@ pub use config::ConfigError;
 pub use env::{Launcher, RankIdentity, rank_identity};
 pub use token::{JobToken, constant_time_eq, random_bytes};
 pub use wire::{
-    CheckpointReport, Heartbeat, HeartbeatReply, JoinReply, JoinRequest, Phase, RankStats,
-    STEP_SECONDS_BUCKETS,
+    COMPACT_BEAT_BYTES, COMPACT_BEAT_CONTENT_TYPE, CheckpointReport, CompactBeatError, Heartbeat,
+    HeartbeatReply, JoinReply, JoinRequest, Phase, RankStats, STATS_PERIOD, STEP_SECONDS_BUCKETS,
 };

@@ -300,6 +300,101 @@ pub fn ingest(
     })
 }
 
+/// One timed pass of ingest's per-image work alone ([`measure_ceiling`]).
+#[derive(Debug, Clone)]
+pub struct IngestCeiling {
+    /// Images decoded and stored (files that cannot be read or decoded are left out, as ingest rejects them).
+    pub images: u64,
+    pub shards: u64,
+    /// Compressed bytes of the pixel blocks: what the store's images arrays hold.
+    pub stored_bytes: u64,
+    pub elapsed: std::time::Duration,
+}
+
+impl IngestCeiling {
+    pub fn images_per_second(&self) -> f64 {
+        self.images as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+}
+
+/// The ceiling `radit shard` is measured against: read every image file the table names, decode, normalise and
+/// letterbox it, and compress each shard's pixel block with the store's codec, on `threads` threads (all cores
+/// by default), and nothing else: no checks beyond parsing the table (done before the clock starts), no labels,
+/// journal, hashing or writes. Images are grouped by split into shards as ingest groups them, so the compressed
+/// blocks are the bytes ingest stores.
+pub fn measure_ceiling(
+    table_path: &Path,
+    images_dir: &Path,
+    settings: &IngestSettings,
+    threads: Option<usize>,
+) -> Result<IngestCeiling, ShardError> {
+    settings
+        .layout
+        .validate()
+        .map_err(ShardError::InvalidConfig)?;
+    let table = read_table(table_path, &settings.table)?;
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads.unwrap_or(0))
+        .thread_name(|i| format!("radit-ingest-{i}"))
+        .build()
+        .map_err(|e| ShardError::InvalidConfig(format!("threads: {e}")))?;
+    let layout = &settings.layout;
+    let (s, pixels) = (
+        layout.shard_images as usize,
+        (layout.image_size as usize).pow(2),
+    );
+    let started = std::time::Instant::now();
+    let (mut images, mut shards, mut stored_bytes) = (0u64, 0u64, 0u64);
+    for split in Split::ALL {
+        let rows: Vec<&TableRow> = table.rows.iter().filter(|r| r.split == split).collect();
+        let array = layout.array(
+            split,
+            ArrayKind::Images,
+            rows.len().div_ceil(s).max(1) as u64 * s as u64,
+        )?;
+        let decoded: Vec<Vec<u16>> = pool.install(|| {
+            rows.par_iter()
+                .map_init(fast_image_resize::Resizer::new, |resizer, row| {
+                    let bytes = std::fs::read(images_dir.join(&row.path)).ok()?;
+                    preprocess(&bytes, layout.image_size, resizer, &settings.dicom)
+                        .ok()
+                        .map(|(img, _)| img)
+                })
+                .flatten()
+                .collect()
+        });
+        let sizes: Vec<u64> = pool.install(|| {
+            decoded
+                .par_chunks(s)
+                .enumerate()
+                .map(|(k, block)| {
+                    let mut pixels_block = Vec::with_capacity(s * pixels);
+                    block
+                        .iter()
+                        .for_each(|img| pixels_block.extend_from_slice(img));
+                    pixels_block.resize(s * pixels, 0);
+                    let data = pixels_block
+                        .into_array_bytes(array.data_type())
+                        .map_err(|e| ShardError::Encode {
+                            what: ArrayKind::Images.name().into(),
+                            reason: e.to_string(),
+                        })?;
+                    Ok(layout.encode_chunk(&array, k as u64, data)?.1.len() as u64)
+                })
+                .collect::<Result<_, ShardError>>()
+        })?;
+        images += decoded.len() as u64;
+        shards += sizes.len() as u64;
+        stored_bytes += sizes.iter().sum::<u64>();
+    }
+    Ok(IngestCeiling {
+        images,
+        shards,
+        stored_bytes,
+        elapsed: started.elapsed(),
+    })
+}
+
 fn progress_bar(enabled: bool, total: u64, done: u64) -> indicatif::ProgressBar {
     if !enabled {
         return indicatif::ProgressBar::hidden();
@@ -543,7 +638,9 @@ struct PendingShard {
     arrays: Arc<SplitArrays>,
     /// The journal record without its objects (filled in by [`PendingShard::encode`]).
     record: JournalRecord,
-    images: Vec<u16>,
+    /// One block per accepted image; joined into the shard's pixel block by [`PendingShard::encode`], on the
+    /// pool, so the copy overlaps decoding the next shard instead of holding up the producer.
+    images: Vec<Vec<u16>>,
     labels: Vec<u8>,
     ages: Vec<f32>,
     image_ids: Vec<String>,
@@ -562,11 +659,10 @@ fn collect_shard(
     next: &mut SplitCursor,
 ) -> PendingShard {
     let s = arrays.layout.shard_images as usize;
-    let pixels = (arrays.layout.image_size as usize).pow(2);
     let candidates_end = items.last().map_or(next.cursor, |i| i.candidate + 1);
     let mut rejected = Vec::new();
     let mut notes = ImageNoteCounts::default();
-    let mut images = Vec::with_capacity(s * pixels);
+    let mut images = Vec::with_capacity(s);
     let mut labels = Vec::with_capacity(s * NUM_LABELS);
     let mut ages = Vec::with_capacity(s);
     let mut image_ids = Vec::with_capacity(s);
@@ -576,7 +672,7 @@ fn collect_shard(
             Err(r) => rejected.push(r),
             Ok((img, n)) => {
                 let row = rows[item.candidate as usize];
-                images.extend_from_slice(&img);
+                images.push(img);
                 labels.extend_from_slice(&row.labels);
                 ages.push(row.age);
                 image_ids.push(row.image_id.clone());
@@ -621,7 +717,7 @@ impl PendingShard {
         let PendingShard {
             arrays,
             mut record,
-            mut images,
+            images,
             mut labels,
             mut ages,
             mut image_ids,
@@ -634,7 +730,13 @@ impl PendingShard {
             });
         };
         let s = arrays.layout.shard_images as usize;
-        images.resize(s * (arrays.layout.image_size as usize).pow(2), 0);
+        let mut images: Vec<u16> = {
+            let total = s * (arrays.layout.image_size as usize).pow(2);
+            let mut block = Vec::with_capacity(total);
+            images.iter().for_each(|img| block.extend_from_slice(img));
+            block.resize(total, 0);
+            block
+        };
         labels.resize(s * NUM_LABELS, 0);
         ages.resize(s, f32::NAN);
         image_ids.resize(s, String::new());

@@ -135,7 +135,7 @@ impl StoreReader {
         let decoded = array
             .codecs()
             .decode(
-                Cow::Owned(bytes.to_vec()),
+                Cow::Borrowed(&bytes[..]),
                 &shape,
                 array.data_type(),
                 array.fill_value(),

@@ -35,6 +35,14 @@ impl SplitMix64 {
         mix(self.0)
     }
 
+    /// The `k`-th (from 0) value `next_u64` would give, without advancing: the state moves by a constant each draw,
+    /// so draws can be made in any order (and several at once, in vector lanes).
+    pub fn draw_at(&self, k: u64) -> u64 {
+        mix(self
+            .0
+            .wrapping_add(k.wrapping_add(1).wrapping_mul(0x9e37_79b9_7f4a_7c15)))
+    }
+
     /// Uniform in [0, 1) with 24 bits (exact in f32).
     pub fn unit_f32(&mut self) -> f32 {
         (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
@@ -64,6 +72,15 @@ impl SplitMix64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_draw_at_k_is_the_kth_next() {
+        let stream = SplitMix64::stream(&[1, 2, 3]);
+        let mut seq = stream.clone();
+        for k in 0..100 {
+            assert_eq!(stream.draw_at(k), seq.next_u64());
+        }
+    }
 
     #[test]
     fn streams_are_pinned_and_distinct() {

@@ -98,18 +98,40 @@ impl CeilingRun {
     }
 }
 
-/// Fetches and decodes every shard of the split once, all shards in parallel on the current rayon pool.
-pub fn measure_ceiling(storage: Storage, config: &LoaderConfig) -> Result<CeilingRun, ShardError> {
+/// Fetches and decodes every shard of the split once, all shards in parallel on the current rayon pool. With
+/// `verify`, each object is also checked against the manifest's sha256 first, as the loader does: the ceiling of
+/// a reader that trusts nothing it reads.
+pub fn measure_ceiling(
+    storage: Storage,
+    config: &LoaderConfig,
+    verify: bool,
+) -> Result<CeilingRun, ShardError> {
     let started = Instant::now();
     let reader = StoreReader::open(storage.clone())?;
     let latents = match config.output {
         ModelInput::Latents => reader.latents(config.split)?,
         ModelInput::U16 | ModelInput::Dequantised => None,
     };
+    let expected: std::collections::HashMap<&str, &str> = reader
+        .manifest()
+        .objects
+        .iter()
+        .map(|o| (o.key.as_str(), o.sha256.as_str()))
+        .collect();
     let bytes = std::sync::atomic::AtomicU64::new(0);
     let fetch = |key: &str| {
         let b = storage.get(key)?;
         bytes.fetch_add(b.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        if verify
+            && let Some(want) = expected.get(key)
+            && hex::encode(sha2::Sha256::digest(&b)) != *want
+        {
+            return Err(ShardError::BadObject {
+                url: storage.describe(key),
+                reason: "fails its sha256 check".into(),
+                attempts: 1,
+            });
+        }
         Ok(b)
     };
     let shards = reader.shards(config.split);

@@ -529,3 +529,29 @@ fn dicom_images_are_decoded_by_content_and_unusable_ones_are_rejected_with_the_r
     }
     assert_eq!(checked, 2);
 }
+
+#[test]
+fn the_ceiling_does_the_pixel_work_of_ingest_and_compresses_to_the_same_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = synth(&dir.path().join("data"), 40, false);
+    let s = settings(32, 8);
+    let manifest = ingest_complete(&data, &dir.path().join("store"), &s);
+    for threads in [1, 2] {
+        let c =
+            radit_sharding::ingest::measure_ceiling(&data.table, &data.images, &s, Some(threads))
+                .unwrap();
+        assert_eq!(c.images, manifest.counts.accepted, "{threads} threads");
+        // Every pixel block compresses to exactly the bytes ingest stored for it.
+        let images_objects: Vec<_> = manifest
+            .objects
+            .iter()
+            .filter(|o| o.key.contains("/images/c/"))
+            .collect();
+        assert_eq!(c.shards, images_objects.len() as u64);
+        assert_eq!(
+            c.stored_bytes,
+            images_objects.iter().map(|o| o.bytes).sum::<u64>()
+        );
+        assert!(c.images_per_second() > 0.0);
+    }
+}

@@ -11,7 +11,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use radit_protocol::{ClientError, CoordinatorClient, Heartbeat, JobToken, JoinRequest, env};
+use radit_protocol::{
+    ClientError, CoordinatorClient, Heartbeat, JobToken, JoinRequest, STATS_PERIOD, env,
+};
 use tch::Device;
 
 use crate::collective::{self, Collective, CollectiveError, mpi, tcp, tcp::TcpCollective};
@@ -195,6 +197,8 @@ pub fn join_run(
             };
             let mut lost = false;
             let mut superseded_at = None::<Instant>;
+            // The counters ride on a beat every STATS_PERIOD; the beats between are compact.
+            let mut stats_sent = None::<Instant>;
             while !finished.load(Ordering::SeqCst) {
                 // A superseded rank blocked in a collective whose peers are gone cannot reach its step boundary
                 // (a blocked MPI or NCCL call cannot be interrupted from here): after a grace period it is ended
@@ -206,18 +210,26 @@ pub fn join_run(
                     }
                     std::process::exit(1);
                 }
+                let stats = stats_sent
+                    .is_none_or(|t| t.elapsed() >= STATS_PERIOD)
+                    .then(|| progress.snapshot())
+                    .flatten();
+                let carries_stats = stats.is_some();
                 let beat = client.heartbeat(&Heartbeat {
                     rank,
                     generation,
                     step: progress.step(),
                     done: false,
                     phase: Some(progress.phase()),
-                    stats: progress.snapshot(),
+                    stats,
                     fatal: None,
                 });
                 match beat {
                     Ok(r) => {
                         last_ok = Instant::now();
+                        if carries_stats {
+                            stats_sent = Some(last_ok);
+                        }
                         if r.stop && !stop.swap(true, Ordering::SeqCst) {
                             tracing::warn!("the coordinator asks the run to stop: checkpointing");
                         }
