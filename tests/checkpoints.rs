@@ -231,6 +231,55 @@ fn a_flipped_byte_is_caught_by_its_checksum_and_the_previous_checkpoint_used() {
     );
 }
 
+/// Every checkpoint torn: each is verified before anything is loaded, so the engine keeps its initial state and
+/// the run starts over exactly as a run without checkpoints does (a load that had half-written the weights before
+/// finding the damage would not).
+#[test]
+fn when_every_checkpoint_is_torn_the_run_starts_over_from_untouched_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let straight_ckpt = dir.path().join("straight");
+    let straight = losses(&run_ok(
+        &mut Run {
+            ckpt: straight_ckpt.to_str().unwrap(),
+            steps: 4,
+            ..Run::default()
+        }
+        .command(dir.path()),
+    ));
+    let ckpt = dir.path().join("ckpt");
+    let url = ckpt.to_str().unwrap();
+    run_ok(
+        &mut Run {
+            ckpt: url,
+            steps: 4,
+            ..Run::default()
+        }
+        .command(dir.path()),
+    );
+    for step in [2, 4] {
+        let object = ckpt.join(format!("step-{step:010}/rank-00000.bin"));
+        let mut data = std::fs::read(&object).unwrap();
+        let last = data.len() - 1;
+        data[last] ^= 0x01;
+        std::fs::write(&object, &data).unwrap();
+    }
+    let out = run_ok(
+        &mut Run {
+            ckpt: url,
+            steps: 4,
+            ..Run::default()
+        }
+        .command(dir.path()),
+    );
+    let err = stderr(&out);
+    assert_eq!(err.matches("checkpoint unusable").count(), 2, "{err}");
+    assert_eq!(
+        losses(&out),
+        straight,
+        "every step again, from the same initial weights"
+    );
+}
+
 /// Runs `script` (sh) in a private mount namespace where `mount` of a tmpfs is allowed.
 fn in_mount_namespace(script: &str) -> Output {
     Command::new("unshare")

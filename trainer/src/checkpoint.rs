@@ -2,8 +2,9 @@
 //! object, rank 0 writes the run state, and a manifest with every object's sha256 is written last: a checkpoint
 //! without its manifest does not exist. Writing happens on a background thread, so training stalls only for the
 //! device-to-host copy; the commit (checksums gathered, manifest written, old checkpoints pruned) happens at a later
-//! step boundary, collectively. Loading verifies checksums, falls back to the previous checkpoint when one is torn,
-//! refuses a checkpoint of another model, and re-shards when the world size changed.
+//! step boundary, collectively. Loading verifies checksums (hashing each object as it is read) before it touches
+//! the engine, falls back to the previous checkpoint when one is torn, refuses a checkpoint of another model, and
+//! re-shards when the world size changed; a CPU engine is then written in place.
 //!
 //! Layout under the URL: `step-{step:010}/rank-{r:05}.bin`, `step-{step:010}/state.json`,
 //! `step-{step:010}/manifest.json`. A rank object is, for each group in order, its master, m, v and EMA slices as
@@ -594,11 +595,19 @@ impl Checkpointer {
                 Err(CheckpointError::Mismatch { .. }) => 0.0,
                 Err(_) => 1.0,
             };
+            // Only when every rank has verified its objects is any engine overwritten: a torn checkpoint leaves
+            // every rank's state as it was, for the previous checkpoint (or none) to be tried.
             if comm.all_reduce_f64(failed_here)? == 0.0 {
-                let (states, state) = attempt?;
-                engine.load_shard_states(&states, state.adam_steps)?;
+                let verified = attempt?;
+                let unpack_started = std::time::Instant::now();
+                verified.unpack_into(engine)?;
+                tracing::debug!(
+                    step,
+                    unpack_seconds = unpack_started.elapsed().as_secs_f64(),
+                    "checkpoint unpacked"
+                );
                 tracing::info!(step, url = self.storage.url(), "resumed from checkpoint");
-                return Ok(Some(state));
+                return Ok(Some(verified.state));
             }
             if let Err(e) = attempt {
                 tracing::warn!(step, error = %format!("{e:#}"), "checkpoint unusable, trying the previous one");
@@ -607,12 +616,14 @@ impl Checkpointer {
         Ok(None)
     }
 
+    /// Reads step `step`'s manifest, state and the objects this rank needs, each checked against its size and
+    /// sha256; nothing is unpacked yet.
     fn try_load(
         &self,
         engine: &Fsdp,
         model: &RadiTConfig,
         step: u64,
-    ) -> Result<(Vec<ShardState>, RunState), CheckpointError> {
+    ) -> Result<Verified, CheckpointError> {
         let dir = step_dir(step);
         let key = format!("{dir}/manifest.json");
         let corrupt = |reason: String| CheckpointError::Corrupt {
@@ -633,19 +644,15 @@ impl Checkpointer {
                 reason: "the model config differs".into(),
             });
         }
-        let verify = |entry: &FileEntry, data: &Bytes| -> Result<(), CheckpointError> {
-            if data.len() as u64 != entry.bytes || hex::encode(Sha256::digest(data)) != entry.sha256
-            {
+        // Each object is hashed as it is read (on a second thread, for a local store).
+        let fetch = |entry: &FileEntry| -> Result<Bytes, CheckpointError> {
+            let (data, digest) = self.storage.get_sha256(&entry.key)?;
+            if data.len() as u64 != entry.bytes || hex::encode(digest) != entry.sha256 {
                 return Err(corrupt(format!(
                     "{} is torn (size or sha256 differ)",
                     entry.key
                 )));
             }
-            Ok(())
-        };
-        let fetch = |entry: &FileEntry| -> Result<Bytes, CheckpointError> {
-            let data = self.storage.get(&entry.key)?;
-            verify(entry, &data)?;
             Ok(data)
         };
         let state: RunState = serde_json::from_slice(&fetch(&manifest.state)?)
@@ -686,30 +693,66 @@ impl Checkpointer {
                 .ranks
                 .get(r as usize)
                 .ok_or_else(|| corrupt(format!("no object for rank {r} of {old_world}")))?;
-            files.insert(r, (entry, self.storage.get(&entry.key)?));
+            files.insert(r, fetch(entry)?);
         }
-        let read_seconds = read_started.elapsed().as_secs_f64();
-        let unpack_started = std::time::Instant::now();
-        // The objects' checksums are verified while their slices are unpacked (each alone is one pass over the
-        // bytes); a mismatch discards what was unpacked.
-        let (verified, states) = rayon::join(
-            || {
-                files
-                    .values()
-                    .collect::<Vec<_>>()
-                    .into_par_iter()
-                    .try_for_each(|(entry, data)| verify(entry, data))
-            },
-            || unpack_slices(&manifest.groups, &files, rank, world, &corrupt),
-        );
         tracing::debug!(
             step,
-            read_seconds,
-            verify_and_unpack_seconds = unpack_started.elapsed().as_secs_f64(),
+            read_and_verify_seconds = read_started.elapsed().as_secs_f64(),
             "checkpoint read"
         );
-        verified?;
-        Ok((states?, state))
+        Ok(Verified {
+            key,
+            groups: manifest.groups,
+            files,
+            rank,
+            world,
+            state,
+        })
+    }
+}
+
+/// A checkpoint this rank has read and verified, not yet unpacked.
+struct Verified {
+    /// The manifest's key, to name in errors.
+    key: String,
+    groups: Vec<GroupLayout>,
+    /// The old ranks' objects this rank needs, by old rank.
+    files: std::collections::BTreeMap<i64, Bytes>,
+    rank: i64,
+    world: i64,
+    state: RunState,
+}
+
+impl Verified {
+    /// Copies this rank's slices into the engine. A CPU fp32 engine's own tensors are written in place (no second
+    /// copy of the state in fresh memory); other engines get host tensors that `load_shard_states` moves to their
+    /// device.
+    fn unpack_into(&self, engine: &mut Fsdp) -> Result<(), CheckpointError> {
+        let corrupt = |reason: String| CheckpointError::Corrupt {
+            key: self.key.clone(),
+            reason,
+        };
+        let views = engine.shard_views();
+        let in_place = views.len() == self.groups.len()
+            && views.iter().zip(&self.groups).all(|(v, g)| {
+                let shard = g.for_world(self.world).shard;
+                [&v.master, &v.m, &v.v, &v.ema].iter().all(|t| {
+                    t.device() == tch::Device::Cpu
+                        && t.kind() == Kind::Float
+                        && t.is_contiguous()
+                        && t.size() == [shard]
+                })
+            });
+        let states = unpack_slices(
+            &self.groups,
+            &self.files,
+            self.rank,
+            self.world,
+            &corrupt,
+            in_place.then_some(&views[..]),
+        )?;
+        engine.load_shard_states(&states, self.state.adam_steps)?;
+        Ok(())
     }
 }
 
@@ -718,10 +761,11 @@ impl Checkpointer {
 /// builds only for little-endian hosts.
 fn unpack_slices(
     groups: &[GroupLayout],
-    files: &std::collections::BTreeMap<i64, (&FileEntry, Bytes)>,
+    files: &std::collections::BTreeMap<i64, Bytes>,
     rank: i64,
     world: i64,
     corrupt: &dyn Fn(String) -> CheckpointError,
+    into: Option<&[ShardState]>,
 ) -> Result<Vec<ShardState>, CheckpointError> {
     // Per old rank, the floats before each group's four arrays.
     let per_rank_floats: Vec<i64> = groups.iter().map(|g| 4 * g.shard).collect();
@@ -732,8 +776,12 @@ fn unpack_slices(
         let (lo, hi) = (rank * new.shard, ((rank + 1) * new.shard).min(old.numel));
         let mut arrays = Vec::with_capacity(4);
         for array in 0..4 {
-            let out = Tensor::empty([new.shard], tch::kind::FLOAT_CPU);
-            // SAFETY: a fresh contiguous CPU f32 tensor of `new.shard` elements, owned here and not yet shared.
+            let out = match into.and_then(|views| views.get(gi)) {
+                Some(v) => [&v.master, &v.m, &v.v, &v.ema][array as usize].shallow_clone(),
+                None => Tensor::empty([new.shard], tch::kind::FLOAT_CPU),
+            };
+            // SAFETY: a contiguous CPU f32 tensor of `new.shard` elements: fresh, or (checked by the caller) one
+            // of the engine's own, which nothing else reads or writes while the checkpoint is loaded.
             let dst = unsafe {
                 std::slice::from_raw_parts_mut(out.data_ptr() as *mut u8, 4 * new.shard as usize)
             };
@@ -747,7 +795,7 @@ fn unpack_slices(
                 let b = ((group_start + array * old.shard + within) * 4) as usize;
                 let run = files
                     .get(&r)
-                    .and_then(|(_, data)| data.get(b..b + 4 * take as usize))
+                    .and_then(|data| data.get(b..b + 4 * take as usize))
                     .ok_or_else(|| corrupt(format!("rank object {r} is too short")))?;
                 dst[4 * (pos - lo) as usize..][..run.len()].copy_from_slice(run);
                 pos += take;
