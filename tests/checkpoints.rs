@@ -183,42 +183,57 @@ fn pruning_keeps_exactly_keep_checkpoints_and_removes_their_directories() {
     assert_eq!(step_dirs(&ckpt), ["step-0000000006", "step-0000000007"]);
 }
 
-#[test]
-fn a_flipped_byte_is_caught_by_its_checksum_and_the_previous_checkpoint_used() {
-    let dir = tempfile::tempdir().unwrap();
-    let straight_ckpt = dir.path().join("straight");
+/// In `dir`: the losses of a straight run of `straight_steps` steps, and the checkpoint directory a 4-step run
+/// leaves (checkpoints at steps 2 and 4).
+fn straight_and_checkpointed(dir: &Path, straight_steps: u64) -> (Vec<f64>, PathBuf) {
+    let straight_ckpt = dir.join("straight");
     let straight = losses(&run_ok(
         &mut Run {
             ckpt: straight_ckpt.to_str().unwrap(),
-            steps: 6,
+            steps: straight_steps,
             ..Run::default()
         }
-        .command(dir.path()),
+        .command(dir),
     ));
-    let ckpt = dir.path().join("ckpt");
-    let url = ckpt.to_str().unwrap();
+    let ckpt = dir.join("ckpt");
     run_ok(
         &mut Run {
-            ckpt: url,
+            ckpt: ckpt.to_str().unwrap(),
             steps: 4,
             ..Run::default()
         }
-        .command(dir.path()),
+        .command(dir),
     );
-    // One bit of one byte in the middle of the newest object: same size, so only the checksum can tell.
-    let object = ckpt.join("step-0000000004/rank-00000.bin");
+    (straight, ckpt)
+}
+
+/// Flips one bit of byte `at(len)` of step `step`'s rank-0 object: same size, so only the checksum can tell.
+fn flip_a_bit(ckpt: &Path, step: u64, at: impl Fn(usize) -> usize) {
+    let object = ckpt.join(format!("step-{step:010}/rank-00000.bin"));
     let mut data = std::fs::read(&object).unwrap();
-    let middle = data.len() / 2;
-    data[middle] ^= 0x10;
+    let i = at(data.len());
+    data[i] ^= 0x10;
     std::fs::write(&object, &data).unwrap();
-    let out = run_ok(
+}
+
+/// `radit train` from `ckpt` to `steps`.
+fn resume(dir: &Path, ckpt: &Path, steps: u64) -> Output {
+    run_ok(
         &mut Run {
-            ckpt: url,
-            steps: 6,
+            ckpt: ckpt.to_str().unwrap(),
+            steps,
             ..Run::default()
         }
-        .command(dir.path()),
-    );
+        .command(dir),
+    )
+}
+
+#[test]
+fn a_flipped_byte_is_caught_by_its_checksum_and_the_previous_checkpoint_used() {
+    let dir = tempfile::tempdir().unwrap();
+    let (straight, ckpt) = straight_and_checkpointed(dir.path(), 6);
+    flip_a_bit(&ckpt, 4, |len| len / 2);
+    let out = resume(dir.path(), &ckpt, 6);
     let err = stderr(&out);
     assert!(
         err.contains("checkpoint unusable") && err.contains("sha256"),
@@ -237,40 +252,11 @@ fn a_flipped_byte_is_caught_by_its_checksum_and_the_previous_checkpoint_used() {
 #[test]
 fn when_every_checkpoint_is_torn_the_run_starts_over_from_untouched_weights() {
     let dir = tempfile::tempdir().unwrap();
-    let straight_ckpt = dir.path().join("straight");
-    let straight = losses(&run_ok(
-        &mut Run {
-            ckpt: straight_ckpt.to_str().unwrap(),
-            steps: 4,
-            ..Run::default()
-        }
-        .command(dir.path()),
-    ));
-    let ckpt = dir.path().join("ckpt");
-    let url = ckpt.to_str().unwrap();
-    run_ok(
-        &mut Run {
-            ckpt: url,
-            steps: 4,
-            ..Run::default()
-        }
-        .command(dir.path()),
-    );
+    let (straight, ckpt) = straight_and_checkpointed(dir.path(), 4);
     for step in [2, 4] {
-        let object = ckpt.join(format!("step-{step:010}/rank-00000.bin"));
-        let mut data = std::fs::read(&object).unwrap();
-        let last = data.len() - 1;
-        data[last] ^= 0x01;
-        std::fs::write(&object, &data).unwrap();
+        flip_a_bit(&ckpt, step, |len| len - 1);
     }
-    let out = run_ok(
-        &mut Run {
-            ckpt: url,
-            steps: 4,
-            ..Run::default()
-        }
-        .command(dir.path()),
-    );
+    let out = resume(dir.path(), &ckpt, 4);
     let err = stderr(&out);
     assert_eq!(err.matches("checkpoint unusable").count(), 2, "{err}");
     assert_eq!(
