@@ -110,7 +110,7 @@ streaming_s3_cold=$last_rate
 row "moto S3" "MosaicML Streaming (MDS)" "$cores workers" "node cache warm" "$("$spy" "$root/bench/streaming_loader.py" read --remote s3://bench/mds --local "$work/mds-cache" --workers "$cores")"
 echo
 # The rows at every core ($cores threads), for scripts/bench-all.sh.
-summary() { awk -v what="$1" -v a="$2" -v b="$3" -v target="$4" 'BEGIN{printf "SUMMARY|loader: %s|%s samples/s|%s samples/s|%.2f|%s\n", what, a, b, a/b, target}'; }
+summary() { awk -v what="$1" -v a="$2" -v b="$3" -v target="$4" 'BEGIN{printf "SUMMARY|loader: %s|%.1f samples/s|%.1f samples/s|%.2f|%s\n", what, a, b, a/b, target}'; }
 summary "local, $cold, vs read+decompress ceiling" "$local_cold" "$local_ceiling" ">= 0.95"
 summary "moto S3, node cache cold, vs its ceiling" "$s3_cold" "$s3_ceiling" ">= 0.95"
 summary "local, $cold, vs the read+verify+decompress ceiling" "$local_cold" "$local_verified_ceiling" ">= 0.95"
