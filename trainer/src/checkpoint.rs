@@ -688,11 +688,20 @@ impl Checkpointer {
         }
         let read_started = std::time::Instant::now();
         let mut files = std::collections::BTreeMap::new();
+        // Every old rank's object holds its four arrays of every group: checked here, so unpacking (which writes
+        // into the engine) cannot run out of bytes half-way.
+        let object_bytes: u64 = manifest.groups.iter().map(|g| 16 * g.shard as u64).sum();
         for r in needed {
             let entry = manifest
                 .ranks
                 .get(r as usize)
                 .ok_or_else(|| corrupt(format!("no object for rank {r} of {old_world}")))?;
+            if entry.bytes != object_bytes {
+                return Err(corrupt(format!(
+                    "{} is listed with {} bytes where its groups need {object_bytes}",
+                    entry.key, entry.bytes
+                )));
+            }
             files.insert(r, fetch(entry)?);
         }
         tracing::debug!(
