@@ -1,8 +1,8 @@
 //! Scale by simulation: thousands of simulated ranks (threads using the real rank client) join one coordinator on
 //! loopback and heartbeat it at a fixed rate as real ranks do (a rank's training counters ride on a beat every
-//! [`STATS_PERIOD`], the beats between are compact), while a scraper fetches `/metrics` as Prometheus would. Measures the join time, heartbeat latency, scrape time and
-//! size, and the coordinator's own CPU time (its runtime threads, read from /proc), and checks that no healthy rank
-//! is declared dead.
+//! [`radit_protocol::STATS_PERIOD`], the beats between are compact), while a scraper fetches `/metrics` as
+//! Prometheus would. Measures the join time, heartbeat latency, scrape time and size, and the coordinator's own CPU
+//! time (its runtime threads, read from /proc), and checks that no healthy rank is declared dead.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -12,8 +12,8 @@ use serde::Serialize;
 use crate::service::{Service, THREAD_NAME};
 use crate::{CoordinatorConfig, JobHealth};
 use radit_protocol::{
-    CoordinatorClient, Heartbeat, JobToken, JoinRequest, Phase, RankStats, STATS_PERIOD,
-    STEP_SECONDS_BUCKETS,
+    CoordinatorClient, Heartbeat, JobToken, JoinRequest, Phase, RankStats, STEP_SECONDS_BUCKETS,
+    stats_due,
 };
 
 #[derive(Debug, Clone)]
@@ -207,9 +207,7 @@ pub fn simulate(cfg: &SimConfig) -> std::io::Result<SimReport> {
                         std::thread::sleep(wait);
                     }
                     let sent = Instant::now();
-                    let stats = stats_sent
-                        .is_none_or(|t| sent.duration_since(t) >= STATS_PERIOD)
-                        .then(|| sample_stats(k));
+                    let stats = stats_due(stats_sent, sent).then(|| sample_stats(k));
                     if stats.is_some() {
                         stats_sent = Some(sent);
                         with_stats.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

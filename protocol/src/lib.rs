@@ -30,4 +30,5 @@ pub use token::{JobToken, constant_time_eq, random_bytes};
 pub use wire::{
     COMPACT_BEAT_BYTES, COMPACT_BEAT_CONTENT_TYPE, CheckpointReport, CompactBeatError, Heartbeat,
     HeartbeatReply, JoinReply, JoinRequest, Phase, RankStats, STATS_PERIOD, STEP_SECONDS_BUCKETS,
+    stats_due,
 };

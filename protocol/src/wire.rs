@@ -178,6 +178,12 @@ const FLAG_PHASE: u8 = 2;
 /// scrapes every 15 s; the step (what failure and hang detection read) is on every beat.
 pub const STATS_PERIOD: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// Whether a beat sent at `now` carries the counters, the last beat that did having been sent at `last` (none
+/// yet: it does).
+pub fn stats_due(last: Option<std::time::Instant>, now: std::time::Instant) -> bool {
+    last.is_none_or(|t| now.saturating_duration_since(t) >= STATS_PERIOD)
+}
+
 /// A compact heartbeat that cannot be read, named by what is wrong with it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CompactBeatError {

@@ -368,12 +368,7 @@ pub fn measure_ceiling(
                 .par_chunks(s)
                 .enumerate()
                 .map(|(k, block)| {
-                    let mut pixels_block = Vec::with_capacity(s * pixels);
-                    block
-                        .iter()
-                        .for_each(|img| pixels_block.extend_from_slice(img));
-                    pixels_block.resize(s * pixels, 0);
-                    let data = pixels_block
+                    let data = pixel_block(block, s * pixels)
                         .into_array_bytes(array.data_type())
                         .map_err(|e| ShardError::Encode {
                             what: ArrayKind::Images.name().into(),
@@ -393,6 +388,14 @@ pub fn measure_ceiling(
         stored_bytes,
         elapsed: started.elapsed(),
     })
+}
+
+/// A shard's images joined into one block of `total` pixels, the unfilled rest black (the array's fill value).
+fn pixel_block(images: &[Vec<u16>], total: usize) -> Vec<u16> {
+    let mut block = Vec::with_capacity(total);
+    images.iter().for_each(|img| block.extend_from_slice(img));
+    block.resize(total, 0);
+    block
 }
 
 fn progress_bar(enabled: bool, total: u64, done: u64) -> indicatif::ProgressBar {
@@ -730,13 +733,7 @@ impl PendingShard {
             });
         };
         let s = arrays.layout.shard_images as usize;
-        let mut images: Vec<u16> = {
-            let total = s * (arrays.layout.image_size as usize).pow(2);
-            let mut block = Vec::with_capacity(total);
-            images.iter().for_each(|img| block.extend_from_slice(img));
-            block.resize(total, 0);
-            block
-        };
+        let mut images = pixel_block(&images, s * (arrays.layout.image_size as usize).pow(2));
         labels.resize(s * NUM_LABELS, 0);
         ages.resize(s, f32::NAN);
         image_ids.resize(s, String::new());

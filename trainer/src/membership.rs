@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use radit_protocol::{
-    ClientError, CoordinatorClient, Heartbeat, JobToken, JoinRequest, STATS_PERIOD, env,
+    ClientError, CoordinatorClient, Heartbeat, JobToken, JoinRequest, env, stats_due,
 };
 use tch::Device;
 
@@ -210,8 +210,7 @@ pub fn join_run(
                     }
                     std::process::exit(1);
                 }
-                let stats = stats_sent
-                    .is_none_or(|t| t.elapsed() >= STATS_PERIOD)
+                let stats = stats_due(stats_sent, Instant::now())
                     .then(|| progress.snapshot())
                     .flatten();
                 let carries_stats = stats.is_some();
