@@ -500,6 +500,8 @@ fn bench(a: ModelBenchArgs) -> anyhow::Result<u8> {
         "--batch, --steps and --threads must be positive"
     );
     tch::set_num_threads(a.threads);
+    // As the CPU engine does, so the plain floor is measured under the same allocator.
+    radit_trainer::runtime::retain_large_cpu_buffers();
     tch::manual_seed(0);
     let vs = VarStore::new(Device::Cpu);
     let mut model = RadiT::new(&vs.root(), &cfg)?;

@@ -223,7 +223,13 @@ pub fn run_selftest(cmd: SelftestCommand) -> anyhow::Result<u8> {
             let device = device(&name)?;
             let comm = collective::from_environment(device).context("joining the rank group")?;
             let (rank, world) = (comm.rank(), comm.world());
-            match collective::conformance::run(comm.as_ref(), device) {
+            // Called directly, then as training calls it (CPU ranks: from the communication thread).
+            let verdict = collective::conformance::run(comm.as_ref(), device).and_then(|()| {
+                let comm =
+                    collective::threaded::overlapping(comm, device).map_err(|e| e.to_string())?;
+                collective::conformance::run(comm.as_ref(), device)
+            });
+            match verdict {
                 Ok(()) => {
                     println!("rank {rank}/{world}: conformance ok");
                     Ok(0)

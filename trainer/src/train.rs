@@ -683,6 +683,8 @@ impl<'a> Trainer<'a> {
     ) -> Result<Self, TrainError> {
         let (rank, world) = (comm.rank() as u64, comm.world() as u64);
         cfg.validate_for_world(world)?;
+        // The phase is marked outside the communication thread: a rank reads "collective" only while it waits.
+        let comm = crate::collective::threaded::overlapping(comm, device)?;
         let comm = Box::new(PhaseMarking::new(comm, handles.progress.clone()));
         let model = cfg.model();
         let mut engine = Fsdp::new(

@@ -97,6 +97,39 @@ pub fn run(c: &dyn Collective, device: Device) -> Result<(), String> {
     })?;
     c.barrier().map_err(err)?;
 
+    // Started collectives: two in flight at once and a blocking call behind them, then the waits, in order.
+    let input = ramp(rank, 2 * w, Kind::Float, device);
+    let mut summed = Tensor::zeros([2], (Kind::Float, device));
+    let mut gathered = Tensor::zeros([2 * w], (Kind::Float, device));
+    let scatter = c
+        .start_reduce_scatter_sum(&input, &mut summed)
+        .map_err(err)?;
+    let gather = c
+        .start_all_gather(&input.narrow(0, 0, 2), &mut gathered)
+        .map_err(err)?;
+    let between = c.all_reduce_f64(1.0).map_err(err)?;
+    c.wait(scatter).map_err(err)?;
+    c.wait(gather).map_err(err)?;
+    let want_sum = (Tensor::arange(2, (Kind::Double, Device::Cpu)) + 2.0 * rank as f64) * w
+        + 1000.0 * (w * (w - 1) / 2) as f64;
+    expect(
+        summed
+            .to_device(Device::Cpu)
+            .to_kind(Kind::Double)
+            .allclose(&want_sum, 0.0, 0.0, false),
+        || format!("rank {rank}: started reduce_scatter gave {summed}"),
+    )?;
+    for r in 0..world {
+        let want = ramp(r, 2, Kind::Float, Device::Cpu);
+        let got = gathered.narrow(0, r as i64 * 2, 2).to_device(Device::Cpu);
+        expect(got.equal(&want), || {
+            format!("rank {rank}: started all_gather block {r} = {got}")
+        })?;
+    }
+    expect(between == w as f64, || {
+        format!("rank {rank}: all_reduce_f64 between started collectives = {between}")
+    })?;
+
     // Misuse is refused before any communication, identically on every rank.
     let mut bad = Tensor::zeros([2, 2], (Kind::Float, device));
     expect(c.all_reduce_sum(&mut bad).is_err(), || {

@@ -1,6 +1,8 @@
 //! Collectives behind one small trait, so the engine never knows what carries its bytes: MPI for CPU tensors
 //! ([`mpi::MpiCollective`]), NCCL for GPU tensors ([`nccl`]), and an in-process group of threads for unit tests
-//! ([`local::LocalGroup`]), and a TCP star for CPU ranks started without MPI ([`tcp::TcpCollective`]). One conformance suite ([`conformance`]) runs against each.
+//! ([`local::LocalGroup`]), and a TCP star for CPU ranks started without MPI ([`tcp::TcpCollective`]). One
+//! conformance suite ([`conformance`]) runs against each. CPU ranks run their collectives on a communication
+//! thread ([`threaded`]) so that started ones overlap compute.
 //!
 //! Every method is collective: all ranks of the group call it, in the same order, with tensors of the same shape
 //! and kind. Tensors are contiguous and one-dimensional. Reductions are sums in rank order.
@@ -15,6 +17,7 @@ pub mod observed;
 pub mod phase;
 pub mod rendezvous;
 pub mod tcp;
+pub mod threaded;
 
 use tch::{Kind, Tensor};
 
@@ -91,6 +94,17 @@ pub trait Collective: Send {
         out: &mut Tensor,
     ) -> Result<InFlight, CollectiveError> {
         self.all_gather(input, out)?;
+        Ok(InFlight::Done)
+    }
+
+    /// Starts a reduce-scatter that may finish later, so the backward of the next block overlaps it (CPU ranks run
+    /// it on a communication thread, [`threaded`]); the same contract as [`Collective::start_all_gather`].
+    fn start_reduce_scatter_sum(
+        &self,
+        input: &Tensor,
+        out: &mut Tensor,
+    ) -> Result<InFlight, CollectiveError> {
+        self.reduce_scatter_sum(input, out)?;
         Ok(InFlight::Done)
     }
 

@@ -13,12 +13,15 @@ pub struct MpiCollective {
     world: SimpleCommunicator,
     rank: usize,
     size: usize,
+    /// Where peers' blocks of a reduce-scatter land, kept between calls (8-byte words: aligned for every kind).
+    scratch: std::sync::Mutex<Vec<u64>>,
     // Dropped last: finalises MPI.
     _universe: Universe,
 }
 
 // SAFETY: MPI is initialised with MPI_THREAD_SERIALIZED, so calls may come from any thread as long as they do not
-// overlap; `&self` methods are only ever called by the one thread that owns the engine at a time.
+// overlap; `&self` methods are only ever called by one thread at a time (the engine's, or its communication thread,
+// which then makes every call).
 unsafe impl Send for MpiCollective {}
 
 /// Variables an MPI launcher (OpenMPI, or Slurm's PMI/PMIx) sets in every rank.
@@ -43,6 +46,7 @@ impl MpiCollective {
             world,
             rank,
             size,
+            scratch: std::sync::Mutex::new(Vec::new()),
             _universe: universe,
         })
     }
@@ -88,6 +92,93 @@ macro_rules! typed_mut {
     }};
 }
 
+/// The tag of the pairwise exchanges that carry the all-gathers and reduce-scatters.
+const BULK_TAG: i32 = 0x5261;
+
+/// The longest sleep between two tests of a pending exchange.
+const MOST_IDLE: std::time::Duration = std::time::Duration::from_micros(200);
+
+/// Waits for `pending` without spinning a core: a CPU rank's collectives run beside its compute on the same cores
+/// (see [`super::threaded`]), and MPI's own wait polls flat out, taking that core from the compute. Tests every
+/// request, then sleeps, twice as long each time up to [`MOST_IDLE`]; each test also progresses the transfers.
+fn complete_without_spinning<'a, T: 'a + ?Sized, S: ::mpi::request::Scope<'a>>(
+    mut pending: Vec<::mpi::request::Request<'a, T, S>>,
+) {
+    let mut idle = std::time::Duration::from_micros(5);
+    while !pending.is_empty() {
+        pending = pending.into_iter().filter_map(|r| r.test().err()).collect();
+        if !pending.is_empty() {
+            std::thread::sleep(idle);
+            idle = (idle * 2).min(MOST_IDLE);
+        }
+    }
+}
+
+impl MpiCollective {
+    /// Reduce-scatter by pairwise exchange: block `p` of `input` goes to rank `p`, every peer's block `rank` comes
+    /// back, and the blocks are summed in rank order (so every run of the same inputs sums alike). Each rank moves
+    /// (world-1)/world of its input once; MPI's own algorithms reduce on one root first.
+    fn reduce_scatter_pairwise<T>(
+        &self,
+        input: &[T],
+        out: &mut Tensor,
+    ) -> Result<(), CollectiveError>
+    where
+        T: ::mpi::datatype::Equivalence + Copy,
+        [T]: ::mpi::datatype::Buffer + ::mpi::datatype::BufferMut,
+    {
+        let n = input.len() / self.size;
+        let kind = out.kind();
+        let len = n * (self.size - 1);
+        let mut scratch = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
+        let words = (len * std::mem::size_of::<T>()).div_ceil(8);
+        if scratch.len() < words {
+            scratch.resize(words, 0);
+        }
+        // SAFETY: T is f32, f64 or i64 (alignment at most 8, any bit pattern valid); the scratch holds `len` of them
+        // and stays locked while this view lives.
+        let theirs: &mut [T] =
+            unsafe { std::slice::from_raw_parts_mut(scratch.as_mut_ptr() as *mut T, len) };
+        let peers = (0..self.size).filter(|&r| r != self.rank);
+        ::mpi::request::scope(|scope| {
+            let mut pending = Vec::new();
+            for (peer, slot) in peers.zip(theirs.chunks_mut(n.max(1))) {
+                let p = self.world.process_at_rank(peer as i32);
+                pending.push(p.immediate_send_with_tag(
+                    scope,
+                    &input[peer * n..(peer + 1) * n],
+                    BULK_TAG,
+                ));
+                pending.push(p.immediate_receive_into_with_tag(scope, slot, BULK_TAG));
+            }
+            complete_without_spinning(pending);
+        });
+        // SAFETY: `theirs` and `input` are plain slices of `kind`'s element type, alive for these views.
+        let view = |s: &[T]| unsafe {
+            Tensor::from_blob(
+                s.as_ptr() as *const u8,
+                &[s.len() as i64],
+                &[1],
+                kind,
+                Device::Cpu,
+            )
+        };
+        let block = |r: usize| {
+            if r == self.rank {
+                view(&input[r * n..(r + 1) * n])
+            } else {
+                let k = if r < self.rank { r } else { r - 1 };
+                view(&theirs[k * n..(k + 1) * n])
+            }
+        };
+        out.f_copy_(&block(0))?;
+        for r in 1..self.size {
+            *out += block(r);
+        }
+        Ok(())
+    }
+}
+
 impl Collective for MpiCollective {
     fn rank(&self) -> usize {
         self.rank
@@ -126,10 +217,29 @@ impl Collective for MpiCollective {
     }
 
     fn all_gather(&self, input: &Tensor, out: &mut Tensor) -> Result<(), CollectiveError> {
-        check_sizes("all_gather", input, out, self.size, true)?;
+        let n = check_sizes("all_gather", input, out, self.size, true)?;
         cpu_only("all_gather", input)?;
         cpu_only("all_gather", out)?;
-        self.world.all_gather_into(bytes(input), bytes_mut(out));
+        // Pairwise, as bytes: each peer's block arrives straight into its place in `out`.
+        let width = input.kind().elt_size_in_bytes();
+        let mine = bytes(input);
+        let out = bytes_mut(out);
+        let (before, rest) = out.split_at_mut(self.rank * n * width);
+        let (own, after) = rest.split_at_mut(n * width);
+        own.copy_from_slice(mine);
+        let slots = before
+            .chunks_mut(n * width)
+            .chain(after.chunks_mut(n * width));
+        let peers = (0..self.size).filter(|&r| r != self.rank);
+        ::mpi::request::scope(|scope| {
+            let mut pending = Vec::new();
+            for (peer, slot) in peers.zip(slots) {
+                let p = self.world.process_at_rank(peer as i32);
+                pending.push(p.immediate_send_with_tag(scope, mine, BULK_TAG));
+                pending.push(p.immediate_receive_into_with_tag(scope, slot, BULK_TAG));
+            }
+            complete_without_spinning(pending);
+        });
         Ok(())
     }
 
@@ -138,21 +248,11 @@ impl Collective for MpiCollective {
         check_reducible("reduce_scatter", input)?;
         cpu_only("reduce_scatter", input)?;
         cpu_only("reduce_scatter", out)?;
-        let op = SystemOperation::sum();
         match input.kind() {
-            Kind::Float => {
-                self.world
-                    .reduce_scatter_block_into(typed!(input, f32), typed_mut!(out, f32), op)
-            }
-            Kind::Double => {
-                self.world
-                    .reduce_scatter_block_into(typed!(input, f64), typed_mut!(out, f64), op)
-            }
-            _ => self
-                .world
-                .reduce_scatter_block_into(typed!(input, i64), typed_mut!(out, i64), op),
+            Kind::Float => self.reduce_scatter_pairwise(typed!(input, f32), out),
+            Kind::Double => self.reduce_scatter_pairwise(typed!(input, f64), out),
+            _ => self.reduce_scatter_pairwise(typed!(input, i64), out),
         }
-        Ok(())
     }
 
     fn broadcast(&self, t: &mut Tensor, root: usize) -> Result<(), CollectiveError> {

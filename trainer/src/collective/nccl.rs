@@ -124,6 +124,33 @@ impl NcclCollective {
     }
 }
 
+impl NcclCollective {
+    /// Issues one NCCL call (`issue`, given the communication stream) after everything already queued on the
+    /// default stream (the buffers' producers), and returns the event that [`Collective::wait`] orders later
+    /// compute after.
+    fn on_comm_stream(
+        &self,
+        op: &'static str,
+        issue: impl FnOnce(*mut std::ffi::c_void) -> crate::collective::nccl_lib::NcclResult,
+    ) -> Result<InFlight, CollectiveError> {
+        let flags = cu::CUevent_flags::CU_EVENT_DISABLE_TIMING;
+        let wait = cu::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT;
+        // SAFETY: the events and the communication stream belong to this communicator's context; `ready` is
+        // destroyed once recorded and waited on, `done` by `wait`.
+        unsafe {
+            let ready = event::create(flags).map_err(|e| failed(op, e))?;
+            event::record(ready, std::ptr::null_mut()).map_err(|e| failed(op, e))?;
+            stream::wait_event(self.comm_stream, ready, wait).map_err(|e| failed(op, e))?;
+            event::destroy(ready).map_err(|e| failed(op, e))?;
+            let code = issue(self.comm_stream as *mut std::ffi::c_void);
+            self.lib.check(code).map_err(|e| failed(op, e))?;
+            let done = event::create(flags).map_err(|e| failed(op, e))?;
+            event::record(done, self.comm_stream).map_err(|e| failed(op, e))?;
+            Ok(InFlight::Event(CudaEvent(done)))
+        }
+    }
+}
+
 /// NCCL's type for `kind`, and how many of its elements make one of `kind`'s.
 fn dtype(kind: Kind) -> (u32, usize) {
     use sys::ncclDataType_t as T;
@@ -190,30 +217,45 @@ impl Collective for NcclCollective {
         self.on_device("all_gather", input)?;
         self.on_device("all_gather", out)?;
         let (dt, scale) = dtype(input.kind());
-        let flags = cu::CUevent_flags::CU_EVENT_DISABLE_TIMING;
-        let wait = cu::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT;
-        // SAFETY: events and the comm stream belong to this context; the comm stream first waits for everything
-        // already queued on the default stream (the buffers' producers), and the caller keeps both buffers alive
-        // until `wait`, after which the default stream waits for the gather.
-        unsafe {
-            let ready = event::create(flags).map_err(|e| failed("all_gather", e))?;
-            event::record(ready, std::ptr::null_mut()).map_err(|e| failed("all_gather", e))?;
-            stream::wait_event(self.comm_stream, ready, wait)
-                .map_err(|e| failed("all_gather", e))?;
-            event::destroy(ready).map_err(|e| failed("all_gather", e))?;
-            let code = (self.lib.all_gather)(
+        // SAFETY: contiguous buffers of n and world * n elements on this GPU, kept alive by the caller until `wait`.
+        self.on_comm_stream("all_gather", |stream| unsafe {
+            (self.lib.all_gather)(
                 input.data_ptr(),
                 out.data_ptr(),
                 n * scale,
                 dt,
                 self.comm,
-                self.comm_stream as *mut std::ffi::c_void,
-            );
-            self.lib.check(code).map_err(|e| failed("all_gather", e))?;
-            let done = event::create(flags).map_err(|e| failed("all_gather", e))?;
-            event::record(done, self.comm_stream).map_err(|e| failed("all_gather", e))?;
-            Ok(InFlight::Event(CudaEvent(done)))
+                stream,
+            )
+        })
+    }
+
+    fn start_reduce_scatter_sum(
+        &self,
+        input: &Tensor,
+        out: &mut Tensor,
+    ) -> Result<InFlight, CollectiveError> {
+        if input.device() == Device::Cpu && out.device() == Device::Cpu {
+            self.bootstrap.reduce_scatter_sum(input, out)?;
+            return Ok(InFlight::Done);
         }
+        let n = check_sizes("reduce_scatter", input, out, self.world, false)?;
+        check_reducible("reduce_scatter", input)?;
+        self.on_device("reduce_scatter", input)?;
+        self.on_device("reduce_scatter", out)?;
+        let (dt, _) = dtype(input.kind());
+        // SAFETY: contiguous buffers of world * n and n elements on this GPU, kept alive by the caller until `wait`.
+        self.on_comm_stream("reduce_scatter", |stream| unsafe {
+            (self.lib.reduce_scatter)(
+                input.data_ptr(),
+                out.data_ptr(),
+                n,
+                dt,
+                SUM,
+                self.comm,
+                stream,
+            )
+        })
     }
 
     fn wait(&self, flight: InFlight) -> Result<(), CollectiveError> {
@@ -232,30 +274,8 @@ impl Collective for NcclCollective {
     }
 
     fn reduce_scatter_sum(&self, input: &Tensor, out: &mut Tensor) -> Result<(), CollectiveError> {
-        if input.device() == Device::Cpu && out.device() == Device::Cpu {
-            return self.bootstrap.reduce_scatter_sum(input, out);
-        }
-        let n = check_sizes("reduce_scatter", input, out, self.world, false)?;
-        check_reducible("reduce_scatter", input)?;
-        self.on_device("reduce_scatter", input)?;
-        self.on_device("reduce_scatter", out)?;
-        let (dt, _) = dtype(input.kind());
-        // SAFETY: contiguous buffers of world * n and n elements on this GPU.
-        let code = unsafe {
-            (self.lib.reduce_scatter)(
-                input.data_ptr(),
-                out.data_ptr(),
-                n,
-                dt,
-                SUM,
-                self.comm,
-                STREAM,
-            )
-        };
-        self.lib
-            .check(code)
-            .map_err(|e| failed("reduce_scatter", e))?;
-        Ok(())
+        let flight = self.start_reduce_scatter_sum(input, out)?;
+        self.wait(flight)
     }
 
     fn broadcast(&self, t: &mut Tensor, root: usize) -> Result<(), CollectiveError> {

@@ -76,6 +76,15 @@ impl<O: Observer> Collective for Observed<O> {
         self.inner.start_all_gather(input, out)
     }
 
+    fn start_reduce_scatter_sum(
+        &self,
+        input: &Tensor,
+        out: &mut Tensor,
+    ) -> Result<InFlight, CollectiveError> {
+        let _seen = self.observer.enter("reduce_scatter_sum", bytes(input));
+        self.inner.start_reduce_scatter_sum(input, out)
+    }
+
     fn wait(&self, flight: InFlight) -> Result<(), CollectiveError> {
         let _seen = self.observer.enter("wait", None);
         self.inner.wait(flight)

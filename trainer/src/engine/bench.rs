@@ -126,7 +126,8 @@ pub fn run(
     comm: Box<dyn Collective>,
     device: Device,
 ) -> Result<EngineBenchReport, EngineError> {
-    let (counted, traffic) = Counting::new(comm);
+    // CPU ranks overlap their collectives on a communication thread, as training does.
+    let (counted, traffic) = Counting::new(crate::collective::threaded::overlapping(comm, device)?);
     let (rank, world) = (counted.rank(), counted.world());
     let mut engine = Fsdp::new(
         crate::model::RadiT::builder(&b.model),

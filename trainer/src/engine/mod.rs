@@ -122,6 +122,17 @@ struct Gathering {
     flight: crate::collective::InFlight,
 }
 
+/// A group's reduce-scatter in flight: the flat gradients it reads stay alive until it is waited for.
+struct Reducing {
+    group: usize,
+    _flat: Tensor,
+    /// The accumulator itself on the first micro-batch, else a slice to add to it.
+    into: Tensor,
+    first: bool,
+    scale: f64,
+    flight: crate::collective::InFlight,
+}
+
 /// One rank's slice of one flat group, with its optimiser state.
 struct Shard {
     layout: GroupLayout,
@@ -183,6 +194,9 @@ impl Fsdp {
         initial: Initial,
     ) -> Result<Self, EngineError> {
         cfg.validate()?;
+        if device == Device::Cpu {
+            crate::runtime::retain_large_cpu_buffers();
+        }
         let vs = VarStore::new(device);
         let mut model = {
             // The global generator is process-wide: draw the initialisation under one lock.
@@ -314,6 +328,20 @@ impl Fsdp {
     /// Reduce-scatters one group's full gradients (any dtype; summed in fp32) into its accumulator, scaled. The first
     /// micro-batch after a step overwrites the accumulator, so it is never cleared.
     fn accumulate(&mut self, g: usize, grads: &[Tensor], scale: f64) -> Result<(), EngineError> {
+        match self.start_accumulate(g, grads, scale)? {
+            Some(r) => self.finish_accumulate(r),
+            None => Ok(()),
+        }
+    }
+
+    /// Starts [`Fsdp::accumulate`]'s reduce-scatter, so the next block's backward overlaps it; `None` when there is
+    /// nothing to wait for (one rank: each gradient lands in its place at once).
+    fn start_accumulate(
+        &mut self,
+        g: usize,
+        grads: &[Tensor],
+        scale: f64,
+    ) -> Result<Option<Reducing>, EngineError> {
         let first = self.micro_batches == 0;
         let s = &mut self.shards[g];
         if self.comm.world() == 1 {
@@ -340,17 +368,36 @@ impl Fsdp {
                     dst += &gk;
                 }
             }
-            return Ok(());
+            return Ok(None);
         }
         let flat = s.layout.flatten(grads, Kind::Float);
-        if first {
-            self.comm.reduce_scatter_sum(&flat, &mut s.grad)?;
-            s.grad *= scale;
+        // The first micro-batch reduces straight into the accumulator; later ones into a slice that is added.
+        let mut into = if first {
+            s.grad.shallow_clone()
         } else {
-            let mut mine = Tensor::empty([s.layout.shard], (Kind::Float, self.device));
-            self.comm.reduce_scatter_sum(&flat, &mut mine)?;
-            mine *= scale;
-            s.grad += &mine;
+            Tensor::empty([s.layout.shard], (Kind::Float, self.device))
+        };
+        let flight = self.comm.start_reduce_scatter_sum(&flat, &mut into)?;
+        Ok(Some(Reducing {
+            group: g,
+            _flat: flat,
+            into,
+            first,
+            scale,
+            flight,
+        }))
+    }
+
+    /// Waits for a started reduce-scatter and scales (and adds) its slice into the group's accumulator.
+    fn finish_accumulate(&mut self, r: Reducing) -> Result<(), EngineError> {
+        self.comm.wait(r.flight)?;
+        let s = &mut self.shards[r.group];
+        let mut into = r.into;
+        if r.scale != 1.0 {
+            into *= r.scale;
+        }
+        if !r.first {
+            s.grad += &into;
         }
         Ok(())
     }
@@ -431,6 +478,7 @@ impl Fsdp {
         } else {
             None
         };
+        let mut reducing: Option<Reducing> = None;
         for i in (0..depth).rev() {
             if let Some(x) = next.take() {
                 self.finish_gather(x)?;
@@ -450,7 +498,12 @@ impl Fsdp {
             dh = g[0].shallow_clone();
             dc += &g[1];
             self.release(i + 1);
-            self.accumulate(i + 1, &g[2..], scale)?;
+            // The previous block's reduce-scatter has overlapped this block's backward; this block's overlaps the
+            // next one's (and, for the first block, the rest group's backward below).
+            if let Some(r) = reducing.take() {
+                self.finish_accumulate(r)?;
+            }
+            reducing = self.start_accumulate(i + 1, &g[2..], scale)?;
         }
 
         // The rest group's remaining parameters: the input embedding (through h0) and the conditioning (through c).
@@ -472,6 +525,9 @@ impl Fsdp {
         let grads: Vec<Tensor> = (0..self.shards[rest].params.len())
             .map(|k| rest_grads.remove(&k).unwrap_or_default())
             .collect();
+        if let Some(r) = reducing.take() {
+            self.finish_accumulate(r)?;
+        }
         self.release(rest);
         self.accumulate(rest, &grads, scale)?;
         self.micro_batches += 1;

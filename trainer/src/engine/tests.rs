@@ -7,6 +7,7 @@ use tch::{Device, Kind, Tensor, nn::VarStore};
 
 use super::*;
 use crate::collective::local::LocalGroup;
+use crate::collective::threaded::overlapping;
 use crate::flow::MicroBatch;
 use crate::model::{RadiT, RadiTConfig};
 
@@ -137,13 +138,14 @@ fn reference(
     (losses, params, ema)
 }
 
-/// Runs `body` on `world` threads, each with an engine over an in-process group, all starting from `w0`; returns
-/// each rank's result in rank order.
+/// Runs `body` on `world` threads, each with an engine over an in-process group (on a communication thread, as
+/// CPU ranks run, unless `threaded` is false), all starting from `w0`; returns each rank's result in rank order.
 fn on_ranks<R: Send + 'static>(
     cfg: &RadiTConfig,
     w0: &BTreeMap<String, Tensor>,
     world: usize,
     ecfg: &EngineConfig,
+    threaded: bool,
     body: impl Fn(usize, &mut Fsdp) -> R + Send + Clone + 'static,
 ) -> Vec<R> {
     let threads: Vec<_> = LocalGroup::ranks(world, Duration::from_secs(120))
@@ -152,10 +154,15 @@ fn on_ranks<R: Send + 'static>(
             let (cfg, w0, ecfg, body) = (cfg.clone(), copy_map(w0), ecfg.clone(), body.clone());
             std::thread::spawn(move || {
                 let rank = comm.rank();
+                let comm: Box<dyn Collective> = if threaded {
+                    overlapping(Box::new(comm), Device::Cpu).unwrap()
+                } else {
+                    Box::new(comm)
+                };
                 let mut e = Fsdp::new(
                     RadiT::builder(&cfg),
                     ecfg,
-                    Box::new(comm),
+                    comm,
                     Device::Cpu,
                     Initial::Weights(&w0),
                 )
@@ -179,8 +186,20 @@ fn engine_run(
     micro: i64,
     ecfg: &EngineConfig,
 ) -> Run {
+    engine_run_on(cfg, w0, steps, world, micro, ecfg, true)
+}
+
+fn engine_run_on(
+    cfg: &RadiTConfig,
+    w0: &BTreeMap<String, Tensor>,
+    steps: i64,
+    world: usize,
+    micro: i64,
+    ecfg: &EngineConfig,
+    threaded: bool,
+) -> Run {
     let model_cfg = cfg.clone();
-    let mut results = on_ranks(cfg, w0, world, ecfg, move |rank, e| {
+    let mut results = on_ranks(cfg, w0, world, ecfg, threaded, move |rank, e| {
         let rank = rank as i64;
         let per_rank = BATCH / world as i64;
         let per_micro = per_rank / micro;
@@ -317,12 +336,27 @@ fn zero2_equals_zero3_and_accumulation_equals_one_big_micro_batch() {
     assert_close(&p1a, &p1, 1e-3, "world 1: two micro-batches vs one");
 }
 
+/// Overlapping the collectives changes when they run, not what they compute: with the communication thread and
+/// without it, two ranks with two micro-batches reach the same losses and weights, bit for bit.
+#[test]
+fn the_communication_thread_changes_nothing_but_timing() {
+    let (cfg, ecfg) = cfg();
+    let w0 = initial_weights(&cfg);
+    let (lt, pt, et) = engine_run_on(&cfg, &w0, 2, 2, 2, &ecfg, true);
+    let (lb, pb, eb) = engine_run_on(&cfg, &w0, 2, 2, 2, &ecfg, false);
+    assert_eq!(lt, lb);
+    for (name, p) in &pb {
+        assert!(p.equal(&pt[name]), "{name}: weights differ");
+        assert!(eb[name].equal(&et[name]), "{name}: EMA differs");
+    }
+}
+
 #[test]
 fn a_non_finite_loss_on_one_rank_skips_the_step_everywhere() {
     let (cfg, ecfg) = cfg();
     let w0 = initial_weights(&cfg);
     let model_cfg = cfg.clone();
-    let results = on_ranks(&cfg, &w0, 2, &ecfg, move |rank, e| {
+    let results = on_ranks(&cfg, &w0, 2, &ecfg, true, move |rank, e| {
         let d = data(&model_cfg, 0);
         let x1 = d.x1.narrow(0, 0, 2).copy();
         if rank == 1 {
