@@ -177,19 +177,9 @@ fn on_ranks<R: Send + 'static>(
         .collect()
 }
 
-/// Runs the engine on `world` threads; each rank takes its contiguous slice of the batch in `micro` pieces.
+/// Runs the engine on `world` threads (on communication threads unless `threaded` is false); each rank takes its
+/// contiguous slice of the batch in `micro` pieces.
 fn engine_run(
-    cfg: &RadiTConfig,
-    w0: &BTreeMap<String, Tensor>,
-    steps: i64,
-    world: usize,
-    micro: i64,
-    ecfg: &EngineConfig,
-) -> Run {
-    engine_run_on(cfg, w0, steps, world, micro, ecfg, true)
-}
-
-fn engine_run_on(
     cfg: &RadiTConfig,
     w0: &BTreeMap<String, Tensor>,
     steps: i64,
@@ -302,7 +292,7 @@ fn sharded_training_matches_plain_autograd_on_worlds_1_2_and_4() {
         "training moved the weights"
     );
     for world in [1, 2, 4] {
-        let (losses, params, ema) = engine_run(&cfg, &w0, 3, world, 1, &ecfg);
+        let (losses, params, ema) = engine_run(&cfg, &w0, 3, world, 1, &ecfg, true);
         assert_steps_close(&losses, &ref_losses, &format!("world {world}"));
         assert_close(&params, &ref_params, 1e-3, &format!("world {world} params"));
         assert_close(&ema, &ref_ema, 1e-3, &format!("world {world} ema"));
@@ -313,12 +303,12 @@ fn sharded_training_matches_plain_autograd_on_worlds_1_2_and_4() {
 fn zero2_equals_zero3_and_accumulation_equals_one_big_micro_batch() {
     let (cfg, ecfg) = cfg();
     let w0 = initial_weights(&cfg);
-    let (l3, p3, _) = engine_run(&cfg, &w0, 2, 2, 1, &ecfg);
+    let (l3, p3, _) = engine_run(&cfg, &w0, 2, 2, 1, &ecfg, true);
     let zero2 = EngineConfig {
         mode: ShardingMode::Zero2,
         ..ecfg.clone()
     };
-    let (l2, p2, _) = engine_run(&cfg, &w0, 2, 2, 1, &zero2);
+    let (l2, p2, _) = engine_run(&cfg, &w0, 2, 2, 1, &zero2, true);
     assert_eq!(l2, l3);
     for (name, p) in &p3 {
         assert!(
@@ -326,12 +316,12 @@ fn zero2_equals_zero3_and_accumulation_equals_one_big_micro_batch() {
             "{name}: ZeRO-2 and ZeRO-3 must compute the same thing"
         );
     }
-    let (la, pa, _) = engine_run(&cfg, &w0, 2, 2, 2, &ecfg);
+    let (la, pa, _) = engine_run(&cfg, &w0, 2, 2, 2, &ecfg, true);
     assert_steps_close(&la, &l3, "two micro-batches vs one");
     assert_close(&pa, &p3, 1e-3, "two micro-batches vs one");
     // World 1 lands gradients in place (no reduce-scatter): the second micro-batch adds to the first.
-    let (l1, p1, _) = engine_run(&cfg, &w0, 2, 1, 1, &ecfg);
-    let (l1a, p1a, _) = engine_run(&cfg, &w0, 2, 1, 2, &ecfg);
+    let (l1, p1, _) = engine_run(&cfg, &w0, 2, 1, 1, &ecfg, true);
+    let (l1a, p1a, _) = engine_run(&cfg, &w0, 2, 1, 2, &ecfg, true);
     assert_steps_close(&l1a, &l1, "world 1: two micro-batches vs one");
     assert_close(&p1a, &p1, 1e-3, "world 1: two micro-batches vs one");
 }
@@ -342,8 +332,8 @@ fn zero2_equals_zero3_and_accumulation_equals_one_big_micro_batch() {
 fn the_communication_thread_changes_nothing_but_timing() {
     let (cfg, ecfg) = cfg();
     let w0 = initial_weights(&cfg);
-    let (lt, pt, et) = engine_run_on(&cfg, &w0, 2, 2, 2, &ecfg, true);
-    let (lb, pb, eb) = engine_run_on(&cfg, &w0, 2, 2, 2, &ecfg, false);
+    let (lt, pt, et) = engine_run(&cfg, &w0, 2, 2, 2, &ecfg, true);
+    let (lb, pb, eb) = engine_run(&cfg, &w0, 2, 2, 2, &ecfg, false);
     assert_eq!(lt, lb);
     for (name, p) in &pb {
         assert!(p.equal(&pt[name]), "{name}: weights differ");
@@ -386,12 +376,12 @@ fn a_non_finite_loss_on_one_rank_skips_the_step_everywhere() {
 fn bf16_training_tracks_fp32() {
     let (cfg, ecfg) = cfg();
     let w0 = initial_weights(&cfg);
-    let (l32, _, _) = engine_run(&cfg, &w0, 2, 2, 1, &ecfg);
+    let (l32, _, _) = engine_run(&cfg, &w0, 2, 2, 1, &ecfg, true);
     let bf16 = EngineConfig {
         precision: Precision::Bf16,
         ..ecfg
     };
-    let (l16, _, _) = engine_run(&cfg, &w0, 2, 2, 1, &bf16);
+    let (l16, _, _) = engine_run(&cfg, &w0, 2, 2, 1, &bf16, true);
     for ((a, _), (b, _)) in l16.iter().zip(&l32) {
         assert!((a - b).abs() <= 2e-2 * b.abs(), "bf16 loss {a} vs fp32 {b}");
     }
