@@ -1,6 +1,6 @@
 //! Collectives of CPU ranks run on a communication thread, so a started one overlaps the compute issued after it:
-//! the engine gathers block k+1 and reduce-scatters block k while it computes block k (GPUs get the same from
-//! NCCL's stream). Any CPU backend (MPI, TCP, local) is moved onto the thread; calls run there one at a time in the
+//! while the engine computes one block it gathers the next one's weights and, in the backward, reduce-scatters the
+//! previous one's gradients (GPUs get the same from NCCL's stream). Any CPU backend (MPI, TCP, local) is moved onto the thread; calls run there one at a time in the
 //! order they were made, so every rank still issues the same sequence, and a blocking call waits for everything
 //! started before it.
 //!
@@ -51,8 +51,8 @@ fn thread_gone(op: &'static str) -> CollectiveError {
     }
 }
 
-/// How long either side of the queue polls before it blocks: a small model's collectives take microseconds, and
-/// waking a blocked thread costs about as much again, twice per call. Short, because a polling thread takes its
+/// How long the thread polls its queue, and a wait for a started collective polls for its result, before blocking:
+/// a small model's collectives take microseconds, and waking a blocked thread costs about as much again. Short, because a polling thread takes its
 /// core from the compute beside it (200 us made the tiny preset's world-2 step slower, not faster).
 const EAGER: Duration = Duration::from_micros(20);
 
