@@ -690,7 +690,11 @@ impl Checkpointer {
         let mut files = std::collections::BTreeMap::new();
         // Every old rank's object holds its four arrays of every group: checked here, so unpacking (which writes
         // into the engine) cannot run out of bytes half-way.
-        let object_bytes: u64 = manifest.groups.iter().map(|g| 16 * g.shard as u64).sum();
+        let object_bytes: u64 = manifest
+            .groups
+            .iter()
+            .map(|g| 4 * group_floats(g) as u64)
+            .sum();
         for r in needed {
             let entry = manifest
                 .ranks
@@ -765,6 +769,12 @@ impl Verified {
     }
 }
 
+/// The f32s one group takes in a rank's object: its four arrays (weights, Adam m and v, EMA) of one shard each, in
+/// the order [`encode`] writes them.
+fn group_floats(g: &GroupLayout) -> i64 {
+    4 * g.shard
+}
+
 /// This rank's slices of every group, for `world` ranks, cut from the old ranks' objects (`files`, by old rank),
 /// each run of floats copied as it lies: the objects are host-order f32, as [`encode`] wrote them, and radit
 /// builds only for little-endian hosts.
@@ -777,7 +787,7 @@ fn unpack_slices(
     into: Option<&[ShardState]>,
 ) -> Result<Vec<ShardState>, CheckpointError> {
     // Per old rank, the floats before each group's four arrays.
-    let per_rank_floats: Vec<i64> = groups.iter().map(|g| 4 * g.shard).collect();
+    let per_rank_floats: Vec<i64> = groups.iter().map(group_floats).collect();
     let mut states = Vec::new();
     for (gi, old) in groups.iter().enumerate() {
         let new = old.for_world(world);

@@ -126,6 +126,28 @@ fn complete_without_spinning<'a, T: 'a + ?Sized, S: ::mpi::request::Scope<'a>>(
 }
 
 impl MpiCollective {
+    /// Sends `outgoing(peer)` to every other rank and receives each one's message into the next of `incoming` (peers
+    /// in rank order, this rank skipped), then waits for all of it without spinning.
+    fn exchange_with_peers<'b, T>(
+        &self,
+        outgoing: impl Fn(usize) -> &'b [T],
+        incoming: impl Iterator<Item = &'b mut [T]>,
+    ) where
+        T: ::mpi::datatype::Equivalence + 'b,
+        [T]: ::mpi::datatype::Buffer + ::mpi::datatype::BufferMut,
+    {
+        let peers = (0..self.size).filter(|&r| r != self.rank);
+        ::mpi::request::scope(|scope| {
+            let mut pending = Vec::new();
+            for (peer, slot) in peers.zip(incoming) {
+                let p = self.world.process_at_rank(peer as i32);
+                pending.push(p.immediate_send_with_tag(scope, outgoing(peer), BULK_TAG));
+                pending.push(p.immediate_receive_into_with_tag(scope, slot, BULK_TAG));
+            }
+            complete_without_spinning(pending);
+        });
+    }
+
     /// Reduce-scatter by pairwise exchange: block `p` of `input` goes to rank `p`, every peer's block `rank` comes
     /// back, and the blocks are summed in rank order (so every run of the same inputs sums alike). Each rank moves
     /// (world-1)/world of its input once; MPI's own algorithms reduce on one root first.
@@ -150,20 +172,10 @@ impl MpiCollective {
         // and stays locked while this view lives.
         let theirs: &mut [T] =
             unsafe { std::slice::from_raw_parts_mut(scratch.as_mut_ptr() as *mut T, len) };
-        let peers = (0..self.size).filter(|&r| r != self.rank);
-        ::mpi::request::scope(|scope| {
-            let mut pending = Vec::new();
-            for (peer, slot) in peers.zip(theirs.chunks_mut(n.max(1))) {
-                let p = self.world.process_at_rank(peer as i32);
-                pending.push(p.immediate_send_with_tag(
-                    scope,
-                    &input[peer * n..(peer + 1) * n],
-                    BULK_TAG,
-                ));
-                pending.push(p.immediate_receive_into_with_tag(scope, slot, BULK_TAG));
-            }
-            complete_without_spinning(pending);
-        });
+        self.exchange_with_peers(
+            |peer| &input[peer * n..(peer + 1) * n],
+            theirs.chunks_mut(n.max(1)),
+        );
         // SAFETY: `theirs` and `input` are plain slices of `kind`'s element type, alive for these views.
         let view = |s: &[T]| unsafe {
             Tensor::from_blob(
@@ -244,16 +256,7 @@ impl Collective for MpiCollective {
         let slots = before
             .chunks_mut(n * width)
             .chain(after.chunks_mut(n * width));
-        let peers = (0..self.size).filter(|&r| r != self.rank);
-        ::mpi::request::scope(|scope| {
-            let mut pending = Vec::new();
-            for (peer, slot) in peers.zip(slots) {
-                let p = self.world.process_at_rank(peer as i32);
-                pending.push(p.immediate_send_with_tag(scope, mine, BULK_TAG));
-                pending.push(p.immediate_receive_into_with_tag(scope, slot, BULK_TAG));
-            }
-            complete_without_spinning(pending);
-        });
+        self.exchange_with_peers(|_| mine, slots);
         Ok(())
     }
 
