@@ -249,29 +249,35 @@ mod tests {
         }
     }
 
-    /// Compute issued after a start runs while the collective waits for a late peer: rank 0 starts, then works
-    /// for 300 ms, and finds the result there when it waits; rank 1 arrives 200 ms late.
+    /// Compute issued after a start runs while the collective waits for a late peer: rank 0's start returns at
+    /// once although rank 1 arrives 200 ms late, rank 0 works for 300 ms, and finds the result there when it waits.
     #[test]
     fn a_started_collective_progresses_while_the_caller_computes() {
-        let waited = on_threads(2, |c| {
+        let timings = on_threads(2, |c| {
             let input = Tensor::full([2], c.rank() as f64 + 1.0, (Kind::Float, Device::Cpu));
             let mut out = Tensor::zeros([1], (Kind::Float, Device::Cpu));
             if c.rank() == 1 {
                 std::thread::sleep(Duration::from_millis(200));
             }
+            let t = std::time::Instant::now();
             let flight = c.start_reduce_scatter_sum(&input, &mut out).unwrap();
+            let starting = t.elapsed();
             if c.rank() == 0 {
                 std::thread::sleep(Duration::from_millis(300));
             }
             let t = std::time::Instant::now();
             c.wait(flight).unwrap();
             assert_eq!(out.double_value(&[0]), 3.0);
-            t.elapsed()
+            (starting, t.elapsed())
         });
+        let (starting, waited) = timings[0];
         assert!(
-            waited[0] < Duration::from_millis(50),
-            "rank 0 waited {:?} after its own work",
-            waited[0]
+            starting < Duration::from_millis(50),
+            "rank 0's start took {starting:?}: it waited for the late peer"
+        );
+        assert!(
+            waited < Duration::from_millis(50),
+            "rank 0 waited {waited:?} after its own work"
         );
     }
 
