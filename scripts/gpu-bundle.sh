@@ -5,7 +5,10 @@
 # OpenMPI libraries it links (that machine need not have them) and the check script. On the GPU machine radit
 # loads that machine's own torch 2.11 libraries (scripts/gpu-check.sh puts them on LD_LIBRARY_PATH).
 # Usage: scripts/gpu-bundle.sh   (then run scripts/gpu-check.sh there, carrying gpu-bundle)
+#        scripts/gpu-bundle.sh --stubs-only   (only find the wrappers torch 2.11 lacks; prints and checks the list)
 set -euo pipefail
+stubs_only=0
+[ "${1:-}" = --stubs-only ] && stubs_only=1
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 "$root/scripts/setup.sh" >/dev/null
 # shellcheck source=env.sh
@@ -49,6 +52,19 @@ if [ ! -f "$patched/.radit-stubbed" ]; then
     log "round $round: stubbed $n wrapper(s) of ops torch $version lacks"
   done
   [ -f "$patched/.radit-stubbed" ] || { log "the shim still does not compile against torch $version: $patched/errors.txt"; exit 1; }
+fi
+# The stubbed wrappers, against the list scripts/check-stubbed-ops.py holds radit's code to: a new libtorch or tch
+# that stubs another op must update that list (and the check then says whether radit calls it).
+grep -o 'throw std::runtime_error("atg_[A-Za-z0-9_]*' "$patched/libtch/torch_api_generated.cpp" |
+  sed 's/.*("//' | sort -u >"$patched/stubbed.txt"
+if ! diff -u "$root/scripts/gpu-stubbed-ops.txt" "$patched/stubbed.txt" >&2; then
+  log "the wrappers stubbed for torch $version differ from scripts/gpu-stubbed-ops.txt (above): update that file"
+  exit 1
+fi
+python3 "$root/scripts/check-stubbed-ops.py" "$root/scripts/gpu-stubbed-ops.txt"
+if [ "$stubs_only" = 1 ]; then
+  log "stubbed $(wc -l <"$patched/stubbed.txt") wrapper(s) for torch $version; radit calls none of them"
+  exit 0
 fi
 
 log "building radit against torch $version ($site/torch) into target/gpu-bundle"

@@ -28,6 +28,10 @@ forbid radit-sources 'torch-sys|tch|axum|radit-.*' 'radit-sources|radit-sharding
 forbid radit-eval 'torch-sys|tch|radit-.*' radit-eval \
   "the metrics are a leaf over faer: no libtorch, so they build and test anywhere"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
+# The GPU bundle stubs tch wrappers of ops torch 2.11 lacks: radit's code must call none of them.
+python3 "$root/scripts/check-stubbed-ops.py" "$root/scripts/gpu-stubbed-ops.txt"
+# GH200's host CPU is aarch64: every crate without libtorch builds for it (scripts/cross-aarch64.sh says how).
+"$root/scripts/cross-aarch64.sh"
 # Tests spawn processes while others run: none may change this process's environment (pass it to the child).
 if grep -rnE 'env::(set_var|remove_var)' --include='*.rs' src protocol sharding trainer coordinator launch run \
     monitoring testkit dicom sources eval tests; then

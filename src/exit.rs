@@ -82,7 +82,13 @@ fn checkpoint_meaning(c: &CheckpointError) -> Option<u8> {
 
 /// What one error in a chain says about the exit code; `None`: look further down the chain.
 fn meaning(e: &(dyn std::error::Error + 'static)) -> Option<u8> {
-    if e.is::<Usage>() || e.is::<ConfigError>() || e.is::<JobError>() || e.is::<PlacementError>() {
+    // Out of memory: the same settings fail the same way (a smaller batch or more ranks, not a retry).
+    if e.is::<Usage>()
+        || e.is::<ConfigError>()
+        || e.is::<JobError>()
+        || e.is::<PlacementError>()
+        || e.is::<radit_trainer::out_of_memory::OutOfMemory>()
+    {
         return Some(BAD_INPUT);
     }
     if let Some(s) = e.downcast_ref::<ShardError>() {

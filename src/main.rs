@@ -325,6 +325,8 @@ struct QuickstartArgs {
 
 fn main() -> ExitCode {
     radit_monitoring::init_tracing();
+    // Allocation failures are caught and reported as errors (exit 2), not printed as crashes.
+    radit_trainer::out_of_memory::quiet_panic_hook();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Synth(a) => run_synth(a),

@@ -205,6 +205,9 @@ pub enum SelftestCommand {
     Collectives {
         #[arg(long, default_value = "cpu")]
         device: String,
+        /// NCCL even in a world of one (where training needs none): whether NCCL starts on this GPU.
+        #[arg(long)]
+        nccl: bool,
     },
     /// The same engine steps on --device and on the CPU (fp32 by default), and a checkpoint round trip on
     /// --device: prints a JSON report and exits 1 when they disagree.
@@ -219,9 +222,15 @@ pub enum SelftestCommand {
 
 pub fn run_selftest(cmd: SelftestCommand) -> anyhow::Result<u8> {
     match cmd {
-        SelftestCommand::Collectives { device: name } => {
+        SelftestCommand::Collectives { device: name, nccl } => {
             let device = device(&name)?;
-            let comm = collective::from_environment(device).context("joining the rank group")?;
+            let comm = match (nccl, device) {
+                (true, Device::Cuda(gpu)) => collective::joined_from_environment()
+                    .and_then(|base| collective::nccl_over(base, gpu)),
+                (true, _) => crate::exit::bail_usage!("--nccl goes with --device cuda"),
+                (false, _) => collective::from_environment(device),
+            }
+            .context("joining the rank group")?;
             let (rank, world) = (comm.rank(), comm.world());
             // Called directly, then as training calls it (CPU ranks: from the communication thread).
             let verdict = collective::conformance::run(comm.as_ref(), device).and_then(|()| {
@@ -336,7 +345,31 @@ pub fn run_engine(cmd: EngineCommand) -> anyhow::Result<u8> {
         checkpoint_dir: a.checkpoint,
     };
     let comm = collective::from_environment(device).context("joining the rank group")?;
-    let report = radit_trainer::engine::bench::run(&bench, comm, device)?;
+    let oom = |e: Box<dyn std::error::Error + Send + Sync>| {
+        radit_trainer::out_of_memory::OutOfMemory::new(
+            e,
+            "the benchmark's steps",
+            device,
+            format!(
+                "model {} ({} parameters), --batch {} per rank, precision {:?}, mode {}",
+                a.run.preset,
+                bench.model.parameter_count().total(),
+                bench.batch,
+                bench.engine.precision,
+                a.run.mode
+            ),
+            "lower --batch, or run on more ranks (each holds 1/world of the training state)",
+        )
+    };
+    let report = match radit_trainer::out_of_memory::guard(|| {
+        radit_trainer::engine::bench::run(&bench, comm, device)
+    }) {
+        Err(failed) => return Err(oom(failed.into()).into()),
+        Ok(Err(e)) if radit_trainer::out_of_memory::in_chain(&e) => {
+            return Err(oom(e.into()).into());
+        }
+        Ok(r) => r?,
+    };
     if report.rank == 0 {
         println!("{}", serde_json::to_string(&report)?);
     }

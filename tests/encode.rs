@@ -590,3 +590,54 @@ fn radit_quickstart_latent_runs_the_whole_latent_path_in_one_command() {
         radit_run::job::Job::load(&dir.path().join(job)).unwrap();
     }
 }
+
+/// The tiny autoencoder's attention over a 512x512 store's 65,536 latent positions asks libtorch for 256 GiB in
+/// the first shard's forward pass: a real allocation failure, reported with what to change (exit 2), never a
+/// panic, and nothing of the store lost.
+#[test]
+fn an_encode_too_large_for_the_machine_is_an_out_of_memory_report_not_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (table, pngs) = synth(&d.join("synth"), 2, "512x512", &[]);
+    let store = d.join("store");
+    run_ok(
+        radit()
+            .args(["shard", "--no-progress", "--table"])
+            .arg(&table)
+            .arg("--images")
+            .arg(&pngs)
+            .arg("--out")
+            .arg(&store)
+            .args(["--image-size", "512", "--shard-images", "2"]),
+    );
+    let weights = d.join("ae.safetensors");
+    run_ok(radit().args(["vae", "init", "tiny", "--out"]).arg(&weights));
+    let out = radit()
+        .args([
+            "encode",
+            "--store",
+            store.to_str().unwrap(),
+            "--autoencoder",
+            "tiny",
+            "--batch",
+            "16",
+        ])
+        .arg("--weights")
+        .arg(&weights)
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    for want in [
+        "out of memory in ",
+        " shard 0 on cpu: ",
+        "can't allocate memory",
+        "the tiny autoencoder on 512x512 images, encode.batch 16",
+        "lower encode.batch",
+    ] {
+        assert!(err.contains(want), "{want}: {err}");
+    }
+    assert!(!err.contains("panicked"), "{err}");
+    let verify = run_ok(radit().args(["shard", "--verify"]).arg(&store));
+    assert!(stdout(&verify).contains("verified"));
+}

@@ -439,7 +439,8 @@ fn hang_run(launcher: &str, rank: usize) -> tempfile::TempDir {
 fn out_of_memory_stops_the_run_with_what_to_change_instead_of_relaunching_it() {
     let dir = tempfile::tempdir().unwrap();
     let job = job(dir.path(), "local", "max_restarts = 3", "");
-    // Rank 1 asks libtorch's allocator for 1 PiB in step 7: a real allocation failure, as a GPU's would be.
+    // Rank 1 asks libtorch's allocator for 1 PiB in step 7 through tch's infallible form, as model code does: a
+    // real allocation failure, as a GPU's would be, that panics inside tch unless the step's guard catches it.
     let out = run_cmd(&job)
         .env("RADIT_FAULT_OOM", "1:7")
         .output()
@@ -927,4 +928,36 @@ fn with_skip_bad_shards_a_corrupted_shard_is_skipped_counted_and_the_run_complet
         .next_back()
         .unwrap_or_else(|| panic!("no summary in {log}"));
     assert!(skipped > 0, "{log}");
+}
+
+/// A batch no machine holds: the benchmark's inputs fail to allocate inside tch's infallible calls, which used to
+/// panic (exit 101); now the report and exit 2.
+#[test]
+fn a_batch_too_large_for_the_engine_bench_is_an_out_of_memory_report_not_a_panic() {
+    let out = radit()
+        .args([
+            "engine",
+            "bench",
+            "tiny",
+            "--batch",
+            "100000000",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+        ])
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    for want in [
+        "out of memory in the benchmark's steps on cpu: ",
+        "can't allocate memory",
+        "model tiny (",
+        "--batch 100000000 per rank",
+        "lower --batch",
+    ] {
+        assert!(err.contains(want), "{want}: {err}");
+    }
+    assert!(!err.contains("panicked"), "{err}");
 }

@@ -288,7 +288,22 @@ pub fn encode(
         (side / f) as u64,
     ];
     let encoder = encoder_id(cfg, precision)?;
-    let (_vs, ae) = load_autoencoder(cfg, device, precision)?;
+    // An allocation failure (a batch, image size or autoencoder too large for the device) is this report.
+    let out_of_memory = |failed, during: String| {
+        RankError::from(crate::out_of_memory::OutOfMemory::new(
+            failed,
+            during,
+            device,
+            format!(
+                "the {} autoencoder on {side}x{side} images, encode.batch {} in {precision:?}",
+                cfg.autoencoder, cfg.batch
+            ),
+            "lower encode.batch (images per forward pass), or check that the autoencoder suits the store's \
+             image size",
+        ))
+    };
+    let (_vs, ae) = crate::out_of_memory::guard(|| load_autoencoder(cfg, device, precision))
+        .map_err(|f| out_of_memory(f, "loading the autoencoder".into()))??;
     let mut writer = LatentWriter::open(storage, encoder.clone(), sample_shape)?;
     // One rank settles the store's state before anyone writes; after the barrier every rank sees the same journal.
     let state = if rank == 0 {
@@ -374,7 +389,10 @@ pub fn encode(
                         std::thread::sleep(std::time::Duration::from_secs(3600));
                     }
                 }
-                encode_images(&ae, &images, side, cfg.batch, device, precision)?
+                crate::out_of_memory::guard(|| {
+                    encode_images(&ae, &images, side, cfg.batch, device, precision)
+                })
+                .map_err(|f| out_of_memory(f, format!("{split} shard {k}")))??
             };
             if latents.iter().any(|v| !v.is_finite()) {
                 return Err(RankError::Unusable {

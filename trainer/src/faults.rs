@@ -6,7 +6,8 @@
 //! - `RADIT_FAULT_NONFINITE_STEPS=S1,S2`: rank 0's input of those (1-based) steps becomes NaN, once each.
 //! - `RADIT_FAULT_HANG=RANK:STEP`: that rank sleeps (still heart-beating) in that step's compute (training or
 //!   encoding).
-//! - `RADIT_FAULT_OOM=RANK:STEP`: that rank asks libtorch for 1 PiB in that step (a real allocator failure).
+//! - `RADIT_FAULT_OOM=RANK:STEP`: that rank asks libtorch for 1 PiB in that step's compute (a real allocator
+//!   failure; training, generate and features).
 //! - `RADIT_FAULT_CRASH_IN_CHECKPOINT=RANK:STEP`: that rank aborts half-way through writing that checkpoint.
 //! - `RADIT_FAULT_STEP_SLEEP_MS=MS`: every rank sleeps that long before each step's compute (a slower model), so a
 //!   test's signal lands mid-run however loaded the machine is.
@@ -17,7 +18,6 @@ use std::collections::BTreeSet;
 
 use tch::{Device, Kind, Tensor};
 
-use crate::engine::EngineError;
 use crate::train::{StepHook, TrainError};
 
 fn fault_at(var: &str) -> Option<(u64, u64)> {
@@ -39,6 +39,15 @@ pub(crate) fn crash_in_checkpoint(rank: usize, step: u64) -> bool {
 /// Whether this rank should hang in the compute of `step` (for the encode job; training's goes through [`Faults`]).
 pub(crate) fn hang_in(rank: usize, step: u64) -> bool {
     fault_at("RADIT_FAULT_HANG") == Some((rank as u64, step))
+}
+
+/// In a journaled job's unit: if this rank's `step` is `RADIT_FAULT_OOM`'s, asks libtorch for 1 PiB through
+/// the infallible form, as model code allocates (the unit's guard must turn the failure into an error).
+pub(crate) fn allocate_too_much_in(rank: usize, step: u64, device: Device) {
+    if fault_at("RADIT_FAULT_OOM") == Some((rank as u64, step)) {
+        tracing::warn!(step, "allocating 1 PiB on purpose (RADIT_FAULT_OOM)");
+        let _never = Tensor::empty([1i64 << 48], (Kind::Float, device));
+    }
 }
 
 /// Whether this encode or generate rank should die between writing the output of `step` and committing it.
@@ -103,8 +112,9 @@ impl StepHook for Faults {
         }
         if self.oom_at == Some((rank, step)) {
             tracing::warn!(step, "allocating 1 PiB on purpose (RADIT_FAULT_OOM)");
-            let _never =
-                Tensor::f_empty([1i64 << 48], (Kind::Float, device)).map_err(EngineError::from)?;
+            // The infallible form, as model code allocates: the failure is a panic inside tch, which the step's
+            // guard must turn into an error.
+            let _never = Tensor::empty([1i64 << 48], (Kind::Float, device));
         }
         Ok(())
     }

@@ -345,7 +345,19 @@ pub fn extract(
         let data_wait = step_start.elapsed().as_secs_f64();
         let (values, dim) = {
             let _g = progress.enter(Phase::Compute);
-            embed(net.as_ref(), &images, side, cfg.batch)?
+            crate::out_of_memory::guard(|| {
+                crate::faults::allocate_too_much_in(rank, step, device);
+                embed(net.as_ref(), &images, side, cfg.batch)
+            })
+            .map_err(|failed| {
+                crate::out_of_memory::OutOfMemory::new(
+                    failed,
+                    format!("unit {unit}"),
+                    device,
+                    format!("{side}x{side} images, features.batch {}", cfg.batch),
+                    "lower features.batch (images per forward pass)",
+                )
+            })??
         };
         {
             let _g = progress.enter(Phase::Checkpoint);

@@ -482,30 +482,50 @@ pub fn generate(
                     std::thread::sleep(std::time::Duration::from_secs(3600));
                 }
             }
-            for chunk in samples.chunks(cfg.batch as usize) {
-                let conditions: Vec<&Conditions> =
-                    chunk.iter().map(|(p, _)| &p.conditions).collect();
-                let noise: Vec<u64> = chunk
-                    .iter()
-                    .map(|(p, k)| p.row * cfg.per_profile + k)
-                    .collect();
-                let (x, stats) = tch::no_grad(|| {
-                    sampler.generate_for(&conditions, &noise, cfg.seed, cfg.solver)
-                })?;
-                nfe += stats.nfe as u64;
-                let images = match &decoder {
-                    Some(d) => d.decode(&x)?,
-                    None => x,
-                };
-                let side = images.size()[3];
-                for (i, (p, k)) in chunk.iter().enumerate() {
-                    let pixels = crate::generate::to_u16(&images.get(i as i64))?;
-                    let path = images_dir.join(sample_file(cfg.split, p.row, *k));
-                    let png =
-                        radit_sharding::image::encode_png16(side as u32, side as u32, &pixels);
-                    write_atomic(&path, |tmp| std::fs::write(tmp, &png))?;
+            // An allocation failure (a batch too large for the device) is this report, not a panic.
+            crate::out_of_memory::guard(|| -> Result<(), RankError> {
+                crate::faults::allocate_too_much_in(rank, step, device);
+                for chunk in samples.chunks(cfg.batch as usize) {
+                    let conditions: Vec<&Conditions> =
+                        chunk.iter().map(|(p, _)| &p.conditions).collect();
+                    let noise: Vec<u64> = chunk
+                        .iter()
+                        .map(|(p, k)| p.row * cfg.per_profile + k)
+                        .collect();
+                    let (x, stats) = tch::no_grad(|| {
+                        sampler.generate_for(&conditions, &noise, cfg.seed, cfg.solver)
+                    })?;
+                    nfe += stats.nfe as u64;
+                    let images = match &decoder {
+                        Some(d) => d.decode(&x)?,
+                        None => x,
+                    };
+                    let side = images.size()[3];
+                    for (i, (p, k)) in chunk.iter().enumerate() {
+                        let pixels = crate::generate::to_u16(&images.get(i as i64))?;
+                        let path = images_dir.join(sample_file(cfg.split, p.row, *k));
+                        let png =
+                            radit_sharding::image::encode_png16(side as u32, side as u32, &pixels);
+                        write_atomic(&path, |tmp| std::fs::write(tmp, &png))?;
+                    }
                 }
-            }
+                Ok(())
+            })
+            .map_err(|failed| {
+                crate::out_of_memory::OutOfMemory::new(
+                    failed,
+                    format!("unit {unit}"),
+                    device,
+                    format!(
+                        "model {} ({} parameters), generate.batch {} in {precision:?}{}",
+                        cfg.preset.as_deref().unwrap_or("from the weights"),
+                        model.parameter_count().total(),
+                        cfg.batch,
+                        if decoder.is_some() { ", decoded" } else { "" }
+                    ),
+                    "lower generate.batch (samples per solve)",
+                )
+            })??;
         }
         {
             let _g = progress.enter(Phase::Checkpoint);

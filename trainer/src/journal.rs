@@ -45,6 +45,15 @@ pub enum RankError {
     /// A newer generation of the run took over.
     #[error("superseded by a newer generation of the run")]
     Superseded,
+    /// The device ran out of memory in a unit: the same batch fails the same way after a restart.
+    #[error(transparent)]
+    OutOfMemory(Box<crate::out_of_memory::OutOfMemory>),
+}
+
+impl From<crate::out_of_memory::OutOfMemory> for RankError {
+    fn from(e: crate::out_of_memory::OutOfMemory) -> Self {
+        RankError::OutOfMemory(Box::new(e))
+    }
 }
 
 impl RankError {
@@ -56,6 +65,7 @@ impl RankError {
                 | RankError::Config(_)
                 | RankError::Model(_)
                 | RankError::Unusable { .. }
+                | RankError::OutOfMemory(_)
         )
     }
 

@@ -9,6 +9,7 @@
 //! - [`sampler`]: Euler and torchdiffeq-exact dopri5, forward and reverse; counterfactual editing.
 //! - [`generate`]: what `radit sample` does (metadata parsing, batching, PNGs and contact sheets).
 //! - [`runtime`]: which libtorch is loaded and which devices it sees.
+//! - [`out_of_memory`]: allocation failures anywhere in a step or a unit as errors, not panics.
 //! - [`placement`]: which GPU a rank drives.
 //!
 //! ```no_run
@@ -41,6 +42,7 @@ pub mod generate_job;
 pub mod journal;
 pub mod membership;
 pub mod model;
+pub mod out_of_memory;
 pub mod placement;
 pub mod preview;
 pub mod progress;

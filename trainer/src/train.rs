@@ -46,6 +46,9 @@ pub enum TrainError {
     Model(#[from] ModelError),
     #[error(transparent)]
     Collective(#[from] crate::collective::CollectiveError),
+    /// libtorch could not allocate (a panic of tch's infallible methods, caught by the step's guard).
+    #[error("the device's memory")]
+    Allocation(#[from] crate::out_of_memory::AllocationFailed),
     #[error(
         "{consecutive} consecutive steps had a non-finite loss or gradient at step {step}, and {why}"
     )]
@@ -61,21 +64,14 @@ pub enum TrainError {
     #[error("the training data ended before step {step}: did the store change under the run?")]
     DataEnded { step: u64 },
     /// The device ran out of memory: the same configuration would fail the same way after a restart.
-    #[error(
-        "out of memory in step {step} on {device} ({cause}): {setting}. A restart would fail the same way: {advice}"
-    )]
-    OutOfMemory {
-        step: u64,
-        device: String,
-        /// The allocator's own words (the first line of libtorch's message).
-        cause: String,
-        /// The model, batch per rank, engine mode and precision, and the device's memory.
-        setting: String,
-        /// What to change.
-        advice: String,
-        #[source]
-        source: Box<TrainError>,
-    },
+    #[error(transparent)]
+    OutOfMemory(Box<crate::out_of_memory::OutOfMemory>),
+}
+
+impl From<crate::out_of_memory::OutOfMemory> for TrainError {
+    fn from(e: crate::out_of_memory::OutOfMemory) -> Self {
+        TrainError::OutOfMemory(Box::new(e))
+    }
 }
 
 impl TrainError {
@@ -86,7 +82,7 @@ impl TrainError {
     pub fn repeats(&self) -> bool {
         matches!(
             self,
-            TrainError::OutOfMemory { .. }
+            TrainError::OutOfMemory(_)
                 | TrainError::InvalidConfig(_)
                 | TrainError::Data(radit_sharding::ShardError::BadObject { .. })
                 | TrainError::Checkpoint(
@@ -94,23 +90,6 @@ impl TrainError {
                 )
         )
     }
-}
-
-/// Whether an error (or any error it wraps) is libtorch failing to allocate: CUDA's caching allocator
-/// ("CUDA out of memory") or the CPU allocator ("can't allocate memory").
-pub fn is_out_of_memory(e: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cur = Some(e);
-    while let Some(err) = cur {
-        let text = err.to_string();
-        if text.contains("out of memory")
-            || text.contains("OutOfMemoryError")
-            || text.contains("can't allocate memory")
-        {
-            return true;
-        }
-        cur = err.source();
-    }
-    false
 }
 
 /// An out-of-memory error with what the operator needs to change the configuration.
@@ -124,19 +103,9 @@ fn out_of_memory(
     let model = cfg.model.resolve().ok();
     let per_rank = cfg.train.global_batch / world.max(1);
     let micro = per_rank / cfg.train.micro_batches.max(1);
-    let memory = crate::runtime::device_memory(device).map_or_else(
-        || "device memory unknown".to_string(),
-        |(used, total)| {
-            format!(
-                "{:.1} of {:.1} GiB in use",
-                used as f64 / (1u64 << 30) as f64,
-                total as f64 / (1u64 << 30) as f64
-            )
-        },
-    );
     let setting = format!(
         "model {} ({} parameters), {per_rank} images per rank per step in {} micro-batch(es) of {micro} \
-         (train.global_batch {} over {world} ranks), engine.mode {:?}, precision {:?}; {memory}",
+         (train.global_batch {} over {world} ranks), engine.mode {:?}, precision {:?}",
         cfg.model.preset.as_deref().unwrap_or("from [model.config]"),
         model.map_or_else(|| "?".into(), |m| m.parameter_count().total().to_string()),
         cfg.train.micro_batches,
@@ -155,28 +124,8 @@ fn out_of_memory(
             ""
         }
     );
-    let mut root: &(dyn std::error::Error + 'static) = &e;
-    while let Some(inner) = root.source() {
-        root = inner;
-    }
-    let cause = root
-        .to_string()
-        .lines()
-        .next()
-        .unwrap_or_default()
-        .trim()
-        .to_string();
-    TrainError::OutOfMemory {
-        cause,
-        step,
-        device: match device {
-            Device::Cuda(i) => format!("cuda:{i}"),
-            _ => "cpu".into(),
-        },
-        setting,
-        advice,
-        source: Box::new(e),
-    }
+    crate::out_of_memory::OutOfMemory::new(e, format!("step {step}"), device, setting, advice)
+        .into()
 }
 
 /// The whole run, as one TOML file.
@@ -522,7 +471,9 @@ pub fn train(
     let span = tracing::info_span!("train", rank, world);
     let _enter = span.enter();
     let progress = handles.progress.clone();
-    let trained = (|| {
+    // A libtorch allocation failure anywhere in the run (forward, backward, optimiser, evaluation, preview) is an
+    // error, never a panic: the supervisor must stop instead of relaunching into the same failure.
+    let trained = crate::out_of_memory::guard(|| {
         let mut t = Trainer::new(cfg, comm, device, handles)?;
         let mut log = StepLogger::new(cfg.train.log_every, t.tokens_per_image);
         while t.step < cfg.train.steps {
@@ -541,8 +492,9 @@ pub fn train(
             }
         }
         t.finish()
-    })();
-    trained.map_err(|e| match is_out_of_memory(&e) {
+    })
+    .unwrap_or_else(|failed| Err(failed.into()));
+    trained.map_err(|e| match crate::out_of_memory::in_chain(&e) {
         true => out_of_memory(e, cfg, world, device, progress.step() + 1),
         false => e,
     })

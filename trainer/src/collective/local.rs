@@ -1,5 +1,6 @@
 //! An in-process group: one `LocalCollective` per thread, exchanging tensors through shared slots. Used by unit
-//! tests of the engine (worlds 1-4 in one test process). A thread that panics or drops its handle breaks the group,
+//! tests of the engine (worlds 1-4 in one test process) and by every rank alone in its world, on the CPU or a GPU
+//! (at world 1 its collectives touch nothing but the tensors given). A thread that panics or drops its handle breaks the group,
 //! and its peers get `RankFailed` instead of hanging.
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -153,6 +154,10 @@ impl Collective for LocalCollective {
     fn all_reduce_sum(&self, t: &mut Tensor) -> Result<(), CollectiveError> {
         check_1d("all_reduce", t)?;
         check_reducible("all_reduce", t)?;
+        if self.world() == 1 {
+            // Alone (one GPU rank included): nothing to add, and no round trip through the host.
+            return Ok(());
+        }
         let sum = self.exchange("all_reduce", cpu_copy(t), |all| {
             let mut acc = all[0].copy();
             for x in &all[1..] {
@@ -196,6 +201,9 @@ impl Collective for LocalCollective {
 
     fn broadcast(&self, t: &mut Tensor, root: usize) -> Result<(), CollectiveError> {
         check_1d("broadcast", t)?;
+        if self.world() == 1 {
+            return Ok(());
+        }
         let theirs = self.exchange("broadcast", cpu_copy(t), |all| all[root].copy())?;
         t.copy_(&theirs);
         Ok(())

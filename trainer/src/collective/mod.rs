@@ -145,6 +145,11 @@ pub trait Collective: Send {
 /// launcher started it, the TCP star of its srun step under plain `srun`, otherwise a world of one; NCCL on top
 /// for GPU tensors. See [`rendezvous`].
 pub fn from_environment(device: tch::Device) -> Result<Box<dyn Collective>, CollectiveError> {
+    for_device(joined_from_environment()?, device)
+}
+
+/// The group [`from_environment`] joins, before a device's backend is put on top of it.
+pub fn joined_from_environment() -> Result<Box<dyn Collective>, CollectiveError> {
     let var = |k: &str| std::env::var(k).ok();
     let plan = rendezvous::plan(var)?;
     let base: Box<dyn Collective> = match &plan {
@@ -158,18 +163,59 @@ pub fn from_environment(device: tch::Device) -> Result<Box<dyn Collective>, Coll
             Box::new(local::LocalGroup::ranks(1, std::time::Duration::from_secs(600)).remove(0))
         }
     };
-    for_device(base, device)
+    Ok(base)
 }
 
-/// `base` for CPU tensors; on a GPU, NCCL bootstrapped over `base` (which carries the NCCL unique id).
+/// What carries a rank's collectives, decided from the world and the device alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// The group the rank joined (MPI, TCP, in-process) moves CPU tensors itself.
+    Joined,
+    /// A world of one on a GPU: nothing leaves the device, so no NCCL is loaded or started (a GPU machine whose
+    /// NCCL cannot start still trains, benchmarks, encodes and checks parity on one GPU).
+    Alone,
+    /// GPU tensors across ranks: NCCL, bootstrapped over the joined group.
+    Nccl,
+}
+
+impl Backend {
+    pub fn choose(world: usize, device: tch::Device) -> Backend {
+        match device {
+            tch::Device::Cuda(_) if world > 1 => Backend::Nccl,
+            tch::Device::Cuda(_) => Backend::Alone,
+            _ => Backend::Joined,
+        }
+    }
+}
+
+/// `base` for CPU tensors; a world of one on a GPU stays in-process; across GPUs, NCCL bootstrapped over `base`
+/// (which carries the NCCL unique id). See [`Backend::choose`].
 pub fn for_device(
     base: Box<dyn Collective>,
     device: tch::Device,
 ) -> Result<Box<dyn Collective>, CollectiveError> {
-    match device {
-        tch::Device::Cuda(gpu) => Ok(Box::new(nccl::NcclCollective::new(base, gpu)?)),
+    let backend = Backend::choose(base.world(), device);
+    tracing::debug!(
+        ?backend,
+        world = base.world(),
+        ?device,
+        "collective backend"
+    );
+    match (backend, device) {
+        (Backend::Nccl, tch::Device::Cuda(gpu)) => nccl_over(base, gpu),
+        (Backend::Alone, _) => Ok(Box::new(
+            local::LocalGroup::ranks(1, std::time::Duration::from_secs(600)).remove(0),
+        )),
         _ => Ok(base),
     }
+}
+
+/// NCCL over `base` whatever the world (the GPU check's NCCL part at world 1).
+pub fn nccl_over(
+    base: Box<dyn Collective>,
+    gpu: usize,
+) -> Result<Box<dyn Collective>, CollectiveError> {
+    Ok(Box::new(nccl::NcclCollective::new(base, gpu)?))
 }
 
 /// Checks the shape contract shared by every backend.
@@ -214,5 +260,37 @@ pub(crate) fn check_reducible(op: &'static str, t: &Tensor) -> Result<(), Collec
             op,
             reason: format!("sums need float32, float64 or int64, got {k:?}"),
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Device;
+
+    #[test]
+    fn only_a_world_of_several_gpus_starts_nccl() {
+        assert_eq!(Backend::choose(1, Device::Cuda(0)), Backend::Alone);
+        assert_eq!(Backend::choose(2, Device::Cuda(1)), Backend::Nccl);
+        assert_eq!(Backend::choose(1, Device::Cpu), Backend::Joined);
+        assert_eq!(Backend::choose(4, Device::Cpu), Backend::Joined);
+    }
+
+    #[test]
+    fn one_gpu_rank_takes_the_in_process_branch_without_loading_nccl() {
+        // On this machine NCCL cannot start (no GPU, no driver): asking for it fails, so an `Ok` here is the
+        // branch that never tries.
+        let base = || -> Box<dyn Collective> {
+            Box::new(local::LocalGroup::ranks(1, std::time::Duration::from_secs(5)).remove(0))
+        };
+        if !crate::runtime::cuda_driver_present() {
+            assert!(nccl_over(base(), 0).is_err());
+        }
+        let comm = for_device(base(), Device::Cuda(0)).unwrap();
+        assert_eq!((comm.rank(), comm.world()), (0, 1));
+        let mut t = Tensor::from_slice(&[1.0f32, 2.0]);
+        comm.all_reduce_sum(&mut t).unwrap();
+        comm.broadcast(&mut t, 0).unwrap();
+        assert_eq!(Vec::<f32>::try_from(&t).unwrap(), vec![1.0, 2.0]);
     }
 }

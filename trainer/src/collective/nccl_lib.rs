@@ -3,10 +3,13 @@
 //! `libnccl.so.2`; so radit opens the library itself, in this order, and says which one it loaded:
 //!
 //! 1. `RADIT_NCCL_LIB`, a path (when set, nothing else is tried: an explicit choice that fails is an error);
-//! 2. the nvidia-nccl wheel beside the loaded libtorch (`site-packages/nvidia/nccl/lib/libnccl.so.2`);
-//! 3. `libnccl.so.2`, then `libnccl.so`, through the dynamic loader (`LD_LIBRARY_PATH`, a `module load`, the
-//!    system's library cache).
+//! 2. the `libnccl.so*` already mapped into this process (libtorch_cuda links NCCL, and the loader resolved it);
+//! 3. the first `libnccl.so.2` in a directory of `LD_LIBRARY_PATH` (a site's `module load nccl`): the file the
+//!    loader resolves for libtorch too, since `LD_LIBRARY_PATH` comes before the wheel's RUNPATH;
+//! 4. the nvidia-nccl wheel beside the loaded libtorch (`site-packages/nvidia/nccl/lib/libnccl.so.2`);
+//! 5. `libnccl.so.2`, then `libnccl.so`, through the dynamic loader (the system's library cache).
 //!
+//! Steps 2 and 3 keep one NCCL per process: collectives and libtorch's own NCCL calls use the same file.
 //! The few NCCL functions radit calls are resolved once into [`NcclLibrary`]; cudarc still provides the types.
 
 use std::ffi::{CStr, c_char, c_int, c_void};
@@ -129,10 +132,12 @@ pub struct Candidate {
     pub found_by: &'static str,
 }
 
-/// Where to look, in order (`var` reads the environment; `torch_lib` is the directory of the loaded libtorch).
+/// Where to look, in order (`var` reads the environment; `torch_lib` is the directory of the loaded libtorch;
+/// `loaded` the NCCL file already mapped into the process, if any).
 pub fn candidates(
     var: impl Fn(&str) -> Option<String>,
     torch_lib: Option<&Path>,
+    loaded: Option<PathBuf>,
 ) -> Vec<Candidate> {
     if let Some(p) = var(NCCL_LIB_VAR).filter(|p| !p.trim().is_empty()) {
         return vec![Candidate {
@@ -141,6 +146,23 @@ pub fn candidates(
         }];
     }
     let mut out = Vec::new();
+    if let Some(p) = loaded {
+        out.push(Candidate {
+            target: p,
+            found_by: "the NCCL already loaded in this process",
+        });
+    }
+    let search = var("LD_LIBRARY_PATH").unwrap_or_default();
+    if let Some(first) = std::env::split_paths(&search)
+        .filter(|d| !d.as_os_str().is_empty())
+        .map(|d| d.join("libnccl.so.2"))
+        .find(|f| f.exists())
+    {
+        out.push(Candidate {
+            target: first,
+            found_by: "LD_LIBRARY_PATH (the NCCL libtorch resolves)",
+        });
+    }
     if let Some(site) = torch_lib.and_then(|d| d.parent()).and_then(|t| t.parent()) {
         for dir in ["nvidia/nccl/lib", "nvidia/cu13/lib", "nvidia/cu12/lib"] {
             out.push(Candidate {
@@ -226,7 +248,12 @@ pub fn nccl() -> Result<&'static NcclLibrary, NcclNotFound> {
     static LIB: OnceLock<Result<NcclLibrary, NcclNotFound>> = OnceLock::new();
     LIB.get_or_init(|| {
         let torch_lib = crate::runtime::libtorch_lib_dir();
-        let found = load_from(&candidates(|k| std::env::var(k).ok(), torch_lib.as_deref()));
+        let loaded = crate::runtime::loaded_library("libnccl.so");
+        let found = load_from(&candidates(
+            |k| std::env::var(k).ok(),
+            torch_lib.as_deref(),
+            loaded,
+        ));
         match &found {
             Ok(lib) => tracing::info!(nccl = ?lib, "loaded NCCL"),
             Err(e) => tracing::debug!(error = %e, "no NCCL"),
@@ -248,6 +275,7 @@ mod tests {
         let c = candidates(
             env(&[(NCCL_LIB_VAR, "/opt/nccl/libnccl.so.2")]),
             Some(torch),
+            Some("/elsewhere/libnccl.so.2".into()),
         );
         assert_eq!(
             c,
@@ -256,20 +284,21 @@ mod tests {
                 found_by: NCCL_LIB_VAR
             }]
         );
-        let c = candidates(env(&[]), Some(torch));
+        let c = candidates(env(&[]), Some(torch), None);
         assert_eq!(
             c[0].target,
             Path::new("/venv/lib/python3.11/site-packages/nvidia/nccl/lib/libnccl.so.2")
         );
         let names: Vec<_> = c.iter().map(|c| c.target.display().to_string()).collect();
         assert_eq!(names[names.len() - 2..], ["libnccl.so.2", "libnccl.so"]);
-        assert_eq!(candidates(env(&[]), None).len(), 2);
+        assert_eq!(candidates(env(&[]), None, None).len(), 2);
     }
 
     #[test]
     fn a_missing_explicit_library_is_an_error_naming_it() {
         let e = load_from(&candidates(
             env(&[(NCCL_LIB_VAR, "/nonexistent/libnccl.so.2")]),
+            None,
             None,
         ))
         .unwrap_err();
@@ -285,7 +314,7 @@ mod tests {
     #[test]
     fn the_wheel_s_nccl_beside_the_loaded_libtorch_opens_and_says_its_version() {
         let torch_lib = crate::runtime::libtorch_lib_dir();
-        let lib = load_from(&candidates(env(&[]), torch_lib.as_deref())).expect("NCCL loads");
+        let lib = load_from(&candidates(env(&[]), torch_lib.as_deref(), None)).expect("NCCL loads");
         assert_eq!(lib.found_by, "the nvidia-nccl wheel beside libtorch");
         assert!(lib.path.ends_with("libnccl.so.2"), "{lib:?}");
         assert!(lib.version >= 21_800, "{lib:?}");
@@ -299,8 +328,40 @@ mod tests {
         let again = load_from(&candidates(
             env(&[(NCCL_LIB_VAR, lib.path.to_str().unwrap())]),
             None,
+            None,
         ))
         .unwrap();
         assert_eq!((again.found_by, again.version), (NCCL_LIB_VAR, lib.version));
+    }
+
+    /// A site module on LD_LIBRARY_PATH (here a fake library file) comes before the wheel, and the NCCL already
+    /// loaded in the process comes before both: one NCCL per process.
+    #[test]
+    fn the_nccl_libtorch_resolves_comes_before_the_wheel() {
+        let module = tempfile::tempdir().unwrap();
+        let fake = module.path().join("libnccl.so.2");
+        std::fs::write(&fake, b"not really NCCL").unwrap();
+        let search = format!("/nonexistent/lib::{}", module.path().display());
+        let torch = Path::new("/venv/lib/python3.12/site-packages/torch/lib");
+        let c = candidates(env(&[("LD_LIBRARY_PATH", &search)]), Some(torch), None);
+        assert_eq!(c[0].target, fake);
+        assert_eq!(
+            c[0].found_by,
+            "LD_LIBRARY_PATH (the NCCL libtorch resolves)"
+        );
+        assert!(c[1].found_by.contains("wheel"), "{c:?}");
+        let c = candidates(
+            env(&[("LD_LIBRARY_PATH", &search)]),
+            Some(torch),
+            Some("/opt/loaded/libnccl.so.2".into()),
+        );
+        assert_eq!(c[0].target, Path::new("/opt/loaded/libnccl.so.2"));
+        assert_eq!(c[1].target, fake);
+        // The fake does not open: the error names it and the loader goes on to the next candidate.
+        let e = load_from(&c[1..2]).unwrap_err().to_string();
+        assert!(
+            e.contains("LD_LIBRARY_PATH") && e.contains("libnccl.so.2"),
+            "{e}"
+        );
     }
 }

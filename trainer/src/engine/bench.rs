@@ -16,6 +16,9 @@ use crate::collective::counting::Counting;
 use crate::flow::MicroBatch;
 use crate::model::RadiTConfig;
 
+/// The paper's RadiT-XL training rate: 1M tokens/s on 32 GH200s (about 19 % MFU at 6.04 GFLOP per token).
+pub const PAPER_XL_TOKENS_PER_SECOND_PER_GPU: f64 = 1.0e6 / 32.0;
+
 /// What to measure.
 #[derive(Debug, Clone)]
 pub struct EngineBench {
@@ -77,6 +80,11 @@ pub struct EngineBenchReport {
     pub optimizer_seconds_median: f64,
     /// Over the whole world.
     pub tokens_per_second: f64,
+    /// Per rank (one GPU each on a cluster).
+    pub tokens_per_second_per_device: f64,
+    /// For RadiT-XL latent: the paper's rate per GPU (1M tokens/s on 32 GH200s) and this run's share of it.
+    pub paper_tokens_per_second_per_gpu: Option<f64>,
+    pub vs_paper: Option<f64>,
     pub images_per_second: f64,
     pub mfu: f64,
     pub parameters: i64,
@@ -189,7 +197,10 @@ pub fn run(
     optimizer_times.sort_by(f64::total_cmp);
     let median = times[times.len() / 2];
     let tokens = (b.batch * world as i64 * cfg.tokens()) as f64 / median;
-    let flops_per_device = cfg.training_flops_per_token() * tokens / world as f64;
+    let per_device = tokens / world as f64;
+    let flops_per_device = cfg.training_flops_per_token() * per_device;
+    let paper = (RadiTConfig::preset("xl-latent").ok().as_ref() == Some(cfg))
+        .then_some(PAPER_XL_TOKENS_PER_SECOND_PER_GPU);
     let params = cfg.parameter_count().total();
     let elt = b.engine.precision.compute_kind().elt_size_in_bytes() as u64;
     let checkpoint = match &b.checkpoint_dir {
@@ -204,6 +215,9 @@ pub fn run(
         step_seconds_min: times[0],
         optimizer_seconds_median: optimizer_times[optimizer_times.len() / 2],
         tokens_per_second: tokens,
+        tokens_per_second_per_device: per_device,
+        paper_tokens_per_second_per_gpu: paper,
+        vs_paper: paper.map(|p| per_device / p),
         images_per_second: (b.batch * world as i64) as f64 / median,
         mfu: flops_per_device / (b.peak_tflops * 1e12),
         parameters: params,

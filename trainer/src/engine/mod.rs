@@ -43,6 +43,54 @@ pub enum EngineError {
     InvalidConfig(#[from] radit_protocol::ConfigError),
     #[error("state does not fit this engine: {0}")]
     StateMismatch(String),
+    /// The device (or the host, for CPU ranks) cannot hold this rank's training state, or an allocation failed.
+    #[error("the device's memory")]
+    Allocation(#[from] crate::out_of_memory::AllocationFailed),
+}
+
+/// Bytes of training state per parameter that a rank keeps for its shard: the fp32 master, its gradient, Adam's
+/// m and v, and the EMA.
+const STATE_BYTES_PER_PARAMETER: u64 = 20;
+
+/// Refuses training state that cannot fit before allocating it: past the host's available memory a CPU rank is
+/// not refused by malloc but killed by the kernel's OOM killer part-way through, with no message. `free` is what
+/// the device (or this rank's share of the host) has left; the built model's own fp32 weights (`4 x parameters`)
+/// are freed group by group as the shards are made, so they count as available.
+pub fn check_state_fits(
+    parameters: u64,
+    world: u64,
+    free: Option<u64>,
+) -> Result<(), crate::out_of_memory::AllocationFailed> {
+    let need = STATE_BYTES_PER_PARAMETER * parameters / world.max(1);
+    let Some(free) = free else { return Ok(()) };
+    let have = free + 4 * parameters;
+    if need <= have {
+        return Ok(());
+    }
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    Err(crate::out_of_memory::AllocationFailed {
+        message: format!(
+            "this rank's training state needs at least {:.1} GiB ({STATE_BYTES_PER_PARAMETER} bytes per parameter \
+             for {parameters} parameters over {world} rank(s)) and {:.1} GiB is free for it",
+            gib(need),
+            gib(have)
+        ),
+    })
+}
+
+/// What this rank can use for its state: a GPU's free memory, or the host's available memory shared among the
+/// ranks on this node.
+fn free_for_state(device: Device) -> Option<u64> {
+    match device {
+        Device::Cuda(_) => crate::runtime::device_memory(device).map(|(used, total)| total - used),
+        _ => {
+            let local = crate::placement::local_placement(|k| std::env::var(k).ok())
+                .local_size
+                .unwrap_or(1)
+                .max(1) as u64;
+            crate::out_of_memory::host_available_bytes().map(|b| b / local)
+        }
+    }
 }
 
 /// When gathered weights are freed.
@@ -209,6 +257,12 @@ impl Fsdp {
         };
         model.set_precision(cfg.precision);
         let vars = vs.variables();
+        let parameters: i64 = vars.values().map(Tensor::numel).map(|n| n as i64).sum();
+        check_state_fits(
+            parameters as u64,
+            comm.world() as u64,
+            free_for_state(device),
+        )?;
         if let Initial::Weights(weights) = initial {
             copy_weights(&vars, weights)?;
         }

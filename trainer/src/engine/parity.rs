@@ -29,9 +29,13 @@ pub struct ParityCheck {
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct WeightsDiff {
+    /// The largest element-wise difference over every tensor.
     pub max_abs: f64,
-    pub mean_abs: f64,
-    /// The parameter with the largest difference.
+    /// The largest per-tensor relative difference, `|a - b| / |b - start|` (L2 norms): of what training changed
+    /// in that tensor, how much the two sides disagree. Bounded per tensor, so one wrong small layer cannot hide
+    /// behind many right large ones. Without a start, relative to `|b|`.
+    pub max_rel: f64,
+    /// The tensor with the largest relative difference.
     pub worst: String,
 }
 
@@ -52,11 +56,17 @@ pub struct ParityReport {
     pub checkpoint_bytes: u64,
     /// TF32 was switched off on the GPU for an fp32 check (libtorch's cuDNN convolutions use it by default).
     pub tf32_off: bool,
-    /// Bounds: losses within `loss_tolerance` (relative), mean weight difference within `weight_tolerance` x lr.
+    /// Bounds: losses within `loss_tolerance` (relative), every tensor's relative difference (`weights.max_rel`)
+    /// within `weight_tolerance`.
     pub loss_tolerance: f64,
     pub weight_tolerance: f64,
     pub passed: bool,
 }
+
+/// The largest per-tensor relative weight difference (of each tensor's movement) an fp32 device run may have
+/// against the CPU's, and a bf16 run.
+pub const FP32_WEIGHT_TOLERANCE: f64 = 1e-3;
+pub const BF16_WEIGHT_TOLERANCE: f64 = 0.25;
 
 /// The check's engine on `device`, alone in a world of one (NCCL on a GPU, bootstrapped in-process).
 fn engine_alone(
@@ -129,38 +139,48 @@ fn train(
     Ok((engine, losses))
 }
 
-/// Element-wise differences of two sets of named weights (moved to the CPU in fp64).
+/// Differences of two sets of named weights (moved to the CPU in fp64), each tensor's relative to how far it
+/// moved from `start` (or to its size, without one).
 pub fn compare(
     a: &BTreeMap<String, Tensor>,
     b: &BTreeMap<String, Tensor>,
+    start: Option<&BTreeMap<String, Tensor>>,
 ) -> Result<WeightsDiff, EngineError> {
-    if a.keys().ne(b.keys()) {
+    if a.keys().ne(b.keys()) || start.is_some_and(|s| s.keys().ne(b.keys())) {
         return Err(EngineError::StateMismatch(
             "the two runs have different parameters".into(),
         ));
     }
-    let (mut max_abs, mut sum, mut count, mut worst) = (0f64, 0f64, 0i64, String::new());
+    let f64_cpu = |t: &Tensor| t.to_device(Device::Cpu).to_kind(Kind::Double);
+    let (mut max_abs, mut max_rel, mut worst) = (0f64, 0f64, String::new());
     for (name, x) in a {
-        let d = (x.to_device(Device::Cpu).to_kind(Kind::Double)
-            - b[name].to_device(Device::Cpu).to_kind(Kind::Double))
-        .abs();
-        let m = d.max().double_value(&[]);
-        if m.is_nan() || m > max_abs {
-            max_abs = m;
+        let y = f64_cpu(&b[name]);
+        let d = f64_cpu(x) - &y;
+        max_abs = max_abs.max(d.abs().max().double_value(&[]));
+        let scale = match start {
+            Some(s) => (&y - f64_cpu(&s[name])).norm().double_value(&[]),
+            None => y.norm().double_value(&[]),
+        };
+        let diff = d.norm().double_value(&[]);
+        let rel = if diff == 0.0 {
+            0.0
+        } else {
+            diff / scale.max(f64::MIN_POSITIVE)
+        };
+        if rel.is_nan() || rel > max_rel || worst.is_empty() {
+            max_rel = if rel.is_nan() { f64::INFINITY } else { rel };
             worst = name.clone();
         }
-        sum += d.sum(Kind::Double).double_value(&[]);
-        count += d.numel() as i64;
     }
     Ok(WeightsDiff {
         max_abs,
-        mean_abs: sum / count.max(1) as f64,
+        max_rel,
         worst,
     })
 }
 
 fn same(a: &BTreeMap<String, Tensor>, b: &BTreeMap<String, Tensor>) -> Result<bool, EngineError> {
-    let d = compare(a, b)?;
+    let d = compare(a, b, None)?;
     Ok(d.max_abs == 0.0)
 }
 
@@ -222,7 +242,7 @@ pub fn run(check: &ParityCheck, device: Device) -> Result<ParityReport, EngineEr
         ..check.clone()
     };
     let (cpu_engine, losses_cpu) = train(&cpu_check, &inputs, &w0, Device::Cpu)?;
-    let weights = compare(&raw, &cpu_engine.gather_named(false)?)?;
+    let weights = compare(&raw, &cpu_engine.gather_named(false)?, Some(&w0))?;
     let loss_max_rel_diff = losses_device
         .iter()
         .zip(&losses_cpu)
@@ -230,13 +250,13 @@ pub fn run(check: &ParityCheck, device: Device) -> Result<ParityReport, EngineEr
         .fold(0.0, f64::max);
     // fp32 on both sides differs by rounding only (reduction order, fused kernels); bf16 by far more.
     let (loss_tolerance, weight_tolerance) = match check.engine.precision {
-        Precision::Fp32 => (1e-4, 0.02),
-        _ => (5e-2, 0.5),
+        Precision::Fp32 => (1e-4, FP32_WEIGHT_TOLERANCE),
+        _ => (5e-2, BF16_WEIGHT_TOLERANCE),
     };
     let lr = check.engine.adam.lr;
     let passed = round_trip
         && loss_max_rel_diff <= loss_tolerance
-        && weights.mean_abs <= weight_tolerance * lr
+        && weights.max_rel <= weight_tolerance
         && losses_device.iter().all(|l| l.is_finite());
     Ok(ParityReport {
         device: format!("{device:?}"),
@@ -291,9 +311,40 @@ mod tests {
             a.iter().map(|(k, v)| (k.clone(), v.copy())).collect();
         assert!(same(&a, &b).unwrap());
         b.insert("b".into(), Tensor::from_slice(&[3.0f32, 4.5]));
-        let d = compare(&a, &b).unwrap();
-        assert_eq!((d.max_abs, d.mean_abs, d.worst.as_str()), (0.5, 0.125, "b"));
+        let d = compare(&a, &b, None).unwrap();
+        assert_eq!((d.max_abs, d.worst.as_str()), (0.5, "b"));
+        assert!((d.max_rel - 0.5 / 4.5f64.hypot(3.0)).abs() < 1e-12, "{d:?}");
         b.remove("a");
-        assert!(compare(&a, &b).is_err());
+        assert!(compare(&a, &b, None).is_err());
+    }
+
+    /// One small tensor far off among large right ones fails the bound and is named, though the mean over all
+    /// elements would pass.
+    #[test]
+    fn one_wrong_small_layer_is_found_among_many_right_ones() {
+        let start: BTreeMap<String, Tensor> = [
+            (
+                "big".to_string(),
+                Tensor::zeros([100_000], tch::kind::FLOAT_CPU),
+            ),
+            (
+                "small".to_string(),
+                Tensor::zeros([4], tch::kind::FLOAT_CPU),
+            ),
+        ]
+        .into();
+        let cpu: BTreeMap<String, Tensor> =
+            start.iter().map(|(k, v)| (k.clone(), v + 1e-3)).collect();
+        let mut device: BTreeMap<String, Tensor> =
+            cpu.iter().map(|(k, v)| (k.clone(), v.copy())).collect();
+        device.insert("small".into(), -&cpu["small"]);
+        let d = compare(&device, &cpu, Some(&start)).unwrap();
+        assert_eq!(d.worst, "small");
+        assert!(d.max_rel > FP32_WEIGHT_TOLERANCE, "{d:?}");
+        let mean = 2.0 * 1e-3 * 4.0 / 100_004.0;
+        assert!(
+            mean < 0.02 * 1e-4,
+            "the old mean bound would have passed it: {mean}"
+        );
     }
 }

@@ -397,3 +397,22 @@ fn bf16_training_tracks_fp32() {
         "bf16 losses equal fp32's ({largest:e}): bf16 was not used"
     );
 }
+
+#[test]
+fn training_state_that_cannot_fit_is_refused_before_it_is_allocated() {
+    // XL (1.37 B parameters) alone on a 24 GiB host: 27.4 GB of state, with 16 GiB free once the model is built
+    // (its own 5.5 GB of fp32 weights are freed as the shards are made, so they count as free).
+    let xl = 1_370_482_816u64;
+    let e = check_state_fits(xl, 1, Some(16 << 30))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("needs at least 25.5 GiB")
+            && e.contains("over 1 rank(s)")
+            && e.contains("21.1 GiB is free"),
+        "{e}"
+    );
+    // Sharded over 8 ranks it fits; unknown free memory is never refused.
+    check_state_fits(xl, 8, Some(16 << 30)).unwrap();
+    check_state_fits(xl, 1, None).unwrap();
+}
