@@ -267,21 +267,14 @@ fn each_sample_is_its_profile_and_its_row_seed_and_bad_input_is_named() {
     // Out of memory in the second unit's sampling (a real allocator failure, through tch's infallible form): the
     // report and exit 2, not a panic; the first unit stays committed.
     let oom_out = d.join("oom");
-    let failed = generate(&w, &store, &oom_out, &SETTINGS)
-        .env("RADIT_FAULT_OOM", "0:2")
-        .output()
-        .unwrap();
-    let err = stderr(&failed);
-    assert_eq!(failed.status.code(), Some(2), "{err}");
-    for want in [
-        "out of memory in unit 1 on cpu: ",
-        "can't allocate memory",
-        "generate.batch 2",
-        "lower generate.batch",
-    ] {
-        assert!(err.contains(want), "{want}: {err}");
-    }
-    assert!(!err.contains("panicked"), "{err}");
+    fails_out_of_memory(
+        generate(&w, &store, &oom_out, &SETTINGS).env("RADIT_FAULT_OOM", "0:2"),
+        &[
+            "out of memory in unit 1 on cpu: ",
+            "generate.batch 2",
+            "lower generate.batch",
+        ],
+    );
     assert_eq!(
         images(&oom_out).len(),
         3,

@@ -291,6 +291,22 @@ pub fn fails_with_usage(cmd: &mut Command, needle: &str) -> String {
     err
 }
 
+/// Runs `cmd` and checks it ran out of memory as radit reports it: exit 2 (not retryable), the report's parts in
+/// `wants`, the allocator's own words, and no panic. Returns stderr.
+pub fn fails_out_of_memory(cmd: &mut Command, wants: &[&str]) -> String {
+    let out = cmd.output().expect("the command starts");
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    for want in wants
+        .iter()
+        .chain(&["can't allocate memory", "A restart would fail the same way"])
+    {
+        assert!(err.contains(want), "expected `{want}` in: {err}");
+    }
+    assert!(!err.contains("panicked"), "{err}");
+    err
+}
+
 /// What the loader says when a latent model opens `store` and cannot use its latents.
 pub fn latents_open_error(store: &Path) -> String {
     radit_sharding::loader::Loader::open(

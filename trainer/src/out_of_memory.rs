@@ -100,18 +100,8 @@ pub fn host_available_bytes() -> Option<u64> {
     Some(meminfo("MemAvailable:")? + meminfo("SwapFree:").unwrap_or(0))
 }
 
-/// One `/proc/meminfo` field in bytes.
 fn meminfo(field: &str) -> Option<u64> {
-    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let kib = info
-        .lines()
-        .find_map(|l| l.strip_prefix(field))?
-        .trim()
-        .strip_suffix("kB")?
-        .trim()
-        .parse::<u64>()
-        .ok()?;
-    Some(kib * 1024)
+    crate::runtime::proc_kib_field("/proc/meminfo", field)
 }
 
 /// Whether libtorch's message is an allocation failure.
@@ -200,6 +190,34 @@ mod tests {
         assert!(in_chain(&e));
         // Work that fits passes through.
         assert_eq!(guard(|| 2 + 2).unwrap(), 4);
+    }
+
+    /// The model's forward pass on a batch no machine holds (2^26 images, as a view of one that costs nothing):
+    /// its first activations (64 GiB and more) are what libtorch cannot allocate, inside RadiT's own (infallible)
+    /// calls. (The input checks still read every element of the views, so the batch is kept just large enough.)
+    #[test]
+    fn the_model_s_forward_pass_failing_to_allocate_is_an_error_not_a_panic() {
+        quiet_panic_hook();
+        let cfg = crate::model::RadiTConfig::preset("tiny").unwrap();
+        let vs = tch::nn::VarStore::new(Device::Cpu);
+        let model = crate::model::RadiT::new(&vs.root(), &cfg).unwrap();
+        let (n, s) = (1i64 << 26, cfg.input_size);
+        let f = tch::kind::FLOAT_CPU;
+        let x =
+            Tensor::zeros([1, cfg.in_channels, s, s], f).expand([n, cfg.in_channels, s, s], false);
+        let t = Tensor::zeros([1], f).expand([n], false);
+        let labels = Tensor::zeros([1, cfg.classes.len() as i64], (Kind::Int64, Device::Cpu))
+            .expand([n, cfg.classes.len() as i64], false);
+        let age = Tensor::zeros([1], f).expand([n], false);
+        let failed = match guard(|| model.forward(&x, &t, &labels, &age)) {
+            Err(e) => e.to_string(),
+            Ok(Err(e)) => {
+                assert!(in_chain(&e), "{e}");
+                e.to_string()
+            }
+            Ok(Ok(_)) => panic!("a forward over 2^26 images allocated"),
+        };
+        assert!(failed.contains("can't allocate memory"), "{failed}");
     }
 
     #[test]

@@ -118,6 +118,20 @@ fn driver_gpus() -> Vec<Gpu> {
         .collect()
 }
 
+/// A `kB` field of a `/proc` file (`/proc/meminfo`'s `MemAvailable:`, `/proc/self/status`'s `VmHWM:`) in bytes.
+pub fn proc_kib_field(file: &str, field: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(file).ok()?;
+    let kib = text
+        .lines()
+        .find_map(|l| l.strip_prefix(field))?
+        .trim()
+        .strip_suffix("kB")?
+        .trim()
+        .parse::<u64>()
+        .ok()?;
+    Some(kib * 1024)
+}
+
 /// The file the dynamic loader mapped for a library whose file name starts with `name`.
 pub fn loaded_library(name: &str) -> Option<PathBuf> {
     let maps = std::fs::read_to_string("/proc/self/maps").ok()?;

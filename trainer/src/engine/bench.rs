@@ -113,16 +113,7 @@ fn reset_peak_rss() {
 }
 
 fn peak_rss_bytes() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let kib = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))?
-        .trim()
-        .strip_suffix("kB")?
-        .trim()
-        .parse::<u64>()
-        .ok()?;
-    Some(kib * 1024)
+    crate::runtime::proc_kib_field("/proc/self/status", "VmHWM:")
 }
 
 fn device_used_bytes(device: Device) -> Option<u64> {

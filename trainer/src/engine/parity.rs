@@ -64,8 +64,10 @@ pub struct ParityReport {
 }
 
 /// The largest per-tensor relative weight difference (of each tensor's movement) an fp32 device run may have
-/// against the CPU's, and a bf16 run.
-pub const FP32_WEIGHT_TOLERANCE: f64 = 1e-3;
+/// against the CPU's, and a bf16 run. A wrong layer is off by the order of its whole movement (1 or more); fp32
+/// rounding (reduction order, Adam's normalisation of near-zero gradients) stays far below 1 %. bf16 against fp32
+/// on the CPU measured 0.16 at worst (tiny, 3 steps: `t_embedder.mlp.2.bias`).
+pub const FP32_WEIGHT_TOLERANCE: f64 = 1e-2;
 pub const BF16_WEIGHT_TOLERANCE: f64 = 0.25;
 
 /// The check's engine on `device`, alone in a world of one (NCCL on a GPU, bootstrapped in-process).
