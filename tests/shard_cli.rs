@@ -246,13 +246,15 @@ fn info_reports_the_pip_libtorch() {
     let text = stdout(&out);
     assert!(text.contains("site-packages/torch/lib"), "{text}");
     assert!(text.contains("(torch 2.13.0"), "{text}");
-    // The pip wheel is a CUDA build: the binary must load its libtorch_cuda.so, and find the wheel's NCCL.
+    // The pip wheel is a CUDA build: the binary must load its libtorch_cuda.so, and use the NCCL that libtorch_cuda
+    // already loaded (the wheel's): one NCCL per process.
     assert!(
         text.contains("build: CUDA 13.0 (libtorch_cuda.so loaded)"),
         "{text}"
     );
     assert!(text.contains("NCCL: NCCL 2."), "{text}");
-    assert!(text.contains("nvidia-nccl wheel beside libtorch"), "{text}");
+    assert!(text.contains("nvidia/nccl/lib/libnccl.so.2"), "{text}");
+    assert!(text.contains("already loaded in this process"), "{text}");
 }
 
 #[test]

@@ -1,7 +1,7 @@
 //! An in-process group: one `LocalCollective` per thread, exchanging tensors through shared slots. Used by unit
 //! tests of the engine (worlds 1-4 in one test process) and by every rank alone in its world, on the CPU or a GPU
-//! (at world 1 its collectives touch nothing but the tensors given). A thread that panics or drops its handle breaks the group,
-//! and its peers get `RankFailed` instead of hanging.
+//! (at world 1 its collectives touch nothing but the tensors given). A thread that panics or drops its handle
+//! breaks the group, and its peers get `RankFailed` instead of hanging.
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
