@@ -6,10 +6,10 @@
 # standard library for the target.
 # The libtorch crates (trainer and the radit binary) need an aarch64 libtorch and OpenMPI to link against: build
 # those on the GH200 itself (README, "Building on a GH200 login node").
-# Usage: scripts/cross-aarch64.sh [cargo build options]
 # The build goes to a target directory outside the repository, in the machine's radit cache beside the torch
-# install, so that every clone and CI run on this machine rebuilds only what changed (about 13 minutes of 2 cores
+# install, so that every clone and CI run on this machine rebuilds only what changed (about 11 minutes of 2 cores
 # from nothing, most of it the dependencies' C and optimised Rust).
+# Usage: scripts/cross-aarch64.sh [cargo build options]
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # shellcheck source=env.sh

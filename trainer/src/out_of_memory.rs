@@ -21,11 +21,10 @@ pub struct AllocationFailed {
     pub message: String,
 }
 
-/// The report every job gives when it runs out of memory: where, on which device, the allocator's words, what
-/// was running and what to change. A restart would fail the same way, so it is never retryable (exit 2) and a
-/// supervisor does not relaunch it.
+/// The report every job gives when it runs out of memory: where, on which device, what was running and what to
+/// change; the allocator's own words follow as its source (shown once by `{:#}`). A restart would fail the same
+/// way, so it is never retryable (exit 2) and a supervisor does not relaunch it.
 #[derive(Debug, thiserror::Error)]
-/// Its message ends with what to change; the allocator's own words follow as its source (shown once by `{:#}`).
 #[error(
     "out of memory in {during} on {device}: {setting}. A restart would fail the same way: {advice}"
 )]
@@ -33,8 +32,6 @@ pub struct OutOfMemory {
     /// `step 7`, `shard 3 of the encode`, `the benchmark's steps`.
     pub during: String,
     pub device: String,
-    /// The allocator's own words (the first line of libtorch's message).
-    pub cause: String,
     /// The model, batch and precision, and the device's memory.
     pub setting: String,
     /// What to change.
@@ -53,28 +50,15 @@ impl OutOfMemory {
         setting: impl Into<String>,
         advice: impl Into<String>,
     ) -> Self {
-        let source = source.into();
-        let mut root: &(dyn std::error::Error + 'static) = source.as_ref();
-        while let Some(inner) = root.source() {
-            root = inner;
-        }
-        let cause = root
-            .to_string()
-            .lines()
-            .next()
-            .unwrap_or_default()
-            .trim()
-            .to_string();
         OutOfMemory {
             during: during.into(),
             device: match device {
                 tch::Device::Cuda(i) => format!("cuda:{i}"),
                 _ => "cpu".into(),
             },
-            cause,
             setting: format!("{}; {}", setting.into(), memory_line(device)),
             advice: advice.into(),
-            source,
+            source: source.into(),
         }
     }
 }
@@ -134,7 +118,7 @@ fn payload_text(payload: &(dyn Any + Send)) -> Option<&str> {
 fn first_line(text: &str) -> String {
     let inner = text.split_once("Torch(\"").map_or(text, |(_, rest)| rest);
     inner
-        .split(['\n'])
+        .split('\n')
         .next()
         .unwrap_or_default()
         .split("\\n")
