@@ -4,7 +4,7 @@
 # sharding) and the metrics (eval), and links the launcher's test executable for it. Installs what it needs:
 # Debian's gcc- and g++-aarch64-linux-gnu (the C and C++ of zstd, blosc, snappy, aws-lc; the linker) and rustup's
 # standard library for the target.
-# The libtorch crates (trainer and the radit binary) need an aarch64 libtorch and OpenMPI to link against: build
+# The libtorch crates (models, engine, jobs, run and the radit binary) need an aarch64 libtorch and OpenMPI to link against: build
 # those on the GH200 itself (README, "Building on a GH200 login node").
 # The build goes to a target directory outside the repository, in the machine's radit cache beside the torch
 # install, so that every clone and CI run on this machine rebuilds only what changed (about 11 minutes of 2 cores
@@ -31,7 +31,7 @@ fi
 crates=(radit-protocol radit-launch radit-coordinator radit-monitoring radit-dicom radit-sources radit-sharding radit-eval)
 # What must never join them: a crate in this list that starts to link libtorch would stop building here.
 if cargo tree --target "$target" -e normal --prefix none $(printf -- '-p %s ' "${crates[@]}") 2>/dev/null |
-  grep -qE '^(torch-sys|tch|radit-trainer) '; then
+  grep -qE '^(torch-sys|tch|radit-models|radit-engine|radit-jobs) '; then
   log "one of ${crates[*]} now depends on libtorch: it cannot be cross-built"
   exit 1
 fi

@@ -21,19 +21,25 @@ forbid() {
 forbid radit-protocol 'torch-sys|tch|tokio|axum|object_store|radit-.*' radit-protocol \
   "the protocol is a leaf every process speaks: no libtorch, async runtime, web server or storage"
 forbid radit-launch 'torch-sys|tch|radit-.*' 'radit-launch|radit-protocol' \
-  "launchers are a leaf over the protocol: starting ranks links no libtorch and knows no trainer or coordinator"
+  "launchers are a leaf over the protocol: starting ranks links no libtorch and knows no job or coordinator"
 forbid radit-dicom 'torch-sys|tch|radit-.*' radit-dicom "the DICOM pipeline is a leaf over dicom-rs"
 forbid radit-sources 'torch-sys|tch|axum|radit-.*' 'radit-sources|radit-sharding|radit-dicom' \
-  "harmonising a dataset reads tables and writes one: no libtorch, trainer or services"
+  "harmonising a dataset reads tables and writes one: no libtorch, models, engine or services"
 forbid radit-eval 'torch-sys|tch|radit-.*' radit-eval \
   "the metrics are a leaf over faer: no libtorch, so they build and test anywhere"
+forbid radit-models 'mpi|mpi-sys|cudarc|libloading|radit-.*' 'radit-models|radit-protocol|radit-sharding|radit-dicom' \
+  "a model knows no ranks: networks and their maths over tch, the protocol and the data schema"
+forbid radit-engine 'radit-.*' 'radit-engine|radit-models|radit-protocol|radit-sharding|radit-dicom' \
+  "the engine knows no job: collectives, FSDP and checkpoints under any model, never the loops above them"
+forbid radit-jobs 'radit-(run|coordinator|launch|monitoring|sources)' '' \
+  "a job is what one rank runs: it knows no supervisor, coordinator, launcher or harmoniser"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 # The GPU bundle stubs tch wrappers of ops torch 2.11 lacks: radit's code must call none of them.
 python3 "$root/scripts/check-stubbed-ops.py" "$root/scripts/gpu-stubbed-ops.txt"
 # GH200's host CPU is aarch64: every crate without libtorch builds for it (scripts/cross-aarch64.sh says how).
 "$root/scripts/cross-aarch64.sh"
 # Tests spawn processes while others run: none may change this process's environment (pass it to the child).
-if grep -rnE 'env::(set_var|remove_var)' --include='*.rs' src protocol sharding trainer coordinator launch run \
+if grep -rnE 'env::(set_var|remove_var)' --include='*.rs' src protocol sharding models engine jobs coordinator launch run \
     monitoring testkit dicom sources eval tests; then
   echo "the environment is changed above: give the variable to the child process instead" >&2
   exit 1

@@ -1,10 +1,10 @@
-//! `radit encode`: thin argument parsing over radit_trainer::encode, as one process or as a rank of `radit run`.
+//! `radit encode`: thin argument parsing over radit_jobs::encode, as one process or as a rank of `radit run`.
 
 use std::path::PathBuf;
 
 use clap::Args;
-use radit_trainer::encode::{EncodeConfig, encode};
-use radit_trainer::journal::{RankError, RankHandles};
+use radit_jobs::encode::{EncodeConfig, encode};
+use radit_jobs::journal::RankError;
 
 #[derive(Args)]
 pub struct EncodeArgs {
@@ -61,17 +61,12 @@ impl EncodeArgs {
 pub fn run_encode(a: EncodeArgs) -> anyhow::Result<u8> {
     let cfg = a.config()?;
     let device = a.rank.device()?;
-    let handles = RankHandles::default();
-    let ran = crate::train_cli::run_journaled_rank(
+    let done = crate::train_cli::run_rank(
         device,
-        &handles,
-        |comm| encode(&cfg, comm, device, &handles),
+        |comm, handles| encode(&cfg, comm.as_ref(), device, handles),
         RankError::repeats,
     )?;
-    let (summary, rank) = match ran {
-        Ok(done) => done,
-        Err(code) => return Ok(code),
-    };
+    let (summary, rank) = (done.summary, done.rank);
     if rank == 0 && summary.finished {
         println!(
             "radit: {} now holds <split>/latents ({} images encoded here, {} shards resumed)",

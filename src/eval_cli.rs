@@ -8,9 +8,9 @@ use clap::{Args, Subcommand};
 use radit_eval::fidelity::{CSV_HEADER, FidelityConfig, fidelity};
 use radit_eval::io::read_npy;
 use radit_eval::kd::KdConfig;
-use radit_trainer::features_job::{FeaturesConfig, extract};
-use radit_trainer::journal::{RankError, RankHandles};
-use radit_trainer::validate::features_network;
+use radit_jobs::features_job::{FeaturesConfig, extract};
+use radit_jobs::journal::RankError;
+use radit_jobs::validate::features_network;
 
 #[derive(Subcommand)]
 pub enum EvalCommand {
@@ -144,20 +144,15 @@ pub fn run_eval(cmd: EvalCommand) -> anyhow::Result<u8> {
 fn run_features(a: FeaturesArgs) -> anyhow::Result<u8> {
     let cfg = a.config()?;
     if let Some(t) = a.threads {
-        radit_trainer::tch::set_num_threads(t);
+        radit_models::tch::set_num_threads(t);
     }
     let device = crate::model_cli::device_or_gpu(a.device.as_deref())?;
-    let handles = RankHandles::default();
-    let ran = crate::train_cli::run_journaled_rank(
+    let done = crate::train_cli::run_rank(
         device,
-        &handles,
-        |comm| extract(&cfg, comm, device, &handles),
+        |comm, handles| extract(&cfg, comm.as_ref(), device, handles),
         RankError::repeats,
     )?;
-    let (summary, _) = match ran {
-        Ok(done) => done,
-        Err(code) => return Ok(code),
-    };
+    let summary = done.summary;
     if let Some(report) = &summary.report {
         println!("{report}");
     }

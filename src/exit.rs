@@ -2,19 +2,19 @@
 //! 75 asks for a retry or requeue (and is what the sbatch script requeues on), 2 asks for a change of input or
 //! settings, 1 is any other failure (look at the message and the logs).
 
+use radit_engine::checkpoint::CheckpointError;
+use radit_engine::collective::CollectiveError;
+use radit_engine::membership::JoinError;
+use radit_engine::placement::PlacementError;
+use radit_jobs::journal::RankError;
+use radit_jobs::train::TrainError;
 use radit_launch::slurm::REQUEUE_EXIT_CODE;
+use radit_models::model::ModelError;
 use radit_protocol::ConfigError;
 use radit_run::job::JobError;
 use radit_run::supervise::SuperviseError;
 use radit_sharding::ShardError;
 use radit_sharding::store::StorageError;
-use radit_trainer::checkpoint::CheckpointError;
-use radit_trainer::collective::CollectiveError;
-use radit_trainer::journal::RankError;
-use radit_trainer::membership::JoinError;
-use radit_trainer::model::ModelError;
-use radit_trainer::placement::PlacementError;
-use radit_trainer::train::TrainError;
 
 /// Any other failure; also: the store was checked and disagrees with its manifest.
 pub const FAILED: u8 = 1;
@@ -87,7 +87,7 @@ fn meaning(e: &(dyn std::error::Error + 'static)) -> Option<u8> {
         || e.is::<ConfigError>()
         || e.is::<JobError>()
         || e.is::<PlacementError>()
-        || e.is::<radit_trainer::out_of_memory::OutOfMemory>()
+        || e.is::<radit_engine::out_of_memory::OutOfMemory>()
     {
         return Some(BAD_INPUT);
     }

@@ -1,11 +1,11 @@
-//! `radit generate`: thin argument parsing over radit_trainer::generate_job, as one process or as a rank of
+//! `radit generate`: thin argument parsing over radit_jobs::generate_job, as one process or as a rank of
 //! `radit run`.
 
 use std::path::PathBuf;
 
 use clap::Args;
-use radit_trainer::generate_job::{GenerateConfig, generate};
-use radit_trainer::journal::{RankError, RankHandles};
+use radit_jobs::generate_job::{GenerateConfig, generate};
+use radit_jobs::journal::RankError;
 
 #[derive(Args)]
 pub struct GenerateArgs {
@@ -93,17 +93,12 @@ impl GenerateArgs {
 pub fn run_generate(a: GenerateArgs) -> anyhow::Result<u8> {
     let cfg = a.config()?;
     let device = a.rank.device()?;
-    let handles = RankHandles::default();
-    let ran = crate::train_cli::run_journaled_rank(
+    let done = crate::train_cli::run_rank(
         device,
-        &handles,
-        |comm| generate(&cfg, comm, device, &handles),
+        |comm, handles| generate(&cfg, comm.as_ref(), device, handles),
         RankError::repeats,
     )?;
-    let (summary, rank) = match ran {
-        Ok(done) => done,
-        Err(code) => return Ok(code),
-    };
+    let (summary, rank) = (done.summary, done.rank);
     if rank == 0 && summary.finished {
         println!(
             "radit: {} holds the samples (images/, samples.csv); {} written here, {} units resumed",

@@ -326,7 +326,7 @@ struct QuickstartArgs {
 fn main() -> ExitCode {
     radit_monitoring::init_tracing();
     // Allocation failures are caught and reported as errors (exit 2), not printed as crashes.
-    radit_trainer::out_of_memory::quiet_panic_hook();
+    radit_engine::out_of_memory::quiet_panic_hook();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Synth(a) => run_synth(a),
@@ -683,7 +683,7 @@ fn write_quickstart_job(path: &Path, spec: &radit_run::job::JobSpec) -> anyhow::
 
 /// Steps 4-6 of `radit quickstart --latent`: autoencoder weights, the encode job, the latent training job.
 fn quickstart_latent(a: &QuickstartArgs, dir: &Path, store: &Path) -> anyhow::Result<u8> {
-    use radit_trainer::autoencoder::{self, AeConfig};
+    use radit_models::autoencoder::{self, AeConfig};
     let weights = dir.join("tiny-ae.safetensors");
     println!(
         "4/6 random weights of the tiny autoencoder (FLUX.2's topology) in {}",
@@ -853,7 +853,7 @@ fn num_cpus_or_one() -> usize {
 }
 
 fn run_info() -> anyhow::Result<u8> {
-    let info = radit_trainer::runtime::probe();
+    let info = radit_engine::runtime::probe();
     println!(
         "libtorch: {} (torch {})",
         info.libtorch_path.as_ref().map_or_else(

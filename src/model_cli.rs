@@ -5,13 +5,13 @@ use std::time::Instant;
 
 use anyhow::Context;
 use clap::{Args, Subcommand, ValueEnum};
-use radit_trainer::autoencoder::{self, AeConfig, Autoencoder, DecoderConfig, LatentDecoder};
-use radit_trainer::generate::{
+use radit_jobs::generate::{
     Conditions, Sampler, contact_sheet, read_latents, write_decoded, write_png16, write_samples,
 };
-use radit_trainer::model::{Precision, RadiT, RadiTConfig, save_weights};
-use radit_trainer::sampler::Solver;
-use radit_trainer::tch::{self, Device, Kind, Tensor, nn::VarStore};
+use radit_models::autoencoder::{self, AeConfig, Autoencoder, DecoderConfig, LatentDecoder};
+use radit_models::model::{Precision, RadiT, RadiTConfig, save_weights};
+use radit_models::sampler::Solver;
+use radit_models::tch::{self, Device, Kind, Tensor, nn::VarStore};
 
 #[derive(Subcommand)]
 pub enum ModelCommand {
@@ -327,7 +327,7 @@ pub struct SolverArgs {
 
 impl SolverArgs {
     /// The solver the flags ask for (tolerances default to `default_tol`), validated.
-    pub fn solver(&self, default_tol: f64) -> Result<Solver, radit_trainer::model::ModelError> {
+    pub fn solver(&self, default_tol: f64) -> Result<Solver, radit_models::model::ModelError> {
         let solver = match self.solver {
             SolverArg::Dopri5 => Solver::Dopri5 {
                 atol: self.atol.unwrap_or(default_tol),
@@ -501,7 +501,7 @@ fn bench(a: ModelBenchArgs) -> anyhow::Result<u8> {
     );
     tch::set_num_threads(a.threads);
     // As the CPU engine does, so the plain floor is measured under the same allocator.
-    radit_trainer::runtime::retain_large_cpu_buffers();
+    radit_engine::runtime::retain_large_cpu_buffers();
     tch::manual_seed(0);
     let vs = VarStore::new(Device::Cpu);
     let mut model = RadiT::new(&vs.root(), &cfg)?;
@@ -532,7 +532,7 @@ fn bench(a: ModelBenchArgs) -> anyhow::Result<u8> {
     for i in 0..a.warmup + a.steps {
         let start = Instant::now();
         // Fresh gradients every step (like PyTorch's zero_grad(set_to_none=True)); the engine takes them this way.
-        let loss = radit_trainer::flow::loss(&model, &x1, &x0, &t, &labels, &age)?;
+        let loss = radit_models::flow::loss(&model, &x1, &x0, &t, &labels, &age)?;
         let grads = Tensor::run_backward(&[&loss], &params, false, false);
         anyhow::ensure!(grads.len() == params.len(), "one gradient per parameter");
         drop(grads);
@@ -545,7 +545,7 @@ fn bench(a: ModelBenchArgs) -> anyhow::Result<u8> {
     let mut forward = Vec::new();
     for i in 0..a.warmup + a.steps {
         let start = Instant::now();
-        let loss = tch::no_grad(|| radit_trainer::flow::loss(&model, &x1, &x0, &t, &labels, &age))?;
+        let loss = tch::no_grad(|| radit_models::flow::loss(&model, &x1, &x0, &t, &labels, &age))?;
         drop(loss);
         if i >= a.warmup {
             forward.push(start.elapsed().as_secs_f64());
@@ -579,8 +579,8 @@ fn counterfactual_conditions(
     interventions: &str,
     device: Device,
 ) -> anyhow::Result<Conditions> {
-    use radit_trainer::scm::{Profiles, infer};
-    let loaded = radit_trainer::scm::load(scm, device)?;
+    use radit_models::scm::{Profiles, infer};
+    let loaded = radit_models::scm::load(scm, device)?;
     let interventions = infer::parse_interventions(&loaded.scm, interventions)?;
     let labels: Vec<i64> = original.labels.iter().map(|&c| i64::from(c)).collect();
     let observed = Profiles {

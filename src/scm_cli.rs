@@ -1,13 +1,13 @@
-//! `radit scm ...`: thin argument parsing over radit_trainer::scm (the Flow SCM of the 19 metadata variables).
+//! `radit scm ...`: thin argument parsing over radit_models::scm (the Flow SCM of the 19 metadata variables).
 
 use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Args, Subcommand, ValueEnum};
-use radit_trainer::journal::{RankError, RankHandles};
-use radit_trainer::scm::fit::{ScmTrainConfig, train};
-use radit_trainer::scm::infer::{self, Missing};
-use radit_trainer::scm::{Graph, ScmConfig, io};
+use radit_jobs::journal::RankError;
+use radit_jobs::scm_fit::{ScmTrainConfig, train};
+use radit_models::scm::infer::{self, Missing};
+use radit_models::scm::{Graph, ScmConfig, io};
 
 #[derive(Subcommand)]
 pub enum ScmCommand {
@@ -120,13 +120,10 @@ impl InferenceArgs {
     fn load(
         &self,
         model: &std::path::Path,
-    ) -> anyhow::Result<(
-        radit_trainer::scm::LoadedScm,
-        radit_trainer::sampler::Solver,
-    )> {
+    ) -> anyhow::Result<(radit_models::scm::LoadedScm, radit_models::sampler::Solver)> {
         let device = crate::model_cli::device_or_gpu(self.device.as_deref())?;
         Ok((
-            radit_trainer::scm::load(model, device)?,
+            radit_models::scm::load(model, device)?,
             self.solver.solver(1e-6)?,
         ))
     }
@@ -222,12 +219,11 @@ fn run_train(a: TrainArgs) -> anyhow::Result<u8> {
         }
     };
     let device = a.rank.device()?;
-    let handles = RankHandles::default();
-    let ran = crate::train_cli::run_journaled_rank(
+    let done = crate::train_cli::run_rank(
         device,
-        &handles,
-        |comm| {
-            train(&cfg, comm, device, &handles, |log| {
+        |comm, handles| {
+            let comm = comm.as_ref();
+            train(&cfg, comm, device, handles, |log| {
                 if comm.rank() == 0 {
                     println!("{}", serde_json::to_string(log).unwrap_or_default());
                 }
@@ -235,10 +231,7 @@ fn run_train(a: TrainArgs) -> anyhow::Result<u8> {
         },
         RankError::repeats,
     )?;
-    let (summary, rank) = match ran {
-        Ok(done) => done,
-        Err(code) => return Ok(code),
-    };
+    let (summary, rank) = (done.summary, done.rank);
     if rank == 0 && !summary.stopped_for_requeue {
         eprintln!(
             "radit: the SCM is in {} (step {}, loss {:.4})",
@@ -250,7 +243,7 @@ fn run_train(a: TrainArgs) -> anyhow::Result<u8> {
     Ok(crate::exit::done_or_requeue(summary.stopped_for_requeue))
 }
 
-fn emit(p: &radit_trainer::scm::Profiles, output: &OutputArgs) -> anyhow::Result<()> {
+fn emit(p: &radit_models::scm::Profiles, output: &OutputArgs) -> anyhow::Result<()> {
     let out = output.out.as_ref();
     let text = match output.format {
         Format::Csv => io::to_csv(p),
@@ -304,7 +297,7 @@ fn run_check(a: CheckArgs) -> anyhow::Result<u8> {
         .parse()
         .map_err(|e| crate::exit::usage!("--split: {e}"))?;
     let (loaded, solver) = a.run.load(&a.model)?;
-    let (labels, age) = radit_trainer::scm::fit::read_profiles(&a.store, split)?;
+    let (labels, age) = radit_jobs::scm_fit::read_profiles(&a.store, split)?;
     crate::exit::ensure_usage!(
         !age.is_empty(),
         "{}: the {} split is empty",
@@ -313,12 +306,12 @@ fn run_check(a: CheckArgs) -> anyhow::Result<u8> {
     );
     let n = age.len() as i64;
     let labels: Vec<i64> = labels.iter().map(|&c| i64::from(c)).collect();
-    let data = radit_trainer::scm::Profiles {
-        labels: radit_trainer::tch::Tensor::from_slice(&labels).view([n, -1]),
-        age: radit_trainer::tch::Tensor::from_slice(&age),
+    let data = radit_models::scm::Profiles {
+        labels: radit_models::tch::Tensor::from_slice(&labels).view([n, -1]),
+        age: radit_models::tch::Tensor::from_slice(&age),
     };
     let samples = infer::sample(&loaded.scm, a.n, a.seed, &[], solver)?;
-    let fit = radit_trainer::scm::check::fit(&loaded.scm.graph, &data, &samples, a.min_count);
+    let fit = radit_models::scm::check::fit(&loaded.scm.graph, &data, &samples, a.min_count);
     println!(
         "{:#}",
         serde_json::json!({ "profiles": n, "samples": a.n, "min_count": a.min_count, "variables": fit })
@@ -328,7 +321,7 @@ fn run_check(a: CheckArgs) -> anyhow::Result<u8> {
 
 fn run_graph(a: GraphArgs) -> anyhow::Result<u8> {
     if a.toml {
-        print!("{}", radit_trainer::scm::graph::DEFAULT_GRAPH);
+        print!("{}", radit_models::scm::graph::DEFAULT_GRAPH);
         return Ok(0);
     }
     let graph = match &a.graph {

@@ -1,18 +1,19 @@
-//! `radit train` and `radit export`: thin argument parsing over radit_trainer::train and the checkpointer.
+//! `radit train` and `radit export`: thin argument parsing over radit_jobs::train and the checkpointer.
 
 use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Args;
-use radit_trainer::checkpoint;
-use radit_trainer::collective;
-use radit_trainer::engine::EngineConfig;
-use radit_trainer::faults::Faults;
-use radit_trainer::membership;
-use radit_trainer::model::{RadiTConfig, save_named_weights};
-use radit_trainer::placement;
-use radit_trainer::tch::{self, Device};
-use radit_trainer::train::{RunHandles, StepHook, TrainConfig, train};
+use radit_engine::checkpoint;
+use radit_engine::collective;
+use radit_engine::faults::FaultPlan;
+use radit_engine::fsdp::EngineConfig;
+use radit_engine::membership;
+use radit_engine::membership::RankHandles;
+use radit_engine::placement;
+use radit_jobs::train::{TrainConfig, TrainError, train};
+use radit_models::model::{RadiTConfig, save_named_weights};
+use radit_models::tch::{self, Device};
 
 #[derive(Args)]
 pub struct TrainArgs {
@@ -73,7 +74,7 @@ pub fn device(name: &str) -> anyhow::Result<Device> {
     crate::exit::ensure_usage!(
         tch::Cuda::is_available(),
         "--device {name}: libtorch sees no CUDA device here ({})",
-        radit_trainer::runtime::probe().describe_cuda()
+        radit_engine::runtime::probe().describe_cuda()
     );
     let visible = tch::Cuda::device_count().max(0) as usize;
     let ordinal = match explicit {
@@ -92,100 +93,45 @@ pub fn device(name: &str) -> anyhow::Result<Device> {
     Ok(Device::Cuda(ordinal))
 }
 
-/// One rank of a journaled job (encode, generate), alone or under `radit run`: joins the rank group, runs `work`
-/// and leaves. An error the same inputs would repeat (`repeats`) is reported to the coordinator, which then does
-/// not relaunch, and ends the rank with exit 2. The summary goes to stderr. Returns the summary and this rank, or
-/// the exit code.
-pub fn run_journaled_rank<S: serde::Serialize, E: std::error::Error + Send + Sync + 'static>(
+/// One rank of any job, alone or under `radit run`, through the rank agent's lifecycle
+/// ([`membership::run_rank`]): the fault plan read once here, the summary (JSON) to stderr.
+pub fn run_rank<S, E>(
     device: Device,
-    handles: &radit_trainer::journal::RankHandles,
-    work: impl FnOnce(&dyn collective::Collective) -> Result<S, E>,
+    work: impl FnOnce(Box<dyn collective::Collective>, &RankHandles) -> Result<S, E>,
     repeats: impl Fn(&E) -> bool,
-) -> anyhow::Result<Result<(S, usize), u8>> {
-    let (comm, membership) = join_rank_group(device, &handles.stop, &handles.progress)?;
-    let rank = comm.rank();
-    let summary = match work(comm.as_ref()) {
-        Ok(s) => s,
-        Err(e) => {
-            if let (true, Some(m)) = (repeats(&e), membership) {
-                let why = format!("{:#}", anyhow::Error::new(e));
-                tracing::error!(rank, error = %why, "the rank failed");
-                eprintln!("radit: rank {rank}: {why}");
-                m.fail(why);
-                return Ok(Err(crate::exit::BAD_INPUT));
-            }
-            return Err(e.into());
-        }
+) -> anyhow::Result<membership::RankDone<S>>
+where
+    S: serde::Serialize,
+    E: std::error::Error + Send + Sync + 'static,
+{
+    let handles = RankHandles {
+        faults: FaultPlan::from_env(),
+        ..RankHandles::default()
     };
-    eprintln!("{}", serde_json::to_string(&summary)?);
-    if let Some(m) = membership {
-        m.leave();
-    }
-    Ok(Ok((summary, rank)))
-}
-
-/// A rank's group and, under `radit run`, its membership (the coordinator hands out ranks and peers; otherwise
-/// MPI or a world of one). SIGUSR1 (Slurm's warning before the time limit) and SIGTERM (preemption) set `stop`:
-/// checkpoint and requeue.
-pub fn join_rank_group(
-    device: Device,
-    stop: &std::sync::Arc<std::sync::atomic::AtomicBool>,
-    progress: &radit_trainer::progress::Progress,
-) -> anyhow::Result<(
-    Box<dyn collective::Collective>,
-    Option<membership::Membership>,
-)> {
-    for signal in [signal_hook::consts::SIGUSR1, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(signal, stop.clone())
-            .context("installing the signal handlers")?;
-    }
-    Ok(
-        match membership::join_run(device, stop.clone(), progress.clone())? {
-            Some(j) => (j.comm, Some(j.membership)),
-            None => (
-                collective::from_environment(device).context("joining the rank group")?,
-                None,
-            ),
-        },
-    )
+    let done = membership::run_rank(device, &handles, |comm| work(comm, &handles), repeats)??;
+    eprintln!("{}", serde_json::to_string(&done.summary)?);
+    Ok(done)
 }
 
 pub fn run_train(a: TrainArgs) -> anyhow::Result<u8> {
     let cfg = TrainConfig::load(&a.config)?;
     let device = a.rank.device()?;
-    let handles = RunHandles {
-        step_hook: Faults::from_env().map(|f| Box::new(f) as Box<dyn StepHook>),
-        ..RunHandles::default()
-    };
-    let (comm, membership) = join_rank_group(device, &handles.stop, &handles.progress)?;
-    let rank = comm.rank();
-    let trained = train(&cfg, comm, device, handles, |log| {
-        if rank == 0 {
-            println!("{}", serde_json::to_string(log).unwrap_or_default());
-        }
-    });
-    let summary = match trained {
-        Err(e) if e.repeats() => {
-            // Not an infrastructure failure: the supervisor must not relaunch it, and the operator must see why
-            // (the whole chain: "training data: shard object ... is missing").
-            let e = anyhow::Error::new(e);
-            let why = format!("{e:#}");
-            tracing::error!(rank, error = %why, "a relaunch would fail the same way");
-            if let Some(m) = membership {
-                m.fail(why);
-            }
-            return Err(e);
-        }
-        other => other?,
-    };
-    if rank == 0 {
-        eprintln!("{}", serde_json::to_string(&summary)?);
-    }
-    if let Some(m) = membership {
-        m.leave();
-    }
+    let done = run_rank(
+        device,
+        |comm, handles| {
+            let rank = comm.rank();
+            train(&cfg, comm, device, handles.clone(), |log| {
+                if rank == 0 {
+                    println!("{}", serde_json::to_string(log).unwrap_or_default());
+                }
+            })
+        },
+        TrainError::repeats,
+    )?;
     // 75: "checkpointed, requeue me" (the same code the sbatch script requeues on).
-    Ok(crate::exit::done_or_requeue(summary.stopped_for_requeue))
+    Ok(crate::exit::done_or_requeue(
+        done.summary.stopped_for_requeue,
+    ))
 }
 
 pub fn run_export(a: ExportArgs) -> anyhow::Result<u8> {
@@ -251,14 +197,14 @@ pub fn run_selftest(cmd: SelftestCommand) -> anyhow::Result<u8> {
         }
         SelftestCommand::Parity { run, checkpoint } => {
             let (model, engine, device) = run.resolve()?;
-            let check = radit_trainer::engine::parity::ParityCheck {
+            let check = radit_jobs::parity::ParityCheck {
                 model,
                 engine,
                 batch: run.batch,
                 steps: run.steps,
                 checkpoint_dir: checkpoint,
             };
-            let report = radit_trainer::engine::parity::run(&check, device)?;
+            let report = radit_jobs::parity::run(&check, device)?;
             println!("{}", serde_json::to_string(&report)?);
             Ok(if report.passed { 0 } else { 1 })
         }
@@ -297,8 +243,8 @@ impl EngineSteps {
             "--batch and --steps must be positive"
         );
         let mode = match self.mode.as_str() {
-            "zero3" => radit_trainer::engine::ShardingMode::Zero3,
-            "zero2" => radit_trainer::engine::ShardingMode::Zero2,
+            "zero3" => radit_engine::fsdp::ShardingMode::Zero3,
+            "zero2" => radit_engine::fsdp::ShardingMode::Zero2,
             other => crate::exit::bail_usage!("--mode `{other}`: expected zero3 or zero2"),
         };
         let engine = EngineConfig {
@@ -335,7 +281,7 @@ pub fn run_engine(cmd: EngineCommand) -> anyhow::Result<u8> {
         tch::set_num_threads(t);
     }
     let (model, engine, device) = a.run.resolve()?;
-    let bench = radit_trainer::engine::bench::EngineBench {
+    let bench = radit_jobs::bench::EngineBench {
         model,
         engine,
         batch: a.run.batch,
@@ -346,7 +292,7 @@ pub fn run_engine(cmd: EngineCommand) -> anyhow::Result<u8> {
     };
     let comm = collective::from_environment(device).context("joining the rank group")?;
     let oom = |e: Box<dyn std::error::Error + Send + Sync>| {
-        radit_trainer::out_of_memory::OutOfMemory::new(
+        radit_engine::out_of_memory::OutOfMemory::new(
             e,
             "the benchmark's steps",
             device,
@@ -361,15 +307,14 @@ pub fn run_engine(cmd: EngineCommand) -> anyhow::Result<u8> {
             "lower --batch, or run on more ranks (each holds 1/world of the training state)",
         )
     };
-    let report = match radit_trainer::out_of_memory::guard(|| {
-        radit_trainer::engine::bench::run(&bench, comm, device)
-    }) {
-        Err(failed) => return Err(oom(failed.into()).into()),
-        Ok(Err(e)) if radit_trainer::out_of_memory::in_chain(&e) => {
-            return Err(oom(e.into()).into());
-        }
-        Ok(r) => r?,
-    };
+    let report =
+        match radit_engine::out_of_memory::guard(|| radit_jobs::bench::run(&bench, comm, device)) {
+            Err(failed) => return Err(oom(failed.into()).into()),
+            Ok(Err(e)) if radit_engine::out_of_memory::in_chain(&e) => {
+                return Err(oom(e.into()).into());
+            }
+            Ok(r) => r?,
+        };
     if report.rank == 0 {
         println!("{}", serde_json::to_string(&report)?);
     }

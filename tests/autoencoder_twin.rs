@@ -10,8 +10,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use common::{fails_with_usage, python, radit, read_tensors, relative_error, repo, run_ok, stdout};
-use radit_trainer::autoencoder::{self, AeConfig, Autoencoder};
-use radit_trainer::tch::{Device, Tensor, nn::VarStore};
+use radit_models::autoencoder::{self, AeConfig, Autoencoder};
+use radit_models::tch::{Device, Tensor, nn::VarStore};
 
 fn twin(args: &[&str], dir: Option<&Path>) -> std::process::Output {
     let mut cmd = python();
@@ -116,15 +116,12 @@ fn loading_is_strict_and_names_what_does_not_match() {
     let mut misshapen = good();
     misshapen.insert(
         "encoder.conv_in.weight".into(),
-        Tensor::zeros(
-            [16, 3, 1, 1],
-            (radit_trainer::tch::Kind::Float, Device::Cpu),
-        ),
+        Tensor::zeros([16, 3, 1, 1], (radit_models::tch::Kind::Float, Device::Cpu)),
     );
     let mut stray = good();
     stray.insert(
         "encoder.extra.weight".into(),
-        Tensor::ones([1], (radit_trainer::tch::Kind::Float, Device::Cpu)),
+        Tensor::ones([1], (radit_models::tch::Kind::Float, Device::Cpu)),
     );
     let cases = [
         (
@@ -214,7 +211,7 @@ fn radit_decode_turns_latents_into_the_twins_images_and_undoes_the_stores_standa
     );
     assert!(plain.join("contact_sheet.png").exists());
     for i in 0..2 {
-        let want = radit_trainer::generate::to_u16(&io["decoded"].get(i)).unwrap();
+        let want = radit_jobs::generate::to_u16(&io["decoded"].get(i)).unwrap();
         let got = png_samples(&plain.join(format!("decoded_{i:04}.png")));
         let worst = radit_dicom::fixture::max_difference(&got, &want).expect("16x16 images");
         assert!(
@@ -246,9 +243,9 @@ fn radit_decode_turns_latents_into_the_twins_images_and_undoes_the_stores_standa
     let (_vs, ae) = loaded(dir.path(), "weights_bfl.safetensors");
     let shape = [1, 4, 1, 1];
     let z = &io["z"] * Tensor::from_slice(&std).view(shape) + Tensor::from_slice(&mean).view(shape);
-    let want = radit_trainer::tch::no_grad(|| ae.decode(&z)).unwrap();
+    let want = radit_models::tch::no_grad(|| ae.decode(&z)).unwrap();
     for i in 0..2 {
-        let want = radit_trainer::generate::to_u16(&want.get(i)).unwrap();
+        let want = radit_jobs::generate::to_u16(&want.get(i)).unwrap();
         let got = png_samples(&scaled.join(format!("decoded_{i:04}.png")));
         let worst = radit_dicom::fixture::max_difference(&got, &want).expect("16x16 images");
         assert!(
@@ -262,7 +259,7 @@ fn radit_decode_turns_latents_into_the_twins_images_and_undoes_the_stores_standa
     Tensor::write_safetensors(
         &[(
             "latents",
-            &Tensor::zeros([1, 3, 8, 8], radit_trainer::tch::kind::FLOAT_CPU),
+            &Tensor::zeros([1, 3, 8, 8], radit_models::tch::kind::FLOAT_CPU),
         )],
         &wrong,
     )

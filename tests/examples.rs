@@ -34,7 +34,7 @@ fn every_example_job_spec_dry_runs_and_every_train_config_validates() {
             assert_eq!(https, multi_node, "{name}: {plan}");
             jobs += 1;
         } else {
-            radit_trainer::train::TrainConfig::load(&path)
+            radit_jobs::train::TrainConfig::load(&path)
                 .unwrap_or_else(|e| panic!("{name} does not validate: {e}"));
         }
     }
@@ -104,7 +104,7 @@ fn the_tiny_cpu_example_trains_on_the_quickstart_store() {
 fn input_size_goes_with_a_preset_only() {
     let text = "[data]\nurl = \"x\"\n[model]\ninput_size = 32\n[model.config]\nin_channels = 1\ninput_size = 16\n\
                 patch_size = 4\nhidden = 64\ndepth = 2\nheads = 4\n[train]\nsteps = 1\nglobal_batch = 8\n";
-    let cfg: radit_trainer::train::TrainConfig = toml::from_str(text).unwrap();
+    let cfg: radit_jobs::train::TrainConfig = toml::from_str(text).unwrap();
     let err = cfg.validated().unwrap_err();
     assert_eq!(err.field, "model.input_size", "{err:?}");
 }

@@ -8,11 +8,11 @@ use common::{read_tensors as read, relative_error};
 
 use std::path::{Path, PathBuf};
 
-use radit_trainer::model::{
+use radit_models::model::{
     RadiT, RadiTConfig, Trace, load_weights, read_weights_config, save_weights,
 };
-use radit_trainer::tch::{self, Kind, Tensor, nn::VarStore};
-use radit_trainer::{flow, sampler};
+use radit_models::tch::{self, Kind, Tensor, nn::VarStore};
+use radit_models::{flow, sampler};
 
 fn twin() -> std::process::Command {
     let mut cmd = common::python();
@@ -158,7 +158,7 @@ fn dopri5_reproduces_torchdiffeq_forward_reverse_and_on_an_analytic_field() {
     }
 
     // The same field as the twin's analytic_field, in float64: step for step the same solve.
-    let analytic = |t: f64, y: &Tensor| -> Result<Tensor, radit_trainer::model::ModelError> {
+    let analytic = |t: f64, y: &Tensor| -> Result<Tensor, radit_models::model::ModelError> {
         Ok(y * (3.0 * t).cos() - y.pow_tensor_scalar(3) * 0.5 + t)
     };
     let (y, stats) =

@@ -504,7 +504,7 @@ fn prometheus_scrapes_a_running_job_and_promtool_accepts_the_exposition() {
     // but the 0600 token file itself.
     let secrets = [
         token.trim().to_string(),
-        hex::encode(radit_trainer::collective::tcp::group_secret(token.trim())),
+        hex::encode(radit_engine::collective::tcp::group_secret(token.trim())),
     ];
     let mut files = vec![run_dir.clone()];
     let mut scanned = 0;

@@ -114,7 +114,7 @@ fn final_weights(dir: &Path) -> Weights {
         "{}",
         stdout(&o)
     );
-    radit_trainer::model::read_weights(&out)
+    radit_models::model::read_weights(&out)
         .unwrap()
         .tensors
         .iter()

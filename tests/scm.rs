@@ -9,9 +9,9 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::*;
-use radit_trainer::scm::infer::{self, Intervention, Missing, Value};
-use radit_trainer::scm::{Graph, Profiles, Scm, ScmConfig};
-use radit_trainer::tch::{self, Kind, Tensor, nn};
+use radit_models::scm::infer::{self, Intervention, Missing, Value};
+use radit_models::scm::{Graph, Profiles, Scm, ScmConfig};
+use radit_models::tch::{self, Kind, Tensor, nn};
 
 #[test]
 fn every_velocity_loss_term_and_gradient_matches_the_pytorch_twin() {
@@ -28,7 +28,7 @@ fn every_velocity_loss_term_and_gradient_matches_the_pytorch_twin() {
     let vs = nn::VarStore::new(tch::Device::Cpu);
     let scm = Scm::new(&vs.root(), &ScmConfig::preset("tiny").unwrap(), &graph).unwrap();
     let weights = read_tensors(&out.join("weights.safetensors"));
-    radit_trainer::model::load_named(&vs, &weights, &out).unwrap();
+    radit_models::model::load_named(&vs, &weights, &out).unwrap();
     let inputs = read_tensors(&out.join("inputs.safetensors"));
     let want = read_tensors(&out.join("reference.safetensors"));
     let profiles = Profiles {
@@ -151,7 +151,7 @@ fn a_trained_scm_recovers_a_known_mechanism_and_its_counterfactuals_are_consiste
         logs.last().unwrap()["loss"].as_f64().unwrap(),
     );
     assert!(last < first, "the loss goes down: {first} -> {last}");
-    let loaded = radit_trainer::scm::load(&model, tch::Device::Cpu).unwrap();
+    let loaded = radit_models::scm::load(&model, tch::Device::Cpu).unwrap();
     let scm = &loaded.scm;
     let solver = infer::default_solver();
 
@@ -243,7 +243,7 @@ fn a_trained_scm_recovers_a_known_mechanism_and_its_counterfactuals_are_consiste
         if i == sex || below[i] {
             continue;
         }
-        if let radit_trainer::scm::graph::Kind::Categorical { label, .. } = v.kind {
+        if let radit_models::scm::graph::Kind::Categorical { label, .. } = v.kind {
             assert!(
                 cf.labels
                     .select(1, label as i64)
@@ -511,7 +511,7 @@ fn sigterm_checkpoints_the_scm_and_exits_75_and_the_next_run_resumes() {
     assert_eq!(status.code(), Some(75), "stopped for a requeue");
     assert!(!out.exists(), "no model from a stopped run");
     let metadata =
-        radit_trainer::model::read_metadata(&ck.join("scm-checkpoint.safetensors")).unwrap();
+        radit_models::model::read_metadata(&ck.join("scm-checkpoint.safetensors")).unwrap();
     let step: u64 = metadata["radit.scm.step"].parse().unwrap();
     assert!(step >= 5, "{step}");
     // The same command to a few more steps resumes where it stopped and writes the model.

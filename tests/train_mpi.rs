@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::{radit, run_ok, stderr, stdout};
-use radit_trainer::model::WeightsFile;
-use radit_trainer::tch::Tensor;
+use radit_models::model::WeightsFile;
+use radit_models::tch::Tensor;
 
 fn mpirun(np: usize) -> Command {
     mpirun_with(np, &[])
@@ -132,7 +132,7 @@ fn export(ckpt: &Path, out: &Path) -> WeightsFile {
             .args(["export", "--raw", ckpt.to_str().unwrap(), "--out"])
             .arg(out),
     );
-    radit_trainer::model::read_weights(out).unwrap()
+    radit_models::model::read_weights(out).unwrap()
 }
 
 fn assert_weights_close(a: &WeightsFile, b: &WeightsFile, tol: f64, what: &str) {
@@ -573,10 +573,10 @@ fn a_short_run_learns_the_cardiomegaly_conditioning() {
 fn the_example_configs_parse_and_validate() {
     for name in ["radit-xl-latent.toml", "radit-tiny-cpu.toml"] {
         let path = common::repo().join("examples").join(name);
-        radit_trainer::train::TrainConfig::load(&path).unwrap();
+        radit_jobs::train::TrainConfig::load(&path).unwrap();
     }
     let bad = "[data]\nurl = \"x\"\n[model]\npreset = \"tiny\"\n[train]\nsteps = 1\nglobal_batch = 8\nbatch = 3\n";
-    let err = toml::from_str::<radit_trainer::train::TrainConfig>(bad)
+    let err = toml::from_str::<radit_jobs::train::TrainConfig>(bad)
         .unwrap_err()
         .to_string();
     assert!(err.contains("batch"), "{err}");

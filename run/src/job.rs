@@ -6,14 +6,14 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use radit_coordinator::RestartPolicy;
+use radit_jobs::encode::EncodeConfig;
+use radit_jobs::features_job::FeaturesConfig;
+use radit_jobs::generate_job::GenerateConfig;
+use radit_jobs::preview::PreviewConfig;
+use radit_jobs::scm_fit::ScmTrainConfig;
+use radit_jobs::train::{ConfigError, TrainConfig, TrainError, ValidatedConfig};
 use radit_launch::launcher::{Launcher, LocalLauncher, MpirunLauncher, SrunLauncher};
 use radit_launch::slurm::{REQUEUE_EXIT_CODE, SlurmJob, render_sbatch};
-use radit_trainer::encode::EncodeConfig;
-use radit_trainer::features_job::FeaturesConfig;
-use radit_trainer::generate_job::GenerateConfig;
-use radit_trainer::preview::PreviewConfig;
-use radit_trainer::scm::fit::ScmTrainConfig;
-use radit_trainer::train::{ConfigError, TrainConfig, TrainError, ValidatedConfig};
 use serde::{Deserialize, Serialize};
 
 /// A job spec that cannot be used, with the field to fix.
@@ -402,7 +402,7 @@ pub struct SampleSpec {
     /// For a latent model: `[samples.decoder]` (weights, autoencoder, batch) turns the samples and the sheets into
     /// images, de-standardised with the store's training statistics. Relative weights are relative to the job file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub decoder: Option<radit_trainer::autoencoder::DecoderConfig>,
+    pub decoder: Option<radit_models::autoencoder::DecoderConfig>,
 }
 
 impl Default for SampleSpec {
@@ -428,11 +428,11 @@ pub fn quickstart(
     steps: u64,
     ranks: u32,
 ) -> Result<JobSpec, TrainError> {
-    use radit_trainer::checkpoint::CheckpointConfig;
-    use radit_trainer::engine::{AdamConfig, EngineConfig};
-    use radit_trainer::flow::FlowConfig;
-    use radit_trainer::model::RadiTConfig;
-    use radit_trainer::train::{DataConfig, LoopConfig, ModelChoice};
+    use radit_engine::checkpoint::CheckpointConfig;
+    use radit_engine::fsdp::{AdamConfig, EngineConfig};
+    use radit_jobs::train::{DataConfig, LoopConfig, ModelChoice};
+    use radit_models::flow::FlowConfig;
+    use radit_models::model::RadiTConfig;
     let model = RadiTConfig {
         input_size: i64::from(image_size),
         ..RadiTConfig::preset("tiny")?
@@ -526,8 +526,8 @@ pub fn quickstart_latent(
     ranks: u32,
     weights: &Path,
 ) -> Result<(JobSpec, JobSpec), TrainError> {
-    use radit_trainer::autoencoder::DecoderConfig;
-    use radit_trainer::model::RadiTConfig;
+    use radit_models::autoencoder::DecoderConfig;
+    use radit_models::model::RadiTConfig;
     let mut train = quickstart(dir, image_size, steps, ranks)?;
     let Work::Train(t) = &mut train.work else {
         unreachable!("quickstart is a training job")
@@ -907,9 +907,9 @@ impl Job {
         let world = u64::from(self.world);
         Ok(match &self.work {
             ValidatedWork::Train(t) => t.train.steps,
-            ValidatedWork::Encode(e) => radit_trainer::encode::planned_steps(e, world)?,
-            ValidatedWork::Generate(g) => radit_trainer::generate_job::planned_steps(g, world)?,
-            ValidatedWork::Features(f) => radit_trainer::features_job::planned_steps(f, world)?,
+            ValidatedWork::Encode(e) => radit_jobs::encode::planned_steps(e, world)?,
+            ValidatedWork::Generate(g) => radit_jobs::generate_job::planned_steps(g, world)?,
+            ValidatedWork::Features(f) => radit_jobs::features_job::planned_steps(f, world)?,
             ValidatedWork::Scm(f) => f.steps,
         })
     }
@@ -1232,7 +1232,7 @@ mod tests {
         };
         assert_eq!(
             (e.autoencoder.as_str(), e.precision),
-            ("flux2", Some(radit_trainer::model::Precision::Bf16))
+            ("flux2", Some(radit_models::model::Precision::Bf16))
         );
         assert!(xl.train().is_none());
         let text = xl.rank_config_toml().unwrap();

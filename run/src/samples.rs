@@ -3,14 +3,14 @@
 
 use std::path::PathBuf;
 
-use radit_trainer::autoencoder::LatentDecoder;
-use radit_trainer::checkpoint::{self, CheckpointError};
-use radit_trainer::generate::{
+use radit_engine::checkpoint::{self, CheckpointError};
+use radit_jobs::generate::{
     Conditions, Sampler, WrittenSamples, read_latents, write_decoded, write_samples,
 };
-use radit_trainer::model::{ModelError, Precision, save_named_weights};
-use radit_trainer::sampler::Solver;
-use radit_trainer::tch::Device;
+use radit_models::autoencoder::LatentDecoder;
+use radit_models::model::{ModelError, Precision, save_named_weights};
+use radit_models::sampler::Solver;
+use radit_models::tch::Device;
 
 use crate::job::{Job, RankDevice};
 
@@ -45,7 +45,7 @@ pub fn draw_final_samples(job: &Job) -> Result<Option<FinalSamples>, SamplesErro
     save_named_weights(&named, &model, &weights)?;
     let device = match job.device {
         // The supervisor's node has the job's GPUs when it runs inside the allocation; else the CPU.
-        RankDevice::Cuda if radit_trainer::tch::Cuda::is_available() => Device::Cuda(0),
+        RankDevice::Cuda if radit_models::tch::Cuda::is_available() => Device::Cuda(0),
         _ => Device::Cpu,
     };
     let precision = match device {
@@ -71,7 +71,7 @@ pub fn draw_final_samples(job: &Job) -> Result<Option<FinalSamples>, SamplesErro
     // A latent model's samples become images through the decoder, as `radit sample --decoder` makes them.
     if let Some(d) = &s.decoder {
         let latents = read_latents(&written.files[0])?;
-        let stats = radit_trainer::autoencoder::store_statistics(&train.data.url)?;
+        let stats = radit_models::autoencoder::store_statistics(&train.data.url)?;
         let decoder = LatentDecoder::load(d, Some(stats), device)?;
         let (files, sheet) = write_decoded(&decoder, &latents, &dir)?;
         written.files.extend(files);

@@ -150,7 +150,7 @@ pub fn write_job(dir: &Path, text: &str) -> PathBuf {
 /// Writes a train config to `path` after checking that it reads and validates as one; returns the path.
 pub fn write_train_config(path: &Path, text: &str) -> PathBuf {
     std::fs::write(path, text).unwrap();
-    radit_trainer::train::TrainConfig::load(path)
+    radit_jobs::train::TrainConfig::load(path)
         .unwrap_or_else(|e| panic!("the test's train config does not validate: {e}\n{text}"));
     path.to_path_buf()
 }
@@ -265,16 +265,16 @@ pub fn local_slurm() -> String {
 }
 
 /// A safetensors file's tensors by name (twin outputs).
-pub fn read_tensors(path: &Path) -> std::collections::BTreeMap<String, radit_trainer::tch::Tensor> {
-    radit_trainer::tch::Tensor::read_safetensors(path)
+pub fn read_tensors(path: &Path) -> std::collections::BTreeMap<String, radit_models::tch::Tensor> {
+    radit_models::tch::Tensor::read_safetensors(path)
         .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
         .into_iter()
         .collect()
 }
 
 /// ||a - b|| / ||b||, in f64 (||a - b|| when b is zero): how parity with a twin is measured.
-pub fn relative_error(a: &radit_trainer::tch::Tensor, b: &radit_trainer::tch::Tensor) -> f64 {
-    use radit_trainer::tch::Kind;
+pub fn relative_error(a: &radit_models::tch::Tensor, b: &radit_models::tch::Tensor) -> f64 {
+    use radit_models::tch::Kind;
     let a = a.to_kind(Kind::Double);
     let b = b.to_kind(Kind::Double);
     let diff = (&a - &b).norm().double_value(&[]);

@@ -1,7 +1,7 @@
 """The Flow SCM's twin, for tests/scm.rs, written from ../shared/design/scm.md (not from radit's code).
 
     export OUT SEED      the tiny SCM (embeddings of 16, MP-Fourier of 16, velocity networks of width 32 with 2
-                         residual blocks) over the built-in graph (trainer/src/scm/default_graph.toml), every
+                         residual blocks) over the built-in graph (models/src/scm/default_graph.toml), every
                          parameter perturbed (the zero-initialised layers too, so every gradient path is exercised):
                          OUT/weights.safetensors; a batch with missing classes and ages, times and noises:
                          OUT/inputs.safetensors; each variable's velocity and loss term, the loss and every
@@ -116,7 +116,7 @@ class Scm(torch.nn.Module):
 
 def graph_parents():
     root = Path(__file__).resolve().parents[2]
-    text = (root / "trainer/src/scm/default_graph.toml").read_text()
+    text = (root / "models/src/scm/default_graph.toml").read_text()
     parents = tomllib.loads(text)["parents"]
     names = [n for n, _ in VARIABLES]
     return [[names.index(p) for p in parents.get(n, [])] for n in names]

@@ -1,0 +1,23 @@
+//! The distributed runtime a rank trains on, knowing no job: collectives (MPI, NCCL, TCP, in-process), the FSDP
+//! engine with its optimiser, checkpoints, which GPU a rank drives, the progress its heartbeat reports, how a rank
+//! joins its run, and allocation failures as errors.
+//!
+//! - [`collective`]: the rank group's operations and their backends, with one conformance suite.
+//! - [`fsdp`]: sharded parameters, gradients and optimiser state over any [`radit_models::block::BlockModel`].
+//! - [`checkpoint`]: sharded, hashed, resumable checkpoints on a filesystem or an object store.
+//! - [`membership`]: a rank joining its run (rendezvous, generation, supersession): the rank agent's side.
+//! - [`progress`]: what a rank's heartbeat reports (step, phase, throughput, memory).
+//! - [`placement`]: which GPU a rank drives.
+//! - [`runtime`]: which libtorch is loaded and which devices it sees.
+//! - [`out_of_memory`]: allocation failures anywhere in a step or a unit as errors, not panics.
+//! - [`faults`]: the fault plan the end-to-end tests inject, read once by the binary and passed in.
+
+pub mod checkpoint;
+pub mod collective;
+pub mod faults;
+pub mod fsdp;
+pub mod membership;
+pub mod out_of_memory;
+pub mod placement;
+pub mod progress;
+pub mod runtime;

@@ -1,0 +1,307 @@
+//! `radit engine bench`: step time, throughput, MFU and communication volume of the FSDP engine on synthetic
+//! inputs (no data loading), optionally a checkpoint's stall and write bandwidth against the disk's raw write
+//! bandwidth, measured in the same run. On a GPU it also reports the caching allocator's peak over the timed steps
+//! and the driver's view of device memory.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use serde::Serialize;
+use tch::{Device, Kind, Tensor};
+
+use crate::train::MicroBatch;
+use radit_engine::checkpoint::{CheckpointConfig, Checkpointer, RunState, step_dir};
+use radit_engine::collective::Collective;
+use radit_engine::collective::counting::Counting;
+use radit_engine::fsdp::{EngineConfig, EngineError, Fsdp, Initial};
+use radit_models::model::RadiTConfig;
+
+/// The paper's RadiT-XL training rate: 1M tokens/s on 32 GH200s (about 19 % MFU at 6.04 GFLOP per token).
+pub const PAPER_XL_TOKENS_PER_SECOND_PER_GPU: f64 = 1.0e6 / 32.0;
+
+/// What to measure.
+#[derive(Debug, Clone)]
+pub struct EngineBench {
+    pub model: RadiTConfig,
+    pub engine: EngineConfig,
+    /// Samples per rank per step.
+    pub batch: i64,
+    pub steps: usize,
+    pub warmup: usize,
+    /// Dense peak of one device in TFLOP/s, for MFU (989 for an H100/GH200 in bf16).
+    pub peak_tflops: f64,
+    /// Save one checkpoint here after the timed steps.
+    pub checkpoint_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CheckpointBench {
+    pub bytes_per_rank: u64,
+    /// Time training is held up by a save: the device-to-host copy and handing off to the writer (the second save,
+    /// whose host buffer is already mapped, as for every save of a run after its first).
+    pub stall_seconds: f64,
+    /// The same for the first save, which maps its host buffer.
+    pub first_stall_seconds: f64,
+    /// Time until this rank's object is written.
+    pub write_seconds: f64,
+    pub write_mb_per_second: f64,
+    /// The same bytes written to a file in the same directory by one plain `write` (buffered, not flushed).
+    pub raw_disk_mb_per_second: f64,
+    /// The same, flushed to the device with fsync.
+    pub raw_disk_synced_mb_per_second: f64,
+    /// Loading the checkpoint back (list, manifest, read, sha256, into the engine) with this rank's object out of
+    /// the page cache.
+    pub restore_seconds: f64,
+    /// Reading the object back with one plain `read`, out of the page cache.
+    pub raw_read_cold_mb_per_second: f64,
+}
+
+/// Drops a file's pages from the page cache (what a cold read after a restart finds), without privileges.
+fn drop_cached(path: &std::path::Path) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(path)?;
+    // SAFETY: a valid open descriptor; the call only advises the kernel.
+    let rc = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::from_raw_os_error(rc))
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct EngineBenchReport {
+    pub world: usize,
+    pub rank: usize,
+    pub batch_per_rank: i64,
+    pub step_seconds_median: f64,
+    pub step_seconds_min: f64,
+    /// Of a step: the clip, Adam and EMA over this rank's slices (with the loss and norm all-reduces).
+    pub optimizer_seconds_median: f64,
+    /// Over the whole world.
+    pub tokens_per_second: f64,
+    /// Per rank (one GPU each on a cluster).
+    pub tokens_per_second_per_device: f64,
+    /// For RadiT-XL latent: the paper's rate per GPU (1M tokens/s on 32 GH200s) and this run's share of it.
+    pub paper_tokens_per_second_per_gpu: Option<f64>,
+    pub vs_paper: Option<f64>,
+    pub images_per_second: f64,
+    pub mfu: f64,
+    pub parameters: i64,
+    /// Logical collective payload per step on this rank (gathered outputs + reduce-scatter inputs + small
+    /// all-reduces).
+    pub bytes_per_step: u64,
+    /// ZeRO-3's textbook volume: 3 x parameter bytes in the compute dtype (gather for forward, gather for backward,
+    /// reduce-scatter of gradients).
+    pub zero3_theory_bytes_per_step: u64,
+    /// The driver's view (what nvidia-smi shows: the allocator's reserve, the context, other processes), sampled
+    /// after each step.
+    pub peak_device_bytes: Option<u64>,
+    /// The caching allocator's peak over the timed steps: the memory the steps really needed at their high point
+    /// (`torch.cuda.max_memory_allocated`), and what it held from the driver (`max_memory_reserved`).
+    pub peak_allocated_bytes: Option<u64>,
+    pub peak_reserved_bytes: Option<u64>,
+    /// The largest rank's peak resident memory over the timed steps (Linux's VmHWM, reset before them), measured
+    /// as the PyTorch peer measures its own.
+    pub peak_rss_bytes: Option<u64>,
+    pub checkpoint: Option<CheckpointBench>,
+}
+
+/// Restarts the peak resident set (VmHWM) from the current one: writing 5 to `clear_refs` needs no privileges.
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+fn peak_rss_bytes() -> Option<u64> {
+    radit_engine::runtime::proc_kib_field("/proc/self/status", "VmHWM:")
+}
+
+fn device_used_bytes(device: Device) -> Option<u64> {
+    radit_engine::runtime::device_memory(device).map(|(used, _)| used)
+}
+
+pub fn run(
+    b: &EngineBench,
+    comm: Box<dyn Collective>,
+    device: Device,
+) -> Result<EngineBenchReport, EngineError> {
+    // CPU ranks overlap their collectives on a communication thread, as training does.
+    let (counted, traffic) = Counting::new(radit_engine::collective::threaded::overlapping(
+        comm, device,
+    )?);
+    let (rank, world) = (counted.rank(), counted.world());
+    let mut engine = Fsdp::new(
+        radit_models::model::RadiT::builder(&b.model),
+        b.engine.clone(),
+        Box::new(counted),
+        device,
+        Initial::Seed(0),
+    )?;
+    let cfg = &b.model;
+    let shape = [b.batch, cfg.in_channels, cfg.input_size, cfg.input_size];
+    let x1 = Tensor::randn(shape, (Kind::Float, device));
+    let x0 = Tensor::randn(shape, (Kind::Float, device));
+    let t = Tensor::rand([b.batch], (Kind::Float, device));
+    let labels = Tensor::ones([b.batch, cfg.classes.len() as i64], (Kind::Int64, device));
+    let age = Tensor::full([b.batch], 0.5, (Kind::Float, device));
+    let mb = MicroBatch {
+        x1: &x1,
+        x0: &x0,
+        t: &t,
+        labels: &labels,
+        age: &age,
+    };
+    let mut times = Vec::new();
+    let mut optimizer_times = Vec::new();
+    let mut bytes = Vec::new();
+    let mut peak = device_used_bytes(device);
+    for i in 0..b.warmup + b.steps {
+        if i == b.warmup {
+            radit_engine::runtime::reset_allocator_peak(device);
+            reset_peak_rss();
+        }
+        engine.collective().barrier()?;
+        let before = traffic.bytes();
+        let start = Instant::now();
+        let loss = mb.forward_backward(&mut engine, 1.0 / world as f64)?;
+        let optimizer_start = Instant::now();
+        engine.optimizer_step(loss, b.engine.adam.lr)?;
+        let optimizer_seconds = optimizer_start.elapsed().as_secs_f64();
+        if device != Device::Cpu {
+            tch::Cuda::synchronize(match device {
+                Device::Cuda(i) => i as i64,
+                _ => 0,
+            });
+        }
+        if i >= b.warmup {
+            times.push(start.elapsed().as_secs_f64());
+            optimizer_times.push(optimizer_seconds);
+            bytes.push(traffic.bytes() - before);
+        }
+        peak = peak.max(device_used_bytes(device));
+    }
+    let allocator = radit_engine::runtime::allocator_stats(device);
+    // The largest rank's, so that rank 0's report stands for the world.
+    let peak_rss = engine
+        .collective()
+        .all_reduce_max_f64(peak_rss_bytes().unwrap_or(0) as f64)?;
+    let peak_rss = (peak_rss > 0.0).then_some(peak_rss as u64);
+    times.sort_by(f64::total_cmp);
+    optimizer_times.sort_by(f64::total_cmp);
+    let median = times[times.len() / 2];
+    let tokens = (b.batch * world as i64 * cfg.tokens()) as f64 / median;
+    let per_device = tokens / world as f64;
+    let flops_per_device = cfg.training_flops_per_token() * per_device;
+    let paper = (RadiTConfig::preset("xl-latent").ok().as_ref() == Some(cfg))
+        .then_some(PAPER_XL_TOKENS_PER_SECOND_PER_GPU);
+    let params = cfg.parameter_count().total();
+    let elt = b.engine.precision.compute_kind().elt_size_in_bytes() as u64;
+    let checkpoint = match &b.checkpoint_dir {
+        Some(dir) => Some(checkpoint_bench(&mut engine, cfg, dir)?),
+        None => None,
+    };
+    Ok(EngineBenchReport {
+        world,
+        rank,
+        batch_per_rank: b.batch,
+        step_seconds_median: median,
+        step_seconds_min: times[0],
+        optimizer_seconds_median: optimizer_times[optimizer_times.len() / 2],
+        tokens_per_second: tokens,
+        tokens_per_second_per_device: per_device,
+        paper_tokens_per_second_per_gpu: paper,
+        vs_paper: paper.map(|p| per_device / p),
+        images_per_second: (b.batch * world as i64) as f64 / median,
+        mfu: flops_per_device / (b.peak_tflops * 1e12),
+        parameters: params,
+        bytes_per_step: bytes[bytes.len() / 2],
+        zero3_theory_bytes_per_step: 3 * params as u64 * elt,
+        peak_device_bytes: peak,
+        peak_allocated_bytes: allocator.map(|a| a.allocated_peak),
+        peak_reserved_bytes: allocator.map(|a| a.reserved_peak),
+        peak_rss_bytes: peak_rss,
+        checkpoint,
+    })
+}
+
+fn checkpoint_bench(
+    engine: &mut Fsdp,
+    cfg: &RadiTConfig,
+    dir: &std::path::Path,
+) -> Result<CheckpointBench, EngineError> {
+    let io = |e: std::io::Error| {
+        EngineError::StateMismatch(format!("checkpoint bench in {}: {e}", dir.display()))
+    };
+    let ckpt_err =
+        |e: radit_engine::checkpoint::CheckpointError| EngineError::StateMismatch(format!("{e:#}"));
+    std::fs::create_dir_all(dir).map_err(io)?;
+    let url = dir.join("ckpt");
+    let mut ckpt = Checkpointer::open(CheckpointConfig {
+        url: url.display().to_string(),
+        every: 1,
+        keep: 1,
+    })
+    .map_err(ckpt_err)?;
+    // Two saves: the first maps its host buffer, the second reuses it, as every later save of a run does.
+    let mut timed = Vec::new();
+    let last_step = 2;
+    for step in 1..=last_step {
+        engine.collective().barrier()?;
+        let start = Instant::now();
+        ckpt.save(engine, RunState::synthetic(step, engine.adam_steps(), cfg))
+            .map_err(ckpt_err)?;
+        let stall = start.elapsed().as_secs_f64();
+        while ckpt.busy() {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        timed.push((stall, start.elapsed().as_secs_f64()));
+        ckpt.finish(engine.collective()).map_err(ckpt_err)?;
+    }
+    let (first_stall, _) = timed[0];
+    let (stall, write) = timed[1];
+    let rank = engine.collective().rank();
+    let object = url
+        .join(step_dir(last_step))
+        .join(format!("rank-{rank:05}.bin"));
+    let bytes = std::fs::metadata(&object).map_err(io)?.len();
+    drop_cached(&object).map_err(io)?;
+    engine.collective().barrier()?;
+    let restore_started = Instant::now();
+    let restored = ckpt.load_latest(engine, cfg).map_err(ckpt_err)?;
+    let restore = restore_started.elapsed().as_secs_f64();
+    if restored.map(|r| r.step) != Some(last_step) {
+        return Err(EngineError::StateMismatch(
+            "the checkpoint bench did not load the checkpoint it wrote".into(),
+        ));
+    }
+    // The disk's raw bandwidth, same bytes (the object's own: floats, not a pattern a virtual disk could squeeze),
+    // same directory, same memory in use: the object read back cold, then written to a new file and flushed.
+    drop_cached(&object).map_err(io)?;
+    let read_start = Instant::now();
+    let data = std::fs::read(&object).map_err(io)?;
+    let raw_read = read_start.elapsed().as_secs_f64();
+    let raw_path = dir.join(format!("raw-{rank}.bin"));
+    let raw_start = Instant::now();
+    let (raw, synced) = {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&raw_path).map_err(io)?;
+        f.write_all(&data).map_err(io)?;
+        let buffered = raw_start.elapsed().as_secs_f64();
+        f.sync_all().map_err(io)?;
+        (buffered, raw_start.elapsed().as_secs_f64())
+    };
+    drop(data);
+    let _ = std::fs::remove_file(&raw_path);
+    let mb = bytes as f64 / 1e6;
+    Ok(CheckpointBench {
+        bytes_per_rank: bytes,
+        stall_seconds: stall,
+        first_stall_seconds: first_stall,
+        write_seconds: write,
+        write_mb_per_second: mb / write,
+        raw_disk_mb_per_second: mb / raw,
+        raw_disk_synced_mb_per_second: mb / synced,
+        restore_seconds: restore,
+        raw_read_cold_mb_per_second: mb / raw_read,
+    })
+}

@@ -1,0 +1,47 @@
+//! The loops and jobs a rank runs, over the models (`radit-models`) and the distributed runtime
+//! (`radit-engine`), and their benches. Each job here is what one `radit run` job kind's ranks do.
+//!
+//! - [`train`]: the train loop (a thin loop over the engine's step), with [`validate`] and [`preview`] beside it.
+//! - [`journal`]: what the unit jobs share (errors, handles, atomic writes), and [`units`]: the one driver that
+//!   runs any of them (skip what is committed, read ahead, fault points, commit, stop vote, end of range).
+//! - [`encode`]: a store's images to `<split>/latents` through the autoencoder's encoder.
+//! - [`generate_job`]: samples for a store's metadata profiles; [`generate`]: what `radit sample` does.
+//! - [`features_job`]: a feature network's embeddings of a store or of generated images.
+//! - [`scm_fit`]: fitting the Flow SCM to a store's metadata.
+//! - [`bench`] and [`parity`]: the engine's step benchmark, and its agreement with a plain unsharded step.
+//! - [`faults`]: the fault plan's training side.
+
+pub use tch;
+
+pub mod bench;
+pub mod encode;
+pub mod faults;
+pub mod features_job;
+pub mod generate;
+pub mod generate_job;
+pub mod journal;
+pub mod parity;
+pub mod preview;
+pub mod scm_fit;
+pub mod train;
+pub mod units;
+pub mod validate;
+
+/// Reads the `[section]` of a TOML file (what `radit run` writes for a job's ranks): the error says what is wrong,
+/// for the caller to name the file.
+pub(crate) fn read_section<T: serde::de::DeserializeOwned>(
+    file: &std::path::Path,
+    section: &str,
+) -> Result<T, String> {
+    let text = std::fs::read_to_string(file).map_err(|e| e.to_string())?;
+    let mut table: toml::Table = toml::from_str(&text).map_err(|e| e.to_string())?;
+    if let Some(other) = table.keys().find(|k| *k != section) {
+        return Err(format!(
+            "unknown section [{other}]; the file holds [{section}] only"
+        ));
+    }
+    let value = table
+        .remove(section)
+        .ok_or_else(|| format!("no [{section}] section"))?;
+    value.try_into().map_err(|e: toml::de::Error| e.to_string())
+}

@@ -1,0 +1,230 @@
+//! The one driver of every unit job (encode, generate, features, and each new one): a job cuts its work into
+//! units, and [`run_units`] gives each rank a contiguous range of them, skips the committed ones (so a relaunched
+//! rank resumes at its first uncommitted unit), reads one unit ahead on a reader thread, computes each under the
+//! allocation guard, writes and commits it, fires the fault plan's points, asks between units whether to stop,
+//! records each unit in the heartbeat's progress, and meets the other ranks at the end of its range. A job says
+//! only what a unit is and how to read, compute, write and commit one.
+
+use std::fmt::Display;
+use std::time::Instant;
+
+use radit_engine::collective::Collective;
+use radit_engine::out_of_memory::{AllocationFailed, OutOfMemory, guard};
+use radit_engine::progress::Phase;
+use radit_sharding::ShardError;
+use tch::Device;
+
+use crate::journal::{RankError, RankHandles, UnitDone, end_of_range, record_unit};
+
+/// Reads a unit's input (a shard's images, a part of a feature source). Runs on a reader thread, one unit ahead
+/// of the compute, so it shares nothing mutable with the job.
+pub trait UnitReader: Sync {
+    type Unit: Copy + Send + Sync + Display;
+    type Input: Send;
+    fn read(&self, unit: Self::Unit) -> Result<Self::Input, RankError>;
+}
+
+/// What a unit job does with each of its units.
+pub trait UnitJob {
+    type Unit: Copy + Send + Sync + Display;
+    type Input: Send;
+    /// What a unit's compute makes.
+    type Output;
+    /// What writing a unit's output leaves to commit.
+    type Written;
+    /// Whether `unit` was committed by an earlier run (it is then skipped).
+    fn is_committed(&self, unit: Self::Unit) -> Result<bool, RankError>;
+    /// The unit's work on the device; an allocation failure in it becomes [`UnitJob::out_of_memory`]'s report.
+    fn compute(&mut self, unit: Self::Unit, input: Self::Input) -> Result<Self::Output, RankError>;
+    /// The report of an allocation failure in `unit`: what ran, with which settings, and what to lower.
+    fn out_of_memory(&self, failed: AllocationFailed, unit: Self::Unit) -> OutOfMemory;
+    /// Writes the unit's output where nobody counts it yet.
+    fn write(&mut self, unit: Self::Unit, output: Self::Output)
+    -> Result<Self::Written, RankError>;
+    /// Makes the written unit count (a journal record, a rename); returns its work for the heartbeat.
+    fn commit(&mut self, unit: Self::Unit, written: Self::Written) -> Result<UnitWork, RankError>;
+}
+
+/// A committed unit's work, for throughput: images, model tokens and model FLOPs.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct UnitWork {
+    pub images: u64,
+    pub tokens: u64,
+    pub flops: f64,
+}
+
+/// A rank of a unit job: its group, its device and its handles (stop flag, progress, fault plan).
+#[derive(Clone, Copy)]
+pub struct UnitRank<'a> {
+    pub comm: &'a dyn Collective,
+    pub device: Device,
+    pub handles: &'a RankHandles,
+}
+
+/// How a rank's range went.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct UnitsRun {
+    /// This rank's units.
+    pub units: u64,
+    /// Its units committed by an earlier run.
+    pub resumed: u64,
+    /// Its units committed by this run.
+    pub committed: u64,
+    /// Seconds of the unit loop (not start-up, not the end-of-range meeting).
+    pub loop_seconds: f64,
+    /// Some rank stopped before the end of its range: the job's output is left to the next run.
+    pub stopped_anywhere: bool,
+}
+
+/// A job's steps: every rank counts up to the largest range, so the coordinator's total, progress and ETA hold
+/// for all ranks.
+pub fn total_steps(units: u64, world: u64) -> u64 {
+    units.div_ceil(world.max(1))
+}
+
+/// Rank `rank`'s contiguous range of `units` among `world`: sizes differ by at most one.
+pub fn rank_range(units: usize, rank: usize, world: usize) -> std::ops::Range<usize> {
+    let world = world.max(1);
+    rank * units / world..(rank + 1) * units / world
+}
+
+/// Runs this rank's range of `units` (all of the job's units, the same list on every rank). Collective at the end
+/// (the end-of-range meeting): every rank calls it.
+pub fn run_units<R, J>(
+    rank: UnitRank,
+    units: &[J::Unit],
+    reader: &R,
+    job: &mut J,
+) -> Result<UnitsRun, RankError>
+where
+    R: UnitReader<Unit = J::Unit, Input = J::Input>,
+    J: UnitJob,
+{
+    let UnitRank {
+        comm,
+        device,
+        handles,
+    } = rank;
+    let (me, world) = (comm.rank(), comm.world());
+    let progress = &handles.progress;
+    let faults = &handles.faults;
+    let mine = &units[rank_range(units.len(), me, world)];
+    let mut pending = Vec::with_capacity(mine.len());
+    for &unit in mine {
+        if !job.is_committed(unit)? {
+            pending.push(unit);
+        }
+    }
+    let mut run = UnitsRun {
+        units: mine.len() as u64,
+        resumed: (mine.len() - pending.len()) as u64,
+        ..UnitsRun::default()
+    };
+    progress.set_step(run.resumed);
+    let total = total_steps(units.len() as u64, world as u64);
+    let loop_started = Instant::now();
+    let stopped = std::thread::scope(|s| -> Result<bool, RankError> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let queue = &pending;
+        s.spawn(move || {
+            for &unit in queue {
+                // A closed channel: the loop stopped or failed, and reads nothing more.
+                if tx.send(reader.read(unit)).is_err() {
+                    break;
+                }
+            }
+        });
+        for (done, &unit) in pending.iter().enumerate() {
+            if crate::journal::stop_here(handles)? {
+                return Ok(true);
+            }
+            let started = Instant::now();
+            let input = {
+                let _g = progress.enter(Phase::Data);
+                rx.recv()
+                    .map_err(|_| ShardError::Internal("the unit reader stopped".into()))??
+            };
+            let data_wait = started.elapsed().as_secs_f64();
+            let step = run.resumed + done as u64 + 1;
+            let output = {
+                let _g = progress.enter(Phase::Compute);
+                faults.hang_if_at(me as u64, step);
+                guard(|| {
+                    faults.allocate_too_much_if_at(me as u64, step, device);
+                    job.compute(unit, input)
+                })
+                .map_err(|failed| RankError::from(job.out_of_memory(failed, unit)))??
+            };
+            let work = {
+                let _g = progress.enter(Phase::Checkpoint);
+                let written = job.write(unit, output)?;
+                faults.crash_before_commit_if_at(me as u64, step);
+                job.commit(unit, written)?
+            };
+            run.committed += 1;
+            record_unit(
+                progress,
+                device,
+                UnitDone {
+                    step,
+                    seconds: started.elapsed().as_secs_f64(),
+                    data_wait_seconds: data_wait,
+                    images: work.images,
+                    tokens: work.tokens,
+                    flops: work.flops,
+                },
+            );
+            tracing::debug!(rank = me, step, %unit, "unit committed");
+        }
+        Ok(false)
+    })?;
+    run.loop_seconds = loop_started.elapsed().as_secs_f64().max(1e-9);
+    run.stopped_anywhere = end_of_range(comm, progress, stopped, total)?;
+    Ok(run)
+}
+
+/// Rank 0 settles the job's output (prepares a store, a directory) before any rank writes; the others learn of a
+/// refusal from this reduction instead of waiting for a peer that has left. `prepared` is rank 0's outcome (any
+/// `Ok` on the others). Collective.
+pub fn settled_by_rank0<T>(
+    comm: &dyn Collective,
+    handles: &RankHandles,
+    what: impl Display,
+    prepared: Result<T, RankError>,
+) -> Result<T, RankError> {
+    let refused = {
+        let _g = handles.progress.enter(Phase::Collective);
+        comm.any(prepared.is_err())?
+    };
+    let value = prepared?;
+    if refused {
+        return Err(RankError::unusable(
+            what,
+            "rank 0 could not prepare it (its log says why)",
+        ));
+    }
+    Ok(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_cover_every_shard_once_and_differ_by_at_most_one() {
+        for shards in 0..20 {
+            for world in 1..7 {
+                let ranges: Vec<_> = (0..world).map(|r| rank_range(shards, r, world)).collect();
+                assert_eq!(ranges[0].start, 0);
+                assert_eq!(ranges[world - 1].end, shards);
+                for w in ranges.windows(2) {
+                    assert_eq!(w[0].end, w[1].start);
+                }
+                let longest = ranges.iter().map(|r| r.len()).max().unwrap();
+                let shortest = ranges.iter().map(|r| r.len()).min().unwrap();
+                assert!(longest - shortest <= 1);
+                assert_eq!(longest as u64, total_steps(shards as u64, world as u64));
+            }
+        }
+    }
+}

@@ -1,0 +1,34 @@
+//! The networks radit trains and uses, and their maths: no ranks, no sharding, no job. The engine wraps a
+//! [`block::BlockModel`] from outside; the jobs crate runs the loops.
+//!
+//! - [`model`]: RadiT, its presets and costs, weights as safetensors with PyTorch names.
+//! - [`block`]: what a model made of a prologue, blocks and a head exposes, for the engine to shard and schedule.
+//! - [`autoencoder`]: the FLUX.2 autoencoder whose encoder makes the latents of the latent presets.
+//! - [`features`]: feature networks for evaluation (DINOv2, a TorchScript module) with their preprocessing.
+//! - [`flow`]: the rectified-flow objective and its per-sample noise and time draws.
+//! - [`sampler`]: Euler and torchdiffeq-exact dopri5, forward and reverse; counterfactual editing.
+//! - [`scm`]: the Flow SCM over the metadata variables (graph, model, inference, checks, files).
+//!
+//! ```no_run
+//! use radit_models::{flow, model::{RadiT, RadiTConfig}, sampler};
+//! use radit_models::tch::{Device, Kind, Tensor, nn::VarStore};
+//! let vs = VarStore::new(Device::Cpu);
+//! let model = RadiT::new(&vs.root(), &RadiTConfig::preset("tiny")?)?;
+//! let x1 = Tensor::zeros([2, 1, 16, 16], (Kind::Float, Device::Cpu));
+//! let draw = flow::FlowConfig::default().draw(0, 0, &[0, 1], &[1, 16, 16]);
+//! let labels = Tensor::zeros([2, 18], (Kind::Int64, Device::Cpu));
+//! let age = Tensor::from_slice(&[0.63f32, f32::NAN]);
+//! let loss = flow::loss(&model, &x1, &draw.x0, &draw.t, &labels, &age)?;
+//! let (images, stats) = sampler::generate(&model, &draw.x0, &labels, &age, sampler::Solver::default())?;
+//! # Ok::<(), radit_models::model::ModelError>(())
+//! ```
+
+pub use tch;
+
+pub mod autoencoder;
+pub mod block;
+pub mod features;
+pub mod flow;
+pub mod model;
+pub mod sampler;
+pub mod scm;
