@@ -226,3 +226,38 @@ mod tests {
         assert_eq!(rank_identity(env(&[])), None);
     }
 }
+
+/// What `radit run` tells every rank of a generation through its environment: where the coordinator is, the job
+/// token's file, the generation, how long to outlive a silent coordinator, where pid records go, and (HTTPS) the
+/// certificate authority to trust and its pinned SHA-256. The rank agent reads these same variables.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RankEnvironment {
+    pub coordinator: String,
+    pub token_file: String,
+    pub generation: u64,
+    pub coordinator_grace_seconds: f64,
+    pub pid_dir: String,
+    /// The CA certificate's file and its SHA-256 (hex), when the coordinator serves HTTPS.
+    pub ca: Option<(String, String)>,
+}
+
+impl RankEnvironment {
+    /// The variables, as (name, value) pairs for a launcher.
+    pub fn vars(&self) -> Vec<(String, String)> {
+        let mut vars = vec![
+            (COORDINATOR.into(), self.coordinator.clone()),
+            (TOKEN_FILE.into(), self.token_file.clone()),
+            (GENERATION.into(), self.generation.to_string()),
+            (
+                COORDINATOR_GRACE.into(),
+                self.coordinator_grace_seconds.to_string(),
+            ),
+            (PID_DIR.into(), self.pid_dir.clone()),
+        ];
+        if let Some((file, sha256)) = &self.ca {
+            vars.push((COORDINATOR_CA.into(), file.clone()));
+            vars.push((COORDINATOR_CA_SHA256.into(), sha256.clone()));
+        }
+        vars
+    }
+}

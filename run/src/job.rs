@@ -5,6 +5,7 @@
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
+use crate::kinds::{SectionJob, read_section};
 use radit_coordinator::RestartPolicy;
 use radit_jobs::encode::EncodeConfig;
 use radit_jobs::features_job::FeaturesConfig;
@@ -54,6 +55,29 @@ pub enum Work {
     Scm(Box<ScmTrainConfig>),
 }
 
+impl Work {
+    /// The work of a kind that is one section (every kind but training).
+    pub fn section_job(&self) -> Option<&dyn SectionJob> {
+        match self {
+            Work::Train(_) => None,
+            Work::Encode(e) => Some(e),
+            Work::Generate(g) => Some(&**g),
+            Work::Features(f) => Some(&**f),
+            Work::Scm(s) => Some(&**s),
+        }
+    }
+
+    fn section_job_mut(&mut self) -> Option<&mut dyn SectionJob> {
+        match self {
+            Work::Train(_) => None,
+            Work::Encode(e) => Some(e),
+            Work::Generate(g) => Some(&mut **g),
+            Work::Features(f) => Some(&mut **f),
+            Work::Scm(s) => Some(&mut **s),
+        }
+    }
+}
+
 /// `[job] kind`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -64,34 +88,6 @@ pub enum JobKind {
     Generate,
     Features,
     Scm,
-}
-
-/// An encode job's work sections.
-#[derive(Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct EncodeSections {
-    encode: EncodeConfig,
-}
-
-/// A generate job's work sections.
-#[derive(Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct GenerateSections {
-    generate: GenerateConfig,
-}
-
-/// A features job's work sections.
-#[derive(Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FeaturesSections {
-    features: FeaturesConfig,
-}
-
-/// An SCM training job's work sections.
-#[derive(Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ScmSections {
-    scm: ScmTrainConfig,
 }
 
 /// The job's own sections, as they are read.
@@ -142,30 +138,10 @@ impl JobSpec {
             JobKind::Train => Work::Train(Box::new(
                 all.try_into().map_err(|e: toml::de::Error| e.to_string())?,
             )),
-            JobKind::Encode => {
-                let e: EncodeSections = all.try_into().map_err(|e: toml::de::Error| {
-                    format!("an encode job has [encode] besides the job's own sections: {e}")
-                })?;
-                Work::Encode(e.encode)
-            }
-            JobKind::Generate => {
-                let g: GenerateSections = all.try_into().map_err(|e: toml::de::Error| {
-                    format!("a generate job has [generate] besides the job's own sections: {e}")
-                })?;
-                Work::Generate(Box::new(g.generate))
-            }
-            JobKind::Features => {
-                let f: FeaturesSections = all.try_into().map_err(|e: toml::de::Error| {
-                    format!("a features job has [features] besides the job's own sections: {e}")
-                })?;
-                Work::Features(Box::new(f.features))
-            }
-            JobKind::Scm => {
-                let f: ScmSections = all.try_into().map_err(|e: toml::de::Error| {
-                    format!("an scm job has [scm] besides the job's own sections: {e}")
-                })?;
-                Work::Scm(Box::new(f.scm))
-            }
+            JobKind::Encode => Work::Encode(read_section(all, "encode", "an encode job")?),
+            JobKind::Generate => Work::Generate(read_section(all, "generate", "a generate job")?),
+            JobKind::Features => Work::Features(read_section(all, "features", "a features job")?),
+            JobKind::Scm => Work::Scm(read_section(all, "scm", "an scm job")?),
         };
         Ok(Self {
             work,
@@ -190,16 +166,12 @@ impl JobSpec {
             monitoring: self.monitoring.clone(),
             samples: self.samples.clone(),
         };
-        let mut all = match &self.work {
-            Work::Train(t) => toml::Table::try_from(&**t)?,
-            Work::Encode(e) => toml::Table::try_from(EncodeSections { encode: e.clone() })?,
-            Work::Generate(g) => toml::Table::try_from(GenerateSections {
-                generate: (**g).clone(),
-            })?,
-            Work::Features(f) => toml::Table::try_from(FeaturesSections {
-                features: (**f).clone(),
-            })?,
-            Work::Scm(f) => toml::Table::try_from(ScmSections { scm: (**f).clone() })?,
+        let mut all = match self.work.section_job() {
+            Some(s) => s.to_table()?,
+            None => match &self.work {
+                Work::Train(t) => toml::Table::try_from(&**t)?,
+                _ => toml::Table::new(),
+            },
         };
         all.extend(toml::Table::try_from(&own)?);
         toml::to_string(&all)
@@ -612,10 +584,18 @@ pub struct Job {
 #[derive(Debug, Clone)]
 pub enum ValidatedWork {
     Train(Box<ValidatedConfig>),
-    Encode(EncodeConfig),
-    Generate(Box<GenerateConfig>),
-    Features(Box<FeaturesConfig>),
-    Scm(Box<ScmTrainConfig>),
+    /// A kind that is one section, validated (never [`Work::Train`]).
+    Section(Work),
+}
+
+impl ValidatedWork {
+    /// The work of a kind that is one section.
+    pub fn section_job(&self) -> Option<&dyn SectionJob> {
+        match self {
+            ValidatedWork::Train(_) => None,
+            ValidatedWork::Section(w) => w.section_job(),
+        }
+    }
 }
 
 impl Job {
@@ -693,28 +673,8 @@ impl Job {
                 .map_err(|e| bad(&e.field, e.reason))?;
             d.weights = absolute(&d.weights);
         }
-        match &mut spec.work {
-            Work::Encode(e) => e.weights = absolute(&e.weights),
-            Work::Generate(g) => {
-                g.weights = absolute(&g.weights);
-                g.out = absolute(&g.out);
-                g.ids = g.ids.as_deref().map(absolute);
-                if let Some(d) = &mut g.decoder {
-                    d.weights = absolute(&d.weights);
-                }
-            }
-            Work::Features(f) => {
-                f.net = absolute(&f.net);
-                f.out = absolute(&f.out);
-                f.samples = f.samples.as_deref().map(absolute);
-                f.cache = f.cache.as_deref().map(absolute);
-            }
-            Work::Scm(f) => {
-                f.out = absolute(&f.out);
-                f.graph = f.graph.as_deref().map(absolute);
-                f.checkpoint_dir = f.checkpoint_dir.as_deref().map(absolute);
-            }
-            Work::Train(_) => {}
+        if let Some(s) = spec.work.section_job_mut() {
+            s.make_paths_absolute(&absolute);
         }
         let work = match &spec.work {
             Work::Train(training) => ValidatedWork::Train(Box::new(
@@ -730,46 +690,14 @@ impl Job {
                         bad(&field, e.reason)
                     })?,
             )),
-            Work::Encode(encode) => {
-                encode.validate().map_err(|e| bad(&e.field, e.reason))?;
-                if spec.samples != SampleSpec::default() {
-                    return Err(bad(
-                        "samples",
-                        "an encode job draws no samples: remove [samples]".into(),
-                    ));
+            other => {
+                if let Some(s) = other.section_job() {
+                    s.validate().map_err(|e| bad(&e.field, e.reason))?;
+                    if spec.samples != SampleSpec::default() {
+                        return Err(bad("samples", s.why_no_samples().into()));
+                    }
                 }
-                ValidatedWork::Encode(encode.clone())
-            }
-            Work::Generate(generate) => {
-                generate.validate().map_err(|e| bad(&e.field, e.reason))?;
-                if spec.samples != SampleSpec::default() {
-                    return Err(bad(
-                        "samples",
-                        "a generate job's samples are its [generate] section: remove [samples]"
-                            .into(),
-                    ));
-                }
-                ValidatedWork::Generate(generate.clone())
-            }
-            Work::Features(features) => {
-                features.validate().map_err(|e| bad(&e.field, e.reason))?;
-                if spec.samples != SampleSpec::default() {
-                    return Err(bad(
-                        "samples",
-                        "a features job draws no samples: remove [samples]".into(),
-                    ));
-                }
-                ValidatedWork::Features(features.clone())
-            }
-            Work::Scm(scm) => {
-                scm.validate().map_err(|e| bad(&e.field, e.reason))?;
-                if spec.samples != SampleSpec::default() {
-                    return Err(bad(
-                        "samples",
-                        "an scm job draws no image samples: remove [samples]".into(),
-                    ));
-                }
-                ValidatedWork::Scm(scm.clone())
+                ValidatedWork::Section(other.clone())
             }
         };
         if let (ValidatedWork::Train(t), Some(_)) = (&work, &spec.samples.decoder)
@@ -780,13 +708,12 @@ impl Job {
                 "is for latent models; this model makes images".into(),
             ));
         }
-        let checkpoint = match &work {
-            ValidatedWork::Train(t) => t.checkpoint.as_ref().map(|_| ()),
-            // The encode and generate journals are their checkpoints.
-            ValidatedWork::Encode(_) | ValidatedWork::Generate(_) | ValidatedWork::Features(_) => {
-                Some(())
-            }
-            ValidatedWork::Scm(s) => s.checkpoint_dir.as_ref().map(|_| ()),
+        let checkpoint = match work.section_job() {
+            Some(s) => s.resumable().then_some(()),
+            None => match &work {
+                ValidatedWork::Train(t) => t.checkpoint.as_ref().map(|_| ()),
+                ValidatedWork::Section(_) => None,
+            },
         };
         if spec.restart.max_restarts > 0 && checkpoint.is_none() {
             return Err(bad(
@@ -877,27 +804,17 @@ impl Job {
 
     /// The radit (sub)command every rank runs.
     fn rank_command(&self) -> &'static [&'static str] {
-        match self.work {
-            ValidatedWork::Train(_) => &["train"],
-            ValidatedWork::Encode(_) => &["encode"],
-            ValidatedWork::Generate(_) => &["generate"],
-            ValidatedWork::Features(_) => &["eval", "features"],
-            ValidatedWork::Scm(_) => &["scm", "train"],
-        }
+        self.work
+            .section_job()
+            .map_or(&["train"], |s| s.rank_command())
     }
 
     /// The ranks' config, as they read it.
     pub fn rank_config_toml(&self) -> Result<String, toml::ser::Error> {
-        match &self.work {
-            ValidatedWork::Train(t) => toml::to_string(&***t),
-            ValidatedWork::Encode(e) => toml::to_string(&EncodeSections { encode: e.clone() }),
-            ValidatedWork::Generate(g) => toml::to_string(&GenerateSections {
-                generate: (**g).clone(),
-            }),
-            ValidatedWork::Features(f) => toml::to_string(&FeaturesSections {
-                features: (**f).clone(),
-            }),
-            ValidatedWork::Scm(f) => toml::to_string(&ScmSections { scm: (**f).clone() }),
+        match (&self.work, self.work.section_job()) {
+            (ValidatedWork::Train(t), _) => toml::to_string(&***t),
+            (_, Some(s)) => toml::to_string(&s.to_table()?),
+            (ValidatedWork::Section(_), None) => Ok(String::new()),
         }
     }
 
@@ -905,13 +822,11 @@ impl Job {
     /// generate job's most units per rank (these read the store).
     pub fn total_steps(&self) -> Result<u64, Box<dyn std::error::Error + Send + Sync>> {
         let world = u64::from(self.world);
-        Ok(match &self.work {
-            ValidatedWork::Train(t) => t.train.steps,
-            ValidatedWork::Encode(e) => radit_jobs::encode::planned_steps(e, world)?,
-            ValidatedWork::Generate(g) => radit_jobs::generate_job::planned_steps(g, world)?,
-            ValidatedWork::Features(f) => radit_jobs::features_job::planned_steps(f, world)?,
-            ValidatedWork::Scm(f) => f.steps,
-        })
+        match (&self.work, self.work.section_job()) {
+            (ValidatedWork::Train(t), _) => Ok(t.train.steps),
+            (_, Some(s)) => s.planned_steps(world),
+            (ValidatedWork::Section(_), None) => Ok(0),
+        }
     }
 
     pub fn token_path(&self) -> PathBuf {
@@ -1069,97 +984,10 @@ impl Job {
             },
             s.launcher.kind
         );
-        match &self.work {
-            ValidatedWork::Train(t) => self.describe_training(t, &mut o),
-            ValidatedWork::Encode(e) => {
-                let _ = writeln!(
-                    o,
-                    "encode: {} with the {} autoencoder ({}), {} images per pass, {}",
-                    e.store,
-                    e.autoencoder,
-                    e.weights.display(),
-                    e.batch,
-                    if e.overwrite {
-                        "replacing latents of another encoder"
-                    } else {
-                        "refusing to replace latents of another encoder"
-                    }
-                );
-                let _ = writeln!(
-                    o,
-                    "data slices: the store's shards (train, val, test) in {} contiguous ranges, one per rank; a step \
-                     is one shard, committed to the journal (.encode/journal), so a relaunch resumes at the next",
-                    self.world
-                );
-            }
-            ValidatedWork::Generate(g) => {
-                let _ = writeln!(
-                    o,
-                    "generate: {} sample(s) per profile of the {} split of {}{}{}, seed {}, solver {:?}, from {} into {}",
-                    g.per_profile,
-                    g.split.name(),
-                    g.profiles,
-                    g.ids
-                        .as_ref()
-                        .map_or(String::new(), |p| format!(" (ids in {})", p.display())),
-                    g.limit.map_or(String::new(), |l| format!(" (first {l})")),
-                    g.seed,
-                    g.solver,
-                    g.weights.display(),
-                    g.out.display()
-                );
-                let _ = writeln!(
-                    o,
-                    "data slices: units of {} profiles in {} contiguous ranges, one per rank; a step is one unit, \
-                     committed to the journal (.generate/journal), so a relaunch resumes at the next",
-                    g.unit_profiles, self.world
-                );
-            }
-            ValidatedWork::Features(f) => {
-                let source = match (&f.store, &f.samples) {
-                    (Some(store), _) => format!("the {} split of {store}", f.split.name()),
-                    (None, Some(dir)) => format!("the samples in {}", dir.display()),
-                    (None, None) => "nothing".into(),
-                };
-                let _ = writeln!(
-                    o,
-                    "features: {source} through {} ({}) into {}{}",
-                    f.net.display(),
-                    f.preprocessing,
-                    f.out.display(),
-                    f.cache
-                        .as_ref()
-                        .map_or(String::new(), |c| format!(", cached in {}", c.display()))
-                );
-                let _ = writeln!(
-                    o,
-                    "data slices: units (a store's shards, or {} samples) in {} contiguous ranges, one per rank; a \
-                     step is one unit, committed as a part file, so a relaunch resumes at the next",
-                    f.unit_images, self.world
-                );
-            }
-            ValidatedWork::Scm(f) => {
-                let _ = writeln!(
-                    o,
-                    "scm: the {} split's profiles of {} ({} graph), {} steps of {} profiles ({} per rank), lr {}, \
-                     EMA {}, into {}{}",
-                    f.split.name(),
-                    f.store,
-                    f.graph
-                        .as_ref()
-                        .map_or("the built-in".to_string(), |g| g.display().to_string()),
-                    f.steps,
-                    f.batch,
-                    f.batch / u64::from(self.world).max(1),
-                    f.lr,
-                    f.ema,
-                    f.out.display(),
-                    f.checkpoint_dir.as_ref().map_or(String::new(), |c| format!(
-                        ", checkpoints in {}",
-                        c.display()
-                    ))
-                );
-            }
+        match (&self.work, self.work.section_job()) {
+            (ValidatedWork::Train(t), _) => self.describe_training(t, &mut o),
+            (_, Some(job)) => job.describe(self.world, &mut o),
+            (ValidatedWork::Section(_), None) => {}
         }
         let p = &s.restart;
         let _ = writeln!(
@@ -1227,7 +1055,7 @@ mod tests {
         assert_eq!((xl.world, xl.device), (32, RankDevice::Cuda));
         assert_eq!(xl.rank_args()[..2], ["encode", "--config"]);
         assert!(xl.rank_config_path().ends_with("encode.toml"));
-        let ValidatedWork::Encode(e) = &xl.work else {
+        let ValidatedWork::Section(Work::Encode(e)) = &xl.work else {
             panic!("an encode job")
         };
         assert_eq!(
@@ -1241,7 +1069,7 @@ mod tests {
         let again = JobSpec::from_toml(&xl.spec.to_toml().unwrap()).unwrap();
         assert_eq!(again, xl.spec);
         let tiny = Job::load(&dir.join("encode-tiny-job.toml")).unwrap();
-        let ValidatedWork::Encode(e) = &tiny.work else {
+        let ValidatedWork::Section(Work::Encode(e)) = &tiny.work else {
             panic!("an encode job")
         };
         // Relative to the job file.
@@ -1262,7 +1090,7 @@ mod tests {
         assert_eq!((xl.world, xl.device), (32, RankDevice::Cuda));
         assert_eq!(xl.rank_args()[..2], ["generate", "--config"]);
         assert!(xl.rank_config_path().ends_with("generate.toml"));
-        let ValidatedWork::Generate(g) = &xl.work else {
+        let ValidatedWork::Section(Work::Generate(g)) = &xl.work else {
             panic!("a generate job")
         };
         assert_eq!(g.limit, Some(50_000));
@@ -1287,7 +1115,7 @@ mod tests {
         let job = Job::load(&dir.join("scm-job.toml")).unwrap();
         assert_eq!(job.rank_args()[..3], ["scm", "train", "--config"]);
         assert!(job.rank_config_path().ends_with("scm-train.toml"));
-        let ValidatedWork::Scm(s) = &job.work else {
+        let ValidatedWork::Section(Work::Scm(s)) = &job.work else {
             panic!("an scm job")
         };
         assert_eq!((s.steps, s.batch, s.model.width), (50_000, 4096, 512));

@@ -5,6 +5,7 @@
 //! coordinator settings, launchers and monitoring; launchers themselves (`radit_launch`) know none of them.
 
 pub mod job;
+pub mod kinds;
 pub mod report;
 pub mod samples;
 pub mod supervise;

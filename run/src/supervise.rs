@@ -95,6 +95,41 @@ fn wait_for_orphans(pid_dir: &std::path::Path, grace: Duration) -> std::io::Resu
     Ok(())
 }
 
+/// The run directory, ready for a generation of ranks.
+struct Prepared {
+    total_steps: u64,
+    pid_dir: std::path::PathBuf,
+    token: JobToken,
+    token_path: std::path::PathBuf,
+}
+
+/// Prepares the run directory: the ranks' config (as it was validated when the job was loaded), the plan's total
+/// steps, no rank of an earlier supervisor still running, and a fresh job token (ranks of an earlier supervisor
+/// cannot join or heartbeat into this run).
+fn prepare_run_dir(job: &Job) -> Result<Prepared, SuperviseError> {
+    let run_dir = &job.run_dir;
+    std::fs::create_dir_all(run_dir).map_err(|e| SuperviseError::io(run_dir, e))?;
+    let rank_toml = job.rank_config_toml().map_err(SuperviseError::RankConfig)?;
+    let rank_path = job.rank_config_path();
+    std::fs::write(&rank_path, rank_toml).map_err(|e| SuperviseError::io(&rank_path, e))?;
+    let total_steps = job.total_steps().map_err(SuperviseError::Plan)?;
+    let pid_dir = run_dir.join("ranks");
+    wait_for_orphans(&pid_dir, job.spec.restart.coordinator_grace())
+        .map_err(|e| SuperviseError::io(&pid_dir, e))?;
+    let token = JobToken::generate().map_err(SuperviseError::Token)?;
+    let token_path = job.token_path();
+    let _ = std::fs::remove_file(&token_path);
+    token
+        .write_private(&token_path)
+        .map_err(|e| SuperviseError::io(&token_path, e))?;
+    Ok(Prepared {
+        total_steps,
+        pid_dir,
+        token,
+        token_path,
+    })
+}
+
 /// Runs the job to completion, a requeue, or failure. `signal` holds the number of a pending SIGUSR1/SIGTERM/SIGINT
 /// (0 for none); it is forwarded to the ranks as a stop request.
 pub fn supervise(
@@ -105,23 +140,12 @@ pub fn supervise(
 ) -> Result<Outcome, SuperviseError> {
     let spec = &job.spec;
     let run_dir = &job.run_dir;
-    std::fs::create_dir_all(run_dir).map_err(|e| SuperviseError::io(run_dir, e))?;
-    // The ranks read the config validated when the job was loaded, as it was validated.
-    let rank_toml = job.rank_config_toml().map_err(SuperviseError::RankConfig)?;
-    let rank_path = job.rank_config_path();
-    std::fs::write(&rank_path, rank_toml).map_err(|e| SuperviseError::io(&rank_path, e))?;
-    let total_steps = job.total_steps().map_err(SuperviseError::Plan)?;
-    let pid_dir = run_dir.join("ranks");
-    let grace = spec.restart.coordinator_grace();
-    wait_for_orphans(&pid_dir, grace).map_err(|e| SuperviseError::io(&pid_dir, e))?;
-
-    // A fresh token for every supervisor: ranks of an earlier one cannot join or heartbeat into this run.
-    let token = JobToken::generate().map_err(SuperviseError::Token)?;
-    let token_path = job.token_path();
-    let _ = std::fs::remove_file(&token_path);
-    token
-        .write_private(&token_path)
-        .map_err(|e| SuperviseError::io(&token_path, e))?;
+    let Prepared {
+        total_steps,
+        pid_dir,
+        token,
+        token_path,
+    } = prepare_run_dir(job)?;
     let ccfg = CoordinatorConfig {
         total_steps: Some(total_steps),
         peak_flops_per_device: job.peak_flops_per_device(),
@@ -210,30 +234,23 @@ pub fn supervise(
     let progress_every = Duration::from_secs_f64(spec.monitoring.progress_seconds);
     loop {
         let generation = coordinator.new_generation();
+        let rank_env = env::RankEnvironment {
+            coordinator: service.addr.to_string(),
+            token_file: token_path.display().to_string(),
+            generation,
+            coordinator_grace_seconds: spec.restart.coordinator_grace_seconds,
+            pid_dir: pid_dir.display().to_string(),
+            ca: pki.as_ref().map(|p| {
+                (
+                    run_dir.join(CA_FILE).display().to_string(),
+                    p.ca_sha256.clone(),
+                )
+            }),
+        };
         let cmd = RankCommand {
             program: radit.to_path_buf(),
             args: job.rank_args(),
-            env: [
-                (env::COORDINATOR.into(), service.addr.to_string()),
-                (env::TOKEN_FILE.into(), token_path.display().to_string()),
-                (env::GENERATION.into(), generation.to_string()),
-                (
-                    env::COORDINATOR_GRACE.into(),
-                    spec.restart.coordinator_grace_seconds.to_string(),
-                ),
-                (env::PID_DIR.into(), pid_dir.display().to_string()),
-            ]
-            .into_iter()
-            .chain(pki.iter().flat_map(|p| {
-                [
-                    (
-                        env::COORDINATOR_CA.into(),
-                        run_dir.join(CA_FILE).display().to_string(),
-                    ),
-                    (env::COORDINATOR_CA_SHA256.into(), p.ca_sha256.clone()),
-                ]
-            }))
-            .collect(),
+            env: rank_env.vars(),
             world: job.world,
             log_dir: run_dir.join("logs"),
         };
@@ -283,92 +300,36 @@ pub fn supervise(
                 group.signal(libc::SIGUSR1);
                 usr1_sent = true;
             }
-            if !formed && started.elapsed() > join_deadline {
-                break format!(
-                    "the ranks did not all join within {} s",
-                    join_deadline.as_secs()
-                );
-            }
             let state = group.poll().map_err(SuperviseError::Watch)?;
-            match state {
-                GroupState::Running => {}
-                GroupState::Failed { index, ended } => {
-                    break format!("{} ended with {ended}", process(index));
+            let health = coordinator.health();
+            let seen = Poll {
+                state: &state,
+                health: &health,
+                join_overdue: !formed && started.elapsed() > join_deadline,
+                join_deadline_seconds: join_deadline.as_secs(),
+                stop_sent,
+                all_departed_at: coordinator.all_departed(),
+                total_steps,
+            };
+            match decide(&seen, &process) {
+                Decision::Wait => {}
+                Decision::Completed => {
+                    let (totals, counted) = snapshot(&coordinator);
+                    reporter.update(totals, generation, counted);
+                    reporter.say(&format!("radit: all {} ranks finished", job.world));
+                    return Ok(Outcome::Completed { restarts });
                 }
-                GroupState::Ended(all) => {
-                    if all.iter().all(|e| *e == Ended::Code(0)) {
-                        let (totals, counted) = snapshot(&coordinator);
-                        reporter.update(totals, generation, counted);
-                        reporter.say(&format!("radit: all {} ranks finished", job.world));
-                        return Ok(Outcome::Completed { restarts });
-                    }
-                    if all
-                        .iter()
-                        .all(|e| matches!(e, Ended::Code(0) | Ended::Code(REQUEUE_EXIT_CODE)))
-                    {
-                        reporter.say(&format!(
-                            "radit: every rank checkpointed; exiting {REQUEUE_EXIT_CODE} so the job is requeued"
-                        ));
-                        return Ok(Outcome::Requeue { restarts });
-                    }
-                    // srun kills the slower ranks once the first has left with 75 and reports their deaths; the
-                    // ranks' goodbyes (sent after the checkpoint committed) say whether the stop was orderly.
-                    if let Some(step) = coordinator.all_departed() {
-                        if step >= total_steps {
-                            let (totals, counted) = snapshot(&coordinator);
-                            reporter.update(totals, generation, counted);
-                            reporter.say(&format!("radit: all {} ranks finished", job.world));
-                            return Ok(Outcome::Completed { restarts });
-                        }
-                        reporter.say(&format!(
-                            "radit: every rank checkpointed at step {step}; exiting {REQUEUE_EXIT_CODE} so the job is requeued"
-                        ));
-                        return Ok(Outcome::Requeue { restarts });
-                    }
-                    if stop_sent {
-                        // Asked to stop, and the launcher has ended: whatever the codes say, the next job resumes
-                        // from the newest committed checkpoint.
-                        reporter.say(&format!(
-                            "radit: the ranks ended ({all:?}) after the stop request without all confirming a checkpoint; \
-                             exiting {REQUEUE_EXIT_CODE}: the next job resumes from the newest committed checkpoint"
-                        ));
-                        return Ok(Outcome::Requeue { restarts });
-                    }
-                    let (i, e) = all
-                        .iter()
-                        .enumerate()
-                        .find(|(_, e)| !matches!(e, Ended::Code(0)))
-                        .map(|(i, e)| (i, *e))
-                        .unwrap_or((0, Ended::Code(-1)));
-                    break format!("{} ended with {e}", process(i));
+                Decision::Requeue(why) => {
+                    reporter.say(&why);
+                    return Ok(Outcome::Requeue { restarts });
                 }
-            }
-            match coordinator.health() {
-                JobHealth::RankDead { rank, silent_ms } => {
-                    break format!("rank {rank} stopped heart-beating ({silent_ms} ms silent)");
+                Decision::Fail { reason, hang } => {
+                    if hang {
+                        coordinator.record_hang();
+                        tracing::error!(%reason, "hang detected");
+                    }
+                    break reason;
                 }
-                JobHealth::Hung {
-                    culprit,
-                    phase,
-                    step,
-                    stalled_ms,
-                    deadline_ms,
-                } => {
-                    coordinator.record_hang();
-                    tracing::error!(
-                        culprit,
-                        phase = phase.name(),
-                        step,
-                        stalled_ms,
-                        deadline_ms,
-                        "hang detected"
-                    );
-                    break format!(
-                        "hang: no step finished for {stalled_ms} ms (deadline {deadline_ms} ms); culprit rank {culprit} \
-                         is in `{phase}` after step {step} while the others wait for it"
-                    );
-                }
-                JobHealth::Forming { .. } | JobHealth::Running => {}
             }
             if !progress_every.is_zero() && last_progress.elapsed() >= progress_every {
                 last_progress = Instant::now();
@@ -411,6 +372,117 @@ pub fn supervise(
     }
 }
 
+/// What the supervisor sees at one poll of a generation.
+pub struct Poll<'a> {
+    pub state: &'a GroupState,
+    pub health: &'a JobHealth,
+    /// Not every rank has joined, and the join deadline has passed.
+    pub join_overdue: bool,
+    pub join_deadline_seconds: u64,
+    /// A stop (signal) has been sent to the ranks.
+    pub stop_sent: bool,
+    /// Every rank said goodbye after a committed checkpoint at this step.
+    pub all_departed_at: Option<u64>,
+    pub total_steps: u64,
+}
+
+/// What to do about a poll.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    Wait,
+    /// Every rank finished all steps.
+    Completed,
+    /// Every rank checkpointed: exit with the requeue code, saying this.
+    Requeue(String),
+    /// The generation failed (a hang when `hang`): relaunch within the budget, or give up.
+    Fail {
+        reason: String,
+        hang: bool,
+    },
+}
+
+/// The supervisor's decision at one poll, from what it sees alone (no process, no clock): `process(i)` names
+/// process `i` ("rank 3", or "srun" for a launcher with one process for all ranks).
+pub fn decide(seen: &Poll, process: &dyn Fn(usize) -> String) -> Decision {
+    if seen.join_overdue {
+        return Decision::Fail {
+            reason: format!(
+                "the ranks did not all join within {} s",
+                seen.join_deadline_seconds
+            ),
+            hang: false,
+        };
+    }
+    let fail = |reason: String| Decision::Fail {
+        reason,
+        hang: false,
+    };
+    match seen.state {
+        GroupState::Running => {}
+        GroupState::Failed { index, ended } => {
+            return fail(format!("{} ended with {ended}", process(*index)));
+        }
+        GroupState::Ended(all) => {
+            if all.iter().all(|e| *e == Ended::Code(0)) {
+                return Decision::Completed;
+            }
+            if all
+                .iter()
+                .all(|e| matches!(e, Ended::Code(0) | Ended::Code(REQUEUE_EXIT_CODE)))
+            {
+                return Decision::Requeue(format!(
+                    "radit: every rank checkpointed; exiting {REQUEUE_EXIT_CODE} so the job is requeued"
+                ));
+            }
+            // srun kills the slower ranks once the first has left with 75 and reports their deaths; the ranks'
+            // goodbyes (sent after the checkpoint committed) say whether the stop was orderly.
+            if let Some(step) = seen.all_departed_at {
+                if step >= seen.total_steps {
+                    return Decision::Completed;
+                }
+                return Decision::Requeue(format!(
+                    "radit: every rank checkpointed at step {step}; exiting {REQUEUE_EXIT_CODE} so the job is requeued"
+                ));
+            }
+            if seen.stop_sent {
+                // Asked to stop, and the launcher has ended: whatever the codes say, the next job resumes from
+                // the newest committed checkpoint.
+                return Decision::Requeue(format!(
+                    "radit: the ranks ended ({all:?}) after the stop request without all confirming a checkpoint; \
+                     exiting {REQUEUE_EXIT_CODE}: the next job resumes from the newest committed checkpoint"
+                ));
+            }
+            let (i, e) = all
+                .iter()
+                .enumerate()
+                .find(|(_, e)| !matches!(e, Ended::Code(0)))
+                .map(|(i, e)| (i, *e))
+                .unwrap_or((0, Ended::Code(-1)));
+            return fail(format!("{} ended with {e}", process(i)));
+        }
+    }
+    match seen.health {
+        JobHealth::RankDead { rank, silent_ms } => fail(format!(
+            "rank {rank} stopped heart-beating ({silent_ms} ms silent)"
+        )),
+        JobHealth::Hung {
+            culprit,
+            phase,
+            step,
+            stalled_ms,
+            deadline_ms,
+        } => Decision::Fail {
+            reason: format!(
+                "hang: no step finished for {stalled_ms} ms (deadline {deadline_ms} ms); culprit rank {culprit} is \
+                 in `{}` after step {step} while the others wait for it",
+                phase.name()
+            ),
+            hang: true,
+        },
+        JobHealth::Forming { .. } | JobHealth::Running => Decision::Wait,
+    }
+}
+
 /// Why the supervisor could not run the job (as opposed to the job failing, which is an [`Outcome`]).
 #[derive(Debug, thiserror::Error)]
 pub enum SuperviseError {
@@ -449,5 +521,111 @@ impl SuperviseError {
             path: path.into(),
             source,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use radit_protocol::Phase;
+
+    fn poll<'a>(state: &'a GroupState, health: &'a JobHealth) -> Poll<'a> {
+        Poll {
+            state,
+            health,
+            join_overdue: false,
+            join_deadline_seconds: 90,
+            stop_sent: false,
+            all_departed_at: None,
+            total_steps: 100,
+        }
+    }
+
+    fn rank(i: usize) -> String {
+        format!("rank {i}")
+    }
+
+    #[test]
+    fn running_ranks_are_waited_for_until_one_dies_hangs_or_misses_the_join() {
+        let (running, healthy) = (GroupState::Running, JobHealth::Running);
+        assert_eq!(decide(&poll(&running, &healthy), &rank), Decision::Wait);
+        let late = Poll {
+            join_overdue: true,
+            ..poll(&running, &healthy)
+        };
+        assert!(
+            matches!(decide(&late, &rank), Decision::Fail { reason, hang: false } if reason.contains("within 90 s"))
+        );
+        let dead = JobHealth::RankDead {
+            rank: 3,
+            silent_ms: 4000,
+        };
+        assert_eq!(
+            decide(&poll(&running, &dead), &rank),
+            Decision::Fail {
+                reason: "rank 3 stopped heart-beating (4000 ms silent)".into(),
+                hang: false
+            }
+        );
+        let hung = JobHealth::Hung {
+            culprit: 1,
+            phase: Phase::Data,
+            step: 7,
+            stalled_ms: 9000,
+            deadline_ms: 5000,
+        };
+        assert!(matches!(
+            decide(&poll(&running, &hung), &rank),
+            Decision::Fail { reason, hang: true } if reason.contains("culprit rank 1") && reason.contains("`data`")
+        ));
+        let failed = GroupState::Failed {
+            index: 2,
+            ended: Ended::Signal(9),
+        };
+        assert!(matches!(
+            decide(&poll(&failed, &healthy), &|_| "srun".into()),
+            Decision::Fail { reason, .. } if reason.starts_with("srun ended with")
+        ));
+    }
+
+    #[test]
+    fn ended_ranks_complete_requeue_or_fail_by_their_codes_and_goodbyes() {
+        let healthy = JobHealth::Running;
+        let all_done = GroupState::Ended(vec![Ended::Code(0); 4]);
+        assert_eq!(
+            decide(&poll(&all_done, &healthy), &rank),
+            Decision::Completed
+        );
+        let checkpointed = GroupState::Ended(vec![Ended::Code(0), Ended::Code(REQUEUE_EXIT_CODE)]);
+        assert!(matches!(
+            decide(&poll(&checkpointed, &healthy), &rank),
+            Decision::Requeue(_)
+        ));
+        // srun killed the slower ranks after the first left with 75: the goodbyes decide.
+        let killed = GroupState::Ended(vec![Ended::Code(REQUEUE_EXIT_CODE), Ended::Signal(9)]);
+        let departed = Poll {
+            all_departed_at: Some(40),
+            ..poll(&killed, &healthy)
+        };
+        assert!(
+            matches!(decide(&departed, &rank), Decision::Requeue(why) if why.contains("at step 40"))
+        );
+        let finished = Poll {
+            all_departed_at: Some(100),
+            ..poll(&killed, &healthy)
+        };
+        assert_eq!(decide(&finished, &rank), Decision::Completed);
+        let stopping = Poll {
+            stop_sent: true,
+            ..poll(&killed, &healthy)
+        };
+        assert!(matches!(decide(&stopping, &rank), Decision::Requeue(_)));
+        assert_eq!(
+            decide(&poll(&killed, &healthy), &rank),
+            Decision::Fail {
+                reason: format!("rank 0 ended with {}", Ended::Code(REQUEUE_EXIT_CODE)),
+                hang: false
+            }
+        );
     }
 }
