@@ -8,9 +8,9 @@ use radit_engine::membership::JoinError;
 use radit_engine::placement::PlacementError;
 use radit_jobs::journal::RankError;
 use radit_jobs::train::TrainError;
-use radit_launch::slurm::REQUEUE_EXIT_CODE;
 use radit_models::model::ModelError;
 use radit_protocol::ConfigError;
+use radit_protocol::REQUEUE_EXIT_CODE;
 use radit_run::job::JobError;
 use radit_run::supervise::SuperviseError;
 use radit_sharding::ShardError;
@@ -89,6 +89,9 @@ fn meaning(e: &(dyn std::error::Error + 'static)) -> Option<u8> {
         || e.is::<PlacementError>()
         || e.is::<radit_engine::out_of_memory::OutOfMemory>()
     {
+        return Some(BAD_INPUT);
+    }
+    if let Some(radit_jobs::sample::SampleError::Request(_)) = e.downcast_ref() {
         return Some(BAD_INPUT);
     }
     if let Some(s) = e.downcast_ref::<ShardError>() {

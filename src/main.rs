@@ -2,7 +2,7 @@
 //!
 //! A thin CLI: each subcommand parses its arguments into a typed config and calls one crate.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -11,6 +11,7 @@ use clap::{Args, Parser, Subcommand};
 use std::io::Write;
 
 use radit_monitoring::{Pusher, Pushgateway};
+use radit_run::quickstart::Said;
 use radit_sharding::ShardError;
 use radit_sharding::audit::{self, AuditRequest};
 use radit_sharding::ingest::{IngestOutcome, IngestProgress, RunOptions, ingest};
@@ -599,132 +600,26 @@ fn run_verify(url: &str) -> anyhow::Result<u8> {
 }
 
 fn run_quickstart(a: QuickstartArgs) -> anyhow::Result<u8> {
-    crate::exit::ensure_usage!(
-        !a.latent || a.image_size.is_multiple_of(2),
-        "--image-size {}: the tiny autoencoder halves it, so --latent needs an even size",
-        a.image_size
-    );
-    std::fs::create_dir_all(&a.dir).with_context(|| format!("creating {}", a.dir.display()))?;
-    let dir = std::fs::canonicalize(&a.dir)?;
-    let data = dir.join("synthetic");
-    let store = dir.join("store");
-    let of = if a.latent { 6 } else { 4 };
-    println!(
-        "1/{of} synthesising {} images into {}",
-        a.images,
-        data.display()
-    );
-    let cfg = SynthConfig {
+    let q = radit_run::quickstart::Quickstart {
+        dir: a.dir,
         images: a.images,
-        ..SynthConfig::default()
+        image_size: a.image_size,
+        steps: a.steps,
+        ranks: a.ranks,
+        latent: a.latent,
+        no_train: a.no_train,
     };
-    let out = generate(&data, &cfg).context("writing the synthetic dataset")?;
-    println!("2/{of} sharding into {}", store.display());
-    let settings = IngestSettings {
-        layout: StoreLayout {
-            image_size: a.image_size,
-            shard_images: 16,
-            ..StoreLayout::default()
+    let radit = std::env::current_exe().context("locating the radit binary")?;
+    let signal = run_cli::stop_signal()?;
+    Ok(radit_run::quickstart::quickstart(
+        &q,
+        &radit,
+        &signal,
+        &mut |said| match said {
+            Said::Stage(line) => println!("{line}"),
+            Said::RunEnded(end) => eprintln!("{end}"),
         },
-        ..IngestSettings::default()
-    };
-    let opts = RunOptions {
-        progress: true,
-        ..RunOptions::default()
-    };
-    let outcome =
-        ingest(&out.table, &out.images, path_str(&store)?, &settings, &opts).context("sharding")?;
-    let IngestOutcome::Complete { manifest, .. } = outcome else {
-        anyhow::bail!("ingest stopped before completing");
-    };
-    print!("{}", manifest.summary());
-    println!("3/{of} verifying");
-    let code = run_verify(path_str(&store)?)?;
-    if code != 0 {
-        return Ok(code);
-    }
-    if a.latent {
-        return quickstart_latent(&a, &dir, &store);
-    }
-    if a.no_train {
-        println!("done: the store is {} (--no-train)", store.display());
-        return Ok(0);
-    }
-    let job = dir.join("job.toml");
-    let spec = radit_run::job::quickstart(&dir, a.image_size, a.steps, a.ranks)?;
-    write_quickstart_job(&job, &spec)?;
-    println!(
-        "4/4 training with `radit run {}` ({} CPU ranks, {} steps)",
-        job.display(),
-        a.ranks,
-        a.steps
-    );
-    let code = run_cli::run(run_cli::RunArgs::new(job))?;
-    if code == 0 {
-        println!(
-            "done: samples in {}, sheets drawn while training in {}; the store opens with zarr-python: \
-             zarr.open_group('{}', mode='r')",
-            dir.join("run/samples/contact_sheet.png").display(),
-            dir.join("run/samples/progress").display(),
-            store.display()
-        );
-    }
-    Ok(code)
-}
-
-fn write_quickstart_job(path: &Path, spec: &radit_run::job::JobSpec) -> anyhow::Result<()> {
-    let text = format!(
-        "# Written by `radit quickstart`: an embedded default job. Run it again with `radit run {}`.\n{}",
-        path.display(),
-        spec.to_toml()?
-    );
-    std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
-}
-
-/// Steps 4-6 of `radit quickstart --latent`: autoencoder weights, the encode job, the latent training job.
-fn quickstart_latent(a: &QuickstartArgs, dir: &Path, store: &Path) -> anyhow::Result<u8> {
-    use radit_models::autoencoder::{self, AeConfig};
-    let weights = dir.join("tiny-ae.safetensors");
-    println!(
-        "4/6 random weights of the tiny autoencoder (FLUX.2's topology) in {}",
-        weights.display()
-    );
-    autoencoder::write_random(&AeConfig::tiny(), 0, &weights)?;
-    let (encode, train) =
-        radit_run::job::quickstart_latent(dir, a.image_size, a.steps, a.ranks, &weights)?;
-    let (encode_job, train_job) = (dir.join("encode-job.toml"), dir.join("latent-job.toml"));
-    write_quickstart_job(&encode_job, &encode)?;
-    write_quickstart_job(&train_job, &train)?;
-    println!(
-        "5/6 encoding {} with `radit run {}` ({} CPU ranks)",
-        store.display(),
-        encode_job.display(),
-        a.ranks
-    );
-    let code = run_cli::run(run_cli::RunArgs::new(encode_job))?;
-    if code != 0 {
-        return Ok(code);
-    }
-    println!(
-        "6/6 training tiny-latent with `radit run {}` ({} CPU ranks, {} steps)",
-        train_job.display(),
-        a.ranks,
-        a.steps
-    );
-    let code = run_cli::run(run_cli::RunArgs::new(train_job))?;
-    if code == 0 {
-        println!(
-            "done: decoded samples in {} (latents.safetensors beside them), decoded sheets drawn while training in {}",
-            dir.join("run-latent/samples").display(),
-            dir.join("run-latent/samples/progress").display(),
-        );
-    }
-    Ok(code)
-}
-
-fn path_str(p: &Path) -> anyhow::Result<&str> {
-    p.to_str()
-        .with_context(|| format!("path {} is not valid UTF-8", p.display()))
+    )?)
 }
 
 fn run_batches(a: BatchesArgs) -> anyhow::Result<u8> {

@@ -1,17 +1,16 @@
-//! `radit model ...` and `radit sample`: thin argument parsing over radit_trainer's model, sampler and generate.
+//! `radit model ...` and `radit sample`: thin argument parsing over radit_models and radit_jobs::sample.
 
 use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Context;
 use clap::{Args, Subcommand, ValueEnum};
-use radit_jobs::generate::{
-    Conditions, Sampler, contact_sheet, read_latents, write_decoded, write_png16, write_samples,
-};
-use radit_models::autoencoder::{self, AeConfig, Autoencoder, DecoderConfig, LatentDecoder};
+use radit_jobs::generate::{Conditions, read_latents};
+use radit_jobs::sample::{Counterfactual, SampleRequest, decode_to, sample};
+use radit_models::autoencoder::{self, AeConfig, Autoencoder, DecoderConfig};
 use radit_models::model::{Precision, RadiT, RadiTConfig, save_weights};
 use radit_models::sampler::Solver;
-use radit_models::tch::{self, Device, Kind, Tensor, nn::VarStore};
+use radit_models::tch::{self, Device, Tensor, nn::VarStore};
 
 #[derive(Subcommand)]
 pub enum ModelCommand {
@@ -92,7 +91,13 @@ pub fn run_decode(a: DecodeArgs) -> anyhow::Result<u8> {
     let latents =
         read_latents(&a.latents).with_context(|| format!("reading {}", a.latents.display()))?;
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
-    let (files, sheet) = decode_to(&latents, &a.decoder, &a.how, device, &a.out)?;
+    let (files, sheet) = decode_to(
+        &latents,
+        &a.how.config(a.decoder.clone()),
+        a.how.store.as_deref(),
+        device,
+        &a.out,
+    )?;
     println!(
         "decoded {} latents ({}) into 16-bit PNGs and {}",
         files.len(),
@@ -106,28 +111,15 @@ pub fn run_decode(a: DecodeArgs) -> anyhow::Result<u8> {
     Ok(0)
 }
 
-/// Decodes `latents` with the autoencoder in `decoder` into `out`: `decoded_NNNN.png` and `contact_sheet.png`.
-fn decode_to(
-    latents: &Tensor,
-    decoder: &std::path::Path,
-    how: &DecoderArgs,
-    device: Device,
-    out: &std::path::Path,
-) -> anyhow::Result<(Vec<PathBuf>, PathBuf)> {
-    let cfg = DecoderConfig {
-        weights: decoder.to_path_buf(),
-        autoencoder: how.vae_preset.clone(),
-        batch: how.decode_batch,
-    };
-    cfg.validate("--decoder")
-        .map_err(|e| crate::exit::usage!("{}: {}", e.field, e.reason))?;
-    let stats = how
-        .store
-        .as_deref()
-        .map(autoencoder::store_statistics)
-        .transpose()?;
-    let decoder = LatentDecoder::load(&cfg, stats, device)?;
-    Ok(write_decoded(&decoder, latents, out)?)
+impl DecoderArgs {
+    /// The decoder of these flags with the weights in `weights`.
+    fn config(&self, weights: PathBuf) -> DecoderConfig {
+        DecoderConfig {
+            weights,
+            autoencoder: self.vae_preset.clone(),
+            batch: self.decode_batch,
+        }
+    }
 }
 
 #[derive(Args)]
@@ -494,70 +486,19 @@ fn init(a: InitArgs) -> anyhow::Result<u8> {
 }
 
 fn bench(a: ModelBenchArgs) -> anyhow::Result<u8> {
-    let cfg = RadiTConfig::preset(&a.preset)?;
     crate::exit::ensure_usage!(
         a.batch > 0 && a.steps > 0 && a.threads > 0,
         "--batch, --steps and --threads must be positive"
     );
-    tch::set_num_threads(a.threads);
-    // As the CPU engine does, so the plain floor is measured under the same allocator.
-    radit_engine::runtime::retain_large_cpu_buffers();
-    tch::manual_seed(0);
-    let vs = VarStore::new(Device::Cpu);
-    let mut model = RadiT::new(&vs.root(), &cfg)?;
-    model.set_precision(a.precision.into());
-    // Move the zero-initialised layers so the backward does real work everywhere, as the twin's bench does.
-    tch::no_grad(|| {
-        for (name, mut v) in vs.variables() {
-            if name.contains("adaLN_modulation") || name.starts_with("final_layer") {
-                let _ = v.normal_(0.0, 0.02);
-            }
-        }
-    });
-    let b = a.batch;
-    let shape = [b, cfg.in_channels, cfg.input_size, cfg.input_size];
-    let x1 = Tensor::randn(shape, tch::kind::FLOAT_CPU);
-    let x0 = Tensor::randn(shape, tch::kind::FLOAT_CPU);
-    let t = Tensor::rand([b], tch::kind::FLOAT_CPU);
-    let labels = Tensor::stack(
-        &cfg.classes
-            .iter()
-            .map(|&k| Tensor::randint(k, [b], (Kind::Int64, Device::Cpu)))
-            .collect::<Vec<_>>(),
-        1,
-    );
-    let age = Tensor::rand([b], tch::kind::FLOAT_CPU);
-    let params = vs.trainable_variables();
-    let mut times = Vec::new();
-    for i in 0..a.warmup + a.steps {
-        let start = Instant::now();
-        // Fresh gradients every step (like PyTorch's zero_grad(set_to_none=True)); the engine takes them this way.
-        let loss = radit_models::flow::loss(&model, &x1, &x0, &t, &labels, &age)?;
-        let grads = Tensor::run_backward(&[&loss], &params, false, false);
-        anyhow::ensure!(grads.len() == params.len(), "one gradient per parameter");
-        drop(grads);
-        if i >= a.warmup {
-            times.push(start.elapsed().as_secs_f64());
-        }
-    }
-    times.sort_by(f64::total_cmp);
-    // The forward alone (no autograd): what per-block activation checkpointing adds to a step.
-    let mut forward = Vec::new();
-    for i in 0..a.warmup + a.steps {
-        let start = Instant::now();
-        let loss = tch::no_grad(|| radit_models::flow::loss(&model, &x1, &x0, &t, &labels, &age))?;
-        drop(loss);
-        if i >= a.warmup {
-            forward.push(start.elapsed().as_secs_f64());
-        }
-    }
-    forward.sort_by(f64::total_cmp);
-    let v = serde_json::json!({
-        "impl": "radit", "preset": a.preset, "batch": b, "threads": a.threads, "steps": a.steps,
-        "median_s": times[times.len() / 2], "min_s": times[0],
-        "forward_median_s": forward[forward.len() / 2],
-    });
-    println!("{v}");
+    let report = radit_jobs::bench::model_step(&radit_jobs::bench::ModelBench {
+        preset: a.preset,
+        batch: a.batch,
+        threads: a.threads,
+        steps: a.steps,
+        warmup: a.warmup,
+        precision: a.precision.into(),
+    })?;
+    println!("{}", serde_json::to_string(&report)?);
     Ok(0)
 }
 
@@ -571,119 +512,38 @@ pub fn device_or_gpu(flag: Option<&str>) -> anyhow::Result<Device> {
     crate::train_cli::device(flag.unwrap_or(default))
 }
 
-/// The counterfactual of `original` under `interventions` by the SCM at `scm` (dopri5 1e-6; missing values stay
-/// missing), as conditions for RadiT.
-fn counterfactual_conditions(
-    scm: &std::path::Path,
-    original: &Conditions,
-    interventions: &str,
-    device: Device,
-) -> anyhow::Result<Conditions> {
-    use radit_models::scm::{Profiles, infer};
-    let loaded = radit_models::scm::load(scm, device)?;
-    let interventions = infer::parse_interventions(&loaded.scm, interventions)?;
-    let labels: Vec<i64> = original.labels.iter().map(|&c| i64::from(c)).collect();
-    let observed = Profiles {
-        labels: Tensor::from_slice(&labels).view([1, -1]),
-        age: Tensor::from_slice(&[original.age]),
-    };
-    let cf = infer::counterfactual(
-        &loaded.scm,
-        &observed,
-        &interventions,
-        infer::Missing::Keep,
-        infer::default_solver(),
-    )?;
-    let labels = Vec::<i64>::try_from(cf.labels.flatten(0, -1))?;
-    Ok(Conditions {
-        labels: labels.iter().map(|&c| c as u8).collect(),
-        age: cf.age.double_value(&[0]) as f32,
-    })
-}
-
 pub fn run_sample(a: SampleArgs) -> anyhow::Result<u8> {
     let device = device_or_gpu(a.device.as_deref())?;
-    let precision = a
-        .precision
-        .map_or(Precision::default_on(device), Precision::from);
     let editing = !a.edit.is_empty();
-    let default_tol = if editing { 1e-6 } else { 1e-5 };
-    let solver = a.solver.solver(default_tol)?;
-    let mut target = Conditions::missing()
-        .with(&a.set, a.age)
-        .context("parsing --set/--age")?;
-    if let (Some(interventions), Some(scm)) = (&a.interventions, &a.scm) {
-        let original = Conditions::missing()
+    let req = SampleRequest {
+        weights: a.weights,
+        preset: a.preset,
+        out: a.out,
+        target: Conditions::missing()
+            .with(&a.set, a.age)
+            .context("parsing --set/--age")?,
+        from: Conditions::missing()
             .with(&a.from, a.from_age)
-            .context("parsing --from/--from-age")?;
-        target = counterfactual_conditions(scm, &original, interventions, device)?;
-    }
-    let sampler = Sampler::load(&a.weights, a.preset.as_deref(), device, precision)
-        .with_context(|| format!("loading {}", a.weights.display()))?;
-    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
-    let pixel = sampler.model.config().in_channels == 1;
-    let started = Instant::now();
-    let side = sampler.model.config().input_size;
-    let mut report = serde_json::json!({
-        "weights": a.weights, "config": sampler.model.config(), "solver": solver, "seed": a.seed,
-        "device": format!("{device:?}"), "precision": precision, "conditions": target.describe(),
-    });
-    let sheet = a.out.join("contact_sheet.png");
-    if editing {
-        crate::exit::ensure_usage!(pixel, "--edit needs a pixel model (this one reads latents)");
-        let original = Conditions::missing()
-            .with(&a.from, a.from_age)
-            .context("parsing --from/--from-age")?;
-        let images = sampler.read_images(&a.edit)?;
-        let (edited, abduction, prediction) = sampler.edit(&images, &original, &target, solver)?;
-        let inputs = write_png16(&images, &a.out, "original")?;
-        let outputs = write_png16(&edited, &a.out, "edited")?;
-        // Rows of (original, counterfactual) pairs.
-        let tiles: Vec<Tensor> = (0..images.size()[0])
-            .flat_map(|i| [images.get(i).get(0), edited.get(i).get(0)])
-            .collect();
-        contact_sheet(&tiles, 2, 256.min(side), &sheet)?;
-        report["from"] = original.describe().into();
-        report["abduction"] = serde_json::to_value(abduction)?;
-        report["prediction"] = serde_json::to_value(prediction)?;
-        report["files"] = serde_json::to_value([inputs, outputs].concat())?;
-        println!(
-            "edited {} image(s) from [{}] to [{}]: abduction {} and prediction {} model evaluations",
-            a.edit.len(),
-            original.describe(),
-            target.describe(),
-            abduction.nfe,
-            prediction.nfe
-        );
-    } else {
-        crate::exit::ensure_usage!(a.n > 0, "-n must be at least 1");
-        crate::exit::ensure_usage!(
-            a.decoder.is_none() || !pixel,
-            "--decoder is for latent models (this one makes images)"
-        );
-        let written = write_samples(&sampler, &target, a.n, a.batch, a.seed, solver, &a.out)?;
-        let nfe: usize = written.solves.iter().map(|s| s.nfe).sum();
-        let mut files = written.files.clone();
-        if let Some(decoder) = &a.decoder {
-            let latents = read_latents(&written.files[0]).context("the samples' latents")?;
-            let (decoded, _) = decode_to(&latents, decoder, &a.decoding, device, &a.out)?;
-            files.extend(decoded);
-        }
-        report["files"] = serde_json::to_value(&files)?;
-        report["solves"] = serde_json::to_value(&written.solves)?;
-        println!(
-            "generated {} sample(s) for [{}] with {} model evaluations in {:.1} s",
-            a.n,
-            target.describe(),
-            nfe,
-            started.elapsed().as_secs_f64()
-        );
-    }
-    report["seconds"] = started.elapsed().as_secs_f64().into();
-    std::fs::write(
-        a.out.join("samples.json"),
-        serde_json::to_vec_pretty(&report)?,
-    )?;
-    println!("contact sheet: {}", sheet.display());
+            .context("parsing --from/--from-age")?,
+        counterfactual: a
+            .interventions
+            .zip(a.scm)
+            .map(|(interventions, scm)| Counterfactual { scm, interventions }),
+        edit: a.edit,
+        n: a.n,
+        batch: a.batch,
+        seed: a.seed,
+        solver: a.solver.solver(if editing { 1e-6 } else { 1e-5 })?,
+        decoder: a
+            .decoder
+            .map(|weights| (a.decoding.config(weights), a.decoding.store.clone())),
+        device,
+        precision: a
+            .precision
+            .map_or(Precision::default_on(device), Precision::from),
+    };
+    let report = sample(&req)?;
+    println!("{}", report.summary);
+    println!("contact sheet: {}", report.sheet.display());
     Ok(0)
 }

@@ -1,17 +1,14 @@
-//! `radit run JOB.toml`: one job spec, one command. Local and mpirun jobs are supervised here; Slurm jobs are
-//! rendered, submitted with sbatch and followed, and their batch step runs `radit run JOB --in-allocation`, which
-//! supervises srun tasks. A completed run draws samples from its final EMA weights.
+//! `radit run JOB.toml`: one job spec, one command, over `radit_run::workflow` (supervise here, or submit to
+//! Slurm and follow); and `radit coordinator bench`.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
 
 use anyhow::Context;
 use clap::Args;
-use radit_launch::slurm::{self, REQUEUE_EXIT_CODE};
 use radit_run::job::Job;
-use radit_run::samples::draw_final_samples;
-use radit_run::supervise::{Outcome, supervise};
+use radit_run::workflow::run_job;
 
 #[derive(Args)]
 pub struct RunArgs {
@@ -25,26 +22,8 @@ pub struct RunArgs {
     in_allocation: bool,
 }
 
-impl RunArgs {
-    pub fn new(job: PathBuf) -> Self {
-        Self {
-            job,
-            dry_run: false,
-            in_allocation: false,
-        }
-    }
-}
-
-/// The run failed for good (restart budget spent): look at the logs in the run directory.
-const RUN_FAILED: u8 = 1;
-
-pub fn run(a: RunArgs) -> anyhow::Result<u8> {
-    let job = Job::load(&a.job)?;
-    let radit = std::env::current_exe().context("locating the radit binary")?;
-    if a.dry_run {
-        print!("{}", job.describe(&radit.display().to_string()));
-        return Ok(0);
-    }
+/// The pending SIGUSR1, SIGTERM or SIGINT (0 for none), for the supervisor to forward to the ranks as a stop.
+pub fn stop_signal() -> anyhow::Result<Arc<AtomicUsize>> {
     let signal = Arc::new(AtomicUsize::new(0));
     for s in [
         signal_hook::consts::SIGUSR1,
@@ -54,77 +33,20 @@ pub fn run(a: RunArgs) -> anyhow::Result<u8> {
         signal_hook::flag::register_usize(s, signal.clone(), s as usize)
             .context("installing the signal handlers")?;
     }
-    let Some(launcher) = job.launcher(a.in_allocation) else {
-        return submit_and_follow(&job, &radit, &signal);
-    };
-    let outcome = supervise(&job, launcher.as_ref(), &radit, &signal)?;
-    match outcome {
-        Outcome::Completed { restarts } => {
-            eprintln!("radit: run complete after {restarts} restart(s)");
-            if let Some(s) = draw_final_samples(&job)? {
-                eprintln!(
-                    "radit: {} samples and contact sheet in {} (final EMA weights: {})",
-                    job.spec.samples.count,
-                    s.dir.display(),
-                    s.weights.display()
-                );
-            }
-            Ok(0)
-        }
-        Outcome::Requeue { .. } => Ok(REQUEUE_EXIT_CODE as u8),
-        Outcome::Failed { restarts, reason } => {
-            eprintln!(
-                "radit: the run failed after {restarts} restart(s): {reason}; logs in {}",
-                job.run_dir.join("logs").display()
-            );
-            Ok(RUN_FAILED)
-        }
-    }
+    Ok(signal)
 }
 
-/// Renders the sbatch script into the run directory, submits it and follows the job (through requeues).
-fn submit_and_follow(job: &Job, radit: &Path, signal: &AtomicUsize) -> anyhow::Result<u8> {
-    std::fs::create_dir_all(&job.run_dir)
-        .with_context(|| format!("creating {}", job.run_dir.display()))?;
-    let script = job.run_dir.join("job.sbatch");
-    std::fs::write(
-        &script,
-        slurm::render_sbatch(&job.slurm_job(&radit.display().to_string())),
-    )
-    .with_context(|| format!("writing {}", script.display()))?;
-    let id = slurm::submit(&script)?;
-    eprintln!(
-        "radit: submitted Slurm job {id} ({}); output in {}/slurm-{id}.out",
-        script.display(),
-        job.run_dir.display()
-    );
-    let poll = std::time::Duration::from_secs_f64(job.spec.launcher.slurm.poll_seconds);
-    let interrupted = || signal.load(std::sync::atomic::Ordering::SeqCst) != 0;
-    let Some(last) = slurm::follow(
-        id,
-        poll,
-        |s| eprintln!("radit: Slurm job {id}: {}", s.state),
-        interrupted,
-    )?
-    else {
-        eprintln!(
-            "radit: stopped following Slurm job {id}; it goes on (`scancel {id}` cancels it, \
-             `scancel --signal=USR1 --batch {id}` checkpoints and requeues it)"
-        );
+pub fn run(a: RunArgs) -> anyhow::Result<u8> {
+    let job = Job::load(&a.job)?;
+    let radit = std::env::current_exe().context("locating the radit binary")?;
+    if a.dry_run {
+        print!("{}", job.describe(&radit.display().to_string()));
         return Ok(0);
-    };
-    let code = last.exit_code.unwrap_or(-1);
-    if last.state == "COMPLETED" && code == 0 {
-        eprintln!("radit: Slurm job {id} completed");
-        Ok(0)
-    } else {
-        eprintln!(
-            "radit: Slurm job {id} ended {} with exit code {code}; see {}/slurm-{id}.out",
-            last.state,
-            job.run_dir.display()
-        );
-        Ok(RUN_FAILED)
     }
+    let signal = stop_signal()?;
+    let end = run_job(&job, &radit, a.in_allocation, &signal)?;
+    eprintln!("{end}");
+    Ok(end.exit_code())
 }
 
 #[derive(clap::Subcommand)]

@@ -1,4 +1,5 @@
-//! `radit engine bench`: step time, throughput, MFU and communication volume of the FSDP engine on synthetic
+//! The benches: [`model_step`] (`radit model bench`), a plain unsharded step of the model alone, the floor the
+//! engine is compared with; and `radit engine bench`: step time, throughput, MFU and communication volume of the FSDP engine on synthetic
 //! inputs (no data loading), optionally a checkpoint's stall and write bandwidth against the disk's raw write
 //! bandwidth, measured in the same run. On a GPU it also reports the caching allocator's peak over the timed steps
 //! and the driver's view of device memory.
@@ -303,5 +304,104 @@ fn checkpoint_bench(
         raw_disk_synced_mb_per_second: mb / synced,
         restore_seconds: restore,
         raw_read_cold_mb_per_second: mb / raw_read,
+    })
+}
+
+/// What `radit model bench` measures: the model's plain forward+backward (autograd, no engine) on this machine's
+/// CPU, and its forward alone (what per-block activation checkpointing adds to a step).
+#[derive(Debug, Clone)]
+pub struct ModelBench {
+    pub preset: String,
+    pub batch: i64,
+    pub threads: i32,
+    pub steps: usize,
+    pub warmup: usize,
+    pub precision: radit_models::model::Precision,
+}
+
+/// Seconds per step of a [`ModelBench`], sorted.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelBenchReport {
+    #[serde(rename = "impl")]
+    pub implementation: &'static str,
+    pub preset: String,
+    pub batch: i64,
+    pub threads: i32,
+    pub steps: usize,
+    pub median_s: f64,
+    pub min_s: f64,
+    pub forward_median_s: f64,
+}
+
+/// Runs a [`ModelBench`] (compare with tests/python/radit_twin.py bench).
+pub fn model_step(b: &ModelBench) -> Result<ModelBenchReport, radit_models::model::ModelError> {
+    use radit_models::model::{ModelError, RadiT};
+    let cfg = RadiTConfig::preset(&b.preset)?;
+    if b.batch <= 0 || b.steps == 0 || b.threads <= 0 {
+        return Err(ModelError::BadInput {
+            input: "--batch, --steps, --threads",
+            reason: "must be positive".into(),
+        });
+    }
+    tch::set_num_threads(b.threads);
+    // As the CPU engine does, so the plain floor is measured under the same allocator.
+    radit_engine::runtime::retain_large_cpu_buffers();
+    tch::manual_seed(0);
+    let vs = tch::nn::VarStore::new(Device::Cpu);
+    let mut model = RadiT::new(&vs.root(), &cfg)?;
+    radit_models::block::BlockModel::set_precision(&mut model, b.precision);
+    // Move the zero-initialised layers so the backward does real work everywhere, as the twin's bench does.
+    tch::no_grad(|| {
+        for (name, mut v) in vs.variables() {
+            if name.contains("adaLN_modulation") || name.starts_with("final_layer") {
+                let _ = v.normal_(0.0, 0.02);
+            }
+        }
+    });
+    let n = b.batch;
+    let shape = [n, cfg.in_channels, cfg.input_size, cfg.input_size];
+    let x1 = Tensor::randn(shape, tch::kind::FLOAT_CPU);
+    let x0 = Tensor::randn(shape, tch::kind::FLOAT_CPU);
+    let t = Tensor::rand([n], tch::kind::FLOAT_CPU);
+    let labels = Tensor::stack(
+        &cfg.classes
+            .iter()
+            .map(|&k| Tensor::randint(k, [n], (Kind::Int64, Device::Cpu)))
+            .collect::<Vec<_>>(),
+        1,
+    );
+    let age = Tensor::rand([n], tch::kind::FLOAT_CPU);
+    let params = vs.trainable_variables();
+    let mut times = Vec::new();
+    for i in 0..b.warmup + b.steps {
+        let start = Instant::now();
+        // Fresh gradients every step (like PyTorch's zero_grad(set_to_none=True)); the engine takes them this way.
+        let loss = radit_models::flow::loss(&model, &x1, &x0, &t, &labels, &age)?;
+        let grads = Tensor::run_backward(&[&loss], &params, false, false);
+        drop(grads);
+        if i >= b.warmup {
+            times.push(start.elapsed().as_secs_f64());
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    let mut forward = Vec::new();
+    for i in 0..b.warmup + b.steps {
+        let start = Instant::now();
+        let loss = tch::no_grad(|| radit_models::flow::loss(&model, &x1, &x0, &t, &labels, &age))?;
+        drop(loss);
+        if i >= b.warmup {
+            forward.push(start.elapsed().as_secs_f64());
+        }
+    }
+    forward.sort_by(f64::total_cmp);
+    Ok(ModelBenchReport {
+        implementation: "radit",
+        preset: b.preset.clone(),
+        batch: n,
+        threads: b.threads,
+        steps: b.steps,
+        median_s: times[times.len() / 2],
+        min_s: times[0],
+        forward_median_s: forward[forward.len() / 2],
     })
 }

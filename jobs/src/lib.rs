@@ -5,7 +5,8 @@
 //! - [`journal`]: what the unit jobs share (errors, handles, atomic writes), and [`units`]: the one driver that
 //!   runs any of them (skip what is committed, read ahead, fault points, commit, stop vote, end of range).
 //! - [`encode`]: a store's images to `<split>/latents` through the autoencoder's encoder.
-//! - [`generate_job`]: samples for a store's metadata profiles; [`generate`]: what `radit sample` does.
+//! - [`generate_job`]: samples for a store's metadata profiles; [`generate`]: sampling, conditions and PNGs;
+//!   [`sample`]: `radit sample` (samples or counterfactual edits) as one call.
 //! - [`features_job`]: a feature network's embeddings of a store or of generated images.
 //! - [`scm_fit`]: fitting the Flow SCM to a store's metadata.
 //! - [`bench`] and [`parity`]: the engine's step benchmark, and its agreement with a plain unsharded step.
@@ -22,6 +23,7 @@ pub mod generate_job;
 pub mod journal;
 pub mod parity;
 pub mod preview;
+pub mod sample;
 pub mod scm_fit;
 pub mod train;
 pub mod units;

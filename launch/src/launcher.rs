@@ -163,7 +163,7 @@ impl RankGroup for Processes {
         }
         // 0 is success and 75 is "checkpointed, requeue me": both are orderly; anything else is a failure.
         if let Some((index, ended)) = self.ended.iter().enumerate().find_map(|(i, e)| match e {
-            Some(Ended::Code(0 | crate::slurm::REQUEUE_EXIT_CODE)) | None => None,
+            Some(Ended::Code(0 | radit_protocol::REQUEUE_EXIT_CODE)) | None => None,
             Some(e) => Some((i, *e)),
         }) && self.ended.iter().any(Option::is_none)
         {

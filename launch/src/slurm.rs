@@ -4,8 +4,7 @@
 
 use std::collections::BTreeMap;
 
-/// The exit code with which every rank says "checkpointed, please requeue me".
-pub const REQUEUE_EXIT_CODE: i32 = 75;
+use radit_protocol::REQUEUE_EXIT_CODE;
 
 /// The NCCL and libfabric settings of `module load brics/nccl` on Slingshot (shared/design/cluster.md); with
 /// `NCCL_NET="AWS Libfabric"` a missing plugin fails the job instead of falling back to TCP.

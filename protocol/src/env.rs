@@ -2,6 +2,10 @@
 //! supervisor sets for every rank, those radit's own local launcher sets, and how a rank reads who it is from
 //! whichever launcher started it (Slurm, OpenMPI or radit's) and where it sits on its node; hostname and pid records.
 
+/// The exit code with which a rank (and `radit run`, and the batch script) says "checkpointed, please requeue
+/// me": the sbatch script requeues on it, the supervisor reads it from every rank.
+pub const REQUEUE_EXIT_CODE: i32 = 75;
+
 /// `IP:PORT` of the coordinator.
 pub const COORDINATOR: &str = "RADIT_COORDINATOR";
 /// Path of the 0600 file that holds the job token (also read by the tasks of a plain srun step, as the secret of

@@ -25,7 +25,7 @@ pub mod wire;
 
 pub use client::{ClientError, CoordinatorClient, PinnedAuthority};
 pub use config::ConfigError;
-pub use env::{Launcher, RankIdentity, rank_identity};
+pub use env::{Launcher, REQUEUE_EXIT_CODE, RankIdentity, rank_identity};
 pub use token::{JobToken, constant_time_eq, random_bytes};
 pub use wire::{
     COMPACT_BEAT_BYTES, COMPACT_BEAT_CONTENT_TYPE, CheckpointReport, CompactBeatError, Heartbeat,

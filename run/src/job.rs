@@ -12,9 +12,10 @@ use radit_jobs::features_job::FeaturesConfig;
 use radit_jobs::generate_job::GenerateConfig;
 use radit_jobs::preview::PreviewConfig;
 use radit_jobs::scm_fit::ScmTrainConfig;
-use radit_jobs::train::{ConfigError, TrainConfig, TrainError, ValidatedConfig};
+use radit_jobs::train::{ConfigError, TrainConfig, ValidatedConfig};
 use radit_launch::launcher::{Launcher, LocalLauncher, MpirunLauncher, SrunLauncher};
-use radit_launch::slurm::{REQUEUE_EXIT_CODE, SlurmJob, render_sbatch};
+use radit_launch::slurm::{SlurmJob, render_sbatch};
+use radit_protocol::REQUEUE_EXIT_CODE;
 use serde::{Deserialize, Serialize};
 
 /// A job spec that cannot be used, with the field to fix.
@@ -390,154 +391,6 @@ impl Default for SampleSpec {
 
 fn default_sample_steps() -> usize {
     50
-}
-
-/// The embedded default job of `radit quickstart`: a small RadiT on the synthetic store `dir/store`, `ranks` CPU
-/// ranks on this machine, checkpoints in `dir/checkpoints`, the run in `dir/run`.
-pub fn quickstart(
-    dir: &Path,
-    image_size: u32,
-    steps: u64,
-    ranks: u32,
-) -> Result<JobSpec, TrainError> {
-    use radit_engine::checkpoint::CheckpointConfig;
-    use radit_engine::fsdp::{AdamConfig, EngineConfig};
-    use radit_jobs::train::{DataConfig, LoopConfig, ModelChoice};
-    use radit_models::flow::FlowConfig;
-    use radit_models::model::RadiTConfig;
-    let model = RadiTConfig {
-        input_size: i64::from(image_size),
-        ..RadiTConfig::preset("tiny")?
-    };
-    Ok(JobSpec {
-        work: Work::Train(Box::new(TrainConfig {
-            data: DataConfig {
-                window_shards: 4,
-                ..DataConfig::new(&dir.join("store").display().to_string())
-            },
-            model: ModelChoice {
-                preset: None,
-                config: Some(model),
-                input_size: None,
-            },
-            flow: FlowConfig {
-                shift: 3.0,
-                ..FlowConfig::default()
-            },
-            // A short run: the EMA has to forget the initial weights within a few hundred steps (the XL run
-            // uses 0.9999).
-            engine: EngineConfig {
-                ema_decay: 0.99,
-                adam: AdamConfig {
-                    lr: 0.002,
-                    ..AdamConfig::default()
-                },
-                ..EngineConfig::default()
-            },
-            train: LoopConfig {
-                steps,
-                global_batch: 32,
-                micro_batches: 1,
-                seed: 1,
-                log_every: 50,
-                rollback_after_skips: 3,
-            },
-            checkpoint: Some(CheckpointConfig {
-                url: dir.join("checkpoints").display().to_string(),
-                every: 100,
-                keep: 2,
-            }),
-            preview: None,
-            validation: None,
-        })),
-        job: JobSection {
-            name: "quickstart".into(),
-            kind: JobKind::Train,
-            run_dir: "run".into(),
-        },
-        resources: Resources {
-            nodes: 1,
-            gpus_per_node: None,
-            cpu_ranks: Some(ranks),
-            threads_per_rank: Some(1),
-            cpus_per_task: None,
-        },
-        launcher: LauncherSpec {
-            kind: LauncherKind::Local,
-            mpirun_args: Vec::new(),
-            slurm: SlurmSpec::default(),
-        },
-        restart: RestartPolicy {
-            max_restarts: 2,
-            heartbeat_seconds: 1.0,
-            hang_min_seconds: 60.0,
-            ..RestartPolicy::default()
-        },
-        coordinator: CoordinatorSpec::default(),
-        monitoring: MonitoringSpec {
-            progress_seconds: 5.0,
-            ..MonitoringSpec::default()
-        },
-        // A contact sheet of the EMA's samples every 100 steps (samples/progress/), to watch it learn.
-        samples: SampleSpec {
-            count: 16,
-            steps: 32,
-            every: 100,
-            decoder: None,
-        },
-    })
-}
-
-/// The latent quickstart's two jobs on the store `dir/store` of `image_size` images: an encode job with the tiny
-/// autoencoder's `weights` on `ranks` CPU ranks, then `tiny-latent` trained on its latents (the autoencoder halves
-/// the side), with the same autoencoder decoding the sheets and samples. Runs in `dir/run-encode`, `dir/run-latent`.
-pub fn quickstart_latent(
-    dir: &Path,
-    image_size: u32,
-    steps: u64,
-    ranks: u32,
-    weights: &Path,
-) -> Result<(JobSpec, JobSpec), TrainError> {
-    use radit_models::autoencoder::DecoderConfig;
-    use radit_models::model::RadiTConfig;
-    let mut train = quickstart(dir, image_size, steps, ranks)?;
-    let Work::Train(t) = &mut train.work else {
-        unreachable!("quickstart is a training job")
-    };
-    t.model.config = Some(RadiTConfig {
-        input_size: i64::from(image_size / 2),
-        ..RadiTConfig::preset("tiny-latent")?
-    });
-    // Table 11: no time shift for the latent models.
-    t.flow.shift = 1.0;
-    if let Some(c) = &mut t.checkpoint {
-        c.url = dir.join("checkpoints-latent").display().to_string();
-    }
-    train.job = JobSection {
-        name: "quickstart-latent".into(),
-        kind: JobKind::Train,
-        run_dir: "run-latent".into(),
-    };
-    train.samples.decoder = Some(DecoderConfig {
-        weights: weights.to_path_buf(),
-        autoencoder: "tiny".into(),
-        batch: 8,
-    });
-    let encode = JobSpec {
-        work: Work::Encode(EncodeConfig {
-            autoencoder: "tiny".into(),
-            batch: 8,
-            ..EncodeConfig::new(&dir.join("store").display().to_string(), weights)
-        }),
-        job: JobSection {
-            name: "quickstart-encode".into(),
-            kind: JobKind::Encode,
-            run_dir: "run-encode".into(),
-        },
-        samples: SampleSpec::default(),
-        ..train.clone()
-    };
-    Ok((encode, train))
 }
 
 /// The train config every rank runs: the job's, with [samples] as its preview.

@@ -6,6 +6,8 @@
 
 pub mod job;
 pub mod kinds;
+pub mod quickstart;
 pub mod report;
 pub mod samples;
 pub mod supervise;
+pub mod workflow;

@@ -15,7 +15,7 @@ use radit_monitoring::{Pusher, Pushgateway};
 use crate::job::Job;
 use crate::report::Reporter;
 use radit_launch::launcher::{Ended, GroupState, Launcher, RankCommand};
-use radit_launch::slurm::REQUEUE_EXIT_CODE;
+use radit_protocol::REQUEUE_EXIT_CODE;
 
 /// How a supervised run ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
