@@ -32,6 +32,13 @@ pub struct RestartPolicy {
     /// Ranks that cannot reach the coordinator for this long checkpoint and exit with the requeue code.
     #[serde(default = "default_grace")]
     pub coordinator_grace_seconds: f64,
+    /// How long the ranks wait for each other while their group forms (nodes of one job start minutes apart).
+    #[serde(default = "default_rendezvous")]
+    pub rendezvous_seconds: f64,
+    /// How long a rank waits for a peer in one collective once the group has formed: the backstop when the
+    /// coordinator, which names hangs sooner, is gone.
+    #[serde(default = "default_collective")]
+    pub collective_timeout_seconds: f64,
 }
 
 impl Default for RestartPolicy {
@@ -44,6 +51,8 @@ impl Default for RestartPolicy {
             hang_min_seconds: default_hang_min(),
             hang_startup_seconds: default_hang_startup(),
             coordinator_grace_seconds: default_grace(),
+            rendezvous_seconds: default_rendezvous(),
+            collective_timeout_seconds: default_collective(),
         }
     }
 }
@@ -69,6 +78,12 @@ fn default_hang_startup() -> f64 {
 fn default_grace() -> f64 {
     60.0
 }
+fn default_rendezvous() -> f64 {
+    1800.0
+}
+fn default_collective() -> f64 {
+    900.0
+}
 
 impl RestartPolicy {
     /// The first setting that cannot work.
@@ -81,6 +96,11 @@ impl RestartPolicy {
             (
                 "restart.coordinator_grace_seconds",
                 self.coordinator_grace_seconds,
+            ),
+            ("restart.rendezvous_seconds", self.rendezvous_seconds),
+            (
+                "restart.collective_timeout_seconds",
+                self.collective_timeout_seconds,
             ),
         ] {
             if !(v.is_finite() && v > 0.0) {

@@ -698,8 +698,9 @@ async fn heartbeat(State(c): State<Arc<Coordinator>>, headers: HeaderMap, body: 
     }
     let mut inner = c.lock();
     if hb.generation != inner.generation {
+        // 410: the protocol's "superseded" (radit_protocol::ClientError::Superseded), not a conflict to retry.
         return reject(
-            StatusCode::CONFLICT,
+            StatusCode::GONE,
             format!(
                 "generation {} is over; the job is at {}",
                 hb.generation, inner.generation

@@ -218,11 +218,11 @@ fn a_rank_that_stops_heart_beating_is_named_dead() {
     let ranks = svc.coordinator.ranks();
     assert!(ranks[ra.rank].alive && !ranks[rb.rank].alive);
     assert_eq!(ranks[ra.rank].step, 11);
-    // The next generation forgets the old ranks; their heartbeats are refused.
+    // The next generation forgets the old ranks; their heartbeats are refused, as superseded.
     assert_eq!(svc.coordinator.new_generation(), 1);
     assert!(matches!(
         beat(&client, ra.rank, 0, 12, Phase::Compute),
-        Err(ClientError::Refused { status: 409, .. })
+        Err(ClientError::Superseded { .. })
     ));
     svc.shutdown().unwrap();
 }

@@ -46,8 +46,21 @@ pub enum JoinError {
     },
 }
 
-/// Collective operations wait this long for a peer before giving up (a hang is caught earlier by the coordinator).
-const COLLECTIVE_TIMEOUT: Duration = Duration::from_secs(1800);
+/// The rank group's timeouts `radit run` passes (the job's `[restart]` settings), else the defaults.
+fn collective_timeouts() -> collective::Timeouts {
+    let seconds = |var: &str| {
+        std::env::var(var)
+            .ok()
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .filter(|s| s.is_finite() && *s > 0.0)
+            .map(Duration::from_secs_f64)
+    };
+    let d = collective::Timeouts::DEFAULT;
+    collective::Timeouts {
+        rendezvous: seconds(env::COLLECTIVE_RENDEZVOUS).unwrap_or(d.rendezvous),
+        operation: seconds(env::COLLECTIVE_TIMEOUT).unwrap_or(d.operation),
+    }
+}
 
 /// This rank's membership in a supervised run; dropping it stops the heartbeat and removes the pid file.
 pub struct Membership {
@@ -335,7 +348,7 @@ pub fn join_run(
                         }
                         report_new_checkpoint(&mut reported);
                     }
-                    Err(ClientError::Refused { status: 409, .. }) => {
+                    Err(ClientError::Superseded { .. }) => {
                         // A newer generation runs: the supervisor gave up on this one. The train loop leaves
                         // at its next step boundary, without a checkpoint that would race the new ranks'.
                         if superseded_at.is_none() {
@@ -406,7 +419,7 @@ pub fn join_run(
         Some(l) if reply.rank == 0 => Box::new(TcpCollective::hub(
             l,
             reply.world,
-            COLLECTIVE_TIMEOUT,
+            collective_timeouts(),
             &secret,
         )?),
         Some(_) => {
@@ -421,7 +434,7 @@ pub fn join_run(
                 reply.rank,
                 reply.world,
                 hub,
-                COLLECTIVE_TIMEOUT,
+                collective_timeouts(),
                 &secret,
             )?)
         }

@@ -15,6 +15,7 @@
 pub use tch;
 
 pub mod bench;
+pub mod ema_samples;
 pub mod encode;
 pub mod faults;
 pub mod features_job;

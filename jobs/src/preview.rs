@@ -7,11 +7,11 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
-use crate::generate::{Conditions, Sampler, sample_sheet};
+use crate::ema_samples::{EmaSamples, EmaSampling};
+use crate::generate::sample_sheet;
 use crate::train::TrainError;
 use radit_engine::fsdp::Fsdp;
-use radit_models::model::{ModelError, RadiTConfig};
-use radit_models::sampler::Solver;
+use radit_models::model::ModelError;
 
 /// `[preview]`: the contact sheet written during training.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -30,7 +30,7 @@ pub struct PreviewConfig {
     /// The noises' seed: the same every time, so the sheets of one run show the same noises as training goes on.
     #[serde(default)]
     pub seed: u64,
-    /// For a latent model: the sheets show its samples through this decoder (loaded for each sheet on rank 0),
+    /// For a latent model: the sheets show its samples through this decoder (loaded once, on rank 0),
     /// de-standardised with the store's training statistics; without it, latent channel 0.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub decoder: Option<radit_models::autoencoder::DecoderConfig>,
@@ -75,31 +75,20 @@ impl PreviewConfig {
     }
 }
 
-/// Draws the sheet from the engine's EMA weights. Collective: every rank calls it at the same step; rank 0 writes
-/// the file and gets its path (`None` elsewhere, or when writing failed: that is logged, not fatal).
+/// Draws the sheet from the EMA's samples. Collective: every rank calls it at the same step; rank 0 writes the
+/// file and gets its path (`None` elsewhere, or when writing failed: that is logged, not fatal).
 pub fn write_sheet(
+    ema: &EmaSamples,
+    sampling: &EmaSampling,
     engine: &Fsdp,
-    model: &RadiTConfig,
     cfg: &PreviewConfig,
-    shift: f64,
     step: u64,
-    store: &str,
 ) -> Result<Option<PathBuf>, TrainError> {
     let comm = engine.collective();
     let (rank, world) = (comm.rank() as u64, comm.world() as u64);
-    let weights = engine.gather_named(true)?;
     let device = engine.device();
-    let sampler = Sampler::from_named(model, &weights, device, engine.config().precision)?;
-    drop(weights);
     let per = cfg.count.div_ceil(world);
-    let mine = rank * per..(rank + 1) * per;
-    let solver = Solver::Euler {
-        steps: cfg.steps,
-        shift,
-    };
-    let (local, _) = tch::no_grad(|| {
-        sampler.generate_range(&Conditions::missing(), mine, per, cfg.seed, solver)
-    })?;
+    let local = ema.draw(rank * per..(rank + 1) * per, per, cfg.seed, cfg.steps, None)?;
     let shape = local.size();
     let local = local.to_kind(Kind::Float).to_device(device).flatten(0, -1);
     let mut all = Tensor::zeros([local.numel() as i64 * world as i64], (Kind::Float, device));
@@ -122,11 +111,7 @@ pub fn write_sheet(
         })?;
         let path = cfg.sheet_path(step);
         let samples = match &cfg.decoder {
-            Some(d) => {
-                let stats = radit_models::autoencoder::store_statistics(store)?;
-                radit_models::autoencoder::LatentDecoder::load(d, Some(stats), device)?
-                    .decode(&samples)?
-            }
+            Some(d) => sampling.decode(d, &samples)?,
             None => samples,
         };
         sample_sheet(

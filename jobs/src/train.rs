@@ -11,6 +11,7 @@ use radit_sharding::store::Storage;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
+use crate::ema_samples::{EmaSamples, EmaSampling};
 use crate::preview::{self, PreviewConfig};
 use radit_engine::checkpoint::{CheckpointConfig, CheckpointError, Checkpointer, RunState};
 use radit_engine::collective::Collective;
@@ -503,6 +504,34 @@ pub fn train(
     })
 }
 
+/// The run's EMA sampling when it draws sheets or an FD: the decoders this rank uses (the sheet's on rank 0, the
+/// FD's everywhere), loaded once.
+fn ema_sampling(
+    cfg: &ValidatedConfig,
+    rank: u64,
+    device: Device,
+) -> Result<Option<EmaSampling>, TrainError> {
+    let fd = cfg.validation.as_ref().and_then(|v| v.fd.as_ref());
+    if cfg.preview.is_none() && fd.is_none() {
+        return Ok(None);
+    }
+    let decoders: Vec<&radit_models::autoencoder::DecoderConfig> = cfg
+        .preview
+        .as_ref()
+        .filter(|_| rank == 0)
+        .and_then(|p| p.decoder.as_ref())
+        .into_iter()
+        .chain(fd.and_then(|f| f.decoder.as_ref()))
+        .collect();
+    Ok(Some(EmaSampling::open(
+        cfg.model(),
+        cfg.flow.shift,
+        &decoders,
+        &cfg.data.url,
+        device,
+    )?))
+}
+
 /// One step's outcome, as the loop's parts see it.
 struct DoneStep {
     step: u64,
@@ -627,6 +656,10 @@ struct Trainer<'a> {
     mini_fd: Option<crate::validate::MiniFd>,
     /// The fault plan's step faults, when it has any.
     step_faults: Option<crate::faults::Faults>,
+    /// Sampling from the EMA (sheets, FD): decoders and latent statistics loaded once.
+    ema_sampling: Option<EmaSampling>,
+    /// This step's EMA samples, while the sheet and the FD use them.
+    ema: Option<(u64, EmaSamples)>,
 }
 
 impl<'a> Trainer<'a> {
@@ -689,6 +722,7 @@ impl<'a> Trainer<'a> {
             .map(|f| crate::validate::MiniFd::open(f, device))
             .transpose()?;
         let step_faults = crate::faults::Faults::from_plan(&handles.faults);
+        let ema_sampling = ema_sampling(cfg, rank, device)?;
         Ok(Self {
             cfg,
             device,
@@ -712,12 +746,16 @@ impl<'a> Trainer<'a> {
             tokens_per_image: (model.input_size / model.patch_size).pow(2) as u64,
             flops_per_token: model.training_flops_per_token(),
             step_faults,
+            ema_sampling,
+            ema: None,
             mini_fd,
         })
     }
 
     /// One optimiser step: the next batch, its noise, forward/backward over the micro-batches, the update.
     fn step(&mut self) -> Result<DoneStep, TrainError> {
+        // The EMA sampler of the last sheet or FD is not carried into a training step.
+        self.ema = None;
         let (cfg, device, progress) = (self.cfg, self.device, &self.handles.progress);
         let next = self.step + 1;
         progress.set_phase(Phase::Data);
@@ -910,24 +948,43 @@ impl<'a> Trainer<'a> {
         }
     }
 
+    /// Gathers the EMA weights into `self.ema` unless this step's are there: the sheet and the FD of one step
+    /// share one gather. Collective.
+    fn gather_ema(&mut self) -> Result<(), TrainError> {
+        if self
+            .ema
+            .as_ref()
+            .is_some_and(|(step, _)| *step == self.step)
+        {
+            return Ok(());
+        }
+        // The last sampler goes first: never two copies of the model besides the engine's.
+        self.ema = None;
+        if let Some(sampling) = &self.ema_sampling {
+            self.ema = Some((self.step, sampling.samples(&self.engine)?));
+        }
+        Ok(())
+    }
+
     /// A contact sheet of EMA samples every `preview.every` steps and at the last step.
-    fn preview_if_due(&self) -> Result<(), TrainError> {
-        let Some(p) = &self.cfg.preview else {
+    fn preview_if_due(&mut self) -> Result<(), TrainError> {
+        let Some(p) = self.cfg.preview.clone() else {
             return Ok(());
         };
         if !(self.step.is_multiple_of(p.every) || self.step == self.cfg.train.steps) {
             return Ok(());
         }
-        let _phase = self.handles.progress.enter(Phase::Sampling);
+        let progress = self.handles.progress.clone();
+        let _phase = progress.enter(Phase::Sampling);
         let started = Instant::now();
-        if let Some(path) = preview::write_sheet(
-            &self.engine,
-            self.cfg.model(),
-            p,
-            self.cfg.flow.shift,
-            self.step,
-            &self.cfg.data.url,
-        )? {
+        self.gather_ema()?;
+        let (Some((_, ema)), Some(sampling)) = (&self.ema, &self.ema_sampling) else {
+            return Ok(());
+        };
+        let written = preview::write_sheet(ema, sampling, &self.engine, &p, self.step)?;
+        // The sampler's copy of the model is not kept into the next step.
+        self.ema = None;
+        if let Some(path) = written {
             tracing::info!(step = self.step, path = %path.display(), seconds = started.elapsed().as_secs_f64(), "preview sheet");
         }
         Ok(())
@@ -935,12 +992,12 @@ impl<'a> Trainer<'a> {
 
     /// The validation loss and the mini-FD, when due after this step. Skipped steps are measured like any other
     /// (the weights did not change, so the number repeats).
-    fn evaluate_if_due(&self) -> Result<Evaluation, TrainError> {
+    fn evaluate_if_due(&mut self) -> Result<Evaluation, TrainError> {
         let Some(v) = &self.cfg.validation else {
             return Ok(Evaluation::default());
         };
         let (step, total) = (self.step, self.cfg.train.steps);
-        let progress = &self.handles.progress;
+        let progress = self.handles.progress.clone();
         let mut out = Evaluation::default();
         if v.loss_due(step, total) {
             let _phase = progress.enter(Phase::Sampling);
@@ -962,17 +1019,14 @@ impl<'a> Trainer<'a> {
             progress.record_validation(step, loss);
             out.val_loss = Some(loss);
         }
-        if let Some(fd) = &self.mini_fd
-            && fd.due(step, total)
-        {
+        if self.mini_fd.as_ref().is_some_and(|fd| fd.due(step, total)) {
             let _phase = progress.enter(Phase::Sampling);
             let started = Instant::now();
-            let value = fd.measure(
-                &self.engine,
-                self.cfg.model(),
-                self.cfg.flow.shift,
-                &self.cfg.data.url,
-            )?;
+            self.gather_ema()?;
+            let (Some((_, ema)), Some(fd)) = (&self.ema, &self.mini_fd) else {
+                return Ok(out);
+            };
+            let value = fd.measure(ema, &self.engine)?;
             tracing::info!(
                 step,
                 fd = value,

@@ -18,13 +18,13 @@ use radit_sharding::store::Storage;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
-use crate::generate::{Conditions, Sampler};
+use crate::ema_samples::EmaSamples;
+use crate::generate::Sampler;
 use crate::train::TrainError;
 use radit_engine::fsdp::Fsdp;
 use radit_models::features::FeatureNet;
 use radit_models::flow::{FlowConfig, fill_normal, interpolate, shift_time};
 use radit_models::model::{ModelError, RadiTConfig};
-use radit_models::sampler::Solver;
 
 /// The `[validation]` section.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -313,53 +313,26 @@ impl MiniFd {
     }
 
     /// FD of the EMA's samples against the reference. Collective.
-    pub fn measure(
-        &self,
-        engine: &Fsdp,
-        model: &RadiTConfig,
-        shift: f64,
-        store: &str,
-    ) -> Result<f64, TrainError> {
+    pub fn measure(&self, ema: &EmaSamples, engine: &Fsdp) -> Result<f64, TrainError> {
         let comm = engine.collective();
         let (rank, world) = (comm.rank() as u64, comm.world() as u64);
         let device = engine.device();
-        let weights = engine.gather_named(true)?;
-        let sampler = Sampler::from_named(model, &weights, device, engine.config().precision)?;
-        drop(weights);
         let k = self.cfg.samples;
         let per = k.div_ceil(world);
         let mine = (rank * per).min(k)..((rank + 1) * per).min(k);
-        let solver = Solver::Euler {
-            steps: self.cfg.steps,
-            shift,
-        };
-        let decoder = match &self.cfg.decoder {
-            Some(d) => Some(radit_models::autoencoder::LatentDecoder::load(
-                d,
-                Some(radit_models::autoencoder::store_statistics(store)?),
-                device,
-            )?),
-            None => None,
-        };
         let dim = self.reference.dim() as i64;
         let local = Tensor::zeros([per as i64, dim], (Kind::Float, device));
         let mut row = 0;
         let mut start = mine.start;
         while start < mine.end {
             let end = (start + self.cfg.batch).min(mine.end);
-            let (samples, _) = tch::no_grad(|| {
-                sampler.generate_range(
-                    &Conditions::missing(),
-                    start..end,
-                    end - start,
-                    self.cfg.seed,
-                    solver,
-                )
-            })?;
-            let images = match &decoder {
-                Some(d) => d.decode(&samples)?,
-                None => samples,
-            };
+            let images = ema.draw(
+                start..end,
+                end - start,
+                self.cfg.seed,
+                self.cfg.steps,
+                self.cfg.decoder.as_ref(),
+            )?;
             let unit = ((images.to_kind(Kind::Float) + 1.0) / 2.0).clamp(0.0, 1.0);
             let f = self.net.features(&unit)?;
             if f.size()[1] != dim {
@@ -393,6 +366,11 @@ impl MiniFd {
             .map_err(|e| ConfigError::new("validation.fd", e.to_string()))?;
         radit_eval::fd::frechet_distance(&moments, &self.reference)
             .map_err(|e| ConfigError::new("validation.fd", e.to_string()).into())
+    }
+
+    /// The decoder the FD's samples go through, for [`EmaSampling::open`].
+    pub fn decoder(&self) -> Option<&radit_models::autoencoder::DecoderConfig> {
+        self.cfg.decoder.as_ref()
     }
 
     pub fn due(&self, step: u64, total: u64) -> bool {

@@ -23,6 +23,9 @@ pub enum ClientError {
         #[source]
         source: std::io::Error,
     },
+    /// This rank's generation is over: a newer generation of the run took over, and the rank must leave.
+    #[error("superseded: {body}")]
+    Superseded { path: String, body: String },
     /// The coordinator refused the request.
     #[error("coordinator refused {path} with HTTP {status}: {body}")]
     Refused {
@@ -37,6 +40,9 @@ pub enum ClientError {
     #[error("coordinator certificate authority {path}: {reason}")]
     Authority { path: String, reason: String },
 }
+
+/// The HTTP status with which the coordinator tells a rank of an older generation that it was superseded.
+pub const SUPERSEDED_STATUS: u16 = 410;
 
 /// The coordinator's certificate authority, checked against the SHA-256 the job pinned: the client then trusts
 /// that authority and nothing else.
@@ -243,6 +249,12 @@ impl CoordinatorClient {
             .limit(MAX_REPLY_BYTES)
             .read_to_vec()
             .map_err(|e| self.transport(path, e))?;
+        if status == SUPERSEDED_STATUS {
+            return Err(ClientError::Superseded {
+                path: path.into(),
+                body: String::from_utf8_lossy(&bytes).into_owned(),
+            });
+        }
         if !(200..300).contains(&status) {
             return Err(ClientError::Refused {
                 path: path.into(),

@@ -19,6 +19,9 @@ pub const COORDINATOR_CA: &str = "RADIT_COORDINATOR_CA";
 pub const COORDINATOR_CA_SHA256: &str = "RADIT_COORDINATOR_CA_SHA256";
 /// Seconds without the coordinator after which a rank checkpoints and exits with the requeue code.
 pub const COORDINATOR_GRACE: &str = "RADIT_COORDINATOR_GRACE_SECONDS";
+/// Seconds a rank group waits for every rank while it forms, and for a peer in each collective after that.
+pub const COLLECTIVE_RENDEZVOUS: &str = "RADIT_COLLECTIVE_RENDEZVOUS_SECONDS";
+pub const COLLECTIVE_TIMEOUT: &str = "RADIT_COLLECTIVE_TIMEOUT_SECONDS";
 /// Where ranks keep their pid files, so a restarted supervisor can wait for orphans of a killed one.
 pub const PID_DIR: &str = "RADIT_PID_DIR";
 
@@ -240,6 +243,9 @@ pub struct RankEnvironment {
     pub token_file: String,
     pub generation: u64,
     pub coordinator_grace_seconds: f64,
+    /// The rank group's rendezvous and per-collective timeouts.
+    pub rendezvous_seconds: f64,
+    pub collective_timeout_seconds: f64,
     pub pid_dir: String,
     /// The CA certificate's file and its SHA-256 (hex), when the coordinator serves HTTPS.
     pub ca: Option<(String, String)>,
@@ -255,6 +261,14 @@ impl RankEnvironment {
             (
                 COORDINATOR_GRACE.into(),
                 self.coordinator_grace_seconds.to_string(),
+            ),
+            (
+                COLLECTIVE_RENDEZVOUS.into(),
+                self.rendezvous_seconds.to_string(),
+            ),
+            (
+                COLLECTIVE_TIMEOUT.into(),
+                self.collective_timeout_seconds.to_string(),
             ),
             (PID_DIR.into(), self.pid_dir.clone()),
         ];

@@ -239,6 +239,8 @@ pub fn supervise(
             token_file: token_path.display().to_string(),
             generation,
             coordinator_grace_seconds: spec.restart.coordinator_grace_seconds,
+            rendezvous_seconds: spec.restart.rendezvous_seconds,
+            collective_timeout_seconds: spec.restart.collective_timeout_seconds,
             pid_dir: pid_dir.display().to_string(),
             ca: pki.as_ref().map(|p| {
                 (

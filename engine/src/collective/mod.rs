@@ -21,6 +21,32 @@ pub mod threaded;
 
 use tch::{Kind, Tensor};
 
+/// How long a rank group waits: `rendezvous`, for every rank to arrive when the group forms (ranks of a
+/// multi-node job start minutes apart), and `operation`, for a peer in each collective after that (a hang is
+/// caught earlier by the coordinator; this is the backstop when it is gone). A single duration is both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    pub rendezvous: std::time::Duration,
+    pub operation: std::time::Duration,
+}
+
+impl Timeouts {
+    /// The defaults of a job's `[restart]` section.
+    pub const DEFAULT: Timeouts = Timeouts {
+        rendezvous: std::time::Duration::from_secs(1800),
+        operation: std::time::Duration::from_secs(900),
+    };
+}
+
+impl From<std::time::Duration> for Timeouts {
+    fn from(both: std::time::Duration) -> Self {
+        Self {
+            rendezvous: both,
+            operation: both,
+        }
+    }
+}
+
 /// What can go wrong in a collective.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]

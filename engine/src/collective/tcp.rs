@@ -167,15 +167,17 @@ impl TcpCollective {
     pub fn hub(
         listener: TcpListener,
         world: usize,
-        timeout: Duration,
+        timeouts: impl Into<super::Timeouts>,
         secret: &[u8; 32],
     ) -> Result<Self, CollectiveError> {
+        let timeouts = timeouts.into();
+        let timeout = timeouts.operation;
         let fail = |reason: String| CollectiveError::Backend {
             backend: "tcp",
             op: "connect",
             reason,
         };
-        let deadline = Instant::now() + timeout;
+        let deadline = Instant::now() + timeouts.rendezvous;
         listener
             .set_nonblocking(true)
             .map_err(|e| fail(e.to_string()))?;
@@ -216,7 +218,7 @@ impl TcpCollective {
                     if Instant::now() >= deadline {
                         return Err(CollectiveError::Timeout {
                             op: "connect",
-                            seconds: timeout.as_secs(),
+                            seconds: timeouts.rendezvous.as_secs(),
                         });
                     }
                     std::thread::sleep(Duration::from_millis(5));
@@ -232,15 +234,18 @@ impl TcpCollective {
         })
     }
 
-    /// Rank `rank` > 0: connects to rank 0 at `hub` (retrying until `timeout`, rank 0 may start later).
+    /// Rank `rank` > 0: connects to rank 0 at `hub` (retrying until the rendezvous timeout: rank 0 may start
+    /// later).
     pub fn spoke(
         rank: usize,
         world: usize,
         hub: SocketAddr,
-        timeout: Duration,
+        timeouts: impl Into<super::Timeouts>,
         secret: &[u8; 32],
     ) -> Result<Self, CollectiveError> {
-        let deadline = Instant::now() + timeout;
+        let timeouts = timeouts.into();
+        let timeout = timeouts.operation;
+        let deadline = Instant::now() + timeouts.rendezvous;
         let stream = loop {
             match TcpStream::connect_timeout(&hub, Duration::from_secs(5)) {
                 Ok(s) => break s,
