@@ -29,12 +29,12 @@ pub struct EncodeArgs {
     batch: i64,
     /// fp32 or bf16 (default: bf16 on GPUs, fp32 on CPUs).
     #[arg(long, value_enum)]
-    precision: Option<crate::model_cli::PrecisionArg>,
+    precision: Option<crate::rank_args::PrecisionArg>,
     /// Replace latents (or an unfinished encode) made by another encoder.
     #[arg(long)]
     overwrite: bool,
     #[command(flatten)]
-    rank: crate::train_cli::RankArgs,
+    rank: crate::rank_args::RankArgs,
 }
 
 impl EncodeArgs {
@@ -61,7 +61,7 @@ impl EncodeArgs {
 pub fn run_encode(a: EncodeArgs) -> anyhow::Result<u8> {
     let cfg = a.config()?;
     let device = a.rank.device()?;
-    let done = crate::train_cli::run_rank(
+    let done = crate::rank_args::run_rank(
         device,
         |comm, handles| encode(&cfg, comm.as_ref(), device, handles),
         RankError::repeats,

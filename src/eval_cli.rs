@@ -10,7 +10,7 @@ use radit_eval::io::read_npy;
 use radit_eval::kd::KdConfig;
 use radit_jobs::features_job::{FeaturesConfig, extract};
 use radit_jobs::journal::RankError;
-use radit_jobs::validate::features_network;
+use radit_jobs::train::validate::features_network;
 
 #[derive(Subcommand)]
 pub enum EvalCommand {
@@ -146,8 +146,8 @@ fn run_features(a: FeaturesArgs) -> anyhow::Result<u8> {
     if let Some(t) = a.threads {
         radit_models::tch::set_num_threads(t);
     }
-    let device = crate::model_cli::device_or_gpu(a.device.as_deref())?;
-    let done = crate::train_cli::run_rank(
+    let device = crate::rank_args::device_or_gpu(a.device.as_deref())?;
+    let done = crate::rank_args::run_rank(
         device,
         |comm, handles| extract(&cfg, comm.as_ref(), device, handles),
         RankError::repeats,

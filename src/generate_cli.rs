@@ -49,12 +49,12 @@ pub struct GenerateArgs {
     unit_profiles: u64,
     /// fp32 or bf16 (default: bf16 on GPUs, fp32 on CPUs).
     #[arg(long, value_enum)]
-    precision: Option<crate::model_cli::PrecisionArg>,
+    precision: Option<crate::rank_args::PrecisionArg>,
     /// Replace samples of other weights, profiles, seed or solver in --out.
     #[arg(long)]
     overwrite: bool,
     #[command(flatten)]
-    rank: crate::train_cli::RankArgs,
+    rank: crate::rank_args::RankArgs,
 }
 
 impl GenerateArgs {
@@ -93,7 +93,7 @@ impl GenerateArgs {
 pub fn run_generate(a: GenerateArgs) -> anyhow::Result<u8> {
     let cfg = a.config()?;
     let device = a.rank.device()?;
-    let done = crate::train_cli::run_rank(
+    let done = crate::rank_args::run_rank(
         device,
         |comm, handles| generate(&cfg, comm.as_ref(), device, handles),
         RankError::repeats,

@@ -31,6 +31,7 @@ mod encode_cli;
 mod eval_cli;
 mod generate_cli;
 mod model_cli;
+mod rank_args;
 mod run_cli;
 mod scm_cli;
 mod train_cli;

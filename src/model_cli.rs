@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
+use crate::rank_args::{PrecisionArg, device_or_gpu};
 use anyhow::Context;
 use clap::{Args, Subcommand, ValueEnum};
 use radit_jobs::generate::{Conditions, read_latents};
@@ -280,21 +281,6 @@ pub struct ModelBenchArgs {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
-pub enum PrecisionArg {
-    Fp32,
-    Bf16,
-}
-
-impl From<PrecisionArg> for Precision {
-    fn from(p: PrecisionArg) -> Self {
-        match p {
-            PrecisionArg::Fp32 => Precision::Fp32,
-            PrecisionArg::Bf16 => Precision::Bf16,
-        }
-    }
-}
-
-#[derive(Clone, Copy, ValueEnum)]
 enum SolverArg {
     Dopri5,
     Euler,
@@ -500,16 +486,6 @@ fn bench(a: ModelBenchArgs) -> anyhow::Result<u8> {
     })?;
     println!("{}", serde_json::to_string(&report)?);
     Ok(0)
-}
-
-/// `--device` when given, else the GPU when there is one.
-pub fn device_or_gpu(flag: Option<&str>) -> anyhow::Result<Device> {
-    let default = if tch::Cuda::is_available() {
-        "cuda"
-    } else {
-        "cpu"
-    };
-    crate::train_cli::device(flag.unwrap_or(default))
 }
 
 pub fn run_sample(a: SampleArgs) -> anyhow::Result<u8> {

@@ -68,7 +68,7 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 1000)]
     checkpoint_every: u64,
     #[command(flatten)]
-    rank: crate::train_cli::RankArgs,
+    rank: crate::rank_args::RankArgs,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -121,7 +121,7 @@ impl InferenceArgs {
         &self,
         model: &std::path::Path,
     ) -> anyhow::Result<(radit_models::scm::LoadedScm, radit_models::sampler::Solver)> {
-        let device = crate::model_cli::device_or_gpu(self.device.as_deref())?;
+        let device = crate::rank_args::device_or_gpu(self.device.as_deref())?;
         Ok((
             radit_models::scm::load(model, device)?,
             self.solver.solver(1e-6)?,
@@ -219,7 +219,7 @@ fn run_train(a: TrainArgs) -> anyhow::Result<u8> {
         }
     };
     let device = a.rank.device()?;
-    let done = crate::train_cli::run_rank(
+    let done = crate::rank_args::run_rank(
         device,
         |comm, handles| {
             let comm = comm.as_ref();

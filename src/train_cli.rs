@@ -2,15 +2,12 @@
 
 use std::path::PathBuf;
 
+use crate::rank_args::{RankArgs, device, run_rank};
 use anyhow::Context;
 use clap::Args;
 use radit_engine::checkpoint;
 use radit_engine::collective;
-use radit_engine::faults::FaultPlan;
 use radit_engine::fsdp::EngineConfig;
-use radit_engine::membership;
-use radit_engine::membership::RankHandles;
-use radit_engine::placement;
 use radit_jobs::train::{TrainConfig, TrainError, train};
 use radit_models::model::{RadiTConfig, save_named_weights};
 use radit_models::tch::{self, Device};
@@ -24,27 +21,6 @@ pub struct TrainArgs {
     rank: RankArgs,
 }
 
-/// Where a rank runs (`radit run` passes both to every rank of every kind of job).
-#[derive(Args)]
-pub struct RankArgs {
-    /// cpu, cuda (this rank's GPU: its local rank modulo the GPUs it can see) or cuda:N.
-    #[arg(long, default_value = "cpu")]
-    device: String,
-    /// libtorch intra-op threads per rank.
-    #[arg(long)]
-    threads: Option<i32>,
-}
-
-impl RankArgs {
-    /// Sets the threads and resolves the device.
-    pub fn device(&self) -> anyhow::Result<Device> {
-        if let Some(t) = self.threads {
-            tch::set_num_threads(t);
-        }
-        device(&self.device)
-    }
-}
-
 #[derive(Args)]
 pub struct ExportArgs {
     /// The checkpoint directory URL (as in the run's [checkpoint] url).
@@ -55,62 +31,6 @@ pub struct ExportArgs {
     /// Export the raw weights instead of the EMA.
     #[arg(long)]
     raw: bool,
-}
-
-/// Every `--device`: `cpu`; `cuda`, this rank's GPU among those the process sees (see [`placement`]); or
-/// `cuda:N`, that GPU.
-pub fn device(name: &str) -> anyhow::Result<Device> {
-    if name == "cpu" {
-        return Ok(Device::Cpu);
-    }
-    let explicit =
-        match name.strip_prefix("cuda:") {
-            Some(n) => Some(n.parse::<usize>().map_err(|_| {
-                crate::exit::usage!("--device `{name}`: expected cpu, cuda or cuda:N")
-            })?),
-            None if name == "cuda" => None,
-            None => crate::exit::bail_usage!("--device `{name}`: expected cpu, cuda or cuda:N"),
-        };
-    crate::exit::ensure_usage!(
-        tch::Cuda::is_available(),
-        "--device {name}: libtorch sees no CUDA device here ({})",
-        radit_engine::runtime::probe().describe_cuda()
-    );
-    let visible = tch::Cuda::device_count().max(0) as usize;
-    let ordinal = match explicit {
-        Some(n) => {
-            crate::exit::ensure_usage!(
-                n < visible,
-                "--device {name}: this process sees {visible} CUDA device(s)"
-            );
-            n
-        }
-        None => placement::cuda_ordinal(
-            &placement::local_placement(|k| std::env::var(k).ok()),
-            visible,
-        )?,
-    };
-    Ok(Device::Cuda(ordinal))
-}
-
-/// One rank of any job, alone or under `radit run`, through the rank agent's lifecycle
-/// ([`membership::run_rank`]): the fault plan read once here, the summary (JSON) to stderr.
-pub fn run_rank<S, E>(
-    device: Device,
-    work: impl FnOnce(Box<dyn collective::Collective>, &RankHandles) -> Result<S, E>,
-    repeats: impl Fn(&E) -> bool,
-) -> anyhow::Result<membership::RankDone<S>>
-where
-    S: serde::Serialize,
-    E: std::error::Error + Send + Sync + 'static,
-{
-    let handles = RankHandles {
-        faults: FaultPlan::from_env(),
-        ..RankHandles::default()
-    };
-    let done = membership::run_rank(device, &handles, |comm| work(comm, &handles), repeats)??;
-    eprintln!("{}", serde_json::to_string(&done.summary)?);
-    Ok(done)
 }
 
 pub fn run_train(a: TrainArgs) -> anyhow::Result<u8> {
@@ -230,7 +150,7 @@ pub struct EngineSteps {
     #[arg(long, default_value = "cpu")]
     device: String,
     #[arg(long, value_enum, default_value = "fp32")]
-    precision: crate::model_cli::PrecisionArg,
+    precision: crate::rank_args::PrecisionArg,
     /// zero3 or zero2.
     #[arg(long, default_value = "zero3")]
     mode: String,

@@ -8,7 +8,7 @@
 //! - [`membership`]: a rank joining its run (rendezvous, generation, supersession): the rank agent's side.
 //! - [`progress`]: what a rank's heartbeat reports (step, phase, throughput, memory).
 //! - [`placement`]: which GPU a rank drives.
-//! - [`runtime`]: which libtorch is loaded and which devices it sees.
+//! - [`runtime`]: which libtorch is loaded and which devices it sees; [`libraries`]: the loaded shared libraries.
 //! - [`out_of_memory`]: allocation failures anywhere in a step or a unit as errors, not panics.
 //! - [`faults`]: the fault plan the end-to-end tests inject, read once by the binary and passed in.
 
@@ -16,6 +16,7 @@ pub mod checkpoint;
 pub mod collective;
 pub mod faults;
 pub mod fsdp;
+pub mod libraries;
 pub mod membership;
 pub mod out_of_memory;
 pub mod placement;

@@ -34,13 +34,13 @@ pub struct RuntimeInfo {
 pub fn probe() -> RuntimeInfo {
     let t = tch::Tensor::from_slice(&[1.0f32, 2.0, 3.0]);
     debug_assert_eq!(t.size(), vec![3]);
-    let libtorch_path = loaded_library("libtorch_cpu.so");
+    let libtorch_path = crate::libraries::loaded_library("libtorch_cpu.so");
     let version = libtorch_path.as_deref().and_then(wheel_version);
     RuntimeInfo {
         torch_version: version.as_ref().map(|v| v.0.clone()),
         torch_cuda: version.and_then(|v| v.1),
         libtorch_path,
-        libtorch_cuda_loaded: loaded_library("libtorch_cuda.so").is_some(),
+        libtorch_cuda_loaded: crate::libraries::loaded_library("libtorch_cuda.so").is_some(),
         cuda_devices: if tch::Cuda::is_available() {
             tch::Cuda::device_count().max(0) as usize
         } else {
@@ -85,23 +85,10 @@ fn wheel_version(lib: &Path) -> Option<(String, Option<String>)> {
     Some((field("__version__")?, field("cuda")))
 }
 
-/// Whether the CUDA driver library can be loaded. cudarc panics rather than erroring when it cannot, so every
-/// use of cudarc's driver asks this first; checking opens the library, so it is done once.
-pub fn cuda_driver_present() -> bool {
-    static PRESENT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    // SAFETY: only tries to dlopen the driver library by its usual names.
-    *PRESENT.get_or_init(|| unsafe { cudarc::driver::sys::is_culib_present() })
-}
-
-/// The directory of the loaded libtorch (`.../torch/lib`), where the wheels beside it are found from.
-pub fn libtorch_lib_dir() -> Option<PathBuf> {
-    loaded_library("libtorch_cpu.so").and_then(|p| p.parent().map(Path::to_path_buf))
-}
-
 /// The GPUs the CUDA driver shows (what `CUDA_VISIBLE_DEVICES` leaves), with names and memory.
 fn driver_gpus() -> Vec<Gpu> {
     use cudarc::driver::result::device;
-    if !cuda_driver_present() || cudarc::driver::result::init().is_err() {
+    if !crate::libraries::cuda_driver_present() || cudarc::driver::result::init().is_err() {
         return Vec::new();
     }
     let count = device::get_count().unwrap_or(0).max(0);
@@ -130,31 +117,6 @@ pub fn proc_kib_field(file: &str, field: &str) -> Option<u64> {
         .parse::<u64>()
         .ok()?;
     Some(kib * 1024)
-}
-
-/// The file the dynamic loader mapped for a library whose file name starts with `name`.
-pub fn loaded_library(name: &str) -> Option<PathBuf> {
-    let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
-    maps.lines()
-        .filter_map(|l| l.split_whitespace().nth(5))
-        .find(|p| p.rsplit('/').next().is_some_and(|f| f.starts_with(name)))
-        .map(PathBuf::from)
-}
-
-/// The file mapped at `addr` in this process (e.g. the library a function pointer points into).
-pub fn mapped_file_of(addr: *const std::ffi::c_void) -> Option<PathBuf> {
-    let addr = addr as usize;
-    let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
-    maps.lines().find_map(|l| {
-        let mut f = l.split_whitespace();
-        let (start, end) = f.next()?.split_once('-')?;
-        let (start, end) = (
-            usize::from_str_radix(start, 16).ok()?,
-            usize::from_str_radix(end, 16).ok()?,
-        );
-        let path = f.nth(4)?;
-        ((start..end).contains(&addr) && path.starts_with('/')).then(|| PathBuf::from(path))
-    })
 }
 
 /// The CUDA caching allocator's counters for one GPU (what `torch.cuda.memory_stats` reports), in bytes.
@@ -236,7 +198,7 @@ pub fn device_memory(device: tch::Device) -> Option<(u64, u64)> {
     if !matches!(device, tch::Device::Cuda(_)) {
         return None;
     }
-    if !cuda_driver_present() {
+    if !crate::libraries::cuda_driver_present() {
         return None;
     }
     // libtorch made its primary context current on this (the training) thread.

@@ -1,7 +1,8 @@
 //! The loops and jobs a rank runs, over the models (`radit-models`) and the distributed runtime
 //! (`radit-engine`), and their benches. Each job here is what one `radit run` job kind's ranks do.
 //!
-//! - [`train`]: the train loop (a thin loop over the engine's step), with [`validate`] and [`preview`] beside it.
+//! - [`train`]: the train loop (a thin loop over the engine's step), with its validation, preview sheets and
+//!   the EMA sampling both draw from.
 //! - [`journal`]: what the unit jobs share (errors, handles, atomic writes), and [`units`]: the one driver that
 //!   runs any of them (skip what is committed, read ahead, fault points, commit, stop vote, end of range).
 //! - [`encode`]: a store's images to `<split>/latents` through the autoencoder's encoder.
@@ -15,7 +16,6 @@
 pub use tch;
 
 pub mod bench;
-pub mod ema_samples;
 pub mod encode;
 pub mod faults;
 pub mod features_job;
@@ -23,12 +23,10 @@ pub mod generate;
 pub mod generate_job;
 pub mod journal;
 pub mod parity;
-pub mod preview;
 pub mod sample;
 pub mod scm_fit;
 pub mod train;
 pub mod units;
-pub mod validate;
 
 /// Reads the `[section]` of a TOML file (what `radit run` writes for a job's ranks): the error says what is wrong,
 /// for the caller to name the file.

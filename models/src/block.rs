@@ -1,10 +1,11 @@
 //! What the engine trains: any model made of a prologue (an input embedding and a conditioning vector), a stack of
 //! blocks and a head, whose parameters split into one group per block and a "rest" group. RadiT implements it
-//! (`crate::model::radit`); the engine itself knows no model's parameter names and no loss.
+//! (`model::RadiT`); the engine itself knows no model's parameter names and no loss.
 
 use tch::{Kind, Tensor};
 
-use crate::model::{ModelError, Precision};
+use crate::error::ModelError;
+use crate::precision::Precision;
 
 /// One micro-batch's model inputs: the (noised) input and its conditions.
 #[derive(Clone, Copy)]

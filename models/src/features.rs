@@ -15,7 +15,7 @@ use std::path::Path;
 use sha2::{Digest, Sha256};
 use tch::{Device, Kind, Tensor};
 
-use crate::model::ModelError;
+use crate::error::ModelError;
 
 /// A feature network by path: a directory is a DINOv2 snapshot (with `preprocessing`, `processor` or
 /// `chexgenbench`), a file a TorchScript module of input side `input_size`.

@@ -2,7 +2,8 @@
 //! [`block::BlockModel`] from outside; the jobs crate runs the loops.
 //!
 //! - [`model`]: RadiT, its presets and costs, weights as safetensors with PyTorch names.
-//! - [`block`]: what a model made of a prologue, blocks and a head exposes, for the engine to shard and schedule.
+//! - [`block`]: what a model made of a prologue, blocks and a head exposes, for the engine to shard and schedule;
+//!   [`precision`] and [`error`], which both sides share.
 //! - [`autoencoder`]: the FLUX.2 autoencoder whose encoder makes the latents of the latent presets.
 //! - [`features`]: feature networks for evaluation (DINOv2, a TorchScript module) with their preprocessing.
 //! - [`flow`]: the rectified-flow objective and its per-sample noise and time draws.
@@ -27,8 +28,10 @@ pub use tch;
 
 pub mod autoencoder;
 pub mod block;
+pub mod error;
 pub mod features;
 pub mod flow;
 pub mod model;
+pub mod precision;
 pub mod sampler;
 pub mod scm;

@@ -502,7 +502,7 @@ mod tests {
         let age = Tensor::from_slice(&[0.4f32, 0.7]);
         let xt = crate::flow::interpolate(&x1, &x0, &t);
         let full = model.forward(&xt, &t, &labels, &age).unwrap();
-        model.set_precision(crate::model::Precision::Bf16);
+        model.set_precision(crate::precision::Precision::Bf16);
         let half = model.forward(&xt, &t, &labels, &age).unwrap();
         assert_eq!(
             half.kind(),

@@ -1,6 +1,6 @@
 //! The job kinds that are one section of the job file (`[encode]`, `[generate]`, `[features]`, `[scm]`): what
 //! `radit run` needs of each, in one trait. Adding such a kind is its config type in `radit-jobs`, an impl here,
-//! a variant of [`crate::job::JobKind`] and [`crate::job::Work`], and its rank's CLI file. Training, whose work is
+//! a variant of `JobKind` and `Work` in `job.rs`, and its rank's CLI file. Training, whose work is
 //! several sections validated into one config, stays in `job.rs`.
 
 use std::fmt::Write as _;

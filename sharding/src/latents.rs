@@ -22,20 +22,12 @@ use zarrs::storage::store::MemoryStore;
 
 use crate::error::ShardError;
 use crate::layout::StoreLayout;
+pub use crate::manifest::{EncoderId, LatentsEntry, latents_metadata_key};
 use crate::manifest::{MANIFEST_KEY, Manifest, ObjectEntry};
 use crate::split::Split;
 use crate::store::Storage;
 
 pub const JOURNAL_PREFIX: &str = ".encode/journal";
-
-/// What made a store's latents: the same fingerprint means the same values, so a job with it resumes.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct EncoderId {
-    /// sha256 over the weights, the architecture and the precision.
-    pub fingerprint: String,
-    /// For people: architecture, weights file, precision.
-    pub description: String,
-}
 
 /// Per-channel count, mean and sum of squared deviations of a set of latents (Chan et al.'s parallel form:
 /// shards merge in any order without the cancellation of a sum of squares).
@@ -120,18 +112,6 @@ impl EncodeRecord {
     pub fn key(split: Split, shard: u64) -> String {
         format!("{JOURNAL_PREFIX}/{}/{shard:08}.json", split.name())
     }
-}
-
-/// The manifest's account of a store's latents.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct LatentsEntry {
-    pub encoder: EncoderId,
-    /// `[C, H, W]`.
-    pub sample_shape: [u64; 3],
-    pub data_type: String,
-    /// Over the training split; every split's array carries them.
-    pub channel_mean: Vec<f32>,
-    pub channel_std: Vec<f32>,
 }
 
 /// Where a store's latents stand for one encoder.
@@ -421,10 +401,6 @@ fn put_manifest(storage: &Storage, manifest: &Manifest) -> Result<(), ShardError
     let json = serde_json::to_vec_pretty(manifest).expect("manifest serialises");
     storage.put(MANIFEST_KEY, Bytes::from(json))?;
     Ok(())
-}
-
-pub fn latents_metadata_key(split: Split) -> String {
-    format!("{}/latents/zarr.json", split.name())
 }
 
 fn is_latents_key(key: &str) -> bool {

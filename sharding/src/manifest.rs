@@ -145,7 +145,7 @@ pub struct Manifest {
     pub objects: Vec<ObjectEntry>,
     /// The latents an encode job added (`<split>/latents`), written with them; absent before.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub latents: Option<crate::latents::LatentsEntry>,
+    pub latents: Option<LatentsEntry>,
 }
 
 impl Manifest {
@@ -305,7 +305,7 @@ pub fn verify(storage: &Storage) -> Result<VerifyReport, ShardError> {
         let latents = manifest
             .latents
             .as_ref()
-            .map(|_| crate::latents::latents_metadata_key(split));
+            .map(|_| latents_metadata_key(split));
         let arrays = ArrayKind::ALL
             .iter()
             .map(|&kind| format!("{}/zarr.json", array_path(split, kind)))
@@ -326,4 +326,29 @@ pub fn verify(storage: &Storage) -> Result<VerifyReport, ShardError> {
         }
     }
     Ok(report)
+}
+/// What made a store's latents: the same fingerprint means the same values, so a job with it resumes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EncoderId {
+    /// sha256 over the weights, the architecture and the precision.
+    pub fingerprint: String,
+    /// For people: architecture, weights file, precision.
+    pub description: String,
+}
+
+/// The manifest's account of a store's latents.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LatentsEntry {
+    pub encoder: EncoderId,
+    /// `[C, H, W]`.
+    pub sample_shape: [u64; 3],
+    pub data_type: String,
+    /// Over the training split; every split's array carries them.
+    pub channel_mean: Vec<f32>,
+    pub channel_std: Vec<f32>,
+}
+
+/// Where split `split`'s latents array keeps its metadata.
+pub fn latents_metadata_key(split: Split) -> String {
+    format!("{}/latents/zarr.json", split.name())
 }

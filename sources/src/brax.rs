@@ -157,7 +157,7 @@ pub fn harmonise(brax: &BraxOptions) -> Result<(Vec<HarmonisedRow>, Audit), Sour
 /// released (1, 0, -1, -1.0, blank), ages as a number, `85 or more` and a range, the views BRAX has (`RL` among them),
 /// and the DICOMs (one MONOCHROME1 with a window) and PNGs at DicomPath and PngPath.
 pub fn write_fixture(root: &Path) -> std::io::Result<()> {
-    use crate::fixtures::{dicom, png, write};
+    use crate::fixture_files::{dicom, png, write};
     let header = "DicomPath,PngPath,PatientID,AccessionNumber,ViewPosition,PatientSex,PatientAge,Manufacturer,\
 StudyDate,Rows,Columns,Edema,No Finding,Cardiomegaly,Pleural Effusion,Enlarged Cardiomediastinum,Lung Lesion,\
 Lung Opacity,Consolidation,Pneumonia,Atelectasis,Pneumothorax,Pleural Other,Fracture,Support Devices";

@@ -226,7 +226,7 @@ const FIXTURE_IMAGES: [(&str, &str, &str, &str, &str, &str, &str); 7] = [
 /// `ap_pa`, race strings that map and one (`Other`) that does not, a JSON line with `null`s and one lacking a key, an
 /// image with no JSON line, and report text with commas, newlines and quotes.
 pub fn write_fixture(root: &Path) -> std::io::Result<()> {
-    use crate::fixtures::{dicom, png, write};
+    use crate::fixture_files::{dicom, png, write};
     let mut table = csv::Writer::from_writer(Vec::new());
     #[rustfmt::skip]
     table.write_record([

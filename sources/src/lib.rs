@@ -45,6 +45,7 @@ pub mod audit;
 pub mod brax;
 pub mod chexpert;
 pub mod chexpert_plus;
+pub mod fixture_files;
 pub mod fixtures;
 pub mod labelmap;
 pub mod mimic;

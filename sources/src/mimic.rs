@@ -304,7 +304,7 @@ const FIXTURE_IMAGES: [(&str, &str, &str, &str, &str); 8] = [
 /// ViewPosition), a subject absent from `patients`, a subject with `WHITE` and `BLACK/AFRICAN AMERICAN` admissions,
 /// `XTABLE LATERAL` and `LL`, a study with no label row and a label row for a study with no image.
 pub fn write_fixture(root: &Path, mimic_iv: &Path) -> std::io::Result<()> {
-    use crate::fixtures::{dicom, gzip, write};
+    use crate::fixture_files::{dicom, gzip, write};
     let mut metadata = String::from(
         "dicom_id,subject_id,study_id,PerformedProcedureStepDescription,ViewPosition,Rows,Columns,StudyDate,\
          StudyTime,ProcedureCodeSequence_CodeMeaning,ViewCodeSequence_CodeMeaning,\

@@ -165,7 +165,7 @@ pub fn harmonise(nih: &NihOptions) -> Result<(Vec<HarmonisedRow>, Audit), Source
 /// folders, ages as a number, `058Y` and an impossible 414, single, multiple and unknown labels, and one row whose
 /// image is missing (rejected).
 pub fn write_fixture(root: &Path) -> std::io::Result<()> {
-    use crate::fixtures::{png, write};
+    use crate::fixture_files::{png, write};
     let rows = [
         ("00000001_000.png", "No Finding", "1", "58", "M", "PA"),
         ("00000001_001.png", "Effusion|Mass", "1", "058Y", "M", "AP"),

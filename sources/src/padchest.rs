@@ -158,7 +158,7 @@ pub fn harmonise(opts: &SourceOptions) -> Result<(Vec<HarmonisedRow>, Audit), So
 /// `nan`, an unknown label), `AP_horizontal` and `COSTAL` projections, an empty and a `1950.0` birth year, and
 /// 16-bit PNGs in numbered folders.
 pub fn write_fixture(root: &std::path::Path) -> std::io::Result<()> {
-    use crate::fixtures::{gzip, png};
+    use crate::fixture_files::{gzip, png};
     let rows = [
         (
             "p1_a.png",
@@ -215,7 +215,7 @@ pub fn write_fixture(root: &std::path::Path) -> std::io::Result<()> {
         ));
         png(&root.join(dir).join(image), 10 + i as u16)?;
     }
-    crate::fixtures::write(&root.join(TABLES[1]), &gzip(&(lines.join("\n") + "\n")))
+    crate::fixture_files::write(&root.join(TABLES[1]), &gzip(&(lines.join("\n") + "\n")))
 }
 
 #[cfg(test)]

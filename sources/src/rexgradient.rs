@@ -212,7 +212,7 @@ pub fn harmonise(rex: &RexGradientOptions) -> Result<(Vec<HarmonisedRow>, Audit)
 /// their `deid_png/…` paths): `PatientAge` as `045Y`, as a plain number and empty, a study whose lists differ in
 /// length, studies in the valid and test files, sex `O`, a `null` and an `LL` view. No labels file.
 pub fn write_fixture(root: &Path) -> std::io::Result<()> {
-    use crate::fixtures::{png, write};
+    use crate::fixture_files::{png, write};
     // File (0 train, 1 valid, 2 test), study number, PatientSex, PatientAge, images, ImageViewPosition.
     let studies = [
         (0, 1, "F", json!("045Y"), 2, json!(["PA", "LATERAL"])),

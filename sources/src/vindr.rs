@@ -379,7 +379,7 @@ fn annotation(marked: &[&str]) -> String {
 /// label only one reader marked) and two test images (the `Other disease` spelling), with DICOM headers of every
 /// demographic kind (`045Y`, `000Y`, empty age; sex `O`; no ViewPosition; `LL`) and a MONOCHROME1 image.
 pub fn write_fixture(root: &Path) -> std::io::Result<()> {
-    use crate::fixtures::{dicom, write};
+    use crate::fixture_files::{dicom, write};
     let train = [
         ("v1", "R8", vec!["Cardiomegaly"]),
         ("v1", "R9", vec!["Cardiomegaly", "Pleural effusion"]),

@@ -309,7 +309,7 @@ mod tests {
         let base = || -> Box<dyn Collective> {
             Box::new(local::LocalGroup::ranks(1, std::time::Duration::from_secs(5)).remove(0))
         };
-        if !crate::runtime::cuda_driver_present() {
+        if !crate::libraries::cuda_driver_present() {
             assert!(nccl_over(base(), 0).is_err());
         }
         let comm = for_device(base(), Device::Cuda(0)).unwrap();

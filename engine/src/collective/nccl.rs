@@ -23,7 +23,7 @@ const BACKEND: &str = "nccl";
 
 /// libcuda and NCCL, when both can be loaded here (cudarc panics instead of erroring when libcuda cannot).
 pub fn available() -> Result<&'static NcclLibrary, CollectiveError> {
-    let cuda = crate::runtime::cuda_driver_present();
+    let cuda = crate::libraries::cuda_driver_present();
     let nccl = nccl();
     let mut missing = Vec::new();
     if !cuda {

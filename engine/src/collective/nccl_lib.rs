@@ -213,7 +213,7 @@ fn open(c: &Candidate) -> Result<NcclLibrary, String> {
         ));
     }
     let all_gather: AllGather = symbol(&lib, b"ncclAllGather\0")?;
-    let path = crate::runtime::mapped_file_of(all_gather as *const c_void)
+    let path = crate::libraries::mapped_file_of(all_gather as *const c_void)
         .unwrap_or_else(|| c.target.clone());
     Ok(NcclLibrary {
         path,
@@ -247,8 +247,8 @@ pub fn load_from(candidates: &[Candidate]) -> Result<NcclLibrary, NcclNotFound> 
 pub fn nccl() -> Result<&'static NcclLibrary, NcclNotFound> {
     static LIB: OnceLock<Result<NcclLibrary, NcclNotFound>> = OnceLock::new();
     LIB.get_or_init(|| {
-        let torch_lib = crate::runtime::libtorch_lib_dir();
-        let loaded = crate::runtime::loaded_library("libnccl.so");
+        let torch_lib = crate::libraries::libtorch_lib_dir();
+        let loaded = crate::libraries::loaded_library("libnccl.so");
         let found = load_from(&candidates(
             |k| std::env::var(k).ok(),
             torch_lib.as_deref(),
@@ -313,7 +313,7 @@ mod tests {
     /// needs a GPU only to create a communicator).
     #[test]
     fn the_wheel_s_nccl_beside_the_loaded_libtorch_opens_and_says_its_version() {
-        let torch_lib = crate::runtime::libtorch_lib_dir();
+        let torch_lib = crate::libraries::libtorch_lib_dir();
         let lib = load_from(&candidates(env(&[]), torch_lib.as_deref(), None)).expect("NCCL loads");
         assert_eq!(lib.found_by, "the nvidia-nccl wheel beside libtorch");
         assert!(lib.path.ends_with("libnccl.so.2"), "{lib:?}");

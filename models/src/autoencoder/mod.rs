@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
 
-use crate::model::ModelError;
+use crate::error::ModelError;
 
 /// The autoencoder's shape.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

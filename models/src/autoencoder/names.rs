@@ -10,7 +10,7 @@ use std::path::Path;
 use tch::Tensor;
 
 use super::AeConfig;
-use crate::model::ModelError;
+use crate::error::ModelError;
 
 /// Whether a file's names are diffusers'.
 fn is_diffusers(names: &BTreeMap<String, Tensor>) -> bool {

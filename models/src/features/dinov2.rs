@@ -13,7 +13,7 @@ use tch::{Device, Kind, Tensor, nn};
 
 use super::FeatureNet;
 use super::preprocess::{Preprocessing, ProcessorConfig};
-use crate::model::ModelError;
+use crate::error::ModelError;
 
 /// The fields of a transformers `Dinov2Config` the forward pass needs; the rest of `config.json` is ignored.
 #[derive(Debug, Clone, serde::Deserialize)]

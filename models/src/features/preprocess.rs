@@ -16,7 +16,7 @@ use std::path::Path;
 
 use tch::{Kind, Tensor};
 
-use crate::model::ModelError;
+use crate::error::ModelError;
 
 const VERSION: u32 = 1;
 

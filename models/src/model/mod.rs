@@ -13,31 +13,12 @@ pub use config::{
     BlockCount, Conditioning as ConditioningMode, MemoryEstimate, PRESETS, ParameterCount,
     RadiTConfig, schema_classes,
 };
-pub use layers::{Block, Conditioning, Precision};
+pub use layers::{Block, Conditioning};
 pub use radit::{RadiT, Trace};
 pub use weights::{
     WeightsFile, load_named, load_weights, read_metadata, read_weights, read_weights_config,
     save_named_weights, save_weights, write_safetensors,
 };
 
-/// What can go wrong building, loading or running a model.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum ModelError {
-    #[error("unknown model preset `{name}` (known: {known})")]
-    UnknownPreset { name: String, known: String },
-    #[error(transparent)]
-    InvalidConfig(#[from] radit_protocol::ConfigError),
-    #[error("bad model input `{input}`: {reason}")]
-    BadInput { input: &'static str, reason: String },
-    #[error("weights file {path}: {reason}")]
-    BadWeights { path: String, reason: String },
-    #[error("reading or writing {path}")]
-    Io {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("libtorch")]
-    Torch(#[from] tch::TchError),
-}
+pub use crate::error::ModelError;
+pub use crate::precision::Precision;

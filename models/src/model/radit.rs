@@ -3,10 +3,11 @@
 use tch::{Kind, Tensor, nn};
 
 use super::layers::{
-    Block, Conditioning, FinalLayer, MetadataEmbedder, PatchEmbed, Precision, TimestepEmbedder,
+    Block, Conditioning, FinalLayer, MetadataEmbedder, PatchEmbed, TimestepEmbedder,
     position_embedding,
 };
 use super::{ConditioningMode, ModelError, RadiTConfig};
+use crate::precision::Precision;
 
 /// Named intermediates of one forward pass (`patch_embed`, `c`, `block.{i}`, `velocity`), for parity checks.
 pub type Trace = Vec<(String, Tensor)>;

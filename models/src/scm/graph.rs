@@ -8,7 +8,7 @@ use std::path::Path;
 use radit_sharding::schema::Vocabulary;
 use serde::{Deserialize, Serialize};
 
-use crate::model::ModelError;
+use crate::error::ModelError;
 
 /// The paper's graph (Table 1; pneumothorax -> support devices).
 pub const DEFAULT_GRAPH: &str = include_str!("default_graph.toml");

@@ -8,8 +8,8 @@ use tch::{Kind, Tensor};
 
 use super::graph::Kind as VarKind;
 use super::model::{Profiles, Scm};
+use crate::error::ModelError;
 use crate::flow::fill_normal;
-use crate::model::ModelError;
 use crate::sampler::{Solver, VelocityField, solve};
 
 /// The paper's SCM solver: dopri5 at atol = rtol = 1e-6 (its editing setting).

@@ -8,7 +8,7 @@ use radit_sharding::schema::Vocabulary;
 use tch::{Kind, Tensor};
 
 use super::model::Profiles;
-use crate::model::ModelError;
+use crate::error::ModelError;
 
 fn bad(what: &str, reason: String) -> ModelError {
     ModelError::BadInput {

@@ -16,7 +16,7 @@ use tch::{Device, Tensor, nn};
 pub use graph::Graph;
 pub use model::{Profiles, Scm, ScmConfig};
 
-use crate::model::ModelError;
+use crate::error::ModelError;
 
 const CONFIG_KEY: &str = "radit.scm.config";
 const GRAPH_KEY: &str = "radit.scm.graph";

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor, nn};
 
 use super::graph::{Graph, Kind as VarKind};
-use crate::model::ModelError;
+use crate::error::ModelError;
 
 /// The SCM's sizes.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

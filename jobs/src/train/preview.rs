@@ -7,9 +7,9 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
-use crate::ema_samples::{EmaSamples, EmaSampling};
 use crate::generate::sample_sheet;
 use crate::train::TrainError;
+use crate::train::ema_samples::{EmaSamples, EmaSampling};
 use radit_engine::fsdp::Fsdp;
 use radit_models::model::ModelError;
 

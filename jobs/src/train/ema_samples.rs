@@ -1,5 +1,5 @@
-//! The samples a training run draws from its own EMA weights: preview sheets ([`crate::preview`]) and the
-//! in-training FD ([`crate::validate::MiniFd`]). One [`EmaSampling`] per run loads the latent decoders and the
+//! The samples a training run draws from its own EMA weights: preview sheets ([`crate::train::preview`]) and the
+//! in-training FD ([`crate::train::validate::MiniFd`]). One [`EmaSampling`] per run loads the latent decoders and the
 //! store's latent statistics once; at a step that needs samples, one gather of the EMA weights builds the
 //! [`EmaSamples`] both draw from.
 

@@ -18,9 +18,9 @@ use radit_sharding::store::Storage;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
-use crate::ema_samples::EmaSamples;
 use crate::generate::Sampler;
 use crate::train::TrainError;
+use crate::train::ema_samples::EmaSamples;
 use radit_engine::fsdp::Fsdp;
 use radit_models::features::FeatureNet;
 use radit_models::flow::{FlowConfig, fill_normal, interpolate, shift_time};

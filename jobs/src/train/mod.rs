@@ -1,6 +1,10 @@
 //! The train loop: `radit train --config run.toml`. A thin driver over the loader, the objective, the engine and
 //! the checkpointer: resume, then `while step < steps { batch; forward/backward; step; maybe checkpoint }`.
 
+pub mod ema_samples;
+pub mod preview;
+pub mod validate;
+
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
@@ -11,8 +15,8 @@ use radit_sharding::store::Storage;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
-use crate::ema_samples::{EmaSamples, EmaSampling};
-use crate::preview::{self, PreviewConfig};
+use crate::train::ema_samples::{EmaSamples, EmaSampling};
+use preview::PreviewConfig;
 use radit_engine::checkpoint::{CheckpointConfig, CheckpointError, Checkpointer, RunState};
 use radit_engine::collective::Collective;
 use radit_engine::collective::phase::PhaseMarking;
@@ -151,7 +155,7 @@ pub struct TrainConfig {
     pub preview: Option<PreviewConfig>,
     /// A validation loss (and a mini-FD) every N steps.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub validation: Option<crate::validate::ValidationConfig>,
+    pub validation: Option<validate::ValidationConfig>,
 }
 
 /// A preset by name, or a whole architecture.
@@ -653,7 +657,7 @@ struct Trainer<'a> {
     tokens_per_image: u64,
     flops_per_token: f64,
     /// The mini-FD's network and reference, loaded once.
-    mini_fd: Option<crate::validate::MiniFd>,
+    mini_fd: Option<validate::MiniFd>,
     /// The fault plan's step faults, when it has any.
     step_faults: Option<crate::faults::Faults>,
     /// Sampling from the EMA (sheets, FD): decoders and latent statistics loaded once.
@@ -719,7 +723,7 @@ impl<'a> Trainer<'a> {
             .validation
             .as_ref()
             .and_then(|v| v.fd.as_ref())
-            .map(|f| crate::validate::MiniFd::open(f, device))
+            .map(|f| validate::MiniFd::open(f, device))
             .transpose()?;
         let step_faults = crate::faults::Faults::from_plan(&handles.faults);
         let ema_sampling = ema_sampling(cfg, rank, device)?;
@@ -1002,7 +1006,7 @@ impl<'a> Trainer<'a> {
         if v.loss_due(step, total) {
             let _phase = progress.enter(Phase::Sampling);
             let started = Instant::now();
-            let loss = crate::validate::validation_loss(
+            let loss = validate::validation_loss(
                 &self.engine,
                 self.cfg.model(),
                 v,

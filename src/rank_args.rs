@@ -1,0 +1,112 @@
+//! What every rank's command shares: where it runs (`--device`, `--threads`), its precision flag, and its life
+//! through the rank agent.
+
+use clap::{Args, ValueEnum};
+use radit_engine::collective;
+use radit_engine::faults::FaultPlan;
+use radit_engine::membership::{self, RankHandles};
+use radit_engine::placement;
+use radit_models::model::Precision;
+use radit_models::tch::{self, Device};
+
+/// Where a rank runs (`radit run` passes both to every rank of every kind of job).
+#[derive(Args)]
+pub struct RankArgs {
+    /// cpu, cuda (this rank's GPU: its local rank modulo the GPUs it can see) or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// libtorch intra-op threads per rank.
+    #[arg(long)]
+    threads: Option<i32>,
+}
+
+impl RankArgs {
+    /// Sets the threads and resolves the device.
+    pub fn device(&self) -> anyhow::Result<Device> {
+        if let Some(t) = self.threads {
+            tch::set_num_threads(t);
+        }
+        device(&self.device)
+    }
+}
+
+/// Every `--device`: `cpu`; `cuda`, this rank's GPU among those the process sees (see [`placement`]); or
+/// `cuda:N`, that GPU.
+pub fn device(name: &str) -> anyhow::Result<Device> {
+    if name == "cpu" {
+        return Ok(Device::Cpu);
+    }
+    let explicit =
+        match name.strip_prefix("cuda:") {
+            Some(n) => Some(n.parse::<usize>().map_err(|_| {
+                crate::exit::usage!("--device `{name}`: expected cpu, cuda or cuda:N")
+            })?),
+            None if name == "cuda" => None,
+            None => crate::exit::bail_usage!("--device `{name}`: expected cpu, cuda or cuda:N"),
+        };
+    crate::exit::ensure_usage!(
+        tch::Cuda::is_available(),
+        "--device {name}: libtorch sees no CUDA device here ({})",
+        radit_engine::runtime::probe().describe_cuda()
+    );
+    let visible = tch::Cuda::device_count().max(0) as usize;
+    let ordinal = match explicit {
+        Some(n) => {
+            crate::exit::ensure_usage!(
+                n < visible,
+                "--device {name}: this process sees {visible} CUDA device(s)"
+            );
+            n
+        }
+        None => placement::cuda_ordinal(
+            &placement::local_placement(|k| std::env::var(k).ok()),
+            visible,
+        )?,
+    };
+    Ok(Device::Cuda(ordinal))
+}
+
+/// `--device` when given, else the GPU when there is one.
+pub fn device_or_gpu(flag: Option<&str>) -> anyhow::Result<Device> {
+    let default = if tch::Cuda::is_available() {
+        "cuda"
+    } else {
+        "cpu"
+    };
+    device(flag.unwrap_or(default))
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum PrecisionArg {
+    Fp32,
+    Bf16,
+}
+
+impl From<PrecisionArg> for Precision {
+    fn from(p: PrecisionArg) -> Self {
+        match p {
+            PrecisionArg::Fp32 => Precision::Fp32,
+            PrecisionArg::Bf16 => Precision::Bf16,
+        }
+    }
+}
+
+/// One rank of any job, alone or under `radit run`, through the rank agent's lifecycle
+/// ([`membership::run_rank`]): the fault plan read once here, the summary (JSON) to stderr.
+pub fn run_rank<S, E>(
+    device: Device,
+    work: impl FnOnce(Box<dyn collective::Collective>, &RankHandles) -> Result<S, E>,
+    repeats: impl Fn(&E) -> bool,
+) -> anyhow::Result<membership::RankDone<S>>
+where
+    S: serde::Serialize,
+    E: std::error::Error + Send + Sync + 'static,
+{
+    let handles = RankHandles {
+        faults: FaultPlan::from_env(),
+        ..RankHandles::default()
+    };
+    let done = membership::run_rank(device, &handles, |comm| work(comm, &handles), repeats)??;
+    eprintln!("{}", serde_json::to_string(&done.summary)?);
+    Ok(done)
+}
