@@ -139,7 +139,7 @@ impl Source {
                 let samples =
                     crate::generate_job::read_samples(dir).map_err(|e| RankError::Unusable {
                         what: dir.display().to_string(),
-                        reason: anyhow_like(&e),
+                        reason: radit_engine::membership::chain_text(&e),
                     })?;
                 let manifest = dir.join("generate.json");
                 let bytes = std::fs::read(&manifest).map_err(io_error(&manifest))?;
@@ -203,17 +203,6 @@ impl Source {
             }
         }
     }
-}
-
-/// An error's message with its causes, as the CLI prints them.
-fn anyhow_like(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text += &format!(": {s}");
-        source = s.source();
-    }
-    text
 }
 
 /// The steps of the rank with the most units, over `world` ranks (reads the source's listing).
