@@ -683,64 +683,17 @@ fn run_bench(a: BenchArgs) -> anyhow::Result<u8> {
         },
     );
     let storage = Storage::open_existing(&a.slice.url)?;
-    let mib = |b: u64| b as f64 / f64::from(1u32 << 20);
-    if a.ceiling {
-        let c = throughput::measure_ceiling(storage, &config, a.verify)
-            .with_context(|| format!("reading {}", a.slice.url))?;
-        let secs = c.elapsed.as_secs_f64();
-        if a.json {
-            let v = serde_json::json!({
-                "url": a.slice.url, "threads": threads, "ceiling": true, "verify": a.verify, "shards": c.shards,
-                "samples": c.samples, "bytes_read": c.bytes, "seconds": secs,
-                "samples_per_s": c.samples_per_second(),
-            });
-            println!("{v}");
-        } else {
-            println!(
-                "ceiling (read + {}decompress every shard once): {} samples in {} shards, {secs:.2} s: \
-                 {:.1} samples/s, {:.1} MiB/s ({threads} threads)",
-                if a.verify { "verify + " } else { "" },
-                c.samples,
-                c.shards,
-                c.samples_per_second(),
-                mib(c.bytes) / secs.max(1e-9)
-            );
-        }
-        return Ok(0);
-    }
-    let run = throughput::measure_loader(storage, config, a.steps, a.digest)
-        .with_context(|| format!("reading {}", a.slice.url))?;
-    let secs = run.elapsed.as_secs_f64();
-    if a.json {
-        let v = serde_json::json!({
-            "url": a.slice.url, "threads": threads, "steps": run.steps, "samples": run.samples,
-            "seconds": secs, "samples_per_s": run.samples_per_second(),
-            "samples_per_s_per_core": run.samples_per_second() / threads as f64,
-            "wait_seconds": run.stats.wait.as_secs_f64(), "bytes_read": run.stats.bytes_read,
-            "cache_hits": run.stats.cache_hits, "cache_misses": run.stats.cache_misses,
-            "skipped_samples": run.stats.skipped_samples, "digest": run.digest,
-        });
-        println!("{v}");
+    let read = || format!("reading {}", a.slice.url);
+    let report = if a.ceiling {
+        throughput::measure_ceiling(storage, &config, a.verify)
+            .with_context(read)?
+            .report(&a.slice.url, threads, a.verify, a.json)
     } else {
-        println!(
-            "loader: {} samples in {} steps, {secs:.2} s: {:.1} samples/s ({:.1} per core, {threads} threads)",
-            run.samples,
-            run.steps,
-            run.samples_per_second(),
-            run.samples_per_second() / threads as f64,
-        );
-        println!(
-            "  waited {:.2} s; read {:.1} MiB from the store ({:.1} MiB/s); cache {} hits, {} misses",
-            run.stats.wait.as_secs_f64(),
-            mib(run.stats.bytes_read),
-            mib(run.stats.bytes_read) / secs.max(1e-9),
-            run.stats.cache_hits,
-            run.stats.cache_misses
-        );
-        if let Some(d) = &run.digest {
-            println!("digest: {d}");
-        }
-    }
+        throughput::measure_loader(storage, config, a.steps, a.digest)
+            .with_context(read)?
+            .report(&a.slice.url, threads, a.json)
+    };
+    println!("{report}");
     Ok(0)
 }
 
@@ -749,37 +702,6 @@ fn num_cpus_or_one() -> usize {
 }
 
 fn run_info() -> anyhow::Result<u8> {
-    let info = radit_engine::runtime::probe();
-    println!(
-        "libtorch: {} (torch {})",
-        info.libtorch_path.as_ref().map_or_else(
-            || "statically linked or unknown".into(),
-            |p| p.display().to_string()
-        ),
-        info.torch_version.as_deref().unwrap_or("version unknown")
-    );
-    println!(
-        "build: {}",
-        match (&info.torch_cuda, info.libtorch_cuda_loaded) {
-            (None, _) => "CPU only".to_string(),
-            (Some(v), true) => format!("CUDA {v} (libtorch_cuda.so loaded)"),
-            (Some(v), false) =>
-                format!("CUDA {v}, but libtorch_cuda.so is NOT loaded: GPUs will not be used"),
-        }
-    );
-    println!("CUDA devices (libtorch): {}", info.cuda_devices);
-    for g in &info.gpus {
-        println!(
-            "  GPU {}: {} ({:.1} GiB)",
-            g.ordinal,
-            g.name,
-            g.memory_bytes as f64 / (1u64 << 30) as f64
-        );
-    }
-    match &info.nccl {
-        Ok(n) => println!("NCCL: {n}"),
-        Err(e) => println!("NCCL: none ({e})"),
-    }
-    println!("CPU threads: {}", info.threads);
+    println!("{}", radit_engine::runtime::probe());
     Ok(0)
 }

@@ -389,71 +389,7 @@ pub fn run_model(cmd: ModelCommand) -> anyhow::Result<u8> {
 fn info(a: InfoArgs) -> anyhow::Result<u8> {
     let cfg = RadiTConfig::preset(&a.preset)?;
     crate::exit::ensure_usage!(a.world > 0, "--world must be positive");
-    let count = cfg.parameter_count();
-    let mem = cfg.memory_per_gpu(a.world);
-    if a.json {
-        let v = serde_json::json!({
-            "preset": a.preset, "config": cfg, "parameters": count.total(), "breakdown": count,
-            "tokens_per_sample": cfg.tokens(),
-            "forward_flops_per_token": cfg.forward_flops_per_token(),
-            "training_flops_per_token": cfg.training_flops_per_token(),
-            "world": a.world, "ddp_bytes_per_gpu": mem.ddp_bytes, "fsdp_bytes_per_gpu": mem.fsdp_bytes,
-        });
-        println!("{v}");
-        return Ok(0);
-    }
-    let b = count.block;
-    println!(
-        "RadiT {}: {} parameters ({:.3}B)",
-        a.preset,
-        count.total(),
-        count.total() as f64 / 1e9
-    );
-    println!(
-        "  input {}x{}x{}, patch {}, {} tokens; hidden {}, depth {}, heads {}, SwiGLU width {}",
-        cfg.in_channels,
-        cfg.input_size,
-        cfg.input_size,
-        cfg.patch_size,
-        cfg.tokens(),
-        cfg.hidden,
-        cfg.depth,
-        cfg.heads,
-        cfg.mlp_width()
-    );
-    println!(
-        "  per block {} (qkv {}, proj {}, qk-norm {}, SwiGLU {}, adaLN {}) x {}",
-        b.total(),
-        b.qkv,
-        b.proj,
-        b.qk_norm,
-        b.mlp,
-        b.adaln,
-        count.depth
-    );
-    println!(
-        "  patch embed {}, timestep MLP {}, age MLP {}, tables {}, final adaLN {}, final linear {}",
-        count.patch_embed,
-        count.timestep,
-        count.age,
-        count.tables,
-        count.final_adaln,
-        count.final_linear
-    );
-    println!(
-        "FLOPs per token: {:.3} G forward, {:.3} G training (forward + backward)",
-        cfg.forward_flops_per_token() / 1e9,
-        cfg.training_flops_per_token() / 1e9
-    );
-    println!(
-        "Training state per GPU (fp32 weights, grads, Adam m+v, EMA; activations not included):"
-    );
-    println!("  DDP (replicated):      {:.2} GB", mem.ddp_bytes / 1e9);
-    println!(
-        "  FSDP over {:>4} ranks: {:.2} GB",
-        a.world,
-        mem.fsdp_bytes / 1e9
-    );
+    println!("{}", cfg.report(&a.preset, a.world, a.json));
     Ok(0)
 }
 

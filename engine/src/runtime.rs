@@ -30,6 +30,46 @@ pub struct RuntimeInfo {
     pub threads: usize,
 }
 
+/// `radit info`'s report.
+impl std::fmt::Display for RuntimeInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "libtorch: {} (torch {})",
+            self.libtorch_path.as_ref().map_or_else(
+                || "statically linked or unknown".into(),
+                |p| p.display().to_string()
+            ),
+            self.torch_version.as_deref().unwrap_or("version unknown")
+        )?;
+        writeln!(
+            f,
+            "build: {}",
+            match (&self.torch_cuda, self.libtorch_cuda_loaded) {
+                (None, _) => "CPU only".to_string(),
+                (Some(v), true) => format!("CUDA {v} (libtorch_cuda.so loaded)"),
+                (Some(v), false) =>
+                    format!("CUDA {v}, but libtorch_cuda.so is NOT loaded: GPUs will not be used"),
+            }
+        )?;
+        writeln!(f, "CUDA devices (libtorch): {}", self.cuda_devices)?;
+        for g in &self.gpus {
+            writeln!(
+                f,
+                "  GPU {}: {} ({:.1} GiB)",
+                g.ordinal,
+                g.name,
+                g.memory_bytes as f64 / (1u64 << 30) as f64
+            )?;
+        }
+        match &self.nccl {
+            Ok(n) => writeln!(f, "NCCL: {n}")?,
+            Err(e) => writeln!(f, "NCCL: none ({e})")?,
+        }
+        write!(f, "CPU threads: {}", self.threads)
+    }
+}
+
 /// Probes libtorch. Touches a tensor first so the library is certainly loaded and initialised.
 pub fn probe() -> RuntimeInfo {
     let t = tch::Tensor::from_slice(&[1.0f32, 2.0, 3.0]);

@@ -152,3 +152,66 @@ pub fn measure_ceiling(
         elapsed: started.elapsed(),
     })
 }
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / f64::from(1u32 << 20)
+}
+
+impl LoaderRun {
+    /// `radit data bench`'s report: JSON (for scripts) or lines, over `threads` decode threads.
+    pub fn report(&self, url: &str, threads: usize, json: bool) -> String {
+        let secs = self.elapsed.as_secs_f64();
+        if json {
+            return serde_json::json!({
+                "url": url, "threads": threads, "steps": self.steps, "samples": self.samples,
+                "seconds": secs, "samples_per_s": self.samples_per_second(),
+                "samples_per_s_per_core": self.samples_per_second() / threads as f64,
+                "wait_seconds": self.stats.wait.as_secs_f64(), "bytes_read": self.stats.bytes_read,
+                "cache_hits": self.stats.cache_hits, "cache_misses": self.stats.cache_misses,
+                "skipped_samples": self.stats.skipped_samples, "digest": self.digest,
+            })
+            .to_string();
+        }
+        let mut out = format!(
+            "loader: {} samples in {} steps, {secs:.2} s: {:.1} samples/s ({:.1} per core, {threads} threads)\n  \
+             waited {:.2} s; read {:.1} MiB from the store ({:.1} MiB/s); cache {} hits, {} misses",
+            self.samples,
+            self.steps,
+            self.samples_per_second(),
+            self.samples_per_second() / threads as f64,
+            self.stats.wait.as_secs_f64(),
+            mib(self.stats.bytes_read),
+            mib(self.stats.bytes_read) / secs.max(1e-9),
+            self.stats.cache_hits,
+            self.stats.cache_misses
+        );
+        if let Some(d) = &self.digest {
+            out += &format!("\ndigest: {d}");
+        }
+        out
+    }
+}
+
+impl CeilingRun {
+    /// `radit data bench --ceiling`'s report, as [`LoaderRun::report`].
+    pub fn report(&self, url: &str, threads: usize, verify: bool, json: bool) -> String {
+        let secs = self.elapsed.as_secs_f64();
+        if json {
+            return serde_json::json!({
+                "url": url, "threads": threads, "ceiling": true, "verify": verify, "shards": self.shards,
+                "samples": self.samples, "bytes_read": self.bytes, "seconds": secs,
+                "samples_per_s": self.samples_per_second(),
+            })
+            .to_string();
+        }
+        format!(
+            "ceiling (read + {}decompress every shard once): {} samples in {} shards, {secs:.2} s: \
+             {:.1} samples/s, {:.1} MiB/s ({threads} threads)",
+            if verify { "verify + " } else { "" },
+            self.samples,
+            self.shards,
+            self.samples_per_second(),
+            mib(self.bytes) / secs.max(1e-9)
+        )
+    }
+}

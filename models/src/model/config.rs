@@ -309,6 +309,86 @@ pub struct MemoryEstimate {
     pub fsdp_bytes: f64,
 }
 
+impl RadiTConfig {
+    /// `radit model info`'s report for `preset`: sizes, FLOPs and training-state memory per GPU over `world`
+    /// ranks, as JSON (for scripts) or lines.
+    pub fn report(&self, preset: &str, world: i64, json: bool) -> String {
+        use std::fmt::Write as _;
+        let cfg = self;
+        let count = cfg.parameter_count();
+        let mem = cfg.memory_per_gpu(world);
+        if json {
+            return serde_json::json!({
+                "preset": preset, "config": cfg, "parameters": count.total(), "breakdown": count,
+                "tokens_per_sample": cfg.tokens(),
+                "forward_flops_per_token": cfg.forward_flops_per_token(),
+                "training_flops_per_token": cfg.training_flops_per_token(),
+                "world": world, "ddp_bytes_per_gpu": mem.ddp_bytes, "fsdp_bytes_per_gpu": mem.fsdp_bytes,
+            })
+            .to_string();
+        }
+        let b = count.block;
+        let mut o = String::new();
+        let _ = writeln!(
+            o,
+            "RadiT {preset}: {} parameters ({:.3}B)",
+            count.total(),
+            count.total() as f64 / 1e9
+        );
+        let _ = writeln!(
+            o,
+            "  input {}x{}x{}, patch {}, {} tokens; hidden {}, depth {}, heads {}, SwiGLU width {}",
+            cfg.in_channels,
+            cfg.input_size,
+            cfg.input_size,
+            cfg.patch_size,
+            cfg.tokens(),
+            cfg.hidden,
+            cfg.depth,
+            cfg.heads,
+            cfg.mlp_width()
+        );
+        let _ = writeln!(
+            o,
+            "  per block {} (qkv {}, proj {}, qk-norm {}, SwiGLU {}, adaLN {}) x {}",
+            b.total(),
+            b.qkv,
+            b.proj,
+            b.qk_norm,
+            b.mlp,
+            b.adaln,
+            count.depth
+        );
+        let _ = writeln!(
+            o,
+            "  patch embed {}, timestep MLP {}, age MLP {}, tables {}, final adaLN {}, final linear {}",
+            count.patch_embed,
+            count.timestep,
+            count.age,
+            count.tables,
+            count.final_adaln,
+            count.final_linear
+        );
+        let _ = writeln!(
+            o,
+            "FLOPs per token: {:.3} G forward, {:.3} G training (forward + backward)",
+            cfg.forward_flops_per_token() / 1e9,
+            cfg.training_flops_per_token() / 1e9
+        );
+        let _ = writeln!(
+            o,
+            "Training state per GPU (fp32 weights, grads, Adam m+v, EMA; activations not included):"
+        );
+        let _ = writeln!(o, "  DDP (replicated):      {:.2} GB", mem.ddp_bytes / 1e9);
+        let _ = write!(
+            o,
+            "  FSDP over {world:>4} ranks: {:.2} GB",
+            mem.fsdp_bytes / 1e9
+        );
+        o
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
