@@ -16,7 +16,7 @@ use crate::train::TrainError;
 
 /// What a run's EMA sampling keeps from start to end (shared by the samples drawn at each step).
 #[derive(Clone)]
-pub struct EmaSampling(std::sync::Arc<Loaded>);
+pub struct EmaSampling(std::rc::Rc<Loaded>);
 
 struct Loaded {
     model: RadiTConfig,
@@ -47,7 +47,7 @@ impl EmaSampling {
                 }
             }
         }
-        Ok(Self(std::sync::Arc::new(Loaded {
+        Ok(Self(std::rc::Rc::new(Loaded {
             model: model.clone(),
             shift,
             decoders: loaded,
