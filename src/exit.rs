@@ -91,6 +91,9 @@ fn meaning(e: &(dyn std::error::Error + 'static)) -> Option<u8> {
     {
         return Some(BAD_INPUT);
     }
+    if let Some(radit_run::shard::ShardRunError::PushInterval(_)) = e.downcast_ref() {
+        return Some(BAD_INPUT);
+    }
     if let Some(radit_jobs::sample::SampleError::Request(_)) = e.downcast_ref() {
         return Some(BAD_INPUT);
     }

@@ -4,20 +4,17 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use std::io::Write;
 
-use radit_monitoring::{Pusher, Pushgateway};
 use radit_run::quickstart::Said;
-use radit_sharding::ShardError;
 use radit_sharding::audit::{self, AuditRequest};
-use radit_sharding::ingest::{IngestOutcome, IngestProgress, RunOptions, ingest};
+use radit_sharding::ingest::RunOptions;
 use radit_sharding::layout::{Compression, StoreLayout};
 use radit_sharding::loader::{DataConfig, ModelInput, Pass};
-use radit_sharding::manifest::{IngestSettings, Manifest, verify};
+use radit_sharding::manifest::IngestSettings;
 use radit_sharding::reader::StoreReader;
 use radit_sharding::schema::{EncodingConfig, UncertainPolicy};
 use radit_sharding::split::Split;
@@ -416,26 +413,12 @@ fn shard_settings(a: &ShardArgs) -> IngestSettings {
     }
 }
 
-/// Ingest allocates tens of megabytes per image (a 2048x2500 DICOM's values, its decoded pixels, the resize's
-/// buffers) and frees them at once. glibc serves such blocks with fresh mmaps and returns them on free, so every
-/// image pays for page faults on all of it (about a third of the time on large DICOMs); keeping them in the heap
-/// instead reuses the same pages. Measured in BENCHMARKS.md (Ingest from DICOM).
-fn keep_large_allocations() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only changes the allocator's tuning; called before the ingest's threads start.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
-        libc::mallopt(libc::M_TOP_PAD, 256 << 20);
-    }
-}
-
 fn run_shard(a: ShardArgs) -> anyhow::Result<u8> {
     if let Some(url) = &a.verify {
         return run_verify(url);
     }
-    keep_large_allocations();
     if a.ceiling {
+        radit_run::shard::keep_large_allocations();
         return run_ingest_ceiling(&a);
     }
     let (Some(table), Some(images), Some(out)) = (&a.table, &a.images, &a.out) else {
@@ -443,82 +426,23 @@ fn run_shard(a: ShardArgs) -> anyhow::Result<u8> {
             "--table, --images and --out are required to ingest"
         ));
     };
-    let settings = shard_settings(&a);
-    let metrics = Arc::new(IngestProgress::default());
-    let pusher = match &a.pushgateway {
-        Some(url) => {
-            exit::ensure_usage!(
-                a.push_seconds.is_finite() && a.push_seconds >= 0.1,
-                "--push-seconds must be a number of seconds >= 0.1, got {}",
-                a.push_seconds
-            );
-            let host = radit_protocol::env::hostname().unwrap_or_else(|| "unknown".into());
-            let gateway = Pushgateway::new(url, "radit-shard", &[("instance", &host)])
-                .context("--pushgateway")?;
-            let m = metrics.clone();
-            Some(Pusher::start(
-                gateway,
-                std::time::Duration::from_secs_f64(a.push_seconds),
-                move || {
-                    use std::sync::atomic::Ordering::Relaxed;
-                    radit_monitoring::metrics::exposition(
-                        radit_monitoring::metrics::IngestSnapshot {
-                            rows: m.rows_total.load(Relaxed),
-                            rows_done: m.rows_done.load(Relaxed),
-                            rows_rejected: m.rows_rejected.load(Relaxed),
-                            shards_written: m.shards_written.load(Relaxed),
-                            bytes_written: m.bytes_written.load(Relaxed),
-                            complete: m.complete.load(Relaxed) != 0,
-                        },
-                    )
-                },
-            ))
-        }
-        None => None,
-    };
-    let opts = RunOptions {
-        threads: a.threads,
-        progress: !a.no_progress,
-        stop_after_shards: a.stop_after_shards,
-        metrics: Some(metrics),
-    };
-    let started = std::time::Instant::now();
-    let outcome = ingest(table, images, out, &settings, &opts);
-    if let Some(p) = pusher
-        && let Err(e) = p.finish_keeping_last()
-    {
-        eprintln!("radit: could not push the final ingest metrics: {e}");
-    }
-    let outcome = outcome.with_context(|| format!("ingesting {} into {out}", table.display()))?;
-    match outcome {
-        IngestOutcome::Interrupted { written_shards } => {
-            println!(
-                "stopped after {written_shards} new shards as requested; run again to continue"
-            );
-        }
-        IngestOutcome::Complete {
-            manifest,
-            resumed_shards,
-            written_shards,
-        } => {
-            let secs = started.elapsed().as_secs_f64();
-            println!("store {} is complete", Storage::open(out)?.url());
-            if resumed_shards > 0 {
-                println!(
-                    "  resumed: {resumed_shards} shards were already committed, {written_shards} written now"
-                );
-            }
-            print!("{}", manifest.summary());
-            print_rejections(&manifest, a.show_rejected);
-            let written_images = written_shards * u64::from(settings.layout.shard_images);
-            if written_shards > 0 && secs > 0.0 {
-                println!(
-                    "  {:.3} s, about {:.1} images/s",
-                    secs,
-                    written_images.min(manifest.counts.accepted) as f64 / secs
-                );
-            }
-        }
+    let end = radit_run::shard::shard(&radit_run::shard::ShardJob {
+        table: table.clone(),
+        images: images.clone(),
+        out: out.clone(),
+        settings: shard_settings(&a),
+        options: RunOptions {
+            threads: a.threads,
+            progress: !a.no_progress,
+            stop_after_shards: a.stop_after_shards,
+            metrics: None,
+        },
+        pushgateway: a.pushgateway.clone().map(|url| (url, a.push_seconds)),
+        show_rejected: a.show_rejected,
+    })?;
+    print!("{end}");
+    if matches!(end, radit_run::shard::ShardEnd::Interrupted { .. }) {
+        println!();
     }
     Ok(0)
 }
@@ -543,61 +467,15 @@ fn run_ingest_ceiling(a: &ShardArgs) -> anyhow::Result<u8> {
     Ok(0)
 }
 
-fn print_rejections(manifest: &Manifest, limit: usize) {
-    if manifest.rejected.is_empty() {
-        return;
-    }
-    println!("rejected rows:");
-    for r in manifest.rejected.iter().take(limit) {
-        println!("  {r}");
-    }
-    if manifest.rejected.len() > limit {
-        println!(
-            "  ... and {} more (see manifest.json)",
-            manifest.rejected.len() - limit
-        );
-    }
-    for (kind, w) in &manifest.warnings.0 {
-        println!(
-            "stored as missing: {kind} x{} (e.g. {})",
-            w.count,
-            w.examples.first().map_or("", String::as_str)
-        );
-    }
-}
-
 fn run_verify(url: &str) -> anyhow::Result<u8> {
-    let checked = Storage::open_existing(url)
-        .map_err(ShardError::from)
-        .and_then(|storage| Ok((verify(&storage)?, storage)));
-    let (report, storage) = match checked {
-        Ok(r) => r,
-        // A store that is not there or not complete fails verification; anything else is an error to report.
-        Err(e) if e.is_not_found() || matches!(e, ShardError::InvalidStore { .. }) => {
-            println!("store {url} fails verification: {e}");
-            return Ok(exit::VERIFY_FAILED);
-        }
-        Err(e) => return Err(e).with_context(|| format!("verifying {url}")),
-    };
-    if report.ok() {
-        println!(
-            "store {} verified: {} objects, {:.1} MiB match the manifest",
-            storage.url(),
-            report.objects_checked,
-            report.bytes_checked as f64 / 1048576.0
-        );
-        Ok(0)
+    let verified =
+        radit_run::shard::verify_store(url).with_context(|| format!("verifying {url}"))?;
+    println!("{verified}");
+    Ok(if verified.ok() {
+        0
     } else {
-        println!(
-            "store {} has {} problem(s):",
-            storage.url(),
-            report.problems.len()
-        );
-        for p in &report.problems {
-            println!("  {p}");
-        }
-        Ok(exit::VERIFY_FAILED)
-    }
+        exit::VERIFY_FAILED
+    })
 }
 
 fn run_quickstart(a: QuickstartArgs) -> anyhow::Result<u8> {

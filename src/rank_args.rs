@@ -106,7 +106,8 @@ where
         faults: FaultPlan::from_env(),
         ..RankHandles::default()
     };
-    let done = membership::run_rank(device, &handles, |comm| work(comm, &handles), repeats)??;
+    let done = membership::run_rank(device, &handles, |comm| work(comm, &handles), repeats)
+        .map_err(|e| anyhow::Error::from_boxed(e.into_inner()))??;
     eprintln!("{}", serde_json::to_string(&done.summary)?);
     Ok(done)
 }

@@ -44,7 +44,8 @@ pub fn run(a: RunArgs) -> anyhow::Result<u8> {
         return Ok(0);
     }
     let signal = stop_signal()?;
-    let end = run_job(&job, &radit, a.in_allocation, &signal)?;
+    let end = run_job(&job, &radit, a.in_allocation, &signal)
+        .map_err(|e| anyhow::Error::from_boxed(e.into_inner()))?;
     eprintln!("{end}");
     Ok(end.exit_code())
 }

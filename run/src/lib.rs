@@ -9,5 +9,6 @@ pub mod kinds;
 pub mod quickstart;
 pub mod report;
 pub mod samples;
+pub mod shard;
 pub mod supervise;
 pub mod workflow;
