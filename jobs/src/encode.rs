@@ -25,7 +25,7 @@ use radit_models::autoencoder::{self, AeConfig, Autoencoder};
 
 use crate::journal::{RankError, RankHandles};
 use crate::units::{
-    UnitJob, UnitRank, UnitReader, UnitWork, rank_range, run_units, settled_by_rank0, total_steps,
+    UnitJob, UnitReader, UnitWork, rank_range, run_units, settled_by_rank0, total_steps,
 };
 use radit_models::model::{ModelError, Precision};
 
@@ -333,11 +333,7 @@ pub fn encode(
     };
     tracing::info!(rank, shards = summary.shards, encoder = %encoder.description, "encoding");
     let run = run_units(
-        UnitRank {
-            comm,
-            device,
-            handles,
-        },
+        (comm, device, handles),
         &shards,
         &ShardImages(&reader),
         &mut job,

@@ -23,9 +23,7 @@ use sha2::{Digest, Sha256};
 use tch::{Device, Tensor};
 
 use crate::journal::{RankError, RankHandles, io_error, write_atomic};
-use crate::units::{
-    UnitJob, UnitRank, UnitReader, UnitWork, run_units, settled_by_rank0, total_steps,
-};
+use crate::units::{UnitJob, UnitReader, UnitWork, run_units, settled_by_rank0, total_steps};
 use radit_engine::collective::Collective;
 use radit_engine::out_of_memory::{AllocationFailed, OutOfMemory};
 use radit_models::features::FeatureNet;
@@ -313,16 +311,7 @@ pub fn extract(
         source: &source,
         unit_images: cfg.unit_images,
     };
-    let run = run_units(
-        UnitRank {
-            comm,
-            device,
-            handles,
-        },
-        &unit_list,
-        &reader,
-        &mut job,
-    )?;
+    let run = run_units((comm, device, handles), &unit_list, &reader, &mut job)?;
     summary.units = run.units;
     summary.units_resumed = run.resumed;
     summary.images = job.images;

@@ -27,7 +27,7 @@ use tch::Device;
 use crate::generate::{Conditions, Sampler};
 use crate::journal::{RankError, RankHandles, io_error, write_atomic};
 use crate::units::{
-    UnitJob, UnitRank, UnitReader, UnitWork, rank_range, run_units, settled_by_rank0, total_steps,
+    UnitJob, UnitReader, UnitWork, rank_range, run_units, settled_by_rank0, total_steps,
 };
 use radit_engine::collective::Collective;
 use radit_engine::out_of_memory::{AllocationFailed, OutOfMemory};
@@ -452,16 +452,7 @@ pub fn generate(
         unit_profiles: cfg.unit_profiles,
         per_profile: cfg.per_profile,
     };
-    let run = run_units(
-        UnitRank {
-            comm,
-            device,
-            handles,
-        },
-        &unit_list,
-        &reader,
-        &mut job,
-    )?;
+    let run = run_units((comm, device, handles), &unit_list, &reader, &mut job)?;
     summary.units = run.units;
     summary.units_resumed = run.resumed;
     summary.samples_written = job.samples_written;

@@ -53,14 +53,6 @@ pub struct UnitWork {
     pub flops: f64,
 }
 
-/// A rank of a unit job: its group, its device and its handles (stop flag, progress, fault plan).
-#[derive(Clone, Copy)]
-pub struct UnitRank<'a> {
-    pub comm: &'a dyn Collective,
-    pub device: Device,
-    pub handles: &'a RankHandles,
-}
-
 /// How a rank's range went.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct UnitsRun {
@@ -88,10 +80,11 @@ pub fn rank_range(units: usize, rank: usize, world: usize) -> std::ops::Range<us
     rank * units / world..(rank + 1) * units / world
 }
 
-/// Runs this rank's range of `units` (all of the job's units, the same list on every rank). Collective at the end
-/// (the end-of-range meeting): every rank calls it.
+/// Runs this rank's range of `units` (all of the job's units, the same list on every rank) on `device`, told
+/// through `handles` (stop flag, progress, fault plan). Collective at the end (the end-of-range meeting): every
+/// rank calls it.
 pub fn run_units<R, J>(
-    rank: UnitRank,
+    (comm, device, handles): (&dyn Collective, Device, &RankHandles),
     units: &[J::Unit],
     reader: &R,
     job: &mut J,
@@ -100,11 +93,6 @@ where
     R: UnitReader<Unit = J::Unit, Input = J::Input>,
     J: UnitJob,
 {
-    let UnitRank {
-        comm,
-        device,
-        handles,
-    } = rank;
     let (me, world) = (comm.rank(), comm.world());
     let progress = &handles.progress;
     let faults = &handles.faults;
