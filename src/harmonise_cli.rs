@@ -266,84 +266,21 @@ pub fn run_harmonise(cmd: HarmoniseCommand) -> anyhow::Result<u8> {
 
 /// `radit harmonise all`: every configured source, one table, a report per source and a combined summary.
 fn run_all(a: &AllArgs) -> anyhow::Result<u8> {
-    let config = all::load_config(&a.config)?;
-    let mut combined = all::harmonise_all(&config, &a.images, &a.config)?;
-    let held = a
-        .hold_out
-        .as_deref()
-        .map(|f| all::hold_out(&mut combined.rows, f))
-        .transpose()?;
-    write_table(&a.out, &combined.rows)?;
-    let mut summary = String::new();
-    for part in &combined.parts {
-        // `cxr7.vindr.csv` -> `cxr7.vindr.report.json`: one report per source beside the table.
-        let named = a.out.with_extension(format!("{}.csv", part.name));
-        part.audit.write_beside(&named).with_context(|| {
-            format!("writing {}'s report beside {}", part.name, a.out.display())
-        })?;
-        summary.push_str(&part.audit.summary());
-        summary.push_str(&format!(
-            "  -> {} rows, paths under {}/\n",
-            part.rows,
-            part.prefix.display()
-        ));
-    }
-    if let Some(h) = &held {
-        summary.push_str(&hold_out_line(h));
-    }
-    summary.push_str(&format!(
-        "all: {} rows from {} sources, image ids unique\n",
-        combined.rows.len(),
-        combined.parts.len()
-    ));
-    let txt = a.out.with_extension("report.txt");
-    std::fs::write(&txt, &summary).with_context(|| format!("writing {}", txt.display()))?;
-    print!("{summary}");
+    let report = all::write_all(&a.config, &a.images, &a.out, a.hold_out.as_deref())?;
+    print!("{}", report.summary);
     println!(
         "wrote {} ({} rows); per-source reports {}",
         a.out.display(),
-        combined.rows.len(),
+        report.rows,
         a.out.with_extension("<source>.report.json").display()
     );
     Ok(0)
 }
 
-fn hold_out_line(h: &all::HoldOut) -> String {
-    let mut line = format!("held out for test: {} images", h.matched);
-    if h.unknown_count > 0 {
-        line.push_str(&format!(
-            "; {} listed ids match no row (first: {})",
-            h.unknown_count,
-            h.unknown.join(", ")
-        ));
-    }
-    line + "\n"
-}
-
 /// `radit harmonise fixtures`: every source's synthetic release and a sources.toml naming them.
 fn write_fixtures(a: &FixturesArgs) -> anyhow::Result<u8> {
-    let r = fixtures::write_all(&a.out)
+    let path = fixtures::write_all_with_config(&a.out)
         .with_context(|| format!("writing the fixtures under {}", a.out.display()))?;
-    let rel = |p: &std::path::Path| p.strip_prefix(&a.out).unwrap_or(p).display().to_string();
-    let config = format!(
-        "# The synthetic releases `radit harmonise fixtures` wrote; roots are relative to --images {}.\n\
-         [mimic]\nroot = \"{}\"\nmimic_iv = \"{}\"\n\n[chexpert_plus]\nroot = \"{}\"\n\n\
-         [rexgradient]\nroot = \"{}\"\nlabels = \"{}/{}\"\n\n[padchest]\nroot = \"{}\"\n\n\
-         [vindr]\nroot = \"{}\"\n\n[nih]\nroot = \"{}\"\n\n[brax]\nroot = \"{}\"\n",
-        a.out.display(),
-        rel(&r.mimic),
-        rel(&r.mimic_iv),
-        rel(&r.chexpert_plus),
-        rel(&r.rexgradient),
-        rel(&r.rexgradient),
-        rexgradient::FIXTURE_LABELS,
-        rel(&r.padchest),
-        rel(&r.vindr),
-        rel(&r.nih),
-        rel(&r.brax),
-    );
-    let path = a.out.join("sources.toml");
-    std::fs::write(&path, config).with_context(|| format!("writing {}", path.display()))?;
     println!(
         "wrote the seven synthetic releases under {} and {}; next: radit harmonise all --config {} --images {} \
          --out table.csv",
@@ -382,7 +319,7 @@ fn write_out(c: &CommonArgs, (mut rows, audit): (Vec<HarmonisedRow>, Audit)) -> 
         .transpose()?;
     write_table(&c.out, &rows)?;
     if let Some(h) = &held {
-        print!("{}", hold_out_line(h));
+        print!("{}", h.line());
     }
     let (json, _) = audit
         .write_beside(&c.out)

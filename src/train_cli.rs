@@ -211,30 +211,8 @@ pub fn run_engine(cmd: EngineCommand) -> anyhow::Result<u8> {
         checkpoint_dir: a.checkpoint,
     };
     let comm = collective::from_environment(device).context("joining the rank group")?;
-    let oom = |e: Box<dyn std::error::Error + Send + Sync>| {
-        radit_engine::out_of_memory::OutOfMemory::new(
-            e,
-            "the benchmark's steps",
-            device,
-            format!(
-                "model {} ({} parameters), --batch {} per rank, precision {:?}, mode {}",
-                a.run.preset,
-                bench.model.parameter_count().total(),
-                bench.batch,
-                bench.engine.precision,
-                a.run.mode
-            ),
-            "lower --batch, or run on more ranks (each holds 1/world of the training state)",
-        )
-    };
-    let report =
-        match radit_engine::out_of_memory::guard(|| radit_jobs::bench::run(&bench, comm, device)) {
-            Err(failed) => return Err(oom(failed.into()).into()),
-            Ok(Err(e)) if radit_engine::out_of_memory::in_chain(&e) => {
-                return Err(oom(e.into()).into());
-            }
-            Ok(r) => r?,
-        };
+    let report = radit_jobs::bench::run_guarded(&bench, comm, device, (&a.run.preset, &a.run.mode))
+        .map_err(anyhow::Error::from_boxed)?;
     if report.rank == 0 {
         println!("{}", serde_json::to_string(&report)?);
     }

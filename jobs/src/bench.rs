@@ -121,6 +121,37 @@ fn device_used_bytes(device: Device) -> Option<u64> {
     radit_engine::runtime::device_memory(device).map(|(used, _)| used)
 }
 
+/// [`run`], with an allocation failure anywhere in it (a panic inside tch, or an error whose chain says so) as
+/// an [`OutOfMemory`](radit_engine::out_of_memory::OutOfMemory) report naming the `preset`, `mode` and batch, with
+/// advice.
+pub fn run_guarded(
+    b: &EngineBench,
+    comm: Box<dyn Collective>,
+    device: Device,
+    (preset, mode): (&str, &str),
+) -> Result<EngineBenchReport, Box<dyn std::error::Error + Send + Sync>> {
+    use radit_engine::out_of_memory::{OutOfMemory, guard, in_chain};
+    let oom = |e: Box<dyn std::error::Error + Send + Sync>| {
+        Box::new(OutOfMemory::new(
+            e,
+            "the benchmark's steps",
+            device,
+            format!(
+                "model {preset} ({} parameters), --batch {} per rank, precision {:?}, mode {mode}",
+                b.model.parameter_count().total(),
+                b.batch,
+                b.engine.precision,
+            ),
+            "lower --batch, or run on more ranks (each holds 1/world of the training state)",
+        ))
+    };
+    match guard(|| run(b, comm, device)) {
+        Err(failed) => Err(oom(failed.into())),
+        Ok(Err(e)) if in_chain(&e) => Err(oom(e.into())),
+        Ok(r) => Ok(r?),
+    }
+}
+
 pub fn run(
     b: &EngineBench,
     comm: Box<dyn Collective>,

@@ -428,3 +428,69 @@ pub fn hold_out(rows: &mut [HarmonisedRow], file: &Path) -> Result<HoldOut, Sour
     out.matched = chosen.len();
     Ok(out)
 }
+
+/// What `radit harmonise all` wrote, for the caller to print.
+#[derive(Debug)]
+pub struct AllReport {
+    /// Each source's audit summary and rows, the hold-out, the total (also written to `<out>.report.txt`).
+    pub summary: String,
+    pub rows: usize,
+}
+
+/// `radit harmonise all`: every source `config` names, from under `images`, into one table `out` with a report per
+/// source beside it (`<out>.<source>.report.json`) and the summary in `<out>.report.txt`; the images listed in
+/// `hold_out` go to the test split.
+pub fn write_all(
+    config: &Path,
+    images: &Path,
+    out: &Path,
+    hold_out_file: Option<&Path>,
+) -> Result<AllReport, SourceError> {
+    let sources = load_config(config)?;
+    let mut combined = harmonise_all(&sources, images, config)?;
+    let held = hold_out_file
+        .map(|f| hold_out(&mut combined.rows, f))
+        .transpose()?;
+    crate::output::write_table(out, &combined.rows)?;
+    let mut summary = String::new();
+    for part in &combined.parts {
+        // `cxr7.vindr.csv` -> `cxr7.vindr.report.json`: one report per source beside the table.
+        part.audit
+            .write_beside(&out.with_extension(format!("{}.csv", part.name)))?;
+        summary.push_str(&part.audit.summary());
+        summary.push_str(&format!(
+            "  -> {} rows, paths under {}/\n",
+            part.rows,
+            part.prefix.display()
+        ));
+    }
+    if let Some(h) = &held {
+        summary.push_str(&h.line());
+    }
+    summary.push_str(&format!(
+        "all: {} rows from {} sources, image ids unique\n",
+        combined.rows.len(),
+        combined.parts.len()
+    ));
+    let txt = out.with_extension("report.txt");
+    std::fs::write(&txt, &summary).map_err(|source| SourceError::Write { path: txt, source })?;
+    Ok(AllReport {
+        summary,
+        rows: combined.rows.len(),
+    })
+}
+
+impl HoldOut {
+    /// The report's line.
+    pub fn line(&self) -> String {
+        let mut line = format!("held out for test: {} images", self.matched);
+        if self.unknown_count > 0 {
+            line.push_str(&format!(
+                "; {} listed ids match no row (first: {})",
+                self.unknown_count,
+                self.unknown.join(", ")
+            ));
+        }
+        line + "\n"
+    }
+}

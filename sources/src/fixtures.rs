@@ -48,6 +48,33 @@ pub fn write_all(dir: &Path) -> std::io::Result<Releases> {
     Ok(r)
 }
 
+/// [`write_all`], and `sources.toml` beside the releases naming each (roots relative to `dir`): what
+/// `radit harmonise all --config` reads. Returns that file.
+pub fn write_all_with_config(dir: &Path) -> std::io::Result<PathBuf> {
+    let r = write_all(dir)?;
+    let rel = |p: &Path| p.strip_prefix(dir).unwrap_or(p).display().to_string();
+    let config = format!(
+        "# The synthetic releases `radit harmonise fixtures` wrote; roots are relative to --images {}.\n\
+         [mimic]\nroot = \"{}\"\nmimic_iv = \"{}\"\n\n[chexpert_plus]\nroot = \"{}\"\n\n\
+         [rexgradient]\nroot = \"{}\"\nlabels = \"{}/{}\"\n\n[padchest]\nroot = \"{}\"\n\n\
+         [vindr]\nroot = \"{}\"\n\n[nih]\nroot = \"{}\"\n\n[brax]\nroot = \"{}\"\n",
+        dir.display(),
+        rel(&r.mimic),
+        rel(&r.mimic_iv),
+        rel(&r.chexpert_plus),
+        rel(&r.rexgradient),
+        rel(&r.rexgradient),
+        crate::rexgradient::FIXTURE_LABELS,
+        rel(&r.padchest),
+        rel(&r.vindr),
+        rel(&r.nih),
+        rel(&r.brax),
+    );
+    let path = dir.join("sources.toml");
+    std::fs::write(&path, config)?;
+    Ok(path)
+}
+
 /// The rows whose image is missing, does not decode as `radit shard` decodes it (DICOM or PNG by content), is not
 /// 24x20 or is constant, with why: empty when the fixture keeps its promise that its tables shard with no image
 /// rejected.
