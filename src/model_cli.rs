@@ -1,7 +1,6 @@
 //! `radit model ...` and `radit sample`: thin argument parsing over radit_models and radit_jobs::sample.
 
 use std::path::PathBuf;
-use std::time::Instant;
 
 use crate::rank_args::{PrecisionArg, device_or_gpu};
 use anyhow::Context;
@@ -11,7 +10,7 @@ use radit_jobs::sample::{Counterfactual, SampleRequest, decode_to, sample};
 use radit_models::autoencoder::{self, AeConfig, Autoencoder, DecoderConfig};
 use radit_models::model::{Precision, RadiT, RadiTConfig, save_weights};
 use radit_models::sampler::Solver;
-use radit_models::tch::{self, Device, Tensor, nn::VarStore};
+use radit_models::tch::{self, Device, nn::VarStore};
 
 #[derive(Subcommand)]
 pub enum ModelCommand {
@@ -153,33 +152,15 @@ fn vae_bench(a: VaeBenchArgs) -> anyhow::Result<u8> {
         "--batch, --steps and --threads must be positive and --image-size a multiple of {}",
         cfg.downsampling()
     );
-    tch::set_num_threads(a.threads);
-    tch::manual_seed(0);
-    let vs = VarStore::new(Device::Cpu);
-    let ae = Autoencoder::new(&vs.root(), &cfg)?;
-    let x = Tensor::rand(
-        [a.batch, 1, a.image_size, a.image_size],
-        tch::kind::FLOAT_CPU,
-    ) * 2
-        - 1;
-    let mut times = Vec::new();
-    for i in 0..a.warmup + a.steps {
-        let start = Instant::now();
-        let z = tch::no_grad(|| ae.encode_mean(&x))?;
-        anyhow::ensure!(z.size()[1] == cfg.z_channels, "one latent per image");
-        if i >= a.warmup {
-            times.push(start.elapsed().as_secs_f64());
-        }
-    }
-    times.sort_by(f64::total_cmp);
-    let median = times[times.len() / 2];
-    let flops = cfg.encoder_flops(a.image_size);
-    let v = serde_json::json!({
-        "impl": "radit", "preset": a.preset, "image_size": a.image_size, "batch": a.batch, "threads": a.threads,
-        "median_s": median, "images_per_s": a.batch as f64 / median,
-        "gflop_per_image": flops / 1e9, "cpu_gflop_per_s": flops * a.batch as f64 / median / 1e9,
-    });
-    println!("{v}");
+    let report = radit_jobs::bench::encoder_step(&radit_jobs::bench::EncoderBench {
+        preset: a.preset,
+        image_size: a.image_size,
+        batch: a.batch,
+        steps: a.steps,
+        warmup: a.warmup,
+        threads: a.threads,
+    })?;
+    println!("{}", serde_json::to_string(&report)?);
     Ok(0)
 }
 

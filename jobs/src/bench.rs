@@ -1,5 +1,5 @@
 //! The benches: [`model_step`] (`radit model bench`), a plain unsharded step of the model alone, the floor the
-//! engine is compared with; and `radit engine bench`: step time, throughput, MFU and communication volume of the FSDP engine on synthetic
+//! engine is compared with; [`encoder_step`] (`radit vae bench`), the autoencoder's encoder throughput; and `radit engine bench`: step time, throughput, MFU and communication volume of the FSDP engine on synthetic
 //! inputs (no data loading), optionally a checkpoint's stall and write bandwidth against the disk's raw write
 //! bandwidth, measured in the same run. On a GPU it also reports the caching allocator's peak over the timed steps
 //! and the driver's view of device memory.
@@ -434,5 +434,86 @@ pub fn model_step(b: &ModelBench) -> Result<ModelBenchReport, radit_models::mode
         median_s: times[times.len() / 2],
         min_s: times[0],
         forward_median_s: forward[forward.len() / 2],
+    })
+}
+
+/// What `radit vae bench` measures: the autoencoder's encoder mean on random images on this machine's CPU.
+#[derive(Debug, Clone)]
+pub struct EncoderBench {
+    pub preset: String,
+    pub image_size: i64,
+    pub batch: i64,
+    pub steps: usize,
+    pub warmup: usize,
+    pub threads: i32,
+}
+
+/// Seconds per batch of an [`EncoderBench`] and the rates they give.
+#[derive(Debug, Clone, Serialize)]
+pub struct EncoderBenchReport {
+    #[serde(rename = "impl")]
+    pub implementation: &'static str,
+    pub preset: String,
+    pub image_size: i64,
+    pub batch: i64,
+    pub threads: i32,
+    pub median_s: f64,
+    pub images_per_s: f64,
+    pub gflop_per_image: f64,
+    pub cpu_gflop_per_s: f64,
+}
+
+/// Runs an [`EncoderBench`] (compare with tests/python/flux2_ae_twin.py bench).
+pub fn encoder_step(
+    b: &EncoderBench,
+) -> Result<EncoderBenchReport, radit_models::model::ModelError> {
+    use radit_models::autoencoder::{AeConfig, Autoencoder};
+    use radit_models::model::ModelError;
+    let cfg = AeConfig::preset(&b.preset)?;
+    if b.batch <= 0 || b.steps == 0 || b.threads <= 0 || b.image_size % cfg.downsampling() != 0 {
+        return Err(ModelError::BadInput {
+            input: "--batch, --steps, --threads, --image-size",
+            reason: format!(
+                "must be positive, and the image size a multiple of {}",
+                cfg.downsampling()
+            ),
+        });
+    }
+    tch::set_num_threads(b.threads);
+    tch::manual_seed(0);
+    let vs = tch::nn::VarStore::new(Device::Cpu);
+    let ae = Autoencoder::new(&vs.root(), &cfg)?;
+    let x = Tensor::rand(
+        [b.batch, 1, b.image_size, b.image_size],
+        tch::kind::FLOAT_CPU,
+    ) * 2
+        - 1;
+    let mut times = Vec::new();
+    for i in 0..b.warmup + b.steps {
+        let start = Instant::now();
+        let z = tch::no_grad(|| ae.encode_mean(&x))?;
+        if z.size()[1] != cfg.z_channels {
+            return Err(ModelError::BadInput {
+                input: "encoder",
+                reason: "not one latent per image".into(),
+            });
+        }
+        if i >= b.warmup {
+            times.push(start.elapsed().as_secs_f64());
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    let median = times[times.len() / 2];
+    let flops = cfg.encoder_flops(b.image_size);
+    Ok(EncoderBenchReport {
+        implementation: "radit",
+        preset: b.preset.clone(),
+        image_size: b.image_size,
+        batch: b.batch,
+        threads: b.threads,
+        median_s: median,
+        images_per_s: b.batch as f64 / median,
+        gflop_per_image: flops / 1e9,
+        cpu_gflop_per_s: flops * b.batch as f64 / median / 1e9,
     })
 }
