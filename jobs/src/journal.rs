@@ -1,7 +1,6 @@
-//! What the journaled jobs share: `radit encode`, `radit generate` and `radit eval features` each cut their work
-//! into units, give each rank a contiguous range, write a unit's output and then commit it (a journal record or a
-//! part file written through a temporary name), and resume at the first uncommitted unit. One error type, one set
-//! of handles, one way to read a rank's config and to write a file whole.
+//! What the unit jobs share besides their driver ([`crate::units`]): one error type named by what the operator can
+//! do, the stop check between units, one way to read a rank's config, to write a file whole (the commit of a part
+//! file or a journal record), and to record a committed unit in the rank's progress.
 
 use std::path::{Path, PathBuf};
 
