@@ -197,6 +197,123 @@ pub fn settled_by_rank0<T>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeSet;
+
+    use radit_engine::collective::local::LocalGroup;
+
+    /// Unit u's input is 10 u.
+    struct Tens;
+
+    impl UnitReader for Tens {
+        type Unit = u64;
+        type Input = u64;
+        fn read(&self, unit: u64) -> Result<u64, RankError> {
+            Ok(unit * 10)
+        }
+    }
+
+    /// Commits units into a set; unit 3's compute asks for 1 PiB when `greedy`.
+    #[derive(Default)]
+    struct Recorder {
+        committed: BTreeSet<u64>,
+        inputs: Vec<u64>,
+        greedy: bool,
+    }
+
+    impl UnitJob for Recorder {
+        type Unit = u64;
+        type Input = u64;
+        type Output = u64;
+        type Written = u64;
+        fn is_committed(&self, unit: u64) -> Result<bool, RankError> {
+            Ok(self.committed.contains(&unit))
+        }
+        fn compute(&mut self, unit: u64, input: u64) -> Result<u64, RankError> {
+            if self.greedy && unit == 3 {
+                let _never = tch::Tensor::empty([1i64 << 48], (tch::Kind::Float, Device::Cpu));
+            }
+            self.inputs.push(input);
+            Ok(input + 1)
+        }
+        fn out_of_memory(&self, failed: AllocationFailed, unit: u64) -> OutOfMemory {
+            OutOfMemory::new(
+                failed,
+                format!("unit {unit}"),
+                Device::Cpu,
+                "a recorder",
+                "record less",
+            )
+        }
+        fn write(&mut self, _: u64, output: u64) -> Result<u64, RankError> {
+            Ok(output)
+        }
+        fn commit(&mut self, unit: u64, _: u64) -> Result<UnitWork, RankError> {
+            self.committed.insert(unit);
+            Ok(UnitWork {
+                images: 1,
+                ..UnitWork::default()
+            })
+        }
+    }
+
+    fn one_rank() -> radit_engine::collective::local::LocalCollective {
+        LocalGroup::ranks(1, std::time::Duration::from_secs(10)).remove(0)
+    }
+
+    #[test]
+    fn committed_units_are_skipped_the_rest_read_ahead_computed_and_committed_in_order() {
+        let comm = one_rank();
+        let handles = RankHandles::default();
+        let mut job = Recorder {
+            committed: BTreeSet::from([0, 1]),
+            ..Recorder::default()
+        };
+        let units: Vec<u64> = (0..5).collect();
+        let run = run_units((&comm, Device::Cpu, &handles), &units, &Tens, &mut job).unwrap();
+        assert_eq!((run.units, run.resumed, run.committed), (5, 2, 3));
+        assert!(!run.stopped_anywhere);
+        assert_eq!(job.inputs, [20, 30, 40]);
+        assert_eq!(job.committed, BTreeSet::from_iter(0..5));
+        // The rank counts as at the job's last step once its range is done.
+        assert_eq!(handles.progress.step(), 5);
+    }
+
+    #[test]
+    fn a_stop_keeps_what_is_committed_and_says_so() {
+        let comm = one_rank();
+        let handles = RankHandles::default();
+        handles
+            .stop
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let mut job = Recorder::default();
+        let units: Vec<u64> = (0..3).collect();
+        let run = run_units((&comm, Device::Cpu, &handles), &units, &Tens, &mut job).unwrap();
+        assert!(run.stopped_anywhere);
+        assert_eq!(run.committed, 0);
+        assert!(job.inputs.is_empty());
+    }
+
+    #[test]
+    fn an_allocation_failure_in_a_unit_is_the_jobs_report_after_the_units_before_it() {
+        let comm = one_rank();
+        let handles = RankHandles::default();
+        let mut job = Recorder {
+            greedy: true,
+            ..Recorder::default()
+        };
+        let units: Vec<u64> = (0..5).collect();
+        let err = run_units((&comm, Device::Cpu, &handles), &units, &Tens, &mut job).unwrap_err();
+        let RankError::OutOfMemory(report) = &err else {
+            panic!("expected an out-of-memory report, got {err}")
+        };
+        let text = report.to_string();
+        assert!(
+            text.contains("unit 3") && text.contains("a recorder"),
+            "{text}"
+        );
+        assert!(err.repeats());
+        assert_eq!(job.committed, BTreeSet::from([0, 1, 2]));
+    }
 
     #[test]
     fn ranges_cover_every_shard_once_and_differ_by_at_most_one() {
