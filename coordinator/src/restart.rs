@@ -163,4 +163,19 @@ mod tests {
         };
         assert_eq!(bad.check().unwrap_err().field, "restart.missed_heartbeats");
     }
+
+    #[test]
+    fn the_rank_groups_timeouts_are_settings_checked_like_the_others() {
+        let p: RestartPolicy =
+            serde_json::from_str(r#"{"collective_timeout_seconds": 120.0}"#).unwrap();
+        assert_eq!(
+            (p.rendezvous_seconds, p.collective_timeout_seconds),
+            (1800.0, 120.0)
+        );
+        let bad = RestartPolicy {
+            rendezvous_seconds: 0.0,
+            ..p
+        };
+        assert_eq!(bad.check().unwrap_err().field, "restart.rendezvous_seconds");
+    }
 }

@@ -197,6 +197,32 @@ pub fn rank_identity(var: impl Fn(&str) -> Option<String>) -> Option<RankIdentit
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_rank_environment_carries_the_groups_timeouts_and_the_ca_only_when_pinned() {
+        let plain = RankEnvironment {
+            coordinator: "10.0.0.1:7000".into(),
+            token_file: "/run/job.token".into(),
+            generation: 3,
+            coordinator_grace_seconds: 60.0,
+            rendezvous_seconds: 1800.0,
+            collective_timeout_seconds: 120.0,
+            pid_dir: "/run/ranks".into(),
+            ca: None,
+        };
+        let vars: std::collections::BTreeMap<String, String> = plain.vars().into_iter().collect();
+        assert_eq!(vars[GENERATION], "3");
+        assert_eq!(vars[COLLECTIVE_RENDEZVOUS], "1800");
+        assert_eq!(vars[COLLECTIVE_TIMEOUT], "120");
+        assert!(!vars.contains_key(COORDINATOR_CA));
+        let pinned = RankEnvironment {
+            ca: Some(("/run/ca.pem".into(), "ab".repeat(32))),
+            ..plain
+        };
+        let vars: std::collections::BTreeMap<String, String> = pinned.vars().into_iter().collect();
+        assert_eq!(vars[COORDINATOR_CA], "/run/ca.pem");
+        assert_eq!(vars[COORDINATOR_CA_SHA256].len(), 64);
+    }
     use radit_testkit::env;
 
     #[test]

@@ -856,6 +856,11 @@ impl Job {
         );
         let _ = writeln!(
             o,
+            "rank group: waits {} s for every rank to join, then {} s for a peer in any collective",
+            p.rendezvous_seconds, p.collective_timeout_seconds
+        );
+        let _ = writeln!(
+            o,
             "coordinator: binds {} ({})",
             s.coordinator.bind,
             if s.coordinator.tls_for(s.resources.nodes) {
