@@ -121,26 +121,29 @@ pub fn write_atomic(
     std::fs::rename(&partial, path).map_err(io_error(path))
 }
 
-/// One committed unit, as the heartbeat reports it: its step, how long it took (`data_wait` of it reading), and
-/// its images, tokens and model FLOPs (no loss: nothing is trained).
-pub struct UnitDone {
-    pub step: u64,
-    pub seconds: f64,
-    pub data_wait_seconds: f64,
+/// A committed unit's work, for throughput: images, model tokens and model FLOPs.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct UnitWork {
     pub images: u64,
     pub tokens: u64,
     pub flops: f64,
 }
 
-/// Records a committed unit in the rank's progress (and the device's memory after it).
-pub fn record_unit(progress: &Progress, device: Device, u: UnitDone) {
+/// Records committed unit `step` (`seconds` long, `data_wait_seconds` of it reading) in the rank's progress, with
+/// no loss (nothing is trained), and the device's memory after it.
+pub fn record_unit(
+    progress: &Progress,
+    device: Device,
+    (step, seconds, data_wait_seconds): (u64, f64, f64),
+    work: UnitWork,
+) {
     progress.record_step(&StepRecord {
-        step: u.step,
-        seconds: u.seconds,
-        data_wait_seconds: u.data_wait_seconds,
-        images: u.images,
-        tokens: u.tokens,
-        flops: u.flops,
+        step,
+        seconds,
+        data_wait_seconds,
+        images: work.images,
+        tokens: work.tokens,
+        flops: work.flops,
         loss: f64::NAN,
         loss_max: f64::NAN,
         grad_norm: f64::NAN,

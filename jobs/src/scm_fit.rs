@@ -20,7 +20,7 @@ use radit_sharding::store::Storage;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor, nn};
 
-use crate::journal::{RankError, RankHandles, UnitDone, io_error};
+use crate::journal::{RankError, RankHandles, io_error};
 use radit_engine::collective::Collective;
 use radit_models::flow::fill_normal;
 use radit_models::model::ModelError;
@@ -361,13 +361,10 @@ pub fn train(
         crate::journal::record_unit(
             progress,
             device,
-            UnitDone {
-                step: state.step,
-                seconds: step_start.elapsed().as_secs_f64(),
-                data_wait_seconds: 0.0,
+            (state.step, step_start.elapsed().as_secs_f64(), 0.0),
+            crate::journal::UnitWork {
                 images: cfg.batch / world as u64,
-                tokens: 0,
-                flops: 0.0,
+                ..Default::default()
             },
         );
         progress.record_loss(loss);

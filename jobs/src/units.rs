@@ -14,7 +14,8 @@ use radit_engine::progress::Phase;
 use radit_sharding::ShardError;
 use tch::Device;
 
-use crate::journal::{RankError, RankHandles, UnitDone, end_of_range, record_unit};
+pub use crate::journal::UnitWork;
+use crate::journal::{RankError, RankHandles, end_of_range, record_unit};
 
 /// Reads a unit's input (a shard's images, a part of a feature source). Runs on a reader thread, one unit ahead
 /// of the compute, so it shares nothing mutable with the job.
@@ -43,14 +44,6 @@ pub trait UnitJob {
     -> Result<Self::Written, RankError>;
     /// Makes the written unit count (a journal record, a rename); returns its work for the heartbeat.
     fn commit(&mut self, unit: Self::Unit, written: Self::Written) -> Result<UnitWork, RankError>;
-}
-
-/// A committed unit's work, for throughput: images, model tokens and model FLOPs.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct UnitWork {
-    pub images: u64,
-    pub tokens: u64,
-    pub flops: f64,
 }
 
 /// How a rank's range went.
@@ -153,14 +146,8 @@ where
             record_unit(
                 progress,
                 device,
-                UnitDone {
-                    step,
-                    seconds: started.elapsed().as_secs_f64(),
-                    data_wait_seconds: data_wait,
-                    images: work.images,
-                    tokens: work.tokens,
-                    flops: work.flops,
-                },
+                (step, started.elapsed().as_secs_f64(), data_wait),
+                work,
             );
             tracing::debug!(rank = me, step, %unit, "unit committed");
         }
