@@ -5,6 +5,7 @@
 use radit_engine::checkpoint::CheckpointError;
 use radit_engine::collective::CollectiveError;
 use radit_engine::membership::JoinError;
+use radit_engine::membership::RankStartError;
 use radit_engine::placement::PlacementError;
 use radit_jobs::journal::RankError;
 use radit_jobs::train::TrainError;
@@ -12,7 +13,9 @@ use radit_models::model::ModelError;
 use radit_protocol::ConfigError;
 use radit_protocol::REQUEUE_EXIT_CODE;
 use radit_run::job::JobError;
+use radit_run::quickstart::QuickstartError;
 use radit_run::supervise::SuperviseError;
+use radit_run::workflow::RunError;
 use radit_sharding::ShardError;
 use radit_sharding::store::StorageError;
 
@@ -177,6 +180,47 @@ fn meaning(e: &(dyn std::error::Error + 'static)) -> Option<u8> {
         };
     }
     None
+}
+
+/// The library errors that wrap another transparently, unwrapped into the chain, so that [`code_of`] sees the
+/// wrapped error's type (a transparent wrapper hides it: its `source` is the inner error's source).
+pub fn unwrapped(e: impl Into<Wrapped>) -> anyhow::Error {
+    match e.into() {
+        Wrapped::Run(RunError::Supervise(e)) => e.into(),
+        Wrapped::Run(RunError::Samples(e)) => e.into(),
+        Wrapped::Run(RunError::Slurm(e)) => e.into(),
+        Wrapped::Run(e) => e.into(),
+        Wrapped::Quickstart(QuickstartError::Run(e)) => unwrapped(e),
+        Wrapped::Quickstart(QuickstartError::Job(e)) => e.into(),
+        Wrapped::Quickstart(e) => e.into(),
+        Wrapped::RankStart(RankStartError::Join(e)) => e.into(),
+        Wrapped::RankStart(e) => e.into(),
+    }
+}
+
+/// The errors [`unwrapped`] takes apart.
+pub enum Wrapped {
+    Run(RunError),
+    Quickstart(QuickstartError),
+    RankStart(RankStartError),
+}
+
+impl From<RunError> for Wrapped {
+    fn from(e: RunError) -> Self {
+        Wrapped::Run(e)
+    }
+}
+
+impl From<QuickstartError> for Wrapped {
+    fn from(e: QuickstartError) -> Self {
+        Wrapped::Quickstart(e)
+    }
+}
+
+impl From<RankStartError> for Wrapped {
+    fn from(e: RankStartError) -> Self {
+        Wrapped::RankStart(e)
+    }
 }
 
 /// The exit code of a failed command: the first error in its chain that says what to do, else [`FAILED`].

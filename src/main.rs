@@ -490,15 +490,11 @@ fn run_quickstart(a: QuickstartArgs) -> anyhow::Result<u8> {
     };
     let radit = std::env::current_exe().context("locating the radit binary")?;
     let signal = run_cli::stop_signal()?;
-    Ok(radit_run::quickstart::quickstart(
-        &q,
-        &radit,
-        &signal,
-        &mut |said| match said {
-            Said::Stage(line) => println!("{line}"),
-            Said::RunEnded(end) => eprintln!("{end}"),
-        },
-    )?)
+    radit_run::quickstart::quickstart(&q, &radit, &signal, &mut |said| match said {
+        Said::Stage(line) => println!("{line}"),
+        Said::RunEnded(end) => eprintln!("{end}"),
+    })
+    .map_err(exit::unwrapped)
 }
 
 fn run_batches(a: BatchesArgs) -> anyhow::Result<u8> {

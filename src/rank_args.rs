@@ -107,7 +107,7 @@ where
         ..RankHandles::default()
     };
     let done = membership::run_rank(device, &handles, |comm| work(comm, &handles), repeats)
-        .map_err(|e| anyhow::Error::from_boxed(e.into_inner()))??;
+        .map_err(crate::exit::unwrapped)??;
     // One write: the ranks of an mpirun share stderr, and a line written in pieces can interleave with another's.
     let line = serde_json::to_string(&done.summary)? + "\n";
     std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes())?;

@@ -44,8 +44,7 @@ pub fn run(a: RunArgs) -> anyhow::Result<u8> {
         return Ok(0);
     }
     let signal = stop_signal()?;
-    let end = run_job(&job, &radit, a.in_allocation, &signal)
-        .map_err(|e| anyhow::Error::from_boxed(e.into_inner()))?;
+    let end = run_job(&job, &radit, a.in_allocation, &signal).map_err(crate::exit::unwrapped)?;
     eprintln!("{end}");
     Ok(end.exit_code())
 }

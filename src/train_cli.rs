@@ -212,7 +212,7 @@ pub fn run_engine(cmd: EngineCommand) -> anyhow::Result<u8> {
     };
     let comm = collective::from_environment(device).context("joining the rank group")?;
     let report = radit_jobs::bench::run_guarded(&bench, comm, device, (&a.run.preset, &a.run.mode))
-        .map_err(anyhow::Error::from_boxed)?;
+        .map_err(|oom| anyhow::Error::new(*oom))??;
     if report.rank == 0 {
         println!("{}", serde_json::to_string(&report)?);
     }

@@ -132,16 +132,6 @@ pub enum RankStartError {
     Group(#[source] CollectiveError),
 }
 
-impl RankStartError {
-    /// The join error a transparent variant wraps, for a caller that classifies errors by their type.
-    pub fn into_inner(self) -> Box<dyn std::error::Error + Send + Sync> {
-        match self {
-            RankStartError::Join(e) => Box::new(e),
-            other => Box::new(other),
-        }
-    }
-}
-
 /// A rank whose work ended well: its summary and its rank.
 pub struct RankDone<S> {
     pub summary: S,

@@ -122,14 +122,14 @@ fn device_used_bytes(device: Device) -> Option<u64> {
 }
 
 /// [`run`], with an allocation failure anywhere in it (a panic inside tch, or an error whose chain says so) as
-/// an [`OutOfMemory`](radit_engine::out_of_memory::OutOfMemory) report naming the `preset`, `mode` and batch, with
-/// advice.
+/// the outer error: an [`OutOfMemory`](radit_engine::out_of_memory::OutOfMemory) report naming the `preset`,
+/// `mode` and batch, with advice. The inner result is the bench's own.
 pub fn run_guarded(
     b: &EngineBench,
     comm: Box<dyn Collective>,
     device: Device,
     (preset, mode): (&str, &str),
-) -> Result<EngineBenchReport, Box<dyn std::error::Error + Send + Sync>> {
+) -> Result<Result<EngineBenchReport, EngineError>, Box<radit_engine::out_of_memory::OutOfMemory>> {
     use radit_engine::out_of_memory::{OutOfMemory, guard, in_chain};
     let oom = |e: Box<dyn std::error::Error + Send + Sync>| {
         Box::new(OutOfMemory::new(
@@ -148,7 +148,7 @@ pub fn run_guarded(
     match guard(|| run(b, comm, device)) {
         Err(failed) => Err(oom(failed.into())),
         Ok(Err(e)) if in_chain(&e) => Err(oom(e.into())),
-        Ok(r) => Ok(r?),
+        Ok(r) => Ok(r),
     }
 }
 

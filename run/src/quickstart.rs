@@ -83,17 +83,6 @@ pub enum QuickstartError {
     Run(#[from] RunError),
 }
 
-impl QuickstartError {
-    /// The error a transparent variant wraps, for a caller that classifies errors by their type (exit codes).
-    pub fn into_inner(self) -> Box<dyn std::error::Error + Send + Sync> {
-        match self {
-            QuickstartError::Job(e) => Box::new(e),
-            QuickstartError::Run(e) => e.into_inner(),
-            other => Box::new(other),
-        }
-    }
-}
-
 /// Runs the quickstart; `radit` is the binary its jobs' ranks run, `signal` as for [`run_job`]. Returns the exit
 /// code of its last stage (a job that fails or is stopped ends it early).
 pub fn quickstart(

@@ -127,18 +127,6 @@ pub enum RunError {
     },
 }
 
-impl RunError {
-    /// The error it wraps (transparently), for a caller that classifies errors by their type (exit codes).
-    pub fn into_inner(self) -> Box<dyn std::error::Error + Send + Sync> {
-        match self {
-            RunError::Supervise(e) => Box::new(e),
-            RunError::Samples(e) => Box::new(e),
-            RunError::Slurm(e) => Box::new(e),
-            io @ RunError::Io { .. } => Box::new(io),
-        }
-    }
-}
-
 /// Runs a loaded job with the radit binary `radit` for its ranks. `signal` holds a pending SIGUSR1/SIGTERM/SIGINT
 /// (0 for none): the ranks checkpoint and stop, or following a Slurm job stops. `in_allocation`: this is the
 /// batch step of a Slurm job (supervise srun tasks here).
