@@ -253,4 +253,23 @@ mod tests {
         assert_eq!(code_of(&anyhow::Error::new(diverged)), FAILED);
         assert_eq!(code_of(&anyhow::anyhow!("something else")), FAILED);
     }
+
+    #[test]
+    fn wrapped_errors_keep_their_exit_codes() {
+        let bind = RunError::Supervise(SuperviseError::Bind {
+            bind: "127.0.0.1:1".into(),
+            reason: "in use".into(),
+        });
+        assert_eq!(code_of(&unwrapped(bind)), BAD_INPUT);
+        let join = RankStartError::Join(JoinError::Environment {
+            var: "RADIT_COORDINATOR",
+            reason: "`bad` is not IP:PORT".into(),
+        });
+        assert_eq!(code_of(&unwrapped(join)), BAD_INPUT);
+        let quickstart = QuickstartError::Run(RunError::Supervise(SuperviseError::Bind {
+            bind: "x".into(),
+            reason: "y".into(),
+        }));
+        assert_eq!(code_of(&unwrapped(quickstart)), BAD_INPUT);
+    }
 }
