@@ -22,6 +22,15 @@ pub enum EvalCommand {
     /// float32 .npy, the image ids (.ids.txt) and what they are of (.json); resumable unit by unit, cached with
     /// --cache, and distributed as a `[job] kind = "features"` job under `radit run`.
     Features(FeaturesArgs),
+    /// A small DINOv2 snapshot with random weights (config.json, model.safetensors, preprocessor_config.json), to
+    /// try `eval features` and `eval fidelity` offline: its features measure nothing (use Rad-DINO for results).
+    RandomDinov2 {
+        /// The snapshot directory to write.
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        seed: i64,
+    },
 }
 
 #[derive(Args)]
@@ -63,9 +72,9 @@ pub struct FeaturesArgs {
     /// cpu, cuda or cuda:N (default: the GPU when there is one).
     #[arg(long)]
     device: Option<String>,
-    /// libtorch intra-op threads per rank.
-    #[arg(long)]
-    threads: Option<i32>,
+    /// libtorch intra-op threads per rank (default: this process's cores shared among the node's ranks).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    threads: Option<u16>,
     /// The features file (.npy); .ids.txt and .json go beside it.
     #[arg(long, required_unless_present = "config")]
     out: Option<PathBuf>,
@@ -138,15 +147,23 @@ pub fn run_eval(cmd: EvalCommand) -> anyhow::Result<u8> {
     match cmd {
         EvalCommand::Fidelity(a) => run_fidelity(a),
         EvalCommand::Features(a) => run_features(a),
+        EvalCommand::RandomDinov2 { out, seed } => {
+            radit_models::features::write_random_snapshot(&out, seed)?;
+            println!(
+                "wrote a random DINOv2 snapshot to {} (for trying the evaluation path: its features measure \
+                 nothing; pass --net {} to `radit eval features`)",
+                out.display(),
+                out.display()
+            );
+            Ok(0)
+        }
     }
 }
 
 fn run_features(a: FeaturesArgs) -> anyhow::Result<u8> {
     let cfg = a.config()?;
-    if let Some(t) = a.threads {
-        radit_models::tch::set_num_threads(t);
-    }
     let device = crate::rank_args::device_or_gpu(a.device.as_deref())?;
+    radit_engine::threads::apply(a.threads.map(usize::from), None);
     let done = crate::rank_args::run_rank(
         device,
         |comm, handles| extract(&cfg, comm.as_ref(), device, handles),
@@ -157,6 +174,32 @@ fn run_features(a: FeaturesArgs) -> anyhow::Result<u8> {
         println!("{report}");
     }
     Ok(crate::exit::done_or_requeue(summary.stopped_for_requeue))
+}
+
+/// Sets too small for the numbers to mean much: fewer rows than the feature width makes the covariance singular
+/// (FD is then dominated by its rank deficit), and fewer than 1,000 leaves FD biased upwards and PRDC's k-NN
+/// radii coarse.
+fn small_set_warnings(sets: &[(&std::path::Path, &radit_eval::Features)]) -> Vec<String> {
+    let mut said = Vec::new();
+    for (path, f) in sets {
+        if f.rows() <= f.dim() {
+            said.push(format!(
+                "{} has {} rows of {}-d features: with no more rows than dimensions the covariance is singular, \
+                 so FD and the other metrics are not meaningful",
+                path.display(),
+                f.rows(),
+                f.dim()
+            ));
+        } else if f.rows() < 1000 {
+            said.push(format!(
+                "{} has {} rows: below 1,000 FD is biased upwards and precision/recall are coarse; compare only \
+                 with numbers from sets of the same size",
+                path.display(),
+                f.rows()
+            ));
+        }
+    }
+    said
 }
 
 fn run_fidelity(a: FidelityArgs) -> anyhow::Result<u8> {
@@ -188,6 +231,9 @@ fn run_fidelity(a: FidelityArgs) -> anyhow::Result<u8> {
     }
     let real = read_npy(&a.real)?;
     let fake = read_npy(&a.fake)?;
+    for warning in small_set_warnings(&[(&a.real, &real), (&a.fake, &fake)]) {
+        eprintln!("radit: warning: {warning}");
+    }
     let started = std::time::Instant::now();
     let result = fidelity(&real, &fake, &cfg)?;
     let mut report = serde_json::to_value(&result)?;

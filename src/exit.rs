@@ -228,6 +228,24 @@ pub fn code_of(e: &anyhow::Error) -> u8 {
     e.chain().find_map(meaning).unwrap_or(FAILED)
 }
 
+/// The error as one line, outermost first, without the links that only repeat what an outer one already said
+/// (an error whose message includes its source's text, wrapped several times, would otherwise print it as often).
+pub fn describe(e: &anyhow::Error) -> String {
+    let mut said = String::new();
+    for link in e.chain() {
+        let text = link.to_string();
+        let text = text.trim();
+        if text.is_empty() || said.contains(text) {
+            continue;
+        }
+        if !said.is_empty() {
+            said.push_str(": ");
+        }
+        said.push_str(text);
+    }
+    said
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -252,6 +270,19 @@ mod tests {
         };
         assert_eq!(code_of(&anyhow::Error::new(diverged)), FAILED);
         assert_eq!(code_of(&anyhow::anyhow!("something else")), FAILED);
+    }
+
+    #[test]
+    fn a_chain_is_described_once_per_distinct_message() {
+        let inner = std::io::Error::other("URL scheme is not allowed");
+        let e = anyhow::Error::new(inner)
+            .context("storage error at s3://b/k: URL scheme is not allowed")
+            .context("reading the manifest")
+            .context("reading the manifest");
+        assert_eq!(
+            describe(&e),
+            "reading the manifest: storage error at s3://b/k: URL scheme is not allowed"
+        );
     }
 
     #[test]

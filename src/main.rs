@@ -326,7 +326,10 @@ fn main() -> ExitCode {
     radit_monitoring::init_tracing();
     // Allocation failures are caught and reported as errors (exit 2), not printed as crashes.
     radit_engine::out_of_memory::quiet_panic_hook();
-    let cli = Cli::parse();
+    let cli = match parse_arguments() {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     let result = match cli.command {
         Command::Synth(a) => run_synth(a),
         Command::Harmonise(c) => harmonise_cli::run_harmonise(c),
@@ -354,10 +357,36 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", exit::describe(&e));
             ExitCode::from(exit::code_of(&e))
         }
     }
+}
+
+/// The command line. Every option that takes a value accepts a leading minus, so that `--steps -5` reaches the
+/// value's own check (clap's "invalid value ... invalid digit", or the command's range error) instead of reading as
+/// an unknown flag `-5`.
+fn parse_arguments() -> Result<Cli, clap::Error> {
+    use clap::{CommandFactory, FromArgMatches};
+    fn negatives_allowed(cmd: clap::Command) -> clap::Command {
+        let cmd = cmd.mut_args(|a| {
+            if a.get_action().takes_values() && !a.is_positional() {
+                a.allow_negative_numbers(true)
+            } else {
+                a
+            }
+        });
+        let names: Vec<String> = cmd
+            .get_subcommands()
+            .map(|c| c.get_name().to_string())
+            .collect();
+        names
+            .into_iter()
+            .fold(cmd, |c, name| c.mut_subcommand(name, negatives_allowed))
+    }
+    let mut cmd = negatives_allowed(Cli::command());
+    let matches = cmd.try_get_matches_from_mut(std::env::args_os())?;
+    Cli::from_arg_matches(&matches).map_err(|e| e.format(&mut cmd))
 }
 
 fn run_synth(a: SynthArgs) -> anyhow::Result<u8> {

@@ -15,18 +15,24 @@ pub struct RankArgs {
     /// cpu, cuda (this rank's GPU: its local rank modulo the GPUs it can see) or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
-    /// libtorch intra-op threads per rank.
-    #[arg(long)]
-    threads: Option<i32>,
+    /// libtorch intra-op threads per rank (default: this process's cores shared among the node's ranks, fewer
+    /// for small work; printed at start).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    threads: Option<u16>,
 }
 
 impl RankArgs {
-    /// Sets the threads and resolves the device.
+    /// Resolves the device and sets the threads, for work of unknown size.
     pub fn device(&self) -> anyhow::Result<Device> {
-        if let Some(t) = self.threads {
-            tch::set_num_threads(t);
-        }
-        device(&self.device)
+        self.device_for(None)
+    }
+
+    /// Resolves the device and sets the threads for work of `flops_per_step` (see
+    /// [`radit_engine::threads`]).
+    pub fn device_for(&self, flops_per_step: Option<f64>) -> anyhow::Result<Device> {
+        let device = device(&self.device)?;
+        radit_engine::threads::apply(self.threads.map(usize::from), flops_per_step);
+        Ok(device)
     }
 }
 

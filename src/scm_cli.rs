@@ -62,7 +62,8 @@ pub struct TrainArgs {
     seed: u64,
     #[arg(long, default_value_t = 100)]
     log_every: u64,
-    /// Checkpoint here every --checkpoint-every steps; a rerun resumes from it.
+    /// Checkpoint here every --checkpoint-every steps and at a stop; a rerun resumes from it (default: OUT's name
+    /// with .ckpt, beside it).
     #[arg(long)]
     checkpoint_dir: Option<PathBuf>,
     #[arg(long, default_value_t = 1000)]
@@ -218,7 +219,13 @@ fn run_train(a: TrainArgs) -> anyhow::Result<u8> {
             cfg
         }
     };
-    let device = a.rank.device()?;
+    let world =
+        radit_protocol::env::rank_identity(|k| std::env::var(k).ok()).map_or(1, |r| r.world);
+    let device = a.rank.device_for(Some(cfg.flops_per_step(world)))?;
+    eprintln!(
+        "radit: checkpoints in {} (a rerun resumes from them)",
+        cfg.checkpoints().display()
+    );
     let done = crate::rank_args::run_rank(
         device,
         |comm, handles| {
@@ -238,6 +245,12 @@ fn run_train(a: TrainArgs) -> anyhow::Result<u8> {
             cfg.out.display(),
             summary.final_step,
             summary.final_loss
+        );
+    } else if rank == 0 {
+        eprintln!(
+            "radit: stopped at step {}; the checkpoint in {} resumes it",
+            summary.final_step,
+            cfg.checkpoints().display()
         );
     }
     Ok(crate::exit::done_or_requeue(summary.stopped_for_requeue))

@@ -8,15 +8,20 @@ use clap::Args;
 use radit_engine::checkpoint;
 use radit_engine::collective;
 use radit_engine::fsdp::EngineConfig;
+use radit_jobs::train::metrics_csv::MetricsCsv;
 use radit_jobs::train::{TrainConfig, TrainError, train};
 use radit_models::model::{RadiTConfig, save_named_weights};
-use radit_models::tch::{self, Device};
+use radit_models::tch::Device;
 
 #[derive(Args)]
 pub struct TrainArgs {
     /// The run's TOML config (data, model, flow, engine, train, checkpoint).
     #[arg(long)]
     config: PathBuf,
+    /// Append one row per logged step here (step, loss, validation loss, FD, gradient norm, lr, images/s);
+    /// default: metrics.csv in the checkpoint directory when it is local.
+    #[arg(long)]
+    metrics: Option<PathBuf>,
     #[command(flatten)]
     rank: RankArgs,
 }
@@ -35,14 +40,44 @@ pub struct ExportArgs {
 
 pub fn run_train(a: TrainArgs) -> anyhow::Result<u8> {
     let cfg = TrainConfig::load(&a.config)?;
-    let device = a.rank.device()?;
+    // One rank's step: its share of the global batch through the forward and backward.
+    let world =
+        radit_protocol::env::rank_identity(|k| std::env::var(k).ok()).map_or(1, |r| r.world);
+    let model = cfg.model();
+    let flops = model.training_flops_per_token()
+        * model.tokens() as f64
+        * (cfg.train.global_batch as f64 / world as f64);
+    let device = a.rank.device_for(Some(flops))?;
+    let metrics_path = a.metrics.clone().or_else(|| {
+        let url = &cfg.checkpoint.as_ref()?.url;
+        (!url.contains("://")).then(|| PathBuf::from(url).join("metrics.csv"))
+    });
     let done = run_rank(
         device,
         |comm, handles| {
             let rank = comm.rank();
+            // A metrics file that cannot be written costs its rows, not the run.
+            let mut csv = metrics_path
+                .as_ref()
+                .filter(|_| rank == 0)
+                .and_then(|path| match MetricsCsv::open(path) {
+                    Ok(c) => {
+                        tracing::info!(file = %path.display(), "step metrics (CSV)");
+                        Some(c)
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, file = %path.display(), "cannot open the metrics CSV");
+                        None
+                    }
+                });
             train(&cfg, comm, device, handles.clone(), |log| {
                 if rank == 0 {
                     println!("{}", serde_json::to_string(log).unwrap_or_default());
+                }
+                let failed = csv.as_mut().and_then(|c| c.append(log).err());
+                if let Some(e) = failed {
+                    tracing::warn!(error = %e, "cannot write the metrics CSV: no more rows");
+                    csv = None;
                 }
             })
         },
@@ -191,16 +226,17 @@ pub struct EngineBenchArgs {
     peak_tflops: f64,
     #[arg(long)]
     checkpoint: Option<PathBuf>,
-    #[arg(long)]
-    threads: Option<i32>,
+    /// libtorch intra-op threads (default: this process's cores shared among the node's ranks, fewer for small
+    /// work).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    threads: Option<u16>,
 }
 
 pub fn run_engine(cmd: EngineCommand) -> anyhow::Result<u8> {
     let EngineCommand::Bench(a) = cmd;
-    if let Some(t) = a.threads {
-        tch::set_num_threads(t);
-    }
     let (model, engine, device) = a.run.resolve()?;
+    let flops = model.training_flops_per_token() * model.tokens() as f64 * a.run.batch as f64;
+    radit_engine::threads::apply(a.threads.map(usize::from), Some(flops));
     let bench = radit_jobs::bench::EngineBench {
         model,
         engine,

@@ -10,6 +10,7 @@
 //! - [`placement`]: which GPU a rank drives.
 //! - [`runtime`]: which libtorch is loaded and which devices it sees; [`libraries`]: the loaded shared libraries.
 //! - [`out_of_memory`]: allocation failures anywhere in a step or a unit as errors, not panics.
+//! - [`threads`]: how many libtorch threads a process uses, from its cores, its node's ranks and its work.
 //! - [`faults`]: the fault plan the end-to-end tests inject, read once by the binary and passed in.
 
 pub mod checkpoint;
@@ -22,3 +23,4 @@ pub mod out_of_memory;
 pub mod placement;
 pub mod progress;
 pub mod runtime;
+pub mod threads;

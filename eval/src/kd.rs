@@ -72,8 +72,13 @@ pub fn kernel_distance(real: &Features, fake: &Features, cfg: &KdConfig) -> Resu
     same_width(real, fake)?;
     let smaller = real.rows().min(fake.rows());
     let m = cfg.subset_size.unwrap_or(smaller);
-    real.require_rows(m.max(2), "KD subsets")?;
-    fake.require_rows(m.max(2), "KD subsets")?;
+    let metric = if cfg.subset_size.is_some_and(|m| m > smaller) {
+        "KD subsets; --kd-subset-size min uses the smaller set's size"
+    } else {
+        "KD subsets"
+    };
+    real.require_rows(m.max(2), metric)?;
+    fake.require_rows(m.max(2), metric)?;
     if cfg.subsets == 0 {
         return Err(EvalError::Undefined {
             what: "KD".into(),

@@ -57,7 +57,7 @@ pub struct ScmTrainConfig {
     pub log_every: u64,
     /// The trained model (EMA weights, graph, config, vocabulary).
     pub out: PathBuf,
-    /// Where the checkpoint goes (a directory); none: no resume.
+    /// Where the checkpoint goes (a directory); none: `<out>.ckpt` beside the model ([`Self::checkpoints`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint_dir: Option<PathBuf>,
     #[serde(default = "default_checkpoint_every")]
@@ -109,23 +109,49 @@ impl ScmTrainConfig {
         }
     }
 
+    /// About the floating-point operations of one rank's step among `world`: 6 per parameter per profile, with
+    /// each variable's network counted with three parents' embeddings as input (what sizes its threads).
+    pub fn flops_per_step(&self, world: usize) -> f64 {
+        let m = &self.model;
+        let (d, w) = (m.embed_dim as f64, m.width as f64);
+        let per_network = 2.0 * m.blocks as f64 * w * w + (3.0 * d + m.fourier as f64) * w;
+        let variables = 19.0;
+        6.0 * variables * per_network * (self.batch as f64 / world.max(1) as f64)
+    }
+
+    /// Where checkpoints go: `checkpoint_dir`, else `<out>.ckpt` beside the model. Training always checkpoints,
+    /// so a stop (a signal, a requeue) never loses the run and a rerun resumes.
+    pub fn checkpoints(&self) -> PathBuf {
+        self.checkpoint_dir.clone().unwrap_or_else(|| {
+            let mut name = self.out.file_stem().unwrap_or_default().to_os_string();
+            name.push(".ckpt");
+            self.out.with_file_name(name)
+        })
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |field: &str, reason: String| Err(ConfigError::new(field, reason));
         self.model.validate()?;
-        if self.steps == 0 || self.batch == 0 || self.log_every == 0 || self.checkpoint_every == 0 {
-            return bad(
-                "scm.steps",
-                "steps, batch, log_every and checkpoint_every must be positive".into(),
-            );
+        for (field, value) in [
+            ("scm.steps", self.steps),
+            ("scm.batch", self.batch),
+            ("scm.log_every", self.log_every),
+            ("scm.checkpoint_every", self.checkpoint_every),
+        ] {
+            if value == 0 {
+                return bad(field, "must be positive".into());
+            }
         }
-        let lr_ok = self.lr.is_finite() && self.lr > 0.0;
-        if !lr_ok || !(0.0..1.0).contains(&self.ema) || self.weight_decay < 0.0 {
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return bad("scm.lr", format!("{} must be positive", self.lr));
+        }
+        if !(0.0..1.0).contains(&self.ema) {
+            return bad("scm.ema", format!("{} must be in [0, 1)", self.ema));
+        }
+        if self.weight_decay.is_nan() || self.weight_decay < 0.0 {
             return bad(
-                "scm.lr",
-                format!(
-                    "lr {} must be positive, ema {} in [0, 1), weight_decay {} >= 0",
-                    self.lr, self.ema, self.weight_decay
-                ),
+                "scm.weight_decay",
+                format!("{} must be >= 0", self.weight_decay),
             );
         }
         Ok(())
@@ -245,10 +271,9 @@ pub fn train(
             .collect(),
     };
     let mut resumed_from = None;
-    if let Some(dir) = &cfg.checkpoint_dir
-        && checkpoint_path(dir).exists()
-    {
-        let step = resume(&checkpoint_path(dir), &vs, &mut state)?;
+    let dir = cfg.checkpoints();
+    if checkpoint_path(&dir).exists() {
+        let step = resume(&checkpoint_path(&dir), &vs, &mut state)?;
         resumed_from = Some(step);
         tracing::info!(rank, step, "resuming the SCM from its checkpoint");
     }
@@ -379,12 +404,10 @@ pub fn train(
             on_log(&log);
             window = (Instant::now(), 0);
         }
-        if let Some(dir) = &cfg.checkpoint_dir
-            && (state.step.is_multiple_of(cfg.checkpoint_every) || state.step == cfg.steps)
-            && rank == 0
+        if (state.step.is_multiple_of(cfg.checkpoint_every) || state.step == cfg.steps) && rank == 0
         {
             let _g = progress.enter(Phase::Checkpoint);
-            save_checkpoint(dir, &vs, &state, cfg, &graph)?;
+            save_checkpoint(&dir, &vs, &state, cfg, &graph)?;
         }
     }
     // A stop anywhere: every rank checkpoints at the same step (rank 0 writes) and leaves.
@@ -392,8 +415,8 @@ pub fn train(
         crate::journal::end_of_range(comm, progress, summary.stopped_for_requeue, cfg.steps)?;
     if stopped {
         summary.stopped_for_requeue = true;
-        if let (Some(dir), 0) = (&cfg.checkpoint_dir, rank) {
-            save_checkpoint(dir, &vs, &state, cfg, &graph)?;
+        if rank == 0 {
+            save_checkpoint(&dir, &vs, &state, cfg, &graph)?;
         }
     } else if rank == 0 {
         if let Some(parent) = cfg.out.parent().filter(|p| !p.as_os_str().is_empty()) {

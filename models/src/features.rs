@@ -7,7 +7,7 @@
 mod dinov2;
 mod preprocess;
 
-pub use dinov2::{Dinov2, Dinov2Config, Dinov2Net};
+pub use dinov2::{Dinov2, Dinov2Config, Dinov2Net, write_random_snapshot};
 pub use preprocess::{Preprocessing, ProcessorConfig};
 
 use std::path::Path;

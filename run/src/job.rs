@@ -5,7 +5,7 @@
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
-use crate::kinds::{SectionJob, read_section};
+use crate::kinds::{JobFolder, SectionJob, read_section};
 use radit_coordinator::RestartPolicy;
 use radit_jobs::encode::EncodeConfig;
 use radit_jobs::features_job::FeaturesConfig;
@@ -119,10 +119,41 @@ const RUN_SECTIONS: [&str; 7] = [
     "samples",
 ];
 
+/// The top-level sections a job file may have for its kind, checked before they are read by type, so that a
+/// mistyped or missing section is named as one (with the section that was meant) rather than as a field of
+/// another, and a training config given to `radit run` is told apart from a job file.
+fn check_job_sections(all: &toml::Table) -> Result<(), String> {
+    let train_sections = radit_jobs::train::TrainConfig::SECTIONS;
+    if !all.contains_key("job") && train_sections.iter().any(|s| all.contains_key(*s)) {
+        return Err(
+            "this is a training config (it has no [job] section): run it with `radit train --config FILE`, or \
+             make it a job file by adding [job], [resources] and [launcher] (`radit quickstart` writes one: \
+             radit-quickstart/job.toml; see also examples/radit-xl-job.toml)"
+                .into(),
+        );
+    }
+    let kind = all
+        .get("job")
+        .and_then(|j| j.get("kind"))
+        .and_then(|k| k.as_str())
+        .unwrap_or("train");
+    let mut known: Vec<&str> = RUN_SECTIONS.to_vec();
+    match kind {
+        "train" => known.extend(train_sections.iter().filter(|s| **s != "preview")),
+        "encode" | "generate" | "features" | "scm" => known.push(kind),
+        // The kind itself is checked, and named, when [job] is read.
+        _ => return Ok(()),
+    }
+    let found = all.keys().map(String::as_str).filter(|k| *k != "preview");
+    radit_protocol::config::check_sections(found, &known, &["job", "resources", "launcher"])
+        .map_err(|e| format!("[{}]: {}", e.field, e.reason))
+}
+
 impl JobSpec {
     /// Reads a job file's text: the job's sections by their types, everything else by the train config's.
     pub fn from_toml(text: &str) -> Result<Self, String> {
         let mut all: toml::Table = toml::from_str(text).map_err(|e| e.to_string())?;
+        check_job_sections(&all)?;
         if all.contains_key("preview") {
             return Err(
                 "[preview] is set by [samples] in a job file (samples.every, samples.count)".into(),
@@ -394,6 +425,18 @@ fn default_sample_steps() -> usize {
 }
 
 /// The train config every rank runs: the job's, with [samples] as its preview.
+/// A training job's store and checkpoint URLs and its files, relative to the job file's folder.
+fn absolute_train_paths(t: &mut TrainConfig, folder: &JobFolder) {
+    t.data.url = folder.url(&t.data.url);
+    if let Some(c) = &mut t.checkpoint {
+        c.url = folder.url(&c.url);
+    }
+    if let Some(fd) = t.validation.as_mut().and_then(|v| v.fd.as_mut()) {
+        fd.reference = folder.path(&fd.reference);
+        fd.net = folder.path(&fd.net);
+    }
+}
+
 fn train_config_of(s: &JobSpec, training: &TrainConfig, run_dir: &Path) -> TrainConfig {
     TrainConfig {
         preview: (s.samples.every > 0).then(|| PreviewConfig {
@@ -507,27 +550,22 @@ impl Job {
                 format!("`{}`: use letters, digits, - _ .", spec.job.name),
             ));
         }
-        let base = file
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        let base = std::fs::canonicalize(base).unwrap_or_else(|_| base.to_path_buf());
-        // Paths in the job file are relative to it.
-        let absolute = |p: &Path| {
-            if p.is_relative() {
-                base.join(p)
-            } else {
-                p.to_path_buf()
-            }
-        };
+        // Paths and store URLs in the job file are relative to it.
+        let folder = JobFolder::of(file);
+        let absolute = |p: &Path| folder.path(p);
         let run_dir = absolute(&spec.job.run_dir);
         if let Some(d) = &mut spec.samples.decoder {
             d.validate("samples.decoder")
                 .map_err(|e| bad(&e.field, e.reason))?;
             d.weights = absolute(&d.weights);
         }
-        if let Some(s) = spec.work.section_job_mut() {
-            s.make_paths_absolute(&absolute);
+        match &mut spec.work {
+            Work::Train(t) => absolute_train_paths(t, &folder),
+            w => {
+                if let Some(s) = w.section_job_mut() {
+                    s.make_paths_absolute(&folder);
+                }
+            }
         }
         let work = match &spec.work {
             Work::Train(training) => ValidatedWork::Train(Box::new(
@@ -713,6 +751,12 @@ impl Job {
         ]);
         if let Some(t) = self.spec.resources.threads_per_rank {
             args.extend(["--threads".into(), t.to_string()]);
+        }
+        if let ValidatedWork::Train(_) = self.work {
+            args.extend([
+                "--metrics".into(),
+                self.run_dir.join("metrics.csv").display().to_string(),
+            ]);
         }
         args
     }

@@ -23,8 +23,8 @@ pub trait SectionJob: std::fmt::Debug {
     fn rank_command(&self) -> &'static [&'static str];
     /// The section as a table, `{section = {...}}`.
     fn to_table(&self) -> Result<toml::Table, toml::ser::Error>;
-    /// Makes the section's paths absolute (relative paths are relative to the job file).
-    fn make_paths_absolute(&mut self, absolute: &dyn Fn(&Path) -> PathBuf);
+    /// Makes the section's paths and store URLs absolute (relative ones are relative to the job file).
+    fn make_paths_absolute(&mut self, folder: &JobFolder);
     /// Checks everything that needs no store, naming the field.
     fn validate(&self) -> Result<(), ConfigError>;
     /// Why `[samples]` (a training job's preview) does not belong in this kind's job file.
@@ -35,6 +35,39 @@ pub trait SectionJob: std::fmt::Debug {
     fn planned_steps(&self, world: u64) -> Result<u64, PlanError>;
     /// The dry run's lines about the work and how it is sliced over `world` ranks.
     fn describe(&self, world: u32, o: &mut String);
+}
+
+/// A job file's folder, which its relative paths and store URLs are relative to (so a copied or moved job
+/// folder uses its own data, not the original's).
+#[derive(Debug, Clone)]
+pub struct JobFolder(pub PathBuf);
+
+impl JobFolder {
+    /// The folder of `file`, made absolute.
+    pub fn of(file: &Path) -> Self {
+        let base = file
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        Self(std::fs::canonicalize(base).unwrap_or_else(|_| base.to_path_buf()))
+    }
+
+    pub fn path(&self, p: &Path) -> PathBuf {
+        if p.is_relative() {
+            self.0.join(p)
+        } else {
+            p.to_path_buf()
+        }
+    }
+
+    /// A store URL: a plain relative path becomes this folder's; URLs (`s3://`, `file:///`) stay as they are.
+    pub fn url(&self, url: &str) -> String {
+        if url.contains("://") || url.starts_with("memory:") {
+            url.to_string()
+        } else {
+            self.path(Path::new(url)).display().to_string()
+        }
+    }
 }
 
 /// `{name = value}`.
@@ -78,8 +111,9 @@ impl SectionJob for EncodeConfig {
     fn to_table(&self) -> Result<toml::Table, toml::ser::Error> {
         one_section(self.section(), self)
     }
-    fn make_paths_absolute(&mut self, absolute: &dyn Fn(&Path) -> PathBuf) {
-        self.weights = absolute(&self.weights);
+    fn make_paths_absolute(&mut self, folder: &JobFolder) {
+        self.store = folder.url(&self.store);
+        self.weights = folder.path(&self.weights);
     }
     fn validate(&self) -> Result<(), ConfigError> {
         EncodeConfig::validate(self)
@@ -127,12 +161,13 @@ impl SectionJob for GenerateConfig {
     fn to_table(&self) -> Result<toml::Table, toml::ser::Error> {
         one_section(self.section(), self)
     }
-    fn make_paths_absolute(&mut self, absolute: &dyn Fn(&Path) -> PathBuf) {
-        self.weights = absolute(&self.weights);
-        self.out = absolute(&self.out);
-        self.ids = self.ids.as_deref().map(absolute);
+    fn make_paths_absolute(&mut self, folder: &JobFolder) {
+        self.profiles = folder.url(&self.profiles);
+        self.weights = folder.path(&self.weights);
+        self.out = folder.path(&self.out);
+        self.ids = self.ids.as_deref().map(|p| folder.path(p));
         if let Some(d) = &mut self.decoder {
-            d.weights = absolute(&d.weights);
+            d.weights = folder.path(&d.weights);
         }
     }
     fn validate(&self) -> Result<(), ConfigError> {
@@ -183,11 +218,12 @@ impl SectionJob for FeaturesConfig {
     fn to_table(&self) -> Result<toml::Table, toml::ser::Error> {
         one_section(self.section(), self)
     }
-    fn make_paths_absolute(&mut self, absolute: &dyn Fn(&Path) -> PathBuf) {
-        self.net = absolute(&self.net);
-        self.out = absolute(&self.out);
-        self.samples = self.samples.as_deref().map(absolute);
-        self.cache = self.cache.as_deref().map(absolute);
+    fn make_paths_absolute(&mut self, folder: &JobFolder) {
+        self.store = self.store.as_deref().map(|u| folder.url(u));
+        self.net = folder.path(&self.net);
+        self.out = folder.path(&self.out);
+        self.samples = self.samples.as_deref().map(|p| folder.path(p));
+        self.cache = self.cache.as_deref().map(|p| folder.path(p));
     }
     fn validate(&self) -> Result<(), ConfigError> {
         FeaturesConfig::validate(self)
@@ -237,10 +273,11 @@ impl SectionJob for ScmTrainConfig {
     fn to_table(&self) -> Result<toml::Table, toml::ser::Error> {
         one_section(self.section(), self)
     }
-    fn make_paths_absolute(&mut self, absolute: &dyn Fn(&Path) -> PathBuf) {
-        self.out = absolute(&self.out);
-        self.graph = self.graph.as_deref().map(absolute);
-        self.checkpoint_dir = self.checkpoint_dir.as_deref().map(absolute);
+    fn make_paths_absolute(&mut self, folder: &JobFolder) {
+        self.store = folder.url(&self.store);
+        self.out = folder.path(&self.out);
+        self.graph = self.graph.as_deref().map(|p| folder.path(p));
+        self.checkpoint_dir = self.checkpoint_dir.as_deref().map(|p| folder.path(p));
     }
     fn validate(&self) -> Result<(), ConfigError> {
         ScmTrainConfig::validate(self)
@@ -249,7 +286,8 @@ impl SectionJob for ScmTrainConfig {
         "an scm job draws no image samples: remove [samples]"
     }
     fn resumable(&self) -> bool {
-        self.checkpoint_dir.is_some()
+        // It always checkpoints (`checkpoint_dir`, else beside `out`).
+        true
     }
     fn planned_steps(&self, _world: u64) -> Result<u64, PlanError> {
         Ok(self.steps)
@@ -271,10 +309,7 @@ impl SectionJob for ScmTrainConfig {
             f.lr,
             f.ema,
             f.out.display(),
-            f.checkpoint_dir.as_ref().map_or(String::new(), |c| format!(
-                ", checkpoints in {}",
-                c.display()
-            ))
+            format!(", checkpoints in {}", f.checkpoints().display())
         );
     }
 }

@@ -175,7 +175,13 @@ pub fn quickstart(
             0,
             &weights,
         )?;
-        let (encode, train) = latent_specs(&dir, q.image_size, q.steps, q.ranks, &weights)?;
+        // Relative to the job files beside it, as every path they hold: the folder can be copied or moved.
+        let (encode, train) = latent_specs(
+            q.image_size,
+            q.steps,
+            q.ranks,
+            Path::new("tiny-ae.safetensors"),
+        )?;
         let (encode_job, train_job) = (dir.join("encode-job.toml"), dir.join("latent-job.toml"));
         say(Said::Stage(format!(
             "5/6 encoding {} with `radit run {}` ({} CPU ranks)",
@@ -212,7 +218,7 @@ pub fn quickstart(
         return Ok(0);
     }
     let job = dir.join("job.toml");
-    let spec = train_spec(&dir, q.image_size, q.steps, q.ranks)?;
+    let spec = train_spec(q.image_size, q.steps, q.ranks)?;
     say(Said::Stage(format!(
         "4/4 training with `radit run {}` ({} CPU ranks, {} steps)",
         job.display(),
@@ -234,12 +240,7 @@ pub fn quickstart(
 
 /// The embedded default job of `radit quickstart`: a small RadiT on the synthetic store `dir/store`, `ranks` CPU
 /// ranks on this machine, checkpoints in `dir/checkpoints`, the run in `dir/run`.
-pub fn train_spec(
-    dir: &Path,
-    image_size: u32,
-    steps: u64,
-    ranks: u32,
-) -> Result<JobSpec, TrainError> {
+pub fn train_spec(image_size: u32, steps: u64, ranks: u32) -> Result<JobSpec, TrainError> {
     use radit_engine::checkpoint::CheckpointConfig;
     use radit_engine::fsdp::{AdamConfig, EngineConfig};
     use radit_jobs::train::{DataConfig, LoopConfig, ModelChoice};
@@ -253,7 +254,7 @@ pub fn train_spec(
         work: Work::Train(Box::new(TrainConfig {
             data: DataConfig {
                 window_shards: 4,
-                ..DataConfig::new(&dir.join("store").display().to_string())
+                ..DataConfig::new("store")
             },
             model: ModelChoice {
                 preset: None,
@@ -283,12 +284,22 @@ pub fn train_spec(
                 rollback_after_skips: 3,
             },
             checkpoint: Some(CheckpointConfig {
-                url: dir.join("checkpoints").display().to_string(),
+                url: "checkpoints".into(),
                 every: 100,
                 keep: 2,
             }),
             preview: None,
-            validation: None,
+            // The validation split's loss every 100 steps (in metrics.csv and the logs): whether it generalises.
+            validation: Some(radit_jobs::train::validate::ValidationConfig {
+                every: 100,
+                images: 0,
+                batch: 32,
+                times: 8,
+                seed: 0,
+                split: radit_sharding::split::Split::Val,
+                ema: true,
+                fd: None,
+            }),
         })),
         job: JobSection {
             name: "quickstart".into(),
@@ -328,11 +339,11 @@ pub fn train_spec(
     })
 }
 
-/// The latent quickstart's two jobs on the store `dir/store` of `image_size` images: an encode job with the tiny
+/// The latent quickstart's two jobs on the store `store` of `image_size` images: an encode job with the tiny
 /// autoencoder's `weights` on `ranks` CPU ranks, then `tiny-latent` trained on its latents (the autoencoder halves
-/// the side), with the same autoencoder decoding the sheets and samples. Runs in `dir/run-encode`, `dir/run-latent`.
+/// the side), with the same autoencoder decoding the sheets and samples. Runs in `run-encode` and `run-latent`; every
+/// path relative to the job files' folder.
 pub fn latent_specs(
-    dir: &Path,
     image_size: u32,
     steps: u64,
     ranks: u32,
@@ -340,7 +351,7 @@ pub fn latent_specs(
 ) -> Result<(JobSpec, JobSpec), TrainError> {
     use radit_models::autoencoder::DecoderConfig;
     use radit_models::model::RadiTConfig;
-    let mut train = train_spec(dir, image_size, steps, ranks)?;
+    let mut train = train_spec(image_size, steps, ranks)?;
     let Work::Train(t) = &mut train.work else {
         unreachable!("quickstart is a training job")
     };
@@ -351,7 +362,7 @@ pub fn latent_specs(
     // Table 11: no time shift for the latent models.
     t.flow.shift = 1.0;
     if let Some(c) = &mut t.checkpoint {
-        c.url = dir.join("checkpoints-latent").display().to_string();
+        c.url = "checkpoints-latent".into();
     }
     train.job = JobSection {
         name: "quickstart-latent".into(),
@@ -367,7 +378,7 @@ pub fn latent_specs(
         work: Work::Encode(EncodeConfig {
             autoencoder: "tiny".into(),
             batch: 8,
-            ..EncodeConfig::new(&dir.join("store").display().to_string(), weights)
+            ..EncodeConfig::new("store", weights)
         }),
         job: JobSection {
             name: "quickstart-encode".into(),

@@ -30,6 +30,18 @@ pub enum StorageError {
     Unwritable { url: String, reason: String },
     #[error("{url} does not exist")]
     NotFound { url: String },
+    /// The object store answered that the bucket itself does not exist: create it, or fix the URL.
+    #[error(
+        "bucket '{bucket}' does not exist at the S3 endpoint (asked for {url}): create it or fix the URL"
+    )]
+    NoBucket { bucket: String, url: String },
+    /// The object store refused the credentials or the permission: fix them (AWS_ACCESS_KEY_ID,
+    /// AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, or the bucket's policy).
+    #[error(
+        "access to {url} refused ({reason}): check the credentials (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, \
+         AWS_SESSION_TOKEN) and the bucket's permissions"
+    )]
+    Refused { url: String, reason: String },
     /// The store failed in a way that may pass on retry (network, server, transient I/O); retried already.
     #[error("storage error at {url}: {source}")]
     Failed {
@@ -143,6 +155,73 @@ pub fn normalise_url(location: &str) -> Result<url::Url, StorageError> {
     url::Url::from_directory_path(&abs).map_err(|()| bad("not a usable directory path".into()))
 }
 
+/// The whole chain of an object store error as text (the server's error code is in an inner source).
+fn chain_text(e: &object_store::Error) -> String {
+    let mut text = e.to_string();
+    let mut link: Option<&dyn std::error::Error> = std::error::Error::source(e);
+    while let Some(l) = link {
+        text.push_str(": ");
+        text.push_str(&l.to_string());
+        link = l.source();
+    }
+    text
+}
+
+/// The server said the bucket, not the key, is missing (S3's `NoSuchBucket`).
+fn no_bucket(e: &object_store::Error) -> bool {
+    chain_text(e).contains("NoSuchBucket")
+}
+
+/// The server refused the request's credentials or signature.
+fn refused(e: &object_store::Error) -> bool {
+    let text = chain_text(e);
+    [
+        "InvalidAccessKeyId",
+        "SignatureDoesNotMatch",
+        "AccessDenied",
+        "403 Forbidden",
+    ]
+    .iter()
+    .any(|code| text.contains(code))
+}
+
+/// The first line of an error, bounded: servers answer with whole XML documents.
+fn first_line(e: &object_store::Error) -> String {
+    let text = chain_text(e);
+    let line = text.lines().next().unwrap_or_default();
+    line.chars().take(300).collect()
+}
+
+/// `s3://bucket/prefix` -> `bucket`.
+fn bucket_of(url: &str) -> String {
+    url.split("://")
+        .nth(1)
+        .and_then(|rest| rest.split('/').next())
+        .unwrap_or(url)
+        .to_string()
+}
+
+/// An `http://` endpoint (MinIO, moto, a site's gateway without TLS) is refused by the S3 client unless
+/// `AWS_ALLOW_HTTP` is true, deep in the first request and as "URL scheme is not allowed": said here, at open,
+/// with the variable to set. Both values as the environment gave them.
+fn plain_http_refused(endpoint: Option<&str>, allow_http: Option<&str>) -> Result<(), String> {
+    let plain = endpoint.is_some_and(|e| e.trim().to_ascii_lowercase().starts_with("http://"));
+    let allowed = allow_http.is_some_and(|v| {
+        matches!(
+            v.trim().to_ascii_lowercase().as_str(),
+            "true" | "1" | "yes" | "on"
+        )
+    });
+    if plain && !allowed {
+        return Err(format!(
+            "the S3 endpoint {} is plain http, which the client refuses unless AWS_ALLOW_HTTP=true is set \
+             (set it for a local MinIO or moto; use an https:// endpoint otherwise)",
+            endpoint.unwrap_or_default().trim()
+        ));
+    }
+    Ok(())
+}
+
 impl Storage {
     /// Opens the store at `location` for reading: a local directory must already exist (no empty directory is
     /// left behind by a mistyped path).
@@ -227,6 +306,15 @@ impl Storage {
                             format!("{}ms", connect.as_millis().max(1)),
                         );
                 }
+                {
+                    use object_store::ClientConfigKey::AllowHttp;
+                    use object_store::aws::AmazonS3ConfigKey::{Client, Endpoint};
+                    plain_http_refused(
+                        builder.get_config_value(&Endpoint).as_deref(),
+                        builder.get_config_value(&Client(AllowHttp)).as_deref(),
+                    )
+                    .map_err(bad)?;
+                }
                 let s3 = builder
                     .build()
                     .map_err(|e| bad(format!("S3 configuration: {e}")))?;
@@ -275,13 +363,35 @@ impl Storage {
         use std::io::ErrorKind::{PermissionDenied, ReadOnlyFilesystem, StorageFull};
         let io_kind = io_error_kind(&source);
         match source {
+            object_store::Error::NotFound { .. }
+                if self.local_dir.is_none() && no_bucket(&source) =>
+            {
+                StorageError::NoBucket {
+                    bucket: bucket_of(&self.url),
+                    url: self.describe(key),
+                }
+            }
             object_store::Error::NotFound { .. } => StorageError::NotFound {
                 url: self.describe(key),
             },
             object_store::Error::PermissionDenied { .. }
+            | object_store::Error::Unauthenticated { .. }
+                if self.local_dir.is_none() =>
+            {
+                StorageError::Refused {
+                    url: self.describe(key),
+                    reason: first_line(&source),
+                }
+            }
+            object_store::Error::PermissionDenied { .. }
             | object_store::Error::Unauthenticated { .. } => StorageError::Unwritable {
                 url: self.describe(key),
                 reason: source.to_string(),
+            },
+            // S3 answers 403 to a key it does not know; object_store passes some of those on as generic errors.
+            _ if self.local_dir.is_none() && refused(&source) => StorageError::Refused {
+                url: self.describe(key),
+                reason: first_line(&source),
             },
             _ if matches!(
                 io_kind,
@@ -582,6 +692,16 @@ fn io_error_kind(e: &(dyn std::error::Error + 'static)) -> Option<std::io::Error
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_plain_http_endpoint_needs_allow_http() {
+        let e = plain_http_refused(Some("http://127.0.0.1:9000"), None).unwrap_err();
+        assert!(e.contains("AWS_ALLOW_HTTP=true"), "{e}");
+        assert!(plain_http_refused(Some("http://127.0.0.1:9000"), Some("false")).is_err());
+        assert!(plain_http_refused(Some("HTTP://minio:9000"), Some("TRUE")).is_ok());
+        assert!(plain_http_refused(Some("https://s3.example"), None).is_ok());
+        assert!(plain_http_refused(None, None).is_ok());
+    }
 
     #[test]
     fn plain_paths_become_file_urls_and_objects_round_trip() {

@@ -2,6 +2,7 @@
 //! the checkpointer: resume, then `while step < steps { batch; forward/backward; step; maybe checkpoint }`.
 
 pub mod ema_samples;
+pub mod metrics_csv;
 pub mod preview;
 pub mod validate;
 
@@ -237,10 +238,39 @@ impl TrainConfig {
             reason,
         };
         let text = std::fs::read_to_string(file).map_err(|e| unreadable(e.to_string()))?;
-        let cfg: TrainConfig = toml::from_str(&text).map_err(|e| unreadable(e.to_string()))?;
+        let table: toml::Table = toml::from_str(&text).map_err(|e| unreadable(e.to_string()))?;
+        if table.contains_key("job") {
+            return Err(unreadable(format!(
+                "this is a job file ([job]): run it with `radit run {}`",
+                file.display()
+            )));
+        }
+        radit_protocol::config::check_sections(
+            table.keys().map(String::as_str),
+            &Self::SECTIONS,
+            &Self::REQUIRED_SECTIONS,
+        )
+        .map_err(|e| unreadable(format!("[{}]: {}", e.field, e.reason)))?;
+        let cfg: TrainConfig = table
+            .try_into()
+            .map_err(|e: toml::de::Error| unreadable(e.to_string()))?;
         cfg.validated()
             .map_err(|e| unreadable(format!("{}: {}", e.field, e.reason)))
     }
+
+    /// The sections of a training config, in the order a file usually has them.
+    pub const SECTIONS: [&'static str; 8] = [
+        "data",
+        "model",
+        "flow",
+        "engine",
+        "train",
+        "checkpoint",
+        "preview",
+        "validation",
+    ];
+    /// The sections without a default.
+    pub const REQUIRED_SECTIONS: [&'static str; 3] = ["data", "model", "train"];
 
     /// Checks everything that does not need the store or the world size.
     pub fn validated(self) -> Result<ValidatedConfig, ConfigError> {

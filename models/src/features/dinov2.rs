@@ -314,6 +314,72 @@ impl Dinov2Net {
     }
 }
 
+/// Writes a small DINOv2 snapshot with random weights (seeded) into `dir`, in the layout of a Hugging Face
+/// snapshot (`config.json`, `model.safetensors`, `preprocessor_config.json`, Rad-DINO's processor at 1/8 of its
+/// size): a stand-in for Rad-DINO, to try the evaluation path offline. Its features measure nothing.
+pub fn write_random_snapshot(dir: &Path, seed: i64) -> Result<(), ModelError> {
+    let io = |path: &Path| {
+        let path = path.display().to_string();
+        move |source| ModelError::Io { path, source }
+    };
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let config = serde_json::json!({
+        "model_type": "dinov2",
+        "architectures": ["Dinov2Model"],
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "mlp_ratio": 4,
+        "patch_size": 14,
+        "image_size": 56,
+        "num_channels": 3,
+        "layer_norm_eps": 1e-6,
+        "hidden_act": "gelu",
+        "qkv_bias": true,
+        "use_swiglu_ffn": false,
+        "layerscale_value": 1.0,
+        "radit_note": "random weights written by `radit eval random-dinov2`: for trying the evaluation path only"
+    });
+    let processor = serde_json::json!({
+        "do_resize": true,
+        "size": {"shortest_edge": 64},
+        "resample": 3,
+        "do_center_crop": true,
+        "crop_size": {"height": 56, "width": 56},
+        "do_rescale": true,
+        "rescale_factor": 1.0 / 255.0,
+        "do_normalize": true,
+        "image_mean": [0.5307, 0.5307, 0.5307],
+        "image_std": [0.2583, 0.2583, 0.2583]
+    });
+    let parsed: Dinov2Config =
+        serde_json::from_value(config.clone()).map_err(|e| ModelError::BadWeights {
+            path: dir.join("config.json").display().to_string(),
+            reason: e.to_string(),
+        })?;
+    tch::manual_seed(seed);
+    let vs = nn::VarStore::new(Device::Cpu);
+    let _net = Dinov2::new(&vs.root(), &parsed);
+    // The class token starts at zero in a fresh model; random here, so that its features differ by image.
+    tch::no_grad(|| {
+        for (name, mut t) in vs.variables() {
+            if name.ends_with("cls_token") {
+                let _ = t.normal_(0.0, 0.02);
+            }
+        }
+    });
+    for (name, value) in [
+        ("config.json", &config),
+        ("preprocessor_config.json", &processor),
+    ] {
+        let path = dir.join(name);
+        let text = serde_json::to_string_pretty(value).unwrap_or_default();
+        std::fs::write(&path, text).map_err(io(&path))?;
+    }
+    let named = vs.variables().into_iter().collect();
+    crate::model::write_safetensors(&named, &[], &dir.join("model.safetensors"))
+}
+
 impl FeatureNet for Dinov2Net {
     fn features(&self, images: &Tensor) -> Result<Tensor, ModelError> {
         let pixels = self.preprocessing.apply(images)?;
