@@ -18,8 +18,8 @@ pub struct EncodeArgs {
     /// The autoencoder's safetensors (the original release's naming or diffusers').
     #[arg(long, required_unless_present = "config")]
     weights: Option<PathBuf>,
-    /// flux2 or tiny.
-    #[arg(long, default_value = "flux2")]
+    /// auto (what the weights file says it is; FLUX.2's release says nothing and is flux2), flux2 or tiny.
+    #[arg(long, default_value = "auto")]
     autoencoder: String,
     /// The image side the encoder is meant for (default 512 for flux2).
     #[arg(long)]

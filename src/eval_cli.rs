@@ -163,7 +163,9 @@ pub fn run_eval(cmd: EvalCommand) -> anyhow::Result<u8> {
 fn run_features(a: FeaturesArgs) -> anyhow::Result<u8> {
     let cfg = a.config()?;
     let device = crate::rank_args::device_or_gpu(a.device.as_deref())?;
-    radit_engine::threads::apply(a.threads.map(usize::from), None);
+    if a.threads.is_some() {
+        radit_engine::threads::apply(a.threads.map(usize::from), None);
+    }
     let done = crate::rank_args::run_rank(
         device,
         |comm, handles| extract(&cfg, comm.as_ref(), device, handles),

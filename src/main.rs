@@ -385,8 +385,36 @@ fn parse_arguments() -> Result<Cli, clap::Error> {
             .fold(cmd, |c, name| c.mut_subcommand(name, negatives_allowed))
     }
     let mut cmd = negatives_allowed(Cli::command());
-    let matches = cmd.try_get_matches_from_mut(std::env::args_os())?;
+    let matches = cmd
+        .try_get_matches_from_mut(std::env::args_os())
+        .map_err(|e| negative_named(e, &mut cmd))?;
     Cli::from_arg_matches(&matches).map_err(|e| e.format(&mut cmd))
+}
+
+/// A negative number where a count is expected, said as a range error rather than as the parser's "invalid
+/// digit found in string".
+fn negative_named(e: clap::Error, cmd: &mut clap::Command) -> clap::Error {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    let text = |kind| match e.get(kind) {
+        Some(ContextValue::String(s)) => Some(s.clone()),
+        _ => None,
+    };
+    match (
+        e.kind(),
+        text(ContextKind::InvalidArg),
+        text(ContextKind::InvalidValue),
+    ) {
+        (ErrorKind::ValueValidation, Some(arg), Some(value))
+            if value.starts_with('-') && value.parse::<f64>().is_ok() =>
+        {
+            let flag = arg.split_whitespace().next().unwrap_or(&arg).to_string();
+            cmd.error(
+                ErrorKind::ValueValidation,
+                format!("{flag} {value}: must not be negative"),
+            )
+        }
+        _ => e,
+    }
 }
 
 fn run_synth(a: SynthArgs) -> anyhow::Result<u8> {

@@ -55,9 +55,10 @@ pub struct VaeBenchArgs {
 /// The decoder that turns a latent model's samples into images, and how.
 #[derive(Args)]
 pub struct DecoderArgs {
-    /// The decoder's architecture: flux2 or tiny.
-    #[arg(long, default_value = "flux2")]
-    vae_preset: String,
+    /// The decoder's architecture: auto (what the weights file says it is; FLUX.2's release says nothing and is
+    /// flux2), flux2 or tiny.
+    #[arg(long, default_value = "auto", alias = "vae-preset")]
+    autoencoder: String,
     /// The store the model was trained on: its training latents' channel_mean and channel_std undo the
     /// standardisation the model learnt (without it the latents are decoded as they are).
     #[arg(long)]
@@ -116,7 +117,7 @@ impl DecoderArgs {
     fn config(&self, weights: PathBuf) -> DecoderConfig {
         DecoderConfig {
             weights,
-            autoencoder: self.vae_preset.clone(),
+            autoencoder: self.autoencoder.clone(),
             batch: self.decode_batch,
         }
     }
@@ -188,6 +189,7 @@ fn vae_info(a: VaeInfoArgs) -> anyhow::Result<u8> {
     let (encoder, decoder, quant) = cfg.parameter_counts();
     let latent = [cfg.z_channels, a.image_size / f, a.image_size / f];
     if let Some(path) = &a.weights {
+        autoencoder::resolve(&a.preset, path)?;
         let vs = VarStore::new(Device::Cpu);
         let _ae = Autoencoder::new(&vs.root(), &cfg)?;
         autoencoder::load(&vs, &cfg, path)?;

@@ -72,14 +72,16 @@ pub fn device(name: &str) -> anyhow::Result<Device> {
     Ok(Device::Cuda(ordinal))
 }
 
-/// `--device` when given, else the GPU when there is one.
+/// `--device` when given, else the GPU when there is one; the threads set for this process's share of the node.
 pub fn device_or_gpu(flag: Option<&str>) -> anyhow::Result<Device> {
     let default = if tch::Cuda::is_available() {
         "cuda"
     } else {
         "cpu"
     };
-    device(flag.unwrap_or(default))
+    let device = device(flag.unwrap_or(default))?;
+    radit_engine::threads::apply(None, None);
+    Ok(device)
 }
 
 #[derive(Clone, Copy, ValueEnum)]

@@ -41,6 +41,15 @@ pub fn run(a: RunArgs) -> anyhow::Result<u8> {
     let radit = std::env::current_exe().context("locating the radit binary")?;
     if a.dry_run {
         print!("{}", job.describe(&radit.display().to_string()));
+    }
+    // What the ranks check at their start, here first: a wrong store or weights file is named before any rank
+    // starts (on Slurm, before the queue).
+    let checked = job.check_before_launch()?;
+    if a.dry_run {
+        println!("checked before launch:");
+        for line in checked.iter().filter(|l| !l.is_empty()) {
+            println!("  {line}");
+        }
         return Ok(0);
     }
     let signal = stop_signal()?;

@@ -186,7 +186,7 @@ fn radit_decode_turns_latents_into_the_twins_images_and_undoes_the_stores_standa
             radit()
                 .args([
                     "decode",
-                    "--vae-preset",
+                    "--autoencoder",
                     "tiny",
                     "--device",
                     "cpu",
@@ -268,7 +268,7 @@ fn radit_decode_turns_latents_into_the_twins_images_and_undoes_the_stores_standa
         radit()
             .args([
                 "decode",
-                "--vae-preset",
+                "--autoencoder",
                 "tiny",
                 "--device",
                 "cpu",
@@ -299,7 +299,7 @@ fn radit_sample_on_a_latent_preset_decodes_its_samples_with_a_given_decoder() {
         cmd.args([
             "sample", "-n", "2", "--solver", "euler", "--steps", "2", "--device", "cpu",
         ])
-        .args(["--vae-preset", "tiny", "--weights"])
+        .args(["--autoencoder", "tiny", "--weights"])
         .arg(weights)
         .arg("--decoder")
         .arg(dir.path().join(decoder))

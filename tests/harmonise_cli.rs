@@ -103,6 +103,27 @@ fn seven_releases_harmonise_into_one_table_that_shards_verifies_and_reads_in_zar
         text.contains(&format!("all: {total} rows from 7 sources")),
         "{text}"
     );
+    assert!(
+        text.contains(" rejected: see each source's report"),
+        "{text}"
+    );
+    // A list none of whose ids is in the table is the wrong list: refused, naming it, no table written.
+    let wrong = dir.path().join("wrong-ids.txt");
+    std::fs::write(&wrong, "s50414267\nno-such-image\n").unwrap();
+    let unwritten = dir.path().join("unwritten.csv");
+    fails_with_usage(
+        radit()
+            .args(["harmonise", "all", "--config"])
+            .arg(data.join("sources.toml"))
+            .arg("--images")
+            .arg(&data)
+            .arg("--out")
+            .arg(&unwritten)
+            .arg("--hold-out")
+            .arg(&wrong),
+        "none of its 2 ids is an image of the table",
+    );
+    assert!(!unwritten.exists());
     assert!(dir.path().join("cxr7.vindr.report.json").exists());
     assert!(dir.path().join("cxr7.report.txt").exists());
 

@@ -82,18 +82,55 @@ fn ingest_to_s3_verifies_resumes_and_matches_the_local_store() {
     assert_eq!(warm["cache_misses"], 0, "{warm}");
 }
 
+/// Every storage mistake a user can fix is bad input (exit 2) with the fix in the message, never the retryable 75
+/// that the rendered sbatch script would requeue for ever: a plain-http endpoint without AWS_ALLOW_HTTP, a bucket
+/// that does not exist, credentials the server refuses, an unreadable config file. (A full disk: tests/run_faults.rs;
+/// a real transient failure, which is retried and then 75: the stalled-server test below and the store's unit tests.)
 #[test]
-fn a_bucket_that_does_not_exist_is_a_clear_error() {
+fn storage_mistakes_exit_2_with_the_fix_never_75() {
     let moto = MotoServer::start();
+    moto.create_bucket("cxr");
     let dir = tempfile::tempdir().unwrap();
     let (table, images) = synth(&dir.path().join("data"), 2, "64x64", &[]);
-    let out = shard_cmd(&table, &images, "s3://no-such-bucket/x", &[])
-        .envs(moto.env())
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = stderr(&out);
-    assert!(err.contains("s3://no-such-bucket/x"), "{err}");
+    let usage = |cmd: &mut std::process::Command, needle: &str| {
+        let err = fails_with_usage(cmd, needle);
+        // Said once: no wrapper repeats the chain's words.
+        assert!(err.matches(needle).count() == 1, "{err}");
+        assert!(!err.contains("panicked"), "{err}");
+    };
+    // http:// without AWS_ALLOW_HTTP: named at open, with the variable to set.
+    usage(
+        radit()
+            .args(["shard", "--verify", "s3://cxr/x"])
+            .envs(moto.env())
+            .env_remove("AWS_ALLOW_HTTP"),
+        "AWS_ALLOW_HTTP=true",
+    );
+    // A bucket that does not exist, for writing and for reading.
+    usage(
+        shard_cmd(&table, &images, "s3://no-such-bucket/x", &[]).envs(moto.env()),
+        "bucket 'no-such-bucket' does not exist",
+    );
+    usage(
+        radit()
+            .args(["shard", "--verify", "s3://no-such-bucket/x"])
+            .envs(moto.env()),
+        "bucket 'no-such-bucket' does not exist",
+    );
+    // Credentials the server refuses.
+    let strict = MotoServer::start_checking_credentials();
+    usage(
+        radit()
+            .args(["shard", "--verify", "s3://cxr/x"])
+            .envs(strict.env())
+            .env("AWS_ACCESS_KEY_ID", "AKIANOTISSUED0000000"),
+        "check the credentials",
+    );
+    // A config file that cannot be read (a directory in its place).
+    usage(
+        radit().args(["train", "--config"]).arg(dir.path()),
+        &dir.path().display().to_string(),
+    );
 }
 
 #[test]

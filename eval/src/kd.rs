@@ -159,7 +159,9 @@ mod tests {
         )
         .unwrap_err();
         assert!(
-            err.to_string().contains("real (KD subsets): 50 sample(s)"),
+            err.to_string().contains(
+                "real (KD subsets; --kd-subset-size min uses the smaller set's size): 50 sample(s)"
+            ),
             "{err}"
         );
     }

@@ -56,7 +56,7 @@ pub struct EncodeConfig {
 }
 
 fn default_autoencoder() -> String {
-    "flux2".into()
+    autoencoder::AUTO.into()
 }
 
 fn default_batch() -> i64 {
@@ -88,7 +88,7 @@ impl EncodeConfig {
                 "give the autoencoder's safetensors file",
             ));
         }
-        let ae = AeConfig::preset(&self.autoencoder)
+        autoencoder::check_name(&self.autoencoder)
             .map_err(|e| ConfigError::new("encode.autoencoder", e.to_string()))?;
         if !(1..=4096).contains(&self.batch) {
             return Err(ConfigError::new(
@@ -96,17 +96,8 @@ impl EncodeConfig {
                 format!("must be in 1..=4096, got {}", self.batch),
             ));
         }
-        if let Some(s) = self.image_size
-            && (s == 0 || i64::from(s) % ae.downsampling() != 0)
-        {
-            return Err(ConfigError::new(
-                "encode.image_size",
-                format!(
-                    "{s} is not a positive multiple of the {} autoencoder's downsampling ({})",
-                    self.autoencoder,
-                    ae.downsampling()
-                ),
-            ));
+        if self.image_size == Some(0) {
+            return Err(ConfigError::new("encode.image_size", "must be positive"));
         }
         Ok(())
     }
@@ -169,7 +160,7 @@ pub fn encoder_id(cfg: &EncodeConfig, precision: Precision) -> Result<EncoderId,
         weights.update(&buffer[..n]);
     }
     let weights = hex::encode(weights.finalize());
-    let ae = AeConfig::preset(&cfg.autoencoder)?;
+    let ae = autoencoder::resolve(&cfg.autoencoder, &cfg.weights)?;
     let mut all = Sha256::new();
     all.update(weights.as_bytes());
     all.update(serde_json::to_vec(&ae).unwrap_or_default());
@@ -182,7 +173,7 @@ pub fn encoder_id(cfg: &EncodeConfig, precision: Precision) -> Result<EncoderId,
         fingerprint: hex::encode(all.finalize()),
         description: format!(
             "{} autoencoder, weights {name} (sha256 {}), {}",
-            cfg.autoencoder,
+            ae.preset_name().unwrap_or("custom"),
             &weights[..12],
             format!("{precision:?}").to_lowercase()
         ),
@@ -195,7 +186,7 @@ pub fn load_autoencoder(
     device: Device,
     precision: Precision,
 ) -> Result<(nn::VarStore, Autoencoder), RankError> {
-    let ae_cfg = AeConfig::preset(&cfg.autoencoder)?;
+    let ae_cfg = autoencoder::resolve(&cfg.autoencoder, &cfg.weights)?;
     let mut vs = nn::VarStore::new(device);
     let ae = Autoencoder::new(&vs.root(), &ae_cfg)?;
     autoencoder::load(&vs, &ae_cfg, &cfg.weights)?;
@@ -257,39 +248,62 @@ pub fn encode(
     let progress = &handles.progress;
     progress.set_phase(Phase::Starting);
     let precision = cfg.precision_on(device);
-    let ae_cfg = AeConfig::preset(&cfg.autoencoder)?;
+    let ae_cfg = autoencoder::resolve(&cfg.autoencoder, &cfg.weights)?;
     let storage = Storage::open_existing(&cfg.store).map_err(ShardError::from)?;
     let reader = StoreReader::open(storage.clone())?;
     let side = i64::from(reader.layout().image_size);
     let f = ae_cfg.downsampling();
-    let expected = cfg
-        .image_size
-        .or((cfg.autoencoder == "flux2").then_some(512));
-    if side % f != 0 || expected.is_some_and(|e| i64::from(e) != side) {
-        return Err(RankError::Unusable {
-            what: format!("store {}", cfg.store),
-            reason: format!(
-                "holds {side}x{side} images; the {} encoder takes {} (set encode.image_size to encode other \
-                 multiples of {f})",
-                cfg.autoencoder,
-                expected.map_or(format!("multiples of {f}"), |e| format!("{e}x{e}")),
-            ),
-        });
-    }
+    store_fits(cfg, &ae_cfg, side)?;
     let sample_shape = [
         ae_cfg.z_channels as u64,
         (side / f) as u64,
         (side / f) as u64,
     ];
     let encoder = encoder_id(cfg, precision)?;
+    // The mid-block's attention holds a [positions x positions] score matrix per image: too large for this
+    // machine is said before anything is allocated (a tiny autoencoder over a 512 store asks for 256 GiB).
+    let positions = ((side / f) * (side / f)) as f64;
+    let needed = cfg.batch as f64
+        * positions
+        * positions
+        * precision.compute_kind().elt_size_in_bytes() as f64;
+    let available = match device {
+        Device::Cuda(_) => radit_engine::runtime::device_memory(device)
+            .map(|(used, total)| total.saturating_sub(used)),
+        _ => radit_engine::out_of_memory::host_available_bytes(),
+    };
+    if let Some(available) = available
+        && needed > available as f64
+    {
+        let gib = |b: f64| b / (1u64 << 30) as f64;
+        let failed = AllocationFailed {
+            message: format!(
+                "the mid-block attention over {} latent positions needs {:.1} GiB for a batch of {}; {:.1} GiB \
+                 available (checked before allocating)",
+                positions as u64,
+                gib(needed),
+                cfg.batch,
+                gib(available as f64)
+            ),
+        };
+        return Err(out_of_memory(
+            cfg,
+            &encoder.description,
+            failed,
+            "planning the encode".into(),
+            device,
+            side,
+        )
+        .into());
+    }
     let (_vs, ae) = guard(|| load_autoencoder(cfg, device, precision)).map_err(|failed| {
         out_of_memory(
             cfg,
+            &encoder.description,
             failed,
             "loading the autoencoder".into(),
             device,
             side,
-            precision,
         )
     })??;
     let mut writer = LatentWriter::open(storage, encoder.clone(), sample_shape)?;
@@ -361,22 +375,60 @@ pub fn encode(
 /// An allocation failure (a batch, image size or autoencoder too large for the device) as this report.
 fn out_of_memory(
     cfg: &EncodeConfig,
+    encoder: &str,
     failed: AllocationFailed,
     during: String,
     device: Device,
     side: i64,
-    precision: Precision,
 ) -> OutOfMemory {
     OutOfMemory::new(
         failed,
         during,
         device,
         format!(
-            "the {} autoencoder on {side}x{side} images, encode.batch {} in {precision:?}",
-            cfg.autoencoder, cfg.batch
+            "the {encoder} on {side}x{side} images, encode.batch {}",
+            cfg.batch
         ),
         "lower encode.batch (images per forward pass), or check that the autoencoder suits the store's image size",
     )
+}
+
+/// The store's image side against the encoder's: FLUX.2's is 512 unless `image_size` says otherwise, any preset's
+/// a multiple of its downsampling.
+fn store_fits(cfg: &EncodeConfig, ae_cfg: &AeConfig, side: i64) -> Result<(), RankError> {
+    let f = ae_cfg.downsampling();
+    let name = ae_cfg.preset_name().unwrap_or("custom");
+    let expected = cfg
+        .image_size
+        .or((*ae_cfg == AeConfig::flux2()).then_some(512));
+    if side % f != 0 || expected.is_some_and(|e| i64::from(e) != side) {
+        return Err(RankError::Unusable {
+            what: format!("store {}", cfg.store),
+            reason: format!(
+                "holds {side}x{side} images; the {} encoder takes {} (set encode.image_size to encode other \
+                 multiples of {f})",
+                name,
+                expected.map_or(format!("multiples of {f}"), |e| format!("{e}x{e}")),
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// What each rank checks at its start, checked once before any rank starts (`radit run` and its `--dry-run`): the
+/// store opens, the weights are the autoencoder asked for, and the store's images are its input size.
+pub fn check_before_launch(cfg: &EncodeConfig) -> Result<String, RankError> {
+    let ae_cfg = autoencoder::resolve(&cfg.autoencoder, &cfg.weights)?;
+    let storage = Storage::open_existing(&cfg.store).map_err(ShardError::from)?;
+    let reader = StoreReader::open(storage)?;
+    let side = i64::from(reader.layout().image_size);
+    store_fits(cfg, &ae_cfg, side)?;
+    Ok(format!(
+        "store {}: opened, {side}x{side} images; weights {}: the {} autoencoder",
+        cfg.store,
+        cfg.weights.display(),
+        ae_cfg.preset_name().unwrap_or("custom")
+    ))
 }
 
 /// One shard of a split: the encode job's unit.
@@ -452,11 +504,11 @@ impl UnitJob for EncodeUnits<'_> {
     fn out_of_memory(&self, failed: AllocationFailed, s: ShardUnit) -> OutOfMemory {
         out_of_memory(
             self.cfg,
+            &self.encoder.description,
             failed,
             s.to_string(),
             self.device,
             self.side,
-            self.precision,
         )
     }
 

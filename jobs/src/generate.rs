@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use radit_sharding::image::{encode_png8, encode_png16, preprocess};
+use radit_sharding::image::{encode_png16, preprocess};
 use radit_sharding::schema::Vocabulary;
 use serde::Serialize;
 use tch::{Device, Kind, Tensor, nn::VarStore};
@@ -87,6 +87,49 @@ impl Conditions {
         } else {
             parts.join(",")
         }
+    }
+
+    /// A tile's caption, most telling first: sex, age, view, race and dataset, then the positive findings (`+`),
+    /// then how many are negative; missing values are left out.
+    pub fn caption(&self) -> String {
+        use radit_sharding::schema::{DATASET_INDEX, RACE_INDEX, SEX_INDEX, VIEW_INDEX};
+        let vocab = Vocabulary::current();
+        let class = |i: usize| {
+            let c = *self.labels.get(i)? as usize;
+            (c != 0).then(|| vocab.classes[i].get(c).cloned()).flatten()
+        };
+        let mut first: Vec<String> = Vec::new();
+        if let Some(sex) = class(SEX_INDEX) {
+            first.push(sex);
+        }
+        if self.age.is_finite() {
+            first.push(format!("{:.0}y", self.age * 100.0));
+        }
+        for i in [VIEW_INDEX, RACE_INDEX, DATASET_INDEX] {
+            first.extend(class(i));
+        }
+        let findings = 0..radit_sharding::schema::FINDINGS.len();
+        let positive: Vec<String> = findings
+            .clone()
+            .filter(|&i| self.labels.get(i) == Some(&2))
+            .map(|i| format!("+{}", vocab.labels[i]))
+            .collect();
+        let negative = findings.filter(|&i| self.labels.get(i) == Some(&1)).count();
+        let mut lines = vec![if first.is_empty() {
+            "no demographics".to_string()
+        } else {
+            first.join(" ")
+        }];
+        if !positive.is_empty() {
+            lines.push(positive.join(" "));
+        }
+        if negative > 0 {
+            lines.push(format!("{negative} negative"));
+        }
+        if first.is_empty() && positive.is_empty() && negative == 0 {
+            return "unconditional".into();
+        }
+        lines.join("\n")
     }
 
     fn tensors(&self, n: i64, device: Device) -> (Tensor, Tensor) {
@@ -358,15 +401,16 @@ fn write_file(path: &Path, bytes: &[u8]) -> Result<(), ModelError> {
     std::fs::rename(&partial, path).map_err(io)
 }
 
-/// An 8-bit grid of tiles, `columns` wide, each tile at most `tile` pixels (box-downscaled by an integer factor),
-/// separated by 4-pixel gaps. Each tile is [S, S] in [-1, 1] (pixel models) or min-max scaled (latent channels).
-pub fn contact_sheet(
-    tiles: &[Tensor],
+/// Writes a captioned sheet of `tiles` (see [`crate::sheet`]), encoded once, to every path.
+pub fn write_sheet(
+    title: &str,
+    tiles: &[crate::sheet::Tile],
     columns: usize,
-    tile: i64,
-    path: &Path,
+    max_tile: i64,
+    paths: &[&Path],
 ) -> Result<(), ModelError> {
-    write_file(path, &contact_sheet_png(tiles, columns, tile)?)
+    let png = crate::sheet::render(title, tiles, columns, max_tile)?;
+    paths.iter().try_for_each(|p| write_file(p, &png))
 }
 
 /// What [`write_samples`] wrote.
@@ -389,7 +433,8 @@ pub fn write_decoded(
     let images = decoder.decode(latents)?;
     let files = write_png16(&images, out, "decoded")?;
     let sheet = out.join("contact_sheet.png");
-    sample_sheet(&images, 256.min(images.size()[3]), &[&sheet])?;
+    let title = format!("{} samples, decoded", images.size()[0]);
+    sample_sheet(&images, 256.min(images.size()[3]), &title, &[], &[&sheet])?;
     Ok((files, sheet))
 }
 
@@ -411,7 +456,19 @@ pub fn write_samples(
     let (samples, solves) = sampler.generate(cond, n, batch, seed, solver)?;
     let config = sampler.model.config();
     let contact_sheet = out.join("contact_sheet.png");
-    sample_sheet(&samples, 256.min(config.input_size), &[&contact_sheet])?;
+    let what = if config.in_channels == 1 {
+        ""
+    } else {
+        " (latent channel 0: decode them to see images)"
+    };
+    let title = format!("{n} samples for {}{what}", cond.describe());
+    sample_sheet(
+        &samples,
+        256.min(config.input_size),
+        &title,
+        &[],
+        &[&contact_sheet],
+    )?;
     let files = if config.in_channels == 1 {
         write_png16(&samples, out, "sample")?
     } else {
@@ -426,60 +483,28 @@ pub fn write_samples(
     })
 }
 
-/// A sheet of samples ([N, C, S, S]; each shown by [`preview`]), about square, encoded once and written to every
-/// path (`radit sample`'s sheet; the training previews' step sheet and latest.png).
-pub fn sample_sheet(samples: &Tensor, tile: i64, paths: &[&Path]) -> Result<(), ModelError> {
+/// A sheet of samples ([N, C, S, S]; each shown by [`preview`]), about square, under `title`, tile i captioned
+/// `#i` and `captions[i]` when given; encoded once and written to every path (`radit sample`'s sheet; the training
+/// previews' step sheet and latest.png).
+pub fn sample_sheet(
+    samples: &Tensor,
+    tile: i64,
+    title: &str,
+    captions: &[String],
+    paths: &[&Path],
+) -> Result<(), ModelError> {
     let n = samples.size()[0];
-    let tiles: Vec<Tensor> = (0..n).map(|i| preview(&samples.get(i))).collect();
+    let tiles: Vec<crate::sheet::Tile> = (0..n)
+        .map(|i| {
+            let caption = match captions.get(i as usize) {
+                Some(c) => format!("#{i} {c}"),
+                None => format!("#{i}"),
+            };
+            crate::sheet::Tile::new(preview(&samples.get(i)), caption)
+        })
+        .collect();
     let columns = (n as f64).sqrt().ceil() as usize;
-    let png = contact_sheet_png(&tiles, columns, tile)?;
-    paths.iter().try_for_each(|p| write_file(p, &png))
-}
-
-/// The PNG bytes of [`contact_sheet`].
-fn contact_sheet_png(tiles: &[Tensor], columns: usize, tile: i64) -> Result<Vec<u8>, ModelError> {
-    const GAP: usize = 4;
-    let side = tiles.first().map_or(1, |t| t.size()[0]);
-    let factor = (side + tile - 1) / tile.max(1);
-    let small = (side / factor.max(1)) as usize;
-    let columns = columns.max(1);
-    let rows = tiles.len().div_ceil(columns);
-    let (w, h) = (
-        columns * small + (columns + 1) * GAP,
-        rows * small + (rows + 1) * GAP,
-    );
-    let mut canvas = vec![40u8; w * h];
-    for (k, t) in tiles.iter().enumerate() {
-        let t = t.to_kind(Kind::Float).view([1, 1, side, side]);
-        let t = if factor > 1 {
-            t.avg_pool2d(
-                [factor, factor],
-                [factor, factor],
-                [0, 0],
-                false,
-                true,
-                None,
-            )
-        } else {
-            t
-        };
-        let v = Vec::<f32>::try_from(t.flatten(0, -1))?;
-        let (x0, y0) = (
-            GAP + (k % columns) * (small + GAP),
-            GAP + (k / columns) * (small + GAP),
-        );
-        for (j, row) in v.chunks(small).enumerate() {
-            for (i, &x) in row.iter().enumerate() {
-                canvas[(y0 + j) * w + x0 + i] = ((x.clamp(-1.0, 1.0) + 1.0) * 127.5).round() as u8;
-            }
-        }
-    }
-    Ok(encode_png8(
-        w as u32,
-        h as u32,
-        png::ColorType::Grayscale,
-        &canvas,
-    ))
+    write_sheet(title, &tiles, columns, tile, paths)
 }
 
 /// What a tile shows: the image itself for pixel models; channel 0 scaled to [-1, 1] for latent models (they need

@@ -23,8 +23,10 @@ pub mod generate;
 pub mod generate_job;
 pub mod journal;
 pub mod parity;
+pub mod reference_samples;
 pub mod sample;
 pub mod scm_fit;
+pub mod sheet;
 pub mod train;
 pub mod units;
 

@@ -10,8 +10,10 @@ use radit_models::model::{ModelError, Precision};
 use radit_models::sampler::Solver;
 use tch::{Device, Tensor};
 
+use crate::sheet::Tile;
+
 use crate::generate::{
-    Conditions, Sampler, contact_sheet, read_latents, write_decoded, write_png16, write_samples,
+    Conditions, Sampler, read_latents, write_decoded, write_png16, write_samples, write_sheet,
 };
 
 /// What to sample.
@@ -125,11 +127,13 @@ pub fn sample(req: &SampleRequest) -> Result<SampleReport, SampleError> {
             .map_err(model("editing"))?;
         let inputs = write_png16(&images, &req.out, "original").map_err(model("writing"))?;
         let outputs = write_png16(&edited, &req.out, "edited").map_err(model("writing"))?;
-        // Rows of (original, counterfactual) pairs.
-        let tiles: Vec<Tensor> = (0..images.size()[0])
-            .flat_map(|i| [images.get(i).get(0), edited.get(i).get(0)])
-            .collect();
-        contact_sheet(&tiles, 2, 256.min(side), &sheet).map_err(model("the contact sheet"))?;
+        let tiles = edit_tiles(&images, &edited, &req.from.describe(), &target.describe());
+        let title = match &req.counterfactual {
+            Some(c) => format!("counterfactual edits: do({})", c.interventions),
+            None => "edits: original, edited, difference".to_string(),
+        };
+        write_sheet(&title, &tiles, 3, 256.min(side), &[&sheet])
+            .map_err(model("the contact sheet"))?;
         json["from"] = req.from.describe().into();
         json["abduction"] = serde_json::to_value(abduction).unwrap_or_default();
         json["prediction"] = serde_json::to_value(prediction).unwrap_or_default();
@@ -182,6 +186,31 @@ pub fn sample(req: &SampleRequest) -> Result<SampleReport, SampleError> {
         sheet,
         json,
     })
+}
+
+/// Rows of (original, edited, difference) for images `[N, 1, S, S]` in [-1, 1]. The difference is |edited -
+/// original| stretched so its largest value is white (the gain is in the caption, with the largest change as a
+/// share of the range), so that an edit of half a percent is visible and said to be that small.
+fn edit_tiles(images: &Tensor, edited: &Tensor, from: &str, to: &str) -> Vec<Tile> {
+    (0..images.size()[0])
+        .flat_map(|i| {
+            let (a, b) = (images.get(i).get(0), edited.get(i).get(0));
+            let diff = (&b - &a).abs().to_kind(tch::Kind::Float);
+            let largest = diff.max().double_value(&[]).max(1e-12);
+            let gain = 2.0 / largest;
+            [
+                Tile::new(a, format!("#{i} original\n{from}")),
+                Tile::new(b, format!("#{i} edited\n{to}")),
+                Tile::new(
+                    &diff * gain - 1.0,
+                    format!(
+                        "#{i} |difference| x{gain:.0}\nlargest {:.2}% of range",
+                        largest / 2.0 * 100.0
+                    ),
+                ),
+            ]
+        })
+        .collect()
 }
 
 /// Decodes `latents` with `decoder` into `out`: `decoded_NNNN.png` and `contact_sheet.png`; `store`'s training

@@ -28,6 +28,15 @@ pub enum JobError {
     Invalid { file: PathBuf, error: ConfigError },
 }
 
+/// The ranks would fail at their start: found before any starts (or before the Slurm queue).
+#[derive(Debug, thiserror::Error)]
+#[error("{}: checked before launch, the ranks would fail at their start", file.display())]
+pub struct LaunchCheckError {
+    pub file: PathBuf,
+    #[source]
+    pub source: Box<dyn std::error::Error + Send + Sync>,
+}
+
 /// One job file: the work's sections beside the job's own ([job], [resources], [launcher], [restart],
 /// [coordinator], [monitoring], [samples]). A training job's work is the train config's sections ([data], [model],
 /// [flow], [engine], [train], [checkpoint]; checkpoints are needed for restarts and requeues to resume); an encode
@@ -698,6 +707,34 @@ impl Job {
         self.work
             .section_job()
             .map_or(&["train"], |s| s.rank_command())
+    }
+
+    /// What every rank checks at its start (the store, its samples against the model, the splits, the weights'
+    /// presets), checked once here: lines saying what was checked.
+    pub fn check_before_launch(&self) -> Result<Vec<String>, LaunchCheckError> {
+        let world = u64::from(self.world);
+        let failed = |source: Box<dyn std::error::Error + Send + Sync>| LaunchCheckError {
+            file: self.file.clone(),
+            source,
+        };
+        let line = match (&self.work, self.work.section_job()) {
+            (ValidatedWork::Train(t), _) => {
+                radit_jobs::train::check_before_launch(t, world).map_err(|e| failed(Box::new(e)))?
+            }
+            (_, Some(s)) => s.check_before_launch(world).map_err(failed)?,
+            (ValidatedWork::Section(_), None) => String::new(),
+        };
+        let mut lines = vec![line];
+        if let Some(d) = &self.spec.samples.decoder {
+            let ae = radit_models::autoencoder::resolve(&d.autoencoder, &d.weights)
+                .map_err(|e| failed(Box::new(e)))?;
+            lines.push(format!(
+                "samples.decoder {}: the {} autoencoder",
+                d.weights.display(),
+                ae.preset_name().unwrap_or("custom")
+            ));
+        }
+        Ok(lines)
     }
 
     /// The ranks' config, as they read it.

@@ -35,6 +35,14 @@ pub trait SectionJob: std::fmt::Debug {
     fn planned_steps(&self, world: u64) -> Result<u64, PlanError>;
     /// The dry run's lines about the work and how it is sliced over `world` ranks.
     fn describe(&self, world: u32, o: &mut String);
+    /// What every rank checks at its start, checked once before they start (reads the store and the weights'
+    /// headers); a line saying what was checked.
+    fn check_before_launch(&self, world: u64) -> Result<String, PlanError> {
+        Ok(format!(
+            "store opened: {} steps for the rank with the most work",
+            self.planned_steps(world)?
+        ))
+    }
 }
 
 /// A job file's folder, which its relative paths and store URLs are relative to (so a copied or moved job
@@ -127,6 +135,9 @@ impl SectionJob for EncodeConfig {
     }
     fn planned_steps(&self, world: u64) -> Result<u64, PlanError> {
         Ok(radit_jobs::encode::planned_steps(self, world)?)
+    }
+    fn check_before_launch(&self, _world: u64) -> Result<String, PlanError> {
+        Ok(radit_jobs::encode::check_before_launch(self)?)
     }
     fn describe(&self, world: u32, o: &mut String) {
         let e = self;
@@ -297,7 +308,7 @@ impl SectionJob for ScmTrainConfig {
         let _ = writeln!(
             o,
             "scm: the {} split's profiles of {} ({} graph), {} steps of {} profiles ({} per rank), lr {}, \
-             EMA {}, into {}{}",
+             EMA {}, into {}, checkpoints in {}",
             f.split.name(),
             f.store,
             f.graph
@@ -309,7 +320,7 @@ impl SectionJob for ScmTrainConfig {
             f.lr,
             f.ema,
             f.out.display(),
-            format!(", checkpoints in {}", f.checkpoints().display())
+            f.checkpoints().display()
         );
     }
 }

@@ -4,9 +4,8 @@
 use std::path::PathBuf;
 
 use radit_engine::checkpoint::{self, CheckpointError};
-use radit_jobs::generate::{
-    Conditions, Sampler, WrittenSamples, read_latents, write_decoded, write_samples,
-};
+use radit_jobs::generate::{Sampler, WrittenSamples};
+use radit_jobs::reference_samples::{Drawing, read_references, write_reference_samples};
 use radit_models::autoencoder::LatentDecoder;
 use radit_models::model::{ModelError, Precision, save_named_weights};
 use radit_models::sampler::Solver;
@@ -31,7 +30,8 @@ pub struct FinalSamples {
 }
 
 /// Exports the final EMA weights to `run_dir/final-ema.safetensors` and draws `[samples] count` samples from
-/// them (Euler, `[samples] steps`) into `run_dir/samples`. `None` when the job asks for no samples.
+/// them (Euler, `[samples] steps`) into `run_dir/samples`, one per row of the validation split with its
+/// conditions (see [`radit_jobs::reference_samples`]). `None` when the job asks for no samples.
 pub fn draw_final_samples(job: &Job) -> Result<Option<FinalSamples>, SamplesError> {
     let s = &job.spec.samples;
     let Some(train) = job.train() else {
@@ -54,29 +54,28 @@ pub fn draw_final_samples(job: &Job) -> Result<Option<FinalSamples>, SamplesErro
     };
     let sampler = Sampler::from_named(&model, &named, device, precision)?;
     let dir = job.run_dir.join("samples");
-    // As `radit sample --solver euler --steps N` draws them (seed 0, batches of 8, an unshifted grid).
+    // As `radit sample --solver euler --steps N` draws them (seed 0, an unshifted grid), one per row of the
+    // validation split (then test, train), each beside the row's real image and captioned with its conditions.
     let solver = Solver::Euler {
         steps: s.steps,
         shift: 1.0,
     };
-    let mut written = write_samples(
-        &sampler,
-        &Conditions::missing(),
-        s.count,
-        8,
-        0,
+    let decoder = match &s.decoder {
+        Some(d) => {
+            let stats = radit_models::autoencoder::store_statistics(&train.data.url)?;
+            Some(LatentDecoder::load(d, Some(stats), device)?)
+        }
+        None => None,
+    };
+    let references = read_references(&train.data.url, s.count as usize)?;
+    let how = Drawing {
+        sampler: &sampler,
+        decoder: decoder.as_ref(),
+        seed: 0,
         solver,
-        &dir,
-    )?;
-    // A latent model's samples become images through the decoder, as `radit sample --decoder` makes them.
-    if let Some(d) = &s.decoder {
-        let latents = read_latents(&written.files[0])?;
-        let stats = radit_models::autoencoder::store_statistics(&train.data.url)?;
-        let decoder = LatentDecoder::load(d, Some(stats), device)?;
-        let (files, sheet) = write_decoded(&decoder, &latents, &dir)?;
-        written.files.extend(files);
-        written.contact_sheet = sheet;
-    }
+        title: format!("{} step {step}, final EMA", job.spec.job.name),
+    };
+    let written = write_reference_samples(&how, &references, &dir)?;
     tracing::info!(step, count = s.count, dir = %dir.display(), "final samples");
     Ok(Some(FinalSamples {
         weights,

@@ -596,6 +596,49 @@ impl Drop for Loader {
 }
 
 impl Loader {
+    /// What [`Loader::open`] checks of the store, without reading a shard or starting a thread: the world and
+    /// batch, the split's sample order, the latents a latent model needs (their array and statistics). Returns the
+    /// `[C, H, W]` of one sample. A launcher runs it before the ranks start (and before a Slurm queue).
+    pub fn inspect(storage: &Storage, config: &LoaderConfig) -> Result<[usize; 3], ShardError> {
+        let bad = |e: crate::order::OrderError| ShardError::InvalidConfig(e.to_string());
+        check_world(config.global_batch, config.rank, config.world).map_err(bad)?;
+        let reader = StoreReader::open(storage.clone())?;
+        let order = reader.order_config(
+            config.split,
+            config.seed,
+            config.window_shards,
+            config.global_batch,
+        );
+        match config.pass {
+            Pass::Train => drop(SampleOrder::new(order).map_err(bad)?),
+            Pass::Eval => drop(
+                eval_batches(
+                    order.samples,
+                    config.global_batch,
+                    config.rank,
+                    config.world,
+                )
+                .map_err(bad)?,
+            ),
+        }
+        match config.output {
+            ModelInput::Latents => {
+                let latents = reader.latents(config.split)?.ok_or_else(|| {
+                    ShardError::InvalidConfig(format!(
+                        "the model reads latents, but {} has no {}/latents array; run `radit encode` first",
+                        storage.url(),
+                        config.split
+                    ))
+                })?;
+                Ok(latents.sample_shape)
+            }
+            ModelInput::U16 | ModelInput::Dequantised => {
+                let t = reader.layout().image_size as usize;
+                Ok([1, t, t])
+            }
+        }
+    }
+
     /// Opens the store's split and starts preparing batches from `start_step`.
     pub fn open(
         storage: Storage,

@@ -422,6 +422,22 @@ pub fn hold_out(rows: &mut [HarmonisedRow], file: &Path) -> Result<HoldOut, Sour
             }
         }
     }
+    // A list of which nothing matched is a list of the wrong ids (another id format, another dataset), not a
+    // hold-out that happened to be empty: the test split would silently lack every image it names.
+    if chosen.is_empty() && out.unknown_count > 0 {
+        let example = rows
+            .first()
+            .map_or("MIMIC-CXR:<dicom_id>", |r| r.image_id.as_str());
+        return Err(SourceError::InvalidConfig {
+            path: file.to_path_buf(),
+            reason: format!(
+                "none of its {} ids is an image of the table (first: {}); ids are table ids like `{example}` or \
+                 their native part after the colon",
+                out.unknown_count,
+                out.unknown.first().map_or("", String::as_str)
+            ),
+        });
+    }
     for &i in &chosen {
         rows[i].split = Some("test");
     }
@@ -467,8 +483,12 @@ pub fn write_all(
     if let Some(h) = &held {
         summary.push_str(&h.line());
     }
+    let (read, rejected) = combined.parts.iter().fold((0, 0), |(r, x), p| {
+        (r + p.audit.rows.read, x + p.audit.rows.rejected)
+    });
     summary.push_str(&format!(
-        "all: {} rows from {} sources, image ids unique\n",
+        "all: {} rows from {} sources, image ids unique ({read} read, {rejected} rejected: see each source's \
+         report)\n",
         combined.rows.len(),
         combined.parts.len()
     ));

@@ -192,6 +192,16 @@ pub struct MotoServer {
 
 impl MotoServer {
     pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// A server that checks credentials as S3 does (moto's IAM emulation from the first request): only keys it
+    /// issued are accepted, so any other key is refused with 403 InvalidAccessKeyId.
+    pub fn start_checking_credentials() -> Self {
+        Self::start_with(&[("INITIAL_NO_AUTH_ACTION_COUNT", "0")])
+    }
+
+    fn start_with(env: &[(&str, &str)]) -> Self {
         let port = free_port();
         let exe = venv().join("bin/moto_server");
         assert!(
@@ -201,6 +211,7 @@ impl MotoServer {
         );
         let child = Command::new(exe)
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .envs(env.iter().copied())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()

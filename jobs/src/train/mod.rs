@@ -1103,6 +1103,38 @@ impl<'a> Trainer<'a> {
     }
 }
 
+/// What every rank checks of the store at its start, checked once before any rank starts (`radit run`, and its
+/// `--dry-run`, so that a mismatch shows before a Slurm queue): the store opens, the training split's order fits
+/// `world` ranks, its samples (images or latents, with their statistics) are the model's, the validation split is
+/// not empty, and a preview decoder's weights are the autoencoder it names. Returns what was checked, for the plan.
+pub fn check_before_launch(cfg: &ValidatedConfig, world: u64) -> Result<String, TrainError> {
+    let storage = cfg.data.open_store()?;
+    let shape = Loader::inspect(&storage, &cfg.loader_config(0, world))?;
+    check_sample_shape(cfg.model(), shape, &cfg.data.url)?;
+    let reader = radit_sharding::reader::StoreReader::open(storage)?;
+    if let Some(v) = cfg.validation.as_ref().filter(|v| v.every > 0)
+        && reader.len(v.split) == 0
+    {
+        return Err(ConfigError::new(
+            "validation.split",
+            format!("the {} split of {} is empty", v.split.name(), cfg.data.url),
+        )
+        .into());
+    }
+    if let Some(d) = cfg.preview.as_ref().and_then(|p| p.decoder.as_ref()) {
+        radit_models::autoencoder::resolve(&d.autoencoder, &d.weights)
+            .map_err(|e| ConfigError::new("samples.decoder", e.to_string()))?;
+    }
+    let [c, h, w] = shape;
+    Ok(format!(
+        "store {}: opened, {c}x{h}x{w} samples as the model takes them, splits train {} / val {} / test {} rows",
+        cfg.data.url,
+        reader.len(radit_sharding::split::Split::Train),
+        reader.len(radit_sharding::split::Split::Val),
+        reader.len(radit_sharding::split::Split::Test)
+    ))
+}
+
 /// A model sized for other samples than the store's is named at start, not as a shape error inside a step.
 fn check_sample_shape(
     model: &RadiTConfig,

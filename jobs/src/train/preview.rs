@@ -114,9 +114,15 @@ pub fn write_sheet(
             Some(d) => sampling.decode(d, &samples)?,
             None => samples,
         };
+        let title = format!(
+            "step {step}: EMA samples, unconditional (all variables missing), {} steps",
+            cfg.steps
+        );
         sample_sheet(
             &samples,
             samples.size()[3].min(256),
+            &title,
+            &[],
             &[&path, &cfg.dir.join("latest.png")],
         )?;
         Ok(path)

@@ -20,6 +20,86 @@ use tch::{Kind, Tensor};
 
 use crate::error::ModelError;
 
+/// The presets by name.
+pub const PRESETS: [&str; 2] = ["flux2", "tiny"];
+
+/// `--autoencoder auto` (the default): the weights file says which autoencoder it is.
+pub const AUTO: &str = "auto";
+
+/// The autoencoder a weights file holds: the configuration radit wrote into its metadata, else the preset whose
+/// first and last convolutions have the file's shapes (FLUX.2's release carries no metadata). `None`: neither.
+pub fn found_in(weights: &Path) -> Result<Option<AeConfig>, ModelError> {
+    let bad = |reason: String| ModelError::BadWeights {
+        path: weights.display().to_string(),
+        reason,
+    };
+    if let Some(json) = crate::model::read_metadata(weights)?.get("radit.autoencoder") {
+        let cfg: AeConfig =
+            serde_json::from_str(json).map_err(|e| bad(format!("radit.autoencoder: {e}")))?;
+        return Ok(Some(cfg));
+    }
+    let shapes = crate::model::read_shapes(weights)?;
+    let (Some(first), Some(last)) = (
+        shapes.get("encoder.conv_in.weight"),
+        shapes.get("decoder.conv_in.weight"),
+    ) else {
+        return Ok(None);
+    };
+    Ok(PRESETS
+        .into_iter()
+        .filter_map(|p| AeConfig::preset(p).ok())
+        .find(|c| {
+            let top = c.ch * c.ch_mult.last().copied().unwrap_or(1);
+            first.first() == Some(&c.ch)
+                && last.first() == Some(&top)
+                && last.get(1) == Some(&c.z_channels)
+        }))
+}
+
+/// What `--autoencoder` (or a config's `autoencoder`) asks for, against what `weights` holds: `auto` takes the
+/// file's; a preset that the file is not is refused, naming what the file looks like. A file that says nothing is
+/// taken as the preset asked for (`auto`: FLUX.2's), and a strict load names any mismatch.
+pub fn resolve(requested: &str, weights: &Path) -> Result<AeConfig, ModelError> {
+    let found = found_in(weights)?;
+    let name_of = |c: &AeConfig| {
+        c.preset_name()
+            .unwrap_or("a configuration of its own")
+            .to_string()
+    };
+    match (requested, found) {
+        (AUTO, Some(c)) => Ok(c),
+        (AUTO, None) => Ok(AeConfig::flux2()),
+        (name, found) => {
+            let asked = AeConfig::preset(name)?;
+            match found {
+                Some(c) if c != asked => Err(ModelError::BadWeights {
+                    path: weights.display().to_string(),
+                    reason: format!(
+                        "these weights look like the `{}` autoencoder, not `{name}`: pass --autoencoder {} (or \
+                         autoencoder = \"auto\" in a config) to use them as what they are",
+                        name_of(&c),
+                        c.preset_name().unwrap_or(AUTO)
+                    ),
+                }),
+                _ => Ok(asked),
+            }
+        }
+    }
+}
+
+/// A requested autoencoder name that can work: `auto` or a preset.
+pub fn check_name(name: &str) -> Result<(), ModelError> {
+    if name == AUTO {
+        return Ok(());
+    }
+    AeConfig::preset(name)
+        .map(|_| ())
+        .map_err(|_| ModelError::UnknownPreset {
+            name: name.into(),
+            known: "auto (the weights file says), flux2, tiny".into(),
+        })
+}
+
 /// The autoencoder's shape.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -62,6 +142,13 @@ impl AeConfig {
             norm_groups: 8,
             ..Self::flux2()
         }
+    }
+
+    /// The preset this configuration is, by name (`None`: a configuration of its own).
+    pub fn preset_name(&self) -> Option<&'static str> {
+        PRESETS
+            .into_iter()
+            .find(|&p| Self::preset(p).is_ok_and(|c| c == *self))
     }
 
     /// `flux2` or `tiny`.
@@ -559,7 +646,7 @@ impl Autoencoder {
 pub struct DecoderConfig {
     /// Its weights (safetensors, the original release's naming or diffusers').
     pub weights: std::path::PathBuf,
-    /// flux2 or tiny.
+    /// auto (what the weights file is), flux2 or tiny.
     #[serde(default = "default_decoder_preset")]
     pub autoencoder: String,
     /// Latents decoded at once.
@@ -568,7 +655,7 @@ pub struct DecoderConfig {
 }
 
 fn default_decoder_preset() -> String {
-    "flux2".into()
+    AUTO.into()
 }
 
 fn default_decode_batch() -> i64 {
@@ -578,7 +665,7 @@ fn default_decode_batch() -> i64 {
 impl DecoderConfig {
     /// `field` names the section in errors (e.g. `samples.decoder`).
     pub fn validate(&self, field: &str) -> Result<(), ConfigError> {
-        AeConfig::preset(&self.autoencoder)
+        check_name(&self.autoencoder)
             .map_err(|e| ConfigError::new(format!("{field}.autoencoder"), e.to_string()))?;
         if !(1..=1024).contains(&self.batch) {
             return Err(ConfigError::new(
@@ -611,7 +698,7 @@ impl LatentDecoder {
         stats: Option<(Vec<f32>, Vec<f32>)>,
         device: tch::Device,
     ) -> Result<Self, ModelError> {
-        let ae_cfg = AeConfig::preset(&cfg.autoencoder)?;
+        let ae_cfg = resolve(&cfg.autoencoder, &cfg.weights)?;
         let mut vs = nn::VarStore::new(device);
         let ae = Autoencoder::new(&vs.root(), &ae_cfg)?;
         load(&vs, &ae_cfg, &cfg.weights)?;

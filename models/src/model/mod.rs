@@ -16,8 +16,8 @@ pub use config::{
 pub use layers::{Block, Conditioning};
 pub use radit::{RadiT, Trace};
 pub use weights::{
-    WeightsFile, load_named, load_weights, read_metadata, read_weights, read_weights_config,
-    save_named_weights, save_weights, write_safetensors,
+    WeightsFile, load_named, load_weights, read_metadata, read_shapes, read_weights,
+    read_weights_config, save_named_weights, save_weights, write_safetensors,
 };
 
 pub use crate::error::ModelError;

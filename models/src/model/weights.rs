@@ -120,6 +120,39 @@ pub fn read_weights(path: &Path) -> Result<WeightsFile, ModelError> {
 
 /// The string metadata of a safetensors file's header (empty when it has none).
 pub fn read_metadata(path: &Path) -> Result<BTreeMap<String, String>, ModelError> {
+    let header = read_header(path)?;
+    Ok(header
+        .get("__metadata__")
+        .and_then(|m| m.as_object())
+        .map(|m| {
+            m.iter()
+                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
+/// Every tensor's shape, by name, from a safetensors file's header alone (nothing else is read).
+pub fn read_shapes(path: &Path) -> Result<BTreeMap<String, Vec<i64>>, ModelError> {
+    let header = read_header(path)?;
+    let Some(entries) = header.as_object() else {
+        return Ok(BTreeMap::new());
+    };
+    Ok(entries
+        .iter()
+        .filter(|(name, _)| *name != "__metadata__")
+        .filter_map(|(name, entry)| {
+            let shape = entry.get("shape")?.as_array()?;
+            Some((
+                name.clone(),
+                shape.iter().filter_map(serde_json::Value::as_i64).collect(),
+            ))
+        })
+        .collect())
+}
+
+/// A safetensors file's JSON header.
+fn read_header(path: &Path) -> Result<serde_json::Value, ModelError> {
     let mut f = std::fs::File::open(path).map_err(|e| io(path, e))?;
     let mut len = [0u8; 8];
     f.read_exact(&mut len).map_err(|e| io(path, e))?;
@@ -132,17 +165,7 @@ pub fn read_metadata(path: &Path) -> Result<BTreeMap<String, String>, ModelError
     }
     let mut header = vec![0u8; len as usize];
     f.read_exact(&mut header).map_err(|e| io(path, e))?;
-    let header: serde_json::Value = serde_json::from_slice(&header)
-        .map_err(|e| bad(path, format!("header is not JSON: {e}")))?;
-    Ok(header
-        .get("__metadata__")
-        .and_then(|m| m.as_object())
-        .map(|m| {
-            m.iter()
-                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
-                .collect()
-        })
-        .unwrap_or_default())
+    serde_json::from_slice(&header).map_err(|e| bad(path, format!("header is not JSON: {e}")))
 }
 
 /// The config in a weights file's metadata, or `None` when it has none (e.g. exported by PyTorch).
