@@ -284,12 +284,26 @@ struct RankSliceArgs {
 
 #[derive(Args)]
 struct BatchesArgs {
-    #[command(flatten)]
-    slice: RankSliceArgs,
+    /// The store (path, file:// or s3:// URL); or give --config.
+    #[arg(required_unless_present = "config")]
+    url: Option<String>,
+    /// A training config or a job file: the store, split, window, seed and global batch (and a job's world) are
+    /// the run's, so the batches listed are the ones it trains on; the flags below override.
     #[arg(long)]
-    seed: u64,
+    config: Option<PathBuf>,
     #[arg(long)]
-    global_batch: u64,
+    split: Option<Split>,
+    /// Shards mixed together by the shuffle (the run's `data.window_shards`; default 64 without --config).
+    #[arg(long)]
+    window_shards: Option<u64>,
+    #[arg(long)]
+    world: Option<u64>,
+    #[arg(long, default_value_t = 0)]
+    rank: u64,
+    #[arg(long, required_unless_present = "config")]
+    seed: Option<u64>,
+    #[arg(long, required_unless_present = "config")]
+    global_batch: Option<u64>,
     #[arg(long, default_value_t = 0)]
     from_step: u64,
     #[arg(long, default_value_t = 1)]
@@ -555,15 +569,55 @@ fn run_quickstart(a: QuickstartArgs) -> anyhow::Result<u8> {
 }
 
 fn run_batches(a: BatchesArgs) -> anyhow::Result<u8> {
-    let reader = StoreReader::open(Storage::open_existing(&a.slice.url)?)
-        .with_context(|| format!("opening {}", a.slice.url))?;
+    // The run's settings (a job file's paths resolved against it), then the flags over them.
+    let run = match &a.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            let (train, world) = if text.lines().any(|l| l.trim() == "[job]") {
+                let job = radit_run::job::Job::load(path)?;
+                let Some(t) = job.train() else {
+                    exit::bail_usage!(
+                        "{}: not a training job: it reads no batches",
+                        path.display()
+                    );
+                };
+                ((**t).clone(), Some(u64::from(job.world)))
+            } else {
+                ((*radit_jobs::train::TrainConfig::load(path)?).clone(), None)
+            };
+            Some((train, world))
+        }
+        None => None,
+    };
+    let from_run =
+        |f: &dyn Fn(&radit_jobs::train::TrainConfig) -> u64| run.as_ref().map(|(t, _)| f(t));
+    let url = a
+        .url
+        .clone()
+        .or_else(|| run.as_ref().map(|(t, _)| t.data.url.clone()))
+        .ok_or_else(|| exit::usage!("give the store's URL or --config"))?;
+    let reader = StoreReader::open(Storage::open_existing(&url)?)
+        .with_context(|| format!("opening {url}"))?;
     let req = AuditRequest {
-        split: a.slice.split,
-        seed: a.seed,
-        window_shards: a.slice.window_shards,
-        global_batch: a.global_batch,
-        world: a.slice.world,
-        rank: a.slice.rank,
+        split: a
+            .split
+            .or(run.as_ref().map(|(t, _)| t.data.split))
+            .unwrap_or(Split::Train),
+        seed: a
+            .seed
+            .or(from_run(&|t| t.train.seed))
+            .ok_or_else(|| exit::usage!("--seed (or --config)"))?,
+        window_shards: a
+            .window_shards
+            .or(from_run(&|t| t.data.window_shards))
+            .unwrap_or(radit_sharding::order::DEFAULT_WINDOW_SHARDS),
+        global_batch: a
+            .global_batch
+            .or(from_run(&|t| t.train.global_batch))
+            .ok_or_else(|| exit::usage!("--global-batch (or --config)"))?,
+        world: a.world.or(run.as_ref().and_then(|(_, w)| *w)).unwrap_or(1),
+        rank: a.rank,
         from_step: a.from_step,
         steps: a.steps,
     };

@@ -340,6 +340,10 @@ pub struct SampleArgs {
     /// The SCM (`radit scm train`'s output) that derives the counterfactual profile for --do.
     #[arg(long, requires = "interventions")]
     scm: Option<PathBuf>,
+    /// With --do: draw a descendant that --from leaves missing (seeded by --seed) instead of keeping it missing,
+    /// so that an intervention on its parent can change it.
+    #[arg(long, requires = "interventions")]
+    resample_missing: bool,
     #[command(flatten)]
     solver: SolverArgs,
     #[arg(long, default_value_t = 0)]
@@ -423,7 +427,11 @@ pub fn run_sample(a: SampleArgs) -> anyhow::Result<u8> {
         counterfactual: a
             .interventions
             .zip(a.scm)
-            .map(|(interventions, scm)| Counterfactual { scm, interventions }),
+            .map(|(interventions, scm)| Counterfactual {
+                scm,
+                interventions,
+                resample_missing: a.resample_missing.then_some(a.seed),
+            }),
         edit: a.edit,
         n: a.n,
         batch: a.batch,

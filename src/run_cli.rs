@@ -14,9 +14,15 @@ use radit_run::workflow::run_job;
 pub struct RunArgs {
     /// The job spec (TOML): data, model, training, checkpoint, resources, launcher, restart, monitoring.
     job: PathBuf,
-    /// Print the resolved plan (ranks, data slices, launch command or sbatch script) and start nothing.
+    /// Print the resolved plan (ranks, data slices, launch command or sbatch script) and the checks the ranks
+    /// would make at their start (the store, its samples against the model, the splits, the weights' presets),
+    /// and start nothing.
     #[arg(long)]
     dry_run: bool,
+    /// Skip the checks before launch (planning away from the data: the store or the weights are not reachable
+    /// from here).
+    #[arg(long)]
+    no_check: bool,
     /// Inside a Slurm allocation (the rendered batch script passes this): supervise srun tasks here.
     #[arg(long, hide = true)]
     in_allocation: bool,
@@ -44,7 +50,11 @@ pub fn run(a: RunArgs) -> anyhow::Result<u8> {
     }
     // What the ranks check at their start, here first: a wrong store or weights file is named before any rank
     // starts (on Slurm, before the queue).
-    let checked = job.check_before_launch()?;
+    let checked = if a.no_check {
+        vec!["skipped (--no-check)".to_string()]
+    } else {
+        job.check_before_launch()?
+    };
     if a.dry_run {
         println!("checked before launch:");
         for line in checked.iter().filter(|l| !l.is_empty()) {

@@ -70,15 +70,15 @@ const CLUSTER_ONLY: &[(&str, &str)] = &[
     ("s3://cxr/checkpoints", "the XL run's checkpoints"),
     ("flux2-vae.safetensors", "FLUX.2's released weights"),
     ("--decoder ae.safetensors", "FLUX.2's released weights"),
-    ("radit-xl", "the XL run's weights"),
     (
         "examples/radit-xl-job.toml",
-        "tests/examples.rs dry-runs every example job",
+        "the XL job's store (tests/examples.rs dry-runs every example job)",
     ),
     (
         "examples/encode-xl-job.toml",
         "FLUX.2's weights on the cluster",
     ),
+    ("radit-xl", "the XL run's weights"),
     ("srun ", "Slurm with GPUs"),
     (
         "mpirun -np 4",

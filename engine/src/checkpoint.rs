@@ -616,7 +616,7 @@ impl Checkpointer {
                     unpack_seconds = unpack_started.elapsed().as_secs_f64(),
                     "checkpoint unpacked"
                 );
-                tracing::info!(step, url = self.storage.url(), "resumed from checkpoint");
+                tracing::info!(step, url = self.storage.url(), "checkpoint loaded");
                 return Ok(Some(verified.state));
             }
             if let Err(e) = attempt {

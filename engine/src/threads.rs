@@ -1,15 +1,15 @@
 //! How many libtorch intra-op threads a process uses. libtorch's default is every core of the node, for every
 //! process: four ranks on a node each start a thread per core, and on a small model the threads spend more time
-//! meeting at barriers than computing (measured on 2 cores: the README's tiny CPU run 7.5x slower than one
-//! thread). The choice here takes the cores this process may use (its affinity and cgroup quota), shares them
-//! among the node's ranks, and gives small work fewer threads than that.
+//! meeting at barriers than computing, worst when anything else holds a core. The choice here takes the cores this
+//! process may use (its affinity and cgroup quota), shares them among the node's ranks, and gives small work fewer
+//! threads than that.
 
 use radit_protocol::env::local_placement;
 
-/// Work below this many floating-point operations per thread per step gains nothing from another thread on a
-/// CPU: the fork/join of each operation costs more than its share of the work. Measured on this project's 2-core
-/// machine (BENCHMARKS.md, "threads"): the tiny model at 32x32 (about 0.6 GFLOP a step) ran fastest on one
-/// thread.
+/// Work below this many floating-point operations per thread per step is given no further thread: on a small step
+/// a second thread gains little on an idle machine and loses badly when another process holds a core (the threads
+/// meet at every operation's barrier). Measured (BENCHMARKS.md, "Threads"): the README's tiny run (1.43 GFLOP a
+/// step) 1.5x faster on two threads idle, 1.6x slower with a core busy; the SCM example 3.8x slower.
 pub const MIN_FLOPS_PER_THREAD: f64 = 4e9;
 
 /// The intra-op threads chosen, and why (printed by the command that chose them).
@@ -127,8 +127,8 @@ mod tests {
         assert_eq!(choose(inputs(None, 288, 4, Some(1e6))).threads, 72);
         // More ranks than cores: one each.
         assert_eq!(choose(inputs(None, 2, 4, None)).threads, 1);
-        // The README's tiny CPU run (about 0.6 GFLOP a step) on 2 cores: one thread.
-        let tiny = choose(inputs(None, 2, 1, Some(0.6)));
+        // The README's tiny CPU run (1.43 GFLOP a step) on 2 cores: one thread.
+        let tiny = choose(inputs(None, 2, 1, Some(1.43)));
         assert_eq!(tiny.threads, 1);
         assert!(tiny.why.contains("GFLOP"), "{}", tiny.why);
         // Mid-sized work: as many threads as it keeps busy.

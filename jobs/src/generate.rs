@@ -255,11 +255,20 @@ impl Sampler {
         let mut stats = Vec::new();
         let mut start = indices.start;
         let n = indices.end;
+        let started = std::time::Instant::now();
         while start < n {
             let end = (start + batch.max(1)).min(n);
             let noise = self.noise(seed, &(start..end).collect::<Vec<_>>());
             let (labels, age) = cond.tensors((end - start) as i64, self.device);
             let (x, s) = sampler::generate(&self.model, &noise, &labels, &age, solver)?;
+            // A large model's samples take minutes on a CPU: say how far it is, batch by batch.
+            tracing::info!(
+                drawn = end - indices.start,
+                of = n - indices.start,
+                model_evaluations = s.nfe,
+                seconds = started.elapsed().as_secs_f64(),
+                "samples"
+            );
             out.push(x.to_device(Device::Cpu));
             stats.push(s);
             start = end;

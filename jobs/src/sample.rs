@@ -46,6 +46,8 @@ pub struct SampleRequest {
 pub struct Counterfactual {
     pub scm: PathBuf,
     pub interventions: String,
+    /// Draw a descendant whose observed value is missing (seeded), instead of keeping it missing.
+    pub resample_missing: Option<u64>,
 }
 
 /// What was written.
@@ -90,11 +92,10 @@ pub fn sample(req: &SampleRequest) -> Result<SampleReport, SampleError> {
         move |source| SampleError::Io { path, source }
     };
     let target = match &req.counterfactual {
-        Some(c) => {
-            counterfactual_conditions(&c.scm, &req.from, &c.interventions, req.device).map_err(
-                model(format!("the counterfactual through {}", c.scm.display())),
-            )?
-        }
+        Some(c) => counterfactual_conditions(c, &req.from, req.device).map_err(model(format!(
+            "the counterfactual through {}",
+            c.scm.display()
+        )))?,
         None => req.target.clone(),
     };
     let sampler = Sampler::load(
@@ -127,7 +128,7 @@ pub fn sample(req: &SampleRequest) -> Result<SampleReport, SampleError> {
             .map_err(model("editing"))?;
         let inputs = write_png16(&images, &req.out, "original").map_err(model("writing"))?;
         let outputs = write_png16(&edited, &req.out, "edited").map_err(model("writing"))?;
-        let tiles = edit_tiles(&images, &edited, &req.from.describe(), &target.describe());
+        let tiles = edit_tiles(&images, &edited, &req.from.caption(), &target.caption());
         let title = match &req.counterfactual {
             Some(c) => format!("counterfactual edits: do({})", c.interventions),
             None => "edits: original, edited, difference".to_string(),
@@ -199,8 +200,8 @@ fn edit_tiles(images: &Tensor, edited: &Tensor, from: &str, to: &str) -> Vec<Til
             let largest = diff.max().double_value(&[]).max(1e-12);
             let gain = 2.0 / largest;
             [
-                Tile::new(a, format!("#{i} original\n{from}")),
-                Tile::new(b, format!("#{i} edited\n{to}")),
+                Tile::new(a, format!("#{i} original: {from}")),
+                Tile::new(b, format!("#{i} edited: {to}")),
                 Tile::new(
                     &diff * gain - 1.0,
                     format!(
@@ -236,14 +237,13 @@ pub fn decode_to(
 /// The counterfactual of `original` under `interventions` by the SCM at `scm` (dopri5 1e-6; missing values stay
 /// missing), as conditions for RadiT.
 fn counterfactual_conditions(
-    scm: &Path,
+    c: &Counterfactual,
     original: &Conditions,
-    interventions: &str,
     device: Device,
 ) -> Result<Conditions, ModelError> {
     use radit_models::scm::{Profiles, infer};
-    let loaded = radit_models::scm::load(scm, device)?;
-    let interventions = infer::parse_interventions(&loaded.scm, interventions)?;
+    let loaded = radit_models::scm::load(&c.scm, device)?;
+    let interventions = infer::parse_interventions(&loaded.scm, &c.interventions)?;
     let labels: Vec<i64> = original.labels.iter().map(|&c| i64::from(c)).collect();
     let observed = Profiles {
         labels: Tensor::from_slice(&labels).view([1, -1]),
@@ -253,7 +253,10 @@ fn counterfactual_conditions(
         &loaded.scm,
         &observed,
         &interventions,
-        infer::Missing::Keep,
+        match c.resample_missing {
+            Some(seed) => infer::Missing::Resample { seed },
+            None => infer::Missing::Keep,
+        },
         infer::default_solver(),
     )?;
     let labels = Vec::<i64>::try_from(cf.labels.flatten(0, -1))?;

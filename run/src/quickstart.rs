@@ -203,7 +203,8 @@ pub fn quickstart(
         if code == 0 {
             say(Said::Stage(format!(
                 "done: decoded samples in {} (latents.safetensors beside them), decoded sheets drawn while \
-                 training in {}",
+                 training in {}. The autoencoder's weights are random, so the decoded images are noise: this \
+                 shows the latent path working end to end, not what a trained RadVAE decodes",
                 dir.join("run-latent/samples").display(),
                 dir.join("run-latent/samples/progress").display(),
             )));

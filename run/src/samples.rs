@@ -73,7 +73,16 @@ pub fn draw_final_samples(job: &Job) -> Result<Option<FinalSamples>, SamplesErro
         decoder: decoder.as_ref(),
         seed: 0,
         solver,
-        title: format!("{} step {step}, final EMA", job.spec.job.name),
+        title: format!(
+            "{} step {step}, final EMA{}",
+            job.spec.job.name,
+            match &s.decoder {
+                Some(d) if radit_models::autoencoder::is_random(&d.weights) => {
+                    " (decoded by a RANDOM autoencoder: the images are noise whatever the model learnt)"
+                }
+                _ => "",
+            }
+        ),
     };
     let written = write_reference_samples(&how, &references, &dir)?;
     tracing::info!(step, count = s.count, dir = %dir.display(), "final samples");

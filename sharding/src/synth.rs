@@ -186,7 +186,14 @@ fn sample_rows(cfg: &SynthConfig) -> Vec<SynthRow> {
                 ""
             };
         }
-        findings[8] = if any { "" } else { "1" };
+        // No finding: positive when nothing else is; with a finding, negative on every other image and blank on
+        // the rest, as real tables have both (so the negative class is seen too). Not drawn from the stream, which
+        // would move every later draw of the row.
+        findings[8] = match (any, i % 2) {
+            (false, _) => "1",
+            (true, 0) => "0",
+            (true, _) => "",
+        };
         let (width, height) = if r.chance(0.6) {
             cfg.sizes[0]
         } else {

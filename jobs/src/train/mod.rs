@@ -732,6 +732,9 @@ impl<'a> Trainer<'a> {
             Some(c) => c.load_latest(&mut engine, model)?,
             None => None,
         };
+        if let (Some(s), Some(c)) = (&state, &cfg.checkpoint) {
+            tracing::info!(step = s.step, url = %c.url, "resumed from checkpoint");
+        }
         let storage = cfg.data.open_store()?;
         // An empty validation split is named now, not at the first validation hours in.
         if let Some(v) = cfg.validation.as_ref().filter(|v| v.every > 0) {

@@ -114,9 +114,18 @@ pub fn write_sheet(
             Some(d) => sampling.decode(d, &samples)?,
             None => samples,
         };
+        let random = cfg
+            .decoder
+            .as_ref()
+            .is_some_and(|d| radit_models::autoencoder::is_random(&d.weights));
         let title = format!(
-            "step {step}: EMA samples, unconditional (all variables missing), {} steps",
-            cfg.steps
+            "step {step}: EMA samples, unconditional (all variables missing), {} steps{}",
+            cfg.steps,
+            if random {
+                "; decoded by a RANDOM autoencoder: noise whatever the model learnt"
+            } else {
+                ""
+            }
         );
         sample_sheet(
             &samples,

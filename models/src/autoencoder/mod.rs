@@ -741,21 +741,46 @@ pub fn store_statistics(url: &str) -> Result<(Vec<f32>, Vec<f32>), ModelError> {
 /// Writes the autoencoder's weights in `vs` (original naming, fp32) with its config in the metadata: random
 /// weights of a preset for trying the latent path without the released file, or weights trained here.
 pub fn save(vs: &nn::VarStore, config: &AeConfig, path: &Path) -> Result<(), ModelError> {
+    save_with(vs, config, &[], path)
+}
+
+fn save_with(
+    vs: &nn::VarStore,
+    config: &AeConfig,
+    extra: &[(&str, &str)],
+    path: &Path,
+) -> Result<(), ModelError> {
     let named = vs.variables().into_iter().collect();
     let json = serde_json::to_string(config).map_err(|e| ModelError::BadWeights {
         path: path.display().to_string(),
         reason: e.to_string(),
     })?;
-    crate::model::write_safetensors(&named, &[("radit.autoencoder", &json)], path)
+    let mut metadata = vec![("radit.autoencoder", json.as_str())];
+    metadata.extend_from_slice(extra);
+    crate::model::write_safetensors(&named, &metadata, path)
 }
 
-/// Writes freshly initialised weights of `config` (seeded) to `path`: a stand-in for a released file, to try the
-/// encode and decode paths end to end.
+/// The metadata key that marks weights as freshly initialised, never trained.
+pub const RANDOM_KEY: &str = "radit.autoencoder.random";
+
+/// Writes freshly initialised weights of `config` (seeded) to `path`, marked as random in their metadata: a
+/// stand-in for a released file, to try the encode and decode paths end to end.
 pub fn write_random(config: &AeConfig, seed: i64, path: &Path) -> Result<(), ModelError> {
     tch::manual_seed(seed);
     let vs = nn::VarStore::new(tch::Device::Cpu);
     let _ae = Autoencoder::new(&vs.root(), config)?;
-    save(&vs, config, path)
+    save_with(
+        &vs,
+        config,
+        &[(RANDOM_KEY, "written by `radit vae init`: never trained")],
+        path,
+    )
+}
+
+/// Whether `weights` are marked as random (see [`write_random`]): what they decode is noise, and a sheet of it
+/// must say so.
+pub fn is_random(weights: &Path) -> bool {
+    crate::model::read_metadata(weights).is_ok_and(|m| m.contains_key(RANDOM_KEY))
 }
 
 /// Loads an autoencoder's weights from `path` (the original or the diffusers naming) into `vs`, strictly.
