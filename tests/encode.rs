@@ -391,8 +391,23 @@ fn the_latent_quickstart_examples_encode_train_on_two_ranks_and_decode() {
     let decoder = png::Decoder::new(std::io::BufReader::new(
         std::fs::File::open(&sheet).unwrap(),
     ));
-    let info = decoder.read_info().unwrap().info().clone();
-    assert!(info.width >= 2 * 16, "{}x{}", info.width, info.height);
+    let mut reader = decoder.read_info().unwrap();
+    let mut pixels = vec![0; reader.output_buffer_size().unwrap()];
+    let info = reader.next_frame(&mut pixels).unwrap();
+    let width = info.width as usize;
+    assert!(width >= 512, "{}x{}", info.width, info.height);
+    // Tiles are enlarged by a whole factor to fill 512 pixels: a 16-pixel tile's pixels are blocks half the size
+    // of an 8-pixel tile's, so the first tile's row changes value inside the blocks an 8x8 tile would have.
+    let (gap, title) = (4, 24);
+    let row = &pixels[(title + gap + 8) * width + gap..(title + gap + 9) * width];
+    let block = (width - 3 * gap) / 2 / 16;
+    let changes_mid_block = (1..block * 16)
+        .filter(|&x| x % (2 * block) == block && row[x] != row[x - 1])
+        .count();
+    assert!(
+        changes_mid_block > 0,
+        "the sheet shows 8x8 tiles, not decoded 16x16 ones"
+    );
 }
 
 #[test]

@@ -99,6 +99,43 @@ fn the_tiny_cpu_example_trains_on_the_quickstart_store() {
         err.contains("model.input_size") && err.contains("1x32x32"),
         "{err}"
     );
+
+    // As a job file in a folder of its own, its store given relative to it: `radit run --dry-run` opens the
+    // store and names the same mismatch before any rank starts (on Slurm: before the queue), and passes once fixed.
+    let jobs = dir.path().join("jobs");
+    std::fs::create_dir_all(&jobs).unwrap();
+    let job_text = |config: &str| {
+        format!(
+            "{}\n[job]\nname = \"tiny\"\nrun_dir = \"run\"\n[resources]\ncpu_ranks = 2\n[launcher]\nkind = \"local\"\n",
+            config
+                .replace(
+                    "\"radit-quickstart/store\"",
+                    "\"../radit-quickstart/store\""
+                )
+                .replace(
+                    "radit-quickstart/checkpoints-",
+                    "../radit-quickstart/job-checkpoints-"
+                )
+        )
+    };
+    let job = jobs.join("tiny-job.toml");
+    std::fs::write(&job, job_text(&sixteen)).unwrap();
+    let err = fails_with_usage(
+        radit().args(["run", "--dry-run"]).arg(&job),
+        "checked before launch, the ranks would fail at their start",
+    );
+    assert!(
+        err.contains("model.input_size") && err.contains("1x32x32"),
+        "{err}"
+    );
+    assert!(!jobs.join("run").exists(), "nothing started");
+    std::fs::write(&job, job_text(&short)).unwrap();
+    let plan = stdout(&run_ok(radit().args(["run", "--dry-run"]).arg(&job)));
+    assert!(plan.contains("checked before launch:\n  store "), "{plan}");
+    assert!(
+        plan.contains("1x32x32 samples as the model takes them"),
+        "{plan}"
+    );
 }
 
 #[test]

@@ -545,8 +545,12 @@ fn prometheus_scrapes_a_running_job_and_promtool_accepts_the_exposition() {
         .unwrap()
         .info()
         .clone();
-    // 4 tiles of 16 pixels in a 2 x 2 grid with 4-pixel gaps.
-    assert_eq!((info.width, info.height), (44, 44));
+    // 4 tiles of 16 pixels in a 2 x 2 grid, each enlarged 16x (to 256) so the sheet is at least 512 wide, with
+    // 4-pixel gaps, a two-line title (24) and three caption lines (32) under each row.
+    assert_eq!(
+        (info.width, info.height),
+        (2 * 256 + 3 * 4, 24 + 2 * (256 + 32) + 3 * 4)
+    );
     assert!(sheets.join("latest.png").exists());
     assert!(
         std::fs::read_dir(&sheets).unwrap().count() >= 3,

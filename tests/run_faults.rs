@@ -680,8 +680,66 @@ fn the_main_job_trains_on_two_cpu_ranks_checkpoints_and_writes_a_contact_sheet()
         std::fs::File::open(&sheet).unwrap(),
     ));
     let info = decoder.read_info().unwrap().info().clone();
-    assert!(info.width >= 64 && info.height >= 64);
+    assert!(
+        info.width >= 512,
+        "sheets a person can read: {}",
+        info.width
+    );
     assert!(run.join("final-ema.safetensors").exists());
+    // What a person reads after the run: each sample's conditions, its row's real image beside it, one variable
+    // flipped, and a row per logged step with the validation loss.
+    for sheet in ["real_vs_generated.png", "by_sex.png"] {
+        assert!(run.join("samples").join(sheet).exists(), "no {sheet}");
+    }
+    let samples: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run.join("samples/samples.json")).unwrap()).unwrap();
+    let first = &samples["samples"][0];
+    assert_eq!(first["split"], "val", "{samples}");
+    assert!(
+        first["conditions"].as_str().unwrap().contains("sex="),
+        "{samples}"
+    );
+    let metrics = std::fs::read_to_string(run.join("metrics.csv")).unwrap();
+    assert!(
+        metrics.starts_with("step,loss,val_loss,fd,grad_norm,lr,images_per_second,skipped\n"),
+        "{metrics}"
+    );
+    let last: Vec<&str> = metrics.lines().last().unwrap().split(',').collect();
+    assert_eq!(last[0], "100", "{metrics}");
+    assert!(
+        last[2].parse::<f64>().is_ok(),
+        "a validation loss at step 100: {metrics}"
+    );
+    assert!(
+        !err.contains("\u{1b}["),
+        "no colour codes when not on a terminal"
+    );
+    // The job file's paths are relative to it: a moved copy trains on, and checkpoints into, its own folder.
+    let moved = tempfile::tempdir().unwrap();
+    let copy = moved.path().join("copy");
+    run_ok(
+        std::process::Command::new("cp")
+            .arg("-r")
+            .arg(dir.path())
+            .arg(&copy),
+    );
+    std::fs::remove_dir_all(copy.join("checkpoints")).unwrap();
+    let plan = stdout(&run_ok(
+        radit()
+            .arg("run")
+            .arg(copy.join("job.toml"))
+            .arg("--dry-run"),
+    ));
+    let own = copy.canonicalize().unwrap();
+    assert!(
+        plan.contains(&format!("data: {}", own.join("store").display()))
+            && plan.contains(&format!(
+                "checkpoints: {}",
+                own.join("checkpoints").display()
+            )),
+        "{plan}"
+    );
+    assert!(plan.contains("checked before launch:\n  store "), "{plan}");
     // The sheet drawn during training at step 100 (every 100 steps).
     assert!(
         run.join("samples/progress/step-00000100.png").exists(),

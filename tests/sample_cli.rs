@@ -78,9 +78,11 @@ fn sample_writes_16_bit_pngs_a_contact_sheet_and_a_report() {
     }
     let (sheet, _) = decode(&out_dir.join("contact_sheet.png"));
     assert_eq!(sheet.bit_depth, png::BitDepth::Eight);
+    // 5 tiles of 16 in 3 columns, enlarged 11x (176) to fill 512, under a two-line title (24) and over three
+    // caption lines (32) per row, with 4-pixel gaps.
     assert_eq!(
         (sheet.width, sheet.height),
-        (3 * 16 + 4 * 4, 2 * 16 + 3 * 4)
+        (3 * 176 + 4 * 4, 24 + 2 * (176 + 32) + 3 * 4)
     );
     let report: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out_dir.join("samples.json")).unwrap()).unwrap();
@@ -206,8 +208,8 @@ fn sample_edits_images_counterfactually() {
     let (sheet, _) = decode(&out_dir.join("contact_sheet.png"));
     assert_eq!(
         (sheet.width, sheet.height),
-        (2 * 16 + 3 * 4, 2 * 16 + 3 * 4),
-        "rows of pairs"
+        (3 * 176 + 4 * 4, 24 + 2 * (176 + 32) + 3 * 4),
+        "rows of (original, edited, difference)"
     );
 
     // Wrong names are user errors naming the variable; nothing is written.

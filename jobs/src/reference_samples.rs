@@ -239,13 +239,6 @@ fn by_variable(
     values: &[&str],
     out: &Path,
 ) -> Result<(), ModelError> {
-    let Drawing {
-        sampler,
-        decoder,
-        seed,
-        solver,
-        ref title,
-    } = *how;
     let rows = &references[..references.len().min(4)];
     let mut conditions = Vec::new();
     let mut indices = Vec::new();
@@ -260,8 +253,8 @@ fn by_variable(
         }
     }
     let refs: Vec<&Conditions> = conditions.iter().collect();
-    let (raw, _) = draw(sampler, &refs, &indices, seed, solver)?;
-    let shown = match decoder {
+    let (raw, _) = draw(how.sampler, &refs, &indices, how.seed, how.solver)?;
+    let shown = match how.decoder {
         Some(d) => d.decode(&raw)?,
         None => raw,
     };
@@ -279,7 +272,8 @@ fn by_variable(
         .collect();
     write_sheet(
         &format!(
-            "{title}: each pair from one noise, {variable} set to {}",
+            "{}: each pair from one noise, {variable} set to {}",
+            how.title,
             values.join(" / ")
         ),
         &tiles,

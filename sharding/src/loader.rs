@@ -561,12 +561,17 @@ impl Source {
     }
 
     fn sample_shape(&self) -> [usize; 3] {
-        match &self.latents {
-            Some(l) => l.sample_shape,
-            None => {
-                let t = self.reader.layout().image_size as usize;
-                [1, t, t]
-            }
+        sample_shape_of(&self.reader, self.latents.as_ref())
+    }
+}
+
+/// `[C, H, W]` of one sample: the latents' when a latent model reads them, else one channel of the stored side.
+fn sample_shape_of(reader: &StoreReader, latents: Option<&LatentArray>) -> [usize; 3] {
+    match latents {
+        Some(l) => l.sample_shape,
+        None => {
+            let t = reader.layout().image_size as usize;
+            [1, t, t]
         }
     }
 }
@@ -595,67 +600,18 @@ impl Drop for Loader {
     }
 }
 
-impl Loader {
-    /// What [`Loader::open`] checks of the store, without reading a shard or starting a thread: the world and
-    /// batch, the split's sample order, the latents a latent model needs (their array and statistics). Returns the
-    /// `[C, H, W]` of one sample. A launcher runs it before the ranks start (and before a Slurm queue).
-    pub fn inspect(storage: &Storage, config: &LoaderConfig) -> Result<[usize; 3], ShardError> {
-        let bad = |e: crate::order::OrderError| ShardError::InvalidConfig(e.to_string());
-        check_world(config.global_batch, config.rank, config.world).map_err(bad)?;
-        let reader = StoreReader::open(storage.clone())?;
-        let order = reader.order_config(
-            config.split,
-            config.seed,
-            config.window_shards,
-            config.global_batch,
-        );
-        match config.pass {
-            Pass::Train => drop(SampleOrder::new(order).map_err(bad)?),
-            Pass::Eval => drop(
-                eval_batches(
-                    order.samples,
-                    config.global_batch,
-                    config.rank,
-                    config.world,
-                )
-                .map_err(bad)?,
-            ),
-        }
-        match config.output {
-            ModelInput::Latents => {
-                let latents = reader.latents(config.split)?.ok_or_else(|| {
-                    ShardError::InvalidConfig(format!(
-                        "the model reads latents, but {} has no {}/latents array; run `radit encode` first",
-                        storage.url(),
-                        config.split
-                    ))
-                })?;
-                Ok(latents.sample_shape)
-            }
-            ModelInput::U16 | ModelInput::Dequantised => {
-                let t = reader.layout().image_size as usize;
-                Ok([1, t, t])
-            }
-        }
-    }
+/// A store's split opened for a loader: its reader, order, plan and latents, checked against the config.
+struct Opened {
+    reader: StoreReader,
+    order: OrderConfig,
+    plan: Plan,
+    latents: Option<LatentArray>,
+}
 
-    /// Opens the store's split and starts preparing batches from `start_step`.
-    pub fn open(
-        storage: Storage,
-        config: LoaderConfig,
-        start_step: u64,
-    ) -> Result<Self, ShardError> {
+impl Opened {
+    fn new(storage: &Storage, config: &LoaderConfig) -> Result<Self, ShardError> {
         let bad = |e: crate::order::OrderError| ShardError::InvalidConfig(e.to_string());
         check_world(config.global_batch, config.rank, config.world).map_err(bad)?;
-        if start_step
-            .checked_add(1 << 32)
-            .and_then(|s| s.checked_mul(config.global_batch))
-            .is_none()
-        {
-            return Err(ShardError::InvalidConfig(format!(
-                "loader start step {start_step} is out of range"
-            )));
-        }
         let reader = StoreReader::open(storage.clone())?;
         let order = reader.order_config(
             config.split,
@@ -675,10 +631,6 @@ impl Loader {
                 .map_err(bad)?,
             ),
         };
-        let eval_steps = match &plan {
-            Plan::Eval(b) => Some(b.len() as u64),
-            Plan::Train(_) => None,
-        };
         let latents = match config.output {
             ModelInput::Latents => Some(reader.latents(config.split)?.ok_or_else(|| {
                 ShardError::InvalidConfig(format!(
@@ -688,6 +640,49 @@ impl Loader {
                 ))
             })?),
             ModelInput::U16 | ModelInput::Dequantised => None,
+        };
+        Ok(Self {
+            reader,
+            order,
+            plan,
+            latents,
+        })
+    }
+}
+
+impl Loader {
+    /// What [`Loader::open`] checks of the store, without reading a shard or starting a thread: the world and
+    /// batch, the split's sample order, the latents a latent model needs (their array and statistics). Returns the
+    /// `[C, H, W]` of one sample. A launcher runs it before the ranks start (and before a Slurm queue).
+    pub fn inspect(storage: &Storage, config: &LoaderConfig) -> Result<[usize; 3], ShardError> {
+        let opened = Opened::new(storage, config)?;
+        Ok(sample_shape_of(&opened.reader, opened.latents.as_ref()))
+    }
+
+    /// Opens the store's split and starts preparing batches from `start_step`.
+    pub fn open(
+        storage: Storage,
+        config: LoaderConfig,
+        start_step: u64,
+    ) -> Result<Self, ShardError> {
+        if start_step
+            .checked_add(1 << 32)
+            .and_then(|s| s.checked_mul(config.global_batch))
+            .is_none()
+        {
+            return Err(ShardError::InvalidConfig(format!(
+                "loader start step {start_step} is out of range"
+            )));
+        }
+        let Opened {
+            reader,
+            order,
+            plan,
+            latents,
+        } = Opened::new(&storage, &config)?;
+        let eval_steps = match &plan {
+            Plan::Eval(b) => Some(b.len() as u64),
+            Plan::Train(_) => None,
         };
         let counters = Arc::new(Counters::default());
         let expected = reader
