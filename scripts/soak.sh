@@ -11,7 +11,7 @@ trials="${1:-50}"
 log="$root/target/soak-$(date -u +%Y%m%dT%H%M%SZ).log"
 started=$(date +%s)
 set +e
-RADIT_SOAK_TRIALS="$trials" cargo test --test run_faults soak -- --ignored --nocapture --test-threads 1 2>&1 |
+RADIT_SOAK_TRIALS="$trials" cargo test --features fault-injection --test run_faults soak -- --ignored --nocapture --test-threads 1 2>&1 |
   tee "$log"
 status=${PIPESTATUS[0]}
 set -e

@@ -34,6 +34,8 @@ forbid radit-engine 'radit-.*' 'radit-engine|radit-models|radit-protocol|radit-s
 forbid radit-jobs 'radit-(run|coordinator|launch|monitoring|sources)' '' \
   "a job is what one rank runs: it knows no supervisor, coordinator, launcher or harmoniser"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
+# The binary as the tests build it, with the fault plan compiled in (it is out of every other build).
+cargo clippy -p radit --all-targets --features fault-injection --quiet -- -D warnings
 # The GPU bundle stubs tch wrappers of ops torch 2.11 lacks: radit's code must call none of them.
 python3 "$root/scripts/check-stubbed-ops.py" "$root/scripts/gpu-stubbed-ops.txt"
 # GH200's host CPU is aarch64: every crate without libtorch builds for it (scripts/cross-aarch64.sh says how).
@@ -49,13 +51,13 @@ fi
 # tests are printed at the end. Without it, cargo test (no time limits).
 if command -v cargo-nextest > /dev/null; then
   trap 'python3 "$root/scripts/slowest.py" "$root/target/nextest/ci/junit.xml" 15 || true' EXIT
-  cargo nextest run --workspace --profile ci --no-fail-fast "$@"
+  cargo nextest run --workspace --profile ci --no-fail-fast --features radit/fault-injection "$@"
   cargo test --workspace --doc --no-fail-fast
   # The DICOM codecs behind features (OpenJPEG, CharLS: C and C++ built from source), against the pydicom twin.
   cargo nextest run -p radit-dicom --features j2k,jls --profile default --no-fail-fast
 else
   echo "cargo-nextest not found: running cargo test, without per-test time limits" >&2
-  cargo test --workspace --no-fail-fast "$@"
+  cargo test --workspace --no-fail-fast --features radit/fault-injection "$@"
   cargo test -p radit-dicom --features j2k,jls --no-fail-fast
 fi
 # Behind a flag (a release build against another libtorch, about 15 minutes here): the GPU bundle builds, and its

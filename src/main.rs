@@ -688,5 +688,13 @@ fn num_cpus_or_one() -> usize {
 
 fn run_info() -> anyhow::Result<u8> {
     println!("{}", radit_engine::runtime::probe());
+    println!(
+        "fault injection: {}",
+        if cfg!(feature = "fault-injection") {
+            "compiled in (a test build: RADIT_FAULT_* variables make ranks fail on purpose)"
+        } else {
+            "not compiled in"
+        }
+    );
     Ok(0)
 }

@@ -127,6 +127,10 @@ progress_seconds = 0.5
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "fault-injection"),
+    ignore = "injects faults: build with --features fault-injection (scripts/test.sh does)"
+)]
 fn an_encode_job_resumes_after_a_rank_dies_mid_shard_and_matches_the_pytorch_twin() {
     let dir = tempfile::tempdir().unwrap();
     let store = tiny_store(dir.path(), 100, "40x48", 8, &[]);
@@ -225,6 +229,10 @@ fn encode_cmd(store: &str, weights: &Path, extra: &[&str]) -> std::process::Comm
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "fault-injection"),
+    ignore = "injects faults: build with --features fault-injection (scripts/test.sh does)"
+)]
 fn encode_names_bad_input_and_resumes_a_half_written_store() {
     let dir = tempfile::tempdir().unwrap();
     let store = tiny_store(dir.path(), 40, "40x48", 8, &[]);
@@ -463,6 +471,10 @@ fn under_mpirun_two_ranks_write_the_same_bytes_as_one_process() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "fault-injection"),
+    ignore = "injects faults: build with --features fault-injection (scripts/test.sh does)"
+)]
 fn a_hung_encode_rank_is_named_and_the_job_relaunched() {
     let dir = tempfile::tempdir().unwrap();
     let store = tiny_store(dir.path(), 60, "40x48", 8, &[]);

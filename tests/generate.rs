@@ -93,6 +93,10 @@ progress_seconds = 0.5
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "fault-injection"),
+    ignore = "injects faults: build with --features fault-injection (scripts/test.sh does)"
+)]
 fn a_generate_job_resumes_after_a_rank_dies_mid_unit_and_writes_what_one_process_writes() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
@@ -162,6 +166,10 @@ fn a_generate_job_resumes_after_a_rank_dies_mid_unit_and_writes_what_one_process
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "fault-injection"),
+    ignore = "injects faults: build with --features fault-injection (scripts/test.sh does)"
+)]
 fn each_sample_is_its_profile_and_its_row_seed_and_bad_input_is_named() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
@@ -353,6 +361,10 @@ fn generated_samples_and_the_store_make_a_fidelity_row() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "fault-injection"),
+    ignore = "injects faults: build with --features fault-injection (scripts/test.sh does)"
+)]
 fn a_features_job_resumes_after_a_rank_dies_and_a_second_request_is_answered_from_the_cache() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();

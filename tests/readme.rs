@@ -81,6 +81,10 @@ const CLUSTER_ONLY: &[(&str, &str)] = &[
     ("radit-xl", "the XL run's weights"),
     ("srun ", "Slurm with GPUs"),
     (
+        ".radit-token-$SLURM_JOB_ID",
+        "a Slurm job's token file (tests/train_mpi.rs makes one for its srun step)",
+    ),
+    (
         "mpirun -np 4",
         "four MPI ranks of a user's run.toml (tests/train_mpi.rs runs mpirun)",
     ),

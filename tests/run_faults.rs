@@ -391,6 +391,10 @@ fn sigterm_checkpoints_every_rank_exits_with_the_requeue_code_and_the_next_run_r
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "fault-injection"),
+    ignore = "injects faults: build with --features fault-injection (scripts/test.sh does)"
+)]
 fn a_rank_killed_while_writing_a_checkpoint_falls_back_to_the_previous_one() {
     let dir = tempfile::tempdir().unwrap();
     let job = job(dir.path(), "local", "", "");
@@ -436,6 +440,10 @@ fn hang_run(launcher: &str, rank: usize) -> tempfile::TempDir {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "fault-injection"),
+    ignore = "injects faults: build with --features fault-injection (scripts/test.sh does)"
+)]
 fn out_of_memory_stops_the_run_with_what_to_change_instead_of_relaunching_it() {
     let dir = tempfile::tempdir().unwrap();
     let job = job(dir.path(), "local", "max_restarts = 3", "");
@@ -476,6 +484,10 @@ fn out_of_memory_stops_the_run_with_what_to_change_instead_of_relaunching_it() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "fault-injection"),
+    ignore = "injects faults: build with --features fault-injection (scripts/test.sh does)"
+)]
 fn a_hung_rank_is_named_and_the_run_is_relaunched() {
     let dir = hang_run("local", 1);
     assert_same_weights(dir.path(), "hang");
@@ -608,6 +620,10 @@ fn job_spec_errors_name_the_field_and_dry_run_prints_the_plan_without_starting_a
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "fault-injection"),
+    ignore = "injects faults: build with --features fault-injection (scripts/test.sh does)"
+)]
 fn a_slurm_job_is_submitted_warned_before_its_time_limit_requeued_and_completed_exactly() {
     let conf = common::local_slurm();
     let dir = tempfile::tempdir().unwrap();
@@ -754,6 +770,10 @@ fn the_main_job_trains_on_two_cpu_ranks_checkpoints_and_writes_a_contact_sheet()
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "fault-injection"),
+    ignore = "injects faults: build with --features fault-injection (scripts/test.sh does)"
+)]
 fn under_mpirun_a_hung_rank_is_named_and_every_rank_is_killed_and_relaunched() {
     // The other rank waits in an MPI collective, so rank 0 is named, not merely as the lowest rank.
     let dir = hang_run("mpirun", 0);
@@ -952,6 +972,10 @@ fn run_with_a_damaged_shard(dir: &Path, skip: bool, damage: fn(&Path)) -> Output
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "fault-injection"),
+    ignore = "injects faults: build with --features fault-injection (scripts/test.sh does)"
+)]
 fn a_shard_deleted_mid_run_stops_the_run_naming_it_without_a_relaunch() {
     let dir = tempfile::tempdir().unwrap();
     let out = run_with_a_damaged_shard(dir.path(), false, |p| std::fs::remove_file(p).unwrap());
@@ -966,6 +990,10 @@ fn a_shard_deleted_mid_run_stops_the_run_naming_it_without_a_relaunch() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "fault-injection"),
+    ignore = "injects faults: build with --features fault-injection (scripts/test.sh does)"
+)]
 fn with_skip_bad_shards_a_corrupted_shard_is_skipped_counted_and_the_run_completes() {
     let dir = tempfile::tempdir().unwrap();
     let out = run_with_a_damaged_shard(dir.path(), true, |p| {
@@ -1003,4 +1031,17 @@ fn a_batch_too_large_for_the_engine_bench_is_an_out_of_memory_report_not_a_panic
             "lower --batch",
         ],
     );
+}
+
+/// `radit info` says whether the fault plan is compiled in: in the tests' build (the feature on), and in no other,
+/// where `RADIT_FAULT_*` variables do nothing.
+#[test]
+fn radit_info_says_whether_fault_injection_is_compiled_in() {
+    let out = stdout(&run_ok(radit().arg("info")));
+    let expected = if cfg!(feature = "fault-injection") {
+        "fault injection: compiled in (a test build"
+    } else {
+        "fault injection: not compiled in"
+    };
+    assert!(out.contains(expected), "{out}");
 }

@@ -178,6 +178,10 @@ fn a_dicom_release_in_a_bucket_is_surveyed_from_ranged_reads_like_on_disk() {
 /// resumed): with `[data] request_timeout_seconds = 1` each stalled read times out and is retried, and the run
 /// completes with the losses of the same run on the local copy of the store, instead of hanging.
 #[test]
+#[cfg_attr(
+    not(feature = "fault-injection"),
+    ignore = "injects faults: build with --features fault-injection (scripts/test.sh does)"
+)]
 fn a_stalled_object_store_is_timed_out_and_retried_and_the_run_goes_on() {
     use std::io::BufRead;
     let moto = MotoServer::start();

@@ -243,3 +243,50 @@ fn sample_edits_images_counterfactually() {
         stderr(&out)
     );
 }
+
+/// `radit decode` of latents that are not square (its help allows any [N, C, H, W]) writes images of that shape,
+/// and latents of another rank are named with their file: exit 2, never a panic.
+#[test]
+fn decode_writes_non_square_images_and_names_latents_of_the_wrong_rank() {
+    use radit_models::tch::{Kind, Tensor};
+    let dir = tempfile::tempdir().unwrap();
+    let ae = dir.path().join("ae.safetensors");
+    run_ok(radit().args(["vae", "init", "tiny", "--out"]).arg(&ae));
+    let latents = dir.path().join("wide.safetensors");
+    let z = Tensor::randn(
+        [1, 4, 16, 32],
+        (Kind::Float, radit_models::tch::Device::Cpu),
+    );
+    Tensor::write_safetensors(&[("latents", &z)], &latents).unwrap();
+    let out = dir.path().join("decoded");
+    let run = |latents: &Path| {
+        radit()
+            .args(["decode", "--device", "cpu", "--latents"])
+            .arg(latents)
+            .arg("--decoder")
+            .arg(&ae)
+            .arg("--out")
+            .arg(&out)
+            .output()
+            .unwrap()
+    };
+    let done = run(&latents);
+    assert!(done.status.success(), "{}", stderr(&done));
+    let (info, _) = decode(&out.join("decoded_0000.png"));
+    assert_eq!(
+        (info.width, info.height),
+        (64, 32),
+        "the tiny decoder's 2x, wide"
+    );
+    assert!(out.join("contact_sheet.png").exists());
+
+    let flat = dir.path().join("flat.safetensors");
+    Tensor::write_safetensors(&[("latents", &z.get(0))], &flat).unwrap();
+    let failed = run(&flat);
+    let err = stderr(&failed);
+    assert_eq!(failed.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("flat.safetensors") && err.contains("[N, C, H, W]"),
+        "{err}"
+    );
+}

@@ -231,20 +231,37 @@ fn two_srun_tasks_form_one_world_without_radit_run_and_train_like_one_rank() {
     let alone = train(0, &config(tmp.path(), &store, &one, 4));
     let both = tmp.path().join("ckpt-srun");
     let cfg = config(tmp.path(), &store, &both, 4);
-    let mut cmd = Command::new("srun");
-    cmd.env("SLURM_CONF", &conf)
-        .args([
-            "--ntasks=2",
-            "--cpus-per-task=1",
-            "--cpu-bind=none",
-            "--time=5",
-        ])
-        // --mpi=none: the tasks get no PMI, so only Slurm's own variables can make them one world.
-        .arg("--mpi=none")
-        .arg("--export=ALL,OMP_NUM_THREADS=1")
-        .arg(env!("CARGO_BIN_EXE_radit"))
-        .args(["train", "--threads", "1", "--config"])
-        .arg(&cfg);
+    let token = tmp.path().join("token");
+    std::fs::write(&token, "the step's own secret\n").unwrap();
+    let srun = |export: &str| {
+        let mut cmd = Command::new("srun");
+        cmd.env("SLURM_CONF", &conf)
+            .args([
+                "--ntasks=2",
+                "--cpus-per-task=1",
+                "--cpu-bind=none",
+                "--time=5",
+            ])
+            // --mpi=none: the tasks get no PMI, so only Slurm's own variables can make them one world.
+            .arg("--mpi=none")
+            .arg(format!("--export=ALL,OMP_NUM_THREADS=1{export}"))
+            .arg(env!("CARGO_BIN_EXE_radit"))
+            .args(["train", "--threads", "1", "--config"])
+            .arg(&cfg);
+        cmd
+    };
+    // Without a shared secret the step is refused (its ids are public), saying how to make one.
+    let refused = srun("")
+        .env_remove("RADIT_JOB_TOKEN_FILE")
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(
+        stderr(&refused).contains("RADIT_JOB_TOKEN_FILE=<that file>"),
+        "{}",
+        stderr(&refused)
+    );
+    let mut cmd = srun(&format!(",RADIT_JOB_TOKEN_FILE={}", token.display()));
     // The step's first node is this host; where its name does not resolve to loopback, meet on 127.0.0.1.
     let host = stdout(&run_ok(Command::new("hostname").arg("-s")));
     let loopback = std::net::ToSocketAddrs::to_socket_addrs(&(host.trim(), 0))
@@ -364,6 +381,10 @@ fn exported_weights_load_into_the_pytorch_twin() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "fault-injection"),
+    ignore = "injects faults: build with --features fault-injection (scripts/test.sh does)"
+)]
 fn non_finite_steps_are_skipped_everywhere_and_repeated_ones_roll_back_to_the_checkpoint() {
     let tmp = tempfile::tempdir().unwrap();
     let store = store(tmp.path());

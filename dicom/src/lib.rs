@@ -161,6 +161,12 @@ pub enum DicomProblem {
     NotDicom,
     #[error("unreadable DICOM: {0}")]
     Unreadable(String),
+    /// The file ends inside its data set: a copy or download cut short.
+    #[error("truncated DICOM: the file ends inside its data set ({0}); copy or download it again")]
+    Truncated(String),
+    /// A DICOM object that holds no image (a report, a presentation state, a key object selection).
+    #[error("a DICOM object without pixel data (SOP class {sop_class}): not an image")]
+    NoPixelData { sop_class: String },
     #[error("unknown DICOM transfer syntax {uid}")]
     UnknownSyntax { uid: String },
     #[error("unsupported DICOM transfer syntax {uid} ({name}): no decoder compiled in{hint}")]
@@ -217,7 +223,15 @@ pub fn decode(bytes: &[u8], opts: &DicomOptions) -> Result<DicomImage, DicomProb
     let obj = OpenFileOptions::new()
         .read_preamble(ReadPreamble::Never)
         .from_reader(&bytes[128..])
-        .map_err(|e| DicomProblem::Unreadable(e.to_string()))?;
+        .map_err(|e| unreadable(&bytes[128..], e))?;
+    if obj.element(tags::PIXEL_DATA).is_err() {
+        return Err(DicomProblem::NoPixelData {
+            sop_class: meta
+                .media_storage_sop_class_uid()
+                .trim_end_matches('\0')
+                .to_string(),
+        });
+    }
     let header = Header::read(&obj)?;
     let decoded = obj
         .decode_pixel_data_frame(0)
@@ -276,6 +290,26 @@ pub fn decode(bytes: &[u8], opts: &DicomOptions) -> Result<DicomImage, DicomProb
         pixels,
         notes,
     })
+}
+
+/// A data set that cannot be parsed: truncated when everything up to the pixel data reads and the pixel data does
+/// not (the usual copy cut short: the pixel data is most of the file), else unreadable.
+fn unreadable(data: &[u8], e: impl std::fmt::Display) -> DicomProblem {
+    let header_reads = OpenFileOptions::new()
+        .read_preamble(ReadPreamble::Never)
+        .read_until(tags::PIXEL_DATA)
+        .from_reader(data)
+        .is_ok();
+    if header_reads {
+        DicomProblem::Truncated(format!(
+            "its {} bytes end inside the pixel data: {e}",
+            data.len() + 128
+        ))
+    } else {
+        DicomProblem::Unreadable(format!(
+            "{e} (the data set before the pixel data is damaged, or the file is cut short there)"
+        ))
+    }
 }
 
 fn decode_error(uid: &str, e: impl std::fmt::Display) -> DicomProblem {
@@ -784,11 +818,23 @@ mod tests {
             Err(DicomProblem::NotDicom)
         );
         let bytes = ramp(8).to_bytes();
+        // Cut short inside the pixel data (the usual broken copy): named as truncated.
         let e = decode(&bytes[..bytes.len() - 10], &DicomOptions::default()).unwrap_err();
         assert!(
-            matches!(e, DicomProblem::Unreadable(_) | DicomProblem::Decode { .. }),
+            matches!(&e, DicomProblem::Truncated(t) if t.contains("end inside the pixel data")),
             "{e}"
         );
+        // Cut just before the pixel data: a DICOM object without an image, named as such with its SOP class.
+        let at = bytes
+            .windows(4)
+            .position(|w| w == [0xE0, 0x7F, 0x10, 0x00])
+            .unwrap();
+        let e = decode(&bytes[..at], &DicomOptions::default()).unwrap_err();
+        assert!(matches!(e, DicomProblem::NoPixelData { .. }), "{e}");
+        assert!(e.to_string().contains("without pixel data"), "{e}");
+        // Cut inside the file meta group: unreadable.
+        let e = decode(&bytes[..200], &DicomOptions::default()).unwrap_err();
+        assert!(matches!(e, DicomProblem::Unreadable(_)), "{e}");
         let mut rgb = ramp(8);
         rgb.photometric = "RGB".into();
         rgb.samples_per_pixel = 3;

@@ -364,13 +364,24 @@ pub fn from_level(n: u16) -> f32 {
 
 /// A latent model's samples as `radit sample` writes them: the tensor `latents` of `latents.safetensors`.
 pub fn read_latents(path: &Path) -> Result<Tensor, ModelError> {
-    Tensor::read_safetensors(path)?
+    let latents = Tensor::read_safetensors(path)?
         .into_iter()
         .find_map(|(name, t)| (name == "latents").then_some(t))
         .ok_or_else(|| ModelError::BadInput {
             input: "latents",
             reason: format!("{} holds no tensor `latents`", path.display()),
-        })
+        })?;
+    let size = latents.size();
+    if size.len() != 4 || size.contains(&0) {
+        return Err(ModelError::BadInput {
+            input: "latents",
+            reason: format!(
+                "{}: `latents` has shape {size:?}; expected [N, C, H, W] with no empty side",
+                path.display()
+            ),
+        });
+    }
+    Ok(latents)
 }
 
 /// Model output in [-1, 1] to 16-bit levels: n = clamp(round((x + 1) / 2 * 65536 - 0.5), 0, 65535).
@@ -387,12 +398,13 @@ pub fn to_u16(x: &Tensor) -> Result<Vec<u16>, ModelError> {
 
 /// Writes `[N, 1, S, S]` images as `prefix_0000.png` ... (16-bit grey); returns the paths.
 pub fn write_png16(images: &Tensor, dir: &Path, prefix: &str) -> Result<Vec<PathBuf>, ModelError> {
-    let (n, side) = (images.size()[0], images.size()[3]);
+    let size = images.size();
+    let (n, height, width) = (size[0], size[2], size[3]);
     let mut paths = Vec::new();
     for i in 0..n {
         let pixels = to_u16(&images.get(i))?;
         let path = dir.join(format!("{prefix}_{i:04}.png"));
-        write_file(&path, &encode_png16(side as u32, side as u32, &pixels))?;
+        write_file(&path, &encode_png16(width as u32, height as u32, &pixels))?;
         paths.push(path);
     }
     Ok(paths)

@@ -16,7 +16,8 @@ const INK: u8 = 235;
 const CAPTION_LINES: usize = 3;
 const LINE: usize = 10;
 
-/// One tile: an image `[S, S]` in [-1, 1] and its caption (lines separated by `\n`).
+/// One tile: an image `[H, W]` in [-1, 1] and its caption (lines separated by `\n`). Every tile of a sheet has
+/// the first tile's size.
 pub struct Tile {
     pub image: Tensor,
     pub caption: String,
@@ -38,38 +39,40 @@ struct Layout {
     /// Box-downscale factor of each tile (large images), then a whole-number enlargement (small ones).
     down: i64,
     up: usize,
-    tile: usize,
+    tile_w: usize,
+    tile_h: usize,
     caption_h: usize,
     title_h: usize,
     width: usize,
     height: usize,
 }
 
-fn layout(side: i64, n: usize, columns: usize, max_tile: i64, captioned: bool) -> Layout {
+fn layout((h, w): (i64, i64), n: usize, columns: usize, max_tile: i64, captioned: bool) -> Layout {
     let columns = columns.clamp(1, n.max(1));
     let rows = n.div_ceil(columns).max(1);
-    let down = ((side + max_tile - 1) / max_tile.max(1)).max(1);
-    let small = (side / down).max(1) as usize;
+    let down = ((h.max(w) + max_tile - 1) / max_tile.max(1)).max(1);
+    let (small_h, small_w) = ((h / down).max(1) as usize, (w / down).max(1) as usize);
     let gaps = (columns + 1) * GAP;
     let up = MIN_WIDTH
         .saturating_sub(gaps)
-        .div_ceil(columns * small)
+        .div_ceil(columns * small_w)
         .max(1);
-    let tile = small * up;
+    let (tile_h, tile_w) = (small_h * up, small_w * up);
     let caption_h = if captioned {
         CAPTION_LINES * LINE + 2
     } else {
         0
     };
     let title_h = 2 * LINE + 4;
-    let width = columns * tile + gaps;
-    let height = title_h + rows * (tile + caption_h) + (rows + 1) * GAP;
+    let width = columns * tile_w + gaps;
+    let height = title_h + rows * (tile_h + caption_h) + (rows + 1) * GAP;
     Layout {
         columns,
         rows,
         down,
         up,
-        tile,
+        tile_w,
+        tile_h,
         caption_h,
         title_h,
         width,
@@ -130,9 +133,12 @@ pub fn render(
     columns: usize,
     max_tile: i64,
 ) -> Result<Vec<u8>, ModelError> {
-    let side = tiles.first().map_or(1, |t| t.image.size()[0]);
+    let (h, w) = tiles.first().map_or((1, 1), |t| {
+        let s = t.image.size();
+        (s[0], s.get(1).copied().unwrap_or(1))
+    });
     let captioned = tiles.iter().any(|t| !t.caption.is_empty());
-    let l = layout(side, tiles.len(), columns, max_tile, captioned);
+    let l = layout((h, w), tiles.len(), columns, max_tile, captioned);
     let mut canvas = vec![BACKGROUND; l.width * l.height];
     for (i, line) in wrap(title, (l.width - 2 * GAP) / 8)
         .iter()
@@ -148,9 +154,18 @@ pub fn render(
             l.width - 2 * GAP,
         );
     }
-    let small = (side / l.down).max(1) as usize;
+    let small_w = (w / l.down).max(1) as usize;
     for (k, t) in tiles.iter().enumerate() {
-        let image = t.image.to_kind(Kind::Float).view([1, 1, side, side]);
+        if t.image.size() != [h, w] {
+            return Err(ModelError::BadInput {
+                input: "contact sheet",
+                reason: format!(
+                    "tile {k} is {:?}, the first {h}x{w}: a sheet's tiles have one size",
+                    t.image.size()
+                ),
+            });
+        }
+        let image = t.image.to_kind(Kind::Float).view([1, 1, h, w]);
         let image = if l.down > 1 {
             image.avg_pool2d(
                 [l.down, l.down],
@@ -165,24 +180,24 @@ pub fn render(
         };
         let v = Vec::<f32>::try_from(image.flatten(0, -1))?;
         let (col, row) = (k % l.columns, k / l.columns);
-        let x0 = GAP + col * (l.tile + GAP);
-        let y0 = l.title_h + GAP + row * (l.tile + l.caption_h + GAP);
-        for y in 0..l.tile {
-            let src = (y / l.up) * small;
-            let line = &mut canvas[(y0 + y) * l.width + x0..(y0 + y) * l.width + x0 + l.tile];
+        let x0 = GAP + col * (l.tile_w + GAP);
+        let y0 = l.title_h + GAP + row * (l.tile_h + l.caption_h + GAP);
+        for y in 0..l.tile_h {
+            let src = (y / l.up) * small_w;
+            let line = &mut canvas[(y0 + y) * l.width + x0..(y0 + y) * l.width + x0 + l.tile_w];
             for (x, px) in line.iter_mut().enumerate() {
                 let value = v.get(src + x / l.up).copied().unwrap_or(-1.0);
                 *px = ((value.clamp(-1.0, 1.0) + 1.0) * 127.5).round() as u8;
             }
         }
-        for (i, text) in wrap(&t.caption, l.tile / 8).iter().enumerate() {
+        for (i, text) in wrap(&t.caption, l.tile_w / 8).iter().enumerate() {
             draw_text(
                 &mut canvas,
                 l.width,
                 x0,
-                y0 + l.tile + 2 + i * LINE,
+                y0 + l.tile_h + 2 + i * LINE,
                 text,
-                l.tile,
+                l.tile_w,
             );
         }
     }
@@ -209,9 +224,9 @@ mod tests {
                 )
             })
             .collect();
-        let l = layout(32, 4, 2, 256, true);
+        let l = layout((32, 32), 4, 2, 256, true);
         assert!(l.width >= MIN_WIDTH, "{}", l.width);
-        assert_eq!(l.tile % 32, 0, "whole-number enlargement");
+        assert_eq!(l.tile_w % 32, 0, "whole-number enlargement");
         let png = render("step 600", &tiles, 2, 256).unwrap();
         let decoded = png::Decoder::new(std::io::Cursor::new(png));
         let mut reader = decoded.read_info().unwrap();
@@ -223,6 +238,16 @@ mod tests {
         assert!(ink > 100, "{ink} pixels of ink");
         let mid = buf[(l.title_h + GAP + 5) * l.width + GAP + 5];
         assert_eq!(mid, 128);
+    }
+
+    #[test]
+    fn tiles_that_are_not_square_keep_their_shape_and_a_mismatched_one_is_named() {
+        let tile = |h, w| Tile::new(Tensor::zeros([h, w], (Kind::Float, tch::Device::Cpu)), "");
+        let l = layout((16, 32), 2, 2, 256, false);
+        assert_eq!(l.tile_w, 2 * l.tile_h);
+        assert!(render("wide", &[tile(16, 32), tile(16, 32)], 2, 256).is_ok());
+        let e = render("mixed", &[tile(16, 32), tile(16, 16)], 2, 256).unwrap_err();
+        assert!(e.to_string().contains("tile 1"), "{e}");
     }
 
     #[test]

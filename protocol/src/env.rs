@@ -9,9 +9,11 @@ pub const REQUEUE_EXIT_CODE: i32 = 75;
 /// `IP:PORT` of the coordinator.
 pub const COORDINATOR: &str = "RADIT_COORDINATOR";
 /// Path of the 0600 file that holds the job token (also read by the tasks of a plain srun step, as the secret of
-/// their TCP group; without it that secret is derived from the job and step ids and the user, which keeps stray
-/// processes out by accident, not by design).
+/// their TCP group: required there, since anything else would be known to every user of the cluster).
 pub const TOKEN_FILE: &str = "RADIT_JOB_TOKEN_FILE";
+/// `1`: a plain srun step without [`TOKEN_FILE`] derives its group's secret from the job and step ids, as radit
+/// once did. Those are public, so any user of the cluster could join the group: an explicit opt-in only.
+pub const ALLOW_DERIVED_SECRET: &str = "RADIT_ALLOW_DERIVED_SECRET";
 pub const GENERATION: &str = "RADIT_GENERATION";
 /// Path of the job's coordinator certificate authority (PEM) when the coordinator serves HTTPS, and the SHA-256 of
 /// that certificate (hex), which the rank checks before trusting the file.

@@ -183,7 +183,10 @@ pub fn joined_from_environment() -> Result<Box<dyn Collective>, CollectiveError>
         rendezvous::GroupPlan::SlurmStep { .. } => rendezvous::join_slurm_step(
             &plan,
             std::time::Duration::from_secs(1800),
-            var(radit_protocol::env::TOKEN_FILE),
+            rendezvous::StepSecret::from_vars(
+                var(radit_protocol::env::TOKEN_FILE),
+                var(radit_protocol::env::ALLOW_DERIVED_SECRET),
+            ),
         )?,
         rendezvous::GroupPlan::Single => {
             Box::new(local::LocalGroup::ranks(1, std::time::Duration::from_secs(600)).remove(0))

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use super::{Collective, CollectiveError, tcp};
 
-use radit_protocol::env::{MASTER_ADDR, MASTER_PORT, TOKEN_FILE};
+use radit_protocol::env::{ALLOW_DERIVED_SECRET, MASTER_ADDR, MASTER_PORT, TOKEN_FILE};
 
 /// The group the launcher's variables describe.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -145,10 +145,30 @@ pub fn plan(var: impl Fn(&str) -> Option<String>) -> Result<GroupPlan, Collectiv
 }
 
 /// The TCP star of a Slurm step: rank 0 listens at `host:port`, the others connect to it.
+/// The secret of a plain srun step's group: the token in the file `RADIT_JOB_TOKEN_FILE` names, or (only with
+/// `RADIT_ALLOW_DERIVED_SECRET=1`) one derived from the step's public ids.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StepSecret {
+    File(String),
+    DerivedByOptIn,
+    Missing,
+}
+
+impl StepSecret {
+    /// From the two variables, as the environment gave them.
+    pub fn from_vars(token_file: Option<String>, allow_derived: Option<String>) -> Self {
+        match (token_file, allow_derived.as_deref().map(str::trim)) {
+            (Some(path), _) => StepSecret::File(path),
+            (None, Some("1" | "true")) => StepSecret::DerivedByOptIn,
+            (None, _) => StepSecret::Missing,
+        }
+    }
+}
+
 pub fn join_slurm_step(
     plan: &GroupPlan,
     timeout: Duration,
-    secret_file: Option<String>,
+    step_secret: StepSecret,
 ) -> Result<Box<dyn Collective>, CollectiveError> {
     let GroupPlan::SlurmStep {
         rank,
@@ -161,11 +181,26 @@ pub fn join_slurm_step(
     else {
         return Err(launch_error(format!("not a Slurm step: {plan:?}")));
     };
-    let secret = match secret_file {
-        Some(path) => std::fs::read_to_string(&path)
+    let secret = match step_secret {
+        StepSecret::File(path) => std::fs::read_to_string(&path)
             .map(|t| tcp::group_secret(t.trim()))
             .map_err(|e| launch_error(format!("{TOKEN_FILE}={path}: {e}")))?,
-        None => tcp::group_secret(secret_seed),
+        StepSecret::DerivedByOptIn => {
+            tracing::warn!(
+                "{ALLOW_DERIVED_SECRET}=1: the group's secret comes from the step's public ids, so any user of \
+                 the cluster can join it"
+            );
+            tcp::group_secret(secret_seed)
+        }
+        StepSecret::Missing => {
+            return Err(launch_error(format!(
+                "the {world} tasks of this srun step need a shared secret, or any user of the cluster could join \
+                 their group: make a token file only you can read on a filesystem every node sees, e.g. `umask \
+                 077; head -c 32 /dev/urandom | base64 > ~/.radit-token-$SLURM_JOB_ID`, and pass \
+                 {TOKEN_FILE}=<that file> to the tasks (or run the job with `radit run`, which makes one); \
+                 {ALLOW_DERIVED_SECRET}=1 keeps the old secret derived from the public job ids"
+            )));
+        }
     };
     let addr: SocketAddr = (host.as_str(), *port)
         .to_socket_addrs()
@@ -311,11 +346,26 @@ mod tests {
             plan(env(&owned)).unwrap()
         };
         let (p0, p1) = (task("0"), task("1"));
+        // Without a token file the step is refused, saying how to make one.
+        let e = join_slurm_step(&p0, Duration::from_secs(30), StepSecret::Missing)
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains(TOKEN_FILE), "{e}");
+        assert_eq!(
+            StepSecret::from_vars(None, Some("1".into())),
+            StepSecret::DerivedByOptIn
+        );
+        assert_eq!(StepSecret::from_vars(None, None), StepSecret::Missing);
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("token");
+        std::fs::write(&token, "a shared secret\n").unwrap();
+        let secret = StepSecret::File(token.display().to_string());
+        let theirs = secret.clone();
         let spoke = std::thread::spawn(move || {
-            let comm = join_slurm_step(&p1, Duration::from_secs(30), None).unwrap();
+            let comm = join_slurm_step(&p1, Duration::from_secs(30), theirs).unwrap();
             crate::collective::conformance::run(comm.as_ref(), tch::Device::Cpu)
         });
-        let hub = join_slurm_step(&p0, Duration::from_secs(30), None).unwrap();
+        let hub = join_slurm_step(&p0, Duration::from_secs(30), secret).unwrap();
         assert_eq!((hub.rank(), hub.world()), (0, 2));
         crate::collective::conformance::run(hub.as_ref(), tch::Device::Cpu).unwrap();
         spoke.join().unwrap().unwrap();

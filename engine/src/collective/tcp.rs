@@ -69,24 +69,63 @@ fn write_frame(l: &mut Link, op: u8, bytes: &[u8]) -> std::io::Result<()> {
     l.writer.flush()
 }
 
-/// No frame is larger (a corrupt length must not turn into a huge allocation).
+/// No frame between proven ranks is larger (a corrupt length must not turn into a huge allocation).
 const MAX_FRAME_BYTES: u64 = 16 << 30;
-/// How long a connecting peer has to say who it is.
-const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// No handshake frame is larger (a hello is 56 bytes, a challenge 64, an answer 32): a stranger's header cannot
+/// make rank 0 allocate before it has proved anything.
+const MAX_HANDSHAKE_FRAME: u64 = 256;
+/// How long a connecting peer has for its whole handshake, however its bytes trickle in.
+const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
+/// Connections in their handshake at once; more are closed at accept, so a flood cannot exhaust rank 0's threads.
+const MAX_PENDING_HANDSHAKES: usize = 64;
 
 fn read_frame(l: &mut Link) -> std::io::Result<(u8, Vec<u8>)> {
+    read_frame_bounded(l, MAX_FRAME_BYTES, None)
+}
+
+/// A frame of at most `max` bytes, all of it read by `deadline` when one is given (each read waits only for what
+/// is left of it, so a peer sending a byte at a time cannot stretch it).
+fn read_frame_bounded(
+    l: &mut Link,
+    max: u64,
+    deadline: Option<Instant>,
+) -> std::io::Result<(u8, Vec<u8>)> {
     let mut head = [0u8; 9];
-    l.reader.read_exact(&mut head)?;
+    read_exact_by(l, &mut head, deadline)?;
     let len = u64::from_le_bytes(head[1..].try_into().unwrap_or_default());
-    if len > MAX_FRAME_BYTES {
+    if len > max {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidData,
-            format!("a {len}-byte frame is larger than any collective"),
+            format!("a {len}-byte frame is larger than {max} bytes"),
         ));
     }
     let mut bytes = vec![0u8; len as usize];
-    l.reader.read_exact(&mut bytes)?;
+    read_exact_by(l, &mut bytes, deadline)?;
     Ok((head[0], bytes))
+}
+
+fn read_exact_by(l: &mut Link, buf: &mut [u8], deadline: Option<Instant>) -> std::io::Result<()> {
+    let Some(deadline) = deadline else {
+        return l.reader.read_exact(buf);
+    };
+    let mut filled = 0;
+    while filled < buf.len() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the handshake's deadline passed",
+            ));
+        }
+        l.reader.get_ref().set_read_timeout(Some(left))?;
+        match l.reader.read(&mut buf[filled..]) {
+            Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// The group's secret from the job's token: a digest, so that the token itself never crosses the wire.
@@ -140,11 +179,17 @@ fn proof(
     mac
 }
 
-/// Rank 0's side of a spoke's handshake on a connection that sent `hello`: the spoke's rank once it proved the
-/// secret, `None` for anything else (a stranger, another job, a replay).
-fn admit(l: &mut Link, hello: &[u8], world: usize, secret: &[u8; 32]) -> Option<usize> {
+/// Rank 0's side of one connection's handshake, all of it within [`HANDSHAKE_DEADLINE`] and in frames of at most
+/// [`MAX_HANDSHAKE_FRAME`]: the spoke's rank and link once it proved the secret, `None` for anything else (a
+/// stranger, another job, a replay, a peer too slow or too large).
+fn admit(stream: TcpStream, world: usize, secret: &[u8; 32]) -> Option<(usize, Link)> {
     use hmac::Mac;
-    let (rank, spoke_nonce) = read_hello(hello, world)?;
+    let deadline = Instant::now() + HANDSHAKE_DEADLINE;
+    stream.set_nonblocking(false).ok()?;
+    let mut proven = link(stream, HANDSHAKE_DEADLINE).ok()?;
+    let l = &mut proven;
+    let (_, hello) = read_frame_bounded(l, MAX_HANDSHAKE_FRAME, Some(deadline)).ok()?;
+    let (rank, spoke_nonce) = read_hello(&hello, world)?;
     let hub_nonce = radit_protocol::random_bytes().ok()?;
     let mut challenge = hub_nonce.to_vec();
     challenge.extend_from_slice(
@@ -153,12 +198,12 @@ fn admit(l: &mut Link, hello: &[u8], world: usize, secret: &[u8; 32]) -> Option<
             .into_bytes(),
     );
     write_frame(l, 0, &challenge).ok()?;
-    let (_, answer) = read_frame(l).ok()?;
+    let (_, answer) = read_frame_bounded(l, MAX_HANDSHAKE_FRAME, Some(deadline)).ok()?;
     // Constant time, by the hmac crate.
     proof(secret, b"spoke", rank, world, [&hub_nonce, &spoke_nonce])
         .verify_slice(&answer)
         .ok()?;
-    Some(rank)
+    Some((rank, proven))
 }
 
 impl TcpCollective {
@@ -183,35 +228,55 @@ impl TcpCollective {
             .map_err(|e| fail(e.to_string()))?;
         let mut slots: Vec<Option<Link>> = (1..world).map(|_| None).collect();
         let mut missing = world - 1;
+        // Each connection's handshake runs on a thread of its own, so a stranger (silent, trickling, lying about
+        // its frame's size) holds up no rank for longer than it takes that rank to connect; it is dropped at its
+        // deadline.
+        let (done, admitted) = std::sync::mpsc::channel::<(SocketAddr, Option<(usize, Link)>)>();
+        let pending = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         while missing > 0 {
+            while let Ok((peer, result)) = admitted.try_recv() {
+                match result {
+                    Some((r, l)) if slots[r - 1].is_none() => {
+                        let set = l
+                            .reader
+                            .get_ref()
+                            .set_read_timeout(Some(timeout))
+                            .and_then(|()| l.writer.get_ref().set_write_timeout(Some(timeout)));
+                        set.map_err(|e| fail(e.to_string()))?;
+                        slots[r - 1] = Some(l);
+                        missing -= 1;
+                    }
+                    Some((r, _)) => {
+                        tracing::warn!(%peer, rank = r, "dropping a second connection for one rank")
+                    }
+                    None => {
+                        tracing::warn!(%peer, "dropping a connection that did not prove it is a rank of this job")
+                    }
+                }
+            }
+            if missing == 0 {
+                break;
+            }
             match listener.accept() {
                 Ok((stream, peer)) => {
-                    // A stranger (a port scan, another job) is dropped without disturbing the group.
-                    let greeted = stream
-                        .set_nonblocking(false)
-                        .and_then(|()| link(stream, HELLO_TIMEOUT))
-                        .and_then(|mut l| Ok((read_frame(&mut l)?, l)));
-                    let Ok(((_, hello), mut l)) = greeted else {
-                        tracing::warn!(%peer, "dropping a connection that did not say hello");
+                    use std::sync::atomic::Ordering;
+                    if pending.load(Ordering::Relaxed) >= MAX_PENDING_HANDSHAKES {
+                        tracing::warn!(%peer, "dropping a connection: too many handshakes in progress");
                         continue;
-                    };
-                    match admit(&mut l, &hello, world, secret) {
-                        Some(r) if slots[r - 1].is_none() => {
-                            let set = l
-                                .reader
-                                .get_ref()
-                                .set_read_timeout(Some(timeout))
-                                .and_then(|()| l.writer.get_ref().set_write_timeout(Some(timeout)));
-                            set.map_err(|e| fail(e.to_string()))?;
-                            slots[r - 1] = Some(l);
-                            missing -= 1;
-                        }
-                        Some(r) => {
-                            tracing::warn!(%peer, rank = r, "dropping a second connection for one rank")
-                        }
-                        None => {
-                            tracing::warn!(%peer, "dropping a connection that did not prove it is a rank of this job")
-                        }
+                    }
+                    pending.fetch_add(1, Ordering::Relaxed);
+                    let (done, in_flight, secret) = (done.clone(), pending.clone(), *secret);
+                    let spawned = std::thread::Builder::new()
+                        .name("radit-tcp-handshake".into())
+                        .spawn(move || {
+                            let result = admit(stream, world, &secret);
+                            in_flight.fetch_sub(1, Ordering::Relaxed);
+                            // The group may have formed (the receiver gone) while a stranger was timing out.
+                            let _ = done.send((peer, result));
+                        });
+                    if let Err(e) = spawned {
+                        pending.fetch_sub(1, Ordering::Relaxed);
+                        tracing::warn!(%peer, error = %e, "dropping a connection: cannot start its handshake");
                     }
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
@@ -267,7 +332,13 @@ impl TcpCollective {
         let mut l = link(stream, timeout).map_err(fail)?;
         let nonce = radit_protocol::random_bytes().map_err(fail)?;
         write_frame(&mut l, 0, &hello(rank, world, &nonce)).map_err(fail)?;
-        let (_, challenge) = read_frame(&mut l).map_err(fail)?;
+        let handshake = Instant::now() + HANDSHAKE_DEADLINE;
+        let (_, challenge) =
+            read_frame_bounded(&mut l, MAX_HANDSHAKE_FRAME, Some(handshake)).map_err(fail)?;
+        l.reader
+            .get_ref()
+            .set_read_timeout(Some(timeout))
+            .map_err(fail)?;
         let (hub_nonce, hub_proof) = challenge.split_at(challenge.len().min(32));
         let hub_nonce: [u8; 32] = hub_nonce.try_into().unwrap_or([0; 32]);
         {
@@ -607,6 +678,80 @@ mod tests {
         let spoke = TcpCollective::spoke(1, 2, addr, timeout, &SECRET).unwrap();
         assert_the_pair_sums(hub.join().unwrap().unwrap(), spoke);
         drop(replay);
+    }
+
+    /// Strangers that used to hold rank 0's serial accept loop: a header announcing a 16 GiB frame (an allocation
+    /// before any proof), a peer that connects and says nothing, and one that trickles a hello a byte at a time.
+    /// Rank 1, connecting after all three, joins at once beside them.
+    #[test]
+    fn a_huge_header_a_silent_peer_and_a_trickle_hold_up_no_rank() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let timeout = Duration::from_secs(20);
+        let hub = std::thread::spawn(move || TcpCollective::hub(listener, 2, timeout, &SECRET));
+        let mut huge = TcpStream::connect(addr).unwrap();
+        huge.write_all(&[0]).unwrap();
+        huge.write_all(&(16u64 << 30).to_le_bytes()).unwrap();
+        let _silent = TcpStream::connect(addr).unwrap();
+        let trickle = std::thread::spawn(move || {
+            let mut t = TcpStream::connect(addr).unwrap();
+            let mut frame = vec![0u8];
+            frame.extend_from_slice(&56u64.to_le_bytes());
+            frame.extend_from_slice(&hello(1, 2, &[1; 32]));
+            for b in frame {
+                if t.write_all(&[b]).is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(150));
+            }
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        let started = Instant::now();
+        let spoke = TcpCollective::spoke(1, 2, addr, timeout, &SECRET).unwrap();
+        let hub = hub.join().unwrap().unwrap();
+        assert!(
+            started.elapsed() < HANDSHAKE_DEADLINE / 2,
+            "rank 1 was held {:?} by the strangers",
+            started.elapsed()
+        );
+        assert_the_pair_sums(hub, spoke);
+        // The huge header was refused without the allocation: its connection is closed.
+        huge.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut byte = [0u8; 1];
+        assert!(matches!(huge.read(&mut byte), Ok(0) | Err(_)));
+        drop(trickle);
+    }
+
+    /// A handshake read keeps one deadline for all its bytes: a peer sending a byte every 100 ms is cut off at
+    /// the deadline, not 100 ms after its last byte.
+    #[test]
+    fn a_trickling_peer_is_cut_off_at_the_handshake_deadline() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        std::thread::spawn(move || {
+            let mut t = TcpStream::connect(addr).unwrap();
+            for _ in 0..100 {
+                if t.write_all(&[1]).is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+        let (stream, _) = listener.accept().unwrap();
+        let mut l = link(stream, Duration::from_secs(10)).unwrap();
+        let started = Instant::now();
+        let e = read_frame_bounded(
+            &mut l,
+            MAX_HANDSHAKE_FRAME,
+            Some(started + Duration::from_millis(600)),
+        )
+        .unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut, "{e}");
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
     }
 
     #[test]
