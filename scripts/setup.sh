@@ -12,8 +12,9 @@ source "$root/scripts/env.sh"
 log() { printf '[setup] %s\n' "$*" >&2; }
 
 # OpenMPI (mpirun, and the library and headers the mpi crate binds with libclang) for the CPU collectives; cmake and
-# g++ build CharLS for the `dicom-jls` feature (OpenJPEG for `dicom-j2k` needs only the C compiler).
-apt_packages=(pkg-config openmpi-bin libopenmpi-dev libclang-dev prometheus prometheus-pushgateway cmake g++)
+# g++ build CharLS for the `dicom-jls` feature (OpenJPEG for `dicom-j2k` needs only the C compiler); cmake and nasm
+# build libjpeg-turbo for 12-bit JPEG; dcmtk's dcmcjpeg writes the 12-bit JPEG files its twin test decodes.
+apt_packages=(pkg-config openmpi-bin libopenmpi-dev libclang-dev prometheus prometheus-pushgateway cmake g++ nasm dcmtk)
 missing=()
 for p in "${apt_packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

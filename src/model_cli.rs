@@ -98,7 +98,8 @@ pub fn run_decode(a: DecodeArgs) -> anyhow::Result<u8> {
         a.how.store.as_deref(),
         device,
         &a.out,
-    )?;
+    )
+    .with_context(|| format!("the latents of {}", a.latents.display()))?;
     println!(
         "decoded {} latents ({}) into 16-bit PNGs and {}",
         files.len(),
@@ -229,7 +230,8 @@ fn vae_info(a: VaeInfoArgs) -> anyhow::Result<u8> {
 
 #[derive(Args)]
 pub struct InfoArgs {
-    /// b-pixel, b-latent, xl-latent, tiny or tiny-latent.
+    /// b-pixel, b-latent, xl-latent, tiny or tiny-latent; or a RadUNet preset (unet-pixel, unet-latent,
+    /// unet-tiny): its counts and FLOPs per image.
     preset: String,
     /// Ranks the FSDP estimate shards over.
     #[arg(long, default_value_t = 32)]
@@ -374,6 +376,11 @@ pub fn run_model(cmd: ModelCommand) -> anyhow::Result<u8> {
 }
 
 fn info(a: InfoArgs) -> anyhow::Result<u8> {
+    if radit_models::unet::UNET_PRESETS.contains(&a.preset.as_str()) {
+        let cfg = radit_models::unet::UNetConfig::preset(&a.preset)?;
+        println!("{}", cfg.report(&a.preset, a.json));
+        return Ok(0);
+    }
     let cfg = RadiTConfig::preset(&a.preset)?;
     crate::exit::ensure_usage!(a.world > 0, "--world must be positive");
     println!("{}", cfg.report(&a.preset, a.world, a.json));

@@ -1,6 +1,6 @@
 //! `radit generate`: matched conditional sampling, one process and as a `[job] kind = "generate"` job under
-//! `radit run` (2 local ranks, one killed between writing a unit and committing it), with the same files either
-//! way; each sample conditioned on its profile row and seeded by it (a `radit sample` of that profile with that
+//! `radit run` (2 ranks under the local launcher, mpirun and the single-host Slurm, one killed between writing a unit
+//! and committing it), with the same files either way; each sample conditioned on its profile row and seeded by it (a `radit sample` of that profile with that
 //! noise draws the same image); bad input named; and the samples scored against the store by `radit eval`.
 
 mod common;
@@ -60,9 +60,67 @@ const SETTINGS: [&str; 10] = [
     "11",
 ];
 
-/// A job spec of `kind` with its work `section` (TOML) on 2 local CPU ranks, one relaunch allowed, written to
-/// `dir/job.toml`.
-fn two_rank_job(dir: &Path, kind: &str, section: &str) -> PathBuf {
+/// Where a job's ranks are started: radit's local launcher, mpirun, or the single-host Slurm (sbatch, then srun in
+/// the allocation).
+#[derive(Clone, Copy, Debug)]
+enum Launcher {
+    Local,
+    Mpirun,
+    Slurm,
+}
+
+impl Launcher {
+    fn toml(self) -> &'static str {
+        match self {
+            Launcher::Local => "[launcher]\nkind = \"local\"\n",
+            Launcher::Mpirun => {
+                "[launcher]\nkind = \"mpirun\"\n\
+                 mpirun_args = [\"--allow-run-as-root\", \"--oversubscribe\", \"--bind-to\", \"none\"]\n"
+            }
+            Launcher::Slurm => {
+                "[launcher]\nkind = \"slurm\"\n[launcher.slurm]\ntime_limit = \"00:10:00\"\npoll_seconds = 0.5\n"
+            }
+        }
+    }
+
+    /// `radit run JOB` for this launcher, with `env` (which reaches the ranks: mpirun on one host and sbatch's
+    /// default --export=ALL pass the environment on).
+    fn run(self, job: &Path, env: &[(&str, &str)]) -> std::process::Output {
+        let mut cmd = radit();
+        cmd.arg("run")
+            .arg(job)
+            .env("RADIT_NO_PROGRESS_BAR", "1")
+            .envs(env.iter().copied());
+        if let Launcher::Slurm = self {
+            cmd.env("SLURM_CONF", local_slurm());
+        }
+        run_ok(&mut cmd)
+    }
+
+    /// What the run's supervisor said: `radit run`'s stderr, and under Slurm the batch job's output file too (the
+    /// supervisor runs inside the allocation).
+    fn said(self, run: &std::process::Output, dir: &Path) -> String {
+        let mut text = stderr(run);
+        if let Launcher::Slurm = self {
+            for e in std::fs::read_dir(dir.join("run")).unwrap() {
+                let p = e.unwrap().path();
+                if p.file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .starts_with("slurm-")
+                {
+                    text += &std::fs::read_to_string(&p).unwrap();
+                }
+            }
+        }
+        text
+    }
+}
+
+/// A job spec of `kind` with its work `section` (TOML) on 2 CPU ranks started by `launcher`, one relaunch
+/// allowed, written to `dir/job.toml`.
+fn two_rank_job(dir: &Path, kind: &str, section: &str, launcher: Launcher) -> PathBuf {
+    let launcher = launcher.toml();
     write_job(
         dir,
         &format!(
@@ -78,8 +136,7 @@ run_dir = "run"
 cpu_ranks = 2
 threads_per_rank = 1
 
-[launcher]
-kind = "local"
+{launcher}
 
 [restart]
 max_restarts = 1
@@ -98,6 +155,28 @@ progress_seconds = 0.5
     ignore = "injects faults: build with --features fault-injection (scripts/test.sh does)"
 )]
 fn a_generate_job_resumes_after_a_rank_dies_mid_unit_and_writes_what_one_process_writes() {
+    generate_job_with_a_dead_rank(Launcher::Local);
+}
+
+#[test]
+#[cfg_attr(
+    not(feature = "fault-injection"),
+    ignore = "injects faults: build with --features fault-injection (scripts/test.sh does)"
+)]
+fn under_mpirun_a_generate_job_with_a_dead_rank_writes_what_one_process_writes() {
+    generate_job_with_a_dead_rank(Launcher::Mpirun);
+}
+
+#[test]
+#[cfg_attr(
+    not(feature = "fault-injection"),
+    ignore = "injects faults: build with --features fault-injection (scripts/test.sh does)"
+)]
+fn under_slurm_a_generate_job_with_a_dead_rank_writes_what_one_process_writes() {
+    generate_job_with_a_dead_rank(Launcher::Slurm);
+}
+
+fn generate_job_with_a_dead_rank(launcher: Launcher) {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let store = tiny_store(d, 48, "40x48", 8, &[]);
@@ -116,17 +195,17 @@ fn a_generate_job_resumes_after_a_rank_dies_mid_unit_and_writes_what_one_process
             store.display(),
             out.display()
         ),
+        launcher,
     );
     // Rank 1 writes its second unit's images and dies before committing it; the relaunch redoes that unit.
-    let run = run_ok(
-        radit()
-            .arg("run")
-            .arg(&job)
-            .env("RADIT_NO_PROGRESS_BAR", "1")
-            .env("RADIT_FAULT_CRASH_BEFORE_COMMIT", "1:2")
-            .env("RADIT_FAULT_ONLY_GENERATION", "1"),
+    let run = launcher.run(
+        &job,
+        &[
+            ("RADIT_FAULT_CRASH_BEFORE_COMMIT", "1:2"),
+            ("RADIT_FAULT_ONLY_GENERATION", "1"),
+        ],
     );
-    let err = stderr(&run);
+    let err = launcher.said(&run, d);
     assert!(err.contains("restart 1/1"), "{err}");
     // 7 units of 3 profiles over 2 ranks: the slower rank has 4.
     assert!(
@@ -151,16 +230,11 @@ fn a_generate_job_resumes_after_a_rank_dies_mid_unit_and_writes_what_one_process
     assert_eq!(csv.lines().count(), 21);
 
     // Run again: finished, nothing rewritten.
-    let again = run_ok(
-        radit()
-            .arg("run")
-            .arg(&job)
-            .env("RADIT_NO_PROGRESS_BAR", "1"),
-    );
+    let again = launcher.run(&job, &[]);
+    let said = launcher.said(&again, d);
     assert!(
-        stderr(&again).contains("all 2 ranks finished"),
-        "{}",
-        stderr(&again)
+        said.contains("all 2 ranks finished"),
+        "{launcher:?}: {said}"
     );
     assert!(images(&out) == b);
 }
@@ -366,6 +440,28 @@ fn generated_samples_and_the_store_make_a_fidelity_row() {
     ignore = "injects faults: build with --features fault-injection (scripts/test.sh does)"
 )]
 fn a_features_job_resumes_after_a_rank_dies_and_a_second_request_is_answered_from_the_cache() {
+    features_job_with_a_dead_rank(Launcher::Local);
+}
+
+#[test]
+#[cfg_attr(
+    not(feature = "fault-injection"),
+    ignore = "injects faults: build with --features fault-injection (scripts/test.sh does)"
+)]
+fn under_mpirun_a_features_job_with_a_dead_rank_writes_what_one_process_writes() {
+    features_job_with_a_dead_rank(Launcher::Mpirun);
+}
+
+#[test]
+#[cfg_attr(
+    not(feature = "fault-injection"),
+    ignore = "injects faults: build with --features fault-injection (scripts/test.sh does)"
+)]
+fn under_slurm_a_features_job_with_a_dead_rank_writes_what_one_process_writes() {
+    features_job_with_a_dead_rank(Launcher::Slurm);
+}
+
+fn features_job_with_a_dead_rank(launcher: Launcher) {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let store = tiny_store(d, 64, "40x48", 8, &[]);
@@ -406,17 +502,18 @@ fn a_features_job_resumes_after_a_rank_dies_and_a_second_request_is_answered_fro
             out.display(),
             d.join("cache").display()
         ),
+        launcher,
     );
     // Rank 0 writes its second shard's ids and dies before the features part; the relaunch redoes that shard.
-    let run = run_ok(
-        radit()
-            .arg("run")
-            .arg(&job)
-            .env("RADIT_NO_PROGRESS_BAR", "1")
-            .env("RADIT_FAULT_CRASH_BEFORE_COMMIT", "0:2")
-            .env("RADIT_FAULT_ONLY_GENERATION", "1"),
+    let run = launcher.run(
+        &job,
+        &[
+            ("RADIT_FAULT_CRASH_BEFORE_COMMIT", "0:2"),
+            ("RADIT_FAULT_ONLY_GENERATION", "1"),
+        ],
     );
-    assert!(stderr(&run).contains("restart 1/1"), "{}", stderr(&run));
+    let said = launcher.said(&run, d);
+    assert!(said.contains("restart 1/1"), "{launcher:?}: {said}");
     // The same features and ids as one process, and the parts are gone.
     assert_eq!(
         std::fs::read(&out).unwrap(),

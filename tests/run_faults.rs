@@ -129,8 +129,33 @@ type Weights = std::collections::BTreeMap<String, Vec<f32>>;
 
 /// The uninterrupted run's final weights (computed once).
 fn reference() -> &'static Weights {
+    &reference_run().1
+}
+
+/// The bytes of one checkpoint of the uninterrupted run (every file of its last step's directory).
+fn checkpoint_bytes() -> u64 {
+    fn walk(p: &Path) -> u64 {
+        std::fs::read_dir(p)
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                let m = e.metadata().unwrap();
+                if m.is_dir() { walk(&e.path()) } else { m.len() }
+            })
+            .sum()
+    }
+    walk(
+        &reference_run()
+            .0
+            .path()
+            .join(format!("ckpt/step-{STEPS:010}")),
+    )
+}
+
+/// The uninterrupted run (its directory kept) and its final weights, computed once.
+fn reference_run() -> &'static (tempfile::TempDir, Weights) {
     static REF: OnceLock<(tempfile::TempDir, Weights)> = OnceLock::new();
-    &REF.get_or_init(|| {
+    REF.get_or_init(|| {
         let dir = tempfile::tempdir().unwrap();
         let o = run_ok(&mut run_cmd(&job(dir.path(), "local", "", "")));
         let err = stderr(&o);
@@ -156,7 +181,6 @@ fn reference() -> &'static Weights {
         let w = final_weights(dir.path());
         (dir, w)
     })
-    .1
 }
 
 /// The supervisor's periodic lines (`radit: step ...`).
@@ -780,6 +804,108 @@ fn under_mpirun_a_hung_rank_is_named_and_every_rank_is_killed_and_relaunched() {
     assert_same_weights(dir.path(), "mpirun, hang");
 }
 
+/// A full disk under `radit run` with 2 ranks: the job's checkpoint directory is a tmpfs with room for `room`
+/// checkpoints (of 6, every 10 steps, keep 3), mounted in a private mount namespace (root's CAP_SYS_ADMIN). The
+/// saves that fit are kept; the first that does not is removed on every rank and training goes on; the second
+/// stops the run once (exit 1, no relaunch), naming the last good checkpoint. Then the checkpoints are copied off the
+/// tmpfs, and the same command on a roomy disk resumes from the last good one and ends with the uninterrupted
+/// run's weights: nothing is lost. Returns the last good step (0: none), or what went wrong.
+fn full_disk_run(dir: &Path, room: f64) -> Result<u64, String> {
+    let job = job(dir, "local", "max_restarts = 3", "");
+    let ckpt = dir.join("ckpt");
+    let saved = dir.join("ckpt-saved");
+    std::fs::create_dir_all(&ckpt).map_err(|e| e.to_string())?;
+    let size = (checkpoint_bytes() as f64 * room) as u64;
+    let script = format!(
+        "mount -t tmpfs -o size={size} tmpfs '{ckpt}' || {{ echo 'MOUNT REFUSED'; exit 97; }}\n\
+         set +e\n\
+         RUST_LOG=info '{radit}' run '{job}'; echo \"RUN EXIT $?\" >&2\n\
+         ls -A '{ckpt}' | sed 's/^/LISTED /' >&2\n\
+         cp -a '{ckpt}' '{saved}'",
+        ckpt = ckpt.display(),
+        saved = saved.display(),
+        radit = env!("CARGO_BIN_EXE_radit"),
+        job = job.display(),
+    );
+    let out = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-ec", &script])
+        .output()
+        .map_err(|e| e.to_string())?;
+    let err = stderr(&out);
+    if out.status.code() == Some(97) {
+        return Err(format!(
+            "a tmpfs could not be mounted in a private mount namespace (this needs CAP_SYS_ADMIN): {err}"
+        ));
+    }
+    // Saves at 10, 20, ... fit while fewer than `room` exist (pruning to 3 happens after a save commits).
+    let fit = (room.floor() as u64).min(3);
+    let last_good = 10 * fit;
+    let (failed, stopped) = (last_good + 10, last_good + 20);
+    let listed: Vec<&str> = err
+        .lines()
+        .filter_map(|l| l.strip_prefix("LISTED "))
+        .collect();
+    let want: Vec<String> = (1..=fit).map(|k| format!("step-{:010}", 10 * k)).collect();
+    let good = match last_good {
+        0 => "there is no earlier checkpoint".to_string(),
+        s => format!("the last good checkpoint is step {s}"),
+    };
+    // The first failure is said by rank 0 (in its log), the stop by the supervisor.
+    let rank0 =
+        std::fs::read_to_string(dir.join("run/logs/gen-1-process-0.log")).unwrap_or_default();
+    let checks = [
+        (
+            rank0.contains(&format!("checkpoint {failed} could not be written"))
+                && rank0.contains("No space left on device")
+                && rank0.contains("training goes on"),
+            format!("checkpoint {failed} fails, named, and training goes on"),
+        ),
+        (
+            err.contains(&format!("checkpoint {stopped} could not be written"))
+                && err.contains(&good),
+            format!("checkpoint {stopped} fails and the stop says `{good}`"),
+        ),
+        (err.contains("RUN EXIT 1"), "the run exits 1".into()),
+        (!err.contains("generation 2"), "no relaunch".into()),
+        (
+            listed == want,
+            format!(
+                "only the good checkpoints are left ({want:?}), nothing of the failed saves: {listed:?}"
+            ),
+        ),
+    ];
+    if let Some((_, what)) = checks.iter().find(|(ok, _)| !ok) {
+        return Err(format!(
+            "room {room:.2}: expected {what}:\n{err}\nrank 0:\n{rank0}"
+        ));
+    }
+    // The disk is freed: the same command resumes from the last good checkpoint and loses nothing.
+    std::fs::remove_dir(&ckpt).map_err(|e| e.to_string())?;
+    std::fs::rename(&saved, &ckpt).map_err(|e| e.to_string())?;
+    let again = run_cmd(&job).output().map_err(|e| e.to_string())?;
+    if !again.status.success() {
+        return Err(format!("the rerun failed: {}", stderr(&again)));
+    }
+    same_weights(dir).map_err(|e| format!("room {room:.2}, after the rerun: {e}"))?;
+    Ok(last_good)
+}
+
+#[test]
+fn a_full_disk_under_radit_run_stops_once_naming_the_last_good_checkpoint_and_a_rerun_loses_nothing()
+ {
+    let dir = tempfile::tempdir().unwrap();
+    let last_good = full_disk_run(dir.path(), 2.5).unwrap();
+    assert_eq!(last_good, 20);
+}
+
+fn splitmix(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
 /// One fault of the soak.
 #[derive(Debug, Clone, Copy)]
 enum SoakFault {
@@ -790,34 +916,150 @@ enum SoakFault {
     /// SIGKILL the coordinator (`radit run`) and start it again at once: the orphans checkpoint and the new run
     /// resumes from them.
     KillCoordinator,
+    /// SIGSTOP the object store (moto) holding the data for a while, then SIGCONT: reads time out and are retried.
+    StallStore,
+    /// The checkpoint disk fills: a clean named stop (not recoverable by design), then a rerun with room.
+    DiskFull,
+    /// SIGSTOP one rank: the hang is named, the generation killed and relaunched.
+    HangRank,
+    /// SIGKILL one rank, then SIGKILL one rank of the relaunch as it restores the checkpoint.
+    KillDuringRestore,
 }
 
-/// SplitMix64, so a trial is replayed from its seed alone.
-fn splitmix(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
-/// One soak trial from `seed`: a fault of a random kind, rank, step and delay (so it lands mid-step or
-/// mid-checkpoint); the run must complete with the uninterrupted run's weights. `Ok` says what happened.
-fn soak_trial(seed: u64) -> Result<String, String> {
-    let mut rng = seed;
-    let fault = [
+impl SoakFault {
+    const ALL: [SoakFault; 7] = [
         SoakFault::KillRank,
         SoakFault::Terminate,
         SoakFault::KillCoordinator,
-    ][(splitmix(&mut rng) % 3) as usize];
+        SoakFault::StallStore,
+        SoakFault::DiskFull,
+        SoakFault::HangRank,
+        SoakFault::KillDuringRestore,
+    ];
+}
+
+/// What the soak shares between trials: an S3 server holding the store's twin (the same synthetic images sharded
+/// with the same settings, so training on it gives the uninterrupted run's weights).
+struct SoakWorld {
+    moto: common::MotoServer,
+    url: String,
+}
+
+impl SoakWorld {
+    fn start() -> Self {
+        let moto = common::MotoServer::start();
+        moto.create_bucket("cxr");
+        let synth = store().parent().unwrap().join("synth");
+        let url = "s3://cxr/tiny".to_string();
+        run_ok(
+            radit()
+                .args(["shard", "--no-progress", "--table"])
+                .arg(synth.join("table.csv"))
+                .arg("--images")
+                .arg(synth.join("images"))
+                .args(["--out", &url, "--image-size", "16", "--shard-images", "8"])
+                .envs(moto.env()),
+        );
+        SoakWorld { moto, url }
+    }
+}
+
+fn signal(pid: u32, signal: i32) -> bool {
+    // SAFETY: kill(2) on a pid this trial started; it may have exited already (ESRCH), which is a miss.
+    unsafe { libc::kill(pid as i32, signal) == 0 }
+}
+
+/// Waits for the relaunch: a generation after `generation` whose two ranks have joined with pids other than `old`.
+fn wait_for_relaunch(
+    client: &CoordinatorClient,
+    old: &[u32],
+    child: &mut Child,
+) -> Result<Vec<u32>, String> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Ok(s) = client.status() {
+            let pids: Vec<u32> = s["ranks"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .iter()
+                .filter_map(|r| Some(r["pid"].as_u64()? as u32))
+                .collect();
+            if s["generation"].as_u64() >= Some(2)
+                && pids.len() == 2
+                && pids.iter().all(|p| !old.contains(p))
+            {
+                return Ok(pids);
+            }
+        }
+        if child.try_wait().ok().flatten().is_some() {
+            return Err("radit run ended before the relaunch joined".into());
+        }
+        if Instant::now() > deadline {
+            return Err("no relaunch within 120 s".into());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// One soak trial from `seed`: a fault of a random kind, rank, step and delay (so it lands mid-step or
+/// mid-checkpoint). Nothing may be lost: the run ends with the uninterrupted run's weights, or, where the fault is
+/// not recoverable by design (a full disk), stops once naming its last good checkpoint, from which a rerun ends with
+/// those weights. `Ok` says what happened.
+fn soak_trial(seed: u64, world: &SoakWorld, only: Option<SoakFault>) -> Result<String, String> {
+    let mut rng = seed;
+    let drawn = SoakFault::ALL[(splitmix(&mut rng) % SoakFault::ALL.len() as u64) as usize];
+    let fault = only.unwrap_or(drawn);
     let rank = (splitmix(&mut rng) % 2) as usize;
     let step = 1 + splitmix(&mut rng) % (STEPS - 10);
     let delay = Duration::from_millis(splitmix(&mut rng) % 150);
-    let what = format!("{fault:?} rank {rank} after step {step} + {delay:?}");
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-    let job = job(dir.path(), "local", "coordinator_grace_seconds = 0.25", "");
-    // 40 ms a step (about 3 s a run) so that a stop request or a relaunch lands mid-run, not after the end.
-    let mut child = spawn(run_cmd(&job).env("RADIT_FAULT_STEP_SLEEP_MS", "40"));
+    if let SoakFault::DiskFull = fault {
+        // Room for 0 to 3 whole checkpoints and a part of one more (never close to a whole number of them).
+        let room =
+            (splitmix(&mut rng) % 4) as f64 + 0.25 + (splitmix(&mut rng) % 50) as f64 / 100.0;
+        let what = format!("{fault:?} room for {room:.2} checkpoints");
+        let last = full_disk_run(dir.path(), room).map_err(|e| format!("{what}: {e}"))?;
+        return Ok(format!(
+            "{what}: ok, stopped once naming {}, the rerun ended exactly",
+            if last == 0 {
+                "no earlier checkpoint".to_string()
+            } else {
+                format!("step {last}")
+            }
+        ));
+    }
+    let stall = Duration::from_millis(1000 + splitmix(&mut rng) % 4000);
+    let what = match fault {
+        SoakFault::StallStore => format!("{fault:?} for {stall:?} after step {step} + {delay:?}"),
+        _ => format!("{fault:?} rank {rank} after step {step} + {delay:?}"),
+    };
+    let s3 = matches!(fault, SoakFault::StallStore);
+    let job = job(
+        dir.path(),
+        "local",
+        "coordinator_grace_seconds = 0.25\nmax_restarts = 3",
+        "",
+    );
+    if s3 {
+        let text = std::fs::read_to_string(&job)
+            .map_err(|e| e.to_string())?
+            .replace(
+                &format!("url = \"{}\"", store().display()),
+                &format!("url = \"{}\"\nrequest_timeout_seconds = 1.0", world.url),
+            );
+        std::fs::write(&job, text).map_err(|e| e.to_string())?;
+    }
+    let command = || {
+        // 40 ms a step (about 3 s a run) so that a stop request or a relaunch lands mid-run, not after the end.
+        let mut cmd = run_cmd(&job);
+        cmd.env("RADIT_FAULT_STEP_SLEEP_MS", "40");
+        if s3 {
+            cmd.envs(world.moto.env());
+        }
+        cmd
+    };
+    let mut child = spawn(&mut command());
     let client = coordinator(dir.path());
     let pids = match try_wait_for_step(&client, step, &mut child) {
         Ok(p) => p,
@@ -828,25 +1070,30 @@ fn soak_trial(seed: u64) -> Result<String, String> {
         }
     };
     std::thread::sleep(delay);
-    let signal_failed = |e: String| format!("{what}: {e}");
-    let send = |pid: u32, signal: i32| {
-        // SAFETY: kill(2) on a pid this trial started; it may have exited already (ESRCH), which is a miss.
-        unsafe { libc::kill(pid as i32, signal) == 0 }
-    };
+    let failed = |e: String| format!("{what}: {e}");
     let landed = match fault {
-        SoakFault::KillRank => send(pids[rank], libc::SIGKILL),
-        SoakFault::Terminate | SoakFault::KillCoordinator => send(
-            child.id(),
-            if matches!(fault, SoakFault::Terminate) {
-                libc::SIGTERM
-            } else {
-                libc::SIGKILL
-            },
-        ),
+        SoakFault::KillRank => signal(pids[rank], libc::SIGKILL),
+        SoakFault::Terminate => signal(child.id(), libc::SIGTERM),
+        SoakFault::KillCoordinator => signal(child.id(), libc::SIGKILL),
+        SoakFault::HangRank => signal(pids[rank], libc::SIGSTOP),
+        SoakFault::StallStore => {
+            let stopped = signal(world.moto.pid(), libc::SIGSTOP);
+            std::thread::sleep(stall);
+            signal(world.moto.pid(), libc::SIGCONT);
+            stopped
+        }
+        SoakFault::KillDuringRestore => {
+            let first = signal(pids[rank], libc::SIGKILL);
+            let relaunched = wait_for_relaunch(&client, &pids, &mut child).map_err(failed)?;
+            std::thread::sleep(delay);
+            first && signal(relaunched[rank], libc::SIGKILL)
+        }
+        SoakFault::DiskFull => unreachable!("handled above"),
     };
     let out = finish(child);
     let code = out.status.code();
-    let restarts = stderr(&out).lines().find_map(|l| {
+    let err = stderr(&out);
+    let restarts = err.lines().find_map(|l| {
         l.split("run complete after ")
             .nth(1)?
             .split(' ')
@@ -855,28 +1102,31 @@ fn soak_trial(seed: u64) -> Result<String, String> {
             .ok()
     });
     match fault {
-        SoakFault::KillRank if code != Some(0) => {
-            return Err(signal_failed(format!("exit {code:?}: {}", stderr(&out))));
-        }
         SoakFault::Terminate | SoakFault::KillCoordinator if code != Some(0) => {
             // 75 after SIGTERM, none after SIGKILL: the same command resumes.
-            let again = run_cmd(&job)
-                .env("RADIT_FAULT_STEP_SLEEP_MS", "40")
-                .output()
-                .map_err(|e| e.to_string())?;
+            let again = command().output().map_err(|e| e.to_string())?;
             if !again.status.success() {
-                return Err(signal_failed(format!(
+                return Err(failed(format!(
                     "the resumed run failed: {}",
                     stderr(&again)
                 )));
             }
         }
+        _ if code != Some(0) => return Err(failed(format!("exit {code:?}: {err}"))),
         _ => {}
     }
-    same_weights(dir.path()).map_err(|e| format!("{what}: {e}"))?;
+    // A stopped process stops its heart-beats too: the supervisor names that rank.
+    let named = err.contains(&format!("rank {rank} stopped heart-beating"))
+        || err.contains(&format!("culprit rank {rank}"));
+    if matches!(fault, SoakFault::HangRank) && landed && !named {
+        return Err(failed(format!("the hung rank was not named: {err}")));
+    }
+    same_weights(dir.path()).map_err(failed)?;
     let how = match (fault, code, restarts) {
-        (SoakFault::KillRank, _, Some(n)) => format!("{n} relaunch(es)"),
-        (_, Some(0), _) => "the run had ended".to_string(),
+        (SoakFault::Terminate | SoakFault::KillCoordinator, Some(0), _) => {
+            "the run had ended".to_string()
+        }
+        (_, Some(0), Some(n)) => format!("{n} relaunch(es)"),
         (_, Some(c), _) => format!("exit {c}, resumed"),
         (_, None, _) => "killed, resumed".to_string(),
     };
@@ -888,9 +1138,10 @@ fn soak_trial(seed: u64) -> Result<String, String> {
     Ok(format!("{what}: ok, {how}{missed}"))
 }
 
-/// `scripts/soak.sh N`: N trials of random faults, each ending with the uninterrupted run's weights. Behind
-/// `--ignored` (minutes); `RADIT_SOAK_TRIALS` (default 5), `RADIT_SOAK_SEED` (default from the clock; printed, and
-/// trial i uses seed + i, so `RADIT_SOAK_SEED=s RADIT_SOAK_TRIALS=1` replays one).
+/// `scripts/soak.sh N`: N trials of random faults of every kind, each losing nothing. Behind `--ignored` (minutes);
+/// `RADIT_SOAK_TRIALS` (default 5), `RADIT_SOAK_SEED` (default from the clock; printed, and trial i uses seed + i,
+/// so `RADIT_SOAK_SEED=s RADIT_SOAK_TRIALS=1` replays one; `RADIT_SOAK_KIND` keeps to one kind of fault). Ends
+/// with a count of outcomes per kind.
 #[test]
 #[ignore]
 fn soak() {
@@ -906,28 +1157,50 @@ fn soak() {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(1, |d| d.as_secs())
         });
+    // RADIT_SOAK_KIND=HangRank (say) draws every trial's details from its seed but faults that kind only.
+    let only = std::env::var("RADIT_SOAK_KIND").ok().map(|k| {
+        *SoakFault::ALL
+            .iter()
+            .find(|f| format!("{f:?}") == k)
+            .unwrap_or_else(|| panic!("RADIT_SOAK_KIND={k}: one of {:?}", SoakFault::ALL))
+    });
     eprintln!("soak: {trials} trials from seed {seed}");
     reference();
+    let world = SoakWorld::start();
     let mut failures = Vec::new();
+    let mut per_kind: std::collections::BTreeMap<String, (u32, u32, u32)> = Default::default();
     for i in 0..trials {
         let started = Instant::now();
-        let outcome = soak_trial(seed + i);
+        let outcome = soak_trial(seed + i, &world, only);
         let took = started.elapsed().as_secs_f64();
+        let line = match &outcome {
+            Ok(what) => what.clone(),
+            Err(why) => format!("FAIL {why}"),
+        };
+        let kind = line
+            .trim_start_matches("FAIL ")
+            .split([' ', ':'])
+            .next()
+            .unwrap_or("?")
+            .to_string();
+        let e = per_kind.entry(kind).or_default();
         match &outcome {
-            Ok(what) => eprintln!(
-                "soak trial {}/{trials} seed {}: {what} ({took:.1} s)",
-                i + 1,
-                seed + i
-            ),
-            Err(why) => {
-                eprintln!(
-                    "soak trial {}/{trials} seed {}: FAIL {why} ({took:.1} s)",
-                    i + 1,
-                    seed + i
-                );
+            Ok(w) if w.contains("fault missed") => e.2 += 1,
+            Ok(_) => e.0 += 1,
+            Err(_) => {
+                e.1 += 1;
                 failures.push(seed + i);
             }
         }
+        eprintln!(
+            "soak trial {}/{trials} seed {}: {line} ({took:.1} s)",
+            i + 1,
+            seed + i
+        );
+    }
+    eprintln!("soak summary (kind: nothing lost / failed / fault missed):");
+    for (kind, (ok, failed, missed)) in &per_kind {
+        eprintln!("  {kind}: {ok} / {failed} / {missed}");
     }
     assert!(failures.is_empty(), "failed seeds: {failures:?}");
 }

@@ -1,5 +1,6 @@
 //! DICOM radiographs to full-range 16-bit greyscale, for radit's ingest. dicom-rs parses the file and decodes the
-//! stored samples (uncompressed, deflated, RLE, JPEG baseline and lossless by default; JPEG 2000 and JPEG-LS behind
+//! stored samples (uncompressed, deflated, RLE, JPEG baseline and lossless by default, 12-bit JPEG Extended by
+//! libjpeg-turbo ([`jpeg12`]); JPEG 2000 and JPEG-LS behind
 //! the `j2k` and `jls` features); the pixel pipeline after that is ours and exactly specified ([`voi`]):
 //!
 //! 1. stored values (unused high bits masked, sign-extended when PixelRepresentation is 1);
@@ -15,6 +16,7 @@
 
 pub mod fixture;
 pub mod header;
+mod jpeg12;
 pub mod voi;
 
 use std::borrow::Cow;
@@ -233,10 +235,40 @@ pub fn decode(bytes: &[u8], opts: &DicomOptions) -> Result<DicomImage, DicomProb
         });
     }
     let header = Header::read(&obj)?;
-    let decoded = obj
-        .decode_pixel_data_frame(0)
-        .map_err(|e| decode_error(&uid, e))?;
-    let data = decoded.frame_data(0).map_err(|e| decode_error(&uid, e))?;
+    let twelve_bit = match uid.as_str() {
+        jpeg12::JPEG_EXTENDED => {
+            first_frame_jpeg(&obj).filter(|jpeg| jpeg12::precision(jpeg).is_some_and(|p| p > 8))
+        }
+        _ => None,
+    };
+    let decoded;
+    let data: Cow<[u8]> = match twelve_bit {
+        Some(jpeg) => {
+            let frame = jpeg12::decode(&jpeg).map_err(|e| decode_error(&uid, e))?;
+            if (frame.width, frame.height) != (header.columns as usize, header.rows as usize) {
+                return Err(decode_error(
+                    &uid,
+                    format!(
+                        "the JPEG frame is {}x{} samples, the header says {}x{}",
+                        frame.width, frame.height, header.columns, header.rows
+                    ),
+                ));
+            }
+            if header.bits_allocated != 16 {
+                return Err(decode_error(
+                    &uid,
+                    format!("12-bit samples in BitsAllocated {}", header.bits_allocated),
+                ));
+            }
+            Cow::Owned(frame.samples.iter().flat_map(|s| s.to_ne_bytes()).collect())
+        }
+        None => {
+            decoded = obj
+                .decode_pixel_data_frame(0)
+                .map_err(|e| decode_error(&uid, e))?;
+            Cow::Borrowed(decoded.frame_data(0).map_err(|e| decode_error(&uid, e))?)
+        }
+    };
     let n = header.rows as usize * header.columns as usize;
     let bytes_per_sample = usize::from(header.bits_allocated / 8);
     if data.len() < n * bytes_per_sample {
@@ -290,6 +322,37 @@ pub fn decode(bytes: &[u8], opts: &DicomOptions) -> Result<DicomImage, DicomProb
         pixels,
         notes,
     })
+}
+
+/// The JPEG stream of the first frame of encapsulated pixel data: all fragments when the file has one frame, else
+/// the fragments the Basic Offset Table gives the first frame (or the first fragment, one frame per fragment).
+fn first_frame_jpeg(obj: &Object) -> Option<Vec<u8>> {
+    let value = obj.element(tags::PIXEL_DATA).ok()?.value();
+    let fragments = value.fragments()?;
+    let frames = int(obj, tags::NUMBER_OF_FRAMES, "NumberOfFrames")
+        .ok()
+        .flatten()
+        .unwrap_or(1);
+    if frames <= 1 {
+        return Some(fragments.concat());
+    }
+    let table = value.offset_table().unwrap_or(&[]);
+    match table.get(1) {
+        // Offsets count each fragment's 8-byte item header.
+        Some(&end) => {
+            let mut taken = 0u64;
+            let mut jpeg = Vec::new();
+            for f in fragments {
+                if taken >= u64::from(end) {
+                    break;
+                }
+                jpeg.extend_from_slice(f);
+                taken += f.len() as u64 + 8;
+            }
+            Some(jpeg)
+        }
+        None => fragments.first().cloned(),
+    }
 }
 
 /// A data set that cannot be parsed: truncated when everything up to the pixel data reads and the pixel data does

@@ -67,6 +67,38 @@ pub enum CheckpointError {
     Model(#[from] radit_models::model::ModelError),
 }
 
+/// The first rank whose part of a checkpoint failed, with its reason (at most 500 bytes of it), as every rank
+/// learns it from one all-gather of a fixed-size note per rank. Collective.
+fn first_failure(
+    comm: &dyn Collective,
+    failure: Option<&str>,
+) -> Result<Option<(usize, String)>, CheckpointError> {
+    const NOTE: usize = 512;
+    let mut note = vec![b' '; NOTE];
+    if let Some(why) = failure {
+        note[0] = b'!';
+        let mut end = why.len().min(NOTE - 1);
+        while !why.is_char_boundary(end) {
+            end -= 1;
+        }
+        note[1..=end].copy_from_slice(&why.as_bytes()[..end]);
+    }
+    let mut all = Tensor::zeros(
+        [(NOTE * comm.world()) as i64],
+        (Kind::Uint8, tch::Device::Cpu),
+    );
+    comm.all_gather(&Tensor::from_slice(&note), &mut all)?;
+    let bytes = Vec::<u8>::try_from(&all).map_err(EngineError::from)?;
+    Ok(bytes.chunks(NOTE).enumerate().find_map(|(r, c)| {
+        (c[0] == b'!').then(|| {
+            (
+                r,
+                String::from_utf8_lossy(c[1..].trim_ascii_end()).into_owned(),
+            )
+        })
+    }))
+}
+
 /// The newest usable checkpoint under `url`, loaded in this process alone: its model config, step and named
 /// weights (the EMA, or the raw weights when `ema` is false), with PyTorch's parameter names.
 pub fn read_weights(
@@ -411,18 +443,20 @@ impl Checkpointer {
             .join()
             .unwrap_or_else(|_| Err("the writer thread panicked".into()));
         let rank = comm.rank();
-        // Every rank learns whether every write succeeded before anyone writes the manifest.
-        let failed = comm.all_reduce_f64(written.is_err() as i64 as f64)?;
+        // Every rank learns whether every write succeeded, and why not, before anyone writes the manifest.
+        let failure = written.as_ref().err().map(String::as_str);
+        let failed = first_failure(comm, failure)?;
         let (entry, write_seconds) = match written {
-            Ok((entry, seconds, spare)) if failed == 0.0 => {
+            Ok((entry, seconds, spare)) if failed.is_none() => {
                 self.spare = spare;
                 (entry, seconds)
             }
             Ok(_) => {
+                let (r, why) = failed.unwrap_or_default();
                 return Err(self.abandon(
                     step,
                     rank,
-                    "another rank could not write its part".into(),
+                    format!("rank {r} could not write its part: {why}"),
                 ));
             }
             Err(e) => return Err(self.abandon(step, rank, e)),

@@ -364,7 +364,11 @@ pub fn from_level(n: u16) -> f32 {
 
 /// A latent model's samples as `radit sample` writes them: the tensor `latents` of `latents.safetensors`.
 pub fn read_latents(path: &Path) -> Result<Tensor, ModelError> {
-    let latents = Tensor::read_safetensors(path)?
+    let latents = Tensor::read_safetensors(path)
+        .map_err(|e| ModelError::BadInput {
+            input: "latents",
+            reason: format!("{} is not a readable safetensors file: {e}", path.display()),
+        })?
         .into_iter()
         .find_map(|(name, t)| (name == "latents").then_some(t))
         .ok_or_else(|| ModelError::BadInput {
@@ -372,6 +376,16 @@ pub fn read_latents(path: &Path) -> Result<Tensor, ModelError> {
             reason: format!("{} holds no tensor `latents`", path.display()),
         })?;
     let size = latents.size();
+    if !latents.is_floating_point() {
+        return Err(ModelError::BadInput {
+            input: "latents",
+            reason: format!(
+                "{}: `latents` holds {:?} values; expected floating point",
+                path.display(),
+                latents.kind()
+            ),
+        });
+    }
     if size.len() != 4 || size.contains(&0) {
         return Err(ModelError::BadInput {
             input: "latents",

@@ -9,6 +9,7 @@
 //! - [`flow`]: the rectified-flow objective and its per-sample noise and time draws.
 //! - [`sampler`]: Euler and torchdiffeq-exact dopri5, forward and reverse; counterfactual editing.
 //! - [`scm`]: the Flow SCM over the metadata variables (graph, model, inference, checks, files).
+//! - [`unet`]: RadUNet, EDM2's magnitude-preserving U-Net as the paper's baseline, with its closed-form counts.
 //!
 //! ```no_run
 //! use radit_models::{flow, model::{RadiT, RadiTConfig}, sampler};
@@ -35,3 +36,4 @@ pub mod model;
 pub mod precision;
 pub mod sampler;
 pub mod scm;
+pub mod unet;

@@ -3,14 +3,15 @@ PS3.3 C.11 independently of the Rust code.
 
     python dicom_twin.py DIR
 
-writes DIR/<case>.dcm with pydicom (the native syntaxes, pydicom's own RLE Lossless encoder, and JPEG baseline
-from Pillow), decodes each file the pydicom way (pixel_array -> apply_modality_lut -> apply_voi_lut(prefer_lut=True)
+writes DIR/<case>.dcm with pydicom (the native syntaxes, pydicom's own RLE Lossless encoder, JPEG baseline from
+Pillow, and 12-bit JPEG Extended from DCMTK's dcmcjpeg), decodes each file the pydicom way (pixel_array -> apply_modality_lut -> apply_voi_lut(prefer_lut=True)
 -> MONOCHROME1 negated -> min-max stretch to 0..65535, numpy rint) into DIR/<case>.u16 (little-endian, row-major),
 and lists the cases with their shapes and tolerances in DIR/index.json. tests/dicom_twin.rs decodes the same files
 with radit and compares to 1 LSB (two 8-bit steps for the lossy JPEG case).
 """
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import io
 import numpy as np
 import pydicom
 from PIL import Image
+import pydicom.encaps
 from pydicom.encaps import encapsulate
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
@@ -28,6 +30,7 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
+    JPEGExtended12Bit,
     JPEGLSLossless,
     RLELossless,
     DigitalXRayImageStorageForPresentation,
@@ -117,6 +120,11 @@ def cases():
     # JPEG baseline (lossy, 8-bit): Pillow's libjpeg encodes, pydicom decodes with Pillow, radit with jpeg-decoder;
     # the two IDCTs may differ by one 8-bit step, so this case is compared with that tolerance.
     add("m2_u8_jpeg_baseline", 40, 48, 8, 8, False, "MONOCHROME2", 12, syntax=JPEGBaseline8Bit)
+    # JPEG Extended (lossy, 12-bit, as older CR and DX archives hold): DCMTK's dcmcjpeg encodes, pydicom decodes with
+    # pylibjpeg-libjpeg, radit with libjpeg-turbo: three toolkits. Compared within the two IDCTs' 12-bit rounding.
+    add("m1_u12_jpeg_extended", 47, 53, 16, 12, False, "MONOCHROME1", 14, syntax=JPEGExtended12Bit)
+    add("m2_s12_jpeg_extended_rescale", 42, 38, 16, 12, True, "MONOCHROME2", 15, syntax=JPEGExtended12Bit,
+        RescaleSlope=0.5, RescaleIntercept=-100)
     return out
 
 
@@ -147,6 +155,19 @@ def jpeg_encapsulate(ds):
     ds["PixelData"].VR = "OB"
     ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
     ds.LossyImageCompression = "01"
+
+
+def dcmtk_jpeg_extended(path):
+    """Re-encodes a native 12-bit file in place as JPEG Extended with 12 bits a sample, by DCMTK's dcmcjpeg."""
+    tmp = path.with_suffix(".jpeg.dcm")
+    subprocess.run(["dcmcjpeg", "--encode-extended", "--bits-force-12", "--quality", "95", str(path), str(tmp)],
+                   check=True)
+    tmp.replace(path)
+    ds = pydicom.dcmread(path)
+    assert ds.file_meta.TransferSyntaxUID == JPEGExtended12Bit, ds.file_meta.TransferSyntaxUID
+    frame = next(pydicom.encaps.generate_frames(ds.PixelData, number_of_frames=1))
+    sof = frame.find(b"\xff\xc1")
+    assert sof > 0 and frame[sof + 4] == 12, "dcmcjpeg wrote a 12-bit SOF1 frame"
 
 
 def twin(path, mask_padding=False):
@@ -187,8 +208,15 @@ def main():
             jpeg_encapsulate(ds)
             tolerance = 2 * 257 + 1
         else:
-            ds.file_meta.TransferSyntaxUID = syntax
+            # dcmcjpeg re-encodes a native file
+            ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian if syntax == JPEGExtended12Bit else syntax
         ds.save_as(path, enforce_file_format=True)
+        if syntax == JPEGExtended12Bit:
+            dcmtk_jpeg_extended(path)
+            ds = pydicom.dcmread(path)
+            # Two 12-bit steps (the IDCTs of libjpeg-turbo and Richter's libjpeg may round apart) after the stretch.
+            stored = ds.pixel_array.astype(np.float64) * float(ds.get("RescaleSlope", 1))
+            tolerance = int(np.ceil(2 * 65535 * float(ds.get("RescaleSlope", 1)) / np.ptp(stored))) + 1
         mask_padding = name.endswith("_padding_masked")
         pixels = twin(path, mask_padding)
         (out / f"{name}.u16").write_bytes(pixels.tobytes())

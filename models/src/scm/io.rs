@@ -110,6 +110,24 @@ pub fn read_csv(path: &Path) -> Result<Profiles, ModelError> {
         .iter()
         .map(str::to_string)
         .collect();
+    // Other columns (ids, paths) are allowed beside the variables, but a file with none of them is a wrong file,
+    // not a set of all-missing profiles.
+    let vocab = Vocabulary::current();
+    let known = |c: &String| {
+        let c = c.trim().to_ascii_lowercase();
+        c == super::graph::AGE || vocab.label_index(&c).is_some()
+    };
+    if !header.iter().any(known) {
+        return Err(bad(
+            &what,
+            format!(
+                "none of its columns ({}) is one of the variables ({}, {})",
+                header.join(", "),
+                vocab.labels.join(", "),
+                super::graph::AGE
+            ),
+        ));
+    }
     let mut rows = Vec::new();
     for (i, record) in reader.records().enumerate() {
         let record = record.map_err(|e| bad(&what, format!("row {}: {e}", i + 2)))?;

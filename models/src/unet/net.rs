@@ -1,0 +1,385 @@
+//! The RadUNet network: EDM2's U-Net with the raw output as the rectified-flow velocity (no EDM preconditioning),
+//! t in [0, 1] as the noise label, and RadiT's 19 metadata variables through magnitude-preserving layers.
+
+use tch::{Kind, Tensor, nn};
+
+use super::config::{
+    ATTN_BALANCE, BlockPlan, CLIP_ACT, CONCAT_BALANCE, Flavor, LABEL_BALANCE, RES_BALANCE,
+    UNetConfig,
+};
+use super::mp::{
+    MpConv, MpFourier, Resample, mp_cat, mp_silu, mp_sum, normalize, normalize_over, resample,
+};
+use crate::error::ModelError;
+
+/// An encoder or decoder block with optional self-attention.
+#[derive(Debug)]
+pub struct UNetBlock {
+    plan: BlockPlan,
+    heads: i64,
+    emb_gain: Tensor,
+    conv_res0: MpConv,
+    emb_linear: MpConv,
+    conv_res1: MpConv,
+    conv_skip: Option<MpConv>,
+    attn: Option<(MpConv, MpConv)>,
+}
+
+impl UNetBlock {
+    fn new(p: &nn::Path, plan: &BlockPlan, cemb: i64, channels_per_head: i64) -> Self {
+        let (cin, cout) = (plan.cin, plan.cout);
+        let res0_in = if plan.flavor == Flavor::Enc {
+            cout
+        } else {
+            cin
+        };
+        Self {
+            heads: if plan.attention {
+                cout / channels_per_head
+            } else {
+                0
+            },
+            emb_gain: p.zeros("emb_gain", &[]),
+            conv_res0: MpConv::new(&(p / "conv_res0"), res0_in, cout, 3),
+            emb_linear: MpConv::new(&(p / "emb_linear"), cemb, cout, 0),
+            conv_res1: MpConv::new(&(p / "conv_res1"), cout, cout, 3),
+            conv_skip: (cin != cout).then(|| MpConv::new(&(p / "conv_skip"), cin, cout, 1)),
+            attn: plan.attention.then(|| {
+                (
+                    MpConv::new(&(p / "attn_qkv"), cout, 3 * cout, 1),
+                    MpConv::new(&(p / "attn_proj"), cout, cout, 1),
+                )
+            }),
+            plan: plan.clone(),
+        }
+    }
+
+    fn convs(&self) -> impl Iterator<Item = &MpConv> {
+        [&self.conv_res0, &self.emb_linear, &self.conv_res1]
+            .into_iter()
+            .chain(self.conv_skip.as_ref())
+            .chain(self.attn.iter().flat_map(|(q, p)| [q, p]))
+    }
+
+    fn forward(&self, x: &Tensor, emb: &Tensor) -> Tensor {
+        let mut x = resample(x, self.plan.resample);
+        if self.plan.flavor == Flavor::Enc {
+            if let Some(skip) = &self.conv_skip {
+                x = skip.forward(&x);
+            }
+            x = normalize_over(&x, &[1]);
+        }
+        let y = self.conv_res0.forward(&mp_silu(&x));
+        let c = self.emb_linear.forward_gain(emb, &self.emb_gain) + 1.0;
+        let y = mp_silu(&(y * c.unsqueeze(2).unsqueeze(3).to_kind(x.kind())));
+        let y = self.conv_res1.forward(&y);
+        if self.plan.flavor == Flavor::Dec
+            && let Some(skip) = &self.conv_skip
+        {
+            x = skip.forward(&x);
+        }
+        let mut x = mp_sum(&x, &y, RES_BALANCE);
+        if let Some((qkv, proj)) = &self.attn {
+            let size = x.size();
+            let (n, c, h, w) = (size[0], size[1], size[2], size[3]);
+            let y = qkv.forward(&x).reshape([n, self.heads, -1, 3, h * w]);
+            let y = normalize_over(&y, &[2]);
+            let parts = y.unbind(3);
+            let (q, k, v) = (&parts[0], &parts[1], &parts[2]);
+            let scale = 1.0 / (q.size()[2] as f64).sqrt();
+            let weights = Tensor::einsum("nhcq,nhck->nhqk", &[q, &(k * scale)], None::<i64>)
+                .softmax(3, Kind::Float)
+                .to_kind(q.kind());
+            let y = Tensor::einsum("nhqk,nhck->nhcq", &[&weights, v], None::<i64>);
+            let y = proj.forward(&y.reshape([n, c, h, w]));
+            x = mp_sum(&x, &y, ATTN_BALANCE);
+        }
+        x.clamp(-CLIP_ACT, CLIP_ACT)
+    }
+}
+
+/// RadiT's 19-variable metadata embedding rebuilt with magnitude-preserving layers: each variable's one-hot (√K
+/// scaled, class 0 = missing) through its own MPConv, age through MPFourier then an MPConv (a learned unit-RMS null
+/// vector when missing), summed and divided by √19.
+#[derive(Debug)]
+pub struct MetadataEmbedding {
+    tables: Vec<MpConv>,
+    age_fourier: MpFourier,
+    age_linear: MpConv,
+    age_null: MpConv,
+    classes: Vec<i64>,
+}
+
+impl MetadataEmbedding {
+    fn new(p: &nn::Path, classes: &[i64], cfourier: i64, cemb: i64) -> Self {
+        let t = p / "tables";
+        Self {
+            tables: classes
+                .iter()
+                .enumerate()
+                .map(|(i, &k)| MpConv::new(&(&t / i), k, cemb, 0))
+                .collect(),
+            age_fourier: MpFourier::new(&(p / "age_fourier"), cfourier),
+            age_linear: MpConv::new(&(p / "age_linear"), cfourier, cemb, 0),
+            // One unit-RMS vector [1, cemb] (a per-element normalisation over a fan-in of 1 would leave it only
+            // the signs of its elements to learn).
+            age_null: MpConv::new(&(p / "age_null"), cemb, 1, 0),
+            classes: classes.to_vec(),
+        }
+    }
+
+    fn forward(&self, labels: &Tensor, age: &Tensor) -> Tensor {
+        let n = labels.size()[0];
+        let mut sum: Option<Tensor> = None;
+        let mut add = |e: Tensor| {
+            sum = Some(match sum.take() {
+                Some(s) => s + e,
+                None => e,
+            })
+        };
+        for (i, (table, &k)) in self.tables.iter().zip(&self.classes).enumerate() {
+            let one_hot =
+                labels.select(1, i as i64).one_hot(k).to_kind(Kind::Float) * (k as f64).sqrt();
+            add(table.forward(&one_hot));
+        }
+        let age = age.to_kind(Kind::Float);
+        let known = age.isfinite().unsqueeze(1);
+        let with_age = self
+            .age_linear
+            .forward(&self.age_fourier.forward(&age.nan_to_num(0.0, None, None)));
+        let null = normalize(&self.age_null.weight).expand([n, -1], false);
+        add(with_age.where_self(&known, &null));
+        let count = self.tables.len() as f64 + 1.0;
+        sum.unwrap_or_else(|| null.zeros_like()) / count.sqrt()
+    }
+
+    fn convs(&self) -> impl Iterator<Item = &MpConv> {
+        self.tables.iter().chain([&self.age_linear, &self.age_null])
+    }
+}
+
+/// The U-Net. Parameter paths follow EDM2's (`enc.16x16_block0.conv_res0.weight`, `emb_noise.weight`,
+/// `out_gain`), with the metadata embedding under `emb_label`.
+#[derive(Debug)]
+pub struct RadUNet {
+    cfg: UNetConfig,
+    emb_fourier: MpFourier,
+    emb_noise: MpConv,
+    emb_label: MetadataEmbedding,
+    input_conv: MpConv,
+    encoder: Vec<UNetBlock>,
+    decoder: Vec<UNetBlock>,
+    out_conv: MpConv,
+    out_gain: Tensor,
+}
+
+impl RadUNet {
+    pub fn new(p: &nn::Path, cfg: &UNetConfig) -> Result<Self, ModelError> {
+        cfg.validate()?;
+        let plan = cfg.plan();
+        let at = |name: &str| name.split('.').fold(p.clone(), |path, part| &path / part);
+        let (name, cin, cout) = &plan.input_conv;
+        Ok(Self {
+            emb_fourier: MpFourier::new(&(p / "emb_fourier"), plan.cnoise),
+            emb_noise: MpConv::new(&(p / "emb_noise"), plan.cnoise, plan.cemb, 0),
+            emb_label: MetadataEmbedding::new(
+                &(p / "emb_label"),
+                &cfg.classes,
+                plan.cnoise,
+                plan.cemb,
+            ),
+            input_conv: MpConv::new(&at(name), *cin, *cout, 3),
+            encoder: plan
+                .encoder
+                .iter()
+                .map(|b| UNetBlock::new(&at(&b.name), b, plan.cemb, cfg.channels_per_head))
+                .collect(),
+            decoder: plan
+                .decoder
+                .iter()
+                .map(|b| UNetBlock::new(&at(&b.name), b, plan.cemb, cfg.channels_per_head))
+                .collect(),
+            out_conv: MpConv::new(&(p / "out_conv"), plan.out_cin, cfg.img_channels, 3),
+            // Zero: the output is exactly 0 at initialisation, as DiT's zero-initialised head.
+            out_gain: p.zeros("out_gain", &[]),
+            cfg: cfg.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &UNetConfig {
+        &self.cfg
+    }
+
+    /// Checks the inputs' shapes and kinds against the model, naming the one that is wrong.
+    pub fn check_inputs(
+        &self,
+        x: &Tensor,
+        t: &Tensor,
+        labels: &Tensor,
+        age: &Tensor,
+    ) -> Result<(), ModelError> {
+        let c = &self.cfg;
+        let b = x.size().first().copied().unwrap_or(0);
+        let want = [b, c.img_channels, c.img_resolution, c.img_resolution];
+        let bad = |input, reason: String| Err(ModelError::BadInput { input, reason });
+        if x.size() != want || b == 0 {
+            return bad(
+                "x",
+                format!(
+                    "shape {:?}; expected [batch, {}, {}, {}]",
+                    x.size(),
+                    want[1],
+                    want[2],
+                    want[3]
+                ),
+            );
+        }
+        if t.size() != [b] {
+            return bad("t", format!("shape {:?}; expected [{b}]", t.size()));
+        }
+        if labels.size() != [b, c.classes.len() as i64] || labels.kind() != Kind::Int64 {
+            return bad(
+                "labels",
+                format!(
+                    "{:?} {:?}; expected int64 [{b}, {}]",
+                    labels.kind(),
+                    labels.size(),
+                    c.classes.len()
+                ),
+            );
+        }
+        if age.size() != [b] {
+            return bad("age", format!("shape {:?}; expected [{b}]", age.size()));
+        }
+        let over = labels.ge_tensor(
+            &Tensor::from_slice(&c.classes)
+                .to_device(labels.device())
+                .unsqueeze(0),
+        );
+        if over.any().int64_value(&[]) != 0 || labels.lt(0).any().int64_value(&[]) != 0 {
+            return bad(
+                "labels",
+                "a class index outside its variable's classes".into(),
+            );
+        }
+        Ok(())
+    }
+
+    /// The velocity v(x, t, metadata): [B, C, S, S] in x's kind.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        t: &Tensor,
+        labels: &Tensor,
+        age: &Tensor,
+    ) -> Result<Tensor, ModelError> {
+        self.check_inputs(x, t, labels, age)?;
+        let emb = self.emb_noise.forward(&self.emb_fourier.forward(t));
+        let emb = mp_silu(&mp_sum(
+            &emb,
+            &self.emb_label.forward(labels, age),
+            LABEL_BALANCE,
+        ));
+        let ones = x.narrow(1, 0, 1).ones_like();
+        let mut x = Tensor::cat(&[x, &ones], 1);
+        x = self.input_conv.forward(&x);
+        let mut skips = vec![x.shallow_clone()];
+        for block in &self.encoder {
+            x = block.forward(&x, &emb);
+            skips.push(x.shallow_clone());
+        }
+        for block in &self.decoder {
+            if block.plan.takes_skip {
+                let skip = skips.pop().ok_or_else(|| ModelError::BadInput {
+                    input: "x",
+                    reason: "the decoder ran out of skip connections".into(),
+                })?;
+                x = mp_cat(&x, &skip, CONCAT_BALANCE);
+            }
+            x = block.forward(&x, &emb);
+        }
+        Ok(self.out_conv.forward_gain(&x, &self.out_gain))
+    }
+
+    /// Forced weight normalisation: every MPConv weight back to unit RMS per output channel. Called after every
+    /// optimiser step in training.
+    pub fn force_normalize(&self) {
+        let blocks = self
+            .encoder
+            .iter()
+            .chain(&self.decoder)
+            .flat_map(UNetBlock::convs);
+        for conv in [&self.emb_noise, &self.input_conv, &self.out_conv]
+            .into_iter()
+            .chain(self.emb_label.convs())
+            .chain(blocks)
+        {
+            conv.force_normalize();
+        }
+    }
+
+    /// Which resampling each block does, in order (for tests of the plan against the built network).
+    pub fn resampling(&self) -> Vec<Resample> {
+        self.encoder
+            .iter()
+            .chain(&self.decoder)
+            .map(|b| b.plan.resample)
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::{Device, nn::VarStore};
+
+    fn inputs(cfg: &UNetConfig, b: i64) -> (Tensor, Tensor, Tensor, Tensor) {
+        let x = Tensor::randn(
+            [b, cfg.img_channels, cfg.img_resolution, cfg.img_resolution],
+            (Kind::Float, Device::Cpu),
+        );
+        let t = Tensor::rand([b], (Kind::Float, Device::Cpu));
+        let labels = Tensor::stack(
+            &cfg.classes
+                .iter()
+                .map(|&k| Tensor::randint(k, [b], (Kind::Int64, Device::Cpu)))
+                .collect::<Vec<_>>(),
+            1,
+        );
+        let age = Tensor::from_slice(&[0.63f32, f32::NAN]).repeat([b / 2]);
+        (x, t, labels, age)
+    }
+
+    #[test]
+    fn the_built_network_has_the_closed_form_count_and_starts_at_zero() {
+        tch::manual_seed(0);
+        let cfg = UNetConfig::preset("unet-tiny").unwrap();
+        let vs = VarStore::new(Device::Cpu);
+        let net = RadUNet::new(&vs.root(), &cfg).unwrap();
+        let trainable: i64 = vs
+            .trainable_variables()
+            .iter()
+            .map(Tensor::numel)
+            .map(|n| n as i64)
+            .sum();
+        assert_eq!(trainable as u64, cfg.parameter_count().total());
+        let (x, t, labels, age) = inputs(&cfg, 4);
+        let v = net.forward(&x, &t, &labels, &age).unwrap();
+        assert_eq!(v.size(), x.size());
+        assert_eq!(v.abs().max().double_value(&[]), 0.0, "out_gain starts at 0");
+        assert_eq!(
+            net.resampling()
+                .iter()
+                .filter(|r| **r == Resample::Down)
+                .count(),
+            1
+        );
+        let err = net
+            .forward(&x.narrow(2, 0, 8), &t, &labels, &age)
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("expected [batch, 1, 16, 16]"),
+            "{err}"
+        );
+    }
+}

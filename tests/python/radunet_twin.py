@@ -1,0 +1,246 @@
+"""The PyTorch twin of RadUNet, written from ../shared/design/radunet.md (EDM2's U-Net, magnitude-preserving and
+bias-free, its raw output the rectified-flow velocity, t in [0, 1] as the noise label, the 19 metadata variables
+through magnitude-preserving layers) independently of the Rust code.
+
+    python radunet_twin.py export --out DIR
+
+builds the tiny U-Net (16x16x1, 16 channels x [1, 2], one block per level, attention at 8x8, 16-channel heads),
+sets its zero-initialised gains to random values so every parameter gets a gradient, and writes
+DIR/weights.safetensors (parameters and MPFourier buffers under the Rust names, the config in the metadata),
+DIR/inputs.safetensors (x1, x0, t, labels, age), DIR/outputs.safetensors (velocity, loss), DIR/grads.safetensors
+(d loss / d parameter) and DIR/after_step.safetensors (the parameters after one SGD step of lr 0.1 followed by
+forced weight normalisation of every MPConv weight). tests/unet_parity.rs checks the Rust model against all of it.
+"""
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+CLASSES = [3] * 14 + [4, 3, 4, 8]
+LR = 0.1
+
+
+def normalize(x, dims=None, eps=1e-4):
+    """x / (RMS over dims + eps), the RMS in float32; dims default to all but the first."""
+    if dims is None:
+        dims = list(range(1, x.ndim))
+    kept = 1
+    for d in dims:
+        kept *= x.shape[d]
+    norm = torch.linalg.vector_norm(x, dim=dims, keepdim=True, dtype=torch.float32)
+    return x / (eps + norm / math.sqrt(kept)).to(x.dtype)
+
+
+def mp_silu(x):
+    return torch.nn.functional.silu(x) / 0.596
+
+
+def mp_sum(a, b, t):
+    return (a * (1 - t) + b * t) / math.sqrt((1 - t) ** 2 + t ** 2)
+
+
+def mp_cat(a, b, t):
+    na, nb = a.shape[1], b.shape[1]
+    c = math.sqrt((na + nb) / ((1 - t) ** 2 + t ** 2))
+    return torch.cat([a * (c / math.sqrt(na) * (1 - t)), b * (c / math.sqrt(nb) * t)], dim=1)
+
+
+def down(x):
+    """The [1, 1] filter, down: a depthwise 2x2 average with stride 2."""
+    c = x.shape[1]
+    f = torch.full((c, 1, 2, 2), 0.25, dtype=x.dtype)
+    return torch.nn.functional.conv2d(x, f, stride=2, groups=c)
+
+
+def up(x):
+    """The [1, 1] filter, up: a depthwise transposed 2x2 of ones with stride 2 (nearest neighbour x2)."""
+    c = x.shape[1]
+    f = torch.ones((c, 1, 2, 2), dtype=x.dtype)
+    return torch.nn.functional.conv_transpose2d(x, f, stride=2, groups=c)
+
+
+class MPFourier(torch.nn.Module):
+    def __init__(self, n):
+        super().__init__()
+        self.register_buffer("freqs", 2 * math.pi * torch.randn(n))
+        self.register_buffer("phases", 2 * math.pi * torch.rand(n))
+
+    def forward(self, x):
+        return torch.cos(torch.outer(x.float(), self.freqs) + self.phases) * math.sqrt(2)
+
+
+class MPConv(torch.nn.Module):
+    def __init__(self, cin, cout, k):
+        super().__init__()
+        shape = (cout, cin) if k == 0 else (cout, cin, k, k)
+        self.weight = torch.nn.Parameter(torch.randn(shape))
+
+    def forward(self, x, gain=1.0):
+        w = normalize(self.weight) * (gain / math.sqrt(self.weight[0].numel()))
+        if w.ndim == 2:
+            return x @ w.t()
+        return torch.nn.functional.conv2d(x, w, padding=w.shape[-1] // 2)
+
+
+class Block(torch.nn.Module):
+    def __init__(self, cin, cout, cemb, flavor, mode, attention, cph):
+        super().__init__()
+        self.flavor, self.mode = flavor, mode
+        self.heads = cout // cph if attention else 0
+        self.emb_gain = torch.nn.Parameter(torch.zeros([]))
+        self.conv_res0 = MPConv(cout if flavor == "enc" else cin, cout, 3)
+        self.emb_linear = MPConv(cemb, cout, 0)
+        self.conv_res1 = MPConv(cout, cout, 3)
+        self.conv_skip = MPConv(cin, cout, 1) if cin != cout else None
+        self.attn_qkv = MPConv(cout, 3 * cout, 1) if attention else None
+        self.attn_proj = MPConv(cout, cout, 1) if attention else None
+
+    def forward(self, x, emb):
+        if self.mode == "down":
+            x = down(x)
+        elif self.mode == "up":
+            x = up(x)
+        if self.flavor == "enc":
+            if self.conv_skip is not None:
+                x = self.conv_skip(x)
+            x = normalize(x, [1])
+        y = self.conv_res0(mp_silu(x))
+        c = self.emb_linear(emb, gain=self.emb_gain) + 1
+        y = mp_silu(y * c[:, :, None, None])
+        y = self.conv_res1(y)
+        if self.flavor == "dec" and self.conv_skip is not None:
+            x = self.conv_skip(x)
+        x = mp_sum(x, y, 0.3)
+        if self.heads:
+            n, ch, h, w = x.shape
+            y = self.attn_qkv(x).reshape(n, self.heads, -1, 3, h * w)
+            q, k, v = normalize(y, [2]).unbind(3)
+            a = torch.einsum("nhcq,nhck->nhqk", q, k / math.sqrt(q.shape[2])).softmax(dim=3)
+            y = torch.einsum("nhqk,nhck->nhcq", a, v)
+            x = mp_sum(x, self.attn_proj(y.reshape(n, ch, h, w)), 0.3)
+        return x.clamp(-256, 256)
+
+
+class Metadata(torch.nn.Module):
+    """One MPConv per variable on its sqrt(K)-scaled one-hot; age through MPFourier and an MPConv, or a learned null
+    vector of unit RMS when missing; the 19 summed and divided by sqrt(19)."""
+
+    def __init__(self, classes, cfourier, cemb):
+        super().__init__()
+        self.classes = classes
+        self.tables = torch.nn.ModuleList(MPConv(k, cemb, 0) for k in classes)
+        self.age_fourier = MPFourier(cfourier)
+        self.age_linear = MPConv(cfourier, cemb, 0)
+        self.age_null = MPConv(cemb, 1, 0)  # its weight [1, cemb] is the null vector, normalised as a whole
+
+    def forward(self, labels, age):
+        total = 0
+        for i, (table, k) in enumerate(zip(self.tables, self.classes)):
+            total = total + table(torch.nn.functional.one_hot(labels[:, i], k).float() * math.sqrt(k))
+        known = torch.isfinite(age)[:, None]
+        with_age = self.age_linear(self.age_fourier(torch.nan_to_num(age, nan=0.0)))
+        null = normalize(self.age_null.weight).expand(age.shape[0], -1)
+        total = total + torch.where(known, with_age, null)
+        return total / math.sqrt(len(self.classes) + 1)
+
+
+class RadUNet(torch.nn.Module):
+    def __init__(self, res, ch, mc, mult, blocks, attn, cph, classes):
+        super().__init__()
+        widths = [mc * m for m in mult]
+        cnoise, cemb = widths[0], max(widths)
+        self.out_gain = torch.nn.Parameter(torch.zeros([]))
+        self.emb_fourier = MPFourier(cnoise)
+        self.emb_noise = MPConv(cnoise, cemb, 0)
+        self.emb_label = Metadata(classes, cnoise, cemb)
+        self.enc = torch.nn.ModuleDict()
+        self.dec = torch.nn.ModuleDict()
+        cout = ch + 1
+        skips = []
+        for level, c in enumerate(widths):
+            r = res >> level
+            if level == 0:
+                self.enc[f"{r}x{r}_conv"] = MPConv(cout, c, 3)
+                cout = c
+            else:
+                self.enc[f"{r}x{r}_down"] = Block(cout, cout, cemb, "enc", "down", False, cph)
+            skips.append(cout)
+            for i in range(blocks):
+                self.enc[f"{r}x{r}_block{i}"] = Block(cout, c, cemb, "enc", "keep", r in attn, cph)
+                cout = c
+                skips.append(cout)
+        for level, c in reversed(list(enumerate(widths))):
+            r = res >> level
+            if level == len(widths) - 1:
+                self.dec[f"{r}x{r}_in0"] = Block(cout, cout, cemb, "dec", "keep", True, cph)
+                self.dec[f"{r}x{r}_in1"] = Block(cout, cout, cemb, "dec", "keep", False, cph)
+            else:
+                self.dec[f"{r}x{r}_up"] = Block(cout, cout, cemb, "dec", "up", False, cph)
+            for i in range(blocks + 1):
+                self.dec[f"{r}x{r}_block{i}"] = Block(cout + skips.pop(), c, cemb, "dec", "keep", r in attn, cph)
+                cout = c
+        self.out_conv = MPConv(cout, ch, 3)
+
+    def forward(self, x, t, labels, age):
+        emb = mp_silu(mp_sum(self.emb_noise(self.emb_fourier(t)), self.emb_label(labels, age), 0.5))
+        x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
+        skips = []
+        for name, layer in self.enc.items():
+            x = layer(x) if name.endswith("_conv") else layer(x, emb)
+            skips.append(x)
+        for name, layer in self.dec.items():
+            if "_block" in name:
+                x = mp_cat(x, skips.pop(), 0.5)
+            x = layer(x, emb)
+        return self.out_conv(x, gain=self.out_gain)
+
+
+TINY = dict(img_resolution=16, img_channels=1, model_channels=16, channel_mult=[1, 2], num_blocks=1,
+            attn_resolutions=[8], channels_per_head=16, dropout=0.0, classes=CLASSES)
+
+
+def build(cfg):
+    return RadUNet(cfg["img_resolution"], cfg["img_channels"], cfg["model_channels"], cfg["channel_mult"],
+                   cfg["num_blocks"], cfg["attn_resolutions"], cfg["channels_per_head"], cfg["classes"])
+
+
+def export(out: Path):
+    torch.manual_seed(7)
+    model = build(TINY)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 0:
+                p.copy_(torch.randn([]) * 0.5 + 1.0)
+    b = 4
+    x1 = torch.randn(b, 1, 16, 16)
+    x0 = torch.randn(b, 1, 16, 16)
+    t = torch.rand(b)
+    labels = torch.stack([torch.randint(0, k, (b,)) for k in CLASSES], dim=1)
+    age = torch.tensor([0.63, float("nan"), 0.2, 0.95])
+    xt = t[:, None, None, None] * x1 + (1 - t[:, None, None, None]) * x0
+    v = model(xt, t, labels, age)
+    loss = (v - (x1 - x0)).square().mean()
+    loss.backward()
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(state, out / "weights.safetensors", metadata={"radit.unet.config": json.dumps(TINY)})
+    save_file({"x1": x1, "x0": x0, "t": t, "labels": labels, "age": age}, out / "inputs.safetensors")
+    save_file({"velocity": v.detach(), "loss": loss.detach()}, out / "outputs.safetensors")
+    save_file({n: p.grad.contiguous() for n, p in model.named_parameters()}, out / "grads.safetensors")
+    with torch.no_grad():
+        for p in model.parameters():
+            p -= LR * p.grad
+        for m in model.modules():
+            if isinstance(m, MPConv):
+                m.weight.copy_(normalize(m.weight))
+    save_file({n: p.detach().contiguous() for n, p in model.named_parameters()}, out / "after_step.safetensors")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 4 or sys.argv[1] != "export" or sys.argv[2] != "--out":
+        sys.exit(__doc__)
+    export(Path(sys.argv[3]))
