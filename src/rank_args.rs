@@ -36,6 +36,12 @@ impl RankArgs {
     }
 }
 
+/// The world the launcher's variables describe (mpirun's, Slurm's, radit's own), 1 when none do: what a rank
+/// sizes its share of the work by before the group exists.
+pub fn launcher_world() -> usize {
+    radit_protocol::env::rank_identity(|k| std::env::var(k).ok()).map_or(1, |r| r.world)
+}
+
 /// Every `--device`: `cpu`; `cuda`, this rank's GPU among those the process sees (see [`placement`]); or
 /// `cuda:N`, that GPU.
 pub fn device(name: &str) -> anyhow::Result<Device> {

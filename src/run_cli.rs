@@ -49,7 +49,8 @@ pub fn run(a: RunArgs) -> anyhow::Result<u8> {
         print!("{}", job.describe(&radit.display().to_string()));
     }
     // What the ranks check at their start, here first: a wrong store or weights file is named before any rank
-    // starts (on Slurm, before the queue).
+    // starts (on Slurm, before the queue). The `--in-allocation` run checks again on purpose: one manifest read,
+    // and the data may have changed during the queue wait.
     let checked = if a.no_check {
         vec!["skipped (--no-check)".to_string()]
     } else {

@@ -219,8 +219,7 @@ fn run_train(a: TrainArgs) -> anyhow::Result<u8> {
             cfg
         }
     };
-    let world =
-        radit_protocol::env::rank_identity(|k| std::env::var(k).ok()).map_or(1, |r| r.world);
+    let world = crate::rank_args::launcher_world();
     let device = a.rank.device_for(Some(cfg.flops_per_step(world)))?;
     eprintln!(
         "radit: checkpoints in {} (a rerun resumes from them)",

@@ -41,8 +41,7 @@ pub struct ExportArgs {
 pub fn run_train(a: TrainArgs) -> anyhow::Result<u8> {
     let cfg = TrainConfig::load(&a.config)?;
     // One rank's step: its share of the global batch through the forward and backward.
-    let world =
-        radit_protocol::env::rank_identity(|k| std::env::var(k).ok()).map_or(1, |r| r.world);
+    let world = crate::rank_args::launcher_world();
     let model = cfg.model();
     let flops = model.training_flops_per_token()
         * model.tokens() as f64

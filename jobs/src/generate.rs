@@ -25,6 +25,15 @@ pub struct Conditions {
 }
 
 impl Conditions {
+    /// Row `i` of a shard: its class ids and age.
+    pub fn of_row(shard: &radit_sharding::reader::Shard, i: usize) -> Self {
+        let variables = shard.labels.len() / shard.rows.max(1);
+        Self {
+            labels: shard.labels[i * variables..(i + 1) * variables].to_vec(),
+            age: shard.age[i],
+        }
+    }
+
     /// Everything missing.
     pub fn missing() -> Self {
         Self {

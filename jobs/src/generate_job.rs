@@ -163,7 +163,6 @@ pub fn read_profiles(cfg: &GenerateConfig) -> Result<Vec<Profile>, RankError> {
         ),
         None => None,
     };
-    let variables = Vocabulary::current().labels.len();
     let mut out = Vec::new();
     let mut row = 0u64;
     'shards: for k in 0..reader.shards(cfg.split) {
@@ -174,10 +173,7 @@ pub fn read_profiles(cfg: &GenerateConfig) -> Result<Vec<Profile>, RankError> {
                 out.push(Profile {
                     row,
                     image_id: id.clone(),
-                    conditions: Conditions {
-                        labels: shard.labels[i * variables..(i + 1) * variables].to_vec(),
-                        age: shard.age[i],
-                    },
+                    conditions: Conditions::of_row(&shard, i),
                 });
                 if cfg.limit.is_some_and(|l| out.len() as u64 >= l) {
                     break 'shards;

@@ -15,7 +15,6 @@ use radit_models::autoencoder::LatentDecoder;
 use radit_models::model::ModelError;
 use radit_models::sampler::{SolveStats, Solver};
 use radit_sharding::reader::StoreReader;
-use radit_sharding::schema::Vocabulary;
 use radit_sharding::split::Split;
 use radit_sharding::store::Storage;
 use serde::Serialize;
@@ -45,7 +44,6 @@ pub fn read_references(url: &str, n: usize) -> Result<Vec<Reference>, ModelError
     let storage = Storage::open_existing(url).map_err(|e| bad(e.to_string()))?;
     let reader = StoreReader::open(storage).map_err(|e| bad(e.to_string()))?;
     let side = reader.layout().image_size as usize;
-    let variables = Vocabulary::current().labels.len();
     let mut out = Vec::new();
     for split in [Split::Val, Split::Test, Split::Train] {
         for k in 0..reader.shards(split) {
@@ -63,10 +61,7 @@ pub fn read_references(url: &str, n: usize) -> Result<Vec<Reference>, ModelError
                 out.push(Reference {
                     split,
                     image_id: shard.image_ids[i].clone(),
-                    conditions: Conditions {
-                        labels: shard.labels[i * variables..(i + 1) * variables].to_vec(),
-                        age: shard.age[i],
-                    },
+                    conditions: Conditions::of_row(&shard, i),
                     image: Tensor::from_slice(&pixels).view([side as i64, side as i64]),
                 });
             }

@@ -19,6 +19,10 @@ pub struct AdamConfig {
     /// Linear warm-up over this many steps, then constant (0 = constant from the start, as the paper).
     #[serde(default)]
     pub warmup_steps: u64,
+    /// Decoupled weight decay (AdamW): every step first scales the weights by 1 - lr x weight_decay, as
+    /// `torch.optim.AdamW` does. 0 (the default) is plain Adam, bit for bit.
+    #[serde(default)]
+    pub weight_decay: f64,
 }
 
 fn default_lr() -> f64 {
@@ -42,6 +46,7 @@ impl Default for AdamConfig {
             beta2: 0.999,
             eps: 1e-8,
             warmup_steps: 0,
+            weight_decay: 0.0,
         }
     }
 }
@@ -81,6 +86,15 @@ impl AdamConfig {
         if !(self.eps.is_finite() && self.eps > 0.0) {
             return bad("eps", format!("must be positive, got {}", self.eps));
         }
+        if !(self.weight_decay.is_finite() && (0.0..1.0).contains(&(self.weight_decay * self.lr))) {
+            return bad(
+                "weight_decay",
+                format!(
+                    "must be at least 0 with lr x weight_decay below 1, got {}",
+                    self.weight_decay
+                ),
+            );
+        }
         Ok(())
     }
 
@@ -96,6 +110,9 @@ impl AdamConfig {
     ) {
         let bc1 = 1.0 - self.beta1.powi(t as i32);
         let bc2 = 1.0 - self.beta2.powi(t as i32);
+        if self.weight_decay > 0.0 {
+            let _ = p.g_mul_scalar_(1.0 - lr * self.weight_decay);
+        }
         let _ = m
             .g_mul_scalar_(self.beta1)
             .g_add_(&(g * (1.0 - self.beta1)));
@@ -149,6 +166,8 @@ pub fn update_slice(
     let bc2_sqrt = ((1.0 - adam.beta2.powi(t as i32)) as f32).sqrt();
     let step = (-lr / bc1) as f32;
     let (clip, decay) = (clip as f32, decay as f32);
+    // Exactly 1 without weight decay, so plain Adam's arithmetic is unchanged.
+    let keep = (1.0 - lr * adam.weight_decay) as f32;
     const CHUNK: usize = 1 << 15;
     ps.par_chunks_mut(CHUNK)
         .zip(gs.par_chunks(CHUNK))
@@ -168,7 +187,7 @@ pub fn update_slice(
                 *m = *m * b1 + gi * (1.0 - b1);
                 *v = *v * b2 + gi * gi * (1.0 - b2);
                 let denom = v.sqrt() / bc2_sqrt + eps;
-                *p += *m / denom * step;
+                *p = *p * keep + *m / denom * step;
                 *e += (*p - *e) * (1.0 - decay);
             }
         });
@@ -193,7 +212,11 @@ mod tests {
             wave(3.0).abs() * 1e-3,
             wave(4.0),
         );
-        for clip in [1.0, 0.5] {
+        for (clip, weight_decay) in [(1.0, 0.0), (0.5, 0.0), (1.0, 0.1)] {
+            let adam = AdamConfig {
+                weight_decay,
+                ..adam
+            };
             let (mut p, g, mut m, mut v, mut e) =
                 (p0.copy(), g0.copy(), m0.copy(), v0.copy(), e0.copy());
             update_slice(
@@ -213,7 +236,10 @@ mod tests {
                 (&e, &e2, "ema"),
             ] {
                 let err = (a - b).abs().max().double_value(&[]);
-                assert!(err < 1e-6, "{what} (clip {clip}): {err:e}");
+                assert!(
+                    err < 1e-6,
+                    "{what} (clip {clip}, wd {weight_decay}): {err:e}"
+                );
             }
             assert!(g.equal(&g0), "the gradient is only read");
         }

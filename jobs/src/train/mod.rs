@@ -737,15 +737,11 @@ impl<'a> Trainer<'a> {
         }
         let storage = cfg.data.open_store()?;
         // An empty validation split is named now, not at the first validation hours in.
-        if let Some(v) = cfg.validation.as_ref().filter(|v| v.every > 0) {
-            let reader = radit_sharding::reader::StoreReader::open(storage.clone())?;
-            if reader.len(v.split) == 0 {
-                return Err(ConfigError::new(
-                    "validation.split",
-                    format!("the {} split of {} is empty", v.split.name(), cfg.data.url),
-                )
-                .into());
-            }
+        if cfg.validation.as_ref().is_some_and(|v| v.every > 0) {
+            check_validation_split(
+                cfg,
+                &radit_sharding::reader::StoreReader::open(storage.clone())?,
+            )?;
         }
         let loader_cfg = cfg.loader_config(rank, world);
         let loader = open_loader(&storage, &loader_cfg, state.as_ref())?;
@@ -1106,6 +1102,21 @@ impl<'a> Trainer<'a> {
     }
 }
 
+/// A validation split that validation would read must have rows.
+fn check_validation_split(
+    cfg: &ValidatedConfig,
+    reader: &radit_sharding::reader::StoreReader,
+) -> Result<(), TrainError> {
+    match cfg.validation.as_ref().filter(|v| v.every > 0) {
+        Some(v) if reader.len(v.split) == 0 => Err(ConfigError::new(
+            "validation.split",
+            format!("the {} split of {} is empty", v.split.name(), cfg.data.url),
+        )
+        .into()),
+        _ => Ok(()),
+    }
+}
+
 /// What every rank checks of the store at its start, checked once before any rank starts (`radit run`, and its
 /// `--dry-run`, so that a mismatch shows before a Slurm queue): the store opens, the training split's order fits
 /// `world` ranks, its samples (images or latents, with their statistics) are the model's, the validation split is
@@ -1115,15 +1126,7 @@ pub fn check_before_launch(cfg: &ValidatedConfig, world: u64) -> Result<String, 
     let shape = Loader::inspect(&storage, &cfg.loader_config(0, world))?;
     check_sample_shape(cfg.model(), shape, &cfg.data.url)?;
     let reader = radit_sharding::reader::StoreReader::open(storage)?;
-    if let Some(v) = cfg.validation.as_ref().filter(|v| v.every > 0)
-        && reader.len(v.split) == 0
-    {
-        return Err(ConfigError::new(
-            "validation.split",
-            format!("the {} split of {} is empty", v.split.name(), cfg.data.url),
-        )
-        .into());
-    }
+    check_validation_split(cfg, &reader)?;
     if let Some(d) = cfg.preview.as_ref().and_then(|p| p.decoder.as_ref()) {
         radit_models::autoencoder::resolve(&d.autoencoder, &d.weights)
             .map_err(|e| ConfigError::new("samples.decoder", e.to_string()))?;

@@ -14,6 +14,7 @@ pub use config::{
     RadiTConfig, schema_classes,
 };
 pub use layers::{Block, Conditioning};
+pub(crate) use radit::check_conditions;
 pub use radit::{RadiT, Trace};
 pub use weights::{
     WeightsFile, load_named, load_weights, read_metadata, read_shapes, read_weights,

@@ -108,46 +108,7 @@ impl RadiT {
         if !x.is_floating_point() {
             return bad("x", format!("kind {:?}, expected a float tensor", x.kind()));
         }
-        let b = size[0];
-        if t.size() != [b] {
-            return bad("t", format!("shape {:?}, expected [{b}]", t.size()));
-        }
-        if age.size() != [b] {
-            return bad("age", format!("shape {:?}, expected [{b}]", age.size()));
-        }
-        let v = c.classes.len() as i64;
-        if labels.size() != [b, v] {
-            return bad(
-                "labels",
-                format!("shape {:?}, expected [{b}, {v}]", labels.size()),
-            );
-        }
-        if labels.is_floating_point() {
-            return bad(
-                "labels",
-                format!("kind {:?}, expected integer class ids", labels.kind()),
-            );
-        }
-        if b > 0 {
-            let labels = labels.to_kind(Kind::Int64).to_device(tch::Device::Cpu);
-            let max = Vec::<i64>::try_from(labels.amax([0], false))?;
-            let min = i64::try_from(labels.min())?;
-            if min < 0 {
-                return bad("labels", format!("negative class id {min}"));
-            }
-            if let Some((i, (m, k))) = max
-                .iter()
-                .zip(&c.classes)
-                .enumerate()
-                .find(|(_, (m, k))| **m >= **k)
-            {
-                return bad(
-                    "labels",
-                    format!("column {i} has class {m} but only {k} classes"),
-                );
-            }
-        }
-        Ok(())
+        check_conditions(size[0], t, labels, age, &c.classes)
     }
 
     /// c = t_emb(t * time_scale) + c_meta (or their magnitude-preserving sum), [B, D] fp32.
@@ -238,6 +199,57 @@ impl RadiT {
 
 /// RadiT as the engine schedules it: `blocks.{i}.*` are block i; the final layer is the head, the patch embedding
 /// the input, the time and metadata embedders the conditioning.
+/// Checks the conditioning of a batch of `b`: t [b], age [b], labels [b, V] integer class ids below each
+/// variable's class count. Shared by every model that takes the 19 variables.
+pub(crate) fn check_conditions(
+    b: i64,
+    t: &Tensor,
+    labels: &Tensor,
+    age: &Tensor,
+    classes: &[i64],
+) -> Result<(), ModelError> {
+    let bad = |input: &'static str, reason: String| Err(ModelError::BadInput { input, reason });
+    if t.size() != [b] {
+        return bad("t", format!("shape {:?}, expected [{b}]", t.size()));
+    }
+    if age.size() != [b] {
+        return bad("age", format!("shape {:?}, expected [{b}]", age.size()));
+    }
+    let v = classes.len() as i64;
+    if labels.size() != [b, v] {
+        return bad(
+            "labels",
+            format!("shape {:?}, expected [{b}, {v}]", labels.size()),
+        );
+    }
+    if labels.is_floating_point() {
+        return bad(
+            "labels",
+            format!("kind {:?}, expected integer class ids", labels.kind()),
+        );
+    }
+    if b > 0 {
+        let labels = labels.to_kind(Kind::Int64).to_device(tch::Device::Cpu);
+        let max = Vec::<i64>::try_from(labels.amax([0], false))?;
+        let min = i64::try_from(labels.min())?;
+        if min < 0 {
+            return bad("labels", format!("negative class id {min}"));
+        }
+        if let Some((i, (m, k))) = max
+            .iter()
+            .zip(classes)
+            .enumerate()
+            .find(|(_, (m, k))| **m >= **k)
+        {
+            return bad(
+                "labels",
+                format!("column {i} has class {m} but only {k} classes"),
+            );
+        }
+    }
+    Ok(())
+}
+
 impl crate::block::BlockModel for RadiT {
     fn depth(&self) -> usize {
         self.blocks.len()

@@ -219,50 +219,21 @@ impl RadUNet {
         age: &Tensor,
     ) -> Result<(), ModelError> {
         let c = &self.cfg;
-        let b = x.size().first().copied().unwrap_or(0);
-        let want = [b, c.img_channels, c.img_resolution, c.img_resolution];
-        let bad = |input, reason: String| Err(ModelError::BadInput { input, reason });
-        if x.size() != want || b == 0 {
-            return bad(
-                "x",
-                format!(
-                    "shape {:?}; expected [batch, {}, {}, {}]",
-                    x.size(),
+        let size = x.size();
+        let want = [c.img_channels, c.img_resolution, c.img_resolution];
+        if size.len() != 4 || size[1..] != want || size[0] == 0 || !x.is_floating_point() {
+            return Err(ModelError::BadInput {
+                input: "x",
+                reason: format!(
+                    "{:?} {size:?}; expected float [batch, {}, {}, {}]",
+                    x.kind(),
+                    want[0],
                     want[1],
-                    want[2],
-                    want[3]
+                    want[2]
                 ),
-            );
+            });
         }
-        if t.size() != [b] {
-            return bad("t", format!("shape {:?}; expected [{b}]", t.size()));
-        }
-        if labels.size() != [b, c.classes.len() as i64] || labels.kind() != Kind::Int64 {
-            return bad(
-                "labels",
-                format!(
-                    "{:?} {:?}; expected int64 [{b}, {}]",
-                    labels.kind(),
-                    labels.size(),
-                    c.classes.len()
-                ),
-            );
-        }
-        if age.size() != [b] {
-            return bad("age", format!("shape {:?}; expected [{b}]", age.size()));
-        }
-        let over = labels.ge_tensor(
-            &Tensor::from_slice(&c.classes)
-                .to_device(labels.device())
-                .unsqueeze(0),
-        );
-        if over.any().int64_value(&[]) != 0 || labels.lt(0).any().int64_value(&[]) != 0 {
-            return bad(
-                "labels",
-                "a class index outside its variable's classes".into(),
-            );
-        }
-        Ok(())
+        crate::model::check_conditions(size[0], t, labels, age, &c.classes)
     }
 
     /// The velocity v(x, t, metadata): [B, C, S, S] in x's kind.
@@ -378,7 +349,7 @@ mod tests {
             .forward(&x.narrow(2, 0, 8), &t, &labels, &age)
             .unwrap_err();
         assert!(
-            err.to_string().contains("expected [batch, 1, 16, 16]"),
+            err.to_string().contains("expected float [batch, 1, 16, 16]"),
             "{err}"
         );
     }
