@@ -349,7 +349,8 @@ mod tests {
             .forward(&x.narrow(2, 0, 8), &t, &labels, &age)
             .unwrap_err();
         assert!(
-            err.to_string().contains("expected float [batch, 1, 16, 16]"),
+            err.to_string()
+                .contains("expected float [batch, 1, 16, 16]"),
             "{err}"
         );
     }
