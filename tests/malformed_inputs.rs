@@ -1,6 +1,7 @@
 //! No input ever panics: every subcommand that reads a file is given malformed files of each kind it accepts (empty,
-//! truncated, not its format, wrong shapes, wrong dtypes, missing keys, another model's file, non-square latents)
-//! and must exit 2 with a message that names the file, never 101. All cases run, then every miss is reported at once.
+//! truncated, not its format, wrong shapes, wrong dtypes, missing keys, another model's file) and must exit 2 with a
+//! message that names the file, never 101 (`shard --verify`: 1, its verdict). All cases run, then every miss is
+//! reported at once. Non-square latents are not malformed: `radit decode` writes them (tests/sample_cli.rs).
 
 mod common;
 

@@ -1,6 +1,7 @@
 //! Parity of the Rust RadUNet with its PyTorch twin (tests/python/radunet_twin.py, written from the design note):
 //! the twin's tiny U-Net's weights load into the Rust model under the same names, and the velocity, the loss, every
-//! gradient and the weights after an SGD step with forced weight normalisation agree to fp32 relative 1e-5.
+//! gradient and the weights after an SGD step with forced weight normalisation agree to fp32 relative 1e-5, with
+//! and without keyed dropout.
 
 mod common;
 
@@ -14,19 +15,34 @@ const TOL: f64 = 1e-5;
 
 #[test]
 fn the_tiny_unet_matches_its_pytorch_twin_forward_backward_and_after_a_normalised_step() {
+    twin_parity(0.0);
+}
+
+/// The same with dropout 0.25 in every residual branch: the twin draws the masks from the same keys (seed, step,
+/// sample, block, element) with the same integer hash, so the two agree as closely as without dropout.
+#[test]
+fn with_keyed_dropout_the_tiny_unet_still_matches_its_twin() {
+    twin_parity(0.25);
+}
+
+fn twin_parity(dropout: f64) {
     let dir = tempfile::tempdir().unwrap();
     common::run_ok(
         common::python()
             .arg(common::repo().join("tests/python/radunet_twin.py"))
             .args(["export", "--out"])
-            .arg(dir.path()),
+            .arg(dir.path())
+            .args(["--dropout", &dropout.to_string()]),
     );
     let weights = dir.path().join("weights.safetensors");
     let meta = radit_models::model::read_metadata(&weights).unwrap();
     let cfg: UNetConfig = serde_json::from_str(&meta["radit.unet.config"]).unwrap();
     assert_eq!(
         cfg,
-        UNetConfig::preset("unet-tiny").unwrap(),
+        UNetConfig {
+            dropout,
+            ..UNetConfig::preset("unet-tiny").unwrap()
+        },
         "the twin's tiny U-Net is the Rust preset"
     );
     let mut vs = VarStore::new(tch::Device::Cpu);
@@ -46,7 +62,14 @@ fn the_tiny_unet_matches_its_pytorch_twin_forward_backward_and_after_a_normalise
     let io = read(&dir.path().join("inputs.safetensors"));
     let (x1, x0, t) = (&io["x1"], &io["x0"], &io["t"]);
     let xt = flow::interpolate(x1, x0, t);
-    let v = net.forward(&xt, t, &io["labels"], &io["age"]).unwrap();
+    let keys = radit_models::unet::dropout::keys(5, 3, &[40, 41, 42, 43]);
+    assert!(keys.equal(&io["keys"]), "the twin's keys are radit's");
+    let v = if dropout > 0.0 {
+        net.forward_train(&xt, t, &io["labels"], &io["age"], &keys)
+    } else {
+        net.forward(&xt, t, &io["labels"], &io["age"])
+    }
+    .unwrap();
     let loss = flow::velocity_mse(&v, x1, x0);
     let out = read(&dir.path().join("outputs.safetensors"));
     let err = relative_error(&v, &out["velocity"]);

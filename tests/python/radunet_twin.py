@@ -2,12 +2,14 @@
 bias-free, its raw output the rectified-flow velocity, t in [0, 1] as the noise label, the 19 metadata variables
 through magnitude-preserving layers) independently of the Rust code.
 
-    python radunet_twin.py export --out DIR
+    python radunet_twin.py export --out DIR [--dropout P]
 
 builds the tiny U-Net (16x16x1, 16 channels x [1, 2], one block per level, attention at 8x8, 16-channel heads),
-sets its zero-initialised gains to random values so every parameter gets a gradient, and writes
+sets its zero-initialised gains to random values so every parameter gets a gradient (with --dropout P, the residual
+branches drop at rate P with masks keyed by (seed, step, sample, block, element) as the Rust model keys them), and
+writes
 DIR/weights.safetensors (parameters and MPFourier buffers under the Rust names, the config in the metadata),
-DIR/inputs.safetensors (x1, x0, t, labels, age), DIR/outputs.safetensors (velocity, loss), DIR/grads.safetensors
+DIR/inputs.safetensors (x1, x0, t, labels, age, the dropout keys), DIR/outputs.safetensors (velocity, loss), DIR/grads.safetensors
 (d loss / d parameter) and DIR/after_step.safetensors (the parameters after one SGD step of lr 0.1 followed by
 forced weight normalisation of every MPConv weight). tests/unet_parity.rs checks the Rust model against all of it.
 """
@@ -22,6 +24,43 @@ from safetensors.torch import save_file
 
 CLASSES = [3] * 14 + [4, 3, 4, 8]
 LR = 0.1
+# The dropout keys of the export: seed, step and the batch's global sample indices.
+SEED, STEP, SAMPLES = 5, 3, [40, 41, 42, 43]
+
+M64 = (1 << 64) - 1
+GOLDEN, MIX1, MIX2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+
+
+def splitmix(z):
+    z = (z + GOLDEN) & M64
+    z = ((z ^ (z >> 30)) * MIX1) & M64
+    z = ((z ^ (z >> 27)) * MIX2) & M64
+    return z ^ (z >> 31)
+
+
+def signed(u):
+    return u - (1 << 64) if u >= 1 << 63 else u
+
+
+def sample_key(seed, step, sample):
+    """A sample's dropout key for a step: splitmix(splitmix(splitmix(seed) ^ step) ^ sample)."""
+    return signed(splitmix(splitmix(splitmix(seed) ^ step) ^ sample))
+
+
+def shift_right(x, s):
+    """Logical right shift of int64 values (torch's >> is arithmetic)."""
+    return (x >> s) & ((1 << (64 - s)) - 1)
+
+
+def keyed_uniform(keys, block, rest):
+    """24-bit uniforms in [0, 1) of shape [B, *rest]: SplitMix64's finaliser of key + block x golden + element x
+    MIX1, in int64 arithmetic that wraps, so every device computes the same bits."""
+    per = math.prod(rest)
+    x = keys[:, None] + signed((block * GOLDEN) & M64) + torch.arange(per, dtype=torch.int64)[None, :] * signed(MIX1)
+    x = (x ^ shift_right(x, 30)) * signed(MIX1)
+    x = (x ^ shift_right(x, 27)) * signed(MIX2)
+    x = x ^ shift_right(x, 31)
+    return (shift_right(x, 40).float() / (1 << 24)).view(keys.shape[0], *rest)
 
 
 def normalize(x, dims=None, eps=1e-4):
@@ -87,9 +126,10 @@ class MPConv(torch.nn.Module):
 
 
 class Block(torch.nn.Module):
-    def __init__(self, cin, cout, cemb, flavor, mode, attention, cph):
+    def __init__(self, cin, cout, cemb, flavor, mode, attention, cph, index, dropout):
         super().__init__()
         self.flavor, self.mode = flavor, mode
+        self.index, self.dropout = index, dropout
         self.heads = cout // cph if attention else 0
         self.emb_gain = torch.nn.Parameter(torch.zeros([]))
         self.conv_res0 = MPConv(cout if flavor == "enc" else cin, cout, 3)
@@ -99,7 +139,7 @@ class Block(torch.nn.Module):
         self.attn_qkv = MPConv(cout, 3 * cout, 1) if attention else None
         self.attn_proj = MPConv(cout, cout, 1) if attention else None
 
-    def forward(self, x, emb):
+    def forward(self, x, emb, keys=None):
         if self.mode == "down":
             x = down(x)
         elif self.mode == "up":
@@ -111,6 +151,9 @@ class Block(torch.nn.Module):
         y = self.conv_res0(mp_silu(x))
         c = self.emb_linear(emb, gain=self.emb_gain) + 1
         y = mp_silu(y * c[:, :, None, None])
+        if keys is not None and self.dropout > 0:
+            keep = keyed_uniform(keys, self.index, list(y.shape[1:])) >= self.dropout
+            y = y * keep.to(y.dtype) / (1 - self.dropout)
         y = self.conv_res1(y)
         if self.flavor == "dec" and self.conv_skip is not None:
             x = self.conv_skip(x)
@@ -149,8 +192,15 @@ class Metadata(torch.nn.Module):
 
 
 class RadUNet(torch.nn.Module):
-    def __init__(self, res, ch, mc, mult, blocks, attn, cph, classes):
+    def __init__(self, res, ch, mc, mult, blocks, attn, cph, classes, dropout):
         super().__init__()
+        blocks_made = [0]
+
+        def block(*args):
+            b = Block(*args, blocks_made[0], dropout)
+            blocks_made[0] += 1
+            return b
+
         widths = [mc * m for m in mult]
         cnoise, cemb = widths[0], max(widths)
         self.out_gain = torch.nn.Parameter(torch.zeros([]))
@@ -167,35 +217,35 @@ class RadUNet(torch.nn.Module):
                 self.enc[f"{r}x{r}_conv"] = MPConv(cout, c, 3)
                 cout = c
             else:
-                self.enc[f"{r}x{r}_down"] = Block(cout, cout, cemb, "enc", "down", False, cph)
+                self.enc[f"{r}x{r}_down"] = block(cout, cout, cemb, "enc", "down", False, cph)
             skips.append(cout)
             for i in range(blocks):
-                self.enc[f"{r}x{r}_block{i}"] = Block(cout, c, cemb, "enc", "keep", r in attn, cph)
+                self.enc[f"{r}x{r}_block{i}"] = block(cout, c, cemb, "enc", "keep", r in attn, cph)
                 cout = c
                 skips.append(cout)
         for level, c in reversed(list(enumerate(widths))):
             r = res >> level
             if level == len(widths) - 1:
-                self.dec[f"{r}x{r}_in0"] = Block(cout, cout, cemb, "dec", "keep", True, cph)
-                self.dec[f"{r}x{r}_in1"] = Block(cout, cout, cemb, "dec", "keep", False, cph)
+                self.dec[f"{r}x{r}_in0"] = block(cout, cout, cemb, "dec", "keep", True, cph)
+                self.dec[f"{r}x{r}_in1"] = block(cout, cout, cemb, "dec", "keep", False, cph)
             else:
-                self.dec[f"{r}x{r}_up"] = Block(cout, cout, cemb, "dec", "up", False, cph)
+                self.dec[f"{r}x{r}_up"] = block(cout, cout, cemb, "dec", "up", False, cph)
             for i in range(blocks + 1):
-                self.dec[f"{r}x{r}_block{i}"] = Block(cout + skips.pop(), c, cemb, "dec", "keep", r in attn, cph)
+                self.dec[f"{r}x{r}_block{i}"] = block(cout + skips.pop(), c, cemb, "dec", "keep", r in attn, cph)
                 cout = c
         self.out_conv = MPConv(cout, ch, 3)
 
-    def forward(self, x, t, labels, age):
+    def forward(self, x, t, labels, age, keys=None):
         emb = mp_silu(mp_sum(self.emb_noise(self.emb_fourier(t)), self.emb_label(labels, age), 0.5))
         x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
         skips = []
         for name, layer in self.enc.items():
-            x = layer(x) if name.endswith("_conv") else layer(x, emb)
+            x = layer(x) if name.endswith("_conv") else layer(x, emb, keys)
             skips.append(x)
         for name, layer in self.dec.items():
             if "_block" in name:
                 x = mp_cat(x, skips.pop(), 0.5)
-            x = layer(x, emb)
+            x = layer(x, emb, keys)
         return self.out_conv(x, gain=self.out_gain)
 
 
@@ -205,12 +255,14 @@ TINY = dict(img_resolution=16, img_channels=1, model_channels=16, channel_mult=[
 
 def build(cfg):
     return RadUNet(cfg["img_resolution"], cfg["img_channels"], cfg["model_channels"], cfg["channel_mult"],
-                   cfg["num_blocks"], cfg["attn_resolutions"], cfg["channels_per_head"], cfg["classes"])
+                   cfg["num_blocks"], cfg["attn_resolutions"], cfg["channels_per_head"], cfg["classes"],
+                   cfg["dropout"])
 
 
-def export(out: Path):
+def export(out: Path, dropout: float):
     torch.manual_seed(7)
-    model = build(TINY)
+    cfg = dict(TINY, dropout=dropout)
+    model = build(cfg)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.ndim == 0:
@@ -222,13 +274,14 @@ def export(out: Path):
     labels = torch.stack([torch.randint(0, k, (b,)) for k in CLASSES], dim=1)
     age = torch.tensor([0.63, float("nan"), 0.2, 0.95])
     xt = t[:, None, None, None] * x1 + (1 - t[:, None, None, None]) * x0
-    v = model(xt, t, labels, age)
+    keys = torch.tensor([sample_key(SEED, STEP, i) for i in SAMPLES], dtype=torch.int64)
+    v = model(xt, t, labels, age, keys if dropout > 0 else None)
     loss = (v - (x1 - x0)).square().mean()
     loss.backward()
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     out.mkdir(parents=True, exist_ok=True)
-    save_file(state, out / "weights.safetensors", metadata={"radit.unet.config": json.dumps(TINY)})
-    save_file({"x1": x1, "x0": x0, "t": t, "labels": labels, "age": age}, out / "inputs.safetensors")
+    save_file(state, out / "weights.safetensors", metadata={"radit.unet.config": json.dumps(cfg)})
+    save_file({"x1": x1, "x0": x0, "t": t, "labels": labels, "age": age, "keys": keys}, out / "inputs.safetensors")
     save_file({"velocity": v.detach(), "loss": loss.detach()}, out / "outputs.safetensors")
     save_file({n: p.grad.contiguous() for n, p in model.named_parameters()}, out / "grads.safetensors")
     with torch.no_grad():
@@ -241,6 +294,11 @@ def export(out: Path):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 4 or sys.argv[1] != "export" or sys.argv[2] != "--out":
+    args = sys.argv[1:]
+    dropout = 0.0
+    if len(args) == 5 and args[3] == "--dropout":
+        dropout = float(args[4])
+        args = args[:3]
+    if len(args) != 3 or args[0] != "export" or args[1] != "--out":
         sys.exit(__doc__)
-    export(Path(sys.argv[3]))
+    export(Path(args[2]), dropout)

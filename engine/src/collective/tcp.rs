@@ -122,6 +122,12 @@ fn read_exact_by(l: &mut Link, buf: &mut [u8], deadline: Option<Instant>) -> std
             Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
             Ok(n) => filled += n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            // The socket's read timeout is the deadline (Unix reports it as EAGAIN): the check above names it.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
             Err(e) => return Err(e),
         }
     }

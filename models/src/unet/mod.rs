@@ -1,9 +1,11 @@
 //! RadUNet: the EDM2 U-Net adapted to rectified flow, the paper's U-Net baselines in pixel space (`unet-pixel`)
 //! and latent space (`unet-latent`) (../shared/design/radunet.md). Built from EDM2's magnitude-preserving blocks
-//! ([`mp`]); the architecture and its closed-form counts live in [`config`], the network in [`net`]. Like RadiT it
-//! knows nothing about ranks.
+//! ([`mp`]); the architecture and its closed-form counts live in [`config`], the network in [`net`], and its
+//! dropout, keyed by sample so that it does not depend on the world size, in [`dropout`]. Like RadiT it knows
+//! nothing about ranks.
 
 pub mod config;
+pub mod dropout;
 pub mod mp;
 pub mod net;
 

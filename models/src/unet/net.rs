@@ -7,6 +7,7 @@ use super::config::{
     ATTN_BALANCE, BlockPlan, CLIP_ACT, CONCAT_BALANCE, Flavor, LABEL_BALANCE, RES_BALANCE,
     UNetConfig,
 };
+use super::dropout;
 use super::mp::{
     MpConv, MpFourier, Resample, mp_cat, mp_silu, mp_sum, normalize, normalize_over, resample,
 };
@@ -16,6 +17,9 @@ use crate::error::ModelError;
 #[derive(Debug)]
 pub struct UNetBlock {
     plan: BlockPlan,
+    /// Its place in the network, which keys its dropout mask.
+    index: u64,
+    dropout: f64,
     heads: i64,
     emb_gain: Tensor,
     conv_res0: MpConv,
@@ -26,7 +30,8 @@ pub struct UNetBlock {
 }
 
 impl UNetBlock {
-    fn new(p: &nn::Path, plan: &BlockPlan, cemb: i64, channels_per_head: i64) -> Self {
+    fn new(p: &nn::Path, plan: &BlockPlan, index: u64, cfg: &UNetConfig, cemb: i64) -> Self {
+        let channels_per_head = cfg.channels_per_head;
         let (cin, cout) = (plan.cin, plan.cout);
         let res0_in = if plan.flavor == Flavor::Enc {
             cout
@@ -51,6 +56,8 @@ impl UNetBlock {
                 )
             }),
             plan: plan.clone(),
+            index,
+            dropout: cfg.dropout,
         }
     }
 
@@ -61,7 +68,8 @@ impl UNetBlock {
             .chain(self.attn.iter().flat_map(|(q, p)| [q, p]))
     }
 
-    fn forward(&self, x: &Tensor, emb: &Tensor) -> Tensor {
+    /// The block; `keys` (one per sample) turns on the residual branch's dropout, keyed by sample and block.
+    fn forward(&self, x: &Tensor, emb: &Tensor, keys: Option<&Tensor>) -> Tensor {
         let mut x = resample(x, self.plan.resample);
         if self.plan.flavor == Flavor::Enc {
             if let Some(skip) = &self.conv_skip {
@@ -71,7 +79,10 @@ impl UNetBlock {
         }
         let y = self.conv_res0.forward(&mp_silu(&x));
         let c = self.emb_linear.forward_gain(emb, &self.emb_gain) + 1.0;
-        let y = mp_silu(&(y * c.unsqueeze(2).unsqueeze(3).to_kind(x.kind())));
+        let mut y = mp_silu(&(y * c.unsqueeze(2).unsqueeze(3).to_kind(x.kind())));
+        if let Some(keys) = keys.filter(|_| self.dropout > 0.0) {
+            y = dropout::apply(&y, self.dropout, keys, self.index);
+        }
         let y = self.conv_res1.forward(&y);
         if self.plan.flavor == Flavor::Dec
             && let Some(skip) = &self.conv_skip
@@ -192,12 +203,17 @@ impl RadUNet {
             encoder: plan
                 .encoder
                 .iter()
-                .map(|b| UNetBlock::new(&at(&b.name), b, plan.cemb, cfg.channels_per_head))
+                .enumerate()
+                .map(|(i, b)| UNetBlock::new(&at(&b.name), b, i as u64, cfg, plan.cemb))
                 .collect(),
             decoder: plan
                 .decoder
                 .iter()
-                .map(|b| UNetBlock::new(&at(&b.name), b, plan.cemb, cfg.channels_per_head))
+                .enumerate()
+                .map(|(i, b)| {
+                    let index = (plan.encoder.len() + i) as u64;
+                    UNetBlock::new(&at(&b.name), b, index, cfg, plan.cemb)
+                })
                 .collect(),
             out_conv: MpConv::new(&(p / "out_conv"), plan.out_cin, cfg.img_channels, 3),
             // Zero: the output is exactly 0 at initialisation, as DiT's zero-initialised head.
@@ -236,7 +252,7 @@ impl RadUNet {
         crate::model::check_conditions(size[0], t, labels, age, &c.classes)
     }
 
-    /// The velocity v(x, t, metadata): [B, C, S, S] in x's kind.
+    /// The velocity v(x, t, metadata): [B, C, S, S] in x's kind, without dropout (sampling, evaluation).
     pub fn forward(
         &self,
         x: &Tensor,
@@ -244,7 +260,40 @@ impl RadUNet {
         labels: &Tensor,
         age: &Tensor,
     ) -> Result<Tensor, ModelError> {
+        self.run(x, t, labels, age, None)
+    }
+
+    /// The velocity in training: dropout (where the config has it) keyed per sample by `keys` [B] (see
+    /// [`dropout::keys`]: seed, step and each row's global sample index), so a sample's masks are the same on
+    /// any world size.
+    pub fn forward_train(
+        &self,
+        x: &Tensor,
+        t: &Tensor,
+        labels: &Tensor,
+        age: &Tensor,
+        keys: &Tensor,
+    ) -> Result<Tensor, ModelError> {
+        let b = x.size().first().copied().unwrap_or(0);
+        if keys.size() != [b] || keys.kind() != Kind::Int64 {
+            return Err(ModelError::BadInput {
+                input: "keys",
+                reason: format!("{:?} {:?}; expected int64 [{b}]", keys.kind(), keys.size()),
+            });
+        }
+        self.run(x, t, labels, age, Some(keys))
+    }
+
+    fn run(
+        &self,
+        x: &Tensor,
+        t: &Tensor,
+        labels: &Tensor,
+        age: &Tensor,
+        keys: Option<&Tensor>,
+    ) -> Result<Tensor, ModelError> {
         self.check_inputs(x, t, labels, age)?;
+        let keys = keys.map(|k| k.to_device(x.device()));
         let emb = self.emb_noise.forward(&self.emb_fourier.forward(t));
         let emb = mp_silu(&mp_sum(
             &emb,
@@ -256,7 +305,7 @@ impl RadUNet {
         x = self.input_conv.forward(&x);
         let mut skips = vec![x.shallow_clone()];
         for block in &self.encoder {
-            x = block.forward(&x, &emb);
+            x = block.forward(&x, &emb, keys.as_ref());
             skips.push(x.shallow_clone());
         }
         for block in &self.decoder {
@@ -267,7 +316,7 @@ impl RadUNet {
                 })?;
                 x = mp_cat(&x, &skip, CONCAT_BALANCE);
             }
-            x = block.forward(&x, &emb);
+            x = block.forward(&x, &emb, keys.as_ref());
         }
         Ok(self.out_conv.forward_gain(&x, &self.out_gain))
     }
@@ -319,6 +368,41 @@ mod tests {
         );
         let age = Tensor::from_slice(&[0.63f32, f32::NAN]).repeat([b / 2]);
         (x, t, labels, age)
+    }
+
+    #[test]
+    fn keyed_dropout_gives_a_sample_the_same_velocity_whatever_the_batch() {
+        tch::manual_seed(2);
+        let cfg = UNetConfig {
+            dropout: 0.25,
+            ..UNetConfig::preset("unet-tiny").unwrap()
+        };
+        let vs = VarStore::new(Device::Cpu);
+        let net = RadUNet::new(&vs.root(), &cfg).unwrap();
+        tch::no_grad(|| {
+            let _ = net.out_gain.shallow_clone().fill_(1.0);
+        });
+        let (x, t, labels, age) = inputs(&cfg, 4);
+        let keys = super::dropout::keys(9, 100, &[0, 1, 2, 3]);
+        let whole = net.forward_train(&x, &t, &labels, &age, &keys).unwrap();
+        let half = |start: i64| {
+            let s = |v: &Tensor| v.narrow(0, start, 2);
+            net.forward_train(&s(&x), &s(&t), &s(&labels), &s(&age), &s(&keys))
+                .unwrap()
+        };
+        let halves = Tensor::cat(&[half(0), half(2)], 0);
+        let gap = (&whole - &halves).abs().max().double_value(&[]);
+        assert!(gap < 1e-5, "{gap}");
+        // Dropout is on in training only, and another step draws other masks.
+        let eval = net.forward(&x, &t, &labels, &age).unwrap();
+        assert!((&whole - &eval).abs().max().double_value(&[]) > 1e-3);
+        let other = super::dropout::keys(9, 101, &[0, 1, 2, 3]);
+        let next = net.forward_train(&x, &t, &labels, &age, &other).unwrap();
+        assert!((&whole - &next).abs().max().double_value(&[]) > 1e-3);
+        let err = net
+            .forward_train(&x, &t, &labels, &age, &keys.narrow(0, 0, 3))
+            .unwrap_err();
+        assert!(err.to_string().contains("keys"), "{err}");
     }
 
     #[test]
