@@ -48,25 +48,21 @@ impl Drop for Decompressor {
     }
 }
 
-/// The sample precision of a JPEG stream's frame header, or `None` when the stream does not parse.
-pub fn precision(jpeg: &[u8]) -> Option<u32> {
-    let d = Decompressor::new().ok()?;
-    // SAFETY: the buffer is valid for its length; TurboJPEG only reads it.
-    let rc = unsafe { tj::tj3DecompressHeader(d.0, jpeg.as_ptr(), jpeg.len() as _) };
-    (rc == 0).then(|| d.get(tj::TJPARAM_TJPARAM_PRECISION) as u32)
-}
-
-/// Decodes one 12-bit greyscale JPEG stream (one DICOM frame's fragments, joined).
-pub fn decode(jpeg: &[u8]) -> Result<Frame, String> {
+/// Decodes one greyscale JPEG stream of 9 to 12 bits a sample (one DICOM frame's fragments, joined); `None` for a
+/// stream this decoder is not for (8 bits, or a header that does not parse), which dicom-rs then decodes or names.
+pub fn decode(jpeg: &[u8]) -> Result<Option<Frame>, String> {
     let d = Decompressor::new()?;
-    // SAFETY: as in `precision`.
+    // SAFETY: the buffer is valid for its length; TurboJPEG only reads it.
     if unsafe { tj::tj3DecompressHeader(d.0, jpeg.as_ptr(), jpeg.len() as _) } != 0 {
-        return Err(format!("the JPEG header does not parse: {}", d.error()));
+        return Ok(None);
     }
     let precision = d.get(tj::TJPARAM_TJPARAM_PRECISION);
-    if !(9..=12).contains(&precision) {
+    if precision <= 8 {
+        return Ok(None);
+    }
+    if precision > 12 {
         return Err(format!(
-            "a {precision}-bit JPEG stream where the 12-bit decoder was asked for"
+            "a {precision}-bit lossy JPEG stream (at most 12 bits)"
         ));
     }
     if d.get(tj::TJPARAM_TJPARAM_COLORSPACE) != tj::TJCS_TJCS_GRAY as c_int {
@@ -97,9 +93,9 @@ pub fn decode(jpeg: &[u8]) -> Result<Frame, String> {
     }
     // 12-bit samples are 0..4096, so the i16 -> u16 reinterpretation is exact.
     let samples = out.into_iter().map(|s| s as u16).collect();
-    Ok(Frame {
+    Ok(Some(Frame {
         width,
         height,
         samples,
-    })
+    }))
 }

@@ -235,16 +235,17 @@ pub fn decode(bytes: &[u8], opts: &DicomOptions) -> Result<DicomImage, DicomProb
         });
     }
     let header = Header::read(&obj)?;
+    // 12-bit JPEG Extended by libjpeg-turbo; everything else (8-bit JPEG Extended too) by dicom-rs.
     let twelve_bit = match uid.as_str() {
-        jpeg12::JPEG_EXTENDED => {
-            first_frame_jpeg(&obj).filter(|jpeg| jpeg12::precision(jpeg).is_some_and(|p| p > 8))
-        }
+        jpeg12::JPEG_EXTENDED => match first_frame_jpeg(&obj) {
+            Some(jpeg) => jpeg12::decode(&jpeg).map_err(|e| decode_error(&uid, e))?,
+            None => None,
+        },
         _ => None,
     };
     let decoded;
     let data: Cow<[u8]> = match twelve_bit {
-        Some(jpeg) => {
-            let frame = jpeg12::decode(&jpeg).map_err(|e| decode_error(&uid, e))?;
+        Some(frame) => {
             if (frame.width, frame.height) != (header.columns as usize, header.rows as usize) {
                 return Err(decode_error(
                     &uid,

@@ -67,21 +67,37 @@ pub enum CheckpointError {
     Model(#[from] radit_models::model::ModelError),
 }
 
-/// The first rank whose part of a checkpoint failed, with its reason (at most 500 bytes of it), as every rank
-/// learns it from one all-gather of a fixed-size note per rank. Collective.
-fn first_failure(
+/// Bytes of each rank's note in [`gather_notes`].
+const NOTE: usize = 512;
+
+/// Every rank's note about its part of a checkpoint, as every rank learns them from one all-gather of a fixed-size
+/// note per rank: its manifest entry (JSON), or why it could not write its part (a reason is cut to fit; an entry
+/// that does not fit is a failure). Collective.
+fn gather_notes(
     comm: &dyn Collective,
-    failure: Option<&str>,
-) -> Result<Option<(usize, String)>, CheckpointError> {
-    const NOTE: usize = 512;
-    let mut note = vec![b' '; NOTE];
-    if let Some(why) = failure {
-        note[0] = b'!';
-        let mut end = why.len().min(NOTE - 1);
-        while !why.is_char_boundary(end) {
-            end -= 1;
+    own: Result<Vec<u8>, String>,
+) -> Result<Vec<Result<Vec<u8>, String>>, CheckpointError> {
+    let own = own.and_then(|entry| {
+        if entry.len() < NOTE {
+            Ok(entry)
+        } else {
+            Err("checkpoint key too long".into())
         }
-        note[1..=end].copy_from_slice(&why.as_bytes()[..end]);
+    });
+    let mut note = vec![b' '; NOTE];
+    match &own {
+        Ok(entry) => {
+            note[0] = b'+';
+            note[1..=entry.len()].copy_from_slice(entry);
+        }
+        Err(why) => {
+            note[0] = b'!';
+            let mut end = why.len().min(NOTE - 1);
+            while !why.is_char_boundary(end) {
+                end -= 1;
+            }
+            note[1..=end].copy_from_slice(&why.as_bytes()[..end]);
+        }
     }
     let mut all = Tensor::zeros(
         [(NOTE * comm.world()) as i64],
@@ -89,14 +105,16 @@ fn first_failure(
     );
     comm.all_gather(&Tensor::from_slice(&note), &mut all)?;
     let bytes = Vec::<u8>::try_from(&all).map_err(EngineError::from)?;
-    Ok(bytes.chunks(NOTE).enumerate().find_map(|(r, c)| {
-        (c[0] == b'!').then(|| {
-            (
-                r,
-                String::from_utf8_lossy(c[1..].trim_ascii_end()).into_owned(),
-            )
+    Ok(bytes
+        .chunks(NOTE)
+        .map(|c| {
+            let text = c[1..].trim_ascii_end();
+            match c[0] {
+                b'+' => Ok(text.to_vec()),
+                _ => Err(String::from_utf8_lossy(text).into_owned()),
+            }
         })
-    }))
+        .collect())
 }
 
 /// The newest usable checkpoint under `url`, loaded in this process alone: its model config, step and named
@@ -443,42 +461,43 @@ impl Checkpointer {
             .join()
             .unwrap_or_else(|_| Err("the writer thread panicked".into()));
         let rank = comm.rank();
-        // Every rank learns whether every write succeeded, and why not, before anyone writes the manifest.
-        let failure = written.as_ref().err().map(String::as_str);
-        let failed = first_failure(comm, failure)?;
-        let (entry, write_seconds) = match written {
-            Ok((entry, seconds, spare)) if failed.is_none() => {
+        // Every rank learns every part's entry, or why a part failed, before anyone writes the manifest.
+        let own = match &written {
+            Ok((entry, _, _)) => serde_json::to_vec(entry).map_err(|e| e.to_string()),
+            Err(e) => Err(e.clone()),
+        };
+        let notes = gather_notes(comm, own)?;
+        let failed = notes
+            .iter()
+            .enumerate()
+            .find_map(|(r, n)| n.as_ref().err().map(|why| (r, why.clone())));
+        let (entry, write_seconds) = match (written, failed) {
+            (Ok((entry, seconds, spare)), None) => {
                 self.spare = spare;
                 (entry, seconds)
             }
-            Ok(_) => {
-                let (r, why) = failed.unwrap_or_default();
+            (Err(e), _) => return Err(self.abandon(step, rank, e)),
+            (Ok(_), Some((r, why))) => {
                 return Err(self.abandon(
                     step,
                     rank,
                     format!("rank {r} could not write its part: {why}"),
                 ));
             }
-            Err(e) => return Err(self.abandon(step, rank, e)),
         };
-        let line =
-            serde_json::to_vec(&entry).map_err(|e| CheckpointError::Writer(e.to_string()))?;
-        let mut padded = vec![b' '; 512];
-        if line.len() > padded.len() {
-            return Err(CheckpointError::Writer("checkpoint key too long".into()));
-        }
-        padded[..line.len()].copy_from_slice(&line);
-        let mut all = Tensor::zeros([512 * comm.world() as i64], (Kind::Uint8, tch::Device::Cpu));
-        comm.all_gather(&Tensor::from_slice(&padded), &mut all)?;
         // Rank 0 writes the manifest; every rank learns whether it did (the all-reduce is the barrier), so a full
         // disk fails this checkpoint on every rank alike instead of leaving the others waiting.
         let manifest = if comm.rank() == 0 {
-            let bytes = Vec::<u8>::try_from(&all).map_err(EngineError::from)?;
-            bytes
-                .chunks(512)
-                .map(|c| serde_json::from_slice::<FileEntry>(c.trim_ascii_end()))
+            notes
+                .iter()
+                .map(|n| {
+                    let entry = n
+                        .as_deref()
+                        .map_err(|why| CheckpointError::Writer(why.clone()))?;
+                    serde_json::from_slice::<FileEntry>(entry)
+                        .map_err(|e| CheckpointError::Writer(e.to_string()))
+                })
                 .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| CheckpointError::Writer(e.to_string()))
                 .and_then(|ranks| {
                     self.write_manifest(step, &state, groups, ranks, comm.world() as u64)
                 })

@@ -144,7 +144,6 @@ pub fn plan(var: impl Fn(&str) -> Option<String>) -> Result<GroupPlan, Collectiv
     }
 }
 
-/// The TCP star of a Slurm step: rank 0 listens at `host:port`, the others connect to it.
 /// The secret of a plain srun step's group: the token in the file `RADIT_JOB_TOKEN_FILE` names, or (only with
 /// `RADIT_ALLOW_DERIVED_SECRET=1`) one derived from the step's public ids.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -165,6 +164,7 @@ impl StepSecret {
     }
 }
 
+/// The TCP star of a Slurm step: rank 0 listens at `host:port`, the others connect to it.
 pub fn join_slurm_step(
     plan: &GroupPlan,
     timeout: Duration,

@@ -17,6 +17,20 @@ fn bad(what: &str, reason: String) -> ModelError {
     }
 }
 
+/// A variable a column (or a `name=`) names: case and surrounding spaces ignored.
+enum Variable {
+    Label(usize),
+    Age,
+}
+
+fn variable(vocab: &Vocabulary, name: &str) -> Option<Variable> {
+    let name = name.trim().to_ascii_lowercase();
+    if name == super::graph::AGE {
+        return Some(Variable::Age);
+    }
+    vocab.label_index(&name).map(Variable::Label)
+}
+
 /// One profile's values: class ids per label column and age in years/100 (NaN = missing), from `name=value`
 /// pairs (unset = missing). `what` names the source in errors.
 fn row_from_pairs<'a>(
@@ -27,21 +41,24 @@ fn row_from_pairs<'a>(
     let mut labels = vec![0u8; vocab.labels.len()];
     let mut age = f32::NAN;
     for (name, value) in pairs {
-        let (name, value) = (name.trim().to_ascii_lowercase(), value.trim());
+        let value = value.trim();
         if value.is_empty() {
             continue;
         }
-        if name == super::graph::AGE {
-            let years: f32 = value
-                .parse()
-                .ok()
-                .filter(|y: &f32| y.is_finite() && (0.0..=120.0).contains(y))
-                .ok_or_else(|| bad(what, format!("age `{value}`: expected years in 0..=120")))?;
-            age = years / 100.0;
-            continue;
-        }
-        let Some(i) = vocab.label_index(&name) else {
-            continue;
+        let i = match variable(&vocab, name) {
+            Some(Variable::Label(i)) => i,
+            Some(Variable::Age) => {
+                let years: f32 = value
+                    .parse()
+                    .ok()
+                    .filter(|y: &f32| y.is_finite() && (0.0..=120.0).contains(y))
+                    .ok_or_else(|| {
+                        bad(what, format!("age `{value}`: expected years in 0..=120"))
+                    })?;
+                age = years / 100.0;
+                continue;
+            }
+            None => continue,
         };
         let class = vocab.classes[i]
             .iter()
@@ -51,7 +68,8 @@ fn row_from_pairs<'a>(
                 bad(
                     what,
                     format!(
-                        "`{value}` is not a class of {name} (classes: {})",
+                        "`{value}` is not a class of {} (classes: {})",
+                        vocab.labels[i],
                         vocab.classes[i][1..].join(", ")
                     ),
                 )
@@ -113,11 +131,7 @@ pub fn read_csv(path: &Path) -> Result<Profiles, ModelError> {
     // Other columns (ids, paths) are allowed beside the variables, but a file with none of them is a wrong file,
     // not a set of all-missing profiles.
     let vocab = Vocabulary::current();
-    let known = |c: &String| {
-        let c = c.trim().to_ascii_lowercase();
-        c == super::graph::AGE || vocab.label_index(&c).is_some()
-    };
-    if !header.iter().any(known) {
+    if !header.iter().any(|c| variable(&vocab, c).is_some()) {
         return Err(bad(
             &what,
             format!(

@@ -8,9 +8,7 @@ use super::config::{
     UNetConfig,
 };
 use super::dropout;
-use super::mp::{
-    MpConv, MpFourier, Resample, mp_cat, mp_silu, mp_sum, normalize, normalize_over, resample,
-};
+use super::mp::{MpConv, MpFourier, mp_cat, mp_silu, mp_sum, normalize, normalize_over, resample};
 use crate::error::ModelError;
 
 /// An encoder or decoder block with optional self-attention.
@@ -337,20 +335,12 @@ impl RadUNet {
             conv.force_normalize();
         }
     }
-
-    /// Which resampling each block does, in order (for tests of the plan against the built network).
-    pub fn resampling(&self) -> Vec<Resample> {
-        self.encoder
-            .iter()
-            .chain(&self.decoder)
-            .map(|b| b.plan.resample)
-            .collect()
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::unet::mp::Resample;
     use tch::{Device, nn::VarStore};
 
     fn inputs(cfg: &UNetConfig, b: i64) -> (Tensor, Tensor, Tensor, Tensor) {
@@ -423,9 +413,10 @@ mod tests {
         assert_eq!(v.size(), x.size());
         assert_eq!(v.abs().max().double_value(&[]), 0.0, "out_gain starts at 0");
         assert_eq!(
-            net.resampling()
+            net.encoder
                 .iter()
-                .filter(|r| **r == Resample::Down)
+                .chain(&net.decoder)
+                .filter(|b| b.plan.resample == Resample::Down)
                 .count(),
             1
         );
