@@ -44,7 +44,7 @@ pub fn run_train(a: TrainArgs) -> anyhow::Result<u8> {
     let world = crate::rank_args::launcher_world();
     let model = cfg.model();
     let flops = model.training_flops_per_token()
-        * model.tokens() as f64
+        * model.tokens_per_image() as f64
         * (cfg.train.global_batch as f64 / world as f64);
     let device = a.rank.device_for(Some(flops))?;
     let metrics_path = a.metrics.clone().or_else(|| {

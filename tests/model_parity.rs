@@ -42,9 +42,12 @@ struct Loaded {
 
 fn load(dir: &Path, preset: &str) -> Loaded {
     let weights = dir.join("weights.safetensors");
-    let cfg = read_weights_config(&weights)
+    let radit_models::network::Architecture::RadiT(cfg) = read_weights_config(&weights)
         .unwrap()
-        .expect("the twin writes its config");
+        .expect("the twin writes its config")
+    else {
+        panic!("the twin writes a RadiT config");
+    };
     assert_eq!(
         cfg,
         RadiTConfig::preset(preset).unwrap(),

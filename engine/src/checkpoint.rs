@@ -20,9 +20,10 @@ use sha2::{Digest, Sha256};
 use tch::{Kind, Tensor};
 
 use crate::collective::Collective;
-use crate::fsdp::{EngineError, Fsdp, GroupLayout, ShardState};
+use crate::fsdp::{EngineError, GroupLayout, ShardState};
 use crate::progress::{Committed, Progress};
-use radit_models::model::RadiTConfig;
+use crate::training::TrainingEngine;
+use radit_models::network::Architecture;
 
 /// What can go wrong saving or loading a checkpoint.
 #[derive(Debug, thiserror::Error)]
@@ -122,7 +123,14 @@ fn gather_notes(
 pub fn read_weights(
     url: &str,
     ema: bool,
-) -> Result<(RadiTConfig, u64, std::collections::BTreeMap<String, Tensor>), CheckpointError> {
+) -> Result<
+    (
+        Architecture,
+        u64,
+        std::collections::BTreeMap<String, Tensor>,
+    ),
+    CheckpointError,
+> {
     let ckpt = Checkpointer::open(CheckpointConfig {
         url: url.into(),
         every: 1,
@@ -135,9 +143,13 @@ pub fn read_weights(
         crate::collective::local::LocalGroup::ranks(1, std::time::Duration::from_secs(60))
             .remove(0),
     );
-    let mut engine = Fsdp::new(
-        radit_models::model::RadiT::builder(&model),
-        crate::fsdp::EngineConfig::default(),
+    // The data-parallel engine reads any network's checkpoint (a RadiT's groups are the sharded engine's).
+    let mut engine = crate::data_parallel::DataParallel::new(
+        |p| model.build_staged(p),
+        crate::fsdp::EngineConfig {
+            mode: crate::fsdp::ShardingMode::Ddp,
+            ..Default::default()
+        },
         comm,
         tch::Device::Cpu,
         crate::fsdp::Initial::Seed(0),
@@ -177,14 +189,14 @@ pub struct RunState {
     pub skipped_steps: u64,
     /// The loader's resume state (radit_sharding::order::OrderState), kept as JSON.
     pub loader: serde_json::Value,
-    pub model: RadiTConfig,
+    pub model: Architecture,
     /// Free-form: the training config as the run saw it.
     pub config: serde_json::Value,
 }
 
 impl RunState {
     /// The state of engine steps run on synthetic inputs (benchmarks, checks): no loader, no train config.
-    pub fn synthetic(step: u64, adam_steps: u64, model: &RadiTConfig) -> Self {
+    pub fn synthetic(step: u64, adam_steps: u64, model: &Architecture) -> Self {
         Self {
             step,
             adam_steps,
@@ -222,7 +234,7 @@ pub fn step_dir(step: u64) -> String {
 }
 
 /// sha256 of the model config: what must match for a checkpoint to be usable.
-pub fn model_hash(cfg: &RadiTConfig) -> String {
+pub fn model_hash(cfg: &Architecture) -> String {
     let text = serde_json::to_string(cfg).unwrap_or_default();
     hex::encode(Sha256::digest(text.as_bytes()))
 }
@@ -350,7 +362,11 @@ impl Checkpointer {
     /// Starts saving: encodes this rank's slices into one host buffer now (the only copy training waits for; the
     /// buffer is kept for the next save), and hashes and writes it on a background thread. Finishes any earlier
     /// save first. Collective (through the earlier save's commit).
-    pub fn save(&mut self, engine: &Fsdp, state: RunState) -> Result<(), CheckpointError> {
+    pub fn save(
+        &mut self,
+        engine: &dyn TrainingEngine,
+        state: RunState,
+    ) -> Result<(), CheckpointError> {
         self.finish(engine.collective())?;
         let data = Bytes::from(
             encode(&engine.shard_views(), self.spare.take())
@@ -599,7 +615,7 @@ impl Checkpointer {
     }
 
     /// The model config a committed checkpoint was written for.
-    pub fn model_config(&self, step: u64) -> Result<RadiTConfig, CheckpointError> {
+    pub fn model_config(&self, step: u64) -> Result<Architecture, CheckpointError> {
         let key = format!("{}/state.json", step_dir(step));
         let state: RunState = serde_json::from_slice(&self.storage.get(&key)?).map_err(|e| {
             CheckpointError::Corrupt {
@@ -638,8 +654,8 @@ impl Checkpointer {
     /// another model is an error. Collective: every rank settles on the same checkpoint.
     pub fn load_latest(
         &self,
-        engine: &mut Fsdp,
-        model: &RadiTConfig,
+        engine: &mut dyn TrainingEngine,
+        model: &Architecture,
     ) -> Result<Option<RunState>, CheckpointError> {
         let comm = engine.collective();
         let steps = self.committed_steps()?;
@@ -683,8 +699,8 @@ impl Checkpointer {
     /// sha256; nothing is unpacked yet.
     fn try_load(
         &self,
-        engine: &Fsdp,
-        model: &RadiTConfig,
+        engine: &dyn TrainingEngine,
+        model: &Architecture,
         step: u64,
     ) -> Result<Verified, CheckpointError> {
         let dir = step_dir(step);
@@ -803,7 +819,7 @@ impl Verified {
     /// Copies this rank's slices into the engine. A CPU fp32 engine's own tensors are written in place (no second
     /// copy of the state in fresh memory); other engines get host tensors that `load_shard_states` moves to their
     /// device.
-    fn unpack_into(&self, engine: &mut Fsdp) -> Result<(), CheckpointError> {
+    fn unpack_into(&self, engine: &mut dyn TrainingEngine) -> Result<(), CheckpointError> {
         let corrupt = |reason: String| CheckpointError::Corrupt {
             key: self.key.clone(),
             reason,

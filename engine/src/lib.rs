@@ -4,6 +4,10 @@
 //!
 //! - [`collective`]: the rank group's operations and their backends, with one conformance suite.
 //! - [`fsdp`]: sharded parameters, gradients and optimiser state over any [`radit_models::block::BlockModel`].
+//! - [`data_parallel`]: replicated state and overlapped gradient all-reduces over any
+//!   [`radit_models::staged::StagedModel`] (RadUNet's skip connections included).
+//! - [`training`]: the one trait both engines implement, and the engine a job's settings and network pick;
+//!   [`weight_norm`]: EDM2's forced weight normalisation of the master weights, on whole or sharded groups.
 //! - [`checkpoint`]: sharded, hashed, resumable checkpoints on a filesystem or an object store.
 //! - [`membership`]: a rank joining its run (rendezvous, generation, supersession): the rank agent's side.
 //! - [`progress`]: what a rank's heartbeat reports (step, phase, throughput, memory).
@@ -15,6 +19,7 @@
 
 pub mod checkpoint;
 pub mod collective;
+pub mod data_parallel;
 pub mod faults;
 pub mod fsdp;
 pub mod libraries;
@@ -24,3 +29,5 @@ pub mod placement;
 pub mod progress;
 pub mod runtime;
 pub mod threads;
+pub mod training;
+pub mod weight_norm;

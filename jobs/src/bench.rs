@@ -182,6 +182,7 @@ pub fn run(
         t: &t,
         labels: &labels,
         age: &age,
+        keys: None,
     };
     let mut times = Vec::new();
     let mut optimizer_times = Vec::new();
@@ -280,8 +281,11 @@ fn checkpoint_bench(
     for step in 1..=last_step {
         engine.collective().barrier()?;
         let start = Instant::now();
-        ckpt.save(engine, RunState::synthetic(step, engine.adam_steps(), cfg))
-            .map_err(ckpt_err)?;
+        ckpt.save(
+            engine,
+            RunState::synthetic(step, engine.adam_steps(), &cfg.clone().into()),
+        )
+        .map_err(ckpt_err)?;
         let stall = start.elapsed().as_secs_f64();
         while ckpt.busy() {
             std::thread::sleep(std::time::Duration::from_millis(1));
@@ -299,7 +303,9 @@ fn checkpoint_bench(
     drop_cached(&object).map_err(io)?;
     engine.collective().barrier()?;
     let restore_started = Instant::now();
-    let restored = ckpt.load_latest(engine, cfg).map_err(ckpt_err)?;
+    let restored = ckpt
+        .load_latest(engine, &cfg.clone().into())
+        .map_err(ckpt_err)?;
     let restore = restore_started.elapsed().as_secs_f64();
     if restored.map(|r| r.step) != Some(last_step) {
         return Err(EngineError::StateMismatch(

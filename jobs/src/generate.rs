@@ -9,9 +9,8 @@ use serde::Serialize;
 use tch::{Device, Kind, Tensor, nn::VarStore};
 
 use radit_models::flow::fill_normal;
-use radit_models::model::{
-    ModelError, Precision, RadiT, RadiTConfig, load_named, load_weights, read_weights_config,
-};
+use radit_models::model::{ModelError, Precision, load_named, load_weights, read_weights_config};
+use radit_models::network::{Architecture, VelocityNet};
 use radit_models::sampler::{self, SolveStats, Solver};
 
 /// The stream of a sample's starting noise (with the seed and the sample's index).
@@ -153,10 +152,12 @@ impl Conditions {
     }
 }
 
-/// A model loaded for sampling.
+/// A model loaded for sampling: RadiT or RadUNet.
 pub struct Sampler {
     _vs: VarStore,
-    pub model: RadiT,
+    pub model: Box<dyn VelocityNet>,
+    /// Its architecture.
+    pub network: Architecture,
     pub device: Device,
 }
 
@@ -172,9 +173,9 @@ impl Sampler {
         let from_file = read_weights_config(weights)?;
         let cfg = match (from_file, preset) {
             (Some(cfg), None) => cfg,
-            (None, Some(p)) => RadiTConfig::preset(p)?,
+            (None, Some(p)) => Architecture::preset(p)?,
             (Some(cfg), Some(p)) => {
-                if cfg != RadiTConfig::preset(p)? {
+                if cfg != Architecture::preset(p)? {
                     return Err(ModelError::BadWeights {
                         path: weights.display().to_string(),
                         reason: format!(
@@ -193,49 +194,46 @@ impl Sampler {
             }
         };
         let vs = VarStore::new(device);
-        let mut model = RadiT::new(&vs.root(), &cfg)?;
+        let mut model = cfg.build(&vs.root())?;
         load_weights(&vs, weights)?;
         model.set_precision(precision);
         Ok(Self {
             _vs: vs,
             model,
+            network: cfg,
             device,
         })
     }
 
     /// A model from named weights in memory (the engine's gathered EMA), checked as strictly as a file.
     pub fn from_named(
-        cfg: &RadiTConfig,
+        cfg: &Architecture,
         tensors: &std::collections::BTreeMap<String, Tensor>,
         device: Device,
         precision: Precision,
     ) -> Result<Self, ModelError> {
         let vs = VarStore::new(device);
-        let mut model = RadiT::new(&vs.root(), cfg)?;
+        let mut model = cfg.build(&vs.root())?;
         load_named(&vs, tensors, Path::new("<gathered EMA weights>"))?;
         model.set_precision(precision);
         Ok(Self {
             _vs: vs,
             model,
+            network: cfg.clone(),
             device,
         })
     }
 
     /// Starting noise `[n, C, S, S]`: sample i from the stream (seed, `indices[i]`).
     fn noise(&self, seed: u64, indices: &[u64]) -> Tensor {
-        let c = self.model.config();
-        let per = (c.in_channels * c.input_size * c.input_size) as usize;
+        let (channels, side) = (self.network.in_channels(), self.network.input_size());
+        let per = (channels * side * side) as usize;
         let mut data = vec![0f32; per * indices.len()];
         for (chunk, &i) in data.chunks_mut(per).zip(indices) {
             fill_normal(&[seed, i, NOISE_STREAM], chunk);
         }
         Tensor::from_slice(&data)
-            .view([
-                indices.len() as i64,
-                c.in_channels,
-                c.input_size,
-                c.input_size,
-            ])
+            .view([indices.len() as i64, channels, side, side])
             .to_device(self.device)
     }
 
@@ -269,7 +267,7 @@ impl Sampler {
             let end = (start + batch.max(1)).min(n);
             let noise = self.noise(seed, &(start..end).collect::<Vec<_>>());
             let (labels, age) = cond.tensors((end - start) as i64, self.device);
-            let (x, s) = sampler::generate(&self.model, &noise, &labels, &age, solver)?;
+            let (x, s) = sampler::generate(self.model.as_ref(), &noise, &labels, &age, solver)?;
             // A large model's samples take minutes on a CPU: say how far it is, batch by batch.
             tracing::info!(
                 drawn = end - indices.start,
@@ -305,24 +303,23 @@ impl Sampler {
             .to_device(self.device);
         let age: Vec<f32> = conditions.iter().map(|x| x.age).collect();
         let age = Tensor::from_slice(&age).to_device(self.device);
-        let (x, stats) = sampler::generate(&self.model, &noise, &labels, &age, solver)?;
+        let (x, stats) = sampler::generate(self.model.as_ref(), &noise, &labels, &age, solver)?;
         Ok((x.to_device(Device::Cpu), stats))
     }
 
     /// Reads PNGs (any size, 8- or 16-bit grey) into model inputs the way ingest stores them: full-range
     /// normalisation, letterbox to the model's size, then each level mapped to the centre of its dequantisation bin.
     pub fn read_images(&self, paths: &[PathBuf]) -> Result<Tensor, ModelError> {
-        let c = self.model.config();
-        if c.in_channels != 1 {
+        let (channels, size) = (self.network.in_channels(), self.network.input_size());
+        if channels != 1 {
             return Err(ModelError::BadInput {
                 input: "images",
                 reason: format!(
-                    "editing images needs a pixel model; this one has {} channels",
-                    c.in_channels
+                    "editing images needs a pixel model; this one has {channels} channels"
                 ),
             });
         }
-        let side = c.input_size as u32;
+        let side = size as u32;
         let mut resizer = fast_image_resize::Resizer::new();
         let mut all = Vec::new();
         for p in paths {
@@ -339,7 +336,7 @@ impl Sampler {
                 })?;
             all.extend(pixels.iter().map(|&n| from_level(n)));
         }
-        Ok(Tensor::from_slice(&all).view([paths.len() as i64, 1, c.input_size, c.input_size]))
+        Ok(Tensor::from_slice(&all).view([paths.len() as i64, 1, size, size]))
     }
 
     /// Counterfactual edits of `images` from `original` to `edited` metadata.
@@ -354,7 +351,7 @@ impl Sampler {
         let (labels, age) = original.tensors(n, self.device);
         let (new_labels, new_age) = edited.tensors(n, self.device);
         let e = sampler::edit(
-            &self.model,
+            self.model.as_ref(),
             &images.to_device(self.device),
             &labels,
             &age,
@@ -498,9 +495,8 @@ pub fn write_samples(
         source,
     })?;
     let (samples, solves) = sampler.generate(cond, n, batch, seed, solver)?;
-    let config = sampler.model.config();
     let contact_sheet = out.join("contact_sheet.png");
-    let what = if config.in_channels == 1 {
+    let what = if sampler.network.in_channels() == 1 {
         ""
     } else {
         " (latent channel 0: decode them to see images)"
@@ -508,12 +504,12 @@ pub fn write_samples(
     let title = format!("{n} samples for {}{what}", cond.describe());
     sample_sheet(
         &samples,
-        256.min(config.input_size),
+        256.min(sampler.network.input_size()),
         &title,
         &[],
         &[&contact_sheet],
     )?;
-    let files = if config.in_channels == 1 {
+    let files = if sampler.network.in_channels() == 1 {
         write_png16(&samples, out, "sample")?
     } else {
         let path = out.join("latents.safetensors");

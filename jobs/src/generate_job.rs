@@ -373,19 +373,19 @@ pub fn generate(
     let precision = cfg.precision_on(device);
     let profiles = read_profiles(cfg)?;
     let sampler = Sampler::load(&cfg.weights, cfg.preset.as_deref(), device, precision)?;
-    let model = sampler.model.config().clone();
+    let model = sampler.network.clone();
     let decoder = match &cfg.decoder {
         Some(d) => Some(radit_models::autoencoder::LatentDecoder::load(
             d,
             Some(radit_models::autoencoder::store_statistics(&cfg.profiles)?),
             device,
         )?),
-        None if model.in_channels != 1 => {
+        None if model.in_channels() != 1 => {
             return Err(RankError::Config(ConfigError::new(
                 "generate.decoder",
                 format!(
                     "the model makes {}-channel latents: give [generate.decoder] to write images",
-                    model.in_channels
+                    model.in_channels()
                 ),
             )));
         }
@@ -437,9 +437,9 @@ pub fn generate(
         decoder: decoder.as_ref(),
         device,
         precision,
-        flops_per_nfe: model.forward_flops_per_token() * model.tokens() as f64,
-        tokens_per_sample: model.tokens() as u64,
-        parameters: model.parameter_count().total(),
+        flops_per_nfe: model.forward_flops_per_image(),
+        tokens_per_sample: model.tokens_per_image(),
+        parameters: model.parameters() as i64,
         nfe_total: 0,
         samples_written: 0,
     };

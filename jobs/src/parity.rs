@@ -131,6 +131,7 @@ fn train(
         t: &t,
         labels: &labels,
         age: &age,
+        keys: None,
     };
     let mut losses = Vec::new();
     for _ in 0..check.steps {
@@ -212,7 +213,7 @@ pub fn run(check: &ParityCheck, device: Device) -> Result<ParityReport, EngineEr
     })
     .map_err(ckpt_err)?;
     let adam_steps = engine.adam_steps();
-    let state = RunState::synthetic(check.steps as u64, adam_steps, &check.model);
+    let state = RunState::synthetic(check.steps as u64, adam_steps, &check.model.clone().into());
     ckpt.save(&engine, state).map_err(ckpt_err)?;
     ckpt.finish(engine.collective()).map_err(ckpt_err)?;
     let checkpoint_bytes = std::fs::read_dir(url.join(step_dir(check.steps as u64)))
@@ -227,7 +228,7 @@ pub fn run(check: &ParityCheck, device: Device) -> Result<ParityReport, EngineEr
     // Initialised differently, so that only the checkpoint can make it equal.
     let mut restored = engine_alone(check, device, Initial::Seed(1))?;
     let loaded = ckpt
-        .load_latest(&mut restored, &check.model)
+        .load_latest(&mut restored, &check.model.clone().into())
         .map_err(ckpt_err)?;
     let round_trip = loaded.is_some_and(|s| s.step == check.steps as u64)
         && restored.adam_steps() == adam_steps

@@ -121,7 +121,7 @@ pub fn write_reference_samples(
     let conditions: Vec<&Conditions> = references.iter().map(|r| &r.conditions).collect();
     let indices: Vec<u64> = (0..references.len() as u64).collect();
     let (raw, solves) = draw(sampler, &conditions, &indices, seed, solver)?;
-    let latent = sampler.model.config().in_channels != 1;
+    let latent = sampler.network.in_channels() != 1;
     let mut files = Vec::new();
     if latent {
         let path = out.join("latents.safetensors");

@@ -106,11 +106,11 @@ pub fn sample(req: &SampleRequest) -> Result<SampleReport, SampleError> {
     )
     .map_err(model(format!("loading {}", req.weights.display())))?;
     std::fs::create_dir_all(&req.out).map_err(io(&req.out))?;
-    let pixel = sampler.model.config().in_channels == 1;
+    let pixel = sampler.network.in_channels() == 1;
     let started = Instant::now();
-    let side = sampler.model.config().input_size;
+    let side = sampler.network.input_size();
     let mut json = serde_json::json!({
-        "weights": req.weights, "config": sampler.model.config(), "solver": req.solver, "seed": req.seed,
+        "weights": req.weights, "config": &sampler.network, "solver": req.solver, "seed": req.seed,
         "device": format!("{:?}", req.device), "precision": req.precision, "conditions": target.describe(),
     });
     let sheet = req.out.join("contact_sheet.png");

@@ -43,4 +43,8 @@ pub trait BlockModel: Send {
     /// The output (for RadiT, the velocity) from the last hidden state.
     fn head(&self, h: &Tensor, c: &Tensor) -> Tensor;
     fn set_precision(&mut self, precision: Precision);
+    /// Whether a parameter is kept at unit RMS per row by forced weight normalisation after every step.
+    fn normalized_rows(&self, _name: &str) -> bool {
+        false
+    }
 }

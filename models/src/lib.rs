@@ -9,6 +9,8 @@
 //! - [`flow`]: the rectified-flow objective and its per-sample noise and time draws.
 //! - [`sampler`]: Euler and torchdiffeq-exact dopri5, forward and reverse; counterfactual editing.
 //! - [`scm`]: the Flow SCM over the metadata variables (graph, model, inference, checks, files).
+//! - [`network`]: which network (RadiT or RadUNet) as one config, and the velocity every sampler calls;
+//!   [`staged`]: a model as stages, for the data-parallel engine (any model, skip connections included).
 //! - [`unet`]: RadUNet, EDM2's magnitude-preserving U-Net as the paper's baseline, with its closed-form counts.
 //!
 //! ```no_run
@@ -33,7 +35,9 @@ pub mod error;
 pub mod features;
 pub mod flow;
 pub mod model;
+pub mod network;
 pub mod precision;
 pub mod sampler;
 pub mod scm;
+pub mod staged;
 pub mod unet;

@@ -7,7 +7,8 @@ use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
 use crate::flow::shift_time;
-use crate::model::{ModelError, RadiT};
+use crate::model::ModelError;
+use crate::network::VelocityNet;
 
 /// A time-dependent vector field dy/dt = f(t, y).
 pub trait VelocityField {
@@ -20,9 +21,9 @@ impl<F: Fn(f64, &Tensor) -> Result<Tensor, ModelError>> VelocityField for F {
     }
 }
 
-/// RadiT's velocity under fixed metadata, without autograd.
+/// A network's velocity under fixed metadata, without autograd.
 pub struct Conditioned<'a> {
-    pub model: &'a RadiT,
+    pub model: &'a dyn VelocityNet,
     pub labels: &'a Tensor,
     pub age: &'a Tensor,
 }
@@ -31,7 +32,7 @@ impl VelocityField for Conditioned<'_> {
     fn velocity(&self, t: f64, y: &Tensor) -> Result<Tensor, ModelError> {
         let b = y.size()[0];
         let t = Tensor::full([b], t, (Kind::Float, y.device()));
-        let v = tch::no_grad(|| self.model.forward(y, &t, self.labels, self.age))?;
+        let v = tch::no_grad(|| self.model.velocity(y, &t, self.labels, self.age))?;
         Ok(v.to_kind(y.kind()))
     }
 }
@@ -356,7 +357,7 @@ fn interp_evaluate(coeffs: &[Tensor; 5], s0: f64, s1: f64, s: f64) -> Tensor {
 
 /// Generates images from noise x0 under the given metadata: integrates 0 -> 1.
 pub fn generate(
-    model: &RadiT,
+    model: &dyn VelocityNet,
     noise: &Tensor,
     labels: &Tensor,
     age: &Tensor,
@@ -378,7 +379,7 @@ pub struct Edit {
 /// Counterfactual editing: abduct x0 = ODE(x, 1 -> 0, original metadata), then x' = ODE(x0, 0 -> 1, edited).
 #[allow(clippy::too_many_arguments)]
 pub fn edit(
-    model: &RadiT,
+    model: &dyn VelocityNet,
     image: &Tensor,
     labels: &Tensor,
     age: &Tensor,
@@ -441,11 +442,11 @@ mod tests {
     }
 
     /// A tiny RadiT with every zero-initialised layer moved, so its velocity depends on x, t and metadata.
-    fn perturbed_tiny() -> (tch::nn::VarStore, RadiT) {
+    fn perturbed_tiny() -> (tch::nn::VarStore, crate::model::RadiT) {
         tch::manual_seed(3);
         let cfg = crate::model::RadiTConfig::preset("tiny").unwrap();
         let vs = tch::nn::VarStore::new(tch::Device::Cpu);
-        let model = RadiT::new(&vs.root(), &cfg).unwrap();
+        let model = crate::model::RadiT::new(&vs.root(), &cfg).unwrap();
         tch::no_grad(|| {
             for (name, mut v) in vs.variables() {
                 if name.contains("adaLN") || name.starts_with("final_layer") {

@@ -601,7 +601,7 @@ impl Job {
             }
         };
         if let (ValidatedWork::Train(t), Some(_)) = (&work, &spec.samples.decoder)
-            && t.model().in_channels == 1
+            && t.model().in_channels() == 1
         {
             return Err(bad(
                 "samples.decoder",
@@ -858,7 +858,7 @@ impl Job {
             o,
             "model: {} ({} parameters)",
             t.model.preset.as_deref().unwrap_or("custom"),
-            m.parameter_count().total()
+            m.parameters()
         );
         let per_rank = t.train.global_batch / u64::from(self.world);
         let _ = writeln!(

@@ -260,6 +260,7 @@ pub fn train_spec(image_size: u32, steps: u64, ranks: u32) -> Result<JobSpec, Tr
             model: ModelChoice {
                 preset: None,
                 config: Some(model),
+                unet: None,
                 input_size: None,
             },
             flow: FlowConfig {

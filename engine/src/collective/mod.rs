@@ -134,6 +134,13 @@ pub trait Collective: Send {
         Ok(InFlight::Done)
     }
 
+    /// Starts an in-place all-reduce that may finish later, so the backward of the next stage overlaps it (the
+    /// data-parallel engine's gradient buckets); the same contract as [`Collective::start_all_gather`].
+    fn start_all_reduce_sum(&self, t: &mut Tensor) -> Result<InFlight, CollectiveError> {
+        self.all_reduce_sum(t)?;
+        Ok(InFlight::Done)
+    }
+
     /// Makes work issued after this call see the result of a started collective.
     fn wait(&self, flight: InFlight) -> Result<(), CollectiveError> {
         match flight {

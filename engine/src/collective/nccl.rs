@@ -258,6 +258,22 @@ impl Collective for NcclCollective {
         })
     }
 
+    fn start_all_reduce_sum(&self, t: &mut Tensor) -> Result<InFlight, CollectiveError> {
+        if t.device() == Device::Cpu {
+            self.bootstrap.all_reduce_sum(t)?;
+            return Ok(InFlight::Done);
+        }
+        let n = check_1d("all_reduce", t)?;
+        check_reducible("all_reduce", t)?;
+        self.on_device("all_reduce", t)?;
+        let (dt, _) = dtype(t.kind());
+        let p = t.data_ptr();
+        // SAFETY: a contiguous tensor of n elements on this GPU, kept alive by the caller until `wait`; in place.
+        self.on_comm_stream("all_reduce", |stream| unsafe {
+            (self.lib.all_reduce)(p, p, n, dt, SUM, self.comm, stream)
+        })
+    }
+
     fn wait(&self, flight: InFlight) -> Result<(), CollectiveError> {
         let done = match flight {
             InFlight::Event(CudaEvent(done)) => done,

@@ -85,6 +85,11 @@ impl<O: Observer> Collective for Observed<O> {
         self.inner.start_reduce_scatter_sum(input, out)
     }
 
+    fn start_all_reduce_sum(&self, t: &mut Tensor) -> Result<InFlight, CollectiveError> {
+        let _seen = self.observer.enter("all_reduce_sum", bytes(t));
+        self.inner.start_all_reduce_sum(t)
+    }
+
     fn wait(&self, flight: InFlight) -> Result<(), CollectiveError> {
         let _seen = self.observer.enter("wait", None);
         self.inner.wait(flight)

@@ -203,6 +203,11 @@ impl Collective for CommThread {
         })
     }
 
+    fn start_all_reduce_sum(&self, t: &mut Tensor) -> Result<InFlight, CollectiveError> {
+        let mut t = t.shallow_clone();
+        self.start("all_reduce_sum", move |c| c.all_reduce_sum(&mut t))
+    }
+
     fn all_reduce_f64(&self, value: f64) -> Result<f64, CollectiveError> {
         self.call("all_reduce_f64", move |c| c.all_reduce_f64(value))
     }

@@ -12,7 +12,7 @@
 //! Every method that communicates is collective: all ranks call it in the same order.
 
 mod layout;
-mod optim;
+pub(crate) mod optim;
 
 pub use layout::{GroupLayout, group_layouts};
 pub use optim::{AdamConfig, LrSchedule};
@@ -77,7 +77,7 @@ pub fn check_state_fits(
 
 /// What this rank can use for its state: a GPU's free memory, or the host's available memory shared among the
 /// ranks on this node.
-fn free_for_state(device: Device) -> Option<u64> {
+pub(crate) fn free_for_state(device: Device) -> Option<u64> {
     match device {
         Device::Cuda(_) => crate::runtime::device_memory(device).map(|(used, total)| total - used),
         _ => {
@@ -99,6 +99,9 @@ pub enum ShardingMode {
     Zero3,
     /// Keep each block's gathered weights from its forward to its backward: one gather per step, more memory.
     Zero2,
+    /// No sharding: every rank holds the whole state and gradients are all-reduced
+    /// ([`crate::data_parallel::DataParallel`]). Trains any model, skip connections included (RadUNet).
+    Ddp,
 }
 
 /// The engine's knobs.
@@ -188,6 +191,8 @@ struct Shard {
     m: Tensor,
     v: Tensor,
     ema: Tensor,
+    /// The rows of this group's force-normalised weights, seen from this slice.
+    norm: Option<crate::weight_norm::RowNorm>,
 }
 
 /// The named per-rank state a checkpoint stores for one group.
@@ -239,6 +244,13 @@ impl Fsdp {
         initial: Initial,
     ) -> Result<Self, EngineError> {
         cfg.validate()?;
+        if cfg.mode == ShardingMode::Ddp {
+            return Err(radit_protocol::ConfigError::new(
+                "engine.mode",
+                "ddp is the data-parallel engine (DataParallel), not a sharding of this one",
+            )
+            .into());
+        }
         if device == Device::Cpu {
             crate::runtime::retain_large_cpu_buffers();
         }
@@ -276,11 +288,20 @@ impl Fsdp {
             if matches!(initial, Initial::Seed(_)) {
                 comm.broadcast(&mut flat, 0)?;
             }
-            let master = flat.narrow(0, rank * layout.shard, layout.shard).copy();
+            let mut master = flat.narrow(0, rank * layout.shard, layout.shard).copy();
             for p in &params {
                 free(p);
             }
+            // Forced weight normalisation from the start (a collective: every rank has the group's rows).
+            let norm =
+                crate::weight_norm::RowNorm::new(&layout, rank * layout.shard, layout.shard, |n| {
+                    model.normalized_rows(n)
+                });
+            if let Some(norm) = &norm {
+                norm.apply(&mut master, Some(comm.as_ref()))?;
+            }
             shards.push(Shard {
+                norm,
                 grad: master.zeros_like(),
                 m: master.zeros_like(),
                 v: master.zeros_like(),
@@ -623,7 +644,8 @@ impl Fsdp {
         let adam = self.cfg.adam;
         let decay = self.cfg.ema_decay;
         let step = self.adam_steps;
-        tch::no_grad(|| {
+        let comm = self.comm.as_ref();
+        tch::no_grad(|| -> Result<(), EngineError> {
             for s in &mut self.shards {
                 optim::update_slice(
                     &adam,
@@ -637,8 +659,13 @@ impl Fsdp {
                     clip,
                     decay,
                 );
+                // A row may straddle two ranks' slices: its sum of squares is all-reduced.
+                if let Some(norm) = &s.norm {
+                    norm.apply(&mut s.master, Some(comm))?;
+                }
             }
-        });
+            Ok(())
+        })?;
         Ok(StepReport {
             loss,
             grad_norm,
@@ -736,7 +763,7 @@ pub enum Initial<'a> {
     Weights(&'a BTreeMap<String, Tensor>),
 }
 
-fn copy_weights(
+pub(crate) fn copy_weights(
     vars: &std::collections::HashMap<String, Tensor>,
     weights: &BTreeMap<String, Tensor>,
 ) -> Result<(), EngineError> {

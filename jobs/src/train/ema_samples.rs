@@ -5,9 +5,10 @@
 
 use std::ops::Range;
 
-use radit_engine::fsdp::Fsdp;
+use radit_engine::training::TrainingEngine;
 use radit_models::autoencoder::{DecoderConfig, LatentDecoder};
-use radit_models::model::{ModelError, RadiTConfig};
+use radit_models::model::ModelError;
+use radit_models::network::Architecture;
 use radit_models::sampler::Solver;
 use tch::Tensor;
 
@@ -19,7 +20,7 @@ use crate::train::TrainError;
 pub struct EmaSampling(std::rc::Rc<Loaded>);
 
 struct Loaded {
-    model: RadiTConfig,
+    model: Architecture,
     /// The run's time shift (the Euler solver's).
     shift: f64,
     /// Each decoder the run's sheets or FD name, loaded once.
@@ -29,7 +30,7 @@ struct Loaded {
 impl EmaSampling {
     /// Loads `decoders` (those this rank uses) with the training latents' statistics of `store`, read once.
     pub fn open(
-        model: &RadiTConfig,
+        model: &Architecture,
         shift: f64,
         decoders: &[&DecoderConfig],
         store: &str,
@@ -55,7 +56,7 @@ impl EmaSampling {
     }
 
     /// The EMA weights of `engine`, gathered, as a sampler. Collective.
-    pub fn samples(&self, engine: &Fsdp) -> Result<EmaSamples, TrainError> {
+    pub fn samples(&self, engine: &dyn TrainingEngine) -> Result<EmaSamples, TrainError> {
         let weights = engine.gather_named(true)?;
         let sampler = Sampler::from_named(
             &self.0.model,

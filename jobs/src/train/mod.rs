@@ -21,11 +21,14 @@ use preview::PreviewConfig;
 use radit_engine::checkpoint::{CheckpointConfig, CheckpointError, Checkpointer, RunState};
 use radit_engine::collective::Collective;
 use radit_engine::collective::phase::PhaseMarking;
-use radit_engine::fsdp::{EngineConfig, EngineError, Fsdp, Initial, LrSchedule, StepReport};
+use radit_engine::fsdp::{EngineConfig, EngineError, Initial, LrSchedule, StepReport};
 use radit_engine::membership::RankHandles;
 use radit_engine::progress::{Phase, StepRecord};
+use radit_engine::training::TrainingEngine;
 use radit_models::flow::FlowConfig;
 use radit_models::model::{ModelError, RadiTConfig};
+use radit_models::network::Architecture;
+use radit_models::unet::UNetConfig;
 pub use radit_protocol::ConfigError;
 
 /// What can stop a run.
@@ -112,7 +115,7 @@ fn out_of_memory(
         "model {} ({} parameters), {per_rank} images per rank per step in {} micro-batch(es) of {micro} \
          (train.global_batch {} over {world} ranks), engine.mode {:?}, precision {:?}",
         cfg.model.preset.as_deref().unwrap_or("from [model.config]"),
-        model.map_or_else(|| "?".into(), |m| m.parameter_count().total().to_string()),
+        model.map_or_else(|| "?".into(), |m| m.parameters().to_string()),
         cfg.train.micro_batches,
         cfg.train.global_batch,
         cfg.engine.mode,
@@ -159,41 +162,57 @@ pub struct TrainConfig {
     pub validation: Option<validate::ValidationConfig>,
 }
 
-/// A preset by name, or a whole architecture.
+/// A preset by name (RadiT's or a U-Net's), or a whole architecture.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelChoice {
     #[serde(default)]
     pub preset: Option<String>,
+    /// A whole RadiT.
     #[serde(default)]
     pub config: Option<RadiTConfig>,
+    /// A whole RadUNet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unet: Option<UNetConfig>,
     /// The preset at another input size (a store's image side, or its latents' side): `tiny` at 32.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub input_size: Option<i64>,
 }
 
 impl ModelChoice {
-    pub fn resolve(&self) -> Result<RadiTConfig, ConfigError> {
-        let cfg = match (&self.preset, &self.config) {
+    pub fn resolve(&self) -> Result<Architecture, ConfigError> {
+        let whole = match (&self.config, &self.unet) {
+            (Some(c), None) => Some(Architecture::RadiT(c.clone())),
+            (None, Some(u)) => Some(Architecture::UNet(u.clone())),
+            (None, None) => None,
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::new(
+                    "model",
+                    "give one of [model.config] (RadiT) or [model.unet] (RadUNet)",
+                ));
+            }
+        };
+        let cfg = match (&self.preset, whole) {
             (Some(p), None) => {
-                let preset = RadiTConfig::preset(p)
+                let preset = Architecture::preset(p)
                     .map_err(|e| ConfigError::new("model.preset", e.to_string()))?;
-                RadiTConfig {
-                    input_size: self.input_size.unwrap_or(preset.input_size),
-                    ..preset
+                match self.input_size {
+                    Some(side) => preset.with_input_size(side),
+                    None => preset,
                 }
             }
             (None, Some(_)) if self.input_size.is_some() => {
                 return Err(ConfigError::new(
                     "model.input_size",
-                    "goes with model.preset; [model.config] sets its own input_size",
+                    "goes with model.preset; a whole architecture sets its own input size",
                 ));
             }
-            (None, Some(c)) => c.clone(),
+            (None, Some(c)) => c,
             _ => {
                 return Err(ConfigError {
                     field: "model".into(),
-                    reason: "give exactly one of model.preset or [model.config]".into(),
+                    reason: "give exactly one of model.preset, [model.config] or [model.unet]"
+                        .into(),
                 });
             }
         };
@@ -281,7 +300,7 @@ impl TrainConfig {
         })
     }
 
-    fn check(&self) -> Result<RadiTConfig, ConfigError> {
+    fn check(&self) -> Result<Architecture, ConfigError> {
         let bad = |field: &str, reason: String| {
             Err(ConfigError {
                 field: field.into(),
@@ -291,6 +310,16 @@ impl TrainConfig {
         let model = self.model.resolve()?;
         self.flow.validate()?;
         self.engine.validate()?;
+        if !model.is_chain() && self.engine.mode != radit_engine::fsdp::ShardingMode::Ddp {
+            return bad(
+                "engine.mode",
+                format!(
+                    "{} has skip connections, which the sharded modes (zero3, zero2) cannot schedule: set \
+                     engine.mode = \"ddp\"",
+                    model.name()
+                ),
+            );
+        }
         if self.train.steps == 0 {
             return bad("train.steps", "must be positive".into());
         }
@@ -358,7 +387,7 @@ impl TrainConfig {
 #[derive(Debug, Clone, PartialEq)]
 pub struct ValidatedConfig {
     config: TrainConfig,
-    model: RadiTConfig,
+    model: Architecture,
 }
 
 impl std::ops::Deref for ValidatedConfig {
@@ -369,13 +398,13 @@ impl std::ops::Deref for ValidatedConfig {
 }
 
 impl ValidatedConfig {
-    pub fn model(&self) -> &RadiTConfig {
+    pub fn model(&self) -> &Architecture {
         &self.model
     }
 
     /// Rank `rank`'s training loader: the model's input decides images or latents.
     pub fn loader_config(&self, rank: u64, world: u64) -> LoaderConfig {
-        let output = if self.model.in_channels == 1 {
+        let output = if self.model.in_channels() == 1 {
             ModelInput::Dequantised
         } else {
             ModelInput::Latents
@@ -475,12 +504,18 @@ pub struct MicroBatch<'a> {
     pub t: &'a Tensor,
     pub labels: &'a Tensor,
     pub age: &'a Tensor,
+    /// Per-sample dropout keys (seed, step, global sample index), for networks with dropout.
+    pub keys: Option<&'a Tensor>,
 }
 
 impl MicroBatch<'_> {
     /// The engine's forward and backward on x_t with the velocity MSE (`radit_models::flow::velocity_mse`) as the loss; gradients accumulate scaled by
     /// `scale`. Returns this rank's mean loss.
-    pub fn forward_backward(&self, engine: &mut Fsdp, scale: f64) -> Result<f64, EngineError> {
+    pub fn forward_backward(
+        &self,
+        engine: &mut dyn TrainingEngine,
+        scale: f64,
+    ) -> Result<f64, EngineError> {
         let xt = radit_models::flow::interpolate(self.x1, self.x0, self.t);
         let inputs = radit_models::block::ModelInputs {
             x: &xt,
@@ -490,7 +525,8 @@ impl MicroBatch<'_> {
         };
         engine.forward_backward(
             &inputs,
-            |v| radit_models::flow::velocity_mse(v, self.x1, self.x0),
+            self.keys,
+            &mut |v| radit_models::flow::velocity_mse(v, self.x1, self.x0),
             scale,
         )
     }
@@ -669,7 +705,7 @@ struct Trainer<'a> {
     cfg: &'a ValidatedConfig,
     device: Device,
     rank: u64,
-    engine: Fsdp,
+    engine: Box<dyn TrainingEngine>,
     ckpt: Option<Checkpointer>,
     storage: Storage,
     loader_cfg: LoaderConfig,
@@ -711,8 +747,8 @@ impl<'a> Trainer<'a> {
         let comm = radit_engine::collective::threaded::overlapping(comm, device)?;
         let comm = Box::new(PhaseMarking::new(comm, handles.progress.clone()));
         let model = cfg.model();
-        let mut engine = Fsdp::new(
-            radit_models::model::RadiT::builder(model),
+        let mut engine = radit_engine::training::build(
+            model,
             cfg.engine.clone(),
             comm,
             device,
@@ -729,7 +765,7 @@ impl<'a> Trainer<'a> {
             })
             .transpose()?;
         let state = match &ckpt {
-            Some(c) => c.load_latest(&mut engine, model)?,
+            Some(c) => c.load_latest(engine.as_mut(), model)?,
             None => None,
         };
         if let (Some(s), Some(c)) = (&state, &cfg.checkpoint) {
@@ -776,7 +812,7 @@ impl<'a> Trainer<'a> {
             last_checkpoint: resumed_from,
             checkpoint_failed: false,
             skipped_samples: 0,
-            tokens_per_image: (model.input_size / model.patch_size).pow(2) as u64,
+            tokens_per_image: model.tokens_per_image(),
             flops_per_token: model.training_flops_per_token(),
             step_faults,
             ema_sampling,
@@ -830,18 +866,22 @@ impl<'a> Trainer<'a> {
         let micro = cfg.train.micro_batches as i64;
         let scale = 1.0 / (self.engine.collective().world() as f64 * micro as f64);
         let per = x1.size()[0] / micro;
+        // Dropout's randomness per global sample, so any world size draws the same masks.
+        let keys = radit_models::unet::dropout::keys(cfg.train.seed, self.step, &batch.indices);
         let mut loss_sum = 0.0;
         for k in 0..micro {
             let s = |v: &Tensor| v.narrow(0, k * per, per);
-            let (x1, x0, t, labels, age) = (s(&x1), s(&x0), s(&t), s(&labels), s(&age));
+            let (x1, x0, t, labels, age, keys) =
+                (s(&x1), s(&x0), s(&t), s(&labels), s(&age), s(&keys));
             let mb = MicroBatch {
                 x1: &x1,
                 x0: &x0,
                 t: &t,
                 labels: &labels,
                 age: &age,
+                keys: Some(&keys),
             };
-            loss_sum += mb.forward_backward(&mut self.engine, scale)?;
+            loss_sum += mb.forward_backward(self.engine.as_mut(), scale)?;
         }
         let lr = cfg.engine.adam.lr_at(self.engine.adam_steps());
         let report = self.engine.optimizer_step(loss_sum, lr)?;
@@ -888,7 +928,7 @@ impl<'a> Trainer<'a> {
             return Err(diverged("there is no checkpoint to roll back to"));
         };
         c.finish(self.engine.collective())?;
-        let Some(state) = c.load_latest(&mut self.engine, self.cfg.model())? else {
+        let Some(state) = c.load_latest(self.engine.as_mut(), self.cfg.model())? else {
             return Err(diverged("no checkpoint is committed yet"));
         };
         tracing::warn!(
@@ -944,7 +984,7 @@ impl<'a> Trainer<'a> {
                 let _phase = progress.enter(Phase::Checkpoint);
                 let stall = Instant::now();
                 // Saving first commits the save before it, which may fail.
-                let saved = c.save(&self.engine, state);
+                let saved = c.save(self.engine.as_ref(), state);
                 progress.record_checkpoint_started(stall.elapsed().as_secs_f64());
                 saved
             };
@@ -994,7 +1034,7 @@ impl<'a> Trainer<'a> {
         // The last sampler goes first: never two copies of the model besides the engine's.
         self.ema = None;
         if let Some(sampling) = &self.ema_sampling {
-            self.ema = Some((self.step, sampling.samples(&self.engine)?));
+            self.ema = Some((self.step, sampling.samples(self.engine.as_ref())?));
         }
         Ok(())
     }
@@ -1014,7 +1054,7 @@ impl<'a> Trainer<'a> {
         let (Some((_, ema)), Some(sampling)) = (&self.ema, &self.ema_sampling) else {
             return Ok(());
         };
-        let written = preview::write_sheet(ema, sampling, &self.engine, &p, self.step)?;
+        let written = preview::write_sheet(ema, sampling, self.engine.as_ref(), &p, self.step)?;
         // The sampler's copy of the model is not kept into the next step.
         self.ema = None;
         if let Some(path) = written {
@@ -1036,7 +1076,7 @@ impl<'a> Trainer<'a> {
             let _phase = progress.enter(Phase::Sampling);
             let started = Instant::now();
             let loss = validate::validation_loss(
-                &self.engine,
+                self.engine.as_ref(),
                 self.cfg.model(),
                 v,
                 &self.cfg.flow,
@@ -1059,7 +1099,7 @@ impl<'a> Trainer<'a> {
             let (Some((_, ema)), Some(fd)) = (&self.ema, &self.mini_fd) else {
                 return Ok(out);
             };
-            let value = fd.measure(ema, &self.engine)?;
+            let value = fd.measure(ema, self.engine.as_ref())?;
             tracing::info!(
                 step,
                 fd = value,
@@ -1143,11 +1183,12 @@ pub fn check_before_launch(cfg: &ValidatedConfig, world: u64) -> Result<String, 
 
 /// A model sized for other samples than the store's is named at start, not as a shape error inside a step.
 fn check_sample_shape(
-    model: &RadiTConfig,
+    model: &Architecture,
     store: [usize; 3],
     url: &str,
 ) -> Result<(), ConfigError> {
-    let want = [model.in_channels, model.input_size, model.input_size];
+    let (side, channels) = (model.input_size(), model.in_channels());
+    let want = [channels, side, side];
     if store.map(|v| v as i64) == want {
         return Ok(());
     }
@@ -1157,7 +1198,7 @@ fn check_sample_shape(
         format!(
             "the model takes {}x{}x{} samples but {url} holds {c}x{h}x{w} (set model.input_size = {h} with a \
              preset, or shard at --image-size {})",
-            want[0], want[1], want[2], model.input_size
+            want[0], want[1], want[2], side
         ),
     ))
 }

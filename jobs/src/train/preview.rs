@@ -10,7 +10,7 @@ use tch::{Device, Kind, Tensor};
 use crate::generate::sample_sheet;
 use crate::train::TrainError;
 use crate::train::ema_samples::{EmaSamples, EmaSampling};
-use radit_engine::fsdp::Fsdp;
+use radit_engine::training::TrainingEngine;
 use radit_models::model::ModelError;
 
 /// `[preview]`: the contact sheet written during training.
@@ -80,7 +80,7 @@ impl PreviewConfig {
 pub fn write_sheet(
     ema: &EmaSamples,
     sampling: &EmaSampling,
-    engine: &Fsdp,
+    engine: &dyn TrainingEngine,
     cfg: &PreviewConfig,
     step: u64,
 ) -> Result<Option<PathBuf>, TrainError> {

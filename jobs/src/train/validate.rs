@@ -21,10 +21,11 @@ use tch::{Device, Kind, Tensor};
 use crate::generate::Sampler;
 use crate::train::TrainError;
 use crate::train::ema_samples::EmaSamples;
-use radit_engine::fsdp::Fsdp;
+use radit_engine::training::TrainingEngine;
 use radit_models::features::FeatureNet;
 use radit_models::flow::{FlowConfig, fill_normal, interpolate, shift_time};
-use radit_models::model::{ModelError, RadiTConfig};
+use radit_models::model::ModelError;
+use radit_models::network::Architecture;
 
 /// The `[validation]` section.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -113,7 +114,7 @@ fn default_sample_batch() -> u64 {
 }
 
 impl ValidationConfig {
-    pub fn validate(&self, model: &RadiTConfig) -> Result<(), ConfigError> {
+    pub fn validate(&self, model: &Architecture) -> Result<(), ConfigError> {
         let bad = |field: &str, reason: String| Err(ConfigError::new(field, reason));
         if self.batch == 0 || self.times == 0 {
             return bad(
@@ -128,7 +129,7 @@ impl ValidationConfig {
                     "every, steps and batch must be positive and samples at least 2".into(),
                 );
             }
-            match (&fd.decoder, model.in_channels) {
+            match (&fd.decoder, model.in_channels()) {
                 (Some(_), 1) => {
                     return bad(
                         "validation.fd.decoder",
@@ -164,8 +165,8 @@ const VALIDATION_NOISE_STREAM: u64 = 0x7a1;
 
 /// The validation loss of the engine's weights (see the module's doc). Collective.
 pub fn validation_loss(
-    engine: &Fsdp,
-    model: &RadiTConfig,
+    engine: &dyn TrainingEngine,
+    model: &Architecture,
     cfg: &ValidationConfig,
     flow: &FlowConfig,
     data: &DataConfig,
@@ -184,7 +185,7 @@ pub fn validation_loss(
     let weights = engine.gather_named(cfg.ema)?;
     let sampler = Sampler::from_named(model, &weights, device, engine.config().precision)?;
     drop(weights);
-    let output = if model.in_channels == 1 {
+    let output = if model.in_channels() == 1 {
         ModelInput::Dequantised
     } else {
         ModelInput::Latents
@@ -228,7 +229,7 @@ pub fn validation_loss(
             let losses = tch::no_grad(|| -> Result<Tensor, ModelError> {
                 let v = sampler
                     .model
-                    .forward(&interpolate(&x1, &x0, &tt), &tt, &labels, &age)?;
+                    .velocity(&interpolate(&x1, &x0, &tt), &tt, &labels, &age)?;
                 Ok((v.to_kind(Kind::Float) - (&x1 - &x0)).square().mean_dim(
                     [1, 2, 3].as_slice(),
                     false,
@@ -313,7 +314,11 @@ impl MiniFd {
     }
 
     /// FD of the EMA's samples against the reference. Collective.
-    pub fn measure(&self, ema: &EmaSamples, engine: &Fsdp) -> Result<f64, TrainError> {
+    pub fn measure(
+        &self,
+        ema: &EmaSamples,
+        engine: &dyn TrainingEngine,
+    ) -> Result<f64, TrainError> {
         let comm = engine.collective();
         let (rank, world) = (comm.rank() as u64, comm.world() as u64);
         let device = engine.device();

@@ -8,14 +8,15 @@ use std::path::Path;
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use tch::{Kind, Tensor, nn::VarStore};
 
-use super::{ModelError, RadiTConfig};
+use super::ModelError;
+use crate::network::Architecture;
 
 const CONFIG_KEY: &str = "radit.config";
 
 /// A weights file's tensors, loaded on the CPU in fp32, and its config if it carries one.
 pub struct WeightsFile {
     pub tensors: BTreeMap<String, Tensor>,
-    pub config: Option<RadiTConfig>,
+    pub config: Option<Architecture>,
 }
 
 fn bad(path: &Path, reason: impl Into<String>) -> ModelError {
@@ -34,7 +35,11 @@ fn io(path: &Path, source: std::io::Error) -> ModelError {
 
 /// Writes every variable of `vs` as fp32 under its name, with `cfg` in the metadata. Written to a temporary file
 /// and renamed, so an interrupted save never leaves a truncated file under the final name.
-pub fn save_weights(vs: &VarStore, cfg: &RadiTConfig, path: &Path) -> Result<(), ModelError> {
+pub fn save_weights(
+    vs: &VarStore,
+    cfg: &impl serde::Serialize,
+    path: &Path,
+) -> Result<(), ModelError> {
     let named: BTreeMap<String, Tensor> = vs.variables().into_iter().collect();
     save_named_weights(&named, cfg, path)
 }
@@ -42,7 +47,7 @@ pub fn save_weights(vs: &VarStore, cfg: &RadiTConfig, path: &Path) -> Result<(),
 /// As [`save_weights`], for weights held by name (e.g. gathered from shards).
 pub fn save_named_weights(
     named: &BTreeMap<String, Tensor>,
-    cfg: &RadiTConfig,
+    cfg: &impl serde::Serialize,
     path: &Path,
 ) -> Result<(), ModelError> {
     let config = serde_json::to_string(cfg).map_err(|e| bad(path, e.to_string()))?;
@@ -169,11 +174,11 @@ fn read_header(path: &Path) -> Result<serde_json::Value, ModelError> {
 }
 
 /// The config in a weights file's metadata, or `None` when it has none (e.g. exported by PyTorch).
-pub fn read_weights_config(path: &Path) -> Result<Option<RadiTConfig>, ModelError> {
+pub fn read_weights_config(path: &Path) -> Result<Option<Architecture>, ModelError> {
     let Some(text) = read_metadata(path)?.remove(CONFIG_KEY) else {
         return Ok(None);
     };
-    let cfg: RadiTConfig =
+    let cfg: Architecture =
         serde_json::from_str(&text).map_err(|e| bad(path, format!("{CONFIG_KEY}: {e}")))?;
     cfg.validate()?;
     Ok(Some(cfg))
@@ -258,12 +263,15 @@ mod tests {
     fn weights_round_trip_with_their_config_and_mismatches_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("w.safetensors");
-        let cfg = RadiTConfig::preset("tiny").unwrap();
+        let cfg = crate::model::RadiTConfig::preset("tiny").unwrap();
         tch::manual_seed(1);
         let vs = VarStore::new(tch::Device::Cpu);
         let _m = RadiT::new(&vs.root(), &cfg).unwrap();
         save_weights(&vs, &cfg, &path).unwrap();
-        assert_eq!(read_weights_config(&path).unwrap(), Some(cfg.clone()));
+        assert_eq!(
+            read_weights_config(&path).unwrap(),
+            Some(cfg.clone().into())
+        );
 
         tch::manual_seed(2);
         let other = VarStore::new(tch::Device::Cpu);

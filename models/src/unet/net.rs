@@ -9,7 +9,10 @@ use super::config::{
 };
 use super::dropout;
 use super::mp::{MpConv, MpFourier, mp_cat, mp_silu, mp_sum, normalize, normalize_over, resample};
+use crate::block::ModelInputs;
 use crate::error::ModelError;
+use crate::precision::Precision;
+use crate::staged::{StageInputs, StagedModel, run_stages};
 
 /// An encoder or decoder block with optional self-attention.
 #[derive(Debug)]
@@ -180,6 +183,11 @@ pub struct RadUNet {
     decoder: Vec<UNetBlock>,
     out_conv: MpConv,
     out_gain: Tensor,
+    /// For each decoder block fed a skip connection, the stage value it reads (see [`StagedModel`]).
+    skip_of: Vec<Option<usize>>,
+    /// Parameter path prefixes and the stage that uses them.
+    stage_prefixes: Vec<(String, usize)>,
+    precision: Precision,
 }
 
 impl RadUNet {
@@ -188,7 +196,30 @@ impl RadUNet {
         let plan = cfg.plan();
         let at = |name: &str| name.split('.').fold(p.clone(), |path, part| &path / part);
         let (name, cin, cout) = &plan.input_conv;
+        // Stage values: 0 the embedding, 1 the input convolution's output, then one per block in order; the
+        // encoder's outputs (1 ..= encoder) are the skips, which the decoder takes from the last.
+        let (e, d) = (plan.encoder.len(), plan.decoder.len());
+        let mut skips: Vec<usize> = (1..=e + 1).collect();
+        let skip_of = plan
+            .decoder
+            .iter()
+            .map(|b| if b.takes_skip { skips.pop() } else { None })
+            .collect();
+        let mut stage_prefixes: Vec<(String, usize)> =
+            ["emb_fourier", "emb_noise", "emb_label", name]
+                .iter()
+                .map(|n| (n.to_string(), 0))
+                .collect();
+        for (i, b) in plan.encoder.iter().chain(&plan.decoder).enumerate() {
+            stage_prefixes.push((b.name.clone(), i + 1));
+        }
+        for n in ["out_conv", "out_gain"] {
+            stage_prefixes.push((n.to_string(), e + d + 1));
+        }
         Ok(Self {
+            skip_of,
+            stage_prefixes,
+            precision: Precision::Fp32,
             emb_fourier: MpFourier::new(&(p / "emb_fourier"), plan.cnoise),
             emb_noise: MpConv::new(&(p / "emb_noise"), plan.cnoise, plan.cemb, 0),
             emb_label: MetadataEmbedding::new(
@@ -290,33 +321,16 @@ impl RadUNet {
         age: &Tensor,
         keys: Option<&Tensor>,
     ) -> Result<Tensor, ModelError> {
-        self.check_inputs(x, t, labels, age)?;
         let keys = keys.map(|k| k.to_device(x.device()));
-        let emb = self.emb_noise.forward(&self.emb_fourier.forward(t));
-        let emb = mp_silu(&mp_sum(
-            &emb,
-            &self.emb_label.forward(labels, age),
-            LABEL_BALANCE,
-        ));
-        let ones = x.narrow(1, 0, 1).ones_like();
-        let mut x = Tensor::cat(&[x, &ones], 1);
-        x = self.input_conv.forward(&x);
-        let mut skips = vec![x.shallow_clone()];
-        for block in &self.encoder {
-            x = block.forward(&x, &emb, keys.as_ref());
-            skips.push(x.shallow_clone());
-        }
-        for block in &self.decoder {
-            if block.plan.takes_skip {
-                let skip = skips.pop().ok_or_else(|| ModelError::BadInput {
-                    input: "x",
-                    reason: "the decoder ran out of skip connections".into(),
-                })?;
-                x = mp_cat(&x, &skip, CONCAT_BALANCE);
-            }
-            x = block.forward(&x, &emb, keys.as_ref());
-        }
-        Ok(self.out_conv.forward_gain(&x, &self.out_gain))
+        let at = StageInputs {
+            inputs: ModelInputs { x, t, labels, age },
+            keys: keys.as_ref(),
+        };
+        run_stages(self, &at)
+    }
+
+    pub fn set_precision(&mut self, precision: Precision) {
+        self.precision = precision;
     }
 
     /// Forced weight normalisation: every MPConv weight back to unit RMS per output channel. Called after every
@@ -334,6 +348,103 @@ impl RadUNet {
         {
             conv.force_normalize();
         }
+    }
+}
+
+impl StagedModel for RadUNet {
+    fn groups(&self) -> Vec<String> {
+        std::iter::once("rest".to_string())
+            .chain(
+                self.encoder
+                    .iter()
+                    .chain(&self.decoder)
+                    .map(|b| b.plan.name.clone()),
+            )
+            .collect()
+    }
+
+    /// The embeddings, the input and output convolutions in `rest`; each block its own group.
+    fn group_of(&self, name: &str) -> usize {
+        match self.stage_of(name) {
+            s if s == self.stages() - 1 => 0,
+            s => s,
+        }
+    }
+
+    /// Stage 0: the embedding and the input convolution; then one stage per encoder and decoder block; last, the
+    /// output convolution.
+    fn stages(&self) -> usize {
+        self.encoder.len() + self.decoder.len() + 2
+    }
+
+    fn stage_of(&self, name: &str) -> usize {
+        self.stage_prefixes
+            .iter()
+            .find(|(p, _)| {
+                name.strip_prefix(p.as_str())
+                    .is_some_and(|rest| rest.is_empty() || rest.starts_with('.'))
+            })
+            .map_or(0, |(_, s)| *s)
+    }
+
+    fn check_inputs(&self, i: &ModelInputs) -> Result<(), ModelError> {
+        RadUNet::check_inputs(self, i.x, i.t, i.labels, i.age)
+    }
+
+    fn stage(
+        &self,
+        i: usize,
+        values: &[Tensor],
+        at: &StageInputs,
+    ) -> Result<Vec<Tensor>, ModelError> {
+        let (e, d) = (self.encoder.len(), self.decoder.len());
+        let missing = || ModelError::BadInput {
+            input: "x",
+            reason: format!("stage {i} ran before the embedding"),
+        };
+        if i == 0 {
+            let inp = &at.inputs;
+            let emb = self.emb_noise.forward(&self.emb_fourier.forward(inp.t));
+            let emb = mp_silu(&mp_sum(
+                &emb,
+                &self.emb_label.forward(inp.labels, inp.age),
+                LABEL_BALANCE,
+            ));
+            let x = inp.x.to_kind(self.precision.compute_kind());
+            let ones = x.narrow(1, 0, 1).ones_like();
+            return Ok(vec![
+                emb,
+                self.input_conv.forward(&Tensor::cat(&[&x, &ones], 1)),
+            ]);
+        }
+        let (emb, x) = (
+            values.first().ok_or_else(missing)?,
+            values.last().ok_or_else(missing)?,
+        );
+        let keys = at.keys;
+        Ok(vec![if i <= e {
+            self.encoder[i - 1].forward(x, emb, keys)
+        } else if i <= e + d {
+            let k = i - 1 - e;
+            let x = match self.skip_of[k] {
+                Some(s) => mp_cat(x, values.get(s).ok_or_else(missing)?, CONCAT_BALANCE),
+                None => x.shallow_clone(),
+            };
+            self.decoder[k].forward(&x, emb, keys)
+        } else {
+            self.out_conv
+                .forward_gain(x, &self.out_gain)
+                .to_kind(Kind::Float)
+        }])
+    }
+
+    /// Every MPConv weight (EDM2 normalises each output channel); the gains and the Fourier buffers are not.
+    fn normalized_rows(&self, name: &str) -> bool {
+        name.ends_with(".weight")
+    }
+
+    fn set_precision(&mut self, precision: Precision) {
+        RadUNet::set_precision(self, precision);
     }
 }
 
