@@ -385,6 +385,73 @@ fn a_rank_killed_at_a_random_step_is_relaunched_and_the_run_ends_as_if_nothing_h
     assert_same_weights(dir.path(), "kill -9");
 }
 
+/// [`job`] with a two-level RadUNet (dropout on) trained data-parallel, and final samples.
+fn unet_job(dir: &Path) -> PathBuf {
+    let path = job(
+        dir,
+        "local",
+        "",
+        "\n[samples]\ncount = 4\nsteps = 4\nevery = 30\n",
+    );
+    let unet = r#"[model.unet]
+img_resolution = 16
+img_channels = 1
+model_channels = 16
+channel_mult = [1, 2]
+num_blocks = 1
+attn_resolutions = [8]
+channels_per_head = 16
+dropout = 0.25
+"#;
+    let text = std::fs::read_to_string(&path).unwrap();
+    let text = text
+        .replace("[model]\npreset = \"tiny\"\n", unet)
+        .replace("[engine]\n", "[engine]\nmode = \"ddp\"\n");
+    assert!(
+        text.contains("mode = \"ddp\"") && text.contains("[model.unet]"),
+        "{text}"
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// `radit run` trains a U-Net as it trains RadiT: a rank killed with SIGKILL at a random step is relaunched and
+/// the run ends with the uninterrupted run's weights, bit for bit, with its sheets and samples written.
+#[test]
+fn a_unet_job_killed_mid_run_ends_with_the_uninterrupted_weights() {
+    let straight = tempfile::tempdir().unwrap();
+    let o = run_ok(&mut run_cmd(&unet_job(straight.path())));
+    assert!(
+        stderr(&o).contains("run complete after 0 restart(s)"),
+        "{}",
+        stderr(&o)
+    );
+    let want = final_weights(straight.path());
+    assert!(
+        want.contains_key("enc.16x16_conv.weight"),
+        "a U-Net's weights"
+    );
+    let samples = straight.path().join("run/samples");
+    for file in ["contact_sheet.png", "progress/step-00000030.png"] {
+        assert!(samples.join(file).exists(), "no {file}");
+    }
+    let killed = tempfile::tempdir().unwrap();
+    let job = unet_job(killed.path());
+    let step = 5 + random_below(40);
+    eprintln!("killing rank 1 with SIGKILL after step {step}");
+    let err = run_killing_a_rank(killed.path(), &job, 1, step);
+    assert!(err.contains("signal 9"), "{err}");
+    let got = final_weights(killed.path());
+    assert_eq!(got.len(), want.len());
+    for (name, w) in &want {
+        let same = got[name]
+            .iter()
+            .zip(w)
+            .all(|(a, b)| a.to_bits() == b.to_bits());
+        assert!(same, "{name} differs from the uninterrupted run's");
+    }
+}
+
 #[test]
 fn sigterm_checkpoints_every_rank_exits_with_the_requeue_code_and_the_next_run_resumes_exactly() {
     let dir = tempfile::tempdir().unwrap();

@@ -121,16 +121,25 @@ fn out_of_memory(
         cfg.engine.mode,
         cfg.engine.precision,
     );
-    let advice = format!(
-        "raise train.micro_batches (to {}: smaller micro-batches, the same global batch){}, or run on more ranks \
-         (each holds 1/world of the weights, gradients and optimizer state); activation recomputation is already on \
-         for every block",
-        (cfg.train.micro_batches * 2).min(per_rank.max(1)),
-        if cfg.engine.mode == radit_engine::fsdp::ShardingMode::Zero2 {
-            ", use engine.mode = \"zero3\" (frees each block's gathered weights between forward and backward)"
-        } else {
-            ""
+    use radit_engine::fsdp::ShardingMode;
+    let rest = match cfg.engine.mode {
+        ShardingMode::Zero3 => {
+            ", or run on more ranks (each holds 1/world of the weights, gradients and optimizer state); activation \
+             recomputation is already on for every block"
         }
+        ShardingMode::Zero2 => {
+            ", use engine.mode = \"zero3\" (frees each block's gathered weights between forward and backward), or \
+             run on more ranks (each holds 1/world of the weights, gradients and optimizer state)"
+        }
+        ShardingMode::Ddp => {
+            "; engine.mode = \"ddp\" keeps the whole training state and every activation on each rank, so more ranks \
+             only shrink the per-rank batch (for RadiT, engine.mode = \"zero3\" shards the state and recomputes \
+             activations)"
+        }
+    };
+    let advice = format!(
+        "raise train.micro_batches (to {}: smaller micro-batches, the same global batch){rest}",
+        (cfg.train.micro_batches * 2).min(per_rank.max(1)),
     );
     radit_engine::out_of_memory::OutOfMemory::new(
         e,
