@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Every side-by-side comparison of BENCHMARKS.md in one run, then one table of each ratio against its target:
-#   engine vs PyTorch FSDP2 (b-latent and tiny, world 1 and 2; and against the plain forward+backward),
+#   engine vs PyTorch FSDP2 (b-latent and tiny, world 1 and 2; and against the plain forward+backward), RadUNet and
+#   the data-parallel engine vs the PyTorch twin and DDP,
 #   checkpoints vs torch.distributed.checkpoint, the loader vs its ceiling and MosaicML Streaming, ingest vs the
 #   Python pipeline, the coordinator vs TCPStore at 4,096 simulated ranks.
 # Long (about an hour on 2 cores) and sensitive to load, so it never runs in CI: it wants --run, refuses under $CI,
 # and refuses to start while the machine is busy (anything else running skews both sides differently).
 # Each part's full log goes to $RADIT_BENCH_LOGS (default bench-logs/DATE); the parts print `SUMMARY|...` lines.
-# Usage: scripts/bench-all.sh --run [PART...]   PART: engine engine-tiny checkpoint loader ingest coordinator
+# Usage: scripts/bench-all.sh --run [PART...]   PART: engine engine-tiny unet checkpoint loader ingest coordinator
 set -euo pipefail
 if [ "${1:-}" != "--run" ]; then
   sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'
@@ -25,7 +26,7 @@ if [ -z "${RADIT_BENCH_IGNORE_LOAD:-}" ] && awk -v l="$load" -v n="$(nproc)" 'BE
   exit 3
 fi
 parts=("$@")
-[ ${#parts[@]} -gt 0 ] || parts=(engine engine-tiny checkpoint loader ingest coordinator)
+[ ${#parts[@]} -gt 0 ] || parts=(engine engine-tiny unet checkpoint loader ingest coordinator)
 logs="${RADIT_BENCH_LOGS:-$here/../bench-logs/$(date -u +%Y%m%dT%H%M%SZ)}"
 mkdir -p "$logs"
 echo "machine: $(nproc) cores, $(awk '/model name/{$1=$2=$3="";print;exit}' /proc/cpuinfo | xargs)," \
@@ -35,6 +36,7 @@ for part in "${parts[@]}"; do
   case $part in
     engine) cmd=("$here/bench-engine.sh" b-latent 2 3) ;;
     engine-tiny) cmd=("$here/bench-engine.sh" tiny 16 20) ;;
+    unet) cmd=("$here/bench-unet.sh" unet-small 4 3) ;;
     checkpoint) cmd=("$here/bench-checkpoint.sh") ;;
     loader) cmd=("$here/bench-loader.sh" 2048) ;;
     ingest) cmd=("$here/bench-ingest.sh") ;;

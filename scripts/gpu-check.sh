@@ -14,6 +14,8 @@
 #   4 bench-xl      RadiT-XL latent, bf16, batch 16 per GPU (512 over 32 GPUs): tokens/s per GPU, MFU, peak
 #                   allocated and reserved memory, and the ratio to the paper's 31,250 tokens/s per GPU;
 #   5 bench-b       RadiT-B latent, bf16, with a checkpoint's stall and write bandwidth;
+#   5b bench-unet   RadUNet pixel (512x512, 6 levels), bf16, data-parallel, batch 12 (72 over 6 GPUs, Table 12):
+#                   the design note's largest risk, the pixel U-Net's throughput and memory;
 #   6 parity        `radit selftest parity`: fp32 steps on the GPU and on the CPU, every tensor within bound,
 #                   and a checkpoint round trip on the GPU;
 #   7 encode        FLUX.2's encoder over a small 512x512 store in fp32 and bf16, the two stores' statistics
@@ -48,10 +50,12 @@ device=${DEVICE:-cuda}
 if [ "$device" = cuda ]; then
   preset=${PRESET:-b-latent}
   xl_preset=${XL_PRESET:-xl-latent}
+  unet_preset=${UNET_PRESET:-unet-pixel} unet_batch=12
   ae=flux2 side=512
 else
   preset=${PRESET:-tiny}
   xl_preset=${XL_PRESET:-tiny}
+  unet_preset=${UNET_PRESET:-unet-tiny} unet_batch=2
   ae=tiny side=16
 fi
 if [ "$deadline" -gt 480 ]; then
@@ -82,8 +86,10 @@ plan bench-xl 110 "\"\$radit\" engine bench $xl_preset --device \$device --preci
   --warmup 3 --peak-tflops $peak"
 plan bench-b 60 "\"\$radit\" engine bench $preset --device \$device --precision bf16 --batch $batch --steps 10 \
   --warmup 3 --peak-tflops $peak --checkpoint \"\$scratch/bench\""
-plan parity 90 "\"\$radit\" selftest parity $preset --device \$device --steps 3 --batch 2 --checkpoint \"\$scratch/parity\""
-plan encode 90 "set -e
+plan bench-unet 35 "\"\$radit\" engine bench $unet_preset --mode ddp --device \$device --precision bf16 \
+  --batch $unet_batch --steps 5 --warmup 2 --peak-tflops $peak"
+plan parity 80 "\"\$radit\" selftest parity $preset --device \$device --steps 3 --batch 2 --checkpoint \"\$scratch/parity\""
+plan encode 70 "set -e
   \"\$radit\" synth --out \"\$scratch/synth\" --images 64 --sizes 512x512 >/dev/null
   \"\$radit\" shard --no-progress --table \"\$scratch/synth/table.csv\" --images \"\$scratch/synth/images\" \
     --out \"\$scratch/store-fp32\" --image-size $side --shard-images 16

@@ -231,7 +231,7 @@ fn vae_info(a: VaeInfoArgs) -> anyhow::Result<u8> {
 #[derive(Args)]
 pub struct InfoArgs {
     /// b-pixel, b-latent, xl-latent, tiny or tiny-latent; or a RadUNet preset (unet-pixel, unet-latent,
-    /// unet-tiny): its counts and FLOPs per image.
+    /// unet-small, unet-tiny): its counts and FLOPs per image.
     preset: String,
     /// Ranks the FSDP estimate shards over.
     #[arg(long, default_value_t = 32)]

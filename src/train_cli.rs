@@ -10,7 +10,8 @@ use radit_engine::collective;
 use radit_engine::fsdp::EngineConfig;
 use radit_jobs::train::metrics_csv::MetricsCsv;
 use radit_jobs::train::{TrainConfig, TrainError, train};
-use radit_models::model::{RadiTConfig, save_named_weights};
+use radit_models::model::save_named_weights;
+use radit_models::network::Architecture;
 use radit_models::tch::Device;
 
 #[derive(Args)]
@@ -150,7 +151,12 @@ pub fn run_selftest(cmd: SelftestCommand) -> anyhow::Result<u8> {
             }
         }
         SelftestCommand::Parity { run, checkpoint } => {
-            let (model, engine, device) = run.resolve()?;
+            let (network, engine, device) = run.resolve()?;
+            let Architecture::RadiT(model) = network else {
+                crate::exit::bail_usage!(
+                    "the parity check runs RadiT presets (b-latent, xl-latent, tiny, ...)"
+                );
+            };
             let check = radit_jobs::parity::ParityCheck {
                 model,
                 engine,
@@ -185,32 +191,34 @@ pub struct EngineSteps {
     device: String,
     #[arg(long, value_enum, default_value = "fp32")]
     precision: crate::rank_args::PrecisionArg,
-    /// zero3 or zero2.
-    #[arg(long, default_value = "zero3")]
-    mode: String,
+    /// zero3 or zero2 (sharded, RadiT), or ddp (data-parallel, any network; a U-Net's only mode).
+    #[arg(long)]
+    mode: Option<String>,
 }
 
 impl EngineSteps {
-    fn resolve(&self) -> anyhow::Result<(RadiTConfig, EngineConfig, Device)> {
+    /// The network, the engine's settings and the device; without --mode, zero3 for RadiT and ddp for a U-Net.
+    fn resolve(&self) -> anyhow::Result<(Architecture, EngineConfig, Device)> {
         crate::exit::ensure_usage!(
             self.batch > 0 && self.steps > 0,
             "--batch and --steps must be positive"
         );
-        let mode = match self.mode.as_str() {
-            "zero3" => radit_engine::fsdp::ShardingMode::Zero3,
-            "zero2" => radit_engine::fsdp::ShardingMode::Zero2,
-            other => crate::exit::bail_usage!("--mode `{other}`: expected zero3 or zero2"),
+        let network = Architecture::preset(&self.preset)?;
+        let mode = match self.mode.as_deref() {
+            None if network.is_chain() => radit_engine::fsdp::ShardingMode::Zero3,
+            None | Some("ddp") => radit_engine::fsdp::ShardingMode::Ddp,
+            Some("zero3") => radit_engine::fsdp::ShardingMode::Zero3,
+            Some("zero2") => radit_engine::fsdp::ShardingMode::Zero2,
+            Some(other) => {
+                crate::exit::bail_usage!("--mode `{other}`: expected zero3, zero2 or ddp")
+            }
         };
         let engine = EngineConfig {
             mode,
             precision: self.precision.into(),
             ..EngineConfig::default()
         };
-        Ok((
-            RadiTConfig::preset(&self.preset)?,
-            engine,
-            device(&self.device)?,
-        ))
+        Ok((network, engine, device(&self.device)?))
     }
 }
 
@@ -234,7 +242,8 @@ pub struct EngineBenchArgs {
 pub fn run_engine(cmd: EngineCommand) -> anyhow::Result<u8> {
     let EngineCommand::Bench(a) = cmd;
     let (model, engine, device) = a.run.resolve()?;
-    let flops = model.training_flops_per_token() * model.tokens() as f64 * a.run.batch as f64;
+    let flops =
+        model.training_flops_per_token() * model.tokens_per_image() as f64 * a.run.batch as f64;
     radit_engine::threads::apply(a.threads.map(usize::from), Some(flops));
     let bench = radit_jobs::bench::EngineBench {
         model,
@@ -246,7 +255,8 @@ pub fn run_engine(cmd: EngineCommand) -> anyhow::Result<u8> {
         checkpoint_dir: a.checkpoint,
     };
     let comm = collective::from_environment(device).context("joining the rank group")?;
-    let report = radit_jobs::bench::run_guarded(&bench, comm, device, (&a.run.preset, &a.run.mode))
+    let mode = format!("{:?}", bench.engine.mode).to_lowercase();
+    let report = radit_jobs::bench::run_guarded(&bench, comm, device, (&a.run.preset, &mode))
         .map_err(|oom| anyhow::Error::new(*oom))??;
     if report.rank == 0 {
         println!("{}", serde_json::to_string(&report)?);

@@ -393,19 +393,9 @@ fn unet_job(dir: &Path) -> PathBuf {
         "",
         "\n[samples]\ncount = 4\nsteps = 4\nevery = 30\n",
     );
-    let unet = r#"[model.unet]
-img_resolution = 16
-img_channels = 1
-model_channels = 16
-channel_mult = [1, 2]
-num_blocks = 1
-attn_resolutions = [8]
-channels_per_head = 16
-dropout = 0.25
-"#;
     let text = std::fs::read_to_string(&path).unwrap();
     let text = text
-        .replace("[model]\npreset = \"tiny\"\n", unet)
+        .replace("[model]\npreset = \"tiny\"\n", common::TINY_UNET)
         .replace("[engine]\n", "[engine]\nmode = \"ddp\"\n");
     assert!(
         text.contains("mode = \"ddp\"") && text.contains("[model.unet]"),

@@ -65,27 +65,13 @@ const RADIT: &str = r#"
 preset = "tiny"
 "#;
 
-/// A two-level U-Net with dropout in every block, trained data-parallel with AdamW and a warm-up.
-const UNET: &str = r#"
-[model.unet]
-img_resolution = 16
-img_channels = 1
-model_channels = 16
-channel_mult = [1, 2]
-num_blocks = 1
-attn_resolutions = [8]
-channels_per_head = 16
-dropout = 0.25
-
-[engine]
-mode = "ddp"
-
-[engine.adam]
-lr = 0.003
-beta2 = 0.99
-weight_decay = 0.01
-warmup_steps = 2
-"#;
+/// The tiny U-Net (dropout on) trained data-parallel with AdamW and a warm-up.
+fn unet() -> String {
+    format!(
+        "{}\n[engine]\nmode = \"ddp\"\n\n[engine.adam]\nlr = 0.003\nbeta2 = 0.99\nweight_decay = 0.01\nwarmup_steps = 2\n",
+        common::TINY_UNET
+    )
+}
 
 /// A train config for `model` (its [model] and, for a U-Net, [engine] sections) with the shared rest.
 fn config_for(dir: &Path, store: &Path, ckpt: &Path, steps: u64, model: &str) -> PathBuf {
@@ -351,7 +337,7 @@ fn a_unet_with_dropout_trains_the_same_on_worlds_1_2_and_4_and_resumes_on_anothe
     let mut runs = Vec::new();
     for np in [0, 2, 4] {
         let ckpt = tmp.path().join(format!("unet-w{np}"));
-        let out = train_output(np, &config_for(tmp.path(), &store, &ckpt, 6, UNET));
+        let out = train_output(np, &config_for(tmp.path(), &store, &ckpt, 6, &unet()));
         let weights = export(&ckpt, &tmp.path().join(format!("unet-w{np}.safetensors")));
         runs.push((np, losses(&out), validation_losses(&out), weights));
     }
@@ -369,8 +355,8 @@ fn a_unet_with_dropout_trains_the_same_on_worlds_1_2_and_4_and_resumes_on_anothe
         assert_losses_close(&a, &b, 1e-5, &format!("U-Net validation, world {np} vs 1"));
     }
     let re_ckpt = tmp.path().join("unet-reshard");
-    train(2, &config_for(tmp.path(), &store, &re_ckpt, 3, UNET));
-    let second = train(4, &config_for(tmp.path(), &store, &re_ckpt, 6, UNET));
+    train(2, &config_for(tmp.path(), &store, &re_ckpt, 3, &unet()));
+    let second = train(4, &config_for(tmp.path(), &store, &re_ckpt, 6, &unet()));
     assert_losses_close(&second, &l1[3..], 1e-5, "U-Net resumed on 4 ranks");
     let re_w = export(&re_ckpt, &tmp.path().join("unet-reshard.safetensors"));
     assert_weights_close(&re_w, w1, 1e-4, "U-Net re-sharded resume vs straight");

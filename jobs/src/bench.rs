@@ -14,8 +14,10 @@ use crate::train::MicroBatch;
 use radit_engine::checkpoint::{CheckpointConfig, Checkpointer, RunState, step_dir};
 use radit_engine::collective::Collective;
 use radit_engine::collective::counting::Counting;
-use radit_engine::fsdp::{EngineConfig, EngineError, Fsdp, Initial};
+use radit_engine::fsdp::{EngineConfig, EngineError, Initial};
+use radit_engine::training::TrainingEngine;
 use radit_models::model::RadiTConfig;
+use radit_models::network::Architecture;
 
 /// The paper's RadiT-XL training rate: 1M tokens/s on 32 GH200s (about 19 % MFU at 6.04 GFLOP per token).
 pub const PAPER_XL_TOKENS_PER_SECOND_PER_GPU: f64 = 1.0e6 / 32.0;
@@ -23,7 +25,7 @@ pub const PAPER_XL_TOKENS_PER_SECOND_PER_GPU: f64 = 1.0e6 / 32.0;
 /// What to measure.
 #[derive(Debug, Clone)]
 pub struct EngineBench {
-    pub model: RadiTConfig,
+    pub model: Architecture,
     pub engine: EngineConfig,
     /// Samples per rank per step.
     pub batch: i64,
@@ -95,6 +97,7 @@ pub struct EngineBenchReport {
     /// ZeRO-3's textbook volume: 3 x parameter bytes in the compute dtype (gather for forward, gather for backward,
     /// reduce-scatter of gradients).
     pub zero3_theory_bytes_per_step: u64,
+    pub mode: radit_engine::fsdp::ShardingMode,
     /// The driver's view (what nvidia-smi shows: the allocator's reserve, the context, other processes), sampled
     /// after each step.
     pub peak_device_bytes: Option<u64>,
@@ -138,7 +141,7 @@ pub fn run_guarded(
             device,
             format!(
                 "model {preset} ({} parameters), --batch {} per rank, precision {:?}, mode {mode}",
-                b.model.parameter_count().total(),
+                b.model.parameters(),
                 b.batch,
                 b.engine.precision,
             ),
@@ -162,27 +165,30 @@ pub fn run(
         comm, device,
     )?);
     let (rank, world) = (counted.rank(), counted.world());
-    let mut engine = Fsdp::new(
-        radit_models::model::RadiT::builder(&b.model),
+    let mut engine = radit_engine::training::build(
+        &b.model,
         b.engine.clone(),
         Box::new(counted),
         device,
         Initial::Seed(0),
     )?;
     let cfg = &b.model;
-    let shape = [b.batch, cfg.in_channels, cfg.input_size, cfg.input_size];
+    let (channels, side) = (cfg.in_channels(), cfg.input_size());
+    let shape = [b.batch, channels, side, side];
     let x1 = Tensor::randn(shape, (Kind::Float, device));
     let x0 = Tensor::randn(shape, (Kind::Float, device));
     let t = Tensor::rand([b.batch], (Kind::Float, device));
-    let labels = Tensor::ones([b.batch, cfg.classes.len() as i64], (Kind::Int64, device));
+    let labels = Tensor::ones([b.batch, cfg.classes().len() as i64], (Kind::Int64, device));
     let age = Tensor::full([b.batch], 0.5, (Kind::Float, device));
+    // Dropout (a U-Net's) as training draws it.
+    let keys = radit_models::unet::dropout::keys(0, 0, &(0..b.batch as u64).collect::<Vec<_>>());
     let mb = MicroBatch {
         x1: &x1,
         x0: &x0,
         t: &t,
         labels: &labels,
         age: &age,
-        keys: None,
+        keys: Some(&keys),
     };
     let mut times = Vec::new();
     let mut optimizer_times = Vec::new();
@@ -196,7 +202,7 @@ pub fn run(
         engine.collective().barrier()?;
         let before = traffic.bytes();
         let start = Instant::now();
-        let loss = mb.forward_backward(&mut engine, 1.0 / world as f64)?;
+        let loss = mb.forward_backward(engine.as_mut(), 1.0 / world as f64)?;
         let optimizer_start = Instant::now();
         engine.optimizer_step(loss, b.engine.adam.lr)?;
         let optimizer_seconds = optimizer_start.elapsed().as_secs_f64();
@@ -222,15 +228,19 @@ pub fn run(
     times.sort_by(f64::total_cmp);
     optimizer_times.sort_by(f64::total_cmp);
     let median = times[times.len() / 2];
-    let tokens = (b.batch * world as i64 * cfg.tokens()) as f64 / median;
+    let tokens = (b.batch as u64 * world as u64 * cfg.tokens_per_image()) as f64 / median;
     let per_device = tokens / world as f64;
     let flops_per_device = cfg.training_flops_per_token() * per_device;
-    let paper = (RadiTConfig::preset("xl-latent").ok().as_ref() == Some(cfg))
-        .then_some(PAPER_XL_TOKENS_PER_SECOND_PER_GPU);
-    let params = cfg.parameter_count().total();
+    let paper = (RadiTConfig::preset("xl-latent")
+        .ok()
+        .map(Architecture::RadiT)
+        .as_ref()
+        == Some(cfg))
+    .then_some(PAPER_XL_TOKENS_PER_SECOND_PER_GPU);
+    let params = cfg.parameters() as i64;
     let elt = b.engine.precision.compute_kind().elt_size_in_bytes() as u64;
     let checkpoint = match &b.checkpoint_dir {
-        Some(dir) => Some(checkpoint_bench(&mut engine, cfg, dir)?),
+        Some(dir) => Some(checkpoint_bench(engine.as_mut(), cfg, dir)?),
         None => None,
     };
     Ok(EngineBenchReport {
@@ -249,6 +259,7 @@ pub fn run(
         parameters: params,
         bytes_per_step: bytes[bytes.len() / 2],
         zero3_theory_bytes_per_step: 3 * params as u64 * elt,
+        mode: b.engine.mode,
         peak_device_bytes: peak,
         peak_allocated_bytes: allocator.map(|a| a.allocated_peak),
         peak_reserved_bytes: allocator.map(|a| a.reserved_peak),
@@ -258,8 +269,8 @@ pub fn run(
 }
 
 fn checkpoint_bench(
-    engine: &mut Fsdp,
-    cfg: &RadiTConfig,
+    engine: &mut dyn TrainingEngine,
+    cfg: &Architecture,
     dir: &std::path::Path,
 ) -> Result<CheckpointBench, EngineError> {
     let io = |e: std::io::Error| {
@@ -281,11 +292,8 @@ fn checkpoint_bench(
     for step in 1..=last_step {
         engine.collective().barrier()?;
         let start = Instant::now();
-        ckpt.save(
-            engine,
-            RunState::synthetic(step, engine.adam_steps(), &cfg.clone().into()),
-        )
-        .map_err(ckpt_err)?;
+        ckpt.save(engine, RunState::synthetic(step, engine.adam_steps(), cfg))
+            .map_err(ckpt_err)?;
         let stall = start.elapsed().as_secs_f64();
         while ckpt.busy() {
             std::thread::sleep(std::time::Duration::from_millis(1));
@@ -303,9 +311,7 @@ fn checkpoint_bench(
     drop_cached(&object).map_err(io)?;
     engine.collective().barrier()?;
     let restore_started = Instant::now();
-    let restored = ckpt
-        .load_latest(engine, &cfg.clone().into())
-        .map_err(ckpt_err)?;
+    let restored = ckpt.load_latest(engine, cfg).map_err(ckpt_err)?;
     let restore = restore_started.elapsed().as_secs_f64();
     if restored.map(|r| r.step) != Some(last_step) {
         return Err(EngineError::StateMismatch(
@@ -372,8 +378,8 @@ pub struct ModelBenchReport {
 
 /// Runs a [`ModelBench`] (compare with tests/python/radit_twin.py bench).
 pub fn model_step(b: &ModelBench) -> Result<ModelBenchReport, radit_models::model::ModelError> {
-    use radit_models::model::{ModelError, RadiT};
-    let cfg = RadiTConfig::preset(&b.preset)?;
+    use radit_models::model::ModelError;
+    let cfg = Architecture::preset(&b.preset)?;
     if b.batch <= 0 || b.steps == 0 || b.threads <= 0 {
         return Err(ModelError::BadInput {
             input: "--batch, --steps, --threads",
@@ -385,23 +391,26 @@ pub fn model_step(b: &ModelBench) -> Result<ModelBenchReport, radit_models::mode
     radit_engine::runtime::retain_large_cpu_buffers();
     tch::manual_seed(0);
     let vs = tch::nn::VarStore::new(Device::Cpu);
-    let mut model = RadiT::new(&vs.root(), &cfg)?;
-    radit_models::block::BlockModel::set_precision(&mut model, b.precision);
-    // Move the zero-initialised layers so the backward does real work everywhere, as the twin's bench does.
+    let mut model = cfg.build(&vs.root())?;
+    model.set_precision(b.precision);
+    // Move the zero-initialised layers so the backward does real work everywhere, as the twins' benches do.
     tch::no_grad(|| {
         for (name, mut v) in vs.variables() {
             if name.contains("adaLN_modulation") || name.starts_with("final_layer") {
                 let _ = v.normal_(0.0, 0.02);
+            } else if name.ends_with("gain") {
+                let _ = v.fill_(1.0);
             }
         }
     });
     let n = b.batch;
-    let shape = [n, cfg.in_channels, cfg.input_size, cfg.input_size];
+    let (channels, side) = (cfg.in_channels(), cfg.input_size());
+    let shape = [n, channels, side, side];
     let x1 = Tensor::randn(shape, tch::kind::FLOAT_CPU);
     let x0 = Tensor::randn(shape, tch::kind::FLOAT_CPU);
     let t = Tensor::rand([n], tch::kind::FLOAT_CPU);
     let labels = Tensor::stack(
-        &cfg.classes
+        &cfg.classes()
             .iter()
             .map(|&k| Tensor::randint(k, [n], (Kind::Int64, Device::Cpu)))
             .collect::<Vec<_>>(),
@@ -413,7 +422,7 @@ pub fn model_step(b: &ModelBench) -> Result<ModelBenchReport, radit_models::mode
     for i in 0..b.warmup + b.steps {
         let start = Instant::now();
         // Fresh gradients every step (like PyTorch's zero_grad(set_to_none=True)); the engine takes them this way.
-        let loss = radit_models::flow::loss(&model, &x1, &x0, &t, &labels, &age)?;
+        let loss = radit_models::flow::loss(model.as_ref(), &x1, &x0, &t, &labels, &age)?;
         let grads = Tensor::run_backward(&[&loss], &params, false, false);
         drop(grads);
         if i >= b.warmup {
@@ -424,7 +433,8 @@ pub fn model_step(b: &ModelBench) -> Result<ModelBenchReport, radit_models::mode
     let mut forward = Vec::new();
     for i in 0..b.warmup + b.steps {
         let start = Instant::now();
-        let loss = tch::no_grad(|| radit_models::flow::loss(&model, &x1, &x0, &t, &labels, &age))?;
+        let loss =
+            tch::no_grad(|| radit_models::flow::loss(model.as_ref(), &x1, &x0, &t, &labels, &age))?;
         drop(loss);
         if i >= b.warmup {
             forward.push(start.elapsed().as_secs_f64());

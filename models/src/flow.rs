@@ -8,7 +8,8 @@ use radit_sharding::rng::SplitMix64;
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
-use crate::model::{ModelError, RadiT};
+use crate::model::ModelError;
+use crate::network::VelocityNet;
 
 /// How t is drawn before the shift.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
@@ -189,7 +190,7 @@ pub fn interpolate(x1: &Tensor, x0: &Tensor, t: &Tensor) -> Tensor {
 
 /// The training loss mean((v(x_t, t, metadata) - (x1 - x0))^2) in fp32, averaged over every element.
 pub fn loss(
-    model: &RadiT,
+    model: &dyn VelocityNet,
     x1: &Tensor,
     x0: &Tensor,
     t: &Tensor,
@@ -202,7 +203,7 @@ pub fn loss(
             reason: format!("shape {:?} differs from x1 {:?}", x0.size(), x1.size()),
         });
     }
-    let v = model.forward(&interpolate(x1, x0, t), t, labels, age)?;
+    let v = model.velocity(&interpolate(x1, x0, t), t, labels, age)?;
     Ok(velocity_mse(&v, x1, x0))
 }
 

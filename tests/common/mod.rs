@@ -333,3 +333,16 @@ pub fn latents_open_error(store: &Path) -> String {
     .expect("the loader refuses these latents")
     .to_string()
 }
+
+/// A two-level RadUNet with dropout in every block: the `[model.unet]` section of the U-Net tests' configs (the
+/// tiny store's 16x16 images).
+pub const TINY_UNET: &str = r#"[model.unet]
+img_resolution = 16
+img_channels = 1
+model_channels = 16
+channel_mult = [1, 2]
+num_blocks = 1
+attn_resolutions = [8]
+channels_per_head = 16
+dropout = 0.25
+"#;

@@ -3,6 +3,8 @@ bias-free, its raw output the rectified-flow velocity, t in [0, 1] as the noise 
 through magnitude-preserving layers) independently of the Rust code.
 
     python radunet_twin.py export --out DIR [--dropout P]
+    python radunet_twin.py bench PRESET BATCH THREADS STEPS
+
 
 builds the tiny U-Net (16x16x1, 16 channels x [1, 2], one block per level, attention at 8x8, 16-channel heads),
 sets its zero-initialised gains to random values so every parameter gets a gradient (with --dropout P, the residual
@@ -253,6 +255,55 @@ TINY = dict(img_resolution=16, img_channels=1, model_channels=16, channel_mult=[
             attn_resolutions=[8], channels_per_head=16, dropout=0.0, classes=CLASSES)
 
 
+# The presets of radit's UNetConfig, for the benchmarks (the tiny one is the parity tests').
+PRESETS = {
+    "unet-tiny": TINY,
+    "unet-small": dict(img_resolution=32, img_channels=32, model_channels=64, channel_mult=[1, 2, 3, 4], num_blocks=3,
+                       attn_resolutions=[16, 8], channels_per_head=64, dropout=0.1, classes=CLASSES),
+    "unet-latent": dict(img_resolution=64, img_channels=32, model_channels=256, channel_mult=[1, 2, 3, 4],
+                        num_blocks=3, attn_resolutions=[16, 8], channels_per_head=64, dropout=0.1, classes=CLASSES),
+}
+
+
+def bench(preset: str, batch: int, threads: int, steps: int, warmup: int = 1) -> None:
+    """`radit model bench`'s peer: the plain forward+backward of the velocity loss (no dropout, fresh gradients each
+    step), then the forward alone; one JSON line."""
+    import time
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    cfg = PRESETS[preset]
+    model = build(cfg)
+    with torch.no_grad():  # the zero-initialised gains moved so the backward does real work everywhere
+        for p in model.parameters():
+            if p.ndim == 0:
+                p.fill_(1.0)
+    s, c = cfg["img_resolution"], cfg["img_channels"]
+    x1, x0 = torch.randn(batch, c, s, s), torch.randn(batch, c, s, s)
+    t = torch.rand(batch)
+    labels = torch.stack([torch.randint(0, k, (batch,)) for k in CLASSES], dim=1)
+    age = torch.rand(batch)
+    xt = t[:, None, None, None] * x1 + (1 - t[:, None, None, None]) * x0
+    times, forward = [], []
+    for i in range(warmup + steps):
+        start = time.perf_counter()
+        model.zero_grad(set_to_none=True)
+        (model(xt, t, labels, age) - (x1 - x0)).square().mean().backward()
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    with torch.no_grad():
+        for i in range(warmup + steps):
+            start = time.perf_counter()
+            (model(xt, t, labels, age) - (x1 - x0)).square().mean()
+            if i >= warmup:
+                forward.append(time.perf_counter() - start)
+    times.sort()
+    forward.sort()
+    print(json.dumps({"impl": "pytorch", "preset": preset, "batch": batch, "threads": threads, "steps": steps,
+                      "median_s": times[len(times) // 2], "min_s": times[0],
+                      "forward_median_s": forward[len(forward) // 2]}))
+
+
 def build(cfg):
     return RadUNet(cfg["img_resolution"], cfg["img_channels"], cfg["model_channels"], cfg["channel_mult"],
                    cfg["num_blocks"], cfg["attn_resolutions"], cfg["channels_per_head"], cfg["classes"],
@@ -295,6 +346,9 @@ def export(out: Path, dropout: float):
 
 if __name__ == "__main__":
     args = sys.argv[1:]
+    if args[:1] == ["bench"] and len(args) == 5:
+        bench(args[1], int(args[2]), int(args[3]), int(args[4]))
+        sys.exit(0)
     dropout = 0.0
     if len(args) == 5 and args[3] == "--dropout":
         dropout = float(args[4])

@@ -16,7 +16,7 @@ use tch::{Device, Kind, Tensor, nn, nn::VarStore};
 use crate::collective::{Collective, InFlight};
 use crate::fsdp::{
     AdamConfig, EngineConfig, EngineError, GroupLayout, Initial, ShardState, StepReport,
-    check_state_fits, copy_weights, free_for_state, optim,
+    check_state_fits, clip_factor, copy_weights, free_for_state, optim, seeded,
 };
 use crate::weight_norm::RowNorm;
 use radit_models::block::ModelInputs;
@@ -84,14 +84,7 @@ impl DataParallel {
             crate::runtime::retain_large_cpu_buffers();
         }
         let vs = VarStore::new(device);
-        let mut model = {
-            static INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
-            let _guard = INIT.lock().unwrap_or_else(|e| e.into_inner());
-            if let Initial::Seed(seed) = initial {
-                tch::manual_seed(seed);
-            }
-            build(&vs.root())?
-        };
+        let mut model = seeded(initial, || build(&vs.root()))?;
         model.set_precision(cfg.precision);
         let vars = vs.variables();
         let parameters: u64 = vars.values().map(|t| t.numel() as u64).sum();
@@ -168,7 +161,8 @@ impl DataParallel {
                 master,
                 layout,
             };
-            point_at_master(&group);
+            // No copy: the update writes the master in place.
+            group.layout.point(&group.params, &group.master);
             groups.push(group);
         }
         // `rank` only seeds the tracing span: every rank holds the same state.
@@ -381,11 +375,7 @@ impl DataParallel {
                 skipped: true,
             });
         }
-        let clip = if self.cfg.grad_clip > 0.0 {
-            (self.cfg.grad_clip / (grad_norm + 1e-6)).min(1.0)
-        } else {
-            1.0
-        };
+        let clip = clip_factor(self.cfg.grad_clip, grad_norm);
         self.adam_steps += 1;
         let adam: AdamConfig = self.cfg.adam;
         let (decay, step) = (self.cfg.ema_decay, self.adam_steps);
@@ -421,19 +411,8 @@ impl DataParallel {
     pub fn gather_named(&self, ema: bool) -> Result<BTreeMap<String, Tensor>, EngineError> {
         let mut out = BTreeMap::new();
         for g in &self.groups {
-            let full = if ema { &g.ema } else { &g.master }.to_device(Device::Cpu);
-            for (name, (offset, shape)) in g
-                .layout
-                .names
-                .iter()
-                .zip(g.layout.offsets.iter().zip(&g.layout.shapes))
-            {
-                let numel: i64 = shape.iter().product();
-                out.insert(
-                    name.clone(),
-                    full.narrow(0, *offset, numel).view(shape.as_slice()).copy(),
-                );
-            }
+            let full = if ema { &g.ema } else { &g.master };
+            out.extend(g.layout.unflatten(&full.to_device(Device::Cpu)));
         }
         Ok(out)
     }
@@ -510,19 +489,6 @@ impl Group {
             self.staging = self.grad.zeros_like();
         }
         self.staging.shallow_clone()
-    }
-}
-
-/// Points the model's variables at their places in the master (no copy: the update writes them in place).
-fn point_at_master(g: &Group) {
-    for (p, (offset, shape)) in g
-        .params
-        .iter()
-        .zip(g.layout.offsets.iter().zip(&g.layout.shapes))
-    {
-        let numel: i64 = shape.iter().product();
-        let mut p = p.shallow_clone();
-        p.set_data(&g.master.narrow(0, *offset, numel).view(shape.as_slice()));
     }
 }
 

@@ -240,6 +240,14 @@ fn data_parallel(
     network: &Architecture,
     w0: &BTreeMap<String, Tensor>,
 ) -> impl Fn(Box<dyn Collective>) -> Box<dyn TrainingEngine> + Send + Clone + 'static {
+    data_parallel_with(network, w0, settings())
+}
+
+fn data_parallel_with(
+    network: &Architecture,
+    w0: &BTreeMap<String, Tensor>,
+    ecfg: EngineConfig,
+) -> impl Fn(Box<dyn Collective>) -> Box<dyn TrainingEngine> + Send + Clone + 'static {
     let network = network.clone();
     let w0: Vec<(String, Tensor)> = w0.iter().map(|(k, v)| (k.clone(), v.copy())).collect();
     let w0 = std::sync::Arc::new(std::sync::Mutex::new(w0));
@@ -253,7 +261,7 @@ fn data_parallel(
         Box::new(
             DataParallel::new(
                 |p| network.build_staged(p),
-                settings(),
+                ecfg.clone(),
                 comm,
                 Device::Cpu,
                 Initial::Weights(&weights),
@@ -270,15 +278,30 @@ fn run(
     micro: i64,
     steps: i64,
 ) -> Run {
+    run_with(network, w0, world, micro, steps, settings())
+}
+
+fn run_with(
+    network: &Architecture,
+    w0: &BTreeMap<String, Tensor>,
+    world: usize,
+    micro: i64,
+    steps: i64,
+    ecfg: EngineConfig,
+) -> Run {
     let net = network.clone();
-    let mut results = on_ranks(world, data_parallel(network, w0), move |rank, e| {
-        let losses = train(e, &net, rank, world, 0, steps, micro);
-        (
-            losses,
-            e.gather_named(false).unwrap(),
-            e.gather_named(true).unwrap(),
-        )
-    });
+    let mut results = on_ranks(
+        world,
+        data_parallel_with(network, w0, ecfg),
+        move |rank, e| {
+            let losses = train(e, &net, rank, world, 0, steps, micro);
+            (
+                losses,
+                e.gather_named(false).unwrap(),
+                e.gather_named(true).unwrap(),
+            )
+        },
+    );
     for r in &results[1..] {
         assert_eq!(r.0, results[0].0, "every rank reports the same losses");
         for (name, t) in &r.1 {
@@ -466,4 +489,31 @@ fn a_checkpoint_written_on_two_ranks_resumes_on_four_and_on_one() {
         );
         assert_close(&resumed.1, &uninterrupted.1, &format!("resumed on {world}"));
     }
+}
+
+#[test]
+fn a_unet_in_bf16_tracks_fp32_and_keeps_fp32_master_weights() {
+    let network = Architecture::UNet(unet());
+    let w0 = initial_weights(&network);
+    let (l32, _, _) = run(&network, &w0, 2, 1, 2);
+    let bf16 = EngineConfig {
+        precision: radit_models::precision::Precision::Bf16,
+        ..settings()
+    };
+    let (l16, w16, _) = run_with(&network, &w0, 2, 1, 2, bf16);
+    let gaps: Vec<f64> = l16
+        .iter()
+        .zip(&l32)
+        .map(|((a, _), (b, _))| (a - b).abs() / b.abs())
+        .collect();
+    assert!(
+        gaps.iter().all(|&g| g <= 2e-2),
+        "bf16 vs fp32 losses: {gaps:?}"
+    );
+    // bf16 is really used: its rounding shows far above fp32's.
+    assert!(
+        gaps.iter().any(|&g| g > 1e-5),
+        "bf16 losses equal fp32's: {gaps:?}"
+    );
+    assert!(w16.values().all(|t| t.kind() == Kind::Float));
 }

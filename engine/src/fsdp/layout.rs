@@ -75,6 +75,29 @@ impl GroupLayout {
         Tensor::cat(&parts, 0)
     }
 
+    /// Each parameter's own copy, by name, out of the whole flat group `full` ([padded] or [numel]).
+    pub fn unflatten(&self, full: &Tensor) -> Vec<(String, Tensor)> {
+        self.names
+            .iter()
+            .zip(self.offsets.iter().zip(&self.shapes))
+            .map(|(name, (offset, shape))| {
+                let numel: i64 = shape.iter().product();
+                let t = full.narrow(0, *offset, numel).view(shape.as_slice()).copy();
+                (name.clone(), t)
+            })
+            .collect()
+    }
+
+    /// Points the model's parameter tensors (in layout order) at their places in the whole flat group `full`: views,
+    /// no copy.
+    pub fn point(&self, params: &[Tensor], full: &Tensor) {
+        for (p, (offset, shape)) in params.iter().zip(self.offsets.iter().zip(&self.shapes)) {
+            let numel: i64 = shape.iter().product();
+            let mut p = p.shallow_clone();
+            p.set_data(&full.narrow(0, *offset, numel).view(shape.as_slice()));
+        }
+    }
+
     /// Positions of the parameters whose names start with `prefix`.
     pub fn indices_with_prefix(&self, prefix: &str) -> Vec<usize> {
         self.names

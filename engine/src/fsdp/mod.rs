@@ -255,15 +255,7 @@ impl Fsdp {
             crate::runtime::retain_large_cpu_buffers();
         }
         let vs = VarStore::new(device);
-        let mut model = {
-            // The global generator is process-wide: draw the initialisation under one lock.
-            static INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
-            let _guard = INIT.lock().unwrap_or_else(|e| e.into_inner());
-            if let Initial::Seed(seed) = initial {
-                tch::manual_seed(seed);
-            }
-            build(&vs.root())?
-        };
+        let mut model = seeded(initial, || build(&vs.root()))?;
         model.set_precision(cfg.precision);
         let vars = vs.variables();
         let parameters: i64 = vars.values().map(Tensor::numel).map(|n| n as i64).sum();
@@ -374,15 +366,7 @@ impl Fsdp {
     fn finish_gather(&self, x: Gathering) -> Result<(), EngineError> {
         self.comm.wait(x.flight)?;
         let s = &self.shards[x.group];
-        for (p, (offset, shape)) in s
-            .params
-            .iter()
-            .zip(s.layout.offsets.iter().zip(&s.layout.shapes))
-        {
-            let numel: i64 = shape.iter().product();
-            let mut p = p.shallow_clone();
-            p.set_data(&x.full.narrow(0, *offset, numel).view(shape.as_slice()));
-        }
+        s.layout.point(&s.params, &x.full);
         Ok(())
     }
 
@@ -635,11 +619,7 @@ impl Fsdp {
                 skipped: true,
             });
         }
-        let clip = if self.cfg.grad_clip > 0.0 {
-            (self.cfg.grad_clip / (grad_norm + 1e-6)).min(1.0)
-        } else {
-            1.0
-        };
+        let clip = clip_factor(self.cfg.grad_clip, grad_norm);
         self.adam_steps += 1;
         let adam = self.cfg.adam;
         let decay = self.cfg.ema_decay;
@@ -681,19 +661,7 @@ impl Fsdp {
             let local = if ema { &s.ema } else { &s.master };
             let mut full = Tensor::zeros([s.layout.padded], (Kind::Float, self.device));
             self.comm.all_gather(local, &mut full)?;
-            let full = full.to_device(Device::Cpu);
-            for (name, (offset, shape)) in s
-                .layout
-                .names
-                .iter()
-                .zip(s.layout.offsets.iter().zip(&s.layout.shapes))
-            {
-                let numel: i64 = shape.iter().product();
-                out.insert(
-                    name.clone(),
-                    full.narrow(0, *offset, numel).view(shape.as_slice()).copy(),
-                );
-            }
+            out.extend(s.layout.unflatten(&full.to_device(Device::Cpu)));
         }
         Ok(out)
     }
@@ -751,6 +719,26 @@ impl Fsdp {
     /// The group layouts (world-independent apart from padding), for checkpoint manifests.
     pub fn layouts(&self) -> Vec<&GroupLayout> {
         self.shards.iter().map(|s| &s.layout).collect()
+    }
+}
+
+/// Runs `build` with libtorch's global generator seeded by [`Initial::Seed`]; the generator is process-wide, so the
+/// draw holds one lock.
+pub(crate) fn seeded<T>(initial: Initial, build: impl FnOnce() -> T) -> T {
+    static INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = INIT.lock().unwrap_or_else(|e| e.into_inner());
+    if let Initial::Seed(seed) = initial {
+        tch::manual_seed(seed);
+    }
+    build()
+}
+
+/// The factor the global gradient-norm clip scales gradients by (1: no clip).
+pub(crate) fn clip_factor(grad_clip: f64, grad_norm: f64) -> f64 {
+    if grad_clip > 0.0 {
+        (grad_clip / (grad_norm + 1e-6)).min(1.0)
+    } else {
+        1.0
     }
 }
 
