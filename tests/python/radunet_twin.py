@@ -4,6 +4,7 @@ through magnitude-preserving layers) independently of the Rust code.
 
     python radunet_twin.py export --out DIR [--dropout P]
     python radunet_twin.py bench PRESET BATCH THREADS STEPS
+    python radunet_twin.py export-vae --out DIR      (RadVAE Scratch, tiny: see export_vae)
 
 
 builds the tiny U-Net (16x16x1, 16 channels x [1, 2], one block per level, attention at 8x8, 16-channel heads),
@@ -133,9 +134,11 @@ class Block(torch.nn.Module):
         self.flavor, self.mode = flavor, mode
         self.index, self.dropout = index, dropout
         self.heads = cout // cph if attention else 0
-        self.emb_gain = torch.nn.Parameter(torch.zeros([]))
+        # RadVAE's blocks have no embedding (cemb None).
+        if cemb is not None:
+            self.emb_gain = torch.nn.Parameter(torch.zeros([]))
         self.conv_res0 = MPConv(cout if flavor == "enc" else cin, cout, 3)
-        self.emb_linear = MPConv(cemb, cout, 0)
+        self.emb_linear = MPConv(cemb, cout, 0) if cemb is not None else None
         self.conv_res1 = MPConv(cout, cout, 3)
         self.conv_skip = MPConv(cin, cout, 1) if cin != cout else None
         self.attn_qkv = MPConv(cout, 3 * cout, 1) if attention else None
@@ -151,8 +154,9 @@ class Block(torch.nn.Module):
                 x = self.conv_skip(x)
             x = normalize(x, [1])
         y = self.conv_res0(mp_silu(x))
-        c = self.emb_linear(emb, gain=self.emb_gain) + 1
-        y = mp_silu(y * c[:, :, None, None])
+        if self.emb_linear is not None:
+            y = y * (self.emb_linear(emb, gain=self.emb_gain) + 1)[:, :, None, None]
+        y = mp_silu(y)
         if keys is not None and self.dropout > 0:
             keep = keyed_uniform(keys, self.index, list(y.shape[1:])) >= self.dropout
             y = y * keep.to(y.dtype) / (1 - self.dropout)
@@ -251,6 +255,89 @@ class RadUNet(torch.nn.Module):
         return self.out_conv(x, gain=self.out_gain)
 
 
+class RadVAE(torch.nn.Module):
+    """RadVAE (Scratch), from latents.md: the image and a ones channel through a 3x3 MPConv; per level a down block
+    (after the first) and `blocks` encoder blocks; at the bottleneck an attention block and a plain block; a 1x1 MPConv
+    to 2 x latent channels (mean, log-variance). The decoder: a 1x1 MPConv from the latent to the bottleneck's width,
+    an attention block and a plain block, per level from the lowest an up block (but at the lowest) and `blocks`
+    decoder blocks, a 3x3 MPConv to the image. No embedding, no skips, no dropout."""
+
+    def __init__(self, res, ch, latent, mc, mult, blocks, cph):
+        super().__init__()
+        widths = [mc * m for m in mult]
+        low = res >> (len(widths) - 1)
+        self.latent = latent
+        self.enc = torch.nn.ModuleDict()
+        self.dec = torch.nn.ModuleDict()
+        index = [0]
+
+        def block(cin, cout, flavor, mode, attention):
+            b = Block(cin, cout, None, flavor, mode, attention, cph, index[0], 0.0)
+            index[0] += 1
+            return b
+
+        self.enc[f"{res}x{res}_conv"] = MPConv(ch + 1, widths[0], 3)
+        cout = widths[0]
+        for level, c in enumerate(widths):
+            r = res >> level
+            if level > 0:
+                self.enc[f"{r}x{r}_down"] = block(cout, cout, "enc", "down", False)
+            for i in range(blocks):
+                self.enc[f"{r}x{r}_block{i}"] = block(cout, c, "enc", "keep", False)
+                cout = c
+        self.enc[f"{low}x{low}_mid0"] = block(cout, cout, "enc", "keep", True)
+        self.enc[f"{low}x{low}_mid1"] = block(cout, cout, "enc", "keep", False)
+        self.enc["out"] = MPConv(cout, 2 * latent, 1)
+        self.dec["in"] = MPConv(latent, cout, 1)
+        self.dec[f"{low}x{low}_mid0"] = block(cout, cout, "dec", "keep", True)
+        self.dec[f"{low}x{low}_mid1"] = block(cout, cout, "dec", "keep", False)
+        for level, c in reversed(list(enumerate(widths))):
+            r = res >> level
+            if level < len(widths) - 1:
+                self.dec[f"{r}x{r}_up"] = block(cout, cout, "dec", "up", False)
+            for i in range(blocks):
+                self.dec[f"{r}x{r}_block{i}"] = block(cout, c, "dec", "keep", False)
+                cout = c
+        self.dec["out_conv"] = MPConv(cout, ch, 3)
+
+    def encode(self, x):
+        h = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
+        for name, layer in self.enc.items():
+            h = layer(h) if name.endswith("_conv") or name == "out" else layer(h, None)
+        return h[:, : self.latent], h[:, self.latent :]
+
+    def decode(self, z):
+        h = z
+        for name, layer in self.dec.items():
+            h = layer(h) if name in ("in", "out_conv") else layer(h, None)
+        return h
+
+
+TINY_VAE = dict(img_resolution=16, img_channels=1, latent_channels=4, model_channels=16, channel_mult=[1, 2],
+                num_blocks=1, channels_per_head=16)
+
+
+def export_vae(out: Path):
+    """The tiny RadVAE's weights, an image batch, its mean and log-variance, the decoded mean, the L1 loss of that
+    reconstruction and its gradients."""
+    torch.manual_seed(11)
+    cfg = TINY_VAE
+    model = RadVAE(cfg["img_resolution"], cfg["img_channels"], cfg["latent_channels"], cfg["model_channels"],
+                   cfg["channel_mult"], cfg["num_blocks"], cfg["channels_per_head"])
+    x = torch.rand(3, 1, 16, 16) * 2 - 1
+    mean, logvar = model.encode(x)
+    y = model.decode(mean)
+    loss = (y - x).abs().mean()
+    loss.backward()
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, out / "weights.safetensors", metadata={"radit.vae.config": json.dumps(cfg)})
+    save_file({"x": x}, out / "inputs.safetensors")
+    save_file({"mean": mean.detach().contiguous(), "logvar": logvar.detach().contiguous(),
+               "decoded": y.detach(), "loss": loss.detach()}, out / "outputs.safetensors")
+    save_file({n: p.grad.contiguous() for n, p in model.named_parameters()}, out / "grads.safetensors")
+
+
 TINY = dict(img_resolution=16, img_channels=1, model_channels=16, channel_mult=[1, 2], num_blocks=1,
             attn_resolutions=[8], channels_per_head=16, dropout=0.0, classes=CLASSES)
 
@@ -346,6 +433,9 @@ def export(out: Path, dropout: float):
 
 if __name__ == "__main__":
     args = sys.argv[1:]
+    if args[:2] == ["export-vae", "--out"] and len(args) == 3:
+        export_vae(Path(args[2]))
+        sys.exit(0)
     if args[:1] == ["bench"] and len(args) == 5:
         bench(args[1], int(args[2]), int(args[3]), int(args[4]))
         sys.exit(0)

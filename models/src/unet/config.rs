@@ -312,7 +312,7 @@ impl UNetConfig {
         let (cin, cout) = (plan.input_conv.1 as u64, plan.input_conv.2 as u64);
         let mut network = 1 + plan.cnoise as u64 * cemb + cin * cout * 9;
         for b in plan.encoder.iter().chain(&plan.decoder) {
-            network += block_parameters(b, cemb);
+            network += block_parameters(b, Some(cemb));
         }
         network += plan.out_cin as u64 * self.img_channels as u64 * 9;
         let tables: u64 = self.classes.iter().map(|&k| k as u64 * cemb).sum();
@@ -402,10 +402,11 @@ impl UNetConfig {
 
 /// A block's parameters: emb_gain, conv_res0 (3x3), emb_linear, conv_res1 (3x3), the 1x1 skip where widths differ,
 /// and qkv and proj (1x1) where it attends.
-fn block_parameters(b: &BlockPlan, cemb: u64) -> u64 {
+/// A block's parameters; `cemb` is the embedding's width (its gain and projection), `None` without one.
+pub(crate) fn block_parameters(b: &BlockPlan, cemb: Option<u64>) -> u64 {
     let (cin, cout) = (b.cin as u64, b.cout as u64);
     let res0_in = if b.flavor == Flavor::Enc { cout } else { cin };
-    let mut n = 1 + res0_in * cout * 9 + cemb * cout + cout * cout * 9;
+    let mut n = res0_in * cout * 9 + cout * cout * 9 + cemb.map_or(0, |c| 1 + c * cout);
     if cin != cout {
         n += cin * cout;
     }

@@ -22,17 +22,24 @@ pub struct UNetBlock {
     index: u64,
     dropout: f64,
     heads: i64,
-    emb_gain: Tensor,
+    /// The embedding's gain and projection (EDM2's `emb_gain`, `emb_linear`); none in RadVAE's blocks.
+    emb: Option<(Tensor, MpConv)>,
     conv_res0: MpConv,
-    emb_linear: MpConv,
     conv_res1: MpConv,
     conv_skip: Option<MpConv>,
     attn: Option<(MpConv, MpConv)>,
 }
 
 impl UNetBlock {
-    fn new(p: &nn::Path, plan: &BlockPlan, index: u64, cfg: &UNetConfig, cemb: i64) -> Self {
-        let channels_per_head = cfg.channels_per_head;
+    /// `cemb`: the embedding's width, or `None` for a block without one (RadVAE's).
+    pub(crate) fn new(
+        p: &nn::Path,
+        plan: &BlockPlan,
+        index: u64,
+        channels_per_head: i64,
+        dropout: f64,
+        cemb: Option<i64>,
+    ) -> Self {
         let (cin, cout) = (plan.cin, plan.cout);
         let res0_in = if plan.flavor == Flavor::Enc {
             cout
@@ -45,9 +52,13 @@ impl UNetBlock {
             } else {
                 0
             },
-            emb_gain: p.zeros("emb_gain", &[]),
+            emb: cemb.map(|cemb| {
+                (
+                    p.zeros("emb_gain", &[]),
+                    MpConv::new(&(p / "emb_linear"), cemb, cout, 0),
+                )
+            }),
             conv_res0: MpConv::new(&(p / "conv_res0"), res0_in, cout, 3),
-            emb_linear: MpConv::new(&(p / "emb_linear"), cemb, cout, 0),
             conv_res1: MpConv::new(&(p / "conv_res1"), cout, cout, 3),
             conv_skip: (cin != cout).then(|| MpConv::new(&(p / "conv_skip"), cin, cout, 1)),
             attn: plan.attention.then(|| {
@@ -58,19 +69,25 @@ impl UNetBlock {
             }),
             plan: plan.clone(),
             index,
-            dropout: cfg.dropout,
+            dropout,
         }
     }
 
-    fn convs(&self) -> impl Iterator<Item = &MpConv> {
-        [&self.conv_res0, &self.emb_linear, &self.conv_res1]
+    pub(crate) fn convs(&self) -> impl Iterator<Item = &MpConv> {
+        [&self.conv_res0, &self.conv_res1]
             .into_iter()
+            .chain(self.emb.as_ref().map(|(_, linear)| linear))
             .chain(self.conv_skip.as_ref())
             .chain(self.attn.iter().flat_map(|(q, p)| [q, p]))
     }
 
     /// The block; `keys` (one per sample) turns on the residual branch's dropout, keyed by sample and block.
-    fn forward(&self, x: &Tensor, emb: &Tensor, keys: Option<&Tensor>) -> Tensor {
+    pub(crate) fn forward(
+        &self,
+        x: &Tensor,
+        emb: Option<&Tensor>,
+        keys: Option<&Tensor>,
+    ) -> Tensor {
         let mut x = resample(x, self.plan.resample);
         if self.plan.flavor == Flavor::Enc {
             if let Some(skip) = &self.conv_skip {
@@ -78,9 +95,12 @@ impl UNetBlock {
             }
             x = normalize_over(&x, &[1]);
         }
-        let y = self.conv_res0.forward(&mp_silu(&x));
-        let c = self.emb_linear.forward_gain(emb, &self.emb_gain) + 1.0;
-        let mut y = mp_silu(&(y * c.unsqueeze(2).unsqueeze(3).to_kind(x.kind())));
+        let mut y = self.conv_res0.forward(&mp_silu(&x));
+        if let (Some((gain, linear)), Some(emb)) = (&self.emb, emb) {
+            let c = linear.forward_gain(emb, gain) + 1.0;
+            y = y * c.unsqueeze(2).unsqueeze(3).to_kind(x.kind());
+        }
+        let mut y = mp_silu(&y);
         if let Some(keys) = keys.filter(|_| self.dropout > 0.0) {
             y = dropout::apply(&y, self.dropout, keys, self.index);
         }
@@ -233,7 +253,16 @@ impl RadUNet {
                 .encoder
                 .iter()
                 .enumerate()
-                .map(|(i, b)| UNetBlock::new(&at(&b.name), b, i as u64, cfg, plan.cemb))
+                .map(|(i, b)| {
+                    UNetBlock::new(
+                        &at(&b.name),
+                        b,
+                        i as u64,
+                        cfg.channels_per_head,
+                        cfg.dropout,
+                        Some(plan.cemb),
+                    )
+                })
                 .collect(),
             decoder: plan
                 .decoder
@@ -241,7 +270,14 @@ impl RadUNet {
                 .enumerate()
                 .map(|(i, b)| {
                     let index = (plan.encoder.len() + i) as u64;
-                    UNetBlock::new(&at(&b.name), b, index, cfg, plan.cemb)
+                    UNetBlock::new(
+                        &at(&b.name),
+                        b,
+                        index,
+                        cfg.channels_per_head,
+                        cfg.dropout,
+                        Some(plan.cemb),
+                    )
                 })
                 .collect(),
             out_conv: MpConv::new(&(p / "out_conv"), plan.out_cin, cfg.img_channels, 3),
@@ -423,14 +459,14 @@ impl StagedModel for RadUNet {
         );
         let keys = at.keys;
         Ok(vec![if i <= e {
-            self.encoder[i - 1].forward(x, emb, keys)
+            self.encoder[i - 1].forward(x, Some(emb), keys)
         } else if i <= e + d {
             let k = i - 1 - e;
             let x = match self.skip_of[k] {
                 Some(s) => mp_cat(x, values.get(s).ok_or_else(missing)?, CONCAT_BALANCE),
                 None => x.shallow_clone(),
             };
-            self.decoder[k].forward(&x, emb, keys)
+            self.decoder[k].forward(&x, Some(emb), keys)
         } else {
             self.out_conv
                 .forward_gain(x, &self.out_gain)

@@ -1,0 +1,404 @@
+//! RadVAE (Scratch): the paper's autoencoder trained from scratch out of EDM2's magnitude-preserving blocks
+//! (../shared/design/latents.md): 512x512x1 images to 16x64x64 latents. The encoder is EDM2's (a 3x3 input
+//! convolution on the image and a ones channel, per level a down block after the first and three blocks, then an
+//! attention block and a plain block at the bottleneck, a 1x1 convolution to the latent's mean and log-variance);
+//! the decoder mirrors it (a 1x1 convolution from the latent, the bottleneck's attention and plain block, per level
+//! an up block before all but the lowest and three blocks, a 3x3 output convolution). No embedding, no skip
+//! connections between encoder and decoder, no dropout. The design note's closed form gives 88,305,024 parameters.
+
+use serde::{Deserialize, Serialize};
+use tch::{Kind, Tensor, nn};
+
+use super::config::{BlockPlan, Flavor};
+use super::mp::{MpConv, Resample};
+use super::net::UNetBlock;
+use crate::error::ModelError;
+
+/// Preset names accepted by [`RadVaeConfig::preset`].
+pub const RADVAE_PRESETS: [&str; 2] = ["radvae", "radvae-tiny"];
+
+/// The architecture.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RadVaeConfig {
+    pub img_resolution: i64,
+    pub img_channels: i64,
+    pub latent_channels: i64,
+    pub model_channels: i64,
+    pub channel_mult: Vec<i64>,
+    /// Blocks per level, in the encoder and in the decoder alike.
+    pub num_blocks: usize,
+    pub channels_per_head: i64,
+}
+
+/// The blocks of both halves in the order they run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VaePlan {
+    pub encoder: Vec<BlockPlan>,
+    pub decoder: Vec<BlockPlan>,
+    /// Channels at the bottleneck.
+    pub bottleneck: i64,
+    /// Channels of the first level (the input and output convolutions').
+    pub top: i64,
+}
+
+impl RadVaeConfig {
+    /// `radvae` (the paper's, Table 4 and B.1) and `radvae-tiny` (tests).
+    pub fn preset(name: &str) -> Result<Self, ModelError> {
+        let c = |img_resolution,
+                 latent_channels,
+                 model_channels,
+                 mult: &[i64],
+                 num_blocks,
+                 channels_per_head| Self {
+            img_resolution,
+            img_channels: 1,
+            latent_channels,
+            model_channels,
+            channel_mult: mult.to_vec(),
+            num_blocks,
+            channels_per_head,
+        };
+        Ok(match name {
+            "radvae" => c(512, 16, 128, &[1, 2, 3, 4], 3, 64),
+            "radvae-tiny" => c(16, 4, 16, &[1, 2], 1, 16),
+            other => {
+                return Err(ModelError::UnknownPreset {
+                    name: other.to_string(),
+                    known: RADVAE_PRESETS.join(", "),
+                });
+            }
+        })
+    }
+
+    pub fn validate(&self) -> Result<(), ModelError> {
+        let bad = |field: &str, reason: String| {
+            Err(radit_protocol::ConfigError::new(format!("vae.{field}"), reason).into())
+        };
+        let levels = self.channel_mult.len() as u32;
+        if levels == 0 || self.channel_mult.iter().any(|&m| m <= 0) || self.model_channels <= 0 {
+            return bad(
+                "channel_mult",
+                "model_channels and every channel_mult must be positive".into(),
+            );
+        }
+        if self.img_channels <= 0 || self.latent_channels <= 0 {
+            return bad(
+                "latent_channels",
+                "img_channels and latent_channels must be positive".into(),
+            );
+        }
+        if self.img_resolution <= 0 || self.img_resolution % (1 << (levels - 1)) != 0 {
+            return bad(
+                "img_resolution",
+                format!(
+                    "{} must be a multiple of 2^{} (one halving per level)",
+                    self.img_resolution,
+                    levels - 1
+                ),
+            );
+        }
+        let bottleneck = self.plan().bottleneck;
+        if self.channels_per_head <= 0 || bottleneck % self.channels_per_head != 0 {
+            return bad(
+                "channels_per_head",
+                format!(
+                    "the bottleneck's {bottleneck} channels are not whole {}-channel heads",
+                    self.channels_per_head
+                ),
+            );
+        }
+        Ok(())
+    }
+
+    /// Downsampling factor from image to latent.
+    pub fn downsampling(&self) -> i64 {
+        1 << (self.channel_mult.len() - 1)
+    }
+
+    pub fn plan(&self) -> VaePlan {
+        let widths: Vec<i64> = self
+            .channel_mult
+            .iter()
+            .map(|m| self.model_channels * m)
+            .collect();
+        let block = |name: String, cin, cout, flavor, resample, attention, resolution| BlockPlan {
+            name,
+            cin,
+            cout,
+            flavor,
+            resample,
+            attention,
+            resolution,
+            takes_skip: false,
+        };
+        let lowest = self.img_resolution >> (widths.len() - 1);
+        let mut encoder = Vec::new();
+        let mut cout = widths[0];
+        for (level, &channels) in widths.iter().enumerate() {
+            let res = self.img_resolution >> level;
+            if level > 0 {
+                encoder.push(block(
+                    format!("enc.{res}x{res}_down"),
+                    cout,
+                    cout,
+                    Flavor::Enc,
+                    Resample::Down,
+                    false,
+                    res,
+                ));
+            }
+            for i in 0..self.num_blocks {
+                encoder.push(block(
+                    format!("enc.{res}x{res}_block{i}"),
+                    cout,
+                    channels,
+                    Flavor::Enc,
+                    Resample::Keep,
+                    false,
+                    res,
+                ));
+                cout = channels;
+            }
+        }
+        let bottleneck = cout;
+        for (i, attention) in [true, false].into_iter().enumerate() {
+            encoder.push(block(
+                format!("enc.{lowest}x{lowest}_mid{i}"),
+                cout,
+                cout,
+                Flavor::Enc,
+                Resample::Keep,
+                attention,
+                lowest,
+            ));
+        }
+        let mut decoder = Vec::new();
+        for (i, attention) in [true, false].into_iter().enumerate() {
+            decoder.push(block(
+                format!("dec.{lowest}x{lowest}_mid{i}"),
+                cout,
+                cout,
+                Flavor::Dec,
+                Resample::Keep,
+                attention,
+                lowest,
+            ));
+        }
+        for (level, &channels) in widths.iter().enumerate().rev() {
+            let res = self.img_resolution >> level;
+            if level < widths.len() - 1 {
+                decoder.push(block(
+                    format!("dec.{res}x{res}_up"),
+                    cout,
+                    cout,
+                    Flavor::Dec,
+                    Resample::Up,
+                    false,
+                    res,
+                ));
+            }
+            for i in 0..self.num_blocks {
+                decoder.push(block(
+                    format!("dec.{res}x{res}_block{i}"),
+                    cout,
+                    channels,
+                    Flavor::Dec,
+                    Resample::Keep,
+                    false,
+                    res,
+                ));
+                cout = channels;
+            }
+        }
+        VaePlan {
+            encoder,
+            decoder,
+            bottleneck,
+            top: widths[0],
+        }
+    }
+
+    /// The closed form: the input convolution (image and a ones channel), every block, the 1x1 convolutions into
+    /// (mean and log-variance) and out of the latent, the output convolution.
+    pub fn parameter_count(&self) -> u64 {
+        let p = self.plan();
+        let (top, bottleneck, latent) = (
+            p.top as u64,
+            p.bottleneck as u64,
+            self.latent_channels as u64,
+        );
+        let image = self.img_channels as u64;
+        let blocks: u64 = p
+            .encoder
+            .iter()
+            .chain(&p.decoder)
+            .map(|b| super::config::block_parameters(b, None))
+            .sum();
+        (image + 1) * top * 9
+            + blocks
+            + bottleneck * 2 * latent
+            + latent * bottleneck
+            + top * image * 9
+    }
+}
+
+/// The autoencoder. Parameter paths: `enc.512x512_conv`, `enc.{res}x{res}_block{i}`, `enc.out`, `dec.in`, ...,
+/// `dec.out_conv`.
+#[derive(Debug)]
+pub struct RadVae {
+    cfg: RadVaeConfig,
+    input_conv: MpConv,
+    encoder: Vec<UNetBlock>,
+    to_latent: MpConv,
+    from_latent: MpConv,
+    decoder: Vec<UNetBlock>,
+    out_conv: MpConv,
+}
+
+impl RadVae {
+    pub fn new(p: &nn::Path, cfg: &RadVaeConfig) -> Result<Self, ModelError> {
+        cfg.validate()?;
+        let plan = cfg.plan();
+        let at = |name: &str| name.split('.').fold(p.clone(), |path, part| &path / part);
+        let top = cfg.img_resolution;
+        let blocks = |list: &[BlockPlan], first: usize| -> Vec<UNetBlock> {
+            list.iter()
+                .enumerate()
+                .map(|(i, b)| {
+                    UNetBlock::new(
+                        &at(&b.name),
+                        b,
+                        (first + i) as u64,
+                        cfg.channels_per_head,
+                        0.0,
+                        None,
+                    )
+                })
+                .collect()
+        };
+        Ok(Self {
+            input_conv: MpConv::new(
+                &at(&format!("enc.{top}x{top}_conv")),
+                cfg.img_channels + 1,
+                plan.top,
+                3,
+            ),
+            encoder: blocks(&plan.encoder, 0),
+            to_latent: MpConv::new(&at("enc.out"), plan.bottleneck, 2 * cfg.latent_channels, 1),
+            from_latent: MpConv::new(&at("dec.in"), cfg.latent_channels, plan.bottleneck, 1),
+            decoder: blocks(&plan.decoder, plan.encoder.len()),
+            out_conv: MpConv::new(&at("dec.out_conv"), plan.top, cfg.img_channels, 3),
+            cfg: cfg.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &RadVaeConfig {
+        &self.cfg
+    }
+
+    /// The latent's mean and log-variance, each [B, latent, S/f, S/f], from images [B, C, S, S] in [-1, 1].
+    pub fn encode(&self, x: &Tensor) -> Result<(Tensor, Tensor), ModelError> {
+        let c = &self.cfg;
+        let want = [c.img_channels, c.img_resolution, c.img_resolution];
+        let size = x.size();
+        if size.len() != 4 || size[1..] != want || size[0] == 0 || !x.is_floating_point() {
+            return Err(ModelError::BadInput {
+                input: "images",
+                reason: format!(
+                    "{:?} {size:?}; expected float [batch, {}, {}, {}]",
+                    x.kind(),
+                    want[0],
+                    want[1],
+                    want[2]
+                ),
+            });
+        }
+        let ones = x.narrow(1, 0, 1).ones_like();
+        let mut h = self.input_conv.forward(&Tensor::cat(&[x, &ones], 1));
+        for block in &self.encoder {
+            h = block.forward(&h, None, None);
+        }
+        let out = self.to_latent.forward(&h).to_kind(Kind::Float);
+        let parts = out.chunk(2, 1);
+        Ok((parts[0].shallow_clone(), parts[1].shallow_clone()))
+    }
+
+    /// Images [B, C, S, S] from latents [B, latent, S/f, S/f].
+    pub fn decode(&self, z: &Tensor) -> Result<Tensor, ModelError> {
+        let c = &self.cfg;
+        let side = c.img_resolution / c.downsampling();
+        let size = z.size();
+        if size.len() != 4 || size[1..] != [c.latent_channels, side, side] || size[0] == 0 {
+            return Err(ModelError::BadInput {
+                input: "latents",
+                reason: format!(
+                    "{size:?}; expected [batch, {}, {side}, {side}]",
+                    c.latent_channels
+                ),
+            });
+        }
+        let mut h = self.from_latent.forward(z);
+        for block in &self.decoder {
+            h = block.forward(&h, None, None);
+        }
+        Ok(self.out_conv.forward(&h).to_kind(Kind::Float))
+    }
+
+    /// Forced weight normalisation of every MPConv weight (after each optimiser step in training).
+    pub fn force_normalize(&self) {
+        for conv in [
+            &self.input_conv,
+            &self.to_latent,
+            &self.from_latent,
+            &self.out_conv,
+        ]
+        .into_iter()
+        .chain(
+            self.encoder
+                .iter()
+                .chain(&self.decoder)
+                .flat_map(UNetBlock::convs),
+        ) {
+            conv.force_normalize();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::{Device, nn::VarStore};
+
+    #[test]
+    fn the_closed_form_count_is_the_design_notes_and_the_built_network_has_it() {
+        assert_eq!(
+            RadVaeConfig::preset("radvae").unwrap().parameter_count(),
+            88_305_024
+        );
+        tch::manual_seed(0);
+        let cfg = RadVaeConfig::preset("radvae-tiny").unwrap();
+        let vs = VarStore::new(Device::Cpu);
+        let vae = RadVae::new(&vs.root(), &cfg).unwrap();
+        let built: i64 = vs
+            .trainable_variables()
+            .iter()
+            .map(Tensor::numel)
+            .map(|n| n as i64)
+            .sum();
+        assert_eq!(built as u64, cfg.parameter_count());
+        let x = Tensor::rand([2, 1, 16, 16], (Kind::Float, Device::Cpu)) * 2.0 - 1.0;
+        let (mean, logvar) = vae.encode(&x).unwrap();
+        assert_eq!(mean.size(), [2, 4, 8, 8]);
+        assert_eq!(logvar.size(), [2, 4, 8, 8]);
+        let y = vae.decode(&mean).unwrap();
+        assert_eq!(y.size(), [2, 1, 16, 16]);
+        let err = vae.decode(&x).unwrap_err();
+        assert!(
+            err.to_string().contains("expected [batch, 4, 8, 8]"),
+            "{err}"
+        );
+        let err = vae.encode(&mean).unwrap_err();
+        assert!(err.to_string().contains("images"), "{err}");
+    }
+}
