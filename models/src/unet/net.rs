@@ -95,11 +95,14 @@ impl UNetBlock {
             }
             x = normalize_over(&x, &[1]);
         }
-        let mut y = self.conv_res0.forward(&mp_silu(&x));
-        if let (Some((gain, linear)), Some(emb)) = (&self.emb, emb) {
-            let c = linear.forward_gain(emb, gain) + 1.0;
-            y = y * c.unsqueeze(2).unsqueeze(3).to_kind(x.kind());
-        }
+        let y = self.conv_res0.forward(&mp_silu(&x));
+        let y = match (&self.emb, emb) {
+            (Some((gain, linear)), Some(emb)) => {
+                let c = linear.forward_gain(emb, gain) + 1.0;
+                y * c.unsqueeze(2).unsqueeze(3).to_kind(x.kind())
+            }
+            _ => y,
+        };
         let mut y = mp_silu(&y);
         if let Some(keys) = keys.filter(|_| self.dropout > 0.0) {
             y = dropout::apply(&y, self.dropout, keys, self.index);
