@@ -556,3 +556,69 @@ input_size = 32
     );
     assert!(err.contains("radit eval features"), "{err}");
 }
+
+/// The Rad-DINO perceptual distance against the design note's formula on transformers' model (the twin): the
+/// distance per sample and its gradient with respect to the second image agree to fp32 relative 1e-5.
+#[test]
+fn the_perceptual_distance_and_its_gradient_match_the_transformers_twin() {
+    use radit_models::features::{LayerReduce, PerceptualDistance};
+    let dir = tempfile::tempdir().unwrap();
+    let (snapshot, out) = (
+        dir.path().join("net"),
+        dir.path().join("perceptual.safetensors"),
+    );
+    let twin = repo().join("tests/python/dinov2_twin.py");
+    run_ok(
+        python()
+            .arg(&twin)
+            .arg("make")
+            .arg(&snapshot)
+            .args(["84", "release", "7"]),
+    );
+    run_ok(
+        python()
+            .arg(&twin)
+            .arg("perceptual")
+            .arg(&snapshot)
+            .arg(&out),
+    );
+    let want = common::read_tensors(&out);
+    let d = PerceptualDistance::load(&snapshot, LayerReduce::Sum, radit_models::tch::Device::Cpu)
+        .unwrap();
+    let y = want["y"].copy().set_requires_grad(true);
+    let got = d.distance(&want["x"], &y).unwrap();
+    let err = common::relative_error(&got, &want["distance"]);
+    assert!(
+        err <= 1e-5,
+        "distance differs by {err:e}: {got} vs {}",
+        want["distance"]
+    );
+    let grad = radit_models::tch::Tensor::run_backward(
+        &[&got.sum(radit_models::tch::Kind::Float)],
+        &[&y],
+        false,
+        false,
+    );
+    let err = common::relative_error(&grad[0], &want["grad_y"]);
+    assert!(err <= 1e-5, "gradient differs by {err:e}");
+    // The same image is at distance 0; a wrong shape is an error naming both.
+    let zero = d.distance(&want["x"], &want["x"]).unwrap();
+    assert_eq!(zero.abs().max().double_value(&[]), 0.0);
+    let e = d
+        .distance(&want["x"], &want["x"].narrow(2, 0, 8))
+        .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("expected two [batch, 1, H, W] of one shape"),
+        "{e}"
+    );
+    let mean =
+        PerceptualDistance::load(&snapshot, LayerReduce::Mean, radit_models::tch::Device::Cpu)
+            .unwrap()
+            .distance(&want["x"], &want["y"])
+            .unwrap();
+    assert!(
+        common::relative_error(&(mean * 2.0), &want["distance"]) <= 1e-5,
+        "two layers, averaged"
+    );
+}

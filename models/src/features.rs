@@ -2,12 +2,15 @@
 //! backends: a native DINOv2-family ViT loading a Hugging Face snapshot (Rad-DINO) with its processor's exact
 //! preprocessing ([`Dinov2Net`]), and a TorchScript module a user exported with its own preprocessing
 //! (evaluation.md C.5: traced at its fixed input size, e.g. Inception at 299), which radit hands the images as
-//! [`TorchScriptNet`] documents.
+//! [`TorchScriptNet`] documents. The native DINOv2 also gives [`PerceptualDistance`], the Rad-DINO distance that
+//! trains the decoders and measures identity preservation.
 
 mod dinov2;
+mod perceptual;
 mod preprocess;
 
 pub use dinov2::{Dinov2, Dinov2Config, Dinov2Net, write_random_snapshot};
+pub use perceptual::{LayerReduce, PerceptualDistance};
 pub use preprocess::{Preprocessing, ProcessorConfig};
 
 use std::path::Path;

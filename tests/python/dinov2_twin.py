@@ -12,6 +12,12 @@ processor, never radit's code.
                          snapshot's processor (CHAIN `processor`), or with CheXGenBench's chain before it (`chexgenbench`:
                          PIL RGB, torchvision Resize((299, 299)), ToTensor, x 255, uint8), runs the model and prints
                          the largest difference of its pooler_output from the features radit wrote (JSON)
+    perceptual DIR OUT   the Rad-DINO perceptual distance (radvae.md, Eq. 13) written from the design note on
+                         transformers' model: two seeded batches of grey images in [0, 1], repeated to RGB, a
+                         bicubic resize (align_corners False) to the crop size, the processor's mean and std, every
+                         layer's tokens (hidden_states[1:]) L2-normalised (eps 1e-6), the squared difference
+                         averaged over tokens and channels and summed over layers; OUT gets x, y, the distance per
+                         sample and the gradient of its sum with respect to y
     make-base DIR        a randomly initialised ViT-B/14 at 518 (Rad-DINO's shape: 12 layers, hidden 768, 86.6M
                          parameters) with a 518 processor, for the benchmark
     time STORE SPLIT DIR BATCH
@@ -117,5 +123,31 @@ def time_model(store, split, snapshot, batch):
     print(json.dumps({"images": len(levels), "seconds": seconds, "images_per_second": len(levels) / seconds}))
 
 
+def perceptual(snapshot, out):
+    import torch.nn.functional as F
+    from safetensors.torch import save_file
+    from transformers import AutoImageProcessor, Dinov2Model
+
+    processor = AutoImageProcessor.from_pretrained(snapshot)
+    model = Dinov2Model.from_pretrained(snapshot).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    side = (processor.crop_size["height"], processor.crop_size["width"])
+    mean = torch.tensor(processor.image_mean).view(1, 3, 1, 1)
+    std = torch.tensor(processor.image_std).view(1, 3, 1, 1)
+    torch.manual_seed(3)
+    x = torch.rand(2, 1, 40, 48)
+    y = (x + 0.1 * torch.randn_like(x)).clamp(0, 1).requires_grad_(True)
+
+    def layers(images):
+        rgb = F.interpolate(images.repeat(1, 3, 1, 1), size=side, mode="bicubic", align_corners=False)
+        return model(pixel_values=(rgb - mean) / std, output_hidden_states=True).hidden_states[1:]
+
+    d = sum(((F.normalize(a, dim=-1, eps=1e-6) - F.normalize(b, dim=-1, eps=1e-6)) ** 2).mean(dim=(1, 2))
+            for a, b in zip(layers(x), layers(y)))
+    d.sum().backward()
+    save_file({"x": x, "y": y.detach(), "distance": d.detach(), "grad_y": y.grad}, out)
+
+
 if __name__ == "__main__":
-    {"make": make, "make-base": make_base, "check": check, "time": time_model}[sys.argv[1]](*sys.argv[2:])
+    {"make": make, "make-base": make_base, "check": check, "time": time_model, "perceptual": perceptual}[sys.argv[1]](*sys.argv[2:])

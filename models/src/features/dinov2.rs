@@ -200,16 +200,24 @@ impl Dinov2 {
 
     /// Every token after the final LayerNorm, `[B, 1 + (H/p)(W/p), D]`, of normalised pixels `[B, 3, H, W]`.
     pub fn forward(&self, pixels: &Tensor) -> Tensor {
-        let (b, h, w) = (pixels.size()[0], pixels.size()[2], pixels.size()[3]);
-        let p = self.config.patch_size;
-        let x = pixels.apply(&self.patch).flatten(2, 3).transpose(1, 2);
-        let x = Tensor::cat(&[self.cls_token.expand([b, 1, -1], false), x], 1);
-        let mut x = x + self.positions(h / p, w / p);
+        let layers = self.layer_outputs(pixels);
+        match layers.last() {
+            Some(x) => x.apply(&self.layernorm),
+            None => self.embed(pixels).apply(&self.layernorm),
+        }
+    }
+
+    /// Each layer's tokens `[B, 1 + (H/p)(W/p), D]` (transformers' `hidden_states[1..]`, before the final LayerNorm),
+    /// differentiable in the pixels: what the perceptual distance compares.
+    pub fn layer_outputs(&self, pixels: &Tensor) -> Vec<Tensor> {
+        let b = pixels.size()[0];
+        let mut x = self.embed(pixels);
         let heads = self.config.num_attention_heads;
         let split = |t: Tensor| {
             let n = t.size()[1];
             t.view([b, n, heads, -1]).transpose(1, 2)
         };
+        let mut out = Vec::with_capacity(self.layers.len());
         for layer in &self.layers {
             let y = x.apply(&layer.norm1);
             let n = y.size()[1];
@@ -233,8 +241,18 @@ impl Dinov2 {
                 .gelu("none")
                 .apply(&layer.fc2);
             x = &x + y * &layer.scale2;
+            out.push(x.shallow_clone());
         }
-        x.apply(&self.layernorm)
+        out
+    }
+
+    /// The patch embedding with the CLS token and positions.
+    fn embed(&self, pixels: &Tensor) -> Tensor {
+        let (b, h, w) = (pixels.size()[0], pixels.size()[2], pixels.size()[3]);
+        let p = self.config.patch_size;
+        let x = pixels.apply(&self.patch).flatten(2, 3).transpose(1, 2);
+        let x = Tensor::cat(&[self.cls_token.expand([b, 1, -1], false), x], 1);
+        x + self.positions(h / p, w / p)
     }
 }
 
@@ -311,6 +329,14 @@ impl Dinov2Net {
 
     pub fn network(&self) -> &Dinov2 {
         &self.net
+    }
+
+    pub fn preprocessing(&self) -> &Preprocessing {
+        &self.preprocessing
+    }
+
+    pub fn device(&self) -> Device {
+        self.device
     }
 }
 

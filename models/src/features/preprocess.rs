@@ -215,6 +215,24 @@ impl Preprocessing {
         })
     }
 
+    /// The side the network sees: the crop, else the exact resize, else the shortest edge squared.
+    pub fn input_size(&self) -> Option<(i64, i64)> {
+        self.crop.or(match self.resize {
+            Some((Resize::Exact(h, w), _)) => Some((h, w)),
+            Some((Resize::ShortestEdge(s), _)) => Some((s, s)),
+            None => None,
+        })
+    }
+
+    /// Images in [0, 1] `[B, 3, H, W]` to the network's normalisation, differentiably: the processor's rescale
+    /// and normalise on the 8-bit scale, without rounding to levels.
+    pub fn normalise_unit(&self, x: &Tensor) -> Tensor {
+        let device = x.device();
+        let offset = Tensor::from_slice(&self.offset.map(|v| v as f32)).view([1, 3, 1, 1]);
+        let divisor = Tensor::from_slice(&self.divisor.map(|v| v as f32)).view([1, 3, 1, 1]);
+        (x.to_kind(Kind::Float) * 255.0 - offset.to_device(device)) / divisor.to_device(device)
+    }
+
     /// What the preprocessing is, for a feature's identity.
     pub fn id(&self) -> &str {
         &self.id
