@@ -517,3 +517,47 @@ fn a_unet_in_bf16_tracks_fp32_and_keeps_fp32_master_weights() {
     );
     assert!(w16.values().all(|t| t.kind() == Kind::Float));
 }
+
+#[test]
+fn a_non_finite_loss_on_one_rank_skips_the_step_everywhere_and_the_next_step_is_clean() {
+    let network = Architecture::UNet(unet());
+    let w0 = initial_weights(&network);
+    let net = network.clone();
+    let results = on_ranks(2, data_parallel(&network, &w0), move |rank, e| {
+        let before = e.gather_named(false).unwrap();
+        let d = data(&net, 0);
+        let s = |t: &Tensor| t.narrow(0, 2 * rank as i64, 2).copy();
+        let (x1, x0, t) = (s(&d.x1), s(&d.x0), s(&d.t));
+        if rank == 1 {
+            let _ = x1.get(0).get(0).get(0).get(0).fill_(f64::NAN);
+        }
+        let xt = interpolate(&x1, &x0, &t);
+        let inputs = ModelInputs {
+            x: &xt,
+            t: &t,
+            labels: &s(&d.labels),
+            age: &s(&d.age),
+        };
+        let loss = e
+            .forward_backward(
+                &inputs,
+                Some(&s(&d.keys)),
+                &mut |v| velocity_mse(v, &x1, &x0),
+                0.5,
+            )
+            .unwrap();
+        let r = e.optimizer_step(loss, 1e-2).unwrap();
+        let after = e.gather_named(false).unwrap();
+        // The NaN gradients of the skipped step do not leak into the next one.
+        let next = train(e, &net, rank, 2, 1, 1, 1);
+        (r.skipped, e.adam_steps(), before, after, next)
+    });
+    for (skipped, steps, before, after, next) in results {
+        assert!(skipped, "every rank skips");
+        assert_eq!(steps, 1, "the skipped step is not counted; the next one is");
+        for (name, p) in &before {
+            assert!(p.equal(&after[name]), "{name} changed in a skipped step");
+        }
+        assert!(next[0].0.is_finite() && next[0].1.is_finite(), "{next:?}");
+    }
+}
