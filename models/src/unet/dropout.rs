@@ -55,6 +55,15 @@ pub fn keyed_uniform(keys: &Tensor, block: u64, rest: &[i64]) -> Tensor {
     (shift_right(&x, 40).to_kind(Kind::Float) * (1.0 / (1u64 << 24) as f64)).view(shape.as_slice())
 }
 
+/// Standard normal numbers of shape [B, rest...] as a function of (key, stream, element) only (Box-Muller on two
+/// keyed uniform streams): a VAE's reparameterisation noise, the same for a sample on any world size.
+pub fn keyed_normal(keys: &Tensor, stream: u64, rest: &[i64]) -> Tensor {
+    // 1 - u is in (0, 1]: the logarithm stays finite.
+    let u1 = keyed_uniform(keys, stream, rest).neg() + 1.0;
+    let u2 = keyed_uniform(keys, stream ^ (1 << 63), rest);
+    (u1.log() * -2.0).sqrt() * (u2 * (2.0 * std::f64::consts::PI)).cos()
+}
+
 /// Inverted dropout of `y` [B, ...] at rate `p` with the keyed mask of `block`.
 pub fn apply(y: &Tensor, p: f64, keys: &Tensor, block: u64) -> Tensor {
     let keep = keyed_uniform(keys, block, &y.size()[1..]).ge(p);
@@ -64,6 +73,26 @@ pub fn apply(y: &Tensor, p: f64, keys: &Tensor, block: u64) -> Tensor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn keyed_normals_are_standard_normal_and_a_samples_own() {
+        let k = keys(1, 2, &(0..64).collect::<Vec<_>>());
+        let z = keyed_normal(&k, 9, &[16, 16]);
+        let (mean, std) = (
+            z.mean(Kind::Double).double_value(&[]),
+            z.std(true).double_value(&[]),
+        );
+        assert!(
+            mean.abs() < 0.02 && (std - 1.0).abs() < 0.02,
+            "{mean} {std}"
+        );
+        let part = keyed_normal(&k.narrow(0, 10, 3), 9, &[16, 16]);
+        assert!(part.equal(&z.narrow(0, 10, 3)));
+        assert!(
+            !keyed_normal(&k, 10, &[16, 16]).equal(&z),
+            "another stream, other numbers"
+        );
+    }
 
     #[test]
     fn a_samples_mask_is_its_own_whatever_the_batch() {

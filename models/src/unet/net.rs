@@ -73,6 +73,11 @@ impl UNetBlock {
         }
     }
 
+    /// Its parameter path (`enc.16x16_block0`).
+    pub(crate) fn name(&self) -> &str {
+        &self.plan.name
+    }
+
     pub(crate) fn convs(&self) -> impl Iterator<Item = &MpConv> {
         [&self.conv_res0, &self.conv_res1]
             .into_iter()

@@ -12,7 +12,13 @@ use tch::{Kind, Tensor, nn};
 use super::config::{BlockPlan, Flavor};
 use super::mp::{MpConv, Resample};
 use super::net::UNetBlock;
+use crate::block::ModelInputs;
 use crate::error::ModelError;
+use crate::precision::Precision;
+use crate::staged::{StageInputs, StagedModel};
+
+/// The reparameterisation noise's keyed stream (apart from every block's dropout stream).
+const LATENT_NOISE: u64 = 0x5eed_1a7e;
 
 /// Preset names accepted by [`RadVaeConfig::preset`].
 pub const RADVAE_PRESETS: [&str; 2] = ["radvae", "radvae-tiny"];
@@ -254,6 +260,7 @@ pub struct RadVae {
     from_latent: MpConv,
     decoder: Vec<UNetBlock>,
     out_conv: MpConv,
+    precision: Precision,
 }
 
 impl RadVae {
@@ -290,6 +297,7 @@ impl RadVae {
             decoder: blocks(&plan.decoder, plan.encoder.len()),
             out_conv: MpConv::new(&at("dec.out_conv"), plan.top, cfg.img_channels, 3),
             cfg: cfg.clone(),
+            precision: Precision::Fp32,
         })
     }
 
@@ -299,6 +307,22 @@ impl RadVae {
 
     /// The latent's mean and log-variance, each [B, latent, S/f, S/f], from images [B, C, S, S] in [-1, 1].
     pub fn encode(&self, x: &Tensor) -> Result<(Tensor, Tensor), ModelError> {
+        self.check_images(x)?;
+        let ones = x.narrow(1, 0, 1).ones_like();
+        let mut h = self.input_conv.forward(&Tensor::cat(&[x, &ones], 1));
+        for block in &self.encoder {
+            h = block.forward(&h, None, None);
+        }
+        Ok(self.latent_moments(&h))
+    }
+
+    fn latent_moments(&self, h: &Tensor) -> (Tensor, Tensor) {
+        let out = self.to_latent.forward(h).to_kind(Kind::Float);
+        let parts = out.chunk(2, 1);
+        (parts[0].shallow_clone(), parts[1].shallow_clone())
+    }
+
+    fn check_images(&self, x: &Tensor) -> Result<(), ModelError> {
         let c = &self.cfg;
         let want = [c.img_channels, c.img_resolution, c.img_resolution];
         let size = x.size();
@@ -314,14 +338,7 @@ impl RadVae {
                 ),
             });
         }
-        let ones = x.narrow(1, 0, 1).ones_like();
-        let mut h = self.input_conv.forward(&Tensor::cat(&[x, &ones], 1));
-        for block in &self.encoder {
-            h = block.forward(&h, None, None);
-        }
-        let out = self.to_latent.forward(&h).to_kind(Kind::Float);
-        let parts = out.chunk(2, 1);
-        Ok((parts[0].shallow_clone(), parts[1].shallow_clone()))
+        Ok(())
     }
 
     /// Images [B, C, S, S] from latents [B, latent, S/f, S/f].
@@ -365,10 +382,151 @@ impl RadVae {
     }
 }
 
+/// Training: stage 0 the input convolution, one stage per encoder block, the latent (mean, log-variance and the
+/// sample z = mean + exp(logvar / 2) * noise, the noise keyed per sample; the mean when there are no keys), the
+/// projection out of the latent, one stage per decoder block, the output convolution. The output is the
+/// reconstruction; `inputs.x` are the images (the conditions are not read).
+impl StagedModel for RadVae {
+    fn groups(&self) -> Vec<String> {
+        std::iter::once("rest".to_string())
+            .chain(
+                self.encoder
+                    .iter()
+                    .chain(&self.decoder)
+                    .map(|b| b.name().to_string()),
+            )
+            .collect()
+    }
+
+    fn group_of(&self, name: &str) -> usize {
+        let (e, d) = (self.encoder.len(), self.decoder.len());
+        match self.stage_of(name) {
+            s if (1..=e).contains(&s) => s,
+            s if (e + 3..e + 3 + d).contains(&s) => s - 2,
+            _ => 0,
+        }
+    }
+
+    fn stages(&self) -> usize {
+        self.encoder.len() + self.decoder.len() + 4
+    }
+
+    fn stage_of(&self, name: &str) -> usize {
+        let (e, d) = (self.encoder.len(), self.decoder.len());
+        let within = |prefix: &str| {
+            name.strip_prefix(prefix)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('.'))
+        };
+        if let Some(i) = self.encoder.iter().position(|b| within(b.name())) {
+            return i + 1;
+        }
+        if let Some(i) = self.decoder.iter().position(|b| within(b.name())) {
+            return e + 3 + i;
+        }
+        match () {
+            _ if within("enc.out") => e + 1,
+            _ if within("dec.in") => e + 2,
+            _ if within("dec.out_conv") => e + d + 3,
+            _ => 0,
+        }
+    }
+
+    fn check_inputs(&self, inputs: &ModelInputs) -> Result<(), ModelError> {
+        self.check_images(inputs.x)
+    }
+
+    fn stage(
+        &self,
+        i: usize,
+        values: &[Tensor],
+        at: &StageInputs,
+    ) -> Result<Vec<Tensor>, ModelError> {
+        let (e, d) = (self.encoder.len(), self.decoder.len());
+        let kind = self.precision.compute_kind();
+        if i == 0 {
+            let x = at.inputs.x.to_kind(kind);
+            let ones = x.narrow(1, 0, 1).ones_like();
+            return Ok(vec![self.input_conv.forward(&Tensor::cat(&[&x, &ones], 1))]);
+        }
+        let h = values.last().ok_or_else(|| ModelError::BadInput {
+            input: "x",
+            reason: format!("stage {i} ran before the input convolution"),
+        })?;
+        Ok(match i {
+            i if i <= e => vec![self.encoder[i - 1].forward(h, None, None)],
+            i if i == e + 1 => {
+                let (mean, logvar) = self.latent_moments(h);
+                let z = match at.keys {
+                    Some(keys) => {
+                        let noise =
+                            super::dropout::keyed_normal(keys, LATENT_NOISE, &mean.size()[1..]);
+                        &mean + (&logvar * 0.5).exp() * noise.to_device(mean.device())
+                    }
+                    None => mean.shallow_clone(),
+                };
+                vec![mean, logvar, z.to_kind(kind)]
+            }
+            i if i == e + 2 => vec![self.from_latent.forward(h)],
+            i if i < e + 3 + d => vec![self.decoder[i - e - 3].forward(h, None, None)],
+            _ => vec![self.out_conv.forward(h).to_kind(Kind::Float)],
+        })
+    }
+
+    fn normalized_rows(&self, name: &str) -> bool {
+        name.ends_with(".weight")
+    }
+
+    fn set_precision(&mut self, precision: Precision) {
+        self.precision = precision;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use tch::{Device, nn::VarStore};
+
+    #[test]
+    fn its_stages_reconstruct_as_encode_then_decode_and_cover_every_parameter_once() {
+        tch::manual_seed(1);
+        let cfg = RadVaeConfig::preset("radvae-tiny").unwrap();
+        let vs = VarStore::new(Device::Cpu);
+        let vae = RadVae::new(&vs.root(), &cfg).unwrap();
+        let x = Tensor::rand([3, 1, 16, 16], (Kind::Float, Device::Cpu)) * 2.0 - 1.0;
+        let (t, labels, age) = (x.zeros_like(), x.zeros_like(), x.zeros_like());
+        let inputs = ModelInputs {
+            x: &x,
+            t: &t,
+            labels: &labels,
+            age: &age,
+        };
+        let staged = crate::staged::run_stages(&vae, &StageInputs { inputs, keys: None }).unwrap();
+        let direct = vae.decode(&vae.encode(&x).unwrap().0).unwrap();
+        assert!(staged.allclose(&direct, 1e-6, 1e-6, false));
+        // With keys the latent is sampled: another reconstruction, the same for a sample in any batch.
+        let keys = super::super::dropout::keys(3, 0, &[7, 8, 9]);
+        let sampled = crate::staged::run_stages(
+            &vae,
+            &StageInputs {
+                inputs,
+                keys: Some(&keys),
+            },
+        )
+        .unwrap();
+        assert!(!sampled.allclose(&direct, 1e-4, 1e-4, false));
+        let stages = vae.stages();
+        let groups = vae.groups().len();
+        for (name, _) in vs.variables() {
+            assert!(vae.stage_of(&name) < stages, "{name}");
+            assert!(vae.group_of(&name) < groups, "{name}");
+        }
+        assert_eq!(vae.stage_of("dec.out_conv.weight"), stages - 1);
+        assert_eq!(vae.group_of("dec.out_conv.weight"), 0);
+        assert_eq!(
+            vae.groups()[vae.group_of("dec.16x16_block0.conv_res0.weight")],
+            "dec.16x16_block0"
+        );
+    }
 
     #[test]
     fn the_closed_form_count_is_the_design_notes_and_the_built_network_has_it() {
