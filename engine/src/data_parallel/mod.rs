@@ -165,7 +165,6 @@ impl DataParallel {
             group.layout.point(&group.params, &group.master);
             groups.push(group);
         }
-        // `rank` only seeds the tracing span: every rank holds the same state.
         tracing::debug!(rank, world, groups = groups.len(), "data-parallel engine");
         Ok(Self {
             _vs: vs,
@@ -221,7 +220,15 @@ impl DataParallel {
             let out = self.model.stage(i, &leaves, &at)?;
             first_value.push(leaves.len());
             if i + 1 < stages {
-                leaves.extend(out.iter().map(|t| t.detach().set_requires_grad(true)));
+                // Integer values (none of today's models make one) carry no gradient.
+                leaves.extend(out.iter().map(|t| {
+                    let leaf = t.detach();
+                    if t.is_floating_point() {
+                        leaf.set_requires_grad(true)
+                    } else {
+                        leaf
+                    }
+                }));
             }
             made.push(out);
         }
@@ -255,9 +262,13 @@ impl DataParallel {
                     None => Tensor::zeros([], (Kind::Float, self.device)),
                 }
             };
-            let before = first_value[i];
             let mine = self.stage_params[i].clone();
-            let mut wrt: Vec<Tensor> = leaves[..before].iter().map(Tensor::shallow_clone).collect();
+            // The earlier values that can carry a gradient, then this stage's parameters.
+            let inputs: Vec<usize> = (0..first_value[i])
+                .filter(|&j| leaves[j].requires_grad())
+                .collect();
+            let before = inputs.len();
+            let mut wrt: Vec<Tensor> = inputs.iter().map(|&j| leaves[j].shallow_clone()).collect();
             wrt.extend(
                 mine.iter()
                     .map(|&(g, k)| self.groups[g].params[k].shallow_clone()),
@@ -268,7 +279,7 @@ impl DataParallel {
                 (0..wrt.len()).map(|_| Tensor::new()).collect()
             };
             drop(made[i].drain(..));
-            for (j, g) in grads[..before].iter().enumerate() {
+            for (&j, g) in inputs.iter().zip(&grads[..before]) {
                 if g.defined() {
                     upstream[j] = Some(match upstream[j].take() {
                         Some(u) => u + g,
@@ -280,6 +291,7 @@ impl DataParallel {
                 self.write_gradient(g, k, grad, scale, first);
             }
             let mut done: Vec<usize> = mine.iter().map(|&(g, _)| g).collect();
+            done.sort_unstable();
             done.dedup();
             for g in done {
                 pending[g] -= 1;

@@ -588,7 +588,6 @@ fn radvae_trains_with_l1_and_the_perceptual_distance_the_same_on_worlds_1_and_2(
     let run = |world: usize| -> Vec<f64> {
         let (cfg, ecfg, dir) = (cfg.clone(), ecfg.clone(), dir.clone());
         let build = move |comm: Box<dyn Collective>| -> Box<dyn TrainingEngine> {
-            tch::manual_seed(0);
             Box::new(
                 DataParallel::new(
                     |p| {
