@@ -131,6 +131,7 @@ fn the_gpu_check_plan_fits_its_deadline_and_file_budget() {
             "nccl",
             "bench-xl",
             "bench-b",
+            "bench-unet",
             "parity",
             "encode"
         ],
@@ -169,7 +170,10 @@ fn the_gpu_check_runs_through_on_the_cpu_and_a_near_deadline_skips_parts_but_kee
         xl["tokens_per_second_per_device"].as_f64().unwrap() > 0.0,
         "{summary}"
     );
-    let parity = &summary["parts"][5]["numbers"][0];
+    // The U-Net part trains RadUNet data-parallel (on the CPU, the tiny preset).
+    let unet = &summary["parts"][5]["numbers"][0];
+    assert_eq!(unet["mode"], "ddp", "{summary}");
+    let parity = &summary["parts"][6]["numbers"][0];
     assert_eq!(parity["passed"], true, "{summary}");
     assert!(parity["weights"]["worst"].is_string(), "{summary}");
     let log = std::fs::read_to_string(dir.path().join("out/check.log")).unwrap();

@@ -78,6 +78,10 @@ const CLUSTER_ONLY: &[(&str, &str)] = &[
         "examples/encode-xl-job.toml",
         "FLUX.2's weights on the cluster",
     ),
+    (
+        "examples/radunet-pixel-job.toml",
+        "the U-Net job's store and Slurm account (tests/examples.rs dry-runs every example job)",
+    ),
     ("radit-xl", "the XL run's weights"),
     ("srun ", "Slurm with GPUs"),
     (
