@@ -16,7 +16,7 @@ use tch::{Device, Kind, Tensor, nn, nn::VarStore};
 use crate::collective::{Collective, InFlight};
 use crate::fsdp::{
     AdamConfig, EngineConfig, EngineError, GroupLayout, Initial, ShardState, StepReport,
-    check_state_fits, clip_factor, copy_weights, free_for_state, optim, seeded,
+    check_state_fits, clip_factor, copy_weights, free_for_state, optim, seeded, step_totals,
 };
 use crate::weight_norm::RowNorm;
 use radit_models::block::ModelInputs;
@@ -366,18 +366,21 @@ impl DataParallel {
         local_loss_sum: f64,
         lr: f64,
     ) -> Result<StepReport, EngineError> {
-        let world = self.comm.world() as f64;
-        let micro = self.micro_batches.max(1) as f64;
-        let loss = self.comm.all_reduce_f64(local_loss_sum)? / (world * micro);
         let local_sq: f64 = self
             .groups
             .iter()
             .filter(|g| g.trainable)
             .map(|g| g.grad.norm().double_value(&[]).powi(2))
             .sum();
-        // Every rank holds the same summed gradients; one scalar all-reduce makes the clip factor (and the skip)
-        // the same bits everywhere, so the replicas cannot drift apart.
-        let grad_norm = (self.comm.all_reduce_f64(local_sq)? / world).sqrt();
+        // Every rank holds the same summed gradients; the all-reduced norm makes the clip factor (and the skip) the
+        // same bits everywhere, so the replicas cannot drift apart.
+        let (loss, grad_norm) = step_totals(
+            self.comm.as_ref(),
+            local_loss_sum,
+            self.micro_batches,
+            local_sq,
+            true,
+        )?;
         self.micro_batches = 0;
         if !loss.is_finite() || !grad_norm.is_finite() {
             return Ok(StepReport {

@@ -598,15 +598,18 @@ impl Fsdp {
         local_loss_sum: f64,
         lr: f64,
     ) -> Result<StepReport, EngineError> {
-        let world = self.comm.world() as f64;
-        let micro = self.micro_batches.max(1) as f64;
-        let loss = self.comm.all_reduce_f64(local_loss_sum)? / (world * micro);
         let local_sq: f64 = self
             .shards
             .iter()
             .map(|s| s.grad.norm().double_value(&[]).powi(2))
             .sum();
-        let grad_norm = self.comm.all_reduce_f64(local_sq)?.sqrt();
+        let (loss, grad_norm) = step_totals(
+            self.comm.as_ref(),
+            local_loss_sum,
+            self.micro_batches,
+            local_sq,
+            false,
+        )?;
         self.micro_batches = 0;
         if !loss.is_finite() || !grad_norm.is_finite() {
             for s in &mut self.shards {
@@ -731,6 +734,24 @@ pub(crate) fn seeded<T>(initial: Initial, build: impl FnOnce() -> T) -> T {
         tch::manual_seed(seed);
     }
     build()
+}
+
+/// A step's mean loss over the global batch and its global gradient norm, the same on every rank: from this rank's
+/// sum of micro-batch losses and its sum of squared gradients, which is its shard's (`replicated` false) or, for
+/// replicated gradients, the whole sum every rank holds (averaged over ranks, so the clip is the same bits
+/// everywhere).
+pub(crate) fn step_totals(
+    comm: &dyn Collective,
+    local_loss_sum: f64,
+    micro_batches: u64,
+    local_sq: f64,
+    replicated: bool,
+) -> Result<(f64, f64), CollectiveError> {
+    let world = comm.world() as f64;
+    let loss = comm.all_reduce_f64(local_loss_sum)? / (world * micro_batches.max(1) as f64);
+    let sq = comm.all_reduce_f64(local_sq)?;
+    let grad_norm = if replicated { sq / world } else { sq }.sqrt();
+    Ok((loss, grad_norm))
 }
 
 /// The factor the global gradient-norm clip scales gradients by (1: no clip).

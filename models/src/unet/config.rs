@@ -142,21 +142,16 @@ impl UNetConfig {
         let bad = |field: &str, reason: String| {
             Err(radit_protocol::ConfigError::new(format!("model.{field}"), reason).into())
         };
-        let levels = self.channel_mult.len() as u32;
-        if levels == 0 || self.channel_mult.iter().any(|&m| m <= 0) || self.model_channels <= 0 {
+        check_levels(
+            "model",
+            self.model_channels,
+            &self.channel_mult,
+            self.img_resolution,
+        )?;
+        if self.img_channels <= 0 {
             return bad(
-                "channel_mult",
-                "model_channels and every channel_mult must be positive".into(),
-            );
-        }
-        if self.img_channels <= 0 || self.img_resolution % (1 << (levels - 1)) != 0 {
-            return bad(
-                "img_resolution",
-                format!(
-                    "img_resolution {} must be a multiple of 2^{} (one halving per level)",
-                    self.img_resolution,
-                    levels - 1
-                ),
+                "img_channels",
+                format!("must be positive, got {}", self.img_channels),
             );
         }
         let plan = self.plan();
@@ -402,6 +397,36 @@ impl UNetConfig {
 
 /// A block's parameters: emb_gain, conv_res0 (3x3), emb_linear, conv_res1 (3x3), the 1x1 skip where widths differ,
 /// and qkv and proj (1x1) where it attends.
+/// The levels both EDM2 networks share (RadUNet's, RadVAE's): positive widths, and a side that halves once per level
+/// down to the lowest. `section` names the config's section in the error.
+pub(crate) fn check_levels(
+    section: &str,
+    model_channels: i64,
+    channel_mult: &[i64],
+    img_resolution: i64,
+) -> Result<(), ModelError> {
+    let bad = |field: &str, reason: String| {
+        Err(radit_protocol::ConfigError::new(format!("{section}.{field}"), reason).into())
+    };
+    let levels = channel_mult.len() as u32;
+    if levels == 0 || channel_mult.iter().any(|&m| m <= 0) || model_channels <= 0 {
+        return bad(
+            "channel_mult",
+            "model_channels and every channel_mult must be positive".into(),
+        );
+    }
+    if img_resolution <= 0 || img_resolution % (1 << (levels - 1)) != 0 {
+        return bad(
+            "img_resolution",
+            format!(
+                "img_resolution {img_resolution} must be a multiple of 2^{} (one halving per level)",
+                levels - 1
+            ),
+        );
+    }
+    Ok(())
+}
+
 /// A block's parameters; `cemb` is the embedding's width (its gain and projection), `None` without one.
 pub(crate) fn block_parameters(b: &BlockPlan, cemb: Option<u64>) -> u64 {
     let (cin, cout) = (b.cin as u64, b.cout as u64);

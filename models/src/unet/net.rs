@@ -14,6 +14,13 @@ use crate::error::ModelError;
 use crate::precision::Precision;
 use crate::staged::{StageInputs, StagedModel, run_stages};
 
+/// Whether the parameter `name` is `path` itself or lies under it (`enc.8x8_block0.conv_res0.weight` under
+/// `enc.8x8_block0`, not under `enc.8x8_block`).
+pub(crate) fn under(name: &str, path: &str) -> bool {
+    name.strip_prefix(path)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('.'))
+}
+
 /// An encoder or decoder block with optional self-attention.
 #[derive(Debug)]
 pub struct UNetBlock {
@@ -424,10 +431,7 @@ impl StagedModel for RadUNet {
     fn stage_of(&self, name: &str) -> usize {
         self.stage_prefixes
             .iter()
-            .find(|(p, _)| {
-                name.strip_prefix(p.as_str())
-                    .is_some_and(|rest| rest.is_empty() || rest.starts_with('.'))
-            })
+            .find(|(p, _)| under(name, p))
             .map_or(0, |(_, s)| *s)
     }
 

@@ -81,27 +81,16 @@ impl RadVaeConfig {
         let bad = |field: &str, reason: String| {
             Err(radit_protocol::ConfigError::new(format!("vae.{field}"), reason).into())
         };
-        let levels = self.channel_mult.len() as u32;
-        if levels == 0 || self.channel_mult.iter().any(|&m| m <= 0) || self.model_channels <= 0 {
-            return bad(
-                "channel_mult",
-                "model_channels and every channel_mult must be positive".into(),
-            );
-        }
+        super::config::check_levels(
+            "vae",
+            self.model_channels,
+            &self.channel_mult,
+            self.img_resolution,
+        )?;
         if self.img_channels <= 0 || self.latent_channels <= 0 {
             return bad(
                 "latent_channels",
                 "img_channels and latent_channels must be positive".into(),
-            );
-        }
-        if self.img_resolution <= 0 || self.img_resolution % (1 << (levels - 1)) != 0 {
-            return bad(
-                "img_resolution",
-                format!(
-                    "{} must be a multiple of 2^{} (one halving per level)",
-                    self.img_resolution,
-                    levels - 1
-                ),
             );
         }
         let bottleneck = self.plan().bottleneck;
@@ -413,10 +402,7 @@ impl StagedModel for RadVae {
 
     fn stage_of(&self, name: &str) -> usize {
         let (e, d) = (self.encoder.len(), self.decoder.len());
-        let within = |prefix: &str| {
-            name.strip_prefix(prefix)
-                .is_some_and(|rest| rest.is_empty() || rest.starts_with('.'))
-        };
+        let within = |path: &str| super::net::under(name, path);
         if let Some(i) = self.encoder.iter().position(|b| within(b.name())) {
             return i + 1;
         }
