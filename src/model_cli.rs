@@ -7,7 +7,7 @@ use anyhow::Context;
 use clap::{Args, Subcommand, ValueEnum};
 use radit_jobs::generate::{Conditions, read_latents};
 use radit_jobs::sample::{Counterfactual, SampleRequest, decode_to, sample};
-use radit_models::autoencoder::{self, AeConfig, Autoencoder, DecoderConfig};
+use radit_models::autoencoder::{self, Autoencoder, AutoencoderConfig, DecoderConfig};
 use radit_models::model::{Precision, RadiT, RadiTConfig, save_weights};
 use radit_models::sampler::Solver;
 use radit_models::tch::{self, Device, nn::VarStore};
@@ -33,6 +33,14 @@ pub enum VaeCommand {
     /// Encoder throughput on this machine and its FLOPs per image (compare with tests/python/flux2_ae_twin.py
     /// bench; scripts/bench-vae.sh runs both and projects CXR7-1M's GPU-hours).
     Bench(VaeBenchArgs),
+    /// Train an autoencoder (RadVAE (Scratch): `model.preset = "radvae"`) on a store's images with the
+    /// reconstruction objective of [reconstruction]: `radit train` for a config whose model is an autoencoder.
+    /// One rank here, or many under mpirun/srun; under `radit run` as a job of kind vae-train.
+    Train(crate::train_cli::TrainArgs),
+    /// Fine-tune a released autoencoder's decoder (RadVAE (LoRA): `[model.finetune]`, the encoder frozen) on a
+    /// store's images with [reconstruction]; its best weights are a plain autoencoder file. `radit train` for such
+    /// a config; under `radit run` as a job of kind vae-finetune.
+    Finetune(crate::train_cli::TrainArgs),
 }
 
 #[derive(Args)]
@@ -126,15 +134,16 @@ impl DecoderArgs {
 
 #[derive(Args)]
 pub struct VaeInfoArgs {
-    /// flux2 (FLUX.2's autoencoder) or tiny (the same topology, small).
+    /// flux2 (FLUX.2's autoencoder), tiny (the same topology, small), radvae (RadVAE (Scratch), 512x512) or
+    /// radvae-tiny.
     #[arg(default_value = "flux2")]
     preset: String,
     /// A weights file to load strictly into the preset.
     #[arg(long)]
     weights: Option<PathBuf>,
-    /// The image side the latent shape is given for.
-    #[arg(long, default_value_t = 512)]
-    image_size: i64,
+    /// The image side the latent shape is given for (default: RadVAE's own, else 512).
+    #[arg(long)]
+    image_size: Option<i64>,
     #[arg(long)]
     json: bool,
 }
@@ -144,11 +153,13 @@ pub fn run_vae(cmd: VaeCommand) -> anyhow::Result<u8> {
         VaeCommand::Info(a) => vae_info(a),
         VaeCommand::Init(a) => vae_init(a),
         VaeCommand::Bench(a) => vae_bench(a),
+        VaeCommand::Train(a) => crate::train_cli::run_vae_train(a, false),
+        VaeCommand::Finetune(a) => crate::train_cli::run_vae_train(a, true),
     }
 }
 
 fn vae_bench(a: VaeBenchArgs) -> anyhow::Result<u8> {
-    let cfg = AeConfig::preset(&a.preset)?;
+    let cfg = AutoencoderConfig::preset(&a.preset)?;
     crate::exit::ensure_usage!(
         a.batch > 0 && a.steps > 0 && a.threads > 0 && a.image_size % cfg.downsampling() == 0,
         "--batch, --steps and --threads must be positive and --image-size a multiple of {}",
@@ -167,28 +178,48 @@ fn vae_bench(a: VaeBenchArgs) -> anyhow::Result<u8> {
 }
 
 fn vae_init(a: InitArgs) -> anyhow::Result<u8> {
-    let cfg = AeConfig::preset(&a.preset)?;
+    let cfg = AutoencoderConfig::preset(&a.preset)?;
     autoencoder::write_random(&cfg, a.seed, &a.out)?;
-    let (e, d, q) = cfg.parameter_counts();
     println!(
         "wrote {} (random {} autoencoder, {} parameters)",
         a.out.display(),
         a.preset,
-        e + d + q
+        cfg.parameters()
     );
     Ok(0)
 }
 
 fn vae_info(a: VaeInfoArgs) -> anyhow::Result<u8> {
-    let cfg = AeConfig::preset(&a.preset)?;
+    let cfg = AutoencoderConfig::preset(&a.preset)?;
     let f = cfg.downsampling();
+    // RadVAE is built for one side: its own, unless asked for another.
+    let image_size = match (cfg.image_side(), a.image_size) {
+        (Some(own), None) => own,
+        (_, Some(side)) => side,
+        (None, None) => 512,
+    };
     crate::exit::ensure_usage!(
-        a.image_size > 0 && a.image_size % f == 0,
+        image_size > 0 && image_size % f == 0,
         "--image-size {}: a positive multiple of {f}",
-        a.image_size
+        image_size
     );
-    let (encoder, decoder, quant) = cfg.parameter_counts();
-    let latent = [cfg.z_channels, a.image_size / f, a.image_size / f];
+    let cfg = match cfg {
+        AutoencoderConfig::RadVae(c) => {
+            AutoencoderConfig::RadVae(radit_models::unet::vae::RadVaeConfig {
+                img_resolution: image_size,
+                ..c
+            })
+        }
+        flux => flux,
+    };
+    let latent = [cfg.z_channels(), image_size / f, image_size / f];
+    let (encoder, decoder, quant) = match &cfg {
+        AutoencoderConfig::Flux(c) => c.parameter_counts(),
+        AutoencoderConfig::RadVae(c) => {
+            let (e, d) = c.parameter_split();
+            (e as i64, d as i64, 0)
+        }
+    };
     if let Some(path) = &a.weights {
         autoencoder::resolve(&a.preset, path)?;
         let vs = VarStore::new(Device::Cpu);
@@ -212,8 +243,8 @@ fn vae_info(a: VaeInfoArgs) -> anyhow::Result<u8> {
              greyscale -> latent {}x{}x{}",
             a.preset,
             encoder + decoder + quant,
-            a.image_size,
-            a.image_size,
+            image_size,
+            image_size,
             latent[0],
             latent[1],
             latent[2]
@@ -376,6 +407,12 @@ pub fn run_model(cmd: ModelCommand) -> anyhow::Result<u8> {
 }
 
 fn info(a: InfoArgs) -> anyhow::Result<u8> {
+    crate::exit::ensure_usage!(
+        !radit_models::unet::vae::RADVAE_PRESETS.contains(&a.preset.as_str()),
+        "{} is an autoencoder: `radit vae info {}`",
+        a.preset,
+        a.preset
+    );
     if radit_models::unet::UNET_PRESETS.contains(&a.preset.as_str()) {
         let cfg = radit_models::unet::UNetConfig::preset(&a.preset)?;
         println!("{}", cfg.report(&a.preset, a.json));

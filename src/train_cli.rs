@@ -10,7 +10,6 @@ use radit_engine::collective;
 use radit_engine::fsdp::EngineConfig;
 use radit_jobs::train::metrics_csv::MetricsCsv;
 use radit_jobs::train::{TrainConfig, TrainError, train};
-use radit_models::model::save_named_weights;
 use radit_models::network::Architecture;
 use radit_models::tch::Device;
 
@@ -37,6 +36,25 @@ pub struct ExportArgs {
     /// Export the raw weights instead of the EMA.
     #[arg(long)]
     raw: bool,
+}
+
+/// `radit vae train` and `radit vae finetune`: `radit train` for a config whose model is RadVAE (Scratch), or a
+/// fine-tune of a released decoder (the command says what it trains).
+pub fn run_vae_train(a: TrainArgs, finetune: bool) -> anyhow::Result<u8> {
+    use radit_models::network::Architecture;
+    let cfg = TrainConfig::load(&a.config)?;
+    let (fits, wanted) = match (finetune, cfg.model()) {
+        (false, Architecture::RadVae(_)) | (true, Architecture::VaeFinetune(_)) => (true, ""),
+        (false, _) => (false, "RadVAE ([model] preset = \"radvae\" or [model.vae])"),
+        (true, _) => (false, "a decoder fine-tune ([model.finetune])"),
+    };
+    crate::exit::ensure_usage!(
+        fits,
+        "{}: the model is {}; this command trains {wanted} (`radit train` trains any model)",
+        a.config.display(),
+        cfg.model().name()
+    );
+    run_train(a)
 }
 
 pub fn run_train(a: TrainArgs) -> anyhow::Result<u8> {
@@ -91,7 +109,8 @@ pub fn run_train(a: TrainArgs) -> anyhow::Result<u8> {
 
 pub fn run_export(a: ExportArgs) -> anyhow::Result<u8> {
     let (model, step, weights) = checkpoint::read_weights(&a.checkpoint, !a.raw)?;
-    save_named_weights(&weights, &model, &a.out)?;
+    // A velocity network's model file, or an autoencoder's file (`radit encode`, `radit decode`).
+    model.save_trained(&weights, &[], &a.out)?;
     println!(
         "wrote {} ({} weights of step {step})",
         a.out.display(),

@@ -26,8 +26,8 @@ fn twin(args: &[&str], dir: Option<&Path>) -> std::process::Output {
 /// The tiny autoencoder with the weights of `file` under `dir`.
 fn loaded(dir: &Path, file: &str) -> (VarStore, Autoencoder) {
     let vs = VarStore::new(Device::Cpu);
-    let ae = Autoencoder::new(&vs.root(), &AeConfig::tiny()).unwrap();
-    autoencoder::load(&vs, &AeConfig::tiny(), &dir.join(file)).unwrap();
+    let ae = Autoencoder::new(&vs.root(), &AeConfig::tiny().into()).unwrap();
+    autoencoder::load(&vs, &AeConfig::tiny().into(), &dir.join(file)).unwrap();
     (vs, ae)
 }
 
@@ -135,10 +135,10 @@ fn loading_is_strict_and_names_what_does_not_match() {
         (write("stray.safetensors", &stray), "encoder.extra.weight"),
     ];
     let vs = VarStore::new(Device::Cpu);
-    let _ae = Autoencoder::new(&vs.root(), &AeConfig::tiny()).unwrap();
+    let _ae = Autoencoder::new(&vs.root(), &AeConfig::tiny().into()).unwrap();
     let before = snapshot(&vs);
     for (path, needle) in &cases {
-        let e = autoencoder::load(&vs, &AeConfig::tiny(), path)
+        let e = autoencoder::load(&vs, &AeConfig::tiny().into(), path)
             .unwrap_err()
             .to_string();
         assert!(e.contains(needle), "{needle}: {e}");

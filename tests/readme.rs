@@ -79,6 +79,10 @@ const CLUSTER_ONLY: &[(&str, &str)] = &[
         "FLUX.2's weights on the cluster",
     ),
     (
+        "examples/radvae-job.toml",
+        "the RadVAE job's store, Rad-DINO and Slurm account (tests/examples.rs dry-runs every example job)",
+    ),
+    (
         "examples/radunet-pixel-job.toml",
         "the U-Net job's store and Slurm account (tests/examples.rs dry-runs every example job)",
     ),

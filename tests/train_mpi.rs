@@ -715,3 +715,270 @@ fn usr1_checkpoints_every_rank_at_the_same_step_exits_75_and_the_next_job_resume
     let rest = train(2, &cfg);
     assert_eq!([first, rest].concat(), straight);
 }
+
+/// A train config of an autoencoder `model` (its [model] section) with the reconstruction objective (L1, a KL term
+/// for a RadVAE, the perceptual distance on `snapshot`), checkpoints every 3 steps and the best weights kept by a
+/// validation loss every 2, named `name` (checkpoints `ckpt-NAME`, best weights `best-NAME.safetensors`).
+fn autoencoder_config(
+    d: &Path,
+    store: &Path,
+    snapshot: &Path,
+    model: &str,
+    name: &str,
+    steps: u64,
+) -> PathBuf {
+    let kl = if model.contains("finetune") {
+        0.0
+    } else {
+        0.01
+    };
+    let text = format!(
+        r#"
+[data]
+url = "{}"
+window_shards = 2
+prefetch = 2
+
+{model}
+[reconstruction]
+kl = {kl}
+perceptual = 250.0
+perceptual_net = "{}"
+
+[engine]
+mode = "ddp"
+ema_decay = 0.5
+
+[engine.adam]
+lr = 0.01
+weight_decay = 1e-4
+warmup_steps = 2
+
+[train]
+steps = {steps}
+global_batch = 8
+seed = 5
+log_every = 1
+
+[checkpoint]
+url = "{}"
+every = 3
+keep = 2
+
+[validation]
+every = 2
+split = "train"
+images = 8
+batch = 4
+best = "{}"
+"#,
+        store.display(),
+        snapshot.display(),
+        d.join(format!("ckpt-{name}")).display(),
+        d.join(format!("best-{name}.safetensors")).display(),
+    );
+    common::write_train_config(&d.join(format!("ae-{name}-{steps}.toml")), &text)
+}
+
+/// `radit vae COMMAND --config CFG` on two MPI ranks; rank 0's output.
+fn vae_command(command: &str, cfg: &Path) -> std::process::Output {
+    let mut cmd = mpirun(2);
+    cmd.args(["vae", command, "--threads", "1", "--config"])
+        .arg(cfg);
+    run_ok(&mut cmd)
+}
+
+/// Trains `config("straight", 6)`, then `config("split", 3)` and `config("split", 6)` (a stop and a resume) with
+/// `radit vae COMMAND`: the loss falls, validations come at steps 2, 4 and 6, the resumed run's losses, weights and
+/// best weights are the uninterrupted run's exactly, and the best weights are the lowest validation loss's.
+/// Returns the straight run's best weights.
+fn trains_resumes_and_keeps_its_best(
+    d: &Path,
+    command: &str,
+    config: impl Fn(&str, u64) -> PathBuf,
+) -> PathBuf {
+    let straight = vae_command(command, &config("straight", 6));
+    let losses_straight = losses(&straight);
+    assert_eq!(losses_straight.len(), 6);
+    assert!(
+        losses_straight[5] < losses_straight[0],
+        "the reconstruction loss goes down: {losses_straight:?}"
+    );
+    let validations = validation_losses(&straight);
+    let steps: Vec<u64> = validations.iter().map(|v| v.0).collect();
+    assert_eq!(steps, [2, 4, 6]);
+    let first = vae_command(command, &config("split", 3));
+    let second = vae_command(command, &config("split", 6));
+    assert_eq!(
+        [losses(&first), losses(&second)].concat(),
+        losses_straight,
+        "resumed losses are the uninterrupted ones"
+    );
+    let w_straight = export(
+        &d.join("ckpt-straight"),
+        &d.join("straight-raw.safetensors"),
+    );
+    let w_split = export(&d.join("ckpt-split"), &d.join("split-raw.safetensors"));
+    assert_weights_close(&w_split, &w_straight, 0.0, "stop + resume vs straight");
+
+    // The best weights: the lowest validation loss's (the first, on a tie), with its step and loss; the resumed
+    // run kept the same across its two jobs.
+    let best = d.join("best-straight.safetensors");
+    let (step, loss) = validations
+        .iter()
+        .fold(None::<(u64, f64)>, |b, &(s, l)| match b {
+            Some((_, bl)) if bl <= l => b,
+            _ => Some((s, l)),
+        })
+        .unwrap();
+    let meta = radit_models::model::read_metadata(&best).unwrap();
+    assert_eq!(meta["radit.best.step"], step.to_string(), "{validations:?}");
+    let kept: f64 = meta["radit.best.val_loss"].parse().unwrap();
+    assert!((kept - loss).abs() <= 1e-9 * loss.abs(), "{kept} vs {loss}");
+    let best_split = d.join("best-split.safetensors");
+    assert_eq!(
+        radit_models::model::read_metadata(&best_split).unwrap(),
+        meta
+    );
+    let (a, b) = (
+        radit_models::model::read_weights(&best).unwrap(),
+        radit_models::model::read_weights(&best_split).unwrap(),
+    );
+    assert_weights_close(&a, &b, 0.0, "best weights, straight vs resumed");
+    best
+}
+
+/// `radit decode` of random latents `[2, 4, 8, 8]` with `weights` agrees, level for level, with the library's
+/// autoencoder loaded from the same file.
+fn assert_decode_matches_the_library(d: &Path, weights: &Path) {
+    use radit_models::autoencoder::{AUTO, Autoencoder, resolve};
+    let found = resolve(AUTO, weights).unwrap();
+    let z = Tensor::randn([2, 4, 8, 8], radit_models::tch::kind::FLOAT_CPU);
+    let latents = d.join("latents.safetensors");
+    Tensor::write_safetensors(&[("latents", &z)], &latents).unwrap();
+    let out = d.join("decoded");
+    run_ok(
+        radit()
+            .args(["decode", "--device", "cpu", "--latents"])
+            .arg(&latents)
+            .arg("--decoder")
+            .arg(weights)
+            .arg("--out")
+            .arg(&out),
+    );
+    let vs = radit_models::tch::nn::VarStore::new(radit_models::tch::Device::Cpu);
+    let ae = Autoencoder::new(&vs.root(), &found).unwrap();
+    radit_models::autoencoder::load(&vs, &found, weights).unwrap();
+    let images = radit_models::tch::no_grad(|| ae.decode(&z)).unwrap();
+    for i in 0..2 {
+        let want = radit_jobs::generate::to_u16(&images.get(i)).unwrap();
+        let png = out.join(format!("decoded_{i:04}.png"));
+        let decoder =
+            png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&png).unwrap()));
+        let mut reader = decoder.read_info().unwrap();
+        let mut bytes = vec![0; reader.output_buffer_size().unwrap()];
+        let info = reader.next_frame(&mut bytes).unwrap();
+        assert_eq!((info.width, info.height), (16, 16));
+        let got: Vec<u16> = bytes
+            .chunks(2)
+            .map(|b| u16::from_be_bytes([b[0], b[1]]))
+            .collect();
+        let worst = got
+            .iter()
+            .zip(&want)
+            .map(|(g, w)| g.abs_diff(*w))
+            .max()
+            .unwrap();
+        assert!(
+            worst <= 1,
+            "decoded_{i:04}.png is {worst} levels off the library's decode"
+        );
+    }
+}
+
+/// RadVAE (Scratch), tiny, trained by `radit vae train` on two MPI ranks with L1, KL and the Rad-DINO perceptual
+/// distance (a random stand-in snapshot): it trains, resumes exactly and keeps its best weights; the best file is
+/// an autoencoder file that `radit encode` encodes the store with and `radit decode` decodes with, as the
+/// library's autoencoder does.
+#[test]
+fn radvae_trains_resumes_exactly_keeps_its_best_and_encodes_and_decodes() {
+    use radit_models::autoencoder::{AutoencoderConfig, found_in};
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let store = store(d);
+    let snapshot = d.join("rad-dino");
+    radit_models::features::write_random_snapshot(&snapshot, 2).unwrap();
+    let model = "[model]\npreset = \"radvae-tiny\"\n";
+    let best = trains_resumes_and_keeps_its_best(d, "train", |name, steps| {
+        autoencoder_config(d, &store, &snapshot, model, name, steps)
+    });
+    let found = found_in(&best).unwrap().unwrap();
+    assert_eq!(found, AutoencoderConfig::preset("radvae-tiny").unwrap());
+    run_ok(
+        radit()
+            .args(["encode", "--store", store.to_str().unwrap(), "--weights"])
+            .arg(&best),
+    );
+    let manifest: radit_sharding::manifest::Manifest =
+        serde_json::from_slice(&std::fs::read(store.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest.latents.unwrap().sample_shape, [4, 8, 8]);
+    assert_decode_matches_the_library(d, &best);
+}
+
+/// RadVAE (LoRA), tiny: a random tiny FLUX-topology autoencoder's decoder fine-tuned by `radit vae finetune` on two
+/// MPI ranks (LoRA on its input convolution, mid block and one convolution per up level, the RGB head in full),
+/// with L1 and the perceptual distance: it trains, resumes exactly and keeps its best weights, which are the
+/// plain autoencoder with the updates merged: the encoder is the released one, bit for bit, and `radit decode`
+/// decodes with it as the library does.
+#[test]
+fn a_decoder_finetune_trains_resumes_exactly_and_its_merged_best_decodes() {
+    use radit_models::autoencoder::{AeConfig, found_in};
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let store = store(d);
+    let snapshot = d.join("rad-dino");
+    radit_models::features::write_random_snapshot(&snapshot, 2).unwrap();
+    let base = d.join("tiny-ae.safetensors");
+    run_ok(radit().args(["vae", "init", "tiny", "--out"]).arg(&base));
+    let model = format!(
+        r#"[model.finetune]
+base = "{}"
+image_size = 16
+
+[model.finetune.lora]
+rank = 2
+alpha = 4.0
+targets = ["decoder.conv_in", "decoder.mid.block_*.conv*", "decoder.mid.attn_1.*", "decoder.up.*.block.1.conv2"]
+"#,
+        base.display()
+    );
+    let best = trains_resumes_and_keeps_its_best(d, "finetune", |name, steps| {
+        autoencoder_config(d, &store, &snapshot, &model, name, steps)
+    });
+    // A plain autoencoder file of the released configuration: the updates are merged.
+    let found = found_in(&best).unwrap().unwrap();
+    assert_eq!(found, AeConfig::tiny().into());
+    let (released, tuned) = (
+        radit_models::model::read_weights(&base).unwrap().tensors,
+        radit_models::model::read_weights(&best).unwrap().tensors,
+    );
+    assert_eq!(released.len(), tuned.len());
+    assert!(tuned.keys().all(|k| !k.contains("lora")));
+    let moved: Vec<&String> = released
+        .iter()
+        .filter(|(k, v)| (*v - &tuned[*k]).abs().max().double_value(&[]) > 0.0)
+        .map(|(k, _)| k)
+        .collect();
+    // The encoder did not move; the LoRA targets' weights and the head did.
+    assert!(moved.iter().all(|k| k.starts_with("decoder.")), "{moved:?}");
+    for k in [
+        "decoder.conv_in.weight",
+        "decoder.mid.attn_1.q.weight",
+        "decoder.up.1.block.1.conv2.weight",
+        "decoder.conv_out.weight",
+        "decoder.norm_out.weight",
+    ] {
+        assert!(moved.iter().any(|m| *m == k), "{k} did not move: {moved:?}");
+    }
+    assert_decode_matches_the_library(d, &best);
+}

@@ -17,13 +17,14 @@ use radit_models::network::Architecture;
 /// A training engine: forward and backward of micro-batches, an optimiser step, and the state checkpoints keep.
 /// Every method that communicates is collective.
 pub trait TrainingEngine: Send {
-    /// One micro-batch; `keys` (one per sample) turns on the model's dropout where it has any. Returns this rank's
-    /// loss.
+    /// One micro-batch; `keys` (one per sample) turns on the model's dropout where it has any. `loss` gets the
+    /// model's output first, then whatever else its last stage hands the objective (an autoencoder's latent
+    /// moments). Returns this rank's loss.
     fn forward_backward(
         &mut self,
         inputs: &ModelInputs,
         keys: Option<&Tensor>,
-        loss: &mut dyn FnMut(&Tensor) -> Tensor,
+        loss: &mut dyn FnMut(&[Tensor]) -> Tensor,
         scale: f64,
     ) -> Result<f64, EngineError>;
     fn optimizer_step(&mut self, local_loss_sum: f64, lr: f64) -> Result<StepReport, EngineError>;
@@ -50,7 +51,7 @@ macro_rules! delegate {
                 &mut self,
                 inputs: &ModelInputs,
                 keys: Option<&Tensor>,
-                loss: &mut dyn FnMut(&Tensor) -> Tensor,
+                loss: &mut dyn FnMut(&[Tensor]) -> Tensor,
                 scale: f64,
             ) -> Result<f64, EngineError> {
                 ($with_keys)(self, inputs, keys, loss, scale)
@@ -98,14 +99,14 @@ macro_rules! delegate {
 delegate!(Fsdp, |e: &mut Fsdp,
                  inputs: &ModelInputs,
                  _keys: Option<&Tensor>,
-                 loss: &mut dyn FnMut(&Tensor) -> Tensor,
+                 loss: &mut dyn FnMut(&[Tensor]) -> Tensor,
                  scale| {
-    e.forward_backward(inputs, |v| loss(v), scale)
+    e.forward_backward(inputs, |v| loss(std::slice::from_ref(v)), scale)
 });
 delegate!(DataParallel, |e: &mut DataParallel,
                          inputs: &ModelInputs,
                          keys: Option<&Tensor>,
-                         loss: &mut dyn FnMut(&Tensor) -> Tensor,
+                         loss: &mut dyn FnMut(&[Tensor]) -> Tensor,
                          scale| {
     e.forward_backward(inputs, keys, |v| loss(v), scale)
 });

@@ -483,9 +483,9 @@ pub struct EncoderBenchReport {
 pub fn encoder_step(
     b: &EncoderBench,
 ) -> Result<EncoderBenchReport, radit_models::model::ModelError> {
-    use radit_models::autoencoder::{AeConfig, Autoencoder};
+    use radit_models::autoencoder::{Autoencoder, AutoencoderConfig};
     use radit_models::model::ModelError;
-    let cfg = AeConfig::preset(&b.preset)?;
+    let cfg = AutoencoderConfig::preset(&b.preset)?;
     if b.batch <= 0 || b.steps == 0 || b.threads <= 0 || b.image_size % cfg.downsampling() != 0 {
         return Err(ModelError::BadInput {
             input: "--batch, --steps, --threads, --image-size",
@@ -508,7 +508,7 @@ pub fn encoder_step(
     for i in 0..b.warmup + b.steps {
         let start = Instant::now();
         let z = tch::no_grad(|| ae.encode_mean(&x))?;
-        if z.size()[1] != cfg.z_channels {
+        if z.size()[1] != cfg.z_channels() {
             return Err(ModelError::BadInput {
                 input: "encoder",
                 reason: "not one latent per image".into(),

@@ -21,7 +21,7 @@ use tch::{Device, Kind, Tensor, nn};
 
 use radit_engine::collective::Collective;
 use radit_engine::out_of_memory::{AllocationFailed, OutOfMemory, guard};
-use radit_models::autoencoder::{self, AeConfig, Autoencoder};
+use radit_models::autoencoder::{self, Autoencoder, AutoencoderConfig};
 
 use crate::journal::{RankError, RankHandles};
 use crate::units::{
@@ -255,7 +255,7 @@ pub fn encode(
     let f = ae_cfg.downsampling();
     store_fits(cfg, &ae_cfg, side)?;
     let sample_shape = [
-        ae_cfg.z_channels as u64,
+        ae_cfg.z_channels() as u64,
         (side / f) as u64,
         (side / f) as u64,
     ];
@@ -393,15 +393,26 @@ fn out_of_memory(
     )
 }
 
-/// The store's image side against the encoder's: FLUX.2's is 512 unless `image_size` says otherwise, any preset's
-/// a multiple of its downsampling.
-fn store_fits(cfg: &EncodeConfig, ae_cfg: &AeConfig, side: i64) -> Result<(), RankError> {
+/// The store's image side against the encoder's: FLUX.2's is 512 unless `image_size` says otherwise, any FLUX
+/// preset's a multiple of its downsampling; RadVAE's blocks are built for one side, which is the only one.
+fn store_fits(cfg: &EncodeConfig, ae_cfg: &AutoencoderConfig, side: i64) -> Result<(), RankError> {
     let f = ae_cfg.downsampling();
     let name = ae_cfg.preset_name().unwrap_or("custom");
+    if let Some(own) = ae_cfg.image_side()
+        && own != side
+    {
+        return Err(RankError::Unusable {
+            what: format!("store {}", cfg.store),
+            reason: format!(
+                "holds {side}x{side} images; the {name} autoencoder was built for {own}x{own} (train one at                  model.input_size = {side}, or shard the store at --image-size {own})"
+            ),
+        });
+    }
     let expected = cfg
         .image_size
-        .or((*ae_cfg == AeConfig::flux2()).then_some(512));
-    if side % f != 0 || expected.is_some_and(|e| i64::from(e) != side) {
+        .map(i64::from)
+        .or((*ae_cfg == AutoencoderConfig::flux2()).then_some(512));
+    if side % f != 0 || expected.is_some_and(|e| e != side) {
         return Err(RankError::Unusable {
             what: format!("store {}", cfg.store),
             reason: format!(
@@ -535,14 +546,15 @@ mod tests {
     fn bf16_encoding_tracks_fp32() {
         tch::manual_seed(4);
         let vs = nn::VarStore::new(Device::Cpu);
-        let ae = Autoencoder::new(&vs.root(), &AeConfig::tiny()).unwrap();
+        let ae = Autoencoder::new(&vs.root(), &AutoencoderConfig::preset("tiny").unwrap()).unwrap();
         let images: Vec<u16> = (0..3 * 16 * 16)
             .map(|i| ((i * 2654435761u64 as usize) % 65536) as u16)
             .collect();
         let fp32 = encode_images(&ae, &images, 16, 2, Device::Cpu, Precision::Fp32).unwrap();
         assert_eq!(fp32.len(), 3 * 4 * 8 * 8);
         let mut bf16_vs = nn::VarStore::new(Device::Cpu);
-        let bf16_ae = Autoencoder::new(&bf16_vs.root(), &AeConfig::tiny()).unwrap();
+        let bf16_ae =
+            Autoencoder::new(&bf16_vs.root(), &AutoencoderConfig::preset("tiny").unwrap()).unwrap();
         bf16_vs.copy(&vs).unwrap();
         bf16_vs.bfloat16();
         let bf16 = encode_images(&bf16_ae, &images, 16, 2, Device::Cpu, Precision::Bf16).unwrap();

@@ -4,14 +4,17 @@
 //! - [`model`]: RadiT, its presets and costs, weights as safetensors with PyTorch names.
 //! - [`block`]: what a model made of a prologue, blocks and a head exposes, for the engine to shard and schedule;
 //!   [`precision`] and [`error`], which both sides share.
-//! - [`autoencoder`]: the FLUX.2 autoencoder whose encoder makes the latents of the latent presets.
+//! - [`autoencoder`]: the autoencoders that make latents and decode them (FLUX.2's, RadVAE (Scratch)), and the
+//!   fine-tune of FLUX.2's decoder (RadVAE (LoRA)) with [`lora`] updates.
 //! - [`features`]: feature networks for evaluation (DINOv2, a TorchScript module) with their preprocessing.
-//! - [`flow`]: the rectified-flow objective and its per-sample noise and time draws.
+//! - [`flow`]: the rectified-flow objective and its per-sample noise and time draws; [`reconstruction`]: an
+//!   autoencoder's (L1, KL and the Rad-DINO perceptual distance).
 //! - [`sampler`]: Euler and torchdiffeq-exact dopri5, forward and reverse; counterfactual editing.
 //! - [`scm`]: the Flow SCM over the metadata variables (graph, model, inference, checks, files).
-//! - [`network`]: which network (RadiT or RadUNet) as one config, and the velocity every sampler calls;
+//! - [`network`]: which network (RadiT, RadUNet or RadVAE) as one config, and the velocity every sampler calls;
 //!   [`staged`]: a model as stages, for the data-parallel engine (any model, skip connections included).
-//! - [`unet`]: RadUNet, EDM2's magnitude-preserving U-Net as the paper's baseline, with its closed-form counts.
+//! - [`unet`]: RadUNet, EDM2's magnitude-preserving U-Net as the paper's baseline, with its closed-form counts, and
+//!   RadVAE (Scratch), the autoencoder of the same blocks.
 //!
 //! ```no_run
 //! use radit_models::{flow, model::{RadiT, RadiTConfig}, sampler};
@@ -34,9 +37,11 @@ pub mod block;
 pub mod error;
 pub mod features;
 pub mod flow;
+pub mod lora;
 pub mod model;
 pub mod network;
 pub mod precision;
+pub mod reconstruction;
 pub mod sampler;
 pub mod scm;
 pub mod staged;

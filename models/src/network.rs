@@ -1,13 +1,16 @@
-//! The velocity networks radit trains, behind one config and one trait: RadiT (a chain of transformer blocks,
-//! which the sharded engine can train) and RadUNet (EDM2's U-Net, trained data-parallel).
+//! The networks radit trains, behind one config: the velocity networks RadiT (a chain of transformer blocks, which
+//! the sharded engine can train) and RadUNet (EDM2's U-Net, trained data-parallel), both behind [`VelocityNet`],
+//! and the autoencoder RadVAE (Scratch), trained data-parallel on a reconstruction objective.
 
 use serde::{Deserialize, Serialize};
 use tch::{Tensor, nn};
 
+use crate::autoencoder::finetune::{DecoderFinetune, FinetuneConfig};
 use crate::error::ModelError;
 use crate::model::{RadiT, RadiTConfig};
 use crate::precision::Precision;
 use crate::staged::{Chain, StagedModel};
+use crate::unet::vae::{RADVAE_PRESETS, RadVae, RadVaeConfig};
 use crate::unet::{RadUNet, UNetConfig};
 
 /// A network's velocity v(x, t, metadata) without dropout: what samplers and evaluation call.
@@ -55,26 +58,47 @@ impl VelocityNet for RadUNet {
     }
 }
 
-/// Which network, with its whole architecture. Serialised as the inner config alone (RadiT's fields or the
-/// U-Net's), so a checkpoint written before the U-Net existed keeps its model hash.
+/// Which network, with its whole architecture. Serialised as the inner config alone (RadiT's fields, the U-Net's
+/// or the autoencoder's: each set of fields is its own), so a checkpoint written before the U-Net existed keeps
+/// its model hash.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum Architecture {
     RadiT(RadiTConfig),
     UNet(UNetConfig),
+    RadVae(RadVaeConfig),
+    /// RadVAE (LoRA): a released FLUX.2 autoencoder's decoder, fine-tuned.
+    VaeFinetune(FinetuneConfig),
+}
+
+/// What a network is trained to do, which decides the objective.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// A velocity v(x_t, t, metadata): the rectified-flow objective.
+    Velocity,
+    /// An autoencoder: reconstruction of its input.
+    Autoencoder,
 }
 
 impl Architecture {
-    /// A RadiT preset (`b-pixel`, `tiny`, ...) or a U-Net preset (`unet-pixel`, `unet-latent`, `unet-tiny`).
+    /// A RadiT preset (`b-pixel`, `tiny`, ...), a U-Net preset (`unet-pixel`, `unet-latent`, `unet-tiny`) or an
+    /// autoencoder's (`radvae`, `radvae-tiny`).
     pub fn preset(name: &str) -> Result<Self, ModelError> {
         if crate::unet::UNET_PRESETS.contains(&name) {
             return Ok(Self::UNet(UNetConfig::preset(name)?));
+        }
+        if RADVAE_PRESETS.contains(&name) {
+            return Ok(Self::RadVae(RadVaeConfig::preset(name)?));
         }
         match RadiTConfig::preset(name) {
             Ok(c) => Ok(Self::RadiT(c)),
             Err(ModelError::UnknownPreset { name, known }) => Err(ModelError::UnknownPreset {
                 name,
-                known: format!("{known}, {}", crate::unet::UNET_PRESETS.join(", ")),
+                known: format!(
+                    "{known}, {}, {}",
+                    crate::unet::UNET_PRESETS.join(", "),
+                    RADVAE_PRESETS.join(", ")
+                ),
             }),
             Err(e) => Err(e),
         }
@@ -91,16 +115,30 @@ impl Architecture {
                 img_resolution: side,
                 ..c
             }),
+            Self::RadVae(c) => Self::RadVae(RadVaeConfig {
+                img_resolution: side,
+                ..c
+            }),
+            Self::VaeFinetune(c) => Self::VaeFinetune(FinetuneConfig {
+                image_size: side,
+                ..c
+            }),
         }
     }
 
     pub fn validate(&self) -> Result<(), radit_protocol::ConfigError> {
         match self {
             Self::RadiT(c) => c.validate(),
-            Self::UNet(c) => c.validate().map_err(|e| match e {
-                ModelError::InvalidConfig(c) => c,
-                other => radit_protocol::ConfigError::new("model", other.to_string()),
-            }),
+            Self::UNet(c) => c.validate().map_err(config_error),
+            Self::RadVae(c) => c.validate().map_err(config_error),
+            Self::VaeFinetune(c) => c.validate(),
+        }
+    }
+
+    pub fn role(&self) -> Role {
+        match self {
+            Self::RadiT(_) | Self::UNet(_) => Role::Velocity,
+            Self::RadVae(_) | Self::VaeFinetune(_) => Role::Autoencoder,
         }
     }
 
@@ -108,6 +146,8 @@ impl Architecture {
         match self {
             Self::RadiT(_) => "RadiT",
             Self::UNet(_) => "RadUNet",
+            Self::RadVae(_) => "RadVAE",
+            Self::VaeFinetune(_) => "RadVAE (LoRA)",
         }
     }
 
@@ -115,6 +155,8 @@ impl Architecture {
         match self {
             Self::RadiT(c) => c.in_channels,
             Self::UNet(c) => c.img_channels,
+            Self::RadVae(c) => c.img_channels,
+            Self::VaeFinetune(_) => 1,
         }
     }
 
@@ -122,6 +164,8 @@ impl Architecture {
         match self {
             Self::RadiT(c) => c.input_size,
             Self::UNet(c) => c.img_resolution,
+            Self::RadVae(c) => c.img_resolution,
+            Self::VaeFinetune(c) => c.image_size,
         }
     }
 
@@ -129,10 +173,13 @@ impl Architecture {
         match self {
             Self::RadiT(c) => &c.classes,
             Self::UNet(c) => &c.classes,
+            // An autoencoder reads no metadata.
+            Self::RadVae(_) | Self::VaeFinetune(_) => &[],
         }
     }
 
-    /// Whether it is a chain of blocks the sharded engine can train (RadiT); a U-Net trains data-parallel.
+    /// Whether it is a chain of blocks the sharded engine can train (RadiT); a U-Net or RadVAE trains
+    /// data-parallel.
     pub fn is_chain(&self) -> bool {
         matches!(self, Self::RadiT(_))
     }
@@ -142,14 +189,21 @@ impl Architecture {
         match self {
             Self::RadiT(c) => c.parameter_count().total() as u64,
             Self::UNet(c) => c.parameter_count().total(),
+            Self::RadVae(c) => c.parameter_count(),
+            // The trainable ones (the updates), counted on the released autoencoder's layers.
+            Self::VaeFinetune(c) => {
+                crate::autoencoder::finetune::trainable_parameters(c).unwrap_or(0)
+            }
         }
     }
 
-    /// What the throughput counts per image: RadiT's tokens, a U-Net's input cells.
+    /// What the throughput counts per image: RadiT's tokens, a U-Net's or an autoencoder's input cells.
     pub fn tokens_per_image(&self) -> u64 {
         match self {
             Self::RadiT(c) => c.tokens() as u64,
             Self::UNet(c) => (c.img_resolution * c.img_resolution) as u64,
+            Self::RadVae(c) => (c.img_resolution * c.img_resolution) as u64,
+            Self::VaeFinetune(c) => (c.image_size * c.image_size) as u64,
         }
     }
 
@@ -158,6 +212,10 @@ impl Architecture {
         match self {
             Self::RadiT(c) => c.forward_flops_per_token() * c.tokens() as f64,
             Self::UNet(c) => c.flops_per_image(),
+            Self::RadVae(c) => c.flops_per_image(),
+            Self::VaeFinetune(c) => c.autoencoder().map_or(0.0, |a| {
+                a.encoder_flops(c.image_size) + a.decoder_flops(c.image_size)
+            }),
         }
     }
 
@@ -165,16 +223,52 @@ impl Architecture {
     pub fn training_flops_per_token(&self) -> f64 {
         match self {
             Self::RadiT(c) => c.training_flops_per_token(),
-            Self::UNet(c) => 3.0 * c.flops_per_image() / self.tokens_per_image() as f64,
+            Self::UNet(_) | Self::RadVae(_) | Self::VaeFinetune(_) => {
+                3.0 * self.forward_flops_per_image() / self.tokens_per_image() as f64
+            }
         }
     }
 
-    /// The network for sampling and evaluation.
+    /// The velocity network, for sampling and evaluation; an autoencoder is refused (it has no velocity).
     pub fn build(&self, p: &nn::Path) -> Result<Box<dyn VelocityNet>, ModelError> {
         Ok(match self {
             Self::RadiT(c) => Box::new(RadiT::new(p, c)?),
             Self::UNet(c) => Box::new(RadUNet::new(p, c)?),
+            Self::RadVae(_) | Self::VaeFinetune(_) => {
+                return Err(ModelError::BadInput {
+                    input: "model",
+                    reason: format!(
+                        "{} is an autoencoder, not a velocity network: it encodes and decodes (`radit \
+                         encode`, `radit decode`, [samples.decoder]) and samples nothing",
+                        self.name()
+                    ),
+                });
+            }
         })
+    }
+
+    /// Writes trained weights (by name, as the engine gathers them) as the file their users load: a velocity
+    /// network's model file (`radit generate`, `radit sample`), an autoencoder's file (`radit encode`, `radit
+    /// decode`, `[samples.decoder]`). `extra` goes into the metadata.
+    pub fn save_trained(
+        &self,
+        named: &std::collections::BTreeMap<String, Tensor>,
+        extra: &[(&str, &str)],
+        path: &std::path::Path,
+    ) -> Result<(), ModelError> {
+        match self {
+            Self::RadVae(c) => crate::autoencoder::save_named(
+                named,
+                &crate::autoencoder::AutoencoderConfig::RadVae(c.clone()),
+                extra,
+                path,
+            ),
+            // The plain autoencoder, the updates folded in.
+            Self::VaeFinetune(c) => {
+                crate::autoencoder::finetune::save_merged(c, named, extra, path)
+            }
+            velocity => crate::model::save_named_weights_with(named, velocity, extra, path),
+        }
     }
 
     /// The network as stages, for the data-parallel engine.
@@ -182,7 +276,16 @@ impl Architecture {
         Ok(match self {
             Self::RadiT(c) => Box::new(Chain::new(Box::new(RadiT::new(p, c)?))),
             Self::UNet(c) => Box::new(RadUNet::new(p, c)?),
+            Self::RadVae(c) => Box::new(RadVae::new(p, c)?),
+            Self::VaeFinetune(c) => Box::new(DecoderFinetune::new(p, c)?),
         })
+    }
+}
+
+fn config_error(e: ModelError) -> radit_protocol::ConfigError {
+    match e {
+        ModelError::InvalidConfig(c) => c,
+        other => radit_protocol::ConfigError::new("model", other.to_string()),
     }
 }
 

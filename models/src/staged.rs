@@ -31,7 +31,8 @@ pub trait StagedModel: Send {
     /// Shapes, kinds and ranges of one micro-batch, checked before anything runs.
     fn check_inputs(&self, inputs: &ModelInputs) -> Result<(), ModelError>;
     /// Stage `i` from the values the earlier stages made (in the order they made them); returns the values it
-    /// makes. The last stage returns the output alone (fp32).
+    /// makes. The last stage returns the output (fp32) first, then whatever else the objective reads (an
+    /// autoencoder's latent mean and log-variance).
     fn stage(
         &self,
         i: usize,
@@ -46,15 +47,19 @@ pub trait StagedModel: Send {
     fn set_precision(&mut self, precision: Precision);
 }
 
-/// Runs every stage in order: the model's whole forward, for sampling and for tests.
-pub fn run_stages(model: &dyn StagedModel, at: &StageInputs) -> Result<Tensor, ModelError> {
+/// Runs every stage in order: the model's whole forward, for evaluation and for tests. Returns the last stage's
+/// values, the output first.
+pub fn run_stages(model: &dyn StagedModel, at: &StageInputs) -> Result<Vec<Tensor>, ModelError> {
     model.check_inputs(&at.inputs)?;
     let mut values: Vec<Tensor> = Vec::new();
     for i in 0..model.stages() {
         let made = model.stage(i, &values, at)?;
+        if i + 1 == model.stages() {
+            return Ok(made);
+        }
         values.extend(made);
     }
-    values.pop().ok_or_else(|| ModelError::BadInput {
+    Err(ModelError::BadInput {
         input: "x",
         reason: "the model has no stages".into(),
     })

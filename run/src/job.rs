@@ -94,6 +94,13 @@ impl Work {
 pub enum JobKind {
     #[default]
     Train,
+    /// Training RadVAE (Scratch): a train job whose model is `[model] preset = "radvae"` or `[model.vae]`.
+    #[serde(rename = "vae-train")]
+    VaeTrain,
+    /// Fine-tuning a released autoencoder's decoder (RadVAE (LoRA)): a train job whose model is
+    /// `[model.finetune]`.
+    #[serde(rename = "vae-finetune")]
+    VaeFinetune,
     Encode,
     Generate,
     Features,
@@ -148,7 +155,9 @@ fn check_job_sections(all: &toml::Table) -> Result<(), String> {
         .unwrap_or("train");
     let mut known: Vec<&str> = RUN_SECTIONS.to_vec();
     match kind {
-        "train" => known.extend(train_sections.iter().filter(|s| **s != "preview")),
+        "train" | "vae-train" | "vae-finetune" => {
+            known.extend(train_sections.iter().filter(|s| **s != "preview"))
+        }
         "encode" | "generate" | "features" | "scm" => known.push(kind),
         // The kind itself is checked, and named, when [job] is read.
         _ => return Ok(()),
@@ -176,7 +185,7 @@ impl JobSpec {
         }
         let r: RunSections = own.try_into().map_err(|e: toml::de::Error| e.to_string())?;
         let work = match r.job.kind {
-            JobKind::Train => Work::Train(Box::new(
+            JobKind::Train | JobKind::VaeTrain | JobKind::VaeFinetune => Work::Train(Box::new(
                 all.try_into().map_err(|e: toml::de::Error| e.to_string())?,
             )),
             JobKind::Encode => Work::Encode(read_section(all, "encode", "an encode job")?),
@@ -440,9 +449,22 @@ fn absolute_train_paths(t: &mut TrainConfig, folder: &JobFolder) {
     if let Some(c) = &mut t.checkpoint {
         c.url = folder.url(&c.url);
     }
-    if let Some(fd) = t.validation.as_mut().and_then(|v| v.fd.as_mut()) {
-        fd.reference = folder.path(&fd.reference);
-        fd.net = folder.path(&fd.net);
+    if let Some(v) = t.validation.as_mut() {
+        if let Some(fd) = v.fd.as_mut() {
+            fd.reference = folder.path(&fd.reference);
+            fd.net = folder.path(&fd.net);
+        }
+        v.best = v.best.as_deref().map(|p| folder.path(p));
+    }
+    if let Some(net) = t
+        .reconstruction
+        .as_mut()
+        .and_then(|r| r.perceptual_net.as_mut())
+    {
+        *net = folder.path(net);
+    }
+    if let Some(f) = t.model.finetune.as_mut() {
+        f.base = folder.path(&f.base);
     }
 }
 
@@ -588,6 +610,48 @@ impl Job {
                             None => e.field,
                         };
                         bad(&field, e.reason)
+                    })
+                    .and_then(|t| {
+                        use radit_models::network::Architecture as A;
+                        let (wants, kind) = match spec.job.kind {
+                            JobKind::VaeTrain => (matches!(t.model(), A::RadVae(_)), "vae-train"),
+                            JobKind::VaeFinetune => {
+                                (matches!(t.model(), A::VaeFinetune(_)), "vae-finetune")
+                            }
+                            _ => (true, ""),
+                        };
+                        if wants {
+                            Ok(t)
+                        } else {
+                            Err(bad(
+                                "job.kind",
+                                format!(
+                                    "{kind} trains {}, but the model is {}: set [job] kind = \"train\" or \
+                                     give that model",
+                                    if kind == "vae-train" {
+                                        "RadVAE ([model] preset = \"radvae\" or [model.vae])"
+                                    } else {
+                                        "a decoder fine-tune ([model.finetune])"
+                                    },
+                                    t.model().name()
+                                ),
+                            ))
+                        }
+                    })
+                    .and_then(|t| match t.model().role() {
+                        radit_models::network::Role::Autoencoder
+                            if spec.samples != SampleSpec::default() =>
+                        {
+                            Err(bad(
+                                "samples",
+                                format!(
+                                    "{} is an autoencoder and draws no samples: remove [samples] (its best \
+                                     weights are [validation] best)",
+                                    t.model().name()
+                                ),
+                            ))
+                        }
+                        _ => Ok(t),
                     })?,
             )),
             other => {
@@ -704,9 +768,12 @@ impl Job {
 
     /// The radit (sub)command every rank runs.
     fn rank_command(&self) -> &'static [&'static str] {
-        self.work
-            .section_job()
-            .map_or(&["train"], |s| s.rank_command())
+        match (self.work.section_job(), self.spec.job.kind) {
+            (Some(s), _) => s.rank_command(),
+            (None, JobKind::VaeTrain) => &["vae", "train"],
+            (None, JobKind::VaeFinetune) => &["vae", "finetune"],
+            (None, _) => &["train"],
+        }
     }
 
     /// What every rank checks at its start (the store, its samples against the model, the splits, the weights'
@@ -854,11 +921,25 @@ impl Job {
 
     fn describe_training(&self, t: &ValidatedConfig, o: &mut String) {
         let m = t.model();
+        let count = match (m, m.parameters()) {
+            (radit_models::network::Architecture::VaeFinetune(f), 0) => format!(
+                "trainable parameters counted once {} is readable",
+                f.base.display()
+            ),
+            (radit_models::network::Architecture::VaeFinetune(_), n) => {
+                format!("{n} trainable parameters")
+            }
+            (_, n) => format!("{n} parameters"),
+        };
         let _ = writeln!(
             o,
-            "model: {} ({} parameters)",
+            "model: {} {} ({count}){}",
+            m.name(),
             t.model.preset.as_deref().unwrap_or("custom"),
-            m.parameters()
+            t.reconstruction.as_ref().map_or(String::new(), |r| format!(
+                "; objective {} x L1 + {} x KL + {} x Rad-DINO perceptual",
+                r.l1, r.kl, r.perceptual
+            ))
         );
         let per_rank = t.train.global_batch / u64::from(self.world);
         let _ = writeln!(
@@ -1020,6 +1101,82 @@ mod tests {
         );
         let err = JobSpec::from_toml(&wrong).unwrap_err();
         assert!(err.contains("model"), "{err}");
+    }
+
+    #[test]
+    fn the_radvae_example_trains_an_autoencoder_on_its_objective_and_wrong_sections_are_named() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+        let file = dir.join("radvae-job.toml");
+        let job = Job::load(&file).unwrap();
+        let train = job.train().unwrap();
+        assert_eq!(
+            train.model().role(),
+            radit_models::network::Role::Autoencoder
+        );
+        assert_eq!(train.model().parameters(), 88_305_024);
+        let r = train.reconstruction.as_ref().unwrap();
+        assert_eq!((r.l1, r.kl, r.perceptual), (1.0, 0.0, 250.0));
+        assert_eq!(
+            (train.engine.adam.lr, train.engine.adam.weight_decay),
+            (1e-4, 1e-4)
+        );
+        assert_eq!(
+            (train.engine.adam.warmup_steps, train.train.global_batch),
+            (4000, 192)
+        );
+        assert_eq!(train.engine.ema_decay, 0.9999);
+        assert_eq!(job.rank_args()[..3], ["vae", "train", "--config"]);
+        let text = std::fs::read_to_string(&file).unwrap();
+        let load = |t: &str| {
+            let path = std::env::temp_dir().join(format!(
+                "radvae-{}-{}.toml",
+                std::process::id(),
+                t.len()
+            ));
+            std::fs::write(&path, t).unwrap();
+            let out = Job::load(&path).map(|_| ()).map_err(|e| e.to_string());
+            let _ = std::fs::remove_file(&path);
+            out
+        };
+        let cases = [
+            (text.replace("[reconstruction]", "[unused]"), "unused"),
+            (
+                text.replace("l1 = 1.0\nkl = 0.0", "l1 = 1.0\nkl = -1.0"),
+                "reconstruction.kl",
+            ),
+            (
+                text.replace("mode = \"ddp\"", "mode = \"zero3\""),
+                "engine.mode",
+            ),
+            (format!("{text}\n[samples]\ncount = 4\n"), "samples"),
+            (
+                text.replace("kind = \"vae-train\"", "kind = \"vae-finetune\""),
+                "job.kind",
+            ),
+            (format!("{text}\n[flow]\nshift = 3.0\n"), "remove [flow]"),
+            (
+                text.replace(
+                    "[model]\npreset = \"radvae\"",
+                    "[model]\npreset = \"unet-pixel\"",
+                ),
+                "[reconstruction] is an autoencoder's objective",
+            ),
+        ];
+        for (wrong, needle) in cases {
+            assert_ne!(wrong, text, "{needle}: the case changed nothing");
+            let err = load(&wrong).unwrap_err();
+            assert!(err.contains(needle), "{needle}: {err}");
+        }
+        let without = text.replace(
+            text.get(text.find("[reconstruction]").unwrap()..text.find("[engine]").unwrap())
+                .unwrap(),
+            "",
+        );
+        let err = load(&without).unwrap_err();
+        assert!(
+            err.contains("is an autoencoder: give its objective"),
+            "{err}"
+        );
     }
 
     #[test]

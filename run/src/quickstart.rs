@@ -171,7 +171,7 @@ pub fn quickstart(
             weights.display()
         )));
         radit_models::autoencoder::write_random(
-            &radit_models::autoencoder::AeConfig::tiny(),
+            &radit_models::autoencoder::AeConfig::tiny().into(),
             0,
             &weights,
         )?;
@@ -261,12 +261,15 @@ pub fn train_spec(image_size: u32, steps: u64, ranks: u32) -> Result<JobSpec, Tr
                 preset: None,
                 config: Some(model),
                 unet: None,
+                vae: None,
+                finetune: None,
                 input_size: None,
             },
             flow: FlowConfig {
                 shift: 3.0,
                 ..FlowConfig::default()
             },
+            reconstruction: None,
             // A short run: the EMA has to forget the initial weights within a few hundred steps (the XL run
             // uses 0.9999).
             engine: EngineConfig {
@@ -301,6 +304,7 @@ pub fn train_spec(image_size: u32, steps: u64, ranks: u32) -> Result<JobSpec, Tr
                 split: radit_sharding::split::Split::Val,
                 ema: true,
                 fd: None,
+                best: None,
             }),
         })),
         job: JobSection {

@@ -202,7 +202,7 @@ impl DataParallel {
         &mut self,
         inputs: &ModelInputs,
         keys: Option<&Tensor>,
-        loss: impl FnOnce(&Tensor) -> Tensor,
+        loss: impl FnOnce(&[Tensor]) -> Tensor,
         scale: f64,
     ) -> Result<f64, EngineError> {
         self.model.check_inputs(inputs)?;
@@ -234,7 +234,7 @@ impl DataParallel {
         }
         let output = made
             .last()
-            .and_then(|o| o.first())
+            .filter(|o| !o.is_empty())
             .ok_or_else(|| EngineError::StateMismatch("the model made no output".into()))?;
         let loss = loss(output);
         let loss_value = loss.double_value(&[]);

@@ -1,8 +1,12 @@
 //! The train loop: `radit train --config run.toml`. A thin driver over the loader, the objective, the engine and
-//! the checkpointer: resume, then `while step < steps { batch; forward/backward; step; maybe checkpoint }`.
+//! the checkpointer: resume, then `while step < steps { batch; forward/backward; step; maybe checkpoint }`. The
+//! objective ([`objective`]) follows the network: the rectified flow for a velocity network, reconstruction for an
+//! autoencoder (`radit vae train`).
 
+pub mod best;
 pub mod ema_samples;
 pub mod metrics_csv;
+pub mod objective;
 pub mod preview;
 pub mod validate;
 
@@ -10,7 +14,7 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 pub use radit_sharding::loader::DataConfig;
-use radit_sharding::loader::{Batch, Inputs, Loader, LoaderConfig, ModelInput, Pass};
+use radit_sharding::loader::{Batch, Inputs, Loader, LoaderConfig, Pass};
 use radit_sharding::order::OrderState;
 use radit_sharding::store::Storage;
 use serde::{Deserialize, Serialize};
@@ -25,10 +29,13 @@ use radit_engine::fsdp::{EngineConfig, EngineError, Initial, LrSchedule, StepRep
 use radit_engine::membership::RankHandles;
 use radit_engine::progress::{Phase, StepRecord};
 use radit_engine::training::TrainingEngine;
+use radit_models::autoencoder::finetune::FinetuneConfig;
 use radit_models::flow::FlowConfig;
 use radit_models::model::{ModelError, RadiTConfig};
-use radit_models::network::Architecture;
+use radit_models::network::{Architecture, Role};
+use radit_models::reconstruction::ReconstructionConfig;
 use radit_models::unet::UNetConfig;
+use radit_models::unet::vae::RadVaeConfig;
 pub use radit_protocol::ConfigError;
 
 /// What can stop a run.
@@ -159,6 +166,9 @@ pub struct TrainConfig {
     pub model: ModelChoice,
     #[serde(default)]
     pub flow: FlowConfig,
+    /// An autoencoder's objective (L1, KL, Rad-DINO perceptual distance).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reconstruction: Option<ReconstructionConfig>,
     #[serde(default)]
     pub engine: EngineConfig,
     pub train: LoopConfig,
@@ -183,6 +193,12 @@ pub struct ModelChoice {
     /// A whole RadUNet.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unet: Option<UNetConfig>,
+    /// A whole RadVAE (an autoencoder, trained on `[reconstruction]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vae: Option<RadVaeConfig>,
+    /// A fine-tune of a released autoencoder's decoder (RadVAE (LoRA), trained on `[reconstruction]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finetune: Option<FinetuneConfig>,
     /// The preset at another input size (a store's image side, or its latents' side): `tiny` at 32.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub input_size: Option<i64>,
@@ -190,17 +206,23 @@ pub struct ModelChoice {
 
 impl ModelChoice {
     pub fn resolve(&self) -> Result<Architecture, ConfigError> {
-        let whole = match (&self.config, &self.unet) {
-            (Some(c), None) => Some(Architecture::RadiT(c.clone())),
-            (None, Some(u)) => Some(Architecture::UNet(u.clone())),
-            (None, None) => None,
-            (Some(_), Some(_)) => {
-                return Err(ConfigError::new(
-                    "model",
-                    "give one of [model.config] (RadiT) or [model.unet] (RadUNet)",
-                ));
-            }
-        };
+        let given: Vec<Architecture> = [
+            self.config.clone().map(Architecture::RadiT),
+            self.unet.clone().map(Architecture::UNet),
+            self.vae.clone().map(Architecture::RadVae),
+            self.finetune.clone().map(Architecture::VaeFinetune),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        if given.len() > 1 {
+            return Err(ConfigError::new(
+                "model",
+                "give one of [model.config] (RadiT), [model.unet] (RadUNet), [model.vae] (RadVAE) or \
+                 [model.finetune] (RadVAE (LoRA))",
+            ));
+        }
+        let whole = given.into_iter().next();
         let cfg = match (&self.preset, whole) {
             (Some(p), None) => {
                 let preset = Architecture::preset(p)
@@ -220,7 +242,8 @@ impl ModelChoice {
             _ => {
                 return Err(ConfigError {
                     field: "model".into(),
-                    reason: "give exactly one of model.preset, [model.config] or [model.unet]"
+                    reason: "give exactly one of model.preset, [model.config], [model.unet], [model.vae] \
+                             or [model.finetune]"
                         .into(),
                 });
             }
@@ -287,10 +310,11 @@ impl TrainConfig {
     }
 
     /// The sections of a training config, in the order a file usually has them.
-    pub const SECTIONS: [&'static str; 8] = [
+    pub const SECTIONS: [&'static str; 9] = [
         "data",
         "model",
         "flow",
+        "reconstruction",
         "engine",
         "train",
         "checkpoint",
@@ -318,6 +342,7 @@ impl TrainConfig {
         };
         let model = self.model.resolve()?;
         self.flow.validate()?;
+        self.check_objective(&model)?;
         self.engine.validate()?;
         if !model.is_chain() && self.engine.mode != radit_engine::fsdp::ShardingMode::Ddp {
             return bad(
@@ -375,6 +400,45 @@ impl TrainConfig {
         Ok(model)
     }
 
+    /// The objective's sections against the network's role: `[flow]` and `[preview]` for a velocity network,
+    /// `[reconstruction]` for an autoencoder.
+    fn check_objective(&self, model: &Architecture) -> Result<(), ConfigError> {
+        match (model.role(), &self.reconstruction) {
+            (Role::Velocity, Some(_)) => Err(ConfigError::new(
+                "reconstruction",
+                format!(
+                    "{} is a velocity network, trained on the rectified flow ([flow]); [reconstruction] is an \
+                     autoencoder's objective",
+                    model.name()
+                ),
+            )),
+            (Role::Autoencoder, None) => Err(ConfigError::new(
+                "reconstruction",
+                format!(
+                    "{} is an autoencoder: give its objective, [reconstruction] (l1, kl, perceptual and the \
+                     Rad-DINO snapshot perceptual_net, or perceptual = 0)",
+                    model.name()
+                ),
+            )),
+            (Role::Autoencoder, Some(r)) => {
+                if self.flow != FlowConfig::default() {
+                    return Err(ConfigError::new(
+                        "flow",
+                        "an autoencoder is not trained on the rectified flow: remove [flow]",
+                    ));
+                }
+                if self.preview.is_some() {
+                    return Err(ConfigError::new(
+                        "preview",
+                        "an autoencoder draws no samples: remove [preview] ([samples] in a job file)",
+                    ));
+                }
+                r.validate()
+            }
+            (Role::Velocity, None) => Ok(()),
+        }
+    }
+
     /// Checks what depends on the world size.
     pub fn validate_for_world(&self, world: u64) -> Result<(), ConfigError> {
         let per_step = world * self.train.micro_batches;
@@ -411,13 +475,10 @@ impl ValidatedConfig {
         &self.model
     }
 
-    /// Rank `rank`'s training loader: the model's input decides images or latents.
+    /// Rank `rank`'s training loader: the model's role and input decide images (dequantised or as stored) or
+    /// latents.
     pub fn loader_config(&self, rank: u64, world: u64) -> LoaderConfig {
-        let output = if self.model.in_channels() == 1 {
-            ModelInput::Dequantised
-        } else {
-            ModelInput::Latents
-        };
+        let output = objective::model_input(&self.model);
         self.data.loader_config(
             Pass::Train,
             self.train.seed,
@@ -478,7 +539,8 @@ fn unreadable_batch(empty: Batch, n: usize) -> Batch {
     }
 }
 
-/// A batch's inputs x1 `[n, C, H, W]`, labels `[n, V]` (int64) and age `[n]` on `device`.
+/// A batch's inputs x1 `[n, C, H, W]` (stored 16-bit pixels at the centres of their bins in [-1, 1]), labels
+/// `[n, V]` (int64) and age `[n]` on `device`.
 pub(crate) fn to_tensors(
     batch: &Batch,
     device: Device,
@@ -487,12 +549,9 @@ pub(crate) fn to_tensors(
     let [c, h, w] = batch.sample_shape.map(|v| v as i64);
     let x1 = match &batch.inputs {
         Inputs::F32(v) => Tensor::from_slice(v),
-        Inputs::U16(_) => {
-            return Err(ConfigError::new(
-                "data",
-                "the loader delivered raw 16-bit pixels; the trainer needs dequantised inputs",
-            )
-            .into());
+        Inputs::U16(v) => {
+            let x: Vec<f32> = v.iter().map(|&l| crate::generate::from_level(l)).collect();
+            Tensor::from_slice(&x)
         }
     }
     .view([n, c, h, w])
@@ -535,7 +594,7 @@ impl MicroBatch<'_> {
         engine.forward_backward(
             &inputs,
             self.keys,
-            &mut |v| radit_models::flow::velocity_mse(v, self.x1, self.x0),
+            &mut |v| radit_models::flow::velocity_mse(&v[0], self.x1, self.x0),
             scale,
         )
     }
@@ -737,6 +796,10 @@ struct Trainer<'a> {
     step_faults: Option<crate::faults::Faults>,
     /// Sampling from the EMA (sheets, FD): decoders and latent statistics loaded once.
     ema_sampling: Option<EmaSampling>,
+    /// What the run minimises, with its networks (a perceptual network) loaded once.
+    objective: objective::Objective,
+    /// The best weights kept so far (`validation.best`).
+    best: Option<best::BestWeights>,
     /// This step's EMA samples, while the sheet and the FD use them.
     ema: Option<(u64, EmaSamples)>,
 }
@@ -801,6 +864,14 @@ impl<'a> Trainer<'a> {
             .transpose()?;
         let step_faults = crate::faults::Faults::from_plan(&handles.faults);
         let ema_sampling = ema_sampling(cfg, rank, device)?;
+        let objective = objective::Objective::open(cfg, device)?;
+        let best = cfg
+            .validation
+            .as_ref()
+            .and_then(|v| v.best.as_ref())
+            .filter(|_| rank == 0)
+            .map(|path| best::BestWeights::open(path))
+            .transpose()?;
         Ok(Self {
             cfg,
             device,
@@ -827,6 +898,8 @@ impl<'a> Trainer<'a> {
             ema_sampling,
             ema: None,
             mini_fd,
+            objective,
+            best,
         })
     }
 
@@ -855,43 +928,18 @@ impl<'a> Trainer<'a> {
             );
             batch = unreadable_batch(batch, n);
         }
-        cfg.flow.drop_conditions(
-            cfg.train.seed,
-            self.step,
-            &batch.indices,
-            &mut batch.labels,
-            &mut batch.age,
-        );
-        let (x1, labels, age) = to_tensors(&batch, device)?;
+        let inputs = self
+            .objective
+            .inputs(&mut batch, (cfg.train.seed, self.step), device)?;
         progress.set_phase(Phase::Compute);
         if let Some(faults) = &mut self.step_faults {
-            faults.before_compute(next, self.rank, &x1, device);
+            faults.before_compute(next, self.rank, &inputs.x1, device);
         }
-        let shape: Vec<i64> = batch.sample_shape.iter().map(|&v| v as i64).collect();
-        let draw = cfg
-            .flow
-            .draw(cfg.train.seed, self.step, &batch.indices, &shape);
-        let (x0, t) = (draw.x0.to_device(device), draw.t.to_device(device));
         let micro = cfg.train.micro_batches as i64;
         let scale = 1.0 / (self.engine.collective().world() as f64 * micro as f64);
-        let per = x1.size()[0] / micro;
-        // Dropout's randomness per global sample, so any world size draws the same masks.
-        let keys = radit_models::unet::dropout::keys(cfg.train.seed, self.step, &batch.indices);
-        let mut loss_sum = 0.0;
-        for k in 0..micro {
-            let s = |v: &Tensor| v.narrow(0, k * per, per);
-            let (x1, x0, t, labels, age, keys) =
-                (s(&x1), s(&x0), s(&t), s(&labels), s(&age), s(&keys));
-            let mb = MicroBatch {
-                x1: &x1,
-                x0: &x0,
-                t: &t,
-                labels: &labels,
-                age: &age,
-                keys: Some(&keys),
-            };
-            loss_sum += mb.forward_backward(self.engine.as_mut(), scale)?;
-        }
+        let loss_sum = self
+            .objective
+            .gradients(self.engine.as_mut(), &inputs, micro, scale)?;
         let lr = cfg.engine.adam.lr_at(self.engine.adam_steps());
         let report = self.engine.optimizer_step(loss_sum, lr)?;
         self.step = next;
@@ -901,7 +949,7 @@ impl<'a> Trainer<'a> {
             .engine
             .collective()
             .all_reduce_max_f64(loss_sum / micro as f64)?;
-        let images = x1.size()[0] as u64;
+        let images = inputs.x1.size()[0] as u64;
         let tokens = images * self.tokens_per_image;
         progress.record_step(&StepRecord {
             step: next,
@@ -1084,14 +1132,20 @@ impl<'a> Trainer<'a> {
         if v.loss_due(step, total) {
             let _phase = progress.enter(Phase::Sampling);
             let started = Instant::now();
+            let weights = self.engine.gather_named(v.ema)?;
             let loss = validate::validation_loss(
                 self.engine.as_ref(),
+                &weights,
+                &self.objective,
                 self.cfg.model(),
                 v,
-                &self.cfg.flow,
                 &self.cfg.data,
                 &self.storage,
             )?;
+            if let Some(best) = &mut self.best {
+                best.offer(&weights, self.cfg.model(), step, loss)?;
+            }
+            drop(weights);
             tracing::info!(
                 step,
                 val_loss = loss,
@@ -1179,6 +1233,22 @@ pub fn check_before_launch(cfg: &ValidatedConfig, world: u64) -> Result<String, 
     if let Some(d) = cfg.preview.as_ref().and_then(|p| p.decoder.as_ref()) {
         radit_models::autoencoder::resolve(&d.autoencoder, &d.weights)
             .map_err(|e| ConfigError::new("samples.decoder", e.to_string()))?;
+    }
+    if let Some(net) = cfg
+        .reconstruction
+        .as_ref()
+        .filter(|r| r.perceptual > 0.0)
+        .and_then(|r| r.perceptual_net.as_ref())
+        && !net.join("config.json").is_file()
+    {
+        return Err(ConfigError::new(
+            "reconstruction.perceptual_net",
+            format!(
+                "{} has no config.json: give the Rad-DINO snapshot's directory (Hugging Face layout)",
+                net.display()
+            ),
+        )
+        .into());
     }
     let [c, h, w] = shape;
     Ok(format!(

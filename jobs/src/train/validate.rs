@@ -1,29 +1,30 @@
 //! Evaluation during training (evaluation.md, "Jobs users expect" 9 and 10):
 //!
-//! - the **validation loss**: the rectified-flow loss on the first `images` rows of the validation split at a
-//!   fixed grid of `times` values of t (midpoints, shifted as training shifts them), with noise drawn per (seed,
-//!   grid point, row) and dequantisation per (seed, row), so the number is the same on any world size and
-//!   comparable across runs;
+//! - the **validation loss**: the run's objective on the first `images` rows of the validation split. For a
+//!   velocity network the rectified-flow loss at a fixed grid of `times` values of t (midpoints, shifted as
+//!   training shifts them), with noise drawn per (seed, grid point, row) and dequantisation per (seed, row); for an
+//!   autoencoder the reconstruction loss of the latent's mean. The number is the same on any world size and
+//!   comparable across runs; with `best`, the weights of the lowest one so far are kept;
 //! - the **mini-FD**: `samples` unconditional Euler samples of the EMA through a feature network, FD against
 //!   reference features written by `radit eval features` (whose `.json` must name the same network).
 //!
 //! Both are collective: every rank calls them at the same step with the same config and gets the same number.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use radit_protocol::ConfigError;
-use radit_sharding::loader::{DataConfig, Loader, ModelInput, Pass};
+use radit_sharding::loader::{DataConfig, Loader, Pass};
 use radit_sharding::split::Split;
 use radit_sharding::store::Storage;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
-use crate::generate::Sampler;
 use crate::train::TrainError;
 use crate::train::ema_samples::EmaSamples;
+use crate::train::objective::Objective;
 use radit_engine::training::TrainingEngine;
 use radit_models::features::FeatureNet;
-use radit_models::flow::{FlowConfig, fill_normal, interpolate, shift_time};
 use radit_models::model::ModelError;
 use radit_models::network::Architecture;
 
@@ -51,6 +52,11 @@ pub struct ValidationConfig {
     pub ema: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fd: Option<MiniFdConfig>,
+    /// Keep the evaluated weights (the EMA's, with `ema`) of the lowest validation loss so far in this safetensors
+    /// file, rewritten when a validation beats it: a model file for `radit generate`, an autoencoder file for
+    /// `radit encode`, `radit decode` and `[samples.decoder]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub best: Option<PathBuf>,
 }
 
 /// The `[validation.fd]` section.
@@ -116,6 +122,21 @@ fn default_sample_batch() -> u64 {
 impl ValidationConfig {
     pub fn validate(&self, model: &Architecture) -> Result<(), ConfigError> {
         let bad = |field: &str, reason: String| Err(ConfigError::new(field, reason));
+        if self.best.is_some() && self.every == 0 {
+            return bad(
+                "validation.best",
+                "the best weights are chosen by the validation loss: set validation.every".into(),
+            );
+        }
+        if self.fd.is_some() && model.role() == radit_models::network::Role::Autoencoder {
+            return bad(
+                "validation.fd",
+                format!(
+                    "{} is an autoencoder and draws no samples to take an FD of: remove [validation.fd]",
+                    model.name()
+                ),
+            );
+        }
         if self.batch == 0 || self.times == 0 {
             return bad(
                 "validation.batch",
@@ -161,14 +182,14 @@ impl ValidationConfig {
     }
 }
 
-const VALIDATION_NOISE_STREAM: u64 = 0x7a1;
-
-/// The validation loss of the engine's weights (see the module's doc). Collective.
+/// The validation loss of `weights` (the engine's, gathered: the EMA when `cfg.ema`) under the run's objective, on
+/// the first `cfg.images` rows of the split. Collective: every rank gets the same number.
 pub fn validation_loss(
     engine: &dyn TrainingEngine,
+    weights: &BTreeMap<String, Tensor>,
+    objective: &Objective,
     model: &Architecture,
     cfg: &ValidationConfig,
-    flow: &FlowConfig,
     data: &DataConfig,
     storage: &Storage,
 ) -> Result<f64, TrainError> {
@@ -182,28 +203,25 @@ pub fn validation_loss(
         .into());
     }
     let device = engine.device();
-    let weights = engine.gather_named(cfg.ema)?;
-    let sampler = Sampler::from_named(model, &weights, device, engine.config().precision)?;
-    drop(weights);
-    let output = if model.in_channels() == 1 {
-        ModelInput::Dequantised
-    } else {
-        ModelInput::Latents
-    };
+    let evaluator = objective.evaluator(model, weights, device, engine.config().precision)?;
     let loader_cfg = DataConfig {
         split: cfg.split,
         ..data.clone()
     }
-    .loader_config(Pass::Eval, cfg.seed, cfg.batch, rank, world, output);
+    .loader_config(
+        Pass::Eval,
+        cfg.seed,
+        cfg.batch,
+        rank,
+        world,
+        super::objective::model_input(model),
+    );
     let mut loader = Loader::open(storage.clone(), loader_cfg, 0)?;
     let limit = if cfg.images == 0 {
         u64::MAX
     } else {
         cfg.images
     };
-    let times: Vec<f64> = (0..cfg.times)
-        .map(|j| shift_time((j as f64 + 0.5) / cfg.times as f64, flow.shift))
-        .collect();
     let (mut sum, mut count) = (0.0f64, 0u64);
     for global in 0.. {
         // Every rank stops after the same global batch: the cap is on global rows.
@@ -213,36 +231,11 @@ pub fn validation_loss(
         let Some(batch) = loader.next_batch()? else {
             break;
         };
-        let n = batch.len() as i64;
-        let [c, h, w] = batch.sample_shape.map(|v| v as i64);
-        let (x1, labels, age) = crate::train::to_tensors(&batch, device)?;
-        let per = (c * h * w) as usize;
-        for (j, &t) in times.iter().enumerate() {
-            let mut noise = vec![0f32; per * batch.len()];
-            for (out, &i) in noise.chunks_mut(per).zip(&batch.indices) {
-                fill_normal(&[cfg.seed, j as u64, i, VALIDATION_NOISE_STREAM], out);
-            }
-            let x0 = Tensor::from_slice(&noise)
-                .view([n, c, h, w])
-                .to_device(device);
-            let tt = Tensor::full([n], t, (Kind::Float, device));
-            let losses = tch::no_grad(|| -> Result<Tensor, ModelError> {
-                let v = sampler
-                    .model
-                    .velocity(&interpolate(&x1, &x0, &tt), &tt, &labels, &age)?;
-                Ok((v.to_kind(Kind::Float) - (&x1 - &x0)).square().mean_dim(
-                    [1, 2, 3].as_slice(),
-                    false,
-                    Kind::Float,
-                ))
-            })?;
-            let losses =
-                Vec::<f32>::try_from(losses.to_device(Device::Cpu)).map_err(ModelError::from)?;
-            for ((loss, valid), &i) in losses.iter().zip(&batch.valid).zip(&batch.indices) {
-                if *valid && i < limit {
-                    sum += f64::from(*loss);
-                    count += 1;
-                }
+        let losses = evaluator.losses(&batch, (cfg.seed, cfg.times), device)?;
+        for ((loss, valid), &i) in losses.iter().zip(&batch.valid).zip(&batch.indices) {
+            if *valid && i < limit {
+                sum += f64::from(*loss);
+                count += 1;
             }
         }
     }

@@ -1,5 +1,8 @@
-//! The FLUX.2 autoencoder (shared/design/latents.md): the encoder whose mean is RadiT XL's 32x64x64 latents, and the
-//! decoder of the same topology that RadVAE fine-tunes. GroupNorm(32, eps 1e-6) and SiLU throughout; ResNet blocks
+//! The autoencoders that make latents and decode them (shared/design/latents.md): FLUX.2's, whose encoder mean is
+//! RadiT XL's 32x64x64 latents and whose decoder RadVAE (LoRA) fine-tunes, and RadVAE (Scratch) (`unet::vae`),
+//! which radit trains. [`AutoencoderConfig`] says which; [`Autoencoder`] encodes and decodes either.
+//!
+//! FLUX.2's autoencoder: GroupNorm(32, eps 1e-6) and SiLU throughout; ResNet blocks
 //! with a 1x1 shortcut where the width changes; a mid block ResNet-attention-ResNet (one head over all positions);
 //! downsampling by a stride-2 3x3 convolution after padding the right and bottom by one; nearest x2 upsampling and a
 //! 3x3 convolution; 1x1 quant convolutions on both sides of the latent. Greyscale radiographs go in repeated to three
@@ -9,8 +12,10 @@
 //! the diffusers layout load through [`names`]. Loading is strict: every tensor present with its shape, nothing left
 //! over, or nothing is changed and the error names the tensors.
 
+pub mod finetune;
 pub mod names;
 
+use std::collections::HashMap;
 use std::path::Path;
 
 use radit_protocol::ConfigError;
@@ -19,23 +24,131 @@ use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
 
 use crate::error::ModelError;
+use crate::lora::Lora;
+use crate::unet::vae::{RADVAE_PRESETS, RadVae, RadVaeConfig};
 
-/// The presets by name.
+/// The FLUX-family presets by name.
 pub const PRESETS: [&str; 2] = ["flux2", "tiny"];
+
+/// Which autoencoder, with its whole configuration. Serialised as the inner config alone (each has fields of its
+/// own), so the files radit wrote before RadVAE existed still say what they are.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum AutoencoderConfig {
+    /// FLUX.2's topology (GroupNorm ResNets; greyscale through RGB).
+    Flux(AeConfig),
+    /// RadVAE (Scratch): EDM2's magnitude-preserving blocks, greyscale in and out.
+    RadVae(RadVaeConfig),
+}
+
+impl AutoencoderConfig {
+    pub fn flux2() -> Self {
+        Self::Flux(AeConfig::flux2())
+    }
+
+    /// `flux2`, `tiny` (FLUX.2's topology, small), `radvae` or `radvae-tiny`.
+    pub fn preset(name: &str) -> Result<Self, ModelError> {
+        if RADVAE_PRESETS.contains(&name) {
+            return Ok(Self::RadVae(RadVaeConfig::preset(name)?));
+        }
+        AeConfig::preset(name)
+            .map(Self::Flux)
+            .map_err(|_| ModelError::UnknownPreset {
+                name: name.into(),
+                known: all_presets(),
+            })
+    }
+
+    /// The preset this configuration is, by name (`None`: a configuration of its own).
+    pub fn preset_name(&self) -> Option<&'static str> {
+        PRESETS
+            .into_iter()
+            .chain(RADVAE_PRESETS)
+            .find(|&p| Self::preset(p).is_ok_and(|c| c == *self))
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        match self {
+            Self::Flux(c) => c.validate(),
+            Self::RadVae(c) => c.validate().map_err(|e| match e {
+                ModelError::InvalidConfig(c) => c,
+                other => ConfigError::new("vae", other.to_string()),
+            }),
+        }
+    }
+
+    /// How much smaller the latent is than the image on each side.
+    pub fn downsampling(&self) -> i64 {
+        match self {
+            Self::Flux(c) => c.downsampling(),
+            Self::RadVae(c) => c.downsampling(),
+        }
+    }
+
+    /// Latent channels.
+    pub fn z_channels(&self) -> i64 {
+        match self {
+            Self::Flux(c) => c.z_channels,
+            Self::RadVae(c) => c.latent_channels,
+        }
+    }
+
+    /// The one image side it encodes, when it has one (RadVAE's blocks are built for their resolution; FLUX.2's
+    /// convolutions take any multiple of the downsampling).
+    pub fn image_side(&self) -> Option<i64> {
+        match self {
+            Self::Flux(_) => None,
+            Self::RadVae(c) => Some(c.img_resolution),
+        }
+    }
+
+    /// FLOPs of one encoder mean for a `size` x `size` image.
+    pub fn encoder_flops(&self, size: i64) -> f64 {
+        match self {
+            Self::Flux(c) => c.encoder_flops(size),
+            Self::RadVae(c) => c.encoder_flops(),
+        }
+    }
+
+    /// Its trainable parameters.
+    pub fn parameters(&self) -> u64 {
+        match self {
+            Self::Flux(c) => {
+                let (e, d, q) = c.parameter_counts();
+                (e + d + q) as u64
+            }
+            Self::RadVae(c) => c.parameter_count(),
+        }
+    }
+}
+
+impl From<AeConfig> for AutoencoderConfig {
+    fn from(c: AeConfig) -> Self {
+        Self::Flux(c)
+    }
+}
+
+fn all_presets() -> String {
+    PRESETS
+        .into_iter()
+        .chain(RADVAE_PRESETS)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
 
 /// `--autoencoder auto` (the default): the weights file says which autoencoder it is.
 pub const AUTO: &str = "auto";
 
 /// The autoencoder a weights file holds: the configuration radit wrote into its metadata, else the preset whose
 /// first and last convolutions have the file's shapes (FLUX.2's release carries no metadata). `None`: neither.
-pub fn found_in(weights: &Path) -> Result<Option<AeConfig>, ModelError> {
+pub fn found_in(weights: &Path) -> Result<Option<AutoencoderConfig>, ModelError> {
     let bad = |reason: String| ModelError::BadWeights {
         path: weights.display().to_string(),
         reason,
     };
-    if let Some(json) = crate::model::read_metadata(weights)?.get("radit.autoencoder") {
-        let cfg: AeConfig =
-            serde_json::from_str(json).map_err(|e| bad(format!("radit.autoencoder: {e}")))?;
+    if let Some(json) = crate::model::read_metadata(weights)?.get(CONFIG_KEY) {
+        let cfg: AutoencoderConfig =
+            serde_json::from_str(json).map_err(|e| bad(format!("{CONFIG_KEY}: {e}")))?;
         return Ok(Some(cfg));
     }
     let shapes = crate::model::read_shapes(weights)?;
@@ -53,24 +166,28 @@ pub fn found_in(weights: &Path) -> Result<Option<AeConfig>, ModelError> {
             first.first() == Some(&c.ch)
                 && last.first() == Some(&top)
                 && last.get(1) == Some(&c.z_channels)
-        }))
+        })
+        .map(AutoencoderConfig::Flux))
 }
+
+/// The metadata key of the configuration radit writes into an autoencoder's weights.
+const CONFIG_KEY: &str = "radit.autoencoder";
 
 /// What `--autoencoder` (or a config's `autoencoder`) asks for, against what `weights` holds: `auto` takes the
 /// file's; a preset that the file is not is refused, naming what the file looks like. A file that says nothing is
 /// taken as the preset asked for (`auto`: FLUX.2's), and a strict load names any mismatch.
-pub fn resolve(requested: &str, weights: &Path) -> Result<AeConfig, ModelError> {
+pub fn resolve(requested: &str, weights: &Path) -> Result<AutoencoderConfig, ModelError> {
     let found = found_in(weights)?;
-    let name_of = |c: &AeConfig| {
+    let name_of = |c: &AutoencoderConfig| {
         c.preset_name()
             .unwrap_or("a configuration of its own")
             .to_string()
     };
     match (requested, found) {
         (AUTO, Some(c)) => Ok(c),
-        (AUTO, None) => Ok(AeConfig::flux2()),
+        (AUTO, None) => Ok(AutoencoderConfig::flux2()),
         (name, found) => {
-            let asked = AeConfig::preset(name)?;
+            let asked = AutoencoderConfig::preset(name)?;
             match found {
                 Some(c) if c != asked => Err(ModelError::BadWeights {
                     path: weights.display().to_string(),
@@ -92,11 +209,11 @@ pub fn check_name(name: &str) -> Result<(), ModelError> {
     if name == AUTO {
         return Ok(());
     }
-    AeConfig::preset(name)
+    AutoencoderConfig::preset(name)
         .map(|_| ())
         .map_err(|_| ModelError::UnknownPreset {
             name: name.into(),
-            known: "auto (the weights file says), flux2, tiny".into(),
+            known: format!("auto (the weights file says), {}", all_presets()),
         })
 }
 
@@ -115,6 +232,42 @@ pub struct AeConfig {
     pub z_channels: i64,
     pub norm_groups: i64,
     pub eps: f64,
+    /// How the decoder's RGB becomes grey (the mean unless said otherwise; files without it are the mean).
+    #[serde(default, skip_serializing_if = "Grey::is_mean")]
+    pub grey: Grey,
+}
+
+/// How a decoder's RGB becomes a greyscale radiograph: the channels' mean (the paper's choice) or luma weights
+/// (0.29894, 0.58704, 0.11402; tried and rejected, Table 8's second row).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Grey {
+    #[default]
+    Mean,
+    Luma,
+}
+
+impl Grey {
+    pub const LUMA: [f32; 3] = [0.29894, 0.58704, 0.11402];
+
+    fn is_mean(&self) -> bool {
+        *self == Grey::Mean
+    }
+
+    /// `[B, 1, H, W]` from RGB `[B, 3, H, W]`, in the input's kind.
+    pub fn apply(self, rgb: &Tensor) -> Tensor {
+        match self {
+            Grey::Mean => rgb.mean_dim(1, true, Kind::Float).to_kind(rgb.kind()),
+            Grey::Luma => {
+                let w = Tensor::from_slice(&Self::LUMA)
+                    .view([1, 3, 1, 1])
+                    .to_device(rgb.device());
+                (rgb.to_kind(Kind::Float) * w)
+                    .sum_dim_intlist(1, true, Kind::Float)
+                    .to_kind(rgb.kind())
+            }
+        }
+    }
 }
 
 impl AeConfig {
@@ -129,6 +282,7 @@ impl AeConfig {
             z_channels: 32,
             norm_groups: 32,
             eps: 1e-6,
+            grey: Grey::Mean,
         }
     }
 
@@ -294,33 +448,166 @@ impl AeConfig {
             + conv(2 * self.z_channels, 2 * self.z_channels, 1, side);
         flops
     }
+
+    /// The same count for one decoding back to a `size` x `size` image.
+    pub fn decoder_flops(&self, size: i64) -> f64 {
+        let conv = |cin: i64, cout: i64, k: i64, side: i64| {
+            2.0 * (cin * cout * k * k) as f64 * (side * side) as f64
+        };
+        let resnet = |cin: i64, cout: i64, side: i64| {
+            conv(cin, cout, 3, side)
+                + conv(cout, cout, 3, side)
+                + if cin == cout {
+                    0.0
+                } else {
+                    conv(cin, cout, 1, side)
+                }
+        };
+        let levels = self.ch_mult.len();
+        let mut side = size / self.downsampling();
+        let mut c = self.width(levels - 1);
+        let tokens = (side * side) as f64;
+        let attention = 4.0 * conv(c, c, 1, side) + 2.0 * (2.0 * tokens * tokens * c as f64);
+        let mut flops = conv(self.z_channels, self.z_channels, 1, side)
+            + conv(self.z_channels, c, 3, side)
+            + 2.0 * resnet(c, c, side)
+            + attention;
+        for level in (0..levels).rev() {
+            for _ in 0..=self.num_res_blocks {
+                flops += resnet(c, self.width(level), side);
+                c = self.width(level);
+            }
+            if level > 0 {
+                side *= 2;
+                flops += conv(c, c, 3, side);
+            }
+        }
+        flops + conv(c, self.out_channels, 3, side)
+    }
 }
 
-fn conv(p: nn::Path, cin: i64, cout: i64, k: i64, stride: i64) -> nn::Conv2D {
+/// What replaces or adds to the decoder's frozen layers in a fine-tune ([`finetune`]), by layer name: empty for
+/// the plain network.
+#[derive(Debug, Default)]
+pub struct LayerUpdates {
+    pub convs: HashMap<String, ConvUpdate>,
+    /// GroupNorms trained in full: (weight, bias).
+    pub norms: HashMap<String, (Tensor, Tensor)>,
+}
+
+/// A decoder's layers by name: convolutions with their weight shapes `[out, in, k, k]`, GroupNorms with their
+/// channels.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DecoderLayers {
+    pub convs: Vec<(String, Vec<i64>)>,
+    pub norms: Vec<(String, i64)>,
+}
+
+/// A convolution's fine-tuning: a LoRA update beside the frozen weight, or new weights in place of it.
+#[derive(Debug)]
+pub enum ConvUpdate {
+    Lora(Lora),
+    Replace {
+        weight: Tensor,
+        bias: Option<Tensor>,
+    },
+}
+
+/// A convolution with its name, so a fine-tune can update it.
+#[derive(Debug)]
+struct Conv {
+    inner: nn::Conv2D,
+    name: String,
+    stride: i64,
+    padding: i64,
+}
+
+/// A layer's name: its path's components joined by dots.
+fn name_of(p: &nn::Path) -> String {
+    p.components().collect::<Vec<_>>().join(".")
+}
+
+fn conv(p: nn::Path, cin: i64, cout: i64, k: i64, stride: i64) -> Conv {
     let padding = if k == 3 && stride == 1 { 1 } else { 0 };
     let config = nn::ConvConfig {
         stride,
         padding,
         ..Default::default()
     };
-    nn::conv2d(p, cin, cout, k, config)
+    Conv {
+        name: name_of(&p),
+        inner: nn::conv2d(p, cin, cout, k, config),
+        stride,
+        padding,
+    }
 }
 
-fn group_norm(p: nn::Path, c: i64, cfg: &AeConfig) -> nn::GroupNorm {
+impl Conv {
+    fn forward(&self, x: &Tensor, u: &LayerUpdates) -> Tensor {
+        match u.convs.get(&self.name) {
+            None => self.inner.forward(x),
+            Some(ConvUpdate::Lora(l)) => {
+                self.inner.forward(x) + l.conv_branch(x, self.stride, self.padding)
+            }
+            Some(ConvUpdate::Replace { weight, bias }) => x.conv2d(
+                &weight.to_kind(x.kind()),
+                bias.as_ref().map(|b| b.to_kind(x.kind())),
+                [self.stride, self.stride],
+                [self.padding, self.padding],
+                [1, 1],
+                1,
+            ),
+        }
+    }
+
+    /// Weight shape `[out, in, k, k]`.
+    fn shape(&self) -> Vec<i64> {
+        self.inner.ws.size()
+    }
+}
+
+/// A GroupNorm with its name, so a fine-tune can train it in full.
+#[derive(Debug)]
+struct Norm {
+    inner: nn::GroupNorm,
+    name: String,
+    eps: f64,
+}
+
+fn group_norm(p: nn::Path, c: i64, cfg: &AeConfig) -> Norm {
     let config = nn::GroupNormConfig {
         eps: cfg.eps,
         ..Default::default()
     };
-    nn::group_norm(p, cfg.norm_groups, c, config)
+    Norm {
+        name: name_of(&p),
+        inner: nn::group_norm(p, cfg.norm_groups, c, config),
+        eps: cfg.eps,
+    }
+}
+
+impl Norm {
+    fn forward(&self, x: &Tensor, u: &LayerUpdates) -> Tensor {
+        match u.norms.get(&self.name) {
+            None => self.inner.forward(x),
+            Some((w, b)) => x.group_norm(
+                self.inner.num_groups,
+                Some(w.to_kind(x.kind())),
+                Some(b.to_kind(x.kind())),
+                self.eps,
+                false,
+            ),
+        }
+    }
 }
 
 #[derive(Debug)]
 struct ResnetBlock {
-    norm1: nn::GroupNorm,
-    conv1: nn::Conv2D,
-    norm2: nn::GroupNorm,
-    conv2: nn::Conv2D,
-    nin_shortcut: Option<nn::Conv2D>,
+    norm1: Norm,
+    conv1: Conv,
+    norm2: Norm,
+    conv2: Conv,
+    nin_shortcut: Option<Conv>,
 }
 
 impl ResnetBlock {
@@ -334,24 +621,34 @@ impl ResnetBlock {
         }
     }
 
-    fn forward(&self, x: &Tensor) -> Tensor {
-        let h = self.conv1.forward(&self.norm1.forward(x).silu());
-        let h = self.conv2.forward(&self.norm2.forward(&h).silu());
+    fn forward(&self, x: &Tensor, u: &LayerUpdates) -> Tensor {
+        let h = self.conv1.forward(&self.norm1.forward(x, u).silu(), u);
+        let h = self.conv2.forward(&self.norm2.forward(&h, u).silu(), u);
         match &self.nin_shortcut {
-            Some(s) => s.forward(x) + h,
+            Some(s) => s.forward(x, u) + h,
             None => x + h,
         }
+    }
+
+    fn convs(&self) -> impl Iterator<Item = &Conv> {
+        [&self.conv1, &self.conv2]
+            .into_iter()
+            .chain(self.nin_shortcut.as_ref())
+    }
+
+    fn norms(&self) -> [&Norm; 2] {
+        [&self.norm1, &self.norm2]
     }
 }
 
 /// Self-attention over all positions, one head, 1x1 convolutions for q, k, v and the output.
 #[derive(Debug)]
 struct AttnBlock {
-    norm: nn::GroupNorm,
-    q: nn::Conv2D,
-    k: nn::Conv2D,
-    v: nn::Conv2D,
-    proj_out: nn::Conv2D,
+    norm: Norm,
+    q: Conv,
+    k: Conv,
+    v: Conv,
+    proj_out: Conv,
 }
 
 impl AttnBlock {
@@ -365,15 +662,15 @@ impl AttnBlock {
         }
     }
 
-    fn forward(&self, x: &Tensor) -> Tensor {
+    fn forward(&self, x: &Tensor, u: &LayerUpdates) -> Tensor {
         let (b, c, h, w) = x.size4().expect("a 4-D activation");
-        let n = self.norm.forward(x);
+        let n = self.norm.forward(x, u);
         // [B, C, H, W] -> [B, 1, HW, C]: one head over every position.
         let tokens = |t: Tensor| t.reshape([b, c, h * w]).transpose(1, 2).unsqueeze(1);
         let out = Tensor::scaled_dot_product_attention(
-            &tokens(self.q.forward(&n)),
-            &tokens(self.k.forward(&n)),
-            &tokens(self.v.forward(&n)),
+            &tokens(self.q.forward(&n, u)),
+            &tokens(self.k.forward(&n, u)),
+            &tokens(self.v.forward(&n, u)),
             None::<Tensor>,
             0.0,
             false,
@@ -381,7 +678,7 @@ impl AttnBlock {
             false,
         );
         let out = out.squeeze_dim(1).transpose(1, 2).reshape([b, c, h, w]);
-        x + self.proj_out.forward(&out)
+        x + self.proj_out.forward(&out, u)
     }
 }
 
@@ -402,9 +699,25 @@ impl MidBlock {
         }
     }
 
-    fn forward(&self, x: &Tensor) -> Tensor {
-        self.block_2
-            .forward(&self.attn_1.forward(&self.block_1.forward(x)))
+    fn forward(&self, x: &Tensor, u: &LayerUpdates) -> Tensor {
+        let h = self.block_1.forward(x, u);
+        self.block_2.forward(&self.attn_1.forward(&h, u), u)
+    }
+
+    fn convs(&self) -> impl Iterator<Item = &Conv> {
+        let a = &self.attn_1;
+        self.block_1
+            .convs()
+            .chain([&a.q, &a.k, &a.v, &a.proj_out])
+            .chain(self.block_2.convs())
+    }
+
+    fn norms(&self) -> impl Iterator<Item = &Norm> {
+        self.block_1
+            .norms()
+            .into_iter()
+            .chain([&self.attn_1.norm])
+            .chain(self.block_2.norms())
     }
 }
 
@@ -413,16 +726,16 @@ impl MidBlock {
 #[derive(Debug)]
 struct Level {
     blocks: Vec<ResnetBlock>,
-    resample: Option<nn::Conv2D>,
+    resample: Option<Conv>,
 }
 
 #[derive(Debug)]
 struct Encoder {
-    conv_in: nn::Conv2D,
+    conv_in: Conv,
     down: Vec<Level>,
     mid: MidBlock,
-    norm_out: nn::GroupNorm,
-    conv_out: nn::Conv2D,
+    norm_out: Norm,
+    conv_out: Conv,
 }
 
 impl Encoder {
@@ -453,29 +766,31 @@ impl Encoder {
     }
 
     fn forward(&self, x: &Tensor) -> Tensor {
-        let mut h = self.conv_in.forward(x);
+        let u = &LayerUpdates::default();
+        let mut h = self.conv_in.forward(x, u);
         for level in &self.down {
             for b in &level.blocks {
-                h = b.forward(&h);
+                h = b.forward(&h, u);
             }
             if let Some(d) = &level.resample {
                 // Pad right and bottom by one, then stride 2 with no padding: the original's asymmetric padding.
-                h = d.forward(&h.constant_pad_nd([0, 1, 0, 1]));
+                h = d.forward(&h.constant_pad_nd([0, 1, 0, 1]), u);
             }
         }
-        let h = self.mid.forward(&h);
-        self.conv_out.forward(&self.norm_out.forward(&h).silu())
+        let h = self.mid.forward(&h, u);
+        self.conv_out
+            .forward(&self.norm_out.forward(&h, u).silu(), u)
     }
 }
 
 #[derive(Debug)]
 struct Decoder {
-    conv_in: nn::Conv2D,
+    conv_in: Conv,
     mid: MidBlock,
     /// By level, 0 the highest resolution; run from the last.
     up: Vec<Level>,
-    norm_out: nn::GroupNorm,
-    conv_out: nn::Conv2D,
+    norm_out: Norm,
+    conv_out: Conv,
 }
 
 impl Decoder {
@@ -505,33 +820,59 @@ impl Decoder {
         }
     }
 
-    fn forward(&self, z: &Tensor) -> Tensor {
-        let mut h = self.mid.forward(&self.conv_in.forward(z));
+    fn forward(&self, z: &Tensor, u: &LayerUpdates) -> Tensor {
+        let mut h = self.mid.forward(&self.conv_in.forward(z, u), u);
         for level in self.up.iter().rev() {
             for b in &level.blocks {
-                h = b.forward(&h);
+                h = b.forward(&h, u);
             }
-            if let Some(u) = &level.resample {
+            if let Some(s) = &level.resample {
                 let (_, _, height, width) = h.size4().expect("a 4-D activation");
-                h = u.forward(&h.upsample_nearest2d([2 * height, 2 * width], None, None));
+                h = s.forward(
+                    &h.upsample_nearest2d([2 * height, 2 * width], None, None),
+                    u,
+                );
             }
         }
-        self.conv_out.forward(&self.norm_out.forward(&h).silu())
+        self.conv_out
+            .forward(&self.norm_out.forward(&h, u).silu(), u)
+    }
+
+    fn convs(&self) -> impl Iterator<Item = &Conv> {
+        std::iter::once(&self.conv_in)
+            .chain(self.mid.convs())
+            .chain(self.up.iter().flat_map(|l| {
+                l.blocks
+                    .iter()
+                    .flat_map(ResnetBlock::convs)
+                    .chain(l.resample.as_ref())
+            }))
+            .chain([&self.conv_out])
+    }
+
+    fn norms(&self) -> impl Iterator<Item = &Norm> {
+        self.mid
+            .norms()
+            .chain(
+                self.up
+                    .iter()
+                    .flat_map(|l| l.blocks.iter().flat_map(ResnetBlock::norms)),
+            )
+            .chain([&self.norm_out])
     }
 }
 
-/// The autoencoder on a `VarStore` path, with greyscale in and out.
+/// FLUX.2's autoencoder on a `VarStore` path, with greyscale in and out.
 #[derive(Debug)]
-pub struct Autoencoder {
+pub struct FluxAutoencoder {
     pub config: AeConfig,
-    device: tch::Device,
     encoder: Encoder,
     decoder: Decoder,
-    quant_conv: nn::Conv2D,
-    post_quant_conv: nn::Conv2D,
+    quant_conv: Conv,
+    post_quant_conv: Conv,
 }
 
-impl Autoencoder {
+impl FluxAutoencoder {
     /// Builds it under `p` (`encoder.*`, `decoder.*`, `quant_conv`, `post_quant_conv`, and FLUX.2's latent
     /// BatchNorm statistics `bn.running_mean`/`bn.running_var`, kept so that its files load strictly; unused here).
     pub fn new(p: &nn::Path, config: &AeConfig) -> Result<Self, ModelError> {
@@ -547,7 +888,66 @@ impl Autoencoder {
             quant_conv: conv(p / "quant_conv", 2 * z, 2 * z, 1, 1),
             post_quant_conv: conv(p / "post_quant_conv", z, z, 1, 1),
             config: config.clone(),
+        })
+    }
+
+    /// The encoder's mean of greyscale images `[B, 1, H, W]` in [-1, 1] (repeated to RGB).
+    pub fn encode_mean(&self, x: &Tensor) -> Tensor {
+        let rgb = x.repeat([1, self.config.in_channels, 1, 1]);
+        let none = &LayerUpdates::default();
+        let moments = self.quant_conv.forward(&self.encoder.forward(&rgb), none);
+        moments.narrow(1, 0, self.config.z_channels)
+    }
+
+    /// Greyscale images for latents `z`, the decoder's layers updated by `u` (none: the plain decoder), its RGB
+    /// made grey as the configuration says.
+    pub fn decode_with(&self, z: &Tensor, u: &LayerUpdates) -> Tensor {
+        let rgb = self.decoder.forward(&self.post_quant_conv.forward(z, u), u);
+        self.config.grey.apply(&rgb)
+    }
+
+    /// The decoder's layers by name with their shapes: what a fine-tune's targets are matched against.
+    pub fn decoder_layers(&self) -> DecoderLayers {
+        DecoderLayers {
+            convs: std::iter::once(&self.post_quant_conv)
+                .chain(self.decoder.convs())
+                .map(|c| (c.name.clone(), c.shape()))
+                .collect(),
+            norms: self
+                .decoder
+                .norms()
+                .map(|n| (n.name.clone(), n.inner.num_channels))
+                .collect(),
+        }
+    }
+}
+
+/// An autoencoder (FLUX.2's or RadVAE) on a `VarStore` path, with greyscale in and out.
+#[derive(Debug)]
+pub struct Autoencoder {
+    pub config: AutoencoderConfig,
+    device: tch::Device,
+    net: Net,
+}
+
+#[derive(Debug)]
+enum Net {
+    Flux(Box<FluxAutoencoder>),
+    RadVae(RadVae),
+}
+
+impl Autoencoder {
+    /// Builds it under `p`: FLUX.2's variables as [`FluxAutoencoder::new`] names them, RadVAE's as the trainer's
+    /// (`enc.*`, `dec.*`), so a RadVAE checkpoint exports to a file this loads.
+    pub fn new(p: &nn::Path, config: &AutoencoderConfig) -> Result<Self, ModelError> {
+        let net = match config {
+            AutoencoderConfig::Flux(c) => Net::Flux(Box::new(FluxAutoencoder::new(p, c)?)),
+            AutoencoderConfig::RadVae(c) => Net::RadVae(RadVae::new(p, c)?),
+        };
+        Ok(Self {
+            config: config.clone(),
             device: p.device(),
+            net,
         })
     }
 
@@ -580,20 +980,22 @@ impl Autoencoder {
     /// The encoder's mean for greyscale images `x` [B, 1, H, W] in [-1, 1]: [B, z_channels, H/f, W/f].
     pub fn encode_mean(&self, x: &Tensor) -> Result<Tensor, ModelError> {
         self.check("images", x, 1, self.config.downsampling())?;
-        let rgb = x.repeat([1, self.config.in_channels, 1, 1]);
-        let moments = self.quant_conv.forward(&self.encoder.forward(&rgb));
-        Ok(moments.narrow(1, 0, self.config.z_channels))
+        match &self.net {
+            Net::Flux(ae) => Ok(ae.encode_mean(x)),
+            Net::RadVae(vae) => Ok(vae.encode(x)?.0.to_kind(x.kind())),
+        }
     }
 
-    /// Greyscale images [B, 1, H*f, W*f] for latents `z` [B, z_channels, H, W]: the mean of the decoder's RGB.
+    /// Greyscale images [B, 1, H*f, W*f] for latents `z` [B, z_channels, H, W] (FLUX.2: the mean of the decoder's
+    /// RGB).
     pub fn decode(&self, z: &Tensor) -> Result<Tensor, ModelError> {
-        self.check("latents", z, self.config.z_channels, 1)?;
-        let rgb = self.decoder.forward(&self.post_quant_conv.forward(z));
-        Ok(rgb.mean_dim(1, true, Kind::Float).to_kind(rgb.kind()))
+        self.check("latents", z, self.config.z_channels(), 1)?;
+        match &self.net {
+            Net::Flux(ae) => Ok(ae.decode_with(z, &LayerUpdates::default())),
+            Net::RadVae(vae) => Ok(vae.decode(z)?.to_kind(z.kind())),
+        }
     }
-}
 
-impl Autoencoder {
     /// Images [N, 1, H*f, W*f] in [-1, 1] for the latents a latent RadiT generated, `batch` at a time on the
     /// autoencoder's device. The model learnt standardised latents: `stats` (each channel's mean and std over the
     /// training split, as the store holds them) undo that first.
@@ -603,11 +1005,11 @@ impl Autoencoder {
         stats: Option<(&[f32], &[f32])>,
         batch: i64,
     ) -> Result<Tensor, ModelError> {
-        self.check("latents", latents, self.config.z_channels, 1)?;
+        self.check("latents", latents, self.config.z_channels(), 1)?;
         let latents = match stats {
             None => latents.to_kind(Kind::Float),
             Some((mean, std)) => {
-                let c = self.config.z_channels as usize;
+                let c = self.config.z_channels() as usize;
                 if mean.len() != c || std.len() != c {
                     return Err(ModelError::BadInput {
                         input: "latent statistics",
@@ -646,7 +1048,7 @@ impl Autoencoder {
 pub struct DecoderConfig {
     /// Its weights (safetensors, the original release's naming or diffusers').
     pub weights: std::path::PathBuf,
-    /// auto (what the weights file is), flux2 or tiny.
+    /// auto (what the weights file is), flux2, tiny, radvae or radvae-tiny.
     #[serde(default = "default_decoder_preset")]
     pub autoencoder: String,
     /// Latents decoded at once.
@@ -740,24 +1142,25 @@ pub fn store_statistics(url: &str) -> Result<(Vec<f32>, Vec<f32>), ModelError> {
 
 /// Writes the autoencoder's weights in `vs` (original naming, fp32) with its config in the metadata: random
 /// weights of a preset for trying the latent path without the released file, or weights trained here.
-pub fn save(vs: &nn::VarStore, config: &AeConfig, path: &Path) -> Result<(), ModelError> {
-    save_with(vs, config, &[], path)
+pub fn save(vs: &nn::VarStore, config: &AutoencoderConfig, path: &Path) -> Result<(), ModelError> {
+    save_named(&vs.variables().into_iter().collect(), config, &[], path)
 }
 
-fn save_with(
-    vs: &nn::VarStore,
-    config: &AeConfig,
+/// Writes named weights (gathered from a training engine, say) as an autoencoder file: fp32, the config and
+/// `extra` in the metadata, through a temporary file.
+pub fn save_named(
+    named: &std::collections::BTreeMap<String, Tensor>,
+    config: &AutoencoderConfig,
     extra: &[(&str, &str)],
     path: &Path,
 ) -> Result<(), ModelError> {
-    let named = vs.variables().into_iter().collect();
     let json = serde_json::to_string(config).map_err(|e| ModelError::BadWeights {
         path: path.display().to_string(),
         reason: e.to_string(),
     })?;
-    let mut metadata = vec![("radit.autoencoder", json.as_str())];
+    let mut metadata = vec![(CONFIG_KEY, json.as_str())];
     metadata.extend_from_slice(extra);
-    crate::model::write_safetensors(&named, &metadata, path)
+    crate::model::write_safetensors(named, &metadata, path)
 }
 
 /// The metadata key that marks weights as freshly initialised, never trained.
@@ -765,12 +1168,12 @@ pub const RANDOM_KEY: &str = "radit.autoencoder.random";
 
 /// Writes freshly initialised weights of `config` (seeded) to `path`, marked as random in their metadata: a
 /// stand-in for a released file, to try the encode and decode paths end to end.
-pub fn write_random(config: &AeConfig, seed: i64, path: &Path) -> Result<(), ModelError> {
+pub fn write_random(config: &AutoencoderConfig, seed: i64, path: &Path) -> Result<(), ModelError> {
     tch::manual_seed(seed);
     let vs = nn::VarStore::new(tch::Device::Cpu);
     let _ae = Autoencoder::new(&vs.root(), config)?;
-    save_with(
-        &vs,
+    save_named(
+        &vs.variables().into_iter().collect(),
         config,
         &[(RANDOM_KEY, "written by `radit vae init`: never trained")],
         path,
@@ -783,10 +1186,14 @@ pub fn is_random(weights: &Path) -> bool {
     crate::model::read_metadata(weights).is_ok_and(|m| m.contains_key(RANDOM_KEY))
 }
 
-/// Loads an autoencoder's weights from `path` (the original or the diffusers naming) into `vs`, strictly.
-pub fn load(vs: &nn::VarStore, config: &AeConfig, path: &Path) -> Result<(), ModelError> {
+/// Loads an autoencoder's weights from `path` into `vs`, strictly: FLUX.2's in the original or the diffusers
+/// naming, RadVAE's as radit writes them.
+pub fn load(vs: &nn::VarStore, config: &AutoencoderConfig, path: &Path) -> Result<(), ModelError> {
     let file = crate::model::read_weights(path)?;
-    let tensors = names::to_original(file.tensors, config, path)?;
+    let tensors = match config {
+        AutoencoderConfig::Flux(c) => names::to_original(file.tensors, c, path)?,
+        AutoencoderConfig::RadVae(_) => file.tensors,
+    };
     crate::model::load_named(vs, &tensors, path)
 }
 
@@ -802,7 +1209,7 @@ mod tests {
         assert_eq!(e + d + q, 84_046_115);
         for cfg in [AeConfig::tiny(), flux2] {
             let vs = nn::VarStore::new(tch::Device::Cpu);
-            let _ae = Autoencoder::new(&vs.root(), &cfg).unwrap();
+            let _ae = FluxAutoencoder::new(&vs.root(), &cfg).unwrap();
             let built: i64 = vs
                 .trainable_variables()
                 .iter()
@@ -826,6 +1233,7 @@ mod tests {
             z_channels: 1,
             norm_groups: 1,
             eps: 1e-6,
+            grey: Grey::Mean,
         };
         let c3 = |cin: f64, cout: f64| 2.0 * cin * cout * 9.0 * 16.0;
         let resnet = 2.0 * c3(2.0, 2.0);
@@ -845,7 +1253,7 @@ mod tests {
     #[test]
     fn shapes_and_bad_inputs() {
         let vs = nn::VarStore::new(tch::Device::Cpu);
-        let ae = Autoencoder::new(&vs.root(), &AeConfig::tiny()).unwrap();
+        let ae = Autoencoder::new(&vs.root(), &AeConfig::tiny().into()).unwrap();
         let x = Tensor::rand([2, 1, 16, 12], (Kind::Float, tch::Device::Cpu)) * 2 - 1;
         let z = ae.encode_mean(&x).unwrap();
         assert_eq!(z.size(), [2, 4, 8, 6]);

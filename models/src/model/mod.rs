@@ -18,7 +18,8 @@ pub(crate) use radit::check_conditions;
 pub use radit::{RadiT, Trace};
 pub use weights::{
     WeightsFile, load_named, load_weights, read_metadata, read_shapes, read_weights,
-    read_weights_config, save_named_weights, save_weights, write_safetensors,
+    read_weights_config, save_named_weights, save_named_weights_with, save_weights,
+    write_safetensors,
 };
 
 pub use crate::error::ModelError;

@@ -50,8 +50,20 @@ pub fn save_named_weights(
     cfg: &impl serde::Serialize,
     path: &Path,
 ) -> Result<(), ModelError> {
+    save_named_weights_with(named, cfg, &[], path)
+}
+
+/// As [`save_named_weights`], with more metadata.
+pub fn save_named_weights_with(
+    named: &BTreeMap<String, Tensor>,
+    cfg: &impl serde::Serialize,
+    extra: &[(&str, &str)],
+    path: &Path,
+) -> Result<(), ModelError> {
     let config = serde_json::to_string(cfg).map_err(|e| bad(path, e.to_string()))?;
-    write_safetensors(named, &[(CONFIG_KEY, &config)], path)
+    let mut metadata = vec![(CONFIG_KEY, config.as_str())];
+    metadata.extend_from_slice(extra);
+    write_safetensors(named, &metadata, path)
 }
 
 /// Writes `named` as fp32 safetensors with `metadata` (beside `format = pt`), through a temporary file.

@@ -321,30 +321,41 @@ impl UNetConfig {
     pub fn flops_per_image(&self) -> f64 {
         let plan = self.plan();
         let top = self.img_resolution as f64;
-        let conv = |cin: i64, cout: i64, k: f64, res: f64| {
-            2.0 * cin as f64 * cout as f64 * k * k * res * res
-        };
-        let mut flops = conv(plan.input_conv.1, plan.input_conv.2, 3.0, top)
+        let conv = conv_flops;
+        conv(plan.input_conv.1, plan.input_conv.2, 3.0, top)
             + conv(plan.out_cin, self.img_channels, 3.0, top)
-            + 2.0 * (plan.cnoise * plan.cemb) as f64 * 2.0;
-        for b in plan.encoder.iter().chain(&plan.decoder) {
-            let res = b.resolution as f64;
-            let (cin, cout) = (b.cin, b.cout);
-            let res0_in = if b.flavor == Flavor::Enc { cout } else { cin };
-            flops += conv(res0_in, cout, 3.0, res) + conv(cout, cout, 3.0, res);
-            flops += 2.0 * (plan.cemb * cout) as f64;
-            if cin != cout {
-                // The encoder's skip runs after resampling, the decoder's on the block's input: same resolution.
-                flops += conv(cin, cout, 1.0, res);
-            }
-            if b.attention {
-                let tokens = res * res;
-                flops += conv(cout, 3 * cout, 1.0, res) + conv(cout, cout, 1.0, res);
-                flops += 2.0 * 2.0 * tokens * tokens * cout as f64;
-            }
-        }
-        flops
+            + 2.0 * (plan.cnoise * plan.cemb) as f64 * 2.0
+            + blocks_flops(plan.encoder.iter().chain(&plan.decoder), plan.cemb)
     }
+}
+
+/// FLOPs of a convolution (2 per multiply-add) from `cin` to `cout` channels, `k` x `k`, over `res` x `res`.
+pub(crate) fn conv_flops(cin: i64, cout: i64, k: f64, res: f64) -> f64 {
+    2.0 * cin as f64 * cout as f64 * k * k * res * res
+}
+
+/// Forward FLOPs of U-Net blocks: their convolutions, the embedding's linear layer (`cemb` channels; 0 without
+/// one), attention's projections and two products.
+pub(crate) fn blocks_flops<'a>(blocks: impl Iterator<Item = &'a BlockPlan>, cemb: i64) -> f64 {
+    let conv = conv_flops;
+    let mut flops = 0.0;
+    for b in blocks {
+        let res = b.resolution as f64;
+        let (cin, cout) = (b.cin, b.cout);
+        let res0_in = if b.flavor == Flavor::Enc { cout } else { cin };
+        flops += conv(res0_in, cout, 3.0, res) + conv(cout, cout, 3.0, res);
+        flops += 2.0 * (cemb * cout) as f64;
+        if cin != cout {
+            // The encoder's skip runs after resampling, the decoder's on the block's input: same resolution.
+            flops += conv(cin, cout, 1.0, res);
+        }
+        if b.attention {
+            let tokens = res * res;
+            flops += conv(cout, 3 * cout, 1.0, res) + conv(cout, cout, 1.0, res);
+            flops += 2.0 * 2.0 * tokens * tokens * cout as f64;
+        }
+    }
+    flops
 }
 
 impl UNetConfig {

@@ -377,7 +377,13 @@ impl RadUNet {
             inputs: ModelInputs { x, t, labels, age },
             keys: keys.as_ref(),
         };
-        run_stages(self, &at)
+        run_stages(self, &at)?
+            .into_iter()
+            .next()
+            .ok_or_else(|| ModelError::BadInput {
+                input: "x",
+                reason: "the U-Net made no output".into(),
+            })
     }
 
     pub fn set_precision(&mut self, precision: Precision) {

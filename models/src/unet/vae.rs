@@ -111,6 +111,46 @@ impl RadVaeConfig {
         1 << (self.channel_mult.len() - 1)
     }
 
+    /// Forward FLOPs (encode then decode) for one image, 2 per multiply-add.
+    pub fn flops_per_image(&self) -> f64 {
+        self.encoder_flops() + self.decoder_flops()
+    }
+
+    /// FLOPs of one image's latent mean and log-variance.
+    pub fn encoder_flops(&self) -> f64 {
+        use super::config::{blocks_flops, conv_flops};
+        let plan = self.plan();
+        conv_flops(
+            self.img_channels + 1,
+            plan.top,
+            3.0,
+            self.img_resolution as f64,
+        ) + blocks_flops(plan.encoder.iter(), 0)
+            + conv_flops(
+                plan.bottleneck,
+                2 * self.latent_channels,
+                1.0,
+                self.latent_side(),
+            )
+    }
+
+    /// FLOPs of one latent's decoding.
+    pub fn decoder_flops(&self) -> f64 {
+        use super::config::{blocks_flops, conv_flops};
+        let plan = self.plan();
+        conv_flops(
+            self.latent_channels,
+            plan.bottleneck,
+            1.0,
+            self.latent_side(),
+        ) + blocks_flops(plan.decoder.iter(), 0)
+            + conv_flops(plan.top, self.img_channels, 3.0, self.img_resolution as f64)
+    }
+
+    fn latent_side(&self) -> f64 {
+        (self.img_resolution / self.downsampling()) as f64
+    }
+
     pub fn plan(&self) -> VaePlan {
         let widths: Vec<i64> = self
             .channel_mult
@@ -217,6 +257,12 @@ impl RadVaeConfig {
     /// The closed form: the input convolution (image and a ones channel), every block, the 1x1 convolutions into
     /// (mean and log-variance) and out of the latent, the output convolution.
     pub fn parameter_count(&self) -> u64 {
+        let (encoder, decoder) = self.parameter_split();
+        encoder + decoder
+    }
+
+    /// Parameters of the encoder (to the latent's moments) and of the decoder, in closed form.
+    pub fn parameter_split(&self) -> (u64, u64) {
         let p = self.plan();
         let (top, bottleneck, latent) = (
             p.top as u64,
@@ -224,17 +270,15 @@ impl RadVaeConfig {
             self.latent_channels as u64,
         );
         let image = self.img_channels as u64;
-        let blocks: u64 = p
-            .encoder
-            .iter()
-            .chain(&p.decoder)
-            .map(|b| super::config::block_parameters(b, None))
-            .sum();
-        (image + 1) * top * 9
-            + blocks
-            + bottleneck * 2 * latent
-            + latent * bottleneck
-            + top * image * 9
+        let blocks = |list: &[BlockPlan]| -> u64 {
+            list.iter()
+                .map(|b| super::config::block_parameters(b, None))
+                .sum()
+        };
+        (
+            (image + 1) * top * 9 + blocks(&p.encoder) + bottleneck * 2 * latent,
+            latent * bottleneck + blocks(&p.decoder) + top * image * 9,
+        )
     }
 }
 
@@ -374,7 +418,8 @@ impl RadVae {
 /// Training: stage 0 the input convolution, one stage per encoder block, the latent (mean, log-variance and the
 /// sample z = mean + exp(logvar / 2) * noise, the noise keyed per sample; the mean when there are no keys), the
 /// projection out of the latent, one stage per decoder block, the output convolution. The output is the
-/// reconstruction; `inputs.x` are the images (the conditions are not read).
+/// reconstruction, followed by the latent's mean and log-variance; `inputs.x` are the images (the conditions are
+/// not read).
 impl StagedModel for RadVae {
     fn groups(&self) -> Vec<String> {
         std::iter::once("rest".to_string())
@@ -454,7 +499,12 @@ impl StagedModel for RadVae {
             }
             i if i == e + 2 => vec![self.from_latent.forward(h)],
             i if i < e + 3 + d => vec![self.decoder[i - e - 3].forward(h, None, None)],
-            _ => vec![self.out_conv.forward(h).to_kind(Kind::Float)],
+            // The reconstruction, then the latent's moments again: the objective's KL term reads them.
+            _ => vec![
+                self.out_conv.forward(h).to_kind(Kind::Float),
+                values[e + 1].shallow_clone(),
+                values[e + 2].shallow_clone(),
+            ],
         })
     }
 
@@ -487,8 +537,12 @@ mod tests {
             age: &age,
         };
         let staged = crate::staged::run_stages(&vae, &StageInputs { inputs, keys: None }).unwrap();
-        let direct = vae.decode(&vae.encode(&x).unwrap().0).unwrap();
-        assert!(staged.allclose(&direct, 1e-6, 1e-6, false));
+        let (mean, logvar) = vae.encode(&x).unwrap();
+        let direct = vae.decode(&mean).unwrap();
+        assert!(staged[0].allclose(&direct, 1e-6, 1e-6, false));
+        // The last stage hands the objective the latent's moments too.
+        assert!(staged[1].allclose(&mean, 1e-6, 1e-6, false));
+        assert!(staged[2].allclose(&logvar, 1e-6, 1e-6, false));
         // With keys the latent is sampled: another reconstruction, the same for a sample in any batch.
         let keys = super::super::dropout::keys(3, 0, &[7, 8, 9]);
         let sampled = crate::staged::run_stages(
@@ -499,7 +553,7 @@ mod tests {
             },
         )
         .unwrap();
-        assert!(!sampled.allclose(&direct, 1e-4, 1e-4, false));
+        assert!(!sampled[0].allclose(&direct, 1e-4, 1e-4, false));
         let stages = vae.stages();
         let groups = vae.groups().len();
         for (name, _) in vs.variables() {
