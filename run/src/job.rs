@@ -933,9 +933,12 @@ impl Job {
         };
         let _ = writeln!(
             o,
-            "model: {} {} ({count}){}",
+            "model: {}{} ({count}){}",
             m.name(),
-            t.model.preset.as_deref().unwrap_or("custom"),
+            t.model
+                .preset
+                .as_deref()
+                .map_or(String::new(), |p| format!(" {p}")),
             t.reconstruction.as_ref().map_or(String::new(), |r| format!(
                 "; objective {} x L1 + {} x KL + {} x Rad-DINO perceptual",
                 r.l1, r.kl, r.perceptual

@@ -20,6 +20,14 @@ Commands:
     reference DIR [--seed S]   tiny config (ch 16, mult [1,2], 1 res block, z 4, 8 groups), fp32 CPU, writes
                                DIR/weights_bfl.safetensors, DIR/weights_diffusers.safetensors, DIR/io.safetensors,
                                DIR/config.json; checks the diffusers round trip and a reload of the BFL file
+    lora DIR                   the decoder fine-tune (radvae.md): loads DIR/weights_bfl.safetensors (the tiny config)
+                               frozen, puts peft-style LoRA branches on the layers DIR/lora.safetensors has
+                               `<layer>.lora_A.weight` / `.lora_B.weight` for (scale from DIR/lora.json) and its
+                               other tensors in place of the released ones (trained in full); reconstructs
+                               DIR/io.safetensors's `x` through the frozen encoder's mean, L = mean |x_hat - x|, and
+                               writes DIR/lora_out.safetensors: `reconstruction`, `loss`, `grad.<name>` for every
+                               trained tensor, and `merged_reconstruction` from a plain decoder with the branches
+                               folded into the weights
     check-store STORE WEIGHTS  reads a store that `radit encode` filled (zarr-python), encodes its images with the
                                tiny twin loaded from WEIGHTS, and reports (JSON) the largest difference from the
                                stored float16 latents per split, and the training split's channel statistics as
@@ -337,6 +345,83 @@ def cmd_reference(args):
     return 0
 
 
+class LoraConv(nn.Module):
+    """A frozen convolution with a LoRA branch, as peft adds one to a Conv2d: y = base(x) + scale * B(A(x)), A with
+    the base's kernel, stride and padding into rank r and no bias, B a 1x1 convolution out of it, no bias."""
+
+    def __init__(self, base, a, b, scale):
+        super().__init__()
+        self.base, self.scale = base, scale
+        self.lora_A = nn.Conv2d(base.in_channels, a.shape[0], base.kernel_size, stride=base.stride,
+                                padding=base.padding, bias=False)
+        self.lora_B = nn.Conv2d(a.shape[0], base.out_channels, 1, bias=False)
+        with torch.no_grad():
+            self.lora_A.weight.copy_(a)
+            self.lora_B.weight.copy_(b)
+
+    def forward(self, x):
+        return self.base(x) + self.lora_B(self.lora_A(x)) * self.scale
+
+    def merged_weight(self):
+        w, a, b = self.base.weight, self.lora_A.weight, self.lora_B.weight
+        r = a.shape[0]
+        return w + self.scale * (b.reshape(b.shape[0], r) @ a.reshape(r, -1)).reshape(w.shape)
+
+
+def _set_module(root, name, module):
+    parent, _, leaf = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, leaf, module)
+
+
+def cmd_lora(args):
+    torch.use_deterministic_algorithms(True)
+    torch.set_num_threads(1)
+    torch.backends.mkldnn.enabled = False
+    d = Path(args.dir)
+    ae = AutoEncoder(TINY).float().eval()
+    missing, unexpected = ae.load_state_dict(load_file(str(d / "weights_bfl.safetensors")), strict=False)
+    assert set(missing) <= {"bn.num_batches_tracked"} and not unexpected, (missing, unexpected)
+    for p in ae.parameters():
+        p.requires_grad_(False)
+    scale = json.loads((d / "lora.json").read_text())["scale"]
+    trained = load_file(str(d / "lora.safetensors"))
+    loras = {}
+    for name, t in sorted(trained.items()):
+        if name.endswith(".lora_A.weight"):
+            layer = name[: -len(".lora_A.weight")]
+            module = LoraConv(ae.get_submodule(layer), t, trained[layer + ".lora_B.weight"], scale)
+            _set_module(ae, layer, module)
+            loras[layer] = module
+        elif not name.endswith(".lora_B.weight"):
+            layer, _, kind = name.rpartition(".")
+            param = nn.Parameter(t.clone())
+            setattr(ae.get_submodule(layer), kind, param)
+    x = load_file(str(d / "io.safetensors"))["x"]
+    with torch.no_grad():
+        z = ae.encode_mean(x)
+    rec = ae.decode(z)
+    loss = (rec - x).abs().mean()
+    loss.backward()
+    out = {"reconstruction": rec.detach(), "loss": loss.detach().reshape(1)}
+    for name in trained:
+        if name.endswith(".lora_A.weight") or name.endswith(".lora_B.weight"):
+            layer, _, rest = name.partition(".lora_")
+            param = getattr(loras[layer], "lora_" + rest.split(".")[0]).weight
+        else:
+            layer, _, kind = name.rpartition(".")
+            param = getattr(ae.get_submodule(layer), kind)
+        out["grad." + name] = param.grad
+    # The plain decoder: each branch folded into its layer's weight.
+    with torch.no_grad():
+        for layer, module in loras.items():
+            module.base.weight.copy_(module.merged_weight())
+            _set_module(ae, layer, module.base)
+        out["merged_reconstruction"] = ae.decode(z)
+    save_file({k: v.contiguous() for k, v in out.items()}, str(d / "lora_out.safetensors"))
+    print(json.dumps({"loss": loss.item(), "lora_layers": len(loras), "trained": len(trained)}))
+    return 0
+
+
 def cmd_check_store(args):
     import numpy as np
     import zarr
@@ -400,6 +485,8 @@ def main():
     r = sub.add_parser("reference")
     r.add_argument("dir")
     r.add_argument("--seed", type=int, default=0)
+    lo = sub.add_parser("lora")
+    lo.add_argument("dir")
     c = sub.add_parser("check-store")
     c.add_argument("store")
     c.add_argument("weights")
@@ -410,7 +497,8 @@ def main():
     b.add_argument("--warmup", type=int, default=1)
     b.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    commands = {"count": cmd_count, "reference": cmd_reference, "bench": cmd_bench, "check-store": cmd_check_store}
+    commands = {"count": cmd_count, "reference": cmd_reference, "bench": cmd_bench, "check-store": cmd_check_store,
+                "lora": cmd_lora}
     return commands[args.cmd](args)
 
 

@@ -410,22 +410,27 @@ impl AeConfig {
     }
 }
 
+/// FLOPs (2 per multiply-add) of a `k` x `k` convolution over a `side` x `side` map.
+fn conv_flops(cin: i64, cout: i64, k: i64, side: i64) -> f64 {
+    2.0 * (cin * cout * k * k) as f64 * (side * side) as f64
+}
+
+/// FLOPs of a ResNet block: two 3x3 convolutions and the 1x1 shortcut where the width changes.
+fn resnet_flops(cin: i64, cout: i64, side: i64) -> f64 {
+    conv_flops(cin, cout, 3, side)
+        + conv_flops(cout, cout, 3, side)
+        + if cin == cout {
+            0.0
+        } else {
+            conv_flops(cin, cout, 1, side)
+        }
+}
+
 impl AeConfig {
     /// Floating-point operations (2 per multiply-add) of one encoder mean for a `size` x `size` image: every
     /// convolution and the mid block's attention products; norms and activations are left out (under 1 %).
     pub fn encoder_flops(&self, size: i64) -> f64 {
-        let conv = |cin: i64, cout: i64, k: i64, side: i64| {
-            2.0 * (cin * cout * k * k) as f64 * (side * side) as f64
-        };
-        let resnet = |cin: i64, cout: i64, side: i64| {
-            conv(cin, cout, 3, side)
-                + conv(cout, cout, 3, side)
-                + if cin == cout {
-                    0.0
-                } else {
-                    conv(cin, cout, 1, side)
-                }
-        };
+        let (conv, resnet) = (conv_flops, resnet_flops);
         let levels = self.ch_mult.len();
         let mut side = size;
         let mut c = self.ch;
@@ -451,18 +456,7 @@ impl AeConfig {
 
     /// The same count for one decoding back to a `size` x `size` image.
     pub fn decoder_flops(&self, size: i64) -> f64 {
-        let conv = |cin: i64, cout: i64, k: i64, side: i64| {
-            2.0 * (cin * cout * k * k) as f64 * (side * side) as f64
-        };
-        let resnet = |cin: i64, cout: i64, side: i64| {
-            conv(cin, cout, 3, side)
-                + conv(cout, cout, 3, side)
-                + if cin == cout {
-                    0.0
-                } else {
-                    conv(cin, cout, 1, side)
-                }
-        };
+        let (conv, resnet) = (conv_flops, resnet_flops);
         let levels = self.ch_mult.len();
         let mut side = size / self.downsampling();
         let mut c = self.width(levels - 1);
@@ -1245,6 +1239,15 @@ mod tests {
             + c3(2.0, 2.0)
             + 2.0 * 2.0 * 2.0 * 16.0;
         assert_eq!(cfg.encoder_flops(4), want);
+        // Its decoder: post-quant 1x1 z->z, conv_in z->2 (3x3), the mid block, two resnets (one more than the
+        // encoder's), conv_out 2->3.
+        let decoder = 2.0 * 16.0
+            + 2.0 * 2.0 * 9.0 * 16.0
+            + 2.0 * resnet
+            + attention
+            + 2.0 * resnet
+            + c3(2.0, 3.0);
+        assert_eq!(cfg.decoder_flops(4), decoder);
         // FLUX.2 at 512x512: about 1.1 TFLOP (latents.md's estimate).
         let t = AeConfig::flux2().encoder_flops(512) / 1e12;
         assert!((1.0..1.3).contains(&t), "{t}");
