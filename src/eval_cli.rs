@@ -10,6 +10,7 @@ use radit_eval::io::read_npy;
 use radit_eval::kd::KdConfig;
 use radit_jobs::features_job::{FeaturesConfig, extract};
 use radit_jobs::journal::RankError;
+use radit_jobs::recon_job::{ReconConfig, reconstruct};
 use radit_jobs::train::validate::features_network;
 
 #[derive(Subcommand)]
@@ -22,6 +23,11 @@ pub enum EvalCommand {
     /// float32 .npy, the image ids (.ids.txt) and what they are of (.json); resumable unit by unit, cached with
     /// --cache, and distributed as a `[job] kind = "features"` job under `radit run`.
     Features(FeaturesArgs),
+    /// An autoencoder's reconstructions of a store split (Table 2): each image through the encoder's mean and the
+    /// decoder of any autoencoder file (FLUX.2 as released, a merged fine-tune, RadVAE), written as 16-bit PNGs
+    /// in a samples directory (`eval features --samples` reads it: rFD), with PSNR and SSIM per image in recon.csv
+    /// and their means in recon.json; resumable shard by shard, and distributed as a `[job] kind = "recon"` job.
+    Recon(ReconArgs),
     /// A small DINOv2 snapshot with random weights (config.json, model.safetensors, preprocessor_config.json), to
     /// try `eval features` and `eval fidelity` offline: its features measure nothing (use Rad-DINO for results).
     RandomDinov2 {
@@ -78,6 +84,96 @@ pub struct FeaturesArgs {
     /// The features file (.npy); .ids.txt and .json go beside it.
     #[arg(long, required_unless_present = "config")]
     out: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub struct ReconArgs {
+    /// A TOML file with a [recon] section (what `radit run` writes for a recon job's ranks); or the flags.
+    #[arg(long, conflicts_with_all = ["store", "weights", "out"])]
+    config: Option<PathBuf>,
+    /// The store (a path or URL) whose split's images to reconstruct.
+    #[arg(long, required_unless_present = "config")]
+    store: Option<String>,
+    /// train, val or test.
+    #[arg(long, default_value = "test")]
+    split: String,
+    /// Only the split's first N images.
+    #[arg(long)]
+    limit: Option<u64>,
+    /// The autoencoder's weights (FLUX.2's release, `radit vae finetune`'s best, RadVAE's).
+    #[arg(long, required_unless_present = "config")]
+    weights: Option<PathBuf>,
+    /// auto (what the weights file says), flux2, tiny, radvae or radvae-tiny.
+    #[arg(long, default_value = "auto")]
+    autoencoder: String,
+    /// RGB to grey in place of the file's: mean or luma (FLUX-family decoders).
+    #[arg(long)]
+    grey: Option<String>,
+    /// Images through the autoencoder at once.
+    #[arg(long, default_value_t = 8)]
+    batch: u64,
+    /// Replace an output directory of other weights or images.
+    #[arg(long)]
+    overwrite: bool,
+    /// cpu, cuda or cuda:N (default: the GPU when there is one).
+    #[arg(long)]
+    device: Option<String>,
+    /// libtorch intra-op threads per rank (default: this process's cores shared among the node's ranks).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    threads: Option<u16>,
+    /// The output directory.
+    #[arg(long, required_unless_present = "config")]
+    out: Option<PathBuf>,
+}
+
+impl ReconArgs {
+    fn config(&self) -> anyhow::Result<ReconConfig> {
+        if let Some(file) = &self.config {
+            return Ok(ReconConfig::load(file)?);
+        }
+        let (Some(store), Some(weights), Some(out)) = (&self.store, &self.weights, &self.out)
+        else {
+            crate::exit::bail_usage!("give --config, or --store, --weights and --out");
+        };
+        let grey = match self.grey.as_deref() {
+            None => None,
+            Some("mean") => Some(radit_models::autoencoder::Grey::Mean),
+            Some("luma") => Some(radit_models::autoencoder::Grey::Luma),
+            Some(other) => crate::exit::bail_usage!("--grey {other}: mean or luma"),
+        };
+        let cfg = ReconConfig {
+            split: self
+                .split
+                .parse()
+                .map_err(|e| crate::exit::usage!("--split: {e}"))?,
+            limit: self.limit,
+            autoencoder: self.autoencoder.clone(),
+            grey,
+            batch: self.batch,
+            overwrite: self.overwrite,
+            ..ReconConfig::new(store, weights, out)
+        };
+        cfg.validate().map_err(RankError::Config)?;
+        Ok(cfg)
+    }
+}
+
+fn run_recon(a: ReconArgs) -> anyhow::Result<u8> {
+    let cfg = a.config()?;
+    let device = crate::rank_args::device_or_gpu(a.device.as_deref())?;
+    if a.threads.is_some() {
+        radit_engine::threads::apply(a.threads.map(usize::from), None);
+    }
+    let done = crate::rank_args::run_rank(
+        device,
+        |comm, handles| reconstruct(&cfg, comm.as_ref(), device, handles),
+        RankError::repeats,
+    )?;
+    let run = done.summary;
+    if let Some(s) = &run.summary {
+        println!("{}", serde_json::to_string(s)?);
+    }
+    Ok(crate::exit::done_or_requeue(run.stopped_for_requeue))
 }
 
 impl FeaturesArgs {
@@ -147,6 +243,7 @@ pub fn run_eval(cmd: EvalCommand) -> anyhow::Result<u8> {
     match cmd {
         EvalCommand::Fidelity(a) => run_fidelity(a),
         EvalCommand::Features(a) => run_features(a),
+        EvalCommand::Recon(a) => run_recon(a),
         EvalCommand::RandomDinov2 { out, seed } => {
             radit_models::features::write_random_snapshot(&out, seed)?;
             println!(

@@ -534,3 +534,127 @@ fn features_job_with_a_dead_rank(launcher: Launcher) {
         std::fs::read(&single).unwrap()
     );
 }
+
+/// `radit eval recon` (Table 2's reconstructions) as a `[job] kind = "recon"` job on 2 ranks with rank 1 dying
+/// between writing its second shard's PNGs and committing it: the relaunch redoes that shard, and the images and
+/// tables equal one process's byte for byte. Each image's PSNR and SSIM are `radit_eval::image`'s of the store's
+/// image and its reconstruction's PNG, both on [0, 1]; the output is a samples directory that `radit eval features
+/// --samples` embeds (rFD).
+#[test]
+#[cfg_attr(
+    not(feature = "fault-injection"),
+    ignore = "injects faults: build with --features fault-injection (scripts/test.sh does)"
+)]
+fn a_recon_job_resumes_after_a_rank_dies_mid_shard_and_scores_each_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let store = tiny_store(d, 48, "40x48", 8, &[]);
+    let w = d.join("tiny-ae.safetensors");
+    run_ok(radit().args(["vae", "init", "tiny", "--out"]).arg(&w));
+    let single = d.join("single");
+    run_ok(
+        radit()
+            .args([
+                "eval",
+                "recon",
+                "--device",
+                "cpu",
+                "--threads",
+                "1",
+                "--split",
+                "train",
+            ])
+            .args(["--limit", "20", "--batch", "3", "--store"])
+            .arg(&store)
+            .arg("--weights")
+            .arg(&w)
+            .arg("--out")
+            .arg(&single),
+    );
+    let out = d.join("job-out");
+    let job = two_rank_job(
+        d,
+        "recon",
+        &format!(
+            "[recon]\nstore = \"{}\"\nsplit = \"train\"\nlimit = 20\nbatch = 3\nweights = \"{}\"\nout = \"{}\"",
+            store.display(),
+            w.display(),
+            out.display()
+        ),
+        Launcher::Local,
+    );
+    let run = Launcher::Local.run(
+        &job,
+        &[
+            ("RADIT_FAULT_CRASH_BEFORE_COMMIT", "1:2"),
+            ("RADIT_FAULT_ONLY_GENERATION", "1"),
+        ],
+    );
+    let err = stderr(&run);
+    assert!(err.contains("restart 1/1"), "{err}");
+    // 20 images in shards of 8: three shards, committed once each.
+    let journal = std::fs::read_dir(out.join(".recon/journal"))
+        .unwrap()
+        .count();
+    assert_eq!(journal, 3);
+    let (a, b) = (images(&single), images(&out));
+    assert_eq!(a.len(), 20);
+    assert!(
+        a == b,
+        "the job's reconstructions differ from one process's"
+    );
+    for table in ["recon.csv", "samples.csv"] {
+        let text = std::fs::read_to_string(out.join(table)).unwrap();
+        assert_eq!(
+            text,
+            std::fs::read_to_string(single.join(table)).unwrap(),
+            "{table}"
+        );
+        assert_eq!(text.lines().count(), 21, "{table}");
+    }
+    // The metrics of the first image, recomputed from the store and the PNG.
+    let reader = radit_sharding::reader::StoreReader::open(
+        radit_sharding::store::Storage::open_existing(store.to_str().unwrap()).unwrap(),
+    )
+    .unwrap();
+    let shard = reader
+        .read_shard(radit_sharding::split::Split::Train, 0)
+        .unwrap();
+    let original: Vec<f64> = shard.images[..256]
+        .iter()
+        .map(|&v| f64::from(v) / 65535.0)
+        .collect();
+    let png = std::fs::read(out.join("images/train-00000000-0.png")).unwrap();
+    let (img, _) = radit_sharding::image::decode_png(&png).unwrap();
+    let recon: Vec<f64> = img.pixels.iter().map(|&v| f64::from(v) / 65535.0).collect();
+    let psnr = radit_eval::image::psnr(&original, &recon, 16, 16, 1.0).unwrap();
+    let ssim = radit_eval::image::ssim(&original, &recon, 16, 16, 1.0).unwrap();
+    let csv = std::fs::read_to_string(out.join("recon.csv")).unwrap();
+    let first: Vec<&str> = csv.lines().nth(1).unwrap().split(',').collect();
+    assert_eq!(first[1], shard.image_ids[0]);
+    let (p, s): (f64, f64) = (first[3].parse().unwrap(), first[4].parse().unwrap());
+    assert!(
+        (p - psnr).abs() < 1e-9 && (s - ssim).abs() < 1e-9,
+        "{first:?} vs {psnr} {ssim}"
+    );
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("recon.json")).unwrap()).unwrap();
+    assert_eq!(report["summary"]["images"], 20);
+    assert!(report["summary"]["ssim_mean"].as_f64().unwrap() < 1.0);
+    // A samples directory: its reconstructions embed like generated samples.
+    let net = d.join("net");
+    run_ok(radit().args(["eval", "random-dinov2", "--out"]).arg(&net));
+    let npy = d.join("recon.npy");
+    run_ok(
+        radit()
+            .args(["eval", "features", "--device", "cpu", "--samples"])
+            .arg(&out)
+            .arg("--net")
+            .arg(&net)
+            .arg("--out")
+            .arg(&npy),
+    );
+    let ids = std::fs::read_to_string(npy.with_extension("ids.txt")).unwrap();
+    assert_eq!(ids.lines().count(), 20);
+    assert_eq!(ids.lines().next().unwrap(), shard.image_ids[0]);
+}

@@ -249,7 +249,7 @@ pub struct Fingerprint {
     pub decoder_sha256: Option<String>,
 }
 
-fn sha256_file(path: &Path) -> Result<String, RankError> {
+pub(crate) fn sha256_file(path: &Path) -> Result<String, RankError> {
     use std::io::Read;
     let mut f = std::fs::File::open(path).map_err(io_error(path))?;
     let mut hasher = Sha256::new();
@@ -277,9 +277,8 @@ pub fn sample_file(split: Split, row: u64, k: u64) -> String {
     format!("{}-{row:08}-{k}.png", split.name())
 }
 
-const MANIFEST: &str = "generate.json";
+use crate::journal::{SAMPLES_CSV as CSV, SAMPLES_MANIFEST as MANIFEST};
 const JOURNAL: &str = ".generate/journal";
-const CSV: &str = "samples.csv";
 
 fn journal_path(out: &Path, unit: u64) -> PathBuf {
     out.join(JOURNAL).join(format!("{unit:08}.json"))
@@ -301,61 +300,23 @@ pub struct GenerateSummary {
     pub finished: bool,
 }
 
-/// Settles the output directory on rank 0: a new one gets the manifest; an existing one must be of the same
-/// fingerprint (or is cleared with `overwrite`).
+/// Settles the output directory on rank 0 (see [`crate::journal::prepare_samples_dir`]).
 fn prepare(cfg: &GenerateConfig, fingerprint: &Fingerprint) -> Result<(), RankError> {
-    let out = &cfg.out;
-    let manifest = out.join(MANIFEST);
-    if manifest.exists() {
-        let text = std::fs::read_to_string(&manifest).map_err(io_error(&manifest))?;
-        let existing: Result<Fingerprint, _> = serde_json::from_str::<serde_json::Value>(&text)
-            .ok()
-            .and_then(|v| v.get("fingerprint").cloned())
-            .map(serde_json::from_value)
-            .unwrap_or_else(|| Err(serde::de::Error::custom("no fingerprint")));
-        match existing {
-            Ok(f) if f == *fingerprint => return Ok(()),
-            _ if cfg.overwrite => {
-                tracing::warn!(out = %out.display(), "overwrite: removing samples of another model or setting");
-                // The manifest goes first: a crash part-way leaves a directory nobody mistakes for finished.
-                std::fs::remove_file(&manifest).map_err(io_error(&manifest))?;
-                for dir in [out.join(".generate"), out.join("images")] {
-                    if dir.exists() {
-                        std::fs::remove_dir_all(&dir).map_err(io_error(&dir))?;
-                    }
-                }
-                let _ = std::fs::remove_file(out.join(CSV));
-            }
-            Ok(f) => {
-                return Err(RankError::Unusable {
-                    what: out.display().to_string(),
-                    reason: format!(
-                        "holds samples of {} (weights {}, seed {}, solver {:?}); this run is of {} (weights {}, \
-                         seed {}, solver {:?}): choose another output directory, or set overwrite",
-                        f.profiles,
-                        &f.weights_sha256[..12.min(f.weights_sha256.len())],
-                        f.seed,
-                        f.solver,
-                        fingerprint.profiles,
-                        &fingerprint.weights_sha256[..12],
-                        fingerprint.seed,
-                        fingerprint.solver,
-                    ),
-                });
-            }
-            Err(e) => {
-                return Err(RankError::Unusable {
-                    what: out.display().to_string(),
-                    reason: format!("{MANIFEST} is unreadable ({e}): set overwrite to start again"),
-                });
-            }
-        }
-    }
-    for dir in [out.join(JOURNAL), out.join("images")] {
-        std::fs::create_dir_all(&dir).map_err(io_error(&dir))?;
-    }
-    let text = serde_json::json!({ "fingerprint": fingerprint, "complete": false });
-    write_atomic(&manifest, |tmp| std::fs::write(tmp, format!("{text:#}\n")))
+    crate::journal::prepare_samples_dir(
+        &cfg.out,
+        ".generate",
+        fingerprint,
+        cfg.overwrite,
+        |f: &Fingerprint| {
+            format!(
+                "{} (weights {}, seed {}, solver {:?})",
+                f.profiles,
+                &f.weights_sha256[..12.min(f.weights_sha256.len())],
+                f.seed,
+                f.solver
+            )
+        },
+    )
 }
 
 /// Runs this rank's part of the generate job (see the module docs). Collective.
@@ -643,7 +604,7 @@ fn finish(
 }
 
 /// A CSV field, quoted when it must be.
-fn csv_field(s: &str) -> String {
+pub(crate) fn csv_field(s: &str) -> String {
     if s.contains([',', '"', '\n']) {
         format!("\"{}\"", s.replace('"', "\"\""))
     } else {

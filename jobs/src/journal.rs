@@ -168,3 +168,71 @@ pub fn end_of_range(
     let _g = progress.enter(Phase::Collective);
     comm.any(stopped)
 }
+
+/// The manifest of a samples directory (what `radit generate` and `radit eval recon` write and `radit eval features
+/// --samples` reads): its fingerprint, and whether every unit is in.
+pub const SAMPLES_MANIFEST: &str = "generate.json";
+/// A samples directory's list of files: `file,image_id,row,sample,...`.
+pub const SAMPLES_CSV: &str = "samples.csv";
+
+/// Settles a samples directory on rank 0: a new one gets the manifest (`fingerprint`, not complete), `images/` and
+/// the journal directory `<journal>/journal`; an existing one must be of the same fingerprint, or is cleared with
+/// `overwrite` (the manifest first, so a crash part-way leaves nothing that looks finished). `describe` names what
+/// a fingerprint is of, for the refusal.
+pub fn prepare_samples_dir<F>(
+    out: &Path,
+    journal: &str,
+    fingerprint: &F,
+    overwrite: bool,
+    describe: impl Fn(&F) -> String,
+) -> Result<(), RankError>
+where
+    F: serde::Serialize + serde::de::DeserializeOwned + PartialEq,
+{
+    let manifest = out.join(SAMPLES_MANIFEST);
+    if manifest.exists() {
+        let text = std::fs::read_to_string(&manifest).map_err(io_error(&manifest))?;
+        let existing: Result<F, _> = serde_json::from_str::<serde_json::Value>(&text)
+            .ok()
+            .and_then(|v| v.get("fingerprint").cloned())
+            .map(serde_json::from_value)
+            .unwrap_or_else(|| Err(serde::de::Error::custom("no fingerprint")));
+        match existing {
+            Ok(f) if f == *fingerprint => return Ok(()),
+            _ if overwrite => {
+                tracing::warn!(out = %out.display(), "overwrite: removing outputs of another model or setting");
+                std::fs::remove_file(&manifest).map_err(io_error(&manifest))?;
+                for dir in [out.join(journal), out.join("images")] {
+                    if dir.exists() {
+                        std::fs::remove_dir_all(&dir).map_err(io_error(&dir))?;
+                    }
+                }
+                let _ = std::fs::remove_file(out.join(SAMPLES_CSV));
+            }
+            Ok(f) => {
+                return Err(RankError::Unusable {
+                    what: out.display().to_string(),
+                    reason: format!(
+                        "holds samples of {}; this run is of {}: choose another output directory, or set \
+                         overwrite",
+                        describe(&f),
+                        describe(fingerprint)
+                    ),
+                });
+            }
+            Err(e) => {
+                return Err(RankError::Unusable {
+                    what: out.display().to_string(),
+                    reason: format!(
+                        "{SAMPLES_MANIFEST} is unreadable ({e}): set overwrite to start again"
+                    ),
+                });
+            }
+        }
+    }
+    for dir in [out.join(journal).join("journal"), out.join("images")] {
+        std::fs::create_dir_all(&dir).map_err(io_error(&dir))?;
+    }
+    let text = serde_json::json!({ "fingerprint": fingerprint, "complete": false });
+    write_atomic(&manifest, |tmp| std::fs::write(tmp, format!("{text:#}\n")))
+}

@@ -10,6 +10,7 @@
 //!   [`sample`]: `radit sample` (samples or counterfactual edits) as one call.
 //! - [`features_job`]: a feature network's embeddings of a store or of generated images.
 //! - [`scm_fit`]: fitting the Flow SCM to a store's metadata.
+//! - [`recon_job`]: an autoencoder's reconstructions of a split, with PSNR and SSIM (Table 2).
 //! - [`bench`] and [`parity`]: the engine's step benchmark, and its agreement with a plain unsharded step.
 //! - [`faults`]: the fault plan's training side.
 
@@ -23,6 +24,7 @@ pub mod generate;
 pub mod generate_job;
 pub mod journal;
 pub mod parity;
+pub mod recon_job;
 pub mod reference_samples;
 pub mod sample;
 pub mod scm_fit;

@@ -10,6 +10,7 @@ use radit_coordinator::RestartPolicy;
 use radit_jobs::encode::EncodeConfig;
 use radit_jobs::features_job::FeaturesConfig;
 use radit_jobs::generate_job::GenerateConfig;
+use radit_jobs::recon_job::ReconConfig;
 use radit_jobs::scm_fit::ScmTrainConfig;
 use radit_jobs::train::preview::PreviewConfig;
 use radit_jobs::train::{ConfigError, TrainConfig, ValidatedConfig};
@@ -63,6 +64,7 @@ pub enum Work {
     Generate(Box<GenerateConfig>),
     Features(Box<FeaturesConfig>),
     Scm(Box<ScmTrainConfig>),
+    Recon(Box<ReconConfig>),
 }
 
 impl Work {
@@ -74,6 +76,7 @@ impl Work {
             Work::Generate(g) => Some(&**g),
             Work::Features(f) => Some(&**f),
             Work::Scm(s) => Some(&**s),
+            Work::Recon(r) => Some(&**r),
         }
     }
 
@@ -84,6 +87,7 @@ impl Work {
             Work::Generate(g) => Some(&mut **g),
             Work::Features(f) => Some(&mut **f),
             Work::Scm(s) => Some(&mut **s),
+            Work::Recon(r) => Some(&mut **r),
         }
     }
 }
@@ -105,6 +109,8 @@ pub enum JobKind {
     Generate,
     Features,
     Scm,
+    /// An autoencoder's reconstructions of a split, with PSNR and SSIM: `[recon]`.
+    Recon,
 }
 
 /// The job's own sections, as they are read.
@@ -158,7 +164,7 @@ fn check_job_sections(all: &toml::Table) -> Result<(), String> {
         "train" | "vae-train" | "vae-finetune" => {
             known.extend(train_sections.iter().filter(|s| **s != "preview"))
         }
-        "encode" | "generate" | "features" | "scm" => known.push(kind),
+        "encode" | "generate" | "features" | "scm" | "recon" => known.push(kind),
         // The kind itself is checked, and named, when [job] is read.
         _ => return Ok(()),
     }
@@ -192,6 +198,7 @@ impl JobSpec {
             JobKind::Generate => Work::Generate(read_section(all, "generate", "a generate job")?),
             JobKind::Features => Work::Features(read_section(all, "features", "a features job")?),
             JobKind::Scm => Work::Scm(read_section(all, "scm", "an scm job")?),
+            JobKind::Recon => Work::Recon(read_section(all, "recon", "a recon job")?),
         };
         Ok(Self {
             work,

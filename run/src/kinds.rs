@@ -1,4 +1,5 @@
-//! The job kinds that are one section of the job file (`[encode]`, `[generate]`, `[features]`, `[scm]`): what
+//! The job kinds that are one section of the job file (`[encode]`, `[generate]`, `[features]`, `[scm]`,
+//! `[recon]`): what
 //! `radit run` needs of each, in one trait. Adding such a kind is its config type in `radit-jobs`, an impl here,
 //! a variant of `JobKind` and `Work` in `job.rs`, and its rank's CLI file. Training, whose work is
 //! several sections validated into one config, stays in `job.rs`.
@@ -9,6 +10,7 @@ use std::path::{Path, PathBuf};
 use radit_jobs::encode::EncodeConfig;
 use radit_jobs::features_job::FeaturesConfig;
 use radit_jobs::generate_job::GenerateConfig;
+use radit_jobs::recon_job::ReconConfig;
 use radit_jobs::scm_fit::ScmTrainConfig;
 use radit_protocol::ConfigError;
 
@@ -321,6 +323,63 @@ impl SectionJob for ScmTrainConfig {
             f.ema,
             f.out.display(),
             f.checkpoints().display()
+        );
+    }
+}
+
+impl SectionJob for ReconConfig {
+    fn section(&self) -> &'static str {
+        "recon"
+    }
+    fn rank_command(&self) -> &'static [&'static str] {
+        &["eval", "recon"]
+    }
+    fn to_table(&self) -> Result<toml::Table, toml::ser::Error> {
+        one_section(self.section(), self)
+    }
+    fn make_paths_absolute(&mut self, folder: &JobFolder) {
+        self.store = folder.url(&self.store);
+        self.weights = folder.path(&self.weights);
+        self.out = folder.path(&self.out);
+    }
+    fn validate(&self) -> Result<(), ConfigError> {
+        ReconConfig::validate(self)
+    }
+    fn why_no_samples(&self) -> &'static str {
+        "a recon job's images are its reconstructions: remove [samples]"
+    }
+    fn resumable(&self) -> bool {
+        true
+    }
+    fn planned_steps(&self, world: u64) -> Result<u64, PlanError> {
+        Ok(radit_jobs::recon_job::planned_steps(self, world)?)
+    }
+    fn check_before_launch(&self, world: u64) -> Result<String, PlanError> {
+        let ae = self.autoencoder_config()?;
+        Ok(format!(
+            "store opened: {} steps for the rank with the most work; weights {}: the {} autoencoder",
+            radit_jobs::recon_job::planned_steps(self, world)?,
+            self.weights.display(),
+            ae.preset_name().unwrap_or("custom")
+        ))
+    }
+    fn describe(&self, world: u32, o: &mut String) {
+        let r = self;
+        let _ = writeln!(
+            o,
+            "recon: the {} split of {}{} through the autoencoder {} ({}), {} images at once, into {}",
+            r.split.name(),
+            r.store,
+            r.limit.map_or(String::new(), |l| format!(" (first {l})")),
+            r.weights.display(),
+            r.autoencoder,
+            r.batch,
+            r.out.display()
+        );
+        let _ = writeln!(
+            o,
+            "data slices: the split's shards in {world} contiguous ranges, one per rank; a step is one shard, \
+             committed to the journal (.recon/journal) with its PSNR and SSIM, so a relaunch resumes at the next",
         );
     }
 }
