@@ -47,6 +47,10 @@ pub enum VaeCommand {
 pub struct VaeBenchArgs {
     #[arg(default_value = "flux2")]
     preset: String,
+    /// encode (the encoder's mean), recon (encode then decode) or finetune (a step of the decoder fine-tune: LoRA
+    /// (Up-Blocks, 8, 8) and the RGB head, L1, Adam; FLUX-family presets).
+    #[arg(long, default_value = "encode")]
+    mode: String,
     #[arg(long, default_value_t = 512)]
     image_size: i64,
     #[arg(long, default_value_t = 1)]
@@ -165,7 +169,15 @@ fn vae_bench(a: VaeBenchArgs) -> anyhow::Result<u8> {
         "--batch, --steps and --threads must be positive and --image-size a multiple of {}",
         cfg.downsampling()
     );
+    use radit_jobs::bench::AeBenchMode;
+    let mode = match a.mode.as_str() {
+        "encode" => AeBenchMode::Encode,
+        "recon" => AeBenchMode::Recon,
+        "finetune" => AeBenchMode::Finetune,
+        other => crate::exit::bail_usage!("--mode {other}: encode, recon or finetune"),
+    };
     let report = radit_jobs::bench::encoder_step(&radit_jobs::bench::EncoderBench {
+        mode,
         preset: a.preset,
         image_size: a.image_size,
         batch: a.batch,

@@ -453,9 +453,51 @@ pub fn model_step(b: &ModelBench) -> Result<ModelBenchReport, radit_models::mode
     })
 }
 
-/// What `radit vae bench` measures: the autoencoder's encoder mean on random images on this machine's CPU.
+/// What `radit vae bench` times per batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AeBenchMode {
+    /// The encoder's mean (what `radit encode` runs).
+    #[default]
+    Encode,
+    /// The encoder's mean, then the decoder (what `radit eval recon` runs).
+    Recon,
+    /// One step of the decoder fine-tune (`radit vae finetune`): the frozen encoder's mean, the decoder with the
+    /// paper's LoRA (Up-Blocks, 8, 8) and its RGB head in full, L1 loss, backward, Adam; the perceptual
+    /// network's share is not in it.
+    Finetune,
+}
+
+/// The paper's decoder fine-tune (LoRA (Up-Blocks, 8, 8) and the RGB head) on the weights in `base`.
+pub fn lora_up_8_8(
+    base: &std::path::Path,
+    image_size: i64,
+) -> radit_models::autoencoder::finetune::FinetuneConfig {
+    radit_models::autoencoder::finetune::FinetuneConfig {
+        base: base.to_path_buf(),
+        image_size,
+        lora: Some(radit_models::lora::LoraConfig {
+            rank: 8,
+            alpha: 8.0,
+            targets: [
+                "decoder.conv_in",
+                "decoder.mid.block_*.conv*",
+                "decoder.mid.attn_1.*",
+                "decoder.up.*.block.2.conv2",
+            ]
+            .map(String::from)
+            .to_vec(),
+        }),
+        full: vec!["decoder.norm_out".into(), "decoder.conv_out".into()],
+        grey: Default::default(),
+    }
+}
+
+/// What `radit vae bench` measures: the autoencoder's encoder mean, a reconstruction or a fine-tuning step on
+/// random images on this machine's CPU.
 #[derive(Debug, Clone)]
 pub struct EncoderBench {
+    pub mode: AeBenchMode,
     pub preset: String,
     pub image_size: i64,
     pub batch: i64,
@@ -469,6 +511,7 @@ pub struct EncoderBench {
 pub struct EncoderBenchReport {
     #[serde(rename = "impl")]
     pub implementation: &'static str,
+    pub mode: AeBenchMode,
     pub preset: String,
     pub image_size: i64,
     pub batch: i64,
@@ -497,32 +540,72 @@ pub fn encoder_step(
     }
     tch::set_num_threads(b.threads);
     tch::manual_seed(0);
-    let vs = tch::nn::VarStore::new(Device::Cpu);
-    let ae = Autoencoder::new(&vs.root(), &cfg)?;
     let x = Tensor::rand(
         [b.batch, 1, b.image_size, b.image_size],
         tch::kind::FLOAT_CPU,
     ) * 2
         - 1;
+    let side = b.image_size;
+    let (encoder, decoder) = match &cfg {
+        AutoencoderConfig::Flux(c) => (c.encoder_flops(side), c.decoder_flops(side)),
+        AutoencoderConfig::RadVae(c) => (c.encoder_flops(), c.decoder_flops()),
+    };
     let mut times = Vec::new();
-    for i in 0..b.warmup + b.steps {
+    let mut time = |i: usize, step: &mut dyn FnMut() -> Result<(), ModelError>| {
         let start = Instant::now();
-        let z = tch::no_grad(|| ae.encode_mean(&x))?;
-        if z.size()[1] != cfg.z_channels() {
-            return Err(ModelError::BadInput {
-                input: "encoder",
-                reason: "not one latent per image".into(),
-            });
-        }
+        step()?;
         if i >= b.warmup {
             times.push(start.elapsed().as_secs_f64());
         }
-    }
+        Ok::<(), ModelError>(())
+    };
+    let flops = match b.mode {
+        AeBenchMode::Encode | AeBenchMode::Recon => {
+            let vs = tch::nn::VarStore::new(Device::Cpu);
+            let ae = Autoencoder::new(&vs.root(), &cfg)?;
+            for i in 0..b.warmup + b.steps {
+                time(i, &mut || {
+                    let z = tch::no_grad(|| ae.encode_mean(&x))?;
+                    if b.mode == AeBenchMode::Recon {
+                        let _ = tch::no_grad(|| ae.decode(&z))?;
+                    }
+                    Ok(())
+                })?;
+            }
+            match b.mode {
+                AeBenchMode::Recon => encoder + decoder,
+                _ => encoder,
+            }
+        }
+        AeBenchMode::Finetune => {
+            use radit_models::autoencoder::finetune::DecoderFinetune;
+            use tch::nn::OptimizerConfig;
+            let base = std::env::temp_dir().join(format!(
+                "radit-bench-base-{}.safetensors",
+                std::process::id()
+            ));
+            radit_models::autoencoder::write_random(&cfg, 0, &base)?;
+            let vs = tch::nn::VarStore::new(Device::Cpu);
+            let built = DecoderFinetune::new(&vs.root(), &lora_up_8_8(&base, side));
+            let _ = std::fs::remove_file(&base);
+            let ft = built?;
+            let mut adam = tch::nn::Adam::default().build(&vs, 2e-5)?;
+            for i in 0..b.warmup + b.steps {
+                time(i, &mut || {
+                    let loss = (ft.reconstruct(&x) - &x).abs().mean(tch::Kind::Float);
+                    adam.backward_step(&loss);
+                    Ok(())
+                })?;
+            }
+            // The decoder's backward reaches every activation (about its forward again) and a few weights.
+            encoder + 2.0 * decoder
+        }
+    };
     times.sort_by(f64::total_cmp);
     let median = times[times.len() / 2];
-    let flops = cfg.encoder_flops(b.image_size);
     Ok(EncoderBenchReport {
         implementation: "radit",
+        mode: b.mode,
         preset: b.preset.clone(),
         image_size: b.image_size,
         batch: b.batch,

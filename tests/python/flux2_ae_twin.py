@@ -15,8 +15,9 @@ diffusers 0.42 AutoencoderKLFlux2 loading weights_diffusers: outputs agree to ~5
 
 Commands:
     count                      full-config parameter counts as JSON; exit 1 unless total == 84,046,115
-    bench [--image-size 512] [--batch 1] [--steps 2] [--threads 2]
-                               full-size encoder throughput on the CPU (JSON), beside `radit vae bench`
+    bench [--image-size 512] [--batch 1] [--steps 2] [--threads 2] [--mode encode|recon|finetune]
+                               full-size encoder, reconstruction or decoder fine-tuning step throughput on the CPU
+                               (JSON), beside `radit vae bench --mode`
     reference DIR [--seed S]   tiny config (ch 16, mult [1,2], 1 res block, z 4, 8 groups), fp32 CPU, writes
                                DIR/weights_bfl.safetensors, DIR/weights_diffusers.safetensors, DIR/io.safetensors,
                                DIR/config.json; checks the diffusers round trip and a reload of the BFL file
@@ -458,22 +459,57 @@ def cmd_check_store(args):
     return 0
 
 
+LORA_UP_8_8 = [r"decoder\.conv_in", r"decoder\.mid\.block_\d\.conv\d", r"decoder\.mid\.attn_1\.(q|k|v|proj_out)",
+               r"decoder\.up\.\d+\.block\.2\.conv2"]
+
+
 def cmd_bench(args):
-    """Encoder throughput of the full-size config on the CPU (random weights), as `radit vae bench` measures it."""
+    """Full-size throughput on the CPU (random weights), as `radit vae bench --mode` measures it: the encoder's
+    mean (encode), encode then decode (recon), or one step of the decoder fine-tune (finetune: the frozen encoder's
+    mean, LoRA (Up-Blocks, 8, 8) and the RGB head, L1, backward, Adam)."""
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     ae = AutoEncoder(Config()).float().eval()
     x = torch.rand(args.batch, 1, args.image_size, args.image_size) * 2 - 1
+    if args.mode == "finetune":
+        for p in ae.parameters():
+            p.requires_grad_(False)
+        trained = []
+        for name, module in list(ae.named_modules()):
+            if isinstance(module, nn.Conv2d) and any(re.fullmatch(t, name) for t in LORA_UP_8_8):
+                r = 8
+                a = torch.empty(r, module.in_channels, *module.kernel_size)
+                nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+                lora = LoraConv(module, a, torch.zeros(module.out_channels, r, 1, 1), 8 / r)
+                _set_module(ae, name, lora)
+                trained += [lora.lora_A.weight, lora.lora_B.weight]
+        for p in list(ae.decoder.norm_out.parameters()) + list(ae.decoder.conv_out.parameters()):
+            p.requires_grad_(True)
+            trained.append(p)
+        adam = torch.optim.Adam(trained, lr=2e-5)
+
+        def step():
+            with torch.no_grad():
+                z = ae.encode_mean(x)
+            loss = (ae.decode(z) - x).abs().mean()
+            adam.zero_grad()
+            loss.backward()
+            adam.step()
+    else:
+        def step():
+            with torch.no_grad():
+                z = ae.encode_mean(x)
+                if args.mode == "recon":
+                    ae.decode(z)
     times = []
-    with torch.no_grad():
-        for i in range(args.warmup + args.steps):
-            start = time.perf_counter()
-            ae.encode_mean(x)
-            if i >= args.warmup:
-                times.append(time.perf_counter() - start)
+    for i in range(args.warmup + args.steps):
+        start = time.perf_counter()
+        step()
+        if i >= args.warmup:
+            times.append(time.perf_counter() - start)
     times.sort()
     median = times[len(times) // 2]
-    print(json.dumps({"impl": "pytorch", "image_size": args.image_size, "batch": args.batch,
+    print(json.dumps({"impl": "pytorch", "mode": args.mode, "image_size": args.image_size, "batch": args.batch,
                       "threads": args.threads, "median_s": median, "images_per_s": args.batch / median}))
     return 0
 
@@ -496,6 +532,7 @@ def main():
     b.add_argument("--steps", type=int, default=2)
     b.add_argument("--warmup", type=int, default=1)
     b.add_argument("--threads", type=int, default=2)
+    b.add_argument("--mode", choices=["encode", "recon", "finetune"], default="encode")
     args = ap.parse_args()
     commands = {"count": cmd_count, "reference": cmd_reference, "bench": cmd_bench, "check-store": cmd_check_store,
                 "lora": cmd_lora}
