@@ -1234,6 +1234,10 @@ pub fn check_before_launch(cfg: &ValidatedConfig, world: u64) -> Result<String, 
         radit_models::autoencoder::resolve(&d.autoencoder, &d.weights)
             .map_err(|e| ConfigError::new("samples.decoder", e.to_string()))?;
     }
+    if let Architecture::VaeFinetune(f) = cfg.model() {
+        f.autoencoder()
+            .map_err(|e| ConfigError::new("model.finetune.base", e.to_string()))?;
+    }
     if let Some(net) = cfg
         .reconstruction
         .as_ref()

@@ -441,6 +441,36 @@ mod tests {
         assert!(err < 1e-5, "merged vs unmerged: {err}");
     }
 
+    /// The paper's best decoder fine-tune, LoRA (Up-Blocks, 8, 8) with the RGB head, trains the design note's
+    /// "about 0.32M" parameters of FLUX.2's decoder.
+    #[test]
+    fn the_papers_lora_up_8_8_trains_about_a_third_of_a_million_parameters() {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let ae = tch::no_grad(|| FluxAutoencoder::new(&vs.root(), &AeConfig::flux2())).unwrap();
+        let cfg = FinetuneConfig {
+            base: PathBuf::from("unused"),
+            image_size: 512,
+            lora: Some(LoraConfig {
+                rank: 8,
+                alpha: 8.0,
+                targets: [
+                    "decoder.conv_in",
+                    "decoder.mid.block_*.conv*",
+                    "decoder.mid.attn_1.*",
+                    "decoder.up.*.block.2.conv2",
+                ]
+                .map(String::from)
+                .to_vec(),
+            }),
+            full: default_full(),
+            grey: Grey::Mean,
+        };
+        let layers = TrainedLayers::of(&ae, &cfg).unwrap();
+        // conv_in, the mid block's four convolutions and four attention projections, one per up level.
+        assert_eq!(layers.lora.len(), 1 + 4 + 4 + 4);
+        assert_eq!(layers.parameters(8), 319_363);
+    }
+
     #[test]
     fn a_pattern_naming_no_layer_is_an_error_naming_it() {
         let dir = tempfile::tempdir().unwrap();
