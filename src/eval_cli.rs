@@ -160,20 +160,35 @@ impl ReconArgs {
 
 fn run_recon(a: ReconArgs) -> anyhow::Result<u8> {
     let cfg = a.config()?;
-    let device = crate::rank_args::device_or_gpu(a.device.as_deref())?;
-    if a.threads.is_some() {
-        radit_engine::threads::apply(a.threads.map(usize::from), None);
-    }
-    let done = crate::rank_args::run_rank(
-        device,
-        |comm, handles| reconstruct(&cfg, comm.as_ref(), device, handles),
-        RankError::repeats,
-    )?;
-    let run = done.summary;
+    let run = unit_job_rank(a.device.as_deref(), a.threads, |comm, device, handles| {
+        reconstruct(&cfg, comm, device, handles)
+    })?;
     if let Some(s) = &run.summary {
         println!("{}", serde_json::to_string(s)?);
     }
     Ok(crate::exit::done_or_requeue(run.stopped_for_requeue))
+}
+
+/// This process as one rank of a unit job on `--device` with `--threads`: the job's summary.
+fn unit_job_rank<S: serde::Serialize>(
+    device: Option<&str>,
+    threads: Option<u16>,
+    job: impl FnOnce(
+        &dyn radit_engine::collective::Collective,
+        radit_models::tch::Device,
+        &radit_jobs::journal::RankHandles,
+    ) -> Result<S, RankError>,
+) -> anyhow::Result<S> {
+    let device = crate::rank_args::device_or_gpu(device)?;
+    if threads.is_some() {
+        radit_engine::threads::apply(threads.map(usize::from), None);
+    }
+    let done = crate::rank_args::run_rank(
+        device,
+        |comm, handles| job(comm.as_ref(), device, handles),
+        RankError::repeats,
+    )?;
+    Ok(done.summary)
 }
 
 impl FeaturesArgs {
@@ -259,16 +274,9 @@ pub fn run_eval(cmd: EvalCommand) -> anyhow::Result<u8> {
 
 fn run_features(a: FeaturesArgs) -> anyhow::Result<u8> {
     let cfg = a.config()?;
-    let device = crate::rank_args::device_or_gpu(a.device.as_deref())?;
-    if a.threads.is_some() {
-        radit_engine::threads::apply(a.threads.map(usize::from), None);
-    }
-    let done = crate::rank_args::run_rank(
-        device,
-        |comm, handles| extract(&cfg, comm.as_ref(), device, handles),
-        RankError::repeats,
-    )?;
-    let summary = done.summary;
+    let summary = unit_job_rank(a.device.as_deref(), a.threads, |comm, device, handles| {
+        extract(&cfg, comm, device, handles)
+    })?;
     if let Some(report) = &summary.report {
         println!("{report}");
     }

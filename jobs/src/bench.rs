@@ -468,31 +468,6 @@ pub enum AeBenchMode {
     Finetune,
 }
 
-/// The paper's decoder fine-tune (LoRA (Up-Blocks, 8, 8) and the RGB head) on the weights in `base`.
-pub fn lora_up_8_8(
-    base: &std::path::Path,
-    image_size: i64,
-) -> radit_models::autoencoder::finetune::FinetuneConfig {
-    radit_models::autoencoder::finetune::FinetuneConfig {
-        base: base.to_path_buf(),
-        image_size,
-        lora: Some(radit_models::lora::LoraConfig {
-            rank: 8,
-            alpha: 8.0,
-            targets: [
-                "decoder.conv_in",
-                "decoder.mid.block_*.conv*",
-                "decoder.mid.attn_1.*",
-                "decoder.up.*.block.2.conv2",
-            ]
-            .map(String::from)
-            .to_vec(),
-        }),
-        full: vec!["decoder.norm_out".into(), "decoder.conv_out".into()],
-        grey: Default::default(),
-    }
-}
-
 /// What `radit vae bench` measures: the autoencoder's encoder mean, a reconstruction or a fine-tuning step on
 /// random images on this machine's CPU.
 #[derive(Debug, Clone)]
@@ -586,7 +561,10 @@ pub fn encoder_step(
             ));
             radit_models::autoencoder::write_random(&cfg, 0, &base)?;
             let vs = tch::nn::VarStore::new(Device::Cpu);
-            let built = DecoderFinetune::new(&vs.root(), &lora_up_8_8(&base, side));
+            let built = DecoderFinetune::new(
+                &vs.root(),
+                &radit_models::autoencoder::finetune::FinetuneConfig::lora_up_8_8(&base, side),
+            );
             let _ = std::fs::remove_file(&base);
             let ft = built?;
             let mut adam = tch::nn::Adam::default().build(&vs, 2e-5)?;

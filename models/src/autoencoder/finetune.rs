@@ -92,6 +92,32 @@ impl FinetuneConfig {
     }
 }
 
+impl FinetuneConfig {
+    /// The paper's RadVAE (LoRA), "LoRA (Up-Blocks, 8, 8)" (radvae.md): rank 8, alpha 8 on the decoder's input
+    /// convolution, the mid block's convolutions and attention projections and one residual convolution of each up
+    /// block, and the RGB head in full, on the released weights in `base`.
+    pub fn lora_up_8_8(base: &Path, image_size: i64) -> Self {
+        Self {
+            base: base.to_path_buf(),
+            image_size,
+            lora: Some(LoraConfig {
+                rank: 8,
+                alpha: 8.0,
+                targets: [
+                    "decoder.conv_in",
+                    "decoder.mid.block_*.conv*",
+                    "decoder.mid.attn_1.*",
+                    "decoder.up.*.block.2.conv2",
+                ]
+                .map(String::from)
+                .to_vec(),
+            }),
+            full: default_full(),
+            grey: Grey::Mean,
+        }
+    }
+}
+
 /// Which decoder layers train, and how, for one released autoencoder.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct TrainedLayers {
@@ -447,24 +473,7 @@ mod tests {
     fn the_papers_lora_up_8_8_trains_about_a_third_of_a_million_parameters() {
         let vs = nn::VarStore::new(Device::Cpu);
         let ae = tch::no_grad(|| FluxAutoencoder::new(&vs.root(), &AeConfig::flux2())).unwrap();
-        let cfg = FinetuneConfig {
-            base: PathBuf::from("unused"),
-            image_size: 512,
-            lora: Some(LoraConfig {
-                rank: 8,
-                alpha: 8.0,
-                targets: [
-                    "decoder.conv_in",
-                    "decoder.mid.block_*.conv*",
-                    "decoder.mid.attn_1.*",
-                    "decoder.up.*.block.2.conv2",
-                ]
-                .map(String::from)
-                .to_vec(),
-            }),
-            full: default_full(),
-            grey: Grey::Mean,
-        };
+        let cfg = FinetuneConfig::lora_up_8_8(Path::new("unused"), 512);
         let layers = TrainedLayers::of(&ae, &cfg).unwrap();
         // conv_in, the mid block's four convolutions and four attention projections, one per up level.
         assert_eq!(layers.lora.len(), 1 + 4 + 4 + 4);
