@@ -442,6 +442,97 @@ fn a_unet_job_killed_mid_run_ends_with_the_uninterrupted_weights() {
     }
 }
 
+/// [`job`] as a `[job] kind = "vae-finetune"`: a random tiny FLUX-topology autoencoder's decoder fine-tuned (LoRA on
+/// its input convolution and mid block, the RGB head in full) on L1, data-parallel, its best weights kept by a
+/// validation loss every 20 steps.
+fn finetune_job(dir: &Path) -> PathBuf {
+    let base = dir.join("base.safetensors");
+    run_ok(radit().args(["vae", "init", "tiny", "--out"]).arg(&base));
+    let path = job(dir, "local", "", "");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let model = format!(
+        "[model.finetune]\nbase = \"{}\"\nimage_size = 16\n\n[model.finetune.lora]\nrank = 2\nalpha = 2.0\n\
+         targets = [\"decoder.conv_in\", \"decoder.mid.*\"]\n\n[reconstruction]\nperceptual = 0.0\n\n\
+         [validation]\nevery = 20\nsplit = \"train\"\nimages = 8\nbatch = 4\nbest = \"{}\"\n",
+        base.display(),
+        dir.join("best.safetensors").display()
+    );
+    let text = text
+        .replace("[model]\npreset = \"tiny\"\n", &model)
+        .replace("[engine]\n", "[engine]\nmode = \"ddp\"\n")
+        .replace(
+            "name = \"faults\"\n",
+            "name = \"faults\"\nkind = \"vae-finetune\"\n",
+        );
+    assert!(
+        text.contains("kind = \"vae-finetune\"") && text.contains("mode = \"ddp\""),
+        "{text}"
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// A decoder fine-tune under `radit run` (`[job] kind = "vae-finetune"`, ranks running `radit vae finetune`): a rank
+/// killed with SIGKILL at a random step is relaunched, and the run ends with the uninterrupted run's trained
+/// weights and the same merged best weights, bit for bit.
+#[test]
+fn a_decoder_finetune_job_killed_mid_run_ends_with_the_uninterrupted_weights_and_best() {
+    let straight = tempfile::tempdir().unwrap();
+    let o = run_ok(&mut run_cmd(&finetune_job(straight.path())));
+    assert!(
+        stderr(&o).contains("run complete after 0 restart(s)"),
+        "{}",
+        stderr(&o)
+    );
+    let want = final_weights(straight.path());
+    // `radit export` of a fine-tune writes the plain autoencoder, the updates merged.
+    assert!(
+        want.contains_key("encoder.conv_in.weight") && !want.keys().any(|k| k.contains("lora")),
+        "the merged autoencoder: {:?}",
+        want.keys().take(5).collect::<Vec<_>>()
+    );
+    let killed = tempfile::tempdir().unwrap();
+    let job = finetune_job(killed.path());
+    let step = 5 + random_below(40);
+    eprintln!("killing rank 1 with SIGKILL after step {step}");
+    let err = run_killing_a_rank(killed.path(), &job, 1, step);
+    assert!(err.contains("signal 9"), "{err}");
+    let got = final_weights(killed.path());
+    assert_eq!(
+        got.keys().collect::<Vec<_>>(),
+        want.keys().collect::<Vec<_>>()
+    );
+    for (name, w) in &want {
+        let same = got[name]
+            .iter()
+            .zip(w)
+            .all(|(a, b)| a.to_bits() == b.to_bits());
+        assert!(same, "{name} differs from the uninterrupted run's");
+    }
+    // The same best weights, loss and step (the header's key order is the writer's hash map's, not compared).
+    let best = |d: &Path| {
+        let path = d.join("best.safetensors");
+        let meta = radit_models::model::read_metadata(&path).unwrap();
+        let tensors: Vec<(String, Vec<u32>)> = radit_models::model::read_weights(&path)
+            .unwrap()
+            .tensors
+            .iter()
+            .map(|(n, t)| {
+                let v = Vec::<f32>::try_from(t.flatten(0, -1)).unwrap();
+                (n.clone(), v.iter().map(|x| x.to_bits()).collect())
+            })
+            .collect();
+        (meta, tensors)
+    };
+    let (want_best, got_best) = (best(straight.path()), best(killed.path()));
+    assert!(
+        want_best.0.contains_key("radit.best.step"),
+        "{:?}",
+        want_best.0
+    );
+    assert!(got_best == want_best, "the best weights differ");
+}
+
 #[test]
 fn sigterm_checkpoints_every_rank_exits_with_the_requeue_code_and_the_next_run_resumes_exactly() {
     let dir = tempfile::tempdir().unwrap();
