@@ -28,6 +28,11 @@ pub enum EvalCommand {
     /// in a samples directory (`eval features --samples` reads it: rFD), with PSNR and SSIM per image in recon.csv
     /// and their means in recon.json; resumable shard by shard, and distributed as a `[job] kind = "recon"` job.
     Recon(ReconArgs),
+    /// How much of a patient `radit edit`'s edits keep (Table 14): per edit SSIM, the Rad-DINO perceptual distance
+    /// (LPIPS-style) and its relative form over random pairs of real images, and with an attention-pooling
+    /// predictor the attribute cosine over the variables not intervened on; identity.csv and identity.json in
+    /// --out, and one row per (model, intervention) in --csv.
+    Identity(IdentityArgs),
     /// A small DINOv2 snapshot with random weights (config.json, model.safetensors, preprocessor_config.json), to
     /// try `eval features` and `eval fidelity` offline: its features measure nothing (use Rad-DINO for results).
     RandomDinov2 {
@@ -259,6 +264,7 @@ pub fn run_eval(cmd: EvalCommand) -> anyhow::Result<u8> {
         EvalCommand::Fidelity(a) => run_fidelity(a),
         EvalCommand::Features(a) => run_features(a),
         EvalCommand::Recon(a) => run_recon(a),
+        EvalCommand::Identity(a) => run_identity(a),
         EvalCommand::RandomDinov2 { out, seed } => {
             radit_models::features::write_random_snapshot(&out, seed)?;
             println!(
@@ -363,6 +369,87 @@ fn run_fidelity(a: FidelityArgs) -> anyhow::Result<u8> {
             result.csv_row(&a.model, &a.reference, &a.network, &cfg)
         )
         .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(0)
+}
+
+#[derive(Args)]
+pub struct IdentityArgs {
+    /// A finished `radit edit` directory.
+    #[arg(long)]
+    edits: PathBuf,
+    /// The perceptual network: Rad-DINO's Hugging Face snapshot.
+    #[arg(long)]
+    perceptual_net: PathBuf,
+    /// sum or mean over the network's layers.
+    #[arg(long, default_value = "sum")]
+    layers: String,
+    /// An attention-pooling predictor file (`radit predictors train`), for the attribute cosine.
+    #[arg(long)]
+    predictor: Option<PathBuf>,
+    /// The predictor's backbone, in place of the path its file records.
+    #[arg(long)]
+    backbone: Option<PathBuf>,
+    /// The store whose split's random pairs of real images normalise the distance (rLPIPS).
+    #[arg(long)]
+    store: String,
+    #[arg(long, default_value = "test")]
+    split: String,
+    /// Random real pairs.
+    #[arg(long, default_value_t = 5000)]
+    pairs: u64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long)]
+    out: PathBuf,
+    /// Append one row per (model, intervention), and the real pairs', to this table.
+    #[arg(long)]
+    csv: Option<PathBuf>,
+    /// The model's name in the table.
+    #[arg(long, default_value = "model")]
+    name: String,
+    #[arg(long, default_value_t = 16)]
+    batch: usize,
+    /// cpu, cuda or cuda:N (default: the GPU when there is one).
+    #[arg(long)]
+    device: Option<String>,
+}
+
+fn run_identity(a: IdentityArgs) -> anyhow::Result<u8> {
+    use radit_jobs::identity::{self, IdentityEval};
+    crate::exit::ensure_usage!(
+        a.batch > 0 && a.pairs > 0,
+        "--batch and --pairs must be at least 1"
+    );
+    let reduce = match a.layers.as_str() {
+        "sum" => radit_models::features::LayerReduce::Sum,
+        "mean" => radit_models::features::LayerReduce::Mean,
+        other => crate::exit::bail_usage!("--layers {other}: sum or mean"),
+    };
+    let device = crate::rank_args::device_or_gpu(a.device.as_deref())?;
+    let report = identity::evaluate(&IdentityEval {
+        edits: a.edits.clone(),
+        perceptual_net: a.perceptual_net.clone(),
+        reduce,
+        predictor: a.predictor.clone(),
+        backbone: a.backbone.clone(),
+        store: a.store.clone(),
+        split: a
+            .split
+            .parse()
+            .map_err(|e| crate::exit::usage!("--split: {e}"))?,
+        pairs: a.pairs,
+        seed: a.seed,
+        out: a.out.clone(),
+        batch: a.batch,
+        device,
+        precision: radit_models::model::Precision::default_on(device),
+    })?;
+    println!("{}", serde_json::to_string(&report)?);
+    if let Some(path) = &a.csv {
+        for row in identity::csv_rows(&a.name, &report) {
+            radit_jobs::predict_eval::append_row(path, identity::CSV_HEADER, &row)?;
+        }
     }
     Ok(0)
 }

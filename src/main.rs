@@ -24,10 +24,12 @@ use radit_sharding::synth::{SynthConfig, generate, parse_sizes};
 use radit_sharding::table::TableConfig;
 use radit_sharding::throughput;
 
+mod edit_cli;
 mod encode_cli;
 mod eval_cli;
 mod generate_cli;
 mod model_cli;
+mod predictors_cli;
 mod rank_args;
 mod run_cli;
 mod scm_cli;
@@ -85,6 +87,14 @@ enum Command {
     /// Evaluation: the paper's fidelity metrics on feature files.
     #[command(subcommand)]
     Eval(eval_cli::EvalCommand),
+    /// Counterfactual editing at scale: N patients of a split drawn with a seed, each edited per intervention
+    /// (sex, race, age, view, dataset, a finding) through the Flow SCM's counterfactual profile, abducted and
+    /// solved forward (dopri5 1e-5); 16-bit PNGs and edits.csv; one process, or the ranks of a `[job] kind =
+    /// "edit"` job under `radit run`, resumable unit by unit. --from-noise: the baseline of random samples.
+    Edit(edit_cli::EditArgs),
+    /// Metadata predictors (Table 15): train one on a store, and score one on a split, samples or edits.
+    #[command(subcommand)]
+    Predictors(predictors_cli::PredictorsCommand),
     /// Generate images for given metadata, or edit images counterfactually (--edit); writes 16-bit PNGs and an
     /// 8-bit contact sheet.
     Sample(model_cli::SampleArgs),
@@ -360,6 +370,8 @@ fn main() -> ExitCode {
         Command::Scm(c) => scm_cli::run_scm(c),
         Command::Eval(c) => eval_cli::run_eval(c),
         Command::Sample(a) => model_cli::run_sample(a),
+        Command::Edit(a) => edit_cli::run_edit(a),
+        Command::Predictors(c) => predictors_cli::run_predictors(c),
         Command::Run(a) => run_cli::run(a),
         Command::Coordinator(c) => run_cli::run_coordinator(c),
         Command::Train(a) => train_cli::run_train(a),

@@ -9,6 +9,7 @@ use radit_jobs::generate::{Conditions, read_latents};
 use radit_jobs::sample::{Counterfactual, SampleRequest, decode_to, sample};
 use radit_models::autoencoder::{self, Autoencoder, AutoencoderConfig, DecoderConfig};
 use radit_models::model::{Precision, RadiT, RadiTConfig, save_weights};
+use radit_models::network::Architecture;
 use radit_models::sampler::Solver;
 use radit_models::tch::{self, Device, nn::VarStore};
 
@@ -157,8 +158,16 @@ pub fn run_vae(cmd: VaeCommand) -> anyhow::Result<u8> {
         VaeCommand::Info(a) => vae_info(a),
         VaeCommand::Init(a) => vae_init(a),
         VaeCommand::Bench(a) => vae_bench(a),
-        VaeCommand::Train(a) => crate::train_cli::run_vae_train(a, false),
-        VaeCommand::Finetune(a) => crate::train_cli::run_vae_train(a, true),
+        VaeCommand::Train(a) => crate::train_cli::run_train_of(
+            a,
+            |m| matches!(m, Architecture::RadVae(_)),
+            "RadVAE ([model] preset = \"radvae\" or [model.vae])",
+        ),
+        VaeCommand::Finetune(a) => crate::train_cli::run_train_of(
+            a,
+            |m| matches!(m, Architecture::VaeFinetune(_)),
+            "a decoder fine-tune ([model.finetune])",
+        ),
     }
 }
 

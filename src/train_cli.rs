@@ -38,18 +38,16 @@ pub struct ExportArgs {
     raw: bool,
 }
 
-/// `radit vae train` and `radit vae finetune`: `radit train` for a config whose model is RadVAE (Scratch), or a
-/// fine-tune of a released decoder (the command says what it trains).
-pub fn run_vae_train(a: TrainArgs, finetune: bool) -> anyhow::Result<u8> {
-    use radit_models::network::Architecture;
+/// A model kind's own training command (`radit vae train`, `radit vae finetune`, `radit predictors train`):
+/// `radit train` for a config whose model `fits`; another model is a usage error naming the one `wanted`.
+pub fn run_train_of(
+    a: TrainArgs,
+    fits: impl Fn(&radit_models::network::Architecture) -> bool,
+    wanted: &str,
+) -> anyhow::Result<u8> {
     let cfg = TrainConfig::load(&a.config)?;
-    let (fits, wanted) = match (finetune, cfg.model()) {
-        (false, Architecture::RadVae(_)) | (true, Architecture::VaeFinetune(_)) => (true, ""),
-        (false, _) => (false, "RadVAE ([model] preset = \"radvae\" or [model.vae])"),
-        (true, _) => (false, "a decoder fine-tune ([model.finetune])"),
-    };
     crate::exit::ensure_usage!(
-        fits,
+        fits(cfg.model()),
         "{}: the model is {}; this command trains {wanted} (`radit train` trains any model)",
         a.config.display(),
         cfg.model().name()

@@ -658,3 +658,308 @@ fn a_recon_job_resumes_after_a_rank_dies_mid_shard_and_scores_each_image() {
     assert_eq!(ids.lines().count(), 20);
     assert_eq!(ids.lines().next().unwrap(), shard.image_ids[0]);
 }
+
+/// Every file under `dir`, by path relative to it.
+fn tree(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, Vec<u8>>) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                walk(root, &p, out);
+            } else {
+                let rel = p.strip_prefix(root).unwrap().display().to_string();
+                out.insert(rel, std::fs::read(&p).unwrap());
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(dir, dir, &mut out);
+    out
+}
+
+/// What the edit tests edit with: a tiny store, the PyTorch twin's tiny RadiT with every layer active (so the
+/// metadata moves the velocity) and a tiny SCM trained briefly on the store.
+fn edit_fixture(d: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let store = tiny_store(d, 48, "40x48", 8, &[]);
+    let twin = d.join("twin");
+    run_ok(
+        python()
+            .arg(repo().join("tests/python/radit_twin.py"))
+            .args(["export", "--preset", "tiny", "--perturb", "--out"])
+            .arg(&twin),
+    );
+    let scm = d.join("scm.safetensors");
+    run_ok(
+        radit()
+            .args([
+                "scm", "train", "--preset", "tiny", "--steps", "10", "--batch", "32", "--store",
+            ])
+            .arg(&store)
+            .arg("--out")
+            .arg(&scm),
+    );
+    (store, twin.join("weights.safetensors"), scm)
+}
+
+fn edit(w: &Path, store: &Path, scm: &Path, out: &Path, extra: &[&str]) -> std::process::Command {
+    let mut cmd = radit();
+    cmd.args(["edit", "--threads", "1", "--split", "train", "--weights"])
+        .arg(w)
+        .arg("--store")
+        .arg(store)
+        .arg("--scm")
+        .arg(scm)
+        .arg("--out")
+        .arg(out)
+        .args(extra);
+    cmd
+}
+
+/// `radit edit` as a 2-rank job under `radit run`, rank 1 killed between writing a unit's PNGs and committing
+/// it: the relaunch redoes that unit, and the edits and their table are one process's, byte for byte.
+#[test]
+#[cfg_attr(
+    not(feature = "fault-injection"),
+    ignore = "injects faults: build with --features fault-injection (scripts/test.sh does)"
+)]
+fn an_edit_job_resumes_after_a_rank_dies_mid_unit_and_writes_what_one_process_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (store, w, scm) = edit_fixture(d);
+    let settings = [
+        "--patients",
+        "7",
+        "--batch",
+        "3",
+        "--seed",
+        "3",
+        "--interventions",
+        "sex,age,view",
+    ];
+    let single = d.join("single");
+    run_ok(&mut edit(&w, &store, &scm, &single, &settings));
+    let out = d.join("job-out");
+    let job = two_rank_job(
+        d,
+        "edit",
+        &format!(
+            "[edit]\nweights = \"{}\"\nstore = \"{}\"\nsplit = \"train\"\nscm = \"{}\"\npatients = 7\nbatch = 3\n\
+             seed = 3\ninterventions = [\"sex\", \"age\", \"view\"]\nout = \"{}\"",
+            w.display(),
+            store.display(),
+            scm.display(),
+            out.display()
+        ),
+        Launcher::Local,
+    );
+    let run = Launcher::Local.run(
+        &job,
+        &[
+            ("RADIT_FAULT_CRASH_BEFORE_COMMIT", "1:2"),
+            ("RADIT_FAULT_ONLY_GENERATION", "1"),
+        ],
+    );
+    let err = stderr(&run);
+    assert!(err.contains("restart 1/1"), "{err}");
+    // 7 patients in batches of 3 for 3 interventions: 9 units, one record each.
+    assert_eq!(
+        std::fs::read_dir(out.join(".edit/journal"))
+            .unwrap()
+            .count(),
+        9
+    );
+    let (a, b) = (tree(&single.join("images")), tree(&out.join("images")));
+    assert_eq!(
+        a.len(),
+        7 * 3 + 7,
+        "an edit per patient and intervention, and each original"
+    );
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    assert!(a == b, "the job's edits differ from one process's");
+    let csv = std::fs::read_to_string(out.join("edits.csv")).unwrap();
+    assert_eq!(
+        csv,
+        std::fs::read_to_string(single.join("edits.csv")).unwrap()
+    );
+    assert_eq!(csv.lines().count(), 1 + 21);
+}
+
+/// The edits mean what they say: `none` (the patient's own profile) returns each image to the solver's
+/// tolerance, a sex edit changes it and its table row carries the edited and the factual profile; the
+/// from-noise baseline solves a fixed noise under both; a predictor scores the edits against their edited
+/// profiles, and `eval identity` finds the round trip identical and the sex edit not.
+#[test]
+fn edits_follow_their_profiles_and_the_round_trip_returns_the_image() {
+    use radit_models::predictor::{PredictorConfig, Variant};
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (store, w, scm) = edit_fixture(d);
+    let out = d.join("edits");
+    let said = stdout(&run_ok(&mut edit(
+        &w,
+        &store,
+        &scm,
+        &out,
+        &[
+            "--patients",
+            "5",
+            "--batch",
+            "5",
+            "--interventions",
+            "none,sex",
+        ],
+    )));
+    assert!(said.contains("10 written here"), "{said}");
+    let levels = |p: &Path| {
+        radit_sharding::image::decode_png(&std::fs::read(p).unwrap())
+            .unwrap()
+            .0
+            .pixels
+    };
+    let mut reader = csv::Reader::from_path(out.join("edits.csv")).unwrap();
+    let header = reader.headers().unwrap().clone();
+    let col = |name: &str| header.iter().position(|c| c == name).unwrap();
+    let rows: Vec<csv::StringRecord> = reader.records().map(Result::unwrap).collect();
+    assert_eq!(rows.len(), 10);
+    let (mut moved, mut round_trip) = (0, 0);
+    for r in &rows {
+        let (edited, original) = (
+            levels(&out.join(&r[col("file")])),
+            levels(&out.join(&r[col("original")])),
+        );
+        let worst = edited
+            .iter()
+            .zip(&original)
+            .map(|(a, b)| (i32::from(*a) - i32::from(*b)).unsigned_abs())
+            .max()
+            .unwrap();
+        match &r[col("intervention")] {
+            // dopri5 at 1e-5 there and back: within a few hundredths of a percent of the range.
+            "none" => {
+                round_trip = round_trip.max(worst);
+                assert!(
+                    worst <= 40,
+                    "the round trip moved {} by {worst} levels",
+                    &r[col("file")]
+                );
+            }
+            "sex" => {
+                moved = moved.max(worst);
+                assert_ne!(&r[col("from")], &r[col("to")]);
+                assert_eq!(&r[col("sex")], &r[col("to")]);
+                assert_eq!(&r[col("factual_sex")], &r[col("from")]);
+            }
+            other => panic!("{other}"),
+        }
+    }
+    assert!(
+        moved > 10 * round_trip.max(1),
+        "the sex edits changed the images by at most {moved} levels, the round trip by {round_trip}"
+    );
+
+    // The baseline: the factual sample of a fixed noise and its counterfactual, no store image.
+    let noise = d.join("noise");
+    run_ok(&mut edit(
+        &w,
+        &store,
+        &scm,
+        &noise,
+        &["--patients", "3", "--interventions", "sex", "--from-noise"],
+    ));
+    let first = std::fs::read_to_string(noise.join("edits.csv")).unwrap();
+    let row = first.lines().nth(1).unwrap().split(',').collect::<Vec<_>>();
+    let stored = out.join(row[1]);
+    if stored.exists() {
+        assert_ne!(
+            levels(&noise.join(row[1])),
+            levels(&stored),
+            "from noise, the original is a sample"
+        );
+    }
+
+    // A predictor (random attention pooling over a random Rad-DINO stand-in) scores the edits.
+    let snapshot = d.join("rad-dino");
+    radit_models::features::write_random_snapshot(&snapshot, 2).unwrap();
+    let mut cfg = PredictorConfig::new(Variant::AttentionPool, Some(snapshot.clone()), 16);
+    cfg.layers = vec![1, 2];
+    let vs = radit_models::tch::nn::VarStore::new(radit_models::tch::Device::Cpu);
+    radit_models::predictor::Predictor::new(&vs.root(), &cfg).unwrap();
+    let predictor = d.join("predictor.safetensors");
+    let arch = radit_models::network::Architecture::Predictor(cfg);
+    arch.save_trained(&vs.variables().into_iter().collect(), &[], &predictor)
+        .unwrap();
+    let scored = stdout(&run_ok(
+        radit()
+            .args(["predictors", "eval", "--device", "cpu", "--weights"])
+            .arg(&predictor)
+            .arg("--edits")
+            .arg(&out)
+            .arg("--out")
+            .arg(d.join("scores"))
+            .arg("--csv")
+            .arg(d.join("table.csv")),
+    ));
+    let scored: serde_json::Value = serde_json::from_str(&scored).unwrap();
+    assert_eq!(scored["images"], 10);
+    let sex = scored["variables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["variable"] == "sex")
+        .unwrap();
+    assert_eq!(sex["n"], 10, "{sex}");
+    let table = std::fs::read_to_string(d.join("table.csv")).unwrap();
+    assert_eq!(table.lines().count(), 2, "{table}");
+
+    // Identity: the round trip is the image again; the sex edits are not.
+    let id = d.join("identity");
+    run_ok(
+        radit()
+            .args([
+                "eval", "identity", "--device", "cpu", "--split", "train", "--pairs", "12",
+                "--edits",
+            ])
+            .arg(&out)
+            .arg("--perceptual-net")
+            .arg(&snapshot)
+            .arg("--predictor")
+            .arg(&predictor)
+            .arg("--store")
+            .arg(&store)
+            .arg("--out")
+            .arg(&id),
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(id.join("identity.json")).unwrap()).unwrap();
+    let by = |name: &str| {
+        report["interventions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["intervention"] == name)
+            .unwrap()
+            .clone()
+    };
+    let (none, sex) = (by("none"), by("sex"));
+    assert!(none["ssim"]["mean"].as_f64().unwrap() > 0.999, "{none}");
+    assert!(
+        none["attribute_cosine"]["mean"].as_f64().unwrap() > 0.999,
+        "{none}"
+    );
+    assert!(
+        sex["ssim"]["mean"].as_f64().unwrap() < none["ssim"]["mean"].as_f64().unwrap(),
+        "{sex}"
+    );
+    assert!(
+        sex["lpips"]["mean"].as_f64().unwrap() > none["lpips"]["mean"].as_f64().unwrap(),
+        "{sex}"
+    );
+    assert_eq!(report["reference"]["pairs"], 12);
+    assert_eq!(
+        std::fs::read_to_string(id.join("identity.csv"))
+            .unwrap()
+            .lines()
+            .count(),
+        11
+    );
+}

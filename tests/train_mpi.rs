@@ -732,6 +732,17 @@ fn autoencoder_config(
     } else {
         0.01
     };
+    let objective = format!(
+        "[reconstruction]\nkl = {kl}\nperceptual = 250.0\nperceptual_net = \"{}\"\n",
+        snapshot.display()
+    );
+    image_model_config(d, store, &format!("{model}\n{objective}"), name, steps)
+}
+
+/// A train config of a model that reads images (`model`: its [model] section and its objective's), data-parallel
+/// with EMA, checkpoints every 3 steps and the best weights kept by a validation loss every 2, named `name`
+/// (checkpoints `ckpt-NAME`, best weights `best-NAME.safetensors`).
+fn image_model_config(d: &Path, store: &Path, model: &str, name: &str, steps: u64) -> PathBuf {
     let text = format!(
         r#"
 [data]
@@ -740,11 +751,6 @@ window_shards = 2
 prefetch = 2
 
 {model}
-[reconstruction]
-kl = {kl}
-perceptual = 250.0
-perceptual_net = "{}"
-
 [engine]
 mode = "ddp"
 ema_decay = 0.5
@@ -773,17 +779,17 @@ batch = 4
 best = "{}"
 "#,
         store.display(),
-        snapshot.display(),
         d.join(format!("ckpt-{name}")).display(),
         d.join(format!("best-{name}.safetensors")).display(),
     );
     common::write_train_config(&d.join(format!("ae-{name}-{steps}.toml")), &text)
 }
 
-/// `radit vae COMMAND --config CFG` on two MPI ranks; rank 0's output.
-fn vae_command(command: &str, cfg: &Path) -> std::process::Output {
+/// `radit COMMAND... --config CFG` on two MPI ranks; rank 0's output.
+fn train_command(command: &[&str], cfg: &Path) -> std::process::Output {
     let mut cmd = mpirun(2);
-    cmd.args(["vae", command, "--threads", "1", "--config"])
+    cmd.args(command)
+        .args(["--threads", "1", "--config"])
         .arg(cfg);
     run_ok(&mut cmd)
 }
@@ -794,10 +800,10 @@ fn vae_command(command: &str, cfg: &Path) -> std::process::Output {
 /// Returns the straight run's best weights.
 fn trains_resumes_and_keeps_its_best(
     d: &Path,
-    command: &str,
+    command: &[&str],
     config: impl Fn(&str, u64) -> PathBuf,
 ) -> PathBuf {
-    let straight = vae_command(command, &config("straight", 6));
+    let straight = train_command(command, &config("straight", 6));
     let losses_straight = losses(&straight);
     assert_eq!(losses_straight.len(), 6);
     assert!(
@@ -807,8 +813,8 @@ fn trains_resumes_and_keeps_its_best(
     let validations = validation_losses(&straight);
     let steps: Vec<u64> = validations.iter().map(|v| v.0).collect();
     assert_eq!(steps, [2, 4, 6]);
-    let first = vae_command(command, &config("split", 3));
-    let second = vae_command(command, &config("split", 6));
+    let first = train_command(command, &config("split", 3));
+    let second = train_command(command, &config("split", 6));
     assert_eq!(
         [losses(&first), losses(&second)].concat(),
         losses_straight,
@@ -909,7 +915,7 @@ fn radvae_trains_resumes_exactly_keeps_its_best_and_encodes_and_decodes() {
     let snapshot = d.join("rad-dino");
     radit_models::features::write_random_snapshot(&snapshot, 2).unwrap();
     let model = "[model]\npreset = \"radvae-tiny\"\n";
-    let best = trains_resumes_and_keeps_its_best(d, "train", |name, steps| {
+    let best = trains_resumes_and_keeps_its_best(d, &["vae", "train"], |name, steps| {
         autoencoder_config(d, &store, &snapshot, model, name, steps)
     });
     let found = found_in(&best).unwrap().unwrap();
@@ -952,7 +958,7 @@ targets = ["decoder.conv_in", "decoder.mid.block_*.conv*", "decoder.mid.attn_1.*
 "#,
         base.display()
     );
-    let best = trains_resumes_and_keeps_its_best(d, "finetune", |name, steps| {
+    let best = trains_resumes_and_keeps_its_best(d, &["vae", "finetune"], |name, steps| {
         autoencoder_config(d, &store, &snapshot, &model, name, steps)
     });
     // A plain autoencoder file of the released configuration: the updates are merged.
@@ -981,4 +987,72 @@ targets = ["decoder.conv_in", "decoder.mid.block_*.conv*", "decoder.mid.attn_1.*
         assert!(moved.iter().any(|m| *m == k), "{k} did not move: {moved:?}");
     }
     assert_decode_matches_the_library(d, &best);
+}
+
+/// A metadata predictor (attention pooling over a random Rad-DINO stand-in's two layers) trained by `radit
+/// predictors train` on two MPI ranks: one process's losses to 1e-5, the loss falls, it resumes exactly and keeps
+/// its best weights, and `radit predictors eval` scores the best file on the split with the embeddings.
+#[test]
+fn a_predictor_trains_data_parallel_resumes_exactly_and_scores_a_split() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let store = store(d);
+    let snapshot = d.join("rad-dino");
+    radit_models::features::write_random_snapshot(&snapshot, 2).unwrap();
+    let model = format!(
+        "[model.predictor]\nvariant = \"attention-pool\"\nbackbone = \"{}\"\nimage_size = 16\nlayers = [1, 2]\n",
+        snapshot.display()
+    );
+    let config = |name: &str, steps| image_model_config(d, &store, &model, name, steps);
+    let one = run_ok(
+        radit()
+            .args(["predictors", "train", "--threads", "1", "--config"])
+            .arg(config("one", 6)),
+    );
+    let best = trains_resumes_and_keeps_its_best(d, &["predictors", "train"], config);
+    let two = losses(&train_command(&["predictors", "train"], &config("two", 6)));
+    assert_losses_close(&losses(&one), &two, 1e-5, "1 rank vs 2 ranks");
+
+    let out = d.join("scores");
+    let said = run_ok(
+        radit()
+            .args([
+                "predictors",
+                "eval",
+                "--device",
+                "cpu",
+                "--split",
+                "train",
+                "--embeddings",
+                "--weights",
+            ])
+            .arg(&best)
+            .arg("--store")
+            .arg(&store)
+            .arg("--out")
+            .arg(&out),
+    );
+    let metrics: serde_json::Value = serde_json::from_str(&stdout(&said)).unwrap();
+    let images = metrics["images"].as_u64().unwrap();
+    assert!(images > 40, "{metrics}");
+    let vars = metrics["variables"].as_array().unwrap();
+    assert_eq!(vars.len(), 19);
+    for v in vars {
+        if let Some(x) = v["value"].as_f64() {
+            let ok = if v["variable"] == "age" {
+                x >= 0.0
+            } else {
+                (0.0..=1.0).contains(&x)
+            };
+            assert!(ok, "{v}");
+        }
+    }
+    let lines = std::fs::read_to_string(out.join("predictions.csv"))
+        .unwrap()
+        .lines()
+        .count() as u64;
+    assert_eq!(lines, images + 1);
+    let e = radit_eval::io::read_npy(&out.join("embeddings.npy")).unwrap();
+    // 19 tasks x (2 layers x 64).
+    assert_eq!((e.rows() as u64, e.dim()), (images, 19 * 128));
 }

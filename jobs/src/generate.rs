@@ -225,7 +225,7 @@ impl Sampler {
     }
 
     /// Starting noise `[n, C, S, S]`: sample i from the stream (seed, `indices[i]`).
-    fn noise(&self, seed: u64, indices: &[u64]) -> Tensor {
+    pub fn noise(&self, seed: u64, indices: &[u64]) -> Tensor {
         let (channels, side) = (self.network.in_channels(), self.network.input_size());
         let per = (channels * side * side) as usize;
         let mut data = vec![0f32; per * indices.len()];

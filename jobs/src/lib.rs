@@ -5,11 +5,15 @@
 //!   the EMA sampling both draw from.
 //! - [`journal`]: what the unit jobs share (errors, handles, atomic writes), and [`units`]: the one driver that
 //!   runs any of them (skip what is committed, read ahead, fault points, commit, stop vote, end of range).
+//! - [`edit_job`]: counterfactual edits of a split's patients at scale (`radit edit`).
 //! - [`encode`]: a store's images to `<split>/latents` through the autoencoder's encoder.
 //! - [`generate_job`]: samples for a store's metadata profiles; [`generate`]: sampling, conditions and PNGs;
 //!   [`sample`]: `radit sample` (samples or counterfactual edits) as one call.
+//! - [`identity`]: how much of a patient an edit keeps (SSIM, the Rad-DINO distance and its relative form,
+//!   the predictor's attribute cosine).
 //! - [`features_job`]: a feature network's embeddings of a store or of generated images.
 //! - [`scm_fit`]: fitting the Flow SCM to a store's metadata.
+//! - [`predict_eval`]: a metadata predictor's scores (ROC-AUC per variable, age MAE) on a split, samples or edits.
 //! - [`recon_job`]: an autoencoder's reconstructions of a split, with PSNR and SSIM (Table 2).
 //! - [`bench`] and [`parity`]: the engine's step benchmark, and its agreement with a plain unsharded step.
 //! - [`faults`]: the fault plan's training side.
@@ -17,13 +21,16 @@
 pub use tch;
 
 pub mod bench;
+pub mod edit_job;
 pub mod encode;
 pub mod faults;
 pub mod features_job;
 pub mod generate;
 pub mod generate_job;
+pub mod identity;
 pub mod journal;
 pub mod parity;
+pub mod predict_eval;
 pub mod recon_job;
 pub mod reference_samples;
 pub mod sample;

@@ -13,6 +13,8 @@
 //! - [`scm`]: the Flow SCM over the metadata variables (graph, model, inference, checks, files).
 //! - [`network`]: which network (RadiT, RadUNet or RadVAE) as one config, and the velocity every sampler calls;
 //!   [`staged`]: a model as stages, for the data-parallel engine (any model, skip connections included).
+//! - [`predictor`]: the metadata predictors (Rad-DINO probes and attention pooling, ResNet-50) that score
+//!   conditioning and edits.
 //! - [`unet`]: RadUNet, EDM2's magnitude-preserving U-Net as the paper's baseline, with its closed-form counts, and
 //!   RadVAE (Scratch), the autoencoder of the same blocks.
 //!
@@ -41,6 +43,7 @@ pub mod lora;
 pub mod model;
 pub mod network;
 pub mod precision;
+pub mod predictor;
 pub mod reconstruction;
 pub mod sampler;
 pub mod scm;

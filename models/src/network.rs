@@ -9,6 +9,7 @@ use crate::autoencoder::finetune::{DecoderFinetune, FinetuneConfig};
 use crate::error::ModelError;
 use crate::model::{RadiT, RadiTConfig};
 use crate::precision::Precision;
+use crate::predictor::{Predictor, PredictorConfig};
 use crate::staged::{Chain, StagedModel};
 use crate::unet::vae::{RADVAE_PRESETS, RadVae, RadVaeConfig};
 use crate::unet::{RadUNet, UNetConfig};
@@ -69,6 +70,8 @@ pub enum Architecture {
     RadVae(RadVaeConfig),
     /// RadVAE (LoRA): a released FLUX.2 autoencoder's decoder, fine-tuned.
     VaeFinetune(FinetuneConfig),
+    /// A metadata predictor (a probe on a frozen Rad-DINO, or a ResNet-50).
+    Predictor(PredictorConfig),
 }
 
 /// What a network is trained to do, which decides the objective.
@@ -78,6 +81,8 @@ pub enum Role {
     Velocity,
     /// An autoencoder: reconstruction of its input.
     Autoencoder,
+    /// A metadata predictor: cross-entropy per variable and the squared error of age.
+    Predictor,
 }
 
 impl Architecture {
@@ -123,6 +128,10 @@ impl Architecture {
                 image_size: side,
                 ..c
             }),
+            Self::Predictor(c) => Self::Predictor(PredictorConfig {
+                image_size: side,
+                ..c
+            }),
         }
     }
 
@@ -132,6 +141,7 @@ impl Architecture {
             Self::UNet(c) => c.validate().map_err(config_error),
             Self::RadVae(c) => c.validate().map_err(config_error),
             Self::VaeFinetune(c) => c.validate(),
+            Self::Predictor(c) => c.validate(),
         }
     }
 
@@ -139,6 +149,7 @@ impl Architecture {
         match self {
             Self::RadiT(_) | Self::UNet(_) => Role::Velocity,
             Self::RadVae(_) | Self::VaeFinetune(_) => Role::Autoencoder,
+            Self::Predictor(_) => Role::Predictor,
         }
     }
 
@@ -148,6 +159,7 @@ impl Architecture {
             Self::UNet(_) => "RadUNet",
             Self::RadVae(_) => "RadVAE",
             Self::VaeFinetune(_) => "RadVAE (LoRA)",
+            Self::Predictor(_) => "a metadata predictor",
         }
     }
 
@@ -156,7 +168,7 @@ impl Architecture {
             Self::RadiT(c) => c.in_channels,
             Self::UNet(c) => c.img_channels,
             Self::RadVae(c) => c.img_channels,
-            Self::VaeFinetune(_) => 1,
+            Self::VaeFinetune(_) | Self::Predictor(_) => 1,
         }
     }
 
@@ -166,6 +178,7 @@ impl Architecture {
             Self::UNet(c) => c.img_resolution,
             Self::RadVae(c) => c.img_resolution,
             Self::VaeFinetune(c) => c.image_size,
+            Self::Predictor(c) => c.image_size,
         }
     }
 
@@ -173,8 +186,8 @@ impl Architecture {
         match self {
             Self::RadiT(c) => &c.classes,
             Self::UNet(c) => &c.classes,
-            // An autoencoder reads no metadata.
-            Self::RadVae(_) | Self::VaeFinetune(_) => &[],
+            // An autoencoder reads no metadata; a predictor makes it.
+            Self::RadVae(_) | Self::VaeFinetune(_) | Self::Predictor(_) => &[],
         }
     }
 
@@ -194,6 +207,7 @@ impl Architecture {
             Self::VaeFinetune(c) => {
                 crate::autoencoder::finetune::trainable_parameters(c).unwrap_or(0)
             }
+            Self::Predictor(c) => c.parameters().unwrap_or(0),
         }
     }
 
@@ -204,6 +218,7 @@ impl Architecture {
             Self::UNet(c) => (c.img_resolution * c.img_resolution) as u64,
             Self::RadVae(c) => (c.img_resolution * c.img_resolution) as u64,
             Self::VaeFinetune(c) => (c.image_size * c.image_size) as u64,
+            Self::Predictor(c) => (c.image_size * c.image_size) as u64,
         }
     }
 
@@ -216,6 +231,7 @@ impl Architecture {
             Self::VaeFinetune(c) => c.autoencoder().map_or(0.0, |a| {
                 a.encoder_flops(c.image_size) + a.decoder_flops(c.image_size)
             }),
+            Self::Predictor(c) => c.forward_flops().unwrap_or(0.0),
         }
     }
 
@@ -223,7 +239,7 @@ impl Architecture {
     pub fn training_flops_per_token(&self) -> f64 {
         match self {
             Self::RadiT(c) => c.training_flops_per_token(),
-            Self::UNet(_) | Self::RadVae(_) | Self::VaeFinetune(_) => {
+            Self::UNet(_) | Self::RadVae(_) | Self::VaeFinetune(_) | Self::Predictor(_) => {
                 3.0 * self.forward_flops_per_image() / self.tokens_per_image() as f64
             }
         }
@@ -242,6 +258,13 @@ impl Architecture {
                          encode`, `radit decode`, [samples.decoder]) and samples nothing",
                         self.name()
                     ),
+                });
+            }
+            Self::Predictor(_) => {
+                return Err(ModelError::BadInput {
+                    input: "model",
+                    reason: "a metadata predictor, not a velocity network: `radit predictors eval` runs it"
+                        .into(),
                 });
             }
         })
@@ -278,6 +301,7 @@ impl Architecture {
             Self::UNet(c) => Box::new(RadUNet::new(p, c)?),
             Self::RadVae(c) => Box::new(RadVae::new(p, c)?),
             Self::VaeFinetune(c) => Box::new(DecoderFinetune::new(p, c)?),
+            Self::Predictor(c) => Box::new(Predictor::new(p, c)?),
         })
     }
 }

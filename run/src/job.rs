@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use crate::kinds::{JobFolder, SectionJob, read_section};
 use radit_coordinator::RestartPolicy;
+use radit_jobs::edit_job::EditConfig;
 use radit_jobs::encode::EncodeConfig;
 use radit_jobs::features_job::FeaturesConfig;
 use radit_jobs::generate_job::GenerateConfig;
@@ -65,6 +66,7 @@ pub enum Work {
     Features(Box<FeaturesConfig>),
     Scm(Box<ScmTrainConfig>),
     Recon(Box<ReconConfig>),
+    Edit(Box<EditConfig>),
 }
 
 impl Work {
@@ -77,6 +79,7 @@ impl Work {
             Work::Features(f) => Some(&**f),
             Work::Scm(s) => Some(&**s),
             Work::Recon(r) => Some(&**r),
+            Work::Edit(e) => Some(&**e),
         }
     }
 
@@ -88,6 +91,7 @@ impl Work {
             Work::Features(f) => Some(&mut **f),
             Work::Scm(s) => Some(&mut **s),
             Work::Recon(r) => Some(&mut **r),
+            Work::Edit(e) => Some(&mut **e),
         }
     }
 }
@@ -105,12 +109,16 @@ pub enum JobKind {
     /// `[model.finetune]`.
     #[serde(rename = "vae-finetune")]
     VaeFinetune,
+    /// Training a metadata predictor: a train job whose model is `[model.predictor]`.
+    Predictor,
     Encode,
     Generate,
     Features,
     Scm,
     /// An autoencoder's reconstructions of a split, with PSNR and SSIM: `[recon]`.
     Recon,
+    /// Counterfactual edits of a split's patients: `[edit]`.
+    Edit,
 }
 
 /// The job's own sections, as they are read.
@@ -161,10 +169,10 @@ fn check_job_sections(all: &toml::Table) -> Result<(), String> {
         .unwrap_or("train");
     let mut known: Vec<&str> = RUN_SECTIONS.to_vec();
     match kind {
-        "train" | "vae-train" | "vae-finetune" => {
+        "train" | "vae-train" | "vae-finetune" | "predictor" => {
             known.extend(train_sections.iter().filter(|s| **s != "preview"))
         }
-        "encode" | "generate" | "features" | "scm" | "recon" => known.push(kind),
+        "encode" | "generate" | "features" | "scm" | "recon" | "edit" => known.push(kind),
         // The kind itself is checked, and named, when [job] is read.
         _ => return Ok(()),
     }
@@ -191,14 +199,17 @@ impl JobSpec {
         }
         let r: RunSections = own.try_into().map_err(|e: toml::de::Error| e.to_string())?;
         let work = match r.job.kind {
-            JobKind::Train | JobKind::VaeTrain | JobKind::VaeFinetune => Work::Train(Box::new(
-                all.try_into().map_err(|e: toml::de::Error| e.to_string())?,
-            )),
+            JobKind::Train | JobKind::VaeTrain | JobKind::VaeFinetune | JobKind::Predictor => {
+                Work::Train(Box::new(
+                    all.try_into().map_err(|e: toml::de::Error| e.to_string())?,
+                ))
+            }
             JobKind::Encode => Work::Encode(read_section(all, "encode", "an encode job")?),
             JobKind::Generate => Work::Generate(read_section(all, "generate", "a generate job")?),
             JobKind::Features => Work::Features(read_section(all, "features", "a features job")?),
             JobKind::Scm => Work::Scm(read_section(all, "scm", "an scm job")?),
             JobKind::Recon => Work::Recon(read_section(all, "recon", "a recon job")?),
+            JobKind::Edit => Work::Edit(read_section(all, "edit", "an edit job")?),
         };
         Ok(Self {
             work,
@@ -625,6 +636,7 @@ impl Job {
                             JobKind::VaeFinetune => {
                                 (matches!(t.model(), A::VaeFinetune(_)), "vae-finetune")
                             }
+                            JobKind::Predictor => (matches!(t.model(), A::Predictor(_)), "predictor"),
                             _ => (true, ""),
                         };
                         if wants {
@@ -635,10 +647,10 @@ impl Job {
                                 format!(
                                     "{kind} trains {}, but the model is {}: set [job] kind = \"train\" or \
                                      give that model",
-                                    if kind == "vae-train" {
-                                        "RadVAE ([model] preset = \"radvae\" or [model.vae])"
-                                    } else {
-                                        "a decoder fine-tune ([model.finetune])"
+                                    match kind {
+                                        "vae-train" => "RadVAE ([model] preset = \"radvae\" or [model.vae])",
+                                        "predictor" => "a metadata predictor ([model.predictor])",
+                                        _ => "a decoder fine-tune ([model.finetune])",
                                     },
                                     t.model().name()
                                 ),
@@ -647,12 +659,13 @@ impl Job {
                     })
                     .and_then(|t| match t.model().role() {
                         radit_models::network::Role::Autoencoder
+                        | radit_models::network::Role::Predictor
                             if spec.samples != SampleSpec::default() =>
                         {
                             Err(bad(
                                 "samples",
                                 format!(
-                                    "{} is an autoencoder and draws no samples: remove [samples] (its best \
+                                    "{} draws no samples: remove [samples] (its best \
                                      weights are [validation] best)",
                                     t.model().name()
                                 ),
@@ -779,6 +792,7 @@ impl Job {
             (Some(s), _) => s.rank_command(),
             (None, JobKind::VaeTrain) => &["vae", "train"],
             (None, JobKind::VaeFinetune) => &["vae", "finetune"],
+            (None, JobKind::Predictor) => &["predictors", "train"],
             (None, _) => &["train"],
         }
     }

@@ -1,5 +1,5 @@
 //! The job kinds that are one section of the job file (`[encode]`, `[generate]`, `[features]`, `[scm]`,
-//! `[recon]`): what
+//! `[recon]`, `[edit]`): what
 //! `radit run` needs of each, in one trait. Adding such a kind is its config type in `radit-jobs`, an impl here,
 //! a variant of `JobKind` and `Work` in `job.rs`, and its rank's CLI file. Training, whose work is
 //! several sections validated into one config, stays in `job.rs`.
@@ -7,6 +7,7 @@
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
+use radit_jobs::edit_job::EditConfig;
 use radit_jobs::encode::EncodeConfig;
 use radit_jobs::features_job::FeaturesConfig;
 use radit_jobs::generate_job::GenerateConfig;
@@ -380,6 +381,67 @@ impl SectionJob for ReconConfig {
             o,
             "data slices: the split's shards in {world} contiguous ranges, one per rank; a step is one shard, \
              committed to the journal (.recon/journal) with its PSNR and SSIM, so a relaunch resumes at the next",
+        );
+    }
+}
+
+impl SectionJob for EditConfig {
+    fn section(&self) -> &'static str {
+        "edit"
+    }
+    fn rank_command(&self) -> &'static [&'static str] {
+        &["edit"]
+    }
+    fn to_table(&self) -> Result<toml::Table, toml::ser::Error> {
+        one_section(self.section(), self)
+    }
+    fn make_paths_absolute(&mut self, folder: &JobFolder) {
+        self.store = folder.url(&self.store);
+        self.weights = folder.path(&self.weights);
+        self.scm = folder.path(&self.scm);
+        self.out = folder.path(&self.out);
+        if let Some(d) = self.decoder.as_mut() {
+            d.weights = folder.path(&d.weights);
+        }
+    }
+    fn validate(&self) -> Result<(), ConfigError> {
+        EditConfig::validate(self)
+    }
+    fn why_no_samples(&self) -> &'static str {
+        "an edit job's images are its edits: remove [samples]"
+    }
+    fn resumable(&self) -> bool {
+        true
+    }
+    fn planned_steps(&self, world: u64) -> Result<u64, PlanError> {
+        Ok(radit_jobs::edit_job::planned_steps(self, world)?)
+    }
+    fn describe(&self, world: u32, o: &mut String) {
+        let e = self;
+        let _ = writeln!(
+            o,
+            "edit: {} patients of the {} split of {} (seed {}), interventions {}, {} through {} and the SCM {} \
+             ({:?}), {} images at once, into {}",
+            e.patients,
+            e.split.name(),
+            e.store,
+            e.seed,
+            e.interventions.join(", "),
+            if e.from_noise {
+                "random samples of a fixed noise (the baseline)"
+            } else {
+                "abducted images"
+            },
+            e.weights.display(),
+            e.scm.display(),
+            e.solver,
+            e.batch,
+            e.out.display()
+        );
+        let _ = writeln!(
+            o,
+            "data slices: units (one batch of one intervention) in {world} contiguous ranges, one per rank; a \
+             step is one unit, committed to the journal (.edit/journal), so a relaunch resumes at the next",
         );
     }
 }

@@ -263,6 +263,7 @@ pub fn train_spec(image_size: u32, steps: u64, ranks: u32) -> Result<JobSpec, Tr
                 unet: None,
                 vae: None,
                 finetune: None,
+                predictor: None,
                 input_size: None,
             },
             flow: FlowConfig {

@@ -346,6 +346,16 @@ impl StoreReader {
         }))
     }
 
+    /// [`StoreReader::read_latent_shard_with`] from the store itself.
+    pub fn read_latent_shard(
+        &self,
+        split: Split,
+        index: u64,
+        latents: &LatentArray,
+    ) -> Result<Shard, ShardError> {
+        self.read_latent_shard_with(split, index, latents, &|k| Ok(self.storage.get(k)?))
+    }
+
     /// Reads shard `index` of `split` for a latent model: the latents instead of the images, plus the metadata.
     pub fn read_latent_shard_with(
         &self,

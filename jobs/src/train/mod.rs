@@ -199,6 +199,9 @@ pub struct ModelChoice {
     /// A fine-tune of a released autoencoder's decoder (RadVAE (LoRA), trained on `[reconstruction]`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finetune: Option<FinetuneConfig>,
+    /// A metadata predictor (trained on the labels and age; no `[flow]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub predictor: Option<radit_models::predictor::PredictorConfig>,
     /// The preset at another input size (a store's image side, or its latents' side): `tiny` at 32.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub input_size: Option<i64>,
@@ -211,6 +214,7 @@ impl ModelChoice {
             self.unet.clone().map(Architecture::UNet),
             self.vae.clone().map(Architecture::RadVae),
             self.finetune.clone().map(Architecture::VaeFinetune),
+            self.predictor.clone().map(Architecture::Predictor),
         ]
         .into_iter()
         .flatten()
@@ -218,8 +222,8 @@ impl ModelChoice {
         if given.len() > 1 {
             return Err(ConfigError::new(
                 "model",
-                "give one of [model.config] (RadiT), [model.unet] (RadUNet), [model.vae] (RadVAE) or \
-                 [model.finetune] (RadVAE (LoRA))",
+                "give one of [model.config] (RadiT), [model.unet] (RadUNet), [model.vae] (RadVAE), \
+                 [model.finetune] (RadVAE (LoRA)) or [model.predictor]",
             ));
         }
         let whole = given.into_iter().next();
@@ -242,8 +246,8 @@ impl ModelChoice {
             _ => {
                 return Err(ConfigError {
                     field: "model".into(),
-                    reason: "give exactly one of model.preset, [model.config], [model.unet], [model.vae] \
-                             or [model.finetune]"
+                    reason: "give exactly one of model.preset, [model.config], [model.unet], [model.vae], \
+                             [model.finetune] or [model.predictor]"
                         .into(),
                 });
             }
@@ -436,6 +440,25 @@ impl TrainConfig {
                 r.validate()
             }
             (Role::Velocity, None) => Ok(()),
+            (Role::Predictor, Some(_)) => Err(ConfigError::new(
+                "reconstruction",
+                "a metadata predictor learns labels and age: remove [reconstruction]",
+            )),
+            (Role::Predictor, None) => {
+                if self.flow != FlowConfig::default() {
+                    return Err(ConfigError::new(
+                        "flow",
+                        "a metadata predictor is not trained on the rectified flow: remove [flow]",
+                    ));
+                }
+                if self.preview.is_some() {
+                    return Err(ConfigError::new(
+                        "preview",
+                        "a metadata predictor draws no samples: remove [preview] ([samples] in a job file)",
+                    ));
+                }
+                Ok(())
+            }
         }
     }
 

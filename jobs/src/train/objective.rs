@@ -1,6 +1,7 @@
 //! What a run minimises, which the network's role decides; the loop around it is the same. A velocity network
 //! (RadiT, RadUNet) learns the rectified-flow velocity; an autoencoder (RadVAE) learns to reconstruct its input
-//! (`radit_models::reconstruction`). Each says what the loader must deliver, computes one step's gradients on this
+//! (`radit_models::reconstruction`); a metadata predictor learns the image's labels and age
+//! (`radit_models::predictor`). Each says what the loader must deliver, computes one step's gradients on this
 //! rank's batch, and scores a validation batch with the evaluated weights.
 
 use std::collections::BTreeMap;
@@ -43,6 +44,8 @@ pub struct StepInputs {
 pub enum Objective {
     Flow(FlowConfig),
     Reconstruction(Box<ReconstructionLoss>),
+    /// Cross-entropy per present label and the squared error of a present age, summed per sample.
+    Prediction,
 }
 
 /// What the loader delivers for `model`: a velocity network's inputs (dequantised pixels or standardised
@@ -50,7 +53,7 @@ pub enum Objective {
 /// reads them), so a reconstruction's target does not change from step to step.
 pub fn model_input(model: &Architecture) -> ModelInput {
     match (model.role(), model.in_channels()) {
-        (Role::Autoencoder, _) => ModelInput::U16,
+        (Role::Autoencoder | Role::Predictor, _) => ModelInput::U16,
         (Role::Velocity, 1) => ModelInput::Dequantised,
         (Role::Velocity, _) => ModelInput::Latents,
     }
@@ -63,6 +66,7 @@ impl Objective {
             (Some(r), Role::Autoencoder) => {
                 Self::Reconstruction(Box::new(ReconstructionLoss::open(r, device)?))
             }
+            (_, Role::Predictor) => Self::Prediction,
             _ => Self::Flow(cfg.flow),
         })
     }
@@ -136,7 +140,7 @@ impl Objective {
                     loss_sum += mb.forward_backward(engine, scale)?;
                 }
             }
-            Self::Reconstruction(loss) => {
+            Self::Reconstruction(_) | Self::Prediction => {
                 for k in 0..micro {
                     let s = |v: &Tensor| v.narrow(0, k * per, per);
                     let (x, labels, age, keys) = (s(x1), s(labels), s(age), s(keys));
@@ -152,7 +156,7 @@ impl Objective {
                     let local = engine.forward_backward(
                         &inputs,
                         Some(&keys),
-                        &mut |outputs| match loss.loss(&x, outputs) {
+                        &mut |outputs| match self.batch_loss(&x, (&labels, &age), outputs) {
                             Ok(l) => l,
                             Err(e) => {
                                 failed.get_or_insert(e);
@@ -171,6 +175,41 @@ impl Objective {
         Ok(loss_sum)
     }
 
+    /// One micro-batch's loss of a network that reads images (an autoencoder's, a predictor's).
+    fn batch_loss(
+        &self,
+        x: &Tensor,
+        (labels, age): (&Tensor, &Tensor),
+        outputs: &[Tensor],
+    ) -> Result<Tensor, ModelError> {
+        Ok(self
+            .per_sample(x, (labels, age), outputs)?
+            .mean(Kind::Float))
+    }
+
+    /// Per-sample losses `[n]` of a network that reads images.
+    fn per_sample(
+        &self,
+        x: &Tensor,
+        (labels, age): (&Tensor, &Tensor),
+        outputs: &[Tensor],
+    ) -> Result<Tensor, ModelError> {
+        match self {
+            Self::Reconstruction(loss) => loss.per_sample(x, outputs),
+            Self::Prediction => {
+                let predicted = outputs.first().ok_or_else(|| ModelError::BadInput {
+                    input: "predictions",
+                    reason: "the predictor returned nothing".into(),
+                })?;
+                radit_models::predictor::per_sample_loss(predicted, labels, age)
+            }
+            Self::Flow(_) => Err(ModelError::BadInput {
+                input: "objective",
+                reason: "the rectified flow scores velocities, not a network's outputs".into(),
+            }),
+        }
+    }
+
     /// The evaluated weights (gathered, fp32, by name) as a network that scores validation batches.
     pub fn evaluator(
         &self,
@@ -184,12 +223,16 @@ impl Objective {
                 sampler: Sampler::from_named(model, weights, device, precision)?,
                 shift: flow.shift,
             },
-            Self::Reconstruction(loss) => {
+            Self::Reconstruction(_) | Self::Prediction => {
                 let vs = VarStore::new(device);
                 let mut net = model.build_staged(&vs.root())?;
                 load_named(&vs, weights, Path::new("<gathered weights>"))?;
                 net.set_precision(precision);
-                Evaluator::Reconstruction { _vs: vs, net, loss }
+                Evaluator::Images {
+                    _vs: vs,
+                    net,
+                    objective: self,
+                }
             }
         })
     }
@@ -201,10 +244,11 @@ pub enum Evaluator<'a> {
         sampler: Sampler,
         shift: f64,
     },
-    Reconstruction {
+    /// An autoencoder or a predictor, scored on its training loss.
+    Images {
         _vs: VarStore,
         net: Box<dyn StagedModel>,
-        loss: &'a ReconstructionLoss,
+        objective: &'a Objective,
     },
 }
 
@@ -212,7 +256,7 @@ impl Evaluator<'_> {
     /// Per-sample losses `[n]` (on the CPU) of a validation batch, no gradients. Flow: the mean over a fixed grid
     /// of `times` t values (midpoints, shifted as training shifts them) with noise per (seed, grid point, row), so
     /// the number is the same on any world size. Reconstruction: the training loss of the latent's mean (no
-    /// sampling).
+    /// sampling). Prediction: the training loss.
     pub fn losses(
         &self,
         batch: &Batch,
@@ -249,7 +293,7 @@ impl Evaluator<'_> {
                 }
                 sum / times as f64
             }
-            Self::Reconstruction { net, loss, .. } => {
+            Self::Images { net, objective, .. } => {
                 let t = age.zeros_like();
                 let at = StageInputs {
                     inputs: ModelInputs {
@@ -262,7 +306,7 @@ impl Evaluator<'_> {
                 };
                 tch::no_grad(|| {
                     let outputs = run_stages(net.as_ref(), &at)?;
-                    loss.per_sample(&x1, &outputs)
+                    objective.per_sample(&x1, (&labels, &age), &outputs)
                 })?
             }
         };

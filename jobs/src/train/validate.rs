@@ -128,11 +128,11 @@ impl ValidationConfig {
                 "the best weights are chosen by the validation loss: set validation.every".into(),
             );
         }
-        if self.fd.is_some() && model.role() == radit_models::network::Role::Autoencoder {
+        if self.fd.is_some() && model.role() != radit_models::network::Role::Velocity {
             return bad(
                 "validation.fd",
                 format!(
-                    "{} is an autoencoder and draws no samples to take an FD of: remove [validation.fd]",
+                    "{} draws no samples to take an FD of: remove [validation.fd]",
                     model.name()
                 ),
             );

@@ -338,6 +338,35 @@ impl Dinov2Net {
     pub fn device(&self) -> Device {
         self.device
     }
+
+    pub fn config(&self) -> &Dinov2Config {
+        &self.net.config
+    }
+
+    /// The frozen weights in `kind` (bf16 for a frozen backbone on GPUs).
+    pub fn set_kind(&mut self, kind: tch::Kind) {
+        self._vs.set_kind(kind);
+    }
+
+    /// Grey images `[B, 1, H, W]` in [0, 1] as the network's input, differentiably: repeated to RGB, a bicubic
+    /// resize to the processor's side, its mean and std (no rounding to 8-bit levels). What the perceptual distance
+    /// and the metadata predictors feed the network.
+    pub fn unit_input(&self, images: &Tensor) -> Result<Tensor, ModelError> {
+        let (h, w) = self
+            .preprocessing
+            .input_size()
+            .ok_or_else(|| ModelError::BadInput {
+                input: "feature network",
+                reason: "its processor has neither a crop nor a resize: the input size is unknown"
+                    .into(),
+            })?;
+        let rgb = images
+            .to_device(self.device)
+            .to_kind(tch::Kind::Float)
+            .repeat([1, 3, 1, 1]);
+        let sized = rgb.upsample_bicubic2d([h, w], false, None, None);
+        Ok(self.preprocessing.normalise_unit(&sized))
+    }
 }
 
 /// Writes a small DINOv2 snapshot with random weights (seeded) into `dir`, in the layout of a Hugging Face

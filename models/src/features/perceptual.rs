@@ -24,7 +24,6 @@ pub enum LayerReduce {
 /// A frozen DINOv2 (Rad-DINO) as a perceptual distance.
 pub struct PerceptualDistance {
     net: Dinov2Net,
-    side: (i64, i64),
     reduce: LayerReduce,
 }
 
@@ -32,14 +31,14 @@ impl PerceptualDistance {
     /// Loads a Hugging Face DINOv2 snapshot (Rad-DINO's, or a random stand-in for tests) with its processor.
     pub fn load(dir: &Path, reduce: LayerReduce, device: Device) -> Result<Self, ModelError> {
         let net = Dinov2Net::load(dir, "processor", device)?;
-        let side = net
-            .preprocessing()
+        // The input size is known now, not at the first distance.
+        net.preprocessing()
             .input_size()
             .ok_or_else(|| ModelError::BadWeights {
                 path: dir.join("preprocessor_config.json").display().to_string(),
                 reason: "neither a crop nor a resize: the network's input size is unknown".into(),
             })?;
-        Ok(Self { net, side, reduce })
+        Ok(Self { net, reduce })
     }
 
     /// d(x, y) per sample `[B]` of grey images `[B, 1, H, W]` in [0, 1] (any H, W; both the same shape).
@@ -51,14 +50,9 @@ impl PerceptualDistance {
                 reason: format!("{sx:?} and {sy:?}; expected two [batch, 1, H, W] of one shape"),
             });
         }
-        let features = |images: &Tensor| {
-            let rgb = images
-                .to_device(self.net.device())
-                .to_kind(Kind::Float)
-                .repeat([1, 3, 1, 1]);
-            let sized = rgb.upsample_bicubic2d([self.side.0, self.side.1], false, None, None);
-            let pixels = self.net.preprocessing().normalise_unit(&sized);
-            self.net.network().layer_outputs(&pixels)
+        let features = |images: &Tensor| -> Result<Vec<Tensor>, ModelError> {
+            let pixels = self.net.unit_input(images)?;
+            Ok(self.net.network().layer_outputs(&pixels))
         };
         let unit = |t: &Tensor| {
             let norm = t
@@ -66,7 +60,7 @@ impl PerceptualDistance {
                 .clamp_min(1e-6);
             t / norm
         };
-        let (fx, fy) = (features(x), features(y));
+        let (fx, fy) = (features(x)?, features(y)?);
         let per_layer: Vec<Tensor> = fx
             .iter()
             .zip(&fy)

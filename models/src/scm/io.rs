@@ -120,13 +120,23 @@ pub fn parse_inline(text: &str) -> Result<Profiles, ModelError> {
 
 /// Profiles from a CSV file with a header (see the module docs).
 pub fn read_csv(path: &Path) -> Result<Profiles, ModelError> {
+    read_csv_prefixed(path, "")
+}
+
+/// Profiles from the columns of a CSV file named `prefix` + a variable (`factual_sex`, ... in `edits.csv`); the
+/// other columns are ignored.
+pub fn read_csv_prefixed(path: &Path, prefix: &str) -> Result<Profiles, ModelError> {
     let what = path.display().to_string();
     let mut reader = csv::Reader::from_path(path).map_err(|e| bad(&what, e.to_string()))?;
     let header: Vec<String> = reader
         .headers()
         .map_err(|e| bad(&what, e.to_string()))?
         .iter()
-        .map(str::to_string)
+        // A column of another prefix is no variable here.
+        .map(|c| {
+            c.strip_prefix(prefix)
+                .map_or_else(|| format!("-{c}"), str::to_string)
+        })
         .collect();
     // Other columns (ids, paths) are allowed beside the variables, but a file with none of them is a wrong file,
     // not a set of all-missing profiles.
