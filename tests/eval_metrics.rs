@@ -622,3 +622,50 @@ fn the_perceptual_distance_and_its_gradient_match_the_transformers_twin() {
         "two layers, averaged"
     );
 }
+
+/// The attention-pooling metadata predictor against the design note's formula on transformers' model (the twin):
+/// every head's outputs and the per-task pooled embeddings agree to fp32 relative 1e-5, with every parameter of
+/// the head random (its LayerNorm included).
+#[test]
+fn the_attention_pooling_predictor_matches_the_transformers_twin() {
+    use radit_models::predictor::{Predictor, PredictorConfig, Variant};
+    use radit_models::tch::{Device, Kind, nn::VarStore};
+    let dir = tempfile::tempdir().unwrap();
+    let (snapshot, weights, out) = (
+        dir.path().join("net"),
+        dir.path().join("predictor.safetensors"),
+        dir.path().join("predictor-twin.safetensors"),
+    );
+    let twin = repo().join("tests/python/dinov2_twin.py");
+    run_ok(python().arg(&twin).arg("make").arg(&snapshot).args(["84", "release", "7"]));
+    let mut cfg = PredictorConfig::new(Variant::AttentionPool, Some(snapshot.clone()), 40);
+    cfg.layers = vec![2, 1];
+    let vs = VarStore::new(Device::Cpu);
+    let net = Predictor::new(&vs.root(), &cfg).unwrap();
+    radit_models::tch::manual_seed(11);
+    radit_models::tch::no_grad(|| {
+        for (_, mut v) in vs.variables() {
+            let noise = v.randn_like() * 0.2;
+            let _ = v.g_add_(&noise);
+        }
+    });
+    let arch = radit_models::network::Architecture::Predictor(cfg);
+    arch.save_trained(&vs.variables().into_iter().collect(), &[], &weights)
+        .unwrap();
+    run_ok(
+        python()
+            .arg(&twin)
+            .arg("predictor")
+            .arg(&snapshot)
+            .arg(&weights)
+            .arg(&out),
+    );
+    let want = common::read_tensors(&out);
+    let got = net.predict(&want["x"], None).unwrap();
+    let err = common::relative_error(&got.outputs, &want["outputs"]);
+    assert!(err <= 1e-5, "outputs differ by {err:e}");
+    let e = got.embeddings.unwrap();
+    let err = common::relative_error(&e, &want["embeddings"]);
+    assert!(err <= 1e-5, "embeddings differ by {err:e}");
+    assert_eq!(got.outputs.kind(), Kind::Float);
+}

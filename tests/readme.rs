@@ -17,6 +17,7 @@ const SUBSTITUTIONS: &[(&str, &str)] = &[
     ("--steps 2000", "--steps 40"),
     ("--images 1000", "--images 40"),
     ("examples/radit-tiny-cpu.toml", "radit-tiny-cpu.toml"),
+    ("examples/predictor-tiny-cpu.toml", "predictor-tiny-cpu.toml"),
     // The cluster's data and stores: the quickstart's store, the synthetic releases, local folders.
     ("/data/vindr-cxr", "fixtures/vindr-cxr"),
     ("--images /data", "--images fixtures"),
@@ -180,6 +181,11 @@ fn every_readme_command_runs_or_says_why_not() {
     script.push_str(&format!(
         "sed 's/^steps = 400/steps = 40/' {} > radit-tiny-cpu.toml\n",
         repo().join("examples/radit-tiny-cpu.toml").display()
+    ));
+    // The README's predictor at a fifth of its steps, validated and kept every 10.
+    script.push_str(&format!(
+        "sed 's/^steps = 100/steps = 20/; s/^every = 50/every = 10/' {} > predictor-tiny-cpu.toml\n",
+        repo().join("examples/predictor-tiny-cpu.toml").display()
     ));
     let mut ran = 0;
     let mut skipped = Vec::new();

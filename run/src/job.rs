@@ -484,6 +484,9 @@ fn absolute_train_paths(t: &mut TrainConfig, folder: &JobFolder) {
     if let Some(f) = t.model.finetune.as_mut() {
         f.base = folder.path(&f.base);
     }
+    if let Some(b) = t.model.predictor.as_mut().and_then(|p| p.backbone.as_mut()) {
+        *b = folder.path(b);
+    }
 }
 
 fn train_config_of(s: &JobSpec, training: &TrainConfig, run_dir: &Path) -> TrainConfig {
@@ -949,6 +952,16 @@ impl Job {
             ),
             (radit_models::network::Architecture::VaeFinetune(_), n) => {
                 format!("{n} trainable parameters")
+            }
+            (radit_models::network::Architecture::Predictor(p), 0) => format!(
+                "trainable parameters counted once {} is readable",
+                p.backbone
+                    .as_deref()
+                    .unwrap_or(std::path::Path::new("its backbone"))
+                    .display()
+            ),
+            (radit_models::network::Architecture::Predictor(p), n) => {
+                format!("{n} trainable parameters, {} variant", p.variant.name())
             }
             (_, n) => format!("{n} parameters"),
         };

@@ -18,6 +18,13 @@ processor, never radit's code.
                          layer's tokens (hidden_states[1:]) L2-normalised (eps 1e-6), the squared difference
                          averaged over tokens and channels and summed over layers; OUT gets x, y, the distance per
                          sample and the gradient of its sum with respect to y
+    predictor DIR WEIGHTS OUT
+                         the attention-pooling metadata predictor (editing.md) written from the design note on
+                         transformers' model: seeded grey images in [-1, 1] at the predictor's side, mapped to [0, 1],
+                         repeated to RGB, a bicubic resize to the crop size, the processor's mean and std; the patch
+                         tokens of the configured layers (hidden_states[k], CLS dropped) concatenated; per task a query
+                         q weighs softmax_tokens(LN(h) q / sqrt(D)) and pools LN(h) into h_a, then the task's linear
+                         head; OUT gets x, the outputs (tasks in the store's order, then age) and the embeddings
     make-base DIR        a randomly initialised ViT-B/14 at 518 (Rad-DINO's shape: 12 layers, hidden 768, 86.6M
                          parameters) with a 518 processor, for the benchmark
     time STORE SPLIT DIR BATCH
@@ -149,5 +156,42 @@ def perceptual(snapshot, out):
     save_file({"x": x, "y": y.detach(), "distance": d.detach(), "grad_y": y.grad}, out)
 
 
+FINDINGS = ["atelectasis", "cardiomegaly", "consolidation", "edema", "enlarged_cardiomediastinum", "fracture",
+            "lung_lesion", "lung_opacity", "no_finding", "pleural_effusion", "pleural_other", "pneumonia",
+            "pneumothorax", "support_devices"]
+TASKS = FINDINGS + ["race", "sex", "view", "dataset", "age"]
+
+
+def predictor(snapshot, weights, out):
+    import torch.nn.functional as F
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoImageProcessor, Dinov2Model
+
+    with safe_open(weights, "pt") as f:
+        config = json.loads(f.metadata()["radit.config"])
+    w = load_file(weights)
+    processor = AutoImageProcessor.from_pretrained(snapshot)
+    model = Dinov2Model.from_pretrained(snapshot).eval()
+    side = (processor.crop_size["height"], processor.crop_size["width"])
+    mean = torch.tensor(processor.image_mean).view(1, 3, 1, 1)
+    std = torch.tensor(processor.image_std).view(1, 3, 1, 1)
+    s = config["image_size"]
+    torch.manual_seed(5)
+    x = torch.rand(3, 1, s, s) * 2 - 1
+    with torch.no_grad():
+        rgb = F.interpolate(((x + 1) / 2).repeat(1, 3, 1, 1), size=side, mode="bicubic", align_corners=False)
+        hidden = model(pixel_values=(rgb - mean) / std, output_hidden_states=True).hidden_states
+        h = torch.cat([hidden[k][:, 1:] for k in config["layers"]], dim=-1)
+        d = h.shape[-1]
+        n = F.layer_norm(h, (d,), w["pool.norm.weight"], w["pool.norm.bias"], eps=1e-5)
+        weights_ = torch.softmax(n @ w["pool.query"].T / d ** 0.5, dim=1)  # [B, N, T]
+        pooled = weights_.transpose(1, 2) @ n  # [B, T, D]
+        outputs = torch.cat([pooled[:, t] @ w[f"heads.{name}.weight"].T + w[f"heads.{name}.bias"]
+                             for t, name in enumerate(TASKS)], dim=1)
+    save_file({"x": x, "outputs": outputs.contiguous(), "embeddings": pooled.contiguous()}, out)
+
+
 if __name__ == "__main__":
-    {"make": make, "make-base": make_base, "check": check, "time": time_model, "perceptual": perceptual}[sys.argv[1]](*sys.argv[2:])
+    {"make": make, "make-base": make_base, "check": check, "time": time_model, "perceptual": perceptual,
+     "predictor": predictor}[sys.argv[1]](*sys.argv[2:])
