@@ -120,13 +120,16 @@ pub fn run_edit(a: EditArgs) -> anyhow::Result<u8> {
     if rank == 0 && summary.finished {
         println!(
             "radit: {} holds the edits (images/, edits.csv); {} written here ({:.1} model evaluations per image, \
-             {:.2} images/s), {} units resumed",
+             {:.2} images/s; {:.2} s in the model's solves, {:.2} s in the SCM), {} units resumed",
             cfg.out.display(),
             summary.edits_written,
             summary.nfe_per_image,
             summary.images_per_second,
+            summary.solve_seconds,
+            summary.scm_seconds,
             summary.units_resumed
         );
+        println!("{}", serde_json::to_string(&summary)?);
     }
     Ok(crate::exit::done_or_requeue(summary.stopped_for_requeue))
 }

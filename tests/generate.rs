@@ -810,6 +810,20 @@ fn edits_follow_their_profiles_and_the_round_trip_returns_the_image() {
         ],
     )));
     assert!(said.contains("10 written here"), "{said}");
+    let summary: serde_json::Value = serde_json::from_str(said.lines().last().unwrap()).unwrap();
+    // The PyTorch twin redoes the same edits (torchdiffeq's dopri5, the same batches) from the originals and the
+    // table's profiles: the same model evaluations and the same images to a level or two of 65,536.
+    let twin: serde_json::Value = serde_json::from_str(&stdout(&run_ok(
+        python()
+            .arg(repo().join("tests/python/radit_twin.py"))
+            .args(["bench-edit", "--batch", "5", "--threads", "1", "--dir"])
+            .arg(w.parent().unwrap())
+            .arg("--edits")
+            .arg(&out),
+    )))
+    .unwrap();
+    assert_eq!(twin["nfe_per_image"], summary["nfe_per_image"], "{twin} vs {summary}");
+    assert!(twin["max_level_difference"].as_u64().unwrap() <= 2, "{twin}");
     let levels = |p: &Path| {
         radit_sharding::image::decode_png(&std::fs::read(p).unwrap())
             .unwrap()

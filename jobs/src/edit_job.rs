@@ -43,7 +43,7 @@ use radit_engine::collective::Collective;
 use radit_engine::out_of_memory::{AllocationFailed, OutOfMemory};
 use radit_models::model::{ModelError, Precision};
 use radit_models::sampler::{self, Solver};
-use radit_models::scm::infer::{self, Intervention, Value};
+use radit_models::scm::infer::{self, Value};
 use radit_models::scm::{LoadedScm, Profiles};
 
 /// The intervention that changes nothing (the round trip's check).
@@ -387,6 +387,9 @@ pub struct EditSummary {
     /// Model evaluations per edited image (abduction and prediction), over this rank's batches.
     pub nfe_per_image: f64,
     pub images_per_second: f64,
+    /// Seconds in the flow model's solves (abduction and prediction) and in the SCM's counterfactuals.
+    pub solve_seconds: f64,
+    pub scm_seconds: f64,
     pub seconds: f64,
     pub stopped_for_requeue: bool,
     /// Rank 0 only: every unit is committed and `edits.csv` written.
@@ -527,6 +530,8 @@ pub fn edit(
         nfe_total: 0,
         batches: 0,
         written: 0,
+        solve_seconds: 0.0,
+        scm_seconds: 0.0,
     };
     let run = run_units((comm, device, handles), &unit_list, &source, &mut job)?;
     let mut summary = EditSummary {
@@ -536,6 +541,8 @@ pub fn edit(
         edits_written: job.written,
         nfe_per_image: job.nfe_total as f64 / job.batches.max(1) as f64,
         images_per_second: job.written as f64 / run.loop_seconds.max(1e-9),
+        solve_seconds: job.solve_seconds,
+        scm_seconds: job.scm_seconds,
         seconds: 0.0,
         stopped_for_requeue: run.stopped_anywhere,
         finished: false,
@@ -639,6 +646,8 @@ struct EditUnits<'a> {
     nfe_total: u64,
     batches: u64,
     written: u64,
+    solve_seconds: f64,
+    scm_seconds: f64,
 }
 
 fn profiles_of(rows: &[(Vec<u8>, f32)]) -> Profiles {
@@ -654,8 +663,7 @@ fn profiles_of(rows: &[(Vec<u8>, f32)]) -> Profiles {
 }
 
 impl EditUnits<'_> {
-    /// Each patient's counterfactual profile under its own new value (patients sharing a value are solved
-    /// together).
+    /// Each patient's counterfactual profile under its own new value (all solved together).
     fn counterfactuals(
         &self,
         variable: &str,
@@ -680,45 +688,35 @@ impl EditUnits<'_> {
                 new_value(variable, &p.labels, p.age, draw)
             })
             .collect();
-        let mut out = vec![(Vec::new(), f32::NAN); patients.len()];
-        let mut groups: Vec<(Value, Vec<usize>)> = Vec::new();
-        for (i, v) in values.iter().enumerate() {
-            match groups.iter_mut().find(|(g, _)| g == v) {
-                Some((_, members)) => members.push(i),
-                None => groups.push((*v, vec![i])),
-            }
-        }
-        for (value, members) in groups {
-            let observed = profiles_of(
-                &members
-                    .iter()
-                    .map(|&i| (patients[i].labels.clone(), patients[i].age))
-                    .collect::<Vec<_>>(),
-            );
-            let cf = infer::counterfactual(
-                scm,
-                &observed,
-                &[Intervention {
-                    variable: index,
-                    value,
-                }],
-                infer::Missing::Keep,
-                infer::default_solver(),
-            )?;
-            let labels =
-                Vec::<i64>::try_from(cf.labels.flatten(0, -1)).map_err(ModelError::from)?;
-            let age = Vec::<f32>::try_from(&cf.age).map_err(ModelError::from)?;
-            let width = schema::NUM_LABELS;
-            for (j, &i) in members.iter().enumerate() {
-                out[i] = (
+        let observed = profiles_of(
+            &patients
+                .iter()
+                .map(|p| (p.labels.clone(), p.age))
+                .collect::<Vec<_>>(),
+        );
+        // Every patient's own new value, solved in one batch.
+        let cf = infer::counterfactual_each(
+            scm,
+            &observed,
+            index,
+            &values,
+            infer::Missing::Keep,
+            infer::default_solver(),
+        )?;
+        let labels = Vec::<i64>::try_from(cf.labels.flatten(0, -1)).map_err(ModelError::from)?;
+        let age = Vec::<f32>::try_from(&cf.age).map_err(ModelError::from)?;
+        let width = schema::NUM_LABELS;
+        let out = (0..patients.len())
+            .map(|j| {
+                (
                     labels[j * width..(j + 1) * width]
                         .iter()
                         .map(|&c| c as u8)
                         .collect(),
                     age[j],
-                );
-            }
-        }
+                )
+            })
+            .collect();
         Ok((values, out))
     }
 
@@ -768,8 +766,11 @@ impl UnitJob for EditUnits<'_> {
     fn compute(&mut self, _: u64, input: UnitInput) -> Result<Made, RankError> {
         let cfg = self.cfg;
         let variable = cfg.interventions[input.intervention].as_str();
+        let started = Instant::now();
         let (values, edited_profiles) =
             self.counterfactuals(variable, input.intervention, &input.patients)?;
+        self.scm_seconds += started.elapsed().as_secs_f64();
+        let started = Instant::now();
         let factual: Vec<(Vec<u8>, f32)> = input
             .patients
             .iter()
@@ -806,6 +807,7 @@ impl UnitJob for EditUnits<'_> {
                 }
             })
         })?;
+        self.solve_seconds += started.elapsed().as_secs_f64();
         let edited = self.images(&edited)?;
         let side = edited.size()[3];
         self.nfe_total += (nfe.0 + nfe.1) as u64;

@@ -25,6 +25,10 @@ processor, never radit's code.
                          tokens of the configured layers (hidden_states[k], CLS dropped) concatenated; per task a query
                          q weighs softmax_tokens(LN(h) q / sqrt(D)) and pools LN(h) into h_a, then the task's linear
                          head; OUT gets x, the outputs (tasks in the store's order, then age) and the embeddings
+    bench-predictor DIR BATCH STEPS THREADS
+                         the benchmark's PyTorch side of a predictor training step: grey 512x512 images, the
+                         frozen model's layers 3, 6, 9, 12 at the crop size (no gradient), attention pooling and the
+                         19 heads, the cross-entropy and age losses, backward and AdamW; the median step (JSON)
     make-base DIR        a randomly initialised ViT-B/14 at 518 (Rad-DINO's shape: 12 layers, hidden 768, 86.6M
                          parameters) with a 518 processor, for the benchmark
     time STORE SPLIT DIR BATCH
@@ -192,6 +196,54 @@ def predictor(snapshot, weights, out):
     save_file({"x": x, "outputs": outputs.contiguous(), "embeddings": pooled.contiguous()}, out)
 
 
+def bench_predictor(snapshot, batch, steps, threads):
+    import time
+
+    import torch.nn.functional as F
+    from transformers import AutoImageProcessor, Dinov2Model
+
+    torch.set_num_threads(int(threads))
+    batch, steps = int(batch), int(steps)
+    processor = AutoImageProcessor.from_pretrained(snapshot)
+    model = Dinov2Model.from_pretrained(snapshot).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    side = (processor.crop_size["height"], processor.crop_size["width"])
+    mean = torch.tensor(processor.image_mean).view(1, 3, 1, 1)
+    std = torch.tensor(processor.image_std).view(1, 3, 1, 1)
+    layers = [3, 6, 9, 12]
+    d = model.config.hidden_size * len(layers)
+    classes = [2] * 14 + [3, 2, 3, 7]
+    torch.manual_seed(0)
+    norm = torch.nn.LayerNorm(d)
+    query = torch.nn.Parameter(torch.randn(len(classes) + 1, d) * 0.02)
+    heads = torch.nn.ModuleList([torch.nn.Linear(d, k) for k in classes + [1]])
+    params = list(norm.parameters()) + [query] + list(heads.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-4)
+    x = torch.rand(batch, 1, 512, 512)
+    labels = [torch.randint(0, k, (batch,)) for k in classes]
+    age = torch.rand(batch)
+    times = []
+    for i in range(steps + 1):
+        start = time.perf_counter()
+        with torch.no_grad():
+            rgb = F.interpolate(x.repeat(1, 3, 1, 1), size=side, mode="bicubic", align_corners=False)
+            hidden = model(pixel_values=(rgb - mean) / std, output_hidden_states=True).hidden_states
+            h = torch.cat([hidden[k][:, 1:] for k in layers], dim=-1)
+        n = norm(h)
+        pooled = torch.softmax(n @ query.T / d ** 0.5, dim=1).transpose(1, 2) @ n
+        loss = sum(F.cross_entropy(heads[t](pooled[:, t]), labels[t], reduction="none") for t in range(len(classes)))
+        loss = (loss + (heads[-1](pooled[:, -1]).squeeze(1) - age) ** 2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if i > 0:
+            times.append(time.perf_counter() - start)
+    times.sort()
+    print(json.dumps({"impl": "pytorch", "batch": batch, "threads": int(threads), "steps": steps,
+                      "median_s": times[len(times) // 2]}))
+
+
 if __name__ == "__main__":
     {"make": make, "make-base": make_base, "check": check, "time": time_model, "perceptual": perceptual,
-     "predictor": predictor}[sys.argv[1]](*sys.argv[2:])
+     "predictor": predictor, "bench-predictor": bench_predictor}[sys.argv[1]](*sys.argv[2:])

@@ -16,6 +16,12 @@ Commands (run by tests/model_parity.rs and scripts/bench-model.sh):
     load --preset P --weights FILE            loads weights (e.g. from `radit export`) strictly
     bench --preset P --batch B --threads T    forward+backward step time
     count --preset P                          the parameter count as the spec counts it
+    bench-edit --dir DIR --edits OUT --batch B --threads T
+                                              the counterfactual edits `radit edit` wrote to OUT, redone here from its
+                                              originals and edits.csv's factual and edited profiles (same model, same
+                                              batches): x0 = ODE(x, 1 -> 0 | factual), x' = ODE(x0, 0 -> 1 | edited),
+                                              torchdiffeq dopri5 at 1e-5; images/s, model evaluations per image, and
+                                              the largest difference from radit's PNGs in 16-bit levels (JSON)
 """
 
 import argparse
@@ -408,6 +414,78 @@ def bench(args) -> None:
                       "steps": args.steps, "median_s": times[len(times) // 2], "min_s": times[0]}))
 
 
+# The store's vocabulary (sharding/src/schema.rs): class ids from 1, 0 = missing.
+VOCAB = {
+    "race": ["Asian", "Black", "White"],
+    "sex": ["Male", "Female"],
+    "view": ["AP", "PA", "Lateral"],
+    "dataset": ["MIMIC-CXR", "CheXpert-Plus", "ReXGradient-160K", "PadChest", "VinDr-CXR", "NIH-CXR14", "BRAX"],
+}
+FINDINGS = ["atelectasis", "cardiomegaly", "consolidation", "edema", "enlarged_cardiomediastinum", "fracture",
+            "lung_lesion", "lung_opacity", "no_finding", "pleural_effusion", "pleural_other", "pneumonia",
+            "pneumothorax", "support_devices"]
+
+
+def profile(row: dict, prefix: str):
+    labels = []
+    for name in FINDINGS + list(VOCAB):
+        v = row[prefix + name]
+        classes = VOCAB.get(name, ["negative", "positive"])
+        labels.append(classes.index(v) + 1 if v else 0)
+    age = row[prefix + "age"]
+    return labels, (float(age) / 100 if age else float("nan"))
+
+
+def bench_edit(args) -> None:
+    import csv
+
+    import numpy as np
+    from PIL import Image
+
+    torch.set_num_threads(args.threads)
+    model, _ = load_exported(Path(args.dir))
+    model.eval()
+    out = Path(args.edits)
+    rows = list(csv.DictReader(open(out / "edits.csv")))
+    read = lambda p: np.array(Image.open(out / p), dtype=np.int64)  # noqa: E731
+    nfe = 0
+    worst = 0
+    seconds = 0.0
+
+    def field(labels, age):
+        def f(t, x):
+            nonlocal nfe
+            nfe += 1
+            return model(x, t.expand(x.shape[0]).float(), labels, age)
+        return f
+
+    # The job's units: per intervention, its patients in batches of B, in the table's order.
+    units = []
+    for r in rows:
+        if not units or units[-1][0]["intervention"] != r["intervention"] or len(units[-1]) == args.batch:
+            units.append([])
+        units[-1].append(r)
+    opts = dict(method="dopri5", atol=1e-5, rtol=1e-5)
+    for unit in units:
+        levels = np.stack([read(r["original"]) for r in unit])
+        x = torch.from_numpy((2 * (levels + 0.5) / 65536 - 1).astype(np.float32)).unsqueeze(1)
+        fl, fa = zip(*(profile(r, "factual_") for r in unit))
+        el, ea = zip(*(profile(r, "") for r in unit))
+        fl, el = torch.tensor(fl), torch.tensor(el)
+        fa, ea = torch.tensor(fa, dtype=torch.float32), torch.tensor(ea, dtype=torch.float32)
+        start = time.perf_counter()
+        with torch.no_grad():
+            x0 = odeint(field(fl, fa), x, torch.tensor([1.0, 0.0], dtype=torch.float64), **opts)[-1]
+            x1 = odeint(field(el, ea), x0, torch.tensor([0.0, 1.0], dtype=torch.float64), **opts)[-1]
+        seconds += time.perf_counter() - start
+        mine = ((x1.clamp(-1, 1) + 1) / 2 * 65536 - 0.5).round().clamp(0, 65535).squeeze(1).numpy()
+        theirs = np.stack([read(r["file"]) for r in unit])
+        worst = max(worst, int(np.abs(mine - theirs).max()))
+    print(json.dumps({"impl": "pytorch", "images": len(rows), "seconds": seconds,
+                      "images_per_second": len(rows) / seconds, "nfe_per_image": nfe / len(units),
+                      "max_level_difference": worst}))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -434,7 +512,15 @@ def main() -> None:
     b.add_argument("--threads", type=int, default=2)
     b.add_argument("--steps", type=int, default=3)
     b.add_argument("--warmup", type=int, default=1)
+    be = sub.add_parser("bench-edit")
+    be.add_argument("--dir", required=True)
+    be.add_argument("--edits", required=True)
+    be.add_argument("--batch", type=int, default=16)
+    be.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
+    if args.cmd == "bench-edit":
+        bench_edit(args)
+        return
     if args.cmd == "export":
         export(args)
     elif args.cmd == "odeint":

@@ -250,14 +250,81 @@ pub fn counterfactual(
     solver: Solver,
 ) -> Result<Profiles, ModelError> {
     let n = observed_profiles.len();
-    let targets: Vec<usize> = interventions.iter().map(|x| x.variable).collect();
+    let set: Vec<(usize, Tensor)> = interventions
+        .iter()
+        .map(|x| (x.variable, constant(n, x.value)))
+        .collect();
+    counterfactual_rows(scm, observed_profiles, &set, missing, solver)
+}
+
+/// Each profile's counterfactual under do(`variable` = its own value): `values` holds one per profile (class ids,
+/// or ages in years/100), so profiles with different new values are solved together.
+pub fn counterfactual_each(
+    scm: &Scm,
+    observed_profiles: &Profiles,
+    variable: usize,
+    values: &[Value],
+    missing: Missing,
+    solver: Solver,
+) -> Result<Profiles, ModelError> {
+    if values.len() as i64 != observed_profiles.len() {
+        return Err(ModelError::BadInput {
+            input: "interventions",
+            reason: format!(
+                "{} values for {} profiles",
+                values.len(),
+                observed_profiles.len()
+            ),
+        });
+    }
+    let column = match values.first() {
+        Some(Value::Age(_)) => {
+            let ages: Vec<f32> = values
+                .iter()
+                .map(|v| match v {
+                    Value::Age(a) => *a,
+                    Value::Class(_) => f32::NAN,
+                })
+                .collect();
+            Tensor::from_slice(&ages)
+        }
+        _ => {
+            let classes: Vec<i64> = values
+                .iter()
+                .map(|v| match v {
+                    Value::Class(c) => i64::from(*c),
+                    Value::Age(_) => 0,
+                })
+                .collect();
+            Tensor::from_slice(&classes)
+        }
+    };
+    counterfactual_rows(
+        scm,
+        observed_profiles,
+        &[(variable, column)],
+        missing,
+        solver,
+    )
+}
+
+/// The counterfactual with each intervened variable set to its column of values (one per profile).
+fn counterfactual_rows(
+    scm: &Scm,
+    observed_profiles: &Profiles,
+    set_to: &[(usize, Tensor)],
+    missing: Missing,
+    solver: Solver,
+) -> Result<Profiles, ModelError> {
+    let n = observed_profiles.len();
+    let targets: Vec<usize> = set_to.iter().map(|x| x.0).collect();
     let below = scm.graph.descendants(&targets);
     let mut cf = observed_profiles.to_cpu();
     let all = Tensor::ones([n], (Kind::Bool, tch::Device::Cpu));
     let rows: Vec<u64> = (0..n as u64).collect();
     for &i in &scm.graph.order {
-        if let Some(x) = interventions.iter().find(|x| x.variable == i) {
-            set(scm, &mut cf, i, &constant(n, x.value), &all);
+        if let Some((_, values)) = set_to.iter().find(|x| x.0 == i) {
+            set(scm, &mut cf, i, values, &all);
             continue;
         }
         if !below[i] {
