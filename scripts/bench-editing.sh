@@ -70,7 +70,8 @@ side=$("$py" -c 'import json,sys; from safetensors import safe_open; print(json.
   --image-size "$side" --shard-images 16 >/dev/null
 "$radit" scm train --preset tiny --steps 50 --batch 64 --store "$work/store" --out "$work/scm.safetensors" >/dev/null
 rust=$("$radit" edit --threads "$threads" --split train --weights "$work/twin/weights.safetensors" --store "$work/store" \
-  --scm "$work/scm.safetensors" --patients "$patients" --batch 8 --interventions sex,age --out "$work/edits" | tail -1)
+  --scm "$work/scm.safetensors" --patients "$patients" --batch 8 --interventions sex,age --out "$work/edits" \
+  2>&1 >/dev/null | grep '^{"rank"' | tail -1)
 twin=$("$py" tests/python/radit_twin.py bench-edit --dir "$work/twin" --edits "$work/edits" --batch 8 --threads "$threads")
 n=$(field "$rust" edits_written)
 echo

@@ -795,22 +795,18 @@ fn edits_follow_their_profiles_and_the_round_trip_returns_the_image() {
     let d = dir.path();
     let (store, w, scm) = edit_fixture(d);
     let out = d.join("edits");
-    let said = stdout(&run_ok(&mut edit(
+    let run = run_ok(&mut edit(
         &w,
         &store,
         &scm,
         &out,
-        &[
-            "--patients",
-            "5",
-            "--batch",
-            "5",
-            "--interventions",
-            "none,sex",
-        ],
-    )));
-    assert!(said.contains("10 written here"), "{said}");
-    let summary: serde_json::Value = serde_json::from_str(said.lines().last().unwrap()).unwrap();
+        &["--patients", "5", "--batch", "5", "--interventions", "none,sex"],
+    ));
+    assert!(stdout(&run).contains("10 written here"), "{}", stdout(&run));
+    // The rank's summary, on stderr.
+    let said = stderr(&run);
+    let summary: serde_json::Value =
+        serde_json::from_str(said.lines().find(|l| l.starts_with("{\"rank\"")).unwrap()).unwrap();
     // The PyTorch twin redoes the same edits (torchdiffeq's dopri5, the same batches) from the originals and the
     // table's profiles: the same model evaluations and the same images to a level or two of 65,536.
     let twin: serde_json::Value = serde_json::from_str(&stdout(&run_ok(
@@ -976,4 +972,94 @@ fn edits_follow_their_profiles_and_the_round_trip_returns_the_image() {
             .count(),
         11
     );
+}
+
+/// A latent model edits the store's latents (the encoder's means, standardised with the store's statistics) and
+/// the decoder makes the images: the round trip is the decoder's image of the stored latent, a sex edit is not,
+/// and an edit job of a latent model without a decoder is refused naming `edit.decoder`.
+#[test]
+fn a_latent_model_edits_the_stores_latents_and_decodes_them() {
+    use radit_models::autoencoder::{DecoderConfig, LatentDecoder, store_statistics};
+    use radit_models::tch::{Device, Tensor};
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let store = tiny_store(d, 48, "40x48", 8, &[]);
+    let ae = d.join("ae.safetensors");
+    run_ok(radit().args(["vae", "init", "tiny", "--out"]).arg(&ae));
+    run_ok(
+        radit()
+            .args(["encode", "--threads", "1", "--store", store.to_str().unwrap(), "--weights"])
+            .arg(&ae),
+    );
+    let twin = d.join("twin");
+    run_ok(
+        python()
+            .arg(repo().join("tests/python/radit_twin.py"))
+            .args(["export", "--preset", "tiny-latent", "--perturb", "--out"])
+            .arg(&twin),
+    );
+    let scm = d.join("scm.safetensors");
+    run_ok(
+        radit()
+            .args(["scm", "train", "--preset", "tiny", "--steps", "5", "--batch", "32", "--store"])
+            .arg(&store)
+            .arg("--out")
+            .arg(&scm),
+    );
+    let w = twin.join("weights.safetensors");
+    let out = d.join("edits");
+    let settings = ["--patients", "4", "--batch", "4", "--interventions", "none,sex"];
+    let refused = edit(&w, &store, &scm, &out, &settings).output().unwrap();
+    assert!(!refused.status.success());
+    assert!(stderr(&refused).contains("edit.decoder"), "{}", stderr(&refused));
+    run_ok(edit(&w, &store, &scm, &out, &settings).arg("--decoder").arg(&ae));
+
+    // The stored latents of the edited rows, decoded by the library.
+    let reader = radit_sharding::reader::StoreReader::open(
+        radit_sharding::store::Storage::open_existing(store.to_str().unwrap()).unwrap(),
+    )
+    .unwrap();
+    let split = radit_sharding::split::Split::Train;
+    let latents = reader.latents(split).unwrap().unwrap();
+    let decoder = LatentDecoder::load(
+        &DecoderConfig {
+            weights: ae.clone(),
+            autoencoder: "auto".into(),
+            batch: 4,
+        },
+        Some(store_statistics(store.to_str().unwrap()).unwrap()),
+        Device::Cpu,
+    )
+    .unwrap();
+    let levels = |p: &Path| radit_sharding::image::decode_png(&std::fs::read(p).unwrap()).unwrap().0;
+    let mut reader_csv = csv::Reader::from_path(out.join("edits.csv")).unwrap();
+    let header = reader_csv.headers().unwrap().clone();
+    let col = |name: &str| header.iter().position(|c| c == name).unwrap();
+    let (mut round_trip, mut moved) = (0u32, 0u32);
+    for r in reader_csv.records().map(Result::unwrap) {
+        let row: u64 = r[col("row")].parse().unwrap();
+        let shard = reader.read_latent_shard(split, row / 8, &latents).unwrap();
+        let per: usize = latents.sample_shape.iter().product();
+        let i = (row % 8) as usize;
+        let [c, h, wd] = latents.sample_shape.map(|v| v as i64);
+        let z = Tensor::from_slice(&shard.latents[i * per..(i + 1) * per]).view([1, c, h, wd]);
+        let want = radit_jobs::generate::to_u16(&decoder.decode(&z).unwrap()).unwrap();
+        let got = levels(&out.join(&r[col("file")]));
+        assert_eq!((got.width, got.height), (16, 16), "the decoder's images at the store's side");
+        let worst = got
+            .pixels
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (i32::from(*a) - i32::from(*b)).unsigned_abs())
+            .max()
+            .unwrap();
+        match &r[col("intervention")] {
+            "none" => round_trip = round_trip.max(worst),
+            _ => moved = moved.max(worst),
+        }
+        // The original is the store's image.
+        assert_eq!(levels(&out.join(&r[col("original")])).width, 16);
+    }
+    assert!(round_trip <= 40, "the round trip's image is {round_trip} levels from the stored latent's");
+    assert!(moved > 10 * round_trip.max(1), "sex edits moved {moved} levels, the round trip {round_trip}");
 }

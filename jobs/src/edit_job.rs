@@ -333,9 +333,10 @@ pub struct EditRecord {
     pub from: String,
     pub to: String,
     pub factual_labels: Vec<u8>,
-    pub factual_age: f32,
+    /// Years/100; `None` when missing (JSON has no NaN).
+    pub factual_age: Option<f32>,
     pub edited_labels: Vec<u8>,
-    pub edited_age: f32,
+    pub edited_age: Option<f32>,
     /// Model evaluations of the batch's abduction (0 from noise: the factual sample's solve) and prediction.
     pub nfe_abduction: u64,
     pub nfe_prediction: u64,
@@ -561,8 +562,9 @@ struct UnitInput {
     patients: Vec<Patient>,
     /// `[n, C, S, S]`; empty when editing from noise.
     x: Option<Tensor>,
-    /// The originals' 16-bit levels (pixel models' edits; latent models' store images).
+    /// The originals' 16-bit levels (pixel models' edits; latent models' store images) and their side.
     levels: Vec<u16>,
+    side: i64,
 }
 
 struct UnitPatients<'a> {
@@ -630,6 +632,7 @@ impl UnitReader for UnitPatients<'_> {
             patients,
             x,
             levels,
+            side,
         })
     }
 }
@@ -739,9 +742,9 @@ impl EditUnits<'_> {
 /// A unit's images and records, written by `write`.
 struct Made {
     edited: Tensor,
-    /// The originals: the store's levels, or (from noise) the factual samples.
-    originals: Result<Vec<u16>, Tensor>,
-    side: i64,
+    /// The originals' levels: the store's images, or (from noise) the factual samples.
+    originals: Vec<u16>,
+    original_side: i64,
     records: Vec<EditRecord>,
 }
 
@@ -779,7 +782,7 @@ impl UnitJob for EditUnits<'_> {
         let (labels, age) = self.condition_tensors(&factual);
         let (new_labels, new_age) = self.condition_tensors(&edited_profiles);
         let model = self.sampler.model.as_ref();
-        let (edited, originals, nfe) = tch::no_grad(|| -> Result<_, RankError> {
+        let (edited, (originals, original_side), nfe) = tch::no_grad(|| -> Result<_, RankError> {
             Ok(match &input.x {
                 Some(x) => {
                     let e = sampler::edit(
@@ -793,7 +796,7 @@ impl UnitJob for EditUnits<'_> {
                     )?;
                     (
                         e.image,
-                        Ok(input.levels.clone()),
+                        (input.levels.clone(), input.side),
                         (e.abduction.nfe, e.prediction.nfe),
                     )
                 }
@@ -803,13 +806,14 @@ impl UnitJob for EditUnits<'_> {
                     let (a, sa) = sampler::generate(model, &noise, &labels, &age, cfg.solver)?;
                     let (b, sb) =
                         sampler::generate(model, &noise, &new_labels, &new_age, cfg.solver)?;
-                    (b, Err(self.images(&a)?), (sa.nfe, sb.nfe))
+                    let factual = self.images(&a)?;
+                    let side = factual.size()[3];
+                    (b, (crate::generate::to_u16(&factual)?, side), (sa.nfe, sb.nfe))
                 }
             })
         })?;
         self.solve_seconds += started.elapsed().as_secs_f64();
         let edited = self.images(&edited)?;
-        let side = edited.size()[3];
         self.nfe_total += (nfe.0 + nfe.1) as u64;
         self.batches += 1;
         let values: Vec<Option<Value>> = if values.is_empty() {
@@ -833,9 +837,9 @@ impl UnitJob for EditUnits<'_> {
                     |v| value_text(variable, &p.labels, p.age, Some(v)),
                 ),
                 factual_labels: p.labels.clone(),
-                factual_age: p.age,
+                factual_age: p.age.is_finite().then_some(p.age),
                 edited_labels: labels,
-                edited_age: age,
+                edited_age: age.is_finite().then_some(age),
                 nfe_abduction: nfe.0 as u64,
                 nfe_prediction: nfe.1 as u64,
             })
@@ -843,7 +847,7 @@ impl UnitJob for EditUnits<'_> {
         Ok(Made {
             edited,
             originals,
-            side,
+            original_side,
             records,
         })
     }
@@ -871,21 +875,17 @@ impl UnitJob for EditUnits<'_> {
     /// Each PNG whole or not at all (a rename); the journal record commits the unit.
     fn write(&mut self, _: u64, made: Made) -> Result<Vec<EditRecord>, RankError> {
         let cfg = self.cfg;
-        let per = (made.side * made.side) as usize;
+        let side = made.edited.size()[3];
+        let per = (side * side) as usize;
         let edited = crate::generate::to_u16(&made.edited)?;
-        let originals = match &made.originals {
-            Ok(levels) => levels.clone(),
-            Err(images) => crate::generate::to_u16(images)?,
-        };
+        let n = (made.original_side * made.original_side) as usize;
         for (i, r) in made.records.iter().enumerate() {
             let path = cfg.out.join(edited_file(cfg.split, &r.intervention, r.row));
-            write_png(&path, made.side, &edited[i * per..(i + 1) * per])?;
+            write_png(&path, side, &edited[i * per..(i + 1) * per])?;
             // The same bytes for every intervention: written once.
             let path = cfg.out.join(original_file(cfg.split, r.row));
             if !path.exists() {
-                let side = (originals.len() / made.records.len()).isqrt() as i64;
-                let n = (side * side) as usize;
-                write_png(&path, side, &originals[i * n..(i + 1) * n])?;
+                write_png(&path, made.original_side, &made.originals[i * n..(i + 1) * n])?;
             }
         }
         Ok(made.records)
@@ -915,25 +915,14 @@ impl UnitJob for EditUnits<'_> {
     }
 }
 
+/// A profile's cells in the vocabulary's order then age in years (`radit_models::scm::io::rows`).
 fn profile_cells(labels: &[u8], age: f32) -> Vec<String> {
-    let vocab = Vocabulary::current();
-    let mut cells: Vec<String> = labels
-        .iter()
-        .enumerate()
-        .map(|(i, &c)| {
-            if c == 0 {
-                String::new()
-            } else {
-                csv_field(&vocab.classes[i][c as usize])
-            }
-        })
-        .collect();
-    cells.push(if age.is_finite() {
-        format!("{:.2}", age * 100.0)
-    } else {
-        String::new()
-    });
-    cells
+    let one = profiles_of(&[(labels.to_vec(), age)]);
+    radit_models::scm::io::rows(&one)
+        .into_iter()
+        .flatten()
+        .map(|(_, v)| csv_field(&v))
+        .collect()
 }
 
 /// Rank 0, after every rank's range: every unit committed, `edits.csv` from the journal in unit order, the
@@ -978,8 +967,8 @@ fn finish(cfg: &EditConfig, all_units: u64, fingerprint: &Fingerprint) -> Result
                 e.nfe_abduction.to_string(),
                 e.nfe_prediction.to_string(),
             ];
-            cells.extend(profile_cells(&e.edited_labels, e.edited_age));
-            cells.extend(profile_cells(&e.factual_labels, e.factual_age));
+            cells.extend(profile_cells(&e.edited_labels, e.edited_age.unwrap_or(f32::NAN)));
+            cells.extend(profile_cells(&e.factual_labels, e.factual_age.unwrap_or(f32::NAN)));
             csv += &(cells.join(",") + "\n");
             edits += 1;
         }
@@ -1030,6 +1019,33 @@ pub fn read_edits(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A missing age (NaN) survives the journal (JSON has no NaN: it is written as absent).
+    #[test]
+    fn a_record_with_a_missing_age_reads_back() {
+        let r = EditRecord {
+            row: 3,
+            image_id: "a".into(),
+            patient_id: "p".into(),
+            intervention: "sex".into(),
+            from: "Male".into(),
+            to: "Female".into(),
+            factual_labels: vec![0; 18],
+            factual_age: None,
+            edited_labels: vec![1; 18],
+            edited_age: Some(0.5),
+            nfe_abduction: 4,
+            nfe_prediction: 5,
+        };
+        let text = serde_json::to_string(&UnitRecord {
+            unit: 0,
+            edits: vec![r.clone()],
+        })
+        .unwrap();
+        let back: UnitRecord = serde_json::from_str(&text).unwrap();
+        assert_eq!(back.edits, [r]);
+        assert_eq!(profile_cells(&[0; 18], f32::NAN).last().unwrap(), "");
+    }
 
     #[test]
     fn new_values_differ_from_the_current_ones_as_the_design_note_says() {

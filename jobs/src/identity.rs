@@ -25,7 +25,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::generate::from_level;
 use crate::journal::{RankError, io_error, write_atomic};
-use crate::predict_eval::{LoadedPredictor, load_predictor, read_png_levels};
+use crate::predict_eval::{LoadedPredictor, load_predictor, read_png_levels, read_png_square};
 
 /// What `radit eval identity` measures.
 #[derive(Debug, Clone)]
@@ -240,8 +240,7 @@ pub fn evaluate(cfg: &IdentityEval) -> Result<IdentityReport, RankError> {
         let mut ssims = Vec::new();
         let mut side_of = 0;
         for (listed, original, _) in chunk {
-            let x = read_png_levels(original, side_or(original)?)?;
-            let s = (x.len() as f64).sqrt() as i64;
+            let (s, x) = read_png_square(original, None)?;
             let y = read_png_levels(&listed.file, s)?;
             ssims.push(ssim_of(&x, &y, s)?);
             side_of = s;
@@ -336,14 +335,6 @@ pub fn evaluate(cfg: &IdentityEval) -> Result<IdentityReport, RankError> {
         std::fs::write(tmp, format!("{json}\n"))
     })?;
     Ok(report)
-}
-
-/// A PNG's side, from its header.
-fn side_or(path: &Path) -> Result<i64, RankError> {
-    let bytes = std::fs::read(path).map_err(io_error(path))?;
-    let (img, _) = radit_sharding::image::decode_png(&bytes)
-        .map_err(|e| RankError::unusable(path.display(), e.to_string()))?;
-    Ok(i64::from(img.width))
 }
 
 fn rel(base: &Path, p: &Path) -> String {

@@ -153,18 +153,26 @@ pub fn read_listed(csv: &Path, prefix: &str) -> Result<Vec<Listed>, RankError> {
     Ok(out)
 }
 
-/// A 16-bit grey PNG of side `side` as levels; another size or a broken file is an error naming it.
-pub fn read_png_levels(path: &Path, side: i64) -> Result<Vec<u16>, RankError> {
+/// A square 16-bit grey PNG as (side, levels), of side `side` when given; another size or a broken file is an
+/// error naming it.
+pub fn read_png_square(path: &Path, side: Option<i64>) -> Result<(i64, Vec<u16>), RankError> {
     let bytes = std::fs::read(path).map_err(io_error(path))?;
     let (img, _) = radit_sharding::image::decode_png(&bytes)
         .map_err(|e| RankError::unusable(path.display(), e.to_string()))?;
-    if i64::from(img.width) != side || i64::from(img.height) != side {
+    let found = i64::from(img.width);
+    let want = side.unwrap_or(found);
+    if found != want || i64::from(img.height) != want {
         return Err(RankError::unusable(
             path.display(),
-            format!("{}x{}; expected {side}x{side}", img.width, img.height),
+            format!("{}x{}; expected {want}x{want}", img.width, img.height),
         ));
     }
-    Ok(img.pixels)
+    Ok((found, img.pixels))
+}
+
+/// A 16-bit grey PNG of side `side` as levels (see [`read_png_square`]).
+pub fn read_png_levels(path: &Path, side: i64) -> Result<Vec<u16>, RankError> {
+    Ok(read_png_square(path, Some(side))?.1)
 }
 
 fn to_images(levels: &[u16], n: usize, side: i64) -> Tensor {

@@ -1282,4 +1282,77 @@ mod tests {
         assert!(text.contains("radit run /scratch/radit/xl/job.toml --in-allocation &"));
         golden("sbatch-xl.sh", &text);
     }
+
+    /// Loads `text` as a job file (written to a temporary file); the error's text.
+    fn load_text(tag: &str, t: &str) -> Result<Job, String> {
+        let path = std::env::temp_dir().join(format!("{tag}-{}-{}.toml", std::process::id(), t.len()));
+        std::fs::write(&path, t).unwrap();
+        let out = Job::load(&path).map_err(|e| e.to_string());
+        let _ = std::fs::remove_file(&path);
+        out
+    }
+
+    #[test]
+    fn the_predictor_example_is_the_papers_recipe_and_wrong_sections_are_named() {
+        let file = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../examples/predictors/rad-dino-ap-job.toml");
+        let job = Job::load(&file).unwrap();
+        let train = job.train().unwrap();
+        assert_eq!(train.model().role(), radit_models::network::Role::Predictor);
+        match train.model() {
+            radit_models::network::Architecture::Predictor(p) => {
+                assert_eq!(p.variant, radit_models::predictor::Variant::AttentionPool);
+                assert_eq!(p.layers, [3, 6, 9, 12]);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            (train.train.global_batch, train.train.steps, train.engine.ema_decay),
+            (360, 25_000, 0.999)
+        );
+        assert_eq!(
+            (train.engine.adam.lr, train.engine.adam.weight_decay, train.engine.adam.warmup_steps),
+            (1e-4, 1e-4, 100)
+        );
+        assert_eq!(job.rank_args()[..3], ["predictors", "train", "--config"]);
+        let text = std::fs::read_to_string(&file).unwrap();
+        let cases = [
+            (format!("{text}\n[flow]\nshift = 3.0\n"), "remove [flow]"),
+            (format!("{text}\n[samples]\ncount = 4\n"), "draws no samples"),
+            (format!("{text}\n[reconstruction]\nl1 = 1.0\n"), "remove [reconstruction]"),
+            (
+                text.replace("kind = \"predictor\"", "kind = \"vae-train\""),
+                "job.kind",
+            ),
+            (
+                text.replace("backbone = \"/projects/radit/rad-dino\"", ""),
+                "model.predictor.backbone",
+            ),
+            (
+                text.replace("layers = [3, 6, 9, 12]", "layers = [3, 3]"),
+                "model.predictor.layers",
+            ),
+        ];
+        for (wrong, needle) in cases {
+            assert_ne!(wrong, text, "{needle}: the case changed nothing");
+            let err = load_text("predictor", &wrong).map(|_| ()).unwrap_err();
+            assert!(err.contains(needle), "{needle}: {err}");
+        }
+    }
+
+    #[test]
+    fn the_edit_example_plans_the_papers_edits_and_a_wrong_variable_is_named() {
+        let file =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/edit-xl-job.toml");
+        let job = Job::load(&file).unwrap();
+        assert_eq!(job.rank_args()[..2], ["edit", "--config"]);
+        let text = std::fs::read_to_string(&file).unwrap();
+        let wrong = text.replace("\"pleural_effusion\"]", "\"effusion\"]");
+        assert_ne!(wrong, text);
+        let err = load_text("edit", &wrong).map(|_| ()).unwrap_err();
+        assert!(err.contains("edit.interventions") && err.contains("effusion"), "{err}");
+        let twice = text.replace("\"pleural_effusion\"]", "\"sex\"]");
+        let err = load_text("edit", &twice).map(|_| ()).unwrap_err();
+        assert!(err.contains("`sex` twice"), "{err}");
+    }
 }

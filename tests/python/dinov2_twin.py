@@ -134,9 +134,10 @@ def time_model(store, split, snapshot, batch):
     print(json.dumps({"images": len(levels), "seconds": seconds, "images_per_second": len(levels) / seconds}))
 
 
-def perceptual(snapshot, out):
+def frozen_with_input(snapshot):
+    """The snapshot's model, frozen, and its input from grey images in [0, 1] as the design notes write it: repeated
+    to RGB, a bicubic resize (align_corners False) to the crop size, the processor's mean and std."""
     import torch.nn.functional as F
-    from safetensors.torch import save_file
     from transformers import AutoImageProcessor, Dinov2Model
 
     processor = AutoImageProcessor.from_pretrained(snapshot)
@@ -146,13 +147,25 @@ def perceptual(snapshot, out):
     side = (processor.crop_size["height"], processor.crop_size["width"])
     mean = torch.tensor(processor.image_mean).view(1, 3, 1, 1)
     std = torch.tensor(processor.image_std).view(1, 3, 1, 1)
+
+    def unit_input(images):
+        rgb = F.interpolate(images.repeat(1, 3, 1, 1), size=side, mode="bicubic", align_corners=False)
+        return (rgb - mean) / std
+
+    return model, unit_input
+
+
+def perceptual(snapshot, out):
+    import torch.nn.functional as F
+    from safetensors.torch import save_file
+
+    model, unit_input = frozen_with_input(snapshot)
     torch.manual_seed(3)
     x = torch.rand(2, 1, 40, 48)
     y = (x + 0.1 * torch.randn_like(x)).clamp(0, 1).requires_grad_(True)
 
     def layers(images):
-        rgb = F.interpolate(images.repeat(1, 3, 1, 1), size=side, mode="bicubic", align_corners=False)
-        return model(pixel_values=(rgb - mean) / std, output_hidden_states=True).hidden_states[1:]
+        return model(pixel_values=unit_input(images), output_hidden_states=True).hidden_states[1:]
 
     d = sum(((F.normalize(a, dim=-1, eps=1e-6) - F.normalize(b, dim=-1, eps=1e-6)) ** 2).mean(dim=(1, 2))
             for a, b in zip(layers(x), layers(y)))
@@ -170,22 +183,16 @@ def predictor(snapshot, weights, out):
     import torch.nn.functional as F
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
-    from transformers import AutoImageProcessor, Dinov2Model
 
     with safe_open(weights, "pt") as f:
         config = json.loads(f.metadata()["radit.config"])
     w = load_file(weights)
-    processor = AutoImageProcessor.from_pretrained(snapshot)
-    model = Dinov2Model.from_pretrained(snapshot).eval()
-    side = (processor.crop_size["height"], processor.crop_size["width"])
-    mean = torch.tensor(processor.image_mean).view(1, 3, 1, 1)
-    std = torch.tensor(processor.image_std).view(1, 3, 1, 1)
+    model, unit_input = frozen_with_input(snapshot)
     s = config["image_size"]
     torch.manual_seed(5)
     x = torch.rand(3, 1, s, s) * 2 - 1
     with torch.no_grad():
-        rgb = F.interpolate(((x + 1) / 2).repeat(1, 3, 1, 1), size=side, mode="bicubic", align_corners=False)
-        hidden = model(pixel_values=(rgb - mean) / std, output_hidden_states=True).hidden_states
+        hidden = model(pixel_values=unit_input((x + 1) / 2), output_hidden_states=True).hidden_states
         h = torch.cat([hidden[k][:, 1:] for k in config["layers"]], dim=-1)
         d = h.shape[-1]
         n = F.layer_norm(h, (d,), w["pool.norm.weight"], w["pool.norm.bias"], eps=1e-5)
@@ -200,17 +207,10 @@ def bench_predictor(snapshot, batch, steps, threads):
     import time
 
     import torch.nn.functional as F
-    from transformers import AutoImageProcessor, Dinov2Model
 
     torch.set_num_threads(int(threads))
     batch, steps = int(batch), int(steps)
-    processor = AutoImageProcessor.from_pretrained(snapshot)
-    model = Dinov2Model.from_pretrained(snapshot).eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    side = (processor.crop_size["height"], processor.crop_size["width"])
-    mean = torch.tensor(processor.image_mean).view(1, 3, 1, 1)
-    std = torch.tensor(processor.image_std).view(1, 3, 1, 1)
+    model, unit_input = frozen_with_input(snapshot)
     layers = [3, 6, 9, 12]
     d = model.config.hidden_size * len(layers)
     classes = [2] * 14 + [3, 2, 3, 7]
@@ -227,8 +227,7 @@ def bench_predictor(snapshot, batch, steps, threads):
     for i in range(steps + 1):
         start = time.perf_counter()
         with torch.no_grad():
-            rgb = F.interpolate(x.repeat(1, 3, 1, 1), size=side, mode="bicubic", align_corners=False)
-            hidden = model(pixel_values=(rgb - mean) / std, output_hidden_states=True).hidden_states
+            hidden = model(pixel_values=unit_input(x), output_hidden_states=True).hidden_states
             h = torch.cat([hidden[k][:, 1:] for k in layers], dim=-1)
         n = norm(h)
         pooled = torch.softmax(n @ query.T / d ** 0.5, dim=1).transpose(1, 2) @ n

@@ -188,25 +188,20 @@ impl PredictorConfig {
         }
         let (_, layers) = self.widths()?;
         let c = self.dino_config()?;
-        let side = self.image_size.max(1) as f64;
-        // The processor's side is not read here: Rad-DINO's 518 for a store of 512, the store's side otherwise.
-        let input = if self.image_size == 512 { 518.0 } else { side };
-        let tokens = 1.0 + (input / c.patch_size as f64).powi(2);
+        let dir = self.backbone.as_deref().unwrap_or(Path::new(""));
+        let processor: crate::features::ProcessorConfig =
+            crate::features::read_json(&dir.join("preprocessor_config.json"))?;
+        let (h, w) = crate::features::Preprocessing::new("processor", processor, dir)?
+            .input_size()
+            .unwrap_or((self.image_size, self.image_size));
+        let tokens = 1.0 + (h / c.patch_size) as f64 * (w / c.patch_size) as f64;
         let d = c.hidden_size as f64;
         Ok(layers as f64 * tokens * (24.0 * d * d + 4.0 * tokens * d) + heads)
     }
 
     fn dino_config(&self) -> Result<crate::features::Dinov2Config, ModelError> {
         let dir = self.backbone.as_deref().unwrap_or(Path::new(""));
-        let path = dir.join("config.json");
-        let text = std::fs::read_to_string(&path).map_err(|source| ModelError::Io {
-            path: path.display().to_string(),
-            source,
-        })?;
-        serde_json::from_str(&text).map_err(|e| ModelError::BadWeights {
-            path: path.display().to_string(),
-            reason: e.to_string(),
-        })
+        crate::features::read_json(&dir.join("config.json"))
     }
 
     /// Trainable parameters.
