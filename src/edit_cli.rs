@@ -129,7 +129,6 @@ pub fn run_edit(a: EditArgs) -> anyhow::Result<u8> {
             summary.scm_seconds,
             summary.units_resumed
         );
-
     }
     Ok(crate::exit::done_or_requeue(summary.stopped_for_requeue))
 }

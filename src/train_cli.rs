@@ -52,11 +52,16 @@ pub fn run_train_of(
         a.config.display(),
         cfg.model().name()
     );
-    run_train(a)
+    train_with(a, cfg)
 }
 
 pub fn run_train(a: TrainArgs) -> anyhow::Result<u8> {
     let cfg = TrainConfig::load(&a.config)?;
+    train_with(a, cfg)
+}
+
+/// This process as a training rank of `cfg` (read from `a.config`, once).
+fn train_with(a: TrainArgs, cfg: radit_jobs::train::ValidatedConfig) -> anyhow::Result<u8> {
     // One rank's step: its share of the global batch through the forward and backward.
     let world = crate::rank_args::launcher_world();
     let model = cfg.model();

@@ -637,7 +637,13 @@ fn the_attention_pooling_predictor_matches_the_transformers_twin() {
         dir.path().join("predictor-twin.safetensors"),
     );
     let twin = repo().join("tests/python/dinov2_twin.py");
-    run_ok(python().arg(&twin).arg("make").arg(&snapshot).args(["84", "release", "7"]));
+    run_ok(
+        python()
+            .arg(&twin)
+            .arg("make")
+            .arg(&snapshot)
+            .args(["84", "release", "7"]),
+    );
     let mut cfg = PredictorConfig::new(Variant::AttentionPool, Some(snapshot.clone()), 40);
     cfg.layers = vec![2, 1];
     let vs = VarStore::new(Device::Cpu);

@@ -800,7 +800,14 @@ fn edits_follow_their_profiles_and_the_round_trip_returns_the_image() {
         &store,
         &scm,
         &out,
-        &["--patients", "5", "--batch", "5", "--interventions", "none,sex"],
+        &[
+            "--patients",
+            "5",
+            "--batch",
+            "5",
+            "--interventions",
+            "none,sex",
+        ],
     ));
     assert!(stdout(&run).contains("10 written here"), "{}", stdout(&run));
     // The rank's summary, on stderr.
@@ -818,8 +825,14 @@ fn edits_follow_their_profiles_and_the_round_trip_returns_the_image() {
             .arg(&out),
     )))
     .unwrap();
-    assert_eq!(twin["nfe_per_image"], summary["nfe_per_image"], "{twin} vs {summary}");
-    assert!(twin["max_level_difference"].as_u64().unwrap() <= 2, "{twin}");
+    assert_eq!(
+        twin["nfe_per_image"], summary["nfe_per_image"],
+        "{twin} vs {summary}"
+    );
+    assert!(
+        twin["max_level_difference"].as_u64().unwrap() <= 2,
+        "{twin}"
+    );
     let levels = |p: &Path| {
         radit_sharding::image::decode_png(&std::fs::read(p).unwrap())
             .unwrap()
@@ -988,7 +1001,14 @@ fn a_latent_model_edits_the_stores_latents_and_decodes_them() {
     run_ok(radit().args(["vae", "init", "tiny", "--out"]).arg(&ae));
     run_ok(
         radit()
-            .args(["encode", "--threads", "1", "--store", store.to_str().unwrap(), "--weights"])
+            .args([
+                "encode",
+                "--threads",
+                "1",
+                "--store",
+                store.to_str().unwrap(),
+                "--weights",
+            ])
             .arg(&ae),
     );
     let twin = d.join("twin");
@@ -1001,18 +1021,35 @@ fn a_latent_model_edits_the_stores_latents_and_decodes_them() {
     let scm = d.join("scm.safetensors");
     run_ok(
         radit()
-            .args(["scm", "train", "--preset", "tiny", "--steps", "5", "--batch", "32", "--store"])
+            .args([
+                "scm", "train", "--preset", "tiny", "--steps", "5", "--batch", "32", "--store",
+            ])
             .arg(&store)
             .arg("--out")
             .arg(&scm),
     );
     let w = twin.join("weights.safetensors");
     let out = d.join("edits");
-    let settings = ["--patients", "4", "--batch", "4", "--interventions", "none,sex"];
+    let settings = [
+        "--patients",
+        "4",
+        "--batch",
+        "4",
+        "--interventions",
+        "none,sex",
+    ];
     let refused = edit(&w, &store, &scm, &out, &settings).output().unwrap();
     assert!(!refused.status.success());
-    assert!(stderr(&refused).contains("edit.decoder"), "{}", stderr(&refused));
-    run_ok(edit(&w, &store, &scm, &out, &settings).arg("--decoder").arg(&ae));
+    assert!(
+        stderr(&refused).contains("edit.decoder"),
+        "{}",
+        stderr(&refused)
+    );
+    run_ok(
+        edit(&w, &store, &scm, &out, &settings)
+            .arg("--decoder")
+            .arg(&ae),
+    );
 
     // The stored latents of the edited rows, decoded by the library.
     let reader = radit_sharding::reader::StoreReader::open(
@@ -1031,7 +1068,11 @@ fn a_latent_model_edits_the_stores_latents_and_decodes_them() {
         Device::Cpu,
     )
     .unwrap();
-    let levels = |p: &Path| radit_sharding::image::decode_png(&std::fs::read(p).unwrap()).unwrap().0;
+    let levels = |p: &Path| {
+        radit_sharding::image::decode_png(&std::fs::read(p).unwrap())
+            .unwrap()
+            .0
+    };
     let mut reader_csv = csv::Reader::from_path(out.join("edits.csv")).unwrap();
     let header = reader_csv.headers().unwrap().clone();
     let col = |name: &str| header.iter().position(|c| c == name).unwrap();
@@ -1045,7 +1086,11 @@ fn a_latent_model_edits_the_stores_latents_and_decodes_them() {
         let z = Tensor::from_slice(&shard.latents[i * per..(i + 1) * per]).view([1, c, h, wd]);
         let want = radit_jobs::generate::to_u16(&decoder.decode(&z).unwrap()).unwrap();
         let got = levels(&out.join(&r[col("file")]));
-        assert_eq!((got.width, got.height), (16, 16), "the decoder's images at the store's side");
+        assert_eq!(
+            (got.width, got.height),
+            (16, 16),
+            "the decoder's images at the store's side"
+        );
         let worst = got
             .pixels
             .iter()
@@ -1060,6 +1105,12 @@ fn a_latent_model_edits_the_stores_latents_and_decodes_them() {
         // The original is the store's image.
         assert_eq!(levels(&out.join(&r[col("original")])).width, 16);
     }
-    assert!(round_trip <= 40, "the round trip's image is {round_trip} levels from the stored latent's");
-    assert!(moved > 10 * round_trip.max(1), "sex edits moved {moved} levels, the round trip {round_trip}");
+    assert!(
+        round_trip <= 40,
+        "the round trip's image is {round_trip} levels from the stored latent's"
+    );
+    assert!(
+        moved > 10 * round_trip.max(1),
+        "sex edits moved {moved} levels, the round trip {round_trip}"
+    );
 }

@@ -17,7 +17,10 @@ const SUBSTITUTIONS: &[(&str, &str)] = &[
     ("--steps 2000", "--steps 40"),
     ("--images 1000", "--images 40"),
     ("examples/radit-tiny-cpu.toml", "radit-tiny-cpu.toml"),
-    ("examples/predictor-tiny-cpu.toml", "predictor-tiny-cpu.toml"),
+    (
+        "examples/predictor-tiny-cpu.toml",
+        "predictor-tiny-cpu.toml",
+    ),
     // The cluster's data and stores: the quickstart's store, the synthetic releases, local folders.
     ("/data/vindr-cxr", "fixtures/vindr-cxr"),
     ("--images /data", "--images fixtures"),

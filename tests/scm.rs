@@ -257,11 +257,19 @@ fn a_trained_scm_recovers_a_known_mechanism_and_its_counterfactuals_are_consiste
     // Per-row values in one batch (`radit edit`'s): every row's own sex is the identity, and one value for all is
     // the plain counterfactual's.
     let own: Vec<Value> = sexes.iter().map(|&s| Value::Class(s as u8)).collect();
-    let each = infer::counterfactual_each(scm, &observed, sex, &own, Missing::Keep, solver).unwrap();
-    assert!(each.labels.equal(&observed.labels), "do(sex = own) changed a profile");
+    let each =
+        infer::counterfactual_each(scm, &observed, sex, &own, Missing::Keep, solver).unwrap();
+    assert!(
+        each.labels.equal(&observed.labels),
+        "do(sex = own) changed a profile"
+    );
     let all_female = vec![Value::Class(2); sexes.len()];
-    let each = infer::counterfactual_each(scm, &observed, sex, &all_female, Missing::Keep, solver).unwrap();
-    assert!(each.labels.equal(&cf.labels), "per-row values differ from the plain counterfactual");
+    let each = infer::counterfactual_each(scm, &observed, sex, &all_female, Missing::Keep, solver)
+        .unwrap();
+    assert!(
+        each.labels.equal(&cf.labels),
+        "per-row values differ from the plain counterfactual"
+    );
 
     // The CLI: intervene, and a counterfactual that keeps a missing value missing unless asked to resample.
     let out = run_ok(

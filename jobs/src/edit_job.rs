@@ -782,36 +782,41 @@ impl UnitJob for EditUnits<'_> {
         let (labels, age) = self.condition_tensors(&factual);
         let (new_labels, new_age) = self.condition_tensors(&edited_profiles);
         let model = self.sampler.model.as_ref();
-        let (edited, (originals, original_side), nfe) = tch::no_grad(|| -> Result<_, RankError> {
-            Ok(match &input.x {
-                Some(x) => {
-                    let e = sampler::edit(
-                        model,
-                        &x.to_device(self.device),
-                        &labels,
-                        &age,
-                        &new_labels,
-                        &new_age,
-                        cfg.solver,
-                    )?;
-                    (
-                        e.image,
-                        (input.levels.clone(), input.side),
-                        (e.abduction.nfe, e.prediction.nfe),
-                    )
-                }
-                None => {
-                    let rows: Vec<u64> = input.patients.iter().map(|p| p.row).collect();
-                    let noise = self.sampler.noise(cfg.seed, &rows);
-                    let (a, sa) = sampler::generate(model, &noise, &labels, &age, cfg.solver)?;
-                    let (b, sb) =
-                        sampler::generate(model, &noise, &new_labels, &new_age, cfg.solver)?;
-                    let factual = self.images(&a)?;
-                    let side = factual.size()[3];
-                    (b, (crate::generate::to_u16(&factual)?, side), (sa.nfe, sb.nfe))
-                }
-            })
-        })?;
+        let (edited, (originals, original_side), nfe) =
+            tch::no_grad(|| -> Result<_, RankError> {
+                Ok(match &input.x {
+                    Some(x) => {
+                        let e = sampler::edit(
+                            model,
+                            &x.to_device(self.device),
+                            &labels,
+                            &age,
+                            &new_labels,
+                            &new_age,
+                            cfg.solver,
+                        )?;
+                        (
+                            e.image,
+                            (input.levels.clone(), input.side),
+                            (e.abduction.nfe, e.prediction.nfe),
+                        )
+                    }
+                    None => {
+                        let rows: Vec<u64> = input.patients.iter().map(|p| p.row).collect();
+                        let noise = self.sampler.noise(cfg.seed, &rows);
+                        let (a, sa) = sampler::generate(model, &noise, &labels, &age, cfg.solver)?;
+                        let (b, sb) =
+                            sampler::generate(model, &noise, &new_labels, &new_age, cfg.solver)?;
+                        let factual = self.images(&a)?;
+                        let side = factual.size()[3];
+                        (
+                            b,
+                            (crate::generate::to_u16(&factual)?, side),
+                            (sa.nfe, sb.nfe),
+                        )
+                    }
+                })
+            })?;
         self.solve_seconds += started.elapsed().as_secs_f64();
         let edited = self.images(&edited)?;
         self.nfe_total += (nfe.0 + nfe.1) as u64;
@@ -885,7 +890,11 @@ impl UnitJob for EditUnits<'_> {
             // The same bytes for every intervention: written once.
             let path = cfg.out.join(original_file(cfg.split, r.row));
             if !path.exists() {
-                write_png(&path, made.original_side, &made.originals[i * n..(i + 1) * n])?;
+                write_png(
+                    &path,
+                    made.original_side,
+                    &made.originals[i * n..(i + 1) * n],
+                )?;
             }
         }
         Ok(made.records)
@@ -967,8 +976,14 @@ fn finish(cfg: &EditConfig, all_units: u64, fingerprint: &Fingerprint) -> Result
                 e.nfe_abduction.to_string(),
                 e.nfe_prediction.to_string(),
             ];
-            cells.extend(profile_cells(&e.edited_labels, e.edited_age.unwrap_or(f32::NAN)));
-            cells.extend(profile_cells(&e.factual_labels, e.factual_age.unwrap_or(f32::NAN)));
+            cells.extend(profile_cells(
+                &e.edited_labels,
+                e.edited_age.unwrap_or(f32::NAN),
+            ));
+            cells.extend(profile_cells(
+                &e.factual_labels,
+                e.factual_age.unwrap_or(f32::NAN),
+            ));
             csv += &(cells.join(",") + "\n");
             edits += 1;
         }

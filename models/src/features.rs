@@ -9,8 +9,8 @@ mod dinov2;
 mod perceptual;
 mod preprocess;
 
-pub use dinov2::{Dinov2, Dinov2Config, Dinov2Net, write_random_snapshot};
 pub(crate) use dinov2::read_json;
+pub use dinov2::{Dinov2, Dinov2Config, Dinov2Net, write_random_snapshot};
 pub use perceptual::{LayerReduce, PerceptualDistance};
 pub use preprocess::{Preprocessing, ProcessorConfig};
 

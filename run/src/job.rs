@@ -1285,7 +1285,8 @@ mod tests {
 
     /// Loads `text` as a job file (written to a temporary file); the error's text.
     fn load_text(tag: &str, t: &str) -> Result<Job, String> {
-        let path = std::env::temp_dir().join(format!("{tag}-{}-{}.toml", std::process::id(), t.len()));
+        let path =
+            std::env::temp_dir().join(format!("{tag}-{}-{}.toml", std::process::id(), t.len()));
         std::fs::write(&path, t).unwrap();
         let out = Job::load(&path).map_err(|e| e.to_string());
         let _ = std::fs::remove_file(&path);
@@ -1307,19 +1308,33 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert_eq!(
-            (train.train.global_batch, train.train.steps, train.engine.ema_decay),
+            (
+                train.train.global_batch,
+                train.train.steps,
+                train.engine.ema_decay
+            ),
             (360, 25_000, 0.999)
         );
         assert_eq!(
-            (train.engine.adam.lr, train.engine.adam.weight_decay, train.engine.adam.warmup_steps),
+            (
+                train.engine.adam.lr,
+                train.engine.adam.weight_decay,
+                train.engine.adam.warmup_steps
+            ),
             (1e-4, 1e-4, 100)
         );
         assert_eq!(job.rank_args()[..3], ["predictors", "train", "--config"]);
         let text = std::fs::read_to_string(&file).unwrap();
         let cases = [
             (format!("{text}\n[flow]\nshift = 3.0\n"), "remove [flow]"),
-            (format!("{text}\n[samples]\ncount = 4\n"), "draws no samples"),
-            (format!("{text}\n[reconstruction]\nl1 = 1.0\n"), "remove [reconstruction]"),
+            (
+                format!("{text}\n[samples]\ncount = 4\n"),
+                "draws no samples",
+            ),
+            (
+                format!("{text}\n[reconstruction]\nl1 = 1.0\n"),
+                "remove [reconstruction]",
+            ),
             (
                 text.replace("kind = \"predictor\"", "kind = \"vae-train\""),
                 "job.kind",
@@ -1350,7 +1365,10 @@ mod tests {
         let wrong = text.replace("\"pleural_effusion\"]", "\"effusion\"]");
         assert_ne!(wrong, text);
         let err = load_text("edit", &wrong).map(|_| ()).unwrap_err();
-        assert!(err.contains("edit.interventions") && err.contains("effusion"), "{err}");
+        assert!(
+            err.contains("edit.interventions") && err.contains("effusion"),
+            "{err}"
+        );
         let twice = text.replace("\"pleural_effusion\"]", "\"sex\"]");
         let err = load_text("edit", &twice).map(|_| ()).unwrap_err();
         assert!(err.contains("`sex` twice"), "{err}");

@@ -43,10 +43,15 @@ pub struct StepInputs {
 /// The objective of a run.
 pub enum Objective {
     Flow(FlowConfig),
-    Reconstruction(Box<ReconstructionLoss>),
+    Reconstruction(Box<ReconstructionLoss>, EvaluatorNet),
     /// Cross-entropy per present label and the squared error of a present age, summed per sample.
-    Prediction,
+    Prediction(EvaluatorNet),
 }
+
+/// The network that scores validation batches, built at the first validation and given each later one's weights:
+/// building it again would read a frozen backbone's or a fine-tune's base file each time.
+#[derive(Default)]
+pub struct EvaluatorNet(std::sync::Mutex<Option<(VarStore, Box<dyn StagedModel>)>>);
 
 /// What the loader delivers for `model`: a velocity network's inputs (dequantised pixels or standardised
 /// latents); an autoencoder's images as stored (each 16-bit level at the centre of its bin, as `radit encode`
@@ -63,10 +68,11 @@ impl Objective {
     /// The run's objective, its networks loaded onto `device` (the perceptual network, frozen).
     pub fn open(cfg: &ValidatedConfig, device: Device) -> Result<Self, TrainError> {
         Ok(match (&cfg.reconstruction, cfg.model().role()) {
-            (Some(r), Role::Autoencoder) => {
-                Self::Reconstruction(Box::new(ReconstructionLoss::open(r, device)?))
-            }
-            (_, Role::Predictor) => Self::Prediction,
+            (Some(r), Role::Autoencoder) => Self::Reconstruction(
+                Box::new(ReconstructionLoss::open(r, device)?),
+                EvaluatorNet::default(),
+            ),
+            (_, Role::Predictor) => Self::Prediction(EvaluatorNet::default()),
             _ => Self::Flow(cfg.flow),
         })
     }
@@ -140,7 +146,7 @@ impl Objective {
                     loss_sum += mb.forward_backward(engine, scale)?;
                 }
             }
-            Self::Reconstruction(_) | Self::Prediction => {
+            Self::Reconstruction(..) | Self::Prediction(_) => {
                 for k in 0..micro {
                     let s = |v: &Tensor| v.narrow(0, k * per, per);
                     let (x, labels, age, keys) = (s(x1), s(labels), s(age), s(keys));
@@ -195,8 +201,8 @@ impl Objective {
         outputs: &[Tensor],
     ) -> Result<Tensor, ModelError> {
         match self {
-            Self::Reconstruction(loss) => loss.per_sample(x, outputs),
-            Self::Prediction => {
+            Self::Reconstruction(loss, _) => loss.per_sample(x, outputs),
+            Self::Prediction(_) => {
                 let predicted = outputs.first().ok_or_else(|| ModelError::BadInput {
                     input: "predictions",
                     reason: "the predictor returned nothing".into(),
@@ -223,14 +229,22 @@ impl Objective {
                 sampler: Sampler::from_named(model, weights, device, precision)?,
                 shift: flow.shift,
             },
-            Self::Reconstruction(_) | Self::Prediction => {
-                let vs = VarStore::new(device);
-                let mut net = model.build_staged(&vs.root())?;
-                load_named(&vs, weights, Path::new("<gathered weights>"))?;
-                net.set_precision(precision);
+            Self::Reconstruction(_, cache) | Self::Prediction(cache) => {
+                let mut built = cache
+                    .0
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner());
+                if built.is_none() {
+                    let vs = VarStore::new(device);
+                    let net = model.build_staged(&vs.root())?;
+                    *built = Some((vs, net));
+                }
+                if let Some((vs, net)) = built.as_mut() {
+                    load_named(vs, weights, Path::new("<gathered weights>"))?;
+                    net.set_precision(precision);
+                }
                 Evaluator::Images {
-                    _vs: vs,
-                    net,
+                    built,
                     objective: self,
                 }
             }
@@ -246,8 +260,7 @@ pub enum Evaluator<'a> {
     },
     /// An autoencoder or a predictor, scored on its training loss.
     Images {
-        _vs: VarStore,
-        net: Box<dyn StagedModel>,
+        built: std::sync::MutexGuard<'a, Option<(VarStore, Box<dyn StagedModel>)>>,
         objective: &'a Objective,
     },
 }
@@ -293,7 +306,14 @@ impl Evaluator<'_> {
                 }
                 sum / times as f64
             }
-            Self::Images { net, objective, .. } => {
+            Self::Images { built, objective } => {
+                let Some((_, net)) = built.as_ref() else {
+                    return Err(ModelError::BadInput {
+                        input: "validation",
+                        reason: "the evaluator's network was not built".into(),
+                    }
+                    .into());
+                };
                 let t = age.zeros_like();
                 let at = StageInputs {
                     inputs: ModelInputs {
