@@ -21,6 +21,9 @@ const SUBSTITUTIONS: &[(&str, &str)] = &[
         "examples/predictor-tiny-cpu.toml",
         "predictor-tiny-cpu.toml",
     ),
+    // The XL edits are the cluster's (skipped below): identity reads the walk-through's edits, with fewer pairs.
+    ("--edits edits-xl", "--edits edits"),
+    ("--out identity-xl", "--pairs 50 --out identity-xl"),
     // The cluster's data and stores: the quickstart's store, the synthetic releases, local folders.
     ("/data/vindr-cxr", "fixtures/vindr-cxr"),
     ("--images /data", "--images fixtures"),

@@ -417,6 +417,14 @@ pub fn edit(
             format!("the {} split has no patients", cfg.split.name()),
         ));
     }
+    if (patients.len() as u64) < cfg.patients {
+        tracing::warn!(
+            asked = cfg.patients,
+            found = patients.len(),
+            split = cfg.split.name(),
+            "the split has fewer patients than asked for: editing all of them"
+        );
+    }
     let sampler = Sampler::load(&cfg.weights, cfg.preset.as_deref(), device, precision)?;
     let latent = sampler.network.in_channels() != 1;
     let decoder = match (&cfg.decoder, latent) {
