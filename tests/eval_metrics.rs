@@ -675,3 +675,29 @@ fn the_attention_pooling_predictor_matches_the_transformers_twin() {
     assert!(err <= 1e-5, "embeddings differ by {err:e}");
     assert_eq!(got.outputs.kind(), Kind::Float);
 }
+
+/// The ResNet predictor's trunk against torchvision's own ResNet in eval mode (Bottleneck, one block per stage,
+/// every batch norm's affine and running statistics random): torchvision's state dict loads strictly and the
+/// pooled features agree to fp32 relative 1e-5.
+#[test]
+fn the_resnet_trunk_loads_torchvision_weights_and_matches_its_features() {
+    use radit_models::predictor::resnet::ResNet;
+    use radit_models::tch::{Device, nn::VarStore};
+    let dir = tempfile::tempdir().unwrap();
+    run_ok(
+        python()
+            .arg(repo().join("tests/python/resnet_twin.py"))
+            .arg("make")
+            .arg(dir.path())
+            .arg("1,1,1,1"),
+    );
+    let vs = VarStore::new(Device::Cpu);
+    let mut net = ResNet::new(&vs.root(), [1, 1, 1, 1], 64);
+    net.load(&dir.path().join("resnet.safetensors")).unwrap();
+    let x = common::read_tensors(&dir.path().join("x.safetensors"));
+    let want = common::read_tensors(&dir.path().join("features.safetensors"));
+    let got = radit_models::tch::no_grad(|| net.forward(&x["x"]));
+    let err = common::relative_error(&got, &want["features"]);
+    assert!(err <= 1e-5, "features differ by {err:e}");
+    assert_eq!(net.features, 2048);
+}

@@ -241,6 +241,14 @@ fn every_subcommand_refuses_malformed_inputs_by_name_and_never_panics() {
         cases.push(case(&format!("scm sample --model {f}"), &p, |c| {
             c.args(["scm", "sample", "-n", "2", "--model"]).arg(&p);
         }));
+        cases.push(case(&format!("predictors eval --weights {f}"), &p, |c| {
+            c.args(["predictors", "eval", "--device", "cpu", "--weights"])
+                .arg(&p)
+                .arg("--edits")
+                .arg(i.path("bad-edits"))
+                .arg("--out")
+                .arg(out.join(format!("predict-{f}")));
+        }));
         cases.push(case(&format!("eval fidelity --real {f}"), &p, |c| {
             c.args(["eval", "fidelity", "--real"])
                 .arg(&p)
@@ -296,6 +304,8 @@ fn every_subcommand_refuses_malformed_inputs_by_name_and_never_panics() {
             &["generate", "--config"],
             &["eval", "features", "--config"],
             &["data", "batches", "--config"],
+            &["predictors", "train", "--config"],
+            &["edit", "--config"],
             &["run"],
         ] {
             cases.push(case(&format!("{} {f}", sub.join(" ")), &p, |c| {
@@ -321,6 +331,59 @@ fn every_subcommand_refuses_malformed_inputs_by_name_and_never_panics() {
                 .args(["--do", "sex=Female"]);
         }));
     }
+    // A predictor's inputs: another model's weights, an edits table that is not one, an unfinished edit directory.
+    let tiny = i.path("tiny.safetensors");
+    cases.push(case(
+        "predictors eval --weights tiny.safetensors",
+        &tiny,
+        |c| {
+            c.args(["predictors", "eval", "--device", "cpu", "--weights"])
+                .arg(&tiny)
+                .arg("--edits")
+                .arg(i.path("bad-edits"))
+                .arg("--out")
+                .arg(out.join("predict-tiny"));
+        },
+    ));
+    let bad_edits = i.path("bad-edits");
+    std::fs::create_dir_all(&bad_edits).unwrap();
+    std::fs::write(bad_edits.join("edits.csv"), "file,nothing\na.png,1\n").unwrap();
+    let predictor = i.path("predictor.safetensors");
+    {
+        use radit_models::predictor::{Predictor, PredictorConfig, Variant};
+        let snapshot = i.path("rad-dino");
+        radit_models::features::write_random_snapshot(&snapshot, 1).unwrap();
+        let cfg = PredictorConfig::new(Variant::Linear, Some(snapshot), 16);
+        let vs = radit_models::tch::nn::VarStore::new(radit_models::tch::Device::Cpu);
+        Predictor::new(&vs.root(), &cfg).unwrap();
+        radit_models::network::Architecture::Predictor(cfg)
+            .save_trained(&vs.variables().into_iter().collect(), &[], &predictor)
+            .unwrap();
+    }
+    let table = bad_edits.join("edits.csv");
+    cases.push(case(
+        "predictors eval --edits (a table with no profile)",
+        &table,
+        |c| {
+            c.args(["predictors", "eval", "--device", "cpu", "--weights"])
+                .arg(&predictor)
+                .arg("--edits")
+                .arg(&bad_edits)
+                .arg("--out")
+                .arg(out.join("predict-bad-edits"));
+        },
+    ));
+    let manifest = bad_edits.join("generate.json");
+    cases.push(case("eval identity --edits (unfinished)", &manifest, |c| {
+        c.args(["eval", "identity", "--device", "cpu", "--edits"])
+            .arg(&bad_edits)
+            .arg("--perceptual-net")
+            .arg(i.path("rad-dino"))
+            .arg("--store")
+            .arg(i.path("not_a_store"))
+            .arg("--out")
+            .arg(out.join("identity-bad"));
+    }));
     for f in ["truncated.png", "empty.png"] {
         let p = i.path(f);
         cases.push(case(&format!("sample --edit {f}"), &p, |c| {

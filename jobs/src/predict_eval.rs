@@ -140,14 +140,14 @@ pub fn read_listed(csv: &Path, prefix: &str) -> Result<Vec<Listed>, RankError> {
     for (i, record) in reader.records().enumerate() {
         let r = record.map_err(|e| bad(format!("row {}: {e}", i + 2)))?;
         let f = r.get(file).unwrap_or_default();
+        let (Some(l), Some(&a)) = (labels.get(i * width..(i + 1) * width), age.get(i)) else {
+            return Err(bad(format!("row {}: no profile read for it", i + 2)));
+        };
         out.push(Listed {
             file: dir.join(f),
             id: id.and_then(|c| r.get(c)).unwrap_or(f).to_string(),
-            labels: labels[i * width..(i + 1) * width]
-                .iter()
-                .map(|&c| c as u8)
-                .collect(),
-            age: age[i],
+            labels: l.iter().map(|&c| c as u8).collect(),
+            age: a,
         });
     }
     Ok(out)
