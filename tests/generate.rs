@@ -681,24 +681,35 @@ fn tree(dir: &Path) -> BTreeMap<String, Vec<u8>> {
 /// metadata moves the velocity) and a tiny SCM trained briefly on the store.
 fn edit_fixture(d: &Path) -> (PathBuf, PathBuf, PathBuf) {
     let store = tiny_store(d, 48, "40x48", 8, &[]);
+    let (w, scm) = (perturbed_twin(d, "tiny"), tiny_scm(d, &store));
+    (store, w, scm)
+}
+
+/// The PyTorch twin's `preset` with every layer active, exported under `d/twin`; its weights file.
+fn perturbed_twin(d: &Path, preset: &str) -> PathBuf {
     let twin = d.join("twin");
     run_ok(
         python()
             .arg(repo().join("tests/python/radit_twin.py"))
-            .args(["export", "--preset", "tiny", "--perturb", "--out"])
+            .args(["export", "--preset", preset, "--perturb", "--out"])
             .arg(&twin),
     );
+    twin.join("weights.safetensors")
+}
+
+/// A tiny SCM trained for a few steps on `store`.
+fn tiny_scm(d: &Path, store: &Path) -> PathBuf {
     let scm = d.join("scm.safetensors");
     run_ok(
         radit()
             .args([
                 "scm", "train", "--preset", "tiny", "--steps", "10", "--batch", "32", "--store",
             ])
-            .arg(&store)
+            .arg(store)
             .arg("--out")
             .arg(&scm),
     );
-    (store, twin.join("weights.safetensors"), scm)
+    scm
 }
 
 fn edit(w: &Path, store: &Path, scm: &Path, out: &Path, extra: &[&str]) -> std::process::Command {
@@ -1011,24 +1022,7 @@ fn a_latent_model_edits_the_stores_latents_and_decodes_them() {
             ])
             .arg(&ae),
     );
-    let twin = d.join("twin");
-    run_ok(
-        python()
-            .arg(repo().join("tests/python/radit_twin.py"))
-            .args(["export", "--preset", "tiny-latent", "--perturb", "--out"])
-            .arg(&twin),
-    );
-    let scm = d.join("scm.safetensors");
-    run_ok(
-        radit()
-            .args([
-                "scm", "train", "--preset", "tiny", "--steps", "5", "--batch", "32", "--store",
-            ])
-            .arg(&store)
-            .arg("--out")
-            .arg(&scm),
-    );
-    let w = twin.join("weights.safetensors");
+    let (w, scm) = (perturbed_twin(d, "tiny-latent"), tiny_scm(d, &store));
     let out = d.join("edits");
     let settings = [
         "--patients",

@@ -43,8 +43,8 @@ use radit_engine::collective::Collective;
 use radit_engine::out_of_memory::{AllocationFailed, OutOfMemory};
 use radit_models::model::{ModelError, Precision};
 use radit_models::sampler::{self, Solver};
+use radit_models::scm::LoadedScm;
 use radit_models::scm::infer::{self, Value};
-use radit_models::scm::{LoadedScm, Profiles};
 
 /// The intervention that changes nothing (the round trip's check).
 pub const NONE: &str = "none";
@@ -661,18 +661,6 @@ struct EditUnits<'a> {
     scm_seconds: f64,
 }
 
-fn profiles_of(rows: &[(Vec<u8>, f32)]) -> Profiles {
-    let labels: Vec<i64> = rows
-        .iter()
-        .flat_map(|(l, _)| l.iter().map(|&c| i64::from(c)))
-        .collect();
-    let age: Vec<f32> = rows.iter().map(|(_, a)| *a).collect();
-    Profiles {
-        labels: Tensor::from_slice(&labels).view([rows.len() as i64, -1]),
-        age: Tensor::from_slice(&age),
-    }
-}
-
 impl EditUnits<'_> {
     /// Each patient's counterfactual profile under its own new value (all solved together).
     fn counterfactuals(
@@ -699,7 +687,7 @@ impl EditUnits<'_> {
                 new_value(variable, &p.labels, p.age, draw)
             })
             .collect();
-        let observed = profiles_of(
+        let observed = radit_models::scm::io::profiles(
             &patients
                 .iter()
                 .map(|p| (p.labels.clone(), p.age))
@@ -732,7 +720,7 @@ impl EditUnits<'_> {
     }
 
     fn condition_tensors(&self, rows: &[(Vec<u8>, f32)]) -> (Tensor, Tensor) {
-        let p = profiles_of(rows);
+        let p = radit_models::scm::io::profiles(rows);
         (
             p.labels.to_device(self.device),
             p.age.to_device(self.device),
@@ -934,7 +922,7 @@ impl UnitJob for EditUnits<'_> {
 
 /// A profile's cells in the vocabulary's order then age in years (`radit_models::scm::io::rows`).
 fn profile_cells(labels: &[u8], age: f32) -> Vec<String> {
-    let one = profiles_of(&[(labels.to_vec(), age)]);
+    let one = radit_models::scm::io::profiles(&[(labels.to_vec(), age)]);
     radit_models::scm::io::rows(&one)
         .into_iter()
         .flatten()

@@ -79,7 +79,8 @@ fn row_from_pairs<'a>(
     Ok((labels, age))
 }
 
-fn profiles(rows: Vec<(Vec<u8>, f32)>) -> Profiles {
+/// Profiles from rows of (class ids per label, age in years/100).
+pub fn profiles(rows: &[(Vec<u8>, f32)]) -> Profiles {
     let n = rows.len() as i64;
     let columns = Vocabulary::current().labels.len() as i64;
     let labels: Vec<i64> = rows
@@ -115,7 +116,7 @@ pub fn parse_inline(text: &str) -> Result<Profiles, ModelError> {
         }
         pairs.push((name, value));
     }
-    Ok(profiles(vec![row_from_pairs(pairs.into_iter(), "--from")?]))
+    Ok(profiles(&[row_from_pairs(pairs.into_iter(), "--from")?]))
 }
 
 /// Profiles from a CSV file with a header (see the module docs).
@@ -164,7 +165,7 @@ pub fn read_csv_prefixed(path: &Path, prefix: &str) -> Result<Profiles, ModelErr
     if rows.is_empty() {
         return Err(bad(&what, "no profiles".into()));
     }
-    Ok(profiles(rows))
+    Ok(profiles(&rows))
 }
 
 /// Each profile as (name, value) pairs in the vocabulary's order then age in years; missing values are empty.
