@@ -56,9 +56,12 @@ pub struct FeaturesArgs {
     /// the profiles' image ids (`ID#k` for the k-th sample of a profile, k > 0).
     #[arg(long)]
     samples: Option<PathBuf>,
-    /// train, val or test.
+    /// train, val or test; or any (with --ids: each id wherever it is, as CheXGenBench's reference set needs).
     #[arg(long, default_value = "test")]
     split: String,
+    /// Only the store's rows with these image ids (an id list, as `radit data select` writes), in store order.
+    #[arg(long, requires = "store")]
+    ids: Option<PathBuf>,
     /// The network: a directory is a Hugging Face snapshot of a DINOv2 model (config.json, model.safetensors,
     /// preprocessor_config.json; Rad-DINO is one), whose CLS token after the final LayerNorm is the feature; a
     /// file is a TorchScript module, [B, 3, S, S] in [0, 1] -> [B, D].
@@ -213,6 +216,7 @@ impl FeaturesArgs {
                 .split
                 .parse()
                 .map_err(|e| crate::exit::usage!("--split: {e}"))?,
+            ids: self.ids.clone(),
             samples: self.samples.clone(),
             out: out.clone(),
             batch: self.batch,

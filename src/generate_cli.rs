@@ -22,10 +22,10 @@ pub struct GenerateArgs {
     /// The store whose split gives the profiles: one sample per row, with that row's 19 variables.
     #[arg(long, required_unless_present = "config")]
     profiles: Option<String>,
-    /// train, val or test.
+    /// train, val or test; or any (with --ids: each id wherever it is, as CheXGenBench's reference set needs).
     #[arg(long, default_value = "test")]
     split: String,
-    /// Only these image ids (a text file, one per line).
+    /// Only these image ids (an id list, as `radit data select` writes: one per line, # comments).
     #[arg(long)]
     ids: Option<PathBuf>,
     /// At most this many profiles.

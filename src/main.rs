@@ -24,6 +24,7 @@ use radit_sharding::synth::{SynthConfig, generate, parse_sizes};
 use radit_sharding::table::TableConfig;
 use radit_sharding::throughput;
 
+mod data_cli;
 mod edit_cli;
 mod encode_cli;
 mod eval_cli;
@@ -193,6 +194,11 @@ struct ShardArgs {
     /// Seed of the patient-level split hash (for patients without an explicit split).
     #[arg(long, default_value_t = 0)]
     split_seed: u64,
+    /// Exact patient counts VAL,TEST (the paper: 10000,30790): a seeded permutation of the patients without an
+    /// explicit split, the first VAL to validation, the next TEST to test, the rest to train; recorded in the
+    /// manifest. Default: the paper's proportions by a seeded hash.
+    #[arg(long, value_name = "VAL,TEST")]
+    split_patients: Option<radit_sharding::split::ExactSplit>,
     /// Decode threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
@@ -221,6 +227,13 @@ enum DataCommand {
     /// Measure the loader on a store: samples/s delivered, time waited, bytes read, cache hits, optionally a
     /// digest of the batches; or (--ceiling) the ceiling it is measured against: read + decompress every shard.
     Bench(BenchArgs),
+    /// What the store holds per split and dataset (the paper's Appendix A): patients, images, views, sex, race,
+    /// age and each finding's positive / negative / missing counts; a table here, and JSON, CSV and a PNG
+    /// figure of the composition on request.
+    Stats(data_cli::StatsArgs),
+    /// A reference set as an id list for `generate --ids` and `eval features --ids`: a seeded subset of a split
+    /// (of given datasets), or CheXGenBench's test images mapped to this store's ids.
+    Select(data_cli::SelectArgs),
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -362,6 +375,8 @@ fn main() -> ExitCode {
         Command::Quickstart(a) => run_quickstart(a),
         Command::Data(DataCommand::Batches(a)) => run_batches(a),
         Command::Data(DataCommand::Bench(a)) => run_bench(a),
+        Command::Data(DataCommand::Stats(a)) => data_cli::run_stats(a),
+        Command::Data(DataCommand::Select(a)) => data_cli::run_select(a),
         Command::Model(c) => model_cli::run_model(c),
         Command::Vae(c) => model_cli::run_vae(c),
         Command::Decode(a) => model_cli::run_decode(a),
@@ -479,6 +494,7 @@ fn shard_settings(a: &ShardArgs) -> IngestSettings {
             },
             split: SplitConfig {
                 seed: a.split_seed,
+                patients: a.split_patients,
                 ..SplitConfig::default()
             },
         },

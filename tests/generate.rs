@@ -1,7 +1,8 @@
 //! `radit generate`: matched conditional sampling, one process and as a `[job] kind = "generate"` job under
 //! `radit run` (2 ranks under the local launcher, mpirun and the single-host Slurm, one killed between writing a unit
 //! and committing it), with the same files either way; each sample conditioned on its profile row and seeded by it (a `radit sample` of that profile with that
-//! noise draws the same image); bad input named; and the samples scored against the store by `radit eval`.
+//! noise draws the same image); bad input named; and the samples scored against the store by `radit eval` (in tests/data_cli.rs, on a
+//! reference set).
 
 mod common;
 
@@ -362,76 +363,6 @@ fn each_sample_is_its_profile_and_its_row_seed_and_bad_input_is_named() {
         3,
         "the first unit's samples are kept"
     );
-}
-
-#[test]
-fn generated_samples_and_the_store_make_a_fidelity_row() {
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    let store = tiny_store(d, 48, "40x48", 8, &[]);
-    let w = weights(d);
-    let out = d.join("gen");
-    run_ok(&mut generate(
-        &w,
-        &store,
-        &out,
-        &["--split", "train", "--solver", "euler", "--steps", "4"],
-    ));
-    let net = feature_net(d);
-    let features = |source: &[&str], name: &str| {
-        let path = d.join(name);
-        run_ok(
-            radit()
-                .args([
-                    "eval",
-                    "features",
-                    "--input-size",
-                    "32",
-                    "--device",
-                    "cpu",
-                    "--net",
-                ])
-                .arg(&net)
-                .args(source)
-                .arg("--out")
-                .arg(&path),
-        );
-        path
-    };
-    let real = features(
-        &["--store", store.to_str().unwrap(), "--split", "train"],
-        "real.npy",
-    );
-    let fake = features(&["--samples", out.to_str().unwrap()], "fake.npy");
-    // One sample per training row: the same ids in the same order.
-    assert_eq!(
-        std::fs::read_to_string(d.join("real.ids.txt")).unwrap(),
-        std::fs::read_to_string(d.join("fake.ids.txt")).unwrap()
-    );
-    let table = d.join("fidelity.csv");
-    run_ok(
-        radit()
-            .args(["eval", "fidelity", "--kd-subset-size", "min", "--k", "3"])
-            .args([
-                "--model",
-                "tiny",
-                "--reference",
-                "train",
-                "--network",
-                "tiny-ts",
-                "--real",
-            ])
-            .arg(&real)
-            .arg("--fake")
-            .arg(&fake)
-            .arg("--csv")
-            .arg(&table),
-    );
-    let text = std::fs::read_to_string(&table).unwrap();
-    let row: Vec<&str> = text.lines().nth(1).unwrap().split(',').collect();
-    assert_eq!(&row[..3], ["tiny", "train", "tiny-ts"]);
-    let fd: f64 = row[7].parse().unwrap();
-    assert!(fd.is_finite() && fd > 0.0, "{text}");
 }
 
 #[test]

@@ -16,7 +16,7 @@ use std::time::Instant;
 use radit_protocol::{ConfigError, Phase};
 use radit_sharding::ShardError;
 use radit_sharding::reader::StoreReader;
-use radit_sharding::split::Split;
+use radit_sharding::split::{Split, SplitScope};
 use radit_sharding::store::Storage;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -44,8 +44,12 @@ pub struct FeaturesConfig {
     /// The store whose split to embed...
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub store: Option<String>,
+    /// A split, or `any` (with `ids`: the ids wherever they are).
     #[serde(default = "default_split")]
-    pub split: Split,
+    pub split: SplitScope,
+    /// Only the store's rows with these image ids (an id list: one per line, `#` comments), in store order.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ids: Option<PathBuf>,
     /// ...or a finished `radit generate` output directory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub samples: Option<PathBuf>,
@@ -65,8 +69,8 @@ pub struct FeaturesConfig {
 fn default_preprocessing() -> String {
     "processor".into()
 }
-fn default_split() -> Split {
-    Split::Test
+fn default_split() -> SplitScope {
+    SplitScope::One(Split::Test)
 }
 fn default_batch() -> usize {
     32
@@ -81,6 +85,18 @@ impl FeaturesConfig {
             return Err(ConfigError::new(
                 "features.store",
                 "give exactly one of store (with split) or samples",
+            ));
+        }
+        if self.ids.is_some() && self.store.is_none() {
+            return Err(ConfigError::new(
+                "features.ids",
+                "ids select rows of a store; generate on the same ids instead",
+            ));
+        }
+        if self.split == SplitScope::Any && self.ids.is_none() {
+            return Err(ConfigError::new(
+                "features.split",
+                "any is for an id list (ids): give the ids, or one split",
             ));
         }
         if self.batch == 0 || self.unit_images == 0 {
@@ -108,7 +124,10 @@ impl FeaturesConfig {
 enum Source {
     Store {
         reader: Box<StoreReader>,
-        split: Split,
+        /// The shards to read, in order: every shard of the split, or those holding a wanted id.
+        shards: Vec<(Split, u64)>,
+        /// Only these ids (with `ids`).
+        wanted: Option<std::collections::HashSet<String>>,
     },
     Samples(Vec<(PathBuf, String, u64)>),
 }
@@ -120,15 +139,37 @@ impl Source {
                 let storage = Storage::open_existing(url).map_err(ShardError::from)?;
                 let manifest = storage.get("manifest.json").map_err(ShardError::from)?;
                 let reader = Box::new(StoreReader::open(storage)?);
-                let identity = format!(
+                let mut identity = format!(
                     "store {url} manifest {} split {}",
                     hex::encode(Sha256::digest(&manifest)),
                     cfg.split.name()
                 );
+                let (shards, wanted) = match &cfg.ids {
+                    None => (
+                        cfg.split
+                            .splits()
+                            .into_iter()
+                            .flat_map(|s| (0..reader.shards(s)).map(move |k| (s, k)))
+                            .collect(),
+                        None,
+                    ),
+                    Some(path) => {
+                        let ids = radit_sharding::select::read_id_list(path).map_err(|e| {
+                            RankError::Config(ConfigError::new("features.ids", e.to_string()))
+                        })?;
+                        let (shards, wanted) = shards_holding(&reader, cfg.split, &ids, path)?;
+                        identity += &format!(
+                            " ids {}",
+                            hex::encode(Sha256::digest(ids.join("\n").as_bytes()))
+                        );
+                        (shards, Some(wanted))
+                    }
+                };
                 Ok((
                     Self::Store {
                         reader,
-                        split: cfg.split,
+                        shards,
+                        wanted,
                     },
                     identity,
                 ))
@@ -157,7 +198,7 @@ impl Source {
 
     fn units(&self, unit_images: u64) -> u64 {
         match self {
-            Self::Store { reader, split } => reader.shards(*split),
+            Self::Store { shards, .. } => shards.len() as u64,
             Self::Samples(s) => (s.len() as u64).div_ceil(unit_images),
         }
     }
@@ -165,13 +206,26 @@ impl Source {
     /// Unit `u`'s (ids, 16-bit pixels `[n, side, side]`, side).
     fn read(&self, u: u64, unit_images: u64) -> Result<(Vec<String>, Vec<u16>, i64), RankError> {
         match self {
-            Self::Store { reader, split } => {
-                let shard = reader.read_shard(*split, u)?;
-                Ok((
-                    shard.image_ids,
-                    shard.images,
-                    i64::from(reader.layout().image_size),
-                ))
+            Self::Store {
+                reader,
+                shards,
+                wanted,
+            } => {
+                let (split, k) = shards[u as usize];
+                let shard = reader.read_shard(split, k)?;
+                let side = i64::from(reader.layout().image_size);
+                let Some(wanted) = wanted else {
+                    return Ok((shard.image_ids, shard.images, side));
+                };
+                let pixels = (side * side) as usize;
+                let (mut ids, mut images) = (Vec::new(), Vec::new());
+                for (i, id) in shard.image_ids.into_iter().enumerate() {
+                    if wanted.contains(&id) {
+                        images.extend_from_slice(&shard.images[i * pixels..(i + 1) * pixels]);
+                        ids.push(id);
+                    }
+                }
+                Ok((ids, images, side))
             }
             Self::Samples(all) => {
                 let first = (u * unit_images) as usize;
@@ -201,6 +255,46 @@ impl Source {
             }
         }
     }
+}
+
+/// The shards of `scope` that hold any of `ids`, and the ids as a set; every id must be found.
+fn shards_holding(
+    reader: &StoreReader,
+    scope: SplitScope,
+    ids: &[String],
+    path: &Path,
+) -> Result<(Vec<(Split, u64)>, std::collections::HashSet<String>), RankError> {
+    let wanted: std::collections::HashSet<String> = ids.iter().cloned().collect();
+    let mut shards = Vec::new();
+    let mut found = 0usize;
+    for split in scope.splits() {
+        for k in 0..reader.shards(split) {
+            let here = reader
+                .read_image_ids(split, k)?
+                .iter()
+                .filter(|id| wanted.contains(*id))
+                .count();
+            if here > 0 {
+                shards.push((split, k));
+                found += here;
+            }
+        }
+    }
+    if found < wanted.len() {
+        let located = radit_sharding::select::locate(reader, scope, ids)?;
+        let first: Vec<&str> = located.missing.iter().take(5).map(String::as_str).collect();
+        return Err(RankError::Config(ConfigError::new(
+            "features.ids",
+            format!(
+                "{}: {} id(s) are not in the {} split(s) of the store (first: {})",
+                path.display(),
+                located.missing.len(),
+                scope,
+                first.join(", ")
+            ),
+        )));
+    }
+    Ok((shards, wanted))
 }
 
 /// The steps of the rank with the most units, over `world` ranks (reads the source's listing).

@@ -18,7 +18,7 @@ use radit_protocol::{ConfigError, Phase};
 use radit_sharding::ShardError;
 use radit_sharding::reader::StoreReader;
 use radit_sharding::schema::Vocabulary;
-use radit_sharding::split::Split;
+use radit_sharding::split::{Split, SplitScope};
 use radit_sharding::store::Storage;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -45,9 +45,10 @@ pub struct GenerateConfig {
     pub preset: Option<String>,
     /// The store whose split gives the profiles.
     pub profiles: String,
+    /// A split, or `any` (with `ids`: the ids wherever they are, as CheXGenBench's reference set needs).
     #[serde(default = "default_split")]
-    pub split: Split,
-    /// Only the rows with these image ids (a text file, one per line), in the split's order.
+    pub split: SplitScope,
+    /// Only the rows with these image ids (an id list: one per line, `#` comments), in the split's order.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ids: Option<PathBuf>,
     /// At most this many profiles (the first ones, after `ids`).
@@ -78,8 +79,8 @@ pub struct GenerateConfig {
     pub overwrite: bool,
 }
 
-fn default_split() -> Split {
-    Split::Test
+fn default_split() -> SplitScope {
+    SplitScope::One(Split::Test)
 }
 fn one() -> u64 {
     1
@@ -123,6 +124,12 @@ impl GenerateConfig {
         if self.limit == Some(0) {
             return bad("generate.limit", "must be positive when given");
         }
+        if self.split == SplitScope::Any && self.ids.is_none() {
+            return bad(
+                "generate.split",
+                "any is for an id list (ids): give the ids, or one split",
+            );
+        }
         self.solver
             .validate()
             .map_err(|e| ConfigError::new("generate.solver", e.to_string()))
@@ -141,8 +148,11 @@ impl GenerateConfig {
 /// One reference row: where it is, and the metadata its samples are conditioned on.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Profile {
+    pub split: Split,
     /// Its index in the split.
     pub row: u64,
+    /// Its index over the splits read (its noise's index): the row itself when one split is read.
+    pub key: u64,
     pub image_id: String,
     pub conditions: Conditions,
 }
@@ -153,34 +163,37 @@ pub fn read_profiles(cfg: &GenerateConfig) -> Result<Vec<Profile>, RankError> {
         StoreReader::open(Storage::open_existing(&cfg.profiles).map_err(ShardError::from)?)?;
     let wanted: Option<std::collections::BTreeSet<String>> = match &cfg.ids {
         Some(path) => Some(
-            std::fs::read_to_string(path)
-                .map_err(io_error(path))?
-                .lines()
-                .map(str::trim)
-                .filter(|l| !l.is_empty())
-                .map(str::to_string)
+            radit_sharding::select::read_id_list(path)
+                .map_err(|e| RankError::Config(ConfigError::new("generate.ids", e.to_string())))?
+                .into_iter()
                 .collect(),
         ),
         None => None,
     };
     let mut out = Vec::new();
-    let mut row = 0u64;
-    'shards: for k in 0..reader.shards(cfg.split) {
-        let shard = reader.read_metadata_of(cfg.split, k)?;
-        for i in 0..shard.rows {
-            let id = &shard.image_ids[i];
-            if wanted.as_ref().is_none_or(|w| w.contains(id)) {
-                out.push(Profile {
-                    row,
-                    image_id: id.clone(),
-                    conditions: Conditions::of_row(&shard, i),
-                });
-                if cfg.limit.is_some_and(|l| out.len() as u64 >= l) {
-                    break 'shards;
+    let mut offset = 0u64;
+    'splits: for split in cfg.split.splits() {
+        let mut row = 0u64;
+        for k in 0..reader.shards(split) {
+            let shard = reader.read_metadata_of(split, k)?;
+            for i in 0..shard.rows {
+                let id = &shard.image_ids[i];
+                if wanted.as_ref().is_none_or(|w| w.contains(id)) {
+                    out.push(Profile {
+                        split,
+                        row,
+                        key: offset + row,
+                        image_id: id.clone(),
+                        conditions: Conditions::of_row(&shard, i),
+                    });
+                    if cfg.limit.is_some_and(|l| out.len() as u64 >= l) {
+                        break 'splits;
+                    }
                 }
+                row += 1;
             }
-            row += 1;
         }
+        offset += reader.len(split);
     }
     if let (Some(w), Some(path)) = (&wanted, &cfg.ids)
         && cfg.limit.is_none()
@@ -235,7 +248,7 @@ pub fn planned_steps(cfg: &GenerateConfig, world: u64) -> Result<u64, RankError>
 pub struct Fingerprint {
     pub weights_sha256: String,
     pub profiles: String,
-    pub split: Split,
+    pub split: SplitScope,
     /// sha256 of the profile rows' image ids, in order.
     pub ids_sha256: String,
     pub rows: u64,
@@ -482,7 +495,7 @@ impl<'a> UnitJob for GenerateUnits<'a> {
             let conditions: Vec<&Conditions> = chunk.iter().map(|(p, _)| &p.conditions).collect();
             let noise: Vec<u64> = chunk
                 .iter()
-                .map(|(p, k)| p.row * cfg.per_profile + k)
+                .map(|(p, k)| p.key * cfg.per_profile + k)
                 .collect();
             let (x, stats) = tch::no_grad(|| {
                 self.sampler
@@ -496,7 +509,7 @@ impl<'a> UnitJob for GenerateUnits<'a> {
             let side = images.size()[3];
             for (i, (p, k)) in chunk.iter().enumerate() {
                 let pixels = crate::generate::to_u16(&images.get(i as i64))?;
-                let path = images_dir.join(sample_file(cfg.split, p.row, *k));
+                let path = images_dir.join(sample_file(p.split, p.row, *k));
                 let png = radit_sharding::image::encode_png16(side as u32, side as u32, &pixels);
                 write_atomic(&path, |tmp| std::fs::write(tmp, &png))?;
             }
@@ -576,7 +589,7 @@ fn finish(
         for k in 0..cfg.per_profile {
             csv += &format!(
                 "images/{},{},{},{k}",
-                sample_file(cfg.split, p.row, k),
+                sample_file(p.split, p.row, k),
                 csv_field(&p.image_id),
                 p.row
             );

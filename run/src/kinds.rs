@@ -237,6 +237,7 @@ impl SectionJob for FeaturesConfig {
         self.net = folder.path(&self.net);
         self.out = folder.path(&self.out);
         self.samples = self.samples.as_deref().map(|p| folder.path(p));
+        self.ids = self.ids.as_deref().map(|p| folder.path(p));
         self.cache = self.cache.as_deref().map(|p| folder.path(p));
     }
     fn validate(&self) -> Result<(), ConfigError> {
@@ -254,7 +255,13 @@ impl SectionJob for FeaturesConfig {
     fn describe(&self, world: u32, o: &mut String) {
         let f = self;
         let source = match (&f.store, &f.samples) {
-            (Some(store), _) => format!("the {} split of {store}", f.split.name()),
+            (Some(store), _) => format!(
+                "the {} split of {store}{}",
+                f.split.name(),
+                f.ids
+                    .as_ref()
+                    .map_or(String::new(), |p| format!(" (ids in {})", p.display()))
+            ),
             (None, Some(dir)) => format!("the samples in {}", dir.display()),
             (None, None) => "nothing".into(),
         };

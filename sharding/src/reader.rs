@@ -78,6 +78,11 @@ impl StoreReader {
         Ok(Self { storage, manifest })
     }
 
+    /// The store's URL, for messages.
+    pub fn describe(&self) -> &str {
+        self.storage.url()
+    }
+
     pub fn manifest(&self) -> &Manifest {
         &self.manifest
     }

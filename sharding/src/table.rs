@@ -284,7 +284,12 @@ pub fn read_table(path: &Path, cfg: &TableConfig) -> Result<Table, ShardError> {
             reason: "the table has a header but no data rows".into(),
         });
     }
-    let rows = assign_splits(candidates, &cfg.split, &mut rejected);
+    let rows = assign_splits(candidates, &cfg.split, &mut rejected).map_err(|reason| {
+        ShardError::InvalidTable {
+            path: path.to_path_buf(),
+            reason,
+        }
+    })?;
     rejected.sort_by_key(|r| r.line);
     Ok(Table {
         path: path.to_path_buf(),
@@ -428,7 +433,7 @@ fn assign_splits(
     candidates: Vec<Candidate>,
     cfg: &SplitConfig,
     rejected: &mut Vec<Rejection>,
-) -> Vec<TableRow> {
+) -> Result<Vec<TableRow>, String> {
     let mut explicit: HashMap<&str, BTreeMap<Split, Vec<u64>>> = HashMap::new();
     for c in &candidates {
         if let Some(s) = c.explicit_split {
@@ -459,6 +464,16 @@ fn assign_splits(
         };
         decided.insert(patient.to_string(), outcome);
     }
+    let hashed = cfg.assign_all(
+        candidates
+            .iter()
+            .filter(|c| !decided.contains_key(&c.row.patient_id))
+            .map(|c| c.row.patient_id.as_str()),
+    )?;
+    let hashed: HashMap<String, Split> = hashed
+        .into_iter()
+        .map(|(p, s)| (p.to_string(), s))
+        .collect();
     let mut rows = Vec::with_capacity(candidates.len());
     for Candidate { mut row, .. } in candidates {
         match decided.get(&row.patient_id) {
@@ -472,11 +487,11 @@ fn assign_splits(
                 });
                 continue;
             }
-            None => row.split = cfg.assign(&row.patient_id),
+            None => row.split = hashed[&row.patient_id],
         }
         rows.push(row);
     }
-    rows
+    Ok(rows)
 }
 
 #[cfg(test)]
