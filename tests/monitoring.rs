@@ -101,8 +101,8 @@ fn job(dir: &Path, gateway: &str) -> std::path::PathBuf {
         8,
         &["--pushgateway", &pushgateway, "--push-seconds", "0.2"],
     );
-    // The mini-FD's network (a tiny TorchScript one) and its reference: the training split's features (the
-    // validation split of 48 images is too small for a covariance).
+    // The mini-FD's network (a tiny TorchScript one) and its reference: the training split's features, of which the
+    // FD picks its first rows by id (the validation split of 48 images is too small for a covariance).
     let net = common::feature_net(dir);
     let reference = dir.join("reference.npy");
     common::run_ok(
@@ -158,6 +158,7 @@ times = 2
 every = 10
 samples = 6
 steps = 2
+split = "train"
 reference = "{reference}"
 net = "{net}"
 input_size = 32

@@ -339,6 +339,11 @@ fn outputs(npy: &Path) -> [PathBuf; 3] {
     ]
 }
 
+/// The `.ids.txt` beside a features file: its rows' image ids, one per line.
+pub fn ids_path(npy: &Path) -> PathBuf {
+    with_suffix(npy, ".ids.txt")
+}
+
 /// The `.json` beside a features file that says what the features are of.
 pub fn meta_path(npy: &Path) -> PathBuf {
     with_suffix(npy, ".json")

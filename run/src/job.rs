@@ -469,7 +469,7 @@ fn absolute_train_paths(t: &mut TrainConfig, folder: &JobFolder) {
     }
     if let Some(v) = t.validation.as_mut() {
         if let Some(fd) = v.fd.as_mut() {
-            fd.reference = folder.path(&fd.reference);
+            fd.reference = fd.reference.as_deref().map(|p| folder.path(p));
             fd.net = folder.path(&fd.net);
         }
         v.best = v.best.as_deref().map(|p| folder.path(p));

@@ -115,4 +115,26 @@ impl EmaSamples {
             None => Ok(samples),
         }
     }
+
+    /// One sample per `conditions[i]` with the noise of index `indices[i]` of the stream `seed`, `steps` Euler
+    /// steps at the run's shift, on the CPU; decoded when `decoder` is given (the matched in-training FD).
+    pub fn draw_for(
+        &self,
+        conditions: &[&Conditions],
+        indices: &[u64],
+        seed: u64,
+        steps: usize,
+        decoder: Option<&DecoderConfig>,
+    ) -> Result<Tensor, ModelError> {
+        let solver = Solver::Euler {
+            steps,
+            shift: self.sampling.0.shift,
+        };
+        let (samples, _) =
+            tch::no_grad(|| self.sampler.generate_for(conditions, indices, seed, solver))?;
+        match decoder {
+            Some(d) => self.sampling.decode(d, &samples),
+            None => Ok(samples),
+        }
+    }
 }

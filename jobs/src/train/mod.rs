@@ -882,8 +882,8 @@ impl<'a> Trainer<'a> {
         let mini_fd = cfg
             .validation
             .as_ref()
-            .and_then(|v| v.fd.as_ref())
-            .map(|f| validate::MiniFd::open(f, device))
+            .and_then(|v| v.fd.as_ref().map(|f| (v.split, f)))
+            .map(|(split, f)| validate::MiniFd::open(f, split, &storage, device))
             .transpose()?;
         let step_faults = crate::faults::Faults::from_plan(&handles.faults);
         let ema_sampling = ema_sampling(cfg, rank, device)?;

@@ -5,8 +5,11 @@
 //!   training shifts them), with noise drawn per (seed, grid point, row) and dequantisation per (seed, row); for an
 //!   autoencoder the reconstruction loss of the latent's mean. The number is the same on any world size and
 //!   comparable across runs; with `best`, the weights of the lowest one so far are kept;
-//! - the **mini-FD**: `samples` unconditional Euler samples of the EMA through a feature network, FD against
-//!   reference features written by `radit eval features` (whose `.json` must name the same network).
+//! - the **mini-FD**, matched: the first K rows of the validation split, each sampled by the EMA (Euler) with that
+//!   row's own 19 variables and a fixed noise (seed, row), through a feature network; FD against the same K rows'
+//!   real images through the same network. The real features are computed once per launch (or picked by id from a
+//!   `radit eval features` file of the split, whose `.json` must name the same network). Unconditional samples
+//!   against conditioned real images would measure the profile mismatch as much as the model.
 //!
 //! Both are collective: every rank calls them at the same step with the same config and gets the same number.
 
@@ -15,11 +18,13 @@ use std::path::{Path, PathBuf};
 
 use radit_protocol::ConfigError;
 use radit_sharding::loader::{DataConfig, Loader, Pass};
+use radit_sharding::reader::StoreReader;
 use radit_sharding::split::Split;
 use radit_sharding::store::Storage;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
+use crate::generate::Conditions;
 use crate::train::TrainError;
 use crate::train::ema_samples::EmaSamples;
 use crate::train::objective::Objective;
@@ -65,11 +70,18 @@ pub struct ValidationConfig {
 pub struct MiniFdConfig {
     /// A mini-FD every this many steps and at the last step.
     pub every: u64,
-    /// Samples drawn from the EMA (unconditional), shared over the ranks.
+    /// K: the first K rows of the split, one sample each with its profile, shared over the ranks (all of the
+    /// split's rows when it has fewer).
     #[serde(default = "default_samples")]
     pub samples: u64,
-    /// Reference features: an [N, D] .npy written by `radit eval features` (its .json beside names the network).
-    pub reference: PathBuf,
+    /// The split whose first K rows are matched (default: `[validation] split`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub split: Option<Split>,
+    /// The rows' real features, already computed: an [N, D] .npy of that split by `radit eval features` (its .json
+    /// names the network, its .ids.txt the rows, which must include the first K). Default: computed at the
+    /// first FD of each launch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reference: Option<PathBuf>,
     /// The feature network: a DINOv2 snapshot directory or a TorchScript file (as `radit eval features --net`).
     pub net: PathBuf,
     /// A TorchScript module's input side.
@@ -251,11 +263,16 @@ pub fn validation_loss(
     Ok(sum / count)
 }
 
-/// The mini-FD's fixed parts, loaded once per run: the feature network and the reference moments.
+/// The mini-FD's fixed parts, loaded once per run: the feature network, the matched rows and (once computed or
+/// read) the moments of their real features.
 pub struct MiniFd {
     cfg: MiniFdConfig,
     net: Box<dyn FeatureNet>,
-    reference: radit_eval::fd::Moments,
+    split: Split,
+    /// The first K rows of the split: (image id, profile).
+    rows: Vec<(String, Conditions)>,
+    reader: StoreReader,
+    reference: std::cell::OnceCell<radit_eval::fd::Moments>,
 }
 
 /// What a features file says it is: the `.json` beside it (written by `radit eval features`).
@@ -274,10 +291,70 @@ fn eval_error(path: &Path, e: radit_eval::EvalError) -> TrainError {
 }
 
 impl MiniFd {
-    pub fn open(cfg: &MiniFdConfig, device: Device) -> Result<Self, TrainError> {
+    /// Loads the network and reads the first K rows' profiles of the split (`[validation] split` unless the
+    /// section names one) from `storage`; with `reference`, reads their real features from it.
+    pub fn open(
+        cfg: &MiniFdConfig,
+        validation_split: Split,
+        storage: &Storage,
+        device: Device,
+    ) -> Result<Self, TrainError> {
         let net =
             radit_models::features::load_net(&cfg.net, cfg.input_size, &cfg.preprocessing, device)?;
-        let path = &cfg.reference;
+        let split = cfg.split.unwrap_or(validation_split);
+        let reader = StoreReader::open(storage.clone())?;
+        let mut rows = Vec::new();
+        for k in 0..reader.shards(split) {
+            if rows.len() as u64 >= cfg.samples {
+                break;
+            }
+            let shard = reader.read_metadata_of(split, k)?;
+            for i in 0..shard.rows {
+                if (rows.len() as u64) < cfg.samples {
+                    rows.push((shard.image_ids[i].clone(), Conditions::of_row(&shard, i)));
+                }
+            }
+        }
+        if rows.len() < 2 {
+            return Err(ConfigError::new(
+                "validation.fd.split",
+                format!(
+                    "the {split} split of {} has {} row(s): an FD needs at least 2 (name a larger split)",
+                    reader.describe(),
+                    rows.len()
+                ),
+            )
+            .into());
+        }
+        if (rows.len() as u64) < cfg.samples {
+            tracing::warn!(
+                split = %split,
+                rows = rows.len(),
+                samples = cfg.samples,
+                "the split has fewer rows than validation.fd.samples: the FD matches all of them"
+            );
+        }
+        let reference = std::cell::OnceCell::new();
+        if let Some(path) = &cfg.reference {
+            let _ = reference.set(Self::read_reference(path, &rows, split, net.as_ref())?);
+        }
+        Ok(Self {
+            cfg: cfg.clone(),
+            net,
+            split,
+            rows,
+            reader,
+            reference,
+        })
+    }
+
+    /// The moments of the matched rows' features in `path` (picked by id), after checking its network.
+    fn read_reference(
+        path: &Path,
+        rows: &[(String, Conditions)],
+        split: Split,
+        net: &dyn FeatureNet,
+    ) -> Result<radit_eval::fd::Moments, TrainError> {
         match features_network(path) {
             Some(id) if id != net.id() => {
                 return Err(ConfigError::new(
@@ -298,72 +375,167 @@ impl MiniFd {
             ),
         }
         let features = radit_eval::io::read_npy(path).map_err(|e| eval_error(path, e))?;
-        let reference = radit_eval::fd::Moments::of(&features).map_err(|e| eval_error(path, e))?;
-        Ok(Self {
-            cfg: cfg.clone(),
-            net,
-            reference,
-        })
-    }
-
-    /// FD of the EMA's samples against the reference. Collective.
-    pub fn measure(
-        &self,
-        ema: &EmaSamples,
-        engine: &dyn TrainingEngine,
-    ) -> Result<f64, TrainError> {
-        let comm = engine.collective();
-        let (rank, world) = (comm.rank() as u64, comm.world() as u64);
-        let device = engine.device();
-        let k = self.cfg.samples;
-        let per = k.div_ceil(world);
-        let mine = (rank * per).min(k)..((rank + 1) * per).min(k);
-        let dim = self.reference.dim() as i64;
-        let local = Tensor::zeros([per as i64, dim], (Kind::Float, device));
-        let mut row = 0;
-        let mut start = mine.start;
-        while start < mine.end {
-            let end = (start + self.cfg.batch).min(mine.end);
-            let images = ema.draw(
-                start..end,
-                end - start,
-                self.cfg.seed,
-                self.cfg.steps,
-                self.cfg.decoder.as_ref(),
-            )?;
-            let unit = ((images.to_kind(Kind::Float) + 1.0) / 2.0).clamp(0.0, 1.0);
-            let f = self.net.features(&unit)?;
-            if f.size()[1] != dim {
+        let ids_path = crate::features_job::ids_path(path);
+        let ids = std::fs::read_to_string(&ids_path).map_err(|e| {
+            ConfigError::new(
+                "validation.fd.reference",
+                format!(
+                    "{}: {e}; the rows of the reference are named by the .ids.txt that radit eval features \
+                     writes beside it",
+                    ids_path.display()
+                ),
+            )
+        })?;
+        let at: std::collections::HashMap<&str, usize> =
+            ids.lines().enumerate().map(|(i, id)| (id, i)).collect();
+        let mut picked = Vec::with_capacity(rows.len());
+        for (id, _) in rows {
+            let Some(&i) = at.get(id.as_str()) else {
                 return Err(ConfigError::new(
                     "validation.fd.reference",
                     format!(
-                        "{} has {dim}-wide features; the network makes {}",
-                        self.cfg.reference.display(),
-                        f.size()[1]
+                        "{} has no features of {id}, one of the first {} rows of the {split} split that the FD \
+                         matches: write it with radit eval features --split {split} (or leave reference out)",
+                        path.display(),
+                        rows.len()
                     ),
                 )
                 .into());
+            };
+            if i >= features.rows() {
+                return Err(eval_error(
+                    path,
+                    radit_eval::EvalError::Shape {
+                        what: ids_path.display().to_string(),
+                        reason: format!(
+                            "names more rows than the {} of the features",
+                            features.rows()
+                        ),
+                    },
+                ));
             }
-            let n = end - start;
-            local.narrow(0, row, n as i64).copy_(&f.to_device(device));
-            row += n as i64;
+            picked.push(i);
+        }
+        radit_eval::fd::Moments::of(&features.select(&picked)).map_err(|e| eval_error(path, e))
+    }
+
+    /// The matched rows' features, `[K, D]` in row order on the CPU: each rank computes a contiguous share with
+    /// `compute(rows)`, and the shares are gathered. Collective.
+    fn gathered(
+        &self,
+        engine: &dyn TrainingEngine,
+        mut compute: impl FnMut(std::ops::Range<usize>) -> Result<Tensor, TrainError>,
+    ) -> Result<radit_eval::Features, TrainError> {
+        let comm = engine.collective();
+        let (rank, world) = (comm.rank(), comm.world());
+        let device = engine.device();
+        let k = self.rows.len();
+        let per = k.div_ceil(world);
+        let mine = (rank * per).min(k)..((rank + 1) * per).min(k);
+        let mut parts = Vec::new();
+        let mut start = mine.start;
+        while start < mine.end {
+            let end = (start + self.cfg.batch as usize).min(mine.end);
+            parts.push(compute(start..end)?.to_kind(Kind::Float).to_device(device));
             start = end;
+        }
+        // Every rank must agree on the width before the gather: a rank with no rows (K < world) learns it from
+        // the others.
+        let dim_here = parts.first().map_or(0, |p| p.size()[1]);
+        let widths = comm.all_reduce_f64(dim_here as f64)?;
+        let ranks_with_rows = comm.all_reduce_f64(if parts.is_empty() { 0.0 } else { 1.0 })?;
+        let dim = (widths / ranks_with_rows).round() as i64;
+        let local = Tensor::zeros([per as i64, dim], (Kind::Float, device));
+        let mut row = 0;
+        for p in parts {
+            let n = p.size()[0];
+            local.narrow(0, row, n).copy_(&p);
+            row += n;
         }
         let mut all = Tensor::zeros([per as i64 * world as i64 * dim], (Kind::Float, device));
         comm.all_gather(&local.flatten(0, -1), &mut all)?;
-        // Rank r's share is rows r * per.., clipped at k: the first k rows are the samples in order.
+        // Rank r's share is rows r * per.., clipped at k: the first k rows are the rows in order.
         let picked = all
             .view([-1, dim])
             .narrow(0, 0, k as i64)
             .to_device(Device::Cpu)
             .to_kind(Kind::Double);
         let values = Vec::<f64>::try_from(picked.flatten(0, -1)).map_err(ModelError::from)?;
-        let fake = radit_eval::Features::new("samples", dim as usize, values)
-            .map_err(|e| ConfigError::new("validation.fd", e.to_string()))?;
-        let moments = radit_eval::fd::Moments::of(&fake)
-            .map_err(|e| ConfigError::new("validation.fd", e.to_string()))?;
-        radit_eval::fd::frechet_distance(&moments, &self.reference)
+        radit_eval::Features::new("features", dim as usize, values)
             .map_err(|e| ConfigError::new("validation.fd", e.to_string()).into())
+    }
+
+    /// The real images of rows `range` (16-bit, `[n, 1, side, side]` in [0, 1]).
+    fn real_images(&self, range: std::ops::Range<usize>) -> Result<Tensor, TrainError> {
+        let per_shard = self.reader.layout().shard_images as usize;
+        let side = i64::from(self.reader.layout().image_size);
+        let pixels = (side * side) as usize;
+        let mut levels = Vec::with_capacity(range.len() * pixels);
+        let mut shard: Option<(usize, radit_sharding::reader::Shard)> = None;
+        for row in range.clone() {
+            let k = row / per_shard;
+            if shard.as_ref().is_none_or(|(at, _)| *at != k) {
+                shard = Some((k, self.reader.read_shard(self.split, k as u64)?));
+            }
+            let (_, s) = shard.as_ref().expect("read above");
+            let i = row % per_shard;
+            levels.extend(
+                s.images[i * pixels..(i + 1) * pixels]
+                    .iter()
+                    .map(|&v| f32::from(v) / 65535.0),
+            );
+        }
+        Ok(Tensor::from_slice(&levels).view([range.len() as i64, 1, side, side]))
+    }
+
+    /// FD of the EMA's samples of the matched rows against those rows' real images. Collective.
+    pub fn measure(
+        &self,
+        ema: &EmaSamples,
+        engine: &dyn TrainingEngine,
+    ) -> Result<f64, TrainError> {
+        let fd_error = |e: radit_eval::EvalError| ConfigError::new("validation.fd", e.to_string());
+        if self.reference.get().is_none() {
+            let started = std::time::Instant::now();
+            let real = self.gathered(engine, |rows| {
+                Ok(self.net.features(&self.real_images(rows)?)?)
+            })?;
+            let moments = radit_eval::fd::Moments::of(&real).map_err(fd_error)?;
+            tracing::info!(
+                rows = self.rows.len(),
+                seconds = started.elapsed().as_secs_f64(),
+                "mini-FD reference features"
+            );
+            let _ = self.reference.set(moments);
+        }
+        let reference = self.reference.get().expect("set above");
+        let fake = self.gathered(engine, |rows| {
+            let conditions: Vec<&Conditions> =
+                self.rows[rows.clone()].iter().map(|(_, c)| c).collect();
+            let indices: Vec<u64> = rows.map(|r| r as u64).collect();
+            let images = ema.draw_for(
+                &conditions,
+                &indices,
+                self.cfg.seed,
+                self.cfg.steps,
+                self.cfg.decoder.as_ref(),
+            )?;
+            let unit = ((images.to_kind(Kind::Float) + 1.0) / 2.0).clamp(0.0, 1.0);
+            Ok(self.net.features(&unit)?)
+        })?;
+        if fake.dim() != reference.dim() {
+            return Err(ConfigError::new(
+                "validation.fd.reference",
+                format!(
+                    "the reference features are {}-wide; the network makes {}",
+                    reference.dim(),
+                    fake.dim()
+                ),
+            )
+            .into());
+        }
+        let moments = radit_eval::fd::Moments::of(&fake).map_err(fd_error)?;
+        radit_eval::fd::frechet_distance(&moments, reference).map_err(|e| fd_error(e).into())
     }
 
     /// The decoder the FD's samples go through, for [`EmaSampling::open`].
