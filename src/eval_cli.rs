@@ -33,6 +33,11 @@ pub enum EvalCommand {
     /// predictor the attribute cosine over the variables not intervened on; identity.csv and identity.json in
     /// --out, and one row per (model, intervention) in --csv.
     Identity(IdentityArgs),
+    /// The expert reader study (the paper's Figure 2): prepare N real and N generated images as 8-bit PNGs under
+    /// opaque names with a response sheet per presentation and a sealed key, then score the filled sheets
+    /// (accuracy per reader with a binomial test, intra-rater agreement, pairwise Cohen's kappa).
+    #[command(subcommand)]
+    ReaderStudy(ReaderStudyCommand),
     /// A small DINOv2 snapshot with random weights (config.json, model.safetensors, preprocessor_config.json), to
     /// try `eval features` and `eval fidelity` offline: its features measure nothing (use Rad-DINO for results).
     RandomDinov2 {
@@ -263,8 +268,98 @@ pub struct FidelityArgs {
     csv: Option<PathBuf>,
 }
 
+#[derive(Subcommand)]
+pub enum ReaderStudyCommand {
+    /// Draw the images (seeded), write them with opaque names, one shuffled sheet per presentation, and the key
+    /// in sealed/ (its sha256 in study.json).
+    Prepare {
+        /// The store whose split gives the real images.
+        #[arg(long)]
+        store: String,
+        #[arg(long, default_value = "test")]
+        split: radit_sharding::split::Split,
+        /// A finished `radit generate` output directory (of the store's image size).
+        #[arg(long)]
+        samples: PathBuf,
+        /// Real images, and as many synthetic ones (the paper: 50).
+        #[arg(long, default_value_t = 50)]
+        count: u64,
+        /// Presentations, each in its own shuffled order (the paper: 2).
+        #[arg(long, default_value_t = 2)]
+        presentations: u32,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// The study's folder (images/, presentation-P.csv, study.json, sealed/key.csv); must not hold a study.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Score the filled sheets of a study against its sealed key.
+    Score {
+        /// The study's folder.
+        #[arg(long)]
+        study: PathBuf,
+        /// Filled sheets (reader,presentation,position,image,answer), one per reader and presentation or joined.
+        #[arg(required = true)]
+        responses: Vec<PathBuf>,
+        /// Also write the scores as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+}
+
+fn run_reader_study(cmd: ReaderStudyCommand) -> anyhow::Result<u8> {
+    use radit_jobs::reader_study;
+    match cmd {
+        ReaderStudyCommand::Prepare {
+            store,
+            split,
+            samples,
+            count,
+            presentations,
+            seed,
+            out,
+        } => {
+            let study = reader_study::prepare(&reader_study::PrepareConfig {
+                store,
+                split,
+                samples,
+                count,
+                presentations,
+                seed,
+                out: out.clone(),
+            })?;
+            println!(
+                "{} images ({count} real, {count} synthetic) in {}/images; sheets {}; key sealed in {}/sealed (sha256 {})",
+                study.images,
+                out.display(),
+                (1..=presentations)
+                    .map(reader_study::sheet_name)
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                out.display(),
+                &study.key_sha256[..16]
+            );
+            Ok(0)
+        }
+        ReaderStudyCommand::Score {
+            study,
+            responses,
+            json,
+        } => {
+            let score = reader_study::score(&study, &responses)?;
+            print!("{}", reader_study::table(&score));
+            if let Some(path) = json {
+                std::fs::write(&path, serde_json::to_vec_pretty(&score)?)
+                    .with_context(|| format!("writing {}", path.display()))?;
+            }
+            Ok(0)
+        }
+    }
+}
+
 pub fn run_eval(cmd: EvalCommand) -> anyhow::Result<u8> {
     match cmd {
+        EvalCommand::ReaderStudy(c) => run_reader_study(c),
         EvalCommand::Fidelity(a) => run_fidelity(a),
         EvalCommand::Features(a) => run_features(a),
         EvalCommand::Recon(a) => run_recon(a),

@@ -5,6 +5,8 @@
 
 mod common;
 
+use std::collections::BTreeMap;
+
 use std::path::Path;
 
 use common::*;
@@ -699,6 +701,231 @@ input_size = 32
         (trained - offline).abs() <= 2e-5 * offline.abs(),
         "in training {trained}, offline {offline}"
     );
+}
+
+/// The reader study round trip: `prepare` writes N real and N generated images as 8-bit PNGs (round(v / 257))
+/// under opaque names, a shuffled sheet per presentation and a sealed key; three simulated readers fill the sheets;
+/// `score` agrees with scipy's binomial test and scikit-learn's Cohen's kappa; a changed key, an unanswered row and
+/// a second study in the same folder are refused, naming the file.
+#[test]
+fn a_reader_study_is_prepared_filled_in_and_scored_as_scipy_and_scikit_learn_score_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let store = tiny_store(d, 48, "40x48", 8, &[]);
+    let w = d.join("w.safetensors");
+    run_ok(
+        radit()
+            .args(["model", "init", "tiny", "--seed", "4", "--out"])
+            .arg(&w),
+    );
+    let samples = d.join("gen");
+    run_ok(
+        radit()
+            .args(["generate", "--threads", "1", "--weights"])
+            .arg(&w)
+            .arg("--profiles")
+            .arg(&store)
+            .args([
+                "--split", "train", "--limit", "9", "--solver", "euler", "--steps", "2", "--out",
+            ])
+            .arg(&samples),
+    );
+    let study = d.join("study");
+    let prepare = |out: &Path| {
+        let mut cmd = radit();
+        cmd.args([
+            "eval",
+            "reader-study",
+            "prepare",
+            "--split",
+            "train",
+            "--count",
+            "8",
+            "--seed",
+            "3",
+        ])
+        .arg("--store")
+        .arg(&store)
+        .arg("--samples")
+        .arg(&samples)
+        .arg("--out")
+        .arg(out);
+        cmd
+    };
+    run_ok(&mut prepare(&study));
+    let key_text = std::fs::read_to_string(study.join("sealed/key.csv")).unwrap();
+    let key: Vec<(String, bool, String)> = key_text
+        .lines()
+        .skip(1)
+        .map(|l| {
+            let c: Vec<&str> = l.split(',').collect();
+            (c[0].to_string(), c[1] == "synthetic", c[2].to_string())
+        })
+        .collect();
+    assert_eq!(key.len(), 16);
+    assert_eq!(key.iter().filter(|k| k.1).count(), 8);
+    // Opaque names: numbered in a shuffled order, so real and synthetic are mixed along the numbers.
+    assert!(
+        key.iter()
+            .all(|k| k.0.starts_with("image-") && k.0.ends_with(".png"))
+    );
+    assert!(
+        key[..8].iter().any(|k| k.1) && key[..8].iter().any(|k| !k.1),
+        "{key_text}"
+    );
+    // A real image is the store's, each level v as round(v / 257).
+    let reader = radit_sharding::reader::StoreReader::open(
+        radit_sharding::store::Storage::open(store.to_str().unwrap()).unwrap(),
+    )
+    .unwrap();
+    let train = reader
+        .read_split(radit_sharding::split::Split::Train)
+        .unwrap();
+    let real = key.iter().find(|k| !k.1).unwrap();
+    let id = real.2.strip_prefix("train:").unwrap();
+    let row = train.image_ids.iter().position(|i| i == id).unwrap();
+    let want: Vec<u8> = train.images[row * 256..(row + 1) * 256]
+        .iter()
+        .map(|&v| (f64::from(v) / 257.0).round() as u8)
+        .collect();
+    let decoder = png::Decoder::new(std::io::Cursor::new(
+        std::fs::read(study.join("images").join(&real.0)).unwrap(),
+    ));
+    let mut png_reader = decoder.read_info().unwrap();
+    let mut buf = vec![0; png_reader.output_buffer_size().unwrap()];
+    let info = png_reader.next_frame(&mut buf).unwrap();
+    assert_eq!((info.width, info.bit_depth), (16, png::BitDepth::Eight));
+    assert_eq!(&buf[..256], &want[..]);
+    // Each presentation lists every image once, in its own order.
+    let order = |p: u32| -> Vec<String> {
+        std::fs::read_to_string(study.join(format!("presentation-{p}.csv")))
+            .unwrap()
+            .lines()
+            .skip(1)
+            .map(|l| l.split(',').nth(3).unwrap().to_string())
+            .collect()
+    };
+    let (one, two) = (order(1), order(2));
+    let mut sorted = one.clone();
+    sorted.sort();
+    assert_eq!(sorted, key.iter().map(|k| k.0.clone()).collect::<Vec<_>>());
+    assert_ne!(one, two);
+
+    // Three readers: one right but for two images in the first presentation, one contrary to itself across the
+    // presentations on every third image, one who says real to everything.
+    let truth: BTreeMap<&str, bool> = key.iter().map(|k| (k.0.as_str(), k.1)).collect();
+    let mut sheets = Vec::new();
+    for (reader, rule) in [("alice", 0u8), ("bob", 1), ("carol", 2)] {
+        for (p, names) in [(1u32, &one), (2, &two)] {
+            let mut text = String::from("reader,presentation,position,image,answer\n");
+            for (i, name) in names.iter().enumerate() {
+                let t = truth[name.as_str()];
+                let n: usize = name[6..9].parse().unwrap();
+                let said = match rule {
+                    0 => t ^ (p == 1 && n <= 2),
+                    1 => t ^ (n % 3 == 0 && p == 2) ^ (n % 5 == 0),
+                    _ => false,
+                };
+                text += &format!(
+                    "{reader},{p},{},{name},{}\n",
+                    i + 1,
+                    if said { "synthetic" } else { "Real" }
+                );
+            }
+            let path = d.join(format!("{reader}-{p}.csv"));
+            std::fs::write(&path, text).unwrap();
+            sheets.push(path);
+        }
+    }
+    let json = d.join("score.json");
+    let out = run_ok(
+        radit()
+            .args(["eval", "reader-study", "score", "--study"])
+            .arg(&study)
+            .args(&sheets)
+            .arg("--json")
+            .arg(&json),
+    );
+    assert!(
+        stdout(&out).contains("pairwise Cohen's kappa"),
+        "{}",
+        stdout(&out)
+    );
+    let ours: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let twin = run_ok(
+        python()
+            .arg(repo().join("tests/python/reader_study_twin.py"))
+            .arg(&study)
+            .args(&sheets),
+    );
+    let theirs: serde_json::Value = serde_json::from_str(&stdout(&twin)).unwrap();
+    let close =
+        |a: &serde_json::Value, b: &serde_json::Value, what: &str| match (a.as_f64(), b.as_f64()) {
+            (Some(x), Some(y)) => assert!(
+                (x - y).abs() <= 1e-12 * y.abs().max(1.0),
+                "{what}: {x} vs {y}"
+            ),
+            _ => assert!(a.is_null() && b.is_null(), "{what}: {a} vs {b}"),
+        };
+    for r in ours["readers"].as_array().unwrap() {
+        let name = r["reader"].as_str().unwrap();
+        let t = &theirs["readers"][name];
+        for key in ["correct", "answered"] {
+            assert_eq!(r["overall"][key], t["overall"][key], "{name} {key}");
+        }
+        close(&r["overall"]["p_value"], &t["overall"]["p_value"], name);
+        for p in ["1", "2"] {
+            assert_eq!(
+                r["presentations"][p]["correct"],
+                t["presentations"][p]["correct"]
+            );
+            close(
+                &r["presentations"][p]["p_value"],
+                &t["presentations"][p]["p_value"],
+                name,
+            );
+        }
+        close(
+            &r["intra_rater"]["percent"],
+            &t["intra_rater"]["percent"],
+            name,
+        );
+        close(&r["intra_rater"]["kappa"], &t["intra_rater"]["kappa"], name);
+    }
+    let pairs = ours["pairs"].as_array().unwrap();
+    assert_eq!(pairs.len(), 6);
+    for (a, b) in pairs.iter().zip(theirs["pairs"].as_array().unwrap()) {
+        assert_eq!(a["readers"], b["readers"]);
+        close(&a["kappa"], &b["kappa"], "pair");
+    }
+    assert_eq!(ours["readers"][0]["overall"]["correct"], 30);
+
+    // An unanswered row, a changed key and a second study in the same folder: exit 2, naming the file.
+    let blank = d.join("blank.csv");
+    std::fs::write(
+        &blank,
+        std::fs::read_to_string(&sheets[0])
+            .unwrap()
+            .replacen(",synthetic\n", ",\n", 1)
+            .replacen(",Real\n", ",\n", 1),
+    )
+    .unwrap();
+    let score = |sheet: &Path| {
+        let mut cmd = radit();
+        cmd.args(["eval", "reader-study", "score", "--study"])
+            .arg(&study)
+            .arg(sheet);
+        cmd
+    };
+    let err = fails_with_usage(&mut score(&blank), "blank.csv");
+    assert!(err.contains("no answer"), "{err}");
+    std::fs::write(
+        study.join("sealed/key.csv"),
+        key_text.replacen("real", "synthetic", 1),
+    )
+    .unwrap();
+    fails_with_usage(&mut score(&sheets[0]), "key.csv");
+    fails_with_usage(&mut prepare(&study), "already holds a reader study");
 }
 
 /// The Rad-DINO perceptual distance against the design note's formula on transformers' model (the twin): the

@@ -21,6 +21,7 @@ pub mod image;
 pub mod io;
 pub mod kd;
 pub mod prdc;
+pub mod reader_study;
 
 /// A metric that cannot be computed on these inputs, naming them.
 #[derive(Debug, thiserror::Error, PartialEq)]

@@ -31,6 +31,7 @@ pub mod identity;
 pub mod journal;
 pub mod parity;
 pub mod predict_eval;
+pub mod reader_study;
 pub mod recon_job;
 pub mod reference_samples;
 pub mod sample;
