@@ -7,7 +7,9 @@ use std::sync::atomic::AtomicUsize;
 
 use anyhow::Context;
 use clap::Args;
-use radit_run::job::Job;
+use radit_launch::slurm::render_sbatch;
+use radit_run::job::{Job, LauncherKind};
+use radit_run::sweep::Sweep;
 use radit_run::workflow::run_job;
 
 #[derive(Args)]
@@ -43,6 +45,9 @@ pub fn stop_signal() -> anyhow::Result<Arc<AtomicUsize>> {
 }
 
 pub fn run(a: RunArgs) -> anyhow::Result<u8> {
+    if let Some(sweep) = Sweep::load(&a.job)? {
+        return run_sweep(&sweep, &a);
+    }
     let job = Job::load(&a.job)?;
     let radit = std::env::current_exe().context("locating the radit binary")?;
     if a.dry_run {
@@ -67,6 +72,79 @@ pub fn run(a: RunArgs) -> anyhow::Result<u8> {
     let end = run_job(&job, &radit, a.in_allocation, &signal).map_err(crate::exit::unwrapped)?;
     eprintln!("{end}");
     Ok(end.exit_code())
+}
+
+/// A job spec with a `[sweep]`: its runs, as one Slurm array or one after another here.
+fn run_sweep(sweep: &Sweep, a: &RunArgs) -> anyhow::Result<u8> {
+    crate::exit::ensure_usage!(
+        !a.in_allocation,
+        "--in-allocation runs one run of a sweep: give its spec (in {})",
+        sweep.dir.display()
+    );
+    let radit = std::env::current_exe().context("locating the radit binary")?;
+    let radit_path = radit.display().to_string();
+    let slurm = sweep.runs[0].1.spec.launcher.kind == LauncherKind::Slurm;
+    if a.dry_run {
+        print!("{}", sweep.describe());
+        if slurm {
+            println!(
+                "sbatch array script ({}):",
+                sweep.dir.join("sweep.sbatch").display()
+            );
+            print!("{}", render_sbatch(&sweep.slurm_array(&radit_path)));
+        }
+    }
+    if !a.no_check {
+        for (run, job) in &sweep.runs {
+            let checked = job
+                .check_before_launch()
+                .with_context(|| format!("run {}", run.name))?;
+            if a.dry_run {
+                println!("checked before launch, run {}:", run.name);
+                for line in checked.iter().filter(|l| !l.is_empty()) {
+                    println!("  {line}");
+                }
+            }
+        }
+    }
+    if a.dry_run {
+        return Ok(0);
+    }
+    sweep.write_runs()?;
+    if slurm {
+        let script = sweep.dir.join("sweep.sbatch");
+        std::fs::write(&script, render_sbatch(&sweep.slurm_array(&radit_path)))
+            .with_context(|| format!("writing {}", script.display()))?;
+        let id = radit_launch::slurm::submit(&script)?;
+        println!(
+            "submitted Slurm array job {id}: {} runs ({}), output in {}/slurm-{id}_<task>.out; each run              requeues itself as one job would",
+            sweep.runs.len(),
+            script.display(),
+            sweep.dir.display()
+        );
+        return Ok(0);
+    }
+    let signal = stop_signal()?;
+    let mut worst = 0;
+    for (run, _) in &sweep.runs {
+        // The run's own spec, as the array would run it.
+        let job = Job::load(&sweep.run_file(&run.name))?;
+        eprintln!(
+            "radit: sweep run {} of {}: {}",
+            run.name,
+            sweep.runs.len(),
+            job.run_dir.display()
+        );
+        let end = run_job(&job, &radit, false, &signal).map_err(crate::exit::unwrapped)?;
+        eprintln!("radit: run {}: {end}", run.name);
+        if worst == 0 {
+            worst = end.exit_code();
+        }
+        if signal.load(std::sync::atomic::Ordering::SeqCst) != 0 {
+            break;
+        }
+    }
+    Ok(worst)
 }
 
 #[derive(clap::Subcommand)]

@@ -9,7 +9,7 @@ use common::*;
 fn every_example_job_spec_dry_runs_and_every_train_config_validates() {
     let dir = repo().join("examples");
     let mut jobs = 0;
-    // The examples and their folders' (examples/vae-lora: Table 8, one job spec per row).
+    // The examples and their folders' (examples/vae-lora: Table 8, one job spec per row; examples/sweeps).
     let mut paths = Vec::new();
     for entry in std::fs::read_dir(&dir).unwrap() {
         let path = entry.unwrap().path();
@@ -41,7 +41,40 @@ fn every_example_job_spec_dry_runs_and_every_train_config_validates() {
                     .is_some_and(|n| n > 1)
             });
             let https = plan.contains("coordinator: binds") && plan.contains("(HTTPS,");
-            assert_eq!(https, multi_node, "{name}: {plan}");
+            if text.contains("[sweep.") {
+                // A sweep: every run with its settings and its own directory, and one Slurm array of them all.
+                let runs = radit_run::sweep::expand(&text).unwrap().unwrap();
+                assert!(
+                    plan.contains(&format!("sweep of {} runs", runs.len())),
+                    "{name}: {plan}"
+                );
+                assert!(
+                    plan.contains(&format!("#SBATCH --array=0-{}", runs.len() - 1)),
+                    "{name}: {plan}"
+                );
+                // The array script parses as bash.
+                let script = plan.split_once("sbatch array script").unwrap().1;
+                let script = script.split_once('\n').unwrap().1;
+                let path = std::env::temp_dir()
+                    .join(format!("radit-sweep-{}-{name}.sh", std::process::id()));
+                std::fs::write(&path, script).unwrap();
+                run_ok(std::process::Command::new("bash").arg("-n").arg(&path));
+                std::fs::remove_file(&path).unwrap();
+                for run in &runs {
+                    assert!(
+                        plan.contains(&format!("{}.toml", run.name)),
+                        "{name}: {}",
+                        run.name
+                    );
+                    assert!(
+                        plan.matches(&format!("/{}\n", run.name)).count() >= 1,
+                        "{name}: {}",
+                        run.name
+                    );
+                }
+            } else {
+                assert_eq!(https, multi_node, "{name}: {plan}");
+            }
             jobs += 1;
         } else {
             radit_jobs::train::TrainConfig::load(&path)

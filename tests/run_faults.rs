@@ -361,6 +361,41 @@ fn the_progress_line_is_right_at_the_end_and_after_a_relaunch() {
     }
 }
 
+/// A `[sweep]` runs each of its runs under the local launcher, one after another, each in its own run directory
+/// with its own checkpoints; a sweep whose runs would share checkpoints is refused before anything starts.
+#[test]
+fn a_sweep_runs_each_run_in_its_own_directory_and_refuses_shared_checkpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let single = job_of(d, "local", "", "", (10, 1.0));
+    let sweep = d.join("sweep.toml");
+    let text = std::fs::read_to_string(&single).unwrap()
+        + "\n[sweep.grid]\n\"engine.adam.lr\" = [0.002, 0.004]\n";
+    std::fs::write(&sweep, &text).unwrap();
+    let err = common::fails_with_usage(
+        common::radit().args(["run", "--dry-run"]).arg(&sweep),
+        "both keep checkpoints",
+    );
+    assert!(err.contains("{run}"), "{err}");
+    let ckpt = d.join("ckpt").display().to_string();
+    std::fs::write(&sweep, text.replace(&ckpt, &format!("{ckpt}/{{run}}"))).unwrap();
+    let out = common::run_ok(&mut run_cmd(&sweep));
+    let err = common::stderr(&out);
+    for name in ["faults-lr-0.002", "faults-lr-0.004"] {
+        assert!(err.contains(&format!("run {name}: ")), "{err}");
+        assert!(
+            d.join("run").join(name).join("logs").is_dir(),
+            "{name}: {err}"
+        );
+        assert!(d.join("run/sweep").join(format!("{name}.toml")).is_file());
+        let steps: Vec<String> = std::fs::read_dir(d.join("ckpt").join(name))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(steps.iter().any(|s| s.contains("10")), "{name}: {steps:?}");
+    }
+}
+
 /// `[coordinator] tls = true`: the coordinator serves HTTPS with the run's own authority, the ranks pin it, a
 /// killed rank is relaunched as over plain HTTP, and the run ends with the uninterrupted run's weights.
 #[test]

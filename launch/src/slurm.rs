@@ -58,6 +58,16 @@ pub struct SlurmJob {
     pub env: BTreeMap<String, String>,
     /// Environment modules loaded first (`module load ...`), e.g. the site's NCCL with its libfabric plugin.
     pub modules: Vec<String>,
+    /// A sweep: one array task per run, each running its own job file in its own run directory (`job_file` and
+    /// `run_dir` above are then the sweep's). Empty for one job.
+    pub array: Vec<ArrayTask>,
+}
+
+/// One task of a Slurm array: a run of a sweep.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ArrayTask {
+    pub job_file: String,
+    pub run_dir: String,
 }
 
 impl SlurmJob {
@@ -84,6 +94,7 @@ impl SlurmJob {
             job_file: job_file.into(),
             env: BTreeMap::new(),
             modules: Vec::new(),
+            array: Vec::new(),
         }
     }
 }
@@ -151,7 +162,12 @@ pub fn render_sbatch(job: &SlurmJob) -> String {
     line(&format!("#SBATCH --signal=B:USR1@{}", job.warn_seconds));
     line("#SBATCH --requeue");
     line("#SBATCH --open-mode=append");
-    line(&format!("#SBATCH --output={}/slurm-%j.out", job.run_dir));
+    if job.array.is_empty() {
+        line(&format!("#SBATCH --output={}/slurm-%j.out", job.run_dir));
+    } else {
+        line(&format!("#SBATCH --array=0-{}", job.array.len() - 1));
+        line(&format!("#SBATCH --output={}/slurm-%A_%a.out", job.run_dir));
+    }
     if let Some(p) = &job.partition {
         line(&format!("#SBATCH --partition={}", quote(p)));
     }
@@ -175,7 +191,24 @@ pub fn render_sbatch(job: &SlurmJob) -> String {
     for (k, v) in &job.env {
         line(&format!("export {k}={}", quote(v)));
     }
-    line(&format!("export RADIT_RUN_DIR={}", quote(&job.run_dir)));
+    let job_file = if job.array.is_empty() {
+        line(&format!("export RADIT_RUN_DIR={}", quote(&job.run_dir)));
+        quote(&job.job_file)
+    } else {
+        line("# A sweep: this array task runs one of its runs, in that run's own directory.");
+        let list = |f: &dyn Fn(&ArrayTask) -> &str| {
+            job.array
+                .iter()
+                .map(|t| quote(f(t)))
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        line(&format!("radit_job_files=({})", list(&|t| &t.job_file)));
+        line(&format!("radit_run_dirs=({})", list(&|t| &t.run_dir)));
+        line("radit_job_file=${radit_job_files[$SLURM_ARRAY_TASK_ID]}");
+        line("export RADIT_RUN_DIR=${radit_run_dirs[$SLURM_ARRAY_TASK_ID]}");
+        "\"$radit_job_file\"".to_string()
+    };
     line(
         "# This batch step runs on the first node: it hosts the coordinator and starts one srun task per rank,",
     );
@@ -196,7 +229,7 @@ pub fn render_sbatch(job: &SlurmJob) -> String {
     line(&format!(
         "{} run {} --in-allocation &",
         quote(&job.radit),
-        quote(&job.job_file)
+        job_file
     ));
     line("radit_pid=$!");
     line(

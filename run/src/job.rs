@@ -153,6 +153,13 @@ const RUN_SECTIONS: [&str; 7] = [
 /// mistyped or missing section is named as one (with the section that was meant) rather than as a field of
 /// another, and a training config given to `radit run` is told apart from a job file.
 fn check_job_sections(all: &toml::Table) -> Result<(), String> {
+    if all.contains_key("sweep") {
+        return Err(
+            "this job spec has a [sweep]: `radit run FILE` runs its runs (each run's own spec is written to \
+             <run_dir>/sweep/); give one of those here"
+                .into(),
+        );
+    }
     let train_sections = radit_jobs::train::TrainConfig::SECTIONS;
     if !all.contains_key("job") && train_sections.iter().any(|s| all.contains_key(*s)) {
         return Err(

@@ -11,4 +11,5 @@ pub mod report;
 pub mod samples;
 pub mod shard;
 pub mod supervise;
+pub mod sweep;
 pub mod workflow;
