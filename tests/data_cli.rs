@@ -366,12 +366,7 @@ fn data_stats_agree_with_an_independent_count_and_a_reference_set_makes_a_fideli
     );
 
     // The reference row end to end: samples on the reference ids, features of both, the fidelity row.
-    let w = d.join("w.safetensors");
-    run_ok(
-        radit()
-            .args(["model", "init", "tiny", "--seed", "4", "--out"])
-            .arg(&w),
-    );
+    let w = tiny_weights(d);
     let samples = d.join("gen");
     run_ok(
         radit()
@@ -385,26 +380,7 @@ fn data_stats_agree_with_an_independent_count_and_a_reference_set_makes_a_fideli
             .arg(&samples),
     );
     let net = feature_net(d);
-    let features = |source: &[&str], name: &str| {
-        let path = d.join(name);
-        run_ok(
-            radit()
-                .args([
-                    "eval",
-                    "features",
-                    "--input-size",
-                    "32",
-                    "--device",
-                    "cpu",
-                    "--net",
-                ])
-                .arg(&net)
-                .args(source)
-                .arg("--out")
-                .arg(&path),
-        );
-        path
-    };
+    let features = |source: &[&str], name: &str| tiny_features(&net, source, &d.join(name));
     let ids = d.join("chex.ids");
     let real = features(
         &[

@@ -415,6 +415,45 @@ fn radit_eval_features_match_the_module_in_pytorch_and_score_two_splits() {
     );
 }
 
+/// DINOv3 (Table 9's network) natively: RoPE on the patch tokens, register tokens, its processor's order
+/// (rescale, an antialiased bilinear resize in fp32, ImageNet's mean and std); the features equal transformers'
+/// `pooler_output` of the same snapshot on the same images to 1e-5.
+#[test]
+fn dinov3_features_match_transformers_with_its_processor() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let store = tiny_store(d, 24, "40x48", 8, &[]);
+    let twin = repo().join("tests/python/dinov3_twin.py");
+    let snapshot = d.join("dinov3");
+    run_ok(python().arg(&twin).arg("make").arg(&snapshot).arg("5"));
+    let out = d.join("dinov3.npy");
+    let report = run_ok(
+        radit()
+            .args(["eval", "features", "--store"])
+            .arg(&store)
+            .args(["--split", "train", "--batch", "5", "--device", "cpu", "--net"])
+            .arg(&snapshot)
+            .arg("--out")
+            .arg(&out),
+    );
+    let report: serde_json::Value = serde_json::from_str(stdout(&report).trim()).unwrap();
+    assert_eq!(report["dim"], 64, "{report}");
+    assert!(report["network"].as_str().unwrap().starts_with("dinov3:"), "{report}");
+    let check = run_ok(
+        python()
+            .arg(&twin)
+            .args(["check", store.to_str().unwrap(), "train"])
+            .arg(&snapshot)
+            .arg(&out),
+    );
+    let c: serde_json::Value = serde_json::from_str(stdout(&check).trim()).unwrap();
+    assert_eq!(c["shape"], c["want_shape"], "{c}");
+    // The store's 16 x 16 images are upsampled to the processor's 64: 16 patch tokens with RoPE.
+    assert_eq!(c["input"], serde_json::json!([c["shape"][0], 3, 64, 64]), "{c}");
+    let (diff, scale) = (c["max_abs_diff"].as_f64().unwrap(), c["scale"].as_f64().unwrap());
+    assert!(diff <= 1e-5 * scale.max(1.0), "{c}");
+}
+
 #[test]
 fn dinov2_features_match_transformers_with_its_processor_and_chexgenbench_chain() {
     let dir = tempfile::tempdir().unwrap();
@@ -642,25 +681,7 @@ input_size = 32
             .args(["--solver", "euler", "--steps", "3", "--out"])
             .arg(&gen_dir),
     );
-    let features = |source: &[&str], name: &str| {
-        run_ok(
-            radit()
-                .args([
-                    "eval",
-                    "features",
-                    "--input-size",
-                    "32",
-                    "--device",
-                    "cpu",
-                    "--net",
-                ])
-                .arg(&net)
-                .args(source)
-                .arg("--out")
-                .arg(d.join(name)),
-        );
-        d.join(name)
-    };
+    let features = |source: &[&str], name: &str| tiny_features(&net, source, &d.join(name));
     let fake = features(&["--samples", gen_dir.to_str().unwrap()], "fake.npy");
     let ids: String = std::fs::read_to_string(d.join("fake.ids.txt")).unwrap();
     std::fs::write(d.join("first.ids"), &ids).unwrap();
@@ -712,12 +733,7 @@ fn a_reader_study_is_prepared_filled_in_and_scored_as_scipy_and_scikit_learn_sco
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let store = tiny_store(d, 48, "40x48", 8, &[]);
-    let w = d.join("w.safetensors");
-    run_ok(
-        radit()
-            .args(["model", "init", "tiny", "--seed", "4", "--out"])
-            .arg(&w),
-    );
+    let w = tiny_weights(d);
     let samples = d.join("gen");
     run_ok(
         radit()

@@ -13,13 +13,7 @@ use common::*;
 
 /// Random tiny weights (the samples need not look like anything to be matched and reproducible).
 fn weights(dir: &Path) -> PathBuf {
-    let w = dir.join("w.safetensors");
-    run_ok(
-        radit()
-            .args(["model", "init", "tiny", "--seed", "4", "--out"])
-            .arg(&w),
-    );
-    w
+    tiny_weights(dir)
 }
 
 /// Every file under `dir/images`, by name.

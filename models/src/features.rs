@@ -1,16 +1,18 @@
-//! Feature networks for evaluation: greyscale images in, one vector per image out, behind one trait. Two
+//! Feature networks for evaluation: greyscale images in, one vector per image out, behind one trait. The
 //! backends: a native DINOv2-family ViT loading a Hugging Face snapshot (Rad-DINO) with its processor's exact
-//! preprocessing ([`Dinov2Net`]), and a TorchScript module a user exported with its own preprocessing
+//! preprocessing ([`Dinov2Net`]), a native DINOv3 ViT the same way ([`Dinov3Net`], Table 9), and a TorchScript module a user exported with its own preprocessing
 //! (evaluation.md C.5: traced at its fixed input size, e.g. Inception at 299), which radit hands the images as
 //! [`TorchScriptNet`] documents. The native DINOv2 also gives [`PerceptualDistance`], the Rad-DINO distance that
 //! trains the decoders and measures identity preservation.
 
 mod dinov2;
+mod dinov3;
 mod perceptual;
 mod preprocess;
 
 pub(crate) use dinov2::read_json;
 pub use dinov2::{Dinov2, Dinov2Config, Dinov2Net, write_random_snapshot};
+pub use dinov3::{Dinov3, Dinov3Config, Dinov3Net};
 pub use perceptual::{LayerReduce, PerceptualDistance};
 pub use preprocess::{Preprocessing, ProcessorConfig};
 
@@ -30,7 +32,12 @@ pub fn load_net(
     device: Device,
 ) -> Result<Box<dyn FeatureNet>, ModelError> {
     if path.is_dir() {
-        return Ok(Box::new(Dinov2Net::load(path, preprocessing, device)?));
+        // The snapshot's config says which family it is (DINOv3's model_type is `dinov3_vit`).
+        let config: serde_json::Value = read_json(&path.join("config.json"))?;
+        return Ok(match config["model_type"].as_str() {
+            Some("dinov3_vit") => Box::new(Dinov3Net::load(path, preprocessing, device)?),
+            _ => Box::new(Dinov2Net::load(path, preprocessing, device)?),
+        });
     }
     let size = input_size.ok_or_else(|| ModelError::BadInput {
         input: "input size",

@@ -139,7 +139,7 @@ struct RunSections {
 }
 
 /// The top-level sections that belong to the job rather than to the train config.
-const RUN_SECTIONS: [&str; 7] = [
+pub const RUN_SECTIONS: [&str; 7] = [
     "job",
     "resources",
     "launcher",

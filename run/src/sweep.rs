@@ -22,16 +22,10 @@ use crate::job::{Job, JobError, JobSpec, ValidatedWork};
 /// The placeholder for a run's name.
 pub const RUN: &str = "{run}";
 
-/// Sections whose keys are the job's own, the same for every run of an array.
-const FIXED: [&str; 7] = [
-    "job",
-    "resources",
-    "launcher",
-    "restart",
-    "coordinator",
-    "monitoring",
-    "sweep",
-];
+/// Whether a top-level section is the job's own (the same for every run of an array) or `[sweep]` itself.
+fn fixed(section: &str) -> bool {
+    section == "sweep" || (crate::job::RUN_SECTIONS.contains(&section) && section != "samples")
+}
 
 /// One run of a sweep: its name, the settings it changes, and its job spec.
 #[derive(Debug, Clone)]
@@ -70,7 +64,7 @@ fn set(table: &mut toml::Table, dotted: &str, value: toml::Value) -> Result<(), 
             "'{dotted}' is not a dotted key such as flow.shift"
         )));
     }
-    if FIXED.contains(&parts[0]) {
+    if fixed(parts[0]) {
         return Err(bad(format!(
             "'{dotted}' is in [{}], which every run of a sweep shares (one Slurm array): sweep the work's settings",
             parts[0]

@@ -137,6 +137,39 @@ pub fn feature_net(dir: &Path) -> PathBuf {
     net
 }
 
+/// `radit eval features` of `source` (`--store S --split X ...` or `--samples DIR`) through the tiny network of
+/// [`feature_net`] at its side of 32, on the CPU, into `out` (its `.ids.txt` and `.json` beside it).
+pub fn tiny_features(net: &Path, source: &[&str], out: &Path) -> PathBuf {
+    run_ok(
+        radit()
+            .args([
+                "eval",
+                "features",
+                "--input-size",
+                "32",
+                "--device",
+                "cpu",
+                "--net",
+            ])
+            .arg(net)
+            .args(source)
+            .arg("--out")
+            .arg(out),
+    );
+    out.to_path_buf()
+}
+
+/// Random weights of the tiny preset (seed 4) at `dir/w.safetensors`: samples that need not look like anything.
+pub fn tiny_weights(dir: &Path) -> PathBuf {
+    let w = dir.join("w.safetensors");
+    run_ok(
+        radit()
+            .args(["model", "init", "tiny", "--seed", "4", "--out"])
+            .arg(&w),
+    );
+    w
+}
+
 /// Writes a job spec to `dir/job.toml` after checking that it reads as one (a typo in a test's job fails here,
 /// naming the field, instead of as a confusing run failure later); returns its path.
 pub fn write_job(dir: &Path, text: &str) -> PathBuf {

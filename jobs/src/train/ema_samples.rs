@@ -3,8 +3,6 @@
 //! store's latent statistics once; at a step that needs samples, one gather of the EMA weights builds the
 //! [`EmaSamples`] both draw from.
 
-use std::ops::Range;
-
 use radit_engine::training::TrainingEngine;
 use radit_models::autoencoder::{DecoderConfig, LatentDecoder};
 use radit_models::model::ModelError;
@@ -92,32 +90,8 @@ pub struct EmaSamples {
 }
 
 impl EmaSamples {
-    /// Unconditional samples `indices` of the noise stream `seed` (sample i depends only on (seed, i)), `steps`
-    /// Euler steps at the run's shift, `batch` at a time, on the CPU; decoded when `decoder` is given.
-    pub fn draw(
-        &self,
-        indices: Range<u64>,
-        batch: u64,
-        seed: u64,
-        steps: usize,
-        decoder: Option<&DecoderConfig>,
-    ) -> Result<Tensor, ModelError> {
-        let solver = Solver::Euler {
-            steps,
-            shift: self.sampling.0.shift,
-        };
-        let (samples, _) = tch::no_grad(|| {
-            self.sampler
-                .generate_range(&Conditions::missing(), indices, batch, seed, solver)
-        })?;
-        match decoder {
-            Some(d) => self.sampling.decode(d, &samples),
-            None => Ok(samples),
-        }
-    }
-
-    /// One sample per `conditions[i]` with the noise of index `indices[i]` of the stream `seed`, `steps` Euler
-    /// steps at the run's shift, on the CPU; decoded when `decoder` is given (the matched in-training FD).
+    /// One sample per `conditions[i]` with the noise of index `indices[i]` of the stream `seed` (a sample depends
+    /// only on those), `steps` Euler steps at the run's shift, on the CPU; decoded when `decoder` is given.
     pub fn draw_for(
         &self,
         conditions: &[&Conditions],

@@ -88,7 +88,10 @@ pub fn write_sheet(
     let (rank, world) = (comm.rank() as u64, comm.world() as u64);
     let device = engine.device();
     let per = cfg.count.div_ceil(world);
-    let local = ema.draw(rank * per..(rank + 1) * per, per, cfg.seed, cfg.steps, None)?;
+    let missing = crate::generate::Conditions::missing();
+    let indices: Vec<u64> = (rank * per..(rank + 1) * per).collect();
+    let conditions = vec![&missing; indices.len()];
+    let local = ema.draw_for(&conditions, &indices, cfg.seed, cfg.steps, None)?;
     let shape = local.size();
     let local = local.to_kind(Kind::Float).to_device(device).flatten(0, -1);
     let mut all = Tensor::zeros([local.numel() as i64 * world as i64], (Kind::Float, device));

@@ -9,6 +9,9 @@
 //!   bilinear filter (reproduced here to the bit: torch's uint8 kernel differs from PIL by one level on about 0.3%
 //!   of pixels, which moves features by 1e-2), `ToTensor` then x 255 truncated to uint8.
 //!
+//! - DINOv3's processor (`rescale_first`): the 8-bit levels rescaled to [0, 1] in fp32 first, then resized
+//!   (antialiased, in fp32), then normalised, the order its image processor keeps.
+//!
 //! The preprocessing is part of a feature's identity: [`Preprocessing::id`] names it, with a version bumped whenever
 //! the numbers it produces change.
 
@@ -30,8 +33,9 @@ pub struct ProcessorConfig {
     /// PIL's codes: 2 bilinear, 3 bicubic.
     #[serde(default = "bicubic")]
     pub resample: i64,
-    #[serde(default = "yes")]
-    pub do_center_crop: bool,
+    /// A crop when absent (BitImageProcessor's default); null (DINOv3's processor writes it so) is no crop.
+    #[serde(default = "some_yes")]
+    pub do_center_crop: Option<bool>,
     #[serde(default)]
     pub crop_size: Option<Size>,
     #[serde(default = "yes")]
@@ -55,6 +59,9 @@ pub struct Size {
 
 fn yes() -> bool {
     true
+}
+fn some_yes() -> Option<bool> {
+    Some(true)
 }
 fn bicubic() -> i64 {
     3
@@ -87,7 +94,16 @@ pub struct Preprocessing {
     /// (x - offset) / divisor per channel, the processor's fused rescale and normalise.
     offset: [f64; 3],
     divisor: [f64; 3],
+    /// DINOv3's order: x * scale, resized in fp32, then (x - mean) / std.
+    rescale_first: Option<RescaleFirst>,
     id: String,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct RescaleFirst {
+    scale: f64,
+    mean: [f64; 3],
+    std: [f64; 3],
 }
 
 fn three(
@@ -151,7 +167,7 @@ impl Preprocessing {
         } else {
             None
         };
-        let crop = if config.do_center_crop {
+        let crop = if config.do_center_crop.unwrap_or(false) {
             match config.crop_size.as_ref() {
                 Some(Size {
                     height: Some(h),
@@ -211,8 +227,32 @@ impl Preprocessing {
             crop,
             offset,
             divisor,
+            rescale_first: None,
             id,
         })
+    }
+
+    /// [`Preprocessing::new`] in DINOv3's order: rescale to [0, 1] in fp32, resize, normalise.
+    pub fn rescaled_first(
+        chain: &str,
+        mut config: ProcessorConfig,
+        path: &Path,
+    ) -> Result<Self, ModelError> {
+        // DINOv3's processor crops only when told to (its file leaves the field out).
+        if config.crop_size.is_none() {
+            config.do_center_crop = Some(false);
+        }
+        let scale = if config.do_rescale {
+            config.rescale_factor
+        } else {
+            1.0
+        };
+        let mut p = Self::new(chain, config, path)?;
+        let mean = p.offset.map(|o| o * scale);
+        let std = p.divisor.map(|d| d * scale);
+        p.rescale_first = Some(RescaleFirst { scale, mean, std });
+        p.id = p.id.replacen(":", "-rescale-first:", 1);
+        Ok(p)
     }
 
     /// The side the network sees: the crop, else the exact resize, else the shortest edge squared.
@@ -260,6 +300,9 @@ impl Preprocessing {
             // ToTensor (/ 255 in fp32), then x 255 and a truncating cast, as CheXGenBench writes it.
             x = (sized.to_kind(Kind::Float) / 255.0 * 255.0).to_kind(Kind::Uint8);
         }
+        if let Some(r) = self.rescale_first {
+            return self.apply_rescaled_first(&x, r);
+        }
         if let Some((resize, resample)) = self.resize {
             let (h, w) = (x.size()[2], x.size()[3]);
             let (nh, nw) = match resize {
@@ -286,6 +329,50 @@ impl Preprocessing {
         let offset = Tensor::from_slice(&self.offset.map(|v| v as f32)).view([1, 3, 1, 1]);
         let divisor = Tensor::from_slice(&self.divisor.map(|v| v as f32)).view([1, 3, 1, 1]);
         Ok((x.to_kind(Kind::Float) - offset) / divisor)
+    }
+}
+
+impl Preprocessing {
+    /// The resized size of an `h` x `w` image.
+    fn resized(&self, h: i64, w: i64) -> Option<(i64, i64, Resample)> {
+        let (resize, resample) = self.resize?;
+        let (nh, nw) = match resize {
+            Resize::Exact(nh, nw) => (nh, nw),
+            Resize::ShortestEdge(s) if h <= w => (s, (s as f64 * w as f64 / h as f64) as i64),
+            Resize::ShortestEdge(s) => ((s as f64 * h as f64 / w as f64) as i64, s),
+        };
+        ((nh, nw) != (h, w)).then_some((nh, nw, resample))
+    }
+
+    /// uint8 `[B, 3, H, W]` through DINOv3's order: rescale, an antialiased fp32 resize, the crop, normalise.
+    fn apply_rescaled_first(&self, levels: &Tensor, r: RescaleFirst) -> Result<Tensor, ModelError> {
+        let mut x = levels.to_kind(Kind::Float) * r.scale;
+        let (h, w) = (x.size()[2], x.size()[3]);
+        if let Some((nh, nw, resample)) = self.resized(h, w) {
+            x = match resample {
+                Resample::Bicubic => {
+                    Tensor::internal_upsample_bicubic2d_aa(&x, [nh, nw], false, None, None)
+                }
+                Resample::Bilinear => {
+                    Tensor::internal_upsample_bilinear2d_aa(&x, [nh, nw], false, None, None)
+                }
+            };
+        }
+        if let Some((ch, cw)) = self.crop {
+            let (h, w) = (x.size()[2], x.size()[3]);
+            if ch > h || cw > w {
+                return Err(ModelError::BadInput {
+                    input: "images",
+                    reason: format!("{h}x{w} after resizing is smaller than the crop {ch}x{cw}"),
+                });
+            }
+            let top = ((h - ch) as f64 / 2.0).round() as i64;
+            let left = ((w - cw) as f64 / 2.0).round() as i64;
+            x = x.narrow(2, top, ch).narrow(3, left, cw);
+        }
+        let mean = Tensor::from_slice(&r.mean.map(|v| v as f32)).view([1, 3, 1, 1]);
+        let std = Tensor::from_slice(&r.std.map(|v| v as f32)).view([1, 3, 1, 1]);
+        Ok((x - mean) / std)
     }
 }
 
