@@ -431,14 +431,19 @@ fn dinov3_features_match_transformers_with_its_processor() {
         radit()
             .args(["eval", "features", "--store"])
             .arg(&store)
-            .args(["--split", "train", "--batch", "5", "--device", "cpu", "--net"])
+            .args([
+                "--split", "train", "--batch", "5", "--device", "cpu", "--net",
+            ])
             .arg(&snapshot)
             .arg("--out")
             .arg(&out),
     );
     let report: serde_json::Value = serde_json::from_str(stdout(&report).trim()).unwrap();
     assert_eq!(report["dim"], 64, "{report}");
-    assert!(report["network"].as_str().unwrap().starts_with("dinov3:"), "{report}");
+    assert!(
+        report["network"].as_str().unwrap().starts_with("dinov3:"),
+        "{report}"
+    );
     let check = run_ok(
         python()
             .arg(&twin)
@@ -449,9 +454,83 @@ fn dinov3_features_match_transformers_with_its_processor() {
     let c: serde_json::Value = serde_json::from_str(stdout(&check).trim()).unwrap();
     assert_eq!(c["shape"], c["want_shape"], "{c}");
     // The store's 16 x 16 images are upsampled to the processor's 64: 16 patch tokens with RoPE.
-    assert_eq!(c["input"], serde_json::json!([c["shape"][0], 3, 64, 64]), "{c}");
-    let (diff, scale) = (c["max_abs_diff"].as_f64().unwrap(), c["scale"].as_f64().unwrap());
+    assert_eq!(
+        c["input"],
+        serde_json::json!([c["shape"][0], 3, 64, 64]),
+        "{c}"
+    );
+    let (diff, scale) = (
+        c["max_abs_diff"].as_f64().unwrap(),
+        c["scale"].as_f64().unwrap(),
+    );
     assert!(diff <= 1e-5 * scale.max(1.0), "{c}");
+}
+
+/// The FID Inception (Table 10) natively: pytorch-fid's own InceptionV3 with the same (random) weights gives the
+/// same pool3 features on the same 8-bit images; the export script refuses a file that is not the 2015-12-05
+/// weights unless told, and a safetensors file that is not the FID network is refused, naming it.
+#[test]
+fn the_fid_inception_matches_pytorch_fid() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let store = tiny_store(d, 24, "40x48", 8, &[]);
+    let twin = repo().join("tests/python/inception_twin.py");
+    let (pth, net) = (d.join("inception.pth"), d.join("inception.safetensors"));
+    run_ok(python().arg(&twin).arg("make").arg(&pth).arg("3"));
+    let export = || {
+        let mut cmd = python();
+        cmd.arg(repo().join("scripts/export-fid-inception.py"))
+            .arg(&pth)
+            .arg(&net);
+        cmd
+    };
+    let refused = export().output().unwrap();
+    assert!(
+        !refused.status.success() && stderr(&refused).contains("6726825d"),
+        "{}",
+        stderr(&refused)
+    );
+    run_ok(export().arg("--any-weights"));
+    let out = d.join("inception.npy");
+    let features = |net: &Path| {
+        let mut cmd = radit();
+        cmd.args(["eval", "features", "--store"])
+            .arg(&store)
+            .args([
+                "--split", "train", "--batch", "8", "--device", "cpu", "--net",
+            ])
+            .arg(net)
+            .arg("--out")
+            .arg(&out);
+        cmd
+    };
+    let report = run_ok(&mut features(&net));
+    let report: serde_json::Value = serde_json::from_str(stdout(&report).trim()).unwrap();
+    assert_eq!(report["dim"], 2048, "{report}");
+    assert!(
+        report["network"]
+            .as_str()
+            .unwrap()
+            .starts_with("fid-inception:"),
+        "{report}"
+    );
+    let check = run_ok(
+        python()
+            .arg(&twin)
+            .args(["check", store.to_str().unwrap(), "train"])
+            .arg(&pth)
+            .arg(&out),
+    );
+    let c: serde_json::Value = serde_json::from_str(stdout(&check).trim()).unwrap();
+    assert_eq!(c["shape"], c["want_shape"], "{c}");
+    // Measured: 0.0 (the same libtorch kernels in the same order).
+    let (diff, scale) = (
+        c["max_abs_diff"].as_f64().unwrap(),
+        c["scale"].as_f64().unwrap(),
+    );
+    assert!(diff <= 1e-5 * scale.max(1.0), "{c}");
+    let other = tiny_weights(d);
+    fails_with_usage(&mut features(&other), "w.safetensors");
 }
 
 #[test]

@@ -1,18 +1,20 @@
 //! Feature networks for evaluation: greyscale images in, one vector per image out, behind one trait. The
 //! backends: a native DINOv2-family ViT loading a Hugging Face snapshot (Rad-DINO) with its processor's exact
-//! preprocessing ([`Dinov2Net`]), a native DINOv3 ViT the same way ([`Dinov3Net`], Table 9), and a TorchScript module a user exported with its own preprocessing
+//! preprocessing ([`Dinov2Net`]), a native DINOv3 ViT the same way ([`Dinov3Net`], Table 9), the FID Inception ([`InceptionNet`], Table 10), and a TorchScript module a user exported with its own preprocessing
 //! (evaluation.md C.5: traced at its fixed input size, e.g. Inception at 299), which radit hands the images as
 //! [`TorchScriptNet`] documents. The native DINOv2 also gives [`PerceptualDistance`], the Rad-DINO distance that
 //! trains the decoders and measures identity preservation.
 
 mod dinov2;
 mod dinov3;
+mod inception;
 mod perceptual;
 mod preprocess;
 
 pub(crate) use dinov2::read_json;
 pub use dinov2::{Dinov2, Dinov2Config, Dinov2Net, write_random_snapshot};
 pub use dinov3::{Dinov3, Dinov3Config, Dinov3Net};
+pub use inception::{FidInception, InceptionNet};
 pub use perceptual::{LayerReduce, PerceptualDistance};
 pub use preprocess::{Preprocessing, ProcessorConfig};
 
@@ -23,8 +25,9 @@ use tch::{Device, Kind, Tensor};
 
 use crate::error::ModelError;
 
-/// A feature network by path: a directory is a DINOv2 snapshot (with `preprocessing`, `processor` or
-/// `chexgenbench`), a file a TorchScript module of input side `input_size`.
+/// A feature network by path: a directory is a DINOv2 or DINOv3 snapshot (with `preprocessing`, `processor` or
+/// `chexgenbench`), a `.safetensors` file the FID Inception, any other file a TorchScript module of input side
+/// `input_size`.
 pub fn load_net(
     path: &Path,
     input_size: Option<i64>,
@@ -38,6 +41,10 @@ pub fn load_net(
             Some("dinov3_vit") => Box::new(Dinov3Net::load(path, preprocessing, device)?),
             _ => Box::new(Dinov2Net::load(path, preprocessing, device)?),
         });
+    }
+    // The FID Inception, converted by scripts/export-fid-inception.py (its safetensors file says so).
+    if path.extension().is_some_and(|e| e == "safetensors") {
+        return Ok(Box::new(InceptionNet::load(path, device)?));
     }
     let size = input_size.ok_or_else(|| ModelError::BadInput {
         input: "input size",

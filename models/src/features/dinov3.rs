@@ -209,11 +209,17 @@ impl Dinov3 {
             let c = Tensor::arange(n, (Kind::Float, device)) + 0.5;
             (c / n as f64) * 2.0 - 1.0
         };
-        let ys = centres(h).view([h, 1]).expand([h, w], false).reshape([h * w, 1]);
-        let xs = centres(w).view([1, w]).expand([h, w], false).reshape([h * w, 1]);
+        let ys = centres(h)
+            .view([h, 1])
+            .expand([h, w], false)
+            .reshape([h * w, 1]);
+        let xs = centres(w)
+            .view([1, w])
+            .expand([h, w], false)
+            .reshape([h * w, 1]);
         let coords = Tensor::cat(&[ys, xs], 1); // [hw, 2]
-        let angles = (coords.unsqueeze(2) * inv_freq.view([1, 1, quarter]))
-            * (2.0 * std::f64::consts::PI);
+        let angles =
+            (coords.unsqueeze(2) * inv_freq.view([1, 1, quarter])) * (2.0 * std::f64::consts::PI);
         let angles = angles.flatten(1, 2).repeat([1, 2]);
         (angles.cos(), angles.sin())
     }
@@ -241,10 +247,7 @@ impl Dinov3 {
             let head = t.narrow(2, 0, prefix);
             let tail = t.narrow(2, prefix, n - prefix);
             let half = tail.size()[3] / 2;
-            let rotated = Tensor::cat(
-                &[-tail.narrow(3, half, half), tail.narrow(3, 0, half)],
-                3,
-            );
+            let rotated = Tensor::cat(&[-tail.narrow(3, half, half), tail.narrow(3, 0, half)], 3);
             Tensor::cat(&[head, &tail * &cos + rotated * &sin], 2)
         };
         for layer in &self.layers {
