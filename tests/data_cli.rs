@@ -129,7 +129,9 @@ fn id_list(path: &Path) -> Vec<String> {
 }
 
 /// The store's (split, image_id, dataset) rows and each split's patients.
-fn rows_of(store: &Path) -> (Vec<(Split, String, u8)>, BTreeMap<Split, BTreeSet<String>>) {
+type StoreRows = (Vec<(Split, String, u8)>, BTreeMap<Split, BTreeSet<String>>);
+
+fn rows_of(store: &Path) -> StoreRows {
     let reader = StoreReader::open(Storage::open(store.to_str().unwrap()).unwrap()).unwrap();
     let (mut rows, mut patients) = (Vec::new(), BTreeMap::new());
     for split in Split::ALL {
@@ -156,7 +158,7 @@ fn data_stats_agree_with_an_independent_count_and_a_reference_set_makes_a_fideli
         .map(|(i, l)| {
             let mut cells: Vec<String> = l.split(',').map(String::from).collect();
             let patient: u64 = cells[1].trim_start_matches('P').parse().unwrap_or(1);
-            if i > 0 && (patient % 2 == 0 || cells[2] == "MIMIC-CXR") {
+            if i > 0 && (patient.is_multiple_of(2) || cells[2] == "MIMIC-CXR") {
                 cells[2] = "MIMIC-CXR".into();
                 cells[0] = format!("MIMIC-CXR:{}", cells[0]);
             }

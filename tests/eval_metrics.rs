@@ -918,7 +918,7 @@ fn a_reader_study_is_prepared_filled_in_and_scored_as_scipy_and_scikit_learn_sco
                 let n: usize = name[6..9].parse().unwrap();
                 let said = match rule {
                     0 => t ^ (p == 1 && n <= 2),
-                    1 => t ^ (n % 3 == 0 && p == 2) ^ (n % 5 == 0),
+                    1 => t ^ (n.is_multiple_of(3) && p == 2) ^ n.is_multiple_of(5),
                     _ => false,
                 };
                 text += &format!(

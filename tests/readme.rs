@@ -45,6 +45,11 @@ const SUBSTITUTIONS: &[(&str, &str)] = &[
     ),
     ("--global-batch 512", "--global-batch 8"),
     ("--cache /scratch/features", "--cache features-cache"),
+    // The quickstart's store is small: a reference set of its size.
+    (
+        "--count 5000 --seed 0 --out mimic-5k.ids",
+        "--count 1 --seed 0 --out mimic-5k.ids",
+    ),
     ("--threads 8", "--threads 2"),
     // A user's weights and images: the quickstart's model and one of its images.
     (
@@ -94,6 +99,18 @@ const CLUSTER_ONLY: &[(&str, &str)] = &[
         "the U-Net job's store and Slurm account (tests/examples.rs dry-runs every example job)",
     ),
     ("radit-xl", "the XL run's weights"),
+    (
+        "LLAVARAD_ANNOTATIONS_TEST.csv",
+        "CheXGenBench's test CSV (tests/data_cli.rs maps one)",
+    ),
+    (
+        "chexgenbench.ids",
+        "CheXGenBench's reference set, mapped from its CSV",
+    ),
+    (
+        "pt_inception-2015-12-05",
+        "the FID weights file (tests/eval_metrics.rs exports random ones)",
+    ),
     ("srun ", "Slurm with GPUs"),
     (
         ".radit-token-$SLURM_JOB_ID",
@@ -183,6 +200,11 @@ fn every_readme_command_runs_or_says_why_not() {
     // What the Data section's commands read: the synthetic releases with their sources.toml, and a hold-out list.
     script.push_str("radit harmonise fixtures --out fixtures > /dev/null\n");
     script.push_str("echo '00000003_000.png' > fixtures/hold-out.txt\n");
+    // The sweep the README dry-runs, at its path.
+    script.push_str(&format!(
+        "mkdir -p examples/sweeps && cp {} examples/sweeps/\n",
+        repo().join("examples/sweeps/table8-lambda.toml").display()
+    ));
     // The README's CPU training config at a tenth of its steps.
     script.push_str(&format!(
         "sed 's/^steps = 400/steps = 40/' {} > radit-tiny-cpu.toml\n",

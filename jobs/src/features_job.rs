@@ -127,7 +127,7 @@ enum Source {
         /// The shards to read, in order: every shard of the split, or those holding a wanted id.
         shards: Vec<(Split, u64)>,
         /// Only these ids (with `ids`).
-        wanted: Option<std::collections::HashSet<String>>,
+        wanted: Option<WantedIds>,
     },
     Samples(Vec<(PathBuf, String, u64)>),
 }
@@ -257,14 +257,17 @@ impl Source {
     }
 }
 
+/// The image ids a store source is restricted to.
+type WantedIds = std::collections::HashSet<String>;
+
 /// The shards of `scope` that hold any of `ids`, and the ids as a set; every id must be found.
 fn shards_holding(
     reader: &StoreReader,
     scope: SplitScope,
     ids: &[String],
     path: &Path,
-) -> Result<(Vec<(Split, u64)>, std::collections::HashSet<String>), RankError> {
-    let wanted: std::collections::HashSet<String> = ids.iter().cloned().collect();
+) -> Result<(Vec<(Split, u64)>, WantedIds), RankError> {
+    let wanted: WantedIds = ids.iter().cloned().collect();
     let mut shards = Vec::new();
     let mut found = 0usize;
     for split in scope.splits() {

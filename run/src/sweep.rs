@@ -189,15 +189,14 @@ pub fn expand(text: &str) -> Result<Option<Vec<SweepRun>>, String> {
             .and_then(|j| j.as_table_mut())
             .ok_or_else(|| bad("the job has no [job] section"))?;
         if let Some(dir) = job
-            .get_mut("run_dir")
+            .get("run_dir")
             .and_then(|d| d.as_str().map(str::to_string))
+            && !dir.contains(RUN)
         {
-            if !dir.contains(RUN) {
-                job.insert(
-                    "run_dir".into(),
-                    toml::Value::String(format!("{dir}/{RUN}")),
-                );
-            }
+            job.insert(
+                "run_dir".into(),
+                toml::Value::String(format!("{dir}/{RUN}")),
+            );
         }
         job.insert("name".into(), toml::Value::String(name.clone()));
         let mut value = toml::Value::Table(spec);
