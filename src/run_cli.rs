@@ -25,6 +25,10 @@ pub struct RunArgs {
     /// from here).
     #[arg(long)]
     no_check: bool,
+    /// A sweep's table only: per run its settings and its last loss, validation loss and mini-FD (from each run's
+    /// metrics.csv), printed and written to <run_dir>/sweep/sweep.csv; starts nothing.
+    #[arg(long, conflicts_with = "dry_run")]
+    summary: bool,
     /// Inside a Slurm allocation (the rendered batch script passes this): supervise srun tasks here.
     #[arg(long, hide = true)]
     in_allocation: bool,
@@ -48,6 +52,11 @@ pub fn run(a: RunArgs) -> anyhow::Result<u8> {
     if let Some(sweep) = Sweep::load(&a.job)? {
         return run_sweep(&sweep, &a);
     }
+    crate::exit::ensure_usage!(
+        !a.summary,
+        "--summary is a sweep's table: {} has no [sweep]",
+        a.job.display()
+    );
     let job = Job::load(&a.job)?;
     let radit = std::env::current_exe().context("locating the radit binary")?;
     if a.dry_run {
@@ -81,6 +90,10 @@ fn run_sweep(sweep: &Sweep, a: &RunArgs) -> anyhow::Result<u8> {
         "--in-allocation runs one run of a sweep: give its spec (in {})",
         sweep.dir.display()
     );
+    if a.summary {
+        print!("{}", sweep.summary()?);
+        return Ok(0);
+    }
     let radit = std::env::current_exe().context("locating the radit binary")?;
     let radit_path = radit.display().to_string();
     let slurm = sweep.runs[0].1.spec.launcher.kind == LauncherKind::Slurm;
@@ -144,6 +157,7 @@ fn run_sweep(sweep: &Sweep, a: &RunArgs) -> anyhow::Result<u8> {
             break;
         }
     }
+    print!("{}", sweep.summary()?);
     Ok(worst)
 }
 

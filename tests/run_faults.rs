@@ -362,7 +362,8 @@ fn the_progress_line_is_right_at_the_end_and_after_a_relaunch() {
 }
 
 /// A `[sweep]` runs each of its runs under the local launcher, one after another, each in its own run directory
-/// with its own checkpoints; a sweep whose runs would share checkpoints is refused before anything starts.
+/// with its own checkpoints, and writes the sweep's table from the runs' metrics; a sweep whose runs would share
+/// checkpoints is refused before anything starts.
 #[test]
 fn a_sweep_runs_each_run_in_its_own_directory_and_refuses_shared_checkpoints() {
     let dir = tempfile::tempdir().unwrap();
@@ -394,6 +395,25 @@ fn a_sweep_runs_each_run_in_its_own_directory_and_refuses_shared_checkpoints() {
             .collect();
         assert!(steps.iter().any(|s| s.contains("10")), "{name}: {steps:?}");
     }
+    // The sweep's table: a row per run with its setting and the last logged step of its own metrics.csv.
+    let table = std::fs::read_to_string(d.join("run/sweep/sweep.csv")).unwrap();
+    let rows: Vec<Vec<&str>> = table.lines().map(|l| l.split(',').collect()).collect();
+    assert_eq!(
+        rows[0][..4],
+        ["run", "engine.adam.lr", "step", "loss"],
+        "{table}"
+    );
+    assert_eq!((rows[1][1], rows[2][1]), ("0.002", "0.004"), "{table}");
+    for row in &rows[1..] {
+        assert_eq!(row[2], "10", "{table}");
+        assert!(row[3].parse::<f64>().is_ok_and(f64::is_finite), "{table}");
+    }
+    assert_ne!(
+        rows[1][3], rows[2][3],
+        "two learning rates, two losses: {table}"
+    );
+    let again = common::run_ok(common::radit().args(["run", "--summary"]).arg(&sweep));
+    assert_eq!(common::stdout(&again), table);
 }
 
 /// `[coordinator] tls = true`: the coordinator serves HTTPS with the run's own authority, the ranks pin it, a

@@ -8,6 +8,9 @@
 //! "engine.adam.lr" = [1e-4, 2e-4]
 //! ```
 //!
+//! `radit run SWEEP --summary` (and the end of a local sweep) writes `<sweep dir>/sweep.csv`: per run its settings,
+//! its last loss, validation loss and matched in-training FD, read from each run's `metrics.csv`.
+//!
 //! A run is named `<job name>-<key>-<value>...` by its settings (the last part of each key). `{run}` in any string
 //! of the spec becomes the run's name (`url = "s3://bucket/ckpt/{run}"`); a run directory without it gets the
 //! run's name appended. Keys of the job's own sections ([job], [resources], [launcher], ...) cannot be swept: the
@@ -326,6 +329,63 @@ impl Sweep {
             })
             .collect();
         job
+    }
+
+    /// The sweep's table, one row per run: its settings, then the last logged step of its `metrics.csv` (loss),
+    /// its last validation loss and its last mini-FD (the run's matched in-training FD) with their steps; empty
+    /// cells for a run that has not logged them. Written to `<sweep dir>/sweep.csv` and returned.
+    pub fn summary(&self) -> Result<String, JobError> {
+        let keys: Vec<&str> = self.runs[0]
+            .0
+            .settings
+            .iter()
+            .map(|(k, _)| k.as_str())
+            .collect();
+        let mut out = format!(
+            "run,{},step,loss,val_loss_step,val_loss,fd_step,fd\n",
+            keys.join(",")
+        );
+        for (run, job) in &self.runs {
+            let metrics = job.run_dir.join("metrics.csv");
+            let text = std::fs::read_to_string(&metrics).unwrap_or_default();
+            let mut lines = text.lines();
+            let header: Vec<&str> = lines.next().unwrap_or_default().split(',').collect();
+            let col = |name: &str| header.iter().position(|h| *h == name);
+            let (step, loss, val, fd) = (col("step"), col("loss"), col("val_loss"), col("fd"));
+            let (mut last, mut last_val, mut last_fd) = (None, None, None);
+            for line in lines {
+                let cells: Vec<&str> = line.split(',').collect();
+                let get = |c: Option<usize>| c.and_then(|i| cells.get(i)).copied().unwrap_or("");
+                let at = get(step).to_string();
+                last = Some((at.clone(), get(loss).to_string()));
+                if !get(val).is_empty() {
+                    last_val = Some((at.clone(), get(val).to_string()));
+                }
+                if !get(fd).is_empty() {
+                    last_fd = Some((at, get(fd).to_string()));
+                }
+            }
+            let pair = |p: Option<(String, String)>| p.unwrap_or_default();
+            let (s, l) = pair(last);
+            let (vs, v) = pair(last_val);
+            let (fs, f) = pair(last_fd);
+            let values: Vec<String> = run.settings.iter().map(|(_, v)| v.to_string()).collect();
+            out += &format!(
+                "{},{},{s},{l},{vs},{v},{fs},{f}\n",
+                run.name,
+                values.join(",")
+            );
+        }
+        std::fs::create_dir_all(&self.dir).map_err(|e| JobError::Unreadable {
+            file: self.dir.clone(),
+            reason: format!("cannot write it: {e}"),
+        })?;
+        let path = self.dir.join("sweep.csv");
+        std::fs::write(&path, &out).map_err(|e| JobError::Unreadable {
+            file: path.clone(),
+            reason: format!("cannot write it: {e}"),
+        })?;
+        Ok(out)
     }
 
     /// The dry run's list: every run, its settings and directory.
