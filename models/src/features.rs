@@ -56,6 +56,41 @@ pub fn load_net(
     Ok(Box::new(TorchScriptNet::load(path, size, device)?))
 }
 
+/// The shape of a batch of grey images `[B, 1, H, W]`, or an error saying what was given.
+pub(crate) fn grey_batch(images: &Tensor) -> Result<Vec<i64>, ModelError> {
+    let shape = images.size();
+    if shape.len() != 4 || shape[1] != 1 {
+        return Err(ModelError::BadInput {
+            input: "images",
+            reason: format!("shape {shape:?}; expected [batch, 1, H, W]"),
+        });
+    }
+    Ok(shape)
+}
+
+/// A snapshot's `model.safetensors` (names mapped by `rename`) loaded strictly into a frozen network that `build`
+/// makes on a fresh `VarStore`; with the first 16 hex digits of the file's sha256, for the network's id.
+pub(crate) fn load_snapshot_weights<N>(
+    weights: &Path,
+    device: Device,
+    rename: impl FnOnce(
+        std::collections::BTreeMap<String, Tensor>,
+    ) -> std::collections::BTreeMap<String, Tensor>,
+    build: impl FnOnce(&tch::nn::Path) -> N,
+) -> Result<(tch::nn::VarStore, N, String), ModelError> {
+    let bytes = std::fs::read(weights).map_err(|source| ModelError::Io {
+        path: weights.display().to_string(),
+        source,
+    })?;
+    let tensors = rename(crate::model::read_weights(weights)?.tensors);
+    let mut vs = tch::nn::VarStore::new(device);
+    let net = build(&vs.root());
+    crate::model::load_named(&vs, &tensors, weights)?;
+    vs.freeze();
+    let hash = hex::encode(Sha256::digest(&bytes));
+    Ok((vs, net, hash[..16].to_string()))
+}
+
 /// Images to feature vectors.
 pub trait FeatureNet {
     /// Features `[B, D]` (f32, on the CPU) of images `[B, 1, H, W]` in [0, 1].
@@ -104,13 +139,7 @@ impl TorchScriptNet {
 
 impl FeatureNet for TorchScriptNet {
     fn features(&self, images: &Tensor) -> Result<Tensor, ModelError> {
-        let shape = images.size();
-        if shape.len() != 4 || shape[1] != 1 {
-            return Err(ModelError::BadInput {
-                input: "images",
-                reason: format!("shape {shape:?}; expected [batch, 1, H, W]"),
-            });
-        }
+        let shape = grey_batch(images)?;
         let out = tch::no_grad(|| -> Result<Tensor, ModelError> {
             let mut x = images.to_device(self.device).to_kind(Kind::Float);
             if shape[2] != self.size || shape[3] != self.size {

@@ -8,7 +8,6 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use sha2::{Digest, Sha256};
 use tch::{Device, Kind, Tensor, nn};
 
 use super::FeatureNet;
@@ -307,18 +306,13 @@ impl Dinov2Net {
         let processor: ProcessorConfig = read_json(&file("preprocessor_config.json"))?;
         let preprocessing =
             Preprocessing::new(chain, processor, &file("preprocessor_config.json"))?;
-        let weights = file("model.safetensors");
-        let bytes = std::fs::read(&weights).map_err(|source| ModelError::Io {
-            path: weights.display().to_string(),
-            source,
-        })?;
-        let tensors = released_names(crate::model::read_weights(&weights)?.tensors);
-        let mut vs = nn::VarStore::new(device);
-        let net = Dinov2::new(&vs.root(), &config);
-        crate::model::load_named(&vs, &tensors, &weights)?;
-        vs.freeze();
-        let hash = hex::encode(Sha256::digest(&bytes));
-        let id = format!("dinov2:{}@{}", &hash[..16], preprocessing.id());
+        let (vs, net, hash) = super::load_snapshot_weights(
+            &file("model.safetensors"),
+            device,
+            released_names,
+            |p| Dinov2::new(p, &config),
+        )?;
+        let id = format!("dinov2:{hash}@{}", preprocessing.id());
         Ok(Self {
             _vs: vs,
             net,

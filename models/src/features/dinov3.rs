@@ -10,7 +10,6 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use sha2::{Digest, Sha256};
 use tch::{Device, Kind, Tensor, nn};
 
 use super::FeatureNet;
@@ -316,18 +315,11 @@ impl Dinov3Net {
         let processor: ProcessorConfig = super::read_json(&file("preprocessor_config.json"))?;
         let preprocessing =
             Preprocessing::rescaled_first(chain, processor, &file("preprocessor_config.json"))?;
-        let weights = file("model.safetensors");
-        let bytes = std::fs::read(&weights).map_err(|source| ModelError::Io {
-            path: weights.display().to_string(),
-            source,
-        })?;
-        let tensors = model_names(crate::model::read_weights(&weights)?.tensors);
-        let mut vs = nn::VarStore::new(device);
-        let net = Dinov3::new(&vs.root(), &config);
-        crate::model::load_named(&vs, &tensors, &weights)?;
-        vs.freeze();
-        let hash = hex::encode(Sha256::digest(&bytes));
-        let id = format!("dinov3:{}@{}", &hash[..16], preprocessing.id());
+        let (vs, net, hash) =
+            super::load_snapshot_weights(&file("model.safetensors"), device, model_names, |p| {
+                Dinov3::new(p, &config)
+            })?;
+        let id = format!("dinov3:{hash}@{}", preprocessing.id());
         Ok(Self {
             _vs: vs,
             net,

@@ -11,7 +11,6 @@
 
 use std::path::Path;
 
-use sha2::{Digest, Sha256};
 use tch::{Device, Kind, Tensor, nn};
 
 use super::FeatureNet;
@@ -335,34 +334,27 @@ impl InceptionNet {
                  pt_inception-2015-12-05-6726825d.pth with scripts/export-fid-inception.py"
             )));
         }
-        let bytes = std::fs::read(path).map_err(|source| ModelError::Io {
-            path: path.display().to_string(),
-            source,
-        })?;
-        let mut tensors = crate::model::read_weights(path)?.tensors;
-        tensors.retain(|name, _| !name.starts_with("fc."));
-        let vs = nn::VarStore::new(device);
-        let net = FidInception::new(&vs.root());
-        crate::model::load_named(&vs, &tensors, path)?;
-        let hash = hex::encode(Sha256::digest(&bytes));
+        let (vs, net, hash) = super::load_snapshot_weights(
+            path,
+            device,
+            |mut tensors| {
+                tensors.retain(|name, _| !name.starts_with("fc."));
+                tensors
+            },
+            FidInception::new,
+        )?;
         Ok(Self {
             _vs: vs,
             net,
             device,
-            id: format!("fid-inception:{}@{SIDE}-u8-bilinear", &hash[..16]),
+            id: format!("fid-inception:{hash}@{SIDE}-u8-bilinear"),
         })
     }
 }
 
 impl FeatureNet for InceptionNet {
     fn features(&self, images: &Tensor) -> Result<Tensor, ModelError> {
-        let shape = images.size();
-        if shape.len() != 4 || shape[1] != 1 {
-            return Err(ModelError::BadInput {
-                input: "images",
-                reason: format!("shape {shape:?}; expected [batch, 1, H, W]"),
-            });
-        }
+        let shape = super::grey_batch(images)?;
         let out = tch::no_grad(|| {
             // The 8-bit image pytorch-fid reads, as a tensor in [0, 1].
             let mut x = (images.to_device(self.device).to_kind(Kind::Float) * 255.0)

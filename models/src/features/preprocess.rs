@@ -280,13 +280,7 @@ impl Preprocessing {
 
     /// `[B, 1, H, W]` in [0, 1] to the network's input `[B, 3, H', W']` (fp32, CPU).
     pub fn apply(&self, images: &Tensor) -> Result<Tensor, ModelError> {
-        let shape = images.size();
-        if shape.len() != 4 || shape[1] != 1 {
-            return Err(ModelError::BadInput {
-                input: "images",
-                reason: format!("shape {shape:?}; expected [batch, 1, H, W]"),
-            });
-        }
+        super::grey_batch(images)?;
         let levels = (images.to_device(tch::Device::Cpu).to_kind(Kind::Float) * 255.0)
             .round()
             .clamp(0.0, 255.0)
@@ -303,29 +297,10 @@ impl Preprocessing {
         if let Some(r) = self.rescale_first {
             return self.apply_rescaled_first(&x, r);
         }
-        if let Some((resize, resample)) = self.resize {
-            let (h, w) = (x.size()[2], x.size()[3]);
-            let (nh, nw) = match resize {
-                Resize::Exact(nh, nw) => (nh, nw),
-                Resize::ShortestEdge(s) if h <= w => (s, (s as f64 * w as f64 / h as f64) as i64),
-                Resize::ShortestEdge(s) => ((s as f64 * h as f64 / w as f64) as i64, s),
-            };
-            if (nh, nw) != (h, w) {
-                x = resize_u8(&x, nh, nw, resample);
-            }
+        if let Some((nh, nw, resample)) = self.resized(x.size()[2], x.size()[3]) {
+            x = resize_u8(&x, nh, nw, resample);
         }
-        if let Some((ch, cw)) = self.crop {
-            let (h, w) = (x.size()[2], x.size()[3]);
-            if ch > h || cw > w {
-                return Err(ModelError::BadInput {
-                    input: "images",
-                    reason: format!("{h}x{w} after resizing is smaller than the crop {ch}x{cw}"),
-                });
-            }
-            let top = ((h - ch) as f64 / 2.0).round() as i64;
-            let left = ((w - cw) as f64 / 2.0).round() as i64;
-            x = x.narrow(2, top, ch).narrow(3, left, cw);
-        }
+        x = self.center_crop(x)?;
         let offset = Tensor::from_slice(&self.offset.map(|v| v as f32)).view([1, 3, 1, 1]);
         let divisor = Tensor::from_slice(&self.divisor.map(|v| v as f32)).view([1, 3, 1, 1]);
         Ok((x.to_kind(Kind::Float) - offset) / divisor)
@@ -333,6 +308,23 @@ impl Preprocessing {
 }
 
 impl Preprocessing {
+    /// The processor's centre crop, if it has one.
+    fn center_crop(&self, x: Tensor) -> Result<Tensor, ModelError> {
+        let Some((ch, cw)) = self.crop else {
+            return Ok(x);
+        };
+        let (h, w) = (x.size()[2], x.size()[3]);
+        if ch > h || cw > w {
+            return Err(ModelError::BadInput {
+                input: "images",
+                reason: format!("{h}x{w} after resizing is smaller than the crop {ch}x{cw}"),
+            });
+        }
+        let top = ((h - ch) as f64 / 2.0).round() as i64;
+        let left = ((w - cw) as f64 / 2.0).round() as i64;
+        Ok(x.narrow(2, top, ch).narrow(3, left, cw))
+    }
+
     /// The resized size of an `h` x `w` image.
     fn resized(&self, h: i64, w: i64) -> Option<(i64, i64, Resample)> {
         let (resize, resample) = self.resize?;
@@ -358,18 +350,7 @@ impl Preprocessing {
                 }
             };
         }
-        if let Some((ch, cw)) = self.crop {
-            let (h, w) = (x.size()[2], x.size()[3]);
-            if ch > h || cw > w {
-                return Err(ModelError::BadInput {
-                    input: "images",
-                    reason: format!("{h}x{w} after resizing is smaller than the crop {ch}x{cw}"),
-                });
-            }
-            let top = ((h - ch) as f64 / 2.0).round() as i64;
-            let left = ((w - cw) as f64 / 2.0).round() as i64;
-            x = x.narrow(2, top, ch).narrow(3, left, cw);
-        }
+        x = self.center_crop(x)?;
         let mean = Tensor::from_slice(&r.mean.map(|v| v as f32)).view([1, 3, 1, 1]);
         let std = Tensor::from_slice(&r.std.map(|v| v as f32)).view([1, 3, 1, 1]);
         Ok((x - mean) / std)
