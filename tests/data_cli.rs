@@ -370,17 +370,22 @@ fn data_stats_agree_with_an_independent_count_and_a_reference_set_makes_a_fideli
     // The reference row end to end: samples on the reference ids, features of both, the fidelity row.
     let w = tiny_weights(d);
     let samples = d.join("gen");
-    run_ok(
-        radit()
-            .args(["generate", "--threads", "1", "--weights"])
-            .arg(&w)
-            .arg("--profiles")
-            .arg(&store)
-            .args(["--split", "any", "--ids"])
-            .arg(d.join("chex.ids"))
-            .args(["--solver", "euler", "--steps", "4", "--out"])
-            .arg(&samples),
-    );
+    let chex_ids = d.join("chex.ids");
+    run_ok(&mut generate_cmd(
+        &w,
+        &store,
+        &samples,
+        &[
+            "--split",
+            "any",
+            "--ids",
+            chex_ids.to_str().unwrap(),
+            "--solver",
+            "euler",
+            "--steps",
+            "4",
+        ],
+    ));
     let net = feature_net(d);
     let features = |source: &[&str], name: &str| tiny_features(&net, source, &d.join(name));
     let ids = d.join("chex.ids");

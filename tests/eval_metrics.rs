@@ -750,16 +750,14 @@ input_size = 32
             .arg(&w),
     );
     let gen_dir = d.join("gen");
-    run_ok(
-        radit()
-            .args(["generate", "--threads", "1", "--weights"])
-            .arg(&w)
-            .arg("--profiles")
-            .arg(&store)
-            .args(["--split", "train", "--limit", "10", "--seed", "5"])
-            .args(["--solver", "euler", "--steps", "3", "--out"])
-            .arg(&gen_dir),
-    );
+    run_ok(&mut generate_cmd(
+        &w,
+        &store,
+        &gen_dir,
+        &[
+            "--split", "train", "--limit", "10", "--seed", "5", "--solver", "euler", "--steps", "3",
+        ],
+    ));
     let features = |source: &[&str], name: &str| tiny_features(&net, source, &d.join(name));
     let fake = features(&["--samples", gen_dir.to_str().unwrap()], "fake.npy");
     let ids: String = std::fs::read_to_string(d.join("fake.ids.txt")).unwrap();
@@ -814,17 +812,14 @@ fn a_reader_study_is_prepared_filled_in_and_scored_as_scipy_and_scikit_learn_sco
     let store = tiny_store(d, 48, "40x48", 8, &[]);
     let w = tiny_weights(d);
     let samples = d.join("gen");
-    run_ok(
-        radit()
-            .args(["generate", "--threads", "1", "--weights"])
-            .arg(&w)
-            .arg("--profiles")
-            .arg(&store)
-            .args([
-                "--split", "train", "--limit", "9", "--solver", "euler", "--steps", "2", "--out",
-            ])
-            .arg(&samples),
-    );
+    run_ok(&mut generate_cmd(
+        &w,
+        &store,
+        &samples,
+        &[
+            "--split", "train", "--limit", "9", "--solver", "euler", "--steps", "2",
+        ],
+    ));
     let study = d.join("study");
     let prepare = |out: &Path| {
         let mut cmd = radit();

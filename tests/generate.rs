@@ -11,11 +11,6 @@ use std::path::{Path, PathBuf};
 
 use common::*;
 
-/// Random tiny weights (the samples need not look like anything to be matched and reproducible).
-fn weights(dir: &Path) -> PathBuf {
-    tiny_weights(dir)
-}
-
 /// Every file under `dir/images`, by name.
 fn images(dir: &Path) -> BTreeMap<String, Vec<u8>> {
     std::fs::read_dir(dir.join("images"))
@@ -28,18 +23,6 @@ fn images(dir: &Path) -> BTreeMap<String, Vec<u8>> {
             )
         })
         .collect()
-}
-
-fn generate(weights: &Path, store: &Path, out: &Path, extra: &[&str]) -> std::process::Command {
-    let mut cmd = radit();
-    cmd.args(["generate", "--threads", "1", "--weights"])
-        .arg(weights)
-        .arg("--profiles")
-        .arg(store)
-        .arg("--out")
-        .arg(out)
-        .args(extra);
-    cmd
 }
 
 const SETTINGS: [&str; 10] = [
@@ -175,9 +158,9 @@ fn generate_job_with_a_dead_rank(launcher: Launcher) {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let store = tiny_store(d, 48, "40x48", 8, &[]);
-    let w = weights(d);
+    let w = tiny_weights(d);
     let single = d.join("single");
-    run_ok(&mut generate(&w, &store, &single, &SETTINGS));
+    run_ok(&mut generate_cmd(&w, &store, &single, &SETTINGS));
 
     let out = d.join("job-out");
     let job = two_rank_job(
@@ -243,11 +226,11 @@ fn each_sample_is_its_profile_and_its_row_seed_and_bad_input_is_named() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let store = tiny_store(d, 48, "40x48", 8, &[]);
-    let w = weights(d);
+    let w = tiny_weights(d);
     // Euler: a batch's samples do not share adaptive steps, so one sample alone must come out the same.
     let euler = ["--solver", "euler", "--steps", "6"];
     let out = d.join("gen");
-    run_ok(&mut generate(
+    run_ok(&mut generate_cmd(
         &w,
         &store,
         &out,
@@ -314,7 +297,7 @@ fn each_sample_is_its_profile_and_its_row_seed_and_bad_input_is_named() {
     std::fs::write(d.join("ids.txt"), "synth-0000001\nno-such-image\n").unwrap();
     let ids_arg = d.join("ids.txt");
     let err = fails_with_usage(
-        &mut generate(
+        &mut generate_cmd(
             &w,
             &store,
             &d.join("other"),
@@ -324,7 +307,7 @@ fn each_sample_is_its_profile_and_its_row_seed_and_bad_input_is_named() {
     );
     assert!(err.contains("ids.txt"), "{err}");
     let err = fails_with_usage(
-        &mut generate(
+        &mut generate_cmd(
             &w,
             &store,
             &out,
@@ -333,7 +316,7 @@ fn each_sample_is_its_profile_and_its_row_seed_and_bad_input_is_named() {
         "overwrite",
     );
     assert!(err.contains("gen"), "{err}");
-    run_ok(&mut generate(
+    run_ok(&mut generate_cmd(
         &w,
         &store,
         &out,
@@ -345,7 +328,7 @@ fn each_sample_is_its_profile_and_its_row_seed_and_bad_input_is_named() {
     // report and exit 2, not a panic; the first unit stays committed.
     let oom_out = d.join("oom");
     fails_out_of_memory(
-        generate(&w, &store, &oom_out, &SETTINGS).env("RADIT_FAULT_OOM", "0:2"),
+        generate_cmd(&w, &store, &oom_out, &SETTINGS).env("RADIT_FAULT_OOM", "0:2"),
         &[
             "out of memory in unit 1 on cpu: ",
             "generate.batch 2",

@@ -267,24 +267,8 @@ fn shards_holding(
     ids: &[String],
     path: &Path,
 ) -> Result<(Vec<(Split, u64)>, WantedIds), RankError> {
-    let wanted: WantedIds = ids.iter().cloned().collect();
-    let mut shards = Vec::new();
-    let mut found = 0usize;
-    for split in scope.splits() {
-        for k in 0..reader.shards(split) {
-            let here = reader
-                .read_image_ids(split, k)?
-                .iter()
-                .filter(|id| wanted.contains(*id))
-                .count();
-            if here > 0 {
-                shards.push((split, k));
-                found += here;
-            }
-        }
-    }
-    if found < wanted.len() {
-        let located = radit_sharding::select::locate(reader, scope, ids)?;
+    let located = radit_sharding::select::locate(reader, scope, ids)?;
+    if !located.missing.is_empty() {
         let first: Vec<&str> = located.missing.iter().take(5).map(String::as_str).collect();
         return Err(RankError::Config(ConfigError::new(
             "features.ids",
@@ -297,7 +281,7 @@ fn shards_holding(
             ),
         )));
     }
-    Ok((shards, wanted))
+    Ok((located.shards, ids.iter().cloned().collect()))
 }
 
 /// The steps of the rank with the most units, over `world` ranks (reads the source's listing).
@@ -519,6 +503,13 @@ impl UnitJob for FeatureUnits<'_> {
     }
 }
 
+/// 16-bit images `[n, side, side]` as a feature network's input `[n, 1, side, side]` in [0, 1] (v / 65535): what
+/// `eval features` feeds it, and the in-training FD for its real rows.
+pub(crate) fn unit_images(levels: &[u16], side: i64) -> Tensor {
+    let x: Vec<f32> = levels.iter().map(|&v| f32::from(v) / 65535.0).collect();
+    Tensor::from_slice(&x).view([-1, 1, side, side])
+}
+
 /// Features `[n, D]` (row-major f32) of 16-bit images `[n, side, side]`, `batch` at a time.
 fn embed(
     net: &dyn FeatureNet,
@@ -531,11 +522,7 @@ fn embed(
     let (mut values, mut dim) = (Vec::with_capacity(rows * 768), 0);
     for start in (0..rows).step_by(batch) {
         let n = (rows - start).min(batch);
-        let x: Vec<f32> = images[start * pixels..(start + n) * pixels]
-            .iter()
-            .map(|&v| f32::from(v) / 65535.0)
-            .collect();
-        let x = Tensor::from_slice(&x).view([n as i64, 1, side, side]);
+        let x = unit_images(&images[start * pixels..(start + n) * pixels], side);
         let f = net.features(&x)?;
         dim = f.size()[1] as usize;
         values.extend(Vec::<f32>::try_from(f.flatten(0, -1)).map_err(ModelError::from)?);

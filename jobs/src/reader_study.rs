@@ -71,11 +71,7 @@ fn real_images(reader: &StoreReader, split: Split, ids: &[String]) -> Result<Vec
     let side = reader.layout().image_size;
     let pixels = (side * side) as usize;
     let mut out = Vec::new();
-    for k in 0..reader.shards(split) {
-        let here = reader.read_image_ids(split, k)?;
-        if !here.iter().any(|id| wanted.contains(id.as_str())) {
-            continue;
-        }
+    for (split, k) in radit_sharding::select::locate(reader, split.into(), ids)?.shards {
         let shard = reader.read_shard(split, k)?;
         for (i, id) in shard.image_ids.iter().enumerate() {
             if wanted.contains(id.as_str()) {

@@ -102,7 +102,11 @@ fn substitute(v: &mut toml::Value, name: &str) {
 
 /// The runs of a job spec's `[sweep]`, or `None` when it has none.
 pub fn expand(text: &str) -> Result<Option<Vec<SweepRun>>, String> {
-    let mut all: toml::Table = toml::from_str(text).map_err(|e| e.to_string())?;
+    expand_table(toml::from_str(text).map_err(|e| e.to_string())?)
+}
+
+/// [`expand`] of a parsed job spec.
+fn expand_table(mut all: toml::Table) -> Result<Option<Vec<SweepRun>>, String> {
     let Some(sweep) = all.remove("sweep") else {
         return Ok(None);
     };
@@ -234,7 +238,16 @@ impl Sweep {
             reason,
         };
         let text = std::fs::read_to_string(file).map_err(|e| unreadable(e.to_string()))?;
-        let Some(runs) = expand(&text).map_err(unreadable)? else {
+        let all: toml::Table = toml::from_str(&text).map_err(|e| unreadable(e.to_string()))?;
+        let field = |f: &str| {
+            all.get("job")
+                .and_then(|j| j.get(f))
+                .and_then(|v| v.as_str())
+                .unwrap_or_default()
+                .to_string()
+        };
+        let (name, run_dir) = (field("name"), field("run_dir"));
+        let Some(runs) = expand_table(all).map_err(unreadable)? else {
             return Ok(None);
         };
         let mut loaded = Vec::new();
@@ -259,15 +272,7 @@ impl Sweep {
                 }
             }
         }
-        let all: toml::Table = toml::from_str(&text).map_err(|e| unreadable(e.to_string()))?;
-        let job = all.get("job");
-        let field = |f: &str| {
-            job.and_then(|j| j.get(f))
-                .and_then(|v| v.as_str())
-                .unwrap_or_default()
-        };
         // The sweep's own folder: the run directory up to `{run}` (which the runs fill in).
-        let run_dir = field("run_dir");
         let base = run_dir
             .split(RUN)
             .next()
@@ -275,7 +280,7 @@ impl Sweep {
             .trim_end_matches('/');
         Ok(Some(Self {
             file: file.to_path_buf(),
-            name: field("name").to_string(),
+            name,
             dir: crate::kinds::JobFolder::of(file)
                 .path(Path::new(base))
                 .join("sweep"),

@@ -4,7 +4,7 @@
 //! An id list is a text file, one `image_id` per line; blank lines and lines starting with `#` (the selection
 //! that made it) are ignored.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::path::Path;
 
 use rayon::prelude::*;
@@ -44,7 +44,7 @@ pub fn dataset_class(name: &str) -> Result<u8, String> {
 
 /// Image ids and dataset classes of every row of `split`, in store order (metadata objects only, read in
 /// parallel: an object store answers many small reads at once).
-pub fn split_ids(reader: &StoreReader, split: Split) -> Result<Vec<(String, u8)>, ShardError> {
+fn split_ids(reader: &StoreReader, split: Split) -> Result<Vec<(String, u8)>, ShardError> {
     let shards: Vec<_> = (0..reader.shards(split))
         .into_par_iter()
         .map(|k| reader.read_metadata_of(split, k))
@@ -173,8 +173,9 @@ pub fn chexgenbench_ids(csv_path: &Path, column: &str) -> Result<Vec<String>, Se
     let mut seen = BTreeSet::new();
     let mut ids = Vec::new();
     for (i, record) in reader.records().enumerate() {
-        let line = i + 2;
-        let record = record.map_err(|e| bad(format!("line {line}: {e}")))?;
+        let record = record.map_err(|e| bad(e.to_string()))?;
+        // A prompt may span lines: the record's own line, not a count of records.
+        let line = record.position().map_or(i as u64 + 2, |p| p.line());
         let cell = record.get(col).unwrap_or("").trim();
         let stem = Path::new(cell)
             .file_stem()
@@ -192,34 +193,55 @@ pub fn chexgenbench_ids(csv_path: &Path, column: &str) -> Result<Vec<String>, Se
     Ok(ids)
 }
 
-/// Where the given ids are in the store: per split, the found ids in store order; and the ids no split has.
+/// Where the given ids are in the store: per split, the found ids in store order; the shards that hold them (what a
+/// reader of just those rows reads); and the ids no split has.
 pub struct Located {
     pub found: BTreeMap<Split, Vec<String>>,
+    pub shards: Vec<(Split, u64)>,
     pub missing: Vec<String>,
 }
 
-/// Looks `ids` up in the splits of `scope`.
+/// Looks `ids` up in the splits of `scope`: each shard's image ids (one small object each), read in parallel.
 pub fn locate(
     reader: &StoreReader,
     scope: SplitScope,
     ids: &[String],
 ) -> Result<Located, ShardError> {
-    let wanted: HashMap<&str, ()> = ids.iter().map(|i| (i.as_str(), ())).collect();
-    let mut found = BTreeMap::new();
-    let mut seen = BTreeSet::new();
-    for split in scope.splits() {
-        let here: Vec<String> = split_ids(reader, split)?
-            .into_iter()
-            .map(|(id, _)| id)
-            .filter(|id| wanted.contains_key(id.as_str()))
-            .collect();
-        seen.extend(here.iter().cloned());
+    let wanted: HashSet<&str> = ids.iter().map(String::as_str).collect();
+    let all: Vec<(Split, u64)> = scope
+        .splits()
+        .into_iter()
+        .flat_map(|s| (0..reader.shards(s)).map(move |k| (s, k)))
+        .collect();
+    let per_shard: Vec<Vec<String>> = all
+        .par_iter()
+        .map(|&(split, k)| {
+            Ok(reader
+                .read_image_ids(split, k)?
+                .into_iter()
+                .filter(|id| wanted.contains(id.as_str()))
+                .collect())
+        })
+        .collect::<Result<_, ShardError>>()?;
+    let mut found: BTreeMap<Split, Vec<String>> = BTreeMap::new();
+    let mut shards = Vec::new();
+    for (&(split, k), here) in all.iter().zip(per_shard) {
         if !here.is_empty() {
-            found.insert(split, here);
+            shards.push((split, k));
+            found.entry(split).or_default().extend(here);
         }
     }
-    let missing = ids.iter().filter(|i| !seen.contains(*i)).cloned().collect();
-    Ok(Located { found, missing })
+    let seen: BTreeSet<&str> = found.values().flatten().map(String::as_str).collect();
+    let missing = ids
+        .iter()
+        .filter(|i| !seen.contains(i.as_str()))
+        .cloned()
+        .collect();
+    Ok(Located {
+        found,
+        shards,
+        missing,
+    })
 }
 
 #[cfg(test)]

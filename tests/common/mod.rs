@@ -170,6 +170,19 @@ pub fn tiny_weights(dir: &Path) -> PathBuf {
     w
 }
 
+/// `radit generate` on one thread: `weights`, the profiles of `store`, into `out`, with `extra` flags.
+pub fn generate_cmd(weights: &Path, store: &Path, out: &Path, extra: &[&str]) -> Command {
+    let mut cmd = radit();
+    cmd.args(["generate", "--threads", "1", "--weights"])
+        .arg(weights)
+        .arg("--profiles")
+        .arg(store)
+        .arg("--out")
+        .arg(out)
+        .args(extra);
+    cmd
+}
+
 /// Writes a job spec to `dir/job.toml` after checking that it reads as one (a typo in a test's job fails here,
 /// naming the field, instead of as a confusing run failure later); returns its path.
 pub fn write_job(dir: &Path, text: &str) -> PathBuf {

@@ -442,9 +442,7 @@ impl MiniFd {
         // Every rank must agree on the width before the gather: a rank with no rows (K < world) learns it from
         // the others.
         let dim_here = parts.first().map_or(0, |p| p.size()[1]);
-        let widths = comm.all_reduce_f64(dim_here as f64)?;
-        let ranks_with_rows = comm.all_reduce_f64(if parts.is_empty() { 0.0 } else { 1.0 })?;
-        let dim = (widths / ranks_with_rows).round() as i64;
+        let dim = comm.all_reduce_max_f64(dim_here as f64)? as i64;
         let local = Tensor::zeros([per as i64, dim], (Kind::Float, device));
         let mut row = 0;
         for p in parts {
@@ -472,20 +470,16 @@ impl MiniFd {
         let pixels = (side * side) as usize;
         let mut levels = Vec::with_capacity(range.len() * pixels);
         let mut shard: Option<(usize, radit_sharding::reader::Shard)> = None;
-        for row in range.clone() {
+        for row in range {
             let k = row / per_shard;
             if shard.as_ref().is_none_or(|(at, _)| *at != k) {
                 shard = Some((k, self.reader.read_shard(self.split, k as u64)?));
             }
             let (_, s) = shard.as_ref().expect("read above");
             let i = row % per_shard;
-            levels.extend(
-                s.images[i * pixels..(i + 1) * pixels]
-                    .iter()
-                    .map(|&v| f32::from(v) / 65535.0),
-            );
+            levels.extend_from_slice(&s.images[i * pixels..(i + 1) * pixels]);
         }
-        Ok(Tensor::from_slice(&levels).view([range.len() as i64, 1, side, side]))
+        Ok(crate::features_job::unit_images(&levels, side))
     }
 
     /// FD of the EMA's samples of the matched rows against those rows' real images. Collective.

@@ -356,12 +356,9 @@ impl FeatureNet for InceptionNet {
     fn features(&self, images: &Tensor) -> Result<Tensor, ModelError> {
         let shape = super::grey_batch(images)?;
         let out = tch::no_grad(|| {
-            // The 8-bit image pytorch-fid reads, as a tensor in [0, 1].
-            let mut x = (images.to_device(self.device).to_kind(Kind::Float) * 255.0)
-                .round()
-                .clamp(0.0, 255.0)
-                / 255.0;
-            x = x.repeat([1, 3, 1, 1]);
+            // The 8-bit image pytorch-fid reads, as a tensor in [0, 1] (ToTensor).
+            let rgb = super::preprocess::eight_bit_rgb(&images.to_device(self.device));
+            let mut x = rgb.to_kind(Kind::Float) / 255.0;
             if shape[2] != SIDE || shape[3] != SIDE {
                 x = x.upsample_bilinear2d([SIDE, SIDE], false, None, None);
             }

@@ -281,12 +281,7 @@ impl Preprocessing {
     /// `[B, 1, H, W]` in [0, 1] to the network's input `[B, 3, H', W']` (fp32, CPU).
     pub fn apply(&self, images: &Tensor) -> Result<Tensor, ModelError> {
         super::grey_batch(images)?;
-        let levels = (images.to_device(tch::Device::Cpu).to_kind(Kind::Float) * 255.0)
-            .round()
-            .clamp(0.0, 255.0)
-            .to_kind(Kind::Uint8)
-            .repeat([1, 3, 1, 1]);
-        let mut x = levels;
+        let mut x = eight_bit_rgb(&images.to_device(tch::Device::Cpu));
         if self.chexgenbench {
             let sized = pil_bilinear(&x.select(1, 0), CHEXGENBENCH_SIZE, CHEXGENBENCH_SIZE)?
                 .unsqueeze(1)
@@ -355,6 +350,16 @@ impl Preprocessing {
         let std = Tensor::from_slice(&r.std.map(|v| v as f32)).view([1, 3, 1, 1]);
         Ok((x - mean) / std)
     }
+}
+
+/// Grey images `[B, 1, H, W]` in [0, 1] as the 8-bit RGB image a feature network's reference reads: levels
+/// round(255 x) (round(v / 257) of the 16-bit store), uint8, grey repeated to 3 channels.
+pub(crate) fn eight_bit_rgb(images: &Tensor) -> Tensor {
+    (images.to_kind(Kind::Float) * 255.0)
+        .round()
+        .clamp(0.0, 255.0)
+        .to_kind(Kind::Uint8)
+        .repeat([1, 3, 1, 1])
 }
 
 /// An antialiased resize of a uint8 `[B, 3, H, W]` tensor on the CPU, in uint8 (torch's kernels for uint8 round
